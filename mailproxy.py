@@ -1,0 +1,3087 @@
+#!/usr/bin/env python3
+"""mailproxy: an IMAP, POP3 and SMTP proxy in one file, standard library only.
+
+A client connects; mailproxy speaks the mail protocol with it up to
+authentication, decides who the user is and which backend serves them, logs in
+to that backend on the user's behalf, then relays bytes both ways until either
+side is done.  It does the job of nginx's mail proxy (the ngx_mail_* modules):
+the same directive names, defaults and replies.
+
+The picture::
+
+ client socket ─ Stream ─[TlsLayer]─┐                     ┌─ Stream ─ backend socket
+                                     │      Session        │
+               ClientMachine ◄───────┤ (phase, timers,     ├────► BackendLogin (a script of steps)
+               (IMAP / POP3 / SMTP)  │  log context)       │
+                                     │                     │
+          auth: user table ◄─────────┤                     ├────► Relay (two bounded buffers)
+           or AuthHttp parser        └─────────────────────┘
+ EventLoop (selectors + timer heap + signal wake-up fd) drives Streams.
+
+How to read this file: top to bottom.  Each section uses only the sections
+above it; ``grep '^# .*####' mailproxy.py`` prints the table of contents.
+The protocol machines, the backend login scripts and the password schemes are
+*sans-I/O*: they take bytes and return bytes and events, and never touch a
+socket, the clock or the logger, so the tests drive them with byte strings.
+Only the event loop, streams, listeners and the process section do I/O.
+
+Not built yet (refused at start-up with "not supported yet"): SMTP, TLS and
+STARTTLS, auth_http, the PROXY protocol, the resolver, several worker
+processes.  See README.md.
+"""
+
+import base64
+import binascii
+import configparser
+import enum
+import errno
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+try:
+    import resource          # POSIX only: the open-file limit
+except ImportError:          # pragma: no cover - Windows
+    resource = None
+
+__version__ = "0.1.0"
+
+# ---------------------------------------------------------------------------
+# Limits, each with where it comes from.
+# ---------------------------------------------------------------------------
+PAGE_SIZE = 4096               # nginx's default for *_client_buffer, proxy_buffer
+POP3_BUFFER_NGINX = 128        # nginx hard-codes the POP3 command buffer
+IMAP_MAX_ARGS = 3              # ngx_mail_parse.c: "s->args.nelts <= 2" before a 3rd
+IMAP_ID_MAX_ARGS = 64          # RFC 2971 §3.3: at most 30 field-value pairs
+IMAP_MAX_TAG = 32              # nginx >= 1.29.6 refuses longer tags
+POP3_MAX_ARGS = 3              # ngx_pop3_parse_command
+READ_SIZE = 65536              # one recv(); independent of proxy_buffer
+ACCEPTS_PER_EVENT = 64         # accept() calls per readiness event
+ACCEPT_PAUSE = 0.5             # seconds without accept() after EMFILE/ENFILE
+AUTH_FAILURE_WINDOW = 900.0    # seconds a failed login is remembered per address
+AUTH_FAILURE_MAX_SHIFT = 5     # the failure delay doubles up to 2**5 times
+AUTH_FAILURE_LOCKOUT = 20      # recent failures after which an address is refused
+AUTH_FAILURE_TABLE = 4096      # addresses remembered at most (oldest dropped)
+PBKDF2_DEFAULT_ROUNDS = 100000 # --hash-password; see README "Password schemes"
+LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")   # nginx, lowest first
+
+
+# ########################################################################## #
+#                                  Errors                                    #
+# ########################################################################## #
+# Every exception the program raises on purpose.  A ConfigError names the
+# place in the file; a ProtocolError carries the reply to send before closing.
+
+class ConfigError(Exception):
+    """A problem in the configuration file, with its place."""
+
+    def __init__(self, file: str, section: Optional[str], directive: Optional[str],
+                 message: str, line: Optional[int] = None):
+        super().__init__(message)
+        self.file = file
+        self.section = section
+        self.directive = directive
+        self.message = message
+        self.line = line
+
+    def __str__(self) -> str:
+        place = self.file if self.line is None else "%s:%d" % (self.file, self.line)
+        where = ""
+        if self.section is not None:
+            where += " [%s]" % self.section
+        if self.directive is not None:
+            where += " %s:" % self.directive
+        return "%s:%s %s" % (place, where, self.message)
+
+
+class ConfigErrors(Exception):
+    """All problems found in one file; -t prints every one of them."""
+
+    def __init__(self, errors: List[ConfigError]):
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = errors
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol: send ``reply`` (may be empty), then close."""
+
+    def __init__(self, reply: bytes, log_message: str = ""):
+        super().__init__(log_message or reply.decode("latin-1").strip())
+        self.reply = reply
+        self.log_message = log_message
+
+
+class BackendError(Exception):
+    """The backend did not log the user in.  ``line`` is what it said, if anything."""
+
+    def __init__(self, message: str, line: bytes = b""):
+        super().__init__(message)
+        self.line = line
+
+
+# ########################################################################## #
+#                                 Error log                                  #
+# ########################################################################## #
+# nginx's error-log line: "2026/11/20 21:38:00 [info] 4711#0: *3 message
+# while ACTION, client: ..., server: ..." (INTERFACE.md).  Destinations are
+# opened by the process section; this class only formats and filters.  A line
+# is written with one write() so that lines from several processes never mix.
+
+def log_escape(data: bytes) -> str:
+    """Bytes from the wire made safe for one log line: no CR, LF or other
+    control byte can start a fake line (nginx escapes the same way)."""
+    out = []
+    for byte in data:
+        if byte < 0x20 or byte >= 0x7F or byte in (0x22, 0x5C):
+            out.append("\\x%02x" % byte)
+        else:
+            out.append(chr(byte))
+    return "".join(out)
+
+
+class ErrorLog:
+    """Writes nginx-format lines to one or more destinations, each with its
+    lowest level.  ``destinations``: list of (file object, level name)."""
+
+    def __init__(self, destinations: List[Tuple[object, str]]):
+        self.destinations = destinations
+        self.lowest = min((LOG_LEVELS.index(level) for _, level in destinations),
+                          default=len(LOG_LEVELS))
+
+    def enabled(self, level: str) -> bool:
+        return LOG_LEVELS.index(level) >= self.lowest
+
+    def log(self, level: str, message: str, session: Optional[int] = None,
+            context: str = "") -> None:
+        rank = LOG_LEVELS.index(level)
+        if rank < self.lowest:
+            return
+        line = "%s [%s] %d#0: %s%s%s\n" % (
+            time.strftime("%Y/%m/%d %H:%M:%S"), level, os.getpid(),
+            "" if session is None else "*%d " % session, message, context)
+        data = line.encode("utf-8", "replace")
+        for handle, threshold in self.destinations:
+            if rank >= LOG_LEVELS.index(threshold):
+                try:
+                    handle.write(data)
+                    handle.flush()
+                except (OSError, ValueError):
+                    pass               # a full disk must not stop the proxy
+
+
+# ########################################################################## #
+#                               Configuration                                #
+# ########################################################################## #
+# INI file -> validated settings, with nginx's directive names, value syntax
+# and defaults.  One table, DIRECTIVES, knows every directive of the eight
+# nginx mail modules; one loader reads the file and one merge gives each
+# [server] the values of [mail] it does not override.  This section only reads
+# the file: it opens no socket and sets up no logging.
+
+ALL_AUTH_METHODS = {
+    # protocol: the methods nginx knows, in nginx's bit order (which is also
+    # the order they are advertised in, whatever the order in the config).
+    "imap": ("plain", "login", "cram-md5", "external"),
+    "pop3": ("plain", "apop", "cram-md5", "external"),
+    "smtp": ("plain", "login", "cram-md5", "external", "none"),
+}
+
+WELL_KNOWN_PORTS = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
+                    25: "smtp", 465: "smtp", 587: "smtp"}
+
+
+NGINX_LISTEN_BACKLOG = 511     # NGX_LISTEN_BACKLOG on Linux
+
+
+class Listen(NamedTuple):
+    """One ``listen`` occurrence: where to accept and how."""
+    host: str                  # "0.0.0.0", "::" or an address literal
+    port: int
+    family: int                # socket.AF_INET or socket.AF_INET6
+    backlog: int = NGINX_LISTEN_BACKLOG
+    so_keepalive: Optional[Tuple] = None   # None, (False,) or (True, idle, intvl, cnt)
+    rcvbuf: Optional[int] = None
+    sndbuf: Optional[int] = None
+    ipv6only: bool = True
+
+    @property
+    def text(self) -> str:
+        """The address as nginx prints it in logs: 127.0.0.1:143 or [::1]:143."""
+        if self.family == socket.AF_INET6:
+            return "[%s]:%d" % (self.host, self.port)
+        return "%s:%d" % (self.host, self.port)
+
+
+class Upstream(NamedTuple):
+    """A backend address as written (``host``) and as resolved (``addresses``)."""
+    host: str
+    port: int
+    addresses: Tuple           # ((family, sockaddr), ...) resolved at load time
+
+    @property
+    def text(self) -> str:
+        return "%s:%d" % (self.host, self.port)
+
+
+class ValueError_(Exception):
+    """A value parser's complaint; the loader adds file, section and line."""
+
+
+def split_arguments(text: str) -> List[str]:
+    """Split a value into nginx arguments: spaces separate, quotes group.
+
+    Inside double or single quotes a backslash escapes the next character, as
+    in nginx.conf (``"a \\"b\\""`` is one argument ``a "b"``).
+    """
+    args = []
+    i = 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        if text[i] in "\"'":
+            quote = text[i]
+            i += 1
+            arg = []
+            while i < len(text) and text[i] != quote:
+                if text[i] == "\\" and i + 1 < len(text):
+                    i += 1
+                arg.append(text[i])
+                i += 1
+            if i >= len(text):
+                raise ValueError_("unbalanced quote in %r" % text)
+            i += 1
+            args.append("".join(arg))
+        else:
+            start = i
+            while i < len(text) and not text[i].isspace():
+                i += 1
+            args.append(text[start:i])
+    return args
+
+
+def one_argument(args: List[str]) -> str:
+    if len(args) != 1:
+        raise ValueError_("takes one value, got %d" % len(args))
+    return args[0]
+
+
+def parse_flag(args: List[str], base: str = "") -> bool:
+    """``on`` or ``off`` (case-insensitive, as ngx_conf_set_flag_slot)."""
+    value = one_argument(args).lower()
+    if value not in ("on", "off"):
+        raise ValueError_('invalid value "%s", it must be "on" or "off"' % args[0])
+    return value == "on"
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024, "g": 1024 * 1024 * 1024}
+
+
+def parse_size(args: List[str], base: str = "") -> int:
+    """nginx sizes: ``512``, ``4k``, ``1m``, ``1g`` (ngx_parse_size)."""
+    value = one_argument(args)
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+    if not match:
+        raise ValueError_('invalid size "%s"' % value)
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400,
+               "w": 7 * 86400, "M": 30 * 86400, "y": 365 * 86400}
+
+
+def parse_time(args: List[str], base: str = "") -> float:
+    """nginx times in seconds: ``500ms``, ``15s``, ``5m``, ``1h30m``, ``60``."""
+    value = one_argument(args)
+    if re.fullmatch(r"\d+", value):
+        return float(value)
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|w|M|y)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise ValueError_('invalid time "%s"' % value)
+    return sum(int(n) * _TIME_UNITS[u] for n, u in parts)
+
+
+def parse_number(args: List[str], base: str = "") -> int:
+    value = one_argument(args)
+    if not re.fullmatch(r"\d+", value):
+        raise ValueError_('invalid number "%s"' % value)
+    return int(value)
+
+
+def parse_positive(args: List[str], base: str = "") -> int:
+    number = parse_number(args)
+    if number < 1:
+        raise ValueError_("must be at least 1")
+    return number
+
+
+def parse_string(args: List[str], base: str = "") -> str:
+    return one_argument(args)
+
+
+def parse_protocol(args: List[str], base: str = "") -> str:
+    value = one_argument(args)
+    if value not in ALL_AUTH_METHODS:
+        raise ValueError_('unknown protocol "%s"' % value)
+    if value == "smtp":
+        raise ValueError_('"smtp" is not supported yet')
+    return value
+
+
+def parse_worker_processes(args: List[str], base: str = "") -> int:
+    value = one_argument(args)
+    if value != "1":
+        # Several workers come with the process model (master and workers).
+        raise ValueError_('"%s" is not supported yet: only 1 worker process' % value)
+    return 1
+
+
+def parse_host_port(text: str) -> Tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", text) or \
+        re.fullmatch(r"([^:\[\]\s]+):(\d+)", text)
+    if not match:
+        raise ValueError_('invalid address "%s", expected HOST:PORT' % text)
+    port = int(match.group(2))
+    if not 0 < port < 65536:
+        raise ValueError_('invalid port in "%s"' % text)
+    return match.group(1), port
+
+
+def parse_proxy_pass(args: List[str], base: str = "") -> Upstream:
+    """Extension: the backend for the built-in user table, resolved now.
+
+    The name is looked up once, when the configuration is read (as nginx does
+    for upstream names), so that no session ever waits for DNS.
+    """
+    host, port = parse_host_port(one_argument(args))
+    return resolve_upstream(host, port)
+
+
+def resolve_upstream(host: str, port: int) -> Upstream:
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ValueError_('host not found in "%s:%d": %s' % (host, port, error.strerror))
+    addresses = tuple((family, sockaddr) for family, _, _, _, sockaddr in infos
+                      if family in (socket.AF_INET, socket.AF_INET6))
+    if not addresses:
+        raise ValueError_('no IPv4 or IPv6 address for "%s"' % host)
+    return Upstream(host, port, addresses)
+
+
+def parse_listen(args: List[str], base: str = "") -> Listen:
+    """nginx's ``listen``: ``ADDRESS:PORT``, ``PORT``, ``*:PORT``, ``[IPV6]:PORT``
+    and the flags ``backlog=N``, ``so_keepalive=on|off|IDLE:INTVL:CNT``,
+    ``rcvbuf=SIZE``, ``sndbuf=SIZE``, ``bind``, ``ipv6only=on|off``."""
+    if not args:
+        raise ValueError_("needs an address")
+    address = args[0]
+    if address.startswith("unix:"):
+        raise ValueError_('"unix:" sockets are not supported yet')
+    if re.fullmatch(r"\d+", address):
+        host, port = "0.0.0.0", int(address)
+    else:
+        host, port = parse_host_port(address)
+        if host == "*":
+            host = "0.0.0.0"
+    if not 0 < port < 65536:
+        raise ValueError_('invalid port in "%s"' % address)
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        raise ValueError_('"%s" is not an IP address (listen takes addresses)' % host)
+    options = {"backlog": NGINX_LISTEN_BACKLOG, "so_keepalive": None,
+               "rcvbuf": None, "sndbuf": None, "ipv6only": True}
+    for flag in args[1:]:
+        name, _, value = flag.partition("=")
+        if flag in ("ssl", "proxy_protocol"):
+            raise ValueError_('the "%s" parameter is not supported yet' % flag)
+        elif flag == "bind":
+            pass                       # every listen is bound on its own here
+        elif name == "backlog" and value:
+            options["backlog"] = parse_number([value])
+        elif name in ("rcvbuf", "sndbuf") and value:
+            options[name] = parse_size([value])
+        elif name == "ipv6only" and value:
+            options["ipv6only"] = parse_flag([value])
+        elif name == "so_keepalive" and value:
+            options["so_keepalive"] = parse_keepalive(value)
+        else:
+            raise ValueError_('invalid parameter "%s"' % flag)
+    return Listen(host, port, family, options["backlog"], options["so_keepalive"],
+                  options["rcvbuf"], options["sndbuf"], options["ipv6only"])
+
+
+def parse_keepalive(value: str) -> Tuple:
+    """``on``, ``off``, or nginx's ``[idle]:[intvl]:[cnt]`` (times in seconds)."""
+    if value in ("on", "off"):
+        return (value == "on", None, None, None)
+    parts = value.split(":")
+    if len(parts) != 3:
+        raise ValueError_('invalid so_keepalive value "%s"' % value)
+    idle = int(parse_time([parts[0]])) if parts[0] else None
+    interval = int(parse_time([parts[1]])) if parts[1] else None
+    count = parse_number([parts[2]]) if parts[2] else None
+    return (True, idle, interval, count)
+
+
+def auth_methods_parser(protocol: str) -> Callable:
+    """``imap_auth`` etc.: a list of method names, case-insensitive."""
+    known = ALL_AUTH_METHODS[protocol]
+
+    def parse(args: List[str], base: str = "") -> List[str]:
+        if not args:
+            raise ValueError_("needs at least one method")
+        methods = []
+        for arg in args:
+            method = arg.lower()
+            if method not in known:
+                raise ValueError_('invalid value "%s"' % arg)
+            if method == "external":
+                raise ValueError_('"external" is not supported yet (it needs TLS client certificates)')
+            methods.append(method)
+        return methods
+    return parse
+
+
+def parse_word_list(args: List[str], base: str = "") -> List[str]:
+    if not args:
+        raise ValueError_("needs at least one value")
+    return list(args)
+
+
+class ErrorLogSpec(NamedTuple):
+    """One ``error_log`` occurrence: a destination and the lowest level it takes."""
+    destination: str           # "stderr" or an absolute path
+    level: str
+
+
+def parse_error_log(args: List[str], base: str = "") -> ErrorLogSpec:
+    """``error_log FILE|stderr [LEVEL]``; the level defaults to ``error`` as nginx."""
+    if not 1 <= len(args) <= 2:
+        raise ValueError_("takes a destination and an optional level")
+    destination = args[0]
+    level = args[1] if len(args) == 2 else "error"
+    if level not in LOG_LEVELS:
+        raise ValueError_('invalid log level "%s"' % level)
+    if destination.startswith("syslog:"):
+        raise ValueError_("syslog destinations are not supported yet")
+    if destination == "off":
+        raise ValueError_('"off" is not a destination; use a level, e.g. "stderr emerg"')
+    if destination != "stderr":
+        destination = os.path.join(base, destination)
+    return ErrorLogSpec(destination, level)
+
+
+def parse_removed(message: str) -> Callable:
+    def parse(args: List[str], base: str = "") -> None:
+        raise ValueError_(message)
+    return parse
+
+
+class Directive(NamedTuple):
+    """One row of the directive table.
+
+    ``contexts``: "main" for [main]; "mail" for [mail] and [server NAME];
+    "server" for [server NAME] only.  ``multiple``: each line of the value is
+    one occurrence and occurrences accumulate (nginx allows it more than once).
+    ``supported``: False means "not supported yet": the name is known, but
+    using it is an error, so nobody is misled into thinking it has an effect.
+    """
+    name: str
+    contexts: Tuple[str, ...]
+    parse: Callable
+    default: object
+    multiple: bool = False
+    supported: bool = True
+    extension: bool = False
+
+
+MAIN = ("main",)
+MAIL = ("mail", "server")
+SERVER = ("server",)
+_TODO = False   # supported=False, spelled so that the table reads as a table
+
+DIRECTIVES = {d.name: d for d in [
+    # -- process-wide: nginx's main context -------------------------------
+    Directive("worker_processes", MAIN, parse_worker_processes, 1),
+    Directive("worker_connections", MAIN, parse_positive, 1024),
+    Directive("worker_rlimit_nofile", MAIN, parse_positive, None),
+    Directive("worker_shutdown_timeout", MAIN, parse_time, None, supported=_TODO),
+    Directive("user", MAIN, parse_word_list, None, supported=_TODO),
+    Directive("pid", MAIN, parse_string, None, supported=_TODO),
+    Directive("error_log", ("main", "mail", "server"), parse_error_log, None, multiple=True),
+    # -- ngx_mail_core_module ----------------------------------------------
+    Directive("listen", SERVER, parse_listen, [], multiple=True),
+    Directive("protocol", SERVER, parse_protocol, None),
+    Directive("server_name", MAIL, parse_string, None),   # default: the host name
+    Directive("timeout", MAIL, parse_time, 60.0),
+    Directive("max_errors", MAIL, parse_number, 5),
+    Directive("resolver", MAIL, parse_word_list, None, supported=_TODO),
+    Directive("resolver_timeout", MAIL, parse_time, 30.0, supported=_TODO),
+    # -- ngx_mail_auth_http_module -----------------------------------------
+    Directive("auth_http", MAIL, parse_string, None, supported=_TODO),
+    Directive("auth_http_header", MAIL, parse_word_list, [], multiple=True, supported=_TODO),
+    Directive("auth_http_pass_client_cert", MAIL, parse_flag, False, supported=_TODO),
+    Directive("auth_http_timeout", MAIL, parse_time, 60.0, supported=_TODO),
+    # -- ngx_mail_proxy_module ---------------------------------------------
+    Directive("proxy", MAIL, parse_flag, False),   # parsed and ignored, as nginx
+    Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
+    Directive("proxy_pass_error_message", MAIL, parse_flag, False),
+    Directive("proxy_protocol", MAIL, parse_string, "off", supported=_TODO),
+    Directive("proxy_smtp_auth", MAIL, parse_flag, False, supported=_TODO),
+    Directive("proxy_timeout", MAIL, parse_time, 24 * 3600.0),
+    Directive("xclient", MAIL, parse_flag, True, supported=_TODO),
+    # -- ngx_mail_realip_module --------------------------------------------
+    Directive("set_real_ip_from", MAIL, parse_string, [], multiple=True, supported=_TODO),
+    # -- ngx_mail_ssl_module -----------------------------------------------
+    Directive("ssl", MAIL, parse_removed(
+        'the "ssl" directive was removed in nginx 1.25.1, use "listen ... ssl"'), None),
+    Directive("starttls", MAIL, parse_string, "off", supported=_TODO),
+    Directive("ssl_certificate", MAIL, parse_string, [], multiple=True, supported=_TODO),
+    Directive("ssl_certificate_key", MAIL, parse_string, [], multiple=True, supported=_TODO),
+    Directive("ssl_certificate_compression", MAIL, parse_flag, False, supported=_TODO),
+    Directive("ssl_password_file", MAIL, parse_string, None, supported=_TODO),
+    Directive("ssl_dhparam", MAIL, parse_string, None, supported=_TODO),
+    Directive("ssl_ecdh_curve", MAIL, parse_string, "auto", supported=_TODO),
+    Directive("ssl_protocols", MAIL, parse_word_list, None, supported=_TODO),
+    Directive("ssl_ciphers", MAIL, parse_string, "HIGH:!aNULL:!MD5", supported=_TODO),
+    Directive("ssl_prefer_server_ciphers", MAIL, parse_flag, False, supported=_TODO),
+    Directive("ssl_session_cache", MAIL, parse_word_list, None, supported=_TODO),
+    Directive("ssl_session_tickets", MAIL, parse_flag, True, supported=_TODO),
+    Directive("ssl_session_ticket_key", MAIL, parse_string, [], multiple=True, supported=_TODO),
+    Directive("ssl_session_timeout", MAIL, parse_time, 300.0, supported=_TODO),
+    Directive("ssl_verify_client", MAIL, parse_string, "off", supported=_TODO),
+    Directive("ssl_verify_depth", MAIL, parse_number, 1, supported=_TODO),
+    Directive("ssl_client_certificate", MAIL, parse_string, None, supported=_TODO),
+    Directive("ssl_trusted_certificate", MAIL, parse_string, None, supported=_TODO),
+    Directive("ssl_crl", MAIL, parse_string, None, supported=_TODO),
+    Directive("ssl_conf_command", MAIL, parse_word_list, [], multiple=True, supported=_TODO),
+    # -- ngx_mail_imap_module ----------------------------------------------
+    Directive("imap_auth", MAIL, auth_methods_parser("imap"), ["plain"], multiple=True),
+    Directive("imap_capabilities", MAIL, parse_word_list,
+              ["IMAP4", "IMAP4rev1", "UIDPLUS"], multiple=True),
+    Directive("imap_client_buffer", MAIL, parse_size, PAGE_SIZE),
+    # -- ngx_mail_pop3_module ----------------------------------------------
+    Directive("pop3_auth", MAIL, auth_methods_parser("pop3"), ["plain"], multiple=True),
+    Directive("pop3_capabilities", MAIL, parse_word_list,
+              ["TOP", "USER", "UIDL"], multiple=True),
+    Directive("pop3_client_buffer", MAIL, parse_size, POP3_BUFFER_NGINX, extension=True),
+    # -- ngx_mail_smtp_module ----------------------------------------------
+    Directive("smtp_auth", MAIL, auth_methods_parser("smtp"), ["plain", "login"],
+              multiple=True, supported=_TODO),
+    Directive("smtp_capabilities", MAIL, parse_word_list, [], multiple=True, supported=_TODO),
+    Directive("smtp_client_buffer", MAIL, parse_size, PAGE_SIZE, supported=_TODO),
+    Directive("smtp_greeting_delay", MAIL, parse_time, 0.0, supported=_TODO),
+    # -- extensions of mailproxy (nginx has no built-in user table) --------
+    Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
+    Directive("auth_delay", MAIL, parse_time, 1.0, extension=True),
+]}
+
+
+class Settings:
+    """Immutable-by-convention settings: one attribute per directive name.
+
+    A ServerSettings has every directive of the mail contexts merged
+    ([server] over [mail] over the defaults), plus ``name``, ``protocol`` and
+    ``server_name`` resolved; MainSettings has the process-wide ones.
+    """
+
+    def __init__(self, values: Dict[str, object]):
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return "Settings(%s)" % ", ".join("%s=%r" % kv for kv in sorted(self.__dict__.items()))
+
+
+class PasswordEntry(NamedTuple):
+    """A user table entry: ``{SCHEME}DATA``.  The repr hides the data."""
+    scheme: str
+    data: str
+
+    def __repr__(self) -> str:
+        return "PasswordEntry(%s, ...)" % self.scheme
+
+
+class Config(NamedTuple):
+    path: str
+    main: Settings
+    servers: List[Settings]
+    users: Dict[str, PasswordEntry]
+    routes: Dict[str, "Route"]          # login or @domain -> where to send them
+
+
+def section_kind(name: str) -> Optional[str]:
+    """"main", "mail", "server", "users", "routes" or None for an unknown section."""
+    if name in ("main", "mail", "users", "routes"):
+        return name
+    if name.startswith("server ") and name[7:].strip():
+        return "server"
+    return None
+
+
+def find_line_numbers(text: str) -> Dict[Tuple[str, str], int]:
+    """(section, key) -> line number, for messages.  configparser keeps none."""
+    lines = {}
+    section = None
+    for number, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if header:
+            section = header.group(1).strip()
+            lines[(section, "")] = number
+            continue
+        if line[:1].isspace() or line.lstrip().startswith(("#", ";")):
+            continue
+        key = re.match(r"([^=]+?)\s*=", line)
+        if key and section is not None:
+            lines.setdefault((section, key.group(1).strip()), number)
+    return lines
+
+
+def read_ini(path: str) -> Tuple[configparser.ConfigParser, Dict]:
+    """Read the file with configparser as INTERFACE.md says: interpolation
+    off, ``=`` the only delimiter, keys case-sensitive, duplicates refused."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ConfigErrors([ConfigError(path, None, None, "cannot read: %s" % error.strerror)])
+    except UnicodeDecodeError:
+        raise ConfigErrors([ConfigError(path, None, None, "is not UTF-8 text")])
+    parser = configparser.ConfigParser(interpolation=None, delimiters=("=",),
+                                       comment_prefixes=("#", ";"),
+                                       inline_comment_prefixes=None,
+                                       strict=True, empty_lines_in_values=False,
+                                       default_section="\x00no default section")
+    parser.optionxform = str
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as error:
+        raise ConfigErrors([ConfigError(path, error.section, None,
+                                        "section is duplicated", error.lineno)])
+    except configparser.DuplicateOptionError as error:
+        raise ConfigErrors([ConfigError(path, error.section, error.option,
+                                        '"%s" directive is duplicate' % error.option,
+                                        error.lineno)])
+    except configparser.Error as error:
+        message = str(error).splitlines()[0]
+        raise ConfigErrors([ConfigError(path, None, None, message,
+                                        getattr(error, "lineno", None))])
+    return parser, find_line_numbers(text)
+
+
+def load_config(path: str) -> Config:
+    """Read and check a configuration file.
+
+    Returns a Config, or raises ConfigErrors listing every problem found
+    (unknown, misplaced, duplicated or badly valued directives, missing
+    required ones), each with file, section, directive and line.
+    """
+    parser, lines = read_ini(path)
+    base = os.path.dirname(os.path.abspath(path))
+    errors = []
+    values = {}              # section name -> {directive: value}
+    for section in parser.sections():
+        kind = section_kind(section)
+        if kind is None:
+            errors.append(ConfigError(path, section, None,
+                                      'unknown section "[%s]"; expected [main], [mail], '
+                                      "[server NAME], [users] or [routes]" % section,
+                                      lines.get((section, ""))))
+            continue
+        if kind in ("users", "routes"):
+            continue
+        values[section] = {}
+        for key, raw in parser.items(section):
+            line = lines.get((section, key))
+            try:
+                values[section][key] = parse_directive(kind, key, raw, base)
+            except ValueError_ as error:
+                errors.append(ConfigError(path, section, key, str(error), line))
+    main = merge_main(values.get("main", {}))
+    servers = []
+    for section in parser.sections():
+        if section_kind(section) == "server":
+            server, problems = merge_server(section, values.get("mail", {}), values[section])
+            servers.append(server)
+            errors.extend(ConfigError(path, section, directive, message,
+                                      lines.get((section, directive)) or lines.get((section, "")))
+                          for directive, message in problems)
+    if not servers and not errors:
+        errors.append(ConfigError(path, None, None, "no [server NAME] section: nothing to listen on"))
+    errors.extend(check_listen_pairs(path, servers, lines))
+    users = load_users(path, parser, lines, errors)
+    routes = load_routes(path, parser, lines, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return Config(path, main, servers, users, routes)
+
+
+def parse_directive(kind: str, key: str, raw: str, base: str) -> object:
+    """One directive's value, checked against its row of the table."""
+    directive = DIRECTIVES.get(key)
+    if directive is None:
+        raise ValueError_('unknown directive "%s"' % key)
+    if kind not in directive.contexts:
+        raise ValueError_('"%s" directive is not allowed in [%s]' % (
+            key, "server NAME" if kind == "server" else kind))
+    if not directive.supported:
+        raise ValueError_('"%s" is not supported yet' % key)
+    if directive.multiple:
+        occurrences = [line for line in raw.splitlines() if line.strip()]
+        result = []
+        for occurrence in occurrences:
+            value = directive.parse(split_arguments(occurrence), base)
+            if isinstance(value, list):
+                result.extend(value)
+            else:
+                result.append(value)
+        return result
+    return directive.parse(split_arguments(" ".join(raw.split("\n"))), base)
+
+
+def merge_main(given: Dict[str, object]) -> Settings:
+    merged = {name: d.default for name, d in DIRECTIVES.items() if "main" in d.contexts}
+    merged.update(given)
+    if not merged["error_log"]:
+        merged["error_log"] = [ErrorLogSpec("stderr", "info")]   # INTERFACE.md
+    return Settings(merged)
+
+
+def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List]:
+    """[server] over [mail] over the defaults; resolve the protocol."""
+    merged = {name: d.default for name, d in DIRECTIVES.items() if "mail" in d.contexts or
+              "server" in d.contexts}
+    merged.update(mail)
+    merged.update(server)
+    merged["name"] = section[7:].strip()
+    if merged["server_name"] is None:
+        merged["server_name"] = socket.gethostname()   # nginx: the machine's host name
+    problems = []
+    if not merged["listen"]:
+        problems.append(("listen", 'no "listen" is defined for server'))
+    if merged["protocol"] is None:
+        for listen in merged["listen"]:
+            if listen.port in WELL_KNOWN_PORTS:
+                merged["protocol"] = WELL_KNOWN_PORTS[listen.port]
+                break
+        if merged["protocol"] is None and merged["listen"]:
+            problems.append(("protocol", "unknown mail protocol for server: "
+                             'set "protocol = imap|pop3"'))
+        elif merged["protocol"] == "smtp":
+            problems.append(("protocol", '"smtp" is not supported yet'))
+    if merged["proxy_pass"] is None:
+        problems.append(("proxy_pass", 'no "proxy_pass" is defined for server '
+                         "(the backend of the built-in user table)"))
+    return Settings(merged), problems
+
+
+def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[ConfigError]:
+    seen = {}
+    errors = []
+    for server in servers:
+        for listen in server.listen:
+            key = (listen.host, listen.port)
+            if key in seen:
+                section = "server " + server.name
+                errors.append(ConfigError(path, section, "listen",
+                                          'duplicate "%s" address and port pair' % listen.text,
+                                          lines.get((section, "listen"))))
+            seen[key] = server
+    return errors
+
+
+PASSWORD_SCHEMES = ("PLAIN", "PBKDF2-SHA256", "SHA512-CRYPT", "SHA256-CRYPT")
+
+
+def parse_password_entry(value: str) -> PasswordEntry:
+    """``{SCHEME}DATA``; DATA is everything after the scheme, verbatim."""
+    match = re.match(r"\{([A-Za-z0-9-]+)\}", value)
+    if not match:
+        raise ValueError_("must start with a {SCHEME}, e.g. {PLAIN}secret")
+    scheme = match.group(1).upper()
+    data = value[match.end():]
+    if scheme not in PASSWORD_SCHEMES:
+        raise ValueError_('unknown password scheme "{%s}"; known: %s' % (
+            match.group(1), ", ".join("{%s}" % s for s in PASSWORD_SCHEMES)))
+    if scheme == "PBKDF2-SHA256" and not re.fullmatch(
+            r"\d+\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*", data):
+        raise ValueError_("{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH (base64)")
+    if scheme == "SHA512-CRYPT" and not re.fullmatch(r"\$6\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{86}", data):
+        raise ValueError_("{SHA512-CRYPT} data must be a $6$ crypt string")
+    if scheme == "SHA256-CRYPT" and not re.fullmatch(r"\$5\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{43}", data):
+        raise ValueError_("{SHA256-CRYPT} data must be a $5$ crypt string")
+    return PasswordEntry(scheme, data)
+
+
+def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
+               errors: List[ConfigError]) -> Dict[str, PasswordEntry]:
+    """[users]: ``LOGIN = {SCHEME}DATA``, one line per login."""
+    users = {}
+    if not parser.has_section("users"):
+        return users
+    for login, value in parser.items("users"):
+        try:
+            users[login] = parse_password_entry(value)
+        except ValueError_ as error:
+            errors.append(ConfigError(path, "users", login, str(error), lines.get(("users", login))))
+    return users
+
+
+class Route(NamedTuple):
+    """A [routes] entry: a backend, and whether its port was given."""
+    port: Optional[int]        # None: use the port of the server's proxy_pass
+    upstream: Upstream
+
+
+def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
+                errors: List[ConfigError]) -> Dict[str, Route]:
+    """[routes] (extension): ``LOGIN = HOST[:PORT]`` or ``@DOMAIN = HOST[:PORT]``.
+
+    A route sends a user, or every user of a domain, to another backend than
+    the server's proxy_pass.  Without a port, proxy_pass's port is kept, so
+    one route serves the IMAP and the POP3 server alike.
+    """
+    routes = {}
+    if not parser.has_section("routes"):
+        return routes
+    for key, value in parser.items("routes"):
+        line = lines.get(("routes", key))
+        try:
+            if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", value):
+                host, port = value.strip("[]"), None
+            else:
+                host, port = parse_host_port(value)
+            routes[key] = Route(port, resolve_upstream(host, port or 1))
+        except ValueError_ as error:
+            errors.append(ConfigError(path, "routes", key, str(error), line))
+    return routes
+
+
+# ########################################################################## #
+#                              Wire primitives                               #
+# ########################################################################## #
+# What IMAP and POP3 (and later SMTP) share: the events a client machine
+# returns, base64 and the SASL mechanisms (RFC 4616 PLAIN, the LOGIN
+# mechanism, RFC 2195 CRAM-MD5, RFC 1939 APOP), and the nginx-style salt.
+# Nothing here does I/O or reads the clock, except make_salt's arguments.
+
+class Credentials:
+    """Event: the client has sent a login.  Its repr never shows the password.
+
+    ``method`` is nginx's Auth-Method name: "plain" (IMAP LOGIN, POP3
+    USER/PASS, AUTH PLAIN and AUTH LOGIN), "cram-md5" or "apop".  For
+    cram-md5 and apop, ``password`` is the client's digest and ``salt`` the
+    challenge it answered.
+    """
+    __slots__ = ("login", "password", "method", "salt")
+
+    def __init__(self, login: bytes, password: bytes, method: str = "plain",
+                 salt: Optional[bytes] = None):
+        self.login = login
+        self.password = password
+        self.method = method
+        self.salt = salt
+
+    def __repr__(self) -> str:
+        return "Credentials(login=%r, method=%r, password=<hidden>)" % (self.login, self.method)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Credentials) and (
+            self.login, self.password, self.method, self.salt) == (
+            other.login, other.password, other.method, other.salt)
+
+
+class Quit:
+    """Event: the client said goodbye (LOGOUT, QUIT); close once the reply is sent."""
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Quit)
+
+    def __repr__(self) -> str:
+        return "Quit()"
+
+
+class Closed:
+    """Event: the machine has queued its last reply; close after sending it.
+
+    ``reason`` is for the log (nginx's wording, e.g. "client sent too many
+    invalid commands").
+    """
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Closed) and self.reason == other.reason
+
+    def __repr__(self) -> str:
+        return "Closed(%r)" % self.reason
+
+
+def decode_base64(data: bytes) -> Optional[bytes]:
+    """Strict base64 (RFC 4648 §4), or None.  A SASL cancel ``*`` is None too."""
+    if not data or len(data) % 4:
+        return None if data else b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def decode_sasl_plain(data: bytes) -> Optional[Tuple[bytes, bytes, bytes]]:
+    """RFC 4616: ``[authzid] NUL authcid NUL passwd`` -> (authzid, login, password).
+
+    None for bad base64 or missing NULs.  nginx ignores the authzid; so do we.
+    """
+    decoded = decode_base64(data)
+    if decoded is None:
+        return None
+    parts = decoded.split(b"\0")
+    if len(parts) != 3:
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+def make_salt(server_name: str, now: float, randomness: random.Random) -> bytes:
+    """nginx's challenge ``<RANDOM.TIME@server_name>`` (ngx_mail_salt), used as
+    the APOP timestamp (RFC 1939 §7) and the CRAM-MD5 challenge (RFC 2195)."""
+    return b"<%d.%d@%s>" % (randomness.getrandbits(63), int(now), server_name.encode())
+
+
+def cram_md5_digest(password: bytes, challenge: bytes) -> bytes:
+    """RFC 2195: hex HMAC-MD5 of the challenge, keyed with the password."""
+    return hmac.new(password, challenge, hashlib.md5).hexdigest().encode()
+
+
+def apop_digest(timestamp: bytes, password: bytes) -> bytes:
+    """RFC 1939 §7: hex MD5 of the greeting's timestamp followed by the password."""
+    return hashlib.md5(timestamp + password).hexdigest().encode()
+
+
+def split_cram_md5_response(data: bytes) -> Optional[Tuple[bytes, bytes]]:
+    """``base64(user SP 32-hex-digest)`` -> (user, digest), or None (nginx's checks)."""
+    decoded = decode_base64(data)
+    if decoded is None or b" " not in decoded:
+        return None
+    user, _, digest = decoded.rpartition(b" ")
+    if len(digest) != 32 or not user:
+        return None
+    return user, digest.lower()
+
+
+def strip_eol(line: bytes) -> bytes:
+    """A line without its CRLF (or bare LF)."""
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    if line.endswith(b"\n"):
+        return line[:-1]
+    return line
+
+
+# ########################################################################## #
+#                              Client machines                               #
+# ########################################################################## #
+# The dialogue with the client up to authentication, one machine per
+# protocol, as nginx's ngx_mail_{imap,pop3}_handler.c.  A machine is sans-I/O:
+#
+#     machine = ImapMachine(settings)       # the greeting is queued now
+#     machine.data_to_send()                # -> b"* OK IMAP4 ready\r\n"
+#     machine.receive_data(b"a1 NOOP\r\n")  # -> [] (and queues "a1 OK completed")
+#     machine.receive_data(b"a2 LOGIN alice secret\r\n")  # -> [Credentials(...)]
+#
+# After Credentials the machine waits: further input is buffered unparsed
+# until the session says how the login went (auth_failed(), or it takes
+# trailing_data to the backend).  No clock, no logger, no sockets here: the
+# session passes the time in for the APOP/CRAM-MD5 salt.
+
+class ClientMachine:
+    """What IMAP and POP3 machines share: buffers, error counting, waiting.
+
+    Subclasses define ``INVALID`` (the reply to a bad command), and
+    ``_step(events)`` which handles at most one command from ``self._input``
+    and returns False when it needs more data.
+    """
+    protocol = ""
+    INVALID = b""
+    INTERNAL_ERROR = b""
+
+    def __init__(self, settings: Settings, now: float = 0.0,
+                 randomness: Optional[random.Random] = None):
+        self.settings = settings
+        self.now = now
+        self.randomness = randomness or random.Random()
+        self.salt = None               # type: Optional[bytes]
+        self.errors = 0
+        self.waiting = False           # Credentials emitted, outcome pending
+        self.finished = False          # Quit or Closed emitted
+        self._input = bytearray()
+        self._output = bytearray()
+
+    # -- the sans-I/O surface ------------------------------------------------
+    def receive_data(self, data: bytes) -> list:
+        """Feed client bytes; returns the events they complete (may be [])."""
+        if self.finished:
+            return []
+        if not data:
+            self.finished = True
+            return []
+        self._input += data
+        return self._process()
+
+    def data_to_send(self) -> bytes:
+        """Replies queued since the last call."""
+        data = bytes(self._output)
+        del self._output[:]
+        return data
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Input not parsed yet: what the client pipelined behind its login."""
+        return bytes(self._input)
+
+    def auth_failed(self, reply: bytes) -> list:
+        """The login was refused: queue ``reply`` and go on with buffered input."""
+        self._output += reply
+        self.waiting = False
+        self._after_auth_failure()
+        return self._process()
+
+    # -- shared machinery ----------------------------------------------------
+    def _process(self) -> list:
+        events = []
+        while not self.waiting and not self.finished and self._input:
+            if not self._step(events):
+                break
+        return events
+
+    def _invalid(self, events: list, counted: bool, reply: Optional[bytes] = None) -> None:
+        """Answer an invalid command; nginx counts only the parser's rejections
+        towards max_errors, and closes once they reach it."""
+        self._output += self.INVALID if reply is None else reply
+        if counted:
+            self.errors += 1
+            if self.errors >= self.settings.max_errors:
+                self._finish(events, Closed("client sent too many invalid commands"))
+
+    def _finish(self, events: list, event) -> None:
+        events.append(event)
+        self.finished = True
+
+    def _credentials(self, events: list, credentials: Credentials) -> None:
+        events.append(credentials)
+        self.waiting = True
+
+    def _after_auth_failure(self) -> None:
+        """Protocol hook: the state to return to after a refused login."""
+
+    def _take_line(self, limit: int) -> Optional[bytes]:
+        """The next line (with its LF) from the input, or None if incomplete."""
+        end = self._input.find(b"\n", 0, limit)
+        if end < 0:
+            return None
+        line = bytes(self._input[:end + 1])
+        del self._input[:end + 1]
+        return line
+
+
+# -- IMAP (RFC 3501), as ngx_mail_imap_handler.c --------------------------------
+
+IMAP_GREETING = b"* OK IMAP4 ready\r\n"
+IMAP_OK = b"OK completed\r\n"
+IMAP_NEXT = b"+ OK\r\n"                       # literal continuation
+IMAP_PLAIN_NEXT = b"+ \r\n"                   # AUTHENTICATE PLAIN without IR
+IMAP_USERNAME = b"+ VXNlcm5hbWU6\r\n"         # base64("Username:")
+IMAP_PASSWORD = b"+ UGFzc3dvcmQ6\r\n"         # base64("Password:")
+IMAP_BYE = b"* BYE\r\n"
+IMAP_INVALID = b"BAD invalid command\r\n"
+IMAP_INTERNAL_ERROR = b"* BAD internal server error\r\n"
+IMAP_ID_REPLY = b"* ID NIL\r\n"               # extension: RFC 2971 §3.1, no fields
+
+# RFC 3501 §9: tag = 1*<any ASTRING-CHAR except "+">.
+IMAP_TAG_CHARS = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
+IMAP_AUTH_NAMES = {"plain": "AUTH=PLAIN", "login": "AUTH=LOGIN", "cram-md5": "AUTH=CRAM-MD5"}
+IMAP_COMMANDS = frozenset([b"LOGIN", b"AUTHENTICATE", b"CAPABILITY", b"NOOP",
+                           b"LOGOUT", b"STARTTLS", b"ID"])
+
+
+class ImapCommand(NamedTuple):
+    tag: bytes                 # with its trailing space, as nginx keeps it
+    name: bytes                # upper case
+    args: List                 # bytes for strings; b"(" and b")" markers in ID
+    end: int                   # bytes consumed
+
+
+class ImapInvalid(NamedTuple):
+    tag: Optional[bytes]       # None: the reply is tagged "*"
+    end: Optional[int]         # bytes to drop, or None: drop up to the next LF
+    close: bool                # a non-synchronizing literal was seen: cannot resync
+
+
+class ImapIncomplete(NamedTuple):
+    tag: Optional[bytes]
+    sync_literals: int         # {n} headers complete so far: each wants "+ OK"
+
+
+def scan_imap_command(data: bytes, max_literal: int):
+    """Scan one IMAP command from the start of ``data``.
+
+    Returns ImapCommand, ImapInvalid or ImapIncomplete.  Strings are atoms,
+    quoted strings (backslash escapes removed, as nginx) or literals: ``{n}``
+    synchronizing, ``{n+}`` non-synchronizing (RFC 7888).  Like nginx
+    >= 1.29.6 a quoted string or literal must be followed by SP or CRLF.
+    """
+    space = _find_any(data, 0, b" \r\n")
+    if space < 0:
+        return ImapIncomplete(None, 0)
+    tag = data[:space]
+    if data[space:space + 1] != b" " or not 0 < len(tag) <= IMAP_MAX_TAG or \
+            any(byte not in IMAP_TAG_CHARS for byte in tag):
+        return ImapInvalid(None, None, False)
+    tag += b" "
+    pos = space
+    while pos < len(data) and data[pos] == 0x20:
+        pos += 1
+    end = _find_any(data, pos, b" \r\n")
+    if end < 0:
+        return ImapIncomplete(tag, 0)
+    name = data[pos:end].upper()
+    if name not in IMAP_COMMANDS:
+        return ImapInvalid(tag, None, False)
+    scanner = _ImapArgumentScanner(data, end, name == b"ID", max_literal)
+    return scanner.scan(tag, name)
+
+
+def _find_any(data: bytes, start: int, chars: bytes) -> int:
+    """Index of the first byte of ``chars`` in data[start:], or -1."""
+    best = -1
+    for char in chars:
+        index = data.find(bytes([char]), start)
+        if index >= 0 and (best < 0 or index < best):
+            best = index
+    return best
+
+
+class _ImapArgumentScanner:
+    """The arguments of one IMAP command: a small cursor over the bytes."""
+
+    def __init__(self, data: bytes, pos: int, is_id: bool, max_literal: int):
+        self.data = data
+        self.pos = pos
+        self.is_id = is_id
+        self.max_args = IMAP_ID_MAX_ARGS if is_id else IMAP_MAX_ARGS
+        self.max_literal = max_literal
+        self.sync_literals = 0
+        self.non_sync_seen = False
+
+    def scan(self, tag: bytes, name: bytes):
+        data = self.data
+        args = []
+        while True:
+            if self.pos >= len(data):
+                return ImapIncomplete(tag, self.sync_literals)
+            byte = data[self.pos]
+            if byte == 0x0A:                                   # bare LF ends too
+                return ImapCommand(tag, name, args, self.pos + 1)
+            if byte == 0x0D:
+                if self.pos + 1 >= len(data):
+                    return ImapIncomplete(tag, self.sync_literals)
+                if data[self.pos + 1] != 0x0A:
+                    return self.invalid(tag)
+                return ImapCommand(tag, name, args, self.pos + 2)
+            if byte != 0x20:                                   # SP before each argument
+                return self.invalid(tag)
+            while self.pos < len(data) and data[self.pos] == 0x20:
+                self.pos += 1
+            if self.pos >= len(data):
+                return ImapIncomplete(tag, self.sync_literals)
+            if data[self.pos] in b"\r\n":
+                continue
+            if len(args) >= self.max_args:
+                return self.invalid(tag)
+            argument = self.argument()
+            if argument is None:
+                return ImapIncomplete(tag, self.sync_literals)
+            if argument is False:
+                return self.invalid(tag)
+            args.append(argument)
+
+    def invalid(self, tag: bytes) -> ImapInvalid:
+        return ImapInvalid(tag, None, self.non_sync_seen)
+
+    def argument(self):
+        """One argument: bytes, None (need more data) or False (invalid)."""
+        byte = self.data[self.pos]
+        if byte == 0x22:                                      # '"'
+            return self.quoted()
+        if byte == 0x7B:                                      # '{'
+            return self.literal()
+        if self.is_id and byte in b"()":
+            self.pos += 1
+            return bytes([byte])
+        end = _find_any(self.data, self.pos, b" \r\n)" if self.is_id else b" \r\n")
+        if end < 0:
+            return None
+        atom = self.data[self.pos:end]
+        self.pos = end
+        return atom
+
+    def quoted(self):
+        data = self.data
+        pos = self.pos + 1
+        value = bytearray()
+        while pos < len(data):
+            byte = data[pos]
+            if byte in (0x0D, 0x0A):
+                return False
+            if byte == 0x5C:                                  # backslash
+                if pos + 1 >= len(data):
+                    return None
+                if data[pos + 1] in (0x0D, 0x0A):
+                    return False
+                value.append(data[pos + 1])
+                pos += 2
+                continue
+            if byte == 0x22:
+                return self.after_string(pos + 1, bytes(value))
+            value.append(byte)
+            pos += 1
+        return None
+
+    def literal(self):
+        match = re.match(rb"\{(\d{1,10})(\+?)\}(\r?\n)?", self.data[self.pos:])
+        if not match:
+            if re.fullmatch(rb"\{\d{0,10}\+?\}?\r?", self.data[self.pos:]):
+                return None                                   # header still coming
+            return False
+        if match.group(3) is None:
+            if len(self.data) - self.pos > match.end():
+                return False                                  # "}" not followed by CRLF
+            return None
+        length = int(match.group(1))
+        if match.group(2):
+            self.non_sync_seen = True
+        if length > self.max_literal:
+            return False
+        if not match.group(2):
+            self.sync_literals += 1
+        start = self.pos + match.end()
+        if len(self.data) < start + length:
+            return None
+        return self.after_string(start + length, self.data[start:start + length])
+
+    def after_string(self, pos: int, value: bytes):
+        if pos >= len(self.data):
+            return None
+        if self.data[pos] not in b" \r\n" and not (self.is_id and self.data[pos] == 0x29):
+            return False
+        self.pos = pos
+        return value
+
+
+class ImapState(enum.Enum):
+    COMMAND = "command"                        # waiting for a tagged command
+    AUTH_LOGIN_USERNAME = "auth login username"   # sent "+ VXNlcm5hbWU6"
+    AUTH_LOGIN_PASSWORD = "auth login password"   # sent "+ UGFzc3dvcmQ6"
+    AUTH_PLAIN = "auth plain"                  # sent "+ ", waiting for the response
+    AUTH_CRAM_MD5 = "auth cram-md5"            # sent the challenge
+
+
+class ImapMachine(ClientMachine):
+    """The IMAP dialogue before login (RFC 3501 §6.1-6.2), as nginx."""
+    protocol = "imap"
+    INVALID = IMAP_INVALID
+    INTERNAL_ERROR = IMAP_INTERNAL_ERROR
+
+    def __init__(self, settings: Settings, now: float = 0.0,
+                 randomness: Optional[random.Random] = None):
+        super().__init__(settings, now, randomness)
+        self.state = ImapState.COMMAND
+        self.tag = b""                 # the tag of the command being handled
+        self.login = b""               # AUTHENTICATE LOGIN: the username so far
+        self._continuations = 0        # "+ OK" sent for the current command
+        self._skipping = False         # dropping the rest of an invalid line
+        self._output += IMAP_GREETING
+
+    def capability(self) -> bytes:
+        """``* CAPABILITY`` from imap_capabilities, then AUTH= in nginx's order."""
+        words = list(self.settings.imap_capabilities)
+        for method in ALL_AUTH_METHODS["imap"]:
+            if method in self.settings.imap_auth and method in IMAP_AUTH_NAMES:
+                words.append(IMAP_AUTH_NAMES[method])
+        return b"* CAPABILITY " + " ".join(words).encode() + b"\r\n"
+
+    def _after_auth_failure(self) -> None:
+        self.state = ImapState.COMMAND
+
+    def _step(self, events: list) -> bool:
+        limit = self.settings.imap_client_buffer
+        if self._skipping:
+            line = self._take_line(len(self._input))
+            if line is None:
+                del self._input[:]
+                return False
+            self._skipping = False
+            return True
+        if self.state != ImapState.COMMAND:
+            line = self._take_line(limit)
+            if line is None:
+                return self._check_length(events, self.tag or None, limit)
+            self._sasl_line(events, strip_eol(line))
+            return True
+        scan = scan_imap_command(bytes(self._input), limit)
+        if isinstance(scan, ImapIncomplete):
+            while self._continuations < scan.sync_literals:
+                self._output += IMAP_NEXT
+                self._continuations += 1
+            return self._check_length(events, scan.tag, limit)
+        self._continuations = 0
+        if isinstance(scan, ImapInvalid):
+            self._drop_invalid(scan)
+            self._invalid(events, True, (scan.tag or b"* ") + IMAP_INVALID)
+            if scan.close and not self.finished:
+                self._finish(events, Closed("client sent invalid command with a non-synchronizing literal"))
+            return True
+        del self._input[:scan.end]
+        self.tag = scan.tag
+        self._command(events, scan.name, scan.args)
+        return True
+
+    def _check_length(self, events: list, tag: Optional[bytes], limit: int) -> bool:
+        """nginx: a command that does not fit imap_client_buffer is refused and
+        the connection closed ("client sent too long command")."""
+        if len(self._input) >= limit:
+            self._output += (tag or b"* ") + IMAP_INVALID
+            self._finish(events, Closed("client sent too long command"))
+        return False
+
+    def _drop_invalid(self, scan: ImapInvalid) -> None:
+        end = self._input.find(b"\n")
+        if end >= 0:
+            del self._input[:end + 1]
+        else:
+            del self._input[:]
+            self._skipping = True
+
+    def _reply(self, text: bytes) -> None:
+        self._output += self.tag + text
+
+    def _command(self, events: list, name: bytes, args: List) -> None:
+        handler = {
+            b"CAPABILITY": self._capability, b"NOOP": self._noop, b"LOGOUT": self._logout,
+            b"LOGIN": self._login, b"AUTHENTICATE": self._authenticate,
+            b"STARTTLS": self._starttls, b"ID": self._id,
+        }[name]
+        handler(events, args)
+
+    def _capability(self, events: list, args: List) -> None:
+        self._output += self.capability()
+        self._reply(IMAP_OK)
+
+    def _noop(self, events: list, args: List) -> None:
+        self._reply(IMAP_OK)
+
+    def _logout(self, events: list, args: List) -> None:
+        self._output += IMAP_BYE
+        self._reply(IMAP_OK)
+        self._finish(events, Quit())
+
+    def _starttls(self, events: list, args: List) -> None:
+        # STARTTLS is invalid while starttls is off (the TLS issue adds it).
+        self._invalid(events, False, self.tag + IMAP_INVALID)
+
+    def _id(self, events: list, args: List) -> None:
+        """Extension (RFC 2971): nginx answers BAD, which upsets Thunderbird and
+        Roundcube.  We take ``ID NIL`` or ``ID (...)`` and tell nothing back."""
+        valid = args == [b"NIL"] or args == [b"nil"] or (
+            len(args) >= 2 and args[0] == b"(" and args[-1] == b")" and
+            b"(" not in args[1:-1] and b")" not in args[1:-1])
+        if not valid:
+            self._invalid(events, False, self.tag + IMAP_INVALID)
+            return
+        self._output += IMAP_ID_REPLY
+        self._reply(IMAP_OK)
+
+    def _login(self, events: list, args: List) -> None:
+        """RFC 3501 §6.2.3 LOGIN userid password; nginx wants exactly two
+        arguments and a non-empty login (an empty password is allowed)."""
+        if len(args) != 2 or not args[0]:
+            self._invalid(events, False, self.tag + IMAP_INVALID)
+            return
+        self._credentials(events, Credentials(args[0], args[1], "plain"))
+
+    def _authenticate(self, events: list, args: List) -> None:
+        """RFC 3501 §6.2.2 with RFC 4959 initial responses, as ngx_mail_auth_parse."""
+        mechanism = args[0].upper() if args else b""
+        initial = args[1] if len(args) == 2 else None
+        if len(args) not in (1, 2):
+            self._invalid(events, False, self.tag + IMAP_INVALID)
+        elif mechanism == b"PLAIN":
+            if initial is None:
+                self._output += IMAP_PLAIN_NEXT
+                self.state = ImapState.AUTH_PLAIN
+            else:
+                self._sasl_plain(events, initial)
+        elif mechanism == b"LOGIN":
+            if initial is None:
+                self._output += IMAP_USERNAME
+                self.state = ImapState.AUTH_LOGIN_USERNAME
+            else:
+                self._sasl_login_username(events, initial)
+        elif mechanism == b"CRAM-MD5" and initial is None and \
+                "cram-md5" in self.settings.imap_auth:
+            if self.salt is None:
+                self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
+            self._output += b"+ " + base64.b64encode(self.salt) + b"\r\n"
+            self.state = ImapState.AUTH_CRAM_MD5
+        else:
+            self._invalid(events, False, self.tag + IMAP_INVALID)
+
+    def _sasl_line(self, events: list, line: bytes) -> None:
+        state = self.state
+        self.state = ImapState.COMMAND
+        if state == ImapState.AUTH_PLAIN:
+            self._sasl_plain(events, line)
+        elif state == ImapState.AUTH_LOGIN_USERNAME:
+            self._sasl_login_username(events, line)
+        elif state == ImapState.AUTH_LOGIN_PASSWORD:
+            password = decode_base64(line)
+            if password is None:
+                self._invalid(events, False, self.tag + IMAP_INVALID)
+            else:
+                self._credentials(events, Credentials(self.login, password, "plain"))
+        elif state == ImapState.AUTH_CRAM_MD5:
+            answer = split_cram_md5_response(line)
+            if answer is None:
+                self._invalid(events, False, self.tag + IMAP_INVALID)
+            else:
+                self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
+
+    def _sasl_plain(self, events: list, response: bytes) -> None:
+        decoded = decode_sasl_plain(response)
+        if decoded is None or not decoded[1]:
+            self._invalid(events, False, self.tag + IMAP_INVALID)
+            return
+        self._credentials(events, Credentials(decoded[1], decoded[2], "plain"))
+
+    def _sasl_login_username(self, events: list, response: bytes) -> None:
+        login = decode_base64(response)
+        if login is None:
+            self._invalid(events, False, self.tag + IMAP_INVALID)
+            return
+        self.login = login
+        self._output += IMAP_PASSWORD
+        self.state = ImapState.AUTH_LOGIN_PASSWORD
+
+
+# -- POP3 (RFC 1939, RFC 2449 CAPA, RFC 5034 AUTH), as ngx_mail_pop3_handler.c --
+
+POP3_GREETING = b"+OK POP3 ready\r\n"
+POP3_OK = b"+OK\r\n"
+POP3_NEXT = b"+ \r\n"
+POP3_USERNAME = b"+ VXNlcm5hbWU6\r\n"
+POP3_PASSWORD = b"+ UGFzc3dvcmQ6\r\n"
+POP3_INVALID = b"-ERR invalid command\r\n"
+POP3_INTERNAL_ERROR = b"-ERR internal server error\r\n"
+POP3_COMMANDS = frozenset([b"USER", b"PASS", b"APOP", b"QUIT", b"CAPA", b"AUTH",
+                           b"NOOP", b"STLS"])
+# The SASL names for pop3_auth methods, in nginx's order; APOP is no SASL method.
+POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",)}
+
+
+class Pop3State(enum.Enum):
+    START = "start"                            # AUTHORIZATION state, nothing yet
+    USER = "user"                              # USER given, PASS expected
+    AUTH_LOGIN_USERNAME = "auth login username"
+    AUTH_LOGIN_PASSWORD = "auth login password"
+    AUTH_PLAIN = "auth plain"
+    AUTH_CRAM_MD5 = "auth cram-md5"
+
+
+def parse_pop3_command(line: bytes) -> Optional[Tuple[bytes, List[bytes]]]:
+    """One POP3 command line -> (NAME, args), or None if invalid.
+
+    As ngx_pop3_parse_command: the keyword is letters only; arguments are
+    separated by spaces, except that in USER and PASS a space is part of the
+    argument (``USER john doe`` logs in "john doe"); at most three arguments;
+    a CR must be followed by LF.
+    """
+    body = strip_eol(line)
+    if b"\r" in body:
+        return None
+    name, _, rest = body.partition(b" ")
+    if not re.fullmatch(rb"[A-Za-z]+", name) or name.upper() not in POP3_COMMANDS:
+        return None
+    name = name.upper()
+    rest = rest.lstrip(b" ")
+    if name in (b"USER", b"PASS"):
+        args = [rest] if rest else []
+    else:
+        args = [arg for arg in rest.split(b" ") if arg]
+    if len(args) > POP3_MAX_ARGS:
+        return None
+    return name, args
+
+
+class Pop3Machine(ClientMachine):
+    """The POP3 AUTHORIZATION state (RFC 1939 §4), as nginx."""
+    protocol = "pop3"
+    INVALID = POP3_INVALID
+    INTERNAL_ERROR = POP3_INTERNAL_ERROR
+
+    def __init__(self, settings: Settings, now: float = 0.0,
+                 randomness: Optional[random.Random] = None):
+        super().__init__(settings, now, randomness)
+        self.state = Pop3State.START
+        self.login = b""
+        if "apop" in settings.pop3_auth or "cram-md5" in settings.pop3_auth:
+            # RFC 1939 §7: the greeting carries the APOP timestamp.
+            self.salt = make_salt(settings.server_name, now, self.randomness)
+            self._output += POP3_GREETING[:-2] + b" " + self.salt + b"\r\n"
+        else:
+            self._output += POP3_GREETING
+
+    def sasl_names(self) -> List[str]:
+        names = []
+        for method in ALL_AUTH_METHODS["pop3"]:
+            if method in self.settings.pop3_auth:
+                names.extend(POP3_SASL_NAMES.get(method, ()))
+        return names
+
+    def capability(self) -> bytes:
+        """CAPA (RFC 2449): pop3_capabilities, then the SASL line, always."""
+        lines = [b"+OK Capability list follows"]
+        lines.extend(word.encode() for word in self.settings.pop3_capabilities)
+        lines.append(" ".join(["SASL"] + self.sasl_names()).encode())
+        return b"\r\n".join(lines) + b"\r\n.\r\n"
+
+    def _after_auth_failure(self) -> None:
+        self.state = Pop3State.START
+
+    def _step(self, events: list) -> bool:
+        limit = self.settings.pop3_client_buffer
+        line = self._take_line(limit)
+        if line is None:
+            if len(self._input) >= limit:
+                # nginx: "client sent too long command", -ERR, close.
+                self._output += POP3_INVALID
+                self._finish(events, Closed("client sent too long command"))
+            return False
+        if self.state not in (Pop3State.START, Pop3State.USER):
+            self._sasl_line(events, strip_eol(line))
+            return True
+        parsed = parse_pop3_command(line)
+        if parsed is None:
+            self.state = Pop3State.START
+            self._invalid(events, True)
+            return True
+        name, args = parsed
+        allowed = (b"PASS", b"CAPA", b"QUIT", b"NOOP") if self.state == Pop3State.USER \
+            else (b"USER", b"CAPA", b"APOP", b"AUTH", b"QUIT", b"NOOP", b"STLS")
+        if name not in allowed:
+            # nginx: a command not valid in this state is invalid (not counted)
+            # and takes the dialogue back to the start.
+            self.state = Pop3State.START
+            self._invalid(events, False)
+            return True
+        handler = {b"USER": self._user, b"PASS": self._pass, b"APOP": self._apop,
+                   b"AUTH": self._auth, b"CAPA": self._capa, b"QUIT": self._quit,
+                   b"NOOP": self._noop, b"STLS": self._stls}[name]
+        handler(events, args)
+        return True
+
+    def _refuse(self, events: list) -> None:
+        self.state = Pop3State.START
+        self._invalid(events, False)
+
+    def _user(self, events: list, args: List[bytes]) -> None:
+        if len(args) != 1:
+            return self._refuse(events)
+        self.login = args[0]
+        self.state = Pop3State.USER
+        self._output += POP3_OK
+
+    def _pass(self, events: list, args: List[bytes]) -> None:
+        if len(args) != 1:
+            return self._refuse(events)
+        self.state = Pop3State.START
+        self._credentials(events, Credentials(self.login, args[0], "plain"))
+
+    def _apop(self, events: list, args: List[bytes]) -> None:
+        """RFC 1939 §7: APOP name digest, only when pop3_auth has apop."""
+        if len(args) != 2 or "apop" not in self.settings.pop3_auth or len(args[1]) != 32:
+            return self._refuse(events)
+        self._credentials(events, Credentials(args[0], args[1].lower(), "apop", self.salt))
+
+    def _capa(self, events: list, args: List[bytes]) -> None:
+        self._output += self.capability()
+
+    def _quit(self, events: list, args: List[bytes]) -> None:
+        self._output += POP3_OK
+        self._finish(events, Quit())
+
+    def _noop(self, events: list, args: List[bytes]) -> None:
+        self._output += POP3_OK
+
+    def _stls(self, events: list, args: List[bytes]) -> None:
+        self._refuse(events)           # starttls is off (the TLS issue adds it)
+
+    def _auth(self, events: list, args: List[bytes]) -> None:
+        """RFC 5034 AUTH; without arguments nginx lists the methods."""
+        if not args:
+            names = "".join(name + "\r\n" for name in self.sasl_names())
+            self._output += b"+OK methods supported:\r\n" + names.encode() + b".\r\n"
+            return
+        mechanism = args[0].upper()
+        initial = args[1] if len(args) == 2 else None
+        if len(args) > 2:
+            self._refuse(events)
+        elif mechanism == b"PLAIN":
+            if initial is None:
+                self._output += POP3_NEXT
+                self.state = Pop3State.AUTH_PLAIN
+            else:
+                self._sasl_plain(events, initial)
+        elif mechanism == b"LOGIN":
+            if initial is None:
+                self._output += POP3_USERNAME
+                self.state = Pop3State.AUTH_LOGIN_USERNAME
+            else:
+                self._sasl_login_username(events, initial)
+        elif mechanism == b"CRAM-MD5" and initial is None and \
+                "cram-md5" in self.settings.pop3_auth:
+            self._output += b"+ " + base64.b64encode(self.salt) + b"\r\n"
+            self.state = Pop3State.AUTH_CRAM_MD5
+        else:
+            self._refuse(events)
+
+    def _sasl_line(self, events: list, line: bytes) -> None:
+        state = self.state
+        self.state = Pop3State.START
+        if state == Pop3State.AUTH_PLAIN:
+            self._sasl_plain(events, line)
+        elif state == Pop3State.AUTH_LOGIN_USERNAME:
+            self._sasl_login_username(events, line)
+        elif state == Pop3State.AUTH_LOGIN_PASSWORD:
+            password = decode_base64(line)
+            if password is None:
+                return self._refuse(events)
+            self._credentials(events, Credentials(self.login, password, "plain"))
+        elif state == Pop3State.AUTH_CRAM_MD5:
+            answer = split_cram_md5_response(line)
+            if answer is None:
+                return self._refuse(events)
+            self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
+
+    def _sasl_plain(self, events: list, response: bytes) -> None:
+        decoded = decode_sasl_plain(response)
+        if decoded is None or not decoded[1]:
+            return self._refuse(events)
+        self._credentials(events, Credentials(decoded[1], decoded[2], "plain"))
+
+    def _sasl_login_username(self, events: list, response: bytes) -> None:
+        login = decode_base64(response)
+        if login is None:
+            return self._refuse(events)
+        self.login = login
+        self._output += POP3_PASSWORD
+        self.state = Pop3State.AUTH_LOGIN_PASSWORD
+
+
+CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine}
+
+
+# ########################################################################## #
+#                              Authentication                                #
+# ########################################################################## #
+# Turns Credentials into a verdict: which backend, with which login and
+# password.  The built-in user table (an extension; nginx needs an auth_http
+# server for this) keeps hashed passwords; every comparison of a secret uses
+# hmac.compare_digest so that its time does not depend on where it differs.
+# LoginThrottle slows down repeated failures from one address.
+
+# -- crypt(3) SHA-256 / SHA-512 ("$5$", "$6$"): Ulrich Drepper's specification
+# "Unix crypt using SHA-256 and SHA-512", in pure Python because the crypt
+# module is gone from Python 3.13.  Step numbers follow the specification.
+
+_SHA_CRYPT_ROUNDS_DEFAULT = 5000
+_SHA_CRYPT_ROUNDS_MIN = 1000
+_SHA_CRYPT_ROUNDS_MAX = 999999999
+_SHA_CRYPT_SALT_MAX = 16
+_CRYPT_B64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Step 22 e: which digest bytes make each group of 4 output characters.
+_SHA256_CRYPT_ORDER = (
+    (0, 10, 20), (21, 1, 11), (12, 22, 2), (3, 13, 23), (24, 4, 14),
+    (15, 25, 5), (6, 16, 26), (27, 7, 17), (18, 28, 8), (9, 19, 29), (31, 30))
+_SHA512_CRYPT_ORDER = (
+    (0, 21, 42), (22, 43, 1), (44, 2, 23), (3, 24, 45), (25, 46, 4),
+    (47, 5, 26), (6, 27, 48), (28, 49, 7), (50, 8, 29), (9, 30, 51),
+    (31, 52, 10), (53, 11, 32), (12, 33, 54), (34, 55, 13), (56, 14, 35),
+    (15, 36, 57), (37, 58, 16), (59, 17, 38), (18, 39, 60), (40, 61, 19),
+    (62, 20, 41), (63,))
+_SHA_CRYPT_SCHEMES = {"$5$": (hashlib.sha256, _SHA256_CRYPT_ORDER),
+                      "$6$": (hashlib.sha512, _SHA512_CRYPT_ORDER)}
+
+
+def sha_crypt(password: bytes, setting: str) -> str:
+    """crypt(3) of ``password`` with a "$5$" or "$6$" ``setting``
+    (``$6$[rounds=N$]salt[$hash]``); returns ``$6$[rounds=N$]salt$hash`` as
+    glibc does.  Raises ValueError for a malformed setting or a NUL byte."""
+    if b"\0" in password:
+        raise ValueError("crypt(3) cannot hash a password with a NUL byte")
+    prefix = setting[:3]
+    if prefix not in _SHA_CRYPT_SCHEMES:
+        raise ValueError("unknown crypt prefix %r" % prefix)
+    rest = setting[3:]
+    rounds, custom_rounds = _SHA_CRYPT_ROUNDS_DEFAULT, False
+    if rest.startswith("rounds="):
+        digits, dollar, rest = rest[7:].partition("$")
+        if not dollar or not re.fullmatch(r"[0-9]+", digits):
+            raise ValueError("malformed rounds= field")
+        rounds = max(_SHA_CRYPT_ROUNDS_MIN, min(int(digits), _SHA_CRYPT_ROUNDS_MAX))
+        custom_rounds = True
+    salt = rest.split("$", 1)[0][:_SHA_CRYPT_SALT_MAX]
+    new_hash, order = _SHA_CRYPT_SCHEMES[prefix]
+    digest = _sha_crypt_digest(new_hash, password, salt.encode("ascii"), rounds)
+    result = prefix + ("rounds=%d$" % rounds if custom_rounds else "")       # 22 a-b
+    return result + salt + "$" + _crypt_base64(digest, order)                # 22 c-e
+
+
+def _repeat_to_length(digest: bytes, length: int) -> bytes:
+    """Steps 9-10, 16 and 20: whole copies of ``digest``, then a prefix of it."""
+    copies, remainder = divmod(length, len(digest))
+    return digest * copies + digest[:remainder]
+
+
+def _sha_crypt_digest(new_hash, key: bytes, salt: bytes, rounds: int) -> bytes:
+    """Steps 1-21: the final digest C."""
+    b = new_hash(key + salt + key).digest()                  # steps 4-8
+    a = new_hash(key + salt)                                 # steps 1-3
+    a.update(_repeat_to_length(b, len(key)))                 # steps 9-10
+    length = len(key)
+    while length > 0:                                        # step 11
+        a.update(b if length & 1 else key)
+        length >>= 1
+    a_digest = a.digest()                                    # step 12
+    p_bytes = _repeat_to_length(new_hash(key * len(key)).digest(), len(key))      # 13-16
+    s_bytes = _repeat_to_length(new_hash(salt * (16 + a_digest[0])).digest(), len(salt))  # 17-20
+    return _sha_crypt_rounds(new_hash, a_digest, p_bytes, s_bytes, rounds)
+
+
+def _sha_crypt_rounds(new_hash, c: bytes, p: bytes, s: bytes, rounds: int) -> bytes:
+    """Step 21.  Round i hashes C with P, S (if i % 3), P (if i % 7) in an order
+    that depends on i % 2; the pattern repeats every 42 rounds, so the six
+    possible byte strings are built once, not per round."""
+    odd_data = {(False, False): p, (True, False): p + s, (False, True): p + p, (True, True): p + s + p}
+    even_data = {(False, False): p, (True, False): s + p, (False, True): p + p, (True, True): s + p + p}
+    schedule = []
+    for i in range(42):
+        data = (odd_data if i % 2 else even_data)[(i % 3 != 0, i % 7 != 0)]
+        schedule.append((i % 2 == 1, data))
+    for i in range(rounds):
+        odd, data = schedule[i % 42]
+        c = new_hash(data + c if odd else c + data).digest()
+    return c
+
+
+def _crypt_base64(digest: bytes, order: Tuple) -> str:
+    """Step 22 e: crypt's base64, least significant 6 bits first."""
+    chars = []
+    for group in order:
+        value = 0
+        for index in group:
+            value = (value << 8) | digest[index]
+        for _ in range(len(group) + 1):
+            chars.append(_CRYPT_B64[value & 0x3F])
+            value >>= 6
+    return "".join(chars)
+
+
+# -- password schemes ----------------------------------------------------------
+
+def hash_password(password: bytes, scheme: str = "PBKDF2-SHA256",
+                  rounds: Optional[int] = None) -> str:
+    """A user table value for ``password``: ``{SCHEME}DATA`` with a fresh salt."""
+    if scheme == "PLAIN":
+        return "{PLAIN}" + password.decode("utf-8")
+    if scheme == "PBKDF2-SHA256":
+        salt = os.urandom(16)
+        rounds = rounds or PBKDF2_DEFAULT_ROUNDS
+        digest = hashlib.pbkdf2_hmac("sha256", password, salt, rounds)
+        return "{PBKDF2-SHA256}%d$%s$%s" % (rounds, base64.b64encode(salt).decode(),
+                                            base64.b64encode(digest).decode())
+    if scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
+        alphabet = _CRYPT_B64
+        salt = "".join(alphabet[byte % 64] for byte in os.urandom(16))
+        prefix = "$6$" if scheme == "SHA512-CRYPT" else "$5$"
+        setting = prefix + ("rounds=%d$" % rounds if rounds else "") + salt
+        return "{%s}%s" % (scheme, sha_crypt(password, setting))
+    raise ValueError("unknown scheme %r" % scheme)
+
+
+def password_matches(entry: PasswordEntry, password: bytes) -> bool:
+    """Does ``password`` match the table entry?  Constant-time comparison."""
+    if entry.scheme == "PLAIN":
+        return hmac.compare_digest(entry.data.encode("utf-8"), password)
+    if entry.scheme == "PBKDF2-SHA256":
+        rounds, salt, expected = entry.data.split("$")
+        expected_bytes = base64.b64decode(expected)
+        digest = hashlib.pbkdf2_hmac("sha256", password, base64.b64decode(salt),
+                                     int(rounds), len(expected_bytes))
+        return hmac.compare_digest(digest, expected_bytes)
+    try:
+        computed = sha_crypt(password, entry.data)
+    except ValueError:
+        return False
+    return hmac.compare_digest(computed.encode(), entry.data.encode())
+
+
+# Checked when the login is unknown, so that a wrong login costs as much time
+# as a wrong password and the delay does not tell which one it was.
+_DUMMY_ENTRY = PasswordEntry("PBKDF2-SHA256", "%d$c2FsdHNhbHRzYWx0c2FsdA==$"
+                             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" % PBKDF2_DEFAULT_ROUNDS)
+
+AUTH_FAILED_TEXT = b"Invalid login or password"
+
+
+class AuthResult(NamedTuple):
+    """The verdict.  On success, who to log in as and where; on failure, why
+    (for the log only: the client is told AUTH_FAILED_TEXT whatever the reason)."""
+    ok: bool
+    login: bytes = b""
+    password: bytes = b""
+    upstream: Optional[Upstream] = None
+    reason: str = ""
+
+    def __repr__(self) -> str:
+        return "AuthResult(ok=%r, login=%r, upstream=%r, reason=%r)" % (
+            self.ok, self.login, self.upstream, self.reason)
+
+
+def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
+                 proxy_pass: Upstream, credentials: Credentials) -> AuthResult:
+    """Check credentials against the built-in table and choose the backend.
+
+    plain: the password is checked against the entry's scheme.  cram-md5 and
+    apop: the client sent a digest of the salt, which only a {PLAIN} entry can
+    reproduce; the backend is then logged in to with that clear password.
+    """
+    try:
+        login = credentials.login.decode("utf-8")
+    except UnicodeDecodeError:
+        login = None
+    entry = users.get(login) if login is not None else None
+    if entry is None:
+        password_matches(_DUMMY_ENTRY, credentials.password)
+        return AuthResult(False, reason="unknown user")
+    if credentials.method == "plain":
+        if not password_matches(entry, credentials.password):
+            return AuthResult(False, reason="wrong password")
+        backend_password = credentials.password
+    else:
+        if entry.scheme != "PLAIN":
+            return AuthResult(False, reason="%s needs a {PLAIN} password in [users]"
+                              % credentials.method)
+        clear = entry.data.encode("utf-8")
+        if credentials.method == "cram-md5":
+            expected = cram_md5_digest(clear, credentials.salt)
+        else:
+            expected = apop_digest(credentials.salt, clear)
+        if not hmac.compare_digest(expected, credentials.password):
+            return AuthResult(False, reason="wrong password")
+        backend_password = clear
+    return AuthResult(True, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+
+
+def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Upstream:
+    """[routes]: the login itself, then ``@domain``, then the server's proxy_pass."""
+    route = routes.get(login)
+    if route is None and "@" in login:
+        route = routes.get("@" + login.rpartition("@")[2])
+    if route is None:
+        return proxy_pass
+    port = route.port or proxy_pass.port
+    addresses = tuple((family, (sockaddr[0], port) + tuple(sockaddr[2:]))
+                      for family, sockaddr in route.upstream.addresses)
+    return Upstream(route.upstream.host, port, addresses)
+
+
+class LoginThrottle:
+    """Slows down password guessing per client address (sans-I/O: pass ``now``).
+
+    Each failed login from an address adds to its count, forgotten after
+    AUTH_FAILURE_WINDOW seconds without a failure.  The failure reply waits
+    ``auth_delay`` seconds, doubled for each earlier recent failure (at most
+    2**AUTH_FAILURE_MAX_SHIFT times); from AUTH_FAILURE_LOCKOUT recent failures
+    on, logins from the address are refused without looking at the password.
+    At most AUTH_FAILURE_TABLE addresses are remembered (the oldest go first).
+    """
+
+    def __init__(self):
+        self.failures = {}     # address -> (count, time of the last failure); insertion-ordered
+
+    def _count(self, address: str, now: float) -> int:
+        count, last = self.failures.get(address, (0, now))
+        return 0 if now - last > AUTH_FAILURE_WINDOW else count
+
+    def locked(self, address: str, now: float) -> bool:
+        return self._count(address, now) >= AUTH_FAILURE_LOCKOUT
+
+    def failure(self, address: str, now: float, base_delay: float) -> float:
+        """Record a failure; returns how long to wait before replying."""
+        count = self._count(address, now) + 1
+        self.failures.pop(address, None)
+        self.failures[address] = (count, now)
+        while len(self.failures) > AUTH_FAILURE_TABLE:
+            del self.failures[next(iter(self.failures))]
+        return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
+
+
+# ########################################################################## #
+#                               Backend login                                #
+# ########################################################################## #
+# Logging in to the backend as ngx_mail_proxy_module.c does, written as data:
+# a script of Expect and Send steps, built before the first byte from what is
+# known (protocol, tag, login, password), and one runner that walks any
+# script.  Sans-I/O like the client machines.
+
+class Send(NamedTuple):
+    data: bytes
+
+
+class Expect(NamedTuple):
+    """Wait for a reply line.  ``kind``: "imap-greeting" (``* OK``),
+    "continuation" (``+``), "imap-tagged" (``TAG OK``, untagged lines before
+    it allowed), "pop3-ok" (``+OK``).  ``relay``: the reply (with the untagged
+    lines before it) is the client's answer to its login command."""
+    kind: str
+    relay: bool = False
+
+
+def imap_login_script(tag: bytes, login: bytes, password: bytes) -> list:
+    """nginx's IMAP login: LOGIN with synchronizing literals and the client's
+    own tag (RFC 3501 §4.3), so any byte of the login or password travels as
+    literal data and can never end the command early."""
+    return [
+        Expect("imap-greeting"),
+        Send(tag + b"LOGIN {%d}\r\n" % len(login)),
+        Expect("continuation"),
+        Send(login + b" {%d}\r\n" % len(password)),
+        Expect("continuation"),
+        Send(password + b"\r\n"),
+        Expect("imap-tagged", relay=True),
+    ]
+
+
+def pop3_login_script(login: bytes, password: bytes) -> list:
+    """nginx's POP3 login: USER, then PASS; the backend's last +OK is relayed.
+
+    A POP3 argument cannot carry CR or LF, so a login or password holding
+    one is refused before this script is built (see Session)."""
+    return [
+        Expect("pop3-ok"),
+        Send(b"USER " + login + b"\r\n"),
+        Expect("pop3-ok"),
+        Send(b"PASS " + password + b"\r\n"),
+        Expect("pop3-ok", relay=True),
+    ]
+
+
+class LoginDone(NamedTuple):
+    """Event: the backend accepted the login; ``reply`` goes to the client."""
+    reply: bytes
+
+
+class BackendLogin:
+    """Runs a login script against the backend's replies.
+
+    receive_data(bytes) -> [LoginDone] when the script is through, [] while
+    it waits; raises BackendError when the backend says something else.
+    ``line_limit`` is proxy_buffer: a longer reply line is an error, as nginx.
+    """
+
+    def __init__(self, script: list, tag: bytes = b"", line_limit: int = PAGE_SIZE):
+        self.script = list(script)
+        self.tag = tag
+        self.line_limit = line_limit
+        self._input = bytearray()
+        self._output = bytearray()
+        self._relay = bytearray()
+        self._advance()
+
+    @property
+    def trailing_data(self) -> bytes:
+        return bytes(self._input)
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._output)
+        del self._output[:]
+        return data
+
+    def _advance(self) -> None:
+        while self.script and isinstance(self.script[0], Send):
+            self._output += self.script.pop(0).data
+
+    def receive_data(self, data: bytes) -> list:
+        if not data:
+            raise BackendError("upstream prematurely closed connection")
+        self._input += data
+        while self.script:
+            end = self._input.find(b"\n")
+            if end < 0:
+                if len(self._input) >= self.line_limit:
+                    raise BackendError("upstream sent too long response line")
+                return []
+            line = bytes(self._input[:end + 1])
+            del self._input[:end + 1]
+            step = self.script[0]
+            if not self._accepts(step, line):
+                raise BackendError("upstream sent invalid response", line)
+            if step.relay:
+                self._relay += line
+                if len(self._relay) > self.line_limit:
+                    raise BackendError("upstream sent too long response")
+            if step.kind == "imap-tagged" and line.startswith(b"* "):
+                continue                       # untagged, the tagged line follows
+            self.script.pop(0)
+            self._advance()
+        return [LoginDone(bytes(self._relay))]
+
+    def _accepts(self, step: Expect, line: bytes) -> bool:
+        if step.kind == "imap-greeting":
+            return line.startswith(b"* OK")    # nginx refuses "* PREAUTH" too
+        if step.kind == "continuation":
+            return line.startswith(b"+")
+        if step.kind == "pop3-ok":
+            return line.startswith(b"+OK")
+        # "imap-tagged": "* CAPABILITY ..." (SmarterMail, Gmail: nginx 1.27.3)
+        # may come before the tagged OK; nginx takes one, we take any.
+        return line.startswith(b"* ") or line.startswith(self.tag + b"OK")
+
+
+# ########################################################################## #
+#                                Event loop                                  #
+# ########################################################################## #
+# Readiness and time, nothing about mail: one selectors.DefaultSelector, a
+# heap of timers (cancelled ones are skipped when they come up, never
+# searched for), and signals delivered through a wake-up socket so that no
+# work is ever done inside a signal handler.  A registered object has
+# on_readable() and on_writable().
+
+class Timer:
+    """A callback at a deadline; cancel() makes it a no-op."""
+    __slots__ = ("deadline", "callback")
+
+    def __init__(self, deadline: float, callback: Callable):
+        self.deadline = deadline
+        self.callback = callback
+
+    def cancel(self) -> None:
+        self.callback = None
+
+    def __lt__(self, other: "Timer") -> bool:
+        return self.deadline < other.deadline
+
+
+class EventLoop:
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.timers = []                   # heap of Timer
+        self.running = False
+        self.signal_handlers = {}          # signal number -> callback
+        self.pending = []                  # callbacks from other threads
+        # The self-pipe: signals (set_wakeup_fd) and other threads write a
+        # byte to it so that select() returns at once.
+        self._wakeup_read, self._wakeup_write = socket.socketpair()
+        self._wakeup_read.setblocking(False)
+        self._wakeup_write.setblocking(False)
+        self.selector.register(self._wakeup_read, selectors.EVENT_READ, self)
+
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable) -> Timer:
+        timer = Timer(self.time() + delay, callback)
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callable) -> None:
+        """Run ``callback`` in the loop's thread (for tests and embedding)."""
+        self.pending.append(callback)
+        try:
+            self._wakeup_write.send(b"\0")
+        except OSError:
+            pass
+
+    def set_interest(self, fileobj, events: int, handler, registered: int) -> int:
+        """Make the selector watch ``fileobj`` for ``events`` (0: not at all);
+        ``registered`` is what it watches now.  Returns the new interest."""
+        if events == registered:
+            return events
+        if events == 0:
+            self.selector.unregister(fileobj)
+        elif registered == 0:
+            self.selector.register(fileobj, events, handler)
+        else:
+            self.selector.modify(fileobj, events, handler)
+        return events
+
+    def add_signal_handler(self, signum: int, callback: Callable) -> None:
+        """``callback(signum)`` runs in the loop, never in the signal handler."""
+        if not self.signal_handlers:
+            signal.set_wakeup_fd(self._wakeup_write.fileno(), warn_on_full_buffer=False)
+        self.signal_handlers[signum] = callback
+        signal.signal(signum, lambda number, frame: None)   # the byte is the message
+
+    def on_readable(self) -> None:
+        """The self-pipe: each byte is a signal number (0: see ``pending``)."""
+        try:
+            data = self._wakeup_read.recv(512)
+        except BlockingIOError:
+            return
+        while self.pending:
+            self.pending.pop(0)()
+        for signum in data:
+            callback = self.signal_handlers.get(signum)
+            if callback is not None:
+                callback(signum)
+
+    def close(self) -> None:
+        if self.signal_handlers:
+            signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self._wakeup_read.close()
+        self._wakeup_write.close()
+
+    def run_once(self, max_wait: Optional[float] = None) -> None:
+        """Wait for readiness or the next timer, then dispatch both."""
+        wait = max_wait
+        while self.timers and self.timers[0].callback is None:
+            heapq.heappop(self.timers)
+        if self.timers:
+            until_timer = max(0.0, self.timers[0].deadline - self.time())
+            wait = until_timer if wait is None else min(wait, until_timer)
+        for key, mask in self.selector.select(wait):
+            handler = key.data
+            if mask & selectors.EVENT_READ:
+                handler.on_readable()
+            if mask & selectors.EVENT_WRITE and key.fileobj.fileno() >= 0:
+                handler.on_writable()
+        now = self.time()
+        while self.timers and self.timers[0].deadline <= now:
+            timer = heapq.heappop(self.timers)
+            callback, timer.callback = timer.callback, None
+            if callback is not None:
+                callback()
+
+    def run(self) -> None:
+        self.running = True
+        while self.running:
+            self.run_once()
+
+    def stop(self) -> None:
+        self.running = False
+
+
+# ########################################################################## #
+#                          Streams and listeners                             #
+# ########################################################################## #
+# The only socket code of a session.  A Stream is a non-blocking socket with
+# an output buffer: write() sends at once what the kernel takes and keeps the
+# rest, and write interest is registered only while something is kept.  How
+# much it reads at a time is its owner's choice (``read_budget``; 0 pauses
+# reading), which is how the relay bounds its buffers.  Events go to the
+# owner: stream_data, stream_eof, stream_error, stream_connected, stream_drained.
+
+class Stream:
+    __slots__ = ("loop", "sock", "owner", "out", "read_budget", "connecting",
+                 "closed", "interest", "received", "sent")
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, owner, connecting: bool = False):
+        self.loop = loop
+        self.sock = sock
+        self.owner = owner
+        self.out = bytearray()
+        self.read_budget = READ_SIZE
+        self.connecting = connecting
+        self.closed = False
+        self.interest = 0
+        self.received = 0          # bytes read from the socket
+        self.sent = 0              # bytes written to the socket
+        self.update_interest()
+
+    def update_interest(self) -> None:
+        if self.closed:
+            return
+        events = 0
+        if self.read_budget > 0 and not self.connecting:
+            events |= selectors.EVENT_READ
+        if self.out or self.connecting:
+            events |= selectors.EVENT_WRITE
+        self.interest = self.loop.set_interest(self.sock, events, self, self.interest)
+
+    def set_read_budget(self, budget: int) -> None:
+        """Read at most ``budget`` bytes per event; 0 stops reading."""
+        if budget != self.read_budget:
+            self.read_budget = budget
+            self.update_interest()
+
+    def write(self, data: bytes) -> None:
+        """Send now what the socket takes, keep the rest in ``out``."""
+        if self.closed or not data:
+            return
+        if self.out or self.connecting:
+            self.out += data
+        else:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                self.loop.call_later(0, lambda: self._fail(error))
+                return
+            self.sent += sent
+            if sent < len(data):
+                self.out += memoryview(data)[sent:]
+        self.update_interest()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(self.read_budget)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._fail(error)
+            return
+        if not data:
+            self.set_read_budget(0)
+            self.owner.stream_eof(self)
+            return
+        self.received += len(data)
+        self.owner.stream_data(self, data)
+
+    def on_writable(self) -> None:
+        if self.connecting:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._fail(OSError(error, os.strerror(error)))
+                return
+            self.connecting = False
+            self.update_interest()
+            self.owner.stream_connected(self)
+            if self.closed:
+                return
+        if not self.out:
+            return
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._fail(error)
+            return
+        self.sent += sent
+        del self.out[:sent]
+        if not self.out:
+            self.update_interest()
+            self.owner.stream_drained(self)
+
+    def _fail(self, error: OSError) -> None:
+        if not self.closed:
+            self.owner.stream_error(self, error)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.loop.set_interest(self.sock, 0, self, self.interest)
+        self.interest = 0
+        self.closed = True
+        self.out = bytearray()
+        self.sock.close()
+
+
+def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner) -> Stream:
+    """Start a non-blocking connect(); the owner hears stream_connected or
+    stream_error.  Raises OSError if it fails at once (e.g. EMFILE)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex(sockaddr)
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            raise OSError(error, os.strerror(error))
+    except OSError:
+        sock.close()
+        raise
+    return Stream(loop, sock, owner, connecting=True)
+
+
+def peer_text(address) -> str:
+    """A socket address as nginx logs it: the IP without the port."""
+    return address[0] if isinstance(address, tuple) else str(address)
+
+
+class Listener:
+    """A listening socket for one ``listen``; hands accepted sockets to
+    ``on_accept(listener, sock, address)``.  Out of descriptors (EMFILE,
+    ENFILE), it logs and stops accepting for ACCEPT_PAUSE seconds, so that
+    the pending connections wait in the kernel's backlog instead of spinning
+    the loop; it accepts again by itself once descriptors are free."""
+
+    def __init__(self, loop: EventLoop, listen: Listen, server: Settings,
+                 on_accept: Callable, log: ErrorLog):
+        self.loop = loop
+        self.listen = listen
+        self.server = server
+        self.on_accept = on_accept
+        self.log = log
+        self.interest = 0
+        self.paused = False
+        self.sock = socket.socket(listen.family, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if listen.family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(listen.ipv6only))
+            if listen.rcvbuf:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listen.rcvbuf)
+            if listen.sndbuf:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, listen.sndbuf)
+            self.sock.bind((listen.host, listen.port))
+            self.sock.listen(listen.backlog)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.resume()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.interest = self.loop.set_interest(self.sock, selectors.EVENT_READ, self, self.interest)
+
+    def pause(self) -> None:
+        self.interest = self.loop.set_interest(self.sock, 0, self, self.interest)
+
+    def on_readable(self) -> None:
+        for _ in range(ACCEPTS_PER_EVENT):
+            if self.interest == 0:
+                return
+            try:
+                sock, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.log.log("crit", "accept() failed (%d: %s)" % (error.errno, error.strerror),
+                                 context=", listening on %s" % self.listen.text)
+                    self.pause()
+                    self.paused = True
+                    self.loop.call_later(ACCEPT_PAUSE, self._retry)
+                    return
+                continue                     # ECONNABORTED and the like: next one
+            self.on_accept(self, sock, address)
+
+    def _retry(self) -> None:
+        if self.paused and not self.sock._closed:
+            self.resume()
+
+    def on_writable(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.pause()
+        self.sock.close()
+
+
+def configure_accepted(sock: socket.socket, listen: Listen) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if listen.so_keepalive is not None:
+        enabled, idle, interval, count = listen.so_keepalive
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(enabled))
+        for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                              ("TCP_KEEPCNT", count)):
+            if enabled and value is not None and hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+# ########################################################################## #
+#                                   Relay                                    #
+# ########################################################################## #
+# After login: bytes both ways, unchanged.  Each direction holds at most
+# proxy_buffer bytes: a side is read only while the other side's output
+# buffer has room (nginx ngx_mail_proxy_handler), so a client that stops
+# reading stops the backend being read, and memory stays bounded.  The
+# session ends when either side has closed and what it sent is written out,
+# or after proxy_timeout without traffic.
+
+class Relay:
+    __slots__ = ("session", "client", "backend", "limit", "eof_from", "last_activity", "timer")
+
+    def __init__(self, session, client: Stream, backend: Stream, limit: int, idle_timeout: float):
+        self.session = session
+        self.client = client
+        self.backend = backend
+        self.limit = limit
+        self.eof_from = None               # the stream that closed first
+        self.last_activity = client.loop.time()
+        self.timer = client.loop.call_later(idle_timeout, lambda: self._check_idle(idle_timeout))
+        client.owner = self
+        backend.owner = self
+        self._update_budgets()
+
+    def peer(self, stream: Stream) -> Stream:
+        return self.backend if stream is self.client else self.client
+
+    def _update_budgets(self) -> None:
+        for source in (self.client, self.backend):
+            room = self.limit - len(self.peer(source).out)
+            if self.eof_from is not None:
+                room = 0
+            source.set_read_budget(max(0, min(room, READ_SIZE)))
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        self.last_activity = stream.loop.time()
+        self.peer(stream).write(data)
+        self._update_budgets()
+
+    def stream_drained(self, stream: Stream) -> None:
+        self.last_activity = stream.loop.time()
+        if self.eof_from is not None and self.peer(self.eof_from) is stream:
+            self.finish("%s closed connection" % self._side(self.eof_from))
+            return
+        self._update_budgets()
+
+    def stream_eof(self, stream: Stream) -> None:
+        """nginx has no half-close: once one side is done and its data is
+        delivered, the session ends."""
+        self.eof_from = stream
+        self._update_budgets()
+        if not self.peer(stream).out:
+            self.finish("%s closed connection" % self._side(stream))
+
+    def stream_error(self, stream: Stream, error: OSError) -> None:
+        self.finish("%s connection error: %s" % (self._side(stream), error.strerror or error))
+
+    def stream_connected(self, stream: Stream) -> None:
+        pass
+
+    def _side(self, stream: Stream) -> str:
+        return "client" if stream is self.client else "upstream"
+
+    def _check_idle(self, idle_timeout: float) -> None:
+        idle = self.client.loop.time() - self.last_activity
+        if idle >= idle_timeout:
+            self.session.log("info", "upstream timed out" if self.eof_from is None else
+                             "client timed out", action="proxying")
+            self.finish("timed out")
+        else:
+            self.timer = self.client.loop.call_later(idle_timeout - idle,
+                                                     lambda: self._check_idle(idle_timeout))
+
+    def finish(self, outcome: str) -> None:
+        self.timer.cancel()
+        self.session.close(outcome)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held right now, both directions."""
+        return len(self.client.out) + len(self.backend.out)
+
+
+# ########################################################################## #
+#                                 Sessions                                   #
+# ########################################################################## #
+# One client, from accept to close: it wires the client Stream to a client
+# machine, the verdict of the user table, the backend connection and its
+# BackendLogin, and finally a Relay.  Phases follow nginx's: dialogue (the
+# client machine talks), auth (the verdict, with its delay on failure),
+# connect and login to the upstream, relay.  Each phase sets ``action`` for
+# the log, as nginx's c->log->action; one method builds the log context.
+
+class Phase(enum.Enum):
+    DIALOGUE = "dialogue"          # the client machine talks
+    AUTH = "auth"                  # a verdict is pending (the failure delay)
+    CONNECT = "connect"            # connect() to the upstream
+    LOGIN = "login"                # BackendLogin runs
+    RELAY = "relay"                # bytes both ways
+    CLOSING = "closing"            # the last reply is being written
+
+
+# nginx's c->log->action for each phase, as it appears after "while".
+PHASE_ACTIONS = {Phase.DIALOGUE: "in auth state", Phase.AUTH: "in auth state",
+                 Phase.CONNECT: "connecting to upstream",
+                 Phase.LOGIN: "reading response from upstream",
+                 Phase.RELAY: "proxying", Phase.CLOSING: "in auth state"}
+
+
+class Session:
+    """Owner of the client stream (and the backend stream until the relay)."""
+
+    def __init__(self, worker, listener: Listener, sock: socket.socket, address):
+        self.worker = worker
+        self.loop = worker.loop
+        self.server = listener.server
+        self.number = worker.next_session_number()
+        self.client_address = peer_text(address)
+        self.client_port = address[1] if isinstance(address, tuple) else 0
+        self.server_text = listener.listen.text
+        self.started = time.time()
+        self.login = None            # type: Optional[bytes]
+        self.upstream = None         # type: Optional[Upstream]
+        self.phase = Phase.DIALOGUE
+        self.backend = None          # type: Optional[Stream]
+        self.backend_login = None    # type: Optional[BackendLogin]
+        self.relay = None            # type: Optional[Relay]
+        self.addresses = []          # upstream addresses not tried yet
+        self.timer = None            # type: Optional[Timer]
+        self.closed = False
+        self.outcome = ""
+        self.log("info", "client %s:%d connected to %s" % (
+            self.client_address, self.client_port, self.server_text), action=None)
+        configure_accepted(sock, listener.listen)
+        self.client = Stream(self.loop, sock, self)
+        self.machine = CLIENT_MACHINES[self.server.protocol](
+            self.server, now=time.time(), randomness=worker.randomness)
+        self._dialogue_budget()
+        self._flush_machine()
+        self._arm(self.server.timeout, self._client_timed_out)
+
+    # -- logging -----------------------------------------------------------------
+    def context(self, action: Optional[str]) -> str:
+        """nginx's ngx_mail_log_error suffix."""
+        text = " while %s" % action if action else ""
+        text += ", client: %s, server: %s" % (self.client_address, self.server_text)
+        if self.login is not None:
+            text += ', login: "%s"' % log_escape(self.login)
+            if self.upstream is not None:
+                text += ", upstream: %s" % self.upstream.text
+        return text
+
+    def log(self, level: str, message: str, action: Optional[str] = "") -> None:
+        if not self.worker.log.enabled(level):
+            return
+        if action == "":
+            action = PHASE_ACTIONS[self.phase]
+        self.worker.log.log(level, message, self.number, self.context(action))
+
+    # -- timers ------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Callable) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(delay, callback)
+
+    def _client_timed_out(self) -> None:
+        self.log("info", "client timed out")
+        self.close("client timed out")
+
+    def _upstream_timed_out(self) -> None:
+        self.log("error", "upstream timed out (110: Connection timed out)")
+        self._internal_error("upstream timed out")
+
+    # -- the dialogue ------------------------------------------------------------
+    def _dialogue_budget(self) -> None:
+        """Read the client only while the machine can take a command and our
+        replies have been delivered (nginx's "blocked"): a client that sends
+        without reading cannot make us queue replies without bound."""
+        if self.phase != Phase.DIALOGUE or self.client.out or self.machine.waiting:
+            self.client.set_read_budget(0)
+        else:
+            self.client.set_read_budget(READ_SIZE)
+
+    def _flush_machine(self) -> None:
+        self.client.write(self.machine.data_to_send())
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        if stream is self.backend:
+            self._backend_data(data)
+            return
+        self._arm(self.server.timeout, self._client_timed_out)
+        self._handle_events(self.machine.receive_data(data))
+
+    def _handle_events(self, events: list) -> None:
+        self._flush_machine()
+        for event in events:
+            if isinstance(event, Credentials):
+                self._authenticate(event)
+            elif isinstance(event, Quit):
+                self._close_after_reply("client quit")
+            elif isinstance(event, Closed):
+                self.log("info", event.reason)
+                self._close_after_reply(event.reason)
+        self._dialogue_budget()
+
+    def stream_drained(self, stream: Stream) -> None:
+        if stream is self.client:
+            if self.phase == Phase.CLOSING:
+                self.close(self.outcome)
+            else:
+                self._dialogue_budget()
+
+    def stream_eof(self, stream: Stream) -> None:
+        if stream is self.client:
+            self.close("client closed connection")
+        else:
+            self._backend_failed("upstream prematurely closed connection", b"")
+
+    def stream_error(self, stream: Stream, error: OSError) -> None:
+        if stream is self.client:
+            self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
+            self.close("client connection error")
+        elif self.phase == Phase.CONNECT:
+            self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
+            self._connect_next()
+        else:
+            self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
+            self._internal_error("upstream connection error")
+
+    def stream_connected(self, stream: Stream) -> None:
+        self.phase = Phase.LOGIN
+        self.client.set_read_budget(0)
+        stream.set_read_budget(READ_SIZE)
+        stream.write(self.backend_login.data_to_send())
+
+    def _close_after_reply(self, outcome: str) -> None:
+        self.phase = Phase.CLOSING
+        self.outcome = outcome
+        self.client.set_read_budget(0)
+        if not self.client.out:
+            self.close(outcome)
+        else:
+            self._arm(self.server.timeout, self._client_timed_out)
+
+    # -- authentication -----------------------------------------------------------
+    def _authenticate(self, credentials: Credentials) -> None:
+        self.phase = Phase.AUTH
+        self.login = credentials.login
+        worker = self.worker
+        now = self.loop.time()
+        if worker.throttle.locked(self.client_address, now):
+            result = AuthResult(False, reason="too many failed logins from this address")
+        else:
+            result = authenticate(worker.config.users, worker.config.routes,
+                                  self.server.proxy_pass, credentials)
+        if result.ok and self.server.protocol == "pop3" and (
+                re.search(rb"[\r\n\0]", result.login + result.password)):
+            result = AuthResult(False, reason="login or password holds CR, LF or NUL")
+        if not result.ok:
+            delay = worker.throttle.failure(self.client_address, now, self.server.auth_delay)
+            self.log("info", 'client login failed: "%s"' % result.reason)
+            self._arm(delay, self._auth_failure_reply)
+            return
+        self.upstream = result.upstream
+        self._arm(self.server.timeout, self._upstream_timed_out)
+        if self.server.protocol == "imap":
+            script = imap_login_script(self.machine.tag, result.login, result.password)
+        else:
+            script = pop3_login_script(result.login, result.password)
+        self.backend_login = BackendLogin(script, getattr(self.machine, "tag", b""),
+                                          self.server.proxy_buffer)
+        self.addresses = list(result.upstream.addresses)
+        self._connect_next()
+
+    def _auth_failure_reply(self) -> None:
+        """After the delay: the failure reply, and the dialogue goes on (as nginx
+        does when the auth server asks for Auth-Wait)."""
+        self.phase = Phase.DIALOGUE
+        if self.server.protocol == "imap":
+            reply = self.machine.tag + b"NO " + AUTH_FAILED_TEXT + b"\r\n"
+        else:
+            reply = b"-ERR " + AUTH_FAILED_TEXT + b"\r\n"
+        self._arm(self.server.timeout, self._client_timed_out)
+        self._handle_events(self.machine.auth_failed(reply))
+
+    # -- connecting and logging in to the upstream ------------------------------
+    def _connect_next(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if not self.addresses:
+            self._internal_error("upstream unreachable")
+            return
+        family, sockaddr = self.addresses.pop(0)
+        self.phase = Phase.CONNECT
+        try:
+            self.backend = connect_stream(self.loop, family, sockaddr, self)
+        except OSError as error:
+            self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
+            self._connect_next()
+
+    def _backend_data(self, data: bytes) -> None:
+        try:
+            events = self.backend_login.receive_data(data)
+        except BackendError as error:
+            self._backend_failed(str(error), error.line)
+            return
+        self.backend.write(self.backend_login.data_to_send())
+        if events:
+            self._start_relay(events[0].reply)
+
+    def _backend_failed(self, message: str, line: bytes) -> None:
+        """nginx: log the bad line; the client gets the internal error, or with
+        proxy_pass_error_message on, the backend's own line."""
+        if line and self.server.proxy_pass_error_message:
+            self.log("info", '%s: "%s"' % (message, log_escape(strip_eol(line))))
+            self.client.write(line)
+            self._close_after_reply("upstream refused the login")
+            return
+        detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
+        self.log("error", "%s%s" % (message + ":" if detail else message, detail))
+        self._internal_error("upstream refused the login" if line else message)
+
+    def _internal_error(self, outcome: str) -> None:
+        self.client.write(self.machine.INTERNAL_ERROR)
+        self._close_after_reply(outcome)
+
+    def _start_relay(self, reply: bytes) -> None:
+        """The backend said yes: pass its reply on, then the client's pipelined
+        bytes (which the machine kept unparsed), then relay."""
+        self.timer.cancel()
+        self.log("info", "client logged in")
+        self.phase = Phase.RELAY
+        self.client.write(reply)
+        self.backend.write(self.machine.trailing_data)
+        self.client.write(self.backend_login.trailing_data)
+        self.relay = Relay(self, self.client, self.backend, self.server.proxy_buffer,
+                           self.server.proxy_timeout)
+
+    # -- the end ------------------------------------------------------------------
+    def close(self, outcome: str) -> None:
+        """Close both sides and write the access line (extension: nginx has none)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.relay is not None:
+            self.relay.timer.cancel()
+        self.client.close()
+        if self.backend is not None:
+            self.backend.close()
+        self.log("info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs" % (
+            outcome, self.client.received, self.client.sent, time.time() - self.started),
+            action=None)
+        self.worker.session_closed(self)
+
+
+# ########################################################################## #
+#                                 Processes                                  #
+# ########################################################################## #
+# One process runs one Worker: the event loop, the listeners, the sessions,
+# the user table and the login throttle.  Signals (INTERFACE.md): SIGTERM and
+# SIGINT stop at once, SIGQUIT stops gracefully, SIGHUP re-reads the
+# configuration, SIGUSR1 reopens the log files.  Several worker processes
+# under a master are not built yet (worker_processes 1 only).
+
+def open_error_log(specs: List[ErrorLogSpec]) -> ErrorLog:
+    """Open each destination; raises OSError if a file cannot be opened."""
+    destinations = []
+    for spec in specs:
+        if spec.destination == "stderr":
+            handle = os.fdopen(os.dup(2), "wb", buffering=0)
+        else:
+            handle = open(spec.destination, "ab", buffering=0)
+        destinations.append((handle, spec.level))
+    return ErrorLog(destinations)
+
+
+def close_error_log(log: ErrorLog) -> None:
+    for handle, _ in log.destinations:
+        handle.close()
+
+
+def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
+    """Let worker_connections sessions (two descriptors each) fit, as nginx's
+    worker_rlimit_nofile would: raise the soft limit, up to the hard one."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = main.worker_rlimit_nofile or 2 * main.worker_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        except (ValueError, OSError) as error:
+            log.log("warn", "setrlimit(RLIMIT_NOFILE, %d) failed (%s)" % (new_soft, error))
+            return
+        if new_soft < wanted:
+            log.log("warn", "%d worker_connections need %d open files, the hard limit is %d"
+                    % (main.worker_connections, wanted, hard))
+
+
+class Worker:
+    """Everything one process serves with; sessions ask it for shared state."""
+
+    def __init__(self, config: Config, log: ErrorLog):
+        self.config = config
+        self.log = log
+        self.loop = EventLoop()
+        self.throttle = LoginThrottle()
+        self.randomness = random.SystemRandom()
+        self.listeners = {}            # (host, port) -> Listener
+        self.sessions = set()
+        self.session_counter = 0
+        self.stopping = False
+
+    def next_session_number(self) -> int:
+        self.session_counter += 1
+        return self.session_counter
+
+    # -- listeners ----------------------------------------------------------------
+    def open_listeners(self, config: Config) -> None:
+        """Bind every ``listen`` of ``config``; keep the ones already bound (a
+        reload), close the ones it no longer has.  Raises OSError (and binds
+        nothing new) if one cannot be bound."""
+        wanted = {}
+        for server in config.servers:
+            for listen in server.listen:
+                wanted[(listen.host, listen.port)] = (listen, server)
+        opened = {}
+        try:
+            for key, (listen, server) in wanted.items():
+                if key not in self.listeners:
+                    opened[key] = Listener(self.loop, listen, server, self.accept, self.log)
+        except OSError as error:
+            for listener in opened.values():
+                listener.close()
+            raise OSError(error.errno, "bind() to %s failed (%d: %s)" % (
+                listen.text, error.errno, error.strerror))
+        for key, listener in list(self.listeners.items()):
+            if key not in wanted:
+                listener.close()
+                del self.listeners[key]
+            else:
+                listener.server = wanted[key][1]
+        self.listeners.update(opened)
+
+    def accept(self, listener: Listener, sock: socket.socket, address) -> None:
+        if self.stopping:
+            sock.close()
+            return
+        try:
+            self.sessions.add(Session(self, listener, sock, address))
+        except OSError as error:
+            sock.close()
+            self.log.log("error", "cannot start a session: %s" % error)
+        self._limit_accepting()
+
+    def _limit_accepting(self) -> None:
+        """worker_connections: past it, stop accepting; the kernel's backlog
+        holds the next clients until a session ends."""
+        full = len(self.sessions) >= self.config.main.worker_connections
+        for listener in self.listeners.values():
+            if full and listener.interest:
+                listener.pause()
+            elif not full and not listener.interest and not listener.paused and not self.stopping:
+                listener.resume()
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self._limit_accepting()
+        if self.stopping and not self.sessions:
+            self.loop.stop()
+
+    # -- signals ------------------------------------------------------------------
+    def install_signals(self) -> None:
+        self.loop.add_signal_handler(signal.SIGTERM, self.stop_now)
+        self.loop.add_signal_handler(signal.SIGINT, self.stop_now)
+        self.loop.add_signal_handler(signal.SIGQUIT, self.stop_gracefully)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+
+    def stop_now(self, signum: int = 0) -> None:
+        self.log.log("notice", "exiting")
+        for session in list(self.sessions):
+            session.close("proxy exiting")
+        self.loop.stop()
+
+    def stop_gracefully(self, signum: int = 0) -> None:
+        """Stop accepting; exit when the last session has ended."""
+        self.log.log("notice", "gracefully shutting down")
+        self.stopping = True
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners = {}
+        if not self.sessions:
+            self.loop.stop()
+
+    def reload(self, signum: int = 0) -> None:
+        """SIGHUP: read the file again; if it is valid, new sessions get the new
+        settings, users and listeners; sessions already running keep theirs.
+        If it is not, log why and keep everything as it was."""
+        self.log.log("notice", "reconfiguring")
+        try:
+            config = load_config(self.config.path)
+            log = open_error_log(config.main.error_log)
+        except ConfigErrors as errors:
+            for error in errors.errors:
+                self.log.log("emerg", str(error))
+            self.log.log("alert", "reload failed, the old configuration is kept")
+            return
+        except OSError as error:
+            self.log.log("alert", "reload failed (%s), the old configuration is kept" % error)
+            return
+        try:
+            self.open_listeners(config)
+        except OSError as error:
+            close_error_log(log)
+            self.log.log("emerg", str(error.strerror))
+            self.log.log("alert", "reload failed, the old configuration is kept")
+            return
+        old_log, self.log = self.log, log
+        self.config = config
+        for listener in self.listeners.values():
+            listener.log = log
+        close_error_log(old_log)
+        self.log.log("notice", "configuration reloaded")
+
+    def reopen_logs(self, signum: int = 0) -> None:
+        try:
+            log = open_error_log(self.config.main.error_log)
+        except OSError as error:
+            self.log.log("alert", "reopening logs failed: %s" % error)
+            return
+        old_log, self.log = self.log, log
+        for listener in self.listeners.values():
+            listener.log = log
+        close_error_log(old_log)
+
+    def run(self) -> None:
+        self.loop.run()
+        for listener in self.listeners.values():
+            listener.close()
+        self.loop.close()
+
+
+# ########################################################################## #
+#                               Command line                                 #
+# ########################################################################## #
+# -c FILE, -t, -v (INTERFACE.md), --hash-password; main() is the last thing in
+# the file and the only one that runs anything.
+
+USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
+
+  -c FILE            configuration file (default: mailproxy.conf here, then
+                     sample.conf beside this script)
+  -t                 check the configuration and exit (0 valid, 1 not)
+  -v                 print the version and exit
+  --hash-password    read a password on standard input and print a [users]
+                     value; SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
+                     SHA256-CRYPT or PLAIN
+"""
+
+
+def default_config_path() -> str:
+    if os.path.exists("mailproxy.conf"):
+        return "mailproxy.conf"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.conf")
+
+
+def parse_command_line(argv: List[str]) -> Dict[str, object]:
+    options = {"config": None, "test": False, "version": False, "hash": None}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-c" and i + 1 < len(argv):
+            options["config"] = argv[i + 1]
+            i += 1
+        elif arg == "-t":
+            options["test"] = True
+        elif arg == "-v":
+            options["version"] = True
+        elif arg == "--hash-password":
+            options["hash"] = "PBKDF2-SHA256"
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                options["hash"] = argv[i + 1].upper()
+                i += 1
+        else:
+            raise ValueError("unknown option %r" % arg)
+        i += 1
+    return options
+
+
+def command_hash_password(scheme: str) -> int:
+    if scheme not in PASSWORD_SCHEMES:
+        sys.stderr.write("mailproxy: unknown scheme %s; known: %s\n" % (
+            scheme, ", ".join(PASSWORD_SCHEMES)))
+        return 1
+    line = sys.stdin.buffer.readline()
+    password = strip_eol(line)
+    if not password:
+        sys.stderr.write("mailproxy: no password on standard input\n")
+        return 1
+    print(hash_password(password, scheme))
+    return 0
+
+
+def command_test(path: str) -> int:
+    """nginx -t: every problem, then "test failed" / "test is successful"."""
+    try:
+        load_config(path)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+        sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
+        return 1
+    sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
+    sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
+    return 0
+
+
+def command_run(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+        return 1
+    try:
+        log = open_error_log(config.main.error_log)
+    except OSError as error:
+        sys.stderr.write("mailproxy: [emerg] cannot open error_log: %s\n" % error)
+        return 1
+    raise_open_file_limit(config.main, log)
+    worker = Worker(config, log)
+    try:
+        worker.open_listeners(config)
+    except OSError as error:
+        log.log("emerg", str(error.strerror))
+        return 1
+    worker.install_signals()
+    worker.log.log("notice", "mailproxy/%s started, listening on %s" % (
+        __version__, ", ".join(listener.listen.text for listener in worker.listeners.values())))
+    worker.run()
+    worker.log.log("notice", "exit")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        options = parse_command_line(sys.argv[1:] if argv is None else argv)
+    except ValueError as error:
+        sys.stderr.write("mailproxy: %s\n%s" % (error, USAGE))
+        return 2
+    if options["version"]:
+        sys.stderr.write("mailproxy version: mailproxy/%s\n" % __version__)
+        return 0
+    if options["hash"]:
+        return command_hash_password(options["hash"])
+    path = options["config"] or default_config_path()
+    if options["test"]:
+        return command_test(path)
+    return command_run(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
