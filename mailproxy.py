@@ -1125,7 +1125,8 @@ class ImapCommand(NamedTuple):
 
 class ImapInvalid(NamedTuple):
     tag: Optional[bytes]       # None: the reply is tagged "*"
-    end: Optional[int]         # bytes to drop, or None: drop up to the next LF
+    end: Optional[int]         # bytes to drop (through the LF after the error),
+                               # or None: the LF has not come yet
     close: bool                # a non-synchronizing literal was seen: cannot resync
 
 
@@ -1148,7 +1149,7 @@ def scan_imap_command(data: bytes, max_literal: int):
     tag = data[:space]
     if data[space:space + 1] != b" " or not 0 < len(tag) <= IMAP_MAX_TAG or \
             any(byte not in IMAP_TAG_CHARS for byte in tag):
-        return ImapInvalid(None, None, False)
+        return ImapInvalid(None, _line_end(data, 0), False)
     tag += b" "
     pos = space
     while pos < len(data) and data[pos] == 0x20:
@@ -1158,9 +1159,15 @@ def scan_imap_command(data: bytes, max_literal: int):
         return ImapIncomplete(tag, 0)
     name = data[pos:end].upper()
     if name not in IMAP_COMMANDS:
-        return ImapInvalid(tag, None, False)
+        return ImapInvalid(tag, _line_end(data, pos), False)
     scanner = _ImapArgumentScanner(data, end, name == b"ID", max_literal)
     return scanner.scan(tag, name)
+
+
+def _line_end(data: bytes, start: int) -> Optional[int]:
+    """Index just past the first LF at or after ``start``, or None."""
+    index = data.find(b"\n", start)
+    return index + 1 if index >= 0 else None
 
 
 def _find_any(data: bytes, start: int, chars: bytes) -> int:
@@ -1200,7 +1207,9 @@ class _ImapArgumentScanner:
                 if data[self.pos + 1] != 0x0A:
                     return self.invalid(tag)
                 return ImapCommand(tag, name, args, self.pos + 2)
-            if byte != 0x20:                                   # SP before each argument
+            # SP separates arguments; inside ID's list "(" and ")" need none.
+            list_edge = self.is_id and (byte == 0x29 or args[-1:] == [b"("])
+            if byte != 0x20 and not list_edge:
                 return self.invalid(tag)
             while self.pos < len(data) and data[self.pos] == 0x20:
                 self.pos += 1
@@ -1218,7 +1227,7 @@ class _ImapArgumentScanner:
             args.append(argument)
 
     def invalid(self, tag: bytes) -> ImapInvalid:
-        return ImapInvalid(tag, None, self.non_sync_seen)
+        return ImapInvalid(tag, _line_end(self.data, self.pos), self.non_sync_seen)
 
     def argument(self):
         """One argument: bytes, None (need more data) or False (invalid)."""
@@ -1244,6 +1253,7 @@ class _ImapArgumentScanner:
         while pos < len(data):
             byte = data[pos]
             if byte in (0x0D, 0x0A):
+                self.pos = pos
                 return False
             if byte == 0x5C:                                  # backslash
                 if pos + 1 >= len(data):
@@ -1260,15 +1270,13 @@ class _ImapArgumentScanner:
         return None
 
     def literal(self):
-        match = re.match(rb"\{(\d{1,10})(\+?)\}(\r?\n)?", self.data[self.pos:])
+        """``{n}`` or ``{n+}``, then CRLF (nginx also takes a bare LF)."""
+        rest = self.data[self.pos:self.pos + 16]
+        match = re.match(rb"\{(\d{1,10})(\+?)\}(\r\n|\n)", rest)
         if not match:
-            if re.fullmatch(rb"\{\d{0,10}\+?\}?\r?", self.data[self.pos:]):
+            if re.fullmatch(rb"\{\d{0,10}\+?(\}\r?)?", rest):
                 return None                                   # header still coming
             return False
-        if match.group(3) is None:
-            if len(self.data) - self.pos > match.end():
-                return False                                  # "}" not followed by CRLF
-            return None
         length = int(match.group(1))
         if match.group(2):
             self.non_sync_seen = True
@@ -1285,6 +1293,7 @@ class _ImapArgumentScanner:
         if pos >= len(self.data):
             return None
         if self.data[pos] not in b" \r\n" and not (self.is_id and self.data[pos] == 0x29):
+            self.pos = pos                    # the line to drop ends after here
             return False
         self.pos = pos
         return value
@@ -1341,6 +1350,9 @@ class ImapMachine(ClientMachine):
             self._sasl_line(events, strip_eol(line))
             return True
         scan = scan_imap_command(bytes(self._input), limit)
+        if not isinstance(scan, ImapIncomplete) and (scan.end or len(self._input)) > limit:
+            # nginx's buffer would have filled before the command ended.
+            return self._check_length(events, scan.tag, 0)
         if isinstance(scan, ImapIncomplete):
             while self._continuations < scan.sync_literals:
                 self._output += IMAP_NEXT
@@ -1360,16 +1372,17 @@ class ImapMachine(ClientMachine):
 
     def _check_length(self, events: list, tag: Optional[bytes], limit: int) -> bool:
         """nginx: a command that does not fit imap_client_buffer is refused and
-        the connection closed ("client sent too long command")."""
+        the connection closed ("client sent too long command").  Returns False
+        (nothing more to do until more data comes, or ever)."""
         if len(self._input) >= limit:
             self._output += (tag or b"* ") + IMAP_INVALID
             self._finish(events, Closed("client sent too long command"))
         return False
 
     def _drop_invalid(self, scan: ImapInvalid) -> None:
-        end = self._input.find(b"\n")
-        if end >= 0:
-            del self._input[:end + 1]
+        """Drop the invalid line; if its end has not come yet, drop it as it comes."""
+        if scan.end is not None:
+            del self._input[:scan.end]
         else:
             del self._input[:]
             self._skipping = True

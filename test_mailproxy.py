@@ -103,7 +103,10 @@ def converse_three_ways(test, factory, exchanges, tail=b"x9 NOOP\r\n"):
     *first, (last_sent, last_out, last_events) = exchanges
     run_exchanges(test, machine, first + [(last_sent + tail, last_out, last_events)], whole)
     test.assertTrue(machine.waiting or machine.finished, "the transcript must end in a login or quit")
-    test.assertEqual(machine.trailing_data, tail)
+    if machine.waiting:
+        test.assertEqual(machine.trailing_data, tail)
+    else:                       # a close leaves the tail unread behind what it refused
+        test.assertTrue(machine.trailing_data.endswith(tail))
 
 
 def write_file(directory: str, name: str, text: str) -> str:
@@ -111,6 +114,536 @@ def write_file(directory: str, name: str, text: str) -> str:
     with open(path, "w") as handle:
         handle.write(textwrap.dedent(text))
     return path
+
+
+# ########################################################################## #
+#                              Wire primitives                               #
+# ########################################################################## #
+
+class WirePrimitiveTests(unittest.TestCase):
+    def test_sasl_plain_with_authzid(self):
+        # RFC 4616 §4 examples: "Kurt" acting as... authzid is ignored, as nginx.
+        self.assertEqual(mp.decode_sasl_plain(b64(b"admin\0tim\0tanstaaftanstaaf")),
+                         (b"admin", b"tim", b"tanstaaftanstaaf"))
+        self.assertEqual(mp.decode_sasl_plain(b64(b"\0tim\0tanstaaftanstaaf")),
+                         (b"", b"tim", b"tanstaaftanstaaf"))
+
+    def test_sasl_plain_refuses_bad_input(self):
+        self.assertIsNone(mp.decode_sasl_plain(b"not base64!"))
+        self.assertIsNone(mp.decode_sasl_plain(b64(b"tim\0nopassword_separator")))
+        self.assertIsNone(mp.decode_sasl_plain(b64(b"tim")))
+        self.assertIsNone(mp.decode_sasl_plain(b64(b"a\0b\0c\0d")))
+        self.assertIsNone(mp.decode_sasl_plain(b"*"))          # SASL cancel
+
+    def test_cram_md5_rfc2195_example(self):
+        # RFC 2195 §2: the server's challenge and tim's answer.
+        challenge = b"<1896.697170952@postoffice.reston.mci.net>"
+        self.assertEqual(mp.cram_md5_digest(b"tanstaaftanstaaf", challenge),
+                         b"b913a602c7eda7a495b4e6e7334d3890")
+        response = b64(b"tim b913a602c7eda7a495b4e6e7334d3890")
+        self.assertEqual(response, b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw")
+        self.assertEqual(mp.split_cram_md5_response(response),
+                         (b"tim", b"b913a602c7eda7a495b4e6e7334d3890"))
+
+    def test_cram_md5_response_checks(self):
+        self.assertIsNone(mp.split_cram_md5_response(b64(b"tim short")))
+        self.assertIsNone(mp.split_cram_md5_response(b64(b"nospace")))
+        self.assertIsNone(mp.split_cram_md5_response(b"@@@"))
+
+    def test_apop_rfc1939_example(self):
+        # RFC 1939 §7: the greeting's timestamp and the shared secret "tanstaaf".
+        self.assertEqual(mp.apop_digest(b"<1896.697170952@dbc.mtview.ca.us>", b"tanstaaf"),
+                         b"c4c9334bac560ecc979e58001b3e22fb")
+
+    def test_salt_has_nginx_shape(self):
+        salt = mp.make_salt("mail.test", NOW, FixedRandom())
+        self.assertEqual(salt, SALT)
+
+    def test_credentials_repr_hides_password(self):
+        text = repr(mp.Credentials(b"alice", b"hunter2"))
+        self.assertIn("alice", text)
+        self.assertNotIn("hunter2", text)
+
+    def test_log_escape_keeps_one_line(self):
+        self.assertEqual(mp.log_escape(b'a\r\nb"\x00\xff'), 'a\\x0d\\x0ab\\x22\\x00\\xff')
+
+
+# ########################################################################## #
+#                           IMAP client machine                              #
+# ########################################################################## #
+
+OK = b" OK completed\r\n"
+CAPS = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
+BAD = b" BAD invalid command\r\n"
+
+
+class ImapMachineTests(unittest.TestCase):
+    def imap(self, exchanges, **settings):
+        converse_three_ways(self, lambda: make_machine("imap", **settings), exchanges)
+
+    def test_greeting(self):
+        self.assertEqual(make_machine("imap").data_to_send(), b"* OK IMAP4 ready\r\n")
+
+    def test_capability_noop_logout(self):
+        self.imap([(b"a1 CAPABILITY\r\n", CAPS + b"a1" + OK, []),
+                   (b"a2 noop\r\n", b"a2" + OK, []),
+                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+
+    def test_capability_lists_auth_methods_in_nginx_order(self):
+        machine = make_machine("imap", imap_auth=["cram-md5", "login", "plain"],
+                               imap_capabilities=["IMAP4rev1", "ID"])
+        self.assertEqual(machine.capability(),
+                         b"* CAPABILITY IMAP4rev1 ID AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5\r\n")
+
+    def test_login_atoms(self):
+        self.imap([(b"a1 LOGIN alice secret\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+
+    def test_login_quoted_with_escapes(self):
+        self.imap([(b'A001 LOGIN "al ice" "se\\"cr\\\\et"\r\n', b"",
+                    [mp.Credentials(b"al ice", b'se"cr\\et')])])
+
+    def test_login_synchronizing_literals(self):
+        self.imap([(b"a1 LOGIN {5}\r\n", b"+ OK\r\n", []),
+                   (b"alice {6}\r\n", b"+ OK\r\n", []),
+                   (b"se\r\nrt\r\n", b"", [mp.Credentials(b"alice", b"se\r\nrt")])])
+
+    def test_login_non_synchronizing_literals(self):
+        self.imap([(b"a1 LOGIN {5+}\r\nalice {3+}\r\n\x00\r\n\r\n", b"",
+                    [mp.Credentials(b"alice", b"\x00\r\n")])])
+
+    def test_login_empty_literal_and_empty_password(self):
+        self.imap([(b'a1 LOGIN alice ""\r\n', b"", [mp.Credentials(b"alice", b"")])])
+        self.imap([(b"a1 LOGIN alice {0}\r\n", b"+ OK\r\n", []),
+                   (b"\r\n", b"", [mp.Credentials(b"alice", b"")])])
+
+    def test_login_8bit(self):
+        self.imap([("a1 LOGIN jürgen \"pässwörd\"\r\n".encode(), b"",
+                    [mp.Credentials("jürgen".encode(), "pässwörd".encode())])])
+
+    def test_login_argument_count(self):
+        self.imap([(b"a1 LOGIN alice\r\n", b"a1" + BAD, []),
+                   (b"a2 LOGIN a b c\r\n", b"a2" + BAD, []),
+                   (b'a3 LOGIN "" pw\r\n', b"a3" + BAD, []),
+                   (b"a4 LOGIN alice pw\r\n", b"", [mp.Credentials(b"alice", b"pw")])])
+
+    def test_more_than_three_arguments_is_a_parse_error(self):
+        machine = make_machine("imap", max_errors=10)
+        machine.data_to_send()
+        machine.receive_data(b"a1 LOGIN a b c d\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
+        self.assertEqual(machine.errors, 1)
+
+    def test_tags_kept_byte_for_byte(self):
+        self.imap([(b"A.b-7]x NOOP\r\n", b"A.b-7]x" + OK, []),
+                   (b"x LOGOUT\r\n", b"* BYE\r\nx" + OK, [mp.Quit()])])
+
+    def test_bad_and_overlong_tags(self):
+        self.imap([(b"a+b NOOP\r\n", b"*" + BAD, []),
+                   (b"x" * 33 + b" NOOP\r\n", b"*" + BAD, []),
+                   (b"x" * 32 + b" NOOP\r\n", b"x" * 32 + OK, []),
+                   (b"\r\n", b"*" + BAD, []),
+                   (b"a9 LOGOUT\r\n", b"* BYE\r\na9" + OK, [mp.Quit()])], max_errors=10)
+
+    def test_unknown_commands_are_bad(self):
+        self.imap([(b"a1 SELECT INBOX\r\n", b"a1" + BAD, []),
+                   (b"a2 STARTTLS\r\n", b"a2" + BAD, []),
+                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+
+    def test_id_is_answered(self):
+        self.imap([(b'a1 ID ("name" "Thunderbird" "version" "115.0")\r\n',
+                    b"* ID NIL\r\na1" + OK, []),
+                   (b"a2 ID NIL\r\n", b"* ID NIL\r\na2" + OK, []),
+                   (b"a3 ID {4}\r\n", b"+ OK\r\n", []),
+                   (b"junk\r\n", b"a3" + BAD, []),
+                   (b"a4 LOGOUT\r\n", b"* BYE\r\na4" + OK, [mp.Quit()])])
+
+    def test_max_errors_closes(self):
+        self.imap([(b"a1 FOO\r\n", b"a1" + BAD, []),
+                   (b"a2 BAR\r\n", b"a2" + BAD,
+                    [mp.Closed("client sent too many invalid commands")])], max_errors=2)
+
+    def test_handler_errors_are_not_counted(self):
+        machine = make_machine("imap", max_errors=1)
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"a1 LOGIN onlyone\r\n"), [])
+        self.assertFalse(machine.finished)
+
+    def test_too_long_command_closes(self):
+        self.imap([(b"a1 LOGIN " + b"x" * 200, b"a1" + BAD, [mp.Closed("client sent too long command")])],
+                  imap_client_buffer=64)
+
+    def test_literal_larger_than_buffer_is_refused_without_continuation(self):
+        self.imap([(b"a1 LOGIN {100}\r\n", b"a1" + BAD, []),
+                   (b"a2 LOGOUT\r\n", b"* BYE\r\na2" + OK, [mp.Quit()])], imap_client_buffer=64)
+
+    def test_invalid_line_with_non_synchronizing_literal_closes(self):
+        machine = make_machine("imap")
+        machine.data_to_send()
+        events = machine.receive_data(b"a1 LOGIN {3+}\r\nabcX\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
+        self.assertTrue(machine.finished)
+        self.assertIsInstance(events[-1], mp.Closed)
+
+    def test_literal_must_be_followed_by_space_or_crlf(self):
+        self.imap([(b"a1 LOGIN {1}\r\n", b"+ OK\r\n", []),
+                   (b"xy z\r\n", b"a1" + BAD, []),
+                   (b"a2 LOGOUT\r\n", b"* BYE\r\na2" + OK, [mp.Quit()])])
+
+    def test_bare_cr_is_invalid(self):
+        self.imap([(b"a1 NOOP\rx\r\n", b"a1" + BAD, []),
+                   (b"a2 LOGOUT\r\n", b"* BYE\r\na2" + OK, [mp.Quit()])])
+
+    def test_authenticate_plain(self):
+        response = b64(b"\0alice\0secret")
+        self.imap([(b"a1 AUTHENTICATE PLAIN\r\n", b"+ \r\n", []),
+                   (response + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        self.imap([(b"a1 AUTHENTICATE PLAIN " + response + b"\r\n", b"",
+                    [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_plain_bad_base64_and_cancel(self):
+        self.imap([(b"a1 AUTHENTICATE PLAIN\r\n", b"+ \r\n", []),
+                   (b"*\r\n", b"a1" + BAD, []),
+                   (b"a2 AUTHENTICATE PLAIN " + b64(b"no-nuls") + b"\r\n", b"a2" + BAD, []),
+                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+
+    def test_authenticate_login(self):
+        self.imap([(b"a1 AUTHENTICATE LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n", []),
+                   (b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+                   (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_login_with_initial_response(self):
+        self.imap([(b"a1 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+                   (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_cram_md5(self):
+        challenge = b"+ " + b64(SALT) + b"\r\n"
+        digest = mp.cram_md5_digest(b"secret", SALT)
+        self.imap([(b"a1 AUTHENTICATE CRAM-MD5\r\n", challenge, []),
+                   (b64(b"alice " + digest) + b"\r\n", b"",
+                    [mp.Credentials(b"alice", digest, "cram-md5", SALT)])],
+                  imap_auth=["plain", "cram-md5"])
+
+    def test_cram_md5_only_when_enabled_and_without_initial_response(self):
+        self.imap([(b"a1 AUTHENTICATE CRAM-MD5\r\n", b"a1" + BAD, []),
+                   (b"a2 AUTHENTICATE FOO\r\n", b"a2" + BAD, []),
+                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+        self.imap([(b"a1 AUTHENTICATE CRAM-MD5 abcd\r\n", b"a1" + BAD, []),
+                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])],
+                  imap_auth=["plain", "cram-md5"])
+
+    def test_login_accepted_even_if_not_advertised(self):
+        # nginx: imap_auth only decides what is advertised for LOGIN/PLAIN.
+        self.imap([(b"a1 AUTHENTICATE LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n", []),
+                   (b64(b"al") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+                   (b64(b"pw") + b"\r\n", b"", [mp.Credentials(b"al", b"pw")])],
+                  imap_auth=["plain"])
+
+    def test_pipelined_commands_answered_in_order(self):
+        machine = make_machine("imap")
+        machine.data_to_send()
+        events = machine.receive_data(b"a1 NOOP\r\na2 CAPABILITY\r\na3 LOGIN alice secret\r\na4 NOOP\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1" + OK + CAPS + b"a2" + OK)
+        self.assertEqual(events, [mp.Credentials(b"alice", b"secret")])
+        self.assertEqual(machine.trailing_data, b"a4 NOOP\r\n")
+
+    def test_failed_login_then_retry(self):
+        machine = make_machine("imap")
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"a1 LOGIN alice bad\r\na2 LOGIN alice good\r\n"),
+                         [mp.Credentials(b"alice", b"bad")])
+        self.assertEqual(machine.auth_failed(b"a1 NO Invalid login or password\r\n"),
+                         [mp.Credentials(b"alice", b"good")])
+        self.assertEqual(machine.data_to_send(), b"a1 NO Invalid login or password\r\n")
+        self.assertEqual(machine.tag, b"a2 ")
+
+
+# ########################################################################## #
+#                           POP3 client machine                              #
+# ########################################################################## #
+
+class Pop3MachineTests(unittest.TestCase):
+    def pop3(self, exchanges, tail=b"STAT\r\n", **settings):
+        converse_three_ways(self, lambda: make_machine("pop3", **settings), exchanges, tail)
+
+    def test_greeting(self):
+        self.assertEqual(make_machine("pop3").data_to_send(), b"+OK POP3 ready\r\n")
+        self.assertEqual(make_machine("pop3", pop3_auth=["plain", "apop"]).data_to_send(),
+                         b"+OK POP3 ready " + SALT + b"\r\n")
+
+    def test_capa_noop_quit(self):
+        self.pop3([(b"CAPA\r\n", b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\n"
+                    b"SASL PLAIN LOGIN\r\n.\r\n", []),
+                   (b"noop\r\n", b"+OK\r\n", []),
+                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+
+    def test_capa_sasl_line_as_nginx(self):
+        # nginx 1.22 with "pop3_auth plain apop cram-md5": APOP is no SASL method.
+        machine = make_machine("pop3", pop3_auth=["plain", "apop", "cram-md5"])
+        self.assertIn(b"SASL PLAIN LOGIN CRAM-MD5\r\n.\r\n", machine.capability())
+        machine = make_machine("pop3", pop3_auth=["apop"])
+        self.assertTrue(machine.capability().endswith(b"UIDL\r\nSASL\r\n.\r\n"))
+
+    def test_user_pass(self):
+        self.pop3([(b"USER alice\r\n", b"+OK\r\n", []),
+                   (b"PASS secret\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+
+    def test_spaces_belong_to_user_and_pass(self):
+        self.pop3([(b"USER john doe\r\n", b"+OK\r\n", []),
+                   (b"PASS  p w \r\n", b"", [mp.Credentials(b"john doe", b"p w ")])])
+
+    def test_commands_not_valid_after_user(self):
+        self.pop3([(b"USER alice\r\n", b"+OK\r\n", []),
+                   (b"STAT\r\n", b"-ERR invalid command\r\n", []),
+                   (b"PASS secret\r\n", b"-ERR invalid command\r\n", []),
+                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+
+    def test_pass_without_user_and_bare_auth(self):
+        self.pop3([(b"PASS x\r\n", b"-ERR invalid command\r\n", []),
+                   (b"AUTH\r\n", b"+OK methods supported:\r\nPLAIN\r\nLOGIN\r\n.\r\n", []),
+                   (b"STLS\r\n", b"-ERR invalid command\r\n", []),
+                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+
+    def test_apop(self):
+        digest = mp.apop_digest(SALT, b"secret")
+        self.pop3([(b"APOP alice " + digest + b"\r\n", b"",
+                    [mp.Credentials(b"alice", digest, "apop", SALT)])],
+                  pop3_auth=["plain", "apop"])
+        self.pop3([(b"APOP alice " + digest + b"\r\n", b"-ERR invalid command\r\n", []),
+                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+
+    def test_auth_plain_login_cram(self):
+        self.pop3([(b"AUTH PLAIN\r\n", b"+ \r\n", []),
+                   (b64(b"\0alice\0secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        self.pop3([(b"AUTH PLAIN " + b64(b"x\0alice\0secret") + b"\r\n", b"",
+                    [mp.Credentials(b"alice", b"secret")])])
+        self.pop3([(b"AUTH LOGIN " + b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+                   (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        self.pop3([(b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n", []),
+                   (b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+                   (b"*\r\n", b"-ERR invalid command\r\n", []),
+                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+        digest = mp.cram_md5_digest(b"secret", SALT)
+        self.pop3([(b"AUTH CRAM-MD5\r\n", b"+ " + b64(SALT) + b"\r\n", []),
+                   (b64(b"alice " + digest) + b"\r\n", b"",
+                    [mp.Credentials(b"alice", digest, "cram-md5", SALT)])],
+                  pop3_auth=["plain", "cram-md5"])
+
+    def test_invalid_and_max_errors(self):
+        self.pop3([(b"STAT\r\n", b"-ERR invalid command\r\n", []),
+                   (b"US3R x\r\n", b"-ERR invalid command\r\n", []),
+                   (b"\r\n", b"-ERR invalid command\r\n",
+                    [mp.Closed("client sent too many invalid commands")])], max_errors=3)
+
+    def test_128_byte_buffer(self):
+        self.pop3([(b"USER " + b"a" * 130 + b"\r\n", b"-ERR invalid command\r\n",
+                    [mp.Closed("client sent too long command")])])
+        # Extension: pop3_client_buffer makes room for long tokens.
+        self.pop3([(b"USER " + b"a" * 130 + b"\r\n", b"+OK\r\n", []),
+                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])], pop3_client_buffer=1024)
+
+    def test_pipelined_user_pass(self):
+        machine = make_machine("pop3")
+        machine.data_to_send()
+        events = machine.receive_data(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")
+        self.assertEqual(events, [mp.Credentials(b"alice", b"secret")])
+        self.assertEqual(machine.data_to_send(), b"+OK\r\n")
+        self.assertEqual(machine.trailing_data, b"STAT\r\nQUIT\r\n")
+
+
+# ########################################################################## #
+#                              Authentication                                #
+# ########################################################################## #
+
+class PasswordSchemeTests(unittest.TestCase):
+    # Ulrich Drepper, "Unix crypt using SHA-256 and SHA-512", test vectors.
+    SHA_CRYPT_VECTORS = [
+        ("$5$saltstring", b"Hello world!",
+         "$5$saltstring$5B8vYYiY.CVt1RlTTf8KbXBH3hsxY/GNooZaBBGWEc5"),
+        ("$5$rounds=10000$saltstringsaltstring", b"Hello world!",
+         "$5$rounds=10000$saltstringsaltst$3xv.VbSHBb41AL9AvLeujZkZRBAwqFMz2.opqey6IcA"),
+        ("$5$rounds=5000$toolongsaltstring", b"This is just a test",
+         "$5$rounds=5000$toolongsaltstrin$Un/5jzAHMgOGZ5.mWJpuVolil07guHPvOW8mGRcvxa5"),
+        ("$5$rounds=10$roundstoolow", b"the minimum number is still observed",
+         "$5$rounds=1000$roundstoolow$yfvwcWrQ8l/K0DAWyuPMDNHpIVlTQebY9l/gL972bIC"),
+        ("$6$saltstring", b"Hello world!",
+         "$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJu"
+         "esI68u4OTLiBFdcbYEdFCoEOfaS35inz1"),
+        ("$6$rounds=10000$saltstringsaltstring", b"Hello world!",
+         "$6$rounds=10000$saltstringsaltst$OW1/O6BYHV6BcXZu8QVeXbDWra3Oeqh0sb"
+         "HbbMCVNSnCM/UrjmM0Dp8vOuZeHBy/YTBmSK6H9qs/y3RnOaw5v."),
+        ("$6$rounds=1400$anotherlongsaltstring",
+         b"a very much longer text to encrypt.  This one even stretches over morethan one line.",
+         "$6$rounds=1400$anotherlongsalts$POfYwTEok97VWcjxIiSOjiykti.o/pQs.wP"
+         "vMxQ6Fm7I6IoYN3CmLs66x9t0oSwbtEW7o7UmJEiDwGqd8p4ur1"),
+        ("$6$rounds=77777$short", b"we have a short salt string but not a short password",
+         "$6$rounds=77777$short$WuQyW2YR.hBNpjjRhpYD/ifIw05xdfeEyQoMxIXbkvr0g"
+         "ge1a1x3yRULJ5CCaUeOxFmtlcGZelFl5CxtgfiAc0"),
+    ]
+
+    def test_sha_crypt_vectors(self):
+        for setting, password, expected in self.SHA_CRYPT_VECTORS:
+            self.assertEqual(mp.sha_crypt(password, setting), expected, setting)
+            entry = mp.parse_password_entry(
+                "{%s}%s" % ("SHA512-CRYPT" if setting.startswith("$6$") else "SHA256-CRYPT", expected))
+            self.assertTrue(mp.password_matches(entry, password))
+            self.assertFalse(mp.password_matches(entry, password + b"x"))
+
+    def test_pbkdf2_rfc7914_vector(self):
+        # RFC 7914 §11: PBKDF2-HMAC-SHA256 ("passwd", "salt", 1 iteration).
+        expected = bytes.fromhex("55ac046e56e3089fec1691c22544b605f94185216dde0465e68b9d57c20dacbc"
+                                 "49ca9cccf179b645991664b39d77ef317c71b845b1e30bd509112041d3a19783")
+        entry = mp.parse_password_entry("{PBKDF2-SHA256}1$%s$%s" % (
+            base64.b64encode(b"salt").decode(), base64.b64encode(expected).decode()))
+        self.assertTrue(mp.password_matches(entry, b"passwd"))
+        self.assertFalse(mp.password_matches(entry, b"passwe"))
+
+    def test_hash_password_round_trip(self):
+        for scheme in ("PBKDF2-SHA256", "SHA512-CRYPT", "SHA256-CRYPT", "PLAIN"):
+            value = mp.hash_password("pä ss%".encode(), scheme, rounds=1000 if scheme != "PLAIN" else None)
+            entry = mp.parse_password_entry(value)
+            self.assertEqual(entry.scheme, scheme)
+            self.assertTrue(mp.password_matches(entry, "pä ss%".encode()))
+            self.assertFalse(mp.password_matches(entry, b"pass"))
+
+    def test_plain_comparison_uses_compare_digest(self):
+        calls = []
+        original = mp.hmac.compare_digest
+        mp.hmac.compare_digest = lambda a, b: calls.append((a, b)) or original(a, b)
+        try:
+            mp.password_matches(mp.PasswordEntry("PLAIN", "secret"), b"guess")
+        finally:
+            mp.hmac.compare_digest = original
+        self.assertEqual(calls, [(b"secret", b"guess")])
+
+    def test_entry_repr_hides_data(self):
+        self.assertNotIn("secret", repr(mp.PasswordEntry("PLAIN", "secret")))
+
+
+def upstream(host="127.0.0.1", port=143):
+    return mp.Upstream(host, port, ((socket.AF_INET, (host, port)),))
+
+
+class UserTableTests(unittest.TestCase):
+    USERS = {"alice": mp.PasswordEntry("PLAIN", "secret"),
+             "bob@example.com": mp.parse_password_entry(mp.hash_password(b"pw", "SHA256-CRYPT", 1000))}
+
+    def check(self, credentials, routes=None):
+        return mp.authenticate(self.USERS, routes or {}, upstream(), credentials)
+
+    def test_plain_login(self):
+        result = self.check(mp.Credentials(b"alice", b"secret"))
+        self.assertTrue(result.ok)
+        self.assertEqual((result.login, result.password, result.upstream), (b"alice", b"secret", upstream()))
+        self.assertFalse(self.check(mp.Credentials(b"alice", b"Secret")).ok)
+        self.assertFalse(self.check(mp.Credentials(b"nobody", b"secret")).ok)
+        self.assertTrue(self.check(mp.Credentials(b"bob@example.com", b"pw")).ok)
+
+    def test_cram_md5_and_apop_give_the_clear_password_to_the_backend(self):
+        digest = mp.cram_md5_digest(b"secret", SALT)
+        result = self.check(mp.Credentials(b"alice", digest, "cram-md5", SALT))
+        self.assertTrue(result.ok)
+        self.assertEqual(result.password, b"secret")
+        result = self.check(mp.Credentials(b"alice", mp.apop_digest(SALT, b"secret"), "apop", SALT))
+        self.assertTrue(result.ok)
+        self.assertEqual(result.password, b"secret")
+        self.assertFalse(self.check(mp.Credentials(b"alice", b"0" * 32, "apop", SALT)).ok)
+
+    def test_digest_methods_need_a_plain_entry(self):
+        digest = mp.cram_md5_digest(b"pw", SALT)
+        result = self.check(mp.Credentials(b"bob@example.com", digest, "cram-md5", SALT))
+        self.assertFalse(result.ok)
+        self.assertIn("{PLAIN}", result.reason)
+
+    def test_routes_by_login_then_domain(self):
+        routes = {"alice": mp.Route(1143, upstream("127.0.0.2", 1)),
+                  "@example.com": mp.Route(None, upstream("127.0.0.3", 1))}
+        self.assertEqual(self.check(mp.Credentials(b"alice", b"secret"), routes).upstream.addresses,
+                         ((socket.AF_INET, ("127.0.0.2", 1143)),))
+        self.assertEqual(self.check(mp.Credentials(b"bob@example.com", b"pw"), routes).upstream.addresses,
+                         ((socket.AF_INET, ("127.0.0.3", 143)),))
+
+
+class LoginThrottleTests(unittest.TestCase):
+    def test_delay_doubles_then_caps_and_locks(self):
+        throttle = mp.LoginThrottle()
+        delays = [throttle.failure("192.0.2.1", 100.0 + i, 1.0) for i in range(8)]
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 32, 32])
+        self.assertEqual(throttle.failure("192.0.2.2", 100.0, 1.0), 1)    # per address
+        for i in range(20):
+            throttle.failure("192.0.2.1", 110.0, 1.0)
+        self.assertTrue(throttle.locked("192.0.2.1", 111.0))
+        self.assertFalse(throttle.locked("192.0.2.1", 111.0 + mp.AUTH_FAILURE_WINDOW + 1))
+
+    def test_table_is_bounded(self):
+        throttle = mp.LoginThrottle()
+        for i in range(mp.AUTH_FAILURE_TABLE + 10):
+            throttle.failure("10.0.%d.%d" % (i // 256, i % 256), 1.0, 1.0)
+        self.assertEqual(len(throttle.failures), mp.AUTH_FAILURE_TABLE)
+
+
+# ########################################################################## #
+#                               Backend login                                #
+# ########################################################################## #
+
+def run_script(script, replies, tag=b"", limit=4096):
+    """Drive BackendLogin with the backend's replies; returns (sent, events)."""
+    login = mp.BackendLogin(script, tag, limit)
+    sent = login.data_to_send()
+    events = []
+    for reply in replies:
+        events.extend(login.receive_data(reply))
+        sent += login.data_to_send()
+    return sent, events, login
+
+
+class BackendLoginTests(unittest.TestCase):
+    def test_imap_script_uses_literals_and_the_client_tag(self):
+        self.assertEqual(mp.imap_login_script(b"a1 ", b"alice", b"se cret"), [
+            mp.Expect("imap-greeting"), mp.Send(b"a1 LOGIN {5}\r\n"), mp.Expect("continuation"),
+            mp.Send(b"alice {7}\r\n"), mp.Expect("continuation"), mp.Send(b"se cret\r\n"),
+            mp.Expect("imap-tagged", relay=True)])
+
+    def test_imap_login_with_untagged_capability(self):
+        sent, events, _ = run_script(mp.imap_login_script(b"a1 ", b"alice", b"secret"), [
+            b"* OK ready\r\n", b"+ go\r\n", b"+ go\r\n",
+            b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK done\r\n"], tag=b"a1 ")
+        self.assertEqual(sent, b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+        self.assertEqual(events, [mp.LoginDone(b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK done\r\n")])
+
+    def test_crlf_and_nul_in_credentials_stay_literal_data(self):
+        login, password = b"al\r\nx1 DELETE INBOX", b"p\0w\r\n"
+        sent, events, _ = run_script(mp.imap_login_script(b"t ", login, password), [
+            b"* OK\r\n", b"+\r\n", b"+\r\n", b"t OK\r\n"], tag=b"t ")
+        self.assertEqual(sent, b"t LOGIN {%d}\r\n" % len(login) + login + b" {%d}\r\n" % len(password)
+                         + password + b"\r\n")
+
+    def test_pop3_login(self):
+        sent, events, login = run_script(mp.pop3_login_script(b"alice", b"secret"), [
+            b"+OK hello\r\n", b"+OK\r\n", b"+OK 2 messages\r\n+OK extra"])
+        self.assertEqual(sent, b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(events, [mp.LoginDone(b"+OK 2 messages\r\n")])
+        self.assertEqual(login.trailing_data, b"+OK extra")
+
+    def test_refusals(self):
+        cases = [(b"* PREAUTH hi\r\n",), (b"* OK\r\n", b"a1 NO no\r\n"),
+                 (b"* OK\r\n", b"+\r\n", b"+\r\n", b"a1 NO [AUTHENTICATIONFAILED] no\r\n")]
+        for replies in cases:
+            with self.assertRaises(mp.BackendError) as caught:
+                run_script(mp.imap_login_script(b"a1 ", b"u", b"p"), replies, tag=b"a1 ")
+            self.assertEqual(caught.exception.line, replies[-1])
+        with self.assertRaises(mp.BackendError):
+            run_script(mp.pop3_login_script(b"u", b"p"), [b"+OK\r\n", b"-ERR no such user\r\n"])
+
+    def test_too_long_line(self):
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(mp.pop3_login_script(b"u", b"p"), [b"+OK " + b"x" * 200], limit=128)
+        self.assertIn("too long", str(caught.exception))
+
+    def test_replies_split_anywhere(self):
+        replies = b"* OK ready\r\n+ go\r\n+ go\r\na1 OK done\r\n"
+        sent, events, _ = run_script(mp.imap_login_script(b"a1 ", b"u", b"p"),
+                                     byte_by_byte(replies), tag=b"a1 ")
+        self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
 
 
 # ########################################################################## #
