@@ -1086,6 +1086,11 @@ class ClientMachine:
     def _after_auth_failure(self) -> None:
         """Protocol hook: the state to return to after a refused login."""
 
+    @property
+    def buffer_size(self) -> int:
+        """The longest command accepted (imap_client_buffer, pop3_client_buffer)."""
+        return getattr(self.settings, self.protocol + "_client_buffer")
+
     def _take_line(self, limit: int) -> Optional[bytes]:
         """The next line (with its LF) from the input, or None if incomplete."""
         end = self._input.find(b"\n", 0, limit)
@@ -1335,7 +1340,7 @@ class ImapMachine(ClientMachine):
         self.state = ImapState.COMMAND
 
     def _step(self, events: list) -> bool:
-        limit = self.settings.imap_client_buffer
+        limit = self.buffer_size
         if self._skipping:
             line = self._take_line(len(self._input))
             if line is None:
@@ -1583,7 +1588,7 @@ class Pop3Machine(ClientMachine):
         self.state = Pop3State.START
 
     def _step(self, events: list) -> bool:
-        limit = self.settings.pop3_client_buffer
+        limit = self.buffer_size
         line = self._take_line(limit)
         if line is None:
             if len(self._input) >= limit:
@@ -2263,7 +2268,8 @@ class Stream:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as error:
-                self.loop.call_later(0, lambda: self._fail(error))
+                # Tell the owner from the loop, not from inside its own write().
+                self.loop.call_later(0, lambda failure=error: self._fail(failure))
                 return
             self.sent += sent
             if sent < len(data):
@@ -2496,9 +2502,8 @@ class Relay:
     def _check_idle(self, idle_timeout: float) -> None:
         idle = self.client.loop.time() - self.last_activity
         if idle >= idle_timeout:
-            self.session.log("info", "upstream timed out" if self.eof_from is None else
-                             "client timed out", action="proxying")
-            self.finish("timed out")
+            self.session.log("info", "proxied session timed out (proxy_timeout)")
+            self.finish("proxy_timeout")
         else:
             self.timer = self.client.loop.call_later(idle_timeout - idle,
                                                      lambda: self._check_idle(idle_timeout))
@@ -2611,7 +2616,9 @@ class Session:
         if self.phase != Phase.DIALOGUE or self.client.out or self.machine.waiting:
             self.client.set_read_budget(0)
         else:
-            self.client.set_read_budget(READ_SIZE)
+            # As nginx, read no more than the command buffer holds: what the
+            # client pipelines behind its login stays within that bound.
+            self.client.set_read_budget(self.machine.buffer_size)
 
     def _flush_machine(self) -> None:
         self.client.write(self.machine.data_to_send())
