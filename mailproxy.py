@@ -1638,7 +1638,7 @@ class Pop3Machine(ClientMachine):
 
     def _apop(self, events: list, args: List[bytes]) -> None:
         """RFC 1939 §7: APOP name digest, only when pop3_auth has apop."""
-        if len(args) != 2 or "apop" not in self.settings.pop3_auth or len(args[1]) != 32:
+        if len(args) != 2 or "apop" not in self.settings.pop3_auth:
             return self._refuse(events)
         self._credentials(events, Credentials(args[0], args[1].lower(), "apop", self.salt))
 
