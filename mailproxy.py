@@ -1006,8 +1006,20 @@ def strip_eol(line: bytes) -> bytes:
 # trailing_data to the backend).  No clock, no logger, no sockets here: the
 # session passes the time in for the APOP/CRAM-MD5 salt.
 
+class SaslState(enum.Enum):
+    NONE = "none"                      # no SASL exchange under way
+    PLAIN = "plain"                    # sent the empty prompt, want the response
+    LOGIN_USERNAME = "login username"  # sent base64("Username:")
+    LOGIN_PASSWORD = "login password"  # sent base64("Password:")
+    CRAM_MD5 = "cram-md5"              # sent the challenge
+
+
+SASL_USERNAME_PROMPT = b"VXNlcm5hbWU6\r\n"     # base64("Username:")
+SASL_PASSWORD_PROMPT = b"UGFzc3dvcmQ6\r\n"     # base64("Password:")
+
+
 class ClientMachine:
-    """What IMAP and POP3 machines share: buffers, error counting, waiting.
+    """What the three machines share: buffers, error counting, waiting, SASL.
 
     Subclasses define ``INVALID`` (the reply to a bad command), and
     ``_step(events)`` which handles at most one command from ``self._input``
@@ -1024,6 +1036,8 @@ class ClientMachine:
         self.randomness = randomness or random.Random()
         self.salt = None               # type: Optional[bytes]
         self.errors = 0
+        self.sasl = SaslState.NONE
+        self.login = b""               # AUTH LOGIN / POP3 USER: the login so far
         self.waiting = False           # Credentials emitted, outcome pending
         self.finished = False          # Quit or Closed emitted
         self._input = bytearray()
@@ -1100,15 +1114,80 @@ class ClientMachine:
         del self._input[:end + 1]
         return line
 
+    # -- SASL, the same in all three protocols (ngx_mail_auth_parse and the
+    #    ngx_mail_auth_* helpers): only the prompt prefix and the refusal differ.
+    SASL_PROMPT = b"+ "        # RFC 3501 / RFC 5034 continuation; SMTP: "334 "
+
+    def _refuse(self, events: list) -> None:
+        """Protocol hook: answer a command the handler refuses (not counted)."""
+        raise NotImplementedError
+
+    def _sasl_start(self, events: list, args: List[bytes], enabled: List[str]) -> None:
+        """AUTHENTICATE / AUTH MECHANISM [initial-response] (RFC 4422 §3).
+
+        PLAIN and LOGIN are always accepted, whatever is advertised (nginx);
+        CRAM-MD5 only when enabled, and never with an initial response.
+        """
+        mechanism = args[0].upper() if args else b""
+        initial = args[1] if len(args) == 2 else None
+        if len(args) not in (1, 2):
+            self._refuse(events)
+        elif mechanism == b"PLAIN" and initial is None:
+            self._output += self.SASL_PROMPT + b"\r\n"
+            self.sasl = SaslState.PLAIN
+        elif mechanism == b"PLAIN":
+            self._sasl_plain(events, initial)
+        elif mechanism == b"LOGIN" and initial is None:
+            self._output += self.SASL_PROMPT + SASL_USERNAME_PROMPT
+            self.sasl = SaslState.LOGIN_USERNAME
+        elif mechanism == b"LOGIN":
+            self._sasl_login_username(events, initial)   # Microsoft's "AUTH LOGIN user"
+        elif mechanism == b"CRAM-MD5" and initial is None and "cram-md5" in enabled:
+            if self.salt is None:
+                self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
+            self._output += self.SASL_PROMPT + base64.b64encode(self.salt) + b"\r\n"
+            self.sasl = SaslState.CRAM_MD5
+        else:
+            self._refuse(events)
+
+    def _sasl_line(self, events: list, line: bytes) -> None:
+        """A client response to our SASL prompt (``*`` cancels: bad base64)."""
+        state, self.sasl = self.sasl, SaslState.NONE
+        if state == SaslState.PLAIN:
+            self._sasl_plain(events, line)
+        elif state == SaslState.LOGIN_USERNAME:
+            self._sasl_login_username(events, line)
+        elif state == SaslState.LOGIN_PASSWORD:
+            password = decode_base64(line)
+            if password is None:
+                return self._refuse(events)
+            self._credentials(events, Credentials(self.login, password, "plain"))
+        elif state == SaslState.CRAM_MD5:
+            answer = split_cram_md5_response(line)
+            if answer is None:
+                return self._refuse(events)
+            self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
+
+    def _sasl_plain(self, events: list, response: bytes) -> None:
+        decoded = decode_sasl_plain(response)
+        if decoded is None or not decoded[1]:
+            return self._refuse(events)
+        self._credentials(events, Credentials(decoded[1], decoded[2], "plain"))
+
+    def _sasl_login_username(self, events: list, response: bytes) -> None:
+        login = decode_base64(response)
+        if login is None:
+            return self._refuse(events)
+        self.login = login
+        self._output += self.SASL_PROMPT + SASL_PASSWORD_PROMPT
+        self.sasl = SaslState.LOGIN_PASSWORD
+
 
 # -- IMAP (RFC 3501), as ngx_mail_imap_handler.c --------------------------------
 
 IMAP_GREETING = b"* OK IMAP4 ready\r\n"
 IMAP_OK = b"OK completed\r\n"
 IMAP_NEXT = b"+ OK\r\n"                       # literal continuation
-IMAP_PLAIN_NEXT = b"+ \r\n"                   # AUTHENTICATE PLAIN without IR
-IMAP_USERNAME = b"+ VXNlcm5hbWU6\r\n"         # base64("Username:")
-IMAP_PASSWORD = b"+ UGFzc3dvcmQ6\r\n"         # base64("Password:")
 IMAP_BYE = b"* BYE\r\n"
 IMAP_INVALID = b"BAD invalid command\r\n"
 IMAP_INTERNAL_ERROR = b"* BAD internal server error\r\n"
@@ -1304,14 +1383,6 @@ class _ImapArgumentScanner:
         return value
 
 
-class ImapState(enum.Enum):
-    COMMAND = "command"                        # waiting for a tagged command
-    AUTH_LOGIN_USERNAME = "auth login username"   # sent "+ VXNlcm5hbWU6"
-    AUTH_LOGIN_PASSWORD = "auth login password"   # sent "+ UGFzc3dvcmQ6"
-    AUTH_PLAIN = "auth plain"                  # sent "+ ", waiting for the response
-    AUTH_CRAM_MD5 = "auth cram-md5"            # sent the challenge
-
-
 class ImapMachine(ClientMachine):
     """The IMAP dialogue before login (RFC 3501 §6.1-6.2), as nginx."""
     protocol = "imap"
@@ -1321,9 +1392,7 @@ class ImapMachine(ClientMachine):
     def __init__(self, settings: Settings, now: float = 0.0,
                  randomness: Optional[random.Random] = None):
         super().__init__(settings, now, randomness)
-        self.state = ImapState.COMMAND
         self.tag = b""                 # the tag of the command being handled
-        self.login = b""               # AUTHENTICATE LOGIN: the username so far
         self._continuations = 0        # "+ OK" sent for the current command
         self._skipping = False         # dropping the rest of an invalid line
         self._output += IMAP_GREETING
@@ -1336,8 +1405,8 @@ class ImapMachine(ClientMachine):
                 words.append(IMAP_AUTH_NAMES[method])
         return b"* CAPABILITY " + " ".join(words).encode() + b"\r\n"
 
-    def _after_auth_failure(self) -> None:
-        self.state = ImapState.COMMAND
+    def _refuse(self, events: list) -> None:
+        self._invalid(events, False, self.tag + IMAP_INVALID)
 
     def _step(self, events: list) -> bool:
         limit = self.buffer_size
@@ -1348,7 +1417,7 @@ class ImapMachine(ClientMachine):
                 return False
             self._skipping = False
             return True
-        if self.state != ImapState.COMMAND:
+        if self.sasl != SaslState.NONE:
             line = self._take_line(limit)
             if line is None:
                 return self._check_length(events, self.tag or None, limit)
@@ -1417,7 +1486,7 @@ class ImapMachine(ClientMachine):
 
     def _starttls(self, events: list, args: List) -> None:
         # STARTTLS is invalid while starttls is off (the TLS issue adds it).
-        self._invalid(events, False, self.tag + IMAP_INVALID)
+        self._refuse(events)
 
     def _id(self, events: list, args: List) -> None:
         """Extension (RFC 2971): nginx answers BAD, which upsets Thunderbird and
@@ -1426,8 +1495,7 @@ class ImapMachine(ClientMachine):
             len(args) >= 2 and args[0] == b"(" and args[-1] == b")" and
             b"(" not in args[1:-1] and b")" not in args[1:-1])
         if not valid:
-            self._invalid(events, False, self.tag + IMAP_INVALID)
-            return
+            return self._refuse(events)
         self._output += IMAP_ID_REPLY
         self._reply(IMAP_OK)
 
@@ -1435,81 +1503,18 @@ class ImapMachine(ClientMachine):
         """RFC 3501 §6.2.3 LOGIN userid password; nginx wants exactly two
         arguments and a non-empty login (an empty password is allowed)."""
         if len(args) != 2 or not args[0]:
-            self._invalid(events, False, self.tag + IMAP_INVALID)
-            return
+            return self._refuse(events)
         self._credentials(events, Credentials(args[0], args[1], "plain"))
 
     def _authenticate(self, events: list, args: List) -> None:
-        """RFC 3501 §6.2.2 with RFC 4959 initial responses, as ngx_mail_auth_parse."""
-        mechanism = args[0].upper() if args else b""
-        initial = args[1] if len(args) == 2 else None
-        if len(args) not in (1, 2):
-            self._invalid(events, False, self.tag + IMAP_INVALID)
-        elif mechanism == b"PLAIN":
-            if initial is None:
-                self._output += IMAP_PLAIN_NEXT
-                self.state = ImapState.AUTH_PLAIN
-            else:
-                self._sasl_plain(events, initial)
-        elif mechanism == b"LOGIN":
-            if initial is None:
-                self._output += IMAP_USERNAME
-                self.state = ImapState.AUTH_LOGIN_USERNAME
-            else:
-                self._sasl_login_username(events, initial)
-        elif mechanism == b"CRAM-MD5" and initial is None and \
-                "cram-md5" in self.settings.imap_auth:
-            if self.salt is None:
-                self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
-            self._output += b"+ " + base64.b64encode(self.salt) + b"\r\n"
-            self.state = ImapState.AUTH_CRAM_MD5
-        else:
-            self._invalid(events, False, self.tag + IMAP_INVALID)
-
-    def _sasl_line(self, events: list, line: bytes) -> None:
-        state = self.state
-        self.state = ImapState.COMMAND
-        if state == ImapState.AUTH_PLAIN:
-            self._sasl_plain(events, line)
-        elif state == ImapState.AUTH_LOGIN_USERNAME:
-            self._sasl_login_username(events, line)
-        elif state == ImapState.AUTH_LOGIN_PASSWORD:
-            password = decode_base64(line)
-            if password is None:
-                self._invalid(events, False, self.tag + IMAP_INVALID)
-            else:
-                self._credentials(events, Credentials(self.login, password, "plain"))
-        elif state == ImapState.AUTH_CRAM_MD5:
-            answer = split_cram_md5_response(line)
-            if answer is None:
-                self._invalid(events, False, self.tag + IMAP_INVALID)
-            else:
-                self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
-
-    def _sasl_plain(self, events: list, response: bytes) -> None:
-        decoded = decode_sasl_plain(response)
-        if decoded is None or not decoded[1]:
-            self._invalid(events, False, self.tag + IMAP_INVALID)
-            return
-        self._credentials(events, Credentials(decoded[1], decoded[2], "plain"))
-
-    def _sasl_login_username(self, events: list, response: bytes) -> None:
-        login = decode_base64(response)
-        if login is None:
-            self._invalid(events, False, self.tag + IMAP_INVALID)
-            return
-        self.login = login
-        self._output += IMAP_PASSWORD
-        self.state = ImapState.AUTH_LOGIN_PASSWORD
+        """RFC 3501 §6.2.2 with RFC 4959 initial responses."""
+        self._sasl_start(events, args, self.settings.imap_auth)
 
 
 # -- POP3 (RFC 1939, RFC 2449 CAPA, RFC 5034 AUTH), as ngx_mail_pop3_handler.c --
 
 POP3_GREETING = b"+OK POP3 ready\r\n"
 POP3_OK = b"+OK\r\n"
-POP3_NEXT = b"+ \r\n"
-POP3_USERNAME = b"+ VXNlcm5hbWU6\r\n"
-POP3_PASSWORD = b"+ UGFzc3dvcmQ6\r\n"
 POP3_INVALID = b"-ERR invalid command\r\n"
 POP3_INTERNAL_ERROR = b"-ERR internal server error\r\n"
 POP3_COMMANDS = frozenset([b"USER", b"PASS", b"APOP", b"QUIT", b"CAPA", b"AUTH",
@@ -1521,10 +1526,6 @@ POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",)}
 class Pop3State(enum.Enum):
     START = "start"                            # AUTHORIZATION state, nothing yet
     USER = "user"                              # USER given, PASS expected
-    AUTH_LOGIN_USERNAME = "auth login username"
-    AUTH_LOGIN_PASSWORD = "auth login password"
-    AUTH_PLAIN = "auth plain"
-    AUTH_CRAM_MD5 = "auth cram-md5"
 
 
 def parse_pop3_command(line: bytes) -> Optional[Tuple[bytes, List[bytes]]]:
@@ -1562,7 +1563,6 @@ class Pop3Machine(ClientMachine):
                  randomness: Optional[random.Random] = None):
         super().__init__(settings, now, randomness)
         self.state = Pop3State.START
-        self.login = b""
         if "apop" in settings.pop3_auth or "cram-md5" in settings.pop3_auth:
             # RFC 1939 §7: the greeting carries the APOP timestamp.
             self.salt = make_salt(settings.server_name, now, self.randomness)
@@ -1596,7 +1596,7 @@ class Pop3Machine(ClientMachine):
                 self._output += POP3_INVALID
                 self._finish(events, Closed("client sent too long command"))
             return False
-        if self.state not in (Pop3State.START, Pop3State.USER):
+        if self.sasl != SaslState.NONE:
             self._sasl_line(events, strip_eol(line))
             return True
         parsed = parse_pop3_command(line)
@@ -1661,63 +1661,173 @@ class Pop3Machine(ClientMachine):
             names = "".join(name + "\r\n" for name in self.sasl_names())
             self._output += b"+OK methods supported:\r\n" + names.encode() + b".\r\n"
             return
-        mechanism = args[0].upper()
-        initial = args[1] if len(args) == 2 else None
-        if len(args) > 2:
-            self._refuse(events)
-        elif mechanism == b"PLAIN":
-            if initial is None:
-                self._output += POP3_NEXT
-                self.state = Pop3State.AUTH_PLAIN
-            else:
-                self._sasl_plain(events, initial)
-        elif mechanism == b"LOGIN":
-            if initial is None:
-                self._output += POP3_USERNAME
-                self.state = Pop3State.AUTH_LOGIN_USERNAME
-            else:
-                self._sasl_login_username(events, initial)
-        elif mechanism == b"CRAM-MD5" and initial is None and \
-                "cram-md5" in self.settings.pop3_auth:
-            self._output += b"+ " + base64.b64encode(self.salt) + b"\r\n"
-            self.state = Pop3State.AUTH_CRAM_MD5
+        self._sasl_start(events, args, self.settings.pop3_auth)
+
+
+# -- SMTP (RFC 5321, RFC 4954 AUTH, RFC 2920 pipelining), as ngx_mail_smtp_handler.c
+
+SMTP_OK = b"250 2.0.0 OK\r\n"
+SMTP_BYE = b"221 2.0.0 Bye\r\n"
+SMTP_INVALID = b"500 5.5.1 Invalid command\r\n"
+SMTP_INVALID_PIPELINING = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
+SMTP_INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
+SMTP_AUTH_REQUIRED = b"530 5.7.1 Authentication required\r\n"
+SMTP_BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
+SMTP_INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
+SMTP_AUTH_OK = b"235 2.0.0 OK\r\n"                 # after the backend login
+SMTP_AUTH_FAILED_CODE = b"535 5.7.0"              # nginx's default failure code
+SMTP_COMMANDS = frozenset([b"HELO", b"EHLO", b"AUTH", b"QUIT", b"NOOP", b"MAIL", b"RCPT",
+                           b"RSET", b"VRFY", b"EXPN", b"HELP", b"STARTTLS"])
+SMTP_MAX_ARGS = 11                                # ngx_mail_smtp_parse_command
+SMTP_AUTH_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5"}
+# RFC 5321 §4.1.1: no control byte belongs in these arguments.  nginx 1.22
+# passes NUL and TAB on inside MAIL and RCPT; we refuse them with 501.
+SMTP_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def parse_smtp_command(line: bytes) -> Optional[Tuple[bytes, List[bytes], bytes]]:
+    """One SMTP command line -> (VERB, args, text), or None if invalid.
+
+    ``text`` runs from the verb to the end of the last argument, which is
+    what nginx keeps of MAIL and RCPT (``MAIL FROM:<a@b> SIZE=100``).
+    """
+    body = strip_eol(line)
+    verb, _, rest = body.partition(b" ")
+    if not re.fullmatch(rb"[A-Za-z]+", verb) or verb.upper() not in SMTP_COMMANDS:
+        return None
+    args = [arg for arg in rest.split(b" ") if arg]
+    if len(args) > SMTP_MAX_ARGS:
+        return None
+    return verb.upper(), args, body.rstrip(b" ")
+
+
+class SmtpMachine(ClientMachine):
+    """The SMTP dialogue up to AUTH (or, with smtp_auth none, the first RCPT).
+
+    The greeting is not queued here: the session sends it when the client's
+    name is resolved and smtp_greeting_delay has passed (``greet()``).
+    What the client said is kept for the backend login: ``helo`` and
+    ``esmtp`` (it said EHLO), ``mail_from`` and ``rcpt_to`` (raw commands).
+    """
+    protocol = "smtp"
+    INVALID = SMTP_INVALID
+    INTERNAL_ERROR = SMTP_INTERNAL_ERROR
+    SASL_PROMPT = b"334 "                         # RFC 4954 §4
+
+    def __init__(self, settings: Settings, now: float = 0.0,
+                 randomness: Optional[random.Random] = None):
+        super().__init__(settings, now, randomness)
+        self.helo = None               # type: Optional[bytes]
+        self.esmtp = False
+        self.mail_from = None          # type: Optional[bytes]
+        self.rcpt_to = None            # type: Optional[bytes]
+
+    def greet(self) -> None:
+        self._output += b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
+
+    def ehlo_reply(self) -> bytes:
+        """``250-name``, one line per smtp_capabilities item, then AUTH; the
+        last line has a space after the code (RFC 5321 §4.2.1)."""
+        lines = [self.settings.server_name] + list(self.settings.smtp_capabilities)
+        names = [SMTP_AUTH_NAMES[method] for method in ALL_AUTH_METHODS["smtp"]
+                 if method in self.settings.smtp_auth and method in SMTP_AUTH_NAMES]
+        if names:
+            lines.append("AUTH " + " ".join(names))
+        encoded = [line.encode() for line in lines]
+        return b"".join(b"250-" + line + b"\r\n" for line in encoded[:-1]) + \
+            b"250 " + encoded[-1] + b"\r\n"
+
+    def _step(self, events: list) -> bool:
+        limit = self.buffer_size
+        line = self._take_line(limit)
+        if line is None:
+            if len(self._input) >= limit:
+                self._output += SMTP_INVALID
+                self._finish(events, Closed("client sent too long command"))
+            return False
+        if self.sasl != SaslState.NONE:
+            self._sasl_line(events, strip_eol(line))
+            return True
+        parsed = parse_smtp_command(line)
+        if parsed is None or (b"\r" in strip_eol(line) and not self._takes_text(line)):
+            self._invalid(events, True)
+            return True
+        verb, args, text = parsed
+        if verb in (b"HELO", b"EHLO", b"MAIL", b"RCPT") and (
+                SMTP_CONTROL_BYTES.search(text) or not line.endswith(b"\r\n")):
+            self._output += SMTP_INVALID_ARGUMENT      # never stored, never replayed
+            return True
+        handler = {b"HELO": self._helo, b"EHLO": self._helo, b"AUTH": self._auth,
+                   b"QUIT": self._quit, b"NOOP": self._noop, b"MAIL": self._mail,
+                   b"RCPT": self._rcpt, b"RSET": self._rset}.get(verb, self._refuse)
+        handler(events, verb, args, text)
+        return True
+
+    @staticmethod
+    def _takes_text(line: bytes) -> bool:
+        """HELO, EHLO, MAIL and RCPT get 501 for a bad byte, not 500."""
+        return line[:4].upper() in (b"HELO", b"EHLO", b"MAIL", b"RCPT")
+
+    def _refuse(self, events: list, verb: bytes = b"", args: List = (), text: bytes = b"") -> None:
+        """VRFY, EXPN, HELP, STARTTLS (while starttls is off), a refused AUTH:
+        nginx answers 500 without counting them as errors."""
+        self._invalid(events, False)
+
+    def _helo(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
+        if len(args) != 1:
+            self._output += SMTP_INVALID_ARGUMENT
+            return
+        self.helo = args[0]
+        self.mail_from = self.rcpt_to = None           # a new HELO resets the transaction
+        if verb == b"HELO":
+            self._output += b"250 " + self.settings.server_name.encode() + b"\r\n"
         else:
-            self._refuse(events)
+            self.esmtp = True
+            self._output += self.ehlo_reply()
 
-    def _sasl_line(self, events: list, line: bytes) -> None:
-        state = self.state
-        self.state = Pop3State.START
-        if state == Pop3State.AUTH_PLAIN:
-            self._sasl_plain(events, line)
-        elif state == Pop3State.AUTH_LOGIN_USERNAME:
-            self._sasl_login_username(events, line)
-        elif state == Pop3State.AUTH_LOGIN_PASSWORD:
-            password = decode_base64(line)
-            if password is None:
-                return self._refuse(events)
-            self._credentials(events, Credentials(self.login, password, "plain"))
-        elif state == Pop3State.AUTH_CRAM_MD5:
-            answer = split_cram_md5_response(line)
-            if answer is None:
-                return self._refuse(events)
-            self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
+    def _quit(self, events: list, verb: bytes, args: List, text: bytes) -> None:
+        self._output += SMTP_BYE
+        self._finish(events, Quit())
 
-    def _sasl_plain(self, events: list, response: bytes) -> None:
-        decoded = decode_sasl_plain(response)
-        if decoded is None or not decoded[1]:
-            return self._refuse(events)
-        self._credentials(events, Credentials(decoded[1], decoded[2], "plain"))
+    def _noop(self, events: list, verb: bytes, args: List, text: bytes) -> None:
+        self._output += SMTP_OK
 
-    def _sasl_login_username(self, events: list, response: bytes) -> None:
-        login = decode_base64(response)
-        if login is None:
-            return self._refuse(events)
-        self.login = login
-        self._output += POP3_PASSWORD
-        self.state = Pop3State.AUTH_LOGIN_PASSWORD
+    def _rset(self, events: list, verb: bytes, args: List, text: bytes) -> None:
+        self.mail_from = self.rcpt_to = None
+        self._output += SMTP_OK
 
+    def _mail(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
+        """Only with smtp_auth none: MAIL is answered here and kept for the
+        backend (nginx 1.29.1 and later forget any login first)."""
+        if "none" not in self.settings.smtp_auth:
+            self._output += SMTP_AUTH_REQUIRED
+        elif self.mail_from is not None:
+            self._output += SMTP_BAD_SEQUENCE
+        elif not args:
+            self._output += SMTP_INVALID_ARGUMENT
+        else:
+            self.mail_from = text
+            self._output += SMTP_OK
 
-CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine}
+    def _rcpt(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
+        """The first RCPT after MAIL is the moment of authentication for
+        smtp_auth none: the session decides with the HELO, MAIL and RCPT."""
+        if self.mail_from is None:
+            self._output += SMTP_BAD_SEQUENCE
+        elif not args:
+            self._output += SMTP_INVALID_ARGUMENT
+        else:
+            self.rcpt_to = text
+            self._credentials(events, Credentials(b"", b"", "none"))
+
+    def _auth(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
+        """RFC 4954 AUTH, as ngx_mail_auth_parse."""
+        if not args:
+            self._output += SMTP_INVALID_ARGUMENT
+            return
+        self._sasl_start(events, args, self.settings.smtp_auth)
+
+CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine}
 
 
 # ########################################################################## #
