@@ -333,8 +333,6 @@ def parse_protocol(args: List[str], base: str = "") -> str:
     value = one_argument(args)
     if value not in ALL_AUTH_METHODS:
         raise ValueError_('unknown protocol "%s"' % value)
-    if value == "smtp":
-        raise ValueError_('"smtp" is not supported yet')
     return value
 
 
@@ -455,6 +453,14 @@ def auth_methods_parser(protocol: str) -> Callable:
     return parse
 
 
+def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
+    """Extension: how proxy_smtp_auth logs in: ``plain`` (nginx) or ``login``."""
+    value = one_argument(args).lower()
+    if value not in ("plain", "login"):
+        raise ValueError_('invalid value "%s", it must be "plain" or "login"' % args[0])
+    return value
+
+
 def parse_word_list(args: List[str], base: str = "") -> List[str]:
     if not args:
         raise ValueError_("needs at least one value")
@@ -540,9 +546,9 @@ DIRECTIVES = {d.name: d for d in [
     Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("proxy_pass_error_message", MAIL, parse_flag, False),
     Directive("proxy_protocol", MAIL, parse_string, "off", supported=_TODO),
-    Directive("proxy_smtp_auth", MAIL, parse_flag, False, supported=_TODO),
+    Directive("proxy_smtp_auth", MAIL, parse_flag, False),
     Directive("proxy_timeout", MAIL, parse_time, 24 * 3600.0),
-    Directive("xclient", MAIL, parse_flag, True, supported=_TODO),
+    Directive("xclient", MAIL, parse_flag, True),
     # -- ngx_mail_realip_module --------------------------------------------
     Directive("set_real_ip_from", MAIL, parse_string, [], multiple=True, supported=_TODO),
     # -- ngx_mail_ssl_module -----------------------------------------------
@@ -579,14 +585,15 @@ DIRECTIVES = {d.name: d for d in [
               ["TOP", "USER", "UIDL"], multiple=True),
     Directive("pop3_client_buffer", MAIL, parse_size, POP3_BUFFER_NGINX, extension=True),
     # -- ngx_mail_smtp_module ----------------------------------------------
-    Directive("smtp_auth", MAIL, auth_methods_parser("smtp"), ["plain", "login"],
-              multiple=True, supported=_TODO),
-    Directive("smtp_capabilities", MAIL, parse_word_list, [], multiple=True, supported=_TODO),
-    Directive("smtp_client_buffer", MAIL, parse_size, PAGE_SIZE, supported=_TODO),
-    Directive("smtp_greeting_delay", MAIL, parse_time, 0.0, supported=_TODO),
+    Directive("smtp_auth", MAIL, auth_methods_parser("smtp"), ["plain", "login"], multiple=True),
+    Directive("smtp_capabilities", MAIL, parse_word_list, [], multiple=True),
+    Directive("smtp_client_buffer", MAIL, parse_size, PAGE_SIZE),
+    Directive("smtp_greeting_delay", MAIL, parse_time, 0.0),
     # -- extensions of mailproxy (nginx has no built-in user table) --------
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
     Directive("auth_delay", MAIL, parse_time, 1.0, extension=True),
+    Directive("proxy_smtp_auth_method", MAIL, parse_smtp_auth_method, "plain", extension=True),
+    Directive("smtp_relay_domains", MAIL, parse_word_list, [], multiple=True, extension=True),
 ]}
 
 
@@ -778,9 +785,7 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
                 break
         if merged["protocol"] is None and merged["listen"]:
             problems.append(("protocol", "unknown mail protocol for server: "
-                             'set "protocol = imap|pop3"'))
-        elif merged["protocol"] == "smtp":
-            problems.append(("protocol", '"smtp" is not supported yet'))
+                             'set "protocol = imap|pop3|smtp"'))
     if merged["proxy_pass"] is None:
         problems.append(("proxy_pass", 'no "proxy_pass" is defined for server '
                          "(the backend of the built-in user table)"))
@@ -1064,6 +1069,10 @@ class ClientMachine:
     def trailing_data(self) -> bytes:
         """Input not parsed yet: what the client pipelined behind its login."""
         return bytes(self._input)
+
+    def failure_reply(self, text: bytes) -> bytes:
+        """The reply to a refused login (nginx: the auth server's text)."""
+        raise NotImplementedError
 
     def auth_failed(self, reply: bytes) -> list:
         """The login was refused: queue ``reply`` and go on with buffered input."""
@@ -1408,6 +1417,9 @@ class ImapMachine(ClientMachine):
     def _refuse(self, events: list) -> None:
         self._invalid(events, False, self.tag + IMAP_INVALID)
 
+    def failure_reply(self, text: bytes) -> bytes:
+        return self.tag + b"NO " + text + b"\r\n"
+
     def _step(self, events: list) -> bool:
         limit = self.buffer_size
         if self._skipping:
@@ -1619,6 +1631,9 @@ class Pop3Machine(ClientMachine):
         handler(events, args)
         return True
 
+    def failure_reply(self, text: bytes) -> bytes:
+        return b"-ERR " + text + b"\r\n"
+
     def _refuse(self, events: list) -> None:
         self.state = Pop3State.START
         self._invalid(events, False)
@@ -1721,6 +1736,9 @@ class SmtpMachine(ClientMachine):
         self.esmtp = False
         self.mail_from = None          # type: Optional[bytes]
         self.rcpt_to = None            # type: Optional[bytes]
+
+    def failure_reply(self, text: bytes, code: bytes = SMTP_AUTH_FAILED_CODE) -> bytes:
+        return code + b" " + text + b"\r\n"
 
     def greet(self) -> None:
         self._output += b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
@@ -2045,6 +2063,29 @@ def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Ups
     return Upstream(route.upstream.host, port, addresses)
 
 
+SMTP_RELAY_DENIED = (b"550 5.7.1", b"Relaying denied")   # smtp_auth none, refused
+
+
+def recipient_domain(rcpt_to: bytes) -> Tuple[str, str]:
+    """``RCPT TO:<bob@Example.COM> NOTIFY=NEVER`` -> ("bob@Example.COM", "example.com")."""
+    match = re.search(rb"<([^<>]*)>", rcpt_to)
+    address = (match.group(1) if match else rcpt_to.partition(b":")[2].strip()).decode("utf-8", "replace")
+    return address, address.rpartition("@")[2].lower()
+
+
+def authorize_recipient(relay_domains: List[str], routes: Dict[str, Route],
+                        proxy_pass: Upstream, rcpt_to: bytes) -> AuthResult:
+    """smtp_auth none with the built-in table (extension): a recipient is
+    accepted when its domain is in smtp_relay_domains (``*``: any domain);
+    it goes to the [routes] entry of the address or its domain, else to
+    proxy_pass.  Nobody is logged in: the backend sees XCLIENT without LOGIN."""
+    address, domain = recipient_domain(rcpt_to)
+    allowed = [name.lower() for name in relay_domains]
+    if "*" not in allowed and domain not in allowed:
+        return AuthResult(False, reason="recipient domain not in smtp_relay_domains")
+    return AuthResult(True, b"", b"", route_for(routes, proxy_pass, address))
+
+
 class LoginThrottle:
     """Slows down password guessing per client address (sans-I/O: pass ``now``).
 
@@ -2089,12 +2130,15 @@ class Send(NamedTuple):
 
 
 class Expect(NamedTuple):
-    """Wait for a reply line.  ``kind``: "imap-greeting" (``* OK``),
+    """Wait for a reply.  ``kind``: "imap-greeting" (``* OK``),
     "continuation" (``+``), "imap-tagged" (``TAG OK``, untagged lines before
-    it allowed), "pop3-ok" (``+OK``).  ``relay``: the reply (with the untagged
-    lines before it) is the client's answer to its login command."""
+    it allowed), "pop3-ok" (``+OK``), "smtp" (a reply, multi-line ones read to
+    their last line, whose code must be one of ``codes``; none given: any).
+    ``relay``: the reply (with the untagged lines before it) is the client's
+    answer to its login command."""
     kind: str
     relay: bool = False
+    codes: Tuple[bytes, ...] = ()
 
 
 def imap_login_script(tag: bytes, login: bytes, password: bytes) -> list:
@@ -2126,6 +2170,81 @@ def pop3_login_script(login: bytes, password: bytes) -> list:
     ]
 
 
+def xtext(data: bytes) -> bytes:
+    """RFC 3461 §4 xtext, as nginx's NGX_ESCAPE_MAIL_XTEXT: "+", "=", and bytes
+    outside 0x21-0x7E become "+XX" (upper-case hex)."""
+    out = bytearray()
+    for byte in data:
+        if byte < 0x21 or byte > 0x7E or byte in (0x2B, 0x3D):
+            out += b"+%02X" % byte
+        else:
+            out.append(byte)
+    return bytes(out)
+
+
+def xclient_command(address: str, login: bytes, name: str) -> bytes:
+    """Postfix's XCLIENT (www.postfix.org/XCLIENT_README.html) as nginx sends
+    it: ADDR (IPV6: prefixed for IPv6), LOGIN if there is one, NAME always."""
+    addr = "IPV6:" + address if ":" in address else address
+    line = b"XCLIENT ADDR=" + xtext(addr.encode())
+    if login:
+        line += b" LOGIN=" + xtext(login)
+    return line + b" NAME=" + xtext(name.encode()) + b"\r\n"
+
+
+class SmtpFacts(NamedTuple):
+    """What the SMTP backend login needs to know, all of it known in advance."""
+    client_address: str             # after realip: XCLIENT ADDR
+    client_name: str                # the resolver's verdict: XCLIENT NAME
+    helo: Optional[bytes]           # the client's HELO/EHLO argument, if any
+    esmtp: bool                     # the client said EHLO
+    login: bytes
+    password: bytes
+    method: str                     # "none": replay MAIL and RCPT
+    mail_from: Optional[bytes] = None
+    rcpt_to: Optional[bytes] = None
+
+    def __repr__(self) -> str:
+        return "SmtpFacts(%r, login=%r, method=%r)" % (self.client_address, self.login, self.method)
+
+
+def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
+    """The SMTP backend dialogue of ngx_mail_proxy_smtp_handler, as a list.
+
+    nginx's sixteen states are the product of four choices known before the
+    first byte: xclient on or off, whether the client said HELO or EHLO,
+    smtp_auth none (replay MAIL and RCPT), and proxy_smtp_auth.
+    """
+    ok = (b"250",)
+    name = settings.server_name.encode()
+    hello = b"EHLO " if settings.xclient or facts.esmtp else b"HELO "
+    script = [Expect("smtp", codes=(b"220",)), Send(hello + name + b"\r\n"), Expect("smtp", codes=ok)]
+    backend_auth = settings.proxy_smtp_auth and facts.method != "none"
+    if settings.xclient:
+        login = b"" if backend_auth else facts.login
+        script += [Send(xclient_command(facts.client_address, login, facts.client_name)),
+                   Expect("smtp", codes=(b"220", b"250"))]
+        if facts.helo is not None:
+            # XCLIENT resets the session (Postfix greets again): say hello
+            # again with the client's own words.
+            again = b"EHLO " if facts.esmtp else b"HELO "
+            script += [Send(again + facts.helo + b"\r\n"), Expect("smtp", codes=ok)]
+    if backend_auth and settings.proxy_smtp_auth_method == "login":
+        # Extension: AUTH LOGIN, for servers such as Exchange without PLAIN.
+        script += [Send(b"AUTH LOGIN\r\n"), Expect("smtp", codes=(b"334",)),
+                   Send(base64.b64encode(facts.login) + b"\r\n"), Expect("smtp", codes=(b"334",)),
+                   Send(base64.b64encode(facts.password) + b"\r\n"), Expect("smtp", codes=(b"235",))]
+    elif backend_auth:
+        plain = base64.b64encode(b"\0" + facts.login + b"\0" + facts.password)
+        script += [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",))]
+    if facts.method == "none":
+        # The client already has its 250 for MAIL; the backend's answer to
+        # RCPT, whatever it is, is the client's answer (nginx relays even a 5xx).
+        script += [Send(facts.mail_from + b"\r\n"), Expect("smtp", codes=ok),
+                   Send(facts.rcpt_to + b"\r\n"), Expect("smtp", relay=True)]
+    return script
+
+
 class LoginDone(NamedTuple):
     """Event: the backend accepted the login; ``reply`` goes to the client."""
     reply: bytes
@@ -2145,7 +2264,8 @@ class BackendLogin:
         self.line_limit = line_limit
         self._input = bytearray()
         self._output = bytearray()
-        self._relay = bytearray()
+        self._relay = bytearray()          # reply lines for the client
+        self._reply = bytearray()          # the lines of the reply being read
         self._advance()
 
     @property
@@ -2174,17 +2294,25 @@ class BackendLogin:
             line = bytes(self._input[:end + 1])
             del self._input[:end + 1]
             step = self.script[0]
+            self._reply += line
+            if len(self._reply) > self.line_limit:
+                raise BackendError("upstream sent too long response")
             if not self._accepts(step, line):
-                raise BackendError("upstream sent invalid response", line)
+                raise BackendError("upstream sent invalid response", bytes(self._reply))
+            if self._more_lines(step, line):
+                continue                       # an untagged or a 250- line: more follow
             if step.relay:
-                self._relay += line
-                if len(self._relay) > self.line_limit:
-                    raise BackendError("upstream sent too long response")
-            if step.kind == "imap-tagged" and line.startswith(b"* "):
-                continue                       # untagged, the tagged line follows
+                self._relay += self._reply
+            del self._reply[:]
             self.script.pop(0)
             self._advance()
         return [LoginDone(bytes(self._relay))]
+
+    def _more_lines(self, step: Expect, line: bytes) -> bool:
+        if step.kind == "imap-tagged":
+            return line.startswith(b"* ")
+        # RFC 5321 §4.2.1: "250-..." lines continue, "250 ..." (or "250") ends.
+        return step.kind == "smtp" and line[3:4] == b"-"
 
     def _accepts(self, step: Expect, line: bytes) -> bool:
         if step.kind == "imap-greeting":
@@ -2193,6 +2321,10 @@ class BackendLogin:
             return line.startswith(b"+")
         if step.kind == "pop3-ok":
             return line.startswith(b"+OK")
+        if step.kind == "smtp":
+            if not re.match(rb"\d{3}[- \r\n]", line):
+                return False
+            return not step.codes or line[3:4] == b"-" or line[:3] in step.codes
         # "imap-tagged": "* CAPABILITY ..." (SmarterMail, Gmail: nginx 1.27.3)
         # may come before the tagged OK; nginx takes one, we take any.
         return line.startswith(b"* ") or line.startswith(self.tag + b"OK")
@@ -2639,6 +2771,7 @@ class Relay:
 # the log, as nginx's c->log->action; one method builds the log context.
 
 class Phase(enum.Enum):
+    GREETING_DELAY = "greeting delay"   # SMTP: nothing may come before the 220
     DIALOGUE = "dialogue"          # the client machine talks
     AUTH = "auth"                  # a verdict is pending (the failure delay)
     CONNECT = "connect"            # connect() to the upstream
@@ -2648,7 +2781,8 @@ class Phase(enum.Enum):
 
 
 # nginx's c->log->action for each phase, as it appears after "while".
-PHASE_ACTIONS = {Phase.DIALOGUE: "in auth state", Phase.AUTH: "in auth state",
+PHASE_ACTIONS = {Phase.GREETING_DELAY: "in delay pipelining state",
+                 Phase.DIALOGUE: "in auth state", Phase.AUTH: "in auth state",
                  Phase.CONNECT: "connecting to upstream",
                  Phase.LOGIN: "reading response from upstream",
                  Phase.RELAY: "proxying", Phase.CLOSING: "in auth state"}
@@ -2673,6 +2807,8 @@ class Session:
         self.backend_login = None    # type: Optional[BackendLogin]
         self.relay = None            # type: Optional[Relay]
         self.addresses = []          # upstream addresses not tried yet
+        self.client_name = "[UNAVAILABLE]"   # SMTP: nginx's s->host (no resolver)
+        self.auth_method = ""        # of the last Credentials: "plain", "none", ...
         self.timer = None            # type: Optional[Timer]
         self.closed = False
         self.outcome = ""
@@ -2682,19 +2818,40 @@ class Session:
         self.client = Stream(self.loop, sock, self)
         self.machine = CLIENT_MACHINES[self.server.protocol](
             self.server, now=time.time(), randomness=worker.randomness)
+        if self.server.protocol == "smtp":
+            self._smtp_greeting()
+        else:
+            self._start_dialogue()
+
+    def _start_dialogue(self) -> None:
+        self.phase = Phase.DIALOGUE
         self._dialogue_budget()
         self._flush_machine()
         self._arm(self.server.timeout, self._client_timed_out)
+
+    def _smtp_greeting(self) -> None:
+        """smtp_greeting_delay: a client that talks before the 220 is a
+        spammer's pipelining client; nginx refuses it with 503 and closes."""
+        if self.server.smtp_greeting_delay:
+            self.phase = Phase.GREETING_DELAY
+            self.client.set_read_budget(self.machine.buffer_size)
+            self._arm(self.server.smtp_greeting_delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self.machine.greet()
+        self._start_dialogue()
 
     # -- logging -----------------------------------------------------------------
     def context(self, action: Optional[str]) -> str:
         """nginx's ngx_mail_log_error suffix."""
         text = " while %s" % action if action else ""
         text += ", client: %s, server: %s" % (self.client_address, self.server_text)
-        if self.login is not None:
+        if self.login:
             text += ', login: "%s"' % log_escape(self.login)
-            if self.upstream is not None:
-                text += ", upstream: %s" % self.upstream.text
+        if self.upstream is not None:
+            text += ", upstream: %s" % self.upstream.text
         return text
 
     def log(self, level: str, message: str, action: Optional[str] = "") -> None:
@@ -2736,6 +2893,12 @@ class Session:
     def stream_data(self, stream: Stream, data: bytes) -> None:
         if stream is self.backend:
             self._backend_data(data)
+            return
+        if self.phase == Phase.GREETING_DELAY:
+            shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
+            self.log("info", 'client was rejected before greeting: "%s"' % shown)
+            self.client.write(SMTP_INVALID_PIPELINING)
+            self._close_after_reply("client rejected before greeting")
             return
         self._arm(self.server.timeout, self._client_timed_out)
         self._handle_events(self.machine.receive_data(data))
@@ -2794,8 +2957,12 @@ class Session:
     # -- authentication -----------------------------------------------------------
     def _authenticate(self, credentials: Credentials) -> None:
         self.phase = Phase.AUTH
-        self.login = credentials.login
+        self.auth_method = credentials.method
         worker = self.worker
+        if credentials.method == "none":
+            self._authenticate_recipient()
+            return
+        self.login = credentials.login
         now = self.loop.time()
         if worker.throttle.locked(self.client_address, now):
             result = AuthResult(False, reason="too many failed logins from this address")
@@ -2808,27 +2975,47 @@ class Session:
         if not result.ok:
             delay = worker.throttle.failure(self.client_address, now, self.server.auth_delay)
             self.log("info", 'client login failed: "%s"' % result.reason)
-            self._arm(delay, self._auth_failure_reply)
+            reply = self.machine.failure_reply(AUTH_FAILED_TEXT)
+            self._arm(delay, lambda: self._auth_failure_reply(reply))
             return
+        self._login_to_backend(result)
+
+    def _authenticate_recipient(self) -> None:
+        """smtp_auth none: the first RCPT decides (no password, no delay)."""
+        machine = self.machine
+        result = authorize_recipient(self.server.smtp_relay_domains, self.worker.config.routes,
+                                     self.server.proxy_pass, machine.rcpt_to)
+        if not result.ok:
+            self.log("info", 'client login failed: "%s"' % result.reason)
+            code, text = SMTP_RELAY_DENIED
+            self._auth_failure_reply(machine.failure_reply(text, code))
+            return
+        self._login_to_backend(result)
+
+    def _login_script(self, result: AuthResult) -> list:
+        machine = self.machine
+        if self.server.protocol == "imap":
+            return imap_login_script(machine.tag, result.login, result.password)
+        if self.server.protocol == "pop3":
+            return pop3_login_script(result.login, result.password)
+        facts = SmtpFacts(self.client_address, self.client_name, machine.helo, machine.esmtp,
+                          result.login, result.password, self.auth_method,
+                          machine.mail_from, machine.rcpt_to)
+        return smtp_login_script(self.server, facts)
+
+    def _login_to_backend(self, result: AuthResult) -> None:
         self.upstream = result.upstream
         self._arm(self.server.timeout, self._upstream_timed_out)
-        if self.server.protocol == "imap":
-            script = imap_login_script(self.machine.tag, result.login, result.password)
-        else:
-            script = pop3_login_script(result.login, result.password)
-        self.backend_login = BackendLogin(script, getattr(self.machine, "tag", b""),
+        self.backend_login = BackendLogin(self._login_script(result),
+                                          getattr(self.machine, "tag", b""),
                                           self.server.proxy_buffer)
         self.addresses = list(result.upstream.addresses)
         self._connect_next()
 
-    def _auth_failure_reply(self) -> None:
-        """After the delay: the failure reply, and the dialogue goes on (as nginx
+    def _auth_failure_reply(self, reply: bytes) -> None:
+        """The failure reply, after the delay; the dialogue goes on (as nginx
         does when the auth server asks for Auth-Wait)."""
         self.phase = Phase.DIALOGUE
-        if self.server.protocol == "imap":
-            reply = self.machine.tag + b"NO " + AUTH_FAILED_TEXT + b"\r\n"
-        else:
-            reply = b"-ERR " + AUTH_FAILED_TEXT + b"\r\n"
         self._arm(self.server.timeout, self._client_timed_out)
         self._handle_events(self.machine.auth_failed(reply))
 
@@ -2880,6 +3067,8 @@ class Session:
         self.timer.cancel()
         self.log("info", "client logged in")
         self.phase = Phase.RELAY
+        if not reply and self.server.protocol == "smtp":
+            reply = SMTP_AUTH_OK               # nginx's own answer to the client's AUTH
         self.client.write(reply)
         self.backend.write(self.machine.trailing_data)
         self.client.write(self.backend_login.trailing_data)
