@@ -451,6 +451,261 @@ class Pop3MachineTests(unittest.TestCase):
 
 
 # ########################################################################## #
+#                           SMTP client machine                              #
+# ########################################################################## #
+
+EHLO_DEFAULT = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
+
+
+def make_smtp(**overrides):
+    machine = make_machine("smtp", **overrides)
+    machine.greet()
+    return machine
+
+
+class SmtpMachineTests(unittest.TestCase):
+    def smtp(self, exchanges, tail=b"MAIL FROM:<x@y>\r\n", **settings):
+        converse_three_ways(self, lambda: make_smtp(**settings), exchanges, tail)
+
+    def test_greeting_and_helo_ehlo(self):
+        self.assertEqual(make_smtp().data_to_send(), b"220 mail.test ESMTP ready\r\n")
+        self.smtp([(b"HELO client.example\r\n", b"250 mail.test\r\n", []),
+                   (b"EHLO client.example\r\n", EHLO_DEFAULT, []),
+                   (b"NOOP\r\n", b"250 2.0.0 OK\r\n", []),
+                   (b"RSET\r\n", b"250 2.0.0 OK\r\n", []),
+                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+
+    def test_ehlo_lists_capabilities_then_auth(self):
+        machine = make_smtp(smtp_capabilities=["SIZE 10485760", "8BITMIME"],
+                            smtp_auth=["cram-md5", "none", "plain"])
+        self.assertEqual(machine.ehlo_reply(), b"250-mail.test\r\n250-SIZE 10485760\r\n"
+                         b"250-8BITMIME\r\n250 AUTH PLAIN CRAM-MD5\r\n")
+        self.assertEqual(make_smtp(smtp_auth=["none"]).ehlo_reply(), b"250 mail.test\r\n")
+        self.assertEqual(make_smtp(smtp_auth=["none"], smtp_capabilities=["PIPELINING"]).ehlo_reply(),
+                         b"250-mail.test\r\n250 PIPELINING\r\n")
+
+    def test_helo_argument_count(self):
+        self.smtp([(b"HELO\r\n", b"501 5.5.4 Invalid argument\r\n", []),
+                   (b"EHLO a b\r\n", b"501 5.5.4 Invalid argument\r\n", []),
+                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+
+    def test_auth_plain_login_cram(self):
+        self.smtp([(b"EHLO x\r\n", EHLO_DEFAULT, []),
+                   (b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n", b"",
+                    [mp.Credentials(b"alice", b"secret")])])
+        self.smtp([(b"AUTH PLAIN\r\n", b"334 \r\n", []),
+                   (b64(b"\0alice\0secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        self.smtp([(b"AUTH LOGIN\r\n", b"334 VXNlcm5hbWU6\r\n", []),
+                   (b64(b"alice") + b"\r\n", b"334 UGFzc3dvcmQ6\r\n", []),
+                   (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        # Microsoft's "AUTH LOGIN with User Name" (nginx 0.7.34).
+        self.smtp([(b"AUTH LOGIN " + b64(b"alice") + b"\r\n", b"334 UGFzc3dvcmQ6\r\n", []),
+                   (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        digest = mp.cram_md5_digest(b"secret", SALT)
+        self.smtp([(b"AUTH CRAM-MD5\r\n", b"334 " + b64(SALT) + b"\r\n", []),
+                   (b64(b"alice " + digest) + b"\r\n", b"",
+                    [mp.Credentials(b"alice", digest, "cram-md5", SALT)])],
+                  smtp_auth=["plain", "cram-md5"])
+
+    def test_auth_errors(self):
+        self.smtp([(b"AUTH\r\n", b"501 5.5.4 Invalid argument\r\n", []),
+                   (b"AUTH FOO\r\n", b"500 5.5.1 Invalid command\r\n", []),
+                   (b"AUTH CRAM-MD5\r\n", b"500 5.5.1 Invalid command\r\n", []),
+                   (b"AUTH PLAIN\r\n", b"334 \r\n", []),
+                   (b"*\r\n", b"500 5.5.1 Invalid command\r\n", []),
+                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+
+    def test_mail_needs_auth_unless_none(self):
+        self.smtp([(b"MAIL FROM:<a@b>\r\n", b"530 5.7.1 Authentication required\r\n", []),
+                   (b"RCPT TO:<c@d>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
+                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+
+    def test_smtp_auth_none(self):
+        def factory():
+            return make_smtp(smtp_auth=["none"])
+        exchanges = [(b"EHLO client.example\r\n", b"250 mail.test\r\n", []),
+                     (b"MAIL FROM:<a@b.example> SIZE=100\r\n", b"250 2.0.0 OK\r\n", []),
+                     (b"MAIL FROM:<again@x>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
+                     (b"RCPT TO:<bob@example.com>\r\n", b"", [mp.Credentials(b"", b"", "none")])]
+        converse_three_ways(self, factory, exchanges, tail=b"DATA\r\n")
+        machine = factory()
+        self.assertEqual(machine.data_to_send(), b"220 mail.test ESMTP ready\r\n")
+        run_exchanges(self, machine, exchanges, whole)
+        self.assertEqual((machine.helo, machine.esmtp, machine.mail_from, machine.rcpt_to),
+                         (b"client.example", True, b"MAIL FROM:<a@b.example> SIZE=100",
+                          b"RCPT TO:<bob@example.com>"))
+
+    def test_rset_and_helo_forget_the_transaction(self):
+        self.smtp([(b"MAIL FROM:<a@b>\r\n", b"250 2.0.0 OK\r\n", []),
+                   (b"RSET\r\n", b"250 2.0.0 OK\r\n", []),
+                   (b"RCPT TO:<c@d>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
+                   (b"MAIL FROM:<a@b>\r\n", b"250 2.0.0 OK\r\n", []),
+                   (b"HELO x\r\n", b"250 mail.test\r\n", []),
+                   (b"RCPT TO:<c@d>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
+                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])], smtp_auth=["none"])
+
+    def test_control_bytes_refused_with_501_and_never_stored(self):
+        machine = make_smtp(smtp_auth=["none"])
+        machine.data_to_send()
+        for line in (b"HELO a\x00b\r\n", b"EHLO a\tb\r\n", b"MAIL FROM:<a\x00@b>\r\n",
+                     b"MAIL FROM:<a\r@b>\r\n", b"MAIL FROM:<a@b>\n", b"MAIL FROM:<a\x7f@b>\r\n"):
+            self.assertEqual(machine.receive_data(line), [])
+            self.assertEqual(machine.data_to_send(), b"501 5.5.4 Invalid argument\r\n", line)
+        self.assertEqual((machine.helo, machine.mail_from), (None, None))
+        machine.receive_data(b"MAIL FROM:<a@b>\r\n")
+        self.assertEqual(machine.data_to_send(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(machine.receive_data(b"RCPT TO:<c\x00@d>\r\n"), [])
+        self.assertEqual(machine.data_to_send(), b"501 5.5.4 Invalid argument\r\n")
+        self.assertIsNone(machine.rcpt_to)
+
+    def test_unknown_and_handler_invalid_commands(self):
+        self.smtp([(b"DATA\r\n", b"500 5.5.1 Invalid command\r\n", []),
+                   (b"VRFY x\r\n", b"500 5.5.1 Invalid command\r\n", []),
+                   (b"STARTTLS\r\n", b"500 5.5.1 Invalid command\r\n", []),
+                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+        machine = make_smtp(max_errors=2)
+        machine.data_to_send()
+        machine.receive_data(b"VRFY a\r\nEXPN b\r\nHELP\r\n")      # not counted (nginx)
+        self.assertFalse(machine.finished)
+        self.assertEqual(machine.receive_data(b"DATA\r\nBDAT 1\r\n"),
+                         [mp.Closed("client sent too many invalid commands")])
+
+    def test_pipelining_answers_in_order(self):
+        machine = make_smtp(smtp_auth=["plain", "login", "none"])
+        machine.data_to_send()
+        events = machine.receive_data(b"EHLO x\r\nNOOP\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
+                                      b"RCPT TO:<e@f>\r\nDATA\r\n")
+        self.assertEqual(machine.data_to_send(), EHLO_DEFAULT + b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(events, [mp.Credentials(b"", b"", "none")])
+        self.assertEqual(machine.trailing_data, b"RCPT TO:<e@f>\r\nDATA\r\n")
+
+    def test_pipeline_longer_than_the_buffer(self):
+        machine = make_smtp(smtp_client_buffer=64)
+        machine.data_to_send()
+        pipeline = b"NOOP\r\n" * 50                           # 300 bytes, buffer 64
+        events = []
+        for i in range(0, len(pipeline), 64):                 # the session reads buffer-sized chunks
+            events += machine.receive_data(pipeline[i:i + 64])
+        self.assertEqual(events, [])
+        self.assertEqual(machine.data_to_send(), b"250 2.0.0 OK\r\n" * 50)
+
+    def test_too_long_command(self):
+        self.smtp([(b"HELO " + b"x" * 100 + b"\r\n", b"500 5.5.1 Invalid command\r\n",
+                    [mp.Closed("client sent too long command")])], smtp_client_buffer=64)
+
+
+# ########################################################################## #
+#                          SMTP backend login                                #
+# ########################################################################## #
+
+def facts(**overrides):
+    values = dict(client_address="192.0.2.7", client_name="[UNAVAILABLE]", helo=None,
+                  esmtp=False, login=b"alice", password=b"secret", method="plain",
+                  mail_from=None, rcpt_to=None)
+    values.update(overrides)
+    return mp.SmtpFacts(**values)
+
+
+def smtp_settings(**overrides):
+    return server_settings("smtp", **overrides)
+
+
+E220, E250, E235 = (mp.Expect("smtp", codes=(b"220",)), mp.Expect("smtp", codes=(b"250",)),
+                    mp.Expect("smtp", codes=(b"235",)))
+EXCLIENT = mp.Expect("smtp", codes=(b"220", b"250"))
+
+
+class SmtpBackendScriptTests(unittest.TestCase):
+    def test_xtext(self):
+        self.assertEqual(mp.xtext(b"a+b=c d\x01\x7f\xc3\xa9"), b"a+2Bb+3Dc+20d+01+7F+C3+A9")
+        self.assertEqual(mp.xtext(b"[UNAVAILABLE]"), b"[UNAVAILABLE]")
+
+    def test_xclient_command(self):
+        self.assertEqual(mp.xclient_command("192.0.2.7", b"al ice+", "[UNAVAILABLE]"),
+                         b"XCLIENT ADDR=192.0.2.7 LOGIN=al+20ice+2B NAME=[UNAVAILABLE]\r\n")
+        self.assertEqual(mp.xclient_command("2001:db8::1", b"", "host.example"),
+                         b"XCLIENT ADDR=IPV6:2001:db8::1 NAME=host.example\r\n")
+
+    def test_every_combination(self):
+        """xclient on/off × HELO/EHLO/neither × none or not × proxy_smtp_auth on/off."""
+        for xclient in (True, False):
+            for helo in (None, b"HELO", b"EHLO"):
+                for none in (False, True):
+                    for backend_auth in (False, True):
+                        with self.subTest(xclient=xclient, helo=helo, none=none, auth=backend_auth):
+                            self.check_script(xclient, helo, none, backend_auth)
+
+    def check_script(self, xclient, helo, none, backend_auth):
+        settings = smtp_settings(xclient=xclient, proxy_smtp_auth=backend_auth)
+        login = b"" if none else b"alice"
+        f = facts(helo=b"client.example" if helo else None, esmtp=helo == b"EHLO", login=login,
+                  password=b"" if none else b"secret", method="none" if none else "plain",
+                  mail_from=b"MAIL FROM:<a@b>" if none else None,
+                  rcpt_to=b"RCPT TO:<c@d>" if none else None)
+        hello = b"EHLO" if xclient or helo == b"EHLO" else b"HELO"
+        expected = [E220, mp.Send(hello + b" mail.test\r\n"), E250]
+        if xclient:
+            shown = b"" if (backend_auth and not none) or none else b" LOGIN=alice"
+            expected += [mp.Send(b"XCLIENT ADDR=192.0.2.7" + shown + b" NAME=[UNAVAILABLE]\r\n"), EXCLIENT]
+            if helo:
+                expected += [mp.Send(helo + b" client.example\r\n"), E250]
+        if backend_auth and not none:
+            expected += [mp.Send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n"), E235]
+        if none:
+            expected += [mp.Send(b"MAIL FROM:<a@b>\r\n"), E250, mp.Send(b"RCPT TO:<c@d>\r\n"),
+                         mp.Expect("smtp", relay=True)]
+        self.assertEqual(mp.smtp_login_script(settings, f), expected)
+        # ... and the script runs against a backend that says yes to everything.
+        replies = []
+        for step in expected:
+            if isinstance(step, mp.Expect):
+                code = (step.codes or (b"250",))[-1]
+                replies.append(code + b"-first line\r\n" + code + b" done\r\n")
+        sent, events, _ = run_script(expected, replies)
+        self.assertEqual(sent, b"".join(step.data for step in expected if isinstance(step, mp.Send)))
+        self.assertEqual(len(events), 1)
+
+    def test_auth_login_extension(self):
+        script = mp.smtp_login_script(smtp_settings(xclient=False, proxy_smtp_auth=True,
+                                                    proxy_smtp_auth_method="login"), facts())
+        self.assertEqual(script[3:], [
+            mp.Send(b"AUTH LOGIN\r\n"), mp.Expect("smtp", codes=(b"334",)),
+            mp.Send(b64(b"alice") + b"\r\n"), mp.Expect("smtp", codes=(b"334",)),
+            mp.Send(b64(b"secret") + b"\r\n"), E235])
+
+    def test_relayed_rcpt_reply_even_a_refusal(self):
+        script = mp.smtp_login_script(smtp_settings(xclient=False), facts(
+            login=b"", method="none", mail_from=b"MAIL FROM:<a@b>", rcpt_to=b"RCPT TO:<c@d>"))
+        sent, events, _ = run_script(script, [b"220 hi\r\n", b"250-x\r\n250 y\r\n", b"250 ok\r\n",
+                                              b"550-5.1.1 no such\r\n550 5.1.1 user\r\n"])
+        self.assertEqual(events, [mp.LoginDone(b"550-5.1.1 no such\r\n550 5.1.1 user\r\n")])
+
+    def test_unexpected_code_is_an_error_with_the_whole_reply(self):
+        script = mp.smtp_login_script(smtp_settings(), facts())
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(script, [b"220 hi\r\n", b"250 ok\r\n", b"550-no\r\n550 XCLIENT denied\r\n"])
+        self.assertEqual(caught.exception.line, b"550-no\r\n550 XCLIENT denied\r\n")
+        with self.assertRaises(mp.BackendError):
+            run_script(script, [b"554 go away\r\n"])
+
+
+class SmtpRecipientRuleTests(unittest.TestCase):
+    def test_relay_domains(self):
+        result = mp.authorize_recipient(["Example.com"], {}, upstream(),
+                                        b"RCPT TO:<Bob@EXAMPLE.COM> NOTIFY=NEVER")
+        self.assertTrue(result.ok)
+        self.assertEqual(result.login, b"")
+        self.assertFalse(mp.authorize_recipient(["example.com"], {}, upstream(), b"RCPT TO:<x@evil.test>").ok)
+        self.assertFalse(mp.authorize_recipient([], {}, upstream(), b"RCPT TO:<x@example.com>").ok)
+        self.assertTrue(mp.authorize_recipient(["*"], {}, upstream(), b"RCPT TO:<x@any.test>").ok)
+
+    def test_route_by_recipient_domain(self):
+        routes = {"@example.org": mp.Route(2525, upstream("127.0.0.9", 1))}
+        result = mp.authorize_recipient(["*"], routes, upstream(), b"RCPT TO:<x@example.org>")
+        self.assertEqual(result.upstream.addresses, ((socket.AF_INET, ("127.0.0.9", 2525)),))
+
+
+# ########################################################################## #
 #                              Authentication                                #
 # ########################################################################## #
 
