@@ -45,6 +45,7 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -72,6 +73,11 @@ AUTH_FAILURE_WINDOW = 900.0    # seconds a failed login is remembered per addres
 AUTH_FAILURE_MAX_SHIFT = 5     # the failure delay doubles up to 2**5 times
 AUTH_FAILURE_LOCKOUT = 20      # recent failures after which an address is refused
 AUTH_FAILURE_TABLE = 4096      # addresses remembered at most (oldest dropped)
+DNS_RESEND = 1.0               # seconds before a DNS query is sent again (next server)
+DNS_MAX_CNAMES = 8             # CNAME hops followed in one answer
+DNS_MAX_POINTERS = 64          # compression pointers followed in one name (RFC 1035 §4.1.4)
+DNS_CACHE_SIZE = 4096          # answers kept per resolver
+DNS_NEGATIVE_TTL = 30.0        # seconds an NXDOMAIN is kept without valid=
 PBKDF2_DEFAULT_ROUNDS = 100000 # --hash-password; see README "Password schemes"
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")   # nginx, lowest first
 
@@ -453,6 +459,41 @@ def auth_methods_parser(protocol: str) -> Callable:
     return parse
 
 
+class ResolverSpec(NamedTuple):
+    """``resolver ADDRESS... [valid=TIME] [ipv4=on|off] [ipv6=on|off]``."""
+    servers: Tuple             # ((family, sockaddr), ...)
+    valid: Optional[float]     # overrides the answers' TTL
+    ipv4: bool
+    ipv6: bool
+
+
+def parse_resolver(args: List[str], base: str = "") -> Optional[ResolverSpec]:
+    """nginx's resolver: addresses (port 53 unless given) and options; ``off``."""
+    if args == ["off"]:
+        return None
+    servers, valid, flags = [], None, {"ipv4": True, "ipv6": True}
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name == "valid" and value:
+            valid = parse_time([value])
+        elif name in flags and value:
+            flags[name] = parse_flag([value])
+        elif name == "status_zone":
+            raise ValueError_('"status_zone" is part of the commercial nginx, not supported')
+        else:
+            if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]:\d+|[^:\[\]]+:\d+", arg):
+                host, port = parse_host_port(arg)
+            else:
+                host, port = arg.strip("[]"), 53
+            servers.extend((family, sockaddr) for family, sockaddr in
+                           resolve_upstream(host, port).addresses)
+    if not servers:
+        raise ValueError_("needs at least one address")
+    if not flags["ipv4"] and not flags["ipv6"]:
+        raise ValueError_('"ipv4" and "ipv6" cannot both be "off"')
+    return ResolverSpec(tuple(servers), valid, flags["ipv4"], flags["ipv6"])
+
+
 def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
     """Extension: how proxy_smtp_auth logs in: ``plain`` (nginx) or ``login``."""
     value = one_argument(args).lower()
@@ -534,8 +575,8 @@ DIRECTIVES = {d.name: d for d in [
     Directive("server_name", MAIL, parse_string, None),   # default: the host name
     Directive("timeout", MAIL, parse_time, 60.0),
     Directive("max_errors", MAIL, parse_number, 5),
-    Directive("resolver", MAIL, parse_word_list, None, supported=_TODO),
-    Directive("resolver_timeout", MAIL, parse_time, 30.0, supported=_TODO),
+    Directive("resolver", MAIL, parse_resolver, None),
+    Directive("resolver_timeout", MAIL, parse_time, 30.0),
     # -- ngx_mail_auth_http_module -----------------------------------------
     Directive("auth_http", MAIL, parse_string, None, supported=_TODO),
     Directive("auth_http_header", MAIL, parse_word_list, [], multiple=True, supported=_TODO),
@@ -2331,6 +2372,162 @@ class BackendLogin:
 
 
 # ########################################################################## #
+#                               DNS messages                                 #
+# ########################################################################## #
+# What the resolver directive needs, sans-I/O: build a query (RFC 1035 §4),
+# parse an answer safely (name compression, CNAME chains, truncation), and
+# nothing more.  The Resolver in the streams section sends them over UDP.
+
+DNS_A, DNS_CNAME, DNS_PTR, DNS_AAAA = 1, 5, 12, 28
+DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN = 0, 2, 3
+
+
+class DnsError(Exception):
+    """A malformed DNS message."""
+
+
+class DnsAnswer(NamedTuple):
+    rcode: int
+    truncated: bool
+    records: List[Tuple[str, int, int, object]]    # (name, type, ttl, value)
+
+
+def dns_query(qid: int, name: str, qtype: int) -> bytes:
+    """A recursive query for ``name`` (RFC 1035 §4.1.1: RD set, one question)."""
+    header = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    return header + encode_dns_name(name) + struct.pack("!HH", qtype, 1)
+
+
+def encode_dns_name(name: str) -> bytes:
+    out = bytearray()
+    for label in name.rstrip(".").split("."):
+        raw = label.encode("ascii")
+        if not 0 < len(raw) < 64:
+            raise DnsError("bad label in %r" % name)
+        out += bytes([len(raw)]) + raw
+    if len(out) > 254:
+        raise DnsError("name too long: %r" % name)
+    return bytes(out + b"\0")
+
+
+def reverse_dns_name(address: str) -> str:
+    """192.0.2.7 -> 7.2.0.192.in-addr.arpa; IPv6 -> nibbles under ip6.arpa."""
+    return ipaddress.ip_address(address).reverse_pointer
+
+
+def read_dns_name(data: bytes, offset: int) -> Tuple[str, int]:
+    """A possibly compressed name at ``offset`` -> (name, offset after it).
+
+    Compression pointers must point backwards and are followed at most
+    DNS_MAX_POINTERS times, so a loop or a pointer past the end is a
+    DnsError, never a hang.
+    """
+    labels, end, jumps, length = [], None, 0, 0
+    position = offset
+    while True:
+        if position >= len(data):
+            raise DnsError("name runs past the end")
+        size = data[position]
+        if size & 0xC0 == 0xC0:
+            if position + 1 >= len(data):
+                raise DnsError("truncated pointer")
+            target = ((size & 0x3F) << 8) | data[position + 1]
+            jumps += 1
+            if target >= position or jumps > DNS_MAX_POINTERS:
+                raise DnsError("bad compression pointer")
+            if end is None:
+                end = position + 2
+            position = target
+            continue
+        if size & 0xC0:
+            raise DnsError("bad label type")
+        if size == 0:
+            break
+        label = data[position + 1:position + 1 + size]
+        if len(label) != size:
+            raise DnsError("label runs past the end")
+        length += size + 1
+        if length > 255:
+            raise DnsError("name too long")
+        labels.append(label.decode("latin-1"))
+        position += 1 + size
+    return ".".join(labels), (end if end is not None else position + 1)
+
+
+def parse_dns_answer(data: bytes, qid: int, name: str, qtype: int) -> Optional[DnsAnswer]:
+    """Parse a response to our query; None if it answers another question
+    (wrong ID, not a response, another name or type): ignore it.  Raises
+    DnsError if it is malformed."""
+    if len(data) < 12:
+        raise DnsError("shorter than a header")
+    rid, flags, qdcount, ancount, _, _ = struct.unpack("!HHHHHH", data[:12])
+    if rid != qid or not flags & 0x8000 or qdcount != 1:
+        return None
+    qname, offset = read_dns_name(data, 12)
+    if offset + 4 > len(data):
+        raise DnsError("truncated question")
+    rtype, rclass = struct.unpack("!HH", data[offset:offset + 4])
+    if qname.lower() != name.lower().rstrip(".") or rtype != qtype or rclass != 1:
+        return None
+    offset += 4
+    records = []
+    for _ in range(ancount):
+        rname, offset = read_dns_name(data, offset)
+        if offset + 10 > len(data):
+            raise DnsError("truncated record")
+        rtype, rclass, ttl, rdlength = struct.unpack("!HHIH", data[offset:offset + 10])
+        offset += 10
+        if offset + rdlength > len(data):
+            raise DnsError("record data runs past the end")
+        value = _dns_record_value(data, offset, rtype, rdlength)
+        if rclass == 1 and value is not None:
+            records.append((rname.lower(), rtype, ttl, value))
+        offset += rdlength
+    return DnsAnswer(flags & 0x000F, bool(flags & 0x0200), records)
+
+
+def _dns_record_value(data: bytes, offset: int, rtype: int, length: int):
+    if rtype == DNS_A:
+        if length != 4:
+            raise DnsError("A record of %d bytes" % length)
+        return str(ipaddress.IPv4Address(data[offset:offset + 4]))
+    if rtype == DNS_AAAA:
+        if length != 16:
+            raise DnsError("AAAA record of %d bytes" % length)
+        return str(ipaddress.IPv6Address(data[offset:offset + 16]))
+    if rtype in (DNS_CNAME, DNS_PTR):
+        name, end = read_dns_name(data, offset)
+        if end > offset + length:
+            raise DnsError("name runs past its record")
+        return name
+    return None                                   # other types: not ours
+
+
+def dns_values(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, int]:
+    """The values of type ``qtype`` for ``name``, following CNAMEs (at most
+    DNS_MAX_CNAMES hops), and the smallest TTL met on the way."""
+    current, ttls = name.lower().rstrip("."), []
+    for _ in range(DNS_MAX_CNAMES + 1):
+        values = [(value, ttl) for rname, rtype, ttl, value in answer.records
+                  if rname == current and rtype == qtype]
+        if values:
+            ttls.extend(ttl for _, ttl in values)
+            return [value for value, _ in values], min(ttls)
+        aliases = [(value, ttl) for rname, rtype, ttl, value in answer.records
+                   if rname == current and rtype == DNS_CNAME]
+        if not aliases:
+            break
+        current = aliases[0][0].lower()
+        ttls.append(aliases[0][1])
+    return [], 0
+
+
+def valid_host_name(name: str) -> bool:
+    """RFC 1034 §3.5 letters, digits, hyphens and dots only (nginx 1.29.7,
+    CVE-2026-28753: a PTR answer must not carry bytes into XCLIENT)."""
+    return bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
+
+# ########################################################################## #
 #                                Event loop                                  #
 # ########################################################################## #
 # Readiness and time, nothing about mail: one selectors.DefaultSelector, a
@@ -2677,6 +2874,177 @@ def configure_accepted(sock: socket.socket, listen: Listen) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+
+class DnsLookup:
+    """One question on its way: sent over UDP to the resolver's servers in
+    turn every DNS_RESEND seconds until an answer comes or ``timeout`` ends.
+    ``callback(status, values)``: status "ok", "nxdomain" (or no such
+    record), "error" (a server failure, a truncated answer, a timeout)."""
+
+    def __init__(self, resolver: "Resolver", name: str, qtype: int, callback: Callable):
+        self.resolver = resolver
+        self.name = name
+        self.qtype = qtype
+        self.callback = callback
+        self.qid = resolver.randomness.getrandbits(16)
+        self.sockets = {}              # family -> _Datagram
+        self.attempt = 0
+        self.query = dns_query(self.qid, name, qtype)
+        loop = resolver.loop
+        self.deadline = loop.call_later(resolver.timeout, lambda: self.finish("error", [], 0))
+        self.resend = None             # type: Optional[Timer]
+        self.send()
+
+    def send(self) -> None:
+        servers = self.resolver.spec.servers
+        family, sockaddr = servers[self.attempt % len(servers)]
+        self.attempt += 1
+        try:
+            if family not in self.sockets:
+                self.sockets[family] = _Datagram(self, family)
+            self.sockets[family].sock.sendto(self.query, sockaddr)
+        except OSError:
+            pass                       # the next attempt or the deadline will tell
+        self.resend = self.resolver.loop.call_later(DNS_RESEND, self.send)
+
+    def datagram(self, data: bytes, sender) -> None:
+        if (sender[0], sender[1]) not in self.resolver.server_addresses:
+            return                     # not from a server we asked: ignore
+        try:
+            answer = parse_dns_answer(data, self.qid, self.name, self.qtype)
+        except DnsError:
+            return                     # malformed: wait for a better answer
+        if answer is None:
+            return
+        values, ttl = dns_values(answer, self.name, self.qtype)
+        if values:
+            self.finish("ok", values, ttl)
+        elif answer.rcode == DNS_NXDOMAIN or (answer.rcode == DNS_NOERROR and not answer.truncated):
+            self.finish("nxdomain", [], 0)
+        else:
+            self.finish("error", [], 0)
+
+    def finish(self, status: str, values: List, ttl: int) -> None:
+        if self.callback is None:
+            return
+        callback, self.callback = self.callback, None
+        self.cancel()
+        self.resolver.remember(self.name, self.qtype, status, values, ttl)
+        callback(status, values)
+
+    def cancel(self) -> None:
+        self.callback = None
+        self.deadline.cancel()
+        if self.resend is not None:
+            self.resend.cancel()
+        for datagram in self.sockets.values():
+            datagram.close()
+        self.sockets = {}
+
+
+class _Datagram:
+    """A UDP socket of a DnsLookup, registered with the loop."""
+
+    def __init__(self, lookup: DnsLookup, family: int):
+        self.lookup = lookup
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.interest = lookup.resolver.loop.set_interest(self.sock, selectors.EVENT_READ, self, 0)
+
+    def on_readable(self) -> None:
+        try:
+            data, sender = self.sock.recvfrom(4096)
+        except OSError:
+            return
+        self.lookup.datagram(data, sender)
+
+    def on_writable(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.lookup.resolver.loop.set_interest(self.sock, 0, self, self.interest)
+        self.sock.close()
+
+
+class Resolver:
+    """nginx's ``resolver``: asynchronous lookups with a small cache whose
+    entries live for the answer's TTL, or ``valid=`` if given."""
+
+    def __init__(self, loop: EventLoop, spec: ResolverSpec, timeout: float):
+        self.loop = loop
+        self.spec = spec
+        self.timeout = timeout
+        self.randomness = random.SystemRandom()
+        self.server_addresses = {(sockaddr[0], sockaddr[1]) for _, sockaddr in spec.servers}
+        self.cache = {}                # (name, qtype) -> (expires, status, values)
+
+    def lookup(self, name: str, qtype: int, callback: Callable):
+        """Start a lookup; returns something with cancel()."""
+        key = (name.lower(), qtype)
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] > self.loop.time():
+            return self.loop.call_later(0, lambda: callback(cached[1], cached[2]))
+        return DnsLookup(self, name, qtype, callback)
+
+    def remember(self, name: str, qtype: int, status: str, values: List, ttl: int) -> None:
+        if status == "error":
+            return
+        if self.spec.valid is not None:
+            lifetime = self.spec.valid
+        else:
+            lifetime = ttl if status == "ok" else DNS_NEGATIVE_TTL
+        if len(self.cache) >= DNS_CACHE_SIZE:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[(name.lower(), qtype)] = (self.loop.time() + lifetime, status, values)
+
+
+CLIENT_UNAVAILABLE = "[UNAVAILABLE]"      # not found, or the names do not match
+CLIENT_TEMPUNAVAIL = "[TEMPUNAVAIL]"      # the resolver failed, or the name is invalid
+
+
+class ClientNameLookup:
+    """The SMTP client's name, as ngx_mail_smtp_init_session finds it: the PTR
+    of its address, checked to be a host name, whose A (or AAAA) records
+    must include the address.  ``done(name, problem)``: the name or one of
+    the two markers, and a log message when something went wrong."""
+
+    def __init__(self, resolver: Resolver, address: str, done: Callable):
+        self.resolver = resolver
+        self.address = address
+        self.done = done
+        self.name = ""
+        self.pending = resolver.lookup(reverse_dns_name(address), DNS_PTR, self._ptr)
+
+    def _ptr(self, status: str, values: List) -> None:
+        if status != "ok":
+            return self._fail(status, "%s could not be resolved" % self.address)
+        self.name = values[0]
+        if not valid_host_name(self.name):
+            return self.done(CLIENT_TEMPUNAVAIL, '%s resolved to an invalid host name "%s"'
+                             % (self.address, log_escape(self.name.encode("latin-1"))))
+        version = ipaddress.ip_address(self.address).version
+        if (version == 4 and not self.resolver.spec.ipv4) or (version == 6 and not self.resolver.spec.ipv6):
+            return self.done(CLIENT_UNAVAILABLE, "")
+        self.pending = self.resolver.lookup(self.name, DNS_A if version == 4 else DNS_AAAA,
+                                            self._forward)
+
+    def _forward(self, status: str, values: List) -> None:
+        if status != "ok":
+            return self._fail(status, '"%s" could not be resolved' % self.name)
+        client = ipaddress.ip_address(self.address)
+        if any(ipaddress.ip_address(value) == client for value in values):
+            return self.done(self.name, "")
+        self.done(CLIENT_UNAVAILABLE, "")
+
+    def _fail(self, status: str, message: str) -> None:
+        if status == "nxdomain":
+            self.done(CLIENT_UNAVAILABLE, message + " (3: Host not found)")
+        else:
+            self.done(CLIENT_TEMPUNAVAIL, message + " (2: Server failure or timeout)")
+
+    def cancel(self) -> None:
+        self.pending.cancel()
+
 # ########################################################################## #
 #                                   Relay                                    #
 # ########################################################################## #
@@ -2771,6 +3139,7 @@ class Relay:
 # the log, as nginx's c->log->action; one method builds the log context.
 
 class Phase(enum.Enum):
+    RESOLVING = "resolving"        # SMTP: the client's name, before the greeting
     GREETING_DELAY = "greeting delay"   # SMTP: nothing may come before the 220
     DIALOGUE = "dialogue"          # the client machine talks
     AUTH = "auth"                  # a verdict is pending (the failure delay)
@@ -2781,7 +3150,8 @@ class Phase(enum.Enum):
 
 
 # nginx's c->log->action for each phase, as it appears after "while".
-PHASE_ACTIONS = {Phase.GREETING_DELAY: "in delay pipelining state",
+PHASE_ACTIONS = {Phase.RESOLVING: "in resolving client address",
+                 Phase.GREETING_DELAY: "in delay pipelining state",
                  Phase.DIALOGUE: "in auth state", Phase.AUTH: "in auth state",
                  Phase.CONNECT: "connecting to upstream",
                  Phase.LOGIN: "reading response from upstream",
@@ -2818,10 +3188,24 @@ class Session:
         self.client = Stream(self.loop, sock, self)
         self.machine = CLIENT_MACHINES[self.server.protocol](
             self.server, now=time.time(), randomness=worker.randomness)
-        if self.server.protocol == "smtp":
+        self.name_lookup = None      # type: Optional[ClientNameLookup]
+        if self.server.protocol != "smtp":
+            self._start_dialogue()
+        elif self.server.resolver is None:
             self._smtp_greeting()
         else:
-            self._start_dialogue()
+            # nginx reads nothing from the client until its name is known.
+            self.phase = Phase.RESOLVING
+            self.client.set_read_budget(0)
+            self.name_lookup = ClientNameLookup(worker.resolver_for(self.server),
+                                                self.client_address, self._resolved)
+
+    def _resolved(self, name: str, problem: str) -> None:
+        self.name_lookup = None
+        self.client_name = name
+        if problem:
+            self.log("error", problem)
+        self._smtp_greeting()
 
     def _start_dialogue(self) -> None:
         self.phase = Phase.DIALOGUE
@@ -3085,6 +3469,8 @@ class Session:
             self.timer.cancel()
         if self.relay is not None:
             self.relay.timer.cancel()
+        if self.name_lookup is not None:
+            self.name_lookup.cancel()
         self.client.close()
         if self.backend is not None:
             self.backend.close()
@@ -3149,9 +3535,17 @@ class Worker:
         self.throttle = LoginThrottle()
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
+        self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
         self.sessions = set()
         self.session_counter = 0
         self.stopping = False
+
+    def resolver_for(self, server: Settings) -> Resolver:
+        """One Resolver (and cache) per distinct resolver setting."""
+        key = (server.resolver, server.resolver_timeout)
+        if key not in self.resolvers:
+            self.resolvers[key] = Resolver(self.loop, server.resolver, server.resolver_timeout)
+        return self.resolvers[key]
 
     def next_session_number(self) -> int:
         self.session_counter += 1

@@ -706,6 +706,220 @@ class SmtpRecipientRuleTests(unittest.TestCase):
 
 
 # ########################################################################## #
+#                              DNS and resolver                              #
+# ########################################################################## #
+
+def dns_name(name):
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".") if label) + b"\0"
+
+
+def dns_record(name_bytes, rtype, value, ttl=300):
+    """One answer record; ``value`` is rdata bytes, an address or a name."""
+    if isinstance(value, str) and rtype in (mp.DNS_A, mp.DNS_AAAA):
+        value = __import__("ipaddress").ip_address(value).packed
+    elif isinstance(value, str):
+        value = dns_name(value)
+    return name_bytes + mp.struct.pack("!HHIH", rtype, 1, ttl, len(value)) + value
+
+
+def dns_response(query, records=(), rcode=0, truncated=False, qid=None):
+    """The answer to ``query`` (the bytes our client sent)."""
+    rid = mp.struct.unpack("!H", query[:2])[0] if qid is None else qid
+    flags = 0x8180 | rcode | (0x0200 if truncated else 0)
+    question = query[12:]
+    return mp.struct.pack("!HHHHHH", rid, flags, 1, len(records), 0, 0) + question + b"".join(records)
+
+
+class FakeDns:
+    """A UDP DNS server in a thread; ``answer(query, qname, qtype)`` returns
+    the datagrams to send back (a list: none, one, or several)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.queries = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                query, client = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            qname, offset = mp.read_dns_name(query, 12)
+            qtype = mp.struct.unpack("!H", query[offset:offset + 2])[0]
+            self.queries.append((qname, qtype))
+            for datagram in self.answer(query, qname, qtype):
+                self.sock.sendto(datagram, client)
+
+    def close(self):
+        self.sock.close()
+
+
+def resolve_client(test, answer, address="127.0.0.1", timeout=2.0, valid=None):
+    """Run ClientNameLookup on a fresh loop against a FakeDns; (name, problem, dns)."""
+    dns = FakeDns(answer)
+    test.addCleanup(dns.close)
+    loop = mp.EventLoop()
+    test.addCleanup(loop.close)
+    spec = mp.ResolverSpec(((socket.AF_INET, ("127.0.0.1", dns.port)),), valid, True, True)
+    resolver = mp.Resolver(loop, spec, timeout)
+    result = []
+    mp.ClientNameLookup(resolver, address, lambda name, problem: result.append((name, problem)))
+    deadline = time.monotonic() + timeout + 3
+    while not result and time.monotonic() < deadline:
+        loop.run_once(0.1)
+    test.assertTrue(result, "no verdict")
+    return result[0][0], result[0][1], dns, resolver
+
+
+def records_for(table):
+    """An answer function from {(qname, qtype): [records]} (missing: NXDOMAIN)."""
+    def answer(query, qname, qtype):
+        if (qname, qtype) not in table:
+            return [dns_response(query, rcode=3)]
+        return [dns_response(query, table[(qname, qtype)])]
+    return answer
+
+
+PTR_127_0_0_1 = "1.0.0.127.in-addr.arpa"
+
+
+class DnsMessageTests(unittest.TestCase):
+    def test_query_bytes(self):
+        self.assertEqual(mp.dns_query(0x1234, "mail.example", mp.DNS_A),
+                         b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+                         b"\x04mail\x07example\x00\x00\x01\x00\x01")
+        self.assertEqual(mp.reverse_dns_name("192.0.2.7"), "7.2.0.192.in-addr.arpa")
+
+    def test_compressed_names(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        # The answer's name is a pointer to the question's name (offset 12).
+        response = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, "192.0.2.1")])
+        answer = mp.parse_dns_answer(response, 1, "a.example", mp.DNS_A)
+        self.assertEqual(mp.dns_values(answer, "a.example", mp.DNS_A), (["192.0.2.1"], 300))
+
+    def test_compression_loops_and_forward_pointers_are_errors(self):
+        for name in (b"\xc0\x0c", b"\x01a\xc0\x0e", b"\xc0\xff"):
+            data = b"\0" * 12 + name
+            with self.assertRaises(mp.DnsError):
+                mp.read_dns_name(data, 12)
+
+    def test_malformed_answers(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        good = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, "192.0.2.1")])
+        for bad in (b"", good[:11], good[:-2], good[:-5] + b"\xff" * 5,
+                    dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, b"\x01\x02")])):
+            with self.assertRaises(mp.DnsError, msg=bad):
+                mp.parse_dns_answer(bad, 1, "a.example", mp.DNS_A)
+
+    def test_answers_to_other_questions_are_ignored(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        self.assertIsNone(mp.parse_dns_answer(dns_response(query, qid=2), 1, "a.example", mp.DNS_A))
+        self.assertIsNone(mp.parse_dns_answer(query, 1, "a.example", mp.DNS_A))   # not a response
+        self.assertIsNone(mp.parse_dns_answer(dns_response(query), 1, "b.example", mp.DNS_A))
+
+    def test_cname_chain(self):
+        query = mp.dns_query(1, PTR_127_0_0_1, mp.DNS_PTR)
+        response = dns_response(query, [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.0/24.0.0.127.in-addr.arpa"),
+            dns_record(dns_name("1.0/24.0.0.127.in-addr.arpa"), mp.DNS_PTR, "host.example", ttl=60)])
+        answer = mp.parse_dns_answer(response, 1, PTR_127_0_0_1, mp.DNS_PTR)
+        self.assertEqual(mp.dns_values(answer, PTR_127_0_0_1, mp.DNS_PTR), (["host.example"], 60))
+
+    def test_host_name_check(self):
+        self.assertTrue(mp.valid_host_name("mail-1.example.com"))
+        for bad in ("", "a b.example", "a\r\nb", "x_y.example", "h\x00", "é.example"):
+            self.assertFalse(mp.valid_host_name(bad), bad)
+
+
+class ResolverTests(unittest.TestCase):
+    GOOD = {(PTR_127_0_0_1, mp.DNS_PTR): [dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
+
+    def test_ptr_and_forward_match(self):
+        name, problem, dns, resolver = resolve_client(self, records_for(self.GOOD))
+        self.assertEqual((name, problem), ("client.example", ""))
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
+
+    def test_forward_mismatch(self):
+        table = dict(self.GOOD)
+        table[("client.example", mp.DNS_A)] = [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.99")]
+        self.assertEqual(resolve_client(self, records_for(table))[0], "[UNAVAILABLE]")
+
+    def test_nxdomain(self):
+        name, problem, _, _ = resolve_client(self, records_for({}))
+        self.assertEqual(name, "[UNAVAILABLE]")
+        self.assertIn("could not be resolved (3: Host not found)", problem)
+
+    def test_servfail_is_tempunavail(self):
+        name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, rcode=2)])
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_timeout_is_tempunavail(self):
+        started = time.monotonic()
+        name, _, dns, _ = resolve_client(self, lambda q, n, t: [], timeout=1.5)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertGreaterEqual(time.monotonic() - started, 1.4)
+        self.assertGreaterEqual(len(dns.queries), 2)          # sent again after DNS_RESEND
+
+    def test_zero_length_malformed_and_foreign_answers_are_ignored(self):
+        def answer(query, qname, qtype):
+            good = records_for(self.GOOD)(query, qname, qtype)[0]
+            return [b"", b"\x00" * 5, good[:20], dns_response(query, qid=(query[0] << 8 | query[1]) ^ 1),
+                    good]
+        self.assertEqual(resolve_client(self, answer)[0], "client.example")
+
+    def test_only_garbage_times_out(self):
+        name, _, _, _ = resolve_client(self, lambda q, n, t: [b"\xff" * 30], timeout=1.2)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_compression_loop_does_not_hang(self):
+        def answer(query, qname, qtype):
+            looped = dns_response(query)[:-0 or None]
+            return [looped[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + query[12:]
+                    + b"\xc0\x0c\x00\x0c\x00\x01\x00\x00\x00\x3c\x00\x02\xc0\x2a"]
+        name, _, _, _ = resolve_client(self, answer, timeout=1.2)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_invalid_ptr_name_is_tempunavail(self):
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [dns_record(b"\xc0\x0c", mp.DNS_PTR, "bad_name.example")]
+        name, problem, dns, _ = resolve_client(self, records_for(table))
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertIn("invalid host name", problem)
+        self.assertEqual(len(dns.queries), 1)                 # no forward lookup
+
+    def test_cname_to_ptr(self):
+        table = {(PTR_127_0_0_1, mp.DNS_PTR): [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.sub.0.0.127.in-addr.arpa"),
+            dns_record(dns_name("1.sub.0.0.127.in-addr.arpa"), mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): self.GOOD[("client.example", mp.DNS_A)]}
+        self.assertEqual(resolve_client(self, records_for(table))[0], "client.example")
+
+    def test_truncated_answer_without_records_is_tempunavail(self):
+        name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, truncated=True)])
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_cache_honours_ttl_and_valid(self):
+        _, _, dns, resolver = resolve_client(self, records_for(self.GOOD))
+        result = []
+        mp.ClientNameLookup(resolver, "127.0.0.1", lambda n, p: result.append(n))
+        for _ in range(3):                                    # PTR, then A, from the cache
+            resolver.loop.run_once(0.1)
+        self.assertEqual(result, ["client.example"])
+        self.assertEqual(len(dns.queries), 2)                 # answered from the cache
+        expires = resolver.cache[("client.example", mp.DNS_A)][0]
+        self.assertAlmostEqual(expires - resolver.loop.time(), 300, delta=5)
+        _, _, _, resolver = resolve_client(self, records_for(self.GOOD), valid=7.0)
+        expires = resolver.cache[("client.example", mp.DNS_A)][0]
+        self.assertAlmostEqual(expires - resolver.loop.time(), 7, delta=2)
+
+
+# ########################################################################## #
 #                              Authentication                                #
 # ########################################################################## #
 
