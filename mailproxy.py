@@ -243,11 +243,16 @@ class ValueError_(Exception):
     """A value parser's complaint; the loader adds file, section and line."""
 
 
+NGINX_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
+
+
 def split_arguments(text: str) -> List[str]:
     """Split a value into nginx arguments: spaces separate, quotes group.
 
-    Inside double or single quotes a backslash escapes the next character, as
-    in nginx.conf (``"a \\"b\\""`` is one argument ``a "b"``).
+    As nginx's ngx_conf_read_token: a backslash before a quote or a
+    backslash stands for that character, ``\\t`` ``\\r`` ``\\n`` for tab, CR
+    and LF, and any other backslash is kept (``"C:\\mail"``); a closing
+    quote must be followed by a space or the end.
     """
     args = []
     i = 0
@@ -255,24 +260,23 @@ def split_arguments(text: str) -> List[str]:
         if text[i].isspace():
             i += 1
             continue
-        if text[i] in "\"'":
-            quote = text[i]
+        quote = text[i] if text[i] in "\"'" else None
+        i += 1 if quote else 0
+        arg = []
+        while i < len(text) and (text[i] != quote if quote else not text[i].isspace()):
+            if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in NGINX_ESCAPES:
+                arg.append(NGINX_ESCAPES[text[i + 1]])
+                i += 2
+                continue
+            arg.append(text[i])
             i += 1
-            arg = []
-            while i < len(text) and text[i] != quote:
-                if text[i] == "\\" and i + 1 < len(text):
-                    i += 1
-                arg.append(text[i])
-                i += 1
+        if quote:
             if i >= len(text):
                 raise ValueError_("unbalanced quote in %r" % text)
             i += 1
-            args.append("".join(arg))
-        else:
-            start = i
-            while i < len(text) and not text[i].isspace():
-                i += 1
-            args.append(text[start:i])
+            if i < len(text) and not text[i].isspace():
+                raise ValueError_('unexpected "%s" after a closing quote' % text[i])
+        args.append("".join(arg))
     return args
 
 
@@ -314,6 +318,10 @@ def parse_time(args: List[str], base: str = "") -> float:
     parts = re.findall(r"(\d+)(ms|s|m|h|d|w|M|y)", value)
     if not parts or "".join(n + u for n, u in parts) != value:
         raise ValueError_('invalid time "%s"' % value)
+    sizes = [_TIME_UNITS[unit] for _, unit in parts]
+    if any(later >= earlier for earlier, later in zip(sizes, sizes[1:])):
+        # ngx_parse_time: each unit smaller than the one before ("1h30m").
+        raise ValueError_('invalid time "%s": units must go from largest to smallest' % value)
     return sum(int(n) * _TIME_UNITS[u] for n, u in parts)
 
 
@@ -402,9 +410,11 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
     if not 0 < port < 65536:
         raise ValueError_('invalid port in "%s"' % address)
     try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        ip = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError_('"%s" is not an IP address (listen takes addresses)' % host)
+    host = str(ip)                     # one spelling per address: [0:0::1] is [::1]
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     options = {"backlog": NGINX_LISTEN_BACKLOG, "so_keepalive": None,
                "rcvbuf": None, "sndbuf": None, "ipv6only": True}
     for flag in args[1:]:
@@ -697,6 +707,16 @@ def find_line_numbers(text: str) -> Dict[Tuple[str, str], int]:
     return lines
 
 
+def section_at(text: str, lineno: int) -> Optional[str]:
+    """The section a line number of the file belongs to."""
+    section = None
+    for line in text.splitlines()[:lineno]:
+        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if header:
+            section = header.group(1).strip()
+    return section
+
+
 def read_ini(path: str) -> Tuple[configparser.ConfigParser, Dict]:
     """Read the file with configparser as INTERFACE.md says: interpolation
     off, ``=`` the only delimiter, keys case-sensitive, duplicates refused."""
@@ -722,6 +742,13 @@ def read_ini(path: str) -> Tuple[configparser.ConfigParser, Dict]:
         raise ConfigErrors([ConfigError(path, error.section, error.option,
                                         '"%s" directive is duplicate' % error.option,
                                         error.lineno)])
+    except configparser.MissingSectionHeaderError as error:
+        raise ConfigErrors([ConfigError(path, None, None, "a line before the first [section]: %r"
+                                        % error.line.strip(), error.lineno)])
+    except configparser.ParsingError as error:
+        raise ConfigErrors([ConfigError(path, section_at(text, lineno), None,
+                                        "expected NAME = VALUE, got %s" % line.strip(), lineno)
+                            for lineno, line in error.errors])
     except configparser.Error as error:
         message = str(error).splitlines()[0]
         raise ConfigErrors([ConfigError(path, None, None, message,
@@ -759,13 +786,15 @@ def load_config(path: str) -> Config:
                 errors.append(ConfigError(path, section, key, str(error), line))
     main = merge_main(values.get("main", {}))
     servers = []
+    failed = {(error.section, error.directive) for error in errors}
     for section in parser.sections():
         if section_kind(section) == "server":
             server, problems = merge_server(section, values.get("mail", {}), values[section])
             servers.append(server)
             errors.extend(ConfigError(path, section, directive, message,
                                       lines.get((section, directive)) or lines.get((section, "")))
-                          for directive, message in problems)
+                          for directive, message in problems
+                          if (section, directive) not in failed and ("mail", directive) not in failed)
     if not servers and not errors:
         errors.append(ConfigError(path, None, None, "no [server NAME] section: nothing to listen on"))
     errors.extend(check_listen_pairs(path, servers, lines))
@@ -834,21 +863,43 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
 
 
 def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[ConfigError]:
+    """nginx refuses a pair given twice.  Each listen is bound on its own
+    here, so a wildcard and an address of the same family on the same port
+    cannot both be bound: refuse that too (nginx would bind the wildcard)."""
     seen = {}
     errors = []
     for server in servers:
+        section = "server " + server.name
         for listen in server.listen:
             key = (listen.host, listen.port)
+            wildcard = ipaddress.ip_address(listen.host).is_unspecified
+            clash = [other for (host, port), other in seen.items()
+                     if port == listen.port and other.family == listen.family and
+                     (wildcard or ipaddress.ip_address(host).is_unspecified) and host != listen.host]
             if key in seen:
-                section = "server " + server.name
-                errors.append(ConfigError(path, section, "listen",
-                                          'duplicate "%s" address and port pair' % listen.text,
-                                          lines.get((section, "listen"))))
-            seen[key] = server
+                message = 'duplicate "%s" address and port pair' % listen.text
+            elif clash:
+                message = '"%s" and "%s" cannot both be bound: listen on one of them' % (
+                    listen.text, clash[0].text)
+            else:
+                seen[key] = listen
+                continue
+            errors.append(ConfigError(path, section, "listen", message,
+                                      lines.get((section, "listen"))))
     return errors
 
 
 PASSWORD_SCHEMES = ("PLAIN", "PBKDF2-SHA256", "SHA512-CRYPT", "SHA256-CRYPT")
+
+
+def valid_pbkdf2_data(data: str) -> bool:
+    parts = data.split("$")
+    if len(parts) != 3 or not re.fullmatch(r"[1-9]\d{0,8}", parts[0]):
+        return False
+    try:
+        return all(base64.b64decode(part, validate=True) for part in parts[1:])
+    except (binascii.Error, ValueError):
+        return False
 
 
 def parse_password_entry(value: str) -> PasswordEntry:
@@ -861,9 +912,9 @@ def parse_password_entry(value: str) -> PasswordEntry:
     if scheme not in PASSWORD_SCHEMES:
         raise ValueError_('unknown password scheme "{%s}"; known: %s' % (
             match.group(1), ", ".join("{%s}" % s for s in PASSWORD_SCHEMES)))
-    if scheme == "PBKDF2-SHA256" and not re.fullmatch(
-            r"\d+\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*", data):
-        raise ValueError_("{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH (base64)")
+    if scheme == "PBKDF2-SHA256" and not valid_pbkdf2_data(data):
+        raise ValueError_("{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH: rounds at least 1, "
+                          "salt and hash in base64")
     if scheme == "SHA512-CRYPT" and not re.fullmatch(r"\$6\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{86}", data):
         raise ValueError_("{SHA512-CRYPT} data must be a $6$ crypt string")
     if scheme == "SHA256-CRYPT" and not re.fullmatch(r"\$5\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{43}", data):
@@ -2022,6 +2073,8 @@ def password_matches(entry: PasswordEntry, password: bytes) -> bool:
     if entry.scheme == "PLAIN":
         return hmac.compare_digest(entry.data.encode("utf-8"), password)
     if entry.scheme == "PBKDF2-SHA256":
+        if not valid_pbkdf2_data(entry.data):
+            return False
         rounds, salt, expected = entry.data.split("$")
         expected_bytes = base64.b64decode(expected)
         digest = hashlib.pbkdf2_hmac("sha256", password, base64.b64decode(salt),
@@ -3165,6 +3218,7 @@ class Session:
         self.worker = worker
         self.loop = worker.loop
         self.server = listener.server
+        self.config = worker.config  # a reload does not change a running session
         self.number = worker.next_session_number()
         self.client_address = peer_text(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
@@ -3239,11 +3293,12 @@ class Session:
         return text
 
     def log(self, level: str, message: str, action: Optional[str] = "") -> None:
-        if not self.worker.log.enabled(level):
+        log = self.worker.logs.for_server(self.server)
+        if not log.enabled(level):
             return
         if action == "":
             action = PHASE_ACTIONS[self.phase]
-        self.worker.log.log(level, message, self.number, self.context(action))
+        log.log(level, message, self.number, self.context(action))
 
     # -- timers ------------------------------------------------------------------
     def _arm(self, delay: float, callback: Callable) -> None:
@@ -3351,7 +3406,7 @@ class Session:
         if worker.throttle.locked(self.client_address, now):
             result = AuthResult(False, reason="too many failed logins from this address")
         else:
-            result = authenticate(worker.config.users, worker.config.routes,
+            result = authenticate(self.config.users, self.config.routes,
                                   self.server.proxy_pass, credentials)
         if result.ok and self.server.protocol == "pop3" and (
                 re.search(rb"[\r\n\0]", result.login + result.password)):
@@ -3367,7 +3422,7 @@ class Session:
     def _authenticate_recipient(self) -> None:
         """smtp_auth none: the first RCPT decides (no password, no delay)."""
         machine = self.machine
-        result = authorize_recipient(self.server.smtp_relay_domains, self.worker.config.routes,
+        result = authorize_recipient(self.server.smtp_relay_domains, self.config.routes,
                                      self.server.proxy_pass, machine.rcpt_to)
         if not result.ok:
             self.log("info", 'client login failed: "%s"' % result.reason)
@@ -3489,21 +3544,40 @@ class Session:
 # configuration, SIGUSR1 reopens the log files.  Several worker processes
 # under a master are not built yet (worker_processes 1 only).
 
-def open_error_log(specs: List[ErrorLogSpec]) -> ErrorLog:
-    """Open each destination; raises OSError if a file cannot be opened."""
-    destinations = []
-    for spec in specs:
-        if spec.destination == "stderr":
-            handle = os.fdopen(os.dup(2), "wb", buffering=0)
-        else:
-            handle = open(spec.destination, "ab", buffering=0)
-        destinations.append((handle, spec.level))
-    return ErrorLog(destinations)
+class ErrorLogs:
+    """The [main] error log and the servers' own (``error_log`` in [mail] or
+    [server NAME], as nginx), sharing one open file per destination.
+    Raises OSError if a file cannot be opened (and leaves nothing open)."""
 
+    def __init__(self, config: Config):
+        self.handles = {}              # destination -> unbuffered binary file
+        try:
+            self.main = self._open(config.main.error_log)
+            self.servers = {server.name: self._open(server.error_log)
+                            for server in config.servers if server.error_log}
+        except OSError:
+            self.close()
+            raise
 
-def close_error_log(log: ErrorLog) -> None:
-    for handle, _ in log.destinations:
-        handle.close()
+    def _open(self, specs: List[ErrorLogSpec]) -> ErrorLog:
+        destinations = []
+        for spec in specs:
+            if spec.destination not in self.handles:
+                if spec.destination == "stderr":
+                    handle = os.fdopen(os.dup(2), "wb", buffering=0)
+                else:
+                    handle = open(spec.destination, "ab", buffering=0)
+                self.handles[spec.destination] = handle
+            destinations.append((self.handles[spec.destination], spec.level))
+        return ErrorLog(destinations)
+
+    def for_server(self, server: Settings) -> ErrorLog:
+        return self.servers.get(server.name, self.main)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles = {}
 
 
 def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
@@ -3528,9 +3602,10 @@ def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
 class Worker:
     """Everything one process serves with; sessions ask it for shared state."""
 
-    def __init__(self, config: Config, log: ErrorLog):
+    def __init__(self, config: Config, logs: ErrorLogs):
         self.config = config
-        self.log = log
+        self.logs = logs
+        self.log = logs.main
         self.loop = EventLoop()
         self.throttle = LoginThrottle()
         self.randomness = random.SystemRandom()
@@ -3636,7 +3711,7 @@ class Worker:
         self.log.log("notice", "reconfiguring")
         try:
             config = load_config(self.config.path)
-            log = open_error_log(config.main.error_log)
+            logs = ErrorLogs(config)
         except ConfigErrors as errors:
             for error in errors.errors:
                 self.log.log("emerg", str(error))
@@ -3648,27 +3723,29 @@ class Worker:
         try:
             self.open_listeners(config)
         except OSError as error:
-            close_error_log(log)
+            logs.close()
             self.log.log("emerg", str(error.strerror))
             self.log.log("alert", "reload failed, the old configuration is kept")
             return
-        old_log, self.log = self.log, log
         self.config = config
-        for listener in self.listeners.values():
-            listener.log = log
-        close_error_log(old_log)
+        self._use_logs(logs)
+        raise_open_file_limit(config.main, self.log)
         self.log.log("notice", "configuration reloaded")
 
     def reopen_logs(self, signum: int = 0) -> None:
+        """SIGUSR1 (logrotate): the same files, opened again by name."""
         try:
-            log = open_error_log(self.config.main.error_log)
+            logs = ErrorLogs(self.config)
         except OSError as error:
             self.log.log("alert", "reopening logs failed: %s" % error)
             return
-        old_log, self.log = self.log, log
+        self._use_logs(logs)
+
+    def _use_logs(self, logs: ErrorLogs) -> None:
+        old, self.logs, self.log = self.logs, logs, logs.main
         for listener in self.listeners.values():
-            listener.log = log
-        close_error_log(old_log)
+            listener.log = logs.main
+        old.close()
 
     def run(self) -> None:
         self.loop.run()
@@ -3760,12 +3837,13 @@ def command_run(path: str) -> int:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
         return 1
     try:
-        log = open_error_log(config.main.error_log)
+        logs = ErrorLogs(config)
     except OSError as error:
         sys.stderr.write("mailproxy: [emerg] cannot open error_log: %s\n" % error)
         return 1
+    log = logs.main
     raise_open_file_limit(config.main, log)
-    worker = Worker(config, log)
+    worker = Worker(config, logs)
     try:
         worker.open_listeners(config)
     except OSError as error:

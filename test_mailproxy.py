@@ -116,6 +116,1249 @@ def write_file(directory: str, name: str, text: str) -> str:
     return path
 
 
+
+
+# ########################################################################## #
+#                       Configuration and command line                       #
+# ########################################################################## #
+# The value parsers in-process; the loader on files in a temporary directory;
+# -t, -v, --hash-password and the running program as subprocesses.
+
+CFG_BASE = """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+
+    [server imap]
+    listen = 127.0.0.1:18143
+    protocol = imap
+"""
+
+
+def cfg_line_of(text: str, prefix: str, occurrence: int = 1) -> int:
+    """The number of the ``occurrence``-th line of (dedented) ``text`` that
+    starts with ``prefix``: where an error must be reported."""
+    seen = 0
+    for number, line in enumerate(textwrap.dedent(text).splitlines(), 1):
+        if line.startswith(prefix):
+            seen += 1
+            if seen == occurrence:
+                return number
+    raise AssertionError("no line %r in the test's own file" % prefix)
+
+
+def cfg_free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cfg_run(args, stdin=b"", timeout=20):
+    """mailproxy.py ARGS as a subprocess: (exit status, stdout, stderr)."""
+    done = subprocess.run([sys.executable, MAILPROXY] + list(args), input=stdin,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+
+
+def cfg_refused_soon(port: int, timeout: float = 2.0) -> bool:
+    """Does 127.0.0.1:PORT refuse connections within ``timeout``?  (A signal
+    is logged just before the listeners close, so the first try may race.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class CfgTempDir:
+    """A temporary directory that the test removes when it ends."""
+
+    def __init__(self, test):
+        self.holder = tempfile.TemporaryDirectory(prefix="mailproxy-cfg-")
+        self.path = self.holder.name
+        test.addCleanup(self.holder.cleanup)
+
+    def write(self, name: str, text: str) -> str:
+        return write_file(self.path, name, text)
+
+
+def cfg_text(parts) -> str:
+    """The parts of a file, each dedented on its own, one after the other."""
+    return "".join(textwrap.dedent(part) for part in parts)
+
+
+def cfg_load(test, *parts: str) -> mp.Config:
+    """load_config on the parts written to a temporary file."""
+    return mp.load_config(CfgTempDir(test).write("mailproxy.conf", cfg_text(parts)))
+
+
+def cfg_errors(test, *parts: str):
+    """The ConfigErrors load_config raises for the parts (fails if none)."""
+    path = CfgTempDir(test).write("mailproxy.conf", cfg_text(parts))
+    with test.assertRaises(mp.ConfigErrors) as caught:
+        mp.load_config(path)
+    return path, caught.exception.errors
+
+
+class CfgProxy:
+    """The real program, ``mailproxy.py -c FILE``, in a subprocess.  A thread
+    collects its stderr lines; the test's cleanup kills it if still running."""
+
+    def __init__(self, test, config_path: str):
+        self.proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config_path],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.lines = []
+        self.eof = False
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        test.addCleanup(self.stop)
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            with self.changed:
+                self.lines.append(raw.decode("utf-8", "replace"))
+                self.changed.notify_all()
+        with self.changed:
+            self.eof = True
+            self.changed.notify_all()
+
+    @property
+    def stderr(self) -> str:
+        with self.changed:
+            return "".join(self.lines)
+
+    def mark(self) -> int:
+        with self.changed:
+            return len(self.lines)
+
+    def wait_for(self, text: str, since: int = 0, timeout: float = 5.0):
+        """The first stderr line from number ``since`` on that holds ``text``;
+        None if the program ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for line in self.lines[since:]:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if self.eof or left <= 0:
+                    return None
+                self.changed.wait(left)
+
+    def send_signal(self, name: str) -> None:
+        import signal
+        self.proc.send_signal(getattr(signal, name))
+
+    def wait_exit(self, timeout: float = 5.0) -> int:
+        status = self.proc.wait(timeout)
+        self.reader.join(2)
+        return status
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self.reader.join(2)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+class CfgFakeImapBackend:
+    """A tiny IMAP backend on loopback: greets, answers each synchronizing
+    literal with ``+ OK`` and the end of the LOGIN with ``TAG OK``, and
+    records what it received."""
+
+    def __init__(self, test):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.received = []
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def _accept(self):
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.sendall(b"* OK fake backend ready\r\n")
+                reader = conn.makefile("rb")
+                first = reader.readline()
+                self.received.append(first)
+                tag = first.split(b" ", 1)[0]
+                line = first
+                while line:
+                    if re.search(rb"\{\d+\}\r\n$", line):
+                        conn.sendall(b"+ OK\r\n")
+                    else:
+                        conn.sendall(tag + b" OK LOGIN completed\r\n")
+                        break
+                    line = reader.readline()
+                    self.received.append(line)
+                reader.read()          # until the proxy closes
+            except OSError:
+                pass
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+class CfgImapClient:
+    """A blocking IMAP client socket for the end-to-end tests."""
+
+    def __init__(self, test, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.reader = self.sock.makefile("rb")
+        test.addCleanup(self.close)
+
+    def line(self) -> bytes:
+        return self.reader.readline()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def cfg_imap_login(test, port: int, login: str, password: str) -> bytes:
+    """Connect, check the greeting, LOGIN; the reply line."""
+    client = CfgImapClient(test, port)
+    test.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+    client.send(b"a1 LOGIN " + login.encode() + b" " + password.encode() + b"\r\n")
+    reply = client.line()
+    client.close()
+    return reply
+
+
+# -- value parsers ---------------------------------------------------------------
+
+class ConfigValueParserTests(unittest.TestCase):
+
+    def assertRefused(self, parser, args, message=None):
+        with self.assertRaises(mp.ValueError_, msg="%s(%r)" % (parser.__name__, args)) as caught:
+            parser(args)
+        if message is not None:
+            self.assertEqual(str(caught.exception), message)
+
+    def test_size(self):
+        for text, value in [("512", 512), ("0", 0), ("4k", 4096), ("4K", 4096), ("1K", 1024),
+                            ("1m", 1048576), ("1M", 1048576), ("1g", 1073741824),
+                            ("16k", 16384)]:
+            self.assertEqual(mp.parse_size([text]), value, text)
+        for text in ["k", "", "-1", "1.5k", "4kb", "4 k", " 4k", "1t", "0x10", "four"]:
+            self.assertRefused(mp.parse_size, [text], 'invalid size "%s"' % text)
+        self.assertRefused(mp.parse_size, ["4k", "8k"], "takes one value, got 2")
+        self.assertRefused(mp.parse_size, [], "takes one value, got 0")
+
+    def test_time(self):
+        for text, value in [("500ms", 0.5), ("15s", 15), ("5m", 300), ("24h", 86400),
+                            ("1d", 86400), ("1h30m", 5400), ("60", 60), ("0", 0),
+                            ("1s500ms", 1.5), ("1w", 7 * 86400), ("1M", 30 * 86400),
+                            ("1y", 365 * 86400), ("1d2h3m4s", 93784)]:
+            self.assertEqual(mp.parse_time([text]), value, text)
+        for text in ["1x", "m5", "ms", "h", "1.5s", "-5s", "5 m", "1h30x", "", "5S", "1H"]:
+            self.assertRefused(mp.parse_time, [text], 'invalid time "%s"' % text)
+        # "1h 30m" unquoted is two arguments, in nginx.conf as here.
+        self.assertRefused(mp.parse_time, ["1h", "30m"], "takes one value, got 2")
+
+    def test_time_units_go_from_most_to_least_significant(self):
+        # ngx_parse_time refuses a unit after a smaller or equal one; nginx's
+        # docs: "in the order from the most to the least significant".
+        for text in ["30m1h", "1m1m", "500ms1s", "1s1d"]:
+            with self.assertRaises(mp.ValueError_) as caught:
+                mp.parse_time([text])
+            self.assertTrue(str(caught.exception).startswith('invalid time "%s"' % text))
+
+    def test_flag(self):
+        for text, value in [("on", True), ("off", False), ("ON", True), ("Off", False)]:
+            self.assertIs(mp.parse_flag([text]), value)
+        for text in ["yes", "no", "1", "0", "true", "", "onn"]:
+            self.assertRefused(mp.parse_flag, [text],
+                               'invalid value "%s", it must be "on" or "off"' % text)
+        self.assertRefused(mp.parse_flag, ["on", "off"], "takes one value, got 2")
+
+    def test_split_arguments(self):
+        split = mp.split_arguments
+        self.assertEqual(split("a b\t c"), ["a", "b", "c"])
+        self.assertEqual(split(""), [])
+        self.assertEqual(split("   "), [])
+        self.assertEqual(split('"SIZE 10485760" 8BITMIME'), ["SIZE 10485760", "8BITMIME"])
+        self.assertEqual(split(r'"a \"b\""'), ['a "b"'])
+        self.assertEqual(split("'it s' x"), ["it s", "x"])
+        self.assertEqual(split(r"'it\'s'"), ["it's"])
+        self.assertEqual(split("'say \"hi\"'"), ['say "hi"'])
+        self.assertEqual(split(r'"back\\slash"'), ["back\\slash"])
+        self.assertEqual(split('""'), [""])
+        self.assertEqual(split("50% off"), ["50%", "off"])
+        for text in ['"abc', "'abc", r'"abc\"', "x 'y z"]:
+            with self.assertRaises(mp.ValueError_) as caught:
+                split(text)
+            self.assertIn("unbalanced quote", str(caught.exception))
+
+    def test_split_arguments_keeps_a_backslash_nginx_keeps(self):
+        # ngx_conf_read_token drops the backslash only
+        # before " ' \ (and turns \t \r \n into control characters); before
+        # any other character the backslash stays.
+        self.assertEqual(mp.split_arguments(r'"C:\mail"'), ["C:\\mail"])
+        self.assertEqual(mp.split_arguments(r'"a\tb"'), ["a\tb"])
+
+    def test_split_arguments_refuses_text_glued_to_a_closing_quote(self):
+        # nginx: 'unexpected "b"' (need_space after a quote).
+        for text in ['"a"b', "'a'b"]:
+            with self.assertRaises(mp.ValueError_, msg=text):
+                mp.split_arguments(text)
+
+    def test_listen_addresses(self):
+        listen = mp.parse_listen(["127.0.0.1:8143"])
+        self.assertEqual((listen.host, listen.port, listen.family), ("127.0.0.1", 8143, socket.AF_INET))
+        self.assertEqual(listen.backlog, 511)               # NGX_LISTEN_BACKLOG
+        self.assertIsNone(listen.so_keepalive)
+        self.assertEqual(listen.text, "127.0.0.1:8143")
+        listen = mp.parse_listen(["8143"])
+        self.assertEqual((listen.host, listen.port, listen.family), ("0.0.0.0", 8143, socket.AF_INET))
+        listen = mp.parse_listen(["*:8143"])
+        self.assertEqual((listen.host, listen.port, listen.family), ("0.0.0.0", 8143, socket.AF_INET))
+        listen = mp.parse_listen(["[::1]:8143"])
+        self.assertEqual((listen.host, listen.port, listen.family), ("::1", 8143, socket.AF_INET6))
+        self.assertEqual(listen.text, "[::1]:8143")
+        self.assertTrue(listen.ipv6only)
+
+    def test_listen_flags(self):
+        self.assertEqual(mp.parse_listen(["127.0.0.1:8143", "backlog=10"]).backlog, 10)
+        self.assertEqual(mp.parse_listen(["127.0.0.1:8143", "so_keepalive=on"]).so_keepalive[0], True)
+        self.assertEqual(mp.parse_listen(["127.0.0.1:8143", "so_keepalive=off"]).so_keepalive[0], False)
+        self.assertEqual(mp.parse_listen(["127.0.0.1:8143", "so_keepalive=30s:10s:3"]).so_keepalive,
+                         (True, 30, 10, 3))
+        self.assertEqual(mp.parse_listen(["127.0.0.1:8143", "so_keepalive=1m::"]).so_keepalive,
+                         (True, 60, None, None))
+        self.assertIs(mp.parse_listen(["[::]:8143", "ipv6only=off"]).ipv6only, False)
+        self.assertIs(mp.parse_listen(["[::]:8143", "ipv6only=on"]).ipv6only, True)
+        self.assertEqual(mp.parse_listen(["127.0.0.1:8143", "rcvbuf=64k"]).rcvbuf, 65536)
+        self.assertEqual(mp.parse_listen(["127.0.0.1:8143", "bind"]).port, 8143)
+
+    def test_listen_refused(self):
+        bad = mp.parse_listen
+        self.assertRefused(bad, ["127.0.0.1:8143", "bogus"], 'invalid parameter "bogus"')
+        self.assertRefused(bad, ["127.0.0.1:8143", "backlog="], 'invalid parameter "backlog="')
+        self.assertRefused(bad, ["127.0.0.1:8143", "backlog=x"], 'invalid number "x"')
+        self.assertRefused(bad, ["127.0.0.1:8143", "ipv6only=maybe"],
+                           'invalid value "maybe", it must be "on" or "off"')
+        self.assertRefused(bad, ["127.0.0.1:8143", "so_keepalive=1:2"],
+                           'invalid so_keepalive value "1:2"')
+        self.assertRefused(bad, ["127.0.0.1:8143", "ssl"], 'the "ssl" parameter is not supported yet')
+        self.assertRefused(bad, ["127.0.0.1:8143", "proxy_protocol"],
+                           'the "proxy_protocol" parameter is not supported yet')
+        self.assertRefused(bad, ["localhost:8143"], '"localhost" is not an IP address (listen takes addresses)')
+        self.assertRefused(bad, ["mail.example.com:143"])
+        self.assertRefused(bad, ["127.0.0.1:0"], 'invalid port in "127.0.0.1:0"')
+        self.assertRefused(bad, ["70000"], 'invalid port in "70000"')
+        self.assertRefused(bad, ["::1:8143"])
+        self.assertRefused(bad, ["[::1]"])
+        self.assertRefused(bad, ["unix:/tmp/mail.sock"], '"unix:" sockets are not supported yet')
+        self.assertRefused(bad, [], "needs an address")
+
+
+# -- -t: one broken file per kind of error -------------------------------------
+
+CFG_BROKEN = {
+    "unknown_directive": CFG_BASE + """\
+    bogus_directive = 1
+    """,
+    "listen_in_mail": """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+    listen = 127.0.0.1:18144
+
+    [server imap]
+    listen = 127.0.0.1:18143
+    protocol = imap
+    """,
+    "main_directive_in_server": CFG_BASE + """\
+    worker_connections = 10
+    """,
+    "mail_directive_in_main": """\
+    [main]
+    timeout = 5s
+    """ + CFG_BASE,
+    "duplicate_directive": """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+    timeout = 5s
+    timeout = 6s
+
+    [server imap]
+    listen = 127.0.0.1:18143
+    protocol = imap
+    """,
+    "duplicate_section": CFG_BASE + """\
+    [mail]
+    timeout = 5s
+    """,
+    "bad_size": CFG_BASE + """\
+    proxy_buffer = 16q
+    """,
+    "bad_time": CFG_BASE + """\
+    timeout = 1x
+    """,
+    "two_times": CFG_BASE + """\
+    timeout = 1h 30m
+    """,
+    "bad_flag": CFG_BASE + """\
+    proxy_pass_error_message = maybe
+    """,
+    "bad_number": CFG_BASE + """\
+    max_errors = many
+    """,
+    "bad_protocol": """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+
+    [server imap]
+    listen = 127.0.0.1:18143
+    protocol = ftp
+    """,
+    "bad_log_level": """\
+    [main]
+    error_log = stderr loud
+    """ + CFG_BASE,
+    "removed_ssl": CFG_BASE + """\
+    ssl = on
+    """,
+    "no_listen": """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+
+    [server imap]
+    protocol = imap
+    """,
+    "no_proxy_pass": """\
+    [server imap]
+    listen = 127.0.0.1:18143
+    protocol = imap
+    """,
+    "unknown_protocol": """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+
+    [server imap]
+    listen = 127.0.0.1:18143
+    """,
+    "duplicate_pair": CFG_BASE + """\
+
+    [server second]
+    listen = 127.0.0.1:18143
+    protocol = imap
+    """,
+    "unknown_section": CFG_BASE + """\
+
+    [mian]
+    worker_connections = 10
+    """,
+    "bad_users": CFG_BASE + """\
+
+    [users]
+    dave = secret
+    erin = {MD5}5f4dcc3b5aa765d61d8327deb882cf99
+    frank = {SHA512-CRYPT}$6$short$tooshort
+    gina = {SHA256-CRYPT}nothing
+    hank = {PBKDF2-SHA256}not-rounds
+    """,
+    "bad_routes": CFG_BASE + """\
+
+    [routes]
+    carol = 127.0.0.1:99999
+    dan = 127.0.0.1:1143 extra
+    """,
+    "nginx_syntax": """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+
+    [server imap]
+    listen 127.0.0.1:18143;
+    protocol = imap
+    """,
+    "no_section_header": """\
+    timeout = 5s
+    """ + CFG_BASE,
+    "many_errors": """\
+    [main]
+    worker_connections = lots
+
+    [mail]
+    timeout = soon
+    bogus = 1
+
+    [server imap]
+    listen = 127.0.0.1:18143
+    protocol = imap
+    proxy_buffer = big
+
+    [users]
+    eve = nope
+    """,
+}
+
+
+def cfg_unsupported_text() -> str:
+    """A file that uses every directive the table marks "not supported yet"
+    (the list shrinks as features land), and worker_processes = 4."""
+    def names(context):
+        return ["%s = x" % name for name, d in sorted(mp.DIRECTIVES.items())
+                if not d.supported and context in d.contexts]
+    return "\n".join(["[main]", "worker_processes = 4"] + names("main") +
+                     ["", "[mail]", "proxy_pass = 127.0.0.1:1143"] + names("mail") +
+                     ["", "[server imap]", "listen = 127.0.0.1:18143", "protocol = imap"] +
+                     [line for line in names("server") if line not in names("mail")] + [""])
+
+
+class ConfigCheckCommandTests(unittest.TestCase):
+    """``mailproxy.py -t -c FILE``: every broken file exits 1 and names the
+    file, the line, the section, the directive and the problem.  The
+    subprocesses of all files run at once, in setUpClass."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.TemporaryDirectory(prefix="mailproxy-t-")
+        running = {}
+        cases = dict(CFG_BROKEN, not_supported=cfg_unsupported_text())
+        for name, text in cases.items():
+            path = write_file(cls.directory.name, name + ".conf", text)
+            running[name] = (path, text, subprocess.Popen(
+                [sys.executable, MAILPROXY, "-t", "-c", path], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        cls.results = {}
+        for name, (path, text, proc) in running.items():
+            out, err = proc.communicate(timeout=30)
+            cls.results[name] = (path, text, proc.returncode, out.decode(), err.decode())
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.directory.cleanup()
+
+    def assertReported(self, case, section, directive, message, at=None, occurrence=1):
+        """``case`` exited 1 with a line naming the file and the line that
+        starts with ``at`` (default: ``directive =``), [section], the directive
+        and ``message``."""
+        path, text, status, out, err = self.results[case]
+        self.assertEqual(status, 1, err)
+        self.assertIn("mailproxy: configuration file %s test failed" % path, err)
+        line = cfg_line_of(text, at or "%s =" % directive, occurrence)
+        wanted = ["[emerg]", "%s:%d:" % (path, line), "[%s]" % section, message]
+        if directive is not None:
+            wanted.append(" %s:" % directive)
+        for reported in err.splitlines():
+            if all(part in reported for part in wanted):
+                return reported
+        self.fail("no line with %r in:\n%s" % (wanted, err))
+
+    def test_sample_conf_is_valid(self):
+        sample = os.path.join(HERE, "sample.conf")
+        status, out, err = cfg_run(["-t", "-c", sample])
+        self.assertEqual(status, 0, err)
+        self.assertIn("the configuration file %s syntax is ok" % sample, err)
+        self.assertIn("configuration file %s test is successful" % sample, err)
+        self.assertNotIn("[emerg]", err)
+
+    def test_default_file_is_mailproxy_conf_in_the_working_directory(self):
+        directory = CfgTempDir(self)
+        directory.write("mailproxy.conf", CFG_BROKEN["unknown_directive"])
+        done = subprocess.run([sys.executable, MAILPROXY, "-t"], cwd=directory.path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(b"mailproxy.conf", done.stderr)
+        self.assertIn(b'unknown directive "bogus_directive"', done.stderr)
+
+    def test_default_file_is_then_sample_conf(self):
+        directory = CfgTempDir(self)
+        done = subprocess.run([sys.executable, MAILPROXY, "-t"], cwd=directory.path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(os.path.join(HERE, "sample.conf").encode(), done.stderr)
+
+    def test_unknown_directive(self):
+        self.assertReported("unknown_directive", "server imap", "bogus_directive",
+                            'unknown directive "bogus_directive"')
+
+    def test_directive_in_the_wrong_section(self):
+        self.assertReported("listen_in_mail", "mail", "listen",
+                            '"listen" directive is not allowed in [mail]')
+        self.assertReported("main_directive_in_server", "server imap", "worker_connections",
+                            '"worker_connections" directive is not allowed in [server NAME]')
+        self.assertReported("mail_directive_in_main", "main", "timeout",
+                            '"timeout" directive is not allowed in [main]')
+
+    def test_duplicate_directive(self):
+        self.assertReported("duplicate_directive", "mail", "timeout",
+                            '"timeout" directive is duplicate', occurrence=2)
+
+    def test_duplicate_section(self):
+        self.assertReported("duplicate_section", "mail", None, "section is duplicated",
+                            at="[mail]", occurrence=2)
+
+    def test_bad_values(self):
+        self.assertReported("bad_size", "server imap", "proxy_buffer", 'invalid size "16q"')
+        self.assertReported("bad_time", "server imap", "timeout", 'invalid time "1x"')
+        self.assertReported("two_times", "server imap", "timeout", "takes one value, got 2")
+        self.assertReported("bad_flag", "server imap", "proxy_pass_error_message",
+                            'invalid value "maybe", it must be "on" or "off"')
+        self.assertReported("bad_number", "server imap", "max_errors", 'invalid number "many"')
+        self.assertReported("bad_protocol", "server imap", "protocol", 'unknown protocol "ftp"')
+        self.assertReported("bad_log_level", "main", "error_log", 'invalid log level "loud"')
+
+    def test_not_supported_yet(self):
+        for name, directive in sorted(mp.DIRECTIVES.items()):
+            if not directive.supported:
+                section = "main" if "main" in directive.contexts else (
+                    "mail" if "mail" in directive.contexts else "server imap")
+                self.assertReported("not_supported", section, name, '"%s" is not supported yet' % name)
+        self.assertReported("not_supported", "main", "worker_processes", "not supported yet")
+
+    def test_removed_ssl_directive(self):
+        reported = self.assertReported("removed_ssl", "server imap", "ssl", "1.25.1")
+        self.assertIn('"ssl" directive was removed', reported)
+        self.assertIn("listen ... ssl", reported)
+
+    def test_missing_listen(self):
+        self.assertReported("no_listen", "server imap", "listen",
+                            'no "listen" is defined for server', at="[server imap]")
+
+    def test_missing_proxy_pass(self):
+        self.assertReported("no_proxy_pass", "server imap", "proxy_pass",
+                            'no "proxy_pass" is defined for server', at="[server imap]")
+
+    def test_unknown_protocol(self):
+        self.assertReported("unknown_protocol", "server imap", "protocol",
+                            "unknown mail protocol for server", at="[server imap]")
+
+    def test_duplicate_address_and_port_pair(self):
+        self.assertReported("duplicate_pair", "server second", "listen",
+                            'duplicate "127.0.0.1:18143" address and port pair', occurrence=2)
+
+    def test_unknown_section(self):
+        self.assertReported("unknown_section", "mian", None, 'unknown section "[mian]"', at="[mian]")
+
+    def test_bad_users(self):
+        self.assertReported("bad_users", "users", "dave", "must start with a {SCHEME}")
+        self.assertReported("bad_users", "users", "erin", 'unknown password scheme "{MD5}"')
+        self.assertReported("bad_users", "users", "frank", "{SHA512-CRYPT} data must be a $6$ crypt string")
+        self.assertReported("bad_users", "users", "gina", "{SHA256-CRYPT} data must be a $5$ crypt string")
+        self.assertReported("bad_users", "users", "hank", "{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH")
+
+    def test_bad_routes(self):
+        self.assertReported("bad_routes", "routes", "carol", 'invalid port in "127.0.0.1:99999"')
+        self.assertReported("bad_routes", "routes", "dan", "invalid address")
+
+    def test_line_without_equals_sign(self):
+        # A line without "=" (nginx syntax pasted in) is reported with its
+        # line, section and text, not as configparser's bare ParsingError.
+        self.assertReported("nginx_syntax", "server imap", None, "listen 127.0.0.1:18143;",
+                            at="listen 127.0.0.1")
+
+    def test_directive_before_any_section(self):
+        path, text, status, out, err = self.results["no_section_header"]
+        self.assertEqual(status, 1)
+        self.assertIn("[emerg] %s:1: " % path, err)
+        self.assertIn("section", err)
+
+    def test_every_error_of_a_file_is_reported(self):
+        self.assertReported("many_errors", "main", "worker_connections", 'invalid number "lots"')
+        self.assertReported("many_errors", "mail", "timeout", 'invalid time "soon"')
+        self.assertReported("many_errors", "mail", "bogus", 'unknown directive "bogus"')
+        self.assertReported("many_errors", "server imap", "proxy_buffer", 'invalid size "big"')
+        self.assertReported("many_errors", "server imap", "proxy_pass",
+                            'no "proxy_pass" is defined', at="[server imap]")
+        self.assertReported("many_errors", "users", "eve", "must start with a {SCHEME}")
+
+    def test_file_that_does_not_exist(self):
+        missing = os.path.join(CfgTempDir(self).path, "missing.conf")
+        status, out, err = cfg_run(["-t", "-c", missing])
+        self.assertEqual(status, 1)
+        self.assertIn(missing, err)
+        self.assertIn("No such file or directory", err)
+        self.assertIn("test failed", err)
+
+    def test_errors_stop_the_start_too(self):
+        path, text, _, _, _ = self.results["unknown_directive"]
+        status, out, err = cfg_run(["-c", path], timeout=10)
+        self.assertEqual(status, 1)
+        self.assertIn('unknown directive "bogus_directive"', err)
+
+
+# -- loading: merge, defaults, multi-line values ---------------------------------
+
+class ConfigLoadTests(unittest.TestCase):
+
+    def servers(self, config):
+        return {server.name: server for server in config.servers}
+
+    def test_nginx_defaults(self):
+        config = cfg_load(self, CFG_BASE)
+        server = config.servers[0]
+        self.assertEqual(server.name, "imap")
+        self.assertEqual(server.protocol, "imap")
+        self.assertEqual(server.timeout, 60)
+        self.assertEqual(server.proxy_timeout, 24 * 3600)
+        self.assertEqual(server.proxy_buffer, 4096)
+        self.assertEqual(server.imap_client_buffer, 4096)
+        self.assertEqual(server.max_errors, 5)
+        self.assertEqual(server.imap_capabilities, ["IMAP4", "IMAP4rev1", "UIDPLUS"])
+        self.assertEqual(server.imap_auth, ["plain"])
+        self.assertEqual(server.pop3_capabilities, ["TOP", "USER", "UIDL"])
+        self.assertEqual(server.pop3_auth, ["plain"])
+        self.assertEqual(server.pop3_client_buffer, 128)
+        self.assertIs(server.proxy_pass_error_message, False)
+        self.assertEqual(server.server_name, socket.gethostname())
+        self.assertEqual((server.proxy_pass.host, server.proxy_pass.port), ("127.0.0.1", 1143))
+        self.assertEqual(config.main.worker_connections, 1024)
+        self.assertEqual(config.main.worker_processes, 1)
+        self.assertEqual(config.main.error_log, [mp.ErrorLogSpec("stderr", "info")])
+        self.assertEqual(config.users, {})
+        self.assertEqual(config.routes, {})
+
+    def test_mail_values_reach_every_server_and_a_server_overrides_them(self):
+        config = cfg_load(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+            timeout = 7s
+            imap_capabilities = A B
+            server_name = mail.example.test
+
+            [server one]
+            listen = 127.0.0.1:18143
+            protocol = imap
+
+            [server two]
+            listen = 127.0.0.1:18144
+            protocol = imap
+            timeout = 9s
+            imap_capabilities = C
+            proxy_pass = 127.0.0.2:2143
+        """)
+        servers = self.servers(config)
+        self.assertEqual(servers["one"].timeout, 7)
+        self.assertEqual(servers["two"].timeout, 9)
+        self.assertEqual(servers["one"].imap_capabilities, ["A", "B"])
+        self.assertEqual(servers["two"].imap_capabilities, ["C"])     # replaced, not added
+        self.assertEqual(servers["one"].server_name, "mail.example.test")
+        self.assertEqual(servers["two"].server_name, "mail.example.test")
+        self.assertEqual(servers["one"].proxy_pass.text, "127.0.0.1:1143")
+        self.assertEqual(servers["two"].proxy_pass.text, "127.0.0.2:2143")
+        self.assertEqual(servers["two"].proxy_pass.addresses, ((socket.AF_INET, ("127.0.0.2", 2143)),))
+
+    def test_protocol_from_the_port(self):
+        servers = self.servers(cfg_load(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+
+            [server i]
+            listen = 127.0.0.1:143
+
+            [server p]
+            listen = 127.0.0.1:110
+
+            [server explicit]
+            listen = 127.0.0.1:18110
+                     127.0.0.2:110
+            protocol = imap
+        """))
+        self.assertEqual(servers["i"].protocol, "imap")
+        self.assertEqual(servers["p"].protocol, "pop3")
+        self.assertEqual(servers["explicit"].protocol, "imap")
+
+    def test_multi_line_values(self):
+        servers = self.servers(cfg_load(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+            imap_capabilities = IMAP4rev1 ID
+                                "X-ONE TWO" THREE
+                                LITERAL+
+            server_name = "mail
+                example"
+
+            [server imap]
+            listen = 127.0.0.1:18143
+                     127.0.0.1:18144 backlog=7
+            protocol = imap
+            imap_auth = plain
+                        LOGIN
+        """))
+        server = servers["imap"]
+        self.assertEqual([(l.host, l.port, l.backlog) for l in server.listen],
+                         [("127.0.0.1", 18143, 511), ("127.0.0.1", 18144, 7)])
+        self.assertEqual(server.imap_capabilities, ["IMAP4rev1", "ID", "X-ONE TWO", "THREE", "LITERAL+"])
+        self.assertEqual(server.imap_auth, ["plain", "login"])
+        self.assertEqual(server.server_name, "mail example")           # joined with a space
+
+    def test_a_single_value_continued_is_one_occurrence(self):
+        path, errors = cfg_errors(self, CFG_BASE, """\
+            timeout = 1m
+              30s
+        """)
+        self.assertEqual([(e.section, e.directive, e.message) for e in errors],
+                         [("server imap", "timeout", "takes one value, got 2")])
+
+    def test_value_begins_on_the_next_line(self):
+        server = cfg_load(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+
+            [server imap]
+            listen =
+                127.0.0.1:18143
+                127.0.0.1:18144
+            protocol = imap
+        """).servers[0]
+        self.assertEqual([l.port for l in server.listen], [18143, 18144])
+
+    def test_percent_is_an_ordinary_character(self):
+        server = cfg_load(self, CFG_BASE, """\
+            server_name = 100%(name)s%%
+            imap_capabilities = X-50% %Y
+        """).servers[0]
+        self.assertEqual(server.server_name, "100%(name)s%%")
+        self.assertEqual(server.imap_capabilities, ["X-50%", "%Y"])
+
+    def test_quoted_arguments(self):
+        server = cfg_load(self, CFG_BASE, """\
+            imap_capabilities = "X-ONE TWO" THREE
+            pop3_capabilities = 'SASL PLAIN' "quote \\" inside"
+        """).servers[0]
+        self.assertEqual(server.imap_capabilities, ["X-ONE TWO", "THREE"])
+        self.assertEqual(server.pop3_capabilities, ["SASL PLAIN", 'quote " inside'])
+
+    def test_relative_error_log_is_taken_from_the_config_directory(self):
+        directory = CfgTempDir(self)
+        path = directory.write("mailproxy.conf", """\
+            [main]
+            error_log = logs/mail.log info
+                        /var/log/absolute.log
+                        stderr debug
+        """ + CFG_BASE)
+        config = mp.load_config(path)
+        base = os.path.dirname(os.path.abspath(path))
+        self.assertEqual(config.main.error_log, [
+            mp.ErrorLogSpec(os.path.join(base, "logs", "mail.log"), "info"),
+            mp.ErrorLogSpec("/var/log/absolute.log", "error"),       # nginx's default level
+            mp.ErrorLogSpec("stderr", "debug")])
+
+    def test_keys_are_case_sensitive(self):
+        path, errors = cfg_errors(self, CFG_BASE, """\
+            Timeout = 5s
+        """)
+        self.assertEqual([e.message for e in errors], ['unknown directive "Timeout"'])
+
+    def test_error_fields(self):
+        path, errors = cfg_errors(self, CFG_BASE, """\
+            timeout = 1x
+        """)
+        self.assertEqual(len(errors), 1)
+        error = errors[0]
+        self.assertEqual((error.file, error.section, error.directive, error.line),
+                         (path, "server imap", "timeout", 7))
+        self.assertEqual(str(error), '%s:7: [server imap] timeout: invalid time "1x"' % path)
+
+    def test_duplicate_pair_within_one_server_and_by_wildcard_spelling(self):
+        path, errors = cfg_errors(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+
+            [server a]
+            listen = 127.0.0.1:18143
+                     127.0.0.1:18143
+            protocol = imap
+
+            [server b]
+            listen = *:18150
+            protocol = imap
+
+            [server c]
+            listen = 18150
+            protocol = imap
+        """)
+        messages = sorted(e.message for e in errors)
+        self.assertEqual(messages, ['duplicate "0.0.0.0:18150" address and port pair',
+                                    'duplicate "127.0.0.1:18143" address and port pair'])
+
+    def test_duplicate_pair_in_another_ipv6_spelling(self):
+        # [::1] and [0:0::1] are one address: -t must refuse the pair, or
+        # the start would fail in bind().
+        path, errors = cfg_errors(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+
+            [server a]
+            listen = [::1]:18150
+            protocol = imap
+
+            [server b]
+            listen = [0:0::1]:18150
+            protocol = imap
+        """)
+        self.assertEqual([e.message for e in errors],
+                         ['duplicate "[::1]:18150" address and port pair'])
+
+    def test_a_bad_value_is_not_also_reported_missing(self):
+        # A listen/proxy_pass whose value is refused is reported once, not
+        # also as 'no "listen" is defined for server'.
+        path, errors = cfg_errors(self, """\
+            [server imap]
+            listen = 127.0.0.1:18143 ssl
+            protocol = imap
+            proxy_pass = 127.0.0.1:99999
+        """)
+        self.assertEqual(sorted((e.directive, e.message) for e in errors), [
+            ("listen", 'the "ssl" parameter is not supported yet'),
+            ("proxy_pass", 'invalid port in "127.0.0.1:99999"')])
+
+
+# -- [users] and [routes] ---------------------------------------------------------
+
+class ConfigUsersRoutesTests(unittest.TestCase):
+
+    def test_password_kept_verbatim(self):
+        config = cfg_load(self, CFG_BASE, """\
+
+            [users]
+            alice@example.com = {PLAIN}pa ss%+"q
+            bob = {PLAIN}#not a comment; nor this
+            carol = {PLAIN}'single' "double" \\back
+        """)
+        self.assertEqual(config.users["alice@example.com"], mp.PasswordEntry("PLAIN", 'pa ss%+"q'))
+        self.assertEqual(config.users["bob"].data, "#not a comment; nor this")
+        self.assertEqual(config.users["carol"].data, "'single' \"double\" \\back")
+        self.assertTrue(mp.password_matches(config.users["alice@example.com"], b'pa ss%+"q'))
+        self.assertFalse(mp.password_matches(config.users["alice@example.com"], b"pa ss%+q"))
+
+    def test_scheme_names_are_case_insensitive(self):
+        sha512 = mp.hash_password(b"pw1", "SHA512-CRYPT")[len("{SHA512-CRYPT}"):]
+        pbkdf2 = mp.hash_password(b"pw2", "PBKDF2-SHA256", rounds=1000)[len("{PBKDF2-SHA256}"):]
+        config = cfg_load(self, CFG_BASE, """\
+
+            [users]
+            a = {plain}secret
+            b = {Sha512-Crypt}%s
+            c = {pbkdf2-sha256}%s
+        """ % (sha512, pbkdf2))
+        self.assertEqual(config.users["a"], mp.PasswordEntry("PLAIN", "secret"))
+        self.assertEqual(config.users["b"].scheme, "SHA512-CRYPT")
+        self.assertEqual(config.users["c"].scheme, "PBKDF2-SHA256")
+        self.assertTrue(mp.password_matches(config.users["b"], b"pw1"))
+        self.assertTrue(mp.password_matches(config.users["c"], b"pw2"))
+        self.assertFalse(mp.password_matches(config.users["c"], b"pw1"))
+
+    def test_logins_are_case_sensitive_keys(self):
+        config = cfg_load(self, CFG_BASE, """\
+
+            [users]
+            Alice = {PLAIN}one
+            alice = {PLAIN}two
+        """)
+        self.assertEqual(config.users["Alice"].data, "one")
+        self.assertEqual(config.users["alice"].data, "two")
+
+    def test_malformed_pbkdf2_data_is_refused_when_loading(self):
+        # Malformed data must fail -t: passed through, password_matches
+        # would raise at the user's first login and end the whole process.
+        for data in ["0$c2FsdHNhbHQ=$AAAA", "1000$c2FsdA$AAAA", "1000$c2FsdA==$A"]:
+            with self.subTest(data=data):
+                cfg_errors(self, CFG_BASE, """\
+
+                    [users]
+                    zed = {PBKDF2-SHA256}%s
+                """ % data)
+
+    def test_routes(self):
+        config = cfg_load(self, CFG_BASE, """\
+
+            [routes]
+            @example.com = 127.0.0.2
+            bob = 127.0.0.3:2143
+            bob@example.com = 127.0.0.4:3143
+            v6 = [::1]
+        """)
+        proxy_pass = config.servers[0].proxy_pass
+        route = mp.route_for(config.routes, proxy_pass, "alice@example.com")
+        self.assertEqual((route.host, route.port), ("127.0.0.2", 1143))      # proxy_pass's port
+        self.assertEqual(route.addresses, ((socket.AF_INET, ("127.0.0.2", 1143)),))
+        route = mp.route_for(config.routes, proxy_pass, "bob")
+        self.assertEqual((route.host, route.port), ("127.0.0.3", 2143))
+        self.assertEqual(route.addresses, ((socket.AF_INET, ("127.0.0.3", 2143)),))
+        route = mp.route_for(config.routes, proxy_pass, "bob@example.com")   # login before domain
+        self.assertEqual((route.host, route.port), ("127.0.0.4", 3143))
+        route = mp.route_for(config.routes, proxy_pass, "v6")
+        self.assertEqual((route.host, route.port), ("::1", 1143))
+        self.assertEqual(route.addresses[0][1][:2], ("::1", 1143))
+        self.assertIs(mp.route_for(config.routes, proxy_pass, "carol@other.test"), proxy_pass)
+        self.assertIs(mp.route_for(config.routes, proxy_pass, "carol"), proxy_pass)
+
+    def test_route_port_follows_each_servers_proxy_pass(self):
+        config = cfg_load(self, """\
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = 127.0.0.1:1143
+
+            [server pop3]
+            listen = 127.0.0.1:18110
+            protocol = pop3
+            proxy_pass = 127.0.0.1:1110
+
+            [routes]
+            @example.com = 127.0.0.2
+        """)
+        ports = [mp.route_for(config.routes, server.proxy_pass, "x@example.com").port
+                 for server in config.servers]
+        self.assertEqual(ports, [1143, 1110])
+
+
+# -- -v, usage, --hash-password ------------------------------------------------------
+
+class ConfigCommandLineTests(unittest.TestCase):
+
+    def test_version(self):
+        status, out, err = cfg_run(["-v"])
+        self.assertEqual(status, 0)
+        self.assertIn("mailproxy/" + mp.__version__, out + err)
+
+    def test_unknown_option(self):
+        for args in (["-x"], ["--bogus"], ["-c"]):
+            status, out, err = cfg_run(args)
+            self.assertEqual(status, 2, args)
+            self.assertIn("usage:", err)
+
+    def hash(self, args, password: bytes) -> str:
+        status, out, err = cfg_run(["--hash-password"] + args, stdin=password)
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out.count("\n"), 1, out)
+        return out.strip()
+
+    def test_hash_password_default_scheme(self):
+        value = self.hash([], b"secret\n")
+        self.assertTrue(value.startswith("{PBKDF2-SHA256}"), value)
+        entry = mp.parse_password_entry(value)
+        self.assertTrue(mp.password_matches(entry, b"secret"))
+        self.assertFalse(mp.password_matches(entry, b"secret\n"))
+        self.assertFalse(mp.password_matches(entry, b"Secret"))
+
+    def test_hash_password_crypt_schemes(self):
+        for scheme in ("SHA512-CRYPT", "SHA256-CRYPT", "sha512-crypt"):
+            value = self.hash([scheme], b"secret\r\n")
+            self.assertTrue(value.startswith("{%s}$%s$" % (scheme.upper(), "6" if "512" in scheme else "5")), value)
+            entry = mp.parse_password_entry(value)
+            self.assertTrue(mp.password_matches(entry, b"secret"), scheme)
+            self.assertFalse(mp.password_matches(entry, b"secreT"), scheme)
+
+    def test_hash_password_spaces_and_utf8(self):
+        password = "pä ss wörd %+\"'".encode("utf-8")
+        for args in ([], ["SHA512-CRYPT"], ["PLAIN"]):
+            entry = mp.parse_password_entry(self.hash(args, password + b"\n"))
+            self.assertTrue(mp.password_matches(entry, password), args)
+            self.assertFalse(mp.password_matches(entry, password + b"x"), args)
+
+    def test_hash_password_output_loads_as_a_users_entry(self):
+        value = self.hash(["SHA256-CRYPT"], b"from the file\n")
+        config = cfg_load(self, CFG_BASE, "[users]\nalice = " + value + "\n")
+        self.assertTrue(mp.password_matches(config.users["alice"], b"from the file"))
+
+    def test_hash_password_refuses_empty_input_and_unknown_scheme(self):
+        for stdin in (b"", b"\n"):
+            status, out, err = cfg_run(["--hash-password"], stdin=stdin)
+            self.assertEqual(status, 1, stdin)
+            self.assertEqual(out, "")
+            self.assertIn("no password", err)
+        status, out, err = cfg_run(["--hash-password", "md5"], stdin=b"secret\n")
+        self.assertEqual(status, 1)
+        self.assertIn("unknown scheme", err)
+
+
+# -- the running program -----------------------------------------------------------
+
+class ConfigProcessTests(unittest.TestCase):
+    """mailproxy.py -c FILE in a subprocess: start, signals, reload."""
+
+    def config(self, directory, port, backend_port=1143, password="old", extra=""):
+        """The test's file; ``extra`` (flush left) goes at the end of [server imap]."""
+        return directory.write("mailproxy.conf", textwrap.dedent("""\
+            [main]
+            error_log = stderr info
+
+            [mail]
+            proxy_pass = 127.0.0.1:%d
+            auth_delay = 100ms
+            server_name = mail.test
+
+            [users]
+            alice = {PLAIN}%s
+
+            [server imap]
+            listen = 127.0.0.1:%d
+            protocol = imap
+        """) % (backend_port, password, port) + extra)
+
+    def start(self, path):
+        proxy = CfgProxy(self, path)
+        started = proxy.wait_for("started")
+        self.assertIsNotNone(started, "no 'started' line:\n" + proxy.stderr)
+        return proxy
+
+    def test_start_greet_and_sigterm(self):
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        proxy = self.start(self.config(directory, port))
+        self.assertIn("listening on 127.0.0.1:%d" % port, proxy.stderr)
+        client = CfgImapClient(self, port)
+        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+        client.send(b"a1 CAPABILITY\r\n")
+        self.assertEqual(client.line(), b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
+        self.assertEqual(client.line(), b"a1 OK completed\r\n")
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertEqual(client.line(), b"")          # the session was closed at once
+
+    def test_port_in_use(self):
+        directory = CfgTempDir(self)
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            port = holder.getsockname()[1]
+            proxy = CfgProxy(self, self.config(directory, port))
+            self.assertEqual(proxy.wait_exit(5), 1)
+        self.assertIn("bind() to 127.0.0.1:%d failed" % port, proxy.stderr)
+        self.assertNotIn("Traceback", proxy.stderr)
+
+    def test_sigquit_without_sessions(self):
+        directory = CfgTempDir(self)
+        proxy = self.start(self.config(directory, cfg_free_port()))
+        proxy.send_signal("SIGQUIT")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertIn("gracefully shutting down", proxy.stderr)
+
+    def test_sigquit_lets_a_session_finish(self):
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        proxy = self.start(self.config(directory, port))
+        client = CfgImapClient(self, port)
+        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+        mark = proxy.mark()
+        proxy.send_signal("SIGQUIT")
+        self.assertIsNotNone(proxy.wait_for("gracefully shutting down", mark), proxy.stderr)
+        self.assertTrue(cfg_refused_soon(port), "still accepting after SIGQUIT")
+        client.send(b"a1 NOOP\r\n")
+        self.assertEqual(client.line(), b"a1 OK completed\r\n")
+        self.assertIsNone(proxy.proc.poll())
+        client.send(b"a2 LOGOUT\r\n")
+        self.assertEqual(client.line(), b"* BYE\r\n")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+
+    def test_sighup_reloads_the_user_table(self):
+        backend = CfgFakeImapBackend(self)
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        path = self.config(directory, port, backend.port, password="old")
+        proxy = self.start(path)
+        self.assertEqual(cfg_imap_login(self, port, "alice", "old"), b"a1 OK LOGIN completed\r\n")
+        self.config(directory, port, backend.port, password="new")
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        started = time.monotonic()
+        self.assertEqual(cfg_imap_login(self, port, "alice", "old"),
+                         b"a1 NO Invalid login or password\r\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.09)     # auth_delay
+        self.assertEqual(cfg_imap_login(self, port, "alice", "new"), b"a1 OK LOGIN completed\r\n")
+        self.assertIn(b"new\r\n", backend.received)
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+
+    def test_sighup_with_an_invalid_file_keeps_the_old_configuration(self):
+        backend = CfgFakeImapBackend(self)
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        path = self.config(directory, port, backend.port, password="old")
+        proxy = self.start(path)
+        self.config(directory, port, backend.port, password="new", extra="bogus_directive = 1\n")
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("reload failed", mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for('unknown directive "bogus_directive"', mark), proxy.stderr)
+        self.assertEqual(cfg_imap_login(self, port, "alice", "old"), b"a1 OK LOGIN completed\r\n")
+        self.assertIsNone(proxy.proc.poll())
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+
+    def test_sighup_opens_new_listeners(self):
+        directory = CfgTempDir(self)
+        port, second = cfg_free_port(), cfg_free_port()
+        proxy = self.start(self.config(directory, port))
+        self.config(directory, port, extra="\n[server second]\nlisten = 127.0.0.1:%d\nprotocol = imap\n" % second)
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        client = CfgImapClient(self, second)
+        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+
+    def test_check_and_start_agree_on_a_wildcard_and_an_address_of_one_port(self):
+        # nginx accepts "*:P" and "127.0.0.1:P" together (it binds the
+        # wildcard only); mailproxy binds each listen, so -t and the start
+        # must agree: both refuse it.
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        path = directory.write("mailproxy.conf", """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+
+            [server any]
+            listen = 0.0.0.0:%d
+            protocol = imap
+
+            [server loopback]
+            listen = 127.0.0.1:%d
+            protocol = imap
+        """ % (port, port))
+        status, out, err = cfg_run(["-t", "-c", path])
+        proxy = CfgProxy(self, path)
+        started = proxy.wait_for("started") is not None
+        self.assertEqual(status == 0, started, "-t exit %d; start:\n%s" % (status, proxy.stderr))
+
+    def test_error_log_in_a_server_section_is_used(self):
+        # error_log in [server NAME] (and [mail]) sends that server's
+        # session lines to its own file, as nginx.
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        log_path = os.path.join(directory.path, "server.log")
+        proxy = self.start(self.config(directory, port, extra="error_log = server.log info\n"))
+        client = CfgImapClient(self, port)
+        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+        client.send(b"a1 LOGOUT\r\n")
+        self.assertEqual(client.line(), b"* BYE\r\n")
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertTrue(os.path.exists(log_path), "server.log was not created")
+        with open(log_path) as handle:
+            self.assertIn("connected to 127.0.0.1:%d" % port, handle.read())
+
+
 # ########################################################################## #
 #                              Wire primitives                               #
 # ########################################################################## #
