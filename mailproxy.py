@@ -1206,6 +1206,27 @@ class ClientMachine:
         """The longest command accepted (imap_client_buffer, pop3_client_buffer)."""
         return getattr(self.settings, self.protocol + "_client_buffer")
 
+    def _step(self, events: list) -> bool:
+        """One command line (POP3, SMTP; IMAP has literals and its own).
+        Returns False when it needs more data."""
+        limit = self.buffer_size
+        line = self._take_line(limit)
+        if line is None:
+            if len(self._input) >= limit:
+                # nginx: "client sent too long command", the invalid reply, close.
+                self._output += self.INVALID
+                self._finish(events, Closed("client sent too long command"))
+            return False
+        if self.sasl != SaslState.NONE:
+            self._sasl_line(events, strip_eol(line))
+        else:
+            self._command_line(events, line)
+        return True
+
+    def _command_line(self, events: list, line: bytes) -> None:
+        """Protocol hook: handle one command line."""
+        raise NotImplementedError
+
     def _take_line(self, limit: int) -> Optional[bytes]:
         """The next line (with its LF) from the input, or None if incomplete."""
         end = self._input.find(b"\n", 0, limit)
@@ -1691,23 +1712,12 @@ class Pop3Machine(ClientMachine):
     def _after_auth_failure(self) -> None:
         self.state = Pop3State.START
 
-    def _step(self, events: list) -> bool:
-        limit = self.buffer_size
-        line = self._take_line(limit)
-        if line is None:
-            if len(self._input) >= limit:
-                # nginx: "client sent too long command", -ERR, close.
-                self._output += POP3_INVALID
-                self._finish(events, Closed("client sent too long command"))
-            return False
-        if self.sasl != SaslState.NONE:
-            self._sasl_line(events, strip_eol(line))
-            return True
+    def _command_line(self, events: list, line: bytes) -> None:
         parsed = parse_pop3_command(line)
         if parsed is None:
             self.state = Pop3State.START
             self._invalid(events, True)
-            return True
+            return
         name, args = parsed
         allowed = (b"PASS", b"CAPA", b"QUIT", b"NOOP") if self.state == Pop3State.USER \
             else (b"USER", b"CAPA", b"APOP", b"AUTH", b"QUIT", b"NOOP", b"STLS")
@@ -1716,12 +1726,11 @@ class Pop3Machine(ClientMachine):
             # and takes the dialogue back to the start.
             self.state = Pop3State.START
             self._invalid(events, False)
-            return True
+            return
         handler = {b"USER": self._user, b"PASS": self._pass, b"APOP": self._apop,
                    b"AUTH": self._auth, b"CAPA": self._capa, b"QUIT": self._quit,
                    b"NOOP": self._noop, b"STLS": self._stls}[name]
         handler(events, args)
-        return True
 
     def failure_reply(self, text: bytes) -> bytes:
         return b"-ERR " + text + b"\r\n"
@@ -1847,31 +1856,20 @@ class SmtpMachine(ClientMachine):
         return b"".join(b"250-" + line + b"\r\n" for line in encoded[:-1]) + \
             b"250 " + encoded[-1] + b"\r\n"
 
-    def _step(self, events: list) -> bool:
-        limit = self.buffer_size
-        line = self._take_line(limit)
-        if line is None:
-            if len(self._input) >= limit:
-                self._output += SMTP_INVALID
-                self._finish(events, Closed("client sent too long command"))
-            return False
-        if self.sasl != SaslState.NONE:
-            self._sasl_line(events, strip_eol(line))
-            return True
+    def _command_line(self, events: list, line: bytes) -> None:
         parsed = parse_smtp_command(line)
         if parsed is None or (b"\r" in strip_eol(line) and not self._takes_text(line)):
             self._invalid(events, True)
-            return True
+            return
         verb, args, text = parsed
         if verb in (b"HELO", b"EHLO", b"MAIL", b"RCPT") and (
                 SMTP_CONTROL_BYTES.search(text) or not line.endswith(b"\r\n")):
             self._output += SMTP_INVALID_ARGUMENT      # never stored, never replayed
-            return True
+            return
         handler = {b"HELO": self._helo, b"EHLO": self._helo, b"AUTH": self._auth,
                    b"QUIT": self._quit, b"NOOP": self._noop, b"MAIL": self._mail,
                    b"RCPT": self._rcpt, b"RSET": self._rset}.get(verb, self._refuse)
         handler(events, verb, args, text)
-        return True
 
     @staticmethod
     def _takes_text(line: bytes) -> bool:
