@@ -2359,6 +2359,1013 @@ class BackendLoginTests(unittest.TestCase):
 
 
 # ########################################################################## #
+#                           End-to-end harness                               #
+# ########################################################################## #
+# The real proxy (a Worker and its event loop, in a thread) between a test
+# Client and a fake backend, all on loopback.  A test reads as a transcript:
+#
+#     client.expect(rb"^\* OK IMAP4 ready\r\n$")     # the next line must match
+#     client.send("a1 LOGIN alice secret")           # a str gets its CRLF
+#
+# and then looks at what the backend received and what the proxy logged.
+
+MEGABYTE = 1024 * 1024
+
+# How mailproxy logs alice in to an IMAP backend (nginx does the same): the
+# client's own tag and synchronizing literals, each sent after the "+".
+IMAP_LOGIN_ON_THE_WIRE = b"a1 LOGIN {5}\r\n" + b"alice {6}\r\n" + b"secret\r\n"
+POP3_LOGIN_ON_THE_WIRE = b"USER alice\r\n" + b"PASS secret\r\n"
+
+
+def free_port() -> int:
+    """A loopback TCP port that nobody listens on (the kernel's pick, released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def message_bytes(size: int) -> bytes:
+    """``size`` pseudo-random bytes, the same every run.  They never repeat in
+    step with a buffer size, so a lost, doubled or swapped chunk changes the
+    sha256 (a repeated pattern could hide it)."""
+    return hashlib.shake_128(b"message of %d bytes" % size).digest(size)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(condition, timeout: float = 3.0, what: str = "condition") -> None:
+    """Poll ``condition()`` until it is true; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(0.01)
+
+
+def proxy_config(protocol: str, backend_port: int, **mail) -> str:
+    """The INI text of a proxy with one server for ``protocol`` on a free
+    loopback port, passing to 127.0.0.1:``backend_port``, with one user
+    (alice, password "secret").  ``mail`` adds or overrides [mail] directives:
+    proxy_config("imap", port, timeout="1s")."""
+    directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "200ms"}
+    directives.update(mail)
+    lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
+    lines += ["%s = %s" % item for item in directives.items()]
+    lines += ["", "[server %s]" % protocol,
+              "listen = 127.0.0.1:%d" % free_port(),
+              "protocol = %s" % protocol,
+              "proxy_pass = 127.0.0.1:%d" % backend_port,
+              "", "[users]", "alice = {PLAIN}secret", ""]
+    return "\n".join(lines)
+
+
+class MemoryErrorLogs:
+    """Stands in for mp.ErrorLogs (the [main] log and each server's own):
+    every line goes to one in-memory ErrorLog."""
+
+    def __init__(self, log: mp.ErrorLog):
+        self.main = log
+
+    def for_server(self, server: mp.Settings) -> mp.ErrorLog:
+        return self.main
+
+    def close(self) -> None:
+        pass
+
+
+class ProxyUnderTest:
+    """mailproxy configured from INI text, its event loop in a daemon thread,
+    its error log in memory.  Use as a context manager; ``port`` is where it
+    listens, ``worker`` the Worker (its ``sessions`` may be looked at).
+
+    If the event loop dies of an exception, the traceback is kept and
+    stopping the proxy fails the test with it."""
+
+    def __init__(self, config_text: str):
+        self.directory = tempfile.TemporaryDirectory()
+        self.worker = None
+        try:
+            path = write_file(self.directory.name, "mailproxy.conf", config_text)
+            self.config = mp.load_config(path)
+            self.log_file = io.BytesIO()
+            log = mp.ErrorLog([(self.log_file, "info")])
+            self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
+            self.worker.open_listeners(self.config)
+        except BaseException:
+            if self.worker is not None:
+                self.worker.loop.close()
+            self.directory.cleanup()
+            raise
+        self.port = self.config.servers[0].listen[0].port
+        self.crash = None              # the loop's traceback, if it died
+        self.thread = threading.Thread(target=self._run, name="mailproxy loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.loop.run()
+        except BaseException:
+            import traceback
+            self.crash = traceback.format_exc()
+
+    def __enter__(self) -> "ProxyUnderTest":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the loop (as SIGTERM would), close every socket it had open."""
+        if self.thread.is_alive():
+            self.worker.loop.call_soon_threadsafe(self.worker.stop_now)
+            self.thread.join(5)
+        hung = self.thread.is_alive()
+        if not hung:                   # the loop is ours now: clean up after a crash too
+            for session in list(self.worker.sessions):
+                session.client.close()
+                if session.backend is not None:
+                    session.backend.close()
+            for listener in self.worker.listeners.values():
+                listener.close()
+            self.worker.loop.close()
+        self.directory.cleanup()
+        if self.crash:
+            raise AssertionError("the proxy's event loop crashed:\n" + self.crash)
+        if hung:
+            raise AssertionError("the proxy's event loop did not stop")
+
+    def assert_alive(self) -> None:
+        if self.crash or not self.thread.is_alive():
+            raise AssertionError("the proxy's event loop is dead:\n%s" % self.crash)
+
+    # -- what the proxy logged, and holds ------------------------------------
+    @property
+    def log(self) -> str:
+        return self.log_file.getvalue().decode("utf-8", "replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 3.0) -> "re.Match":
+        """The first match of ``pattern`` in the log, waiting for it to appear
+        (the proxy writes some lines after it has closed the socket)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise AssertionError("no %r in the error log:\n%s" % (pattern, self.log))
+            time.sleep(0.01)
+
+    def sessions(self) -> list:
+        return list(self.worker.sessions)      # a copy: the loop thread changes the set
+
+    def buffered(self) -> int:
+        """Bytes waiting in the proxy's output buffers now, all sessions."""
+        total = 0
+        for session in self.sessions():
+            backend = session.backend
+            total += len(session.client.out) + (len(backend.out) if backend is not None else 0)
+        return total
+
+
+class Client:
+    """A test's end of one connection to the proxy.
+
+    send("a1 NOOP") sends a line (the CRLF is added); send(b"...") sends
+    bytes as they are.  expect(rb"^a1 OK") reads the next line (with its
+    CRLF) and fails the test unless it matches; read_exactly(n) reads n bytes;
+    expect_closed() wants the proxy to close with nothing more said.  Every
+    read gives up after ``timeout`` seconds, saying what it had read."""
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        self.timeout = timeout
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.pending = bytearray()     # received, not consumed yet
+        self.lines = []                # the last lines consumed, for failure messages
+        self.sent = 0                  # bytes sent, and received, in all
+        self.received = 0
+
+    def send(self, data) -> None:
+        if isinstance(data, str):
+            data = data.encode() + b"\r\n"
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def _receive(self, deadline: float, waiting_for: str) -> bool:
+        """Read once into ``pending``; False at the end of the stream."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._timed_out(waiting_for)
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(MEGABYTE)
+        except socket.timeout:
+            self._timed_out(waiting_for)
+        except ConnectionResetError:
+            data = b""
+        self.received += len(data)
+        self.pending += data
+        return bool(data)
+
+    def _timed_out(self, waiting_for: str) -> None:
+        raise AssertionError("%s: gave up after %.1fs; last lines %r, then %r"
+                             % (waiting_for, self.timeout, self.lines[-3:],
+                                bytes(self.pending[:200])))
+
+    def read_line(self) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            end = self.pending.find(b"\n")
+            if end >= 0:
+                line = bytes(self.pending[:end + 1])
+                del self.pending[:end + 1]
+                self.lines = self.lines[-9:] + [line]
+                return line
+            if not self._receive(deadline, "waiting for a line"):
+                raise AssertionError("the proxy closed the connection; expected a line, "
+                                     "last lines %r, then %r" % (self.lines[-3:], bytes(self.pending)))
+
+    def expect(self, pattern: bytes) -> "re.Match":
+        line = self.read_line()
+        match = re.search(pattern, line)
+        if match is None:
+            raise AssertionError("expected %r, got %r (lines before: %r)"
+                                 % (pattern, line, self.lines[-4:-1]))
+        return match
+
+    def read_exactly(self, size: int) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        while len(self.pending) < size:
+            if not self._receive(deadline, "reading %d bytes" % size):
+                raise AssertionError("the proxy closed the connection after %d of %d bytes"
+                                     % (len(self.pending), size))
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
+        return data
+
+    def expect_closed(self) -> None:
+        """The proxy closes the connection, and says nothing more before."""
+        deadline = time.monotonic() + self.timeout
+        while not self.pending and self._receive(deadline, "waiting for the close"):
+            pass
+        if self.pending:
+            raise AssertionError("expected the proxy to close the connection, got %r"
+                                 % bytes(self.pending[:200]))
+
+    def expect_nothing(self, seconds: float) -> None:
+        """For ``seconds``, the proxy says nothing (and does not close)."""
+        if self.pending:
+            raise AssertionError("expected silence, got %r" % bytes(self.pending[:200]))
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(4096)
+        except socket.timeout:
+            return
+        raise AssertionError("expected silence, got %r" % data if data else
+                             "expected silence, the proxy closed the connection")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class BackendWire:
+    """The fake backend's end of one connection: lines and literals in,
+    replies out; every byte received is kept in ``received``."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.received = bytearray()
+        self.pending = bytearray()
+
+    def _more(self) -> bool:
+        data = self.conn.recv(MEGABYTE)
+        self.received += data
+        self.pending += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        """The next line with its CRLF; b"" when the proxy has closed."""
+        while b"\n" not in self.pending:
+            if not self._more():
+                return b""
+        end = self.pending.find(b"\n") + 1
+        line = bytes(self.pending[:end])
+        del self.pending[:end]
+        return line
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.pending) < size:
+            if not self._more():
+                raise ConnectionError("closed in the middle of %d bytes" % size)
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.conn.sendall(data)
+
+
+class FakeBackend:
+    """A mail server on 127.0.0.1 for the proxy to log alice (password
+    "secret") in to: one thread accepts, one thread per connection.
+
+    ``mode``: "normal"; "refuse" (every login is refused); "bad-greeting";
+    "close" (closes each connection at once); "stall" (accepts, never says a
+    word).  ``message`` is what FETCH / RETR send; ``pushed`` counts how much
+    of it has gone out so far.  ``received[i]`` is every byte connection i got.
+    """
+
+    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
+                 capability: bool = False):
+        self.mode = mode
+        self.message = message
+        self.capability = capability
+        self.received = []
+        self.pushed = 0
+        self.stopping = threading.Event()
+        self.connections = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))   # port 0: the kernel picks a free one, race-free
+        self.sock.listen(64)
+        self.sock.settimeout(0.05)         # so that the accept thread sees ``stopping``
+        self.port = self.sock.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept, name="fake backend", daemon=True)]
+        self.threads[0].start()
+
+    def __enter__(self) -> "FakeBackend":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(10)
+            wire = BackendWire(conn)
+            self.received.append(wire.received)
+            self.connections.append(conn)
+            thread = threading.Thread(target=self._serve, args=(wire,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, wire: BackendWire) -> None:
+        try:
+            if self.mode == "stall":
+                self.stopping.wait()
+            elif self.mode != "close":
+                self.serve(wire)
+        except OSError:
+            pass                           # the proxy went away: nothing to do
+        finally:
+            wire.conn.close()
+
+    def serve(self, wire: BackendWire) -> None:
+        raise NotImplementedError
+
+    def push_message(self, wire: BackendWire) -> None:
+        for start in range(0, len(self.message), 65536):
+            wire.send(self.message[start:start + 65536])
+            self.pushed = start + len(self.message[start:start + 65536])
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.threads[0].join(5)            # no new connection after this
+        self.sock.close()
+        for conn in self.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)    # wakes its thread up
+            except OSError:
+                pass
+        for thread in self.threads[1:]:
+            thread.join(5)
+
+
+class FakeImapBackend(FakeBackend):
+    """LOGIN with literals only (the way mailproxy sends it), NOOP, LOGOUT;
+    after login also ``FETCH 1 BODY[]`` (sends ``message``) and
+    ``APPEND INBOX {n}`` (answers with the sha256 of the n bytes)."""
+
+    def serve(self, wire: BackendWire) -> None:
+        if self.mode == "bad-greeting":
+            wire.send(b"* BYE not today\r\n")
+            wire.line()                    # until the proxy hangs up
+            return
+        wire.send(b"* OK fake IMAP ready\r\n")
+        logged_in = False
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
+            command, _, argument = rest.partition(b" ")
+            command = command.upper()
+            if command == b"LOGIN" and not logged_in:
+                logged_in = self.login(wire, tag, argument)
+            elif command == b"NOOP":
+                wire.send(tag + b" OK NOOP completed\r\n")
+            elif command == b"LOGOUT":
+                wire.send(b"* BYE fake IMAP logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
+                return
+            elif command == b"FETCH" and logged_in and argument == b"1 BODY[]":
+                wire.send(b"* 1 FETCH (BODY[] {%d}\r\n" % len(self.message))
+                self.push_message(wire)
+                wire.send(b")\r\n" + tag + b" OK FETCH completed\r\n")
+            elif command == b"APPEND" and logged_in and re.fullmatch(rb"INBOX \{\d+\}", argument):
+                wire.send(b"+ Ready for literal data\r\n")
+                data = wire.exactly(int(argument[7:-1]))
+                if wire.line() != b"\r\n":
+                    return
+                wire.send(tag + b" OK APPEND completed, sha256 %s\r\n" % sha256_hex(data).encode())
+            else:
+                wire.send(tag + b" BAD unknown command\r\n")
+
+    def login(self, wire: BackendWire, tag: bytes, argument: bytes) -> bool:
+        """``LOGIN {n}`` / ``+ go ahead`` / ``login {m}`` / ``+`` / password."""
+        size = re.fullmatch(rb"\{(\d+)\}", argument)
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+ go ahead\r\n")
+        login = wire.exactly(int(size.group(1)))
+        size = re.fullmatch(rb" \{(\d+)\}\r\n", wire.line())
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+\r\n")
+        password = wire.exactly(int(size.group(1)))
+        if wire.line() != b"\r\n":
+            wire.send(tag + b" BAD junk after the password\r\n")
+            return False
+        if self.mode == "refuse" or (login, password) != (b"alice", b"secret"):
+            wire.send(tag + b" NO [AUTHENTICATIONFAILED] bad\r\n")
+            return False
+        if self.capability:
+            wire.send(b"* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n")
+        wire.send(tag + b" OK LOGIN completed\r\n")
+        return True
+
+
+class FakePop3Backend(FakeBackend):
+    """USER/PASS, STAT, NOOP, ``RETR 1`` (sends ``message``, not dot-stuffed:
+    the tests read it by length), a made-up ``XPUT n`` (answers with the
+    sha256 of the n bytes that follow), QUIT."""
+
+    def serve(self, wire: BackendWire) -> None:
+        if self.mode == "bad-greeting":
+            wire.send(b"-ERR not today\r\n")
+            wire.line()
+            return
+        wire.send(b"+OK fake POP3 ready\r\n")
+        login, logged_in = None, False
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            command, _, argument = line.rstrip(b"\r\n").partition(b" ")
+            command = command.upper()
+            if command == b"USER" and not logged_in:
+                login = argument
+                wire.send(b"+OK send PASS\r\n")
+            elif command == b"PASS" and not logged_in and login is not None:
+                if self.mode == "refuse" or (login, argument) != (b"alice", b"secret"):
+                    wire.send(b"-ERR [AUTH] bad\r\n")
+                    login = None
+                else:
+                    logged_in = True
+                    wire.send(b"+OK alice has 1 message\r\n")
+            elif command == b"NOOP" and logged_in:
+                wire.send(b"+OK\r\n")
+            elif command == b"STAT" and logged_in:
+                wire.send(b"+OK 1 %d\r\n" % len(self.message))
+            elif command == b"RETR" and logged_in and argument == b"1":
+                wire.send(b"+OK %d octets\r\n" % len(self.message))
+                self.push_message(wire)
+                wire.send(b"\r\n.\r\n")
+            elif command == b"XPUT" and logged_in and argument.isdigit():
+                wire.send(b"+OK send %d octets\r\n" % int(argument))
+                data = wire.exactly(int(argument))
+                wire.send(b"+OK got them, sha256 %s\r\n" % sha256_hex(data).encode())
+            elif command == b"QUIT":
+                wire.send(b"+OK bye\r\n")
+                return
+            else:
+                wire.send(b"-ERR unknown command\r\n")
+
+
+class EndToEndTestCase(unittest.TestCase):
+    """What the end-to-end tests share: everything a test starts is stopped
+    when it ends, clients first, then the proxy, then the backends."""
+
+    def use(self, resource):
+        """Enter a context manager now; exit it when the test ends."""
+        value = resource.__enter__()
+        self.addCleanup(resource.__exit__, None, None, None)
+        return value
+
+    def start_proxy(self, protocol: str, backend_port: int, **mail) -> ProxyUnderTest:
+        return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, **mail)))
+
+    def connect(self, proxy: ProxyUnderTest, timeout: float = 5.0) -> Client:
+        client = Client(proxy.port, timeout)
+        self.addCleanup(client.close)
+        return client
+
+    def assertSameBytes(self, got: bytes, expected: bytes, what: str) -> None:
+        """Like assertEqual, without printing megabytes when they differ."""
+        if got != expected:
+            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                         min(len(got), len(expected)))
+            self.fail("%s: %d bytes instead of %d, first difference at offset %d: %r vs %r"
+                      % (what, len(got), len(expected), first, got[first:first + 20],
+                         expected[first:first + 20]))
+
+    # -- logins that every test starts with --------------------------------------
+    def imap_login(self, client: Client) -> None:
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+
+    def pop3_login(self, client: Client) -> None:
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+
+
+# ########################################################################## #
+#                          End to end: happy paths                           #
+# ########################################################################## #
+
+class ImapEndToEndTests(EndToEndTestCase):
+    def test_login_then_10_mb_each_way(self):
+        message = message_bytes(10 * MEGABYTE)
+        backend = self.use(FakeImapBackend(message=message, capability=True))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        # The backend's answer to the login, untagged CAPABILITY included.
+        client.expect(rb"^\* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n$")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        # The client's tag and the login as literals, nothing else.
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+        # 10 MB backend -> client.
+        client.send("a2 FETCH 1 BODY[]")
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{10485760\}\r\n$")
+        self.assertSameBytes(client.read_exactly(len(message)), message, "FETCH through the proxy")
+        client.expect(rb"^\)\r\n$")
+        client.expect(rb"^a2 OK FETCH completed\r\n$")
+
+        # 10 MB client -> backend: the backend says the sha256 of what it got.
+        upload = message_bytes(10 * MEGABYTE + 1)
+        client.send("a3 APPEND INBOX {%d}" % len(upload))
+        client.expect(rb"^\+ Ready for literal data\r\n$")
+        client.send(upload + b"\r\n")
+        client.expect(b"^a3 OK APPEND completed, sha256 %s\r\n$" % sha256_hex(upload).encode())
+
+        client.send("a4 LOGOUT")
+        client.expect(rb"^\* BYE fake IMAP logging out\r\n$")
+        client.expect(rb"^a4 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        self.assertSameBytes(
+            bytes(backend.received[0]),
+            IMAP_LOGIN_ON_THE_WIRE + b"a2 FETCH 1 BODY[]\r\n" +
+            b"a3 APPEND INBOX {10485761}\r\n" + upload + b"\r\n" + b"a4 LOGOUT\r\n",
+            "what the backend received")
+        self.assertEqual(len(backend.received), 1)
+
+    def test_pipelined_commands_follow_the_login(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.send(b"a1 LOGIN alice secret\r\na2 NOOP\r\na3 LOGOUT\r\n")     # one send()
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        client.expect(rb"^\* BYE fake IMAP logging out\r\n$")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        self.assertEqual(bytes(backend.received[0]),
+                         IMAP_LOGIN_ON_THE_WIRE + b"a2 NOOP\r\na3 LOGOUT\r\n")
+
+    def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, auth_delay="200ms")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        client.send("a1 LOGIN alice wrong")
+        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.2)
+        self.assertLess(elapsed, 2.0)
+        proxy.wait_for_log(r'client login failed: "wrong password" while in auth state, '
+                           r'client: 127\.0\.0\.1, .*login: "alice"')
+        self.assertEqual(backend.received, [], "a wrong password must not reach the backend")
+        # Same connection, right password.
+        client.send("a2 LOGIN alice secret")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        client.send("a3 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]),
+                         IMAP_LOGIN_ON_THE_WIRE.replace(b"a1", b"a2") + b"a3 LOGOUT\r\n")
+
+    def test_access_line_when_the_session_ends(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        client.send("a3 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"session done:")
+        lines = [line for line in proxy.log.splitlines() if "session done:" in line]
+        self.assertEqual(len(lines), 1, proxy.log)
+        self.assertRegex(lines[0], r"\[info\] \d+#0: \*1 session done: [a-z ]+, "
+                         r"%d bytes from client, %d bytes to client, \d+\.\d{3}s, "
+                         r'client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
+                         r'login: "alice", upstream: 127\.0\.0\.1:%d$'
+                         % (client.sent, client.received, proxy.port, backend.port))
+
+
+class Pop3EndToEndTests(EndToEndTestCase):
+    def test_login_then_10_mb_each_way(self):
+        message = message_bytes(10 * MEGABYTE)
+        backend = self.use(FakePop3Backend(message=message))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")                        # the proxy's
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")    # the backend's
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+        client.send("RETR 1")
+        client.expect(rb"^\+OK 10485760 octets\r\n$")
+        self.assertSameBytes(client.read_exactly(len(message)), message, "RETR through the proxy")
+        client.expect(rb"^\r\n$")
+        client.expect(rb"^\.\r\n$")
+
+        upload = message_bytes(10 * MEGABYTE + 1)
+        client.send("XPUT %d" % len(upload))
+        client.expect(rb"^\+OK send 10485761 octets\r\n$")
+        client.send(upload)
+        client.expect(b"^\\+OK got them, sha256 %s\r\n$" % sha256_hex(upload).encode())
+
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        client.expect_closed()
+        self.assertSameBytes(
+            bytes(backend.received[0]),
+            POP3_LOGIN_ON_THE_WIRE + b"RETR 1\r\nXPUT 10485761\r\n" + upload + b"QUIT\r\n",
+            "what the backend received")
+
+    def test_pipelined_commands_follow_the_login(self):
+        backend = self.use(FakePop3Backend(message=b"x" * 1234))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")     # one send()
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.expect(rb"^\+OK 1 1234\r\n$")
+        client.expect(rb"^\+OK bye\r\n$")
+        client.expect_closed()
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE + b"STAT\r\nQUIT\r\n")
+
+    def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
+        backend = self.use(FakePop3Backend())
+        proxy = self.start_proxy("pop3", backend.port, auth_delay="200ms")
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        started = time.monotonic()
+        client.send("PASS wrong")
+        client.expect(rb"^-ERR Invalid login or password\r\n$")
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)
+        proxy.wait_for_log(r'client login failed: "wrong password"')
+        self.assertEqual(backend.received, [])
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        client.expect_closed()
+
+
+# ########################################################################## #
+#                      End to end: when the backend fails                    #
+# ########################################################################## #
+
+class BackendFailureTests(EndToEndTestCase):
+    def test_backend_down_imap(self):
+        port = free_port()                                   # nobody listens there
+        proxy = self.start_proxy("imap", port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] .*connect\(\) failed \(111: Connection refused\) "
+                           r"while connecting to upstream, .*upstream: 127\.0\.0\.1:%d" % port)
+
+    def test_backend_down_pop3(self):
+        port = free_port()
+        proxy = self.start_proxy("pop3", port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"connect\(\) failed .*upstream: 127\.0\.0\.1:%d" % port)
+
+    def test_backend_refuses_login_imap(self):
+        backend = self.use(FakeImapBackend(mode="refuse"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")     # not the backend's words
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "a1 NO \[AUTHENTICATIONFAILED\] bad"')
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_backend_refuses_login_imap_with_proxy_pass_error_message(self):
+        backend = self.use(FakeImapBackend(mode="refuse"))
+        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 NO \[AUTHENTICATIONFAILED\] bad\r\n$")
+        client.expect_closed()
+
+    def test_backend_refuses_login_pop3(self):
+        backend = self.use(FakePop3Backend(mode="refuse"))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "-ERR \[AUTH\] bad"')
+
+    def test_backend_refuses_login_pop3_with_proxy_pass_error_message(self):
+        backend = self.use(FakePop3Backend(mode="refuse"))
+        proxy = self.start_proxy("pop3", backend.port, proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR \[AUTH\] bad\r\n$")
+        client.expect_closed()
+
+    def test_backend_bad_greeting(self):
+        backend = self.use(FakeImapBackend(mode="bad-greeting"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
+
+    def test_backend_closes_at_once(self):
+        backend = self.use(FakePop3Backend(mode="close"))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream prematurely closed connection")
+
+    def test_backend_stalls(self):
+        backend = self.use(FakeImapBackend(mode="stall"))
+        proxy = self.start_proxy("imap", backend.port, timeout="1s")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 2.5)
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] .*upstream timed out .*upstream: 127\.0\.0\.1:%d"
+                           % backend.port)
+
+
+# ########################################################################## #
+#                      End to end: when the client misbehaves                #
+# ########################################################################## #
+
+class ClientMisbehaviourTests(EndToEndTestCase):
+    def gone_mid_login(self, abort: bool) -> None:
+        """The client sends its login and closes without reading anything.
+        ``abort``: close with a TCP RST (SO_LINGER 0) instead of a FIN."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.send("a1 LOGIN alice secret")
+        if abort:
+            import struct
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        wait_until(lambda: proxy.worker.session_counter == 1, what="the session to start")
+        wait_until(lambda: not proxy.sessions() or proxy.crash, what="the session to end")
+        proxy.assert_alive()
+        self.assertEqual(proxy.sessions(), [])
+        # The proxy still serves.
+        client = self.connect(proxy)
+        self.imap_login(client)
+        client.send("a2 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a2 OK LOGOUT completed\r\n$")
+        proxy.assert_alive()
+
+    def test_client_gone_mid_login(self):
+        self.gone_mid_login(abort=False)
+
+    def test_client_gone_mid_login_with_reset(self):
+        self.gone_mid_login(abort=True)
+
+    def test_max_errors_imap(self):
+        proxy = self.start_proxy("imap", free_port(), max_errors="3")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 FOO")
+        client.expect(rb"^a1 BAD invalid command\r\n$")
+        client.send("a2 BAR")
+        client.expect(rb"^a2 BAD invalid command\r\n$")
+        client.send("a3 BAZ")
+        client.expect(rb"^a3 BAD invalid command\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"\*1 client sent too many invalid commands while in auth state")
+
+    def test_max_errors_pop3(self):
+        proxy = self.start_proxy("pop3", free_port(), max_errors="3")
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        for command in ("FOO", "BAR", "BAZ"):
+            client.send(command)
+            client.expect(rb"^-ERR invalid command\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"client sent too many invalid commands")
+
+    def test_idle_client_is_disconnected_after_timeout(self):
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        started = time.monotonic()
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_closed()                               # and not a byte more
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 1.0)
+        self.assertLess(elapsed, 2.5)
+        proxy.wait_for_log(r"\[info\] .*\*1 client timed out while in auth state")
+
+    def test_random_bytes_do_not_break_the_proxy(self):
+        import random
+        randomness = random.Random(20261120)                 # the same bytes every run
+        pieces = [b"\0", b"\r", b"\n", b"\r\n", b" ", b'"', b"\\", b"{999999}", b"{5+}\r\n",
+                  b"{5}\r\n", b"{4294967296}\r\n", b"x" * 5000, b"a1 LOGIN ", b"a2 AUTHENTICATE ",
+                  b"a3 ID (", b"USER ", b"PASS ", b"AUTH PLAIN ", b"AUTH LOGIN\r\n", b"CAPA\r\n"]
+        for protocol in ("imap", "pop3"):
+            backend = self.use(FakeImapBackend() if protocol == "imap" else FakePop3Backend())
+            proxy = self.start_proxy(protocol, backend.port, timeout="2s")
+            clients = [self.connect(proxy) for _ in range(8)]
+            for client in clients:
+                junk = bytearray()
+                while len(junk) < 4096:
+                    if randomness.random() < 0.5:
+                        junk += randomness.choice(pieces)
+                    else:
+                        junk += bytes(randomness.getrandbits(8)
+                                      for _ in range(randomness.randrange(1, 100)))
+                try:
+                    for start in range(0, len(junk), 512):
+                        client.send(bytes(junk[start:start + 512]))
+                except OSError:
+                    pass                                     # the proxy may hang up
+            time.sleep(0.3)
+            for client in clients:
+                client.close()
+            proxy.assert_alive()
+            # A normal session on a new connection still works end to end.
+            client = self.connect(proxy)
+            if protocol == "imap":
+                self.imap_login(client)
+                client.send("a2 LOGOUT")
+                client.expect(rb"^\* BYE")
+                client.expect(rb"^a2 OK LOGOUT completed\r\n$")
+            else:
+                self.pop3_login(client)
+                client.send("QUIT")
+                client.expect(rb"^\+OK bye\r\n$")
+            client.expect_closed()
+            proxy.assert_alive()
+
+
+# ########################################################################## #
+#                       End to end: resources under load                     #
+# ########################################################################## #
+
+class ResourceTests(EndToEndTestCase):
+    def test_backpressure_bounds_the_buffers(self):
+        message = message_bytes(50 * MEGABYTE)
+        backend = self.use(FakeImapBackend(message=message))
+        proxy = self.start_proxy("imap", backend.port, proxy_buffer="16k")
+        client = self.connect(proxy, timeout=10)
+        self.imap_login(client)
+        client.send("a2 FETCH 1 BODY[]")
+        # The client reads nothing for a second; the proxy must stop reading
+        # the backend instead of buffering the message.
+        peak = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            peak = max(peak, proxy.buffered())
+            time.sleep(0.001)
+        self.assertLess(backend.pushed, len(message), "the backend was never held back")
+        self.assertGreater(peak, 0, "the sampling never saw a buffered byte")
+        # Now read it all, still sampling.
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{52428800\}\r\n$")
+        got = hashlib.sha256()
+        left = len(message)
+        while left:
+            chunk = client.read_exactly(min(left, 256 * 1024))
+            got.update(chunk)
+            left -= len(chunk)
+            peak = max(peak, proxy.buffered())
+        client.expect(rb"^\)\r\n$")
+        client.expect(rb"^a2 OK FETCH completed\r\n$")
+        self.assertEqual(got.hexdigest(), sha256_hex(message))
+        self.assertLessEqual(peak, 16 * 1024)
+
+    def test_many_idle_connections(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        idle = [self.connect(proxy) for _ in range(300)]
+        wait_until(lambda: len(proxy.sessions()) == 300, what="300 sessions")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        client.send("a3 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        for client in idle:
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")      # each one was greeted
+            client.close()
+        wait_until(lambda: not proxy.sessions(), what="the idle sessions to end")
+
+    def test_worker_connections_holds_the_next_client_in_the_backlog(self):
+        proxy = self.use(ProxyUnderTest(proxy_config("imap", free_port()).replace(
+            "worker_connections = 1024", "worker_connections = 2")))
+        first, second = self.connect(proxy), self.connect(proxy)
+        first.expect(rb"^\* OK IMAP4 ready\r\n$")
+        second.expect(rb"^\* OK IMAP4 ready\r\n$")
+        third = self.connect(proxy)                # connect() succeeds: the kernel's backlog
+        third.expect_nothing(0.3)
+        self.assertEqual(len(proxy.sessions()), 2)
+        first.send("a1 LOGOUT")
+        first.expect(rb"^\* BYE\r\n$")
+        first.expect(rb"^a1 OK completed\r\n$")
+        first.expect_closed()
+        third.expect(rb"^\* OK IMAP4 ready\r\n$")          # its turn now
+
+    def test_proxy_timeout_ends_an_idle_relay(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, proxy_timeout="1s")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        started = time.monotonic()
+        client.expect_closed()
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 2.5)
+        proxy.wait_for_log(r"proxied session timed out .*login: \"alice\", upstream: 127\.0\.0\.1:%d"
+                           % backend.port)
+        proxy.wait_for_log(r"session done: proxy_timeout, ")
+
+
+# ########################################################################## #
 #                                  Runner                                    #
 # ########################################################################## #
 
