@@ -45,6 +45,7 @@ import re
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -214,6 +215,7 @@ class Listen(NamedTuple):
     host: str                  # "0.0.0.0", "::" or an address literal
     port: int
     family: int                # socket.AF_INET or socket.AF_INET6
+    ssl: bool = False          # implicit TLS (IMAPS 993, POP3S 995, SMTPS 465)
     backlog: int = NGINX_LISTEN_BACKLOG
     so_keepalive: Optional[Tuple] = None   # None, (False,) or (True, idle, intvl, cnt)
     rcvbuf: Optional[int] = None
@@ -416,11 +418,13 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
     host = str(ip)                     # one spelling per address: [0:0::1] is [::1]
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     options = {"backlog": NGINX_LISTEN_BACKLOG, "so_keepalive": None,
-               "rcvbuf": None, "sndbuf": None, "ipv6only": True}
+               "rcvbuf": None, "sndbuf": None, "ipv6only": True, "ssl": False}
     for flag in args[1:]:
         name, _, value = flag.partition("=")
-        if flag in ("ssl", "proxy_protocol"):
+        if flag == "proxy_protocol":
             raise ValueError_('the "%s" parameter is not supported yet' % flag)
+        elif flag == "ssl":
+            options["ssl"] = True
         elif flag == "bind":
             pass                       # every listen is bound on its own here
         elif name == "backlog" and value:
@@ -433,7 +437,7 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
             options["so_keepalive"] = parse_keepalive(value)
         else:
             raise ValueError_('invalid parameter "%s"' % flag)
-    return Listen(host, port, family, options["backlog"], options["so_keepalive"],
+    return Listen(host, port, family, options["ssl"], options["backlog"], options["so_keepalive"],
                   options["rcvbuf"], options["sndbuf"], options["ipv6only"])
 
 
@@ -462,8 +466,6 @@ def auth_methods_parser(protocol: str) -> Callable:
             method = arg.lower()
             if method not in known:
                 raise ValueError_('invalid value "%s"' % arg)
-            if method == "external":
-                raise ValueError_('"external" is not supported yet (it needs TLS client certificates)')
             methods.append(method)
         return methods
     return parse
@@ -502,6 +504,123 @@ def parse_resolver(args: List[str], base: str = "") -> Optional[ResolverSpec]:
     if not flags["ipv4"] and not flags["ipv6"]:
         raise ValueError_('"ipv4" and "ipv6" cannot both be "off"')
     return ResolverSpec(tuple(servers), valid, flags["ipv4"], flags["ipv6"])
+
+
+def parse_path(args: List[str], base: str = "") -> str:
+    """A file name, relative to the configuration file's directory."""
+    value = one_argument(args)
+    if value.startswith(("data:", "engine:", "store:")):
+        raise ValueError_('"%s" values cannot be loaded with Python\'s ssl module; '
+                          "give a file name" % value.split(":")[0])
+    return os.path.join(base, value)
+
+
+def parse_enum(*choices: str, refused: Optional[Dict[str, str]] = None) -> Callable:
+    """A parser for one word out of ``choices``; ``refused`` maps words nginx
+    knows but we cannot honour to the reason."""
+    def parse(args: List[str], base: str = "") -> str:
+        value = one_argument(args)
+        if refused and value in refused:
+            raise ValueError_('"%s" %s' % (value, refused[value]))
+        if value not in choices:
+            raise ValueError_('invalid value "%s", it must be %s' % (
+                value, " or ".join('"%s"' % choice for choice in choices)))
+        return value
+    return parse
+
+
+TLS_VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+                "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def parse_ssl_protocols(args: List[str], base: str = "") -> List[str]:
+    """``[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]``: a contiguous range, since
+    Python sets a minimum and a maximum version, not a list."""
+    if not args:
+        raise ValueError_("needs at least one protocol")
+    for arg in args:
+        if arg in ("SSLv2", "SSLv3"):
+            raise ValueError_('"%s" is not available through Python\'s ssl module' % arg)
+        if arg not in TLS_VERSIONS:
+            raise ValueError_('invalid value "%s"' % arg)
+    order = list(TLS_VERSIONS)
+    indexes = sorted(order.index(arg) for arg in set(args))
+    if indexes != list(range(indexes[0], indexes[-1] + 1)):
+        raise ValueError_("the protocols must be a range without gaps (Python sets a "
+                          "minimum and a maximum version)")
+    return [order[i] for i in indexes]
+
+
+def parse_ssl_session_cache(args: List[str], base: str = "") -> str:
+    """Python's server contexts keep OpenSSL's built-in session cache; its size
+    and nginx's shared cache across workers cannot be set from Python."""
+    value = one_argument(args)
+    if value == "builtin":
+        return value
+    raise ValueError_('"%s" cannot be honoured with Python\'s ssl module, which always uses '
+                      'OpenSSL\'s built-in cache of its default size: use "builtin"' % value)
+
+
+def parse_ssl_session_timeout(args: List[str], base: str = "") -> float:
+    value = parse_time(args)
+    if value != 300:
+        raise ValueError_("Python's ssl module cannot change OpenSSL's session timeout "
+                          "(5m, nginx's default)")
+    return value
+
+
+def parse_ecdh_curve(args: List[str], base: str = "") -> str:
+    value = one_argument(args)
+    if ":" in value:
+        raise ValueError_("Python's ssl module sets one curve (or auto), not a list")
+    return value
+
+
+def parse_refused(reason: str) -> Callable:
+    def parse(args: List[str], base: str = "") -> None:
+        raise ValueError_(reason)
+    return parse
+
+
+SSL_CONF_COMMANDS = ("Options", "Certificate", "PrivateKey", "MinProtocol", "MaxProtocol")
+SSL_CONF_OPTIONS = ("SessionTicket", "-SessionTicket", "ServerPreference", "-ServerPreference")
+
+
+def parse_ssl_conf_command(args: List[str], base: str = "") -> List[Tuple[str, str]]:
+    """``ssl_conf_command NAME VALUE`` for the OpenSSL commands that map onto
+    Python's ssl module; any other one is refused, never ignored."""
+    if len(args) != 2:
+        raise ValueError_("takes a name and a value")
+    name, value = args
+    if name not in SSL_CONF_COMMANDS:
+        raise ValueError_('"%s" cannot be applied through Python\'s ssl module (it maps %s)'
+                          % (name, ", ".join(SSL_CONF_COMMANDS)))
+    if name == "Options":
+        for option in value.split(","):
+            if option.strip() not in SSL_CONF_OPTIONS:
+                raise ValueError_('Options "%s": only %s map onto Python\'s ssl module'
+                                  % (option.strip(), ", ".join(SSL_CONF_OPTIONS)))
+    elif name in ("MinProtocol", "MaxProtocol") and value not in TLS_VERSIONS:
+        raise ValueError_('%s "%s": one of %s' % (name, value, ", ".join(TLS_VERSIONS)))
+    elif name in ("Certificate", "PrivateKey"):
+        value = parse_path([value], base)
+    return [(name, value)]
+
+
+class SniCertificate(NamedTuple):
+    name: str                  # "mail.example.org" or "*.example.org"
+    certificate: str
+    key: str
+
+
+def parse_sni_certificate(args: List[str], base: str = "") -> SniCertificate:
+    """Extension: ``ssl_sni_certificate NAME CERTIFICATE KEY``."""
+    if len(args) != 3:
+        raise ValueError_("takes a server name, a certificate file and a key file")
+    name = args[0].lower()
+    if not re.fullmatch(r"(\*\.)?[a-z0-9.-]+", name):
+        raise ValueError_('invalid server name "%s"' % args[0])
+    return SniCertificate(name, parse_path([args[1]], base), parse_path([args[2]], base))
 
 
 def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
@@ -605,26 +724,31 @@ DIRECTIVES = {d.name: d for d in [
     # -- ngx_mail_ssl_module -----------------------------------------------
     Directive("ssl", MAIL, parse_removed(
         'the "ssl" directive was removed in nginx 1.25.1, use "listen ... ssl"'), None),
-    Directive("starttls", MAIL, parse_string, "off", supported=_TODO),
-    Directive("ssl_certificate", MAIL, parse_string, [], multiple=True, supported=_TODO),
-    Directive("ssl_certificate_key", MAIL, parse_string, [], multiple=True, supported=_TODO),
-    Directive("ssl_certificate_compression", MAIL, parse_flag, False, supported=_TODO),
-    Directive("ssl_password_file", MAIL, parse_string, None, supported=_TODO),
-    Directive("ssl_dhparam", MAIL, parse_string, None, supported=_TODO),
-    Directive("ssl_ecdh_curve", MAIL, parse_string, "auto", supported=_TODO),
-    Directive("ssl_protocols", MAIL, parse_word_list, None, supported=_TODO),
-    Directive("ssl_ciphers", MAIL, parse_string, "HIGH:!aNULL:!MD5", supported=_TODO),
-    Directive("ssl_prefer_server_ciphers", MAIL, parse_flag, False, supported=_TODO),
-    Directive("ssl_session_cache", MAIL, parse_word_list, None, supported=_TODO),
-    Directive("ssl_session_tickets", MAIL, parse_flag, True, supported=_TODO),
-    Directive("ssl_session_ticket_key", MAIL, parse_string, [], multiple=True, supported=_TODO),
-    Directive("ssl_session_timeout", MAIL, parse_time, 300.0, supported=_TODO),
-    Directive("ssl_verify_client", MAIL, parse_string, "off", supported=_TODO),
-    Directive("ssl_verify_depth", MAIL, parse_number, 1, supported=_TODO),
-    Directive("ssl_client_certificate", MAIL, parse_string, None, supported=_TODO),
-    Directive("ssl_trusted_certificate", MAIL, parse_string, None, supported=_TODO),
-    Directive("ssl_crl", MAIL, parse_string, None, supported=_TODO),
-    Directive("ssl_conf_command", MAIL, parse_word_list, [], multiple=True, supported=_TODO),
+    Directive("starttls", MAIL, parse_enum("on", "off", "only"), "off"),
+    Directive("ssl_certificate", MAIL, parse_path, [], multiple=True),
+    Directive("ssl_certificate_key", MAIL, parse_path, [], multiple=True),
+    Directive("ssl_certificate_compression", MAIL, parse_enum("off", refused={
+        "on": "cannot be honoured: Python's ssl module has no certificate compression"}), "off"),
+    Directive("ssl_password_file", MAIL, parse_path, None),
+    Directive("ssl_dhparam", MAIL, parse_path, None),
+    Directive("ssl_ecdh_curve", MAIL, parse_ecdh_curve, "auto"),
+    Directive("ssl_protocols", MAIL, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"]),
+    Directive("ssl_ciphers", MAIL, parse_string, "HIGH:!aNULL:!MD5"),
+    Directive("ssl_prefer_server_ciphers", MAIL, parse_flag, False),
+    Directive("ssl_session_cache", MAIL, parse_ssl_session_cache, "builtin"),
+    Directive("ssl_session_tickets", MAIL, parse_flag, True),
+    Directive("ssl_session_ticket_key", MAIL, parse_refused(
+        "cannot be honoured: Python's ssl module cannot load ticket keys"), [], multiple=True),
+    Directive("ssl_session_timeout", MAIL, parse_ssl_session_timeout, 300.0),
+    Directive("ssl_verify_client", MAIL, parse_enum("on", "off", "optional", refused={
+        "optional_no_ca": "cannot be honoured: Python's ssl module cannot ask for a client "
+                          "certificate without verifying it"}), "off"),
+    Directive("ssl_verify_depth", MAIL, parse_refused(
+        "cannot be honoured: Python's ssl module keeps OpenSSL's depth (100)"), None),
+    Directive("ssl_client_certificate", MAIL, parse_path, None),
+    Directive("ssl_trusted_certificate", MAIL, parse_path, None),
+    Directive("ssl_crl", MAIL, parse_path, None),
+    Directive("ssl_conf_command", MAIL, parse_ssl_conf_command, [], multiple=True),
     # -- ngx_mail_imap_module ----------------------------------------------
     Directive("imap_auth", MAIL, auth_methods_parser("imap"), ["plain"], multiple=True),
     Directive("imap_capabilities", MAIL, parse_word_list,
@@ -644,6 +768,21 @@ DIRECTIVES = {d.name: d for d in [
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
     Directive("auth_delay", MAIL, parse_time, 1.0, extension=True),
     Directive("proxy_smtp_auth_method", MAIL, parse_smtp_auth_method, "plain", extension=True),
+    Directive("ssl_sni_certificate", MAIL, parse_sni_certificate, [], multiple=True, extension=True),
+    # -- extensions: TLS to the backend, named as nginx's stream proxy ------
+    Directive("proxy_ssl", MAIL, parse_flag, False, extension=True),
+    Directive("proxy_starttls", MAIL, parse_flag, False, extension=True),
+    Directive("proxy_ssl_verify", MAIL, parse_flag, True, extension=True),
+    Directive("proxy_ssl_trusted_certificate", MAIL, parse_path, None, extension=True),
+    Directive("proxy_ssl_name", MAIL, parse_string, None, extension=True),
+    Directive("proxy_ssl_server_name", MAIL, parse_enum("on", refused={
+        "off": "cannot be honoured: Python's ssl module sends the name it verifies "
+               "(proxy_ssl_name) as SNI"}), "on", extension=True),
+    Directive("proxy_ssl_certificate", MAIL, parse_path, None, extension=True),
+    Directive("proxy_ssl_certificate_key", MAIL, parse_path, None, extension=True),
+    Directive("proxy_ssl_protocols", MAIL, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"],
+              extension=True),
+    Directive("proxy_ssl_ciphers", MAIL, parse_string, "DEFAULT", extension=True),
     Directive("smtp_relay_domains", MAIL, parse_word_list, [], multiple=True, extension=True),
 ]}
 
@@ -843,6 +982,8 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
     merged.update(mail)
     merged.update(server)
     merged["name"] = section[7:].strip()
+    merged["tls_context"] = None           # built by the TLS section from ssl_*
+    merged["backend_tls_context"] = None   # ... and from proxy_ssl_*
     if merged["server_name"] is None:
         merged["server_name"] = socket.gethostname()   # nginx: the machine's host name
     problems = []
@@ -859,7 +1000,29 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
     if merged["proxy_pass"] is None:
         problems.append(("proxy_pass", 'no "proxy_pass" is defined for server '
                          "(the backend of the built-in user table)"))
+    problems.extend(check_ssl(merged))
     return Settings(merged), problems
+
+
+def check_ssl(merged: Dict) -> List[Tuple[str, str]]:
+    """What ngx_mail_ssl_module refuses before loading any file."""
+    problems = []
+    needs = ('"listen ... ssl"' if any(listen.ssl for listen in merged["listen"]) else
+             '"starttls"' if merged["starttls"] != "off" else None)
+    certificates, keys = merged["ssl_certificate"], merged["ssl_certificate_key"]
+    if needs and not certificates:
+        problems.append(("ssl_certificate", 'no "ssl_certificate" is defined for the %s directive'
+                         % needs))
+    elif needs and len(keys) < len(certificates):
+        problems.append(("ssl_certificate_key", 'no "ssl_certificate_key" is defined for '
+                         'certificate "%s"' % certificates[len(keys)]))
+    if merged["ssl_verify_client"] != "off" and not (
+            merged["ssl_client_certificate"] or merged["ssl_trusted_certificate"]):
+        problems.append(("ssl_verify_client", 'no ssl_client_certificate or '
+                         'ssl_trusted_certificate for ssl_verify_client'))
+    if merged["proxy_ssl"] and merged["proxy_starttls"]:
+        problems.append(("proxy_starttls", '"proxy_ssl" and "proxy_starttls" exclude each other'))
+    return problems
 
 
 def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[ConfigError]:
@@ -1010,6 +1173,18 @@ class Quit:
         return "Quit()"
 
 
+class StartTls:
+    """Event: the client asked for TLS and was told yes; start the handshake.
+    The machine has dropped any input behind the command (plaintext
+    injection, CVE-2011-0411) and waits until tls_started()."""
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StartTls)
+
+    def __repr__(self) -> str:
+        return "StartTls()"
+
+
 class Closed:
     """Event: the machine has queued its last reply; close after sending it.
 
@@ -1109,6 +1284,7 @@ class SaslState(enum.Enum):
     LOGIN_USERNAME = "login username"  # sent base64("Username:")
     LOGIN_PASSWORD = "login password"  # sent base64("Password:")
     CRAM_MD5 = "cram-md5"              # sent the challenge
+    EXTERNAL = "external"              # sent the prompt, want the identity
 
 
 SASL_USERNAME_PROMPT = b"VXNlcm5hbWU6\r\n"     # base64("Username:")
@@ -1127,8 +1303,9 @@ class ClientMachine:
     INTERNAL_ERROR = b""
 
     def __init__(self, settings: Settings, now: float = 0.0,
-                 randomness: Optional[random.Random] = None):
+                 randomness: Optional[random.Random] = None, tls: bool = False):
         self.settings = settings
+        self.tls = tls                 # the connection is encrypted
         self.now = now
         self.randomness = randomness or random.Random()
         self.salt = None               # type: Optional[bytes]
@@ -1165,6 +1342,34 @@ class ClientMachine:
     def failure_reply(self, text: bytes) -> bytes:
         """The reply to a refused login (nginx: the auth server's text)."""
         raise NotImplementedError
+
+    def tls_started(self) -> list:
+        """The handshake after STARTTLS is done: go on (capabilities change)."""
+        self.tls = True
+        self.waiting = False
+        return self._process()
+
+    @property
+    def offers_starttls(self) -> bool:
+        return not self.tls and self.settings.starttls != "off"
+
+    @property
+    def login_needs_tls(self) -> bool:
+        """starttls only: login commands are invalid until TLS (nginx)."""
+        return not self.tls and self.settings.starttls == "only"
+
+    def _start_tls(self, events: list, reply: bytes) -> None:
+        """Answer yes, then forget whatever came after the command: it was
+        sent in plaintext and must not be read as if it came over TLS
+        (CVE-2011-0411, CVE-2014-3556; RFC 3207 §4.2)."""
+        self._output += reply
+        del self._input[:]
+        self._forget_before_tls()
+        events.append(StartTls())
+        self.waiting = True
+
+    def _forget_before_tls(self) -> None:
+        """Protocol hook: what the client said before TLS is forgotten."""
 
     def auth_failed(self, reply: bytes) -> list:
         """The login was refused: queue ``reply`` and go on with buffered input."""
@@ -1269,6 +1474,11 @@ class ClientMachine:
                 self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
             self._output += self.SASL_PROMPT + base64.b64encode(self.salt) + b"\r\n"
             self.sasl = SaslState.CRAM_MD5
+        elif mechanism == b"EXTERNAL" and "external" in enabled and initial is None:
+            self._output += self.SASL_PROMPT + SASL_USERNAME_PROMPT     # as nginx
+            self.sasl = SaslState.EXTERNAL
+        elif mechanism == b"EXTERNAL" and "external" in enabled:
+            self._sasl_external(events, initial)
         else:
             self._refuse(events)
 
@@ -1289,6 +1499,16 @@ class ClientMachine:
             if answer is None:
                 return self._refuse(events)
             self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
+        elif state == SaslState.EXTERNAL:
+            self._sasl_external(events, line)
+
+    def _sasl_external(self, events: list, response: bytes) -> None:
+        """RFC 4422 Appendix A: the response is the authorization identity;
+        "=" (RFC 4959) or empty means "the one my certificate shows"."""
+        login = b"" if response == b"=" else decode_base64(response)
+        if login is None:
+            return self._refuse(events)
+        self._credentials(events, Credentials(login, b"", "external"))
 
     def _sasl_plain(self, events: list, response: bytes) -> None:
         decoded = decode_sasl_plain(response)
@@ -1317,7 +1537,9 @@ IMAP_ID_REPLY = b"* ID NIL\r\n"               # extension: RFC 2971 §3.1, no fi
 
 # RFC 3501 §9: tag = 1*<any ASTRING-CHAR except "+">.
 IMAP_TAG_CHARS = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
-IMAP_AUTH_NAMES = {"plain": "AUTH=PLAIN", "login": "AUTH=LOGIN", "cram-md5": "AUTH=CRAM-MD5"}
+IMAP_AUTH_NAMES = {"plain": "AUTH=PLAIN", "login": "AUTH=LOGIN", "cram-md5": "AUTH=CRAM-MD5",
+                   "external": "AUTH=EXTERNAL"}
+IMAP_NO_CERT = b"* BYE No required SSL certificate\r\n"
 IMAP_COMMANDS = frozenset([b"LOGIN", b"AUTHENTICATE", b"CAPABILITY", b"NOOP",
                            b"LOGOUT", b"STARTTLS", b"ID"])
 
@@ -1511,20 +1733,28 @@ class ImapMachine(ClientMachine):
     INVALID = IMAP_INVALID
     INTERNAL_ERROR = IMAP_INTERNAL_ERROR
 
+    NO_CERT = IMAP_NO_CERT
+
     def __init__(self, settings: Settings, now: float = 0.0,
-                 randomness: Optional[random.Random] = None):
-        super().__init__(settings, now, randomness)
+                 randomness: Optional[random.Random] = None, tls: bool = False):
+        super().__init__(settings, now, randomness, tls)
         self.tag = b""                 # the tag of the command being handled
         self._continuations = 0        # "+ OK" sent for the current command
         self._skipping = False         # dropping the rest of an invalid line
         self._output += IMAP_GREETING
 
     def capability(self) -> bytes:
-        """``* CAPABILITY`` from imap_capabilities, then AUTH= in nginx's order."""
+        """``* CAPABILITY`` from imap_capabilities, then AUTH= in nginx's order
+        and STARTTLS; with starttls only and no TLS yet, LOGINDISABLED
+        (RFC 3501 §6.2.3) instead of the AUTH= entries."""
         words = list(self.settings.imap_capabilities)
-        for method in ALL_AUTH_METHODS["imap"]:
-            if method in self.settings.imap_auth and method in IMAP_AUTH_NAMES:
-                words.append(IMAP_AUTH_NAMES[method])
+        if self.login_needs_tls:
+            words += ["STARTTLS", "LOGINDISABLED"]
+        else:
+            words += [IMAP_AUTH_NAMES[method] for method in ALL_AUTH_METHODS["imap"]
+                      if method in self.settings.imap_auth]
+            if self.offers_starttls:
+                words.append("STARTTLS")
         return b"* CAPABILITY " + " ".join(words).encode() + b"\r\n"
 
     def _refuse(self, events: list) -> None:
@@ -1610,8 +1840,10 @@ class ImapMachine(ClientMachine):
         self._finish(events, Quit())
 
     def _starttls(self, events: list, args: List) -> None:
-        # STARTTLS is invalid while starttls is off (the TLS issue adds it).
-        self._refuse(events)
+        """RFC 3501 §6.2.1; invalid when starttls is off or TLS is on already."""
+        if not self.offers_starttls:
+            return self._refuse(events)
+        self._start_tls(events, self.tag + IMAP_OK)
 
     def _id(self, events: list, args: List) -> None:
         """Extension (RFC 2971): nginx answers BAD, which upsets Thunderbird and
@@ -1627,12 +1859,14 @@ class ImapMachine(ClientMachine):
     def _login(self, events: list, args: List) -> None:
         """RFC 3501 §6.2.3 LOGIN userid password; nginx wants exactly two
         arguments and a non-empty login (an empty password is allowed)."""
-        if len(args) != 2 or not args[0]:
+        if len(args) != 2 or not args[0] or self.login_needs_tls:
             return self._refuse(events)
         self._credentials(events, Credentials(args[0], args[1], "plain"))
 
     def _authenticate(self, events: list, args: List) -> None:
         """RFC 3501 §6.2.2 with RFC 4959 initial responses."""
+        if self.login_needs_tls:
+            return self._refuse(events)
         self._sasl_start(events, args, self.settings.imap_auth)
 
 
@@ -1645,7 +1879,9 @@ POP3_INTERNAL_ERROR = b"-ERR internal server error\r\n"
 POP3_COMMANDS = frozenset([b"USER", b"PASS", b"APOP", b"QUIT", b"CAPA", b"AUTH",
                            b"NOOP", b"STLS"])
 # The SASL names for pop3_auth methods, in nginx's order; APOP is no SASL method.
-POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",)}
+POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",),
+                   "external": ("EXTERNAL",)}
+POP3_NO_CERT = b"-ERR No required SSL certificate\r\n"
 
 
 class Pop3State(enum.Enum):
@@ -1684,9 +1920,11 @@ class Pop3Machine(ClientMachine):
     INVALID = POP3_INVALID
     INTERNAL_ERROR = POP3_INTERNAL_ERROR
 
+    NO_CERT = POP3_NO_CERT
+
     def __init__(self, settings: Settings, now: float = 0.0,
-                 randomness: Optional[random.Random] = None):
-        super().__init__(settings, now, randomness)
+                 randomness: Optional[random.Random] = None, tls: bool = False):
+        super().__init__(settings, now, randomness, tls)
         self.state = Pop3State.START
         if "apop" in settings.pop3_auth or "cram-md5" in settings.pop3_auth:
             # RFC 1939 §7: the greeting carries the APOP timestamp.
@@ -1702,11 +1940,19 @@ class Pop3Machine(ClientMachine):
                 names.extend(POP3_SASL_NAMES.get(method, ()))
         return names
 
-    def capability(self) -> bytes:
-        """CAPA (RFC 2449): pop3_capabilities, then the SASL line, always."""
+    def capability(self, offer_tls: bool = True) -> bytes:
+        """CAPA (RFC 2449): pop3_capabilities, then the SASL line, always, and
+        STLS (RFC 2595 §4) while TLS is offered; with starttls only and no TLS
+        yet, neither USER nor SASL (nginx)."""
         lines = [b"+OK Capability list follows"]
-        lines.extend(word.encode() for word in self.settings.pop3_capabilities)
-        lines.append(" ".join(["SASL"] + self.sasl_names()).encode())
+        capabilities = self.settings.pop3_capabilities
+        if offer_tls and self.login_needs_tls:
+            lines.extend(word.encode() for word in capabilities if word.upper() != "USER")
+        else:
+            lines.extend(word.encode() for word in capabilities)
+            lines.append(" ".join(["SASL"] + self.sasl_names()).encode())
+        if offer_tls and self.offers_starttls:
+            lines.append(b"STLS")
         return b"\r\n".join(lines) + b"\r\n.\r\n"
 
     def _after_auth_failure(self) -> None:
@@ -1740,7 +1986,7 @@ class Pop3Machine(ClientMachine):
         self._invalid(events, False)
 
     def _user(self, events: list, args: List[bytes]) -> None:
-        if len(args) != 1:
+        if len(args) != 1 or self.login_needs_tls:
             return self._refuse(events)
         self.login = args[0]
         self.state = Pop3State.USER
@@ -1754,12 +2000,13 @@ class Pop3Machine(ClientMachine):
 
     def _apop(self, events: list, args: List[bytes]) -> None:
         """RFC 1939 §7: APOP name digest, only when pop3_auth has apop."""
-        if len(args) != 2 or "apop" not in self.settings.pop3_auth:
+        if len(args) != 2 or "apop" not in self.settings.pop3_auth or self.login_needs_tls:
             return self._refuse(events)
         self._credentials(events, Credentials(args[0], args[1].lower(), "apop", self.salt))
 
     def _capa(self, events: list, args: List[bytes]) -> None:
-        self._output += self.capability()
+        # After USER, nginx lists the plain capabilities, without STLS.
+        self._output += self.capability(offer_tls=self.state == Pop3State.START)
 
     def _quit(self, events: list, args: List[bytes]) -> None:
         self._output += POP3_OK
@@ -1769,10 +2016,15 @@ class Pop3Machine(ClientMachine):
         self._output += POP3_OK
 
     def _stls(self, events: list, args: List[bytes]) -> None:
-        self._refuse(events)           # starttls is off (the TLS issue adds it)
+        """RFC 2595 §4 STLS."""
+        if not self.offers_starttls:
+            return self._refuse(events)
+        self._start_tls(events, POP3_OK)
 
     def _auth(self, events: list, args: List[bytes]) -> None:
         """RFC 5034 AUTH; without arguments nginx lists the methods."""
+        if self.login_needs_tls:
+            return self._refuse(events)
         if not args:
             names = "".join(name + "\r\n" for name in self.sasl_names())
             self._output += b"+OK methods supported:\r\n" + names.encode() + b".\r\n"
@@ -1795,7 +2047,11 @@ SMTP_AUTH_FAILED_CODE = b"535 5.7.0"              # nginx's default failure code
 SMTP_COMMANDS = frozenset([b"HELO", b"EHLO", b"AUTH", b"QUIT", b"NOOP", b"MAIL", b"RCPT",
                            b"RSET", b"VRFY", b"EXPN", b"HELP", b"STARTTLS"])
 SMTP_MAX_ARGS = 11                                # ngx_mail_smtp_parse_command
-SMTP_AUTH_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5"}
+SMTP_AUTH_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5",
+                   "external": "EXTERNAL"}
+SMTP_START_TLS = b"220 2.0.0 Start TLS\r\n"
+SMTP_NO_CERT = b"421 4.7.1 No required SSL certificate\r\n"
+SMTP_TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 §4
 # RFC 5321 §4.1.1: no control byte belongs in these arguments.  nginx 1.22
 # passes NUL and TAB on inside MAIL and RCPT; we refuse them with 501.
 SMTP_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
@@ -1829,10 +2085,11 @@ class SmtpMachine(ClientMachine):
     INVALID = SMTP_INVALID
     INTERNAL_ERROR = SMTP_INTERNAL_ERROR
     SASL_PROMPT = b"334 "                         # RFC 4954 §4
+    NO_CERT = SMTP_NO_CERT
 
     def __init__(self, settings: Settings, now: float = 0.0,
-                 randomness: Optional[random.Random] = None):
-        super().__init__(settings, now, randomness)
+                 randomness: Optional[random.Random] = None, tls: bool = False):
+        super().__init__(settings, now, randomness, tls)
         self.helo = None               # type: Optional[bytes]
         self.esmtp = False
         self.mail_from = None          # type: Optional[bytes]
@@ -1845,13 +2102,16 @@ class SmtpMachine(ClientMachine):
         self._output += b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
 
     def ehlo_reply(self) -> bytes:
-        """``250-name``, one line per smtp_capabilities item, then AUTH; the
-        last line has a space after the code (RFC 5321 §4.2.1)."""
+        """``250-name``, one line per smtp_capabilities item, then AUTH, then
+        STARTTLS while offered (RFC 3207); with starttls only and no TLS yet,
+        no AUTH.  The last line has a space after the code (RFC 5321 §4.2.1)."""
         lines = [self.settings.server_name] + list(self.settings.smtp_capabilities)
         names = [SMTP_AUTH_NAMES[method] for method in ALL_AUTH_METHODS["smtp"]
                  if method in self.settings.smtp_auth and method in SMTP_AUTH_NAMES]
-        if names:
+        if names and not self.login_needs_tls:
             lines.append("AUTH " + " ".join(names))
+        if self.offers_starttls:
+            lines.append("STARTTLS")
         encoded = [line.encode() for line in lines]
         return b"".join(b"250-" + line + b"\r\n" for line in encoded[:-1]) + \
             b"250 " + encoded[-1] + b"\r\n"
@@ -1868,7 +2128,8 @@ class SmtpMachine(ClientMachine):
             return
         handler = {b"HELO": self._helo, b"EHLO": self._helo, b"AUTH": self._auth,
                    b"QUIT": self._quit, b"NOOP": self._noop, b"MAIL": self._mail,
-                   b"RCPT": self._rcpt, b"RSET": self._rset}.get(verb, self._refuse)
+                   b"RCPT": self._rcpt, b"RSET": self._rset,
+                   b"STARTTLS": self._starttls}.get(verb, self._refuse)
         handler(events, verb, args, text)
 
     @staticmethod
@@ -1909,6 +2170,9 @@ class SmtpMachine(ClientMachine):
         backend (nginx 1.29.1 and later forget any login first)."""
         if "none" not in self.settings.smtp_auth:
             self._output += SMTP_AUTH_REQUIRED
+        elif self.login_needs_tls:
+            # Extension: nginx lets mail in before TLS here (its PR #705).
+            self._output += SMTP_TLS_FIRST
         elif self.mail_from is not None:
             self._output += SMTP_BAD_SEQUENCE
         elif not args:
@@ -1928,8 +2192,20 @@ class SmtpMachine(ClientMachine):
             self.rcpt_to = text
             self._credentials(events, Credentials(b"", b"", "none"))
 
+    def _starttls(self, events: list, verb: bytes, args: List, text: bytes) -> None:
+        """RFC 3207; the HELO and the transaction are forgotten (§4.2)."""
+        if not self.offers_starttls or args:
+            return self._refuse(events)
+        self._start_tls(events, SMTP_START_TLS)
+
+    def _forget_before_tls(self) -> None:
+        self.helo = self.mail_from = self.rcpt_to = None
+        self.esmtp = False
+
     def _auth(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
         """RFC 4954 AUTH, as ngx_mail_auth_parse."""
+        if self.login_needs_tls:
+            return self._refuse(events)
         if not args:
             self._output += SMTP_INVALID_ARGUMENT
             return
@@ -2098,7 +2374,7 @@ class AuthResult(NamedTuple):
     (for the log only: the client is told AUTH_FAILED_TEXT whatever the reason)."""
     ok: bool
     login: bytes = b""
-    password: bytes = b""
+    password: Optional[bytes] = b""        # None: no password known (EXTERNAL)
     upstream: Optional[Upstream] = None
     reason: str = ""
 
@@ -2153,6 +2429,28 @@ def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Ups
     addresses = tuple((family, (sockaddr[0], port) + tuple(sockaddr[2:]))
                       for family, sockaddr in route.upstream.addresses)
     return Upstream(route.upstream.host, port, addresses)
+
+
+def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
+                          proxy_pass: Upstream, login: bytes,
+                          certificate: Optional["CertificateFacts"]) -> AuthResult:
+    """AUTH EXTERNAL with the built-in table (extension; nginx asks its auth
+    server): the client must have sent a verified certificate, and the login
+    must be its subject's CN or emailAddress, or an email in its
+    subjectAltName (an empty login means the first of those).  The user must
+    be in [users]; a {PLAIN} entry gives the password for the backend login,
+    which IMAP and POP3 need."""
+    if certificate is None or certificate.verify != "SUCCESS":
+        return AuthResult(False, reason="EXTERNAL without a verified client certificate")
+    name = login.decode("utf-8", "replace") if login else \
+        (certificate.identities[0] if certificate.identities else "")
+    if name.lower() not in (identity.lower() for identity in certificate.identities):
+        return AuthResult(False, reason="EXTERNAL login does not match the client certificate")
+    entry = users.get(name)
+    if entry is None:
+        return AuthResult(False, reason="unknown user")
+    password = entry.data.encode("utf-8") if entry.scheme == "PLAIN" else None
+    return AuthResult(True, name.encode("utf-8"), password, route_for(routes, proxy_pass, name))
 
 
 SMTP_RELAY_DENIED = (b"550 5.7.1", b"Relaying denied")   # smtp_auth none, refused
@@ -2221,6 +2519,10 @@ class Send(NamedTuple):
     data: bytes
 
 
+class TlsStep(NamedTuple):
+    """Extension: start TLS to the backend here (after its STARTTLS yes)."""
+
+
 class Expect(NamedTuple):
     """Wait for a reply.  ``kind``: "imap-greeting" (``* OK``),
     "continuation" (``+``), "imap-tagged" (``TAG OK``, untagged lines before
@@ -2231,14 +2533,20 @@ class Expect(NamedTuple):
     kind: str
     relay: bool = False
     codes: Tuple[bytes, ...] = ()
+    tag: bytes = b""           # imap-tagged: another tag than the login's
 
 
-def imap_login_script(tag: bytes, login: bytes, password: bytes) -> list:
+BACKEND_STARTTLS_TAG = b"S1 "
+
+
+def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool = False) -> list:
     """nginx's IMAP login: LOGIN with synchronizing literals and the client's
     own tag (RFC 3501 §4.3), so any byte of the login or password travels as
-    literal data and can never end the command early."""
-    return [
-        Expect("imap-greeting"),
+    literal data and can never end the command early.  ``starttls``
+    (extension): STARTTLS first, with a tag of our own."""
+    secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n"),
+              Expect("imap-tagged", tag=BACKEND_STARTTLS_TAG), TlsStep()] if starttls else []
+    return [Expect("imap-greeting")] + secure + [
         Send(tag + b"LOGIN {%d}\r\n" % len(login)),
         Expect("continuation"),
         Send(login + b" {%d}\r\n" % len(password)),
@@ -2248,13 +2556,14 @@ def imap_login_script(tag: bytes, login: bytes, password: bytes) -> list:
     ]
 
 
-def pop3_login_script(login: bytes, password: bytes) -> list:
+def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> list:
     """nginx's POP3 login: USER, then PASS; the backend's last +OK is relayed.
 
     A POP3 argument cannot carry CR or LF, so a login or password holding
-    one is refused before this script is built (see Session)."""
-    return [
-        Expect("pop3-ok"),
+    one is refused before this script is built (see Session).  ``starttls``
+    (extension): STLS first (RFC 2595 §4)."""
+    secure = [Send(b"STLS\r\n"), Expect("pop3-ok"), TlsStep()] if starttls else []
+    return [Expect("pop3-ok")] + secure + [
         Send(b"USER " + login + b"\r\n"),
         Expect("pop3-ok"),
         Send(b"PASS " + password + b"\r\n"),
@@ -2311,6 +2620,10 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
     name = settings.server_name.encode()
     hello = b"EHLO " if settings.xclient or facts.esmtp else b"HELO "
     script = [Expect("smtp", codes=(b"220",)), Send(hello + name + b"\r\n"), Expect("smtp", codes=ok)]
+    if settings.proxy_starttls:
+        # Extension (RFC 3207): STARTTLS, then EHLO again over TLS.
+        script += [Send(b"STARTTLS\r\n"), Expect("smtp", codes=(b"220",)), TlsStep(),
+                   Send(b"EHLO " + name + b"\r\n"), Expect("smtp", codes=ok)]
     backend_auth = settings.proxy_smtp_auth and facts.method != "none"
     if settings.xclient:
         login = b"" if backend_auth else facts.login
@@ -2340,6 +2653,10 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
 class LoginDone(NamedTuple):
     """Event: the backend accepted the login; ``reply`` goes to the client."""
     reply: bytes
+
+
+class BackendStartTls(NamedTuple):
+    """Event: start TLS to the backend now; call tls_started() when done."""
 
 
 class BackendLogin:
@@ -2373,11 +2690,21 @@ class BackendLogin:
         while self.script and isinstance(self.script[0], Send):
             self._output += self.script.pop(0).data
 
+    def tls_started(self) -> None:
+        """The handshake with the backend is done: the script goes on."""
+        self.script.pop(0)
+        self._advance()
+
     def receive_data(self, data: bytes) -> list:
         if not data:
             raise BackendError("upstream prematurely closed connection")
         self._input += data
         while self.script:
+            if isinstance(self.script[0], TlsStep):
+                # Whatever came after the backend's yes was sent in clear:
+                # drop it, as the client side does (RFC 3207 §4.2).
+                del self._input[:]
+                return [BackendStartTls()]
             end = self._input.find(b"\n")
             if end < 0:
                 if len(self._input) >= self.line_limit:
@@ -2419,7 +2746,7 @@ class BackendLogin:
             return not step.codes or line[3:4] == b"-" or line[:3] in step.codes
         # "imap-tagged": "* CAPABILITY ..." (SmarterMail, Gmail: nginx 1.27.3)
         # may come before the tagged OK; nginx takes one, we take any.
-        return line.startswith(b"* ") or line.startswith(self.tag + b"OK")
+        return line.startswith(b"* ") or line.startswith((step.tag or self.tag) + b"OK")
 
 
 # ########################################################################## #
@@ -2579,6 +2906,378 @@ def valid_host_name(name: str) -> bool:
     return bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
 
 # ########################################################################## #
+#                                 TLS layer                                  #
+# ########################################################################## #
+# TLS as a byte transform: TlsLayer wraps ssl.SSLObject between two
+# MemoryBIOs, so a stream feeds it ciphertext and gets plaintext back, queues
+# plaintext and collects ciphertext, and never sees an SSL exception: the
+# loop stays the same with or without TLS, and STARTTLS is a change of data
+# (asyncio's sslproto does the same).  Also here: nginx's ALPN rule, read
+# from the ClientHello; the facts of a client certificate; and the contexts
+# built from the ssl directives.  Nothing in this section touches a socket.
+
+class TlsError(Exception):
+    """The TLS connection failed; the message says how, for the log."""
+
+
+class TlsState(enum.Enum):
+    HANDSHAKING = "handshaking"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+TLS_ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"   # RFC 7301 §3.2
+TLS_RECORD_MAX = 5 + 16384 + 2048
+
+
+def client_hello_alpn(record: bytes) -> Optional[List[bytes]]:
+    """The ALPN protocols a TLS ClientHello offers (RFC 7301), or None if it
+    offers none or the record is not a ClientHello we can read."""
+    if len(record) < 5 or record[0] != 22:
+        return None
+    body = record[5:5 + int.from_bytes(record[3:5], "big")]
+    if len(body) < 4 or body[0] != 1:
+        return None
+    position = 4 + 2 + 32                                  # header, version, random
+    try:
+        position += 1 + body[position]                     # session id
+        position += 2 + int.from_bytes(body[position:position + 2], "big")   # cipher suites
+        position += 1 + body[position]                     # compression methods
+        end = position + 2 + int.from_bytes(body[position:position + 2], "big")
+        position += 2
+        while position + 4 <= min(end, len(body)):
+            kind = int.from_bytes(body[position:position + 2], "big")
+            size = int.from_bytes(body[position + 2:position + 4], "big")
+            data = body[position + 4:position + 4 + size]
+            if kind == 16:                                 # application_layer_protocol_negotiation
+                names, offset = [], 2
+                while offset < len(data):
+                    names.append(data[offset + 1:offset + 1 + data[offset]])
+                    offset += 1 + data[offset]
+                return names
+            position += 4 + size
+    except IndexError:
+        return None
+    return None
+
+
+class TlsLayer:
+    """One TLS connection as a byte transform (sans-I/O).
+
+    receive_data(ciphertext) -> plaintext (b"" is the transport's EOF);
+    send(plaintext) queues it (before the handshake ends, it waits);
+    data_to_send() -> ciphertext.  ``just_opened`` is True once, after the
+    handshake.  Errors raise TlsError and leave the layer CLOSED.
+    ``alpn`` (server side): nginx's rule, a client offering ALPN without this
+    protocol gets a fatal no_application_protocol alert.
+    """
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool,
+                 server_hostname: Optional[str] = None, alpn: Optional[str] = None):
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.object = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                       server_hostname=server_hostname)
+        self.state = TlsState.HANDSHAKING
+        self.just_opened = False
+        self._queued = bytearray()
+        self._raw = bytearray()               # our own bytes (an alert) before OpenSSL's
+        self._hello = bytearray() if (server_side and alpn) else None
+        self._alpn = alpn.encode() if alpn else b""
+        if not server_side:
+            self._handshake()                 # the client speaks first
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._raw) + self._outgoing.read()
+        del self._raw[:]
+        return data
+
+    def send(self, plaintext: bytes) -> None:
+        if self.state == TlsState.HANDSHAKING:
+            self._queued += plaintext
+        elif self.state == TlsState.OPEN:
+            view = memoryview(plaintext)
+            while view:
+                written = self.object.write(view)
+                view = view[written:]
+
+    def receive_data(self, ciphertext: bytes) -> bytes:
+        if self.state == TlsState.CLOSED:
+            return b""
+        if self._hello is not None and ciphertext:
+            ciphertext = self._check_alpn(ciphertext)
+            if not ciphertext:
+                return b""
+        if ciphertext:
+            self._incoming.write(ciphertext)
+        else:
+            self._incoming.write_eof()
+        if self.state == TlsState.HANDSHAKING and not self._handshake():
+            return b""
+        return self._read_all()
+
+    def _check_alpn(self, data: bytes) -> bytes:
+        """Hold back the first record until it is whole, then look at its ALPN."""
+        self._hello += data
+        size = 5 + int.from_bytes(self._hello[3:5], "big") if len(self._hello) >= 5 else 0
+        if not size or len(self._hello) < min(size, TLS_RECORD_MAX):
+            return b""
+        held, self._hello = bytes(self._hello), None
+        offered = client_hello_alpn(held)
+        if offered is not None and self._alpn not in offered:
+            self.state = TlsState.CLOSED
+            self._raw += TLS_ALERT_NO_APPLICATION_PROTOCOL
+            raise TlsError("client offered ALPN %s without \"%s\"" % (
+                b",".join(offered).decode("latin-1"), self._alpn.decode()))
+        return held
+
+    def _handshake(self) -> bool:
+        try:
+            self.object.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except (ssl.SSLError, OSError, ValueError) as error:
+            self.state = TlsState.CLOSED
+            raise TlsError(describe_tls_error(error))
+        self.state = TlsState.OPEN
+        self.just_opened = True
+        queued, self._queued = bytes(self._queued), bytearray()
+        self.send(queued)
+        return True
+
+    def _read_all(self) -> bytes:
+        plaintext = bytearray()
+        while True:
+            try:
+                chunk = self.object.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.state = TlsState.CLOSED
+                break
+            except ssl.SSLError as error:
+                self.state = TlsState.CLOSED
+                raise TlsError(describe_tls_error(error))
+            if not chunk:
+                self.state = TlsState.CLOSED
+                break
+            plaintext += chunk
+        return bytes(plaintext)
+
+    def close(self) -> None:
+        """Send close_notify (RFC 8446 §6.1) if the connection is open."""
+        if self.state == TlsState.OPEN:
+            try:
+                self.object.unwrap()
+            except ssl.SSLError:
+                pass
+        self.state = TlsState.CLOSED
+
+
+def describe_tls_error(error: Exception) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate verify error: (%s:%s)" % (error.verify_code, error.verify_message)
+    if isinstance(error, ssl.SSLEOFError):
+        return "peer closed connection in SSL handshake"
+    reason = getattr(error, "reason", None)
+    return "SSL handshake failed (%s)" % (reason or error)
+
+
+# -- client certificates ------------------------------------------------------
+
+RDN_SHORT_NAMES = {"commonName": "CN", "countryName": "C", "stateOrProvinceName": "ST",
+                   "localityName": "L", "organizationName": "O",
+                   "organizationalUnitName": "OU", "domainComponent": "DC",
+                   "streetAddress": "STREET", "userId": "UID"}
+
+
+def rfc2253_name(name: Tuple) -> str:
+    """getpeercert()'s subject or issuer as OpenSSL's XN_FLAG_RFC2253 prints
+    it (and nginx sends in Auth-SSL-Subject): last RDN first, commas."""
+    parts = []
+    for rdn in reversed(name):
+        values = []
+        for key, value in rdn:
+            escaped = re.sub(r'([,+"\\<>;])', r"\\\1", value)
+            if escaped[:1] in ("#", " "):
+                escaped = "\\" + escaped
+            if escaped.endswith(" "):
+                escaped = escaped[:-1] + "\\ "
+            values.append("%s=%s" % (RDN_SHORT_NAMES.get(key, key), escaped))
+        parts.append("+".join(values))
+    return ",".join(parts)
+
+
+class CertificateFacts(NamedTuple):
+    """What a client certificate tells (auth_http sends them as Auth-SSL-*)."""
+    verify: str                # "SUCCESS" or "NONE" (a failure ends the handshake)
+    subject: str = ""
+    issuer: str = ""
+    serial: str = ""
+    fingerprint: str = ""      # SHA-1 of the DER, hex, as nginx
+    identities: Tuple = ()     # the subject's CN and emailAddress values, and email SANs
+
+
+def certificate_facts(tls_object) -> CertificateFacts:
+    der = tls_object.getpeercert(binary_form=True)
+    if der is None:
+        return CertificateFacts("NONE")
+    info = tls_object.getpeercert() or {}
+    identities = [value for rdn in info.get("subject", ()) for key, value in rdn
+                  if key in ("commonName", "emailAddress")]
+    identities += [value for kind, value in info.get("subjectAltName", ()) if kind == "email"]
+    return CertificateFacts("SUCCESS", rfc2253_name(info.get("subject", ())),
+                            rfc2253_name(info.get("issuer", ())), info.get("serialNumber", ""),
+                            hashlib.sha1(der).hexdigest(), tuple(identities))
+
+
+# -- contexts from the directives ---------------------------------------------
+
+def apply_protocols(context: ssl.SSLContext, protocols: List[str]) -> None:
+    context.minimum_version = TLS_VERSIONS[protocols[0]]
+    context.maximum_version = TLS_VERSIONS[protocols[-1]]
+
+
+def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
+                      passwords: List[bytes]) -> None:
+    """Each certificate with its key; an encrypted key is tried with each
+    line of ssl_password_file in turn, as nginx."""
+    for certificate, key in pairs:
+        for password in passwords or [None]:
+            try:
+                context.load_cert_chain(certificate, key, password=password)
+                break
+            except ssl.SSLError as error:
+                failure = error
+            except OSError as error:
+                raise ValueError_('cannot load certificate "%s": %s' % (certificate, error.strerror))
+        else:
+            raise ValueError_('cannot load certificate "%s" with key "%s": %s' % (
+                certificate, key, getattr(failure, "reason", None) or failure))
+
+
+def server_context(settings: Settings, certificate: str = "", key: str = "") -> ssl.SSLContext:
+    """The client-facing context for a server, as ngx_mail_ssl_module sets it
+    up from the ssl_* directives (with another certificate for SNI)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    apply_protocols(context, settings.ssl_protocols)
+    try:
+        context.set_ciphers(settings.ssl_ciphers)
+        if settings.ssl_ecdh_curve != "auto":
+            context.set_ecdh_curve(settings.ssl_ecdh_curve)
+        if settings.ssl_dhparam:
+            context.load_dh_params(settings.ssl_dhparam)
+    except (ssl.SSLError, ValueError, OSError) as error:
+        raise ValueError_("ssl settings: %s" % error)
+    if settings.ssl_prefer_server_ciphers:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    if not settings.ssl_session_tickets:
+        context.options |= ssl.OP_NO_TICKET
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    passwords = read_password_file(settings.ssl_password_file)
+    pairs = [(certificate, key)] if certificate else list(zip(settings.ssl_certificate,
+                                                               settings.ssl_certificate_key))
+    conf_pairs = apply_conf_commands(context, settings.ssl_conf_command)
+    load_certificates(context, pairs + conf_pairs, passwords)
+    if settings.ssl_verify_client != "off":
+        # CERT_OPTIONAL: a certificate sent is verified in the handshake; a
+        # missing one is found after it, to answer as nginx does.
+        context.verify_mode = ssl.CERT_OPTIONAL
+        try:
+            for cafile in (settings.ssl_client_certificate, settings.ssl_trusted_certificate):
+                if cafile:
+                    context.load_verify_locations(cafile)
+            if settings.ssl_crl:
+                context.load_verify_locations(settings.ssl_crl)
+                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError_("cannot load the client CA or CRL: %s" % error)
+    context.set_alpn_protocols([settings.protocol])
+    return context
+
+
+def read_password_file(path: Optional[str]) -> List[bytes]:
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as handle:
+            return [line.rstrip(b"\r\n") for line in handle if line.strip()]
+    except OSError as error:
+        raise ValueError_('cannot read "%s": %s' % (path, error.strerror))
+
+
+def apply_conf_commands(context: ssl.SSLContext, commands: List[Tuple[str, str]]) -> List:
+    """ssl_conf_command, for the commands Python's ssl module can express.
+    Returns the (Certificate, PrivateKey) pairs it names."""
+    certificates, keys = [], []
+    for name, value in commands:
+        if name == "Options":
+            for option in value.split(","):
+                option = option.strip()
+                flag = ssl.OP_NO_TICKET if option.endswith("SessionTicket") else \
+                    ssl.OP_CIPHER_SERVER_PREFERENCE
+                enable = not option.startswith("-")
+                # SessionTicket *enables* tickets: clear OP_NO_TICKET.
+                if flag == ssl.OP_NO_TICKET:
+                    enable = not enable
+                context.options = context.options | flag if enable else context.options & ~flag
+        elif name == "MinProtocol":
+            context.minimum_version = TLS_VERSIONS[value]
+        elif name == "MaxProtocol":
+            context.maximum_version = TLS_VERSIONS[value]
+        elif name == "Certificate":
+            certificates.append(value)
+        elif name == "PrivateKey":
+            keys.append(value)
+    if len(certificates) != len(keys):
+        raise ValueError_("ssl_conf_command: give a PrivateKey for each Certificate")
+    return list(zip(certificates, keys))
+
+
+def add_sni_certificates(context: ssl.SSLContext, settings: Settings) -> None:
+    """Extension: pick a certificate by the name the client asks for (SNI)."""
+    if not settings.ssl_sni_certificate:
+        return
+    by_name = {entry.name: server_context(settings, entry.certificate, entry.key)
+               for entry in settings.ssl_sni_certificate}
+
+    def choose(tls_object, name, default_context):
+        if name:
+            name = name.lower()
+            wildcard = "*." + name.partition(".")[2]
+            chosen = by_name.get(name) or by_name.get(wildcard)
+            if chosen is not None:
+                tls_object.context = chosen
+        return None
+    context.sni_callback = choose
+
+
+def backend_context(settings: Settings) -> ssl.SSLContext:
+    """Extension: the context for TLS to the backend (proxy_ssl_*)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    apply_protocols(context, settings.proxy_ssl_protocols)
+    try:
+        context.set_ciphers(settings.proxy_ssl_ciphers)
+    except ssl.SSLError as error:
+        raise ValueError_("proxy_ssl_ciphers: %s" % error)
+    if settings.proxy_ssl_verify:
+        try:
+            if settings.proxy_ssl_trusted_certificate:
+                context.load_verify_locations(settings.proxy_ssl_trusted_certificate)
+            else:
+                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError_("cannot load proxy_ssl_trusted_certificate: %s" % error)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.proxy_ssl_certificate:
+        load_certificates(context, [(settings.proxy_ssl_certificate,
+                                     settings.proxy_ssl_certificate_key or
+                                     settings.proxy_ssl_certificate)], [])
+    return context
+
+# ########################################################################## #
 #                                Event loop                                  #
 # ########################################################################## #
 # Readiness and time, nothing about mail: one selectors.DefaultSelector, a
@@ -2715,7 +3414,7 @@ class EventLoop:
 
 class Stream:
     __slots__ = ("loop", "sock", "owner", "out", "read_budget", "connecting",
-                 "closed", "interest", "received", "sent")
+                 "closed", "interest", "received", "sent", "tls")
 
     def __init__(self, loop: EventLoop, sock: socket.socket, owner, connecting: bool = False):
         self.loop = loop
@@ -2728,6 +3427,7 @@ class Stream:
         self.interest = 0
         self.received = 0          # bytes read from the socket
         self.sent = 0              # bytes written to the socket
+        self.tls = None            # type: Optional[TlsLayer]
         self.update_interest()
 
     def update_interest(self) -> None:
@@ -2746,8 +3446,22 @@ class Stream:
             self.read_budget = budget
             self.update_interest()
 
+    def start_tls(self, layer: TlsLayer) -> None:
+        """From now on bytes go through ``layer``: what was written before
+        (a plaintext "OK, begin TLS") is already in ``out``, ahead of it.
+        The owner hears stream_tls_ready when the handshake is done."""
+        self.tls = layer
+        self._write_raw(layer.data_to_send())
+
     def write(self, data: bytes) -> None:
-        """Send now what the socket takes, keep the rest in ``out``."""
+        """Send ``data`` (through TLS, if on): now what the socket takes, the
+        rest kept in ``out``."""
+        if self.tls is not None and not self.closed:
+            self.tls.send(data)
+            data = self.tls.data_to_send()
+        self._write_raw(data)
+
+    def _write_raw(self, data: bytes) -> None:
         if self.closed or not data:
             return
         if self.out or self.connecting:
@@ -2774,12 +3488,33 @@ class Stream:
         except OSError as error:
             self._fail(error)
             return
+        self.received += len(data)
+        if self.tls is not None:
+            self._receive_tls(data)
+            return
         if not data:
             self.set_read_budget(0)
             self.owner.stream_eof(self)
             return
-        self.received += len(data)
         self.owner.stream_data(self, data)
+
+    def _receive_tls(self, data: bytes) -> None:
+        layer = self.tls
+        try:
+            plaintext = layer.receive_data(data)
+        except TlsError as error:
+            self._write_raw(layer.data_to_send())          # an alert, if any
+            self.owner.stream_error(self, error)
+            return
+        self._write_raw(layer.data_to_send())              # handshake, tickets
+        if layer.just_opened:
+            layer.just_opened = False
+            self.owner.stream_tls_ready(self)
+        if plaintext and not self.closed:
+            self.owner.stream_data(self, plaintext)
+        if layer.state == TlsState.CLOSED and not self.closed:
+            self.set_read_budget(0)
+            self.owner.stream_eof(self)
 
     def on_writable(self) -> None:
         if self.connecting:
@@ -2814,6 +3549,12 @@ class Stream:
     def close(self) -> None:
         if self.closed:
             return
+        if self.tls is not None and not self.out:
+            self.tls.close()                               # close_notify, best effort
+            try:
+                self.sock.send(self.tls.data_to_send())
+            except OSError:
+                pass
         self.loop.set_interest(self.sock, 0, self, self.interest)
         self.interest = 0
         self.closed = True
@@ -3151,10 +3892,14 @@ class Relay:
         if not self.peer(stream).out:
             self.finish("%s closed connection" % self._side(stream))
 
-    def stream_error(self, stream: Stream, error: OSError) -> None:
-        self.finish("%s connection error: %s" % (self._side(stream), error.strerror or error))
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        self.finish("%s connection error: %s" % (self._side(stream),
+                                                getattr(error, "strerror", None) or error))
 
     def stream_connected(self, stream: Stream) -> None:
+        pass
+
+    def stream_tls_ready(self, stream: Stream) -> None:
         pass
 
     def _side(self, stream: Stream) -> str:
@@ -3190,6 +3935,7 @@ class Relay:
 # the log, as nginx's c->log->action; one method builds the log context.
 
 class Phase(enum.Enum):
+    HANDSHAKE = "handshake"        # TLS with the client: listen ... ssl, or STARTTLS
     RESOLVING = "resolving"        # SMTP: the client's name, before the greeting
     GREETING_DELAY = "greeting delay"   # SMTP: nothing may come before the 220
     DIALOGUE = "dialogue"          # the client machine talks
@@ -3201,7 +3947,8 @@ class Phase(enum.Enum):
 
 
 # nginx's c->log->action for each phase, as it appears after "while".
-PHASE_ACTIONS = {Phase.RESOLVING: "in resolving client address",
+PHASE_ACTIONS = {Phase.HANDSHAKE: "SSL handshaking",
+                 Phase.RESOLVING: "in resolving client address",
                  Phase.GREETING_DELAY: "in delay pipelining state",
                  Phase.DIALOGUE: "in auth state", Phase.AUTH: "in auth state",
                  Phase.CONNECT: "connecting to upstream",
@@ -3234,13 +3981,30 @@ class Session:
         self.timer = None            # type: Optional[Timer]
         self.closed = False
         self.outcome = ""
+        self.starttls = False        # the client said STARTTLS (for the log, as nginx)
+        self.certificate = None      # type: Optional[CertificateFacts]
+        self.name_lookup = None      # type: Optional[ClientNameLookup]
         self.log("info", "client %s:%d connected to %s" % (
             self.client_address, self.client_port, self.server_text), action=None)
         configure_accepted(sock, listener.listen)
         self.client = Stream(self.loop, sock, self)
         self.machine = CLIENT_MACHINES[self.server.protocol](
-            self.server, now=time.time(), randomness=worker.randomness)
-        self.name_lookup = None      # type: Optional[ClientNameLookup]
+            self.server, now=time.time(), randomness=worker.randomness, tls=listener.listen.ssl)
+        if listener.listen.ssl:
+            # Implicit TLS: the handshake first, under ``timeout`` (nginx).
+            self._start_client_tls()
+        else:
+            self._begin()
+
+    def _start_client_tls(self) -> None:
+        self.phase = Phase.HANDSHAKE
+        self.client.set_read_budget(READ_SIZE)
+        self.client.start_tls(TlsLayer(self.server.tls_context, server_side=True,
+                                       alpn=self.server.protocol))
+        self._arm(self.server.timeout, self._client_timed_out)
+
+    def _begin(self) -> None:
+        """The protocol starts: greeting (SMTP: after the client's name)."""
         if self.server.protocol != "smtp":
             self._start_dialogue()
         elif self.server.resolver is None:
@@ -3283,7 +4047,9 @@ class Session:
     def context(self, action: Optional[str]) -> str:
         """nginx's ngx_mail_log_error suffix."""
         text = " while %s" % action if action else ""
-        text += ", client: %s, server: %s" % (self.client_address, self.server_text)
+        text += ", client: %s%s, server: %s" % (self.client_address,
+                                                " using starttls" if self.starttls else "",
+                                                self.server_text)
         if self.login:
             text += ', login: "%s"' % log_escape(self.login)
         if self.upstream is not None:
@@ -3317,7 +4083,9 @@ class Session:
         """Read the client only while the machine can take a command and our
         replies have been delivered (nginx's "blocked"): a client that sends
         without reading cannot make us queue replies without bound."""
-        if self.phase != Phase.DIALOGUE or self.client.out or self.machine.waiting:
+        if self.phase == Phase.HANDSHAKE:
+            self.client.set_read_budget(READ_SIZE)
+        elif self.phase != Phase.DIALOGUE or self.client.out or self.machine.waiting:
             self.client.set_read_budget(0)
         else:
             # As nginx, read no more than the command buffer holds: what the
@@ -3345,6 +4113,9 @@ class Session:
         for event in events:
             if isinstance(event, Credentials):
                 self._authenticate(event)
+            elif isinstance(event, StartTls):
+                self.starttls = True
+                self._start_client_tls()
             elif isinstance(event, Quit):
                 self._close_after_reply("client quit")
             elif isinstance(event, Closed):
@@ -3365,8 +4136,14 @@ class Session:
         else:
             self._backend_failed("upstream prematurely closed connection", b"")
 
-    def stream_error(self, stream: Stream, error: OSError) -> None:
-        if stream is self.client:
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        if isinstance(error, TlsError) and stream is self.client:
+            self.log("info", str(error))
+            self.close("client TLS error")
+        elif isinstance(error, TlsError):
+            self.log("error", "upstream %s" % error, action="SSL handshaking to upstream")
+            self._internal_error("upstream TLS error")
+        elif stream is self.client:
             self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
             self.close("client connection error")
         elif self.phase == Phase.CONNECT:
@@ -3380,7 +4157,43 @@ class Session:
         self.phase = Phase.LOGIN
         self.client.set_read_budget(0)
         stream.set_read_budget(READ_SIZE)
+        if self.server.proxy_ssl:
+            self._start_backend_tls()          # extension: implicit TLS to the backend
         stream.write(self.backend_login.data_to_send())
+
+    def _start_backend_tls(self) -> None:
+        name = self.server.proxy_ssl_name or self.upstream.host
+        self.backend.start_tls(TlsLayer(self.server.backend_tls_context, server_side=False,
+                                        server_hostname=name))
+
+    def stream_tls_ready(self, stream: Stream) -> None:
+        if stream is self.backend:
+            if self.backend_login.script and isinstance(self.backend_login.script[0], TlsStep):
+                self.backend_login.tls_started()
+                self.backend.write(self.backend_login.data_to_send())
+            return
+        if not self._client_certificate_ok():
+            return
+        if self.starttls:
+            self.phase = Phase.DIALOGUE
+            self._arm(self.server.timeout, self._client_timed_out)
+            self._handle_events(self.machine.tls_started())
+        else:
+            self._begin()
+
+    def _client_certificate_ok(self) -> bool:
+        """ssl_verify_client: a certificate that fails verification has ended
+        the handshake already (Python's ssl module cannot let it through);
+        a missing one is answered as nginx does."""
+        if self.server.ssl_verify_client == "off":
+            return True
+        self.certificate = certificate_facts(self.client.tls.object)
+        if self.server.ssl_verify_client == "on" and self.certificate.verify == "NONE":
+            self.log("info", "client sent no required SSL certificate")
+            self.client.write(self.machine.NO_CERT)
+            self._close_after_reply("no client certificate")
+            return False
+        return True
 
     def _close_after_reply(self, outcome: str) -> None:
         self.phase = Phase.CLOSING
@@ -3403,6 +4216,17 @@ class Session:
         now = self.loop.time()
         if worker.throttle.locked(self.client_address, now):
             result = AuthResult(False, reason="too many failed logins from this address")
+        elif credentials.method == "external":
+            result = authenticate_external(self.config.users, self.config.routes,
+                                           self.server.proxy_pass, credentials.login,
+                                           self.certificate)
+            self.login = result.login or self.login
+            if result.ok and result.password is None:
+                if self.server.protocol != "smtp" or self.server.proxy_smtp_auth:
+                    result = AuthResult(False, reason="EXTERNAL needs a {PLAIN} password in "
+                                        "[users] for the backend login")
+                else:
+                    result = result._replace(password=b"")
         else:
             result = authenticate(self.config.users, self.config.routes,
                                   self.server.proxy_pass, credentials)
@@ -3431,10 +4255,11 @@ class Session:
 
     def _login_script(self, result: AuthResult) -> list:
         machine = self.machine
+        starttls = self.server.proxy_starttls
         if self.server.protocol == "imap":
-            return imap_login_script(machine.tag, result.login, result.password)
+            return imap_login_script(machine.tag, result.login, result.password, starttls)
         if self.server.protocol == "pop3":
-            return pop3_login_script(result.login, result.password)
+            return pop3_login_script(result.login, result.password, starttls)
         facts = SmtpFacts(self.client_address, self.client_name, machine.helo, machine.esmtp,
                           result.login, result.password, self.auth_method,
                           machine.mail_from, machine.rcpt_to)
@@ -3479,8 +4304,11 @@ class Session:
             self._backend_failed(str(error), error.line)
             return
         self.backend.write(self.backend_login.data_to_send())
-        if events:
-            self._start_relay(events[0].reply)
+        for event in events:
+            if isinstance(event, BackendStartTls):
+                self._start_backend_tls()
+            else:
+                self._start_relay(event.reply)
 
     def _backend_failed(self, message: str, line: bytes) -> None:
         """nginx: log the bad line; the client gets the internal error, or with
@@ -3541,6 +4369,34 @@ class Session:
 # SIGINT stop at once, SIGQUIT stops gracefully, SIGHUP re-reads the
 # configuration, SIGUSR1 reopens the log files.  Several worker processes
 # under a master are not built yet (worker_processes 1 only).
+
+def load_and_prepare(path: str) -> Config:
+    """load_config, then what needs the TLS section: each server's SSL
+    contexts, built now so that a bad certificate, key, password or CA file
+    fails -t and start-up, not the first client."""
+    config = load_config(path)
+    errors = []
+    for server in config.servers:
+        section = "server " + server.name
+        try:
+            if server.starttls != "off" or any(listen.ssl for listen in server.listen):
+                server.tls_context = server_context(server)
+                add_sni_certificates(server.tls_context, server)
+            if server.proxy_ssl or server.proxy_starttls:
+                server.backend_tls_context = backend_context(server)
+        except ValueError_ as error:
+            errors.append(ConfigError(path, section, None, str(error)))
+    if errors:
+        raise ConfigErrors(errors)
+    return config
+
+
+def warn_about(config: Config, log: ErrorLog) -> None:
+    for server in config.servers:
+        if (server.proxy_ssl or server.proxy_starttls) and not server.proxy_ssl_verify:
+            log.log("warn", "proxy_ssl_verify is off in [server %s]: the backend's certificate "
+                    "is not checked, and passwords go to whoever answers" % server.name)
+
 
 class ErrorLogs:
     """The [main] error log and the servers' own (``error_log`` in [mail] or
@@ -3708,7 +4564,7 @@ class Worker:
         If it is not, log why and keep everything as it was."""
         self.log.log("notice", "reconfiguring")
         try:
-            config = load_config(self.config.path)
+            config = load_and_prepare(self.config.path)
             logs = ErrorLogs(config)
         except ConfigErrors as errors:
             for error in errors.errors:
@@ -3728,6 +4584,7 @@ class Worker:
         self.config = config
         self._use_logs(logs)
         raise_open_file_limit(config.main, self.log)
+        warn_about(config, self.log)
         self.log.log("notice", "configuration reloaded")
 
     def reopen_logs(self, signum: int = 0) -> None:
@@ -3816,7 +4673,7 @@ def command_hash_password(scheme: str) -> int:
 def command_test(path: str) -> int:
     """nginx -t: every problem, then "test failed" / "test is successful"."""
     try:
-        load_config(path)
+        load_and_prepare(path)
     except ConfigErrors as errors:
         for error in errors.errors:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
@@ -3829,7 +4686,7 @@ def command_test(path: str) -> int:
 
 def command_run(path: str) -> int:
     try:
-        config = load_config(path)
+        config = load_and_prepare(path)
     except ConfigErrors as errors:
         for error in errors.errors:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
@@ -3841,6 +4698,7 @@ def command_run(path: str) -> int:
         return 1
     log = logs.main
     raise_open_file_limit(config.main, log)
+    warn_about(config, log)
     worker = Worker(config, logs)
     try:
         worker.open_listeners(config)

@@ -466,7 +466,7 @@ class ConfigValueParserTests(unittest.TestCase):
                            'invalid value "maybe", it must be "on" or "off"')
         self.assertRefused(bad, ["127.0.0.1:8143", "so_keepalive=1:2"],
                            'invalid so_keepalive value "1:2"')
-        self.assertRefused(bad, ["127.0.0.1:8143", "ssl"], 'the "ssl" parameter is not supported yet')
+        self.assertTrue(mp.parse_listen(["127.0.0.1:8143", "ssl"]).ssl)
         self.assertRefused(bad, ["127.0.0.1:8143", "proxy_protocol"],
                            'the "proxy_protocol" parameter is not supported yet')
         self.assertRefused(bad, ["localhost:8143"], '"localhost" is not an IP address (listen takes addresses)')
@@ -1023,12 +1023,12 @@ class ConfigLoadTests(unittest.TestCase):
         # also as 'no "listen" is defined for server'.
         path, errors = cfg_errors(self, """\
             [server imap]
-            listen = 127.0.0.1:18143 ssl
+            listen = 127.0.0.1:18143 bogus
             protocol = imap
             proxy_pass = 127.0.0.1:99999
         """)
         self.assertEqual(sorted((e.directive, e.message) for e in errors), [
-            ("listen", 'the "ssl" parameter is not supported yet'),
+            ("listen", 'invalid parameter "bogus"'),
             ("proxy_pass", 'invalid port in "127.0.0.1:99999"')])
 
 
