@@ -1313,6 +1313,7 @@ class ClientMachine:
         self.sasl = SaslState.NONE
         self.login = b""               # AUTH LOGIN / POP3 USER: the login so far
         self.waiting = False           # Credentials emitted, outcome pending
+        self.awaiting_tls = False      # StartTls emitted, handshake pending
         self.finished = False          # Quit or Closed emitted
         self._input = bytearray()
         self._output = bytearray()
@@ -1320,8 +1321,8 @@ class ClientMachine:
     # -- the sans-I/O surface ------------------------------------------------
     def receive_data(self, data: bytes) -> list:
         """Feed client bytes; returns the events they complete (may be [])."""
-        if self.finished:
-            return []
+        if self.finished or self.awaiting_tls:
+            return []              # nothing sent in clear after STARTTLS is kept
         if not data:
             self.finished = True
             return []
@@ -1346,7 +1347,7 @@ class ClientMachine:
     def tls_started(self) -> list:
         """The handshake after STARTTLS is done: go on (capabilities change)."""
         self.tls = True
-        self.waiting = False
+        self.awaiting_tls = False
         return self._process()
 
     @property
@@ -1366,7 +1367,7 @@ class ClientMachine:
         del self._input[:]
         self._forget_before_tls()
         events.append(StartTls())
-        self.waiting = True
+        self.awaiting_tls = True
 
     def _forget_before_tls(self) -> None:
         """Protocol hook: what the client said before TLS is forgotten."""
@@ -1381,7 +1382,7 @@ class ClientMachine:
     # -- shared machinery ----------------------------------------------------
     def _process(self) -> list:
         events = []
-        while not self.waiting and not self.finished and self._input:
+        while not (self.waiting or self.finished or self.awaiting_tls) and self._input:
             if not self._step(events):
                 break
         return events

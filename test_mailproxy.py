@@ -43,6 +43,7 @@ def server_settings(protocol: str = "imap", **overrides) -> mp.Settings:
     values = {name: d.default for name, d in mp.DIRECTIVES.items()
               if "mail" in d.contexts or "server" in d.contexts}
     values.update(name="test", protocol=protocol, server_name="mail.test",
+                  tls_context=None, backend_tls_context=None,
                   proxy_pass=mp.Upstream("127.0.0.1", 143, ((socket.AF_INET, ("127.0.0.1", 143)),)))
     values.update(overrides)
     return mp.Settings(values)
@@ -59,9 +60,9 @@ SALT = b"<12345.1700000000@mail.test>"     # make_salt with FixedRandom at NOW
 NOW = 1700000000.0
 
 
-def make_machine(protocol="imap", **overrides):
+def make_machine(protocol="imap", tls=False, **overrides):
     settings = server_settings(protocol, **overrides)
-    return mp.CLIENT_MACHINES[protocol](settings, now=NOW, randomness=FixedRandom())
+    return mp.CLIENT_MACHINES[protocol](settings, now=NOW, randomness=FixedRandom(), tls=tls)
 
 
 def b64(data: bytes) -> bytes:
@@ -116,6 +117,209 @@ def write_file(directory: str, name: str, text: str) -> str:
     return path
 
 
+
+
+# ########################################################################## #
+#                          Test certificates (PEM)                           #
+# ########################################################################## #
+# The standard library cannot make certificates, so these are embedded:
+# EC P-256, made with openssl for these tests, valid until 2126 (but the
+# expired one).  A test CA; a server certificate for mail.example.com,
+# mail.example.org, localhost and 127.0.0.1; another for mail.example.net
+# (SNI); alice's client certificate; one from another CA; an expired one;
+# a revoked one and the CA's CRL that revokes it.
+
+TLS_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBoDCCAUWgAwIBAgIUSjSNdxYeOVyZDhLMbib5xTm7+9cwCgYIKoZIzj0EAwIw
+HDEaMBgGA1UEAwwRbWFpbHByb3h5IHRlc3QgQ0EwIBcNMjYxMTIwMjMyOTEwWhgP
+MjEyNjEwMjcyMzI5MTBaMBwxGjAYBgNVBAMMEW1haWxwcm94eSB0ZXN0IENBMFkw
+EwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83rIOnPUjNfBjC5TiVl8HbZ0qVKuzEsG
+NaulqCums5EfUmq5jEvfgDE2dQ83OzIXnzSvBq2uNoE79+DDTkSyfqNjMGEwHQYD
+VR0OBBYEFCr8p3sHDW+Am5g2/g9GkQg6Z1NaMB8GA1UdIwQYMBaAFCr8p3sHDW+A
+m5g2/g9GkQg6Z1NaMA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0PAQH/BAQDAgEGMAoG
+CCqGSM49BAMCA0kAMEYCIQCbJMcjcPmr1+zETzDH3HChMcVzlO1TYENJncAfLGn2
+vwIhALp+VvblJM+mDTLp/PJPqQsK8Ds8L/DiYPM3aySZU0TP
+-----END CERTIFICATE-----
+"""
+
+
+TLS_SERVER_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB4DCCAYagAwIBAgIIAixD3YwwurQwCgYIKoZIzj0EAwIwHDEaMBgGA1UEAwwR
+bWFpbHByb3h5IHRlc3QgQ0EwIBcNMjYxMTIwMjMyOTEwWhgPMjEyNjEwMjcyMzI5
+MTBaMBsxGTAXBgNVBAMMEG1haWwuZXhhbXBsZS5jb20wWTATBgcqhkjOPQIBBggq
+hkjOPQMBBwNCAARGlI6UUKucRR97zzxIqxcT+UeV2NjcgVDKhr9PVYmQGCAaiH8x
+H96FAit/PoK/KtkFV8bQYwWXLuVEVrmjfjmeo4GwMIGtMAkGA1UdEwQCMAAwCwYD
+VR0PBAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMBMD4GA1UdEQQ3MDWCEG1haWwu
+ZXhhbXBsZS5jb22CEG1haWwuZXhhbXBsZS5vcmeCCWxvY2FsaG9zdIcEfwAAATAd
+BgNVHQ4EFgQUnNt2C6gVWcKPUTqwuSCc5wgCfiUwHwYDVR0jBBgwFoAUKvynewcN
+b4CbmDb+D0aRCDpnU1owCgYIKoZIzj0EAwIDSAAwRQIgY01TebbH3+moo88BTej2
+nY8BP3eHzTKsTt3ClXgZlA8CIQCU2SCnwJJHP2y4ftfxQYTjDFwfogWhOyzl+XHY
+PbIbow==
+-----END CERTIFICATE-----
+"""
+
+TLS_SERVER_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg/nMCXysfwFesUtLR
+z+CA2g+FFcS+5YNHmXx81VQK9mqhRANCAARGlI6UUKucRR97zzxIqxcT+UeV2Njc
+gVDKhr9PVYmQGCAaiH8xH96FAit/PoK/KtkFV8bQYwWXLuVEVrmjfjme
+-----END PRIVATE KEY-----
+"""
+
+TLS_OTHER_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBvTCCAWOgAwIBAgIIWZH14Spjo1QwCgYIKoZIzj0EAwIwHDEaMBgGA1UEAwwR
+bWFpbHByb3h5IHRlc3QgQ0EwIBcNMjYxMTIwMjMyOTExWhgPMjEyNjEwMjcyMzI5
+MTFaMBsxGTAXBgNVBAMMEG1haWwuZXhhbXBsZS5uZXQwWTATBgcqhkjOPQIBBggq
+hkjOPQMBBwNCAAR282E/GcgA+J6/cii3bXlHZJLS7ZRDhjV50H7dMeW4LY1uMS6w
+Gqp6LLVC/5UK/VsliGX8a/Iv+nqspNcUB8CDo4GNMIGKMAkGA1UdEwQCMAAwCwYD
+VR0PBAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMBMBsGA1UdEQQUMBKCEG1haWwu
+ZXhhbXBsZS5uZXQwHQYDVR0OBBYEFNXGvzvYeJ1cRPk/BGVPqOlUQOYZMB8GA1Ud
+IwQYMBaAFCr8p3sHDW+Am5g2/g9GkQg6Z1NaMAoGCCqGSM49BAMCA0gAMEUCIA20
+4vmHOcOhT7IiCw94rMugTgFQo8yPVIP4BcNetmqiAiEA68RR6BLs9GGt/QizgYap
+sBKRDWlMTeVtZlFaQqDNMD8=
+-----END CERTIFICATE-----
+"""
+
+TLS_OTHER_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgCGFanVnfeSahxO/K
+NtfwB+4MsWlYH70vbabwPjLBcMahRANCAAR282E/GcgA+J6/cii3bXlHZJLS7ZRD
+hjV50H7dMeW4LY1uMS6wGqp6LLVC/5UK/VsliGX8a/Iv+nqspNcUB8CD
+-----END PRIVATE KEY-----
+"""
+
+TLS_CLIENT_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB1TCCAXygAwIBAgIJAJPxCJeJTzUiMAoGCCqGSM49BAMCMBwxGjAYBgNVBAMM
+EW1haWxwcm94eSB0ZXN0IENBMCAXDTI2MTEyMDIzMjkxMVoYDzIxMjYxMDI3MjMy
+OTExWjAyMQ4wDAYDVQQDDAVhbGljZTEgMB4GCSqGSIb3DQEJARYRYWxpY2VAZXhh
+bXBsZS5jb20wWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATjJCaHa94DwlJfe+PP
+M7HJ7ck7IyMOsPRPqhECOCBX3lRf6x6J1cR0lVSEkt6ShMPt8B4cmxb3Wheb5qQe
+z96uo4GOMIGLMAkGA1UdEwQCMAAwCwYDVR0PBAQDAgeAMBMGA1UdJQQMMAoGCCsG
+AQUFBwMCMBwGA1UdEQQVMBOBEWFsaWNlQGV4YW1wbGUuY29tMB0GA1UdDgQWBBSr
++VpcQgprOiIVAAd6bUFJ1rMbnDAfBgNVHSMEGDAWgBQq/Kd7Bw1vgJuYNv4PRpEI
+OmdTWjAKBggqhkjOPQQDAgNHADBEAiAPBVH+KsV2IbtKdKK8DxYPH3MVIPTXlmMJ
+T79H8c6MEwIgDjbbv7TBozlll+tBO7EfKMlxYKwHOCO8fT8q0skzNbc=
+-----END CERTIFICATE-----
+"""
+
+TLS_CLIENT_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgeMtGqX4EsMTSef6a
+VDEV5PxNGxMkhnEHnV9HdYeH3t6hRANCAATjJCaHa94DwlJfe+PPM7HJ7ck7IyMO
+sPRPqhECOCBX3lRf6x6J1cR0lVSEkt6ShMPt8B4cmxb3Wheb5qQez96u
+-----END PRIVATE KEY-----
+"""
+
+TLS_WRONG_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBlzCCAT2gAwIBAgIUKLCQ24CJR5ny0rUtBfio7n7w0icwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNc29tZSBvdGhlciBDQTAgFw0yNjExMjAyMzI5MTBaGA8yMTI2
+MTAyNzIzMjkxMFowGDEWMBQGA1UEAwwNc29tZSBvdGhlciBDQTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABCMVoU75/cV0BHpXxUTK5UP+kAa3e589vDPs318v/26Y
+k8OBLSH19IwNIkiNQNWBXjo98k+e04BFsSn7DlHAT46jYzBhMB0GA1UdDgQWBBT7
+7QIZlle5mwtszRzNgS2BlYxgETAfBgNVHSMEGDAWgBT77QIZlle5mwtszRzNgS2B
+lYxgETAPBgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAKBggqhkjOPQQD
+AgNIADBFAiBLxbK+G6dwba/QQ06n4c3qcElHD6gQBn6fy732KlgZHwIhAPG8RGqy
+9jwrlLdOyTE1H8Axcx1jQFMU/fpZQ/S2RTWQ
+-----END CERTIFICATE-----
+"""
+
+TLS_WRONG_CLIENT_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBrzCCAVagAwIBAgIJAIzuQCxNEtXcMAoGCCqGSM49BAMCMBgxFjAUBgNVBAMM
+DXNvbWUgb3RoZXIgQ0EwIBcNMjYxMTIwMjMyOTExWhgPMjEyNjEwMjcyMzI5MTFa
+MBAxDjAMBgNVBAMMBWFsaWNlMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAELQqQ
+Cyft3IkEPfXmlruxSaTq1FDerE9m9OxdIlL76jvLbq5FKcwZmlxkDgSmri69w3DR
+n8euzHP/+x11+x3x46OBjjCBizAJBgNVHRMEAjAAMAsGA1UdDwQEAwIHgDATBgNV
+HSUEDDAKBggrBgEFBQcDAjAcBgNVHREEFTATgRFhbGljZUBleGFtcGxlLmNvbTAd
+BgNVHQ4EFgQUbadnso/ZWfAZYouSMp5+oiVVTzUwHwYDVR0jBBgwFoAU++0CGZZX
+uZsLbM0czYEtgZWMYBEwCgYIKoZIzj0EAwIDRwAwRAIgOC1iN69BKy79083LMH25
+Zf0aYzVrbBw/o9a09IsmXUECIBG+G19ep69rzeVYoH8+r0Et+bU/xLEjDsQEWIW6
+6xan
+-----END CERTIFICATE-----
+"""
+
+TLS_WRONG_CLIENT_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgr6ynGUl8eylpVilF
+GJlMmF6OMejrLBGAcykCDX625gKhRANCAAQtCpALJ+3ciQQ99eaWu7FJpOrUUN6s
+T2b07F0iUvvqO8turkUpzBmaXGQOBKauLr3DcNGfx67Mc//7HXX7HfHj
+-----END PRIVATE KEY-----
+"""
+
+TLS_EXPIRED_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBpjCCAUygAwIBAgICEAAwCgYIKoZIzj0EAwIwHDEaMBgGA1UEAwwRbWFpbHBy
+b3h5IHRlc3QgQ0EwHhcNMjAwMTAxMDAwMDAwWhcNMjEwMTAxMDAwMDAwWjAQMQ4w
+DAYDVQQDDAVhbGljZTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABIWiqLSHiwt2
+adlW3T/QpdWz0DnEgscb4T0KP3PKwIHW4txfDVCAal9g059G4uvtL0XTCUaEcNbE
+1FV3jNID+c2jgYkwgYYwCQYDVR0TBAIwADAdBgNVHSUEFjAUBggrBgEFBQcDAgYI
+KwYBBQUHAwEwGgYDVR0RBBMwEYIJbG9jYWxob3N0hwR/AAABMB0GA1UdDgQWBBTH
+NdiEB2YZFWFp5v9weaJMXEKGPDAfBgNVHSMEGDAWgBQq/Kd7Bw1vgJuYNv4PRpEI
+OmdTWjAKBggqhkjOPQQDAgNIADBFAiEAsr+RhRE+pJn6k5ReF/mIsy3NqQU7xNg0
+9uvlMAhHbUMCICpJ8NLn32C12VWI7aTCMlHgOFTH7im0FG3iWNgQ2s1s
+-----END CERTIFICATE-----
+"""
+
+TLS_EXPIRED_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgTHcY41sWzMC5uKJt
+EpAmeaWznwYLt1MC4NxRlNeKzh2hRANCAASFoqi0h4sLdmnZVt0/0KXVs9A5xILH
+G+E9Cj9zysCB1uLcXw1QgGpfYNOfRuLr7S9F0wlGhHDWxNRVd4zSA/nN
+-----END PRIVATE KEY-----
+"""
+
+TLS_REVOKED_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBgjCCASigAwIBAgICEAEwCgYIKoZIzj0EAwIwHDEaMBgGA1UEAwwRbWFpbHBy
+b3h5IHRlc3QgQ0EwIBcNMjYxMTIwMjMyOTE1WhgPMjEyNjEwMjcyMzI5MTVaMBIx
+EDAOBgNVBAMMB21hbGxvcnkwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARwWG8y
+CadgCEJjmZPN7nb3OtShQTBepViBHPlPXnnlTHpRTrNt+OPcOn++sOEEwvg2uaiC
++zPsC/5h3SAgahWIo2IwYDAJBgNVHRMEAjAAMBMGA1UdJQQMMAoGCCsGAQUFBwMC
+MB0GA1UdDgQWBBTU7Ls2a7e2BDog/sk6FLkW9ij5+TAfBgNVHSMEGDAWgBQq/Kd7
+Bw1vgJuYNv4PRpEIOmdTWjAKBggqhkjOPQQDAgNIADBFAiAv2DVTuYh1UdIHPZqx
+JJZLtXrSqPqxTHxtRQIkcWfi2QIhAM92S01+305+jOEIYB/0x4bvJUsgddmT4Efi
+uoAqYk1C
+-----END CERTIFICATE-----
+"""
+
+TLS_REVOKED_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgdrDK8bAYWtDm3ffU
+0cqOZJgjFJlmw2dV+10FD3KIsFShRANCAARwWG8yCadgCEJjmZPN7nb3OtShQTBe
+pViBHPlPXnnlTHpRTrNt+OPcOn++sOEEwvg2uaiC+zPsC/5h3SAgahWI
+-----END PRIVATE KEY-----
+"""
+
+TLS_CRL_PEM = """\
+-----BEGIN X509 CRL-----
+MIG5MGEwCgYIKoZIzj0EAwIwHDEaMBgGA1UEAwwRbWFpbHByb3h5IHRlc3QgQ0EX
+DTI2MTEyMDIzMjkxNVoYDzIxMjYxMDI3MjMyOTE1WjAVMBMCAhABFw0yNjExMjAy
+MzI5MTVaMAoGCCqGSM49BAMCA0gAMEUCIQCFHc55oK87oWb1+HWf7XInSS5IjuwD
+wmzp2HcFRPnu0gIgW6CGnjL4KtetkucjgZl+1d8spBevTg0rwMMqba5pNwc=
+-----END X509 CRL-----
+"""
+
+
+
+TLS_FILES = {"ca.crt": TLS_CA_PEM, "server.crt": TLS_SERVER_CERT_PEM, "server.key": TLS_SERVER_KEY_PEM,
+             "other.crt": TLS_OTHER_CERT_PEM, "other.key": TLS_OTHER_KEY_PEM,
+             "client.crt": TLS_CLIENT_CERT_PEM, "client.key": TLS_CLIENT_KEY_PEM,
+             "wrongca.crt": TLS_WRONG_CA_PEM, "wrongclient.crt": TLS_WRONG_CLIENT_CERT_PEM,
+             "wrongclient.key": TLS_WRONG_CLIENT_KEY_PEM, "expired.crt": TLS_EXPIRED_CERT_PEM,
+             "expired.key": TLS_EXPIRED_KEY_PEM, "revoked.crt": TLS_REVOKED_CERT_PEM,
+             "revoked.key": TLS_REVOKED_KEY_PEM, "ca.crl": TLS_CRL_PEM}
+
+
+def write_tls_files(directory: str) -> None:
+    """The certificates above as files, for configurations and contexts."""
+    for name, text in TLS_FILES.items():
+        with open(os.path.join(directory, name), "w") as handle:
+            handle.write(text)
 
 
 # ########################################################################## #
@@ -2356,6 +2560,337 @@ class BackendLoginTests(unittest.TestCase):
         sent, events, _ = run_script(mp.imap_login_script(b"a1 ", b"u", b"p"),
                                      byte_by_byte(replies), tag=b"a1 ")
         self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+
+# ########################################################################## #
+#                                 TLS layer                                  #
+# ########################################################################## #
+
+class TlsFiles:
+    """A temporary directory holding the test certificates, once per class."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tls_directory = tempfile.TemporaryDirectory()
+        cls.tls_dir = cls.tls_directory.name
+        write_tls_files(cls.tls_dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tls_directory.cleanup()
+
+    @classmethod
+    def path(cls, name):
+        return os.path.join(cls.tls_dir, name)
+
+    def tls_settings(self, protocol="imap", **overrides):
+        values = dict(ssl_certificate=[self.path("server.crt")],
+                      ssl_certificate_key=[self.path("server.key")])
+        values.update(overrides)
+        return server_settings(protocol, **values)
+
+    def client_context(self, certificate=None):
+        context = mp.ssl.create_default_context(cafile=self.path("ca.crt"))
+        if certificate:
+            context.load_cert_chain(self.path(certificate + ".crt"), self.path(certificate + ".key"))
+        return context
+
+
+def pump(client, server, rounds=10):
+    """Carry bytes between two TlsLayers until both are quiet."""
+    received = {id(client): b"", id(server): b""}
+    for _ in range(rounds):
+        moved = False
+        for source, target in ((client, server), (server, client)):
+            data = source.data_to_send()
+            if data:
+                moved = True
+                received[id(target)] += target.receive_data(data)
+        if not moved:
+            break
+    return received[id(client)], received[id(server)]
+
+
+class TlsLayerTests(TlsFiles, unittest.TestCase):
+    def pair(self, settings=None, client_context=None, hostname="mail.example.com", alpn=None):
+        settings = settings or self.tls_settings()
+        server = mp.TlsLayer(mp.server_context(settings), server_side=True, alpn=alpn)
+        client = mp.TlsLayer(client_context or self.client_context(), server_side=False,
+                             server_hostname=hostname)
+        return client, server
+
+    def test_handshake_and_data_in_memory(self):
+        client, server = self.pair()
+        server.send(b"* OK IMAP4 ready\r\n")            # queued until the handshake ends
+        pump(client, server)
+        self.assertEqual((client.state, server.state), (mp.TlsState.OPEN, mp.TlsState.OPEN))
+        self.assertTrue(server.just_opened)
+        client.send(b"a1 NOOP\r\n")
+        to_client, to_server = pump(client, server)
+        self.assertEqual(to_server, b"a1 NOOP\r\n")
+        server.send(b"x" * 100000)
+        to_client, _ = pump(client, server)
+        self.assertEqual(len(to_client), 100000)
+
+    def test_close_notify_is_end_of_stream(self):
+        client, server = self.pair()
+        pump(client, server)
+        client.close()
+        self.assertEqual(server.receive_data(client.data_to_send()), b"")
+        self.assertEqual(server.state, mp.TlsState.CLOSED)
+
+    def test_wrong_name_fails_verification(self):
+        client, server = self.pair(hostname="wrong.example")
+        with self.assertRaises(mp.TlsError) as caught:
+            pump(client, server)
+        self.assertIn("certificate verify", str(caught.exception))
+
+    def test_garbage_is_an_error_not_an_exception_of_ssl(self):
+        _, server = self.pair()
+        with self.assertRaises(mp.TlsError):
+            server.receive_data(b"a1 LOGIN alice secret\r\n" * 3)
+        self.assertEqual(server.state, mp.TlsState.CLOSED)
+
+    def test_eof_during_handshake(self):
+        _, server = self.pair()
+        with self.assertRaises(mp.TlsError) as caught:
+            server.receive_data(b"")
+        self.assertIn("closed", str(caught.exception))
+
+    def test_alpn_rule(self):
+        context = self.client_context()
+        context.set_alpn_protocols(["http/1.1"])
+        client, server = self.pair(client_context=context, alpn="imap")
+        with self.assertRaises(mp.TlsError) as caught:
+            server.receive_data(client.data_to_send())
+        self.assertIn("ALPN", str(caught.exception))
+        self.assertEqual(server.data_to_send(), mp.TLS_ALERT_NO_APPLICATION_PROTOCOL)
+        context = self.client_context()
+        context.set_alpn_protocols(["imap", "http/1.1"])
+        client, server = self.pair(client_context=context, alpn="imap")
+        pump(client, server)
+        self.assertEqual(client.object.selected_alpn_protocol(), "imap")
+        client, server = self.pair(alpn="imap")                  # no ALPN offered: fine
+        pump(client, server)
+        self.assertEqual(server.state, mp.TlsState.OPEN)
+
+    def test_client_hello_alpn_parser(self):
+        context = self.client_context()
+        context.set_alpn_protocols(["imap", "pop3"])
+        hello = mp.TlsLayer(context, server_side=False, server_hostname="x.example").data_to_send()
+        self.assertEqual(mp.client_hello_alpn(hello), [b"imap", b"pop3"])
+        plain = mp.TlsLayer(self.client_context(), False, "x.example").data_to_send()
+        self.assertIsNone(mp.client_hello_alpn(plain))
+        for junk in (b"", b"\x16\x03\x01\x00", hello[:40], b"a1 NOOP\r\n" * 10):
+            mp.client_hello_alpn(junk)                            # never raises
+
+    def test_client_certificate_facts(self):
+        settings = self.tls_settings(ssl_verify_client="optional",
+                                     ssl_client_certificate=self.path("ca.crt"))
+        client, server = self.pair(settings, self.client_context("client"))
+        pump(client, server)
+        facts = mp.certificate_facts(server.object)
+        self.assertEqual(facts.verify, "SUCCESS")
+        self.assertEqual(facts.subject, "emailAddress=alice@example.com,CN=alice")
+        self.assertEqual(facts.issuer, "CN=mailproxy test CA")
+        der = mp.ssl.PEM_cert_to_DER_cert(TLS_CLIENT_CERT_PEM)
+        self.assertEqual(facts.fingerprint, hashlib.sha1(der).hexdigest())
+        self.assertIn("alice@example.com", facts.identities)
+        client, server = self.pair(settings)                     # no certificate sent
+        pump(client, server)
+        self.assertEqual(mp.certificate_facts(server.object).verify, "NONE")
+
+    def test_sni_picks_the_certificate(self):
+        settings = self.tls_settings(ssl_sni_certificate=[mp.SniCertificate(
+            "*.example.net", self.path("other.crt"), self.path("other.key"))])
+        context = mp.server_context(settings)
+        mp.add_sni_certificates(context, settings)
+        for name, expected in (("mail.example.net", "mail.example.net"),
+                               ("mail.example.com", "mail.example.com")):
+            server = mp.TlsLayer(context, server_side=True)
+            client = mp.TlsLayer(self.client_context(), False, server_hostname=name)
+            pump(client, server)
+            subject = dict(rdn[0] for rdn in client.object.getpeercert()["subject"])
+            self.assertEqual(subject["commonName"], expected)
+
+    def test_rfc2253_escaping(self):
+        name = ((("commonName", 'a,b+c"d'),), (("organizationName", " lead"),))
+        self.assertEqual(mp.rfc2253_name(name), 'O=\\ lead,CN=a\\,b\\+c\\"d')
+
+
+class TlsConfigurationTests(TlsFiles, unittest.TestCase):
+    def test_protocols_map_to_a_version_range(self):
+        context = mp.server_context(self.tls_settings(ssl_protocols=["TLSv1.2"]))
+        self.assertEqual(context.maximum_version, mp.ssl.TLSVersion.TLSv1_2)
+        with self.assertRaises(mp.ValueError_):
+            mp.parse_ssl_protocols(["TLSv1", "TLSv1.2"])          # a gap
+        with self.assertRaises(mp.ValueError_):
+            mp.parse_ssl_protocols(["SSLv3"])
+
+    def test_what_python_cannot_honour_is_refused(self):
+        for name, value in (("ssl_verify_client", "optional_no_ca"), ("ssl_verify_depth", "2"),
+                            ("ssl_session_cache", "shared:SSL:10m"), ("ssl_session_timeout", "10m"),
+                            ("ssl_session_ticket_key", "/x"), ("ssl_conf_command", "Curves X25519"),
+                            ("ssl_conf_command", "Options PrioritizeChaCha"),
+                            ("ssl_certificate", "data:-----BEGIN"), ("ssl_ecdh_curve", "X25519:P-256"),
+                            ("ssl_certificate_compression", "on"), ("proxy_ssl_server_name", "off")):
+            with self.assertRaises(mp.ValueError_, msg=name) as caught:
+                mp.parse_directive("mail", name, value, "/")
+            self.assertRegex(str(caught.exception), "Python|cannot", name)
+
+    def test_conf_commands_that_map(self):
+        commands = mp.parse_ssl_conf_command(["Options", "-SessionTicket,ServerPreference"])
+        context = mp.server_context(self.tls_settings(ssl_conf_command=commands))
+        self.assertTrue(context.options & mp.ssl.OP_NO_TICKET)
+        self.assertTrue(context.options & mp.ssl.OP_CIPHER_SERVER_PREFERENCE)
+        commands = mp.parse_ssl_conf_command(["MaxProtocol", "TLSv1.2"])
+        self.assertEqual(mp.server_context(self.tls_settings(ssl_conf_command=commands)).maximum_version,
+                         mp.ssl.TLSVersion.TLSv1_2)
+
+    def test_bad_files_fail_the_check(self):
+        with self.assertRaises(mp.ValueError_) as caught:
+            mp.server_context(self.tls_settings(ssl_certificate=[self.path("missing.crt")]))
+        self.assertIn("missing.crt", str(caught.exception))
+        with self.assertRaises(mp.ValueError_):
+            mp.server_context(self.tls_settings(ssl_certificate_key=[self.path("client.key")]))
+
+    def test_listen_ssl_needs_a_certificate(self):
+        problems = mp.check_ssl({"listen": [mp.parse_listen(["127.0.0.1:993", "ssl"])],
+                                 "starttls": "off", "ssl_certificate": [], "ssl_certificate_key": [],
+                                 "ssl_verify_client": "off", "ssl_client_certificate": None,
+                                 "ssl_trusted_certificate": None, "proxy_ssl": False,
+                                 "proxy_starttls": False})
+        self.assertEqual(problems, [("ssl_certificate", 'no "ssl_certificate" is defined for the '
+                                     '"listen ... ssl" directive')])
+
+
+# -- STARTTLS in the machines: capabilities and the injection defence -----------
+
+class StartTlsMachineTests(unittest.TestCase):
+    def test_imap_capabilities_for_off_on_only(self):
+        base = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS"
+        cases = {"off": (base + b" AUTH=PLAIN\r\n", base + b" AUTH=PLAIN\r\n"),
+                 "on": (base + b" AUTH=PLAIN STARTTLS\r\n", base + b" AUTH=PLAIN\r\n"),
+                 "only": (base + b" STARTTLS LOGINDISABLED\r\n", base + b" AUTH=PLAIN\r\n")}
+        for starttls, (before, after) in cases.items():
+            machine = make_machine("imap", starttls=starttls)
+            self.assertEqual(machine.capability(), before, starttls)
+            machine.tls = True
+            self.assertEqual(machine.capability(), after, starttls)
+
+    def test_pop3_capabilities_for_off_on_only(self):
+        plain = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\n"
+        cases = {"off": plain + b".\r\n", "on": plain + b"STLS\r\n.\r\n",
+                 "only": b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nSTLS\r\n.\r\n"}
+        for starttls, expected in cases.items():
+            machine = make_machine("pop3", starttls=starttls)
+            self.assertEqual(machine.capability(), expected, starttls)
+            machine.tls = True
+            self.assertEqual(machine.capability(), plain + b".\r\n", starttls)
+
+    def test_smtp_ehlo_for_off_on_only(self):
+        cases = {"off": b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n",
+                 "on": b"250-mail.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n",
+                 "only": b"250-mail.test\r\n250 STARTTLS\r\n"}
+        for starttls, expected in cases.items():
+            machine = make_machine("smtp", starttls=starttls)
+            self.assertEqual(machine.ehlo_reply(), expected, starttls)
+            machine.tls = True
+            self.assertEqual(machine.ehlo_reply(), b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n")
+
+    def test_only_refuses_logins_before_tls(self):
+        imap = make_machine("imap", starttls="only")
+        imap.data_to_send()
+        self.assertEqual(imap.receive_data(b"a1 LOGIN alice secret\r\na2 AUTHENTICATE PLAIN\r\n"), [])
+        self.assertEqual(imap.data_to_send(), b"a1" + BAD + b"a2" + BAD)
+        pop3 = make_machine("pop3", starttls="only")
+        pop3.data_to_send()
+        self.assertEqual(pop3.receive_data(b"USER alice\r\nAUTH PLAIN\r\nAPOP a b\r\n"), [])
+        self.assertEqual(pop3.data_to_send(), b"-ERR invalid command\r\n" * 3)
+        smtp = make_machine("smtp", starttls="only", smtp_auth=["plain", "none"])
+        self.assertEqual(smtp.receive_data(b"AUTH PLAIN\r\nMAIL FROM:<a@b>\r\n"), [])
+        self.assertEqual(smtp.data_to_send(), b"500 5.5.1 Invalid command\r\n"
+                         b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+
+    def test_pipelined_plaintext_after_starttls_is_dropped(self):
+        cases = [("imap", b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n", b"a1 OK completed\r\n"),
+                 ("pop3", b"STLS\r\nUSER alice\r\nPASS secret\r\n", b"+OK\r\n"),
+                 ("smtp", b"STARTTLS\r\nAUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n",
+                  b"220 2.0.0 Start TLS\r\n")]
+        for protocol, data, reply in cases:
+            for chunking in (whole, byte_by_byte):
+                machine = make_machine(protocol, starttls="on")
+                machine.data_to_send()
+                events = []
+                for chunk in chunking(data):
+                    events += machine.receive_data(chunk)
+                self.assertEqual(events, [mp.StartTls()], protocol)
+                self.assertEqual(machine.data_to_send(), reply, protocol)
+                self.assertEqual(machine.trailing_data, b"", protocol)
+                self.assertEqual(machine.tls_started(), [], protocol)
+                self.assertEqual(machine.data_to_send(), b"", protocol)
+
+    def test_smtp_forgets_helo_and_transaction(self):
+        machine = make_machine("smtp", starttls="on", smtp_auth=["none"])
+        machine.receive_data(b"EHLO x\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\n")
+        machine.tls_started()
+        self.assertEqual((machine.helo, machine.esmtp, machine.mail_from), (None, False, None))
+        self.assertEqual(machine.receive_data(b"RCPT TO:<c@d>\r\n"), [])
+        self.assertTrue(machine.data_to_send().endswith(b"503 5.5.1 Bad sequence of commands\r\n"))
+
+    def test_starttls_refused_when_off_or_already_on(self):
+        machine = make_machine("imap", starttls="on", tls=True)
+        machine.data_to_send()
+        machine.receive_data(b"a1 STARTTLS\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
+
+    def test_external(self):
+        machine = make_machine("imap", imap_auth=["plain", "external"], tls=True)
+        self.assertIn(b"AUTH=EXTERNAL", machine.capability())
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"a1 AUTHENTICATE EXTERNAL =\r\n"),
+                         [mp.Credentials(b"", b"", "external")])
+        machine = make_machine("smtp", smtp_auth=["external"])
+        self.assertEqual(machine.receive_data(b"AUTH EXTERNAL\r\n"), [])
+        self.assertEqual(machine.data_to_send(), b"334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(machine.receive_data(b64(b"alice") + b"\r\n"),
+                         [mp.Credentials(b"alice", b"", "external")])
+        machine = make_machine("pop3")                          # not enabled
+        machine.data_to_send()
+        machine.receive_data(b"AUTH EXTERNAL =\r\n")
+        self.assertEqual(machine.data_to_send(), b"-ERR invalid command\r\n")
+
+    def test_external_rule_of_the_user_table(self):
+        facts = mp.CertificateFacts("SUCCESS", identities=("alice", "alice@example.com"))
+        users = {"alice@example.com": mp.PasswordEntry("PLAIN", "secret"),
+                 "bob": mp.PasswordEntry("PLAIN", "pw")}
+        result = mp.authenticate_external(users, {}, upstream(), b"", facts)
+        self.assertEqual((result.ok, result.login, result.password), (False, b"", b""))  # "alice" not in users
+        result = mp.authenticate_external(users, {}, upstream(), b"alice@example.com", facts)
+        self.assertEqual((result.ok, result.login, result.password), (True, b"alice@example.com", b"secret"))
+        self.assertFalse(mp.authenticate_external(users, {}, upstream(), b"bob", facts).ok)
+        self.assertFalse(mp.authenticate_external(users, {}, upstream(), b"alice@example.com",
+                                                  mp.CertificateFacts("NONE")).ok)
+
+
+class BackendStartTlsScriptTests(unittest.TestCase):
+    def test_imap_starttls_before_login(self):
+        script = mp.imap_login_script(b"a1 ", b"alice", b"secret", starttls=True)
+        self.assertEqual(script[:4], [mp.Expect("imap-greeting"), mp.Send(b"S1 STARTTLS\r\n"),
+                                      mp.Expect("imap-tagged", tag=b"S1 "), mp.TlsStep()])
+        login = mp.BackendLogin(script, b"a1 ")
+        self.assertEqual(login.receive_data(b"* OK hi\r\n"), [])
+        self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
+        # A line injected behind the yes must not be taken as the next answer.
+        self.assertEqual(login.receive_data(b"S1 OK begin\r\n+ injected\r\n"), [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"a1 LOGIN {5}\r\n")
+        self.assertEqual(login.trailing_data, b"")
+
+    def test_smtp_starttls_then_ehlo_again(self):
+        script = mp.smtp_login_script(server_settings("smtp", proxy_starttls=True, xclient=False), facts())
+        self.assertEqual(script[3:8], [mp.Send(b"STARTTLS\r\n"), mp.Expect("smtp", codes=(b"220",)),
+                                       mp.TlsStep(), mp.Send(b"EHLO mail.test\r\n"), E250])
 
 
 # ########################################################################## #
