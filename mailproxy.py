@@ -197,10 +197,11 @@ class ErrorLog:
 
 ALL_AUTH_METHODS = {
     # protocol: the methods nginx knows, in nginx's bit order (which is also
-    # the order they are advertised in, whatever the order in the config).
-    "imap": ("plain", "login", "cram-md5", "external"),
-    "pop3": ("plain", "apop", "cram-md5", "external"),
-    "smtp": ("plain", "login", "cram-md5", "external", "none"),
+    # the order they are advertised in, whatever the order in the config);
+    # xoauth2 and oauthbearer are mailproxy's extension (with auth_http).
+    "imap": ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer"),
+    "pop3": ("plain", "apop", "cram-md5", "external", "xoauth2", "oauthbearer"),
+    "smtp": ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer", "none"),
 }
 
 WELL_KNOWN_PORTS = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
@@ -216,6 +217,7 @@ class Listen(NamedTuple):
     port: int
     family: int                # socket.AF_INET or socket.AF_INET6
     ssl: bool = False          # implicit TLS (IMAPS 993, POP3S 995, SMTPS 465)
+    proxy_protocol: bool = False   # a PROXY header comes first (HAProxy and the like)
     backlog: int = NGINX_LISTEN_BACKLOG
     so_keepalive: Optional[Tuple] = None   # None, (False,) or (True, idle, intvl, cnt)
     rcvbuf: Optional[int] = None
@@ -418,13 +420,12 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
     host = str(ip)                     # one spelling per address: [0:0::1] is [::1]
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     options = {"backlog": NGINX_LISTEN_BACKLOG, "so_keepalive": None,
-               "rcvbuf": None, "sndbuf": None, "ipv6only": True, "ssl": False}
+               "rcvbuf": None, "sndbuf": None, "ipv6only": True, "ssl": False,
+               "proxy_protocol": False}
     for flag in args[1:]:
         name, _, value = flag.partition("=")
-        if flag == "proxy_protocol":
-            raise ValueError_('the "%s" parameter is not supported yet' % flag)
-        elif flag == "ssl":
-            options["ssl"] = True
+        if flag in ("ssl", "proxy_protocol"):
+            options[flag] = True
         elif flag == "bind":
             pass                       # every listen is bound on its own here
         elif name == "backlog" and value:
@@ -437,8 +438,8 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
             options["so_keepalive"] = parse_keepalive(value)
         else:
             raise ValueError_('invalid parameter "%s"' % flag)
-    return Listen(host, port, family, options["ssl"], options["backlog"], options["so_keepalive"],
-                  options["rcvbuf"], options["sndbuf"], options["ipv6only"])
+    return Listen(host, port, family, options["ssl"], options["proxy_protocol"], options["backlog"],
+                  options["so_keepalive"], options["rcvbuf"], options["sndbuf"], options["ipv6only"])
 
 
 def parse_keepalive(value: str) -> Tuple:
@@ -623,6 +624,59 @@ def parse_sni_certificate(args: List[str], base: str = "") -> SniCertificate:
     return SniCertificate(name, parse_path([args[1]], base), parse_path([args[2]], base))
 
 
+class AuthHttpUrl(NamedTuple):
+    """``auth_http``: where the auth server is and what to ask for."""
+    host_header: str           # the Host: header ("localhost" for unix:)
+    uri: str                   # "/" if the URL has none
+    address: Tuple             # (family, sockaddr): resolved at load
+    text: str                  # as nginx names the peer in its log lines
+
+
+def parse_auth_http(args: List[str], base: str = "") -> AuthHttpUrl:
+    """``[http://]HOST[:PORT][/URI]`` or ``unix:/PATH[:/URI]`` (nginx's
+    ngx_mail_auth_http: "http://" is optional, the port defaults to 80)."""
+    url = one_argument(args)
+    if url.startswith("http://"):
+        url = url[7:]
+    if url.startswith("https://"):
+        raise ValueError_("auth_http speaks HTTP only, as nginx (no https://)")
+    if url.startswith("unix:"):
+        path, _, uri = url[5:].partition(":")
+        if not path:
+            raise ValueError_('no path in "%s"' % url)
+        return AuthHttpUrl("localhost", uri or "/", (socket.AF_UNIX, os.path.join(base, path)),
+                           "unix:" + path)
+    hostport, slash, uri = url.partition("/")
+    if ":" in hostport.strip("[]") or hostport.startswith("["):
+        host, port = parse_host_port(hostport)
+    else:
+        host, port = hostport, 80
+    upstream = resolve_upstream(host, port)
+    family, sockaddr = upstream.addresses[0]
+    return AuthHttpUrl(host, slash + uri if slash else "/", (family, sockaddr),
+                       "%s:%d" % (sockaddr[0], port))
+
+
+def parse_auth_http_header(args: List[str], base: str = "") -> List[Tuple[str, str]]:
+    """``auth_http_header NAME VALUE``: appended verbatim to every request."""
+    if len(args) != 2 or not re.fullmatch(r"[A-Za-z0-9-]+", args[0]):
+        raise ValueError_("takes a header name and a value")
+    if re.search(r"[\r\n\0]", args[1]):
+        raise ValueError_("a header value cannot hold CR, LF or NUL")
+    return [(args[0], args[1])]
+
+
+def parse_real_ip_from(args: List[str], base: str = "") -> List:
+    """``set_real_ip_from ADDRESS|CIDR|unix:``, one per line."""
+    value = one_argument(args)
+    if value == "unix:":
+        return ["unix:"]
+    try:
+        return [ipaddress.ip_network(value, strict=False)]
+    except ValueError:
+        raise ValueError_('invalid address or network "%s"' % value)
+
+
 def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
     """Extension: how proxy_smtp_auth logs in: ``plain`` (nginx) or ``login``."""
     value = one_argument(args).lower()
@@ -707,20 +761,20 @@ DIRECTIVES = {d.name: d for d in [
     Directive("resolver", MAIL, parse_resolver, None),
     Directive("resolver_timeout", MAIL, parse_time, 30.0),
     # -- ngx_mail_auth_http_module -----------------------------------------
-    Directive("auth_http", MAIL, parse_string, None, supported=_TODO),
-    Directive("auth_http_header", MAIL, parse_word_list, [], multiple=True, supported=_TODO),
-    Directive("auth_http_pass_client_cert", MAIL, parse_flag, False, supported=_TODO),
-    Directive("auth_http_timeout", MAIL, parse_time, 60.0, supported=_TODO),
+    Directive("auth_http", MAIL, parse_auth_http, None),
+    Directive("auth_http_header", MAIL, parse_auth_http_header, [], multiple=True),
+    Directive("auth_http_pass_client_cert", MAIL, parse_flag, False),
+    Directive("auth_http_timeout", MAIL, parse_time, 60.0),
     # -- ngx_mail_proxy_module ---------------------------------------------
     Directive("proxy", MAIL, parse_flag, False),   # parsed and ignored, as nginx
     Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("proxy_pass_error_message", MAIL, parse_flag, False),
-    Directive("proxy_protocol", MAIL, parse_string, "off", supported=_TODO),
+    Directive("proxy_protocol", MAIL, parse_enum("off", "on", "v2"), "off"),
     Directive("proxy_smtp_auth", MAIL, parse_flag, False),
     Directive("proxy_timeout", MAIL, parse_time, 24 * 3600.0),
     Directive("xclient", MAIL, parse_flag, True),
     # -- ngx_mail_realip_module --------------------------------------------
-    Directive("set_real_ip_from", MAIL, parse_string, [], multiple=True, supported=_TODO),
+    Directive("set_real_ip_from", MAIL, parse_real_ip_from, [], multiple=True),
     # -- ngx_mail_ssl_module -----------------------------------------------
     Directive("ssl", MAIL, parse_removed(
         'the "ssl" directive was removed in nginx 1.25.1, use "listen ... ssl"'), None),
@@ -997,9 +1051,15 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
         if merged["protocol"] is None and merged["listen"]:
             problems.append(("protocol", "unknown mail protocol for server: "
                              'set "protocol = imap|pop3|smtp"'))
-    if merged["proxy_pass"] is None:
+    if merged["proxy_pass"] is None and merged["auth_http"] is None:
         problems.append(("proxy_pass", 'no "proxy_pass" is defined for server '
-                         "(the backend of the built-in user table)"))
+                         "(the backend of the built-in user table; or set auth_http)"))
+    if merged["auth_http"] is None:
+        for directive in ("imap_auth", "pop3_auth", "smtp_auth"):
+            tokens = [m for m in merged[directive] if m in ("xoauth2", "oauthbearer")]
+            if tokens:
+                problems.append((directive, '"%s" needs auth_http: the built-in user table '
+                                 "cannot check OAuth tokens" % tokens[0]))
     problems.extend(check_ssl(merged))
     return Settings(merged), problems
 
@@ -1278,6 +1338,29 @@ def strip_eol(line: bytes) -> bytes:
 # trailing_data to the backend).  No clock, no logger, no sockets here: the
 # session passes the time in for the APOP/CRAM-MD5 salt.
 
+def parse_oauth_response(data: bytes, xoauth2: bool) -> Optional[Tuple[bytes, bytes]]:
+    """-> (login, bearer token), or None.  XOAUTH2: ``user=U^Aauth=Bearer T^A^A``;
+    OAUTHBEARER (RFC 7628 §3.1): ``n,a=U,^A...auth=Bearer T^A^A`` (the GS2
+    header's a= is the login; "=2C" and "=3D" stand for "," and "=")."""
+    fields = data.split(b"\x01")
+    login = None
+    if not xoauth2:
+        gs2 = fields.pop(0) if fields else b""
+        match = re.match(rb"[ny]?p?,(?:a=([^,]*))?,$", gs2 + b"," if gs2.count(b",") < 2 else gs2)
+        if gs2[:2] not in (b"n,", b"y,") or match is None:
+            return None
+        login = (match.group(1) or b"").replace(b"=2C", b",").replace(b"=3D", b"=")
+    token = None
+    for field in fields:
+        if field.startswith(b"user=") and xoauth2:
+            login = field[5:]
+        elif field.lower().startswith(b"auth=bearer "):
+            token = field[12:]
+    if login is None or not token:
+        return None
+    return login, token
+
+
 class SaslState(enum.Enum):
     NONE = "none"                      # no SASL exchange under way
     PLAIN = "plain"                    # sent the empty prompt, want the response
@@ -1285,6 +1368,9 @@ class SaslState(enum.Enum):
     LOGIN_PASSWORD = "login password"  # sent base64("Password:")
     CRAM_MD5 = "cram-md5"              # sent the challenge
     EXTERNAL = "external"              # sent the prompt, want the identity
+    ERROR = "error"                    # sent an OAuth error challenge, want any answer
+    XOAUTH2 = "xoauth2"                # sent the empty prompt, want user and token
+    OAUTHBEARER = "oauthbearer"        # the same, RFC 7628
 
 
 SASL_USERNAME_PROMPT = b"VXNlcm5hbWU6\r\n"     # base64("Username:")
@@ -1314,6 +1400,7 @@ class ClientMachine:
         self.login = b""               # AUTH LOGIN / POP3 USER: the login so far
         self.waiting = False           # Credentials emitted, outcome pending
         self.awaiting_tls = False      # StartTls emitted, handshake pending
+        self._failure = (b"", False)   # the refusal to send after an OAuth error challenge
         self.finished = False          # Quit or Closed emitted
         self._input = bytearray()
         self._output = bytearray()
@@ -1372,12 +1459,28 @@ class ClientMachine:
     def _forget_before_tls(self) -> None:
         """Protocol hook: what the client said before TLS is forgotten."""
 
-    def auth_failed(self, reply: bytes) -> list:
-        """The login was refused: queue ``reply`` and go on with buffered input."""
-        self._output += reply
+    def auth_failed(self, reply: bytes, challenge: Optional[bytes] = None,
+                    close: bool = False) -> list:
+        """The login was refused: queue ``reply`` and go on with buffered input
+        (``close``: and then end, as nginx does without Auth-Wait).  With a
+        ``challenge`` (an OAuth error, RFC 7628 §3.2.2), send it as a SASL
+        continuation first and the reply after the client's answer to it."""
         self.waiting = False
         self._after_auth_failure()
-        return self._process()
+        self._failure = (reply, close)
+        if challenge is not None:
+            self._output += self.SASL_PROMPT + base64.b64encode(challenge) + b"\r\n"
+            self.sasl = SaslState.ERROR
+            return self._process()
+        events = []
+        self._send_failure(events)
+        return events + self._process()
+
+    def _send_failure(self, events: list) -> None:
+        reply, close = self._failure
+        self._output += reply
+        if close:
+            self._finish(events, Closed(""))
 
     # -- shared machinery ----------------------------------------------------
     def _process(self) -> list:
@@ -1475,6 +1578,13 @@ class ClientMachine:
                 self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
             self._output += self.SASL_PROMPT + base64.b64encode(self.salt) + b"\r\n"
             self.sasl = SaslState.CRAM_MD5
+        elif mechanism in (b"XOAUTH2", b"OAUTHBEARER") and mechanism.lower().decode() in enabled:
+            state = SaslState.XOAUTH2 if mechanism == b"XOAUTH2" else SaslState.OAUTHBEARER
+            if initial is None:
+                self._output += self.SASL_PROMPT + b"\r\n"
+                self.sasl = state
+            else:
+                self._sasl_token(events, state, initial)
         elif mechanism == b"EXTERNAL" and "external" in enabled and initial is None:
             self._output += self.SASL_PROMPT + SASL_USERNAME_PROMPT     # as nginx
             self.sasl = SaslState.EXTERNAL
@@ -1502,6 +1612,18 @@ class ClientMachine:
             self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
         elif state == SaslState.EXTERNAL:
             self._sasl_external(events, line)
+        elif state == SaslState.ERROR:
+            self._send_failure(events)       # RFC 7628 §3.2.3: then the final NO
+        elif state in (SaslState.XOAUTH2, SaslState.OAUTHBEARER):
+            self._sasl_token(events, state, line)
+
+    def _sasl_token(self, events: list, state: "SaslState", response: bytes) -> None:
+        """XOAUTH2 (Google's) and OAUTHBEARER (RFC 7628): a login and a token;
+        only auth_http can check the token (Auth-Method xoauth2/oauthbearer)."""
+        parsed = parse_oauth_response(decode_base64(response) or b"", state == SaslState.XOAUTH2)
+        if parsed is None:
+            return self._refuse(events)
+        self._credentials(events, Credentials(parsed[0], parsed[1], state.value))
 
     def _sasl_external(self, events: list, response: bytes) -> None:
         """RFC 4422 Appendix A: the response is the authorization identity;
@@ -1539,7 +1661,8 @@ IMAP_ID_REPLY = b"* ID NIL\r\n"               # extension: RFC 2971 §3.1, no fi
 # RFC 3501 §9: tag = 1*<any ASTRING-CHAR except "+">.
 IMAP_TAG_CHARS = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
 IMAP_AUTH_NAMES = {"plain": "AUTH=PLAIN", "login": "AUTH=LOGIN", "cram-md5": "AUTH=CRAM-MD5",
-                   "external": "AUTH=EXTERNAL"}
+                   "external": "AUTH=EXTERNAL", "xoauth2": "AUTH=XOAUTH2",
+                   "oauthbearer": "AUTH=OAUTHBEARER"}
 IMAP_NO_CERT = b"* BYE No required SSL certificate\r\n"
 IMAP_COMMANDS = frozenset([b"LOGIN", b"AUTHENTICATE", b"CAPABILITY", b"NOOP",
                            b"LOGOUT", b"STARTTLS", b"ID"])
@@ -1881,7 +2004,8 @@ POP3_COMMANDS = frozenset([b"USER", b"PASS", b"APOP", b"QUIT", b"CAPA", b"AUTH",
                            b"NOOP", b"STLS"])
 # The SASL names for pop3_auth methods, in nginx's order; APOP is no SASL method.
 POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",),
-                   "external": ("EXTERNAL",)}
+                   "external": ("EXTERNAL",), "xoauth2": ("XOAUTH2",),
+                   "oauthbearer": ("OAUTHBEARER",)}
 POP3_NO_CERT = b"-ERR No required SSL certificate\r\n"
 
 
@@ -2049,7 +2173,7 @@ SMTP_COMMANDS = frozenset([b"HELO", b"EHLO", b"AUTH", b"QUIT", b"NOOP", b"MAIL",
                            b"RSET", b"VRFY", b"EXPN", b"HELP", b"STARTTLS"])
 SMTP_MAX_ARGS = 11                                # ngx_mail_smtp_parse_command
 SMTP_AUTH_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5",
-                   "external": "EXTERNAL"}
+                   "external": "EXTERNAL", "xoauth2": "XOAUTH2", "oauthbearer": "OAUTHBEARER"}
 SMTP_START_TLS = b"220 2.0.0 Start TLS\r\n"
 SMTP_NO_CERT = b"421 4.7.1 No required SSL certificate\r\n"
 SMTP_TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 §4
@@ -2457,10 +2581,18 @@ def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Rou
 SMTP_RELAY_DENIED = (b"550 5.7.1", b"Relaying denied")   # smtp_auth none, refused
 
 
-def recipient_domain(rcpt_to: bytes) -> Tuple[str, str]:
-    """``RCPT TO:<bob@Example.COM> NOTIFY=NEVER`` -> ("bob@Example.COM", "example.com")."""
-    match = re.search(rb"<([^<>]*)>", rcpt_to)
-    address = (match.group(1) if match else rcpt_to.partition(b":")[2].strip()).decode("utf-8", "replace")
+def recipient_domain(rcpt_to: bytes) -> Optional[Tuple[str, str]]:
+    """``RCPT TO:<bob@Example.COM> NOTIFY=NEVER`` -> ("bob@Example.COM",
+    "example.com"), or None.  The address is the forward-path right after
+    "TO:" (RFC 5321 §4.1.1.3), never something in a parameter such as
+    ORCPT=rfc822;<...>, which the backend would not deliver to."""
+    path = rcpt_to.partition(b":")[2].lstrip(b" ")
+    match = re.match(rb"<([^<>\s]*)>(?: |$)", path)
+    if match is None or not rcpt_to[:8].upper() == b"RCPT TO:":
+        return None
+    address = match.group(1).decode("utf-8", "replace")
+    if address.count("@") < 1:
+        return None
     return address, address.rpartition("@")[2].lower()
 
 
@@ -2470,11 +2602,201 @@ def authorize_recipient(relay_domains: List[str], routes: Dict[str, Route],
     accepted when its domain is in smtp_relay_domains (``*``: any domain);
     it goes to the [routes] entry of the address or its domain, else to
     proxy_pass.  Nobody is logged in: the backend sees XCLIENT without LOGIN."""
-    address, domain = recipient_domain(rcpt_to)
+    parsed = recipient_domain(rcpt_to)
+    if parsed is None:
+        return AuthResult(False, reason="malformed recipient")
+    address, domain = parsed
     allowed = [name.lower() for name in relay_domains]
     if "*" not in allowed and domain not in allowed:
         return AuthResult(False, reason="recipient domain not in smtp_relay_domains")
     return AuthResult(True, b"", b"", route_for(routes, proxy_pass, address))
+
+
+# -- auth_http, byte-compatible with nginx's ngx_mail_auth_http_module ---------
+
+AUTH_HTTP_RESPONSE_MAX = 1024      # nginx reads the response into 1024 bytes
+
+
+def auth_http_escape(data: bytes) -> bytes:
+    """NGX_ESCAPE_MAIL_AUTH: control bytes, space and "%" as %XX (upper-case
+    hex); everything else, 8-bit bytes and DEL included, unchanged."""
+    out = bytearray()
+    for byte in data:
+        if byte < 0x20 or byte in (0x20, 0x25):
+            out += b"%%%02X" % byte
+        else:
+            out.append(byte)
+    return bytes(out)
+
+
+class AuthRequest(NamedTuple):
+    """What nginx tells its auth server about one login attempt."""
+    method: str                    # plain, apop, cram-md5, external, none, xoauth2, oauthbearer
+    login: bytes
+    password: bytes                # password, digest or token
+    protocol: str
+    attempt: int                   # Auth-Login-Attempt: this session's logins so far
+    client_ip: str                 # after realip
+    salt: Optional[bytes] = None   # apop and cram-md5
+    client_host: Optional[str] = None            # SMTP only
+    proxy_protocol: Optional[Tuple] = None       # (addr, port, server addr, server port)
+    smtp: Optional[Tuple] = None                 # (helo, mail from, rcpt to): method none
+    tls: Optional[Tuple] = None                  # (protocol, cipher) when on TLS
+    certificate: Optional["CertificateFacts"] = None    # ssl_verify_client on/optional
+    certificate_pem: Optional[bytes] = None      # auth_http_pass_client_cert on
+
+    def __repr__(self) -> str:
+        return "AuthRequest(%r, login=%r, password=<hidden>)" % (self.method, self.login)
+
+
+def build_auth_http_request(url: AuthHttpUrl, headers: List[Tuple[str, str]],
+                            request: AuthRequest) -> bytes:
+    """The HTTP/1.0 request of ngx_mail_auth_http_create_request, header for
+    header in nginx's order."""
+    lines = [b"GET " + url.uri.encode() + b" HTTP/1.0", b"Host: " + url.host_header.encode(),
+             b"Auth-Method: " + request.method.encode(),
+             b"Auth-User: " + auth_http_escape(request.login),
+             b"Auth-Pass: " + auth_http_escape(request.password)]
+    if request.salt:
+        lines.append(b"Auth-Salt: " + request.salt)
+    lines += [b"Auth-Protocol: " + request.protocol.encode(),
+              b"Auth-Login-Attempt: %d" % request.attempt,
+              b"Client-IP: " + request.client_ip.encode()]
+    if request.client_host is not None:
+        lines.append(b"Client-Host: " + request.client_host.encode())
+    if request.proxy_protocol is not None:
+        addr, port, server_addr, server_port = request.proxy_protocol
+        lines += [b"Proxy-Protocol-Addr: " + addr.encode(), b"Proxy-Protocol-Port: %d" % port,
+                  b"Proxy-Protocol-Server-Addr: " + server_addr.encode(),
+                  b"Proxy-Protocol-Server-Port: %d" % server_port]
+    if request.method == "none":
+        # HELO, MAIL and RCPT hold no control byte (the machine refused any).
+        helo, mail_from, rcpt_to = request.smtp
+        lines += [b"Auth-SMTP-Helo: " + (helo or b""), b"Auth-SMTP-From: " + mail_from,
+                  b"Auth-SMTP-To: " + rcpt_to]
+    lines += auth_http_tls_lines(request)
+    lines += [name.encode() + b": " + value.encode() for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def auth_http_tls_lines(request: AuthRequest) -> List[bytes]:
+    if request.tls is None:
+        return []
+    lines = [b"Auth-SSL: on", b"Auth-SSL-Protocol: " + request.tls[0].encode(),
+             b"Auth-SSL-Cipher: " + request.tls[1].encode()]
+    facts = request.certificate
+    if facts is not None:
+        lines.append(b"Auth-SSL-Verify: " + facts.verify.encode())
+        for name, value in (("Subject", facts.subject), ("Issuer", facts.issuer),
+                            ("Serial", facts.serial), ("Fingerprint", facts.fingerprint)):
+            if value:
+                lines.append(b"Auth-SSL-" + name.encode() + b": " + value.encode())
+        if request.certificate_pem:
+            lines.append(b"Auth-SSL-Cert: " + auth_http_escape(request.certificate_pem))
+    return lines
+
+
+class AuthHttpError(Exception):
+    """The auth server's answer cannot be used; the message is nginx's."""
+
+
+class AuthHttpResponse(NamedTuple):
+    headers: Dict[str, bytes]      # lower-cased names (a repeated one: the last)
+    raw: bytes
+
+
+class AuthHttpParser:
+    """Reads the auth server's response (sans-I/O): receive_data() returns
+    an AuthHttpResponse at the blank line, None while more is needed, and
+    raises AuthHttpError for a response over 1024 bytes, a bad header line,
+    or one that ends (b"") too early.  As nginx: the status line, if any, is
+    skipped and its code ignored; names are letters, digits and "-"; values
+    are trimmed; lines end in CRLF or LF; the body is never read."""
+
+    def __init__(self):
+        self._data = bytearray()
+
+    def receive_data(self, data: bytes) -> Optional[AuthHttpResponse]:
+        if not data:
+            raise AuthHttpError("auth http server %s closed the connection prematurely")
+        self._data += data
+        text = bytes(self._data)
+        end = text.find(b"\n\n")
+        crlf = text.find(b"\r\n\r\n")
+        ends = [(index, size) for index, size in ((end, 2), (crlf, 4)) if index >= 0]
+        if not ends:
+            if len(text) > AUTH_HTTP_RESPONSE_MAX:
+                raise AuthHttpError("auth http server %s sent too long response")
+            return None
+        index, size = min(ends)
+        if index + size > AUTH_HTTP_RESPONSE_MAX:
+            raise AuthHttpError("auth http server %s sent too long response")
+        lines = text[:index].split(b"\n")
+        if lines and lines[0].startswith(b"HTTP/"):
+            lines = lines[1:]
+        headers = {}
+        for line in lines:
+            line = line[:-1] if line.endswith(b"\r") else line
+            match = re.fullmatch(rb"([A-Za-z0-9-]+):[ ]*(.*?)[ ]*", line)
+            if not match or b"\r" in line:
+                raise AuthHttpError("auth http server %s sent invalid header in response")
+            headers[match.group(1).lower().decode()] = match.group(2)
+        return AuthHttpResponse(headers, text[:index + size])
+
+
+class AuthVerdict(NamedTuple):
+    """What an auth_http response means for the session."""
+    kind: str                      # "ok", "wait" (ask again), "fail"
+    wait: int = 0                  # Auth-Wait seconds
+    text: bytes = b""              # the failure text (Auth-Status)
+    error_code: Optional[bytes] = None     # SMTP: Auth-Error-Code
+    sasl_error: Optional[bytes] = None     # Auth-Error-SASL (extension)
+    upstream: Optional[Upstream] = None
+    login: Optional[bytes] = None          # Auth-User
+    password: Optional[bytes] = None       # Auth-Pass
+    backend_tls: Optional[str] = None      # Auth-Backend-TLS (extension)
+    smtp_auth: Optional[str] = None        # Auth-SMTP-Auth (extension)
+
+
+def interpret_auth_response(response: AuthHttpResponse, protocol: str,
+                            have_password: bool) -> AuthVerdict:
+    """ngx_mail_auth_http_process_headers: Auth-Status OK / WAIT / a failure
+    text; then Auth-Server (an IP address, never a name) and Auth-Port.
+    Raises AuthHttpError with nginx's log message for a bad answer."""
+    headers = response.headers
+    status = headers.get("auth-status")
+    wait = headers.get("auth-wait", b"")
+    seconds = int(wait) if re.fullmatch(rb"\d{1,9}", wait) else 0
+    if status == b"WAIT":
+        return AuthVerdict("wait", wait=seconds)
+    if status != b"OK":
+        return AuthVerdict("fail", wait=seconds, text=status or b"",
+                           error_code=headers.get("auth-error-code"),
+                           sasl_error=headers.get("auth-error-sasl"))
+    server, port = headers.get("auth-server"), headers.get("auth-port")
+    if not server or not port:
+        raise AuthHttpError("auth http server %s did not send server or port")
+    if protocol != "smtp" and not have_password and "auth-pass" not in headers:
+        # APOP, CRAM-MD5 and EXTERNAL leave nginx without a password to log in with.
+        raise AuthHttpError("auth http server %s did not send password")
+    try:
+        address = ipaddress.ip_address(server.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
+                            % log_escape(server))
+    if not re.fullmatch(rb"\d{1,5}", port) or not 0 < int(port) < 65536:
+        raise AuthHttpError('auth http server %%s sent invalid server port:"%s"' % log_escape(port))
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    upstream = Upstream(str(address), int(port), ((family, (str(address), int(port))),))
+    backend_tls = headers.get("auth-backend-tls", b"").decode("latin-1").lower() or None
+    smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
+    if backend_tls not in (None, "plain", "ssl", "starttls"):
+        raise AuthHttpError('auth http server %%s sent invalid Auth-Backend-TLS:"%s"' % backend_tls)
+    if smtp_auth not in (None, "none", "plain", "login"):
+        raise AuthHttpError('auth http server %%s sent invalid Auth-SMTP-Auth:"%s"' % smtp_auth)
+    return AuthVerdict("ok", upstream=upstream, login=headers.get("auth-user"),
+                       password=headers.get("auth-pass"), backend_tls=backend_tls,
+                       smtp_auth=smtp_auth)
 
 
 class LoginThrottle:
@@ -3569,9 +3891,10 @@ def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner) -> Stre
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family != getattr(socket, "AF_UNIX", None):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex(sockaddr)
-        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             raise OSError(error, os.strerror(error))
     except OSError:
         sock.close()
@@ -3667,6 +3990,64 @@ def configure_accepted(sock: socket.socket, listen: Listen) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+
+class AuthHttpExchange:
+    """One auth_http request on a connection of its own, as nginx (no
+    keep-alive): connect, send, read the answer, all under
+    auth_http_timeout.  ``done(response, error)``: an AuthHttpResponse, or
+    None and nginx's log message."""
+
+    def __init__(self, loop: EventLoop, url: AuthHttpUrl, request: bytes, timeout: float,
+                 done: Callable):
+        self.url = url
+        self.request = request
+        self.done = done
+        self.parser = AuthHttpParser()
+        self.stream = None             # type: Optional[Stream]
+        self.timer = loop.call_later(timeout, lambda: self._finish(
+            None, "auth http server %s timed out" % url.text))
+        family, sockaddr = url.address
+        try:
+            self.stream = connect_stream(loop, family, sockaddr, self)
+        except OSError as error:
+            loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
+
+    def stream_connected(self, stream: Stream) -> None:
+        stream.write(self.request)
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        try:
+            response = self.parser.receive_data(data)
+        except AuthHttpError as error:
+            return self._finish(None, str(error) % self.url.text)
+        if response is not None:
+            self._finish(response, "")
+
+    def stream_eof(self, stream: Stream) -> None:
+        self.stream_data(stream, b"")
+
+    def stream_error(self, stream, error: OSError) -> None:
+        self._finish(None, "connect() to auth http server %s failed (%s: %s)" % (
+            self.url.text, error.errno, error.strerror))
+
+    def stream_drained(self, stream: Stream) -> None:
+        pass
+
+    def stream_tls_ready(self, stream: Stream) -> None:
+        pass
+
+    def _finish(self, response: Optional[AuthHttpResponse], error: str) -> None:
+        if self.done is None:
+            return
+        done, self.done = self.done, None
+        self.cancel()
+        done(response, error)
+
+    def cancel(self) -> None:
+        self.done = None
+        self.timer.cancel()
+        if self.stream is not None:
+            self.stream.close()
 
 class DnsLookup:
     """One question on its way: sent over UDP to the resolver's servers in
@@ -4014,7 +4395,7 @@ class Session:
             # nginx reads nothing from the client until its name is known.
             self.phase = Phase.RESOLVING
             self.client.set_read_budget(0)
-            self.name_lookup = ClientNameLookup(worker.resolver_for(self.server),
+            self.name_lookup = ClientNameLookup(self.worker.resolver_for(self.server),
                                                 self.client_address, self._resolved)
 
     def _resolved(self, name: str, problem: str) -> None:

@@ -18,7 +18,9 @@ import hashlib
 import hmac
 import io
 import os
+import random
 import re
+import smtplib
 import socket
 import subprocess
 import sys
@@ -671,8 +673,7 @@ class ConfigValueParserTests(unittest.TestCase):
         self.assertRefused(bad, ["127.0.0.1:8143", "so_keepalive=1:2"],
                            'invalid so_keepalive value "1:2"')
         self.assertTrue(mp.parse_listen(["127.0.0.1:8143", "ssl"]).ssl)
-        self.assertRefused(bad, ["127.0.0.1:8143", "proxy_protocol"],
-                           'the "proxy_protocol" parameter is not supported yet')
+        self.assertTrue(mp.parse_listen(["127.0.0.1:8143", "proxy_protocol"]).proxy_protocol)
         self.assertRefused(bad, ["localhost:8143"], '"localhost" is not an IP address (listen takes addresses)')
         self.assertRefused(bad, ["mail.example.com:143"])
         self.assertRefused(bad, ["127.0.0.1:0"], 'invalid port in "127.0.0.1:0"')
@@ -3898,6 +3899,669 @@ class ResourceTests(EndToEndTestCase):
         proxy.wait_for_log(r"proxied session timed out .*login: \"alice\", upstream: 127\.0\.0\.1:%d"
                            % backend.port)
         proxy.wait_for_log(r"session done: proxy_timeout, ")
+
+
+
+
+# ########################################################################## #
+#                         End to end: SMTP                                   #
+# ########################################################################## #
+# The SMTP side of the proxy between smtplib (or the harness's Client) and a
+# Postfix-like fake backend.  Each test asserts the bytes on both wires: what
+# the client read, and every byte the backend received.
+
+SMTP_PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
+SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
+SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
+SMTP_BACKEND_GREETING = b"220 backend.test ESMTP FakeFix\r\n"
+SMTP_BACKEND_XCLIENT_GREETING = b"220 backend.test ESMTP FakeFix (after XCLIENT)\r\n"
+SMTP_BACKEND_EHLO = (b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n"
+                     b"250-8BITMIME\r\n250-XCLIENT ADDR LOGIN NAME\r\n"
+                     b"250-AUTH PLAIN LOGIN\r\n250 CHUNKING\r\n")
+SMTP_BACKEND_MAIL_OK = b"250 2.1.0 Ok (backend)\r\n"
+SMTP_BACKEND_RCPT_OK = b"250 2.1.5 Ok (backend)\r\n"
+SMTP_BACKEND_DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
+
+
+def smtp_backend_rcpt_refused(address: bytes) -> bytes:
+    return b"550 5.1.1 <%s>: Recipient address rejected: User unknown\r\n" % address
+
+
+def smtp_backend_queued(number: int) -> bytes:
+    return b"250 2.0.0 Ok: queued as FAKE%d\r\n" % number
+
+
+def smtp_read_dot_data(wire: BackendWire) -> bytes:
+    """The DATA bytes as they came, up to and including the lone ".\\r\\n"
+    line (RFC 5321 §4.1.1.4), dot-stuffing untouched."""
+    start = 0
+    while True:
+        if wire.pending.startswith(b".\r\n"):
+            end = 3
+            break
+        found = wire.pending.find(b"\r\n.\r\n", start)
+        if found >= 0:
+            end = found + 5
+            break
+        start = max(0, len(wire.pending) - 4)
+        if not wire._more():
+            raise ConnectionError("closed in the middle of DATA")
+    data = bytes(wire.pending[:end])
+    del wire.pending[:end]
+    return data
+
+
+class FakeSmtpBackend(FakeBackend):
+    """A Postfix-like SMTP server: 220, a multi-line EHLO reply, HELO, XCLIENT
+    (answered ``xclient_reply``: by default a new 220 greeting, as Postfix),
+    AUTH PLAIN and AUTH LOGIN (with or without an initial response; alice /
+    secret, ``mode="refuse"`` refuses everybody), MAIL, RCPT (``refuse``:
+    recipient addresses answered 550), DATA (read to the lone "."; the raw
+    bytes, dot-stuffing and final ".\\r\\n" included, go to ``messages``),
+    BDAT (the chunk goes to ``messages``), RSET, NOOP, QUIT.
+    ``received[i]`` is every byte connection i got; ``logins`` the
+    (login, password) pairs AUTH saw."""
+
+    def __init__(self, mode: str = "normal", refuse=(), xclient_reply: bytes = None):
+        super().__init__(mode)
+        self.refuse = {address.lower() for address in refuse}
+        self.xclient_reply = xclient_reply or SMTP_BACKEND_XCLIENT_GREETING
+        self.messages = []
+        self.logins = []
+
+    def serve(self, wire: BackendWire) -> None:
+        wire.send(SMTP_BACKEND_GREETING)
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            verb, _, argument = line.rstrip(b"\r\n").partition(b" ")
+            verb = verb.upper()
+            if verb == b"EHLO":
+                wire.send(SMTP_BACKEND_EHLO)
+            elif verb == b"HELO":
+                wire.send(b"250 backend.test\r\n")
+            elif verb == b"XCLIENT":
+                wire.send(self.xclient_reply)
+            elif verb == b"AUTH":
+                self.auth(wire, argument)
+            elif verb == b"MAIL":
+                wire.send(SMTP_BACKEND_MAIL_OK)
+            elif verb == b"RCPT":
+                match = re.search(rb"<([^<>]*)>", argument)
+                address = match.group(1) if match else b""
+                if address.lower() in self.refuse:
+                    wire.send(smtp_backend_rcpt_refused(address))
+                else:
+                    wire.send(SMTP_BACKEND_RCPT_OK)
+            elif verb == b"DATA":
+                wire.send(SMTP_BACKEND_DATA_GO)
+                self.messages.append(smtp_read_dot_data(wire))
+                wire.send(smtp_backend_queued(len(self.messages)))
+            elif verb == b"BDAT" and re.fullmatch(rb"\d+( LAST)?", argument, re.I):
+                self.messages.append(wire.exactly(int(argument.split(b" ")[0])))
+                wire.send(b"250 2.0.0 Ok: %d octets\r\n" % len(self.messages[-1]))
+            elif verb in (b"RSET", b"NOOP"):
+                wire.send(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                wire.send(SMTP_BACKEND_BYE)
+                return
+            else:
+                wire.send(b"502 5.5.2 Error: command not recognized\r\n")
+
+    def auth(self, wire: BackendWire, argument: bytes) -> None:
+        mechanism, _, initial = argument.partition(b" ")
+        mechanism = mechanism.upper()
+        try:
+            if mechanism == b"PLAIN":
+                if not initial:
+                    wire.send(b"334 \r\n")
+                    initial = wire.line().rstrip(b"\r\n")
+                _, login, password = base64.b64decode(initial, validate=True).split(b"\0")
+            elif mechanism == b"LOGIN":
+                if not initial:
+                    wire.send(b"334 VXNlcm5hbWU6\r\n")
+                    initial = wire.line().rstrip(b"\r\n")
+                login = base64.b64decode(initial, validate=True)
+                wire.send(b"334 UGFzc3dvcmQ6\r\n")
+                password = base64.b64decode(wire.line().rstrip(b"\r\n"), validate=True)
+            else:
+                wire.send(b"504 5.5.4 Unrecognized authentication type\r\n")
+                return
+        except ValueError:
+            wire.send(b"501 5.5.2 Cannot decode response\r\n")
+            return
+        self.logins.append((login, password))
+        if self.mode == "refuse" or (login, password) != (b"alice", b"secret"):
+            wire.send(b"535 5.7.8 Error: authentication failed\r\n")
+        else:
+            wire.send(b"235 2.7.0 Authentication successful\r\n")
+
+
+class SmtpTap:
+    """Stands in for smtplib's ``file``: keeps every byte read."""
+
+    def __init__(self, file, record: bytearray):
+        self.file = file
+        self.record = record
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.file.readline(limit)
+        self.record += line
+        return line
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SmtpRecordingClient(smtplib.SMTP):
+    """smtplib.SMTP keeping every byte it sends (``wire_sent``) and reads
+    (``wire_received``)."""
+
+    def __init__(self, *args, **kwargs):
+        self.wire_sent = bytearray()
+        self.wire_received = bytearray()
+        super().__init__(*args, **kwargs)
+
+    def send(self, s):
+        self.wire_sent += s.encode(self.command_encoding) if isinstance(s, str) else s
+        super().send(s)
+
+    def getreply(self):
+        if self.file is None and self.sock is not None:
+            self.file = SmtpTap(self.sock.makefile("rb"), self.wire_received)
+        return super().getreply()
+
+
+def smtp_dotted_message(size: int) -> bytes:
+    """About ``size`` bytes of CRLF lines, the same every run; about one line
+    in three begins with "." (some are a lone "." or ".."); the first line is
+    a lone "." and the last begins with "." and has no CRLF (smtplib adds it)."""
+    rng = random.Random(2920)
+    text = message_bytes(64 * 1024).hex().encode()
+    lines = [b"."]
+    total = 3
+    while total < size:
+        length = rng.randrange(0, 200)
+        start = rng.randrange(0, len(text) - length)
+        body = text[start:start + length]
+        kind = rng.randrange(9)
+        line = [b".", b"." + body, b".." + body, b"", b" ." + body, b"...",
+                body, body, body][kind]
+        lines.append(line)
+        total += len(line) + 2
+    lines.append(b".last line")
+    return b"\r\n".join(lines)
+
+
+def smtp_dot_stuffed(message: bytes) -> bytes:
+    """What RFC 5321 §4.5.2 puts on the wire for ``message`` (CRLF lines):
+    a "." doubled at the start of each line, CRLF at the end, then ".\\r\\n"."""
+    lines = message.split(b"\r\n")
+    stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    if not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+def smtp_xclient(login: bytes = b"alice", name: bytes = b"[UNAVAILABLE]") -> bytes:
+    return b"XCLIENT ADDR=127.0.0.1" + (b" LOGIN=" + login if login else b"") + \
+        b" NAME=" + name + b"\r\n"
+
+
+class SmtpEndToEndCase(EndToEndTestCase):
+    """What the SMTP end-to-end tests share."""
+
+    def connect(self, proxy: ProxyUnderTest, timeout: float = 3.0) -> Client:
+        return super().connect(proxy, timeout)
+
+    def smtplib_client(self, proxy: ProxyUnderTest) -> SmtpRecordingClient:
+        client = SmtpRecordingClient("127.0.0.1", proxy.port, local_hostname="client.example",
+                                     timeout=10)
+        self.addCleanup(client.close)
+        return client
+
+    def smtp_hello(self, client: Client, greeting: bytes = SMTP_PROXY_GREETING,
+                   ehlo: bytes = SMTP_PROXY_EHLO) -> None:
+        self.assertEqual(client.read_line(), greeting)
+        client.send("EHLO client.example")
+        self.assertEqual(client.read_exactly(len(ehlo)), ehlo)
+
+    def smtp_auth_plain(self, client: Client) -> None:
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+
+    def smtp_quit(self, client: Client) -> None:
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        client.expect_closed()
+
+    def wait_for_backend(self, backend: FakeSmtpBackend, connection: int, data: bytes) -> None:
+        """The backend's thread may still be reading when the client has its reply."""
+        wait_until(lambda: len(backend.received) > connection and
+                   bytes(backend.received[connection]).endswith(data),
+                   what="the backend to receive %r" % data[-40:])
+
+
+# -- 1. smtplib as the client ----------------------------------------------------------
+
+class SmtpEndToEndSmtplibTests(SmtpEndToEndCase):
+    def test_auth_plain_then_20_mb_dot_stuffed_message(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        smtp = self.smtplib_client(proxy)
+        self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH PLAIN LOGIN"))
+        self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))   # PLAIN, picked by smtplib
+
+        message = smtp_dotted_message(20 * MEGABYTE)
+        stuffed = smtp_dot_stuffed(message)
+        self.assertGreater(stuffed.count(b"\r\n.."), 50000)        # plenty of stuffed lines
+        self.assertEqual(smtp.sendmail("alice@example.com", ["bob@example.com"], message), {})
+        self.assertEqual(smtp.quit(), (221, b"2.0.0 Bye (backend)"))
+
+        after_auth = (b"mail FROM:<alice@example.com>\r\nrcpt TO:<bob@example.com>\r\ndata\r\n"
+                      + stuffed + b"quit\r\n")
+        # What smtplib sent is what we think it sent (our dot-stuffing matches its).
+        self.assertSameBytes(bytes(smtp.wire_sent),
+                             b"ehlo client.example\r\nAUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n"
+                             + after_auth, "what smtplib sent")
+        self.assertEqual(bytes(smtp.wire_received),
+                         SMTP_PROXY_GREETING + SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" +
+                         SMTP_BACKEND_MAIL_OK + SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO +
+                         smtp_backend_queued(1) + SMTP_BACKEND_BYE)
+        self.wait_for_backend(backend, 0, b"quit\r\n")
+        self.assertSameBytes(bytes(backend.received[0]),
+                             b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO client.example\r\n"
+                             + after_auth, "what the backend received")
+        self.assertSameBytes(backend.messages[0], stuffed, "the DATA bytes at the backend")
+        self.assertEqual(len(backend.received), 1)
+
+    def test_auth_login_with_and_without_initial_response(self):
+        backend = self.use(FakeSmtpBackend())
+        # Only LOGIN advertised: smtplib has to pick it.
+        proxy = self.start_proxy("smtp", backend.port, smtp_auth="login")
+        message = b"Subject: hi\r\n\r\n.\r\n..\r\n.hidden\r\nend"
+        for number, initial_response_ok in enumerate((False, True)):
+            with self.subTest(initial_response_ok=initial_response_ok):
+                smtp = self.smtplib_client(proxy)
+                self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH LOGIN"))
+                self.assertEqual(smtp.login("alice", "secret", initial_response_ok=initial_response_ok),
+                                 (235, b"2.0.0 OK"))
+                smtp.sendmail("alice@example.com", ["bob@example.com"], message)
+                smtp.quit()
+                if initial_response_ok:             # Microsoft's "AUTH LOGIN user"
+                    auth_sent = b"AUTH LOGIN YWxpY2U=\r\nc2VjcmV0\r\n"
+                    auth_read = b"334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
+                else:
+                    auth_sent = b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n"
+                    auth_read = b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
+                stuffed = b"Subject: hi\r\n\r\n..\r\n...\r\n..hidden\r\nend\r\n.\r\n"
+                self.assertEqual(smtp_dot_stuffed(message), stuffed)
+                after_auth = (b"mail FROM:<alice@example.com>\r\nrcpt TO:<bob@example.com>\r\n"
+                              b"data\r\n" + stuffed + b"quit\r\n")
+                self.assertEqual(bytes(smtp.wire_sent),
+                                 b"ehlo client.example\r\n" + auth_sent + after_auth)
+                self.assertEqual(bytes(smtp.wire_received),
+                                 SMTP_PROXY_GREETING + b"250-mail.test\r\n250 AUTH LOGIN\r\n" +
+                                 auth_read + SMTP_BACKEND_MAIL_OK + SMTP_BACKEND_RCPT_OK +
+                                 SMTP_BACKEND_DATA_GO + smtp_backend_queued(number + 1) +
+                                 SMTP_BACKEND_BYE)
+                self.wait_for_backend(backend, number, b"quit\r\n")
+                self.assertEqual(bytes(backend.received[number]),
+                                 b"EHLO mail.test\r\n" + smtp_xclient() +
+                                 b"EHLO client.example\r\n" + after_auth)
+                self.assertEqual(backend.messages[number], stuffed)
+        self.assertEqual(backend.logins, [])                # XCLIENT: no AUTH at the backend
+
+    def test_bdat_chunk_passes_untouched(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        chunk = b".\r\n\x00\xff\r\n.\r\nBDAT 1\r\n"          # binary, a lone "." and a fake command
+        client.send(b"MAIL FROM:<a@example.com> BODY=BINARYMIME\r\nRCPT TO:<b@example.com>\r\n"
+                    b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.assertEqual(client.read_line(), b"250 2.0.0 Ok: %d octets\r\n" % len(chunk))
+        self.smtp_quit(client)
+        self.assertEqual(backend.messages, [chunk])
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]).split(b"EHLO client.example\r\n", 1)[1],
+                         b"MAIL FROM:<a@example.com> BODY=BINARYMIME\r\nRCPT TO:<b@example.com>\r\n"
+                         b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n")
+
+
+# -- 2. proxy_smtp_auth: the proxy logs in to the backend itself --------------------------
+
+class SmtpEndToEndBackendAuthTests(SmtpEndToEndCase):
+    def test_auth_plain_without_xclient(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        client.send("MAIL FROM:<alice@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
+                         b"MAIL FROM:<alice@example.com>\r\nQUIT\r\n")
+        self.assertNotIn(b"XCLIENT", bytes(backend.received[0]))
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_auth_login_method_and_a_helo_client(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on",
+                                 proxy_smtp_auth_method="login")
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        client.send("HELO client.example")
+        self.assertEqual(client.read_line(), b"250 mail.test\r\n")
+        client.send("AUTH LOGIN")
+        self.assertEqual(client.read_line(), b"334 VXNlcm5hbWU6\r\n")
+        client.send("YWxpY2U=")
+        self.assertEqual(client.read_line(), b"334 UGFzc3dvcmQ6\r\n")
+        client.send("c2VjcmV0")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")   # ours, not the backend's 235 2.7.0
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        # The client said HELO and xclient is off: HELO server_name.
+        self.assertEqual(bytes(backend.received[0]),
+                         b"HELO mail.test\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nQUIT\r\n")
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_with_xclient_the_login_is_left_out_of_xclient(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nQUIT\r\n")
+
+    def test_backend_refusing_the_proxys_auth(self):
+        backend = self.use(FakeSmtpBackend(mode="refuse"))
+        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "535 5\.7\.8 Error: authentication failed"')
+
+
+# -- 3. smtp_auth none: the first RCPT decides ----------------------------------------------
+
+class SmtpEndToEndNoAuthTests(SmtpEndToEndCase):
+    def start(self, **mail):
+        """A proxy with smtp_auth none for example.com; @elsewhere.test has a
+        [routes] entry to a second backend, which must never be used."""
+        self.backend = self.use(FakeSmtpBackend(refuse=[b"nobody@example.com"]))
+        self.other = self.use(FakeSmtpBackend())
+        settings = dict(smtp_auth="none", smtp_relay_domains="example.com")
+        settings.update(mail)
+        text = proxy_config("smtp", self.backend.port, **settings)
+        text += "\n[routes]\n@elsewhere.test = 127.0.0.1:%d\n" % self.other.port
+        proxy = self.use(ProxyUnderTest(text))
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250 mail.test\r\n")        # no AUTH line
+        return proxy, client
+
+    def test_replayed_mail_and_rcpt_then_a_refused_recipient_and_data(self):
+        proxy, client = self.start()
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")    # the proxy's own
+        self.assertEqual(self.backend.received, [])
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)   # the backend's
+        client.send("RCPT TO:<nobody@example.com>")
+        self.assertEqual(client.read_line(), smtp_backend_rcpt_refused(b"nobody@example.com"))
+        client.send("DATA")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_DATA_GO)
+        client.send(b"Subject: test\r\n\r\n..dot\r\n.\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        self.smtp_quit(client)
+        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(self.backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nMAIL FROM:<sender@remote.test>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nRCPT TO:<nobody@example.com>\r\n"
+                         b"DATA\r\nSubject: test\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+        self.assertEqual(self.backend.messages, [b"Subject: test\r\n\r\n..dot\r\n.\r\n"])
+        self.assertEqual(self.other.received, [])
+
+    def test_recipient_of_another_domain_is_refused_by_the_proxy(self):
+        proxy, client = self.start()
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send("RCPT TO:<victim@elsewhere.test>")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        client.send("NOOP")                                       # the session goes on
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.backend.received, [])
+        self.assertEqual(self.other.received, [])
+        proxy.wait_for_log(r'client login failed: "recipient domain not in smtp_relay_domains"')
+        # ... and the client may try another recipient.
+        client.send("RCPT TO:<bob@Example.COM>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(self.backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nMAIL FROM:<sender@remote.test>\r\n"
+                         b"RCPT TO:<bob@Example.COM>\r\nQUIT\r\n")
+        self.assertEqual(self.other.received, [])
+
+    def test_relay_check_reads_the_forward_path_not_a_parameter(self):
+        """RFC 5321 §4.1.1.3: the recipient is the path after "TO:", not an
+        address found later on the line (here in an ORCPT parameter).
+        Postfix accepts a forward-path without angle brackets."""
+        proxy, client = self.start()
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send("RCPT TO:victim@elsewhere.test ORCPT=rfc822;<bob@example.com>")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        self.assertEqual(self.backend.received, [])
+        self.assertEqual(self.other.received, [])
+
+
+# -- 4. smtp_greeting_delay -------------------------------------------------------------
+
+class SmtpEndToEndGreetingDelayTests(SmtpEndToEndCase):
+    def test_early_talker_is_refused_and_a_patient_client_is_greeted(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, smtp_greeting_delay="500ms")
+        started = time.monotonic()
+        hasty = self.connect(proxy)
+        patient = self.connect(proxy)
+        hasty.send("EHLO x")
+        self.assertEqual(hasty.read_line(), b"503 5.5.0 Improper use of SMTP command pipelining\r\n")
+        hasty.expect_closed()
+        self.assertLess(time.monotonic() - started, 0.5)          # refused at once
+        proxy.wait_for_log(r'client was rejected before greeting: "EHLO x__" while in delay '
+                           r'pipelining state')
+
+        self.assertEqual(patient.read_line(), SMTP_PROXY_GREETING)
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        patient.send("EHLO client.example")
+        self.assertEqual(patient.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+        self.smtp_auth_plain(patient)
+        self.smtp_quit(patient)
+        self.assertEqual(len(backend.received), 1)                # only the patient one
+
+
+# -- 5. the resolver ---------------------------------------------------------------------
+
+class SmtpEndToEndResolverTests(SmtpEndToEndCase):
+    GOOD = {(PTR_127_0_0_1, mp.DNS_PTR): [dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
+
+    def start_with_dns(self, answer, **mail):
+        dns = FakeDns(answer)
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port, **mail)
+        return dns, backend, proxy
+
+    def test_client_name_reaches_xclient(self):
+        dns, backend, proxy = self.start_with_dns(records_for(self.GOOD))
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"client.example") +
+                         b"EHLO client.example\r\nQUIT\r\n")
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
+
+    def test_silent_dns_gives_tempunavail_and_the_greeting_still_comes(self):
+        dns, backend, proxy = self.start_with_dns(lambda query, name, qtype: [],
+                                                  resolver_timeout="500ms")
+        started = time.monotonic()
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        self.assertGreaterEqual(time.monotonic() - started, 0.45)
+        client.send("EHLO client.example")
+        self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"[TEMPUNAVAIL]") +
+                         b"EHLO client.example\r\nQUIT\r\n")
+        proxy.wait_for_log(r"127\.0\.0\.1 could not be resolved \(2: Server failure or timeout\) "
+                           r"while in resolving client address")
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR)])
+
+
+# -- 6. pipelining (RFC 2920) -----------------------------------------------------------
+
+class SmtpEndToEndPipeliningTests(SmtpEndToEndCase):
+    def test_ehlo_auth_mail_rcpt_data_in_one_send(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        pipeline = (b"EHLO x\r\nAUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n"
+                    b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+        client.send(pipeline)
+        replies = (SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" + SMTP_BACKEND_MAIL_OK +
+                   SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO)
+        self.assertEqual(client.read_exactly(len(replies)), replies)
+        client.send(b"Hello\r\n.\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO x\r\n"
+                         b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nHello\r\n.\r\nQUIT\r\n")
+        self.assertEqual(backend.messages, [b"Hello\r\n.\r\n"])
+
+    def test_smtp_auth_none_pipeline(self):
+        backend = self.use(FakeSmtpBackend(refuse=[b"nobody@example.com"]))
+        proxy = self.start_proxy("smtp", backend.port, smtp_auth="none",
+                                 smtp_relay_domains="example.com")
+        client = self.connect(proxy)
+        # Refused by the proxy, then by the backend (the login), then accepted.
+        client.send(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@elsewhere.test>\r\n"
+                    b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        replies = (SMTP_PROXY_GREETING + b"250 mail.test\r\n" + b"250 2.0.0 OK\r\n" +
+                   b"550 5.7.1 Relaying denied\r\n" +
+                   smtp_backend_rcpt_refused(b"nobody@example.com") + SMTP_BACKEND_RCPT_OK +
+                   SMTP_BACKEND_DATA_GO)
+        self.assertEqual(client.read_exactly(len(replies)), replies)
+        client.send(b"Hi\r\n.\r\nQUIT\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        client.expect_closed()
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") + b"EHLO x\r\n"
+                         b"MAIL FROM:<a@b>\r\nRCPT TO:<nobody@example.com>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nDATA\r\nHi\r\n.\r\nQUIT\r\n")
+
+
+# -- 7. the backend refuses XCLIENT --------------------------------------------------------
+
+class SmtpEndToEndBackendRefusalTests(SmtpEndToEndCase):
+    REFUSAL = b"550-5.7.0 XCLIENT denied\r\n550 5.7.0 Not authorized\r\n"
+
+    def refused(self, **mail):
+        backend = self.use(FakeSmtpBackend(xclient_reply=self.REFUSAL))
+        proxy = self.start_proxy("smtp", backend.port, **mail)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\nMAIL FROM:<a@b>\r\n")
+        return backend, proxy, client
+
+    def test_internal_error(self):
+        backend, proxy, client = self.refused()
+        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "550-5\.7\.0 XCLIENT denied\\x0d\\x0a'
+                           r'550 5\.7\.0 Not authorized" while reading response from upstream')
+        wait_until(lambda: not proxy.sessions(), what="the session to end")
+        # Nothing after XCLIENT: not the client's EHLO, not its pipelined MAIL.
+        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\n" + smtp_xclient())
+
+    def test_proxy_pass_error_message(self):
+        backend, proxy, client = self.refused(proxy_pass_error_message="on")
+        self.assertEqual(client.read_exactly(len(self.REFUSAL)), self.REFUSAL)
+        client.expect_closed()
+        wait_until(lambda: not proxy.sessions(), what="the session to end")
+        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\n" + smtp_xclient())
+
+
+# -- 8. control bytes in HELO, MAIL, RCPT ---------------------------------------------------
+
+class SmtpEndToEndControlByteTests(SmtpEndToEndCase):
+    INVALID = b"501 5.5.4 Invalid argument\r\n"
+
+    def test_bad_helo_is_neither_kept_nor_replayed(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)                                  # EHLO client.example
+        for bad in (b"HELO evil\x00name\r\n", b"EHLO evil\tname\r\n", b"HELO evil\rname\r\n",
+                    b"MAIL FROM:<a\x00b@example.com>\r\n"):
+            client.send(bad)
+            self.assertEqual(client.read_line(), self.INVALID, bad)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO client.example\r\nQUIT\r\n")
+
+    def test_bad_mail_and_rcpt_with_smtp_auth_none(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, smtp_auth="none",
+                                 smtp_relay_domains="example.com")
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        for bad in (b"MAIL FROM:<a\x00b@remote.test>\r\n", b"MAIL FROM:<ab@remote.test>\t\r\n"):
+            client.send(bad)
+            self.assertEqual(client.read_line(), self.INVALID, bad)
+        client.send("MAIL FROM:<ab@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")   # the bad ones were not kept
+        for bad in (b"RCPT TO:<bob@example.com>\x00\r\n", b"RCPT TO:<bob\t@example.com>\r\n"):
+            client.send(bad)
+            self.assertEqual(client.read_line(), self.INVALID, bad)
+        self.assertEqual(backend.received, [])
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"MAIL FROM:<ab@remote.test>\r\nRCPT TO:<bob@example.com>\r\nQUIT\r\n")
 
 
 # ########################################################################## #
