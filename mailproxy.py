@@ -2499,9 +2499,12 @@ class AuthResult(NamedTuple):
     (for the log only: the client is told AUTH_FAILED_TEXT whatever the reason)."""
     ok: bool
     login: bytes = b""
-    password: Optional[bytes] = b""        # None: no password known (EXTERNAL)
+    password: Optional[bytes] = b""        # None: no password known (EXTERNAL, a token)
     upstream: Optional[Upstream] = None
     reason: str = ""
+    token: Optional[Tuple[str, bytes]] = None   # (xoauth2|oauthbearer, token) to pass on
+    backend_tls: Optional[str] = None      # this session: "plain", "ssl", "starttls"
+    smtp_auth: Optional[str] = None        # this session: "none", "plain", "login"
 
     def __repr__(self) -> str:
         return "AuthResult(ok=%r, login=%r, upstream=%r, reason=%r)" % (
@@ -2579,6 +2582,11 @@ def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Rou
 
 
 SMTP_RELAY_DENIED = (b"550 5.7.1", b"Relaying denied")   # smtp_auth none, refused
+
+# The SASL error challenge for a refused token when the auth server sends no
+# Auth-Error-SASL: RFC 7628 §3.2.2's form, and Google's for XOAUTH2.
+OAUTH_DEFAULT_ERRORS = {"oauthbearer": b'{"status":"invalid_token"}',
+                        "xoauth2": b'{"status":"401","schemes":"bearer"}'}
 
 
 def recipient_domain(rcpt_to: bytes) -> Optional[Tuple[str, str]]:
@@ -2879,6 +2887,33 @@ def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool 
     ]
 
 
+def oauth_initial_response(mechanism: str, login: bytes, token: bytes) -> bytes:
+    """The SASL initial response that hands a bearer token on (base64)."""
+    if mechanism == "xoauth2":
+        data = b"user=" + login + b"\x01auth=Bearer " + token + b"\x01\x01"
+    else:                                  # RFC 7628 §3.1, GS2 header with a=
+        login = login.replace(b"=", b"=3D").replace(b",", b"=2C")
+        data = b"n,a=" + login + b",\x01auth=Bearer " + token + b"\x01\x01"
+    return base64.b64encode(data)
+
+
+def imap_token_script(tag: bytes, mechanism: str, response: bytes, starttls: bool = False) -> list:
+    """Extension: log in to the backend with the client's own bearer token
+    (RFC 4959 initial response), when the auth server sends no Auth-Pass."""
+    secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n"),
+              Expect("imap-tagged", tag=BACKEND_STARTTLS_TAG), TlsStep()] if starttls else []
+    return [Expect("imap-greeting")] + secure + [
+        Send(tag + b"AUTHENTICATE " + mechanism.upper().encode() + b" " + response + b"\r\n"),
+        Expect("imap-tagged", relay=True)]
+
+
+def pop3_token_script(mechanism: str, response: bytes, starttls: bool = False) -> list:
+    secure = [Send(b"STLS\r\n"), Expect("pop3-ok"), TlsStep()] if starttls else []
+    return [Expect("pop3-ok")] + secure + [
+        Send(b"AUTH " + mechanism.upper().encode() + b" " + response + b"\r\n"),
+        Expect("pop3-ok", relay=True)]
+
+
 def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> list:
     """nginx's POP3 login: USER, then PASS; the backend's last +OK is relayed.
 
@@ -2927,6 +2962,10 @@ class SmtpFacts(NamedTuple):
     method: str                     # "none": replay MAIL and RCPT
     mail_from: Optional[bytes] = None
     rcpt_to: Optional[bytes] = None
+    backend_auth: str = ""          # this session's choice (Auth-SMTP-Auth, a token):
+                                    # "none", "plain", "login", "xoauth2", "oauthbearer";
+                                    # "": as proxy_smtp_auth says
+    starttls: Optional[bool] = None # this session's choice; None: as proxy_starttls says
 
     def __repr__(self) -> str:
         return "SmtpFacts(%r, login=%r, method=%r)" % (self.client_address, self.login, self.method)
@@ -2943,11 +2982,13 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
     name = settings.server_name.encode()
     hello = b"EHLO " if settings.xclient or facts.esmtp else b"HELO "
     script = [Expect("smtp", codes=(b"220",)), Send(hello + name + b"\r\n"), Expect("smtp", codes=ok)]
-    if settings.proxy_starttls:
+    if settings.proxy_starttls if facts.starttls is None else facts.starttls:
         # Extension (RFC 3207): STARTTLS, then EHLO again over TLS.
         script += [Send(b"STARTTLS\r\n"), Expect("smtp", codes=(b"220",)), TlsStep(),
                    Send(b"EHLO " + name + b"\r\n"), Expect("smtp", codes=ok)]
-    backend_auth = settings.proxy_smtp_auth and facts.method != "none"
+    method = facts.backend_auth or (settings.proxy_smtp_auth_method if settings.proxy_smtp_auth
+                                    else "none")
+    backend_auth = method != "none" and facts.method != "none"
     if settings.xclient:
         login = b"" if backend_auth else facts.login
         script += [Send(xclient_command(facts.client_address, login, facts.client_name)),
@@ -2957,7 +2998,11 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
             # again with the client's own words.
             again = b"EHLO " if facts.esmtp else b"HELO "
             script += [Send(again + facts.helo + b"\r\n"), Expect("smtp", codes=ok)]
-    if backend_auth and settings.proxy_smtp_auth_method == "login":
+    if backend_auth and method in ("xoauth2", "oauthbearer"):
+        response = oauth_initial_response(method, facts.login, facts.password)
+        script += [Send(b"AUTH " + method.upper().encode() + b" " + response + b"\r\n"),
+                   Expect("smtp", codes=(b"235",))]
+    elif backend_auth and method == "login":
         # Extension: AUTH LOGIN, for servers such as Exchange without PLAIN.
         script += [Send(b"AUTH LOGIN\r\n"), Expect("smtp", codes=(b"334",)),
                    Send(base64.b64encode(facts.login) + b"\r\n"), Expect("smtp", codes=(b"334",)),
@@ -4360,10 +4405,15 @@ class Session:
         self.addresses = []          # upstream addresses not tried yet
         self.client_name = "[UNAVAILABLE]"   # SMTP: nginx's s->host (no resolver)
         self.auth_method = ""        # of the last Credentials: "plain", "none", ...
+        self.credentials = None      # type: Optional[Credentials]  (kept for WAIT)
+        self.login_attempt = 0       # Auth-Login-Attempt
+        self.auth_exchange = None    # type: Optional[AuthHttpExchange]
+        self.backend_tls = "plain"   # "plain", "ssl" or "starttls" for this session
         self.timer = None            # type: Optional[Timer]
         self.closed = False
         self.outcome = ""
         self.starttls = False        # the client said STARTTLS (for the log, as nginx)
+        self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
         self.certificate = None      # type: Optional[CertificateFacts]
         self.name_lookup = None      # type: Optional[ClientNameLookup]
         self.log("info", "client %s:%d connected to %s" % (
@@ -4501,8 +4551,9 @@ class Session:
             elif isinstance(event, Quit):
                 self._close_after_reply("client quit")
             elif isinstance(event, Closed):
-                self.log("info", event.reason)
-                self._close_after_reply(event.reason)
+                if event.reason:
+                    self.log("info", event.reason)
+                self._close_after_reply(event.reason or "login failed")
         self._dialogue_budget()
 
     def stream_drained(self, stream: Stream) -> None:
@@ -4539,7 +4590,7 @@ class Session:
         self.phase = Phase.LOGIN
         self.client.set_read_budget(0)
         stream.set_read_budget(READ_SIZE)
-        if self.server.proxy_ssl:
+        if self.backend_tls == "ssl":
             self._start_backend_tls()          # extension: implicit TLS to the backend
         stream.write(self.backend_login.data_to_send())
 
@@ -4590,7 +4641,14 @@ class Session:
     def _authenticate(self, credentials: Credentials) -> None:
         self.phase = Phase.AUTH
         self.auth_method = credentials.method
+        self.credentials = credentials
+        self.login_attempt += 1
         worker = self.worker
+        if self.server.auth_http is not None:
+            if credentials.method != "none":
+                self.login = credentials.login
+            self._ask_auth_server()
+            return
         if credentials.method == "none":
             self._authenticate_recipient()
             return
@@ -4623,6 +4681,93 @@ class Session:
             return
         self._login_to_backend(result)
 
+    # -- auth_http ---------------------------------------------------------------
+    def _auth_request(self) -> AuthRequest:
+        credentials, machine, server = self.credentials, self.machine, self.server
+        smtp = server.protocol == "smtp"
+        tls = None
+        if self.client.tls is not None:
+            tls = (self.client.tls.object.version() or "", (self.client.tls.object.cipher() or ("",))[0])
+        certificate_pem = None
+        if self.certificate is not None and server.auth_http_pass_client_cert and \
+                self.certificate.verify == "SUCCESS":
+            der = self.client.tls.object.getpeercert(binary_form=True)
+            certificate_pem = ssl.DER_cert_to_PEM_cert(der).encode()
+        salted = credentials.method in ("apop", "cram-md5")
+        return AuthRequest(
+            credentials.method, credentials.login, credentials.password, server.protocol,
+            self.login_attempt, self.client_address,
+            salt=credentials.salt if salted else None,
+            client_host=self.client_name if smtp else None,
+            proxy_protocol=self.proxy_facts,
+            smtp=(machine.helo, machine.mail_from, machine.rcpt_to) if credentials.method == "none" else None,
+            tls=tls, certificate=self.certificate if server.ssl_verify_client != "off" else None,
+            certificate_pem=certificate_pem)
+
+    def _ask_auth_server(self) -> None:
+        """nginx: a new HTTP/1.0 request per attempt (and per WAIT)."""
+        request = build_auth_http_request(self.server.auth_http, self.server.auth_http_header,
+                                          self._auth_request())
+        self.auth_exchange = AuthHttpExchange(self.loop, self.server.auth_http, request,
+                                              self.server.auth_http_timeout, self._auth_answer)
+
+    def _auth_answer(self, response: Optional[AuthHttpResponse], error: str) -> None:
+        self.auth_exchange = None
+        if response is not None:
+            known = self.credentials.method in ("plain", "none", "xoauth2", "oauthbearer")
+            try:
+                verdict = interpret_auth_response(response, self.server.protocol, known)
+            except AuthHttpError as failure:
+                error = str(failure) % self.server.auth_http.text
+        if error:
+            self.log("error", error, action="in http auth state")
+            self._internal_error("auth http error")
+        elif verdict.kind == "wait":
+            self._arm(verdict.wait, self._ask_auth_server)
+        elif verdict.kind == "fail":
+            self._auth_http_refused(verdict)
+        else:
+            self._auth_http_accepted(verdict)
+
+    def _auth_http_refused(self, verdict: AuthVerdict) -> None:
+        """nginx: the failure text goes to the client; with Auth-Wait after
+        that many seconds and the session goes on, without it at once and the
+        connection is closed.  OAuth methods first get the SASL error
+        challenge (Auth-Error-SASL, extension; RFC 7628 §3.2.2)."""
+        self.log("info", 'client login failed: "%s"' % log_escape(verdict.text))
+        if self.server.protocol == "smtp":
+            reply = self.machine.failure_reply(verdict.text, verdict.error_code or SMTP_AUTH_FAILED_CODE)
+        else:
+            reply = self.machine.failure_reply(verdict.text)
+        challenge = None
+        if self.credentials.method in ("xoauth2", "oauthbearer"):
+            challenge = verdict.sasl_error or OAUTH_DEFAULT_ERRORS[self.credentials.method]
+        close = verdict.wait == 0
+        self.credentials = None
+        if close:
+            self._auth_failure_reply(reply, challenge, close=True)
+        else:
+            self._arm(verdict.wait, lambda: self._auth_failure_reply(reply, challenge))
+
+    def _auth_http_accepted(self, verdict: AuthVerdict) -> None:
+        credentials, self.credentials = self.credentials, None
+        login = verdict.login if verdict.login is not None else credentials.login
+        password = verdict.password
+        token = None
+        if password is None and credentials.method in ("xoauth2", "oauthbearer"):
+            token = (credentials.method, credentials.password)    # pass the token on
+        elif password is None:
+            password = credentials.password
+        if self.server.protocol == "pop3" and re.search(rb"[\r\n\0]", login + (password or b"")):
+            self.log("error", "auth http server %s sent a login or password with CR, LF or NUL"
+                     % self.server.auth_http.text, action="in http auth state")
+            return self._internal_error("auth http error")
+        if self.auth_method != "none":
+            self.login = login
+        self._login_to_backend(AuthResult(True, login, password, verdict.upstream, token=token,
+                                          backend_tls=verdict.backend_tls,
+                                          smtp_auth=verdict.smtp_auth))
+
     def _authenticate_recipient(self) -> None:
         """smtp_auth none: the first RCPT decides (no password, no delay)."""
         machine = self.machine
@@ -4636,19 +4781,31 @@ class Session:
         self._login_to_backend(result)
 
     def _login_script(self, result: AuthResult) -> list:
-        machine = self.machine
-        starttls = self.server.proxy_starttls
-        if self.server.protocol == "imap":
+        machine, server = self.machine, self.server
+        starttls = self.backend_tls == "starttls"
+        if result.token is not None and server.protocol != "smtp":
+            response = oauth_initial_response(result.token[0], result.login, result.token[1])
+            if server.protocol == "imap":
+                return imap_token_script(machine.tag, result.token[0], response, starttls)
+            return pop3_token_script(result.token[0], response, starttls)
+        if server.protocol == "imap":
             return imap_login_script(machine.tag, result.login, result.password, starttls)
-        if self.server.protocol == "pop3":
+        if server.protocol == "pop3":
             return pop3_login_script(result.login, result.password, starttls)
+        backend_auth = result.token[0] if result.token else (result.smtp_auth or "")
+        password = result.token[1] if result.token else (result.password or b"")
         facts = SmtpFacts(self.client_address, self.client_name, machine.helo, machine.esmtp,
-                          result.login, result.password, self.auth_method,
-                          machine.mail_from, machine.rcpt_to)
-        return smtp_login_script(self.server, facts)
+                          result.login, password, self.auth_method, machine.mail_from,
+                          machine.rcpt_to, backend_auth, starttls)
+        return smtp_login_script(server, facts)
 
     def _login_to_backend(self, result: AuthResult) -> None:
         self.upstream = result.upstream
+        # TLS to the backend: the auth server's choice (Auth-Backend-TLS,
+        # extension), else proxy_ssl / proxy_starttls.
+        self.backend_tls = result.backend_tls or ("ssl" if self.server.proxy_ssl else
+                                                  "starttls" if self.server.proxy_starttls
+                                                  else "plain")
         self._arm(self.server.timeout, self._upstream_timed_out)
         self.backend_login = BackendLogin(self._login_script(result),
                                           getattr(self.machine, "tag", b""),
@@ -4656,12 +4813,13 @@ class Session:
         self.addresses = list(result.upstream.addresses)
         self._connect_next()
 
-    def _auth_failure_reply(self, reply: bytes) -> None:
+    def _auth_failure_reply(self, reply: bytes, challenge: Optional[bytes] = None,
+                            close: bool = False) -> None:
         """The failure reply, after the delay; the dialogue goes on (as nginx
-        does when the auth server asks for Auth-Wait)."""
+        does when the auth server asks for Auth-Wait), or ends (``close``)."""
         self.phase = Phase.DIALOGUE
         self._arm(self.server.timeout, self._client_timed_out)
-        self._handle_events(self.machine.auth_failed(reply))
+        self._handle_events(self.machine.auth_failed(reply, challenge, close))
 
     # -- connecting and logging in to the upstream ------------------------------
     def _connect_next(self) -> None:
@@ -4734,6 +4892,9 @@ class Session:
             self.relay.timer.cancel()
         if self.name_lookup is not None:
             self.name_lookup.cancel()
+        if self.auth_exchange is not None:
+            self.auth_exchange.cancel()
+        self.credentials = None
         self.client.close()
         if self.backend is not None:
             self.backend.close()
@@ -4764,7 +4925,8 @@ def load_and_prepare(path: str) -> Config:
             if server.starttls != "off" or any(listen.ssl for listen in server.listen):
                 server.tls_context = server_context(server)
                 add_sni_certificates(server.tls_context, server)
-            if server.proxy_ssl or server.proxy_starttls:
+            if server.proxy_ssl or server.proxy_starttls or server.auth_http is not None:
+                # With auth_http, Auth-Backend-TLS may ask for TLS per session.
                 server.backend_tls_context = backend_context(server)
         except ValueError_ as error:
             errors.append(ConfigError(path, section, None, str(error)))
