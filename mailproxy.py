@@ -3117,6 +3117,152 @@ class BackendLogin:
         return line.startswith(b"* ") or line.startswith((step.tag or self.tag) + b"OK")
 
 
+# -- the PROXY protocol (www.haproxy.org/download/2.9/doc/proxy-protocol.txt) --
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V1_MAX = 107                 # the spec's longest v1 line, CRLF included
+PROXY_V2_MAX = 4096                # a v2 header we accept at most (nginx reads a buffer)
+PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_SSL = 0x01, 0x02, 0x20
+PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CN, PP2_SUBTYPE_SSL_CIPHER = 0x21, 0x22, 0x23
+PP2_CLIENT_SSL, PP2_CLIENT_CERT_CONN = 0x01, 0x02
+
+
+class ProxyTls(NamedTuple):
+    """What a v2 header says of the client's TLS (nginx 1.31.4 sends these)."""
+    version: str
+    cipher: str
+    server_name: Optional[str] = None      # SNI
+    alpn: Optional[str] = None
+    common_name: Optional[str] = None      # the client certificate's CN
+    certificate: bool = False              # a verified client certificate
+
+
+def proxy_protocol_v1(source: Tuple[str, int], destination: Tuple[str, int]) -> bytes:
+    """``PROXY TCP4|TCP6 SRC DST SPORT DPORT\r\n`` (spec §2.1); UNKNOWN if
+    the families differ."""
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if src.version != dst.version:
+        return b"PROXY UNKNOWN\r\n"
+    family = b"TCP4" if src.version == 4 else b"TCP6"
+    return b"PROXY %s %s %s %d %d\r\n" % (family, str(src).encode(), str(dst).encode(),
+                                          source[1], destination[1])
+
+
+def _tlv(kind: int, value: bytes) -> bytes:
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+def proxy_protocol_v2(source: Tuple[str, int], destination: Tuple[str, int],
+                      tls: Optional[ProxyTls] = None) -> bytes:
+    """The binary header (spec §2.2): PROXY command over TCP4/TCP6 (LOCAL if
+    the families differ), with ALPN, AUTHORITY and SSL TLVs for a TLS client."""
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if src.version != dst.version:
+        return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"
+    family = 0x11 if src.version == 4 else 0x21
+    body = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
+    if tls is not None:
+        if tls.alpn:
+            body += _tlv(PP2_TYPE_ALPN, tls.alpn.encode())
+        if tls.server_name:
+            body += _tlv(PP2_TYPE_AUTHORITY, tls.server_name.encode())
+        client = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN if tls.certificate else 0)
+        ssl_value = struct.pack("!BI", client, 0)
+        ssl_value += _tlv(PP2_SUBTYPE_SSL_VERSION, tls.version.encode())
+        if tls.common_name:
+            ssl_value += _tlv(PP2_SUBTYPE_SSL_CN, tls.common_name.encode())
+        ssl_value += _tlv(PP2_SUBTYPE_SSL_CIPHER, tls.cipher.encode())
+        body += _tlv(PP2_TYPE_SSL, ssl_value)
+    return PROXY_V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+class ProxyHeaderError(Exception):
+    """A missing, malformed or oversized PROXY header: nginx closes silently."""
+
+
+class ProxyHeader(NamedTuple):
+    source: Optional[Tuple[str, int]]          # None: UNKNOWN or LOCAL
+    destination: Optional[Tuple[str, int]]
+    length: int                                # bytes the header took
+    tlvs: Dict[int, bytes] = {}
+
+
+def parse_proxy_header(data: bytes) -> Optional[ProxyHeader]:
+    """A v1 or v2 header at the start of ``data``: a ProxyHeader, None if
+    more bytes are needed, ProxyHeaderError if it cannot be one."""
+    if data[:12] == PROXY_V2_SIGNATURE[:len(data)] and len(data) < 12:
+        return None
+    if data.startswith(PROXY_V2_SIGNATURE):
+        return _parse_proxy_v2(data)
+    if not b"PROXY "[:len(data)] == data[:6]:
+        raise ProxyHeaderError("no PROXY header")
+    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
+    if end < 0:
+        if len(data) >= PROXY_V1_MAX:
+            raise ProxyHeaderError("too long PROXY protocol header")
+        return None
+    fields = data[6:end].split(b" ")
+    if fields[0] == b"UNKNOWN":
+        return ProxyHeader(None, None, end + 2)
+    if len(fields) != 5 or fields[0] not in (b"TCP4", b"TCP6"):
+        raise ProxyHeaderError("broken PROXY protocol header")
+    try:
+        version = 4 if fields[0] == b"TCP4" else 6
+        src = ipaddress.ip_address(fields[1].decode("ascii"))
+        dst = ipaddress.ip_address(fields[2].decode("ascii"))
+        ports = [int(port) for port in fields[3:5]]
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyHeaderError("broken PROXY protocol header")
+    if src.version != version or dst.version != version or \
+            not all(0 <= port < 65536 and fields[3 + i] == str(port).encode()
+                    for i, port in enumerate(ports)):
+        raise ProxyHeaderError("broken PROXY protocol header")
+    return ProxyHeader((str(src), ports[0]), (str(dst), ports[1]), end + 2)
+
+
+def _parse_proxy_v2(data: bytes) -> Optional[ProxyHeader]:
+    if len(data) < 16:
+        return None
+    version_command, family = data[12], data[13]
+    length = struct.unpack("!H", data[14:16])[0]
+    if version_command >> 4 != 2 or version_command & 0x0F not in (0, 1):
+        raise ProxyHeaderError("unknown PROXY protocol version or command")
+    if 16 + length > PROXY_V2_MAX:
+        raise ProxyHeaderError("too long PROXY protocol header")
+    if len(data) < 16 + length:
+        return None
+    body = data[16:16 + length]
+    sizes = {0x11: 12, 0x21: 36}
+    if version_command & 0x0F == 0 or family not in sizes:
+        return ProxyHeader(None, None, 16 + length)      # LOCAL, or a family we do not read
+    size = sizes[family]
+    if length < size:
+        raise ProxyHeaderError("broken PROXY protocol header")
+    width = 4 if family == 0x11 else 16
+    src = ipaddress.ip_address(body[:width])
+    dst = ipaddress.ip_address(body[width:2 * width])
+    sport, dport = struct.unpack("!HH", body[2 * width:size])
+    tlvs, offset = {}, size
+    while offset + 3 <= length:
+        kind, tlv_length = body[offset], struct.unpack("!H", body[offset + 1:offset + 3])[0]
+        if offset + 3 + tlv_length > length:
+            raise ProxyHeaderError("broken PROXY protocol TLV")
+        tlvs[kind] = body[offset + 3:offset + 3 + tlv_length]
+        offset += 3 + tlv_length
+    return ProxyHeader((str(src), sport), (str(dst), dport), 16 + length, tlvs)
+
+
+def real_ip_trusted(peer: str, trusted: List) -> bool:
+    """set_real_ip_from: is the TCP peer allowed to tell the client address?"""
+    if peer.startswith("unix:") or peer == "":
+        return "unix:" in trusted
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(not isinstance(net, str) and address.version == net.version and address in net
+               for net in trusted)
+
 # ########################################################################## #
 #                               DNS messages                                 #
 # ########################################################################## #
@@ -3603,13 +3749,14 @@ def apply_conf_commands(context: ssl.SSLContext, commands: List[Tuple[str, str]]
 
 
 def add_sni_certificates(context: ssl.SSLContext, settings: Settings) -> None:
-    """Extension: pick a certificate by the name the client asks for (SNI)."""
-    if not settings.ssl_sni_certificate:
-        return
+    """Extension: pick a certificate by the name the client asks for (SNI).
+    The name is also kept on the connection (``requested_name``) for the
+    PROXY v2 header's AUTHORITY."""
     by_name = {entry.name: server_context(settings, entry.certificate, entry.key)
                for entry in settings.ssl_sni_certificate}
 
     def choose(tls_object, name, default_context):
+        tls_object.requested_name = name
         if name:
             name = name.lower()
             wildcard = "*." + name.partition(".")[2]
@@ -3857,6 +4004,11 @@ class Stream:
             self._fail(error)
             return
         self.received += len(data)
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Handle ``data`` as if just read (bytes read ahead of a layer change,
+        e.g. the first TLS bytes behind a PROXY header)."""
         if self.tls is not None:
             self._receive_tls(data)
             return
@@ -4362,6 +4514,7 @@ class Relay:
 # the log, as nginx's c->log->action; one method builds the log context.
 
 class Phase(enum.Enum):
+    PROXY_HEADER = "proxy header"  # listen ... proxy_protocol: the header comes first
     HANDSHAKE = "handshake"        # TLS with the client: listen ... ssl, or STARTTLS
     RESOLVING = "resolving"        # SMTP: the client's name, before the greeting
     GREETING_DELAY = "greeting delay"   # SMTP: nothing may come before the 220
@@ -4374,7 +4527,8 @@ class Phase(enum.Enum):
 
 
 # nginx's c->log->action for each phase, as it appears after "while".
-PHASE_ACTIONS = {Phase.HANDSHAKE: "SSL handshaking",
+PHASE_ACTIONS = {Phase.PROXY_HEADER: "reading PROXY protocol",
+                 Phase.HANDSHAKE: "SSL handshaking",
                  Phase.RESOLVING: "in resolving client address",
                  Phase.GREETING_DELAY: "in delay pipelining state",
                  Phase.DIALOGUE: "in auth state", Phase.AUTH: "in auth state",
@@ -4422,11 +4576,46 @@ class Session:
         self.client = Stream(self.loop, sock, self)
         self.machine = CLIENT_MACHINES[self.server.protocol](
             self.server, now=time.time(), randomness=worker.randomness, tls=listener.listen.ssl)
-        if listener.listen.ssl:
+        self.implicit_tls = listener.listen.ssl
+        self.proxy_buffer = None     # type: Optional[bytearray]
+        if listener.listen.proxy_protocol:
+            self.phase = Phase.PROXY_HEADER
+            self.proxy_buffer = bytearray()
+            self.client.set_read_budget(PROXY_V2_MAX)
+            self._arm(self.server.timeout, self._client_timed_out)
+        else:
+            self._after_proxy_header(b"")
+
+    def _after_proxy_header(self, rest: bytes) -> None:
+        if self.implicit_tls:
             # Implicit TLS: the handshake first, under ``timeout`` (nginx).
             self._start_client_tls()
         else:
             self._begin()
+        if rest:
+            self.client.feed(rest)
+
+    def _proxy_header_data(self, data: bytes) -> None:
+        """listen ... proxy_protocol (nginx's ngx_proxy_protocol_read): a bad or
+        missing header closes the connection without a word; a good one from
+        a set_real_ip_from peer gives the session the real client address."""
+        self.proxy_buffer += data
+        try:
+            header = parse_proxy_header(bytes(self.proxy_buffer))
+        except ProxyHeaderError as error:
+            self.log("info", str(error))
+            return self.close("bad PROXY header")
+        if header is None:
+            return
+        rest = bytes(self.proxy_buffer[header.length:])
+        self.proxy_buffer = None
+        if header.source is not None:
+            self.proxy_facts = (header.source[0], header.source[1],
+                                header.destination[0], header.destination[1])
+            if real_ip_trusted(self.client_address, self.server.set_real_ip_from):
+                self.log("info", "real client address %s:%d" % header.source)
+                self.client_address, self.client_port = header.source
+        self._after_proxy_header(rest)
 
     def _start_client_tls(self) -> None:
         self.phase = Phase.HANDSHAKE
@@ -4531,6 +4720,8 @@ class Session:
         if stream is self.backend:
             self._backend_data(data)
             return
+        if self.phase == Phase.PROXY_HEADER:
+            return self._proxy_header_data(data)
         if self.phase == Phase.GREETING_DELAY:
             shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
             self.log("info", 'client was rejected before greeting: "%s"' % shown)
@@ -4590,9 +4781,32 @@ class Session:
         self.phase = Phase.LOGIN
         self.client.set_read_budget(0)
         stream.set_read_budget(READ_SIZE)
+        if self.server.proxy_protocol != "off":
+            stream.write(self._proxy_header())  # in clear, before anything else
         if self.backend_tls == "ssl":
             self._start_backend_tls()          # extension: implicit TLS to the backend
         stream.write(self.backend_login.data_to_send())
+
+    def _proxy_header(self) -> bytes:
+        """proxy_protocol on|v2 (nginx 1.31): the client (after realip) and the
+        address it connected to; v2 with the client's TLS facts."""
+        source = (self.client_address, self.client_port)
+        destination = self.client.sock.getsockname()[:2]
+        if self.server.proxy_protocol == "on":
+            return proxy_protocol_v1(source, destination)
+        tls = None
+        if self.client.tls is not None and self.client.tls.state == TlsState.OPEN:
+            layer = self.client.tls.object
+            common_name = None
+            if self.certificate is not None and self.certificate.verify == "SUCCESS":
+                info = layer.getpeercert() or {}
+                names = [value for rdn in info.get("subject", ()) for key, value in rdn
+                         if key == "commonName"]
+                common_name = names[0] if names else None
+            tls = ProxyTls(layer.version() or "", (layer.cipher() or ("",))[0],
+                           getattr(layer, "requested_name", None),
+                           layer.selected_alpn_protocol(), common_name, common_name is not None)
+        return proxy_protocol_v2(source, destination, tls)
 
     def _start_backend_tls(self) -> None:
         name = self.server.proxy_ssl_name or self.upstream.host
