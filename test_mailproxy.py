@@ -2895,6 +2895,297 @@ class BackendStartTlsScriptTests(unittest.TestCase):
 
 
 # ########################################################################## #
+#                         auth_http, OAuth, PROXY                            #
+# ########################################################################## #
+
+AH_URL = mp.AuthHttpUrl("auth.example", "/mail/auth", (socket.AF_INET, ("127.0.0.1", 80)),
+                        "127.0.0.1:80")
+
+
+def auth_request(**overrides):
+    values = dict(method="plain", login=b"alice", password=b"secret", protocol="imap",
+                  attempt=1, client_ip="192.0.2.7")
+    values.update(overrides)
+    return mp.AuthRequest(**values)
+
+
+class AuthHttpRequestTests(unittest.TestCase):
+    HEAD = b"GET /mail/auth HTTP/1.0\r\nHost: auth.example\r\n"
+
+    def test_plain_imap_with_escaping(self):
+        request = auth_request(login="al ice%\r\n\x00é".encode(), password=b"p\tw+\x7f")
+        self.assertEqual(mp.build_auth_http_request(AH_URL, [("X-Auth-Key", "k")], request),
+                         self.HEAD + b"Auth-Method: plain\r\n"
+                         b"Auth-User: al%20ice%25%0D%0A%00\xc3\xa9\r\nAuth-Pass: p%09w+\x7f\r\n"
+                         b"Auth-Protocol: imap\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n"
+                         b"X-Auth-Key: k\r\n\r\n")
+
+    def test_each_method(self):
+        salt = b"<123.456@mail.test>"
+        cases = {
+            "cram-md5": (dict(method="cram-md5", password=b"0" * 32, salt=salt),
+                         b"Auth-Method: cram-md5\r\nAuth-User: alice\r\nAuth-Pass: " + b"0" * 32 +
+                         b"\r\nAuth-Salt: " + salt + b"\r\n"),
+            "apop": (dict(method="apop", protocol="pop3", password=b"f" * 32, salt=salt),
+                     b"Auth-Method: apop\r\nAuth-User: alice\r\nAuth-Pass: " + b"f" * 32 +
+                     b"\r\nAuth-Salt: " + salt + b"\r\n"),
+            "external": (dict(method="external", password=b""),
+                         b"Auth-Method: external\r\nAuth-User: alice\r\nAuth-Pass: \r\n"),
+            "xoauth2": (dict(method="xoauth2", password=b"ya29.tok en"),
+                        b"Auth-Method: xoauth2\r\nAuth-User: alice\r\nAuth-Pass: ya29.tok%20en\r\n"),
+            "oauthbearer": (dict(method="oauthbearer", password=b"T"),
+                            b"Auth-Method: oauthbearer\r\nAuth-User: alice\r\nAuth-Pass: T\r\n"),
+        }
+        for name, (overrides, middle) in cases.items():
+            request = auth_request(**overrides)
+            built = mp.build_auth_http_request(AH_URL, [], request)
+            protocol = overrides.get("protocol", "imap").encode()
+            self.assertEqual(built, self.HEAD + middle + b"Auth-Protocol: " + protocol +
+                             b"\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n\r\n", name)
+
+    def test_smtp_none_with_client_host_and_proxy_protocol(self):
+        request = auth_request(method="none", login=b"", password=b"", protocol="smtp", attempt=2,
+                               client_host="client.example",
+                               proxy_protocol=("198.51.100.1", 4000, "203.0.113.5", 25),
+                               smtp=(b"helo.example", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>"))
+        self.assertEqual(mp.build_auth_http_request(AH_URL, [], request), self.HEAD +
+                         b"Auth-Method: none\r\nAuth-User: \r\nAuth-Pass: \r\nAuth-Protocol: smtp\r\n"
+                         b"Auth-Login-Attempt: 2\r\nClient-IP: 192.0.2.7\r\nClient-Host: client.example\r\n"
+                         b"Proxy-Protocol-Addr: 198.51.100.1\r\nProxy-Protocol-Port: 4000\r\n"
+                         b"Proxy-Protocol-Server-Addr: 203.0.113.5\r\nProxy-Protocol-Server-Port: 25\r\n"
+                         b"Auth-SMTP-Helo: helo.example\r\nAuth-SMTP-From: MAIL FROM:<a@b>\r\n"
+                         b"Auth-SMTP-To: RCPT TO:<c@d>\r\n\r\n")
+
+    def test_ssl_headers(self):
+        facts = mp.CertificateFacts("SUCCESS", "CN=alice", "CN=CA", "01AB", "ff" * 20)
+        request = auth_request(tls=("TLSv1.3", "TLS_AES_128_GCM_SHA256"), certificate=facts,
+                               certificate_pem=b"-----BEGIN CERTIFICATE-----\nAB C\n")
+        self.assertIn(b"Client-IP: 192.0.2.7\r\nAuth-SSL: on\r\nAuth-SSL-Protocol: TLSv1.3\r\n"
+                      b"Auth-SSL-Cipher: TLS_AES_128_GCM_SHA256\r\nAuth-SSL-Verify: SUCCESS\r\n"
+                      b"Auth-SSL-Subject: CN=alice\r\nAuth-SSL-Issuer: CN=CA\r\nAuth-SSL-Serial: 01AB\r\n"
+                      b"Auth-SSL-Fingerprint: " + b"ff" * 20 + b"\r\n"
+                      b"Auth-SSL-Cert: -----BEGIN%20CERTIFICATE-----%0AAB%20C%0A\r\n\r\n",
+                      mp.build_auth_http_request(AH_URL, [], request))
+
+    def test_url_forms(self):
+        self.assertEqual(mp.parse_auth_http(["http://127.0.0.1:9000/auth"])[:2], ("127.0.0.1", "/auth"))
+        self.assertEqual(mp.parse_auth_http(["127.0.0.1"])[:2], ("127.0.0.1", "/"))
+        self.assertEqual(mp.parse_auth_http(["127.0.0.1"]).address[1], ("127.0.0.1", 80))
+        url = mp.parse_auth_http(["unix:/run/auth.sock:/check"])
+        self.assertEqual((url.host_header, url.uri, url.address[1]), ("localhost", "/check", "/run/auth.sock"))
+        with self.assertRaises(mp.ValueError_):
+            mp.parse_auth_http(["https://127.0.0.1/auth"])
+
+
+class AuthHttpResponseTests(unittest.TestCase):
+    def parse(self, response, protocol="imap", have_password=True):
+        """Parse ``response`` whole and split at every byte: same result."""
+        results = []
+        for split in range(1, len(response) + 1):
+            parser = mp.AuthHttpParser()
+            first = parser.receive_data(response[:split])
+            result = first if first is not None else parser.receive_data(response[split:] or b"")
+            results.append(result)
+        self.assertTrue(all(result == results[-1] for result in results))
+        return mp.interpret_auth_response(results[-1], protocol, have_password)
+
+    def test_ok_with_overrides(self):
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.2\r\n"
+                             b"Auth-Port: 1143\r\nAuth-User: bob%20x\r\nAuth-Pass: p w\r\n\r\nbody")
+        self.assertEqual((verdict.kind, verdict.login, verdict.password), ("ok", b"bob%20x", b"p w"))
+        self.assertEqual(verdict.upstream.addresses, ((socket.AF_INET, ("127.0.0.2", 1143)),))
+
+    def test_status_code_ignored_bare_lf_no_status_line_case_insensitive(self):
+        verdict = self.parse(b"auth-status:   OK  \nAUTH-SERVER: ::1\nauth-port: 143\n\n")
+        self.assertEqual(verdict.upstream.addresses[0], (socket.AF_INET6, ("::1", 143)))
+        verdict = self.parse(b"HTTP/1.0 500 Nope\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.1\r\n"
+                             b"Auth-Port: 25\r\n\r\n", "smtp", False)
+        self.assertEqual(verdict.kind, "ok")
+
+    def test_wait_and_failures(self):
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: WAIT\r\nAuth-Wait: 3\r\n\r\n")
+        self.assertEqual((verdict.kind, verdict.wait), ("wait", 3))
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n"
+                             b"Auth-Wait: 2\r\nAuth-Error-Code: 550 5.7.1\r\n\r\n", "smtp")
+        self.assertEqual((verdict.kind, verdict.text, verdict.wait, verdict.error_code),
+                         ("fail", b"Invalid login or password", 2, b"550 5.7.1"))
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: No\r\nAuth-Wait: x\r\n"
+                             b'Auth-Error-SASL: {"status":"invalid_token"}\r\n\r\n')
+        self.assertEqual((verdict.wait, verdict.sasl_error), (0, b'{"status":"invalid_token"}'))
+
+    def test_bad_answers_have_nginx_messages(self):
+        cases = [(b"Auth-Status: OK\r\nAuth-Port: 143\r\n\r\n", "did not send server or port"),
+                 (b"Auth-Status: OK\r\nAuth-Server: mail.example\r\nAuth-Port: 143\r\n\r\n",
+                  'sent invalid server address:"mail.example"'),
+                 (b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0\r\n\r\n",
+                  'sent invalid server port:"0"'),
+                 (b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 70000\r\n\r\n",
+                  "invalid server port")]
+        for response, message in cases:
+            with self.assertRaises(mp.AuthHttpError) as caught:
+                self.parse(response)
+            self.assertIn(message, str(caught.exception))
+        with self.assertRaises(mp.AuthHttpError) as caught:
+            self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 143\r\n\r\n",
+                       have_password=False)
+        self.assertIn("did not send password", str(caught.exception))
+
+    def test_oversized_junk_and_early_end(self):
+        big = b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nX-Pad: " + b"x" * 1000 + b"\r\n\r\n"
+        self.assertGreater(len(big), 1024)
+        with self.assertRaises(mp.AuthHttpError) as caught:
+            mp.AuthHttpParser().receive_data(big)
+        self.assertIn("too long", str(caught.exception))
+        for junk in (b"HTTP/1.0 200 OK\r\nno colon here\r\n\r\n", b"Auth Status: OK\r\n\r\n",
+                     b"Auth-Status: OK\rX\r\n\r\n"):
+            with self.assertRaises(mp.AuthHttpError):
+                mp.AuthHttpParser().receive_data(junk)
+        parser = mp.AuthHttpParser()
+        self.assertIsNone(parser.receive_data(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"))
+        with self.assertRaises(mp.AuthHttpError):
+            parser.receive_data(b"")
+
+    def test_extension_headers(self):
+        verdict = self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
+                             b"Auth-Backend-TLS: STARTTLS\r\nAuth-SMTP-Auth: login\r\n\r\n", "smtp")
+        self.assertEqual((verdict.backend_tls, verdict.smtp_auth), ("starttls", "login"))
+        with self.assertRaises(mp.AuthHttpError):
+            self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
+                       b"Auth-Backend-TLS: maybe\r\n\r\n", "smtp")
+
+
+class OAuthTests(unittest.TestCase):
+    def test_parse_responses(self):
+        self.assertEqual(mp.parse_oauth_response(b"user=alice@example.com\x01auth=Bearer ya29.x\x01\x01", True),
+                         (b"alice@example.com", b"ya29.x"))
+        self.assertEqual(mp.parse_oauth_response(
+            b"n,a=user=3Dx=2Cy@example.com,\x01host=server.example.com\x01port=143\x01"
+            b"auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01", False),
+            (b"user=x,y@example.com", b"vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="))
+        for bad in (b"", b"user=a\x01\x01", b"auth=Bearer x\x01\x01", b"x,a=b,\x01auth=Bearer t\x01\x01"):
+            self.assertIsNone(mp.parse_oauth_response(bad, bad.startswith(b"user") or bad.startswith(b"auth")))
+
+    def test_machines_take_tokens_only_when_enabled(self):
+        token = b64(b"user=alice\x01auth=Bearer T\x01\x01")
+        machine = make_machine("imap", imap_auth=["plain", "xoauth2", "oauthbearer"])
+        self.assertIn(b"AUTH=XOAUTH2 AUTH=OAUTHBEARER", machine.capability())
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + token + b"\r\n"),
+                         [mp.Credentials(b"alice", b"T", "xoauth2")])
+        machine = make_machine("imap")
+        machine.data_to_send()
+        machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + token + b"\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
+
+    def test_failure_challenge_then_refusal(self):
+        for protocol, prompt, ack, final in (
+                ("imap", b"+ ", b"\r\n", b"a1 NO bad token\r\n"),
+                ("pop3", b"+ ", b"AQ==\r\n", b"-ERR bad token\r\n"),
+                ("smtp", b"334 ", b"\r\n", b"535 5.7.0 bad token\r\n")):
+            machine = make_machine(protocol, **{protocol + "_auth": ["oauthbearer"]})
+            machine.data_to_send()
+            command = {"imap": b"a1 AUTHENTICATE", "pop3": b"AUTH", "smtp": b"AUTH"}[protocol]
+            events = machine.receive_data(command + b" OAUTHBEARER " +
+                                          b64(b"n,a=alice,\x01auth=Bearer T\x01\x01") + b"\r\n")
+            self.assertEqual(events, [mp.Credentials(b"alice", b"T", "oauthbearer")])
+            reply = (machine.failure_reply(b"bad token", b"535 5.7.0") if protocol == "smtp"
+                     else machine.failure_reply(b"bad token"))
+            self.assertEqual(machine.auth_failed(reply, b'{"status":"invalid_token"}', close=True), [])
+            self.assertEqual(machine.data_to_send(), prompt + b64(b'{"status":"invalid_token"}') + b"\r\n")
+            self.assertEqual(machine.receive_data(ack), [mp.Closed("")])
+            self.assertEqual(machine.data_to_send(), final)
+
+    def test_token_passed_on_to_the_backend(self):
+        response = mp.oauth_initial_response("xoauth2", b"alice", b"T")
+        self.assertEqual(base64.b64decode(response), b"user=alice\x01auth=Bearer T\x01\x01")
+        self.assertEqual(mp.imap_token_script(b"a1 ", "xoauth2", response)[1:],
+                         [mp.Send(b"a1 AUTHENTICATE XOAUTH2 " + response + b"\r\n"),
+                          mp.Expect("imap-tagged", relay=True)])
+        script = mp.smtp_login_script(server_settings("smtp", xclient=False), facts(
+            login=b"alice", password=b"T", backend_auth="oauthbearer"))
+        self.assertEqual(script[3], mp.Send(b"AUTH OAUTHBEARER " +
+                                            mp.oauth_initial_response("oauthbearer", b"alice", b"T") + b"\r\n"))
+
+    def test_built_in_table_refuses_token_methods(self):
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = write_file(directory.name, "t.conf", """\
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            imap_auth = plain xoauth2
+            proxy_pass = 127.0.0.1:143
+            """)
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_config(path)
+        self.assertIn("needs auth_http", str(caught.exception))
+
+
+class ProxyProtocolTests(unittest.TestCase):
+    def test_v1(self):
+        header = mp.proxy_protocol_v1(("192.0.2.1", 5555), ("127.0.0.1", 143))
+        self.assertEqual(header, b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 143\r\n")
+        self.assertEqual(mp.proxy_protocol_v1(("2001:db8::1", 1), ("::1", 2)),
+                         b"PROXY TCP6 2001:db8::1 ::1 1 2\r\n")
+        self.assertEqual(mp.proxy_protocol_v1(("192.0.2.1", 1), ("::1", 2)), b"PROXY UNKNOWN\r\n")
+
+    def test_v2_bytes(self):
+        header = mp.proxy_protocol_v2(("192.0.2.1", 5555), ("127.0.0.1", 143))
+        self.assertEqual(header, b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+                         b"\xc0\x00\x02\x01\x7f\x00\x00\x01\x15\xb3\x00\x8f")
+        self.assertEqual(mp.proxy_protocol_v2(("192.0.2.1", 1), ("::1", 2)),
+                         b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")       # LOCAL
+
+    def test_v2_tls_tlvs_round_trip(self):
+        tls = mp.ProxyTls("TLSv1.3", "TLS_AES_256_GCM_SHA384", "mail.example.org", "imap", "alice", True)
+        parsed = mp.parse_proxy_header(mp.proxy_protocol_v2(("2001:db8::7", 40000), ("::1", 993), tls))
+        self.assertEqual((parsed.source, parsed.destination), (("2001:db8::7", 40000), ("::1", 993)))
+        self.assertEqual(parsed.tlvs[mp.PP2_TYPE_ALPN], b"imap")
+        self.assertEqual(parsed.tlvs[mp.PP2_TYPE_AUTHORITY], b"mail.example.org")
+        ssl_tlv = parsed.tlvs[mp.PP2_TYPE_SSL]
+        self.assertEqual(ssl_tlv[0], mp.PP2_CLIENT_SSL | mp.PP2_CLIENT_CERT_CONN)
+        self.assertIn(b"\x21\x00\x07TLSv1.3", ssl_tlv)
+        self.assertIn(b"\x23\x00\x16TLS_AES_256_GCM_SHA384", ssl_tlv)
+
+    def test_parse_needs_more_at_every_truncation(self):
+        for header in (mp.proxy_protocol_v1(("192.0.2.1", 5555), ("127.0.0.1", 143)),
+                       mp.proxy_protocol_v2(("192.0.2.1", 5555), ("127.0.0.1", 143),
+                                            mp.ProxyTls("TLSv1.2", "X", "n", "imap"))):
+            for size in range(len(header)):
+                self.assertIsNone(mp.parse_proxy_header(header[:size]), size)
+            parsed = mp.parse_proxy_header(header + b"a1 LOGIN")
+            self.assertEqual((parsed.source, parsed.length), (("192.0.2.1", 5555), len(header)))
+
+    def test_unknown_local_and_other_families(self):
+        self.assertEqual(mp.parse_proxy_header(b"PROXY UNKNOWN\r\n").source, None)
+        self.assertEqual(mp.parse_proxy_header(b"PROXY UNKNOWN 1 2 3 4\r\nX").length, 23)
+        local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+        self.assertEqual(mp.parse_proxy_header(local), mp.ProxyHeader(None, None, 16))
+        unix = b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\xd8" + b"\x00" * 216
+        self.assertEqual(mp.parse_proxy_header(unix).source, None)
+
+    def test_bad_headers(self):
+        bad = [b"GET / HTTP/1.0\r\n", b"PROXY TCP4 192.0.2.1 127.0.0.1 5555\r\n",
+               b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n", b"PROXY TCP4 192.0.2.1 127.0.0.1 99999 2\r\n",
+               b"PROXY TCP4 192.0.2.1 127.0.0.1 01 2\r\n", b"PROXY TCP5 a b 1 2\r\n",
+               b"PROXY " + b"x" * 120, b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
+               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",
+               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04" + b"\x00" * 4,
+               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x10" + b"\x00" * 12 + b"\x20\x00\x09\x00"]
+        for header in bad:
+            with self.assertRaises(mp.ProxyHeaderError, msg=header):
+                mp.parse_proxy_header(header)
+
+    def test_real_ip_trust(self):
+        trusted = mp.parse_real_ip_from(["10.0.0.0/8"]) + mp.parse_real_ip_from(["::1"])
+        self.assertTrue(mp.real_ip_trusted("10.1.2.3", trusted))
+        self.assertTrue(mp.real_ip_trusted("::1", trusted))
+        self.assertFalse(mp.real_ip_trusted("192.0.2.1", trusted))
+        self.assertTrue(mp.real_ip_trusted("unix:", mp.parse_real_ip_from(["unix:"])))
+        self.assertFalse(mp.real_ip_trusted("unix:", trusted))
+
+
+# ########################################################################## #
 #                           End-to-end harness                               #
 # ########################################################################## #
 # The real proxy (a Worker and its event loop, in a thread) between a test
