@@ -156,9 +156,45 @@ def log_escape(data: bytes) -> str:
     return "".join(out)
 
 
+SYSLOG_SEVERITIES = {"debug": 7, "info": 6, "notice": 5, "warn": 4, "error": 3,
+                     "crit": 2, "alert": 1, "emerg": 0}
+SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "intern", "lpr", "news", "uucp",
+                     "clock", "authpriv", "ftp", "ntp", "audit", "alert", "cron", "local0",
+                     "local1", "local2", "local3", "local4", "local5", "local6", "local7")
+
+
+class SyslogTarget:
+    """An RFC 3164 syslog destination, as nginx's ``syslog:server=...``: one
+    datagram per line, ``<PRI>Mmm dd hh:mm:ss HOST TAG: MESSAGE``, sent
+    without waiting (a full or absent syslog loses lines, never blocks)."""
+
+    def __init__(self, sock: socket.socket, address, facility: int, tag: str, hostname: bool):
+        self.sock = sock
+        self.address = address
+        self.facility = facility
+        self.tag = tag
+        self.hostname = socket.gethostname() if hostname else ""
+
+    def send_line(self, level: str, body: str) -> None:
+        stamp = time.strftime("%b %d %H:%M:%S")
+        if stamp[4] == "0":
+            stamp = stamp[:4] + " " + stamp[5:]       # RFC 3164 §4.1.2: "Nov  1"
+        header = "<%d>%s %s%s: " % (self.facility * 8 + SYSLOG_SEVERITIES[level], stamp,
+                                    self.hostname + " " if self.hostname else "", self.tag)
+        try:
+            self.sock.sendto((header + body).encode("utf-8", "replace")[:2048], self.address)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class ErrorLog:
     """Writes nginx-format lines to one or more destinations, each with its
-    lowest level.  ``destinations``: list of (file object, level name)."""
+    lowest level.  ``destinations``: list of (target, level name); a target
+    is a binary file (one write per line, so that lines of several
+    processes never mix) or a SyslogTarget."""
 
     def __init__(self, destinations: List[Tuple[object, str]]):
         self.destinations = destinations
@@ -173,17 +209,20 @@ class ErrorLog:
         rank = LOG_LEVELS.index(level)
         if rank < self.lowest:
             return
-        line = "%s [%s] %d#0: %s%s%s\n" % (
-            time.strftime("%Y/%m/%d %H:%M:%S"), level, os.getpid(),
-            "" if session is None else "*%d " % session, message, context)
-        data = line.encode("utf-8", "replace")
-        for handle, threshold in self.destinations:
-            if rank >= LOG_LEVELS.index(threshold):
-                try:
-                    handle.write(data)
-                    handle.flush()
-                except (OSError, ValueError):
-                    pass               # a full disk must not stop the proxy
+        body = "[%s] %d#0: %s%s%s" % (level, os.getpid(),
+                                      "" if session is None else "*%d " % session, message, context)
+        data = ("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), body)).encode("utf-8", "replace")
+        for target, threshold in self.destinations:
+            if rank < LOG_LEVELS.index(threshold):
+                continue
+            if isinstance(target, SyslogTarget):
+                target.send_line(level, body)
+                continue
+            try:
+                target.write(data)
+                target.flush()
+            except (OSError, ValueError):
+                pass                   # a full disk must not stop the proxy
 
 
 # ########################################################################## #
@@ -355,11 +394,36 @@ def parse_protocol(args: List[str], base: str = "") -> str:
 
 
 def parse_worker_processes(args: List[str], base: str = "") -> int:
+    """``N`` or ``auto`` (one per CPU this process may run on, as nginx)."""
     value = one_argument(args)
-    if value != "1":
-        # Several workers come with the process model (master and workers).
-        raise ValueError_('"%s" is not supported yet: only 1 worker process' % value)
-    return 1
+    if value == "auto":
+        if hasattr(os, "sched_getaffinity"):
+            return max(1, len(os.sched_getaffinity(0)))
+        return max(1, os.cpu_count() or 1)
+    return parse_positive(args)
+
+
+def parse_user(args: List[str], base: str = "") -> Tuple[int, int, str]:
+    """``USER [GROUP]`` -> (uid, gid, text); the group defaults to USER's own
+    group (nginx defaults to a group named like the user; both are common)."""
+    if not 1 <= len(args) <= 2:
+        raise ValueError_("takes a user and an optional group")
+    try:
+        import grp
+        import pwd
+    except ImportError:
+        raise ValueError_("this system has no users and groups (no pwd module)")
+    try:
+        entry = pwd.getpwnam(args[0])
+    except KeyError:
+        raise ValueError_('getpwnam("%s") failed' % args[0])
+    gid = entry.pw_gid
+    if len(args) == 2:
+        try:
+            gid = grp.getgrnam(args[1]).gr_gid
+        except KeyError:
+            raise ValueError_('getgrnam("%s") failed' % args[1])
+    return entry.pw_uid, gid, " ".join(args)
 
 
 def parse_host_port(text: str) -> Tuple[str, int]:
@@ -706,12 +770,62 @@ def parse_error_log(args: List[str], base: str = "") -> ErrorLogSpec:
     if level not in LOG_LEVELS:
         raise ValueError_('invalid log level "%s"' % level)
     if destination.startswith("syslog:"):
-        raise ValueError_("syslog destinations are not supported yet")
+        parse_syslog(destination)                  # checked now, opened later
+        return ErrorLogSpec(destination, level)
     if destination == "off":
         raise ValueError_('"off" is not a destination; use a level, e.g. "stderr emerg"')
     if destination != "stderr":
         destination = os.path.join(base, destination)
     return ErrorLogSpec(destination, level)
+
+
+class SyslogSpec(NamedTuple):
+    family: int
+    address: object            # "/dev/log" or (host, port)
+    facility: int
+    tag: str
+    hostname: bool
+
+
+def parse_syslog(text: str) -> SyslogSpec:
+    """nginx's ``syslog:server=ADDRESS[,facility=F][,tag=T][,nohostname]``;
+    ADDRESS is ``unix:/dev/log`` or ``HOST[:PORT]`` (UDP, port 514)."""
+    params = {}
+    for item in text[7:].split(","):
+        name, _, value = item.partition("=")
+        params[name] = value
+    server = params.pop("server", None)
+    facility = params.pop("facility", "local7")
+    tag = params.pop("tag", "mailproxy")
+    hostname = "nohostname" not in params
+    params.pop("nohostname", None)
+    params.pop("severity", None)               # nginx's access_log severity: the level decides here
+    if not server:
+        raise ValueError_('no "server=" in "%s"' % text)
+    if params:
+        raise ValueError_('unknown syslog parameter "%s"' % next(iter(params)))
+    if facility not in SYSLOG_FACILITIES:
+        raise ValueError_('unknown syslog facility "%s"' % facility)
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", tag):
+        raise ValueError_('syslog tag "%s": letters, digits and "_", at most 32' % tag)
+    if server.startswith("unix:"):
+        return SyslogSpec(getattr(socket, "AF_UNIX", 0), server[5:], SYSLOG_FACILITIES.index(facility),
+                          tag, hostname)
+    if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]:\d+|[^:\[\]]+:\d+", server):
+        host, port = parse_host_port(server)
+    else:
+        host, port = server.strip("[]"), 514
+    family, sockaddr = resolve_upstream(host, port).addresses[0]
+    return SyslogSpec(family, sockaddr, SYSLOG_FACILITIES.index(facility), tag, hostname)
+
+
+def parse_access_log(args: List[str], base: str = "") -> Optional[str]:
+    """Extension: ``access_log off|stderr|FILE|syslog:...`` for the line each
+    session ends with; unset, it goes to the error log at info."""
+    value = one_argument(args)
+    if value == "off":
+        return "off"
+    return parse_error_log([value, "info"], base).destination
 
 
 def parse_removed(message: str) -> Callable:
@@ -741,17 +855,18 @@ class Directive(NamedTuple):
 MAIN = ("main",)
 MAIL = ("mail", "server")
 SERVER = ("server",)
-_TODO = False   # supported=False, spelled so that the table reads as a table
 
 DIRECTIVES = {d.name: d for d in [
     # -- process-wide: nginx's main context -------------------------------
     Directive("worker_processes", MAIN, parse_worker_processes, 1),
     Directive("worker_connections", MAIN, parse_positive, 1024),
     Directive("worker_rlimit_nofile", MAIN, parse_positive, None),
-    Directive("worker_shutdown_timeout", MAIN, parse_time, None, supported=_TODO),
-    Directive("user", MAIN, parse_word_list, None, supported=_TODO),
-    Directive("pid", MAIN, parse_string, None, supported=_TODO),
+    Directive("worker_shutdown_timeout", MAIN, parse_time, None),
+    Directive("master_process", MAIN, parse_flag, True),
+    Directive("user", MAIN, parse_user, None),
+    Directive("pid", MAIN, parse_path, None),
     Directive("error_log", ("main", "mail", "server"), parse_error_log, None, multiple=True),
+    Directive("access_log", ("main", "mail", "server"), parse_access_log, None, extension=True),
     # -- ngx_mail_core_module ----------------------------------------------
     Directive("listen", SERVER, parse_listen, [], multiple=True),
     Directive("protocol", SERVER, parse_protocol, None),
@@ -4111,30 +4226,16 @@ class Listener:
     the pending connections wait in the kernel's backlog instead of spinning
     the loop; it accepts again by itself once descriptors are free."""
 
-    def __init__(self, loop: EventLoop, listen: Listen, server: Settings,
+    def __init__(self, loop: EventLoop, sock: socket.socket, listen: Listen, server: Settings,
                  on_accept: Callable, log: ErrorLog):
         self.loop = loop
+        self.sock = sock
         self.listen = listen
         self.server = server
         self.on_accept = on_accept
         self.log = log
         self.interest = 0
         self.paused = False
-        self.sock = socket.socket(listen.family, socket.SOCK_STREAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if listen.family == socket.AF_INET6:
-                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(listen.ipv6only))
-            if listen.rcvbuf:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listen.rcvbuf)
-            if listen.sndbuf:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, listen.sndbuf)
-            self.sock.bind((listen.host, listen.port))
-            self.sock.listen(listen.backlog)
-            self.sock.setblocking(False)
-        except OSError:
-            self.sock.close()
-            raise
         self.resume()
 
     def resume(self) -> None:
@@ -4173,6 +4274,45 @@ class Listener:
     def close(self) -> None:
         self.pause()
         self.sock.close()
+
+
+def bind_listen(listen: Listen) -> socket.socket:
+    """A listening socket for ``listen``; raises OSError with nginx's words."""
+    sock = socket.socket(listen.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if listen.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(listen.ipv6only))
+        if listen.rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listen.rcvbuf)
+        if listen.sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, listen.sndbuf)
+        sock.bind((listen.host, listen.port))
+        sock.listen(listen.backlog)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, "bind() to %s failed (%d: %s)" % (
+            listen.text, error.errno, error.strerror))
+    return sock
+
+
+def bind_all(config: Config, bound: Dict) -> Dict:
+    """The listening sockets ``config`` wants, keyed by (host, port): those
+    already in ``bound`` are kept, the others bound now.  Raises OSError
+    (closing what it bound) if one cannot be bound."""
+    sockets = {}
+    try:
+        for server in config.servers:
+            for listen in server.listen:
+                key = (listen.host, listen.port)
+                sockets[key] = bound.get(key) or sockets.get(key) or bind_listen(listen)
+    except OSError:
+        for key, sock in sockets.items():
+            if key not in bound:
+                sock.close()
+        raise
+    return sockets
 
 
 def configure_accepted(sock: socket.socket, listen: Listen) -> None:
@@ -5112,20 +5252,23 @@ class Session:
         self.client.close()
         if self.backend is not None:
             self.backend.close()
-        self.log("info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs" % (
-            outcome, self.client.received, self.client.sent, time.time() - self.started),
-            action=None)
+        self.worker.logs.access_for(self.server).log(
+            "info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs" % (
+                outcome, self.client.received, self.client.sent, time.time() - self.started),
+            self.number, self.context(None))
         self.worker.session_closed(self)
 
 
 # ########################################################################## #
 #                                 Processes                                  #
 # ########################################################################## #
-# One process runs one Worker: the event loop, the listeners, the sessions,
-# the user table and the login throttle.  Signals (INTERFACE.md): SIGTERM and
-# SIGINT stop at once, SIGQUIT stops gracefully, SIGHUP re-reads the
-# configuration, SIGUSR1 reopens the log files.  Several worker processes
-# under a master are not built yet (worker_processes 1 only).
+# nginx's process model.  A master binds the listening sockets, forks
+# worker_processes workers, replaces one that dies, and handles the signals
+# (INTERFACE.md): SIGHUP re-reads the configuration and starts new workers
+# with it while the old ones finish their sessions; SIGQUIT stops gracefully;
+# SIGTERM and SIGINT stop at once; SIGUSR1 reopens the log files.  Each
+# worker is one Worker: an event loop, the listeners, the sessions.  With
+# master_process off, one process is both.
 
 def load_and_prepare(path: str) -> Config:
     """load_config, then what needs the TLS section: each server's SSL
@@ -5162,11 +5305,18 @@ class ErrorLogs:
     Raises OSError if a file cannot be opened (and leaves nothing open)."""
 
     def __init__(self, config: Config):
-        self.handles = {}              # destination -> unbuffered binary file
+        self.handles = {}              # destination -> binary file or SyslogTarget
         try:
             self.main = self._open(config.main.error_log)
             self.servers = {server.name: self._open(server.error_log)
                             for server in config.servers if server.error_log}
+            self.access = {}           # server name -> ErrorLog for the session lines
+            for server in config.servers:
+                destination = server.access_log or config.main.access_log
+                if destination and destination != "off":
+                    self.access[server.name] = self._open([ErrorLogSpec(destination, "info")])
+                elif destination == "off":
+                    self.access[server.name] = ErrorLog([])
         except OSError:
             self.close()
             raise
@@ -5175,16 +5325,27 @@ class ErrorLogs:
         destinations = []
         for spec in specs:
             if spec.destination not in self.handles:
-                if spec.destination == "stderr":
-                    handle = os.fdopen(os.dup(2), "wb", buffering=0)
-                else:
-                    handle = open(spec.destination, "ab", buffering=0)
-                self.handles[spec.destination] = handle
+                self.handles[spec.destination] = self._target(spec.destination)
             destinations.append((self.handles[spec.destination], spec.level))
         return ErrorLog(destinations)
 
+    @staticmethod
+    def _target(destination: str):
+        if destination == "stderr":
+            return os.fdopen(os.dup(2), "wb", buffering=0)
+        if destination.startswith("syslog:"):
+            spec = parse_syslog(destination)
+            sock = socket.socket(spec.family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            return SyslogTarget(sock, spec.address, spec.facility, spec.tag, spec.hostname)
+        return open(destination, "ab", buffering=0)
+
     def for_server(self, server: Settings) -> ErrorLog:
         return self.servers.get(server.name, self.main)
+
+    def access_for(self, server: Settings) -> ErrorLog:
+        """Where the session's closing line goes: access_log, or the error log."""
+        return self.access.get(server.name) or self.for_server(server)
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -5226,6 +5387,7 @@ class Worker:
         self.sessions = set()
         self.session_counter = 0
         self.stopping = False
+        self.report_fd = None          # a pipe to the master, in a worker process
 
     def resolver_for(self, server: Settings) -> Resolver:
         """One Resolver (and cache) per distinct resolver setting."""
@@ -5239,31 +5401,27 @@ class Worker:
         return self.session_counter
 
     # -- listeners ----------------------------------------------------------------
-    def open_listeners(self, config: Config) -> None:
-        """Bind every ``listen`` of ``config``; keep the ones already bound (a
-        reload), close the ones it no longer has.  Raises OSError (and binds
-        nothing new) if one cannot be bound."""
+    def open_listeners(self, config: Config, sockets: Optional[Dict] = None) -> None:
+        """Listen for every ``listen`` of ``config``: on ``sockets`` (bound by
+        the master) or on sockets bound now, keeping the ones already open (a
+        reload) and closing the ones it no longer has.  Raises OSError (and
+        changes nothing) if one cannot be bound."""
+        current = {key: listener.sock for key, listener in self.listeners.items()}
+        sockets = bind_all(config, current) if sockets is None else sockets
         wanted = {}
         for server in config.servers:
             for listen in server.listen:
                 wanted[(listen.host, listen.port)] = (listen, server)
-        opened = {}
-        try:
-            for key, (listen, server) in wanted.items():
-                if key not in self.listeners:
-                    opened[key] = Listener(self.loop, listen, server, self.accept, self.log)
-        except OSError as error:
-            for listener in opened.values():
-                listener.close()
-            raise OSError(error.errno, "bind() to %s failed (%d: %s)" % (
-                listen.text, error.errno, error.strerror))
         for key, listener in list(self.listeners.items()):
             if key not in wanted:
                 listener.close()
                 del self.listeners[key]
+        for key, (listen, server) in wanted.items():
+            if key in self.listeners:
+                self.listeners[key].server = server
             else:
-                listener.server = wanted[key][1]
-        self.listeners.update(opened)
+                self.listeners[key] = Listener(self.loop, sockets[key], listen, server,
+                                               self.accept, self.log)
 
     def accept(self, listener: Listener, sock: socket.socket, address) -> None:
         if self.stopping:
@@ -5307,14 +5465,28 @@ class Worker:
         self.loop.stop()
 
     def stop_gracefully(self, signum: int = 0) -> None:
-        """Stop accepting; exit when the last session has ended."""
+        """Stop accepting; exit when the last session has ended, or when
+        worker_shutdown_timeout ends the ones left (nginx)."""
+        if self.stopping:
+            return
         self.log.log("notice", "gracefully shutting down")
         self.stopping = True
         for listener in self.listeners.values():
             listener.close()
         self.listeners = {}
+        if self.report_fd is not None:
+            # Tell the master: from now on, this worker accepts nobody.
+            os.write(self.report_fd, b"%d\n" % os.getpid())
         if not self.sessions:
             self.loop.stop()
+        elif self.config.main.worker_shutdown_timeout is not None:
+            self.loop.call_later(self.config.main.worker_shutdown_timeout, self._shutdown_timeout)
+
+    def _shutdown_timeout(self) -> None:
+        self.log.log("notice", "worker_shutdown_timeout: closing %d sessions" % len(self.sessions))
+        for session in list(self.sessions):
+            session.close("worker_shutdown_timeout")
+        self.loop.stop()
 
     def reload(self, signum: int = 0) -> None:
         """SIGHUP: read the file again; if it is valid, new sessions get the new
@@ -5359,6 +5531,23 @@ class Worker:
         for listener in self.listeners.values():
             listener.log = logs.main
         old.close()
+
+    def watch_master(self, fd: int) -> None:
+        """A worker stops gracefully when its master is gone, even killed
+        with SIGKILL: the master holds the write end of this pipe, and its
+        death closes it (end-of-file here)."""
+        self._master_pipe = os.fdopen(fd, "rb", buffering=0)
+        os.set_blocking(fd, False)
+        self.loop.set_interest(self._master_pipe, selectors.EVENT_READ, self, 0)
+
+    def on_readable(self) -> None:
+        """The master's pipe: nothing is ever written, so this is its end."""
+        self.loop.set_interest(self._master_pipe, 0, self, selectors.EVENT_READ)
+        self.log.log("alert", "the master process is gone")
+        self.stop_gracefully()
+
+    def on_writable(self) -> None:
+        pass
 
     def run(self) -> None:
         self.loop.run()
@@ -5442,6 +5631,226 @@ def command_test(path: str) -> int:
     return 0
 
 
+def drop_privileges(main: Settings, log: ErrorLog) -> None:
+    """``user USER [GROUP]``: after the listeners are bound (ports below 1024
+    need root), become that user, as nginx's workers do."""
+    if main.user is None or not hasattr(os, "setuid"):
+        return
+    if os.geteuid() != 0:
+        log.log("warn", 'the "user" directive makes sense only if the master process '
+                "runs with super-user privileges, ignored")
+        return
+    uid, gid, text = main.user
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def write_pid_file(main: Settings) -> None:
+    if main.pid:
+        with open(main.pid, "w") as handle:
+            handle.write("%d\n" % os.getpid())
+
+
+def remove_pid_file(main: Settings) -> None:
+    if main.pid:
+        try:
+            os.unlink(main.pid)
+        except OSError:
+            pass
+
+
+class Master:
+    """The master process: listening sockets, workers, signals, reload.
+
+    Workers of the current configuration form the current generation; on
+    SIGHUP a new generation starts with the new configuration and the old
+    one gets SIGQUIT, so that its sessions end in their own time.
+    """
+
+    def __init__(self, config: Config, logs: ErrorLogs):
+        self.config = config
+        self.logs = logs
+        self.log = logs.main
+        self.loop = EventLoop()
+        self.sockets = {}              # (host, port) -> listening socket
+        self.workers = {}              # pid -> generation
+        self.generation = 0
+        self.stopping = False
+        self.lifeline = os.pipe()      # (read, write): workers see EOF when we die
+        self.reports = os.pipe()       # (read, write): "PID\n" from a worker that stopped accepting
+        os.set_blocking(self.reports[0], False)
+        self.reload_pending = set()    # old workers still accepting after a reload
+
+    def start(self) -> None:
+        """Bind (raises OSError), then fork the first workers."""
+        self.sockets = bind_all(self.config, {})
+        for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
+                                (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
+                                (signal.SIGUSR1, self.reopen_logs), (signal.SIGCHLD, self.reap)):
+            self.loop.add_signal_handler(signum, handler)
+        self._report_reader = os.fdopen(self.reports[0], "rb", buffering=0)
+        self.loop.set_interest(self._report_reader, selectors.EVENT_READ, self, 0)
+        self.spawn_generation()
+
+    def on_readable(self) -> None:
+        """Reports from workers that stopped accepting (after SIGQUIT)."""
+        try:
+            data = self._report_reader.read(4096) or b""
+        except BlockingIOError:
+            return
+        for pid in data.split():
+            self._old_worker_done(int(pid))
+
+    def on_writable(self) -> None:
+        pass
+
+    def _old_worker_done(self, pid: int) -> None:
+        if pid in self.reload_pending:
+            self.reload_pending.discard(pid)
+            if not self.reload_pending:
+                # Only now is every new connection served with the new file.
+                self.log.log("notice", "configuration reloaded")
+
+    def spawn_generation(self) -> None:
+        for _ in range(self.config.main.worker_processes):
+            self.spawn()
+
+    def spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker()
+        self.workers[pid] = self.generation
+        self.log.log("notice", "start worker process %d" % pid)
+
+    def _become_worker(self) -> None:
+        """In the child: leave the master's loop, drop privileges, serve."""
+        status = 0
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT,
+                           signal.SIGUSR1, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            self.loop.close()
+            os.close(self.lifeline[1])
+            os.close(self.reports[0])
+            drop_privileges(self.config.main, self.log)
+            worker = Worker(self.config, self.logs)
+            worker.report_fd = self.reports[1]
+            worker.watch_master(self.lifeline[0])
+            worker.open_listeners(self.config, self.sockets)
+            for key, sock in self.sockets.items():
+                if key not in worker.listeners:
+                    sock.close()
+            worker.install_signals()
+            worker.run()
+        except BaseException as error:         # a worker must never return to the master's code
+            self.log.log("alert", "worker process failed: %r" % error)
+            status = 2
+        finally:
+            os._exit(status)
+
+    def reap(self, signum: int = 0) -> None:
+        """SIGCHLD: collect exited workers; replace one of the current
+        generation that died while nobody asked it to (nginx logs it)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            generation = self.workers.pop(pid, None)
+            if generation is None:
+                continue
+            self._old_worker_done(pid)
+            how = ("exited on signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                   else "exited with code %d" % os.WEXITSTATUS(status))
+            if generation == self.generation and not self.stopping:
+                self.log.log("alert", "worker process %d %s, starting a new one" % (pid, how))
+                self.spawn()
+            else:
+                self.log.log("notice", "worker process %d %s" % (pid, how))
+        if self.stopping and not self.workers:
+            self.loop.stop()
+
+    def reload(self, signum: int = 0) -> None:
+        self.log.log("notice", "reconfiguring")
+        try:
+            config = load_and_prepare(self.config.path)
+            logs = ErrorLogs(config)
+        except ConfigErrors as errors:
+            for error in errors.errors:
+                self.log.log("emerg", str(error))
+            self.log.log("alert", "reload failed, the old configuration is kept")
+            return
+        except OSError as error:
+            self.log.log("alert", "reload failed (%s), the old configuration is kept" % error)
+            return
+        try:
+            sockets = bind_all(config, self.sockets)
+        except OSError as error:
+            logs.close()
+            self.log.log("emerg", str(error.strerror))
+            self.log.log("alert", "reload failed, the old configuration is kept")
+            return
+        for key, sock in self.sockets.items():
+            if key not in sockets:
+                sock.close()           # old workers keep their copy until they exit
+        old = [pid for pid, generation in self.workers.items() if generation == self.generation]
+        self.config, self.sockets = config, sockets
+        self.logs.close()
+        self.logs, self.log = logs, logs.main
+        raise_open_file_limit(config.main, self.log)
+        warn_about(config, self.log)
+        self.generation += 1
+        self.spawn_generation()
+        self.reload_pending = set(old)
+        for pid in old:
+            self._signal(pid, signal.SIGQUIT)
+        if not old:
+            self.log.log("notice", "configuration reloaded")
+
+    def _signal(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop_gracefully(self, signum: int = 0) -> None:
+        self.log.log("notice", "gracefully shutting down")
+        self._stop(signal.SIGQUIT)
+
+    def stop_now(self, signum: int = 0) -> None:
+        self.log.log("notice", "exiting")
+        self._stop(signal.SIGTERM)
+
+    def _stop(self, signum: int) -> None:
+        self.stopping = True
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets = {}
+        for pid in list(self.workers):
+            self._signal(pid, signum)
+        if not self.workers:
+            self.loop.stop()
+
+    def reopen_logs(self, signum: int = 0) -> None:
+        try:
+            logs = ErrorLogs(self.config)
+        except OSError as error:
+            self.log.log("alert", "reopening logs failed: %s" % error)
+            return
+        self.logs.close()
+        self.logs, self.log = logs, logs.main
+        for pid in list(self.workers):
+            self._signal(pid, signal.SIGUSR1)
+
+    def run(self) -> None:
+        self.loop.run()
+        self.loop.close()
+
+
 def command_run(path: str) -> int:
     try:
         config = load_and_prepare(path)
@@ -5457,17 +5866,28 @@ def command_run(path: str) -> int:
     log = logs.main
     raise_open_file_limit(config.main, log)
     warn_about(config, log)
-    worker = Worker(config, logs)
+    if config.main.master_process and hasattr(os, "fork"):
+        process = Master(config, logs)
+        start = process.start
+    else:
+        process = Worker(config, logs)
+        start = lambda: process.open_listeners(config)
     try:
-        worker.open_listeners(config)
+        start()
     except OSError as error:
         log.log("emerg", str(error.strerror))
         return 1
-    worker.install_signals()
-    worker.log.log("notice", "mailproxy/%s started, listening on %s" % (
-        __version__, ", ".join(listener.listen.text for listener in worker.listeners.values())))
-    worker.run()
-    worker.log.log("notice", "exit")
+    if isinstance(process, Worker):
+        drop_privileges(config.main, log)
+        process.install_signals()
+    write_pid_file(config.main)
+    listening = ", ".join(sorted(listen.text for server in config.servers for listen in server.listen))
+    log.log("notice", "mailproxy/%s started, listening on %s" % (__version__, listening))
+    try:
+        process.run()
+    finally:
+        remove_pid_file(process.config.main)
+    process.log.log("notice", "exit")
     return 0
 
 
