@@ -3559,13 +3559,31 @@ TLS_ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"   # RFC 7301
 TLS_RECORD_MAX = 5 + 16384 + 2048
 
 
-def client_hello_alpn(record: bytes) -> Optional[List[bytes]]:
+def handshake_message(data: bytes) -> Optional[bytes]:
+    """The first TLS handshake message, joined from as many records as it
+    spans (RFC 8446 §5.1 lets a ClientHello be fragmented); None while
+    incomplete, b"" if ``data`` is not TLS handshake records."""
+    message = bytearray()
+    position = 0
+    while True:
+        if len(message) >= 4 and len(message) >= 4 + int.from_bytes(message[1:4], "big"):
+            return bytes(message)
+        if position + 5 > len(data):
+            return None
+        if data[position] != 22 or data[position + 1] != 3:
+            return b""
+        size = int.from_bytes(data[position + 3:position + 5], "big")
+        if position + 5 + size > len(data):
+            return None
+        message += data[position + 5:position + 5 + size]
+        position += 5 + size
+
+
+def client_hello_alpn(data: bytes) -> Optional[List[bytes]]:
     """The ALPN protocols a TLS ClientHello offers (RFC 7301), or None if it
-    offers none or the record is not a ClientHello we can read."""
-    if len(record) < 5 or record[0] != 22:
-        return None
-    body = record[5:5 + int.from_bytes(record[3:5], "big")]
-    if len(body) < 4 or body[0] != 1:
+    offers none or the bytes are not a whole ClientHello we can read."""
+    body = handshake_message(data)
+    if not body or len(body) < 4 or body[0] != 1:
         return None
     position = 4 + 2 + 32                                  # header, version, random
     try:
@@ -3646,10 +3664,12 @@ class TlsLayer:
         return self._read_all()
 
     def _check_alpn(self, data: bytes) -> bytes:
-        """Hold back the first record until it is whole, then look at its ALPN."""
+        """Hold back the first bytes until the ClientHello is whole (over
+        one record or several), then look at its ALPN.  Bytes that are not
+        TLS go to OpenSSL at once, which refuses them."""
         self._hello += data
-        size = 5 + int.from_bytes(self._hello[3:5], "big") if len(self._hello) >= 5 else 0
-        if not size or len(self._hello) < min(size, TLS_RECORD_MAX):
+        hello = handshake_message(bytes(self._hello))
+        if hello is None and len(self._hello) < TLS_RECORD_MAX:
             return b""
         held, self._hello = bytes(self._hello), None
         offered = client_hello_alpn(held)
@@ -3706,7 +3726,8 @@ class TlsLayer:
 def describe_tls_error(error: Exception) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return "certificate verify error: (%s:%s)" % (error.verify_code, error.verify_message)
-    if isinstance(error, ssl.SSLEOFError):
+    if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        # Python 3.8 reports an end during the handshake as a zero return.
         return "peer closed connection in SSL handshake"
     reason = getattr(error, "reason", None)
     return "SSL handshake failed (%s)" % (reason or error)

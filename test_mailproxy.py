@@ -4868,6 +4868,1467 @@ class SmtpEndToEndControlByteTests(SmtpEndToEndCase):
                          b"MAIL FROM:<ab@remote.test>\r\nRCPT TO:<bob@example.com>\r\nQUIT\r\n")
 
 
+import imaplib
+import poplib
+import signal
+import smtplib
+import ssl
+import struct
+from typing import Optional
+
+# ########################################################################## #
+#                          End to end: TLS                                   #
+# ########################################################################## #
+# The real proxy (load_and_prepare builds its SSL contexts) between TLS
+# clients (the harness's Client over an ssl-wrapped socket, or imaplib,
+# poplib and smtplib) and fake backends that can speak TLS themselves.
+# Implicit TLS, STARTTLS with byte-exact capability lists, the STARTTLS
+# injection attack (CVE-2011-0411, CVE-2014-3556), client certificates and
+# AUTH EXTERNAL, SNI, ALPN, TLS to the backend, bad TLS input, and -t.
+# The certificates are the ones of "Test certificates (PEM)" above.
+
+# -- harness -----------------------------------------------------------------
+
+TLS_CLIENT_TIMEOUT = 5.0
+# ~100 KB of text lines: crosses several TLS records, and survives imaplib's
+# and smtplib's line-ending rewrites and poplib's dot handling unchanged.
+TLS_MESSAGE = b"".join(b"Line %04d of a message that crosses TLS records.\r\n" % i
+                       for i in range(2000))
+TLS_PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")
+TLS_IMAP_LOGIN_RE = rb"^[A-Z]+\d+ LOGIN \{5\}\r\nalice \{6\}\r\nsecret\r\n"   # imaplib's tags
+
+
+def tls_config(protocol: str, backend_port: int, listens=("ssl",), users=None, **mail) -> str:
+    """proxy_config with TLS in mind: ``listens`` gives each listen's flags
+    ("ssl" or ""), each on a free loopback port; ``users`` the [users] table;
+    ``mail`` the [mail] directives (a value may hold continuation lines)."""
+    directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "50ms"}
+    directives.update(mail)
+    lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
+    lines += ["%s = %s" % item for item in directives.items()]
+    listen = ["127.0.0.1:%d%s" % (free_port(), " " + flags if flags else "") for flags in listens]
+    lines += ["", "[server %s]" % protocol, "listen = " + "\n    ".join(listen),
+              "protocol = %s" % protocol, "proxy_pass = 127.0.0.1:%d" % backend_port,
+              "", "[users]"]
+    lines += ["%s = %s" % item for item in (users or {"alice": "{PLAIN}secret"}).items()]
+    return "\n".join(lines) + "\n"
+
+
+class TlsProxyUnderTest(ProxyUnderTest):
+    """ProxyUnderTest, configured with mp.load_and_prepare (which builds the
+    SSL contexts, as -t and the real start-up do).  ``ports`` lists every
+    listen's port in the order of the configuration."""
+
+    def __init__(self, config_text: str):
+        self.directory = tempfile.TemporaryDirectory()
+        self.worker = None
+        try:
+            path = write_file(self.directory.name, "mailproxy.conf", config_text)
+            self.config = mp.load_and_prepare(path)
+            self.log_file = io.BytesIO()
+            log = mp.ErrorLog([(self.log_file, "info")])
+            self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
+            self.worker.open_listeners(self.config)
+        except BaseException:
+            if self.worker is not None:
+                self.worker.loop.close()
+            self.directory.cleanup()
+            raise
+        self.ports = [listen.port for server in self.config.servers for listen in server.listen]
+        self.port = self.ports[0]
+        self.crash = None
+        self.thread = threading.Thread(target=self._run, name="mailproxy loop (TLS)", daemon=True)
+        self.thread.start()
+
+
+class TlsClient(Client):
+    """The harness's Client, which can switch to TLS on the same socket:
+    start_tls() after the plaintext "OK, begin TLS" (implicit TLS: at once)."""
+
+    def start_tls(self, context: ssl.SSLContext, hostname: str = "localhost",
+                  session: Optional[ssl.SSLSession] = None) -> None:
+        if self.pending:
+            raise AssertionError("plaintext left unread before the TLS handshake: %r"
+                                 % bytes(self.pending))
+        self.sock.settimeout(self.timeout)
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname, session=session)
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes straight onto the TCP connection, under TLS's feet."""
+        raw = socket.fromfd(self.sock.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            raw.settimeout(self.timeout)
+            raw.sendall(data)
+        finally:
+            raw.close()                        # a duplicate: the connection stays
+
+    def read_until_closed(self) -> bytes:
+        """Everything the proxy sends until it closes (fails after ``timeout``)."""
+        deadline = time.monotonic() + self.timeout
+        while self._receive(deadline, "waiting for the close"):
+            pass
+        data = bytes(self.pending)
+        del self.pending[:]
+        return data
+
+    def reply(self) -> bytes:
+        """One SMTP reply, all its lines (RFC 5321 §4.2.1)."""
+        lines = [self.read_line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.read_line())
+        return b"".join(lines)
+
+
+class TlsImap4(imaplib.IMAP4):
+    """imaplib with a timeout on Python 3.8 too (its IMAP4 has none before 3.9)."""
+
+    def _create_socket(self, timeout=None):
+        return socket.create_connection((self.host, self.port), TLS_CLIENT_TIMEOUT)
+
+
+class TlsImap4Ssl(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout=None):
+        sock = socket.create_connection((self.host, self.port), TLS_CLIENT_TIMEOUT)
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+def tls_quietly(close) -> None:
+    """A cleanup that may find its client closed already."""
+    try:
+        close()
+    except (OSError, EOFError, imaplib.IMAP4.error, poplib.error_proto, smtplib.SMTPException):
+        pass
+
+
+def tls_client_hello(hostname: str = "localhost") -> bytes:
+    """A real TLS ClientHello, as a client's first flight."""
+    outgoing = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing,
+                                                server_hostname=hostname)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+# -- fake backends that speak TLS ----------------------------------------------
+
+class TlsGreetingDropped:
+    """A BackendWire whose first send (a fake's greeting) is dropped: after
+    STARTTLS a server does not greet again, so a fake's serve() is reused."""
+
+    def __init__(self, wire: BackendWire):
+        self.wire = wire
+        self.greeted = False
+
+    def send(self, data: bytes) -> None:
+        if self.greeted:
+            self.wire.send(data)
+        self.greeted = True
+
+    def line(self) -> bytes:
+        return self.wire.line()
+
+    def exactly(self, size: int) -> bytes:
+        return self.wire.exactly(size)
+
+
+class TlsBackendMixin:
+    """TLS for a FakeBackend.  ``tls``: "" (none), "implicit" (handshake at
+    once) or "starttls" (after the protocol's command).  ``clear[i]`` is
+    what connection i received before its handshake; from then on its
+    ``received`` holds the decrypted bytes, which only a proxy that did the
+    handshake can have sent.  ``inject`` is sent in clear right after the
+    STARTTLS yes (a man in the middle's attempt, RFC 3207 §4.2)."""
+
+    def tls_setup(self, tls: str, context: Optional[ssl.SSLContext], inject: bytes = b"") -> None:
+        self.tls = tls
+        self.tls_context = context
+        self.inject = inject
+        self.clear = []
+        self.tls_errors = []
+
+    def tls_wrap(self, wire: BackendWire) -> None:
+        if wire.pending:
+            raise ConnectionError("the proxy sent %r before the handshake" % bytes(wire.pending))
+        self.clear.append(bytes(wire.received))
+        raw = wire.conn
+        try:
+            wire.conn = self.tls_context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            self.tls_errors.append(error)
+            raise
+        # close() shuts the connections down to wake their threads: the TLS one now.
+        self.connections[self.connections.index(raw)] = wire.conn
+
+
+class TlsFakeImapBackend(TlsBackendMixin, FakeImapBackend):
+    """FakeImapBackend with TLS; ``logins`` are the (login, password) pairs
+    it accepts.  In "starttls" mode it takes nothing but ``S1 STARTTLS``
+    in clear (a LOGIN gets NO [PRIVACYREQUIRED])."""
+
+    def __init__(self, tls: str = "", context=None, inject: bytes = b"",
+                 logins=((b"alice", b"secret"),), **options):
+        self.tls_setup(tls, context, inject)
+        self.logins = set(logins)
+        super().__init__(**options)
+
+    def serve(self, wire: BackendWire) -> None:
+        if self.tls == "implicit":
+            self.tls_wrap(wire)
+        elif self.tls == "starttls":
+            wire.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake IMAP ready\r\n")
+            tag, _, command = wire.line().rstrip(b"\r\n").partition(b" ")
+            if command.upper() != b"STARTTLS":
+                wire.send(tag + b" NO [PRIVACYREQUIRED] STARTTLS first\r\n")
+                return
+            wire.send(tag + b" OK Begin TLS negotiation now\r\n" + self.inject)
+            self.tls_wrap(wire)
+            wire = TlsGreetingDropped(wire)
+        super().serve(wire)
+
+    def login(self, wire, tag: bytes, argument: bytes) -> bool:
+        size = re.fullmatch(rb"\{(\d+)\}", argument)
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+ go ahead\r\n")
+        login = wire.exactly(int(size.group(1)))
+        size = re.fullmatch(rb" \{(\d+)\}\r\n", wire.line())
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+\r\n")
+        password = wire.exactly(int(size.group(1)))
+        if wire.line() != b"\r\n" or (login, password) not in self.logins:
+            wire.send(tag + b" NO [AUTHENTICATIONFAILED] bad\r\n")
+            return False
+        wire.send(tag + b" OK LOGIN completed\r\n")
+        return True
+
+
+class TlsFakePop3Backend(TlsBackendMixin, FakePop3Backend):
+    """FakePop3Backend with TLS; in "starttls" mode only STLS is taken in clear."""
+
+    def __init__(self, tls: str = "", context=None, inject: bytes = b"", **options):
+        self.tls_setup(tls, context, inject)
+        super().__init__(**options)
+
+    def serve(self, wire: BackendWire) -> None:
+        if self.tls == "implicit":
+            self.tls_wrap(wire)
+        elif self.tls == "starttls":
+            wire.send(b"+OK fake POP3 ready, STLS first\r\n")
+            if wire.line().rstrip(b"\r\n").upper() != b"STLS":
+                wire.send(b"-ERR [SYS/PERM] STLS first\r\n")
+                return
+            wire.send(b"+OK Begin TLS negotiation\r\n" + self.inject)
+            self.tls_wrap(wire)
+            wire = TlsGreetingDropped(wire)
+        super().serve(wire)
+
+
+class TlsFakeSmtpBackend(TlsBackendMixin, FakeBackend):
+    """A Postfix-like SMTP backend: EHLO (with STARTTLS in "starttls" mode,
+    where nothing but EHLO and STARTTLS is taken in clear), XCLIENT (greets
+    again), MAIL, RCPT, DATA, RSET, NOOP, QUIT.  ``commands`` lists
+    (encrypted, line) for every command line; ``messages`` the DATA bodies."""
+
+    def __init__(self, tls: str = "", context=None, **options):
+        self.tls_setup(tls, context)
+        self.commands = []
+        self.messages = []
+        super().__init__(**options)
+
+    def serve(self, wire: BackendWire) -> None:
+        secure = self.tls == "implicit"
+        if secure:
+            self.tls_wrap(wire)
+        wire.send(b"220 backend.test ESMTP fake\r\n")
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            self.commands.append((secure, line))
+            verb = line.rstrip(b"\r\n").partition(b" ")[0].upper()
+            if verb == b"EHLO":
+                offers = [b"backend.test", b"PIPELINING"]
+                if self.tls == "starttls" and not secure:
+                    offers.append(b"STARTTLS")
+                offers += [b"XCLIENT ADDR LOGIN NAME", b"8BITMIME"]
+                wire.send(b"".join(b"250-" + offer + b"\r\n" for offer in offers[:-1]) +
+                          b"250 " + offers[-1] + b"\r\n")
+            elif verb == b"STARTTLS" and self.tls == "starttls" and not secure:
+                wire.send(b"220 2.0.0 Ready to start TLS\r\n")
+                self.tls_wrap(wire)
+                secure = True
+            elif self.tls == "starttls" and not secure:
+                wire.send(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+            elif verb == b"HELO":
+                wire.send(b"250 backend.test\r\n")
+            elif verb == b"XCLIENT":
+                wire.send(b"220 backend.test ESMTP fake (after XCLIENT)\r\n")
+            elif verb == b"MAIL":
+                wire.send(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                wire.send(b"250 2.1.5 Ok\r\n")
+            elif verb == b"DATA":
+                wire.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                data = bytearray()
+                while True:
+                    part = wire.line()
+                    if part in (b"", b".\r\n"):
+                        break
+                    data += part
+                self.messages.append(bytes(data))
+                wire.send(b"250 2.0.0 Ok: queued as FAKE%d\r\n" % len(self.messages))
+            elif verb in (b"RSET", b"NOOP"):
+                wire.send(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                wire.send(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                wire.send(b"502 5.5.2 Error: command not recognized\r\n")
+
+    def lines(self, secure: bool) -> bytes:
+        return b"".join(line for encrypted, line in self.commands if encrypted == secure)
+
+
+# -- the test case base ----------------------------------------------------------
+
+class TlsEndToEndCase(EndToEndTestCase):
+    """The certificates in a temporary directory, once per class, and ways
+    to start a TLS proxy and TLS clients."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tls_directory = tempfile.TemporaryDirectory()
+        write_tls_files(cls.tls_directory.name)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tls_directory.cleanup()
+        super().tearDownClass()
+
+    def tls_path(self, name: str) -> str:
+        return os.path.join(self.tls_directory.name, name)
+
+    def tls_proxy(self, protocol: str, backend_port: int, listens=("ssl",), users=None,
+                  **mail) -> TlsProxyUnderTest:
+        mail.setdefault("ssl_certificate", self.tls_path("server.crt"))
+        mail.setdefault("ssl_certificate_key", self.tls_path("server.key"))
+        return self.use(TlsProxyUnderTest(tls_config(protocol, backend_port, listens, users, **mail)))
+
+    def tls_client_context(self, certificate: str = "", alpn=None, ca: str = "ca.crt") -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.tls_path(ca))
+        if certificate:
+            context.load_cert_chain(self.tls_path(certificate + ".crt"),
+                                    self.tls_path(certificate + ".key"))
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
+        return context
+
+    def tls_server_context(self, name: str = "server") -> ssl.SSLContext:
+        """For a fake backend."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.tls_path(name + ".crt"), self.tls_path(name + ".key"))
+        return context
+
+    def plain_connect(self, proxy: ProxyUnderTest, port: int = 0) -> TlsClient:
+        client = TlsClient(port or proxy.port, TLS_CLIENT_TIMEOUT)
+        self.addCleanup(client.close)
+        return client
+
+    def tls_connect(self, proxy: ProxyUnderTest, port: int = 0, certificate: str = "",
+                    hostname: str = "localhost", context=None) -> TlsClient:
+        client = self.plain_connect(proxy, port)
+        client.start_tls(context or self.tls_client_context(certificate), hostname)
+        return client
+
+    def tls_refused(self, port: int, context: ssl.SSLContext,
+                    hostname: str = "localhost") -> ssl.SSLError:
+        """The handshake fails; the error the client saw.  With TLS 1.3 the
+        server judges the client's certificate after the client has finished
+        its part, so the alert may come with the first read."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
+        try:
+            try:
+                tls = context.wrap_socket(sock, server_hostname=hostname)
+            except ssl.SSLError as error:
+                return error
+            try:
+                data = tls.recv(4096)
+            except ssl.SSLError as error:
+                return error
+            finally:
+                tls.close()
+            self.fail("the TLS handshake succeeded; the proxy said %r" % data)
+        finally:
+            sock.close()
+
+    def assertLogged(self, proxy: ProxyUnderTest, pattern: str) -> str:
+        return proxy.wait_for_log(pattern).group(0)
+
+
+# ########################################################################## #
+#                    End to end: TLS from the first byte                     #
+# ########################################################################## #
+
+class TlsEndToEndImplicitTests(TlsEndToEndCase):
+    """``listen ... ssl`` with the standard library's clients, which check
+    the certificate against the test CA and the host name (127.0.0.1, an
+    IP SAN of server.crt)."""
+
+    def test_imap4_ssl_login_fetch_and_append(self):
+        backend = self.use(TlsFakeImapBackend(message=TLS_MESSAGE))
+        proxy = self.tls_proxy("imap", backend.port)
+        imap = TlsImap4Ssl("127.0.0.1", proxy.port, ssl_context=self.tls_client_context())
+        self.addCleanup(tls_quietly, imap.shutdown)
+        self.assertEqual(imap.welcome, b"* OK IMAP4 ready")
+        self.assertEqual(imap.sock.version()[:4], "TLSv")
+        self.assertEqual(imap.login("alice", "secret"), ("OK", [b"LOGIN completed"]))
+        imap.state = "SELECTED"          # the fake has no SELECT; FETCH needs none
+        typ, data = imap.fetch("1", "BODY[]")
+        self.assertEqual(typ, "OK")
+        self.assertSameBytes(data[0][1], TLS_MESSAGE, "FETCH through the proxy's TLS")
+        typ, data = imap.append("INBOX", None, None, TLS_MESSAGE)
+        self.assertEqual(data, [b"APPEND completed, sha256 " + sha256_hex(TLS_MESSAGE).encode()])
+        self.assertEqual(imap.logout()[0], "BYE")
+        # The backend, behind the proxy, gets the login in clear.
+        self.assertRegex(bytes(backend.received[0]), TLS_IMAP_LOGIN_RE)
+        proxy.wait_for_log(r"\[info\] .*\*1 client logged in")
+
+    def test_pop3_ssl_login_and_retr(self):
+        backend = self.use(TlsFakePop3Backend(message=TLS_MESSAGE))
+        proxy = self.tls_proxy("pop3", backend.port)
+        pop = poplib.POP3_SSL("127.0.0.1", proxy.port, context=self.tls_client_context(),
+                              timeout=TLS_CLIENT_TIMEOUT)
+        self.addCleanup(tls_quietly, pop.close)
+        self.assertEqual(pop.getwelcome(), b"+OK POP3 ready")
+        self.assertEqual(pop.user("alice"), b"+OK")
+        self.assertEqual(pop.pass_("secret"), b"+OK alice has 1 message")
+        self.assertEqual(pop.stat(), (1, len(TLS_MESSAGE)))
+        response, lines, _ = pop.retr(1)
+        self.assertEqual(response, b"+OK %d octets" % len(TLS_MESSAGE))
+        self.assertSameBytes(b"".join(line + b"\r\n" for line in lines), TLS_MESSAGE + b"\r\n",
+                             "RETR through the proxy's TLS")
+        self.assertEqual(pop.quit(), b"+OK bye")
+        self.assertTrue(bytes(backend.received[0]).startswith(POP3_LOGIN_ON_THE_WIRE))
+
+    def test_smtp_ssl_login_and_sendmail(self):
+        backend = self.use(TlsFakeSmtpBackend())
+        proxy = self.tls_proxy("smtp", backend.port)
+        smtp = smtplib.SMTP_SSL("127.0.0.1", proxy.port, local_hostname="client.test",
+                                timeout=TLS_CLIENT_TIMEOUT, context=self.tls_client_context())
+        self.addCleanup(tls_quietly, smtp.close)
+        self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH PLAIN LOGIN"))
+        self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))
+        smtp.sendmail("alice@example.com", ["bob@example.com"], TLS_MESSAGE)
+        self.assertEqual(smtp.quit()[0], 221)
+        self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
+                         b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n"
+                         b"EHLO client.test\r\nmail FROM:<alice@example.com>\r\n"   # smtplib
+                         b"rcpt TO:<bob@example.com>\r\ndata\r\nquit\r\n")
+        self.assertSameBytes(backend.messages[0], TLS_MESSAGE, "DATA through the proxy's TLS")
+
+    def test_a_tls_port_offers_no_starttls(self):
+        """starttls = on and listen ... ssl: the TLS port neither lists nor
+        takes STARTTLS (it is on TLS already)."""
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.tls_proxy("imap", backend.port, starttls="on")
+        client = self.tls_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 CAPABILITY")
+        self.assertEqual(client.read_line(), b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
+        client.expect(rb"^a1 OK completed\r\n$")
+        client.send("a2 STARTTLS")
+        client.expect(rb"^a2 BAD invalid command\r\n$")
+        client.send("a3 LOGIN alice secret")
+        client.expect(rb"^a3 OK LOGIN completed\r\n$")
+
+
+# ########################################################################## #
+#                           End to end: STARTTLS                             #
+# ########################################################################## #
+
+TLS_IMAP_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
+TLS_POP3_CAPA = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\n.\r\n"
+TLS_SMTP_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
+
+
+class TlsEndToEndStartTlsTests(TlsEndToEndCase):
+    """STARTTLS / STLS with starttls on and only: nginx's capability lists,
+    byte for byte, before and after TLS (read raw, the "after" part through
+    an ssl-wrapped socket); logins refused before TLS with "only"; a second
+    STARTTLS refused; then the stdlib clients end to end."""
+
+    def read_capa(self, client: TlsClient) -> bytes:
+        lines = [client.read_line()]
+        while lines[-1] != b".\r\n":
+            lines.append(client.read_line())
+        return b"".join(lines)
+
+    # -- IMAP ------------------------------------------------------------------
+    def test_imap_starttls_on(self):
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 CAPABILITY")
+        self.assertEqual(client.read_line(),
+                         b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN STARTTLS\r\n")
+        client.expect(rb"^a1 OK completed\r\n$")
+        client.send("a2 STARTTLS")
+        client.expect(rb"^a2 OK completed\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("a3 CAPABILITY")                    # no second greeting comes first
+        self.assertEqual(client.read_line(), TLS_IMAP_CAPABILITY)
+        client.expect(rb"^a3 OK completed\r\n$")
+        client.send("a4 STARTTLS")
+        client.expect(rb"^a4 BAD invalid command\r\n$")
+        client.send("a5 LOGIN alice secret")
+        client.expect(rb"^a5 OK LOGIN completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]), b"a5 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+        proxy.wait_for_log(r"\*1 client logged in while reading response from upstream, "
+                           r"client: 127\.0\.0\.1 using starttls, ")
+
+    def test_imap_starttls_only(self):
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="only")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 CAPABILITY")
+        self.assertEqual(client.read_line(),
+                         b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS STARTTLS LOGINDISABLED\r\n")
+        client.expect(rb"^a1 OK completed\r\n$")
+        client.send("a2 LOGIN alice secret")
+        client.expect(rb"^a2 BAD invalid command\r\n$")
+        client.send(b"a3 AUTHENTICATE PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^a3 BAD invalid command\r\n$")
+        client.send("a4 AUTHENTICATE PLAIN")            # no "+ " prompt either
+        client.expect(rb"^a4 BAD invalid command\r\n$")
+        client.send("a5 STARTTLS")
+        client.expect(rb"^a5 OK completed\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("a6 CAPABILITY")
+        self.assertEqual(client.read_line(), TLS_IMAP_CAPABILITY)
+        client.expect(rb"^a6 OK completed\r\n$")
+        client.send("a7 STARTTLS")
+        client.expect(rb"^a7 BAD invalid command\r\n$")
+        client.send(b"a8 AUTHENTICATE PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^a8 OK LOGIN completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]), b"a8 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+
+    def test_imaplib_starttls(self):
+        for mode in ("on", "only"):
+            with self.subTest(starttls=mode):
+                backend = self.use(TlsFakeImapBackend())
+                proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls=mode)
+                imap = TlsImap4("127.0.0.1", proxy.port)
+                self.addCleanup(tls_quietly, imap.shutdown)
+                self.assertIn("STARTTLS", imap.capabilities)
+                self.assertEqual(imap.starttls(ssl_context=self.tls_client_context())[0], "OK")
+                self.assertEqual(imap.capabilities, ("IMAP4", "IMAP4REV1", "UIDPLUS", "AUTH=PLAIN"))
+                self.assertEqual(imap.login("alice", "secret"), ("OK", [b"LOGIN completed"]))
+                self.assertEqual(imap.noop(), ("OK", [b"NOOP completed"]))
+                self.assertEqual(imap.logout()[0], "BYE")
+                self.assertRegex(bytes(backend.received[0]), TLS_IMAP_LOGIN_RE)
+
+    # -- POP3 ------------------------------------------------------------------
+    def test_pop3_stls_on(self):
+        backend = self.use(TlsFakePop3Backend())
+        proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("CAPA")
+        self.assertEqual(self.read_capa(client), TLS_POP3_CAPA[:-3] + b"STLS\r\n.\r\n")
+        client.send("STLS")
+        client.expect(rb"^\+OK\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("CAPA")
+        self.assertEqual(self.read_capa(client), TLS_POP3_CAPA)
+        client.send("STLS")
+        client.expect(rb"^-ERR invalid command\r\n$")
+        self.pop3_login_after_greeting(client)
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_pop3_stls_only(self):
+        backend = self.use(TlsFakePop3Backend())
+        proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="only",
+                               pop3_auth="plain apop")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\+OK POP3 ready <[0-9]+\.[0-9]+@mail\.test>\r\n$")
+        client.send("CAPA")
+        self.assertEqual(self.read_capa(client),
+                         b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nSTLS\r\n.\r\n")
+        for command in ("USER alice", "AUTH PLAIN " + TLS_PLAIN_ALICE.decode(), "AUTH",
+                        "APOP alice 0123456789abcdef0123456789abcdef"):
+            client.send(command)
+            client.expect(rb"^-ERR invalid command\r\n$")
+        client.send("STLS")
+        client.expect(rb"^\+OK\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("CAPA")
+        self.assertEqual(self.read_capa(client), TLS_POP3_CAPA)
+        client.send("STLS")
+        client.expect(rb"^-ERR invalid command\r\n$")
+        self.pop3_login_after_greeting(client)
+
+    def pop3_login_after_greeting(self, client: TlsClient) -> None:
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+
+    def test_poplib_stls(self):
+        for mode in ("on", "only"):
+            with self.subTest(starttls=mode):
+                backend = self.use(TlsFakePop3Backend())
+                proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls=mode)
+                pop = poplib.POP3("127.0.0.1", proxy.port, timeout=TLS_CLIENT_TIMEOUT)
+                self.addCleanup(tls_quietly, pop.close)
+                self.assertEqual(pop.stls(context=self.tls_client_context()), b"+OK")
+                self.assertNotIn("STLS", pop.capa())
+                self.assertEqual(pop.user("alice"), b"+OK")
+                self.assertEqual(pop.pass_("secret"), b"+OK alice has 1 message")
+                self.assertEqual(pop.stat(), (1, 7))
+                self.assertEqual(pop.quit(), b"+OK bye")
+                self.assertTrue(bytes(backend.received[0]).startswith(POP3_LOGIN_ON_THE_WIRE))
+
+    # -- SMTP ------------------------------------------------------------------
+    def test_smtp_starttls_on(self):
+        backend = self.use(TlsFakeSmtpBackend())
+        proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
+        client.send("EHLO client.test")
+        self.assertEqual(client.reply(), b"250-mail.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
+        client.send("STARTTLS")
+        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("EHLO client.test")
+        self.assertEqual(client.reply(), TLS_SMTP_EHLO)
+        client.send("STARTTLS")
+        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+        self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
+                         b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n"
+                         b"EHLO client.test\r\n")
+
+    def test_smtp_starttls_only(self):
+        backend = self.use(TlsFakeSmtpBackend())
+        proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="only")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
+        client.send("EHLO client.test")
+        self.assertEqual(client.reply(), b"250-mail.test\r\n250 STARTTLS\r\n")
+        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.send("AUTH LOGIN")
+        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.send("STARTTLS")
+        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("EHLO client.test")
+        self.assertEqual(client.reply(), TLS_SMTP_EHLO)
+        client.send("STARTTLS")
+        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+
+    def test_smtplib_starttls(self):
+        for mode in ("on", "only"):
+            with self.subTest(starttls=mode):
+                backend = self.use(TlsFakeSmtpBackend())
+                proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls=mode)
+                smtp = smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test",
+                                    timeout=TLS_CLIENT_TIMEOUT)
+                self.addCleanup(tls_quietly, smtp.close)
+                self.assertEqual(smtp.starttls(context=self.tls_client_context())[0], 220)
+                self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH PLAIN LOGIN"))
+                self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))
+                smtp.sendmail("alice@example.com", ["bob@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
+                self.assertEqual(smtp.quit()[0], 221)
+                self.assertEqual(backend.messages, [b"Subject: hi\r\n\r\nhi\r\n"])
+
+
+# ########################################################################## #
+#                  End to end: commands injected before TLS                  #
+# ########################################################################## #
+
+class TlsEndToEndInjectionTests(TlsEndToEndCase):
+    """CVE-2011-0411 / CVE-2014-3556: a man in the middle appends a command
+    to the client's STARTTLS, in the same packet.  It is plaintext, so it
+    must be thrown away, never answered (the next reply after the handshake
+    is the NOOP's) and never acted on (no backend login)."""
+
+    def test_imap_login_after_starttls(self):
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n")
+        client.expect(rb"^a1 OK completed\r\n$")
+        client.start_tls(self.tls_client_context())    # fails if a2 got a plaintext reply
+        client.send("a3 NOOP")
+        client.expect(rb"^a3 OK completed\r\n$")
+        self.assertEqual(backend.received, [], "the injected LOGIN reached the backend")
+        client.send("a4 LOGIN alice secret")
+        client.expect(rb"^a4 OK LOGIN completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]), b"a4 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+
+    def test_pop3_user_after_stls(self):
+        backend = self.use(TlsFakePop3Backend())
+        proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send(b"STLS\r\nUSER alice\r\n")
+        client.expect(rb"^\+OK\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("NOOP")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS secret")                      # the USER was forgotten
+        client.expect(rb"^-ERR invalid command\r\n$")
+        self.assertEqual(backend.received, [])
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_smtp_mail_after_starttls(self):
+        backend = self.use(TlsFakeSmtpBackend())
+        proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="on",
+                               smtp_auth="none", smtp_relay_domains="example.com")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
+        client.send(b"STARTTLS\r\nMAIL FROM:<x@y>\r\n")
+        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("NOOP")
+        client.expect(rb"^250 2\.0\.0 OK\r\n$")
+        client.send("RCPT TO:<bob@example.com>")        # the MAIL was forgotten
+        client.expect(rb"^503 5\.5\.1 Bad sequence of commands\r\n$")
+        self.assertEqual(backend.received, [])
+        client.send("EHLO client.test")
+        client.reply()
+        client.send("MAIL FROM:<alice@example.com>")
+        client.expect(rb"^250 2\.0\.0 OK\r\n$")
+        client.send("RCPT TO:<bob@example.com>")
+        client.expect(rb"^250 2\.1\.5 Ok\r\n$")         # the backend's, relayed
+        self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
+                         b"XCLIENT ADDR=127.0.0.1 NAME=[UNAVAILABLE]\r\n"
+                         b"EHLO client.test\r\nMAIL FROM:<alice@example.com>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\n")
+
+    def test_smtp_auth_after_starttls(self):
+        backend = self.use(TlsFakeSmtpBackend())
+        proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
+        client.send(b"EHLO client.test\r\nSTARTTLS\r\nAUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.reply()
+        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.start_tls(self.tls_client_context())
+        client.send("NOOP")
+        client.expect(rb"^250 2\.0\.0 OK\r\n$")
+        self.assertEqual(backend.received, [], "the injected AUTH reached the backend")
+        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+        # RFC 3207 §4.2: the EHLO before TLS is forgotten, so none is replayed.
+        self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
+                         b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n")
+
+
+# ########################################################################## #
+#                      End to end: client certificates                       #
+# ########################################################################## #
+
+class TlsEndToEndClientCertificateTests(TlsEndToEndCase):
+    """ssl_verify_client, ssl_client_certificate and ssl_crl.  A certificate
+    that fails verification ends the handshake (Python's ssl module cannot
+    let it through to answer "SSL certificate error" as nginx does); a
+    missing one gets the protocol's line, as nginx."""
+
+    def verifying_proxy(self, protocol: str, backend_port: int, mode: str = "on", **mail):
+        return self.tls_proxy(protocol, backend_port, ssl_verify_client=mode,
+                              ssl_client_certificate=self.tls_path("ca.crt"), **mail)
+
+    def test_no_certificate_gets_the_protocols_line_and_is_closed(self):
+        for protocol, line in (("imap", b"* BYE No required SSL certificate\r\n"),
+                               ("pop3", b"-ERR No required SSL certificate\r\n"),
+                               ("smtp", b"421 4.7.1 No required SSL certificate\r\n")):
+            with self.subTest(protocol=protocol):
+                proxy = self.verifying_proxy(protocol, free_port())
+                client = self.tls_connect(proxy)
+                self.assertEqual(client.read_line(), line)
+                client.expect_closed()
+                proxy.wait_for_log(r"\[info\] .*\*1 client sent no required SSL certificate "
+                                   r"while SSL handshaking")
+                proxy.wait_for_log(r"\*1 session done: no client certificate")
+
+    def test_no_certificate_after_starttls(self):
+        proxy = self.verifying_proxy("imap", free_port(), listens=("",), starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 STARTTLS")
+        client.expect(rb"^a1 OK completed\r\n$")
+        client.start_tls(self.tls_client_context())
+        self.assertEqual(client.read_line(), b"* BYE No required SSL certificate\r\n")
+        client.expect_closed()
+
+    def test_a_valid_certificate_gets_the_greeting(self):
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.verifying_proxy("imap", backend.port, ssl_crl=self.tls_path("ca.crl"))
+        client = self.tls_connect(proxy, certificate="client")
+        self.imap_login(client)
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_refused_certificates_end_the_handshake(self):
+        proxy = self.verifying_proxy("imap", free_port(), ssl_crl=self.tls_path("ca.crl"))
+        cases = (("wrongclient", "TLSV1_ALERT_UNKNOWN_CA", r"20:unable to get local issuer certificate"),
+                 ("expired", "SSLV3_ALERT_CERTIFICATE_EXPIRED", r"10:certificate has expired"),
+                 ("revoked", "SSLV3_ALERT_CERTIFICATE_REVOKED", r"23:certificate revoked"))
+        for number, (certificate, alert, reason) in enumerate(cases, 1):
+            with self.subTest(certificate=certificate):
+                error = self.tls_refused(proxy.port, self.tls_client_context(certificate))
+                self.assertEqual(error.reason, alert)
+                proxy.wait_for_log(r"\[info\] .*\*%d certificate verify error: \(%s\) while SSL "
+                                   r"handshaking, client: 127\.0\.0\.1, " % (number, reason))
+                proxy.wait_for_log(r"\*%d session done: client TLS error" % number)
+        client = self.tls_connect(proxy, certificate="client")   # and the proxy goes on
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        proxy.assert_alive()
+
+    def test_optional_without_a_certificate_gets_the_greeting(self):
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.verifying_proxy("imap", backend.port, mode="optional")
+        self.imap_login(self.tls_connect(proxy))
+        error = self.tls_refused(proxy.port, self.tls_client_context("expired"))
+        self.assertEqual(error.reason, "SSLV3_ALERT_CERTIFICATE_EXPIRED")
+
+
+# ########################################################################## #
+#                          End to end: AUTH EXTERNAL                         #
+# ########################################################################## #
+
+TLS_EXTERNAL_USERS = {"alice": "{PLAIN}secret", "alice@example.com": "{PLAIN}secret",
+                      "bob": "{PLAIN}secret"}
+TLS_EXTERNAL_LOGINS = ((b"alice", b"secret"), (b"alice@example.com", b"secret"), (b"bob", b"secret"))
+
+
+class TlsEndToEndExternalTests(TlsEndToEndCase):
+    """AUTHENTICATE EXTERNAL / AUTH EXTERNAL with the built-in table: the
+    login must be one the verified client certificate shows (CN alice,
+    emailAddress alice@example.com); "=" means the certificate's first; the
+    backend is logged in to with the table's {PLAIN} password."""
+
+    def external_proxy(self, protocol: str, backend_port: int, **mail):
+        return self.tls_proxy(protocol, backend_port, users=TLS_EXTERNAL_USERS,
+                              ssl_verify_client="optional",
+                              ssl_client_certificate=self.tls_path("ca.crt"), **mail)
+
+    def test_imap_identity_from_the_certificate(self):
+        backend = self.use(TlsFakeImapBackend(logins=TLS_EXTERNAL_LOGINS))
+        proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
+        client = self.tls_connect(proxy, certificate="client")
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 CAPABILITY")
+        self.assertEqual(client.read_line(),
+                         b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN AUTH=EXTERNAL\r\n")
+        client.expect(rb"^a1 OK completed\r\n$")
+        client.send("a2 AUTHENTICATE EXTERNAL =")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]), b"a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+        proxy.wait_for_log(r'\*1 client logged in .*, login: "alice", ')
+
+    def test_imap_authorization_identity_in_the_certificate(self):
+        backend = self.use(TlsFakeImapBackend(logins=TLS_EXTERNAL_LOGINS))
+        proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
+        client = self.tls_connect(proxy, certificate="client")
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"alice@example.com") + b"\r\n")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"a1 LOGIN {17}\r\nalice@example.com {6}\r\nsecret\r\n")
+        # Without an initial response: nginx's prompt, then the identity.
+        client = self.tls_connect(proxy, certificate="client")
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("b1 AUTHENTICATE EXTERNAL")
+        client.expect(rb"^\+ VXNlcm5hbWU6\r\n$")
+        # The certificate matches case-insensitively, the [users] key does not.
+        client.send(base64.b64encode(b"ALICE@example.com") + b"\r\n")
+        client.expect(rb"^b1 NO Invalid login or password\r\n$")
+        client.send("b2 AUTHENTICATE EXTERNAL")
+        client.expect(rb"^\+ VXNlcm5hbWU6\r\n$")
+        client.send("=")
+        client.expect(rb"^b2 OK LOGIN completed\r\n$")
+        self.assertEqual(bytes(backend.received[1]), b"b2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+
+    def test_imap_login_not_in_the_certificate_is_refused(self):
+        backend = self.use(TlsFakeImapBackend(logins=TLS_EXTERNAL_LOGINS))
+        proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
+        client = self.tls_connect(proxy, certificate="client")
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"bob") + b"\r\n")
+        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        proxy.wait_for_log(r'\[info\] .*client login failed: "EXTERNAL login does not match the '
+                           r'client certificate"')
+        client.send("a2 NOOP")                          # the session goes on
+        client.expect(rb"^a2 OK completed\r\n$")
+        self.assertEqual(backend.received, [])
+
+    def test_imap_without_a_certificate_is_refused(self):
+        backend = self.use(TlsFakeImapBackend(logins=TLS_EXTERNAL_LOGINS))
+        proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
+        client = self.tls_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE EXTERNAL =")
+        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        client.send(b"a2 AUTHENTICATE EXTERNAL " + base64.b64encode(b"alice") + b"\r\n")
+        client.expect(rb"^a2 NO Invalid login or password\r\n$")
+        proxy.wait_for_log(r'client login failed: "EXTERNAL without a verified client certificate"')
+        self.assertEqual(backend.received, [])
+
+    def test_smtp_external(self):
+        backend = self.use(TlsFakeSmtpBackend())
+        proxy = self.external_proxy("smtp", backend.port, smtp_auth="plain external")
+        client = self.tls_connect(proxy, certificate="client")
+        client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
+        client.send("EHLO client.test")
+        self.assertEqual(client.reply(), b"250-mail.test\r\n250 AUTH PLAIN EXTERNAL\r\n")
+        client.send(b"AUTH EXTERNAL " + base64.b64encode(b"bob") + b"\r\n")
+        client.expect(rb"^535 5\.7\.0 Invalid login or password\r\n$")
+        client.send(b"AUTH EXTERNAL " + base64.b64encode(b"alice@example.com") + b"\r\n")
+        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+        self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
+                         b"XCLIENT ADDR=127.0.0.1 LOGIN=alice@example.com NAME=[UNAVAILABLE]\r\n"
+                         b"EHLO client.test\r\n")
+
+
+# ########################################################################## #
+#                          End to end: SNI and ALPN                          #
+# ########################################################################## #
+
+class TlsEndToEndSniTests(TlsEndToEndCase):
+    """Extension ssl_sni_certificate: the certificate by the name asked for."""
+
+    def common_name(self, proxy, hostname: str) -> str:
+        client = self.tls_connect(proxy, hostname=hostname)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        subject = client.sock.getpeercert()["subject"]
+        return dict(pair for rdn in subject for pair in rdn)["commonName"]
+
+    def test_the_name_chooses_the_certificate(self):
+        proxy = self.tls_proxy("imap", free_port(), ssl_sni_certificate="mail.example.net %s %s" % (
+            self.tls_path("other.crt"), self.tls_path("other.key")))
+        self.assertEqual(self.common_name(proxy, "mail.example.net"), "mail.example.net")
+        self.assertEqual(self.common_name(proxy, "mail.example.com"), "mail.example.com")
+        self.assertEqual(self.common_name(proxy, "mail.example.org"), "mail.example.com")
+        self.assertEqual(self.common_name(proxy, "localhost"), "mail.example.com")
+        self.assertEqual(self.common_name(proxy, "MAIL.Example.NET"), "mail.example.net")
+
+    def test_a_wildcard_entry(self):
+        proxy = self.tls_proxy("imap", free_port(), ssl_sni_certificate="*.example.net %s %s" % (
+            self.tls_path("other.crt"), self.tls_path("other.key")))
+        self.assertEqual(self.common_name(proxy, "mail.example.net"), "mail.example.net")
+        self.assertEqual(self.common_name(proxy, "mail.example.com"), "mail.example.com")
+
+
+class TlsEndToEndAlpnTests(TlsEndToEndCase):
+    """nginx 1.21.4: a client offering ALPN without the server's protocol
+    gets a fatal no_application_protocol alert; no ALPN at all is fine."""
+
+    def test_alpn_without_the_protocol_is_refused(self):
+        proxy = self.tls_proxy("imap", free_port())
+        error = self.tls_refused(proxy.port, self.tls_client_context(alpn=["http/1.1"]))
+        self.assertIn("no application protocol", str(error))
+        proxy.wait_for_log(r'\[info\] .*\*1 client offered ALPN http/1\.1 without "imap" '
+                           r"while SSL handshaking")
+        error = self.tls_refused(proxy.port, self.tls_client_context(alpn=["pop3", "smtp"]))
+        self.assertIn("no application protocol", str(error))
+
+    def test_alpn_in_a_fragmented_client_hello_is_refused(self):
+        """A ClientHello may span several TLS records (RFC 8446 §5.1);
+        nginx's rule sees the whole message (OpenSSL's ALPN callback)."""
+        proxy = self.tls_proxy("imap", free_port())
+        outgoing = ssl.MemoryBIO()
+        tls = self.tls_client_context(alpn=["http/1.1"]).wrap_bio(
+            ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+        with self.assertRaises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+        header, body = hello[:3], hello[5:]
+        for at in (len(body), 60):                     # whole, and split after 60 bytes
+            records = b"".join(header + len(part).to_bytes(2, "big") + part
+                               for part in (body[:at], body[at:]) if part)
+            with self.subTest(first_record=at):
+                client = self.plain_connect(proxy)
+                client.send(records)
+                self.assertEqual(client.read_exactly(7), mp.TLS_ALERT_NO_APPLICATION_PROTOCOL,
+                                 "no fatal no_application_protocol alert (a ServerHello is 16 03 03)")
+
+    def test_alpn_with_the_protocol_or_none_is_accepted(self):
+        proxy = self.tls_proxy("imap", free_port())
+        for alpn, selected in ((["imap"], "imap"), (["http/1.1", "imap"], "imap"), (None, None)):
+            with self.subTest(alpn=alpn):
+                client = self.tls_connect(proxy, context=self.tls_client_context(alpn=alpn))
+                client.expect(rb"^\* OK IMAP4 ready\r\n$")
+                self.assertEqual(client.sock.selected_alpn_protocol(), selected)
+
+    def test_alpn_follows_the_servers_protocol(self):
+        proxy = self.tls_proxy("pop3", free_port())
+        self.tls_refused(proxy.port, self.tls_client_context(alpn=["imap"]))
+        client = self.tls_connect(proxy, context=self.tls_client_context(alpn=["pop3"]))
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+
+
+class TlsEndToEndSettingsTests(TlsEndToEndCase):
+    def test_ssl_protocols(self):
+        for protocols, client_maximum, version in (("TLSv1.3", ssl.TLSVersion.TLSv1_2, None),
+                                                   ("TLSv1.3", ssl.TLSVersion.TLSv1_3, "TLSv1.3"),
+                                                   ("TLSv1.2", ssl.TLSVersion.TLSv1_3, "TLSv1.2")):
+            with self.subTest(ssl_protocols=protocols, client_maximum=client_maximum):
+                proxy = self.tls_proxy("imap", free_port(), ssl_protocols=protocols)
+                context = self.tls_client_context()
+                context.maximum_version = client_maximum
+                if version is None:
+                    self.tls_refused(proxy.port, context)
+                    proxy.wait_for_log(r"\[info\] .*\*1 SSL handshake failed \(\w+\) "
+                                       r"while SSL handshaking")
+                    continue
+                client = self.tls_connect(proxy, context=context)
+                client.expect(rb"^\* OK IMAP4 ready\r\n$")
+                self.assertEqual(client.sock.version(), version)
+
+    def test_a_resumed_session_keeps_the_client_certificate(self):
+        """A TLS 1.3 ticket resumes the session; EXTERNAL still sees alice's
+        certificate (and ssl_verify_client = on is still satisfied)."""
+        backend = self.use(TlsFakeImapBackend(logins=TLS_EXTERNAL_LOGINS))
+        proxy = self.tls_proxy("imap", backend.port, users=TLS_EXTERNAL_USERS, ssl_verify_client="on",
+                               ssl_client_certificate=self.tls_path("ca.crt"),
+                               imap_auth="plain external")
+        context = self.tls_client_context("client")
+        first = self.tls_connect(proxy, context=context)
+        first.expect(rb"^\* OK IMAP4 ready\r\n$")          # the ticket came with the greeting
+        session = first.sock.session
+        self.assertTrue(session.has_ticket)
+        first.close()
+        client = self.plain_connect(proxy)
+        client.start_tls(context, session=session)
+        self.assertTrue(client.sock.session_reused)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE EXTERNAL =")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]), b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+
+
+# ########################################################################## #
+#                        End to end: TLS to the backend                      #
+# ########################################################################## #
+
+class TlsEndToEndBackendTests(TlsEndToEndCase):
+    """Extensions proxy_ssl (implicit TLS) and proxy_starttls, with
+    proxy_ssl_trusted_certificate, proxy_ssl_name and proxy_ssl_verify.
+    The fake backends can only read what came through their handshake."""
+
+    def backend_proxy(self, protocol: str, backend_port: int, listens=("",), **mail):
+        mail.setdefault("proxy_ssl_trusted_certificate", self.tls_path("ca.crt"))
+        return self.tls_proxy(protocol, backend_port, listens=listens, **mail)
+
+    def test_proxy_ssl(self):
+        for name in ("localhost", "mail.example.org", None):   # None: proxy_pass's 127.0.0.1
+            with self.subTest(proxy_ssl_name=name):
+                backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context()))
+                names = {"proxy_ssl_name": name} if name else {}
+                proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on", **names)
+                client = self.plain_connect(proxy)
+                self.imap_login(client)
+                client.send("a2 NOOP")
+                client.expect(rb"^a2 OK NOOP completed\r\n$")
+                self.assertEqual(backend.clear, [b""])
+                self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE + b"a2 NOOP\r\n")
+
+    def assertUpstreamTlsFails(self, reason: str, **mail) -> None:
+        backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context()))
+        proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on", **mail)
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'\[error\] .*\*1 upstream certificate verify error: \(%s\) while SSL '
+                           r'handshaking to upstream, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
+                           r'login: "alice", upstream: 127\.0\.0\.1:%d'
+                           % (reason, proxy.port, backend.port))
+        wait_until(lambda: backend.tls_errors, what="the backend's side of the failed handshake")
+        self.assertEqual(backend.clear, [b""])          # not a byte of the login in clear
+
+    def test_relay_with_tls_on_both_sides(self):
+        """2 MB each way, TLS to the client and to the backend."""
+        message = message_bytes(2 * MEGABYTE)
+        backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context(), message=message))
+        proxy = self.backend_proxy("imap", backend.port, listens=("ssl",), proxy_ssl="on")
+        client = self.tls_connect(proxy)
+        self.imap_login(client)
+        client.send("a2 FETCH 1 BODY[]")
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{%d\}\r\n$" % len(message))
+        self.assertSameBytes(client.read_exactly(len(message)), message, "FETCH over two TLS legs")
+        client.expect(rb"^\)\r\n$")
+        client.expect(rb"^a2 OK FETCH completed\r\n$")
+        client.send(b"a3 APPEND INBOX {%d}\r\n" % len(message))
+        client.expect(rb"^\+ Ready for literal data\r\n$")
+        client.send(message + b"\r\n")
+        client.expect(rb"^a3 OK APPEND completed, sha256 " + sha256_hex(message).encode() + rb"\r\n$")
+
+    def test_proxy_ssl_wrong_name(self):
+        self.assertUpstreamTlsFails(r"62:Hostname mismatch[^)]*", proxy_ssl_name="wrong.example")
+
+    def test_proxy_ssl_untrusted_certificate(self):
+        self.assertUpstreamTlsFails(r"20:unable to get local issuer certificate",
+                                    proxy_ssl_trusted_certificate=self.tls_path("wrongca.crt"))
+
+    def test_proxy_ssl_verify_off_takes_any_certificate(self):
+        backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context()))
+        proxy = self.tls_proxy("imap", backend.port, listens=("",), proxy_ssl="on",
+                               proxy_ssl_verify="off", proxy_ssl_name="wrong.example")
+        self.imap_login(self.plain_connect(proxy))
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_proxy_ssl_to_a_plaintext_backend(self):
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] .*\*1 upstream SSL handshake failed \(WRONG_VERSION_NUMBER\) "
+                           r"while SSL handshaking to upstream, .*upstream: 127\.0\.0\.1:%d"
+                           % backend.port)
+        self.assertNotIn(b"secret", bytes(backend.received[0]))
+
+    def test_proxy_starttls_refused_by_the_backend_sends_no_login(self):
+        """No downgrade: a backend without STARTTLS never sees the password."""
+        backend = self.use(TlsFakeImapBackend())         # answers "S1 BAD unknown command"
+        proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on")
+        client = self.plain_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'\[error\] .*\*1 upstream sent invalid response: "S1 BAD unknown command"')
+        self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\n")
+
+    def test_proxy_starttls_imap(self):
+        backend = self.use(TlsFakeImapBackend("starttls", self.tls_server_context()))
+        proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on",
+                                   proxy_ssl_name="localhost")
+        client = self.plain_connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(backend.clear, [b"S1 STARTTLS\r\n"])
+        self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\n" + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_proxy_starttls_drops_what_the_backend_said_in_clear_after_its_yes(self):
+        """The backend-side mirror of CVE-2011-0411: a reply injected after
+        the STARTTLS yes must not be read as the answer to the login."""
+        backend = self.use(TlsFakeImapBackend("starttls", self.tls_server_context(),
+                                              inject=b"a1 OK LOGIN completed (injected)\r\n"))
+        proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on",
+                                   proxy_ssl_name="localhost")
+        client = self.plain_connect(proxy)
+        self.imap_login(client)                          # "a1 OK LOGIN completed", not "(injected)"
+        self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\n" + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_proxy_starttls_pop3(self):
+        backend = self.use(TlsFakePop3Backend("starttls", self.tls_server_context()))
+        proxy = self.backend_proxy("pop3", backend.port, proxy_starttls="on")   # name: 127.0.0.1
+        self.pop3_login(self.plain_connect(proxy))
+        self.assertEqual(backend.clear, [b"STLS\r\n"])
+        self.assertEqual(bytes(backend.received[0]), b"STLS\r\n" + POP3_LOGIN_ON_THE_WIRE)
+
+    def test_proxy_starttls_smtp(self):
+        backend = self.use(TlsFakeSmtpBackend("starttls", self.tls_server_context()))
+        proxy = self.backend_proxy("smtp", backend.port, proxy_starttls="on",
+                                   proxy_ssl_name="localhost")
+        smtp = smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test",
+                            timeout=TLS_CLIENT_TIMEOUT)
+        self.addCleanup(tls_quietly, smtp.close)
+        self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))
+        smtp.sendmail("alice@example.com", ["bob@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
+        self.assertEqual(smtp.quit()[0], 221)
+        self.assertEqual(backend.clear, [b"EHLO mail.test\r\nSTARTTLS\r\n"])
+        self.assertEqual(backend.lines(False), b"EHLO mail.test\r\nSTARTTLS\r\n")
+        self.assertEqual(backend.lines(True), b"EHLO mail.test\r\n"
+                         b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n"
+                         b"EHLO client.test\r\nmail FROM:<alice@example.com>\r\n"
+                         b"rcpt TO:<bob@example.com>\r\ndata\r\nquit\r\n")
+        self.assertEqual(backend.messages, [b"Subject: hi\r\n\r\nhi\r\n"])
+
+    def test_proxy_ssl_verify_off_warns_at_start(self):
+        """The real program: the warning comes before "started"."""
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = write_file(directory.name, "mailproxy.conf", tls_config(
+            "imap", free_port(), listens=("",), proxy_ssl="on", proxy_ssl_verify="off"))
+        program = TlsProgram(self, path)
+        self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
+        self.assertRegex(program.stderr, r"\[warn\] \d+#0: proxy_ssl_verify is off in \[server imap\]: "
+                                         r"the backend's certificate is not checked")
+
+
+class TlsProgram:
+    """``mailproxy.py -c FILE`` as a subprocess; a thread collects stderr."""
+
+    def __init__(self, test, path: str):
+        self.process = subprocess.Popen([sys.executable, MAILPROXY, "-c", path],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        self.lines = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        test.addCleanup(self.stop)
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line.decode("utf-8", "replace"))
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            if time.monotonic() > deadline or (self.process.poll() is not None and
+                                               not self.reader.is_alive()):
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.reader.join(2)
+        self.process.stderr.close()
+
+
+class TlsEndToEndReloadTests(TlsEndToEndCase):
+    def test_sighup_picks_up_a_renewed_certificate(self):
+        """A certificate renewed in place (same file names) is served to new
+        clients after SIGHUP, as nginx does on reload."""
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        certificate = write_file(directory.name, "current.crt", TLS_SERVER_CERT_PEM)
+        key = write_file(directory.name, "current.key", TLS_SERVER_KEY_PEM)
+        text = tls_config("imap", free_port(), ssl_certificate=certificate, ssl_certificate_key=key)
+        path = write_file(directory.name, "mailproxy.conf", text)
+        port = int(re.search(r"listen = 127\.0\.0\.1:(\d+)", text).group(1))
+        program = TlsProgram(self, path)
+        self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
+
+        def served(hostname: str) -> str:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
+            with self.tls_client_context().wrap_socket(sock, server_hostname=hostname) as tls:
+                subject = dict(pair for rdn in tls.getpeercert()["subject"] for pair in rdn)
+                self.assertEqual(tls.recv(100), b"* OK IMAP4 ready\r\n")
+                return subject["commonName"]
+
+        self.assertEqual(served("mail.example.com"), "mail.example.com")
+        write_file(directory.name, "current.crt", TLS_OTHER_CERT_PEM)
+        write_file(directory.name, "current.key", TLS_OTHER_KEY_PEM)
+        program.process.send_signal(signal.SIGHUP)
+        self.assertTrue(program.wait_for("configuration reloaded"), program.stderr)
+        self.assertEqual(served("mail.example.net"), "mail.example.net")
+
+
+# ########################################################################## #
+#                         End to end: bad TLS input                          #
+# ########################################################################## #
+
+class TlsEndToEndBadInputTests(TlsEndToEndCase):
+    """Each ends its own session with an info line; the proxy goes on (a
+    second session on the same proxy logs in)."""
+
+    def proxy(self, **mail):
+        """Port 0: TLS; port 1: plain IMAP."""
+        self.backend = self.use(TlsFakeImapBackend())
+        return self.tls_proxy("imap", self.backend.port, listens=("ssl", ""), **mail)
+
+    def assertStillServes(self, proxy) -> None:
+        self.imap_login(self.tls_connect(proxy))
+        proxy.assert_alive()
+
+    def test_plaintext_on_the_tls_port(self):
+        proxy = self.proxy(timeout="5s")
+        client = self.plain_connect(proxy)
+        started = time.monotonic()
+        client.send("a1 LOGIN alice secret")
+        # OpenSSL refuses a record that is not TLS at once (nginx logs "wrong
+        # version number" and closes); the client must not hold the session
+        # until ``timeout``.
+        client.timeout = 1.5
+        try:
+            data = client.read_until_closed()
+        except AssertionError:
+            data = None
+        elapsed = time.monotonic() - started
+        self.assertStillServes(proxy)
+        self.assertIsNotNone(data, "plaintext on the TLS port: the session was still open "
+                                   "after %.1fs (timeout is 5s)" % elapsed)
+        self.assertTrue(data == b"" or data.startswith(b"\x15\x03"), data)   # nothing, or an alert
+        proxy.wait_for_log(r"\[info\] .*\*1 SSL handshake failed \(\w+\) while SSL handshaking")
+
+    def test_client_hello_on_the_plain_port(self):
+        proxy = self.proxy()
+        client = self.plain_connect(proxy, proxy.ports[1])
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(tls_client_hello())
+        client.sock.shutdown(socket.SHUT_WR)
+        lines = client.read_until_closed().splitlines(True)
+        self.assertTrue(1 <= len(lines) <= 5, lines)                 # max_errors = 5
+        for line in lines:
+            self.assertRegex(line, rb"^\S+ BAD invalid command\r\n$")
+        proxy.wait_for_log(r"\*1 session done: client "
+                           r"(sent too many invalid commands|closed connection)")
+        self.assertStillServes(proxy)
+
+    def test_stalled_handshake_times_out(self):
+        proxy = self.proxy(timeout="1s")
+        silent = self.plain_connect(proxy)
+        halfway = self.plain_connect(proxy)
+        started = time.monotonic()
+        halfway.send(tls_client_hello()[:40])
+        self.assertEqual(silent.read_until_closed(), b"")
+        self.assertEqual(halfway.read_until_closed(), b"")
+        elapsed = time.monotonic() - started
+        self.assertTrue(0.8 < elapsed < 2.5, elapsed)
+        proxy.wait_for_log(r"\[info\] .*\*1 client timed out while SSL handshaking")
+        proxy.wait_for_log(r"\[info\] .*\*2 client timed out while SSL handshaking")
+        self.assertStillServes(proxy)
+
+    def test_garbage_records_after_the_handshake(self):
+        proxy = self.proxy()
+        client = self.tls_connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send_raw(b"\x17\x03\x03\x00\x20" + bytes(range(32)))  # application data, bad MAC
+        with self.assertRaises(ssl.SSLError) as caught:
+            client.read_until_closed()
+        self.assertEqual(caught.exception.reason, "SSLV3_ALERT_BAD_RECORD_MAC")
+        proxy.wait_for_log(r"\[info\] .*\*1 .*BAD_RECORD_MAC.* while in auth state")
+        proxy.wait_for_log(r"\*1 session done: client TLS error")
+        self.assertStillServes(proxy)
+
+    def test_client_vanishes_mid_client_hello(self):
+        """Half a ClientHello, then FIN.  (Python 3.8's ssl module reports
+        this EOF as SSLZeroReturnError, later ones as SSLEOFError: the log
+        line must be the same.)"""
+        proxy = self.proxy()
+        hello = tls_client_hello()
+        client = self.plain_connect(proxy)
+        client.send(hello[:len(hello) // 2])
+        client.close()
+        proxy.wait_for_log(r"\*1 session done: client TLS error")
+        self.assertRegex(proxy.log, r"\[info\] .*\*1 peer closed connection in SSL handshake "
+                                    r"while SSL handshaking")
+        self.assertStillServes(proxy)
+
+    def test_client_resets_mid_handshake(self):
+        """A whole ClientHello, the server's first record read, then RST."""
+        proxy = self.proxy()
+        client = self.plain_connect(proxy)
+        client.send(tls_client_hello())
+        self.assertEqual(client.read_exactly(1), b"\x16")               # the ServerHello's record
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        proxy.wait_for_log(r"\[info\] .*\*1 client connection error \(104: Connection reset by peer\) "
+                           r"while SSL handshaking")
+        proxy.wait_for_log(r"\*1 session done: client connection error")
+        self.assertStillServes(proxy)
+
+
+# ########################################################################## #
+#                       -t: the TLS parts of a configuration                 #
+# ########################################################################## #
+
+class TlsEndToEndConfigCheckTests(TlsEndToEndCase):
+    """What load_and_prepare (and so -t and the start-up) refuses."""
+
+    def path(self, listens=("ssl",), **mail) -> str:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        return write_file(directory.name, "mailproxy.conf", tls_config("imap", 1143, listens, **mail))
+
+    def errors(self, listens=("ssl",), **mail) -> str:
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_and_prepare(self.path(listens, **mail))
+        return str(caught.exception)
+
+    def certificate(self, name: str = "server", **more) -> dict:
+        values = dict(ssl_certificate=self.tls_path(name + ".crt"),
+                      ssl_certificate_key=self.tls_path(name + ".key"))
+        values.update(more)
+        return values
+
+    def test_listen_ssl_without_a_certificate(self):
+        path = self.path()
+        done = subprocess.run([sys.executable, MAILPROXY, "-t", "-c", path], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        stderr = done.stderr.decode()
+        self.assertEqual(done.returncode, 1, stderr)
+        self.assertIn('[server imap] ssl_certificate: no "ssl_certificate" is defined for the '
+                      '"listen ... ssl" directive', stderr)
+        self.assertIn("mailproxy: configuration file %s test failed" % path, stderr)
+
+    def test_starttls_without_a_certificate(self):
+        self.assertIn('no "ssl_certificate" is defined for the "starttls" directive',
+                      self.errors(listens=("",), starttls="only"))
+
+    def test_missing_or_unreadable_certificate_files(self):
+        missing = os.path.join(self.tls_directory.name, "missing.crt")
+        self.assertRegex(self.errors(**self.certificate(ssl_certificate=missing)),
+                         r'\[server imap\] cannot load certificate "%s": No such file or directory'
+                         % re.escape(missing))
+        self.assertIn('cannot load certificate "%s": Is a directory' % self.tls_directory.name,
+                      self.errors(**self.certificate(ssl_certificate=self.tls_directory.name)))
+        garbage = write_file(self.tls_directory.name, "garbage.crt", "not a certificate\n")
+        self.assertIn('cannot load certificate "%s" with key "%s"'
+                      % (garbage, self.tls_path("server.key")),
+                      self.errors(**self.certificate(ssl_certificate=garbage)))
+        self.assertIn('cannot load certificate "%s" with key "%s"' % (
+            self.tls_path("server.crt"), self.tls_path("other.key")),
+            self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
+        missing_ca = os.path.join(self.tls_directory.name, "missing-ca.crt")
+        self.assertIn("cannot load the client CA or CRL",
+                      self.errors(**self.certificate(ssl_verify_client="on",
+                                                     ssl_client_certificate=missing_ca)))
+        self.assertIn("cannot load proxy_ssl_trusted_certificate",
+                      self.errors(listens=("",), proxy_ssl="on",
+                                  proxy_ssl_trusted_certificate=missing_ca))
+
+    def test_optional_no_ca_is_refused(self):
+        self.assertIn('ssl_verify_client: "optional_no_ca" cannot be honoured: Python\'s ssl module '
+                      "cannot ask for a client certificate without verifying it",
+                      self.errors(**self.certificate(ssl_verify_client="optional_no_ca")))
+
+    def test_ssl_conf_command(self):
+        self.assertIn('ssl_conf_command: "Foo" cannot be applied through Python\'s ssl module',
+                      self.errors(**self.certificate(ssl_conf_command="Foo bar")))
+        config = mp.load_and_prepare(self.path(**self.certificate(
+            ssl_conf_command="Options -SessionTicket")))
+        self.assertTrue(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
+        config = mp.load_and_prepare(self.path(**self.certificate()))
+        self.assertFalse(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
+
+
 # ########################################################################## #
 #                                  Runner                                    #
 # ########################################################################## #
