@@ -5578,6 +5578,201 @@ class Worker:
 
 
 # ########################################################################## #
+#                           Migration from nginx                             #
+# ########################################################################## #
+# --import-nginx: read nginx.conf (its own syntax: words, quotes, escapes,
+# comments, blocks, include with globs) and print the mail {} block as this
+# program's INI.  Every directive is carried over; one that cannot be is
+# printed as a comment with the reason, so the output passes -t whenever
+# the nginx file was valid.
+
+class NginxBlock(NamedTuple):
+    name: str
+    args: List[str]
+    children: List                 # of NginxBlock; a plain directive has none
+    block: bool
+
+
+def nginx_tokens(text: str, source: str) -> List[Tuple[str, int, bool]]:
+    """(token, line, quoted) of nginx.conf text, as ngx_conf_read_token."""
+    tokens, i, line = [], 0, 1
+    while i < len(text):
+        char = text[i]
+        if char == "\n":
+            line += 1
+        if char.isspace():
+            i += 1
+        elif char == "#":
+            while i < len(text) and text[i] != "\n":
+                i += 1
+        elif char in ";{}":
+            tokens.append((char, line, False))
+            i += 1
+        else:
+            token, i, quoted = _nginx_word(text, i, source, line)
+            line += text.count("\n", i - len(token) - 2 if quoted else i - len(token), i)
+            tokens.append((token, line, quoted))
+    return tokens
+
+
+def _nginx_word(text: str, i: int, source: str, line: int) -> Tuple[str, int, bool]:
+    quote = text[i] if text[i] in "\"'" else None
+    i += 1 if quote else 0
+    out = []
+    while i < len(text):
+        char = text[i]
+        if quote and char == quote:
+            return "".join(out), i + 1, True
+        if not quote and (char.isspace() or char in ";{}"):
+            break
+        if char == "\\" and i + 1 < len(text):
+            following = text[i + 1]
+            out.append(NGINX_ESCAPES.get(following, "\\" + following) if following not in " " else " ")
+            i += 2
+            continue
+        out.append(char)
+        i += 1
+    if quote:
+        raise ValueError_("%s:%d: unexpected end of file, expecting %s" % (source, line, quote))
+    return "".join(out), i, False
+
+
+def parse_nginx(path: str, depth: int = 0) -> List[NginxBlock]:
+    """The directives of an nginx.conf file, with include files read in place."""
+    if depth > 16:
+        raise ValueError_("%s: include nested too deeply" % path)
+    with open(path, encoding="utf-8") as handle:
+        tokens = nginx_tokens(handle.read(), path)
+    base = os.path.dirname(os.path.abspath(path))
+    directives, position = _nginx_block(tokens, 0, path, base, depth)
+    if position != len(tokens):
+        raise ValueError_('%s:%d: unexpected "}"' % (path, tokens[position][1]))
+    return directives
+
+
+def _nginx_block(tokens: List, position: int, path: str, base: str, depth: int):
+    directives, words = [], []
+    while position < len(tokens):
+        token, line, quoted = tokens[position]
+        position += 1
+        if token == "}" and not quoted:
+            return directives, position - 1
+        if token == ";" and not quoted:
+            if not words:
+                continue
+            if words[0] == "include":
+                for name in sorted(glob_files(words[1] if len(words) > 1 else "", base)):
+                    directives += parse_nginx(name, depth + 1)
+            else:
+                directives.append(NginxBlock(words[0], words[1:], [], False))
+            words = []
+        elif token == "{" and not quoted:
+            children, position = _nginx_block(tokens, position, path, base, depth)
+            if position >= len(tokens):
+                raise ValueError_('%s: unexpected end of file, expecting "}"' % path)
+            position += 1
+            directives.append(NginxBlock(words[0] if words else "", words[1:], children, True))
+            words = []
+        else:
+            words.append(token)
+    if words:
+        raise ValueError_('%s: unexpected end of file, expecting ";" or "}"' % path)
+    return directives, position
+
+
+def glob_files(pattern: str, base: str) -> List[str]:
+    import glob
+    pattern = os.path.join(base, pattern)
+    names = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
+    return [name for name in names if os.path.isfile(name)] if glob.has_magic(pattern) else names
+
+
+NGINX_MAIN_DIRECTIVES = ("worker_processes", "worker_rlimit_nofile", "user", "pid",
+                         "error_log", "worker_shutdown_timeout", "master_process")
+PATH_DIRECTIVES = ("pid", "error_log", "access_log")
+
+
+def ini_value(args: List[str]) -> str:
+    """nginx arguments as one INI value: quoted where they hold a space,
+    a quote or a backslash, so split_arguments gives them back."""
+    out = []
+    for arg in args:
+        if arg and not re.search(r"[\s\"'\\]", arg):
+            out.append(arg)
+        else:
+            out.append('"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return " ".join(out)
+
+
+def absolute_args(name: str, args: List[str], base: str) -> List[str]:
+    """nginx resolves relative paths against its configuration directory."""
+    parser = DIRECTIVES[name].parse if name in DIRECTIVES else None
+    if (parser is parse_path or name in PATH_DIRECTIVES) and args and \
+            args[0] not in ("stderr", "off") and not args[0].startswith(("syslog:", "/", "data:")):
+        return [os.path.join(base, args[0])] + args[1:]
+    return args
+
+
+def translate_block(kind: str, directives: List[NginxBlock], base: str) -> List[str]:
+    """INI lines for one section; what cannot be translated becomes a comment."""
+    grouped = {}
+    lines = []
+    for directive in directives:
+        if directive.block:
+            lines.append("# not translated: %s {...}: a block mailproxy does not have" % directive.name)
+            continue
+        args = absolute_args(directive.name, directive.args, base)
+        row = DIRECTIVES.get(directive.name)
+        if row is None or kind not in row.contexts:
+            lines.append("# not translated: %s %s;  (not a mailproxy directive here)"
+                         % (directive.name, ini_value(args)))
+            continue
+        grouped.setdefault(directive.name, []).append(args)
+    for name, occurrences in grouped.items():
+        if not DIRECTIVES[name].multiple:
+            occurrences = occurrences[-1:]               # nginx: last wins, or "is duplicate"
+        value = "\n    ".join(ini_value(args) for args in occurrences)
+        try:
+            parse_directive(kind, name, value, base)
+        except ValueError_ as error:
+            for args in occurrences:
+                lines.append("# not translated: %s %s;  (%s)" % (name, ini_value(args), error))
+            continue
+        lines.append("%s = %s" % (name, value))
+    return lines
+
+
+def import_nginx(path: str) -> str:
+    """The INI equivalent of the mail {} block of an nginx configuration."""
+    top = parse_nginx(path)
+    base = os.path.dirname(os.path.abspath(path))
+    main = [d for d in top if d.name in NGINX_MAIN_DIRECTIVES and not d.block]
+    for events in (d for d in top if d.name == "events" and d.block):
+        main += [d for d in events.children if d.name == "worker_connections"]
+    mails = [d for d in top if d.name == "mail" and d.block]
+    if not mails:
+        raise ValueError_("%s: no mail {} block" % path)
+    skipped = sorted({d.name + (" {}" if d.block else "") for d in top
+                      if d.name not in NGINX_MAIN_DIRECTIVES + ("events", "mail")})
+    out = ["# Made from %s by mailproxy --import-nginx." % os.path.abspath(path)]
+    if skipped:
+        out.append("# Not mail, not translated: %s" % ", ".join(skipped))
+    out += ["", "[main]"]
+    out += translate_block("main", main, base)
+    mail = mails[0]
+    out += ["", "[mail]"]
+    out += translate_block("mail", [d for d in mail.children if d.name != "server"], base)
+    used = set()
+    for number, server in enumerate((d for d in mail.children if d.name == "server" and d.block), 1):
+        names = [d.args[0] for d in server.children if d.name == "server_name" and d.args]
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", names[0]) if names else "%d" % number
+        if name in used:
+            name = "%s-%d" % (name, number)
+        used.add(name)
+        out += ["", "[server %s]" % name] + translate_block("server", server.children, base)
+    return "\n".join(out) + "\n"
+
+# ########################################################################## #
 #                               Command line                                 #
 # ########################################################################## #
 # -c FILE, -t, -v (INTERFACE.md), --hash-password; main() is the last thing in
@@ -5592,6 +5787,7 @@ USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
   --hash-password    read a password on standard input and print a [users]
                      value; SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
                      SHA256-CRYPT or PLAIN
+  --import-nginx F   print the mail {} block of nginx configuration F as INI
 """
 
 
@@ -5602,7 +5798,7 @@ def default_config_path() -> str:
 
 
 def parse_command_line(argv: List[str]) -> Dict[str, object]:
-    options = {"config": None, "test": False, "version": False, "hash": None}
+    options = {"config": None, "test": False, "version": False, "hash": None, "import": None}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -5613,6 +5809,9 @@ def parse_command_line(argv: List[str]) -> Dict[str, object]:
             options["test"] = True
         elif arg == "-v":
             options["version"] = True
+        elif arg == "--import-nginx" and i + 1 < len(argv):
+            options["import"] = argv[i + 1]
+            i += 1
         elif arg == "--hash-password":
             options["hash"] = "PBKDF2-SHA256"
             if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
@@ -5923,6 +6122,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if options["hash"]:
         return command_hash_password(options["hash"])
+    if options["import"]:
+        try:
+            sys.stdout.write(import_nginx(options["import"]))
+        except (OSError, UnicodeDecodeError, ValueError_) as error:
+            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+            return 1
+        return 0
     path = options["config"] or default_config_path()
     if options["test"]:
         return command_test(path)
