@@ -3949,14 +3949,12 @@ class Timer:
     def cancel(self) -> None:
         self.callback = None
 
-    def __lt__(self, other: "Timer") -> bool:
-        return self.deadline < other.deadline
-
 
 class EventLoop:
     def __init__(self):
         self.selector = selectors.DefaultSelector()
-        self.timers = []                   # heap of Timer
+        self.timers = []                   # heap of (deadline, sequence, Timer): tuples
+        self.sequence = 0                  # compare in C, the sequence breaks ties
         self.running = False
         self.signal_handlers = {}          # signal number -> callback
         self.pending = []                  # callbacks from other threads
@@ -3973,7 +3971,8 @@ class EventLoop:
 
     def call_later(self, delay: float, callback: Callable) -> Timer:
         timer = Timer(self.time() + delay, callback)
-        heapq.heappush(self.timers, timer)
+        self.sequence += 1
+        heapq.heappush(self.timers, (timer.deadline, self.sequence, timer))
         return timer
 
     def call_soon_threadsafe(self, callback: Callable) -> None:
@@ -4027,10 +4026,10 @@ class EventLoop:
     def run_once(self, max_wait: Optional[float] = None) -> None:
         """Wait for readiness or the next timer, then dispatch both."""
         wait = max_wait
-        while self.timers and self.timers[0].callback is None:
+        while self.timers and self.timers[0][2].callback is None:
             heapq.heappop(self.timers)
         if self.timers:
-            until_timer = max(0.0, self.timers[0].deadline - self.time())
+            until_timer = max(0.0, self.timers[0][0] - self.time())
             wait = until_timer if wait is None else min(wait, until_timer)
         for key, mask in self.selector.select(wait):
             handler = key.data
@@ -4039,8 +4038,8 @@ class EventLoop:
             if mask & selectors.EVENT_WRITE and key.fileobj.fileno() >= 0:
                 handler.on_writable()
         now = self.time()
-        while self.timers and self.timers[0].deadline <= now:
-            timer = heapq.heappop(self.timers)
+        while self.timers and self.timers[0][0] <= now:
+            timer = heapq.heappop(self.timers)[2]
             callback, timer.callback = timer.callback, None
             if callback is not None:
                 callback()
@@ -4708,6 +4707,14 @@ PHASE_ACTIONS = {Phase.PROXY_HEADER: "reading PROXY protocol",
 
 class Session:
     """Owner of the client stream (and the backend stream until the relay)."""
+    # Slots: an idle proxied session should cost little memory.
+    __slots__ = ("worker", "loop", "server", "config", "number", "client_address", "client_port",
+                 "server_text", "started", "login", "upstream", "phase", "backend",
+                 "backend_login", "relay", "addresses", "client_name", "auth_method",
+                 "credentials", "login_attempt", "auth_exchange", "backend_tls", "timer",
+                 "deadline", "timer_callback", "closed", "outcome", "starttls", "proxy_facts",
+                 "certificate", "name_lookup", "client", "machine", "implicit_tls",
+                 "proxy_buffer")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker = worker
@@ -4733,14 +4740,16 @@ class Session:
         self.auth_exchange = None    # type: Optional[AuthHttpExchange]
         self.backend_tls = "plain"   # "plain", "ssl" or "starttls" for this session
         self.timer = None            # type: Optional[Timer]
+        self.deadline = 0.0          # when the timer's callback is due
+        self.timer_callback = None   # type: Optional[Callable]
         self.closed = False
         self.outcome = ""
         self.starttls = False        # the client said STARTTLS (for the log, as nginx)
         self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
         self.certificate = None      # type: Optional[CertificateFacts]
         self.name_lookup = None      # type: Optional[ClientNameLookup]
-        self.log("info", "client %s:%d connected to %s" % (
-            self.client_address, self.client_port, self.server_text), action=None)
+        self.log("info", "client %s:%d connected to %s", self.client_address, self.client_port,
+                 self.server_text, action=None)
         configure_accepted(sock, listener.listen)
         self.client = Stream(self.loop, sock, self)
         self.machine = CLIENT_MACHINES[self.server.protocol](
@@ -4846,19 +4855,46 @@ class Session:
             text += ", upstream: %s" % self.upstream.text
         return text
 
-    def log(self, level: str, message: str, action: Optional[str] = "") -> None:
+    def log(self, level: str, message: str, *args, action: Optional[str] = "") -> None:
+        """A line with nginx's context; ``message % args`` is only made if
+        the level is on (a busy proxy logs at warn)."""
         log = self.worker.logs.for_server(self.server)
         if not log.enabled(level):
             return
         if action == "":
             action = PHASE_ACTIONS[self.phase]
-        log.log(level, message, self.number, self.context(action))
+        log.log(level, message % args if args else message, self.number, self.context(action))
 
     # -- timers ------------------------------------------------------------------
     def _arm(self, delay: float, callback: Callable) -> None:
+        """The session's one timer: ``callback`` after ``delay`` seconds."""
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_later(delay, callback)
+        self.deadline = self.loop.time() + delay
+        self.timer_callback = callback
+        self.timer = self.loop.call_later(delay, self._timer_fired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_callback = None
+
+    def _touch(self) -> None:
+        """The client spoke: its ``timeout`` starts again.  Only the deadline
+        moves; the timer, when it fires early, waits for the rest."""
+        if self.timer_callback == self._client_timed_out:
+            self.deadline = self.loop.time() + self.server.timeout
+        else:
+            self._arm(self.server.timeout, self._client_timed_out)
+
+    def _timer_fired(self) -> None:
+        left = self.deadline - self.loop.time()
+        if left > 0.001:
+            self.timer = self.loop.call_later(left, self._timer_fired)
+        else:
+            self.timer = None
+            self.timer_callback()
 
     def _client_timed_out(self) -> None:
         self.log("info", "client timed out")
@@ -4897,7 +4933,7 @@ class Session:
             self.client.write(SMTP_INVALID_PIPELINING)
             self._close_after_reply("client rejected before greeting")
             return
-        self._arm(self.server.timeout, self._client_timed_out)
+        self._touch()
         self._handle_events(self.machine.receive_data(data))
 
     def _handle_events(self, events: list) -> None:
@@ -5252,7 +5288,7 @@ class Session:
     def _start_relay(self, reply: bytes) -> None:
         """The backend said yes: pass its reply on, then the client's pipelined
         bytes (which the machine kept unparsed), then relay."""
-        self.timer.cancel()
+        self._disarm()
         self.log("info", "client logged in")
         self.phase = Phase.RELAY
         if not reply and self.server.protocol == "smtp":
@@ -5262,6 +5298,8 @@ class Session:
         self.client.write(self.backend_login.trailing_data)
         self.relay = Relay(self, self.client, self.backend, self.server.proxy_buffer,
                            self.server.proxy_timeout)
+        self.backend_login = None          # what only the login needed can go
+        self.addresses = []
 
     # -- the end ------------------------------------------------------------------
     def close(self, outcome: str) -> None:
@@ -5269,8 +5307,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
+        self._disarm()
         if self.relay is not None:
             self.relay.timer.cancel()
         if self.name_lookup is not None:
