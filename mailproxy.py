@@ -4011,7 +4011,10 @@ class EventLoop:
             return
         while self.pending:
             self.pending.pop(0)()
-        for signum in data:
+        # Signals that arrived together: SIGCHLD last, so that a child that
+        # exited because of a SIGTERM is seen after that SIGTERM.
+        child = getattr(signal, "SIGCHLD", -1)
+        for signum in sorted(set(data), key=lambda number: number == child):
             callback = self.signal_handlers.get(signum)
             if callback is not None:
                 callback(signum)
@@ -6041,7 +6044,10 @@ class Master:
             self._old_worker_done(pid)
             how = ("exited on signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
                    else "exited with code %d" % os.WEXITSTATUS(status))
-            if generation == self.generation and not self.stopping:
+            crashed = os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0
+            # A worker exits with 0 only when told to stop (a SIGTERM sent to
+            # the whole process group, say): that one is not replaced.
+            if generation == self.generation and not self.stopping and crashed:
                 self.log.log("alert", "worker process %d %s, starting a new one" % (pid, how))
                 self.spawn()
             else:

@@ -14,14 +14,22 @@ transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
 """
 
 import base64
+import errno
 import hashlib
 import hmac
+import imaplib
 import io
 import os
+import platform
+import poplib
 import random
 import re
+import selectors
+import signal
 import smtplib
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +37,7 @@ import textwrap
 import threading
 import time
 import unittest
+from typing import Optional
 
 import mailproxy as mp
 
@@ -4868,13 +4877,6 @@ class SmtpEndToEndControlByteTests(SmtpEndToEndCase):
                          b"MAIL FROM:<ab@remote.test>\r\nRCPT TO:<bob@example.com>\r\nQUIT\r\n")
 
 
-import imaplib
-import poplib
-import signal
-import smtplib
-import ssl
-import struct
-from typing import Optional
 
 # ########################################################################## #
 #                          End to end: TLS                                   #
@@ -6327,6 +6329,947 @@ class TlsEndToEndConfigCheckTests(TlsEndToEndCase):
         self.assertTrue(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
         config = mp.load_and_prepare(self.path(**self.certificate()))
         self.assertFalse(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
+
+
+# ########################################################################## #
+#                 Benchmark: python3 test_mailproxy.py --bench               #
+# ########################################################################## #
+# Sizes a host without nginx: the real program (mailproxy.py -c FILE) as a
+# subprocess, one IMAP server on loopback, and in ONE forked child (so its
+# CPU is not the load generator's) a fake IMAP backend and a fake auth_http
+# server.  The load generator is this process: non-blocking sockets, one
+# selectors loop.  The proxy's CPU is read from /proc (master + workers).
+
+
+BENCH_WARMUP = 1.0                   # s of logins before the logins are counted
+BENCH_SECONDS = 5.0                  # s of logins that are counted
+BENCH_CONCURRENCY = 32               # sessions logging in at once (logins, idle)
+BENCH_FETCH_SIZE = 16 * 1024 * 1024  # bytes of the literal each FETCH returns
+BENCH_RELAY_TOTAL = 128 * 1024 * 1024          # bytes relayed by one session
+BENCH_RELAY_SESSIONS = 4                       # parallel sessions of the 2nd relay run
+BENCH_RELAY_TOTAL_PARALLEL = 256 * 1024 * 1024  # bytes relayed by them together
+BENCH_IDLE_SESSIONS = 1000           # logged-in sessions held open
+BENCH_LATENCY_WARMUP = 200           # NOOPs not measured
+BENCH_LATENCY_ROUNDS = 2000          # NOOPs measured, one at a time
+BENCH_SETTLE = 0.5                   # s of quiet between workloads
+BENCH_TIMEOUT = 120.0                # s a workload may take before it fails
+BENCH_MAX_ERRORS = 20                # failed sessions before a workload gives up
+BENCH_USER = b"bench"
+BENCH_PASSWORD = b"secret"
+
+
+class bench_Failure(Exception):
+    """A workload saw something it did not expect."""
+
+
+def bench_micro() -> str:
+    """The micro sign if stdout can print it."""
+    try:
+        "\u00b5".encode(sys.stdout.encoding or "ascii")
+        return "\u00b5s"
+    except (UnicodeError, LookupError):
+        return "us"
+
+
+# -- the proxy's processes, from /proc ------------------------------------------
+
+def bench_proc_stat(pid: int):
+    """(ppid, utime + stime in clock ticks) of a process, or None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()     # from field 3 (state) on
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def bench_has_proc() -> bool:
+    return os.path.exists("/proc/self/stat")
+
+
+def bench_family(root: int) -> list:
+    """``root`` and its descendants (found by ppid), or [] without /proc."""
+    if not bench_has_proc():
+        return []
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = bench_proc_stat(int(name))
+            if stat is not None:
+                children.setdefault(stat[0], []).append(int(name))
+    family, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        family.append(pid)
+        todo.extend(children.get(pid, ()))
+    return family
+
+
+def bench_cpu(pids):
+    """Seconds of CPU (user + system) of ``pids``; None without /proc."""
+    if not pids:
+        return None
+    ticks = 0
+    for pid in pids:
+        stat = bench_proc_stat(pid)
+        if stat is not None:
+            ticks += stat[1]
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def bench_rss(pids):
+    """Bytes of VmRSS of ``pids`` together; None without /proc."""
+    if not pids:
+        return None
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/status" % pid) as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class bench_Meter:
+    """Wall time and CPU (proxy, backend child, this process) over an interval."""
+
+    def __init__(self, proxy_pid: int, backend_pid: int):
+        self.proxy_pid = proxy_pid
+        self.backend_pid = backend_pid
+
+    def sample(self):
+        own = os.times()
+        return (time.perf_counter(), bench_cpu(bench_family(self.proxy_pid)),
+                bench_cpu([self.backend_pid] if bench_has_proc() else []),
+                own.user + own.system)
+
+    @staticmethod
+    def delta(start, end):
+        """(wall s, proxy CPU s or None, backend CPU s or None, load generator CPU s)."""
+        def minus(a, b):
+            return None if a is None or b is None else a - b
+        return (end[0] - start[0], minus(end[1], start[1]), minus(end[2], start[2]),
+                end[3] - start[3])
+
+
+# -- the forked child: fake IMAP backend and auth_http server -------------------
+
+class bench_Peer:
+    """One connection the backend child serves."""
+    __slots__ = ("sock", "kind", "inbuf", "out", "events", "literal", "first", "closing")
+
+    def __init__(self, sock, kind):
+        self.sock = sock
+        self.kind = kind
+        self.inbuf = bytearray()
+        self.out = []              # memoryviews / bytes still to send
+        self.events = 0
+        self.literal = 0           # bytes of a literal still to skip
+        self.first = None          # the first line of a command with literals
+        self.closing = False
+
+
+def bench_backend_main(imap_listener, auth_listener) -> None:
+    """The child's event loop.  IMAP: greeting, LOGIN with literals (each
+    ``{n}`` answered ``+ OK``), NOOP, FETCH (a BENCH_FETCH_SIZE literal from
+    one preallocated buffer), LOGOUT.  HTTP: every GET gets Auth-Status OK
+    pointing at the IMAP backend, then the connection is closed."""
+    payload = memoryview(bytes(BENCH_FETCH_SIZE))
+    fetch_head = b"* 1 FETCH (BODY[] {%d}\r\n" % BENCH_FETCH_SIZE
+    auth_reply = (b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\n"
+                  b"Auth-Port: %d\r\n\r\n" % imap_listener.getsockname()[1])
+    selector = selectors.DefaultSelector()
+    for listener, kind in ((imap_listener, "imap"), (auth_listener, "auth")):
+        listener.setblocking(False)
+        selector.register(listener, selectors.EVENT_READ, kind)
+    parent = os.getppid()
+
+    def watch(peer):
+        wanted = ((0 if peer.closing else selectors.EVENT_READ) |
+                  (selectors.EVENT_WRITE if peer.out else 0))
+        if wanted != peer.events:
+            selector.modify(peer.sock, wanted, peer)
+            peer.events = wanted
+
+    def close(peer):
+        selector.unregister(peer.sock)
+        peer.sock.close()
+        peer.out = []
+
+    def flush(peer):
+        out = peer.out
+        try:
+            while out:
+                sent = peer.sock.send(out[0])
+                if sent < len(out[0]):
+                    out[0] = memoryview(out[0])[sent:]
+                    break
+                del out[0]
+        except BlockingIOError:
+            pass
+        except OSError:
+            close(peer)
+            return
+        if not out and peer.closing:
+            close(peer)
+        else:
+            watch(peer)
+
+    def imap_input(peer):
+        buf = peer.inbuf
+        while True:
+            if peer.literal:
+                taken = min(peer.literal, len(buf))
+                del buf[:taken]
+                peer.literal -= taken
+                if peer.literal:
+                    return
+            end = buf.find(b"\n")
+            if end < 0:
+                return
+            line = bytes(buf[:end + 1])
+            del buf[:end + 1]
+            if line.endswith(b"}\r\n") and b"{" in line:
+                peer.first = peer.first or line
+                peer.literal = int(line[line.rindex(b"{") + 1:-3])
+                peer.out.append(b"+ OK\r\n")
+                continue
+            command = peer.first or line
+            peer.first = None
+            tag, _, rest = command.rstrip(b"\r\n").partition(b" ")
+            verb = rest.split(b" ", 1)[0].upper()
+            if verb in (b"LOGIN", b"NOOP"):
+                peer.out.append(tag + b" OK done\r\n")
+            elif verb == b"FETCH":
+                peer.out += [fetch_head, payload, b")\r\n" + tag + b" OK done\r\n"]
+            elif verb == b"LOGOUT":
+                peer.out.append(b"* BYE bench\r\n" + tag + b" OK done\r\n")
+                peer.closing = True
+                return
+            else:
+                peer.out.append(tag + b" BAD unknown command\r\n")
+
+    while True:
+        events = selector.select(1.0)
+        if not events and os.getppid() != parent:
+            return                                     # the benchmark is gone
+        for key, mask in events:
+            if key.data in ("imap", "auth"):
+                while True:
+                    try:
+                        sock, _ = key.fileobj.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break                          # EMFILE and the like: retry later
+                    sock.setblocking(False)
+                    peer = bench_Peer(sock, key.data)
+                    selector.register(sock, selectors.EVENT_READ, peer)
+                    peer.events = selectors.EVENT_READ
+                    if key.data == "imap":
+                        peer.out.append(b"* OK bench\r\n")
+                        flush(peer)
+                continue
+            peer = key.data
+            if peer.sock.fileno() < 0:
+                continue                               # closed by an earlier event
+            if mask & selectors.EVENT_READ and not peer.closing:
+                try:
+                    data = peer.sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                except OSError:
+                    data = b""
+                if data == b"":
+                    close(peer)
+                    continue
+                if data:
+                    peer.inbuf += data
+                    if peer.kind == "imap":
+                        imap_input(peer)
+                    elif b"\r\n\r\n" in peer.inbuf:
+                        peer.out.append(auth_reply)
+                        peer.closing = True
+            if peer.out or peer.closing:
+                flush(peer)
+
+
+def bench_start_backend():
+    """Fork the backend child: (pid, IMAP port, auth port)."""
+    listeners = []
+    for _ in range(2):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4096)
+        listeners.append(listener)
+    ports = [listener.getsockname()[1] for listener in listeners]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:                                       # the child never returns
+        status = 0
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            bench_backend_main(*listeners)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            status = 1
+        finally:
+            os._exit(status)
+    for listener in listeners:
+        listener.close()
+    return pid, ports[0], ports[1]
+
+
+def bench_stop_backend(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+# -- mailproxy itself -------------------------------------------------------------
+
+def bench_start_proxy(directory: str, auth_port: int):
+    """mailproxy.py -c FILE in its own process group: (Popen, IMAP port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = os.path.join(directory, "mailproxy.conf")
+    with open(config, "w") as handle:
+        handle.write("[main]\nworker_processes = 1\nworker_connections = 10240\n"
+                     "error_log = %s warn\n\n"
+                     "[mail]\nauth_http = 127.0.0.1:%d/auth\nproxy_buffer = 16k\n\n"
+                     "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n"
+                     % (os.path.join(directory, "error.log"), auth_port, port))
+    output = open(os.path.join(directory, "output.log"), "wb")
+    try:
+        proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config],
+                                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                start_new_session=True)
+    finally:
+        output.close()
+    return proc, port
+
+
+def bench_stop_proxy(proc) -> None:
+    """SIGTERM to the master (as the README says signals go), then SIGKILL to
+    its whole process group, whatever is left of it.  (SIGTERM to the group
+    at once races the master's SIGCHLD handling: it may log an alert and
+    start a new worker while it stops.)"""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def bench_blocking_session(port: int, timeout: float = 2.0):
+    """A logged-in blocking socket and its reader (for the latency run)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    reader = sock.makefile("rb")
+    try:
+        greeting = reader.readline()
+        if not greeting.startswith(b"* OK"):
+            raise bench_Failure("greeting %r" % greeting)
+        sock.sendall(b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
+        reply = reader.readline()
+        if reply != b"a OK done\r\n":
+            raise bench_Failure("LOGIN answered %r" % reply)
+    except BaseException:
+        reader.close()
+        sock.close()
+        raise
+    return sock, reader
+
+
+def bench_wait_ready(proc, port: int, log_path: str) -> None:
+    """Until one whole session works through the proxy (10 s at most)."""
+    deadline = time.monotonic() + 10
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise bench_Failure("mailproxy exited with status %s at start; its output:\n%s"
+                                % (proc.returncode, bench_tail(os.path.join(
+                                    os.path.dirname(log_path), "output.log"))))
+        try:
+            sock, reader = bench_blocking_session(port)
+            with sock, reader:
+                sock.sendall(b"b LOGOUT\r\n")
+                if not reader.readline().startswith(b"* BYE"):
+                    raise bench_Failure("no BYE after LOGOUT")
+            return
+        except OSError as error:
+            last = error
+            time.sleep(0.1)
+    raise bench_Failure("mailproxy did not serve a session within 10 s (%s)" % last)
+
+
+def bench_tail(path: str, lines: int = 10) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:]) or "(empty)"
+    except OSError:
+        return "(no %s)" % path
+
+
+# -- the load generator: one selectors loop, one generator per session ------------
+# A session is a generator that yields requests and gets answers back:
+#   ("connect",)     open a new connection to the proxy        -> None
+#   ("send", bytes)  queue bytes (sent as the socket allows)   -> None
+#   ("line",)        the next line, CRLF included              -> bytes
+#   ("skip", n)      read and drop n bytes                     -> None
+#   ("close",)       close the connection                      -> None
+# The proxy closing the connection, or a socket error, is thrown into it.
+# A generator that returns leaves its connection open (idle sessions).
+
+class bench_Conn:
+    __slots__ = ("sock", "gen", "want", "need", "buf", "out", "events")
+
+    def __init__(self, gen=None, sock=None):
+        self.sock = sock
+        self.gen = gen
+        self.want = None
+        self.need = 0
+        self.buf = bytearray()
+        self.out = bytearray()
+        self.events = 0
+
+
+class bench_Loop:
+    def __init__(self, port: int):
+        self.address = ("127.0.0.1", port)
+        self.selector = selectors.DefaultSelector()
+        self.scratch = bytearray(1 << 20)
+        self.view = memoryview(self.scratch)
+        self.queue = []            # (generator, connection or None) not started yet
+        self.limit = None          # at most this many started and not finished
+        self.active = set()
+        self.kept = []             # finished, connection still open
+        self.failures = []         # exceptions of generators that failed
+
+    def add(self, gen, conn=None) -> None:
+        self.queue.append((gen, conn))
+
+    def run(self, until: float) -> bool:
+        """Serve until every session ended (True) or ``until`` (False)."""
+        self._start_queued()
+        while self.active or self.queue:
+            left = until - time.perf_counter()
+            if left <= 0:
+                return False
+            for key, mask in self.selector.select(min(left, 1.0)):
+                conn = key.data
+                if conn.gen is None or key.fileobj is not conn.sock:
+                    continue                   # finished, or an event of a closed socket
+                if mask & selectors.EVENT_WRITE:
+                    if conn.want == "connect":
+                        error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        conn.want = None
+                        self._advance(conn, None, OSError(error, os.strerror(error)) if error else None)
+                        continue
+                    if conn.out:
+                        self._flush(conn)
+                if mask & selectors.EVENT_READ and conn.gen is not None and key.fileobj is conn.sock:
+                    self._readable(conn)
+            self._start_queued()
+        return True
+
+    def _start_queued(self) -> None:
+        while self.queue and (self.limit is None or len(self.active) < self.limit):
+            gen, conn = self.queue.pop(0)
+            conn = conn or bench_Conn()
+            conn.gen = gen
+            self.active.add(conn)
+            self._advance(conn)
+
+    def _readable(self, conn) -> None:
+        try:
+            count = conn.sock.recv_into(self.scratch)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._advance(conn, None, error)
+            return
+        if count == 0:
+            self._advance(conn, None, bench_Failure("the proxy closed the connection"))
+            return
+        if conn.want == "skip" and not conn.buf:
+            taken = min(conn.need, count)
+            conn.need -= taken
+            if taken < count:
+                conn.buf += self.view[taken:count]
+            if conn.need == 0:
+                conn.want = None
+                self._advance(conn)
+            return
+        conn.buf += self.view[:count]
+        if conn.want == "line":
+            end = conn.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(conn.buf[:end + 1])
+                del conn.buf[:end + 1]
+                conn.want = None
+                self._advance(conn, line)
+        elif conn.want == "skip":
+            taken = min(conn.need, len(conn.buf))
+            del conn.buf[:taken]
+            conn.need -= taken
+            if conn.need == 0:
+                conn.want = None
+                self._advance(conn)
+
+    def _watch(self, conn, events) -> None:
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self.selector.register(conn.sock, events, conn)
+        elif events == 0:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn) -> None:
+        if conn.sock is not None:
+            self._watch(conn, 0)
+            conn.sock.close()
+            conn.sock = None
+        conn.buf = bytearray()
+        conn.out = bytearray()
+
+    def _flush(self, conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+            del conn.out[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            self._advance(conn, None, error)
+            return
+        self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+
+    def _advance(self, conn, value=None, error=None) -> None:
+        """Resume the session until it waits for the network."""
+        while True:
+            try:
+                request = conn.gen.throw(error) if error is not None else conn.gen.send(value)
+            except StopIteration:
+                self._finish(conn, None)
+                return
+            except Exception as failure:
+                self._finish(conn, failure)
+                return
+            value = error = None
+            kind = request[0]
+            if kind == "line":
+                end = conn.buf.find(b"\n")
+                if end >= 0:
+                    value = bytes(conn.buf[:end + 1])
+                    del conn.buf[:end + 1]
+                    continue
+                conn.want = "line"
+                self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+                return
+            if kind == "send":
+                conn.out += request[1]
+                try:
+                    sent = conn.sock.send(conn.out)
+                    del conn.out[:sent]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as failure:
+                    error = failure
+            elif kind == "skip":
+                taken = min(request[1], len(conn.buf))
+                del conn.buf[:taken]
+                if taken < request[1]:
+                    conn.want, conn.need = "skip", request[1] - taken
+                    self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+                    return
+            elif kind == "connect":
+                self._close(conn)
+                conn.sock = socket.socket()
+                conn.sock.setblocking(False)
+                status = conn.sock.connect_ex(self.address)
+                if status not in (0, errno.EINPROGRESS, errno.EAGAIN):
+                    error = OSError(status, os.strerror(status))
+                    continue
+                conn.want = "connect"
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            elif kind == "close":
+                self._close(conn)
+            else:
+                error = bench_Failure("unknown request %r" % (request,))
+
+    def _finish(self, conn, failure) -> None:
+        self.active.discard(conn)
+        conn.gen = None
+        conn.want = None
+        if failure is not None:
+            self.failures.append(failure)
+            self._close(conn)
+        elif conn.sock is not None:
+            self._watch(conn, 0)
+            self.kept.append(conn)
+
+    def close_all(self) -> None:
+        for conn in list(self.active) + self.kept:
+            if conn.gen is not None:
+                conn.gen.close()
+                conn.gen = None
+            self._close(conn)
+        self.active.clear()
+        self.kept = []
+        self.queue = []
+        self.selector.close()
+
+
+def bench_expect(line: bytes, wanted: bytes, what: str, prefix: bool = False) -> None:
+    if not (line.startswith(wanted) if prefix else line == wanted):
+        raise bench_Failure("%s: expected %r, got %r" % (what, wanted, line))
+
+
+def bench_g_login():
+    """Connect, greeting, LOGIN; the connection stays open."""
+    yield ("connect",)
+    bench_expect((yield ("line",)), b"* OK", "greeting", prefix=True)
+    yield ("send", b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
+    bench_expect((yield ("line",)), b"a OK done\r\n", "LOGIN")
+
+
+def bench_g_login_slot(stats: dict):
+    """Full sessions back to back until stats["stop"]; failures are counted."""
+    while not stats["stop"]:
+        try:
+            yield from bench_g_login()
+            yield ("send", b"b LOGOUT\r\n")
+            bench_expect((yield ("line",)), b"* BYE", "LOGOUT", prefix=True)
+            bench_expect((yield ("line",)), b"b OK done\r\n", "LOGOUT")
+            yield ("close",)
+            stats["sessions"] += 1
+        except Exception as failure:
+            stats["errors"].append(failure)
+            if len(stats["errors"]) >= BENCH_MAX_ERRORS:
+                raise bench_Failure("%d failed sessions" % len(stats["errors"]))
+            yield ("close",)
+
+
+def bench_g_fetch(times: int, stats: dict):
+    """FETCH the backend's literal ``times`` times on a logged-in session."""
+    head = b"* 1 FETCH (BODY[] {%d}\r\n" % BENCH_FETCH_SIZE
+    for _ in range(times):
+        yield ("send", b"f FETCH 1 BODY[]\r\n")
+        bench_expect((yield ("line",)), head, "FETCH")
+        yield ("skip", BENCH_FETCH_SIZE)
+        bench_expect((yield ("line",)), b")\r\n", "end of FETCH")
+        bench_expect((yield ("line",)), b"f OK done\r\n", "FETCH")
+        stats["bytes"] += BENCH_FETCH_SIZE
+
+
+def bench_g_noop(stats: dict):
+    yield ("send", b"n NOOP\r\n")
+    line = yield ("line",)
+    bench_expect(line, b"n OK", "NOOP", prefix=True)
+    stats["ok"] += 1
+
+
+def bench_failures(loop, what: str, extra=()) -> list:
+    """Lines that say why a workload failed ([] if it did not)."""
+    found = list(extra) + loop.failures
+    if not found:
+        return []
+    lines = ["%s: %d failure(s)" % (what, len(found))]
+    for failure in found[:5]:
+        lines.append("    %s: %s" % (type(failure).__name__, failure))
+    return lines
+
+
+# -- the workloads ---------------------------------------------------------------
+# Each returns (row, problems): row = (workload, result, proxy CPU, note).
+
+def bench_fmt_cpu(seconds) -> str:
+    return "n/a" if seconds is None else "%.2f s" % seconds
+
+
+def bench_busy_note(delta) -> str:
+    """Who used how much of a core: near 100% for the load generator or the
+    backend means they, not mailproxy, set the pace."""
+    wall, proxy, backend, own = delta
+    if wall <= 0:
+        return ""
+    shares = [("proxy", proxy), ("load gen", own), ("backend", backend)]
+    return "CPU: " + ", ".join("%s %s" % (name, "n/a" if used is None else "%d%%" % (100 * used / wall))
+                               for name, used in shares)
+
+
+def bench_logins(port: int, meter) -> tuple:
+    micro = bench_micro()
+    loop = bench_Loop(port)
+    stats = {"stop": False, "sessions": 0, "errors": []}
+    try:
+        for _ in range(BENCH_CONCURRENCY):
+            loop.add(bench_g_login_slot(stats))
+        now = time.perf_counter()
+        loop.run(now + BENCH_WARMUP)
+        before, counted = meter.sample(), stats["sessions"]
+        loop.run(before[0] + BENCH_SECONDS)
+        after, counted = meter.sample(), stats["sessions"] - counted
+        stats["stop"] = True
+        drained = loop.run(time.perf_counter() + 10)
+    finally:
+        loop.close_all()
+    delta = bench_Meter.delta(before, after)
+    rate = counted / delta[0]
+    per = "n/a" if delta[1] is None or not counted else "%.0f %s/session" % (1e6 * delta[1] / counted, micro)
+    problems = bench_failures(loop, "logins", stats["errors"])
+    if not drained:
+        problems.append("logins: sessions still unfinished 10 s after the end")
+    if not counted:
+        problems.append("logins: no session completed")
+    row = ("logins, %d at once, %g s" % (BENCH_CONCURRENCY, BENCH_SECONDS),
+           "%.0f sessions/s" % rate, "%s (%s)" % (per, bench_fmt_cpu(delta[1])),
+           bench_busy_note(delta))
+    return row, problems
+
+
+def bench_relay(port: int, meter, sessions: int, total: int) -> tuple:
+    loop = bench_Loop(port)
+    stats = {"bytes": 0}
+    problems = []
+    times = max(1, total // (BENCH_FETCH_SIZE * sessions))
+    try:
+        for _ in range(sessions):
+            loop.add(bench_g_login())
+        if not loop.run(time.perf_counter() + 10):
+            problems.append("relay: logins did not finish in 10 s")
+        if loop.failures or len(loop.kept) != sessions:
+            problems += bench_failures(loop, "relay logins") or [
+                "relay: %d of %d sessions logged in" % (len(loop.kept), sessions)]
+            return None, problems
+        conns, loop.kept = loop.kept, []
+        before = meter.sample()
+        for conn in conns:
+            loop.add(bench_g_fetch(times, stats), conn)
+        done = loop.run(before[0] + BENCH_TIMEOUT)
+        after = meter.sample()
+    finally:
+        loop.close_all()
+    delta = bench_Meter.delta(before, after)
+    problems += bench_failures(loop, "relay")
+    if not done:
+        problems.append("relay: not done after %g s (%d of %d bytes)"
+                        % (BENCH_TIMEOUT, stats["bytes"], times * sessions * BENCH_FETCH_SIZE))
+    if problems:
+        return None, problems
+    per_gb = "n/a" if delta[1] is None else "%.2f s/GB" % (delta[1] / (stats["bytes"] / 1e9))
+    row = ("relay, %d session%s, %d MiB" % (sessions, "s" if sessions > 1 else "", stats["bytes"] >> 20),
+           "%.0f MB/s" % (stats["bytes"] / 1e6 / delta[0]),
+           "%s (%s)" % (per_gb, bench_fmt_cpu(delta[1])), bench_busy_note(delta))
+    return row, problems
+
+
+def bench_idle(port: int, meter, proxy_pid: int) -> tuple:
+    loop = bench_Loop(port)
+    loop.limit = BENCH_CONCURRENCY
+    problems = []
+    stats = {"ok": 0}
+    try:
+        rss_before = bench_rss(bench_family(proxy_pid))
+        for _ in range(BENCH_IDLE_SESSIONS):
+            loop.add(bench_g_login())
+        started = time.perf_counter()
+        if not loop.run(started + BENCH_TIMEOUT):
+            problems.append("idle: logins not done after %g s" % BENCH_TIMEOUT)
+        opened = time.perf_counter() - started
+        problems += bench_failures(loop, "idle logins")
+        time.sleep(BENCH_SETTLE)
+        rss_after = bench_rss(bench_family(proxy_pid))
+        conns, loop.kept = loop.kept, []
+        loop.limit = None
+        for conn in conns:
+            loop.add(bench_g_noop(stats), conn)
+        if not loop.run(time.perf_counter() + 30):
+            problems.append("idle: NOOPs not answered after 30 s")
+        problems += bench_failures(loop, "idle NOOPs")
+        if stats["ok"] != BENCH_IDLE_SESSIONS:
+            problems.append("idle: %d of %d NOOPs answered OK (%d sessions logged in)"
+                            % (stats["ok"], BENCH_IDLE_SESSIONS, len(conns)))
+    finally:
+        loop.close_all()
+    count = len(conns)
+    if rss_before is None or rss_after is None or not count:
+        per = "n/a"
+    else:
+        per = "%.1f KiB/session" % ((rss_after - rss_before) / 1024 / count)
+    rss = ("n/a" if rss_before is None else
+           "RSS %.1f -> %.1f MiB" % (rss_before / 1048576, rss_after / 1048576))
+    row = ("idle sessions, %d" % BENCH_IDLE_SESSIONS, per, rss,
+           "%d/%d NOOP OK, logged in in %.1f s" % (stats["ok"], count, opened))
+    return row, problems
+
+
+def bench_latency(port: int, meter) -> tuple:
+    micro = bench_micro()
+    samples = []
+    sock, reader = bench_blocking_session(port, timeout=10)
+    with sock, reader:
+        for number in range(BENCH_LATENCY_WARMUP + BENCH_LATENCY_ROUNDS):
+            if number == BENCH_LATENCY_WARMUP:
+                before = meter.sample()
+            start = time.perf_counter()
+            sock.sendall(b"n NOOP\r\n")
+            line = reader.readline()
+            samples.append(time.perf_counter() - start)
+            bench_expect(line, b"n OK", "NOOP", prefix=True)
+        after = meter.sample()
+        sock.sendall(b"b LOGOUT\r\n")
+        reader.readline()
+    delta = bench_Meter.delta(before, after)
+    samples = sorted(samples[BENCH_LATENCY_WARMUP:])
+
+    def percentile(fraction):
+        return 1e6 * samples[min(len(samples) - 1, int(fraction * len(samples)))]
+
+    per = "n/a" if delta[1] is None else "%.0f %s/NOOP" % (1e6 * delta[1] / len(samples), micro)
+    row = ("NOOP round trip, %d" % BENCH_LATENCY_ROUNDS,
+           "p50 %.0f %s, p99 %.0f %s" % (percentile(0.50), micro, percentile(0.99), micro),
+           "%s (%s)" % (per, bench_fmt_cpu(delta[1])), bench_busy_note(delta))
+    return row, []
+
+
+def bench_raise_fd_limit() -> None:
+    """1000 idle sessions need more descriptors than a 1024 soft limit."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 4 * BENCH_IDLE_SESSIONS + 256
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def bench_print_table(rows) -> None:
+    headers = ("workload", "result", "proxy CPU", "note")
+    widths = [max(len(str(row[i])) for row in [headers] + rows) for i in range(4)]
+    for row in [headers] + rows:
+        print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def run_benchmark() -> int:
+    """The opt-in benchmark (--bench): a table of what this host sustains."""
+    print("mailproxy benchmark: %s CPUs, Python %s (%s), %s"
+          % (os.cpu_count(), platform.python_version(), platform.python_implementation(),
+             platform.platform()))
+    print("Everything on 127.0.0.1: the load generator, the fake backend and auth server")
+    print("share the CPUs with mailproxy.  Absolute numbers vary between machines and runs.")
+    print("MB and GB are 10^6 and 10^9 bytes; proxy CPU = user + system of the master and")
+    print("its workers, from /proc.")
+    if hasattr(os, "getloadavg"):
+        print("Load average before the run: %.2f %.2f %.2f (other work on the host skews the numbers)."
+              % os.getloadavg())
+    sys.stdout.flush()
+    started = time.perf_counter()
+    bench_raise_fd_limit()
+    directory = tempfile.mkdtemp(prefix="mailproxy-bench-")
+    log_path = os.path.join(directory, "error.log")
+    backend_pid = proc = None
+    rows, problems = [], []
+    status = 0
+    try:
+        backend_pid, backend_port, auth_port = bench_start_backend()
+        proc, port = bench_start_proxy(directory, auth_port)
+        bench_wait_ready(proc, port, log_path)
+        meter = bench_Meter(proc.pid, backend_pid)
+        family = bench_family(proc.pid)
+        print("mailproxy: master pid %d, workers %s; backend + auth child pid %d"
+              % (proc.pid, " ".join(str(pid) for pid in family[1:]) or "n/a", backend_pid))
+        print()
+        workloads = [
+            ("logins", lambda: bench_logins(port, meter)),
+            ("relay, one session", lambda: bench_relay(port, meter, 1, BENCH_RELAY_TOTAL)),
+            ("relay, parallel", lambda: bench_relay(port, meter, BENCH_RELAY_SESSIONS,
+                                                    BENCH_RELAY_TOTAL_PARALLEL)),
+            ("idle sessions", lambda: bench_idle(port, meter, proc.pid)),
+            ("latency", lambda: bench_latency(port, meter)),
+        ]
+        for name, workload in workloads:
+            time.sleep(BENCH_SETTLE)
+            if proc.poll() is not None:
+                problems.append("mailproxy exited with status %s before %s" % (proc.returncode, name))
+                break
+            try:
+                row, found = workload()
+            except (OSError, bench_Failure) as failure:
+                row, found = None, ["%s: %s: %s" % (name, type(failure).__name__, failure)]
+            if row is not None:
+                rows.append(row)
+            problems += found
+        now_family = bench_family(proc.pid)
+        if family and sorted(now_family) != sorted(family):
+            problems.append("mailproxy's processes changed during the run: %s -> %s"
+                            % (family, now_family))
+    except bench_Failure as failure:
+        problems.append(str(failure))
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        status = 1
+    finally:
+        if proc is not None:
+            bench_stop_proxy(proc)
+        if backend_pid is not None:
+            bench_stop_backend(backend_pid)
+        try:
+            with open(log_path, errors="replace") as handle:
+                logged = handle.read().splitlines()
+        except OSError:
+            logged = []
+        import shutil
+        shutil.rmtree(directory, ignore_errors=True)
+    if rows:
+        bench_print_table(rows)
+    if logged:
+        print()
+        print("mailproxy's error log (warn and above), %d line(s):" % len(logged))
+        for line in logged[:10]:
+            print("    " + line)
+    for line in problems:
+        print(line if line.startswith(" ") else "FAILED: " + line)
+    print()
+    print("(%.1f s)" % (time.perf_counter() - started))
+    return 1 if problems or status else 0
 
 
 # ########################################################################## #
