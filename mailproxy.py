@@ -2893,7 +2893,8 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     seconds = int(wait) if re.fullmatch(rb"\d{1,9}", wait) else 0
     if status == b"WAIT":
         return AuthVerdict("wait", wait=seconds)
-    if status != b"OK":
+    if status is not None and status != b"OK":
+        # Without Auth-Status at all, nginx goes on to Auth-Server/Auth-Port.
         return AuthVerdict("fail", wait=seconds, text=status or b"",
                            error_code=headers.get("auth-error-code"),
                            sasl_error=headers.get("auth-error-sasl"))
@@ -4119,20 +4120,20 @@ class Stream:
         if self.closed or not data:
             return
         if self.out or self.connecting:
-            self.out += data
-        else:
-            try:
-                sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as error:
-                # Tell the owner from the loop, not from inside its own write().
-                self.loop.call_later(0, lambda failure=error: self._fail(failure))
-                return
-            self.sent += sent
-            if sent < len(data):
-                self.out += memoryview(data)[sent:]
-        self.update_interest()
+            self.out += data               # write interest is on already
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            # Tell the owner from the loop, not from inside its own write().
+            self.loop.call_later(0, lambda failure=error: self._fail(failure))
+            return
+        self.sent += sent
+        if sent < len(data):
+            self.out += memoryview(data)[sent:]
+            self.update_interest()
 
     def on_readable(self) -> None:
         """Read while there is data and room: with a small budget (a 4k
@@ -4598,7 +4599,11 @@ class ClientNameLookup:
 # or after proxy_timeout without traffic.
 
 class Relay:
-    __slots__ = ("session", "client", "backend", "limit", "eof_from", "last_activity", "timer")
+    """Both directions of one proxied session (the hot path: a few lines
+    per chunk).  A side is read only as far as the other side's output
+    buffer has room, so each direction holds at most proxy_buffer."""
+    __slots__ = ("session", "client", "backend", "limit", "eof_from", "timer", "idle_timeout",
+                 "moved", "last_change")
 
     def __init__(self, session, client: Stream, backend: Stream, limit: int, idle_timeout: float):
         self.session = session
@@ -4606,39 +4611,42 @@ class Relay:
         self.backend = backend
         self.limit = limit
         self.eof_from = None               # the stream that closed first
-        self.last_activity = client.loop.time()
-        self.timer = client.loop.call_later(idle_timeout, lambda: self._check_idle(idle_timeout))
+        self.idle_timeout = idle_timeout
+        self.moved = -1                    # bytes relayed when last looked at
+        self.last_change = client.loop.time()
+        self.timer = client.loop.call_later(self._check_interval(), self._check_idle)
         client.owner = self
         backend.owner = self
-        self._update_budgets()
+        self._allow(client)
+        self._allow(backend)
 
     def peer(self, stream: Stream) -> Stream:
         return self.backend if stream is self.client else self.client
 
-    def _update_budgets(self) -> None:
-        for source in (self.client, self.backend):
-            room = self.limit - len(self.peer(source).out)
-            if self.eof_from is not None:
-                room = 0
-            source.set_read_budget(max(0, min(room, READ_SIZE)))
+    def _allow(self, source: Stream) -> None:
+        """Let ``source`` be read as far as its peer's buffer has room."""
+        room = 0 if self.eof_from is not None else self.limit - len(self.peer(source).out)
+        source.set_read_budget(min(room, READ_SIZE) if room > 0 else 0)
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
-        self.last_activity = stream.loop.time()
-        self.peer(stream).write(data)
-        self._update_budgets()
+        peer = self.backend if stream is self.client else self.client
+        peer.write(data)
+        if peer.out:                       # the kernel took less: hold the source back
+            self._allow(stream)
 
     def stream_drained(self, stream: Stream) -> None:
-        self.last_activity = stream.loop.time()
+        """``stream`` has written out all it held: its source may go on."""
         if self.eof_from is not None and self.peer(self.eof_from) is stream:
             self.finish("%s closed connection" % self._side(self.eof_from))
             return
-        self._update_budgets()
+        self._allow(self.peer(stream))
 
     def stream_eof(self, stream: Stream) -> None:
         """nginx has no half-close: once one side is done and its data is
         delivered, the session ends."""
         self.eof_from = stream
-        self._update_budgets()
+        self._allow(self.client)
+        self._allow(self.backend)
         if not self.peer(stream).out:
             self.finish("%s closed connection" % self._side(stream))
 
@@ -4655,14 +4663,22 @@ class Relay:
     def _side(self, stream: Stream) -> str:
         return "client" if stream is self.client else "upstream"
 
-    def _check_idle(self, idle_timeout: float) -> None:
-        idle = self.client.loop.time() - self.last_activity
-        if idle >= idle_timeout:
+    def _check_interval(self) -> float:
+        return max(self.idle_timeout / 8, 0.05)
+
+    def _check_idle(self) -> None:
+        """proxy_timeout without traffic ends the session.  Rather than read
+        the clock for every chunk, look at the byte counts now and then: the
+        timeout is kept to within an eighth of itself."""
+        now = self.client.loop.time()
+        moved = self.client.received + self.client.sent + self.backend.received + self.backend.sent
+        if moved != self.moved:
+            self.moved, self.last_change = moved, now
+        if now - self.last_change >= self.idle_timeout:
             self.session.log("info", "proxied session timed out (proxy_timeout)")
             self.finish("proxy_timeout")
         else:
-            self.timer = self.client.loop.call_later(idle_timeout - idle,
-                                                     lambda: self._check_idle(idle_timeout))
+            self.timer = self.client.loop.call_later(self._check_interval(), self._check_idle)
 
     def finish(self, outcome: str) -> None:
         self.timer.cancel()
@@ -5069,6 +5085,9 @@ class Session:
         if self.server.auth_http is not None:
             if credentials.method != "none":
                 self.login = credentials.login
+            # nginx (ngx_mail_auth) stops the client's timer: from here only
+            # auth_http_timeout bounds the wait.
+            self._disarm()
             self._ask_auth_server()
             return
         if credentials.method == "none":
@@ -5214,8 +5233,13 @@ class Session:
             return imap_login_script(machine.tag, result.login, result.password, starttls)
         if server.protocol == "pop3":
             return pop3_login_script(result.login, result.password, starttls)
-        backend_auth = result.token[0] if result.token else (result.smtp_auth or "")
-        password = result.token[1] if result.token else (result.password or b"")
+        # A token goes on to an SMTP backend only when it is to be logged in to
+        # (proxy_smtp_auth, Auth-SMTP-Auth); otherwise XCLIENT LOGIN= says who.
+        wants_auth = result.smtp_auth not in (None, "none") or (
+            result.smtp_auth is None and server.proxy_smtp_auth)
+        use_token = result.token is not None and wants_auth
+        backend_auth = result.token[0] if use_token else (result.smtp_auth or "")
+        password = result.token[1] if use_token else (result.password or b"")
         facts = SmtpFacts(self.client_address, self.client_name, machine.helo, machine.esmtp,
                           result.login, password, self.auth_method, machine.mail_from,
                           machine.rcpt_to, backend_auth, starttls)
@@ -5545,7 +5569,12 @@ class Worker:
         self.listeners = {}
         if self.report_fd is not None:
             # Tell the master: from now on, this worker accepts nobody.
-            os.write(self.report_fd, b"%d\n" % os.getpid())
+            try:
+                os.write(self.report_fd, b"%d\n" % os.getpid())
+            except OSError:
+                pass                   # the master is gone
+            os.close(self.report_fd)
+            self.report_fd = None
         if not self.sessions:
             self.loop.stop()
         elif self.config.main.worker_shutdown_timeout is not None:
@@ -5657,8 +5686,9 @@ def nginx_tokens(text: str, source: str) -> List[Tuple[str, int, bool]]:
             tokens.append((char, line, False))
             i += 1
         else:
+            start = i
             token, i, quoted = _nginx_word(text, i, source, line)
-            line += text.count("\n", i - len(token) - 2 if quoted else i - len(token), i)
+            line += text.count("\n", start, i)
             tokens.append((token, line, quoted))
     return tokens
 
@@ -5717,14 +5747,14 @@ def _nginx_block(tokens: List, position: int, path: str, base: str, depth: int):
         elif token == "{" and not quoted:
             children, position = _nginx_block(tokens, position, path, base, depth)
             if position >= len(tokens):
-                raise ValueError_('%s: unexpected end of file, expecting "}"' % path)
+                raise ValueError_('%s:%d: unexpected end of file, expecting "}"' % (path, tokens[-1][1]))
             position += 1
             directives.append(NginxBlock(words[0] if words else "", words[1:], children, True))
             words = []
         else:
             words.append(token)
     if words:
-        raise ValueError_('%s: unexpected end of file, expecting ";" or "}"' % path)
+        raise ValueError_('%s:%d: unexpected end of file, expecting ";" or "}"' % (path, tokens[-1][1]))
     return directives, position
 
 
@@ -6158,10 +6188,10 @@ def command_run(path: str) -> int:
     except OSError as error:
         log.log("emerg", str(error.strerror))
         return 1
+    write_pid_file(config.main)                  # before the user changes
     if isinstance(process, Worker):
         drop_privileges(config.main, log)
         process.install_signals()
-    write_pid_file(config.main)
     listening = ", ".join(sorted(listen.text for server in config.servers for listen in server.listen))
     log.log("notice", "mailproxy/%s started, listening on %s" % (__version__, listening))
     try:

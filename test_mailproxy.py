@@ -6331,6 +6331,818 @@ class TlsEndToEndConfigCheckTests(TlsEndToEndCase):
         self.assertFalse(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
 
 
+
+
+
+# ########################################################################## #
+#                 Processes, signals, privileges and logs                    #
+# ########################################################################## #
+# The real program, ``mailproxy.py -c FILE``, in a subprocess of its own
+# session: the master, the workers it forks, real signals.  Worker PIDs come
+# from the master's "start worker process N" lines (no pgrep); /proc says
+# whether a PID lives, whose child it is and which user it runs as.  Every
+# proxy is stopped at the end of its test, its whole process group killed,
+# and the test fails if any process of the group is still alive.  The nginx
+# import (--import-nginx) is here too: it ends in -t on its output.
+
+PROC_GREETING = rb"^\* OK IMAP4 ready\r\n$"
+proc_needs_unix = unittest.skipUnless(hasattr(os, "fork") and os.path.isdir("/proc/self"),
+                                      "needs fork() and /proc")
+
+
+def proc_stat(pid: int):
+    """(state, ppid, process group) of ``pid`` from /proc; None when gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def proc_alive(pid: int) -> bool:
+    """Running or sleeping.  A zombie counts as dead: an orphaned worker is
+    re-parented to an init that may never reap it."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def proc_group(pgid: int) -> list:
+    """The live processes of process group ``pgid``."""
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = proc_stat(int(name))
+            if stat is not None and stat[2] == pgid and stat[0] not in ("Z", "X"):
+                members.append(int(name))
+    return members
+
+
+def proc_ids(pid: int, field: str) -> list:
+    """The numbers of the ``Uid:``, ``Gid:`` or ``Groups:`` line of
+    /proc/PID/status."""
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return [int(value) for value in line.split()[1:]]
+    raise AssertionError("no %s line for %d" % (field, pid))
+
+
+def proc_wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(0.01)
+
+
+def proc_config(directory: CfgTempDir, ports, backend_port: int = 1143, password: str = "secret",
+                main: str = "", mail: str = "", server: str = "", tail: str = "",
+                log: str = "stderr info", name: str = "mailproxy.conf") -> str:
+    """One IMAP server listening on every port of ``ports``, a [users] table
+    with alice; ``log`` is the [main] error_log; ``main``, ``mail`` and
+    ``server`` are lines added to those sections, ``tail`` goes at the end."""
+    listen = "\n    ".join("127.0.0.1:%d" % port for port in ports)
+    text = ("[main]\nerror_log = %s\n%s\n"
+            "[mail]\nproxy_pass = 127.0.0.1:%d\nauth_delay = 50ms\nserver_name = mail.test\n%s\n"
+            "[users]\nalice = {PLAIN}%s\n\n"
+            "[server imap]\nlisten = %s\nprotocol = imap\n%s%s"
+            % (log, main, backend_port, mail, password, listen, server, tail))
+    return directory.write(name, text)
+
+
+class proc_Proxy(CfgProxy):
+    """CfgProxy in a new session (its own process group), so that the master
+    and every worker it forked are killed when the test ends; the test fails
+    if one of them is still alive then."""
+
+    def __init__(self, test, config_path: str, started: bool = True):
+        self.proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config_path],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.pgid = self.proc.pid
+        self.lines = []
+        self.eof = False
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        test.addCleanup(self.stop)
+        if started and self.wait_for("started") is None:
+            test.fail("no 'started' line:\n" + self.stderr)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def workers(self, since: int = 0) -> list:
+        """The PIDs of "start worker process N" from line ``since`` on."""
+        with self.changed:
+            lines = self.lines[since:]
+        return [int(match.group(1)) for match in
+                (re.search(r"start worker process (\d+)", line) for line in lines) if match]
+
+    def served_by(self, since: int = 0) -> list:
+        """The PID of each session's "connected" line from line ``since`` on."""
+        with self.changed:
+            lines = self.lines[since:]
+        return [int(match.group(1)) for match in
+                (re.search(r"\] (\d+)#0: \*\d+ client \S+ connected to", line) for line in lines)
+                if match]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)        # the master reaps its workers
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait(5)
+        self.reader.join(2)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        proc_wait(lambda: not proc_group(self.pgid), 2.0,
+                  "the proxy's process group %d to be gone" % self.pgid)
+
+
+class proc_ImapBackend(FakeImapBackend):
+    """FakeImapBackend (FETCH 1 BODY[] sends ``message``, APPEND answers with
+    the sha256 of what it got) that lets alice in with any password: the
+    proxy's [users] table is what decides.  ``logins`` records each one."""
+
+    def __init__(self, test, message: bytes = b"hello\r\n"):
+        super().__init__(message=message)
+        self.logins = []
+        test.addCleanup(self.close)
+
+    def login(self, wire: BackendWire, tag: bytes, argument: bytes) -> bool:
+        size = re.fullmatch(rb"\{(\d+)\}", argument)
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+ go ahead\r\n")
+        login = wire.exactly(int(size.group(1)))
+        size = re.fullmatch(rb" \{(\d+)\}\r\n", wire.line())
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+\r\n")
+        password = wire.exactly(int(size.group(1)))
+        wire.line()
+        self.logins.append((login, password))
+        wire.send(tag + b" OK LOGIN completed\r\n")
+        return True
+
+
+def proc_login(test, port: int, password: str = "secret", timeout: float = 5.0):
+    """A harness Client that has read the greeting and sent LOGIN: (client,
+    the reply line)."""
+    client = Client(port, timeout)
+    test.addCleanup(client.close)
+    client.expect(PROC_GREETING)
+    client.send("a1 LOGIN alice " + password)
+    return client, client.read_line()
+
+
+def proc_upload(size: int) -> bytes:
+    return hashlib.shake_128(b"upload of %d bytes" % size).digest(size)
+
+
+def proc_transfer(test, client: Client, size: int) -> None:
+    """Through a logged-in session: FETCH ``size`` bytes from the backend and
+    APPEND ``size`` other bytes to it, both checked with sha256."""
+    client.send("f1 FETCH 1 BODY[]")
+    client.expect(rb"^\* 1 FETCH \(BODY\[\] \{%d\}\r\n$" % size)
+    got = client.read_exactly(size)
+    test.assertEqual(sha256_hex(got), sha256_hex(message_bytes(size)), "FETCH: bytes changed")
+    client.expect(rb"^\)\r\n$")
+    client.expect(rb"^f1 OK FETCH completed\r\n$")
+    data = proc_upload(size)
+    client.send("f2 APPEND INBOX {%d}" % size)
+    client.expect(rb"^\+ Ready for literal data\r\n$")
+    client.send(data + b"\r\n")
+    client.expect(rb"^f2 OK APPEND completed, sha256 %s\r\n$" % sha256_hex(data).encode())
+
+
+def proc_logout(client: Client) -> None:
+    client.send("z9 LOGOUT")
+    client.expect(rb"^\* BYE")
+    client.expect(rb"^z9 OK")
+    client.expect_closed()
+
+
+def proc_read(path: str) -> str:
+    """The text of a file; "" if there is none."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
+def proc_refused(port: int) -> bool:
+    """One connection attempt, no retry: is it refused?"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def proc_read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the peer sends until it closes (fails after ``timeout``)."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+# -- workers: several, and one that dies ----------------------------------------
+
+@proc_needs_unix
+class ProcessWorkerTests(unittest.TestCase):
+
+    def test_three_workers_and_a_killed_one_is_replaced(self):
+        backend = CfgFakeImapBackend(self)
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+                                             main="worker_processes = 3\n"))
+        workers = proxy.workers()
+        self.assertEqual(len(set(workers)), 3, proxy.stderr)
+        for pid in workers:
+            self.assertTrue(proc_alive(pid), "worker %d is not running" % pid)
+            self.assertEqual(proc_stat(pid)[1], proxy.pid, "worker %d: not the master's child" % pid)
+        mark = proxy.mark()
+        for _ in range(5):
+            self.assertEqual(cfg_imap_login(self, port, "alice", "secret"),
+                             b"a1 OK LOGIN completed\r\n")
+        served = proxy.served_by(mark)
+        self.assertEqual(len(served), 5, proxy.stderr)
+        self.assertLessEqual(set(served), set(workers), "a session outside the workers")
+
+        victim = workers[1]
+        mark = proxy.mark()
+        os.kill(victim, signal.SIGKILL)
+        line = proxy.wait_for("worker process %d exited on signal 9, starting a new one" % victim,
+                              mark)
+        self.assertIsNotNone(line, proxy.stderr)
+        self.assertIn("[alert]", line)
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        replacement = proxy.workers(mark)
+        self.assertEqual(len(replacement), 1, proxy.stderr)
+        new = replacement[0]
+        self.assertNotIn(new, workers)
+        self.assertTrue(proc_alive(new))
+        self.assertEqual(proc_stat(new)[1], proxy.pid)
+        self.assertFalse(proc_alive(victim))
+        current = set(workers) - {victim} | {new}
+        mark = proxy.mark()
+        for _ in range(5):
+            self.assertEqual(cfg_imap_login(self, port, "alice", "secret"),
+                             b"a1 OK LOGIN completed\r\n")
+        served = proxy.served_by(mark)
+        self.assertEqual(len(served), 5, proxy.stderr)
+        self.assertLessEqual(set(served), current)
+
+    def test_worker_connections_keeps_the_third_client_in_the_backlog(self):
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(directory, [port], main="worker_connections = 2\n"))
+        first, second = Client(port, 2.0), Client(port, 2.0)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        first.expect(PROC_GREETING)
+        second.expect(PROC_GREETING)
+        third = Client(port, 2.0)                 # the kernel completes the handshake
+        self.addCleanup(third.close)
+        third.expect_nothing(0.3)
+        self.assertEqual(len(proxy.served_by()), 2, "the third client was accepted")
+        second.send("a1 NOOP")
+        second.expect(rb"^a1 OK completed\r\n$")  # the two sessions are served meanwhile
+        third.expect_nothing(0.1)
+        first.send("a1 LOGOUT")
+        first.expect(rb"^\* BYE")
+        first.expect(rb"^a1 OK")
+        first.expect_closed()
+        started = time.monotonic()
+        third.expect(PROC_GREETING)
+        self.assertLess(time.monotonic() - started, 0.5, "the third client waited too long")
+        third.send("a2 NOOP")
+        third.expect(rb"^a2 OK completed\r\n$")
+        self.assertEqual(len(proxy.served_by()), 3)
+
+
+# -- SIGHUP: a reload -------------------------------------------------------------
+
+@proc_needs_unix
+class ProcessReloadTests(unittest.TestCase):
+
+    def test_sighup_moves_the_listener_and_changes_users_while_a_session_relays(self):
+        backend = proc_ImapBackend(self, message_bytes(MEGABYTE))
+        directory = CfgTempDir(self)
+        old_port, new_port = cfg_free_port(), cfg_free_port()
+        path = proc_config(directory, [old_port], backend.port, password="old")
+        proxy = proc_Proxy(self, path)
+        old_workers = proxy.workers()
+        session, reply = proc_login(self, old_port, "old")
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        session.send("n1 NOOP")
+        session.expect(rb"^n1 OK NOOP completed\r\n$")      # relaying before the reload
+
+        proc_config(directory, [new_port], backend.port, password="new")
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        new_workers = proxy.workers(mark)
+        self.assertEqual(len(new_workers), 1, proxy.stderr)
+        self.assertNotIn(new_workers[0], old_workers)
+
+        self.assertTrue(proc_refused(old_port), "the removed port still accepts")
+        refused, reply = proc_login(self, new_port, "old")
+        self.assertEqual(reply, b"a1 NO Invalid login or password\r\n")
+        accepted, reply = proc_login(self, new_port, "new")
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(set(proxy.served_by(mark)), set(new_workers))
+
+        # The session from before the reload, in the old worker, still relays.
+        self.assertTrue(proc_alive(old_workers[0]))
+        proc_transfer(self, session, MEGABYTE)
+        proc_logout(session)
+        self.assertIsNotNone(proxy.wait_for("worker process %d exited with code 0" % old_workers[0],
+                                            mark), proxy.stderr)
+        self.assertEqual(backend.logins, [(b"alice", b"old"), (b"alice", b"new")])
+        proc_transfer(self, accepted, MEGABYTE)             # and the new worker relays too
+
+    def test_sighup_with_an_invalid_file_keeps_the_old_configuration(self):
+        backend = CfgFakeImapBackend(self)
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        path = proc_config(directory, [port], backend.port, password="old")
+        proxy = proc_Proxy(self, path)
+        workers = proxy.workers()
+        proc_config(directory, [port], backend.port, password="new", server="timeout = soon\n")
+        with open(path) as handle:
+            line = handle.read().splitlines().index("timeout = soon") + 1
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        failed = proxy.wait_for("reload failed", mark)
+        self.assertIsNotNone(failed, proxy.stderr)
+        self.assertIn("[alert]", failed)
+        error = proxy.wait_for("%s:%d: [server imap] timeout:" % (path, line), mark)
+        self.assertIsNotNone(error, "the error is not logged with its place:\n" + proxy.stderr)
+        self.assertIn("[emerg]", error)
+        self.assertEqual(cfg_imap_login(self, port, "alice", "old"), b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(cfg_imap_login(self, port, "alice", "new"),
+                         b"a1 NO Invalid login or password\r\n")
+        self.assertEqual(set(proxy.served_by(mark)), set(workers))
+        self.assertEqual(proxy.workers(mark), [], "a new generation was started")
+        self.assertEqual(sorted(proc_group(proxy.pgid)), sorted(workers + [proxy.pid]))
+        self.assertNotIn("configuration reloaded", "".join(proxy.lines[mark:]))
+
+
+# -- SIGQUIT: a graceful stop -----------------------------------------------------
+
+@proc_needs_unix
+class ProcessGracefulStopTests(unittest.TestCase):
+
+    def test_sigquit_refuses_new_clients_lets_the_session_finish_and_removes_the_pid_file(self):
+        backend = proc_ImapBackend(self, message_bytes(MEGABYTE))
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        pid_path = os.path.join(directory.path, "run", "mailproxy.pid")
+        os.mkdir(os.path.dirname(pid_path))
+        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+                                             main="pid = run/mailproxy.pid\n"))
+        with open(pid_path) as handle:
+            self.assertEqual(handle.read(), "%d\n" % proxy.pid)
+        worker = proxy.workers()[0]
+        session, reply = proc_login(self, port)
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        mark = proxy.mark()
+        proxy.send_signal("SIGQUIT")
+        self.assertIsNotNone(proxy.wait_for("%d#0: gracefully shutting down" % worker, mark),
+                             proxy.stderr)
+        self.assertTrue(cfg_refused_soon(port, 1.0), "still accepting after SIGQUIT")
+        self.assertTrue(proc_refused(port))
+        proc_transfer(self, session, MEGABYTE)
+        self.assertIsNone(proxy.proc.poll(), "exited with a session open")
+        self.assertTrue(os.path.exists(pid_path))
+        proc_logout(session)
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertFalse(os.path.exists(pid_path), "the pid file is left")
+        self.assertIn("%d#0: exit" % proxy.pid, proxy.stderr)
+        self.assertNotIn("worker_shutdown_timeout", proxy.stderr)
+
+    def test_worker_shutdown_timeout_cuts_a_session_that_stays_open(self):
+        backend = CfgFakeImapBackend(self)
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+                                             main="worker_shutdown_timeout = 1s\n"))
+        session, reply = proc_login(self, port)
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        mark = proxy.mark()
+        started = time.monotonic()
+        proxy.send_signal("SIGQUIT")
+        rest = proc_read_until_closed(session.sock, 3.0)
+        cut = time.monotonic() - started
+        self.assertEqual(rest, b"")
+        self.assertGreaterEqual(cut, 0.9, "cut before worker_shutdown_timeout")
+        self.assertLess(cut, 2.5, "cut long after worker_shutdown_timeout")
+        self.assertEqual(proxy.wait_exit(2), 0, proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("worker_shutdown_timeout: closing 1 sessions", mark))
+
+
+# -- the master's death ------------------------------------------------------------
+
+@proc_needs_unix
+class ProcessMasterGoneTests(unittest.TestCase):
+
+    def start(self, port):
+        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port],
+                                             main="worker_processes = 2\n"))
+        workers = proxy.workers()
+        self.assertEqual(len(workers), 2)
+        client = Client(port, 2.0)        # the workers serve before the master dies
+        self.addCleanup(client.close)
+        client.expect(PROC_GREETING)
+        client.close()
+        return proxy, workers
+
+    def test_workers_stop_when_the_master_is_killed(self):
+        port = cfg_free_port()
+        proxy, workers = self.start(port)
+        os.kill(proxy.pid, signal.SIGKILL)
+        proxy.proc.wait(2)
+        proc_wait(lambda: not any(proc_alive(pid) for pid in workers), 2.0,
+                  "the workers to stop after the master's SIGKILL")
+        self.assertTrue(proc_refused(port))
+        self.assertEqual(proc_group(proxy.pgid), [])
+
+    def test_workers_stop_cleanly_when_the_master_is_killed(self):
+        # The worker's graceful stop reports to the master through a pipe
+        # whose only reader was the master: the write must not kill it.
+        port = cfg_free_port()
+        proxy, workers = self.start(port)
+        os.kill(proxy.pid, signal.SIGKILL)
+        proc_wait(lambda: not any(proc_alive(pid) for pid in workers), 2.0,
+                  "the workers to stop after the master's SIGKILL")
+        proxy.reader.join(2)              # the workers held the stderr pipe too
+        for pid in workers:
+            self.assertIn("%d#0: the master process is gone" % pid, proxy.stderr)
+            self.assertIn("%d#0: gracefully shutting down" % pid, proxy.stderr)
+        self.assertNotIn("worker process failed", proxy.stderr)
+
+
+# -- user = nobody -------------------------------------------------------------------
+
+@proc_needs_unix
+@unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root")
+class ProcessPrivilegeTests(unittest.TestCase):
+
+    def nobody(self):
+        import pwd
+        try:
+            return pwd.getpwnam("nobody")
+        except KeyError:
+            self.skipTest("no user nobody")
+
+    def test_workers_run_as_nobody_and_the_master_stays_root(self):
+        nobody = self.nobody()
+        backend = CfgFakeImapBackend(self)
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+                                             main="user = nobody\nworker_processes = 2\n"))
+        workers = proxy.workers()
+        self.assertEqual(len(workers), 2)
+        self.assertEqual(proc_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
+        for pid in workers:                               # the drop follows the fork
+            proc_wait(lambda: proc_ids(pid, "Uid") != [0, 0, 0, 0], 1.0, "worker %d to drop root" % pid)
+            self.assertEqual(proc_ids(pid, "Uid"), [nobody.pw_uid] * 4, "worker %d" % pid)
+            self.assertEqual(proc_ids(pid, "Gid"), [nobody.pw_gid] * 4, "worker %d" % pid)
+            self.assertEqual(proc_ids(pid, "Groups"), [nobody.pw_gid], "worker %d" % pid)
+        self.assertEqual(cfg_imap_login(self, port, "alice", "secret"), b"a1 OK LOGIN completed\r\n")
+        self.assertLessEqual(set(proxy.served_by()), set(workers))
+        mark = proxy.mark()
+        os.kill(workers[0], signal.SIGKILL)              # a replacement drops privileges too
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        new = proxy.workers(mark)[0]
+        proc_wait(lambda: proc_ids(new, "Uid") == [nobody.pw_uid] * 4, 1.0,
+                  "the new worker to become nobody")
+        self.assertEqual(proc_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
+
+    def test_single_process_with_user_writes_its_pid_file(self):
+        # master_process off: the one process binds, drops to "user" and
+        # serves; the pid file (in a directory only root may write) must
+        # still be written, as the master does it before any drop.
+        self.nobody()
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        pid_path = os.path.join(directory.path, "mailproxy.pid")
+        proxy = proc_Proxy(self, proc_config(
+            directory, [port], main="master_process = off\nuser = nobody\npid = %s\n" % pid_path),
+            started=False)
+        started = proxy.wait_for("started", timeout=3)
+        self.assertIsNotNone(started, "did not start:\n" + proxy.stderr)
+        self.assertNotIn("Traceback", proxy.stderr)
+        with open(pid_path) as handle:
+            self.assertEqual(handle.read(), "%d\n" % proxy.pid)
+
+
+# -- logs: SIGUSR1, syslog, access_log -------------------------------------------------
+
+@proc_needs_unix
+class ProcessLogTests(unittest.TestCase):
+
+    def test_sigusr1_reopens_the_error_log_after_a_rename(self):
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        log_path = os.path.join(directory.path, "error.log")
+        rotated = log_path + ".1"
+        # The file first: a line is in it before it is in stderr.
+        proxy = proc_Proxy(self, proc_config(
+            directory, [port], log="error.log info\n    stderr info"))
+
+        def read(path):
+            with open(path) as handle:
+                return handle.read()
+
+        def session():
+            key = "*%s session done" % proc_session(self, proxy, port)
+            self.assertIsNotNone(proxy.wait_for(key), proxy.stderr)
+            return key
+
+        self.assertIn(session(), read(log_path))
+        os.rename(log_path, rotated)
+        before = session()
+        self.assertIn(before, read(rotated))             # the open file, renamed
+        proxy.send_signal("SIGUSR1")
+        proc_wait(lambda: os.path.exists(log_path), 2.0, "the master to open error.log again")
+        deadline = time.monotonic() + 2.0
+        while session() not in read(log_path):           # until the worker has the signal
+            self.assertLess(time.monotonic(), deadline, "the worker never reopened its log")
+        frozen = read(rotated)
+        after = session()
+        self.assertIn(after, read(log_path))
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0)
+        self.assertEqual(read(rotated), frozen, "lines went to the renamed file after SIGUSR1")
+        text = read(log_path)
+        self.assertIn("%d#0: exit" % proxy.pid, text)    # the master's lines, too
+        self.assertIn("%d#0: exiting" % proxy.workers()[0], text)
+        self.assertNotIn(before, text)
+
+    def test_syslog_datagrams_are_rfc3164(self):
+        main_sink = proc_udp_sink(self)
+        server_sink = proc_udp_sink(self)
+        directory = CfgTempDir(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(
+            directory, [port],
+            log="stderr info\n    syslog:server=127.0.0.1:%d,facility=mail,tag=mproxy info"
+                % main_sink.getsockname()[1],
+            server="error_log = syslog:server=127.0.0.1:%d,facility=mail,tag=mproxy,nohostname"
+                   " info\n" % server_sink.getsockname()[1]))
+        stamp = rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [ 123]\d \d\d:\d\d:\d\d "
+        host = re.escape(socket.gethostname().encode())
+        worker = proc_datagram(main_sink, b"start worker process")    # logged before "started"
+        self.assertRegex(worker, b"^<21>" + stamp + host + rb" mproxy: \[notice\] %d#0: "
+                         rb"start worker process %d$" % (proxy.pid, proxy.workers()[0]))
+        started = proc_datagram(main_sink, b"started")
+        self.assertRegex(started, b"^<21>" + stamp + host + rb" mproxy: \[notice\] %d#0: "
+                         rb"mailproxy/\S+ started, listening on 127\.0\.0\.1:%d$" % (proxy.pid, port))
+        client = Client(port, 2.0)
+        self.addCleanup(client.close)
+        client.expect(PROC_GREETING)
+        connected = proc_datagram(server_sink, b"connected to")
+        self.assertRegex(connected, b"^<22>" + stamp + rb"mproxy: \[info\] %d#0: \*1 client "
+                         rb"127\.0\.0\.1:\d+ connected to 127\.0\.0\.1:%d, client: 127\.0\.0\.1, "
+                         rb"server: 127\.0\.0\.1:%d$" % (proxy.workers()[0], port, port))
+        self.assertNotIn(b"\n", connected)
+        self.assertNotIn("connected to", proxy.stderr)   # the server's log is syslog only
+
+    def test_a_bad_syslog_parameter_fails_the_check(self):
+        directory = CfgTempDir(self)
+        for value, message in (("syslog:server=127.0.0.1:514,colour=blue", 'unknown syslog parameter "colour"'),
+                               ("syslog:server=127.0.0.1:514,facility=bogus", 'unknown syslog facility "bogus"'),
+                               ("syslog:facility=mail", 'no "server="')):
+            with self.subTest(value=value):
+                path = proc_config(directory, [cfg_free_port()], log="stderr info\n    %s info" % value)
+                status, out, err = cfg_run(["-t", "-c", path], timeout=10)
+                self.assertEqual(status, 1, err)
+                # The place: the directive's line (the value's first line) or
+                # the line of this occurrence.
+                self.assertRegex(err, re.escape(path) + r":[23]: \[main\] error_log:")
+                self.assertIn(message, err)
+                self.assertIn("test failed", err)
+
+    def test_access_log_file_and_off(self):
+        backend = CfgFakeImapBackend(self)
+        directory = CfgTempDir(self)
+        port, quiet_port = cfg_free_port(), cfg_free_port()
+        access = os.path.join(directory.path, "access.log")
+        proxy = proc_Proxy(self, proc_config(
+            directory, [port], backend.port, main="access_log = access.log\n",
+            tail="\n[server quiet]\nlisten = 127.0.0.1:%d\nprotocol = imap\naccess_log = off\n"
+                 % quiet_port))
+        quiet = proc_session(self, proxy, quiet_port)
+        self.assertEqual(cfg_imap_login(self, port, "alice", "secret"), b"a1 OK LOGIN completed\r\n")
+        proc_wait(lambda: "session done" in proc_read(access), 2.0,
+                  "the session line in access.log")
+        with open(access) as handle:
+            lines = handle.read().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[info\] %d#0: \*2 session done: "
+                         r"client closed connection, \d+ bytes from client, \d+ bytes to client, "
+                         r"[\d.]+s, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, login: \"alice\", "
+                         r"upstream: 127\.0\.0\.1:%d$" % (proxy.workers()[0], port, backend.port))
+        self.assertEqual(quiet, "1")
+        self.assertNotIn("session done", proxy.stderr)   # neither session's line in the error log
+
+
+def proc_session(test, proxy: proc_Proxy, port: int) -> str:
+    """One session without login (greeting, LOGOUT, closed); its number."""
+    client = Client(port, 2.0)
+    test.addCleanup(client.close)
+    address = "127.0.0.1:%d" % client.sock.getsockname()[1]
+    client.expect(PROC_GREETING)
+    client.send("a1 LOGOUT")
+    client.expect(rb"^\* BYE")
+    client.expect(rb"^a1 OK")
+    client.expect_closed()
+    line = proxy.wait_for("client %s connected" % address)
+    test.assertIsNotNone(line, proxy.stderr)
+    return re.search(r"\*(\d+) client", line).group(1)
+
+
+def proc_udp_sink(test) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    test.addCleanup(sock.close)
+    return sock
+
+
+def proc_datagram(sock: socket.socket, text: bytes, timeout: float = 3.0) -> bytes:
+    """The first datagram holding ``text`` (the others are dropped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("no datagram with %r" % text)
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except socket.timeout:
+            raise AssertionError("no datagram with %r" % text)
+        if text in data:
+            return data
+
+
+# -- --import-nginx ---------------------------------------------------------------------
+
+PROC_NGINX_CONF = r"""# nginx.conf of a mail proxy   ; { } "quotes" in a comment
+worker_processes 2;
+pid mailproxy.pid;      # relative: to the configuration's directory
+error_log stderr info;
+
+events {
+    worker_connections 512;   # into [main]
+}
+
+http {
+    server { listen 80; }
+}
+
+mail {
+    server_name "mail.example.com";
+    auth_http 127.0.0.1:9000/auth;
+    auth_http_header X-Auth-Key "se cret \"k\" \\ end#not-a-comment";
+    include conf.d/*.conf;
+    ssl_verify_depth 2;
+
+    server {
+        listen 127.0.0.1:%(imap)d;
+        protocol imap;
+        imap_capabilities "IMAP4rev1" 'UIDPLUS' ID;
+    }
+    server {
+        server_name pop.example.com;
+        listen 127.0.0.1:%(pop3)d;
+        protocol pop3;
+    }
+    server {
+        listen 127.0.0.1:%(smtp)d;
+        protocol smtp;
+        smtp_auth login plain;
+    }
+}
+"""
+
+
+class ProcessImportNginxTests(unittest.TestCase):
+
+    def write(self, directory: CfgTempDir, name: str, text: str) -> str:
+        path = os.path.join(directory.path, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def test_import_translates_every_directive_and_passes_the_check(self):
+        directory = CfgTempDir(self)
+        ports = {"imap": cfg_free_port(), "pop3": cfg_free_port(), "smtp": cfg_free_port()}
+        nginx = self.write(directory, "nginx.conf", PROC_NGINX_CONF % ports)
+        self.write(directory, "conf.d/1-pipelining.conf", "smtp_capabilities PIPELINING;\n")
+        self.write(directory, "conf.d/2-size.conf", '# the second file\nsmtp_capabilities "SIZE 10485760" 8BITMIME;\n')
+        self.write(directory, "conf.d/ignored.txt", "this is no nginx syntax {\n")
+        status, ini, err = cfg_run(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 0, err)
+        lines = ini.splitlines()
+        base = directory.path
+        for expected in ("[main]", "worker_processes = 2", "pid = %s/mailproxy.pid" % base,
+                         "error_log = stderr info", "worker_connections = 512",
+                         "[mail]", "server_name = mail.example.com",
+                         "auth_http = 127.0.0.1:9000/auth",
+                         'auth_http_header = X-Auth-Key "se cret \\"k\\" \\\\ end#not-a-comment"',
+                         "smtp_capabilities = PIPELINING",
+                         '    "SIZE 10485760" 8BITMIME',
+                         "[server 1]", "listen = 127.0.0.1:%d" % ports["imap"], "protocol = imap",
+                         "imap_capabilities = IMAP4rev1 UIDPLUS ID",
+                         "[server pop.example.com]", "server_name = pop.example.com",
+                         "listen = 127.0.0.1:%d" % ports["pop3"], "protocol = pop3",
+                         "[server 3]", "listen = 127.0.0.1:%d" % ports["smtp"], "protocol = smtp",
+                         "smtp_auth = login plain"):
+            self.assertIn(expected, lines, "missing %r in:\n%s" % (expected, ini))
+        skipped = [line for line in lines if "ssl_verify_depth" in line]
+        self.assertEqual(skipped, ["# not translated: ssl_verify_depth 2;  (cannot be honoured: "
+                                   "Python's ssl module keeps OpenSSL's depth (100))"], ini)
+        self.assertIn("# Not mail, not translated: http {}", lines)
+        self.assertNotIn("listen = 80", ini)
+        self.assertEqual(lines.index("smtp_capabilities = PIPELINING") + 1,
+                         lines.index('    "SIZE 10485760" 8BITMIME'))
+
+        path = directory.write("imported.conf", ini)
+        status, out, err = cfg_run(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err + "\n" + ini)
+        self.assertIn("test is successful", err)
+        config = mp.load_config(path)                    # and it means what nginx meant
+        self.assertEqual(config.main.worker_processes, 2)
+        self.assertEqual(config.main.worker_connections, 512)
+        self.assertEqual(config.main.pid, os.path.join(base, "mailproxy.pid"))
+        imap, pop3, smtp = config.servers
+        self.assertEqual(imap.auth_http_header, [("X-Auth-Key", 'se cret "k" \\ end#not-a-comment')])
+        self.assertEqual(imap.server_name, "mail.example.com")
+        self.assertEqual(pop3.server_name, "pop.example.com")
+        self.assertEqual(imap.imap_capabilities, ["IMAP4rev1", "UIDPLUS", "ID"])
+        self.assertEqual(smtp.smtp_capabilities, ["PIPELINING", "SIZE 10485760", "8BITMIME"])
+        self.assertEqual([(s.protocol, s.listen[0].port) for s in config.servers],
+                         [("imap", ports["imap"]), ("pop3", ports["pop3"]), ("smtp", ports["smtp"])])
+
+    def broken(self, text: str):
+        directory = CfgTempDir(self)
+        nginx = self.write(directory, "nginx.conf", text)
+        status, out, err = cfg_run(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 1, err)
+        self.assertEqual(out, "")
+        self.assertNotIn("Traceback", err)
+        return nginx, err
+
+    def test_unclosed_quote_and_stray_brace_name_the_file_and_line(self):
+        nginx, err = self.broken('mail {\n    server {\n        server_name "mail;\n'
+                                 '        listen 127.0.0.1:1143;\n    }\n}\n')
+        self.assertIn("%s:3: unexpected end of file" % nginx, err)
+        nginx, err = self.broken("mail {\n    server {\n        listen 127.0.0.1:1143;\n"
+                                 "    }\n}\n}\n")
+        self.assertIn('%s:6: unexpected "}"' % nginx, err)
+
+    def test_unclosed_brace_names_the_file_and_line(self):
+        # nginx: 'unexpected end of file, expecting "}" in FILE:LINE'.
+        nginx, err = self.broken("mail {\n    server {\n        listen 127.0.0.1:1143;\n"
+                                 "        protocol imap;\n    }\n")
+        self.assertIn('unexpected end of file, expecting "}"', err)
+        self.assertRegex(err, re.escape(nginx) + r":\d+", "no line number in %r" % err)
+
+    def test_line_numbers_stay_right_after_a_multi_line_quoted_value_with_escapes(self):
+        # The stray "}" is on line 6; the quoted value before it spans lines
+        # 2-3 and has four escaped quotes.
+        nginx, err = self.broken('mail {\n    server_name "\n\\"\\"\\"\\"";\n'
+                                 "    protocol imap;\n}\n}\n")
+        self.assertIn('%s:6: unexpected "}"' % nginx, err)
+
+
+
 # ########################################################################## #
 #                 Benchmark: python3 test_mailproxy.py --bench               #
 # ########################################################################## #
@@ -7270,6 +8082,1299 @@ def run_benchmark() -> int:
     print()
     print("(%.1f s)" % (time.perf_counter() - started))
     return 1 if problems or status else 0
+
+
+# End-to-end tests of auth_http (NGINX-MAIL.md §1.3), OAuth, the extension
+# headers and the PROXY protocol in and out (§1.5): the real proxy (a Worker in
+# a thread) between a test client, a fake auth_http server and fake backends.
+#
+#   cd /tmp/parts && python3 -m unittest -k AuthHttpEndToEnd -k ProxyProtocolEndToEnd auth_e2e_tests -v
+
+
+# ########################################################################## #
+#                         The fake auth_http server                          #
+# ########################################################################## #
+
+AH_STALL = "stall"                 # accept, read the request, never answer
+AH_HOLD = "hold"                   # never answer; count the proxy's close in ``hung_up``
+
+
+def ah_partial(data: bytes) -> tuple:
+    """An action: send ``data`` (no blank line) and close."""
+    return ("partial", data)
+
+
+def ah_response(*headers, status_line: bytes = b"HTTP/1.0 200 OK") -> bytes:
+    """A response: the status line, ``(name, value)`` header lines, the blank line."""
+    lines = [status_line] if status_line is not None else []
+    for name, value in headers:
+        name = name.encode() if isinstance(name, str) else name
+        value = value.encode() if isinstance(value, str) else value
+        lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def ah_ok(port: int, *extra, server: str = "127.0.0.1") -> bytes:
+    return ah_response(("Auth-Status", "OK"), ("Auth-Server", server),
+                       ("Auth-Port", str(port)), *extra)
+
+
+def ah_fail(text: str = "Invalid login", *extra) -> bytes:
+    return ah_response(("Auth-Status", text), *extra)
+
+
+class AuthServer:
+    """An HTTP/1.0 auth server on 127.0.0.1 (or on the unix socket ``path``):
+    one thread accepts, one thread per request.  Each request (read up to its
+    blank line) is kept raw in ``requests`` (its arrival time in ``times``),
+    then answered with the next of ``responses`` or ``answer(request, index)``.
+    An answer is bytes (sent, then the connection is closed), AH_STALL,
+    AH_HOLD, or ah_partial(bytes).  No script left: a failure answer."""
+
+    def __init__(self, *responses, answer=None, path: str = None):
+        self.responses = list(responses)
+        self.hung_up = 0
+        self.answer = answer
+        self.requests = []
+        self.times = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.connections = []
+        if path is None:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(path)
+            self.port = None
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.threads = [threading.Thread(target=self._accept, name="fake auth server",
+                                         daemon=True)]
+        self.threads[0].start()
+
+    def __enter__(self) -> "AuthServer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            self.connections.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            data = bytearray()
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            with self.lock:
+                index = len(self.requests)
+                self.requests.append(bytes(data))
+                self.times.append(time.monotonic())
+                if self.answer is not None:
+                    action = self.answer(bytes(data), index)
+                elif self.responses:
+                    action = self.responses.pop(0)
+                else:
+                    action = ah_fail("no scripted response")
+            if action == AH_STALL:
+                self.stopping.wait()
+            elif action == AH_HOLD:
+                while conn.recv(65536):
+                    pass
+                self.hung_up += 1
+            elif isinstance(action, tuple):
+                conn.sendall(action[1])
+            else:
+                conn.sendall(action)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def wait_requests(self, count: int, timeout: float = 3.0) -> None:
+        wait_until(lambda: len(self.requests) >= count, timeout,
+                   "%d auth request(s), have %d" % (count, len(self.requests)))
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.threads[0].join(5)
+        self.sock.close()
+        for conn in self.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads[1:]:
+            thread.join(5)
+
+
+def ah_request(user: bytes = b"alice", password: bytes = b"secret", protocol: str = "imap",
+               attempt: int = 1, client_ip: str = "127.0.0.1", method: str = "plain",
+               salt: bytes = None, middle: bytes = b"", after: bytes = b"",
+               host: bytes = b"127.0.0.1") -> bytes:
+    """The request nginx sends, byte for byte (NGINX-MAIL.md §1.3), with this
+    file's two auth_http_header lines.  ``middle``: lines after Client-IP /
+    Client-Host (Proxy-Protocol-*), ``after``: lines after those (Auth-SSL)."""
+    request = (b"GET /auth HTTP/1.0\r\nHost: " + host + b"\r\n"
+               b"Auth-Method: " + method.encode() + b"\r\n"
+               b"Auth-User: " + user + b"\r\n"
+               b"Auth-Pass: " + password + b"\r\n")
+    if salt is not None:
+        request += b"Auth-Salt: " + salt + b"\r\n"
+    request += (b"Auth-Protocol: " + protocol.encode() + b"\r\n"
+                b"Auth-Login-Attempt: %d\r\n" % attempt +
+                b"Client-IP: " + client_ip.encode() + b"\r\n")
+    if protocol == "smtp":
+        request += b"Client-Host: [UNAVAILABLE]\r\n"
+    return request + middle + after + AH_HEADER_LINES + b"\r\n"
+
+
+AH_HEADER_LINES = b"X-Auth-Key: secret-key\r\nX-Second: two words\r\n"
+
+
+def ah_config(protocol: str, auth_port: int, listen_flags: str = "", **mail) -> str:
+    """A proxy with one server for ``protocol`` on a free loopback port, asking
+    the auth server on ``auth_port``; no proxy_pass, no [users].  The temporary
+    directory holds the test certificates (write_tls_files)."""
+    directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "200ms",
+                  "auth_http": auth_port if isinstance(auth_port, str) else
+                  "http://127.0.0.1:%d/auth" % auth_port,
+                  "auth_http_header": 'X-Auth-Key secret-key\n    X-Second "two words"',
+                  "auth_http_timeout": "3s"}
+    directives.update(mail)
+    lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
+    lines += ["%s = %s" % item for item in directives.items() if item[1] is not None]
+    listen = "127.0.0.1:%d" % free_port() + (" " + listen_flags if listen_flags else "")
+    lines += ["", "[server %s]" % protocol, "listen = " + listen, "protocol = " + protocol, ""]
+    return "\n".join(lines)
+
+
+class ah_MemoryLogs(MemoryErrorLogs):
+    """MemoryErrorLogs, with the session lines (access_for) in the same log."""
+
+    def access_for(self, server: mp.Settings) -> mp.ErrorLog:
+        return self.main
+
+
+class ah_PreparedProxy(ProxyUnderTest):
+    """ProxyUnderTest loaded with mp.load_and_prepare (TLS contexts built, as
+    the real start-up does; auth_http always has a backend TLS context), the
+    test certificates written next to the configuration file."""
+
+    def __init__(self, config_text: str):
+        self.directory = tempfile.TemporaryDirectory()
+        self.worker = None
+        try:
+            write_tls_files(self.directory.name)
+            path = write_file(self.directory.name, "mailproxy.conf", config_text)
+            self.config = mp.load_and_prepare(path)
+            self.log_file = io.BytesIO()
+            log = mp.ErrorLog([(self.log_file, "info")])
+            self.worker = mp.Worker(self.config, ah_MemoryLogs(log))
+            self.worker.open_listeners(self.config)
+        except BaseException:
+            if self.worker is not None:
+                self.worker.loop.close()
+            self.directory.cleanup()
+            raise
+        self.port = self.config.servers[0].listen[0].port
+        self.crash = None
+        self.thread = threading.Thread(target=self._run, name="mailproxy loop", daemon=True)
+        self.thread.start()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory.name, name)
+
+
+class ah_TokenImapBackend(FakeImapBackend):
+    """FakeImapBackend that also takes ``TAG AUTHENTICATE MECH initial``
+    (a token handed on): the lines go to ``authenticates``, the answer is OK."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.authenticates = []
+
+    def serve(self, wire: BackendWire) -> None:
+        wire.send(b"* OK fake IMAP ready\r\n")
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
+            command, _, argument = rest.partition(b" ")
+            if command.upper() == b"AUTHENTICATE":
+                self.authenticates.append(line)
+                wire.send(tag + b" OK AUTHENTICATE completed\r\n")
+            elif command.upper() == b"LOGIN":
+                self.login(wire, tag, argument)
+            elif command.upper() == b"LOGOUT":
+                wire.send(b"* BYE\r\n" + tag + b" OK LOGOUT completed\r\n")
+                return
+            else:
+                wire.send(tag + b" OK " + command + b" completed\r\n")
+
+
+class ah_TokenPop3Backend(FakePop3Backend):
+    """FakePop3Backend that also takes ``AUTH MECH initial`` (kept in ``auths``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.auths = []
+
+    def serve(self, wire: BackendWire) -> None:
+        wire.send(b"+OK fake POP3 ready\r\n")
+        line = wire.line()
+        if line.startswith(b"AUTH "):
+            self.auths.append(line)
+            wire.send(b"+OK token accepted\r\n")
+            while True:
+                line = wire.line()
+                if not line or line.startswith(b"QUIT"):
+                    if line:
+                        wire.send(b"+OK bye\r\n")
+                    return
+                wire.send(b"+OK\r\n")
+
+
+class ah_TlsImapBackend(FakeImapBackend):
+    """FakeImapBackend speaking implicit TLS (the test server certificate);
+    ``versions`` records each connection's TLS version."""
+
+    def __init__(self, directory: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(os.path.join(directory, "server.crt"),
+                                     os.path.join(directory, "server.key"))
+        self.versions = []
+
+    def _serve(self, wire: BackendWire) -> None:
+        raw = wire.conn
+        try:
+            wire.conn = self.context.wrap_socket(raw, server_side=True)
+            self.connections.append(wire.conn)
+            self.versions.append(wire.conn.version())
+            self.serve(wire)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            wire.conn.close()
+            raw.close()
+
+
+class pp_ImapBackend(FakeImapBackend):
+    """FakeImapBackend that first reads a PROXY header (v1 line or v2 binary),
+    kept raw in ``headers``; the bytes stay at the start of ``received[i]``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.headers = []
+
+    def serve(self, wire: BackendWire) -> None:
+        start = wire.exactly(12)
+        if start == PP_V2_SIGNATURE:
+            rest = wire.exactly(4)
+            header = start + rest + wire.exactly(struct.unpack("!H", rest[2:])[0])
+        else:
+            header = start + wire.line()
+        self.headers.append(header)
+        super().serve(wire)
+
+
+PP_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def pp_v2_header(source: str, sport: int, destination: str, dport: int,
+                 tlvs: bytes = b"") -> bytes:
+    """A PROXY v2 header (PROXY command, TCP over IPv4) built by hand."""
+    body = socket.inet_aton(source) + socket.inet_aton(destination) + \
+        struct.pack("!HH", sport, dport) + tlvs
+    return PP_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+def pp_tlvs(data: bytes) -> dict:
+    """type -> value of a TLV list (the whole list must parse)."""
+    tlvs, offset = {}, 0
+    while offset < len(data):
+        kind, length = data[offset], struct.unpack("!H", data[offset + 1:offset + 3])[0]
+        assert offset + 3 + length <= len(data), "TLV overruns: %r" % data
+        tlvs[kind] = data[offset + 3:offset + 3 + length]
+        offset += 3 + length
+    return tlvs
+
+
+class pp_BioSocket:
+    """A TLS client over a plain socket through MemoryBIOs, so that the
+    handshake's first flight can go out in one send() with bytes before it
+    (a PROXY header and the ClientHello in one segment).  Has what Client
+    uses of a socket: recv, sendall, settimeout, close, getsockname, and
+    version / cipher of the TLS."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str,
+                 prefix: bytes):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        sock.sendall(prefix + self.outgoing.read())
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+        return bool(data)
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            try:
+                return self.tls.read(size)
+            except ssl.SSLWantReadError:
+                if not self._fill():
+                    return b""
+            except ssl.SSLEOFError:
+                return b""
+            finally:
+                self._flush()
+
+    def sendall(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def settimeout(self, seconds) -> None:
+        self.sock.settimeout(seconds)
+
+    def getsockname(self):
+        return self.sock.getsockname()
+
+    def version(self):
+        return self.tls.version()
+
+    def cipher(self):
+        return self.tls.cipher()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ah_b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+# ########################################################################## #
+#                         Shared test-case machinery                         #
+# ########################################################################## #
+
+class AuthHttpEndToEndCase(EndToEndTestCase):
+    """Starts an auth server, a proxy asking it, and backends; all stopped
+    when the test ends."""
+
+    def auth_server(self, *responses, answer=None) -> AuthServer:
+        return self.use(AuthServer(*responses, answer=answer))
+
+    def proxy(self, protocol: str, auth_port: int, listen_flags: str = "",
+              **mail) -> ah_PreparedProxy:
+        return self.use(ah_PreparedProxy(ah_config(protocol, auth_port, listen_flags, **mail)))
+
+    def tls_client(self, proxy, server_hostname="mail.example.com", alpn=None,
+                   before: bytes = b"") -> Client:
+        """A Client over implicit TLS; ``before``: raw bytes sent first (PROXY)."""
+        client = self.connect(proxy)
+        if before:
+            client.send(before)
+        context = ssl.create_default_context(cafile=proxy.path("ca.crt"))
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        client.sock = context.wrap_socket(client.sock, server_hostname=server_hostname)
+        return client
+
+    def smtp_hello(self, client: Client, ehlo: bytes = SMTP_PROXY_EHLO) -> None:
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        client.send("EHLO client.example")
+        self.assertEqual(client.read_exactly(len(ehlo)), ehlo)
+
+    def assert_internal_error(self, protocol: str, auth: AuthServer, log_pattern: str,
+                              **mail) -> None:
+        """A login through a proxy asking ``auth`` gets the internal error,
+        the connection is closed, and the error log names the auth server."""
+        backend = self.use({"imap": FakeImapBackend, "pop3": FakePop3Backend,
+                            "smtp": FakeSmtpBackend}[protocol]())
+        self.backend_port = backend.port
+        proxy = self.proxy(protocol, auth.port, **mail)
+        client = self.connect(proxy)
+        if protocol == "imap":
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.send("a1 LOGIN alice secret")
+            self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        elif protocol == "pop3":
+            client.expect(rb"^\+OK POP3 ready\r\n$")
+            client.send("USER alice")
+            client.expect(rb"^\+OK\r\n$")
+            client.send("PASS secret")
+            self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
+        else:
+            self.smtp_hello(client)
+            client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+            self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        client.expect_closed()
+        pattern = (r"\[error\] \d+#0: \*1 " + log_pattern % re.escape("127.0.0.1:%d" % auth.port) +
+                   r" while in http auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, "
+                   r'login: "alice"' % proxy.port)
+        proxy.wait_for_log(pattern)
+        self.assertEqual(backend.received, [], "the backend must not be contacted")
+        proxy.assert_alive()
+
+
+# ########################################################################## #
+#                     1. Success: the request, byte by byte                  #
+# ########################################################################## #
+
+class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
+    def test_imap_login_request_bytes_and_backend_login(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request()])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        proxy.wait_for_log(r'client logged in while [^,]*, client: 127\.0\.0\.1, server: '
+                           r'127\.0\.0\.1:%d, login: "alice", upstream: 127\.0\.0\.1:%d'
+                           % (proxy.port, backend.port))
+
+    def test_pop3_login_request_bytes_and_backend_login(self):
+        backend = self.use(FakePop3Backend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("pop3", auth.port)
+        client = self.connect(proxy)
+        self.pop3_login(client)
+        self.assertEqual(auth.requests, [ah_request(protocol="pop3")])
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_smtp_login_request_bytes_and_backend_login(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("smtp", auth.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [ah_request(protocol="smtp")])
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient() +
+                         b"EHLO client.example\r\nQUIT\r\n")
+
+    def test_login_and_password_are_escaped_and_auth_user_pass_override(self):
+        # Space, %, CR, LF, NUL as %XX (upper case); UTF-8 and DEL unchanged.
+        login = b"a l%i\rc\ne\x00\xc3\xa9\x7f"
+        password = b"p w%\r\n\x00\xc3\xbc\x01"
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-User", "alice"),
+                                      ("Auth-Pass", "secret")))
+        proxy = self.proxy("imap", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 LOGIN {%d}\r\n" % len(login))
+        client.expect(rb"^\+ OK\r\n$")
+        client.send(login + b" {%d}\r\n" % len(password))
+        client.expect(rb"^\+ OK\r\n$")
+        client.send(password + b"\r\n")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [ah_request(
+            user=b"a%20l%25i%0Dc%0Ae%00\xc3\xa9\x7f", password=b"p%20w%25%0D%0A%00\xc3\xbc%01")])
+        # The auth server's Auth-User / Auth-Pass are what the backend gets.
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_pop3_auth_user_and_pass_override(self):
+        backend = self.use(FakePop3Backend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-User", "alice"),
+                                      ("Auth-Pass", "secret")))
+        proxy = self.proxy("pop3", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER bob")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS hunter2")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        self.assertEqual(auth.requests, [ah_request(b"bob", b"hunter2", "pop3")])
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_smtp_auth_user_and_pass_override_reach_auth_plain(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-User", "alice"),
+                                      ("Auth-Pass", "secret")))
+        proxy = self.proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + ah_b64(b"\0bob\0hunter2") + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [ah_request(b"bob", b"hunter2", "smtp")])
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_imap_cram_md5_sends_salt_and_digest(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.proxy("imap", auth.port, imap_auth="plain cram-md5")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE CRAM-MD5")
+        challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
+        self.assertRegex(challenge, rb"^<\d+\.\d+@mail\.test>$")
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+        client.send(ah_b64(b"alice " + digest) + b"\r\n")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [ah_request(password=digest, method="cram-md5",
+                                                    salt=challenge)])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_cram_md5_answer_without_auth_pass_is_an_internal_error(self):
+        auth = self.auth_server(ah_ok(1143))
+        proxy = self.proxy("imap", auth.port, imap_auth="plain cram-md5")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE CRAM-MD5")
+        challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+        client.send(ah_b64(b"alice " + digest) + b"\r\n")
+        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r"auth http server 127\.0\.0\.1:%d did not send password "
+                           r"while in http auth state" % auth.port)
+
+    def test_pop3_apop_sends_salt_and_digest(self):
+        backend = self.use(FakePop3Backend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.proxy("pop3", auth.port, pop3_auth="plain apop")
+        client = self.connect(proxy)
+        salt = client.expect(rb"^\+OK POP3 ready (<\d+\.\d+@mail\.test>)\r\n$").group(1)
+        digest = hashlib.md5(salt + b"secret").hexdigest().encode()
+        client.send(b"APOP alice " + digest + b"\r\n")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        self.assertEqual(auth.requests, [ah_request(password=digest, protocol="pop3",
+                                                    method="apop", salt=salt)])
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_response_of_exactly_1024_bytes_and_bare_lf_lines_are_read(self):
+        backend = self.use(FakeImapBackend())
+        head = b"HTTP/1.0 200 OK\nAuth-Status:   OK  \nAuth-Server: 127.0.0.1\n" \
+               b"Auth-Port: %d\nX-Pad: " % backend.port
+        response = head + b"x" * (1024 - len(head) - 2) + b"\n\n"
+        self.assertEqual(len(response), 1024)
+        auth = self.auth_server(response)
+        proxy = self.proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+
+    def test_status_line_ignored_and_header_names_case_insensitive(self):
+        backend = self.use(FakeImapBackend())
+        port = str(backend.port).encode()
+        auth = self.auth_server(
+            b"HTTP/1.1 503 Service Unavailable\r\nauth-status: OK\r\nAUTH-SERVER: 127.0.0.1\r\n"
+            b"auth-PORT: " + port + b"\r\n\r\nbody, ignored",
+            b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: " + port + b"\r\n\r\n")
+        proxy = self.proxy("imap", auth.port)
+        for _ in range(2):
+            self.imap_login(self.connect(proxy))
+        self.assertEqual(len(backend.received), 2)
+
+    def test_auth_http_over_a_unix_socket(self):
+        backend = self.use(FakeImapBackend())
+        directory = self.use(tempfile.TemporaryDirectory())
+        path = os.path.join(directory, "auth.sock")
+        auth = self.use(AuthServer(ah_ok(backend.port), path=path))
+        proxy = self.proxy("imap", "unix:%s:/auth" % path)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request(host=b"localhost")])
+
+
+# ########################################################################## #
+#                  2. and 3. Failures, Auth-Wait and WAIT                    #
+# ########################################################################## #
+
+class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
+    def test_imap_failure_without_wait_replies_then_closes(self):
+        auth = self.auth_server(ah_fail("Invalid login"))
+        proxy = self.proxy("imap", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice wrong")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r'\[info\] \d+#0: \*1 client login failed: "Invalid login" '
+                           r'while in auth state, client: 127\.0\.0\.1')
+
+    def test_pop3_failure_without_wait(self):
+        auth = self.auth_server(ah_fail("Go away"))
+        proxy = self.proxy("pop3", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS wrong")
+        self.assertEqual(client.read_line(), b"-ERR Go away\r\n")
+        client.expect_closed()
+
+    def test_imap_failure_with_auth_wait_delays_and_keeps_the_session(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_fail("Invalid login", ("Auth-Wait", "1")),
+                                ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        client.send("a1 LOGIN alice wrong")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.95)
+        client.send("a2 LOGIN alice secret")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [ah_request(password=b"wrong"),
+                                         ah_request(attempt=2)])
+        self.assertEqual(bytes(backend.received[0]),
+                         b"a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+
+    def test_smtp_failure_with_auth_error_code(self):
+        auth = self.auth_server(ah_fail("Relay access denied", ("Auth-Error-Code", "550 5.7.1")))
+        proxy = self.proxy("smtp", auth.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relay access denied\r\n")
+        client.expect_closed()
+
+    def test_smtp_failure_default_code(self):
+        auth = self.auth_server(ah_fail("Invalid login"))
+        proxy = self.proxy("smtp", auth.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
+        client.expect_closed()
+
+    def test_client_leaving_during_the_auth_request_ends_it(self):
+        # As nginx (ngx_mail_auth_http_block_read), the client is not read
+        # while the auth server thinks: its close is seen at the latest when
+        # auth_http_timeout ends the request; nothing is left open after that.
+        auth = self.auth_server(AH_HOLD)
+        proxy = self.proxy("imap", auth.port, auth_http_timeout="500ms")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        auth.wait_requests(1)
+        client.close()
+        wait_until(lambda: auth.hung_up == 1, what="the proxy to close the auth connection")
+        wait_until(lambda: not proxy.sessions(), what="the session to end")
+        proxy.wait_for_log(r"session done: ")
+        proxy.assert_alive()
+
+    def test_wait_status_resends_the_same_request_after_auth_wait(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_response(("Auth-Status", "WAIT"), ("Auth-Wait", "1")),
+                                ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request(), ah_request()])   # attempt 1 both times
+        self.assertGreaterEqual(auth.times[1] - auth.times[0], 0.95)
+        self.assertLess(auth.times[1] - auth.times[0], 2.5)
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+
+# ########################################################################## #
+#                 4. The auth server failing: internal error                 #
+# ########################################################################## #
+
+class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
+    def test_auth_server_down_imap(self):
+        closed = free_port()
+        backend = self.use(FakeImapBackend())
+        proxy = self.proxy("imap", closed)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] \d+#0: \*1 connect\(\) to auth http server "
+                           r"127\.0\.0\.1:%d failed \(111: Connection refused\) while in http "
+                           r'auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
+                           r'login: "alice"' % (closed, proxy.port))
+        self.assertEqual(backend.received, [])
+
+    def test_auth_server_down_pop3_and_smtp(self):
+        for protocol in ("pop3", "smtp"):
+            with self.subTest(protocol=protocol):
+                closed = free_port()
+                proxy = self.proxy(protocol, closed)
+                client = self.connect(proxy)
+                if protocol == "pop3":
+                    client.expect(rb"^\+OK POP3 ready\r\n$")
+                    client.send("USER alice")
+                    client.expect(rb"^\+OK\r\n$")
+                    client.send("PASS secret")
+                    self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
+                else:
+                    self.smtp_hello(client)
+                    client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+                    self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+                client.expect_closed()
+                proxy.wait_for_log(r"connect\(\) to auth http server 127\.0\.0\.1:%d failed"
+                                   % closed)
+
+    def test_auth_server_stalls_past_auth_http_timeout(self):
+        auth = self.auth_server(AH_STALL)
+        self.assert_internal_error("imap", auth, r"auth http server %s timed out",
+                                   auth_http_timeout="500ms")
+        # The internal error came (and was read) no sooner than 500ms after the request.
+        waited = time.monotonic() - auth.times[0]
+        self.assertGreaterEqual(waited, 0.45)
+        self.assertLess(waited, 2.5)
+
+    def test_auth_server_closes_mid_response(self):
+        auth = self.auth_server(ah_partial(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Ser"))
+        self.assert_internal_error("pop3", auth,
+                                   r"auth http server %s closed the connection prematurely")
+
+    def test_response_over_1024_bytes(self):
+        response = ah_ok(1143, ("X-Padding", "x" * 1100))
+        auth = self.auth_server(response)
+        self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
+
+    def test_response_of_1025_bytes(self):
+        head = b"HTTP/1.0 200 OK\nAuth-Status: OK\nAuth-Server: 127.0.0.1\n" \
+               b"Auth-Port: 1143\nX-Pad: "
+        response = head + b"x" * (1025 - len(head) - 2) + b"\n\n"
+        self.assertEqual(len(response), 1025)
+        auth = self.auth_server(response)
+        self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
+
+    def test_host_name_in_auth_server(self):
+        auth = self.auth_server(answer=lambda request, index: ah_ok(self.backend_port,
+                                                                    server="localhost"))
+        self.assert_internal_error("smtp", auth,
+                                   r'auth http server %s sent invalid server address:"localhost"')
+
+    def test_bad_auth_port(self):
+        for port in ("0", "65536", "x143"):
+            with self.subTest(port=port):
+                auth = self.auth_server(ah_response(("Auth-Status", "OK"),
+                                                    ("Auth-Server", "127.0.0.1"),
+                                                    ("Auth-Port", port)))
+                self.assert_internal_error(
+                    "imap", auth, r'auth http server %%s sent invalid server port:"%s"' % port)
+
+    def test_missing_auth_server(self):
+        auth = self.auth_server(ah_response(("Auth-Status", "OK"), ("Auth-Port", "143")))
+        self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
+
+    def test_pop3_auth_pass_with_nul_is_an_internal_error(self):
+        auth = self.auth_server(ah_ok(1143, ("Auth-Pass", b"se\x00cret")))
+        self.assert_internal_error("pop3", auth, r"auth http server %s sent a login or "
+                                                 r"password with CR, LF or NUL")
+
+    def test_invalid_header_line(self):
+        auth = self.auth_server(b"HTTP/1.0 200 OK\r\nAuth Status: OK\r\n\r\n")
+        self.assert_internal_error("imap", auth,
+                                   r"auth http server %s sent invalid header in response")
+
+
+# ########################################################################## #
+#                              5. OAuth tokens                               #
+# ########################################################################## #
+
+AH_XOAUTH2 = b"user=alice\x01auth=Bearer ya29.TOKEN-1\x01\x01"
+AH_OAUTHBEARER = b"n,a=alice,\x01auth=Bearer T0KEN\x01\x01"
+
+
+class AuthHttpEndToEndOAuthTests(AuthHttpEndToEndCase):
+    def oauth_proxy(self, auth_port: int, protocol: str = "imap"):
+        directive = {"imap": "imap_auth", "pop3": "pop3_auth", "smtp": "smtp_auth"}[protocol]
+        return self.proxy(protocol, auth_port, **{directive: "plain xoauth2 oauthbearer"})
+
+    def test_imap_xoauth2_with_auth_pass_logs_in_with_login(self):
+        backend = self.use(ah_TokenImapBackend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", method="xoauth2")])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_imap_xoauth2_without_auth_pass_hands_the_token_on(self):
+        backend = self.use(ah_TokenImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE XOAUTH2")          # no initial response: empty prompt
+        self.assertEqual(client.read_line(), b"+ \r\n")
+        client.send(ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.expect(rb"^a1 OK AUTHENTICATE completed\r\n$")
+        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", method="xoauth2")])
+        self.assertEqual(bytes(backend.received[0]),
+                         b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+
+    def test_imap_oauthbearer_with_and_without_auth_pass(self):
+        backend = self.use(ah_TokenImapBackend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")), ah_ok(backend.port))
+        proxy = self.oauth_proxy(auth.port)
+        for number in (0, 1):
+            client = self.connect(proxy)
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + ah_b64(AH_OAUTHBEARER) + b"\r\n")
+            client.expect(rb"^a1 OK (LOGIN|AUTHENTICATE) completed\r\n$")
+            wait_until(lambda: len(backend.received) > number and backend.received[number])
+        self.assertEqual(auth.requests, [ah_request(password=b"T0KEN", method="oauthbearer")] * 2)
+        wait_until(lambda: bytes(backend.received[1]).endswith(b"\r\n"))
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        self.assertEqual(bytes(backend.received[1]),
+                         b"a1 AUTHENTICATE OAUTHBEARER " + ah_b64(AH_OAUTHBEARER) + b"\r\n")
+
+    def test_pop3_xoauth2_without_auth_pass_hands_the_token_on(self):
+        backend = self.use(ah_TokenPop3Backend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.oauth_proxy(auth.port, "pop3")
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send(b"AUTH XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.expect(rb"^\+OK token accepted\r\n$")
+        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", protocol="pop3",
+                                                    method="xoauth2")])
+        self.assertEqual(backend.auths, [b"AUTH XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n"])
+
+    def test_imap_xoauth2_failure_default_error_challenge(self):
+        auth = self.auth_server(ah_fail("Invalid token"))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        self.assertEqual(client.read_line(),
+                         b"+ " + ah_b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+        client.send(b"\r\n")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
+        client.expect_closed()
+
+    def test_imap_oauthbearer_failure_default_and_auth_error_sasl(self):
+        custom = b'{"status":"invalid_token","scope":"mail","openid-configuration":"x"}'
+        auth = self.auth_server(ah_fail("Bad token"),
+                                ah_fail("Bad token", ("Auth-Error-SASL", custom)))
+        proxy = self.oauth_proxy(auth.port)
+        for error in (b'{"status":"invalid_token"}', custom):
+            client = self.connect(proxy)
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + ah_b64(AH_OAUTHBEARER) + b"\r\n")
+            self.assertEqual(client.read_line(), b"+ " + ah_b64(error) + b"\r\n")
+            client.send(b"AQ==\r\n")
+            self.assertEqual(client.read_line(), b"a1 NO Bad token\r\n")
+            client.expect_closed()
+
+    def test_imap_xoauth2_failure_with_auth_wait_keeps_the_session(self):
+        backend = self.use(ah_TokenImapBackend())
+        auth = self.auth_server(ah_fail("Invalid token", ("Auth-Wait", "1")),
+                                ah_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        self.assertEqual(client.read_line(),
+                         b"+ " + ah_b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+        client.send(b"\r\n")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
+        client.send(b"a2 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        self.assertIn(b"Auth-Login-Attempt: 2\r\n", auth.requests[1])
+
+    def test_smtp_xoauth2_failure_transcript(self):
+        auth = self.auth_server(ah_fail("Invalid credentials", ("Auth-Error-Code", "535 5.7.8")))
+        proxy = self.oauth_proxy(auth.port, "smtp")
+        client = self.connect(proxy)
+        self.smtp_hello(client, b"250-mail.test\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n")
+        client.send(b"AUTH XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        self.assertEqual(client.read_line(),
+                         b"334 " + ah_b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+        client.send(b"\r\n")
+        self.assertEqual(client.read_line(), b"535 5.7.8 Invalid credentials\r\n")
+        client.expect_closed()
+        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", protocol="smtp",
+                                                    method="xoauth2")])
+
+    def test_oauth_without_auth_http_is_refused_at_load(self):
+        with tempfile.TemporaryDirectory() as directory:
+            for protocol, directive in (("imap", "imap_auth"), ("pop3", "pop3_auth"),
+                                        ("smtp", "smtp_auth")):
+                with self.subTest(protocol=protocol):
+                    text = proxy_config(protocol, 1143, **{directive: "plain xoauth2"})
+                    path = write_file(directory, "oauth.conf", text)
+                    with self.assertRaises(mp.ConfigErrors) as caught:
+                        mp.load_config(path)
+                    self.assertIn("auth_http", str(caught.exception))
+                    self.assertIn("xoauth2", str(caught.exception))
+
+
+# ########################################################################## #
+#                  6. Extension headers: TLS and SMTP AUTH                   #
+# ########################################################################## #
+
+class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
+    def test_auth_backend_tls_ssl(self):
+        with tempfile.TemporaryDirectory() as directory:
+            write_tls_files(directory)
+            backend = self.use(ah_TlsImapBackend(directory))
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
+        proxy = self.proxy("imap", auth.port, proxy_ssl_trusted_certificate="ca.crt")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        self.assertIn(backend.versions[0], ("TLSv1.2", "TLSv1.3"))
+
+    def test_auth_backend_tls_ssl_with_untrusted_certificate_fails(self):
+        with tempfile.TemporaryDirectory() as directory:
+            write_tls_files(directory)
+            backend = self.use(ah_TlsImapBackend(directory))
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
+        proxy = self.proxy("imap", auth.port, proxy_ssl_trusted_certificate="wrongca.crt")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        client.expect_closed()
+
+    def test_auth_smtp_auth_login(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-SMTP-Auth", "login")))
+        proxy = self.proxy("smtp", auth.port, xclient="off")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nQUIT\r\n")
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_auth_smtp_auth_none_with_proxy_smtp_auth_on(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(ah_ok(backend.port, ("Auth-SMTP-Auth", "none")))
+        proxy = self.proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\nQUIT\r\n")
+        self.assertEqual(backend.logins, [])
+
+    def test_invalid_auth_backend_tls_is_an_internal_error(self):
+        auth = self.auth_server(ah_ok(1143, ("Auth-Backend-TLS", "maybe")))
+        self.assert_internal_error("imap", auth,
+                                   r'auth http server %s sent invalid Auth-Backend-TLS:"maybe"')
+
+
+# ########################################################################## #
+#                          7. PROXY protocol out                             #
+# ########################################################################## #
+
+class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
+    def test_v1_header_before_the_greeting(self):
+        backend = self.use(pp_ImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, proxy_protocol="on")
+        client = self.connect(proxy)
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        header = b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (client_port, proxy.port)
+        self.assertEqual(backend.headers, [header])
+        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_v2_header(self):
+        backend = self.use(pp_ImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, proxy_protocol="v2")
+        client = self.connect(proxy)
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        header = pp_v2_header("127.0.0.1", client_port, "127.0.0.1", proxy.port)
+        self.assertEqual(backend.headers, [header])
+        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
+        parsed = mp.parse_proxy_header(header)
+        self.assertEqual(parsed.source, ("127.0.0.1", client_port))
+        self.assertEqual(parsed.destination, ("127.0.0.1", proxy.port))
+        self.assertEqual(parsed.length, len(header))
+
+    def v2_over_tls(self, server_hostname, alpn=None):
+        backend = self.use(pp_ImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "ssl", proxy_protocol="v2",
+                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+        client = self.tls_client(proxy, server_hostname, alpn)
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        header = backend.headers[0]
+        parsed = mp.parse_proxy_header(header)
+        self.assertEqual(parsed.source, ("127.0.0.1", client_port))
+        self.assertEqual(parsed.destination, ("127.0.0.1", proxy.port))
+        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
+        self.assertEqual(header[:16], PP_V2_SIGNATURE + b"\x21\x11" +
+                         struct.pack("!H", len(header) - 16))
+        tlvs = pp_tlvs(header[28:])
+        ssl_value = tlvs[0x20]
+        self.assertEqual(ssl_value[:5], b"\x01\x00\x00\x00\x00")   # PP2_CLIENT_SSL, verified 0
+        sub = pp_tlvs(ssl_value[5:])
+        self.assertEqual(sub[0x21], client.sock.version().encode())
+        self.assertEqual(sub[0x23], client.sock.cipher()[0].encode())
+        # The auth request said the same of the TLS.
+        self.assertEqual(auth.requests, [ah_request(after=b"Auth-SSL: on\r\nAuth-SSL-Protocol: " +
+                                                    sub[0x21] + b"\r\nAuth-SSL-Cipher: " +
+                                                    sub[0x23] + b"\r\n")])
+        return tlvs
+
+    def test_v2_header_for_a_tls_client_with_sni_and_alpn(self):
+        tlvs = self.v2_over_tls("mail.example.com", alpn=["imap"])
+        self.assertEqual(tlvs[0x02], b"mail.example.com")           # AUTHORITY
+        self.assertEqual(tlvs[0x01], b"imap")                       # ALPN
+
+    def test_v2_header_for_a_tls_client_without_sni(self):
+        tlvs = self.v2_over_tls("127.0.0.1")                        # no SNI for an address
+        self.assertNotIn(0x02, tlvs)
+        self.assertNotIn(0x01, tlvs)
+
+
+# ########################################################################## #
+#                           8. PROXY protocol in                             #
+# ########################################################################## #
+
+PP_V1_IN = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n"
+PP_FACTS = (b"Proxy-Protocol-Addr: 192.0.2.7\r\nProxy-Protocol-Port: 40000\r\n"
+            b"Proxy-Protocol-Server-Addr: 127.0.0.1\r\nProxy-Protocol-Server-Port: 143\r\n")
+
+
+class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
+    def test_v1_from_a_trusted_peer_sets_the_client_address(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(PP_V1_IN)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS)])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r'client logged in while [^,]*, client: 192\.0\.2\.7, server: '
+                           r'127\.0\.0\.1:%d, login: "alice"' % proxy.port)
+
+    def test_header_and_login_in_one_segment(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.0/8")
+        client = self.connect(proxy)
+        client.send(PP_V1_IN + b"a1 LOGIN alice secret\r\n")
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS)])
+
+    def test_v1_from_an_untrusted_peer(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="10.0.0.0/8")
+        client = self.connect(proxy)
+        client.send(PP_V1_IN)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request(client_ip="127.0.0.1", middle=PP_FACTS)])
+        proxy.wait_for_log(r"client logged in while [^,]*, client: 127\.0\.0\.1, server: ")
+
+    def test_v2_in_with_a_tlv(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(pp_v2_header("192.0.2.7", 40000, "127.0.0.1", 143,
+                                 tlvs=b"\x04\x00\x03abc"))          # a NOOP TLV
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS)])
+
+    def test_unknown_v1_header_keeps_the_peer_address(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(b"PROXY UNKNOWN\r\n")
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request()])
+
+    def test_tcp6_header_client_ip_and_xclient(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [ah_request(
+            protocol="smtp", client_ip="2001:db8::7",
+            middle=b"Proxy-Protocol-Addr: 2001:db8::7\r\nProxy-Protocol-Port: 40000\r\n"
+                   b"Proxy-Protocol-Server-Addr: 2001:db8::1\r\nProxy-Protocol-Server-Port: 25\r\n")])
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertIn(b"XCLIENT ADDR=IPV6:2001:db8::7 LOGIN=alice NAME=[UNAVAILABLE]\r\n",
+                      bytes(backend.received[0]))
+
+    def test_smtp_xclient_carries_the_real_address(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(PP_V1_IN)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [ah_request(protocol="smtp", client_ip="192.0.2.7",
+                                                    middle=PP_FACTS)])
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.7 LOGIN=alice "
+                         b"NAME=[UNAVAILABLE]\r\nEHLO client.example\r\nQUIT\r\n")
+
+    def test_proxy_protocol_out_shows_the_real_address(self):
+        backend = self.use(pp_ImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1",
+                           proxy_protocol="on")
+        client = self.connect(proxy)
+        client.send(PP_V1_IN)
+        self.imap_login(client)
+        self.assertEqual(backend.headers,
+                         [b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 %d\r\n" % proxy.port])
+
+    def test_missing_malformed_and_too_long_headers_close_silently(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        bad = [b"a1 LOGIN alice secret\r\n",
+               b"PROXY TCP4 192.0.2.999 127.0.0.1 40000 143\r\n",
+               b"PROXY TCP4 192.0.2.7 127.0.0.1 40000\r\n",
+               b"PROXY TCP4 " + b"1" * 150,
+               PP_V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12]
+        for data in bad:
+            with self.subTest(data=data[:30]):
+                client = self.connect(proxy, timeout=1.5)     # the proxy's timeout is 5s
+                client.send(data)
+                client.expect_closed()
+                self.assertEqual(client.received, 0)
+        # Still serving.
+        client = self.connect(proxy)
+        client.send(PP_V1_IN)
+        self.imap_login(client)
+        self.assertEqual(len(auth.requests), 1)
+        proxy.assert_alive()
+
+    def test_header_then_implicit_tls(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
+                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+        client = self.tls_client(proxy, "mail.example.com", before=PP_V1_IN)
+        self.imap_login(client)
+        tls = (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
+               b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n")
+        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS,
+                                                    after=tls)])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_header_and_client_hello_in_one_segment(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
+                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+        client = self.connect(proxy)
+        context = ssl.create_default_context(cafile=proxy.path("ca.crt"))
+        client.sock = pp_BioSocket(client.sock, context, "mail.example.com", PP_V1_IN)
+        self.imap_login(client)
+        self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PP_FACTS + b"Auth-SSL: on\r\n",
+                      auth.requests[0])
+
+
+# ########################################################################## #
+#              auth_http: where nginx's behaviour is subtle                  #
+# ########################################################################## #
+
+class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
+    def test_client_timeout_is_off_while_the_auth_server_answers(self):
+        # nginx's ngx_mail_auth() deletes the client's read timer before it
+        # asks the auth server: only auth_http_timeout bounds that wait.
+        # mailproxy leaves ``timeout`` running (Session._authenticate), so an
+        # auth server slower than ``timeout`` gets the client cut off silently.
+        backend = self.use(FakeImapBackend())
+
+        def slow(request, index):
+            time.sleep(1.0)
+            return ah_ok(backend.port)
+        auth = self.auth_server(answer=slow)
+        proxy = self.proxy("imap", auth.port, timeout="500ms", auth_http_timeout="5s")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_response_without_auth_status_is_judged_by_server_and_port(self):
+        # ngx_mail_auth_http_process_headers: only an Auth-Status other than
+        # OK / WAIT makes a failure; without the header nginx goes on to
+        # Auth-Server / Auth-Port and logs in.  mailproxy answers "a1 NO " (an
+        # empty failure text) and closes (interpret_auth_response).
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_response(("Auth-Server", "127.0.0.1"),
+                                            ("Auth-Port", str(backend.port))))
+        proxy = self.proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+
+    def test_response_without_auth_status_nor_server_is_an_internal_error(self):
+        auth = self.auth_server(ah_response(("X-Nothing", "here")))
+        self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
+
 
 
 # ########################################################################## #
