@@ -9,25 +9,23 @@ the same directive names, defaults and replies.
 
 The picture::
 
- client socket ─ Stream ─[TlsLayer]─┐                     ┌─ Stream ─ backend socket
+ client socket ─ Stream ─[TlsLayer]─┐                     ┌─ Stream ─[TlsLayer]─ backend socket
                                      │      Session        │
                ClientMachine ◄───────┤ (phase, timers,     ├────► BackendLogin (a script of steps)
                (IMAP / POP3 / SMTP)  │  log context)       │
                                      │                     │
           auth: user table ◄─────────┤                     ├────► Relay (two bounded buffers)
            or AuthHttp parser        └─────────────────────┘
- EventLoop (selectors + timer heap + signal wake-up fd) drives Streams.
+ EventLoop (selectors + timer heap + signal wake-up fd) drives Streams; a master forks workers.
 
 How to read this file: top to bottom.  Each section uses only the sections
 above it; ``grep '^# .*####' mailproxy.py`` prints the table of contents.
-The protocol machines, the backend login scripts and the password schemes are
-*sans-I/O*: they take bytes and return bytes and events, and never touch a
-socket, the clock or the logger, so the tests drive them with byte strings.
-Only the event loop, streams, listeners and the process section do I/O.
-
-Not built yet (refused at start-up with "not supported yet"): SMTP, TLS and
-STARTTLS, auth_http, the PROXY protocol, the resolver, several worker
-processes.  See README.md.
+The protocol machines, the backend login scripts, the auth_http request and
+response, the PROXY headers, the DNS messages, the password schemes and the
+TLS layer are *sans-I/O*: they take bytes and return bytes and events, and
+never touch a socket, the clock or the logger, so the tests drive them with
+byte strings.  Only the event loop, streams, listeners and the process
+section do I/O.  README.md says what each directive does.
 """
 
 import base64
@@ -1838,14 +1836,16 @@ def _line_end(data: bytes, start: int) -> Optional[int]:
     return index + 1 if index >= 0 else None
 
 
+_ANY_OF = {}          # bytes of chars -> a compiled character class (a cache)
+
+
 def _find_any(data: bytes, start: int, chars: bytes) -> int:
     """Index of the first byte of ``chars`` in data[start:], or -1."""
-    best = -1
-    for char in chars:
-        index = data.find(bytes([char]), start)
-        if index >= 0 and (best < 0 or index < best):
-            best = index
-    return best
+    pattern = _ANY_OF.get(chars)
+    if pattern is None:
+        pattern = _ANY_OF[chars] = re.compile(b"[" + re.escape(chars) + b"]")
+    match = pattern.search(data, start)
+    return match.start() if match else -1
 
 
 class _ImapArgumentScanner:
@@ -2739,6 +2739,8 @@ def authorize_recipient(relay_domains: List[str], routes: Dict[str, Route],
 # -- auth_http, byte-compatible with nginx's ngx_mail_auth_http_module ---------
 
 AUTH_HTTP_RESPONSE_MAX = 1024      # nginx reads the response into 1024 bytes
+AUTH_HTTP_HEADER_NAME = re.compile(rb"[A-Za-z0-9-]+")
+DIGITS = re.compile(rb"\d{1,9}")
 
 
 def auth_http_escape(data: bytes) -> bytes:
@@ -2861,10 +2863,10 @@ class AuthHttpParser:
         headers = {}
         for line in lines:
             line = line[:-1] if line.endswith(b"\r") else line
-            match = re.fullmatch(rb"([A-Za-z0-9-]+):[ ]*(.*?)[ ]*", line)
-            if not match or b"\r" in line:
+            name, colon, value = line.partition(b":")
+            if not colon or not AUTH_HTTP_HEADER_NAME.fullmatch(name) or b"\r" in line:
                 raise AuthHttpError("auth http server %s sent invalid header in response")
-            headers[match.group(1).lower().decode()] = match.group(2)
+            headers[name.lower().decode()] = value.strip(b" ")
         return AuthHttpResponse(headers, text[:index + size])
 
 
@@ -2882,6 +2884,23 @@ class AuthVerdict(NamedTuple):
     smtp_auth: Optional[str] = None        # Auth-SMTP-Auth (extension)
 
 
+def ip_family(text: bytes) -> Optional[int]:
+    """AF_INET or AF_INET6 if ``text`` is an IP address literal (nginx's
+    ngx_parse_addr: no names), else None.  inet_pton is C, and this runs
+    for every login."""
+    try:
+        address = text.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address)
+            return family
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def interpret_auth_response(response: AuthHttpResponse, protocol: str,
                             have_password: bool) -> AuthVerdict:
     """ngx_mail_auth_http_process_headers: Auth-Status OK / WAIT / a failure
@@ -2890,7 +2909,7 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     headers = response.headers
     status = headers.get("auth-status")
     wait = headers.get("auth-wait", b"")
-    seconds = int(wait) if re.fullmatch(rb"\d{1,9}", wait) else 0
+    seconds = int(wait) if DIGITS.fullmatch(wait) else 0
     if status == b"WAIT":
         return AuthVerdict("wait", wait=seconds)
     if status is not None and status != b"OK":
@@ -2904,15 +2923,14 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     if protocol != "smtp" and not have_password and "auth-pass" not in headers:
         # APOP, CRAM-MD5 and EXTERNAL leave nginx without a password to log in with.
         raise AuthHttpError("auth http server %s did not send password")
-    try:
-        address = ipaddress.ip_address(server.decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
+    family = ip_family(server)
+    if family is None:
         raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
                             % log_escape(server))
-    if not re.fullmatch(rb"\d{1,5}", port) or not 0 < int(port) < 65536:
+    if not DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
         raise AuthHttpError('auth http server %%s sent invalid server port:"%s"' % log_escape(port))
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    upstream = Upstream(str(address), int(port), ((family, (str(address), int(port))),))
+    host = server.decode("ascii")
+    upstream = Upstream(host, int(port), ((family, (host, int(port))),))
     backend_tls = headers.get("auth-backend-tls", b"").decode("latin-1").lower() or None
     smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
     if backend_tls not in (None, "plain", "ssl", "starttls"):
@@ -4093,7 +4111,8 @@ class Stream:
             events |= selectors.EVENT_READ
         if self.out or self.connecting:
             events |= selectors.EVENT_WRITE
-        self.interest = self.loop.set_interest(self.sock, events, self, self.interest)
+        if events != self.interest:
+            self.interest = self.loop.set_interest(self.sock, events, self, self.interest)
 
     def set_read_budget(self, budget: int) -> None:
         """Read at most ``budget`` bytes per event; 0 stops reading."""
@@ -4229,13 +4248,16 @@ class Stream:
         self.sock.close()
 
 
-def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner) -> Stream:
+def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner,
+                   nodelay: bool = True) -> Stream:
     """Start a non-blocking connect(); the owner hears stream_connected or
-    stream_error.  Raises OSError if it fails at once (e.g. EMFILE)."""
+    stream_error.  Raises OSError if it fails at once (e.g. EMFILE).
+    ``nodelay``: TCP_NODELAY, for dialogues of small writes (not for one
+    request and its answer)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        if family != getattr(socket, "AF_UNIX", None):
+        if nodelay and family != getattr(socket, "AF_UNIX", None):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex(sockaddr)
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
@@ -4377,7 +4399,7 @@ class AuthHttpExchange:
             None, "auth http server %s timed out" % url.text))
         family, sockaddr = url.address
         try:
-            self.stream = connect_stream(loop, family, sockaddr, self)
+            self.stream = connect_stream(loop, family, sockaddr, self, nodelay=False)
         except OSError as error:
             loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
 
@@ -5345,10 +5367,11 @@ class Session:
         self.client.close()
         if self.backend is not None:
             self.backend.close()
-        self.worker.logs.access_for(self.server).log(
-            "info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs" % (
-                outcome, self.client.received, self.client.sent, time.time() - self.started),
-            self.number, self.context(None))
+        access = self.worker.logs.access_for(self.server)
+        if access.enabled("info"):
+            access.log("info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs"
+                       % (outcome, self.client.received, self.client.sent,
+                          time.time() - self.started), self.number, self.context(None))
         self.worker.session_closed(self)
 
 

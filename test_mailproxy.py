@@ -421,10 +421,10 @@ class CfgProxy:
     """The real program, ``mailproxy.py -c FILE``, in a subprocess.  A thread
     collects its stderr lines; the test's cleanup kills it if still running."""
 
-    def __init__(self, test, config_path: str):
+    def __init__(self, test, config_path: str, preexec=None):
         self.proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config_path],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, preexec_fn=preexec)
         self.lines = []
         self.eof = False
         self.changed = threading.Condition()
@@ -7141,6 +7141,50 @@ class ProcessImportNginxTests(unittest.TestCase):
                                  "    protocol imap;\n}\n}\n")
         self.assertIn('%s:6: unexpected "}"' % nginx, err)
 
+
+
+class ProcessDescriptorTests(unittest.TestCase):
+    """Out of file descriptors: logged, and the listener recovers."""
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "RLIMIT_NOFILE and /proc")
+    def test_emfile_is_logged_and_accepting_resumes(self):
+        import resource
+        directory = CfgTempDir(self)
+        backend = CfgFakeImapBackend(self)
+        port = cfg_free_port()
+        path = directory.write("mailproxy.conf", """\
+            [main]
+            master_process = off
+            error_log = stderr info
+            [mail]
+            proxy_pass = 127.0.0.1:%d
+            [server imap]
+            listen = 127.0.0.1:%d
+            protocol = imap
+            [users]
+            alice = {PLAIN}secret
+        """ % (backend.port, port))
+        limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+        proxy = CfgProxy(self, path, preexec=limit)
+        self.addCleanup(proxy.stop)
+        self.assertIsNotNone(proxy.wait_for("started"), proxy.stderr)
+        idle = []
+        for _ in range(70):                   # more than 48 descriptors' worth
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        self.assertIsNotNone(proxy.wait_for("accept() failed (24: Too many open files)"),
+                             proxy.stderr)
+        for sock in idle:
+            sock.close()
+        deadline = time.time() + 10
+        while True:                            # the backlog drains as descriptors free up
+            try:
+                reply = cfg_imap_login(self, port, "alice", "secret")
+                break
+            except (AssertionError, OSError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.assertEqual(reply[:5], b"a1 OK")
 
 
 # ########################################################################## #
