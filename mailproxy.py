@@ -86,7 +86,8 @@ LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emer
 #                                  Errors                                    #
 # ########################################################################## #
 # Every exception the program raises on purpose.  A ConfigError names the
-# place in the file; a ProtocolError carries the reply to send before closing.
+# place in the file; a BackendError what the backend said.  (A client that
+# breaks the protocol is not an exception: its machine answers and ends.)
 
 class ConfigError(Exception):
     """A problem in the configuration file, with its place."""
@@ -116,15 +117,6 @@ class ConfigErrors(Exception):
     def __init__(self, errors: List[ConfigError]):
         super().__init__("\n".join(str(e) for e in errors))
         self.errors = errors
-
-
-class ProtocolError(Exception):
-    """The client broke the protocol: send ``reply`` (may be empty), then close."""
-
-    def __init__(self, reply: bytes, log_message: str = ""):
-        super().__init__(log_message or reply.decode("latin-1").strip())
-        self.reply = reply
-        self.log_message = log_message
 
 
 class BackendError(Exception):
@@ -4254,9 +4246,11 @@ def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner,
     stream_error.  Raises OSError if it fails at once (e.g. EMFILE).
     ``nodelay``: TCP_NODELAY, for dialogues of small writes (not for one
     request and its answer)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Non-blocking from the start where the system allows (one ioctl less).
+    sock = socket.socket(family, socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0))
     try:
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)
         if nodelay and family != getattr(socket, "AF_UNIX", None):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex(sockaddr)
@@ -5415,6 +5409,23 @@ def warn_about(config: Config, log: ErrorLog) -> None:
                     "is not checked, and passwords go to whoever answers" % server.name)
 
 
+def load_for_reload(path: str, log: "ErrorLog") -> Optional[Tuple[Config, "ErrorLogs"]]:
+    """SIGHUP's first half, for the master and a single process alike: the
+    file read, checked and its logs opened; on any problem, log it and
+    return None (the old configuration stays)."""
+    log.log("notice", "reconfiguring")
+    try:
+        config = load_and_prepare(path)
+        return config, ErrorLogs(config)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            log.log("emerg", str(error))
+    except OSError as error:
+        log.log("emerg", "cannot open a log: %s" % error)
+    log.log("alert", "reload failed, the old configuration is kept")
+    return None
+
+
 class ErrorLogs:
     """The [main] error log and the servers' own (``error_log`` in [mail] or
     [server NAME], as nginx), sharing one open file per destination.
@@ -5613,18 +5624,10 @@ class Worker:
         """SIGHUP: read the file again; if it is valid, new sessions get the new
         settings, users and listeners; sessions already running keep theirs.
         If it is not, log why and keep everything as it was."""
-        self.log.log("notice", "reconfiguring")
-        try:
-            config = load_and_prepare(self.config.path)
-            logs = ErrorLogs(config)
-        except ConfigErrors as errors:
-            for error in errors.errors:
-                self.log.log("emerg", str(error))
-            self.log.log("alert", "reload failed, the old configuration is kept")
+        loaded = load_for_reload(self.config.path, self.log)
+        if loaded is None:
             return
-        except OSError as error:
-            self.log.log("alert", "reload failed (%s), the old configuration is kept" % error)
-            return
+        config, logs = loaded
         try:
             self.open_listeners(config)
         except OSError as error:
@@ -6109,18 +6112,10 @@ class Master:
             self.loop.stop()
 
     def reload(self, signum: int = 0) -> None:
-        self.log.log("notice", "reconfiguring")
-        try:
-            config = load_and_prepare(self.config.path)
-            logs = ErrorLogs(config)
-        except ConfigErrors as errors:
-            for error in errors.errors:
-                self.log.log("emerg", str(error))
-            self.log.log("alert", "reload failed, the old configuration is kept")
+        loaded = load_for_reload(self.config.path, self.log)
+        if loaded is None:
             return
-        except OSError as error:
-            self.log.log("alert", "reload failed (%s), the old configuration is kept" % error)
-            return
+        config, logs = loaded
         try:
             sockets = bind_all(config, self.sockets)
         except OSError as error:

@@ -9426,22 +9426,67 @@ class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
 # ########################################################################## #
 
 def main(argv) -> int:
+    """Run the tests (two processes at once on a machine with two cores:
+    the test classes alternate between them); the last line is always
+    "N passed, N failed, N skipped"."""
     verbose = "-v" in argv
     patterns = [arg for arg in argv if not arg.startswith("-")]
     if "--bench" in argv:
-        return run_benchmark() if "run_benchmark" in globals() else 0
-    suite = unittest.TestSuite()
+        return run_benchmark()
+    jobs = 1 if "-j1" in argv or not hasattr(os, "fork") else min(2, os.cpu_count() or 1)
+    classes = {}
     for test in iter_tests(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])):
         if not patterns or any(pattern in test.id() for pattern in patterns):
-            suite.addTest(test)
+            classes.setdefault(type(test), []).append(test)
+    groups = [unittest.TestSuite() for _ in range(jobs)]
+    for index, tests in enumerate(classes.values()):
+        groups[index % jobs].addTests(tests)
     started = time.time()
-    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2 if verbose else 1).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
+    counts = run_in_parallel(groups, verbose)
+    passed, failed, skipped = (sum(count[i] for count in counts) for i in range(3))
     print("(%.1f s)" % (time.time() - started))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
     return 0 if failed == 0 else 1
+
+
+def run_suite(suite, stream, verbose: bool):
+    result = unittest.TextTestRunner(stream=stream, verbosity=2 if verbose else 1).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    return result.testsRun - failed - skipped, failed, skipped
+
+
+def run_in_parallel(groups, verbose: bool):
+    """The first group here, each other one in a forked child whose report
+    comes back whole through a pipe (so reports never mix)."""
+    children = []
+    for group in groups[1:]:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            stream = io.StringIO()
+            status = 3
+            try:
+                counts = run_suite(group, stream, verbose)
+                report = stream.getvalue() + "\n%d %d %d\n" % counts
+                with os.fdopen(write_end, "w") as pipe:
+                    pipe.write(report)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        children.append((pid, read_end))
+    counts = [run_suite(groups[0], sys.stdout, verbose)]
+    for pid, read_end in children:
+        with os.fdopen(read_end) as pipe:
+            report = pipe.read()
+        os.waitpid(pid, 0)
+        body, _, tail = report.rstrip("\n").rpartition("\n")
+        sys.stdout.write(body + "\n")
+        numbers = tail.split()
+        counts.append(tuple(int(n) for n in numbers) if len(numbers) == 3 else (0, 1, 0))
+    return counts
 
 
 def iter_tests(suite):
