@@ -4434,6 +4434,7 @@ class AuthHttpExchange:
         if self.stream is not None:
             self.stream.close()
 
+
 class DnsLookup:
     """One question on its way: sent over UDP to the resolver's servers in
     turn every DNS_RESEND seconds until an answer comes or ``timeout`` ends.
