@@ -3248,6 +3248,7 @@ class BackendLogin:
 
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_V1_MAX = 107                 # the spec's longest v1 line, CRLF included
+PROXY_V1_ADDRESS = re.compile(rb"[0-9A-Fa-f:.]{2,45}")      # no scope id, nothing else
 PROXY_V2_MAX = 4096                # a v2 header we accept at most (nginx reads a buffer)
 PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_SSL = 0x01, 0x02, 0x20
 PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CN, PP2_SUBTYPE_SSL_CIPHER = 0x21, 0x22, 0x23
@@ -3333,6 +3334,8 @@ def parse_proxy_header(data: bytes) -> Optional[ProxyHeader]:
         return ProxyHeader(None, None, end + 2)
     if len(fields) != 5 or fields[0] not in (b"TCP4", b"TCP6"):
         raise ProxyHeaderError("broken PROXY protocol header")
+    if not all(PROXY_V1_ADDRESS.fullmatch(field) for field in fields[1:3]):
+        raise ProxyHeaderError("broken PROXY protocol header")    # e.g. fe80::1%LF...
     try:
         version = 4 if fields[0] == b"TCP4" else 6
         src = ipaddress.ip_address(fields[1].decode("ascii"))
@@ -3465,6 +3468,8 @@ def read_dns_name(data: bytes, offset: int) -> Tuple[str, int]:
         label = data[position + 1:position + 1 + size]
         if len(label) != size:
             raise DnsError("label runs past the end")
+        if b"." in label:
+            raise DnsError("a dot inside a label")     # "a." + "b" would read as "a..b"
         length += size + 1
         if length > 255:
             raise DnsError("name too long")
@@ -3544,7 +3549,8 @@ def dns_values(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, int]:
 def valid_host_name(name: str) -> bool:
     """RFC 1034 §3.5 letters, digits, hyphens and dots only (nginx 1.29.7,
     CVE-2026-28753: a PTR answer must not carry bytes into XCLIENT)."""
-    return bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
+    return (bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
+            and all(name.split(".")))                     # no empty label: not "a..b", ".a"
 
 # ########################################################################## #
 #                                 TLS layer                                  #
@@ -3656,9 +3662,13 @@ class TlsLayer:
             self._queued += plaintext
         elif self.state == TlsState.OPEN:
             view = memoryview(plaintext)
-            while view:
-                written = self.object.write(view)
-                view = view[written:]
+            try:
+                while view:
+                    written = self.object.write(view)
+                    view = view[written:]
+            except ssl.SSLError as error:
+                self.state = TlsState.CLOSED
+                raise TlsError(describe_tls_error(error))
 
     def receive_data(self, ciphertext: bytes) -> bytes:
         if self.state == TlsState.CLOSED:
@@ -3689,7 +3699,7 @@ class TlsLayer:
             self.state = TlsState.CLOSED
             self._raw += TLS_ALERT_NO_APPLICATION_PROTOCOL
             raise TlsError("client offered ALPN %s without \"%s\"" % (
-                b",".join(offered).decode("latin-1"), self._alpn.decode()))
+                log_escape(b",".join(offered)), self._alpn.decode()))
         return held
 
     def _handshake(self) -> bool:
@@ -4123,7 +4133,11 @@ class Stream:
         """Send ``data`` (through TLS, if on): now what the socket takes, the
         rest kept in ``out``."""
         if self.tls is not None and not self.closed:
-            self.tls.send(data)
+            try:
+                self.tls.send(data)
+            except TlsError as error:
+                self.loop.call_later(0, lambda failure=error: self._fail(failure))
+                return
             data = self.tls.data_to_send()
         self._write_raw(data)
 
@@ -4404,7 +4418,7 @@ class AuthHttpExchange:
         try:
             response = self.parser.receive_data(data)
         except AuthHttpError as error:
-            return self._finish(None, str(error) % self.url.text)
+            return self._finish(None, str(error).replace("%s", self.url.text, 1))
         if response is not None:
             self._finish(response, "")
 
@@ -4544,7 +4558,10 @@ class Resolver:
         cached = self.cache.get(key)
         if cached is not None and cached[0] > self.loop.time():
             return self.loop.call_later(0, lambda: callback(cached[1], cached[2]))
-        return DnsLookup(self, name, qtype, callback)
+        try:
+            return DnsLookup(self, name, qtype, callback)
+        except (DnsError, UnicodeError, OSError):
+            return self.loop.call_later(0, lambda: callback("error", []))
 
     def remember(self, name: str, qtype: int, status: str, values: List, ttl: int) -> None:
         if status == "error":
@@ -4573,7 +4590,12 @@ class ClientNameLookup:
         self.address = address
         self.done = done
         self.name = ""
-        self.pending = resolver.lookup(reverse_dns_name(address), DNS_PTR, self._ptr)
+        try:
+            reverse = reverse_dns_name(address)
+        except ValueError:                     # e.g. a scoped address, fe80::1%eth0
+            self.pending = resolver.loop.call_later(0, lambda: self._fail("error", address))
+            return
+        self.pending = resolver.lookup(reverse, DNS_PTR, self._ptr)
 
     def _ptr(self, status: str, values: List) -> None:
         if status != "ok":
@@ -4750,7 +4772,7 @@ class Session:
                  "credentials", "login_attempt", "auth_exchange", "backend_tls", "timer",
                  "deadline", "timer_callback", "closed", "outcome", "starttls", "proxy_facts",
                  "certificate", "name_lookup", "client", "machine", "implicit_tls",
-                 "proxy_buffer")
+                 "proxy_buffer", "early_data")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker = worker
@@ -4792,6 +4814,7 @@ class Session:
             self.server, now=time.time(), randomness=worker.randomness, tls=listener.listen.ssl)
         self.implicit_tls = listener.listen.ssl
         self.proxy_buffer = None     # type: Optional[bytearray]
+        self.early_data = bytearray()  # client bytes read before the dialogue began
         if listener.listen.proxy_protocol:
             self.phase = Phase.PROXY_HEADER
             self.proxy_buffer = bytearray()
@@ -4852,6 +4875,8 @@ class Session:
                                                 self.client_address, self._resolved)
 
     def _resolved(self, name: str, problem: str) -> None:
+        if self.phase != Phase.RESOLVING:
+            return
         self.name_lookup = None
         self.client_name = name
         if problem:
@@ -4863,6 +4888,7 @@ class Session:
         self._dialogue_budget()
         self._flush_machine()
         self._arm(self.server.timeout, self._client_timed_out)
+        self._deliver_early_data()
 
     def _smtp_greeting(self) -> None:
         """smtp_greeting_delay: a client that talks before the 220 is a
@@ -4871,6 +4897,7 @@ class Session:
             self.phase = Phase.GREETING_DELAY
             self.client.set_read_budget(self.machine.buffer_size)
             self._arm(self.server.smtp_greeting_delay, self._greet)
+            self._deliver_early_data()        # a client that spoke first is refused
         else:
             self._greet()
 
@@ -4878,11 +4905,17 @@ class Session:
         self.machine.greet()
         self._start_dialogue()
 
+    def _deliver_early_data(self) -> None:
+        """Bytes read before the dialogue could take them, now in order."""
+        if self.early_data and not self.closed:
+            data, self.early_data = bytes(self.early_data), bytearray()
+            self.stream_data(self.client, data)
+
     # -- logging -----------------------------------------------------------------
     def context(self, action: Optional[str]) -> str:
         """nginx's ngx_mail_log_error suffix."""
         text = " while %s" % action if action else ""
-        text += ", client: %s%s, server: %s" % (self.client_address,
+        text += ", client: %s%s, server: %s" % (log_escape(self.client_address.encode()),
                                                 " using starttls" if self.starttls else "",
                                                 self.server_text)
         if self.login:
@@ -4963,6 +4996,11 @@ class Session:
             return
         if self.phase == Phase.PROXY_HEADER:
             return self._proxy_header_data(data)
+        if self.phase in (Phase.RESOLVING, Phase.HANDSHAKE):
+            # Read ahead of the greeting (behind a PROXY header, or with the
+            # last handshake bytes): it waits, as nginx waits to read.
+            self.early_data += data
+            return
         if self.phase == Phase.GREETING_DELAY:
             shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
             self.log("info", 'client was rejected before greeting: "%s"' % shown)
@@ -5176,7 +5214,7 @@ class Session:
             try:
                 verdict = interpret_auth_response(response, self.server.protocol, known)
             except AuthHttpError as failure:
-                error = str(failure) % self.server.auth_http.text
+                error = str(failure).replace("%s", self.server.auth_http.text, 1)
         if error:
             self.log("error", error, action="in http auth state")
             self._internal_error("auth http error")

@@ -9422,6 +9422,77 @@ class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
 
 
 # ########################################################################## #
+#             Hostile peers: what a security review found                    #
+# ########################################################################## #
+# Each of these once ended a worker (with every session in it), let a peer
+# write into the auth server's request or the log, or answered an SMTP
+# client before its greeting.
+
+class HostilePeerUnitTests(TlsFiles, unittest.TestCase):
+    def test_a_dot_inside_a_dns_label_is_malformed(self):
+        # Labels "a." and "b" would join into "a..b", which no query can carry.
+        with self.assertRaises(mp.DnsError):
+            mp.read_dns_name(b"\0" * 12 + b"\x02a.\x01b\x00", 12)
+        for name in ("a..b", ".a.example", "a.example."):
+            self.assertFalse(mp.valid_host_name(name), name)
+
+    def test_a_lookup_of_an_unsendable_name_answers_error(self):
+        loop = mp.EventLoop()
+        self.addCleanup(loop.close)
+        spec = mp.ResolverSpec(((socket.AF_INET, ("127.0.0.1", 9)),), None, True, True)
+        answers = []
+        mp.Resolver(loop, spec, 1.0).lookup("a..b", mp.DNS_A, lambda *answer: answers.append(answer))
+        loop.run_once(0.1)
+        self.assertEqual(answers, [("error", [])])
+        names = []
+        mp.ClientNameLookup(mp.Resolver(loop, spec, 1.0), "fe80::1%eth0",
+                            lambda name, problem: names.append(name))
+        loop.run_once(0.1)
+        self.assertEqual(names, ["[TEMPUNAVAIL]"])
+
+    def test_a_proxy_header_with_a_scope_id_is_refused(self):
+        for header in (b"PROXY TCP6 fe80::1%eth0 ::1 1234 25\r\n",
+                       b"PROXY TCP6 fe80::1%x\nAuth-Status:\x01 ::1 1 2\r\n"):
+            with self.assertRaises(mp.ProxyHeaderError, msg=header):
+                mp.parse_proxy_header(header)
+
+    def test_an_alpn_name_cannot_write_a_log_line(self):
+        context = self.client_context()
+        context.set_alpn_protocols(["x\n2026/11/21 00:00:00 [emerg] FORGED"])
+        server = mp.TlsLayer(mp.server_context(self.tls_settings()), server_side=True, alpn="imap")
+        client = mp.TlsLayer(context, server_side=False, server_hostname="mail.example.com")
+        with self.assertRaises(mp.TlsError) as caught:
+            server.receive_data(client.data_to_send())
+        self.assertNotIn("\n", str(caught.exception))
+        self.assertIn("\\x0a", str(caught.exception))
+
+
+class HostileAuthServerTests(AuthHttpEndToEndCase):
+    def test_a_percent_sign_in_auth_server_is_an_internal_error_not_a_crash(self):
+        auth = self.auth_server(ah_response(("Auth-Status", "OK"), ("Auth-Server", "%d%s"),
+                                            ("Auth-Port", "143")))
+        self.assert_internal_error("imap", auth,
+                                   r'auth http server %s sent invalid server address:"%%d%%s"')
+
+
+class SmtpEndToEndEarlyDataTests(SmtpEndToEndCase):
+    def test_commands_behind_a_proxy_header_wait_for_the_greeting(self):
+        good = SmtpEndToEndResolverTests.GOOD
+        dns = FakeDns(lambda query, name, qtype: (time.sleep(0.3), records_for(good)(query, name, qtype))[1])
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        text = proxy_config("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port,
+                            set_real_ip_from="127.0.0.1")
+        text = re.sub(r"(listen = 127\.0\.0\.1:\d+)", r"\1 proxy_protocol", text)
+        proxy = self.use(ProxyUnderTest(text))
+        client = self.connect(proxy)
+        client.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 1234 25\r\nEHLO x\r\nNOOP\r\n")
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)     # the 220 comes first
+        self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+
+
+# ########################################################################## #
 #                                  Runner                                    #
 # ########################################################################## #
 
@@ -9451,7 +9522,9 @@ def main(argv) -> int:
 
 def run_suite(suite, stream, verbose: bool):
     result = unittest.TextTestRunner(stream=stream, verbosity=2 if verbose else 1).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    # A test may fail and then error in its cleanup: count it once.
+    failed = len({test.id() for test, _ in result.failures + result.errors} |
+                 {test.id() for test in result.unexpectedSuccesses})
     skipped = len(result.skipped)
     return result.testsRun - failed - skipped, failed, skipped
 
