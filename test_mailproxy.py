@@ -482,36 +482,88 @@ class CfgProxy:
         self.proc.stderr.close()
 
 
-class CfgFakeImapBackend:
-    """A tiny IMAP backend on loopback: greets, answers each synchronizing
-    literal with ``+ OK`` and the end of the LOGIN with ``TAG OK``, and
-    records what it received."""
+class ThreadedServer:
+    """A test server on 127.0.0.1 (or on the unix socket ``path``): one thread
+    accepts, one thread per connection runs ``handle(accepted(conn))``.
+    ``accepted`` runs in the accept thread, so whatever it records is in
+    connection order.  ``close`` stops accepting, shuts every connection
+    down (which wakes its thread) and joins the threads.  A subclass sets
+    its own attributes before calling ``__init__``: the accept thread starts
+    there."""
 
-    def __init__(self, test):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.received = []
-        self.running = True
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-        test.addCleanup(self.close)
+    name = "fake server"
+    conn_timeout = 10.0
 
-    def _accept(self):
-        while self.running:
+    def __init__(self, path: str = None, backlog: int = 64):
+        self.stopping = threading.Event()
+        self.connections = []
+        if path is None:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))   # port 0: the kernel picks a free one, race-free
+            self.port = self.sock.getsockname()[1]
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(path)
+            self.port = None
+        self.sock.listen(backlog)
+        self.sock.settimeout(0.05)         # so that the accept thread sees ``stopping``
+        self.threads = [threading.Thread(target=self._accept, name=self.name, daemon=True)]
+        self.threads[0].start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
             try:
                 conn, _ = self.sock.accept()
             except socket.timeout:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            conn.settimeout(self.conn_timeout)
+            self.connections.append(conn)
+            thread = threading.Thread(target=self.handle, args=(self.accepted(conn),),
+                                      daemon=True)
+            self.threads.append(thread)
+            thread.start()
 
-    def _serve(self, conn):
+    def accepted(self, conn: socket.socket):
+        return conn
+
+    def handle(self, accepted) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.threads[0].join(5)            # no new connection after this
+        self.sock.close()
+        for conn in self.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)    # wakes its thread up
+            except OSError:
+                pass
+        for thread in self.threads[1:]:
+            thread.join(5)
+
+
+class CfgFakeImapBackend(ThreadedServer):
+    """A tiny IMAP backend on loopback: greets, answers each synchronizing
+    literal with ``+ OK`` and the end of the LOGIN with ``TAG OK``, and
+    records what it received."""
+
+    conn_timeout = 5.0
+
+    def __init__(self, test):
+        self.received = []
+        super().__init__()
+        test.addCleanup(self.close)
+
+    def handle(self, conn):
         with conn:
-            conn.settimeout(5)
             try:
                 conn.sendall(b"* OK fake backend ready\r\n")
                 reader = conn.makefile("rb")
@@ -530,11 +582,6 @@ class CfgFakeImapBackend:
                 reader.read()          # until the proxy closes
             except OSError:
                 pass
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
 
 
 class CfgImapClient:
@@ -3515,7 +3562,7 @@ class BackendWire:
         self.conn.sendall(data)
 
 
-class FakeBackend:
+class FakeBackend(ThreadedServer):
     """A mail server on 127.0.0.1 for the proxy to log alice (password
     "secret") in to: one thread accepts, one thread per connection.
 
@@ -3525,6 +3572,8 @@ class FakeBackend:
     of it has gone out so far.  ``received[i]`` is every byte connection i got.
     """
 
+    name = "fake backend"
+
     def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
                  capability: bool = False):
         self.mode = mode
@@ -3532,39 +3581,14 @@ class FakeBackend:
         self.capability = capability
         self.received = []
         self.pushed = 0
-        self.stopping = threading.Event()
-        self.connections = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))   # port 0: the kernel picks a free one, race-free
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)         # so that the accept thread sees ``stopping``
-        self.port = self.sock.getsockname()[1]
-        self.threads = [threading.Thread(target=self._accept, name="fake backend", daemon=True)]
-        self.threads[0].start()
+        super().__init__()
 
-    def __enter__(self) -> "FakeBackend":
-        return self
+    def accepted(self, conn: socket.socket) -> BackendWire:
+        wire = BackendWire(conn)
+        self.received.append(wire.received)
+        return wire
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            conn.settimeout(10)
-            wire = BackendWire(conn)
-            self.received.append(wire.received)
-            self.connections.append(conn)
-            thread = threading.Thread(target=self._serve, args=(wire,), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _serve(self, wire: BackendWire) -> None:
+    def handle(self, wire: BackendWire) -> None:
         try:
             if self.mode == "stall":
                 self.stopping.wait()
@@ -3582,18 +3606,6 @@ class FakeBackend:
         for start in range(0, len(self.message), 65536):
             wire.send(self.message[start:start + 65536])
             self.pushed = start + len(self.message[start:start + 65536])
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.threads[0].join(5)            # no new connection after this
-        self.sock.close()
-        for conn in self.connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)    # wakes its thread up
-            except OSError:
-                pass
-        for thread in self.threads[1:]:
-            thread.join(5)
 
 
 class FakeImapBackend(FakeBackend):
@@ -8176,13 +8188,16 @@ def ah_fail(text: str = "Invalid login", *extra) -> bytes:
     return ah_response(("Auth-Status", text), *extra)
 
 
-class AuthServer:
+class AuthServer(ThreadedServer):
     """An HTTP/1.0 auth server on 127.0.0.1 (or on the unix socket ``path``):
     one thread accepts, one thread per request.  Each request (read up to its
     blank line) is kept raw in ``requests`` (its arrival time in ``times``),
     then answered with the next of ``responses`` or ``answer(request, index)``.
     An answer is bytes (sent, then the connection is closed), AH_STALL,
     AH_HOLD, or ah_partial(bytes).  No script left: a failure answer."""
+
+    name = "fake auth server"
+    conn_timeout = 5.0
 
     def __init__(self, *responses, answer=None, path: str = None):
         self.responses = list(responses)
@@ -8191,43 +8206,9 @@ class AuthServer:
         self.requests = []
         self.times = []
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.connections = []
-        if path is None:
-            self.sock = socket.socket()
-            self.sock.bind(("127.0.0.1", 0))
-            self.port = self.sock.getsockname()[1]
-        else:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.bind(path)
-            self.port = None
-        self.sock.listen(16)
-        self.sock.settimeout(0.05)
-        self.threads = [threading.Thread(target=self._accept, name="fake auth server",
-                                         daemon=True)]
-        self.threads[0].start()
+        super().__init__(path, backlog=16)
 
-    def __enter__(self) -> "AuthServer":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            conn.settimeout(5)
-            self.connections.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         try:
             data = bytearray()
             while b"\r\n\r\n" not in data:
@@ -8263,18 +8244,6 @@ class AuthServer:
     def wait_requests(self, count: int, timeout: float = 3.0) -> None:
         wait_until(lambda: len(self.requests) >= count, timeout,
                    "%d auth request(s), have %d" % (count, len(self.requests)))
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.threads[0].join(5)
-        self.sock.close()
-        for conn in self.connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in self.threads[1:]:
-            thread.join(5)
 
 
 def ah_request(user: bytes = b"alice", password: bytes = b"secret", protocol: str = "imap",
@@ -8416,7 +8385,7 @@ class ah_TlsImapBackend(FakeImapBackend):
                                      os.path.join(directory, "server.key"))
         self.versions = []
 
-    def _serve(self, wire: BackendWire) -> None:
+    def handle(self, wire: BackendWire) -> None:
         raw = wire.conn
         try:
             wire.conn = self.context.wrap_socket(raw, server_side=True)
