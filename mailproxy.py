@@ -1428,6 +1428,61 @@ def strip_eol(line: bytes) -> bytes:
     return line
 
 
+class LineBuffer:
+    """Bytes received and not yet taken, handed out a line at a time.
+
+    Every reader of lines shares it (the client machines, the backend login,
+    the auth_http response, the SMTP relay check), because of one rule a
+    hostile peer tests: n bytes must cost O(n) work however they are split.
+    The search for the end of a line starts where the last search stopped,
+    so a line trickled one byte at a time is scanned once, not once per
+    byte.  The buffer holds what it is given: its owner decides how much
+    that may be (``len()``) and stops reading beyond it.
+    """
+    __slots__ = ("data", "_scanned")
+
+    def __init__(self):
+        self.data = bytearray()     # readers that scan in place may look, never change
+        self._scanned = 0           # data[:_scanned] holds no LF
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def append(self, data: bytes) -> None:
+        self.data += data
+
+    def take_line(self, limit: Optional[int] = None) -> Optional[bytes]:
+        """The next line with its LF, if one ends within the first ``limit``
+        bytes (all of them when None); else None, and nothing is taken."""
+        end = len(self.data) if limit is None else min(limit, len(self.data))
+        index = self.data.find(b"\n", self._scanned, end)
+        if index < 0:
+            self._scanned = max(self._scanned, end)
+            return None
+        return self.take(index + 1)
+
+    def has_line_end(self) -> bool:
+        """Has a LF arrived that take_line() has not yet handed out?"""
+        index = self.data.find(b"\n", self._scanned)
+        if index < 0:
+            self._scanned = len(self.data)
+        return index >= 0
+
+    def take(self, size: int) -> bytes:
+        """The first ``size`` bytes (fewer if fewer are held), removed."""
+        taken = bytes(self.data[:size])
+        del self.data[:size]          # CPython drops a bytearray's head in O(1)
+        self._scanned = max(0, self._scanned - len(taken))
+        return taken
+
+    def take_all(self) -> bytes:
+        return self.take(len(self.data))
+
+    def clear(self) -> None:
+        del self.data[:]
+        self._scanned = 0
+
+
 # ########################################################################## #
 #                              Client machines                               #
 # ########################################################################## #
@@ -1508,7 +1563,7 @@ class ClientMachine:
         self.awaiting_tls = False      # StartTls emitted, handshake pending
         self._failure = (b"", False)   # the refusal to send after an OAuth error challenge
         self.finished = False          # Quit or Closed emitted
-        self._input = bytearray()
+        self._input = LineBuffer()
         self._output = bytearray()
 
     # -- the sans-I/O surface ------------------------------------------------
@@ -1519,7 +1574,7 @@ class ClientMachine:
         if not data:
             self.finished = True
             return []
-        self._input += data
+        self._input.append(data)
         return self._process()
 
     def data_to_send(self) -> bytes:
@@ -1531,7 +1586,7 @@ class ClientMachine:
     @property
     def trailing_data(self) -> bytes:
         """Input not parsed yet: what the client pipelined behind its login."""
-        return bytes(self._input)
+        return bytes(self._input.data)
 
     def failure_reply(self, text: bytes) -> bytes:
         """The reply to a refused login (nginx: the auth server's text)."""
@@ -1557,7 +1612,7 @@ class ClientMachine:
         sent in plaintext and must not be read as if it came over TLS
         (CVE-2011-0411, CVE-2014-3556; RFC 3207 §4.2)."""
         self._output += reply
-        del self._input[:]
+        self._input.clear()
         self._forget_before_tls()
         events.append(StartTls())
         self.awaiting_tls = True
@@ -1644,12 +1699,7 @@ class ClientMachine:
 
     def _take_line(self, limit: int) -> Optional[bytes]:
         """The next line (with its LF) from the input, or None if incomplete."""
-        end = self._input.find(b"\n", 0, limit)
-        if end < 0:
-            return None
-        line = bytes(self._input[:end + 1])
-        del self._input[:end + 1]
-        return line
+        return self._input.take_line(limit)
 
     # -- SASL, the same in all three protocols (ngx_mail_auth_parse and the
     #    ngx_mail_auth_* helpers): only the prompt prefix and the refusal differ.
@@ -1772,6 +1822,7 @@ IMAP_AUTH_NAMES = {"plain": "AUTH=PLAIN", "login": "AUTH=LOGIN", "cram-md5": "AU
 IMAP_NO_CERT = b"* BYE No required SSL certificate\r\n"
 IMAP_COMMANDS = frozenset([b"LOGIN", b"AUTHENTICATE", b"CAPABILITY", b"NOOP",
                            b"LOGOUT", b"STARTTLS", b"ID"])
+IMAP_MAX_COMMAND = max(len(name) for name in IMAP_COMMANDS)    # a longer word is none of them
 
 
 class ImapCommand(NamedTuple):
@@ -1793,33 +1844,215 @@ class ImapIncomplete(NamedTuple):
     sync_literals: int         # {n} headers complete so far: each wants "+ OK"
 
 
-def scan_imap_command(data: bytes, max_literal: int):
-    """Scan one IMAP command from the start of ``data``.
+class ImapScanner:
+    """Scans the IMAP command at the start of a growing buffer (sans-I/O).
 
-    Returns ImapCommand, ImapInvalid or ImapIncomplete.  Strings are atoms,
-    quoted strings (backslash escapes removed, as nginx) or literals: ``{n}``
-    synchronizing, ``{n+}`` non-synchronizing (RFC 7888).  Like nginx
-    >= 1.29.6 a quoted string or literal must be followed by SP or CRLF.
+    scan(data) returns ImapCommand, ImapInvalid or ImapIncomplete; reset()
+    before the next command.  Strings are atoms, quoted strings (backslash
+    escapes removed, as nginx) or literals: ``{n}`` synchronizing, ``{n+}``
+    non-synchronizing (RFC 7888).  Like nginx >= 1.29.6 a quoted string or
+    literal must be followed by SP or CRLF.
+
+    The work is linear in the bytes however they arrive: arguments scanned
+    once are kept, and after an incomplete scan the arguments are not looked
+    at again until what they wait for has come: a line end (every command
+    and every literal header ends in one), or as many bytes as the literal
+    being read announced.  The tag and the command name are read as they
+    come (each is at most a few dozen bytes), so a bad one is refused at once.
     """
-    space = _find_any(data, 0, b" \r\n")
-    if space < 0:
-        return ImapIncomplete(None, 0)
-    tag = data[:space]
-    if data[space:space + 1] != b" " or not 0 < len(tag) <= IMAP_MAX_TAG or \
-            any(byte not in IMAP_TAG_CHARS for byte in tag):
-        return ImapInvalid(None, _line_end(data, 0), False)
-    tag += b" "
-    pos = space
-    while pos < len(data) and data[pos] == 0x20:
-        pos += 1
-    end = _find_any(data, pos, b" \r\n")
-    if end < 0:
-        return ImapIncomplete(tag, 0)
-    name = data[pos:end].upper()
-    if name not in IMAP_COMMANDS:
-        return ImapInvalid(tag, _line_end(data, pos), False)
-    scanner = _ImapArgumentScanner(data, end, name == b"ID", max_literal)
-    return scanner.scan(tag, name)
+
+    def __init__(self, max_literal: int):
+        self.max_literal = max_literal
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the command: the next scan starts at the buffer's first byte."""
+        self.tag = None            # type: Optional[bytes]  (with its trailing space)
+        self.name = None           # type: Optional[bytes]  (upper case)
+        self.args = []             # the arguments scanned so far
+        self.pos = 0               # where scanning goes on: after the last whole argument
+        self.sync_literals = 0     # {n} headers complete so far: each wants "+ OK"
+        self.non_sync_seen = False
+        self.literal = None        # (data start, length) of a literal whose data is due
+        self.wait_bytes = 0        # arguments: nothing to do before this many bytes are held
+        self.wait_line = None      # ... or before a LF at or after this index
+
+    def scan(self, data: bytearray):
+        if self.name is None:
+            header = self._scan_header(data)
+            if header is not None:
+                return header
+        if len(data) < self.wait_bytes:
+            return self._incomplete()
+        if self.wait_line is not None:
+            if data.find(b"\n", self.wait_line) < 0:
+                self.wait_line = len(data)
+                return self._incomplete()
+        self.wait_bytes, self.wait_line = 0, None
+        return self._scan_arguments(data)
+
+    def _incomplete(self) -> "ImapIncomplete":
+        return ImapIncomplete(self.tag, self.sync_literals)
+
+    def _scan_header(self, data: bytearray):
+        """The tag and the command name; None once both are known."""
+        if self.tag is None:
+            space = _find_any(data, 0, b" \r\n", IMAP_MAX_TAG + 1)
+            if space < 0:
+                if len(data) > IMAP_MAX_TAG:
+                    return ImapInvalid(None, _line_end(data, 0), False)
+                return self._incomplete()
+            tag = bytes(data[:space])
+            if data[space] != 0x20 or not tag or any(byte not in IMAP_TAG_CHARS for byte in tag):
+                return ImapInvalid(None, _line_end(data, 0), False)
+            self.tag, self.pos = tag + b" ", space
+        match = _IMAP_SPACES.match(data, self.pos)
+        start = match.end()
+        if start == len(data):
+            self.pos = start
+            return self._incomplete()
+        end = _find_any(data, start, b" \r\n", start + IMAP_MAX_COMMAND + 1)
+        if end < 0:
+            if len(data) - start > IMAP_MAX_COMMAND:
+                return ImapInvalid(self.tag, _line_end(data, start), False)
+            self.pos = start
+            return self._incomplete()
+        name = bytes(data[start:end]).upper()
+        if name not in IMAP_COMMANDS:
+            return ImapInvalid(self.tag, _line_end(data, start), False)
+        self.name, self.pos = name, end
+        return None
+
+    def _scan_arguments(self, data: bytearray):
+        is_id = self.name == b"ID"
+        max_args = IMAP_ID_MAX_ARGS if is_id else IMAP_MAX_ARGS
+        while True:
+            if self.literal is not None:
+                argument = self._literal_data(data)
+                if argument is None:
+                    return self._incomplete()
+                if argument is False:
+                    return self._invalid(data)
+                self.args.append(argument)
+            pos = self.pos
+            if pos >= len(data):
+                return self._wait_for_line(data)
+            byte = data[pos]
+            if byte == 0x0A:                                   # bare LF ends too
+                return ImapCommand(self.tag, self.name, self.args, pos + 1)
+            if byte == 0x0D:
+                if pos + 1 >= len(data):
+                    return self._wait_for_line(data)
+                if data[pos + 1] != 0x0A:
+                    return self._invalid(data)
+                return ImapCommand(self.tag, self.name, self.args, pos + 2)
+            # SP separates arguments; inside ID's list "(" and ")" need none.
+            list_edge = is_id and (byte == 0x29 or self.args[-1:] == [b"("])
+            if byte != 0x20 and not list_edge:
+                return self._invalid(data)
+            pos = _IMAP_SPACES.match(data, pos).end()
+            if pos >= len(data):
+                return self._wait_for_line(data)
+            if data[pos] in b"\r\n":
+                self.pos = pos
+                continue
+            if len(self.args) >= max_args:
+                return self._invalid(data)
+            argument = self._argument(data, pos, is_id)
+            if argument is None:
+                return self._incomplete()
+            if argument is False:
+                return self._invalid(data)
+            self.args.append(argument)
+
+    def _wait_for_line(self, data: bytearray) -> "ImapIncomplete":
+        self.wait_line = len(data)
+        return self._incomplete()
+
+    def _invalid(self, data: bytearray) -> "ImapInvalid":
+        return ImapInvalid(self.tag, _line_end(data, self.pos), self.non_sync_seen)
+
+    def _argument(self, data: bytearray, pos: int, is_id: bool):
+        """One argument at ``pos``: bytes (and self.pos moves past it),
+        None (need more data) or False (invalid; self.pos is where)."""
+        byte = data[pos]
+        if byte == 0x22:                                      # '"'
+            return self._quoted(data, pos)
+        if byte == 0x7B:                                      # '{'
+            return self._literal_header(data, pos)
+        if is_id and byte in b"()":
+            self.pos = pos + 1
+            return bytes([byte])
+        end = _find_any(data, pos, b" \r\n)" if is_id else b" \r\n")
+        if end < 0:
+            self.pos = pos
+            self._wait_for_line(data)
+            return None
+        self.pos = end
+        return bytes(data[pos:end])
+
+    def _quoted(self, data: bytearray, pos: int):
+        """RFC 3501 quoted: no CR or LF inside; a backslash quotes the next byte."""
+        body = _IMAP_QUOTED_BODY.match(data, pos + 1)
+        end = body.end()
+        if end >= len(data):                                  # the closing quote is due
+            self.pos = pos
+            self._wait_for_line(data)
+            return None
+        if data[end] != 0x22:                                 # CR, LF, or a backslash before one
+            self.pos = end
+            return False
+        value = _IMAP_QUOTED_PAIR.sub(rb"\1", bytes(data[pos + 1:end]))
+        return self._after_string(data, pos, end + 1, value)
+
+    def _literal_header(self, data: bytearray, pos: int):
+        """``{n}`` or ``{n+}``, then CRLF (nginx also takes a bare LF)."""
+        rest = bytes(data[pos:pos + 16])
+        match = _IMAP_LITERAL.match(rest)
+        if not match:
+            self.pos = pos
+            if _IMAP_LITERAL_START.fullmatch(rest):
+                self._wait_for_line(data)
+                return None                                   # the header is still coming
+            return False
+        length = int(match.group(1))
+        if match.group(2):
+            self.non_sync_seen = True
+        if length > self.max_literal:
+            self.pos = pos
+            return False
+        if not match.group(2):
+            self.sync_literals += 1
+        self.literal = (pos + match.end(), length)
+        self.pos = pos
+        return self._literal_data(data)
+
+    def _literal_data(self, data: bytearray):
+        """The data of the literal whose header was read, once it has come."""
+        start, length = self.literal
+        if len(data) < start + length + 1:                    # with the byte after it
+            self.wait_bytes = start + length + 1
+            return None
+        self.literal = None
+        return self._after_string(data, self.pos, start + length, bytes(data[start:start + length]))
+
+    def _after_string(self, data: bytearray, start: int, pos: int, value: bytes):
+        """A string ends at ``pos``; SP or the line end must follow (ID: ")" too)."""
+        if pos >= len(data):
+            self.pos = start
+            self.wait_bytes = pos + 1
+            return None
+        self.pos = pos
+        if data[pos] not in b" \r\n" and not (self.name == b"ID" and data[pos] == 0x29):
+            return False                       # the line to drop ends after here
+        return value
+
+
+_IMAP_SPACES = re.compile(b" *")
+_IMAP_QUOTED_BODY = re.compile(rb'(?:[^"\\\r\n]+|\\[^\r\n])*')
+_IMAP_QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
+_IMAP_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}(\r\n|\n)")
+_IMAP_LITERAL_START = re.compile(rb"\{\d{0,10}\+?(\}\r?)?")
 
 
 def _line_end(data: bytes, start: int) -> Optional[int]:
@@ -1831,132 +2064,13 @@ def _line_end(data: bytes, start: int) -> Optional[int]:
 _ANY_OF = {}          # bytes of chars -> a compiled character class (a cache)
 
 
-def _find_any(data: bytes, start: int, chars: bytes) -> int:
-    """Index of the first byte of ``chars`` in data[start:], or -1."""
+def _find_any(data: bytes, start: int, chars: bytes, end: Optional[int] = None) -> int:
+    """Index of the first byte of ``chars`` in data[start:end], or -1."""
     pattern = _ANY_OF.get(chars)
     if pattern is None:
         pattern = _ANY_OF[chars] = re.compile(b"[" + re.escape(chars) + b"]")
-    match = pattern.search(data, start)
+    match = pattern.search(data, start, len(data) if end is None else end)
     return match.start() if match else -1
-
-
-class _ImapArgumentScanner:
-    """The arguments of one IMAP command: a small cursor over the bytes."""
-
-    def __init__(self, data: bytes, pos: int, is_id: bool, max_literal: int):
-        self.data = data
-        self.pos = pos
-        self.is_id = is_id
-        self.max_args = IMAP_ID_MAX_ARGS if is_id else IMAP_MAX_ARGS
-        self.max_literal = max_literal
-        self.sync_literals = 0
-        self.non_sync_seen = False
-
-    def scan(self, tag: bytes, name: bytes):
-        data = self.data
-        args = []
-        while True:
-            if self.pos >= len(data):
-                return ImapIncomplete(tag, self.sync_literals)
-            byte = data[self.pos]
-            if byte == 0x0A:                                   # bare LF ends too
-                return ImapCommand(tag, name, args, self.pos + 1)
-            if byte == 0x0D:
-                if self.pos + 1 >= len(data):
-                    return ImapIncomplete(tag, self.sync_literals)
-                if data[self.pos + 1] != 0x0A:
-                    return self.invalid(tag)
-                return ImapCommand(tag, name, args, self.pos + 2)
-            # SP separates arguments; inside ID's list "(" and ")" need none.
-            list_edge = self.is_id and (byte == 0x29 or args[-1:] == [b"("])
-            if byte != 0x20 and not list_edge:
-                return self.invalid(tag)
-            while self.pos < len(data) and data[self.pos] == 0x20:
-                self.pos += 1
-            if self.pos >= len(data):
-                return ImapIncomplete(tag, self.sync_literals)
-            if data[self.pos] in b"\r\n":
-                continue
-            if len(args) >= self.max_args:
-                return self.invalid(tag)
-            argument = self.argument()
-            if argument is None:
-                return ImapIncomplete(tag, self.sync_literals)
-            if argument is False:
-                return self.invalid(tag)
-            args.append(argument)
-
-    def invalid(self, tag: bytes) -> ImapInvalid:
-        return ImapInvalid(tag, _line_end(self.data, self.pos), self.non_sync_seen)
-
-    def argument(self):
-        """One argument: bytes, None (need more data) or False (invalid)."""
-        byte = self.data[self.pos]
-        if byte == 0x22:                                      # '"'
-            return self.quoted()
-        if byte == 0x7B:                                      # '{'
-            return self.literal()
-        if self.is_id and byte in b"()":
-            self.pos += 1
-            return bytes([byte])
-        end = _find_any(self.data, self.pos, b" \r\n)" if self.is_id else b" \r\n")
-        if end < 0:
-            return None
-        atom = self.data[self.pos:end]
-        self.pos = end
-        return atom
-
-    def quoted(self):
-        data = self.data
-        pos = self.pos + 1
-        value = bytearray()
-        while pos < len(data):
-            byte = data[pos]
-            if byte in (0x0D, 0x0A):
-                self.pos = pos
-                return False
-            if byte == 0x5C:                                  # backslash
-                if pos + 1 >= len(data):
-                    return None
-                if data[pos + 1] in (0x0D, 0x0A):
-                    return False
-                value.append(data[pos + 1])
-                pos += 2
-                continue
-            if byte == 0x22:
-                return self.after_string(pos + 1, bytes(value))
-            value.append(byte)
-            pos += 1
-        return None
-
-    def literal(self):
-        """``{n}`` or ``{n+}``, then CRLF (nginx also takes a bare LF)."""
-        rest = self.data[self.pos:self.pos + 16]
-        match = re.match(rb"\{(\d{1,10})(\+?)\}(\r\n|\n)", rest)
-        if not match:
-            if re.fullmatch(rb"\{\d{0,10}\+?(\}\r?)?", rest):
-                return None                                   # header still coming
-            return False
-        length = int(match.group(1))
-        if match.group(2):
-            self.non_sync_seen = True
-        if length > self.max_literal:
-            return False
-        if not match.group(2):
-            self.sync_literals += 1
-        start = self.pos + match.end()
-        if len(self.data) < start + length:
-            return None
-        return self.after_string(start + length, self.data[start:start + length])
-
-    def after_string(self, pos: int, value: bytes):
-        if pos >= len(self.data):
-            return None
-        if self.data[pos] not in b" \r\n" and not (self.is_id and self.data[pos] == 0x29):
-            self.pos = pos                    # the line to drop ends after here
-            return False
-        self.pos = pos
-        return value
 
 
 class ImapMachine(ClientMachine):
@@ -1971,6 +2085,7 @@ class ImapMachine(ClientMachine):
                  randomness: Optional[random.Random] = None, tls: bool = False):
         super().__init__(settings, now, randomness, tls)
         self.tag = b""                 # the tag of the command being handled
+        self.scanner = ImapScanner(self.buffer_size)
         self._continuations = 0        # "+ OK" sent for the current command
         self._skipping = False         # dropping the rest of an invalid line
         self._output += IMAP_GREETING
@@ -1995,12 +2110,16 @@ class ImapMachine(ClientMachine):
     def failure_reply(self, text: bytes) -> bytes:
         return self.tag + b"NO " + text + b"\r\n"
 
+    def _forget_before_tls(self) -> None:
+        self.scanner.reset()
+        self._continuations = 0
+        self._skipping = False
+
     def _step(self, events: list) -> bool:
         limit = self.buffer_size
         if self._skipping:
-            line = self._take_line(len(self._input))
-            if line is None:
-                del self._input[:]
+            if self._input.take_line() is None:
+                self._input.clear()
                 return False
             self._skipping = False
             return True
@@ -2010,7 +2129,7 @@ class ImapMachine(ClientMachine):
                 return self._check_length(events, self.tag or None, limit)
             self._sasl_line(events, strip_eol(line))
             return True
-        scan = scan_imap_command(bytes(self._input), limit)
+        scan = self.scanner.scan(self._input.data)
         if not isinstance(scan, ImapIncomplete) and (scan.end or len(self._input)) > limit:
             # nginx's buffer would have filled before the command ended.
             return self._check_length(events, scan.tag, 0)
@@ -2020,13 +2139,14 @@ class ImapMachine(ClientMachine):
                 self._continuations += 1
             return self._check_length(events, scan.tag, limit)
         self._continuations = 0
+        self.scanner.reset()
         if isinstance(scan, ImapInvalid):
             self._drop_invalid(scan)
             self._invalid(events, True, (scan.tag or b"* ") + IMAP_INVALID)
             if scan.close and not self.finished:
                 self._finish(events, Closed("client sent invalid command with a non-synchronizing literal"))
             return True
-        del self._input[:scan.end]
+        self._input.take(scan.end)
         self.tag = scan.tag
         self._command(events, scan.name, scan.args)
         return True
@@ -2043,9 +2163,9 @@ class ImapMachine(ClientMachine):
     def _drop_invalid(self, scan: ImapInvalid) -> None:
         """Drop the invalid line; if its end has not come yet, drop it as it comes."""
         if scan.end is not None:
-            del self._input[:scan.end]
+            self._input.take(scan.end)
         else:
-            del self._input[:]
+            self._input.clear()
             self._skipping = True
 
     def _reply(self, text: bytes) -> None:
