@@ -120,11 +120,14 @@ class ConfigErrors(Exception):
 
 
 class BackendError(Exception):
-    """The backend did not log the user in.  ``line`` is what it said, if anything."""
+    """The backend did not log the user in.  ``line`` is what it said, if
+    anything (for the log); ``refusal``: it is a reply of the protocol that
+    may go to the client as it is (proxy_pass_error_message)."""
 
-    def __init__(self, message: str, line: bytes = b""):
+    def __init__(self, message: str, line: bytes = b"", refusal: bool = False):
         super().__init__(message)
         self.line = line
+        self.refusal = refusal
 
 
 # ########################################################################## #
@@ -3278,15 +3281,23 @@ class BackendLogin:
     """Runs a login script against the backend's replies.
 
     receive_data(bytes) -> [LoginDone] when the script is through, [] while
-    it waits; raises BackendError when the backend says something else.
-    ``line_limit`` is proxy_buffer: a longer reply line is an error, as nginx.
+    it waits; raises BackendError when the backend says anything else.  The
+    rules: one reply per command sent, so bytes that came before a command
+    was sent are an error, not its answer (the lesson of CVE-2011-0411,
+    where replies sent ahead were taken for the answers to commands not
+    yet sent); what came in clear behind a STARTTLS yes is dropped (RFC 3207
+    §4.2); a reply line longer than ``line_limit`` (proxy_buffer) is an
+    error, as nginx; so is an IMAP literal, which no login reply has.
+    After an error the login is over: any later call raises it again, so
+    nothing the backend sends after a refusal can log anybody in.
     """
 
     def __init__(self, script: list, tag: bytes = b"", line_limit: int = PAGE_SIZE):
         self.script = list(script)
         self.tag = tag
         self.line_limit = line_limit
-        self._input = bytearray()
+        self.error = None                  # type: Optional[BackendError]
+        self._input = LineBuffer()
         self._output = bytearray()
         self._relay = bytearray()          # reply lines for the client
         self._reply = bytearray()          # the lines of the reply being read
@@ -3294,16 +3305,20 @@ class BackendLogin:
 
     @property
     def trailing_data(self) -> bytes:
-        return bytes(self._input)
+        return bytes(self._input.data)
 
     def data_to_send(self) -> bytes:
         data = bytes(self._output)
         del self._output[:]
         return data
 
-    def _advance(self) -> None:
+    def _advance(self) -> bool:
+        """Queue the Send steps now due; True if there was one."""
+        sent = False
         while self.script and isinstance(self.script[0], Send):
             self._output += self.script.pop(0).data
+            sent = True
+        return sent
 
     def tls_started(self) -> None:
         """The handshake with the backend is done: the script goes on."""
@@ -3311,36 +3326,53 @@ class BackendLogin:
         self._advance()
 
     def receive_data(self, data: bytes) -> list:
+        if self.error is None:
+            try:
+                return self._receive(data)
+            except BackendError as error:
+                self.error = error
+                self.script = []
+        raise self.error
+
+    def _receive(self, data: bytes) -> list:
         if not data:
             raise BackendError("upstream prematurely closed connection")
-        self._input += data
+        self._input.append(data)
         while self.script:
-            if isinstance(self.script[0], TlsStep):
+            step = self.script[0]
+            if isinstance(step, TlsStep):
                 # Whatever came after the backend's yes was sent in clear:
                 # drop it, as the client side does (RFC 3207 §4.2).
-                del self._input[:]
+                self._input.clear()
                 return [BackendStartTls()]
-            end = self._input.find(b"\n")
-            if end < 0:
+            line = self._input.take_line(self.line_limit)
+            if line is None:
                 if len(self._input) >= self.line_limit:
                     raise BackendError("upstream sent too long response line")
                 return []
-            line = bytes(self._input[:end + 1])
-            del self._input[:end + 1]
-            step = self.script[0]
             self._reply += line
             if len(self._reply) > self.line_limit:
                 raise BackendError("upstream sent too long response")
+            if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
+                raise BackendError("upstream sent a literal in its login response", line)
             if not self._accepts(step, line):
-                raise BackendError("upstream sent invalid response", bytes(self._reply))
+                raise BackendError("upstream sent invalid response", bytes(self._reply),
+                                   refusal=True)
             if self._more_lines(step, line):
                 continue                       # an untagged or a 250- line: more follow
             if step.relay:
                 self._relay += self._reply
             del self._reply[:]
             self.script.pop(0)
-            self._advance()
+            if self._advance():
+                self._check_nothing_early()
         return [LoginDone(bytes(self._relay))]
+
+    def _check_nothing_early(self) -> None:
+        """A command has just been sent: the backend cannot have answered it yet."""
+        if self._input:
+            raise BackendError("upstream sent data before the command it answers",
+                               bytes(self._input.data[:self.line_limit]))
 
     def _more_lines(self, step: Expect, line: bytes) -> bool:
         if step.kind == "imap-tagged":
@@ -3362,6 +3394,12 @@ class BackendLogin:
         # "imap-tagged": "* CAPABILITY ..." (SmarterMail, Gmail: nginx 1.27.3)
         # may come before the tagged OK; nginx takes one, we take any.
         return line.startswith(b"* ") or line.startswith((step.tag or self.tag) + b"OK")
+
+
+IMAP_REPLY_KINDS = ("imap-greeting", "continuation", "imap-tagged")
+# RFC 3501 §4.3: a line ending in {n} (or RFC 7888's {n+}) announces n bytes
+# of literal data, which no greeting, continuation or LOGIN reply carries.
+IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
 
 
 # -- the PROXY protocol (www.haproxy.org/download/2.9/doc/proxy-protocol.txt) --
@@ -5157,7 +5195,7 @@ class Session:
         if stream is self.client:
             self.close("client closed connection")
         else:
-            self._backend_failed("upstream prematurely closed connection", b"")
+            self._backend_failed(BackendError("upstream prematurely closed connection"))
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError) and stream is self.client:
@@ -5462,7 +5500,7 @@ class Session:
         try:
             events = self.backend_login.receive_data(data)
         except BackendError as error:
-            self._backend_failed(str(error), error.line)
+            self._backend_failed(error)
             return
         self.backend.write(self.backend_login.data_to_send())
         for event in events:
@@ -5471,21 +5509,32 @@ class Session:
             else:
                 self._start_relay(event.reply)
 
-    def _backend_failed(self, message: str, line: bytes) -> None:
+    def _backend_failed(self, error: BackendError) -> None:
         """nginx: log the bad line; the client gets the internal error, or with
-        proxy_pass_error_message on, the backend's own line."""
-        if line and self.server.proxy_pass_error_message:
-            self.log("info", '%s: "%s"' % (message, log_escape(strip_eol(line))))
+        proxy_pass_error_message on, the backend's own refusal."""
+        line = error.line
+        if error.refusal and self.server.proxy_pass_error_message:
+            self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
+            self._drop_backend()
             self.client.write(line)
             self._close_after_reply("upstream refused the login")
             return
         detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
-        self.log("error", "%s%s" % (message + ":" if detail else message, detail))
-        self._internal_error("upstream refused the login" if line else message)
+        self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
+        self._internal_error("upstream refused the login" if line else str(error))
 
     def _internal_error(self, outcome: str) -> None:
+        self._drop_backend()
         self.client.write(self.machine.INTERNAL_ERROR)
         self._close_after_reply(outcome)
+
+    def _drop_backend(self) -> None:
+        """The login has failed: nothing more is read from the backend, so
+        no later byte of it can take the session on to the relay."""
+        if self.backend is not None:
+            self.backend.close()
+        self.backend_login = None
+        self.addresses = []
 
     def _start_relay(self, reply: bytes) -> None:
         """The backend said yes: pass its reply on, then the client's pipelined

@@ -2628,6 +2628,55 @@ class BackendLoginTests(unittest.TestCase):
                                      byte_by_byte(replies), tag=b"a1 ")
         self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
 
+    def test_a_literal_in_a_login_reply_is_an_error_not_a_reply(self):
+        """A line ending in {n} announces n bytes no login reply has: the
+        runner cannot know where the next reply starts, so it stops."""
+        cases = [[b"* OK {99999999999}\r\n", b"a1 OK LOGIN completed\r\n"],
+                 [b"* OK\r\n", b"+ go\r\n", b"+ go\r\n", b"* CAPABILITY {5+}\r\n"],
+                 [b"* OK\r\n", b"+ {3}\r\n"]]
+        for replies in cases:
+            with self.assertRaises(mp.BackendError, msg=replies) as caught:
+                run_script(mp.imap_login_script(b"a1 ", b"u", b"p"), replies, tag=b"a1 ")
+            self.assertIn("literal", str(caught.exception))
+            self.assertFalse(caught.exception.refusal)       # never relayed to the client
+
+    def test_a_reply_sent_before_its_command_is_an_error(self):
+        """One reply per command sent: what the backend sent ahead (here with
+        the greeting, in one segment) cannot answer a command it has not seen."""
+        scripts = [
+            (mp.pop3_login_script(b"alice", b"secret"),
+             b"+OK ready\r\n+OK user accepted\r\n+OK logged in\r\n"),
+            (mp.imap_login_script(b"a1 ", b"alice", b"secret"), b"* OK ready\r\n+ go\r\n"),
+            (mp.smtp_login_script(smtp_settings(), facts()),
+             b"220 ready\r\n250 hello\r\n220 again\r\n250 hello\r\n"),
+            (mp.smtp_login_script(smtp_settings(xclient=False, proxy_smtp_auth=True), facts()),
+             b"220 ready\r\n" b"250 hello\r\n235 2.7.0 ok\r\n"),
+        ]
+        for script, early in scripts:
+            # (Fed a byte at a time, each byte would come after the command:
+            # only bytes already there when it is sent can be known as early.)
+            with self.assertRaises(mp.BackendError, msg=early) as caught:
+                run_script(script, [early], tag=b"a1 ")
+            self.assertIn("before the command", str(caught.exception))
+        # The same replies, each after its command, log in.
+        sent, events, _ = run_script(mp.pop3_login_script(b"alice", b"secret"),
+                                     [b"+OK ready\r\n", b"+OK user accepted\r\n",
+                                      b"+OK logged in\r\n"])
+        self.assertEqual(events, [mp.LoginDone(b"+OK logged in\r\n")])
+
+    def test_after_a_refusal_nothing_the_backend_says_logs_in(self):
+        script = mp.imap_login_script(b"b ", b"u", b"p")
+        login = mp.BackendLogin(script, b"b ")
+        for reply in (b"* OK\r\n", b"+\r\n", b"+\r\n"):
+            login.receive_data(reply)
+        with self.assertRaises(mp.BackendError) as refused:
+            login.receive_data(b"b NO refused by the backend\r\n")
+        self.assertTrue(refused.exception.refusal)
+        for later in (b"b OK logged in after all\r\n", b""):
+            with self.assertRaises(mp.BackendError) as again:
+                login.receive_data(later)
+            self.assertIs(again.exception, refused.exception)
+
 
 # ########################################################################## #
 #                                 TLS layer                                  #
@@ -4226,6 +4275,127 @@ class ResourceTests(EndToEndTestCase):
         proxy.wait_for_log(r"session done: proxy_timeout, ")
 
 
+# ########################################################################## #
+#                 End to end: hostile backends (issue 12)                    #
+# ########################################################################## #
+# Backends that answer ahead of the question, announce literals, or change
+# their mind after a refusal.  Whatever they say, the client is logged in
+# only by the reply to the proxy's last login command.
+
+class ScriptedBackend(ThreadedServer):
+    """A backend that plays ``script`` on each connection: a bytes item is
+    sent as one segment, an int n waits for n lines from the proxy, a float
+    sleeps that long.  ``received[i]`` is every byte connection i got;
+    ``hung_up[i]`` is set when the proxy closed connection i."""
+
+    name = "scripted backend"
+
+    def __init__(self, *script):
+        self.script = script
+        self.received = []
+        self.hung_up = []
+        super().__init__()
+
+    def accepted(self, conn: socket.socket) -> BackendWire:
+        wire = BackendWire(conn)
+        self.received.append(wire.received)
+        self.hung_up.append(threading.Event())
+        return wire
+
+    def handle(self, wire: BackendWire) -> None:
+        hung_up = self.hung_up[self.received.index(wire.received)]
+        try:
+            for step in self.script:
+                if isinstance(step, bytes):
+                    wire.send(step)
+                elif isinstance(step, int):
+                    for _ in range(step):
+                        if not wire.line():
+                            hung_up.set()
+                            return
+                else:
+                    time.sleep(step)
+            while wire.line():
+                pass
+            hung_up.set()
+        except OSError:
+            hung_up.set()
+        finally:
+            wire.conn.close()
+
+
+class HostileBackendTests(EndToEndTestCase):
+    def test_a_literal_in_the_greeting_is_an_internal_error(self):
+        """nginx 1.22 answers this with the internal error too."""
+        backend = self.use(ScriptedBackend(b"* OK {99999999999}\r\n", 1,
+                                           b"a1 OK LOGIN completed\r\n"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'\[error\] .*upstream sent a literal in its login response: '
+                           r'"\* OK \{99999999999\}"')
+        self.assertEqual(bytes(backend.received[0]), b"")     # no LOGIN was ever sent
+
+    def test_pop3_replies_sent_with_the_greeting_do_not_log_in(self):
+        backend = self.use(ScriptedBackend(
+            b"+OK ready\r\n+OK user accepted\r\n+OK logged in\r\n", 1,
+            b"-ERR [AUTH] who are you\r\n"))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream sent data before the command it answers")
+        self.assertFalse(re.search(r"client logged in", proxy.log))
+
+    def test_smtp_replies_sent_ahead_do_not_turn_a_refusal_into_a_login(self):
+        """In one segment with the greeting, "250" for EHLO, and ahead of
+        time "250"s for XCLIENT and the second EHLO; the real answer to
+        XCLIENT is a refusal."""
+        backend = self.use(ScriptedBackend(
+            b"220 ready\r\n250 hello\r\n250 fine\r\n250 hello again\r\n", 2,
+            b"550 5.7.0 XCLIENT denied\r\n"))
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^220 ")
+        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^451 4\.3\.2 Internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream sent data before the command it answers")
+        self.assertNotIn(b"XCLIENT", bytes(backend.received[0]))
+
+    def test_after_a_refusal_the_backend_is_not_read_again(self):
+        """proxy_pass_error_message on: the refusal goes to the client, and
+        the backend connection is closed at once, before the client has read
+        it (here 16 MB of it, which a client with a small receive buffer
+        reads slowly): a later "OK" from the backend must not log in."""
+        refusal = b"a1 NO refused by the backend " + b"x" * (16 * MEGABYTE) + b"\r\n"
+        backend = self.use(ScriptedBackend(b"* OK ready\r\n", 1, b"+ go\r\n", 1, b"+ go\r\n",
+                                           1, refusal, 0.3, b"a1 OK logged in after all\r\n"))
+        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on",
+                                 proxy_buffer="32m")
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"a1 LOGIN alice secret\r\n")
+        wait_until(lambda: backend.hung_up, what="the backend's connection")
+        self.assertTrue(backend.hung_up[0].wait(5),
+                        "the proxy kept the refusing backend's connection open")
+        sock.settimeout(10)
+        received = bytearray()
+        while True:
+            data = sock.recv(MEGABYTE)
+            if not data:
+                break
+            received += data
+        self.assertEqual(bytes(received), b"* OK IMAP4 ready\r\n" + refusal)
+        self.assertNotIn("client logged in", proxy.log)
 
 
 # ########################################################################## #
