@@ -2565,6 +2565,11 @@ class SmtpMachine(ClientMachine):
         if not args:
             self._output += SMTP_INVALID_ARGUMENT
             return
+        if self.mail_from is not None:
+            # RFC 4954 §4: "not permitted during a mail transaction", 503.
+            # (nginx 1.22 takes it, and the MAIL it answered is lost.)
+            self._output += SMTP_BAD_SEQUENCE
+            return
         self._sasl_start(events, args, self.settings.smtp_auth)
 
 CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine}

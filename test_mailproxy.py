@@ -2029,6 +2029,17 @@ class SmtpMachineTests(unittest.TestCase):
                    (b"*\r\n", b"500 5.5.1 Invalid command\r\n", []),
                    (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
 
+    def test_auth_inside_a_mail_transaction_is_a_bad_sequence(self):
+        """RFC 4954 §4: AUTH during a mail transaction gets 503; after RSET
+        (the transaction is over) it is taken."""
+        plain = b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n"
+        self.smtp([(b"EHLO x\r\n", b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n", []),
+                   (b"MAIL FROM:<a@b.example>\r\n", b"250 2.0.0 OK\r\n", []),
+                   (plain, b"503 5.5.1 Bad sequence of commands\r\n", []),
+                   (b"RSET\r\n", b"250 2.0.0 OK\r\n", []),
+                   (plain, b"", [mp.Credentials(b"alice", b"secret")])],
+                  smtp_auth=["plain", "login", "none"])
+
     def test_mail_needs_auth_unless_none(self):
         self.smtp([(b"MAIL FROM:<a@b>\r\n", b"530 5.7.1 Authentication required\r\n", []),
                    (b"RCPT TO:<c@d>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
