@@ -69,6 +69,8 @@ READ_SIZE = 65536              # one recv(); independent of proxy_buffer
 READS_PER_EVENT = 16           # recv() calls per readiness event, while data flows
 ACCEPTS_PER_EVENT = 64         # accept() calls per readiness event
 ACCEPT_PAUSE = 0.5             # seconds without accept() after EMFILE/ENFILE
+LOGIN_TIME_LIMIT = 180.0       # s from connect to login at most (or ``timeout``, if longer):
+                               # Dovecot's CLIENT_LOGIN_TIMEOUT_MSECS; nginx has no such bound
 AUTH_FAILURE_WINDOW = 900.0    # seconds a failed login is remembered per address
 AUTH_FAILURE_MAX_SHIFT = 5     # the failure delay doubles up to 2**5 times
 AUTH_FAILURE_LOCKOUT = 20      # recent failures after which an address is refused
@@ -1566,6 +1568,7 @@ class ClientMachine:
         self.awaiting_tls = False      # StartTls emitted, handshake pending
         self._failure = (b"", False)   # the refusal to send after an OAuth error challenge
         self.finished = False          # Quit or Closed emitted
+        self.commands = 0              # commands (and SASL responses) taken whole so far
         self._input = LineBuffer()
         self._output = bytearray()
 
@@ -1652,6 +1655,7 @@ class ClientMachine:
         while not (self.waiting or self.finished or self.awaiting_tls) and self._input:
             if not self._step(events):
                 break
+            self.commands += 1
         return events
 
     def _invalid(self, events: list, counted: bool, reply: Optional[bytes] = None) -> None:
@@ -4935,7 +4939,7 @@ class Session:
                  "credentials", "login_attempt", "auth_exchange", "backend_tls", "timer",
                  "deadline", "timer_callback", "closed", "outcome", "starttls", "proxy_facts",
                  "certificate", "name_lookup", "client", "machine", "implicit_tls",
-                 "proxy_buffer", "early_data")
+                 "proxy_buffer", "early_data", "login_time_limit", "login_deadline")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker = worker
@@ -4969,6 +4973,8 @@ class Session:
         self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
         self.certificate = None      # type: Optional[CertificateFacts]
         self.name_lookup = None      # type: Optional[ClientNameLookup]
+        self.login_time_limit = max(LOGIN_TIME_LIMIT, self.server.timeout)
+        self.login_deadline = self.loop.time() + self.login_time_limit
         self.log("info", "client %s:%d connected to %s", self.client_address, self.client_port,
                  self.server_text, action=None)
         configure_accepted(sock, listener.listen)
@@ -4982,7 +4988,7 @@ class Session:
             self.phase = Phase.PROXY_HEADER
             self.proxy_buffer = bytearray()
             self.client.set_read_budget(PROXY_V2_MAX)
-            self._arm(self.server.timeout, self._client_timed_out)
+            self._arm_client_timer()
         else:
             self._after_proxy_header(b"")
 
@@ -5022,7 +5028,7 @@ class Session:
         self.client.set_read_budget(READ_SIZE)
         self.client.start_tls(TlsLayer(self.server.tls_context, server_side=True,
                                        alpn=self.server.protocol))
-        self._arm(self.server.timeout, self._client_timed_out)
+        self._arm_client_timer()
 
     def _begin(self) -> None:
         """The protocol starts: greeting (SMTP: after the client's name)."""
@@ -5050,7 +5056,7 @@ class Session:
         self.phase = Phase.DIALOGUE
         self._dialogue_budget()
         self._flush_machine()
-        self._arm(self.server.timeout, self._client_timed_out)
+        self._arm_client_timer()
         self._deliver_early_data()
 
     def _smtp_greeting(self) -> None:
@@ -5112,13 +5118,22 @@ class Session:
             self.timer = None
         self.timer_callback = None
 
-    def _touch(self) -> None:
-        """The client spoke: its ``timeout`` starts again.  Only the deadline
-        moves; the timer, when it fires early, waits for the rest."""
+    def _arm_client_timer(self) -> None:
+        """The client has ``timeout`` to send a whole command (or to finish
+        the handshake, the PROXY header, or to read our last reply), and a
+        byte now and then does not make it longer: a slow drip cannot hold
+        a connection (nginx cuts it at ``timeout`` too).  And all of it, up
+        to the login, within LOGIN_TIME_LIMIT."""
+        left = self.login_deadline - self.loop.time()
+        self._arm(max(0.0, min(self.server.timeout, left)), self._client_timed_out)
+
+    def _command_done(self) -> None:
+        """The machine took a whole command: the next one has its own
+        ``timeout``.  Only the deadline moves; the timer, when it fires
+        early, waits for the rest."""
         if self.timer_callback == self._client_timed_out:
-            self.deadline = self.loop.time() + self.server.timeout
-        else:
-            self._arm(self.server.timeout, self._client_timed_out)
+            left = self.login_deadline - self.loop.time()
+            self.deadline = self.loop.time() + max(0.0, min(self.server.timeout, left))
 
     def _timer_fired(self) -> None:
         left = self.deadline - self.loop.time()
@@ -5129,7 +5144,10 @@ class Session:
             self.timer_callback()
 
     def _client_timed_out(self) -> None:
-        self.log("info", "client timed out")
+        if self.loop.time() >= self.login_deadline:
+            self.log("info", "client timed out (no login within %gs)" % self.login_time_limit)
+        else:
+            self.log("info", "client timed out")
         self.close("client timed out")
 
     def _upstream_timed_out(self) -> None:
@@ -5170,8 +5188,11 @@ class Session:
             self.client.write(SMTP_INVALID_PIPELINING)
             self._close_after_reply("client rejected before greeting")
             return
-        self._touch()
-        self._handle_events(self.machine.receive_data(data))
+        commands = self.machine.commands
+        events = self.machine.receive_data(data)
+        if self.machine.commands != commands:
+            self._command_done()
+        self._handle_events(events)
 
     def _handle_events(self, events: list) -> None:
         self._flush_machine()
@@ -5265,7 +5286,7 @@ class Session:
             return
         if self.starttls:
             self.phase = Phase.DIALOGUE
-            self._arm(self.server.timeout, self._client_timed_out)
+            self._arm_client_timer()
             self._handle_events(self.machine.tls_started())
         else:
             self._begin()
@@ -5291,7 +5312,7 @@ class Session:
         if not self.client.out:
             self.close(outcome)
         else:
-            self._arm(self.server.timeout, self._client_timed_out)
+            self._arm_client_timer()
 
     # -- authentication -----------------------------------------------------------
     def _authenticate(self, credentials: Credentials) -> None:
@@ -5482,7 +5503,7 @@ class Session:
         """The failure reply, after the delay; the dialogue goes on (as nginx
         does when the auth server asks for Auth-Wait), or ends (``close``)."""
         self.phase = Phase.DIALOGUE
-        self._arm(self.server.timeout, self._client_timed_out)
+        self._arm_client_timer()
         self._handle_events(self.machine.auth_failed(reply, challenge, close))
 
     # -- connecting and logging in to the upstream ------------------------------

@@ -4409,6 +4409,71 @@ class HostileBackendTests(EndToEndTestCase):
         self.assertNotIn("client logged in", proxy.log)
 
 
+class HostileClientTests(EndToEndTestCase):
+    def drip_until_closed(self, sock: socket.socket, data: bytes, every: float) -> float:
+        """Send ``data`` a byte every ``every`` seconds until the proxy
+        closes; returns how long that took (or the whole drip's time)."""
+        started = time.monotonic()
+        sock.settimeout(every)
+        for byte in data:
+            try:
+                sock.send(bytes([byte]))
+                if sock.recv(4096) == b"":
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        return time.monotonic() - started
+
+    def test_a_slow_drip_does_not_stretch_the_timeout(self):
+        """timeout bounds the wait for a whole command: twenty clients that
+        each send a byte every 0.2 s, never a whole line, are all cut at
+        about 1 s (nginx does the same), not when they stop dripping."""
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        clients = [self.connect(proxy) for _ in range(20)]
+        for client in clients:
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        durations = []
+        threads = [threading.Thread(target=lambda sock=client.sock: durations.append(
+            self.drip_until_closed(sock, b"a1 LOGIN alice secret-and-more", 0.2)))
+            for client in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(len(durations), 20)
+        self.assertLess(max(durations), 2.5, "a dripping client outlived its timeout")
+        proxy.wait_for_log(r"\*20 client timed out while in auth state")
+
+    def test_each_whole_command_has_its_own_timeout(self):
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        for number in range(4):                    # 2 s in all, 0.5 s per command
+            time.sleep(0.5)
+            client.send("n%d NOOP" % number)
+            client.expect(rb"^n%d OK completed\r\n$" % number)
+        client.expect_closed()                     # then 1 s of silence ends it
+
+    def test_the_whole_dialogue_before_login_is_bounded(self):
+        """A client that never logs in but never idles either is cut at
+        LOGIN_TIME_LIMIT (here lowered to 1.5 s; or ``timeout``, if longer)."""
+        self.addCleanup(setattr, mp, "LOGIN_TIME_LIMIT", mp.LOGIN_TIME_LIMIT)
+        mp.LOGIN_TIME_LIMIT = 1.5
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        with self.assertRaises(AssertionError):        # expect() fails: the proxy has closed
+            for number in range(20):
+                time.sleep(0.3)
+                client.send("n%d NOOP" % number)
+                client.expect(rb"^n%d OK completed\r\n$" % number)
+        self.assertLess(time.monotonic() - started, 3.0)
+        proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
+
+
 # ########################################################################## #
 #                         End to end: SMTP                                   #
 # ########################################################################## #
