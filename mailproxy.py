@@ -33,6 +33,7 @@ import binascii
 import configparser
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -47,6 +48,7 @@ import ssl
 import struct
 import sys
 import time
+import traceback
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 try:
@@ -4126,6 +4128,22 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
 # work is ever done inside a signal handler.  A registered object has
 # on_readable() and on_writable().
 
+def loop_callback(method: Callable) -> Callable:
+    """Decorator for a method the loop calls on a connection's behalf (a
+    stream event, a timer, an answer from the auth server or the resolver).
+    An exception escaping it is a bug in that one connection's handling: it
+    goes to the object's ``crashed(error)``, which ends that connection,
+    instead of out of the loop, which would end the worker and every
+    connection in it."""
+    @functools.wraps(method)
+    def guarded(self, *args):
+        try:
+            return method(self, *args)
+        except Exception as error:
+            self.crashed(error)
+    return guarded
+
+
 class Timer:
     """A callback at a deadline; cancel() makes it a no-op."""
     __slots__ = ("deadline", "callback")
@@ -4834,12 +4852,14 @@ class Relay:
         room = 0 if self.eof_from is not None else self.limit - len(self.peer(source).out)
         source.set_read_budget(min(room, READ_SIZE) if room > 0 else 0)
 
+    @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
         peer = self.backend if stream is self.client else self.client
         peer.write(data)
         if peer.out:                       # the kernel took less: hold the source back
             self._allow(stream)
 
+    @loop_callback
     def stream_drained(self, stream: Stream) -> None:
         """``stream`` has written out all it held: its source may go on."""
         if self.eof_from is not None and self.peer(self.eof_from) is stream:
@@ -4847,6 +4867,7 @@ class Relay:
             return
         self._allow(self.peer(stream))
 
+    @loop_callback
     def stream_eof(self, stream: Stream) -> None:
         """nginx has no half-close: once one side is done and its data is
         delivered, the session ends."""
@@ -4856,6 +4877,7 @@ class Relay:
         if not self.peer(stream).out:
             self.finish("%s closed connection" % self._side(stream))
 
+    @loop_callback
     def stream_error(self, stream: Stream, error: Exception) -> None:
         self.finish("%s connection error: %s" % (self._side(stream),
                                                 getattr(error, "strerror", None) or error))
@@ -4869,9 +4891,13 @@ class Relay:
     def _side(self, stream: Stream) -> str:
         return "client" if stream is self.client else "upstream"
 
+    def crashed(self, error: Exception) -> None:
+        self.session.crashed(error)
+
     def _check_interval(self) -> float:
         return max(self.idle_timeout / 8, 0.05)
 
+    @loop_callback
     def _check_idle(self) -> None:
         """proxy_timeout without traffic ends the session.  Rather than read
         the clock for every chunk, look at the byte counts now and then: the
@@ -4979,12 +5005,22 @@ class Session:
                  self.server_text, action=None)
         configure_accepted(sock, listener.listen)
         self.client = Stream(self.loop, sock, self)
+        try:
+            self._start(listener.listen)
+        except BaseException:
+            # Leave nothing behind in the loop: a stale registration of this
+            # descriptor would make the next socket given its number fail.
+            self._disarm()
+            self.client.close()
+            raise
+
+    def _start(self, listen: Listen) -> None:
         self.machine = CLIENT_MACHINES[self.server.protocol](
-            self.server, now=time.time(), randomness=worker.randomness, tls=listener.listen.ssl)
-        self.implicit_tls = listener.listen.ssl
+            self.server, now=time.time(), randomness=self.worker.randomness, tls=listen.ssl)
+        self.implicit_tls = listen.ssl
         self.proxy_buffer = None     # type: Optional[bytearray]
         self.early_data = bytearray()  # client bytes read before the dialogue began
-        if listener.listen.proxy_protocol:
+        if listen.proxy_protocol:
             self.phase = Phase.PROXY_HEADER
             self.proxy_buffer = bytearray()
             self.client.set_read_budget(PROXY_V2_MAX)
@@ -5043,6 +5079,7 @@ class Session:
             self.name_lookup = ClientNameLookup(self.worker.resolver_for(self.server),
                                                 self.client_address, self._resolved)
 
+    @loop_callback
     def _resolved(self, name: str, problem: str) -> None:
         if self.phase != Phase.RESOLVING:
             return
@@ -5135,6 +5172,7 @@ class Session:
             left = self.login_deadline - self.loop.time()
             self.deadline = self.loop.time() + max(0.0, min(self.server.timeout, left))
 
+    @loop_callback
     def _timer_fired(self) -> None:
         left = self.deadline - self.loop.time()
         if left > 0.001:
@@ -5171,6 +5209,7 @@ class Session:
     def _flush_machine(self) -> None:
         self.client.write(self.machine.data_to_send())
 
+    @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
         if stream is self.backend:
             self._backend_data(data)
@@ -5210,6 +5249,7 @@ class Session:
                 self._close_after_reply(event.reason or "login failed")
         self._dialogue_budget()
 
+    @loop_callback
     def stream_drained(self, stream: Stream) -> None:
         if stream is self.client:
             if self.phase == Phase.CLOSING:
@@ -5217,12 +5257,14 @@ class Session:
             else:
                 self._dialogue_budget()
 
+    @loop_callback
     def stream_eof(self, stream: Stream) -> None:
         if stream is self.client:
             self.close("client closed connection")
         else:
             self._backend_failed(BackendError("upstream prematurely closed connection"))
 
+    @loop_callback
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError) and stream is self.client:
             self.log("info", str(error))
@@ -5240,6 +5282,7 @@ class Session:
             self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
             self._internal_error("upstream connection error")
 
+    @loop_callback
     def stream_connected(self, stream: Stream) -> None:
         self.phase = Phase.LOGIN
         self.client.set_read_budget(0)
@@ -5276,6 +5319,7 @@ class Session:
         self.backend.start_tls(TlsLayer(self.server.backend_tls_context, server_side=False,
                                         server_hostname=name))
 
+    @loop_callback
     def stream_tls_ready(self, stream: Stream) -> None:
         if stream is self.backend:
             if self.backend_login.script and isinstance(self.backend_login.script[0], TlsStep):
@@ -5391,6 +5435,7 @@ class Session:
         self.auth_exchange = AuthHttpExchange(self.loop, self.server.auth_http, request,
                                               self.server.auth_http_timeout, self._auth_answer)
 
+    @loop_callback
     def _auth_answer(self, response: Optional[AuthHttpResponse], error: str) -> None:
         self.auth_exchange = None
         if response is not None:
@@ -5579,6 +5624,24 @@ class Session:
         self.addresses = []
 
     # -- the end ------------------------------------------------------------------
+    def crashed(self, error: Exception) -> None:
+        """A bug met while serving this client (see loop_callback): say where
+        in the log and end this session; the worker and its other sessions
+        go on."""
+        frames = traceback.extract_tb(error.__traceback__)
+        where = "%s:%d" % (os.path.basename(frames[-1].filename), frames[-1].lineno) if frames else "?"
+        self.log("alert", "internal error, session closed: %s at %s" % (
+            log_escape(repr(error).encode("utf-8", "replace")), where))
+        try:
+            self.close("internal error")
+        except Exception:
+            self.closed = True                 # what close() did not do, done plainly
+            self._disarm()
+            for stream in (self.client, self.backend):
+                if stream is not None:
+                    stream.close()
+            self.worker.session_closed(self)
+
     def close(self, outcome: str) -> None:
         """Close both sides and write the access line (extension: nginx has none)."""
         if self.closed:
@@ -5790,9 +5853,12 @@ class Worker:
             return
         try:
             self.sessions.add(Session(self, listener, sock, address))
-        except OSError as error:
+        except Exception as error:
+            # Out of descriptors, say (OSError); anything else is a bug, and
+            # it must not end the worker either.
             sock.close()
-            self.log.log("error", "cannot start a session: %s" % error)
+            level = "error" if isinstance(error, OSError) else "alert"
+            self.log.log(level, "cannot start a session: %r" % error)
         self._limit_accepting()
 
     def _limit_accepting(self) -> None:

@@ -37,6 +37,7 @@ import textwrap
 import threading
 import time
 import unittest
+import unittest.mock
 from typing import Optional
 
 import mailproxy as mp
@@ -4455,6 +4456,55 @@ class HostileClientTests(EndToEndTestCase):
             client.send("n%d NOOP" % number)
             client.expect(rb"^n%d OK completed\r\n$" % number)
         client.expect_closed()                     # then 1 s of silence ends it
+
+    def test_a_session_that_cannot_start_leaves_nothing_behind(self):
+        """Session.__init__ failing after the client stream was registered
+        (here: out of descriptors while making the machine) once left a stale
+        registration, and the next socket given the same descriptor number
+        ended the worker."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        real = mp.CLIENT_MACHINES["imap"]
+        failures = [OSError(errno.EMFILE, "Too many open files")]
+
+        def machine(*args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return real(*args, **kwargs)
+        self.addCleanup(mp.CLIENT_MACHINES.__setitem__, "imap", real)
+        mp.CLIENT_MACHINES["imap"] = machine
+        # The test shares the proxy's descriptor table: make the next
+        # client's socket now, so that the proxy's next accept() is given
+        # the number the failed session's socket had.
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        self.connect(proxy).expect_closed()
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", proxy.port))
+        self.assertEqual(sock.recv(100), b"* OK IMAP4 ready\r\n")
+        proxy.assert_alive()
+        proxy.wait_for_log(r"\[error\] .*cannot start a session: .*Too many open files")
+
+    def test_a_bug_met_by_one_session_ends_that_session_only(self):
+        """An exception escaping the handling of one client is logged at
+        alert with where it happened, and ends that session; a logged-in
+        bystander on the same worker goes on."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        bystander = self.connect(proxy)
+        self.imap_login(bystander)
+        with unittest.mock.patch.object(mp.ImapMachine, "_capability",
+                                        side_effect=RuntimeError("a bug")):
+            victim = self.connect(proxy)
+            victim.expect(rb"^\* OK IMAP4 ready\r\n$")
+            victim.send("c1 CAPABILITY")
+            victim.expect_closed()
+        proxy.wait_for_log(r"\[alert\] .*\*2 internal error, session closed: "
+                           r"RuntimeError\('a bug'\) at ")
+        bystander.send("a2 NOOP")
+        bystander.expect(rb"^a2 OK NOOP completed\r\n$")
+        proxy.assert_alive()
+        self.assertEqual(len(proxy.sessions()), 1)
 
     def test_the_whole_dialogue_before_login_is_bounded(self):
         """A client that never logs in but never idles either is cut at
