@@ -2967,19 +2967,22 @@ class AuthHttpParser:
 
     def __init__(self):
         self._data = bytearray()
+        self._searched = 0             # no blank line ends before here
 
     def receive_data(self, data: bytes) -> Optional[AuthHttpResponse]:
         if not data:
             raise AuthHttpError("auth http server %s closed the connection prematurely")
         self._data += data
-        text = bytes(self._data)
-        end = text.find(b"\n\n")
-        crlf = text.find(b"\r\n\r\n")
+        start = max(0, self._searched - 3)     # a blank line may straddle two reads
+        end = self._data.find(b"\n\n", start)
+        crlf = self._data.find(b"\r\n\r\n", start)
         ends = [(index, size) for index, size in ((end, 2), (crlf, 4)) if index >= 0]
         if not ends:
-            if len(text) > AUTH_HTTP_RESPONSE_MAX:
+            if len(self._data) > AUTH_HTTP_RESPONSE_MAX:
                 raise AuthHttpError("auth http server %s sent too long response")
+            self._searched = len(self._data)
             return None
+        text = bytes(self._data)
         index, size = min(ends)
         if index + size > AUTH_HTTP_RESPONSE_MAX:
             raise AuthHttpError("auth http server %s sent too long response")
@@ -3519,6 +3522,28 @@ def parse_proxy_header(data: bytes) -> Optional[ProxyHeader]:
     return ProxyHeader((str(src), ports[0]), (str(dst), ports[1]), end + 2)
 
 
+class ProxyHeaderReader:
+    """parse_proxy_header over bytes as they come, with linear work: a v2
+    header (up to PROXY_V2_MAX) is parsed again only once as many bytes as
+    it announced have come; a v1 line is at most PROXY_V1_MAX bytes.
+    ``receive_data`` returns the ProxyHeader, None for more, or raises
+    ProxyHeaderError; ``data`` is every byte received (the header's
+    ``length`` first, then what the client sent behind it)."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self._wait = 0                 # bytes needed before parsing again
+
+    def receive_data(self, data: bytes) -> Optional[ProxyHeader]:
+        self.data += data
+        if len(self.data) < self._wait:
+            return None
+        header = parse_proxy_header(bytes(self.data))
+        if header is None and len(self.data) >= 16 and self.data.startswith(PROXY_V2_SIGNATURE):
+            self._wait = 16 + struct.unpack("!H", self.data[14:16])[0]
+        return header
+
+
 def _parse_proxy_v2(data: bytes) -> Optional[ProxyHeader]:
     if len(data) < 16:
         return None
@@ -3743,33 +3768,56 @@ class TlsState(enum.Enum):
 
 
 TLS_ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"   # RFC 7301 §3.2
-TLS_RECORD_MAX = 5 + 16384 + 2048
+TLS_ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x03\x00\x02\x02\x28"          # RFC 8446 §6.2
+# The most ClientHello held back to read its ALPN: one TLS record and more
+# (RFC 8446 §5.1 allows 2**14 + 2048 bytes of it per record).  Browsers and
+# mail clients send 0.5-2 KB, with post-quantum key shares.
+TLS_HELLO_MAX = 5 + 16384 + 2048
+
+
+class HandshakeReader:
+    """Gathers the first TLS handshake message from records as they come
+    (RFC 8446 §5.1 lets a ClientHello span several), looking at each byte
+    once however the records are split.  ``feed(data)`` returns None while
+    the message is incomplete, the message once whole, or b"" if the bytes
+    are not TLS handshake records; ``held`` is every byte fed."""
+
+    def __init__(self):
+        self.held = bytearray()
+        self._next = 0                # where the next record header starts in held
+        self._message = bytearray()
+
+    def feed(self, data: bytes) -> Optional[bytes]:
+        self.held += data
+        message = self._message
+        while True:
+            if len(message) >= 4 and len(message) >= 4 + int.from_bytes(message[1:4], "big"):
+                return bytes(message)
+            start = self._next
+            if start + 5 > len(self.held):
+                return None
+            if self.held[start] != 22 or self.held[start + 1] != 3:
+                return b""
+            size = int.from_bytes(self.held[start + 3:start + 5], "big")
+            if start + 5 + size > len(self.held):
+                return None
+            message += self.held[start + 5:start + 5 + size]
+            self._next = start + 5 + size
 
 
 def handshake_message(data: bytes) -> Optional[bytes]:
-    """The first TLS handshake message, joined from as many records as it
-    spans (RFC 8446 §5.1 lets a ClientHello be fragmented); None while
-    incomplete, b"" if ``data`` is not TLS handshake records."""
-    message = bytearray()
-    position = 0
-    while True:
-        if len(message) >= 4 and len(message) >= 4 + int.from_bytes(message[1:4], "big"):
-            return bytes(message)
-        if position + 5 > len(data):
-            return None
-        if data[position] != 22 or data[position + 1] != 3:
-            return b""
-        size = int.from_bytes(data[position + 3:position + 5], "big")
-        if position + 5 + size > len(data):
-            return None
-        message += data[position + 5:position + 5 + size]
-        position += 5 + size
+    """The first handshake message of ``data`` (see HandshakeReader)."""
+    return HandshakeReader().feed(data)
 
 
 def client_hello_alpn(data: bytes) -> Optional[List[bytes]]:
     """The ALPN protocols a TLS ClientHello offers (RFC 7301), or None if it
     offers none or the bytes are not a whole ClientHello we can read."""
-    body = handshake_message(data)
+    return offered_alpn(handshake_message(data))
+
+
+def offered_alpn(body: Optional[bytes]) -> Optional[List[bytes]]:
+    """client_hello_alpn of a handshake message (no record headers)."""
     if not body or len(body) < 4 or body[0] != 1:
         return None
     position = 4 + 2 + 32                                  # header, version, random
@@ -3816,7 +3864,7 @@ class TlsLayer:
         self.just_opened = False
         self._queued = bytearray()
         self._raw = bytearray()               # our own bytes (an alert) before OpenSSL's
-        self._hello = bytearray() if (server_side and alpn) else None
+        self._hello = HandshakeReader() if (server_side and alpn) else None
         self._alpn = alpn.encode() if alpn else b""
         if not server_side:
             self._handshake()                 # the client speaks first
@@ -3857,13 +3905,17 @@ class TlsLayer:
     def _check_alpn(self, data: bytes) -> bytes:
         """Hold back the first bytes until the ClientHello is whole (over
         one record or several), then look at its ALPN.  Bytes that are not
-        TLS go to OpenSSL at once, which refuses them."""
-        self._hello += data
-        hello = handshake_message(bytes(self._hello))
-        if hello is None and len(self._hello) < TLS_RECORD_MAX:
-            return b""
-        held, self._hello = bytes(self._hello), None
-        offered = client_hello_alpn(held)
+        TLS go to OpenSSL at once, which refuses them.  A ClientHello larger
+        than TLS_HELLO_MAX is refused: its ALPN could not be read."""
+        hello = self._hello.feed(data)
+        if hello is None:
+            if len(self._hello.held) < TLS_HELLO_MAX:
+                return b""
+            self.state = TlsState.CLOSED
+            self._raw += TLS_ALERT_HANDSHAKE_FAILURE
+            raise TlsError("client sent a ClientHello over %d bytes" % TLS_HELLO_MAX)
+        held, self._hello = bytes(self._hello.held), None
+        offered = offered_alpn(hello)
         if offered is not None and self._alpn not in offered:
             self.state = TlsState.CLOSED
             self._raw += TLS_ALERT_NO_APPLICATION_PROTOCOL
@@ -4965,7 +5017,7 @@ class Session:
                  "credentials", "login_attempt", "auth_exchange", "backend_tls", "timer",
                  "deadline", "timer_callback", "closed", "outcome", "starttls", "proxy_facts",
                  "certificate", "name_lookup", "client", "machine", "implicit_tls",
-                 "proxy_buffer", "early_data", "login_time_limit", "login_deadline")
+                 "proxy_header", "early_data", "login_time_limit", "login_deadline")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker = worker
@@ -5018,11 +5070,11 @@ class Session:
         self.machine = CLIENT_MACHINES[self.server.protocol](
             self.server, now=time.time(), randomness=self.worker.randomness, tls=listen.ssl)
         self.implicit_tls = listen.ssl
-        self.proxy_buffer = None     # type: Optional[bytearray]
+        self.proxy_header = None     # type: Optional[ProxyHeaderReader]
         self.early_data = bytearray()  # client bytes read before the dialogue began
         if listen.proxy_protocol:
             self.phase = Phase.PROXY_HEADER
-            self.proxy_buffer = bytearray()
+            self.proxy_header = ProxyHeaderReader()
             self.client.set_read_budget(PROXY_V2_MAX)
             self._arm_client_timer()
         else:
@@ -5041,16 +5093,15 @@ class Session:
         """listen ... proxy_protocol (nginx's ngx_proxy_protocol_read): a bad or
         missing header closes the connection without a word; a good one from
         a set_real_ip_from peer gives the session the real client address."""
-        self.proxy_buffer += data
         try:
-            header = parse_proxy_header(bytes(self.proxy_buffer))
+            header = self.proxy_header.receive_data(data)
         except ProxyHeaderError as error:
             self.log("info", str(error))
             return self.close("bad PROXY header")
         if header is None:
             return
-        rest = bytes(self.proxy_buffer[header.length:])
-        self.proxy_buffer = None
+        rest = bytes(self.proxy_header.data[header.length:])
+        self.proxy_header = None
         if header.source is not None:
             self.proxy_facts = (header.source[0], header.source[1],
                                 header.destination[0], header.destination[1])

@@ -3313,6 +3313,154 @@ class ProxyProtocolTests(unittest.TestCase):
 
 
 # ########################################################################## #
+#              Linear work, however the bytes are split (issue 12)           #
+# ########################################################################## #
+# A peer chooses how its bytes are cut into reads.  Every parser of what a
+# peer sends must do O(n) work for n bytes fed one at a time, or a client
+# trickling a long command (or a backend a long reply) burns the worker's
+# CPU with the square of its length.  Each test feeds a maximal input one
+# byte at a time at two sizes, n and 4n: linear work costs about 4 times as
+# much, quadratic work 16 times; the bound is 8.  CPU time of this process,
+# the least of three runs, so that a busy machine does not make a test fail.
+# Fed whole, each input gives the same result.
+
+def cpu_seconds(run) -> float:
+    best = None
+    for _ in range(3):
+        started = time.process_time()
+        run()
+        spent = time.process_time() - started
+        best = spent if best is None or spent < best else best
+    return best
+
+
+def feed_byte_by_byte(receive, data: bytes) -> list:
+    """``receive`` called with each byte of ``data``; the results, joined."""
+    results = []
+    for index in range(len(data)):
+        result = receive(data[index:index + 1])
+        if isinstance(result, list):
+            results.extend(result)
+        elif result is not None:
+            results.append(result)
+    return results
+
+
+class LinearWorkTests(TlsFiles, unittest.TestCase):
+    def assert_linear(self, run, size: int) -> None:
+        """``run(n)`` feeds a maximal input of about n bytes one at a time."""
+        small = cpu_seconds(lambda: run(size))
+        large = cpu_seconds(lambda: run(4 * size))
+        self.assertLess(large, 8 * small, "%d bytes cost %.3fs, %d bytes %.3fs: not linear"
+                        % (size, small, 4 * size, large))
+
+    def machine_run(self, protocol: str, make_input, **settings):
+        """A run for assert_linear: a machine whose buffer fits the input,
+        fed it a byte at a time; it must answer as to the input fed whole."""
+        def run(size: int) -> None:
+            data = make_input(size)
+            buffer = {"%s_client_buffer" % protocol: len(data) + 64}
+            buffer.update(settings)
+            machine = make_machine(protocol, **buffer)
+            whole = (machine.receive_data(data), machine.data_to_send())
+            machine = make_machine(protocol, **buffer)
+            events = feed_byte_by_byte(machine.receive_data, data)
+            self.assertEqual((events, machine.data_to_send()), whole)
+            self.assertNotIn(b"BAD", whole[1])
+        return run
+
+    def test_imap_quoted_string(self):
+        self.assert_linear(self.machine_run(
+            "imap", lambda n: b'a1 LOGIN "' + b"x" * n + b'" "p"\r\n'), 4096)
+
+    def test_imap_literal_holding_line_ends(self):
+        self.assert_linear(self.machine_run(
+            "imap", lambda n: b"a1 LOGIN {%d+}\r\n" % n + b"\n" * n + b" p\r\n"), 4096)
+
+    def test_imap_spaces_after_the_tag(self):
+        self.assert_linear(self.machine_run("imap", lambda n: b"a1" + b" " * n + b"NOOP\r\n"), 4096)
+
+    def test_imap_sasl_response(self):
+        response = lambda n: b"a1 AUTHENTICATE PLAIN\r\n" + base64.b64encode(
+            b"\0alice\0" + b"p" * n) + b"\r\n"
+        self.assert_linear(self.machine_run("imap", response), 4096)
+
+    def test_pop3_line(self):
+        self.assert_linear(self.machine_run("pop3", lambda n: b"USER " + b"u" * n + b"\r\n"), 4096)
+
+    def test_smtp_line(self):
+        def run(size):
+            data = b"EHLO " + b"h" * size + b"\r\nQUIT\r\n"
+            machine = make_smtp(smtp_client_buffer=len(data))
+            self.assertEqual(feed_byte_by_byte(machine.receive_data, data), [mp.Quit()])
+        self.assert_linear(run, 4096)
+
+    def test_backend_login_reply(self):
+        def run(size):
+            login = mp.BackendLogin(mp.pop3_login_script(b"u", b"p"), b"", size + 64)
+            feed_byte_by_byte(login.receive_data, b"+OK " + b"x" * size + b"\r\n")
+            self.assertEqual(login.data_to_send(), b"USER u\r\n")
+        self.assert_linear(run, 4096)
+
+    def test_auth_http_response(self):
+        def run(size):
+            response = b"HTTP/1.0 200 OK\r\nAuth-Status: " + b"x" * size + b"\r\n\r\n"
+            parsed = feed_byte_by_byte(mp.AuthHttpParser().receive_data, response)
+            self.assertEqual(parsed[0].headers["auth-status"], b"x" * size)
+        self.assert_linear(run, 200)
+
+    def test_proxy_protocol_v2_header(self):
+        def run(size):
+            header = pp_v2_header("192.0.2.7", 40000, "127.0.0.1", 143, tlvs=b"\xe0" + struct.pack(
+                "!H", size) + b"t" * size)
+            parsed = feed_byte_by_byte(mp.ProxyHeaderReader().receive_data, header + b"a1 NOOP\r\n")
+            self.assertEqual(parsed[0].source, ("192.0.2.7", 40000))
+        self.assert_linear(run, 900)
+
+    def test_client_hello_in_tiny_records(self):
+        """A ClientHello cut into records of one byte each (RFC 8446 §5.1
+        allows it), sent a byte at a time, while its ALPN is read."""
+        def run(size):
+            context = self.client_context()
+            context.set_alpn_protocols(["imap"] + ["p%03d" % i + "x" * 95 for i in range(size // 100)])
+            client = mp.TlsLayer(context, server_side=False, server_hostname="mail.example.com")
+            message = mp.handshake_message(client.data_to_send())
+            records = b"".join(b"\x16\x03\x01\x00\x01" + message[i:i + 1] for i in range(len(message)))
+            server = mp.TlsLayer(self.server_context, server_side=True, alpn="imap")
+            feed_byte_by_byte(server.receive_data, records)
+            self.assertNotEqual(server.data_to_send(), b"", "the server must answer the hello")
+        self.server_context = mp.server_context(self.tls_settings())
+        self.assert_linear(run, 600)
+
+    def test_a_client_hello_too_big_to_read_is_refused(self):
+        """Held back to read its ALPN, a ClientHello stops at TLS_HELLO_MAX
+        bytes: it is refused with an alert, not passed on unread (its ALPN,
+        here without "imap", would then never be checked)."""
+        context = self.client_context()
+        context.set_alpn_protocols(["pop3"] + ["p%03d" % i + "x" * 95 for i in range(40)])
+        client = mp.TlsLayer(context, server_side=False, server_hostname="mail.example.com")
+        message = mp.handshake_message(client.data_to_send())
+        records = b"".join(b"\x16\x03\x01\x00\x01" + message[i:i + 1] for i in range(len(message)))
+        self.assertGreater(len(records), mp.TLS_HELLO_MAX)
+        server = mp.TlsLayer(mp.server_context(self.tls_settings()), server_side=True, alpn="imap")
+        with self.assertRaises(mp.TlsError) as caught:
+            server.receive_data(records[:mp.TLS_HELLO_MAX])
+        self.assertIn("ClientHello over", str(caught.exception))
+        self.assertEqual(server.data_to_send(), b"\x15\x03\x03\x00\x02\x02\x28")
+
+    def test_dns_answer_with_many_records(self):
+        """A DNS answer comes in one datagram: the work is linear in its size."""
+        def run(count):
+            query = mp.dns_query(7, "mail.example.test", mp.DNS_A)
+            answer = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, bytes([192, 0, 2, i % 250]))
+                                          for i in range(count)])
+            for _ in range(20):
+                parsed = mp.parse_dns_answer(answer, 7, "mail.example.test", mp.DNS_A)
+            self.assertEqual(len(mp.dns_values(parsed, "mail.example.test", mp.DNS_A)[0]), count)
+        self.assert_linear(run, 60)
+
+
+# ########################################################################## #
 #                           End-to-end harness                               #
 # ########################################################################## #
 # The real proxy (a Worker and its event loop, in a thread) between a test
