@@ -4974,6 +4974,160 @@ class Relay:
         return len(self.client.out) + len(self.backend.out)
 
 
+# -- smtp_auth none: every recipient checked, not only the first ------------
+
+SMTP_LINE_TOO_LONG = b"500 5.5.2 Line too long\r\n"               # RFC 5321 §4.5.3.1.4
+SMTP_NOT_IMPLEMENTED = b"502 5.5.1 Command not implemented\r\n"   # RFC 5321 §4.2.2
+SMTP_TOO_MANY_RECIPIENTS = b"452 4.5.3 Too many recipients\r\n"   # RFC 5321 §4.5.3.1.10
+SMTP_VERB = re.compile(rb"([A-Za-z]+)(?: |\r?\n)")
+# The end of message data (RFC 5321 §4.1.1.4): a line holding a lone ".".
+# Lines are cut at LF here whatever comes before it, as lenient servers do
+# (CVE-2023-51764, "SMTP smuggling"): the check must never believe a
+# message goes on where the backend may see its end.
+SMTP_END_OF_DATA = re.compile(rb"\n\.\r?\n")
+# After the login these would blind the check (TLS from the client to the
+# backend), impersonate a client (XCLIENT, XFORWARD), or carry bytes the
+# check cannot tell from commands (BDAT chunks when the backend has no
+# CHUNKING, RFC 3030): refused.
+SMTP_NOT_RELAYED = frozenset([b"STARTTLS", b"XCLIENT", b"XFORWARD", b"BDAT"])
+
+
+class SmtpRecipientGuard:
+    """smtp_auth none with the built-in table (extension): after the first
+    RCPT has opened the relay, every later RCPT is checked as the first one
+    was, pipelined or not, in this transaction or the next.  Checking only
+    the first makes an open relay of a backend that trusts the proxy.
+
+    Sans-I/O, between the two sides::
+
+        to_backend, to_client = guard.from_client(data)
+        to_client, to_backend = guard.from_backend(data)
+
+    Commands go to the backend one at a time, each once the reply to the
+    one before has come (a server may answer pipelined commands as slowly
+    as it likes, RFC 2920), so that a refused RCPT is answered in its place
+    among the backend's replies.  Message data after a 354 goes through as
+    it comes, to the line that ends it.  ``check(rcpt_line)`` returns None
+    (forward it) or the reply that refuses it.  ``held`` counts the client's
+    bytes waiting for their turn: the relay stops reading the client while
+    it is at proxy_buffer.
+    """
+
+    COMMAND, REPLY, DATA = "command", "reply", "data"
+
+    def __init__(self, check: Callable[[bytes], Optional[bytes]], line_limit: int):
+        self.check = check
+        self.line_limit = line_limit
+        self.state = self.COMMAND
+        self._client = LineBuffer()
+        self._replies = LineBuffer()   # the backend's reply being read (state REPLY)
+        self._tail = b""               # state DATA: the last bytes passed, for SMTP_END_OF_DATA
+        self._skipping = False         # dropping the rest of a line that was too long
+
+    @property
+    def held(self) -> int:
+        return len(self._client)
+
+    def from_client(self, data: bytes) -> Tuple[bytes, bytes]:
+        self._client.append(data)
+        return self._run()
+
+    def from_backend(self, data: bytes) -> Tuple[bytes, bytes]:
+        """The backend's bytes go to the client as they are; a whole reply
+        lets the next held command go."""
+        if self.state == self.REPLY:
+            self._replies.append(data)
+            while self.state == self.REPLY:
+                line = self._replies.take_line()
+                if line is None:
+                    break
+                if line[3:4] != b"-":           # RFC 5321 §4.2.1: the last line of a reply
+                    self.state = self.DATA if line[:3] == b"354" else self.COMMAND
+                    self._tail = b"\n"          # the DATA line's own end
+                    self._replies.clear()
+        to_backend, to_client = self._run()
+        return data + to_client, to_backend
+
+    def _run(self) -> Tuple[bytes, bytes]:
+        to_backend, to_client = bytearray(), bytearray()
+        while True:
+            if self.state == self.DATA:
+                to_backend += self._data()
+            if self.state != self.COMMAND:
+                break
+            line = self._client.take_line(self.line_limit)
+            if line is None:
+                if len(self._client) >= self.line_limit:
+                    self._client.clear()               # a line too long: answered once,
+                    if not self._skipping:             # and dropped to its end
+                        to_client += SMTP_LINE_TOO_LONG
+                    self._skipping = True
+                break
+            if self._skipping:
+                self._skipping = False
+                continue
+            refusal = self._refusal(line)
+            if refusal is not None:
+                to_client += refusal
+                continue
+            to_backend += line
+            self.state = self.REPLY
+        return bytes(to_backend), bytes(to_client)
+
+    def _data(self) -> bytes:
+        """Message data held, up to and with the line that ends it."""
+        data = self._client.take_all()
+        found = SMTP_END_OF_DATA.search(self._tail + data)
+        if found is None:
+            self._tail = (self._tail + data[-3:])[-3:]
+            return data
+        end = found.end() - len(self._tail)
+        self._client.append(data[end:])
+        self.state = self.REPLY
+        return data[:end]
+
+    def _refusal(self, line: bytes) -> Optional[bytes]:
+        verb = SMTP_VERB.match(line)
+        if verb is None:
+            return SMTP_INVALID
+        name = verb.group(1).upper()
+        if SMTP_CONTROL_BYTES.search(strip_eol(line)) or not line.endswith(b"\r\n"):
+            return SMTP_INVALID_ARGUMENT           # as the machine before the login
+        if name in SMTP_NOT_RELAYED:
+            return SMTP_NOT_IMPLEMENTED
+        if name == b"RCPT":
+            return self.check(strip_eol(line))
+        return None
+
+
+class CheckedRelay(Relay):
+    """The relay with an SmtpRecipientGuard between the sides: what the
+    client sends is read only while the guard holds less than the limit."""
+    __slots__ = ("guard",)
+
+    def __init__(self, session, client: Stream, backend: Stream, limit: int,
+                 idle_timeout: float, guard: SmtpRecipientGuard):
+        self.guard = guard
+        super().__init__(session, client, backend, limit, idle_timeout)
+
+    def _allow(self, source: Stream) -> None:
+        room = 0 if self.eof_from is not None else self.limit - len(self.peer(source).out)
+        if source is self.client:
+            room -= self.guard.held
+        source.set_read_budget(min(room, READ_SIZE) if room > 0 else 0)
+
+    @loop_callback
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        if stream is self.client:
+            to_backend, to_client = self.guard.from_client(data)
+        else:
+            to_client, to_backend = self.guard.from_backend(data)
+        self.backend.write(to_backend)
+        self.client.write(to_client)
+        self._allow(self.client)
+        self._allow(self.backend)
+
+
 # ########################################################################## #
 #                                 Sessions                                   #
 # ########################################################################## #
@@ -5667,12 +5821,36 @@ class Session:
         if not reply and self.server.protocol == "smtp":
             reply = SMTP_AUTH_OK               # nginx's own answer to the client's AUTH
         self.client.write(reply)
-        self.backend.write(self.machine.trailing_data)
-        self.client.write(self.backend_login.trailing_data)
-        self.relay = Relay(self, self.client, self.backend, self.server.proxy_buffer,
-                           self.server.proxy_timeout)
+        if self.auth_method == "none" and self.server.auth_http is None:
+            # The built-in table checks every recipient, not only the first.
+            guard = SmtpRecipientGuard(self._check_recipient, self.server.smtp_client_buffer)
+            self.relay = CheckedRelay(self, self.client, self.backend, self.server.proxy_buffer,
+                                      self.server.proxy_timeout, guard)
+            self.relay.stream_data(self.client, self.machine.trailing_data)
+            self.relay.stream_data(self.backend, self.backend_login.trailing_data)
+        else:
+            self.backend.write(self.machine.trailing_data)
+            self.client.write(self.backend_login.trailing_data)
+            self.relay = Relay(self, self.client, self.backend, self.server.proxy_buffer,
+                               self.server.proxy_timeout)
         self.backend_login = None          # what only the login needed can go
         self.addresses = []
+
+    def _check_recipient(self, rcpt: bytes) -> Optional[bytes]:
+        """A later RCPT of an smtp_auth none session, as the first one was
+        checked (_authenticate_recipient); a recipient whose route leads to
+        another backend than this session's gets 452, which tells the client
+        to send it in another transaction (RFC 5321 §4.5.3.1.10)."""
+        result = authorize_recipient(self.server.smtp_relay_domains, self.config.routes,
+                                     self.server.proxy_pass, rcpt)
+        if not result.ok:
+            self.log("info", 'recipient refused: "%s"' % result.reason)
+            code, text = SMTP_RELAY_DENIED
+            return self.machine.failure_reply(text, code)
+        if (result.upstream.host, result.upstream.port) != (self.upstream.host, self.upstream.port):
+            self.log("info", "recipient deferred: its route is %s" % result.upstream.text)
+            return SMTP_TOO_MANY_RECIPIENTS
+        return None
 
     # -- the end ------------------------------------------------------------------
     def crashed(self, error: Exception) -> None:

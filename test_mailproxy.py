@@ -2231,6 +2231,98 @@ class SmtpRecipientRuleTests(unittest.TestCase):
         self.assertEqual(result.upstream.addresses, ((socket.AF_INET, ("127.0.0.9", 2525)),))
 
 
+GUARD_DENIED = b"550 5.7.1 Relaying denied\r\n"
+
+
+def guard_check(rcpt: bytes):
+    """A recipient check for SmtpRecipientGuard: example.com only."""
+    return None if re.fullmatch(rb"RCPT TO:<[^@>]+@example\.com>", rcpt, re.I) else GUARD_DENIED
+
+
+def guard_conversation(guard, steps, chunking=whole):
+    """Play ("client", bytes) and ("backend", bytes) steps through ``guard``;
+    returns (all it sent to the backend, all it sent to the client)."""
+    to_backend, to_client = bytearray(), bytearray()
+    for side, data in steps:
+        for chunk in chunking(data):
+            if side == "client":
+                backend, client = guard.from_client(chunk)
+            else:
+                client, backend = guard.from_backend(chunk)
+            to_backend += backend
+            to_client += client
+    return bytes(to_backend), bytes(to_client)
+
+
+class SmtpRecipientGuardTests(unittest.TestCase):
+    """After the relay starts with smtp_auth none, every RCPT is checked."""
+
+    CONVERSATION = [
+        ("client", b"RCPT TO:<b@example.com>\r\nRCPT TO:<victim@evil.test>\r\n"
+                   b"RCPT TO:<c@Example.COM>\r\nDATA\r\n"),
+        ("backend", b"250 2.1.5 Ok\r\n"), ("backend", b"250 2.1.5 Ok\r\n"),
+        ("backend", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        ("client", b"Subject: x\r\n\r\nRCPT TO:<inside@evil.test>\r\n..\r\n.\r\n"
+                   b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<next@evil.test>\r\n"
+                   b"RCPT TO:<d@example.com>\r\nQUIT\r\n"),
+        ("backend", b"250 2.0.0 Ok: queued\r\n"), ("backend", b"250 2.1.0 Ok\r\n"),
+        ("backend", b"250 2.1.5 Ok\r\n"), ("backend", b"221 2.0.0 Bye\r\n")]
+
+    def test_every_recipient_checked_in_order_pipelined_or_not(self):
+        expected_backend = (
+            b"RCPT TO:<b@example.com>\r\nRCPT TO:<c@Example.COM>\r\nDATA\r\n"
+            b"Subject: x\r\n\r\nRCPT TO:<inside@evil.test>\r\n..\r\n.\r\n"
+            b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<d@example.com>\r\nQUIT\r\n")
+        expected_client = (
+            b"250 2.1.5 Ok\r\n" + GUARD_DENIED + b"250 2.1.5 Ok\r\n"
+            b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued\r\n"
+            b"250 2.1.0 Ok\r\n" + GUARD_DENIED + b"250 2.1.5 Ok\r\n221 2.0.0 Bye\r\n")
+        for chunking in (whole, byte_by_byte):
+            guard = mp.SmtpRecipientGuard(guard_check, 4096)
+            self.assertEqual(guard_conversation(guard, self.CONVERSATION, chunking),
+                             (expected_backend, expected_client), chunking.__name__)
+            self.assertEqual(guard.held, 0)
+
+    def test_commands_wait_for_the_reply_to_the_one_before(self):
+        guard = mp.SmtpRecipientGuard(guard_check, 4096)
+        self.assertEqual(guard.from_client(b"RCPT TO:<b@example.com>\r\nRCPT TO:<x@evil.test>\r\n"),
+                         (b"RCPT TO:<b@example.com>\r\n", b""))
+        self.assertEqual(guard.held, len(b"RCPT TO:<x@evil.test>\r\n"))
+        self.assertEqual(guard.from_backend(b"250-first line\r\n"), (b"250-first line\r\n", b""))
+        self.assertEqual(guard.from_backend(b"250 Ok\r\n"), (b"250 Ok\r\n" + GUARD_DENIED, b""))
+
+    def test_a_bare_lf_end_of_data_cannot_hide_a_recipient(self):
+        """SMTP smuggling (CVE-2023-51764): a lenient backend ends the data
+        at "\\n.\\n"; so does the check, and what follows is a command."""
+        guard = mp.SmtpRecipientGuard(guard_check, 4096)
+        guard_conversation(guard, [("client", b"DATA\r\n"), ("backend", b"354 go\r\n")])
+        to_backend, to_client = guard.from_client(b"x\n.\nRCPT TO:<victim@evil.test>\r\n")
+        self.assertEqual(to_backend, b"x\n.\n")
+        self.assertEqual(guard.from_backend(b"250 queued\r\n"), (b"250 queued\r\n" + GUARD_DENIED, b""))
+
+    def test_commands_that_would_blind_the_check_are_refused(self):
+        for line in (b"STARTTLS\r\n", b"XCLIENT ADDR=127.0.0.1\r\n", b"xforward NAME=x\r\n",
+                     b"BDAT 30 LAST\r\n"):
+            guard = mp.SmtpRecipientGuard(guard_check, 4096)
+            self.assertEqual(guard.from_client(line), (b"", b"502 5.5.1 Command not implemented\r\n"))
+        for line, reply in ((b" RCPT TO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
+                            (b"RCPT\tTO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
+                            (b"RCPT TO:<b@example.com>\rRCPT TO:<x@evil.test>\r\n",
+                             b"501 5.5.4 Invalid argument\r\n"),
+                            (b"RCPT TO:<b@example.com>\n", b"501 5.5.4 Invalid argument\r\n")):
+            guard = mp.SmtpRecipientGuard(guard_check, 4096)
+            self.assertEqual(guard.from_client(line), (b"", reply), line)
+
+    def test_a_line_too_long_is_answered_once_and_dropped(self):
+        guard = mp.SmtpRecipientGuard(guard_check, 64)
+        to_client = b""
+        for chunk in (b"RCPT TO:<" + b"x" * 100, b"y" * 100, b"@evil.test>\r\nNOOP\r\n"):
+            to_backend, reply = guard.from_client(chunk)
+            to_client += reply
+        self.assertEqual(to_client, b"500 5.5.2 Line too long\r\n")
+        self.assertEqual(to_backend, b"NOOP\r\n")
+
+
 # ########################################################################## #
 #                              DNS and resolver                              #
 # ########################################################################## #
@@ -5132,6 +5224,56 @@ class SmtpEndToEndNoAuthTests(SmtpEndToEndCase):
                          b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
                          b"EHLO client.example\r\nMAIL FROM:<sender@remote.test>\r\n"
                          b"RCPT TO:<bob@Example.COM>\r\nQUIT\r\n")
+        self.assertEqual(self.other.received, [])
+
+    def test_every_recipient_is_checked_not_only_the_first(self):
+        """With xclient off the backend sees only the proxy's address; were
+        the later recipients unchecked, a backend that trusts the proxy
+        (Postfix's permit_mynetworks) would be an open relay.  Pipelined
+        behind the first RCPT, after DATA, in the next transaction: each
+        refused one is answered in its place, and never reaches the backend."""
+        proxy, client = self.start(xclient="off")
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send(b"RCPT TO:<bob@example.com>\r\nRCPT TO:<victim@evil.test>\r\n"
+                    b"RCPT TO:<victim@elsewhere.test>\r\nRCPT TO:<carol@example.com>\r\n")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        client.send("DATA")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_DATA_GO)
+        client.send(b"Subject: one\r\n\r\nRCPT TO:<quoted@evil.test>\r\n.\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
+        client.send("RCPT TO:<victim@evil.test>")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        client.send("RCPT TO:<dave@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(self.backend.received[0]),
+                         b"EHLO mail.test\r\nMAIL FROM:<sender@remote.test>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n"
+                         b"Subject: one\r\n\r\nRCPT TO:<quoted@evil.test>\r\n.\r\n"
+                         b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<dave@example.com>\r\nQUIT\r\n")
+        self.assertEqual(self.other.received, [])
+        proxy.wait_for_log(r'recipient refused: "recipient domain not in smtp_relay_domains"')
+
+    def test_a_later_recipient_for_another_backend_is_deferred(self):
+        """elsewhere.test is a relay domain routed to another backend: this
+        session's backend must not get it; 452 asks the client to send it in
+        another transaction (RFC 5321 §4.5.3.1.10)."""
+        proxy, client = self.start(smtp_relay_domains="example.com elsewhere.test")
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        client.send("RCPT TO:<someone@elsewhere.test>")
+        self.assertEqual(client.read_line(), b"452 4.5.3 Too many recipients\r\n")
+        self.smtp_quit(client)
+        self.assertNotIn(b"elsewhere", bytes(self.backend.received[0]))
         self.assertEqual(self.other.received, [])
 
     def test_relay_check_reads_the_forward_path_not_a_parameter(self):
