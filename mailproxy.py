@@ -5448,6 +5448,13 @@ def warn_about(config: Config, log: ErrorLog) -> None:
                     "is not checked, and passwords go to whoever answers" % server.name)
 
 
+def log_late_signal(log: ErrorLog, signum: int) -> None:
+    """A signal that comes once the process is shutting down and is not
+    acted on (nginx's master skips a reload while it quits)."""
+    name = signal.Signals(signum).name if signum else "none"
+    log.log("notice", "signal %d (%s) received while shutting down, ignoring" % (signum, name))
+
+
 def load_for_reload(path: str, log: "ErrorLog") -> Optional[Tuple[Config, "ErrorLogs"]]:
     """SIGHUP's first half, for the master and a single process alike: the
     file read, checked and its logs opened; on any problem, log it and
@@ -5662,7 +5669,11 @@ class Worker:
     def reload(self, signum: int = 0) -> None:
         """SIGHUP: read the file again; if it is valid, new sessions get the new
         settings, users and listeners; sessions already running keep theirs.
-        If it is not, log why and keep everything as it was."""
+        If it is not, log why and keep everything as it was.  Once stopping,
+        nothing: binding the ports again would undo the stop."""
+        if self.stopping:
+            log_late_signal(self.log, signum)
+            return
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -5682,6 +5693,7 @@ class Worker:
 
     def reopen_logs(self, signum: int = 0) -> None:
         """SIGUSR1 (logrotate): the same files, opened again by name."""
+        self.log.log("notice", "reopening logs")           # nginx says so, in every process
         try:
             logs = ErrorLogs(self.config)
         except OSError as error:
@@ -6151,6 +6163,12 @@ class Master:
             self.loop.stop()
 
     def reload(self, signum: int = 0) -> None:
+        """SIGHUP: a new generation with the new file, the old one told to
+        stop.  Not once stopping (nginx's master skips it while it quits):
+        it would bind the ports again and start workers nobody stops."""
+        if self.stopping:
+            log_late_signal(self.log, signum)
+            return
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -6186,6 +6204,10 @@ class Master:
             pass
 
     def stop_gracefully(self, signum: int = 0) -> None:
+        """SIGQUIT: once.  SIGTERM may still follow it and stop at once."""
+        if self.stopping:
+            log_late_signal(self.log, signum)
+            return
         self.log.log("notice", "gracefully shutting down")
         self._stop(signal.SIGQUIT)
 
@@ -6204,6 +6226,10 @@ class Master:
             self.loop.stop()
 
     def reopen_logs(self, signum: int = 0) -> None:
+        """SIGUSR1: the master's files opened again by name, then the
+        workers told to do the same (also while stopping: old sessions
+        still log)."""
+        self.log.log("notice", "reopening logs")
         try:
             logs = ErrorLogs(self.config)
         except OSError as error:

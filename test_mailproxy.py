@@ -7208,6 +7208,71 @@ class ProcessDescriptorTests(unittest.TestCase):
         self.assertEqual(reply[:5], b"a1 OK")
 
 
+# -- issue 12: the process defects a security review found -------------------------
+# Each was reproduced on the wire: a reload during a graceful stop, a worker
+# stopped behind the master's back, logs a worker running as ``user`` could
+# not reopen, and listen flags a reload did not change.
+
+@proc_needs_unix
+class ProcessSignalRegressionTests(unittest.TestCase):
+
+    def session_then_sigquit(self, main: str = ""):
+        """A proxy with a logged-in session, then SIGQUIT: (proxy, session,
+        port) once the stop has begun (the port refuses)."""
+        backend = proc_ImapBackend(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port], backend.port, main=main))
+        session, reply = proc_login(self, port)
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        mark = proxy.mark()
+        proxy.send_signal("SIGQUIT")
+        self.assertIsNotNone(proxy.wait_for("gracefully shutting down", mark), proxy.stderr)
+        self.assertTrue(cfg_refused_soon(port), "still accepting after SIGQUIT")
+        return proxy, session, port
+
+    def sighup_while_stopping(self, proxy, port: int) -> int:
+        """SIGHUP to a proxy that is stopping gracefully: taken (or, before
+        issue 12, acted on) and ignored.  The mark before it."""
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        proc_wait(lambda: re.search(r"\(SIGHUP\) received|reconfiguring", proxy.stderr), 5.0,
+                  "the proxy to take SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("(SIGHUP) received while shutting down, ignoring",
+                                            mark, timeout=1), proxy.stderr)
+        self.assertTrue(proc_refused(port), "SIGHUP bound the port again")
+        self.assertEqual(proxy.workers(mark), [], "SIGHUP started a worker")
+        self.assertNotIn("reconfiguring", "".join(proxy.lines[mark:]))
+        return mark
+
+    # -- 7: SIGHUP during a graceful stop ------------------------------------------
+
+    def test_master_ignores_sighup_once_stopping_and_sigterm_still_stops_at_once(self):
+        proxy, session, port = self.session_then_sigquit()
+        mark = self.sighup_while_stopping(proxy, port)   # nginx: a quitting master skips it
+        proxy.send_signal("SIGQUIT")                     # twice: nothing more
+        self.assertIsNotNone(proxy.wait_for("(SIGQUIT) received while shutting down, ignoring",
+                                            mark), proxy.stderr)
+        proxy.send_signal("SIGUSR1")                     # the logs may still rotate
+        self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % proxy.pid, mark),
+                             proxy.stderr)
+        self.assertTrue(proc_refused(port))
+        self.assertEqual(proxy.workers(mark), [])
+        session.send("n1 NOOP")
+        session.expect(rb"^n1 OK NOOP completed\r\n$")   # the session still relays
+        proxy.send_signal("SIGTERM")                     # and SIGTERM ends it at once
+        self.assertEqual(proc_read_until_closed(session.sock, 3.0), b"")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertEqual(proc_group(proxy.pgid), [])
+
+    def test_single_process_ignores_sighup_once_stopping_and_the_stop_completes(self):
+        proxy, session, port = self.session_then_sigquit("master_process = off\n")
+        self.sighup_while_stopping(proxy, port)
+        self.assertIsNone(proxy.proc.poll(), "exited with a session open")
+        proc_logout(session)
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+
+
+
 # ########################################################################## #
 #                 Benchmark: python3 test_mailproxy.py --bench               #
 # ########################################################################## #
