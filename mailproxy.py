@@ -6044,7 +6044,9 @@ class Master:
 
     Workers of the current configuration form the current generation; on
     SIGHUP a new generation starts with the new configuration and the old
-    one gets SIGQUIT, so that its sessions end in their own time.
+    one gets SIGQUIT, so that its sessions end in their own time.  A worker
+    that stops while the master did not tell it to (killed, or a signal
+    sent to its own pid) is replaced, as nginx respawns it.
     """
 
     def __init__(self, config: Config, logs: ErrorLogs):
@@ -6060,6 +6062,7 @@ class Master:
         self.reports = os.pipe()       # (read, write): "PID\n" from a worker that stopped accepting
         os.set_blocking(self.reports[0], False)
         self.reload_pending = set()    # old workers still accepting after a reload
+        self.retiring = set()          # workers told to stop, or replaced already: not again
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
@@ -6078,11 +6081,33 @@ class Master:
             data = self._report_reader.read(4096) or b""
         except BlockingIOError:
             return
-        for pid in data.split():
-            self._old_worker_done(int(pid))
+        for word in data.split():
+            self._stopped_accepting(int(word))
 
     def on_writable(self) -> None:
         pass
+
+    def _stopped_accepting(self, pid: int) -> None:
+        """Worker ``pid`` says it stopped accepting.  If nobody told it to,
+        its port is served by nobody until its last session ends: replace
+        it now.  Decided after this wake-up's signals (the timer runs after
+        them), as a SIGQUIT to the whole process group reaches us too."""
+        self._old_worker_done(pid)
+        if not self._told_to_stop(pid):
+            self.loop.call_later(0, lambda: self._replace_if_unasked(pid))
+
+    def _replace_if_unasked(self, pid: int) -> None:
+        if pid in self.workers and not self._told_to_stop(pid):   # else: reaped already
+            self._replace(pid, "stopped accepting unasked")
+
+    def _told_to_stop(self, pid: int) -> bool:
+        return self.stopping or pid in self.retiring
+
+    def _replace(self, pid: int, how: str) -> None:
+        """Start a worker in place of ``pid``, which stopped unasked."""
+        self.retiring.add(pid)
+        self.log.log("alert", "worker process %d %s, starting a new one" % (pid, how))
+        self.spawn()
 
     def _old_worker_done(self, pid: int) -> None:
         if pid in self.reload_pending:
@@ -6136,8 +6161,11 @@ class Master:
             os._exit(status)
 
     def reap(self, signum: int = 0) -> None:
-        """SIGCHLD: collect exited workers; replace one of the current
-        generation that died while nobody asked it to (nginx logs it)."""
+        """SIGCHLD: collect exited workers; replace one that exited while
+        the master had not told it to stop, whatever its status (nginx
+        respawns it).  SIGCHLD is handled after the master's own signals of
+        the same wake-up, so the workers of a Ctrl-C to the whole group are
+        seen exiting once the master is stopping: not replaced."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -6145,20 +6173,17 @@ class Master:
                 break
             if pid == 0:
                 break
-            generation = self.workers.pop(pid, None)
-            if generation is None:
+            if pid not in self.workers:
                 continue
             self._old_worker_done(pid)
             how = ("exited on signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
                    else "exited with code %d" % os.WEXITSTATUS(status))
-            crashed = os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0
-            # A worker exits with 0 only when told to stop (a SIGTERM sent to
-            # the whole process group, say): that one is not replaced.
-            if generation == self.generation and not self.stopping and crashed:
-                self.log.log("alert", "worker process %d %s, starting a new one" % (pid, how))
-                self.spawn()
-            else:
+            if self._told_to_stop(pid):
                 self.log.log("notice", "worker process %d %s" % (pid, how))
+            else:
+                self._replace(pid, how)
+            del self.workers[pid]
+            self.retiring.discard(pid)
         if self.stopping and not self.workers:
             self.loop.stop()
 
@@ -6192,6 +6217,7 @@ class Master:
         self.generation += 1
         self.spawn_generation()
         self.reload_pending = set(old)
+        self.retiring.update(old)
         for pid in old:
             self._signal(pid, signal.SIGQUIT)
         if not old:

@@ -7271,6 +7271,57 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         proc_logout(session)
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
 
+    # -- 8: a worker stopped by someone else than the master ---------------------------
+
+    def test_a_worker_stopped_behind_the_masters_back_is_replaced(self):
+        backend = proc_ImapBackend(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port], backend.port))
+        first = proxy.workers()[0]
+        mark = proxy.mark()
+        os.kill(first, signal.SIGTERM)                   # exits with 0, unasked
+        self.assertIsNotNone(proxy.wait_for("worker process %d exited with code 0, starting "
+                                            "a new one" % first, mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        second = proxy.workers(mark)[0]
+        session, reply = proc_login(self, port)          # the port greets again
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+
+        # SIGQUIT to the worker: replaced as soon as it stops accepting, not
+        # when its last session ends (the clients would wait until then).
+        mark = proxy.mark()
+        os.kill(second, signal.SIGQUIT)
+        self.assertIsNotNone(proxy.wait_for("worker process %d stopped accepting unasked, "
+                                            "starting a new one" % second, mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        third = proxy.workers(mark)
+        other, reply = proc_login(self, port)
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        session.send("n1 NOOP")
+        session.expect(rb"^n1 OK NOOP completed\r\n$")
+        proc_logout(session)
+        exited = proxy.wait_for("worker process %d exited" % second, mark)
+        self.assertIsNotNone(exited, proxy.stderr)
+        self.assertIn("[notice]", exited)                # not "starting a new one" again
+        proc_logout(other)
+        self.assertEqual(proxy.workers(mark), third, "replaced twice")
+        self.assertEqual(sorted(proc_group(proxy.pgid)), sorted(third + [proxy.pid]))
+
+    def test_a_signal_to_the_whole_group_stops_it_and_nothing_is_respawned(self):
+        # Ctrl-C (SIGINT), or kill -QUIT -PGID: the master and the workers get
+        # it at once; the workers' exits, and their reports that they stopped
+        # accepting, must not be taken for stops nobody asked for.
+        for name in ("SIGINT", "SIGQUIT"):
+            with self.subTest(signal=name):
+                port = cfg_free_port()
+                proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port],
+                                                     main="worker_processes = 2\n"))
+                mark = proxy.mark()
+                os.killpg(proxy.pgid, getattr(signal, name))
+                self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+                self.assertEqual(proxy.workers(mark), [], proxy.stderr)
+                self.assertNotIn("starting a new one", proxy.stderr)
+
 
 
 # ########################################################################## #
