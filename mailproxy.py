@@ -44,6 +44,7 @@ import selectors
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import time
@@ -5516,6 +5517,12 @@ class ErrorLogs:
     def for_server(self, server: Settings) -> ErrorLog:
         return self.servers.get(server.name, self.main)
 
+    def files(self) -> List[Tuple[str, object]]:
+        """(path, open file) of each destination that is a file name: not
+        stderr, not syslog."""
+        return [(destination, handle) for destination, handle in self.handles.items()
+                if destination != "stderr" and not destination.startswith("syslog:")]
+
     def access_for(self, server: Settings) -> ErrorLog:
         """Where the session's closing line goes: access_log, or the error log."""
         return self.access.get(server.name) or self.for_server(server)
@@ -5524,6 +5531,35 @@ class ErrorLogs:
         for handle in self.handles.values():
             handle.close()
         self.handles = {}
+
+
+OWNER_READ_WRITE = stat.S_IRUSR | stat.S_IWUSR    # what ngx_reopen_files adds to a log's mode
+
+
+def give_logs_to_user(logs: ErrorLogs, main: Settings, log: ErrorLog) -> None:
+    """With ``user``, run as root: make each log file the worker user's,
+    readable and writable by its owner, so that the workers, which run as
+    that user, can open it again by name on SIGUSR1 (nginx:
+    ngx_reopen_files chowns to the worker user before signalling the
+    workers).  Done whenever root opens the files (start, reload, reopen),
+    so master_process off can reopen the ones it created before the drop.
+    Only regular files: never a device such as /dev/null or a terminal.  A
+    failure is logged; the file stays as it was."""
+    if main.user is None or not hasattr(os, "fchown") or os.geteuid() != 0:
+        return
+    uid = main.user[0]
+    for path, handle in logs.files():
+        try:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if info.st_uid != uid:
+                os.fchown(handle.fileno(), uid, -1)
+            if info.st_mode & OWNER_READ_WRITE != OWNER_READ_WRITE:
+                os.fchmod(handle.fileno(), stat.S_IMODE(info.st_mode) | OWNER_READ_WRITE)
+        except OSError as error:
+            log.log("alert", 'chown("%s", %d) failed (%d: %s)'
+                    % (path, uid, error.errno, error.strerror))
 
 
 def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
@@ -6027,12 +6063,17 @@ def write_pid_file(main: Settings) -> None:
             handle.write("%d\n" % os.getpid())
 
 
-def remove_pid_file(main: Settings) -> None:
+def remove_pid_file(main: Settings, log: ErrorLog) -> None:
+    """At exit.  The file was written as root, before any drop: with
+    master_process off and ``user``, the process may no longer remove it
+    (a directory only root writes to); say so, as nginx does."""
     if main.pid:
         try:
             os.unlink(main.pid)
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as error:
+            log.log("alert", 'unlink() "%s" failed (%d: %s)' % (main.pid, error.errno, error.strerror))
 
 
 WORKER_SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1} \
@@ -6212,6 +6253,7 @@ class Master:
         self.config, self.sockets = config, sockets
         self.logs.close()
         self.logs, self.log = logs, logs.main
+        give_logs_to_user(logs, config.main, self.log)
         raise_open_file_limit(config.main, self.log)
         warn_about(config, self.log)
         self.generation += 1
@@ -6263,6 +6305,7 @@ class Master:
             return
         self.logs.close()
         self.logs, self.log = logs, logs.main
+        give_logs_to_user(logs, self.config.main, self.log)     # before the workers open them
         for pid in list(self.workers):
             self._signal(pid, signal.SIGUSR1)
 
@@ -6284,6 +6327,7 @@ def command_run(path: str) -> int:
         sys.stderr.write("mailproxy: [emerg] cannot open error_log: %s\n" % error)
         return 1
     log = logs.main
+    give_logs_to_user(logs, config.main, log)
     raise_open_file_limit(config.main, log)
     warn_about(config, log)
     if config.main.master_process and hasattr(os, "fork"):
@@ -6306,7 +6350,7 @@ def command_run(path: str) -> int:
     try:
         process.run()
     finally:
-        remove_pid_file(process.config.main)
+        remove_pid_file(process.config.main, process.log)
     process.log.log("notice", "exit")
     return 0
 

@@ -7216,6 +7216,15 @@ class ProcessDescriptorTests(unittest.TestCase):
 @proc_needs_unix
 class ProcessSignalRegressionTests(unittest.TestCase):
 
+    def nobody(self):
+        import pwd
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            self.skipTest("needs root")
+        try:
+            return pwd.getpwnam("nobody")
+        except KeyError:
+            self.skipTest("no user nobody")
+
     def session_then_sigquit(self, main: str = ""):
         """A proxy with a logged-in session, then SIGQUIT: (proxy, session,
         port) once the stop has begun (the port refuses)."""
@@ -7321,6 +7330,53 @@ class ProcessSignalRegressionTests(unittest.TestCase):
                 self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
                 self.assertEqual(proxy.workers(mark), [], proxy.stderr)
                 self.assertNotIn("starting a new one", proxy.stderr)
+
+    # -- 9: logs of workers that run as ``user`` ------------------------------------
+
+    def test_workers_running_as_user_reopen_their_log_on_sigusr1(self):
+        nobody = self.nobody()
+        directory = CfgTempDir(self)
+        os.chmod(directory.path, 0o755)          # as /var/log: nobody may enter, not create
+        port = cfg_free_port()
+        log_path = os.path.join(directory.path, "error.log")
+        proxy = proc_Proxy(self, proc_config(directory, [port], main="user = nobody\n",
+                                             log="error.log info\n    stderr info"))
+        worker = proxy.workers()[0]
+        os.rename(log_path, log_path + ".1")
+        mark = proxy.mark()
+        proxy.send_signal("SIGUSR1")
+        self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % worker, mark), proxy.stderr)
+        number = proc_session(self, proxy, port)
+        proc_wait(lambda: "*%s session done" % number in proc_read(log_path), 3.0,
+                  "the worker's line in the new error.log")
+        self.assertNotIn("*%s " % number, proc_read(log_path + ".1"))
+        self.assertNotIn("reopening logs failed", proxy.stderr)
+        self.assertEqual(os.stat(log_path).st_uid, nobody.pw_uid)   # nginx: ngx_reopen_files
+
+    def test_single_process_running_as_user_reopens_the_log_it_created(self):
+        # master_process off: the files it created as root at start are
+        # its user's, so that it can open them again after the drop.  The
+        # pid file, written as root, it cannot remove: it says so.
+        self.nobody()
+        directory = CfgTempDir(self)
+        os.chmod(directory.path, 0o755)
+        port = cfg_free_port()
+        log_path = os.path.join(directory.path, "error.log")
+        pid_path = os.path.join(directory.path, "mailproxy.pid")
+        proxy = proc_Proxy(self, proc_config(
+            directory, [port], main="master_process = off\nuser = nobody\npid = mailproxy.pid\n",
+            log="error.log info\n    stderr info"))
+        mark = proxy.mark()
+        proxy.send_signal("SIGUSR1")
+        self.assertIsNotNone(proxy.wait_for("reopening logs", mark), proxy.stderr)
+        number = proc_session(self, proxy, port)
+        proc_wait(lambda: "*%s session done" % number in proc_read(log_path), 3.0,
+                  "the line in error.log")
+        self.assertNotIn("reopening logs failed", proxy.stderr)
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertIn('[alert] %d#0: unlink() "%s" failed (13: ' % (proxy.pid, pid_path),
+                      proxy.stderr)
 
 
 
