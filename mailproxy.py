@@ -4334,6 +4334,16 @@ class Listener:
     def on_writable(self) -> None:
         pass
 
+    def reconfigure(self, listen: Listen, server: Settings) -> None:
+        """A reload kept this address: sessions accepted from now on get
+        ``listen``'s flags (ssl, proxy_protocol, so_keepalive) and
+        ``server``; the socket's own settings change where they can, and a
+        warning says which cannot."""
+        self.listen, problems = update_listen(self.sock, self.listen, listen)
+        self.server = server
+        for problem in problems:
+            self.log.log("warn", "listen %s: %s" % (listen.text, problem))
+
     def close(self) -> None:
         self.pause()
         self.sock.close()
@@ -4376,6 +4386,64 @@ def bind_all(config: Config, bound: Dict) -> Dict:
                 sock.close()
         raise
     return sockets
+
+
+def listen_table(config: Config) -> Dict:
+    """Each ``listen`` of ``config`` by (host, port), the keys of bind_all."""
+    table = {}
+    for server in config.servers:
+        for listen in server.listen:
+            table[(listen.host, listen.port)] = listen
+    return table
+
+
+FLAG_TEXT = {True: "on", False: "off"}      # a flag as written in the file
+
+
+def update_listen(sock: socket.socket, old: Listen, new: Listen) -> Tuple[Listen, List[str]]:
+    """A reload keeps ``sock``, bound and listening for ``old``: apply what
+    changed in ``new`` and lives on the socket, as nginx does on a reload
+    (listen() again for the backlog, setsockopt for the buffer sizes).
+    Returns the Listen the socket now matches (``new``, but with the old
+    value of whatever could not change) and a sentence for each change that
+    could not be made: ipv6only is fixed once bound, and a buffer size set
+    once cannot go back to the system's own."""
+    problems = []
+    backlog = new.backlog
+    if backlog != old.backlog:
+        try:
+            sock.listen(backlog)
+        except OSError as error:
+            problems.append('"backlog=%d" failed (%s), the backlog stays %d'
+                            % (backlog, error.strerror, old.backlog))
+            backlog = old.backlog
+    rcvbuf = update_buffer(sock, "rcvbuf", socket.SO_RCVBUF, old.rcvbuf, new.rcvbuf, problems)
+    sndbuf = update_buffer(sock, "sndbuf", socket.SO_SNDBUF, old.sndbuf, new.sndbuf, problems)
+    ipv6only = new.ipv6only
+    if new.family == socket.AF_INET6 and ipv6only != old.ipv6only:
+        problems.append('"ipv6only=%s" cannot change on a bound socket, it stays "%s" until a '
+                        "restart" % (FLAG_TEXT[ipv6only], FLAG_TEXT[old.ipv6only]))
+        ipv6only = old.ipv6only
+    return new._replace(backlog=backlog, rcvbuf=rcvbuf, sndbuf=sndbuf, ipv6only=ipv6only), problems
+
+
+def update_buffer(sock: socket.socket, name: str, option: int, before: Optional[int],
+                  size: Optional[int], problems: List[str]) -> Optional[int]:
+    """rcvbuf or sndbuf for update_listen: set ``size`` if it changed; the
+    size the socket has now.  What cannot be done goes to ``problems``."""
+    if size == before:
+        return size
+    if size is None:
+        problems.append('without "%s" the socket keeps %d, not the system\'s default, until a '
+                        "restart" % (name, before))
+        return before
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
+    except OSError as error:
+        kept = "the system's default" if before is None else "%d" % before
+        problems.append('"%s=%d" failed (%s), it stays %s' % (name, size, error.strerror, kept))
+        return before
+    return size
 
 
 def configure_accepted(sock: socket.socket, listen: Listen) -> None:
@@ -5613,8 +5681,9 @@ class Worker:
     def open_listeners(self, config: Config, sockets: Optional[Dict] = None) -> None:
         """Listen for every ``listen`` of ``config``: on ``sockets`` (bound by
         the master) or on sockets bound now, keeping the ones already open (a
-        reload) and closing the ones it no longer has.  Raises OSError (and
-        changes nothing) if one cannot be bound."""
+        reload: with the new flags, see Listener.reconfigure) and closing the
+        ones it no longer has.  Raises OSError (and changes nothing) if one
+        cannot be bound."""
         current = {key: listener.sock for key, listener in self.listeners.items()}
         sockets = bind_all(config, current) if sockets is None else sockets
         wanted = {}
@@ -5627,7 +5696,7 @@ class Worker:
                 del self.listeners[key]
         for key, (listen, server) in wanted.items():
             if key in self.listeners:
-                self.listeners[key].server = server
+                self.listeners[key].reconfigure(listen, server)
             else:
                 self.listeners[key] = Listener(self.loop, sockets[key], listen, server,
                                                self.accept, self.log)
@@ -6096,6 +6165,7 @@ class Master:
         self.log = logs.main
         self.loop = EventLoop()
         self.sockets = {}              # (host, port) -> listening socket
+        self.listens = {}              # (host, port) -> the Listen its socket matches
         self.workers = {}              # pid -> generation
         self.generation = 0
         self.stopping = False
@@ -6108,6 +6178,7 @@ class Master:
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
         self.sockets = bind_all(self.config, {})
+        self.listens = listen_table(self.config)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
                                 (signal.SIGUSR1, self.reopen_logs), (signal.SIGCHLD, self.reap)):
@@ -6249,6 +6320,7 @@ class Master:
         for key, sock in self.sockets.items():
             if key not in sockets:
                 sock.close()           # old workers keep their copy until they exit
+        self._update_kept_sockets(config, sockets)
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.config, self.sockets = config, sockets
         self.logs.close()
@@ -6264,6 +6336,18 @@ class Master:
             self._signal(pid, signal.SIGQUIT)
         if not old:
             self.log.log("notice", "configuration reloaded")
+
+    def _update_kept_sockets(self, config: Config, sockets: Dict) -> None:
+        """The sockets a reload keeps get the new socket settings (the
+        workers share them); the new workers take ssl, proxy_protocol and
+        so_keepalive from the new configuration by themselves."""
+        listens = listen_table(config)
+        for key, listen in listens.items():
+            if key in self.listens:
+                listens[key], problems = update_listen(sockets[key], self.listens[key], listen)
+                for problem in problems:
+                    self.log.log("warn", "listen %s: %s" % (listen.text, problem))
+        self.listens = listens
 
     def _signal(self, pid: int, signum: int) -> None:
         try:

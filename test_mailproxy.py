@@ -7213,6 +7213,56 @@ class ProcessDescriptorTests(unittest.TestCase):
 # stopped behind the master's back, logs a worker running as ``user`` could
 # not reopen, and listen flags a reload did not change.
 
+def proc_listening_socket(port: int):
+    """(backlog, rcvbuf, sndbuf) of the TCP socket listening on
+    127.0.0.1:PORT, as the kernel holds them (``ss -ltnm`` shows the same:
+    Send-Q, rb, tb), from a sock_diag dump over netlink; None if no socket
+    listens there.  Skips the test where sock_diag is not available."""
+    netlink_sock_diag, sock_diag_by_family, nlmsg_done, nlmsg_error = 4, 20, 3, 2
+    tcp_listen, inet_diag_skmeminfo = 10, 7
+    dump = 0x1 | 0x300                                   # NLM_F_REQUEST | NLM_F_DUMP
+    request = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP,
+                          1 << (inet_diag_skmeminfo - 1), 0, 1 << tcp_listen) + bytes(48)
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink_sock_diag)
+    except (AttributeError, OSError) as error:
+        raise unittest.SkipTest("no sock_diag: %s" % error)
+    with sock:
+        sock.send(struct.pack("=IHHII", 16 + len(request), sock_diag_by_family, dump, 1, 0) + request)
+        found = None
+        while True:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind in (nlmsg_done, nlmsg_error):
+                    return found
+                message = data[offset + 16:offset + length]
+                if struct.unpack_from("!H", message, 4)[0] == port:
+                    found = (struct.unpack_from("=I", message, 60)[0],
+                             ) + proc_skmeminfo(message[72:])
+                offset += (length + 3) & ~3
+
+
+def proc_skmeminfo(attributes: bytes):
+    """(rcvbuf, sndbuf) from the INET_DIAG_SKMEMINFO attribute of a
+    sock_diag answer (SK_MEMINFO_RCVBUF and SK_MEMINFO_SNDBUF)."""
+    offset = 0
+    while offset + 4 <= len(attributes):
+        length, kind = struct.unpack_from("=HH", attributes, offset)
+        if kind == 7:
+            return struct.unpack_from("=4I", attributes, offset + 4)[1::2]
+        offset += (length + 3) & ~3
+    raise AssertionError("no INET_DIAG_SKMEMINFO in the answer")
+
+
+def proc_kernel_buffer(option: int, size: int) -> int:
+    """What the kernel makes of setsockopt(OPTION, SIZE) (Linux doubles it)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, option, size)
+        return probe.getsockopt(socket.SOL_SOCKET, option)
+
+
 @proc_needs_unix
 class ProcessSignalRegressionTests(unittest.TestCase):
 
@@ -7377,6 +7427,72 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
         self.assertIn('[alert] %d#0: unlink() "%s" failed (13: ' % (proxy.pid, pid_path),
                       proxy.stderr)
+    # -- 11: a reload that changes the flags of a kept listen --------------------------
+
+    def reload_listen_flags(self, main: str) -> None:
+        """Plain IMAP on a port, then a reload that keeps the port with ssl,
+        proxy_protocol, another backlog and buffer sizes: new sessions
+        speak TLS after a PROXY header, and the kernel has the new sizes."""
+        directory = CfgTempDir(self)
+        write_tls_files(directory.path)
+        port = cfg_free_port()
+        path = proc_config(directory, [port], main=main)
+        proxy = proc_Proxy(self, path)
+        self.assertEqual(proc_listening_socket(port)[0], mp.NGINX_LISTEN_BACKLOG)
+        proc_session(self, proxy, port)
+        with open(path) as handle:
+            text = handle.read()
+        buffer = 40960                                   # not a default size
+        directory.write("mailproxy.conf", text.replace(
+            "listen = 127.0.0.1:%d\n" % port,
+            "listen = 127.0.0.1:%d ssl proxy_protocol backlog=17 rcvbuf=%d sndbuf=%d\n"
+            "ssl_certificate = server.crt\nssl_certificate_key = server.key\n"
+            "set_real_ip_from = 127.0.0.1\n" % (port, buffer, buffer)))
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertEqual(proc_listening_socket(port),
+                         (17, proc_kernel_buffer(socket.SO_RCVBUF, buffer),
+                          proc_kernel_buffer(socket.SO_SNDBUF, buffer)))
+        client = Client(port, 3.0)
+        self.addCleanup(client.close)
+        client.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n")
+        context = ssl.create_default_context(cafile=os.path.join(directory.path, "ca.crt"))
+        client.sock = context.wrap_socket(client.sock, server_hostname="mail.example.com")
+        client.expect(PROC_GREETING)
+        self.assertIsNotNone(proxy.wait_for("real client address 192.0.2.7:40000", mark),
+                             proxy.stderr)
+        self.assertNotIn("[warn]", "".join(proxy.lines[mark:]))
+
+    def test_single_process_reload_changes_the_flags_of_a_kept_listen(self):
+        self.reload_listen_flags("master_process = off\n")
+
+    def test_master_reload_changes_the_flags_of_a_kept_listen(self):
+        self.reload_listen_flags("")
+
+    @unittest.skipUnless(socket.has_ipv6, "needs IPv6")
+    def test_reload_warns_about_what_a_bound_socket_keeps(self):
+        directory = CfgTempDir(self)
+        port, port6 = cfg_free_port(), cfg_free_port()
+        server6 = "\n[server v6]\nlisten = [::1]:%d %s\nprotocol = imap\n"
+        path = proc_config(directory, [port], main="master_process = off\n",
+                           tail=server6 % (port6, "rcvbuf=40960"))
+        proxy = proc_Proxy(self, path, started=False)
+        if proxy.wait_for("started") is None:
+            self.skipTest("cannot listen on [::1]:\n" + proxy.stderr)
+        proc_config(directory, [port], main="master_process = off\n",
+                    tail=server6 % (port6, "ipv6only=off"))
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        for text in ('"ipv6only=off" cannot change on a bound socket, it stays "on" until a restart',
+                     'without "rcvbuf" the socket keeps 40960, not the system\'s default, until '
+                     "a restart"):
+            warning = proxy.wait_for(text, mark)
+            self.assertIsNotNone(warning, proxy.stderr)
+            self.assertIn("[warn] %d#0: listen [::1]:%d: " % (proxy.pid, port6), warning)
+        with socket.create_connection(("::1", port6), timeout=2) as sock:   # still served
+            self.assertRegex(sock.makefile("rb").readline(), PROC_GREETING)
 
 
 
