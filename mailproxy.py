@@ -6202,14 +6202,16 @@ class Master:
     def _stopped_accepting(self, pid: int) -> None:
         """Worker ``pid`` says it stopped accepting.  If nobody told it to,
         its port is served by nobody until its last session ends: replace
-        it now.  Decided after this wake-up's signals (the timer runs after
-        them), as a SIGQUIT to the whole process group reaches us too."""
+        it now.  But a SIGQUIT sent to the whole process group reached the
+        master as well, before the worker could react, so its byte is in
+        the loop's wake-up socket already, though maybe not in this
+        wake-up's events (epoll returns the report first): dispatch the
+        signals waiting there, then decide."""
         self._old_worker_done(pid)
-        if not self._told_to_stop(pid):
-            self.loop.call_later(0, lambda: self._replace_if_unasked(pid))
-
-    def _replace_if_unasked(self, pid: int) -> None:
-        if pid in self.workers and not self._told_to_stop(pid):   # else: reaped already
+        if self._told_to_stop(pid):
+            return
+        self.loop.on_readable()        # the pending signals (not blocking)
+        if pid in self.workers and not self._told_to_stop(pid):   # else: reaped meanwhile
             self._replace(pid, "stopped accepting unasked")
 
     def _told_to_stop(self, pid: int) -> bool:
