@@ -5729,12 +5729,19 @@ class Worker:
             self.loop.stop()
 
     # -- signals ------------------------------------------------------------------
-    def install_signals(self) -> None:
+    def install_signals(self, reload: bool = True) -> None:
+        """``reload`` False in a worker process: a reload is the master's,
+        and nginx's workers ignore SIGHUP.  Reloading by itself on a SIGHUP
+        sent to the whole process group, a worker would bind the new ports
+        the master is binding."""
         self.loop.add_signal_handler(signal.SIGTERM, self.stop_now)
         self.loop.add_signal_handler(signal.SIGINT, self.stop_now)
         self.loop.add_signal_handler(signal.SIGQUIT, self.stop_gracefully)
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload if reload else self.ignore_reload)
         self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+
+    def ignore_reload(self, signum: int = 0) -> None:
+        self.log.log("notice", "signal %d (SIGHUP) received, ignoring: the master reloads" % signum)
 
     def stop_now(self, signum: int = 0) -> None:
         self.log.log("notice", "exiting")
@@ -6265,7 +6272,7 @@ class Master:
             for key, sock in self.sockets.items():
                 if key not in worker.listeners:
                     sock.close()
-            worker.install_signals()
+            worker.install_signals(reload=False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
             worker.run()
         except BaseException as error:         # a worker must never return to the master's code

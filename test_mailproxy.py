@@ -7330,6 +7330,26 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         proc_logout(session)
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
 
+    def test_a_sighup_to_the_whole_group_reloads_the_master_only(self):
+        # nginx's workers ignore SIGHUP; reloading by themselves, they bound
+        # the new port the master was binding.
+        directory = CfgTempDir(self)
+        old_port, new_port = cfg_free_port(), cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(directory, [old_port]))
+        worker = proxy.workers()[0]
+        proc_config(directory, [new_port])
+        mark = proxy.mark()
+        os.killpg(proxy.pgid, signal.SIGHUP)
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("%d#0: signal 1 (SIGHUP) received, ignoring" % worker,
+                                            mark), proxy.stderr)
+        self.assertNotIn("%d#0: reconfiguring" % worker, proxy.stderr)
+        client = Client(new_port, 2.0)
+        self.addCleanup(client.close)
+        client.expect(PROC_GREETING)
+        self.assertEqual(proxy.served_by(mark), proxy.workers(mark))
+        self.assertTrue(cfg_refused_soon(old_port), "the old port still accepts")
+
     # -- 8: a worker stopped by someone else than the master ---------------------------
 
     def test_a_worker_stopped_behind_the_masters_back_is_replaced(self):
