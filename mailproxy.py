@@ -45,6 +45,7 @@ import selectors
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import time
@@ -4570,6 +4571,16 @@ class Listener:
     def on_writable(self) -> None:
         pass
 
+    def reconfigure(self, listen: Listen, server: Settings) -> None:
+        """A reload kept this address: sessions accepted from now on get
+        ``listen``'s flags (ssl, proxy_protocol, so_keepalive) and
+        ``server``; the socket's own settings change where they can, and a
+        warning says which cannot."""
+        self.listen, problems = update_listen(self.sock, self.listen, listen)
+        self.server = server
+        for problem in problems:
+            self.log.log("warn", "listen %s: %s" % (listen.text, problem))
+
     def close(self) -> None:
         self.pause()
         self.sock.close()
@@ -4612,6 +4623,64 @@ def bind_all(config: Config, bound: Dict) -> Dict:
                 sock.close()
         raise
     return sockets
+
+
+def listen_table(config: Config) -> Dict:
+    """Each ``listen`` of ``config`` by (host, port), the keys of bind_all."""
+    table = {}
+    for server in config.servers:
+        for listen in server.listen:
+            table[(listen.host, listen.port)] = listen
+    return table
+
+
+FLAG_TEXT = {True: "on", False: "off"}      # a flag as written in the file
+
+
+def update_listen(sock: socket.socket, old: Listen, new: Listen) -> Tuple[Listen, List[str]]:
+    """A reload keeps ``sock``, bound and listening for ``old``: apply what
+    changed in ``new`` and lives on the socket, as nginx does on a reload
+    (listen() again for the backlog, setsockopt for the buffer sizes).
+    Returns the Listen the socket now matches (``new``, but with the old
+    value of whatever could not change) and a sentence for each change that
+    could not be made: ipv6only is fixed once bound, and a buffer size set
+    once cannot go back to the system's own."""
+    problems = []
+    backlog = new.backlog
+    if backlog != old.backlog:
+        try:
+            sock.listen(backlog)
+        except OSError as error:
+            problems.append('"backlog=%d" failed (%s), the backlog stays %d'
+                            % (backlog, error.strerror, old.backlog))
+            backlog = old.backlog
+    rcvbuf = update_buffer(sock, "rcvbuf", socket.SO_RCVBUF, old.rcvbuf, new.rcvbuf, problems)
+    sndbuf = update_buffer(sock, "sndbuf", socket.SO_SNDBUF, old.sndbuf, new.sndbuf, problems)
+    ipv6only = new.ipv6only
+    if new.family == socket.AF_INET6 and ipv6only != old.ipv6only:
+        problems.append('"ipv6only=%s" cannot change on a bound socket, it stays "%s" until a '
+                        "restart" % (FLAG_TEXT[ipv6only], FLAG_TEXT[old.ipv6only]))
+        ipv6only = old.ipv6only
+    return new._replace(backlog=backlog, rcvbuf=rcvbuf, sndbuf=sndbuf, ipv6only=ipv6only), problems
+
+
+def update_buffer(sock: socket.socket, name: str, option: int, before: Optional[int],
+                  size: Optional[int], problems: List[str]) -> Optional[int]:
+    """rcvbuf or sndbuf for update_listen: set ``size`` if it changed; the
+    size the socket has now.  What cannot be done goes to ``problems``."""
+    if size == before:
+        return size
+    if size is None:
+        problems.append('without "%s" the socket keeps %d, not the system\'s default, until a '
+                        "restart" % (name, before))
+        return before
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
+    except OSError as error:
+        kept = "the system's default" if before is None else "%d" % before
+        problems.append('"%s=%d" failed (%s), it stays %s' % (name, size, error.strerror, kept))
+        return before
+    return size
 
 
 def configure_accepted(sock: socket.socket, listen: Listen) -> None:
@@ -5935,6 +6004,13 @@ def warn_about(config: Config, log: ErrorLog) -> None:
                     "is not checked, and passwords go to whoever answers" % server.name)
 
 
+def log_late_signal(log: ErrorLog, signum: int) -> None:
+    """A signal that comes once the process is shutting down and is not
+    acted on (nginx's master skips a reload while it quits)."""
+    name = signal.Signals(signum).name if signum else "none"
+    log.log("notice", "signal %d (%s) received while shutting down, ignoring" % (signum, name))
+
+
 def load_for_reload(path: str, log: "ErrorLog") -> Optional[Tuple[Config, "ErrorLogs"]]:
     """SIGHUP's first half, for the master and a single process alike: the
     file read, checked and its logs opened; on any problem, log it and
@@ -5996,6 +6072,12 @@ class ErrorLogs:
     def for_server(self, server: Settings) -> ErrorLog:
         return self.servers.get(server.name, self.main)
 
+    def files(self) -> List[Tuple[str, object]]:
+        """(path, open file) of each destination that is a file name: not
+        stderr, not syslog."""
+        return [(destination, handle) for destination, handle in self.handles.items()
+                if destination != "stderr" and not destination.startswith("syslog:")]
+
     def access_for(self, server: Settings) -> ErrorLog:
         """Where the session's closing line goes: access_log, or the error log."""
         return self.access.get(server.name) or self.for_server(server)
@@ -6004,6 +6086,35 @@ class ErrorLogs:
         for handle in self.handles.values():
             handle.close()
         self.handles = {}
+
+
+OWNER_READ_WRITE = stat.S_IRUSR | stat.S_IWUSR    # what ngx_reopen_files adds to a log's mode
+
+
+def give_logs_to_user(logs: ErrorLogs, main: Settings, log: ErrorLog) -> None:
+    """With ``user``, run as root: make each log file the worker user's,
+    readable and writable by its owner, so that the workers, which run as
+    that user, can open it again by name on SIGUSR1 (nginx:
+    ngx_reopen_files chowns to the worker user before signalling the
+    workers).  Done whenever root opens the files (start, reload, reopen),
+    so master_process off can reopen the ones it created before the drop.
+    Only regular files: never a device such as /dev/null or a terminal.  A
+    failure is logged; the file stays as it was."""
+    if main.user is None or not hasattr(os, "fchown") or os.geteuid() != 0:
+        return
+    uid = main.user[0]
+    for path, handle in logs.files():
+        try:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if info.st_uid != uid:
+                os.fchown(handle.fileno(), uid, -1)
+            if info.st_mode & OWNER_READ_WRITE != OWNER_READ_WRITE:
+                os.fchmod(handle.fileno(), stat.S_IMODE(info.st_mode) | OWNER_READ_WRITE)
+        except OSError as error:
+            log.log("alert", 'chown("%s", %d) failed (%d: %s)'
+                    % (path, uid, error.errno, error.strerror))
 
 
 def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
@@ -6057,8 +6168,9 @@ class Worker:
     def open_listeners(self, config: Config, sockets: Optional[Dict] = None) -> None:
         """Listen for every ``listen`` of ``config``: on ``sockets`` (bound by
         the master) or on sockets bound now, keeping the ones already open (a
-        reload) and closing the ones it no longer has.  Raises OSError (and
-        changes nothing) if one cannot be bound."""
+        reload: with the new flags, see Listener.reconfigure) and closing the
+        ones it no longer has.  Raises OSError (and changes nothing) if one
+        cannot be bound."""
         current = {key: listener.sock for key, listener in self.listeners.items()}
         sockets = bind_all(config, current) if sockets is None else sockets
         wanted = {}
@@ -6071,7 +6183,7 @@ class Worker:
                 del self.listeners[key]
         for key, (listen, server) in wanted.items():
             if key in self.listeners:
-                self.listeners[key].server = server
+                self.listeners[key].reconfigure(listen, server)
             else:
                 self.listeners[key] = Listener(self.loop, sockets[key], listen, server,
                                                self.accept, self.log)
@@ -6107,12 +6219,19 @@ class Worker:
             self.loop.stop()
 
     # -- signals ------------------------------------------------------------------
-    def install_signals(self) -> None:
+    def install_signals(self, reload: bool = True) -> None:
+        """``reload`` False in a worker process: a reload is the master's,
+        and nginx's workers ignore SIGHUP.  Reloading by itself on a SIGHUP
+        sent to the whole process group, a worker would bind the new ports
+        the master is binding."""
         self.loop.add_signal_handler(signal.SIGTERM, self.stop_now)
         self.loop.add_signal_handler(signal.SIGINT, self.stop_now)
         self.loop.add_signal_handler(signal.SIGQUIT, self.stop_gracefully)
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload if reload else self.ignore_reload)
         self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+
+    def ignore_reload(self, signum: int = 0) -> None:
+        self.log.log("notice", "signal %d (SIGHUP) received, ignoring: the master reloads" % signum)
 
     def stop_now(self, signum: int = 0) -> None:
         self.log.log("notice", "exiting")
@@ -6152,7 +6271,11 @@ class Worker:
     def reload(self, signum: int = 0) -> None:
         """SIGHUP: read the file again; if it is valid, new sessions get the new
         settings, users and listeners; sessions already running keep theirs.
-        If it is not, log why and keep everything as it was."""
+        If it is not, log why and keep everything as it was.  Once stopping,
+        nothing: binding the ports again would undo the stop."""
+        if self.stopping:
+            log_late_signal(self.log, signum)
+            return
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -6172,6 +6295,7 @@ class Worker:
 
     def reopen_logs(self, signum: int = 0) -> None:
         """SIGUSR1 (logrotate): the same files, opened again by name."""
+        self.log.log("notice", "reopening logs")           # nginx says so, in every process
         try:
             logs = ErrorLogs(self.config)
         except OSError as error:
@@ -6505,12 +6629,17 @@ def write_pid_file(main: Settings) -> None:
             handle.write("%d\n" % os.getpid())
 
 
-def remove_pid_file(main: Settings) -> None:
+def remove_pid_file(main: Settings, log: ErrorLog) -> None:
+    """At exit.  The file was written as root, before any drop: with
+    master_process off and ``user``, the process may no longer remove it
+    (a directory only root writes to); say so, as nginx does."""
     if main.pid:
         try:
             os.unlink(main.pid)
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as error:
+            log.log("alert", 'unlink() "%s" failed (%d: %s)' % (main.pid, error.errno, error.strerror))
 
 
 WORKER_SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1} \
@@ -6522,7 +6651,9 @@ class Master:
 
     Workers of the current configuration form the current generation; on
     SIGHUP a new generation starts with the new configuration and the old
-    one gets SIGQUIT, so that its sessions end in their own time.
+    one gets SIGQUIT, so that its sessions end in their own time.  A worker
+    that stops while the master did not tell it to (killed, or a signal
+    sent to its own pid) is replaced, as nginx respawns it.
     """
 
     def __init__(self, config: Config, logs: ErrorLogs):
@@ -6531,6 +6662,7 @@ class Master:
         self.log = logs.main
         self.loop = EventLoop()
         self.sockets = {}              # (host, port) -> listening socket
+        self.listens = {}              # (host, port) -> the Listen its socket matches
         self.workers = {}              # pid -> generation
         self.generation = 0
         self.stopping = False
@@ -6538,10 +6670,12 @@ class Master:
         self.reports = os.pipe()       # (read, write): "PID\n" from a worker that stopped accepting
         os.set_blocking(self.reports[0], False)
         self.reload_pending = set()    # old workers still accepting after a reload
+        self.retiring = set()          # workers told to stop, or replaced already: not again
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
         self.sockets = bind_all(self.config, {})
+        self.listens = listen_table(self.config)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
                                 (signal.SIGUSR1, self.reopen_logs), (signal.SIGCHLD, self.reap)):
@@ -6556,11 +6690,35 @@ class Master:
             data = self._report_reader.read(4096) or b""
         except BlockingIOError:
             return
-        for pid in data.split():
-            self._old_worker_done(int(pid))
+        for word in data.split():
+            self._stopped_accepting(int(word))
 
     def on_writable(self) -> None:
         pass
+
+    def _stopped_accepting(self, pid: int) -> None:
+        """Worker ``pid`` says it stopped accepting.  If nobody told it to,
+        its port is served by nobody until its last session ends: replace
+        it now.  But a SIGQUIT sent to the whole process group reached the
+        master as well, before the worker could react, so its byte is in
+        the loop's wake-up socket already, though maybe not in this
+        wake-up's events (epoll returns the report first): dispatch the
+        signals waiting there, then decide."""
+        self._old_worker_done(pid)
+        if self._told_to_stop(pid):
+            return
+        self.loop.on_readable()        # the pending signals (not blocking)
+        if pid in self.workers and not self._told_to_stop(pid):   # else: reaped meanwhile
+            self._replace(pid, "stopped accepting unasked")
+
+    def _told_to_stop(self, pid: int) -> bool:
+        return self.stopping or pid in self.retiring
+
+    def _replace(self, pid: int, how: str) -> None:
+        """Start a worker in place of ``pid``, which stopped unasked."""
+        self.retiring.add(pid)
+        self.log.log("alert", "worker process %d %s, starting a new one" % (pid, how))
+        self.spawn()
 
     def _old_worker_done(self, pid: int) -> None:
         if pid in self.reload_pending:
@@ -6604,7 +6762,7 @@ class Master:
             for key, sock in self.sockets.items():
                 if key not in worker.listeners:
                     sock.close()
-            worker.install_signals()
+            worker.install_signals(reload=False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
             worker.run()
         except BaseException as error:         # a worker must never return to the master's code
@@ -6614,8 +6772,11 @@ class Master:
             os._exit(status)
 
     def reap(self, signum: int = 0) -> None:
-        """SIGCHLD: collect exited workers; replace one of the current
-        generation that died while nobody asked it to (nginx logs it)."""
+        """SIGCHLD: collect exited workers; replace one that exited while
+        the master had not told it to stop, whatever its status (nginx
+        respawns it).  SIGCHLD is handled after the master's own signals of
+        the same wake-up, so the workers of a Ctrl-C to the whole group are
+        seen exiting once the master is stopping: not replaced."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -6623,24 +6784,27 @@ class Master:
                 break
             if pid == 0:
                 break
-            generation = self.workers.pop(pid, None)
-            if generation is None:
+            if pid not in self.workers:
                 continue
             self._old_worker_done(pid)
             how = ("exited on signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
                    else "exited with code %d" % os.WEXITSTATUS(status))
-            crashed = os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0
-            # A worker exits with 0 only when told to stop (a SIGTERM sent to
-            # the whole process group, say): that one is not replaced.
-            if generation == self.generation and not self.stopping and crashed:
-                self.log.log("alert", "worker process %d %s, starting a new one" % (pid, how))
-                self.spawn()
-            else:
+            if self._told_to_stop(pid):
                 self.log.log("notice", "worker process %d %s" % (pid, how))
+            else:
+                self._replace(pid, how)
+            del self.workers[pid]
+            self.retiring.discard(pid)
         if self.stopping and not self.workers:
             self.loop.stop()
 
     def reload(self, signum: int = 0) -> None:
+        """SIGHUP: a new generation with the new file, the old one told to
+        stop.  Not once stopping (nginx's master skips it while it quits):
+        it would bind the ports again and start workers nobody stops."""
+        if self.stopping:
+            log_late_signal(self.log, signum)
+            return
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -6655,19 +6819,34 @@ class Master:
         for key, sock in self.sockets.items():
             if key not in sockets:
                 sock.close()           # old workers keep their copy until they exit
+        self._update_kept_sockets(config, sockets)
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.config, self.sockets = config, sockets
         self.logs.close()
         self.logs, self.log = logs, logs.main
+        give_logs_to_user(logs, config.main, self.log)
         raise_open_file_limit(config.main, self.log)
         warn_about(config, self.log)
         self.generation += 1
         self.spawn_generation()
         self.reload_pending = set(old)
+        self.retiring.update(old)
         for pid in old:
             self._signal(pid, signal.SIGQUIT)
         if not old:
             self.log.log("notice", "configuration reloaded")
+
+    def _update_kept_sockets(self, config: Config, sockets: Dict) -> None:
+        """The sockets a reload keeps get the new socket settings (the
+        workers share them); the new workers take ssl, proxy_protocol and
+        so_keepalive from the new configuration by themselves."""
+        listens = listen_table(config)
+        for key, listen in listens.items():
+            if key in self.listens:
+                listens[key], problems = update_listen(sockets[key], self.listens[key], listen)
+                for problem in problems:
+                    self.log.log("warn", "listen %s: %s" % (listen.text, problem))
+        self.listens = listens
 
     def _signal(self, pid: int, signum: int) -> None:
         try:
@@ -6676,6 +6855,10 @@ class Master:
             pass
 
     def stop_gracefully(self, signum: int = 0) -> None:
+        """SIGQUIT: once.  SIGTERM may still follow it and stop at once."""
+        if self.stopping:
+            log_late_signal(self.log, signum)
+            return
         self.log.log("notice", "gracefully shutting down")
         self._stop(signal.SIGQUIT)
 
@@ -6694,6 +6877,10 @@ class Master:
             self.loop.stop()
 
     def reopen_logs(self, signum: int = 0) -> None:
+        """SIGUSR1: the master's files opened again by name, then the
+        workers told to do the same (also while stopping: old sessions
+        still log)."""
+        self.log.log("notice", "reopening logs")
         try:
             logs = ErrorLogs(self.config)
         except OSError as error:
@@ -6701,6 +6888,7 @@ class Master:
             return
         self.logs.close()
         self.logs, self.log = logs, logs.main
+        give_logs_to_user(logs, self.config.main, self.log)     # before the workers open them
         for pid in list(self.workers):
             self._signal(pid, signal.SIGUSR1)
 
@@ -6722,6 +6910,7 @@ def command_run(path: str) -> int:
         sys.stderr.write("mailproxy: [emerg] cannot open error_log: %s\n" % error)
         return 1
     log = logs.main
+    give_logs_to_user(logs, config.main, log)
     raise_open_file_limit(config.main, log)
     warn_about(config, log)
     if config.main.master_process and hasattr(os, "fork"):
@@ -6744,7 +6933,7 @@ def command_run(path: str) -> int:
     try:
         process.run()
     finally:
-        remove_pid_file(process.config.main)
+        remove_pid_file(process.config.main, process.log)
     process.log.log("notice", "exit")
     return 0
 

@@ -7794,6 +7794,314 @@ class ProcessDescriptorTests(unittest.TestCase):
         self.assertEqual(reply[:5], b"a1 OK")
 
 
+# -- issue 12: the process defects a security review found -------------------------
+# Each was reproduced on the wire: a reload during a graceful stop, a worker
+# stopped behind the master's back, logs a worker running as ``user`` could
+# not reopen, and listen flags a reload did not change.
+
+def proc_listening_socket(port: int):
+    """(backlog, rcvbuf, sndbuf) of the TCP socket listening on
+    127.0.0.1:PORT, as the kernel holds them (``ss -ltnm`` shows the same:
+    Send-Q, rb, tb), from a sock_diag dump over netlink; None if no socket
+    listens there.  Skips the test where sock_diag is not available."""
+    netlink_sock_diag, sock_diag_by_family, nlmsg_done, nlmsg_error = 4, 20, 3, 2
+    tcp_listen, inet_diag_skmeminfo = 10, 7
+    dump = 0x1 | 0x300                                   # NLM_F_REQUEST | NLM_F_DUMP
+    request = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP,
+                          1 << (inet_diag_skmeminfo - 1), 0, 1 << tcp_listen) + bytes(48)
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink_sock_diag)
+    except (AttributeError, OSError) as error:
+        raise unittest.SkipTest("no sock_diag: %s" % error)
+    with sock:
+        sock.send(struct.pack("=IHHII", 16 + len(request), sock_diag_by_family, dump, 1, 0) + request)
+        found = None
+        while True:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind in (nlmsg_done, nlmsg_error):
+                    return found
+                message = data[offset + 16:offset + length]
+                if struct.unpack_from("!H", message, 4)[0] == port:
+                    found = (struct.unpack_from("=I", message, 60)[0],
+                             ) + proc_skmeminfo(message[72:])
+                offset += (length + 3) & ~3
+
+
+def proc_skmeminfo(attributes: bytes):
+    """(rcvbuf, sndbuf) from the INET_DIAG_SKMEMINFO attribute of a
+    sock_diag answer (SK_MEMINFO_RCVBUF and SK_MEMINFO_SNDBUF)."""
+    offset = 0
+    while offset + 4 <= len(attributes):
+        length, kind = struct.unpack_from("=HH", attributes, offset)
+        if kind == 7:
+            return struct.unpack_from("=4I", attributes, offset + 4)[1::2]
+        offset += (length + 3) & ~3
+    raise AssertionError("no INET_DIAG_SKMEMINFO in the answer")
+
+
+def proc_kernel_buffer(option: int, size: int) -> int:
+    """What the kernel makes of setsockopt(OPTION, SIZE) (Linux doubles it)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, option, size)
+        return probe.getsockopt(socket.SOL_SOCKET, option)
+
+
+@proc_needs_unix
+class ProcessSignalRegressionTests(unittest.TestCase):
+
+    def nobody(self):
+        import pwd
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            self.skipTest("needs root")
+        try:
+            return pwd.getpwnam("nobody")
+        except KeyError:
+            self.skipTest("no user nobody")
+
+    def session_then_sigquit(self, main: str = ""):
+        """A proxy with a logged-in session, then SIGQUIT: (proxy, session,
+        port) once the stop has begun (the port refuses)."""
+        backend = proc_ImapBackend(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port], backend.port, main=main))
+        session, reply = proc_login(self, port)
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        mark = proxy.mark()
+        proxy.send_signal("SIGQUIT")
+        self.assertIsNotNone(proxy.wait_for("gracefully shutting down", mark), proxy.stderr)
+        self.assertTrue(cfg_refused_soon(port), "still accepting after SIGQUIT")
+        return proxy, session, port
+
+    def sighup_while_stopping(self, proxy, port: int) -> int:
+        """SIGHUP to a proxy that is stopping gracefully: taken (or, before
+        issue 12, acted on) and ignored.  The mark before it."""
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        proc_wait(lambda: re.search(r"\(SIGHUP\) received|reconfiguring", proxy.stderr), 5.0,
+                  "the proxy to take SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("(SIGHUP) received while shutting down, ignoring",
+                                            mark, timeout=1), proxy.stderr)
+        self.assertTrue(proc_refused(port), "SIGHUP bound the port again")
+        self.assertEqual(proxy.workers(mark), [], "SIGHUP started a worker")
+        self.assertNotIn("reconfiguring", "".join(proxy.lines[mark:]))
+        return mark
+
+    # -- 7: SIGHUP during a graceful stop ------------------------------------------
+
+    def test_master_ignores_sighup_once_stopping_and_sigterm_still_stops_at_once(self):
+        proxy, session, port = self.session_then_sigquit()
+        mark = self.sighup_while_stopping(proxy, port)   # nginx: a quitting master skips it
+        proxy.send_signal("SIGQUIT")                     # twice: nothing more
+        self.assertIsNotNone(proxy.wait_for("(SIGQUIT) received while shutting down, ignoring",
+                                            mark), proxy.stderr)
+        proxy.send_signal("SIGUSR1")                     # the logs may still rotate
+        self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % proxy.pid, mark),
+                             proxy.stderr)
+        self.assertTrue(proc_refused(port))
+        self.assertEqual(proxy.workers(mark), [])
+        session.send("n1 NOOP")
+        session.expect(rb"^n1 OK NOOP completed\r\n$")   # the session still relays
+        proxy.send_signal("SIGTERM")                     # and SIGTERM ends it at once
+        self.assertEqual(proc_read_until_closed(session.sock, 3.0), b"")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertEqual(proc_group(proxy.pgid), [])
+
+    def test_single_process_ignores_sighup_once_stopping_and_the_stop_completes(self):
+        proxy, session, port = self.session_then_sigquit("master_process = off\n")
+        self.sighup_while_stopping(proxy, port)
+        self.assertIsNone(proxy.proc.poll(), "exited with a session open")
+        proc_logout(session)
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+
+    def test_a_sighup_to_the_whole_group_reloads_the_master_only(self):
+        # nginx's workers ignore SIGHUP; reloading by themselves, they bound
+        # the new port the master was binding.
+        directory = CfgTempDir(self)
+        old_port, new_port = cfg_free_port(), cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(directory, [old_port]))
+        worker = proxy.workers()[0]
+        proc_config(directory, [new_port])
+        mark = proxy.mark()
+        os.killpg(proxy.pgid, signal.SIGHUP)
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("%d#0: signal 1 (SIGHUP) received, ignoring" % worker,
+                                            mark), proxy.stderr)
+        self.assertNotIn("%d#0: reconfiguring" % worker, proxy.stderr)
+        client = Client(new_port, 2.0)
+        self.addCleanup(client.close)
+        client.expect(PROC_GREETING)
+        self.assertEqual(proxy.served_by(mark), proxy.workers(mark))
+        self.assertTrue(cfg_refused_soon(old_port), "the old port still accepts")
+
+    # -- 8: a worker stopped by someone else than the master ---------------------------
+
+    def test_a_worker_stopped_behind_the_masters_back_is_replaced(self):
+        backend = proc_ImapBackend(self)
+        port = cfg_free_port()
+        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port], backend.port))
+        first = proxy.workers()[0]
+        mark = proxy.mark()
+        os.kill(first, signal.SIGTERM)                   # exits with 0, unasked
+        self.assertIsNotNone(proxy.wait_for("worker process %d exited with code 0, starting "
+                                            "a new one" % first, mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        second = proxy.workers(mark)[0]
+        session, reply = proc_login(self, port)          # the port greets again
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+
+        # SIGQUIT to the worker: replaced as soon as it stops accepting, not
+        # when its last session ends (the clients would wait until then).
+        mark = proxy.mark()
+        os.kill(second, signal.SIGQUIT)
+        self.assertIsNotNone(proxy.wait_for("worker process %d stopped accepting unasked, "
+                                            "starting a new one" % second, mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        third = proxy.workers(mark)
+        other, reply = proc_login(self, port)
+        self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
+        session.send("n1 NOOP")
+        session.expect(rb"^n1 OK NOOP completed\r\n$")
+        proc_logout(session)
+        exited = proxy.wait_for("worker process %d exited" % second, mark)
+        self.assertIsNotNone(exited, proxy.stderr)
+        self.assertIn("[notice]", exited)                # not "starting a new one" again
+        proc_logout(other)
+        self.assertEqual(proxy.workers(mark), third, "replaced twice")
+        self.assertEqual(sorted(proc_group(proxy.pgid)), sorted(third + [proxy.pid]))
+
+    def test_a_signal_to_the_whole_group_stops_it_and_nothing_is_respawned(self):
+        # Ctrl-C (SIGINT), or kill -QUIT -PGID: the master and the workers get
+        # it at once; the workers' exits, and their reports that they stopped
+        # accepting, must not be taken for stops nobody asked for.
+        for name in ("SIGINT", "SIGQUIT"):
+            with self.subTest(signal=name):
+                port = cfg_free_port()
+                proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port],
+                                                     main="worker_processes = 2\n"))
+                mark = proxy.mark()
+                os.killpg(proxy.pgid, getattr(signal, name))
+                self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+                self.assertEqual(proxy.workers(mark), [], proxy.stderr)
+                self.assertNotIn("starting a new one", proxy.stderr)
+
+    # -- 9: logs of workers that run as ``user`` ------------------------------------
+
+    def test_workers_running_as_user_reopen_their_log_on_sigusr1(self):
+        nobody = self.nobody()
+        directory = CfgTempDir(self)
+        os.chmod(directory.path, 0o755)          # as /var/log: nobody may enter, not create
+        port = cfg_free_port()
+        log_path = os.path.join(directory.path, "error.log")
+        proxy = proc_Proxy(self, proc_config(directory, [port], main="user = nobody\n",
+                                             log="error.log info\n    stderr info"))
+        worker = proxy.workers()[0]
+        os.rename(log_path, log_path + ".1")
+        mark = proxy.mark()
+        proxy.send_signal("SIGUSR1")
+        self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % worker, mark), proxy.stderr)
+        number = proc_session(self, proxy, port)
+        proc_wait(lambda: "*%s session done" % number in proc_read(log_path), 3.0,
+                  "the worker's line in the new error.log")
+        self.assertNotIn("*%s " % number, proc_read(log_path + ".1"))
+        self.assertNotIn("reopening logs failed", proxy.stderr)
+        self.assertEqual(os.stat(log_path).st_uid, nobody.pw_uid)   # nginx: ngx_reopen_files
+
+    def test_single_process_running_as_user_reopens_the_log_it_created(self):
+        # master_process off: the files it created as root at start are
+        # its user's, so that it can open them again after the drop.  The
+        # pid file, written as root, it cannot remove: it says so.
+        self.nobody()
+        directory = CfgTempDir(self)
+        os.chmod(directory.path, 0o755)
+        port = cfg_free_port()
+        log_path = os.path.join(directory.path, "error.log")
+        pid_path = os.path.join(directory.path, "mailproxy.pid")
+        proxy = proc_Proxy(self, proc_config(
+            directory, [port], main="master_process = off\nuser = nobody\npid = mailproxy.pid\n",
+            log="error.log info\n    stderr info"))
+        mark = proxy.mark()
+        proxy.send_signal("SIGUSR1")
+        self.assertIsNotNone(proxy.wait_for("reopening logs", mark), proxy.stderr)
+        number = proc_session(self, proxy, port)
+        proc_wait(lambda: "*%s session done" % number in proc_read(log_path), 3.0,
+                  "the line in error.log")
+        self.assertNotIn("reopening logs failed", proxy.stderr)
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+        self.assertIn('[alert] %d#0: unlink() "%s" failed (13: ' % (proxy.pid, pid_path),
+                      proxy.stderr)
+    # -- 11: a reload that changes the flags of a kept listen --------------------------
+
+    def reload_listen_flags(self, main: str) -> None:
+        """Plain IMAP on a port, then a reload that keeps the port with ssl,
+        proxy_protocol, another backlog and buffer sizes: new sessions
+        speak TLS after a PROXY header, and the kernel has the new sizes."""
+        directory = CfgTempDir(self)
+        write_tls_files(directory.path)
+        port = cfg_free_port()
+        path = proc_config(directory, [port], main=main)
+        proxy = proc_Proxy(self, path)
+        self.assertEqual(proc_listening_socket(port)[0], mp.NGINX_LISTEN_BACKLOG)
+        proc_session(self, proxy, port)
+        with open(path) as handle:
+            text = handle.read()
+        buffer = 40960                                   # not a default size
+        directory.write("mailproxy.conf", text.replace(
+            "listen = 127.0.0.1:%d\n" % port,
+            "listen = 127.0.0.1:%d ssl proxy_protocol backlog=17 rcvbuf=%d sndbuf=%d\n"
+            "ssl_certificate = server.crt\nssl_certificate_key = server.key\n"
+            "set_real_ip_from = 127.0.0.1\n" % (port, buffer, buffer)))
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertEqual(proc_listening_socket(port),
+                         (17, proc_kernel_buffer(socket.SO_RCVBUF, buffer),
+                          proc_kernel_buffer(socket.SO_SNDBUF, buffer)))
+        client = Client(port, 3.0)
+        self.addCleanup(client.close)
+        client.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n")
+        context = ssl.create_default_context(cafile=os.path.join(directory.path, "ca.crt"))
+        client.sock = context.wrap_socket(client.sock, server_hostname="mail.example.com")
+        client.expect(PROC_GREETING)
+        self.assertIsNotNone(proxy.wait_for("real client address 192.0.2.7:40000", mark),
+                             proxy.stderr)
+        self.assertNotIn("[warn]", "".join(proxy.lines[mark:]))
+
+    def test_single_process_reload_changes_the_flags_of_a_kept_listen(self):
+        self.reload_listen_flags("master_process = off\n")
+
+    def test_master_reload_changes_the_flags_of_a_kept_listen(self):
+        self.reload_listen_flags("")
+
+    @unittest.skipUnless(socket.has_ipv6, "needs IPv6")
+    def test_reload_warns_about_what_a_bound_socket_keeps(self):
+        directory = CfgTempDir(self)
+        port, port6 = cfg_free_port(), cfg_free_port()
+        server6 = "\n[server v6]\nlisten = [::1]:%d %s\nprotocol = imap\n"
+        path = proc_config(directory, [port], main="master_process = off\n",
+                           tail=server6 % (port6, "rcvbuf=40960"))
+        proxy = proc_Proxy(self, path, started=False)
+        if proxy.wait_for("started") is None:
+            self.skipTest("cannot listen on [::1]:\n" + proxy.stderr)
+        proc_config(directory, [port], main="master_process = off\n",
+                    tail=server6 % (port6, "ipv6only=off"))
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        for text in ('"ipv6only=off" cannot change on a bound socket, it stays "on" until a restart',
+                     'without "rcvbuf" the socket keeps 40960, not the system\'s default, until '
+                     "a restart"):
+            warning = proxy.wait_for(text, mark)
+            self.assertIsNotNone(warning, proxy.stderr)
+            self.assertIn("[warn] %d#0: listen [::1]:%d: " % (proxy.pid, port6), warning)
+        with socket.create_connection(("::1", port6), timeout=2) as sock:   # still served
+            self.assertRegex(sock.makefile("rb").readline(), PROC_GREETING)
+
+
+
 # ########################################################################## #
 #                 Benchmark: python3 test_mailproxy.py --bench               #
 # ########################################################################## #
