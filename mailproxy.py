@@ -3179,11 +3179,20 @@ def pop3_token_script(mechanism: str, response: bytes, starttls: bool = False) -
         Expect("pop3-ok", relay=True)]
 
 
+def pop3_can_send(login: bytes, password: bytes) -> bool:
+    """POP3 arguments have no quoting: a CR, LF or NUL in the login or the
+    password would end USER or PASS early (and add a command of its own)."""
+    return POP3_UNSENDABLE.search(login) is None and POP3_UNSENDABLE.search(password) is None
+
+
+POP3_UNSENDABLE = re.compile(rb"[\r\n\0]")
+
+
 def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> list:
     """nginx's POP3 login: USER, then PASS; the backend's last +OK is relayed.
 
-    A POP3 argument cannot carry CR or LF, so a login or password holding
-    one is refused before this script is built (see Session).  ``starttls``
+    A login or password that pop3_can_send refuses is refused before this
+    script is built (see Session).  ``starttls``
     (extension): STLS first (RFC 2595 §4)."""
     secure = [Send(b"STLS\r\n"), Expect("pop3-ok"), TlsStep()] if starttls else []
     return [Expect("pop3-ok")] + secure + [
@@ -5668,8 +5677,8 @@ class Session:
         else:
             result = authenticate(self.config.users, self.config.routes,
                                   self.server.proxy_pass, credentials)
-        if result.ok and self.server.protocol == "pop3" and (
-                re.search(rb"[\r\n\0]", result.login + result.password)):
+        if result.ok and self.server.protocol == "pop3" and not pop3_can_send(result.login,
+                                                                               result.password):
             result = AuthResult(False, reason="login or password holds CR, LF or NUL")
         if not result.ok:
             delay = worker.throttle.failure(self.client_address, now, self.server.auth_delay)
@@ -5757,7 +5766,7 @@ class Session:
             token = (credentials.method, credentials.password)    # pass the token on
         elif password is None:
             password = credentials.password
-        if self.server.protocol == "pop3" and re.search(rb"[\r\n\0]", login + (password or b"")):
+        if self.server.protocol == "pop3" and not pop3_can_send(login, password or b""):
             self.log("error", "auth http server %s sent a login or password with CR, LF or NUL"
                      % self.server.auth_http.text, action="in http auth state")
             return self._internal_error("auth http error")

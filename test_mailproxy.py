@@ -3405,6 +3405,61 @@ class ProxyProtocolTests(unittest.TestCase):
 
 
 # ########################################################################## #
+#             One escaping path per destination (issue 12)                   #
+# ########################################################################## #
+# Every byte a peer chooses (a login, a password, a certificate's name, a
+# host name) reaches each destination through one function, and no byte can
+# end a line, a field or a string there early.  The auth_http headers have
+# their own table, with the certificate tests.
+
+HOSTILE_BYTES = [b"\r", b"\n", b"\0", b"\t", b" ", b'"', b"'", b"\\", b"+", b"=", b"%", b"{",
+                 b"\x7f", b"\x80", b"\xff", "é".encode()]
+
+
+class EscapingTests(unittest.TestCase):
+    def test_xtext_for_xclient(self):
+        """RFC 3461 §4: "+", "=" and bytes outside 0x21-0x7E as +XX."""
+        for byte in HOSTILE_BYTES:
+            value = b"a" + byte + b"b"
+            expected = b"a" + b"".join(b"+%02X" % c if c < 0x21 or c > 0x7E or c in b"+=" else bytes([c])
+                                       for c in byte) + b"b"
+            self.assertEqual(mp.xtext(value), expected, byte)
+            line = mp.xclient_command("192.0.2.7", value, "host.example")
+            self.assertEqual(line.count(b"\r\n"), 1, byte)
+            self.assertTrue(line.endswith(b"NAME=host.example\r\n"))
+            self.assertRegex(line[:-2], rb"^XCLIENT ADDR=192\.0\.2\.7 LOGIN=[\x21-\x7e]+ NAME=")
+
+    def test_imap_literals_carry_any_byte(self):
+        """The backend LOGIN sends login and password as literals: whatever
+        they hold, the command cannot end early (RFC 3501 §4.3)."""
+        for byte in HOSTILE_BYTES:
+            login, password = b"u" + byte + b"\r\nx LOGOUT", byte + b"p"
+            script = mp.imap_login_script(b"a1 ", login, password)
+            sent = b"".join(step.data for step in script if isinstance(step, mp.Send))
+            self.assertEqual(sent, b"a1 LOGIN {%d}\r\n" % len(login) + login +
+                             b" {%d}\r\n" % len(password) + password + b"\r\n", byte)
+
+    def test_log_lines(self):
+        """Control bytes, 8-bit bytes, quotes and backslashes as \\xXX: a
+        value cannot end the log line or its quoted field."""
+        for byte in HOSTILE_BYTES:
+            escaped = mp.log_escape(b"a" + byte + b"b")
+            self.assertRegex(escaped, r'^a[\x20-\x7e]*b$')
+            self.assertNotIn('"', escaped)
+            if byte[0] < 0x20 or byte[0] >= 0x7F or byte in (b'"', b"\\"):
+                self.assertEqual(escaped, "a" + "".join("\\x%02x" % c for c in byte) + "b", byte)
+            else:
+                self.assertEqual(escaped, "a" + byte.decode() + "b")
+
+    def test_pop3_arguments_cannot_hold_line_ends(self):
+        """POP3 has no quoting: a login or password holding CR, LF or NUL
+        cannot be sent (the session refuses the login); anything else can."""
+        for byte in HOSTILE_BYTES:
+            self.assertEqual(mp.pop3_can_send(b"u" + byte, b"p"), byte not in (b"\r", b"\n", b"\0"), byte)
+            self.assertEqual(mp.pop3_can_send(b"u", b"p" + byte), byte not in (b"\r", b"\n", b"\0"), byte)
+
+
+# ########################################################################## #
 #              Linear work, however the bytes are split (issue 12)           #
 # ########################################################################## #
 # A peer chooses how its bytes are cut into reads.  Every parser of what a
@@ -3539,6 +3594,21 @@ class LinearWorkTests(TlsFiles, unittest.TestCase):
             server.receive_data(records[:mp.TLS_HELLO_MAX])
         self.assertIn("ClientHello over", str(caught.exception))
         self.assertEqual(server.data_to_send(), b"\x15\x03\x03\x00\x02\x02\x28")
+
+    def test_smtp_relay_check(self):
+        """smtp_auth none after the login: commands and message data."""
+        def run(size):
+            guard = mp.SmtpRecipientGuard(guard_check, size + 64)
+            data = b"NOOP " + b"n" * size + b"\r\n"
+            to_backend = b"".join(backend for backend, _ in map(guard.from_client, byte_by_byte(data)))
+            self.assertEqual(to_backend, data)
+            guard.from_backend(b"250 ok\r\n")
+            guard.from_client(b"DATA\r\n")
+            guard.from_backend(b"354 go\r\n")
+            message = (b"line\r\n" * size)[:size] + b"\r\n.\r\n"
+            to_backend = b"".join(backend for backend, _ in map(guard.from_client, byte_by_byte(message)))
+            self.assertEqual((to_backend, guard.state), (message, guard.REPLY))
+        self.assert_linear(run, 4096)
 
     def test_dns_answer_with_many_records(self):
         """A DNS answer comes in one datagram: the work is linear in its size."""
