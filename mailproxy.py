@@ -78,7 +78,16 @@ DNS_MAX_CNAMES = 8             # CNAME hops followed in one answer
 DNS_MAX_POINTERS = 64          # compression pointers followed in one name (RFC 1035 §4.1.4)
 DNS_CACHE_SIZE = 4096          # answers kept per resolver
 DNS_NEGATIVE_TTL = 30.0        # seconds an NXDOMAIN is kept without valid=
-PBKDF2_DEFAULT_ROUNDS = 100000 # --hash-password; see README "Password schemes"
+PBKDF2_DEFAULT_ROUNDS = 100000 # --hash-password; see README "The user table"
+# The longest password any [users] scheme is asked to check; a longer one is
+# answered as a wrong password, after the work of the longest allowed one.
+# SHA-crypt's work grows with the password (steps 13-15 of Drepper's
+# specification hash it len times over: 16 KB took 0.7 s), so the length must
+# be bounded.  511 bytes: libxcrypt, the crypt(3) of current Linux
+# distributions (/etc/shadow), refuses passphrases of CRYPT_MAX_PASSPHRASE_SIZE
+# (512) bytes counting the NUL, so no crypt hash made there holds a longer
+# one; RFC 4616 §2 asks SASL PLAIN servers to accept 255-byte passwords.
+PASSWORD_MAX = 511
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")   # nginx, lowest first
 
 
@@ -971,11 +980,21 @@ class PasswordEntry(NamedTuple):
         return "PasswordEntry(%s, ...)" % self.scheme
 
 
+class UserTable(dict):
+    """[users]: login -> PasswordEntry, and ``dummy``, the entry a login that
+    is not in the table is checked against (unknown_login_entry), made once
+    when the table is loaded."""
+
+    def __init__(self, entries: Dict[str, PasswordEntry]):
+        super().__init__(entries)
+        self.dummy = unknown_login_entry(list(self.values()))
+
+
 class Config(NamedTuple):
     path: str
     main: Settings
     servers: List[Settings]
-    users: Dict[str, PasswordEntry]
+    users: UserTable
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
 
 
@@ -1251,18 +1270,59 @@ def parse_password_entry(value: str) -> PasswordEntry:
     return PasswordEntry(scheme, data)
 
 
+def password_cost(entry: PasswordEntry) -> Tuple:
+    """What checking a password against ``entry`` costs, as a key to compare:
+    the scheme and its work factor (PBKDF2: rounds and hash length; crypt:
+    the rounds= field as written, None for the default)."""
+    if entry.scheme == "PBKDF2-SHA256" and valid_pbkdf2_data(entry.data):
+        rounds, _, expected = entry.data.split("$")
+        return (entry.scheme, int(rounds), len(base64.b64decode(expected)))
+    if entry.scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
+        match = re.match(r"\$[56]\$rounds=(\d+)\$", entry.data)
+        return (entry.scheme, match.group(1) if match else None)
+    return (entry.scheme,)
+
+
+def unknown_login_entry(entries: List[PasswordEntry]) -> PasswordEntry:
+    """A fresh entry of the scheme and cost that most of ``entries`` have
+    (the first such in table order on a tie), which nobody's password matches
+    but a check of takes as long as a check of theirs: authenticate() checks
+    a login that is not in the table against it, so that the answer to an
+    unknown login takes as long as the answer to a known one with a wrong
+    password (README: "An unknown login costs the same hashing time as a
+    wrong password").  The most common cost, because a probe must not tell
+    an unknown login from most users; a table that mixes costs still lets the
+    minority's logins be told apart, unless every check were made as slow as
+    the slowest.  No entries: what --hash-password makes."""
+    counts = {}                # dicts keep insertion order: ties go to the first
+    for entry in entries:
+        cost = password_cost(entry)
+        counts[cost] = counts.get(cost, 0) + 1
+    cost = max(counts, key=counts.get) if counts else ("PBKDF2-SHA256", PBKDF2_DEFAULT_ROUNDS, 32)
+    scheme, salt = cost[0], os.urandom(8).hex()     # 16 characters, as --hash-password
+    if scheme == "PBKDF2-SHA256":
+        rounds, hash_length = cost[1], cost[2]
+        return PasswordEntry(scheme, "%d$%s$%s" % (rounds, base64.b64encode(salt.encode()).decode(),
+                                                  base64.b64encode(bytes(hash_length)).decode()))
+    if scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
+        prefix, hash_length = ("$6$", 86) if scheme == "SHA512-CRYPT" else ("$5$", 43)
+        rounds = "rounds=%s$" % cost[1] if cost[1] is not None else ""
+        return PasswordEntry(scheme, prefix + rounds + salt + "$" + "." * hash_length)
+    return PasswordEntry("PLAIN", salt)
+
+
 def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
-               errors: List[ConfigError]) -> Dict[str, PasswordEntry]:
+               errors: List[ConfigError]) -> UserTable:
     """[users]: ``LOGIN = {SCHEME}DATA``, one line per login."""
     users = {}
     if not parser.has_section("users"):
-        return users
+        return UserTable(users)
     for login, value in parser.items("users"):
         try:
             users[login] = parse_password_entry(value)
         except ValueError_ as error:
             errors.append(ConfigError(path, "users", login, str(error), lines.get(("users", login))))
-    return users
+    return UserTable(users)
 
 
 class Route(NamedTuple):
@@ -2519,7 +2579,13 @@ def _sha_crypt_digest(new_hash, key: bytes, salt: bytes, rounds: int) -> bytes:
         a.update(b if length & 1 else key)
         length >>= 1
     a_digest = a.digest()                                    # step 12
-    p_bytes = _repeat_to_length(new_hash(key * len(key)).digest(), len(key))      # 13-16
+    # Steps 13-15 hash the key len(key) times over: fed one copy at a time,
+    # as glibc does, so that memory stays linear in the key's length (one
+    # string of len(key)**2 bytes was 16 MB for a 4 KB password).
+    dp = new_hash()
+    for _ in range(len(key)):
+        dp.update(key)
+    p_bytes = _repeat_to_length(dp.digest(), len(key))      # step 16
     s_bytes = _repeat_to_length(new_hash(salt * (16 + a_digest[0])).digest(), len(salt))  # 17-20
     return _sha_crypt_rounds(new_hash, a_digest, p_bytes, s_bytes, rounds)
 
@@ -2576,7 +2642,17 @@ def hash_password(password: bytes, scheme: str = "PBKDF2-SHA256",
 
 
 def password_matches(entry: PasswordEntry, password: bytes) -> bool:
-    """Does ``password`` match the table entry?  Constant-time comparison."""
+    """Does ``password`` match the table entry?  Constant-time comparison.
+
+    A password longer than PASSWORD_MAX never matches, and is checked cut to
+    PASSWORD_MAX bytes all the same: it costs what the longest password that
+    could match costs, so its answer comes no sooner than a wrong one's."""
+    too_long = len(password) > PASSWORD_MAX
+    matches = _scheme_matches(entry, password[:PASSWORD_MAX])
+    return matches and not too_long
+
+
+def _scheme_matches(entry: PasswordEntry, password: bytes) -> bool:
     if entry.scheme == "PLAIN":
         return hmac.compare_digest(entry.data.encode("utf-8"), password)
     if entry.scheme == "PBKDF2-SHA256":
@@ -2593,11 +2669,6 @@ def password_matches(entry: PasswordEntry, password: bytes) -> bool:
         return False
     return hmac.compare_digest(computed.encode(), entry.data.encode())
 
-
-# Checked when the login is unknown, so that a wrong login costs as much time
-# as a wrong password and the delay does not tell which one it was.
-_DUMMY_ENTRY = PasswordEntry("PBKDF2-SHA256", "%d$c2FsdHNhbHRzYWx0c2FsdA==$"
-                             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" % PBKDF2_DEFAULT_ROUNDS)
 
 AUTH_FAILED_TEXT = b"Invalid login or password"
 
@@ -2626,32 +2697,47 @@ def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
     plain: the password is checked against the entry's scheme.  cram-md5 and
     apop: the client sent a digest of the salt, which only a {PLAIN} entry can
     reproduce; the backend is then logged in to with that clear password.
+    A login that is not in the table is checked the same way against the
+    table's dummy entry (UserTable.dummy), so that its failure takes as long
+    as a known login's with a wrong password.
     """
     try:
         login = credentials.login.decode("utf-8")
     except UnicodeDecodeError:
         login = None
     entry = users.get(login) if login is not None else None
+    reason, backend_password = check_credentials(entry or _unknown_login_entry(users), credentials)
     if entry is None:
-        password_matches(_DUMMY_ENTRY, credentials.password)
         return AuthResult(False, reason="unknown user")
+    if reason:
+        return AuthResult(False, reason=reason)
+    return AuthResult(True, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+
+
+def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
+    """The table's dummy entry; a plain dict (tests, embedding) gets one made now."""
+    if isinstance(users, UserTable):
+        return users.dummy
+    return unknown_login_entry(list(users.values()))
+
+
+def check_credentials(entry: PasswordEntry, credentials: Credentials) -> Tuple[str, bytes]:
+    """("", the password for the backend) if ``credentials`` match ``entry``;
+    else (why not, for the log; b"")."""
     if credentials.method == "plain":
         if not password_matches(entry, credentials.password):
-            return AuthResult(False, reason="wrong password")
-        backend_password = credentials.password
+            return "wrong password", b""
+        return "", credentials.password
+    if entry.scheme != "PLAIN":
+        return "%s needs a {PLAIN} password in [users]" % credentials.method, b""
+    clear = entry.data.encode("utf-8")
+    if credentials.method == "cram-md5":
+        expected = cram_md5_digest(clear, credentials.salt)
     else:
-        if entry.scheme != "PLAIN":
-            return AuthResult(False, reason="%s needs a {PLAIN} password in [users]"
-                              % credentials.method)
-        clear = entry.data.encode("utf-8")
-        if credentials.method == "cram-md5":
-            expected = cram_md5_digest(clear, credentials.salt)
-        else:
-            expected = apop_digest(credentials.salt, clear)
-        if not hmac.compare_digest(expected, credentials.password):
-            return AuthResult(False, reason="wrong password")
-        backend_password = clear
-    return AuthResult(True, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+        expected = apop_digest(credentials.salt, clear)
+    if not hmac.compare_digest(expected, credentials.password):
+        return "wrong password", b""
+    return "", clear
 
 
 def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Upstream:

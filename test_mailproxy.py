@@ -29,6 +29,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import tracemalloc
 import unittest
 from typing import Optional
 
@@ -9443,6 +9445,97 @@ class HostilePeerUnitTests(TlsFiles, unittest.TestCase):
             server.receive_data(client.data_to_send())
         self.assertNotIn("\n", str(caught.exception))
         self.assertIn("\\x0a", str(caught.exception))
+
+
+# -- issue 12: authentication and certificate defects ------------------------
+# A user table whose failures tell known logins from unknown ones, password
+# checks that grow with the square of the password, certificate names and
+# other values that write into the auth server's request, a Unicode
+# look-alike that logs in as another user, a certificate that kills a worker.
+
+def timing_ratio(first, second, samples: int = 15) -> float:
+    """median time of second() / median time of first(), over interleaved
+    samples (the order alternates, so that drift on a loaded machine hits
+    both alike); each sample repeats its call until it lasts about 2 ms."""
+    started = time.perf_counter()
+    first()
+    repeat = max(1, int(0.002 / max(time.perf_counter() - started, 1e-7)))
+    times = ([], [])
+    for index in range(samples):
+        order = (0, 1) if index % 2 else (1, 0)
+        for which in order:
+            call = (first, second)[which]
+            started = time.perf_counter()
+            for _ in range(repeat):
+                call()
+            times[which].append(time.perf_counter() - started)
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
+class Issue12PasswordTests(unittest.TestCase):
+    TABLES = {
+        "PLAIN": "{PLAIN}secret",
+        "SHA512-CRYPT": mp.hash_password(b"secret", "SHA512-CRYPT"),
+        "SHA256-CRYPT rounds=2000": mp.hash_password(b"secret", "SHA256-CRYPT", rounds=2000),
+        "PBKDF2-SHA256 2000": mp.hash_password(b"secret", "PBKDF2-SHA256", rounds=2000),
+    }
+
+    def users(self, *values: str) -> mp.Config:
+        lines = "".join("user%d = %s\n" % (number, value) for number, value in enumerate(values))
+        return cfg_load(self, CFG_BASE, "\n[users]\n" + lines).users
+
+    def test_an_unknown_login_costs_what_a_wrong_password_costs(self):
+        # README: "An unknown login costs the same hashing time as a wrong
+        # password."  It cost a fixed PBKDF2-100000 (~25 ms) whatever the
+        # table held: 8 times a SHA512-CRYPT check, thousands of times a
+        # {PLAIN} one.
+        for name, value in self.TABLES.items():
+            with self.subTest(table=name):
+                users = self.users(value, value)
+                known = mp.Credentials(b"user1", b"wrong password")
+                unknown = mp.Credentials(b"nobody", b"wrong password")
+                self.assertFalse(mp.authenticate(users, {}, upstream(), unknown).ok)
+                ratio = timing_ratio(lambda: mp.authenticate(users, {}, upstream(), known),
+                                     lambda: mp.authenticate(users, {}, upstream(), unknown))
+                self.assertTrue(0.5 < ratio < 2.0, "unknown/known login: %.1f times" % ratio)
+
+    def test_the_dummy_has_the_cost_most_users_have(self):
+        sha512 = self.TABLES["SHA512-CRYPT"]
+        users = self.users("{PLAIN}a", sha512, self.TABLES["PBKDF2-SHA256 2000"], sha512)
+        self.assertEqual(mp.password_cost(users.dummy), ("SHA512-CRYPT", None))
+        for name, value in self.TABLES.items():
+            dummy = self.users(value).dummy
+            self.assertEqual(mp.password_cost(dummy), mp.password_cost(mp.parse_password_entry(value)))
+            self.assertFalse(mp.password_matches(dummy, b"secret"), name)
+        # Digest logins of an unknown user take the {PLAIN} entries' path too.
+        users = self.users("{PLAIN}secret")
+        digest = mp.cram_md5_digest(b"secret", SALT)
+        self.assertFalse(mp.authenticate(users, {}, upstream(),
+                                         mp.Credentials(b"nobody", digest, "cram-md5", SALT)).ok)
+
+    def test_a_long_password_costs_what_the_longest_allowed_one_costs(self):
+        # SHA-crypt's steps 13-15 built key * len(key): 16 KB of password took
+        # 0.7 s and 256 MB.  Passwords are now cut off at PASSWORD_MAX.
+        longest = b"p" * mp.PASSWORD_MAX
+        entry = mp.parse_password_entry(mp.hash_password(longest, "SHA512-CRYPT", rounds=1000))
+        self.assertTrue(mp.password_matches(entry, longest))
+        self.assertFalse(mp.password_matches(entry, longest + b"p"))   # no match on a prefix
+        users = {"alice": entry}
+        result = mp.authenticate(users, {}, upstream(), mp.Credentials(b"alice", longest + b"p"))
+        self.assertEqual((result.ok, result.reason), (False, "wrong password"))
+        wrong = b"q" * mp.PASSWORD_MAX
+        ratio = timing_ratio(lambda: mp.password_matches(entry, wrong),
+                             lambda: mp.password_matches(entry, b"q" * 8192), samples=5)
+        self.assertLess(ratio, 2.0, "8 KB password / %d bytes: %.1f times" % (mp.PASSWORD_MAX, ratio))
+
+    def test_sha_crypt_memory_is_linear_in_the_password(self):
+        tracemalloc.start()
+        try:
+            mp.sha_crypt(b"x" * 4096, "$6$rounds=1000$salt")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 64 * 4096, "peak %d bytes for a 4 KB password" % peak)
 
 
 class HostileAuthServerTests(AuthHttpEndToEndCase):
