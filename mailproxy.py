@@ -711,14 +711,27 @@ def parse_auth_http(args: List[str], base: str = "") -> AuthHttpUrl:
         return AuthHttpUrl("localhost", uri or "/", (socket.AF_UNIX, os.path.join(base, path)),
                            "unix:" + path)
     hostport, slash, uri = url.partition("/")
-    if ":" in hostport.strip("[]") or hostport.startswith("["):
-        host, port = parse_host_port(hostport)
-    else:
-        host, port = hostport, 80
+    host, host_header, port = split_auth_http_host(hostport)
     upstream = resolve_upstream(host, port)
     family, sockaddr = upstream.addresses[0]
-    return AuthHttpUrl(host, slash + uri if slash else "/", (family, sockaddr),
-                       "%s:%d" % (sockaddr[0], port))
+    text = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % (sockaddr[0], port)
+    return AuthHttpUrl(host_header, slash + uri if slash else "/", (family, sockaddr), text)
+
+
+def split_auth_http_host(hostport: str) -> Tuple[str, str, int]:
+    """auth_http's ``HOST[:PORT]`` -> (host to resolve, Host header, port).
+    As nginx's ngx_parse_url: the Host header is the host as written, an
+    IPv6 address with its brackets ("[::1]", RFC 7230 §5.4), without the
+    port; the port defaults to 80."""
+    bracketed = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\])(:\d+)?", hostport)
+    if bracketed:
+        header = bracketed.group(1)
+        port = parse_host_port(hostport)[1] if bracketed.group(2) else 80
+        return header[1:-1], header, port
+    if ":" in hostport:
+        host, port = parse_host_port(hostport)
+        return host, host, port
+    return hostport, hostport, 80
 
 
 def parse_auth_http_header(args: List[str], base: str = "") -> List[Tuple[str, str]]:
@@ -2833,6 +2846,32 @@ def auth_http_escape(data: bytes) -> bytes:
     return bytes(out)
 
 
+AUTH_HTTP_LINE_BREAKERS = re.compile(rb"[\r\n\0]")
+
+
+def auth_http_unbroken(data: bytes) -> bytes:
+    """``data`` with CR, LF and NUL as %0D, %0A, %00, everything else as it
+    is: a value nginx sends unescaped, made unable to end its line."""
+    return AUTH_HTTP_LINE_BREAKERS.sub(lambda match: b"%%%02X" % match.group()[0], data)
+
+
+def auth_http_header(name: str, value, escape: bool = False) -> bytes:
+    """One line of the auth_http request, ``Name: value`` without its CRLF:
+    the one way a value gets into the request.  ``value`` is bytes, or text
+    sent as UTF-8.  escape=True: nginx's %XX escaping (NGX_ESCAPE_MAIL_AUTH),
+    which nginx applies to Auth-User, Auth-Pass and Auth-SSL-Cert.  Otherwise
+    the bytes go as nginx sends them, unescaped, except CR, LF and NUL, which
+    nginx never has there (ngx_mail_auth_http_create_request: "HELO, MAIL
+    FROM, and RCPT TO can't contain CRLF") and which would end the line: they
+    go as %0D, %0A and %00, so that no value, whatever a caller passes, can
+    add a header or end the request.  Raises ValueError for a name that is
+    not a header name (names are constants and checked directives)."""
+    if not re.fullmatch(r"[A-Za-z0-9-]+", name):
+        raise ValueError("not an auth_http header name: %r" % name)
+    data = value if isinstance(value, bytes) else value.encode("utf-8")
+    return name.encode("ascii") + b": " + (auth_http_escape(data) if escape else auth_http_unbroken(data))
+
+
 class AuthRequest(NamedTuple):
     """What nginx tells its auth server about one login attempt."""
     method: str                    # plain, apop, cram-md5, external, none, xoauth2, oauthbearer
@@ -2856,47 +2895,52 @@ class AuthRequest(NamedTuple):
 def build_auth_http_request(url: AuthHttpUrl, headers: List[Tuple[str, str]],
                             request: AuthRequest) -> bytes:
     """The HTTP/1.0 request of ngx_mail_auth_http_create_request, header for
-    header in nginx's order."""
-    lines = [b"GET " + url.uri.encode() + b" HTTP/1.0", b"Host: " + url.host_header.encode(),
-             b"Auth-Method: " + request.method.encode(),
-             b"Auth-User: " + auth_http_escape(request.login),
-             b"Auth-Pass: " + auth_http_escape(request.password)]
+    header in nginx's order; every header line is made by auth_http_header."""
+    line = auth_http_header
+    lines = [line("Host", url.host_header), line("Auth-Method", request.method),
+             line("Auth-User", request.login, escape=True),
+             line("Auth-Pass", request.password, escape=True)]
     if request.salt:
-        lines.append(b"Auth-Salt: " + request.salt)
-    lines += [b"Auth-Protocol: " + request.protocol.encode(),
-              b"Auth-Login-Attempt: %d" % request.attempt,
-              b"Client-IP: " + request.client_ip.encode()]
+        lines.append(line("Auth-Salt", request.salt))
+    lines += [line("Auth-Protocol", request.protocol),
+              line("Auth-Login-Attempt", str(request.attempt)),
+              line("Client-IP", request.client_ip)]
     if request.client_host is not None:
-        lines.append(b"Client-Host: " + request.client_host.encode())
+        lines.append(line("Client-Host", request.client_host))
     if request.proxy_protocol is not None:
         addr, port, server_addr, server_port = request.proxy_protocol
-        lines += [b"Proxy-Protocol-Addr: " + addr.encode(), b"Proxy-Protocol-Port: %d" % port,
-                  b"Proxy-Protocol-Server-Addr: " + server_addr.encode(),
-                  b"Proxy-Protocol-Server-Port: %d" % server_port]
+        lines += [line("Proxy-Protocol-Addr", addr), line("Proxy-Protocol-Port", str(port)),
+                  line("Proxy-Protocol-Server-Addr", server_addr),
+                  line("Proxy-Protocol-Server-Port", str(server_port))]
     if request.method == "none":
-        # HELO, MAIL and RCPT hold no control byte (the machine refused any).
         helo, mail_from, rcpt_to = request.smtp
-        lines += [b"Auth-SMTP-Helo: " + (helo or b""), b"Auth-SMTP-From: " + mail_from,
-                  b"Auth-SMTP-To: " + rcpt_to]
+        lines += [line("Auth-SMTP-Helo", helo or b""), line("Auth-SMTP-From", mail_from),
+                  line("Auth-SMTP-To", rcpt_to)]
     lines += auth_http_tls_lines(request)
-    lines += [name.encode() + b": " + value.encode() for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    lines += [line(name, value) for name, value in headers]
+    request_line = b"GET " + auth_http_unbroken(url.uri.encode("utf-8")) + b" HTTP/1.0"
+    return b"\r\n".join([request_line] + lines) + b"\r\n\r\n"
 
 
 def auth_http_tls_lines(request: AuthRequest) -> List[bytes]:
+    """Auth-SSL-*: on TLS, the protocol and cipher; with ssl_verify_client,
+    what the certificate says (CertificateFacts: an unreadable certificate
+    reads as none, so its lines are nginx's for no certificate)."""
     if request.tls is None:
         return []
-    lines = [b"Auth-SSL: on", b"Auth-SSL-Protocol: " + request.tls[0].encode(),
-             b"Auth-SSL-Cipher: " + request.tls[1].encode()]
+    lines = [b"Auth-SSL: on"]
+    for name, value in (("Auth-SSL-Protocol", request.tls[0]), ("Auth-SSL-Cipher", request.tls[1])):
+        if value:                      # nginx: "if (protocol.len)", "if (cipher.len)"
+            lines.append(auth_http_header(name, value))
     facts = request.certificate
     if facts is not None:
-        lines.append(b"Auth-SSL-Verify: " + facts.verify.encode())
+        lines.append(auth_http_header("Auth-SSL-Verify", facts.verify))
         for name, value in (("Subject", facts.subject), ("Issuer", facts.issuer),
                             ("Serial", facts.serial), ("Fingerprint", facts.fingerprint)):
             if value:
-                lines.append(b"Auth-SSL-" + name.encode() + b": " + value.encode())
+                lines.append(auth_http_header("Auth-SSL-" + name, value))
         if request.certificate_pem:
-            lines.append(b"Auth-SSL-Cert: " + auth_http_escape(request.certificate_pem))
+            lines.append(auth_http_header("Auth-SSL-Cert", request.certificate_pem, escape=True))
     return lines
 
 
