@@ -3886,51 +3886,238 @@ def describe_tls_error(error: Exception) -> str:
 
 
 # -- client certificates ------------------------------------------------------
+# nginx sends the subject and issuer as OpenSSL's X509_NAME_print_ex(...,
+# XN_FLAG_RFC2253) prints them, and the serial as i2a_ASN1_INTEGER does.  The
+# ssl module gives neither (getpeercert() loses each value's type, which
+# decides the printing), so they are printed here from the certificate's DER.
 
-RDN_SHORT_NAMES = {"commonName": "CN", "countryName": "C", "stateOrProvinceName": "ST",
-                   "localityName": "L", "organizationName": "O",
-                   "organizationalUnitName": "OU", "domainComponent": "DC",
-                   "streetAddress": "STREET", "userId": "UID"}
+def der_element(data: bytes, offset: int) -> Tuple[int, bytes, int]:
+    """The DER element at ``offset``: (its tag byte, its content, the offset
+    after it).  Raises ValueError if it runs past the end of ``data``."""
+    if offset + 2 > len(data):
+        raise ValueError("DER element cut short")
+    tag, length = data[offset], data[offset + 1]
+    offset += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or offset + count > len(data):
+            raise ValueError("DER length not understood")
+        length = int.from_bytes(data[offset:offset + count], "big")
+        offset += count
+    if offset + length > len(data):
+        raise ValueError("DER element cut short")
+    return tag, data[offset:offset + length], offset + length
 
 
-def rfc2253_name(name: Tuple) -> str:
-    """getpeercert()'s subject or issuer as OpenSSL's XN_FLAG_RFC2253 prints
-    it (and nginx sends in Auth-SSL-Subject): last RDN first, commas."""
-    parts = []
-    for rdn in reversed(name):
-        values = []
-        for key, value in rdn:
-            escaped = re.sub(r'([,+"\\<>;])', r"\\\1", value)
-            if escaped[:1] in ("#", " "):
-                escaped = "\\" + escaped
-            if escaped.endswith(" "):
-                escaped = escaped[:-1] + "\\ "
-            values.append("%s=%s" % (RDN_SHORT_NAMES.get(key, key), escaped))
-        parts.append("+".join(values))
-    return ",".join(parts)
+def der_encoding(tag: int, content: bytes) -> bytes:
+    """Tag, DER length and content: what OpenSSL's i2d_ASN1_TYPE writes."""
+    size = len(content)
+    if size < 0x80:
+        return bytes((tag, size)) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + content
+
+
+def certificate_fields(der: bytes) -> Tuple[bytes, bytes, bytes]:
+    """(serial number content, issuer Name DER, subject Name DER) of a DER
+    certificate (RFC 5280 §4.1).  Raises ValueError if it is not one."""
+    tag, certificate, _ = der_element(der, 0)
+    tag_tbs, tbs, _ = der_element(certificate, 0)
+    offset = 0
+    if tbs[:1] == b"\xa0":                                  # [0] version
+        offset = der_element(tbs, 0)[2]
+    fields = []
+    for wanted in (0x02, 0x30, 0x30, 0x30, 0x30):       # serial, signature, issuer, validity, subject
+        start = offset
+        tag_field, content, offset = der_element(tbs, offset)
+        if tag_field != wanted:
+            raise ValueError("not a certificate")
+        fields.append(content if wanted == 0x02 else tbs[start:offset])
+    if tag != 0x30 or tag_tbs != 0x30:
+        raise ValueError("not a certificate")
+    return fields[0], fields[2], fields[4]
+
+
+def serial_text(content: bytes) -> str:
+    """An INTEGER's content as OpenSSL's i2a_ASN1_INTEGER prints it (nginx's
+    Auth-SSL-Serial): "-" if negative, then the magnitude's bytes in upper-
+    case hex ("00" for zero), and, as OpenSSL does, a backslash and a line
+    feed after each 35 bytes (auth_http_header turns the LF into %0A)."""
+    value = int.from_bytes(content, "big", signed=True)
+    magnitude = abs(value)
+    data = magnitude.to_bytes((magnitude.bit_length() + 7) // 8, "big") or b"\0"
+    chunks = [data[index:index + 35].hex().upper() for index in range(0, len(data), 35)]
+    return ("-" if value < 0 else "") + "\\\n".join(chunks)
+
+
+def oid_text(content: bytes) -> str:
+    """An OBJECT IDENTIFIER's content in dotted form ("2.5.4.3"), as
+    OpenSSL's OBJ_obj2txt(..., 1).  Raises ValueError if it is cut short."""
+    arcs, value = [], 0
+    for byte in content:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    if not arcs or content[-1] & 0x80:
+        raise ValueError("OBJECT IDENTIFIER cut short")
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
+
+
+# OpenSSL's short names (OBJ_nid2sn) of the attribute types names mostly
+# hold, for a Python whose ssl module cannot ask OpenSSL (ssl._txt2obj is
+# CPython's, since 3.4).
+DN_SHORT_NAMES = {"2.5.4.3": "CN", "2.5.4.4": "SN", "2.5.4.5": "serialNumber", "2.5.4.6": "C",
+                  "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.9": "street", "2.5.4.10": "O",
+                  "2.5.4.11": "OU", "2.5.4.12": "title", "2.5.4.42": "GN", "2.5.4.46": "dnQualifier",
+                  "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.1": "UID",
+                  "0.9.2342.19200300.100.1.25": "DC"}
+# a_strex.c's tag2nbyte: the string types OpenSSL prints as text, by tag, and
+# the bytes of one character (0: UTF-8).  Any other type is dumped in hex.
+RFC2253_STRING_WIDTHS = {12: 0, 18: 1, 19: 1, 20: 1, 22: 1, 23: 1, 24: 1, 26: 1, 28: 4, 30: 2}
+RFC2253_SPECIALS = b',+"\\<>;'          # RFC 2253 §2.4; charmap.pl's RFC2253_ESC
+
+
+def rfc2253_name(der_name: bytes) -> str:
+    """A DER Name (a certificate's subject or issuer) as nginx sends it in
+    Auth-SSL-Subject and -Issuer, X509_NAME_print_ex(..., XN_FLAG_RFC2253):
+    the attributes last first, "," between RDNs and "+" between the values
+    of one, each SHORTNAME=value (rfc2253_value); a type OpenSSL does not
+    know as its dotted OID and "#" with the value's DER in hex
+    (XN_FLAG_DUMP_UNKNOWN_FIELDS).  Raises ValueError for what is no Name."""
+    out, previous = [], None
+    for rdn, oid, tag, content in reversed(name_attributes(der_name)):
+        if previous is not None:
+            out.append("+" if rdn == previous else ",")
+        previous = rdn
+        short_name = attribute_short_name(oid)
+        if short_name is None:
+            out.append("%s=#%s" % (oid, der_encoding(tag, content).hex().upper()))
+        else:
+            out.append("%s=%s" % (short_name, rfc2253_value(tag, content)))
+    return "".join(out)
+
+
+def name_attributes(der_name: bytes) -> List[Tuple[int, str, int, bytes]]:
+    """The attributes of a DER Name, in order: (number of their RDN, type
+    OID, value tag, value content).  Raises ValueError for what is no Name."""
+    tag, rdns, end = der_element(der_name, 0)
+    if tag != 0x30 or end != len(der_name):
+        raise ValueError("not a Name")
+    attributes, offset, number = [], 0, 0
+    while offset < len(rdns):
+        tag, rdn, offset = der_element(rdns, offset)
+        inner = 0
+        while tag == 0x31 and inner < len(rdn):
+            pair_tag, pair, inner = der_element(rdn, inner)
+            oid_tag, oid, after = der_element(pair, 0)
+            value_tag, value, after = der_element(pair, after)
+            if pair_tag != 0x30 or oid_tag != 0x06 or after != len(pair):
+                raise ValueError("not a Name")
+            attributes.append((number, oid_text(oid), value_tag, value))
+        if tag != 0x31:
+            raise ValueError("not a Name")
+        number += 1
+    return attributes
+
+
+def attribute_short_name(oid: str) -> Optional[str]:
+    """OpenSSL's short name of an attribute type; None if it knows none."""
+    lookup = getattr(ssl, "_txt2obj", None)
+    if lookup is None:
+        return DN_SHORT_NAMES.get(oid)
+    try:
+        return lookup(oid)[1]            # (nid, short name, long name, oid)
+    except ValueError:                   # "unknown object"
+        return None
+
+
+def rfc2253_value(tag: int, content: bytes) -> str:
+    """One value as a_strex.c's do_print_ex prints it with XN_FLAG_RFC2253:
+    a string type as UTF-8 (the characters of 8-bit, BMP and Universal
+    strings converted; UTF8_putc writes nothing for a surrogate or a code
+    point past U+10FFFF), escaped by rfc2253_escape; any other type as "#"
+    and its DER in hex (ASN1_STRFLGS_DUMP_UNKNOWN, _DUMP_DER).  Raises
+    ValueError for a BMP or Universal string cut inside a character (OpenSSL
+    cannot print it: nginx fails the login)."""
+    width = RFC2253_STRING_WIDTHS.get(tag)
+    if width is None:
+        return "#" + der_encoding(tag, content).hex().upper()
+    if width == 0:
+        return rfc2253_escape(content)   # UTF8String: its bytes as they are
+    if len(content) % width:
+        raise ValueError("a string of %d bytes with characters of %d" % (len(content), width))
+    text = bytearray()
+    for index in range(0, len(content), width):
+        code = int.from_bytes(content[index:index + width], "big")
+        if code < 0xD800 or 0xDFFF < code < 0x110000:
+            text += chr(code).encode("utf-8")
+    return rfc2253_escape(bytes(text))
+
+
+def rfc2253_escape(data: bytes) -> str:
+    r"""do_esc_char with ASN1_STRFLGS_RFC2253, byte by byte: the specials
+    , + " \ < > ; with a backslash, and so "#" or a space first and a space
+    last (RFC 2253 §2.4; OpenSSL counts the only byte of a one-byte value as
+    last, not first); control bytes and DEL (ASN1_STRFLGS_ESC_CTRL) and
+    8-bit bytes (ESC_MSB) as \XX in upper-case hex.  No CR, LF or NUL stays."""
+    out = []
+    last = len(data) - 1
+    for index, byte in enumerate(data):
+        first = index == 0 and last > 0
+        if byte in RFC2253_SPECIALS or (first and byte in b"# ") or (index == last and byte == 0x20):
+            out.append("\\" + chr(byte))
+        elif byte < 0x20 or byte >= 0x7F:
+            out.append("\\%02X" % byte)
+        else:
+            out.append(chr(byte))
+    return "".join(out)
 
 
 class CertificateFacts(NamedTuple):
     """What a client certificate tells (auth_http sends them as Auth-SSL-*)."""
     verify: str                # "SUCCESS" or "NONE" (a failure ends the handshake)
-    subject: str = ""
+    subject: str = ""          # RFC 2253, as nginx (rfc2253_name)
     issuer: str = ""
-    serial: str = ""
+    serial: str = ""           # as nginx (serial_text)
     fingerprint: str = ""      # SHA-1 of the DER, hex, as nginx
     identities: Tuple = ()     # the subject's CN and emailAddress values, and email SANs
+    common_name: Optional[str] = None    # the subject's first CN (PROXY v2's CN TLV)
+    der: bytes = b""           # the certificate (Auth-SSL-Cert)
+    problem: str = ""          # why a certificate that was sent reads as none
+
+    def __repr__(self) -> str:
+        return "CertificateFacts(%r, subject=%r, problem=%r)" % (self.verify, self.subject, self.problem)
 
 
 def certificate_facts(tls_object) -> CertificateFacts:
-    der = tls_object.getpeercert(binary_form=True)
-    if der is None:
-        return CertificateFacts("NONE")
-    info = tls_object.getpeercert() or {}
-    identities = [value for rdn in info.get("subject", ()) for key, value in rdn
-                  if key in ("commonName", "emailAddress")]
+    """The facts of the peer's certificate, read so that no certificate can
+    make this raise (sessions read certificates through it alone).  verify:
+    "NONE" without a certificate, "SUCCESS" with one (one that fails
+    verification has ended the handshake).  A certificate that cannot be
+    read counts as none: verify "NONE", no other fact, and ``problem`` saying
+    why, for the log.  getpeercert(), which gives the identities, raises for
+    a name value it cannot turn into text, such as a CN that is an
+    ObjectDescriptor, which OpenSSL verifies and nginx prints (CN=#07...)."""
+    try:
+        der = tls_object.getpeercert(binary_form=True)
+        if der is None:
+            return CertificateFacts("NONE")
+        return _read_certificate(der, tls_object.getpeercert() or {})
+    except (OSError, ValueError) as error:          # ssl.SSLError is an OSError
+        return CertificateFacts("NONE", problem=str(error) or type(error).__name__)
+
+
+def _read_certificate(der: bytes, info: Dict) -> CertificateFacts:
+    serial, issuer, subject = certificate_fields(der)
+    subject_values = [(key, value) for rdn in info.get("subject", ()) for key, value in rdn]
+    common_names = [value for key, value in subject_values if key == "commonName"]
+    identities = [value for key, value in subject_values if key in ("commonName", "emailAddress")]
     identities += [value for kind, value in info.get("subjectAltName", ()) if kind == "email"]
-    return CertificateFacts("SUCCESS", rfc2253_name(info.get("subject", ())),
-                            rfc2253_name(info.get("issuer", ())), info.get("serialNumber", ""),
-                            hashlib.sha1(der).hexdigest(), tuple(identities))
+    return CertificateFacts("SUCCESS", rfc2253_name(subject), rfc2253_name(issuer),
+                            serial_text(serial), hashlib.sha1(der).hexdigest(), tuple(identities),
+                            common_names[0] if common_names else None, der)
 
 
 # -- contexts from the directives ---------------------------------------------
@@ -5206,12 +5393,7 @@ class Session:
         tls = None
         if self.client.tls is not None and self.client.tls.state == TlsState.OPEN:
             layer = self.client.tls.object
-            common_name = None
-            if self.certificate is not None and self.certificate.verify == "SUCCESS":
-                info = layer.getpeercert() or {}
-                names = [value for rdn in info.get("subject", ()) for key, value in rdn
-                         if key == "commonName"]
-                common_name = names[0] if names else None
+            common_name = self.certificate.common_name if self.certificate is not None else None
             tls = ProxyTls(layer.version() or "", (layer.cipher() or ("",))[0],
                            getattr(layer, "requested_name", None),
                            layer.selected_alpn_protocol(), common_name, common_name is not None)
@@ -5240,12 +5422,17 @@ class Session:
     def _client_certificate_ok(self) -> bool:
         """ssl_verify_client: a certificate that fails verification has ended
         the handshake already (Python's ssl module cannot let it through);
-        a missing one is answered as nginx does."""
+        a missing one is answered as nginx does, and so is one that cannot be
+        read (with ``optional`` the session goes on without it)."""
         if self.server.ssl_verify_client == "off":
             return True
         self.certificate = certificate_facts(self.client.tls.object)
+        if self.certificate.problem:           # it counts as none (certificate_facts)
+            self.log("info", "client SSL certificate cannot be read (%s)"
+                     % log_escape(self.certificate.problem.encode("utf-8")))
         if self.server.ssl_verify_client == "on" and self.certificate.verify == "NONE":
-            self.log("info", "client sent no required SSL certificate")
+            if not self.certificate.problem:
+                self.log("info", "client sent no required SSL certificate")
             self.client.write(self.machine.NO_CERT)
             self._close_after_reply("no client certificate")
             return False
@@ -5317,8 +5504,7 @@ class Session:
         certificate_pem = None
         if self.certificate is not None and server.auth_http_pass_client_cert and \
                 self.certificate.verify == "SUCCESS":
-            der = self.client.tls.object.getpeercert(binary_form=True)
-            certificate_pem = ssl.DER_cert_to_PEM_cert(der).encode()
+            certificate_pem = ssl.DER_cert_to_PEM_cert(self.certificate.der).encode()
         salted = credentials.method in ("apop", "cram-md5")
         return AuthRequest(
             credentials.method, credentials.login, credentials.password, server.protocol,

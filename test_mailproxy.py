@@ -2782,7 +2782,7 @@ class TlsLayerTests(TlsFiles, unittest.TestCase):
             self.assertEqual(subject["commonName"], expected)
 
     def test_rfc2253_escaping(self):
-        name = ((("commonName", 'a,b+c"d'),), (("organizationName", " lead"),))
+        name = der_name([("CN", UTF8, b'a,b+c"d')], [("O", UTF8, b" lead")])
         self.assertEqual(mp.rfc2253_name(name), 'O=\\ lead,CN=a\\,b\\+c\\"d')
 
 
@@ -9540,6 +9540,151 @@ class Issue12PasswordTests(unittest.TestCase):
         self.assertLess(peak, 64 * 4096, "peak %d bytes for a 4 KB password" % peak)
 
 
+# Certificates no `openssl req -subj` can write, made for these tests by a CA
+# of their own (whose key is not kept): TBSCertificates assembled byte by
+# byte, signed with `openssl dgst`, EC P-256, valid 2026-2126.  Their names:
+# "descriptor": CN=alice as an ObjectDescriptor (tag 7), which OpenSSL
+# verifies and nginx prints (CN=#0705616C696365) but getpeercert() cannot
+# read; "crlf": O=Example<CR><LF>Auth-SSL-Verify: SUCCESS and
+# CN=alice<CR><LF>Auth-SSL-Subject: CN=admin (UTF8String); "kelvin":
+# CN=<U+212A KELVIN SIGN>arl.  Serials 1001, 1002, 1003.
+
+ODD_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBojCCAUegAwIBAgICEAAwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjAmMSQwIgYDVQQDDBttYWlscHJveHkgb2RkLW5hbWVzIHRlc3QgQ0Ew
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATBq2EI05EWMXk1r9kICF6R0oEJg++8
+BUfKNXjrsQCpQOEu76JgnLAZZ1BkkpiZqZjqoNJWrBViHl35/lCSaYDFo2MwYTAP
+BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAdBgNVHQ4EFgQUT8InAKF2
+Rld3s9VSlGE34L5gR54wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54w
+CgYIKoZIzj0EAwIDSQAwRgIhAMl3xKOnvVD+b9vmO26vapv1xeDOToWKlwgqchRl
+MV03AiEA3PwYLD8ERipyRIOMJg9f1J1oEfciEARvPcv1Nt7PJEk=
+-----END CERTIFICATE-----
+"""
+
+ODD_DESCRIPTOR_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBmjCCAUCgAwIBAgICEAEwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjAQMQ4wDAYDVQQDBwVhbGljZTBZMBMGByqGSM49AgEGCCqGSM49AwEH
+A0IABIPMgQTgzb7xNP9MWQ5WXWG4pG+c1iFTm3Asp9xQQYUwn2/Rq/brqwF0j2nf
+jGZ12wy8Zq77Suy3Fox9XL/gFpKjcjBwMAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQD
+AgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMCMB0GA1UdDgQWBBTL7t5K4p/BI7d8VkOY
+ZuiasLPbJDAfBgNVHSMEGDAWgBRPwicAoXZGV3ez1VKUYTfgvmBHnjAKBggqhkjO
+PQQDAgNIADBFAiEAoIXEx5wJRd9jH+6TanDiFP5KHS5D8Yfy9cUW5Hf8nxcCIBkp
+pxD5pG8hMYgbZWQnOIF7FY3lDi62ZXC8WcJo0gtl
+-----END CERTIFICATE-----
+"""
+
+ODD_DESCRIPTOR_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglw2GRyvEQp8H2gLi
+dCURbkCKLLrXWhPOCE/iGoOwzt2hRANCAASDzIEE4M2+8TT/TFkOVl1huKRvnNYh
+U5twLKfcUEGFMJ9v0av266sBdI9p34xmddsMvGau+0rstxaMfVy/4BaS
+-----END PRIVATE KEY-----
+"""
+
+ODD_CRLF_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB4jCCAYigAwIBAgICEAIwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjBYMSowKAYDVQQKDCFFeGFtcGxlDQpBdXRoLVNTTC1WZXJpZnk6IFNV
+Q0NFU1MxKjAoBgNVBAMMIWFsaWNlDQpBdXRoLVNTTC1TdWJqZWN0OiBDTj1hZG1p
+bjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCIExLQ8Scspzkg8OhQWaseBJwNZ
+5kYEz235GJrMFwbY+yjk66iuCSMVG9HdngBLxDBEdDG1ou1DQodkD4P5vnOjcjBw
+MAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMC
+MB0GA1UdDgQWBBRqp2ugJ7W/VO6wfBn9noYAvrkDMzAfBgNVHSMEGDAWgBRPwicA
+oXZGV3ez1VKUYTfgvmBHnjAKBggqhkjOPQQDAgNIADBFAiAHJz/2yUr0Jgo7XB6D
+7uLe2qF0/Nm5rTGyIucxugoZTgIhAJjK+8GHUs9abUTE0X2+q7NDRBKulfg7JxN9
+7XxvOnL9
+-----END CERTIFICATE-----
+"""
+
+ODD_CRLF_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgpD+V88AFHJzeToXg
+gyF6HqlwM39JQKiCV998sAhXGlehRANCAAQiBMS0PEnLKc5IPDoUFmrHgScDWeZG
+BM9t+RiazBcG2Pso5OuorgkjFRvR3Z4AS8QwRHQxtaLtQ0KHZA+D+b5z
+-----END PRIVATE KEY-----
+"""
+
+ODD_KELVIN_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBmjCCAUGgAwIBAgICEAMwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjARMQ8wDQYDVQQDDAbihKphcmwwWTATBgcqhkjOPQIBBggqhkjOPQMB
+BwNCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS5PiuKfcxGBB5aXqzthX9mkxiphks
+bqhXAwynbB4eOXS9IqbAFNQzzWlPo3IwcDAJBgNVHRMEAjAAMA4GA1UdDwEB/wQE
+AwIHgDATBgNVHSUEDDAKBggrBgEFBQcDAjAdBgNVHQ4EFgQUSrp0eIEFezdYznUj
+61HXRE7Z/B8wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54wCgYIKoZI
+zj0EAwIDRwAwRAIgc3PAgGAL2hTSDEeKirTySAj3uXvTrw+Ilj6KkegJ42ACIG6/
+RiOR13tqAKFd/P1sDiY61BPKYpYv8i7OvZQ3rv3q
+-----END CERTIFICATE-----
+"""
+
+ODD_KELVIN_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgTPw544mQ8JVyZi3t
+d7z3fJHYaJKvSLr+FSSfFZvUlcahRANCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS
+5PiuKfcxGBB5aXqzthX9mkxiphksbqhXAwynbB4eOXS9IqbAFNQzzWlP
+-----END PRIVATE KEY-----
+"""
+
+ODD_TLS_FILES = {"oddca.crt": ODD_CA_PEM, "descriptor.crt": ODD_DESCRIPTOR_CERT_PEM,
+                 "descriptor.key": ODD_DESCRIPTOR_KEY_PEM, "crlf.crt": ODD_CRLF_CERT_PEM,
+                 "crlf.key": ODD_CRLF_KEY_PEM, "kelvin.crt": ODD_KELVIN_CERT_PEM,
+                 "kelvin.key": ODD_KELVIN_KEY_PEM, "bothca.crt": TLS_CA_PEM + ODD_CA_PEM}
+
+# DER for names built in the tests: the value tags and the attribute types.
+UTF8, PRINTABLE, T61, IA5, UNIVERSAL, BMP, OBJECT_DESCRIPTOR = 0x0C, 0x13, 0x14, 0x16, 0x1C, 0x1E, 0x07
+DER_ATTRIBUTES = {"CN": "550403", "O": "55040a", "C": "550406", "DC": "0992268993f22c640119",
+                  "1.2.3.4": "2a0304"}
+
+
+def der_tlv(tag: int, content: bytes) -> bytes:
+    if len(content) < 0x80:
+        return bytes((tag, len(content))) + content
+    return bytes((tag, 0x82)) + len(content).to_bytes(2, "big") + content
+
+
+def der_name(*rdns) -> bytes:
+    """A DER Name; each RDN a list of (attribute, value tag, value bytes)."""
+    sets = b""
+    for rdn in rdns:
+        values = b""
+        for attribute, tag, value in rdn:
+            values += der_tlv(0x30, der_tlv(0x06, bytes.fromhex(DER_ATTRIBUTES[attribute])) +
+                              der_tlv(tag, value))
+        sets += der_tlv(0x31, values)
+    return der_tlv(0x30, sets)
+
+
+class OddTlsFiles:
+    """ODD_TLS_FILES in a temporary directory, once per class."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.odd_directory = tempfile.TemporaryDirectory()
+        for name, text in ODD_TLS_FILES.items():
+            write_file(cls.odd_directory.name, name, text)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.odd_directory.cleanup()
+        super().tearDownClass()
+
+    def odd_path(self, name: str) -> str:
+        return os.path.join(self.odd_directory.name, name)
+
+    def odd_context(self, certificate: str, ca: str) -> ssl.SSLContext:
+        """A client context that trusts ``ca`` and sends ``certificate``."""
+        context = ssl.create_default_context(cafile=ca)
+        context.load_cert_chain(self.odd_path(certificate + ".crt"), self.odd_path(certificate + ".key"))
+        return context
+
+
 # Every byte that could break a header line or that nginx's escaping treats
 # specially: CR, LF, NUL, TAB, space, "%", quotes, backslash, 8-bit.
 HOSTILE_TEXT = "x\r\nForged: 1\0\t %\"'\\\u00e9"
@@ -9643,6 +9788,48 @@ class Issue12AuthHttpRequestTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             mp.auth_http_header("X-Bad\r\nForged", "v")
 
+    def test_names_print_as_openssl_prints_them(self):
+        # Each expectation is what `openssl x509 -noout -subject -nameopt
+        # RFC2253` (OpenSSL 3.0, XN_FLAG_RFC2253, nginx's Auth-SSL-Subject)
+        # printed for a certificate with that subject.
+        cases = [
+            ([[("CN", UTF8, b"alice\r\nAuth-Status: OK")]], r"CN=alice\0D\0AAuth-Status: OK"),
+            ([[("CN", UTF8, b"a\x00b\tc\x7fd\x1b")]], r"CN=a\00b\09c\7Fd\1B"),
+            ([[("CN", UTF8, "\u00e9\u20ac".encode())]], r"CN=\C3\A9\E2\82\AC"),
+            ([[("CN", T61, b"\xe9x\xff")]], r"CN=\C3\A9x\C3\BF"),
+            ([[("CN", BMP, "\u00e9\u20acA".encode("utf-16-be"))]], r"CN=\C3\A9\E2\82\ACA"),
+            ([[("CN", UNIVERSAL, "\u00e9\U0001f600".encode("utf-32-be"))]], r"CN=\C3\A9\F0\9F\98\80"),
+            ([[("CN", IA5, b"\x80\xfe")]], r"CN=\C2\80\C3\BE"),
+            ([[("CN", UTF8, b"#a b ")]], r"CN=\#a b\ "),
+            ([[("CN", UTF8, b" ")]], r"CN=\ "),
+            ([[("CN", UTF8, b"#")]], r"CN=#"),
+            ([[("CN", UTF8, b"##")]], r"CN=\##"),
+            ([[("CN", UTF8, b",+\"\\<>;=%'")]], r"CN=\,\+\"\\\<\>\;=%'"),
+            ([[("CN", UTF8, b"")]], r"CN="),
+            ([[("C", PRINTABLE, b"DE")], [("CN", UTF8, b"a"), ("O", UTF8, b"b")]], r"O=b+CN=a,C=DE"),
+            ([[("1.2.3.4", UTF8, b"x")]], r"1.2.3.4=#0C0178"),
+            ([[("CN", OBJECT_DESCRIPTOR, b"abc")]], r"CN=#0703616263"),
+            ([[("DC", IA5, b"example")]], r"DC=example"),
+        ]
+        for rdns, expected in cases:
+            with self.subTest(expected=expected):
+                self.assertEqual(mp.rfc2253_name(der_name(*rdns)), expected)
+        with self.assertRaises(ValueError):
+            mp.rfc2253_name(der_name([("CN", BMP, b"\x00\xe9\x00")]))    # cut in a character
+
+    def test_serials_print_as_openssl_prints_them(self):
+        # i2a_ASN1_INTEGER; it breaks a line after 35 bytes, which the
+        # request then carries as %0A.
+        self.assertEqual(mp.serial_text(b"\x00\x93\xf1"), "93F1")
+        self.assertEqual(mp.serial_text(b"\x00"), "00")
+        self.assertEqual(mp.serial_text(b"\xff"), "-01")
+        long_serial = bytes(range(1, 37))
+        self.assertEqual(mp.serial_text(long_serial), long_serial[:35].hex().upper() + "\\\n24")
+        request = auth_request(tls=REQUEST_TLS, certificate=REQUEST_FACTS._replace(
+            serial=mp.serial_text(long_serial)))
+        self.assertIn(b"\r\nAuth-SSL-Serial: " + long_serial[:35].hex().upper().encode() + b"\\%0A24\r\n",
+                      mp.build_auth_http_request(AH_URL, [], request))
+
     def test_an_ipv6_auth_server_keeps_its_brackets_in_host(self):
         # nginx's ngx_parse_url keeps the brackets in u.host (RFC 7230 §5.4).
         for url, port in (("http://[::1]:9000/auth", 9000), ("[::1]/auth", 80)):
@@ -9652,6 +9839,76 @@ class Issue12AuthHttpRequestTests(unittest.TestCase):
             self.assertTrue(mp.build_auth_http_request(parsed, [], auth_request()).startswith(
                 b"GET /auth HTTP/1.0\r\nHost: [::1]\r\nAuth-Method: plain\r\n"))
 
+
+class Issue12CertificateEndToEndTests(OddTlsFiles, AuthHttpEndToEndCase):
+    """Certificates with odd names, end to end."""
+
+    def auth_proxy(self, auth: AuthServer, mode: str = "on") -> ah_PreparedProxy:
+        return self.proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
+                          ssl_certificate_key="server.key", ssl_verify_client=mode,
+                          ssl_client_certificate=self.odd_path("bothca.crt"))
+
+    def odd_client(self, proxy, certificate: str) -> Client:
+        client = self.connect(proxy)
+        client.sock = self.odd_context(certificate, proxy.path("ca.crt")).wrap_socket(
+            client.sock, server_hostname="mail.example.com")
+        return client
+
+    def tls_lines(self, client: Client, *lines: bytes) -> bytes:
+        return (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
+                b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n" +
+                b"".join(line + b"\r\n" for line in lines))
+
+    def test_a_name_with_cr_lf_reaches_the_auth_server_escaped(self):
+        # The subject went in as 'CN=alice\r\nAuth-SSL-Subject: CN=admin,...'
+        # and forged two headers; nginx sends OpenSSL's \0D\0A.
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.auth_proxy(auth)
+        client = self.odd_client(proxy, "crlf")
+        self.imap_login(client)
+        fingerprint = hashlib.sha1(ssl.PEM_cert_to_DER_cert(ODD_CRLF_CERT_PEM)).hexdigest()
+        self.assertEqual(auth.requests, [ah_request(after=self.tls_lines(
+            client, b"Auth-SSL-Verify: SUCCESS",
+            rb"Auth-SSL-Subject: CN=alice\0D\0AAuth-SSL-Subject: CN=admin,"
+            rb"O=Example\0D\0AAuth-SSL-Verify: SUCCESS",
+            b"Auth-SSL-Issuer: CN=mailproxy odd-names test CA", b"Auth-SSL-Serial: 1002",
+            b"Auth-SSL-Fingerprint: " + fingerprint.encode()))])
+
+    def test_an_unreadable_certificate_under_optional_reads_as_none(self):
+        # getpeercert() raised in stream_tls_ready and ended the worker.
+        # With ``optional`` the session goes on; the auth server is told
+        # what nginx tells it of a client without a certificate.
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.auth_proxy(auth, mode="optional")
+        client = self.odd_client(proxy, "descriptor")
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request(after=self.tls_lines(client, b"Auth-SSL-Verify: NONE"))])
+        proxy.wait_for_log(r"\[info\] .*\*1 client SSL certificate cannot be read \(.+\) while SSL "
+                           r"handshaking, client: 127\.0\.0\.1, ")
+        proxy.assert_alive()
+
+
+class Issue12CertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
+    def test_an_unreadable_certificate_is_refused_and_the_worker_lives(self):
+        # ssl_verify_client on: as a missing certificate.  A logged-in
+        # bystander on the same worker keeps working.
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.tls_proxy("imap", backend.port, ssl_verify_client="on",
+                               ssl_client_certificate=self.odd_path("bothca.crt"))
+        bystander = self.tls_connect(proxy, certificate="client")
+        self.imap_login(bystander)
+        hostile = self.plain_connect(proxy)
+        hostile.start_tls(self.odd_context("descriptor", self.tls_path("ca.crt")))
+        self.assertEqual(hostile.read_line(), b"* BYE No required SSL certificate\r\n")
+        hostile.expect_closed()
+        proxy.wait_for_log(r"\[info\] .*\*2 client SSL certificate cannot be read \(.+\) while SSL "
+                           r"handshaking")
+        proxy.wait_for_log(r"\*2 session done: no client certificate")
+        bystander.send("a2 NOOP")
+        bystander.expect(rb"^a2 OK NOOP completed\r\n$")
+        proxy.assert_alive()
 
 class HostileAuthServerTests(AuthHttpEndToEndCase):
     def test_a_percent_sign_in_auth_server_is_an_internal_error_not_a_crash(self):
