@@ -2772,20 +2772,33 @@ def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Rou
     """AUTH EXTERNAL with the built-in table (extension; nginx asks its auth
     server): the client must have sent a verified certificate, and the login
     must be its subject's CN or emailAddress, or an email in its
-    subjectAltName (an empty login means the first of those).  The user must
-    be in [users]; a {PLAIN} entry gives the password for the backend login,
+    subjectAltName (an empty login means the first of those), up to the case
+    of ASCII letters (certificate_names_login).  The user must be in [users]
+    (exactly); a {PLAIN} entry gives the password for the backend login,
     which IMAP and POP3 need."""
     if certificate is None or certificate.verify != "SUCCESS":
         return AuthResult(False, reason="EXTERNAL without a verified client certificate")
-    name = login.decode("utf-8", "replace") if login else \
-        (certificate.identities[0] if certificate.identities else "")
-    if name.lower() not in (identity.lower() for identity in certificate.identities):
+    if not login and certificate.identities:
+        login = certificate.identities[0].encode("utf-8")
+    if not any(certificate_names_login(identity, login) for identity in certificate.identities):
         return AuthResult(False, reason="EXTERNAL login does not match the client certificate")
+    name = login.decode("utf-8")               # it is an identity's, so UTF-8
     entry = users.get(name)
     if entry is None:
         return AuthResult(False, reason="unknown user")
     password = entry.data.encode("utf-8") if entry.scheme == "PLAIN" else None
-    return AuthResult(True, name.encode("utf-8"), password, route_for(routes, proxy_pass, name))
+    return AuthResult(True, login, password, route_for(routes, proxy_pass, name))
+
+
+def certificate_names_login(identity: str, login: bytes) -> bool:
+    """Is ``login`` the certificate's ``identity``?  Byte for byte, but for
+    the case of the ASCII letters A-Z (bytes.lower() changes nothing else).
+    Domains are ASCII and case-blind (RFC 4343), and CAs and clients differ
+    in the case of CNs and addresses, so ASCII case is forgiven; Unicode
+    case mapping is not: str.lower() makes U+212A KELVIN SIGN a "k" and
+    U+212B ANGSTROM SIGN a U+00E5, so a certificate issued for one name
+    would log in as the user of a look-alike (KELVIN SIGN + "arl" as "karl")."""
+    return identity.encode("utf-8").lower() == login.lower()
 
 
 SMTP_RELAY_DENIED = (b"550 5.7.1", b"Relaying denied")   # smtp_auth none, refused

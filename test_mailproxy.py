@@ -9840,6 +9840,31 @@ class Issue12AuthHttpRequestTests(unittest.TestCase):
                 b"GET /auth HTTP/1.0\r\nHost: [::1]\r\nAuth-Method: plain\r\n"))
 
 
+class Issue12ExternalIdentityTests(unittest.TestCase):
+    USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
+             "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
+
+    def external(self, login: bytes, *identities: str) -> mp.AuthResult:
+        facts = mp.CertificateFacts("SUCCESS", identities=identities)
+        return mp.authenticate_external(self.USERS, {}, upstream(), login, facts)
+
+    def test_unicode_case_mapping_does_not_make_a_login(self):
+        # str.lower() made U+212A KELVIN SIGN a "k": a certificate for
+        # "\u212aarl" logged in as karl.
+        result = self.external(b"karl", "\u212aarl")
+        self.assertEqual((result.ok, result.reason),
+                         (False, "EXTERNAL login does not match the client certificate"))
+        self.assertFalse(self.external(b"\xc3\xa5sa", "\u212bsa").ok)     # ANGSTROM SIGN, too
+        self.assertFalse(self.external(b"", "\u212aarl").ok)              # not in [users]
+
+    def test_ascii_case_is_forgiven(self):
+        result = self.external(b"alice@example.com", "Alice@Example.COM")
+        self.assertEqual((result.ok, result.login, result.password),
+                         (True, b"alice@example.com", b"secret"))
+        self.assertFalse(self.external(b"KARL", "karl").ok)              # [users] is exact
+        self.assertTrue(self.external(b"karl", "KARL").ok)
+
+
 class Issue12CertificateEndToEndTests(OddTlsFiles, AuthHttpEndToEndCase):
     """Certificates with odd names, end to end."""
 
@@ -9909,6 +9934,21 @@ class Issue12CertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
         bystander.send("a2 NOOP")
         bystander.expect(rb"^a2 OK NOOP completed\r\n$")
         proxy.assert_alive()
+
+    def test_a_kelvin_sign_does_not_log_in_as_karl(self):
+        backend = self.use(TlsFakeImapBackend(logins=((b"karl", b"secret"),)))
+        proxy = self.tls_proxy("imap", backend.port, users={"karl": "{PLAIN}secret"},
+                               ssl_verify_client="optional", imap_auth="plain external",
+                               ssl_client_certificate=self.odd_path("oddca.crt"))
+        client = self.plain_connect(proxy)
+        client.start_tls(self.odd_context("kelvin", self.tls_path("ca.crt")))
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"karl") + b"\r\n")
+        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        proxy.wait_for_log(r'client login failed: "EXTERNAL login does not match the client '
+                           r'certificate"')
+        self.assertEqual(backend.received, [])
+
 
 class HostileAuthServerTests(AuthHttpEndToEndCase):
     def test_a_percent_sign_in_auth_server_is_an_internal_error_not_a_crash(self):
