@@ -2941,7 +2941,7 @@ def auth_http_tls_lines(request: AuthRequest) -> List[bytes]:
     reads as none, so its lines are nginx's for no certificate)."""
     if request.tls is None:
         return []
-    lines = [b"Auth-SSL: on"]
+    lines = [auth_http_header("Auth-SSL", "on")]
     for name, value in (("Auth-SSL-Protocol", request.tls[0]), ("Auth-SSL-Cipher", request.tls[1])):
         if value:                      # nginx: "if (protocol.len)", "if (cipher.len)"
             lines.append(auth_http_header(name, value))
