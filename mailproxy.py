@@ -1297,16 +1297,15 @@ def password_cost(entry: PasswordEntry) -> Tuple:
 
 
 def unknown_login_entry(entries: List[PasswordEntry]) -> PasswordEntry:
-    """A fresh entry of the scheme and cost that most of ``entries`` have
-    (the first such in table order on a tie), which nobody's password matches
-    but a check of takes as long as a check of theirs: authenticate() checks
-    a login that is not in the table against it, so that the answer to an
-    unknown login takes as long as the answer to a known one with a wrong
-    password (README: "An unknown login costs the same hashing time as a
-    wrong password").  The most common cost, because a probe must not tell
-    an unknown login from most users; a table that mixes costs still lets the
-    minority's logins be told apart, unless every check were made as slow as
-    the slowest.  No entries: what --hash-password makes."""
+    """An entry nobody's password matches, of the scheme and cost most of
+    ``entries`` have (on a tie the first in table order; no entries: what
+    --hash-password makes).  authenticate() checks a login that is not in
+    the table against it, so that the answer takes as long as a known
+    login's with a wrong password (README: "An unknown login costs the same
+    hashing time as a wrong password").  The most common cost, so that a
+    timing probe cannot tell an unknown login from most users; the users of
+    a less common scheme or cost can still be told apart, unless every check
+    were made as slow as the slowest."""
     counts = {}                # dicts keep insertion order: ties go to the first
     for entry in entries:
         cost = password_cost(entry)
