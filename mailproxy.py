@@ -83,7 +83,16 @@ DNS_MAX_CNAMES = 8             # CNAME hops followed in one answer
 DNS_MAX_POINTERS = 64          # compression pointers followed in one name (RFC 1035 §4.1.4)
 DNS_CACHE_SIZE = 4096          # answers kept per resolver
 DNS_NEGATIVE_TTL = 30.0        # seconds an NXDOMAIN is kept without valid=
-PBKDF2_DEFAULT_ROUNDS = 100000 # --hash-password; see README "Password schemes"
+PBKDF2_DEFAULT_ROUNDS = 100000 # --hash-password; see README "The user table"
+# The longest password any [users] scheme is asked to check; a longer one is
+# answered as a wrong password, after the work of the longest allowed one.
+# SHA-crypt's work grows with the password (steps 13-15 of Drepper's
+# specification hash it len times over: 16 KB took 0.7 s), so the length must
+# be bounded.  511 bytes: libxcrypt, the crypt(3) of current Linux
+# distributions (/etc/shadow), refuses passphrases of CRYPT_MAX_PASSPHRASE_SIZE
+# (512) bytes counting the NUL, so no crypt hash made there holds a longer
+# one; RFC 4616 §2 asks SASL PLAIN servers to accept 255-byte passwords.
+PASSWORD_MAX = 511
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")   # nginx, lowest first
 
 
@@ -710,14 +719,27 @@ def parse_auth_http(args: List[str], base: str = "") -> AuthHttpUrl:
         return AuthHttpUrl("localhost", uri or "/", (socket.AF_UNIX, os.path.join(base, path)),
                            "unix:" + path)
     hostport, slash, uri = url.partition("/")
-    if ":" in hostport.strip("[]") or hostport.startswith("["):
-        host, port = parse_host_port(hostport)
-    else:
-        host, port = hostport, 80
+    host, host_header, port = split_auth_http_host(hostport)
     upstream = resolve_upstream(host, port)
     family, sockaddr = upstream.addresses[0]
-    return AuthHttpUrl(host, slash + uri if slash else "/", (family, sockaddr),
-                       "%s:%d" % (sockaddr[0], port))
+    text = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % (sockaddr[0], port)
+    return AuthHttpUrl(host_header, slash + uri if slash else "/", (family, sockaddr), text)
+
+
+def split_auth_http_host(hostport: str) -> Tuple[str, str, int]:
+    """auth_http's ``HOST[:PORT]`` -> (host to resolve, Host header, port).
+    As nginx's ngx_parse_url: the Host header is the host as written, an
+    IPv6 address with its brackets ("[::1]", RFC 7230 §5.4), without the
+    port; the port defaults to 80."""
+    bracketed = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\])(:\d+)?", hostport)
+    if bracketed:
+        header = bracketed.group(1)
+        port = parse_host_port(hostport)[1] if bracketed.group(2) else 80
+        return header[1:-1], header, port
+    if ":" in hostport:
+        host, port = parse_host_port(hostport)
+        return host, host, port
+    return hostport, hostport, 80
 
 
 def parse_auth_http_header(args: List[str], base: str = "") -> List[Tuple[str, str]]:
@@ -979,11 +1001,21 @@ class PasswordEntry(NamedTuple):
         return "PasswordEntry(%s, ...)" % self.scheme
 
 
+class UserTable(dict):
+    """[users]: login -> PasswordEntry, and ``dummy``, the entry a login that
+    is not in the table is checked against (unknown_login_entry), made once
+    when the table is loaded."""
+
+    def __init__(self, entries: Dict[str, PasswordEntry]):
+        super().__init__(entries)
+        self.dummy = unknown_login_entry(list(self.values()))
+
+
 class Config(NamedTuple):
     path: str
     main: Settings
     servers: List[Settings]
-    users: Dict[str, PasswordEntry]
+    users: UserTable
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
 
 
@@ -1259,18 +1291,58 @@ def parse_password_entry(value: str) -> PasswordEntry:
     return PasswordEntry(scheme, data)
 
 
+def password_cost(entry: PasswordEntry) -> Tuple:
+    """What checking a password against ``entry`` costs, as a key to compare:
+    the scheme and its work factor (PBKDF2: rounds and hash length; crypt:
+    the rounds= field as written, None for the default)."""
+    if entry.scheme == "PBKDF2-SHA256" and valid_pbkdf2_data(entry.data):
+        rounds, _, expected = entry.data.split("$")
+        return (entry.scheme, int(rounds), len(base64.b64decode(expected)))
+    if entry.scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
+        match = re.match(r"\$[56]\$rounds=(\d+)\$", entry.data)
+        return (entry.scheme, match.group(1) if match else None)
+    return (entry.scheme,)
+
+
+def unknown_login_entry(entries: List[PasswordEntry]) -> PasswordEntry:
+    """An entry nobody's password matches, of the scheme and cost most of
+    ``entries`` have (on a tie the first in table order; no entries: what
+    --hash-password makes).  authenticate() checks a login that is not in
+    the table against it, so that the answer takes as long as a known
+    login's with a wrong password (README: "An unknown login costs the same
+    hashing time as a wrong password").  The most common cost, so that a
+    timing probe cannot tell an unknown login from most users; the users of
+    a less common scheme or cost can still be told apart, unless every check
+    were made as slow as the slowest."""
+    counts = {}                # dicts keep insertion order: ties go to the first
+    for entry in entries:
+        cost = password_cost(entry)
+        counts[cost] = counts.get(cost, 0) + 1
+    cost = max(counts, key=counts.get) if counts else ("PBKDF2-SHA256", PBKDF2_DEFAULT_ROUNDS, 32)
+    scheme, salt = cost[0], os.urandom(8).hex()     # 16 characters, as --hash-password
+    if scheme == "PBKDF2-SHA256":
+        rounds, hash_length = cost[1], cost[2]
+        return PasswordEntry(scheme, "%d$%s$%s" % (rounds, base64.b64encode(salt.encode()).decode(),
+                                                  base64.b64encode(bytes(hash_length)).decode()))
+    if scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
+        prefix, hash_length = ("$6$", 86) if scheme == "SHA512-CRYPT" else ("$5$", 43)
+        rounds = "rounds=%s$" % cost[1] if cost[1] is not None else ""
+        return PasswordEntry(scheme, prefix + rounds + salt + "$" + "." * hash_length)
+    return PasswordEntry("PLAIN", salt)
+
+
 def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
-               errors: List[ConfigError]) -> Dict[str, PasswordEntry]:
+               errors: List[ConfigError]) -> UserTable:
     """[users]: ``LOGIN = {SCHEME}DATA``, one line per login."""
     users = {}
     if not parser.has_section("users"):
-        return users
+        return UserTable(users)
     for login, value in parser.items("users"):
         try:
             users[login] = parse_password_entry(value)
         except ValueError_ as error:
             errors.append(ConfigError(path, "users", login, str(error), lines.get(("users", login))))
-    return users
+    return UserTable(users)
 
 
 class Route(NamedTuple):
@@ -2654,7 +2726,13 @@ def _sha_crypt_digest(new_hash, key: bytes, salt: bytes, rounds: int) -> bytes:
         a.update(b if length & 1 else key)
         length >>= 1
     a_digest = a.digest()                                    # step 12
-    p_bytes = _repeat_to_length(new_hash(key * len(key)).digest(), len(key))      # 13-16
+    # Steps 13-15 hash the key len(key) times over: fed one copy at a time,
+    # as glibc does, so that memory stays linear in the key's length (one
+    # string of len(key)**2 bytes was 16 MB for a 4 KB password).
+    dp = new_hash()
+    for _ in range(len(key)):
+        dp.update(key)
+    p_bytes = _repeat_to_length(dp.digest(), len(key))      # step 16
     s_bytes = _repeat_to_length(new_hash(salt * (16 + a_digest[0])).digest(), len(salt))  # 17-20
     return _sha_crypt_rounds(new_hash, a_digest, p_bytes, s_bytes, rounds)
 
@@ -2711,7 +2789,17 @@ def hash_password(password: bytes, scheme: str = "PBKDF2-SHA256",
 
 
 def password_matches(entry: PasswordEntry, password: bytes) -> bool:
-    """Does ``password`` match the table entry?  Constant-time comparison."""
+    """Does ``password`` match the table entry?  Constant-time comparison.
+
+    A password longer than PASSWORD_MAX never matches, and is checked cut to
+    PASSWORD_MAX bytes all the same: it costs what the longest password that
+    could match costs, so its answer comes no sooner than a wrong one's."""
+    too_long = len(password) > PASSWORD_MAX
+    matches = _scheme_matches(entry, password[:PASSWORD_MAX])
+    return matches and not too_long
+
+
+def _scheme_matches(entry: PasswordEntry, password: bytes) -> bool:
     if entry.scheme == "PLAIN":
         return hmac.compare_digest(entry.data.encode("utf-8"), password)
     if entry.scheme == "PBKDF2-SHA256":
@@ -2728,11 +2816,6 @@ def password_matches(entry: PasswordEntry, password: bytes) -> bool:
         return False
     return hmac.compare_digest(computed.encode(), entry.data.encode())
 
-
-# Checked when the login is unknown, so that a wrong login costs as much time
-# as a wrong password and the delay does not tell which one it was.
-_DUMMY_ENTRY = PasswordEntry("PBKDF2-SHA256", "%d$c2FsdHNhbHRzYWx0c2FsdA==$"
-                             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" % PBKDF2_DEFAULT_ROUNDS)
 
 AUTH_FAILED_TEXT = b"Invalid login or password"
 
@@ -2761,32 +2844,47 @@ def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
     plain: the password is checked against the entry's scheme.  cram-md5 and
     apop: the client sent a digest of the salt, which only a {PLAIN} entry can
     reproduce; the backend is then logged in to with that clear password.
+    A login that is not in the table is checked the same way against the
+    table's dummy entry (UserTable.dummy), so that its failure takes as long
+    as a known login's with a wrong password.
     """
     try:
         login = credentials.login.decode("utf-8")
     except UnicodeDecodeError:
         login = None
     entry = users.get(login) if login is not None else None
+    reason, backend_password = check_credentials(entry or _unknown_login_entry(users), credentials)
     if entry is None:
-        password_matches(_DUMMY_ENTRY, credentials.password)
         return AuthResult(False, reason="unknown user")
+    if reason:
+        return AuthResult(False, reason=reason)
+    return AuthResult(True, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+
+
+def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
+    """The table's dummy entry; a plain dict (tests, embedding) gets one made now."""
+    if isinstance(users, UserTable):
+        return users.dummy
+    return unknown_login_entry(list(users.values()))
+
+
+def check_credentials(entry: PasswordEntry, credentials: Credentials) -> Tuple[str, bytes]:
+    """("", the password for the backend) if ``credentials`` match ``entry``;
+    else (why not, for the log; b"")."""
     if credentials.method == "plain":
         if not password_matches(entry, credentials.password):
-            return AuthResult(False, reason="wrong password")
-        backend_password = credentials.password
+            return "wrong password", b""
+        return "", credentials.password
+    if entry.scheme != "PLAIN":
+        return "%s needs a {PLAIN} password in [users]" % credentials.method, b""
+    clear = entry.data.encode("utf-8")
+    if credentials.method == "cram-md5":
+        expected = cram_md5_digest(clear, credentials.salt)
     else:
-        if entry.scheme != "PLAIN":
-            return AuthResult(False, reason="%s needs a {PLAIN} password in [users]"
-                              % credentials.method)
-        clear = entry.data.encode("utf-8")
-        if credentials.method == "cram-md5":
-            expected = cram_md5_digest(clear, credentials.salt)
-        else:
-            expected = apop_digest(credentials.salt, clear)
-        if not hmac.compare_digest(expected, credentials.password):
-            return AuthResult(False, reason="wrong password")
-        backend_password = clear
-    return AuthResult(True, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+        expected = apop_digest(credentials.salt, clear)
+    if not hmac.compare_digest(expected, credentials.password):
+        return "wrong password", b""
+    return "", clear
 
 
 def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Upstream:
@@ -2808,20 +2906,33 @@ def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Rou
     """AUTH EXTERNAL with the built-in table (extension; nginx asks its auth
     server): the client must have sent a verified certificate, and the login
     must be its subject's CN or emailAddress, or an email in its
-    subjectAltName (an empty login means the first of those).  The user must
-    be in [users]; a {PLAIN} entry gives the password for the backend login,
+    subjectAltName (an empty login means the first of those), up to the case
+    of ASCII letters (certificate_names_login).  The user must be in [users]
+    (exactly); a {PLAIN} entry gives the password for the backend login,
     which IMAP and POP3 need."""
     if certificate is None or certificate.verify != "SUCCESS":
         return AuthResult(False, reason="EXTERNAL without a verified client certificate")
-    name = login.decode("utf-8", "replace") if login else \
-        (certificate.identities[0] if certificate.identities else "")
-    if name.lower() not in (identity.lower() for identity in certificate.identities):
+    if not login and certificate.identities:
+        login = certificate.identities[0].encode("utf-8")
+    if not any(certificate_names_login(identity, login) for identity in certificate.identities):
         return AuthResult(False, reason="EXTERNAL login does not match the client certificate")
+    name = login.decode("utf-8")               # it is an identity's, so UTF-8
     entry = users.get(name)
     if entry is None:
         return AuthResult(False, reason="unknown user")
     password = entry.data.encode("utf-8") if entry.scheme == "PLAIN" else None
-    return AuthResult(True, name.encode("utf-8"), password, route_for(routes, proxy_pass, name))
+    return AuthResult(True, login, password, route_for(routes, proxy_pass, name))
+
+
+def certificate_names_login(identity: str, login: bytes) -> bool:
+    """Is ``login`` the certificate's ``identity``?  Byte for byte, but for
+    the case of the ASCII letters A-Z (bytes.lower() changes nothing else).
+    Domains are ASCII and case-blind (RFC 4343), and CAs and clients differ
+    in the case of CNs and addresses, so ASCII case is forgiven; Unicode
+    case mapping is not: str.lower() makes U+212A KELVIN SIGN a "k" and
+    U+212B ANGSTROM SIGN a U+00E5, so a certificate issued for one name
+    would log in as the user of a look-alike (KELVIN SIGN + "arl" as "karl")."""
+    return identity.encode("utf-8").lower() == login.lower()
 
 
 SMTP_RELAY_DENIED = (b"550 5.7.1", b"Relaying denied")   # smtp_auth none, refused
@@ -2882,6 +2993,32 @@ def auth_http_escape(data: bytes) -> bytes:
     return bytes(out)
 
 
+AUTH_HTTP_LINE_BREAKERS = re.compile(rb"[\r\n\0]")
+
+
+def auth_http_unbroken(data: bytes) -> bytes:
+    """``data`` with CR, LF and NUL as %0D, %0A, %00, everything else as it
+    is: a value nginx sends unescaped, made unable to end its line."""
+    return AUTH_HTTP_LINE_BREAKERS.sub(lambda match: b"%%%02X" % match.group()[0], data)
+
+
+def auth_http_header(name: str, value, escape: bool = False) -> bytes:
+    """One line of the auth_http request, ``Name: value`` without its CRLF:
+    the one way a value gets into the request.  ``value`` is bytes, or text
+    sent as UTF-8.  escape=True: nginx's %XX escaping (NGX_ESCAPE_MAIL_AUTH),
+    which nginx applies to Auth-User, Auth-Pass and Auth-SSL-Cert.  Otherwise
+    the bytes go as nginx sends them, unescaped, except CR, LF and NUL, which
+    nginx never has there (ngx_mail_auth_http_create_request: "HELO, MAIL
+    FROM, and RCPT TO can't contain CRLF") and which would end the line: they
+    go as %0D, %0A and %00, so that no value, whatever a caller passes, can
+    add a header or end the request.  Raises ValueError for a name that is
+    not a header name (names are constants and checked directives)."""
+    if not re.fullmatch(r"[A-Za-z0-9-]+", name):
+        raise ValueError("not an auth_http header name: %r" % name)
+    data = value if isinstance(value, bytes) else value.encode("utf-8")
+    return name.encode("ascii") + b": " + (auth_http_escape(data) if escape else auth_http_unbroken(data))
+
+
 class AuthRequest(NamedTuple):
     """What nginx tells its auth server about one login attempt."""
     method: str                    # plain, apop, cram-md5, external, none, xoauth2, oauthbearer
@@ -2905,47 +3042,52 @@ class AuthRequest(NamedTuple):
 def build_auth_http_request(url: AuthHttpUrl, headers: List[Tuple[str, str]],
                             request: AuthRequest) -> bytes:
     """The HTTP/1.0 request of ngx_mail_auth_http_create_request, header for
-    header in nginx's order."""
-    lines = [b"GET " + url.uri.encode() + b" HTTP/1.0", b"Host: " + url.host_header.encode(),
-             b"Auth-Method: " + request.method.encode(),
-             b"Auth-User: " + auth_http_escape(request.login),
-             b"Auth-Pass: " + auth_http_escape(request.password)]
+    header in nginx's order; every header line is made by auth_http_header."""
+    line = auth_http_header
+    lines = [line("Host", url.host_header), line("Auth-Method", request.method),
+             line("Auth-User", request.login, escape=True),
+             line("Auth-Pass", request.password, escape=True)]
     if request.salt:
-        lines.append(b"Auth-Salt: " + request.salt)
-    lines += [b"Auth-Protocol: " + request.protocol.encode(),
-              b"Auth-Login-Attempt: %d" % request.attempt,
-              b"Client-IP: " + request.client_ip.encode()]
+        lines.append(line("Auth-Salt", request.salt))
+    lines += [line("Auth-Protocol", request.protocol),
+              line("Auth-Login-Attempt", str(request.attempt)),
+              line("Client-IP", request.client_ip)]
     if request.client_host is not None:
-        lines.append(b"Client-Host: " + request.client_host.encode())
+        lines.append(line("Client-Host", request.client_host))
     if request.proxy_protocol is not None:
         addr, port, server_addr, server_port = request.proxy_protocol
-        lines += [b"Proxy-Protocol-Addr: " + addr.encode(), b"Proxy-Protocol-Port: %d" % port,
-                  b"Proxy-Protocol-Server-Addr: " + server_addr.encode(),
-                  b"Proxy-Protocol-Server-Port: %d" % server_port]
+        lines += [line("Proxy-Protocol-Addr", addr), line("Proxy-Protocol-Port", str(port)),
+                  line("Proxy-Protocol-Server-Addr", server_addr),
+                  line("Proxy-Protocol-Server-Port", str(server_port))]
     if request.method == "none":
-        # HELO, MAIL and RCPT hold no control byte (the machine refused any).
         helo, mail_from, rcpt_to = request.smtp
-        lines += [b"Auth-SMTP-Helo: " + (helo or b""), b"Auth-SMTP-From: " + mail_from,
-                  b"Auth-SMTP-To: " + rcpt_to]
+        lines += [line("Auth-SMTP-Helo", helo or b""), line("Auth-SMTP-From", mail_from),
+                  line("Auth-SMTP-To", rcpt_to)]
     lines += auth_http_tls_lines(request)
-    lines += [name.encode() + b": " + value.encode() for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    lines += [line(name, value) for name, value in headers]
+    request_line = b"GET " + auth_http_unbroken(url.uri.encode("utf-8")) + b" HTTP/1.0"
+    return b"\r\n".join([request_line] + lines) + b"\r\n\r\n"
 
 
 def auth_http_tls_lines(request: AuthRequest) -> List[bytes]:
+    """Auth-SSL-*: on TLS, the protocol and cipher; with ssl_verify_client,
+    what the certificate says (CertificateFacts: an unreadable certificate
+    reads as none, so its lines are nginx's for no certificate)."""
     if request.tls is None:
         return []
-    lines = [b"Auth-SSL: on", b"Auth-SSL-Protocol: " + request.tls[0].encode(),
-             b"Auth-SSL-Cipher: " + request.tls[1].encode()]
+    lines = [auth_http_header("Auth-SSL", "on")]
+    for name, value in (("Auth-SSL-Protocol", request.tls[0]), ("Auth-SSL-Cipher", request.tls[1])):
+        if value:                      # nginx: "if (protocol.len)", "if (cipher.len)"
+            lines.append(auth_http_header(name, value))
     facts = request.certificate
     if facts is not None:
-        lines.append(b"Auth-SSL-Verify: " + facts.verify.encode())
+        lines.append(auth_http_header("Auth-SSL-Verify", facts.verify))
         for name, value in (("Subject", facts.subject), ("Issuer", facts.issuer),
                             ("Serial", facts.serial), ("Fingerprint", facts.fingerprint)):
             if value:
-                lines.append(b"Auth-SSL-" + name.encode() + b": " + value.encode())
+                lines.append(auth_http_header("Auth-SSL-" + name, value))
         if request.certificate_pem:
-            lines.append(b"Auth-SSL-Cert: " + auth_http_escape(request.certificate_pem))
+            lines.append(auth_http_header("Auth-SSL-Cert", request.certificate_pem, escape=True))
     return lines
 
 
@@ -3987,51 +4129,238 @@ def describe_tls_error(error: Exception) -> str:
 
 
 # -- client certificates ------------------------------------------------------
+# nginx sends the subject and issuer as OpenSSL's X509_NAME_print_ex(...,
+# XN_FLAG_RFC2253) prints them, and the serial as i2a_ASN1_INTEGER does.  The
+# ssl module gives neither (getpeercert() loses each value's type, which
+# decides the printing), so they are printed here from the certificate's DER.
 
-RDN_SHORT_NAMES = {"commonName": "CN", "countryName": "C", "stateOrProvinceName": "ST",
-                   "localityName": "L", "organizationName": "O",
-                   "organizationalUnitName": "OU", "domainComponent": "DC",
-                   "streetAddress": "STREET", "userId": "UID"}
+def der_element(data: bytes, offset: int) -> Tuple[int, bytes, int]:
+    """The DER element at ``offset``: (its tag byte, its content, the offset
+    after it).  Raises ValueError if it runs past the end of ``data``."""
+    if offset + 2 > len(data):
+        raise ValueError("DER element cut short")
+    tag, length = data[offset], data[offset + 1]
+    offset += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or offset + count > len(data):
+            raise ValueError("DER length not understood")
+        length = int.from_bytes(data[offset:offset + count], "big")
+        offset += count
+    if offset + length > len(data):
+        raise ValueError("DER element cut short")
+    return tag, data[offset:offset + length], offset + length
 
 
-def rfc2253_name(name: Tuple) -> str:
-    """getpeercert()'s subject or issuer as OpenSSL's XN_FLAG_RFC2253 prints
-    it (and nginx sends in Auth-SSL-Subject): last RDN first, commas."""
-    parts = []
-    for rdn in reversed(name):
-        values = []
-        for key, value in rdn:
-            escaped = re.sub(r'([,+"\\<>;])', r"\\\1", value)
-            if escaped[:1] in ("#", " "):
-                escaped = "\\" + escaped
-            if escaped.endswith(" "):
-                escaped = escaped[:-1] + "\\ "
-            values.append("%s=%s" % (RDN_SHORT_NAMES.get(key, key), escaped))
-        parts.append("+".join(values))
-    return ",".join(parts)
+def der_encoding(tag: int, content: bytes) -> bytes:
+    """Tag, DER length and content: what OpenSSL's i2d_ASN1_TYPE writes."""
+    size = len(content)
+    if size < 0x80:
+        return bytes((tag, size)) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + content
+
+
+def certificate_fields(der: bytes) -> Tuple[bytes, bytes, bytes]:
+    """(serial number content, issuer Name DER, subject Name DER) of a DER
+    certificate (RFC 5280 §4.1).  Raises ValueError if it is not one."""
+    tag, certificate, _ = der_element(der, 0)
+    tag_tbs, tbs, _ = der_element(certificate, 0)
+    offset = 0
+    if tbs[:1] == b"\xa0":                                  # [0] version
+        offset = der_element(tbs, 0)[2]
+    fields = []
+    for wanted in (0x02, 0x30, 0x30, 0x30, 0x30):       # serial, signature, issuer, validity, subject
+        start = offset
+        tag_field, content, offset = der_element(tbs, offset)
+        if tag_field != wanted:
+            raise ValueError("not a certificate")
+        fields.append(content if wanted == 0x02 else tbs[start:offset])
+    if tag != 0x30 or tag_tbs != 0x30:
+        raise ValueError("not a certificate")
+    return fields[0], fields[2], fields[4]
+
+
+def serial_text(content: bytes) -> str:
+    """An INTEGER's content as OpenSSL's i2a_ASN1_INTEGER prints it (nginx's
+    Auth-SSL-Serial): "-" if negative, then the magnitude's bytes in upper-
+    case hex ("00" for zero), and, as OpenSSL does, a backslash and a line
+    feed after each 35 bytes (auth_http_header turns the LF into %0A)."""
+    value = int.from_bytes(content, "big", signed=True)
+    magnitude = abs(value)
+    data = magnitude.to_bytes((magnitude.bit_length() + 7) // 8, "big") or b"\0"
+    chunks = [data[index:index + 35].hex().upper() for index in range(0, len(data), 35)]
+    return ("-" if value < 0 else "") + "\\\n".join(chunks)
+
+
+def oid_text(content: bytes) -> str:
+    """An OBJECT IDENTIFIER's content in dotted form ("2.5.4.3"), as
+    OpenSSL's OBJ_obj2txt(..., 1).  Raises ValueError if it is cut short."""
+    arcs, value = [], 0
+    for byte in content:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    if not arcs or content[-1] & 0x80:
+        raise ValueError("OBJECT IDENTIFIER cut short")
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
+
+
+# OpenSSL's short names (OBJ_nid2sn) of the attribute types names mostly
+# hold, for a Python whose ssl module cannot ask OpenSSL (ssl._txt2obj is
+# CPython's, since 3.4).
+DN_SHORT_NAMES = {"2.5.4.3": "CN", "2.5.4.4": "SN", "2.5.4.5": "serialNumber", "2.5.4.6": "C",
+                  "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.9": "street", "2.5.4.10": "O",
+                  "2.5.4.11": "OU", "2.5.4.12": "title", "2.5.4.42": "GN", "2.5.4.46": "dnQualifier",
+                  "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.1": "UID",
+                  "0.9.2342.19200300.100.1.25": "DC"}
+# a_strex.c's tag2nbyte: the string types OpenSSL prints as text, by tag, and
+# the bytes of one character (0: UTF-8).  Any other type is dumped in hex.
+RFC2253_STRING_WIDTHS = {12: 0, 18: 1, 19: 1, 20: 1, 22: 1, 23: 1, 24: 1, 26: 1, 28: 4, 30: 2}
+RFC2253_SPECIALS = b',+"\\<>;'          # RFC 2253 §2.4; charmap.pl's RFC2253_ESC
+
+
+def rfc2253_name(der_name: bytes) -> str:
+    """A DER Name (a certificate's subject or issuer) as nginx sends it in
+    Auth-SSL-Subject and -Issuer, X509_NAME_print_ex(..., XN_FLAG_RFC2253):
+    the attributes last first, "," between RDNs and "+" between the values
+    of one, each SHORTNAME=value (rfc2253_value); a type OpenSSL does not
+    know as its dotted OID and "#" with the value's DER in hex
+    (XN_FLAG_DUMP_UNKNOWN_FIELDS).  Raises ValueError for what is no Name."""
+    out, previous = [], None
+    for rdn, oid, tag, content in reversed(name_attributes(der_name)):
+        if previous is not None:
+            out.append("+" if rdn == previous else ",")
+        previous = rdn
+        short_name = attribute_short_name(oid)
+        if short_name is None:
+            out.append("%s=#%s" % (oid, der_encoding(tag, content).hex().upper()))
+        else:
+            out.append("%s=%s" % (short_name, rfc2253_value(tag, content)))
+    return "".join(out)
+
+
+def name_attributes(der_name: bytes) -> List[Tuple[int, str, int, bytes]]:
+    """The attributes of a DER Name, in order: (number of their RDN, type
+    OID, value tag, value content).  Raises ValueError for what is no Name."""
+    tag, rdns, end = der_element(der_name, 0)
+    if tag != 0x30 or end != len(der_name):
+        raise ValueError("not a Name")
+    attributes, offset, number = [], 0, 0
+    while offset < len(rdns):
+        tag, rdn, offset = der_element(rdns, offset)
+        inner = 0
+        while tag == 0x31 and inner < len(rdn):
+            pair_tag, pair, inner = der_element(rdn, inner)
+            oid_tag, oid, after = der_element(pair, 0)
+            value_tag, value, after = der_element(pair, after)
+            if pair_tag != 0x30 or oid_tag != 0x06 or after != len(pair):
+                raise ValueError("not a Name")
+            attributes.append((number, oid_text(oid), value_tag, value))
+        if tag != 0x31:
+            raise ValueError("not a Name")
+        number += 1
+    return attributes
+
+
+def attribute_short_name(oid: str) -> Optional[str]:
+    """OpenSSL's short name of an attribute type; None if it knows none."""
+    lookup = getattr(ssl, "_txt2obj", None)
+    if lookup is None:
+        return DN_SHORT_NAMES.get(oid)
+    try:
+        return lookup(oid)[1]            # (nid, short name, long name, oid)
+    except ValueError:                   # "unknown object"
+        return None
+
+
+def rfc2253_value(tag: int, content: bytes) -> str:
+    """One value as a_strex.c's do_print_ex prints it with XN_FLAG_RFC2253:
+    a string type as UTF-8 (the characters of 8-bit, BMP and Universal
+    strings converted; UTF8_putc writes nothing for a surrogate or a code
+    point past U+10FFFF), escaped by rfc2253_escape; any other type as "#"
+    and its DER in hex (ASN1_STRFLGS_DUMP_UNKNOWN, _DUMP_DER).  Raises
+    ValueError for a BMP or Universal string cut inside a character (OpenSSL
+    cannot print it: nginx fails the login)."""
+    width = RFC2253_STRING_WIDTHS.get(tag)
+    if width is None:
+        return "#" + der_encoding(tag, content).hex().upper()
+    if width == 0:
+        return rfc2253_escape(content)   # UTF8String: its bytes as they are
+    if len(content) % width:
+        raise ValueError("a string of %d bytes with characters of %d" % (len(content), width))
+    text = bytearray()
+    for index in range(0, len(content), width):
+        code = int.from_bytes(content[index:index + width], "big")
+        if code < 0xD800 or 0xDFFF < code < 0x110000:
+            text += chr(code).encode("utf-8")
+    return rfc2253_escape(bytes(text))
+
+
+def rfc2253_escape(data: bytes) -> str:
+    r"""do_esc_char with ASN1_STRFLGS_RFC2253, byte by byte: the specials
+    , + " \ < > ; with a backslash, and so "#" or a space first and a space
+    last (RFC 2253 §2.4; OpenSSL counts the only byte of a one-byte value as
+    last, not first); control bytes and DEL (ASN1_STRFLGS_ESC_CTRL) and
+    8-bit bytes (ESC_MSB) as \XX in upper-case hex.  No CR, LF or NUL stays."""
+    out = []
+    last = len(data) - 1
+    for index, byte in enumerate(data):
+        first = index == 0 and last > 0
+        if byte in RFC2253_SPECIALS or (first and byte in b"# ") or (index == last and byte == 0x20):
+            out.append("\\" + chr(byte))
+        elif byte < 0x20 or byte >= 0x7F:
+            out.append("\\%02X" % byte)
+        else:
+            out.append(chr(byte))
+    return "".join(out)
 
 
 class CertificateFacts(NamedTuple):
     """What a client certificate tells (auth_http sends them as Auth-SSL-*)."""
     verify: str                # "SUCCESS" or "NONE" (a failure ends the handshake)
-    subject: str = ""
+    subject: str = ""          # RFC 2253, as nginx (rfc2253_name)
     issuer: str = ""
-    serial: str = ""
+    serial: str = ""           # as nginx (serial_text)
     fingerprint: str = ""      # SHA-1 of the DER, hex, as nginx
     identities: Tuple = ()     # the subject's CN and emailAddress values, and email SANs
+    common_name: Optional[str] = None    # the subject's first CN (PROXY v2's CN TLV)
+    der: bytes = b""           # the certificate (Auth-SSL-Cert)
+    problem: str = ""          # why a certificate that was sent reads as none
+
+    def __repr__(self) -> str:
+        return "CertificateFacts(%r, subject=%r, problem=%r)" % (self.verify, self.subject, self.problem)
 
 
 def certificate_facts(tls_object) -> CertificateFacts:
-    der = tls_object.getpeercert(binary_form=True)
-    if der is None:
-        return CertificateFacts("NONE")
-    info = tls_object.getpeercert() or {}
-    identities = [value for rdn in info.get("subject", ()) for key, value in rdn
-                  if key in ("commonName", "emailAddress")]
+    """The facts of the peer's certificate, read so that no certificate can
+    make this raise (sessions read certificates through it alone).  verify:
+    "NONE" without a certificate, "SUCCESS" with one (one that fails
+    verification has ended the handshake).  A certificate that cannot be
+    read counts as none: verify "NONE", no other fact, and ``problem`` saying
+    why, for the log.  getpeercert(), which gives the identities, raises for
+    a name value it cannot turn into text, such as a CN that is an
+    ObjectDescriptor, which OpenSSL verifies and nginx prints (CN=#07...)."""
+    try:
+        der = tls_object.getpeercert(binary_form=True)
+        if der is None:
+            return CertificateFacts("NONE")
+        return _read_certificate(der, tls_object.getpeercert() or {})
+    except (OSError, ValueError) as error:          # ssl.SSLError is an OSError
+        return CertificateFacts("NONE", problem=str(error) or type(error).__name__)
+
+
+def _read_certificate(der: bytes, info: Dict) -> CertificateFacts:
+    serial, issuer, subject = certificate_fields(der)
+    subject_values = [(key, value) for rdn in info.get("subject", ()) for key, value in rdn]
+    common_names = [value for key, value in subject_values if key == "commonName"]
+    identities = [value for key, value in subject_values if key in ("commonName", "emailAddress")]
     identities += [value for kind, value in info.get("subjectAltName", ()) if kind == "email"]
-    return CertificateFacts("SUCCESS", rfc2253_name(info.get("subject", ())),
-                            rfc2253_name(info.get("issuer", ())), info.get("serialNumber", ""),
-                            hashlib.sha1(der).hexdigest(), tuple(identities))
+    return CertificateFacts("SUCCESS", rfc2253_name(subject), rfc2253_name(issuer),
+                            serial_text(serial), hashlib.sha1(der).hexdigest(), tuple(identities),
+                            common_names[0] if common_names else None, der)
 
 
 # -- contexts from the directives ---------------------------------------------
@@ -5586,12 +5915,7 @@ class Session:
         tls = None
         if self.client.tls is not None and self.client.tls.state == TlsState.OPEN:
             layer = self.client.tls.object
-            common_name = None
-            if self.certificate is not None and self.certificate.verify == "SUCCESS":
-                info = layer.getpeercert() or {}
-                names = [value for rdn in info.get("subject", ()) for key, value in rdn
-                         if key == "commonName"]
-                common_name = names[0] if names else None
+            common_name = self.certificate.common_name if self.certificate is not None else None
             tls = ProxyTls(layer.version() or "", (layer.cipher() or ("",))[0],
                            getattr(layer, "requested_name", None),
                            layer.selected_alpn_protocol(), common_name, common_name is not None)
@@ -5621,12 +5945,17 @@ class Session:
     def _client_certificate_ok(self) -> bool:
         """ssl_verify_client: a certificate that fails verification has ended
         the handshake already (Python's ssl module cannot let it through);
-        a missing one is answered as nginx does."""
+        a missing one is answered as nginx does, and so is one that cannot be
+        read (with ``optional`` the session goes on without it)."""
         if self.server.ssl_verify_client == "off":
             return True
         self.certificate = certificate_facts(self.client.tls.object)
+        if self.certificate.problem:           # it counts as none (certificate_facts)
+            self.log("info", "client SSL certificate cannot be read (%s)"
+                     % log_escape(self.certificate.problem.encode("utf-8")))
         if self.server.ssl_verify_client == "on" and self.certificate.verify == "NONE":
-            self.log("info", "client sent no required SSL certificate")
+            if not self.certificate.problem:
+                self.log("info", "client sent no required SSL certificate")
             self.client.write(self.machine.NO_CERT)
             self._close_after_reply("no client certificate")
             return False
@@ -5698,8 +6027,7 @@ class Session:
         certificate_pem = None
         if self.certificate is not None and server.auth_http_pass_client_cert and \
                 self.certificate.verify == "SUCCESS":
-            der = self.client.tls.object.getpeercert(binary_form=True)
-            certificate_pem = ssl.DER_cert_to_PEM_cert(der).encode()
+            certificate_pem = ssl.DER_cert_to_PEM_cert(self.certificate.der).encode()
         salted = credentials.method in ("apop", "cram-md5")
         return AuthRequest(
             credentials.method, credentials.login, credentials.password, server.protocol,

@@ -36,6 +36,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import tracemalloc
 import unittest
 import unittest.mock
 from typing import Optional
@@ -2934,7 +2935,7 @@ class TlsLayerTests(TlsFiles, unittest.TestCase):
             self.assertEqual(subject["commonName"], expected)
 
     def test_rfc2253_escaping(self):
-        name = ((("commonName", 'a,b+c"d'),), (("organizationName", " lead"),))
+        name = der_name([("CN", UTF8, b'a,b+c"d')], [("O", UTF8, b" lead")])
         self.assertEqual(mp.rfc2253_name(name), 'O=\\ lead,CN=a\\,b\\+c\\"d')
 
 
@@ -10407,6 +10408,510 @@ class HostilePeerUnitTests(TlsFiles, unittest.TestCase):
             server.receive_data(client.data_to_send())
         self.assertNotIn("\n", str(caught.exception))
         self.assertIn("\\x0a", str(caught.exception))
+
+
+# -- issue 12: authentication and certificate defects ------------------------
+# A user table whose failures tell known logins from unknown ones, password
+# checks that grow with the square of the password, certificate names and
+# other values that write into the auth server's request, a Unicode
+# look-alike that logs in as another user, a certificate that kills a worker.
+
+def timing_ratio(first, second, samples: int = 21) -> float:
+    """How many times as long second() takes as first(): the least time of
+    each over interleaved samples (the order alternates), each sample
+    repeating its call until it lasts about 2 ms.  The least, not the median:
+    on a loaded machine (other test runs on two cores) a process is
+    preempted in nearly half of such samples, and preemption only ever adds
+    time, so a path's own cost is its fastest sample."""
+    started = time.perf_counter()
+    first()
+    repeat = max(1, int(0.002 / max(time.perf_counter() - started, 1e-7)))
+    times = ([], [])
+    for index in range(samples):
+        order = (0, 1) if index % 2 else (1, 0)
+        for which in order:
+            call = (first, second)[which]
+            started = time.perf_counter()
+            for _ in range(repeat):
+                call()
+            times[which].append(time.perf_counter() - started)
+    return min(times[1]) / min(times[0])
+
+
+class Issue12PasswordTests(unittest.TestCase):
+    TABLES = {
+        "PLAIN": "{PLAIN}secret",
+        "SHA512-CRYPT": mp.hash_password(b"secret", "SHA512-CRYPT"),
+        "SHA256-CRYPT rounds=2000": mp.hash_password(b"secret", "SHA256-CRYPT", rounds=2000),
+        "PBKDF2-SHA256 2000": mp.hash_password(b"secret", "PBKDF2-SHA256", rounds=2000),
+    }
+
+    def users(self, *values: str) -> mp.Config:
+        lines = "".join("user%d = %s\n" % (number, value) for number, value in enumerate(values))
+        return cfg_load(self, CFG_BASE, "\n[users]\n" + lines).users
+
+    def test_an_unknown_login_costs_what_a_wrong_password_costs(self):
+        # README: "An unknown login costs the same hashing time as a wrong
+        # password."  It cost a fixed PBKDF2-100000 (~25 ms) whatever the
+        # table held: 8 times a SHA512-CRYPT check, thousands of times a
+        # {PLAIN} one.
+        for name, value in self.TABLES.items():
+            with self.subTest(table=name):
+                users = self.users(value, value)
+                known = mp.Credentials(b"user1", b"wrong password")
+                unknown = mp.Credentials(b"nobody", b"wrong password")
+                self.assertFalse(mp.authenticate(users, {}, upstream(), unknown).ok)
+                ratio = timing_ratio(lambda: mp.authenticate(users, {}, upstream(), known),
+                                     lambda: mp.authenticate(users, {}, upstream(), unknown))
+                self.assertTrue(0.5 < ratio < 2.0, "unknown/known login: %.1f times" % ratio)
+
+    def test_the_dummy_has_the_cost_most_users_have(self):
+        sha512 = self.TABLES["SHA512-CRYPT"]
+        users = self.users("{PLAIN}a", sha512, self.TABLES["PBKDF2-SHA256 2000"], sha512)
+        self.assertEqual(mp.password_cost(users.dummy), ("SHA512-CRYPT", None))
+        for name, value in self.TABLES.items():
+            dummy = self.users(value).dummy
+            self.assertEqual(mp.password_cost(dummy), mp.password_cost(mp.parse_password_entry(value)))
+            self.assertFalse(mp.password_matches(dummy, b"secret"), name)
+        # Digest logins of an unknown user take the {PLAIN} entries' path too.
+        users = self.users("{PLAIN}secret")
+        digest = mp.cram_md5_digest(b"secret", SALT)
+        self.assertFalse(mp.authenticate(users, {}, upstream(),
+                                         mp.Credentials(b"nobody", digest, "cram-md5", SALT)).ok)
+
+    def test_a_long_password_costs_what_the_longest_allowed_one_costs(self):
+        # SHA-crypt's steps 13-15 built key * len(key): 16 KB of password took
+        # 0.7 s and 256 MB.  Passwords are now cut off at PASSWORD_MAX.
+        longest = b"p" * mp.PASSWORD_MAX
+        entry = mp.parse_password_entry(mp.hash_password(longest, "SHA512-CRYPT", rounds=1000))
+        self.assertTrue(mp.password_matches(entry, longest))
+        self.assertFalse(mp.password_matches(entry, longest + b"p"))   # no match on a prefix
+        users = {"alice": entry}
+        result = mp.authenticate(users, {}, upstream(), mp.Credentials(b"alice", longest + b"p"))
+        self.assertEqual((result.ok, result.reason), (False, "wrong password"))
+        wrong = b"q" * mp.PASSWORD_MAX
+        ratio = timing_ratio(lambda: mp.password_matches(entry, wrong),
+                             lambda: mp.password_matches(entry, b"q" * 8192), samples=5)
+        self.assertLess(ratio, 2.0, "8 KB password / %d bytes: %.1f times" % (mp.PASSWORD_MAX, ratio))
+
+    def test_sha_crypt_memory_is_linear_in_the_password(self):
+        tracemalloc.start()
+        try:
+            mp.sha_crypt(b"x" * 4096, "$6$rounds=1000$salt")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 64 * 4096, "peak %d bytes for a 4 KB password" % peak)
+
+
+# Certificates no `openssl req -subj` can write, made for these tests by a CA
+# of their own (whose key is not kept): TBSCertificates assembled byte by
+# byte, signed with `openssl dgst`, EC P-256, valid 2026-2126.  Their names:
+# "descriptor": CN=alice as an ObjectDescriptor (tag 7), which OpenSSL
+# verifies and nginx prints (CN=#0705616C696365) but getpeercert() cannot
+# read; "crlf": O=Example<CR><LF>Auth-SSL-Verify: SUCCESS and
+# CN=alice<CR><LF>Auth-SSL-Subject: CN=admin (UTF8String); "kelvin":
+# CN=<U+212A KELVIN SIGN>arl.  Serials 1001, 1002, 1003.
+
+ODD_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBojCCAUegAwIBAgICEAAwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjAmMSQwIgYDVQQDDBttYWlscHJveHkgb2RkLW5hbWVzIHRlc3QgQ0Ew
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATBq2EI05EWMXk1r9kICF6R0oEJg++8
+BUfKNXjrsQCpQOEu76JgnLAZZ1BkkpiZqZjqoNJWrBViHl35/lCSaYDFo2MwYTAP
+BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAdBgNVHQ4EFgQUT8InAKF2
+Rld3s9VSlGE34L5gR54wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54w
+CgYIKoZIzj0EAwIDSQAwRgIhAMl3xKOnvVD+b9vmO26vapv1xeDOToWKlwgqchRl
+MV03AiEA3PwYLD8ERipyRIOMJg9f1J1oEfciEARvPcv1Nt7PJEk=
+-----END CERTIFICATE-----
+"""
+
+ODD_DESCRIPTOR_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBmjCCAUCgAwIBAgICEAEwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjAQMQ4wDAYDVQQDBwVhbGljZTBZMBMGByqGSM49AgEGCCqGSM49AwEH
+A0IABIPMgQTgzb7xNP9MWQ5WXWG4pG+c1iFTm3Asp9xQQYUwn2/Rq/brqwF0j2nf
+jGZ12wy8Zq77Suy3Fox9XL/gFpKjcjBwMAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQD
+AgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMCMB0GA1UdDgQWBBTL7t5K4p/BI7d8VkOY
+ZuiasLPbJDAfBgNVHSMEGDAWgBRPwicAoXZGV3ez1VKUYTfgvmBHnjAKBggqhkjO
+PQQDAgNIADBFAiEAoIXEx5wJRd9jH+6TanDiFP5KHS5D8Yfy9cUW5Hf8nxcCIBkp
+pxD5pG8hMYgbZWQnOIF7FY3lDi62ZXC8WcJo0gtl
+-----END CERTIFICATE-----
+"""
+
+ODD_DESCRIPTOR_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglw2GRyvEQp8H2gLi
+dCURbkCKLLrXWhPOCE/iGoOwzt2hRANCAASDzIEE4M2+8TT/TFkOVl1huKRvnNYh
+U5twLKfcUEGFMJ9v0av266sBdI9p34xmddsMvGau+0rstxaMfVy/4BaS
+-----END PRIVATE KEY-----
+"""
+
+ODD_CRLF_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB4jCCAYigAwIBAgICEAIwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjBYMSowKAYDVQQKDCFFeGFtcGxlDQpBdXRoLVNTTC1WZXJpZnk6IFNV
+Q0NFU1MxKjAoBgNVBAMMIWFsaWNlDQpBdXRoLVNTTC1TdWJqZWN0OiBDTj1hZG1p
+bjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCIExLQ8Scspzkg8OhQWaseBJwNZ
+5kYEz235GJrMFwbY+yjk66iuCSMVG9HdngBLxDBEdDG1ou1DQodkD4P5vnOjcjBw
+MAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMC
+MB0GA1UdDgQWBBRqp2ugJ7W/VO6wfBn9noYAvrkDMzAfBgNVHSMEGDAWgBRPwicA
+oXZGV3ez1VKUYTfgvmBHnjAKBggqhkjOPQQDAgNIADBFAiAHJz/2yUr0Jgo7XB6D
+7uLe2qF0/Nm5rTGyIucxugoZTgIhAJjK+8GHUs9abUTE0X2+q7NDRBKulfg7JxN9
+7XxvOnL9
+-----END CERTIFICATE-----
+"""
+
+ODD_CRLF_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgpD+V88AFHJzeToXg
+gyF6HqlwM39JQKiCV998sAhXGlehRANCAAQiBMS0PEnLKc5IPDoUFmrHgScDWeZG
+BM9t+RiazBcG2Pso5OuorgkjFRvR3Z4AS8QwRHQxtaLtQ0KHZA+D+b5z
+-----END PRIVATE KEY-----
+"""
+
+ODD_KELVIN_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBmjCCAUGgAwIBAgICEAMwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjARMQ8wDQYDVQQDDAbihKphcmwwWTATBgcqhkjOPQIBBggqhkjOPQMB
+BwNCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS5PiuKfcxGBB5aXqzthX9mkxiphks
+bqhXAwynbB4eOXS9IqbAFNQzzWlPo3IwcDAJBgNVHRMEAjAAMA4GA1UdDwEB/wQE
+AwIHgDATBgNVHSUEDDAKBggrBgEFBQcDAjAdBgNVHQ4EFgQUSrp0eIEFezdYznUj
+61HXRE7Z/B8wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54wCgYIKoZI
+zj0EAwIDRwAwRAIgc3PAgGAL2hTSDEeKirTySAj3uXvTrw+Ilj6KkegJ42ACIG6/
+RiOR13tqAKFd/P1sDiY61BPKYpYv8i7OvZQ3rv3q
+-----END CERTIFICATE-----
+"""
+
+ODD_KELVIN_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgTPw544mQ8JVyZi3t
+d7z3fJHYaJKvSLr+FSSfFZvUlcahRANCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS
+5PiuKfcxGBB5aXqzthX9mkxiphksbqhXAwynbB4eOXS9IqbAFNQzzWlP
+-----END PRIVATE KEY-----
+"""
+
+ODD_TLS_FILES = {"oddca.crt": ODD_CA_PEM, "descriptor.crt": ODD_DESCRIPTOR_CERT_PEM,
+                 "descriptor.key": ODD_DESCRIPTOR_KEY_PEM, "crlf.crt": ODD_CRLF_CERT_PEM,
+                 "crlf.key": ODD_CRLF_KEY_PEM, "kelvin.crt": ODD_KELVIN_CERT_PEM,
+                 "kelvin.key": ODD_KELVIN_KEY_PEM, "bothca.crt": TLS_CA_PEM + ODD_CA_PEM}
+
+# DER for names built in the tests: the value tags and the attribute types.
+UTF8, PRINTABLE, T61, IA5, UNIVERSAL, BMP, OBJECT_DESCRIPTOR = 0x0C, 0x13, 0x14, 0x16, 0x1C, 0x1E, 0x07
+DER_ATTRIBUTES = {"CN": "550403", "O": "55040a", "C": "550406", "DC": "0992268993f22c640119",
+                  "1.2.3.4": "2a0304"}
+
+
+def der_tlv(tag: int, content: bytes) -> bytes:
+    if len(content) < 0x80:
+        return bytes((tag, len(content))) + content
+    return bytes((tag, 0x82)) + len(content).to_bytes(2, "big") + content
+
+
+def der_name(*rdns) -> bytes:
+    """A DER Name; each RDN a list of (attribute, value tag, value bytes)."""
+    sets = b""
+    for rdn in rdns:
+        values = b""
+        for attribute, tag, value in rdn:
+            values += der_tlv(0x30, der_tlv(0x06, bytes.fromhex(DER_ATTRIBUTES[attribute])) +
+                              der_tlv(tag, value))
+        sets += der_tlv(0x31, values)
+    return der_tlv(0x30, sets)
+
+
+class OddTlsFiles:
+    """ODD_TLS_FILES in a temporary directory, once per class."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.odd_directory = tempfile.TemporaryDirectory()
+        for name, text in ODD_TLS_FILES.items():
+            write_file(cls.odd_directory.name, name, text)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.odd_directory.cleanup()
+        super().tearDownClass()
+
+    def odd_path(self, name: str) -> str:
+        return os.path.join(self.odd_directory.name, name)
+
+    def odd_context(self, certificate: str, ca: str) -> ssl.SSLContext:
+        """A client context that trusts ``ca`` and sends ``certificate``."""
+        context = ssl.create_default_context(cafile=ca)
+        context.load_cert_chain(self.odd_path(certificate + ".crt"), self.odd_path(certificate + ".key"))
+        return context
+
+
+# Every byte that could break a header line or that nginx's escaping treats
+# specially: CR, LF, NUL, TAB, space, "%", quotes, backslash, 8-bit.
+HOSTILE_TEXT = "x\r\nForged: 1\0\t %\"'\\\u00e9"
+HOSTILE = HOSTILE_TEXT.encode("utf-8") + b"\xff"
+# As nginx sends it in Auth-User, Auth-Pass and Auth-SSL-Cert (NGX_ESCAPE_MAIL_AUTH).
+HOSTILE_ESCAPED = b"x%0D%0AForged:%201%00%09%20%25\"'\\\xc3\xa9\xff"
+# As nginx sends the other headers (unescaped), but CR, LF and NUL, which no
+# value nginx puts there holds, and which would end the line.
+HOSTILE_UNBROKEN = b"x%0D%0AForged: 1%00\t %\"'\\\xc3\xa9\xff"
+HOSTILE_TEXT_UNBROKEN = HOSTILE_UNBROKEN[:-1]
+
+
+REQUEST_SMTP = (b"helo.example", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>")
+REQUEST_TLS = ("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+REQUEST_FACTS = mp.CertificateFacts("SUCCESS", "CN=alice", "CN=CA", "01AB", "ff" * 20)
+
+
+class Issue12AuthHttpRequestTests(unittest.TestCase):
+    # header: (the request's fields given a text and a bytes value to carry,
+    # what nginx would send for the hostile value)
+    ROWS = {
+        "Host": (lambda text, data: {"url": AH_URL._replace(host_header=text)}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-Method": (lambda text, data: {"method": text}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-User": (lambda text, data: {"login": data}, HOSTILE_ESCAPED),
+        "Auth-Pass": (lambda text, data: {"password": data}, HOSTILE_ESCAPED),
+        "Auth-Salt": (lambda text, data: {"method": "cram-md5", "salt": data}, HOSTILE_UNBROKEN),
+        "Auth-Protocol": (lambda text, data: {"protocol": text}, HOSTILE_TEXT_UNBROKEN),
+        "Client-IP": (lambda text, data: {"client_ip": text}, HOSTILE_TEXT_UNBROKEN),
+        "Client-Host": (lambda text, data: {"client_host": text}, HOSTILE_TEXT_UNBROKEN),
+        "Proxy-Protocol-Addr": (lambda text, data: {"proxy_protocol": (text, 1, "192.0.2.9", 25)},
+                                HOSTILE_TEXT_UNBROKEN),
+        "Proxy-Protocol-Server-Addr": (lambda text, data: {"proxy_protocol": ("192.0.2.7", 1, text, 25)},
+                                       HOSTILE_TEXT_UNBROKEN),
+        "Auth-SMTP-Helo": (lambda text, data: {"method": "none", "smtp": (data,) + REQUEST_SMTP[1:]},
+                           HOSTILE_UNBROKEN),
+        "Auth-SMTP-From": (lambda text, data: {"method": "none", "smtp": (REQUEST_SMTP[0], data, REQUEST_SMTP[2])},
+                           HOSTILE_UNBROKEN),
+        "Auth-SMTP-To": (lambda text, data: {"method": "none", "smtp": REQUEST_SMTP[:2] + (data,)},
+                         HOSTILE_UNBROKEN),
+        "Auth-SSL-Protocol": (lambda text, data: {"tls": (text, REQUEST_TLS[1])}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Cipher": (lambda text, data: {"tls": (REQUEST_TLS[0], text)}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Verify": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(verify=text)},
+                            HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Subject": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(subject=text)},
+                             HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Issuer": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(issuer=text)},
+                            HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Serial": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(serial=text)},
+                            HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Fingerprint": (lambda text, data: {"tls": REQUEST_TLS,
+                                                     "certificate": REQUEST_FACTS._replace(fingerprint=text)},
+                                 HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Cert": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS, "certificate_pem": data},
+                          HOSTILE_ESCAPED),
+        "X-Custom": (lambda text, data: {"headers": [("X-Custom", text)]}, HOSTILE_TEXT_UNBROKEN),
+    }
+
+    def build(self, fields: dict) -> bytes:
+        fields = dict(fields)
+        url = fields.pop("url", AH_URL)
+        headers = fields.pop("headers", [("X-Custom", "v")])
+        return mp.build_auth_http_request(url, headers, auth_request(**fields))
+
+    def names(self, request: bytes) -> list:
+        """The request's header names, after checking that it ends with its
+        blank line and that no line holds a CR, LF or NUL."""
+        self.assertTrue(request.endswith(b"\r\n\r\n"), request)
+        lines = request[:-4].split(b"\r\n")
+        for line in lines:
+            self.assertNotRegex(line, rb"[\r\n\0]", "a line with CR, LF or NUL: %r" % line)
+        return [line.partition(b":")[0] for line in lines[1:]]
+
+    def test_every_header_keeps_its_line_whatever_it_carries(self):
+        # Before: Client-IP, Client-Host, Proxy-Protocol-*, Auth-SSL-*, Host
+        # and the rest went in as they came, so a CR LF in any of them wrote
+        # a header of its own.  Now each has exactly its line, with the bytes
+        # nginx sends (%XX where nginx escapes, the value as it is elsewhere)
+        # but for CR, LF and NUL.
+        for header, (fields, expected) in self.ROWS.items():
+            with self.subTest(header=header):
+                request = self.build(fields(HOSTILE_TEXT, HOSTILE))
+                self.assertEqual(self.names(request), self.names(self.build(fields("v", b"v"))))
+                self.assertIn(b"\r\n" + header.encode() + b": " + expected + b"\r\n", request)
+
+    def test_no_header_is_added_by_a_value(self):
+        everything = dict(login=HOSTILE, password=HOSTILE, method="none", protocol="smtp",
+                          client_ip=HOSTILE_TEXT, client_host=HOSTILE_TEXT,
+                          proxy_protocol=(HOSTILE_TEXT, 1, HOSTILE_TEXT, 2),
+                          smtp=(HOSTILE, HOSTILE, HOSTILE), tls=(HOSTILE_TEXT, HOSTILE_TEXT),
+                          certificate=mp.CertificateFacts(*[HOSTILE_TEXT] * 5),
+                          certificate_pem=HOSTILE, headers=[("X-Custom", HOSTILE_TEXT)])
+        request = self.build(everything)
+        self.assertEqual(self.names(request), [
+            b"Host", b"Auth-Method", b"Auth-User", b"Auth-Pass", b"Auth-Protocol",
+            b"Auth-Login-Attempt", b"Client-IP", b"Client-Host", b"Proxy-Protocol-Addr",
+            b"Proxy-Protocol-Port", b"Proxy-Protocol-Server-Addr", b"Proxy-Protocol-Server-Port",
+            b"Auth-SMTP-Helo", b"Auth-SMTP-From", b"Auth-SMTP-To", b"Auth-SSL", b"Auth-SSL-Protocol",
+            b"Auth-SSL-Cipher", b"Auth-SSL-Verify", b"Auth-SSL-Subject", b"Auth-SSL-Issuer",
+            b"Auth-SSL-Serial", b"Auth-SSL-Fingerprint", b"Auth-SSL-Cert", b"X-Custom"])
+        self.assertTrue(request.startswith(b"GET /mail/auth HTTP/1.0\r\n"))
+        with self.assertRaises(ValueError):
+            mp.auth_http_header("X-Bad\r\nForged", "v")
+
+    def test_names_print_as_openssl_prints_them(self):
+        # Each expectation is what `openssl x509 -noout -subject -nameopt
+        # RFC2253` (OpenSSL 3.0, XN_FLAG_RFC2253, nginx's Auth-SSL-Subject)
+        # printed for a certificate with that subject.
+        cases = [
+            ([[("CN", UTF8, b"alice\r\nAuth-Status: OK")]], r"CN=alice\0D\0AAuth-Status: OK"),
+            ([[("CN", UTF8, b"a\x00b\tc\x7fd\x1b")]], r"CN=a\00b\09c\7Fd\1B"),
+            ([[("CN", UTF8, "\u00e9\u20ac".encode())]], r"CN=\C3\A9\E2\82\AC"),
+            ([[("CN", T61, b"\xe9x\xff")]], r"CN=\C3\A9x\C3\BF"),
+            ([[("CN", BMP, "\u00e9\u20acA".encode("utf-16-be"))]], r"CN=\C3\A9\E2\82\ACA"),
+            ([[("CN", UNIVERSAL, "\u00e9\U0001f600".encode("utf-32-be"))]], r"CN=\C3\A9\F0\9F\98\80"),
+            ([[("CN", IA5, b"\x80\xfe")]], r"CN=\C2\80\C3\BE"),
+            ([[("CN", UTF8, b"#a b ")]], r"CN=\#a b\ "),
+            ([[("CN", UTF8, b" ")]], r"CN=\ "),
+            ([[("CN", UTF8, b"#")]], r"CN=#"),
+            ([[("CN", UTF8, b"##")]], r"CN=\##"),
+            ([[("CN", UTF8, b",+\"\\<>;=%'")]], r"CN=\,\+\"\\\<\>\;=%'"),
+            ([[("CN", UTF8, b"")]], r"CN="),
+            ([[("C", PRINTABLE, b"DE")], [("CN", UTF8, b"a"), ("O", UTF8, b"b")]], r"O=b+CN=a,C=DE"),
+            ([[("1.2.3.4", UTF8, b"x")]], r"1.2.3.4=#0C0178"),
+            ([[("CN", OBJECT_DESCRIPTOR, b"abc")]], r"CN=#0703616263"),
+            ([[("DC", IA5, b"example")]], r"DC=example"),
+        ]
+        for rdns, expected in cases:
+            with self.subTest(expected=expected):
+                self.assertEqual(mp.rfc2253_name(der_name(*rdns)), expected)
+        with self.assertRaises(ValueError):
+            mp.rfc2253_name(der_name([("CN", BMP, b"\x00\xe9\x00")]))    # cut in a character
+
+    def test_serials_print_as_openssl_prints_them(self):
+        # i2a_ASN1_INTEGER; it breaks a line after 35 bytes, which the
+        # request then carries as %0A.
+        self.assertEqual(mp.serial_text(b"\x00\x93\xf1"), "93F1")
+        self.assertEqual(mp.serial_text(b"\x00"), "00")
+        self.assertEqual(mp.serial_text(b"\xff"), "-01")
+        long_serial = bytes(range(1, 37))
+        self.assertEqual(mp.serial_text(long_serial), long_serial[:35].hex().upper() + "\\\n24")
+        request = auth_request(tls=REQUEST_TLS, certificate=REQUEST_FACTS._replace(
+            serial=mp.serial_text(long_serial)))
+        self.assertIn(b"\r\nAuth-SSL-Serial: " + long_serial[:35].hex().upper().encode() + b"\\%0A24\r\n",
+                      mp.build_auth_http_request(AH_URL, [], request))
+
+    def test_an_ipv6_auth_server_keeps_its_brackets_in_host(self):
+        # nginx's ngx_parse_url keeps the brackets in u.host (RFC 7230 §5.4).
+        for url, port in (("http://[::1]:9000/auth", 9000), ("[::1]/auth", 80)):
+            parsed = mp.parse_auth_http([url])
+            self.assertEqual((parsed.host_header, parsed.address[1][1], parsed.text),
+                             ("[::1]", port, "[::1]:%d" % port))
+            self.assertTrue(mp.build_auth_http_request(parsed, [], auth_request()).startswith(
+                b"GET /auth HTTP/1.0\r\nHost: [::1]\r\nAuth-Method: plain\r\n"))
+
+
+class Issue12ExternalIdentityTests(unittest.TestCase):
+    USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
+             "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
+
+    def external(self, login: bytes, *identities: str) -> mp.AuthResult:
+        facts = mp.CertificateFacts("SUCCESS", identities=identities)
+        return mp.authenticate_external(self.USERS, {}, upstream(), login, facts)
+
+    def test_unicode_case_mapping_does_not_make_a_login(self):
+        # str.lower() made U+212A KELVIN SIGN a "k": a certificate for
+        # "\u212aarl" logged in as karl.
+        result = self.external(b"karl", "\u212aarl")
+        self.assertEqual((result.ok, result.reason),
+                         (False, "EXTERNAL login does not match the client certificate"))
+        self.assertFalse(self.external(b"\xc3\xa5sa", "\u212bsa").ok)     # ANGSTROM SIGN, too
+        self.assertFalse(self.external(b"", "\u212aarl").ok)              # not in [users]
+
+    def test_ascii_case_is_forgiven(self):
+        result = self.external(b"alice@example.com", "Alice@Example.COM")
+        self.assertEqual((result.ok, result.login, result.password),
+                         (True, b"alice@example.com", b"secret"))
+        self.assertFalse(self.external(b"KARL", "karl").ok)              # [users] is exact
+        self.assertTrue(self.external(b"karl", "KARL").ok)
+
+
+class Issue12CertificateEndToEndTests(OddTlsFiles, AuthHttpEndToEndCase):
+    """Certificates with odd names, end to end."""
+
+    def auth_proxy(self, auth: AuthServer, mode: str = "on") -> ah_PreparedProxy:
+        return self.proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
+                          ssl_certificate_key="server.key", ssl_verify_client=mode,
+                          ssl_client_certificate=self.odd_path("bothca.crt"))
+
+    def odd_client(self, proxy, certificate: str) -> Client:
+        client = self.connect(proxy)
+        client.sock = self.odd_context(certificate, proxy.path("ca.crt")).wrap_socket(
+            client.sock, server_hostname="mail.example.com")
+        return client
+
+    def tls_lines(self, client: Client, *lines: bytes) -> bytes:
+        return (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
+                b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n" +
+                b"".join(line + b"\r\n" for line in lines))
+
+    def test_a_name_with_cr_lf_reaches_the_auth_server_escaped(self):
+        # The subject went in as 'CN=alice\r\nAuth-SSL-Subject: CN=admin,...'
+        # and forged two headers; nginx sends OpenSSL's \0D\0A.
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.auth_proxy(auth)
+        client = self.odd_client(proxy, "crlf")
+        self.imap_login(client)
+        fingerprint = hashlib.sha1(ssl.PEM_cert_to_DER_cert(ODD_CRLF_CERT_PEM)).hexdigest()
+        self.assertEqual(auth.requests, [ah_request(after=self.tls_lines(
+            client, b"Auth-SSL-Verify: SUCCESS",
+            rb"Auth-SSL-Subject: CN=alice\0D\0AAuth-SSL-Subject: CN=admin,"
+            rb"O=Example\0D\0AAuth-SSL-Verify: SUCCESS",
+            b"Auth-SSL-Issuer: CN=mailproxy odd-names test CA", b"Auth-SSL-Serial: 1002",
+            b"Auth-SSL-Fingerprint: " + fingerprint.encode()))])
+
+    def test_an_unreadable_certificate_under_optional_reads_as_none(self):
+        # getpeercert() raised in stream_tls_ready and ended the worker.
+        # With ``optional`` the session goes on; the auth server is told
+        # what nginx tells it of a client without a certificate.
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(ah_ok(backend.port))
+        proxy = self.auth_proxy(auth, mode="optional")
+        client = self.odd_client(proxy, "descriptor")
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [ah_request(after=self.tls_lines(client, b"Auth-SSL-Verify: NONE"))])
+        proxy.wait_for_log(r"\[info\] .*\*1 client SSL certificate cannot be read \(.+\) while SSL "
+                           r"handshaking, client: 127\.0\.0\.1, ")
+        proxy.assert_alive()
+
+
+class Issue12CertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
+    def test_an_unreadable_certificate_is_refused_and_the_worker_lives(self):
+        # ssl_verify_client on: as a missing certificate.  A logged-in
+        # bystander on the same worker keeps working.
+        backend = self.use(TlsFakeImapBackend())
+        proxy = self.tls_proxy("imap", backend.port, ssl_verify_client="on",
+                               ssl_client_certificate=self.odd_path("bothca.crt"))
+        bystander = self.tls_connect(proxy, certificate="client")
+        self.imap_login(bystander)
+        hostile = self.plain_connect(proxy)
+        hostile.start_tls(self.odd_context("descriptor", self.tls_path("ca.crt")))
+        self.assertEqual(hostile.read_line(), b"* BYE No required SSL certificate\r\n")
+        hostile.expect_closed()
+        proxy.wait_for_log(r"\[info\] .*\*2 client SSL certificate cannot be read \(.+\) while SSL "
+                           r"handshaking")
+        proxy.wait_for_log(r"\*2 session done: no client certificate")
+        bystander.send("a2 NOOP")
+        bystander.expect(rb"^a2 OK NOOP completed\r\n$")
+        proxy.assert_alive()
+
+    def test_a_kelvin_sign_does_not_log_in_as_karl(self):
+        backend = self.use(TlsFakeImapBackend(logins=((b"karl", b"secret"),)))
+        proxy = self.tls_proxy("imap", backend.port, users={"karl": "{PLAIN}secret"},
+                               ssl_verify_client="optional", imap_auth="plain external",
+                               ssl_client_certificate=self.odd_path("oddca.crt"))
+        client = self.plain_connect(proxy)
+        client.start_tls(self.odd_context("kelvin", self.tls_path("ca.crt")))
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"karl") + b"\r\n")
+        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        proxy.wait_for_log(r'client login failed: "EXTERNAL login does not match the client '
+                           r'certificate"')
+        self.assertEqual(backend.received, [])
 
 
 class HostileAuthServerTests(AuthHttpEndToEndCase):
