@@ -1935,12 +1935,11 @@ class ImapScanner:
     non-synchronizing (RFC 7888).  Like nginx >= 1.29.6 a quoted string or
     literal must be followed by SP or CRLF.
 
-    The work is linear in the bytes however they arrive: arguments scanned
-    once are kept, and after an incomplete scan the arguments are not looked
-    at again until what they wait for has come: a line end (every command
-    and every literal header ends in one), or as many bytes as the literal
-    being read announced.  The tag and the command name are read as they
-    come (each is at most a few dozen bytes), so a bad one is refused at once.
+    Resumable, so that the work is linear in the bytes however they arrive
+    and every answer is the same whatever the split: the scan goes on from
+    the first byte it has not looked at, with what it knows so far (the
+    arguments, and the one under way in ``pending``), and a decision is
+    made as soon as the bytes that decide it have come.
     """
 
     def __init__(self, max_literal: int):
@@ -1952,25 +1951,17 @@ class ImapScanner:
         self.tag = None            # type: Optional[bytes]  (with its trailing space)
         self.name = None           # type: Optional[bytes]  (upper case)
         self.args = []             # the arguments scanned so far
-        self.pos = 0               # where scanning goes on: after the last whole argument
+        self.pos = 0               # the first byte not looked at (outside ``pending``)
+        self.separated = False     # at self.pos an argument may start (spaces skipped)
+        self.pending = None        # the argument under way: (kind, start, ...), see _go_on
         self.sync_literals = 0     # {n} headers complete so far: each wants "+ OK"
         self.non_sync_seen = False
-        self.literal = None        # (data start, length) of a literal whose data is due
-        self.wait_bytes = 0        # arguments: nothing to do before this many bytes are held
-        self.wait_line = None      # ... or before a LF at or after this index
 
     def scan(self, data: bytearray):
         if self.name is None:
             header = self._scan_header(data)
             if header is not None:
                 return header
-        if len(data) < self.wait_bytes:
-            return self._incomplete()
-        if self.wait_line is not None:
-            if data.find(b"\n", self.wait_line) < 0:
-                self.wait_line = len(data)
-                return self._incomplete()
-        self.wait_bytes, self.wait_line = 0, None
         return self._scan_arguments(data)
 
     def _incomplete(self) -> "ImapIncomplete":
@@ -1988,16 +1979,14 @@ class ImapScanner:
             if data[space] != 0x20 or not tag or any(byte not in IMAP_TAG_CHARS for byte in tag):
                 return ImapInvalid(None, _line_end(data, 0), False)
             self.tag, self.pos = tag + b" ", space
-        match = _IMAP_SPACES.match(data, self.pos)
-        start = match.end()
+        start = _IMAP_SPACES.match(data, self.pos).end()
+        self.pos = start
         if start == len(data):
-            self.pos = start
             return self._incomplete()
         end = _find_any(data, start, b" \r\n", start + IMAP_MAX_COMMAND + 1)
         if end < 0:
             if len(data) - start > IMAP_MAX_COMMAND:
                 return ImapInvalid(self.tag, _line_end(data, start), False)
-            self.pos = start
             return self._incomplete()
         name = bytes(data[start:end]).upper()
         if name not in IMAP_COMMANDS:
@@ -2009,122 +1998,118 @@ class ImapScanner:
         is_id = self.name == b"ID"
         max_args = IMAP_ID_MAX_ARGS if is_id else IMAP_MAX_ARGS
         while True:
-            if self.literal is not None:
-                argument = self._literal_data(data)
+            if self.pending is not None:
+                argument = self._go_on(data)
                 if argument is None:
                     return self._incomplete()
                 if argument is False:
                     return self._invalid(data)
                 self.args.append(argument)
+                self.separated = False
             pos = self.pos
             if pos >= len(data):
-                return self._wait_for_line(data)
+                return self._incomplete()
             byte = data[pos]
             if byte == 0x0A:                                   # bare LF ends too
                 return ImapCommand(self.tag, self.name, self.args, pos + 1)
             if byte == 0x0D:
                 if pos + 1 >= len(data):
-                    return self._wait_for_line(data)
+                    return self._incomplete()
                 if data[pos + 1] != 0x0A:
                     return self._invalid(data)
                 return ImapCommand(self.tag, self.name, self.args, pos + 2)
-            # SP separates arguments; inside ID's list "(" and ")" need none.
-            list_edge = is_id and (byte == 0x29 or self.args[-1:] == [b"("])
-            if byte != 0x20 and not list_edge:
-                return self._invalid(data)
-            pos = _IMAP_SPACES.match(data, pos).end()
-            if pos >= len(data):
-                return self._wait_for_line(data)
-            if data[pos] in b"\r\n":
-                self.pos = pos
+            if byte == 0x20 or not self.separated:
+                # SP separates arguments; inside ID's list "(" and ")" need none.
+                list_edge = is_id and (byte == 0x29 or self.args[-1:] == [b"("])
+                if byte != 0x20 and not list_edge:
+                    return self._invalid(data)
+                self.pos = _IMAP_SPACES.match(data, pos).end()
+                self.separated = True
                 continue
             if len(self.args) >= max_args:
                 return self._invalid(data)
-            argument = self._argument(data, pos, is_id)
-            if argument is None:
-                return self._incomplete()
-            if argument is False:
-                return self._invalid(data)
-            self.args.append(argument)
-
-    def _wait_for_line(self, data: bytearray) -> "ImapIncomplete":
-        self.wait_line = len(data)
-        return self._incomplete()
+            self._start_argument(data, pos, is_id)
 
     def _invalid(self, data: bytearray) -> "ImapInvalid":
         return ImapInvalid(self.tag, _line_end(data, self.pos), self.non_sync_seen)
 
-    def _argument(self, data: bytearray, pos: int, is_id: bool):
-        """One argument at ``pos``: bytes (and self.pos moves past it),
-        None (need more data) or False (invalid; self.pos is where)."""
+    def _start_argument(self, data: bytearray, pos: int, is_id: bool) -> None:
+        """An argument starts at ``pos``: what kind it is, in ``pending``."""
         byte = data[pos]
         if byte == 0x22:                                      # '"'
-            return self._quoted(data, pos)
-        if byte == 0x7B:                                      # '{'
-            return self._literal_header(data, pos)
-        if is_id and byte in b"()":
-            self.pos = pos + 1
-            return bytes([byte])
-        end = _find_any(data, pos, b" \r\n)" if is_id else b" \r\n")
-        if end < 0:
-            self.pos = pos
-            self._wait_for_line(data)
-            return None
-        self.pos = end
-        return bytes(data[pos:end])
+            self.pending = ("quoted", pos, pos + 1)
+        elif byte == 0x7B:                                    # '{'
+            self.pending = ("literal", pos)
+        elif is_id and byte in b"()":
+            self.pending = ("parenthesis", pos)
+        else:
+            self.pending = ("atom", pos, pos)
 
-    def _quoted(self, data: bytearray, pos: int):
+    def _go_on(self, data: bytearray):
+        """Scan on in the argument under way, from where the last scan of it
+        stopped.  Returns bytes (done: self.pos is past it), None (more data
+        needed: ``pending`` says where to go on) or False (invalid: self.pos
+        is where)."""
+        kind, start = self.pending[:2]
+        if kind == "atom":                  # ("atom", start, where to look on)
+            end = _find_any(data, self.pending[2], b" \r\n)" if self.name == b"ID" else b" \r\n")
+            if end < 0:
+                self.pending = ("atom", start, len(data))
+                return None
+            self.pending, self.pos = None, end
+            return bytes(data[start:end])
+        if kind == "quoted":                # ("quoted", start, where to look on)
+            return self._quoted(data, start, self.pending[2])
+        if kind == "literal":               # ("literal", start of the {n} header)
+            return self._literal_header(data, start)
+        if kind == "parenthesis":           # ("parenthesis", where): ID's list, nothing after
+            self.pending, self.pos = None, start + 1
+            return bytes(data[start:start + 1])
+        if kind == "literal data":          # ("literal data", start, length)
+            length = self.pending[2]
+            if len(data) < start + length:
+                return None
+            return self._after_string(data, start + length, bytes(data[start:start + length]))
+        return self._after_string(data, start, self.pending[2])   # ("after", pos, value)
+
+    def _quoted(self, data: bytearray, start: int, scan_from: int):
         """RFC 3501 quoted: no CR or LF inside; a backslash quotes the next byte."""
-        body = _IMAP_QUOTED_BODY.match(data, pos + 1)
-        end = body.end()
-        if end >= len(data):                                  # the closing quote is due
-            self.pos = pos
-            self._wait_for_line(data)
+        end = _IMAP_QUOTED_BODY.match(data, scan_from).end()
+        if end >= len(data) or (data[end] == 0x5C and end + 1 == len(data)):
+            self.pending = ("quoted", start, end)     # the closing quote (or a quoted byte) is due
             return None
-        if data[end] != 0x22:                                 # CR, LF, or a backslash before one
+        if data[end] != 0x22:                         # CR or LF, bare or after a backslash
             self.pos = end
             return False
-        value = _IMAP_QUOTED_PAIR.sub(rb"\1", bytes(data[pos + 1:end]))
-        return self._after_string(data, pos, end + 1, value)
+        value = _IMAP_QUOTED_PAIR.sub(rb"\1", bytes(data[start + 1:end]))
+        return self._after_string(data, end + 1, value)
 
-    def _literal_header(self, data: bytearray, pos: int):
+    def _literal_header(self, data: bytearray, start: int):
         """``{n}`` or ``{n+}``, then CRLF (nginx also takes a bare LF)."""
-        rest = bytes(data[pos:pos + 16])
+        rest = bytes(data[start:start + 16])
         match = _IMAP_LITERAL.match(rest)
         if not match:
-            self.pos = pos
             if _IMAP_LITERAL_START.fullmatch(rest):
-                self._wait_for_line(data)
-                return None                                   # the header is still coming
+                return None                           # the header is still coming
+            self.pos = start
             return False
         length = int(match.group(1))
         if match.group(2):
             self.non_sync_seen = True
         if length > self.max_literal:
-            self.pos = pos
+            self.pos = start
             return False
         if not match.group(2):
             self.sync_literals += 1
-        self.literal = (pos + match.end(), length)
-        self.pos = pos
-        return self._literal_data(data)
+        self.pending = ("literal data", start + match.end(), length)
+        return self._go_on(data)
 
-    def _literal_data(self, data: bytearray):
-        """The data of the literal whose header was read, once it has come."""
-        start, length = self.literal
-        if len(data) < start + length + 1:                    # with the byte after it
-            self.wait_bytes = start + length + 1
-            return None
-        self.literal = None
-        return self._after_string(data, self.pos, start + length, bytes(data[start:start + length]))
-
-    def _after_string(self, data: bytearray, start: int, pos: int, value: bytes):
+    def _after_string(self, data: bytearray, pos: int, value: bytes):
         """A string ends at ``pos``; SP or the line end must follow (ID: ")" too)."""
         if pos >= len(data):
-            self.pos = start
-            self.wait_bytes = pos + 1
+            self.pending = ("after", pos, value)
             return None
-        self.pos = pos
+        self.pending, self.pos = None, pos
         if data[pos] not in b" \r\n" and not (self.name == b"ID" and data[pos] == 0x29):
             return False                       # the line to drop ends after here
         return value
