@@ -10469,17 +10469,25 @@ def fuzz_report(seed: int, stats: FuzzStats, shrink: bool = True) -> str:
     return "\n".join(lines)
 
 
-def fuzz_arguments(argv: List[str]) -> tuple:
-    """--fuzz N [--seed S] [TARGET...] -> (N, S, target names)."""
-    values = {}
-    names = []
+FUZZ_USAGE = "usage: test_mailproxy.py --fuzz N [--seed S] [TARGET...]; targets: "
+
+
+def fuzz_arguments(argv: List[str]) -> Optional[tuple]:
+    """--fuzz N [--seed S] [TARGET...] -> (N, S, target names), or None if
+    they make no sense.  A TARGET picks the targets whose name contains it."""
+    values, names = {}, []
     arguments = iter(argv)
     for argument in arguments:
         if argument in ("--fuzz", "--seed"):
-            values[argument] = int(next(arguments))
+            value = next(arguments, "")
+            if not value.isdigit():
+                return None
+            values[argument] = int(value)
         elif not argument.startswith("-"):
             names.append(argument)
     chosen = [name for name in FUZZ_TARGETS if not names or any(part in name for part in names)]
+    if not chosen:
+        return None
     return values["--fuzz"], values.get("--seed", FUZZ_SEED), chosen
 
 
@@ -10487,7 +10495,11 @@ def run_fuzz(argv: List[str]) -> int:
     """python3 test_mailproxy.py --fuzz N [--seed S] [TARGET...]: N inputs
     per target; per target the count, inputs per second and failures (each
     distinct one shrunk, with a reproducer); exit 1 on any failure."""
-    count, seed, names = fuzz_arguments(argv)
+    arguments = fuzz_arguments(argv)
+    if arguments is None:
+        print(FUZZ_USAGE + " ".join(FUZZ_TARGETS), file=sys.stderr)
+        return 2
+    count, seed, names = arguments
     print("fuzz: seed %d, %d inputs per target, targets: %s" % (seed, count, " ".join(names)))
     print("%-14s %9s %9s %10s %9s %9s  %s" % ("target", "inputs", "seconds", "inputs/s", "failures",
                                                "slowest", "inputs digest"))
@@ -10505,7 +10517,8 @@ def run_fuzz(argv: List[str]) -> int:
         if stats.failures:
             reports.append(fuzz_report(seed, stats))
     seconds = time.perf_counter() - started
-    print("\n".join(reports))
+    for report in reports:
+        print(report)
     print("fuzz: %d inputs in %.1f s (%.0f inputs/s), %d failed, seed %d"
           % (total, seconds, total / max(seconds, 1e-9), failed, seed))
     return 1 if failed else 0
