@@ -9536,6 +9536,7 @@ class FuzzCase(NamedTuple):
 
 
 class FuzzFailure(NamedTuple):
+    """What fuzz_check() found wrong with a case."""
     case: FuzzCase
     oracle: str                  # "exception", "bounded buffers", "split independence",
                                  # "auth request", "trailing data"
@@ -9986,6 +9987,7 @@ FUZZ_BOUNDS = "bounded buffers"
 FUZZ_AUTH_REQUEST = "auth request"
 FUZZ_TRAILING = "trailing data"
 
+
 def fuzz_client_machine(case: FuzzCase):
     settings = case.settings
     machine = make_machine(case.target, tls=settings["tls"], **settings["machine"])
@@ -10207,6 +10209,7 @@ def fuzz_drive_dns(case: FuzzCase, reads: Callable, problems: list) -> FuzzTrans
 
 
 class FuzzTarget(NamedTuple):
+    """One piece under fuzz: how to make its inputs and how to feed them."""
     settings: Callable           # rng -> the settings of one case
     corpus: Callable             # (rng, settings) -> segments of a valid input
     limits: Callable             # settings -> lengths worth reaching (buffers, limits)
