@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import imaplib
 import io
+import itertools
 import os
 import platform
 import poplib
@@ -10129,6 +10130,30 @@ def fuzz_drive_backend(case: FuzzCase, reads: Callable, problems: list) -> FuzzT
     return FuzzTranscript(log, bytes(sent), ("no error at EOF",))
 
 
+def fuzz_backend_turns(case: FuzzCase) -> dict:
+    """Where BackendLogin sends a command, the replies read a line at a time
+    (it sends only when a line completes a step): {segment number: offsets
+    just after a line that made it send}.  A backend answers only then."""
+    settings = case.settings
+    login = mp.BackendLogin(fuzz_backend_script(settings), settings["tag"], settings["line_limit"])
+    login.data_to_send()
+    points = {}
+    for index, segment in enumerate(case.segments):
+        for line in re.finditer(rb"[^\n]*\n|[^\n]+$", segment):
+            try:
+                events = login.receive_data(line.group())
+            except mp.BackendError:
+                return points
+            if login.data_to_send():
+                points.setdefault(index, []).append(line.end())
+            if any(isinstance(event, mp.LoginDone) for event in events):
+                return points
+            if any(isinstance(event, mp.BackendStartTls) for event in events):
+                login.tls_started()
+                break
+    return points
+
+
 def fuzz_backend_error(error: Exception) -> tuple:
     """A BackendError as the transcript keeps it.  "too long response line"
     (no LF within line_limit yet) and "too long response" (the LF came in the
@@ -10215,6 +10240,8 @@ class FuzzTarget(NamedTuple):
     limits: Callable             # settings -> lengths worth reaching (buffers, limits)
     drive: Callable              # (case, reads, problems) -> FuzzTranscript
     splits: bool = True          # False: one datagram, nothing to cut
+    turns: Optional[Callable] = None     # case -> {segment: offsets}: where the piece
+                                         # sends and waits for an answer (fuzz_ways)
 
 
 def fuzz_client_target(protocol: str) -> FuzzTarget:
@@ -10230,7 +10257,8 @@ FUZZ_TARGETS = {
     "pop3": fuzz_client_target("pop3"),
     "smtp": fuzz_client_target("smtp"),
     "backend-login": FuzzTarget(fuzz_backend_settings, fuzz_backend_corpus,
-                                lambda settings: [settings["line_limit"]], fuzz_drive_backend),
+                                lambda settings: [settings["line_limit"]], fuzz_drive_backend,
+                                turns=fuzz_backend_turns),
     "auth-http": FuzzTarget(lambda rng: {}, fuzz_auth_http_corpus,
                             lambda settings: [mp.AUTH_HTTP_RESPONSE_MAX], fuzz_drive_auth_http),
     "proxy-header": FuzzTarget(lambda rng: {}, fuzz_proxy_corpus,
@@ -10274,17 +10302,37 @@ def fuzz_random_reads(seed: int) -> Callable:
     return reads
 
 
+def fuzz_turn_reads(reads: Callable, points: dict) -> Callable:
+    """``reads``, with a cut at each point where the piece sent a command
+    (``points``: {segment number: offsets}); segments come in order."""
+    numbers = itertools.count()
+
+    def turn_reads(segment: bytes, limit: int) -> list:
+        cuts = sorted(set(points.get(next(numbers), ())) | {0, len(segment)})
+        return [piece for start, end in zip(cuts, cuts[1:])
+                for piece in reads(segment[start:end], limit)]
+    return turn_reads
+
+
 def fuzz_ways(case: FuzzCase, target: FuzzTarget) -> list:
-    """(name, reads): whole (as much per read as the session takes at once),
-    one byte at a time, cut at random points.  A datagram is read whole,
-    twice: the same answer both times."""
+    """(name, reads, compared): whole (as much per read as the session takes
+    at once), one byte at a time, cut at random points; a datagram is read
+    whole, twice.  A piece that waits for answers (BackendLogin) is read as
+    a backend answers, no read crossing a point where it sent a command:
+    read straight through, replies come ahead of their commands, which it
+    may refuse (CVE-2011-0411), so that way is checked but not compared."""
     ways = [("whole", fuzz_pieces)]
     if not target.splits:
-        return ways + [("whole again", fuzz_pieces)]
+        return [(name, reads, True) for name, reads in ways + [("whole again", fuzz_pieces)]]
     if sum(len(segment) for segment in case.segments) <= FUZZ_BYTEWISE_MAX:
         ways.append(("bytewise", lambda segment, limit: fuzz_pieces(segment, 1)))
-    return ways + [("random cut %d" % (number + 1), fuzz_random_reads(case.split_seed + number))
-                   for number in range(FUZZ_RANDOM_SPLITS)]
+    ways += [("random cut %d" % (number + 1), fuzz_random_reads(case.split_seed + number))
+             for number in range(FUZZ_RANDOM_SPLITS)]
+    if target.turns is None:
+        return [(name, reads, True) for name, reads in ways]
+    points = target.turns(case)
+    return [(name, fuzz_turn_reads(reads, points), True) for name, reads in ways] + [
+        ("whole, replies ahead", fuzz_pieces, False)]
 
 
 class FuzzTimeout(Exception):
@@ -10313,10 +10361,12 @@ def fuzz_check(case: FuzzCase, targets: Optional[dict] = None) -> Optional[FuzzF
 def fuzz_oracles(case: FuzzCase, targets: Optional[dict] = None) -> Optional[FuzzFailure]:
     target = (targets or FUZZ_TARGETS)[case.target]
     transcripts = []
-    for name, reads in fuzz_ways(case, target):
+    for name, reads, compared in fuzz_ways(case, target):
         problems = []
         try:
-            transcripts.append((name, target.drive(case, reads, problems)))
+            transcript = target.drive(case, reads, problems)
+            if compared:
+                transcripts.append((name, transcript))
         except Exception as error:         # oracle 1: drivers catch the documented ones
             where = fuzz_where(error)
             return FuzzFailure(case, "exception", "%s read: %s: %s at %s" % (
