@@ -10658,8 +10658,15 @@ class FuzzFoundBugTests(unittest.TestCase):
         # weighs (scan.end or len(self._input)) > limit with the bytes behind
         # the bad one, and closes: "client sent too long command".
         line = b'a1 LOGIN "x"y' + b"z" * 63 + b"\r\na2 NOOP\r\n"
-        settings = {"machine": {"imap_client_buffer": 64}, "tls": False, "accept": None, "close": None}
-        self.assertIsNone(fuzz_check(FuzzCase("imap", settings, (line[:12], line[12:]))))
+        outcomes = set()
+        for reads in (byte_by_byte(line), fuzz_pieces(line, 64), [line[:12], line[12:76], line[76:]]):
+            machine = make_machine("imap", imap_client_buffer=64)
+            events = []
+            for data in reads:
+                if not machine.finished:
+                    events += machine.receive_data(data)
+            outcomes.add((repr(events), machine.data_to_send()))
+        self.assertEqual(len(outcomes), 1, outcomes)
 
 
 # ########################################################################## #
