@@ -1929,8 +1929,10 @@ class ImapIncomplete(NamedTuple):
 class ImapScanner:
     """Scans the IMAP command at the start of a growing buffer (sans-I/O).
 
-    scan(data) returns ImapCommand, ImapInvalid or ImapIncomplete; reset()
-    before the next command.  Strings are atoms, quoted strings (backslash
+    scan(data, limit) returns ImapCommand, ImapInvalid or ImapIncomplete;
+    reset() before the next command.  Only the first ``limit`` bytes are
+    looked at (imap_client_buffer: a whole command must fit, as nginx's
+    buffer): a command not decided within them stays ImapIncomplete.  Strings are atoms, quoted strings (backslash
     escapes removed, as nginx) or literals: ``{n}`` synchronizing, ``{n+}``
     non-synchronizing (RFC 7888).  Like nginx >= 1.29.6 a quoted string or
     literal must be followed by SP or CRLF.
@@ -1956,8 +1958,10 @@ class ImapScanner:
         self.pending = None        # the argument under way: (kind, start, ...), see _go_on
         self.sync_literals = 0     # {n} headers complete so far: each wants "+ OK"
         self.non_sync_seen = False
+        self.end = 0               # this scan's bound: min(len(data), limit)
 
-    def scan(self, data: bytearray):
+    def scan(self, data: bytearray, limit: int):
+        self.end = min(len(data), limit)          # nothing at or past it is looked at
         if self.name is None:
             header = self._scan_header(data)
             if header is not None:
@@ -1970,22 +1974,22 @@ class ImapScanner:
     def _scan_header(self, data: bytearray):
         """The tag and the command name; None once both are known."""
         if self.tag is None:
-            space = _find_any(data, 0, b" \r\n", IMAP_MAX_TAG + 1)
+            space = _find_any(data, 0, b" \r\n", min(self.end, IMAP_MAX_TAG + 1))
             if space < 0:
-                if len(data) > IMAP_MAX_TAG:
+                if self.end > IMAP_MAX_TAG:
                     return ImapInvalid(None, _line_end(data, 0), False)
                 return self._incomplete()
             tag = bytes(data[:space])
             if data[space] != 0x20 or not tag or any(byte not in IMAP_TAG_CHARS for byte in tag):
                 return ImapInvalid(None, _line_end(data, 0), False)
             self.tag, self.pos = tag + b" ", space
-        start = _IMAP_SPACES.match(data, self.pos).end()
+        start = _IMAP_SPACES.match(data, self.pos, self.end).end()
         self.pos = start
-        if start == len(data):
+        if start == self.end:
             return self._incomplete()
-        end = _find_any(data, start, b" \r\n", start + IMAP_MAX_COMMAND + 1)
+        end = _find_any(data, start, b" \r\n", min(self.end, start + IMAP_MAX_COMMAND + 1))
         if end < 0:
-            if len(data) - start > IMAP_MAX_COMMAND:
+            if self.end - start > IMAP_MAX_COMMAND:
                 return ImapInvalid(self.tag, _line_end(data, start), False)
             return self._incomplete()
         name = bytes(data[start:end]).upper()
@@ -2007,13 +2011,13 @@ class ImapScanner:
                 self.args.append(argument)
                 self.separated = False
             pos = self.pos
-            if pos >= len(data):
+            if pos >= self.end:
                 return self._incomplete()
             byte = data[pos]
             if byte == 0x0A:                                   # bare LF ends too
                 return ImapCommand(self.tag, self.name, self.args, pos + 1)
             if byte == 0x0D:
-                if pos + 1 >= len(data):
+                if pos + 1 >= self.end:
                     return self._incomplete()
                 if data[pos + 1] != 0x0A:
                     return self._invalid(data)
@@ -2023,7 +2027,7 @@ class ImapScanner:
                 list_edge = is_id and (byte == 0x29 or self.args[-1:] == [b"("])
                 if byte != 0x20 and not list_edge:
                     return self._invalid(data)
-                self.pos = _IMAP_SPACES.match(data, pos).end()
+                self.pos = _IMAP_SPACES.match(data, pos, self.end).end()
                 self.separated = True
                 continue
             if len(self.args) >= max_args:
@@ -2052,9 +2056,10 @@ class ImapScanner:
         is where)."""
         kind, start = self.pending[:2]
         if kind == "atom":                  # ("atom", start, where to look on)
-            end = _find_any(data, self.pending[2], b" \r\n)" if self.name == b"ID" else b" \r\n")
+            end = _find_any(data, self.pending[2], b" \r\n)" if self.name == b"ID" else b" \r\n",
+                            self.end)
             if end < 0:
-                self.pending = ("atom", start, len(data))
+                self.pending = ("atom", start, self.end)
                 return None
             self.pending, self.pos = None, end
             return bytes(data[start:end])
@@ -2067,15 +2072,15 @@ class ImapScanner:
             return bytes(data[start:start + 1])
         if kind == "literal data":          # ("literal data", start, length)
             length = self.pending[2]
-            if len(data) < start + length:
+            if self.end < start + length:
                 return None
             return self._after_string(data, start + length, bytes(data[start:start + length]))
         return self._after_string(data, start, self.pending[2])   # ("after", pos, value)
 
     def _quoted(self, data: bytearray, start: int, scan_from: int):
         """RFC 3501 quoted: no CR or LF inside; a backslash quotes the next byte."""
-        end = _IMAP_QUOTED_BODY.match(data, scan_from).end()
-        if end >= len(data) or (data[end] == 0x5C and end + 1 == len(data)):
+        end = _IMAP_QUOTED_BODY.match(data, scan_from, self.end).end()
+        if end >= self.end or (data[end] == 0x5C and end + 1 == self.end):
             self.pending = ("quoted", start, end)     # the closing quote (or a quoted byte) is due
             return None
         if data[end] != 0x22:                         # CR or LF, bare or after a backslash
@@ -2086,7 +2091,7 @@ class ImapScanner:
 
     def _literal_header(self, data: bytearray, start: int):
         """``{n}`` or ``{n+}``, then CRLF (nginx also takes a bare LF)."""
-        rest = bytes(data[start:start + 16])
+        rest = bytes(data[start:min(start + 16, self.end)])
         match = _IMAP_LITERAL.match(rest)
         if not match:
             if _IMAP_LITERAL_START.fullmatch(rest):
@@ -2106,7 +2111,7 @@ class ImapScanner:
 
     def _after_string(self, data: bytearray, pos: int, value: bytes):
         """A string ends at ``pos``; SP or the line end must follow (ID: ")" too)."""
-        if pos >= len(data):
+        if pos >= self.end:
             self.pending = ("after", pos, value)
             return None
         self.pending, self.pos = None, pos
@@ -2196,10 +2201,7 @@ class ImapMachine(ClientMachine):
                 return self._check_length(events, self.tag or None, limit)
             self._sasl_line(events, strip_eol(line))
             return True
-        scan = self.scanner.scan(self._input.data)
-        if not isinstance(scan, ImapIncomplete) and (scan.end or len(self._input)) > limit:
-            # nginx's buffer would have filled before the command ended.
-            return self._check_length(events, scan.tag, 0)
+        scan = self.scanner.scan(self._input.data, limit)
         if isinstance(scan, ImapIncomplete):
             while self._continuations < scan.sync_literals:
                 self._output += IMAP_NEXT
