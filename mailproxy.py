@@ -5427,20 +5427,29 @@ class SmtpRecipientGuard:
         return self._run()
 
     def from_backend(self, data: bytes) -> Tuple[bytes, bytes]:
-        """The backend's bytes go to the client as they are; a whole reply
-        lets the next held command go."""
-        if self.state == self.REPLY:
-            self._replies.append(data)
-            while self.state == self.REPLY:
-                line = self._replies.take_line()
-                if line is None:
-                    break
-                if line[3:4] != b"-":           # RFC 5321 §4.2.1: the last line of a reply
-                    self.state = self.DATA if line[:3] == b"354" else self.COMMAND
-                    self._tail = b"\n"          # the DATA line's own end
-                    self._replies.clear()
-        to_backend, to_client = self._run()
-        return data + to_client, to_backend
+        """The backend's bytes go to the client as they are; the end of a
+        reply lets the next held command go, and a refusal of the guard's
+        own follows that reply at once, wherever the reads were cut."""
+        to_client, to_backend = bytearray(), bytearray()
+        passed = 0                            # data[:passed] is in to_client
+        position = 0
+        while self.state == self.REPLY and position < len(data):
+            newline = data.find(b"\n", position)
+            end = len(data) if newline < 0 else newline + 1
+            self._replies.append(data[position:end])
+            position = end
+            line = self._replies.take_line()
+            if line is None or line[3:4] == b"-":      # RFC 5321 §4.2.1: more lines follow
+                continue
+            self.state = self.DATA if line[:3] == b"354" else self.COMMAND
+            self._tail = b"\n"                         # the DATA line's own end
+            to_client += data[passed:position]
+            passed = position
+            commands, replies = self._run()
+            to_backend += commands
+            to_client += replies
+        to_client += data[passed:]
+        return bytes(to_client), bytes(to_backend)
 
     def _run(self) -> Tuple[bytes, bytes]:
         to_backend, to_client = bytearray(), bytearray()
@@ -5451,12 +5460,13 @@ class SmtpRecipientGuard:
                 break
             line = self._client.take_line(self.line_limit)
             if line is None:
-                if len(self._client) >= self.line_limit:
-                    self._client.clear()               # a line too long: answered once,
-                    if not self._skipping:             # and dropped to its end
-                        to_client += SMTP_LINE_TOO_LONG
-                    self._skipping = True
-                break
+                if len(self._client) < self.line_limit:
+                    break
+                self._client.take(self.line_limit)     # a line too long: dropped as it
+                if not self._skipping:                 # comes, to its end, answered once
+                    to_client += SMTP_LINE_TOO_LONG
+                self._skipping = True
+                continue
             if self._skipping:
                 self._skipping = False
                 continue

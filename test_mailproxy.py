@@ -11660,22 +11660,58 @@ def fuzz_verdicts(response) -> tuple:
 
 
 def fuzz_drive_proxy(case: FuzzCase, reads: Callable, problems: list) -> FuzzTranscript:
-    """parse_proxy_header on what has come so far, read after read, as the
-    session does; what follows the header goes on to the protocol."""
-    data, held = b"".join(case.segments), b""
+    """ProxyHeaderReader, read after read, as the session uses it; what
+    follows the header goes on to the protocol."""
+    data, reader = b"".join(case.segments), mp.ProxyHeaderReader()
     for piece in reads(data, mp.PROXY_V2_MAX):
-        held += piece
         try:
-            header = mp.parse_proxy_header(held)
+            header = reader.receive_data(piece)
         except mp.ProxyHeaderError as error:
             return FuzzTranscript([], b"", ("ProxyHeaderError", str(error)))
-        if header is None and len(held) >= mp.PROXY_V2_MAX:
-            problems.append((FUZZ_BOUNDS, "still wants more after %d bytes" % len(held)))
+        held = len(reader.data)
+        if header is None and held >= mp.PROXY_V2_MAX:
+            problems.append((FUZZ_BOUNDS, "still wants more after %d bytes" % held))
         if header is not None:
-            if not 0 < header.length <= len(held):
-                problems.append((FUZZ_BOUNDS, "header of %d bytes in %d" % (header.length, len(held))))
+            if not 0 < header.length <= held:
+                problems.append((FUZZ_BOUNDS, "header of %d bytes in %d" % (header.length, held)))
             return FuzzTranscript([("ProxyHeader", header)], b"", ("rest", data[header.length:]))
-    return FuzzTranscript([], b"", ("incomplete", len(held)))
+    return FuzzTranscript([], b"", ("incomplete", len(reader.data)))
+
+
+def fuzz_relay_check_corpus(rng: random.Random, settings: dict) -> list:
+    """smtp_auth none after the first RCPT: the client's commands (pipelined
+    or not, in and out of example.com, a message, a next transaction) and
+    the backend's replies, turn about: client, backend, client..."""
+    recipients = [b"RCPT TO:<%s>\r\n" % address for address in rng.sample(
+        [b"b@example.com", b"victim@evil.test", b"c@Example.COM", b"x@example.com.evil.test",
+         b"d@example.com"], 3)]
+    message = rng.choice((b"Subject: x\r\n\r\nRCPT TO:<in@evil.test>\r\n..\r\n.\r\n",
+                          b"x\n.\nRCPT TO:<smuggled@evil.test>\r\n", b".\r\n"))
+    return [b"".join(recipients) + b"DATA\r\n", b"250 2.1.5 Ok\r\n" * 2 + b"354 go ahead\r\n",
+            message + b"MAIL FROM:<a@remote.test>\r\n" + recipients[0],
+            b"250 2.0.0 queued\r\n250-2.1.0 Ok\r\n250 Ok\r\n",
+            rng.choice((b"QUIT\r\n", b"STARTTLS\r\n", b"BDAT 5 LAST\r\nhello", b"RSET\r\n"))]
+
+
+def fuzz_drive_relay_check(case: FuzzCase, reads: Callable, problems: list) -> FuzzTranscript:
+    """SmtpRecipientGuard between the two sides: what it passes each way.
+    Besides the common oracles: no RCPT outside example.com goes to the
+    backend as a command (guard_check's rule)."""
+    guard = mp.SmtpRecipientGuard(guard_check, case.settings["line_limit"])
+    to_backend, to_client = bytearray(), bytearray()
+    for index, segment in enumerate(case.segments):
+        for piece in reads(segment, mp.READ_SIZE):
+            if index % 2 == 0:
+                was = guard.state
+                commands, replies = guard.from_client(piece)
+                # From the command state, one command line at most goes on.
+                if was == guard.COMMAND and re.match(rb"(?i)RCPT TO:<[^>]*@(?!example\.com>)", commands):
+                    problems.append((FUZZ_BOUNDS, "a refused recipient went to the backend"))
+            else:
+                replies, commands = guard.from_backend(piece)
+            to_backend += commands
+            to_client += replies
+    return FuzzTranscript([], bytes(to_backend), ("to client", bytes(to_client), guard.state))
 
 
 def fuzz_drive_dns(case: FuzzCase, reads: Callable, problems: list) -> FuzzTranscript:
@@ -11734,6 +11770,9 @@ FUZZ_TARGETS = {
                                fuzz_drive_proxy),
     "dns": FuzzTarget(fuzz_dns_settings, fuzz_dns_corpus, lambda settings: [63, 64, 255, 256],
                       fuzz_drive_dns, splits=False),
+    "smtp-relay-check": FuzzTarget(lambda rng: {"line_limit": rng.choice((64, 512, 4096))},
+                                   fuzz_relay_check_corpus,
+                                   lambda settings: [settings["line_limit"]], fuzz_drive_relay_check),
 }
 
 
