@@ -96,9 +96,9 @@ PASSWORD_MAX = 511
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")   # nginx, lowest first
 
 
-# ########################################################################## #
-#                                  Errors                                    #
-# ########################################################################## #
+# ========================================================================== #
+# ####                              Errors                              #### #
+# ========================================================================== #
 # Every exception the program raises on purpose.  A ConfigError names the
 # place in the file; a BackendError what the backend said.  (A client that
 # breaks the protocol is not an exception: its machine answers and ends.)
@@ -144,11 +144,11 @@ class BackendError(Exception):
         self.refusal = refusal
 
 
-# ########################################################################## #
-#                                 Error log                                  #
-# ########################################################################## #
+# ========================================================================== #
+# ####                            Error log                             #### #
+# ========================================================================== #
 # nginx's error-log line: "2026/11/20 21:38:00 [info] 4711#0: *3 message
-# while ACTION, client: ..., server: ..." (INTERFACE.md).  Destinations are
+# while ACTION, client: ..., server: ..." (README, "Logs").  Destinations are
 # opened by the process section; this class only formats and filters.  A line
 # is written with one write() so that lines from several processes never mix.
 
@@ -233,9 +233,9 @@ class ErrorLog:
                 pass                   # a full disk must not stop the proxy
 
 
-# ########################################################################## #
-#                               Configuration                                #
-# ########################################################################## #
+# ========================================================================== #
+# ####                          Configuration                           #### #
+# ========================================================================== #
 # INI file -> validated settings, with nginx's directive names, value syntax
 # and defaults.  One table, DIRECTIVES, knows every directive of the eight
 # nginx mail modules; one loader reads the file and one merge gives each
@@ -290,7 +290,7 @@ class Upstream(NamedTuple):
         return "%s:%d" % (self.host, self.port)
 
 
-class ValueError_(Exception):
+class ConfigValueError(Exception):
     """A value parser's complaint; the loader adds file, section and line."""
 
 
@@ -323,17 +323,17 @@ def split_arguments(text: str) -> List[str]:
             i += 1
         if quote:
             if i >= len(text):
-                raise ValueError_("unbalanced quote in %r" % text)
+                raise ConfigValueError("unbalanced quote in %r" % text)
             i += 1
             if i < len(text) and not text[i].isspace():
-                raise ValueError_('unexpected "%s" after a closing quote' % text[i])
+                raise ConfigValueError('unexpected "%s" after a closing quote' % text[i])
         args.append("".join(arg))
     return args
 
 
 def one_argument(args: List[str]) -> str:
     if len(args) != 1:
-        raise ValueError_("takes one value, got %d" % len(args))
+        raise ConfigValueError("takes one value, got %d" % len(args))
     return args[0]
 
 
@@ -341,7 +341,7 @@ def parse_flag(args: List[str], base: str = "") -> bool:
     """``on`` or ``off`` (case-insensitive, as ngx_conf_set_flag_slot)."""
     value = one_argument(args).lower()
     if value not in ("on", "off"):
-        raise ValueError_('invalid value "%s", it must be "on" or "off"' % args[0])
+        raise ConfigValueError('invalid value "%s", it must be "on" or "off"' % args[0])
     return value == "on"
 
 
@@ -353,7 +353,7 @@ def parse_size(args: List[str], base: str = "") -> int:
     value = one_argument(args)
     match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
     if not match:
-        raise ValueError_('invalid size "%s"' % value)
+        raise ConfigValueError('invalid size "%s"' % value)
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
@@ -368,25 +368,25 @@ def parse_time(args: List[str], base: str = "") -> float:
         return float(value)
     parts = re.findall(r"(\d+)(ms|s|m|h|d|w|M|y)", value)
     if not parts or "".join(n + u for n, u in parts) != value:
-        raise ValueError_('invalid time "%s"' % value)
+        raise ConfigValueError('invalid time "%s"' % value)
     sizes = [_TIME_UNITS[unit] for _, unit in parts]
     if any(later >= earlier for earlier, later in zip(sizes, sizes[1:])):
         # ngx_parse_time: each unit smaller than the one before ("1h30m").
-        raise ValueError_('invalid time "%s": units must go from largest to smallest' % value)
+        raise ConfigValueError('invalid time "%s": units must go from largest to smallest' % value)
     return sum(int(n) * _TIME_UNITS[u] for n, u in parts)
 
 
 def parse_number(args: List[str], base: str = "") -> int:
     value = one_argument(args)
     if not re.fullmatch(r"\d+", value):
-        raise ValueError_('invalid number "%s"' % value)
+        raise ConfigValueError('invalid number "%s"' % value)
     return int(value)
 
 
 def parse_positive(args: List[str], base: str = "") -> int:
     number = parse_number(args)
     if number < 1:
-        raise ValueError_("must be at least 1")
+        raise ConfigValueError("must be at least 1")
     return number
 
 
@@ -397,7 +397,7 @@ def parse_string(args: List[str], base: str = "") -> str:
 def parse_protocol(args: List[str], base: str = "") -> str:
     value = one_argument(args)
     if value not in ALL_AUTH_METHODS:
-        raise ValueError_('unknown protocol "%s"' % value)
+        raise ConfigValueError('unknown protocol "%s"' % value)
     return value
 
 
@@ -415,22 +415,22 @@ def parse_user(args: List[str], base: str = "") -> Tuple[int, int, str]:
     """``USER [GROUP]`` -> (uid, gid, text); the group defaults to USER's own
     group (nginx defaults to a group named like the user; both are common)."""
     if not 1 <= len(args) <= 2:
-        raise ValueError_("takes a user and an optional group")
+        raise ConfigValueError("takes a user and an optional group")
     try:
         import grp
         import pwd
     except ImportError:
-        raise ValueError_("this system has no users and groups (no pwd module)")
+        raise ConfigValueError("this system has no users and groups (no pwd module)")
     try:
         entry = pwd.getpwnam(args[0])
     except KeyError:
-        raise ValueError_('getpwnam("%s") failed' % args[0])
+        raise ConfigValueError('getpwnam("%s") failed' % args[0])
     gid = entry.pw_gid
     if len(args) == 2:
         try:
             gid = grp.getgrnam(args[1]).gr_gid
         except KeyError:
-            raise ValueError_('getgrnam("%s") failed' % args[1])
+            raise ConfigValueError('getgrnam("%s") failed' % args[1])
     return entry.pw_uid, gid, " ".join(args)
 
 
@@ -439,10 +439,10 @@ def parse_host_port(text: str) -> Tuple[str, int]:
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", text) or \
         re.fullmatch(r"([^:\[\]\s]+):(\d+)", text)
     if not match:
-        raise ValueError_('invalid address "%s", expected HOST:PORT' % text)
+        raise ConfigValueError('invalid address "%s", expected HOST:PORT' % text)
     port = int(match.group(2))
     if not 0 < port < 65536:
-        raise ValueError_('invalid port in "%s"' % text)
+        raise ConfigValueError('invalid port in "%s"' % text)
     return match.group(1), port
 
 
@@ -460,11 +460,11 @@ def resolve_upstream(host: str, port: int) -> Upstream:
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise ValueError_('host not found in "%s:%d": %s' % (host, port, error.strerror))
+        raise ConfigValueError('host not found in "%s:%d": %s' % (host, port, error.strerror))
     addresses = tuple((family, sockaddr) for family, _, _, _, sockaddr in infos
                       if family in (socket.AF_INET, socket.AF_INET6))
     if not addresses:
-        raise ValueError_('no IPv4 or IPv6 address for "%s"' % host)
+        raise ConfigValueError('no IPv4 or IPv6 address for "%s"' % host)
     return Upstream(host, port, addresses)
 
 
@@ -473,10 +473,10 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
     and the flags ``backlog=N``, ``so_keepalive=on|off|IDLE:INTVL:CNT``,
     ``rcvbuf=SIZE``, ``sndbuf=SIZE``, ``bind``, ``ipv6only=on|off``."""
     if not args:
-        raise ValueError_("needs an address")
+        raise ConfigValueError("needs an address")
     address = args[0]
     if address.startswith("unix:"):
-        raise ValueError_('"unix:" sockets are not supported yet')
+        raise ConfigValueError('"unix:" sockets are not supported yet')
     if re.fullmatch(r"\d+", address):
         host, port = "0.0.0.0", int(address)
     else:
@@ -484,11 +484,11 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
         if host == "*":
             host = "0.0.0.0"
     if not 0 < port < 65536:
-        raise ValueError_('invalid port in "%s"' % address)
+        raise ConfigValueError('invalid port in "%s"' % address)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError_('"%s" is not an IP address (listen takes addresses)' % host)
+        raise ConfigValueError('"%s" is not an IP address (listen takes addresses)' % host)
     host = str(ip)                     # one spelling per address: [0:0::1] is [::1]
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     options = {"backlog": NGINX_LISTEN_BACKLOG, "so_keepalive": None,
@@ -509,7 +509,7 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
         elif name == "so_keepalive" and value:
             options["so_keepalive"] = parse_keepalive(value)
         else:
-            raise ValueError_('invalid parameter "%s"' % flag)
+            raise ConfigValueError('invalid parameter "%s"' % flag)
     return Listen(host, port, family, options["ssl"], options["proxy_protocol"], options["backlog"],
                   options["so_keepalive"], options["rcvbuf"], options["sndbuf"], options["ipv6only"])
 
@@ -520,7 +520,7 @@ def parse_keepalive(value: str) -> Tuple:
         return (value == "on", None, None, None)
     parts = value.split(":")
     if len(parts) != 3:
-        raise ValueError_('invalid so_keepalive value "%s"' % value)
+        raise ConfigValueError('invalid so_keepalive value "%s"' % value)
     idle = int(parse_time([parts[0]])) if parts[0] else None
     interval = int(parse_time([parts[1]])) if parts[1] else None
     count = parse_number([parts[2]]) if parts[2] else None
@@ -533,12 +533,12 @@ def auth_methods_parser(protocol: str) -> Callable:
 
     def parse(args: List[str], base: str = "") -> List[str]:
         if not args:
-            raise ValueError_("needs at least one method")
+            raise ConfigValueError("needs at least one method")
         methods = []
         for arg in args:
             method = arg.lower()
             if method not in known:
-                raise ValueError_('invalid value "%s"' % arg)
+                raise ConfigValueError('invalid value "%s"' % arg)
             methods.append(method)
         return methods
     return parse
@@ -564,7 +564,7 @@ def parse_resolver(args: List[str], base: str = "") -> Optional[ResolverSpec]:
         elif name in flags and value:
             flags[name] = parse_flag([value])
         elif name == "status_zone":
-            raise ValueError_('"status_zone" is part of the commercial nginx, not supported')
+            raise ConfigValueError('"status_zone" is part of the commercial nginx, not supported')
         else:
             if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]:\d+|[^:\[\]]+:\d+", arg):
                 host, port = parse_host_port(arg)
@@ -573,9 +573,9 @@ def parse_resolver(args: List[str], base: str = "") -> Optional[ResolverSpec]:
             servers.extend((family, sockaddr) for family, sockaddr in
                            resolve_upstream(host, port).addresses)
     if not servers:
-        raise ValueError_("needs at least one address")
+        raise ConfigValueError("needs at least one address")
     if not flags["ipv4"] and not flags["ipv6"]:
-        raise ValueError_('"ipv4" and "ipv6" cannot both be "off"')
+        raise ConfigValueError('"ipv4" and "ipv6" cannot both be "off"')
     return ResolverSpec(tuple(servers), valid, flags["ipv4"], flags["ipv6"])
 
 
@@ -583,7 +583,7 @@ def parse_path(args: List[str], base: str = "") -> str:
     """A file name, relative to the configuration file's directory."""
     value = one_argument(args)
     if value.startswith(("data:", "engine:", "store:")):
-        raise ValueError_('"%s" values cannot be loaded with Python\'s ssl module; '
+        raise ConfigValueError('"%s" values cannot be loaded with Python\'s ssl module; '
                           "give a file name" % value.split(":")[0])
     return os.path.join(base, value)
 
@@ -594,9 +594,9 @@ def parse_enum(*choices: str, refused: Optional[Dict[str, str]] = None) -> Calla
     def parse(args: List[str], base: str = "") -> str:
         value = one_argument(args)
         if refused and value in refused:
-            raise ValueError_('"%s" %s' % (value, refused[value]))
+            raise ConfigValueError('"%s" %s' % (value, refused[value]))
         if value not in choices:
-            raise ValueError_('invalid value "%s", it must be %s' % (
+            raise ConfigValueError('invalid value "%s", it must be %s' % (
                 value, " or ".join('"%s"' % choice for choice in choices)))
         return value
     return parse
@@ -610,16 +610,16 @@ def parse_ssl_protocols(args: List[str], base: str = "") -> List[str]:
     """``[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]``: a contiguous range, since
     Python sets a minimum and a maximum version, not a list."""
     if not args:
-        raise ValueError_("needs at least one protocol")
+        raise ConfigValueError("needs at least one protocol")
     for arg in args:
         if arg in ("SSLv2", "SSLv3"):
-            raise ValueError_('"%s" is not available through Python\'s ssl module' % arg)
+            raise ConfigValueError('"%s" is not available through Python\'s ssl module' % arg)
         if arg not in TLS_VERSIONS:
-            raise ValueError_('invalid value "%s"' % arg)
+            raise ConfigValueError('invalid value "%s"' % arg)
     order = list(TLS_VERSIONS)
     indexes = sorted(order.index(arg) for arg in set(args))
     if indexes != list(range(indexes[0], indexes[-1] + 1)):
-        raise ValueError_("the protocols must be a range without gaps (Python sets a "
+        raise ConfigValueError("the protocols must be a range without gaps (Python sets a "
                           "minimum and a maximum version)")
     return [order[i] for i in indexes]
 
@@ -630,14 +630,14 @@ def parse_ssl_session_cache(args: List[str], base: str = "") -> str:
     value = one_argument(args)
     if value == "builtin":
         return value
-    raise ValueError_('"%s" cannot be honoured with Python\'s ssl module, which always uses '
+    raise ConfigValueError('"%s" cannot be honoured with Python\'s ssl module, which always uses '
                       'OpenSSL\'s built-in cache of its default size: use "builtin"' % value)
 
 
 def parse_ssl_session_timeout(args: List[str], base: str = "") -> float:
     value = parse_time(args)
     if value != 300:
-        raise ValueError_("Python's ssl module cannot change OpenSSL's session timeout "
+        raise ConfigValueError("Python's ssl module cannot change OpenSSL's session timeout "
                           "(5m, nginx's default)")
     return value
 
@@ -645,13 +645,13 @@ def parse_ssl_session_timeout(args: List[str], base: str = "") -> float:
 def parse_ecdh_curve(args: List[str], base: str = "") -> str:
     value = one_argument(args)
     if ":" in value:
-        raise ValueError_("Python's ssl module sets one curve (or auto), not a list")
+        raise ConfigValueError("Python's ssl module sets one curve (or auto), not a list")
     return value
 
 
 def parse_refused(reason: str) -> Callable:
     def parse(args: List[str], base: str = "") -> None:
-        raise ValueError_(reason)
+        raise ConfigValueError(reason)
     return parse
 
 
@@ -663,18 +663,18 @@ def parse_ssl_conf_command(args: List[str], base: str = "") -> List[Tuple[str, s
     """``ssl_conf_command NAME VALUE`` for the OpenSSL commands that map onto
     Python's ssl module; any other one is refused, never ignored."""
     if len(args) != 2:
-        raise ValueError_("takes a name and a value")
+        raise ConfigValueError("takes a name and a value")
     name, value = args
     if name not in SSL_CONF_COMMANDS:
-        raise ValueError_('"%s" cannot be applied through Python\'s ssl module (it maps %s)'
+        raise ConfigValueError('"%s" cannot be applied through Python\'s ssl module (it maps %s)'
                           % (name, ", ".join(SSL_CONF_COMMANDS)))
     if name == "Options":
         for option in value.split(","):
             if option.strip() not in SSL_CONF_OPTIONS:
-                raise ValueError_('Options "%s": only %s map onto Python\'s ssl module'
+                raise ConfigValueError('Options "%s": only %s map onto Python\'s ssl module'
                                   % (option.strip(), ", ".join(SSL_CONF_OPTIONS)))
     elif name in ("MinProtocol", "MaxProtocol") and value not in TLS_VERSIONS:
-        raise ValueError_('%s "%s": one of %s' % (name, value, ", ".join(TLS_VERSIONS)))
+        raise ConfigValueError('%s "%s": one of %s' % (name, value, ", ".join(TLS_VERSIONS)))
     elif name in ("Certificate", "PrivateKey"):
         value = parse_path([value], base)
     return [(name, value)]
@@ -689,10 +689,10 @@ class SniCertificate(NamedTuple):
 def parse_sni_certificate(args: List[str], base: str = "") -> SniCertificate:
     """Extension: ``ssl_sni_certificate NAME CERTIFICATE KEY``."""
     if len(args) != 3:
-        raise ValueError_("takes a server name, a certificate file and a key file")
+        raise ConfigValueError("takes a server name, a certificate file and a key file")
     name = args[0].lower()
     if not re.fullmatch(r"(\*\.)?[a-z0-9.-]+", name):
-        raise ValueError_('invalid server name "%s"' % args[0])
+        raise ConfigValueError('invalid server name "%s"' % args[0])
     return SniCertificate(name, parse_path([args[1]], base), parse_path([args[2]], base))
 
 
@@ -711,11 +711,11 @@ def parse_auth_http(args: List[str], base: str = "") -> AuthHttpUrl:
     if url.startswith("http://"):
         url = url[7:]
     if url.startswith("https://"):
-        raise ValueError_("auth_http speaks HTTP only, as nginx (no https://)")
+        raise ConfigValueError("auth_http speaks HTTP only, as nginx (no https://)")
     if url.startswith("unix:"):
         path, _, uri = url[5:].partition(":")
         if not path:
-            raise ValueError_('no path in "%s"' % url)
+            raise ConfigValueError('no path in "%s"' % url)
         return AuthHttpUrl("localhost", uri or "/", (socket.AF_UNIX, os.path.join(base, path)),
                            "unix:" + path)
     hostport, slash, uri = url.partition("/")
@@ -745,9 +745,9 @@ def split_auth_http_host(hostport: str) -> Tuple[str, str, int]:
 def parse_auth_http_header(args: List[str], base: str = "") -> List[Tuple[str, str]]:
     """``auth_http_header NAME VALUE``: appended verbatim to every request."""
     if len(args) != 2 or not re.fullmatch(r"[A-Za-z0-9-]+", args[0]):
-        raise ValueError_("takes a header name and a value")
+        raise ConfigValueError("takes a header name and a value")
     if re.search(r"[\r\n\0]", args[1]):
-        raise ValueError_("a header value cannot hold CR, LF or NUL")
+        raise ConfigValueError("a header value cannot hold CR, LF or NUL")
     return [(args[0], args[1])]
 
 
@@ -759,20 +759,20 @@ def parse_real_ip_from(args: List[str], base: str = "") -> List:
     try:
         return [ipaddress.ip_network(value, strict=False)]
     except ValueError:
-        raise ValueError_('invalid address or network "%s"' % value)
+        raise ConfigValueError('invalid address or network "%s"' % value)
 
 
 def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
     """Extension: how proxy_smtp_auth logs in: ``plain`` (nginx) or ``login``."""
     value = one_argument(args).lower()
     if value not in ("plain", "login"):
-        raise ValueError_('invalid value "%s", it must be "plain" or "login"' % args[0])
+        raise ConfigValueError('invalid value "%s", it must be "plain" or "login"' % args[0])
     return value
 
 
 def parse_word_list(args: List[str], base: str = "") -> List[str]:
     if not args:
-        raise ValueError_("needs at least one value")
+        raise ConfigValueError("needs at least one value")
     return list(args)
 
 
@@ -785,16 +785,16 @@ class ErrorLogSpec(NamedTuple):
 def parse_error_log(args: List[str], base: str = "") -> ErrorLogSpec:
     """``error_log FILE|stderr [LEVEL]``; the level defaults to ``error`` as nginx."""
     if not 1 <= len(args) <= 2:
-        raise ValueError_("takes a destination and an optional level")
+        raise ConfigValueError("takes a destination and an optional level")
     destination = args[0]
     level = args[1] if len(args) == 2 else "error"
     if level not in LOG_LEVELS:
-        raise ValueError_('invalid log level "%s"' % level)
+        raise ConfigValueError('invalid log level "%s"' % level)
     if destination.startswith("syslog:"):
         parse_syslog(destination)                  # checked now, opened later
         return ErrorLogSpec(destination, level)
     if destination == "off":
-        raise ValueError_('"off" is not a destination; use a level, e.g. "stderr emerg"')
+        raise ConfigValueError('"off" is not a destination; use a level, e.g. "stderr emerg"')
     if destination != "stderr":
         destination = os.path.join(base, destination)
     return ErrorLogSpec(destination, level)
@@ -822,13 +822,13 @@ def parse_syslog(text: str) -> SyslogSpec:
     params.pop("nohostname", None)
     params.pop("severity", None)               # nginx's access_log severity: the level decides here
     if not server:
-        raise ValueError_('no "server=" in "%s"' % text)
+        raise ConfigValueError('no "server=" in "%s"' % text)
     if params:
-        raise ValueError_('unknown syslog parameter "%s"' % next(iter(params)))
+        raise ConfigValueError('unknown syslog parameter "%s"' % next(iter(params)))
     if facility not in SYSLOG_FACILITIES:
-        raise ValueError_('unknown syslog facility "%s"' % facility)
+        raise ConfigValueError('unknown syslog facility "%s"' % facility)
     if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", tag):
-        raise ValueError_('syslog tag "%s": letters, digits and "_", at most 32' % tag)
+        raise ConfigValueError('syslog tag "%s": letters, digits and "_", at most 32' % tag)
     if server.startswith("unix:"):
         return SyslogSpec(getattr(socket, "AF_UNIX", 0), server[5:], SYSLOG_FACILITIES.index(facility),
                           tag, hostname)
@@ -851,7 +851,7 @@ def parse_access_log(args: List[str], base: str = "") -> Optional[str]:
 
 def parse_removed(message: str) -> Callable:
     def parse(args: List[str], base: str = "") -> None:
-        raise ValueError_(message)
+        raise ConfigValueError(message)
     return parse
 
 
@@ -980,9 +980,11 @@ DIRECTIVES = {d.name: d for d in [
 class Settings:
     """Immutable-by-convention settings: one attribute per directive name.
 
-    A ServerSettings has every directive of the mail contexts merged
-    ([server] over [mail] over the defaults), plus ``name``, ``protocol`` and
-    ``server_name`` resolved; MainSettings has the process-wide ones.
+    One class serves both kinds: a server's Settings (merge_server) has
+    every directive of the mail contexts merged ([server] over [mail] over
+    the defaults), plus ``name``, ``protocol`` and ``server_name`` resolved
+    and the TLS contexts built from them; [main]'s (merge_main) has the
+    process-wide directives.
     """
 
     def __init__(self, values: Dict[str, object]):
@@ -1057,7 +1059,7 @@ def section_at(text: str, lineno: int) -> Optional[str]:
 
 
 def read_ini(path: str) -> Tuple[configparser.ConfigParser, Dict]:
-    """Read the file with configparser as INTERFACE.md says: interpolation
+    """Read the file with configparser as README says: interpolation
     off, ``=`` the only delimiter, keys case-sensitive, duplicates refused."""
     try:
         with open(path, encoding="utf-8") as handle:
@@ -1121,7 +1123,7 @@ def load_config(path: str) -> Config:
             line = lines.get((section, key))
             try:
                 values[section][key] = parse_directive(kind, key, raw, base)
-            except ValueError_ as error:
+            except ConfigValueError as error:
                 errors.append(ConfigError(path, section, key, str(error), line))
     main = merge_main(values.get("main", {}))
     servers = []
@@ -1148,12 +1150,12 @@ def parse_directive(kind: str, key: str, raw: str, base: str) -> object:
     """One directive's value, checked against its row of the table."""
     directive = DIRECTIVES.get(key)
     if directive is None:
-        raise ValueError_('unknown directive "%s"' % key)
+        raise ConfigValueError('unknown directive "%s"' % key)
     if kind not in directive.contexts:
-        raise ValueError_('"%s" directive is not allowed in [%s]' % (
+        raise ConfigValueError('"%s" directive is not allowed in [%s]' % (
             key, "server NAME" if kind == "server" else kind))
     if not directive.supported:
-        raise ValueError_('"%s" is not supported yet' % key)
+        raise ConfigValueError('"%s" is not supported yet' % key)
     if directive.multiple:
         occurrences = [line for line in raw.splitlines() if line.strip()]
         result = []
@@ -1171,7 +1173,7 @@ def merge_main(given: Dict[str, object]) -> Settings:
     merged = {name: d.default for name, d in DIRECTIVES.items() if "main" in d.contexts}
     merged.update(given)
     if not merged["error_log"]:
-        merged["error_log"] = [ErrorLogSpec("stderr", "info")]   # INTERFACE.md
+        merged["error_log"] = [ErrorLogSpec("stderr", "info")]   # not nginx's stderr error
     return Settings(merged)
 
 
@@ -1275,19 +1277,19 @@ def parse_password_entry(value: str) -> PasswordEntry:
     """``{SCHEME}DATA``; DATA is everything after the scheme, verbatim."""
     match = re.match(r"\{([A-Za-z0-9-]+)\}", value)
     if not match:
-        raise ValueError_("must start with a {SCHEME}, e.g. {PLAIN}secret")
+        raise ConfigValueError("must start with a {SCHEME}, e.g. {PLAIN}secret")
     scheme = match.group(1).upper()
     data = value[match.end():]
     if scheme not in PASSWORD_SCHEMES:
-        raise ValueError_('unknown password scheme "{%s}"; known: %s' % (
+        raise ConfigValueError('unknown password scheme "{%s}"; known: %s' % (
             match.group(1), ", ".join("{%s}" % s for s in PASSWORD_SCHEMES)))
     if scheme == "PBKDF2-SHA256" and not valid_pbkdf2_data(data):
-        raise ValueError_("{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH: rounds at least 1, "
+        raise ConfigValueError("{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH: rounds at least 1, "
                           "salt and hash in base64")
     if scheme == "SHA512-CRYPT" and not re.fullmatch(r"\$6\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{86}", data):
-        raise ValueError_("{SHA512-CRYPT} data must be a $6$ crypt string")
+        raise ConfigValueError("{SHA512-CRYPT} data must be a $6$ crypt string")
     if scheme == "SHA256-CRYPT" and not re.fullmatch(r"\$5\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{43}", data):
-        raise ValueError_("{SHA256-CRYPT} data must be a $5$ crypt string")
+        raise ConfigValueError("{SHA256-CRYPT} data must be a $5$ crypt string")
     return PasswordEntry(scheme, data)
 
 
@@ -1340,7 +1342,7 @@ def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
     for login, value in parser.items("users"):
         try:
             users[login] = parse_password_entry(value)
-        except ValueError_ as error:
+        except ConfigValueError as error:
             errors.append(ConfigError(path, "users", login, str(error), lines.get(("users", login))))
     return UserTable(users)
 
@@ -1370,14 +1372,14 @@ def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
             else:
                 host, port = parse_host_port(value)
             routes[key] = Route(port, resolve_upstream(host, port or 1))
-        except ValueError_ as error:
+        except ConfigValueError as error:
             errors.append(ConfigError(path, "routes", key, str(error), line))
     return routes
 
 
-# ########################################################################## #
-#                              Wire primitives                               #
-# ########################################################################## #
+# ========================================================================== #
+# ####                         Wire primitives                          #### #
+# ========================================================================== #
 # What IMAP and POP3 (and later SMTP) share: the events a client machine
 # returns, base64 and the SASL mechanisms (RFC 4616 PLAIN, the LOGIN
 # mechanism, RFC 2195 CRAM-MD5, RFC 1939 APOP), and the nginx-style salt.
@@ -1563,9 +1565,9 @@ class LineBuffer:
         self._scanned = 0
 
 
-# ########################################################################## #
-#                              Client machines                               #
-# ########################################################################## #
+# ========================================================================== #
+# ####                         Client machines                          #### #
+# ========================================================================== #
 # The dialogue with the client up to authentication, one machine per
 # protocol, as nginx's ngx_mail_{imap,pop3}_handler.c.  A machine is sans-I/O:
 #
@@ -2641,9 +2643,9 @@ class SmtpMachine(ClientMachine):
 CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine}
 
 
-# ########################################################################## #
-#                              Authentication                                #
-# ########################################################################## #
+# ========================================================================== #
+# ####                          Authentication                          #### #
+# ========================================================================== #
 # Turns Credentials into a verdict: which backend, with which login and
 # password.  The built-in user table (an extension; nginx needs an auth_http
 # server for this) keeps hashed passwords; every comparison of a secret uses
@@ -3232,9 +3234,9 @@ class LoginThrottle:
         return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
 
 
-# ########################################################################## #
-#                               Backend login                                #
-# ########################################################################## #
+# ========================================================================== #
+# ####                          Backend login                           #### #
+# ========================================================================== #
 # Logging in to the backend as ngx_mail_proxy_module.c does, written as data:
 # a script of Expect and Send steps, built before the first byte from what is
 # known (protocol, tag, login, password), and one runner that walks any
@@ -3726,9 +3728,10 @@ def real_ip_trusted(peer: str, trusted: List) -> bool:
     return any(not isinstance(net, str) and address.version == net.version and address in net
                for net in trusted)
 
-# ########################################################################## #
-#                               DNS messages                                 #
-# ########################################################################## #
+
+# ========================================================================== #
+# ####                           DNS messages                           #### #
+# ========================================================================== #
 # What the resolver directive needs, sans-I/O: build a query (RFC 1035 §4),
 # parse an answer safely (name compression, CNAME chains, truncation), and
 # nothing more.  The Resolver in the streams section sends them over UDP.
@@ -3885,9 +3888,10 @@ def valid_host_name(name: str) -> bool:
     return (bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
             and all(name.split(".")))                     # no empty label: not "a..b", ".a"
 
-# ########################################################################## #
-#                                 TLS layer                                  #
-# ########################################################################## #
+
+# ========================================================================== #
+# ####                            TLS layer                             #### #
+# ========================================================================== #
 # TLS as a byte transform: TlsLayer wraps ssl.SSLObject between two
 # MemoryBIOs, so a stream feeds it ciphertext and gets plaintext back, queues
 # plaintext and collects ciphertext, and never sees an SSL exception: the
@@ -4369,9 +4373,9 @@ def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
             except ssl.SSLError as error:
                 failure = error
             except OSError as error:
-                raise ValueError_('cannot load certificate "%s": %s' % (certificate, error.strerror))
+                raise ConfigValueError('cannot load certificate "%s": %s' % (certificate, error.strerror))
         else:
-            raise ValueError_('cannot load certificate "%s" with key "%s": %s' % (
+            raise ConfigValueError('cannot load certificate "%s" with key "%s": %s' % (
                 certificate, key, getattr(failure, "reason", None) or failure))
 
 
@@ -4387,7 +4391,7 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
         if settings.ssl_dhparam:
             context.load_dh_params(settings.ssl_dhparam)
     except (ssl.SSLError, ValueError, OSError) as error:
-        raise ValueError_("ssl settings: %s" % error)
+        raise ConfigValueError("ssl settings: %s" % error)
     if settings.ssl_prefer_server_ciphers:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not settings.ssl_session_tickets:
@@ -4410,7 +4414,7 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
                 context.load_verify_locations(settings.ssl_crl)
                 context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         except (ssl.SSLError, OSError) as error:
-            raise ValueError_("cannot load the client CA or CRL: %s" % error)
+            raise ConfigValueError("cannot load the client CA or CRL: %s" % error)
     context.set_alpn_protocols([settings.protocol])
     return context
 
@@ -4422,7 +4426,7 @@ def read_password_file(path: Optional[str]) -> List[bytes]:
         with open(path, "rb") as handle:
             return [line.rstrip(b"\r\n") for line in handle if line.strip()]
     except OSError as error:
-        raise ValueError_('cannot read "%s": %s' % (path, error.strerror))
+        raise ConfigValueError('cannot read "%s": %s' % (path, error.strerror))
 
 
 def apply_conf_commands(context: ssl.SSLContext, commands: List[Tuple[str, str]]) -> List:
@@ -4449,7 +4453,7 @@ def apply_conf_commands(context: ssl.SSLContext, commands: List[Tuple[str, str]]
         elif name == "PrivateKey":
             keys.append(value)
     if len(certificates) != len(keys):
-        raise ValueError_("ssl_conf_command: give a PrivateKey for each Certificate")
+        raise ConfigValueError("ssl_conf_command: give a PrivateKey for each Certificate")
     return list(zip(certificates, keys))
 
 
@@ -4479,7 +4483,7 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
     try:
         context.set_ciphers(settings.proxy_ssl_ciphers)
     except ssl.SSLError as error:
-        raise ValueError_("proxy_ssl_ciphers: %s" % error)
+        raise ConfigValueError("proxy_ssl_ciphers: %s" % error)
     if settings.proxy_ssl_verify:
         try:
             if settings.proxy_ssl_trusted_certificate:
@@ -4487,7 +4491,7 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
             else:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         except (ssl.SSLError, OSError) as error:
-            raise ValueError_("cannot load proxy_ssl_trusted_certificate: %s" % error)
+            raise ConfigValueError("cannot load proxy_ssl_trusted_certificate: %s" % error)
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -4497,9 +4501,10 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
                                      settings.proxy_ssl_certificate)], [])
     return context
 
-# ########################################################################## #
-#                                Event loop                                  #
-# ########################################################################## #
+
+# ========================================================================== #
+# ####                            Event loop                            #### #
+# ========================================================================== #
 # Readiness and time, nothing about mail: one selectors.DefaultSelector, a
 # heap of timers (cancelled ones are skipped when they come up, never
 # searched for), and signals delivered through a wake-up socket so that no
@@ -4640,9 +4645,9 @@ class EventLoop:
         self.running = False
 
 
-# ########################################################################## #
-#                          Streams and listeners                             #
-# ########################################################################## #
+# ========================================================================== #
+# ####                      Streams and listeners                       #### #
+# ========================================================================== #
 # The only socket code of a session.  A Stream is a non-blocking socket with
 # an output buffer: write() sends at once what the kernel takes and keeps the
 # rest, and write interest is registered only while something is kept.  How
@@ -5020,247 +5025,9 @@ def configure_accepted(sock: socket.socket, listen: Listen) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-
-class AuthHttpExchange:
-    """One auth_http request on a connection of its own, as nginx (no
-    keep-alive): connect, send, read the answer, all under
-    auth_http_timeout.  ``done(response, error)``: an AuthHttpResponse, or
-    None and nginx's log message."""
-
-    def __init__(self, loop: EventLoop, url: AuthHttpUrl, request: bytes, timeout: float,
-                 done: Callable):
-        self.url = url
-        self.request = request
-        self.done = done
-        self.parser = AuthHttpParser()
-        self.stream = None             # type: Optional[Stream]
-        self.timer = loop.call_later(timeout, lambda: self._finish(
-            None, "auth http server %s timed out" % url.text))
-        family, sockaddr = url.address
-        try:
-            self.stream = connect_stream(loop, family, sockaddr, self, nodelay=False)
-        except OSError as error:
-            loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
-
-    def stream_connected(self, stream: Stream) -> None:
-        stream.write(self.request)
-
-    def stream_data(self, stream: Stream, data: bytes) -> None:
-        try:
-            response = self.parser.receive_data(data)
-        except AuthHttpError as error:
-            return self._finish(None, str(error).replace("%s", self.url.text, 1))
-        if response is not None:
-            self._finish(response, "")
-
-    def stream_eof(self, stream: Stream) -> None:
-        self.stream_data(stream, b"")
-
-    def stream_error(self, stream, error: OSError) -> None:
-        self._finish(None, "connect() to auth http server %s failed (%s: %s)" % (
-            self.url.text, error.errno, error.strerror))
-
-    def stream_drained(self, stream: Stream) -> None:
-        pass
-
-    def stream_tls_ready(self, stream: Stream) -> None:
-        pass
-
-    def _finish(self, response: Optional[AuthHttpResponse], error: str) -> None:
-        if self.done is None:
-            return
-        done, self.done = self.done, None
-        self.cancel()
-        done(response, error)
-
-    def cancel(self) -> None:
-        self.done = None
-        self.timer.cancel()
-        if self.stream is not None:
-            self.stream.close()
-
-
-class DnsLookup:
-    """One question on its way: sent over UDP to the resolver's servers in
-    turn every DNS_RESEND seconds until an answer comes or ``timeout`` ends.
-    ``callback(status, values)``: status "ok", "nxdomain" (or no such
-    record), "error" (a server failure, a truncated answer, a timeout)."""
-
-    def __init__(self, resolver: "Resolver", name: str, qtype: int, callback: Callable):
-        self.resolver = resolver
-        self.name = name
-        self.qtype = qtype
-        self.callback = callback
-        self.qid = resolver.randomness.getrandbits(16)
-        self.sockets = {}              # family -> _Datagram
-        self.attempt = 0
-        self.query = dns_query(self.qid, name, qtype)
-        loop = resolver.loop
-        self.deadline = loop.call_later(resolver.timeout, lambda: self.finish("error", [], 0))
-        self.resend = None             # type: Optional[Timer]
-        self.send()
-
-    def send(self) -> None:
-        servers = self.resolver.spec.servers
-        family, sockaddr = servers[self.attempt % len(servers)]
-        self.attempt += 1
-        try:
-            if family not in self.sockets:
-                self.sockets[family] = _Datagram(self, family)
-            self.sockets[family].sock.sendto(self.query, sockaddr)
-        except OSError:
-            pass                       # the next attempt or the deadline will tell
-        self.resend = self.resolver.loop.call_later(DNS_RESEND, self.send)
-
-    def datagram(self, data: bytes, sender) -> None:
-        if (sender[0], sender[1]) not in self.resolver.server_addresses:
-            return                     # not from a server we asked: ignore
-        try:
-            answer = parse_dns_answer(data, self.qid, self.name, self.qtype)
-        except DnsError:
-            return                     # malformed: wait for a better answer
-        if answer is None:
-            return
-        values, ttl = dns_values(answer, self.name, self.qtype)
-        if values:
-            self.finish("ok", values, ttl)
-        elif answer.rcode == DNS_NXDOMAIN or (answer.rcode == DNS_NOERROR and not answer.truncated):
-            self.finish("nxdomain", [], 0)
-        else:
-            self.finish("error", [], 0)
-
-    def finish(self, status: str, values: List, ttl: int) -> None:
-        if self.callback is None:
-            return
-        callback, self.callback = self.callback, None
-        self.cancel()
-        self.resolver.remember(self.name, self.qtype, status, values, ttl)
-        callback(status, values)
-
-    def cancel(self) -> None:
-        self.callback = None
-        self.deadline.cancel()
-        if self.resend is not None:
-            self.resend.cancel()
-        for datagram in self.sockets.values():
-            datagram.close()
-        self.sockets = {}
-
-
-class _Datagram:
-    """A UDP socket of a DnsLookup, registered with the loop."""
-
-    def __init__(self, lookup: DnsLookup, family: int):
-        self.lookup = lookup
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        self.interest = lookup.resolver.loop.set_interest(self.sock, selectors.EVENT_READ, self, 0)
-
-    def on_readable(self) -> None:
-        try:
-            data, sender = self.sock.recvfrom(4096)
-        except OSError:
-            return
-        self.lookup.datagram(data, sender)
-
-    def on_writable(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.lookup.resolver.loop.set_interest(self.sock, 0, self, self.interest)
-        self.sock.close()
-
-
-class Resolver:
-    """nginx's ``resolver``: asynchronous lookups with a small cache whose
-    entries live for the answer's TTL, or ``valid=`` if given."""
-
-    def __init__(self, loop: EventLoop, spec: ResolverSpec, timeout: float):
-        self.loop = loop
-        self.spec = spec
-        self.timeout = timeout
-        self.randomness = random.SystemRandom()
-        self.server_addresses = {(sockaddr[0], sockaddr[1]) for _, sockaddr in spec.servers}
-        self.cache = {}                # (name, qtype) -> (expires, status, values)
-
-    def lookup(self, name: str, qtype: int, callback: Callable):
-        """Start a lookup; returns something with cancel()."""
-        key = (name.lower(), qtype)
-        cached = self.cache.get(key)
-        if cached is not None and cached[0] > self.loop.time():
-            return self.loop.call_later(0, lambda: callback(cached[1], cached[2]))
-        try:
-            return DnsLookup(self, name, qtype, callback)
-        except (DnsError, UnicodeError, OSError):
-            return self.loop.call_later(0, lambda: callback("error", []))
-
-    def remember(self, name: str, qtype: int, status: str, values: List, ttl: int) -> None:
-        if status == "error":
-            return
-        if self.spec.valid is not None:
-            lifetime = self.spec.valid
-        else:
-            lifetime = ttl if status == "ok" else DNS_NEGATIVE_TTL
-        if len(self.cache) >= DNS_CACHE_SIZE:
-            self.cache.pop(next(iter(self.cache)))
-        self.cache[(name.lower(), qtype)] = (self.loop.time() + lifetime, status, values)
-
-
-CLIENT_UNAVAILABLE = "[UNAVAILABLE]"      # not found, or the names do not match
-CLIENT_TEMPUNAVAIL = "[TEMPUNAVAIL]"      # the resolver failed, or the name is invalid
-
-
-class ClientNameLookup:
-    """The SMTP client's name, as ngx_mail_smtp_init_session finds it: the PTR
-    of its address, checked to be a host name, whose A (or AAAA) records
-    must include the address.  ``done(name, problem)``: the name or one of
-    the two markers, and a log message when something went wrong."""
-
-    def __init__(self, resolver: Resolver, address: str, done: Callable):
-        self.resolver = resolver
-        self.address = address
-        self.done = done
-        self.name = ""
-        try:
-            reverse = reverse_dns_name(address)
-        except ValueError:                     # e.g. a scoped address, fe80::1%eth0
-            self.pending = resolver.loop.call_later(0, lambda: self._fail("error", address))
-            return
-        self.pending = resolver.lookup(reverse, DNS_PTR, self._ptr)
-
-    def _ptr(self, status: str, values: List) -> None:
-        if status != "ok":
-            return self._fail(status, "%s could not be resolved" % self.address)
-        self.name = values[0]
-        if not valid_host_name(self.name):
-            return self.done(CLIENT_TEMPUNAVAIL, '%s resolved to an invalid host name "%s"'
-                             % (self.address, log_escape(self.name.encode("latin-1"))))
-        version = ipaddress.ip_address(self.address).version
-        if (version == 4 and not self.resolver.spec.ipv4) or (version == 6 and not self.resolver.spec.ipv6):
-            return self.done(CLIENT_UNAVAILABLE, "")
-        self.pending = self.resolver.lookup(self.name, DNS_A if version == 4 else DNS_AAAA,
-                                            self._forward)
-
-    def _forward(self, status: str, values: List) -> None:
-        if status != "ok":
-            return self._fail(status, '"%s" could not be resolved' % self.name)
-        client = ipaddress.ip_address(self.address)
-        if any(ipaddress.ip_address(value) == client for value in values):
-            return self.done(self.name, "")
-        self.done(CLIENT_UNAVAILABLE, "")
-
-    def _fail(self, status: str, message: str) -> None:
-        if status == "nxdomain":
-            self.done(CLIENT_UNAVAILABLE, message + " (3: Host not found)")
-        else:
-            self.done(CLIENT_TEMPUNAVAIL, message + " (2: Server failure or timeout)")
-
-    def cancel(self) -> None:
-        self.pending.cancel()
-
-# ########################################################################## #
-#                                   Relay                                    #
-# ########################################################################## #
+# ========================================================================== #
+# ####                              Relay                               #### #
+# ========================================================================== #
 # After login: bytes both ways, unchanged.  Each direction holds at most
 # proxy_buffer bytes: a side is read only while the other side's output
 # buffer has room (nginx ngx_mail_proxy_handler), so a client that stops
@@ -5532,9 +5299,256 @@ class CheckedRelay(Relay):
         self._allow(self.backend)
 
 
-# ########################################################################## #
-#                                 Sessions                                   #
-# ########################################################################## #
+# ========================================================================== #
+# ####               Outbound clients: auth_http and DNS                #### #
+# ========================================================================== #
+# The connections a session opens besides its backend: one auth_http
+# request on a connection of its own (as nginx: no keep-alive), and the
+# resolver's UDP queries, with a small cache, for the SMTP client's name.
+# Each is driven by the event loop and calls back with its answer; the
+# messages themselves are built and parsed by the sans-I/O code above.
+
+class AuthHttpExchange:
+    """One auth_http request on a connection of its own, as nginx (no
+    keep-alive): connect, send, read the answer, all under
+    auth_http_timeout.  ``done(response, error)``: an AuthHttpResponse, or
+    None and nginx's log message."""
+
+    def __init__(self, loop: EventLoop, url: AuthHttpUrl, request: bytes, timeout: float,
+                 done: Callable):
+        self.url = url
+        self.request = request
+        self.done = done
+        self.parser = AuthHttpParser()
+        self.stream = None             # type: Optional[Stream]
+        self.timer = loop.call_later(timeout, lambda: self._finish(
+            None, "auth http server %s timed out" % url.text))
+        family, sockaddr = url.address
+        try:
+            self.stream = connect_stream(loop, family, sockaddr, self, nodelay=False)
+        except OSError as error:
+            loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
+
+    def stream_connected(self, stream: Stream) -> None:
+        stream.write(self.request)
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        try:
+            response = self.parser.receive_data(data)
+        except AuthHttpError as error:
+            return self._finish(None, str(error).replace("%s", self.url.text, 1))
+        if response is not None:
+            self._finish(response, "")
+
+    def stream_eof(self, stream: Stream) -> None:
+        self.stream_data(stream, b"")
+
+    def stream_error(self, stream, error: OSError) -> None:
+        self._finish(None, "connect() to auth http server %s failed (%s: %s)" % (
+            self.url.text, error.errno, error.strerror))
+
+    def stream_drained(self, stream: Stream) -> None:
+        pass
+
+    def stream_tls_ready(self, stream: Stream) -> None:
+        pass
+
+    def _finish(self, response: Optional[AuthHttpResponse], error: str) -> None:
+        if self.done is None:
+            return
+        done, self.done = self.done, None
+        self.cancel()
+        done(response, error)
+
+    def cancel(self) -> None:
+        self.done = None
+        self.timer.cancel()
+        if self.stream is not None:
+            self.stream.close()
+
+
+class DnsLookup:
+    """One question on its way: sent over UDP to the resolver's servers in
+    turn every DNS_RESEND seconds until an answer comes or ``timeout`` ends.
+    ``callback(status, values)``: status "ok", "nxdomain" (or no such
+    record), "error" (a server failure, a truncated answer, a timeout)."""
+
+    def __init__(self, resolver: "Resolver", name: str, qtype: int, callback: Callable):
+        self.resolver = resolver
+        self.name = name
+        self.qtype = qtype
+        self.callback = callback
+        self.qid = resolver.randomness.getrandbits(16)
+        self.sockets = {}              # family -> _Datagram
+        self.attempt = 0
+        self.query = dns_query(self.qid, name, qtype)
+        loop = resolver.loop
+        self.deadline = loop.call_later(resolver.timeout, lambda: self.finish("error", [], 0))
+        self.resend = None             # type: Optional[Timer]
+        self.send()
+
+    def send(self) -> None:
+        servers = self.resolver.spec.servers
+        family, sockaddr = servers[self.attempt % len(servers)]
+        self.attempt += 1
+        try:
+            if family not in self.sockets:
+                self.sockets[family] = _Datagram(self, family)
+            self.sockets[family].sock.sendto(self.query, sockaddr)
+        except OSError:
+            pass                       # the next attempt or the deadline will tell
+        self.resend = self.resolver.loop.call_later(DNS_RESEND, self.send)
+
+    def datagram(self, data: bytes, sender) -> None:
+        if (sender[0], sender[1]) not in self.resolver.server_addresses:
+            return                     # not from a server we asked: ignore
+        try:
+            answer = parse_dns_answer(data, self.qid, self.name, self.qtype)
+        except DnsError:
+            return                     # malformed: wait for a better answer
+        if answer is None:
+            return
+        values, ttl = dns_values(answer, self.name, self.qtype)
+        if values:
+            self.finish("ok", values, ttl)
+        elif answer.rcode == DNS_NXDOMAIN or (answer.rcode == DNS_NOERROR and not answer.truncated):
+            self.finish("nxdomain", [], 0)
+        else:
+            self.finish("error", [], 0)
+
+    def finish(self, status: str, values: List, ttl: int) -> None:
+        if self.callback is None:
+            return
+        callback, self.callback = self.callback, None
+        self.cancel()
+        self.resolver.remember(self.name, self.qtype, status, values, ttl)
+        callback(status, values)
+
+    def cancel(self) -> None:
+        self.callback = None
+        self.deadline.cancel()
+        if self.resend is not None:
+            self.resend.cancel()
+        for datagram in self.sockets.values():
+            datagram.close()
+        self.sockets = {}
+
+
+class _Datagram:
+    """A UDP socket of a DnsLookup, registered with the loop."""
+
+    def __init__(self, lookup: DnsLookup, family: int):
+        self.lookup = lookup
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.interest = lookup.resolver.loop.set_interest(self.sock, selectors.EVENT_READ, self, 0)
+
+    def on_readable(self) -> None:
+        try:
+            data, sender = self.sock.recvfrom(4096)
+        except OSError:
+            return
+        self.lookup.datagram(data, sender)
+
+    def on_writable(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.lookup.resolver.loop.set_interest(self.sock, 0, self, self.interest)
+        self.sock.close()
+
+
+class Resolver:
+    """nginx's ``resolver``: asynchronous lookups with a small cache whose
+    entries live for the answer's TTL, or ``valid=`` if given."""
+
+    def __init__(self, loop: EventLoop, spec: ResolverSpec, timeout: float):
+        self.loop = loop
+        self.spec = spec
+        self.timeout = timeout
+        self.randomness = random.SystemRandom()
+        self.server_addresses = {(sockaddr[0], sockaddr[1]) for _, sockaddr in spec.servers}
+        self.cache = {}                # (name, qtype) -> (expires, status, values)
+
+    def lookup(self, name: str, qtype: int, callback: Callable):
+        """Start a lookup; returns something with cancel()."""
+        key = (name.lower(), qtype)
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] > self.loop.time():
+            return self.loop.call_later(0, lambda: callback(cached[1], cached[2]))
+        try:
+            return DnsLookup(self, name, qtype, callback)
+        except (DnsError, UnicodeError, OSError):
+            return self.loop.call_later(0, lambda: callback("error", []))
+
+    def remember(self, name: str, qtype: int, status: str, values: List, ttl: int) -> None:
+        if status == "error":
+            return
+        if self.spec.valid is not None:
+            lifetime = self.spec.valid
+        else:
+            lifetime = ttl if status == "ok" else DNS_NEGATIVE_TTL
+        if len(self.cache) >= DNS_CACHE_SIZE:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[(name.lower(), qtype)] = (self.loop.time() + lifetime, status, values)
+
+
+CLIENT_UNAVAILABLE = "[UNAVAILABLE]"      # not found, or the names do not match
+CLIENT_TEMPUNAVAIL = "[TEMPUNAVAIL]"      # the resolver failed, or the name is invalid
+
+
+class ClientNameLookup:
+    """The SMTP client's name, as ngx_mail_smtp_init_session finds it: the PTR
+    of its address, checked to be a host name, whose A (or AAAA) records
+    must include the address.  ``done(name, problem)``: the name or one of
+    the two markers, and a log message when something went wrong."""
+
+    def __init__(self, resolver: Resolver, address: str, done: Callable):
+        self.resolver = resolver
+        self.address = address
+        self.done = done
+        self.name = ""
+        try:
+            reverse = reverse_dns_name(address)
+        except ValueError:                     # e.g. a scoped address, fe80::1%eth0
+            self.pending = resolver.loop.call_later(0, lambda: self._fail("error", address))
+            return
+        self.pending = resolver.lookup(reverse, DNS_PTR, self._ptr)
+
+    def _ptr(self, status: str, values: List) -> None:
+        if status != "ok":
+            return self._fail(status, "%s could not be resolved" % self.address)
+        self.name = values[0]
+        if not valid_host_name(self.name):
+            return self.done(CLIENT_TEMPUNAVAIL, '%s resolved to an invalid host name "%s"'
+                             % (self.address, log_escape(self.name.encode("latin-1"))))
+        version = ipaddress.ip_address(self.address).version
+        if (version == 4 and not self.resolver.spec.ipv4) or (version == 6 and not self.resolver.spec.ipv6):
+            return self.done(CLIENT_UNAVAILABLE, "")
+        self.pending = self.resolver.lookup(self.name, DNS_A if version == 4 else DNS_AAAA,
+                                            self._forward)
+
+    def _forward(self, status: str, values: List) -> None:
+        if status != "ok":
+            return self._fail(status, '"%s" could not be resolved' % self.name)
+        client = ipaddress.ip_address(self.address)
+        if any(ipaddress.ip_address(value) == client for value in values):
+            return self.done(self.name, "")
+        self.done(CLIENT_UNAVAILABLE, "")
+
+    def _fail(self, status: str, message: str) -> None:
+        if status == "nxdomain":
+            self.done(CLIENT_UNAVAILABLE, message + " (3: Host not found)")
+        else:
+            self.done(CLIENT_TEMPUNAVAIL, message + " (2: Server failure or timeout)")
+
+    def cancel(self) -> None:
+        self.pending.cancel()
+
+
+# ========================================================================== #
+# ####                             Sessions                             #### #
+# ========================================================================== #
 # One client, from accept to close: it wires the client Stream to a client
 # machine, the verdict of the user table, the backend connection and its
 # BackendLogin, and finally a Relay.  Phases follow nginx's: dialogue (the
@@ -6298,16 +6312,17 @@ class Session:
         self.worker.session_closed(self)
 
 
-# ########################################################################## #
-#                                 Processes                                  #
-# ########################################################################## #
+# ========================================================================== #
+# ####                            Processes                             #### #
+# ========================================================================== #
 # nginx's process model.  A master binds the listening sockets, forks
-# worker_processes workers, replaces one that dies, and handles the signals
-# (INTERFACE.md): SIGHUP re-reads the configuration and starts new workers
-# with it while the old ones finish their sessions; SIGQUIT stops gracefully;
-# SIGTERM and SIGINT stop at once; SIGUSR1 reopens the log files.  Each
-# worker is one Worker: an event loop, the listeners, the sessions.  With
-# master_process off, one process is both.
+# worker_processes workers, replaces one that stops unasked, and handles the
+# signals (README, "Processes and signals"): SIGHUP re-reads the
+# configuration and starts new workers with it while the old ones finish
+# their sessions; SIGQUIT stops gracefully; SIGTERM and SIGINT stop at once;
+# SIGUSR1 reopens the log files.  Each worker is one Worker: an event loop,
+# the listeners, the sessions.  With master_process off, one process is
+# both.  Also here: privileges, the pid file, the log files' owner.
 
 def load_and_prepare(path: str) -> Config:
     """load_config, then what needs the TLS section: each server's SSL
@@ -6324,7 +6339,7 @@ def load_and_prepare(path: str) -> Config:
             if server.proxy_ssl or server.proxy_starttls or server.auth_http is not None:
                 # With auth_http, Auth-Backend-TLS may ask for TLS per session.
                 server.backend_tls_context = backend_context(server)
-        except ValueError_ as error:
+        except ConfigValueError as error:
             errors.append(ConfigError(path, section, None, str(error)))
     if errors:
         raise ConfigErrors(errors)
@@ -6667,281 +6682,6 @@ class Worker:
         self.loop.close()
 
 
-# ########################################################################## #
-#                           Migration from nginx                             #
-# ########################################################################## #
-# --import-nginx: read nginx.conf (its own syntax: words, quotes, escapes,
-# comments, blocks, include with globs) and print the mail {} block as this
-# program's INI.  Every directive is carried over; one that cannot be is
-# printed as a comment with the reason, so the output passes -t whenever
-# the nginx file was valid.
-
-class NginxBlock(NamedTuple):
-    name: str
-    args: List[str]
-    children: List                 # of NginxBlock; a plain directive has none
-    block: bool
-
-
-def nginx_tokens(text: str, source: str) -> List[Tuple[str, int, bool]]:
-    """(token, line, quoted) of nginx.conf text, as ngx_conf_read_token."""
-    tokens, i, line = [], 0, 1
-    while i < len(text):
-        char = text[i]
-        if char == "\n":
-            line += 1
-        if char.isspace():
-            i += 1
-        elif char == "#":
-            while i < len(text) and text[i] != "\n":
-                i += 1
-        elif char in ";{}":
-            tokens.append((char, line, False))
-            i += 1
-        else:
-            start = i
-            token, i, quoted = _nginx_word(text, i, source, line)
-            line += text.count("\n", start, i)
-            tokens.append((token, line, quoted))
-    return tokens
-
-
-def _nginx_word(text: str, i: int, source: str, line: int) -> Tuple[str, int, bool]:
-    quote = text[i] if text[i] in "\"'" else None
-    i += 1 if quote else 0
-    out = []
-    while i < len(text):
-        char = text[i]
-        if quote and char == quote:
-            return "".join(out), i + 1, True
-        if not quote and (char.isspace() or char in ";{}"):
-            break
-        if char == "\\" and i + 1 < len(text):
-            following = text[i + 1]
-            out.append(NGINX_ESCAPES.get(following, "\\" + following) if following not in " " else " ")
-            i += 2
-            continue
-        out.append(char)
-        i += 1
-    if quote:
-        raise ValueError_("%s:%d: unexpected end of file, expecting %s" % (source, line, quote))
-    return "".join(out), i, False
-
-
-def parse_nginx(path: str, depth: int = 0) -> List[NginxBlock]:
-    """The directives of an nginx.conf file, with include files read in place."""
-    if depth > 16:
-        raise ValueError_("%s: include nested too deeply" % path)
-    with open(path, encoding="utf-8") as handle:
-        tokens = nginx_tokens(handle.read(), path)
-    base = os.path.dirname(os.path.abspath(path))
-    directives, position = _nginx_block(tokens, 0, path, base, depth)
-    if position != len(tokens):
-        raise ValueError_('%s:%d: unexpected "}"' % (path, tokens[position][1]))
-    return directives
-
-
-def _nginx_block(tokens: List, position: int, path: str, base: str, depth: int):
-    directives, words = [], []
-    while position < len(tokens):
-        token, line, quoted = tokens[position]
-        position += 1
-        if token == "}" and not quoted:
-            return directives, position - 1
-        if token == ";" and not quoted:
-            if not words:
-                continue
-            if words[0] == "include":
-                for name in sorted(glob_files(words[1] if len(words) > 1 else "", base)):
-                    directives += parse_nginx(name, depth + 1)
-            else:
-                directives.append(NginxBlock(words[0], words[1:], [], False))
-            words = []
-        elif token == "{" and not quoted:
-            children, position = _nginx_block(tokens, position, path, base, depth)
-            if position >= len(tokens):
-                raise ValueError_('%s:%d: unexpected end of file, expecting "}"' % (path, tokens[-1][1]))
-            position += 1
-            directives.append(NginxBlock(words[0] if words else "", words[1:], children, True))
-            words = []
-        else:
-            words.append(token)
-    if words:
-        raise ValueError_('%s:%d: unexpected end of file, expecting ";" or "}"' % (path, tokens[-1][1]))
-    return directives, position
-
-
-def glob_files(pattern: str, base: str) -> List[str]:
-    import glob
-    pattern = os.path.join(base, pattern)
-    names = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
-    return [name for name in names if os.path.isfile(name)] if glob.has_magic(pattern) else names
-
-
-NGINX_MAIN_DIRECTIVES = ("worker_processes", "worker_rlimit_nofile", "user", "pid",
-                         "error_log", "worker_shutdown_timeout", "master_process")
-PATH_DIRECTIVES = ("pid", "error_log", "access_log")
-
-
-def ini_value(args: List[str]) -> str:
-    """nginx arguments as one INI value: quoted where they hold a space,
-    a quote or a backslash, so split_arguments gives them back."""
-    out = []
-    for arg in args:
-        if arg and not re.search(r"[\s\"'\\]", arg):
-            out.append(arg)
-        else:
-            out.append('"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    return " ".join(out)
-
-
-def absolute_args(name: str, args: List[str], base: str) -> List[str]:
-    """nginx resolves relative paths against its configuration directory."""
-    parser = DIRECTIVES[name].parse if name in DIRECTIVES else None
-    if (parser is parse_path or name in PATH_DIRECTIVES) and args and \
-            args[0] not in ("stderr", "off") and not args[0].startswith(("syslog:", "/", "data:")):
-        return [os.path.join(base, args[0])] + args[1:]
-    return args
-
-
-def translate_block(kind: str, directives: List[NginxBlock], base: str) -> List[str]:
-    """INI lines for one section; what cannot be translated becomes a comment."""
-    grouped = {}
-    lines = []
-    for directive in directives:
-        if directive.block:
-            lines.append("# not translated: %s {...}: a block mailproxy does not have" % directive.name)
-            continue
-        args = absolute_args(directive.name, directive.args, base)
-        row = DIRECTIVES.get(directive.name)
-        if row is None or kind not in row.contexts:
-            lines.append("# not translated: %s %s;  (not a mailproxy directive here)"
-                         % (directive.name, ini_value(args)))
-            continue
-        grouped.setdefault(directive.name, []).append(args)
-    for name, occurrences in grouped.items():
-        if not DIRECTIVES[name].multiple:
-            occurrences = occurrences[-1:]               # nginx: last wins, or "is duplicate"
-        value = "\n    ".join(ini_value(args) for args in occurrences)
-        try:
-            parse_directive(kind, name, value, base)
-        except ValueError_ as error:
-            for args in occurrences:
-                lines.append("# not translated: %s %s;  (%s)" % (name, ini_value(args), error))
-            continue
-        lines.append("%s = %s" % (name, value))
-    return lines
-
-
-def import_nginx(path: str) -> str:
-    """The INI equivalent of the mail {} block of an nginx configuration."""
-    top = parse_nginx(path)
-    base = os.path.dirname(os.path.abspath(path))
-    main = [d for d in top if d.name in NGINX_MAIN_DIRECTIVES and not d.block]
-    for events in (d for d in top if d.name == "events" and d.block):
-        main += [d for d in events.children if d.name == "worker_connections"]
-    mails = [d for d in top if d.name == "mail" and d.block]
-    if not mails:
-        raise ValueError_("%s: no mail {} block" % path)
-    skipped = sorted({d.name + (" {}" if d.block else "") for d in top
-                      if d.name not in NGINX_MAIN_DIRECTIVES + ("events", "mail")})
-    out = ["# Made from %s by mailproxy --import-nginx." % os.path.abspath(path)]
-    if skipped:
-        out.append("# Not mail, not translated: %s" % ", ".join(skipped))
-    out += ["", "[main]"]
-    out += translate_block("main", main, base)
-    mail = mails[0]
-    out += ["", "[mail]"]
-    out += translate_block("mail", [d for d in mail.children if d.name != "server"], base)
-    used = set()
-    for number, server in enumerate((d for d in mail.children if d.name == "server" and d.block), 1):
-        names = [d.args[0] for d in server.children if d.name == "server_name" and d.args]
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", names[0]) if names else "%d" % number
-        if name in used:
-            name = "%s-%d" % (name, number)
-        used.add(name)
-        out += ["", "[server %s]" % name] + translate_block("server", server.children, base)
-    return "\n".join(out) + "\n"
-
-# ########################################################################## #
-#                               Command line                                 #
-# ########################################################################## #
-# -c FILE, -t, -v (INTERFACE.md), --hash-password; main() is the last thing in
-# the file and the only one that runs anything.
-
-USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
-
-  -c FILE            configuration file (default: mailproxy.conf here, then
-                     sample.conf beside this script)
-  -t                 check the configuration and exit (0 valid, 1 not)
-  -v                 print the version and exit
-  --hash-password    read a password on standard input and print a [users]
-                     value; SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
-                     SHA256-CRYPT or PLAIN
-  --import-nginx F   print the mail {} block of nginx configuration F as INI
-"""
-
-
-def default_config_path() -> str:
-    if os.path.exists("mailproxy.conf"):
-        return "mailproxy.conf"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.conf")
-
-
-def parse_command_line(argv: List[str]) -> Dict[str, object]:
-    options = {"config": None, "test": False, "version": False, "hash": None, "import": None}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "-c" and i + 1 < len(argv):
-            options["config"] = argv[i + 1]
-            i += 1
-        elif arg == "-t":
-            options["test"] = True
-        elif arg == "-v":
-            options["version"] = True
-        elif arg == "--import-nginx" and i + 1 < len(argv):
-            options["import"] = argv[i + 1]
-            i += 1
-        elif arg == "--hash-password":
-            options["hash"] = "PBKDF2-SHA256"
-            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-                options["hash"] = argv[i + 1].upper()
-                i += 1
-        else:
-            raise ValueError("unknown option %r" % arg)
-        i += 1
-    return options
-
-
-def command_hash_password(scheme: str) -> int:
-    if scheme not in PASSWORD_SCHEMES:
-        sys.stderr.write("mailproxy: unknown scheme %s; known: %s\n" % (
-            scheme, ", ".join(PASSWORD_SCHEMES)))
-        return 1
-    line = sys.stdin.buffer.readline()
-    password = strip_eol(line)
-    if not password:
-        sys.stderr.write("mailproxy: no password on standard input\n")
-        return 1
-    print(hash_password(password, scheme))
-    return 0
-
-
-def command_test(path: str) -> int:
-    """nginx -t: every problem, then "test failed" / "test is successful"."""
-    try:
-        load_and_prepare(path)
-    except ConfigErrors as errors:
-        for error in errors.errors:
-            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
-        sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
-        return 1
-    sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
-    sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
-    return 0
-
-
 def drop_privileges(main: Settings, log: ErrorLog) -> None:
     """``user USER [GROUP]``: after the listeners are bound (ports below 1024
     need root), become that user, as nginx's workers do."""
@@ -7231,6 +6971,282 @@ class Master:
         self.loop.close()
 
 
+# ========================================================================== #
+# ####                       Migration from nginx                       #### #
+# ========================================================================== #
+# --import-nginx: read nginx.conf (its own syntax: words, quotes, escapes,
+# comments, blocks, include with globs) and print the mail {} block as this
+# program's INI.  Every directive is carried over; one that cannot be is
+# printed as a comment with the reason, so the output passes -t whenever
+# the nginx file was valid.
+
+class NginxBlock(NamedTuple):
+    name: str
+    args: List[str]
+    children: List                 # of NginxBlock; a plain directive has none
+    block: bool
+
+
+def nginx_tokens(text: str, source: str) -> List[Tuple[str, int, bool]]:
+    """(token, line, quoted) of nginx.conf text, as ngx_conf_read_token."""
+    tokens, i, line = [], 0, 1
+    while i < len(text):
+        char = text[i]
+        if char == "\n":
+            line += 1
+        if char.isspace():
+            i += 1
+        elif char == "#":
+            while i < len(text) and text[i] != "\n":
+                i += 1
+        elif char in ";{}":
+            tokens.append((char, line, False))
+            i += 1
+        else:
+            start = i
+            token, i, quoted = _nginx_word(text, i, source, line)
+            line += text.count("\n", start, i)
+            tokens.append((token, line, quoted))
+    return tokens
+
+
+def _nginx_word(text: str, i: int, source: str, line: int) -> Tuple[str, int, bool]:
+    quote = text[i] if text[i] in "\"'" else None
+    i += 1 if quote else 0
+    out = []
+    while i < len(text):
+        char = text[i]
+        if quote and char == quote:
+            return "".join(out), i + 1, True
+        if not quote and (char.isspace() or char in ";{}"):
+            break
+        if char == "\\" and i + 1 < len(text):
+            following = text[i + 1]
+            out.append(NGINX_ESCAPES.get(following, "\\" + following) if following not in " " else " ")
+            i += 2
+            continue
+        out.append(char)
+        i += 1
+    if quote:
+        raise ConfigValueError("%s:%d: unexpected end of file, expecting %s" % (source, line, quote))
+    return "".join(out), i, False
+
+
+def parse_nginx(path: str, depth: int = 0) -> List[NginxBlock]:
+    """The directives of an nginx.conf file, with include files read in place."""
+    if depth > 16:
+        raise ConfigValueError("%s: include nested too deeply" % path)
+    with open(path, encoding="utf-8") as handle:
+        tokens = nginx_tokens(handle.read(), path)
+    base = os.path.dirname(os.path.abspath(path))
+    directives, position = _nginx_block(tokens, 0, path, base, depth)
+    if position != len(tokens):
+        raise ConfigValueError('%s:%d: unexpected "}"' % (path, tokens[position][1]))
+    return directives
+
+
+def _nginx_block(tokens: List, position: int, path: str, base: str, depth: int):
+    directives, words = [], []
+    while position < len(tokens):
+        token, line, quoted = tokens[position]
+        position += 1
+        if token == "}" and not quoted:
+            return directives, position - 1
+        if token == ";" and not quoted:
+            if not words:
+                continue
+            if words[0] == "include":
+                for name in sorted(glob_files(words[1] if len(words) > 1 else "", base)):
+                    directives += parse_nginx(name, depth + 1)
+            else:
+                directives.append(NginxBlock(words[0], words[1:], [], False))
+            words = []
+        elif token == "{" and not quoted:
+            children, position = _nginx_block(tokens, position, path, base, depth)
+            if position >= len(tokens):
+                raise ConfigValueError('%s:%d: unexpected end of file, expecting "}"' % (path, tokens[-1][1]))
+            position += 1
+            directives.append(NginxBlock(words[0] if words else "", words[1:], children, True))
+            words = []
+        else:
+            words.append(token)
+    if words:
+        raise ConfigValueError('%s:%d: unexpected end of file, expecting ";" or "}"' % (path, tokens[-1][1]))
+    return directives, position
+
+
+def glob_files(pattern: str, base: str) -> List[str]:
+    import glob
+    pattern = os.path.join(base, pattern)
+    names = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
+    return [name for name in names if os.path.isfile(name)] if glob.has_magic(pattern) else names
+
+
+NGINX_MAIN_DIRECTIVES = ("worker_processes", "worker_rlimit_nofile", "user", "pid",
+                         "error_log", "worker_shutdown_timeout", "master_process")
+PATH_DIRECTIVES = ("pid", "error_log", "access_log")
+
+
+def ini_value(args: List[str]) -> str:
+    """nginx arguments as one INI value: quoted where they hold a space,
+    a quote or a backslash, so split_arguments gives them back."""
+    out = []
+    for arg in args:
+        if arg and not re.search(r"[\s\"'\\]", arg):
+            out.append(arg)
+        else:
+            out.append('"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return " ".join(out)
+
+
+def absolute_args(name: str, args: List[str], base: str) -> List[str]:
+    """nginx resolves relative paths against its configuration directory."""
+    parser = DIRECTIVES[name].parse if name in DIRECTIVES else None
+    if (parser is parse_path or name in PATH_DIRECTIVES) and args and \
+            args[0] not in ("stderr", "off") and not args[0].startswith(("syslog:", "/", "data:")):
+        return [os.path.join(base, args[0])] + args[1:]
+    return args
+
+
+def translate_block(kind: str, directives: List[NginxBlock], base: str) -> List[str]:
+    """INI lines for one section; what cannot be translated becomes a comment."""
+    grouped = {}
+    lines = []
+    for directive in directives:
+        if directive.block:
+            lines.append("# not translated: %s {...}: a block mailproxy does not have" % directive.name)
+            continue
+        args = absolute_args(directive.name, directive.args, base)
+        row = DIRECTIVES.get(directive.name)
+        if row is None or kind not in row.contexts:
+            lines.append("# not translated: %s %s;  (not a mailproxy directive here)"
+                         % (directive.name, ini_value(args)))
+            continue
+        grouped.setdefault(directive.name, []).append(args)
+    for name, occurrences in grouped.items():
+        if not DIRECTIVES[name].multiple:
+            occurrences = occurrences[-1:]               # nginx: last wins, or "is duplicate"
+        value = "\n    ".join(ini_value(args) for args in occurrences)
+        try:
+            parse_directive(kind, name, value, base)
+        except ConfigValueError as error:
+            for args in occurrences:
+                lines.append("# not translated: %s %s;  (%s)" % (name, ini_value(args), error))
+            continue
+        lines.append("%s = %s" % (name, value))
+    return lines
+
+
+def import_nginx(path: str) -> str:
+    """The INI equivalent of the mail {} block of an nginx configuration."""
+    top = parse_nginx(path)
+    base = os.path.dirname(os.path.abspath(path))
+    main = [d for d in top if d.name in NGINX_MAIN_DIRECTIVES and not d.block]
+    for events in (d for d in top if d.name == "events" and d.block):
+        main += [d for d in events.children if d.name == "worker_connections"]
+    mails = [d for d in top if d.name == "mail" and d.block]
+    if not mails:
+        raise ConfigValueError("%s: no mail {} block" % path)
+    skipped = sorted({d.name + (" {}" if d.block else "") for d in top
+                      if d.name not in NGINX_MAIN_DIRECTIVES + ("events", "mail")})
+    out = ["# Made from %s by mailproxy --import-nginx." % os.path.abspath(path)]
+    if skipped:
+        out.append("# Not mail, not translated: %s" % ", ".join(skipped))
+    out += ["", "[main]"]
+    out += translate_block("main", main, base)
+    mail = mails[0]
+    out += ["", "[mail]"]
+    out += translate_block("mail", [d for d in mail.children if d.name != "server"], base)
+    used = set()
+    for number, server in enumerate((d for d in mail.children if d.name == "server" and d.block), 1):
+        names = [d.args[0] for d in server.children if d.name == "server_name" and d.args]
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", names[0]) if names else "%d" % number
+        if name in used:
+            name = "%s-%d" % (name, number)
+        used.add(name)
+        out += ["", "[server %s]" % name] + translate_block("server", server.children, base)
+    return "\n".join(out) + "\n"
+
+
+# ========================================================================== #
+# ####                           Command line                           #### #
+# ========================================================================== #
+# -c FILE, -t, -v, --import-nginx, --hash-password; main() is the last thing in
+# the file and the only one that runs anything.
+
+USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
+
+  -c FILE            configuration file (default: mailproxy.conf here, then
+                     sample.conf beside this script)
+  -t                 check the configuration and exit (0 valid, 1 not)
+  -v                 print the version and exit
+  --hash-password    read a password on standard input and print a [users]
+                     value; SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
+                     SHA256-CRYPT or PLAIN
+  --import-nginx F   print the mail {} block of nginx configuration F as INI
+"""
+
+
+def default_config_path() -> str:
+    if os.path.exists("mailproxy.conf"):
+        return "mailproxy.conf"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.conf")
+
+
+def parse_command_line(argv: List[str]) -> Dict[str, object]:
+    options = {"config": None, "test": False, "version": False, "hash": None, "import": None}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-c" and i + 1 < len(argv):
+            options["config"] = argv[i + 1]
+            i += 1
+        elif arg == "-t":
+            options["test"] = True
+        elif arg == "-v":
+            options["version"] = True
+        elif arg == "--import-nginx" and i + 1 < len(argv):
+            options["import"] = argv[i + 1]
+            i += 1
+        elif arg == "--hash-password":
+            options["hash"] = "PBKDF2-SHA256"
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                options["hash"] = argv[i + 1].upper()
+                i += 1
+        else:
+            raise ValueError("unknown option %r" % arg)
+        i += 1
+    return options
+
+
+def command_hash_password(scheme: str) -> int:
+    if scheme not in PASSWORD_SCHEMES:
+        sys.stderr.write("mailproxy: unknown scheme %s; known: %s\n" % (
+            scheme, ", ".join(PASSWORD_SCHEMES)))
+        return 1
+    line = sys.stdin.buffer.readline()
+    password = strip_eol(line)
+    if not password:
+        sys.stderr.write("mailproxy: no password on standard input\n")
+        return 1
+    print(hash_password(password, scheme))
+    return 0
+
+
+def command_test(path: str) -> int:
+    """nginx -t: every problem, then "test failed" / "test is successful"."""
+    try:
+        load_and_prepare(path)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+        sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
+        return 1
+    sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
+    sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
+    return 0
+
+
 def command_run(path: str) -> int:
     try:
         config = load_and_prepare(path)
@@ -7286,7 +7302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options["import"]:
         try:
             sys.stdout.write(import_nginx(options["import"]))
-        except (OSError, UnicodeDecodeError, ValueError_) as error:
+        except (OSError, UnicodeDecodeError, ConfigValueError) as error:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
             return 1
         return 0

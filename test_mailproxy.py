@@ -624,7 +624,7 @@ def cfg_imap_login(test, port: int, login: str, password: str) -> bytes:
 class ConfigValueParserTests(unittest.TestCase):
 
     def assertRefused(self, parser, args, message=None):
-        with self.assertRaises(mp.ValueError_, msg="%s(%r)" % (parser.__name__, args)) as caught:
+        with self.assertRaises(mp.ConfigValueError, msg="%s(%r)" % (parser.__name__, args)) as caught:
             parser(args)
         if message is not None:
             self.assertEqual(str(caught.exception), message)
@@ -654,7 +654,7 @@ class ConfigValueParserTests(unittest.TestCase):
         # ngx_parse_time refuses a unit after a smaller or equal one; nginx's
         # docs: "in the order from the most to the least significant".
         for text in ["30m1h", "1m1m", "500ms1s", "1s1d"]:
-            with self.assertRaises(mp.ValueError_) as caught:
+            with self.assertRaises(mp.ConfigValueError) as caught:
                 mp.parse_time([text])
             self.assertTrue(str(caught.exception).startswith('invalid time "%s"' % text))
 
@@ -680,7 +680,7 @@ class ConfigValueParserTests(unittest.TestCase):
         self.assertEqual(split('""'), [""])
         self.assertEqual(split("50% off"), ["50%", "off"])
         for text in ['"abc', "'abc", r'"abc\"', "x 'y z"]:
-            with self.assertRaises(mp.ValueError_) as caught:
+            with self.assertRaises(mp.ConfigValueError) as caught:
                 split(text)
             self.assertIn("unbalanced quote", str(caught.exception))
 
@@ -694,7 +694,7 @@ class ConfigValueParserTests(unittest.TestCase):
     def test_split_arguments_refuses_text_glued_to_a_closing_quote(self):
         # nginx: 'unexpected "b"' (need_space after a quote).
         for text in ['"a"b', "'a'b"]:
-            with self.assertRaises(mp.ValueError_, msg=text):
+            with self.assertRaises(mp.ConfigValueError, msg=text):
                 mp.split_arguments(text)
 
     def test_listen_addresses(self):
@@ -1005,7 +1005,7 @@ class ConfigCheckCommandTests(unittest.TestCase):
         row = mp.Directive("future_directive", mp.MAIL, mp.parse_flag, False, supported=False)
         mp.DIRECTIVES[row.name] = row
         try:
-            with self.assertRaises(mp.ValueError_) as caught:
+            with self.assertRaises(mp.ConfigValueError) as caught:
                 mp.parse_directive("mail", row.name, "on", "/")
         finally:
             del mp.DIRECTIVES[row.name]
@@ -2947,9 +2947,9 @@ class TlsConfigurationTests(TlsFiles, unittest.TestCase):
     def test_protocols_map_to_a_version_range(self):
         context = mp.server_context(self.tls_settings(ssl_protocols=["TLSv1.2"]))
         self.assertEqual(context.maximum_version, mp.ssl.TLSVersion.TLSv1_2)
-        with self.assertRaises(mp.ValueError_):
+        with self.assertRaises(mp.ConfigValueError):
             mp.parse_ssl_protocols(["TLSv1", "TLSv1.2"])          # a gap
-        with self.assertRaises(mp.ValueError_):
+        with self.assertRaises(mp.ConfigValueError):
             mp.parse_ssl_protocols(["SSLv3"])
 
     def test_what_python_cannot_honour_is_refused(self):
@@ -2959,7 +2959,7 @@ class TlsConfigurationTests(TlsFiles, unittest.TestCase):
                             ("ssl_conf_command", "Options PrioritizeChaCha"),
                             ("ssl_certificate", "data:-----BEGIN"), ("ssl_ecdh_curve", "X25519:P-256"),
                             ("ssl_certificate_compression", "on"), ("proxy_ssl_server_name", "off")):
-            with self.assertRaises(mp.ValueError_, msg=name) as caught:
+            with self.assertRaises(mp.ConfigValueError, msg=name) as caught:
                 mp.parse_directive("mail", name, value, "/")
             self.assertRegex(str(caught.exception), "Python|cannot", name)
 
@@ -2973,10 +2973,10 @@ class TlsConfigurationTests(TlsFiles, unittest.TestCase):
                          mp.ssl.TLSVersion.TLSv1_2)
 
     def test_bad_files_fail_the_check(self):
-        with self.assertRaises(mp.ValueError_) as caught:
+        with self.assertRaises(mp.ConfigValueError) as caught:
             mp.server_context(self.tls_settings(ssl_certificate=[self.path("missing.crt")]))
         self.assertIn("missing.crt", str(caught.exception))
-        with self.assertRaises(mp.ValueError_):
+        with self.assertRaises(mp.ConfigValueError):
             mp.server_context(self.tls_settings(ssl_certificate_key=[self.path("client.key")]))
 
     def test_listen_ssl_needs_a_certificate(self):
@@ -3197,7 +3197,7 @@ class AuthHttpRequestTests(unittest.TestCase):
         self.assertEqual(mp.parse_auth_http(["127.0.0.1"]).address[1], ("127.0.0.1", 80))
         url = mp.parse_auth_http(["unix:/run/auth.sock:/check"])
         self.assertEqual((url.host_header, url.uri, url.address[1]), ("localhost", "/check", "/run/auth.sock"))
-        with self.assertRaises(mp.ValueError_):
+        with self.assertRaises(mp.ConfigValueError):
             mp.parse_auth_http(["https://127.0.0.1/auth"])
 
 
