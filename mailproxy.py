@@ -4645,6 +4645,53 @@ class EventLoop:
         self.running = False
 
 
+class Deadline:
+    """One timer that can be moved later cheaply (sans heap work): when the
+    loop's timer comes up early it waits for the rest.  A session keeps one
+    and points it at whatever it waits for (the client's next command, the
+    backend's login, a delayed reply).  set(delay, callback) arms it,
+    replacing what was armed; postpone(delay) moves the armed callback to
+    ``delay`` from now; cancel() disarms.  ``callback`` is what is armed
+    (None: nothing).  An exception from the callback goes to the owner's
+    crashed(error), as from any loop_callback."""
+    __slots__ = ("loop", "owner", "due", "callback", "_timer")
+
+    def __init__(self, loop: EventLoop, owner):
+        self.loop = loop
+        self.owner = owner
+        self.due = 0.0
+        self.callback = None           # type: Optional[Callable]
+        self._timer = None             # type: Optional[Timer]
+
+    def set(self, delay: float, callback: Callable) -> None:
+        self.cancel()
+        self.due = self.loop.time() + delay
+        self.callback = callback
+        self._timer = self.loop.call_later(delay, self._fire)
+
+    def postpone(self, delay: float) -> None:
+        if self.callback is not None:
+            self.due = max(self.due, self.loop.time() + delay)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.callback = None
+
+    @loop_callback
+    def _fire(self) -> None:
+        left = self.due - self.loop.time()
+        if left > 0.001:
+            self._timer = self.loop.call_later(left, self._fire)
+            return
+        callback, self.callback, self._timer = self.callback, None, None
+        callback()
+
+    def crashed(self, error: Exception) -> None:
+        self.owner.crashed(error)
+
+
 # ========================================================================== #
 # ####                      Streams and listeners                       #### #
 # ========================================================================== #
@@ -5587,7 +5634,7 @@ class Session:
                  "server_text", "started", "login", "upstream", "phase", "backend",
                  "backend_login", "relay", "addresses", "client_name", "auth_method",
                  "credentials", "login_attempt", "auth_exchange", "backend_tls", "timer",
-                 "deadline", "timer_callback", "closed", "outcome", "starttls", "proxy_facts",
+                 "closed", "outcome", "starttls", "proxy_facts",
                  "certificate", "name_lookup", "client", "machine", "implicit_tls",
                  "proxy_header", "early_data", "login_time_limit", "login_deadline")
 
@@ -5614,9 +5661,7 @@ class Session:
         self.login_attempt = 0       # Auth-Login-Attempt
         self.auth_exchange = None    # type: Optional[AuthHttpExchange]
         self.backend_tls = "plain"   # "plain", "ssl" or "starttls" for this session
-        self.timer = None            # type: Optional[Timer]
-        self.deadline = 0.0          # when the timer's callback is due
-        self.timer_callback = None   # type: Optional[Callable]
+        self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.closed = False
         self.outcome = ""
         self.starttls = False        # the client said STARTTLS (for the log, as nginx)
@@ -5634,7 +5679,7 @@ class Session:
         except BaseException:
             # Leave nothing behind in the loop: a stale registration of this
             # descriptor would make the next socket given its number fail.
-            self._disarm()
+            self.timer.cancel()
             self.client.close()
             raise
 
@@ -5725,7 +5770,7 @@ class Session:
         if self.server.smtp_greeting_delay:
             self.phase = Phase.GREETING_DELAY
             self.client.set_read_budget(self.machine.buffer_size)
-            self._arm(self.server.smtp_greeting_delay, self._greet)
+            self.timer.set(self.server.smtp_greeting_delay, self._greet)
             self._deliver_early_data()        # a client that spoke first is refused
         else:
             self._greet()
@@ -5764,45 +5809,22 @@ class Session:
         log.log(level, message % args if args else message, self.number, self.context(action))
 
     # -- timers ------------------------------------------------------------------
-    def _arm(self, delay: float, callback: Callable) -> None:
-        """The session's one timer: ``callback`` after ``delay`` seconds."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self.deadline = self.loop.time() + delay
-        self.timer_callback = callback
-        self.timer = self.loop.call_later(delay, self._timer_fired)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.timer_callback = None
-
     def _arm_client_timer(self) -> None:
         """The client has ``timeout`` to send a whole command (or to finish
         the handshake, the PROXY header, or to read our last reply), and a
         byte now and then does not make it longer: a slow drip cannot hold
         a connection (nginx cuts it at ``timeout`` too).  And all of it, up
         to the login, within LOGIN_TIME_LIMIT."""
-        left = self.login_deadline - self.loop.time()
-        self._arm(max(0.0, min(self.server.timeout, left)), self._client_timed_out)
+        self.timer.set(self._client_time_left(), self._client_timed_out)
+
+    def _client_time_left(self) -> float:
+        return max(0.0, min(self.server.timeout, self.login_deadline - self.loop.time()))
 
     def _command_done(self) -> None:
         """The machine took a whole command: the next one has its own
-        ``timeout``.  Only the deadline moves; the timer, when it fires
-        early, waits for the rest."""
-        if self.timer_callback == self._client_timed_out:
-            left = self.login_deadline - self.loop.time()
-            self.deadline = self.loop.time() + max(0.0, min(self.server.timeout, left))
-
-    @loop_callback
-    def _timer_fired(self) -> None:
-        left = self.deadline - self.loop.time()
-        if left > 0.001:
-            self.timer = self.loop.call_later(left, self._timer_fired)
-        else:
-            self.timer = None
-            self.timer_callback()
+        ``timeout`` (the same timer, moved on)."""
+        if self.timer.callback == self._client_timed_out:
+            self.timer.postpone(self._client_time_left())
 
     def _client_timed_out(self) -> None:
         if self.loop.time() >= self.login_deadline:
@@ -5993,7 +6015,7 @@ class Session:
                 self.login = credentials.login
             # nginx (ngx_mail_auth) stops the client's timer: from here only
             # auth_http_timeout bounds the wait.
-            self._disarm()
+            self.timer.cancel()
             self._ask_auth_server()
             return
         if credentials.method == "none":
@@ -6024,7 +6046,7 @@ class Session:
             delay = worker.throttle.failure(self.client_address, now, self.server.auth_delay)
             self.log("info", 'client login failed: "%s"' % result.reason)
             reply = self.machine.failure_reply(AUTH_FAILED_TEXT)
-            self._arm(delay, lambda: self._auth_failure_reply(reply))
+            self.timer.set(delay, lambda: self._auth_failure_reply(reply))
             return
         self._login_to_backend(result)
 
@@ -6070,7 +6092,7 @@ class Session:
             self.log("error", error, action="in http auth state")
             self._internal_error("auth http error")
         elif verdict.kind == "wait":
-            self._arm(verdict.wait, self._ask_auth_server)
+            self.timer.set(verdict.wait, self._ask_auth_server)
         elif verdict.kind == "fail":
             self._auth_http_refused(verdict)
         else:
@@ -6094,7 +6116,7 @@ class Session:
         if close:
             self._auth_failure_reply(reply, challenge, close=True)
         else:
-            self._arm(verdict.wait, lambda: self._auth_failure_reply(reply, challenge))
+            self.timer.set(verdict.wait, lambda: self._auth_failure_reply(reply, challenge))
 
     def _auth_http_accepted(self, verdict: AuthVerdict) -> None:
         credentials, self.credentials = self.credentials, None
@@ -6158,7 +6180,7 @@ class Session:
         self.backend_tls = result.backend_tls or ("ssl" if self.server.proxy_ssl else
                                                   "starttls" if self.server.proxy_starttls
                                                   else "plain")
-        self._arm(self.server.timeout, self._upstream_timed_out)
+        self.timer.set(self.server.timeout, self._upstream_timed_out)
         self.backend_login = BackendLogin(self._login_script(result),
                                           getattr(self.machine, "tag", b""),
                                           self.server.proxy_buffer)
@@ -6232,7 +6254,7 @@ class Session:
     def _start_relay(self, reply: bytes) -> None:
         """The backend said yes: pass its reply on, then the client's pipelined
         bytes (which the machine kept unparsed), then relay."""
-        self._disarm()
+        self.timer.cancel()
         self.log("info", "client logged in")
         self.phase = Phase.RELAY
         if not reply and self.server.protocol == "smtp":
@@ -6282,7 +6304,7 @@ class Session:
             self.close("internal error")
         except Exception:
             self.closed = True                 # what close() did not do, done plainly
-            self._disarm()
+            self.timer.cancel()
             for stream in (self.client, self.backend):
                 if stream is not None:
                     stream.close()
@@ -6293,7 +6315,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self._disarm()
+        self.timer.cancel()
         if self.relay is not None:
             self.relay.timer.cancel()
         if self.name_lookup is not None:
