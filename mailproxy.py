@@ -4702,7 +4702,44 @@ class Deadline:
 # reading), which is how the relay bounds its buffers.  Events go to the
 # owner: stream_data, stream_eof, stream_error, stream_connected, stream_drained.
 
-class Stream:
+class StreamOwner:
+    """What a Stream tells its owner, as asyncio's Protocol: a subclass
+    overrides the events it needs, the others do nothing.  (No attributes:
+    subclasses keep their __slots__.)"""
+    __slots__ = ()
+
+    def stream_data(self, stream: "Stream", data: bytes) -> None:
+        """Bytes read (plaintext, behind a TLS layer)."""
+
+    def stream_eof(self, stream: "Stream") -> None:
+        """The peer closed (reading has stopped)."""
+
+    def stream_error(self, stream: "Stream", error: Exception) -> None:
+        """A socket error, or a TlsError; the stream is to be closed."""
+
+    def stream_connected(self, stream: "Stream") -> None:
+        """A connect() finished."""
+
+    def stream_drained(self, stream: "Stream") -> None:
+        """Everything written has gone to the kernel."""
+
+    def stream_tls_ready(self, stream: "Stream") -> None:
+        """The TLS handshake is done."""
+
+
+class LoopHandler:
+    """What the event loop calls on an object registered with it: override
+    what it waits for.  (No attributes: subclasses keep their __slots__.)"""
+    __slots__ = ()
+
+    def on_readable(self) -> None:
+        """Readable (or closed, or an error: the read tells)."""
+
+    def on_writable(self) -> None:
+        """Writable (or a connect() finished)."""
+
+
+class Stream(LoopHandler):
     __slots__ = ("loop", "sock", "owner", "out", "read_budget", "connecting",
                  "closed", "interest", "received", "sent", "tls")
 
@@ -4896,7 +4933,7 @@ def peer_text(address) -> str:
     return address[0] if isinstance(address, tuple) else str(address)
 
 
-class Listener:
+class Listener(LoopHandler):
     """A listening socket for one ``listen``; hands accepted sockets to
     ``on_accept(listener, sock, address)``.  Out of descriptors (EMFILE,
     ENFILE), it logs and stops accepting for ACCEPT_PAUSE seconds, so that
@@ -4944,9 +4981,6 @@ class Listener:
     def _retry(self) -> None:
         if self.paused and not self.sock._closed:
             self.resume()
-
-    def on_writable(self) -> None:
-        pass
 
     def reconfigure(self, listen: Listen, server: Settings) -> None:
         """A reload kept this address: sessions accepted from now on get
@@ -5082,7 +5116,7 @@ def configure_accepted(sock: socket.socket, listen: Listen) -> None:
 # session ends when either side has closed and what it sent is written out,
 # or after proxy_timeout without traffic.
 
-class Relay:
+class Relay(StreamOwner):
     """Both directions of one proxied session (the hot path: a few lines
     per chunk).  A side is read only as far as the other side's output
     buffer has room, so each direction holds at most proxy_buffer."""
@@ -5141,12 +5175,6 @@ class Relay:
     def stream_error(self, stream: Stream, error: Exception) -> None:
         self.finish("%s connection error: %s" % (self._side(stream),
                                                 getattr(error, "strerror", None) or error))
-
-    def stream_connected(self, stream: Stream) -> None:
-        pass
-
-    def stream_tls_ready(self, stream: Stream) -> None:
-        pass
 
     def _side(self, stream: Stream) -> str:
         return "client" if stream is self.client else "upstream"
@@ -5355,7 +5383,7 @@ class CheckedRelay(Relay):
 # Each is driven by the event loop and calls back with its answer; the
 # messages themselves are built and parsed by the sans-I/O code above.
 
-class AuthHttpExchange:
+class AuthHttpExchange(StreamOwner):
     """One auth_http request on a connection of its own, as nginx (no
     keep-alive): connect, send, read the answer, all under
     auth_http_timeout.  ``done(response, error)``: an AuthHttpResponse, or
@@ -5393,12 +5421,6 @@ class AuthHttpExchange:
     def stream_error(self, stream, error: OSError) -> None:
         self._finish(None, "connect() to auth http server %s failed (%s: %s)" % (
             self.url.text, error.errno, error.strerror))
-
-    def stream_drained(self, stream: Stream) -> None:
-        pass
-
-    def stream_tls_ready(self, stream: Stream) -> None:
-        pass
 
     def _finish(self, response: Optional[AuthHttpResponse], error: str) -> None:
         if self.done is None:
@@ -5481,7 +5503,7 @@ class DnsLookup:
         self.sockets = {}
 
 
-class _Datagram:
+class _Datagram(LoopHandler):
     """A UDP socket of a DnsLookup, registered with the loop."""
 
     def __init__(self, lookup: DnsLookup, family: int):
@@ -5496,9 +5518,6 @@ class _Datagram:
         except OSError:
             return
         self.lookup.datagram(data, sender)
-
-    def on_writable(self) -> None:
-        pass
 
     def close(self) -> None:
         self.lookup.resolver.loop.set_interest(self.sock, 0, self, self.interest)
@@ -5627,7 +5646,7 @@ PHASE_ACTIONS = {Phase.PROXY_HEADER: "reading PROXY protocol",
                  Phase.RELAY: "proxying", Phase.CLOSING: "in auth state"}
 
 
-class Session:
+class Session(StreamOwner):
     """Owner of the client stream (and the backend stream until the relay)."""
     # Slots: an idle proxied session should cost little memory.
     __slots__ = ("worker", "loop", "server", "config", "number", "client_address", "client_port",
@@ -6507,7 +6526,7 @@ def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
                     % (main.worker_connections, wanted, hard))
 
 
-class Worker:
+class Worker(LoopHandler):
     """Everything one process serves with; sessions ask it for shared state."""
 
     def __init__(self, config: Config, logs: ErrorLogs):
@@ -6694,9 +6713,6 @@ class Worker:
         self.log.log("alert", "the master process is gone")
         self.stop_gracefully()
 
-    def on_writable(self) -> None:
-        pass
-
     def run(self) -> None:
         self.loop.run()
         for listener in self.listeners.values():
@@ -6742,7 +6758,7 @@ WORKER_SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, 
     if hasattr(signal, "SIGQUIT") else set()
 
 
-class Master:
+class Master(LoopHandler):
     """The master process: listening sockets, workers, signals, reload.
 
     Workers of the current configuration form the current generation; on
@@ -6788,9 +6804,6 @@ class Master:
             return
         for word in data.split():
             self._stopped_accepting(int(word))
-
-    def on_writable(self) -> None:
-        pass
 
     def _stopped_accepting(self, pid: int) -> None:
         """Worker ``pid`` says it stopped accepting.  If nobody told it to,
