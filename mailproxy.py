@@ -3986,6 +3986,14 @@ def offered_alpn(body: Optional[bytes]) -> Optional[List[bytes]]:
     return None
 
 
+class TlsFacts(NamedTuple):
+    """What a TLS handshake settled, for auth_http and the PROXY v2 header."""
+    version: str                   # "TLSv1.3"
+    cipher: str                    # "TLS_AES_256_GCM_SHA384"
+    server_name: Optional[str]     # what the client asked for (SNI)
+    alpn: Optional[str]            # the protocol chosen
+
+
 class TlsLayer:
     """One TLS connection as a byte transform (sans-I/O).
 
@@ -4098,6 +4106,16 @@ class TlsLayer:
                 break
             plaintext += chunk
         return bytes(plaintext)
+
+    def facts(self) -> "TlsFacts":
+        """What the handshake settled (empty before it has)."""
+        tls = self.object
+        return TlsFacts(tls.version() or "", (tls.cipher() or ("",))[0],
+                        getattr(tls, "requested_name", None), tls.selected_alpn_protocol())
+
+    def peer_certificate(self) -> "CertificateFacts":
+        """The peer's certificate, read so that none can raise (certificate_facts)."""
+        return certificate_facts(self.object)
 
     def close(self) -> None:
         """Send close_notify (RFC 8446 §6.1) if the connection is open."""
@@ -5966,11 +5984,10 @@ class Session(StreamOwner):
             return proxy_protocol_v1(source, destination)
         tls = None
         if self.client.tls is not None and self.client.tls.state == TlsState.OPEN:
-            layer = self.client.tls.object
+            facts = self.client.tls.facts()
             common_name = self.certificate.common_name if self.certificate is not None else None
-            tls = ProxyTls(layer.version() or "", (layer.cipher() or ("",))[0],
-                           getattr(layer, "requested_name", None),
-                           layer.selected_alpn_protocol(), common_name, common_name is not None)
+            tls = ProxyTls(facts.version, facts.cipher, facts.server_name, facts.alpn,
+                           common_name, common_name is not None)
         return proxy_protocol_v2(source, destination, tls)
 
     def _start_backend_tls(self) -> None:
@@ -6001,7 +6018,7 @@ class Session(StreamOwner):
         read (with ``optional`` the session goes on without it)."""
         if self.server.ssl_verify_client == "off":
             return True
-        self.certificate = certificate_facts(self.client.tls.object)
+        self.certificate = self.client.tls.peer_certificate()
         if self.certificate.problem:           # it counts as none (certificate_facts)
             self.log("info", "client SSL certificate cannot be read (%s)"
                      % log_escape(self.certificate.problem.encode("utf-8")))
@@ -6075,7 +6092,8 @@ class Session(StreamOwner):
         smtp = server.protocol == "smtp"
         tls = None
         if self.client.tls is not None:
-            tls = (self.client.tls.object.version() or "", (self.client.tls.object.cipher() or ("",))[0])
+            facts = self.client.tls.facts()
+            tls = (facts.version, facts.cipher)
         certificate_pem = None
         if self.certificate is not None and server.auth_http_pass_client_cert and \
                 self.certificate.verify == "SUCCESS":
