@@ -2809,25 +2809,46 @@ def _scheme_matches(entry: PasswordEntry, password: bytes) -> bool:
 AUTH_FAILED_TEXT = b"Invalid login or password"
 
 
-class AuthResult(NamedTuple):
-    """The verdict.  On success, who to log in as and where; on failure, why
-    (for the log only: the client is told AUTH_FAILED_TEXT whatever the reason)."""
-    ok: bool
-    login: bytes = b""
-    password: Optional[bytes] = b""        # None: no password known (EXTERNAL, a token)
-    upstream: Optional[Upstream] = None
-    reason: str = ""
-    token: Optional[Tuple[str, bytes]] = None   # (xoauth2|oauthbearer, token) to pass on
-    backend_tls: Optional[str] = None      # this session: "plain", "ssl", "starttls"
-    smtp_auth: Optional[str] = None        # this session: "none", "plain", "login"
+class Verdict(str, enum.Enum):
+    """What became of a login attempt (a str, so that "ok" == Verdict.OK)."""
+    OK = "ok"            # log in as ``login`` at ``upstream``
+    WAIT = "wait"        # auth_http's Auth-Status: WAIT: ask again after ``wait`` seconds
+    FAIL = "fail"        # refused: ``text`` for the client, ``reason`` for the log
+    ERROR = "error"      # no verdict could be had (the auth server failed): ``reason``
+
+
+class AuthOutcome(NamedTuple):
+    """What a login attempt came to, whoever decided: the built-in table
+    (authenticate, authenticate_external, authorize_recipient) or the auth
+    server (interpret_auth_response).  Its repr shows no password."""
+    kind: Verdict
+    login: Optional[bytes] = b""           # OK: who to log in as (None: as the client said)
+    password: Optional[bytes] = b""        # OK: for the backend login (None: none known)
+    upstream: Optional[Upstream] = None    # OK: where
+    token: Optional[Tuple[str, bytes]] = None   # OK: (xoauth2|oauthbearer, token) to pass on
+    backend_tls: Optional[str] = None      # OK: this session's "plain", "ssl" or "starttls"
+    smtp_auth: Optional[str] = None        # OK: this session's "none", "plain" or "login"
+    wait: float = 0                        # WAIT, FAIL: seconds before asking again, replying
+    text: bytes = b""                      # FAIL: what the client is told
+    error_code: Optional[bytes] = None     # FAIL, SMTP: the reply code (Auth-Error-Code)
+    sasl_error: Optional[bytes] = None     # FAIL, OAuth: the SASL error challenge
+    close: bool = False                    # FAIL: close after the reply
+    reason: str = ""                       # FAIL, ERROR: why, for the log only
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == Verdict.OK
 
     def __repr__(self) -> str:
-        return "AuthResult(ok=%r, login=%r, upstream=%r, reason=%r)" % (
-            self.ok, self.login, self.upstream, self.reason)
+        return "AuthOutcome(%s, login=%r, upstream=%r, reason=%r)" % (
+            self.kind.value, self.login, self.upstream, self.reason)
+
+
+AuthResult = AuthOutcome         # its old name, for the tests until they change
 
 
 def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
-                 proxy_pass: Upstream, credentials: Credentials) -> AuthResult:
+                 proxy_pass: Upstream, credentials: Credentials) -> AuthOutcome:
     """Check credentials against the built-in table and choose the backend.
 
     plain: the password is checked against the entry's scheme.  cram-md5 and
@@ -2844,10 +2865,10 @@ def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
     entry = users.get(login) if login is not None else None
     reason, backend_password = check_credentials(entry or _unknown_login_entry(users), credentials)
     if entry is None:
-        return AuthResult(False, reason="unknown user")
+        return AuthOutcome(Verdict.FAIL, reason="unknown user")
     if reason:
-        return AuthResult(False, reason=reason)
-    return AuthResult(True, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+        return AuthOutcome(Verdict.FAIL, reason=reason)
+    return AuthOutcome(Verdict.OK, credentials.login, backend_password, route_for(routes, proxy_pass, login))
 
 
 def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
@@ -2891,7 +2912,7 @@ def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Ups
 
 def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
                           proxy_pass: Upstream, login: bytes,
-                          certificate: Optional["CertificateFacts"]) -> AuthResult:
+                          certificate: Optional["CertificateFacts"]) -> AuthOutcome:
     """AUTH EXTERNAL with the built-in table (extension; nginx asks its auth
     server): the client must have sent a verified certificate, and the login
     must be its subject's CN or emailAddress, or an email in its
@@ -2900,17 +2921,17 @@ def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Rou
     (exactly); a {PLAIN} entry gives the password for the backend login,
     which IMAP and POP3 need."""
     if certificate is None or certificate.verify != "SUCCESS":
-        return AuthResult(False, reason="EXTERNAL without a verified client certificate")
+        return AuthOutcome(Verdict.FAIL, reason="EXTERNAL without a verified client certificate")
     if not login and certificate.identities:
         login = certificate.identities[0].encode("utf-8")
     if not any(certificate_names_login(identity, login) for identity in certificate.identities):
-        return AuthResult(False, reason="EXTERNAL login does not match the client certificate")
+        return AuthOutcome(Verdict.FAIL, reason="EXTERNAL login does not match the client certificate")
     name = login.decode("utf-8")               # it is an identity's, so UTF-8
     entry = users.get(name)
     if entry is None:
-        return AuthResult(False, reason="unknown user")
+        return AuthOutcome(Verdict.FAIL, reason="unknown user")
     password = entry.data.encode("utf-8") if entry.scheme == "PLAIN" else None
-    return AuthResult(True, login, password, route_for(routes, proxy_pass, name))
+    return AuthOutcome(Verdict.OK, login, password, route_for(routes, proxy_pass, name))
 
 
 def certificate_names_login(identity: str, login: bytes) -> bool:
@@ -2948,19 +2969,19 @@ def recipient_domain(rcpt_to: bytes) -> Optional[Tuple[str, str]]:
 
 
 def authorize_recipient(relay_domains: List[str], routes: Dict[str, Route],
-                        proxy_pass: Upstream, rcpt_to: bytes) -> AuthResult:
+                        proxy_pass: Upstream, rcpt_to: bytes) -> AuthOutcome:
     """smtp_auth none with the built-in table (extension): a recipient is
     accepted when its domain is in smtp_relay_domains (``*``: any domain);
     it goes to the [routes] entry of the address or its domain, else to
     proxy_pass.  Nobody is logged in: the backend sees XCLIENT without LOGIN."""
     parsed = recipient_domain(rcpt_to)
     if parsed is None:
-        return AuthResult(False, reason="malformed recipient")
+        return AuthOutcome(Verdict.FAIL, reason="malformed recipient")
     address, domain = parsed
     allowed = [name.lower() for name in relay_domains]
     if "*" not in allowed and domain not in allowed:
-        return AuthResult(False, reason="recipient domain not in smtp_relay_domains")
-    return AuthResult(True, b"", b"", route_for(routes, proxy_pass, address))
+        return AuthOutcome(Verdict.FAIL, reason="recipient domain not in smtp_relay_domains")
+    return AuthOutcome(Verdict.OK, b"", b"", route_for(routes, proxy_pass, address))
 
 
 # -- auth_http, byte-compatible with nginx's ngx_mail_auth_http_module ---------
@@ -3131,20 +3152,6 @@ class AuthHttpParser:
         return AuthHttpResponse(headers, text[:index + size])
 
 
-class AuthVerdict(NamedTuple):
-    """What an auth_http response means for the session."""
-    kind: str                      # "ok", "wait" (ask again), "fail"
-    wait: int = 0                  # Auth-Wait seconds
-    text: bytes = b""              # the failure text (Auth-Status)
-    error_code: Optional[bytes] = None     # SMTP: Auth-Error-Code
-    sasl_error: Optional[bytes] = None     # Auth-Error-SASL (extension)
-    upstream: Optional[Upstream] = None
-    login: Optional[bytes] = None          # Auth-User
-    password: Optional[bytes] = None       # Auth-Pass
-    backend_tls: Optional[str] = None      # Auth-Backend-TLS (extension)
-    smtp_auth: Optional[str] = None        # Auth-SMTP-Auth (extension)
-
-
 def ip_family(text: bytes) -> Optional[int]:
     """AF_INET or AF_INET6 if ``text`` is an IP address literal (nginx's
     ngx_parse_addr: no names), else None.  inet_pton is C, and this runs
@@ -3163,7 +3170,7 @@ def ip_family(text: bytes) -> Optional[int]:
 
 
 def interpret_auth_response(response: AuthHttpResponse, protocol: str,
-                            have_password: bool) -> AuthVerdict:
+                            have_password: bool) -> AuthOutcome:
     """ngx_mail_auth_http_process_headers: Auth-Status OK / WAIT / a failure
     text; then Auth-Server (an IP address, never a name) and Auth-Port.
     Raises AuthHttpError with nginx's log message for a bad answer."""
@@ -3172,10 +3179,10 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     wait = headers.get("auth-wait", b"")
     seconds = int(wait) if DIGITS.fullmatch(wait) else 0
     if status == b"WAIT":
-        return AuthVerdict("wait", wait=seconds)
+        return AuthOutcome(Verdict.WAIT, wait=seconds)
     if status is not None and status != b"OK":
         # Without Auth-Status at all, nginx goes on to Auth-Server/Auth-Port.
-        return AuthVerdict("fail", wait=seconds, text=status or b"",
+        return AuthOutcome(Verdict.FAIL, wait=seconds, text=status or b"",
                            error_code=headers.get("auth-error-code"),
                            sasl_error=headers.get("auth-error-sasl"))
     server, port = headers.get("auth-server"), headers.get("auth-port")
@@ -3198,7 +3205,7 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
         raise AuthHttpError('auth http server %%s sent invalid Auth-Backend-TLS:"%s"' % backend_tls)
     if smtp_auth not in (None, "none", "plain", "login"):
         raise AuthHttpError('auth http server %%s sent invalid Auth-SMTP-Auth:"%s"' % smtp_auth)
-    return AuthVerdict("ok", upstream=upstream, login=headers.get("auth-user"),
+    return AuthOutcome(Verdict.OK, upstream=upstream, login=headers.get("auth-user"),
                        password=headers.get("auth-pass"), backend_tls=backend_tls,
                        smtp_auth=smtp_auth)
 
@@ -6060,7 +6067,7 @@ class Session(StreamOwner):
         self.login = credentials.login
         now = self.loop.time()
         if worker.throttle.locked(self.client_address, now):
-            result = AuthResult(False, reason="too many failed logins from this address")
+            result = AuthOutcome(Verdict.FAIL, reason="too many failed logins from this address")
         elif credentials.method == "external":
             result = authenticate_external(self.config.users, self.config.routes,
                                            self.server.proxy_pass, credentials.login,
@@ -6068,7 +6075,7 @@ class Session(StreamOwner):
             self.login = result.login or self.login
             if result.ok and result.password is None:
                 if self.server.protocol != "smtp" or self.server.proxy_smtp_auth:
-                    result = AuthResult(False, reason="EXTERNAL needs a {PLAIN} password in "
+                    result = AuthOutcome(Verdict.FAIL, reason="EXTERNAL needs a {PLAIN} password in "
                                         "[users] for the backend login")
                 else:
                     result = result._replace(password=b"")
@@ -6077,7 +6084,7 @@ class Session(StreamOwner):
                                   self.server.proxy_pass, credentials)
         if result.ok and self.server.protocol == "pop3" and not pop3_can_send(result.login,
                                                                                result.password):
-            result = AuthResult(False, reason="login or password holds CR, LF or NUL")
+            result = AuthOutcome(Verdict.FAIL, reason="login or password holds CR, LF or NUL")
         if not result.ok:
             delay = worker.throttle.failure(self.client_address, now, self.server.auth_delay)
             self.log("info", 'client login failed: "%s"' % result.reason)
@@ -6135,7 +6142,7 @@ class Session(StreamOwner):
         else:
             self._auth_http_accepted(verdict)
 
-    def _auth_http_refused(self, verdict: AuthVerdict) -> None:
+    def _auth_http_refused(self, verdict: AuthOutcome) -> None:
         """nginx: the failure text goes to the client; with Auth-Wait after
         that many seconds and the session goes on, without it at once and the
         connection is closed.  OAuth methods first get the SASL error
@@ -6155,7 +6162,7 @@ class Session(StreamOwner):
         else:
             self.timer.set(verdict.wait, lambda: self._auth_failure_reply(reply, challenge))
 
-    def _auth_http_accepted(self, verdict: AuthVerdict) -> None:
+    def _auth_http_accepted(self, verdict: AuthOutcome) -> None:
         credentials, self.credentials = self.credentials, None
         login = verdict.login if verdict.login is not None else credentials.login
         password = verdict.password
@@ -6170,7 +6177,7 @@ class Session(StreamOwner):
             return self._internal_error("auth http error")
         if self.auth_method != "none":
             self.login = login
-        self._login_to_backend(AuthResult(True, login, password, verdict.upstream, token=token,
+        self._login_to_backend(AuthOutcome(Verdict.OK, login, password, verdict.upstream, token=token,
                                           backend_tls=verdict.backend_tls,
                                           smtp_auth=verdict.smtp_auth))
 
@@ -6186,7 +6193,7 @@ class Session(StreamOwner):
             return
         self._login_to_backend(result)
 
-    def _login_script(self, result: AuthResult) -> list:
+    def _login_script(self, result: AuthOutcome) -> list:
         machine, server = self.machine, self.server
         starttls = self.backend_tls == "starttls"
         if result.token is not None and server.protocol != "smtp":
@@ -6210,7 +6217,7 @@ class Session(StreamOwner):
                           machine.rcpt_to, backend_auth, starttls)
         return smtp_login_script(server, facts)
 
-    def _login_to_backend(self, result: AuthResult) -> None:
+    def _login_to_backend(self, result: AuthOutcome) -> None:
         self.upstream = result.upstream
         # TLS to the backend: the auth server's choice (Auth-Backend-TLS,
         # extension), else proxy_ssl / proxy_starttls.
