@@ -1385,17 +1385,41 @@ def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
 # mechanism, RFC 2195 CRAM-MD5, RFC 1939 APOP), and the nginx-style salt.
 # Nothing here does I/O or reads the clock, except make_salt's arguments.
 
+class TextEnum(str, enum.Enum):
+    """An enum whose members are their text: they compare, hash, print and
+    encode as it (what Python 3.11's enum.StrEnum does), so that nginx's
+    words on the wire and in the configuration meet them as they are."""
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class AuthMethod(TextEnum):
+    """How the client says who it is: nginx's Auth-Method names."""
+    PLAIN = "plain"                # IMAP LOGIN, POP3 USER/PASS, AUTH PLAIN, AUTH LOGIN
+    APOP = "apop"                  # RFC 1939 §7: a digest of the greeting's salt
+    CRAM_MD5 = "cram-md5"          # RFC 2195: a digest of our challenge
+    EXTERNAL = "external"          # RFC 4422 Appendix A: the TLS client certificate
+    NONE = "none"                  # smtp_auth none: nobody; the first RCPT decides
+    XOAUTH2 = "xoauth2"            # Google's bearer token
+    OAUTHBEARER = "oauthbearer"    # RFC 7628's bearer token
+
+
+SALTED_METHODS = (AuthMethod.APOP, AuthMethod.CRAM_MD5)       # the password is a digest
+TOKEN_METHODS = (AuthMethod.XOAUTH2, AuthMethod.OAUTHBEARER)  # the password is a token
+
+
 class Credentials:
     """Event: the client has sent a login.  Its repr never shows the password.
 
-    ``method`` is nginx's Auth-Method name: "plain" (IMAP LOGIN, POP3
-    USER/PASS, AUTH PLAIN and AUTH LOGIN), "cram-md5" or "apop".  For
-    cram-md5 and apop, ``password`` is the client's digest and ``salt`` the
-    challenge it answered.
+    ``method`` is an AuthMethod.  For cram-md5 and apop, ``password`` is the
+    client's digest and ``salt`` the challenge it answered; for the token
+    methods, ``password`` is the token.
     """
     __slots__ = ("login", "password", "method", "salt")
 
-    def __init__(self, login: bytes, password: bytes, method: str = "plain",
+    def __init__(self, login: bytes, password: bytes, method: str = AuthMethod.PLAIN,
                  salt: Optional[bytes] = None):
         self.login = login
         self.password = password
@@ -1844,12 +1868,12 @@ class ClientMachine:
             password = decode_base64(line)
             if password is None:
                 return self._refuse(events)
-            self._credentials(events, Credentials(self.login, password, "plain"))
+            self._credentials(events, Credentials(self.login, password, AuthMethod.PLAIN))
         elif state == SaslState.CRAM_MD5:
             answer = split_cram_md5_response(line)
             if answer is None:
                 return self._refuse(events)
-            self._credentials(events, Credentials(answer[0], answer[1], "cram-md5", self.salt))
+            self._credentials(events, Credentials(answer[0], answer[1], AuthMethod.CRAM_MD5, self.salt))
         elif state == SaslState.EXTERNAL:
             self._sasl_external(events, line)
         elif state == SaslState.ERROR:
@@ -1863,7 +1887,7 @@ class ClientMachine:
         parsed = parse_oauth_response(decode_base64(response) or b"", state == SaslState.XOAUTH2)
         if parsed is None:
             return self._refuse(events)
-        self._credentials(events, Credentials(parsed[0], parsed[1], state.value))
+        self._credentials(events, Credentials(parsed[0], parsed[1], AuthMethod(state.value)))
 
     def _sasl_external(self, events: list, response: bytes) -> None:
         """RFC 4422 Appendix A: the response is the authorization identity;
@@ -1871,13 +1895,13 @@ class ClientMachine:
         login = b"" if response == b"=" else decode_base64(response)
         if login is None:
             return self._refuse(events)
-        self._credentials(events, Credentials(login, b"", "external"))
+        self._credentials(events, Credentials(login, b"", AuthMethod.EXTERNAL))
 
     def _sasl_plain(self, events: list, response: bytes) -> None:
         decoded = decode_sasl_plain(response)
         if decoded is None or not decoded[1]:
             return self._refuse(events)
-        self._credentials(events, Credentials(decoded[1], decoded[2], "plain"))
+        self._credentials(events, Credentials(decoded[1], decoded[2], AuthMethod.PLAIN))
 
     def _sasl_login_username(self, events: list, response: bytes) -> None:
         login = decode_base64(response)
@@ -2284,7 +2308,7 @@ class ImapMachine(ClientMachine):
         arguments and a non-empty login (an empty password is allowed)."""
         if len(args) != 2 or not args[0] or self.login_needs_tls:
             return self._refuse(events)
-        self._credentials(events, Credentials(args[0], args[1], "plain"))
+        self._credentials(events, Credentials(args[0], args[1], AuthMethod.PLAIN))
 
     def _authenticate(self, events: list, args: List) -> None:
         """RFC 3501 §6.2.2 with RFC 4959 initial responses."""
@@ -2420,13 +2444,13 @@ class Pop3Machine(ClientMachine):
         if len(args) != 1:
             return self._refuse(events)
         self.state = Pop3State.START
-        self._credentials(events, Credentials(self.login, args[0], "plain"))
+        self._credentials(events, Credentials(self.login, args[0], AuthMethod.PLAIN))
 
     def _apop(self, events: list, args: List[bytes]) -> None:
         """RFC 1939 §7: APOP name digest, only when pop3_auth has apop."""
         if len(args) != 2 or "apop" not in self.settings.pop3_auth or self.login_needs_tls:
             return self._refuse(events)
-        self._credentials(events, Credentials(args[0], args[1].lower(), "apop", self.salt))
+        self._credentials(events, Credentials(args[0], args[1].lower(), AuthMethod.APOP, self.salt))
 
     def _capa(self, events: list, args: List[bytes]) -> None:
         # After USER, nginx lists the plain capabilities, without STLS.
@@ -2614,7 +2638,7 @@ class SmtpMachine(ClientMachine):
             self._output += SMTP_INVALID_ARGUMENT
         else:
             self.rcpt_to = text
-            self._credentials(events, Credentials(b"", b"", "none"))
+            self._credentials(events, Credentials(b"", b"", AuthMethod.NONE))
 
     def _starttls(self, events: list, verb: bytes, args: List, text: bytes) -> None:
         """RFC 3207; the HELO and the transaction are forgotten (§4.2)."""
@@ -2809,8 +2833,8 @@ def _scheme_matches(entry: PasswordEntry, password: bytes) -> bool:
 AUTH_FAILED_TEXT = b"Invalid login or password"
 
 
-class Verdict(str, enum.Enum):
-    """What became of a login attempt (a str, so that "ok" == Verdict.OK)."""
+class Verdict(TextEnum):
+    """What became of a login attempt."""
     OK = "ok"            # log in as ``login`` at ``upstream``
     WAIT = "wait"        # auth_http's Auth-Status: WAIT: ask again after ``wait`` seconds
     FAIL = "fail"        # refused: ``text`` for the client, ``reason`` for the log
@@ -2881,14 +2905,14 @@ def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
 def check_credentials(entry: PasswordEntry, credentials: Credentials) -> Tuple[str, bytes]:
     """("", the password for the backend) if ``credentials`` match ``entry``;
     else (why not, for the log; b"")."""
-    if credentials.method == "plain":
+    if credentials.method == AuthMethod.PLAIN:
         if not password_matches(entry, credentials.password):
             return "wrong password", b""
         return "", credentials.password
     if entry.scheme != "PLAIN":
         return "%s needs a {PLAIN} password in [users]" % credentials.method, b""
     clear = entry.data.encode("utf-8")
-    if credentials.method == "cram-md5":
+    if credentials.method == AuthMethod.CRAM_MD5:
         expected = cram_md5_digest(clear, credentials.salt)
     else:
         expected = apop_digest(credentials.salt, clear)
@@ -2949,8 +2973,8 @@ SMTP_RELAY_DENIED = (b"550 5.7.1", b"Relaying denied")   # smtp_auth none, refus
 
 # The SASL error challenge for a refused token when the auth server sends no
 # Auth-Error-SASL: RFC 7628 §3.2.2's form, and Google's for XOAUTH2.
-OAUTH_DEFAULT_ERRORS = {"oauthbearer": b'{"status":"invalid_token"}',
-                        "xoauth2": b'{"status":"401","schemes":"bearer"}'}
+OAUTH_DEFAULT_ERRORS = {AuthMethod.OAUTHBEARER: b'{"status":"invalid_token"}',
+                        AuthMethod.XOAUTH2: b'{"status":"401","schemes":"bearer"}'}
 
 
 def recipient_domain(rcpt_to: bytes) -> Optional[Tuple[str, str]]:
@@ -3069,7 +3093,7 @@ def build_auth_http_request(url: AuthHttpUrl, headers: List[Tuple[str, str]],
         lines += [line("Proxy-Protocol-Addr", addr), line("Proxy-Protocol-Port", str(port)),
                   line("Proxy-Protocol-Server-Addr", server_addr),
                   line("Proxy-Protocol-Server-Port", str(server_port))]
-    if request.method == "none":
+    if request.method == AuthMethod.NONE:
         helo, mail_from, rcpt_to = request.smtp
         lines += [line("Auth-SMTP-Helo", helo or b""), line("Auth-SMTP-From", mail_from),
                   line("Auth-SMTP-To", rcpt_to)]
@@ -3371,7 +3395,7 @@ class SmtpFacts(NamedTuple):
     esmtp: bool                     # the client said EHLO
     login: bytes
     password: bytes
-    method: str                     # "none": replay MAIL and RCPT
+    method: str                     # an AuthMethod; NONE: replay MAIL and RCPT
     mail_from: Optional[bytes] = None
     rcpt_to: Optional[bytes] = None
     backend_auth: str = ""          # this session's choice (Auth-SMTP-Auth, a token):
@@ -3400,7 +3424,7 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
                    Send(b"EHLO " + name + b"\r\n"), Expect("smtp", codes=ok)]
     method = facts.backend_auth or (settings.proxy_smtp_auth_method if settings.proxy_smtp_auth
                                     else "none")
-    backend_auth = method != "none" and facts.method != "none"
+    backend_auth = method != "none" and facts.method != AuthMethod.NONE
     if settings.xclient:
         login = b"" if backend_auth else facts.login
         script += [Send(xclient_command(facts.client_address, login, facts.client_name)),
@@ -3422,7 +3446,7 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
     elif backend_auth:
         plain = base64.b64encode(b"\0" + facts.login + b"\0" + facts.password)
         script += [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",))]
-    if facts.method == "none":
+    if facts.method == AuthMethod.NONE:
         # The client already has its 250 for MAIL; the backend's answer to
         # RCPT, whatever it is, is the client's answer (nginx relays even a 5xx).
         script += [Send(facts.mail_from + b"\r\n"), Expect("smtp", codes=ok),
@@ -5700,7 +5724,7 @@ class Session(StreamOwner):
         self.relay = None            # type: Optional[Relay]
         self.addresses = []          # upstream addresses not tried yet
         self.client_name = "[UNAVAILABLE]"   # SMTP: nginx's s->host (no resolver)
-        self.auth_method = ""        # of the last Credentials: "plain", "none", ...
+        self.auth_method = None      # type: Optional[AuthMethod]  (of the last Credentials)
         self.credentials = None      # type: Optional[Credentials]  (kept for WAIT)
         self.login_attempt = 0       # Auth-Login-Attempt
         self.auth_exchange = None    # type: Optional[AuthHttpExchange]
@@ -6054,21 +6078,21 @@ class Session(StreamOwner):
         self.login_attempt += 1
         worker = self.worker
         if self.server.auth_http is not None:
-            if credentials.method != "none":
+            if credentials.method != AuthMethod.NONE:
                 self.login = credentials.login
             # nginx (ngx_mail_auth) stops the client's timer: from here only
             # auth_http_timeout bounds the wait.
             self.timer.cancel()
             self._ask_auth_server()
             return
-        if credentials.method == "none":
+        if credentials.method == AuthMethod.NONE:
             self._authenticate_recipient()
             return
         self.login = credentials.login
         now = self.loop.time()
         if worker.throttle.locked(self.client_address, now):
             result = AuthOutcome(Verdict.FAIL, reason="too many failed logins from this address")
-        elif credentials.method == "external":
+        elif credentials.method == AuthMethod.EXTERNAL:
             result = authenticate_external(self.config.users, self.config.routes,
                                            self.server.proxy_pass, credentials.login,
                                            self.certificate)
@@ -6105,14 +6129,14 @@ class Session(StreamOwner):
         if self.certificate is not None and server.auth_http_pass_client_cert and \
                 self.certificate.verify == "SUCCESS":
             certificate_pem = ssl.DER_cert_to_PEM_cert(self.certificate.der).encode()
-        salted = credentials.method in ("apop", "cram-md5")
+        salted = credentials.method in SALTED_METHODS
         return AuthRequest(
             credentials.method, credentials.login, credentials.password, server.protocol,
             self.login_attempt, self.client_address,
             salt=credentials.salt if salted else None,
             client_host=self.client_name if smtp else None,
             proxy_protocol=self.proxy_facts,
-            smtp=(machine.helo, machine.mail_from, machine.rcpt_to) if credentials.method == "none" else None,
+            smtp=(machine.helo, machine.mail_from, machine.rcpt_to) if credentials.method == AuthMethod.NONE else None,
             tls=tls, certificate=self.certificate if server.ssl_verify_client != "off" else None,
             certificate_pem=certificate_pem)
 
@@ -6127,7 +6151,7 @@ class Session(StreamOwner):
     def _auth_answer(self, response: Optional[AuthHttpResponse], error: str) -> None:
         self.auth_exchange = None
         if response is not None:
-            known = self.credentials.method in ("plain", "none", "xoauth2", "oauthbearer")
+            known = self.credentials.method not in SALTED_METHODS + (AuthMethod.EXTERNAL,)
             try:
                 verdict = interpret_auth_response(response, self.server.protocol, known)
             except AuthHttpError as failure:
@@ -6153,7 +6177,7 @@ class Session(StreamOwner):
         else:
             reply = self.machine.failure_reply(verdict.text)
         challenge = None
-        if self.credentials.method in ("xoauth2", "oauthbearer"):
+        if self.credentials.method in TOKEN_METHODS:
             challenge = verdict.sasl_error or OAUTH_DEFAULT_ERRORS[self.credentials.method]
         close = verdict.wait == 0
         self.credentials = None
@@ -6167,7 +6191,7 @@ class Session(StreamOwner):
         login = verdict.login if verdict.login is not None else credentials.login
         password = verdict.password
         token = None
-        if password is None and credentials.method in ("xoauth2", "oauthbearer"):
+        if password is None and credentials.method in TOKEN_METHODS:
             token = (credentials.method, credentials.password)    # pass the token on
         elif password is None:
             password = credentials.password
@@ -6175,7 +6199,7 @@ class Session(StreamOwner):
             self.log("error", "auth http server %s sent a login or password with CR, LF or NUL"
                      % self.server.auth_http.text, action="in http auth state")
             return self._internal_error("auth http error")
-        if self.auth_method != "none":
+        if self.auth_method != AuthMethod.NONE:
             self.login = login
         self._login_to_backend(AuthOutcome(Verdict.OK, login, password, verdict.upstream, token=token,
                                           backend_tls=verdict.backend_tls,
@@ -6304,7 +6328,7 @@ class Session(StreamOwner):
         if not reply and self.server.protocol == "smtp":
             reply = SMTP_AUTH_OK               # nginx's own answer to the client's AUTH
         self.client.write(reply)
-        if self.auth_method == "none" and self.server.auth_http is None:
+        if self.auth_method == AuthMethod.NONE and self.server.auth_http is None:
             # The built-in table checks every recipient, not only the first.
             guard = SmtpRecipientGuard(self._check_recipient, self.server.smtp_client_buffer)
             self.relay = CheckedRelay(self, self.client, self.backend, self.server.proxy_buffer,
