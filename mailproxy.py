@@ -1695,8 +1695,9 @@ class ClientMachine:
         """Input not parsed yet: what the client pipelined behind its login."""
         return bytes(self._input.data)
 
-    def failure_reply(self, text: bytes) -> bytes:
-        """The reply to a refused login (nginx: the auth server's text)."""
+    def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
+        """The reply to a refused login (nginx: the auth server's text; SMTP:
+        after ``code``, Auth-Error-Code, or nginx's default)."""
         raise NotImplementedError
 
     def tls_started(self) -> list:
@@ -2205,7 +2206,7 @@ class ImapMachine(ClientMachine):
     def _refuse(self, events: list) -> None:
         self._invalid(events, False, self.tag + IMAP_INVALID)
 
-    def failure_reply(self, text: bytes) -> bytes:
+    def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return self.tag + b"NO " + text + b"\r\n"
 
     def _forget_before_tls(self) -> None:
@@ -2426,7 +2427,7 @@ class Pop3Machine(ClientMachine):
                    b"NOOP": self._noop, b"STLS": self._stls}[name]
         handler(events, args)
 
-    def failure_reply(self, text: bytes) -> bytes:
+    def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return b"-ERR " + text + b"\r\n"
 
     def _refuse(self, events: list) -> None:
@@ -2500,6 +2501,7 @@ SMTP_AUTH_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5",
 SMTP_START_TLS = b"220 2.0.0 Start TLS\r\n"
 SMTP_NO_CERT = b"421 4.7.1 No required SSL certificate\r\n"
 SMTP_TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 §4
+SMTP_TOO_MANY_RECIPIENTS = b"452 4.5.3 Too many recipients\r\n"      # RFC 5321 §4.5.3.1.10
 # RFC 5321 §4.1.1: no control byte belongs in these arguments.  nginx 1.22
 # passes NUL and TAB on inside MAIL and RCPT; we refuse them with 501.
 SMTP_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
@@ -2543,8 +2545,8 @@ class SmtpMachine(ClientMachine):
         self.mail_from = None          # type: Optional[bytes]
         self.rcpt_to = None            # type: Optional[bytes]
 
-    def failure_reply(self, text: bytes, code: bytes = SMTP_AUTH_FAILED_CODE) -> bytes:
-        return code + b" " + text + b"\r\n"
+    def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
+        return (code or SMTP_AUTH_FAILED_CODE) + b" " + text + b"\r\n"
 
     def greet(self) -> None:
         self._output += b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
@@ -3263,6 +3265,97 @@ class LoginThrottle:
         while len(self.failures) > AUTH_FAILURE_TABLE:
             del self.failures[next(iter(self.failures))]
         return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
+
+
+# -- the two authenticators' common ground -------------------------------------
+# A session hands each login attempt to its authenticator, the user table
+# below or the auth server (AuthHttpAuth, with the outbound clients):
+# start(attempt, done) and, later or at once, done(AuthOutcome); cancel()
+# when the session ends first.
+
+class LoginAttempt(NamedTuple):
+    """One login attempt, with what the session knows that may decide it."""
+    credentials: Credentials
+    number: int                    # this session's attempts so far (Auth-Login-Attempt)
+    protocol: str                  # "imap", "pop3", "smtp"
+    client_address: str            # after realip
+    client_name: str               # SMTP: the resolver's verdict (Client-Host)
+    proxy_facts: Optional[Tuple] = None      # the PROXY header's (addr, port, server addr, port)
+    smtp: Optional[Tuple] = None             # smtp_auth none: (HELO, MAIL, RCPT) as sent
+    tls: Optional["TlsFacts"] = None         # TLS with the client, if any
+    certificate: Optional["CertificateFacts"] = None    # ssl_verify_client: what it showed
+
+
+class UserTableAuth:
+    """The built-in [users] table (an extension: nginx needs an auth
+    server), which decides at once: done() is called before start()
+    returns.  A refusal comes with the failed-login delay of LoginThrottle
+    and nginx's text, whatever the reason (the reason is for the log)."""
+
+    def __init__(self, config: "Config", server: Settings, throttle: LoginThrottle,
+                 clock: Callable[[], float]):
+        self.config = config
+        self.server = server
+        self.throttle = throttle
+        self.clock = clock
+
+    def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
+        done(self.decide(attempt))
+
+    def cancel(self) -> None:
+        """Nothing is under way between calls."""
+
+    def decide(self, attempt: LoginAttempt) -> AuthOutcome:
+        if attempt.credentials.method == AuthMethod.NONE:
+            return self._recipient(attempt.smtp[2])
+        now = self.clock()
+        outcome = self._check(attempt, now)
+        if outcome.ok and attempt.protocol == "pop3" and \
+                not pop3_can_send(outcome.login, outcome.password):
+            outcome = AuthOutcome(Verdict.FAIL, reason="login or password holds CR, LF or NUL")
+        if outcome.ok:
+            return outcome
+        delay = self.throttle.failure(attempt.client_address, now, self.server.auth_delay)
+        return outcome._replace(text=AUTH_FAILED_TEXT, wait=delay)
+
+    def _check(self, attempt: LoginAttempt, now: float) -> AuthOutcome:
+        credentials, server = attempt.credentials, self.server
+        if self.throttle.locked(attempt.client_address, now):
+            return AuthOutcome(Verdict.FAIL, reason="too many failed logins from this address")
+        if credentials.method != AuthMethod.EXTERNAL:
+            return authenticate(self.config.users, self.config.routes, server.proxy_pass, credentials)
+        outcome = authenticate_external(self.config.users, self.config.routes, server.proxy_pass,
+                                        credentials.login, attempt.certificate)
+        if outcome.ok and outcome.password is None:
+            # IMAP and POP3 log in to the backend with a password; so does
+            # SMTP with proxy_smtp_auth.
+            if attempt.protocol != "smtp" or server.proxy_smtp_auth:
+                return AuthOutcome(Verdict.FAIL, reason="EXTERNAL needs a {PLAIN} password in "
+                                   "[users] for the backend login")
+            outcome = outcome._replace(password=b"")
+        return outcome
+
+    def _recipient(self, rcpt_to: bytes) -> AuthOutcome:
+        """smtp_auth none: the first RCPT decides, with no delay."""
+        outcome = authorize_recipient(self.server.smtp_relay_domains, self.config.routes,
+                                      self.server.proxy_pass, rcpt_to)
+        if outcome.ok:
+            return outcome
+        code, text = SMTP_RELAY_DENIED
+        return outcome._replace(text=text, error_code=code)
+
+    def recipient_refusal(self, rcpt: bytes, upstream: Upstream) -> Tuple[Optional[bytes], str]:
+        """A later RCPT of an smtp_auth none session (SmtpRecipientGuard):
+        (None, "") to let it go on, or (the reply refusing it, why, for the
+        log).  A recipient whose route leads to another backend than the
+        session's gets 452, which tells the client to send it in another
+        transaction (RFC 5321 §4.5.3.1.10)."""
+        outcome = self._recipient(rcpt)
+        if not outcome.ok:
+            return outcome.error_code + b" " + outcome.text + b"\r\n", outcome.reason
+        if (outcome.upstream.host, outcome.upstream.port) != (upstream.host, upstream.port):
+            return SMTP_TOO_MANY_RECIPIENTS, "its route is %s" % outcome.upstream.text
+        return None, ""
 
 
 # ========================================================================== #
@@ -5263,7 +5356,6 @@ class Relay(StreamOwner):
 
 SMTP_LINE_TOO_LONG = b"500 5.5.2 Line too long\r\n"               # RFC 5321 §4.5.3.1.4
 SMTP_NOT_IMPLEMENTED = b"502 5.5.1 Command not implemented\r\n"   # RFC 5321 §4.2.2
-SMTP_TOO_MANY_RECIPIENTS = b"452 4.5.3 Too many recipients\r\n"   # RFC 5321 §4.5.3.1.10
 SMTP_VERB = re.compile(rb"([A-Za-z]+)(?: |\r?\n)")
 # The end of message data (RFC 5321 §4.1.1.4): a line holding a lone ".".
 # Lines are cut at LF here whatever comes before it, as lenient servers do
@@ -5485,6 +5577,114 @@ class AuthHttpExchange(StreamOwner):
             self.stream.close()
 
 
+class AuthHttpAuth:
+    """nginx's auth_http as an authenticator: a new HTTP/1.0 request per
+    attempt, and per Auth-Status: WAIT; the answer read as nginx reads it
+    (interpret_auth_response).  done(AuthOutcome) comes from the loop: OK
+    with the login, password or token to use; FAIL with the text, the
+    delay (Auth-Wait: the session goes on after it; none: it closes) and,
+    for the OAuth methods, the SASL error challenge; ERROR with nginx's log
+    message.  ``owner.crashed(error)`` hears of a bug in here."""
+
+    def __init__(self, loop: EventLoop, server: Settings, owner):
+        self.loop = loop
+        self.server = server
+        self.owner = owner
+        self.attempt = None            # type: Optional[LoginAttempt]
+        self.done = None               # type: Optional[Callable]
+        self.exchange = None           # type: Optional[AuthHttpExchange]
+        self.timer = None              # type: Optional[Timer]  (a WAIT)
+
+    def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
+        self.attempt, self.done = attempt, done
+        self._ask()
+
+    def cancel(self) -> None:
+        self.done = None
+        if self.exchange is not None:
+            self.exchange.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def crashed(self, error: Exception) -> None:
+        self.owner.crashed(error)
+
+    @loop_callback
+    def _ask(self) -> None:
+        request = build_auth_http_request(self.server.auth_http, self.server.auth_http_header,
+                                          self._request())
+        self.exchange = AuthHttpExchange(self.loop, self.server.auth_http, request,
+                                         self.server.auth_http_timeout, self._answer)
+
+    def _request(self) -> AuthRequest:
+        attempt, server = self.attempt, self.server
+        credentials = attempt.credentials
+        certificate_pem = None
+        if attempt.certificate is not None and server.auth_http_pass_client_cert and \
+                attempt.certificate.verify == "SUCCESS":
+            certificate_pem = ssl.DER_cert_to_PEM_cert(attempt.certificate.der).encode()
+        return AuthRequest(
+            credentials.method, credentials.login, credentials.password, attempt.protocol,
+            attempt.number, attempt.client_address,
+            salt=credentials.salt if credentials.method in SALTED_METHODS else None,
+            client_host=attempt.client_name if attempt.protocol == "smtp" else None,
+            proxy_protocol=attempt.proxy_facts, smtp=attempt.smtp,
+            tls=(attempt.tls.version, attempt.tls.cipher) if attempt.tls is not None else None,
+            certificate=attempt.certificate if server.ssl_verify_client != "off" else None,
+            certificate_pem=certificate_pem)
+
+    @loop_callback
+    def _answer(self, response: Optional[AuthHttpResponse], error: str) -> None:
+        self.exchange = None
+        outcome = self._outcome(response, error) if self.done is not None else None
+        if outcome is None:
+            return
+        if outcome.kind == Verdict.WAIT:
+            self.timer = self.loop.call_later(outcome.wait, self._ask)
+            return
+        done, self.done = self.done, None
+        done(outcome)
+
+    def _outcome(self, response: Optional[AuthHttpResponse], error: str) -> AuthOutcome:
+        if response is None:
+            return AuthOutcome(Verdict.ERROR, reason=error)
+        method = self.attempt.credentials.method
+        known = method not in SALTED_METHODS + (AuthMethod.EXTERNAL,)
+        try:
+            verdict = interpret_auth_response(response, self.attempt.protocol, known)
+        except AuthHttpError as failure:
+            return AuthOutcome(Verdict.ERROR, reason=str(failure).replace(
+                "%s", self.server.auth_http.text, 1))
+        if verdict.kind == Verdict.FAIL:
+            # nginx: with Auth-Wait the reply waits and the session goes on;
+            # without, it is sent at once and the connection closed.  The
+            # OAuth methods get the SASL error challenge first (RFC 7628
+            # §3.2.2; Auth-Error-SASL, extension).
+            challenge = None
+            if method in TOKEN_METHODS:
+                challenge = verdict.sasl_error or OAUTH_DEFAULT_ERRORS[method]
+            return verdict._replace(sasl_error=challenge, close=verdict.wait == 0,
+                                    reason=log_escape(verdict.text))
+        if verdict.kind == Verdict.OK:
+            return self._accepted(verdict)
+        return verdict
+
+    def _accepted(self, verdict: AuthOutcome) -> AuthOutcome:
+        """Who to log in as (Auth-User, else the client's login) and with
+        what: Auth-Pass, else the client's password, or its bearer token."""
+        credentials = self.attempt.credentials
+        login = verdict.login if verdict.login is not None else credentials.login
+        password, token = verdict.password, None
+        if password is None and credentials.method in TOKEN_METHODS:
+            token = (credentials.method, credentials.password)    # pass the token on
+        elif password is None:
+            password = credentials.password
+        if self.attempt.protocol == "pop3" and not pop3_can_send(login, password or b""):
+            return AuthOutcome(Verdict.ERROR, reason="auth http server %s sent a login or "
+                               "password with CR, LF or NUL" % self.server.auth_http.text)
+        return verdict._replace(login=login, password=password, token=token)
+
+
 class DnsLookup:
     """One question on its way: sent over UDP to the resolver's servers in
     turn every DNS_RESEND seconds until an answer comes or ``timeout`` ends.
@@ -5701,7 +5901,7 @@ class Session(StreamOwner):
     __slots__ = ("worker", "loop", "server", "config", "number", "client_address", "client_port",
                  "server_text", "started", "login", "upstream", "phase", "backend",
                  "backend_login", "relay", "addresses", "client_name", "auth_method",
-                 "credentials", "login_attempt", "auth_exchange", "backend_tls", "timer",
+                 "login_attempt", "authenticator", "backend_tls", "timer",
                  "closed", "outcome", "starttls", "proxy_facts",
                  "certificate", "name_lookup", "client", "machine", "implicit_tls",
                  "proxy_header", "early_data", "login_time_limit", "login_deadline")
@@ -5725,9 +5925,10 @@ class Session(StreamOwner):
         self.addresses = []          # upstream addresses not tried yet
         self.client_name = "[UNAVAILABLE]"   # SMTP: nginx's s->host (no resolver)
         self.auth_method = None      # type: Optional[AuthMethod]  (of the last Credentials)
-        self.credentials = None      # type: Optional[Credentials]  (kept for WAIT)
         self.login_attempt = 0       # Auth-Login-Attempt
-        self.auth_exchange = None    # type: Optional[AuthHttpExchange]
+        self.authenticator = (AuthHttpAuth(self.loop, self.server, self)
+                              if self.server.auth_http is not None else
+                              UserTableAuth(self.config, self.server, worker.throttle, self.loop.time))
         self.backend_tls = "plain"   # "plain", "ssl" or "starttls" for this session
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.closed = False
@@ -6074,148 +6275,42 @@ class Session(StreamOwner):
     def _authenticate(self, credentials: Credentials) -> None:
         self.phase = Phase.AUTH
         self.auth_method = credentials.method
-        self.credentials = credentials
         self.login_attempt += 1
-        worker = self.worker
-        if self.server.auth_http is not None:
-            if credentials.method != AuthMethod.NONE:
-                self.login = credentials.login
-            # nginx (ngx_mail_auth) stops the client's timer: from here only
-            # auth_http_timeout bounds the wait.
-            self.timer.cancel()
-            self._ask_auth_server()
-            return
-        if credentials.method == AuthMethod.NONE:
-            self._authenticate_recipient()
-            return
-        self.login = credentials.login
-        now = self.loop.time()
-        if worker.throttle.locked(self.client_address, now):
-            result = AuthOutcome(Verdict.FAIL, reason="too many failed logins from this address")
-        elif credentials.method == AuthMethod.EXTERNAL:
-            result = authenticate_external(self.config.users, self.config.routes,
-                                           self.server.proxy_pass, credentials.login,
-                                           self.certificate)
-            self.login = result.login or self.login
-            if result.ok and result.password is None:
-                if self.server.protocol != "smtp" or self.server.proxy_smtp_auth:
-                    result = AuthOutcome(Verdict.FAIL, reason="EXTERNAL needs a {PLAIN} password in "
-                                        "[users] for the backend login")
-                else:
-                    result = result._replace(password=b"")
-        else:
-            result = authenticate(self.config.users, self.config.routes,
-                                  self.server.proxy_pass, credentials)
-        if result.ok and self.server.protocol == "pop3" and not pop3_can_send(result.login,
-                                                                               result.password):
-            result = AuthOutcome(Verdict.FAIL, reason="login or password holds CR, LF or NUL")
-        if not result.ok:
-            delay = worker.throttle.failure(self.client_address, now, self.server.auth_delay)
-            self.log("info", 'client login failed: "%s"' % result.reason)
-            reply = self.machine.failure_reply(AUTH_FAILED_TEXT)
-            self.timer.set(delay, lambda: self._auth_failure_reply(reply))
-            return
-        self._login_to_backend(result)
+        if credentials.method != AuthMethod.NONE:
+            self.login = credentials.login
+        # nginx (ngx_mail_auth) stops the client's timer: from here the
+        # authenticator's own bounds (auth_http_timeout) bound the wait.
+        self.timer.cancel()
+        self.authenticator.start(self._login_attempt(credentials), self._auth_outcome)
 
-    # -- auth_http ---------------------------------------------------------------
-    def _auth_request(self) -> AuthRequest:
-        credentials, machine, server = self.credentials, self.machine, self.server
-        smtp = server.protocol == "smtp"
-        tls = None
-        if self.client.tls is not None:
-            facts = self.client.tls.facts()
-            tls = (facts.version, facts.cipher)
-        certificate_pem = None
-        if self.certificate is not None and server.auth_http_pass_client_cert and \
-                self.certificate.verify == "SUCCESS":
-            certificate_pem = ssl.DER_cert_to_PEM_cert(self.certificate.der).encode()
-        salted = credentials.method in SALTED_METHODS
-        return AuthRequest(
-            credentials.method, credentials.login, credentials.password, server.protocol,
-            self.login_attempt, self.client_address,
-            salt=credentials.salt if salted else None,
-            client_host=self.client_name if smtp else None,
-            proxy_protocol=self.proxy_facts,
-            smtp=(machine.helo, machine.mail_from, machine.rcpt_to) if credentials.method == AuthMethod.NONE else None,
-            tls=tls, certificate=self.certificate if server.ssl_verify_client != "off" else None,
-            certificate_pem=certificate_pem)
-
-    def _ask_auth_server(self) -> None:
-        """nginx: a new HTTP/1.0 request per attempt (and per WAIT)."""
-        request = build_auth_http_request(self.server.auth_http, self.server.auth_http_header,
-                                          self._auth_request())
-        self.auth_exchange = AuthHttpExchange(self.loop, self.server.auth_http, request,
-                                              self.server.auth_http_timeout, self._auth_answer)
-
-    @loop_callback
-    def _auth_answer(self, response: Optional[AuthHttpResponse], error: str) -> None:
-        self.auth_exchange = None
-        if response is not None:
-            known = self.credentials.method not in SALTED_METHODS + (AuthMethod.EXTERNAL,)
-            try:
-                verdict = interpret_auth_response(response, self.server.protocol, known)
-            except AuthHttpError as failure:
-                error = str(failure).replace("%s", self.server.auth_http.text, 1)
-        if error:
-            self.log("error", error, action="in http auth state")
-            self._internal_error("auth http error")
-        elif verdict.kind == "wait":
-            self.timer.set(verdict.wait, self._ask_auth_server)
-        elif verdict.kind == "fail":
-            self._auth_http_refused(verdict)
-        else:
-            self._auth_http_accepted(verdict)
-
-    def _auth_http_refused(self, verdict: AuthOutcome) -> None:
-        """nginx: the failure text goes to the client; with Auth-Wait after
-        that many seconds and the session goes on, without it at once and the
-        connection is closed.  OAuth methods first get the SASL error
-        challenge (Auth-Error-SASL, extension; RFC 7628 §3.2.2)."""
-        self.log("info", 'client login failed: "%s"' % log_escape(verdict.text))
-        if self.server.protocol == "smtp":
-            reply = self.machine.failure_reply(verdict.text, verdict.error_code or SMTP_AUTH_FAILED_CODE)
-        else:
-            reply = self.machine.failure_reply(verdict.text)
-        challenge = None
-        if self.credentials.method in TOKEN_METHODS:
-            challenge = verdict.sasl_error or OAUTH_DEFAULT_ERRORS[self.credentials.method]
-        close = verdict.wait == 0
-        self.credentials = None
-        if close:
-            self._auth_failure_reply(reply, challenge, close=True)
-        else:
-            self.timer.set(verdict.wait, lambda: self._auth_failure_reply(reply, challenge))
-
-    def _auth_http_accepted(self, verdict: AuthOutcome) -> None:
-        credentials, self.credentials = self.credentials, None
-        login = verdict.login if verdict.login is not None else credentials.login
-        password = verdict.password
-        token = None
-        if password is None and credentials.method in TOKEN_METHODS:
-            token = (credentials.method, credentials.password)    # pass the token on
-        elif password is None:
-            password = credentials.password
-        if self.server.protocol == "pop3" and not pop3_can_send(login, password or b""):
-            self.log("error", "auth http server %s sent a login or password with CR, LF or NUL"
-                     % self.server.auth_http.text, action="in http auth state")
-            return self._internal_error("auth http error")
-        if self.auth_method != AuthMethod.NONE:
-            self.login = login
-        self._login_to_backend(AuthOutcome(Verdict.OK, login, password, verdict.upstream, token=token,
-                                          backend_tls=verdict.backend_tls,
-                                          smtp_auth=verdict.smtp_auth))
-
-    def _authenticate_recipient(self) -> None:
-        """smtp_auth none: the first RCPT decides (no password, no delay)."""
+    def _login_attempt(self, credentials: Credentials) -> LoginAttempt:
         machine = self.machine
-        result = authorize_recipient(self.server.smtp_relay_domains, self.config.routes,
-                                     self.server.proxy_pass, machine.rcpt_to)
-        if not result.ok:
-            self.log("info", 'client login failed: "%s"' % result.reason)
-            code, text = SMTP_RELAY_DENIED
-            self._auth_failure_reply(machine.failure_reply(text, code))
+        smtp = None
+        if credentials.method == AuthMethod.NONE:
+            smtp = (machine.helo, machine.mail_from, machine.rcpt_to)
+        return LoginAttempt(credentials, self.login_attempt, self.server.protocol,
+                            self.client_address, self.client_name, self.proxy_facts, smtp,
+                            self.client.tls.facts() if self.client.tls is not None else None,
+                            self.certificate)
+
+    def _auth_outcome(self, outcome: AuthOutcome) -> None:
+        """The authenticator's verdict: an internal error, a refusal (after
+        its delay; then the dialogue goes on, or ends), or the backend."""
+        if outcome.kind == Verdict.ERROR:
+            self.log("error", outcome.reason, action="in http auth state")
+            return self._internal_error("auth http error")
+        if outcome.kind == Verdict.FAIL:
+            self.log("info", 'client login failed: "%s"' % outcome.reason)
+            reply = self.machine.failure_reply(outcome.text, outcome.error_code)
+            refuse = lambda: self._auth_failure_reply(reply, outcome.sasl_error, outcome.close)
+            if outcome.wait:
+                self.timer.set(outcome.wait, refuse)
+            else:
+                refuse()
             return
-        self._login_to_backend(result)
+        if self.auth_method != AuthMethod.NONE:
+            self.login = outcome.login
+        self._login_to_backend(outcome)
 
     def _login_script(self, result: AuthOutcome) -> list:
         machine, server = self.machine, self.server
@@ -6344,20 +6439,11 @@ class Session(StreamOwner):
         self.addresses = []
 
     def _check_recipient(self, rcpt: bytes) -> Optional[bytes]:
-        """A later RCPT of an smtp_auth none session, as the first one was
-        checked (_authenticate_recipient); a recipient whose route leads to
-        another backend than this session's gets 452, which tells the client
-        to send it in another transaction (RFC 5321 §4.5.3.1.10)."""
-        result = authorize_recipient(self.server.smtp_relay_domains, self.config.routes,
-                                     self.server.proxy_pass, rcpt)
-        if not result.ok:
-            self.log("info", 'recipient refused: "%s"' % result.reason)
-            code, text = SMTP_RELAY_DENIED
-            return self.machine.failure_reply(text, code)
-        if (result.upstream.host, result.upstream.port) != (self.upstream.host, self.upstream.port):
-            self.log("info", "recipient deferred: its route is %s" % result.upstream.text)
-            return SMTP_TOO_MANY_RECIPIENTS
-        return None
+        """A later RCPT of an smtp_auth none session (SmtpRecipientGuard)."""
+        refusal, reason = self.authenticator.recipient_refusal(rcpt, self.upstream)
+        if refusal is not None:
+            self.log("info", 'recipient refused: "%s"' % reason)
+        return refusal
 
     # -- the end ------------------------------------------------------------------
     def crashed(self, error: Exception) -> None:
@@ -6388,9 +6474,7 @@ class Session(StreamOwner):
             self.relay.timer.cancel()
         if self.name_lookup is not None:
             self.name_lookup.cancel()
-        if self.auth_exchange is not None:
-            self.auth_exchange.cancel()
-        self.credentials = None
+        self.authenticator.cancel()
         self.client.close()
         if self.backend is not None:
             self.backend.close()
