@@ -3274,16 +3274,22 @@ class LoginThrottle:
 # when the session ends first.
 
 class LoginAttempt(NamedTuple):
-    """One login attempt, with what the session knows that may decide it."""
+    """One login attempt, with what the session knows that may decide it
+    or shape the backend's login (login_script)."""
     credentials: Credentials
     number: int                    # this session's attempts so far (Auth-Login-Attempt)
     protocol: str                  # "imap", "pop3", "smtp"
     client_address: str            # after realip
+    client_port: int
     client_name: str               # SMTP: the resolver's verdict (Client-Host)
     proxy_facts: Optional[Tuple] = None      # the PROXY header's (addr, port, server addr, port)
-    smtp: Optional[Tuple] = None             # smtp_auth none: (HELO, MAIL, RCPT) as sent
     tls: Optional["TlsFacts"] = None         # TLS with the client, if any
     certificate: Optional["CertificateFacts"] = None    # ssl_verify_client: what it showed
+    tag: bytes = b""               # IMAP: the tag of the login command
+    helo: Optional[bytes] = None   # SMTP: the client's HELO or EHLO argument
+    esmtp: bool = False            # SMTP: it said EHLO
+    mail_from: Optional[bytes] = None        # SMTP, smtp_auth none: MAIL as sent
+    rcpt_to: Optional[bytes] = None          # SMTP, smtp_auth none: the first RCPT as sent
 
 
 class UserTableAuth:
@@ -3307,7 +3313,7 @@ class UserTableAuth:
 
     def decide(self, attempt: LoginAttempt) -> AuthOutcome:
         if attempt.credentials.method == AuthMethod.NONE:
-            return self._recipient(attempt.smtp[2])
+            return self._recipient(attempt.rcpt_to)
         now = self.clock()
         outcome = self._check(attempt, now)
         if outcome.ok and attempt.protocol == "pop3" and \
@@ -3547,6 +3553,43 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
     return script
 
 
+def backend_tls_mode(server: Settings, outcome: AuthOutcome) -> str:
+    """TLS to the backend for this session: "ssl", "starttls" or "plain";
+    the auth server's choice (Auth-Backend-TLS, extension), else
+    proxy_ssl / proxy_starttls."""
+    if outcome.backend_tls:
+        return outcome.backend_tls
+    return "ssl" if server.proxy_ssl else "starttls" if server.proxy_starttls else "plain"
+
+
+def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                 starttls: bool) -> list:
+    """The backend login for an accepted attempt: the protocol's script
+    with the password, or (IMAP, POP3) the client's own bearer token when
+    the auth server sent no Auth-Pass; ``starttls`` (extension) first."""
+    token = outcome.token
+    if attempt.protocol != "smtp" and token is not None:
+        response = oauth_initial_response(token[0], outcome.login, token[1])
+        if attempt.protocol == "imap":
+            return imap_token_script(attempt.tag, token[0], response, starttls)
+        return pop3_token_script(token[0], response, starttls)
+    if attempt.protocol == "imap":
+        return imap_login_script(attempt.tag, outcome.login, outcome.password, starttls)
+    if attempt.protocol == "pop3":
+        return pop3_login_script(outcome.login, outcome.password, starttls)
+    # A token goes on to an SMTP backend only when it is to be logged in to
+    # (proxy_smtp_auth, Auth-SMTP-Auth); otherwise XCLIENT LOGIN= says who.
+    wants_auth = outcome.smtp_auth not in (None, "none") or (
+        outcome.smtp_auth is None and server.proxy_smtp_auth)
+    use_token = token is not None and wants_auth
+    backend_auth = token[0] if use_token else (outcome.smtp_auth or "")
+    password = token[1] if use_token else (outcome.password or b"")
+    facts = SmtpFacts(attempt.client_address, attempt.client_name, attempt.helo, attempt.esmtp,
+                      outcome.login, password, attempt.credentials.method, attempt.mail_from,
+                      attempt.rcpt_to, backend_auth, starttls)
+    return smtp_login_script(server, facts)
+
+
 class LoginDone(NamedTuple):
     """Event: the backend accepted the login; ``reply`` goes to the client."""
     reply: bytes
@@ -3739,6 +3782,20 @@ def proxy_protocol_v2(source: Tuple[str, int], destination: Tuple[str, int],
         ssl_value += _tlv(PP2_SUBTYPE_SSL_CIPHER, tls.cipher.encode())
         body += _tlv(PP2_TYPE_SSL, ssl_value)
     return PROXY_V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+def proxy_header_to_backend(version: str, source: Tuple[str, int], destination: Tuple[str, int],
+                            tls: Optional["TlsFacts"], common_name: Optional[str]) -> bytes:
+    """proxy_protocol on|v2 (nginx 1.31): the client (after realip) and the
+    address it connected to; v2 with the client's TLS facts and the CN of
+    its verified certificate."""
+    if version == "on":
+        return proxy_protocol_v1(source, destination)
+    facts = None
+    if tls is not None:
+        facts = ProxyTls(tls.version, tls.cipher, tls.server_name, tls.alpn,
+                         common_name, common_name is not None)
+    return proxy_protocol_v2(source, destination, facts)
 
 
 class ProxyHeaderError(Exception):
@@ -5516,13 +5573,14 @@ class CheckedRelay(Relay):
 
 
 # ========================================================================== #
-# ####               Outbound clients: auth_http and DNS                #### #
+# ####          Outbound clients: the backend, auth_http, DNS           #### #
 # ========================================================================== #
-# The connections a session opens besides its backend: one auth_http
-# request on a connection of its own (as nginx: no keep-alive), and the
-# resolver's UDP queries, with a small cache, for the SMTP client's name.
-# Each is driven by the event loop and calls back with its answer; the
-# messages themselves are built and parsed by the sans-I/O code above.
+# The connections a session opens: to its backend until the login is done
+# (then the relay takes the stream), to the auth server, one request on a
+# connection of its own (as nginx: no keep-alive), and the resolver's UDP
+# queries, with a small cache, for the SMTP client's name.  Each is driven
+# by the event loop and calls back with its result; what they say is built
+# and parsed by the sans-I/O code above.
 
 class AuthHttpExchange(StreamOwner):
     """One auth_http request on a connection of its own, as nginx (no
@@ -5577,6 +5635,112 @@ class AuthHttpExchange(StreamOwner):
             self.stream.close()
 
 
+class BackendConnection(StreamOwner):
+    """The way to the backend until it has logged the user in: connect() to
+    each of the upstream's addresses in turn, the PROXY header first if one
+    is given (in clear), implicit TLS or the script's STARTTLS (extension),
+    then the login script (BackendLogin).  ``stream`` is the connection.
+
+    The owner hears backend_connected(stream) when the dialogue begins,
+    then backend_logged_in(reply) (``login.trailing_data`` is what the
+    backend sent behind its answer), or backend_refused(BackendError) (the
+    script failed: the owner logs it as nginx does), or
+    backend_unusable(outcome) (no connection or TLS: logged here already,
+    with ``log``, the session's).  After either failure nothing more is
+    read; close() ends it at any time."""
+
+    def __init__(self, loop: EventLoop, server: Settings, upstream: Upstream, login: BackendLogin,
+                 tls_mode: str, proxy_header: bytes, owner, log: Callable):
+        self.loop = loop
+        self.server = server
+        self.upstream = upstream
+        self.login = login
+        self.tls_mode = tls_mode
+        self.proxy_header = proxy_header
+        self.owner = owner
+        self.log = log
+        self.addresses = list(upstream.addresses)
+        self.stream = None             # type: Optional[Stream]
+        self.connecting = True
+        self._connect_next()
+
+    def close(self) -> None:
+        self.addresses = []
+        if self.stream is not None:
+            self.stream.close()
+
+    def crashed(self, error: Exception) -> None:
+        self.owner.crashed(error)
+
+    def _connect_next(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        if not self.addresses:
+            return self.owner.backend_unusable("upstream unreachable")
+        family, sockaddr = self.addresses.pop(0)
+        try:
+            self.stream = connect_stream(self.loop, family, sockaddr, self)
+        except OSError as error:
+            self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
+            self._connect_next()
+
+    @loop_callback
+    def stream_connected(self, stream: Stream) -> None:
+        self.connecting = False
+        self.owner.backend_connected(stream)
+        stream.set_read_budget(READ_SIZE)
+        if self.proxy_header:
+            stream.write(self.proxy_header)    # in clear, before anything else
+        if self.tls_mode == "ssl":
+            self._start_tls()                  # extension: implicit TLS to the backend
+        stream.write(self.login.data_to_send())
+
+    def _start_tls(self) -> None:
+        name = self.server.proxy_ssl_name or self.upstream.host
+        self.stream.start_tls(TlsLayer(self.server.backend_tls_context, server_side=False,
+                                       server_hostname=name))
+
+    @loop_callback
+    def stream_tls_ready(self, stream: Stream) -> None:
+        if self.login.script and isinstance(self.login.script[0], TlsStep):
+            self.login.tls_started()
+            stream.write(self.login.data_to_send())
+
+    @loop_callback
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        try:
+            events = self.login.receive_data(data)
+        except BackendError as error:
+            self.close()
+            return self.owner.backend_refused(error)
+        stream.write(self.login.data_to_send())
+        for event in events:
+            if isinstance(event, BackendStartTls):
+                self._start_tls()
+            else:
+                self.owner.backend_logged_in(event.reply)
+
+    @loop_callback
+    def stream_eof(self, stream: Stream) -> None:
+        self.close()
+        self.owner.backend_refused(BackendError("upstream prematurely closed connection"))
+
+    @loop_callback
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        if isinstance(error, TlsError):
+            self.log("error", "upstream %s" % error, action="SSL handshaking to upstream")
+            outcome = "upstream TLS error"
+        elif self.connecting:
+            self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
+            return self._connect_next()
+        else:
+            self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
+            outcome = "upstream connection error"
+        self.close()
+        self.owner.backend_unusable(outcome)
+
+
 class AuthHttpAuth:
     """nginx's auth_http as an authenticator: a new HTTP/1.0 request per
     attempt, and per Auth-Status: WAIT; the answer read as nginx reads it
@@ -5628,7 +5792,9 @@ class AuthHttpAuth:
             attempt.number, attempt.client_address,
             salt=credentials.salt if credentials.method in SALTED_METHODS else None,
             client_host=attempt.client_name if attempt.protocol == "smtp" else None,
-            proxy_protocol=attempt.proxy_facts, smtp=attempt.smtp,
+            proxy_protocol=attempt.proxy_facts,
+            smtp=((attempt.helo, attempt.mail_from, attempt.rcpt_to)
+                  if credentials.method == AuthMethod.NONE else None),
             tls=(attempt.tls.version, attempt.tls.cipher) if attempt.tls is not None else None,
             certificate=attempt.certificate if server.ssl_verify_client != "off" else None,
             certificate_pem=certificate_pem)
@@ -5900,8 +6066,8 @@ class Session(StreamOwner):
     # Slots: an idle proxied session should cost little memory.
     __slots__ = ("worker", "loop", "server", "config", "number", "client_address", "client_port",
                  "server_text", "started", "login", "upstream", "phase", "backend",
-                 "backend_login", "relay", "addresses", "client_name", "auth_method",
-                 "login_attempt", "authenticator", "backend_tls", "timer",
+                 "backend_connection", "relay", "client_name", "attempt",
+                 "login_attempt", "authenticator", "timer",
                  "closed", "outcome", "starttls", "proxy_facts",
                  "certificate", "name_lookup", "client", "machine", "implicit_tls",
                  "proxy_header", "early_data", "login_time_limit", "login_deadline")
@@ -5920,16 +6086,14 @@ class Session(StreamOwner):
         self.upstream = None         # type: Optional[Upstream]
         self.phase = Phase.DIALOGUE
         self.backend = None          # type: Optional[Stream]
-        self.backend_login = None    # type: Optional[BackendLogin]
+        self.backend_connection = None   # type: Optional[BackendConnection]
         self.relay = None            # type: Optional[Relay]
-        self.addresses = []          # upstream addresses not tried yet
         self.client_name = "[UNAVAILABLE]"   # SMTP: nginx's s->host (no resolver)
-        self.auth_method = None      # type: Optional[AuthMethod]  (of the last Credentials)
+        self.attempt = None          # type: Optional[LoginAttempt]  (the last one)
         self.login_attempt = 0       # Auth-Login-Attempt
         self.authenticator = (AuthHttpAuth(self.loop, self.server, self)
                               if self.server.auth_http is not None else
                               UserTableAuth(self.config, self.server, worker.throttle, self.loop.time))
-        self.backend_tls = "plain"   # "plain", "ssl" or "starttls" for this session
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.closed = False
         self.outcome = ""
@@ -6125,9 +6289,6 @@ class Session(StreamOwner):
 
     @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
-        if stream is self.backend:
-            self._backend_data(data)
-            return
         if self.phase == Phase.PROXY_HEADER:
             return self._proxy_header_data(data)
         if self.phase in (Phase.RESOLVING, Phase.HANDSHAKE):
@@ -6173,67 +6334,19 @@ class Session(StreamOwner):
 
     @loop_callback
     def stream_eof(self, stream: Stream) -> None:
-        if stream is self.client:
-            self.close("client closed connection")
-        else:
-            self._backend_failed(BackendError("upstream prematurely closed connection"))
+        self.close("client closed connection")
 
     @loop_callback
     def stream_error(self, stream: Stream, error: Exception) -> None:
-        if isinstance(error, TlsError) and stream is self.client:
+        if isinstance(error, TlsError):
             self.log("info", str(error))
             self.close("client TLS error")
-        elif isinstance(error, TlsError):
-            self.log("error", "upstream %s" % error, action="SSL handshaking to upstream")
-            self._internal_error("upstream TLS error")
-        elif stream is self.client:
+        else:
             self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
             self.close("client connection error")
-        elif self.phase == Phase.CONNECT:
-            self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
-            self._connect_next()
-        else:
-            self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
-            self._internal_error("upstream connection error")
-
-    @loop_callback
-    def stream_connected(self, stream: Stream) -> None:
-        self.phase = Phase.LOGIN
-        self.client.set_read_budget(0)
-        stream.set_read_budget(READ_SIZE)
-        if self.server.proxy_protocol != "off":
-            stream.write(self._proxy_header())  # in clear, before anything else
-        if self.backend_tls == "ssl":
-            self._start_backend_tls()          # extension: implicit TLS to the backend
-        stream.write(self.backend_login.data_to_send())
-
-    def _proxy_header(self) -> bytes:
-        """proxy_protocol on|v2 (nginx 1.31): the client (after realip) and the
-        address it connected to; v2 with the client's TLS facts."""
-        source = (self.client_address, self.client_port)
-        destination = self.client.sock.getsockname()[:2]
-        if self.server.proxy_protocol == "on":
-            return proxy_protocol_v1(source, destination)
-        tls = None
-        if self.client.tls is not None and self.client.tls.state == TlsState.OPEN:
-            facts = self.client.tls.facts()
-            common_name = self.certificate.common_name if self.certificate is not None else None
-            tls = ProxyTls(facts.version, facts.cipher, facts.server_name, facts.alpn,
-                           common_name, common_name is not None)
-        return proxy_protocol_v2(source, destination, tls)
-
-    def _start_backend_tls(self) -> None:
-        name = self.server.proxy_ssl_name or self.upstream.host
-        self.backend.start_tls(TlsLayer(self.server.backend_tls_context, server_side=False,
-                                        server_hostname=name))
 
     @loop_callback
     def stream_tls_ready(self, stream: Stream) -> None:
-        if stream is self.backend:
-            if self.backend_login.script and isinstance(self.backend_login.script[0], TlsStep):
-                self.backend_login.tls_started()
-                self.backend.write(self.backend_login.data_to_send())
-            return
         if not self._client_certificate_ok():
             return
         if self.starttls:
@@ -6274,24 +6387,24 @@ class Session(StreamOwner):
     # -- authentication -----------------------------------------------------------
     def _authenticate(self, credentials: Credentials) -> None:
         self.phase = Phase.AUTH
-        self.auth_method = credentials.method
         self.login_attempt += 1
         if credentials.method != AuthMethod.NONE:
             self.login = credentials.login
         # nginx (ngx_mail_auth) stops the client's timer: from here the
         # authenticator's own bounds (auth_http_timeout) bound the wait.
         self.timer.cancel()
-        self.authenticator.start(self._login_attempt(credentials), self._auth_outcome)
+        self.attempt = self._login_attempt(credentials)
+        self.authenticator.start(self.attempt, self._auth_outcome)
 
     def _login_attempt(self, credentials: Credentials) -> LoginAttempt:
         machine = self.machine
-        smtp = None
-        if credentials.method == AuthMethod.NONE:
-            smtp = (machine.helo, machine.mail_from, machine.rcpt_to)
         return LoginAttempt(credentials, self.login_attempt, self.server.protocol,
-                            self.client_address, self.client_name, self.proxy_facts, smtp,
+                            self.client_address, self.client_port, self.client_name,
+                            self.proxy_facts,
                             self.client.tls.facts() if self.client.tls is not None else None,
-                            self.certificate)
+                            self.certificate, getattr(machine, "tag", b""),
+                            getattr(machine, "helo", None), getattr(machine, "esmtp", False),
+                            getattr(machine, "mail_from", None), getattr(machine, "rcpt_to", None))
 
     def _auth_outcome(self, outcome: AuthOutcome) -> None:
         """The authenticator's verdict: an internal error, a refusal (after
@@ -6308,47 +6421,43 @@ class Session(StreamOwner):
             else:
                 refuse()
             return
-        if self.auth_method != AuthMethod.NONE:
+        if self.attempt.credentials.method != AuthMethod.NONE:
             self.login = outcome.login
         self._login_to_backend(outcome)
 
-    def _login_script(self, result: AuthOutcome) -> list:
-        machine, server = self.machine, self.server
-        starttls = self.backend_tls == "starttls"
-        if result.token is not None and server.protocol != "smtp":
-            response = oauth_initial_response(result.token[0], result.login, result.token[1])
-            if server.protocol == "imap":
-                return imap_token_script(machine.tag, result.token[0], response, starttls)
-            return pop3_token_script(result.token[0], response, starttls)
-        if server.protocol == "imap":
-            return imap_login_script(machine.tag, result.login, result.password, starttls)
-        if server.protocol == "pop3":
-            return pop3_login_script(result.login, result.password, starttls)
-        # A token goes on to an SMTP backend only when it is to be logged in to
-        # (proxy_smtp_auth, Auth-SMTP-Auth); otherwise XCLIENT LOGIN= says who.
-        wants_auth = result.smtp_auth not in (None, "none") or (
-            result.smtp_auth is None and server.proxy_smtp_auth)
-        use_token = result.token is not None and wants_auth
-        backend_auth = result.token[0] if use_token else (result.smtp_auth or "")
-        password = result.token[1] if use_token else (result.password or b"")
-        facts = SmtpFacts(self.client_address, self.client_name, machine.helo, machine.esmtp,
-                          result.login, password, self.auth_method, machine.mail_from,
-                          machine.rcpt_to, backend_auth, starttls)
-        return smtp_login_script(server, facts)
-
-    def _login_to_backend(self, result: AuthOutcome) -> None:
-        self.upstream = result.upstream
-        # TLS to the backend: the auth server's choice (Auth-Backend-TLS,
-        # extension), else proxy_ssl / proxy_starttls.
-        self.backend_tls = result.backend_tls or ("ssl" if self.server.proxy_ssl else
-                                                  "starttls" if self.server.proxy_starttls
-                                                  else "plain")
+    # -- the backend --------------------------------------------------------------
+    def _login_to_backend(self, outcome: AuthOutcome) -> None:
+        self.upstream = outcome.upstream
+        tls_mode = backend_tls_mode(self.server, outcome)
+        login = BackendLogin(login_script(self.server, self.attempt, outcome, tls_mode == "starttls"),
+                             self.attempt.tag, self.server.proxy_buffer)
+        self.phase = Phase.CONNECT
         self.timer.set(self.server.timeout, self._upstream_timed_out)
-        self.backend_login = BackendLogin(self._login_script(result),
-                                          getattr(self.machine, "tag", b""),
-                                          self.server.proxy_buffer)
-        self.addresses = list(result.upstream.addresses)
-        self._connect_next()
+        self.backend_connection = BackendConnection(self.loop, self.server, outcome.upstream, login,
+                                                    tls_mode, self._proxy_header(), self, self.log)
+
+    def _proxy_header(self) -> bytes:
+        """What goes to the backend before anything: proxy_protocol's header."""
+        if self.server.proxy_protocol == "off":
+            return b""
+        tls = None
+        if self.client.tls is not None and self.client.tls.state == TlsState.OPEN:
+            tls = self.client.tls.facts()
+        common_name = self.certificate.common_name if self.certificate is not None else None
+        return proxy_header_to_backend(self.server.proxy_protocol,
+                                       (self.client_address, self.client_port),
+                                       self.client.sock.getsockname()[:2], tls, common_name)
+
+    def backend_connected(self, stream: Stream) -> None:
+        self.phase = Phase.LOGIN
+        self.backend = stream
+        self.client.set_read_budget(0)
+
+    def backend_logged_in(self, reply: bytes) -> None:
+        self._start_relay(reply)
+
+    def backend_unusable(self, outcome: str) -> None:
+        self._internal_error(outcome)
 
     def _auth_failure_reply(self, reply: bytes, challenge: Optional[bytes] = None,
                             close: bool = False) -> None:
@@ -6358,36 +6467,7 @@ class Session(StreamOwner):
         self._arm_client_timer()
         self._handle_events(self.machine.auth_failed(reply, challenge, close))
 
-    # -- connecting and logging in to the upstream ------------------------------
-    def _connect_next(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-        if not self.addresses:
-            self._internal_error("upstream unreachable")
-            return
-        family, sockaddr = self.addresses.pop(0)
-        self.phase = Phase.CONNECT
-        try:
-            self.backend = connect_stream(self.loop, family, sockaddr, self)
-        except OSError as error:
-            self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
-            self._connect_next()
-
-    def _backend_data(self, data: bytes) -> None:
-        try:
-            events = self.backend_login.receive_data(data)
-        except BackendError as error:
-            self._backend_failed(error)
-            return
-        self.backend.write(self.backend_login.data_to_send())
-        for event in events:
-            if isinstance(event, BackendStartTls):
-                self._start_backend_tls()
-            else:
-                self._start_relay(event.reply)
-
-    def _backend_failed(self, error: BackendError) -> None:
+    def backend_refused(self, error: BackendError) -> None:
         """nginx: log the bad line; the client gets the internal error, or with
         proxy_pass_error_message on, the backend's own refusal."""
         line = error.line
@@ -6409,10 +6489,8 @@ class Session(StreamOwner):
     def _drop_backend(self) -> None:
         """The login has failed: nothing more is read from the backend, so
         no later byte of it can take the session on to the relay."""
-        if self.backend is not None:
-            self.backend.close()
-        self.backend_login = None
-        self.addresses = []
+        if self.backend_connection is not None:
+            self.backend_connection.close()
 
     def _start_relay(self, reply: bytes) -> None:
         """The backend said yes: pass its reply on, then the client's pipelined
@@ -6423,20 +6501,20 @@ class Session(StreamOwner):
         if not reply and self.server.protocol == "smtp":
             reply = SMTP_AUTH_OK               # nginx's own answer to the client's AUTH
         self.client.write(reply)
-        if self.auth_method == AuthMethod.NONE and self.server.auth_http is None:
+        trailing = self.backend_connection.login.trailing_data
+        self.backend_connection = None     # what only the login needed can go
+        if self.attempt.credentials.method == AuthMethod.NONE and self.server.auth_http is None:
             # The built-in table checks every recipient, not only the first.
             guard = SmtpRecipientGuard(self._check_recipient, self.server.smtp_client_buffer)
             self.relay = CheckedRelay(self, self.client, self.backend, self.server.proxy_buffer,
                                       self.server.proxy_timeout, guard)
             self.relay.stream_data(self.client, self.machine.trailing_data)
-            self.relay.stream_data(self.backend, self.backend_login.trailing_data)
+            self.relay.stream_data(self.backend, trailing)
         else:
             self.backend.write(self.machine.trailing_data)
-            self.client.write(self.backend_login.trailing_data)
+            self.client.write(trailing)
             self.relay = Relay(self, self.client, self.backend, self.server.proxy_buffer,
                                self.server.proxy_timeout)
-        self.backend_login = None          # what only the login needed can go
-        self.addresses = []
 
     def _check_recipient(self, rcpt: bytes) -> Optional[bytes]:
         """A later RCPT of an smtp_auth none session (SmtpRecipientGuard)."""
