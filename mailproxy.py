@@ -1700,6 +1700,15 @@ class ClientMachine:
         after ``code``, Auth-Error-Code, or nginx's default)."""
         raise NotImplementedError
 
+    def greet(self) -> None:
+        """Queue the greeting, if it was not when the machine was made (SMTP
+        waits for the client's name and smtp_greeting_delay)."""
+
+    def logged_in_reply(self, reply: bytes) -> bytes:
+        """What the client hears when the backend has logged it in: the
+        backend's own answer to its login command."""
+        return reply
+
     def tls_started(self) -> list:
         """The handshake after STARTTLS is done: go on (capabilities change)."""
         self.tls = True
@@ -2551,6 +2560,12 @@ class SmtpMachine(ClientMachine):
     def greet(self) -> None:
         self._output += b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
 
+    def logged_in_reply(self, reply: bytes) -> bytes:
+        """nginx's own 235 answers the client's AUTH (the backend was not
+        asked with AUTH, or answered it already); with smtp_auth none, the
+        backend's answer to the replayed RCPT."""
+        return reply or SMTP_AUTH_OK
+
     def ehlo_reply(self) -> bytes:
         """``250-name``, one line per smtp_capabilities item, then AUTH, then
         STARTTLS while offered (RFC 3207); with starttls only and no TLS yet,
@@ -3290,6 +3305,16 @@ class LoginAttempt(NamedTuple):
     esmtp: bool = False            # SMTP: it said EHLO
     mail_from: Optional[bytes] = None        # SMTP, smtp_auth none: MAIL as sent
     rcpt_to: Optional[bytes] = None          # SMTP, smtp_auth none: the first RCPT as sent
+
+
+def login_attempt(credentials: Credentials, number: int, machine: "ClientMachine",
+                  client: Tuple[str, int], client_name: str, proxy_facts: Optional[Tuple],
+                  tls: Optional["TlsFacts"], certificate: Optional["CertificateFacts"]) -> LoginAttempt:
+    """The LoginAttempt of ``credentials``, with what ``machine`` knows."""
+    return LoginAttempt(credentials, number, machine.protocol, client[0], client[1], client_name,
+                        proxy_facts, tls, certificate, getattr(machine, "tag", b""),
+                        getattr(machine, "helo", None), getattr(machine, "esmtp", False),
+                        getattr(machine, "mail_from", None), getattr(machine, "rcpt_to", None))
 
 
 class UserTableAuth:
@@ -4542,6 +4567,21 @@ def certificate_facts(tls_object) -> CertificateFacts:
         return CertificateFacts("NONE", problem=str(error) or type(error).__name__)
 
 
+def certificate_verdict(verify_client: str, facts: CertificateFacts) -> Tuple[str, bool]:
+    """ssl_verify_client after the handshake, as nginx: (what to log, ""
+    for nothing; whether to refuse the client with the protocol's "No
+    required SSL certificate").  A certificate that failed verification has
+    ended the handshake already (Python's ssl module cannot let it through);
+    one that cannot be read counts as none, so ``optional`` goes on
+    without it."""
+    message = ""
+    if facts.problem:
+        message = "client SSL certificate cannot be read (%s)" % log_escape(facts.problem.encode("utf-8"))
+    if verify_client == "on" and facts.verify == "NONE":
+        return message or "client sent no required SSL certificate", True
+    return message, False
+
+
 def _read_certificate(der: bytes, info: Dict) -> CertificateFacts:
     serial, issuer, subject = certificate_fields(der)
     subject_values = [(key, value) for rdn in info.get("subject", ()) for key, value in rdn]
@@ -5403,6 +5443,10 @@ class Relay(StreamOwner):
         self.timer.cancel()
         self.session.close(outcome)
 
+    def cancel(self) -> None:
+        """The session is closing the streams itself."""
+        self.timer.cancel()
+
     @property
     def buffered(self) -> int:
         """Bytes held right now, both directions."""
@@ -5572,6 +5616,23 @@ class CheckedRelay(Relay):
         self._allow(self.backend)
 
 
+def start_relay(session, client: Stream, backend: Stream, server: Settings,
+                check: Optional[Callable], client_trailing: bytes, backend_trailing: bytes) -> Relay:
+    """The relay of a session just logged in, given what each side sent
+    ahead (the client's pipelined commands, what the backend sent behind
+    its reply); with ``check``, every later RCPT is checked
+    (SmtpRecipientGuard)."""
+    if check is None:
+        backend.write(client_trailing)
+        client.write(backend_trailing)
+        return Relay(session, client, backend, server.proxy_buffer, server.proxy_timeout)
+    guard = SmtpRecipientGuard(check, server.smtp_client_buffer)
+    relay = CheckedRelay(session, client, backend, server.proxy_buffer, server.proxy_timeout, guard)
+    relay.stream_data(client, client_trailing)
+    relay.stream_data(backend, backend_trailing)
+    return relay
+
+
 # ========================================================================== #
 # ####          Outbound clients: the backend, auth_http, DNS           #### #
 # ========================================================================== #
@@ -5668,6 +5729,8 @@ class BackendConnection(StreamOwner):
         self.addresses = []
         if self.stream is not None:
             self.stream.close()
+
+    cancel = close
 
     def crashed(self, error: Exception) -> None:
         self.owner.crashed(error)
@@ -6038,71 +6101,99 @@ class ClientNameLookup:
 # the log, as nginx's c->log->action; one method builds the log context.
 
 class Phase(enum.Enum):
+    ACCEPTED = "accepted"          # the connection is new: nothing read, nothing said
     PROXY_HEADER = "proxy header"  # listen ... proxy_protocol: the header comes first
     HANDSHAKE = "handshake"        # TLS with the client: listen ... ssl, or STARTTLS
     RESOLVING = "resolving"        # SMTP: the client's name, before the greeting
     GREETING_DELAY = "greeting delay"   # SMTP: nothing may come before the 220
     DIALOGUE = "dialogue"          # the client machine talks
-    AUTH = "auth"                  # a verdict is pending (the failure delay)
+    AUTH = "auth"                  # the authenticator decides (then a failure's delay)
     CONNECT = "connect"            # connect() to the upstream
-    LOGIN = "login"                # BackendLogin runs
+    LOGIN = "login"                # its login script runs
     RELAY = "relay"                # bytes both ways
     CLOSING = "closing"            # the last reply is being written
 
 
-# nginx's c->log->action for each phase, as it appears after "while".
-PHASE_ACTIONS = {Phase.PROXY_HEADER: "reading PROXY protocol",
-                 Phase.HANDSHAKE: "SSL handshaking",
-                 Phase.RESOLVING: "in resolving client address",
-                 Phase.GREETING_DELAY: "in delay pipelining state",
-                 Phase.DIALOGUE: "in auth state", Phase.AUTH: "in auth state",
-                 Phase.CONNECT: "connecting to upstream",
-                 Phase.LOGIN: "reading response from upstream",
-                 Phase.RELAY: "proxying", Phase.CLOSING: "in auth state"}
+class PhaseRules(NamedTuple):
+    """What entering a phase sets (Session._enter)."""
+    action: str                    # nginx's c->log->action, as it appears after "while"
+    reads: Optional[int]           # the client's read budget; None: the machine's (see _read_budget)
+    timer: str                     # "client": its timeout; "upstream": the backend's; "off": none,
+                                   # another bound holds; "": the one armed goes on
+
+
+PHASES = {
+    Phase.ACCEPTED: PhaseRules("in auth state", 0, ""),
+    Phase.PROXY_HEADER: PhaseRules("reading PROXY protocol", PROXY_V2_MAX, "client"),
+    Phase.HANDSHAKE: PhaseRules("SSL handshaking", READ_SIZE, "client"),
+    # nginx reads nothing from the client until its name is known.
+    Phase.RESOLVING: PhaseRules("in resolving client address", 0, ""),
+    Phase.GREETING_DELAY: PhaseRules("in delay pipelining state", None, ""),
+    Phase.DIALOGUE: PhaseRules("in auth state", None, "client"),
+    # nginx (ngx_mail_auth) stops the client's timer: auth_http_timeout bounds the wait.
+    Phase.AUTH: PhaseRules("in auth state", 0, "off"),
+    Phase.CONNECT: PhaseRules("connecting to upstream", 0, "upstream"),
+    Phase.LOGIN: PhaseRules("reading response from upstream", 0, ""),
+    Phase.RELAY: PhaseRules("proxying", None, "off"),      # the relay reads, and times out
+    Phase.CLOSING: PhaseRules("in auth state", 0, "client"),
+}
+
+# The legal changes of phase; Session._enter refuses any other (a bug).
+# close() may end a session in any phase.
+PHASE_CHANGES = frozenset(
+    [(Phase.ACCEPTED, phase) for phase in (Phase.PROXY_HEADER, Phase.HANDSHAKE, Phase.RESOLVING,
+                                           Phase.GREETING_DELAY, Phase.DIALOGUE)] +
+    [(Phase.PROXY_HEADER, phase) for phase in (Phase.HANDSHAKE, Phase.RESOLVING,
+                                               Phase.GREETING_DELAY, Phase.DIALOGUE)] +
+    [(Phase.HANDSHAKE, phase) for phase in (Phase.RESOLVING, Phase.GREETING_DELAY,
+                                            Phase.DIALOGUE, Phase.CLOSING)] +
+    [(Phase.RESOLVING, Phase.GREETING_DELAY), (Phase.RESOLVING, Phase.DIALOGUE),
+     (Phase.GREETING_DELAY, Phase.DIALOGUE), (Phase.GREETING_DELAY, Phase.CLOSING),
+     (Phase.DIALOGUE, Phase.HANDSHAKE), (Phase.DIALOGUE, Phase.AUTH),
+     (Phase.DIALOGUE, Phase.CLOSING), (Phase.AUTH, Phase.DIALOGUE), (Phase.AUTH, Phase.CONNECT),
+     (Phase.AUTH, Phase.CLOSING), (Phase.CONNECT, Phase.LOGIN), (Phase.CONNECT, Phase.CLOSING),
+     (Phase.LOGIN, Phase.RELAY), (Phase.LOGIN, Phase.CLOSING)])
 
 
 class Session(StreamOwner):
-    """Owner of the client stream (and the backend stream until the relay)."""
+    """One client from accept to close: a conductor.  It moves through the
+    phases (PHASES, PHASE_CHANGES) and hands the work to the pieces that
+    do it: the client machine (the dialogue), the authenticator (the
+    verdict), the BackendConnection (the backend's login), the Relay.  It
+    owns the client stream until the relay, one Deadline, and the log
+    context."""
     # Slots: an idle proxied session should cost little memory.
     __slots__ = ("worker", "loop", "server", "config", "number", "client_address", "client_port",
                  "server_text", "started", "login", "upstream", "phase", "backend",
-                 "backend_connection", "relay", "client_name", "attempt",
-                 "login_attempt", "authenticator", "timer",
-                 "closed", "outcome", "starttls", "proxy_facts",
+                 "backend_connection", "relay", "client_name", "attempt", "login_attempt",
+                 "authenticator", "timer", "closed", "outcome", "starttls", "proxy_facts",
                  "certificate", "name_lookup", "client", "machine", "implicit_tls",
-                 "proxy_header", "early_data", "login_time_limit", "login_deadline")
+                 "proxy_header", "early_data", "login_deadline")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
-        self.worker = worker
-        self.loop = worker.loop
-        self.server = listener.server
+        self.worker, self.loop, self.server = worker, worker.loop, listener.server
         self.config = worker.config  # a reload does not change a running session
         self.number = worker.next_session_number()
         self.client_address = peer_text(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
         self.server_text = listener.listen.text
         self.started = time.time()
-        self.login = None            # type: Optional[bytes]
+        self.phase = Phase.ACCEPTED
+        self.login = None            # type: Optional[bytes]  (for the log)
         self.upstream = None         # type: Optional[Upstream]
-        self.phase = Phase.DIALOGUE
-        self.backend = None          # type: Optional[Stream]
-        self.backend_connection = None   # type: Optional[BackendConnection]
-        self.relay = None            # type: Optional[Relay]
-        self.client_name = "[UNAVAILABLE]"   # SMTP: nginx's s->host (no resolver)
-        self.attempt = None          # type: Optional[LoginAttempt]  (the last one)
+        self.client_name = CLIENT_UNAVAILABLE   # SMTP: nginx's s->host (no resolver)
+        self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
+        self.certificate = None      # type: Optional[CertificateFacts]
+        self.starttls = False        # the client said STARTTLS (for the log, as nginx)
         self.login_attempt = 0       # Auth-Login-Attempt
+        self.attempt = None          # type: Optional[LoginAttempt]  (the last one)
         self.authenticator = (AuthHttpAuth(self.loop, self.server, self)
                               if self.server.auth_http is not None else
                               UserTableAuth(self.config, self.server, worker.throttle, self.loop.time))
+        self.name_lookup = self.backend = self.backend_connection = self.relay = None
+        self.closed, self.outcome = False, ""
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
-        self.closed = False
-        self.outcome = ""
-        self.starttls = False        # the client said STARTTLS (for the log, as nginx)
-        self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
-        self.certificate = None      # type: Optional[CertificateFacts]
-        self.name_lookup = None      # type: Optional[ClientNameLookup]
-        self.login_time_limit = max(LOGIN_TIME_LIMIT, self.server.timeout)
-        self.login_deadline = self.loop.time() + self.login_time_limit
+        self.login_deadline = self.loop.time() + max(LOGIN_TIME_LIMIT, self.server.timeout)
         self.log("info", "client %s:%d connected to %s", self.client_address, self.client_port,
                  self.server_text, action=None)
         configure_accepted(sock, listener.listen)
@@ -6116,28 +6207,46 @@ class Session(StreamOwner):
             self.client.close()
             raise
 
+    # -- phases -------------------------------------------------------------------
+    def _enter(self, phase: Phase) -> None:
+        """Go on to ``phase``: its read budget and timer (PHASES)."""
+        if (self.phase, phase) not in PHASE_CHANGES:
+            raise RuntimeError("no way from phase %s to %s" % (self.phase.value, phase.value))
+        self.phase = phase
+        timer = PHASES[phase].timer
+        if timer == "client":
+            self._arm_client_timer()
+        elif timer == "upstream":
+            self.timer.set(self.server.timeout, self._upstream_timed_out)
+        elif timer == "off":
+            self.timer.cancel()
+        self._read_budget()
+
+    def _read_budget(self) -> None:
+        """Read the client as the phase says; in the dialogue only while the
+        machine can take a command and our replies have gone (nginx's
+        "blocked"), and no more than its buffer holds: a client that sends
+        without reading cannot make us queue replies, nor hold more than a
+        command behind its login."""
+        reads = PHASES[self.phase].reads
+        if self.phase == Phase.RELAY:
+            return
+        if reads is None:
+            blocked = self.phase == Phase.DIALOGUE and (self.client.out or self.machine.waiting)
+            reads = 0 if blocked else self.machine.buffer_size
+        self.client.set_read_budget(reads)
+
+    # -- the opening: PROXY header, TLS, the client's name, the greeting ---------
     def _start(self, listen: Listen) -> None:
         self.machine = CLIENT_MACHINES[self.server.protocol](
             self.server, now=time.time(), randomness=self.worker.randomness, tls=listen.ssl)
         self.implicit_tls = listen.ssl
-        self.proxy_header = None     # type: Optional[ProxyHeaderReader]
-        self.early_data = bytearray()  # client bytes read before the dialogue began
-        if listen.proxy_protocol:
-            self.phase = Phase.PROXY_HEADER
-            self.proxy_header = ProxyHeaderReader()
-            self.client.set_read_budget(PROXY_V2_MAX)
-            self._arm_client_timer()
+        self.early_data = bytearray()  # client bytes read before the dialogue could take them
+        self.proxy_header = ProxyHeaderReader() if listen.proxy_protocol else None
+        if self.proxy_header is not None:
+            self._enter(Phase.PROXY_HEADER)
         else:
-            self._after_proxy_header(b"")
-
-    def _after_proxy_header(self, rest: bytes) -> None:
-        if self.implicit_tls:
-            # Implicit TLS: the handshake first, under ``timeout`` (nginx).
-            self._start_client_tls()
-        else:
-            self._begin()
-        if rest:
-            self.client.feed(rest)
+            self._opened(b"")
 
     def _proxy_header_data(self, data: bytes) -> None:
         """listen ... proxy_protocol (nginx's ngx_proxy_protocol_read): a bad or
@@ -6150,98 +6259,158 @@ class Session(StreamOwner):
             return self.close("bad PROXY header")
         if header is None:
             return
-        rest = bytes(self.proxy_header.data[header.length:])
-        self.proxy_header = None
         if header.source is not None:
-            self.proxy_facts = (header.source[0], header.source[1],
-                                header.destination[0], header.destination[1])
+            self.proxy_facts = header.source + header.destination
             if real_ip_trusted(self.client_address, self.server.set_real_ip_from):
                 self.log("info", "real client address %s:%d" % header.source)
                 self.client_address, self.client_port = header.source
-        self._after_proxy_header(rest)
+        rest, self.proxy_header = bytes(self.proxy_header.data[header.length:]), None
+        self._opened(rest)
+
+    def _opened(self, rest: bytes) -> None:
+        """Behind the PROXY header (if any): implicit TLS first, under
+        ``timeout`` (nginx), or the protocol begins."""
+        if self.implicit_tls:
+            self._start_client_tls()
+        else:
+            self._begin()
+        if rest:
+            self.client.feed(rest)
 
     def _start_client_tls(self) -> None:
-        self.phase = Phase.HANDSHAKE
-        self.client.set_read_budget(READ_SIZE)
+        self._enter(Phase.HANDSHAKE)
         self.client.start_tls(TlsLayer(self.server.tls_context, server_side=True,
                                        alpn=self.server.protocol))
-        self._arm_client_timer()
+
+    @loop_callback
+    def stream_tls_ready(self, stream: Stream) -> None:
+        if self.server.ssl_verify_client != "off":
+            self.certificate = self.client.tls.peer_certificate()
+            message, refuse = certificate_verdict(self.server.ssl_verify_client, self.certificate)
+            if message:
+                self.log("info", message)
+            if refuse:
+                self.client.write(self.machine.NO_CERT)
+                return self._close_after_reply("no client certificate")
+        if self.starttls:
+            self._enter(Phase.DIALOGUE)
+            self._handle_events(self.machine.tls_started())
+        else:
+            self._begin()
 
     def _begin(self) -> None:
-        """The protocol starts: greeting (SMTP: after the client's name)."""
+        """The protocol starts: the greeting; for SMTP after the client's
+        name (resolver) and smtp_greeting_delay, as nginx."""
         if self.server.protocol != "smtp":
             self._start_dialogue()
-        elif self.server.resolver is None:
-            self._smtp_greeting()
-        else:
-            # nginx reads nothing from the client until its name is known.
-            self.phase = Phase.RESOLVING
-            self.client.set_read_budget(0)
+        elif self.server.resolver is not None:
+            self._enter(Phase.RESOLVING)
             self.name_lookup = ClientNameLookup(self.worker.resolver_for(self.server),
                                                 self.client_address, self._resolved)
+        else:
+            self._greeting_delay()
 
     @loop_callback
     def _resolved(self, name: str, problem: str) -> None:
-        if self.phase != Phase.RESOLVING:
-            return
-        self.name_lookup = None
-        self.client_name = name
+        self.name_lookup, self.client_name = None, name
         if problem:
             self.log("error", problem)
-        self._smtp_greeting()
+        self._greeting_delay()
 
-    def _start_dialogue(self) -> None:
-        self.phase = Phase.DIALOGUE
-        self._dialogue_budget()
-        self._flush_machine()
-        self._arm_client_timer()
-        self._deliver_early_data()
-
-    def _smtp_greeting(self) -> None:
+    def _greeting_delay(self) -> None:
         """smtp_greeting_delay: a client that talks before the 220 is a
         spammer's pipelining client; nginx refuses it with 503 and closes."""
-        if self.server.smtp_greeting_delay:
-            self.phase = Phase.GREETING_DELAY
-            self.client.set_read_budget(self.machine.buffer_size)
-            self.timer.set(self.server.smtp_greeting_delay, self._greet)
-            self._deliver_early_data()        # a client that spoke first is refused
-        else:
-            self._greet()
+        if not self.server.smtp_greeting_delay:
+            return self._start_dialogue()
+        self._enter(Phase.GREETING_DELAY)
+        self.timer.set(self.server.smtp_greeting_delay, self._start_dialogue)
+        self._deliver_early_data()        # a client that spoke first is refused
 
-    def _greet(self) -> None:
-        self.machine.greet()
-        self._start_dialogue()
+    def _spoke_before_greeting(self, data: bytes) -> None:
+        shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
+        self.log("info", 'client was rejected before greeting: "%s"' % shown)
+        self.client.write(SMTP_INVALID_PIPELINING)
+        self._close_after_reply("client rejected before greeting")
+
+    def _hold_early_data(self, data: bytes) -> None:
+        """Read ahead of the greeting (behind a PROXY header, or with the
+        last handshake bytes): it waits, as nginx waits to read."""
+        self.early_data += data
 
     def _deliver_early_data(self) -> None:
-        """Bytes read before the dialogue could take them, now in order."""
         if self.early_data and not self.closed:
             data, self.early_data = bytes(self.early_data), bytearray()
             self.stream_data(self.client, data)
 
-    # -- logging -----------------------------------------------------------------
-    def context(self, action: Optional[str]) -> str:
-        """nginx's ngx_mail_log_error suffix."""
-        text = " while %s" % action if action else ""
-        text += ", client: %s%s, server: %s" % (log_escape(self.client_address.encode()),
-                                                " using starttls" if self.starttls else "",
-                                                self.server_text)
-        if self.login:
-            text += ', login: "%s"' % log_escape(self.login)
-        if self.upstream is not None:
-            text += ", upstream: %s" % self.upstream.text
-        return text
+    # -- the dialogue ---------------------------------------------------------------
+    def _start_dialogue(self) -> None:
+        self.machine.greet()
+        self._enter(Phase.DIALOGUE)
+        self.client.write(self.machine.data_to_send())
+        self._deliver_early_data()
 
-    def log(self, level: str, message: str, *args, action: Optional[str] = "") -> None:
-        """A line with nginx's context; ``message % args`` is only made if
-        the level is on (a busy proxy logs at warn)."""
-        log = self.worker.logs.for_server(self.server)
-        if not log.enabled(level):
-            return
-        if action == "":
-            action = PHASE_ACTIONS[self.phase]
-        log.log(level, message % args if args else message, self.number, self.context(action))
+    @loop_callback
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        self.CLIENT_DATA.get(self.phase, Session._dialogue_data)(self, data)
 
-    # -- timers ------------------------------------------------------------------
+    def _dialogue_data(self, data: bytes) -> None:
+        commands = self.machine.commands
+        events = self.machine.receive_data(data)
+        if self.machine.commands != commands:
+            self._command_done()
+        self._handle_events(events)
+
+    def _handle_events(self, events: list) -> None:
+        self.client.write(self.machine.data_to_send())
+        for event in events:
+            self.EVENTS[type(event)](self, event)
+        self._read_budget()
+
+    def _quit(self, event: Quit) -> None:
+        self._close_after_reply("client quit")
+
+    def _machine_closed(self, event: Closed) -> None:
+        if event.reason:
+            self.log("info", event.reason)
+        self._close_after_reply(event.reason or "login failed")
+
+    def _start_tls(self, event: StartTls) -> None:
+        self.starttls = True
+        self._start_client_tls()
+
+    # How client bytes are taken in each phase (else: the dialogue's way),
+    # and what each event of the client machine leads to.
+    CLIENT_DATA = {Phase.PROXY_HEADER: _proxy_header_data, Phase.HANDSHAKE: _hold_early_data,
+                   Phase.RESOLVING: _hold_early_data, Phase.GREETING_DELAY: _spoke_before_greeting}
+
+    @loop_callback
+    def stream_drained(self, stream: Stream) -> None:
+        if self.phase == Phase.CLOSING:
+            self.close(self.outcome)
+        else:
+            self._read_budget()
+
+    @loop_callback
+    def stream_eof(self, stream: Stream) -> None:
+        self.close("client closed connection")
+
+    @loop_callback
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        if isinstance(error, TlsError):
+            self.log("info", str(error))
+            self.close("client TLS error")
+        else:
+            self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
+            self.close("client connection error")
+
+    def _close_after_reply(self, outcome: str) -> None:
+        self._drop_backend()
+        self._enter(Phase.CLOSING)
+        self.outcome = outcome
+        if not self.client.out:
+            self.close(outcome)
+
+    # -- timers ---------------------------------------------------------------------
     def _arm_client_timer(self) -> None:
         """The client has ``timeout`` to send a whole command (or to finish
         the handshake, the PROXY header, or to read our last reply), and a
@@ -6261,7 +6430,8 @@ class Session(StreamOwner):
 
     def _client_timed_out(self) -> None:
         if self.loop.time() >= self.login_deadline:
-            self.log("info", "client timed out (no login within %gs)" % self.login_time_limit)
+            limit = max(LOGIN_TIME_LIMIT, self.server.timeout)
+            self.log("info", "client timed out (no login within %gs)" % limit)
         else:
             self.log("info", "client timed out")
         self.close("client timed out")
@@ -6270,141 +6440,17 @@ class Session(StreamOwner):
         self.log("error", "upstream timed out (110: Connection timed out)")
         self._internal_error("upstream timed out")
 
-    # -- the dialogue ------------------------------------------------------------
-    def _dialogue_budget(self) -> None:
-        """Read the client only while the machine can take a command and our
-        replies have been delivered (nginx's "blocked"): a client that sends
-        without reading cannot make us queue replies without bound."""
-        if self.phase == Phase.HANDSHAKE:
-            self.client.set_read_budget(READ_SIZE)
-        elif self.phase != Phase.DIALOGUE or self.client.out or self.machine.waiting:
-            self.client.set_read_budget(0)
-        else:
-            # As nginx, read no more than the command buffer holds: what the
-            # client pipelines behind its login stays within that bound.
-            self.client.set_read_budget(self.machine.buffer_size)
-
-    def _flush_machine(self) -> None:
-        self.client.write(self.machine.data_to_send())
-
-    @loop_callback
-    def stream_data(self, stream: Stream, data: bytes) -> None:
-        if self.phase == Phase.PROXY_HEADER:
-            return self._proxy_header_data(data)
-        if self.phase in (Phase.RESOLVING, Phase.HANDSHAKE):
-            # Read ahead of the greeting (behind a PROXY header, or with the
-            # last handshake bytes): it waits, as nginx waits to read.
-            self.early_data += data
-            return
-        if self.phase == Phase.GREETING_DELAY:
-            shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
-            self.log("info", 'client was rejected before greeting: "%s"' % shown)
-            self.client.write(SMTP_INVALID_PIPELINING)
-            self._close_after_reply("client rejected before greeting")
-            return
-        commands = self.machine.commands
-        events = self.machine.receive_data(data)
-        if self.machine.commands != commands:
-            self._command_done()
-        self._handle_events(events)
-
-    def _handle_events(self, events: list) -> None:
-        self._flush_machine()
-        for event in events:
-            if isinstance(event, Credentials):
-                self._authenticate(event)
-            elif isinstance(event, StartTls):
-                self.starttls = True
-                self._start_client_tls()
-            elif isinstance(event, Quit):
-                self._close_after_reply("client quit")
-            elif isinstance(event, Closed):
-                if event.reason:
-                    self.log("info", event.reason)
-                self._close_after_reply(event.reason or "login failed")
-        self._dialogue_budget()
-
-    @loop_callback
-    def stream_drained(self, stream: Stream) -> None:
-        if stream is self.client:
-            if self.phase == Phase.CLOSING:
-                self.close(self.outcome)
-            else:
-                self._dialogue_budget()
-
-    @loop_callback
-    def stream_eof(self, stream: Stream) -> None:
-        self.close("client closed connection")
-
-    @loop_callback
-    def stream_error(self, stream: Stream, error: Exception) -> None:
-        if isinstance(error, TlsError):
-            self.log("info", str(error))
-            self.close("client TLS error")
-        else:
-            self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
-            self.close("client connection error")
-
-    @loop_callback
-    def stream_tls_ready(self, stream: Stream) -> None:
-        if not self._client_certificate_ok():
-            return
-        if self.starttls:
-            self.phase = Phase.DIALOGUE
-            self._arm_client_timer()
-            self._handle_events(self.machine.tls_started())
-        else:
-            self._begin()
-
-    def _client_certificate_ok(self) -> bool:
-        """ssl_verify_client: a certificate that fails verification has ended
-        the handshake already (Python's ssl module cannot let it through);
-        a missing one is answered as nginx does, and so is one that cannot be
-        read (with ``optional`` the session goes on without it)."""
-        if self.server.ssl_verify_client == "off":
-            return True
-        self.certificate = self.client.tls.peer_certificate()
-        if self.certificate.problem:           # it counts as none (certificate_facts)
-            self.log("info", "client SSL certificate cannot be read (%s)"
-                     % log_escape(self.certificate.problem.encode("utf-8")))
-        if self.server.ssl_verify_client == "on" and self.certificate.verify == "NONE":
-            if not self.certificate.problem:
-                self.log("info", "client sent no required SSL certificate")
-            self.client.write(self.machine.NO_CERT)
-            self._close_after_reply("no client certificate")
-            return False
-        return True
-
-    def _close_after_reply(self, outcome: str) -> None:
-        self.phase = Phase.CLOSING
-        self.outcome = outcome
-        self.client.set_read_budget(0)
-        if not self.client.out:
-            self.close(outcome)
-        else:
-            self._arm_client_timer()
-
-    # -- authentication -----------------------------------------------------------
+    # -- authentication ---------------------------------------------------------------
     def _authenticate(self, credentials: Credentials) -> None:
-        self.phase = Phase.AUTH
+        self._enter(Phase.AUTH)
         self.login_attempt += 1
         if credentials.method != AuthMethod.NONE:
             self.login = credentials.login
-        # nginx (ngx_mail_auth) stops the client's timer: from here the
-        # authenticator's own bounds (auth_http_timeout) bound the wait.
-        self.timer.cancel()
-        self.attempt = self._login_attempt(credentials)
+        tls = self.client.tls.facts() if self.client.tls is not None else None
+        self.attempt = login_attempt(credentials, self.login_attempt, self.machine,
+                                     (self.client_address, self.client_port), self.client_name,
+                                     self.proxy_facts, tls, self.certificate)
         self.authenticator.start(self.attempt, self._auth_outcome)
-
-    def _login_attempt(self, credentials: Credentials) -> LoginAttempt:
-        machine = self.machine
-        return LoginAttempt(credentials, self.login_attempt, self.server.protocol,
-                            self.client_address, self.client_port, self.client_name,
-                            self.proxy_facts,
-                            self.client.tls.facts() if self.client.tls is not None else None,
-                            self.certificate, getattr(machine, "tag", b""),
-                            getattr(machine, "helo", None), getattr(machine, "esmtp", False),
-                            getattr(machine, "mail_from", None), getattr(machine, "rcpt_to", None))
 
     def _auth_outcome(self, outcome: AuthOutcome) -> None:
         """The authenticator's verdict: an internal error, a refusal (after
@@ -6412,29 +6458,34 @@ class Session(StreamOwner):
         if outcome.kind == Verdict.ERROR:
             self.log("error", outcome.reason, action="in http auth state")
             return self._internal_error("auth http error")
-        if outcome.kind == Verdict.FAIL:
-            self.log("info", 'client login failed: "%s"' % outcome.reason)
-            reply = self.machine.failure_reply(outcome.text, outcome.error_code)
-            refuse = lambda: self._auth_failure_reply(reply, outcome.sasl_error, outcome.close)
-            if outcome.wait:
-                self.timer.set(outcome.wait, refuse)
-            else:
-                refuse()
-            return
-        if self.attempt.credentials.method != AuthMethod.NONE:
-            self.login = outcome.login
-        self._login_to_backend(outcome)
+        if outcome.kind == Verdict.OK:
+            if self.attempt.credentials.method != AuthMethod.NONE:
+                self.login = outcome.login
+            return self._login_to_backend(outcome)
+        self.log("info", 'client login failed: "%s"' % outcome.reason)
+        reply = self.machine.failure_reply(outcome.text, outcome.error_code)
+        refuse = lambda: self._auth_failed(reply, outcome.sasl_error, outcome.close)
+        if outcome.wait:
+            self.timer.set(outcome.wait, refuse)
+        else:
+            refuse()
 
-    # -- the backend --------------------------------------------------------------
+    def _auth_failed(self, reply: bytes, challenge: Optional[bytes], close: bool) -> None:
+        """The refusal, after its delay: the dialogue goes on (as nginx does
+        when the auth server asks for Auth-Wait), or ends (``close``)."""
+        self._enter(Phase.DIALOGUE)
+        self._handle_events(self.machine.auth_failed(reply, challenge, close))
+
+    # -- the backend --------------------------------------------------------------------
     def _login_to_backend(self, outcome: AuthOutcome) -> None:
         self.upstream = outcome.upstream
         tls_mode = backend_tls_mode(self.server, outcome)
-        login = BackendLogin(login_script(self.server, self.attempt, outcome, tls_mode == "starttls"),
-                             self.attempt.tag, self.server.proxy_buffer)
-        self.phase = Phase.CONNECT
-        self.timer.set(self.server.timeout, self._upstream_timed_out)
-        self.backend_connection = BackendConnection(self.loop, self.server, outcome.upstream, login,
-                                                    tls_mode, self._proxy_header(), self, self.log)
+        script = login_script(self.server, self.attempt, outcome, tls_mode == "starttls")
+        self._enter(Phase.CONNECT)
+        self.backend_connection = BackendConnection(
+            self.loop, self.server, outcome.upstream,
+            BackendLogin(script, self.attempt.tag, self.server.proxy_buffer), tls_mode,
+            self._proxy_header(), self, self.log)
 
     def _proxy_header(self) -> bytes:
         """What goes to the backend before anything: proxy_protocol's header."""
@@ -6449,23 +6500,30 @@ class Session(StreamOwner):
                                        self.client.sock.getsockname()[:2], tls, common_name)
 
     def backend_connected(self, stream: Stream) -> None:
-        self.phase = Phase.LOGIN
         self.backend = stream
-        self.client.set_read_budget(0)
+        self._enter(Phase.LOGIN)
 
     def backend_logged_in(self, reply: bytes) -> None:
-        self._start_relay(reply)
+        """The backend said yes: its reply, then the relay, which takes the
+        client's pipelined bytes (the machine kept them unparsed) and what
+        the backend sent behind its reply."""
+        self.log("info", "client logged in")
+        self._enter(Phase.RELAY)
+        self.client.write(self.machine.logged_in_reply(reply))
+        trailing = self.backend_connection.login.trailing_data
+        self.backend_connection = None     # what only the login needed can go
+        check = None
+        if self.attempt.credentials.method == AuthMethod.NONE and self.server.auth_http is None:
+            check = self._check_recipient  # the table checks every recipient, not only the first
+        self.relay = start_relay(self, self.client, self.backend, self.server, check,
+                                 self.machine.trailing_data, trailing)
 
-    def backend_unusable(self, outcome: str) -> None:
-        self._internal_error(outcome)
-
-    def _auth_failure_reply(self, reply: bytes, challenge: Optional[bytes] = None,
-                            close: bool = False) -> None:
-        """The failure reply, after the delay; the dialogue goes on (as nginx
-        does when the auth server asks for Auth-Wait), or ends (``close``)."""
-        self.phase = Phase.DIALOGUE
-        self._arm_client_timer()
-        self._handle_events(self.machine.auth_failed(reply, challenge, close))
+    def _check_recipient(self, rcpt: bytes) -> Optional[bytes]:
+        """A later RCPT of an smtp_auth none session (SmtpRecipientGuard)."""
+        refusal, reason = self.authenticator.recipient_refusal(rcpt, self.upstream)
+        if refusal is not None:
+            self.log("info", 'recipient refused: "%s"' % reason)
+        return refusal
 
     def backend_refused(self, error: BackendError) -> None:
         """nginx: log the bad line; the client gets the internal error, or with
@@ -6473,16 +6531,16 @@ class Session(StreamOwner):
         line = error.line
         if error.refusal and self.server.proxy_pass_error_message:
             self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
-            self._drop_backend()
             self.client.write(line)
-            self._close_after_reply("upstream refused the login")
-            return
+            return self._close_after_reply("upstream refused the login")
         detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
         self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
         self._internal_error("upstream refused the login" if line else str(error))
 
+    def backend_unusable(self, outcome: str) -> None:
+        self._internal_error(outcome)
+
     def _internal_error(self, outcome: str) -> None:
-        self._drop_backend()
         self.client.write(self.machine.INTERNAL_ERROR)
         self._close_after_reply(outcome)
 
@@ -6492,38 +6550,27 @@ class Session(StreamOwner):
         if self.backend_connection is not None:
             self.backend_connection.close()
 
-    def _start_relay(self, reply: bytes) -> None:
-        """The backend said yes: pass its reply on, then the client's pipelined
-        bytes (which the machine kept unparsed), then relay."""
-        self.timer.cancel()
-        self.log("info", "client logged in")
-        self.phase = Phase.RELAY
-        if not reply and self.server.protocol == "smtp":
-            reply = SMTP_AUTH_OK               # nginx's own answer to the client's AUTH
-        self.client.write(reply)
-        trailing = self.backend_connection.login.trailing_data
-        self.backend_connection = None     # what only the login needed can go
-        if self.attempt.credentials.method == AuthMethod.NONE and self.server.auth_http is None:
-            # The built-in table checks every recipient, not only the first.
-            guard = SmtpRecipientGuard(self._check_recipient, self.server.smtp_client_buffer)
-            self.relay = CheckedRelay(self, self.client, self.backend, self.server.proxy_buffer,
-                                      self.server.proxy_timeout, guard)
-            self.relay.stream_data(self.client, self.machine.trailing_data)
-            self.relay.stream_data(self.backend, trailing)
-        else:
-            self.backend.write(self.machine.trailing_data)
-            self.client.write(trailing)
-            self.relay = Relay(self, self.client, self.backend, self.server.proxy_buffer,
-                               self.server.proxy_timeout)
+    # -- the log and the end ----------------------------------------------------------
+    def context(self, action: Optional[str]) -> str:
+        """nginx's ngx_mail_log_error suffix."""
+        text = " while %s" % action if action else ""
+        text += ", client: %s%s, server: %s" % (log_escape(self.client_address.encode()),
+                                                " using starttls" if self.starttls else "",
+                                                self.server_text)
+        if self.login:
+            text += ', login: "%s"' % log_escape(self.login)
+        if self.upstream is not None:
+            text += ", upstream: %s" % self.upstream.text
+        return text
 
-    def _check_recipient(self, rcpt: bytes) -> Optional[bytes]:
-        """A later RCPT of an smtp_auth none session (SmtpRecipientGuard)."""
-        refusal, reason = self.authenticator.recipient_refusal(rcpt, self.upstream)
-        if refusal is not None:
-            self.log("info", 'recipient refused: "%s"' % reason)
-        return refusal
+    def log(self, level: str, message: str, *args, action: Optional[str] = "") -> None:
+        """A line with nginx's context; ``message % args`` is only made if
+        the level is on (a busy proxy logs at warn)."""
+        log = self.worker.logs.for_server(self.server)
+        if log.enabled(level):
+            action = PHASES[self.phase].action if action == "" else action
+            log.log(level, message % args if args else message, self.number, self.context(action))
 
-    # -- the end ------------------------------------------------------------------
     def crashed(self, error: Exception) -> None:
         """A bug met while serving this client (see loop_callback): say where
         in the log and end this session; the worker and its other sessions
@@ -6548,11 +6595,9 @@ class Session(StreamOwner):
             return
         self.closed = True
         self.timer.cancel()
-        if self.relay is not None:
-            self.relay.timer.cancel()
-        if self.name_lookup is not None:
-            self.name_lookup.cancel()
-        self.authenticator.cancel()
+        for part in (self.relay, self.name_lookup, self.authenticator, self.backend_connection):
+            if part is not None:
+                part.cancel()
         self.client.close()
         if self.backend is not None:
             self.backend.close()
@@ -6562,6 +6607,11 @@ class Session(StreamOwner):
                        % (outcome, self.client.received, self.client.sent,
                           time.time() - self.started), self.number, self.context(None))
         self.worker.session_closed(self)
+
+
+# What each event of a client machine leads to.
+Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_tls,
+                  Quit: Session._quit, Closed: Session._machine_closed}
 
 
 # ========================================================================== #
