@@ -31,6 +31,7 @@ section do I/O.  README.md says what each directive does.
 import base64
 import binascii
 import configparser
+import dataclasses
 import enum
 import errno
 import functools
@@ -1410,6 +1411,7 @@ SALTED_METHODS = (AuthMethod.APOP, AuthMethod.CRAM_MD5)       # the password is 
 TOKEN_METHODS = (AuthMethod.XOAUTH2, AuthMethod.OAUTHBEARER)  # the password is a token
 
 
+@dataclasses.dataclass
 class Credentials:
     """Event: the client has sent a login.  Its repr never shows the password.
 
@@ -1417,61 +1419,30 @@ class Credentials:
     client's digest and ``salt`` the challenge it answered; for the token
     methods, ``password`` is the token.
     """
-    __slots__ = ("login", "password", "method", "salt")
-
-    def __init__(self, login: bytes, password: bytes, method: str = AuthMethod.PLAIN,
-                 salt: Optional[bytes] = None):
-        self.login = login
-        self.password = password
-        self.method = method
-        self.salt = salt
-
-    def __repr__(self) -> str:
-        return "Credentials(login=%r, method=%r, password=<hidden>)" % (self.login, self.method)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Credentials) and (
-            self.login, self.password, self.method, self.salt) == (
-            other.login, other.password, other.method, other.salt)
+    login: bytes
+    password: bytes = dataclasses.field(repr=False)
+    method: str = AuthMethod.PLAIN
+    salt: Optional[bytes] = None
 
 
+@dataclasses.dataclass
 class Quit:
     """Event: the client said goodbye (LOGOUT, QUIT); close once the reply is sent."""
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Quit)
 
-    def __repr__(self) -> str:
-        return "Quit()"
-
-
+@dataclasses.dataclass
 class StartTls:
     """Event: the client asked for TLS and was told yes; start the handshake.
     The machine has dropped any input behind the command (plaintext
     injection, CVE-2011-0411) and waits until tls_started()."""
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, StartTls)
 
-    def __repr__(self) -> str:
-        return "StartTls()"
-
-
+@dataclasses.dataclass
 class Closed:
     """Event: the machine has queued its last reply; close after sending it.
-
     ``reason`` is for the log (nginx's wording, e.g. "client sent too many
-    invalid commands").
-    """
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Closed) and self.reason == other.reason
-
-    def __repr__(self) -> str:
-        return "Closed(%r)" % self.reason
+    invalid commands")."""
+    reason: str
 
 
 def decode_base64(data: bytes) -> Optional[bytes]:
