@@ -1615,7 +1615,124 @@ SASL_USERNAME_PROMPT = b"VXNlcm5hbWU6\r\n"     # base64("Username:")
 SASL_PASSWORD_PROMPT = b"UGFzc3dvcmQ6\r\n"     # base64("Password:")
 
 
-class ClientMachine:
+# -- SASL (RFC 4422), the same in all three protocols, as nginx's
+#    ngx_mail_auth_parse and ngx_mail_auth_* helpers: only the prompt prefix
+#    (SASL_PROMPT) and the refusal (_refuse) differ.
+
+class SaslMechanism(NamedTuple):
+    """A row of SASL_MECHANISMS."""
+    method: Optional[str]      # the *_auth method that enables it; None: always
+    state: SaslState           # what its prompt waits for
+    prompt: Optional[bytes]    # after SASL_PROMPT; None: the CRAM-MD5 challenge
+    initial: bool              # an initial response is taken (RFC 4959)
+
+
+SASL_MECHANISMS = {
+    # PLAIN and LOGIN are always accepted, whatever is advertised (nginx).
+    b"PLAIN": SaslMechanism(None, SaslState.PLAIN, b"\r\n", True),
+    b"LOGIN": SaslMechanism(None, SaslState.LOGIN_USERNAME, SASL_USERNAME_PROMPT, True),
+    b"CRAM-MD5": SaslMechanism("cram-md5", SaslState.CRAM_MD5, None, False),
+    b"EXTERNAL": SaslMechanism("external", SaslState.EXTERNAL, SASL_USERNAME_PROMPT, True),
+    b"XOAUTH2": SaslMechanism("xoauth2", SaslState.XOAUTH2, b"\r\n", True),
+    b"OAUTHBEARER": SaslMechanism("oauthbearer", SaslState.OAUTHBEARER, b"\r\n", True),
+}
+
+# The method that takes the client's response in each state.
+SASL_RESPONSES = {SaslState.PLAIN: "_sasl_plain", SaslState.LOGIN_USERNAME: "_sasl_login_username",
+                  SaslState.LOGIN_PASSWORD: "_sasl_login_password",
+                  SaslState.CRAM_MD5: "_sasl_cram_md5", SaslState.EXTERNAL: "_sasl_external",
+                  SaslState.ERROR: "_sasl_error_answer", SaslState.XOAUTH2: "_sasl_xoauth2",
+                  SaslState.OAUTHBEARER: "_sasl_oauthbearer"}
+
+
+class SaslExchange:
+    """The SASL part of a client machine (a mixin of ClientMachine, whose
+    _output, sasl, login, salt and _credentials it uses)."""
+    SASL_PROMPT = b"+ "        # RFC 3501 / RFC 5034 continuation; SMTP: "334 "
+
+    def _sasl_start(self, events: list, args: List[bytes], enabled: List[str]) -> None:
+        """AUTHENTICATE / AUTH MECHANISM [initial-response] (RFC 4422 §3), by
+        SASL_MECHANISMS: a mechanism not there, not enabled, or with an
+        initial response it does not take (CRAM-MD5) is refused."""
+        mechanism = SASL_MECHANISMS.get(args[0].upper()) if 1 <= len(args) <= 2 else None
+        if mechanism is None or (mechanism.method and mechanism.method not in enabled) or \
+                (len(args) == 2 and not mechanism.initial):
+            return self._refuse(events)
+        if len(args) == 2:                    # e.g. Microsoft's "AUTH LOGIN user"
+            return getattr(self, SASL_RESPONSES[mechanism.state])(events, args[1])
+        prompt = mechanism.prompt
+        if prompt is None:                    # RFC 2195: the challenge is the salt
+            if self.salt is None:
+                self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
+            prompt = base64.b64encode(self.salt) + b"\r\n"
+        self._output += self.SASL_PROMPT + prompt
+        self.sasl = mechanism.state
+
+    def _sasl_line(self, events: list, line: bytes) -> None:
+        """A client response to our SASL prompt (``*`` cancels: bad base64)."""
+        state, self.sasl = self.sasl, SaslState.NONE
+        getattr(self, SASL_RESPONSES[state])(events, line)
+
+    def _sasl_plain(self, events: list, response: bytes) -> None:
+        decoded = decode_sasl_plain(response)
+        if decoded is None or not decoded[1]:
+            return self._refuse(events)
+        self._credentials(events, Credentials(decoded[1], decoded[2], AuthMethod.PLAIN))
+
+    def _sasl_login_username(self, events: list, response: bytes) -> None:
+        login = decode_base64(response)
+        if login is None:
+            return self._refuse(events)
+        self.login = login
+        self._output += self.SASL_PROMPT + SASL_PASSWORD_PROMPT
+        self.sasl = SaslState.LOGIN_PASSWORD
+
+    def _sasl_login_password(self, events: list, response: bytes) -> None:
+        password = decode_base64(response)
+        if password is None:
+            return self._refuse(events)
+        self._credentials(events, Credentials(self.login, password, AuthMethod.PLAIN))
+
+    def _sasl_cram_md5(self, events: list, response: bytes) -> None:
+        answer = split_cram_md5_response(response)
+        if answer is None:
+            return self._refuse(events)
+        self._credentials(events, Credentials(answer[0], answer[1], AuthMethod.CRAM_MD5, self.salt))
+
+    def _sasl_external(self, events: list, response: bytes) -> None:
+        """RFC 4422 Appendix A: the response is the authorization identity;
+        "=" (RFC 4959) or empty means "the one my certificate shows"."""
+        login = b"" if response == b"=" else decode_base64(response)
+        if login is None:
+            return self._refuse(events)
+        self._credentials(events, Credentials(login, b"", AuthMethod.EXTERNAL))
+
+    def _sasl_error_answer(self, events: list, response: bytes) -> None:
+        self._send_failure(events)            # RFC 7628 §3.2.3: then the final NO
+
+    def _sasl_xoauth2(self, events: list, response: bytes) -> None:
+        self._sasl_token(events, AuthMethod.XOAUTH2, response)
+
+    def _sasl_oauthbearer(self, events: list, response: bytes) -> None:
+        self._sasl_token(events, AuthMethod.OAUTHBEARER, response)
+
+    def _sasl_token(self, events: list, method: AuthMethod, response: bytes) -> None:
+        """XOAUTH2 (Google's) and OAUTHBEARER (RFC 7628): a login and a token;
+        only auth_http can check the token (Auth-Method xoauth2/oauthbearer)."""
+        parsed = parse_oauth_response(decode_base64(response) or b"", method == AuthMethod.XOAUTH2)
+        if parsed is None:
+            return self._refuse(events)
+        self._credentials(events, Credentials(parsed[0], parsed[1], method))
+
+
+class Command(NamedTuple):
+    """A row of a protocol's command table (ClientMachine._dispatch)."""
+    handler: str               # the machine's method that runs it
+    states: Tuple = ()         # the states it may come in (POP3); (): any
+    needs_tls: bool = False    # a login command: starttls only refuses it before TLS (nginx)
+
+
+class ClientMachine(SaslExchange):
     """What the three machines share: buffers, error counting, waiting, SASL.
 
     Subclasses define ``INVALID`` (the reply to a bad command), and
@@ -1625,6 +1742,8 @@ class ClientMachine:
     protocol = ""
     INVALID = b""
     INTERNAL_ERROR = b""
+    COMMANDS = {}              # name -> Command: the protocol's command table
+    state = None               # POP3's AUTHORIZATION state (Command.states)
 
     def __init__(self, settings: Settings, now: float = 0.0,
                  randomness: Optional[random.Random] = None, tls: bool = False):
@@ -1786,111 +1905,23 @@ class ClientMachine:
         """Protocol hook: handle one command line."""
         raise NotImplementedError
 
-    def _take_line(self, limit: int) -> Optional[bytes]:
-        """The next line (with its LF) from the input, or None if incomplete."""
-        return self._input.take_line(limit)
-
-    # -- SASL, the same in all three protocols (ngx_mail_auth_parse and the
-    #    ngx_mail_auth_* helpers): only the prompt prefix and the refusal differ.
-    SASL_PROMPT = b"+ "        # RFC 3501 / RFC 5034 continuation; SMTP: "334 "
-
     def _refuse(self, events: list) -> None:
         """Protocol hook: answer a command the handler refuses (not counted)."""
         raise NotImplementedError
 
-    def _sasl_start(self, events: list, args: List[bytes], enabled: List[str]) -> None:
-        """AUTHENTICATE / AUTH MECHANISM [initial-response] (RFC 4422 §3).
-
-        PLAIN and LOGIN are always accepted, whatever is advertised (nginx);
-        CRAM-MD5 only when enabled, and never with an initial response.
-        """
-        mechanism = args[0].upper() if args else b""
-        initial = args[1] if len(args) == 2 else None
-        if len(args) not in (1, 2):
-            self._refuse(events)
-        elif mechanism == b"PLAIN" and initial is None:
-            self._output += self.SASL_PROMPT + b"\r\n"
-            self.sasl = SaslState.PLAIN
-        elif mechanism == b"PLAIN":
-            self._sasl_plain(events, initial)
-        elif mechanism == b"LOGIN" and initial is None:
-            self._output += self.SASL_PROMPT + SASL_USERNAME_PROMPT
-            self.sasl = SaslState.LOGIN_USERNAME
-        elif mechanism == b"LOGIN":
-            self._sasl_login_username(events, initial)   # Microsoft's "AUTH LOGIN user"
-        elif mechanism == b"CRAM-MD5" and initial is None and "cram-md5" in enabled:
-            if self.salt is None:
-                self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
-            self._output += self.SASL_PROMPT + base64.b64encode(self.salt) + b"\r\n"
-            self.sasl = SaslState.CRAM_MD5
-        elif mechanism in (b"XOAUTH2", b"OAUTHBEARER") and mechanism.lower().decode() in enabled:
-            state = SaslState.XOAUTH2 if mechanism == b"XOAUTH2" else SaslState.OAUTHBEARER
-            if initial is None:
-                self._output += self.SASL_PROMPT + b"\r\n"
-                self.sasl = state
-            else:
-                self._sasl_token(events, state, initial)
-        elif mechanism == b"EXTERNAL" and "external" in enabled and initial is None:
-            self._output += self.SASL_PROMPT + SASL_USERNAME_PROMPT     # as nginx
-            self.sasl = SaslState.EXTERNAL
-        elif mechanism == b"EXTERNAL" and "external" in enabled:
-            self._sasl_external(events, initial)
-        else:
-            self._refuse(events)
-
-    def _sasl_line(self, events: list, line: bytes) -> None:
-        """A client response to our SASL prompt (``*`` cancels: bad base64)."""
-        state, self.sasl = self.sasl, SaslState.NONE
-        if state == SaslState.PLAIN:
-            self._sasl_plain(events, line)
-        elif state == SaslState.LOGIN_USERNAME:
-            self._sasl_login_username(events, line)
-        elif state == SaslState.LOGIN_PASSWORD:
-            password = decode_base64(line)
-            if password is None:
-                return self._refuse(events)
-            self._credentials(events, Credentials(self.login, password, AuthMethod.PLAIN))
-        elif state == SaslState.CRAM_MD5:
-            answer = split_cram_md5_response(line)
-            if answer is None:
-                return self._refuse(events)
-            self._credentials(events, Credentials(answer[0], answer[1], AuthMethod.CRAM_MD5, self.salt))
-        elif state == SaslState.EXTERNAL:
-            self._sasl_external(events, line)
-        elif state == SaslState.ERROR:
-            self._send_failure(events)       # RFC 7628 §3.2.3: then the final NO
-        elif state in (SaslState.XOAUTH2, SaslState.OAUTHBEARER):
-            self._sasl_token(events, state, line)
-
-    def _sasl_token(self, events: list, state: "SaslState", response: bytes) -> None:
-        """XOAUTH2 (Google's) and OAUTHBEARER (RFC 7628): a login and a token;
-        only auth_http can check the token (Auth-Method xoauth2/oauthbearer)."""
-        parsed = parse_oauth_response(decode_base64(response) or b"", state == SaslState.XOAUTH2)
-        if parsed is None:
+    def _dispatch(self, events: list, name: bytes, *arguments) -> None:
+        """Run one command by the protocol's table (COMMANDS): one not in it,
+        not valid in this state, or refused before TLS by starttls only
+        (nginx) is answered by _refuse, and not counted as an error."""
+        row = self.COMMANDS.get(name)
+        if row is None or (row.states and self.state not in row.states) or \
+                (row.needs_tls and self.login_needs_tls):
             return self._refuse(events)
-        self._credentials(events, Credentials(parsed[0], parsed[1], AuthMethod(state.value)))
+        getattr(self, row.handler)(events, *arguments)
 
-    def _sasl_external(self, events: list, response: bytes) -> None:
-        """RFC 4422 Appendix A: the response is the authorization identity;
-        "=" (RFC 4959) or empty means "the one my certificate shows"."""
-        login = b"" if response == b"=" else decode_base64(response)
-        if login is None:
-            return self._refuse(events)
-        self._credentials(events, Credentials(login, b"", AuthMethod.EXTERNAL))
-
-    def _sasl_plain(self, events: list, response: bytes) -> None:
-        decoded = decode_sasl_plain(response)
-        if decoded is None or not decoded[1]:
-            return self._refuse(events)
-        self._credentials(events, Credentials(decoded[1], decoded[2], AuthMethod.PLAIN))
-
-    def _sasl_login_username(self, events: list, response: bytes) -> None:
-        login = decode_base64(response)
-        if login is None:
-            return self._refuse(events)
-        self.login = login
-        self._output += self.SASL_PROMPT + SASL_PASSWORD_PROMPT
-        self.sasl = SaslState.LOGIN_PASSWORD
+    def _take_line(self, limit: int) -> Optional[bytes]:
+        """The next line (with its LF) from the input, or None if incomplete."""
+        return self._input.take_line(limit)
 
 
 # -- IMAP (RFC 3501), as ngx_mail_imap_handler.c --------------------------------
@@ -1909,8 +1940,13 @@ IMAP_AUTH_NAMES = {"plain": "AUTH=PLAIN", "login": "AUTH=LOGIN", "cram-md5": "AU
                    "external": "AUTH=EXTERNAL", "xoauth2": "AUTH=XOAUTH2",
                    "oauthbearer": "AUTH=OAUTHBEARER"}
 IMAP_NO_CERT = b"* BYE No required SSL certificate\r\n"
-IMAP_COMMANDS = frozenset([b"LOGIN", b"AUTHENTICATE", b"CAPABILITY", b"NOOP",
-                           b"LOGOUT", b"STARTTLS", b"ID"])
+IMAP_COMMAND_TABLE = {
+    b"CAPABILITY": Command("_capability"), b"NOOP": Command("_noop"),
+    b"LOGOUT": Command("_logout"), b"STARTTLS": Command("_starttls"), b"ID": Command("_id"),
+    b"LOGIN": Command("_login", needs_tls=True),        # RFC 3501 §6.2.3: LOGINDISABLED
+    b"AUTHENTICATE": Command("_authenticate", needs_tls=True),
+}
+IMAP_COMMANDS = frozenset(IMAP_COMMAND_TABLE)       # anything else is invalid (nginx)
 IMAP_MAX_COMMAND = max(len(name) for name in IMAP_COMMANDS)    # a longer word is none of them
 
 
@@ -2155,6 +2191,7 @@ def _find_any(data: bytes, start: int, chars: bytes, end: Optional[int] = None) 
 class ImapMachine(ClientMachine):
     """The IMAP dialogue before login (RFC 3501 §6.1-6.2), as nginx."""
     protocol = "imap"
+    COMMANDS = IMAP_COMMAND_TABLE
     INVALID = IMAP_INVALID
     INTERNAL_ERROR = IMAP_INTERNAL_ERROR
 
@@ -2224,7 +2261,7 @@ class ImapMachine(ClientMachine):
             return True
         self._input.take(scan.end)
         self.tag = scan.tag
-        self._command(events, scan.name, scan.args)
+        self._dispatch(events, scan.name, scan.args)
         return True
 
     def _check_length(self, events: list, tag: Optional[bytes], limit: int) -> bool:
@@ -2247,13 +2284,6 @@ class ImapMachine(ClientMachine):
     def _reply(self, text: bytes) -> None:
         self._output += self.tag + text
 
-    def _command(self, events: list, name: bytes, args: List) -> None:
-        handler = {
-            b"CAPABILITY": self._capability, b"NOOP": self._noop, b"LOGOUT": self._logout,
-            b"LOGIN": self._login, b"AUTHENTICATE": self._authenticate,
-            b"STARTTLS": self._starttls, b"ID": self._id,
-        }[name]
-        handler(events, args)
 
     def _capability(self, events: list, args: List) -> None:
         self._output += self.capability()
@@ -2287,14 +2317,12 @@ class ImapMachine(ClientMachine):
     def _login(self, events: list, args: List) -> None:
         """RFC 3501 §6.2.3 LOGIN userid password; nginx wants exactly two
         arguments and a non-empty login (an empty password is allowed)."""
-        if len(args) != 2 or not args[0] or self.login_needs_tls:
+        if len(args) != 2 or not args[0]:
             return self._refuse(events)
         self._credentials(events, Credentials(args[0], args[1], AuthMethod.PLAIN))
 
     def _authenticate(self, events: list, args: List) -> None:
         """RFC 3501 §6.2.2 with RFC 4959 initial responses."""
-        if self.login_needs_tls:
-            return self._refuse(events)
         self._sasl_start(events, args, self.settings.imap_auth)
 
 
@@ -2304,8 +2332,6 @@ POP3_GREETING = b"+OK POP3 ready\r\n"
 POP3_OK = b"+OK\r\n"
 POP3_INVALID = b"-ERR invalid command\r\n"
 POP3_INTERNAL_ERROR = b"-ERR internal server error\r\n"
-POP3_COMMANDS = frozenset([b"USER", b"PASS", b"APOP", b"QUIT", b"CAPA", b"AUTH",
-                           b"NOOP", b"STLS"])
 # The SASL names for pop3_auth methods, in nginx's order; APOP is no SASL method.
 POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",),
                    "external": ("EXTERNAL",), "xoauth2": ("XOAUTH2",),
@@ -2316,6 +2342,19 @@ POP3_NO_CERT = b"-ERR No required SSL certificate\r\n"
 class Pop3State(enum.Enum):
     START = "start"                            # AUTHORIZATION state, nothing yet
     USER = "user"                              # USER given, PASS expected
+
+
+# nginx: after USER only PASS, CAPA, QUIT and NOOP are valid; a command not
+# valid in its state is refused (not counted) and the dialogue starts over.
+POP3_COMMAND_TABLE = {
+    b"USER": Command("_user", (Pop3State.START,), needs_tls=True),
+    b"PASS": Command("_pass", (Pop3State.USER,)),
+    b"APOP": Command("_apop", (Pop3State.START,), needs_tls=True),
+    b"AUTH": Command("_auth", (Pop3State.START,), needs_tls=True),
+    b"STLS": Command("_stls", (Pop3State.START,)),
+    b"CAPA": Command("_capa"), b"QUIT": Command("_quit"), b"NOOP": Command("_noop"),
+}
+POP3_COMMANDS = frozenset(POP3_COMMAND_TABLE)       # anything else is invalid (nginx)
 
 
 def parse_pop3_command(line: bytes) -> Optional[Tuple[bytes, List[bytes]]]:
@@ -2346,6 +2385,7 @@ def parse_pop3_command(line: bytes) -> Optional[Tuple[bytes, List[bytes]]]:
 class Pop3Machine(ClientMachine):
     """The POP3 AUTHORIZATION state (RFC 1939 §4), as nginx."""
     protocol = "pop3"
+    COMMANDS = POP3_COMMAND_TABLE
     INVALID = POP3_INVALID
     INTERNAL_ERROR = POP3_INTERNAL_ERROR
 
@@ -2394,18 +2434,7 @@ class Pop3Machine(ClientMachine):
             self._invalid(events, True)
             return
         name, args = parsed
-        allowed = (b"PASS", b"CAPA", b"QUIT", b"NOOP") if self.state == Pop3State.USER \
-            else (b"USER", b"CAPA", b"APOP", b"AUTH", b"QUIT", b"NOOP", b"STLS")
-        if name not in allowed:
-            # nginx: a command not valid in this state is invalid (not counted)
-            # and takes the dialogue back to the start.
-            self.state = Pop3State.START
-            self._invalid(events, False)
-            return
-        handler = {b"USER": self._user, b"PASS": self._pass, b"APOP": self._apop,
-                   b"AUTH": self._auth, b"CAPA": self._capa, b"QUIT": self._quit,
-                   b"NOOP": self._noop, b"STLS": self._stls}[name]
-        handler(events, args)
+        self._dispatch(events, name, args)
 
     def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return b"-ERR " + text + b"\r\n"
@@ -2415,7 +2444,7 @@ class Pop3Machine(ClientMachine):
         self._invalid(events, False)
 
     def _user(self, events: list, args: List[bytes]) -> None:
-        if len(args) != 1 or self.login_needs_tls:
+        if len(args) != 1:
             return self._refuse(events)
         self.login = args[0]
         self.state = Pop3State.USER
@@ -2429,7 +2458,7 @@ class Pop3Machine(ClientMachine):
 
     def _apop(self, events: list, args: List[bytes]) -> None:
         """RFC 1939 §7: APOP name digest, only when pop3_auth has apop."""
-        if len(args) != 2 or "apop" not in self.settings.pop3_auth or self.login_needs_tls:
+        if len(args) != 2 or "apop" not in self.settings.pop3_auth:
             return self._refuse(events)
         self._credentials(events, Credentials(args[0], args[1].lower(), AuthMethod.APOP, self.salt))
 
@@ -2452,8 +2481,6 @@ class Pop3Machine(ClientMachine):
 
     def _auth(self, events: list, args: List[bytes]) -> None:
         """RFC 5034 AUTH; without arguments nginx lists the methods."""
-        if self.login_needs_tls:
-            return self._refuse(events)
         if not args:
             names = "".join(name + "\r\n" for name in self.sasl_names())
             self._output += b"+OK methods supported:\r\n" + names.encode() + b".\r\n"
@@ -2473,8 +2500,15 @@ SMTP_BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
 SMTP_INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
 SMTP_AUTH_OK = b"235 2.0.0 OK\r\n"                 # after the backend login
 SMTP_AUTH_FAILED_CODE = b"535 5.7.0"              # nginx's default failure code
-SMTP_COMMANDS = frozenset([b"HELO", b"EHLO", b"AUTH", b"QUIT", b"NOOP", b"MAIL", b"RCPT",
-                           b"RSET", b"VRFY", b"EXPN", b"HELP", b"STARTTLS"])
+SMTP_COMMAND_TABLE = {
+    b"HELO": Command("_helo"), b"EHLO": Command("_helo"), b"QUIT": Command("_quit"),
+    b"NOOP": Command("_noop"), b"RSET": Command("_rset"), b"MAIL": Command("_mail"),
+    b"RCPT": Command("_rcpt"), b"STARTTLS": Command("_starttls"),
+    b"AUTH": Command("_auth", needs_tls=True),
+}
+# VRFY, EXPN and HELP are known to nginx's parser and refused by its handler
+# (not counted as errors); anything else is invalid.
+SMTP_COMMANDS = frozenset(SMTP_COMMAND_TABLE) | {b"VRFY", b"EXPN", b"HELP"}
 SMTP_MAX_ARGS = 11                                # ngx_mail_smtp_parse_command
 SMTP_AUTH_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5",
                    "external": "EXTERNAL", "xoauth2": "XOAUTH2", "oauthbearer": "OAUTHBEARER"}
@@ -2512,6 +2546,7 @@ class SmtpMachine(ClientMachine):
     ``esmtp`` (it said EHLO), ``mail_from`` and ``rcpt_to`` (raw commands).
     """
     protocol = "smtp"
+    COMMANDS = SMTP_COMMAND_TABLE
     INVALID = SMTP_INVALID
     INTERNAL_ERROR = SMTP_INTERNAL_ERROR
     SASL_PROMPT = b"334 "                         # RFC 4954 §4
@@ -2562,18 +2597,14 @@ class SmtpMachine(ClientMachine):
                 SMTP_CONTROL_BYTES.search(text) or not line.endswith(b"\r\n")):
             self._output += SMTP_INVALID_ARGUMENT      # never stored, never replayed
             return
-        handler = {b"HELO": self._helo, b"EHLO": self._helo, b"AUTH": self._auth,
-                   b"QUIT": self._quit, b"NOOP": self._noop, b"MAIL": self._mail,
-                   b"RCPT": self._rcpt, b"RSET": self._rset,
-                   b"STARTTLS": self._starttls}.get(verb, self._refuse)
-        handler(events, verb, args, text)
+        self._dispatch(events, verb, verb, args, text)
 
     @staticmethod
     def _takes_text(line: bytes) -> bool:
         """HELO, EHLO, MAIL and RCPT get 501 for a bad byte, not 500."""
         return line[:4].upper() in (b"HELO", b"EHLO", b"MAIL", b"RCPT")
 
-    def _refuse(self, events: list, verb: bytes = b"", args: List = (), text: bytes = b"") -> None:
+    def _refuse(self, events: list) -> None:
         """VRFY, EXPN, HELP, STARTTLS (while starttls is off), a refused AUTH:
         nginx answers 500 without counting them as errors."""
         self._invalid(events, False)
@@ -2640,8 +2671,6 @@ class SmtpMachine(ClientMachine):
 
     def _auth(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
         """RFC 4954 AUTH, as ngx_mail_auth_parse."""
-        if self.login_needs_tls:
-            return self._refuse(events)
         if not args:
             self._output += SMTP_INVALID_ARGUMENT
             return
