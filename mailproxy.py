@@ -6155,20 +6155,148 @@ PHASE_CHANGES = frozenset(
      (Phase.LOGIN, Phase.RELAY), (Phase.LOGIN, Phase.CLOSING)])
 
 
+class ClientOpening(StreamOwner):
+    """A new client connection up to the protocol's greeting, as nginx:
+    the PROXY header first (listen ... proxy_protocol: a bad or missing one
+    closes the connection without a word), the TLS handshake (listen ...
+    ssl), then for SMTP the client's name (resolver: nginx reads nothing
+    from the client meanwhile) and smtp_greeting_delay (a client that talks
+    before the 220 is refused).  It owns the client stream until then,
+    moves the session through PROXY_HEADER, HANDSHAKE, RESOLVING and
+    GREETING_DELAY, holds what the client sends ahead, and ends with
+    session.opened(early_data)."""
+    __slots__ = ("session", "proxy_header", "implicit_tls", "early_data", "name_lookup")
+
+    def __init__(self, session, listen: Listen):
+        self.session = session
+        self.implicit_tls = listen.ssl
+        self.early_data = bytearray()
+        self.name_lookup = None            # type: Optional[ClientNameLookup]
+        self.proxy_header = ProxyHeaderReader() if listen.proxy_protocol else None
+        session.client.owner = self
+        if self.proxy_header is not None:
+            session._enter(Phase.PROXY_HEADER)
+        else:
+            self._behind_proxy_header(b"")
+
+    def cancel(self) -> None:
+        if self.name_lookup is not None:
+            self.name_lookup.cancel()
+
+    def crashed(self, error: Exception) -> None:
+        self.session.crashed(error)
+
+    @loop_callback
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        phase = self.session.phase
+        if phase == Phase.PROXY_HEADER:
+            self._proxy_header_data(data)
+        elif phase == Phase.GREETING_DELAY:
+            self._spoke_first(data)
+        else:
+            # Read ahead of the greeting (behind a PROXY header, or with the
+            # last handshake bytes): it waits, as nginx waits to read.
+            self.early_data += data
+
+    def _proxy_header_data(self, data: bytes) -> None:
+        """nginx's ngx_proxy_protocol_read; a good header from a
+        set_real_ip_from peer gives the session the real client address."""
+        session = self.session
+        try:
+            header = self.proxy_header.receive_data(data)
+        except ProxyHeaderError as error:
+            session.log("info", str(error))
+            return session.close("bad PROXY header")
+        if header is None:
+            return
+        if header.source is not None:
+            session.proxy_facts = header.source + header.destination
+            if real_ip_trusted(session.client_address, session.server.set_real_ip_from):
+                session.log("info", "real client address %s:%d" % header.source)
+                session.client_address, session.client_port = header.source
+        rest, self.proxy_header = bytes(self.proxy_header.data[header.length:]), None
+        self._behind_proxy_header(rest)
+
+    def _behind_proxy_header(self, rest: bytes) -> None:
+        """Implicit TLS first, under ``timeout`` (nginx), or the protocol."""
+        if self.implicit_tls:
+            self.session._start_client_tls()
+        else:
+            self._begin()
+        if rest:
+            self.session.client.feed(rest)
+
+    @loop_callback
+    def stream_tls_ready(self, stream: Stream) -> None:
+        if self.session._certificate_ok():
+            self._begin()
+
+    def _begin(self) -> None:
+        """The protocol starts: the greeting; SMTP's after the client's name
+        (resolver) and smtp_greeting_delay, as nginx."""
+        session = self.session
+        if session.server.protocol != "smtp":
+            return self._greet()
+        if session.server.resolver is None:
+            return self._greeting_delay()
+        session._enter(Phase.RESOLVING)
+        self.name_lookup = ClientNameLookup(session.worker.resolver_for(session.server),
+                                            session.client_address, self._resolved)
+
+    @loop_callback
+    def _resolved(self, name: str, problem: str) -> None:
+        self.name_lookup, self.session.client_name = None, name
+        if problem:
+            self.session.log("error", problem)
+        self._greeting_delay()
+
+    def _greeting_delay(self) -> None:
+        session = self.session
+        if not session.server.smtp_greeting_delay:
+            return self._greet()
+        session._enter(Phase.GREETING_DELAY)
+        session.timer.set(session.server.smtp_greeting_delay, self._greet)
+        if self.early_data:
+            self._spoke_first(bytes(self.early_data))
+
+    def _spoke_first(self, data: bytes) -> None:
+        """smtp_greeting_delay: a spammer's pipelining client; nginx refuses
+        it with 503 and closes."""
+        session = self.session
+        shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
+        session.log("info", 'client was rejected before greeting: "%s"' % shown)
+        session.client.owner = session
+        session.client.write(SMTP_INVALID_PIPELINING)
+        session._close_after_reply("client rejected before greeting")
+
+    def _greet(self) -> None:
+        early, self.early_data = bytes(self.early_data), bytearray()
+        self.session.opened(early)
+
+    # The rest of what the stream says is the session's, as in the dialogue.
+    def stream_eof(self, stream: Stream) -> None:
+        self.session.stream_eof(stream)
+
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        self.session.stream_error(stream, error)
+
+    def stream_drained(self, stream: Stream) -> None:
+        self.session.stream_drained(stream)
+
+
 class Session(StreamOwner):
     """One client from accept to close: a conductor.  It moves through the
     phases (PHASES, PHASE_CHANGES) and hands the work to the pieces that
-    do it: the client machine (the dialogue), the authenticator (the
+    do it: the ClientOpening (the PROXY header, TLS, the SMTP client's
+    name), the client machine (the dialogue), the authenticator (the
     verdict), the BackendConnection (the backend's login), the Relay.  It
-    owns the client stream until the relay, one Deadline, and the log
-    context."""
+    keeps one Deadline and the log context."""
     # Slots: an idle proxied session should cost little memory.
     __slots__ = ("worker", "loop", "server", "config", "number", "client_address", "client_port",
                  "server_text", "started", "login", "upstream", "phase", "backend",
                  "backend_connection", "relay", "client_name", "attempt", "login_attempt",
                  "authenticator", "timer", "closed", "outcome", "starttls", "proxy_facts",
-                 "certificate", "name_lookup", "client", "machine", "implicit_tls",
-                 "proxy_header", "early_data", "login_deadline")
+                 "certificate", "opening", "client", "machine", "login_deadline")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
@@ -6190,7 +6318,7 @@ class Session(StreamOwner):
         self.authenticator = (AuthHttpAuth(self.loop, self.server, self)
                               if self.server.auth_http is not None else
                               UserTableAuth(self.config, self.server, worker.throttle, self.loop.time))
-        self.name_lookup = self.backend = self.backend_connection = self.relay = None
+        self.opening = self.backend = self.backend_connection = self.relay = None
         self.closed, self.outcome = False, ""
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.login_deadline = self.loop.time() + max(LOGIN_TIME_LIMIT, self.server.timeout)
@@ -6236,124 +6364,50 @@ class Session(StreamOwner):
             reads = 0 if blocked else self.machine.buffer_size
         self.client.set_read_budget(reads)
 
-    # -- the opening: PROXY header, TLS, the client's name, the greeting ---------
+    # -- the opening, then the dialogue ------------------------------------------
     def _start(self, listen: Listen) -> None:
         self.machine = CLIENT_MACHINES[self.server.protocol](
             self.server, now=time.time(), randomness=self.worker.randomness, tls=listen.ssl)
-        self.implicit_tls = listen.ssl
-        self.early_data = bytearray()  # client bytes read before the dialogue could take them
-        self.proxy_header = ProxyHeaderReader() if listen.proxy_protocol else None
-        if self.proxy_header is not None:
-            self._enter(Phase.PROXY_HEADER)
-        else:
-            self._opened(b"")
-
-    def _proxy_header_data(self, data: bytes) -> None:
-        """listen ... proxy_protocol (nginx's ngx_proxy_protocol_read): a bad or
-        missing header closes the connection without a word; a good one from
-        a set_real_ip_from peer gives the session the real client address."""
-        try:
-            header = self.proxy_header.receive_data(data)
-        except ProxyHeaderError as error:
-            self.log("info", str(error))
-            return self.close("bad PROXY header")
-        if header is None:
-            return
-        if header.source is not None:
-            self.proxy_facts = header.source + header.destination
-            if real_ip_trusted(self.client_address, self.server.set_real_ip_from):
-                self.log("info", "real client address %s:%d" % header.source)
-                self.client_address, self.client_port = header.source
-        rest, self.proxy_header = bytes(self.proxy_header.data[header.length:]), None
-        self._opened(rest)
-
-    def _opened(self, rest: bytes) -> None:
-        """Behind the PROXY header (if any): implicit TLS first, under
-        ``timeout`` (nginx), or the protocol begins."""
-        if self.implicit_tls:
-            self._start_client_tls()
-        else:
-            self._begin()
-        if rest:
-            self.client.feed(rest)
+        self.opening = ClientOpening(self, listen)
 
     def _start_client_tls(self) -> None:
+        """The TLS handshake: listen ... ssl (the opening), or STARTTLS."""
         self._enter(Phase.HANDSHAKE)
         self.client.start_tls(TlsLayer(self.server.tls_context, server_side=True,
                                        alpn=self.server.protocol))
 
+    def _certificate_ok(self) -> bool:
+        """ssl_verify_client, once the handshake is done (certificate_verdict)."""
+        if self.server.ssl_verify_client == "off":
+            return True
+        self.certificate = self.client.tls.peer_certificate()
+        message, refuse = certificate_verdict(self.server.ssl_verify_client, self.certificate)
+        if message:
+            self.log("info", message)
+        if refuse:
+            self.client.write(self.machine.NO_CERT)
+            self._close_after_reply("no client certificate")
+        return not refuse
+
     @loop_callback
     def stream_tls_ready(self, stream: Stream) -> None:
-        if self.server.ssl_verify_client != "off":
-            self.certificate = self.client.tls.peer_certificate()
-            message, refuse = certificate_verdict(self.server.ssl_verify_client, self.certificate)
-            if message:
-                self.log("info", message)
-            if refuse:
-                self.client.write(self.machine.NO_CERT)
-                return self._close_after_reply("no client certificate")
-        if self.starttls:
+        """STARTTLS is done: the dialogue goes on, over TLS."""
+        if self._certificate_ok():
             self._enter(Phase.DIALOGUE)
             self._handle_events(self.machine.tls_started())
-        else:
-            self._begin()
 
-    def _begin(self) -> None:
-        """The protocol starts: the greeting; for SMTP after the client's
-        name (resolver) and smtp_greeting_delay, as nginx."""
-        if self.server.protocol != "smtp":
-            self._start_dialogue()
-        elif self.server.resolver is not None:
-            self._enter(Phase.RESOLVING)
-            self.name_lookup = ClientNameLookup(self.worker.resolver_for(self.server),
-                                                self.client_address, self._resolved)
-        else:
-            self._greeting_delay()
-
-    @loop_callback
-    def _resolved(self, name: str, problem: str) -> None:
-        self.name_lookup, self.client_name = None, name
-        if problem:
-            self.log("error", problem)
-        self._greeting_delay()
-
-    def _greeting_delay(self) -> None:
-        """smtp_greeting_delay: a client that talks before the 220 is a
-        spammer's pipelining client; nginx refuses it with 503 and closes."""
-        if not self.server.smtp_greeting_delay:
-            return self._start_dialogue()
-        self._enter(Phase.GREETING_DELAY)
-        self.timer.set(self.server.smtp_greeting_delay, self._start_dialogue)
-        self._deliver_early_data()        # a client that spoke first is refused
-
-    def _spoke_before_greeting(self, data: bytes) -> None:
-        shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
-        self.log("info", 'client was rejected before greeting: "%s"' % shown)
-        self.client.write(SMTP_INVALID_PIPELINING)
-        self._close_after_reply("client rejected before greeting")
-
-    def _hold_early_data(self, data: bytes) -> None:
-        """Read ahead of the greeting (behind a PROXY header, or with the
-        last handshake bytes): it waits, as nginx waits to read."""
-        self.early_data += data
-
-    def _deliver_early_data(self) -> None:
-        if self.early_data and not self.closed:
-            data, self.early_data = bytes(self.early_data), bytearray()
-            self.stream_data(self.client, data)
-
-    # -- the dialogue ---------------------------------------------------------------
-    def _start_dialogue(self) -> None:
+    def opened(self, early_data: bytes) -> None:
+        """The opening is done: the greeting, then what the client sent ahead."""
+        self.opening = None
+        self.client.owner = self
         self.machine.greet()
         self._enter(Phase.DIALOGUE)
         self.client.write(self.machine.data_to_send())
-        self._deliver_early_data()
+        if early_data:
+            self.stream_data(self.client, early_data)
 
     @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
-        self.CLIENT_DATA.get(self.phase, Session._dialogue_data)(self, data)
-
-    def _dialogue_data(self, data: bytes) -> None:
         commands = self.machine.commands
         events = self.machine.receive_data(data)
         if self.machine.commands != commands:
@@ -6377,11 +6431,6 @@ class Session(StreamOwner):
     def _start_tls(self, event: StartTls) -> None:
         self.starttls = True
         self._start_client_tls()
-
-    # How client bytes are taken in each phase (else: the dialogue's way),
-    # and what each event of the client machine leads to.
-    CLIENT_DATA = {Phase.PROXY_HEADER: _proxy_header_data, Phase.HANDSHAKE: _hold_early_data,
-                   Phase.RESOLVING: _hold_early_data, Phase.GREETING_DELAY: _spoke_before_greeting}
 
     @loop_callback
     def stream_drained(self, stream: Stream) -> None:
@@ -6595,7 +6644,7 @@ class Session(StreamOwner):
             return
         self.closed = True
         self.timer.cancel()
-        for part in (self.relay, self.name_lookup, self.authenticator, self.backend_connection):
+        for part in (self.opening, self.authenticator, self.backend_connection, self.relay):
             if part is not None:
                 part.cancel()
         self.client.close()
