@@ -10,12 +10,12 @@ the same directive names, defaults and replies.
 The picture::
 
  client socket ─ Stream ─[TlsLayer]─┐                     ┌─ Stream ─[TlsLayer]─ backend socket
-                                     │      Session        │
-               ClientMachine ◄───────┤ (phase, timers,     ├────► BackendLogin (a script of steps)
+        ClientOpening (PROXY, TLS) ──┤      Session        ├── BackendConnection
+               ClientMachine ◄───────┤ (phases, Deadline,  ├────► BackendLogin (a script of steps)
                (IMAP / POP3 / SMTP)  │  log context)       │
                                      │                     │
-          auth: user table ◄─────────┤                     ├────► Relay (two bounded buffers)
-           or AuthHttp parser        └─────────────────────┘
+   UserTableAuth or AuthHttpAuth ◄───┤                     ├────► Relay (two bounded buffers)
+                                     └─────────────────────┘
  EventLoop (selectors + timer heap + signal wake-up fd) drives Streams; a master forks workers.
 
 How to read this file: top to bottom.  Each section uses only the sections
@@ -26,6 +26,25 @@ TLS layer are *sans-I/O*: they take bytes and return bytes and events, and
 never touch a socket, the clock or the logger, so the tests drive them with
 byte strings.  Only the event loop, streams, listeners and the process
 section do I/O.  README.md says what each directive does.
+
+Follow one login (IMAP LOGIN with the built-in user table), in order:
+
+ 1. Worker.accept makes a Session (Sessions); its ClientOpening owns the
+    client stream through the PROXY header and the TLS handshake, if any,
+    then Session.opened sends the machine's greeting.
+ 2. Stream.on_readable -> Session.stream_data -> ImapMachine.receive_data
+    (Client machines): ImapScanner reads "a1 LOGIN alice secret",
+    ClientMachine._dispatch finds LOGIN in IMAP_COMMAND_TABLE, and
+    ImapMachine._login returns a Credentials event.
+ 3. Session._authenticate hands a LoginAttempt to UserTableAuth.start
+    (Authentication; with auth_http, AuthHttpAuth in Outbound clients):
+    authenticate -> password_matches -> an AuthOutcome.
+ 4. Session._auth_outcome -> _login_to_backend: login_script builds the
+    backend's script (Backend login), BackendConnection (Outbound clients)
+    connects and runs it with BackendLogin until LoginDone.
+ 5. Session.backend_logged_in passes the backend's "a1 OK" on and
+    start_relay (Relay) relays both ways until a side closes;
+    Session.close writes the access line.
 """
 
 import base64
