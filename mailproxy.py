@@ -3606,23 +3606,31 @@ def backend_tls_mode(server: Settings, outcome: AuthOutcome) -> str:
     return "ssl" if server.proxy_ssl else "starttls" if server.proxy_starttls else "plain"
 
 
-def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
-                 starttls: bool) -> list:
-    """The backend login for an accepted attempt: the protocol's script
-    with the password, or (IMAP, POP3) the client's own bearer token when
-    the auth server sent no Auth-Pass; ``starttls`` (extension) first."""
+def imap_attempt_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                        starttls: bool) -> list:
+    """IMAP: LOGIN with the password, or AUTHENTICATE with the client's own
+    bearer token when the auth server sent no Auth-Pass."""
+    if outcome.token is not None:
+        response = oauth_initial_response(outcome.token[0], outcome.login, outcome.token[1])
+        return imap_token_script(attempt.tag, outcome.token[0], response, starttls)
+    return imap_login_script(attempt.tag, outcome.login, outcome.password, starttls)
+
+
+def pop3_attempt_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                        starttls: bool) -> list:
+    """POP3: USER and PASS, or AUTH with the client's own bearer token."""
+    if outcome.token is not None:
+        response = oauth_initial_response(outcome.token[0], outcome.login, outcome.token[1])
+        return pop3_token_script(outcome.token[0], response, starttls)
+    return pop3_login_script(outcome.login, outcome.password, starttls)
+
+
+def smtp_attempt_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                        starttls: bool) -> list:
+    """SMTP: nginx's dialogue (smtp_login_script).  A token goes on to the
+    backend only when it is to be logged in to (proxy_smtp_auth,
+    Auth-SMTP-Auth); otherwise XCLIENT LOGIN= says who."""
     token = outcome.token
-    if attempt.protocol != "smtp" and token is not None:
-        response = oauth_initial_response(token[0], outcome.login, token[1])
-        if attempt.protocol == "imap":
-            return imap_token_script(attempt.tag, token[0], response, starttls)
-        return pop3_token_script(token[0], response, starttls)
-    if attempt.protocol == "imap":
-        return imap_login_script(attempt.tag, outcome.login, outcome.password, starttls)
-    if attempt.protocol == "pop3":
-        return pop3_login_script(outcome.login, outcome.password, starttls)
-    # A token goes on to an SMTP backend only when it is to be logged in to
-    # (proxy_smtp_auth, Auth-SMTP-Auth); otherwise XCLIENT LOGIN= says who.
     wants_auth = outcome.smtp_auth not in (None, "none") or (
         outcome.smtp_auth is None and server.proxy_smtp_auth)
     use_token = token is not None and wants_auth
@@ -3632,6 +3640,19 @@ def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
                       outcome.login, password, attempt.credentials.method, attempt.mail_from,
                       attempt.rcpt_to, backend_auth, starttls)
     return smtp_login_script(server, facts)
+
+
+# The backend login of an accepted attempt, by protocol:
+# (server, attempt, outcome, STARTTLS first) -> the script.
+LOGIN_SCRIPTS = {"imap": imap_attempt_script, "pop3": pop3_attempt_script,
+                 "smtp": smtp_attempt_script}
+
+
+def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                 starttls: bool) -> list:
+    """The backend login for an accepted attempt (LOGIN_SCRIPTS);
+    ``starttls`` (extension): STARTTLS first."""
+    return LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
 
 
 class LoginDone(NamedTuple):
