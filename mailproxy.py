@@ -3341,6 +3341,7 @@ class UserTableAuth:
     server), which decides at once: done() is called before start()
     returns.  A refusal comes with the failed-login delay of LoginThrottle
     and nginx's text, whatever the reason (the reason is for the log)."""
+    __slots__ = ("config", "server", "throttle", "clock")
 
     def __init__(self, config: "Config", server: Settings, throttle: LoginThrottle,
                  clock: Callable[[], float]):
@@ -5852,6 +5853,7 @@ class AuthHttpAuth:
     delay (Auth-Wait: the session goes on after it; none: it closes) and,
     for the OAuth methods, the SASL error challenge; ERROR with nginx's log
     message.  ``owner.crashed(error)`` hears of a bug in here."""
+    __slots__ = ("loop", "server", "owner", "attempt", "done", "exchange", "timer")
 
     def __init__(self, loop: EventLoop, server: Settings, owner):
         self.loop = loop
@@ -5911,7 +5913,7 @@ class AuthHttpAuth:
         if outcome.kind == Verdict.WAIT:
             self.timer = self.loop.call_later(outcome.wait, self._ask)
             return
-        done, self.done = self.done, None
+        done, self.done, self.attempt = self.done, None, None     # the password goes too
         done(outcome)
 
     def _outcome(self, response: Optional[AuthHttpResponse], error: str) -> AuthOutcome:
@@ -6396,9 +6398,9 @@ class Session(StreamOwner):
         "blocked"), and no more than its buffer holds: a client that sends
         without reading cannot make us queue replies, nor hold more than a
         command behind its login."""
-        reads = PHASES[self.phase].reads
         if self.phase == Phase.RELAY:
-            return
+            return                              # the relay reads as its buffers allow
+        reads = PHASES[self.phase].reads
         if reads is None:
             blocked = self.phase == Phase.DIALOGUE and (self.client.out or self.machine.waiting)
             reads = 0 if blocked else self.machine.buffer_size
@@ -6604,6 +6606,9 @@ class Session(StreamOwner):
         check = None
         if self.attempt.credentials.method == AuthMethod.NONE and self.server.auth_http is None:
             check = self._check_recipient  # the table checks every recipient, not only the first
+        self.attempt = None                # nor the password, for the relay's lifetime
+        if check is None:
+            self.authenticator = None
         self.relay = start_relay(self, self.client, self.backend, self.server, check,
                                  self.machine.trailing_data, trailing)
 
