@@ -6611,6 +6611,7 @@ class Session(StreamOwner):
             self.authenticator = None
         self.relay = start_relay(self, self.client, self.backend, self.server, check,
                                  self.machine.trailing_data, trailing)
+        self.machine = None                # the dialogue is over: an idle relay holds little
 
     def _check_recipient(self, rcpt: bytes) -> Optional[bytes]:
         """A later RCPT of an smtp_auth none session (SmtpRecipientGuard)."""
