@@ -494,23 +494,7 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
     ``rcvbuf=SIZE``, ``sndbuf=SIZE``, ``bind``, ``ipv6only=on|off``."""
     if not args:
         raise ConfigValueError("needs an address")
-    address = args[0]
-    if address.startswith("unix:"):
-        raise ConfigValueError('"unix:" sockets are not supported yet')
-    if re.fullmatch(r"\d+", address):
-        host, port = "0.0.0.0", int(address)
-    else:
-        host, port = parse_host_port(address)
-        if host == "*":
-            host = "0.0.0.0"
-    if not 0 < port < 65536:
-        raise ConfigValueError('invalid port in "%s"' % address)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigValueError('"%s" is not an IP address (listen takes addresses)' % host)
-    host = str(ip)                     # one spelling per address: [0:0::1] is [::1]
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    host, port, family = parse_listen_address(args[0])
     options = {"backlog": NGINX_LISTEN_BACKLOG, "so_keepalive": None,
                "rcvbuf": None, "sndbuf": None, "ipv6only": True, "ssl": False,
                "proxy_protocol": False}
@@ -532,6 +516,26 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
             raise ConfigValueError('invalid parameter "%s"' % flag)
     return Listen(host, port, family, options["ssl"], options["proxy_protocol"], options["backlog"],
                   options["so_keepalive"], options["rcvbuf"], options["sndbuf"], options["ipv6only"])
+
+
+def parse_listen_address(address: str) -> Tuple[str, int, int]:
+    """``listen``'s address -> (IP address, port, family)."""
+    if address.startswith("unix:"):
+        raise ConfigValueError('"unix:" sockets are not supported yet')
+    if re.fullmatch(r"\d+", address):
+        host, port = "0.0.0.0", int(address)
+    else:
+        host, port = parse_host_port(address)
+        if host == "*":
+            host = "0.0.0.0"
+    if not 0 < port < 65536:
+        raise ConfigValueError('invalid port in "%s"' % address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigValueError('"%s" is not an IP address (listen takes addresses)' % host)
+    # One spelling per address: [0:0::1] is [::1].
+    return str(ip), port, socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 def parse_keepalive(value: str) -> Tuple:
@@ -1125,26 +1129,8 @@ def load_config(path: str) -> Config:
     required ones), each with file, section, directive and line.
     """
     parser, lines = read_ini(path)
-    base = os.path.dirname(os.path.abspath(path))
     errors = []
-    values = {}              # section name -> {directive: value}
-    for section in parser.sections():
-        kind = section_kind(section)
-        if kind is None:
-            errors.append(ConfigError(path, section, None,
-                                      'unknown section "[%s]"; expected [main], [mail], '
-                                      "[server NAME], [users] or [routes]" % section,
-                                      lines.get((section, ""))))
-            continue
-        if kind in ("users", "routes"):
-            continue
-        values[section] = {}
-        for key, raw in parser.items(section):
-            line = lines.get((section, key))
-            try:
-                values[section][key] = parse_directive(kind, key, raw, base)
-            except ConfigValueError as error:
-                errors.append(ConfigError(path, section, key, str(error), line))
+    values = read_directives(path, parser, lines, errors)
     main = merge_main(values.get("main", {}))
     servers = []
     failed = {(error.section, error.directive) for error in errors}
@@ -1164,6 +1150,31 @@ def load_config(path: str) -> Config:
     if errors:
         raise ConfigErrors(errors)
     return Config(path, main, servers, users, routes)
+
+
+def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
+                    errors: List[ConfigError]) -> Dict[str, Dict[str, object]]:
+    """Every directive of [main], [mail] and the servers, parsed:
+    {section name: {directive: value}}; each problem goes to ``errors``."""
+    base = os.path.dirname(os.path.abspath(path))
+    values = {}
+    for section in parser.sections():
+        kind = section_kind(section)
+        if kind is None:
+            errors.append(ConfigError(path, section, None,
+                                      'unknown section "[%s]"; expected [main], [mail], '
+                                      "[server NAME], [users] or [routes]" % section,
+                                      lines.get((section, ""))))
+            continue
+        if kind in ("users", "routes"):
+            continue
+        values[section] = {}
+        for key, raw in parser.items(section):
+            try:
+                values[section][key] = parse_directive(kind, key, raw, base)
+            except ConfigValueError as error:
+                errors.append(ConfigError(path, section, key, str(error), lines.get((section, key))))
+    return values
 
 
 def parse_directive(kind: str, key: str, raw: str, base: str) -> object:
@@ -3578,18 +3589,8 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
             # again with the client's own words.
             again = b"EHLO " if facts.esmtp else b"HELO "
             script += [Send(again + facts.helo + b"\r\n"), Expect("smtp", codes=ok)]
-    if backend_auth and method in ("xoauth2", "oauthbearer"):
-        response = oauth_initial_response(method, facts.login, facts.password)
-        script += [Send(b"AUTH " + method.upper().encode() + b" " + response + b"\r\n"),
-                   Expect("smtp", codes=(b"235",))]
-    elif backend_auth and method == "login":
-        # Extension: AUTH LOGIN, for servers such as Exchange without PLAIN.
-        script += [Send(b"AUTH LOGIN\r\n"), Expect("smtp", codes=(b"334",)),
-                   Send(base64.b64encode(facts.login) + b"\r\n"), Expect("smtp", codes=(b"334",)),
-                   Send(base64.b64encode(facts.password) + b"\r\n"), Expect("smtp", codes=(b"235",))]
-    elif backend_auth:
-        plain = base64.b64encode(b"\0" + facts.login + b"\0" + facts.password)
-        script += [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",))]
+    if backend_auth:
+        script += smtp_auth_steps(method, facts.login, facts.password)
     if facts.method == AuthMethod.NONE:
         # The client already has its 250 for MAIL; the backend's answer to
         # RCPT, whatever it is, is the client's answer (nginx relays even a 5xx).
@@ -3654,6 +3655,22 @@ def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
     """The backend login for an accepted attempt (LOGIN_SCRIPTS);
     ``starttls`` (extension): STARTTLS first."""
     return LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
+
+
+def smtp_auth_steps(method: str, login: bytes, password: bytes) -> list:
+    """AUTH to an SMTP backend (proxy_smtp_auth, Auth-SMTP-Auth): nginx's
+    AUTH PLAIN; AUTH LOGIN (extension, for servers such as Exchange without
+    PLAIN); or the client's bearer token (extension)."""
+    if method in ("xoauth2", "oauthbearer"):
+        response = oauth_initial_response(method, login, password)
+        return [Send(b"AUTH " + method.upper().encode() + b" " + response + b"\r\n"),
+                Expect("smtp", codes=(b"235",))]
+    if method == "login":
+        return [Send(b"AUTH LOGIN\r\n"), Expect("smtp", codes=(b"334",)),
+                Send(base64.b64encode(login) + b"\r\n"), Expect("smtp", codes=(b"334",)),
+                Send(base64.b64encode(password) + b"\r\n"), Expect("smtp", codes=(b"235",))]
+    plain = base64.b64encode(b"\0" + login + b"\0" + password)
+    return [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",))]
 
 
 class LoginDone(NamedTuple):
