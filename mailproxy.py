@@ -6247,15 +6247,12 @@ class ClientOpening(StreamOwner):
 
     @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
-        phase = self.session.phase
-        if phase == Phase.PROXY_HEADER:
-            self._proxy_header_data(data)
-        elif phase == Phase.GREETING_DELAY:
-            self._spoke_first(data)
-        else:
-            # Read ahead of the greeting (behind a PROXY header, or with the
-            # last handshake bytes): it waits, as nginx waits to read.
-            self.early_data += data
+        self.CLIENT_DATA.get(self.session.phase, ClientOpening._hold)(self, data)
+
+    def _hold(self, data: bytes) -> None:
+        """Read ahead of the greeting (behind a PROXY header, or with the
+        last handshake bytes): it waits, as nginx waits to read."""
+        self.early_data += data
 
     def _proxy_header_data(self, data: bytes) -> None:
         """nginx's ngx_proxy_protocol_read; a good header from a
@@ -6331,6 +6328,9 @@ class ClientOpening(StreamOwner):
     def _greet(self) -> None:
         early, self.early_data = bytes(self.early_data), bytearray()
         self.session.opened(early)
+
+    # What client bytes are for, by phase (else: read ahead, held).
+    CLIENT_DATA = {Phase.PROXY_HEADER: _proxy_header_data, Phase.GREETING_DELAY: _spoke_first}
 
     # The rest of what the stream says is the session's, as in the dialogue.
     def stream_eof(self, stream: Stream) -> None:
