@@ -345,7 +345,7 @@ def write_tls_files(directory: str) -> None:
 # The value parsers in-process; the loader on files in a temporary directory;
 # -t, -v, --hash-password and the running program as subprocesses.
 
-CFG_BASE = """\
+BASE_CONFIG = """\
     [mail]
     proxy_pass = 127.0.0.1:1143
 
@@ -355,7 +355,7 @@ CFG_BASE = """\
 """
 
 
-def cfg_line_of(text: str, prefix: str, occurrence: int = 1) -> int:
+def line_of(text: str, prefix: str, occurrence: int = 1) -> int:
     """The number of the ``occurrence``-th line of (dedented) ``text`` that
     starts with ``prefix``: where an error must be reported."""
     seen = 0
@@ -367,37 +367,34 @@ def cfg_line_of(text: str, prefix: str, occurrence: int = 1) -> int:
     raise AssertionError("no line %r in the test's own file" % prefix)
 
 
-def cfg_free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def cfg_run(args, stdin=b"", timeout=20):
-    """mailproxy.py ARGS as a subprocess: (exit status, stdout, stderr)."""
-    done = subprocess.run([sys.executable, MAILPROXY] + list(args), input=stdin,
+def run_mailproxy(args, stdin=b"", timeout=20, cwd=None):
+    """mailproxy.py ARGS as a subprocess (in the directory ``cwd``, if
+    given): (exit status, stdout, stderr)."""
+    done = subprocess.run([sys.executable, MAILPROXY] + list(args), input=stdin, cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
 
 
-def cfg_refused_soon(port: int, timeout: float = 2.0) -> bool:
-    """Does 127.0.0.1:PORT refuse connections within ``timeout``?  (A signal
-    is logged just before the listeners close, so the first try may race.)"""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def connection_refused(port: int, within: float = 0.0) -> bool:
+    """Is a connection to 127.0.0.1:PORT refused?  Tried again until
+    ``within`` seconds have passed (a signal is logged just before the
+    listeners close, so a first try may race); 0: tried once."""
+    deadline = time.monotonic() + within
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
+        except ConnectionRefusedError:
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
-    return False
 
 
-class CfgTempDir:
+class TempDir:
     """A temporary directory that the test removes when it ends."""
 
     def __init__(self, test):
-        self.holder = tempfile.TemporaryDirectory(prefix="mailproxy-cfg-")
+        self.holder = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
         self.path = self.holder.name
         test.addCleanup(self.holder.cleanup)
 
@@ -405,19 +402,19 @@ class CfgTempDir:
         return write_file(self.path, name, text)
 
 
-def cfg_text(parts) -> str:
+def file_text(parts) -> str:
     """The parts of a file, each dedented on its own, one after the other."""
     return "".join(textwrap.dedent(part) for part in parts)
 
 
-def cfg_load(test, *parts: str) -> mp.Config:
+def load_text(test, *parts: str) -> mp.Config:
     """load_config on the parts written to a temporary file."""
-    return mp.load_config(CfgTempDir(test).write("mailproxy.conf", cfg_text(parts)))
+    return mp.load_config(TempDir(test).write("mailproxy.conf", file_text(parts)))
 
 
-def cfg_errors(test, *parts: str):
+def config_errors(test, *parts: str):
     """The ConfigErrors load_config raises for the parts (fails if none)."""
-    path = CfgTempDir(test).write("mailproxy.conf", cfg_text(parts))
+    path = TempDir(test).write("mailproxy.conf", file_text(parts))
     with test.assertRaises(mp.ConfigErrors) as caught:
         mp.load_config(path)
     return path, caught.exception.errors
@@ -590,35 +587,6 @@ class CfgFakeImapBackend(ThreadedServer):
                 pass
 
 
-class CfgImapClient:
-    """A blocking IMAP client socket for the end-to-end tests."""
-
-    def __init__(self, test, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.reader = self.sock.makefile("rb")
-        test.addCleanup(self.close)
-
-    def line(self) -> bytes:
-        return self.reader.readline()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-
-def cfg_imap_login(test, port: int, login: str, password: str) -> bytes:
-    """Connect, check the greeting, LOGIN; the reply line."""
-    client = CfgImapClient(test, port)
-    test.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
-    client.send(b"a1 LOGIN " + login.encode() + b" " + password.encode() + b"\r\n")
-    reply = client.line()
-    client.close()
-    return reply
-
-
 # -- value parsers ---------------------------------------------------------------
 
 class ConfigValueParserTests(unittest.TestCase):
@@ -748,8 +716,8 @@ class ConfigValueParserTests(unittest.TestCase):
 
 # -- -t: one broken file per kind of error -------------------------------------
 
-CFG_BROKEN = {
-    "unknown_directive": CFG_BASE + """\
+BROKEN_CONFIGS = {
+    "unknown_directive": BASE_CONFIG + """\
     bogus_directive = 1
     """,
     "listen_in_mail": """\
@@ -761,13 +729,13 @@ CFG_BROKEN = {
     listen = 127.0.0.1:18143
     protocol = imap
     """,
-    "main_directive_in_server": CFG_BASE + """\
+    "main_directive_in_server": BASE_CONFIG + """\
     worker_connections = 10
     """,
     "mail_directive_in_main": """\
     [main]
     timeout = 5s
-    """ + CFG_BASE,
+    """ + BASE_CONFIG,
     "duplicate_directive": """\
     [mail]
     proxy_pass = 127.0.0.1:1143
@@ -778,23 +746,23 @@ CFG_BROKEN = {
     listen = 127.0.0.1:18143
     protocol = imap
     """,
-    "duplicate_section": CFG_BASE + """\
+    "duplicate_section": BASE_CONFIG + """\
     [mail]
     timeout = 5s
     """,
-    "bad_size": CFG_BASE + """\
+    "bad_size": BASE_CONFIG + """\
     proxy_buffer = 16q
     """,
-    "bad_time": CFG_BASE + """\
+    "bad_time": BASE_CONFIG + """\
     timeout = 1x
     """,
-    "two_times": CFG_BASE + """\
+    "two_times": BASE_CONFIG + """\
     timeout = 1h 30m
     """,
-    "bad_flag": CFG_BASE + """\
+    "bad_flag": BASE_CONFIG + """\
     proxy_pass_error_message = maybe
     """,
-    "bad_number": CFG_BASE + """\
+    "bad_number": BASE_CONFIG + """\
     max_errors = many
     """,
     "bad_protocol": """\
@@ -808,8 +776,8 @@ CFG_BROKEN = {
     "bad_log_level": """\
     [main]
     error_log = stderr loud
-    """ + CFG_BASE,
-    "removed_ssl": CFG_BASE + """\
+    """ + BASE_CONFIG,
+    "removed_ssl": BASE_CONFIG + """\
     ssl = on
     """,
     "no_listen": """\
@@ -831,18 +799,18 @@ CFG_BROKEN = {
     [server imap]
     listen = 127.0.0.1:18143
     """,
-    "duplicate_pair": CFG_BASE + """\
+    "duplicate_pair": BASE_CONFIG + """\
 
     [server second]
     listen = 127.0.0.1:18143
     protocol = imap
     """,
-    "unknown_section": CFG_BASE + """\
+    "unknown_section": BASE_CONFIG + """\
 
     [mian]
     worker_connections = 10
     """,
-    "bad_users": CFG_BASE + """\
+    "bad_users": BASE_CONFIG + """\
 
     [users]
     dave = secret
@@ -851,7 +819,7 @@ CFG_BROKEN = {
     gina = {SHA256-CRYPT}nothing
     hank = {PBKDF2-SHA256}not-rounds
     """,
-    "bad_routes": CFG_BASE + """\
+    "bad_routes": BASE_CONFIG + """\
 
     [routes]
     carol = 127.0.0.1:99999
@@ -867,7 +835,7 @@ CFG_BROKEN = {
     """,
     "no_section_header": """\
     timeout = 5s
-    """ + CFG_BASE,
+    """ + BASE_CONFIG,
     "many_errors": """\
     [main]
     worker_connections = lots
@@ -887,7 +855,7 @@ CFG_BROKEN = {
 }
 
 
-def cfg_unsupported_text() -> str:
+def unsupported_config_text() -> str:
     """A file that uses every directive the table marks "not supported yet"
     (the list shrinks as features land), and worker_processes = 4."""
     def names(context):
@@ -908,7 +876,7 @@ class ConfigCheckCommandTests(unittest.TestCase):
     def setUpClass(cls):
         cls.directory = tempfile.TemporaryDirectory(prefix="mailproxy-t-")
         running = {}
-        cases = dict(CFG_BROKEN, not_supported=cfg_unsupported_text())
+        cases = dict(BROKEN_CONFIGS, not_supported=unsupported_config_text())
         for name, text in cases.items():
             path = write_file(cls.directory.name, name + ".conf", text)
             running[name] = (path, text, subprocess.Popen(
@@ -930,7 +898,7 @@ class ConfigCheckCommandTests(unittest.TestCase):
         path, text, status, out, err = self.results[case]
         self.assertEqual(status, 1, err)
         self.assertIn("mailproxy: configuration file %s test failed" % path, err)
-        line = cfg_line_of(text, at or "%s =" % directive, occurrence)
+        line = line_of(text, at or "%s =" % directive, occurrence)
         wanted = ["[emerg]", "%s:%d:" % (path, line), "[%s]" % section, message]
         if directive is not None:
             wanted.append(" %s:" % directive)
@@ -941,27 +909,25 @@ class ConfigCheckCommandTests(unittest.TestCase):
 
     def test_sample_conf_is_valid(self):
         sample = os.path.join(HERE, "sample.conf")
-        status, out, err = cfg_run(["-t", "-c", sample])
+        status, out, err = run_mailproxy(["-t", "-c", sample])
         self.assertEqual(status, 0, err)
         self.assertIn("the configuration file %s syntax is ok" % sample, err)
         self.assertIn("configuration file %s test is successful" % sample, err)
         self.assertNotIn("[emerg]", err)
 
     def test_default_file_is_mailproxy_conf_in_the_working_directory(self):
-        directory = CfgTempDir(self)
-        directory.write("mailproxy.conf", CFG_BROKEN["unknown_directive"])
-        done = subprocess.run([sys.executable, MAILPROXY, "-t"], cwd=directory.path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
-        self.assertEqual(done.returncode, 1)
-        self.assertIn(b"mailproxy.conf", done.stderr)
-        self.assertIn(b'unknown directive "bogus_directive"', done.stderr)
+        directory = TempDir(self)
+        directory.write("mailproxy.conf", BROKEN_CONFIGS["unknown_directive"])
+        status, out, err = run_mailproxy(["-t"], cwd=directory.path)
+        self.assertEqual(status, 1)
+        self.assertIn("mailproxy.conf", err)
+        self.assertIn('unknown directive "bogus_directive"', err)
 
     def test_default_file_is_then_sample_conf(self):
-        directory = CfgTempDir(self)
-        done = subprocess.run([sys.executable, MAILPROXY, "-t"], cwd=directory.path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn(os.path.join(HERE, "sample.conf").encode(), done.stderr)
+        directory = TempDir(self)
+        status, out, err = run_mailproxy(["-t"], cwd=directory.path)
+        self.assertEqual(status, 0, err)
+        self.assertIn(os.path.join(HERE, "sample.conf"), err)
 
     def test_unknown_directive(self):
         self.assertReported("unknown_directive", "server imap", "bogus_directive",
@@ -1068,8 +1034,8 @@ class ConfigCheckCommandTests(unittest.TestCase):
         self.assertReported("many_errors", "users", "eve", "must start with a {SCHEME}")
 
     def test_file_that_does_not_exist(self):
-        missing = os.path.join(CfgTempDir(self).path, "missing.conf")
-        status, out, err = cfg_run(["-t", "-c", missing])
+        missing = os.path.join(TempDir(self).path, "missing.conf")
+        status, out, err = run_mailproxy(["-t", "-c", missing])
         self.assertEqual(status, 1)
         self.assertIn(missing, err)
         self.assertIn("No such file or directory", err)
@@ -1077,7 +1043,7 @@ class ConfigCheckCommandTests(unittest.TestCase):
 
     def test_errors_stop_the_start_too(self):
         path, text, _, _, _ = self.results["unknown_directive"]
-        status, out, err = cfg_run(["-c", path], timeout=10)
+        status, out, err = run_mailproxy(["-c", path], timeout=10)
         self.assertEqual(status, 1)
         self.assertIn('unknown directive "bogus_directive"', err)
 
@@ -1090,7 +1056,7 @@ class ConfigLoadTests(unittest.TestCase):
         return {server.name: server for server in config.servers}
 
     def test_nginx_defaults(self):
-        config = cfg_load(self, CFG_BASE)
+        config = load_text(self, BASE_CONFIG)
         server = config.servers[0]
         self.assertEqual(server.name, "imap")
         self.assertEqual(server.protocol, "imap")
@@ -1114,7 +1080,7 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual(config.routes, {})
 
     def test_mail_values_reach_every_server_and_a_server_overrides_them(self):
-        config = cfg_load(self, """\
+        config = load_text(self, """\
             [mail]
             proxy_pass = 127.0.0.1:1143
             timeout = 7s
@@ -1144,7 +1110,7 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual(servers["two"].proxy_pass.addresses, ((socket.AF_INET, ("127.0.0.2", 2143)),))
 
     def test_protocol_from_the_port(self):
-        servers = self.servers(cfg_load(self, """\
+        servers = self.servers(load_text(self, """\
             [mail]
             proxy_pass = 127.0.0.1:1143
 
@@ -1164,7 +1130,7 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual(servers["explicit"].protocol, "imap")
 
     def test_multi_line_values(self):
-        servers = self.servers(cfg_load(self, """\
+        servers = self.servers(load_text(self, """\
             [mail]
             proxy_pass = 127.0.0.1:1143
             imap_capabilities = IMAP4rev1 ID
@@ -1188,7 +1154,7 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual(server.server_name, "mail example")           # joined with a space
 
     def test_a_single_value_continued_is_one_occurrence(self):
-        path, errors = cfg_errors(self, CFG_BASE, """\
+        path, errors = config_errors(self, BASE_CONFIG, """\
             timeout = 1m
               30s
         """)
@@ -1196,7 +1162,7 @@ class ConfigLoadTests(unittest.TestCase):
                          [("server imap", "timeout", "takes one value, got 2")])
 
     def test_value_begins_on_the_next_line(self):
-        server = cfg_load(self, """\
+        server = load_text(self, """\
             [mail]
             proxy_pass = 127.0.0.1:1143
 
@@ -1209,7 +1175,7 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual([l.port for l in server.listen], [18143, 18144])
 
     def test_percent_is_an_ordinary_character(self):
-        server = cfg_load(self, CFG_BASE, """\
+        server = load_text(self, BASE_CONFIG, """\
             server_name = 100%(name)s%%
             imap_capabilities = X-50% %Y
         """).servers[0]
@@ -1217,7 +1183,7 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual(server.imap_capabilities, ["X-50%", "%Y"])
 
     def test_quoted_arguments(self):
-        server = cfg_load(self, CFG_BASE, """\
+        server = load_text(self, BASE_CONFIG, """\
             imap_capabilities = "X-ONE TWO" THREE
             pop3_capabilities = 'SASL PLAIN' "quote \\" inside"
         """).servers[0]
@@ -1225,13 +1191,13 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual(server.pop3_capabilities, ["SASL PLAIN", 'quote " inside'])
 
     def test_relative_error_log_is_taken_from_the_config_directory(self):
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         path = directory.write("mailproxy.conf", """\
             [main]
             error_log = logs/mail.log info
                         /var/log/absolute.log
                         stderr debug
-        """ + CFG_BASE)
+        """ + BASE_CONFIG)
         config = mp.load_config(path)
         base = os.path.dirname(os.path.abspath(path))
         self.assertEqual(config.main.error_log, [
@@ -1240,13 +1206,13 @@ class ConfigLoadTests(unittest.TestCase):
             mp.ErrorLogSpec("stderr", "debug")])
 
     def test_keys_are_case_sensitive(self):
-        path, errors = cfg_errors(self, CFG_BASE, """\
+        path, errors = config_errors(self, BASE_CONFIG, """\
             Timeout = 5s
         """)
         self.assertEqual([e.message for e in errors], ['unknown directive "Timeout"'])
 
     def test_error_fields(self):
-        path, errors = cfg_errors(self, CFG_BASE, """\
+        path, errors = config_errors(self, BASE_CONFIG, """\
             timeout = 1x
         """)
         self.assertEqual(len(errors), 1)
@@ -1256,7 +1222,7 @@ class ConfigLoadTests(unittest.TestCase):
         self.assertEqual(str(error), '%s:7: [server imap] timeout: invalid time "1x"' % path)
 
     def test_duplicate_pair_within_one_server_and_by_wildcard_spelling(self):
-        path, errors = cfg_errors(self, """\
+        path, errors = config_errors(self, """\
             [mail]
             proxy_pass = 127.0.0.1:1143
 
@@ -1280,7 +1246,7 @@ class ConfigLoadTests(unittest.TestCase):
     def test_duplicate_pair_in_another_ipv6_spelling(self):
         # [::1] and [0:0::1] are one address: -t must refuse the pair, or
         # the start would fail in bind().
-        path, errors = cfg_errors(self, """\
+        path, errors = config_errors(self, """\
             [mail]
             proxy_pass = 127.0.0.1:1143
 
@@ -1298,7 +1264,7 @@ class ConfigLoadTests(unittest.TestCase):
     def test_a_bad_value_is_not_also_reported_missing(self):
         # A listen/proxy_pass whose value is refused is reported once, not
         # also as 'no "listen" is defined for server'.
-        path, errors = cfg_errors(self, """\
+        path, errors = config_errors(self, """\
             [server imap]
             listen = 127.0.0.1:18143 bogus
             protocol = imap
@@ -1314,7 +1280,7 @@ class ConfigLoadTests(unittest.TestCase):
 class ConfigUsersRoutesTests(unittest.TestCase):
 
     def test_password_kept_verbatim(self):
-        config = cfg_load(self, CFG_BASE, """\
+        config = load_text(self, BASE_CONFIG, """\
 
             [users]
             alice@example.com = {PLAIN}pa ss%+"q
@@ -1330,7 +1296,7 @@ class ConfigUsersRoutesTests(unittest.TestCase):
     def test_scheme_names_are_case_insensitive(self):
         sha512 = mp.hash_password(b"pw1", "SHA512-CRYPT")[len("{SHA512-CRYPT}"):]
         pbkdf2 = mp.hash_password(b"pw2", "PBKDF2-SHA256", rounds=1000)[len("{PBKDF2-SHA256}"):]
-        config = cfg_load(self, CFG_BASE, """\
+        config = load_text(self, BASE_CONFIG, """\
 
             [users]
             a = {plain}secret
@@ -1345,7 +1311,7 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         self.assertFalse(mp.password_matches(config.users["c"], b"pw1"))
 
     def test_logins_are_case_sensitive_keys(self):
-        config = cfg_load(self, CFG_BASE, """\
+        config = load_text(self, BASE_CONFIG, """\
 
             [users]
             Alice = {PLAIN}one
@@ -1359,14 +1325,14 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         # would raise at the user's first login and end the whole process.
         for data in ["0$c2FsdHNhbHQ=$AAAA", "1000$c2FsdA$AAAA", "1000$c2FsdA==$A"]:
             with self.subTest(data=data):
-                cfg_errors(self, CFG_BASE, """\
+                config_errors(self, BASE_CONFIG, """\
 
                     [users]
                     zed = {PBKDF2-SHA256}%s
                 """ % data)
 
     def test_routes(self):
-        config = cfg_load(self, CFG_BASE, """\
+        config = load_text(self, BASE_CONFIG, """\
 
             [routes]
             @example.com = 127.0.0.2
@@ -1390,7 +1356,7 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         self.assertIs(mp.route_for(config.routes, proxy_pass, "carol"), proxy_pass)
 
     def test_route_port_follows_each_servers_proxy_pass(self):
-        config = cfg_load(self, """\
+        config = load_text(self, """\
             [server imap]
             listen = 127.0.0.1:18143
             protocol = imap
@@ -1414,18 +1380,18 @@ class ConfigUsersRoutesTests(unittest.TestCase):
 class ConfigCommandLineTests(unittest.TestCase):
 
     def test_version(self):
-        status, out, err = cfg_run(["-v"])
+        status, out, err = run_mailproxy(["-v"])
         self.assertEqual(status, 0)
         self.assertIn("mailproxy/" + mp.__version__, out + err)
 
     def test_unknown_option(self):
         for args in (["-x"], ["--bogus"], ["-c"]):
-            status, out, err = cfg_run(args)
+            status, out, err = run_mailproxy(args)
             self.assertEqual(status, 2, args)
             self.assertIn("usage:", err)
 
     def hash(self, args, password: bytes) -> str:
-        status, out, err = cfg_run(["--hash-password"] + args, stdin=password)
+        status, out, err = run_mailproxy(["--hash-password"] + args, stdin=password)
         self.assertEqual(status, 0, err)
         self.assertEqual(out.count("\n"), 1, out)
         return out.strip()
@@ -1455,16 +1421,16 @@ class ConfigCommandLineTests(unittest.TestCase):
 
     def test_hash_password_output_loads_as_a_users_entry(self):
         value = self.hash(["SHA256-CRYPT"], b"from the file\n")
-        config = cfg_load(self, CFG_BASE, "[users]\nalice = " + value + "\n")
+        config = load_text(self, BASE_CONFIG, "[users]\nalice = " + value + "\n")
         self.assertTrue(mp.password_matches(config.users["alice"], b"from the file"))
 
     def test_hash_password_refuses_empty_input_and_unknown_scheme(self):
         for stdin in (b"", b"\n"):
-            status, out, err = cfg_run(["--hash-password"], stdin=stdin)
+            status, out, err = run_mailproxy(["--hash-password"], stdin=stdin)
             self.assertEqual(status, 1, stdin)
             self.assertEqual(out, "")
             self.assertIn("no password", err)
-        status, out, err = cfg_run(["--hash-password", "md5"], stdin=b"secret\n")
+        status, out, err = run_mailproxy(["--hash-password", "md5"], stdin=b"secret\n")
         self.assertEqual(status, 1)
         self.assertIn("unknown scheme", err)
 
@@ -1500,21 +1466,21 @@ class ConfigProcessTests(unittest.TestCase):
         return proxy
 
     def test_start_greet_and_sigterm(self):
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         proxy = self.start(self.config(directory, port))
         self.assertIn("listening on 127.0.0.1:%d" % port, proxy.stderr)
-        client = CfgImapClient(self, port)
-        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+        client = connect_client(self, port)
+        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
         client.send(b"a1 CAPABILITY\r\n")
-        self.assertEqual(client.line(), b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
-        self.assertEqual(client.line(), b"a1 OK completed\r\n")
+        self.assertEqual(client.read_line(), b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
+        self.assertEqual(client.read_line(), b"a1 OK completed\r\n")
         proxy.send_signal("SIGTERM")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
-        self.assertEqual(client.line(), b"")          # the session was closed at once
+        client.expect_closed()                        # the session was closed at once
 
     def test_port_in_use(self):
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         with socket.socket() as holder:
             holder.bind(("127.0.0.1", 0))
             holder.listen(1)
@@ -1525,53 +1491,53 @@ class ConfigProcessTests(unittest.TestCase):
         self.assertNotIn("Traceback", proxy.stderr)
 
     def test_sigquit_without_sessions(self):
-        directory = CfgTempDir(self)
-        proxy = self.start(self.config(directory, cfg_free_port()))
+        directory = TempDir(self)
+        proxy = self.start(self.config(directory, free_port()))
         proxy.send_signal("SIGQUIT")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
         self.assertIn("gracefully shutting down", proxy.stderr)
 
     def test_sigquit_lets_a_session_finish(self):
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         proxy = self.start(self.config(directory, port))
-        client = CfgImapClient(self, port)
-        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+        client = connect_client(self, port)
+        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
         mark = proxy.mark()
         proxy.send_signal("SIGQUIT")
         self.assertIsNotNone(proxy.wait_for("gracefully shutting down", mark), proxy.stderr)
-        self.assertTrue(cfg_refused_soon(port), "still accepting after SIGQUIT")
+        self.assertTrue(connection_refused(port, within=2.0), "still accepting after SIGQUIT")
         client.send(b"a1 NOOP\r\n")
-        self.assertEqual(client.line(), b"a1 OK completed\r\n")
+        self.assertEqual(client.read_line(), b"a1 OK completed\r\n")
         self.assertIsNone(proxy.proc.poll())
         client.send(b"a2 LOGOUT\r\n")
-        self.assertEqual(client.line(), b"* BYE\r\n")
+        self.assertEqual(client.read_line(), b"* BYE\r\n")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
 
     def test_sighup_reloads_the_user_table(self):
         backend = CfgFakeImapBackend(self)
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         path = self.config(directory, port, backend.port, password="old")
         proxy = self.start(path)
-        self.assertEqual(cfg_imap_login(self, port, "alice", "old"), b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(imap_login_reply(self, port, "old"), b"a1 OK LOGIN completed\r\n")
         self.config(directory, port, backend.port, password="new")
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
         started = time.monotonic()
-        self.assertEqual(cfg_imap_login(self, port, "alice", "old"),
+        self.assertEqual(imap_login_reply(self, port, "old"),
                          b"a1 NO Invalid login or password\r\n")
         self.assertGreaterEqual(time.monotonic() - started, 0.09)     # auth_delay
-        self.assertEqual(cfg_imap_login(self, port, "alice", "new"), b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
         self.assertIn(b"new\r\n", backend.received)
         proxy.send_signal("SIGTERM")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
 
     def test_sighup_with_an_invalid_file_keeps_the_old_configuration(self):
         backend = CfgFakeImapBackend(self)
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         path = self.config(directory, port, backend.port, password="old")
         proxy = self.start(path)
         self.config(directory, port, backend.port, password="new", extra="bogus_directive = 1\n")
@@ -1579,28 +1545,28 @@ class ConfigProcessTests(unittest.TestCase):
         proxy.send_signal("SIGHUP")
         self.assertIsNotNone(proxy.wait_for("reload failed", mark), proxy.stderr)
         self.assertIsNotNone(proxy.wait_for('unknown directive "bogus_directive"', mark), proxy.stderr)
-        self.assertEqual(cfg_imap_login(self, port, "alice", "old"), b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(imap_login_reply(self, port, "old"), b"a1 OK LOGIN completed\r\n")
         self.assertIsNone(proxy.proc.poll())
         proxy.send_signal("SIGTERM")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
 
     def test_sighup_opens_new_listeners(self):
-        directory = CfgTempDir(self)
-        port, second = cfg_free_port(), cfg_free_port()
+        directory = TempDir(self)
+        port, second = free_port(), free_port()
         proxy = self.start(self.config(directory, port))
         self.config(directory, port, extra="\n[server second]\nlisten = 127.0.0.1:%d\nprotocol = imap\n" % second)
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
-        client = CfgImapClient(self, second)
-        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+        client = connect_client(self, second)
+        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
 
     def test_check_and_start_agree_on_a_wildcard_and_an_address_of_one_port(self):
         # nginx accepts "*:P" and "127.0.0.1:P" together (it binds the
         # wildcard only); mailproxy binds each listen, so -t and the start
         # must agree: both refuse it.
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         path = directory.write("mailproxy.conf", """\
             [mail]
             proxy_pass = 127.0.0.1:1143
@@ -1613,7 +1579,7 @@ class ConfigProcessTests(unittest.TestCase):
             listen = 127.0.0.1:%d
             protocol = imap
         """ % (port, port))
-        status, out, err = cfg_run(["-t", "-c", path])
+        status, out, err = run_mailproxy(["-t", "-c", path])
         proxy = CfgProxy(self, path)
         started = proxy.wait_for("started") is not None
         self.assertEqual(status == 0, started, "-t exit %d; start:\n%s" % (status, proxy.stderr))
@@ -1621,14 +1587,14 @@ class ConfigProcessTests(unittest.TestCase):
     def test_error_log_in_a_server_section_is_used(self):
         # error_log in [server NAME] (and [mail]) sends that server's
         # session lines to its own file, as nginx.
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         log_path = os.path.join(directory.path, "server.log")
         proxy = self.start(self.config(directory, port, extra="error_log = server.log info\n"))
-        client = CfgImapClient(self, port)
-        self.assertEqual(client.line(), b"* OK IMAP4 ready\r\n")
+        client = connect_client(self, port)
+        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
         client.send(b"a1 LOGOUT\r\n")
-        self.assertEqual(client.line(), b"* BYE\r\n")
+        self.assertEqual(client.read_line(), b"* BYE\r\n")
         proxy.send_signal("SIGTERM")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
         self.assertTrue(os.path.exists(log_path), "server.log was not created")
@@ -3122,7 +3088,7 @@ class BackendStartTlsScriptTests(unittest.TestCase):
 #                         auth_http, OAuth, PROXY                            #
 # ########################################################################## #
 
-AH_URL = mp.AuthHttpUrl("auth.example", "/mail/auth", (socket.AF_INET, ("127.0.0.1", 80)),
+AUTH_URL = mp.AuthHttpUrl("auth.example", "/mail/auth", (socket.AF_INET, ("127.0.0.1", 80)),
                         "127.0.0.1:80")
 
 
@@ -3138,7 +3104,7 @@ class AuthHttpRequestTests(unittest.TestCase):
 
     def test_plain_imap_with_escaping(self):
         request = auth_request(login="al ice%\r\n\x00é".encode(), password=b"p\tw+\x7f")
-        self.assertEqual(mp.build_auth_http_request(AH_URL, [("X-Auth-Key", "k")], request),
+        self.assertEqual(mp.build_auth_http_request(AUTH_URL, [("X-Auth-Key", "k")], request),
                          self.HEAD + b"Auth-Method: plain\r\n"
                          b"Auth-User: al%20ice%25%0D%0A%00\xc3\xa9\r\nAuth-Pass: p%09w+\x7f\r\n"
                          b"Auth-Protocol: imap\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n"
@@ -3162,7 +3128,7 @@ class AuthHttpRequestTests(unittest.TestCase):
         }
         for name, (overrides, middle) in cases.items():
             request = auth_request(**overrides)
-            built = mp.build_auth_http_request(AH_URL, [], request)
+            built = mp.build_auth_http_request(AUTH_URL, [], request)
             protocol = overrides.get("protocol", "imap").encode()
             self.assertEqual(built, self.HEAD + middle + b"Auth-Protocol: " + protocol +
                              b"\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n\r\n", name)
@@ -3172,7 +3138,7 @@ class AuthHttpRequestTests(unittest.TestCase):
                                client_host="client.example",
                                proxy_protocol=("198.51.100.1", 4000, "203.0.113.5", 25),
                                smtp=(b"helo.example", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>"))
-        self.assertEqual(mp.build_auth_http_request(AH_URL, [], request), self.HEAD +
+        self.assertEqual(mp.build_auth_http_request(AUTH_URL, [], request), self.HEAD +
                          b"Auth-Method: none\r\nAuth-User: \r\nAuth-Pass: \r\nAuth-Protocol: smtp\r\n"
                          b"Auth-Login-Attempt: 2\r\nClient-IP: 192.0.2.7\r\nClient-Host: client.example\r\n"
                          b"Proxy-Protocol-Addr: 198.51.100.1\r\nProxy-Protocol-Port: 4000\r\n"
@@ -3189,7 +3155,7 @@ class AuthHttpRequestTests(unittest.TestCase):
                       b"Auth-SSL-Subject: CN=alice\r\nAuth-SSL-Issuer: CN=CA\r\nAuth-SSL-Serial: 01AB\r\n"
                       b"Auth-SSL-Fingerprint: " + b"ff" * 20 + b"\r\n"
                       b"Auth-SSL-Cert: -----BEGIN%20CERTIFICATE-----%0AAB%20C%0A\r\n\r\n",
-                      mp.build_auth_http_request(AH_URL, [], request))
+                      mp.build_auth_http_request(AUTH_URL, [], request))
 
     def test_url_forms(self):
         self.assertEqual(mp.parse_auth_http(["http://127.0.0.1:9000/auth"])[:2], ("127.0.0.1", "/auth"))
@@ -3563,7 +3529,7 @@ class LinearWorkTests(TlsFiles, unittest.TestCase):
 
     def test_proxy_protocol_v2_header(self):
         def run(size):
-            header = pp_v2_header("192.0.2.7", 40000, "127.0.0.1", 143, tlvs=b"\xe0" + struct.pack(
+            header = proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143, tlvs=b"\xe0" + struct.pack(
                 "!H", size) + b"t" * size)
             parsed = feed_byte_by_byte(mp.ProxyHeaderReader().receive_data, header + b"a1 NOOP\r\n")
             self.assertEqual(parsed[0].source, ("192.0.2.7", 40000))
@@ -3876,6 +3842,30 @@ class Client:
         del self.pending[:size]
         return data
 
+    def expect_line(self, line: bytes) -> None:
+        """The next line is ``line`` (CRLF included), byte for byte."""
+        got = self.read_line()
+        if got != line:
+            raise AssertionError("expected %r, got %r (lines before: %r)"
+                                 % (line, got, self.lines[-4:-1]))
+
+    def reply(self) -> bytes:
+        """One SMTP reply, all its lines (RFC 5321 §4.2.1)."""
+        lines = [self.read_line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.read_line())
+        return b"".join(lines)
+
+    def read_until_closed(self, timeout: Optional[float] = None) -> bytes:
+        """Everything the proxy sends until it closes (fails after
+        ``timeout``, by default the client's)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self._receive(deadline, "waiting for the close"):
+            pass
+        data = bytes(self.pending)
+        del self.pending[:]
+        return data
+
     def expect_closed(self) -> None:
         """The proxy closes the connection, and says nothing more before."""
         deadline = time.monotonic() + self.timeout
@@ -3897,8 +3887,50 @@ class Client:
         raise AssertionError("expected silence, got %r" % data if data else
                              "expected silence, the proxy closed the connection")
 
+    def start_tls(self, context: ssl.SSLContext, hostname: str = "localhost",
+                  session: Optional[ssl.SSLSession] = None) -> None:
+        """Go on over TLS on the same socket: after the plaintext "OK, begin
+        TLS" (implicit TLS: at once)."""
+        if self.pending:
+            raise AssertionError("plaintext left unread before the TLS handshake: %r"
+                                 % bytes(self.pending))
+        self.sock.settimeout(self.timeout)
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname, session=session)
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes straight onto the TCP connection, under TLS's feet."""
+        raw = socket.fromfd(self.sock.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            raw.settimeout(self.timeout)
+            raw.sendall(data)
+        finally:
+            raw.close()                        # a duplicate: the connection stays
+
     def close(self) -> None:
         self.sock.close()
+
+
+def connect_client(test, port: int, timeout: float = 5.0) -> Client:
+    """A Client of 127.0.0.1:PORT, closed when the test ends."""
+    client = Client(port, timeout)
+    test.addCleanup(client.close)
+    return client
+
+
+def imap_login_session(test, port: int, password: str = "secret", timeout: float = 5.0):
+    """A Client that has read the greeting and sent ``LOGIN alice
+    PASSWORD``: (client, the reply line)."""
+    client = connect_client(test, port, timeout)
+    client.expect_line(mp.IMAP_GREETING)
+    client.send("a1 LOGIN alice " + password)
+    return client, client.read_line()
+
+
+def imap_login_reply(test, port: int, password: str = "secret") -> bytes:
+    """The reply to ``LOGIN alice PASSWORD`` on a connection of its own."""
+    client, reply = imap_login_session(test, port, password)
+    client.close()
+    return reply
 
 
 class BackendWire:
@@ -5622,44 +5654,6 @@ class TlsProxyUnderTest(ProxyUnderTest):
         self.thread.start()
 
 
-class TlsClient(Client):
-    """The harness's Client, which can switch to TLS on the same socket:
-    start_tls() after the plaintext "OK, begin TLS" (implicit TLS: at once)."""
-
-    def start_tls(self, context: ssl.SSLContext, hostname: str = "localhost",
-                  session: Optional[ssl.SSLSession] = None) -> None:
-        if self.pending:
-            raise AssertionError("plaintext left unread before the TLS handshake: %r"
-                                 % bytes(self.pending))
-        self.sock.settimeout(self.timeout)
-        self.sock = context.wrap_socket(self.sock, server_hostname=hostname, session=session)
-
-    def send_raw(self, data: bytes) -> None:
-        """Bytes straight onto the TCP connection, under TLS's feet."""
-        raw = socket.fromfd(self.sock.fileno(), socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            raw.settimeout(self.timeout)
-            raw.sendall(data)
-        finally:
-            raw.close()                        # a duplicate: the connection stays
-
-    def read_until_closed(self) -> bytes:
-        """Everything the proxy sends until it closes (fails after ``timeout``)."""
-        deadline = time.monotonic() + self.timeout
-        while self._receive(deadline, "waiting for the close"):
-            pass
-        data = bytes(self.pending)
-        del self.pending[:]
-        return data
-
-    def reply(self) -> bytes:
-        """One SMTP reply, all its lines (RFC 5321 §4.2.1)."""
-        lines = [self.read_line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.read_line())
-        return b"".join(lines)
-
-
 class TlsImap4(imaplib.IMAP4):
     """imaplib with a timeout on Python 3.8 too (its IMAP4 has none before 3.9)."""
 
@@ -5917,13 +5911,13 @@ class TlsEndToEndCase(EndToEndTestCase):
         context.load_cert_chain(self.tls_path(name + ".crt"), self.tls_path(name + ".key"))
         return context
 
-    def plain_connect(self, proxy: ProxyUnderTest, port: int = 0) -> TlsClient:
-        client = TlsClient(port or proxy.port, TLS_CLIENT_TIMEOUT)
+    def plain_connect(self, proxy: ProxyUnderTest, port: int = 0) -> Client:
+        client = Client(port or proxy.port, TLS_CLIENT_TIMEOUT)
         self.addCleanup(client.close)
         return client
 
     def tls_connect(self, proxy: ProxyUnderTest, port: int = 0, certificate: str = "",
-                    hostname: str = "localhost", context=None) -> TlsClient:
+                    hostname: str = "localhost", context=None) -> Client:
         client = self.plain_connect(proxy, port)
         client.start_tls(context or self.tls_client_context(certificate), hostname)
         return client
@@ -6045,7 +6039,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
     an ssl-wrapped socket); logins refused before TLS with "only"; a second
     STARTTLS refused; then the stdlib clients end to end."""
 
-    def read_capa(self, client: TlsClient) -> bytes:
+    def read_capa(self, client: Client) -> bytes:
         lines = [client.read_line()]
         while lines[-1] != b".\r\n":
             lines.append(client.read_line())
@@ -6157,7 +6151,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
         client.expect(rb"^-ERR invalid command\r\n$")
         self.pop3_login_after_greeting(client)
 
-    def pop3_login_after_greeting(self, client: TlsClient) -> None:
+    def pop3_login_after_greeting(self, client: Client) -> None:
         client.send("USER alice")
         client.expect(rb"^\+OK\r\n$")
         client.send("PASS secret")
@@ -6961,10 +6955,8 @@ class TlsEndToEndConfigCheckTests(TlsEndToEndCase):
 
     def test_listen_ssl_without_a_certificate(self):
         path = self.path()
-        done = subprocess.run([sys.executable, MAILPROXY, "-t", "-c", path], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
-        stderr = done.stderr.decode()
-        self.assertEqual(done.returncode, 1, stderr)
+        status, out, stderr = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, stderr)
         self.assertIn('[server imap] ssl_certificate: no "ssl_certificate" is defined for the '
                       '"listen ... ssl" directive', stderr)
         self.assertIn("mailproxy: configuration file %s test failed" % path, stderr)
@@ -7024,41 +7016,49 @@ class TlsEndToEndConfigCheckTests(TlsEndToEndCase):
 # and the test fails if any process of the group is still alive.  The nginx
 # import (--import-nginx) is here too: it ends in -t on its output.
 
-PROC_GREETING = rb"^\* OK IMAP4 ready\r\n$"
-proc_needs_unix = unittest.skipUnless(hasattr(os, "fork") and os.path.isdir("/proc/self"),
+needs_fork_and_proc = unittest.skipUnless(hasattr(os, "fork") and os.path.isdir("/proc/self"),
                                       "needs fork() and /proc")
 
 
-def proc_stat(pid: int):
-    """(state, ppid, process group) of ``pid`` from /proc; None when gone."""
+class ProcessStat(NamedTuple):
+    """What /proc/PID/stat says of a process."""
+    state: str          # R, S, D, T, Z (zombie), X (dead)...
+    ppid: int
+    group: int          # the process group
+    cpu_ticks: int      # utime + stime, in clock ticks
+
+
+def process_stat(pid: int) -> Optional[ProcessStat]:
+    """/proc/PID/stat; None when the process is gone."""
     try:
-        with open("/proc/%d/stat" % pid) as handle:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
             data = handle.read()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2])
+    fields = data[data.rindex(b")") + 2:].split()      # from field 3 (state) on
+    return ProcessStat(fields[0].decode(), int(fields[1]), int(fields[2]),
+                       int(fields[11]) + int(fields[12]))
 
 
-def proc_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Running or sleeping.  A zombie counts as dead: an orphaned worker is
     re-parented to an init that may never reap it."""
-    stat = proc_stat(pid)
+    stat = process_stat(pid)
     return stat is not None and stat[0] not in ("Z", "X")
 
 
-def proc_group(pgid: int) -> list:
+def process_group(pgid: int) -> list:
     """The live processes of process group ``pgid``."""
     members = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            stat = proc_stat(int(name))
+            stat = process_stat(int(name))
             if stat is not None and stat[2] == pgid and stat[0] not in ("Z", "X"):
                 members.append(int(name))
     return members
 
 
-def proc_ids(pid: int, field: str) -> list:
+def process_ids(pid: int, field: str) -> list:
     """The numbers of the ``Uid:``, ``Gid:`` or ``Groups:`` line of
     /proc/PID/status."""
     with open("/proc/%d/status" % pid) as handle:
@@ -7068,15 +7068,7 @@ def proc_ids(pid: int, field: str) -> list:
     raise AssertionError("no %s line for %d" % (field, pid))
 
 
-def proc_wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(0.01)
-
-
-def proc_config(directory: CfgTempDir, ports, backend_port: int = 1143, password: str = "secret",
+def proc_config(directory: TempDir, ports, backend_port: int = 1143, password: str = "secret",
                 main: str = "", mail: str = "", server: str = "", tail: str = "",
                 log: str = "stderr info", name: str = "mailproxy.conf") -> str:
     """One IMAP server listening on every port of ``ports``, a [users] table
@@ -7144,7 +7136,7 @@ class proc_Proxy(CfgProxy):
         self.reader.join(2)
         self.proc.stdout.close()
         self.proc.stderr.close()
-        proc_wait(lambda: not proc_group(self.pgid), 2.0,
+        wait_until(lambda: not process_group(self.pgid), 2.0,
                   "the proxy's process group %d to be gone" % self.pgid)
 
 
@@ -7177,21 +7169,11 @@ class proc_ImapBackend(FakeImapBackend):
         return True
 
 
-def proc_login(test, port: int, password: str = "secret", timeout: float = 5.0):
-    """A harness Client that has read the greeting and sent LOGIN: (client,
-    the reply line)."""
-    client = Client(port, timeout)
-    test.addCleanup(client.close)
-    client.expect(PROC_GREETING)
-    client.send("a1 LOGIN alice " + password)
-    return client, client.read_line()
-
-
-def proc_upload(size: int) -> bytes:
+def upload_bytes(size: int) -> bytes:
     return hashlib.shake_128(b"upload of %d bytes" % size).digest(size)
 
 
-def proc_transfer(test, client: Client, size: int) -> None:
+def fetch_and_append(test, client: Client, size: int) -> None:
     """Through a logged-in session: FETCH ``size`` bytes from the backend and
     APPEND ``size`` other bytes to it, both checked with sha256."""
     client.send("f1 FETCH 1 BODY[]")
@@ -7200,21 +7182,21 @@ def proc_transfer(test, client: Client, size: int) -> None:
     test.assertEqual(sha256_hex(got), sha256_hex(message_bytes(size)), "FETCH: bytes changed")
     client.expect(rb"^\)\r\n$")
     client.expect(rb"^f1 OK FETCH completed\r\n$")
-    data = proc_upload(size)
+    data = upload_bytes(size)
     client.send("f2 APPEND INBOX {%d}" % size)
     client.expect(rb"^\+ Ready for literal data\r\n$")
     client.send(data + b"\r\n")
     client.expect(rb"^f2 OK APPEND completed, sha256 %s\r\n$" % sha256_hex(data).encode())
 
 
-def proc_logout(client: Client) -> None:
+def imap_logout(client: Client) -> None:
     client.send("z9 LOGOUT")
     client.expect(rb"^\* BYE")
     client.expect(rb"^z9 OK")
     client.expect_closed()
 
 
-def proc_read(path: str) -> str:
+def read_text(path: str) -> str:
     """The text of a file; "" if there is none."""
     try:
         with open(path) as handle:
@@ -7223,48 +7205,25 @@ def proc_read(path: str) -> str:
         return ""
 
 
-def proc_refused(port: int) -> bool:
-    """One connection attempt, no retry: is it refused?"""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-def proc_read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """Everything the peer sends until it closes (fails after ``timeout``)."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
 # -- workers: several, and one that dies ----------------------------------------
 
-@proc_needs_unix
+@needs_fork_and_proc
 class ProcessWorkerTests(unittest.TestCase):
 
     def test_three_workers_and_a_killed_one_is_replaced(self):
         backend = CfgFakeImapBackend(self)
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
                                              main="worker_processes = 3\n"))
         workers = proxy.workers()
         self.assertEqual(len(set(workers)), 3, proxy.stderr)
         for pid in workers:
-            self.assertTrue(proc_alive(pid), "worker %d is not running" % pid)
-            self.assertEqual(proc_stat(pid)[1], proxy.pid, "worker %d: not the master's child" % pid)
+            self.assertTrue(process_alive(pid), "worker %d is not running" % pid)
+            self.assertEqual(process_stat(pid).ppid, proxy.pid, "worker %d: not the master's child" % pid)
         mark = proxy.mark()
         for _ in range(5):
-            self.assertEqual(cfg_imap_login(self, port, "alice", "secret"),
+            self.assertEqual(imap_login_reply(self, port, "secret"),
                              b"a1 OK LOGIN completed\r\n")
         served = proxy.served_by(mark)
         self.assertEqual(len(served), 5, proxy.stderr)
@@ -7282,27 +7241,27 @@ class ProcessWorkerTests(unittest.TestCase):
         self.assertEqual(len(replacement), 1, proxy.stderr)
         new = replacement[0]
         self.assertNotIn(new, workers)
-        self.assertTrue(proc_alive(new))
-        self.assertEqual(proc_stat(new)[1], proxy.pid)
-        self.assertFalse(proc_alive(victim))
+        self.assertTrue(process_alive(new))
+        self.assertEqual(process_stat(new).ppid, proxy.pid)
+        self.assertFalse(process_alive(victim))
         current = set(workers) - {victim} | {new}
         mark = proxy.mark()
         for _ in range(5):
-            self.assertEqual(cfg_imap_login(self, port, "alice", "secret"),
+            self.assertEqual(imap_login_reply(self, port, "secret"),
                              b"a1 OK LOGIN completed\r\n")
         served = proxy.served_by(mark)
         self.assertEqual(len(served), 5, proxy.stderr)
         self.assertLessEqual(set(served), current)
 
     def test_worker_connections_keeps_the_third_client_in_the_backlog(self):
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         proxy = proc_Proxy(self, proc_config(directory, [port], main="worker_connections = 2\n"))
         first, second = Client(port, 2.0), Client(port, 2.0)
         self.addCleanup(first.close)
         self.addCleanup(second.close)
-        first.expect(PROC_GREETING)
-        second.expect(PROC_GREETING)
+        first.expect_line(mp.IMAP_GREETING)
+        second.expect_line(mp.IMAP_GREETING)
         third = Client(port, 2.0)                 # the kernel completes the handshake
         self.addCleanup(third.close)
         third.expect_nothing(0.3)
@@ -7315,7 +7274,7 @@ class ProcessWorkerTests(unittest.TestCase):
         first.expect(rb"^a1 OK")
         first.expect_closed()
         started = time.monotonic()
-        third.expect(PROC_GREETING)
+        third.expect_line(mp.IMAP_GREETING)
         self.assertLess(time.monotonic() - started, 0.5, "the third client waited too long")
         third.send("a2 NOOP")
         third.expect(rb"^a2 OK completed\r\n$")
@@ -7327,17 +7286,17 @@ class ProcessWorkerTests(unittest.TestCase):
 
 # -- SIGHUP: a reload -------------------------------------------------------------
 
-@proc_needs_unix
+@needs_fork_and_proc
 class ProcessReloadTests(unittest.TestCase):
 
     def test_sighup_moves_the_listener_and_changes_users_while_a_session_relays(self):
         backend = proc_ImapBackend(self, message_bytes(MEGABYTE))
-        directory = CfgTempDir(self)
-        old_port, new_port = cfg_free_port(), cfg_free_port()
+        directory = TempDir(self)
+        old_port, new_port = free_port(), free_port()
         path = proc_config(directory, [old_port], backend.port, password="old")
         proxy = proc_Proxy(self, path)
         old_workers = proxy.workers()
-        session, reply = proc_login(self, old_port, "old")
+        session, reply = imap_login_session(self, old_port, "old")
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         session.send("n1 NOOP")
         session.expect(rb"^n1 OK NOOP completed\r\n$")      # relaying before the reload
@@ -7350,26 +7309,26 @@ class ProcessReloadTests(unittest.TestCase):
         self.assertEqual(len(new_workers), 1, proxy.stderr)
         self.assertNotIn(new_workers[0], old_workers)
 
-        self.assertTrue(proc_refused(old_port), "the removed port still accepts")
-        refused, reply = proc_login(self, new_port, "old")
+        self.assertTrue(connection_refused(old_port), "the removed port still accepts")
+        refused, reply = imap_login_session(self, new_port, "old")
         self.assertEqual(reply, b"a1 NO Invalid login or password\r\n")
-        accepted, reply = proc_login(self, new_port, "new")
+        accepted, reply = imap_login_session(self, new_port, "new")
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         self.assertEqual(set(proxy.served_by(mark)), set(new_workers))
 
         # The session from before the reload, in the old worker, still relays.
-        self.assertTrue(proc_alive(old_workers[0]))
-        proc_transfer(self, session, MEGABYTE)
-        proc_logout(session)
+        self.assertTrue(process_alive(old_workers[0]))
+        fetch_and_append(self, session, MEGABYTE)
+        imap_logout(session)
         self.assertIsNotNone(proxy.wait_for("worker process %d exited with code 0" % old_workers[0],
                                             mark), proxy.stderr)
         self.assertEqual(backend.logins, [(b"alice", b"old"), (b"alice", b"new")])
-        proc_transfer(self, accepted, MEGABYTE)             # and the new worker relays too
+        fetch_and_append(self, accepted, MEGABYTE)             # and the new worker relays too
 
     def test_sighup_with_an_invalid_file_keeps_the_old_configuration(self):
         backend = CfgFakeImapBackend(self)
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         path = proc_config(directory, [port], backend.port, password="old")
         proxy = proc_Proxy(self, path)
         workers = proxy.workers()
@@ -7384,24 +7343,24 @@ class ProcessReloadTests(unittest.TestCase):
         error = proxy.wait_for("%s:%d: [server imap] timeout:" % (path, line), mark)
         self.assertIsNotNone(error, "the error is not logged with its place:\n" + proxy.stderr)
         self.assertIn("[emerg]", error)
-        self.assertEqual(cfg_imap_login(self, port, "alice", "old"), b"a1 OK LOGIN completed\r\n")
-        self.assertEqual(cfg_imap_login(self, port, "alice", "new"),
+        self.assertEqual(imap_login_reply(self, port, "old"), b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(imap_login_reply(self, port, "new"),
                          b"a1 NO Invalid login or password\r\n")
         self.assertEqual(set(proxy.served_by(mark)), set(workers))
         self.assertEqual(proxy.workers(mark), [], "a new generation was started")
-        self.assertEqual(sorted(proc_group(proxy.pgid)), sorted(workers + [proxy.pid]))
+        self.assertEqual(sorted(process_group(proxy.pgid)), sorted(workers + [proxy.pid]))
         self.assertNotIn("configuration reloaded", "".join(proxy.lines[mark:]))
 
 
 # -- SIGQUIT: a graceful stop -----------------------------------------------------
 
-@proc_needs_unix
+@needs_fork_and_proc
 class ProcessGracefulStopTests(unittest.TestCase):
 
     def test_sigquit_refuses_new_clients_lets_the_session_finish_and_removes_the_pid_file(self):
         backend = proc_ImapBackend(self, message_bytes(MEGABYTE))
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         pid_path = os.path.join(directory.path, "run", "mailproxy.pid")
         os.mkdir(os.path.dirname(pid_path))
         proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
@@ -7409,18 +7368,18 @@ class ProcessGracefulStopTests(unittest.TestCase):
         with open(pid_path) as handle:
             self.assertEqual(handle.read(), "%d\n" % proxy.pid)
         worker = proxy.workers()[0]
-        session, reply = proc_login(self, port)
+        session, reply = imap_login_session(self, port)
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         mark = proxy.mark()
         proxy.send_signal("SIGQUIT")
         self.assertIsNotNone(proxy.wait_for("%d#0: gracefully shutting down" % worker, mark),
                              proxy.stderr)
-        self.assertTrue(cfg_refused_soon(port, 1.0), "still accepting after SIGQUIT")
-        self.assertTrue(proc_refused(port))
-        proc_transfer(self, session, MEGABYTE)
+        self.assertTrue(connection_refused(port, within=1.0), "still accepting after SIGQUIT")
+        self.assertTrue(connection_refused(port))
+        fetch_and_append(self, session, MEGABYTE)
         self.assertIsNone(proxy.proc.poll(), "exited with a session open")
         self.assertTrue(os.path.exists(pid_path))
-        proc_logout(session)
+        imap_logout(session)
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
         self.assertFalse(os.path.exists(pid_path), "the pid file is left")
         self.assertIn("%d#0: exit" % proxy.pid, proxy.stderr)
@@ -7428,16 +7387,16 @@ class ProcessGracefulStopTests(unittest.TestCase):
 
     def test_worker_shutdown_timeout_cuts_a_session_that_stays_open(self):
         backend = CfgFakeImapBackend(self)
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
                                              main="worker_shutdown_timeout = 1s\n"))
-        session, reply = proc_login(self, port)
+        session, reply = imap_login_session(self, port)
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         mark = proxy.mark()
         started = time.monotonic()
         proxy.send_signal("SIGQUIT")
-        rest = proc_read_until_closed(session.sock, 3.0)
+        rest = session.read_until_closed(3.0)
         cut = time.monotonic() - started
         self.assertEqual(rest, b"")
         self.assertGreaterEqual(cut, 0.9, "cut before worker_shutdown_timeout")
@@ -7448,37 +7407,37 @@ class ProcessGracefulStopTests(unittest.TestCase):
 
 # -- the master's death ------------------------------------------------------------
 
-@proc_needs_unix
+@needs_fork_and_proc
 class ProcessMasterGoneTests(unittest.TestCase):
 
     def start(self, port):
-        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port],
+        proxy = proc_Proxy(self, proc_config(TempDir(self), [port],
                                              main="worker_processes = 2\n"))
         workers = proxy.workers()
         self.assertEqual(len(workers), 2)
         client = Client(port, 2.0)        # the workers serve before the master dies
         self.addCleanup(client.close)
-        client.expect(PROC_GREETING)
+        client.expect_line(mp.IMAP_GREETING)
         client.close()
         return proxy, workers
 
     def test_workers_stop_when_the_master_is_killed(self):
-        port = cfg_free_port()
+        port = free_port()
         proxy, workers = self.start(port)
         os.kill(proxy.pid, signal.SIGKILL)
         proxy.proc.wait(2)
-        proc_wait(lambda: not any(proc_alive(pid) for pid in workers), 2.0,
+        wait_until(lambda: not any(process_alive(pid) for pid in workers), 2.0,
                   "the workers to stop after the master's SIGKILL")
-        self.assertTrue(proc_refused(port))
-        self.assertEqual(proc_group(proxy.pgid), [])
+        self.assertTrue(connection_refused(port))
+        self.assertEqual(process_group(proxy.pgid), [])
 
     def test_workers_stop_cleanly_when_the_master_is_killed(self):
         # The worker's graceful stop reports to the master through a pipe
         # whose only reader was the master: the write must not kill it.
-        port = cfg_free_port()
+        port = free_port()
         proxy, workers = self.start(port)
         os.kill(proxy.pid, signal.SIGKILL)
-        proc_wait(lambda: not any(proc_alive(pid) for pid in workers), 2.0,
+        wait_until(lambda: not any(process_alive(pid) for pid in workers), 2.0,
                   "the workers to stop after the master's SIGKILL")
         proxy.reader.join(2)              # the workers held the stderr pipe too
         for pid in workers:
@@ -7489,7 +7448,7 @@ class ProcessMasterGoneTests(unittest.TestCase):
 
 # -- user = nobody -------------------------------------------------------------------
 
-@proc_needs_unix
+@needs_fork_and_proc
 @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root")
 class ProcessPrivilegeTests(unittest.TestCase):
 
@@ -7503,35 +7462,35 @@ class ProcessPrivilegeTests(unittest.TestCase):
     def test_workers_run_as_nobody_and_the_master_stays_root(self):
         nobody = self.nobody()
         backend = CfgFakeImapBackend(self)
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
                                              main="user = nobody\nworker_processes = 2\n"))
         workers = proxy.workers()
         self.assertEqual(len(workers), 2)
-        self.assertEqual(proc_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
+        self.assertEqual(process_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
         for pid in workers:                               # the drop follows the fork
-            proc_wait(lambda: proc_ids(pid, "Uid") != [0, 0, 0, 0], 1.0, "worker %d to drop root" % pid)
-            self.assertEqual(proc_ids(pid, "Uid"), [nobody.pw_uid] * 4, "worker %d" % pid)
-            self.assertEqual(proc_ids(pid, "Gid"), [nobody.pw_gid] * 4, "worker %d" % pid)
-            self.assertEqual(proc_ids(pid, "Groups"), [nobody.pw_gid], "worker %d" % pid)
-        self.assertEqual(cfg_imap_login(self, port, "alice", "secret"), b"a1 OK LOGIN completed\r\n")
+            wait_until(lambda: process_ids(pid, "Uid") != [0, 0, 0, 0], 1.0, "worker %d to drop root" % pid)
+            self.assertEqual(process_ids(pid, "Uid"), [nobody.pw_uid] * 4, "worker %d" % pid)
+            self.assertEqual(process_ids(pid, "Gid"), [nobody.pw_gid] * 4, "worker %d" % pid)
+            self.assertEqual(process_ids(pid, "Groups"), [nobody.pw_gid], "worker %d" % pid)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 OK LOGIN completed\r\n")
         self.assertLessEqual(set(proxy.served_by()), set(workers))
         mark = proxy.mark()
         os.kill(workers[0], signal.SIGKILL)              # a replacement drops privileges too
         self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
         new = proxy.workers(mark)[0]
-        proc_wait(lambda: proc_ids(new, "Uid") == [nobody.pw_uid] * 4, 1.0,
+        wait_until(lambda: process_ids(new, "Uid") == [nobody.pw_uid] * 4, 1.0,
                   "the new worker to become nobody")
-        self.assertEqual(proc_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
+        self.assertEqual(process_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
 
     def test_single_process_with_user_writes_its_pid_file(self):
         # master_process off: the one process binds, drops to "user" and
         # serves; the pid file (in a directory only root may write) must
         # still be written, as the master does it before any drop.
         self.nobody()
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         pid_path = os.path.join(directory.path, "mailproxy.pid")
         proxy = proc_Proxy(self, proc_config(
             directory, [port], main="master_process = off\nuser = nobody\npid = %s\n" % pid_path),
@@ -7545,12 +7504,12 @@ class ProcessPrivilegeTests(unittest.TestCase):
 
 # -- logs: SIGUSR1, syslog, access_log -------------------------------------------------
 
-@proc_needs_unix
+@needs_fork_and_proc
 class ProcessLogTests(unittest.TestCase):
 
     def test_sigusr1_reopens_the_error_log_after_a_rename(self):
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        directory = TempDir(self)
+        port = free_port()
         log_path = os.path.join(directory.path, "error.log")
         rotated = log_path + ".1"
         # The file first: a line is in it before it is in stderr.
@@ -7562,7 +7521,7 @@ class ProcessLogTests(unittest.TestCase):
                 return handle.read()
 
         def session():
-            key = "*%s session done" % proc_session(self, proxy, port)
+            key = "*%s session done" % session_number(self, proxy, port)
             self.assertIsNotNone(proxy.wait_for(key), proxy.stderr)
             return key
 
@@ -7571,7 +7530,7 @@ class ProcessLogTests(unittest.TestCase):
         before = session()
         self.assertIn(before, read(rotated))             # the open file, renamed
         proxy.send_signal("SIGUSR1")
-        proc_wait(lambda: os.path.exists(log_path), 2.0, "the master to open error.log again")
+        wait_until(lambda: os.path.exists(log_path), 2.0, "the master to open error.log again")
         deadline = time.monotonic() + 2.0
         while session() not in read(log_path):           # until the worker has the signal
             self.assertLess(time.monotonic(), deadline, "the worker never reopened its log")
@@ -7587,10 +7546,10 @@ class ProcessLogTests(unittest.TestCase):
         self.assertNotIn(before, text)
 
     def test_syslog_datagrams_are_rfc3164(self):
-        main_sink = proc_udp_sink(self)
-        server_sink = proc_udp_sink(self)
-        directory = CfgTempDir(self)
-        port = cfg_free_port()
+        main_sink = udp_sink(self)
+        server_sink = udp_sink(self)
+        directory = TempDir(self)
+        port = free_port()
         proxy = proc_Proxy(self, proc_config(
             directory, [port],
             log="stderr info\n    syslog:server=127.0.0.1:%d,facility=mail,tag=mproxy info"
@@ -7599,16 +7558,16 @@ class ProcessLogTests(unittest.TestCase):
                    " info\n" % server_sink.getsockname()[1]))
         stamp = rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [ 123]\d \d\d:\d\d:\d\d "
         host = re.escape(socket.gethostname().encode())
-        worker = proc_datagram(main_sink, b"start worker process")    # logged before "started"
+        worker = datagram_with(main_sink, b"start worker process")    # logged before "started"
         self.assertRegex(worker, b"^<21>" + stamp + host + rb" mproxy: \[notice\] %d#0: "
                          rb"start worker process %d$" % (proxy.pid, proxy.workers()[0]))
-        started = proc_datagram(main_sink, b"started")
+        started = datagram_with(main_sink, b"started")
         self.assertRegex(started, b"^<21>" + stamp + host + rb" mproxy: \[notice\] %d#0: "
                          rb"mailproxy/\S+ started, listening on 127\.0\.0\.1:%d$" % (proxy.pid, port))
         client = Client(port, 2.0)
         self.addCleanup(client.close)
-        client.expect(PROC_GREETING)
-        connected = proc_datagram(server_sink, b"connected to")
+        client.expect_line(mp.IMAP_GREETING)
+        connected = datagram_with(server_sink, b"connected to")
         self.assertRegex(connected, b"^<22>" + stamp + rb"mproxy: \[info\] %d#0: \*1 client "
                          rb"127\.0\.0\.1:\d+ connected to 127\.0\.0\.1:%d, client: 127\.0\.0\.1, "
                          rb"server: 127\.0\.0\.1:%d$" % (proxy.workers()[0], port, port))
@@ -7616,13 +7575,13 @@ class ProcessLogTests(unittest.TestCase):
         self.assertNotIn("connected to", proxy.stderr)   # the server's log is syslog only
 
     def test_a_bad_syslog_parameter_fails_the_check(self):
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         for value, message in (("syslog:server=127.0.0.1:514,colour=blue", 'unknown syslog parameter "colour"'),
                                ("syslog:server=127.0.0.1:514,facility=bogus", 'unknown syslog facility "bogus"'),
                                ("syslog:facility=mail", 'no "server="')):
             with self.subTest(value=value):
-                path = proc_config(directory, [cfg_free_port()], log="stderr info\n    %s info" % value)
-                status, out, err = cfg_run(["-t", "-c", path], timeout=10)
+                path = proc_config(directory, [free_port()], log="stderr info\n    %s info" % value)
+                status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
                 self.assertEqual(status, 1, err)
                 # The place: the directive's line (the value's first line) or
                 # the line of this occurrence.
@@ -7632,16 +7591,16 @@ class ProcessLogTests(unittest.TestCase):
 
     def test_access_log_file_and_off(self):
         backend = CfgFakeImapBackend(self)
-        directory = CfgTempDir(self)
-        port, quiet_port = cfg_free_port(), cfg_free_port()
+        directory = TempDir(self)
+        port, quiet_port = free_port(), free_port()
         access = os.path.join(directory.path, "access.log")
         proxy = proc_Proxy(self, proc_config(
             directory, [port], backend.port, main="access_log = access.log\n",
             tail="\n[server quiet]\nlisten = 127.0.0.1:%d\nprotocol = imap\naccess_log = off\n"
                  % quiet_port))
-        quiet = proc_session(self, proxy, quiet_port)
-        self.assertEqual(cfg_imap_login(self, port, "alice", "secret"), b"a1 OK LOGIN completed\r\n")
-        proc_wait(lambda: "session done" in proc_read(access), 2.0,
+        quiet = session_number(self, proxy, quiet_port)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 OK LOGIN completed\r\n")
+        wait_until(lambda: "session done" in read_text(access), 2.0,
                   "the session line in access.log")
         with open(access) as handle:
             lines = handle.read().splitlines()
@@ -7654,12 +7613,12 @@ class ProcessLogTests(unittest.TestCase):
         self.assertNotIn("session done", proxy.stderr)   # neither session's line in the error log
 
 
-def proc_session(test, proxy: proc_Proxy, port: int) -> str:
+def session_number(test, proxy: proc_Proxy, port: int) -> str:
     """One session without login (greeting, LOGOUT, closed); its number."""
     client = Client(port, 2.0)
     test.addCleanup(client.close)
     address = "127.0.0.1:%d" % client.sock.getsockname()[1]
-    client.expect(PROC_GREETING)
+    client.expect_line(mp.IMAP_GREETING)
     client.send("a1 LOGOUT")
     client.expect(rb"^\* BYE")
     client.expect(rb"^a1 OK")
@@ -7669,14 +7628,14 @@ def proc_session(test, proxy: proc_Proxy, port: int) -> str:
     return re.search(r"\*(\d+) client", line).group(1)
 
 
-def proc_udp_sink(test) -> socket.socket:
+def udp_sink(test) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     test.addCleanup(sock.close)
     return sock
 
 
-def proc_datagram(sock: socket.socket, text: bytes, timeout: float = 3.0) -> bytes:
+def datagram_with(sock: socket.socket, text: bytes, timeout: float = 3.0) -> bytes:
     """The first datagram holding ``text`` (the others are dropped)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -7694,7 +7653,7 @@ def proc_datagram(sock: socket.socket, text: bytes, timeout: float = 3.0) -> byt
 
 # -- --import-nginx ---------------------------------------------------------------------
 
-PROC_NGINX_CONF = r"""# nginx.conf of a mail proxy   ; { } "quotes" in a comment
+NGINX_CONF = r"""# nginx.conf of a mail proxy   ; { } "quotes" in a comment
 worker_processes 2;
 pid mailproxy.pid;      # relative: to the configuration's directory
 error_log stderr info;
@@ -7735,7 +7694,7 @@ mail {
 
 class ProcessImportNginxTests(unittest.TestCase):
 
-    def write(self, directory: CfgTempDir, name: str, text: str) -> str:
+    def write(self, directory: TempDir, name: str, text: str) -> str:
         path = os.path.join(directory.path, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as handle:
@@ -7743,13 +7702,13 @@ class ProcessImportNginxTests(unittest.TestCase):
         return path
 
     def test_import_translates_every_directive_and_passes_the_check(self):
-        directory = CfgTempDir(self)
-        ports = {"imap": cfg_free_port(), "pop3": cfg_free_port(), "smtp": cfg_free_port()}
-        nginx = self.write(directory, "nginx.conf", PROC_NGINX_CONF % ports)
+        directory = TempDir(self)
+        ports = {"imap": free_port(), "pop3": free_port(), "smtp": free_port()}
+        nginx = self.write(directory, "nginx.conf", NGINX_CONF % ports)
         self.write(directory, "conf.d/1-pipelining.conf", "smtp_capabilities PIPELINING;\n")
         self.write(directory, "conf.d/2-size.conf", '# the second file\nsmtp_capabilities "SIZE 10485760" 8BITMIME;\n')
         self.write(directory, "conf.d/ignored.txt", "this is no nginx syntax {\n")
-        status, ini, err = cfg_run(["--import-nginx", nginx], timeout=10)
+        status, ini, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
         self.assertEqual(status, 0, err)
         lines = ini.splitlines()
         base = directory.path
@@ -7776,7 +7735,7 @@ class ProcessImportNginxTests(unittest.TestCase):
                          lines.index('    "SIZE 10485760" 8BITMIME'))
 
         path = directory.write("imported.conf", ini)
-        status, out, err = cfg_run(["-t", "-c", path], timeout=10)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
         self.assertEqual(status, 0, err + "\n" + ini)
         self.assertIn("test is successful", err)
         config = mp.load_config(path)                    # and it means what nginx meant
@@ -7793,9 +7752,9 @@ class ProcessImportNginxTests(unittest.TestCase):
                          [("imap", ports["imap"]), ("pop3", ports["pop3"]), ("smtp", ports["smtp"])])
 
     def broken(self, text: str):
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         nginx = self.write(directory, "nginx.conf", text)
-        status, out, err = cfg_run(["--import-nginx", nginx], timeout=10)
+        status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
         self.assertEqual(status, 1, err)
         self.assertEqual(out, "")
         self.assertNotIn("Traceback", err)
@@ -7831,9 +7790,9 @@ class ProcessDescriptorTests(unittest.TestCase):
     @unittest.skipUnless(sys.platform.startswith("linux"), "RLIMIT_NOFILE and /proc")
     def test_emfile_is_logged_and_accepting_resumes(self):
         import resource
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         backend = CfgFakeImapBackend(self)
-        port = cfg_free_port()
+        port = free_port()
         path = directory.write("mailproxy.conf", """\
             [main]
             master_process = off
@@ -7860,7 +7819,7 @@ class ProcessDescriptorTests(unittest.TestCase):
         deadline = time.time() + 10
         while True:                            # the backlog drains as descriptors free up
             try:
-                reply = cfg_imap_login(self, port, "alice", "secret")
+                reply = imap_login_reply(self, port, "secret")
                 break
             except (AssertionError, OSError):
                 if time.time() > deadline:
@@ -7874,7 +7833,7 @@ class ProcessDescriptorTests(unittest.TestCase):
 # stopped behind the master's back, logs a worker running as ``user`` could
 # not reopen, and listen flags a reload did not change.
 
-def proc_listening_socket(port: int):
+def listening_socket_facts(port: int):
     """(backlog, rcvbuf, sndbuf) of the TCP socket listening on
     127.0.0.1:PORT, as the kernel holds them (``ss -ltnm`` shows the same:
     Send-Q, rb, tb), from a sock_diag dump over netlink; None if no socket
@@ -7901,11 +7860,11 @@ def proc_listening_socket(port: int):
                 message = data[offset + 16:offset + length]
                 if struct.unpack_from("!H", message, 4)[0] == port:
                     found = (struct.unpack_from("=I", message, 60)[0],
-                             ) + proc_skmeminfo(message[72:])
+                             ) + skmeminfo_buffers(message[72:])
                 offset += (length + 3) & ~3
 
 
-def proc_skmeminfo(attributes: bytes):
+def skmeminfo_buffers(attributes: bytes):
     """(rcvbuf, sndbuf) from the INET_DIAG_SKMEMINFO attribute of a
     sock_diag answer (SK_MEMINFO_RCVBUF and SK_MEMINFO_SNDBUF)."""
     offset = 0
@@ -7917,14 +7876,14 @@ def proc_skmeminfo(attributes: bytes):
     raise AssertionError("no INET_DIAG_SKMEMINFO in the answer")
 
 
-def proc_kernel_buffer(option: int, size: int) -> int:
+def kernel_buffer_size(option: int, size: int) -> int:
     """What the kernel makes of setsockopt(OPTION, SIZE) (Linux doubles it)."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, option, size)
         return probe.getsockopt(socket.SOL_SOCKET, option)
 
 
-@proc_needs_unix
+@needs_fork_and_proc
 class ProcessSignalRegressionTests(unittest.TestCase):
 
     def nobody(self):
@@ -7940,14 +7899,14 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         """A proxy with a logged-in session, then SIGQUIT: (proxy, session,
         port) once the stop has begun (the port refuses)."""
         backend = proc_ImapBackend(self)
-        port = cfg_free_port()
-        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port], backend.port, main=main))
-        session, reply = proc_login(self, port)
+        port = free_port()
+        proxy = proc_Proxy(self, proc_config(TempDir(self), [port], backend.port, main=main))
+        session, reply = imap_login_session(self, port)
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         mark = proxy.mark()
         proxy.send_signal("SIGQUIT")
         self.assertIsNotNone(proxy.wait_for("gracefully shutting down", mark), proxy.stderr)
-        self.assertTrue(cfg_refused_soon(port), "still accepting after SIGQUIT")
+        self.assertTrue(connection_refused(port, within=2.0), "still accepting after SIGQUIT")
         return proxy, session, port
 
     def sighup_while_stopping(self, proxy, port: int) -> int:
@@ -7955,11 +7914,11 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         issue 12, acted on) and ignored.  The mark before it."""
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
-        proc_wait(lambda: re.search(r"\(SIGHUP\) received|reconfiguring", proxy.stderr), 5.0,
+        wait_until(lambda: re.search(r"\(SIGHUP\) received|reconfiguring", proxy.stderr), 5.0,
                   "the proxy to take SIGHUP")
         self.assertIsNotNone(proxy.wait_for("(SIGHUP) received while shutting down, ignoring",
                                             mark, timeout=1), proxy.stderr)
-        self.assertTrue(proc_refused(port), "SIGHUP bound the port again")
+        self.assertTrue(connection_refused(port), "SIGHUP bound the port again")
         self.assertEqual(proxy.workers(mark), [], "SIGHUP started a worker")
         self.assertNotIn("reconfiguring", "".join(proxy.lines[mark:]))
         return mark
@@ -7975,27 +7934,27 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         proxy.send_signal("SIGUSR1")                     # the logs may still rotate
         self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % proxy.pid, mark),
                              proxy.stderr)
-        self.assertTrue(proc_refused(port))
+        self.assertTrue(connection_refused(port))
         self.assertEqual(proxy.workers(mark), [])
         session.send("n1 NOOP")
         session.expect(rb"^n1 OK NOOP completed\r\n$")   # the session still relays
         proxy.send_signal("SIGTERM")                     # and SIGTERM ends it at once
-        self.assertEqual(proc_read_until_closed(session.sock, 3.0), b"")
+        self.assertEqual(session.read_until_closed(3.0), b"")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
-        self.assertEqual(proc_group(proxy.pgid), [])
+        self.assertEqual(process_group(proxy.pgid), [])
 
     def test_single_process_ignores_sighup_once_stopping_and_the_stop_completes(self):
         proxy, session, port = self.session_then_sigquit("master_process = off\n")
         self.sighup_while_stopping(proxy, port)
         self.assertIsNone(proxy.proc.poll(), "exited with a session open")
-        proc_logout(session)
+        imap_logout(session)
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
 
     def test_a_sighup_to_the_whole_group_reloads_the_master_only(self):
         # nginx's workers ignore SIGHUP; reloading by themselves, they bound
         # the new port the master was binding.
-        directory = CfgTempDir(self)
-        old_port, new_port = cfg_free_port(), cfg_free_port()
+        directory = TempDir(self)
+        old_port, new_port = free_port(), free_port()
         proxy = proc_Proxy(self, proc_config(directory, [old_port]))
         worker = proxy.workers()[0]
         proc_config(directory, [new_port])
@@ -8007,16 +7966,16 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         self.assertNotIn("%d#0: reconfiguring" % worker, proxy.stderr)
         client = Client(new_port, 2.0)
         self.addCleanup(client.close)
-        client.expect(PROC_GREETING)
+        client.expect_line(mp.IMAP_GREETING)
         self.assertEqual(proxy.served_by(mark), proxy.workers(mark))
-        self.assertTrue(cfg_refused_soon(old_port), "the old port still accepts")
+        self.assertTrue(connection_refused(old_port, within=2.0), "the old port still accepts")
 
     # -- 8: a worker stopped by someone else than the master ---------------------------
 
     def test_a_worker_stopped_behind_the_masters_back_is_replaced(self):
         backend = proc_ImapBackend(self)
-        port = cfg_free_port()
-        proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port], backend.port))
+        port = free_port()
+        proxy = proc_Proxy(self, proc_config(TempDir(self), [port], backend.port))
         first = proxy.workers()[0]
         mark = proxy.mark()
         os.kill(first, signal.SIGTERM)                   # exits with 0, unasked
@@ -8024,7 +7983,7 @@ class ProcessSignalRegressionTests(unittest.TestCase):
                                             "a new one" % first, mark), proxy.stderr)
         self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
         second = proxy.workers(mark)[0]
-        session, reply = proc_login(self, port)          # the port greets again
+        session, reply = imap_login_session(self, port)          # the port greets again
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
 
         # SIGQUIT to the worker: replaced as soon as it stops accepting, not
@@ -8035,17 +7994,17 @@ class ProcessSignalRegressionTests(unittest.TestCase):
                                             "starting a new one" % second, mark), proxy.stderr)
         self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
         third = proxy.workers(mark)
-        other, reply = proc_login(self, port)
+        other, reply = imap_login_session(self, port)
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         session.send("n1 NOOP")
         session.expect(rb"^n1 OK NOOP completed\r\n$")
-        proc_logout(session)
+        imap_logout(session)
         exited = proxy.wait_for("worker process %d exited" % second, mark)
         self.assertIsNotNone(exited, proxy.stderr)
         self.assertIn("[notice]", exited)                # not "starting a new one" again
-        proc_logout(other)
+        imap_logout(other)
         self.assertEqual(proxy.workers(mark), third, "replaced twice")
-        self.assertEqual(sorted(proc_group(proxy.pgid)), sorted(third + [proxy.pid]))
+        self.assertEqual(sorted(process_group(proxy.pgid)), sorted(third + [proxy.pid]))
 
     def test_a_signal_to_the_whole_group_stops_it_and_nothing_is_respawned(self):
         # Ctrl-C (SIGINT), or kill -QUIT -PGID: the master and the workers get
@@ -8053,8 +8012,8 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         # accepting, must not be taken for stops nobody asked for.
         for name in ("SIGINT", "SIGQUIT"):
             with self.subTest(signal=name):
-                port = cfg_free_port()
-                proxy = proc_Proxy(self, proc_config(CfgTempDir(self), [port],
+                port = free_port()
+                proxy = proc_Proxy(self, proc_config(TempDir(self), [port],
                                                      main="worker_processes = 2\n"))
                 mark = proxy.mark()
                 os.killpg(proxy.pgid, getattr(signal, name))
@@ -8066,9 +8025,9 @@ class ProcessSignalRegressionTests(unittest.TestCase):
 
     def test_workers_running_as_user_reopen_their_log_on_sigusr1(self):
         nobody = self.nobody()
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         os.chmod(directory.path, 0o755)          # as /var/log: nobody may enter, not create
-        port = cfg_free_port()
+        port = free_port()
         log_path = os.path.join(directory.path, "error.log")
         proxy = proc_Proxy(self, proc_config(directory, [port], main="user = nobody\n",
                                              log="error.log info\n    stderr info"))
@@ -8077,10 +8036,10 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         mark = proxy.mark()
         proxy.send_signal("SIGUSR1")
         self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % worker, mark), proxy.stderr)
-        number = proc_session(self, proxy, port)
-        proc_wait(lambda: "*%s session done" % number in proc_read(log_path), 3.0,
+        number = session_number(self, proxy, port)
+        wait_until(lambda: "*%s session done" % number in read_text(log_path), 3.0,
                   "the worker's line in the new error.log")
-        self.assertNotIn("*%s " % number, proc_read(log_path + ".1"))
+        self.assertNotIn("*%s " % number, read_text(log_path + ".1"))
         self.assertNotIn("reopening logs failed", proxy.stderr)
         self.assertEqual(os.stat(log_path).st_uid, nobody.pw_uid)   # nginx: ngx_reopen_files
 
@@ -8089,9 +8048,9 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         # its user's, so that it can open them again after the drop.  The
         # pid file, written as root, it cannot remove: it says so.
         self.nobody()
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         os.chmod(directory.path, 0o755)
-        port = cfg_free_port()
+        port = free_port()
         log_path = os.path.join(directory.path, "error.log")
         pid_path = os.path.join(directory.path, "mailproxy.pid")
         proxy = proc_Proxy(self, proc_config(
@@ -8100,8 +8059,8 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         mark = proxy.mark()
         proxy.send_signal("SIGUSR1")
         self.assertIsNotNone(proxy.wait_for("reopening logs", mark), proxy.stderr)
-        number = proc_session(self, proxy, port)
-        proc_wait(lambda: "*%s session done" % number in proc_read(log_path), 3.0,
+        number = session_number(self, proxy, port)
+        wait_until(lambda: "*%s session done" % number in read_text(log_path), 3.0,
                   "the line in error.log")
         self.assertNotIn("reopening logs failed", proxy.stderr)
         proxy.send_signal("SIGTERM")
@@ -8114,13 +8073,13 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         """Plain IMAP on a port, then a reload that keeps the port with ssl,
         proxy_protocol, another backlog and buffer sizes: new sessions
         speak TLS after a PROXY header, and the kernel has the new sizes."""
-        directory = CfgTempDir(self)
+        directory = TempDir(self)
         write_tls_files(directory.path)
-        port = cfg_free_port()
+        port = free_port()
         path = proc_config(directory, [port], main=main)
         proxy = proc_Proxy(self, path)
-        self.assertEqual(proc_listening_socket(port)[0], mp.NGINX_LISTEN_BACKLOG)
-        proc_session(self, proxy, port)
+        self.assertEqual(listening_socket_facts(port)[0], mp.NGINX_LISTEN_BACKLOG)
+        session_number(self, proxy, port)
         with open(path) as handle:
             text = handle.read()
         buffer = 40960                                   # not a default size
@@ -8132,15 +8091,15 @@ class ProcessSignalRegressionTests(unittest.TestCase):
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
-        self.assertEqual(proc_listening_socket(port),
-                         (17, proc_kernel_buffer(socket.SO_RCVBUF, buffer),
-                          proc_kernel_buffer(socket.SO_SNDBUF, buffer)))
+        self.assertEqual(listening_socket_facts(port),
+                         (17, kernel_buffer_size(socket.SO_RCVBUF, buffer),
+                          kernel_buffer_size(socket.SO_SNDBUF, buffer)))
         client = Client(port, 3.0)
         self.addCleanup(client.close)
         client.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n")
         context = ssl.create_default_context(cafile=os.path.join(directory.path, "ca.crt"))
         client.sock = context.wrap_socket(client.sock, server_hostname="mail.example.com")
-        client.expect(PROC_GREETING)
+        client.expect_line(mp.IMAP_GREETING)
         self.assertIsNotNone(proxy.wait_for("real client address 192.0.2.7:40000", mark),
                              proxy.stderr)
         self.assertNotIn("[warn]", "".join(proxy.lines[mark:]))
@@ -8153,8 +8112,8 @@ class ProcessSignalRegressionTests(unittest.TestCase):
 
     @unittest.skipUnless(socket.has_ipv6, "needs IPv6")
     def test_reload_warns_about_what_a_bound_socket_keeps(self):
-        directory = CfgTempDir(self)
-        port, port6 = cfg_free_port(), cfg_free_port()
+        directory = TempDir(self)
+        port, port6 = free_port(), free_port()
         server6 = "\n[server v6]\nlisten = [::1]:%d %s\nprotocol = imap\n"
         path = proc_config(directory, [port], main="master_process = off\n",
                            tail=server6 % (port6, "rcvbuf=40960"))
@@ -8173,7 +8132,7 @@ class ProcessSignalRegressionTests(unittest.TestCase):
             self.assertIsNotNone(warning, proxy.stderr)
             self.assertIn("[warn] %d#0: listen [::1]:%d: " % (proxy.pid, port6), warning)
         with socket.create_connection(("::1", port6), timeout=2) as sock:   # still served
-            self.assertRegex(sock.makefile("rb").readline(), PROC_GREETING)
+            self.assertEqual(sock.makefile("rb").readline(), mp.IMAP_GREETING)
 
 
 
@@ -8204,11 +8163,11 @@ BENCH_USER = b"bench"
 BENCH_PASSWORD = b"secret"
 
 
-class bench_Failure(Exception):
+class BenchmarkFailure(Exception):
     """A workload saw something it did not expect."""
 
 
-def bench_micro() -> str:
+def micro_unit() -> str:
     """The micro sign if stdout can print it."""
     try:
         "\u00b5".encode(sys.stdout.encoding or "ascii")
@@ -8219,31 +8178,20 @@ def bench_micro() -> str:
 
 # -- the proxy's processes, from /proc ------------------------------------------
 
-def bench_proc_stat(pid: int):
-    """(ppid, utime + stime in clock ticks) of a process, or None if gone."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()     # from field 3 (state) on
-    return int(fields[1]), int(fields[11]) + int(fields[12])
-
-
-def bench_has_proc() -> bool:
+def have_proc() -> bool:
     return os.path.exists("/proc/self/stat")
 
 
-def bench_family(root: int) -> list:
+def process_family(root: int) -> list:
     """``root`` and its descendants (found by ppid), or [] without /proc."""
-    if not bench_has_proc():
+    if not have_proc():
         return []
     children = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            stat = bench_proc_stat(int(name))
+            stat = process_stat(int(name))
             if stat is not None:
-                children.setdefault(stat[0], []).append(int(name))
+                children.setdefault(stat.ppid, []).append(int(name))
     family, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -8252,19 +8200,19 @@ def bench_family(root: int) -> list:
     return family
 
 
-def bench_cpu(pids):
+def cpu_of(pids):
     """Seconds of CPU (user + system) of ``pids``; None without /proc."""
     if not pids:
         return None
     ticks = 0
     for pid in pids:
-        stat = bench_proc_stat(pid)
+        stat = process_stat(pid)
         if stat is not None:
-            ticks += stat[1]
+            ticks += stat.cpu_ticks
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def bench_rss(pids):
+def rss_of(pids):
     """Bytes of VmRSS of ``pids`` together; None without /proc."""
     if not pids:
         return None
@@ -8280,7 +8228,7 @@ def bench_rss(pids):
     return total
 
 
-class bench_Meter:
+class CpuMeter:
     """Wall time and CPU (proxy, backend child, this process) over an interval."""
 
     def __init__(self, proxy_pid: int, backend_pid: int):
@@ -8289,8 +8237,8 @@ class bench_Meter:
 
     def sample(self):
         own = os.times()
-        return (time.perf_counter(), bench_cpu(bench_family(self.proxy_pid)),
-                bench_cpu([self.backend_pid] if bench_has_proc() else []),
+        return (time.perf_counter(), cpu_of(process_family(self.proxy_pid)),
+                cpu_of([self.backend_pid] if have_proc() else []),
                 own.user + own.system)
 
     @staticmethod
@@ -8304,7 +8252,7 @@ class bench_Meter:
 
 # -- the forked child: fake IMAP backend and auth_http server -------------------
 
-class bench_Peer:
+class BenchmarkPeer:
     """One connection the backend child serves."""
     __slots__ = ("sock", "kind", "inbuf", "out", "events", "literal", "first", "closing")
 
@@ -8319,7 +8267,7 @@ class bench_Peer:
         self.closing = False
 
 
-def bench_backend_main(imap_listener, auth_listener) -> None:
+def serve_benchmark_backend(imap_listener, auth_listener) -> None:
     """The child's event loop.  IMAP: greeting, LOGIN with literals (each
     ``{n}`` answered ``+ OK``), NOOP, FETCH (a BENCH_FETCH_SIZE literal from
     one preallocated buffer), LOGOUT.  HTTP: every GET gets Auth-Status OK
@@ -8413,7 +8361,7 @@ def bench_backend_main(imap_listener, auth_listener) -> None:
                     except OSError:
                         break                          # EMFILE and the like: retry later
                     sock.setblocking(False)
-                    peer = bench_Peer(sock, key.data)
+                    peer = BenchmarkPeer(sock, key.data)
                     selector.register(sock, selectors.EVENT_READ, peer)
                     peer.events = selectors.EVENT_READ
                     if key.data == "imap":
@@ -8444,7 +8392,7 @@ def bench_backend_main(imap_listener, auth_listener) -> None:
                 flush(peer)
 
 
-def bench_start_backend():
+def start_benchmark_backend():
     """Fork the backend child: (pid, IMAP port, auth port)."""
     listeners = []
     for _ in range(2):
@@ -8462,7 +8410,7 @@ def bench_start_backend():
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            bench_backend_main(*listeners)
+            serve_benchmark_backend(*listeners)
         except BaseException:
             import traceback
             traceback.print_exc()
@@ -8474,7 +8422,7 @@ def bench_start_backend():
     return pid, ports[0], ports[1]
 
 
-def bench_stop_backend(pid: int) -> None:
+def stop_benchmark_backend(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -8496,11 +8444,9 @@ def bench_stop_backend(pid: int) -> None:
 
 # -- mailproxy itself -------------------------------------------------------------
 
-def bench_start_proxy(directory: str, auth_port: int):
+def start_benchmark_proxy(directory: str, auth_port: int):
     """mailproxy.py -c FILE in its own process group: (Popen, IMAP port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = os.path.join(directory, "mailproxy.conf")
     with open(config, "w") as handle:
         handle.write("[main]\nworker_processes = 1\nworker_connections = 10240\n"
@@ -8518,7 +8464,7 @@ def bench_start_proxy(directory: str, auth_port: int):
     return proc, port
 
 
-def bench_stop_proxy(proc) -> None:
+def stop_benchmark_proxy(proc) -> None:
     """SIGTERM to the master (as the README says signals go), then SIGKILL to
     its whole process group, whatever is left of it.  (SIGTERM to the group
     at once races the master's SIGCHLD handling: it may log an alert and
@@ -8539,18 +8485,18 @@ def bench_stop_proxy(proc) -> None:
         pass
 
 
-def bench_blocking_session(port: int, timeout: float = 2.0):
+def blocking_session(port: int, timeout: float = 2.0):
     """A logged-in blocking socket and its reader (for the latency run)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     reader = sock.makefile("rb")
     try:
         greeting = reader.readline()
         if not greeting.startswith(b"* OK"):
-            raise bench_Failure("greeting %r" % greeting)
+            raise BenchmarkFailure("greeting %r" % greeting)
         sock.sendall(b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
         reply = reader.readline()
         if reply != b"a OK done\r\n":
-            raise bench_Failure("LOGIN answered %r" % reply)
+            raise BenchmarkFailure("LOGIN answered %r" % reply)
     except BaseException:
         reader.close()
         sock.close()
@@ -8558,29 +8504,29 @@ def bench_blocking_session(port: int, timeout: float = 2.0):
     return sock, reader
 
 
-def bench_wait_ready(proc, port: int, log_path: str) -> None:
+def wait_until_serving(proc, port: int, log_path: str) -> None:
     """Until one whole session works through the proxy (10 s at most)."""
     deadline = time.monotonic() + 10
     last = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise bench_Failure("mailproxy exited with status %s at start; its output:\n%s"
-                                % (proc.returncode, bench_tail(os.path.join(
+            raise BenchmarkFailure("mailproxy exited with status %s at start; its output:\n%s"
+                                % (proc.returncode, file_tail(os.path.join(
                                     os.path.dirname(log_path), "output.log"))))
         try:
-            sock, reader = bench_blocking_session(port)
+            sock, reader = blocking_session(port)
             with sock, reader:
                 sock.sendall(b"b LOGOUT\r\n")
                 if not reader.readline().startswith(b"* BYE"):
-                    raise bench_Failure("no BYE after LOGOUT")
+                    raise BenchmarkFailure("no BYE after LOGOUT")
             return
         except OSError as error:
             last = error
             time.sleep(0.1)
-    raise bench_Failure("mailproxy did not serve a session within 10 s (%s)" % last)
+    raise BenchmarkFailure("mailproxy did not serve a session within 10 s (%s)" % last)
 
 
-def bench_tail(path: str, lines: int = 10) -> str:
+def file_tail(path: str, lines: int = 10) -> str:
     try:
         with open(path, errors="replace") as handle:
             return "".join(handle.readlines()[-lines:]) or "(empty)"
@@ -8598,7 +8544,7 @@ def bench_tail(path: str, lines: int = 10) -> str:
 # The proxy closing the connection, or a socket error, is thrown into it.
 # A generator that returns leaves its connection open (idle sessions).
 
-class bench_Conn:
+class LoadConnection:
     __slots__ = ("sock", "gen", "want", "need", "buf", "out", "events")
 
     def __init__(self, gen=None, sock=None):
@@ -8611,7 +8557,7 @@ class bench_Conn:
         self.events = 0
 
 
-class bench_Loop:
+class LoadLoop:
     def __init__(self, port: int):
         self.address = ("127.0.0.1", port)
         self.selector = selectors.DefaultSelector()
@@ -8653,7 +8599,7 @@ class bench_Loop:
     def _start_queued(self) -> None:
         while self.queue and (self.limit is None or len(self.active) < self.limit):
             gen, conn = self.queue.pop(0)
-            conn = conn or bench_Conn()
+            conn = conn or LoadConnection()
             conn.gen = gen
             self.active.add(conn)
             self._advance(conn)
@@ -8667,7 +8613,7 @@ class bench_Loop:
             self._advance(conn, None, error)
             return
         if count == 0:
-            self._advance(conn, None, bench_Failure("the proxy closed the connection"))
+            self._advance(conn, None, BenchmarkFailure("the proxy closed the connection"))
             return
         if conn.want == "skip" and not conn.buf:
             taken = min(conn.need, count)
@@ -8776,7 +8722,7 @@ class bench_Loop:
             elif kind == "close":
                 self._close(conn)
             else:
-                error = bench_Failure("unknown request %r" % (request,))
+                error = BenchmarkFailure("unknown request %r" % (request,))
 
     def _finish(self, conn, failure) -> None:
         self.active.discard(conn)
@@ -8801,56 +8747,56 @@ class bench_Loop:
         self.selector.close()
 
 
-def bench_expect(line: bytes, wanted: bytes, what: str, prefix: bool = False) -> None:
+def check_line(line: bytes, wanted: bytes, what: str, prefix: bool = False) -> None:
     if not (line.startswith(wanted) if prefix else line == wanted):
-        raise bench_Failure("%s: expected %r, got %r" % (what, wanted, line))
+        raise BenchmarkFailure("%s: expected %r, got %r" % (what, wanted, line))
 
 
-def bench_g_login():
+def login_steps():
     """Connect, greeting, LOGIN; the connection stays open."""
     yield ("connect",)
-    bench_expect((yield ("line",)), b"* OK", "greeting", prefix=True)
+    check_line((yield ("line",)), b"* OK", "greeting", prefix=True)
     yield ("send", b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
-    bench_expect((yield ("line",)), b"a OK done\r\n", "LOGIN")
+    check_line((yield ("line",)), b"a OK done\r\n", "LOGIN")
 
 
-def bench_g_login_slot(stats: dict):
+def login_slot_steps(stats: dict):
     """Full sessions back to back until stats["stop"]; failures are counted."""
     while not stats["stop"]:
         try:
-            yield from bench_g_login()
+            yield from login_steps()
             yield ("send", b"b LOGOUT\r\n")
-            bench_expect((yield ("line",)), b"* BYE", "LOGOUT", prefix=True)
-            bench_expect((yield ("line",)), b"b OK done\r\n", "LOGOUT")
+            check_line((yield ("line",)), b"* BYE", "LOGOUT", prefix=True)
+            check_line((yield ("line",)), b"b OK done\r\n", "LOGOUT")
             yield ("close",)
             stats["sessions"] += 1
         except Exception as failure:
             stats["errors"].append(failure)
             if len(stats["errors"]) >= BENCH_MAX_ERRORS:
-                raise bench_Failure("%d failed sessions" % len(stats["errors"]))
+                raise BenchmarkFailure("%d failed sessions" % len(stats["errors"]))
             yield ("close",)
 
 
-def bench_g_fetch(times: int, stats: dict):
+def fetch_steps(times: int, stats: dict):
     """FETCH the backend's literal ``times`` times on a logged-in session."""
     head = b"* 1 FETCH (BODY[] {%d}\r\n" % BENCH_FETCH_SIZE
     for _ in range(times):
         yield ("send", b"f FETCH 1 BODY[]\r\n")
-        bench_expect((yield ("line",)), head, "FETCH")
+        check_line((yield ("line",)), head, "FETCH")
         yield ("skip", BENCH_FETCH_SIZE)
-        bench_expect((yield ("line",)), b")\r\n", "end of FETCH")
-        bench_expect((yield ("line",)), b"f OK done\r\n", "FETCH")
+        check_line((yield ("line",)), b")\r\n", "end of FETCH")
+        check_line((yield ("line",)), b"f OK done\r\n", "FETCH")
         stats["bytes"] += BENCH_FETCH_SIZE
 
 
-def bench_g_noop(stats: dict):
+def noop_steps(stats: dict):
     yield ("send", b"n NOOP\r\n")
     line = yield ("line",)
-    bench_expect(line, b"n OK", "NOOP", prefix=True)
+    check_line(line, b"n OK", "NOOP", prefix=True)
     stats["ok"] += 1
 
 
-def bench_failures(loop, what: str, extra=()) -> list:
+def failure_lines(loop, what: str, extra=()) -> list:
     """Lines that say why a workload failed ([] if it did not)."""
     found = list(extra) + loop.failures
     if not found:
@@ -8864,11 +8810,11 @@ def bench_failures(loop, what: str, extra=()) -> list:
 # -- the workloads ---------------------------------------------------------------
 # Each returns (row, problems): row = (workload, result, proxy CPU, note).
 
-def bench_fmt_cpu(seconds) -> str:
+def cpu_text(seconds) -> str:
     return "n/a" if seconds is None else "%.2f s" % seconds
 
 
-def bench_busy_note(delta) -> str:
+def busy_note(delta) -> str:
     """Who used how much of a core: near 100% for the load generator or the
     backend means they, not mailproxy, set the pace."""
     wall, proxy, backend, own = delta
@@ -8879,13 +8825,13 @@ def bench_busy_note(delta) -> str:
                                for name, used in shares)
 
 
-def bench_logins(port: int, meter) -> tuple:
-    micro = bench_micro()
-    loop = bench_Loop(port)
+def measure_logins(port: int, meter) -> tuple:
+    micro = micro_unit()
+    loop = LoadLoop(port)
     stats = {"stop": False, "sessions": 0, "errors": []}
     try:
         for _ in range(BENCH_CONCURRENCY):
-            loop.add(bench_g_login_slot(stats))
+            loop.add(login_slot_steps(stats))
         now = time.perf_counter()
         loop.run(now + BENCH_WARMUP)
         before, counted = meter.sample(), stats["sessions"]
@@ -8895,44 +8841,44 @@ def bench_logins(port: int, meter) -> tuple:
         drained = loop.run(time.perf_counter() + 10)
     finally:
         loop.close_all()
-    delta = bench_Meter.delta(before, after)
+    delta = CpuMeter.delta(before, after)
     rate = counted / delta[0]
     per = "n/a" if delta[1] is None or not counted else "%.0f %s/session" % (1e6 * delta[1] / counted, micro)
-    problems = bench_failures(loop, "logins", stats["errors"])
+    problems = failure_lines(loop, "logins", stats["errors"])
     if not drained:
         problems.append("logins: sessions still unfinished 10 s after the end")
     if not counted:
         problems.append("logins: no session completed")
     row = ("logins, %d at once, %g s" % (BENCH_CONCURRENCY, BENCH_SECONDS),
-           "%.0f sessions/s" % rate, "%s (%s)" % (per, bench_fmt_cpu(delta[1])),
-           bench_busy_note(delta))
+           "%.0f sessions/s" % rate, "%s (%s)" % (per, cpu_text(delta[1])),
+           busy_note(delta))
     return row, problems
 
 
-def bench_relay(port: int, meter, sessions: int, total: int) -> tuple:
-    loop = bench_Loop(port)
+def measure_relay(port: int, meter, sessions: int, total: int) -> tuple:
+    loop = LoadLoop(port)
     stats = {"bytes": 0}
     problems = []
     times = max(1, total // (BENCH_FETCH_SIZE * sessions))
     try:
         for _ in range(sessions):
-            loop.add(bench_g_login())
+            loop.add(login_steps())
         if not loop.run(time.perf_counter() + 10):
             problems.append("relay: logins did not finish in 10 s")
         if loop.failures or len(loop.kept) != sessions:
-            problems += bench_failures(loop, "relay logins") or [
+            problems += failure_lines(loop, "relay logins") or [
                 "relay: %d of %d sessions logged in" % (len(loop.kept), sessions)]
             return None, problems
         conns, loop.kept = loop.kept, []
         before = meter.sample()
         for conn in conns:
-            loop.add(bench_g_fetch(times, stats), conn)
+            loop.add(fetch_steps(times, stats), conn)
         done = loop.run(before[0] + BENCH_TIMEOUT)
         after = meter.sample()
     finally:
         loop.close_all()
-    delta = bench_Meter.delta(before, after)
-    problems += bench_failures(loop, "relay")
+    delta = CpuMeter.delta(before, after)
+    problems += failure_lines(loop, "relay")
     if not done:
         problems.append("relay: not done after %g s (%d of %d bytes)"
                         % (BENCH_TIMEOUT, stats["bytes"], times * sessions * BENCH_FETCH_SIZE))
@@ -8941,33 +8887,33 @@ def bench_relay(port: int, meter, sessions: int, total: int) -> tuple:
     per_gb = "n/a" if delta[1] is None else "%.2f s/GB" % (delta[1] / (stats["bytes"] / 1e9))
     row = ("relay, %d session%s, %d MiB" % (sessions, "s" if sessions > 1 else "", stats["bytes"] >> 20),
            "%.0f MB/s" % (stats["bytes"] / 1e6 / delta[0]),
-           "%s (%s)" % (per_gb, bench_fmt_cpu(delta[1])), bench_busy_note(delta))
+           "%s (%s)" % (per_gb, cpu_text(delta[1])), busy_note(delta))
     return row, problems
 
 
-def bench_idle(port: int, meter, proxy_pid: int) -> tuple:
-    loop = bench_Loop(port)
+def measure_idle(port: int, meter, proxy_pid: int) -> tuple:
+    loop = LoadLoop(port)
     loop.limit = BENCH_CONCURRENCY
     problems = []
     stats = {"ok": 0}
     try:
-        rss_before = bench_rss(bench_family(proxy_pid))
+        rss_before = rss_of(process_family(proxy_pid))
         for _ in range(BENCH_IDLE_SESSIONS):
-            loop.add(bench_g_login())
+            loop.add(login_steps())
         started = time.perf_counter()
         if not loop.run(started + BENCH_TIMEOUT):
             problems.append("idle: logins not done after %g s" % BENCH_TIMEOUT)
         opened = time.perf_counter() - started
-        problems += bench_failures(loop, "idle logins")
+        problems += failure_lines(loop, "idle logins")
         time.sleep(BENCH_SETTLE)
-        rss_after = bench_rss(bench_family(proxy_pid))
+        rss_after = rss_of(process_family(proxy_pid))
         conns, loop.kept = loop.kept, []
         loop.limit = None
         for conn in conns:
-            loop.add(bench_g_noop(stats), conn)
+            loop.add(noop_steps(stats), conn)
         if not loop.run(time.perf_counter() + 30):
             problems.append("idle: NOOPs not answered after 30 s")
-        problems += bench_failures(loop, "idle NOOPs")
+        problems += failure_lines(loop, "idle NOOPs")
         if stats["ok"] != BENCH_IDLE_SESSIONS:
             problems.append("idle: %d of %d NOOPs answered OK (%d sessions logged in)"
                             % (stats["ok"], BENCH_IDLE_SESSIONS, len(conns)))
@@ -8985,10 +8931,10 @@ def bench_idle(port: int, meter, proxy_pid: int) -> tuple:
     return row, problems
 
 
-def bench_latency(port: int, meter) -> tuple:
-    micro = bench_micro()
+def measure_latency(port: int, meter) -> tuple:
+    micro = micro_unit()
     samples = []
-    sock, reader = bench_blocking_session(port, timeout=10)
+    sock, reader = blocking_session(port, timeout=10)
     with sock, reader:
         for number in range(BENCH_LATENCY_WARMUP + BENCH_LATENCY_ROUNDS):
             if number == BENCH_LATENCY_WARMUP:
@@ -8997,11 +8943,11 @@ def bench_latency(port: int, meter) -> tuple:
             sock.sendall(b"n NOOP\r\n")
             line = reader.readline()
             samples.append(time.perf_counter() - start)
-            bench_expect(line, b"n OK", "NOOP", prefix=True)
+            check_line(line, b"n OK", "NOOP", prefix=True)
         after = meter.sample()
         sock.sendall(b"b LOGOUT\r\n")
         reader.readline()
-    delta = bench_Meter.delta(before, after)
+    delta = CpuMeter.delta(before, after)
     samples = sorted(samples[BENCH_LATENCY_WARMUP:])
 
     def percentile(fraction):
@@ -9010,11 +8956,11 @@ def bench_latency(port: int, meter) -> tuple:
     per = "n/a" if delta[1] is None else "%.0f %s/NOOP" % (1e6 * delta[1] / len(samples), micro)
     row = ("NOOP round trip, %d" % BENCH_LATENCY_ROUNDS,
            "p50 %.0f %s, p99 %.0f %s" % (percentile(0.50), micro, percentile(0.99), micro),
-           "%s (%s)" % (per, bench_fmt_cpu(delta[1])), bench_busy_note(delta))
+           "%s (%s)" % (per, cpu_text(delta[1])), busy_note(delta))
     return row, []
 
 
-def bench_raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """1000 idle sessions need more descriptors than a 1024 soft limit."""
     try:
         import resource
@@ -9027,7 +8973,7 @@ def bench_raise_fd_limit() -> None:
         pass
 
 
-def bench_print_table(rows) -> None:
+def print_table(rows) -> None:
     headers = ("workload", "result", "proxy CPU", "note")
     widths = [max(len(str(row[i])) for row in [headers] + rows) for i in range(4)]
     for row in [headers] + rows:
@@ -9048,28 +8994,28 @@ def run_benchmark() -> int:
               % os.getloadavg())
     sys.stdout.flush()
     started = time.perf_counter()
-    bench_raise_fd_limit()
+    raise_fd_limit()
     directory = tempfile.mkdtemp(prefix="mailproxy-bench-")
     log_path = os.path.join(directory, "error.log")
     backend_pid = proc = None
     rows, problems = [], []
     status = 0
     try:
-        backend_pid, backend_port, auth_port = bench_start_backend()
-        proc, port = bench_start_proxy(directory, auth_port)
-        bench_wait_ready(proc, port, log_path)
-        meter = bench_Meter(proc.pid, backend_pid)
-        family = bench_family(proc.pid)
+        backend_pid, backend_port, auth_port = start_benchmark_backend()
+        proc, port = start_benchmark_proxy(directory, auth_port)
+        wait_until_serving(proc, port, log_path)
+        meter = CpuMeter(proc.pid, backend_pid)
+        family = process_family(proc.pid)
         print("mailproxy: master pid %d, workers %s; backend + auth child pid %d"
               % (proc.pid, " ".join(str(pid) for pid in family[1:]) or "n/a", backend_pid))
         print()
         workloads = [
-            ("logins", lambda: bench_logins(port, meter)),
-            ("relay, one session", lambda: bench_relay(port, meter, 1, BENCH_RELAY_TOTAL)),
-            ("relay, parallel", lambda: bench_relay(port, meter, BENCH_RELAY_SESSIONS,
+            ("logins", lambda: measure_logins(port, meter)),
+            ("relay, one session", lambda: measure_relay(port, meter, 1, BENCH_RELAY_TOTAL)),
+            ("relay, parallel", lambda: measure_relay(port, meter, BENCH_RELAY_SESSIONS,
                                                     BENCH_RELAY_TOTAL_PARALLEL)),
-            ("idle sessions", lambda: bench_idle(port, meter, proc.pid)),
-            ("latency", lambda: bench_latency(port, meter)),
+            ("idle sessions", lambda: measure_idle(port, meter, proc.pid)),
+            ("latency", lambda: measure_latency(port, meter)),
         ]
         for name, workload in workloads:
             time.sleep(BENCH_SETTLE)
@@ -9078,25 +9024,25 @@ def run_benchmark() -> int:
                 break
             try:
                 row, found = workload()
-            except (OSError, bench_Failure) as failure:
+            except (OSError, BenchmarkFailure) as failure:
                 row, found = None, ["%s: %s: %s" % (name, type(failure).__name__, failure)]
             if row is not None:
                 rows.append(row)
             problems += found
-        now_family = bench_family(proc.pid)
+        now_family = process_family(proc.pid)
         if family and sorted(now_family) != sorted(family):
             problems.append("mailproxy's processes changed during the run: %s -> %s"
                             % (family, now_family))
-    except bench_Failure as failure:
+    except BenchmarkFailure as failure:
         problems.append(str(failure))
     except KeyboardInterrupt:
         print("\ninterrupted")
         status = 1
     finally:
         if proc is not None:
-            bench_stop_proxy(proc)
+            stop_benchmark_proxy(proc)
         if backend_pid is not None:
-            bench_stop_backend(backend_pid)
+            stop_benchmark_backend(backend_pid)
         try:
             with open(log_path, errors="replace") as handle:
                 logged = handle.read().splitlines()
@@ -9105,7 +9051,7 @@ def run_benchmark() -> int:
         import shutil
         shutil.rmtree(directory, ignore_errors=True)
     if rows:
-        bench_print_table(rows)
+        print_table(rows)
     if logged:
         print()
         print("mailproxy's error log (warn and above), %d line(s):" % len(logged))
@@ -9129,16 +9075,16 @@ def run_benchmark() -> int:
 #                         The fake auth_http server                          #
 # ########################################################################## #
 
-AH_STALL = "stall"                 # accept, read the request, never answer
-AH_HOLD = "hold"                   # never answer; count the proxy's close in ``hung_up``
+AUTH_STALL = "stall"                 # accept, read the request, never answer
+AUTH_HOLD = "hold"                   # never answer; count the proxy's close in ``hung_up``
 
 
-def ah_partial(data: bytes) -> tuple:
+def auth_partial(data: bytes) -> tuple:
     """An action: send ``data`` (no blank line) and close."""
     return ("partial", data)
 
 
-def ah_response(*headers, status_line: bytes = b"HTTP/1.0 200 OK") -> bytes:
+def auth_response(*headers, status_line: bytes = b"HTTP/1.0 200 OK") -> bytes:
     """A response: the status line, ``(name, value)`` header lines, the blank line."""
     lines = [status_line] if status_line is not None else []
     for name, value in headers:
@@ -9148,13 +9094,13 @@ def ah_response(*headers, status_line: bytes = b"HTTP/1.0 200 OK") -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def ah_ok(port: int, *extra, server: str = "127.0.0.1") -> bytes:
-    return ah_response(("Auth-Status", "OK"), ("Auth-Server", server),
+def auth_ok(port: int, *extra, server: str = "127.0.0.1") -> bytes:
+    return auth_response(("Auth-Status", "OK"), ("Auth-Server", server),
                        ("Auth-Port", str(port)), *extra)
 
 
-def ah_fail(text: str = "Invalid login", *extra) -> bytes:
-    return ah_response(("Auth-Status", text), *extra)
+def auth_fail(text: str = "Invalid login", *extra) -> bytes:
+    return auth_response(("Auth-Status", text), *extra)
 
 
 class AuthServer(ThreadedServer):
@@ -9162,8 +9108,8 @@ class AuthServer(ThreadedServer):
     one thread accepts, one thread per request.  Each request (read up to its
     blank line) is kept raw in ``requests`` (its arrival time in ``times``),
     then answered with the next of ``responses`` or ``answer(request, index)``.
-    An answer is bytes (sent, then the connection is closed), AH_STALL,
-    AH_HOLD, or ah_partial(bytes).  No script left: a failure answer."""
+    An answer is bytes (sent, then the connection is closed), AUTH_STALL,
+    AUTH_HOLD, or auth_partial(bytes).  No script left: a failure answer."""
 
     name = "fake auth server"
     conn_timeout = 5.0
@@ -9194,10 +9140,10 @@ class AuthServer(ThreadedServer):
                 elif self.responses:
                     action = self.responses.pop(0)
                 else:
-                    action = ah_fail("no scripted response")
-            if action == AH_STALL:
+                    action = auth_fail("no scripted response")
+            if action == AUTH_STALL:
                 self.stopping.wait()
-            elif action == AH_HOLD:
+            elif action == AUTH_HOLD:
                 while conn.recv(65536):
                     pass
                 self.hung_up += 1
@@ -9215,7 +9161,7 @@ class AuthServer(ThreadedServer):
                    "%d auth request(s), have %d" % (count, len(self.requests)))
 
 
-def ah_request(user: bytes = b"alice", password: bytes = b"secret", protocol: str = "imap",
+def auth_request_bytes(user: bytes = b"alice", password: bytes = b"secret", protocol: str = "imap",
                attempt: int = 1, client_ip: str = "127.0.0.1", method: str = "plain",
                salt: bytes = None, middle: bytes = b"", after: bytes = b"",
                host: bytes = b"127.0.0.1") -> bytes:
@@ -9233,10 +9179,10 @@ def ah_request(user: bytes = b"alice", password: bytes = b"secret", protocol: st
                 b"Client-IP: " + client_ip.encode() + b"\r\n")
     if protocol == "smtp":
         request += b"Client-Host: [UNAVAILABLE]\r\n"
-    return request + middle + after + AH_HEADER_LINES + b"\r\n"
+    return request + middle + after + AUTH_HEADER_LINES + b"\r\n"
 
 
-AH_HEADER_LINES = b"X-Auth-Key: secret-key\r\nX-Second: two words\r\n"
+AUTH_HEADER_LINES = b"X-Auth-Key: secret-key\r\nX-Second: two words\r\n"
 
 
 def ah_config(protocol: str, auth_port: int, listen_flags: str = "", **mail) -> str:
@@ -9256,13 +9202,6 @@ def ah_config(protocol: str, auth_port: int, listen_flags: str = "", **mail) -> 
     return "\n".join(lines)
 
 
-class ah_MemoryLogs(MemoryErrorLogs):
-    """MemoryErrorLogs, with the session lines (access_for) in the same log."""
-
-    def access_for(self, server: mp.Settings) -> mp.ErrorLog:
-        return self.main
-
-
 class ah_PreparedProxy(ProxyUnderTest):
     """ProxyUnderTest loaded with mp.load_and_prepare (TLS contexts built, as
     the real start-up does; auth_http always has a backend TLS context), the
@@ -9277,7 +9216,7 @@ class ah_PreparedProxy(ProxyUnderTest):
             self.config = mp.load_and_prepare(path)
             self.log_file = io.BytesIO()
             log = mp.ErrorLog([(self.log_file, "info")])
-            self.worker = mp.Worker(self.config, ah_MemoryLogs(log))
+            self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
             self.worker.open_listeners(self.config)
         except BaseException:
             if self.worker is not None:
@@ -9378,7 +9317,7 @@ class pp_ImapBackend(FakeImapBackend):
 
     def serve(self, wire: BackendWire) -> None:
         start = wire.exactly(12)
-        if start == PP_V2_SIGNATURE:
+        if start == mp.PROXY_V2_SIGNATURE:
             rest = wire.exactly(4)
             header = start + rest + wire.exactly(struct.unpack("!H", rest[2:])[0])
         else:
@@ -9387,18 +9326,15 @@ class pp_ImapBackend(FakeImapBackend):
         super().serve(wire)
 
 
-PP_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-def pp_v2_header(source: str, sport: int, destination: str, dport: int,
+def proxy_v2_header(source: str, sport: int, destination: str, dport: int,
                  tlvs: bytes = b"") -> bytes:
     """A PROXY v2 header (PROXY command, TCP over IPv4) built by hand."""
     body = socket.inet_aton(source) + socket.inet_aton(destination) + \
         struct.pack("!HH", sport, dport) + tlvs
-    return PP_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+    return mp.PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
 
 
-def pp_tlvs(data: bytes) -> dict:
+def parse_tlvs(data: bytes) -> dict:
     """type -> value of a TLV list (the whole list must parse)."""
     tlvs, offset = {}, 0
     while offset < len(data):
@@ -9409,7 +9345,7 @@ def pp_tlvs(data: bytes) -> dict:
     return tlvs
 
 
-class pp_BioSocket:
+class BioTlsSocket:
     """A TLS client over a plain socket through MemoryBIOs, so that the
     handshake's first flight can go out in one send() with bytes before it
     (a PROXY header and the ClientHello in one segment).  Has what Client
@@ -9478,10 +9414,6 @@ class pp_BioSocket:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def ah_b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
 
 
 # ########################################################################## #
@@ -9555,11 +9487,11 @@ class AuthHttpEndToEndCase(EndToEndTestCase):
 class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
     def test_imap_login_request_bytes_and_backend_login(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port)
         client = self.connect(proxy)
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request()])
+        self.assertEqual(auth.requests, [auth_request_bytes()])
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
         client.send("a2 NOOP")
         client.expect(rb"^a2 OK NOOP completed\r\n$")
@@ -9569,22 +9501,22 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
 
     def test_pop3_login_request_bytes_and_backend_login(self):
         backend = self.use(FakePop3Backend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("pop3", auth.port)
         client = self.connect(proxy)
         self.pop3_login(client)
-        self.assertEqual(auth.requests, [ah_request(protocol="pop3")])
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="pop3")])
         self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
 
     def test_smtp_login_request_bytes_and_backend_login(self):
         backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("smtp", auth.port)
         client = self.connect(proxy)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [ah_request(protocol="smtp")])
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp")])
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
         wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
@@ -9597,7 +9529,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         login = b"a l%i\rc\ne\x00\xc3\xa9\x7f"
         password = b"p w%\r\n\x00\xc3\xbc\x01"
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-User", "alice"),
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
                                       ("Auth-Pass", "secret")))
         proxy = self.proxy("imap", auth.port)
         client = self.connect(proxy)
@@ -9608,14 +9540,14 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         client.expect(rb"^\+ OK\r\n$")
         client.send(password + b"\r\n")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [ah_request(
+        self.assertEqual(auth.requests, [auth_request_bytes(
             user=b"a%20l%25i%0Dc%0Ae%00\xc3\xa9\x7f", password=b"p%20w%25%0D%0A%00\xc3\xbc%01")])
         # The auth server's Auth-User / Auth-Pass are what the backend gets.
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
     def test_pop3_auth_user_and_pass_override(self):
         backend = self.use(FakePop3Backend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-User", "alice"),
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
                                       ("Auth-Pass", "secret")))
         proxy = self.proxy("pop3", auth.port)
         client = self.connect(proxy)
@@ -9624,24 +9556,24 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         client.expect(rb"^\+OK\r\n$")
         client.send("PASS hunter2")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
-        self.assertEqual(auth.requests, [ah_request(b"bob", b"hunter2", "pop3")])
+        self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "pop3")])
         self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
 
     def test_smtp_auth_user_and_pass_override_reach_auth_plain(self):
         backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-User", "alice"),
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
                                       ("Auth-Pass", "secret")))
         proxy = self.proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + ah_b64(b"\0bob\0hunter2") + b"\r\n")
+        client.send(b"AUTH PLAIN " + b64(b"\0bob\0hunter2") + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [ah_request(b"bob", b"hunter2", "smtp")])
+        self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "smtp")])
         self.assertEqual(backend.logins, [(b"alice", b"secret")])
 
     def test_imap_cram_md5_sends_salt_and_digest(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
         proxy = self.proxy("imap", auth.port, imap_auth="plain cram-md5")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
@@ -9649,21 +9581,21 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
         self.assertRegex(challenge, rb"^<\d+\.\d+@mail\.test>$")
         digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
-        client.send(ah_b64(b"alice " + digest) + b"\r\n")
+        client.send(b64(b"alice " + digest) + b"\r\n")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [ah_request(password=digest, method="cram-md5",
+        self.assertEqual(auth.requests, [auth_request_bytes(password=digest, method="cram-md5",
                                                     salt=challenge)])
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
     def test_cram_md5_answer_without_auth_pass_is_an_internal_error(self):
-        auth = self.auth_server(ah_ok(1143))
+        auth = self.auth_server(auth_ok(1143))
         proxy = self.proxy("imap", auth.port, imap_auth="plain cram-md5")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 AUTHENTICATE CRAM-MD5")
         challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
         digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
-        client.send(ah_b64(b"alice " + digest) + b"\r\n")
+        client.send(b64(b"alice " + digest) + b"\r\n")
         self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
         client.expect_closed()
         proxy.wait_for_log(r"auth http server 127\.0\.0\.1:%d did not send password "
@@ -9671,14 +9603,14 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
 
     def test_pop3_apop_sends_salt_and_digest(self):
         backend = self.use(FakePop3Backend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
         proxy = self.proxy("pop3", auth.port, pop3_auth="plain apop")
         client = self.connect(proxy)
         salt = client.expect(rb"^\+OK POP3 ready (<\d+\.\d+@mail\.test>)\r\n$").group(1)
         digest = hashlib.md5(salt + b"secret").hexdigest().encode()
         client.send(b"APOP alice " + digest + b"\r\n")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
-        self.assertEqual(auth.requests, [ah_request(password=digest, protocol="pop3",
+        self.assertEqual(auth.requests, [auth_request_bytes(password=digest, protocol="pop3",
                                                     method="apop", salt=salt)])
         self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
 
@@ -9709,11 +9641,11 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         backend = self.use(FakeImapBackend())
         directory = self.use(tempfile.TemporaryDirectory())
         path = os.path.join(directory, "auth.sock")
-        auth = self.use(AuthServer(ah_ok(backend.port), path=path))
+        auth = self.use(AuthServer(auth_ok(backend.port), path=path))
         proxy = self.proxy("imap", "unix:%s:/auth" % path)
         client = self.connect(proxy)
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request(host=b"localhost")])
+        self.assertEqual(auth.requests, [auth_request_bytes(host=b"localhost")])
 
 
 # ########################################################################## #
@@ -9722,7 +9654,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
 
 class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
     def test_imap_failure_without_wait_replies_then_closes(self):
-        auth = self.auth_server(ah_fail("Invalid login"))
+        auth = self.auth_server(auth_fail("Invalid login"))
         proxy = self.proxy("imap", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
@@ -9733,7 +9665,7 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
                            r'while in auth state, client: 127\.0\.0\.1')
 
     def test_pop3_failure_without_wait(self):
-        auth = self.auth_server(ah_fail("Go away"))
+        auth = self.auth_server(auth_fail("Go away"))
         proxy = self.proxy("pop3", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\+OK POP3 ready\r\n$")
@@ -9745,8 +9677,8 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
 
     def test_imap_failure_with_auth_wait_delays_and_keeps_the_session(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_fail("Invalid login", ("Auth-Wait", "1")),
-                                ah_ok(backend.port))
+        auth = self.auth_server(auth_fail("Invalid login", ("Auth-Wait", "1")),
+                                auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
@@ -9756,13 +9688,13 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.95)
         client.send("a2 LOGIN alice secret")
         client.expect(rb"^a2 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [ah_request(password=b"wrong"),
-                                         ah_request(attempt=2)])
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"wrong"),
+                                         auth_request_bytes(attempt=2)])
         self.assertEqual(bytes(backend.received[0]),
                          b"a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
 
     def test_smtp_failure_with_auth_error_code(self):
-        auth = self.auth_server(ah_fail("Relay access denied", ("Auth-Error-Code", "550 5.7.1")))
+        auth = self.auth_server(auth_fail("Relay access denied", ("Auth-Error-Code", "550 5.7.1")))
         proxy = self.proxy("smtp", auth.port)
         client = self.connect(proxy)
         self.smtp_hello(client)
@@ -9771,7 +9703,7 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
         client.expect_closed()
 
     def test_smtp_failure_default_code(self):
-        auth = self.auth_server(ah_fail("Invalid login"))
+        auth = self.auth_server(auth_fail("Invalid login"))
         proxy = self.proxy("smtp", auth.port)
         client = self.connect(proxy)
         self.smtp_hello(client)
@@ -9783,7 +9715,7 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
         # As nginx (ngx_mail_auth_http_block_read), the client is not read
         # while the auth server thinks: its close is seen at the latest when
         # auth_http_timeout ends the request; nothing is left open after that.
-        auth = self.auth_server(AH_HOLD)
+        auth = self.auth_server(AUTH_HOLD)
         proxy = self.proxy("imap", auth.port, auth_http_timeout="500ms")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
@@ -9797,12 +9729,12 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
 
     def test_wait_status_resends_the_same_request_after_auth_wait(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_response(("Auth-Status", "WAIT"), ("Auth-Wait", "1")),
-                                ah_ok(backend.port))
+        auth = self.auth_server(auth_response(("Auth-Status", "WAIT"), ("Auth-Wait", "1")),
+                                auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port)
         client = self.connect(proxy)
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request(), ah_request()])   # attempt 1 both times
+        self.assertEqual(auth.requests, [auth_request_bytes(), auth_request_bytes()])   # attempt 1 both times
         self.assertGreaterEqual(auth.times[1] - auth.times[0], 0.95)
         self.assertLess(auth.times[1] - auth.times[0], 2.5)
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
@@ -9849,7 +9781,7 @@ class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
                                    % closed)
 
     def test_auth_server_stalls_past_auth_http_timeout(self):
-        auth = self.auth_server(AH_STALL)
+        auth = self.auth_server(AUTH_STALL)
         self.assert_internal_error("imap", auth, r"auth http server %s timed out",
                                    auth_http_timeout="500ms")
         # The internal error came (and was read) no sooner than 500ms after the request.
@@ -9858,12 +9790,12 @@ class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
         self.assertLess(waited, 2.5)
 
     def test_auth_server_closes_mid_response(self):
-        auth = self.auth_server(ah_partial(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Ser"))
+        auth = self.auth_server(auth_partial(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Ser"))
         self.assert_internal_error("pop3", auth,
                                    r"auth http server %s closed the connection prematurely")
 
     def test_response_over_1024_bytes(self):
-        response = ah_ok(1143, ("X-Padding", "x" * 1100))
+        response = auth_ok(1143, ("X-Padding", "x" * 1100))
         auth = self.auth_server(response)
         self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
 
@@ -9876,7 +9808,7 @@ class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
         self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
 
     def test_host_name_in_auth_server(self):
-        auth = self.auth_server(answer=lambda request, index: ah_ok(self.backend_port,
+        auth = self.auth_server(answer=lambda request, index: auth_ok(self.backend_port,
                                                                     server="localhost"))
         self.assert_internal_error("smtp", auth,
                                    r'auth http server %s sent invalid server address:"localhost"')
@@ -9884,18 +9816,18 @@ class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
     def test_bad_auth_port(self):
         for port in ("0", "65536", "x143"):
             with self.subTest(port=port):
-                auth = self.auth_server(ah_response(("Auth-Status", "OK"),
+                auth = self.auth_server(auth_response(("Auth-Status", "OK"),
                                                     ("Auth-Server", "127.0.0.1"),
                                                     ("Auth-Port", port)))
                 self.assert_internal_error(
                     "imap", auth, r'auth http server %%s sent invalid server port:"%s"' % port)
 
     def test_missing_auth_server(self):
-        auth = self.auth_server(ah_response(("Auth-Status", "OK"), ("Auth-Port", "143")))
+        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Port", "143")))
         self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
 
     def test_pop3_auth_pass_with_nul_is_an_internal_error(self):
-        auth = self.auth_server(ah_ok(1143, ("Auth-Pass", b"se\x00cret")))
+        auth = self.auth_server(auth_ok(1143, ("Auth-Pass", b"se\x00cret")))
         self.assert_internal_error("pop3", auth, r"auth http server %s sent a login or "
                                                  r"password with CR, LF or NUL")
 
@@ -9909,8 +9841,8 @@ class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
 #                              5. OAuth tokens                               #
 # ########################################################################## #
 
-AH_XOAUTH2 = b"user=alice\x01auth=Bearer ya29.TOKEN-1\x01\x01"
-AH_OAUTHBEARER = b"n,a=alice,\x01auth=Bearer T0KEN\x01\x01"
+XOAUTH2_RESPONSE = b"user=alice\x01auth=Bearer ya29.TOKEN-1\x01\x01"
+OAUTHBEARER_RESPONSE = b"n,a=alice,\x01auth=Bearer T0KEN\x01\x01"
 
 
 class AuthHttpEndToEndOAuthTests(AuthHttpEndToEndCase):
@@ -9920,111 +9852,111 @@ class AuthHttpEndToEndOAuthTests(AuthHttpEndToEndCase):
 
     def test_imap_xoauth2_with_auth_pass_logs_in_with_login(self):
         backend = self.use(ah_TokenImapBackend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", method="xoauth2")])
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", method="xoauth2")])
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
     def test_imap_xoauth2_without_auth_pass_hands_the_token_on(self):
         backend = self.use(ah_TokenImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 AUTHENTICATE XOAUTH2")          # no initial response: empty prompt
         self.assertEqual(client.read_line(), b"+ \r\n")
-        client.send(ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.send(b64(XOAUTH2_RESPONSE) + b"\r\n")
         client.expect(rb"^a1 OK AUTHENTICATE completed\r\n$")
-        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", method="xoauth2")])
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", method="xoauth2")])
         self.assertEqual(bytes(backend.received[0]),
-                         b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+                         b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
 
     def test_imap_oauthbearer_with_and_without_auth_pass(self):
         backend = self.use(ah_TokenImapBackend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-Pass", "secret")), ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")), auth_ok(backend.port))
         proxy = self.oauth_proxy(auth.port)
         for number in (0, 1):
             client = self.connect(proxy)
             client.expect(rb"^\* OK IMAP4 ready\r\n$")
-            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + ah_b64(AH_OAUTHBEARER) + b"\r\n")
+            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
             client.expect(rb"^a1 OK (LOGIN|AUTHENTICATE) completed\r\n$")
             wait_until(lambda: len(backend.received) > number and backend.received[number])
-        self.assertEqual(auth.requests, [ah_request(password=b"T0KEN", method="oauthbearer")] * 2)
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"T0KEN", method="oauthbearer")] * 2)
         wait_until(lambda: bytes(backend.received[1]).endswith(b"\r\n"))
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
         self.assertEqual(bytes(backend.received[1]),
-                         b"a1 AUTHENTICATE OAUTHBEARER " + ah_b64(AH_OAUTHBEARER) + b"\r\n")
+                         b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
 
     def test_pop3_xoauth2_without_auth_pass_hands_the_token_on(self):
         backend = self.use(ah_TokenPop3Backend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.oauth_proxy(auth.port, "pop3")
         client = self.connect(proxy)
         client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send(b"AUTH XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         client.expect(rb"^\+OK token accepted\r\n$")
-        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", protocol="pop3",
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="pop3",
                                                     method="xoauth2")])
-        self.assertEqual(backend.auths, [b"AUTH XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n"])
+        self.assertEqual(backend.auths, [b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n"])
 
     def test_imap_xoauth2_failure_default_error_challenge(self):
-        auth = self.auth_server(ah_fail("Invalid token"))
+        auth = self.auth_server(auth_fail("Invalid token"))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         self.assertEqual(client.read_line(),
-                         b"+ " + ah_b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+                         b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
         client.send(b"\r\n")
         self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
         client.expect_closed()
 
     def test_imap_oauthbearer_failure_default_and_auth_error_sasl(self):
         custom = b'{"status":"invalid_token","scope":"mail","openid-configuration":"x"}'
-        auth = self.auth_server(ah_fail("Bad token"),
-                                ah_fail("Bad token", ("Auth-Error-SASL", custom)))
+        auth = self.auth_server(auth_fail("Bad token"),
+                                auth_fail("Bad token", ("Auth-Error-SASL", custom)))
         proxy = self.oauth_proxy(auth.port)
         for error in (b'{"status":"invalid_token"}', custom):
             client = self.connect(proxy)
             client.expect(rb"^\* OK IMAP4 ready\r\n$")
-            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + ah_b64(AH_OAUTHBEARER) + b"\r\n")
-            self.assertEqual(client.read_line(), b"+ " + ah_b64(error) + b"\r\n")
+            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
+            self.assertEqual(client.read_line(), b"+ " + b64(error) + b"\r\n")
             client.send(b"AQ==\r\n")
             self.assertEqual(client.read_line(), b"a1 NO Bad token\r\n")
             client.expect_closed()
 
     def test_imap_xoauth2_failure_with_auth_wait_keeps_the_session(self):
         backend = self.use(ah_TokenImapBackend())
-        auth = self.auth_server(ah_fail("Invalid token", ("Auth-Wait", "1")),
-                                ah_ok(backend.port, ("Auth-Pass", "secret")))
+        auth = self.auth_server(auth_fail("Invalid token", ("Auth-Wait", "1")),
+                                auth_ok(backend.port, ("Auth-Pass", "secret")))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         self.assertEqual(client.read_line(),
-                         b"+ " + ah_b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+                         b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
         client.send(b"\r\n")
         self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
-        client.send(b"a2 AUTHENTICATE XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.send(b"a2 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         client.expect(rb"^a2 OK LOGIN completed\r\n$")
         self.assertIn(b"Auth-Login-Attempt: 2\r\n", auth.requests[1])
 
     def test_smtp_xoauth2_failure_transcript(self):
-        auth = self.auth_server(ah_fail("Invalid credentials", ("Auth-Error-Code", "535 5.7.8")))
+        auth = self.auth_server(auth_fail("Invalid credentials", ("Auth-Error-Code", "535 5.7.8")))
         proxy = self.oauth_proxy(auth.port, "smtp")
         client = self.connect(proxy)
         self.smtp_hello(client, b"250-mail.test\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n")
-        client.send(b"AUTH XOAUTH2 " + ah_b64(AH_XOAUTH2) + b"\r\n")
+        client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         self.assertEqual(client.read_line(),
-                         b"334 " + ah_b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+                         b"334 " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
         client.send(b"\r\n")
         self.assertEqual(client.read_line(), b"535 5.7.8 Invalid credentials\r\n")
         client.expect_closed()
-        self.assertEqual(auth.requests, [ah_request(password=b"ya29.TOKEN-1", protocol="smtp",
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="smtp",
                                                     method="xoauth2")])
 
     def test_oauth_without_auth_http_is_refused_at_load(self):
@@ -10049,7 +9981,7 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
         with tempfile.TemporaryDirectory() as directory:
             write_tls_files(directory)
             backend = self.use(ah_TlsImapBackend(directory))
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
         proxy = self.proxy("imap", auth.port, proxy_ssl_trusted_certificate="ca.crt")
         client = self.connect(proxy)
         self.imap_login(client)
@@ -10060,7 +9992,7 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
         with tempfile.TemporaryDirectory() as directory:
             write_tls_files(directory)
             backend = self.use(ah_TlsImapBackend(directory))
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
         proxy = self.proxy("imap", auth.port, proxy_ssl_trusted_certificate="wrongca.crt")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
@@ -10070,7 +10002,7 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
 
     def test_auth_smtp_auth_login(self):
         backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-SMTP-Auth", "login")))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "login")))
         proxy = self.proxy("smtp", auth.port, xclient="off")
         client = self.connect(proxy)
         self.smtp_hello(client)
@@ -10085,7 +10017,7 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
 
     def test_auth_smtp_auth_none_with_proxy_smtp_auth_on(self):
         backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(ah_ok(backend.port, ("Auth-SMTP-Auth", "none")))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "none")))
         proxy = self.proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
         client = self.connect(proxy)
         self.smtp_hello(client)
@@ -10098,7 +10030,7 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
         self.assertEqual(backend.logins, [])
 
     def test_invalid_auth_backend_tls_is_an_internal_error(self):
-        auth = self.auth_server(ah_ok(1143, ("Auth-Backend-TLS", "maybe")))
+        auth = self.auth_server(auth_ok(1143, ("Auth-Backend-TLS", "maybe")))
         self.assert_internal_error("imap", auth,
                                    r'auth http server %s sent invalid Auth-Backend-TLS:"maybe"')
 
@@ -10110,7 +10042,7 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
 class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
     def test_v1_header_before_the_greeting(self):
         backend = self.use(pp_ImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, proxy_protocol="on")
         client = self.connect(proxy)
         client_port = client.sock.getsockname()[1]
@@ -10121,12 +10053,12 @@ class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
 
     def test_v2_header(self):
         backend = self.use(pp_ImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, proxy_protocol="v2")
         client = self.connect(proxy)
         client_port = client.sock.getsockname()[1]
         self.imap_login(client)
-        header = pp_v2_header("127.0.0.1", client_port, "127.0.0.1", proxy.port)
+        header = proxy_v2_header("127.0.0.1", client_port, "127.0.0.1", proxy.port)
         self.assertEqual(backend.headers, [header])
         self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
         parsed = mp.parse_proxy_header(header)
@@ -10136,7 +10068,7 @@ class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
 
     def v2_over_tls(self, server_hostname, alpn=None):
         backend = self.use(pp_ImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "ssl", proxy_protocol="v2",
                            ssl_certificate="server.crt", ssl_certificate_key="server.key")
         client = self.tls_client(proxy, server_hostname, alpn)
@@ -10147,16 +10079,16 @@ class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
         self.assertEqual(parsed.source, ("127.0.0.1", client_port))
         self.assertEqual(parsed.destination, ("127.0.0.1", proxy.port))
         self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
-        self.assertEqual(header[:16], PP_V2_SIGNATURE + b"\x21\x11" +
+        self.assertEqual(header[:16], mp.PROXY_V2_SIGNATURE + b"\x21\x11" +
                          struct.pack("!H", len(header) - 16))
-        tlvs = pp_tlvs(header[28:])
+        tlvs = parse_tlvs(header[28:])
         ssl_value = tlvs[0x20]
         self.assertEqual(ssl_value[:5], b"\x01\x00\x00\x00\x00")   # PP2_CLIENT_SSL, verified 0
-        sub = pp_tlvs(ssl_value[5:])
+        sub = parse_tlvs(ssl_value[5:])
         self.assertEqual(sub[0x21], client.sock.version().encode())
         self.assertEqual(sub[0x23], client.sock.cipher()[0].encode())
         # The auth request said the same of the TLS.
-        self.assertEqual(auth.requests, [ah_request(after=b"Auth-SSL: on\r\nAuth-SSL-Protocol: " +
+        self.assertEqual(auth.requests, [auth_request_bytes(after=b"Auth-SSL: on\r\nAuth-SSL-Protocol: " +
                                                     sub[0x21] + b"\r\nAuth-SSL-Cipher: " +
                                                     sub[0x23] + b"\r\n")])
         return tlvs
@@ -10176,73 +10108,73 @@ class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
 #                           8. PROXY protocol in                             #
 # ########################################################################## #
 
-PP_V1_IN = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n"
-PP_FACTS = (b"Proxy-Protocol-Addr: 192.0.2.7\r\nProxy-Protocol-Port: 40000\r\n"
+PROXY_V1_HEADER = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n"
+PROXY_FACTS = (b"Proxy-Protocol-Addr: 192.0.2.7\r\nProxy-Protocol-Port: 40000\r\n"
             b"Proxy-Protocol-Server-Addr: 127.0.0.1\r\nProxy-Protocol-Server-Port: 143\r\n")
 
 
 class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_v1_from_a_trusted_peer_sets_the_client_address(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
-        client.send(PP_V1_IN)
+        client.send(PROXY_V1_HEADER)
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS)])
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
         proxy.wait_for_log(r'client logged in while [^,]*, client: 192\.0\.2\.7, server: '
                            r'127\.0\.0\.1:%d, login: "alice"' % proxy.port)
 
     def test_header_and_login_in_one_segment(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.0/8")
         client = self.connect(proxy)
-        client.send(PP_V1_IN + b"a1 LOGIN alice secret\r\n")
+        client.send(PROXY_V1_HEADER + b"a1 LOGIN alice secret\r\n")
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS)])
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
 
     def test_v1_from_an_untrusted_peer(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="10.0.0.0/8")
         client = self.connect(proxy)
-        client.send(PP_V1_IN)
+        client.send(PROXY_V1_HEADER)
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request(client_ip="127.0.0.1", middle=PP_FACTS)])
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="127.0.0.1", middle=PROXY_FACTS)])
         proxy.wait_for_log(r"client logged in while [^,]*, client: 127\.0\.0\.1, server: ")
 
     def test_v2_in_with_a_tlv(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
-        client.send(pp_v2_header("192.0.2.7", 40000, "127.0.0.1", 143,
+        client.send(proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143,
                                  tlvs=b"\x04\x00\x03abc"))          # a NOOP TLV
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS)])
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
 
     def test_unknown_v1_header_keeps_the_peer_address(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(b"PROXY UNKNOWN\r\n")
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request()])
+        self.assertEqual(auth.requests, [auth_request_bytes()])
 
     def test_tcp6_header_client_ip_and_xclient(self):
         backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [ah_request(
+        self.assertEqual(auth.requests, [auth_request_bytes(
             protocol="smtp", client_ip="2001:db8::7",
             middle=b"Proxy-Protocol-Addr: 2001:db8::7\r\nProxy-Protocol-Port: 40000\r\n"
                    b"Proxy-Protocol-Server-Addr: 2001:db8::1\r\nProxy-Protocol-Server-Port: 25\r\n")])
@@ -10254,15 +10186,15 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
 
     def test_smtp_xclient_carries_the_real_address(self):
         backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
-        client.send(PP_V1_IN)
+        client.send(PROXY_V1_HEADER)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [ah_request(protocol="smtp", client_ip="192.0.2.7",
-                                                    middle=PP_FACTS)])
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp", client_ip="192.0.2.7",
+                                                    middle=PROXY_FACTS)])
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
         wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
@@ -10272,24 +10204,24 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
 
     def test_proxy_protocol_out_shows_the_real_address(self):
         backend = self.use(pp_ImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1",
                            proxy_protocol="on")
         client = self.connect(proxy)
-        client.send(PP_V1_IN)
+        client.send(PROXY_V1_HEADER)
         self.imap_login(client)
         self.assertEqual(backend.headers,
                          [b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 %d\r\n" % proxy.port])
 
     def test_missing_malformed_and_too_long_headers_close_silently(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         bad = [b"a1 LOGIN alice secret\r\n",
                b"PROXY TCP4 192.0.2.999 127.0.0.1 40000 143\r\n",
                b"PROXY TCP4 192.0.2.7 127.0.0.1 40000\r\n",
                b"PROXY TCP4 " + b"1" * 150,
-               PP_V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12]
+               mp.PROXY_V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12]
         for data in bad:
             with self.subTest(data=data[:30]):
                 client = self.connect(proxy, timeout=1.5)     # the proxy's timeout is 5s
@@ -10298,34 +10230,34 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
                 self.assertEqual(client.received, 0)
         # Still serving.
         client = self.connect(proxy)
-        client.send(PP_V1_IN)
+        client.send(PROXY_V1_HEADER)
         self.imap_login(client)
         self.assertEqual(len(auth.requests), 1)
         proxy.assert_alive()
 
     def test_header_then_implicit_tls(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
                            ssl_certificate="server.crt", ssl_certificate_key="server.key")
-        client = self.tls_client(proxy, "mail.example.com", before=PP_V1_IN)
+        client = self.tls_client(proxy, "mail.example.com", before=PROXY_V1_HEADER)
         self.imap_login(client)
         tls = (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
                b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n")
-        self.assertEqual(auth.requests, [ah_request(client_ip="192.0.2.7", middle=PP_FACTS,
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS,
                                                     after=tls)])
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
     def test_header_and_client_hello_in_one_segment(self):
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
                            ssl_certificate="server.crt", ssl_certificate_key="server.key")
         client = self.connect(proxy)
         context = ssl.create_default_context(cafile=proxy.path("ca.crt"))
-        client.sock = pp_BioSocket(client.sock, context, "mail.example.com", PP_V1_IN)
+        client.sock = BioTlsSocket(client.sock, context, "mail.example.com", PROXY_V1_HEADER)
         self.imap_login(client)
-        self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PP_FACTS + b"Auth-SSL: on\r\n",
+        self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PROXY_FACTS + b"Auth-SSL: on\r\n",
                       auth.requests[0])
 
 
@@ -10343,7 +10275,7 @@ class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
 
         def slow(request, index):
             time.sleep(1.0)
-            return ah_ok(backend.port)
+            return auth_ok(backend.port)
         auth = self.auth_server(answer=slow)
         proxy = self.proxy("imap", auth.port, timeout="500ms", auth_http_timeout="5s")
         client = self.connect(proxy)
@@ -10356,14 +10288,14 @@ class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
         # Auth-Server / Auth-Port and logs in.  mailproxy answers "a1 NO " (an
         # empty failure text) and closes (interpret_auth_response).
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_response(("Auth-Server", "127.0.0.1"),
+        auth = self.auth_server(auth_response(("Auth-Server", "127.0.0.1"),
                                             ("Auth-Port", str(backend.port))))
         proxy = self.proxy("imap", auth.port)
         client = self.connect(proxy)
         self.imap_login(client)
 
     def test_response_without_auth_status_nor_server_is_an_internal_error(self):
-        auth = self.auth_server(ah_response(("X-Nothing", "here")))
+        auth = self.auth_server(auth_response(("X-Nothing", "here")))
         self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
 
 
@@ -10442,7 +10374,7 @@ def timing_ratio(first, second, samples: int = 21) -> float:
     return min(times[1]) / min(times[0])
 
 
-class Issue12PasswordTests(unittest.TestCase):
+class PasswordCostTests(unittest.TestCase):
     TABLES = {
         "PLAIN": "{PLAIN}secret",
         "SHA512-CRYPT": mp.hash_password(b"secret", "SHA512-CRYPT"),
@@ -10452,7 +10384,7 @@ class Issue12PasswordTests(unittest.TestCase):
 
     def users(self, *values: str) -> mp.Config:
         lines = "".join("user%d = %s\n" % (number, value) for number, value in enumerate(values))
-        return cfg_load(self, CFG_BASE, "\n[users]\n" + lines).users
+        return load_text(self, BASE_CONFIG, "\n[users]\n" + lines).users
 
     def test_an_unknown_login_costs_what_a_wrong_password_costs(self):
         # README: "An unknown login costs the same hashing time as a wrong
@@ -10670,11 +10602,11 @@ REQUEST_TLS = ("TLSv1.3", "TLS_AES_128_GCM_SHA256")
 REQUEST_FACTS = mp.CertificateFacts("SUCCESS", "CN=alice", "CN=CA", "01AB", "ff" * 20)
 
 
-class Issue12AuthHttpRequestTests(unittest.TestCase):
+class AuthHttpRequestHeaderTests(unittest.TestCase):
     # header: (the request's fields given a text and a bytes value to carry,
     # what nginx would send for the hostile value)
     ROWS = {
-        "Host": (lambda text, data: {"url": AH_URL._replace(host_header=text)}, HOSTILE_TEXT_UNBROKEN),
+        "Host": (lambda text, data: {"url": AUTH_URL._replace(host_header=text)}, HOSTILE_TEXT_UNBROKEN),
         "Auth-Method": (lambda text, data: {"method": text}, HOSTILE_TEXT_UNBROKEN),
         "Auth-User": (lambda text, data: {"login": data}, HOSTILE_ESCAPED),
         "Auth-Pass": (lambda text, data: {"password": data}, HOSTILE_ESCAPED),
@@ -10712,7 +10644,7 @@ class Issue12AuthHttpRequestTests(unittest.TestCase):
 
     def build(self, fields: dict) -> bytes:
         fields = dict(fields)
-        url = fields.pop("url", AH_URL)
+        url = fields.pop("url", AUTH_URL)
         headers = fields.pop("headers", [("X-Custom", "v")])
         return mp.build_auth_http_request(url, headers, auth_request(**fields))
 
@@ -10796,7 +10728,7 @@ class Issue12AuthHttpRequestTests(unittest.TestCase):
         request = auth_request(tls=REQUEST_TLS, certificate=REQUEST_FACTS._replace(
             serial=mp.serial_text(long_serial)))
         self.assertIn(b"\r\nAuth-SSL-Serial: " + long_serial[:35].hex().upper().encode() + b"\\%0A24\r\n",
-                      mp.build_auth_http_request(AH_URL, [], request))
+                      mp.build_auth_http_request(AUTH_URL, [], request))
 
     def test_an_ipv6_auth_server_keeps_its_brackets_in_host(self):
         # nginx's ngx_parse_url keeps the brackets in u.host (RFC 7230 §5.4).
@@ -10808,7 +10740,7 @@ class Issue12AuthHttpRequestTests(unittest.TestCase):
                 b"GET /auth HTTP/1.0\r\nHost: [::1]\r\nAuth-Method: plain\r\n"))
 
 
-class Issue12ExternalIdentityTests(unittest.TestCase):
+class ExternalIdentityTests(unittest.TestCase):
     USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
              "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
 
@@ -10833,7 +10765,7 @@ class Issue12ExternalIdentityTests(unittest.TestCase):
         self.assertTrue(self.external(b"karl", "KARL").ok)
 
 
-class Issue12CertificateEndToEndTests(OddTlsFiles, AuthHttpEndToEndCase):
+class OddCertificateAuthHttpTests(OddTlsFiles, AuthHttpEndToEndCase):
     """Certificates with odd names, end to end."""
 
     def auth_proxy(self, auth: AuthServer, mode: str = "on") -> ah_PreparedProxy:
@@ -10856,12 +10788,12 @@ class Issue12CertificateEndToEndTests(OddTlsFiles, AuthHttpEndToEndCase):
         # The subject went in as 'CN=alice\r\nAuth-SSL-Subject: CN=admin,...'
         # and forged two headers; nginx sends OpenSSL's \0D\0A.
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.auth_proxy(auth)
         client = self.odd_client(proxy, "crlf")
         self.imap_login(client)
         fingerprint = hashlib.sha1(ssl.PEM_cert_to_DER_cert(ODD_CRLF_CERT_PEM)).hexdigest()
-        self.assertEqual(auth.requests, [ah_request(after=self.tls_lines(
+        self.assertEqual(auth.requests, [auth_request_bytes(after=self.tls_lines(
             client, b"Auth-SSL-Verify: SUCCESS",
             rb"Auth-SSL-Subject: CN=alice\0D\0AAuth-SSL-Subject: CN=admin,"
             rb"O=Example\0D\0AAuth-SSL-Verify: SUCCESS",
@@ -10873,17 +10805,17 @@ class Issue12CertificateEndToEndTests(OddTlsFiles, AuthHttpEndToEndCase):
         # With ``optional`` the session goes on; the auth server is told
         # what nginx tells it of a client without a certificate.
         backend = self.use(FakeImapBackend())
-        auth = self.auth_server(ah_ok(backend.port))
+        auth = self.auth_server(auth_ok(backend.port))
         proxy = self.auth_proxy(auth, mode="optional")
         client = self.odd_client(proxy, "descriptor")
         self.imap_login(client)
-        self.assertEqual(auth.requests, [ah_request(after=self.tls_lines(client, b"Auth-SSL-Verify: NONE"))])
+        self.assertEqual(auth.requests, [auth_request_bytes(after=self.tls_lines(client, b"Auth-SSL-Verify: NONE"))])
         proxy.wait_for_log(r"\[info\] .*\*1 client SSL certificate cannot be read \(.+\) while SSL "
                            r"handshaking, client: 127\.0\.0\.1, ")
         proxy.assert_alive()
 
 
-class Issue12CertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
+class OddCertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
     def test_an_unreadable_certificate_is_refused_and_the_worker_lives(self):
         # ssl_verify_client on: as a missing certificate.  A logged-in
         # bystander on the same worker keeps working.
@@ -10920,7 +10852,7 @@ class Issue12CertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
 
 class HostileAuthServerTests(AuthHttpEndToEndCase):
     def test_a_percent_sign_in_auth_server_is_an_internal_error_not_a_crash(self):
-        auth = self.auth_server(ah_response(("Auth-Status", "OK"), ("Auth-Server", "%d%s"),
+        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Server", "%d%s"),
                                             ("Auth-Port", "143")))
         self.assert_internal_error("imap", auth,
                                    r'auth http server %s sent invalid server address:"%%d%%s"')
@@ -11484,7 +11416,7 @@ def fuzz_auth_request_problems(machine, credentials, problems: list) -> None:
     smtp = (machine.helo, machine.mail_from, machine.rcpt_to) if credentials.method == "none" else None
     request = mp.AuthRequest(credentials.method, credentials.login, credentials.password,
                              machine.protocol, 1, "192.0.2.7", salt=credentials.salt, smtp=smtp)
-    head, _, after = mp.build_auth_http_request(AH_URL, [], request).partition(b"\r\n\r\n")
+    head, _, after = mp.build_auth_http_request(AUTH_URL, [], request).partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")[1:]
     names = [line.partition(b":")[0] for line in lines]
     if after or len(set(names)) != len(names) or not all(
