@@ -333,8 +333,9 @@ TLS_FILES = {"ca.crt": TLS_CA_PEM, "server.crt": TLS_SERVER_CERT_PEM, "server.ke
 
 
 def write_tls_files(directory: str) -> None:
-    """The certificates above as files, for configurations and contexts."""
-    for name, text in TLS_FILES.items():
+    """The test certificates as files (TLS_FILES and ODD_TLS_FILES), for
+    configurations and contexts."""
+    for name, text in list(TLS_FILES.items()) + list(ODD_TLS_FILES.items()):
         with open(os.path.join(directory, name), "w") as handle:
             handle.write(text)
 
@@ -1659,7 +1660,6 @@ class WirePrimitiveTests(unittest.TestCase):
 # ########################################################################## #
 
 OK = b" OK completed\r\n"
-CAPS = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
 BAD = b" BAD invalid command\r\n"
 
 
@@ -1671,7 +1671,7 @@ class ImapMachineTests(unittest.TestCase):
         self.assertEqual(make_machine("imap").data_to_send(), b"* OK IMAP4 ready\r\n")
 
     def test_capability_noop_logout(self):
-        self.imap([(b"a1 CAPABILITY\r\n", CAPS + b"a1" + OK, []),
+        self.imap([(b"a1 CAPABILITY\r\n", IMAP_PROXY_CAPABILITY + b"a1" + OK, []),
                    (b"a2 noop\r\n", b"a2" + OK, []),
                    (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
 
@@ -1828,7 +1828,7 @@ class ImapMachineTests(unittest.TestCase):
         machine = make_machine("imap")
         machine.data_to_send()
         events = machine.receive_data(b"a1 NOOP\r\na2 CAPABILITY\r\na3 LOGIN alice secret\r\na4 NOOP\r\n")
-        self.assertEqual(machine.data_to_send(), b"a1" + OK + CAPS + b"a2" + OK)
+        self.assertEqual(machine.data_to_send(), b"a1" + OK + IMAP_PROXY_CAPABILITY + b"a2" + OK)
         self.assertEqual(events, [mp.Credentials(b"alice", b"secret")])
         self.assertEqual(machine.trailing_data, b"a4 NOOP\r\n")
 
@@ -1940,9 +1940,6 @@ class Pop3MachineTests(unittest.TestCase):
 #                           SMTP client machine                              #
 # ########################################################################## #
 
-EHLO_DEFAULT = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
-
-
 def make_smtp(**overrides):
     machine = make_machine("smtp", **overrides)
     machine.greet()
@@ -1956,7 +1953,7 @@ class SmtpMachineTests(unittest.TestCase):
     def test_greeting_and_helo_ehlo(self):
         self.assertEqual(make_smtp().data_to_send(), b"220 mail.test ESMTP ready\r\n")
         self.smtp([(b"HELO client.example\r\n", b"250 mail.test\r\n", []),
-                   (b"EHLO client.example\r\n", EHLO_DEFAULT, []),
+                   (b"EHLO client.example\r\n", SMTP_PROXY_EHLO, []),
                    (b"NOOP\r\n", b"250 2.0.0 OK\r\n", []),
                    (b"RSET\r\n", b"250 2.0.0 OK\r\n", []),
                    (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
@@ -1976,7 +1973,7 @@ class SmtpMachineTests(unittest.TestCase):
                    (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
 
     def test_auth_plain_login_cram(self):
-        self.smtp([(b"EHLO x\r\n", EHLO_DEFAULT, []),
+        self.smtp([(b"EHLO x\r\n", SMTP_PROXY_EHLO, []),
                    (b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n", b"",
                     [mp.Credentials(b"alice", b"secret")])])
         self.smtp([(b"AUTH PLAIN\r\n", b"334 \r\n", []),
@@ -2072,7 +2069,7 @@ class SmtpMachineTests(unittest.TestCase):
         machine.data_to_send()
         events = machine.receive_data(b"EHLO x\r\nNOOP\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
                                       b"RCPT TO:<e@f>\r\nDATA\r\n")
-        self.assertEqual(machine.data_to_send(), EHLO_DEFAULT + b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(machine.data_to_send(), SMTP_PROXY_EHLO + b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n")
         self.assertEqual(events, [mp.Credentials(b"", b"", "none")])
         self.assertEqual(machine.trailing_data, b"RCPT TO:<e@f>\r\nDATA\r\n")
 
@@ -2757,33 +2754,47 @@ class BackendLoginTests(unittest.TestCase):
 #                                 TLS layer                                  #
 # ########################################################################## #
 
-class TlsFiles:
-    """A temporary directory holding the test certificates, once per class."""
+class CertificateFiles:
+    """A test class's copy of the test certificates (write_tls_files) in a
+    temporary directory, made once per class, and what tests make of them:
+    paths, server settings, client contexts, a fake backend's context."""
 
     @classmethod
     def setUpClass(cls):
-        cls.tls_directory = tempfile.TemporaryDirectory()
-        cls.tls_dir = cls.tls_directory.name
-        write_tls_files(cls.tls_dir)
+        super().setUpClass()
+        cls.tls_directory = tempfile.TemporaryDirectory(prefix="mailproxy-tls-")
+        write_tls_files(cls.tls_directory.name)
 
     @classmethod
     def tearDownClass(cls):
         cls.tls_directory.cleanup()
+        super().tearDownClass()
 
-    @classmethod
-    def path(cls, name):
-        return os.path.join(cls.tls_dir, name)
+    def tls_path(self, name: str) -> str:
+        return os.path.join(self.tls_directory.name, name)
 
-    def tls_settings(self, protocol="imap", **overrides):
-        values = dict(ssl_certificate=[self.path("server.crt")],
-                      ssl_certificate_key=[self.path("server.key")])
+    def tls_settings(self, protocol="imap", **overrides) -> mp.Settings:
+        """server_settings with the server certificate (mail.example.com)."""
+        values = dict(ssl_certificate=[self.tls_path("server.crt")],
+                      ssl_certificate_key=[self.tls_path("server.key")])
         values.update(overrides)
         return server_settings(protocol, **values)
 
-    def client_context(self, certificate=None):
-        context = mp.ssl.create_default_context(cafile=self.path("ca.crt"))
+    def client_context(self, certificate: str = "", alpn=None, ca: str = "ca.crt") -> ssl.SSLContext:
+        """A client's context that trusts ``ca``, sends ``certificate`` (a
+        name: its .crt and .key files) if one is named and offers ``alpn``."""
+        context = ssl.create_default_context(cafile=self.tls_path(ca))
         if certificate:
-            context.load_cert_chain(self.path(certificate + ".crt"), self.path(certificate + ".key"))
+            context.load_cert_chain(self.tls_path(certificate + ".crt"),
+                                    self.tls_path(certificate + ".key"))
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        return context
+
+    def backend_server_context(self, name: str = "server") -> ssl.SSLContext:
+        """A fake backend's server context, with the certificate ``name``."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.tls_path(name + ".crt"), self.tls_path(name + ".key"))
         return context
 
 
@@ -2802,7 +2813,7 @@ def pump(client, server, rounds=10):
     return received[id(client)], received[id(server)]
 
 
-class TlsLayerTests(TlsFiles, unittest.TestCase):
+class TlsLayerTests(CertificateFiles, unittest.TestCase):
     def pair(self, settings=None, client_context=None, hostname="mail.example.com", alpn=None):
         settings = settings or self.tls_settings()
         server = mp.TlsLayer(mp.server_context(settings), server_side=True, alpn=alpn)
@@ -2877,7 +2888,7 @@ class TlsLayerTests(TlsFiles, unittest.TestCase):
 
     def test_client_certificate_facts(self):
         settings = self.tls_settings(ssl_verify_client="optional",
-                                     ssl_client_certificate=self.path("ca.crt"))
+                                     ssl_client_certificate=self.tls_path("ca.crt"))
         client, server = self.pair(settings, self.client_context("client"))
         pump(client, server)
         facts = mp.certificate_facts(server.object)
@@ -2893,7 +2904,7 @@ class TlsLayerTests(TlsFiles, unittest.TestCase):
 
     def test_sni_picks_the_certificate(self):
         settings = self.tls_settings(ssl_sni_certificate=[mp.SniCertificate(
-            "*.example.net", self.path("other.crt"), self.path("other.key"))])
+            "*.example.net", self.tls_path("other.crt"), self.tls_path("other.key"))])
         context = mp.server_context(settings)
         mp.add_sni_certificates(context, settings)
         for name, expected in (("mail.example.net", "mail.example.net"),
@@ -2909,7 +2920,7 @@ class TlsLayerTests(TlsFiles, unittest.TestCase):
         self.assertEqual(mp.rfc2253_name(name), 'O=\\ lead,CN=a\\,b\\+c\\"d')
 
 
-class TlsConfigurationTests(TlsFiles, unittest.TestCase):
+class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
     def test_protocols_map_to_a_version_range(self):
         context = mp.server_context(self.tls_settings(ssl_protocols=["TLSv1.2"]))
         self.assertEqual(context.maximum_version, mp.ssl.TLSVersion.TLSv1_2)
@@ -2940,10 +2951,10 @@ class TlsConfigurationTests(TlsFiles, unittest.TestCase):
 
     def test_bad_files_fail_the_check(self):
         with self.assertRaises(mp.ConfigValueError) as caught:
-            mp.server_context(self.tls_settings(ssl_certificate=[self.path("missing.crt")]))
+            mp.server_context(self.tls_settings(ssl_certificate=[self.tls_path("missing.crt")]))
         self.assertIn("missing.crt", str(caught.exception))
         with self.assertRaises(mp.ConfigValueError):
-            mp.server_context(self.tls_settings(ssl_certificate_key=[self.path("client.key")]))
+            mp.server_context(self.tls_settings(ssl_certificate_key=[self.tls_path("client.key")]))
 
     def test_listen_ssl_needs_a_certificate(self):
         problems = mp.check_ssl({"listen": [mp.parse_listen(["127.0.0.1:993", "ssl"])],
@@ -3464,7 +3475,7 @@ def feed_byte_by_byte(receive, data: bytes) -> list:
     return results
 
 
-class LinearWorkTests(TlsFiles, unittest.TestCase):
+class LinearWorkTests(CertificateFiles, unittest.TestCase):
     def assert_linear(self, run, size: int) -> None:
         """``run(n)`` feeds a maximal input of about n bytes one at a time."""
         small = cpu_seconds(lambda: run(size))
@@ -3606,6 +3617,14 @@ class LinearWorkTests(TlsFiles, unittest.TestCase):
 
 MEGABYTE = 1024 * 1024
 
+# What the proxy says with the settings of proxy_config (server_name mail.test,
+# the default methods), and what the SMTP fake backend says to QUIT.
+IMAP_PROXY_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
+SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
+SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
+SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
+PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
+
 # How mailproxy logs alice in to an IMAP backend (nginx does the same): the
 # client's own tag and synchronizing literals, each sent after the "+".
 IMAP_LOGIN_ON_THE_WIRE = b"a1 LOGIN {5}\r\n" + b"alice {6}\r\n" + b"secret\r\n"
@@ -3639,21 +3658,35 @@ def wait_until(condition, timeout: float = 3.0, what: str = "condition") -> None
         time.sleep(0.01)
 
 
-def proxy_config(protocol: str, backend_port: int, **mail) -> str:
-    """The INI text of a proxy with one server for ``protocol`` on a free
-    loopback port, passing to 127.0.0.1:``backend_port``, with one user
-    (alice, password "secret").  ``mail`` adds or overrides [mail] directives:
-    proxy_config("imap", port, timeout="1s")."""
+def proxy_config(protocol: str, backend_port: Optional[int] = None, auth_port=None,
+                 listens=("",), users=None, **mail) -> str:
+    """The INI text of a proxy with one [server] for ``protocol``, one listen
+    on a free loopback port per entry of ``listens`` (the listen's flags:
+    "", "ssl", "proxy_protocol"...).  With ``backend_port`` it passes to
+    127.0.0.1:backend_port and checks logins against [users] (``users``; by
+    default alice, password "secret"); with ``auth_port`` it asks the fake
+    auth server there (a str is the auth_http URL itself) and sends this
+    file's two auth_http_header lines, and has no [users].  ``mail`` adds or
+    overrides [mail] directives (None leaves one out; a value may hold
+    continuation lines): proxy_config("imap", port, timeout="1s")."""
     directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "200ms"}
+    if auth_port is not None:
+        directives["auth_http"] = (auth_port if isinstance(auth_port, str) else
+                                   "http://127.0.0.1:%d/auth" % auth_port)
+        directives["auth_http_header"] = 'X-Auth-Key secret-key\n    X-Second "two words"'
+        directives["auth_http_timeout"] = "3s"
     directives.update(mail)
     lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
-    lines += ["%s = %s" % item for item in directives.items()]
-    lines += ["", "[server %s]" % protocol,
-              "listen = 127.0.0.1:%d" % free_port(),
-              "protocol = %s" % protocol,
-              "proxy_pass = 127.0.0.1:%d" % backend_port,
-              "", "[users]", "alice = {PLAIN}secret", ""]
-    return "\n".join(lines)
+    lines += ["%s = %s" % item for item in directives.items() if item[1] is not None]
+    listen = ["127.0.0.1:%d%s" % (free_port(), " " + flags if flags else "") for flags in listens]
+    lines += ["", "[server %s]" % protocol, "listen = " + "\n    ".join(listen),
+              "protocol = %s" % protocol]
+    if backend_port is not None:
+        lines.append("proxy_pass = 127.0.0.1:%d" % backend_port)
+    if auth_port is None:
+        lines += ["", "[users]"]
+        lines += ["%s = %s" % item for item in (users or {"alice": "{PLAIN}secret"}).items()]
+    return "\n".join(lines) + "\n"
 
 
 class MemoryErrorLogs:
@@ -3674,19 +3707,25 @@ class MemoryErrorLogs:
 
 
 class ProxyUnderTest:
-    """mailproxy configured from INI text, its event loop in a daemon thread,
-    its error log in memory.  Use as a context manager; ``port`` is where it
-    listens, ``worker`` the Worker (its ``sessions`` may be looked at).
+    """mailproxy configured from INI text the way the real start-up does it
+    (mp.load_and_prepare, which builds the SSL contexts), the test
+    certificates written next to the configuration file (so that it may name
+    them relatively: ssl_certificate = server.crt), its event loop in a
+    daemon thread, its error and access logs in memory.  Use as a context
+    manager; ``port`` is where it listens (``ports``: every listen's port,
+    in the order of the configuration), ``worker`` the Worker (its
+    ``sessions`` may be looked at).
 
     If the event loop dies of an exception, the traceback is kept and
     stopping the proxy fails the test with it."""
 
     def __init__(self, config_text: str):
-        self.directory = tempfile.TemporaryDirectory()
+        self.directory = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
         self.worker = None
         try:
+            write_tls_files(self.directory.name)
             path = write_file(self.directory.name, "mailproxy.conf", config_text)
-            self.config = mp.load_config(path)
+            self.config = mp.load_and_prepare(path)
             self.log_file = io.BytesIO()
             log = mp.ErrorLog([(self.log_file, "info")])
             self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
@@ -3696,7 +3735,8 @@ class ProxyUnderTest:
                 self.worker.loop.close()
             self.directory.cleanup()
             raise
-        self.port = self.config.servers[0].listen[0].port
+        self.ports = [listen.port for server in self.config.servers for listen in server.listen]
+        self.port = self.ports[0]
         self.crash = None              # the loop's traceback, if it died
         self.thread = threading.Thread(target=self._run, name="mailproxy loop", daemon=True)
         self.thread.start()
@@ -4128,9 +4168,11 @@ class FakePop3Backend(FakeBackend):
                 wire.send(b"-ERR unknown command\r\n")
 
 
-class EndToEndTestCase(unittest.TestCase):
-    """What the end-to-end tests share: everything a test starts is stopped
-    when it ends, clients first, then the proxy, then the backends."""
+class EndToEndTestCase(CertificateFiles, unittest.TestCase):
+    """What the end-to-end tests share: proxies, clients and fake servers
+    started through use() are stopped when the test ends, in the reverse
+    order (clients first, then the proxy, then the backends); the test
+    certificates are in the class's directory (CertificateFiles)."""
 
     def use(self, resource):
         """Enter a context manager now; exit it when the test ends."""
@@ -4138,24 +4180,73 @@ class EndToEndTestCase(unittest.TestCase):
         self.addCleanup(resource.__exit__, None, None, None)
         return value
 
+    # -- proxies -------------------------------------------------------------------
     def start_proxy(self, protocol: str, backend_port: int, **mail) -> ProxyUnderTest:
+        """A proxy passing to ``backend_port``, logins checked against
+        [users] (alice, "secret"): proxy_config's."""
         return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, **mail)))
 
-    def connect(self, proxy: ProxyUnderTest, timeout: float = 5.0) -> Client:
-        client = Client(proxy.port, timeout)
+    def tls_proxy(self, protocol: str, backend_port: int, listens=("ssl",), users=None,
+                  **mail) -> ProxyUnderTest:
+        """start_proxy with the server certificate (mail.example.com) for
+        its "ssl" listens and STARTTLS, and auth_delay 50ms."""
+        mail.setdefault("ssl_certificate", self.tls_path("server.crt"))
+        mail.setdefault("ssl_certificate_key", self.tls_path("server.key"))
+        mail.setdefault("auth_delay", "50ms")
+        return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, listens=listens,
+                                                    users=users, **mail)))
+
+    def auth_http_proxy(self, protocol: str, auth_port, listen_flags: str = "",
+                        **mail) -> ProxyUnderTest:
+        """A proxy that asks the fake auth server on ``auth_port`` (no
+        proxy_pass, no [users]); ``listen_flags``: its listen's flags."""
+        return self.use(ProxyUnderTest(proxy_config(protocol, auth_port=auth_port,
+                                                    listens=(listen_flags,), **mail)))
+
+    def auth_server(self, *responses, answer=None) -> "AuthServer":
+        return self.use(AuthServer(*responses, answer=answer))
+
+    # -- clients -----------------------------------------------------------------------
+    def connect(self, proxy: ProxyUnderTest, port: int = 0, timeout: float = 5.0) -> Client:
+        """A Client of the proxy's ``port`` (by default its first)."""
+        return connect_client(self, port or proxy.port, timeout)
+
+    def tls_connect(self, proxy: ProxyUnderTest, port: int = 0, certificate: str = "",
+                    hostname: str = "localhost", context=None) -> Client:
+        """A Client over TLS from its first byte: client_context(certificate)
+        unless a ``context`` is given."""
+        client = self.connect(proxy, port)
+        client.start_tls(context or self.client_context(certificate), hostname)
+        return client
+
+    def tls_refused(self, port: int, context: ssl.SSLContext,
+                    hostname: str = "localhost") -> ssl.SSLError:
+        """The handshake fails; the error the client saw.  With TLS 1.3 the
+        server judges the client's certificate after the client has finished
+        its part, so the alert may come with the first read."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
+        try:
+            try:
+                tls = context.wrap_socket(sock, server_hostname=hostname)
+            except ssl.SSLError as error:
+                return error
+            try:
+                data = tls.recv(4096)
+            except ssl.SSLError as error:
+                return error
+            finally:
+                tls.close()
+            self.fail("the TLS handshake succeeded; the proxy said %r" % data)
+        finally:
+            sock.close()
+
+    def smtplib_client(self, proxy: ProxyUnderTest) -> "SmtpRecordingClient":
+        client = SmtpRecordingClient("127.0.0.1", proxy.port, local_hostname="client.example",
+                                     timeout=10)
         self.addCleanup(client.close)
         return client
 
-    def assertSameBytes(self, got: bytes, expected: bytes, what: str) -> None:
-        """Like assertEqual, without printing megabytes when they differ."""
-        if got != expected:
-            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
-                         min(len(got), len(expected)))
-            self.fail("%s: %d bytes instead of %d, first difference at offset %d: %r vs %r"
-                      % (what, len(got), len(expected), first, got[first:first + 20],
-                         expected[first:first + 20]))
-
-    # -- logins that every test starts with --------------------------------------
+    # -- dialogues that many tests start with ------------------------------------------
     def imap_login(self, client: Client) -> None:
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice secret")
@@ -4167,6 +4258,67 @@ class EndToEndTestCase(unittest.TestCase):
         client.expect(rb"^\+OK\r\n$")
         client.send("PASS secret")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
+
+    def smtp_hello(self, client: Client, greeting: bytes = SMTP_PROXY_GREETING,
+                   ehlo: bytes = SMTP_PROXY_EHLO) -> None:
+        self.assertEqual(client.read_line(), greeting)
+        client.send("EHLO client.example")
+        self.assertEqual(client.read_exactly(len(ehlo)), ehlo)
+
+    def smtp_auth_plain(self, client: Client) -> None:
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+
+    def smtp_quit(self, client: Client) -> None:
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        client.expect_closed()
+
+    # -- checks ------------------------------------------------------------------------
+    def assertSameBytes(self, got: bytes, expected: bytes, what: str) -> None:
+        """Like assertEqual, without printing megabytes when they differ."""
+        if got != expected:
+            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                         min(len(got), len(expected)))
+            self.fail("%s: %d bytes instead of %d, first difference at offset %d: %r vs %r"
+                      % (what, len(got), len(expected), first, got[first:first + 20],
+                         expected[first:first + 20]))
+
+    def wait_for_backend(self, backend: "FakeBackend", connection: int, data: bytes) -> None:
+        """The backend's thread may still be reading when the client has its reply."""
+        wait_until(lambda: len(backend.received) > connection and
+                   bytes(backend.received[connection]).endswith(data),
+                   what="the backend to receive %r" % data[-40:])
+
+    def assert_internal_error(self, protocol: str, auth: "AuthServer", log_pattern: str,
+                              **mail) -> None:
+        """A login through a proxy asking ``auth`` gets the internal error,
+        the connection is closed, and the error log names the auth server."""
+        backend = self.use(FAKE_BACKENDS[protocol]())
+        self.backend_port = backend.port
+        proxy = self.auth_http_proxy(protocol, auth.port, **mail)
+        client = self.connect(proxy)
+        if protocol == "imap":
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.send("a1 LOGIN alice secret")
+            self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        elif protocol == "pop3":
+            client.expect(rb"^\+OK POP3 ready\r\n$")
+            client.send("USER alice")
+            client.expect(rb"^\+OK\r\n$")
+            client.send("PASS secret")
+            self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
+        else:
+            self.smtp_hello(client)
+            client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+            self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        client.expect_closed()
+        pattern = (r"\[error\] \d+#0: \*1 " + log_pattern % re.escape("127.0.0.1:%d" % auth.port) +
+                   r" while in http auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, "
+                   r'login: "alice"' % proxy.port)
+        proxy.wait_for_log(pattern)
+        self.assertEqual(backend.received, [], "the backend must not be contacted")
+        proxy.assert_alive()
 
 
 # ########################################################################## #
@@ -4722,7 +4874,7 @@ class HostileBackendTests(EndToEndTestCase):
         proxy = self.start_proxy("smtp", backend.port)
         client = self.connect(proxy)
         client.expect(rb"^220 ")
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^451 4\.3\.2 Internal server error\r\n$")
         client.expect_closed()
         proxy.wait_for_log(r"upstream sent data before the command it answers")
@@ -4878,15 +5030,12 @@ class HostileClientTests(EndToEndTestCase):
 # Postfix-like fake backend.  Each test asserts the bytes on both wires: what
 # the client read, and every byte the backend received.
 
-SMTP_PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
-SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
 # smtplib's own spelling of MAIL and RCPT: "mail FROM:" until Python 3.12,
 # "mail from:" from 3.13 on.  The proxy passes either on untouched.
 SMTPLIB_MAIL_ALICE = (b"mail FROM:" if sys.version_info < (3, 13) else b"mail from:") + \
     b"<alice@example.com>\r\n"
 SMTPLIB_RCPT_BOB = (b"rcpt TO:" if sys.version_info < (3, 13) else b"rcpt to:") + \
     b"<bob@example.com>\r\n"
-SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
 SMTP_BACKEND_GREETING = b"220 backend.test ESMTP FakeFix\r\n"
 SMTP_BACKEND_XCLIENT_GREETING = b"220 backend.test ESMTP FakeFix (after XCLIENT)\r\n"
 SMTP_BACKEND_EHLO = (b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n"
@@ -4895,9 +5044,6 @@ SMTP_BACKEND_EHLO = (b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r
 SMTP_BACKEND_MAIL_OK = b"250 2.1.0 Ok (backend)\r\n"
 SMTP_BACKEND_RCPT_OK = b"250 2.1.5 Ok (backend)\r\n"
 SMTP_BACKEND_DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
-SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
-
-
 def smtp_backend_rcpt_refused(address: bytes) -> bytes:
     return b"550 5.1.1 <%s>: Recipient address rejected: User unknown\r\n" % address
 
@@ -5013,6 +5159,9 @@ class FakeSmtpBackend(FakeBackend):
             wire.send(b"235 2.7.0 Authentication successful\r\n")
 
 
+FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend}
+
+
 class SmtpTap:
     """Stands in for smtplib's ``file``: keeps every byte read."""
 
@@ -5084,43 +5233,9 @@ def smtp_xclient(login: bytes = b"alice", name: bytes = b"[UNAVAILABLE]") -> byt
         b" NAME=" + name + b"\r\n"
 
 
-class SmtpEndToEndCase(EndToEndTestCase):
-    """What the SMTP end-to-end tests share."""
-
-    def connect(self, proxy: ProxyUnderTest, timeout: float = 3.0) -> Client:
-        return super().connect(proxy, timeout)
-
-    def smtplib_client(self, proxy: ProxyUnderTest) -> SmtpRecordingClient:
-        client = SmtpRecordingClient("127.0.0.1", proxy.port, local_hostname="client.example",
-                                     timeout=10)
-        self.addCleanup(client.close)
-        return client
-
-    def smtp_hello(self, client: Client, greeting: bytes = SMTP_PROXY_GREETING,
-                   ehlo: bytes = SMTP_PROXY_EHLO) -> None:
-        self.assertEqual(client.read_line(), greeting)
-        client.send("EHLO client.example")
-        self.assertEqual(client.read_exactly(len(ehlo)), ehlo)
-
-    def smtp_auth_plain(self, client: Client) -> None:
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-
-    def smtp_quit(self, client: Client) -> None:
-        client.send("QUIT")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        client.expect_closed()
-
-    def wait_for_backend(self, backend: FakeSmtpBackend, connection: int, data: bytes) -> None:
-        """The backend's thread may still be reading when the client has its reply."""
-        wait_until(lambda: len(backend.received) > connection and
-                   bytes(backend.received[connection]).endswith(data),
-                   what="the backend to receive %r" % data[-40:])
-
-
 # -- 1. smtplib as the client ----------------------------------------------------------
 
-class SmtpEndToEndSmtplibTests(SmtpEndToEndCase):
+class SmtpEndToEndSmtplibTests(EndToEndTestCase):
     def test_auth_plain_then_20_mb_dot_stuffed_message(self):
         backend = self.use(FakeSmtpBackend())
         proxy = self.start_proxy("smtp", backend.port)
@@ -5138,7 +5253,7 @@ class SmtpEndToEndSmtplibTests(SmtpEndToEndCase):
                       + stuffed + b"quit\r\n")
         # What smtplib sent is what we think it sent (our dot-stuffing matches its).
         self.assertSameBytes(bytes(smtp.wire_sent),
-                             b"ehlo client.example\r\nAUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n"
+                             b"ehlo client.example\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
                              + after_auth, "what smtplib sent")
         self.assertEqual(bytes(smtp.wire_received),
                          SMTP_PROXY_GREETING + SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" +
@@ -5210,7 +5325,7 @@ class SmtpEndToEndSmtplibTests(SmtpEndToEndCase):
 
 # -- 2. proxy_smtp_auth: the proxy logs in to the backend itself --------------------------
 
-class SmtpEndToEndBackendAuthTests(SmtpEndToEndCase):
+class SmtpEndToEndBackendAuthTests(EndToEndTestCase):
     def test_auth_plain_without_xclient(self):
         backend = self.use(FakeSmtpBackend())
         proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
@@ -5265,7 +5380,7 @@ class SmtpEndToEndBackendAuthTests(SmtpEndToEndCase):
         proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
         client.expect_closed()
         proxy.wait_for_log(r'upstream sent invalid response: "535 5\.7\.8 Error: authentication failed"')
@@ -5273,7 +5388,7 @@ class SmtpEndToEndBackendAuthTests(SmtpEndToEndCase):
 
 # -- 3. smtp_auth none: the first RCPT decides ----------------------------------------------
 
-class SmtpEndToEndNoAuthTests(SmtpEndToEndCase):
+class SmtpEndToEndNoAuthTests(EndToEndTestCase):
     def start(self, **mail):
         """A proxy with smtp_auth none for example.com; @elsewhere.test has a
         [routes] entry to a second backend, which must never be used."""
@@ -5398,7 +5513,7 @@ class SmtpEndToEndNoAuthTests(SmtpEndToEndCase):
 
 # -- 4. smtp_greeting_delay -------------------------------------------------------------
 
-class SmtpEndToEndGreetingDelayTests(SmtpEndToEndCase):
+class SmtpEndToEndGreetingDelayTests(EndToEndTestCase):
     def test_early_talker_is_refused_and_a_patient_client_is_greeted(self):
         backend = self.use(FakeSmtpBackend())
         proxy = self.start_proxy("smtp", backend.port, smtp_greeting_delay="500ms")
@@ -5423,7 +5538,7 @@ class SmtpEndToEndGreetingDelayTests(SmtpEndToEndCase):
 
 # -- 5. the resolver ---------------------------------------------------------------------
 
-class SmtpEndToEndResolverTests(SmtpEndToEndCase):
+class SmtpEndToEndResolverTests(EndToEndTestCase):
     GOOD = {(PTR_127_0_0_1, mp.DNS_PTR): [dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
             ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
 
@@ -5468,13 +5583,13 @@ class SmtpEndToEndResolverTests(SmtpEndToEndCase):
 
 # -- 6. pipelining (RFC 2920) -----------------------------------------------------------
 
-class SmtpEndToEndPipeliningTests(SmtpEndToEndCase):
+class SmtpEndToEndPipeliningTests(EndToEndTestCase):
     def test_ehlo_auth_mail_rcpt_data_in_one_send(self):
         backend = self.use(FakeSmtpBackend())
         proxy = self.start_proxy("smtp", backend.port)
         client = self.connect(proxy)
         self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
-        pipeline = (b"EHLO x\r\nAUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n"
+        pipeline = (b"EHLO x\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
                     b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
         client.send(pipeline)
         replies = (SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" + SMTP_BACKEND_MAIL_OK +
@@ -5515,7 +5630,7 @@ class SmtpEndToEndPipeliningTests(SmtpEndToEndCase):
 
 # -- 7. the backend refuses XCLIENT --------------------------------------------------------
 
-class SmtpEndToEndBackendRefusalTests(SmtpEndToEndCase):
+class SmtpEndToEndBackendRefusalTests(EndToEndTestCase):
     REFUSAL = b"550-5.7.0 XCLIENT denied\r\n550 5.7.0 Not authorized\r\n"
 
     def refused(self, **mail):
@@ -5523,7 +5638,7 @@ class SmtpEndToEndBackendRefusalTests(SmtpEndToEndCase):
         proxy = self.start_proxy("smtp", backend.port, **mail)
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\nMAIL FROM:<a@b>\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nMAIL FROM:<a@b>\r\n")
         return backend, proxy, client
 
     def test_internal_error(self):
@@ -5546,7 +5661,7 @@ class SmtpEndToEndBackendRefusalTests(SmtpEndToEndCase):
 
 # -- 8. control bytes in HELO, MAIL, RCPT ---------------------------------------------------
 
-class SmtpEndToEndControlByteTests(SmtpEndToEndCase):
+class SmtpEndToEndControlByteTests(EndToEndTestCase):
     INVALID = b"501 5.5.4 Invalid argument\r\n"
 
     def test_bad_helo_is_neither_kept_nor_replayed(self):
@@ -5607,51 +5722,7 @@ TLS_CLIENT_TIMEOUT = 5.0
 # and smtplib's line-ending rewrites and poplib's dot handling unchanged.
 TLS_MESSAGE = b"".join(b"Line %04d of a message that crosses TLS records.\r\n" % i
                        for i in range(2000))
-TLS_PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")
 TLS_IMAP_LOGIN_RE = rb"^[A-Z]+\d+ LOGIN \{5\}\r\nalice \{6\}\r\nsecret\r\n"   # imaplib's tags
-
-
-def tls_config(protocol: str, backend_port: int, listens=("ssl",), users=None, **mail) -> str:
-    """proxy_config with TLS in mind: ``listens`` gives each listen's flags
-    ("ssl" or ""), each on a free loopback port; ``users`` the [users] table;
-    ``mail`` the [mail] directives (a value may hold continuation lines)."""
-    directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "50ms"}
-    directives.update(mail)
-    lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
-    lines += ["%s = %s" % item for item in directives.items()]
-    listen = ["127.0.0.1:%d%s" % (free_port(), " " + flags if flags else "") for flags in listens]
-    lines += ["", "[server %s]" % protocol, "listen = " + "\n    ".join(listen),
-              "protocol = %s" % protocol, "proxy_pass = 127.0.0.1:%d" % backend_port,
-              "", "[users]"]
-    lines += ["%s = %s" % item for item in (users or {"alice": "{PLAIN}secret"}).items()]
-    return "\n".join(lines) + "\n"
-
-
-class TlsProxyUnderTest(ProxyUnderTest):
-    """ProxyUnderTest, configured with mp.load_and_prepare (which builds the
-    SSL contexts, as -t and the real start-up do).  ``ports`` lists every
-    listen's port in the order of the configuration."""
-
-    def __init__(self, config_text: str):
-        self.directory = tempfile.TemporaryDirectory()
-        self.worker = None
-        try:
-            path = write_file(self.directory.name, "mailproxy.conf", config_text)
-            self.config = mp.load_and_prepare(path)
-            self.log_file = io.BytesIO()
-            log = mp.ErrorLog([(self.log_file, "info")])
-            self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
-            self.worker.open_listeners(self.config)
-        except BaseException:
-            if self.worker is not None:
-                self.worker.loop.close()
-            self.directory.cleanup()
-            raise
-        self.ports = [listen.port for server in self.config.servers for listen in server.listen]
-        self.port = self.ports[0]
-        self.crash = None
-        self.thread = threading.Thread(target=self._run, name="mailproxy loop (TLS)", daemon=True)
-        self.thread.start()
 
 
 class TlsImap4(imaplib.IMAP4):
@@ -5872,86 +5943,11 @@ class TlsFakeSmtpBackend(TlsBackendMixin, FakeBackend):
 
 # -- the test case base ----------------------------------------------------------
 
-class TlsEndToEndCase(EndToEndTestCase):
-    """The certificates in a temporary directory, once per class, and ways
-    to start a TLS proxy and TLS clients."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.tls_directory = tempfile.TemporaryDirectory()
-        write_tls_files(cls.tls_directory.name)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tls_directory.cleanup()
-        super().tearDownClass()
-
-    def tls_path(self, name: str) -> str:
-        return os.path.join(self.tls_directory.name, name)
-
-    def tls_proxy(self, protocol: str, backend_port: int, listens=("ssl",), users=None,
-                  **mail) -> TlsProxyUnderTest:
-        mail.setdefault("ssl_certificate", self.tls_path("server.crt"))
-        mail.setdefault("ssl_certificate_key", self.tls_path("server.key"))
-        return self.use(TlsProxyUnderTest(tls_config(protocol, backend_port, listens, users, **mail)))
-
-    def tls_client_context(self, certificate: str = "", alpn=None, ca: str = "ca.crt") -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.tls_path(ca))
-        if certificate:
-            context.load_cert_chain(self.tls_path(certificate + ".crt"),
-                                    self.tls_path(certificate + ".key"))
-        if alpn is not None:
-            context.set_alpn_protocols(alpn)
-        return context
-
-    def tls_server_context(self, name: str = "server") -> ssl.SSLContext:
-        """For a fake backend."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.tls_path(name + ".crt"), self.tls_path(name + ".key"))
-        return context
-
-    def plain_connect(self, proxy: ProxyUnderTest, port: int = 0) -> Client:
-        client = Client(port or proxy.port, TLS_CLIENT_TIMEOUT)
-        self.addCleanup(client.close)
-        return client
-
-    def tls_connect(self, proxy: ProxyUnderTest, port: int = 0, certificate: str = "",
-                    hostname: str = "localhost", context=None) -> Client:
-        client = self.plain_connect(proxy, port)
-        client.start_tls(context or self.tls_client_context(certificate), hostname)
-        return client
-
-    def tls_refused(self, port: int, context: ssl.SSLContext,
-                    hostname: str = "localhost") -> ssl.SSLError:
-        """The handshake fails; the error the client saw.  With TLS 1.3 the
-        server judges the client's certificate after the client has finished
-        its part, so the alert may come with the first read."""
-        sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
-        try:
-            try:
-                tls = context.wrap_socket(sock, server_hostname=hostname)
-            except ssl.SSLError as error:
-                return error
-            try:
-                data = tls.recv(4096)
-            except ssl.SSLError as error:
-                return error
-            finally:
-                tls.close()
-            self.fail("the TLS handshake succeeded; the proxy said %r" % data)
-        finally:
-            sock.close()
-
-    def assertLogged(self, proxy: ProxyUnderTest, pattern: str) -> str:
-        return proxy.wait_for_log(pattern).group(0)
-
-
 # ########################################################################## #
 #                    End to end: TLS from the first byte                     #
 # ########################################################################## #
 
-class TlsEndToEndImplicitTests(TlsEndToEndCase):
+class TlsEndToEndImplicitTests(EndToEndTestCase):
     """``listen ... ssl`` with the standard library's clients, which check
     the certificate against the test CA and the host name (127.0.0.1, an
     IP SAN of server.crt)."""
@@ -5959,7 +5955,7 @@ class TlsEndToEndImplicitTests(TlsEndToEndCase):
     def test_imap4_ssl_login_fetch_and_append(self):
         backend = self.use(TlsFakeImapBackend(message=TLS_MESSAGE))
         proxy = self.tls_proxy("imap", backend.port)
-        imap = TlsImap4Ssl("127.0.0.1", proxy.port, ssl_context=self.tls_client_context())
+        imap = TlsImap4Ssl("127.0.0.1", proxy.port, ssl_context=self.client_context())
         self.addCleanup(tls_quietly, imap.shutdown)
         self.assertEqual(imap.welcome, b"* OK IMAP4 ready")
         self.assertEqual(imap.sock.version()[:4], "TLSv")
@@ -5978,7 +5974,7 @@ class TlsEndToEndImplicitTests(TlsEndToEndCase):
     def test_pop3_ssl_login_and_retr(self):
         backend = self.use(TlsFakePop3Backend(message=TLS_MESSAGE))
         proxy = self.tls_proxy("pop3", backend.port)
-        pop = poplib.POP3_SSL("127.0.0.1", proxy.port, context=self.tls_client_context(),
+        pop = poplib.POP3_SSL("127.0.0.1", proxy.port, context=self.client_context(),
                               timeout=TLS_CLIENT_TIMEOUT)
         self.addCleanup(tls_quietly, pop.close)
         self.assertEqual(pop.getwelcome(), b"+OK POP3 ready")
@@ -5996,7 +5992,7 @@ class TlsEndToEndImplicitTests(TlsEndToEndCase):
         backend = self.use(TlsFakeSmtpBackend())
         proxy = self.tls_proxy("smtp", backend.port)
         smtp = smtplib.SMTP_SSL("127.0.0.1", proxy.port, local_hostname="client.test",
-                                timeout=TLS_CLIENT_TIMEOUT, context=self.tls_client_context())
+                                timeout=TLS_CLIENT_TIMEOUT, context=self.client_context())
         self.addCleanup(tls_quietly, smtp.close)
         self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH PLAIN LOGIN"))
         self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))
@@ -6028,12 +6024,8 @@ class TlsEndToEndImplicitTests(TlsEndToEndCase):
 #                           End to end: STARTTLS                             #
 # ########################################################################## #
 
-TLS_IMAP_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
 TLS_POP3_CAPA = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\n.\r\n"
-TLS_SMTP_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
-
-
-class TlsEndToEndStartTlsTests(TlsEndToEndCase):
+class TlsEndToEndStartTlsTests(EndToEndTestCase):
     """STARTTLS / STLS with starttls on and only: nginx's capability lists,
     byte for byte, before and after TLS (read raw, the "after" part through
     an ssl-wrapped socket); logins refused before TLS with "only"; a second
@@ -6049,7 +6041,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
     def test_imap_starttls_on(self):
         backend = self.use(TlsFakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 CAPABILITY")
         self.assertEqual(client.read_line(),
@@ -6057,9 +6049,9 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
         client.expect(rb"^a1 OK completed\r\n$")
         client.send("a2 STARTTLS")
         client.expect(rb"^a2 OK completed\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("a3 CAPABILITY")                    # no second greeting comes first
-        self.assertEqual(client.read_line(), TLS_IMAP_CAPABILITY)
+        self.assertEqual(client.read_line(), IMAP_PROXY_CAPABILITY)
         client.expect(rb"^a3 OK completed\r\n$")
         client.send("a4 STARTTLS")
         client.expect(rb"^a4 BAD invalid command\r\n$")
@@ -6072,7 +6064,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
     def test_imap_starttls_only(self):
         backend = self.use(TlsFakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="only")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 CAPABILITY")
         self.assertEqual(client.read_line(),
@@ -6080,19 +6072,19 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
         client.expect(rb"^a1 OK completed\r\n$")
         client.send("a2 LOGIN alice secret")
         client.expect(rb"^a2 BAD invalid command\r\n$")
-        client.send(b"a3 AUTHENTICATE PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.send(b"a3 AUTHENTICATE PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^a3 BAD invalid command\r\n$")
         client.send("a4 AUTHENTICATE PLAIN")            # no "+ " prompt either
         client.expect(rb"^a4 BAD invalid command\r\n$")
         client.send("a5 STARTTLS")
         client.expect(rb"^a5 OK completed\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("a6 CAPABILITY")
-        self.assertEqual(client.read_line(), TLS_IMAP_CAPABILITY)
+        self.assertEqual(client.read_line(), IMAP_PROXY_CAPABILITY)
         client.expect(rb"^a6 OK completed\r\n$")
         client.send("a7 STARTTLS")
         client.expect(rb"^a7 BAD invalid command\r\n$")
-        client.send(b"a8 AUTHENTICATE PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.send(b"a8 AUTHENTICATE PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^a8 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[0]), b"a8 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
 
@@ -6104,7 +6096,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
                 imap = TlsImap4("127.0.0.1", proxy.port)
                 self.addCleanup(tls_quietly, imap.shutdown)
                 self.assertIn("STARTTLS", imap.capabilities)
-                self.assertEqual(imap.starttls(ssl_context=self.tls_client_context())[0], "OK")
+                self.assertEqual(imap.starttls(ssl_context=self.client_context())[0], "OK")
                 self.assertEqual(imap.capabilities, ("IMAP4", "IMAP4REV1", "UIDPLUS", "AUTH=PLAIN"))
                 self.assertEqual(imap.login("alice", "secret"), ("OK", [b"LOGIN completed"]))
                 self.assertEqual(imap.noop(), ("OK", [b"NOOP completed"]))
@@ -6115,13 +6107,13 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
     def test_pop3_stls_on(self):
         backend = self.use(TlsFakePop3Backend())
         proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\+OK POP3 ready\r\n$")
         client.send("CAPA")
         self.assertEqual(self.read_capa(client), TLS_POP3_CAPA[:-3] + b"STLS\r\n.\r\n")
         client.send("STLS")
         client.expect(rb"^\+OK\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("CAPA")
         self.assertEqual(self.read_capa(client), TLS_POP3_CAPA)
         client.send("STLS")
@@ -6133,18 +6125,18 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
         backend = self.use(TlsFakePop3Backend())
         proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="only",
                                pop3_auth="plain apop")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\+OK POP3 ready <[0-9]+\.[0-9]+@mail\.test>\r\n$")
         client.send("CAPA")
         self.assertEqual(self.read_capa(client),
                          b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nSTLS\r\n.\r\n")
-        for command in ("USER alice", "AUTH PLAIN " + TLS_PLAIN_ALICE.decode(), "AUTH",
+        for command in ("USER alice", "AUTH PLAIN " + PLAIN_ALICE.decode(), "AUTH",
                         "APOP alice 0123456789abcdef0123456789abcdef"):
             client.send(command)
             client.expect(rb"^-ERR invalid command\r\n$")
         client.send("STLS")
         client.expect(rb"^\+OK\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("CAPA")
         self.assertEqual(self.read_capa(client), TLS_POP3_CAPA)
         client.send("STLS")
@@ -6164,7 +6156,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
                 proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls=mode)
                 pop = poplib.POP3("127.0.0.1", proxy.port, timeout=TLS_CLIENT_TIMEOUT)
                 self.addCleanup(tls_quietly, pop.close)
-                self.assertEqual(pop.stls(context=self.tls_client_context()), b"+OK")
+                self.assertEqual(pop.stls(context=self.client_context()), b"+OK")
                 self.assertNotIn("STLS", pop.capa())
                 self.assertEqual(pop.user("alice"), b"+OK")
                 self.assertEqual(pop.pass_("secret"), b"+OK alice has 1 message")
@@ -6176,18 +6168,18 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
     def test_smtp_starttls_on(self):
         backend = self.use(TlsFakeSmtpBackend())
         proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
         client.send("EHLO client.test")
         self.assertEqual(client.reply(), b"250-mail.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
         client.send("STARTTLS")
         client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("EHLO client.test")
-        self.assertEqual(client.reply(), TLS_SMTP_EHLO)
+        self.assertEqual(client.reply(), SMTP_PROXY_EHLO)
         client.send("STARTTLS")
         client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
-        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^235 2\.0\.0 OK\r\n$")
         self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
                          b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n"
@@ -6196,22 +6188,22 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
     def test_smtp_starttls_only(self):
         backend = self.use(TlsFakeSmtpBackend())
         proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="only")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
         client.send("EHLO client.test")
         self.assertEqual(client.reply(), b"250-mail.test\r\n250 STARTTLS\r\n")
-        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
         client.send("AUTH LOGIN")
         client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
         client.send("STARTTLS")
         client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("EHLO client.test")
-        self.assertEqual(client.reply(), TLS_SMTP_EHLO)
+        self.assertEqual(client.reply(), SMTP_PROXY_EHLO)
         client.send("STARTTLS")
         client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
-        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^235 2\.0\.0 OK\r\n$")
 
     def test_smtplib_starttls(self):
@@ -6222,7 +6214,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
                 smtp = smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test",
                                     timeout=TLS_CLIENT_TIMEOUT)
                 self.addCleanup(tls_quietly, smtp.close)
-                self.assertEqual(smtp.starttls(context=self.tls_client_context())[0], 220)
+                self.assertEqual(smtp.starttls(context=self.client_context())[0], 220)
                 self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH PLAIN LOGIN"))
                 self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))
                 smtp.sendmail("alice@example.com", ["bob@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
@@ -6234,7 +6226,7 @@ class TlsEndToEndStartTlsTests(TlsEndToEndCase):
 #                  End to end: commands injected before TLS                  #
 # ########################################################################## #
 
-class TlsEndToEndInjectionTests(TlsEndToEndCase):
+class TlsEndToEndInjectionTests(EndToEndTestCase):
     """CVE-2011-0411 / CVE-2014-3556: a man in the middle appends a command
     to the client's STARTTLS, in the same packet.  It is plaintext, so it
     must be thrown away, never answered (the next reply after the handshake
@@ -6243,11 +6235,11 @@ class TlsEndToEndInjectionTests(TlsEndToEndCase):
     def test_imap_login_after_starttls(self):
         backend = self.use(TlsFakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send(b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n")
         client.expect(rb"^a1 OK completed\r\n$")
-        client.start_tls(self.tls_client_context())    # fails if a2 got a plaintext reply
+        client.start_tls(self.client_context())    # fails if a2 got a plaintext reply
         client.send("a3 NOOP")
         client.expect(rb"^a3 OK completed\r\n$")
         self.assertEqual(backend.received, [], "the injected LOGIN reached the backend")
@@ -6258,11 +6250,11 @@ class TlsEndToEndInjectionTests(TlsEndToEndCase):
     def test_pop3_user_after_stls(self):
         backend = self.use(TlsFakePop3Backend())
         proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\+OK POP3 ready\r\n$")
         client.send(b"STLS\r\nUSER alice\r\n")
         client.expect(rb"^\+OK\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("NOOP")
         client.expect(rb"^\+OK\r\n$")
         client.send("PASS secret")                      # the USER was forgotten
@@ -6278,11 +6270,11 @@ class TlsEndToEndInjectionTests(TlsEndToEndCase):
         backend = self.use(TlsFakeSmtpBackend())
         proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="on",
                                smtp_auth="none", smtp_relay_domains="example.com")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
         client.send(b"STARTTLS\r\nMAIL FROM:<x@y>\r\n")
         client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("NOOP")
         client.expect(rb"^250 2\.0\.0 OK\r\n$")
         client.send("RCPT TO:<bob@example.com>")        # the MAIL was forgotten
@@ -6302,16 +6294,16 @@ class TlsEndToEndInjectionTests(TlsEndToEndCase):
     def test_smtp_auth_after_starttls(self):
         backend = self.use(TlsFakeSmtpBackend())
         proxy = self.tls_proxy("smtp", backend.port, listens=("",), starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
-        client.send(b"EHLO client.test\r\nSTARTTLS\r\nAUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.send(b"EHLO client.test\r\nSTARTTLS\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         client.reply()
         client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         client.send("NOOP")
         client.expect(rb"^250 2\.0\.0 OK\r\n$")
         self.assertEqual(backend.received, [], "the injected AUTH reached the backend")
-        client.send(b"AUTH PLAIN " + TLS_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^235 2\.0\.0 OK\r\n$")
         # RFC 3207 §4.2: the EHLO before TLS is forgotten, so none is replayed.
         self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
@@ -6322,7 +6314,7 @@ class TlsEndToEndInjectionTests(TlsEndToEndCase):
 #                      End to end: client certificates                       #
 # ########################################################################## #
 
-class TlsEndToEndClientCertificateTests(TlsEndToEndCase):
+class TlsEndToEndClientCertificateTests(EndToEndTestCase):
     """ssl_verify_client, ssl_client_certificate and ssl_crl.  A certificate
     that fails verification ends the handshake (Python's ssl module cannot
     let it through to answer "SSL certificate error" as nginx does); a
@@ -6347,11 +6339,11 @@ class TlsEndToEndClientCertificateTests(TlsEndToEndCase):
 
     def test_no_certificate_after_starttls(self):
         proxy = self.verifying_proxy("imap", free_port(), listens=("",), starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 STARTTLS")
         client.expect(rb"^a1 OK completed\r\n$")
-        client.start_tls(self.tls_client_context())
+        client.start_tls(self.client_context())
         self.assertEqual(client.read_line(), b"* BYE No required SSL certificate\r\n")
         client.expect_closed()
 
@@ -6369,7 +6361,7 @@ class TlsEndToEndClientCertificateTests(TlsEndToEndCase):
                  ("revoked", "SSLV3_ALERT_CERTIFICATE_REVOKED", r"23:certificate revoked"))
         for number, (certificate, alert, reason) in enumerate(cases, 1):
             with self.subTest(certificate=certificate):
-                error = self.tls_refused(proxy.port, self.tls_client_context(certificate))
+                error = self.tls_refused(proxy.port, self.client_context(certificate))
                 self.assertEqual(error.reason, alert)
                 proxy.wait_for_log(r"\[info\] .*\*%d certificate verify error: \(%s\) while SSL "
                                    r"handshaking, client: 127\.0\.0\.1, " % (number, reason))
@@ -6382,7 +6374,7 @@ class TlsEndToEndClientCertificateTests(TlsEndToEndCase):
         backend = self.use(TlsFakeImapBackend())
         proxy = self.verifying_proxy("imap", backend.port, mode="optional")
         self.imap_login(self.tls_connect(proxy))
-        error = self.tls_refused(proxy.port, self.tls_client_context("expired"))
+        error = self.tls_refused(proxy.port, self.client_context("expired"))
         self.assertEqual(error.reason, "SSLV3_ALERT_CERTIFICATE_EXPIRED")
 
 
@@ -6395,7 +6387,7 @@ TLS_EXTERNAL_USERS = {"alice": "{PLAIN}secret", "alice@example.com": "{PLAIN}sec
 TLS_EXTERNAL_LOGINS = ((b"alice", b"secret"), (b"alice@example.com", b"secret"), (b"bob", b"secret"))
 
 
-class TlsEndToEndExternalTests(TlsEndToEndCase):
+class TlsEndToEndExternalTests(EndToEndTestCase):
     """AUTHENTICATE EXTERNAL / AUTH EXTERNAL with the built-in table: the
     login must be one the verified client certificate shows (CN alice,
     emailAddress alice@example.com); "=" means the certificate's first; the
@@ -6488,7 +6480,7 @@ class TlsEndToEndExternalTests(TlsEndToEndCase):
 #                          End to end: SNI and ALPN                          #
 # ########################################################################## #
 
-class TlsEndToEndSniTests(TlsEndToEndCase):
+class TlsEndToEndSniTests(EndToEndTestCase):
     """Extension ssl_sni_certificate: the certificate by the name asked for."""
 
     def common_name(self, proxy, hostname: str) -> str:
@@ -6513,17 +6505,17 @@ class TlsEndToEndSniTests(TlsEndToEndCase):
         self.assertEqual(self.common_name(proxy, "mail.example.com"), "mail.example.com")
 
 
-class TlsEndToEndAlpnTests(TlsEndToEndCase):
+class TlsEndToEndAlpnTests(EndToEndTestCase):
     """nginx 1.21.4: a client offering ALPN without the server's protocol
     gets a fatal no_application_protocol alert; no ALPN at all is fine."""
 
     def test_alpn_without_the_protocol_is_refused(self):
         proxy = self.tls_proxy("imap", free_port())
-        error = self.tls_refused(proxy.port, self.tls_client_context(alpn=["http/1.1"]))
+        error = self.tls_refused(proxy.port, self.client_context(alpn=["http/1.1"]))
         self.assertIn("no application protocol", str(error))
         proxy.wait_for_log(r'\[info\] .*\*1 client offered ALPN http/1\.1 without "imap" '
                            r"while SSL handshaking")
-        error = self.tls_refused(proxy.port, self.tls_client_context(alpn=["pop3", "smtp"]))
+        error = self.tls_refused(proxy.port, self.client_context(alpn=["pop3", "smtp"]))
         self.assertIn("no application protocol", str(error))
 
     def test_alpn_in_a_fragmented_client_hello_is_refused(self):
@@ -6531,7 +6523,7 @@ class TlsEndToEndAlpnTests(TlsEndToEndCase):
         nginx's rule sees the whole message (OpenSSL's ALPN callback)."""
         proxy = self.tls_proxy("imap", free_port())
         outgoing = ssl.MemoryBIO()
-        tls = self.tls_client_context(alpn=["http/1.1"]).wrap_bio(
+        tls = self.client_context(alpn=["http/1.1"]).wrap_bio(
             ssl.MemoryBIO(), outgoing, server_hostname="localhost")
         with self.assertRaises(ssl.SSLWantReadError):
             tls.do_handshake()
@@ -6541,7 +6533,7 @@ class TlsEndToEndAlpnTests(TlsEndToEndCase):
             records = b"".join(header + len(part).to_bytes(2, "big") + part
                                for part in (body[:at], body[at:]) if part)
             with self.subTest(first_record=at):
-                client = self.plain_connect(proxy)
+                client = self.connect(proxy)
                 client.send(records)
                 self.assertEqual(client.read_exactly(7), mp.TLS_ALERT_NO_APPLICATION_PROTOCOL,
                                  "no fatal no_application_protocol alert (a ServerHello is 16 03 03)")
@@ -6550,25 +6542,25 @@ class TlsEndToEndAlpnTests(TlsEndToEndCase):
         proxy = self.tls_proxy("imap", free_port())
         for alpn, selected in ((["imap"], "imap"), (["http/1.1", "imap"], "imap"), (None, None)):
             with self.subTest(alpn=alpn):
-                client = self.tls_connect(proxy, context=self.tls_client_context(alpn=alpn))
+                client = self.tls_connect(proxy, context=self.client_context(alpn=alpn))
                 client.expect(rb"^\* OK IMAP4 ready\r\n$")
                 self.assertEqual(client.sock.selected_alpn_protocol(), selected)
 
     def test_alpn_follows_the_servers_protocol(self):
         proxy = self.tls_proxy("pop3", free_port())
-        self.tls_refused(proxy.port, self.tls_client_context(alpn=["imap"]))
-        client = self.tls_connect(proxy, context=self.tls_client_context(alpn=["pop3"]))
+        self.tls_refused(proxy.port, self.client_context(alpn=["imap"]))
+        client = self.tls_connect(proxy, context=self.client_context(alpn=["pop3"]))
         client.expect(rb"^\+OK POP3 ready\r\n$")
 
 
-class TlsEndToEndSettingsTests(TlsEndToEndCase):
+class TlsEndToEndSettingsTests(EndToEndTestCase):
     def test_ssl_protocols(self):
         for protocols, client_maximum, version in (("TLSv1.3", ssl.TLSVersion.TLSv1_2, None),
                                                    ("TLSv1.3", ssl.TLSVersion.TLSv1_3, "TLSv1.3"),
                                                    ("TLSv1.2", ssl.TLSVersion.TLSv1_3, "TLSv1.2")):
             with self.subTest(ssl_protocols=protocols, client_maximum=client_maximum):
                 proxy = self.tls_proxy("imap", free_port(), ssl_protocols=protocols)
-                context = self.tls_client_context()
+                context = self.client_context()
                 context.maximum_version = client_maximum
                 if version is None:
                     self.tls_refused(proxy.port, context)
@@ -6586,13 +6578,13 @@ class TlsEndToEndSettingsTests(TlsEndToEndCase):
         proxy = self.tls_proxy("imap", backend.port, users=TLS_EXTERNAL_USERS, ssl_verify_client="on",
                                ssl_client_certificate=self.tls_path("ca.crt"),
                                imap_auth="plain external")
-        context = self.tls_client_context("client")
+        context = self.client_context("client")
         first = self.tls_connect(proxy, context=context)
         first.expect(rb"^\* OK IMAP4 ready\r\n$")          # the ticket came with the greeting
         session = first.sock.session
         self.assertTrue(session.has_ticket)
         first.close()
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.start_tls(context, session=session)
         self.assertTrue(client.sock.session_reused)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
@@ -6605,7 +6597,7 @@ class TlsEndToEndSettingsTests(TlsEndToEndCase):
 #                        End to end: TLS to the backend                      #
 # ########################################################################## #
 
-class TlsEndToEndBackendTests(TlsEndToEndCase):
+class TlsEndToEndBackendTests(EndToEndTestCase):
     """Extensions proxy_ssl (implicit TLS) and proxy_starttls, with
     proxy_ssl_trusted_certificate, proxy_ssl_name and proxy_ssl_verify.
     The fake backends can only read what came through their handshake."""
@@ -6617,10 +6609,10 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
     def test_proxy_ssl(self):
         for name in ("localhost", "mail.example.org", None):   # None: proxy_pass's 127.0.0.1
             with self.subTest(proxy_ssl_name=name):
-                backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context()))
+                backend = self.use(TlsFakeImapBackend("implicit", self.backend_server_context()))
                 names = {"proxy_ssl_name": name} if name else {}
                 proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on", **names)
-                client = self.plain_connect(proxy)
+                client = self.connect(proxy)
                 self.imap_login(client)
                 client.send("a2 NOOP")
                 client.expect(rb"^a2 OK NOOP completed\r\n$")
@@ -6628,9 +6620,9 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
                 self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE + b"a2 NOOP\r\n")
 
     def assertUpstreamTlsFails(self, reason: str, **mail) -> None:
-        backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context()))
+        backend = self.use(TlsFakeImapBackend("implicit", self.backend_server_context()))
         proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on", **mail)
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice secret")
         client.expect(rb"^\* BAD internal server error\r\n$")
@@ -6645,7 +6637,7 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
     def test_relay_with_tls_on_both_sides(self):
         """2 MB each way, TLS to the client and to the backend."""
         message = message_bytes(2 * MEGABYTE)
-        backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context(), message=message))
+        backend = self.use(TlsFakeImapBackend("implicit", self.backend_server_context(), message=message))
         proxy = self.backend_proxy("imap", backend.port, listens=("ssl",), proxy_ssl="on")
         client = self.tls_connect(proxy)
         self.imap_login(client)
@@ -6667,16 +6659,16 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
                                     proxy_ssl_trusted_certificate=self.tls_path("wrongca.crt"))
 
     def test_proxy_ssl_verify_off_takes_any_certificate(self):
-        backend = self.use(TlsFakeImapBackend("implicit", self.tls_server_context()))
+        backend = self.use(TlsFakeImapBackend("implicit", self.backend_server_context()))
         proxy = self.tls_proxy("imap", backend.port, listens=("",), proxy_ssl="on",
                                proxy_ssl_verify="off", proxy_ssl_name="wrong.example")
-        self.imap_login(self.plain_connect(proxy))
+        self.imap_login(self.connect(proxy))
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
     def test_proxy_ssl_to_a_plaintext_backend(self):
         backend = self.use(TlsFakeImapBackend())
         proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice secret")
         client.expect(rb"^\* BAD internal server error\r\n$")
@@ -6690,7 +6682,7 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
         """No downgrade: a backend without STARTTLS never sees the password."""
         backend = self.use(TlsFakeImapBackend())         # answers "S1 BAD unknown command"
         proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice secret")
         client.expect(rb"^\* BAD internal server error\r\n$")
@@ -6699,10 +6691,10 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
         self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\n")
 
     def test_proxy_starttls_imap(self):
-        backend = self.use(TlsFakeImapBackend("starttls", self.tls_server_context()))
+        backend = self.use(TlsFakeImapBackend("starttls", self.backend_server_context()))
         proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on",
                                    proxy_ssl_name="localhost")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         self.imap_login(client)
         self.assertEqual(backend.clear, [b"S1 STARTTLS\r\n"])
         self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\n" + IMAP_LOGIN_ON_THE_WIRE)
@@ -6710,23 +6702,23 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
     def test_proxy_starttls_drops_what_the_backend_said_in_clear_after_its_yes(self):
         """The backend-side mirror of CVE-2011-0411: a reply injected after
         the STARTTLS yes must not be read as the answer to the login."""
-        backend = self.use(TlsFakeImapBackend("starttls", self.tls_server_context(),
+        backend = self.use(TlsFakeImapBackend("starttls", self.backend_server_context(),
                                               inject=b"a1 OK LOGIN completed (injected)\r\n"))
         proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on",
                                    proxy_ssl_name="localhost")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         self.imap_login(client)                          # "a1 OK LOGIN completed", not "(injected)"
         self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\n" + IMAP_LOGIN_ON_THE_WIRE)
 
     def test_proxy_starttls_pop3(self):
-        backend = self.use(TlsFakePop3Backend("starttls", self.tls_server_context()))
+        backend = self.use(TlsFakePop3Backend("starttls", self.backend_server_context()))
         proxy = self.backend_proxy("pop3", backend.port, proxy_starttls="on")   # name: 127.0.0.1
-        self.pop3_login(self.plain_connect(proxy))
+        self.pop3_login(self.connect(proxy))
         self.assertEqual(backend.clear, [b"STLS\r\n"])
         self.assertEqual(bytes(backend.received[0]), b"STLS\r\n" + POP3_LOGIN_ON_THE_WIRE)
 
     def test_proxy_starttls_smtp(self):
-        backend = self.use(TlsFakeSmtpBackend("starttls", self.tls_server_context()))
+        backend = self.use(TlsFakeSmtpBackend("starttls", self.backend_server_context()))
         proxy = self.backend_proxy("smtp", backend.port, proxy_starttls="on",
                                    proxy_ssl_name="localhost")
         smtp = smtplib.SMTP("127.0.0.1", proxy.port, local_hostname="client.test",
@@ -6747,8 +6739,8 @@ class TlsEndToEndBackendTests(TlsEndToEndCase):
         """The real program: the warning comes before "started"."""
         directory = tempfile.TemporaryDirectory()
         self.addCleanup(directory.cleanup)
-        path = write_file(directory.name, "mailproxy.conf", tls_config(
-            "imap", free_port(), listens=("",), proxy_ssl="on", proxy_ssl_verify="off"))
+        path = write_file(directory.name, "mailproxy.conf", proxy_config(
+            "imap", free_port(), proxy_ssl="on", proxy_ssl_verify="off"))
         program = TlsProgram(self, path)
         self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
         self.assertRegex(program.stderr, r"\[warn\] \d+#0: proxy_ssl_verify is off in \[server imap\]: "
@@ -6796,7 +6788,7 @@ class TlsProgram:
         self.process.stderr.close()
 
 
-class TlsEndToEndReloadTests(TlsEndToEndCase):
+class TlsEndToEndReloadTests(EndToEndTestCase):
     def test_sighup_picks_up_a_renewed_certificate(self):
         """A certificate renewed in place (same file names) is served to new
         clients after SIGHUP, as nginx does on reload."""
@@ -6804,7 +6796,8 @@ class TlsEndToEndReloadTests(TlsEndToEndCase):
         self.addCleanup(directory.cleanup)
         certificate = write_file(directory.name, "current.crt", TLS_SERVER_CERT_PEM)
         key = write_file(directory.name, "current.key", TLS_SERVER_KEY_PEM)
-        text = tls_config("imap", free_port(), ssl_certificate=certificate, ssl_certificate_key=key)
+        text = proxy_config("imap", free_port(), listens=("ssl",), ssl_certificate=certificate,
+                            ssl_certificate_key=key)
         path = write_file(directory.name, "mailproxy.conf", text)
         port = int(re.search(r"listen = 127\.0\.0\.1:(\d+)", text).group(1))
         program = TlsProgram(self, path)
@@ -6812,7 +6805,7 @@ class TlsEndToEndReloadTests(TlsEndToEndCase):
 
         def served(hostname: str) -> str:
             sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
-            with self.tls_client_context().wrap_socket(sock, server_hostname=hostname) as tls:
+            with self.client_context().wrap_socket(sock, server_hostname=hostname) as tls:
                 subject = dict(pair for rdn in tls.getpeercert()["subject"] for pair in rdn)
                 self.assertEqual(tls.recv(100), b"* OK IMAP4 ready\r\n")
                 return subject["commonName"]
@@ -6829,7 +6822,7 @@ class TlsEndToEndReloadTests(TlsEndToEndCase):
 #                         End to end: bad TLS input                          #
 # ########################################################################## #
 
-class TlsEndToEndBadInputTests(TlsEndToEndCase):
+class TlsEndToEndBadInputTests(EndToEndTestCase):
     """Each ends its own session with an info line; the proxy goes on (a
     second session on the same proxy logs in)."""
 
@@ -6844,7 +6837,7 @@ class TlsEndToEndBadInputTests(TlsEndToEndCase):
 
     def test_plaintext_on_the_tls_port(self):
         proxy = self.proxy(timeout="5s")
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         started = time.monotonic()
         client.send("a1 LOGIN alice secret")
         # OpenSSL refuses a record that is not TLS at once (nginx logs "wrong
@@ -6864,7 +6857,7 @@ class TlsEndToEndBadInputTests(TlsEndToEndCase):
 
     def test_client_hello_on_the_plain_port(self):
         proxy = self.proxy()
-        client = self.plain_connect(proxy, proxy.ports[1])
+        client = self.connect(proxy, proxy.ports[1])
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send(tls_client_hello())
         client.sock.shutdown(socket.SHUT_WR)
@@ -6878,8 +6871,8 @@ class TlsEndToEndBadInputTests(TlsEndToEndCase):
 
     def test_stalled_handshake_times_out(self):
         proxy = self.proxy(timeout="1s")
-        silent = self.plain_connect(proxy)
-        halfway = self.plain_connect(proxy)
+        silent = self.connect(proxy)
+        halfway = self.connect(proxy)
         started = time.monotonic()
         halfway.send(tls_client_hello()[:40])
         self.assertEqual(silent.read_until_closed(), b"")
@@ -6908,7 +6901,7 @@ class TlsEndToEndBadInputTests(TlsEndToEndCase):
         line must be the same.)"""
         proxy = self.proxy()
         hello = tls_client_hello()
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.send(hello[:len(hello) // 2])
         client.close()
         proxy.wait_for_log(r"\*1 session done: client TLS error")
@@ -6919,7 +6912,7 @@ class TlsEndToEndBadInputTests(TlsEndToEndCase):
     def test_client_resets_mid_handshake(self):
         """A whole ClientHello, the server's first record read, then RST."""
         proxy = self.proxy()
-        client = self.plain_connect(proxy)
+        client = self.connect(proxy)
         client.send(tls_client_hello())
         self.assertEqual(client.read_exactly(1), b"\x16")               # the ServerHello's record
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -6934,13 +6927,13 @@ class TlsEndToEndBadInputTests(TlsEndToEndCase):
 #                       -t: the TLS parts of a configuration                 #
 # ########################################################################## #
 
-class TlsEndToEndConfigCheckTests(TlsEndToEndCase):
+class TlsEndToEndConfigCheckTests(EndToEndTestCase):
     """What load_and_prepare (and so -t and the start-up) refuses."""
 
     def path(self, listens=("ssl",), **mail) -> str:
         directory = tempfile.TemporaryDirectory()
         self.addCleanup(directory.cleanup)
-        return write_file(directory.name, "mailproxy.conf", tls_config("imap", 1143, listens, **mail))
+        return write_file(directory.name, "mailproxy.conf", proxy_config("imap", 1143, listens=listens, **mail))
 
     def errors(self, listens=("ssl",), **mail) -> str:
         with self.assertRaises(mp.ConfigErrors) as caught:
@@ -9185,53 +9178,6 @@ def auth_request_bytes(user: bytes = b"alice", password: bytes = b"secret", prot
 AUTH_HEADER_LINES = b"X-Auth-Key: secret-key\r\nX-Second: two words\r\n"
 
 
-def ah_config(protocol: str, auth_port: int, listen_flags: str = "", **mail) -> str:
-    """A proxy with one server for ``protocol`` on a free loopback port, asking
-    the auth server on ``auth_port``; no proxy_pass, no [users].  The temporary
-    directory holds the test certificates (write_tls_files)."""
-    directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "200ms",
-                  "auth_http": auth_port if isinstance(auth_port, str) else
-                  "http://127.0.0.1:%d/auth" % auth_port,
-                  "auth_http_header": 'X-Auth-Key secret-key\n    X-Second "two words"',
-                  "auth_http_timeout": "3s"}
-    directives.update(mail)
-    lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
-    lines += ["%s = %s" % item for item in directives.items() if item[1] is not None]
-    listen = "127.0.0.1:%d" % free_port() + (" " + listen_flags if listen_flags else "")
-    lines += ["", "[server %s]" % protocol, "listen = " + listen, "protocol = " + protocol, ""]
-    return "\n".join(lines)
-
-
-class ah_PreparedProxy(ProxyUnderTest):
-    """ProxyUnderTest loaded with mp.load_and_prepare (TLS contexts built, as
-    the real start-up does; auth_http always has a backend TLS context), the
-    test certificates written next to the configuration file."""
-
-    def __init__(self, config_text: str):
-        self.directory = tempfile.TemporaryDirectory()
-        self.worker = None
-        try:
-            write_tls_files(self.directory.name)
-            path = write_file(self.directory.name, "mailproxy.conf", config_text)
-            self.config = mp.load_and_prepare(path)
-            self.log_file = io.BytesIO()
-            log = mp.ErrorLog([(self.log_file, "info")])
-            self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
-            self.worker.open_listeners(self.config)
-        except BaseException:
-            if self.worker is not None:
-                self.worker.loop.close()
-            self.directory.cleanup()
-            raise
-        self.port = self.config.servers[0].listen[0].port
-        self.crash = None
-        self.thread = threading.Thread(target=self._run, name="mailproxy loop", daemon=True)
-        self.thread.start()
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.directory.name, name)
-
-
 class ah_TokenImapBackend(FakeImapBackend):
     """FakeImapBackend that also takes ``TAG AUTHENTICATE MECH initial``
     (a token handed on): the lines go to ``authenticates``, the answer is OK."""
@@ -9420,75 +9366,15 @@ class BioTlsSocket:
 #                         Shared test-case machinery                         #
 # ########################################################################## #
 
-class AuthHttpEndToEndCase(EndToEndTestCase):
-    """Starts an auth server, a proxy asking it, and backends; all stopped
-    when the test ends."""
-
-    def auth_server(self, *responses, answer=None) -> AuthServer:
-        return self.use(AuthServer(*responses, answer=answer))
-
-    def proxy(self, protocol: str, auth_port: int, listen_flags: str = "",
-              **mail) -> ah_PreparedProxy:
-        return self.use(ah_PreparedProxy(ah_config(protocol, auth_port, listen_flags, **mail)))
-
-    def tls_client(self, proxy, server_hostname="mail.example.com", alpn=None,
-                   before: bytes = b"") -> Client:
-        """A Client over implicit TLS; ``before``: raw bytes sent first (PROXY)."""
-        client = self.connect(proxy)
-        if before:
-            client.send(before)
-        context = ssl.create_default_context(cafile=proxy.path("ca.crt"))
-        if alpn:
-            context.set_alpn_protocols(alpn)
-        client.sock = context.wrap_socket(client.sock, server_hostname=server_hostname)
-        return client
-
-    def smtp_hello(self, client: Client, ehlo: bytes = SMTP_PROXY_EHLO) -> None:
-        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
-        client.send("EHLO client.example")
-        self.assertEqual(client.read_exactly(len(ehlo)), ehlo)
-
-    def assert_internal_error(self, protocol: str, auth: AuthServer, log_pattern: str,
-                              **mail) -> None:
-        """A login through a proxy asking ``auth`` gets the internal error,
-        the connection is closed, and the error log names the auth server."""
-        backend = self.use({"imap": FakeImapBackend, "pop3": FakePop3Backend,
-                            "smtp": FakeSmtpBackend}[protocol]())
-        self.backend_port = backend.port
-        proxy = self.proxy(protocol, auth.port, **mail)
-        client = self.connect(proxy)
-        if protocol == "imap":
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
-            client.send("a1 LOGIN alice secret")
-            self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
-        elif protocol == "pop3":
-            client.expect(rb"^\+OK POP3 ready\r\n$")
-            client.send("USER alice")
-            client.expect(rb"^\+OK\r\n$")
-            client.send("PASS secret")
-            self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
-        else:
-            self.smtp_hello(client)
-            client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
-            self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
-        client.expect_closed()
-        pattern = (r"\[error\] \d+#0: \*1 " + log_pattern % re.escape("127.0.0.1:%d" % auth.port) +
-                   r" while in http auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, "
-                   r'login: "alice"' % proxy.port)
-        proxy.wait_for_log(pattern)
-        self.assertEqual(backend.received, [], "the backend must not be contacted")
-        proxy.assert_alive()
-
-
 # ########################################################################## #
 #                     1. Success: the request, byte by byte                  #
 # ########################################################################## #
 
-class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
+class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
     def test_imap_login_request_bytes_and_backend_login(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
         self.imap_login(client)
         self.assertEqual(auth.requests, [auth_request_bytes()])
@@ -9502,7 +9388,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
     def test_pop3_login_request_bytes_and_backend_login(self):
         backend = self.use(FakePop3Backend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("pop3", auth.port)
+        proxy = self.auth_http_proxy("pop3", auth.port)
         client = self.connect(proxy)
         self.pop3_login(client)
         self.assertEqual(auth.requests, [auth_request_bytes(protocol="pop3")])
@@ -9511,10 +9397,10 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
     def test_smtp_login_request_bytes_and_backend_login(self):
         backend = self.use(FakeSmtpBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("smtp", auth.port)
+        proxy = self.auth_http_proxy("smtp", auth.port)
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
         self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp")])
         client.send("QUIT")
@@ -9531,7 +9417,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
                                       ("Auth-Pass", "secret")))
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send(b"a1 LOGIN {%d}\r\n" % len(login))
@@ -9549,7 +9435,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         backend = self.use(FakePop3Backend())
         auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
                                       ("Auth-Pass", "secret")))
-        proxy = self.proxy("pop3", auth.port)
+        proxy = self.auth_http_proxy("pop3", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\+OK POP3 ready\r\n$")
         client.send("USER bob")
@@ -9563,7 +9449,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         backend = self.use(FakeSmtpBackend())
         auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
                                       ("Auth-Pass", "secret")))
-        proxy = self.proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
+        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
         client = self.connect(proxy)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + b64(b"\0bob\0hunter2") + b"\r\n")
@@ -9574,7 +9460,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
     def test_imap_cram_md5_sends_salt_and_digest(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
-        proxy = self.proxy("imap", auth.port, imap_auth="plain cram-md5")
+        proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 AUTHENTICATE CRAM-MD5")
@@ -9589,7 +9475,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
 
     def test_cram_md5_answer_without_auth_pass_is_an_internal_error(self):
         auth = self.auth_server(auth_ok(1143))
-        proxy = self.proxy("imap", auth.port, imap_auth="plain cram-md5")
+        proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 AUTHENTICATE CRAM-MD5")
@@ -9604,7 +9490,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
     def test_pop3_apop_sends_salt_and_digest(self):
         backend = self.use(FakePop3Backend())
         auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
-        proxy = self.proxy("pop3", auth.port, pop3_auth="plain apop")
+        proxy = self.auth_http_proxy("pop3", auth.port, pop3_auth="plain apop")
         client = self.connect(proxy)
         salt = client.expect(rb"^\+OK POP3 ready (<\d+\.\d+@mail\.test>)\r\n$").group(1)
         digest = hashlib.md5(salt + b"secret").hexdigest().encode()
@@ -9621,7 +9507,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         response = head + b"x" * (1024 - len(head) - 2) + b"\n\n"
         self.assertEqual(len(response), 1024)
         auth = self.auth_server(response)
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
         self.imap_login(client)
 
@@ -9632,7 +9518,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
             b"HTTP/1.1 503 Service Unavailable\r\nauth-status: OK\r\nAUTH-SERVER: 127.0.0.1\r\n"
             b"auth-PORT: " + port + b"\r\n\r\nbody, ignored",
             b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: " + port + b"\r\n\r\n")
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         for _ in range(2):
             self.imap_login(self.connect(proxy))
         self.assertEqual(len(backend.received), 2)
@@ -9642,7 +9528,7 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
         directory = self.use(tempfile.TemporaryDirectory())
         path = os.path.join(directory, "auth.sock")
         auth = self.use(AuthServer(auth_ok(backend.port), path=path))
-        proxy = self.proxy("imap", "unix:%s:/auth" % path)
+        proxy = self.auth_http_proxy("imap", "unix:%s:/auth" % path)
         client = self.connect(proxy)
         self.imap_login(client)
         self.assertEqual(auth.requests, [auth_request_bytes(host=b"localhost")])
@@ -9652,10 +9538,10 @@ class AuthHttpEndToEndSuccessTests(AuthHttpEndToEndCase):
 #                  2. and 3. Failures, Auth-Wait and WAIT                    #
 # ########################################################################## #
 
-class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
+class AuthHttpEndToEndFailureTests(EndToEndTestCase):
     def test_imap_failure_without_wait_replies_then_closes(self):
         auth = self.auth_server(auth_fail("Invalid login"))
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice wrong")
@@ -9666,7 +9552,7 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
 
     def test_pop3_failure_without_wait(self):
         auth = self.auth_server(auth_fail("Go away"))
-        proxy = self.proxy("pop3", auth.port)
+        proxy = self.auth_http_proxy("pop3", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\+OK POP3 ready\r\n$")
         client.send("USER alice")
@@ -9679,7 +9565,7 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_fail("Invalid login", ("Auth-Wait", "1")),
                                 auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         started = time.monotonic()
@@ -9695,19 +9581,19 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
 
     def test_smtp_failure_with_auth_error_code(self):
         auth = self.auth_server(auth_fail("Relay access denied", ("Auth-Error-Code", "550 5.7.1")))
-        proxy = self.proxy("smtp", auth.port)
+        proxy = self.auth_http_proxy("smtp", auth.port)
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"550 5.7.1 Relay access denied\r\n")
         client.expect_closed()
 
     def test_smtp_failure_default_code(self):
         auth = self.auth_server(auth_fail("Invalid login"))
-        proxy = self.proxy("smtp", auth.port)
+        proxy = self.auth_http_proxy("smtp", auth.port)
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
         client.expect_closed()
 
@@ -9716,7 +9602,7 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
         # while the auth server thinks: its close is seen at the latest when
         # auth_http_timeout ends the request; nothing is left open after that.
         auth = self.auth_server(AUTH_HOLD)
-        proxy = self.proxy("imap", auth.port, auth_http_timeout="500ms")
+        proxy = self.auth_http_proxy("imap", auth.port, auth_http_timeout="500ms")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice secret")
@@ -9731,7 +9617,7 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_response(("Auth-Status", "WAIT"), ("Auth-Wait", "1")),
                                 auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
         self.imap_login(client)
         self.assertEqual(auth.requests, [auth_request_bytes(), auth_request_bytes()])   # attempt 1 both times
@@ -9744,11 +9630,11 @@ class AuthHttpEndToEndFailureTests(AuthHttpEndToEndCase):
 #                 4. The auth server failing: internal error                 #
 # ########################################################################## #
 
-class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
+class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
     def test_auth_server_down_imap(self):
         closed = free_port()
         backend = self.use(FakeImapBackend())
-        proxy = self.proxy("imap", closed)
+        proxy = self.auth_http_proxy("imap", closed)
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice secret")
@@ -9764,7 +9650,7 @@ class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
         for protocol in ("pop3", "smtp"):
             with self.subTest(protocol=protocol):
                 closed = free_port()
-                proxy = self.proxy(protocol, closed)
+                proxy = self.auth_http_proxy(protocol, closed)
                 client = self.connect(proxy)
                 if protocol == "pop3":
                     client.expect(rb"^\+OK POP3 ready\r\n$")
@@ -9774,7 +9660,7 @@ class AuthHttpEndToEndInternalErrorTests(AuthHttpEndToEndCase):
                     self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
                 else:
                     self.smtp_hello(client)
-                    client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+                    client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
                     self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
                 client.expect_closed()
                 proxy.wait_for_log(r"connect\(\) to auth http server 127\.0\.0\.1:%d failed"
@@ -9845,10 +9731,10 @@ XOAUTH2_RESPONSE = b"user=alice\x01auth=Bearer ya29.TOKEN-1\x01\x01"
 OAUTHBEARER_RESPONSE = b"n,a=alice,\x01auth=Bearer T0KEN\x01\x01"
 
 
-class AuthHttpEndToEndOAuthTests(AuthHttpEndToEndCase):
+class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
     def oauth_proxy(self, auth_port: int, protocol: str = "imap"):
         directive = {"imap": "imap_auth", "pop3": "pop3_auth", "smtp": "smtp_auth"}[protocol]
-        return self.proxy(protocol, auth_port, **{directive: "plain xoauth2 oauthbearer"})
+        return self.auth_http_proxy(protocol, auth_port, **{directive: "plain xoauth2 oauthbearer"})
 
     def test_imap_xoauth2_with_auth_pass_logs_in_with_login(self):
         backend = self.use(ah_TokenImapBackend())
@@ -9949,7 +9835,7 @@ class AuthHttpEndToEndOAuthTests(AuthHttpEndToEndCase):
         auth = self.auth_server(auth_fail("Invalid credentials", ("Auth-Error-Code", "535 5.7.8")))
         proxy = self.oauth_proxy(auth.port, "smtp")
         client = self.connect(proxy)
-        self.smtp_hello(client, b"250-mail.test\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n")
+        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n")
         client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         self.assertEqual(client.read_line(),
                          b"334 " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
@@ -9976,13 +9862,13 @@ class AuthHttpEndToEndOAuthTests(AuthHttpEndToEndCase):
 #                  6. Extension headers: TLS and SMTP AUTH                   #
 # ########################################################################## #
 
-class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
+class AuthHttpEndToEndExtensionHeaderTests(EndToEndTestCase):
     def test_auth_backend_tls_ssl(self):
         with tempfile.TemporaryDirectory() as directory:
             write_tls_files(directory)
             backend = self.use(ah_TlsImapBackend(directory))
         auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
-        proxy = self.proxy("imap", auth.port, proxy_ssl_trusted_certificate="ca.crt")
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_ssl_trusted_certificate="ca.crt")
         client = self.connect(proxy)
         self.imap_login(client)
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
@@ -9993,7 +9879,7 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
             write_tls_files(directory)
             backend = self.use(ah_TlsImapBackend(directory))
         auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
-        proxy = self.proxy("imap", auth.port, proxy_ssl_trusted_certificate="wrongca.crt")
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_ssl_trusted_certificate="wrongca.crt")
         client = self.connect(proxy)
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send("a1 LOGIN alice secret")
@@ -10003,10 +9889,10 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
     def test_auth_smtp_auth_login(self):
         backend = self.use(FakeSmtpBackend())
         auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "login")))
-        proxy = self.proxy("smtp", auth.port, xclient="off")
+        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off")
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
@@ -10018,10 +9904,10 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
     def test_auth_smtp_auth_none_with_proxy_smtp_auth_on(self):
         backend = self.use(FakeSmtpBackend())
         auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "none")))
-        proxy = self.proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
+        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
         client = self.connect(proxy)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
@@ -10039,11 +9925,11 @@ class AuthHttpEndToEndExtensionHeaderTests(AuthHttpEndToEndCase):
 #                          7. PROXY protocol out                             #
 # ########################################################################## #
 
-class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
+class ProxyProtocolEndToEndOutTests(EndToEndTestCase):
     def test_v1_header_before_the_greeting(self):
         backend = self.use(pp_ImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, proxy_protocol="on")
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_protocol="on")
         client = self.connect(proxy)
         client_port = client.sock.getsockname()[1]
         self.imap_login(client)
@@ -10054,7 +9940,7 @@ class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
     def test_v2_header(self):
         backend = self.use(pp_ImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, proxy_protocol="v2")
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_protocol="v2")
         client = self.connect(proxy)
         client_port = client.sock.getsockname()[1]
         self.imap_login(client)
@@ -10069,9 +9955,10 @@ class ProxyProtocolEndToEndOutTests(AuthHttpEndToEndCase):
     def v2_over_tls(self, server_hostname, alpn=None):
         backend = self.use(pp_ImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "ssl", proxy_protocol="v2",
+        proxy = self.auth_http_proxy("imap", auth.port, "ssl", proxy_protocol="v2",
                            ssl_certificate="server.crt", ssl_certificate_key="server.key")
-        client = self.tls_client(proxy, server_hostname, alpn)
+        client = self.tls_connect(proxy, hostname=server_hostname,
+                                  context=self.client_context(alpn=alpn))
         client_port = client.sock.getsockname()[1]
         self.imap_login(client)
         header = backend.headers[0]
@@ -10113,11 +10000,11 @@ PROXY_FACTS = (b"Proxy-Protocol-Addr: 192.0.2.7\r\nProxy-Protocol-Port: 40000\r\
             b"Proxy-Protocol-Server-Addr: 127.0.0.1\r\nProxy-Protocol-Server-Port: 143\r\n")
 
 
-class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
+class ProxyProtocolEndToEndInTests(EndToEndTestCase):
     def test_v1_from_a_trusted_peer_sets_the_client_address(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER)
         self.imap_login(client)
@@ -10129,7 +10016,7 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_header_and_login_in_one_segment(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.0/8")
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.0/8")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER + b"a1 LOGIN alice secret\r\n")
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
@@ -10139,7 +10026,7 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_v1_from_an_untrusted_peer(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="10.0.0.0/8")
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="10.0.0.0/8")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER)
         self.imap_login(client)
@@ -10149,7 +10036,7 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_v2_in_with_a_tlv(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143,
                                  tlvs=b"\x04\x00\x03abc"))          # a NOOP TLV
@@ -10159,7 +10046,7 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_unknown_v1_header_keeps_the_peer_address(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(b"PROXY UNKNOWN\r\n")
         self.imap_login(client)
@@ -10168,11 +10055,11 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_tcp6_header_client_ip_and_xclient(self):
         backend = self.use(FakeSmtpBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        proxy = self.auth_http_proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
         self.assertEqual(auth.requests, [auth_request_bytes(
             protocol="smtp", client_ip="2001:db8::7",
@@ -10187,11 +10074,11 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_smtp_xclient_carries_the_real_address(self):
         backend = self.use(FakeSmtpBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        proxy = self.auth_http_proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER)
         self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + SMTP_PLAIN_ALICE + b"\r\n")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
         self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp", client_ip="192.0.2.7",
                                                     middle=PROXY_FACTS)])
@@ -10205,7 +10092,7 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_proxy_protocol_out_shows_the_real_address(self):
         backend = self.use(pp_ImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1",
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1",
                            proxy_protocol="on")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER)
@@ -10216,7 +10103,7 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_missing_malformed_and_too_long_headers_close_silently(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         bad = [b"a1 LOGIN alice secret\r\n",
                b"PROXY TCP4 192.0.2.999 127.0.0.1 40000 143\r\n",
                b"PROXY TCP4 192.0.2.7 127.0.0.1 40000\r\n",
@@ -10238,9 +10125,11 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_header_then_implicit_tls(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
+        proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
                            ssl_certificate="server.crt", ssl_certificate_key="server.key")
-        client = self.tls_client(proxy, "mail.example.com", before=PROXY_V1_HEADER)
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER)
+        client.start_tls(self.client_context(), "mail.example.com")
         self.imap_login(client)
         tls = (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
                b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n")
@@ -10251,10 +10140,10 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
     def test_header_and_client_hello_in_one_segment(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
+        proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
                            ssl_certificate="server.crt", ssl_certificate_key="server.key")
         client = self.connect(proxy)
-        context = ssl.create_default_context(cafile=proxy.path("ca.crt"))
+        context = self.client_context()
         client.sock = BioTlsSocket(client.sock, context, "mail.example.com", PROXY_V1_HEADER)
         self.imap_login(client)
         self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PROXY_FACTS + b"Auth-SSL: on\r\n",
@@ -10265,7 +10154,7 @@ class ProxyProtocolEndToEndInTests(AuthHttpEndToEndCase):
 #              auth_http: where nginx's behaviour is subtle                  #
 # ########################################################################## #
 
-class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
+class AuthHttpEndToEndNginxParityTests(EndToEndTestCase):
     def test_client_timeout_is_off_while_the_auth_server_answers(self):
         # nginx's ngx_mail_auth() deletes the client's read timer before it
         # asks the auth server: only auth_http_timeout bounds that wait.
@@ -10277,7 +10166,7 @@ class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
             time.sleep(1.0)
             return auth_ok(backend.port)
         auth = self.auth_server(answer=slow)
-        proxy = self.proxy("imap", auth.port, timeout="500ms", auth_http_timeout="5s")
+        proxy = self.auth_http_proxy("imap", auth.port, timeout="500ms", auth_http_timeout="5s")
         client = self.connect(proxy)
         self.imap_login(client)
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
@@ -10290,7 +10179,7 @@ class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_response(("Auth-Server", "127.0.0.1"),
                                             ("Auth-Port", str(backend.port))))
-        proxy = self.proxy("imap", auth.port)
+        proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
         self.imap_login(client)
 
@@ -10307,7 +10196,7 @@ class AuthHttpEndToEndNginxParityTests(AuthHttpEndToEndCase):
 # write into the auth server's request or the log, or answered an SMTP
 # client before its greeting.
 
-class HostilePeerUnitTests(TlsFiles, unittest.TestCase):
+class HostilePeerUnitTests(CertificateFiles, unittest.TestCase):
     def test_a_dot_inside_a_dns_label_is_malformed(self):
         # Labels "a." and "b" would join into "a..b", which no query can carry.
         with self.assertRaises(mp.DnsError):
@@ -10560,31 +10449,6 @@ def der_name(*rdns) -> bytes:
     return der_tlv(0x30, sets)
 
 
-class OddTlsFiles:
-    """ODD_TLS_FILES in a temporary directory, once per class."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.odd_directory = tempfile.TemporaryDirectory()
-        for name, text in ODD_TLS_FILES.items():
-            write_file(cls.odd_directory.name, name, text)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.odd_directory.cleanup()
-        super().tearDownClass()
-
-    def odd_path(self, name: str) -> str:
-        return os.path.join(self.odd_directory.name, name)
-
-    def odd_context(self, certificate: str, ca: str) -> ssl.SSLContext:
-        """A client context that trusts ``ca`` and sends ``certificate``."""
-        context = ssl.create_default_context(cafile=ca)
-        context.load_cert_chain(self.odd_path(certificate + ".crt"), self.odd_path(certificate + ".key"))
-        return context
-
-
 # Every byte that could break a header line or that nginx's escaping treats
 # specially: CR, LF, NUL, TAB, space, "%", quotes, backslash, 8-bit.
 HOSTILE_TEXT = "x\r\nForged: 1\0\t %\"'\\\u00e9"
@@ -10765,17 +10629,17 @@ class ExternalIdentityTests(unittest.TestCase):
         self.assertTrue(self.external(b"karl", "KARL").ok)
 
 
-class OddCertificateAuthHttpTests(OddTlsFiles, AuthHttpEndToEndCase):
+class OddCertificateAuthHttpTests(EndToEndTestCase):
     """Certificates with odd names, end to end."""
 
-    def auth_proxy(self, auth: AuthServer, mode: str = "on") -> ah_PreparedProxy:
-        return self.proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
+    def odd_names_proxy(self, auth: AuthServer, mode: str = "on") -> ProxyUnderTest:
+        return self.auth_http_proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
                           ssl_certificate_key="server.key", ssl_verify_client=mode,
-                          ssl_client_certificate=self.odd_path("bothca.crt"))
+                          ssl_client_certificate=self.tls_path("bothca.crt"))
 
     def odd_client(self, proxy, certificate: str) -> Client:
         client = self.connect(proxy)
-        client.sock = self.odd_context(certificate, proxy.path("ca.crt")).wrap_socket(
+        client.sock = self.client_context(certificate).wrap_socket(
             client.sock, server_hostname="mail.example.com")
         return client
 
@@ -10789,7 +10653,7 @@ class OddCertificateAuthHttpTests(OddTlsFiles, AuthHttpEndToEndCase):
         # and forged two headers; nginx sends OpenSSL's \0D\0A.
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_proxy(auth)
+        proxy = self.odd_names_proxy(auth)
         client = self.odd_client(proxy, "crlf")
         self.imap_login(client)
         fingerprint = hashlib.sha1(ssl.PEM_cert_to_DER_cert(ODD_CRLF_CERT_PEM)).hexdigest()
@@ -10806,7 +10670,7 @@ class OddCertificateAuthHttpTests(OddTlsFiles, AuthHttpEndToEndCase):
         # what nginx tells it of a client without a certificate.
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_proxy(auth, mode="optional")
+        proxy = self.odd_names_proxy(auth, mode="optional")
         client = self.odd_client(proxy, "descriptor")
         self.imap_login(client)
         self.assertEqual(auth.requests, [auth_request_bytes(after=self.tls_lines(client, b"Auth-SSL-Verify: NONE"))])
@@ -10815,17 +10679,17 @@ class OddCertificateAuthHttpTests(OddTlsFiles, AuthHttpEndToEndCase):
         proxy.assert_alive()
 
 
-class OddCertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
+class OddCertificateUserTableTests(EndToEndTestCase):
     def test_an_unreadable_certificate_is_refused_and_the_worker_lives(self):
         # ssl_verify_client on: as a missing certificate.  A logged-in
         # bystander on the same worker keeps working.
         backend = self.use(TlsFakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, ssl_verify_client="on",
-                               ssl_client_certificate=self.odd_path("bothca.crt"))
+                               ssl_client_certificate=self.tls_path("bothca.crt"))
         bystander = self.tls_connect(proxy, certificate="client")
         self.imap_login(bystander)
-        hostile = self.plain_connect(proxy)
-        hostile.start_tls(self.odd_context("descriptor", self.tls_path("ca.crt")))
+        hostile = self.connect(proxy)
+        hostile.start_tls(self.client_context("descriptor"))
         self.assertEqual(hostile.read_line(), b"* BYE No required SSL certificate\r\n")
         hostile.expect_closed()
         proxy.wait_for_log(r"\[info\] .*\*2 client SSL certificate cannot be read \(.+\) while SSL "
@@ -10839,9 +10703,9 @@ class OddCertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
         backend = self.use(TlsFakeImapBackend(logins=((b"karl", b"secret"),)))
         proxy = self.tls_proxy("imap", backend.port, users={"karl": "{PLAIN}secret"},
                                ssl_verify_client="optional", imap_auth="plain external",
-                               ssl_client_certificate=self.odd_path("oddca.crt"))
-        client = self.plain_connect(proxy)
-        client.start_tls(self.odd_context("kelvin", self.tls_path("ca.crt")))
+                               ssl_client_certificate=self.tls_path("oddca.crt"))
+        client = self.connect(proxy)
+        client.start_tls(self.client_context("kelvin"))
         client.expect(rb"^\* OK IMAP4 ready\r\n$")
         client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"karl") + b"\r\n")
         client.expect(rb"^a1 NO Invalid login or password\r\n$")
@@ -10850,7 +10714,7 @@ class OddCertificateUserTableTests(OddTlsFiles, TlsEndToEndCase):
         self.assertEqual(backend.received, [])
 
 
-class HostileAuthServerTests(AuthHttpEndToEndCase):
+class HostileAuthServerTests(EndToEndTestCase):
     def test_a_percent_sign_in_auth_server_is_an_internal_error_not_a_crash(self):
         auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Server", "%d%s"),
                                             ("Auth-Port", "143")))
@@ -10858,7 +10722,7 @@ class HostileAuthServerTests(AuthHttpEndToEndCase):
                                    r'auth http server %s sent invalid server address:"%%d%%s"')
 
 
-class SmtpEndToEndEarlyDataTests(SmtpEndToEndCase):
+class SmtpEndToEndEarlyDataTests(EndToEndTestCase):
     def test_commands_behind_a_proxy_header_wait_for_the_greeting(self):
         good = SmtpEndToEndResolverTests.GOOD
         dns = FakeDns(lambda query, name, qtype: (time.sleep(0.3), records_for(good)(query, name, qtype))[1])
