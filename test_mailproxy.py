@@ -421,20 +421,30 @@ def config_errors(test, *parts: str):
     return path, caught.exception.errors
 
 
-class CfgProxy:
-    """The real program, ``mailproxy.py -c FILE``, in a subprocess.  A thread
-    collects its stderr lines; the test's cleanup kills it if still running."""
+class ProgramUnderTest:
+    """The real program, ``mailproxy.py -c FILE``, as a subprocess in a
+    session of its own (its own process group): the master, the workers it
+    forks, real signals.  A thread collects its stderr lines.  Unless
+    ``started`` is False, the test fails at once if no "started" line
+    comes.  ``preexec`` runs in the child before the program (a resource
+    limit, say).  When the test ends the master gets SIGTERM (it reaps its
+    workers), then the whole group SIGKILL, and the test fails if a process
+    of the group is still alive after that."""
 
-    def __init__(self, test, config_path: str, preexec=None):
+    def __init__(self, test, config_path: str, started: bool = True, preexec=None):
         self.proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config_path],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, preexec_fn=preexec)
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=preexec)
+        self.pgid = self.proc.pid
         self.lines = []
         self.eof = False
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         test.addCleanup(self.stop)
+        if started and self.wait_for("started") is None:
+            test.fail("no 'started' line:\n" + self.stderr)
 
     def _read(self):
         for raw in self.proc.stderr:
@@ -446,11 +456,16 @@ class CfgProxy:
             self.changed.notify_all()
 
     @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
     def stderr(self) -> str:
         with self.changed:
             return "".join(self.lines)
 
     def mark(self) -> int:
+        """The number of stderr lines so far: a ``since`` for what follows."""
         with self.changed:
             return len(self.lines)
 
@@ -468,8 +483,22 @@ class CfgProxy:
                     return None
                 self.changed.wait(left)
 
+    def workers(self, since: int = 0) -> list:
+        """The PIDs of "start worker process N" from line ``since`` on."""
+        with self.changed:
+            lines = self.lines[since:]
+        return [int(match.group(1)) for match in
+                (re.search(r"start worker process (\d+)", line) for line in lines) if match]
+
+    def served_by(self, since: int = 0) -> list:
+        """The PID of each session's "connected" line from line ``since`` on."""
+        with self.changed:
+            lines = self.lines[since:]
+        return [int(match.group(1)) for match in
+                (re.search(r"\] (\d+)#0: \*\d+ client \S+ connected to", line) for line in lines)
+                if match]
+
     def send_signal(self, name: str) -> None:
-        import signal
         self.proc.send_signal(getattr(signal, name))
 
     def wait_exit(self, timeout: float = 5.0) -> int:
@@ -479,11 +508,20 @@ class CfgProxy:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGTERM)        # the master reaps its workers
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except OSError:
+            pass
         self.proc.wait(5)
         self.reader.join(2)
-        self.proc.stdout.close()
         self.proc.stderr.close()
+        wait_until(lambda: not process_group(self.pgid), 2.0,
+                   "the proxy's process group %d to be gone" % self.pgid)
 
 
 class ThreadedServer:
@@ -6488,51 +6526,10 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
         self.addCleanup(directory.cleanup)
         path = write_file(directory.name, "mailproxy.conf", proxy_config(
             "imap", free_port(), proxy_ssl="on", proxy_ssl_verify="off"))
-        program = TlsProgram(self, path)
+        program = ProgramUnderTest(self, path)
         self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
         self.assertRegex(program.stderr, r"\[warn\] \d+#0: proxy_ssl_verify is off in \[server imap\]: "
                                          r"the backend's certificate is not checked")
-
-
-class TlsProgram:
-    """``mailproxy.py -c FILE`` as a subprocess; a thread collects stderr."""
-
-    def __init__(self, test, path: str):
-        self.process = subprocess.Popen([sys.executable, MAILPROXY, "-c", path],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
-        self.lines = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        test.addCleanup(self.stop)
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line.decode("utf-8", "replace"))
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while text not in self.stderr:
-            if time.monotonic() > deadline or (self.process.poll() is not None and
-                                               not self.reader.is_alive()):
-                return False
-            time.sleep(0.01)
-        return True
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-        self.reader.join(2)
-        self.process.stderr.close()
 
 
 class TlsEndToEndReloadTests(EndToEndTestCase):
@@ -6547,7 +6544,7 @@ class TlsEndToEndReloadTests(EndToEndTestCase):
                             ssl_certificate_key=key)
         path = write_file(directory.name, "mailproxy.conf", text)
         port = int(re.search(r"listen = 127\.0\.0\.1:(\d+)", text).group(1))
-        program = TlsProgram(self, path)
+        program = ProgramUnderTest(self, path)
         self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
 
         def served(hostname: str) -> str:
@@ -6560,7 +6557,7 @@ class TlsEndToEndReloadTests(EndToEndTestCase):
         self.assertEqual(served("mail.example.com"), "mail.example.com")
         write_file(directory.name, "current.crt", TLS_OTHER_CERT_PEM)
         write_file(directory.name, "current.key", TLS_OTHER_KEY_PEM)
-        program.process.send_signal(signal.SIGHUP)
+        program.send_signal("SIGHUP")
         self.assertTrue(program.wait_for("configuration reloaded"), program.stderr)
         self.assertEqual(served("mail.example.net"), "mail.example.net")
 
@@ -6808,76 +6805,22 @@ def process_ids(pid: int, field: str) -> list:
     raise AssertionError("no %s line for %d" % (field, pid))
 
 
-def proc_config(directory: TempDir, ports, backend_port: int = 1143, password: str = "secret",
-                main: str = "", mail: str = "", server: str = "", tail: str = "",
-                log: str = "stderr info", name: str = "mailproxy.conf") -> str:
-    """One IMAP server listening on every port of ``ports``, a [users] table
-    with alice; ``log`` is the [main] error_log; ``main``, ``mail`` and
-    ``server`` are lines added to those sections, ``tail`` goes at the end."""
+def program_config(directory: TempDir, ports, backend_port: int = 1143, password: str = "secret",
+                   main: str = "", mail: str = "", server: str = "", tail: str = "",
+                   log: str = "stderr info", auth_delay: str = "50ms",
+                   name: str = "mailproxy.conf") -> str:
+    """The file of a ProgramUnderTest, written in ``directory``: one IMAP
+    server listening on every port of ``ports``, passing to
+    ``backend_port``, a [users] table with alice; ``log`` is the [main]
+    error_log; ``main``, ``mail`` and ``server`` are lines added to those
+    sections, ``tail`` goes at the end.  Its path."""
     listen = "\n    ".join("127.0.0.1:%d" % port for port in ports)
     text = ("[main]\nerror_log = %s\n%s\n"
-            "[mail]\nproxy_pass = 127.0.0.1:%d\nauth_delay = 50ms\nserver_name = mail.test\n%s\n"
+            "[mail]\nproxy_pass = 127.0.0.1:%d\nauth_delay = %s\nserver_name = mail.test\n%s\n"
             "[users]\nalice = {PLAIN}%s\n\n"
             "[server imap]\nlisten = %s\nprotocol = imap\n%s%s"
-            % (log, main, backend_port, mail, password, listen, server, tail))
+            % (log, main, backend_port, auth_delay, mail, password, listen, server, tail))
     return directory.write(name, text)
-
-
-class proc_Proxy(CfgProxy):
-    """CfgProxy in a new session (its own process group), so that the master
-    and every worker it forked are killed when the test ends; the test fails
-    if one of them is still alive then."""
-
-    def __init__(self, test, config_path: str, started: bool = True):
-        self.proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config_path],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        self.pgid = self.proc.pid
-        self.lines = []
-        self.eof = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        test.addCleanup(self.stop)
-        if started and self.wait_for("started") is None:
-            test.fail("no 'started' line:\n" + self.stderr)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def workers(self, since: int = 0) -> list:
-        """The PIDs of "start worker process N" from line ``since`` on."""
-        with self.changed:
-            lines = self.lines[since:]
-        return [int(match.group(1)) for match in
-                (re.search(r"start worker process (\d+)", line) for line in lines) if match]
-
-    def served_by(self, since: int = 0) -> list:
-        """The PID of each session's "connected" line from line ``since`` on."""
-        with self.changed:
-            lines = self.lines[since:]
-        return [int(match.group(1)) for match in
-                (re.search(r"\] (\d+)#0: \*\d+ client \S+ connected to", line) for line in lines)
-                if match]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)        # the master reaps its workers
-            try:
-                self.proc.wait(2)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except OSError:
-            pass
-        self.proc.wait(5)
-        self.reader.join(2)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        wait_until(lambda: not process_group(self.pgid), 2.0,
-                  "the proxy's process group %d to be gone" % self.pgid)
 
 
 def upload_bytes(size: int) -> bytes:
@@ -6922,34 +6865,15 @@ class ConfigProcessTests(EndToEndTestCase):
     """mailproxy.py -c FILE in a subprocess: start, signals, reload."""
 
     def config(self, directory, port, backend_port=1143, password="old", extra=""):
-        """The test's file; ``extra`` (flush left) goes at the end of [server imap]."""
-        return directory.write("mailproxy.conf", textwrap.dedent("""\
-            [main]
-            error_log = stderr info
-
-            [mail]
-            proxy_pass = 127.0.0.1:%d
-            auth_delay = 100ms
-            server_name = mail.test
-
-            [users]
-            alice = {PLAIN}%s
-
-            [server imap]
-            listen = 127.0.0.1:%d
-            protocol = imap
-        """) % (backend_port, password, port) + extra)
-
-    def start(self, path):
-        proxy = CfgProxy(self, path)
-        started = proxy.wait_for("started")
-        self.assertIsNotNone(started, "no 'started' line:\n" + proxy.stderr)
-        return proxy
+        """The test's file: program_config's, auth_delay 100ms; ``extra``
+        (flush left) goes at the end of [server imap]."""
+        return program_config(directory, [port], backend_port, password, server=extra,
+                              auth_delay="100ms")
 
     def test_start_greet_and_sigterm(self):
         directory = TempDir(self)
         port = free_port()
-        proxy = self.start(self.config(directory, port))
+        proxy = ProgramUnderTest(self, self.config(directory, port))
         self.assertIn("listening on 127.0.0.1:%d" % port, proxy.stderr)
         client = connect_client(self, port)
         self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
@@ -6966,14 +6890,14 @@ class ConfigProcessTests(EndToEndTestCase):
             holder.bind(("127.0.0.1", 0))
             holder.listen(1)
             port = holder.getsockname()[1]
-            proxy = CfgProxy(self, self.config(directory, port))
+            proxy = ProgramUnderTest(self, self.config(directory, port), started=False)
             self.assertEqual(proxy.wait_exit(5), 1)
         self.assertIn("bind() to 127.0.0.1:%d failed" % port, proxy.stderr)
         self.assertNotIn("Traceback", proxy.stderr)
 
     def test_sigquit_without_sessions(self):
         directory = TempDir(self)
-        proxy = self.start(self.config(directory, free_port()))
+        proxy = ProgramUnderTest(self, self.config(directory, free_port()))
         proxy.send_signal("SIGQUIT")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
         self.assertIn("gracefully shutting down", proxy.stderr)
@@ -6981,7 +6905,7 @@ class ConfigProcessTests(EndToEndTestCase):
     def test_sigquit_lets_a_session_finish(self):
         directory = TempDir(self)
         port = free_port()
-        proxy = self.start(self.config(directory, port))
+        proxy = ProgramUnderTest(self, self.config(directory, port))
         client = connect_client(self, port)
         self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
         mark = proxy.mark()
@@ -7000,7 +6924,7 @@ class ConfigProcessTests(EndToEndTestCase):
         directory = TempDir(self)
         port = free_port()
         path = self.config(directory, port, backend.port, password="old")
-        proxy = self.start(path)
+        proxy = ProgramUnderTest(self, path)
         self.assertEqual(imap_login_reply(self, port, "old"), b"a1 OK LOGIN completed\r\n")
         self.config(directory, port, backend.port, password="new")
         mark = proxy.mark()
@@ -7020,7 +6944,7 @@ class ConfigProcessTests(EndToEndTestCase):
         directory = TempDir(self)
         port = free_port()
         path = self.config(directory, port, backend.port, password="old")
-        proxy = self.start(path)
+        proxy = ProgramUnderTest(self, path)
         self.config(directory, port, backend.port, password="new", extra="bogus_directive = 1\n")
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
@@ -7034,7 +6958,7 @@ class ConfigProcessTests(EndToEndTestCase):
     def test_sighup_opens_new_listeners(self):
         directory = TempDir(self)
         port, second = free_port(), free_port()
-        proxy = self.start(self.config(directory, port))
+        proxy = ProgramUnderTest(self, self.config(directory, port))
         self.config(directory, port, extra="\n[server second]\nlisten = 127.0.0.1:%d\nprotocol = imap\n" % second)
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
@@ -7061,7 +6985,7 @@ class ConfigProcessTests(EndToEndTestCase):
             protocol = imap
         """ % (port, port))
         status, out, err = run_mailproxy(["-t", "-c", path])
-        proxy = CfgProxy(self, path)
+        proxy = ProgramUnderTest(self, path, started=False)
         started = proxy.wait_for("started") is not None
         self.assertEqual(status == 0, started, "-t exit %d; start:\n%s" % (status, proxy.stderr))
 
@@ -7071,7 +6995,7 @@ class ConfigProcessTests(EndToEndTestCase):
         directory = TempDir(self)
         port = free_port()
         log_path = os.path.join(directory.path, "server.log")
-        proxy = self.start(self.config(directory, port, extra="error_log = server.log info\n"))
+        proxy = ProgramUnderTest(self, self.config(directory, port, extra="error_log = server.log info\n"))
         client = connect_client(self, port)
         self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
         client.send(b"a1 LOGOUT\r\n")
@@ -7092,7 +7016,7 @@ class ProcessWorkerTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(accept=None))
         directory = TempDir(self)
         port = free_port()
-        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+        proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
                                              main="worker_processes = 3\n"))
         workers = proxy.workers()
         self.assertEqual(len(set(workers)), 3, proxy.stderr)
@@ -7134,7 +7058,7 @@ class ProcessWorkerTests(EndToEndTestCase):
     def test_worker_connections_keeps_the_third_client_in_the_backlog(self):
         directory = TempDir(self)
         port = free_port()
-        proxy = proc_Proxy(self, proc_config(directory, [port], main="worker_connections = 2\n"))
+        proxy = ProgramUnderTest(self, program_config(directory, [port], main="worker_connections = 2\n"))
         first, second = Client(port, 2.0), Client(port, 2.0)
         self.addCleanup(first.close)
         self.addCleanup(second.close)
@@ -7171,15 +7095,15 @@ class ProcessReloadTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(message=message_bytes(MEGABYTE), accept=None))
         directory = TempDir(self)
         old_port, new_port = free_port(), free_port()
-        path = proc_config(directory, [old_port], backend.port, password="old")
-        proxy = proc_Proxy(self, path)
+        path = program_config(directory, [old_port], backend.port, password="old")
+        proxy = ProgramUnderTest(self, path)
         old_workers = proxy.workers()
         session, reply = imap_login_session(self, old_port, "old")
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         session.send("n1 NOOP")
         session.expect(rb"^n1 OK NOOP completed\r\n$")      # relaying before the reload
 
-        proc_config(directory, [new_port], backend.port, password="new")
+        program_config(directory, [new_port], backend.port, password="new")
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
@@ -7207,10 +7131,10 @@ class ProcessReloadTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(accept=None))
         directory = TempDir(self)
         port = free_port()
-        path = proc_config(directory, [port], backend.port, password="old")
-        proxy = proc_Proxy(self, path)
+        path = program_config(directory, [port], backend.port, password="old")
+        proxy = ProgramUnderTest(self, path)
         workers = proxy.workers()
-        proc_config(directory, [port], backend.port, password="new", server="timeout = soon\n")
+        program_config(directory, [port], backend.port, password="new", server="timeout = soon\n")
         with open(path) as handle:
             line = handle.read().splitlines().index("timeout = soon") + 1
         mark = proxy.mark()
@@ -7241,7 +7165,7 @@ class ProcessGracefulStopTests(EndToEndTestCase):
         port = free_port()
         pid_path = os.path.join(directory.path, "run", "mailproxy.pid")
         os.mkdir(os.path.dirname(pid_path))
-        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+        proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
                                              main="pid = run/mailproxy.pid\n"))
         with open(pid_path) as handle:
             self.assertEqual(handle.read(), "%d\n" % proxy.pid)
@@ -7267,7 +7191,7 @@ class ProcessGracefulStopTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(accept=None))
         directory = TempDir(self)
         port = free_port()
-        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+        proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
                                              main="worker_shutdown_timeout = 1s\n"))
         session, reply = imap_login_session(self, port)
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
@@ -7289,7 +7213,7 @@ class ProcessGracefulStopTests(EndToEndTestCase):
 class ProcessMasterGoneTests(EndToEndTestCase):
 
     def start(self, port):
-        proxy = proc_Proxy(self, proc_config(TempDir(self), [port],
+        proxy = ProgramUnderTest(self, program_config(TempDir(self), [port],
                                              main="worker_processes = 2\n"))
         workers = proxy.workers()
         self.assertEqual(len(workers), 2)
@@ -7342,7 +7266,7 @@ class ProcessPrivilegeTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(accept=None))
         directory = TempDir(self)
         port = free_port()
-        proxy = proc_Proxy(self, proc_config(directory, [port], backend.port,
+        proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
                                              main="user = nobody\nworker_processes = 2\n"))
         workers = proxy.workers()
         self.assertEqual(len(workers), 2)
@@ -7370,7 +7294,7 @@ class ProcessPrivilegeTests(EndToEndTestCase):
         directory = TempDir(self)
         port = free_port()
         pid_path = os.path.join(directory.path, "mailproxy.pid")
-        proxy = proc_Proxy(self, proc_config(
+        proxy = ProgramUnderTest(self, program_config(
             directory, [port], main="master_process = off\nuser = nobody\npid = %s\n" % pid_path),
             started=False)
         started = proxy.wait_for("started", timeout=3)
@@ -7391,7 +7315,7 @@ class ProcessLogTests(EndToEndTestCase):
         log_path = os.path.join(directory.path, "error.log")
         rotated = log_path + ".1"
         # The file first: a line is in it before it is in stderr.
-        proxy = proc_Proxy(self, proc_config(
+        proxy = ProgramUnderTest(self, program_config(
             directory, [port], log="error.log info\n    stderr info"))
 
         def read(path):
@@ -7428,7 +7352,7 @@ class ProcessLogTests(EndToEndTestCase):
         server_sink = udp_sink(self)
         directory = TempDir(self)
         port = free_port()
-        proxy = proc_Proxy(self, proc_config(
+        proxy = ProgramUnderTest(self, program_config(
             directory, [port],
             log="stderr info\n    syslog:server=127.0.0.1:%d,facility=mail,tag=mproxy info"
                 % main_sink.getsockname()[1],
@@ -7458,7 +7382,7 @@ class ProcessLogTests(EndToEndTestCase):
                                ("syslog:server=127.0.0.1:514,facility=bogus", 'unknown syslog facility "bogus"'),
                                ("syslog:facility=mail", 'no "server="')):
             with self.subTest(value=value):
-                path = proc_config(directory, [free_port()], log="stderr info\n    %s info" % value)
+                path = program_config(directory, [free_port()], log="stderr info\n    %s info" % value)
                 status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
                 self.assertEqual(status, 1, err)
                 # The place: the directive's line (the value's first line) or
@@ -7472,7 +7396,7 @@ class ProcessLogTests(EndToEndTestCase):
         directory = TempDir(self)
         port, quiet_port = free_port(), free_port()
         access = os.path.join(directory.path, "access.log")
-        proxy = proc_Proxy(self, proc_config(
+        proxy = ProgramUnderTest(self, program_config(
             directory, [port], backend.port, main="access_log = access.log\n",
             tail="\n[server quiet]\nlisten = 127.0.0.1:%d\nprotocol = imap\naccess_log = off\n"
                  % quiet_port))
@@ -7491,7 +7415,7 @@ class ProcessLogTests(EndToEndTestCase):
         self.assertNotIn("session done", proxy.stderr)   # neither session's line in the error log
 
 
-def session_number(test, proxy: proc_Proxy, port: int) -> str:
+def session_number(test, proxy: ProgramUnderTest, port: int) -> str:
     """One session without login (greeting, LOGOUT, closed); its number."""
     client = Client(port, 2.0)
     test.addCleanup(client.close)
@@ -7684,9 +7608,7 @@ class ProcessDescriptorTests(EndToEndTestCase):
             alice = {PLAIN}secret
         """ % (backend.port, port))
         limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
-        proxy = CfgProxy(self, path, preexec=limit)
-        self.addCleanup(proxy.stop)
-        self.assertIsNotNone(proxy.wait_for("started"), proxy.stderr)
+        proxy = ProgramUnderTest(self, path, preexec=limit)
         idle = []
         for _ in range(70):                   # more than 48 descriptors' worth
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
@@ -7778,7 +7700,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         port) once the stop has begun (the port refuses)."""
         backend = self.use(FakeImapBackend(accept=None))
         port = free_port()
-        proxy = proc_Proxy(self, proc_config(TempDir(self), [port], backend.port, main=main))
+        proxy = ProgramUnderTest(self, program_config(TempDir(self), [port], backend.port, main=main))
         session, reply = imap_login_session(self, port)
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         mark = proxy.mark()
@@ -7833,9 +7755,9 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         # the new port the master was binding.
         directory = TempDir(self)
         old_port, new_port = free_port(), free_port()
-        proxy = proc_Proxy(self, proc_config(directory, [old_port]))
+        proxy = ProgramUnderTest(self, program_config(directory, [old_port]))
         worker = proxy.workers()[0]
-        proc_config(directory, [new_port])
+        program_config(directory, [new_port])
         mark = proxy.mark()
         os.killpg(proxy.pgid, signal.SIGHUP)
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
@@ -7853,7 +7775,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
     def test_a_worker_stopped_behind_the_masters_back_is_replaced(self):
         backend = self.use(FakeImapBackend(accept=None))
         port = free_port()
-        proxy = proc_Proxy(self, proc_config(TempDir(self), [port], backend.port))
+        proxy = ProgramUnderTest(self, program_config(TempDir(self), [port], backend.port))
         first = proxy.workers()[0]
         mark = proxy.mark()
         os.kill(first, signal.SIGTERM)                   # exits with 0, unasked
@@ -7891,7 +7813,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         for name in ("SIGINT", "SIGQUIT"):
             with self.subTest(signal=name):
                 port = free_port()
-                proxy = proc_Proxy(self, proc_config(TempDir(self), [port],
+                proxy = ProgramUnderTest(self, program_config(TempDir(self), [port],
                                                      main="worker_processes = 2\n"))
                 mark = proxy.mark()
                 os.killpg(proxy.pgid, getattr(signal, name))
@@ -7907,7 +7829,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         os.chmod(directory.path, 0o755)          # as /var/log: nobody may enter, not create
         port = free_port()
         log_path = os.path.join(directory.path, "error.log")
-        proxy = proc_Proxy(self, proc_config(directory, [port], main="user = nobody\n",
+        proxy = ProgramUnderTest(self, program_config(directory, [port], main="user = nobody\n",
                                              log="error.log info\n    stderr info"))
         worker = proxy.workers()[0]
         os.rename(log_path, log_path + ".1")
@@ -7931,7 +7853,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         port = free_port()
         log_path = os.path.join(directory.path, "error.log")
         pid_path = os.path.join(directory.path, "mailproxy.pid")
-        proxy = proc_Proxy(self, proc_config(
+        proxy = ProgramUnderTest(self, program_config(
             directory, [port], main="master_process = off\nuser = nobody\npid = mailproxy.pid\n",
             log="error.log info\n    stderr info"))
         mark = proxy.mark()
@@ -7954,8 +7876,8 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         directory = TempDir(self)
         write_tls_files(directory.path)
         port = free_port()
-        path = proc_config(directory, [port], main=main)
-        proxy = proc_Proxy(self, path)
+        path = program_config(directory, [port], main=main)
+        proxy = ProgramUnderTest(self, path)
         self.assertEqual(listening_socket_facts(port)[0], mp.NGINX_LISTEN_BACKLOG)
         session_number(self, proxy, port)
         with open(path) as handle:
@@ -7993,12 +7915,12 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         directory = TempDir(self)
         port, port6 = free_port(), free_port()
         server6 = "\n[server v6]\nlisten = [::1]:%d %s\nprotocol = imap\n"
-        path = proc_config(directory, [port], main="master_process = off\n",
+        path = program_config(directory, [port], main="master_process = off\n",
                            tail=server6 % (port6, "rcvbuf=40960"))
-        proxy = proc_Proxy(self, path, started=False)
+        proxy = ProgramUnderTest(self, path, started=False)
         if proxy.wait_for("started") is None:
             self.skipTest("cannot listen on [::1]:\n" + proxy.stderr)
-        proc_config(directory, [port], main="master_process = off\n",
+        program_config(directory, [port], main="master_process = off\n",
                     tail=server6 % (port6, "ipv6only=off"))
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
