@@ -7,12 +7,17 @@
     python3 test_mailproxy.py NAME...      only tests whose id contains NAME
     python3 test_mailproxy.py --fuzz N     N fuzz inputs per target (--seed S,
                                            TARGET... to choose); see "Fuzz"
+    python3 test_mailproxy.py --bench      what this host sustains (minutes);
+                                           see "Benchmark"
 
-The sections mirror mailproxy.py's.  Protocol machines are driven with byte
-strings, each transcript three ways (whole, one byte at a time, and with a
-pipelined tail that must come back untouched); the end-to-end tests run the
-proxy's event loop in a thread against fake backends on loopback and read as
-transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
+The sections mirror mailproxy.py's, in the same order and under the same
+banners (grep '^# .*####' prints both tables of contents), after one section
+for the test harness and before the opt-in modes and the runner.  Protocol
+machines are driven with byte strings, each transcript three ways (whole,
+one byte at a time, and with a pipelined tail that must come back
+untouched); the end-to-end tests run the proxy's event loop in a thread (or
+the real program, in "Processes") against fake backends on loopback and
+read as transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
 """
 
 import base64
@@ -47,13 +52,29 @@ from typing import Callable, List, NamedTuple, Optional
 
 import mailproxy as mp
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAILPROXY = os.path.join(HERE, "mailproxy.py")
 
 
-# ########################################################################## #
-#                                  Helpers                                   #
-# ########################################################################## #
+# ========================================================================== #
+# ####                           Test harness                           #### #
+# ========================================================================== #
+# What the sections below share, in this order: helpers for byte strings and
+# transcripts; what the proxy and the fakes say; the test certificates; the
+# configuration files the tests write; fake servers (one configurable fake
+# backend per protocol reading through BackendWire, a scripted one, the
+# auth_http server, a DNS server); the test's clients; the proxy under test,
+# in a thread (ProxyUnderTest) or as the real program (ProgramUnderTest); and
+# the bases of the test classes.  An end-to-end test reads as a transcript:
+#
+#     client.expect_line(mp.IMAP_GREETING)           # the next line, exactly
+#     client.send("a1 LOGIN alice secret")           # a str gets its CRLF
+#     client.expect(rb"^a1 OK")                      # the next line must match
+#
+# and then looks at what the backend received and what the proxy logged.
+
+# -- helpers ------------------------------------------------------------------------
 
 def server_settings(protocol: str = "imap", **overrides) -> mp.Settings:
     """A [server]'s merged settings: nginx's defaults plus ``overrides``."""
@@ -134,11 +155,157 @@ def write_file(directory: str, name: str, text: str) -> str:
     return path
 
 
+class TempDir:
+    """A temporary directory that the test removes when it ends."""
+
+    def __init__(self, test):
+        self.holder = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
+        self.path = self.holder.name
+        test.addCleanup(self.holder.cleanup)
+
+    def write(self, name: str, text: str) -> str:
+        return write_file(self.path, name, text)
 
 
-# ########################################################################## #
-#                          Test certificates (PEM)                           #
-# ########################################################################## #
+MEGABYTE = 1024 * 1024
+
+
+def free_port() -> int:
+    """A loopback TCP port that nobody listens on (the kernel's pick, released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def message_bytes(size: int) -> bytes:
+    """``size`` pseudo-random bytes, the same every run.  They never repeat in
+    step with a buffer size, so a lost, doubled or swapped chunk changes the
+    sha256 (a repeated pattern could hide it)."""
+    return hashlib.shake_128(b"message of %d bytes" % size).digest(size)
+
+
+def upload_bytes(size: int) -> bytes:
+    return hashlib.shake_128(b"upload of %d bytes" % size).digest(size)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(condition, timeout: float = 3.0, what: str = "condition") -> None:
+    """Poll ``condition()`` until it is true; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(0.01)
+
+
+def cpu_seconds(run) -> float:
+    best = None
+    for _ in range(3):
+        started = time.process_time()
+        run()
+        spent = time.process_time() - started
+        best = spent if best is None or spent < best else best
+    return best
+
+
+def feed_byte_by_byte(receive, data: bytes) -> list:
+    """``receive`` called with each byte of ``data``; the results, joined."""
+    results = []
+    for index in range(len(data)):
+        result = receive(data[index:index + 1])
+        if isinstance(result, list):
+            results.extend(result)
+        elif result is not None:
+            results.append(result)
+    return results
+
+
+HOSTILE_BYTES = [b"\r", b"\n", b"\0", b"\t", b" ", b'"', b"'", b"\\", b"+", b"=", b"%", b"{",
+                 b"\x7f", b"\x80", b"\xff", "é".encode()]
+
+
+# -- what the proxy says, and the fake backends -------------------------------------
+
+# What the proxy says with the settings of proxy_config (server_name mail.test,
+# the default methods), and what the SMTP fake backend says to QUIT.
+IMAP_PROXY_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
+SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
+SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
+SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
+PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
+
+# How mailproxy logs alice in to an IMAP backend (nginx does the same): the
+# client's own tag and synchronizing literals, each sent after the "+".
+IMAP_LOGIN_ON_THE_WIRE = b"a1 LOGIN {5}\r\n" + b"alice {6}\r\n" + b"secret\r\n"
+POP3_LOGIN_ON_THE_WIRE = b"USER alice\r\n" + b"PASS secret\r\n"
+
+
+# smtplib's own spelling of MAIL and RCPT: "mail FROM:" until Python 3.12,
+# "mail from:" from 3.13 on.  The proxy passes either on untouched.
+SMTPLIB_MAIL_ALICE = (b"mail FROM:" if sys.version_info < (3, 13) else b"mail from:") + \
+    b"<alice@example.com>\r\n"
+SMTPLIB_RCPT_BOB = (b"rcpt TO:" if sys.version_info < (3, 13) else b"rcpt to:") + \
+    b"<bob@example.com>\r\n"
+SMTP_BACKEND_GREETING = b"220 backend.test ESMTP FakeFix\r\n"
+SMTP_BACKEND_XCLIENT_GREETING = b"220 backend.test ESMTP FakeFix (after XCLIENT)\r\n"
+SMTP_BACKEND_EHLO = (b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n"
+                     b"250-8BITMIME\r\n250-XCLIENT ADDR LOGIN NAME\r\n"
+                     b"250-AUTH PLAIN LOGIN\r\n250 CHUNKING\r\n")
+SMTP_BACKEND_MAIL_OK = b"250 2.1.0 Ok (backend)\r\n"
+SMTP_BACKEND_RCPT_OK = b"250 2.1.5 Ok (backend)\r\n"
+SMTP_BACKEND_DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+
+
+def smtp_backend_rcpt_refused(address: bytes) -> bytes:
+    return b"550 5.1.1 <%s>: Recipient address rejected: User unknown\r\n" % address
+
+
+def smtp_backend_queued(number: int) -> bytes:
+    return b"250 2.0.0 Ok: queued as FAKE%d\r\n" % number
+
+
+def smtp_dotted_message(size: int) -> bytes:
+    """About ``size`` bytes of CRLF lines, the same every run; about one line
+    in three begins with "." (some are a lone "." or ".."); the first line is
+    a lone "." and the last begins with "." and has no CRLF (smtplib adds it)."""
+    rng = random.Random(2920)
+    text = message_bytes(64 * 1024).hex().encode()
+    lines = [b"."]
+    total = 3
+    while total < size:
+        length = rng.randrange(0, 200)
+        start = rng.randrange(0, len(text) - length)
+        body = text[start:start + length]
+        kind = rng.randrange(9)
+        line = [b".", b"." + body, b".." + body, b"", b" ." + body, b"...",
+                body, body, body][kind]
+        lines.append(line)
+        total += len(line) + 2
+    lines.append(b".last line")
+    return b"\r\n".join(lines)
+
+
+def smtp_dot_stuffed(message: bytes) -> bytes:
+    """What RFC 5321 §4.5.2 puts on the wire for ``message`` (CRLF lines):
+    a "." doubled at the start of each line, CRLF at the end, then ".\\r\\n"."""
+    lines = message.split(b"\r\n")
+    stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    if not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+def smtp_xclient(login: bytes = b"alice", name: bytes = b"[UNAVAILABLE]") -> bytes:
+    return b"XCLIENT ADDR=127.0.0.1" + (b" LOGIN=" + login if login else b"") + \
+        b" NAME=" + name + b"\r\n"
+
+
+# -- test certificates (PEM) --------------------------------------------------------
+
+
 # The standard library cannot make certificates, so these are embedded:
 # EC P-256, made with openssl for these tests, valid until 2126 (but the
 # expired one).  A test CA; a server certificate for mail.example.com,
@@ -332,6 +499,103 @@ TLS_FILES = {"ca.crt": TLS_CA_PEM, "server.crt": TLS_SERVER_CERT_PEM, "server.ke
              "revoked.key": TLS_REVOKED_KEY_PEM, "ca.crl": TLS_CRL_PEM}
 
 
+# Certificates no `openssl req -subj` can write, made for these tests by a CA
+# of their own (whose key is not kept): TBSCertificates assembled byte by
+# byte, signed with `openssl dgst`, EC P-256, valid 2026-2126.  Their names:
+# "descriptor": CN=alice as an ObjectDescriptor (tag 7), which OpenSSL
+# verifies and nginx prints (CN=#0705616C696365) but getpeercert() cannot
+# read; "crlf": O=Example<CR><LF>Auth-SSL-Verify: SUCCESS and
+# CN=alice<CR><LF>Auth-SSL-Subject: CN=admin (UTF8String); "kelvin":
+# CN=<U+212A KELVIN SIGN>arl.  Serials 1001, 1002, 1003.
+
+ODD_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBojCCAUegAwIBAgICEAAwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjAmMSQwIgYDVQQDDBttYWlscHJveHkgb2RkLW5hbWVzIHRlc3QgQ0Ew
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATBq2EI05EWMXk1r9kICF6R0oEJg++8
+BUfKNXjrsQCpQOEu76JgnLAZZ1BkkpiZqZjqoNJWrBViHl35/lCSaYDFo2MwYTAP
+BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAdBgNVHQ4EFgQUT8InAKF2
+Rld3s9VSlGE34L5gR54wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54w
+CgYIKoZIzj0EAwIDSQAwRgIhAMl3xKOnvVD+b9vmO26vapv1xeDOToWKlwgqchRl
+MV03AiEA3PwYLD8ERipyRIOMJg9f1J1oEfciEARvPcv1Nt7PJEk=
+-----END CERTIFICATE-----
+"""
+
+ODD_DESCRIPTOR_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBmjCCAUCgAwIBAgICEAEwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjAQMQ4wDAYDVQQDBwVhbGljZTBZMBMGByqGSM49AgEGCCqGSM49AwEH
+A0IABIPMgQTgzb7xNP9MWQ5WXWG4pG+c1iFTm3Asp9xQQYUwn2/Rq/brqwF0j2nf
+jGZ12wy8Zq77Suy3Fox9XL/gFpKjcjBwMAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQD
+AgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMCMB0GA1UdDgQWBBTL7t5K4p/BI7d8VkOY
+ZuiasLPbJDAfBgNVHSMEGDAWgBRPwicAoXZGV3ez1VKUYTfgvmBHnjAKBggqhkjO
+PQQDAgNIADBFAiEAoIXEx5wJRd9jH+6TanDiFP5KHS5D8Yfy9cUW5Hf8nxcCIBkp
+pxD5pG8hMYgbZWQnOIF7FY3lDi62ZXC8WcJo0gtl
+-----END CERTIFICATE-----
+"""
+
+ODD_DESCRIPTOR_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglw2GRyvEQp8H2gLi
+dCURbkCKLLrXWhPOCE/iGoOwzt2hRANCAASDzIEE4M2+8TT/TFkOVl1huKRvnNYh
+U5twLKfcUEGFMJ9v0av266sBdI9p34xmddsMvGau+0rstxaMfVy/4BaS
+-----END PRIVATE KEY-----
+"""
+
+ODD_CRLF_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB4jCCAYigAwIBAgICEAIwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjBYMSowKAYDVQQKDCFFeGFtcGxlDQpBdXRoLVNTTC1WZXJpZnk6IFNV
+Q0NFU1MxKjAoBgNVBAMMIWFsaWNlDQpBdXRoLVNTTC1TdWJqZWN0OiBDTj1hZG1p
+bjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCIExLQ8Scspzkg8OhQWaseBJwNZ
+5kYEz235GJrMFwbY+yjk66iuCSMVG9HdngBLxDBEdDG1ou1DQodkD4P5vnOjcjBw
+MAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMC
+MB0GA1UdDgQWBBRqp2ugJ7W/VO6wfBn9noYAvrkDMzAfBgNVHSMEGDAWgBRPwicA
+oXZGV3ez1VKUYTfgvmBHnjAKBggqhkjOPQQDAgNIADBFAiAHJz/2yUr0Jgo7XB6D
+7uLe2qF0/Nm5rTGyIucxugoZTgIhAJjK+8GHUs9abUTE0X2+q7NDRBKulfg7JxN9
+7XxvOnL9
+-----END CERTIFICATE-----
+"""
+
+ODD_CRLF_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgpD+V88AFHJzeToXg
+gyF6HqlwM39JQKiCV998sAhXGlehRANCAAQiBMS0PEnLKc5IPDoUFmrHgScDWeZG
+BM9t+RiazBcG2Pso5OuorgkjFRvR3Z4AS8QwRHQxtaLtQ0KHZA+D+b5z
+-----END PRIVATE KEY-----
+"""
+
+ODD_KELVIN_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBmjCCAUGgAwIBAgICEAMwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
+b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
+MDAwMDAwWjARMQ8wDQYDVQQDDAbihKphcmwwWTATBgcqhkjOPQIBBggqhkjOPQMB
+BwNCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS5PiuKfcxGBB5aXqzthX9mkxiphks
+bqhXAwynbB4eOXS9IqbAFNQzzWlPo3IwcDAJBgNVHRMEAjAAMA4GA1UdDwEB/wQE
+AwIHgDATBgNVHSUEDDAKBggrBgEFBQcDAjAdBgNVHQ4EFgQUSrp0eIEFezdYznUj
+61HXRE7Z/B8wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54wCgYIKoZI
+zj0EAwIDRwAwRAIgc3PAgGAL2hTSDEeKirTySAj3uXvTrw+Ilj6KkegJ42ACIG6/
+RiOR13tqAKFd/P1sDiY61BPKYpYv8i7OvZQ3rv3q
+-----END CERTIFICATE-----
+"""
+
+ODD_KELVIN_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgTPw544mQ8JVyZi3t
+d7z3fJHYaJKvSLr+FSSfFZvUlcahRANCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS
+5PiuKfcxGBB5aXqzthX9mkxiphksbqhXAwynbB4eOXS9IqbAFNQzzWlP
+-----END PRIVATE KEY-----
+"""
+
+ODD_TLS_FILES = {"oddca.crt": ODD_CA_PEM, "descriptor.crt": ODD_DESCRIPTOR_CERT_PEM,
+                 "descriptor.key": ODD_DESCRIPTOR_KEY_PEM, "crlf.crt": ODD_CRLF_CERT_PEM,
+                 "crlf.key": ODD_CRLF_KEY_PEM, "kelvin.crt": ODD_KELVIN_CERT_PEM,
+                 "kelvin.key": ODD_KELVIN_KEY_PEM, "bothca.crt": TLS_CA_PEM + ODD_CA_PEM}
+
+
 def write_tls_files(directory: str) -> None:
     """The test certificates as files (TLS_FILES and ODD_TLS_FILES), for
     configurations and contexts."""
@@ -340,40 +604,1004 @@ def write_tls_files(directory: str) -> None:
             handle.write(text)
 
 
-# ########################################################################## #
-#                       Configuration and command line                       #
-# ########################################################################## #
-# The value parsers in-process; the loader on files in a temporary directory;
-# -t, -v, --hash-password and the running program as subprocesses.
+class CertificateFiles:
+    """A test class's copy of the test certificates (write_tls_files) in a
+    temporary directory, made once per class, and what tests make of them:
+    paths, server settings, client contexts, a fake backend's context."""
 
-BASE_CONFIG = """\
-    [mail]
-    proxy_pass = 127.0.0.1:1143
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tls_directory = tempfile.TemporaryDirectory(prefix="mailproxy-tls-")
+        write_tls_files(cls.tls_directory.name)
 
-    [server imap]
-    listen = 127.0.0.1:18143
-    protocol = imap
-"""
+    @classmethod
+    def tearDownClass(cls):
+        cls.tls_directory.cleanup()
+        super().tearDownClass()
+
+    def tls_path(self, name: str) -> str:
+        return os.path.join(self.tls_directory.name, name)
+
+    def tls_settings(self, protocol="imap", **overrides) -> mp.Settings:
+        """server_settings with the server certificate (mail.example.com)."""
+        values = dict(ssl_certificate=[self.tls_path("server.crt")],
+                      ssl_certificate_key=[self.tls_path("server.key")])
+        values.update(overrides)
+        return server_settings(protocol, **values)
+
+    def client_context(self, certificate: str = "", alpn=None, ca: str = "ca.crt") -> ssl.SSLContext:
+        """A client's context that trusts ``ca``, sends ``certificate`` (a
+        name: its .crt and .key files) if one is named and offers ``alpn``."""
+        context = ssl.create_default_context(cafile=self.tls_path(ca))
+        if certificate:
+            context.load_cert_chain(self.tls_path(certificate + ".crt"),
+                                    self.tls_path(certificate + ".key"))
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        return context
+
+    def backend_server_context(self, name: str = "server") -> ssl.SSLContext:
+        """A fake backend's server context, with the certificate ``name``."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.tls_path(name + ".crt"), self.tls_path(name + ".key"))
+        return context
 
 
-def line_of(text: str, prefix: str, occurrence: int = 1) -> int:
-    """The number of the ``occurrence``-th line of (dedented) ``text`` that
-    starts with ``prefix``: where an error must be reported."""
-    seen = 0
-    for number, line in enumerate(textwrap.dedent(text).splitlines(), 1):
-        if line.startswith(prefix):
-            seen += 1
-            if seen == occurrence:
-                return number
-    raise AssertionError("no line %r in the test's own file" % prefix)
+# -- configuration files ------------------------------------------------------------
+
+def proxy_config(protocol: str, backend_port: Optional[int] = None, auth_port=None,
+                 listens=("",), users=None, **mail) -> str:
+    """The INI text of a proxy with one [server] for ``protocol``, one listen
+    on a free loopback port per entry of ``listens`` (the listen's flags:
+    "", "ssl", "proxy_protocol"...).  With ``backend_port`` it passes to
+    127.0.0.1:backend_port and checks logins against [users] (``users``; by
+    default alice, password "secret"); with ``auth_port`` it asks the fake
+    auth server there (a str is the auth_http URL itself) and sends this
+    file's two auth_http_header lines, and has no [users].  ``mail`` adds or
+    overrides [mail] directives (None leaves one out; a value may hold
+    continuation lines): proxy_config("imap", port, timeout="1s")."""
+    directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "200ms"}
+    if auth_port is not None:
+        directives["auth_http"] = (auth_port if isinstance(auth_port, str) else
+                                   "http://127.0.0.1:%d/auth" % auth_port)
+        directives["auth_http_header"] = 'X-Auth-Key secret-key\n    X-Second "two words"'
+        directives["auth_http_timeout"] = "3s"
+    directives.update(mail)
+    lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
+    lines += ["%s = %s" % item for item in directives.items() if item[1] is not None]
+    listen = ["127.0.0.1:%d%s" % (free_port(), " " + flags if flags else "") for flags in listens]
+    lines += ["", "[server %s]" % protocol, "listen = " + "\n    ".join(listen),
+              "protocol = %s" % protocol]
+    if backend_port is not None:
+        lines.append("proxy_pass = 127.0.0.1:%d" % backend_port)
+    if auth_port is None:
+        lines += ["", "[users]"]
+        lines += ["%s = %s" % item for item in (users or {"alice": "{PLAIN}secret"}).items()]
+    return "\n".join(lines) + "\n"
 
 
-def run_mailproxy(args, stdin=b"", timeout=20, cwd=None):
-    """mailproxy.py ARGS as a subprocess (in the directory ``cwd``, if
-    given): (exit status, stdout, stderr)."""
-    done = subprocess.run([sys.executable, MAILPROXY] + list(args), input=stdin, cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+def program_config(directory: TempDir, ports, backend_port: int = 1143, password: str = "secret",
+                   main: str = "", mail: str = "", server: str = "", tail: str = "",
+                   log: str = "stderr info", auth_delay: str = "50ms",
+                   name: str = "mailproxy.conf") -> str:
+    """The file of a ProgramUnderTest, written in ``directory``: one IMAP
+    server listening on every port of ``ports``, passing to
+    ``backend_port``, a [users] table with alice; ``log`` is the [main]
+    error_log; ``main``, ``mail`` and ``server`` are lines added to those
+    sections, ``tail`` goes at the end.  Its path."""
+    listen = "\n    ".join("127.0.0.1:%d" % port for port in ports)
+    text = ("[main]\nerror_log = %s\n%s\n"
+            "[mail]\nproxy_pass = 127.0.0.1:%d\nauth_delay = %s\nserver_name = mail.test\n%s\n"
+            "[users]\nalice = {PLAIN}%s\n\n"
+            "[server imap]\nlisten = %s\nprotocol = imap\n%s%s"
+            % (log, main, backend_port, auth_delay, mail, password, listen, server, tail))
+    return directory.write(name, text)
+
+
+# -- fake servers -------------------------------------------------------------------
+
+class ThreadedServer:
+    """A test server on 127.0.0.1 (or on the unix socket ``path``): one thread
+    accepts, one thread per connection runs ``handle(accepted(conn))``.
+    ``accepted`` runs in the accept thread, so whatever it records is in
+    connection order.  ``close`` stops accepting, shuts every connection
+    down (which wakes its thread) and joins the threads.  A subclass sets
+    its own attributes before calling ``__init__``: the accept thread starts
+    there."""
+
+    name = "fake server"
+    conn_timeout = 10.0
+
+    def __init__(self, path: str = None, backlog: int = 64):
+        self.stopping = threading.Event()
+        self.connections = []
+        if path is None:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))   # port 0: the kernel picks a free one, race-free
+            self.port = self.sock.getsockname()[1]
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(path)
+            self.port = None
+        self.sock.listen(backlog)
+        self.sock.settimeout(0.05)         # so that the accept thread sees ``stopping``
+        self.threads = [threading.Thread(target=self._accept, name=self.name, daemon=True)]
+        self.threads[0].start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(self.conn_timeout)
+            self.connections.append(conn)
+            thread = threading.Thread(target=self.handle, args=(self.accepted(conn),),
+                                      daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def accepted(self, conn: socket.socket):
+        return conn
+
+    def handle(self, accepted) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.threads[0].join(5)            # no new connection after this
+        self.sock.close()
+        for conn in self.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)    # wakes its thread up
+            except OSError:
+                pass
+        for thread in self.threads[1:]:
+            thread.join(5)
+
+
+class BackendWire:
+    """The fake backend's end of one connection: lines and literals in,
+    replies out; every byte received is kept in ``received``."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.received = bytearray()
+        self.pending = bytearray()
+
+    def _more(self) -> bool:
+        data = self.conn.recv(MEGABYTE)
+        self.received += data
+        self.pending += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        """The next line with its CRLF; b"" when the proxy has closed."""
+        while b"\n" not in self.pending:
+            if not self._more():
+                return b""
+        end = self.pending.find(b"\n") + 1
+        line = bytes(self.pending[:end])
+        del self.pending[:end]
+        return line
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.pending) < size:
+            if not self._more():
+                raise ConnectionError("closed in the middle of %d bytes" % size)
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.conn.sendall(data)
+
+
+def smtp_read_dot_data(wire: BackendWire) -> bytes:
+    """The DATA bytes as they came, up to and including the lone ".\\r\\n"
+    line (RFC 5321 §4.1.1.4), dot-stuffing untouched."""
+    start = 0
+    while True:
+        if wire.pending.startswith(b".\r\n"):
+            end = 3
+            break
+        found = wire.pending.find(b"\r\n.\r\n", start)
+        if found >= 0:
+            end = found + 5
+            break
+        start = max(0, len(wire.pending) - 4)
+        if not wire._more():
+            raise ConnectionError("closed in the middle of DATA")
+    data = bytes(wire.pending[:end])
+    del wire.pending[:end]
+    return data
+
+
+class FakeBackend(ThreadedServer):
+    """A mail server on 127.0.0.1 for the proxy to log in to: one thread
+    accepts, one thread per connection reads it through a BackendWire.
+    The protocols are its subclasses; the options are the same for all.
+
+    ``mode``: "normal"; "refuse" (every login is refused); "bad-greeting";
+    "close" (closes each connection at once); "stall" (accepts, never says a
+    word).  ``accept``: the (login, password) pairs it lets in (None: any
+    pair; the proxy's [users] table is what decides then); ``logins`` lists
+    every pair it was offered.  ``message`` is what FETCH / RETR send;
+    ``pushed`` counts how much of it has gone out so far.  ``received[i]`` is
+    every byte connection i got (after a TLS handshake, the decrypted ones).
+
+    ``tls``: "" (none), "implicit" (handshake at once) or "starttls" (after
+    the protocol's command), with the server ``context``.  ``clear[i]`` is
+    what connection i received before its handshake (the rest, in
+    ``received``, only a proxy that did the handshake can have sent),
+    ``versions[i]`` its TLS version; ``inject`` is sent in clear right after
+    the STARTTLS yes (a man in the middle's attempt, RFC 3207 §4.2).
+    ``proxy_header``: each connection starts with a PROXY header (v1 or v2),
+    kept raw in ``headers`` (and at the start of ``received[i]``)."""
+
+    name = "fake backend"
+
+    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
+                 accept=((b"alice", b"secret"),), tls: str = "",
+                 context: Optional[ssl.SSLContext] = None, inject: bytes = b"",
+                 proxy_header: bool = False):
+        self.mode = mode
+        self.message = message
+        self.accept = None if accept is None else set(accept)
+        self.tls = tls
+        self.tls_context = context
+        self.inject = inject
+        self.proxy_header = proxy_header
+        self.logins = []
+        self.received = []
+        self.pushed = 0
+        self.clear = []
+        self.versions = []
+        self.tls_errors = []
+        self.headers = []
+        super().__init__()
+
+    def accepted(self, conn: socket.socket) -> BackendWire:
+        wire = BackendWire(conn)
+        self.received.append(wire.received)
+        return wire
+
+    def handle(self, wire: BackendWire) -> None:
+        try:
+            if self.mode == "stall":
+                self.stopping.wait()
+            elif self.mode != "close":
+                if self.proxy_header:
+                    self.read_proxy_header(wire)
+                if self.tls == "implicit":
+                    self.start_tls(wire)
+                self.serve(wire)
+        except OSError:
+            pass                           # the proxy went away (or failed TLS): nothing to do
+        finally:
+            wire.conn.close()
+
+    def serve(self, wire: BackendWire) -> None:
+        raise NotImplementedError
+
+    def read_proxy_header(self, wire: BackendWire) -> None:
+        start = wire.exactly(12)
+        if start == mp.PROXY_V2_SIGNATURE:
+            rest = wire.exactly(4)
+            header = start + rest + wire.exactly(struct.unpack("!H", rest[2:])[0])
+        else:
+            header = start + wire.line()
+        self.headers.append(header)
+
+    def start_tls(self, wire: BackendWire) -> None:
+        """The server side of the handshake, on the connection's socket."""
+        if wire.pending:
+            raise ConnectionError("the proxy sent %r before the handshake" % bytes(wire.pending))
+        self.clear.append(bytes(wire.received))
+        raw = wire.conn
+        try:
+            wire.conn = self.tls_context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            self.tls_errors.append(error)
+            raise
+        self.versions.append(wire.conn.version())
+        # close() shuts the connections down to wake their threads: the TLS one now.
+        self.connections[self.connections.index(raw)] = wire.conn
+
+    def accepts(self, login: bytes, password: bytes) -> bool:
+        """Whether this pair logs in (it is recorded in ``logins``)."""
+        self.logins.append((login, password))
+        if self.mode == "refuse":
+            return False
+        return self.accept is None or (login, password) in self.accept
+
+    def push_message(self, wire: BackendWire) -> None:
+        for start in range(0, len(self.message), 65536):
+            wire.send(self.message[start:start + 65536])
+            self.pushed = start + len(self.message[start:start + 65536])
+
+
+class FakeImapBackend(FakeBackend):
+    """LOGIN with literals only (the way mailproxy sends it), AUTHENTICATE
+    with an initial response (a token handed on: the line goes to
+    ``authenticates`` and is answered OK), NOOP, LOGOUT; after login also
+    ``FETCH 1 BODY[]`` (sends ``message``) and ``APPEND INBOX {n}`` (answers
+    with the sha256 of the n bytes).  ``capability``: an untagged CAPABILITY
+    comes before the OK of a LOGIN.  With tls="starttls" it greets with
+    STARTTLS and LOGINDISABLED and takes nothing but ``S1 STARTTLS`` in
+    clear (a LOGIN gets NO [PRIVACYREQUIRED])."""
+
+    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
+                 capability: bool = False, **options):
+        self.capability = capability
+        self.authenticates = []
+        super().__init__(mode, message, **options)
+
+    def serve(self, wire: BackendWire) -> None:
+        if self.mode == "bad-greeting":
+            wire.send(b"* BYE not today\r\n")
+            wire.line()                    # until the proxy hangs up
+            return
+        if self.tls == "starttls":
+            if not self.starttls(wire):
+                return
+        else:
+            wire.send(b"* OK fake IMAP ready\r\n")
+        logged_in = False
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
+            command, _, argument = rest.partition(b" ")
+            command = command.upper()
+            if command == b"LOGIN" and not logged_in:
+                logged_in = self.login(wire, tag, argument)
+            elif command == b"AUTHENTICATE" and not logged_in:
+                self.authenticates.append(line)
+                wire.send(tag + b" OK AUTHENTICATE completed\r\n")
+                logged_in = True
+            elif command == b"NOOP":
+                wire.send(tag + b" OK NOOP completed\r\n")
+            elif command == b"LOGOUT":
+                wire.send(b"* BYE fake IMAP logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
+                return
+            elif command == b"FETCH" and logged_in and argument == b"1 BODY[]":
+                wire.send(b"* 1 FETCH (BODY[] {%d}\r\n" % len(self.message))
+                self.push_message(wire)
+                wire.send(b")\r\n" + tag + b" OK FETCH completed\r\n")
+            elif command == b"APPEND" and logged_in and re.fullmatch(rb"INBOX \{\d+\}", argument):
+                wire.send(b"+ Ready for literal data\r\n")
+                data = wire.exactly(int(argument[7:-1]))
+                if wire.line() != b"\r\n":
+                    return
+                wire.send(tag + b" OK APPEND completed, sha256 %s\r\n" % sha256_hex(data).encode())
+            else:
+                wire.send(tag + b" BAD unknown command\r\n")
+
+    def starttls(self, wire: BackendWire) -> bool:
+        """The greeting and STARTTLS in clear; False if the proxy asked
+        for anything else."""
+        wire.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake IMAP ready\r\n")
+        tag, _, command = wire.line().rstrip(b"\r\n").partition(b" ")
+        if command.upper() != b"STARTTLS":
+            wire.send(tag + b" NO [PRIVACYREQUIRED] STARTTLS first\r\n")
+            return False
+        wire.send(tag + b" OK Begin TLS negotiation now\r\n" + self.inject)
+        self.start_tls(wire)
+        return True
+
+    def login(self, wire: BackendWire, tag: bytes, argument: bytes) -> bool:
+        """``LOGIN {n}`` / ``+ go ahead`` / ``login {m}`` / ``+`` / password."""
+        size = re.fullmatch(rb"\{(\d+)\}", argument)
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+ go ahead\r\n")
+        login = wire.exactly(int(size.group(1)))
+        size = re.fullmatch(rb" \{(\d+)\}\r\n", wire.line())
+        if size is None:
+            wire.send(tag + b" BAD this fake wants literals\r\n")
+            return False
+        wire.send(b"+\r\n")
+        password = wire.exactly(int(size.group(1)))
+        if wire.line() != b"\r\n":
+            wire.send(tag + b" BAD junk after the password\r\n")
+            return False
+        if not self.accepts(login, password):
+            wire.send(tag + b" NO [AUTHENTICATIONFAILED] bad\r\n")
+            return False
+        if self.capability:
+            wire.send(b"* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n")
+        wire.send(tag + b" OK LOGIN completed\r\n")
+        return True
+
+
+class FakePop3Backend(FakeBackend):
+    """USER/PASS, AUTH with an initial response (a token handed on: the line
+    goes to ``auths`` and is answered +OK), STAT, NOOP, ``RETR 1`` (sends
+    ``message``, not dot-stuffed: the tests read it by length), a made-up
+    ``XPUT n`` (answers with the sha256 of the n bytes that follow), QUIT.
+    With tls="starttls" only STLS is taken in clear."""
+
+    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n", **options):
+        self.auths = []
+        super().__init__(mode, message, **options)
+
+    def serve(self, wire: BackendWire) -> None:
+        if self.mode == "bad-greeting":
+            wire.send(b"-ERR not today\r\n")
+            wire.line()
+            return
+        if self.tls == "starttls":
+            if not self.starttls(wire):
+                return
+        else:
+            wire.send(b"+OK fake POP3 ready\r\n")
+        login, logged_in = None, False
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            command, _, argument = line.rstrip(b"\r\n").partition(b" ")
+            command = command.upper()
+            if command == b"USER" and not logged_in:
+                login = argument
+                wire.send(b"+OK send PASS\r\n")
+            elif command == b"PASS" and not logged_in and login is not None:
+                if self.accepts(login, argument):
+                    logged_in = True
+                    wire.send(b"+OK alice has 1 message\r\n")
+                else:
+                    wire.send(b"-ERR [AUTH] bad\r\n")
+                    login = None
+            elif command == b"AUTH" and not logged_in:
+                self.auths.append(line)
+                logged_in = True
+                wire.send(b"+OK token accepted\r\n")
+            elif command == b"NOOP" and logged_in:
+                wire.send(b"+OK\r\n")
+            elif command == b"STAT" and logged_in:
+                wire.send(b"+OK 1 %d\r\n" % len(self.message))
+            elif command == b"RETR" and logged_in and argument == b"1":
+                wire.send(b"+OK %d octets\r\n" % len(self.message))
+                self.push_message(wire)
+                wire.send(b"\r\n.\r\n")
+            elif command == b"XPUT" and logged_in and argument.isdigit():
+                wire.send(b"+OK send %d octets\r\n" % int(argument))
+                data = wire.exactly(int(argument))
+                wire.send(b"+OK got them, sha256 %s\r\n" % sha256_hex(data).encode())
+            elif command == b"QUIT":
+                wire.send(b"+OK bye\r\n")
+                return
+            else:
+                wire.send(b"-ERR unknown command\r\n")
+
+    def starttls(self, wire: BackendWire) -> bool:
+        wire.send(b"+OK fake POP3 ready, STLS first\r\n")
+        if wire.line().rstrip(b"\r\n").upper() != b"STLS":
+            wire.send(b"-ERR [SYS/PERM] STLS first\r\n")
+            return False
+        wire.send(b"+OK Begin TLS negotiation\r\n" + self.inject)
+        self.start_tls(wire)
+        return True
+
+
+class FakeSmtpBackend(FakeBackend):
+    """A Postfix-like SMTP server: 220, a multi-line EHLO reply, HELO, XCLIENT
+    (answered ``xclient_reply``: by default a new 220 greeting, as Postfix),
+    AUTH PLAIN and AUTH LOGIN (with or without an initial response; what
+    ``accept`` lets in), MAIL, RCPT (``refuse``: recipient addresses
+    answered 550), DATA (read to the lone "."; the raw bytes, dot-stuffing
+    and final ".\\r\\n" included, go to ``messages``), BDAT (the chunk goes
+    to ``messages``), RSET, NOOP, QUIT.  ``commands`` lists (encrypted,
+    line) for every command line.  With tls="starttls" its EHLO offers
+    STARTTLS, and nothing but EHLO and STARTTLS is taken in clear."""
+
+    def __init__(self, mode: str = "normal", refuse=(), xclient_reply: bytes = None, **options):
+        self.refuse = {address.lower() for address in refuse}
+        self.xclient_reply = xclient_reply or SMTP_BACKEND_XCLIENT_GREETING
+        self.messages = []
+        self.commands = []
+        super().__init__(mode, **options)
+
+    def serve(self, wire: BackendWire) -> None:
+        secure = self.tls == "implicit"
+        wire.send(SMTP_BACKEND_GREETING)
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            self.commands.append((secure, line))
+            verb, _, argument = line.rstrip(b"\r\n").partition(b" ")
+            verb = verb.upper()
+            if verb == b"EHLO":
+                starttls = b"250-STARTTLS\r\n" if self.tls == "starttls" and not secure else b""
+                wire.send(SMTP_BACKEND_EHLO.replace(b"250-PIPELINING\r\n",
+                                                    b"250-PIPELINING\r\n" + starttls))
+            elif verb == b"STARTTLS" and self.tls == "starttls" and not secure:
+                wire.send(b"220 2.0.0 Ready to start TLS\r\n")
+                self.start_tls(wire)
+                secure = True
+            elif self.tls == "starttls" and not secure:
+                wire.send(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+            elif verb == b"HELO":
+                wire.send(b"250 backend.test\r\n")
+            elif verb == b"XCLIENT":
+                wire.send(self.xclient_reply)
+            elif verb == b"AUTH":
+                self.auth(wire, argument)
+            elif verb == b"MAIL":
+                wire.send(SMTP_BACKEND_MAIL_OK)
+            elif verb == b"RCPT":
+                self.rcpt(wire, argument)
+            elif verb == b"DATA":
+                wire.send(SMTP_BACKEND_DATA_GO)
+                self.messages.append(smtp_read_dot_data(wire))
+                wire.send(smtp_backend_queued(len(self.messages)))
+            elif verb == b"BDAT" and re.fullmatch(rb"\d+( LAST)?", argument, re.I):
+                self.messages.append(wire.exactly(int(argument.split(b" ")[0])))
+                wire.send(b"250 2.0.0 Ok: %d octets\r\n" % len(self.messages[-1]))
+            elif verb in (b"RSET", b"NOOP"):
+                wire.send(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                wire.send(SMTP_BACKEND_BYE)
+                return
+            else:
+                wire.send(b"502 5.5.2 Error: command not recognized\r\n")
+
+    def rcpt(self, wire: BackendWire, argument: bytes) -> None:
+        match = re.search(rb"<([^<>]*)>", argument)
+        address = match.group(1) if match else b""
+        if address.lower() in self.refuse:
+            wire.send(smtp_backend_rcpt_refused(address))
+        else:
+            wire.send(SMTP_BACKEND_RCPT_OK)
+
+    def auth(self, wire: BackendWire, argument: bytes) -> None:
+        mechanism, _, initial = argument.partition(b" ")
+        mechanism = mechanism.upper()
+        try:
+            if mechanism == b"PLAIN":
+                if not initial:
+                    wire.send(b"334 \r\n")
+                    initial = wire.line().rstrip(b"\r\n")
+                _, login, password = base64.b64decode(initial, validate=True).split(b"\0")
+            elif mechanism == b"LOGIN":
+                if not initial:
+                    wire.send(b"334 VXNlcm5hbWU6\r\n")
+                    initial = wire.line().rstrip(b"\r\n")
+                login = base64.b64decode(initial, validate=True)
+                wire.send(b"334 UGFzc3dvcmQ6\r\n")
+                password = base64.b64decode(wire.line().rstrip(b"\r\n"), validate=True)
+            else:
+                wire.send(b"504 5.5.4 Unrecognized authentication type\r\n")
+                return
+        except ValueError:
+            wire.send(b"501 5.5.2 Cannot decode response\r\n")
+            return
+        if self.accepts(login, password):
+            wire.send(b"235 2.7.0 Authentication successful\r\n")
+        else:
+            wire.send(b"535 5.7.8 Error: authentication failed\r\n")
+
+    def lines(self, secure: bool) -> bytes:
+        """The command lines it read in clear (False) or over TLS (True)."""
+        return b"".join(line for encrypted, line in self.commands if encrypted == secure)
+
+
+FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend}
+
+
+class ScriptedBackend(ThreadedServer):
+    """A backend that plays ``script`` on each connection: a bytes item is
+    sent as one segment, an int n waits for n lines from the proxy, a float
+    sleeps that long.  ``received[i]`` is every byte connection i got;
+    ``hung_up[i]`` is set when the proxy closed connection i."""
+
+    name = "scripted backend"
+
+    def __init__(self, *script):
+        self.script = script
+        self.received = []
+        self.hung_up = []
+        super().__init__()
+
+    def accepted(self, conn: socket.socket) -> BackendWire:
+        wire = BackendWire(conn)
+        self.received.append(wire.received)
+        self.hung_up.append(threading.Event())
+        return wire
+
+    def handle(self, wire: BackendWire) -> None:
+        hung_up = self.hung_up[self.received.index(wire.received)]
+        try:
+            for step in self.script:
+                if isinstance(step, bytes):
+                    wire.send(step)
+                elif isinstance(step, int):
+                    for _ in range(step):
+                        if not wire.line():
+                            hung_up.set()
+                            return
+                else:
+                    time.sleep(step)
+            while wire.line():
+                pass
+            hung_up.set()
+        except OSError:
+            hung_up.set()
+        finally:
+            wire.conn.close()
+
+
+AUTH_STALL = "stall"                 # accept, read the request, never answer
+AUTH_HOLD = "hold"                   # never answer; count the proxy's close in ``hung_up``
+
+
+def auth_partial(data: bytes) -> tuple:
+    """An action: send ``data`` (no blank line) and close."""
+    return ("partial", data)
+
+
+def auth_response(*headers, status_line: bytes = b"HTTP/1.0 200 OK") -> bytes:
+    """A response: the status line, ``(name, value)`` header lines, the blank line."""
+    lines = [status_line] if status_line is not None else []
+    for name, value in headers:
+        name = name.encode() if isinstance(name, str) else name
+        value = value.encode() if isinstance(value, str) else value
+        lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def auth_ok(port: int, *extra, server: str = "127.0.0.1") -> bytes:
+    return auth_response(("Auth-Status", "OK"), ("Auth-Server", server),
+                       ("Auth-Port", str(port)), *extra)
+
+
+def auth_fail(text: str = "Invalid login", *extra) -> bytes:
+    return auth_response(("Auth-Status", text), *extra)
+
+
+class AuthServer(ThreadedServer):
+    """An HTTP/1.0 auth server on 127.0.0.1 (or on the unix socket ``path``):
+    one thread accepts, one thread per request.  Each request (read up to its
+    blank line) is kept raw in ``requests`` (its arrival time in ``times``),
+    then answered with the next of ``responses`` or ``answer(request, index)``.
+    An answer is bytes (sent, then the connection is closed), AUTH_STALL,
+    AUTH_HOLD, or auth_partial(bytes).  No script left: a failure answer."""
+
+    name = "fake auth server"
+    conn_timeout = 5.0
+
+    def __init__(self, *responses, answer=None, path: str = None):
+        self.responses = list(responses)
+        self.hung_up = 0
+        self.answer = answer
+        self.requests = []
+        self.times = []
+        self.lock = threading.Lock()
+        super().__init__(path, backlog=16)
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            data = bytearray()
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            with self.lock:
+                index = len(self.requests)
+                self.requests.append(bytes(data))
+                self.times.append(time.monotonic())
+                if self.answer is not None:
+                    action = self.answer(bytes(data), index)
+                elif self.responses:
+                    action = self.responses.pop(0)
+                else:
+                    action = auth_fail("no scripted response")
+            if action == AUTH_STALL:
+                self.stopping.wait()
+            elif action == AUTH_HOLD:
+                while conn.recv(65536):
+                    pass
+                self.hung_up += 1
+            elif isinstance(action, tuple):
+                conn.sendall(action[1])
+            else:
+                conn.sendall(action)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def wait_requests(self, count: int, timeout: float = 3.0) -> None:
+        wait_until(lambda: len(self.requests) >= count, timeout,
+                   "%d auth request(s), have %d" % (count, len(self.requests)))
+
+
+AUTH_HEADER_LINES = b"X-Auth-Key: secret-key\r\nX-Second: two words\r\n"
+
+
+def auth_request_bytes(user: bytes = b"alice", password: bytes = b"secret", protocol: str = "imap",
+               attempt: int = 1, client_ip: str = "127.0.0.1", method: str = "plain",
+               salt: bytes = None, middle: bytes = b"", after: bytes = b"",
+               host: bytes = b"127.0.0.1") -> bytes:
+    """The request nginx sends, byte for byte (NGINX-MAIL.md §1.3), with this
+    file's two auth_http_header lines.  ``middle``: lines after Client-IP /
+    Client-Host (Proxy-Protocol-*), ``after``: lines after those (Auth-SSL)."""
+    request = (b"GET /auth HTTP/1.0\r\nHost: " + host + b"\r\n"
+               b"Auth-Method: " + method.encode() + b"\r\n"
+               b"Auth-User: " + user + b"\r\n"
+               b"Auth-Pass: " + password + b"\r\n")
+    if salt is not None:
+        request += b"Auth-Salt: " + salt + b"\r\n"
+    request += (b"Auth-Protocol: " + protocol.encode() + b"\r\n"
+                b"Auth-Login-Attempt: %d\r\n" % attempt +
+                b"Client-IP: " + client_ip.encode() + b"\r\n")
+    if protocol == "smtp":
+        request += b"Client-Host: [UNAVAILABLE]\r\n"
+    return request + middle + after + AUTH_HEADER_LINES + b"\r\n"
+
+
+def dns_name(name):
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".") if label) + b"\0"
+
+
+def dns_record(name_bytes, rtype, value, ttl=300):
+    """One answer record; ``value`` is rdata bytes, an address or a name."""
+    if isinstance(value, str) and rtype in (mp.DNS_A, mp.DNS_AAAA):
+        value = __import__("ipaddress").ip_address(value).packed
+    elif isinstance(value, str):
+        value = dns_name(value)
+    return name_bytes + mp.struct.pack("!HHIH", rtype, 1, ttl, len(value)) + value
+
+
+def dns_response(query, records=(), rcode=0, truncated=False, qid=None):
+    """The answer to ``query`` (the bytes our client sent)."""
+    rid = mp.struct.unpack("!H", query[:2])[0] if qid is None else qid
+    flags = 0x8180 | rcode | (0x0200 if truncated else 0)
+    question = query[12:]
+    return mp.struct.pack("!HHHHHH", rid, flags, 1, len(records), 0, 0) + question + b"".join(records)
+
+
+class FakeDns:
+    """A UDP DNS server in a thread; ``answer(query, qname, qtype)`` returns
+    the datagrams to send back (a list: none, one, or several)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.queries = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                query, client = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            qname, offset = mp.read_dns_name(query, 12)
+            qtype = mp.struct.unpack("!H", query[offset:offset + 2])[0]
+            self.queries.append((qname, qtype))
+            for datagram in self.answer(query, qname, qtype):
+                self.sock.sendto(datagram, client)
+
+    def close(self):
+        self.sock.close()
+
+
+def records_for(table):
+    """An answer function from {(qname, qtype): [records]} (missing: NXDOMAIN)."""
+    def answer(query, qname, qtype):
+        if (qname, qtype) not in table:
+            return [dns_response(query, rcode=3)]
+        return [dns_response(query, table[(qname, qtype)])]
+    return answer
+
+
+# -- clients ------------------------------------------------------------------------
+
+class Client:
+    """A test's end of one connection to the proxy.
+
+    send("a1 NOOP") sends a line (the CRLF is added); send(b"...") sends
+    bytes as they are.  expect(rb"^a1 OK") reads the next line (with its
+    CRLF) and fails the test unless it matches; read_exactly(n) reads n bytes;
+    expect_closed() wants the proxy to close with nothing more said.  Every
+    read gives up after ``timeout`` seconds, saying what it had read."""
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        self.timeout = timeout
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.pending = bytearray()     # received, not consumed yet
+        self.lines = []                # the last lines consumed, for failure messages
+        self.sent = 0                  # bytes sent, and received, in all
+        self.received = 0
+
+    def send(self, data) -> None:
+        if isinstance(data, str):
+            data = data.encode() + b"\r\n"
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def _receive(self, deadline: float, waiting_for: str) -> bool:
+        """Read once into ``pending``; False at the end of the stream."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._timed_out(waiting_for)
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(MEGABYTE)
+        except socket.timeout:
+            self._timed_out(waiting_for)
+        except ConnectionResetError:
+            data = b""
+        self.received += len(data)
+        self.pending += data
+        return bool(data)
+
+    def _timed_out(self, waiting_for: str) -> None:
+        raise AssertionError("%s: gave up after %.1fs; last lines %r, then %r"
+                             % (waiting_for, self.timeout, self.lines[-3:],
+                                bytes(self.pending[:200])))
+
+    def read_line(self) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            end = self.pending.find(b"\n")
+            if end >= 0:
+                line = bytes(self.pending[:end + 1])
+                del self.pending[:end + 1]
+                self.lines = self.lines[-9:] + [line]
+                return line
+            if not self._receive(deadline, "waiting for a line"):
+                raise AssertionError("the proxy closed the connection; expected a line, "
+                                     "last lines %r, then %r" % (self.lines[-3:], bytes(self.pending)))
+
+    def expect(self, pattern: bytes) -> "re.Match":
+        line = self.read_line()
+        match = re.search(pattern, line)
+        if match is None:
+            raise AssertionError("expected %r, got %r (lines before: %r)"
+                                 % (pattern, line, self.lines[-4:-1]))
+        return match
+
+    def read_exactly(self, size: int) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        while len(self.pending) < size:
+            if not self._receive(deadline, "reading %d bytes" % size):
+                raise AssertionError("the proxy closed the connection after %d of %d bytes"
+                                     % (len(self.pending), size))
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
+        return data
+
+    def expect_line(self, line: bytes) -> None:
+        """The next line is ``line`` (CRLF included), byte for byte."""
+        got = self.read_line()
+        if got != line:
+            raise AssertionError("expected %r, got %r (lines before: %r)"
+                                 % (line, got, self.lines[-4:-1]))
+
+    def reply(self) -> bytes:
+        """One SMTP reply, all its lines (RFC 5321 §4.2.1)."""
+        lines = [self.read_line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.read_line())
+        return b"".join(lines)
+
+    def read_until_closed(self, timeout: Optional[float] = None) -> bytes:
+        """Everything the proxy sends until it closes (fails after
+        ``timeout``, by default the client's)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self._receive(deadline, "waiting for the close"):
+            pass
+        data = bytes(self.pending)
+        del self.pending[:]
+        return data
+
+    def expect_closed(self) -> None:
+        """The proxy closes the connection, and says nothing more before."""
+        deadline = time.monotonic() + self.timeout
+        while not self.pending and self._receive(deadline, "waiting for the close"):
+            pass
+        if self.pending:
+            raise AssertionError("expected the proxy to close the connection, got %r"
+                                 % bytes(self.pending[:200]))
+
+    def expect_nothing(self, seconds: float) -> None:
+        """For ``seconds``, the proxy says nothing (and does not close)."""
+        if self.pending:
+            raise AssertionError("expected silence, got %r" % bytes(self.pending[:200]))
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(4096)
+        except socket.timeout:
+            return
+        raise AssertionError("expected silence, got %r" % data if data else
+                             "expected silence, the proxy closed the connection")
+
+    def start_tls(self, context: ssl.SSLContext, hostname: str = "localhost",
+                  session: Optional[ssl.SSLSession] = None) -> None:
+        """Go on over TLS on the same socket: after the plaintext "OK, begin
+        TLS" (implicit TLS: at once)."""
+        if self.pending:
+            raise AssertionError("plaintext left unread before the TLS handshake: %r"
+                                 % bytes(self.pending))
+        self.sock.settimeout(self.timeout)
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname, session=session)
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes straight onto the TCP connection, under TLS's feet."""
+        raw = socket.fromfd(self.sock.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            raw.settimeout(self.timeout)
+            raw.sendall(data)
+        finally:
+            raw.close()                        # a duplicate: the connection stays
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect_client(test, port: int, timeout: float = 5.0) -> Client:
+    """A Client of 127.0.0.1:PORT, closed when the test ends."""
+    client = Client(port, timeout)
+    test.addCleanup(client.close)
+    return client
+
+
+def imap_login_session(test, port: int, password: str = "secret", timeout: float = 5.0):
+    """A Client that has read the greeting and sent ``LOGIN alice
+    PASSWORD``: (client, the reply line)."""
+    client = connect_client(test, port, timeout)
+    client.expect_line(mp.IMAP_GREETING)
+    client.send("a1 LOGIN alice " + password)
+    return client, client.read_line()
+
+
+def imap_login_reply(test, port: int, password: str = "secret") -> bytes:
+    """The reply to ``LOGIN alice PASSWORD`` on a connection of its own."""
+    client, reply = imap_login_session(test, port, password)
+    client.close()
+    return reply
+
+
+def fetch_and_append(test, client: Client, size: int) -> None:
+    """Through a logged-in session: FETCH ``size`` bytes from the backend and
+    APPEND ``size`` other bytes to it, both checked with sha256."""
+    client.send("f1 FETCH 1 BODY[]")
+    client.expect(rb"^\* 1 FETCH \(BODY\[\] \{%d\}\r\n$" % size)
+    got = client.read_exactly(size)
+    test.assertEqual(sha256_hex(got), sha256_hex(message_bytes(size)), "FETCH: bytes changed")
+    client.expect(rb"^\)\r\n$")
+    client.expect(rb"^f1 OK FETCH completed\r\n$")
+    data = upload_bytes(size)
+    client.send("f2 APPEND INBOX {%d}" % size)
+    client.expect(rb"^\+ Ready for literal data\r\n$")
+    client.send(data + b"\r\n")
+    client.expect(rb"^f2 OK APPEND completed, sha256 %s\r\n$" % sha256_hex(data).encode())
+
+
+def imap_logout(client: Client) -> None:
+    client.send("z9 LOGOUT")
+    client.expect(rb"^\* BYE")
+    client.expect(rb"^z9 OK")
+    client.expect_closed()
 
 
 def connection_refused(port: int, within: float = 0.0) -> bool:
@@ -391,34 +1619,293 @@ def connection_refused(port: int, within: float = 0.0) -> bool:
         time.sleep(0.02)
 
 
-class TempDir:
-    """A temporary directory that the test removes when it ends."""
+class SmtpTap:
+    """Stands in for smtplib's ``file``: keeps every byte read."""
 
-    def __init__(self, test):
-        self.holder = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
-        self.path = self.holder.name
-        test.addCleanup(self.holder.cleanup)
+    def __init__(self, file, record: bytearray):
+        self.file = file
+        self.record = record
 
-    def write(self, name: str, text: str) -> str:
-        return write_file(self.path, name, text)
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.file.readline(limit)
+        self.record += line
+        return line
 
-
-def file_text(parts) -> str:
-    """The parts of a file, each dedented on its own, one after the other."""
-    return "".join(textwrap.dedent(part) for part in parts)
-
-
-def load_text(test, *parts: str) -> mp.Config:
-    """load_config on the parts written to a temporary file."""
-    return mp.load_config(TempDir(test).write("mailproxy.conf", file_text(parts)))
+    def close(self) -> None:
+        self.file.close()
 
 
-def config_errors(test, *parts: str):
-    """The ConfigErrors load_config raises for the parts (fails if none)."""
-    path = TempDir(test).write("mailproxy.conf", file_text(parts))
-    with test.assertRaises(mp.ConfigErrors) as caught:
-        mp.load_config(path)
-    return path, caught.exception.errors
+class SmtpRecordingClient(smtplib.SMTP):
+    """smtplib.SMTP keeping every byte it sends (``wire_sent``) and reads
+    (``wire_received``)."""
+
+    def __init__(self, *args, **kwargs):
+        self.wire_sent = bytearray()
+        self.wire_received = bytearray()
+        super().__init__(*args, **kwargs)
+
+    def send(self, s):
+        self.wire_sent += s.encode(self.command_encoding) if isinstance(s, str) else s
+        super().send(s)
+
+    def getreply(self):
+        if self.file is None and self.sock is not None:
+            self.file = SmtpTap(self.sock.makefile("rb"), self.wire_received)
+        return super().getreply()
+
+
+TLS_CLIENT_TIMEOUT = 5.0
+
+
+class TlsImap4(imaplib.IMAP4):
+    """imaplib with a timeout on Python 3.8 too (its IMAP4 has none before 3.9)."""
+
+    def _create_socket(self, timeout=None):
+        return socket.create_connection((self.host, self.port), TLS_CLIENT_TIMEOUT)
+
+
+class TlsImap4Ssl(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout=None):
+        sock = socket.create_connection((self.host, self.port), TLS_CLIENT_TIMEOUT)
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+def tls_quietly(close) -> None:
+    """A cleanup that may find its client closed already."""
+    try:
+        close()
+    except (OSError, EOFError, imaplib.IMAP4.error, poplib.error_proto, smtplib.SMTPException):
+        pass
+
+
+def tls_client_hello(hostname: str = "localhost") -> bytes:
+    """A real TLS ClientHello, as a client's first flight."""
+    outgoing = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing,
+                                                server_hostname=hostname)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+class BioTlsSocket:
+    """A TLS client over a plain socket through MemoryBIOs, so that the
+    handshake's first flight can go out in one send() with bytes before it
+    (a PROXY header and the ClientHello in one segment).  Has what Client
+    uses of a socket: recv, sendall, settimeout, close, getsockname, and
+    version / cipher of the TLS."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str,
+                 prefix: bytes):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        sock.sendall(prefix + self.outgoing.read())
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+        return bool(data)
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            try:
+                return self.tls.read(size)
+            except ssl.SSLWantReadError:
+                if not self._fill():
+                    return b""
+            except ssl.SSLEOFError:
+                return b""
+            finally:
+                self._flush()
+
+    def sendall(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def settimeout(self, seconds) -> None:
+        self.sock.settimeout(seconds)
+
+    def getsockname(self):
+        return self.sock.getsockname()
+
+    def version(self):
+        return self.tls.version()
+
+    def cipher(self):
+        return self.tls.cipher()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def proxy_v2_header(source: str, sport: int, destination: str, dport: int,
+                 tlvs: bytes = b"") -> bytes:
+    """A PROXY v2 header (PROXY command, TCP over IPv4) built by hand."""
+    body = socket.inet_aton(source) + socket.inet_aton(destination) + \
+        struct.pack("!HH", sport, dport) + tlvs
+    return mp.PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+def parse_tlvs(data: bytes) -> dict:
+    """type -> value of a TLV list (the whole list must parse)."""
+    tlvs, offset = {}, 0
+    while offset < len(data):
+        kind, length = data[offset], struct.unpack("!H", data[offset + 1:offset + 3])[0]
+        assert offset + 3 + length <= len(data), "TLV overruns: %r" % data
+        tlvs[kind] = data[offset + 3:offset + 3 + length]
+        offset += 3 + length
+    return tlvs
+
+
+# -- the proxy under test -----------------------------------------------------------
+
+class MemoryErrorLogs:
+    """Stands in for mp.ErrorLogs (the [main] log and each server's own):
+    every line goes to one in-memory ErrorLog."""
+
+    def __init__(self, log: mp.ErrorLog):
+        self.main = log
+
+    def for_server(self, server: mp.Settings) -> mp.ErrorLog:
+        return self.main
+
+    def access_for(self, server: mp.Settings) -> mp.ErrorLog:
+        return self.main
+
+    def close(self) -> None:
+        pass
+
+
+class ProxyUnderTest:
+    """mailproxy configured from INI text the way the real start-up does it
+    (mp.load_and_prepare, which builds the SSL contexts), the test
+    certificates written next to the configuration file (so that it may name
+    them relatively: ssl_certificate = server.crt), its event loop in a
+    daemon thread, its error and access logs in memory.  Use as a context
+    manager; ``port`` is where it listens (``ports``: every listen's port,
+    in the order of the configuration), ``worker`` the Worker (its
+    ``sessions`` may be looked at).
+
+    If the event loop dies of an exception, the traceback is kept and
+    stopping the proxy fails the test with it."""
+
+    def __init__(self, config_text: str):
+        self.directory = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
+        self.worker = None
+        try:
+            write_tls_files(self.directory.name)
+            path = write_file(self.directory.name, "mailproxy.conf", config_text)
+            self.config = mp.load_and_prepare(path)
+            self.log_file = io.BytesIO()
+            log = mp.ErrorLog([(self.log_file, "info")])
+            self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
+            self.worker.open_listeners(self.config)
+        except BaseException:
+            if self.worker is not None:
+                self.worker.loop.close()
+            self.directory.cleanup()
+            raise
+        self.ports = [listen.port for server in self.config.servers for listen in server.listen]
+        self.port = self.ports[0]
+        self.crash = None              # the loop's traceback, if it died
+        self.thread = threading.Thread(target=self._run, name="mailproxy loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.loop.run()
+        except BaseException:
+            import traceback
+            self.crash = traceback.format_exc()
+
+    def __enter__(self) -> "ProxyUnderTest":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the loop (as SIGTERM would), close every socket it had open."""
+        if self.thread.is_alive():
+            self.worker.loop.call_soon_threadsafe(self.worker.stop_now)
+            self.thread.join(5)
+        hung = self.thread.is_alive()
+        if not hung:                   # the loop is ours now: clean up after a crash too
+            for session in list(self.worker.sessions):
+                session.client.close()
+                if session.backend is not None:
+                    session.backend.close()
+            for listener in self.worker.listeners.values():
+                listener.close()
+            self.worker.loop.close()
+        self.directory.cleanup()
+        if self.crash:
+            raise AssertionError("the proxy's event loop crashed:\n" + self.crash)
+        if hung:
+            raise AssertionError("the proxy's event loop did not stop")
+
+    def assert_alive(self) -> None:
+        if self.crash or not self.thread.is_alive():
+            raise AssertionError("the proxy's event loop is dead:\n%s" % self.crash)
+
+    # -- what the proxy logged, and holds ------------------------------------
+    @property
+    def log(self) -> str:
+        return self.log_file.getvalue().decode("utf-8", "replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 3.0) -> "re.Match":
+        """The first match of ``pattern`` in the log, waiting for it to appear
+        (the proxy writes some lines after it has closed the socket)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise AssertionError("no %r in the error log:\n%s" % (pattern, self.log))
+            time.sleep(0.01)
+
+    def sessions(self) -> list:
+        return list(self.worker.sessions)      # a copy: the loop thread changes the set
+
+    def buffered(self) -> int:
+        """Bytes waiting in the proxy's output buffers now, all sessions."""
+        total = 0
+        for session in self.sessions():
+            backend = session.backend
+            total += len(session.client.out) + (len(backend.out) if backend is not None else 0)
+        return total
+
+
+def run_mailproxy(args, stdin=b"", timeout=20, cwd=None):
+    """mailproxy.py ARGS as a subprocess (in the directory ``cwd``, if
+    given): (exit status, stdout, stderr)."""
+    done = subprocess.run([sys.executable, MAILPROXY] + list(args), input=stdin, cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
 
 
 class ProgramUnderTest:
@@ -524,75 +2011,334 @@ class ProgramUnderTest:
                    "the proxy's process group %d to be gone" % self.pgid)
 
 
-class ThreadedServer:
-    """A test server on 127.0.0.1 (or on the unix socket ``path``): one thread
-    accepts, one thread per connection runs ``handle(accepted(conn))``.
-    ``accepted`` runs in the accept thread, so whatever it records is in
-    connection order.  ``close`` stops accepting, shuts every connection
-    down (which wakes its thread) and joins the threads.  A subclass sets
-    its own attributes before calling ``__init__``: the accept thread starts
-    there."""
+needs_fork_and_proc = unittest.skipUnless(hasattr(os, "fork") and os.path.isdir("/proc/self"),
+                                      "needs fork() and /proc")
 
-    name = "fake server"
-    conn_timeout = 10.0
 
-    def __init__(self, path: str = None, backlog: int = 64):
-        self.stopping = threading.Event()
-        self.connections = []
-        if path is None:
-            self.sock = socket.socket()
-            self.sock.bind(("127.0.0.1", 0))   # port 0: the kernel picks a free one, race-free
-            self.port = self.sock.getsockname()[1]
+class ProcessStat(NamedTuple):
+    """What /proc/PID/stat says of a process."""
+    state: str          # R, S, D, T, Z (zombie), X (dead)...
+    ppid: int
+    group: int          # the process group
+    cpu_ticks: int      # utime + stime, in clock ticks
+
+
+def process_stat(pid: int) -> Optional[ProcessStat]:
+    """/proc/PID/stat; None when the process is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()      # from field 3 (state) on
+    return ProcessStat(fields[0].decode(), int(fields[1]), int(fields[2]),
+                       int(fields[11]) + int(fields[12]))
+
+
+def process_alive(pid: int) -> bool:
+    """Running or sleeping.  A zombie counts as dead: an orphaned worker is
+    re-parented to an init that may never reap it."""
+    stat = process_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def process_group(pgid: int) -> list:
+    """The live processes of process group ``pgid``."""
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = process_stat(int(name))
+            if stat is not None and stat[2] == pgid and stat[0] not in ("Z", "X"):
+                members.append(int(name))
+    return members
+
+
+def process_ids(pid: int, field: str) -> list:
+    """The numbers of the ``Uid:``, ``Gid:`` or ``Groups:`` line of
+    /proc/PID/status."""
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return [int(value) for value in line.split()[1:]]
+    raise AssertionError("no %s line for %d" % (field, pid))
+
+
+def read_text(path: str) -> str:
+    """The text of a file; "" if there is none."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
+# -- test case bases ----------------------------------------------------------------
+
+class EndToEndTestCase(CertificateFiles, unittest.TestCase):
+    """What the end-to-end tests share: proxies, clients and fake servers
+    started through use() are stopped when the test ends, in the reverse
+    order (clients first, then the proxy, then the backends); the test
+    certificates are in the class's directory (CertificateFiles)."""
+
+    def use(self, resource):
+        """Enter a context manager now; exit it when the test ends."""
+        value = resource.__enter__()
+        self.addCleanup(resource.__exit__, None, None, None)
+        return value
+
+    # -- proxies -------------------------------------------------------------------
+    def start_proxy(self, protocol: str, backend_port: int, **mail) -> ProxyUnderTest:
+        """A proxy passing to ``backend_port``, logins checked against
+        [users] (alice, "secret"): proxy_config's."""
+        return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, **mail)))
+
+    def tls_proxy(self, protocol: str, backend_port: int, listens=("ssl",), users=None,
+                  **mail) -> ProxyUnderTest:
+        """start_proxy with the server certificate (mail.example.com) for
+        its "ssl" listens and STARTTLS, and auth_delay 50ms."""
+        mail.setdefault("ssl_certificate", self.tls_path("server.crt"))
+        mail.setdefault("ssl_certificate_key", self.tls_path("server.key"))
+        mail.setdefault("auth_delay", "50ms")
+        return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, listens=listens,
+                                                    users=users, **mail)))
+
+    def auth_http_proxy(self, protocol: str, auth_port, listen_flags: str = "",
+                        **mail) -> ProxyUnderTest:
+        """A proxy that asks the fake auth server on ``auth_port`` (no
+        proxy_pass, no [users]); ``listen_flags``: its listen's flags."""
+        return self.use(ProxyUnderTest(proxy_config(protocol, auth_port=auth_port,
+                                                    listens=(listen_flags,), **mail)))
+
+    def auth_server(self, *responses, answer=None) -> "AuthServer":
+        return self.use(AuthServer(*responses, answer=answer))
+
+    # -- clients -----------------------------------------------------------------------
+    def connect(self, proxy: ProxyUnderTest, port: int = 0, timeout: float = 5.0) -> Client:
+        """A Client of the proxy's ``port`` (by default its first)."""
+        return connect_client(self, port or proxy.port, timeout)
+
+    def tls_connect(self, proxy: ProxyUnderTest, port: int = 0, certificate: str = "",
+                    hostname: str = "localhost", context=None) -> Client:
+        """A Client over TLS from its first byte: client_context(certificate)
+        unless a ``context`` is given."""
+        client = self.connect(proxy, port)
+        client.start_tls(context or self.client_context(certificate), hostname)
+        return client
+
+    def tls_refused(self, port: int, context: ssl.SSLContext,
+                    hostname: str = "localhost") -> ssl.SSLError:
+        """The handshake fails; the error the client saw.  With TLS 1.3 the
+        server judges the client's certificate after the client has finished
+        its part, so the alert may come with the first read."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
+        try:
+            try:
+                tls = context.wrap_socket(sock, server_hostname=hostname)
+            except ssl.SSLError as error:
+                return error
+            try:
+                data = tls.recv(4096)
+            except ssl.SSLError as error:
+                return error
+            finally:
+                tls.close()
+            self.fail("the TLS handshake succeeded; the proxy said %r" % data)
+        finally:
+            sock.close()
+
+    def smtplib_client(self, proxy: ProxyUnderTest) -> "SmtpRecordingClient":
+        client = SmtpRecordingClient("127.0.0.1", proxy.port, local_hostname="client.example",
+                                     timeout=10)
+        self.addCleanup(client.close)
+        return client
+
+    # -- dialogues that many tests start with ------------------------------------------
+    def imap_login(self, client: Client) -> None:
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+
+    def pop3_login(self, client: Client) -> None:
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+
+    def smtp_hello(self, client: Client, greeting: bytes = SMTP_PROXY_GREETING,
+                   ehlo: bytes = SMTP_PROXY_EHLO) -> None:
+        self.assertEqual(client.read_line(), greeting)
+        client.send("EHLO client.example")
+        self.assertEqual(client.read_exactly(len(ehlo)), ehlo)
+
+    def smtp_auth_plain(self, client: Client) -> None:
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+
+    def smtp_quit(self, client: Client) -> None:
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        client.expect_closed()
+
+    # -- checks ------------------------------------------------------------------------
+    def assertSameBytes(self, got: bytes, expected: bytes, what: str) -> None:
+        """Like assertEqual, without printing megabytes when they differ."""
+        if got != expected:
+            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                         min(len(got), len(expected)))
+            self.fail("%s: %d bytes instead of %d, first difference at offset %d: %r vs %r"
+                      % (what, len(got), len(expected), first, got[first:first + 20],
+                         expected[first:first + 20]))
+
+    def wait_for_backend(self, backend: "FakeBackend", connection: int, data: bytes) -> None:
+        """The backend's thread may still be reading when the client has its reply."""
+        wait_until(lambda: len(backend.received) > connection and
+                   bytes(backend.received[connection]).endswith(data),
+                   what="the backend to receive %r" % data[-40:])
+
+    def assert_internal_error(self, protocol: str, auth: "AuthServer", log_pattern: str,
+                              **mail) -> None:
+        """A login through a proxy asking ``auth`` gets the internal error,
+        the connection is closed, and the error log names the auth server."""
+        backend = self.use(FAKE_BACKENDS[protocol]())
+        self.backend_port = backend.port
+        proxy = self.auth_http_proxy(protocol, auth.port, **mail)
+        client = self.connect(proxy)
+        if protocol == "imap":
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.send("a1 LOGIN alice secret")
+            self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        elif protocol == "pop3":
+            client.expect(rb"^\+OK POP3 ready\r\n$")
+            client.send("USER alice")
+            client.expect(rb"^\+OK\r\n$")
+            client.send("PASS secret")
+            self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
         else:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.bind(path)
-            self.port = None
-        self.sock.listen(backlog)
-        self.sock.settimeout(0.05)         # so that the accept thread sees ``stopping``
-        self.threads = [threading.Thread(target=self._accept, name=self.name, daemon=True)]
-        self.threads[0].start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            conn.settimeout(self.conn_timeout)
-            self.connections.append(conn)
-            thread = threading.Thread(target=self.handle, args=(self.accepted(conn),),
-                                      daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def accepted(self, conn: socket.socket):
-        return conn
-
-    def handle(self, accepted) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.threads[0].join(5)            # no new connection after this
-        self.sock.close()
-        for conn in self.connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)    # wakes its thread up
-            except OSError:
-                pass
-        for thread in self.threads[1:]:
-            thread.join(5)
+            self.smtp_hello(client)
+            client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+            self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        client.expect_closed()
+        pattern = (r"\[error\] \d+#0: \*1 " + log_pattern % re.escape("127.0.0.1:%d" % auth.port) +
+                   r" while in http auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, "
+                   r'login: "alice"' % proxy.port)
+        proxy.wait_for_log(pattern)
+        self.assertEqual(backend.received, [], "the backend must not be contacted")
+        proxy.assert_alive()
 
 
-# -- value parsers ---------------------------------------------------------------
+class LinearWorkTestCase(CertificateFiles, unittest.TestCase):
+    """A peer chooses how its bytes are cut into reads.  Every parser of what a
+    peer sends must do O(n) work for n bytes fed one at a time, or a client
+    trickling a long command (or a backend a long reply) burns the worker's
+    CPU with the square of its length (issue 12).  A test feeds a maximal
+    input one byte at a time at two sizes, n and 4n: linear work costs about
+    4 times as much, quadratic work 16 times; the bound is 8.  CPU time of
+    this process, the least of three runs, so that a busy machine does not
+    make a test fail.  Fed whole, each input gives the same result."""
+
+    def assert_linear(self, run, size: int) -> None:
+        """``run(n)`` feeds a maximal input of about n bytes one at a time."""
+        small = cpu_seconds(lambda: run(size))
+        large = cpu_seconds(lambda: run(4 * size))
+        self.assertLess(large, 8 * small, "%d bytes cost %.3fs, %d bytes %.3fs: not linear"
+                        % (size, small, 4 * size, large))
+
+    def machine_run(self, protocol: str, make_input, **settings):
+        """A run for assert_linear: a machine whose buffer fits the input,
+        fed it a byte at a time; it must answer as to the input fed whole."""
+        def run(size: int) -> None:
+            data = make_input(size)
+            buffer = {"%s_client_buffer" % protocol: len(data) + 64}
+            buffer.update(settings)
+            machine = make_machine(protocol, **buffer)
+            whole = (machine.receive_data(data), machine.data_to_send())
+            machine = make_machine(protocol, **buffer)
+            events = feed_byte_by_byte(machine.receive_data, data)
+            self.assertEqual((events, machine.data_to_send()), whole)
+            self.assertNotIn(b"BAD", whole[1])
+        return run
+
+
+# ========================================================================== #
+# ####                              Errors                              #### #
+# ========================================================================== #
+# The exceptions mailproxy raises on purpose, and the messages they carry.
+
+
+# ========================================================================== #
+# ####                            Error log                             #### #
+# ========================================================================== #
+# ErrorLog and log_escape: nginx's line format, and no value a peer chooses
+# can end a line or a quoted field.  (The logs of the running program,
+# SIGUSR1 and syslog, are in "Processes".)
+
+class ErrorLogTests(unittest.TestCase):
+    def test_log_escape_keeps_one_line(self):
+        self.assertEqual(mp.log_escape(b'a\r\nb"\x00\xff'), 'a\\x0d\\x0ab\\x22\\x00\\xff')
+
+    def test_log_lines(self):
+        """Control bytes, 8-bit bytes, quotes and backslashes as \\xXX: a
+        value cannot end the log line or its quoted field."""
+        for byte in HOSTILE_BYTES:
+            escaped = mp.log_escape(b"a" + byte + b"b")
+            self.assertRegex(escaped, r'^a[\x20-\x7e]*b$')
+            self.assertNotIn('"', escaped)
+            if byte[0] < 0x20 or byte[0] >= 0x7F or byte in (b'"', b"\\"):
+                self.assertEqual(escaped, "a" + "".join("\\x%02x" % c for c in byte) + "b", byte)
+            else:
+                self.assertEqual(escaped, "a" + byte.decode() + "b")
+
+
+# ========================================================================== #
+# ####                          Configuration                           #### #
+# ========================================================================== #
+# The value parsers in-process; the loader on files in a temporary
+# directory; -t (mailproxy.py -t -c FILE as a subprocess) on one broken file
+# per kind of error; the TLS parts of a configuration that load_and_prepare
+# checks.
+
+BASE_CONFIG = """\
+    [mail]
+    proxy_pass = 127.0.0.1:1143
+
+    [server imap]
+    listen = 127.0.0.1:18143
+    protocol = imap
+"""
+
+
+def line_of(text: str, prefix: str, occurrence: int = 1) -> int:
+    """The number of the ``occurrence``-th line of (dedented) ``text`` that
+    starts with ``prefix``: where an error must be reported."""
+    seen = 0
+    for number, line in enumerate(textwrap.dedent(text).splitlines(), 1):
+        if line.startswith(prefix):
+            seen += 1
+            if seen == occurrence:
+                return number
+    raise AssertionError("no line %r in the test's own file" % prefix)
+
+
+def file_text(parts) -> str:
+    """The parts of a file, each dedented on its own, one after the other."""
+    return "".join(textwrap.dedent(part) for part in parts)
+
+
+def load_text(test, *parts: str) -> mp.Config:
+    """load_config on the parts written to a temporary file."""
+    return mp.load_config(TempDir(test).write("mailproxy.conf", file_text(parts)))
+
+
+def config_errors(test, *parts: str):
+    """The ConfigErrors load_config raises for the parts (fails if none)."""
+    path = TempDir(test).write("mailproxy.conf", file_text(parts))
+    with test.assertRaises(mp.ConfigErrors) as caught:
+        mp.load_config(path)
+    return path, caught.exception.errors
+
+
+# -- value parsers ------------------------------------------------------------------
 
 class ConfigValueParserTests(unittest.TestCase):
 
@@ -719,7 +2465,7 @@ class ConfigValueParserTests(unittest.TestCase):
         self.assertRefused(bad, [], "needs an address")
 
 
-# -- -t: one broken file per kind of error -------------------------------------
+# -- -t: one broken file per kind of error ------------------------------------------
 
 BROKEN_CONFIGS = {
     "unknown_directive": BASE_CONFIG + """\
@@ -1053,7 +2799,7 @@ class ConfigCheckCommandTests(unittest.TestCase):
         self.assertIn('unknown directive "bogus_directive"', err)
 
 
-# -- loading: merge, defaults, multi-line values ---------------------------------
+# -- loading: merge, defaults, multi-line values ------------------------------------
 
 class ConfigLoadTests(unittest.TestCase):
 
@@ -1280,7 +3026,7 @@ class ConfigLoadTests(unittest.TestCase):
             ("proxy_pass", 'invalid port in "127.0.0.1:99999"')])
 
 
-# -- [users] and [routes] ---------------------------------------------------------
+# -- [users] and [routes] -----------------------------------------------------------
 
 class ConfigUsersRoutesTests(unittest.TestCase):
 
@@ -1380,69 +3126,80 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         self.assertEqual(ports, [1143, 1110])
 
 
-# -- -v, usage, --hash-password ------------------------------------------------------
+# -- the TLS parts, which load_and_prepare checks -----------------------------------
 
-class ConfigCommandLineTests(unittest.TestCase):
+class TlsConfigCheckTests(EndToEndTestCase):
+    """What load_and_prepare (and so -t and the start-up) refuses."""
 
-    def test_version(self):
-        status, out, err = run_mailproxy(["-v"])
-        self.assertEqual(status, 0)
-        self.assertIn("mailproxy/" + mp.__version__, out + err)
+    def path(self, listens=("ssl",), **mail) -> str:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        return write_file(directory.name, "mailproxy.conf", proxy_config("imap", 1143, listens=listens, **mail))
 
-    def test_unknown_option(self):
-        for args in (["-x"], ["--bogus"], ["-c"]):
-            status, out, err = run_mailproxy(args)
-            self.assertEqual(status, 2, args)
-            self.assertIn("usage:", err)
+    def errors(self, listens=("ssl",), **mail) -> str:
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_and_prepare(self.path(listens, **mail))
+        return str(caught.exception)
 
-    def hash(self, args, password: bytes) -> str:
-        status, out, err = run_mailproxy(["--hash-password"] + args, stdin=password)
-        self.assertEqual(status, 0, err)
-        self.assertEqual(out.count("\n"), 1, out)
-        return out.strip()
+    def certificate(self, name: str = "server", **more) -> dict:
+        values = dict(ssl_certificate=self.tls_path(name + ".crt"),
+                      ssl_certificate_key=self.tls_path(name + ".key"))
+        values.update(more)
+        return values
 
-    def test_hash_password_default_scheme(self):
-        value = self.hash([], b"secret\n")
-        self.assertTrue(value.startswith("{PBKDF2-SHA256}"), value)
-        entry = mp.parse_password_entry(value)
-        self.assertTrue(mp.password_matches(entry, b"secret"))
-        self.assertFalse(mp.password_matches(entry, b"secret\n"))
-        self.assertFalse(mp.password_matches(entry, b"Secret"))
+    def test_listen_ssl_without_a_certificate(self):
+        path = self.path()
+        status, out, stderr = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, stderr)
+        self.assertIn('[server imap] ssl_certificate: no "ssl_certificate" is defined for the '
+                      '"listen ... ssl" directive', stderr)
+        self.assertIn("mailproxy: configuration file %s test failed" % path, stderr)
 
-    def test_hash_password_crypt_schemes(self):
-        for scheme in ("SHA512-CRYPT", "SHA256-CRYPT", "sha512-crypt"):
-            value = self.hash([scheme], b"secret\r\n")
-            self.assertTrue(value.startswith("{%s}$%s$" % (scheme.upper(), "6" if "512" in scheme else "5")), value)
-            entry = mp.parse_password_entry(value)
-            self.assertTrue(mp.password_matches(entry, b"secret"), scheme)
-            self.assertFalse(mp.password_matches(entry, b"secreT"), scheme)
+    def test_starttls_without_a_certificate(self):
+        self.assertIn('no "ssl_certificate" is defined for the "starttls" directive',
+                      self.errors(listens=("",), starttls="only"))
 
-    def test_hash_password_spaces_and_utf8(self):
-        password = "pä ss wörd %+\"'".encode("utf-8")
-        for args in ([], ["SHA512-CRYPT"], ["PLAIN"]):
-            entry = mp.parse_password_entry(self.hash(args, password + b"\n"))
-            self.assertTrue(mp.password_matches(entry, password), args)
-            self.assertFalse(mp.password_matches(entry, password + b"x"), args)
+    def test_missing_or_unreadable_certificate_files(self):
+        missing = os.path.join(self.tls_directory.name, "missing.crt")
+        self.assertRegex(self.errors(**self.certificate(ssl_certificate=missing)),
+                         r'\[server imap\] cannot load certificate "%s": No such file or directory'
+                         % re.escape(missing))
+        self.assertIn('cannot load certificate "%s": Is a directory' % self.tls_directory.name,
+                      self.errors(**self.certificate(ssl_certificate=self.tls_directory.name)))
+        garbage = write_file(self.tls_directory.name, "garbage.crt", "not a certificate\n")
+        self.assertIn('cannot load certificate "%s" with key "%s"'
+                      % (garbage, self.tls_path("server.key")),
+                      self.errors(**self.certificate(ssl_certificate=garbage)))
+        self.assertIn('cannot load certificate "%s" with key "%s"' % (
+            self.tls_path("server.crt"), self.tls_path("other.key")),
+            self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
+        missing_ca = os.path.join(self.tls_directory.name, "missing-ca.crt")
+        self.assertIn("cannot load the client CA or CRL",
+                      self.errors(**self.certificate(ssl_verify_client="on",
+                                                     ssl_client_certificate=missing_ca)))
+        self.assertIn("cannot load proxy_ssl_trusted_certificate",
+                      self.errors(listens=("",), proxy_ssl="on",
+                                  proxy_ssl_trusted_certificate=missing_ca))
 
-    def test_hash_password_output_loads_as_a_users_entry(self):
-        value = self.hash(["SHA256-CRYPT"], b"from the file\n")
-        config = load_text(self, BASE_CONFIG, "[users]\nalice = " + value + "\n")
-        self.assertTrue(mp.password_matches(config.users["alice"], b"from the file"))
+    def test_optional_no_ca_is_refused(self):
+        self.assertIn('ssl_verify_client: "optional_no_ca" cannot be honoured: Python\'s ssl module '
+                      "cannot ask for a client certificate without verifying it",
+                      self.errors(**self.certificate(ssl_verify_client="optional_no_ca")))
 
-    def test_hash_password_refuses_empty_input_and_unknown_scheme(self):
-        for stdin in (b"", b"\n"):
-            status, out, err = run_mailproxy(["--hash-password"], stdin=stdin)
-            self.assertEqual(status, 1, stdin)
-            self.assertEqual(out, "")
-            self.assertIn("no password", err)
-        status, out, err = run_mailproxy(["--hash-password", "md5"], stdin=b"secret\n")
-        self.assertEqual(status, 1)
-        self.assertIn("unknown scheme", err)
+    def test_ssl_conf_command(self):
+        self.assertIn('ssl_conf_command: "Foo" cannot be applied through Python\'s ssl module',
+                      self.errors(**self.certificate(ssl_conf_command="Foo bar")))
+        config = mp.load_and_prepare(self.path(**self.certificate(
+            ssl_conf_command="Options -SessionTicket")))
+        self.assertTrue(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
+        config = mp.load_and_prepare(self.path(**self.certificate()))
+        self.assertFalse(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
 
 
-# ########################################################################## #
-#                              Wire primitives                               #
-# ########################################################################## #
+# ========================================================================== #
+# ####                         Wire primitives                          #### #
+# ========================================================================== #
+# SASL decoders, CRAM-MD5 and APOP digests, salts, Credentials.
 
 class WirePrimitiveTests(unittest.TestCase):
     def test_sasl_plain_with_authzid(self):
@@ -1488,13 +3245,16 @@ class WirePrimitiveTests(unittest.TestCase):
         self.assertIn("alice", text)
         self.assertNotIn("hunter2", text)
 
-    def test_log_escape_keeps_one_line(self):
-        self.assertEqual(mp.log_escape(b'a\r\nb"\x00\xff'), 'a\\x0d\\x0ab\\x22\\x00\\xff')
 
+# ========================================================================== #
+# ####                         Client machines                          #### #
+# ========================================================================== #
+# Each machine driven with byte strings, each transcript three ways (whole,
+# one byte at a time, and with a pipelined tail that must come back
+# untouched): IMAP, POP3, SMTP; STARTTLS in the machines; OAuth tokens; the
+# work of each parser, linear however the bytes are split.
 
-# ########################################################################## #
-#                           IMAP client machine                              #
-# ########################################################################## #
+# -- IMAP ---------------------------------------------------------------------------
 
 OK = b" OK completed\r\n"
 BAD = b" BAD invalid command\r\n"
@@ -1680,9 +3440,7 @@ class ImapMachineTests(unittest.TestCase):
         self.assertEqual(machine.tag, b"a2 ")
 
 
-# ########################################################################## #
-#                           POP3 client machine                              #
-# ########################################################################## #
+# -- POP3 ---------------------------------------------------------------------------
 
 class Pop3MachineTests(unittest.TestCase):
     def pop3(self, exchanges, tail=b"STAT\r\n", **settings):
@@ -1773,9 +3531,7 @@ class Pop3MachineTests(unittest.TestCase):
         self.assertEqual(machine.trailing_data, b"STAT\r\nQUIT\r\n")
 
 
-# ########################################################################## #
-#                           SMTP client machine                              #
-# ########################################################################## #
+# -- SMTP ---------------------------------------------------------------------------
 
 def make_smtp(**overrides):
     machine = make_machine("smtp", **overrides)
@@ -1925,426 +3681,223 @@ class SmtpMachineTests(unittest.TestCase):
                     [mp.Closed("client sent too long command")])], smtp_client_buffer=64)
 
 
-# ########################################################################## #
-#                          SMTP backend login                                #
-# ########################################################################## #
-
-def facts(**overrides):
-    values = dict(client_address="192.0.2.7", client_name="[UNAVAILABLE]", helo=None,
-                  esmtp=False, login=b"alice", password=b"secret", method="plain",
-                  mail_from=None, rcpt_to=None)
-    values.update(overrides)
-    return mp.SmtpFacts(**values)
-
-
-def smtp_settings(**overrides):
-    return server_settings("smtp", **overrides)
-
-
-E220, E250, E235 = (mp.Expect("smtp", codes=(b"220",)), mp.Expect("smtp", codes=(b"250",)),
-                    mp.Expect("smtp", codes=(b"235",)))
-EXCLIENT = mp.Expect("smtp", codes=(b"220", b"250"))
-
-
-class SmtpBackendScriptTests(unittest.TestCase):
-    def test_xtext(self):
-        self.assertEqual(mp.xtext(b"a+b=c d\x01\x7f\xc3\xa9"), b"a+2Bb+3Dc+20d+01+7F+C3+A9")
-        self.assertEqual(mp.xtext(b"[UNAVAILABLE]"), b"[UNAVAILABLE]")
-
-    def test_xclient_command(self):
-        self.assertEqual(mp.xclient_command("192.0.2.7", b"al ice+", "[UNAVAILABLE]"),
-                         b"XCLIENT ADDR=192.0.2.7 LOGIN=al+20ice+2B NAME=[UNAVAILABLE]\r\n")
-        self.assertEqual(mp.xclient_command("2001:db8::1", b"", "host.example"),
-                         b"XCLIENT ADDR=IPV6:2001:db8::1 NAME=host.example\r\n")
-
-    def test_every_combination(self):
-        """xclient on/off × HELO/EHLO/neither × none or not × proxy_smtp_auth on/off."""
-        for xclient in (True, False):
-            for helo in (None, b"HELO", b"EHLO"):
-                for none in (False, True):
-                    for backend_auth in (False, True):
-                        with self.subTest(xclient=xclient, helo=helo, none=none, auth=backend_auth):
-                            self.check_script(xclient, helo, none, backend_auth)
-
-    def check_script(self, xclient, helo, none, backend_auth):
-        settings = smtp_settings(xclient=xclient, proxy_smtp_auth=backend_auth)
-        login = b"" if none else b"alice"
-        f = facts(helo=b"client.example" if helo else None, esmtp=helo == b"EHLO", login=login,
-                  password=b"" if none else b"secret", method="none" if none else "plain",
-                  mail_from=b"MAIL FROM:<a@b>" if none else None,
-                  rcpt_to=b"RCPT TO:<c@d>" if none else None)
-        hello = b"EHLO" if xclient or helo == b"EHLO" else b"HELO"
-        expected = [E220, mp.Send(hello + b" mail.test\r\n"), E250]
-        if xclient:
-            shown = b"" if (backend_auth and not none) or none else b" LOGIN=alice"
-            expected += [mp.Send(b"XCLIENT ADDR=192.0.2.7" + shown + b" NAME=[UNAVAILABLE]\r\n"), EXCLIENT]
-            if helo:
-                expected += [mp.Send(helo + b" client.example\r\n"), E250]
-        if backend_auth and not none:
-            expected += [mp.Send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n"), E235]
-        if none:
-            expected += [mp.Send(b"MAIL FROM:<a@b>\r\n"), E250, mp.Send(b"RCPT TO:<c@d>\r\n"),
-                         mp.Expect("smtp", relay=True)]
-        self.assertEqual(mp.smtp_login_script(settings, f), expected)
-        # ... and the script runs against a backend that says yes to everything.
-        replies = []
-        for step in expected:
-            if isinstance(step, mp.Expect):
-                code = (step.codes or (b"250",))[-1]
-                replies.append(code + b"-first line\r\n" + code + b" done\r\n")
-        sent, events, _ = run_script(expected, replies)
-        self.assertEqual(sent, b"".join(step.data for step in expected if isinstance(step, mp.Send)))
-        self.assertEqual(len(events), 1)
-
-    def test_auth_login_extension(self):
-        script = mp.smtp_login_script(smtp_settings(xclient=False, proxy_smtp_auth=True,
-                                                    proxy_smtp_auth_method="login"), facts())
-        self.assertEqual(script[3:], [
-            mp.Send(b"AUTH LOGIN\r\n"), mp.Expect("smtp", codes=(b"334",)),
-            mp.Send(b64(b"alice") + b"\r\n"), mp.Expect("smtp", codes=(b"334",)),
-            mp.Send(b64(b"secret") + b"\r\n"), E235])
-
-    def test_relayed_rcpt_reply_even_a_refusal(self):
-        script = mp.smtp_login_script(smtp_settings(xclient=False), facts(
-            login=b"", method="none", mail_from=b"MAIL FROM:<a@b>", rcpt_to=b"RCPT TO:<c@d>"))
-        sent, events, _ = run_script(script, [b"220 hi\r\n", b"250-x\r\n250 y\r\n", b"250 ok\r\n",
-                                              b"550-5.1.1 no such\r\n550 5.1.1 user\r\n"])
-        self.assertEqual(events, [mp.LoginDone(b"550-5.1.1 no such\r\n550 5.1.1 user\r\n")])
-
-    def test_unexpected_code_is_an_error_with_the_whole_reply(self):
-        script = mp.smtp_login_script(smtp_settings(), facts())
-        with self.assertRaises(mp.BackendError) as caught:
-            run_script(script, [b"220 hi\r\n", b"250 ok\r\n", b"550-no\r\n550 XCLIENT denied\r\n"])
-        self.assertEqual(caught.exception.line, b"550-no\r\n550 XCLIENT denied\r\n")
-        with self.assertRaises(mp.BackendError):
-            run_script(script, [b"554 go away\r\n"])
-
-
-class SmtpRecipientRuleTests(unittest.TestCase):
-    def test_relay_domains(self):
-        result = mp.authorize_recipient(["Example.com"], {}, upstream(),
-                                        b"RCPT TO:<Bob@EXAMPLE.COM> NOTIFY=NEVER")
-        self.assertTrue(result.ok)
-        self.assertEqual(result.login, b"")
-        self.assertFalse(mp.authorize_recipient(["example.com"], {}, upstream(), b"RCPT TO:<x@evil.test>").ok)
-        self.assertFalse(mp.authorize_recipient([], {}, upstream(), b"RCPT TO:<x@example.com>").ok)
-        self.assertTrue(mp.authorize_recipient(["*"], {}, upstream(), b"RCPT TO:<x@any.test>").ok)
-
-    def test_route_by_recipient_domain(self):
-        routes = {"@example.org": mp.Route(2525, upstream("127.0.0.9", 1))}
-        result = mp.authorize_recipient(["*"], routes, upstream(), b"RCPT TO:<x@example.org>")
-        self.assertEqual(result.upstream.addresses, ((socket.AF_INET, ("127.0.0.9", 2525)),))
-
-
-GUARD_DENIED = b"550 5.7.1 Relaying denied\r\n"
-
-
-def guard_check(rcpt: bytes):
-    """A recipient check for SmtpRecipientGuard: example.com only."""
-    return None if re.fullmatch(rb"RCPT TO:<[^@>]+@example\.com>", rcpt, re.I) else GUARD_DENIED
-
-
-def guard_conversation(guard, steps, chunking=whole):
-    """Play ("client", bytes) and ("backend", bytes) steps through ``guard``;
-    returns (all it sent to the backend, all it sent to the client)."""
-    to_backend, to_client = bytearray(), bytearray()
-    for side, data in steps:
-        for chunk in chunking(data):
-            if side == "client":
-                backend, client = guard.from_client(chunk)
-            else:
-                client, backend = guard.from_backend(chunk)
-            to_backend += backend
-            to_client += client
-    return bytes(to_backend), bytes(to_client)
-
-
-class SmtpRecipientGuardTests(unittest.TestCase):
-    """After the relay starts with smtp_auth none, every RCPT is checked."""
-
-    CONVERSATION = [
-        ("client", b"RCPT TO:<b@example.com>\r\nRCPT TO:<victim@evil.test>\r\n"
-                   b"RCPT TO:<c@Example.COM>\r\nDATA\r\n"),
-        ("backend", b"250 2.1.5 Ok\r\n"), ("backend", b"250 2.1.5 Ok\r\n"),
-        ("backend", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-        ("client", b"Subject: x\r\n\r\nRCPT TO:<inside@evil.test>\r\n..\r\n.\r\n"
-                   b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<next@evil.test>\r\n"
-                   b"RCPT TO:<d@example.com>\r\nQUIT\r\n"),
-        ("backend", b"250 2.0.0 Ok: queued\r\n"), ("backend", b"250 2.1.0 Ok\r\n"),
-        ("backend", b"250 2.1.5 Ok\r\n"), ("backend", b"221 2.0.0 Bye\r\n")]
-
-    def test_every_recipient_checked_in_order_pipelined_or_not(self):
-        expected_backend = (
-            b"RCPT TO:<b@example.com>\r\nRCPT TO:<c@Example.COM>\r\nDATA\r\n"
-            b"Subject: x\r\n\r\nRCPT TO:<inside@evil.test>\r\n..\r\n.\r\n"
-            b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<d@example.com>\r\nQUIT\r\n")
-        expected_client = (
-            b"250 2.1.5 Ok\r\n" + GUARD_DENIED + b"250 2.1.5 Ok\r\n"
-            b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued\r\n"
-            b"250 2.1.0 Ok\r\n" + GUARD_DENIED + b"250 2.1.5 Ok\r\n221 2.0.0 Bye\r\n")
-        for chunking in (whole, byte_by_byte):
-            guard = mp.SmtpRecipientGuard(guard_check, 4096)
-            self.assertEqual(guard_conversation(guard, self.CONVERSATION, chunking),
-                             (expected_backend, expected_client), chunking.__name__)
-            self.assertEqual(guard.held, 0)
-
-    def test_commands_wait_for_the_reply_to_the_one_before(self):
-        guard = mp.SmtpRecipientGuard(guard_check, 4096)
-        self.assertEqual(guard.from_client(b"RCPT TO:<b@example.com>\r\nRCPT TO:<x@evil.test>\r\n"),
-                         (b"RCPT TO:<b@example.com>\r\n", b""))
-        self.assertEqual(guard.held, len(b"RCPT TO:<x@evil.test>\r\n"))
-        self.assertEqual(guard.from_backend(b"250-first line\r\n"), (b"250-first line\r\n", b""))
-        self.assertEqual(guard.from_backend(b"250 Ok\r\n"), (b"250 Ok\r\n" + GUARD_DENIED, b""))
-
-    def test_a_bare_lf_end_of_data_cannot_hide_a_recipient(self):
-        """SMTP smuggling (CVE-2023-51764): a lenient backend ends the data
-        at "\\n.\\n"; so does the check, and what follows is a command."""
-        guard = mp.SmtpRecipientGuard(guard_check, 4096)
-        guard_conversation(guard, [("client", b"DATA\r\n"), ("backend", b"354 go\r\n")])
-        to_backend, to_client = guard.from_client(b"x\n.\nRCPT TO:<victim@evil.test>\r\n")
-        self.assertEqual(to_backend, b"x\n.\n")
-        self.assertEqual(guard.from_backend(b"250 queued\r\n"), (b"250 queued\r\n" + GUARD_DENIED, b""))
-
-    def test_commands_that_would_blind_the_check_are_refused(self):
-        for line in (b"STARTTLS\r\n", b"XCLIENT ADDR=127.0.0.1\r\n", b"xforward NAME=x\r\n",
-                     b"BDAT 30 LAST\r\n"):
-            guard = mp.SmtpRecipientGuard(guard_check, 4096)
-            self.assertEqual(guard.from_client(line), (b"", b"502 5.5.1 Command not implemented\r\n"))
-        for line, reply in ((b" RCPT TO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
-                            (b"RCPT\tTO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
-                            (b"RCPT TO:<b@example.com>\rRCPT TO:<x@evil.test>\r\n",
-                             b"501 5.5.4 Invalid argument\r\n"),
-                            (b"RCPT TO:<b@example.com>\n", b"501 5.5.4 Invalid argument\r\n")):
-            guard = mp.SmtpRecipientGuard(guard_check, 4096)
-            self.assertEqual(guard.from_client(line), (b"", reply), line)
-
-    def test_a_line_too_long_is_answered_once_and_dropped(self):
-        guard = mp.SmtpRecipientGuard(guard_check, 64)
-        to_client = b""
-        for chunk in (b"RCPT TO:<" + b"x" * 100, b"y" * 100, b"@evil.test>\r\nNOOP\r\n"):
-            to_backend, reply = guard.from_client(chunk)
-            to_client += reply
-        self.assertEqual(to_client, b"500 5.5.2 Line too long\r\n")
-        self.assertEqual(to_backend, b"NOOP\r\n")
-
-
-# ########################################################################## #
-#                              DNS and resolver                              #
-# ########################################################################## #
-
-def dns_name(name):
-    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".") if label) + b"\0"
-
-
-def dns_record(name_bytes, rtype, value, ttl=300):
-    """One answer record; ``value`` is rdata bytes, an address or a name."""
-    if isinstance(value, str) and rtype in (mp.DNS_A, mp.DNS_AAAA):
-        value = __import__("ipaddress").ip_address(value).packed
-    elif isinstance(value, str):
-        value = dns_name(value)
-    return name_bytes + mp.struct.pack("!HHIH", rtype, 1, ttl, len(value)) + value
-
-
-def dns_response(query, records=(), rcode=0, truncated=False, qid=None):
-    """The answer to ``query`` (the bytes our client sent)."""
-    rid = mp.struct.unpack("!H", query[:2])[0] if qid is None else qid
-    flags = 0x8180 | rcode | (0x0200 if truncated else 0)
-    question = query[12:]
-    return mp.struct.pack("!HHHHHH", rid, flags, 1, len(records), 0, 0) + question + b"".join(records)
-
-
-class FakeDns:
-    """A UDP DNS server in a thread; ``answer(query, qname, qtype)`` returns
-    the datagrams to send back (a list: none, one, or several)."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.queries = []
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        while True:
-            try:
-                query, client = self.sock.recvfrom(4096)
-            except OSError:
-                return
-            qname, offset = mp.read_dns_name(query, 12)
-            qtype = mp.struct.unpack("!H", query[offset:offset + 2])[0]
-            self.queries.append((qname, qtype))
-            for datagram in self.answer(query, qname, qtype):
-                self.sock.sendto(datagram, client)
-
-    def close(self):
-        self.sock.close()
-
-
-def resolve_client(test, answer, address="127.0.0.1", timeout=2.0, valid=None):
-    """Run ClientNameLookup on a fresh loop against a FakeDns; (name, problem, dns)."""
-    dns = FakeDns(answer)
-    test.addCleanup(dns.close)
-    loop = mp.EventLoop()
-    test.addCleanup(loop.close)
-    spec = mp.ResolverSpec(((socket.AF_INET, ("127.0.0.1", dns.port)),), valid, True, True)
-    resolver = mp.Resolver(loop, spec, timeout)
-    result = []
-    mp.ClientNameLookup(resolver, address, lambda name, problem: result.append((name, problem)))
-    deadline = time.monotonic() + timeout + 3
-    while not result and time.monotonic() < deadline:
-        loop.run_once(0.1)
-    test.assertTrue(result, "no verdict")
-    return result[0][0], result[0][1], dns, resolver
-
-
-def records_for(table):
-    """An answer function from {(qname, qtype): [records]} (missing: NXDOMAIN)."""
-    def answer(query, qname, qtype):
-        if (qname, qtype) not in table:
-            return [dns_response(query, rcode=3)]
-        return [dns_response(query, table[(qname, qtype)])]
-    return answer
-
-
-PTR_127_0_0_1 = "1.0.0.127.in-addr.arpa"
-
-
-class DnsMessageTests(unittest.TestCase):
-    def test_query_bytes(self):
-        self.assertEqual(mp.dns_query(0x1234, "mail.example", mp.DNS_A),
-                         b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
-                         b"\x04mail\x07example\x00\x00\x01\x00\x01")
-        self.assertEqual(mp.reverse_dns_name("192.0.2.7"), "7.2.0.192.in-addr.arpa")
-
-    def test_compressed_names(self):
-        query = mp.dns_query(1, "a.example", mp.DNS_A)
-        # The answer's name is a pointer to the question's name (offset 12).
-        response = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, "192.0.2.1")])
-        answer = mp.parse_dns_answer(response, 1, "a.example", mp.DNS_A)
-        self.assertEqual(mp.dns_values(answer, "a.example", mp.DNS_A), (["192.0.2.1"], 300))
-
-    def test_compression_loops_and_forward_pointers_are_errors(self):
-        for name in (b"\xc0\x0c", b"\x01a\xc0\x0e", b"\xc0\xff"):
-            data = b"\0" * 12 + name
-            with self.assertRaises(mp.DnsError):
-                mp.read_dns_name(data, 12)
-
-    def test_malformed_answers(self):
-        query = mp.dns_query(1, "a.example", mp.DNS_A)
-        good = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, "192.0.2.1")])
-        for bad in (b"", good[:11], good[:-2], good[:-5] + b"\xff" * 5,
-                    dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, b"\x01\x02")])):
-            with self.assertRaises(mp.DnsError, msg=bad):
-                mp.parse_dns_answer(bad, 1, "a.example", mp.DNS_A)
-
-    def test_answers_to_other_questions_are_ignored(self):
-        query = mp.dns_query(1, "a.example", mp.DNS_A)
-        self.assertIsNone(mp.parse_dns_answer(dns_response(query, qid=2), 1, "a.example", mp.DNS_A))
-        self.assertIsNone(mp.parse_dns_answer(query, 1, "a.example", mp.DNS_A))   # not a response
-        self.assertIsNone(mp.parse_dns_answer(dns_response(query), 1, "b.example", mp.DNS_A))
-
-    def test_cname_chain(self):
-        query = mp.dns_query(1, PTR_127_0_0_1, mp.DNS_PTR)
-        response = dns_response(query, [
-            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.0/24.0.0.127.in-addr.arpa"),
-            dns_record(dns_name("1.0/24.0.0.127.in-addr.arpa"), mp.DNS_PTR, "host.example", ttl=60)])
-        answer = mp.parse_dns_answer(response, 1, PTR_127_0_0_1, mp.DNS_PTR)
-        self.assertEqual(mp.dns_values(answer, PTR_127_0_0_1, mp.DNS_PTR), (["host.example"], 60))
-
-    def test_host_name_check(self):
-        self.assertTrue(mp.valid_host_name("mail-1.example.com"))
-        for bad in ("", "a b.example", "a\r\nb", "x_y.example", "h\x00", "é.example"):
-            self.assertFalse(mp.valid_host_name(bad), bad)
-
-
-class ResolverTests(unittest.TestCase):
-    GOOD = {(PTR_127_0_0_1, mp.DNS_PTR): [dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
-            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
-
-    def test_ptr_and_forward_match(self):
-        name, problem, dns, resolver = resolve_client(self, records_for(self.GOOD))
-        self.assertEqual((name, problem), ("client.example", ""))
-        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
-
-    def test_forward_mismatch(self):
-        table = dict(self.GOOD)
-        table[("client.example", mp.DNS_A)] = [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.99")]
-        self.assertEqual(resolve_client(self, records_for(table))[0], "[UNAVAILABLE]")
-
-    def test_nxdomain(self):
-        name, problem, _, _ = resolve_client(self, records_for({}))
-        self.assertEqual(name, "[UNAVAILABLE]")
-        self.assertIn("could not be resolved (3: Host not found)", problem)
-
-    def test_servfail_is_tempunavail(self):
-        name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, rcode=2)])
-        self.assertEqual(name, "[TEMPUNAVAIL]")
-
-    def test_timeout_is_tempunavail(self):
-        started = time.monotonic()
-        name, _, dns, _ = resolve_client(self, lambda q, n, t: [], timeout=1.5)
-        self.assertEqual(name, "[TEMPUNAVAIL]")
-        self.assertGreaterEqual(time.monotonic() - started, 1.4)
-        self.assertGreaterEqual(len(dns.queries), 2)          # sent again after DNS_RESEND
-
-    def test_zero_length_malformed_and_foreign_answers_are_ignored(self):
-        def answer(query, qname, qtype):
-            good = records_for(self.GOOD)(query, qname, qtype)[0]
-            return [b"", b"\x00" * 5, good[:20], dns_response(query, qid=(query[0] << 8 | query[1]) ^ 1),
-                    good]
-        self.assertEqual(resolve_client(self, answer)[0], "client.example")
-
-    def test_only_garbage_times_out(self):
-        name, _, _, _ = resolve_client(self, lambda q, n, t: [b"\xff" * 30], timeout=1.2)
-        self.assertEqual(name, "[TEMPUNAVAIL]")
-
-    def test_compression_loop_does_not_hang(self):
-        def answer(query, qname, qtype):
-            looped = dns_response(query)[:-0 or None]
-            return [looped[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + query[12:]
-                    + b"\xc0\x0c\x00\x0c\x00\x01\x00\x00\x00\x3c\x00\x02\xc0\x2a"]
-        name, _, _, _ = resolve_client(self, answer, timeout=1.2)
-        self.assertEqual(name, "[TEMPUNAVAIL]")
-
-    def test_invalid_ptr_name_is_tempunavail(self):
-        table = dict(self.GOOD)
-        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [dns_record(b"\xc0\x0c", mp.DNS_PTR, "bad_name.example")]
-        name, problem, dns, _ = resolve_client(self, records_for(table))
-        self.assertEqual(name, "[TEMPUNAVAIL]")
-        self.assertIn("invalid host name", problem)
-        self.assertEqual(len(dns.queries), 1)                 # no forward lookup
-
-    def test_cname_to_ptr(self):
-        table = {(PTR_127_0_0_1, mp.DNS_PTR): [
-            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.sub.0.0.127.in-addr.arpa"),
-            dns_record(dns_name("1.sub.0.0.127.in-addr.arpa"), mp.DNS_PTR, "client.example")],
-            ("client.example", mp.DNS_A): self.GOOD[("client.example", mp.DNS_A)]}
-        self.assertEqual(resolve_client(self, records_for(table))[0], "client.example")
-
-    def test_truncated_answer_without_records_is_tempunavail(self):
-        name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, truncated=True)])
-        self.assertEqual(name, "[TEMPUNAVAIL]")
-
-    def test_cache_honours_ttl_and_valid(self):
-        _, _, dns, resolver = resolve_client(self, records_for(self.GOOD))
-        result = []
-        mp.ClientNameLookup(resolver, "127.0.0.1", lambda n, p: result.append(n))
-        for _ in range(3):                                    # PTR, then A, from the cache
-            resolver.loop.run_once(0.1)
-        self.assertEqual(result, ["client.example"])
-        self.assertEqual(len(dns.queries), 2)                 # answered from the cache
-        expires = resolver.cache[("client.example", mp.DNS_A)][0]
-        self.assertAlmostEqual(expires - resolver.loop.time(), 300, delta=5)
-        _, _, _, resolver = resolve_client(self, records_for(self.GOOD), valid=7.0)
-        expires = resolver.cache[("client.example", mp.DNS_A)][0]
-        self.assertAlmostEqual(expires - resolver.loop.time(), 7, delta=2)
-
-
-# ########################################################################## #
-#                              Authentication                                #
-# ########################################################################## #
+# -- STARTTLS in the machines: capabilities and the injection defence ---------------
+
+class StartTlsMachineTests(unittest.TestCase):
+    def test_imap_capabilities_for_off_on_only(self):
+        base = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS"
+        cases = {"off": (base + b" AUTH=PLAIN\r\n", base + b" AUTH=PLAIN\r\n"),
+                 "on": (base + b" AUTH=PLAIN STARTTLS\r\n", base + b" AUTH=PLAIN\r\n"),
+                 "only": (base + b" STARTTLS LOGINDISABLED\r\n", base + b" AUTH=PLAIN\r\n")}
+        for starttls, (before, after) in cases.items():
+            machine = make_machine("imap", starttls=starttls)
+            self.assertEqual(machine.capability(), before, starttls)
+            machine.tls = True
+            self.assertEqual(machine.capability(), after, starttls)
+
+    def test_pop3_capabilities_for_off_on_only(self):
+        plain = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\n"
+        cases = {"off": plain + b".\r\n", "on": plain + b"STLS\r\n.\r\n",
+                 "only": b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nSTLS\r\n.\r\n"}
+        for starttls, expected in cases.items():
+            machine = make_machine("pop3", starttls=starttls)
+            self.assertEqual(machine.capability(), expected, starttls)
+            machine.tls = True
+            self.assertEqual(machine.capability(), plain + b".\r\n", starttls)
+
+    def test_smtp_ehlo_for_off_on_only(self):
+        cases = {"off": b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n",
+                 "on": b"250-mail.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n",
+                 "only": b"250-mail.test\r\n250 STARTTLS\r\n"}
+        for starttls, expected in cases.items():
+            machine = make_machine("smtp", starttls=starttls)
+            self.assertEqual(machine.ehlo_reply(), expected, starttls)
+            machine.tls = True
+            self.assertEqual(machine.ehlo_reply(), b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n")
+
+    def test_only_refuses_logins_before_tls(self):
+        imap = make_machine("imap", starttls="only")
+        imap.data_to_send()
+        self.assertEqual(imap.receive_data(b"a1 LOGIN alice secret\r\na2 AUTHENTICATE PLAIN\r\n"), [])
+        self.assertEqual(imap.data_to_send(), b"a1" + BAD + b"a2" + BAD)
+        pop3 = make_machine("pop3", starttls="only")
+        pop3.data_to_send()
+        self.assertEqual(pop3.receive_data(b"USER alice\r\nAUTH PLAIN\r\nAPOP a b\r\n"), [])
+        self.assertEqual(pop3.data_to_send(), b"-ERR invalid command\r\n" * 3)
+        smtp = make_machine("smtp", starttls="only", smtp_auth=["plain", "none"])
+        self.assertEqual(smtp.receive_data(b"AUTH PLAIN\r\nMAIL FROM:<a@b>\r\n"), [])
+        self.assertEqual(smtp.data_to_send(), b"500 5.5.1 Invalid command\r\n"
+                         b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+
+    def test_pipelined_plaintext_after_starttls_is_dropped(self):
+        cases = [("imap", b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n", b"a1 OK completed\r\n"),
+                 ("pop3", b"STLS\r\nUSER alice\r\nPASS secret\r\n", b"+OK\r\n"),
+                 ("smtp", b"STARTTLS\r\nAUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n",
+                  b"220 2.0.0 Start TLS\r\n")]
+        for protocol, data, reply in cases:
+            for chunking in (whole, byte_by_byte):
+                machine = make_machine(protocol, starttls="on")
+                machine.data_to_send()
+                events = []
+                for chunk in chunking(data):
+                    events += machine.receive_data(chunk)
+                self.assertEqual(events, [mp.StartTls()], protocol)
+                self.assertEqual(machine.data_to_send(), reply, protocol)
+                self.assertEqual(machine.trailing_data, b"", protocol)
+                self.assertEqual(machine.tls_started(), [], protocol)
+                self.assertEqual(machine.data_to_send(), b"", protocol)
+
+    def test_smtp_forgets_helo_and_transaction(self):
+        machine = make_machine("smtp", starttls="on", smtp_auth=["none"])
+        machine.receive_data(b"EHLO x\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\n")
+        machine.tls_started()
+        self.assertEqual((machine.helo, machine.esmtp, machine.mail_from), (None, False, None))
+        self.assertEqual(machine.receive_data(b"RCPT TO:<c@d>\r\n"), [])
+        self.assertTrue(machine.data_to_send().endswith(b"503 5.5.1 Bad sequence of commands\r\n"))
+
+    def test_starttls_refused_when_off_or_already_on(self):
+        machine = make_machine("imap", starttls="on", tls=True)
+        machine.data_to_send()
+        machine.receive_data(b"a1 STARTTLS\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
+
+    def test_external(self):
+        machine = make_machine("imap", imap_auth=["plain", "external"], tls=True)
+        self.assertIn(b"AUTH=EXTERNAL", machine.capability())
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"a1 AUTHENTICATE EXTERNAL =\r\n"),
+                         [mp.Credentials(b"", b"", "external")])
+        machine = make_machine("smtp", smtp_auth=["external"])
+        self.assertEqual(machine.receive_data(b"AUTH EXTERNAL\r\n"), [])
+        self.assertEqual(machine.data_to_send(), b"334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(machine.receive_data(b64(b"alice") + b"\r\n"),
+                         [mp.Credentials(b"alice", b"", "external")])
+        machine = make_machine("pop3")                          # not enabled
+        machine.data_to_send()
+        machine.receive_data(b"AUTH EXTERNAL =\r\n")
+        self.assertEqual(machine.data_to_send(), b"-ERR invalid command\r\n")
+
+    def test_external_rule_of_the_user_table(self):
+        facts = mp.CertificateFacts("SUCCESS", identities=("alice", "alice@example.com"))
+        users = {"alice@example.com": mp.PasswordEntry("PLAIN", "secret"),
+                 "bob": mp.PasswordEntry("PLAIN", "pw")}
+        result = mp.authenticate_external(users, {}, upstream(), b"", facts)
+        self.assertEqual((result.ok, result.login, result.password), (False, b"", b""))  # "alice" not in users
+        result = mp.authenticate_external(users, {}, upstream(), b"alice@example.com", facts)
+        self.assertEqual((result.ok, result.login, result.password), (True, b"alice@example.com", b"secret"))
+        self.assertFalse(mp.authenticate_external(users, {}, upstream(), b"bob", facts).ok)
+        self.assertFalse(mp.authenticate_external(users, {}, upstream(), b"alice@example.com",
+                                                  mp.CertificateFacts("NONE")).ok)
+
+
+# -- OAuth tokens -------------------------------------------------------------------
+
+class OAuthTests(unittest.TestCase):
+    def test_parse_responses(self):
+        self.assertEqual(mp.parse_oauth_response(b"user=alice@example.com\x01auth=Bearer ya29.x\x01\x01", True),
+                         (b"alice@example.com", b"ya29.x"))
+        self.assertEqual(mp.parse_oauth_response(
+            b"n,a=user=3Dx=2Cy@example.com,\x01host=server.example.com\x01port=143\x01"
+            b"auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01", False),
+            (b"user=x,y@example.com", b"vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="))
+        for bad in (b"", b"user=a\x01\x01", b"auth=Bearer x\x01\x01", b"x,a=b,\x01auth=Bearer t\x01\x01"):
+            self.assertIsNone(mp.parse_oauth_response(bad, bad.startswith(b"user") or bad.startswith(b"auth")))
+
+    def test_machines_take_tokens_only_when_enabled(self):
+        token = b64(b"user=alice\x01auth=Bearer T\x01\x01")
+        machine = make_machine("imap", imap_auth=["plain", "xoauth2", "oauthbearer"])
+        self.assertIn(b"AUTH=XOAUTH2 AUTH=OAUTHBEARER", machine.capability())
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + token + b"\r\n"),
+                         [mp.Credentials(b"alice", b"T", "xoauth2")])
+        machine = make_machine("imap")
+        machine.data_to_send()
+        machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + token + b"\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
+
+    def test_failure_challenge_then_refusal(self):
+        for protocol, prompt, ack, final in (
+                ("imap", b"+ ", b"\r\n", b"a1 NO bad token\r\n"),
+                ("pop3", b"+ ", b"AQ==\r\n", b"-ERR bad token\r\n"),
+                ("smtp", b"334 ", b"\r\n", b"535 5.7.0 bad token\r\n")):
+            machine = make_machine(protocol, **{protocol + "_auth": ["oauthbearer"]})
+            machine.data_to_send()
+            command = {"imap": b"a1 AUTHENTICATE", "pop3": b"AUTH", "smtp": b"AUTH"}[protocol]
+            events = machine.receive_data(command + b" OAUTHBEARER " +
+                                          b64(b"n,a=alice,\x01auth=Bearer T\x01\x01") + b"\r\n")
+            self.assertEqual(events, [mp.Credentials(b"alice", b"T", "oauthbearer")])
+            reply = (machine.failure_reply(b"bad token", b"535 5.7.0") if protocol == "smtp"
+                     else machine.failure_reply(b"bad token"))
+            self.assertEqual(machine.auth_failed(reply, b'{"status":"invalid_token"}', close=True), [])
+            self.assertEqual(machine.data_to_send(), prompt + b64(b'{"status":"invalid_token"}') + b"\r\n")
+            self.assertEqual(machine.receive_data(ack), [mp.Closed("")])
+            self.assertEqual(machine.data_to_send(), final)
+
+    def test_token_passed_on_to_the_backend(self):
+        response = mp.oauth_initial_response("xoauth2", b"alice", b"T")
+        self.assertEqual(base64.b64decode(response), b"user=alice\x01auth=Bearer T\x01\x01")
+        self.assertEqual(mp.imap_token_script(b"a1 ", "xoauth2", response)[1:],
+                         [mp.Send(b"a1 AUTHENTICATE XOAUTH2 " + response + b"\r\n"),
+                          mp.Expect("imap-tagged", relay=True)])
+        script = mp.smtp_login_script(server_settings("smtp", xclient=False), facts(
+            login=b"alice", password=b"T", backend_auth="oauthbearer"))
+        self.assertEqual(script[3], mp.Send(b"AUTH OAUTHBEARER " +
+                                            mp.oauth_initial_response("oauthbearer", b"alice", b"T") + b"\r\n"))
+
+    def test_built_in_table_refuses_token_methods(self):
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = write_file(directory.name, "t.conf", """\
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            imap_auth = plain xoauth2
+            proxy_pass = 127.0.0.1:143
+            """)
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_config(path)
+        self.assertIn("needs auth_http", str(caught.exception))
+
+
+# -- linear work --------------------------------------------------------------------
+
+class ClientMachineLinearWorkTests(LinearWorkTestCase):
+    def test_imap_quoted_string(self):
+        self.assert_linear(self.machine_run(
+            "imap", lambda n: b'a1 LOGIN "' + b"x" * n + b'" "p"\r\n'), 4096)
+
+    def test_imap_literal_holding_line_ends(self):
+        self.assert_linear(self.machine_run(
+            "imap", lambda n: b"a1 LOGIN {%d+}\r\n" % n + b"\n" * n + b" p\r\n"), 4096)
+
+    def test_imap_spaces_after_the_tag(self):
+        self.assert_linear(self.machine_run("imap", lambda n: b"a1" + b" " * n + b"NOOP\r\n"), 4096)
+
+    def test_imap_sasl_response(self):
+        response = lambda n: b"a1 AUTHENTICATE PLAIN\r\n" + base64.b64encode(
+            b"\0alice\0" + b"p" * n) + b"\r\n"
+        self.assert_linear(self.machine_run("imap", response), 4096)
+
+    def test_pop3_line(self):
+        self.assert_linear(self.machine_run("pop3", lambda n: b"USER " + b"u" * n + b"\r\n"), 4096)
+
+    def test_smtp_line(self):
+        def run(size):
+            data = b"EHLO " + b"h" * size + b"\r\nQUIT\r\n"
+            machine = make_smtp(smtp_client_buffer=len(data))
+            self.assertEqual(feed_byte_by_byte(machine.receive_data, data), [mp.Quit()])
+        self.assert_linear(run, 4096)
+
+
+# ========================================================================== #
+# ####                          Authentication                          #### #
+# ========================================================================== #
+# The user table (password schemes, what a failure costs, routes), the
+# failed-login throttle, recipient rules, external (certificate) identities,
+# and the auth_http request builder and response parser, byte by byte.
+# (The auth_http client, end to end, is in "Outbound clients".)
+
+# -- the user table -----------------------------------------------------------------
 
 class PasswordSchemeTests(unittest.TestCase):
     # Ulrich Drepper, "Unix crypt using SHA-256 and SHA-512", test vectors.
@@ -2455,6 +4008,125 @@ class UserTableTests(unittest.TestCase):
                          ((socket.AF_INET, ("127.0.0.3", 143)),))
 
 
+# -- issue 12: authentication and certificate defects -------------------------------
+# A user table whose failures tell known logins from unknown ones, password
+# checks that grow with the square of the password, certificate names and
+# other values that write into the auth server's request, a Unicode
+# look-alike that logs in as another user, a certificate that kills a worker.
+
+def timing_ratio(first, second, samples: int = 21) -> float:
+    """How many times as long second() takes as first(): the least time of
+    each over interleaved samples (the order alternates), each sample
+    repeating its call until it lasts about 2 ms.  The least, not the median:
+    on a loaded machine (other test runs on two cores) a process is
+    preempted in nearly half of such samples, and preemption only ever adds
+    time, so a path's own cost is its fastest sample."""
+    started = time.perf_counter()
+    first()
+    repeat = max(1, int(0.002 / max(time.perf_counter() - started, 1e-7)))
+    times = ([], [])
+    for index in range(samples):
+        order = (0, 1) if index % 2 else (1, 0)
+        for which in order:
+            call = (first, second)[which]
+            started = time.perf_counter()
+            for _ in range(repeat):
+                call()
+            times[which].append(time.perf_counter() - started)
+    return min(times[1]) / min(times[0])
+
+
+class PasswordCostTests(unittest.TestCase):
+    TABLES = {
+        "PLAIN": "{PLAIN}secret",
+        "SHA512-CRYPT": mp.hash_password(b"secret", "SHA512-CRYPT"),
+        "SHA256-CRYPT rounds=2000": mp.hash_password(b"secret", "SHA256-CRYPT", rounds=2000),
+        "PBKDF2-SHA256 2000": mp.hash_password(b"secret", "PBKDF2-SHA256", rounds=2000),
+    }
+
+    def users(self, *values: str) -> mp.Config:
+        lines = "".join("user%d = %s\n" % (number, value) for number, value in enumerate(values))
+        return load_text(self, BASE_CONFIG, "\n[users]\n" + lines).users
+
+    def test_an_unknown_login_costs_what_a_wrong_password_costs(self):
+        # README: "An unknown login costs the same hashing time as a wrong
+        # password."  It cost a fixed PBKDF2-100000 (~25 ms) whatever the
+        # table held: 8 times a SHA512-CRYPT check, thousands of times a
+        # {PLAIN} one.
+        for name, value in self.TABLES.items():
+            with self.subTest(table=name):
+                users = self.users(value, value)
+                known = mp.Credentials(b"user1", b"wrong password")
+                unknown = mp.Credentials(b"nobody", b"wrong password")
+                self.assertFalse(mp.authenticate(users, {}, upstream(), unknown).ok)
+                ratio = timing_ratio(lambda: mp.authenticate(users, {}, upstream(), known),
+                                     lambda: mp.authenticate(users, {}, upstream(), unknown))
+                self.assertTrue(0.5 < ratio < 2.0, "unknown/known login: %.1f times" % ratio)
+
+    def test_the_dummy_has_the_cost_most_users_have(self):
+        sha512 = self.TABLES["SHA512-CRYPT"]
+        users = self.users("{PLAIN}a", sha512, self.TABLES["PBKDF2-SHA256 2000"], sha512)
+        self.assertEqual(mp.password_cost(users.dummy), ("SHA512-CRYPT", None))
+        for name, value in self.TABLES.items():
+            dummy = self.users(value).dummy
+            self.assertEqual(mp.password_cost(dummy), mp.password_cost(mp.parse_password_entry(value)))
+            self.assertFalse(mp.password_matches(dummy, b"secret"), name)
+        # Digest logins of an unknown user take the {PLAIN} entries' path too.
+        users = self.users("{PLAIN}secret")
+        digest = mp.cram_md5_digest(b"secret", SALT)
+        self.assertFalse(mp.authenticate(users, {}, upstream(),
+                                         mp.Credentials(b"nobody", digest, "cram-md5", SALT)).ok)
+
+    def test_a_long_password_costs_what_the_longest_allowed_one_costs(self):
+        # SHA-crypt's steps 13-15 built key * len(key): 16 KB of password took
+        # 0.7 s and 256 MB.  Passwords are now cut off at PASSWORD_MAX.
+        longest = b"p" * mp.PASSWORD_MAX
+        entry = mp.parse_password_entry(mp.hash_password(longest, "SHA512-CRYPT", rounds=1000))
+        self.assertTrue(mp.password_matches(entry, longest))
+        self.assertFalse(mp.password_matches(entry, longest + b"p"))   # no match on a prefix
+        users = {"alice": entry}
+        result = mp.authenticate(users, {}, upstream(), mp.Credentials(b"alice", longest + b"p"))
+        self.assertEqual((result.ok, result.reason), (False, "wrong password"))
+        wrong = b"q" * mp.PASSWORD_MAX
+        ratio = timing_ratio(lambda: mp.password_matches(entry, wrong),
+                             lambda: mp.password_matches(entry, b"q" * 8192), samples=5)
+        self.assertLess(ratio, 2.0, "8 KB password / %d bytes: %.1f times" % (mp.PASSWORD_MAX, ratio))
+
+    def test_sha_crypt_memory_is_linear_in_the_password(self):
+        tracemalloc.start()
+        try:
+            mp.sha_crypt(b"x" * 4096, "$6$rounds=1000$salt")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 64 * 4096, "peak %d bytes for a 4 KB password" % peak)
+
+
+class ExternalIdentityTests(unittest.TestCase):
+    USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
+             "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
+
+    def external(self, login: bytes, *identities: str) -> mp.AuthResult:
+        facts = mp.CertificateFacts("SUCCESS", identities=identities)
+        return mp.authenticate_external(self.USERS, {}, upstream(), login, facts)
+
+    def test_unicode_case_mapping_does_not_make_a_login(self):
+        # str.lower() made U+212A KELVIN SIGN a "k": a certificate for
+        # "\u212aarl" logged in as karl.
+        result = self.external(b"karl", "\u212aarl")
+        self.assertEqual((result.ok, result.reason),
+                         (False, "EXTERNAL login does not match the client certificate"))
+        self.assertFalse(self.external(b"\xc3\xa5sa", "\u212bsa").ok)     # ANGSTROM SIGN, too
+        self.assertFalse(self.external(b"", "\u212aarl").ok)              # not in [users]
+
+    def test_ascii_case_is_forgiven(self):
+        result = self.external(b"alice@example.com", "Alice@Example.COM")
+        self.assertEqual((result.ok, result.login, result.password),
+                         (True, b"alice@example.com", b"secret"))
+        self.assertFalse(self.external(b"KARL", "karl").ok)              # [users] is exact
+        self.assertTrue(self.external(b"karl", "KARL").ok)
+
+
 class LoginThrottleTests(unittest.TestCase):
     def test_delay_doubles_then_caps_and_locks(self):
         throttle = mp.LoginThrottle()
@@ -2473,9 +4145,309 @@ class LoginThrottleTests(unittest.TestCase):
         self.assertEqual(len(throttle.failures), mp.AUTH_FAILURE_TABLE)
 
 
-# ########################################################################## #
-#                               Backend login                                #
-# ########################################################################## #
+class SmtpRecipientRuleTests(unittest.TestCase):
+    def test_relay_domains(self):
+        result = mp.authorize_recipient(["Example.com"], {}, upstream(),
+                                        b"RCPT TO:<Bob@EXAMPLE.COM> NOTIFY=NEVER")
+        self.assertTrue(result.ok)
+        self.assertEqual(result.login, b"")
+        self.assertFalse(mp.authorize_recipient(["example.com"], {}, upstream(), b"RCPT TO:<x@evil.test>").ok)
+        self.assertFalse(mp.authorize_recipient([], {}, upstream(), b"RCPT TO:<x@example.com>").ok)
+        self.assertTrue(mp.authorize_recipient(["*"], {}, upstream(), b"RCPT TO:<x@any.test>").ok)
+
+    def test_route_by_recipient_domain(self):
+        routes = {"@example.org": mp.Route(2525, upstream("127.0.0.9", 1))}
+        result = mp.authorize_recipient(["*"], routes, upstream(), b"RCPT TO:<x@example.org>")
+        self.assertEqual(result.upstream.addresses, ((socket.AF_INET, ("127.0.0.9", 2525)),))
+
+
+# -- the auth_http request and response ---------------------------------------------
+
+AUTH_URL = mp.AuthHttpUrl("auth.example", "/mail/auth", (socket.AF_INET, ("127.0.0.1", 80)),
+                        "127.0.0.1:80")
+
+
+def auth_request(**overrides):
+    values = dict(method="plain", login=b"alice", password=b"secret", protocol="imap",
+                  attempt=1, client_ip="192.0.2.7")
+    values.update(overrides)
+    return mp.AuthRequest(**values)
+
+
+class AuthHttpRequestTests(unittest.TestCase):
+    HEAD = b"GET /mail/auth HTTP/1.0\r\nHost: auth.example\r\n"
+
+    def test_plain_imap_with_escaping(self):
+        request = auth_request(login="al ice%\r\n\x00é".encode(), password=b"p\tw+\x7f")
+        self.assertEqual(mp.build_auth_http_request(AUTH_URL, [("X-Auth-Key", "k")], request),
+                         self.HEAD + b"Auth-Method: plain\r\n"
+                         b"Auth-User: al%20ice%25%0D%0A%00\xc3\xa9\r\nAuth-Pass: p%09w+\x7f\r\n"
+                         b"Auth-Protocol: imap\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n"
+                         b"X-Auth-Key: k\r\n\r\n")
+
+    def test_each_method(self):
+        salt = b"<123.456@mail.test>"
+        cases = {
+            "cram-md5": (dict(method="cram-md5", password=b"0" * 32, salt=salt),
+                         b"Auth-Method: cram-md5\r\nAuth-User: alice\r\nAuth-Pass: " + b"0" * 32 +
+                         b"\r\nAuth-Salt: " + salt + b"\r\n"),
+            "apop": (dict(method="apop", protocol="pop3", password=b"f" * 32, salt=salt),
+                     b"Auth-Method: apop\r\nAuth-User: alice\r\nAuth-Pass: " + b"f" * 32 +
+                     b"\r\nAuth-Salt: " + salt + b"\r\n"),
+            "external": (dict(method="external", password=b""),
+                         b"Auth-Method: external\r\nAuth-User: alice\r\nAuth-Pass: \r\n"),
+            "xoauth2": (dict(method="xoauth2", password=b"ya29.tok en"),
+                        b"Auth-Method: xoauth2\r\nAuth-User: alice\r\nAuth-Pass: ya29.tok%20en\r\n"),
+            "oauthbearer": (dict(method="oauthbearer", password=b"T"),
+                            b"Auth-Method: oauthbearer\r\nAuth-User: alice\r\nAuth-Pass: T\r\n"),
+        }
+        for name, (overrides, middle) in cases.items():
+            request = auth_request(**overrides)
+            built = mp.build_auth_http_request(AUTH_URL, [], request)
+            protocol = overrides.get("protocol", "imap").encode()
+            self.assertEqual(built, self.HEAD + middle + b"Auth-Protocol: " + protocol +
+                             b"\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n\r\n", name)
+
+    def test_smtp_none_with_client_host_and_proxy_protocol(self):
+        request = auth_request(method="none", login=b"", password=b"", protocol="smtp", attempt=2,
+                               client_host="client.example",
+                               proxy_protocol=("198.51.100.1", 4000, "203.0.113.5", 25),
+                               smtp=(b"helo.example", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>"))
+        self.assertEqual(mp.build_auth_http_request(AUTH_URL, [], request), self.HEAD +
+                         b"Auth-Method: none\r\nAuth-User: \r\nAuth-Pass: \r\nAuth-Protocol: smtp\r\n"
+                         b"Auth-Login-Attempt: 2\r\nClient-IP: 192.0.2.7\r\nClient-Host: client.example\r\n"
+                         b"Proxy-Protocol-Addr: 198.51.100.1\r\nProxy-Protocol-Port: 4000\r\n"
+                         b"Proxy-Protocol-Server-Addr: 203.0.113.5\r\nProxy-Protocol-Server-Port: 25\r\n"
+                         b"Auth-SMTP-Helo: helo.example\r\nAuth-SMTP-From: MAIL FROM:<a@b>\r\n"
+                         b"Auth-SMTP-To: RCPT TO:<c@d>\r\n\r\n")
+
+    def test_ssl_headers(self):
+        facts = mp.CertificateFacts("SUCCESS", "CN=alice", "CN=CA", "01AB", "ff" * 20)
+        request = auth_request(tls=("TLSv1.3", "TLS_AES_128_GCM_SHA256"), certificate=facts,
+                               certificate_pem=b"-----BEGIN CERTIFICATE-----\nAB C\n")
+        self.assertIn(b"Client-IP: 192.0.2.7\r\nAuth-SSL: on\r\nAuth-SSL-Protocol: TLSv1.3\r\n"
+                      b"Auth-SSL-Cipher: TLS_AES_128_GCM_SHA256\r\nAuth-SSL-Verify: SUCCESS\r\n"
+                      b"Auth-SSL-Subject: CN=alice\r\nAuth-SSL-Issuer: CN=CA\r\nAuth-SSL-Serial: 01AB\r\n"
+                      b"Auth-SSL-Fingerprint: " + b"ff" * 20 + b"\r\n"
+                      b"Auth-SSL-Cert: -----BEGIN%20CERTIFICATE-----%0AAB%20C%0A\r\n\r\n",
+                      mp.build_auth_http_request(AUTH_URL, [], request))
+
+    def test_url_forms(self):
+        self.assertEqual(mp.parse_auth_http(["http://127.0.0.1:9000/auth"])[:2], ("127.0.0.1", "/auth"))
+        self.assertEqual(mp.parse_auth_http(["127.0.0.1"])[:2], ("127.0.0.1", "/"))
+        self.assertEqual(mp.parse_auth_http(["127.0.0.1"]).address[1], ("127.0.0.1", 80))
+        url = mp.parse_auth_http(["unix:/run/auth.sock:/check"])
+        self.assertEqual((url.host_header, url.uri, url.address[1]), ("localhost", "/check", "/run/auth.sock"))
+        with self.assertRaises(mp.ConfigValueError):
+            mp.parse_auth_http(["https://127.0.0.1/auth"])
+
+
+# Every byte that could break a header line or that nginx's escaping treats
+# specially: CR, LF, NUL, TAB, space, "%", quotes, backslash, 8-bit.
+HOSTILE_TEXT = "x\r\nForged: 1\0\t %\"'\\\u00e9"
+HOSTILE = HOSTILE_TEXT.encode("utf-8") + b"\xff"
+# As nginx sends it in Auth-User, Auth-Pass and Auth-SSL-Cert (NGX_ESCAPE_MAIL_AUTH).
+HOSTILE_ESCAPED = b"x%0D%0AForged:%201%00%09%20%25\"'\\\xc3\xa9\xff"
+# As nginx sends the other headers (unescaped), but CR, LF and NUL, which no
+# value nginx puts there holds, and which would end the line.
+HOSTILE_UNBROKEN = b"x%0D%0AForged: 1%00\t %\"'\\\xc3\xa9\xff"
+HOSTILE_TEXT_UNBROKEN = HOSTILE_UNBROKEN[:-1]
+
+
+REQUEST_SMTP = (b"helo.example", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>")
+REQUEST_TLS = ("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+REQUEST_FACTS = mp.CertificateFacts("SUCCESS", "CN=alice", "CN=CA", "01AB", "ff" * 20)
+
+
+class AuthHttpRequestHeaderTests(unittest.TestCase):
+    # header: (the request's fields given a text and a bytes value to carry,
+    # what nginx would send for the hostile value)
+    ROWS = {
+        "Host": (lambda text, data: {"url": AUTH_URL._replace(host_header=text)}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-Method": (lambda text, data: {"method": text}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-User": (lambda text, data: {"login": data}, HOSTILE_ESCAPED),
+        "Auth-Pass": (lambda text, data: {"password": data}, HOSTILE_ESCAPED),
+        "Auth-Salt": (lambda text, data: {"method": "cram-md5", "salt": data}, HOSTILE_UNBROKEN),
+        "Auth-Protocol": (lambda text, data: {"protocol": text}, HOSTILE_TEXT_UNBROKEN),
+        "Client-IP": (lambda text, data: {"client_ip": text}, HOSTILE_TEXT_UNBROKEN),
+        "Client-Host": (lambda text, data: {"client_host": text}, HOSTILE_TEXT_UNBROKEN),
+        "Proxy-Protocol-Addr": (lambda text, data: {"proxy_protocol": (text, 1, "192.0.2.9", 25)},
+                                HOSTILE_TEXT_UNBROKEN),
+        "Proxy-Protocol-Server-Addr": (lambda text, data: {"proxy_protocol": ("192.0.2.7", 1, text, 25)},
+                                       HOSTILE_TEXT_UNBROKEN),
+        "Auth-SMTP-Helo": (lambda text, data: {"method": "none", "smtp": (data,) + REQUEST_SMTP[1:]},
+                           HOSTILE_UNBROKEN),
+        "Auth-SMTP-From": (lambda text, data: {"method": "none", "smtp": (REQUEST_SMTP[0], data, REQUEST_SMTP[2])},
+                           HOSTILE_UNBROKEN),
+        "Auth-SMTP-To": (lambda text, data: {"method": "none", "smtp": REQUEST_SMTP[:2] + (data,)},
+                         HOSTILE_UNBROKEN),
+        "Auth-SSL-Protocol": (lambda text, data: {"tls": (text, REQUEST_TLS[1])}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Cipher": (lambda text, data: {"tls": (REQUEST_TLS[0], text)}, HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Verify": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(verify=text)},
+                            HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Subject": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(subject=text)},
+                             HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Issuer": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(issuer=text)},
+                            HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Serial": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(serial=text)},
+                            HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Fingerprint": (lambda text, data: {"tls": REQUEST_TLS,
+                                                     "certificate": REQUEST_FACTS._replace(fingerprint=text)},
+                                 HOSTILE_TEXT_UNBROKEN),
+        "Auth-SSL-Cert": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS, "certificate_pem": data},
+                          HOSTILE_ESCAPED),
+        "X-Custom": (lambda text, data: {"headers": [("X-Custom", text)]}, HOSTILE_TEXT_UNBROKEN),
+    }
+
+    def build(self, fields: dict) -> bytes:
+        fields = dict(fields)
+        url = fields.pop("url", AUTH_URL)
+        headers = fields.pop("headers", [("X-Custom", "v")])
+        return mp.build_auth_http_request(url, headers, auth_request(**fields))
+
+    def names(self, request: bytes) -> list:
+        """The request's header names, after checking that it ends with its
+        blank line and that no line holds a CR, LF or NUL."""
+        self.assertTrue(request.endswith(b"\r\n\r\n"), request)
+        lines = request[:-4].split(b"\r\n")
+        for line in lines:
+            self.assertNotRegex(line, rb"[\r\n\0]", "a line with CR, LF or NUL: %r" % line)
+        return [line.partition(b":")[0] for line in lines[1:]]
+
+    def test_every_header_keeps_its_line_whatever_it_carries(self):
+        # Before: Client-IP, Client-Host, Proxy-Protocol-*, Auth-SSL-*, Host
+        # and the rest went in as they came, so a CR LF in any of them wrote
+        # a header of its own.  Now each has exactly its line, with the bytes
+        # nginx sends (%XX where nginx escapes, the value as it is elsewhere)
+        # but for CR, LF and NUL.
+        for header, (fields, expected) in self.ROWS.items():
+            with self.subTest(header=header):
+                request = self.build(fields(HOSTILE_TEXT, HOSTILE))
+                self.assertEqual(self.names(request), self.names(self.build(fields("v", b"v"))))
+                self.assertIn(b"\r\n" + header.encode() + b": " + expected + b"\r\n", request)
+
+    def test_no_header_is_added_by_a_value(self):
+        everything = dict(login=HOSTILE, password=HOSTILE, method="none", protocol="smtp",
+                          client_ip=HOSTILE_TEXT, client_host=HOSTILE_TEXT,
+                          proxy_protocol=(HOSTILE_TEXT, 1, HOSTILE_TEXT, 2),
+                          smtp=(HOSTILE, HOSTILE, HOSTILE), tls=(HOSTILE_TEXT, HOSTILE_TEXT),
+                          certificate=mp.CertificateFacts(*[HOSTILE_TEXT] * 5),
+                          certificate_pem=HOSTILE, headers=[("X-Custom", HOSTILE_TEXT)])
+        request = self.build(everything)
+        self.assertEqual(self.names(request), [
+            b"Host", b"Auth-Method", b"Auth-User", b"Auth-Pass", b"Auth-Protocol",
+            b"Auth-Login-Attempt", b"Client-IP", b"Client-Host", b"Proxy-Protocol-Addr",
+            b"Proxy-Protocol-Port", b"Proxy-Protocol-Server-Addr", b"Proxy-Protocol-Server-Port",
+            b"Auth-SMTP-Helo", b"Auth-SMTP-From", b"Auth-SMTP-To", b"Auth-SSL", b"Auth-SSL-Protocol",
+            b"Auth-SSL-Cipher", b"Auth-SSL-Verify", b"Auth-SSL-Subject", b"Auth-SSL-Issuer",
+            b"Auth-SSL-Serial", b"Auth-SSL-Fingerprint", b"Auth-SSL-Cert", b"X-Custom"])
+        self.assertTrue(request.startswith(b"GET /mail/auth HTTP/1.0\r\n"))
+        with self.assertRaises(ValueError):
+            mp.auth_http_header("X-Bad\r\nForged", "v")
+
+    def test_an_ipv6_auth_server_keeps_its_brackets_in_host(self):
+        # nginx's ngx_parse_url keeps the brackets in u.host (RFC 7230 §5.4).
+        for url, port in (("http://[::1]:9000/auth", 9000), ("[::1]/auth", 80)):
+            parsed = mp.parse_auth_http([url])
+            self.assertEqual((parsed.host_header, parsed.address[1][1], parsed.text),
+                             ("[::1]", port, "[::1]:%d" % port))
+            self.assertTrue(mp.build_auth_http_request(parsed, [], auth_request()).startswith(
+                b"GET /auth HTTP/1.0\r\nHost: [::1]\r\nAuth-Method: plain\r\n"))
+
+
+class AuthHttpResponseTests(unittest.TestCase):
+    def parse(self, response, protocol="imap", have_password=True):
+        """Parse ``response`` whole and split at every byte: same result."""
+        results = []
+        for split in range(1, len(response) + 1):
+            parser = mp.AuthHttpParser()
+            first = parser.receive_data(response[:split])
+            result = first if first is not None else parser.receive_data(response[split:] or b"")
+            results.append(result)
+        self.assertTrue(all(result == results[-1] for result in results))
+        return mp.interpret_auth_response(results[-1], protocol, have_password)
+
+    def test_ok_with_overrides(self):
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.2\r\n"
+                             b"Auth-Port: 1143\r\nAuth-User: bob%20x\r\nAuth-Pass: p w\r\n\r\nbody")
+        self.assertEqual((verdict.kind, verdict.login, verdict.password), ("ok", b"bob%20x", b"p w"))
+        self.assertEqual(verdict.upstream.addresses, ((socket.AF_INET, ("127.0.0.2", 1143)),))
+
+    def test_status_code_ignored_bare_lf_no_status_line_case_insensitive(self):
+        verdict = self.parse(b"auth-status:   OK  \nAUTH-SERVER: ::1\nauth-port: 143\n\n")
+        self.assertEqual(verdict.upstream.addresses[0], (socket.AF_INET6, ("::1", 143)))
+        verdict = self.parse(b"HTTP/1.0 500 Nope\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.1\r\n"
+                             b"Auth-Port: 25\r\n\r\n", "smtp", False)
+        self.assertEqual(verdict.kind, "ok")
+
+    def test_wait_and_failures(self):
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: WAIT\r\nAuth-Wait: 3\r\n\r\n")
+        self.assertEqual((verdict.kind, verdict.wait), ("wait", 3))
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n"
+                             b"Auth-Wait: 2\r\nAuth-Error-Code: 550 5.7.1\r\n\r\n", "smtp")
+        self.assertEqual((verdict.kind, verdict.text, verdict.wait, verdict.error_code),
+                         ("fail", b"Invalid login or password", 2, b"550 5.7.1"))
+        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: No\r\nAuth-Wait: x\r\n"
+                             b'Auth-Error-SASL: {"status":"invalid_token"}\r\n\r\n')
+        self.assertEqual((verdict.wait, verdict.sasl_error), (0, b'{"status":"invalid_token"}'))
+
+    def test_bad_answers_have_nginx_messages(self):
+        cases = [(b"Auth-Status: OK\r\nAuth-Port: 143\r\n\r\n", "did not send server or port"),
+                 (b"Auth-Status: OK\r\nAuth-Server: mail.example\r\nAuth-Port: 143\r\n\r\n",
+                  'sent invalid server address:"mail.example"'),
+                 (b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0\r\n\r\n",
+                  'sent invalid server port:"0"'),
+                 (b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 70000\r\n\r\n",
+                  "invalid server port")]
+        for response, message in cases:
+            with self.assertRaises(mp.AuthHttpError) as caught:
+                self.parse(response)
+            self.assertIn(message, str(caught.exception))
+        with self.assertRaises(mp.AuthHttpError) as caught:
+            self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 143\r\n\r\n",
+                       have_password=False)
+        self.assertIn("did not send password", str(caught.exception))
+
+    def test_oversized_junk_and_early_end(self):
+        big = b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nX-Pad: " + b"x" * 1000 + b"\r\n\r\n"
+        self.assertGreater(len(big), 1024)
+        with self.assertRaises(mp.AuthHttpError) as caught:
+            mp.AuthHttpParser().receive_data(big)
+        self.assertIn("too long", str(caught.exception))
+        for junk in (b"HTTP/1.0 200 OK\r\nno colon here\r\n\r\n", b"Auth Status: OK\r\n\r\n",
+                     b"Auth-Status: OK\rX\r\n\r\n"):
+            with self.assertRaises(mp.AuthHttpError):
+                mp.AuthHttpParser().receive_data(junk)
+        parser = mp.AuthHttpParser()
+        self.assertIsNone(parser.receive_data(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"))
+        with self.assertRaises(mp.AuthHttpError):
+            parser.receive_data(b"")
+
+    def test_extension_headers(self):
+        verdict = self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
+                             b"Auth-Backend-TLS: STARTTLS\r\nAuth-SMTP-Auth: login\r\n\r\n", "smtp")
+        self.assertEqual((verdict.backend_tls, verdict.smtp_auth), ("starttls", "login"))
+        with self.assertRaises(mp.AuthHttpError):
+            self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
+                       b"Auth-Backend-TLS: maybe\r\n\r\n", "smtp")
+
+
+class AuthHttpLinearWorkTests(LinearWorkTestCase):
+    def test_auth_http_response(self):
+        def run(size):
+            response = b"HTTP/1.0 200 OK\r\nAuth-Status: " + b"x" * size + b"\r\n\r\n"
+            parsed = feed_byte_by_byte(mp.AuthHttpParser().receive_data, response)
+            self.assertEqual(parsed[0].headers["auth-status"], b"x" * size)
+        self.assert_linear(run, 200)
+
+
+# ========================================================================== #
+# ####                          Backend login                           #### #
+# ========================================================================== #
+# The login scripts per protocol and setting (asserted as data, then run
+# against scripted replies), PROXY headers, XCLIENT, escaping of what a peer
+# chose; end to end: backends that fail, refuse or misbehave, the proxy's own
+# SMTP AUTH to the backend, and the PROXY header it sends.
 
 def run_script(script, replies, tag=b"", limit=4096):
     """Drive BackendLogin with the backend's replies; returns (sent, events)."""
@@ -2587,53 +4559,675 @@ class BackendLoginTests(unittest.TestCase):
             self.assertIs(again.exception, refused.exception)
 
 
-# ########################################################################## #
-#                                 TLS layer                                  #
-# ########################################################################## #
+# -- SMTP: XCLIENT, HELO or EHLO, AUTH ----------------------------------------------
 
-class CertificateFiles:
-    """A test class's copy of the test certificates (write_tls_files) in a
-    temporary directory, made once per class, and what tests make of them:
-    paths, server settings, client contexts, a fake backend's context."""
+def facts(**overrides):
+    values = dict(client_address="192.0.2.7", client_name="[UNAVAILABLE]", helo=None,
+                  esmtp=False, login=b"alice", password=b"secret", method="plain",
+                  mail_from=None, rcpt_to=None)
+    values.update(overrides)
+    return mp.SmtpFacts(**values)
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.tls_directory = tempfile.TemporaryDirectory(prefix="mailproxy-tls-")
-        write_tls_files(cls.tls_directory.name)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.tls_directory.cleanup()
-        super().tearDownClass()
+def smtp_settings(**overrides):
+    return server_settings("smtp", **overrides)
 
-    def tls_path(self, name: str) -> str:
-        return os.path.join(self.tls_directory.name, name)
 
-    def tls_settings(self, protocol="imap", **overrides) -> mp.Settings:
-        """server_settings with the server certificate (mail.example.com)."""
-        values = dict(ssl_certificate=[self.tls_path("server.crt")],
-                      ssl_certificate_key=[self.tls_path("server.key")])
-        values.update(overrides)
-        return server_settings(protocol, **values)
+E220, E250, E235 = (mp.Expect("smtp", codes=(b"220",)), mp.Expect("smtp", codes=(b"250",)),
+                    mp.Expect("smtp", codes=(b"235",)))
+EXCLIENT = mp.Expect("smtp", codes=(b"220", b"250"))
 
-    def client_context(self, certificate: str = "", alpn=None, ca: str = "ca.crt") -> ssl.SSLContext:
-        """A client's context that trusts ``ca``, sends ``certificate`` (a
-        name: its .crt and .key files) if one is named and offers ``alpn``."""
-        context = ssl.create_default_context(cafile=self.tls_path(ca))
-        if certificate:
-            context.load_cert_chain(self.tls_path(certificate + ".crt"),
-                                    self.tls_path(certificate + ".key"))
-        if alpn:
-            context.set_alpn_protocols(alpn)
-        return context
 
-    def backend_server_context(self, name: str = "server") -> ssl.SSLContext:
-        """A fake backend's server context, with the certificate ``name``."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.tls_path(name + ".crt"), self.tls_path(name + ".key"))
-        return context
+class SmtpBackendScriptTests(unittest.TestCase):
+    def test_xtext(self):
+        self.assertEqual(mp.xtext(b"a+b=c d\x01\x7f\xc3\xa9"), b"a+2Bb+3Dc+20d+01+7F+C3+A9")
+        self.assertEqual(mp.xtext(b"[UNAVAILABLE]"), b"[UNAVAILABLE]")
 
+    def test_xclient_command(self):
+        self.assertEqual(mp.xclient_command("192.0.2.7", b"al ice+", "[UNAVAILABLE]"),
+                         b"XCLIENT ADDR=192.0.2.7 LOGIN=al+20ice+2B NAME=[UNAVAILABLE]\r\n")
+        self.assertEqual(mp.xclient_command("2001:db8::1", b"", "host.example"),
+                         b"XCLIENT ADDR=IPV6:2001:db8::1 NAME=host.example\r\n")
+
+    def test_every_combination(self):
+        """xclient on/off × HELO/EHLO/neither × none or not × proxy_smtp_auth on/off."""
+        for xclient in (True, False):
+            for helo in (None, b"HELO", b"EHLO"):
+                for none in (False, True):
+                    for backend_auth in (False, True):
+                        with self.subTest(xclient=xclient, helo=helo, none=none, auth=backend_auth):
+                            self.check_script(xclient, helo, none, backend_auth)
+
+    def check_script(self, xclient, helo, none, backend_auth):
+        settings = smtp_settings(xclient=xclient, proxy_smtp_auth=backend_auth)
+        login = b"" if none else b"alice"
+        f = facts(helo=b"client.example" if helo else None, esmtp=helo == b"EHLO", login=login,
+                  password=b"" if none else b"secret", method="none" if none else "plain",
+                  mail_from=b"MAIL FROM:<a@b>" if none else None,
+                  rcpt_to=b"RCPT TO:<c@d>" if none else None)
+        hello = b"EHLO" if xclient or helo == b"EHLO" else b"HELO"
+        expected = [E220, mp.Send(hello + b" mail.test\r\n"), E250]
+        if xclient:
+            shown = b"" if (backend_auth and not none) or none else b" LOGIN=alice"
+            expected += [mp.Send(b"XCLIENT ADDR=192.0.2.7" + shown + b" NAME=[UNAVAILABLE]\r\n"), EXCLIENT]
+            if helo:
+                expected += [mp.Send(helo + b" client.example\r\n"), E250]
+        if backend_auth and not none:
+            expected += [mp.Send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n"), E235]
+        if none:
+            expected += [mp.Send(b"MAIL FROM:<a@b>\r\n"), E250, mp.Send(b"RCPT TO:<c@d>\r\n"),
+                         mp.Expect("smtp", relay=True)]
+        self.assertEqual(mp.smtp_login_script(settings, f), expected)
+        # ... and the script runs against a backend that says yes to everything.
+        replies = []
+        for step in expected:
+            if isinstance(step, mp.Expect):
+                code = (step.codes or (b"250",))[-1]
+                replies.append(code + b"-first line\r\n" + code + b" done\r\n")
+        sent, events, _ = run_script(expected, replies)
+        self.assertEqual(sent, b"".join(step.data for step in expected if isinstance(step, mp.Send)))
+        self.assertEqual(len(events), 1)
+
+    def test_auth_login_extension(self):
+        script = mp.smtp_login_script(smtp_settings(xclient=False, proxy_smtp_auth=True,
+                                                    proxy_smtp_auth_method="login"), facts())
+        self.assertEqual(script[3:], [
+            mp.Send(b"AUTH LOGIN\r\n"), mp.Expect("smtp", codes=(b"334",)),
+            mp.Send(b64(b"alice") + b"\r\n"), mp.Expect("smtp", codes=(b"334",)),
+            mp.Send(b64(b"secret") + b"\r\n"), E235])
+
+    def test_relayed_rcpt_reply_even_a_refusal(self):
+        script = mp.smtp_login_script(smtp_settings(xclient=False), facts(
+            login=b"", method="none", mail_from=b"MAIL FROM:<a@b>", rcpt_to=b"RCPT TO:<c@d>"))
+        sent, events, _ = run_script(script, [b"220 hi\r\n", b"250-x\r\n250 y\r\n", b"250 ok\r\n",
+                                              b"550-5.1.1 no such\r\n550 5.1.1 user\r\n"])
+        self.assertEqual(events, [mp.LoginDone(b"550-5.1.1 no such\r\n550 5.1.1 user\r\n")])
+
+    def test_unexpected_code_is_an_error_with_the_whole_reply(self):
+        script = mp.smtp_login_script(smtp_settings(), facts())
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(script, [b"220 hi\r\n", b"250 ok\r\n", b"550-no\r\n550 XCLIENT denied\r\n"])
+        self.assertEqual(caught.exception.line, b"550-no\r\n550 XCLIENT denied\r\n")
+        with self.assertRaises(mp.BackendError):
+            run_script(script, [b"554 go away\r\n"])
+
+
+class BackendStartTlsScriptTests(unittest.TestCase):
+    def test_imap_starttls_before_login(self):
+        script = mp.imap_login_script(b"a1 ", b"alice", b"secret", starttls=True)
+        self.assertEqual(script[:4], [mp.Expect("imap-greeting"), mp.Send(b"S1 STARTTLS\r\n"),
+                                      mp.Expect("imap-tagged", tag=b"S1 "), mp.TlsStep()])
+        login = mp.BackendLogin(script, b"a1 ")
+        self.assertEqual(login.receive_data(b"* OK hi\r\n"), [])
+        self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
+        # A line injected behind the yes must not be taken as the next answer.
+        self.assertEqual(login.receive_data(b"S1 OK begin\r\n+ injected\r\n"), [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"a1 LOGIN {5}\r\n")
+        self.assertEqual(login.trailing_data, b"")
+
+    def test_smtp_starttls_then_ehlo_again(self):
+        script = mp.smtp_login_script(server_settings("smtp", proxy_starttls=True, xclient=False), facts())
+        self.assertEqual(script[3:8], [mp.Send(b"STARTTLS\r\n"), mp.Expect("smtp", codes=(b"220",)),
+                                       mp.TlsStep(), mp.Send(b"EHLO mail.test\r\n"), E250])
+
+
+# -- PROXY protocol headers ---------------------------------------------------------
+
+class ProxyProtocolTests(unittest.TestCase):
+    def test_v1(self):
+        header = mp.proxy_protocol_v1(("192.0.2.1", 5555), ("127.0.0.1", 143))
+        self.assertEqual(header, b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 143\r\n")
+        self.assertEqual(mp.proxy_protocol_v1(("2001:db8::1", 1), ("::1", 2)),
+                         b"PROXY TCP6 2001:db8::1 ::1 1 2\r\n")
+        self.assertEqual(mp.proxy_protocol_v1(("192.0.2.1", 1), ("::1", 2)), b"PROXY UNKNOWN\r\n")
+
+    def test_v2_bytes(self):
+        header = mp.proxy_protocol_v2(("192.0.2.1", 5555), ("127.0.0.1", 143))
+        self.assertEqual(header, b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+                         b"\xc0\x00\x02\x01\x7f\x00\x00\x01\x15\xb3\x00\x8f")
+        self.assertEqual(mp.proxy_protocol_v2(("192.0.2.1", 1), ("::1", 2)),
+                         b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")       # LOCAL
+
+    def test_v2_tls_tlvs_round_trip(self):
+        tls = mp.ProxyTls("TLSv1.3", "TLS_AES_256_GCM_SHA384", "mail.example.org", "imap", "alice", True)
+        parsed = mp.parse_proxy_header(mp.proxy_protocol_v2(("2001:db8::7", 40000), ("::1", 993), tls))
+        self.assertEqual((parsed.source, parsed.destination), (("2001:db8::7", 40000), ("::1", 993)))
+        self.assertEqual(parsed.tlvs[mp.PP2_TYPE_ALPN], b"imap")
+        self.assertEqual(parsed.tlvs[mp.PP2_TYPE_AUTHORITY], b"mail.example.org")
+        ssl_tlv = parsed.tlvs[mp.PP2_TYPE_SSL]
+        self.assertEqual(ssl_tlv[0], mp.PP2_CLIENT_SSL | mp.PP2_CLIENT_CERT_CONN)
+        self.assertIn(b"\x21\x00\x07TLSv1.3", ssl_tlv)
+        self.assertIn(b"\x23\x00\x16TLS_AES_256_GCM_SHA384", ssl_tlv)
+
+    def test_parse_needs_more_at_every_truncation(self):
+        for header in (mp.proxy_protocol_v1(("192.0.2.1", 5555), ("127.0.0.1", 143)),
+                       mp.proxy_protocol_v2(("192.0.2.1", 5555), ("127.0.0.1", 143),
+                                            mp.ProxyTls("TLSv1.2", "X", "n", "imap"))):
+            for size in range(len(header)):
+                self.assertIsNone(mp.parse_proxy_header(header[:size]), size)
+            parsed = mp.parse_proxy_header(header + b"a1 LOGIN")
+            self.assertEqual((parsed.source, parsed.length), (("192.0.2.1", 5555), len(header)))
+
+    def test_unknown_local_and_other_families(self):
+        self.assertEqual(mp.parse_proxy_header(b"PROXY UNKNOWN\r\n").source, None)
+        self.assertEqual(mp.parse_proxy_header(b"PROXY UNKNOWN 1 2 3 4\r\nX").length, 23)
+        local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+        self.assertEqual(mp.parse_proxy_header(local), mp.ProxyHeader(None, None, 16))
+        unix = b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\xd8" + b"\x00" * 216
+        self.assertEqual(mp.parse_proxy_header(unix).source, None)
+
+    def test_bad_headers(self):
+        bad = [b"GET / HTTP/1.0\r\n", b"PROXY TCP4 192.0.2.1 127.0.0.1 5555\r\n",
+               b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n", b"PROXY TCP4 192.0.2.1 127.0.0.1 99999 2\r\n",
+               b"PROXY TCP4 192.0.2.1 127.0.0.1 01 2\r\n", b"PROXY TCP5 a b 1 2\r\n",
+               b"PROXY " + b"x" * 120, b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
+               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",
+               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04" + b"\x00" * 4,
+               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x10" + b"\x00" * 12 + b"\x20\x00\x09\x00"]
+        for header in bad:
+            with self.assertRaises(mp.ProxyHeaderError, msg=header):
+                mp.parse_proxy_header(header)
+
+    def test_real_ip_trust(self):
+        trusted = mp.parse_real_ip_from(["10.0.0.0/8"]) + mp.parse_real_ip_from(["::1"])
+        self.assertTrue(mp.real_ip_trusted("10.1.2.3", trusted))
+        self.assertTrue(mp.real_ip_trusted("::1", trusted))
+        self.assertFalse(mp.real_ip_trusted("192.0.2.1", trusted))
+        self.assertTrue(mp.real_ip_trusted("unix:", mp.parse_real_ip_from(["unix:"])))
+        self.assertFalse(mp.real_ip_trusted("unix:", trusted))
+
+    def test_a_proxy_header_with_a_scope_id_is_refused(self):
+        for header in (b"PROXY TCP6 fe80::1%eth0 ::1 1234 25\r\n",
+                       b"PROXY TCP6 fe80::1%x\nAuth-Status:\x01 ::1 1 2\r\n"):
+            with self.assertRaises(mp.ProxyHeaderError, msg=header):
+                mp.parse_proxy_header(header)
+
+
+# -- one escaping path per destination, linear work ---------------------------------
+
+class BackendLoginEscapingTests(unittest.TestCase):
+    """Every byte a peer chooses (a login, a password) reaches the backend
+    through one function, and no byte can end a line, a field or a string
+    there early (issue 12).  The auth_http headers have their own table, with
+    the request tests in "Authentication"."""
+
+    def test_xtext_for_xclient(self):
+        """RFC 3461 §4: "+", "=" and bytes outside 0x21-0x7E as +XX."""
+        for byte in HOSTILE_BYTES:
+            value = b"a" + byte + b"b"
+            expected = b"a" + b"".join(b"+%02X" % c if c < 0x21 or c > 0x7E or c in b"+=" else bytes([c])
+                                       for c in byte) + b"b"
+            self.assertEqual(mp.xtext(value), expected, byte)
+            line = mp.xclient_command("192.0.2.7", value, "host.example")
+            self.assertEqual(line.count(b"\r\n"), 1, byte)
+            self.assertTrue(line.endswith(b"NAME=host.example\r\n"))
+            self.assertRegex(line[:-2], rb"^XCLIENT ADDR=192\.0\.2\.7 LOGIN=[\x21-\x7e]+ NAME=")
+
+    def test_imap_literals_carry_any_byte(self):
+        """The backend LOGIN sends login and password as literals: whatever
+        they hold, the command cannot end early (RFC 3501 §4.3)."""
+        for byte in HOSTILE_BYTES:
+            login, password = b"u" + byte + b"\r\nx LOGOUT", byte + b"p"
+            script = mp.imap_login_script(b"a1 ", login, password)
+            sent = b"".join(step.data for step in script if isinstance(step, mp.Send))
+            self.assertEqual(sent, b"a1 LOGIN {%d}\r\n" % len(login) + login +
+                             b" {%d}\r\n" % len(password) + password + b"\r\n", byte)
+
+    def test_pop3_arguments_cannot_hold_line_ends(self):
+        """POP3 has no quoting: a login or password holding CR, LF or NUL
+        cannot be sent (the session refuses the login); anything else can."""
+        for byte in HOSTILE_BYTES:
+            self.assertEqual(mp.pop3_can_send(b"u" + byte, b"p"), byte not in (b"\r", b"\n", b"\0"), byte)
+            self.assertEqual(mp.pop3_can_send(b"u", b"p" + byte), byte not in (b"\r", b"\n", b"\0"), byte)
+
+
+class BackendLoginLinearWorkTests(LinearWorkTestCase):
+    def test_backend_login_reply(self):
+        def run(size):
+            login = mp.BackendLogin(mp.pop3_login_script(b"u", b"p"), b"", size + 64)
+            feed_byte_by_byte(login.receive_data, b"+OK " + b"x" * size + b"\r\n")
+            self.assertEqual(login.data_to_send(), b"USER u\r\n")
+        self.assert_linear(run, 4096)
+
+    def test_proxy_protocol_v2_header(self):
+        def run(size):
+            header = proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143, tlvs=b"\xe0" + struct.pack(
+                "!H", size) + b"t" * size)
+            parsed = feed_byte_by_byte(mp.ProxyHeaderReader().receive_data, header + b"a1 NOOP\r\n")
+            self.assertEqual(parsed[0].source, ("192.0.2.7", 40000))
+        self.assert_linear(run, 900)
+
+
+# -- end to end: when the backend fails ---------------------------------------------
+
+class BackendFailureTests(EndToEndTestCase):
+    def test_backend_down_imap(self):
+        port = free_port()                                   # nobody listens there
+        proxy = self.start_proxy("imap", port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] .*connect\(\) failed \(111: Connection refused\) "
+                           r"while connecting to upstream, .*upstream: 127\.0\.0\.1:%d" % port)
+
+    def test_backend_down_pop3(self):
+        port = free_port()
+        proxy = self.start_proxy("pop3", port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"connect\(\) failed .*upstream: 127\.0\.0\.1:%d" % port)
+
+    def test_backend_refuses_login_imap(self):
+        backend = self.use(FakeImapBackend(mode="refuse"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")     # not the backend's words
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "a1 NO \[AUTHENTICATIONFAILED\] bad"')
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_backend_refuses_login_imap_with_proxy_pass_error_message(self):
+        backend = self.use(FakeImapBackend(mode="refuse"))
+        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 NO \[AUTHENTICATIONFAILED\] bad\r\n$")
+        client.expect_closed()
+
+    def test_backend_refuses_login_pop3(self):
+        backend = self.use(FakePop3Backend(mode="refuse"))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "-ERR \[AUTH\] bad"')
+
+    def test_backend_refuses_login_pop3_with_proxy_pass_error_message(self):
+        backend = self.use(FakePop3Backend(mode="refuse"))
+        proxy = self.start_proxy("pop3", backend.port, proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR \[AUTH\] bad\r\n$")
+        client.expect_closed()
+
+    def test_backend_bad_greeting(self):
+        backend = self.use(FakeImapBackend(mode="bad-greeting"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
+
+    def test_backend_closes_at_once(self):
+        backend = self.use(FakePop3Backend(mode="close"))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream prematurely closed connection")
+
+    def test_backend_stalls(self):
+        backend = self.use(FakeImapBackend(mode="stall"))
+        proxy = self.start_proxy("imap", backend.port, timeout="1s")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 2.5)
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] .*upstream timed out .*upstream: 127\.0\.0\.1:%d"
+                           % backend.port)
+
+
+# -- end to end: hostile backends (issue 12) ----------------------------------------
+
+
+# Backends that answer ahead of the question, announce literals, or change
+# their mind after a refusal.  Whatever they say, the client is logged in
+# only by the reply to the proxy's last login command.
+
+class HostileBackendTests(EndToEndTestCase):
+    def test_a_literal_in_the_greeting_is_an_internal_error(self):
+        """nginx 1.22 answers this with the internal error too."""
+        backend = self.use(ScriptedBackend(b"* OK {99999999999}\r\n", 1,
+                                           b"a1 OK LOGIN completed\r\n"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r'\[error\] .*upstream sent a literal in its login response: '
+                           r'"\* OK \{99999999999\}"')
+        self.assertEqual(bytes(backend.received[0]), b"")     # no LOGIN was ever sent
+
+    def test_pop3_replies_sent_with_the_greeting_do_not_log_in(self):
+        backend = self.use(ScriptedBackend(
+            b"+OK ready\r\n+OK user accepted\r\n+OK logged in\r\n", 1,
+            b"-ERR [AUTH] who are you\r\n"))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\n")
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream sent data before the command it answers")
+        self.assertFalse(re.search(r"client logged in", proxy.log))
+
+    def test_smtp_replies_sent_ahead_do_not_turn_a_refusal_into_a_login(self):
+        """In one segment with the greeting, "250" for EHLO, and ahead of
+        time "250"s for XCLIENT and the second EHLO; the real answer to
+        XCLIENT is a refusal."""
+        backend = self.use(ScriptedBackend(
+            b"220 ready\r\n250 hello\r\n250 fine\r\n250 hello again\r\n", 2,
+            b"550 5.7.0 XCLIENT denied\r\n"))
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^220 ")
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        client.expect(rb"^451 4\.3\.2 Internal server error\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream sent data before the command it answers")
+        self.assertNotIn(b"XCLIENT", bytes(backend.received[0]))
+
+    def test_after_a_refusal_the_backend_is_not_read_again(self):
+        """proxy_pass_error_message on: the refusal goes to the client, and
+        the backend connection is closed at once, before the client has read
+        it (here 16 MB of it, which a client with a small receive buffer
+        reads slowly): a later "OK" from the backend must not log in."""
+        refusal = b"a1 NO refused by the backend " + b"x" * (16 * MEGABYTE) + b"\r\n"
+        backend = self.use(ScriptedBackend(b"* OK ready\r\n", 1, b"+ go\r\n", 1, b"+ go\r\n",
+                                           1, refusal, 0.3, b"a1 OK logged in after all\r\n"))
+        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on",
+                                 proxy_buffer="32m")
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"a1 LOGIN alice secret\r\n")
+        wait_until(lambda: backend.hung_up, what="the backend's connection")
+        self.assertTrue(backend.hung_up[0].wait(5),
+                        "the proxy kept the refusing backend's connection open")
+        sock.settimeout(10)
+        received = bytearray()
+        while True:
+            data = sock.recv(MEGABYTE)
+            if not data:
+                break
+            received += data
+        self.assertEqual(bytes(received), b"* OK IMAP4 ready\r\n" + refusal)
+        self.assertNotIn("client logged in", proxy.log)
+
+
+# -- end to end: proxy_smtp_auth, the proxy logs in to the backend itself -----------
+
+class SmtpEndToEndBackendAuthTests(EndToEndTestCase):
+    def test_auth_plain_without_xclient(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        client.send("MAIL FROM:<alice@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
+                         b"MAIL FROM:<alice@example.com>\r\nQUIT\r\n")
+        self.assertNotIn(b"XCLIENT", bytes(backend.received[0]))
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_auth_login_method_and_a_helo_client(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on",
+                                 proxy_smtp_auth_method="login")
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        client.send("HELO client.example")
+        self.assertEqual(client.read_line(), b"250 mail.test\r\n")
+        client.send("AUTH LOGIN")
+        self.assertEqual(client.read_line(), b"334 VXNlcm5hbWU6\r\n")
+        client.send("YWxpY2U=")
+        self.assertEqual(client.read_line(), b"334 UGFzc3dvcmQ6\r\n")
+        client.send("c2VjcmV0")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")   # ours, not the backend's 235 2.7.0
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        # The client said HELO and xclient is off: HELO server_name.
+        self.assertEqual(bytes(backend.received[0]),
+                         b"HELO mail.test\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nQUIT\r\n")
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_with_xclient_the_login_is_left_out_of_xclient(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nQUIT\r\n")
+
+    def test_backend_refusing_the_proxys_auth(self):
+        backend = self.use(FakeSmtpBackend(mode="refuse"))
+        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "535 5\.7\.8 Error: authentication failed"')
+
+
+# -- end to end: the backend refuses XCLIENT ----------------------------------------
+
+class SmtpEndToEndBackendRefusalTests(EndToEndTestCase):
+    REFUSAL = b"550-5.7.0 XCLIENT denied\r\n550 5.7.0 Not authorized\r\n"
+
+    def refused(self, **mail):
+        backend = self.use(FakeSmtpBackend(xclient_reply=self.REFUSAL))
+        proxy = self.start_proxy("smtp", backend.port, **mail)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nMAIL FROM:<a@b>\r\n")
+        return backend, proxy, client
+
+    def test_internal_error(self):
+        backend, proxy, client = self.refused()
+        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r'upstream sent invalid response: "550-5\.7\.0 XCLIENT denied\\x0d\\x0a'
+                           r'550 5\.7\.0 Not authorized" while reading response from upstream')
+        wait_until(lambda: not proxy.sessions(), what="the session to end")
+        # Nothing after XCLIENT: not the client's EHLO, not its pipelined MAIL.
+        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\n" + smtp_xclient())
+
+    def test_proxy_pass_error_message(self):
+        backend, proxy, client = self.refused(proxy_pass_error_message="on")
+        self.assertEqual(client.read_exactly(len(self.REFUSAL)), self.REFUSAL)
+        client.expect_closed()
+        wait_until(lambda: not proxy.sessions(), what="the session to end")
+        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\n" + smtp_xclient())
+
+
+# -- end to end: the PROXY header to the backend ------------------------------------
+
+class ProxyProtocolEndToEndOutTests(EndToEndTestCase):
+    def test_v1_header_before_the_greeting(self):
+        backend = self.use(FakeImapBackend(proxy_header=True))
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_protocol="on")
+        client = self.connect(proxy)
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        header = b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (client_port, proxy.port)
+        self.assertEqual(backend.headers, [header])
+        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_v2_header(self):
+        backend = self.use(FakeImapBackend(proxy_header=True))
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_protocol="v2")
+        client = self.connect(proxy)
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        header = proxy_v2_header("127.0.0.1", client_port, "127.0.0.1", proxy.port)
+        self.assertEqual(backend.headers, [header])
+        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
+        parsed = mp.parse_proxy_header(header)
+        self.assertEqual(parsed.source, ("127.0.0.1", client_port))
+        self.assertEqual(parsed.destination, ("127.0.0.1", proxy.port))
+        self.assertEqual(parsed.length, len(header))
+
+    def v2_over_tls(self, server_hostname, alpn=None):
+        backend = self.use(FakeImapBackend(proxy_header=True))
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "ssl", proxy_protocol="v2",
+                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+        client = self.tls_connect(proxy, hostname=server_hostname,
+                                  context=self.client_context(alpn=alpn))
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        header = backend.headers[0]
+        parsed = mp.parse_proxy_header(header)
+        self.assertEqual(parsed.source, ("127.0.0.1", client_port))
+        self.assertEqual(parsed.destination, ("127.0.0.1", proxy.port))
+        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
+        self.assertEqual(header[:16], mp.PROXY_V2_SIGNATURE + b"\x21\x11" +
+                         struct.pack("!H", len(header) - 16))
+        tlvs = parse_tlvs(header[28:])
+        ssl_value = tlvs[0x20]
+        self.assertEqual(ssl_value[:5], b"\x01\x00\x00\x00\x00")   # PP2_CLIENT_SSL, verified 0
+        sub = parse_tlvs(ssl_value[5:])
+        self.assertEqual(sub[0x21], client.sock.version().encode())
+        self.assertEqual(sub[0x23], client.sock.cipher()[0].encode())
+        # The auth request said the same of the TLS.
+        self.assertEqual(auth.requests, [auth_request_bytes(after=b"Auth-SSL: on\r\nAuth-SSL-Protocol: " +
+                                                    sub[0x21] + b"\r\nAuth-SSL-Cipher: " +
+                                                    sub[0x23] + b"\r\n")])
+        return tlvs
+
+    def test_v2_header_for_a_tls_client_with_sni_and_alpn(self):
+        tlvs = self.v2_over_tls("mail.example.com", alpn=["imap"])
+        self.assertEqual(tlvs[0x02], b"mail.example.com")           # AUTHORITY
+        self.assertEqual(tlvs[0x01], b"imap")                       # ALPN
+
+    def test_v2_header_for_a_tls_client_without_sni(self):
+        tlvs = self.v2_over_tls("127.0.0.1")                        # no SNI for an address
+        self.assertNotIn(0x02, tlvs)
+        self.assertNotIn(0x01, tlvs)
+
+
+# ========================================================================== #
+# ####                           DNS messages                           #### #
+# ========================================================================== #
+# The DNS query builder and answer parser: compression, malformed answers,
+# CNAME chains, host name checks.  (The resolver is in "Outbound clients".)
+
+class DnsMessageTests(unittest.TestCase):
+    def test_query_bytes(self):
+        self.assertEqual(mp.dns_query(0x1234, "mail.example", mp.DNS_A),
+                         b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+                         b"\x04mail\x07example\x00\x00\x01\x00\x01")
+        self.assertEqual(mp.reverse_dns_name("192.0.2.7"), "7.2.0.192.in-addr.arpa")
+
+    def test_compressed_names(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        # The answer's name is a pointer to the question's name (offset 12).
+        response = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, "192.0.2.1")])
+        answer = mp.parse_dns_answer(response, 1, "a.example", mp.DNS_A)
+        self.assertEqual(mp.dns_values(answer, "a.example", mp.DNS_A), (["192.0.2.1"], 300))
+
+    def test_compression_loops_and_forward_pointers_are_errors(self):
+        for name in (b"\xc0\x0c", b"\x01a\xc0\x0e", b"\xc0\xff"):
+            data = b"\0" * 12 + name
+            with self.assertRaises(mp.DnsError):
+                mp.read_dns_name(data, 12)
+
+    def test_malformed_answers(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        good = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, "192.0.2.1")])
+        for bad in (b"", good[:11], good[:-2], good[:-5] + b"\xff" * 5,
+                    dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, b"\x01\x02")])):
+            with self.assertRaises(mp.DnsError, msg=bad):
+                mp.parse_dns_answer(bad, 1, "a.example", mp.DNS_A)
+
+    def test_answers_to_other_questions_are_ignored(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        self.assertIsNone(mp.parse_dns_answer(dns_response(query, qid=2), 1, "a.example", mp.DNS_A))
+        self.assertIsNone(mp.parse_dns_answer(query, 1, "a.example", mp.DNS_A))   # not a response
+        self.assertIsNone(mp.parse_dns_answer(dns_response(query), 1, "b.example", mp.DNS_A))
+
+    def test_cname_chain(self):
+        query = mp.dns_query(1, PTR_127_0_0_1, mp.DNS_PTR)
+        response = dns_response(query, [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.0/24.0.0.127.in-addr.arpa"),
+            dns_record(dns_name("1.0/24.0.0.127.in-addr.arpa"), mp.DNS_PTR, "host.example", ttl=60)])
+        answer = mp.parse_dns_answer(response, 1, PTR_127_0_0_1, mp.DNS_PTR)
+        self.assertEqual(mp.dns_values(answer, PTR_127_0_0_1, mp.DNS_PTR), (["host.example"], 60))
+
+    def test_host_name_check(self):
+        self.assertTrue(mp.valid_host_name("mail-1.example.com"))
+        for bad in ("", "a b.example", "a\r\nb", "x_y.example", "h\x00", "é.example"):
+            self.assertFalse(mp.valid_host_name(bad), bad)
+
+    def test_a_dot_inside_a_dns_label_is_malformed(self):
+        # Labels "a." and "b" would join into "a..b", which no query can carry.
+        with self.assertRaises(mp.DnsError):
+            mp.read_dns_name(b"\0" * 12 + b"\x02a.\x01b\x00", 12)
+        for name in ("a..b", ".a.example", "a.example."):
+            self.assertFalse(mp.valid_host_name(name), name)
+
+
+class DnsLinearWorkTests(LinearWorkTestCase):
+    def test_dns_answer_with_many_records(self):
+        """A DNS answer comes in one datagram: the work is linear in its size."""
+        def run(count):
+            query = mp.dns_query(7, "mail.example.test", mp.DNS_A)
+            answer = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, bytes([192, 0, 2, i % 250]))
+                                          for i in range(count)])
+            for _ in range(20):
+                parsed = mp.parse_dns_answer(answer, 7, "mail.example.test", mp.DNS_A)
+            self.assertEqual(len(mp.dns_values(parsed, "mail.example.test", mp.DNS_A)[0]), count)
+        self.assert_linear(run, 60)
+
+
+# ========================================================================== #
+# ####                            TLS layer                             #### #
+# ========================================================================== #
+# TlsLayer in memory (two SSLObjects handshaking with each other), the
+# context builders, certificate names as OpenSSL prints them; end to end
+# (the proxy between TLS clients and fake backends that may speak TLS
+# themselves): implicit TLS, STARTTLS with byte-exact capability lists, the
+# STARTTLS injection attack (CVE-2011-0411, CVE-2014-3556), client
+# certificates and AUTH EXTERNAL, SNI, ALPN, TLS to the backend, bad TLS
+# input, certificates with odd names.
 
 def pump(client, server, rounds=10):
     """Carry bytes between two TlsLayers until both are quiet."""
@@ -2756,6 +5350,32 @@ class TlsLayerTests(CertificateFiles, unittest.TestCase):
         name = der_name([("CN", UTF8, b'a,b+c"d')], [("O", UTF8, b" lead")])
         self.assertEqual(mp.rfc2253_name(name), 'O=\\ lead,CN=a\\,b\\+c\\"d')
 
+    def test_an_alpn_name_cannot_write_a_log_line(self):
+        context = self.client_context()
+        context.set_alpn_protocols(["x\n2026/11/21 00:00:00 [emerg] FORGED"])
+        server = mp.TlsLayer(mp.server_context(self.tls_settings()), server_side=True, alpn="imap")
+        client = mp.TlsLayer(context, server_side=False, server_hostname="mail.example.com")
+        with self.assertRaises(mp.TlsError) as caught:
+            server.receive_data(client.data_to_send())
+        self.assertNotIn("\n", str(caught.exception))
+        self.assertIn("\\x0a", str(caught.exception))
+
+    def test_a_client_hello_too_big_to_read_is_refused(self):
+        """Held back to read its ALPN, a ClientHello stops at TLS_HELLO_MAX
+        bytes: it is refused with an alert, not passed on unread (its ALPN,
+        here without "imap", would then never be checked)."""
+        context = self.client_context()
+        context.set_alpn_protocols(["pop3"] + ["p%03d" % i + "x" * 95 for i in range(40)])
+        client = mp.TlsLayer(context, server_side=False, server_hostname="mail.example.com")
+        message = mp.handshake_message(client.data_to_send())
+        records = b"".join(b"\x16\x03\x01\x00\x01" + message[i:i + 1] for i in range(len(message)))
+        self.assertGreater(len(records), mp.TLS_HELLO_MAX)
+        server = mp.TlsLayer(mp.server_context(self.tls_settings()), server_side=True, alpn="imap")
+        with self.assertRaises(mp.TlsError) as caught:
+            server.receive_data(records[:mp.TLS_HELLO_MAX])
+        self.assertIn("ClientHello over", str(caught.exception))
+        self.assertEqual(server.data_to_send(), b"\x15\x03\x03\x00\x02\x02\x28")
+
 
 class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
     def test_protocols_map_to_a_version_range(self):
@@ -2803,586 +5423,75 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
                                      '"listen ... ssl" directive')])
 
 
-# -- STARTTLS in the machines: capabilities and the injection defence -----------
-
-class StartTlsMachineTests(unittest.TestCase):
-    def test_imap_capabilities_for_off_on_only(self):
-        base = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS"
-        cases = {"off": (base + b" AUTH=PLAIN\r\n", base + b" AUTH=PLAIN\r\n"),
-                 "on": (base + b" AUTH=PLAIN STARTTLS\r\n", base + b" AUTH=PLAIN\r\n"),
-                 "only": (base + b" STARTTLS LOGINDISABLED\r\n", base + b" AUTH=PLAIN\r\n")}
-        for starttls, (before, after) in cases.items():
-            machine = make_machine("imap", starttls=starttls)
-            self.assertEqual(machine.capability(), before, starttls)
-            machine.tls = True
-            self.assertEqual(machine.capability(), after, starttls)
-
-    def test_pop3_capabilities_for_off_on_only(self):
-        plain = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\n"
-        cases = {"off": plain + b".\r\n", "on": plain + b"STLS\r\n.\r\n",
-                 "only": b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nSTLS\r\n.\r\n"}
-        for starttls, expected in cases.items():
-            machine = make_machine("pop3", starttls=starttls)
-            self.assertEqual(machine.capability(), expected, starttls)
-            machine.tls = True
-            self.assertEqual(machine.capability(), plain + b".\r\n", starttls)
-
-    def test_smtp_ehlo_for_off_on_only(self):
-        cases = {"off": b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n",
-                 "on": b"250-mail.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n",
-                 "only": b"250-mail.test\r\n250 STARTTLS\r\n"}
-        for starttls, expected in cases.items():
-            machine = make_machine("smtp", starttls=starttls)
-            self.assertEqual(machine.ehlo_reply(), expected, starttls)
-            machine.tls = True
-            self.assertEqual(machine.ehlo_reply(), b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n")
-
-    def test_only_refuses_logins_before_tls(self):
-        imap = make_machine("imap", starttls="only")
-        imap.data_to_send()
-        self.assertEqual(imap.receive_data(b"a1 LOGIN alice secret\r\na2 AUTHENTICATE PLAIN\r\n"), [])
-        self.assertEqual(imap.data_to_send(), b"a1" + BAD + b"a2" + BAD)
-        pop3 = make_machine("pop3", starttls="only")
-        pop3.data_to_send()
-        self.assertEqual(pop3.receive_data(b"USER alice\r\nAUTH PLAIN\r\nAPOP a b\r\n"), [])
-        self.assertEqual(pop3.data_to_send(), b"-ERR invalid command\r\n" * 3)
-        smtp = make_machine("smtp", starttls="only", smtp_auth=["plain", "none"])
-        self.assertEqual(smtp.receive_data(b"AUTH PLAIN\r\nMAIL FROM:<a@b>\r\n"), [])
-        self.assertEqual(smtp.data_to_send(), b"500 5.5.1 Invalid command\r\n"
-                         b"530 5.7.0 Must issue a STARTTLS command first\r\n")
-
-    def test_pipelined_plaintext_after_starttls_is_dropped(self):
-        cases = [("imap", b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n", b"a1 OK completed\r\n"),
-                 ("pop3", b"STLS\r\nUSER alice\r\nPASS secret\r\n", b"+OK\r\n"),
-                 ("smtp", b"STARTTLS\r\nAUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n",
-                  b"220 2.0.0 Start TLS\r\n")]
-        for protocol, data, reply in cases:
-            for chunking in (whole, byte_by_byte):
-                machine = make_machine(protocol, starttls="on")
-                machine.data_to_send()
-                events = []
-                for chunk in chunking(data):
-                    events += machine.receive_data(chunk)
-                self.assertEqual(events, [mp.StartTls()], protocol)
-                self.assertEqual(machine.data_to_send(), reply, protocol)
-                self.assertEqual(machine.trailing_data, b"", protocol)
-                self.assertEqual(machine.tls_started(), [], protocol)
-                self.assertEqual(machine.data_to_send(), b"", protocol)
-
-    def test_smtp_forgets_helo_and_transaction(self):
-        machine = make_machine("smtp", starttls="on", smtp_auth=["none"])
-        machine.receive_data(b"EHLO x\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\n")
-        machine.tls_started()
-        self.assertEqual((machine.helo, machine.esmtp, machine.mail_from), (None, False, None))
-        self.assertEqual(machine.receive_data(b"RCPT TO:<c@d>\r\n"), [])
-        self.assertTrue(machine.data_to_send().endswith(b"503 5.5.1 Bad sequence of commands\r\n"))
-
-    def test_starttls_refused_when_off_or_already_on(self):
-        machine = make_machine("imap", starttls="on", tls=True)
-        machine.data_to_send()
-        machine.receive_data(b"a1 STARTTLS\r\n")
-        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
-
-    def test_external(self):
-        machine = make_machine("imap", imap_auth=["plain", "external"], tls=True)
-        self.assertIn(b"AUTH=EXTERNAL", machine.capability())
-        machine.data_to_send()
-        self.assertEqual(machine.receive_data(b"a1 AUTHENTICATE EXTERNAL =\r\n"),
-                         [mp.Credentials(b"", b"", "external")])
-        machine = make_machine("smtp", smtp_auth=["external"])
-        self.assertEqual(machine.receive_data(b"AUTH EXTERNAL\r\n"), [])
-        self.assertEqual(machine.data_to_send(), b"334 VXNlcm5hbWU6\r\n")
-        self.assertEqual(machine.receive_data(b64(b"alice") + b"\r\n"),
-                         [mp.Credentials(b"alice", b"", "external")])
-        machine = make_machine("pop3")                          # not enabled
-        machine.data_to_send()
-        machine.receive_data(b"AUTH EXTERNAL =\r\n")
-        self.assertEqual(machine.data_to_send(), b"-ERR invalid command\r\n")
-
-    def test_external_rule_of_the_user_table(self):
-        facts = mp.CertificateFacts("SUCCESS", identities=("alice", "alice@example.com"))
-        users = {"alice@example.com": mp.PasswordEntry("PLAIN", "secret"),
-                 "bob": mp.PasswordEntry("PLAIN", "pw")}
-        result = mp.authenticate_external(users, {}, upstream(), b"", facts)
-        self.assertEqual((result.ok, result.login, result.password), (False, b"", b""))  # "alice" not in users
-        result = mp.authenticate_external(users, {}, upstream(), b"alice@example.com", facts)
-        self.assertEqual((result.ok, result.login, result.password), (True, b"alice@example.com", b"secret"))
-        self.assertFalse(mp.authenticate_external(users, {}, upstream(), b"bob", facts).ok)
-        self.assertFalse(mp.authenticate_external(users, {}, upstream(), b"alice@example.com",
-                                                  mp.CertificateFacts("NONE")).ok)
+# DER for names built in the tests: the value tags and the attribute types.
+UTF8, PRINTABLE, T61, IA5, UNIVERSAL, BMP, OBJECT_DESCRIPTOR = 0x0C, 0x13, 0x14, 0x16, 0x1C, 0x1E, 0x07
+DER_ATTRIBUTES = {"CN": "550403", "O": "55040a", "C": "550406", "DC": "0992268993f22c640119",
+                  "1.2.3.4": "2a0304"}
 
 
-class BackendStartTlsScriptTests(unittest.TestCase):
-    def test_imap_starttls_before_login(self):
-        script = mp.imap_login_script(b"a1 ", b"alice", b"secret", starttls=True)
-        self.assertEqual(script[:4], [mp.Expect("imap-greeting"), mp.Send(b"S1 STARTTLS\r\n"),
-                                      mp.Expect("imap-tagged", tag=b"S1 "), mp.TlsStep()])
-        login = mp.BackendLogin(script, b"a1 ")
-        self.assertEqual(login.receive_data(b"* OK hi\r\n"), [])
-        self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
-        # A line injected behind the yes must not be taken as the next answer.
-        self.assertEqual(login.receive_data(b"S1 OK begin\r\n+ injected\r\n"), [mp.BackendStartTls()])
-        login.tls_started()
-        self.assertEqual(login.data_to_send(), b"a1 LOGIN {5}\r\n")
-        self.assertEqual(login.trailing_data, b"")
-
-    def test_smtp_starttls_then_ehlo_again(self):
-        script = mp.smtp_login_script(server_settings("smtp", proxy_starttls=True, xclient=False), facts())
-        self.assertEqual(script[3:8], [mp.Send(b"STARTTLS\r\n"), mp.Expect("smtp", codes=(b"220",)),
-                                       mp.TlsStep(), mp.Send(b"EHLO mail.test\r\n"), E250])
+def der_tlv(tag: int, content: bytes) -> bytes:
+    if len(content) < 0x80:
+        return bytes((tag, len(content))) + content
+    return bytes((tag, 0x82)) + len(content).to_bytes(2, "big") + content
 
 
-# ########################################################################## #
-#                         auth_http, OAuth, PROXY                            #
-# ########################################################################## #
-
-AUTH_URL = mp.AuthHttpUrl("auth.example", "/mail/auth", (socket.AF_INET, ("127.0.0.1", 80)),
-                        "127.0.0.1:80")
-
-
-def auth_request(**overrides):
-    values = dict(method="plain", login=b"alice", password=b"secret", protocol="imap",
-                  attempt=1, client_ip="192.0.2.7")
-    values.update(overrides)
-    return mp.AuthRequest(**values)
+def der_name(*rdns) -> bytes:
+    """A DER Name; each RDN a list of (attribute, value tag, value bytes)."""
+    sets = b""
+    for rdn in rdns:
+        values = b""
+        for attribute, tag, value in rdn:
+            values += der_tlv(0x30, der_tlv(0x06, bytes.fromhex(DER_ATTRIBUTES[attribute])) +
+                              der_tlv(tag, value))
+        sets += der_tlv(0x31, values)
+    return der_tlv(0x30, sets)
 
 
-class AuthHttpRequestTests(unittest.TestCase):
-    HEAD = b"GET /mail/auth HTTP/1.0\r\nHost: auth.example\r\n"
+class CertificateNameTests(unittest.TestCase):
+    def test_names_print_as_openssl_prints_them(self):
+        # Each expectation is what `openssl x509 -noout -subject -nameopt
+        # RFC2253` (OpenSSL 3.0, XN_FLAG_RFC2253, nginx's Auth-SSL-Subject)
+        # printed for a certificate with that subject.
+        cases = [
+            ([[("CN", UTF8, b"alice\r\nAuth-Status: OK")]], r"CN=alice\0D\0AAuth-Status: OK"),
+            ([[("CN", UTF8, b"a\x00b\tc\x7fd\x1b")]], r"CN=a\00b\09c\7Fd\1B"),
+            ([[("CN", UTF8, "\u00e9\u20ac".encode())]], r"CN=\C3\A9\E2\82\AC"),
+            ([[("CN", T61, b"\xe9x\xff")]], r"CN=\C3\A9x\C3\BF"),
+            ([[("CN", BMP, "\u00e9\u20acA".encode("utf-16-be"))]], r"CN=\C3\A9\E2\82\ACA"),
+            ([[("CN", UNIVERSAL, "\u00e9\U0001f600".encode("utf-32-be"))]], r"CN=\C3\A9\F0\9F\98\80"),
+            ([[("CN", IA5, b"\x80\xfe")]], r"CN=\C2\80\C3\BE"),
+            ([[("CN", UTF8, b"#a b ")]], r"CN=\#a b\ "),
+            ([[("CN", UTF8, b" ")]], r"CN=\ "),
+            ([[("CN", UTF8, b"#")]], r"CN=#"),
+            ([[("CN", UTF8, b"##")]], r"CN=\##"),
+            ([[("CN", UTF8, b",+\"\\<>;=%'")]], r"CN=\,\+\"\\\<\>\;=%'"),
+            ([[("CN", UTF8, b"")]], r"CN="),
+            ([[("C", PRINTABLE, b"DE")], [("CN", UTF8, b"a"), ("O", UTF8, b"b")]], r"O=b+CN=a,C=DE"),
+            ([[("1.2.3.4", UTF8, b"x")]], r"1.2.3.4=#0C0178"),
+            ([[("CN", OBJECT_DESCRIPTOR, b"abc")]], r"CN=#0703616263"),
+            ([[("DC", IA5, b"example")]], r"DC=example"),
+        ]
+        for rdns, expected in cases:
+            with self.subTest(expected=expected):
+                self.assertEqual(mp.rfc2253_name(der_name(*rdns)), expected)
+        with self.assertRaises(ValueError):
+            mp.rfc2253_name(der_name([("CN", BMP, b"\x00\xe9\x00")]))    # cut in a character
 
-    def test_plain_imap_with_escaping(self):
-        request = auth_request(login="al ice%\r\n\x00é".encode(), password=b"p\tw+\x7f")
-        self.assertEqual(mp.build_auth_http_request(AUTH_URL, [("X-Auth-Key", "k")], request),
-                         self.HEAD + b"Auth-Method: plain\r\n"
-                         b"Auth-User: al%20ice%25%0D%0A%00\xc3\xa9\r\nAuth-Pass: p%09w+\x7f\r\n"
-                         b"Auth-Protocol: imap\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n"
-                         b"X-Auth-Key: k\r\n\r\n")
-
-    def test_each_method(self):
-        salt = b"<123.456@mail.test>"
-        cases = {
-            "cram-md5": (dict(method="cram-md5", password=b"0" * 32, salt=salt),
-                         b"Auth-Method: cram-md5\r\nAuth-User: alice\r\nAuth-Pass: " + b"0" * 32 +
-                         b"\r\nAuth-Salt: " + salt + b"\r\n"),
-            "apop": (dict(method="apop", protocol="pop3", password=b"f" * 32, salt=salt),
-                     b"Auth-Method: apop\r\nAuth-User: alice\r\nAuth-Pass: " + b"f" * 32 +
-                     b"\r\nAuth-Salt: " + salt + b"\r\n"),
-            "external": (dict(method="external", password=b""),
-                         b"Auth-Method: external\r\nAuth-User: alice\r\nAuth-Pass: \r\n"),
-            "xoauth2": (dict(method="xoauth2", password=b"ya29.tok en"),
-                        b"Auth-Method: xoauth2\r\nAuth-User: alice\r\nAuth-Pass: ya29.tok%20en\r\n"),
-            "oauthbearer": (dict(method="oauthbearer", password=b"T"),
-                            b"Auth-Method: oauthbearer\r\nAuth-User: alice\r\nAuth-Pass: T\r\n"),
-        }
-        for name, (overrides, middle) in cases.items():
-            request = auth_request(**overrides)
-            built = mp.build_auth_http_request(AUTH_URL, [], request)
-            protocol = overrides.get("protocol", "imap").encode()
-            self.assertEqual(built, self.HEAD + middle + b"Auth-Protocol: " + protocol +
-                             b"\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n\r\n", name)
-
-    def test_smtp_none_with_client_host_and_proxy_protocol(self):
-        request = auth_request(method="none", login=b"", password=b"", protocol="smtp", attempt=2,
-                               client_host="client.example",
-                               proxy_protocol=("198.51.100.1", 4000, "203.0.113.5", 25),
-                               smtp=(b"helo.example", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>"))
-        self.assertEqual(mp.build_auth_http_request(AUTH_URL, [], request), self.HEAD +
-                         b"Auth-Method: none\r\nAuth-User: \r\nAuth-Pass: \r\nAuth-Protocol: smtp\r\n"
-                         b"Auth-Login-Attempt: 2\r\nClient-IP: 192.0.2.7\r\nClient-Host: client.example\r\n"
-                         b"Proxy-Protocol-Addr: 198.51.100.1\r\nProxy-Protocol-Port: 4000\r\n"
-                         b"Proxy-Protocol-Server-Addr: 203.0.113.5\r\nProxy-Protocol-Server-Port: 25\r\n"
-                         b"Auth-SMTP-Helo: helo.example\r\nAuth-SMTP-From: MAIL FROM:<a@b>\r\n"
-                         b"Auth-SMTP-To: RCPT TO:<c@d>\r\n\r\n")
-
-    def test_ssl_headers(self):
-        facts = mp.CertificateFacts("SUCCESS", "CN=alice", "CN=CA", "01AB", "ff" * 20)
-        request = auth_request(tls=("TLSv1.3", "TLS_AES_128_GCM_SHA256"), certificate=facts,
-                               certificate_pem=b"-----BEGIN CERTIFICATE-----\nAB C\n")
-        self.assertIn(b"Client-IP: 192.0.2.7\r\nAuth-SSL: on\r\nAuth-SSL-Protocol: TLSv1.3\r\n"
-                      b"Auth-SSL-Cipher: TLS_AES_128_GCM_SHA256\r\nAuth-SSL-Verify: SUCCESS\r\n"
-                      b"Auth-SSL-Subject: CN=alice\r\nAuth-SSL-Issuer: CN=CA\r\nAuth-SSL-Serial: 01AB\r\n"
-                      b"Auth-SSL-Fingerprint: " + b"ff" * 20 + b"\r\n"
-                      b"Auth-SSL-Cert: -----BEGIN%20CERTIFICATE-----%0AAB%20C%0A\r\n\r\n",
+    def test_serials_print_as_openssl_prints_them(self):
+        # i2a_ASN1_INTEGER; it breaks a line after 35 bytes, which the
+        # request then carries as %0A.
+        self.assertEqual(mp.serial_text(b"\x00\x93\xf1"), "93F1")
+        self.assertEqual(mp.serial_text(b"\x00"), "00")
+        self.assertEqual(mp.serial_text(b"\xff"), "-01")
+        long_serial = bytes(range(1, 37))
+        self.assertEqual(mp.serial_text(long_serial), long_serial[:35].hex().upper() + "\\\n24")
+        request = auth_request(tls=REQUEST_TLS, certificate=REQUEST_FACTS._replace(
+            serial=mp.serial_text(long_serial)))
+        self.assertIn(b"\r\nAuth-SSL-Serial: " + long_serial[:35].hex().upper().encode() + b"\\%0A24\r\n",
                       mp.build_auth_http_request(AUTH_URL, [], request))
 
-    def test_url_forms(self):
-        self.assertEqual(mp.parse_auth_http(["http://127.0.0.1:9000/auth"])[:2], ("127.0.0.1", "/auth"))
-        self.assertEqual(mp.parse_auth_http(["127.0.0.1"])[:2], ("127.0.0.1", "/"))
-        self.assertEqual(mp.parse_auth_http(["127.0.0.1"]).address[1], ("127.0.0.1", 80))
-        url = mp.parse_auth_http(["unix:/run/auth.sock:/check"])
-        self.assertEqual((url.host_header, url.uri, url.address[1]), ("localhost", "/check", "/run/auth.sock"))
-        with self.assertRaises(mp.ConfigValueError):
-            mp.parse_auth_http(["https://127.0.0.1/auth"])
 
-
-class AuthHttpResponseTests(unittest.TestCase):
-    def parse(self, response, protocol="imap", have_password=True):
-        """Parse ``response`` whole and split at every byte: same result."""
-        results = []
-        for split in range(1, len(response) + 1):
-            parser = mp.AuthHttpParser()
-            first = parser.receive_data(response[:split])
-            result = first if first is not None else parser.receive_data(response[split:] or b"")
-            results.append(result)
-        self.assertTrue(all(result == results[-1] for result in results))
-        return mp.interpret_auth_response(results[-1], protocol, have_password)
-
-    def test_ok_with_overrides(self):
-        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.2\r\n"
-                             b"Auth-Port: 1143\r\nAuth-User: bob%20x\r\nAuth-Pass: p w\r\n\r\nbody")
-        self.assertEqual((verdict.kind, verdict.login, verdict.password), ("ok", b"bob%20x", b"p w"))
-        self.assertEqual(verdict.upstream.addresses, ((socket.AF_INET, ("127.0.0.2", 1143)),))
-
-    def test_status_code_ignored_bare_lf_no_status_line_case_insensitive(self):
-        verdict = self.parse(b"auth-status:   OK  \nAUTH-SERVER: ::1\nauth-port: 143\n\n")
-        self.assertEqual(verdict.upstream.addresses[0], (socket.AF_INET6, ("::1", 143)))
-        verdict = self.parse(b"HTTP/1.0 500 Nope\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.1\r\n"
-                             b"Auth-Port: 25\r\n\r\n", "smtp", False)
-        self.assertEqual(verdict.kind, "ok")
-
-    def test_wait_and_failures(self):
-        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: WAIT\r\nAuth-Wait: 3\r\n\r\n")
-        self.assertEqual((verdict.kind, verdict.wait), ("wait", 3))
-        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n"
-                             b"Auth-Wait: 2\r\nAuth-Error-Code: 550 5.7.1\r\n\r\n", "smtp")
-        self.assertEqual((verdict.kind, verdict.text, verdict.wait, verdict.error_code),
-                         ("fail", b"Invalid login or password", 2, b"550 5.7.1"))
-        verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: No\r\nAuth-Wait: x\r\n"
-                             b'Auth-Error-SASL: {"status":"invalid_token"}\r\n\r\n')
-        self.assertEqual((verdict.wait, verdict.sasl_error), (0, b'{"status":"invalid_token"}'))
-
-    def test_bad_answers_have_nginx_messages(self):
-        cases = [(b"Auth-Status: OK\r\nAuth-Port: 143\r\n\r\n", "did not send server or port"),
-                 (b"Auth-Status: OK\r\nAuth-Server: mail.example\r\nAuth-Port: 143\r\n\r\n",
-                  'sent invalid server address:"mail.example"'),
-                 (b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0\r\n\r\n",
-                  'sent invalid server port:"0"'),
-                 (b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 70000\r\n\r\n",
-                  "invalid server port")]
-        for response, message in cases:
-            with self.assertRaises(mp.AuthHttpError) as caught:
-                self.parse(response)
-            self.assertIn(message, str(caught.exception))
-        with self.assertRaises(mp.AuthHttpError) as caught:
-            self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 143\r\n\r\n",
-                       have_password=False)
-        self.assertIn("did not send password", str(caught.exception))
-
-    def test_oversized_junk_and_early_end(self):
-        big = b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nX-Pad: " + b"x" * 1000 + b"\r\n\r\n"
-        self.assertGreater(len(big), 1024)
-        with self.assertRaises(mp.AuthHttpError) as caught:
-            mp.AuthHttpParser().receive_data(big)
-        self.assertIn("too long", str(caught.exception))
-        for junk in (b"HTTP/1.0 200 OK\r\nno colon here\r\n\r\n", b"Auth Status: OK\r\n\r\n",
-                     b"Auth-Status: OK\rX\r\n\r\n"):
-            with self.assertRaises(mp.AuthHttpError):
-                mp.AuthHttpParser().receive_data(junk)
-        parser = mp.AuthHttpParser()
-        self.assertIsNone(parser.receive_data(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"))
-        with self.assertRaises(mp.AuthHttpError):
-            parser.receive_data(b"")
-
-    def test_extension_headers(self):
-        verdict = self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
-                             b"Auth-Backend-TLS: STARTTLS\r\nAuth-SMTP-Auth: login\r\n\r\n", "smtp")
-        self.assertEqual((verdict.backend_tls, verdict.smtp_auth), ("starttls", "login"))
-        with self.assertRaises(mp.AuthHttpError):
-            self.parse(b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
-                       b"Auth-Backend-TLS: maybe\r\n\r\n", "smtp")
-
-
-class OAuthTests(unittest.TestCase):
-    def test_parse_responses(self):
-        self.assertEqual(mp.parse_oauth_response(b"user=alice@example.com\x01auth=Bearer ya29.x\x01\x01", True),
-                         (b"alice@example.com", b"ya29.x"))
-        self.assertEqual(mp.parse_oauth_response(
-            b"n,a=user=3Dx=2Cy@example.com,\x01host=server.example.com\x01port=143\x01"
-            b"auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01", False),
-            (b"user=x,y@example.com", b"vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="))
-        for bad in (b"", b"user=a\x01\x01", b"auth=Bearer x\x01\x01", b"x,a=b,\x01auth=Bearer t\x01\x01"):
-            self.assertIsNone(mp.parse_oauth_response(bad, bad.startswith(b"user") or bad.startswith(b"auth")))
-
-    def test_machines_take_tokens_only_when_enabled(self):
-        token = b64(b"user=alice\x01auth=Bearer T\x01\x01")
-        machine = make_machine("imap", imap_auth=["plain", "xoauth2", "oauthbearer"])
-        self.assertIn(b"AUTH=XOAUTH2 AUTH=OAUTHBEARER", machine.capability())
-        machine.data_to_send()
-        self.assertEqual(machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + token + b"\r\n"),
-                         [mp.Credentials(b"alice", b"T", "xoauth2")])
-        machine = make_machine("imap")
-        machine.data_to_send()
-        machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + token + b"\r\n")
-        self.assertEqual(machine.data_to_send(), b"a1" + BAD)
-
-    def test_failure_challenge_then_refusal(self):
-        for protocol, prompt, ack, final in (
-                ("imap", b"+ ", b"\r\n", b"a1 NO bad token\r\n"),
-                ("pop3", b"+ ", b"AQ==\r\n", b"-ERR bad token\r\n"),
-                ("smtp", b"334 ", b"\r\n", b"535 5.7.0 bad token\r\n")):
-            machine = make_machine(protocol, **{protocol + "_auth": ["oauthbearer"]})
-            machine.data_to_send()
-            command = {"imap": b"a1 AUTHENTICATE", "pop3": b"AUTH", "smtp": b"AUTH"}[protocol]
-            events = machine.receive_data(command + b" OAUTHBEARER " +
-                                          b64(b"n,a=alice,\x01auth=Bearer T\x01\x01") + b"\r\n")
-            self.assertEqual(events, [mp.Credentials(b"alice", b"T", "oauthbearer")])
-            reply = (machine.failure_reply(b"bad token", b"535 5.7.0") if protocol == "smtp"
-                     else machine.failure_reply(b"bad token"))
-            self.assertEqual(machine.auth_failed(reply, b'{"status":"invalid_token"}', close=True), [])
-            self.assertEqual(machine.data_to_send(), prompt + b64(b'{"status":"invalid_token"}') + b"\r\n")
-            self.assertEqual(machine.receive_data(ack), [mp.Closed("")])
-            self.assertEqual(machine.data_to_send(), final)
-
-    def test_token_passed_on_to_the_backend(self):
-        response = mp.oauth_initial_response("xoauth2", b"alice", b"T")
-        self.assertEqual(base64.b64decode(response), b"user=alice\x01auth=Bearer T\x01\x01")
-        self.assertEqual(mp.imap_token_script(b"a1 ", "xoauth2", response)[1:],
-                         [mp.Send(b"a1 AUTHENTICATE XOAUTH2 " + response + b"\r\n"),
-                          mp.Expect("imap-tagged", relay=True)])
-        script = mp.smtp_login_script(server_settings("smtp", xclient=False), facts(
-            login=b"alice", password=b"T", backend_auth="oauthbearer"))
-        self.assertEqual(script[3], mp.Send(b"AUTH OAUTHBEARER " +
-                                            mp.oauth_initial_response("oauthbearer", b"alice", b"T") + b"\r\n"))
-
-    def test_built_in_table_refuses_token_methods(self):
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = write_file(directory.name, "t.conf", """\
-            [server imap]
-            listen = 127.0.0.1:18143
-            protocol = imap
-            imap_auth = plain xoauth2
-            proxy_pass = 127.0.0.1:143
-            """)
-        with self.assertRaises(mp.ConfigErrors) as caught:
-            mp.load_config(path)
-        self.assertIn("needs auth_http", str(caught.exception))
-
-
-class ProxyProtocolTests(unittest.TestCase):
-    def test_v1(self):
-        header = mp.proxy_protocol_v1(("192.0.2.1", 5555), ("127.0.0.1", 143))
-        self.assertEqual(header, b"PROXY TCP4 192.0.2.1 127.0.0.1 5555 143\r\n")
-        self.assertEqual(mp.proxy_protocol_v1(("2001:db8::1", 1), ("::1", 2)),
-                         b"PROXY TCP6 2001:db8::1 ::1 1 2\r\n")
-        self.assertEqual(mp.proxy_protocol_v1(("192.0.2.1", 1), ("::1", 2)), b"PROXY UNKNOWN\r\n")
-
-    def test_v2_bytes(self):
-        header = mp.proxy_protocol_v2(("192.0.2.1", 5555), ("127.0.0.1", 143))
-        self.assertEqual(header, b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
-                         b"\xc0\x00\x02\x01\x7f\x00\x00\x01\x15\xb3\x00\x8f")
-        self.assertEqual(mp.proxy_protocol_v2(("192.0.2.1", 1), ("::1", 2)),
-                         b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")       # LOCAL
-
-    def test_v2_tls_tlvs_round_trip(self):
-        tls = mp.ProxyTls("TLSv1.3", "TLS_AES_256_GCM_SHA384", "mail.example.org", "imap", "alice", True)
-        parsed = mp.parse_proxy_header(mp.proxy_protocol_v2(("2001:db8::7", 40000), ("::1", 993), tls))
-        self.assertEqual((parsed.source, parsed.destination), (("2001:db8::7", 40000), ("::1", 993)))
-        self.assertEqual(parsed.tlvs[mp.PP2_TYPE_ALPN], b"imap")
-        self.assertEqual(parsed.tlvs[mp.PP2_TYPE_AUTHORITY], b"mail.example.org")
-        ssl_tlv = parsed.tlvs[mp.PP2_TYPE_SSL]
-        self.assertEqual(ssl_tlv[0], mp.PP2_CLIENT_SSL | mp.PP2_CLIENT_CERT_CONN)
-        self.assertIn(b"\x21\x00\x07TLSv1.3", ssl_tlv)
-        self.assertIn(b"\x23\x00\x16TLS_AES_256_GCM_SHA384", ssl_tlv)
-
-    def test_parse_needs_more_at_every_truncation(self):
-        for header in (mp.proxy_protocol_v1(("192.0.2.1", 5555), ("127.0.0.1", 143)),
-                       mp.proxy_protocol_v2(("192.0.2.1", 5555), ("127.0.0.1", 143),
-                                            mp.ProxyTls("TLSv1.2", "X", "n", "imap"))):
-            for size in range(len(header)):
-                self.assertIsNone(mp.parse_proxy_header(header[:size]), size)
-            parsed = mp.parse_proxy_header(header + b"a1 LOGIN")
-            self.assertEqual((parsed.source, parsed.length), (("192.0.2.1", 5555), len(header)))
-
-    def test_unknown_local_and_other_families(self):
-        self.assertEqual(mp.parse_proxy_header(b"PROXY UNKNOWN\r\n").source, None)
-        self.assertEqual(mp.parse_proxy_header(b"PROXY UNKNOWN 1 2 3 4\r\nX").length, 23)
-        local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
-        self.assertEqual(mp.parse_proxy_header(local), mp.ProxyHeader(None, None, 16))
-        unix = b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\xd8" + b"\x00" * 216
-        self.assertEqual(mp.parse_proxy_header(unix).source, None)
-
-    def test_bad_headers(self):
-        bad = [b"GET / HTTP/1.0\r\n", b"PROXY TCP4 192.0.2.1 127.0.0.1 5555\r\n",
-               b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n", b"PROXY TCP4 192.0.2.1 127.0.0.1 99999 2\r\n",
-               b"PROXY TCP4 192.0.2.1 127.0.0.1 01 2\r\n", b"PROXY TCP5 a b 1 2\r\n",
-               b"PROXY " + b"x" * 120, b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
-               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",
-               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04" + b"\x00" * 4,
-               b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x10" + b"\x00" * 12 + b"\x20\x00\x09\x00"]
-        for header in bad:
-            with self.assertRaises(mp.ProxyHeaderError, msg=header):
-                mp.parse_proxy_header(header)
-
-    def test_real_ip_trust(self):
-        trusted = mp.parse_real_ip_from(["10.0.0.0/8"]) + mp.parse_real_ip_from(["::1"])
-        self.assertTrue(mp.real_ip_trusted("10.1.2.3", trusted))
-        self.assertTrue(mp.real_ip_trusted("::1", trusted))
-        self.assertFalse(mp.real_ip_trusted("192.0.2.1", trusted))
-        self.assertTrue(mp.real_ip_trusted("unix:", mp.parse_real_ip_from(["unix:"])))
-        self.assertFalse(mp.real_ip_trusted("unix:", trusted))
-
-
-# ########################################################################## #
-#             One escaping path per destination (issue 12)                   #
-# ########################################################################## #
-# Every byte a peer chooses (a login, a password, a certificate's name, a
-# host name) reaches each destination through one function, and no byte can
-# end a line, a field or a string there early.  The auth_http headers have
-# their own table, with the certificate tests.
-
-HOSTILE_BYTES = [b"\r", b"\n", b"\0", b"\t", b" ", b'"', b"'", b"\\", b"+", b"=", b"%", b"{",
-                 b"\x7f", b"\x80", b"\xff", "é".encode()]
-
-
-class EscapingTests(unittest.TestCase):
-    def test_xtext_for_xclient(self):
-        """RFC 3461 §4: "+", "=" and bytes outside 0x21-0x7E as +XX."""
-        for byte in HOSTILE_BYTES:
-            value = b"a" + byte + b"b"
-            expected = b"a" + b"".join(b"+%02X" % c if c < 0x21 or c > 0x7E or c in b"+=" else bytes([c])
-                                       for c in byte) + b"b"
-            self.assertEqual(mp.xtext(value), expected, byte)
-            line = mp.xclient_command("192.0.2.7", value, "host.example")
-            self.assertEqual(line.count(b"\r\n"), 1, byte)
-            self.assertTrue(line.endswith(b"NAME=host.example\r\n"))
-            self.assertRegex(line[:-2], rb"^XCLIENT ADDR=192\.0\.2\.7 LOGIN=[\x21-\x7e]+ NAME=")
-
-    def test_imap_literals_carry_any_byte(self):
-        """The backend LOGIN sends login and password as literals: whatever
-        they hold, the command cannot end early (RFC 3501 §4.3)."""
-        for byte in HOSTILE_BYTES:
-            login, password = b"u" + byte + b"\r\nx LOGOUT", byte + b"p"
-            script = mp.imap_login_script(b"a1 ", login, password)
-            sent = b"".join(step.data for step in script if isinstance(step, mp.Send))
-            self.assertEqual(sent, b"a1 LOGIN {%d}\r\n" % len(login) + login +
-                             b" {%d}\r\n" % len(password) + password + b"\r\n", byte)
-
-    def test_log_lines(self):
-        """Control bytes, 8-bit bytes, quotes and backslashes as \\xXX: a
-        value cannot end the log line or its quoted field."""
-        for byte in HOSTILE_BYTES:
-            escaped = mp.log_escape(b"a" + byte + b"b")
-            self.assertRegex(escaped, r'^a[\x20-\x7e]*b$')
-            self.assertNotIn('"', escaped)
-            if byte[0] < 0x20 or byte[0] >= 0x7F or byte in (b'"', b"\\"):
-                self.assertEqual(escaped, "a" + "".join("\\x%02x" % c for c in byte) + "b", byte)
-            else:
-                self.assertEqual(escaped, "a" + byte.decode() + "b")
-
-    def test_pop3_arguments_cannot_hold_line_ends(self):
-        """POP3 has no quoting: a login or password holding CR, LF or NUL
-        cannot be sent (the session refuses the login); anything else can."""
-        for byte in HOSTILE_BYTES:
-            self.assertEqual(mp.pop3_can_send(b"u" + byte, b"p"), byte not in (b"\r", b"\n", b"\0"), byte)
-            self.assertEqual(mp.pop3_can_send(b"u", b"p" + byte), byte not in (b"\r", b"\n", b"\0"), byte)
-
-
-# ########################################################################## #
-#              Linear work, however the bytes are split (issue 12)           #
-# ########################################################################## #
-# A peer chooses how its bytes are cut into reads.  Every parser of what a
-# peer sends must do O(n) work for n bytes fed one at a time, or a client
-# trickling a long command (or a backend a long reply) burns the worker's
-# CPU with the square of its length.  Each test feeds a maximal input one
-# byte at a time at two sizes, n and 4n: linear work costs about 4 times as
-# much, quadratic work 16 times; the bound is 8.  CPU time of this process,
-# the least of three runs, so that a busy machine does not make a test fail.
-# Fed whole, each input gives the same result.
-
-def cpu_seconds(run) -> float:
-    best = None
-    for _ in range(3):
-        started = time.process_time()
-        run()
-        spent = time.process_time() - started
-        best = spent if best is None or spent < best else best
-    return best
-
-
-def feed_byte_by_byte(receive, data: bytes) -> list:
-    """``receive`` called with each byte of ``data``; the results, joined."""
-    results = []
-    for index in range(len(data)):
-        result = receive(data[index:index + 1])
-        if isinstance(result, list):
-            results.extend(result)
-        elif result is not None:
-            results.append(result)
-    return results
-
-
-class LinearWorkTests(CertificateFiles, unittest.TestCase):
-    def assert_linear(self, run, size: int) -> None:
-        """``run(n)`` feeds a maximal input of about n bytes one at a time."""
-        small = cpu_seconds(lambda: run(size))
-        large = cpu_seconds(lambda: run(4 * size))
-        self.assertLess(large, 8 * small, "%d bytes cost %.3fs, %d bytes %.3fs: not linear"
-                        % (size, small, 4 * size, large))
-
-    def machine_run(self, protocol: str, make_input, **settings):
-        """A run for assert_linear: a machine whose buffer fits the input,
-        fed it a byte at a time; it must answer as to the input fed whole."""
-        def run(size: int) -> None:
-            data = make_input(size)
-            buffer = {"%s_client_buffer" % protocol: len(data) + 64}
-            buffer.update(settings)
-            machine = make_machine(protocol, **buffer)
-            whole = (machine.receive_data(data), machine.data_to_send())
-            machine = make_machine(protocol, **buffer)
-            events = feed_byte_by_byte(machine.receive_data, data)
-            self.assertEqual((events, machine.data_to_send()), whole)
-            self.assertNotIn(b"BAD", whole[1])
-        return run
-
-    def test_imap_quoted_string(self):
-        self.assert_linear(self.machine_run(
-            "imap", lambda n: b'a1 LOGIN "' + b"x" * n + b'" "p"\r\n'), 4096)
-
-    def test_imap_literal_holding_line_ends(self):
-        self.assert_linear(self.machine_run(
-            "imap", lambda n: b"a1 LOGIN {%d+}\r\n" % n + b"\n" * n + b" p\r\n"), 4096)
-
-    def test_imap_spaces_after_the_tag(self):
-        self.assert_linear(self.machine_run("imap", lambda n: b"a1" + b" " * n + b"NOOP\r\n"), 4096)
-
-    def test_imap_sasl_response(self):
-        response = lambda n: b"a1 AUTHENTICATE PLAIN\r\n" + base64.b64encode(
-            b"\0alice\0" + b"p" * n) + b"\r\n"
-        self.assert_linear(self.machine_run("imap", response), 4096)
-
-    def test_pop3_line(self):
-        self.assert_linear(self.machine_run("pop3", lambda n: b"USER " + b"u" * n + b"\r\n"), 4096)
-
-    def test_smtp_line(self):
-        def run(size):
-            data = b"EHLO " + b"h" * size + b"\r\nQUIT\r\n"
-            machine = make_smtp(smtp_client_buffer=len(data))
-            self.assertEqual(feed_byte_by_byte(machine.receive_data, data), [mp.Quit()])
-        self.assert_linear(run, 4096)
-
-    def test_backend_login_reply(self):
-        def run(size):
-            login = mp.BackendLogin(mp.pop3_login_script(b"u", b"p"), b"", size + 64)
-            feed_byte_by_byte(login.receive_data, b"+OK " + b"x" * size + b"\r\n")
-            self.assertEqual(login.data_to_send(), b"USER u\r\n")
-        self.assert_linear(run, 4096)
-
-    def test_auth_http_response(self):
-        def run(size):
-            response = b"HTTP/1.0 200 OK\r\nAuth-Status: " + b"x" * size + b"\r\n\r\n"
-            parsed = feed_byte_by_byte(mp.AuthHttpParser().receive_data, response)
-            self.assertEqual(parsed[0].headers["auth-status"], b"x" * size)
-        self.assert_linear(run, 200)
-
-    def test_proxy_protocol_v2_header(self):
-        def run(size):
-            header = proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143, tlvs=b"\xe0" + struct.pack(
-                "!H", size) + b"t" * size)
-            parsed = feed_byte_by_byte(mp.ProxyHeaderReader().receive_data, header + b"a1 NOOP\r\n")
-            self.assertEqual(parsed[0].source, ("192.0.2.7", 40000))
-        self.assert_linear(run, 900)
-
+class TlsLinearWorkTests(LinearWorkTestCase):
     def test_client_hello_in_tiny_records(self):
         """A ClientHello cut into records of one byte each (RFC 8446 §5.1
         allows it), sent a byte at a time, while its ALPN is read."""
@@ -3398,2338 +5507,15 @@ class LinearWorkTests(CertificateFiles, unittest.TestCase):
         self.server_context = mp.server_context(self.tls_settings())
         self.assert_linear(run, 600)
 
-    def test_a_client_hello_too_big_to_read_is_refused(self):
-        """Held back to read its ALPN, a ClientHello stops at TLS_HELLO_MAX
-        bytes: it is refused with an alert, not passed on unread (its ALPN,
-        here without "imap", would then never be checked)."""
-        context = self.client_context()
-        context.set_alpn_protocols(["pop3"] + ["p%03d" % i + "x" * 95 for i in range(40)])
-        client = mp.TlsLayer(context, server_side=False, server_hostname="mail.example.com")
-        message = mp.handshake_message(client.data_to_send())
-        records = b"".join(b"\x16\x03\x01\x00\x01" + message[i:i + 1] for i in range(len(message)))
-        self.assertGreater(len(records), mp.TLS_HELLO_MAX)
-        server = mp.TlsLayer(mp.server_context(self.tls_settings()), server_side=True, alpn="imap")
-        with self.assertRaises(mp.TlsError) as caught:
-            server.receive_data(records[:mp.TLS_HELLO_MAX])
-        self.assertIn("ClientHello over", str(caught.exception))
-        self.assertEqual(server.data_to_send(), b"\x15\x03\x03\x00\x02\x02\x28")
 
-    def test_smtp_relay_check(self):
-        """smtp_auth none after the login: commands and message data."""
-        def run(size):
-            guard = mp.SmtpRecipientGuard(guard_check, size + 64)
-            data = b"NOOP " + b"n" * size + b"\r\n"
-            to_backend = b"".join(backend for backend, _ in map(guard.from_client, byte_by_byte(data)))
-            self.assertEqual(to_backend, data)
-            guard.from_backend(b"250 ok\r\n")
-            guard.from_client(b"DATA\r\n")
-            guard.from_backend(b"354 go\r\n")
-            message = (b"line\r\n" * size)[:size] + b"\r\n.\r\n"
-            to_backend = b"".join(backend for backend, _ in map(guard.from_client, byte_by_byte(message)))
-            self.assertEqual((to_backend, guard.state), (message, guard.REPLY))
-        self.assert_linear(run, 4096)
+# -- end to end: TLS from the first byte --------------------------------------------
 
-    def test_dns_answer_with_many_records(self):
-        """A DNS answer comes in one datagram: the work is linear in its size."""
-        def run(count):
-            query = mp.dns_query(7, "mail.example.test", mp.DNS_A)
-            answer = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_A, bytes([192, 0, 2, i % 250]))
-                                          for i in range(count)])
-            for _ in range(20):
-                parsed = mp.parse_dns_answer(answer, 7, "mail.example.test", mp.DNS_A)
-            self.assertEqual(len(mp.dns_values(parsed, "mail.example.test", mp.DNS_A)[0]), count)
-        self.assert_linear(run, 60)
-
-
-# ########################################################################## #
-#                           End-to-end harness                               #
-# ########################################################################## #
-# The real proxy (a Worker and its event loop, in a thread) between a test
-# Client and a fake backend, all on loopback.  A test reads as a transcript:
-#
-#     client.expect(rb"^\* OK IMAP4 ready\r\n$")     # the next line must match
-#     client.send("a1 LOGIN alice secret")           # a str gets its CRLF
-#
-# and then looks at what the backend received and what the proxy logged.
-
-MEGABYTE = 1024 * 1024
-
-# What the proxy says with the settings of proxy_config (server_name mail.test,
-# the default methods), and what the SMTP fake backend says to QUIT.
-IMAP_PROXY_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
-SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
-SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
-SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
-PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
-
-# How mailproxy logs alice in to an IMAP backend (nginx does the same): the
-# client's own tag and synchronizing literals, each sent after the "+".
-IMAP_LOGIN_ON_THE_WIRE = b"a1 LOGIN {5}\r\n" + b"alice {6}\r\n" + b"secret\r\n"
-POP3_LOGIN_ON_THE_WIRE = b"USER alice\r\n" + b"PASS secret\r\n"
-
-
-def free_port() -> int:
-    """A loopback TCP port that nobody listens on (the kernel's pick, released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def message_bytes(size: int) -> bytes:
-    """``size`` pseudo-random bytes, the same every run.  They never repeat in
-    step with a buffer size, so a lost, doubled or swapped chunk changes the
-    sha256 (a repeated pattern could hide it)."""
-    return hashlib.shake_128(b"message of %d bytes" % size).digest(size)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def wait_until(condition, timeout: float = 3.0, what: str = "condition") -> None:
-    """Poll ``condition()`` until it is true; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(0.01)
-
-
-def proxy_config(protocol: str, backend_port: Optional[int] = None, auth_port=None,
-                 listens=("",), users=None, **mail) -> str:
-    """The INI text of a proxy with one [server] for ``protocol``, one listen
-    on a free loopback port per entry of ``listens`` (the listen's flags:
-    "", "ssl", "proxy_protocol"...).  With ``backend_port`` it passes to
-    127.0.0.1:backend_port and checks logins against [users] (``users``; by
-    default alice, password "secret"); with ``auth_port`` it asks the fake
-    auth server there (a str is the auth_http URL itself) and sends this
-    file's two auth_http_header lines, and has no [users].  ``mail`` adds or
-    overrides [mail] directives (None leaves one out; a value may hold
-    continuation lines): proxy_config("imap", port, timeout="1s")."""
-    directives = {"server_name": "mail.test", "timeout": "5s", "auth_delay": "200ms"}
-    if auth_port is not None:
-        directives["auth_http"] = (auth_port if isinstance(auth_port, str) else
-                                   "http://127.0.0.1:%d/auth" % auth_port)
-        directives["auth_http_header"] = 'X-Auth-Key secret-key\n    X-Second "two words"'
-        directives["auth_http_timeout"] = "3s"
-    directives.update(mail)
-    lines = ["[main]", "worker_connections = 1024", "", "[mail]"]
-    lines += ["%s = %s" % item for item in directives.items() if item[1] is not None]
-    listen = ["127.0.0.1:%d%s" % (free_port(), " " + flags if flags else "") for flags in listens]
-    lines += ["", "[server %s]" % protocol, "listen = " + "\n    ".join(listen),
-              "protocol = %s" % protocol]
-    if backend_port is not None:
-        lines.append("proxy_pass = 127.0.0.1:%d" % backend_port)
-    if auth_port is None:
-        lines += ["", "[users]"]
-        lines += ["%s = %s" % item for item in (users or {"alice": "{PLAIN}secret"}).items()]
-    return "\n".join(lines) + "\n"
-
-
-class MemoryErrorLogs:
-    """Stands in for mp.ErrorLogs (the [main] log and each server's own):
-    every line goes to one in-memory ErrorLog."""
-
-    def __init__(self, log: mp.ErrorLog):
-        self.main = log
-
-    def for_server(self, server: mp.Settings) -> mp.ErrorLog:
-        return self.main
-
-    def access_for(self, server: mp.Settings) -> mp.ErrorLog:
-        return self.main
-
-    def close(self) -> None:
-        pass
-
-
-class ProxyUnderTest:
-    """mailproxy configured from INI text the way the real start-up does it
-    (mp.load_and_prepare, which builds the SSL contexts), the test
-    certificates written next to the configuration file (so that it may name
-    them relatively: ssl_certificate = server.crt), its event loop in a
-    daemon thread, its error and access logs in memory.  Use as a context
-    manager; ``port`` is where it listens (``ports``: every listen's port,
-    in the order of the configuration), ``worker`` the Worker (its
-    ``sessions`` may be looked at).
-
-    If the event loop dies of an exception, the traceback is kept and
-    stopping the proxy fails the test with it."""
-
-    def __init__(self, config_text: str):
-        self.directory = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
-        self.worker = None
-        try:
-            write_tls_files(self.directory.name)
-            path = write_file(self.directory.name, "mailproxy.conf", config_text)
-            self.config = mp.load_and_prepare(path)
-            self.log_file = io.BytesIO()
-            log = mp.ErrorLog([(self.log_file, "info")])
-            self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
-            self.worker.open_listeners(self.config)
-        except BaseException:
-            if self.worker is not None:
-                self.worker.loop.close()
-            self.directory.cleanup()
-            raise
-        self.ports = [listen.port for server in self.config.servers for listen in server.listen]
-        self.port = self.ports[0]
-        self.crash = None              # the loop's traceback, if it died
-        self.thread = threading.Thread(target=self._run, name="mailproxy loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.worker.loop.run()
-        except BaseException:
-            import traceback
-            self.crash = traceback.format_exc()
-
-    def __enter__(self) -> "ProxyUnderTest":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop the loop (as SIGTERM would), close every socket it had open."""
-        if self.thread.is_alive():
-            self.worker.loop.call_soon_threadsafe(self.worker.stop_now)
-            self.thread.join(5)
-        hung = self.thread.is_alive()
-        if not hung:                   # the loop is ours now: clean up after a crash too
-            for session in list(self.worker.sessions):
-                session.client.close()
-                if session.backend is not None:
-                    session.backend.close()
-            for listener in self.worker.listeners.values():
-                listener.close()
-            self.worker.loop.close()
-        self.directory.cleanup()
-        if self.crash:
-            raise AssertionError("the proxy's event loop crashed:\n" + self.crash)
-        if hung:
-            raise AssertionError("the proxy's event loop did not stop")
-
-    def assert_alive(self) -> None:
-        if self.crash or not self.thread.is_alive():
-            raise AssertionError("the proxy's event loop is dead:\n%s" % self.crash)
-
-    # -- what the proxy logged, and holds ------------------------------------
-    @property
-    def log(self) -> str:
-        return self.log_file.getvalue().decode("utf-8", "replace")
-
-    def wait_for_log(self, pattern: str, timeout: float = 3.0) -> "re.Match":
-        """The first match of ``pattern`` in the log, waiting for it to appear
-        (the proxy writes some lines after it has closed the socket)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise AssertionError("no %r in the error log:\n%s" % (pattern, self.log))
-            time.sleep(0.01)
-
-    def sessions(self) -> list:
-        return list(self.worker.sessions)      # a copy: the loop thread changes the set
-
-    def buffered(self) -> int:
-        """Bytes waiting in the proxy's output buffers now, all sessions."""
-        total = 0
-        for session in self.sessions():
-            backend = session.backend
-            total += len(session.client.out) + (len(backend.out) if backend is not None else 0)
-        return total
-
-
-class Client:
-    """A test's end of one connection to the proxy.
-
-    send("a1 NOOP") sends a line (the CRLF is added); send(b"...") sends
-    bytes as they are.  expect(rb"^a1 OK") reads the next line (with its
-    CRLF) and fails the test unless it matches; read_exactly(n) reads n bytes;
-    expect_closed() wants the proxy to close with nothing more said.  Every
-    read gives up after ``timeout`` seconds, saying what it had read."""
-
-    def __init__(self, port: int, timeout: float = 5.0):
-        self.timeout = timeout
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.pending = bytearray()     # received, not consumed yet
-        self.lines = []                # the last lines consumed, for failure messages
-        self.sent = 0                  # bytes sent, and received, in all
-        self.received = 0
-
-    def send(self, data) -> None:
-        if isinstance(data, str):
-            data = data.encode() + b"\r\n"
-        self.sock.sendall(data)
-        self.sent += len(data)
-
-    def _receive(self, deadline: float, waiting_for: str) -> bool:
-        """Read once into ``pending``; False at the end of the stream."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            self._timed_out(waiting_for)
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(MEGABYTE)
-        except socket.timeout:
-            self._timed_out(waiting_for)
-        except ConnectionResetError:
-            data = b""
-        self.received += len(data)
-        self.pending += data
-        return bool(data)
-
-    def _timed_out(self, waiting_for: str) -> None:
-        raise AssertionError("%s: gave up after %.1fs; last lines %r, then %r"
-                             % (waiting_for, self.timeout, self.lines[-3:],
-                                bytes(self.pending[:200])))
-
-    def read_line(self) -> bytes:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            end = self.pending.find(b"\n")
-            if end >= 0:
-                line = bytes(self.pending[:end + 1])
-                del self.pending[:end + 1]
-                self.lines = self.lines[-9:] + [line]
-                return line
-            if not self._receive(deadline, "waiting for a line"):
-                raise AssertionError("the proxy closed the connection; expected a line, "
-                                     "last lines %r, then %r" % (self.lines[-3:], bytes(self.pending)))
-
-    def expect(self, pattern: bytes) -> "re.Match":
-        line = self.read_line()
-        match = re.search(pattern, line)
-        if match is None:
-            raise AssertionError("expected %r, got %r (lines before: %r)"
-                                 % (pattern, line, self.lines[-4:-1]))
-        return match
-
-    def read_exactly(self, size: int) -> bytes:
-        deadline = time.monotonic() + self.timeout
-        while len(self.pending) < size:
-            if not self._receive(deadline, "reading %d bytes" % size):
-                raise AssertionError("the proxy closed the connection after %d of %d bytes"
-                                     % (len(self.pending), size))
-        data = bytes(self.pending[:size])
-        del self.pending[:size]
-        return data
-
-    def expect_line(self, line: bytes) -> None:
-        """The next line is ``line`` (CRLF included), byte for byte."""
-        got = self.read_line()
-        if got != line:
-            raise AssertionError("expected %r, got %r (lines before: %r)"
-                                 % (line, got, self.lines[-4:-1]))
-
-    def reply(self) -> bytes:
-        """One SMTP reply, all its lines (RFC 5321 §4.2.1)."""
-        lines = [self.read_line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.read_line())
-        return b"".join(lines)
-
-    def read_until_closed(self, timeout: Optional[float] = None) -> bytes:
-        """Everything the proxy sends until it closes (fails after
-        ``timeout``, by default the client's)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while self._receive(deadline, "waiting for the close"):
-            pass
-        data = bytes(self.pending)
-        del self.pending[:]
-        return data
-
-    def expect_closed(self) -> None:
-        """The proxy closes the connection, and says nothing more before."""
-        deadline = time.monotonic() + self.timeout
-        while not self.pending and self._receive(deadline, "waiting for the close"):
-            pass
-        if self.pending:
-            raise AssertionError("expected the proxy to close the connection, got %r"
-                                 % bytes(self.pending[:200]))
-
-    def expect_nothing(self, seconds: float) -> None:
-        """For ``seconds``, the proxy says nothing (and does not close)."""
-        if self.pending:
-            raise AssertionError("expected silence, got %r" % bytes(self.pending[:200]))
-        self.sock.settimeout(seconds)
-        try:
-            data = self.sock.recv(4096)
-        except socket.timeout:
-            return
-        raise AssertionError("expected silence, got %r" % data if data else
-                             "expected silence, the proxy closed the connection")
-
-    def start_tls(self, context: ssl.SSLContext, hostname: str = "localhost",
-                  session: Optional[ssl.SSLSession] = None) -> None:
-        """Go on over TLS on the same socket: after the plaintext "OK, begin
-        TLS" (implicit TLS: at once)."""
-        if self.pending:
-            raise AssertionError("plaintext left unread before the TLS handshake: %r"
-                                 % bytes(self.pending))
-        self.sock.settimeout(self.timeout)
-        self.sock = context.wrap_socket(self.sock, server_hostname=hostname, session=session)
-
-    def send_raw(self, data: bytes) -> None:
-        """Bytes straight onto the TCP connection, under TLS's feet."""
-        raw = socket.fromfd(self.sock.fileno(), socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            raw.settimeout(self.timeout)
-            raw.sendall(data)
-        finally:
-            raw.close()                        # a duplicate: the connection stays
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def connect_client(test, port: int, timeout: float = 5.0) -> Client:
-    """A Client of 127.0.0.1:PORT, closed when the test ends."""
-    client = Client(port, timeout)
-    test.addCleanup(client.close)
-    return client
-
-
-def imap_login_session(test, port: int, password: str = "secret", timeout: float = 5.0):
-    """A Client that has read the greeting and sent ``LOGIN alice
-    PASSWORD``: (client, the reply line)."""
-    client = connect_client(test, port, timeout)
-    client.expect_line(mp.IMAP_GREETING)
-    client.send("a1 LOGIN alice " + password)
-    return client, client.read_line()
-
-
-def imap_login_reply(test, port: int, password: str = "secret") -> bytes:
-    """The reply to ``LOGIN alice PASSWORD`` on a connection of its own."""
-    client, reply = imap_login_session(test, port, password)
-    client.close()
-    return reply
-
-
-class BackendWire:
-    """The fake backend's end of one connection: lines and literals in,
-    replies out; every byte received is kept in ``received``."""
-
-    def __init__(self, conn: socket.socket):
-        self.conn = conn
-        self.received = bytearray()
-        self.pending = bytearray()
-
-    def _more(self) -> bool:
-        data = self.conn.recv(MEGABYTE)
-        self.received += data
-        self.pending += data
-        return bool(data)
-
-    def line(self) -> bytes:
-        """The next line with its CRLF; b"" when the proxy has closed."""
-        while b"\n" not in self.pending:
-            if not self._more():
-                return b""
-        end = self.pending.find(b"\n") + 1
-        line = bytes(self.pending[:end])
-        del self.pending[:end]
-        return line
-
-    def exactly(self, size: int) -> bytes:
-        while len(self.pending) < size:
-            if not self._more():
-                raise ConnectionError("closed in the middle of %d bytes" % size)
-        data = bytes(self.pending[:size])
-        del self.pending[:size]
-        return data
-
-    def send(self, data: bytes) -> None:
-        self.conn.sendall(data)
-
-
-class FakeBackend(ThreadedServer):
-    """A mail server on 127.0.0.1 for the proxy to log in to: one thread
-    accepts, one thread per connection reads it through a BackendWire.
-    The protocols are its subclasses; the options are the same for all.
-
-    ``mode``: "normal"; "refuse" (every login is refused); "bad-greeting";
-    "close" (closes each connection at once); "stall" (accepts, never says a
-    word).  ``accept``: the (login, password) pairs it lets in (None: any
-    pair; the proxy's [users] table is what decides then); ``logins`` lists
-    every pair it was offered.  ``message`` is what FETCH / RETR send;
-    ``pushed`` counts how much of it has gone out so far.  ``received[i]`` is
-    every byte connection i got (after a TLS handshake, the decrypted ones).
-
-    ``tls``: "" (none), "implicit" (handshake at once) or "starttls" (after
-    the protocol's command), with the server ``context``.  ``clear[i]`` is
-    what connection i received before its handshake (the rest, in
-    ``received``, only a proxy that did the handshake can have sent),
-    ``versions[i]`` its TLS version; ``inject`` is sent in clear right after
-    the STARTTLS yes (a man in the middle's attempt, RFC 3207 §4.2).
-    ``proxy_header``: each connection starts with a PROXY header (v1 or v2),
-    kept raw in ``headers`` (and at the start of ``received[i]``)."""
-
-    name = "fake backend"
-
-    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
-                 accept=((b"alice", b"secret"),), tls: str = "",
-                 context: Optional[ssl.SSLContext] = None, inject: bytes = b"",
-                 proxy_header: bool = False):
-        self.mode = mode
-        self.message = message
-        self.accept = None if accept is None else set(accept)
-        self.tls = tls
-        self.tls_context = context
-        self.inject = inject
-        self.proxy_header = proxy_header
-        self.logins = []
-        self.received = []
-        self.pushed = 0
-        self.clear = []
-        self.versions = []
-        self.tls_errors = []
-        self.headers = []
-        super().__init__()
-
-    def accepted(self, conn: socket.socket) -> BackendWire:
-        wire = BackendWire(conn)
-        self.received.append(wire.received)
-        return wire
-
-    def handle(self, wire: BackendWire) -> None:
-        try:
-            if self.mode == "stall":
-                self.stopping.wait()
-            elif self.mode != "close":
-                if self.proxy_header:
-                    self.read_proxy_header(wire)
-                if self.tls == "implicit":
-                    self.start_tls(wire)
-                self.serve(wire)
-        except OSError:
-            pass                           # the proxy went away (or failed TLS): nothing to do
-        finally:
-            wire.conn.close()
-
-    def serve(self, wire: BackendWire) -> None:
-        raise NotImplementedError
-
-    def read_proxy_header(self, wire: BackendWire) -> None:
-        start = wire.exactly(12)
-        if start == mp.PROXY_V2_SIGNATURE:
-            rest = wire.exactly(4)
-            header = start + rest + wire.exactly(struct.unpack("!H", rest[2:])[0])
-        else:
-            header = start + wire.line()
-        self.headers.append(header)
-
-    def start_tls(self, wire: BackendWire) -> None:
-        """The server side of the handshake, on the connection's socket."""
-        if wire.pending:
-            raise ConnectionError("the proxy sent %r before the handshake" % bytes(wire.pending))
-        self.clear.append(bytes(wire.received))
-        raw = wire.conn
-        try:
-            wire.conn = self.tls_context.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError) as error:
-            self.tls_errors.append(error)
-            raise
-        self.versions.append(wire.conn.version())
-        # close() shuts the connections down to wake their threads: the TLS one now.
-        self.connections[self.connections.index(raw)] = wire.conn
-
-    def accepts(self, login: bytes, password: bytes) -> bool:
-        """Whether this pair logs in (it is recorded in ``logins``)."""
-        self.logins.append((login, password))
-        if self.mode == "refuse":
-            return False
-        return self.accept is None or (login, password) in self.accept
-
-    def push_message(self, wire: BackendWire) -> None:
-        for start in range(0, len(self.message), 65536):
-            wire.send(self.message[start:start + 65536])
-            self.pushed = start + len(self.message[start:start + 65536])
-
-
-class FakeImapBackend(FakeBackend):
-    """LOGIN with literals only (the way mailproxy sends it), AUTHENTICATE
-    with an initial response (a token handed on: the line goes to
-    ``authenticates`` and is answered OK), NOOP, LOGOUT; after login also
-    ``FETCH 1 BODY[]`` (sends ``message``) and ``APPEND INBOX {n}`` (answers
-    with the sha256 of the n bytes).  ``capability``: an untagged CAPABILITY
-    comes before the OK of a LOGIN.  With tls="starttls" it greets with
-    STARTTLS and LOGINDISABLED and takes nothing but ``S1 STARTTLS`` in
-    clear (a LOGIN gets NO [PRIVACYREQUIRED])."""
-
-    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
-                 capability: bool = False, **options):
-        self.capability = capability
-        self.authenticates = []
-        super().__init__(mode, message, **options)
-
-    def serve(self, wire: BackendWire) -> None:
-        if self.mode == "bad-greeting":
-            wire.send(b"* BYE not today\r\n")
-            wire.line()                    # until the proxy hangs up
-            return
-        if self.tls == "starttls":
-            if not self.starttls(wire):
-                return
-        else:
-            wire.send(b"* OK fake IMAP ready\r\n")
-        logged_in = False
-        while True:
-            line = wire.line()
-            if not line:
-                return
-            tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
-            command, _, argument = rest.partition(b" ")
-            command = command.upper()
-            if command == b"LOGIN" and not logged_in:
-                logged_in = self.login(wire, tag, argument)
-            elif command == b"AUTHENTICATE" and not logged_in:
-                self.authenticates.append(line)
-                wire.send(tag + b" OK AUTHENTICATE completed\r\n")
-                logged_in = True
-            elif command == b"NOOP":
-                wire.send(tag + b" OK NOOP completed\r\n")
-            elif command == b"LOGOUT":
-                wire.send(b"* BYE fake IMAP logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
-                return
-            elif command == b"FETCH" and logged_in and argument == b"1 BODY[]":
-                wire.send(b"* 1 FETCH (BODY[] {%d}\r\n" % len(self.message))
-                self.push_message(wire)
-                wire.send(b")\r\n" + tag + b" OK FETCH completed\r\n")
-            elif command == b"APPEND" and logged_in and re.fullmatch(rb"INBOX \{\d+\}", argument):
-                wire.send(b"+ Ready for literal data\r\n")
-                data = wire.exactly(int(argument[7:-1]))
-                if wire.line() != b"\r\n":
-                    return
-                wire.send(tag + b" OK APPEND completed, sha256 %s\r\n" % sha256_hex(data).encode())
-            else:
-                wire.send(tag + b" BAD unknown command\r\n")
-
-    def starttls(self, wire: BackendWire) -> bool:
-        """The greeting and STARTTLS in clear; False if the proxy asked
-        for anything else."""
-        wire.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake IMAP ready\r\n")
-        tag, _, command = wire.line().rstrip(b"\r\n").partition(b" ")
-        if command.upper() != b"STARTTLS":
-            wire.send(tag + b" NO [PRIVACYREQUIRED] STARTTLS first\r\n")
-            return False
-        wire.send(tag + b" OK Begin TLS negotiation now\r\n" + self.inject)
-        self.start_tls(wire)
-        return True
-
-    def login(self, wire: BackendWire, tag: bytes, argument: bytes) -> bool:
-        """``LOGIN {n}`` / ``+ go ahead`` / ``login {m}`` / ``+`` / password."""
-        size = re.fullmatch(rb"\{(\d+)\}", argument)
-        if size is None:
-            wire.send(tag + b" BAD this fake wants literals\r\n")
-            return False
-        wire.send(b"+ go ahead\r\n")
-        login = wire.exactly(int(size.group(1)))
-        size = re.fullmatch(rb" \{(\d+)\}\r\n", wire.line())
-        if size is None:
-            wire.send(tag + b" BAD this fake wants literals\r\n")
-            return False
-        wire.send(b"+\r\n")
-        password = wire.exactly(int(size.group(1)))
-        if wire.line() != b"\r\n":
-            wire.send(tag + b" BAD junk after the password\r\n")
-            return False
-        if not self.accepts(login, password):
-            wire.send(tag + b" NO [AUTHENTICATIONFAILED] bad\r\n")
-            return False
-        if self.capability:
-            wire.send(b"* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n")
-        wire.send(tag + b" OK LOGIN completed\r\n")
-        return True
-
-
-class FakePop3Backend(FakeBackend):
-    """USER/PASS, AUTH with an initial response (a token handed on: the line
-    goes to ``auths`` and is answered +OK), STAT, NOOP, ``RETR 1`` (sends
-    ``message``, not dot-stuffed: the tests read it by length), a made-up
-    ``XPUT n`` (answers with the sha256 of the n bytes that follow), QUIT.
-    With tls="starttls" only STLS is taken in clear."""
-
-    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n", **options):
-        self.auths = []
-        super().__init__(mode, message, **options)
-
-    def serve(self, wire: BackendWire) -> None:
-        if self.mode == "bad-greeting":
-            wire.send(b"-ERR not today\r\n")
-            wire.line()
-            return
-        if self.tls == "starttls":
-            if not self.starttls(wire):
-                return
-        else:
-            wire.send(b"+OK fake POP3 ready\r\n")
-        login, logged_in = None, False
-        while True:
-            line = wire.line()
-            if not line:
-                return
-            command, _, argument = line.rstrip(b"\r\n").partition(b" ")
-            command = command.upper()
-            if command == b"USER" and not logged_in:
-                login = argument
-                wire.send(b"+OK send PASS\r\n")
-            elif command == b"PASS" and not logged_in and login is not None:
-                if self.accepts(login, argument):
-                    logged_in = True
-                    wire.send(b"+OK alice has 1 message\r\n")
-                else:
-                    wire.send(b"-ERR [AUTH] bad\r\n")
-                    login = None
-            elif command == b"AUTH" and not logged_in:
-                self.auths.append(line)
-                logged_in = True
-                wire.send(b"+OK token accepted\r\n")
-            elif command == b"NOOP" and logged_in:
-                wire.send(b"+OK\r\n")
-            elif command == b"STAT" and logged_in:
-                wire.send(b"+OK 1 %d\r\n" % len(self.message))
-            elif command == b"RETR" and logged_in and argument == b"1":
-                wire.send(b"+OK %d octets\r\n" % len(self.message))
-                self.push_message(wire)
-                wire.send(b"\r\n.\r\n")
-            elif command == b"XPUT" and logged_in and argument.isdigit():
-                wire.send(b"+OK send %d octets\r\n" % int(argument))
-                data = wire.exactly(int(argument))
-                wire.send(b"+OK got them, sha256 %s\r\n" % sha256_hex(data).encode())
-            elif command == b"QUIT":
-                wire.send(b"+OK bye\r\n")
-                return
-            else:
-                wire.send(b"-ERR unknown command\r\n")
-
-    def starttls(self, wire: BackendWire) -> bool:
-        wire.send(b"+OK fake POP3 ready, STLS first\r\n")
-        if wire.line().rstrip(b"\r\n").upper() != b"STLS":
-            wire.send(b"-ERR [SYS/PERM] STLS first\r\n")
-            return False
-        wire.send(b"+OK Begin TLS negotiation\r\n" + self.inject)
-        self.start_tls(wire)
-        return True
-
-
-class EndToEndTestCase(CertificateFiles, unittest.TestCase):
-    """What the end-to-end tests share: proxies, clients and fake servers
-    started through use() are stopped when the test ends, in the reverse
-    order (clients first, then the proxy, then the backends); the test
-    certificates are in the class's directory (CertificateFiles)."""
-
-    def use(self, resource):
-        """Enter a context manager now; exit it when the test ends."""
-        value = resource.__enter__()
-        self.addCleanup(resource.__exit__, None, None, None)
-        return value
-
-    # -- proxies -------------------------------------------------------------------
-    def start_proxy(self, protocol: str, backend_port: int, **mail) -> ProxyUnderTest:
-        """A proxy passing to ``backend_port``, logins checked against
-        [users] (alice, "secret"): proxy_config's."""
-        return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, **mail)))
-
-    def tls_proxy(self, protocol: str, backend_port: int, listens=("ssl",), users=None,
-                  **mail) -> ProxyUnderTest:
-        """start_proxy with the server certificate (mail.example.com) for
-        its "ssl" listens and STARTTLS, and auth_delay 50ms."""
-        mail.setdefault("ssl_certificate", self.tls_path("server.crt"))
-        mail.setdefault("ssl_certificate_key", self.tls_path("server.key"))
-        mail.setdefault("auth_delay", "50ms")
-        return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, listens=listens,
-                                                    users=users, **mail)))
-
-    def auth_http_proxy(self, protocol: str, auth_port, listen_flags: str = "",
-                        **mail) -> ProxyUnderTest:
-        """A proxy that asks the fake auth server on ``auth_port`` (no
-        proxy_pass, no [users]); ``listen_flags``: its listen's flags."""
-        return self.use(ProxyUnderTest(proxy_config(protocol, auth_port=auth_port,
-                                                    listens=(listen_flags,), **mail)))
-
-    def auth_server(self, *responses, answer=None) -> "AuthServer":
-        return self.use(AuthServer(*responses, answer=answer))
-
-    # -- clients -----------------------------------------------------------------------
-    def connect(self, proxy: ProxyUnderTest, port: int = 0, timeout: float = 5.0) -> Client:
-        """A Client of the proxy's ``port`` (by default its first)."""
-        return connect_client(self, port or proxy.port, timeout)
-
-    def tls_connect(self, proxy: ProxyUnderTest, port: int = 0, certificate: str = "",
-                    hostname: str = "localhost", context=None) -> Client:
-        """A Client over TLS from its first byte: client_context(certificate)
-        unless a ``context`` is given."""
-        client = self.connect(proxy, port)
-        client.start_tls(context or self.client_context(certificate), hostname)
-        return client
-
-    def tls_refused(self, port: int, context: ssl.SSLContext,
-                    hostname: str = "localhost") -> ssl.SSLError:
-        """The handshake fails; the error the client saw.  With TLS 1.3 the
-        server judges the client's certificate after the client has finished
-        its part, so the alert may come with the first read."""
-        sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
-        try:
-            try:
-                tls = context.wrap_socket(sock, server_hostname=hostname)
-            except ssl.SSLError as error:
-                return error
-            try:
-                data = tls.recv(4096)
-            except ssl.SSLError as error:
-                return error
-            finally:
-                tls.close()
-            self.fail("the TLS handshake succeeded; the proxy said %r" % data)
-        finally:
-            sock.close()
-
-    def smtplib_client(self, proxy: ProxyUnderTest) -> "SmtpRecordingClient":
-        client = SmtpRecordingClient("127.0.0.1", proxy.port, local_hostname="client.example",
-                                     timeout=10)
-        self.addCleanup(client.close)
-        return client
-
-    # -- dialogues that many tests start with ------------------------------------------
-    def imap_login(self, client: Client) -> None:
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        client.expect(rb"^a1 OK LOGIN completed\r\n$")
-
-    def pop3_login(self, client: Client) -> None:
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
-        client.send("PASS secret")
-        client.expect(rb"^\+OK alice has 1 message\r\n$")
-
-    def smtp_hello(self, client: Client, greeting: bytes = SMTP_PROXY_GREETING,
-                   ehlo: bytes = SMTP_PROXY_EHLO) -> None:
-        self.assertEqual(client.read_line(), greeting)
-        client.send("EHLO client.example")
-        self.assertEqual(client.read_exactly(len(ehlo)), ehlo)
-
-    def smtp_auth_plain(self, client: Client) -> None:
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-
-    def smtp_quit(self, client: Client) -> None:
-        client.send("QUIT")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        client.expect_closed()
-
-    # -- checks ------------------------------------------------------------------------
-    def assertSameBytes(self, got: bytes, expected: bytes, what: str) -> None:
-        """Like assertEqual, without printing megabytes when they differ."""
-        if got != expected:
-            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
-                         min(len(got), len(expected)))
-            self.fail("%s: %d bytes instead of %d, first difference at offset %d: %r vs %r"
-                      % (what, len(got), len(expected), first, got[first:first + 20],
-                         expected[first:first + 20]))
-
-    def wait_for_backend(self, backend: "FakeBackend", connection: int, data: bytes) -> None:
-        """The backend's thread may still be reading when the client has its reply."""
-        wait_until(lambda: len(backend.received) > connection and
-                   bytes(backend.received[connection]).endswith(data),
-                   what="the backend to receive %r" % data[-40:])
-
-    def assert_internal_error(self, protocol: str, auth: "AuthServer", log_pattern: str,
-                              **mail) -> None:
-        """A login through a proxy asking ``auth`` gets the internal error,
-        the connection is closed, and the error log names the auth server."""
-        backend = self.use(FAKE_BACKENDS[protocol]())
-        self.backend_port = backend.port
-        proxy = self.auth_http_proxy(protocol, auth.port, **mail)
-        client = self.connect(proxy)
-        if protocol == "imap":
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
-            client.send("a1 LOGIN alice secret")
-            self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
-        elif protocol == "pop3":
-            client.expect(rb"^\+OK POP3 ready\r\n$")
-            client.send("USER alice")
-            client.expect(rb"^\+OK\r\n$")
-            client.send("PASS secret")
-            self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
-        else:
-            self.smtp_hello(client)
-            client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-            self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
-        client.expect_closed()
-        pattern = (r"\[error\] \d+#0: \*1 " + log_pattern % re.escape("127.0.0.1:%d" % auth.port) +
-                   r" while in http auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, "
-                   r'login: "alice"' % proxy.port)
-        proxy.wait_for_log(pattern)
-        self.assertEqual(backend.received, [], "the backend must not be contacted")
-        proxy.assert_alive()
-
-
-# ########################################################################## #
-#                          End to end: happy paths                           #
-# ########################################################################## #
-
-class ImapEndToEndTests(EndToEndTestCase):
-    def test_login_then_10_mb_each_way(self):
-        message = message_bytes(10 * MEGABYTE)
-        backend = self.use(FakeImapBackend(message=message, capability=True))
-        proxy = self.start_proxy("imap", backend.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        # The backend's answer to the login, untagged CAPABILITY included.
-        client.expect(rb"^\* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n$")
-        client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        # The client's tag and the login as literals, nothing else.
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-        # 10 MB backend -> client.
-        client.send("a2 FETCH 1 BODY[]")
-        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{10485760\}\r\n$")
-        self.assertSameBytes(client.read_exactly(len(message)), message, "FETCH through the proxy")
-        client.expect(rb"^\)\r\n$")
-        client.expect(rb"^a2 OK FETCH completed\r\n$")
-
-        # 10 MB client -> backend: the backend says the sha256 of what it got.
-        upload = message_bytes(10 * MEGABYTE + 1)
-        client.send("a3 APPEND INBOX {%d}" % len(upload))
-        client.expect(rb"^\+ Ready for literal data\r\n$")
-        client.send(upload + b"\r\n")
-        client.expect(b"^a3 OK APPEND completed, sha256 %s\r\n$" % sha256_hex(upload).encode())
-
-        client.send("a4 LOGOUT")
-        client.expect(rb"^\* BYE fake IMAP logging out\r\n$")
-        client.expect(rb"^a4 OK LOGOUT completed\r\n$")
-        client.expect_closed()
-        self.assertSameBytes(
-            bytes(backend.received[0]),
-            IMAP_LOGIN_ON_THE_WIRE + b"a2 FETCH 1 BODY[]\r\n" +
-            b"a3 APPEND INBOX {10485761}\r\n" + upload + b"\r\n" + b"a4 LOGOUT\r\n",
-            "what the backend received")
-        self.assertEqual(len(backend.received), 1)
-
-    def test_pipelined_commands_follow_the_login(self):
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port)
-        client = self.connect(proxy)
-        client.send(b"a1 LOGIN alice secret\r\na2 NOOP\r\na3 LOGOUT\r\n")     # one send()
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        client.expect(rb"^a2 OK NOOP completed\r\n$")
-        client.expect(rb"^\* BYE fake IMAP logging out\r\n$")
-        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
-        client.expect_closed()
-        self.assertEqual(bytes(backend.received[0]),
-                         IMAP_LOGIN_ON_THE_WIRE + b"a2 NOOP\r\na3 LOGOUT\r\n")
-
-    def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port, auth_delay="200ms")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        started = time.monotonic()
-        client.send("a1 LOGIN alice wrong")
-        client.expect(rb"^a1 NO Invalid login or password\r\n$")
-        elapsed = time.monotonic() - started
-        self.assertGreaterEqual(elapsed, 0.2)
-        self.assertLess(elapsed, 2.0)
-        proxy.wait_for_log(r'client login failed: "wrong password" while in auth state, '
-                           r'client: 127\.0\.0\.1, .*login: "alice"')
-        self.assertEqual(backend.received, [], "a wrong password must not reach the backend")
-        # Same connection, right password.
-        client.send("a2 LOGIN alice secret")
-        client.expect(rb"^a2 OK LOGIN completed\r\n$")
-        client.send("a3 LOGOUT")
-        client.expect(rb"^\* BYE")
-        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
-        self.assertEqual(bytes(backend.received[0]),
-                         IMAP_LOGIN_ON_THE_WIRE.replace(b"a1", b"a2") + b"a3 LOGOUT\r\n")
-
-    def test_access_line_when_the_session_ends(self):
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port)
-        client = self.connect(proxy)
-        self.imap_login(client)
-        client.send("a2 NOOP")
-        client.expect(rb"^a2 OK NOOP completed\r\n$")
-        client.send("a3 LOGOUT")
-        client.expect(rb"^\* BYE")
-        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"session done:")
-        lines = [line for line in proxy.log.splitlines() if "session done:" in line]
-        self.assertEqual(len(lines), 1, proxy.log)
-        self.assertRegex(lines[0], r"\[info\] \d+#0: \*1 session done: [a-z ]+, "
-                         r"%d bytes from client, %d bytes to client, \d+\.\d{3}s, "
-                         r'client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
-                         r'login: "alice", upstream: 127\.0\.0\.1:%d$'
-                         % (client.sent, client.received, proxy.port, backend.port))
-
-
-class Pop3EndToEndTests(EndToEndTestCase):
-    def test_login_then_10_mb_each_way(self):
-        message = message_bytes(10 * MEGABYTE)
-        backend = self.use(FakePop3Backend(message=message))
-        proxy = self.start_proxy("pop3", backend.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")                        # the proxy's
-        client.send("PASS secret")
-        client.expect(rb"^\+OK alice has 1 message\r\n$")    # the backend's
-        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
-
-        client.send("RETR 1")
-        client.expect(rb"^\+OK 10485760 octets\r\n$")
-        self.assertSameBytes(client.read_exactly(len(message)), message, "RETR through the proxy")
-        client.expect(rb"^\r\n$")
-        client.expect(rb"^\.\r\n$")
-
-        upload = message_bytes(10 * MEGABYTE + 1)
-        client.send("XPUT %d" % len(upload))
-        client.expect(rb"^\+OK send 10485761 octets\r\n$")
-        client.send(upload)
-        client.expect(b"^\\+OK got them, sha256 %s\r\n$" % sha256_hex(upload).encode())
-
-        client.send("QUIT")
-        client.expect(rb"^\+OK bye\r\n$")
-        client.expect_closed()
-        self.assertSameBytes(
-            bytes(backend.received[0]),
-            POP3_LOGIN_ON_THE_WIRE + b"RETR 1\r\nXPUT 10485761\r\n" + upload + b"QUIT\r\n",
-            "what the backend received")
-
-    def test_pipelined_commands_follow_the_login(self):
-        backend = self.use(FakePop3Backend(message=b"x" * 1234))
-        proxy = self.start_proxy("pop3", backend.port)
-        client = self.connect(proxy)
-        client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")     # one send()
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^\+OK alice has 1 message\r\n$")
-        client.expect(rb"^\+OK 1 1234\r\n$")
-        client.expect(rb"^\+OK bye\r\n$")
-        client.expect_closed()
-        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE + b"STAT\r\nQUIT\r\n")
-
-    def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
-        backend = self.use(FakePop3Backend())
-        proxy = self.start_proxy("pop3", backend.port, auth_delay="200ms")
-        client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
-        started = time.monotonic()
-        client.send("PASS wrong")
-        client.expect(rb"^-ERR Invalid login or password\r\n$")
-        self.assertGreaterEqual(time.monotonic() - started, 0.2)
-        proxy.wait_for_log(r'client login failed: "wrong password"')
-        self.assertEqual(backend.received, [])
-        client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
-        client.send("PASS secret")
-        client.expect(rb"^\+OK alice has 1 message\r\n$")
-        client.send("QUIT")
-        client.expect(rb"^\+OK bye\r\n$")
-        client.expect_closed()
-
-
-# ########################################################################## #
-#                      End to end: when the backend fails                    #
-# ########################################################################## #
-
-class BackendFailureTests(EndToEndTestCase):
-    def test_backend_down_imap(self):
-        port = free_port()                                   # nobody listens there
-        proxy = self.start_proxy("imap", port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"\[error\] .*connect\(\) failed \(111: Connection refused\) "
-                           r"while connecting to upstream, .*upstream: 127\.0\.0\.1:%d" % port)
-
-    def test_backend_down_pop3(self):
-        port = free_port()
-        proxy = self.start_proxy("pop3", port)
-        client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"connect\(\) failed .*upstream: 127\.0\.0\.1:%d" % port)
-
-    def test_backend_refuses_login_imap(self):
-        backend = self.use(FakeImapBackend(mode="refuse"))
-        proxy = self.start_proxy("imap", backend.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")     # not the backend's words
-        client.expect_closed()
-        proxy.wait_for_log(r'upstream sent invalid response: "a1 NO \[AUTHENTICATIONFAILED\] bad"')
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-    def test_backend_refuses_login_imap_with_proxy_pass_error_message(self):
-        backend = self.use(FakeImapBackend(mode="refuse"))
-        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        client.expect(rb"^a1 NO \[AUTHENTICATIONFAILED\] bad\r\n$")
-        client.expect_closed()
-
-    def test_backend_refuses_login_pop3(self):
-        backend = self.use(FakePop3Backend(mode="refuse"))
-        proxy = self.start_proxy("pop3", backend.port)
-        client = self.connect(proxy)
-        client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r'upstream sent invalid response: "-ERR \[AUTH\] bad"')
-
-    def test_backend_refuses_login_pop3_with_proxy_pass_error_message(self):
-        backend = self.use(FakePop3Backend(mode="refuse"))
-        proxy = self.start_proxy("pop3", backend.port, proxy_pass_error_message="on")
-        client = self.connect(proxy)
-        client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR \[AUTH\] bad\r\n$")
-        client.expect_closed()
-
-    def test_backend_bad_greeting(self):
-        backend = self.use(FakeImapBackend(mode="bad-greeting"))
-        proxy = self.start_proxy("imap", backend.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
-
-    def test_backend_closes_at_once(self):
-        backend = self.use(FakePop3Backend(mode="close"))
-        proxy = self.start_proxy("pop3", backend.port)
-        client = self.connect(proxy)
-        client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"upstream prematurely closed connection")
-
-    def test_backend_stalls(self):
-        backend = self.use(FakeImapBackend(mode="stall"))
-        proxy = self.start_proxy("imap", backend.port, timeout="1s")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        started = time.monotonic()
-        client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
-        self.assertGreaterEqual(time.monotonic() - started, 1.0)
-        self.assertLess(time.monotonic() - started, 2.5)
-        client.expect_closed()
-        proxy.wait_for_log(r"\[error\] .*upstream timed out .*upstream: 127\.0\.0\.1:%d"
-                           % backend.port)
-
-
-# ########################################################################## #
-#                      End to end: when the client misbehaves                #
-# ########################################################################## #
-
-class ClientMisbehaviourTests(EndToEndTestCase):
-    def gone_mid_login(self, abort: bool) -> None:
-        """The client sends its login and closes without reading anything.
-        ``abort``: close with a TCP RST (SO_LINGER 0) instead of a FIN."""
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port)
-        client = self.connect(proxy)
-        client.send("a1 LOGIN alice secret")
-        if abort:
-            import struct
-            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client.close()
-        wait_until(lambda: proxy.worker.session_counter == 1, what="the session to start")
-        wait_until(lambda: not proxy.sessions() or proxy.crash, what="the session to end")
-        proxy.assert_alive()
-        self.assertEqual(proxy.sessions(), [])
-        # The proxy still serves.
-        client = self.connect(proxy)
-        self.imap_login(client)
-        client.send("a2 LOGOUT")
-        client.expect(rb"^\* BYE")
-        client.expect(rb"^a2 OK LOGOUT completed\r\n$")
-        proxy.assert_alive()
-
-    def test_client_gone_mid_login(self):
-        self.gone_mid_login(abort=False)
-
-    def test_client_gone_mid_login_with_reset(self):
-        self.gone_mid_login(abort=True)
-
-    def test_max_errors_imap(self):
-        proxy = self.start_proxy("imap", free_port(), max_errors="3")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 FOO")
-        client.expect(rb"^a1 BAD invalid command\r\n$")
-        client.send("a2 BAR")
-        client.expect(rb"^a2 BAD invalid command\r\n$")
-        client.send("a3 BAZ")
-        client.expect(rb"^a3 BAD invalid command\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"\*1 client sent too many invalid commands while in auth state")
-
-    def test_max_errors_pop3(self):
-        proxy = self.start_proxy("pop3", free_port(), max_errors="3")
-        client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        for command in ("FOO", "BAR", "BAZ"):
-            client.send(command)
-            client.expect(rb"^-ERR invalid command\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"client sent too many invalid commands")
-
-    def test_idle_client_is_disconnected_after_timeout(self):
-        proxy = self.start_proxy("imap", free_port(), timeout="1s")
-        started = time.monotonic()
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.expect_closed()                               # and not a byte more
-        elapsed = time.monotonic() - started
-        self.assertGreaterEqual(elapsed, 1.0)
-        self.assertLess(elapsed, 2.5)
-        proxy.wait_for_log(r"\[info\] .*\*1 client timed out while in auth state")
-
-    def test_random_bytes_do_not_break_the_proxy(self):
-        import random
-        randomness = random.Random(20261120)                 # the same bytes every run
-        pieces = [b"\0", b"\r", b"\n", b"\r\n", b" ", b'"', b"\\", b"{999999}", b"{5+}\r\n",
-                  b"{5}\r\n", b"{4294967296}\r\n", b"x" * 5000, b"a1 LOGIN ", b"a2 AUTHENTICATE ",
-                  b"a3 ID (", b"USER ", b"PASS ", b"AUTH PLAIN ", b"AUTH LOGIN\r\n", b"CAPA\r\n"]
-        for protocol in ("imap", "pop3"):
-            backend = self.use(FakeImapBackend() if protocol == "imap" else FakePop3Backend())
-            proxy = self.start_proxy(protocol, backend.port, timeout="2s")
-            clients = [self.connect(proxy) for _ in range(8)]
-            for client in clients:
-                junk = bytearray()
-                while len(junk) < 4096:
-                    if randomness.random() < 0.5:
-                        junk += randomness.choice(pieces)
-                    else:
-                        junk += bytes(randomness.getrandbits(8)
-                                      for _ in range(randomness.randrange(1, 100)))
-                try:
-                    for start in range(0, len(junk), 512):
-                        client.send(bytes(junk[start:start + 512]))
-                except OSError:
-                    pass                                     # the proxy may hang up
-            time.sleep(0.3)
-            for client in clients:
-                client.close()
-            proxy.assert_alive()
-            # A normal session on a new connection still works end to end.
-            client = self.connect(proxy)
-            if protocol == "imap":
-                self.imap_login(client)
-                client.send("a2 LOGOUT")
-                client.expect(rb"^\* BYE")
-                client.expect(rb"^a2 OK LOGOUT completed\r\n$")
-            else:
-                self.pop3_login(client)
-                client.send("QUIT")
-                client.expect(rb"^\+OK bye\r\n$")
-            client.expect_closed()
-            proxy.assert_alive()
-
-
-# ########################################################################## #
-#                       End to end: resources under load                     #
-# ########################################################################## #
-
-class ResourceTests(EndToEndTestCase):
-    def test_backpressure_bounds_the_buffers(self):
-        message = message_bytes(50 * MEGABYTE)
-        backend = self.use(FakeImapBackend(message=message))
-        proxy = self.start_proxy("imap", backend.port, proxy_buffer="16k")
-        client = self.connect(proxy, timeout=10)
-        self.imap_login(client)
-        client.send("a2 FETCH 1 BODY[]")
-        # The client reads nothing for a second; the proxy must stop reading
-        # the backend instead of buffering the message.
-        peak = 0
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            peak = max(peak, proxy.buffered())
-            time.sleep(0.001)
-        self.assertLess(backend.pushed, len(message), "the backend was never held back")
-        self.assertGreater(peak, 0, "the sampling never saw a buffered byte")
-        # Now read it all, still sampling.
-        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{52428800\}\r\n$")
-        got = hashlib.sha256()
-        left = len(message)
-        while left:
-            chunk = client.read_exactly(min(left, 256 * 1024))
-            got.update(chunk)
-            left -= len(chunk)
-            peak = max(peak, proxy.buffered())
-        client.expect(rb"^\)\r\n$")
-        client.expect(rb"^a2 OK FETCH completed\r\n$")
-        self.assertEqual(got.hexdigest(), sha256_hex(message))
-        self.assertLessEqual(peak, 16 * 1024)
-
-    def test_many_idle_connections(self):
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port)
-        idle = [self.connect(proxy) for _ in range(300)]
-        wait_until(lambda: len(proxy.sessions()) == 300, what="300 sessions")
-        client = self.connect(proxy)
-        self.imap_login(client)
-        client.send("a2 NOOP")
-        client.expect(rb"^a2 OK NOOP completed\r\n$")
-        client.send("a3 LOGOUT")
-        client.expect(rb"^\* BYE")
-        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
-        client.expect_closed()
-        for client in idle:
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")      # each one was greeted
-            client.close()
-        wait_until(lambda: not proxy.sessions(), what="the idle sessions to end")
-
-    def test_worker_connections_holds_the_next_client_in_the_backlog(self):
-        proxy = self.use(ProxyUnderTest(proxy_config("imap", free_port()).replace(
-            "worker_connections = 1024", "worker_connections = 2")))
-        first, second = self.connect(proxy), self.connect(proxy)
-        first.expect(rb"^\* OK IMAP4 ready\r\n$")
-        second.expect(rb"^\* OK IMAP4 ready\r\n$")
-        third = self.connect(proxy)                # connect() succeeds: the kernel's backlog
-        third.expect_nothing(0.3)
-        self.assertEqual(len(proxy.sessions()), 2)
-        first.send("a1 LOGOUT")
-        first.expect(rb"^\* BYE\r\n$")
-        first.expect(rb"^a1 OK completed\r\n$")
-        first.expect_closed()
-        third.expect(rb"^\* OK IMAP4 ready\r\n$")          # its turn now
-
-    def test_proxy_timeout_ends_an_idle_relay(self):
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port, proxy_timeout="1s")
-        client = self.connect(proxy)
-        self.imap_login(client)
-        started = time.monotonic()
-        client.expect_closed()
-        self.assertGreaterEqual(time.monotonic() - started, 1.0)
-        self.assertLess(time.monotonic() - started, 2.5)
-        proxy.wait_for_log(r"proxied session timed out .*login: \"alice\", upstream: 127\.0\.0\.1:%d"
-                           % backend.port)
-        proxy.wait_for_log(r"session done: proxy_timeout, ")
-
-
-# ########################################################################## #
-#                 End to end: hostile backends (issue 12)                    #
-# ########################################################################## #
-# Backends that answer ahead of the question, announce literals, or change
-# their mind after a refusal.  Whatever they say, the client is logged in
-# only by the reply to the proxy's last login command.
-
-class ScriptedBackend(ThreadedServer):
-    """A backend that plays ``script`` on each connection: a bytes item is
-    sent as one segment, an int n waits for n lines from the proxy, a float
-    sleeps that long.  ``received[i]`` is every byte connection i got;
-    ``hung_up[i]`` is set when the proxy closed connection i."""
-
-    name = "scripted backend"
-
-    def __init__(self, *script):
-        self.script = script
-        self.received = []
-        self.hung_up = []
-        super().__init__()
-
-    def accepted(self, conn: socket.socket) -> BackendWire:
-        wire = BackendWire(conn)
-        self.received.append(wire.received)
-        self.hung_up.append(threading.Event())
-        return wire
-
-    def handle(self, wire: BackendWire) -> None:
-        hung_up = self.hung_up[self.received.index(wire.received)]
-        try:
-            for step in self.script:
-                if isinstance(step, bytes):
-                    wire.send(step)
-                elif isinstance(step, int):
-                    for _ in range(step):
-                        if not wire.line():
-                            hung_up.set()
-                            return
-                else:
-                    time.sleep(step)
-            while wire.line():
-                pass
-            hung_up.set()
-        except OSError:
-            hung_up.set()
-        finally:
-            wire.conn.close()
-
-
-class HostileBackendTests(EndToEndTestCase):
-    def test_a_literal_in_the_greeting_is_an_internal_error(self):
-        """nginx 1.22 answers this with the internal error too."""
-        backend = self.use(ScriptedBackend(b"* OK {99999999999}\r\n", 1,
-                                           b"a1 OK LOGIN completed\r\n"))
-        proxy = self.start_proxy("imap", backend.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r'\[error\] .*upstream sent a literal in its login response: '
-                           r'"\* OK \{99999999999\}"')
-        self.assertEqual(bytes(backend.received[0]), b"")     # no LOGIN was ever sent
-
-    def test_pop3_replies_sent_with_the_greeting_do_not_log_in(self):
-        backend = self.use(ScriptedBackend(
-            b"+OK ready\r\n+OK user accepted\r\n+OK logged in\r\n", 1,
-            b"-ERR [AUTH] who are you\r\n"))
-        proxy = self.start_proxy("pop3", backend.port)
-        client = self.connect(proxy)
-        client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"upstream sent data before the command it answers")
-        self.assertFalse(re.search(r"client logged in", proxy.log))
-
-    def test_smtp_replies_sent_ahead_do_not_turn_a_refusal_into_a_login(self):
-        """In one segment with the greeting, "250" for EHLO, and ahead of
-        time "250"s for XCLIENT and the second EHLO; the real answer to
-        XCLIENT is a refusal."""
-        backend = self.use(ScriptedBackend(
-            b"220 ready\r\n250 hello\r\n250 fine\r\n250 hello again\r\n", 2,
-            b"550 5.7.0 XCLIENT denied\r\n"))
-        proxy = self.start_proxy("smtp", backend.port)
-        client = self.connect(proxy)
-        client.expect(rb"^220 ")
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        client.expect(rb"^451 4\.3\.2 Internal server error\r\n$")
-        client.expect_closed()
-        proxy.wait_for_log(r"upstream sent data before the command it answers")
-        self.assertNotIn(b"XCLIENT", bytes(backend.received[0]))
-
-    def test_after_a_refusal_the_backend_is_not_read_again(self):
-        """proxy_pass_error_message on: the refusal goes to the client, and
-        the backend connection is closed at once, before the client has read
-        it (here 16 MB of it, which a client with a small receive buffer
-        reads slowly): a later "OK" from the backend must not log in."""
-        refusal = b"a1 NO refused by the backend " + b"x" * (16 * MEGABYTE) + b"\r\n"
-        backend = self.use(ScriptedBackend(b"* OK ready\r\n", 1, b"+ go\r\n", 1, b"+ go\r\n",
-                                           1, refusal, 0.3, b"a1 OK logged in after all\r\n"))
-        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on",
-                                 proxy_buffer="32m")
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", proxy.port))
-        sock.sendall(b"a1 LOGIN alice secret\r\n")
-        wait_until(lambda: backend.hung_up, what="the backend's connection")
-        self.assertTrue(backend.hung_up[0].wait(5),
-                        "the proxy kept the refusing backend's connection open")
-        sock.settimeout(10)
-        received = bytearray()
-        while True:
-            data = sock.recv(MEGABYTE)
-            if not data:
-                break
-            received += data
-        self.assertEqual(bytes(received), b"* OK IMAP4 ready\r\n" + refusal)
-        self.assertNotIn("client logged in", proxy.log)
-
-
-class HostileClientTests(EndToEndTestCase):
-    def drip_until_closed(self, sock: socket.socket, data: bytes, every: float) -> float:
-        """Send ``data`` a byte every ``every`` seconds until the proxy
-        closes; returns how long that took (or the whole drip's time)."""
-        started = time.monotonic()
-        sock.settimeout(every)
-        for byte in data:
-            try:
-                sock.send(bytes([byte]))
-                if sock.recv(4096) == b"":
-                    break
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-        return time.monotonic() - started
-
-    def test_a_slow_drip_does_not_stretch_the_timeout(self):
-        """timeout bounds the wait for a whole command: twenty clients that
-        each send a byte every 0.2 s, never a whole line, are all cut at
-        about 1 s (nginx does the same), not when they stop dripping."""
-        proxy = self.start_proxy("imap", free_port(), timeout="1s")
-        clients = [self.connect(proxy) for _ in range(20)]
-        for client in clients:
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        durations = []
-        threads = [threading.Thread(target=lambda sock=client.sock: durations.append(
-            self.drip_until_closed(sock, b"a1 LOGIN alice secret-and-more", 0.2)))
-            for client in clients]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
-        self.assertEqual(len(durations), 20)
-        self.assertLess(max(durations), 2.5, "a dripping client outlived its timeout")
-        proxy.wait_for_log(r"\*20 client timed out while in auth state")
-
-    def test_each_whole_command_has_its_own_timeout(self):
-        proxy = self.start_proxy("imap", free_port(), timeout="1s")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        for number in range(4):                    # 2 s in all, 0.5 s per command
-            time.sleep(0.5)
-            client.send("n%d NOOP" % number)
-            client.expect(rb"^n%d OK completed\r\n$" % number)
-        client.expect_closed()                     # then 1 s of silence ends it
-
-    def test_a_session_that_cannot_start_leaves_nothing_behind(self):
-        """Session.__init__ failing after the client stream was registered
-        (here: out of descriptors while making the machine) once left a stale
-        registration, and the next socket given the same descriptor number
-        ended the worker."""
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port)
-        real = mp.CLIENT_MACHINES["imap"]
-        failures = [OSError(errno.EMFILE, "Too many open files")]
-
-        def machine(*args, **kwargs):
-            if failures:
-                raise failures.pop()
-            return real(*args, **kwargs)
-        self.addCleanup(mp.CLIENT_MACHINES.__setitem__, "imap", real)
-        mp.CLIENT_MACHINES["imap"] = machine
-        # The test shares the proxy's descriptor table: make the next
-        # client's socket now, so that the proxy's next accept() is given
-        # the number the failed session's socket had.
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        self.connect(proxy).expect_closed()
-        sock.settimeout(5)
-        sock.connect(("127.0.0.1", proxy.port))
-        self.assertEqual(sock.recv(100), b"* OK IMAP4 ready\r\n")
-        proxy.assert_alive()
-        proxy.wait_for_log(r"\[error\] .*cannot start a session: .*Too many open files")
-
-    def test_a_bug_met_by_one_session_ends_that_session_only(self):
-        """An exception escaping the handling of one client is logged at
-        alert with where it happened, and ends that session; a logged-in
-        bystander on the same worker goes on."""
-        backend = self.use(FakeImapBackend())
-        proxy = self.start_proxy("imap", backend.port)
-        bystander = self.connect(proxy)
-        self.imap_login(bystander)
-        with unittest.mock.patch.object(mp.ImapMachine, "_capability",
-                                        side_effect=RuntimeError("a bug")):
-            victim = self.connect(proxy)
-            victim.expect(rb"^\* OK IMAP4 ready\r\n$")
-            victim.send("c1 CAPABILITY")
-            victim.expect_closed()
-        proxy.wait_for_log(r"\[alert\] .*\*2 internal error, session closed: "
-                           r"RuntimeError\('a bug'\) at ")
-        bystander.send("a2 NOOP")
-        bystander.expect(rb"^a2 OK NOOP completed\r\n$")
-        proxy.assert_alive()
-        self.assertEqual(len(proxy.sessions()), 1)
-
-    def test_the_whole_dialogue_before_login_is_bounded(self):
-        """A client that never logs in but never idles either is cut at
-        LOGIN_TIME_LIMIT (here lowered to 1.5 s; or ``timeout``, if longer)."""
-        self.addCleanup(setattr, mp, "LOGIN_TIME_LIMIT", mp.LOGIN_TIME_LIMIT)
-        mp.LOGIN_TIME_LIMIT = 1.5
-        proxy = self.start_proxy("imap", free_port(), timeout="1s")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        started = time.monotonic()
-        with self.assertRaises(AssertionError):        # expect() fails: the proxy has closed
-            for number in range(20):
-                time.sleep(0.3)
-                client.send("n%d NOOP" % number)
-                client.expect(rb"^n%d OK completed\r\n$" % number)
-        self.assertLess(time.monotonic() - started, 3.0)
-        proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
-
-
-# ########################################################################## #
-#                         End to end: SMTP                                   #
-# ########################################################################## #
-# The SMTP side of the proxy between smtplib (or the harness's Client) and a
-# Postfix-like fake backend.  Each test asserts the bytes on both wires: what
-# the client read, and every byte the backend received.
-
-# smtplib's own spelling of MAIL and RCPT: "mail FROM:" until Python 3.12,
-# "mail from:" from 3.13 on.  The proxy passes either on untouched.
-SMTPLIB_MAIL_ALICE = (b"mail FROM:" if sys.version_info < (3, 13) else b"mail from:") + \
-    b"<alice@example.com>\r\n"
-SMTPLIB_RCPT_BOB = (b"rcpt TO:" if sys.version_info < (3, 13) else b"rcpt to:") + \
-    b"<bob@example.com>\r\n"
-SMTP_BACKEND_GREETING = b"220 backend.test ESMTP FakeFix\r\n"
-SMTP_BACKEND_XCLIENT_GREETING = b"220 backend.test ESMTP FakeFix (after XCLIENT)\r\n"
-SMTP_BACKEND_EHLO = (b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n"
-                     b"250-8BITMIME\r\n250-XCLIENT ADDR LOGIN NAME\r\n"
-                     b"250-AUTH PLAIN LOGIN\r\n250 CHUNKING\r\n")
-SMTP_BACKEND_MAIL_OK = b"250 2.1.0 Ok (backend)\r\n"
-SMTP_BACKEND_RCPT_OK = b"250 2.1.5 Ok (backend)\r\n"
-SMTP_BACKEND_DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
-def smtp_backend_rcpt_refused(address: bytes) -> bytes:
-    return b"550 5.1.1 <%s>: Recipient address rejected: User unknown\r\n" % address
-
-
-def smtp_backend_queued(number: int) -> bytes:
-    return b"250 2.0.0 Ok: queued as FAKE%d\r\n" % number
-
-
-def smtp_read_dot_data(wire: BackendWire) -> bytes:
-    """The DATA bytes as they came, up to and including the lone ".\\r\\n"
-    line (RFC 5321 §4.1.1.4), dot-stuffing untouched."""
-    start = 0
-    while True:
-        if wire.pending.startswith(b".\r\n"):
-            end = 3
-            break
-        found = wire.pending.find(b"\r\n.\r\n", start)
-        if found >= 0:
-            end = found + 5
-            break
-        start = max(0, len(wire.pending) - 4)
-        if not wire._more():
-            raise ConnectionError("closed in the middle of DATA")
-    data = bytes(wire.pending[:end])
-    del wire.pending[:end]
-    return data
-
-
-class FakeSmtpBackend(FakeBackend):
-    """A Postfix-like SMTP server: 220, a multi-line EHLO reply, HELO, XCLIENT
-    (answered ``xclient_reply``: by default a new 220 greeting, as Postfix),
-    AUTH PLAIN and AUTH LOGIN (with or without an initial response; what
-    ``accept`` lets in), MAIL, RCPT (``refuse``: recipient addresses
-    answered 550), DATA (read to the lone "."; the raw bytes, dot-stuffing
-    and final ".\\r\\n" included, go to ``messages``), BDAT (the chunk goes
-    to ``messages``), RSET, NOOP, QUIT.  ``commands`` lists (encrypted,
-    line) for every command line.  With tls="starttls" its EHLO offers
-    STARTTLS, and nothing but EHLO and STARTTLS is taken in clear."""
-
-    def __init__(self, mode: str = "normal", refuse=(), xclient_reply: bytes = None, **options):
-        self.refuse = {address.lower() for address in refuse}
-        self.xclient_reply = xclient_reply or SMTP_BACKEND_XCLIENT_GREETING
-        self.messages = []
-        self.commands = []
-        super().__init__(mode, **options)
-
-    def serve(self, wire: BackendWire) -> None:
-        secure = self.tls == "implicit"
-        wire.send(SMTP_BACKEND_GREETING)
-        while True:
-            line = wire.line()
-            if not line:
-                return
-            self.commands.append((secure, line))
-            verb, _, argument = line.rstrip(b"\r\n").partition(b" ")
-            verb = verb.upper()
-            if verb == b"EHLO":
-                starttls = b"250-STARTTLS\r\n" if self.tls == "starttls" and not secure else b""
-                wire.send(SMTP_BACKEND_EHLO.replace(b"250-PIPELINING\r\n",
-                                                    b"250-PIPELINING\r\n" + starttls))
-            elif verb == b"STARTTLS" and self.tls == "starttls" and not secure:
-                wire.send(b"220 2.0.0 Ready to start TLS\r\n")
-                self.start_tls(wire)
-                secure = True
-            elif self.tls == "starttls" and not secure:
-                wire.send(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
-            elif verb == b"HELO":
-                wire.send(b"250 backend.test\r\n")
-            elif verb == b"XCLIENT":
-                wire.send(self.xclient_reply)
-            elif verb == b"AUTH":
-                self.auth(wire, argument)
-            elif verb == b"MAIL":
-                wire.send(SMTP_BACKEND_MAIL_OK)
-            elif verb == b"RCPT":
-                self.rcpt(wire, argument)
-            elif verb == b"DATA":
-                wire.send(SMTP_BACKEND_DATA_GO)
-                self.messages.append(smtp_read_dot_data(wire))
-                wire.send(smtp_backend_queued(len(self.messages)))
-            elif verb == b"BDAT" and re.fullmatch(rb"\d+( LAST)?", argument, re.I):
-                self.messages.append(wire.exactly(int(argument.split(b" ")[0])))
-                wire.send(b"250 2.0.0 Ok: %d octets\r\n" % len(self.messages[-1]))
-            elif verb in (b"RSET", b"NOOP"):
-                wire.send(b"250 2.0.0 Ok\r\n")
-            elif verb == b"QUIT":
-                wire.send(SMTP_BACKEND_BYE)
-                return
-            else:
-                wire.send(b"502 5.5.2 Error: command not recognized\r\n")
-
-    def rcpt(self, wire: BackendWire, argument: bytes) -> None:
-        match = re.search(rb"<([^<>]*)>", argument)
-        address = match.group(1) if match else b""
-        if address.lower() in self.refuse:
-            wire.send(smtp_backend_rcpt_refused(address))
-        else:
-            wire.send(SMTP_BACKEND_RCPT_OK)
-
-    def auth(self, wire: BackendWire, argument: bytes) -> None:
-        mechanism, _, initial = argument.partition(b" ")
-        mechanism = mechanism.upper()
-        try:
-            if mechanism == b"PLAIN":
-                if not initial:
-                    wire.send(b"334 \r\n")
-                    initial = wire.line().rstrip(b"\r\n")
-                _, login, password = base64.b64decode(initial, validate=True).split(b"\0")
-            elif mechanism == b"LOGIN":
-                if not initial:
-                    wire.send(b"334 VXNlcm5hbWU6\r\n")
-                    initial = wire.line().rstrip(b"\r\n")
-                login = base64.b64decode(initial, validate=True)
-                wire.send(b"334 UGFzc3dvcmQ6\r\n")
-                password = base64.b64decode(wire.line().rstrip(b"\r\n"), validate=True)
-            else:
-                wire.send(b"504 5.5.4 Unrecognized authentication type\r\n")
-                return
-        except ValueError:
-            wire.send(b"501 5.5.2 Cannot decode response\r\n")
-            return
-        if self.accepts(login, password):
-            wire.send(b"235 2.7.0 Authentication successful\r\n")
-        else:
-            wire.send(b"535 5.7.8 Error: authentication failed\r\n")
-
-    def lines(self, secure: bool) -> bytes:
-        """The command lines it read in clear (False) or over TLS (True)."""
-        return b"".join(line for encrypted, line in self.commands if encrypted == secure)
-
-
-FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend}
-
-
-class SmtpTap:
-    """Stands in for smtplib's ``file``: keeps every byte read."""
-
-    def __init__(self, file, record: bytearray):
-        self.file = file
-        self.record = record
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = self.file.readline(limit)
-        self.record += line
-        return line
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class SmtpRecordingClient(smtplib.SMTP):
-    """smtplib.SMTP keeping every byte it sends (``wire_sent``) and reads
-    (``wire_received``)."""
-
-    def __init__(self, *args, **kwargs):
-        self.wire_sent = bytearray()
-        self.wire_received = bytearray()
-        super().__init__(*args, **kwargs)
-
-    def send(self, s):
-        self.wire_sent += s.encode(self.command_encoding) if isinstance(s, str) else s
-        super().send(s)
-
-    def getreply(self):
-        if self.file is None and self.sock is not None:
-            self.file = SmtpTap(self.sock.makefile("rb"), self.wire_received)
-        return super().getreply()
-
-
-def smtp_dotted_message(size: int) -> bytes:
-    """About ``size`` bytes of CRLF lines, the same every run; about one line
-    in three begins with "." (some are a lone "." or ".."); the first line is
-    a lone "." and the last begins with "." and has no CRLF (smtplib adds it)."""
-    rng = random.Random(2920)
-    text = message_bytes(64 * 1024).hex().encode()
-    lines = [b"."]
-    total = 3
-    while total < size:
-        length = rng.randrange(0, 200)
-        start = rng.randrange(0, len(text) - length)
-        body = text[start:start + length]
-        kind = rng.randrange(9)
-        line = [b".", b"." + body, b".." + body, b"", b" ." + body, b"...",
-                body, body, body][kind]
-        lines.append(line)
-        total += len(line) + 2
-    lines.append(b".last line")
-    return b"\r\n".join(lines)
-
-
-def smtp_dot_stuffed(message: bytes) -> bytes:
-    """What RFC 5321 §4.5.2 puts on the wire for ``message`` (CRLF lines):
-    a "." doubled at the start of each line, CRLF at the end, then ".\\r\\n"."""
-    lines = message.split(b"\r\n")
-    stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
-    if not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
-
-
-def smtp_xclient(login: bytes = b"alice", name: bytes = b"[UNAVAILABLE]") -> bytes:
-    return b"XCLIENT ADDR=127.0.0.1" + (b" LOGIN=" + login if login else b"") + \
-        b" NAME=" + name + b"\r\n"
-
-
-# -- 1. smtplib as the client ----------------------------------------------------------
-
-class SmtpEndToEndSmtplibTests(EndToEndTestCase):
-    def test_auth_plain_then_20_mb_dot_stuffed_message(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port)
-        smtp = self.smtplib_client(proxy)
-        self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH PLAIN LOGIN"))
-        self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))   # PLAIN, picked by smtplib
-
-        message = smtp_dotted_message(20 * MEGABYTE)
-        stuffed = smtp_dot_stuffed(message)
-        self.assertGreater(stuffed.count(b"\r\n.."), 50000)        # plenty of stuffed lines
-        self.assertEqual(smtp.sendmail("alice@example.com", ["bob@example.com"], message), {})
-        self.assertEqual(smtp.quit(), (221, b"2.0.0 Bye (backend)"))
-
-        after_auth = (SMTPLIB_MAIL_ALICE + SMTPLIB_RCPT_BOB + b"data\r\n"
-                      + stuffed + b"quit\r\n")
-        # What smtplib sent is what we think it sent (our dot-stuffing matches its).
-        self.assertSameBytes(bytes(smtp.wire_sent),
-                             b"ehlo client.example\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
-                             + after_auth, "what smtplib sent")
-        self.assertEqual(bytes(smtp.wire_received),
-                         SMTP_PROXY_GREETING + SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" +
-                         SMTP_BACKEND_MAIL_OK + SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO +
-                         smtp_backend_queued(1) + SMTP_BACKEND_BYE)
-        self.wait_for_backend(backend, 0, b"quit\r\n")
-        self.assertSameBytes(bytes(backend.received[0]),
-                             b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO client.example\r\n"
-                             + after_auth, "what the backend received")
-        self.assertSameBytes(backend.messages[0], stuffed, "the DATA bytes at the backend")
-        self.assertEqual(len(backend.received), 1)
-
-    def test_auth_login_with_and_without_initial_response(self):
-        backend = self.use(FakeSmtpBackend())
-        # Only LOGIN advertised: smtplib has to pick it.
-        proxy = self.start_proxy("smtp", backend.port, smtp_auth="login")
-        message = b"Subject: hi\r\n\r\n.\r\n..\r\n.hidden\r\nend"
-        for number, initial_response_ok in enumerate((False, True)):
-            with self.subTest(initial_response_ok=initial_response_ok):
-                smtp = self.smtplib_client(proxy)
-                self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH LOGIN"))
-                self.assertEqual(smtp.login("alice", "secret", initial_response_ok=initial_response_ok),
-                                 (235, b"2.0.0 OK"))
-                smtp.sendmail("alice@example.com", ["bob@example.com"], message)
-                smtp.quit()
-                if initial_response_ok:             # Microsoft's "AUTH LOGIN user"
-                    auth_sent = b"AUTH LOGIN YWxpY2U=\r\nc2VjcmV0\r\n"
-                    auth_read = b"334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
-                else:
-                    auth_sent = b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n"
-                    auth_read = b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
-                stuffed = b"Subject: hi\r\n\r\n..\r\n...\r\n..hidden\r\nend\r\n.\r\n"
-                self.assertEqual(smtp_dot_stuffed(message), stuffed)
-                after_auth = (SMTPLIB_MAIL_ALICE + SMTPLIB_RCPT_BOB +
-                              b"data\r\n" + stuffed + b"quit\r\n")
-                self.assertEqual(bytes(smtp.wire_sent),
-                                 b"ehlo client.example\r\n" + auth_sent + after_auth)
-                self.assertEqual(bytes(smtp.wire_received),
-                                 SMTP_PROXY_GREETING + b"250-mail.test\r\n250 AUTH LOGIN\r\n" +
-                                 auth_read + SMTP_BACKEND_MAIL_OK + SMTP_BACKEND_RCPT_OK +
-                                 SMTP_BACKEND_DATA_GO + smtp_backend_queued(number + 1) +
-                                 SMTP_BACKEND_BYE)
-                self.wait_for_backend(backend, number, b"quit\r\n")
-                self.assertEqual(bytes(backend.received[number]),
-                                 b"EHLO mail.test\r\n" + smtp_xclient() +
-                                 b"EHLO client.example\r\n" + after_auth)
-                self.assertEqual(backend.messages[number], stuffed)
-        self.assertEqual(backend.logins, [])                # XCLIENT: no AUTH at the backend
-
-    def test_bdat_chunk_passes_untouched(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port)
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        self.smtp_auth_plain(client)
-        chunk = b".\r\n\x00\xff\r\n.\r\nBDAT 1\r\n"          # binary, a lone "." and a fake command
-        client.send(b"MAIL FROM:<a@example.com> BODY=BINARYMIME\r\nRCPT TO:<b@example.com>\r\n"
-                    b"BDAT %d LAST\r\n" % len(chunk) + chunk)
-        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
-        self.assertEqual(client.read_line(), b"250 2.0.0 Ok: %d octets\r\n" % len(chunk))
-        self.smtp_quit(client)
-        self.assertEqual(backend.messages, [chunk])
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]).split(b"EHLO client.example\r\n", 1)[1],
-                         b"MAIL FROM:<a@example.com> BODY=BINARYMIME\r\nRCPT TO:<b@example.com>\r\n"
-                         b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n")
-
-
-# -- 2. proxy_smtp_auth: the proxy logs in to the backend itself --------------------------
-
-class SmtpEndToEndBackendAuthTests(EndToEndTestCase):
-    def test_auth_plain_without_xclient(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        self.smtp_auth_plain(client)
-        client.send("MAIL FROM:<alice@example.com>")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
-                         b"MAIL FROM:<alice@example.com>\r\nQUIT\r\n")
-        self.assertNotIn(b"XCLIENT", bytes(backend.received[0]))
-        self.assertEqual(backend.logins, [(b"alice", b"secret")])
-
-    def test_auth_login_method_and_a_helo_client(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on",
-                                 proxy_smtp_auth_method="login")
-        client = self.connect(proxy)
-        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
-        client.send("HELO client.example")
-        self.assertEqual(client.read_line(), b"250 mail.test\r\n")
-        client.send("AUTH LOGIN")
-        self.assertEqual(client.read_line(), b"334 VXNlcm5hbWU6\r\n")
-        client.send("YWxpY2U=")
-        self.assertEqual(client.read_line(), b"334 UGFzc3dvcmQ6\r\n")
-        client.send("c2VjcmV0")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")   # ours, not the backend's 235 2.7.0
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        # The client said HELO and xclient is off: HELO server_name.
-        self.assertEqual(bytes(backend.received[0]),
-                         b"HELO mail.test\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nQUIT\r\n")
-        self.assertEqual(backend.logins, [(b"alice", b"secret")])
-
-    def test_with_xclient_the_login_is_left_out_of_xclient(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port, proxy_smtp_auth="on")
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        self.smtp_auth_plain(client)
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
-                         b"EHLO client.example\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nQUIT\r\n")
-
-    def test_backend_refusing_the_proxys_auth(self):
-        backend = self.use(FakeSmtpBackend(mode="refuse"))
-        proxy = self.start_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
-        client.expect_closed()
-        proxy.wait_for_log(r'upstream sent invalid response: "535 5\.7\.8 Error: authentication failed"')
-
-
-# -- 3. smtp_auth none: the first RCPT decides ----------------------------------------------
-
-class SmtpEndToEndNoAuthTests(EndToEndTestCase):
-    def start(self, **mail):
-        """A proxy with smtp_auth none for example.com; @elsewhere.test has a
-        [routes] entry to a second backend, which must never be used."""
-        self.backend = self.use(FakeSmtpBackend(refuse=[b"nobody@example.com"]))
-        self.other = self.use(FakeSmtpBackend())
-        settings = dict(smtp_auth="none", smtp_relay_domains="example.com")
-        settings.update(mail)
-        text = proxy_config("smtp", self.backend.port, **settings)
-        text += "\n[routes]\n@elsewhere.test = 127.0.0.1:%d\n" % self.other.port
-        proxy = self.use(ProxyUnderTest(text))
-        client = self.connect(proxy)
-        self.smtp_hello(client, ehlo=b"250 mail.test\r\n")        # no AUTH line
-        return proxy, client
-
-    def test_replayed_mail_and_rcpt_then_a_refused_recipient_and_data(self):
-        proxy, client = self.start()
-        client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")    # the proxy's own
-        self.assertEqual(self.backend.received, [])
-        client.send("RCPT TO:<bob@example.com>")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)   # the backend's
-        client.send("RCPT TO:<nobody@example.com>")
-        self.assertEqual(client.read_line(), smtp_backend_rcpt_refused(b"nobody@example.com"))
-        client.send("DATA")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_DATA_GO)
-        client.send(b"Subject: test\r\n\r\n..dot\r\n.\r\n")
-        self.assertEqual(client.read_line(), smtp_backend_queued(1))
-        self.smtp_quit(client)
-        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(self.backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
-                         b"EHLO client.example\r\nMAIL FROM:<sender@remote.test>\r\n"
-                         b"RCPT TO:<bob@example.com>\r\nRCPT TO:<nobody@example.com>\r\n"
-                         b"DATA\r\nSubject: test\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
-        self.assertEqual(self.backend.messages, [b"Subject: test\r\n\r\n..dot\r\n.\r\n"])
-        self.assertEqual(self.other.received, [])
-
-    def test_recipient_of_another_domain_is_refused_by_the_proxy(self):
-        proxy, client = self.start()
-        client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
-        client.send("RCPT TO:<victim@elsewhere.test>")
-        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
-        client.send("NOOP")                                       # the session goes on
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
-        self.assertEqual(self.backend.received, [])
-        self.assertEqual(self.other.received, [])
-        proxy.wait_for_log(r'client login failed: "recipient domain not in smtp_relay_domains"')
-        # ... and the client may try another recipient.
-        client.send("RCPT TO:<bob@Example.COM>")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
-        self.smtp_quit(client)
-        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(self.backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
-                         b"EHLO client.example\r\nMAIL FROM:<sender@remote.test>\r\n"
-                         b"RCPT TO:<bob@Example.COM>\r\nQUIT\r\n")
-        self.assertEqual(self.other.received, [])
-
-    def test_every_recipient_is_checked_not_only_the_first(self):
-        """With xclient off the backend sees only the proxy's address; were
-        the later recipients unchecked, a backend that trusts the proxy
-        (Postfix's permit_mynetworks) would be an open relay.  Pipelined
-        behind the first RCPT, after DATA, in the next transaction: each
-        refused one is answered in its place, and never reaches the backend."""
-        proxy, client = self.start(xclient="off")
-        client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
-        client.send(b"RCPT TO:<bob@example.com>\r\nRCPT TO:<victim@evil.test>\r\n"
-                    b"RCPT TO:<victim@elsewhere.test>\r\nRCPT TO:<carol@example.com>\r\n")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
-        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
-        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
-        client.send("DATA")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_DATA_GO)
-        client.send(b"Subject: one\r\n\r\nRCPT TO:<quoted@evil.test>\r\n.\r\n")
-        self.assertEqual(client.read_line(), smtp_backend_queued(1))
-        client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
-        client.send("RCPT TO:<victim@evil.test>")
-        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
-        client.send("RCPT TO:<dave@example.com>")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
-        self.smtp_quit(client)
-        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(self.backend.received[0]),
-                         b"EHLO mail.test\r\nMAIL FROM:<sender@remote.test>\r\n"
-                         b"RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n"
-                         b"Subject: one\r\n\r\nRCPT TO:<quoted@evil.test>\r\n.\r\n"
-                         b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<dave@example.com>\r\nQUIT\r\n")
-        self.assertEqual(self.other.received, [])
-        proxy.wait_for_log(r'recipient refused: "recipient domain not in smtp_relay_domains"')
-
-    def test_a_later_recipient_for_another_backend_is_deferred(self):
-        """elsewhere.test is a relay domain routed to another backend: this
-        session's backend must not get it; 452 asks the client to send it in
-        another transaction (RFC 5321 §4.5.3.1.10)."""
-        proxy, client = self.start(smtp_relay_domains="example.com elsewhere.test")
-        client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
-        client.send("RCPT TO:<bob@example.com>")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
-        client.send("RCPT TO:<someone@elsewhere.test>")
-        self.assertEqual(client.read_line(), b"452 4.5.3 Too many recipients\r\n")
-        self.smtp_quit(client)
-        self.assertNotIn(b"elsewhere", bytes(self.backend.received[0]))
-        self.assertEqual(self.other.received, [])
-
-    def test_relay_check_reads_the_forward_path_not_a_parameter(self):
-        """RFC 5321 §4.1.1.3: the recipient is the path after "TO:", not an
-        address found later on the line (here in an ORCPT parameter).
-        Postfix accepts a forward-path without angle brackets."""
-        proxy, client = self.start()
-        client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
-        client.send("RCPT TO:victim@elsewhere.test ORCPT=rfc822;<bob@example.com>")
-        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
-        self.assertEqual(self.backend.received, [])
-        self.assertEqual(self.other.received, [])
-
-
-# -- 4. smtp_greeting_delay -------------------------------------------------------------
-
-class SmtpEndToEndGreetingDelayTests(EndToEndTestCase):
-    def test_early_talker_is_refused_and_a_patient_client_is_greeted(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port, smtp_greeting_delay="500ms")
-        started = time.monotonic()
-        hasty = self.connect(proxy)
-        patient = self.connect(proxy)
-        hasty.send("EHLO x")
-        self.assertEqual(hasty.read_line(), b"503 5.5.0 Improper use of SMTP command pipelining\r\n")
-        hasty.expect_closed()
-        self.assertLess(time.monotonic() - started, 0.5)          # refused at once
-        proxy.wait_for_log(r'client was rejected before greeting: "EHLO x__" while in delay '
-                           r'pipelining state')
-
-        self.assertEqual(patient.read_line(), SMTP_PROXY_GREETING)
-        self.assertGreaterEqual(time.monotonic() - started, 0.5)
-        patient.send("EHLO client.example")
-        self.assertEqual(patient.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
-        self.smtp_auth_plain(patient)
-        self.smtp_quit(patient)
-        self.assertEqual(len(backend.received), 1)                # only the patient one
-
-
-# -- 5. the resolver ---------------------------------------------------------------------
-
-class SmtpEndToEndResolverTests(EndToEndTestCase):
-    GOOD = {(PTR_127_0_0_1, mp.DNS_PTR): [dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
-            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
-
-    def start_with_dns(self, answer, **mail):
-        dns = FakeDns(answer)
-        self.addCleanup(dns.close)
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port, **mail)
-        return dns, backend, proxy
-
-    def test_client_name_reaches_xclient(self):
-        dns, backend, proxy = self.start_with_dns(records_for(self.GOOD))
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        self.smtp_auth_plain(client)
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"client.example") +
-                         b"EHLO client.example\r\nQUIT\r\n")
-        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
-
-    def test_silent_dns_gives_tempunavail_and_the_greeting_still_comes(self):
-        dns, backend, proxy = self.start_with_dns(lambda query, name, qtype: [],
-                                                  resolver_timeout="500ms")
-        started = time.monotonic()
-        client = self.connect(proxy)
-        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
-        self.assertGreaterEqual(time.monotonic() - started, 0.45)
-        client.send("EHLO client.example")
-        self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
-        self.smtp_auth_plain(client)
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"[TEMPUNAVAIL]") +
-                         b"EHLO client.example\r\nQUIT\r\n")
-        proxy.wait_for_log(r"127\.0\.0\.1 could not be resolved \(2: Server failure or timeout\) "
-                           r"while in resolving client address")
-        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR)])
-
-
-# -- 6. pipelining (RFC 2920) -----------------------------------------------------------
-
-class SmtpEndToEndPipeliningTests(EndToEndTestCase):
-    def test_ehlo_auth_mail_rcpt_data_in_one_send(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port)
-        client = self.connect(proxy)
-        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
-        pipeline = (b"EHLO x\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
-                    b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-        client.send(pipeline)
-        replies = (SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" + SMTP_BACKEND_MAIL_OK +
-                   SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO)
-        self.assertEqual(client.read_exactly(len(replies)), replies)
-        client.send(b"Hello\r\n.\r\n")
-        self.assertEqual(client.read_line(), smtp_backend_queued(1))
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO x\r\n"
-                         b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nHello\r\n.\r\nQUIT\r\n")
-        self.assertEqual(backend.messages, [b"Hello\r\n.\r\n"])
-
-    def test_smtp_auth_none_pipeline(self):
-        backend = self.use(FakeSmtpBackend(refuse=[b"nobody@example.com"]))
-        proxy = self.start_proxy("smtp", backend.port, smtp_auth="none",
-                                 smtp_relay_domains="example.com")
-        client = self.connect(proxy)
-        # Refused by the proxy, then by the backend (the login), then accepted.
-        client.send(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@elsewhere.test>\r\n"
-                    b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
-        replies = (SMTP_PROXY_GREETING + b"250 mail.test\r\n" + b"250 2.0.0 OK\r\n" +
-                   b"550 5.7.1 Relaying denied\r\n" +
-                   smtp_backend_rcpt_refused(b"nobody@example.com") + SMTP_BACKEND_RCPT_OK +
-                   SMTP_BACKEND_DATA_GO)
-        self.assertEqual(client.read_exactly(len(replies)), replies)
-        client.send(b"Hi\r\n.\r\nQUIT\r\n")
-        self.assertEqual(client.read_line(), smtp_backend_queued(1))
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        client.expect_closed()
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") + b"EHLO x\r\n"
-                         b"MAIL FROM:<a@b>\r\nRCPT TO:<nobody@example.com>\r\n"
-                         b"RCPT TO:<bob@example.com>\r\nDATA\r\nHi\r\n.\r\nQUIT\r\n")
-
-
-# -- 7. the backend refuses XCLIENT --------------------------------------------------------
-
-class SmtpEndToEndBackendRefusalTests(EndToEndTestCase):
-    REFUSAL = b"550-5.7.0 XCLIENT denied\r\n550 5.7.0 Not authorized\r\n"
-
-    def refused(self, **mail):
-        backend = self.use(FakeSmtpBackend(xclient_reply=self.REFUSAL))
-        proxy = self.start_proxy("smtp", backend.port, **mail)
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nMAIL FROM:<a@b>\r\n")
-        return backend, proxy, client
-
-    def test_internal_error(self):
-        backend, proxy, client = self.refused()
-        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
-        client.expect_closed()
-        proxy.wait_for_log(r'upstream sent invalid response: "550-5\.7\.0 XCLIENT denied\\x0d\\x0a'
-                           r'550 5\.7\.0 Not authorized" while reading response from upstream')
-        wait_until(lambda: not proxy.sessions(), what="the session to end")
-        # Nothing after XCLIENT: not the client's EHLO, not its pipelined MAIL.
-        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\n" + smtp_xclient())
-
-    def test_proxy_pass_error_message(self):
-        backend, proxy, client = self.refused(proxy_pass_error_message="on")
-        self.assertEqual(client.read_exactly(len(self.REFUSAL)), self.REFUSAL)
-        client.expect_closed()
-        wait_until(lambda: not proxy.sessions(), what="the session to end")
-        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\n" + smtp_xclient())
-
-
-# -- 8. control bytes in HELO, MAIL, RCPT ---------------------------------------------------
-
-class SmtpEndToEndControlByteTests(EndToEndTestCase):
-    INVALID = b"501 5.5.4 Invalid argument\r\n"
-
-    def test_bad_helo_is_neither_kept_nor_replayed(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port)
-        client = self.connect(proxy)
-        self.smtp_hello(client)                                  # EHLO client.example
-        for bad in (b"HELO evil\x00name\r\n", b"EHLO evil\tname\r\n", b"HELO evil\rname\r\n",
-                    b"MAIL FROM:<a\x00b@example.com>\r\n"):
-            client.send(bad)
-            self.assertEqual(client.read_line(), self.INVALID, bad)
-        self.smtp_auth_plain(client)
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO client.example\r\nQUIT\r\n")
-
-    def test_bad_mail_and_rcpt_with_smtp_auth_none(self):
-        backend = self.use(FakeSmtpBackend())
-        proxy = self.start_proxy("smtp", backend.port, smtp_auth="none",
-                                 smtp_relay_domains="example.com")
-        client = self.connect(proxy)
-        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
-        for bad in (b"MAIL FROM:<a\x00b@remote.test>\r\n", b"MAIL FROM:<ab@remote.test>\t\r\n"):
-            client.send(bad)
-            self.assertEqual(client.read_line(), self.INVALID, bad)
-        client.send("MAIL FROM:<ab@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")   # the bad ones were not kept
-        for bad in (b"RCPT TO:<bob@example.com>\x00\r\n", b"RCPT TO:<bob\t@example.com>\r\n"):
-            client.send(bad)
-            self.assertEqual(client.read_line(), self.INVALID, bad)
-        self.assertEqual(backend.received, [])
-        client.send("RCPT TO:<bob@example.com>")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
-        self.smtp_quit(client)
-        self.wait_for_backend(backend, 0, b"QUIT\r\n")
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
-                         b"MAIL FROM:<ab@remote.test>\r\nRCPT TO:<bob@example.com>\r\nQUIT\r\n")
-
-
-
-# ########################################################################## #
-#                          End to end: TLS                                   #
-# ########################################################################## #
-# The real proxy (load_and_prepare builds its SSL contexts) between TLS
-# clients (the harness's Client over an ssl-wrapped socket, or imaplib,
-# poplib and smtplib) and fake backends that can speak TLS themselves.
-# Implicit TLS, STARTTLS with byte-exact capability lists, the STARTTLS
-# injection attack (CVE-2011-0411, CVE-2014-3556), client certificates and
-# AUTH EXTERNAL, SNI, ALPN, TLS to the backend, bad TLS input, and -t.
-# The certificates are the ones of "Test certificates (PEM)" above.
-
-# -- harness -----------------------------------------------------------------
-
-TLS_CLIENT_TIMEOUT = 5.0
 # ~100 KB of text lines: crosses several TLS records, and survives imaplib's
 # and smtplib's line-ending rewrites and poplib's dot handling unchanged.
 TLS_MESSAGE = b"".join(b"Line %04d of a message that crosses TLS records.\r\n" % i
                        for i in range(2000))
 TLS_IMAP_LOGIN_RE = rb"^[A-Z]+\d+ LOGIN \{5\}\r\nalice \{6\}\r\nsecret\r\n"   # imaplib's tags
 
-
-class TlsImap4(imaplib.IMAP4):
-    """imaplib with a timeout on Python 3.8 too (its IMAP4 has none before 3.9)."""
-
-    def _create_socket(self, timeout=None):
-        return socket.create_connection((self.host, self.port), TLS_CLIENT_TIMEOUT)
-
-
-class TlsImap4Ssl(imaplib.IMAP4_SSL):
-    def _create_socket(self, timeout=None):
-        sock = socket.create_connection((self.host, self.port), TLS_CLIENT_TIMEOUT)
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-
-
-def tls_quietly(close) -> None:
-    """A cleanup that may find its client closed already."""
-    try:
-        close()
-    except (OSError, EOFError, imaplib.IMAP4.error, poplib.error_proto, smtplib.SMTPException):
-        pass
-
-
-def tls_client_hello(hostname: str = "localhost") -> bytes:
-    """A real TLS ClientHello, as a client's first flight."""
-    outgoing = ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing,
-                                                server_hostname=hostname)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
-
-
-# -- fake backends that speak TLS ----------------------------------------------
-
-# -- the test case base ----------------------------------------------------------
-
-# ########################################################################## #
-#                    End to end: TLS from the first byte                     #
-# ########################################################################## #
 
 class TlsEndToEndImplicitTests(EndToEndTestCase):
     """``listen ... ssl`` with the standard library's clients, which check
@@ -5805,11 +5591,11 @@ class TlsEndToEndImplicitTests(EndToEndTestCase):
         client.expect(rb"^a3 OK LOGIN completed\r\n$")
 
 
-# ########################################################################## #
-#                           End to end: STARTTLS                             #
-# ########################################################################## #
+# -- end to end: STARTTLS -----------------------------------------------------------
 
 TLS_POP3_CAPA = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\n.\r\n"
+
+
 class TlsEndToEndStartTlsTests(EndToEndTestCase):
     """STARTTLS / STLS with starttls on and only: nginx's capability lists,
     byte for byte, before and after TLS (read raw, the "after" part through
@@ -6007,9 +5793,7 @@ class TlsEndToEndStartTlsTests(EndToEndTestCase):
                 self.assertEqual(backend.messages, [b"Subject: hi\r\n\r\nhi\r\n.\r\n"])
 
 
-# ########################################################################## #
-#                  End to end: commands injected before TLS                  #
-# ########################################################################## #
+# -- end to end: commands injected before TLS ---------------------------------------
 
 class TlsEndToEndInjectionTests(EndToEndTestCase):
     """CVE-2011-0411 / CVE-2014-3556: a man in the middle appends a command
@@ -6095,9 +5879,7 @@ class TlsEndToEndInjectionTests(EndToEndTestCase):
                          b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n")
 
 
-# ########################################################################## #
-#                      End to end: client certificates                       #
-# ########################################################################## #
+# -- end to end: client certificates ------------------------------------------------
 
 class TlsEndToEndClientCertificateTests(EndToEndTestCase):
     """ssl_verify_client, ssl_client_certificate and ssl_crl.  A certificate
@@ -6163,9 +5945,7 @@ class TlsEndToEndClientCertificateTests(EndToEndTestCase):
         self.assertEqual(error.reason, "SSLV3_ALERT_CERTIFICATE_EXPIRED")
 
 
-# ########################################################################## #
-#                          End to end: AUTH EXTERNAL                         #
-# ########################################################################## #
+# -- end to end: AUTH EXTERNAL ------------------------------------------------------
 
 TLS_EXTERNAL_USERS = {"alice": "{PLAIN}secret", "alice@example.com": "{PLAIN}secret",
                       "bob": "{PLAIN}secret"}
@@ -6261,9 +6041,7 @@ class TlsEndToEndExternalTests(EndToEndTestCase):
                          b"EHLO client.test\r\n")
 
 
-# ########################################################################## #
-#                          End to end: SNI and ALPN                          #
-# ########################################################################## #
+# -- end to end: SNI, ALPN, protocols, resumption -----------------------------------
 
 class TlsEndToEndSniTests(EndToEndTestCase):
     """Extension ssl_sni_certificate: the certificate by the name asked for."""
@@ -6378,9 +6156,7 @@ class TlsEndToEndSettingsTests(EndToEndTestCase):
         self.assertEqual(bytes(backend.received[0]), b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
 
 
-# ########################################################################## #
-#                        End to end: TLS to the backend                      #
-# ########################################################################## #
+# -- end to end: TLS to the backend -------------------------------------------------
 
 class TlsEndToEndBackendTests(EndToEndTestCase):
     """Extensions proxy_ssl (implicit TLS) and proxy_starttls, with
@@ -6532,39 +6308,7 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
                                          r"the backend's certificate is not checked")
 
 
-class TlsEndToEndReloadTests(EndToEndTestCase):
-    def test_sighup_picks_up_a_renewed_certificate(self):
-        """A certificate renewed in place (same file names) is served to new
-        clients after SIGHUP, as nginx does on reload."""
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        certificate = write_file(directory.name, "current.crt", TLS_SERVER_CERT_PEM)
-        key = write_file(directory.name, "current.key", TLS_SERVER_KEY_PEM)
-        text = proxy_config("imap", free_port(), listens=("ssl",), ssl_certificate=certificate,
-                            ssl_certificate_key=key)
-        path = write_file(directory.name, "mailproxy.conf", text)
-        port = int(re.search(r"listen = 127\.0\.0\.1:(\d+)", text).group(1))
-        program = ProgramUnderTest(self, path)
-        self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
-
-        def served(hostname: str) -> str:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
-            with self.client_context().wrap_socket(sock, server_hostname=hostname) as tls:
-                subject = dict(pair for rdn in tls.getpeercert()["subject"] for pair in rdn)
-                self.assertEqual(tls.recv(100), b"* OK IMAP4 ready\r\n")
-                return subject["commonName"]
-
-        self.assertEqual(served("mail.example.com"), "mail.example.com")
-        write_file(directory.name, "current.crt", TLS_OTHER_CERT_PEM)
-        write_file(directory.name, "current.key", TLS_OTHER_KEY_PEM)
-        program.send_signal("SIGHUP")
-        self.assertTrue(program.wait_for("configuration reloaded"), program.stderr)
-        self.assertEqual(served("mail.example.net"), "mail.example.net")
-
-
-# ########################################################################## #
-#                         End to end: bad TLS input                          #
-# ########################################################################## #
+# -- end to end: bad TLS input ------------------------------------------------------
 
 class TlsEndToEndBadInputTests(EndToEndTestCase):
     """Each ends its own session with an info line; the proxy goes on (a
@@ -6667,201 +6411,1939 @@ class TlsEndToEndBadInputTests(EndToEndTestCase):
         self.assertStillServes(proxy)
 
 
-# ########################################################################## #
-#                       -t: the TLS parts of a configuration                 #
-# ########################################################################## #
+# -- end to end: certificates with odd names (issue 12) -----------------------------
 
-class TlsEndToEndConfigCheckTests(EndToEndTestCase):
-    """What load_and_prepare (and so -t and the start-up) refuses."""
+class OddCertificateAuthHttpTests(EndToEndTestCase):
+    """Certificates with odd names, end to end."""
 
-    def path(self, listens=("ssl",), **mail) -> str:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        return write_file(directory.name, "mailproxy.conf", proxy_config("imap", 1143, listens=listens, **mail))
+    def odd_names_proxy(self, auth: AuthServer, mode: str = "on") -> ProxyUnderTest:
+        return self.auth_http_proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
+                          ssl_certificate_key="server.key", ssl_verify_client=mode,
+                          ssl_client_certificate=self.tls_path("bothca.crt"))
 
-    def errors(self, listens=("ssl",), **mail) -> str:
-        with self.assertRaises(mp.ConfigErrors) as caught:
-            mp.load_and_prepare(self.path(listens, **mail))
-        return str(caught.exception)
+    def odd_client(self, proxy, certificate: str) -> Client:
+        client = self.connect(proxy)
+        client.sock = self.client_context(certificate).wrap_socket(
+            client.sock, server_hostname="mail.example.com")
+        return client
 
-    def certificate(self, name: str = "server", **more) -> dict:
-        values = dict(ssl_certificate=self.tls_path(name + ".crt"),
-                      ssl_certificate_key=self.tls_path(name + ".key"))
-        values.update(more)
-        return values
+    def tls_lines(self, client: Client, *lines: bytes) -> bytes:
+        return (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
+                b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n" +
+                b"".join(line + b"\r\n" for line in lines))
 
-    def test_listen_ssl_without_a_certificate(self):
-        path = self.path()
-        status, out, stderr = run_mailproxy(["-t", "-c", path])
-        self.assertEqual(status, 1, stderr)
-        self.assertIn('[server imap] ssl_certificate: no "ssl_certificate" is defined for the '
-                      '"listen ... ssl" directive', stderr)
-        self.assertIn("mailproxy: configuration file %s test failed" % path, stderr)
+    def test_a_name_with_cr_lf_reaches_the_auth_server_escaped(self):
+        # The subject went in as 'CN=alice\r\nAuth-SSL-Subject: CN=admin,...'
+        # and forged two headers; nginx sends OpenSSL's \0D\0A.
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.odd_names_proxy(auth)
+        client = self.odd_client(proxy, "crlf")
+        self.imap_login(client)
+        fingerprint = hashlib.sha1(ssl.PEM_cert_to_DER_cert(ODD_CRLF_CERT_PEM)).hexdigest()
+        self.assertEqual(auth.requests, [auth_request_bytes(after=self.tls_lines(
+            client, b"Auth-SSL-Verify: SUCCESS",
+            rb"Auth-SSL-Subject: CN=alice\0D\0AAuth-SSL-Subject: CN=admin,"
+            rb"O=Example\0D\0AAuth-SSL-Verify: SUCCESS",
+            b"Auth-SSL-Issuer: CN=mailproxy odd-names test CA", b"Auth-SSL-Serial: 1002",
+            b"Auth-SSL-Fingerprint: " + fingerprint.encode()))])
 
-    def test_starttls_without_a_certificate(self):
-        self.assertIn('no "ssl_certificate" is defined for the "starttls" directive',
-                      self.errors(listens=("",), starttls="only"))
-
-    def test_missing_or_unreadable_certificate_files(self):
-        missing = os.path.join(self.tls_directory.name, "missing.crt")
-        self.assertRegex(self.errors(**self.certificate(ssl_certificate=missing)),
-                         r'\[server imap\] cannot load certificate "%s": No such file or directory'
-                         % re.escape(missing))
-        self.assertIn('cannot load certificate "%s": Is a directory' % self.tls_directory.name,
-                      self.errors(**self.certificate(ssl_certificate=self.tls_directory.name)))
-        garbage = write_file(self.tls_directory.name, "garbage.crt", "not a certificate\n")
-        self.assertIn('cannot load certificate "%s" with key "%s"'
-                      % (garbage, self.tls_path("server.key")),
-                      self.errors(**self.certificate(ssl_certificate=garbage)))
-        self.assertIn('cannot load certificate "%s" with key "%s"' % (
-            self.tls_path("server.crt"), self.tls_path("other.key")),
-            self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
-        missing_ca = os.path.join(self.tls_directory.name, "missing-ca.crt")
-        self.assertIn("cannot load the client CA or CRL",
-                      self.errors(**self.certificate(ssl_verify_client="on",
-                                                     ssl_client_certificate=missing_ca)))
-        self.assertIn("cannot load proxy_ssl_trusted_certificate",
-                      self.errors(listens=("",), proxy_ssl="on",
-                                  proxy_ssl_trusted_certificate=missing_ca))
-
-    def test_optional_no_ca_is_refused(self):
-        self.assertIn('ssl_verify_client: "optional_no_ca" cannot be honoured: Python\'s ssl module '
-                      "cannot ask for a client certificate without verifying it",
-                      self.errors(**self.certificate(ssl_verify_client="optional_no_ca")))
-
-    def test_ssl_conf_command(self):
-        self.assertIn('ssl_conf_command: "Foo" cannot be applied through Python\'s ssl module',
-                      self.errors(**self.certificate(ssl_conf_command="Foo bar")))
-        config = mp.load_and_prepare(self.path(**self.certificate(
-            ssl_conf_command="Options -SessionTicket")))
-        self.assertTrue(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
-        config = mp.load_and_prepare(self.path(**self.certificate()))
-        self.assertFalse(config.servers[0].tls_context.options & ssl.OP_NO_TICKET)
+    def test_an_unreadable_certificate_under_optional_reads_as_none(self):
+        # getpeercert() raised in stream_tls_ready and ended the worker.
+        # With ``optional`` the session goes on; the auth server is told
+        # what nginx tells it of a client without a certificate.
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.odd_names_proxy(auth, mode="optional")
+        client = self.odd_client(proxy, "descriptor")
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(after=self.tls_lines(client, b"Auth-SSL-Verify: NONE"))])
+        proxy.wait_for_log(r"\[info\] .*\*1 client SSL certificate cannot be read \(.+\) while SSL "
+                           r"handshaking, client: 127\.0\.0\.1, ")
+        proxy.assert_alive()
 
 
+class OddCertificateUserTableTests(EndToEndTestCase):
+    def test_an_unreadable_certificate_is_refused_and_the_worker_lives(self):
+        # ssl_verify_client on: as a missing certificate.  A logged-in
+        # bystander on the same worker keeps working.
+        backend = self.use(FakeImapBackend())
+        proxy = self.tls_proxy("imap", backend.port, ssl_verify_client="on",
+                               ssl_client_certificate=self.tls_path("bothca.crt"))
+        bystander = self.tls_connect(proxy, certificate="client")
+        self.imap_login(bystander)
+        hostile = self.connect(proxy)
+        hostile.start_tls(self.client_context("descriptor"))
+        self.assertEqual(hostile.read_line(), b"* BYE No required SSL certificate\r\n")
+        hostile.expect_closed()
+        proxy.wait_for_log(r"\[info\] .*\*2 client SSL certificate cannot be read \(.+\) while SSL "
+                           r"handshaking")
+        proxy.wait_for_log(r"\*2 session done: no client certificate")
+        bystander.send("a2 NOOP")
+        bystander.expect(rb"^a2 OK NOOP completed\r\n$")
+        proxy.assert_alive()
+
+    def test_a_kelvin_sign_does_not_log_in_as_karl(self):
+        backend = self.use(FakeImapBackend(accept=((b"karl", b"secret"),)))
+        proxy = self.tls_proxy("imap", backend.port, users={"karl": "{PLAIN}secret"},
+                               ssl_verify_client="optional", imap_auth="plain external",
+                               ssl_client_certificate=self.tls_path("oddca.crt"))
+        client = self.connect(proxy)
+        client.start_tls(self.client_context("kelvin"))
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"karl") + b"\r\n")
+        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        proxy.wait_for_log(r'client login failed: "EXTERNAL login does not match the client '
+                           r'certificate"')
+        self.assertEqual(backend.received, [])
 
 
+# ========================================================================== #
+# ####                            Event loop                            #### #
+# ========================================================================== #
+# EventLoop on its own: timers in order, cancel, call_soon_threadsafe from
+# another thread, a signal delivered through the wake-up fd.
 
-# ########################################################################## #
-#                 Processes, signals, privileges and logs                    #
-# ########################################################################## #
+
+# ========================================================================== #
+# ####                      Streams and listeners                       #### #
+# ========================================================================== #
+# Stream over socket.socketpair() and a real EventLoop: write-through, then
+# buffering with write interest; a read budget of 0 pauses reading.
+
+
+# ========================================================================== #
+# ####                              Relay                               #### #
+# ========================================================================== #
+# Relay over socketpairs and a real EventLoop: backpressure both ways, EOF
+# from either side; the SMTP relay check (smtp_auth none) as a sans-I/O
+# piece; end to end: proxy_buffer bounds what a session holds, proxy_timeout
+# ends an idle one, and smtp_auth none checks every recipient.
+
+# -- the SMTP relay check -----------------------------------------------------------
+
+GUARD_DENIED = b"550 5.7.1 Relaying denied\r\n"
+
+
+def guard_check(rcpt: bytes):
+    """A recipient check for SmtpRecipientGuard: example.com only."""
+    return None if re.fullmatch(rb"RCPT TO:<[^@>]+@example\.com>", rcpt, re.I) else GUARD_DENIED
+
+
+def guard_conversation(guard, steps, chunking=whole):
+    """Play ("client", bytes) and ("backend", bytes) steps through ``guard``;
+    returns (all it sent to the backend, all it sent to the client)."""
+    to_backend, to_client = bytearray(), bytearray()
+    for side, data in steps:
+        for chunk in chunking(data):
+            if side == "client":
+                backend, client = guard.from_client(chunk)
+            else:
+                client, backend = guard.from_backend(chunk)
+            to_backend += backend
+            to_client += client
+    return bytes(to_backend), bytes(to_client)
+
+
+class SmtpRecipientGuardTests(unittest.TestCase):
+    """After the relay starts with smtp_auth none, every RCPT is checked."""
+
+    CONVERSATION = [
+        ("client", b"RCPT TO:<b@example.com>\r\nRCPT TO:<victim@evil.test>\r\n"
+                   b"RCPT TO:<c@Example.COM>\r\nDATA\r\n"),
+        ("backend", b"250 2.1.5 Ok\r\n"), ("backend", b"250 2.1.5 Ok\r\n"),
+        ("backend", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        ("client", b"Subject: x\r\n\r\nRCPT TO:<inside@evil.test>\r\n..\r\n.\r\n"
+                   b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<next@evil.test>\r\n"
+                   b"RCPT TO:<d@example.com>\r\nQUIT\r\n"),
+        ("backend", b"250 2.0.0 Ok: queued\r\n"), ("backend", b"250 2.1.0 Ok\r\n"),
+        ("backend", b"250 2.1.5 Ok\r\n"), ("backend", b"221 2.0.0 Bye\r\n")]
+
+    def test_every_recipient_checked_in_order_pipelined_or_not(self):
+        expected_backend = (
+            b"RCPT TO:<b@example.com>\r\nRCPT TO:<c@Example.COM>\r\nDATA\r\n"
+            b"Subject: x\r\n\r\nRCPT TO:<inside@evil.test>\r\n..\r\n.\r\n"
+            b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<d@example.com>\r\nQUIT\r\n")
+        expected_client = (
+            b"250 2.1.5 Ok\r\n" + GUARD_DENIED + b"250 2.1.5 Ok\r\n"
+            b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued\r\n"
+            b"250 2.1.0 Ok\r\n" + GUARD_DENIED + b"250 2.1.5 Ok\r\n221 2.0.0 Bye\r\n")
+        for chunking in (whole, byte_by_byte):
+            guard = mp.SmtpRecipientGuard(guard_check, 4096)
+            self.assertEqual(guard_conversation(guard, self.CONVERSATION, chunking),
+                             (expected_backend, expected_client), chunking.__name__)
+            self.assertEqual(guard.held, 0)
+
+    def test_commands_wait_for_the_reply_to_the_one_before(self):
+        guard = mp.SmtpRecipientGuard(guard_check, 4096)
+        self.assertEqual(guard.from_client(b"RCPT TO:<b@example.com>\r\nRCPT TO:<x@evil.test>\r\n"),
+                         (b"RCPT TO:<b@example.com>\r\n", b""))
+        self.assertEqual(guard.held, len(b"RCPT TO:<x@evil.test>\r\n"))
+        self.assertEqual(guard.from_backend(b"250-first line\r\n"), (b"250-first line\r\n", b""))
+        self.assertEqual(guard.from_backend(b"250 Ok\r\n"), (b"250 Ok\r\n" + GUARD_DENIED, b""))
+
+    def test_a_bare_lf_end_of_data_cannot_hide_a_recipient(self):
+        """SMTP smuggling (CVE-2023-51764): a lenient backend ends the data
+        at "\\n.\\n"; so does the check, and what follows is a command."""
+        guard = mp.SmtpRecipientGuard(guard_check, 4096)
+        guard_conversation(guard, [("client", b"DATA\r\n"), ("backend", b"354 go\r\n")])
+        to_backend, to_client = guard.from_client(b"x\n.\nRCPT TO:<victim@evil.test>\r\n")
+        self.assertEqual(to_backend, b"x\n.\n")
+        self.assertEqual(guard.from_backend(b"250 queued\r\n"), (b"250 queued\r\n" + GUARD_DENIED, b""))
+
+    def test_commands_that_would_blind_the_check_are_refused(self):
+        for line in (b"STARTTLS\r\n", b"XCLIENT ADDR=127.0.0.1\r\n", b"xforward NAME=x\r\n",
+                     b"BDAT 30 LAST\r\n"):
+            guard = mp.SmtpRecipientGuard(guard_check, 4096)
+            self.assertEqual(guard.from_client(line), (b"", b"502 5.5.1 Command not implemented\r\n"))
+        for line, reply in ((b" RCPT TO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
+                            (b"RCPT\tTO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
+                            (b"RCPT TO:<b@example.com>\rRCPT TO:<x@evil.test>\r\n",
+                             b"501 5.5.4 Invalid argument\r\n"),
+                            (b"RCPT TO:<b@example.com>\n", b"501 5.5.4 Invalid argument\r\n")):
+            guard = mp.SmtpRecipientGuard(guard_check, 4096)
+            self.assertEqual(guard.from_client(line), (b"", reply), line)
+
+    def test_a_line_too_long_is_answered_once_and_dropped(self):
+        guard = mp.SmtpRecipientGuard(guard_check, 64)
+        to_client = b""
+        for chunk in (b"RCPT TO:<" + b"x" * 100, b"y" * 100, b"@evil.test>\r\nNOOP\r\n"):
+            to_backend, reply = guard.from_client(chunk)
+            to_client += reply
+        self.assertEqual(to_client, b"500 5.5.2 Line too long\r\n")
+        self.assertEqual(to_backend, b"NOOP\r\n")
+
+
+class RelayCheckLinearWorkTests(LinearWorkTestCase):
+    def test_smtp_relay_check(self):
+        """smtp_auth none after the login: commands and message data."""
+        def run(size):
+            guard = mp.SmtpRecipientGuard(guard_check, size + 64)
+            data = b"NOOP " + b"n" * size + b"\r\n"
+            to_backend = b"".join(backend for backend, _ in map(guard.from_client, byte_by_byte(data)))
+            self.assertEqual(to_backend, data)
+            guard.from_backend(b"250 ok\r\n")
+            guard.from_client(b"DATA\r\n")
+            guard.from_backend(b"354 go\r\n")
+            message = (b"line\r\n" * size)[:size] + b"\r\n.\r\n"
+            to_backend = b"".join(backend for backend, _ in map(guard.from_client, byte_by_byte(message)))
+            self.assertEqual((to_backend, guard.state), (message, guard.REPLY))
+        self.assert_linear(run, 4096)
+
+
+# -- end to end ---------------------------------------------------------------------
+
+class RelayEndToEndTests(EndToEndTestCase):
+    def test_backpressure_bounds_the_buffers(self):
+        message = message_bytes(50 * MEGABYTE)
+        backend = self.use(FakeImapBackend(message=message))
+        proxy = self.start_proxy("imap", backend.port, proxy_buffer="16k")
+        client = self.connect(proxy, timeout=10)
+        self.imap_login(client)
+        client.send("a2 FETCH 1 BODY[]")
+        # The client reads nothing for a second; the proxy must stop reading
+        # the backend instead of buffering the message.
+        peak = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            peak = max(peak, proxy.buffered())
+            time.sleep(0.001)
+        self.assertLess(backend.pushed, len(message), "the backend was never held back")
+        self.assertGreater(peak, 0, "the sampling never saw a buffered byte")
+        # Now read it all, still sampling.
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{52428800\}\r\n$")
+        got = hashlib.sha256()
+        left = len(message)
+        while left:
+            chunk = client.read_exactly(min(left, 256 * 1024))
+            got.update(chunk)
+            left -= len(chunk)
+            peak = max(peak, proxy.buffered())
+        client.expect(rb"^\)\r\n$")
+        client.expect(rb"^a2 OK FETCH completed\r\n$")
+        self.assertEqual(got.hexdigest(), sha256_hex(message))
+        self.assertLessEqual(peak, 16 * 1024)
+
+    def test_proxy_timeout_ends_an_idle_relay(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, proxy_timeout="1s")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        started = time.monotonic()
+        client.expect_closed()
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 2.5)
+        proxy.wait_for_log(r"proxied session timed out .*login: \"alice\", upstream: 127\.0\.0\.1:%d"
+                           % backend.port)
+        proxy.wait_for_log(r"session done: proxy_timeout, ")
+
+
+class SmtpEndToEndNoAuthTests(EndToEndTestCase):
+    def start(self, **mail):
+        """A proxy with smtp_auth none for example.com; @elsewhere.test has a
+        [routes] entry to a second backend, which must never be used."""
+        self.backend = self.use(FakeSmtpBackend(refuse=[b"nobody@example.com"]))
+        self.other = self.use(FakeSmtpBackend())
+        settings = dict(smtp_auth="none", smtp_relay_domains="example.com")
+        settings.update(mail)
+        text = proxy_config("smtp", self.backend.port, **settings)
+        text += "\n[routes]\n@elsewhere.test = 127.0.0.1:%d\n" % self.other.port
+        proxy = self.use(ProxyUnderTest(text))
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250 mail.test\r\n")        # no AUTH line
+        return proxy, client
+
+    def test_replayed_mail_and_rcpt_then_a_refused_recipient_and_data(self):
+        proxy, client = self.start()
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")    # the proxy's own
+        self.assertEqual(self.backend.received, [])
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)   # the backend's
+        client.send("RCPT TO:<nobody@example.com>")
+        self.assertEqual(client.read_line(), smtp_backend_rcpt_refused(b"nobody@example.com"))
+        client.send("DATA")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_DATA_GO)
+        client.send(b"Subject: test\r\n\r\n..dot\r\n.\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        self.smtp_quit(client)
+        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(self.backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nMAIL FROM:<sender@remote.test>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nRCPT TO:<nobody@example.com>\r\n"
+                         b"DATA\r\nSubject: test\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+        self.assertEqual(self.backend.messages, [b"Subject: test\r\n\r\n..dot\r\n.\r\n"])
+        self.assertEqual(self.other.received, [])
+
+    def test_recipient_of_another_domain_is_refused_by_the_proxy(self):
+        proxy, client = self.start()
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send("RCPT TO:<victim@elsewhere.test>")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        client.send("NOOP")                                       # the session goes on
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.backend.received, [])
+        self.assertEqual(self.other.received, [])
+        proxy.wait_for_log(r'client login failed: "recipient domain not in smtp_relay_domains"')
+        # ... and the client may try another recipient.
+        client.send("RCPT TO:<bob@Example.COM>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(self.backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nMAIL FROM:<sender@remote.test>\r\n"
+                         b"RCPT TO:<bob@Example.COM>\r\nQUIT\r\n")
+        self.assertEqual(self.other.received, [])
+
+    def test_every_recipient_is_checked_not_only_the_first(self):
+        """With xclient off the backend sees only the proxy's address; were
+        the later recipients unchecked, a backend that trusts the proxy
+        (Postfix's permit_mynetworks) would be an open relay.  Pipelined
+        behind the first RCPT, after DATA, in the next transaction: each
+        refused one is answered in its place, and never reaches the backend."""
+        proxy, client = self.start(xclient="off")
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send(b"RCPT TO:<bob@example.com>\r\nRCPT TO:<victim@evil.test>\r\n"
+                    b"RCPT TO:<victim@elsewhere.test>\r\nRCPT TO:<carol@example.com>\r\n")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        client.send("DATA")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_DATA_GO)
+        client.send(b"Subject: one\r\n\r\nRCPT TO:<quoted@evil.test>\r\n.\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
+        client.send("RCPT TO:<victim@evil.test>")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        client.send("RCPT TO:<dave@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(self.backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(self.backend.received[0]),
+                         b"EHLO mail.test\r\nMAIL FROM:<sender@remote.test>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n"
+                         b"Subject: one\r\n\r\nRCPT TO:<quoted@evil.test>\r\n.\r\n"
+                         b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<dave@example.com>\r\nQUIT\r\n")
+        self.assertEqual(self.other.received, [])
+        proxy.wait_for_log(r'recipient refused: "recipient domain not in smtp_relay_domains"')
+
+    def test_a_later_recipient_for_another_backend_is_deferred(self):
+        """elsewhere.test is a relay domain routed to another backend: this
+        session's backend must not get it; 452 asks the client to send it in
+        another transaction (RFC 5321 §4.5.3.1.10)."""
+        proxy, client = self.start(smtp_relay_domains="example.com elsewhere.test")
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        client.send("RCPT TO:<someone@elsewhere.test>")
+        self.assertEqual(client.read_line(), b"452 4.5.3 Too many recipients\r\n")
+        self.smtp_quit(client)
+        self.assertNotIn(b"elsewhere", bytes(self.backend.received[0]))
+        self.assertEqual(self.other.received, [])
+
+    def test_relay_check_reads_the_forward_path_not_a_parameter(self):
+        """RFC 5321 §4.1.1.3: the recipient is the path after "TO:", not an
+        address found later on the line (here in an ORCPT parameter).
+        Postfix accepts a forward-path without angle brackets."""
+        proxy, client = self.start()
+        client.send("MAIL FROM:<sender@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        client.send("RCPT TO:victim@elsewhere.test ORCPT=rfc822;<bob@example.com>")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
+        self.assertEqual(self.backend.received, [])
+        self.assertEqual(self.other.received, [])
+
+
+# ========================================================================== #
+# ####               Outbound clients: auth_http and DNS                #### #
+# ========================================================================== #
+# The resolver against a fake DNS server; the auth_http client end to end
+# (the real proxy between a test client, a fake auth_http server and fake
+# backends; NGINX-MAIL.md §1.3): the request byte by byte, failures,
+# Auth-Wait, the auth server failing, OAuth tokens, the extension headers.
+
+def resolve_client(test, answer, address="127.0.0.1", timeout=2.0, valid=None):
+    """Run ClientNameLookup on a fresh loop against a FakeDns; (name, problem, dns)."""
+    dns = FakeDns(answer)
+    test.addCleanup(dns.close)
+    loop = mp.EventLoop()
+    test.addCleanup(loop.close)
+    spec = mp.ResolverSpec(((socket.AF_INET, ("127.0.0.1", dns.port)),), valid, True, True)
+    resolver = mp.Resolver(loop, spec, timeout)
+    result = []
+    mp.ClientNameLookup(resolver, address, lambda name, problem: result.append((name, problem)))
+    deadline = time.monotonic() + timeout + 3
+    while not result and time.monotonic() < deadline:
+        loop.run_once(0.1)
+    test.assertTrue(result, "no verdict")
+    return result[0][0], result[0][1], dns, resolver
+
+
+PTR_127_0_0_1 = "1.0.0.127.in-addr.arpa"
+
+
+class ResolverTests(unittest.TestCase):
+    GOOD = {(PTR_127_0_0_1, mp.DNS_PTR): [dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
+
+    def test_ptr_and_forward_match(self):
+        name, problem, dns, resolver = resolve_client(self, records_for(self.GOOD))
+        self.assertEqual((name, problem), ("client.example", ""))
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
+
+    def test_forward_mismatch(self):
+        table = dict(self.GOOD)
+        table[("client.example", mp.DNS_A)] = [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.99")]
+        self.assertEqual(resolve_client(self, records_for(table))[0], "[UNAVAILABLE]")
+
+    def test_nxdomain(self):
+        name, problem, _, _ = resolve_client(self, records_for({}))
+        self.assertEqual(name, "[UNAVAILABLE]")
+        self.assertIn("could not be resolved (3: Host not found)", problem)
+
+    def test_servfail_is_tempunavail(self):
+        name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, rcode=2)])
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_timeout_is_tempunavail(self):
+        started = time.monotonic()
+        name, _, dns, _ = resolve_client(self, lambda q, n, t: [], timeout=1.5)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertGreaterEqual(time.monotonic() - started, 1.4)
+        self.assertGreaterEqual(len(dns.queries), 2)          # sent again after DNS_RESEND
+
+    def test_zero_length_malformed_and_foreign_answers_are_ignored(self):
+        def answer(query, qname, qtype):
+            good = records_for(self.GOOD)(query, qname, qtype)[0]
+            return [b"", b"\x00" * 5, good[:20], dns_response(query, qid=(query[0] << 8 | query[1]) ^ 1),
+                    good]
+        self.assertEqual(resolve_client(self, answer)[0], "client.example")
+
+    def test_only_garbage_times_out(self):
+        name, _, _, _ = resolve_client(self, lambda q, n, t: [b"\xff" * 30], timeout=1.2)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_compression_loop_does_not_hang(self):
+        def answer(query, qname, qtype):
+            looped = dns_response(query)[:-0 or None]
+            return [looped[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + query[12:]
+                    + b"\xc0\x0c\x00\x0c\x00\x01\x00\x00\x00\x3c\x00\x02\xc0\x2a"]
+        name, _, _, _ = resolve_client(self, answer, timeout=1.2)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_invalid_ptr_name_is_tempunavail(self):
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [dns_record(b"\xc0\x0c", mp.DNS_PTR, "bad_name.example")]
+        name, problem, dns, _ = resolve_client(self, records_for(table))
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertIn("invalid host name", problem)
+        self.assertEqual(len(dns.queries), 1)                 # no forward lookup
+
+    def test_cname_to_ptr(self):
+        table = {(PTR_127_0_0_1, mp.DNS_PTR): [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.sub.0.0.127.in-addr.arpa"),
+            dns_record(dns_name("1.sub.0.0.127.in-addr.arpa"), mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): self.GOOD[("client.example", mp.DNS_A)]}
+        self.assertEqual(resolve_client(self, records_for(table))[0], "client.example")
+
+    def test_truncated_answer_without_records_is_tempunavail(self):
+        name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, truncated=True)])
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+
+    def test_cache_honours_ttl_and_valid(self):
+        _, _, dns, resolver = resolve_client(self, records_for(self.GOOD))
+        result = []
+        mp.ClientNameLookup(resolver, "127.0.0.1", lambda n, p: result.append(n))
+        for _ in range(3):                                    # PTR, then A, from the cache
+            resolver.loop.run_once(0.1)
+        self.assertEqual(result, ["client.example"])
+        self.assertEqual(len(dns.queries), 2)                 # answered from the cache
+        expires = resolver.cache[("client.example", mp.DNS_A)][0]
+        self.assertAlmostEqual(expires - resolver.loop.time(), 300, delta=5)
+        _, _, _, resolver = resolve_client(self, records_for(self.GOOD), valid=7.0)
+        expires = resolver.cache[("client.example", mp.DNS_A)][0]
+        self.assertAlmostEqual(expires - resolver.loop.time(), 7, delta=2)
+
+    def test_a_lookup_of_an_unsendable_name_answers_error(self):
+        loop = mp.EventLoop()
+        self.addCleanup(loop.close)
+        spec = mp.ResolverSpec(((socket.AF_INET, ("127.0.0.1", 9)),), None, True, True)
+        answers = []
+        mp.Resolver(loop, spec, 1.0).lookup("a..b", mp.DNS_A, lambda *answer: answers.append(answer))
+        loop.run_once(0.1)
+        self.assertEqual(answers, [("error", [])])
+        names = []
+        mp.ClientNameLookup(mp.Resolver(loop, spec, 1.0), "fe80::1%eth0",
+                            lambda name, problem: names.append(name))
+        loop.run_once(0.1)
+        self.assertEqual(names, ["[TEMPUNAVAIL]"])
+
+
+class SmtpEndToEndResolverTests(EndToEndTestCase):
+    GOOD = {(PTR_127_0_0_1, mp.DNS_PTR): [dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
+
+    def start_with_dns(self, answer, **mail):
+        dns = FakeDns(answer)
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port, **mail)
+        return dns, backend, proxy
+
+    def test_client_name_reaches_xclient(self):
+        dns, backend, proxy = self.start_with_dns(records_for(self.GOOD))
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"client.example") +
+                         b"EHLO client.example\r\nQUIT\r\n")
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
+
+    def test_silent_dns_gives_tempunavail_and_the_greeting_still_comes(self):
+        dns, backend, proxy = self.start_with_dns(lambda query, name, qtype: [],
+                                                  resolver_timeout="500ms")
+        started = time.monotonic()
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        self.assertGreaterEqual(time.monotonic() - started, 0.45)
+        client.send("EHLO client.example")
+        self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"[TEMPUNAVAIL]") +
+                         b"EHLO client.example\r\nQUIT\r\n")
+        proxy.wait_for_log(r"127\.0\.0\.1 could not be resolved \(2: Server failure or timeout\) "
+                           r"while in resolving client address")
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR)])
+
+
+# -- auth_http: success, the request byte by byte -----------------------------------
+
+class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
+    def test_imap_login_request_bytes_and_backend_login(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes()])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        proxy.wait_for_log(r'client logged in while [^,]*, client: 127\.0\.0\.1, server: '
+                           r'127\.0\.0\.1:%d, login: "alice", upstream: 127\.0\.0\.1:%d'
+                           % (proxy.port, backend.port))
+
+    def test_pop3_login_request_bytes_and_backend_login(self):
+        backend = self.use(FakePop3Backend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("pop3", auth.port)
+        client = self.connect(proxy)
+        self.pop3_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="pop3")])
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_smtp_login_request_bytes_and_backend_login(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp")])
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient() +
+                         b"EHLO client.example\r\nQUIT\r\n")
+
+    def test_login_and_password_are_escaped_and_auth_user_pass_override(self):
+        # Space, %, CR, LF, NUL as %XX (upper case); UTF-8 and DEL unchanged.
+        login = b"a l%i\rc\ne\x00\xc3\xa9\x7f"
+        password = b"p w%\r\n\x00\xc3\xbc\x01"
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
+                                      ("Auth-Pass", "secret")))
+        proxy = self.auth_http_proxy("imap", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 LOGIN {%d}\r\n" % len(login))
+        client.expect(rb"^\+ OK\r\n$")
+        client.send(login + b" {%d}\r\n" % len(password))
+        client.expect(rb"^\+ OK\r\n$")
+        client.send(password + b"\r\n")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(
+            user=b"a%20l%25i%0Dc%0Ae%00\xc3\xa9\x7f", password=b"p%20w%25%0D%0A%00\xc3\xbc%01")])
+        # The auth server's Auth-User / Auth-Pass are what the backend gets.
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_pop3_auth_user_and_pass_override(self):
+        backend = self.use(FakePop3Backend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
+                                      ("Auth-Pass", "secret")))
+        proxy = self.auth_http_proxy("pop3", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER bob")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS hunter2")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "pop3")])
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_smtp_auth_user_and_pass_override_reach_auth_plain(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
+                                      ("Auth-Pass", "secret")))
+        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + b64(b"\0bob\0hunter2") + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "smtp")])
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_imap_cram_md5_sends_salt_and_digest(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE CRAM-MD5")
+        challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
+        self.assertRegex(challenge, rb"^<\d+\.\d+@mail\.test>$")
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+        client.send(b64(b"alice " + digest) + b"\r\n")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(password=digest, method="cram-md5",
+                                                    salt=challenge)])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_cram_md5_answer_without_auth_pass_is_an_internal_error(self):
+        auth = self.auth_server(auth_ok(1143))
+        proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE CRAM-MD5")
+        challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+        client.send(b64(b"alice " + digest) + b"\r\n")
+        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r"auth http server 127\.0\.0\.1:%d did not send password "
+                           r"while in http auth state" % auth.port)
+
+    def test_pop3_apop_sends_salt_and_digest(self):
+        backend = self.use(FakePop3Backend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.auth_http_proxy("pop3", auth.port, pop3_auth="plain apop")
+        client = self.connect(proxy)
+        salt = client.expect(rb"^\+OK POP3 ready (<\d+\.\d+@mail\.test>)\r\n$").group(1)
+        digest = hashlib.md5(salt + b"secret").hexdigest().encode()
+        client.send(b"APOP alice " + digest + b"\r\n")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(password=digest, protocol="pop3",
+                                                    method="apop", salt=salt)])
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+    def test_response_of_exactly_1024_bytes_and_bare_lf_lines_are_read(self):
+        backend = self.use(FakeImapBackend())
+        head = b"HTTP/1.0 200 OK\nAuth-Status:   OK  \nAuth-Server: 127.0.0.1\n" \
+               b"Auth-Port: %d\nX-Pad: " % backend.port
+        response = head + b"x" * (1024 - len(head) - 2) + b"\n\n"
+        self.assertEqual(len(response), 1024)
+        auth = self.auth_server(response)
+        proxy = self.auth_http_proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+
+    def test_status_line_ignored_and_header_names_case_insensitive(self):
+        backend = self.use(FakeImapBackend())
+        port = str(backend.port).encode()
+        auth = self.auth_server(
+            b"HTTP/1.1 503 Service Unavailable\r\nauth-status: OK\r\nAUTH-SERVER: 127.0.0.1\r\n"
+            b"auth-PORT: " + port + b"\r\n\r\nbody, ignored",
+            b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: " + port + b"\r\n\r\n")
+        proxy = self.auth_http_proxy("imap", auth.port)
+        for _ in range(2):
+            self.imap_login(self.connect(proxy))
+        self.assertEqual(len(backend.received), 2)
+
+    def test_auth_http_over_a_unix_socket(self):
+        backend = self.use(FakeImapBackend())
+        directory = self.use(tempfile.TemporaryDirectory())
+        path = os.path.join(directory, "auth.sock")
+        auth = self.use(AuthServer(auth_ok(backend.port), path=path))
+        proxy = self.auth_http_proxy("imap", "unix:%s:/auth" % path)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(host=b"localhost")])
+
+
+# -- auth_http: failures, Auth-Wait and WAIT ----------------------------------------
+
+class AuthHttpEndToEndFailureTests(EndToEndTestCase):
+    def test_imap_failure_without_wait_replies_then_closes(self):
+        auth = self.auth_server(auth_fail("Invalid login"))
+        proxy = self.auth_http_proxy("imap", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice wrong")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r'\[info\] \d+#0: \*1 client login failed: "Invalid login" '
+                           r'while in auth state, client: 127\.0\.0\.1')
+
+    def test_pop3_failure_without_wait(self):
+        auth = self.auth_server(auth_fail("Go away"))
+        proxy = self.auth_http_proxy("pop3", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS wrong")
+        self.assertEqual(client.read_line(), b"-ERR Go away\r\n")
+        client.expect_closed()
+
+    def test_imap_failure_with_auth_wait_delays_and_keeps_the_session(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_fail("Invalid login", ("Auth-Wait", "1")),
+                                auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        client.send("a1 LOGIN alice wrong")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.95)
+        client.send("a2 LOGIN alice secret")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"wrong"),
+                                         auth_request_bytes(attempt=2)])
+        self.assertEqual(bytes(backend.received[0]),
+                         b"a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+
+    def test_smtp_failure_with_auth_error_code(self):
+        auth = self.auth_server(auth_fail("Relay access denied", ("Auth-Error-Code", "550 5.7.1")))
+        proxy = self.auth_http_proxy("smtp", auth.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"550 5.7.1 Relay access denied\r\n")
+        client.expect_closed()
+
+    def test_smtp_failure_default_code(self):
+        auth = self.auth_server(auth_fail("Invalid login"))
+        proxy = self.auth_http_proxy("smtp", auth.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
+        client.expect_closed()
+
+    def test_client_leaving_during_the_auth_request_ends_it(self):
+        # As nginx (ngx_mail_auth_http_block_read), the client is not read
+        # while the auth server thinks: its close is seen at the latest when
+        # auth_http_timeout ends the request; nothing is left open after that.
+        auth = self.auth_server(AUTH_HOLD)
+        proxy = self.auth_http_proxy("imap", auth.port, auth_http_timeout="500ms")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        auth.wait_requests(1)
+        client.close()
+        wait_until(lambda: auth.hung_up == 1, what="the proxy to close the auth connection")
+        wait_until(lambda: not proxy.sessions(), what="the session to end")
+        proxy.wait_for_log(r"session done: ")
+        proxy.assert_alive()
+
+    def test_wait_status_resends_the_same_request_after_auth_wait(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_response(("Auth-Status", "WAIT"), ("Auth-Wait", "1")),
+                                auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(), auth_request_bytes()])   # attempt 1 both times
+        self.assertGreaterEqual(auth.times[1] - auth.times[0], 0.95)
+        self.assertLess(auth.times[1] - auth.times[0], 2.5)
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+
+# -- auth_http: the auth server failing, an internal error --------------------------
+
+class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
+    def test_auth_server_down_imap(self):
+        closed = free_port()
+        backend = self.use(FakeImapBackend())
+        proxy = self.auth_http_proxy("imap", closed)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] \d+#0: \*1 connect\(\) to auth http server "
+                           r"127\.0\.0\.1:%d failed \(111: Connection refused\) while in http "
+                           r'auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
+                           r'login: "alice"' % (closed, proxy.port))
+        self.assertEqual(backend.received, [])
+
+    def test_auth_server_down_pop3_and_smtp(self):
+        for protocol in ("pop3", "smtp"):
+            with self.subTest(protocol=protocol):
+                closed = free_port()
+                proxy = self.auth_http_proxy(protocol, closed)
+                client = self.connect(proxy)
+                if protocol == "pop3":
+                    client.expect(rb"^\+OK POP3 ready\r\n$")
+                    client.send("USER alice")
+                    client.expect(rb"^\+OK\r\n$")
+                    client.send("PASS secret")
+                    self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
+                else:
+                    self.smtp_hello(client)
+                    client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+                    self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+                client.expect_closed()
+                proxy.wait_for_log(r"connect\(\) to auth http server 127\.0\.0\.1:%d failed"
+                                   % closed)
+
+    def test_auth_server_stalls_past_auth_http_timeout(self):
+        auth = self.auth_server(AUTH_STALL)
+        self.assert_internal_error("imap", auth, r"auth http server %s timed out",
+                                   auth_http_timeout="500ms")
+        # The internal error came (and was read) no sooner than 500ms after the request.
+        waited = time.monotonic() - auth.times[0]
+        self.assertGreaterEqual(waited, 0.45)
+        self.assertLess(waited, 2.5)
+
+    def test_auth_server_closes_mid_response(self):
+        auth = self.auth_server(auth_partial(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Ser"))
+        self.assert_internal_error("pop3", auth,
+                                   r"auth http server %s closed the connection prematurely")
+
+    def test_response_over_1024_bytes(self):
+        response = auth_ok(1143, ("X-Padding", "x" * 1100))
+        auth = self.auth_server(response)
+        self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
+
+    def test_response_of_1025_bytes(self):
+        head = b"HTTP/1.0 200 OK\nAuth-Status: OK\nAuth-Server: 127.0.0.1\n" \
+               b"Auth-Port: 1143\nX-Pad: "
+        response = head + b"x" * (1025 - len(head) - 2) + b"\n\n"
+        self.assertEqual(len(response), 1025)
+        auth = self.auth_server(response)
+        self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
+
+    def test_host_name_in_auth_server(self):
+        auth = self.auth_server(answer=lambda request, index: auth_ok(self.backend_port,
+                                                                    server="localhost"))
+        self.assert_internal_error("smtp", auth,
+                                   r'auth http server %s sent invalid server address:"localhost"')
+
+    def test_bad_auth_port(self):
+        for port in ("0", "65536", "x143"):
+            with self.subTest(port=port):
+                auth = self.auth_server(auth_response(("Auth-Status", "OK"),
+                                                    ("Auth-Server", "127.0.0.1"),
+                                                    ("Auth-Port", port)))
+                self.assert_internal_error(
+                    "imap", auth, r'auth http server %%s sent invalid server port:"%s"' % port)
+
+    def test_missing_auth_server(self):
+        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Port", "143")))
+        self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
+
+    def test_pop3_auth_pass_with_nul_is_an_internal_error(self):
+        auth = self.auth_server(auth_ok(1143, ("Auth-Pass", b"se\x00cret")))
+        self.assert_internal_error("pop3", auth, r"auth http server %s sent a login or "
+                                                 r"password with CR, LF or NUL")
+
+    def test_invalid_header_line(self):
+        auth = self.auth_server(b"HTTP/1.0 200 OK\r\nAuth Status: OK\r\n\r\n")
+        self.assert_internal_error("imap", auth,
+                                   r"auth http server %s sent invalid header in response")
+
+    def test_a_percent_sign_in_auth_server_is_an_internal_error_not_a_crash(self):
+        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Server", "%d%s"),
+                                            ("Auth-Port", "143")))
+        self.assert_internal_error("imap", auth,
+                                   r'auth http server %s sent invalid server address:"%%d%%s"')
+
+
+# -- auth_http: OAuth tokens --------------------------------------------------------
+
+XOAUTH2_RESPONSE = b"user=alice\x01auth=Bearer ya29.TOKEN-1\x01\x01"
+OAUTHBEARER_RESPONSE = b"n,a=alice,\x01auth=Bearer T0KEN\x01\x01"
+
+
+class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
+    def oauth_proxy(self, auth_port: int, protocol: str = "imap"):
+        directive = {"imap": "imap_auth", "pop3": "pop3_auth", "smtp": "smtp_auth"}[protocol]
+        return self.auth_http_proxy(protocol, auth_port, **{directive: "plain xoauth2 oauthbearer"})
+
+    def test_imap_xoauth2_with_auth_pass_logs_in_with_login(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", method="xoauth2")])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_imap_xoauth2_without_auth_pass_hands_the_token_on(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 AUTHENTICATE XOAUTH2")          # no initial response: empty prompt
+        self.assertEqual(client.read_line(), b"+ \r\n")
+        client.send(b64(XOAUTH2_RESPONSE) + b"\r\n")
+        client.expect(rb"^a1 OK AUTHENTICATE completed\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", method="xoauth2")])
+        self.assertEqual(bytes(backend.received[0]),
+                         b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
+
+    def test_imap_oauthbearer_with_and_without_auth_pass(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")), auth_ok(backend.port))
+        proxy = self.oauth_proxy(auth.port)
+        for number in (0, 1):
+            client = self.connect(proxy)
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
+            client.expect(rb"^a1 OK (LOGIN|AUTHENTICATE) completed\r\n$")
+            wait_until(lambda: len(backend.received) > number and backend.received[number])
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"T0KEN", method="oauthbearer")] * 2)
+        wait_until(lambda: bytes(backend.received[1]).endswith(b"\r\n"))
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        self.assertEqual(bytes(backend.received[1]),
+                         b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
+
+    def test_pop3_xoauth2_without_auth_pass_hands_the_token_on(self):
+        backend = self.use(FakePop3Backend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.oauth_proxy(auth.port, "pop3")
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
+        client.expect(rb"^\+OK token accepted\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="pop3",
+                                                    method="xoauth2")])
+        self.assertEqual(backend.auths, [b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n"])
+
+    def test_imap_xoauth2_failure_default_error_challenge(self):
+        auth = self.auth_server(auth_fail("Invalid token"))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
+        self.assertEqual(client.read_line(),
+                         b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+        client.send(b"\r\n")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
+        client.expect_closed()
+
+    def test_imap_oauthbearer_failure_default_and_auth_error_sasl(self):
+        custom = b'{"status":"invalid_token","scope":"mail","openid-configuration":"x"}'
+        auth = self.auth_server(auth_fail("Bad token"),
+                                auth_fail("Bad token", ("Auth-Error-SASL", custom)))
+        proxy = self.oauth_proxy(auth.port)
+        for error in (b'{"status":"invalid_token"}', custom):
+            client = self.connect(proxy)
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
+            self.assertEqual(client.read_line(), b"+ " + b64(error) + b"\r\n")
+            client.send(b"AQ==\r\n")
+            self.assertEqual(client.read_line(), b"a1 NO Bad token\r\n")
+            client.expect_closed()
+
+    def test_imap_xoauth2_failure_with_auth_wait_keeps_the_session(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_fail("Invalid token", ("Auth-Wait", "1")),
+                                auth_ok(backend.port, ("Auth-Pass", "secret")))
+        proxy = self.oauth_proxy(auth.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
+        self.assertEqual(client.read_line(),
+                         b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+        client.send(b"\r\n")
+        self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
+        client.send(b"a2 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        self.assertIn(b"Auth-Login-Attempt: 2\r\n", auth.requests[1])
+
+    def test_smtp_xoauth2_failure_transcript(self):
+        auth = self.auth_server(auth_fail("Invalid credentials", ("Auth-Error-Code", "535 5.7.8")))
+        proxy = self.oauth_proxy(auth.port, "smtp")
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n")
+        client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
+        self.assertEqual(client.read_line(),
+                         b"334 " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
+        client.send(b"\r\n")
+        self.assertEqual(client.read_line(), b"535 5.7.8 Invalid credentials\r\n")
+        client.expect_closed()
+        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="smtp",
+                                                    method="xoauth2")])
+
+    def test_oauth_without_auth_http_is_refused_at_load(self):
+        with tempfile.TemporaryDirectory() as directory:
+            for protocol, directive in (("imap", "imap_auth"), ("pop3", "pop3_auth"),
+                                        ("smtp", "smtp_auth")):
+                with self.subTest(protocol=protocol):
+                    text = proxy_config(protocol, 1143, **{directive: "plain xoauth2"})
+                    path = write_file(directory, "oauth.conf", text)
+                    with self.assertRaises(mp.ConfigErrors) as caught:
+                        mp.load_config(path)
+                    self.assertIn("auth_http", str(caught.exception))
+                    self.assertIn("xoauth2", str(caught.exception))
+
+
+# -- auth_http: extension headers, TLS and SMTP AUTH to the backend -----------------
+
+class AuthHttpEndToEndExtensionHeaderTests(EndToEndTestCase):
+    def test_auth_backend_tls_ssl(self):
+        backend = self.use(FakeImapBackend(tls="implicit", context=self.backend_server_context()))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_ssl_trusted_certificate="ca.crt")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        self.assertIn(backend.versions[0], ("TLSv1.2", "TLSv1.3"))
+
+    def test_auth_backend_tls_ssl_with_untrusted_certificate_fails(self):
+        backend = self.use(FakeImapBackend(tls="implicit", context=self.backend_server_context()))
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
+        proxy = self.auth_http_proxy("imap", auth.port, proxy_ssl_trusted_certificate="wrongca.crt")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        client.expect_closed()
+
+    def test_auth_smtp_auth_login(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "login")))
+        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nQUIT\r\n")
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_auth_smtp_auth_none_with_proxy_smtp_auth_on(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "none")))
+        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\nQUIT\r\n")
+        self.assertEqual(backend.logins, [])
+
+    def test_invalid_auth_backend_tls_is_an_internal_error(self):
+        auth = self.auth_server(auth_ok(1143, ("Auth-Backend-TLS", "maybe")))
+        self.assert_internal_error("imap", auth,
+                                   r'auth http server %s sent invalid Auth-Backend-TLS:"maybe"')
+
+
+# -- auth_http: where nginx's behaviour is subtle -----------------------------------
+
+class AuthHttpEndToEndNginxParityTests(EndToEndTestCase):
+    def test_client_timeout_is_off_while_the_auth_server_answers(self):
+        # nginx's ngx_mail_auth() deletes the client's read timer before it
+        # asks the auth server: only auth_http_timeout bounds that wait.
+        # mailproxy leaves ``timeout`` running (Session._authenticate), so an
+        # auth server slower than ``timeout`` gets the client cut off silently.
+        backend = self.use(FakeImapBackend())
+
+        def slow(request, index):
+            time.sleep(1.0)
+            return auth_ok(backend.port)
+        auth = self.auth_server(answer=slow)
+        proxy = self.auth_http_proxy("imap", auth.port, timeout="500ms", auth_http_timeout="5s")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_response_without_auth_status_is_judged_by_server_and_port(self):
+        # ngx_mail_auth_http_process_headers: only an Auth-Status other than
+        # OK / WAIT makes a failure; without the header nginx goes on to
+        # Auth-Server / Auth-Port and logs in.  mailproxy answers "a1 NO " (an
+        # empty failure text) and closes (interpret_auth_response).
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_response(("Auth-Server", "127.0.0.1"),
+                                            ("Auth-Port", str(backend.port))))
+        proxy = self.auth_http_proxy("imap", auth.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+
+    def test_response_without_auth_status_nor_server_is_an_internal_error(self):
+        auth = self.auth_server(auth_response(("X-Nothing", "here")))
+        self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
+
+
+# ========================================================================== #
+# ####                             Sessions                             #### #
+# ========================================================================== #
+# One client from connect to close, end to end (the real proxy, a Worker in
+# a thread, between a test client and fake backends): logins and the relay
+# that follows for IMAP, POP3 and SMTP (with smtplib too), pipelining, the
+# greeting delay, clients that misbehave or are hostile, the PROXY header a
+# client's load balancer sends.
+
+# -- happy paths --------------------------------------------------------------------
+
+class ImapEndToEndTests(EndToEndTestCase):
+    def test_login_then_10_mb_each_way(self):
+        message = message_bytes(10 * MEGABYTE)
+        backend = self.use(FakeImapBackend(message=message, capability=True))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 LOGIN alice secret")
+        # The backend's answer to the login, untagged CAPABILITY included.
+        client.expect(rb"^\* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n$")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        # The client's tag and the login as literals, nothing else.
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+        # 10 MB backend -> client.
+        client.send("a2 FETCH 1 BODY[]")
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{10485760\}\r\n$")
+        self.assertSameBytes(client.read_exactly(len(message)), message, "FETCH through the proxy")
+        client.expect(rb"^\)\r\n$")
+        client.expect(rb"^a2 OK FETCH completed\r\n$")
+
+        # 10 MB client -> backend: the backend says the sha256 of what it got.
+        upload = message_bytes(10 * MEGABYTE + 1)
+        client.send("a3 APPEND INBOX {%d}" % len(upload))
+        client.expect(rb"^\+ Ready for literal data\r\n$")
+        client.send(upload + b"\r\n")
+        client.expect(b"^a3 OK APPEND completed, sha256 %s\r\n$" % sha256_hex(upload).encode())
+
+        client.send("a4 LOGOUT")
+        client.expect(rb"^\* BYE fake IMAP logging out\r\n$")
+        client.expect(rb"^a4 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        self.assertSameBytes(
+            bytes(backend.received[0]),
+            IMAP_LOGIN_ON_THE_WIRE + b"a2 FETCH 1 BODY[]\r\n" +
+            b"a3 APPEND INBOX {10485761}\r\n" + upload + b"\r\n" + b"a4 LOGOUT\r\n",
+            "what the backend received")
+        self.assertEqual(len(backend.received), 1)
+
+    def test_pipelined_commands_follow_the_login(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.send(b"a1 LOGIN alice secret\r\na2 NOOP\r\na3 LOGOUT\r\n")     # one send()
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        client.expect(rb"^\* BYE fake IMAP logging out\r\n$")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        self.assertEqual(bytes(backend.received[0]),
+                         IMAP_LOGIN_ON_THE_WIRE + b"a2 NOOP\r\na3 LOGOUT\r\n")
+
+    def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, auth_delay="200ms")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        client.send("a1 LOGIN alice wrong")
+        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.2)
+        self.assertLess(elapsed, 2.0)
+        proxy.wait_for_log(r'client login failed: "wrong password" while in auth state, '
+                           r'client: 127\.0\.0\.1, .*login: "alice"')
+        self.assertEqual(backend.received, [], "a wrong password must not reach the backend")
+        # Same connection, right password.
+        client.send("a2 LOGIN alice secret")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        client.send("a3 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        self.assertEqual(bytes(backend.received[0]),
+                         IMAP_LOGIN_ON_THE_WIRE.replace(b"a1", b"a2") + b"a3 LOGOUT\r\n")
+
+    def test_access_line_when_the_session_ends(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        self.imap_login(client)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        client.send("a3 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"session done:")
+        lines = [line for line in proxy.log.splitlines() if "session done:" in line]
+        self.assertEqual(len(lines), 1, proxy.log)
+        self.assertRegex(lines[0], r"\[info\] \d+#0: \*1 session done: [a-z ]+, "
+                         r"%d bytes from client, %d bytes to client, \d+\.\d{3}s, "
+                         r'client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
+                         r'login: "alice", upstream: 127\.0\.0\.1:%d$'
+                         % (client.sent, client.received, proxy.port, backend.port))
+
+
+class Pop3EndToEndTests(EndToEndTestCase):
+    def test_login_then_10_mb_each_way(self):
+        message = message_bytes(10 * MEGABYTE)
+        backend = self.use(FakePop3Backend(message=message))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")                        # the proxy's
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")    # the backend's
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
+
+        client.send("RETR 1")
+        client.expect(rb"^\+OK 10485760 octets\r\n$")
+        self.assertSameBytes(client.read_exactly(len(message)), message, "RETR through the proxy")
+        client.expect(rb"^\r\n$")
+        client.expect(rb"^\.\r\n$")
+
+        upload = message_bytes(10 * MEGABYTE + 1)
+        client.send("XPUT %d" % len(upload))
+        client.expect(rb"^\+OK send 10485761 octets\r\n$")
+        client.send(upload)
+        client.expect(b"^\\+OK got them, sha256 %s\r\n$" % sha256_hex(upload).encode())
+
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        client.expect_closed()
+        self.assertSameBytes(
+            bytes(backend.received[0]),
+            POP3_LOGIN_ON_THE_WIRE + b"RETR 1\r\nXPUT 10485761\r\n" + upload + b"QUIT\r\n",
+            "what the backend received")
+
+    def test_pipelined_commands_follow_the_login(self):
+        backend = self.use(FakePop3Backend(message=b"x" * 1234))
+        proxy = self.start_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")     # one send()
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect(rb"^\+OK\r\n$")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.expect(rb"^\+OK 1 1234\r\n$")
+        client.expect(rb"^\+OK bye\r\n$")
+        client.expect_closed()
+        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE + b"STAT\r\nQUIT\r\n")
+
+    def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
+        backend = self.use(FakePop3Backend())
+        proxy = self.start_proxy("pop3", backend.port, auth_delay="200ms")
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        started = time.monotonic()
+        client.send("PASS wrong")
+        client.expect(rb"^-ERR Invalid login or password\r\n$")
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)
+        proxy.wait_for_log(r'client login failed: "wrong password"')
+        self.assertEqual(backend.received, [])
+        client.send("USER alice")
+        client.expect(rb"^\+OK\r\n$")
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        client.expect_closed()
+
+
+# -- SMTP ---------------------------------------------------------------------------
+# The SMTP side of the proxy between smtplib (or the harness's Client) and a
+# Postfix-like fake backend.  Each test asserts the bytes on both wires: what
+# the client read, and every byte the backend received.
+
+class SmtpEndToEndSmtplibTests(EndToEndTestCase):
+    def test_auth_plain_then_20_mb_dot_stuffed_message(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        smtp = self.smtplib_client(proxy)
+        self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH PLAIN LOGIN"))
+        self.assertEqual(smtp.login("alice", "secret"), (235, b"2.0.0 OK"))   # PLAIN, picked by smtplib
+
+        message = smtp_dotted_message(20 * MEGABYTE)
+        stuffed = smtp_dot_stuffed(message)
+        self.assertGreater(stuffed.count(b"\r\n.."), 50000)        # plenty of stuffed lines
+        self.assertEqual(smtp.sendmail("alice@example.com", ["bob@example.com"], message), {})
+        self.assertEqual(smtp.quit(), (221, b"2.0.0 Bye (backend)"))
+
+        after_auth = (SMTPLIB_MAIL_ALICE + SMTPLIB_RCPT_BOB + b"data\r\n"
+                      + stuffed + b"quit\r\n")
+        # What smtplib sent is what we think it sent (our dot-stuffing matches its).
+        self.assertSameBytes(bytes(smtp.wire_sent),
+                             b"ehlo client.example\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
+                             + after_auth, "what smtplib sent")
+        self.assertEqual(bytes(smtp.wire_received),
+                         SMTP_PROXY_GREETING + SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" +
+                         SMTP_BACKEND_MAIL_OK + SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO +
+                         smtp_backend_queued(1) + SMTP_BACKEND_BYE)
+        self.wait_for_backend(backend, 0, b"quit\r\n")
+        self.assertSameBytes(bytes(backend.received[0]),
+                             b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO client.example\r\n"
+                             + after_auth, "what the backend received")
+        self.assertSameBytes(backend.messages[0], stuffed, "the DATA bytes at the backend")
+        self.assertEqual(len(backend.received), 1)
+
+    def test_auth_login_with_and_without_initial_response(self):
+        backend = self.use(FakeSmtpBackend())
+        # Only LOGIN advertised: smtplib has to pick it.
+        proxy = self.start_proxy("smtp", backend.port, smtp_auth="login")
+        message = b"Subject: hi\r\n\r\n.\r\n..\r\n.hidden\r\nend"
+        for number, initial_response_ok in enumerate((False, True)):
+            with self.subTest(initial_response_ok=initial_response_ok):
+                smtp = self.smtplib_client(proxy)
+                self.assertEqual(smtp.ehlo(), (250, b"mail.test\nAUTH LOGIN"))
+                self.assertEqual(smtp.login("alice", "secret", initial_response_ok=initial_response_ok),
+                                 (235, b"2.0.0 OK"))
+                smtp.sendmail("alice@example.com", ["bob@example.com"], message)
+                smtp.quit()
+                if initial_response_ok:             # Microsoft's "AUTH LOGIN user"
+                    auth_sent = b"AUTH LOGIN YWxpY2U=\r\nc2VjcmV0\r\n"
+                    auth_read = b"334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
+                else:
+                    auth_sent = b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n"
+                    auth_read = b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
+                stuffed = b"Subject: hi\r\n\r\n..\r\n...\r\n..hidden\r\nend\r\n.\r\n"
+                self.assertEqual(smtp_dot_stuffed(message), stuffed)
+                after_auth = (SMTPLIB_MAIL_ALICE + SMTPLIB_RCPT_BOB +
+                              b"data\r\n" + stuffed + b"quit\r\n")
+                self.assertEqual(bytes(smtp.wire_sent),
+                                 b"ehlo client.example\r\n" + auth_sent + after_auth)
+                self.assertEqual(bytes(smtp.wire_received),
+                                 SMTP_PROXY_GREETING + b"250-mail.test\r\n250 AUTH LOGIN\r\n" +
+                                 auth_read + SMTP_BACKEND_MAIL_OK + SMTP_BACKEND_RCPT_OK +
+                                 SMTP_BACKEND_DATA_GO + smtp_backend_queued(number + 1) +
+                                 SMTP_BACKEND_BYE)
+                self.wait_for_backend(backend, number, b"quit\r\n")
+                self.assertEqual(bytes(backend.received[number]),
+                                 b"EHLO mail.test\r\n" + smtp_xclient() +
+                                 b"EHLO client.example\r\n" + after_auth)
+                self.assertEqual(backend.messages[number], stuffed)
+        self.assertEqual(backend.logins, [])                # XCLIENT: no AUTH at the backend
+
+    def test_bdat_chunk_passes_untouched(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        chunk = b".\r\n\x00\xff\r\n.\r\nBDAT 1\r\n"          # binary, a lone "." and a fake command
+        client.send(b"MAIL FROM:<a@example.com> BODY=BINARYMIME\r\nRCPT TO:<b@example.com>\r\n"
+                    b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        self.assertEqual(client.read_line(), SMTP_BACKEND_MAIL_OK)
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.assertEqual(client.read_line(), b"250 2.0.0 Ok: %d octets\r\n" % len(chunk))
+        self.smtp_quit(client)
+        self.assertEqual(backend.messages, [chunk])
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]).split(b"EHLO client.example\r\n", 1)[1],
+                         b"MAIL FROM:<a@example.com> BODY=BINARYMIME\r\nRCPT TO:<b@example.com>\r\n"
+                         b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n")
+
+
+class SmtpEndToEndGreetingDelayTests(EndToEndTestCase):
+    def test_early_talker_is_refused_and_a_patient_client_is_greeted(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, smtp_greeting_delay="500ms")
+        started = time.monotonic()
+        hasty = self.connect(proxy)
+        patient = self.connect(proxy)
+        hasty.send("EHLO x")
+        self.assertEqual(hasty.read_line(), b"503 5.5.0 Improper use of SMTP command pipelining\r\n")
+        hasty.expect_closed()
+        self.assertLess(time.monotonic() - started, 0.5)          # refused at once
+        proxy.wait_for_log(r'client was rejected before greeting: "EHLO x__" while in delay '
+                           r'pipelining state')
+
+        self.assertEqual(patient.read_line(), SMTP_PROXY_GREETING)
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        patient.send("EHLO client.example")
+        self.assertEqual(patient.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+        self.smtp_auth_plain(patient)
+        self.smtp_quit(patient)
+        self.assertEqual(len(backend.received), 1)                # only the patient one
+
+
+class SmtpEndToEndPipeliningTests(EndToEndTestCase):
+    def test_ehlo_auth_mail_rcpt_data_in_one_send(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        pipeline = (b"EHLO x\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
+                    b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+        client.send(pipeline)
+        replies = (SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" + SMTP_BACKEND_MAIL_OK +
+                   SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO)
+        self.assertEqual(client.read_exactly(len(replies)), replies)
+        client.send(b"Hello\r\n.\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO x\r\n"
+                         b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nHello\r\n.\r\nQUIT\r\n")
+        self.assertEqual(backend.messages, [b"Hello\r\n.\r\n"])
+
+    def test_smtp_auth_none_pipeline(self):
+        backend = self.use(FakeSmtpBackend(refuse=[b"nobody@example.com"]))
+        proxy = self.start_proxy("smtp", backend.port, smtp_auth="none",
+                                 smtp_relay_domains="example.com")
+        client = self.connect(proxy)
+        # Refused by the proxy, then by the backend (the login), then accepted.
+        client.send(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@elsewhere.test>\r\n"
+                    b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        replies = (SMTP_PROXY_GREETING + b"250 mail.test\r\n" + b"250 2.0.0 OK\r\n" +
+                   b"550 5.7.1 Relaying denied\r\n" +
+                   smtp_backend_rcpt_refused(b"nobody@example.com") + SMTP_BACKEND_RCPT_OK +
+                   SMTP_BACKEND_DATA_GO)
+        self.assertEqual(client.read_exactly(len(replies)), replies)
+        client.send(b"Hi\r\n.\r\nQUIT\r\n")
+        self.assertEqual(client.read_line(), smtp_backend_queued(1))
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        client.expect_closed()
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") + b"EHLO x\r\n"
+                         b"MAIL FROM:<a@b>\r\nRCPT TO:<nobody@example.com>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nDATA\r\nHi\r\n.\r\nQUIT\r\n")
+
+
+class SmtpEndToEndControlByteTests(EndToEndTestCase):
+    INVALID = b"501 5.5.4 Invalid argument\r\n"
+
+    def test_bad_helo_is_neither_kept_nor_replayed(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port)
+        client = self.connect(proxy)
+        self.smtp_hello(client)                                  # EHLO client.example
+        for bad in (b"HELO evil\x00name\r\n", b"EHLO evil\tname\r\n", b"HELO evil\rname\r\n",
+                    b"MAIL FROM:<a\x00b@example.com>\r\n"):
+            client.send(bad)
+            self.assertEqual(client.read_line(), self.INVALID, bad)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient() + b"EHLO client.example\r\nQUIT\r\n")
+
+    def test_bad_mail_and_rcpt_with_smtp_auth_none(self):
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.start_proxy("smtp", backend.port, smtp_auth="none",
+                                 smtp_relay_domains="example.com")
+        client = self.connect(proxy)
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+        for bad in (b"MAIL FROM:<a\x00b@remote.test>\r\n", b"MAIL FROM:<ab@remote.test>\t\r\n"):
+            client.send(bad)
+            self.assertEqual(client.read_line(), self.INVALID, bad)
+        client.send("MAIL FROM:<ab@remote.test>")
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")   # the bad ones were not kept
+        for bad in (b"RCPT TO:<bob@example.com>\x00\r\n", b"RCPT TO:<bob\t@example.com>\r\n"):
+            client.send(bad)
+            self.assertEqual(client.read_line(), self.INVALID, bad)
+        self.assertEqual(backend.received, [])
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"MAIL FROM:<ab@remote.test>\r\nRCPT TO:<bob@example.com>\r\nQUIT\r\n")
+
+
+class SmtpEndToEndEarlyDataTests(EndToEndTestCase):
+    def test_commands_behind_a_proxy_header_wait_for_the_greeting(self):
+        good = SmtpEndToEndResolverTests.GOOD
+        dns = FakeDns(lambda query, name, qtype: (time.sleep(0.3), records_for(good)(query, name, qtype))[1])
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        text = proxy_config("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port,
+                            set_real_ip_from="127.0.0.1")
+        text = re.sub(r"(listen = 127\.0\.0\.1:\d+)", r"\1 proxy_protocol", text)
+        proxy = self.use(ProxyUnderTest(text))
+        client = self.connect(proxy)
+        client.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 1234 25\r\nEHLO x\r\nNOOP\r\n")
+        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)     # the 220 comes first
+        self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+
+
+# -- when the client misbehaves -----------------------------------------------------
+
+class ClientMisbehaviourTests(EndToEndTestCase):
+    def gone_mid_login(self, abort: bool) -> None:
+        """The client sends its login and closes without reading anything.
+        ``abort``: close with a TCP RST (SO_LINGER 0) instead of a FIN."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.send("a1 LOGIN alice secret")
+        if abort:
+            import struct
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        wait_until(lambda: proxy.worker.session_counter == 1, what="the session to start")
+        wait_until(lambda: not proxy.sessions() or proxy.crash, what="the session to end")
+        proxy.assert_alive()
+        self.assertEqual(proxy.sessions(), [])
+        # The proxy still serves.
+        client = self.connect(proxy)
+        self.imap_login(client)
+        client.send("a2 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a2 OK LOGOUT completed\r\n$")
+        proxy.assert_alive()
+
+    def test_client_gone_mid_login(self):
+        self.gone_mid_login(abort=False)
+
+    def test_client_gone_mid_login_with_reset(self):
+        self.gone_mid_login(abort=True)
+
+    def test_max_errors_imap(self):
+        proxy = self.start_proxy("imap", free_port(), max_errors="3")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.send("a1 FOO")
+        client.expect(rb"^a1 BAD invalid command\r\n$")
+        client.send("a2 BAR")
+        client.expect(rb"^a2 BAD invalid command\r\n$")
+        client.send("a3 BAZ")
+        client.expect(rb"^a3 BAD invalid command\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"\*1 client sent too many invalid commands while in auth state")
+
+    def test_max_errors_pop3(self):
+        proxy = self.start_proxy("pop3", free_port(), max_errors="3")
+        client = self.connect(proxy)
+        client.expect(rb"^\+OK POP3 ready\r\n$")
+        for command in ("FOO", "BAR", "BAZ"):
+            client.send(command)
+            client.expect(rb"^-ERR invalid command\r\n$")
+        client.expect_closed()
+        proxy.wait_for_log(r"client sent too many invalid commands")
+
+    def test_idle_client_is_disconnected_after_timeout(self):
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        started = time.monotonic()
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_closed()                               # and not a byte more
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 1.0)
+        self.assertLess(elapsed, 2.5)
+        proxy.wait_for_log(r"\[info\] .*\*1 client timed out while in auth state")
+
+    def test_random_bytes_do_not_break_the_proxy(self):
+        import random
+        randomness = random.Random(20261120)                 # the same bytes every run
+        pieces = [b"\0", b"\r", b"\n", b"\r\n", b" ", b'"', b"\\", b"{999999}", b"{5+}\r\n",
+                  b"{5}\r\n", b"{4294967296}\r\n", b"x" * 5000, b"a1 LOGIN ", b"a2 AUTHENTICATE ",
+                  b"a3 ID (", b"USER ", b"PASS ", b"AUTH PLAIN ", b"AUTH LOGIN\r\n", b"CAPA\r\n"]
+        for protocol in ("imap", "pop3"):
+            backend = self.use(FakeImapBackend() if protocol == "imap" else FakePop3Backend())
+            proxy = self.start_proxy(protocol, backend.port, timeout="2s")
+            clients = [self.connect(proxy) for _ in range(8)]
+            for client in clients:
+                junk = bytearray()
+                while len(junk) < 4096:
+                    if randomness.random() < 0.5:
+                        junk += randomness.choice(pieces)
+                    else:
+                        junk += bytes(randomness.getrandbits(8)
+                                      for _ in range(randomness.randrange(1, 100)))
+                try:
+                    for start in range(0, len(junk), 512):
+                        client.send(bytes(junk[start:start + 512]))
+                except OSError:
+                    pass                                     # the proxy may hang up
+            time.sleep(0.3)
+            for client in clients:
+                client.close()
+            proxy.assert_alive()
+            # A normal session on a new connection still works end to end.
+            client = self.connect(proxy)
+            if protocol == "imap":
+                self.imap_login(client)
+                client.send("a2 LOGOUT")
+                client.expect(rb"^\* BYE")
+                client.expect(rb"^a2 OK LOGOUT completed\r\n$")
+            else:
+                self.pop3_login(client)
+                client.send("QUIT")
+                client.expect(rb"^\+OK bye\r\n$")
+            client.expect_closed()
+            proxy.assert_alive()
+
+
+# -- hostile clients (issue 12) -----------------------------------------------------
+
+class HostileClientTests(EndToEndTestCase):
+    def drip_until_closed(self, sock: socket.socket, data: bytes, every: float) -> float:
+        """Send ``data`` a byte every ``every`` seconds until the proxy
+        closes; returns how long that took (or the whole drip's time)."""
+        started = time.monotonic()
+        sock.settimeout(every)
+        for byte in data:
+            try:
+                sock.send(bytes([byte]))
+                if sock.recv(4096) == b"":
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        return time.monotonic() - started
+
+    def test_a_slow_drip_does_not_stretch_the_timeout(self):
+        """timeout bounds the wait for a whole command: twenty clients that
+        each send a byte every 0.2 s, never a whole line, are all cut at
+        about 1 s (nginx does the same), not when they stop dripping."""
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        clients = [self.connect(proxy) for _ in range(20)]
+        for client in clients:
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        durations = []
+        threads = [threading.Thread(target=lambda sock=client.sock: durations.append(
+            self.drip_until_closed(sock, b"a1 LOGIN alice secret-and-more", 0.2)))
+            for client in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(len(durations), 20)
+        self.assertLess(max(durations), 2.5, "a dripping client outlived its timeout")
+        proxy.wait_for_log(r"\*20 client timed out while in auth state")
+
+    def test_each_whole_command_has_its_own_timeout(self):
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        for number in range(4):                    # 2 s in all, 0.5 s per command
+            time.sleep(0.5)
+            client.send("n%d NOOP" % number)
+            client.expect(rb"^n%d OK completed\r\n$" % number)
+        client.expect_closed()                     # then 1 s of silence ends it
+
+    def test_a_session_that_cannot_start_leaves_nothing_behind(self):
+        """Session.__init__ failing after the client stream was registered
+        (here: out of descriptors while making the machine) once left a stale
+        registration, and the next socket given the same descriptor number
+        ended the worker."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        real = mp.CLIENT_MACHINES["imap"]
+        failures = [OSError(errno.EMFILE, "Too many open files")]
+
+        def machine(*args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return real(*args, **kwargs)
+        self.addCleanup(mp.CLIENT_MACHINES.__setitem__, "imap", real)
+        mp.CLIENT_MACHINES["imap"] = machine
+        # The test shares the proxy's descriptor table: make the next
+        # client's socket now, so that the proxy's next accept() is given
+        # the number the failed session's socket had.
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        self.connect(proxy).expect_closed()
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", proxy.port))
+        self.assertEqual(sock.recv(100), b"* OK IMAP4 ready\r\n")
+        proxy.assert_alive()
+        proxy.wait_for_log(r"\[error\] .*cannot start a session: .*Too many open files")
+
+    def test_a_bug_met_by_one_session_ends_that_session_only(self):
+        """An exception escaping the handling of one client is logged at
+        alert with where it happened, and ends that session; a logged-in
+        bystander on the same worker goes on."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        bystander = self.connect(proxy)
+        self.imap_login(bystander)
+        with unittest.mock.patch.object(mp.ImapMachine, "_capability",
+                                        side_effect=RuntimeError("a bug")):
+            victim = self.connect(proxy)
+            victim.expect(rb"^\* OK IMAP4 ready\r\n$")
+            victim.send("c1 CAPABILITY")
+            victim.expect_closed()
+        proxy.wait_for_log(r"\[alert\] .*\*2 internal error, session closed: "
+                           r"RuntimeError\('a bug'\) at ")
+        bystander.send("a2 NOOP")
+        bystander.expect(rb"^a2 OK NOOP completed\r\n$")
+        proxy.assert_alive()
+        self.assertEqual(len(proxy.sessions()), 1)
+
+    def test_the_whole_dialogue_before_login_is_bounded(self):
+        """A client that never logs in but never idles either is cut at
+        LOGIN_TIME_LIMIT (here lowered to 1.5 s; or ``timeout``, if longer)."""
+        self.addCleanup(setattr, mp, "LOGIN_TIME_LIMIT", mp.LOGIN_TIME_LIMIT)
+        mp.LOGIN_TIME_LIMIT = 1.5
+        proxy = self.start_proxy("imap", free_port(), timeout="1s")
+        client = self.connect(proxy)
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        started = time.monotonic()
+        with self.assertRaises(AssertionError):        # expect() fails: the proxy has closed
+            for number in range(20):
+                time.sleep(0.3)
+                client.send("n%d NOOP" % number)
+                client.expect(rb"^n%d OK completed\r\n$" % number)
+        self.assertLess(time.monotonic() - started, 3.0)
+        proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
+
+
+# -- the PROXY header in ------------------------------------------------------------
+
+PROXY_V1_HEADER = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n"
+PROXY_FACTS = (b"Proxy-Protocol-Addr: 192.0.2.7\r\nProxy-Protocol-Port: 40000\r\n"
+            b"Proxy-Protocol-Server-Addr: 127.0.0.1\r\nProxy-Protocol-Server-Port: 143\r\n")
+
+
+class ProxyProtocolEndToEndInTests(EndToEndTestCase):
+    def test_v1_from_a_trusted_peer_sets_the_client_address(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r'client logged in while [^,]*, client: 192\.0\.2\.7, server: '
+                           r'127\.0\.0\.1:%d, login: "alice"' % proxy.port)
+
+    def test_header_and_login_in_one_segment(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.0/8")
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER + b"a1 LOGIN alice secret\r\n")
+        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
+
+    def test_v1_from_an_untrusted_peer(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="10.0.0.0/8")
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="127.0.0.1", middle=PROXY_FACTS)])
+        proxy.wait_for_log(r"client logged in while [^,]*, client: 127\.0\.0\.1, server: ")
+
+    def test_v2_in_with_a_tlv(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143,
+                                 tlvs=b"\x04\x00\x03abc"))          # a NOOP TLV
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
+
+    def test_unknown_v1_header_keeps_the_peer_address(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(b"PROXY UNKNOWN\r\n")
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes()])
+
+    def test_tcp6_header_client_ip_and_xclient(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [auth_request_bytes(
+            protocol="smtp", client_ip="2001:db8::7",
+            middle=b"Proxy-Protocol-Addr: 2001:db8::7\r\nProxy-Protocol-Port: 40000\r\n"
+                   b"Proxy-Protocol-Server-Addr: 2001:db8::1\r\nProxy-Protocol-Server-Port: 25\r\n")])
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertIn(b"XCLIENT ADDR=IPV6:2001:db8::7 LOGIN=alice NAME=[UNAVAILABLE]\r\n",
+                      bytes(backend.received[0]))
+
+    def test_smtp_xclient_carries_the_real_address(self):
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER)
+        self.smtp_hello(client)
+        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp", client_ip="192.0.2.7",
+                                                    middle=PROXY_FACTS)])
+        client.send("QUIT")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
+        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.7 LOGIN=alice "
+                         b"NAME=[UNAVAILABLE]\r\nEHLO client.example\r\nQUIT\r\n")
+
+    def test_proxy_protocol_out_shows_the_real_address(self):
+        backend = self.use(FakeImapBackend(proxy_header=True))
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1",
+                           proxy_protocol="on")
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER)
+        self.imap_login(client)
+        self.assertEqual(backend.headers,
+                         [b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 %d\r\n" % proxy.port])
+
+    def test_missing_malformed_and_too_long_headers_close_silently(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
+        bad = [b"a1 LOGIN alice secret\r\n",
+               b"PROXY TCP4 192.0.2.999 127.0.0.1 40000 143\r\n",
+               b"PROXY TCP4 192.0.2.7 127.0.0.1 40000\r\n",
+               b"PROXY TCP4 " + b"1" * 150,
+               mp.PROXY_V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12]
+        for data in bad:
+            with self.subTest(data=data[:30]):
+                client = self.connect(proxy, timeout=1.5)     # the proxy's timeout is 5s
+                client.send(data)
+                client.expect_closed()
+                self.assertEqual(client.received, 0)
+        # Still serving.
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER)
+        self.imap_login(client)
+        self.assertEqual(len(auth.requests), 1)
+        proxy.assert_alive()
+
+    def test_header_then_implicit_tls(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
+                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+        client = self.connect(proxy)
+        client.send(PROXY_V1_HEADER)
+        client.start_tls(self.client_context(), "mail.example.com")
+        self.imap_login(client)
+        tls = (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
+               b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n")
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS,
+                                                    after=tls)])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_header_and_client_hello_in_one_segment(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
+                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+        client = self.connect(proxy)
+        context = self.client_context()
+        client.sock = BioTlsSocket(client.sock, context, "mail.example.com", PROXY_V1_HEADER)
+        self.imap_login(client)
+        self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PROXY_FACTS + b"Auth-SSL: on\r\n",
+                      auth.requests[0])
+
+
+# ========================================================================== #
+# ####                            Processes                             #### #
+# ========================================================================== #
 # The real program, ``mailproxy.py -c FILE``, in a subprocess of its own
-# session: the master, the workers it forks, real signals.  Worker PIDs come
-# from the master's "start worker process N" lines (no pgrep); /proc says
-# whether a PID lives, whose child it is and which user it runs as.  Every
-# proxy is stopped at the end of its test, its whole process group killed,
-# and the test fails if any process of the group is still alive.  The nginx
-# import (--import-nginx) is here too: it ends in -t on its output.
+# session (ProgramUnderTest): the master, the workers it forks, real
+# signals.  Worker PIDs come from the master's "start worker process N"
+# lines (no pgrep); /proc says whether a PID lives, whose child it is and
+# which user it runs as.  Every program is stopped at the end of its test,
+# its whole process group killed, and the test fails if any process of the
+# group is still alive.  Also the Worker in a thread: worker_connections and
+# many sessions at once.
 
-needs_fork_and_proc = unittest.skipUnless(hasattr(os, "fork") and os.path.isdir("/proc/self"),
-                                      "needs fork() and /proc")
+# -- start, signals, reload ---------------------------------------------------------
 
-
-class ProcessStat(NamedTuple):
-    """What /proc/PID/stat says of a process."""
-    state: str          # R, S, D, T, Z (zombie), X (dead)...
-    ppid: int
-    group: int          # the process group
-    cpu_ticks: int      # utime + stime, in clock ticks
-
-
-def process_stat(pid: int) -> Optional[ProcessStat]:
-    """/proc/PID/stat; None when the process is gone."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()      # from field 3 (state) on
-    return ProcessStat(fields[0].decode(), int(fields[1]), int(fields[2]),
-                       int(fields[11]) + int(fields[12]))
-
-
-def process_alive(pid: int) -> bool:
-    """Running or sleeping.  A zombie counts as dead: an orphaned worker is
-    re-parented to an init that may never reap it."""
-    stat = process_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def process_group(pgid: int) -> list:
-    """The live processes of process group ``pgid``."""
-    members = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = process_stat(int(name))
-            if stat is not None and stat[2] == pgid and stat[0] not in ("Z", "X"):
-                members.append(int(name))
-    return members
-
-
-def process_ids(pid: int, field: str) -> list:
-    """The numbers of the ``Uid:``, ``Gid:`` or ``Groups:`` line of
-    /proc/PID/status."""
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return [int(value) for value in line.split()[1:]]
-    raise AssertionError("no %s line for %d" % (field, pid))
-
-
-def program_config(directory: TempDir, ports, backend_port: int = 1143, password: str = "secret",
-                   main: str = "", mail: str = "", server: str = "", tail: str = "",
-                   log: str = "stderr info", auth_delay: str = "50ms",
-                   name: str = "mailproxy.conf") -> str:
-    """The file of a ProgramUnderTest, written in ``directory``: one IMAP
-    server listening on every port of ``ports``, passing to
-    ``backend_port``, a [users] table with alice; ``log`` is the [main]
-    error_log; ``main``, ``mail`` and ``server`` are lines added to those
-    sections, ``tail`` goes at the end.  Its path."""
-    listen = "\n    ".join("127.0.0.1:%d" % port for port in ports)
-    text = ("[main]\nerror_log = %s\n%s\n"
-            "[mail]\nproxy_pass = 127.0.0.1:%d\nauth_delay = %s\nserver_name = mail.test\n%s\n"
-            "[users]\nalice = {PLAIN}%s\n\n"
-            "[server imap]\nlisten = %s\nprotocol = imap\n%s%s"
-            % (log, main, backend_port, auth_delay, mail, password, listen, server, tail))
-    return directory.write(name, text)
-
-
-def upload_bytes(size: int) -> bytes:
-    return hashlib.shake_128(b"upload of %d bytes" % size).digest(size)
-
-
-def fetch_and_append(test, client: Client, size: int) -> None:
-    """Through a logged-in session: FETCH ``size`` bytes from the backend and
-    APPEND ``size`` other bytes to it, both checked with sha256."""
-    client.send("f1 FETCH 1 BODY[]")
-    client.expect(rb"^\* 1 FETCH \(BODY\[\] \{%d\}\r\n$" % size)
-    got = client.read_exactly(size)
-    test.assertEqual(sha256_hex(got), sha256_hex(message_bytes(size)), "FETCH: bytes changed")
-    client.expect(rb"^\)\r\n$")
-    client.expect(rb"^f1 OK FETCH completed\r\n$")
-    data = upload_bytes(size)
-    client.send("f2 APPEND INBOX {%d}" % size)
-    client.expect(rb"^\+ Ready for literal data\r\n$")
-    client.send(data + b"\r\n")
-    client.expect(rb"^f2 OK APPEND completed, sha256 %s\r\n$" % sha256_hex(data).encode())
-
-
-def imap_logout(client: Client) -> None:
-    client.send("z9 LOGOUT")
-    client.expect(rb"^\* BYE")
-    client.expect(rb"^z9 OK")
-    client.expect_closed()
-
-
-def read_text(path: str) -> str:
-    """The text of a file; "" if there is none."""
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return ""
-
-
-# -- the running program -----------------------------------------------------------
-
-class ConfigProcessTests(EndToEndTestCase):
+class ProcessStartAndSignalTests(EndToEndTestCase):
     """mailproxy.py -c FILE in a subprocess: start, signals, reload."""
 
     def config(self, directory, port, backend_port=1143, password="old", extra=""):
@@ -7007,7 +8489,7 @@ class ConfigProcessTests(EndToEndTestCase):
             self.assertIn("connected to 127.0.0.1:%d" % port, handle.read())
 
 
-# -- workers: several, and one that dies ----------------------------------------
+# -- workers: several, and one that dies --------------------------------------------
 
 @needs_fork_and_proc
 class ProcessWorkerTests(EndToEndTestCase):
@@ -7086,7 +8568,42 @@ class ProcessWorkerTests(EndToEndTestCase):
         self.assertEqual(len(proxy.served_by()), 3)
 
 
-# -- SIGHUP: a reload -------------------------------------------------------------
+class WorkerEndToEndTests(EndToEndTestCase):
+    def test_many_idle_connections(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        idle = [self.connect(proxy) for _ in range(300)]
+        wait_until(lambda: len(proxy.sessions()) == 300, what="300 sessions")
+        client = self.connect(proxy)
+        self.imap_login(client)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        client.send("a3 LOGOUT")
+        client.expect(rb"^\* BYE")
+        client.expect(rb"^a3 OK LOGOUT completed\r\n$")
+        client.expect_closed()
+        for client in idle:
+            client.expect(rb"^\* OK IMAP4 ready\r\n$")      # each one was greeted
+            client.close()
+        wait_until(lambda: not proxy.sessions(), what="the idle sessions to end")
+
+    def test_worker_connections_holds_the_next_client_in_the_backlog(self):
+        proxy = self.use(ProxyUnderTest(proxy_config("imap", free_port()).replace(
+            "worker_connections = 1024", "worker_connections = 2")))
+        first, second = self.connect(proxy), self.connect(proxy)
+        first.expect(rb"^\* OK IMAP4 ready\r\n$")
+        second.expect(rb"^\* OK IMAP4 ready\r\n$")
+        third = self.connect(proxy)                # connect() succeeds: the kernel's backlog
+        third.expect_nothing(0.3)
+        self.assertEqual(len(proxy.sessions()), 2)
+        first.send("a1 LOGOUT")
+        first.expect(rb"^\* BYE\r\n$")
+        first.expect(rb"^a1 OK completed\r\n$")
+        first.expect_closed()
+        third.expect(rb"^\* OK IMAP4 ready\r\n$")          # its turn now
+
+
+# -- SIGHUP: a reload ---------------------------------------------------------------
 
 @needs_fork_and_proc
 class ProcessReloadTests(EndToEndTestCase):
@@ -7154,7 +8671,37 @@ class ProcessReloadTests(EndToEndTestCase):
         self.assertNotIn("configuration reloaded", "".join(proxy.lines[mark:]))
 
 
-# -- SIGQUIT: a graceful stop -----------------------------------------------------
+class TlsReloadTests(EndToEndTestCase):
+    def test_sighup_picks_up_a_renewed_certificate(self):
+        """A certificate renewed in place (same file names) is served to new
+        clients after SIGHUP, as nginx does on reload."""
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        certificate = write_file(directory.name, "current.crt", TLS_SERVER_CERT_PEM)
+        key = write_file(directory.name, "current.key", TLS_SERVER_KEY_PEM)
+        text = proxy_config("imap", free_port(), listens=("ssl",), ssl_certificate=certificate,
+                            ssl_certificate_key=key)
+        path = write_file(directory.name, "mailproxy.conf", text)
+        port = int(re.search(r"listen = 127\.0\.0\.1:(\d+)", text).group(1))
+        program = ProgramUnderTest(self, path)
+        self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
+
+        def served(hostname: str) -> str:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
+            with self.client_context().wrap_socket(sock, server_hostname=hostname) as tls:
+                subject = dict(pair for rdn in tls.getpeercert()["subject"] for pair in rdn)
+                self.assertEqual(tls.recv(100), b"* OK IMAP4 ready\r\n")
+                return subject["commonName"]
+
+        self.assertEqual(served("mail.example.com"), "mail.example.com")
+        write_file(directory.name, "current.crt", TLS_OTHER_CERT_PEM)
+        write_file(directory.name, "current.key", TLS_OTHER_KEY_PEM)
+        program.send_signal("SIGHUP")
+        self.assertTrue(program.wait_for("configuration reloaded"), program.stderr)
+        self.assertEqual(served("mail.example.net"), "mail.example.net")
+
+
+# -- SIGQUIT: a graceful stop -------------------------------------------------------
 
 @needs_fork_and_proc
 class ProcessGracefulStopTests(EndToEndTestCase):
@@ -7207,7 +8754,7 @@ class ProcessGracefulStopTests(EndToEndTestCase):
         self.assertIsNotNone(proxy.wait_for("worker_shutdown_timeout: closing 1 sessions", mark))
 
 
-# -- the master's death ------------------------------------------------------------
+# -- the master's death -------------------------------------------------------------
 
 @needs_fork_and_proc
 class ProcessMasterGoneTests(EndToEndTestCase):
@@ -7248,7 +8795,7 @@ class ProcessMasterGoneTests(EndToEndTestCase):
         self.assertNotIn("worker process failed", proxy.stderr)
 
 
-# -- user = nobody -------------------------------------------------------------------
+# -- user = nobody ------------------------------------------------------------------
 
 @needs_fork_and_proc
 @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root")
@@ -7304,7 +8851,7 @@ class ProcessPrivilegeTests(EndToEndTestCase):
             self.assertEqual(handle.read(), "%d\n" % proxy.pid)
 
 
-# -- logs: SIGUSR1, syslog, access_log -------------------------------------------------
+# -- logs: SIGUSR1, syslog, access_log ----------------------------------------------
 
 @needs_fork_and_proc
 class ProcessLogTests(EndToEndTestCase):
@@ -7453,138 +9000,7 @@ def datagram_with(sock: socket.socket, text: bytes, timeout: float = 3.0) -> byt
             return data
 
 
-# -- --import-nginx ---------------------------------------------------------------------
-
-NGINX_CONF = r"""# nginx.conf of a mail proxy   ; { } "quotes" in a comment
-worker_processes 2;
-pid mailproxy.pid;      # relative: to the configuration's directory
-error_log stderr info;
-
-events {
-    worker_connections 512;   # into [main]
-}
-
-http {
-    server { listen 80; }
-}
-
-mail {
-    server_name "mail.example.com";
-    auth_http 127.0.0.1:9000/auth;
-    auth_http_header X-Auth-Key "se cret \"k\" \\ end#not-a-comment";
-    include conf.d/*.conf;
-    ssl_verify_depth 2;
-
-    server {
-        listen 127.0.0.1:%(imap)d;
-        protocol imap;
-        imap_capabilities "IMAP4rev1" 'UIDPLUS' ID;
-    }
-    server {
-        server_name pop.example.com;
-        listen 127.0.0.1:%(pop3)d;
-        protocol pop3;
-    }
-    server {
-        listen 127.0.0.1:%(smtp)d;
-        protocol smtp;
-        smtp_auth login plain;
-    }
-}
-"""
-
-
-class ProcessImportNginxTests(unittest.TestCase):
-
-    def write(self, directory: TempDir, name: str, text: str) -> str:
-        path = os.path.join(directory.path, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as handle:
-            handle.write(text)
-        return path
-
-    def test_import_translates_every_directive_and_passes_the_check(self):
-        directory = TempDir(self)
-        ports = {"imap": free_port(), "pop3": free_port(), "smtp": free_port()}
-        nginx = self.write(directory, "nginx.conf", NGINX_CONF % ports)
-        self.write(directory, "conf.d/1-pipelining.conf", "smtp_capabilities PIPELINING;\n")
-        self.write(directory, "conf.d/2-size.conf", '# the second file\nsmtp_capabilities "SIZE 10485760" 8BITMIME;\n')
-        self.write(directory, "conf.d/ignored.txt", "this is no nginx syntax {\n")
-        status, ini, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
-        self.assertEqual(status, 0, err)
-        lines = ini.splitlines()
-        base = directory.path
-        for expected in ("[main]", "worker_processes = 2", "pid = %s/mailproxy.pid" % base,
-                         "error_log = stderr info", "worker_connections = 512",
-                         "[mail]", "server_name = mail.example.com",
-                         "auth_http = 127.0.0.1:9000/auth",
-                         'auth_http_header = X-Auth-Key "se cret \\"k\\" \\\\ end#not-a-comment"',
-                         "smtp_capabilities = PIPELINING",
-                         '    "SIZE 10485760" 8BITMIME',
-                         "[server 1]", "listen = 127.0.0.1:%d" % ports["imap"], "protocol = imap",
-                         "imap_capabilities = IMAP4rev1 UIDPLUS ID",
-                         "[server pop.example.com]", "server_name = pop.example.com",
-                         "listen = 127.0.0.1:%d" % ports["pop3"], "protocol = pop3",
-                         "[server 3]", "listen = 127.0.0.1:%d" % ports["smtp"], "protocol = smtp",
-                         "smtp_auth = login plain"):
-            self.assertIn(expected, lines, "missing %r in:\n%s" % (expected, ini))
-        skipped = [line for line in lines if "ssl_verify_depth" in line]
-        self.assertEqual(skipped, ["# not translated: ssl_verify_depth 2;  (cannot be honoured: "
-                                   "Python's ssl module keeps OpenSSL's depth (100))"], ini)
-        self.assertIn("# Not mail, not translated: http {}", lines)
-        self.assertNotIn("listen = 80", ini)
-        self.assertEqual(lines.index("smtp_capabilities = PIPELINING") + 1,
-                         lines.index('    "SIZE 10485760" 8BITMIME'))
-
-        path = directory.write("imported.conf", ini)
-        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
-        self.assertEqual(status, 0, err + "\n" + ini)
-        self.assertIn("test is successful", err)
-        config = mp.load_config(path)                    # and it means what nginx meant
-        self.assertEqual(config.main.worker_processes, 2)
-        self.assertEqual(config.main.worker_connections, 512)
-        self.assertEqual(config.main.pid, os.path.join(base, "mailproxy.pid"))
-        imap, pop3, smtp = config.servers
-        self.assertEqual(imap.auth_http_header, [("X-Auth-Key", 'se cret "k" \\ end#not-a-comment')])
-        self.assertEqual(imap.server_name, "mail.example.com")
-        self.assertEqual(pop3.server_name, "pop.example.com")
-        self.assertEqual(imap.imap_capabilities, ["IMAP4rev1", "UIDPLUS", "ID"])
-        self.assertEqual(smtp.smtp_capabilities, ["PIPELINING", "SIZE 10485760", "8BITMIME"])
-        self.assertEqual([(s.protocol, s.listen[0].port) for s in config.servers],
-                         [("imap", ports["imap"]), ("pop3", ports["pop3"]), ("smtp", ports["smtp"])])
-
-    def broken(self, text: str):
-        directory = TempDir(self)
-        nginx = self.write(directory, "nginx.conf", text)
-        status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
-        self.assertEqual(status, 1, err)
-        self.assertEqual(out, "")
-        self.assertNotIn("Traceback", err)
-        return nginx, err
-
-    def test_unclosed_quote_and_stray_brace_name_the_file_and_line(self):
-        nginx, err = self.broken('mail {\n    server {\n        server_name "mail;\n'
-                                 '        listen 127.0.0.1:1143;\n    }\n}\n')
-        self.assertIn("%s:3: unexpected end of file" % nginx, err)
-        nginx, err = self.broken("mail {\n    server {\n        listen 127.0.0.1:1143;\n"
-                                 "    }\n}\n}\n")
-        self.assertIn('%s:6: unexpected "}"' % nginx, err)
-
-    def test_unclosed_brace_names_the_file_and_line(self):
-        # nginx: 'unexpected end of file, expecting "}" in FILE:LINE'.
-        nginx, err = self.broken("mail {\n    server {\n        listen 127.0.0.1:1143;\n"
-                                 "        protocol imap;\n    }\n")
-        self.assertIn('unexpected end of file, expecting "}"', err)
-        self.assertRegex(err, re.escape(nginx) + r":\d+", "no line number in %r" % err)
-
-    def test_line_numbers_stay_right_after_a_multi_line_quoted_value_with_escapes(self):
-        # The stray "}" is on line 6; the quoted value before it spans lines
-        # 2-3 and has four escaped quotes.
-        nginx, err = self.broken('mail {\n    server_name "\n\\"\\"\\"\\"";\n'
-                                 "    protocol imap;\n}\n}\n")
-        self.assertIn('%s:6: unexpected "}"' % nginx, err)
-
-
+# -- out of descriptors -------------------------------------------------------------
 
 class ProcessDescriptorTests(EndToEndTestCase):
     """Out of file descriptors: logged, and the listener recovers."""
@@ -7628,7 +9044,7 @@ class ProcessDescriptorTests(EndToEndTestCase):
         self.assertEqual(reply[:5], b"a1 OK")
 
 
-# -- issue 12: the process defects a security review found -------------------------
+# -- issue 12: the process defects a security review found --------------------------
 # Each was reproduced on the wire: a reload during a graceful stop, a worker
 # stopped behind the master's back, logs a worker running as ``user`` could
 # not reopen, and listen flags a reload did not change.
@@ -7935,2522 +9351,208 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
             self.assertEqual(sock.makefile("rb").readline(), mp.IMAP_GREETING)
 
 
-
-# ########################################################################## #
-#                 Benchmark: python3 test_mailproxy.py --bench               #
-# ########################################################################## #
-# Sizes a host without nginx: the real program (mailproxy.py -c FILE) as a
-# subprocess, one IMAP server on loopback, and in ONE forked child (so its
-# CPU is not the load generator's) a fake IMAP backend and a fake auth_http
-# server.  The load generator is this process: non-blocking sockets, one
-# selectors loop.  The proxy's CPU is read from /proc (master + workers).
-
-
-BENCH_WARMUP = 1.0                   # s of logins before the logins are counted
-BENCH_SECONDS = 5.0                  # s of logins that are counted
-BENCH_CONCURRENCY = 32               # sessions logging in at once (logins, idle)
-BENCH_FETCH_SIZE = 16 * 1024 * 1024  # bytes of the literal each FETCH returns
-BENCH_RELAY_TOTAL = 128 * 1024 * 1024          # bytes relayed by one session
-BENCH_RELAY_SESSIONS = 4                       # parallel sessions of the 2nd relay run
-BENCH_RELAY_TOTAL_PARALLEL = 256 * 1024 * 1024  # bytes relayed by them together
-BENCH_IDLE_SESSIONS = 1000           # logged-in sessions held open
-BENCH_LATENCY_WARMUP = 200           # NOOPs not measured
-BENCH_LATENCY_ROUNDS = 2000          # NOOPs measured, one at a time
-BENCH_SETTLE = 0.5                   # s of quiet between workloads
-BENCH_TIMEOUT = 120.0                # s a workload may take before it fails
-BENCH_MAX_ERRORS = 20                # failed sessions before a workload gives up
-BENCH_USER = b"bench"
-BENCH_PASSWORD = b"secret"
-
-
-class BenchmarkFailure(Exception):
-    """A workload saw something it did not expect."""
-
-
-def micro_unit() -> str:
-    """The micro sign if stdout can print it."""
-    try:
-        "\u00b5".encode(sys.stdout.encoding or "ascii")
-        return "\u00b5s"
-    except (UnicodeError, LookupError):
-        return "us"
-
-
-# -- the proxy's processes, from /proc ------------------------------------------
-
-def have_proc() -> bool:
-    return os.path.exists("/proc/self/stat")
-
-
-def process_family(root: int) -> list:
-    """``root`` and its descendants (found by ppid), or [] without /proc."""
-    if not have_proc():
-        return []
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = process_stat(int(name))
-            if stat is not None:
-                children.setdefault(stat.ppid, []).append(int(name))
-    family, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        family.append(pid)
-        todo.extend(children.get(pid, ()))
-    return family
-
-
-def cpu_of(pids):
-    """Seconds of CPU (user + system) of ``pids``; None without /proc."""
-    if not pids:
-        return None
-    ticks = 0
-    for pid in pids:
-        stat = process_stat(pid)
-        if stat is not None:
-            ticks += stat.cpu_ticks
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def rss_of(pids):
-    """Bytes of VmRSS of ``pids`` together; None without /proc."""
-    if not pids:
-        return None
-    total = 0
-    for pid in pids:
-        try:
-            with open("/proc/%d/status" % pid) as handle:
-                for line in handle:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-class CpuMeter:
-    """Wall time and CPU (proxy, backend child, this process) over an interval."""
-
-    def __init__(self, proxy_pid: int, backend_pid: int):
-        self.proxy_pid = proxy_pid
-        self.backend_pid = backend_pid
-
-    def sample(self):
-        own = os.times()
-        return (time.perf_counter(), cpu_of(process_family(self.proxy_pid)),
-                cpu_of([self.backend_pid] if have_proc() else []),
-                own.user + own.system)
-
-    @staticmethod
-    def delta(start, end):
-        """(wall s, proxy CPU s or None, backend CPU s or None, load generator CPU s)."""
-        def minus(a, b):
-            return None if a is None or b is None else a - b
-        return (end[0] - start[0], minus(end[1], start[1]), minus(end[2], start[2]),
-                end[3] - start[3])
-
-
-# -- the forked child: fake IMAP backend and auth_http server -------------------
-
-class BenchmarkPeer:
-    """One connection the backend child serves."""
-    __slots__ = ("sock", "kind", "inbuf", "out", "events", "literal", "first", "closing")
-
-    def __init__(self, sock, kind):
-        self.sock = sock
-        self.kind = kind
-        self.inbuf = bytearray()
-        self.out = []              # memoryviews / bytes still to send
-        self.events = 0
-        self.literal = 0           # bytes of a literal still to skip
-        self.first = None          # the first line of a command with literals
-        self.closing = False
-
-
-def serve_benchmark_backend(imap_listener, auth_listener) -> None:
-    """The child's event loop.  IMAP: greeting, LOGIN with literals (each
-    ``{n}`` answered ``+ OK``), NOOP, FETCH (a BENCH_FETCH_SIZE literal from
-    one preallocated buffer), LOGOUT.  HTTP: every GET gets Auth-Status OK
-    pointing at the IMAP backend, then the connection is closed."""
-    payload = memoryview(bytes(BENCH_FETCH_SIZE))
-    fetch_head = b"* 1 FETCH (BODY[] {%d}\r\n" % BENCH_FETCH_SIZE
-    auth_reply = (b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\n"
-                  b"Auth-Port: %d\r\n\r\n" % imap_listener.getsockname()[1])
-    selector = selectors.DefaultSelector()
-    for listener, kind in ((imap_listener, "imap"), (auth_listener, "auth")):
-        listener.setblocking(False)
-        selector.register(listener, selectors.EVENT_READ, kind)
-    parent = os.getppid()
-
-    def watch(peer):
-        wanted = ((0 if peer.closing else selectors.EVENT_READ) |
-                  (selectors.EVENT_WRITE if peer.out else 0))
-        if wanted != peer.events:
-            selector.modify(peer.sock, wanted, peer)
-            peer.events = wanted
-
-    def close(peer):
-        selector.unregister(peer.sock)
-        peer.sock.close()
-        peer.out = []
-
-    def flush(peer):
-        out = peer.out
-        try:
-            while out:
-                sent = peer.sock.send(out[0])
-                if sent < len(out[0]):
-                    out[0] = memoryview(out[0])[sent:]
-                    break
-                del out[0]
-        except BlockingIOError:
-            pass
-        except OSError:
-            close(peer)
-            return
-        if not out and peer.closing:
-            close(peer)
-        else:
-            watch(peer)
-
-    def imap_input(peer):
-        buf = peer.inbuf
-        while True:
-            if peer.literal:
-                taken = min(peer.literal, len(buf))
-                del buf[:taken]
-                peer.literal -= taken
-                if peer.literal:
-                    return
-            end = buf.find(b"\n")
-            if end < 0:
-                return
-            line = bytes(buf[:end + 1])
-            del buf[:end + 1]
-            if line.endswith(b"}\r\n") and b"{" in line:
-                peer.first = peer.first or line
-                peer.literal = int(line[line.rindex(b"{") + 1:-3])
-                peer.out.append(b"+ OK\r\n")
-                continue
-            command = peer.first or line
-            peer.first = None
-            tag, _, rest = command.rstrip(b"\r\n").partition(b" ")
-            verb = rest.split(b" ", 1)[0].upper()
-            if verb in (b"LOGIN", b"NOOP"):
-                peer.out.append(tag + b" OK done\r\n")
-            elif verb == b"FETCH":
-                peer.out += [fetch_head, payload, b")\r\n" + tag + b" OK done\r\n"]
-            elif verb == b"LOGOUT":
-                peer.out.append(b"* BYE bench\r\n" + tag + b" OK done\r\n")
-                peer.closing = True
-                return
-            else:
-                peer.out.append(tag + b" BAD unknown command\r\n")
-
-    while True:
-        events = selector.select(1.0)
-        if not events and os.getppid() != parent:
-            return                                     # the benchmark is gone
-        for key, mask in events:
-            if key.data in ("imap", "auth"):
-                while True:
-                    try:
-                        sock, _ = key.fileobj.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        break                          # EMFILE and the like: retry later
-                    sock.setblocking(False)
-                    peer = BenchmarkPeer(sock, key.data)
-                    selector.register(sock, selectors.EVENT_READ, peer)
-                    peer.events = selectors.EVENT_READ
-                    if key.data == "imap":
-                        peer.out.append(b"* OK bench\r\n")
-                        flush(peer)
-                continue
-            peer = key.data
-            if peer.sock.fileno() < 0:
-                continue                               # closed by an earlier event
-            if mask & selectors.EVENT_READ and not peer.closing:
-                try:
-                    data = peer.sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    data = None
-                except OSError:
-                    data = b""
-                if data == b"":
-                    close(peer)
-                    continue
-                if data:
-                    peer.inbuf += data
-                    if peer.kind == "imap":
-                        imap_input(peer)
-                    elif b"\r\n\r\n" in peer.inbuf:
-                        peer.out.append(auth_reply)
-                        peer.closing = True
-            if peer.out or peer.closing:
-                flush(peer)
-
-
-def start_benchmark_backend():
-    """Fork the backend child: (pid, IMAP port, auth port)."""
-    listeners = []
-    for _ in range(2):
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4096)
-        listeners.append(listener)
-    ports = [listener.getsockname()[1] for listener in listeners]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:                                       # the child never returns
-        status = 0
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            serve_benchmark_backend(*listeners)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            status = 1
-        finally:
-            os._exit(status)
-    for listener in listeners:
-        listener.close()
-    return pid, ports[0], ports[1]
-
-
-def stop_benchmark_backend(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-        except ChildProcessError:
-            return
-        time.sleep(0.02)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
-
-
-# -- mailproxy itself -------------------------------------------------------------
-
-def start_benchmark_proxy(directory: str, auth_port: int):
-    """mailproxy.py -c FILE in its own process group: (Popen, IMAP port)."""
-    port = free_port()
-    config = os.path.join(directory, "mailproxy.conf")
-    with open(config, "w") as handle:
-        handle.write("[main]\nworker_processes = 1\nworker_connections = 10240\n"
-                     "error_log = %s warn\n\n"
-                     "[mail]\nauth_http = 127.0.0.1:%d/auth\nproxy_buffer = 16k\n\n"
-                     "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n"
-                     % (os.path.join(directory, "error.log"), auth_port, port))
-    output = open(os.path.join(directory, "output.log"), "wb")
-    try:
-        proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config],
-                                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                start_new_session=True)
-    finally:
-        output.close()
-    return proc, port
-
-
-def stop_benchmark_proxy(proc) -> None:
-    """SIGTERM to the master (as the README says signals go), then SIGKILL to
-    its whole process group, whatever is left of it.  (SIGTERM to the group
-    at once races the master's SIGCHLD handling: it may log an alert and
-    start a new worker while it stops.)"""
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def blocking_session(port: int, timeout: float = 2.0):
-    """A logged-in blocking socket and its reader (for the latency run)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    reader = sock.makefile("rb")
-    try:
-        greeting = reader.readline()
-        if not greeting.startswith(b"* OK"):
-            raise BenchmarkFailure("greeting %r" % greeting)
-        sock.sendall(b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
-        reply = reader.readline()
-        if reply != b"a OK done\r\n":
-            raise BenchmarkFailure("LOGIN answered %r" % reply)
-    except BaseException:
-        reader.close()
-        sock.close()
-        raise
-    return sock, reader
-
-
-def wait_until_serving(proc, port: int, log_path: str) -> None:
-    """Until one whole session works through the proxy (10 s at most)."""
-    deadline = time.monotonic() + 10
-    last = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchmarkFailure("mailproxy exited with status %s at start; its output:\n%s"
-                                % (proc.returncode, file_tail(os.path.join(
-                                    os.path.dirname(log_path), "output.log"))))
-        try:
-            sock, reader = blocking_session(port)
-            with sock, reader:
-                sock.sendall(b"b LOGOUT\r\n")
-                if not reader.readline().startswith(b"* BYE"):
-                    raise BenchmarkFailure("no BYE after LOGOUT")
-            return
-        except OSError as error:
-            last = error
-            time.sleep(0.1)
-    raise BenchmarkFailure("mailproxy did not serve a session within 10 s (%s)" % last)
-
-
-def file_tail(path: str, lines: int = 10) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return "".join(handle.readlines()[-lines:]) or "(empty)"
-    except OSError:
-        return "(no %s)" % path
-
-
-# -- the load generator: one selectors loop, one generator per session ------------
-# A session is a generator that yields requests and gets answers back:
-#   ("connect",)     open a new connection to the proxy        -> None
-#   ("send", bytes)  queue bytes (sent as the socket allows)   -> None
-#   ("line",)        the next line, CRLF included              -> bytes
-#   ("skip", n)      read and drop n bytes                     -> None
-#   ("close",)       close the connection                      -> None
-# The proxy closing the connection, or a socket error, is thrown into it.
-# A generator that returns leaves its connection open (idle sessions).
-
-class LoadConnection:
-    __slots__ = ("sock", "gen", "want", "need", "buf", "out", "events")
-
-    def __init__(self, gen=None, sock=None):
-        self.sock = sock
-        self.gen = gen
-        self.want = None
-        self.need = 0
-        self.buf = bytearray()
-        self.out = bytearray()
-        self.events = 0
-
-
-class LoadLoop:
-    def __init__(self, port: int):
-        self.address = ("127.0.0.1", port)
-        self.selector = selectors.DefaultSelector()
-        self.scratch = bytearray(1 << 20)
-        self.view = memoryview(self.scratch)
-        self.queue = []            # (generator, connection or None) not started yet
-        self.limit = None          # at most this many started and not finished
-        self.active = set()
-        self.kept = []             # finished, connection still open
-        self.failures = []         # exceptions of generators that failed
-
-    def add(self, gen, conn=None) -> None:
-        self.queue.append((gen, conn))
-
-    def run(self, until: float) -> bool:
-        """Serve until every session ended (True) or ``until`` (False)."""
-        self._start_queued()
-        while self.active or self.queue:
-            left = until - time.perf_counter()
-            if left <= 0:
-                return False
-            for key, mask in self.selector.select(min(left, 1.0)):
-                conn = key.data
-                if conn.gen is None or key.fileobj is not conn.sock:
-                    continue                   # finished, or an event of a closed socket
-                if mask & selectors.EVENT_WRITE:
-                    if conn.want == "connect":
-                        error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                        conn.want = None
-                        self._advance(conn, None, OSError(error, os.strerror(error)) if error else None)
-                        continue
-                    if conn.out:
-                        self._flush(conn)
-                if mask & selectors.EVENT_READ and conn.gen is not None and key.fileobj is conn.sock:
-                    self._readable(conn)
-            self._start_queued()
-        return True
-
-    def _start_queued(self) -> None:
-        while self.queue and (self.limit is None or len(self.active) < self.limit):
-            gen, conn = self.queue.pop(0)
-            conn = conn or LoadConnection()
-            conn.gen = gen
-            self.active.add(conn)
-            self._advance(conn)
-
-    def _readable(self, conn) -> None:
-        try:
-            count = conn.sock.recv_into(self.scratch)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self._advance(conn, None, error)
-            return
-        if count == 0:
-            self._advance(conn, None, BenchmarkFailure("the proxy closed the connection"))
-            return
-        if conn.want == "skip" and not conn.buf:
-            taken = min(conn.need, count)
-            conn.need -= taken
-            if taken < count:
-                conn.buf += self.view[taken:count]
-            if conn.need == 0:
-                conn.want = None
-                self._advance(conn)
-            return
-        conn.buf += self.view[:count]
-        if conn.want == "line":
-            end = conn.buf.find(b"\n")
-            if end >= 0:
-                line = bytes(conn.buf[:end + 1])
-                del conn.buf[:end + 1]
-                conn.want = None
-                self._advance(conn, line)
-        elif conn.want == "skip":
-            taken = min(conn.need, len(conn.buf))
-            del conn.buf[:taken]
-            conn.need -= taken
-            if conn.need == 0:
-                conn.want = None
-                self._advance(conn)
-
-    def _watch(self, conn, events) -> None:
-        if events == conn.events:
-            return
-        if conn.events == 0:
-            self.selector.register(conn.sock, events, conn)
-        elif events == 0:
-            self.selector.unregister(conn.sock)
-        else:
-            self.selector.modify(conn.sock, events, conn)
-        conn.events = events
-
-    def _close(self, conn) -> None:
-        if conn.sock is not None:
-            self._watch(conn, 0)
-            conn.sock.close()
-            conn.sock = None
-        conn.buf = bytearray()
-        conn.out = bytearray()
-
-    def _flush(self, conn) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-            del conn.out[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as error:
-            self._advance(conn, None, error)
-            return
-        self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
-
-    def _advance(self, conn, value=None, error=None) -> None:
-        """Resume the session until it waits for the network."""
-        while True:
-            try:
-                request = conn.gen.throw(error) if error is not None else conn.gen.send(value)
-            except StopIteration:
-                self._finish(conn, None)
-                return
-            except Exception as failure:
-                self._finish(conn, failure)
-                return
-            value = error = None
-            kind = request[0]
-            if kind == "line":
-                end = conn.buf.find(b"\n")
-                if end >= 0:
-                    value = bytes(conn.buf[:end + 1])
-                    del conn.buf[:end + 1]
-                    continue
-                conn.want = "line"
-                self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
-                return
-            if kind == "send":
-                conn.out += request[1]
-                try:
-                    sent = conn.sock.send(conn.out)
-                    del conn.out[:sent]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as failure:
-                    error = failure
-            elif kind == "skip":
-                taken = min(request[1], len(conn.buf))
-                del conn.buf[:taken]
-                if taken < request[1]:
-                    conn.want, conn.need = "skip", request[1] - taken
-                    self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
-                    return
-            elif kind == "connect":
-                self._close(conn)
-                conn.sock = socket.socket()
-                conn.sock.setblocking(False)
-                status = conn.sock.connect_ex(self.address)
-                if status not in (0, errno.EINPROGRESS, errno.EAGAIN):
-                    error = OSError(status, os.strerror(status))
-                    continue
-                conn.want = "connect"
-                self._watch(conn, selectors.EVENT_WRITE)
-                return
-            elif kind == "close":
-                self._close(conn)
-            else:
-                error = BenchmarkFailure("unknown request %r" % (request,))
-
-    def _finish(self, conn, failure) -> None:
-        self.active.discard(conn)
-        conn.gen = None
-        conn.want = None
-        if failure is not None:
-            self.failures.append(failure)
-            self._close(conn)
-        elif conn.sock is not None:
-            self._watch(conn, 0)
-            self.kept.append(conn)
-
-    def close_all(self) -> None:
-        for conn in list(self.active) + self.kept:
-            if conn.gen is not None:
-                conn.gen.close()
-                conn.gen = None
-            self._close(conn)
-        self.active.clear()
-        self.kept = []
-        self.queue = []
-        self.selector.close()
-
-
-def check_line(line: bytes, wanted: bytes, what: str, prefix: bool = False) -> None:
-    if not (line.startswith(wanted) if prefix else line == wanted):
-        raise BenchmarkFailure("%s: expected %r, got %r" % (what, wanted, line))
-
-
-def login_steps():
-    """Connect, greeting, LOGIN; the connection stays open."""
-    yield ("connect",)
-    check_line((yield ("line",)), b"* OK", "greeting", prefix=True)
-    yield ("send", b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
-    check_line((yield ("line",)), b"a OK done\r\n", "LOGIN")
-
-
-def login_slot_steps(stats: dict):
-    """Full sessions back to back until stats["stop"]; failures are counted."""
-    while not stats["stop"]:
-        try:
-            yield from login_steps()
-            yield ("send", b"b LOGOUT\r\n")
-            check_line((yield ("line",)), b"* BYE", "LOGOUT", prefix=True)
-            check_line((yield ("line",)), b"b OK done\r\n", "LOGOUT")
-            yield ("close",)
-            stats["sessions"] += 1
-        except Exception as failure:
-            stats["errors"].append(failure)
-            if len(stats["errors"]) >= BENCH_MAX_ERRORS:
-                raise BenchmarkFailure("%d failed sessions" % len(stats["errors"]))
-            yield ("close",)
-
-
-def fetch_steps(times: int, stats: dict):
-    """FETCH the backend's literal ``times`` times on a logged-in session."""
-    head = b"* 1 FETCH (BODY[] {%d}\r\n" % BENCH_FETCH_SIZE
-    for _ in range(times):
-        yield ("send", b"f FETCH 1 BODY[]\r\n")
-        check_line((yield ("line",)), head, "FETCH")
-        yield ("skip", BENCH_FETCH_SIZE)
-        check_line((yield ("line",)), b")\r\n", "end of FETCH")
-        check_line((yield ("line",)), b"f OK done\r\n", "FETCH")
-        stats["bytes"] += BENCH_FETCH_SIZE
-
-
-def noop_steps(stats: dict):
-    yield ("send", b"n NOOP\r\n")
-    line = yield ("line",)
-    check_line(line, b"n OK", "NOOP", prefix=True)
-    stats["ok"] += 1
-
-
-def failure_lines(loop, what: str, extra=()) -> list:
-    """Lines that say why a workload failed ([] if it did not)."""
-    found = list(extra) + loop.failures
-    if not found:
-        return []
-    lines = ["%s: %d failure(s)" % (what, len(found))]
-    for failure in found[:5]:
-        lines.append("    %s: %s" % (type(failure).__name__, failure))
-    return lines
-
-
-# -- the workloads ---------------------------------------------------------------
-# Each returns (row, problems): row = (workload, result, proxy CPU, note).
-
-def cpu_text(seconds) -> str:
-    return "n/a" if seconds is None else "%.2f s" % seconds
-
-
-def busy_note(delta) -> str:
-    """Who used how much of a core: near 100% for the load generator or the
-    backend means they, not mailproxy, set the pace."""
-    wall, proxy, backend, own = delta
-    if wall <= 0:
-        return ""
-    shares = [("proxy", proxy), ("load gen", own), ("backend", backend)]
-    return "CPU: " + ", ".join("%s %s" % (name, "n/a" if used is None else "%d%%" % (100 * used / wall))
-                               for name, used in shares)
-
-
-def measure_logins(port: int, meter) -> tuple:
-    micro = micro_unit()
-    loop = LoadLoop(port)
-    stats = {"stop": False, "sessions": 0, "errors": []}
-    try:
-        for _ in range(BENCH_CONCURRENCY):
-            loop.add(login_slot_steps(stats))
-        now = time.perf_counter()
-        loop.run(now + BENCH_WARMUP)
-        before, counted = meter.sample(), stats["sessions"]
-        loop.run(before[0] + BENCH_SECONDS)
-        after, counted = meter.sample(), stats["sessions"] - counted
-        stats["stop"] = True
-        drained = loop.run(time.perf_counter() + 10)
-    finally:
-        loop.close_all()
-    delta = CpuMeter.delta(before, after)
-    rate = counted / delta[0]
-    per = "n/a" if delta[1] is None or not counted else "%.0f %s/session" % (1e6 * delta[1] / counted, micro)
-    problems = failure_lines(loop, "logins", stats["errors"])
-    if not drained:
-        problems.append("logins: sessions still unfinished 10 s after the end")
-    if not counted:
-        problems.append("logins: no session completed")
-    row = ("logins, %d at once, %g s" % (BENCH_CONCURRENCY, BENCH_SECONDS),
-           "%.0f sessions/s" % rate, "%s (%s)" % (per, cpu_text(delta[1])),
-           busy_note(delta))
-    return row, problems
-
-
-def measure_relay(port: int, meter, sessions: int, total: int) -> tuple:
-    loop = LoadLoop(port)
-    stats = {"bytes": 0}
-    problems = []
-    times = max(1, total // (BENCH_FETCH_SIZE * sessions))
-    try:
-        for _ in range(sessions):
-            loop.add(login_steps())
-        if not loop.run(time.perf_counter() + 10):
-            problems.append("relay: logins did not finish in 10 s")
-        if loop.failures or len(loop.kept) != sessions:
-            problems += failure_lines(loop, "relay logins") or [
-                "relay: %d of %d sessions logged in" % (len(loop.kept), sessions)]
-            return None, problems
-        conns, loop.kept = loop.kept, []
-        before = meter.sample()
-        for conn in conns:
-            loop.add(fetch_steps(times, stats), conn)
-        done = loop.run(before[0] + BENCH_TIMEOUT)
-        after = meter.sample()
-    finally:
-        loop.close_all()
-    delta = CpuMeter.delta(before, after)
-    problems += failure_lines(loop, "relay")
-    if not done:
-        problems.append("relay: not done after %g s (%d of %d bytes)"
-                        % (BENCH_TIMEOUT, stats["bytes"], times * sessions * BENCH_FETCH_SIZE))
-    if problems:
-        return None, problems
-    per_gb = "n/a" if delta[1] is None else "%.2f s/GB" % (delta[1] / (stats["bytes"] / 1e9))
-    row = ("relay, %d session%s, %d MiB" % (sessions, "s" if sessions > 1 else "", stats["bytes"] >> 20),
-           "%.0f MB/s" % (stats["bytes"] / 1e6 / delta[0]),
-           "%s (%s)" % (per_gb, cpu_text(delta[1])), busy_note(delta))
-    return row, problems
-
-
-def measure_idle(port: int, meter, proxy_pid: int) -> tuple:
-    loop = LoadLoop(port)
-    loop.limit = BENCH_CONCURRENCY
-    problems = []
-    stats = {"ok": 0}
-    try:
-        rss_before = rss_of(process_family(proxy_pid))
-        for _ in range(BENCH_IDLE_SESSIONS):
-            loop.add(login_steps())
-        started = time.perf_counter()
-        if not loop.run(started + BENCH_TIMEOUT):
-            problems.append("idle: logins not done after %g s" % BENCH_TIMEOUT)
-        opened = time.perf_counter() - started
-        problems += failure_lines(loop, "idle logins")
-        time.sleep(BENCH_SETTLE)
-        rss_after = rss_of(process_family(proxy_pid))
-        conns, loop.kept = loop.kept, []
-        loop.limit = None
-        for conn in conns:
-            loop.add(noop_steps(stats), conn)
-        if not loop.run(time.perf_counter() + 30):
-            problems.append("idle: NOOPs not answered after 30 s")
-        problems += failure_lines(loop, "idle NOOPs")
-        if stats["ok"] != BENCH_IDLE_SESSIONS:
-            problems.append("idle: %d of %d NOOPs answered OK (%d sessions logged in)"
-                            % (stats["ok"], BENCH_IDLE_SESSIONS, len(conns)))
-    finally:
-        loop.close_all()
-    count = len(conns)
-    if rss_before is None or rss_after is None or not count:
-        per = "n/a"
-    else:
-        per = "%.1f KiB/session" % ((rss_after - rss_before) / 1024 / count)
-    rss = ("n/a" if rss_before is None else
-           "RSS %.1f -> %.1f MiB" % (rss_before / 1048576, rss_after / 1048576))
-    row = ("idle sessions, %d" % BENCH_IDLE_SESSIONS, per, rss,
-           "%d/%d NOOP OK, logged in in %.1f s" % (stats["ok"], count, opened))
-    return row, problems
-
-
-def measure_latency(port: int, meter) -> tuple:
-    micro = micro_unit()
-    samples = []
-    sock, reader = blocking_session(port, timeout=10)
-    with sock, reader:
-        for number in range(BENCH_LATENCY_WARMUP + BENCH_LATENCY_ROUNDS):
-            if number == BENCH_LATENCY_WARMUP:
-                before = meter.sample()
-            start = time.perf_counter()
-            sock.sendall(b"n NOOP\r\n")
-            line = reader.readline()
-            samples.append(time.perf_counter() - start)
-            check_line(line, b"n OK", "NOOP", prefix=True)
-        after = meter.sample()
-        sock.sendall(b"b LOGOUT\r\n")
-        reader.readline()
-    delta = CpuMeter.delta(before, after)
-    samples = sorted(samples[BENCH_LATENCY_WARMUP:])
-
-    def percentile(fraction):
-        return 1e6 * samples[min(len(samples) - 1, int(fraction * len(samples)))]
-
-    per = "n/a" if delta[1] is None else "%.0f %s/NOOP" % (1e6 * delta[1] / len(samples), micro)
-    row = ("NOOP round trip, %d" % BENCH_LATENCY_ROUNDS,
-           "p50 %.0f %s, p99 %.0f %s" % (percentile(0.50), micro, percentile(0.99), micro),
-           "%s (%s)" % (per, cpu_text(delta[1])), busy_note(delta))
-    return row, []
-
-
-def raise_fd_limit() -> None:
-    """1000 idle sessions need more descriptors than a 1024 soft limit."""
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = 4 * BENCH_IDLE_SESSIONS + 256
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE,
-                               (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
-    except (ImportError, ValueError, OSError):
-        pass
-
-
-def print_table(rows) -> None:
-    headers = ("workload", "result", "proxy CPU", "note")
-    widths = [max(len(str(row[i])) for row in [headers] + rows) for i in range(4)]
-    for row in [headers] + rows:
-        print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def run_benchmark() -> int:
-    """The opt-in benchmark (--bench): a table of what this host sustains."""
-    print("mailproxy benchmark: %s CPUs, Python %s (%s), %s"
-          % (os.cpu_count(), platform.python_version(), platform.python_implementation(),
-             platform.platform()))
-    print("Everything on 127.0.0.1: the load generator, the fake backend and auth server")
-    print("share the CPUs with mailproxy.  Absolute numbers vary between machines and runs.")
-    print("MB and GB are 10^6 and 10^9 bytes; proxy CPU = user + system of the master and")
-    print("its workers, from /proc.")
-    if hasattr(os, "getloadavg"):
-        print("Load average before the run: %.2f %.2f %.2f (other work on the host skews the numbers)."
-              % os.getloadavg())
-    sys.stdout.flush()
-    started = time.perf_counter()
-    raise_fd_limit()
-    directory = tempfile.mkdtemp(prefix="mailproxy-bench-")
-    log_path = os.path.join(directory, "error.log")
-    backend_pid = proc = None
-    rows, problems = [], []
-    status = 0
-    try:
-        backend_pid, backend_port, auth_port = start_benchmark_backend()
-        proc, port = start_benchmark_proxy(directory, auth_port)
-        wait_until_serving(proc, port, log_path)
-        meter = CpuMeter(proc.pid, backend_pid)
-        family = process_family(proc.pid)
-        print("mailproxy: master pid %d, workers %s; backend + auth child pid %d"
-              % (proc.pid, " ".join(str(pid) for pid in family[1:]) or "n/a", backend_pid))
-        print()
-        workloads = [
-            ("logins", lambda: measure_logins(port, meter)),
-            ("relay, one session", lambda: measure_relay(port, meter, 1, BENCH_RELAY_TOTAL)),
-            ("relay, parallel", lambda: measure_relay(port, meter, BENCH_RELAY_SESSIONS,
-                                                    BENCH_RELAY_TOTAL_PARALLEL)),
-            ("idle sessions", lambda: measure_idle(port, meter, proc.pid)),
-            ("latency", lambda: measure_latency(port, meter)),
-        ]
-        for name, workload in workloads:
-            time.sleep(BENCH_SETTLE)
-            if proc.poll() is not None:
-                problems.append("mailproxy exited with status %s before %s" % (proc.returncode, name))
-                break
-            try:
-                row, found = workload()
-            except (OSError, BenchmarkFailure) as failure:
-                row, found = None, ["%s: %s: %s" % (name, type(failure).__name__, failure)]
-            if row is not None:
-                rows.append(row)
-            problems += found
-        now_family = process_family(proc.pid)
-        if family and sorted(now_family) != sorted(family):
-            problems.append("mailproxy's processes changed during the run: %s -> %s"
-                            % (family, now_family))
-    except BenchmarkFailure as failure:
-        problems.append(str(failure))
-    except KeyboardInterrupt:
-        print("\ninterrupted")
-        status = 1
-    finally:
-        if proc is not None:
-            stop_benchmark_proxy(proc)
-        if backend_pid is not None:
-            stop_benchmark_backend(backend_pid)
-        try:
-            with open(log_path, errors="replace") as handle:
-                logged = handle.read().splitlines()
-        except OSError:
-            logged = []
-        import shutil
-        shutil.rmtree(directory, ignore_errors=True)
-    if rows:
-        print_table(rows)
-    if logged:
-        print()
-        print("mailproxy's error log (warn and above), %d line(s):" % len(logged))
-        for line in logged[:10]:
-            print("    " + line)
-    for line in problems:
-        print(line if line.startswith(" ") else "FAILED: " + line)
-    print()
-    print("(%.1f s)" % (time.perf_counter() - started))
-    return 1 if problems or status else 0
-
-
-# End-to-end tests of auth_http (NGINX-MAIL.md §1.3), OAuth, the extension
-# headers and the PROXY protocol in and out (§1.5): the real proxy (a Worker in
-# a thread) between a test client, a fake auth_http server and fake backends.
-#
-#   cd /tmp/parts && python3 -m unittest -k AuthHttpEndToEnd -k ProxyProtocolEndToEnd auth_e2e_tests -v
-
-
-# ########################################################################## #
-#                         The fake auth_http server                          #
-# ########################################################################## #
-
-AUTH_STALL = "stall"                 # accept, read the request, never answer
-AUTH_HOLD = "hold"                   # never answer; count the proxy's close in ``hung_up``
-
-
-def auth_partial(data: bytes) -> tuple:
-    """An action: send ``data`` (no blank line) and close."""
-    return ("partial", data)
-
-
-def auth_response(*headers, status_line: bytes = b"HTTP/1.0 200 OK") -> bytes:
-    """A response: the status line, ``(name, value)`` header lines, the blank line."""
-    lines = [status_line] if status_line is not None else []
-    for name, value in headers:
-        name = name.encode() if isinstance(name, str) else name
-        value = value.encode() if isinstance(value, str) else value
-        lines.append(name + b": " + value)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def auth_ok(port: int, *extra, server: str = "127.0.0.1") -> bytes:
-    return auth_response(("Auth-Status", "OK"), ("Auth-Server", server),
-                       ("Auth-Port", str(port)), *extra)
-
-
-def auth_fail(text: str = "Invalid login", *extra) -> bytes:
-    return auth_response(("Auth-Status", text), *extra)
-
-
-class AuthServer(ThreadedServer):
-    """An HTTP/1.0 auth server on 127.0.0.1 (or on the unix socket ``path``):
-    one thread accepts, one thread per request.  Each request (read up to its
-    blank line) is kept raw in ``requests`` (its arrival time in ``times``),
-    then answered with the next of ``responses`` or ``answer(request, index)``.
-    An answer is bytes (sent, then the connection is closed), AUTH_STALL,
-    AUTH_HOLD, or auth_partial(bytes).  No script left: a failure answer."""
-
-    name = "fake auth server"
-    conn_timeout = 5.0
-
-    def __init__(self, *responses, answer=None, path: str = None):
-        self.responses = list(responses)
-        self.hung_up = 0
-        self.answer = answer
-        self.requests = []
-        self.times = []
-        self.lock = threading.Lock()
-        super().__init__(path, backlog=16)
-
-    def handle(self, conn: socket.socket) -> None:
-        try:
-            data = bytearray()
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            with self.lock:
-                index = len(self.requests)
-                self.requests.append(bytes(data))
-                self.times.append(time.monotonic())
-                if self.answer is not None:
-                    action = self.answer(bytes(data), index)
-                elif self.responses:
-                    action = self.responses.pop(0)
-                else:
-                    action = auth_fail("no scripted response")
-            if action == AUTH_STALL:
-                self.stopping.wait()
-            elif action == AUTH_HOLD:
-                while conn.recv(65536):
-                    pass
-                self.hung_up += 1
-            elif isinstance(action, tuple):
-                conn.sendall(action[1])
-            else:
-                conn.sendall(action)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def wait_requests(self, count: int, timeout: float = 3.0) -> None:
-        wait_until(lambda: len(self.requests) >= count, timeout,
-                   "%d auth request(s), have %d" % (count, len(self.requests)))
-
-
-def auth_request_bytes(user: bytes = b"alice", password: bytes = b"secret", protocol: str = "imap",
-               attempt: int = 1, client_ip: str = "127.0.0.1", method: str = "plain",
-               salt: bytes = None, middle: bytes = b"", after: bytes = b"",
-               host: bytes = b"127.0.0.1") -> bytes:
-    """The request nginx sends, byte for byte (NGINX-MAIL.md §1.3), with this
-    file's two auth_http_header lines.  ``middle``: lines after Client-IP /
-    Client-Host (Proxy-Protocol-*), ``after``: lines after those (Auth-SSL)."""
-    request = (b"GET /auth HTTP/1.0\r\nHost: " + host + b"\r\n"
-               b"Auth-Method: " + method.encode() + b"\r\n"
-               b"Auth-User: " + user + b"\r\n"
-               b"Auth-Pass: " + password + b"\r\n")
-    if salt is not None:
-        request += b"Auth-Salt: " + salt + b"\r\n"
-    request += (b"Auth-Protocol: " + protocol.encode() + b"\r\n"
-                b"Auth-Login-Attempt: %d\r\n" % attempt +
-                b"Client-IP: " + client_ip.encode() + b"\r\n")
-    if protocol == "smtp":
-        request += b"Client-Host: [UNAVAILABLE]\r\n"
-    return request + middle + after + AUTH_HEADER_LINES + b"\r\n"
-
-
-AUTH_HEADER_LINES = b"X-Auth-Key: secret-key\r\nX-Second: two words\r\n"
-
-
-def proxy_v2_header(source: str, sport: int, destination: str, dport: int,
-                 tlvs: bytes = b"") -> bytes:
-    """A PROXY v2 header (PROXY command, TCP over IPv4) built by hand."""
-    body = socket.inet_aton(source) + socket.inet_aton(destination) + \
-        struct.pack("!HH", sport, dport) + tlvs
-    return mp.PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
-
-
-def parse_tlvs(data: bytes) -> dict:
-    """type -> value of a TLV list (the whole list must parse)."""
-    tlvs, offset = {}, 0
-    while offset < len(data):
-        kind, length = data[offset], struct.unpack("!H", data[offset + 1:offset + 3])[0]
-        assert offset + 3 + length <= len(data), "TLV overruns: %r" % data
-        tlvs[kind] = data[offset + 3:offset + 3 + length]
-        offset += 3 + length
-    return tlvs
-
-
-class BioTlsSocket:
-    """A TLS client over a plain socket through MemoryBIOs, so that the
-    handshake's first flight can go out in one send() with bytes before it
-    (a PROXY header and the ClientHello in one segment).  Has what Client
-    uses of a socket: recv, sendall, settimeout, close, getsockname, and
-    version / cipher of the TLS."""
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str,
-                 prefix: bytes):
-        self.sock = sock
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
-        try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
-        sock.sendall(prefix + self.outgoing.read())
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._fill()
-        self._flush()
-
-    def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if data:
-            self.incoming.write(data)
-        else:
-            self.incoming.write_eof()
-        return bool(data)
-
-    def recv(self, size: int) -> bytes:
-        while True:
-            try:
-                return self.tls.read(size)
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    return b""
-            except ssl.SSLEOFError:
-                return b""
-            finally:
-                self._flush()
-
-    def sendall(self, data: bytes) -> None:
-        self.tls.write(data)
-        self._flush()
-
-    def settimeout(self, seconds) -> None:
-        self.sock.settimeout(seconds)
-
-    def getsockname(self):
-        return self.sock.getsockname()
-
-    def version(self):
-        return self.tls.version()
-
-    def cipher(self):
-        return self.tls.cipher()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-# ########################################################################## #
-#                         Shared test-case machinery                         #
-# ########################################################################## #
-
-# ########################################################################## #
-#                     1. Success: the request, byte by byte                  #
-# ########################################################################## #
-
-class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
-    def test_imap_login_request_bytes_and_backend_login(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port)
-        client = self.connect(proxy)
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes()])
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-        client.send("a2 NOOP")
-        client.expect(rb"^a2 OK NOOP completed\r\n$")
-        proxy.wait_for_log(r'client logged in while [^,]*, client: 127\.0\.0\.1, server: '
-                           r'127\.0\.0\.1:%d, login: "alice", upstream: 127\.0\.0\.1:%d'
-                           % (proxy.port, backend.port))
-
-    def test_pop3_login_request_bytes_and_backend_login(self):
-        backend = self.use(FakePop3Backend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("pop3", auth.port)
-        client = self.connect(proxy)
-        self.pop3_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes(protocol="pop3")])
-        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
-
-    def test_smtp_login_request_bytes_and_backend_login(self):
-        backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("smtp", auth.port)
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp")])
-        client.send("QUIT")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\n" + smtp_xclient() +
-                         b"EHLO client.example\r\nQUIT\r\n")
-
-    def test_login_and_password_are_escaped_and_auth_user_pass_override(self):
-        # Space, %, CR, LF, NUL as %XX (upper case); UTF-8 and DEL unchanged.
-        login = b"a l%i\rc\ne\x00\xc3\xa9\x7f"
-        password = b"p w%\r\n\x00\xc3\xbc\x01"
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
-                                      ("Auth-Pass", "secret")))
-        proxy = self.auth_http_proxy("imap", auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 LOGIN {%d}\r\n" % len(login))
-        client.expect(rb"^\+ OK\r\n$")
-        client.send(login + b" {%d}\r\n" % len(password))
-        client.expect(rb"^\+ OK\r\n$")
-        client.send(password + b"\r\n")
-        client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(
-            user=b"a%20l%25i%0Dc%0Ae%00\xc3\xa9\x7f", password=b"p%20w%25%0D%0A%00\xc3\xbc%01")])
-        # The auth server's Auth-User / Auth-Pass are what the backend gets.
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-    def test_pop3_auth_user_and_pass_override(self):
-        backend = self.use(FakePop3Backend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
-                                      ("Auth-Pass", "secret")))
-        proxy = self.auth_http_proxy("pop3", auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send("USER bob")
-        client.expect(rb"^\+OK\r\n$")
-        client.send("PASS hunter2")
-        client.expect(rb"^\+OK alice has 1 message\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "pop3")])
-        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
-
-    def test_smtp_auth_user_and_pass_override_reach_auth_plain(self):
-        backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-User", "alice"),
-                                      ("Auth-Pass", "secret")))
-        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + b64(b"\0bob\0hunter2") + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "smtp")])
-        self.assertEqual(backend.logins, [(b"alice", b"secret")])
-
-    def test_imap_cram_md5_sends_salt_and_digest(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
-        proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 AUTHENTICATE CRAM-MD5")
-        challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
-        self.assertRegex(challenge, rb"^<\d+\.\d+@mail\.test>$")
-        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
-        client.send(b64(b"alice " + digest) + b"\r\n")
-        client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(password=digest, method="cram-md5",
-                                                    salt=challenge)])
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-    def test_cram_md5_answer_without_auth_pass_is_an_internal_error(self):
-        auth = self.auth_server(auth_ok(1143))
-        proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 AUTHENTICATE CRAM-MD5")
-        challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
-        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
-        client.send(b64(b"alice " + digest) + b"\r\n")
-        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
-        client.expect_closed()
-        proxy.wait_for_log(r"auth http server 127\.0\.0\.1:%d did not send password "
-                           r"while in http auth state" % auth.port)
-
-    def test_pop3_apop_sends_salt_and_digest(self):
-        backend = self.use(FakePop3Backend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
-        proxy = self.auth_http_proxy("pop3", auth.port, pop3_auth="plain apop")
-        client = self.connect(proxy)
-        salt = client.expect(rb"^\+OK POP3 ready (<\d+\.\d+@mail\.test>)\r\n$").group(1)
-        digest = hashlib.md5(salt + b"secret").hexdigest().encode()
-        client.send(b"APOP alice " + digest + b"\r\n")
-        client.expect(rb"^\+OK alice has 1 message\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(password=digest, protocol="pop3",
-                                                    method="apop", salt=salt)])
-        self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
-
-    def test_response_of_exactly_1024_bytes_and_bare_lf_lines_are_read(self):
-        backend = self.use(FakeImapBackend())
-        head = b"HTTP/1.0 200 OK\nAuth-Status:   OK  \nAuth-Server: 127.0.0.1\n" \
-               b"Auth-Port: %d\nX-Pad: " % backend.port
-        response = head + b"x" * (1024 - len(head) - 2) + b"\n\n"
-        self.assertEqual(len(response), 1024)
-        auth = self.auth_server(response)
-        proxy = self.auth_http_proxy("imap", auth.port)
-        client = self.connect(proxy)
-        self.imap_login(client)
-
-    def test_status_line_ignored_and_header_names_case_insensitive(self):
-        backend = self.use(FakeImapBackend())
-        port = str(backend.port).encode()
-        auth = self.auth_server(
-            b"HTTP/1.1 503 Service Unavailable\r\nauth-status: OK\r\nAUTH-SERVER: 127.0.0.1\r\n"
-            b"auth-PORT: " + port + b"\r\n\r\nbody, ignored",
-            b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: " + port + b"\r\n\r\n")
-        proxy = self.auth_http_proxy("imap", auth.port)
-        for _ in range(2):
-            self.imap_login(self.connect(proxy))
-        self.assertEqual(len(backend.received), 2)
-
-    def test_auth_http_over_a_unix_socket(self):
-        backend = self.use(FakeImapBackend())
-        directory = self.use(tempfile.TemporaryDirectory())
-        path = os.path.join(directory, "auth.sock")
-        auth = self.use(AuthServer(auth_ok(backend.port), path=path))
-        proxy = self.auth_http_proxy("imap", "unix:%s:/auth" % path)
-        client = self.connect(proxy)
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes(host=b"localhost")])
-
-
-# ########################################################################## #
-#                  2. and 3. Failures, Auth-Wait and WAIT                    #
-# ########################################################################## #
-
-class AuthHttpEndToEndFailureTests(EndToEndTestCase):
-    def test_imap_failure_without_wait_replies_then_closes(self):
-        auth = self.auth_server(auth_fail("Invalid login"))
-        proxy = self.auth_http_proxy("imap", auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice wrong")
-        self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
-        client.expect_closed()
-        proxy.wait_for_log(r'\[info\] \d+#0: \*1 client login failed: "Invalid login" '
-                           r'while in auth state, client: 127\.0\.0\.1')
-
-    def test_pop3_failure_without_wait(self):
-        auth = self.auth_server(auth_fail("Go away"))
-        proxy = self.auth_http_proxy("pop3", auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
-        client.send("PASS wrong")
-        self.assertEqual(client.read_line(), b"-ERR Go away\r\n")
-        client.expect_closed()
-
-    def test_imap_failure_with_auth_wait_delays_and_keeps_the_session(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_fail("Invalid login", ("Auth-Wait", "1")),
-                                auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        started = time.monotonic()
-        client.send("a1 LOGIN alice wrong")
-        self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
-        self.assertGreaterEqual(time.monotonic() - started, 0.95)
-        client.send("a2 LOGIN alice secret")
-        client.expect(rb"^a2 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(password=b"wrong"),
-                                         auth_request_bytes(attempt=2)])
-        self.assertEqual(bytes(backend.received[0]),
-                         b"a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
-
-    def test_smtp_failure_with_auth_error_code(self):
-        auth = self.auth_server(auth_fail("Relay access denied", ("Auth-Error-Code", "550 5.7.1")))
-        proxy = self.auth_http_proxy("smtp", auth.port)
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"550 5.7.1 Relay access denied\r\n")
-        client.expect_closed()
-
-    def test_smtp_failure_default_code(self):
-        auth = self.auth_server(auth_fail("Invalid login"))
-        proxy = self.auth_http_proxy("smtp", auth.port)
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
-        client.expect_closed()
-
-    def test_client_leaving_during_the_auth_request_ends_it(self):
-        # As nginx (ngx_mail_auth_http_block_read), the client is not read
-        # while the auth server thinks: its close is seen at the latest when
-        # auth_http_timeout ends the request; nothing is left open after that.
-        auth = self.auth_server(AUTH_HOLD)
-        proxy = self.auth_http_proxy("imap", auth.port, auth_http_timeout="500ms")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        auth.wait_requests(1)
-        client.close()
-        wait_until(lambda: auth.hung_up == 1, what="the proxy to close the auth connection")
-        wait_until(lambda: not proxy.sessions(), what="the session to end")
-        proxy.wait_for_log(r"session done: ")
-        proxy.assert_alive()
-
-    def test_wait_status_resends_the_same_request_after_auth_wait(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_response(("Auth-Status", "WAIT"), ("Auth-Wait", "1")),
-                                auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port)
-        client = self.connect(proxy)
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes(), auth_request_bytes()])   # attempt 1 both times
-        self.assertGreaterEqual(auth.times[1] - auth.times[0], 0.95)
-        self.assertLess(auth.times[1] - auth.times[0], 2.5)
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-
-# ########################################################################## #
-#                 4. The auth server failing: internal error                 #
-# ########################################################################## #
-
-class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
-    def test_auth_server_down_imap(self):
-        closed = free_port()
-        backend = self.use(FakeImapBackend())
-        proxy = self.auth_http_proxy("imap", closed)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
-        client.expect_closed()
-        proxy.wait_for_log(r"\[error\] \d+#0: \*1 connect\(\) to auth http server "
-                           r"127\.0\.0\.1:%d failed \(111: Connection refused\) while in http "
-                           r'auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
-                           r'login: "alice"' % (closed, proxy.port))
-        self.assertEqual(backend.received, [])
-
-    def test_auth_server_down_pop3_and_smtp(self):
-        for protocol in ("pop3", "smtp"):
-            with self.subTest(protocol=protocol):
-                closed = free_port()
-                proxy = self.auth_http_proxy(protocol, closed)
-                client = self.connect(proxy)
-                if protocol == "pop3":
-                    client.expect(rb"^\+OK POP3 ready\r\n$")
-                    client.send("USER alice")
-                    client.expect(rb"^\+OK\r\n$")
-                    client.send("PASS secret")
-                    self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
-                else:
-                    self.smtp_hello(client)
-                    client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-                    self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
-                client.expect_closed()
-                proxy.wait_for_log(r"connect\(\) to auth http server 127\.0\.0\.1:%d failed"
-                                   % closed)
-
-    def test_auth_server_stalls_past_auth_http_timeout(self):
-        auth = self.auth_server(AUTH_STALL)
-        self.assert_internal_error("imap", auth, r"auth http server %s timed out",
-                                   auth_http_timeout="500ms")
-        # The internal error came (and was read) no sooner than 500ms after the request.
-        waited = time.monotonic() - auth.times[0]
-        self.assertGreaterEqual(waited, 0.45)
-        self.assertLess(waited, 2.5)
-
-    def test_auth_server_closes_mid_response(self):
-        auth = self.auth_server(auth_partial(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Ser"))
-        self.assert_internal_error("pop3", auth,
-                                   r"auth http server %s closed the connection prematurely")
-
-    def test_response_over_1024_bytes(self):
-        response = auth_ok(1143, ("X-Padding", "x" * 1100))
-        auth = self.auth_server(response)
-        self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
-
-    def test_response_of_1025_bytes(self):
-        head = b"HTTP/1.0 200 OK\nAuth-Status: OK\nAuth-Server: 127.0.0.1\n" \
-               b"Auth-Port: 1143\nX-Pad: "
-        response = head + b"x" * (1025 - len(head) - 2) + b"\n\n"
-        self.assertEqual(len(response), 1025)
-        auth = self.auth_server(response)
-        self.assert_internal_error("imap", auth, r"auth http server %s sent too long response")
-
-    def test_host_name_in_auth_server(self):
-        auth = self.auth_server(answer=lambda request, index: auth_ok(self.backend_port,
-                                                                    server="localhost"))
-        self.assert_internal_error("smtp", auth,
-                                   r'auth http server %s sent invalid server address:"localhost"')
-
-    def test_bad_auth_port(self):
-        for port in ("0", "65536", "x143"):
-            with self.subTest(port=port):
-                auth = self.auth_server(auth_response(("Auth-Status", "OK"),
-                                                    ("Auth-Server", "127.0.0.1"),
-                                                    ("Auth-Port", port)))
-                self.assert_internal_error(
-                    "imap", auth, r'auth http server %%s sent invalid server port:"%s"' % port)
-
-    def test_missing_auth_server(self):
-        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Port", "143")))
-        self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
-
-    def test_pop3_auth_pass_with_nul_is_an_internal_error(self):
-        auth = self.auth_server(auth_ok(1143, ("Auth-Pass", b"se\x00cret")))
-        self.assert_internal_error("pop3", auth, r"auth http server %s sent a login or "
-                                                 r"password with CR, LF or NUL")
-
-    def test_invalid_header_line(self):
-        auth = self.auth_server(b"HTTP/1.0 200 OK\r\nAuth Status: OK\r\n\r\n")
-        self.assert_internal_error("imap", auth,
-                                   r"auth http server %s sent invalid header in response")
-
-
-# ########################################################################## #
-#                              5. OAuth tokens                               #
-# ########################################################################## #
-
-XOAUTH2_RESPONSE = b"user=alice\x01auth=Bearer ya29.TOKEN-1\x01\x01"
-OAUTHBEARER_RESPONSE = b"n,a=alice,\x01auth=Bearer T0KEN\x01\x01"
-
-
-class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
-    def oauth_proxy(self, auth_port: int, protocol: str = "imap"):
-        directive = {"imap": "imap_auth", "pop3": "pop3_auth", "smtp": "smtp_auth"}[protocol]
-        return self.auth_http_proxy(protocol, auth_port, **{directive: "plain xoauth2 oauthbearer"})
-
-    def test_imap_xoauth2_with_auth_pass_logs_in_with_login(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
-        proxy = self.oauth_proxy(auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
-        client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", method="xoauth2")])
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-    def test_imap_xoauth2_without_auth_pass_hands_the_token_on(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.oauth_proxy(auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 AUTHENTICATE XOAUTH2")          # no initial response: empty prompt
-        self.assertEqual(client.read_line(), b"+ \r\n")
-        client.send(b64(XOAUTH2_RESPONSE) + b"\r\n")
-        client.expect(rb"^a1 OK AUTHENTICATE completed\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", method="xoauth2")])
-        self.assertEqual(bytes(backend.received[0]),
-                         b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
-
-    def test_imap_oauthbearer_with_and_without_auth_pass(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")), auth_ok(backend.port))
-        proxy = self.oauth_proxy(auth.port)
-        for number in (0, 1):
-            client = self.connect(proxy)
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
-            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
-            client.expect(rb"^a1 OK (LOGIN|AUTHENTICATE) completed\r\n$")
-            wait_until(lambda: len(backend.received) > number and backend.received[number])
-        self.assertEqual(auth.requests, [auth_request_bytes(password=b"T0KEN", method="oauthbearer")] * 2)
-        wait_until(lambda: bytes(backend.received[1]).endswith(b"\r\n"))
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-        self.assertEqual(bytes(backend.received[1]),
-                         b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
-
-    def test_pop3_xoauth2_without_auth_pass_hands_the_token_on(self):
-        backend = self.use(FakePop3Backend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.oauth_proxy(auth.port, "pop3")
-        client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
-        client.expect(rb"^\+OK token accepted\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="pop3",
-                                                    method="xoauth2")])
-        self.assertEqual(backend.auths, [b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n"])
-
-    def test_imap_xoauth2_failure_default_error_challenge(self):
-        auth = self.auth_server(auth_fail("Invalid token"))
-        proxy = self.oauth_proxy(auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
-        self.assertEqual(client.read_line(),
-                         b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
-        client.send(b"\r\n")
-        self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
-        client.expect_closed()
-
-    def test_imap_oauthbearer_failure_default_and_auth_error_sasl(self):
-        custom = b'{"status":"invalid_token","scope":"mail","openid-configuration":"x"}'
-        auth = self.auth_server(auth_fail("Bad token"),
-                                auth_fail("Bad token", ("Auth-Error-SASL", custom)))
-        proxy = self.oauth_proxy(auth.port)
-        for error in (b'{"status":"invalid_token"}', custom):
-            client = self.connect(proxy)
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
-            client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
-            self.assertEqual(client.read_line(), b"+ " + b64(error) + b"\r\n")
-            client.send(b"AQ==\r\n")
-            self.assertEqual(client.read_line(), b"a1 NO Bad token\r\n")
-            client.expect_closed()
-
-    def test_imap_xoauth2_failure_with_auth_wait_keeps_the_session(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_fail("Invalid token", ("Auth-Wait", "1")),
-                                auth_ok(backend.port, ("Auth-Pass", "secret")))
-        proxy = self.oauth_proxy(auth.port)
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
-        self.assertEqual(client.read_line(),
-                         b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
-        client.send(b"\r\n")
-        self.assertEqual(client.read_line(), b"a1 NO Invalid token\r\n")
-        client.send(b"a2 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
-        client.expect(rb"^a2 OK LOGIN completed\r\n$")
-        self.assertIn(b"Auth-Login-Attempt: 2\r\n", auth.requests[1])
-
-    def test_smtp_xoauth2_failure_transcript(self):
-        auth = self.auth_server(auth_fail("Invalid credentials", ("Auth-Error-Code", "535 5.7.8")))
-        proxy = self.oauth_proxy(auth.port, "smtp")
-        client = self.connect(proxy)
-        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n")
-        client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
-        self.assertEqual(client.read_line(),
-                         b"334 " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
-        client.send(b"\r\n")
-        self.assertEqual(client.read_line(), b"535 5.7.8 Invalid credentials\r\n")
-        client.expect_closed()
-        self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="smtp",
-                                                    method="xoauth2")])
-
-    def test_oauth_without_auth_http_is_refused_at_load(self):
-        with tempfile.TemporaryDirectory() as directory:
-            for protocol, directive in (("imap", "imap_auth"), ("pop3", "pop3_auth"),
-                                        ("smtp", "smtp_auth")):
-                with self.subTest(protocol=protocol):
-                    text = proxy_config(protocol, 1143, **{directive: "plain xoauth2"})
-                    path = write_file(directory, "oauth.conf", text)
-                    with self.assertRaises(mp.ConfigErrors) as caught:
-                        mp.load_config(path)
-                    self.assertIn("auth_http", str(caught.exception))
-                    self.assertIn("xoauth2", str(caught.exception))
-
-
-# ########################################################################## #
-#                  6. Extension headers: TLS and SMTP AUTH                   #
-# ########################################################################## #
-
-class AuthHttpEndToEndExtensionHeaderTests(EndToEndTestCase):
-    def test_auth_backend_tls_ssl(self):
-        backend = self.use(FakeImapBackend(tls="implicit", context=self.backend_server_context()))
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
-        proxy = self.auth_http_proxy("imap", auth.port, proxy_ssl_trusted_certificate="ca.crt")
-        client = self.connect(proxy)
-        self.imap_login(client)
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-        self.assertIn(backend.versions[0], ("TLSv1.2", "TLSv1.3"))
-
-    def test_auth_backend_tls_ssl_with_untrusted_certificate_fails(self):
-        backend = self.use(FakeImapBackend(tls="implicit", context=self.backend_server_context()))
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
-        proxy = self.auth_http_proxy("imap", auth.port, proxy_ssl_trusted_certificate="wrongca.crt")
-        client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send("a1 LOGIN alice secret")
-        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
-        client.expect_closed()
-
-    def test_auth_smtp_auth_login(self):
-        backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "login")))
-        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off")
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        client.send("QUIT")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nQUIT\r\n")
-        self.assertEqual(backend.logins, [(b"alice", b"secret")])
-
-    def test_auth_smtp_auth_none_with_proxy_smtp_auth_on(self):
-        backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(auth_ok(backend.port, ("Auth-SMTP-Auth", "none")))
-        proxy = self.auth_http_proxy("smtp", auth.port, xclient="off", proxy_smtp_auth="on")
-        client = self.connect(proxy)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        client.send("QUIT")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
-        self.assertEqual(bytes(backend.received[0]), b"EHLO mail.test\r\nQUIT\r\n")
-        self.assertEqual(backend.logins, [])
-
-    def test_invalid_auth_backend_tls_is_an_internal_error(self):
-        auth = self.auth_server(auth_ok(1143, ("Auth-Backend-TLS", "maybe")))
-        self.assert_internal_error("imap", auth,
-                                   r'auth http server %s sent invalid Auth-Backend-TLS:"maybe"')
-
-
-# ########################################################################## #
-#                          7. PROXY protocol out                             #
-# ########################################################################## #
-
-class ProxyProtocolEndToEndOutTests(EndToEndTestCase):
-    def test_v1_header_before_the_greeting(self):
-        backend = self.use(FakeImapBackend(proxy_header=True))
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, proxy_protocol="on")
-        client = self.connect(proxy)
-        client_port = client.sock.getsockname()[1]
-        self.imap_login(client)
-        header = b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (client_port, proxy.port)
-        self.assertEqual(backend.headers, [header])
-        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
-
-    def test_v2_header(self):
-        backend = self.use(FakeImapBackend(proxy_header=True))
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, proxy_protocol="v2")
-        client = self.connect(proxy)
-        client_port = client.sock.getsockname()[1]
-        self.imap_login(client)
-        header = proxy_v2_header("127.0.0.1", client_port, "127.0.0.1", proxy.port)
-        self.assertEqual(backend.headers, [header])
-        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
-        parsed = mp.parse_proxy_header(header)
-        self.assertEqual(parsed.source, ("127.0.0.1", client_port))
-        self.assertEqual(parsed.destination, ("127.0.0.1", proxy.port))
-        self.assertEqual(parsed.length, len(header))
-
-    def v2_over_tls(self, server_hostname, alpn=None):
-        backend = self.use(FakeImapBackend(proxy_header=True))
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "ssl", proxy_protocol="v2",
-                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
-        client = self.tls_connect(proxy, hostname=server_hostname,
-                                  context=self.client_context(alpn=alpn))
-        client_port = client.sock.getsockname()[1]
-        self.imap_login(client)
-        header = backend.headers[0]
-        parsed = mp.parse_proxy_header(header)
-        self.assertEqual(parsed.source, ("127.0.0.1", client_port))
-        self.assertEqual(parsed.destination, ("127.0.0.1", proxy.port))
-        self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
-        self.assertEqual(header[:16], mp.PROXY_V2_SIGNATURE + b"\x21\x11" +
-                         struct.pack("!H", len(header) - 16))
-        tlvs = parse_tlvs(header[28:])
-        ssl_value = tlvs[0x20]
-        self.assertEqual(ssl_value[:5], b"\x01\x00\x00\x00\x00")   # PP2_CLIENT_SSL, verified 0
-        sub = parse_tlvs(ssl_value[5:])
-        self.assertEqual(sub[0x21], client.sock.version().encode())
-        self.assertEqual(sub[0x23], client.sock.cipher()[0].encode())
-        # The auth request said the same of the TLS.
-        self.assertEqual(auth.requests, [auth_request_bytes(after=b"Auth-SSL: on\r\nAuth-SSL-Protocol: " +
-                                                    sub[0x21] + b"\r\nAuth-SSL-Cipher: " +
-                                                    sub[0x23] + b"\r\n")])
-        return tlvs
-
-    def test_v2_header_for_a_tls_client_with_sni_and_alpn(self):
-        tlvs = self.v2_over_tls("mail.example.com", alpn=["imap"])
-        self.assertEqual(tlvs[0x02], b"mail.example.com")           # AUTHORITY
-        self.assertEqual(tlvs[0x01], b"imap")                       # ALPN
-
-    def test_v2_header_for_a_tls_client_without_sni(self):
-        tlvs = self.v2_over_tls("127.0.0.1")                        # no SNI for an address
-        self.assertNotIn(0x02, tlvs)
-        self.assertNotIn(0x01, tlvs)
-
-
-# ########################################################################## #
-#                           8. PROXY protocol in                             #
-# ########################################################################## #
-
-PROXY_V1_HEADER = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n"
-PROXY_FACTS = (b"Proxy-Protocol-Addr: 192.0.2.7\r\nProxy-Protocol-Port: 40000\r\n"
-            b"Proxy-Protocol-Server-Addr: 127.0.0.1\r\nProxy-Protocol-Server-Port: 143\r\n")
-
-
-class ProxyProtocolEndToEndInTests(EndToEndTestCase):
-    def test_v1_from_a_trusted_peer_sets_the_client_address(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
-        client = self.connect(proxy)
-        client.send(PROXY_V1_HEADER)
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-        proxy.wait_for_log(r'client logged in while [^,]*, client: 192\.0\.2\.7, server: '
-                           r'127\.0\.0\.1:%d, login: "alice"' % proxy.port)
-
-    def test_header_and_login_in_one_segment(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.0/8")
-        client = self.connect(proxy)
-        client.send(PROXY_V1_HEADER + b"a1 LOGIN alice secret\r\n")
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.expect(rb"^a1 OK LOGIN completed\r\n$")
-        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
-
-    def test_v1_from_an_untrusted_peer(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="10.0.0.0/8")
-        client = self.connect(proxy)
-        client.send(PROXY_V1_HEADER)
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="127.0.0.1", middle=PROXY_FACTS)])
-        proxy.wait_for_log(r"client logged in while [^,]*, client: 127\.0\.0\.1, server: ")
-
-    def test_v2_in_with_a_tlv(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
-        client = self.connect(proxy)
-        client.send(proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143,
-                                 tlvs=b"\x04\x00\x03abc"))          # a NOOP TLV
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
-
-    def test_unknown_v1_header_keeps_the_peer_address(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
-        client = self.connect(proxy)
-        client.send(b"PROXY UNKNOWN\r\n")
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes()])
-
-    def test_tcp6_header_client_ip_and_xclient(self):
-        backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
-        client = self.connect(proxy)
-        client.send(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [auth_request_bytes(
-            protocol="smtp", client_ip="2001:db8::7",
-            middle=b"Proxy-Protocol-Addr: 2001:db8::7\r\nProxy-Protocol-Port: 40000\r\n"
-                   b"Proxy-Protocol-Server-Addr: 2001:db8::1\r\nProxy-Protocol-Server-Port: 25\r\n")])
-        client.send("QUIT")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
-        self.assertIn(b"XCLIENT ADDR=IPV6:2001:db8::7 LOGIN=alice NAME=[UNAVAILABLE]\r\n",
-                      bytes(backend.received[0]))
-
-    def test_smtp_xclient_carries_the_real_address(self):
-        backend = self.use(FakeSmtpBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("smtp", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
-        client = self.connect(proxy)
-        client.send(PROXY_V1_HEADER)
-        self.smtp_hello(client)
-        client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
-        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp", client_ip="192.0.2.7",
-                                                    middle=PROXY_FACTS)])
-        client.send("QUIT")
-        self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
-        wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
-        self.assertEqual(bytes(backend.received[0]),
-                         b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.7 LOGIN=alice "
-                         b"NAME=[UNAVAILABLE]\r\nEHLO client.example\r\nQUIT\r\n")
-
-    def test_proxy_protocol_out_shows_the_real_address(self):
-        backend = self.use(FakeImapBackend(proxy_header=True))
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1",
-                           proxy_protocol="on")
-        client = self.connect(proxy)
-        client.send(PROXY_V1_HEADER)
-        self.imap_login(client)
-        self.assertEqual(backend.headers,
-                         [b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 %d\r\n" % proxy.port])
-
-    def test_missing_malformed_and_too_long_headers_close_silently(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
-        bad = [b"a1 LOGIN alice secret\r\n",
-               b"PROXY TCP4 192.0.2.999 127.0.0.1 40000 143\r\n",
-               b"PROXY TCP4 192.0.2.7 127.0.0.1 40000\r\n",
-               b"PROXY TCP4 " + b"1" * 150,
-               mp.PROXY_V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12]
-        for data in bad:
-            with self.subTest(data=data[:30]):
-                client = self.connect(proxy, timeout=1.5)     # the proxy's timeout is 5s
-                client.send(data)
-                client.expect_closed()
-                self.assertEqual(client.received, 0)
-        # Still serving.
-        client = self.connect(proxy)
-        client.send(PROXY_V1_HEADER)
-        self.imap_login(client)
-        self.assertEqual(len(auth.requests), 1)
-        proxy.assert_alive()
-
-    def test_header_then_implicit_tls(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
-                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
-        client = self.connect(proxy)
-        client.send(PROXY_V1_HEADER)
-        client.start_tls(self.client_context(), "mail.example.com")
-        self.imap_login(client)
-        tls = (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
-               b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n")
-        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS,
-                                                    after=tls)])
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-    def test_header_and_client_hello_in_one_segment(self):
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
-                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
-        client = self.connect(proxy)
-        context = self.client_context()
-        client.sock = BioTlsSocket(client.sock, context, "mail.example.com", PROXY_V1_HEADER)
-        self.imap_login(client)
-        self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PROXY_FACTS + b"Auth-SSL: on\r\n",
-                      auth.requests[0])
-
-
-# ########################################################################## #
-#              auth_http: where nginx's behaviour is subtle                  #
-# ########################################################################## #
-
-class AuthHttpEndToEndNginxParityTests(EndToEndTestCase):
-    def test_client_timeout_is_off_while_the_auth_server_answers(self):
-        # nginx's ngx_mail_auth() deletes the client's read timer before it
-        # asks the auth server: only auth_http_timeout bounds that wait.
-        # mailproxy leaves ``timeout`` running (Session._authenticate), so an
-        # auth server slower than ``timeout`` gets the client cut off silently.
-        backend = self.use(FakeImapBackend())
-
-        def slow(request, index):
-            time.sleep(1.0)
-            return auth_ok(backend.port)
-        auth = self.auth_server(answer=slow)
-        proxy = self.auth_http_proxy("imap", auth.port, timeout="500ms", auth_http_timeout="5s")
-        client = self.connect(proxy)
-        self.imap_login(client)
-        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
-
-    def test_response_without_auth_status_is_judged_by_server_and_port(self):
-        # ngx_mail_auth_http_process_headers: only an Auth-Status other than
-        # OK / WAIT makes a failure; without the header nginx goes on to
-        # Auth-Server / Auth-Port and logs in.  mailproxy answers "a1 NO " (an
-        # empty failure text) and closes (interpret_auth_response).
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_response(("Auth-Server", "127.0.0.1"),
-                                            ("Auth-Port", str(backend.port))))
-        proxy = self.auth_http_proxy("imap", auth.port)
-        client = self.connect(proxy)
-        self.imap_login(client)
-
-    def test_response_without_auth_status_nor_server_is_an_internal_error(self):
-        auth = self.auth_server(auth_response(("X-Nothing", "here")))
-        self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
-
-
-
-# ########################################################################## #
-#             Hostile peers: what a security review found                    #
-# ########################################################################## #
-# Each of these once ended a worker (with every session in it), let a peer
-# write into the auth server's request or the log, or answered an SMTP
-# client before its greeting.
-
-class HostilePeerUnitTests(CertificateFiles, unittest.TestCase):
-    def test_a_dot_inside_a_dns_label_is_malformed(self):
-        # Labels "a." and "b" would join into "a..b", which no query can carry.
-        with self.assertRaises(mp.DnsError):
-            mp.read_dns_name(b"\0" * 12 + b"\x02a.\x01b\x00", 12)
-        for name in ("a..b", ".a.example", "a.example."):
-            self.assertFalse(mp.valid_host_name(name), name)
-
-    def test_a_lookup_of_an_unsendable_name_answers_error(self):
-        loop = mp.EventLoop()
-        self.addCleanup(loop.close)
-        spec = mp.ResolverSpec(((socket.AF_INET, ("127.0.0.1", 9)),), None, True, True)
-        answers = []
-        mp.Resolver(loop, spec, 1.0).lookup("a..b", mp.DNS_A, lambda *answer: answers.append(answer))
-        loop.run_once(0.1)
-        self.assertEqual(answers, [("error", [])])
-        names = []
-        mp.ClientNameLookup(mp.Resolver(loop, spec, 1.0), "fe80::1%eth0",
-                            lambda name, problem: names.append(name))
-        loop.run_once(0.1)
-        self.assertEqual(names, ["[TEMPUNAVAIL]"])
-
-    def test_a_proxy_header_with_a_scope_id_is_refused(self):
-        for header in (b"PROXY TCP6 fe80::1%eth0 ::1 1234 25\r\n",
-                       b"PROXY TCP6 fe80::1%x\nAuth-Status:\x01 ::1 1 2\r\n"):
-            with self.assertRaises(mp.ProxyHeaderError, msg=header):
-                mp.parse_proxy_header(header)
-
-    def test_an_alpn_name_cannot_write_a_log_line(self):
-        context = self.client_context()
-        context.set_alpn_protocols(["x\n2026/11/21 00:00:00 [emerg] FORGED"])
-        server = mp.TlsLayer(mp.server_context(self.tls_settings()), server_side=True, alpn="imap")
-        client = mp.TlsLayer(context, server_side=False, server_hostname="mail.example.com")
-        with self.assertRaises(mp.TlsError) as caught:
-            server.receive_data(client.data_to_send())
-        self.assertNotIn("\n", str(caught.exception))
-        self.assertIn("\\x0a", str(caught.exception))
-
-
-# -- issue 12: authentication and certificate defects ------------------------
-# A user table whose failures tell known logins from unknown ones, password
-# checks that grow with the square of the password, certificate names and
-# other values that write into the auth server's request, a Unicode
-# look-alike that logs in as another user, a certificate that kills a worker.
-
-def timing_ratio(first, second, samples: int = 21) -> float:
-    """How many times as long second() takes as first(): the least time of
-    each over interleaved samples (the order alternates), each sample
-    repeating its call until it lasts about 2 ms.  The least, not the median:
-    on a loaded machine (other test runs on two cores) a process is
-    preempted in nearly half of such samples, and preemption only ever adds
-    time, so a path's own cost is its fastest sample."""
-    started = time.perf_counter()
-    first()
-    repeat = max(1, int(0.002 / max(time.perf_counter() - started, 1e-7)))
-    times = ([], [])
-    for index in range(samples):
-        order = (0, 1) if index % 2 else (1, 0)
-        for which in order:
-            call = (first, second)[which]
-            started = time.perf_counter()
-            for _ in range(repeat):
-                call()
-            times[which].append(time.perf_counter() - started)
-    return min(times[1]) / min(times[0])
-
-
-class PasswordCostTests(unittest.TestCase):
-    TABLES = {
-        "PLAIN": "{PLAIN}secret",
-        "SHA512-CRYPT": mp.hash_password(b"secret", "SHA512-CRYPT"),
-        "SHA256-CRYPT rounds=2000": mp.hash_password(b"secret", "SHA256-CRYPT", rounds=2000),
-        "PBKDF2-SHA256 2000": mp.hash_password(b"secret", "PBKDF2-SHA256", rounds=2000),
+# ========================================================================== #
+# ####                       Migration from nginx                       #### #
+# ========================================================================== #
+# --import-nginx on an nginx.conf of a mail proxy: every directive
+# translated, and the result passes -t; errors name the file and the line.
+
+NGINX_CONF = r"""# nginx.conf of a mail proxy   ; { } "quotes" in a comment
+worker_processes 2;
+pid mailproxy.pid;      # relative: to the configuration's directory
+error_log stderr info;
+
+events {
+    worker_connections 512;   # into [main]
+}
+
+http {
+    server { listen 80; }
+}
+
+mail {
+    server_name "mail.example.com";
+    auth_http 127.0.0.1:9000/auth;
+    auth_http_header X-Auth-Key "se cret \"k\" \\ end#not-a-comment";
+    include conf.d/*.conf;
+    ssl_verify_depth 2;
+
+    server {
+        listen 127.0.0.1:%(imap)d;
+        protocol imap;
+        imap_capabilities "IMAP4rev1" 'UIDPLUS' ID;
     }
-
-    def users(self, *values: str) -> mp.Config:
-        lines = "".join("user%d = %s\n" % (number, value) for number, value in enumerate(values))
-        return load_text(self, BASE_CONFIG, "\n[users]\n" + lines).users
-
-    def test_an_unknown_login_costs_what_a_wrong_password_costs(self):
-        # README: "An unknown login costs the same hashing time as a wrong
-        # password."  It cost a fixed PBKDF2-100000 (~25 ms) whatever the
-        # table held: 8 times a SHA512-CRYPT check, thousands of times a
-        # {PLAIN} one.
-        for name, value in self.TABLES.items():
-            with self.subTest(table=name):
-                users = self.users(value, value)
-                known = mp.Credentials(b"user1", b"wrong password")
-                unknown = mp.Credentials(b"nobody", b"wrong password")
-                self.assertFalse(mp.authenticate(users, {}, upstream(), unknown).ok)
-                ratio = timing_ratio(lambda: mp.authenticate(users, {}, upstream(), known),
-                                     lambda: mp.authenticate(users, {}, upstream(), unknown))
-                self.assertTrue(0.5 < ratio < 2.0, "unknown/known login: %.1f times" % ratio)
-
-    def test_the_dummy_has_the_cost_most_users_have(self):
-        sha512 = self.TABLES["SHA512-CRYPT"]
-        users = self.users("{PLAIN}a", sha512, self.TABLES["PBKDF2-SHA256 2000"], sha512)
-        self.assertEqual(mp.password_cost(users.dummy), ("SHA512-CRYPT", None))
-        for name, value in self.TABLES.items():
-            dummy = self.users(value).dummy
-            self.assertEqual(mp.password_cost(dummy), mp.password_cost(mp.parse_password_entry(value)))
-            self.assertFalse(mp.password_matches(dummy, b"secret"), name)
-        # Digest logins of an unknown user take the {PLAIN} entries' path too.
-        users = self.users("{PLAIN}secret")
-        digest = mp.cram_md5_digest(b"secret", SALT)
-        self.assertFalse(mp.authenticate(users, {}, upstream(),
-                                         mp.Credentials(b"nobody", digest, "cram-md5", SALT)).ok)
-
-    def test_a_long_password_costs_what_the_longest_allowed_one_costs(self):
-        # SHA-crypt's steps 13-15 built key * len(key): 16 KB of password took
-        # 0.7 s and 256 MB.  Passwords are now cut off at PASSWORD_MAX.
-        longest = b"p" * mp.PASSWORD_MAX
-        entry = mp.parse_password_entry(mp.hash_password(longest, "SHA512-CRYPT", rounds=1000))
-        self.assertTrue(mp.password_matches(entry, longest))
-        self.assertFalse(mp.password_matches(entry, longest + b"p"))   # no match on a prefix
-        users = {"alice": entry}
-        result = mp.authenticate(users, {}, upstream(), mp.Credentials(b"alice", longest + b"p"))
-        self.assertEqual((result.ok, result.reason), (False, "wrong password"))
-        wrong = b"q" * mp.PASSWORD_MAX
-        ratio = timing_ratio(lambda: mp.password_matches(entry, wrong),
-                             lambda: mp.password_matches(entry, b"q" * 8192), samples=5)
-        self.assertLess(ratio, 2.0, "8 KB password / %d bytes: %.1f times" % (mp.PASSWORD_MAX, ratio))
-
-    def test_sha_crypt_memory_is_linear_in_the_password(self):
-        tracemalloc.start()
-        try:
-            mp.sha_crypt(b"x" * 4096, "$6$rounds=1000$salt")
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        self.assertLess(peak, 64 * 4096, "peak %d bytes for a 4 KB password" % peak)
-
-
-# Certificates no `openssl req -subj` can write, made for these tests by a CA
-# of their own (whose key is not kept): TBSCertificates assembled byte by
-# byte, signed with `openssl dgst`, EC P-256, valid 2026-2126.  Their names:
-# "descriptor": CN=alice as an ObjectDescriptor (tag 7), which OpenSSL
-# verifies and nginx prints (CN=#0705616C696365) but getpeercert() cannot
-# read; "crlf": O=Example<CR><LF>Auth-SSL-Verify: SUCCESS and
-# CN=alice<CR><LF>Auth-SSL-Subject: CN=admin (UTF8String); "kelvin":
-# CN=<U+212A KELVIN SIGN>arl.  Serials 1001, 1002, 1003.
-
-ODD_CA_PEM = """\
------BEGIN CERTIFICATE-----
-MIIBojCCAUegAwIBAgICEAAwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
-b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
-MDAwMDAwWjAmMSQwIgYDVQQDDBttYWlscHJveHkgb2RkLW5hbWVzIHRlc3QgQ0Ew
-WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATBq2EI05EWMXk1r9kICF6R0oEJg++8
-BUfKNXjrsQCpQOEu76JgnLAZZ1BkkpiZqZjqoNJWrBViHl35/lCSaYDFo2MwYTAP
-BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAdBgNVHQ4EFgQUT8InAKF2
-Rld3s9VSlGE34L5gR54wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54w
-CgYIKoZIzj0EAwIDSQAwRgIhAMl3xKOnvVD+b9vmO26vapv1xeDOToWKlwgqchRl
-MV03AiEA3PwYLD8ERipyRIOMJg9f1J1oEfciEARvPcv1Nt7PJEk=
------END CERTIFICATE-----
-"""
-
-ODD_DESCRIPTOR_CERT_PEM = """\
------BEGIN CERTIFICATE-----
-MIIBmjCCAUCgAwIBAgICEAEwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
-b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
-MDAwMDAwWjAQMQ4wDAYDVQQDBwVhbGljZTBZMBMGByqGSM49AgEGCCqGSM49AwEH
-A0IABIPMgQTgzb7xNP9MWQ5WXWG4pG+c1iFTm3Asp9xQQYUwn2/Rq/brqwF0j2nf
-jGZ12wy8Zq77Suy3Fox9XL/gFpKjcjBwMAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQD
-AgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMCMB0GA1UdDgQWBBTL7t5K4p/BI7d8VkOY
-ZuiasLPbJDAfBgNVHSMEGDAWgBRPwicAoXZGV3ez1VKUYTfgvmBHnjAKBggqhkjO
-PQQDAgNIADBFAiEAoIXEx5wJRd9jH+6TanDiFP5KHS5D8Yfy9cUW5Hf8nxcCIBkp
-pxD5pG8hMYgbZWQnOIF7FY3lDi62ZXC8WcJo0gtl
------END CERTIFICATE-----
-"""
-
-ODD_DESCRIPTOR_KEY_PEM = """\
------BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglw2GRyvEQp8H2gLi
-dCURbkCKLLrXWhPOCE/iGoOwzt2hRANCAASDzIEE4M2+8TT/TFkOVl1huKRvnNYh
-U5twLKfcUEGFMJ9v0av266sBdI9p34xmddsMvGau+0rstxaMfVy/4BaS
------END PRIVATE KEY-----
-"""
-
-ODD_CRLF_CERT_PEM = """\
------BEGIN CERTIFICATE-----
-MIIB4jCCAYigAwIBAgICEAIwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
-b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
-MDAwMDAwWjBYMSowKAYDVQQKDCFFeGFtcGxlDQpBdXRoLVNTTC1WZXJpZnk6IFNV
-Q0NFU1MxKjAoBgNVBAMMIWFsaWNlDQpBdXRoLVNTTC1TdWJqZWN0OiBDTj1hZG1p
-bjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCIExLQ8Scspzkg8OhQWaseBJwNZ
-5kYEz235GJrMFwbY+yjk66iuCSMVG9HdngBLxDBEdDG1ou1DQodkD4P5vnOjcjBw
-MAkGA1UdEwQCMAAwDgYDVR0PAQH/BAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMC
-MB0GA1UdDgQWBBRqp2ugJ7W/VO6wfBn9noYAvrkDMzAfBgNVHSMEGDAWgBRPwicA
-oXZGV3ez1VKUYTfgvmBHnjAKBggqhkjOPQQDAgNIADBFAiAHJz/2yUr0Jgo7XB6D
-7uLe2qF0/Nm5rTGyIucxugoZTgIhAJjK+8GHUs9abUTE0X2+q7NDRBKulfg7JxN9
-7XxvOnL9
------END CERTIFICATE-----
-"""
-
-ODD_CRLF_KEY_PEM = """\
------BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgpD+V88AFHJzeToXg
-gyF6HqlwM39JQKiCV998sAhXGlehRANCAAQiBMS0PEnLKc5IPDoUFmrHgScDWeZG
-BM9t+RiazBcG2Pso5OuorgkjFRvR3Z4AS8QwRHQxtaLtQ0KHZA+D+b5z
------END PRIVATE KEY-----
-"""
-
-ODD_KELVIN_CERT_PEM = """\
------BEGIN CERTIFICATE-----
-MIIBmjCCAUGgAwIBAgICEAMwCgYIKoZIzj0EAwIwJjEkMCIGA1UEAwwbbWFpbHBy
-b3h5IG9kZC1uYW1lcyB0ZXN0IENBMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYxMDI3
-MDAwMDAwWjARMQ8wDQYDVQQDDAbihKphcmwwWTATBgcqhkjOPQIBBggqhkjOPQMB
-BwNCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS5PiuKfcxGBB5aXqzthX9mkxiphks
-bqhXAwynbB4eOXS9IqbAFNQzzWlPo3IwcDAJBgNVHRMEAjAAMA4GA1UdDwEB/wQE
-AwIHgDATBgNVHSUEDDAKBggrBgEFBQcDAjAdBgNVHQ4EFgQUSrp0eIEFezdYznUj
-61HXRE7Z/B8wHwYDVR0jBBgwFoAUT8InAKF2Rld3s9VSlGE34L5gR54wCgYIKoZI
-zj0EAwIDRwAwRAIgc3PAgGAL2hTSDEeKirTySAj3uXvTrw+Ilj6KkegJ42ACIG6/
-RiOR13tqAKFd/P1sDiY61BPKYpYv8i7OvZQ3rv3q
------END CERTIFICATE-----
-"""
-
-ODD_KELVIN_KEY_PEM = """\
------BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgTPw544mQ8JVyZi3t
-d7z3fJHYaJKvSLr+FSSfFZvUlcahRANCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS
-5PiuKfcxGBB5aXqzthX9mkxiphksbqhXAwynbB4eOXS9IqbAFNQzzWlP
------END PRIVATE KEY-----
-"""
-
-ODD_TLS_FILES = {"oddca.crt": ODD_CA_PEM, "descriptor.crt": ODD_DESCRIPTOR_CERT_PEM,
-                 "descriptor.key": ODD_DESCRIPTOR_KEY_PEM, "crlf.crt": ODD_CRLF_CERT_PEM,
-                 "crlf.key": ODD_CRLF_KEY_PEM, "kelvin.crt": ODD_KELVIN_CERT_PEM,
-                 "kelvin.key": ODD_KELVIN_KEY_PEM, "bothca.crt": TLS_CA_PEM + ODD_CA_PEM}
-
-# DER for names built in the tests: the value tags and the attribute types.
-UTF8, PRINTABLE, T61, IA5, UNIVERSAL, BMP, OBJECT_DESCRIPTOR = 0x0C, 0x13, 0x14, 0x16, 0x1C, 0x1E, 0x07
-DER_ATTRIBUTES = {"CN": "550403", "O": "55040a", "C": "550406", "DC": "0992268993f22c640119",
-                  "1.2.3.4": "2a0304"}
-
-
-def der_tlv(tag: int, content: bytes) -> bytes:
-    if len(content) < 0x80:
-        return bytes((tag, len(content))) + content
-    return bytes((tag, 0x82)) + len(content).to_bytes(2, "big") + content
-
-
-def der_name(*rdns) -> bytes:
-    """A DER Name; each RDN a list of (attribute, value tag, value bytes)."""
-    sets = b""
-    for rdn in rdns:
-        values = b""
-        for attribute, tag, value in rdn:
-            values += der_tlv(0x30, der_tlv(0x06, bytes.fromhex(DER_ATTRIBUTES[attribute])) +
-                              der_tlv(tag, value))
-        sets += der_tlv(0x31, values)
-    return der_tlv(0x30, sets)
-
-
-# Every byte that could break a header line or that nginx's escaping treats
-# specially: CR, LF, NUL, TAB, space, "%", quotes, backslash, 8-bit.
-HOSTILE_TEXT = "x\r\nForged: 1\0\t %\"'\\\u00e9"
-HOSTILE = HOSTILE_TEXT.encode("utf-8") + b"\xff"
-# As nginx sends it in Auth-User, Auth-Pass and Auth-SSL-Cert (NGX_ESCAPE_MAIL_AUTH).
-HOSTILE_ESCAPED = b"x%0D%0AForged:%201%00%09%20%25\"'\\\xc3\xa9\xff"
-# As nginx sends the other headers (unescaped), but CR, LF and NUL, which no
-# value nginx puts there holds, and which would end the line.
-HOSTILE_UNBROKEN = b"x%0D%0AForged: 1%00\t %\"'\\\xc3\xa9\xff"
-HOSTILE_TEXT_UNBROKEN = HOSTILE_UNBROKEN[:-1]
-
-
-REQUEST_SMTP = (b"helo.example", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>")
-REQUEST_TLS = ("TLSv1.3", "TLS_AES_128_GCM_SHA256")
-REQUEST_FACTS = mp.CertificateFacts("SUCCESS", "CN=alice", "CN=CA", "01AB", "ff" * 20)
-
-
-class AuthHttpRequestHeaderTests(unittest.TestCase):
-    # header: (the request's fields given a text and a bytes value to carry,
-    # what nginx would send for the hostile value)
-    ROWS = {
-        "Host": (lambda text, data: {"url": AUTH_URL._replace(host_header=text)}, HOSTILE_TEXT_UNBROKEN),
-        "Auth-Method": (lambda text, data: {"method": text}, HOSTILE_TEXT_UNBROKEN),
-        "Auth-User": (lambda text, data: {"login": data}, HOSTILE_ESCAPED),
-        "Auth-Pass": (lambda text, data: {"password": data}, HOSTILE_ESCAPED),
-        "Auth-Salt": (lambda text, data: {"method": "cram-md5", "salt": data}, HOSTILE_UNBROKEN),
-        "Auth-Protocol": (lambda text, data: {"protocol": text}, HOSTILE_TEXT_UNBROKEN),
-        "Client-IP": (lambda text, data: {"client_ip": text}, HOSTILE_TEXT_UNBROKEN),
-        "Client-Host": (lambda text, data: {"client_host": text}, HOSTILE_TEXT_UNBROKEN),
-        "Proxy-Protocol-Addr": (lambda text, data: {"proxy_protocol": (text, 1, "192.0.2.9", 25)},
-                                HOSTILE_TEXT_UNBROKEN),
-        "Proxy-Protocol-Server-Addr": (lambda text, data: {"proxy_protocol": ("192.0.2.7", 1, text, 25)},
-                                       HOSTILE_TEXT_UNBROKEN),
-        "Auth-SMTP-Helo": (lambda text, data: {"method": "none", "smtp": (data,) + REQUEST_SMTP[1:]},
-                           HOSTILE_UNBROKEN),
-        "Auth-SMTP-From": (lambda text, data: {"method": "none", "smtp": (REQUEST_SMTP[0], data, REQUEST_SMTP[2])},
-                           HOSTILE_UNBROKEN),
-        "Auth-SMTP-To": (lambda text, data: {"method": "none", "smtp": REQUEST_SMTP[:2] + (data,)},
-                         HOSTILE_UNBROKEN),
-        "Auth-SSL-Protocol": (lambda text, data: {"tls": (text, REQUEST_TLS[1])}, HOSTILE_TEXT_UNBROKEN),
-        "Auth-SSL-Cipher": (lambda text, data: {"tls": (REQUEST_TLS[0], text)}, HOSTILE_TEXT_UNBROKEN),
-        "Auth-SSL-Verify": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(verify=text)},
-                            HOSTILE_TEXT_UNBROKEN),
-        "Auth-SSL-Subject": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(subject=text)},
-                             HOSTILE_TEXT_UNBROKEN),
-        "Auth-SSL-Issuer": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(issuer=text)},
-                            HOSTILE_TEXT_UNBROKEN),
-        "Auth-SSL-Serial": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS._replace(serial=text)},
-                            HOSTILE_TEXT_UNBROKEN),
-        "Auth-SSL-Fingerprint": (lambda text, data: {"tls": REQUEST_TLS,
-                                                     "certificate": REQUEST_FACTS._replace(fingerprint=text)},
-                                 HOSTILE_TEXT_UNBROKEN),
-        "Auth-SSL-Cert": (lambda text, data: {"tls": REQUEST_TLS, "certificate": REQUEST_FACTS, "certificate_pem": data},
-                          HOSTILE_ESCAPED),
-        "X-Custom": (lambda text, data: {"headers": [("X-Custom", text)]}, HOSTILE_TEXT_UNBROKEN),
+    server {
+        server_name pop.example.com;
+        listen 127.0.0.1:%(pop3)d;
+        protocol pop3;
     }
-
-    def build(self, fields: dict) -> bytes:
-        fields = dict(fields)
-        url = fields.pop("url", AUTH_URL)
-        headers = fields.pop("headers", [("X-Custom", "v")])
-        return mp.build_auth_http_request(url, headers, auth_request(**fields))
-
-    def names(self, request: bytes) -> list:
-        """The request's header names, after checking that it ends with its
-        blank line and that no line holds a CR, LF or NUL."""
-        self.assertTrue(request.endswith(b"\r\n\r\n"), request)
-        lines = request[:-4].split(b"\r\n")
-        for line in lines:
-            self.assertNotRegex(line, rb"[\r\n\0]", "a line with CR, LF or NUL: %r" % line)
-        return [line.partition(b":")[0] for line in lines[1:]]
-
-    def test_every_header_keeps_its_line_whatever_it_carries(self):
-        # Before: Client-IP, Client-Host, Proxy-Protocol-*, Auth-SSL-*, Host
-        # and the rest went in as they came, so a CR LF in any of them wrote
-        # a header of its own.  Now each has exactly its line, with the bytes
-        # nginx sends (%XX where nginx escapes, the value as it is elsewhere)
-        # but for CR, LF and NUL.
-        for header, (fields, expected) in self.ROWS.items():
-            with self.subTest(header=header):
-                request = self.build(fields(HOSTILE_TEXT, HOSTILE))
-                self.assertEqual(self.names(request), self.names(self.build(fields("v", b"v"))))
-                self.assertIn(b"\r\n" + header.encode() + b": " + expected + b"\r\n", request)
-
-    def test_no_header_is_added_by_a_value(self):
-        everything = dict(login=HOSTILE, password=HOSTILE, method="none", protocol="smtp",
-                          client_ip=HOSTILE_TEXT, client_host=HOSTILE_TEXT,
-                          proxy_protocol=(HOSTILE_TEXT, 1, HOSTILE_TEXT, 2),
-                          smtp=(HOSTILE, HOSTILE, HOSTILE), tls=(HOSTILE_TEXT, HOSTILE_TEXT),
-                          certificate=mp.CertificateFacts(*[HOSTILE_TEXT] * 5),
-                          certificate_pem=HOSTILE, headers=[("X-Custom", HOSTILE_TEXT)])
-        request = self.build(everything)
-        self.assertEqual(self.names(request), [
-            b"Host", b"Auth-Method", b"Auth-User", b"Auth-Pass", b"Auth-Protocol",
-            b"Auth-Login-Attempt", b"Client-IP", b"Client-Host", b"Proxy-Protocol-Addr",
-            b"Proxy-Protocol-Port", b"Proxy-Protocol-Server-Addr", b"Proxy-Protocol-Server-Port",
-            b"Auth-SMTP-Helo", b"Auth-SMTP-From", b"Auth-SMTP-To", b"Auth-SSL", b"Auth-SSL-Protocol",
-            b"Auth-SSL-Cipher", b"Auth-SSL-Verify", b"Auth-SSL-Subject", b"Auth-SSL-Issuer",
-            b"Auth-SSL-Serial", b"Auth-SSL-Fingerprint", b"Auth-SSL-Cert", b"X-Custom"])
-        self.assertTrue(request.startswith(b"GET /mail/auth HTTP/1.0\r\n"))
-        with self.assertRaises(ValueError):
-            mp.auth_http_header("X-Bad\r\nForged", "v")
-
-    def test_names_print_as_openssl_prints_them(self):
-        # Each expectation is what `openssl x509 -noout -subject -nameopt
-        # RFC2253` (OpenSSL 3.0, XN_FLAG_RFC2253, nginx's Auth-SSL-Subject)
-        # printed for a certificate with that subject.
-        cases = [
-            ([[("CN", UTF8, b"alice\r\nAuth-Status: OK")]], r"CN=alice\0D\0AAuth-Status: OK"),
-            ([[("CN", UTF8, b"a\x00b\tc\x7fd\x1b")]], r"CN=a\00b\09c\7Fd\1B"),
-            ([[("CN", UTF8, "\u00e9\u20ac".encode())]], r"CN=\C3\A9\E2\82\AC"),
-            ([[("CN", T61, b"\xe9x\xff")]], r"CN=\C3\A9x\C3\BF"),
-            ([[("CN", BMP, "\u00e9\u20acA".encode("utf-16-be"))]], r"CN=\C3\A9\E2\82\ACA"),
-            ([[("CN", UNIVERSAL, "\u00e9\U0001f600".encode("utf-32-be"))]], r"CN=\C3\A9\F0\9F\98\80"),
-            ([[("CN", IA5, b"\x80\xfe")]], r"CN=\C2\80\C3\BE"),
-            ([[("CN", UTF8, b"#a b ")]], r"CN=\#a b\ "),
-            ([[("CN", UTF8, b" ")]], r"CN=\ "),
-            ([[("CN", UTF8, b"#")]], r"CN=#"),
-            ([[("CN", UTF8, b"##")]], r"CN=\##"),
-            ([[("CN", UTF8, b",+\"\\<>;=%'")]], r"CN=\,\+\"\\\<\>\;=%'"),
-            ([[("CN", UTF8, b"")]], r"CN="),
-            ([[("C", PRINTABLE, b"DE")], [("CN", UTF8, b"a"), ("O", UTF8, b"b")]], r"O=b+CN=a,C=DE"),
-            ([[("1.2.3.4", UTF8, b"x")]], r"1.2.3.4=#0C0178"),
-            ([[("CN", OBJECT_DESCRIPTOR, b"abc")]], r"CN=#0703616263"),
-            ([[("DC", IA5, b"example")]], r"DC=example"),
-        ]
-        for rdns, expected in cases:
-            with self.subTest(expected=expected):
-                self.assertEqual(mp.rfc2253_name(der_name(*rdns)), expected)
-        with self.assertRaises(ValueError):
-            mp.rfc2253_name(der_name([("CN", BMP, b"\x00\xe9\x00")]))    # cut in a character
-
-    def test_serials_print_as_openssl_prints_them(self):
-        # i2a_ASN1_INTEGER; it breaks a line after 35 bytes, which the
-        # request then carries as %0A.
-        self.assertEqual(mp.serial_text(b"\x00\x93\xf1"), "93F1")
-        self.assertEqual(mp.serial_text(b"\x00"), "00")
-        self.assertEqual(mp.serial_text(b"\xff"), "-01")
-        long_serial = bytes(range(1, 37))
-        self.assertEqual(mp.serial_text(long_serial), long_serial[:35].hex().upper() + "\\\n24")
-        request = auth_request(tls=REQUEST_TLS, certificate=REQUEST_FACTS._replace(
-            serial=mp.serial_text(long_serial)))
-        self.assertIn(b"\r\nAuth-SSL-Serial: " + long_serial[:35].hex().upper().encode() + b"\\%0A24\r\n",
-                      mp.build_auth_http_request(AUTH_URL, [], request))
-
-    def test_an_ipv6_auth_server_keeps_its_brackets_in_host(self):
-        # nginx's ngx_parse_url keeps the brackets in u.host (RFC 7230 §5.4).
-        for url, port in (("http://[::1]:9000/auth", 9000), ("[::1]/auth", 80)):
-            parsed = mp.parse_auth_http([url])
-            self.assertEqual((parsed.host_header, parsed.address[1][1], parsed.text),
-                             ("[::1]", port, "[::1]:%d" % port))
-            self.assertTrue(mp.build_auth_http_request(parsed, [], auth_request()).startswith(
-                b"GET /auth HTTP/1.0\r\nHost: [::1]\r\nAuth-Method: plain\r\n"))
+    server {
+        listen 127.0.0.1:%(smtp)d;
+        protocol smtp;
+        smtp_auth login plain;
+    }
+}
+"""
 
 
-class ExternalIdentityTests(unittest.TestCase):
-    USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
-             "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
+class ImportNginxTests(unittest.TestCase):
 
-    def external(self, login: bytes, *identities: str) -> mp.AuthResult:
-        facts = mp.CertificateFacts("SUCCESS", identities=identities)
-        return mp.authenticate_external(self.USERS, {}, upstream(), login, facts)
+    def write(self, directory: TempDir, name: str, text: str) -> str:
+        path = os.path.join(directory.path, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
 
-    def test_unicode_case_mapping_does_not_make_a_login(self):
-        # str.lower() made U+212A KELVIN SIGN a "k": a certificate for
-        # "\u212aarl" logged in as karl.
-        result = self.external(b"karl", "\u212aarl")
-        self.assertEqual((result.ok, result.reason),
-                         (False, "EXTERNAL login does not match the client certificate"))
-        self.assertFalse(self.external(b"\xc3\xa5sa", "\u212bsa").ok)     # ANGSTROM SIGN, too
-        self.assertFalse(self.external(b"", "\u212aarl").ok)              # not in [users]
+    def test_import_translates_every_directive_and_passes_the_check(self):
+        directory = TempDir(self)
+        ports = {"imap": free_port(), "pop3": free_port(), "smtp": free_port()}
+        nginx = self.write(directory, "nginx.conf", NGINX_CONF % ports)
+        self.write(directory, "conf.d/1-pipelining.conf", "smtp_capabilities PIPELINING;\n")
+        self.write(directory, "conf.d/2-size.conf", '# the second file\nsmtp_capabilities "SIZE 10485760" 8BITMIME;\n')
+        self.write(directory, "conf.d/ignored.txt", "this is no nginx syntax {\n")
+        status, ini, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 0, err)
+        lines = ini.splitlines()
+        base = directory.path
+        for expected in ("[main]", "worker_processes = 2", "pid = %s/mailproxy.pid" % base,
+                         "error_log = stderr info", "worker_connections = 512",
+                         "[mail]", "server_name = mail.example.com",
+                         "auth_http = 127.0.0.1:9000/auth",
+                         'auth_http_header = X-Auth-Key "se cret \\"k\\" \\\\ end#not-a-comment"',
+                         "smtp_capabilities = PIPELINING",
+                         '    "SIZE 10485760" 8BITMIME',
+                         "[server 1]", "listen = 127.0.0.1:%d" % ports["imap"], "protocol = imap",
+                         "imap_capabilities = IMAP4rev1 UIDPLUS ID",
+                         "[server pop.example.com]", "server_name = pop.example.com",
+                         "listen = 127.0.0.1:%d" % ports["pop3"], "protocol = pop3",
+                         "[server 3]", "listen = 127.0.0.1:%d" % ports["smtp"], "protocol = smtp",
+                         "smtp_auth = login plain"):
+            self.assertIn(expected, lines, "missing %r in:\n%s" % (expected, ini))
+        skipped = [line for line in lines if "ssl_verify_depth" in line]
+        self.assertEqual(skipped, ["# not translated: ssl_verify_depth 2;  (cannot be honoured: "
+                                   "Python's ssl module keeps OpenSSL's depth (100))"], ini)
+        self.assertIn("# Not mail, not translated: http {}", lines)
+        self.assertNotIn("listen = 80", ini)
+        self.assertEqual(lines.index("smtp_capabilities = PIPELINING") + 1,
+                         lines.index('    "SIZE 10485760" 8BITMIME'))
 
-    def test_ascii_case_is_forgiven(self):
-        result = self.external(b"alice@example.com", "Alice@Example.COM")
-        self.assertEqual((result.ok, result.login, result.password),
-                         (True, b"alice@example.com", b"secret"))
-        self.assertFalse(self.external(b"KARL", "karl").ok)              # [users] is exact
-        self.assertTrue(self.external(b"karl", "KARL").ok)
+        path = directory.write("imported.conf", ini)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err + "\n" + ini)
+        self.assertIn("test is successful", err)
+        config = mp.load_config(path)                    # and it means what nginx meant
+        self.assertEqual(config.main.worker_processes, 2)
+        self.assertEqual(config.main.worker_connections, 512)
+        self.assertEqual(config.main.pid, os.path.join(base, "mailproxy.pid"))
+        imap, pop3, smtp = config.servers
+        self.assertEqual(imap.auth_http_header, [("X-Auth-Key", 'se cret "k" \\ end#not-a-comment')])
+        self.assertEqual(imap.server_name, "mail.example.com")
+        self.assertEqual(pop3.server_name, "pop.example.com")
+        self.assertEqual(imap.imap_capabilities, ["IMAP4rev1", "UIDPLUS", "ID"])
+        self.assertEqual(smtp.smtp_capabilities, ["PIPELINING", "SIZE 10485760", "8BITMIME"])
+        self.assertEqual([(s.protocol, s.listen[0].port) for s in config.servers],
+                         [("imap", ports["imap"]), ("pop3", ports["pop3"]), ("smtp", ports["smtp"])])
 
+    def broken(self, text: str):
+        directory = TempDir(self)
+        nginx = self.write(directory, "nginx.conf", text)
+        status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 1, err)
+        self.assertEqual(out, "")
+        self.assertNotIn("Traceback", err)
+        return nginx, err
 
-class OddCertificateAuthHttpTests(EndToEndTestCase):
-    """Certificates with odd names, end to end."""
+    def test_unclosed_quote_and_stray_brace_name_the_file_and_line(self):
+        nginx, err = self.broken('mail {\n    server {\n        server_name "mail;\n'
+                                 '        listen 127.0.0.1:1143;\n    }\n}\n')
+        self.assertIn("%s:3: unexpected end of file" % nginx, err)
+        nginx, err = self.broken("mail {\n    server {\n        listen 127.0.0.1:1143;\n"
+                                 "    }\n}\n}\n")
+        self.assertIn('%s:6: unexpected "}"' % nginx, err)
 
-    def odd_names_proxy(self, auth: AuthServer, mode: str = "on") -> ProxyUnderTest:
-        return self.auth_http_proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
-                          ssl_certificate_key="server.key", ssl_verify_client=mode,
-                          ssl_client_certificate=self.tls_path("bothca.crt"))
+    def test_unclosed_brace_names_the_file_and_line(self):
+        # nginx: 'unexpected end of file, expecting "}" in FILE:LINE'.
+        nginx, err = self.broken("mail {\n    server {\n        listen 127.0.0.1:1143;\n"
+                                 "        protocol imap;\n    }\n")
+        self.assertIn('unexpected end of file, expecting "}"', err)
+        self.assertRegex(err, re.escape(nginx) + r":\d+", "no line number in %r" % err)
 
-    def odd_client(self, proxy, certificate: str) -> Client:
-        client = self.connect(proxy)
-        client.sock = self.client_context(certificate).wrap_socket(
-            client.sock, server_hostname="mail.example.com")
-        return client
-
-    def tls_lines(self, client: Client, *lines: bytes) -> bytes:
-        return (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
-                b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n" +
-                b"".join(line + b"\r\n" for line in lines))
-
-    def test_a_name_with_cr_lf_reaches_the_auth_server_escaped(self):
-        # The subject went in as 'CN=alice\r\nAuth-SSL-Subject: CN=admin,...'
-        # and forged two headers; nginx sends OpenSSL's \0D\0A.
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.odd_names_proxy(auth)
-        client = self.odd_client(proxy, "crlf")
-        self.imap_login(client)
-        fingerprint = hashlib.sha1(ssl.PEM_cert_to_DER_cert(ODD_CRLF_CERT_PEM)).hexdigest()
-        self.assertEqual(auth.requests, [auth_request_bytes(after=self.tls_lines(
-            client, b"Auth-SSL-Verify: SUCCESS",
-            rb"Auth-SSL-Subject: CN=alice\0D\0AAuth-SSL-Subject: CN=admin,"
-            rb"O=Example\0D\0AAuth-SSL-Verify: SUCCESS",
-            b"Auth-SSL-Issuer: CN=mailproxy odd-names test CA", b"Auth-SSL-Serial: 1002",
-            b"Auth-SSL-Fingerprint: " + fingerprint.encode()))])
-
-    def test_an_unreadable_certificate_under_optional_reads_as_none(self):
-        # getpeercert() raised in stream_tls_ready and ended the worker.
-        # With ``optional`` the session goes on; the auth server is told
-        # what nginx tells it of a client without a certificate.
-        backend = self.use(FakeImapBackend())
-        auth = self.auth_server(auth_ok(backend.port))
-        proxy = self.odd_names_proxy(auth, mode="optional")
-        client = self.odd_client(proxy, "descriptor")
-        self.imap_login(client)
-        self.assertEqual(auth.requests, [auth_request_bytes(after=self.tls_lines(client, b"Auth-SSL-Verify: NONE"))])
-        proxy.wait_for_log(r"\[info\] .*\*1 client SSL certificate cannot be read \(.+\) while SSL "
-                           r"handshaking, client: 127\.0\.0\.1, ")
-        proxy.assert_alive()
-
-
-class OddCertificateUserTableTests(EndToEndTestCase):
-    def test_an_unreadable_certificate_is_refused_and_the_worker_lives(self):
-        # ssl_verify_client on: as a missing certificate.  A logged-in
-        # bystander on the same worker keeps working.
-        backend = self.use(FakeImapBackend())
-        proxy = self.tls_proxy("imap", backend.port, ssl_verify_client="on",
-                               ssl_client_certificate=self.tls_path("bothca.crt"))
-        bystander = self.tls_connect(proxy, certificate="client")
-        self.imap_login(bystander)
-        hostile = self.connect(proxy)
-        hostile.start_tls(self.client_context("descriptor"))
-        self.assertEqual(hostile.read_line(), b"* BYE No required SSL certificate\r\n")
-        hostile.expect_closed()
-        proxy.wait_for_log(r"\[info\] .*\*2 client SSL certificate cannot be read \(.+\) while SSL "
-                           r"handshaking")
-        proxy.wait_for_log(r"\*2 session done: no client certificate")
-        bystander.send("a2 NOOP")
-        bystander.expect(rb"^a2 OK NOOP completed\r\n$")
-        proxy.assert_alive()
-
-    def test_a_kelvin_sign_does_not_log_in_as_karl(self):
-        backend = self.use(FakeImapBackend(accept=((b"karl", b"secret"),)))
-        proxy = self.tls_proxy("imap", backend.port, users={"karl": "{PLAIN}secret"},
-                               ssl_verify_client="optional", imap_auth="plain external",
-                               ssl_client_certificate=self.tls_path("oddca.crt"))
-        client = self.connect(proxy)
-        client.start_tls(self.client_context("kelvin"))
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
-        client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"karl") + b"\r\n")
-        client.expect(rb"^a1 NO Invalid login or password\r\n$")
-        proxy.wait_for_log(r'client login failed: "EXTERNAL login does not match the client '
-                           r'certificate"')
-        self.assertEqual(backend.received, [])
+    def test_line_numbers_stay_right_after_a_multi_line_quoted_value_with_escapes(self):
+        # The stray "}" is on line 6; the quoted value before it spans lines
+        # 2-3 and has four escaped quotes.
+        nginx, err = self.broken('mail {\n    server_name "\n\\"\\"\\"\\"";\n'
+                                 "    protocol imap;\n}\n}\n")
+        self.assertIn('%s:6: unexpected "}"' % nginx, err)
 
 
-class HostileAuthServerTests(EndToEndTestCase):
-    def test_a_percent_sign_in_auth_server_is_an_internal_error_not_a_crash(self):
-        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Server", "%d%s"),
-                                            ("Auth-Port", "143")))
-        self.assert_internal_error("imap", auth,
-                                   r'auth http server %s sent invalid server address:"%%d%%s"')
+# ========================================================================== #
+# ####                           Command line                           #### #
+# ========================================================================== #
+# -v, usage, --hash-password, as subprocesses.  (-t is in "Configuration".)
+
+class CommandLineTests(unittest.TestCase):
+
+    def test_version(self):
+        status, out, err = run_mailproxy(["-v"])
+        self.assertEqual(status, 0)
+        self.assertIn("mailproxy/" + mp.__version__, out + err)
+
+    def test_unknown_option(self):
+        for args in (["-x"], ["--bogus"], ["-c"]):
+            status, out, err = run_mailproxy(args)
+            self.assertEqual(status, 2, args)
+            self.assertIn("usage:", err)
+
+    def hash(self, args, password: bytes) -> str:
+        status, out, err = run_mailproxy(["--hash-password"] + args, stdin=password)
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out.count("\n"), 1, out)
+        return out.strip()
+
+    def test_hash_password_default_scheme(self):
+        value = self.hash([], b"secret\n")
+        self.assertTrue(value.startswith("{PBKDF2-SHA256}"), value)
+        entry = mp.parse_password_entry(value)
+        self.assertTrue(mp.password_matches(entry, b"secret"))
+        self.assertFalse(mp.password_matches(entry, b"secret\n"))
+        self.assertFalse(mp.password_matches(entry, b"Secret"))
+
+    def test_hash_password_crypt_schemes(self):
+        for scheme in ("SHA512-CRYPT", "SHA256-CRYPT", "sha512-crypt"):
+            value = self.hash([scheme], b"secret\r\n")
+            self.assertTrue(value.startswith("{%s}$%s$" % (scheme.upper(), "6" if "512" in scheme else "5")), value)
+            entry = mp.parse_password_entry(value)
+            self.assertTrue(mp.password_matches(entry, b"secret"), scheme)
+            self.assertFalse(mp.password_matches(entry, b"secreT"), scheme)
+
+    def test_hash_password_spaces_and_utf8(self):
+        password = "pä ss wörd %+\"'".encode("utf-8")
+        for args in ([], ["SHA512-CRYPT"], ["PLAIN"]):
+            entry = mp.parse_password_entry(self.hash(args, password + b"\n"))
+            self.assertTrue(mp.password_matches(entry, password), args)
+            self.assertFalse(mp.password_matches(entry, password + b"x"), args)
+
+    def test_hash_password_output_loads_as_a_users_entry(self):
+        value = self.hash(["SHA256-CRYPT"], b"from the file\n")
+        config = load_text(self, BASE_CONFIG, "[users]\nalice = " + value + "\n")
+        self.assertTrue(mp.password_matches(config.users["alice"], b"from the file"))
+
+    def test_hash_password_refuses_empty_input_and_unknown_scheme(self):
+        for stdin in (b"", b"\n"):
+            status, out, err = run_mailproxy(["--hash-password"], stdin=stdin)
+            self.assertEqual(status, 1, stdin)
+            self.assertEqual(out, "")
+            self.assertIn("no password", err)
+        status, out, err = run_mailproxy(["--hash-password", "md5"], stdin=b"secret\n")
+        self.assertEqual(status, 1)
+        self.assertIn("unknown scheme", err)
 
 
-class SmtpEndToEndEarlyDataTests(EndToEndTestCase):
-    def test_commands_behind_a_proxy_header_wait_for_the_greeting(self):
-        good = SmtpEndToEndResolverTests.GOOD
-        dns = FakeDns(lambda query, name, qtype: (time.sleep(0.3), records_for(good)(query, name, qtype))[1])
-        self.addCleanup(dns.close)
-        backend = self.use(FakeSmtpBackend())
-        text = proxy_config("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port,
-                            set_real_ip_from="127.0.0.1")
-        text = re.sub(r"(listen = 127\.0\.0\.1:\d+)", r"\1 proxy_protocol", text)
-        proxy = self.use(ProxyUnderTest(text))
-        client = self.connect(proxy)
-        client.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 1234 25\r\nEHLO x\r\nNOOP\r\n")
-        self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)     # the 220 comes first
-        self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
-
-
-# ########################################################################## #
-#                                    Fuzz                                    #
-# ########################################################################## #
+# ========================================================================== #
+# ####                               Fuzz                               #### #
+# ========================================================================== #
 # A seeded fuzzer for the sans-I/O pieces (issue 12):
 #
 #     python3 test_mailproxy.py --fuzz N [--seed S] [TARGET...]
@@ -10545,7 +9647,7 @@ def fuzz_event(event) -> tuple:
     return type(event).__name__, event
 
 
-# -- corpus: valid transcripts, from the tests above --------------------------
+# -- corpus: valid transcripts, from the tests above --------------------------------
 
 def fuzz_sasl(rng: random.Random, login: bytes, password: bytes) -> tuple:
     """One SASL exchange as a client makes it (RFC 4422): (mechanism,
@@ -10808,7 +9910,7 @@ def fuzz_dns_corpus(rng: random.Random, settings: dict) -> list:
     return [dns_response(query, records, rcode=rng.choice((0, 0, 2, 3)), truncated=rng.random() < 0.2)]
 
 
-# -- mutations ---------------------------------------------------------------
+# -- mutations ----------------------------------------------------------------------
 
 def fuzz_span(rng: random.Random, data: bytes) -> tuple:
     """A random [start, end) within ``data``, mostly short."""
@@ -10949,7 +10051,7 @@ def fuzz_mutated(rng: random.Random, segments: list, other: list, limits: list) 
     return segments
 
 
-# -- drivers: each piece fed as the session feeds it --------------------------
+# -- drivers: each piece fed as the session feeds it --------------------------------
 #
 # ``reads(segment, limit)`` cuts a segment into the reads the piece gets (at
 # most ``limit`` bytes each, as the session's read budget); ``problems``
@@ -11281,7 +10383,7 @@ FUZZ_TARGETS = {
 }
 
 
-# -- the oracles ---------------------------------------------------------------
+# -- the oracles --------------------------------------------------------------------
 
 def fuzz_case(name: str, rng: random.Random, targets: Optional[dict] = None) -> FuzzCase:
     """The next input for target ``name``: a corpus transcript, mostly mutated."""
@@ -11411,7 +10513,7 @@ def fuzz_short(value, width: int = 300) -> str:
     return text if len(text) <= width else text[:width] + "..."
 
 
-# -- shrinking: a smaller input that fails the same way -----------------------
+# -- shrinking: a smaller input that fails the same way -----------------------------
 
 def fuzz_shrink(failure: FuzzFailure, targets: Optional[dict] = None,
                 checks: int = FUZZ_SHRINK_CHECKS) -> FuzzFailure:
@@ -11471,7 +10573,7 @@ def fuzz_shrink_settings(best: FuzzFailure, still: Callable) -> FuzzFailure:
     return best
 
 
-# -- running -------------------------------------------------------------------
+# -- running ------------------------------------------------------------------------
 
 class FuzzStats(NamedTuple):
     target: str
@@ -11692,9 +10794,940 @@ class FuzzFoundRegressionTests(unittest.TestCase):
                                             imap_client_buffer=64)
 
 
-# ########################################################################## #
-#                                  Runner                                    #
-# ########################################################################## #
+# ========================================================================== #
+# ####                            Benchmark                             #### #
+# ========================================================================== #
+# Sizes a host without nginx: the real program (mailproxy.py -c FILE) as a
+# subprocess, one IMAP server on loopback, and in ONE forked child (so its
+# CPU is not the load generator's) a fake IMAP backend and a fake auth_http
+# server.  The load generator is this process: non-blocking sockets, one
+# selectors loop.  The proxy's CPU is read from /proc (master + workers).
+# The fake backend is the benchmark's own, not the harness's FakeImapBackend:
+# that one spends a thread per connection and reads line by line, so at a
+# thousand idle sessions, thousands of logins a second and 16 MiB FETCHes it
+# would set the pace, and the table would measure the fake, not mailproxy.
+
+BENCH_WARMUP = 1.0                   # s of logins before the logins are counted
+BENCH_SECONDS = 5.0                  # s of logins that are counted
+BENCH_CONCURRENCY = 32               # sessions logging in at once (logins, idle)
+BENCH_FETCH_SIZE = 16 * 1024 * 1024  # bytes of the literal each FETCH returns
+BENCH_RELAY_TOTAL = 128 * 1024 * 1024          # bytes relayed by one session
+BENCH_RELAY_SESSIONS = 4                       # parallel sessions of the 2nd relay run
+BENCH_RELAY_TOTAL_PARALLEL = 256 * 1024 * 1024  # bytes relayed by them together
+BENCH_IDLE_SESSIONS = 1000           # logged-in sessions held open
+BENCH_LATENCY_WARMUP = 200           # NOOPs not measured
+BENCH_LATENCY_ROUNDS = 2000          # NOOPs measured, one at a time
+BENCH_SETTLE = 0.5                   # s of quiet between workloads
+BENCH_TIMEOUT = 120.0                # s a workload may take before it fails
+BENCH_MAX_ERRORS = 20                # failed sessions before a workload gives up
+BENCH_USER = b"bench"
+BENCH_PASSWORD = b"secret"
+
+
+class BenchmarkFailure(Exception):
+    """A workload saw something it did not expect."""
+
+
+def micro_unit() -> str:
+    """The micro sign if stdout can print it."""
+    try:
+        "\u00b5".encode(sys.stdout.encoding or "ascii")
+        return "\u00b5s"
+    except (UnicodeError, LookupError):
+        return "us"
+
+
+# -- the proxy's processes, from /proc ----------------------------------------------
+
+def have_proc() -> bool:
+    return os.path.exists("/proc/self/stat")
+
+
+def process_family(root: int) -> list:
+    """``root`` and its descendants (found by ppid), or [] without /proc."""
+    if not have_proc():
+        return []
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = process_stat(int(name))
+            if stat is not None:
+                children.setdefault(stat.ppid, []).append(int(name))
+    family, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        family.append(pid)
+        todo.extend(children.get(pid, ()))
+    return family
+
+
+def cpu_of(pids):
+    """Seconds of CPU (user + system) of ``pids``; None without /proc."""
+    if not pids:
+        return None
+    ticks = 0
+    for pid in pids:
+        stat = process_stat(pid)
+        if stat is not None:
+            ticks += stat.cpu_ticks
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_of(pids):
+    """Bytes of VmRSS of ``pids`` together; None without /proc."""
+    if not pids:
+        return None
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/status" % pid) as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class CpuMeter:
+    """Wall time and CPU (proxy, backend child, this process) over an interval."""
+
+    def __init__(self, proxy_pid: int, backend_pid: int):
+        self.proxy_pid = proxy_pid
+        self.backend_pid = backend_pid
+
+    def sample(self):
+        own = os.times()
+        return (time.perf_counter(), cpu_of(process_family(self.proxy_pid)),
+                cpu_of([self.backend_pid] if have_proc() else []),
+                own.user + own.system)
+
+    @staticmethod
+    def delta(start, end):
+        """(wall s, proxy CPU s or None, backend CPU s or None, load generator CPU s)."""
+        def minus(a, b):
+            return None if a is None or b is None else a - b
+        return (end[0] - start[0], minus(end[1], start[1]), minus(end[2], start[2]),
+                end[3] - start[3])
+
+
+# -- the forked child: fake IMAP backend and auth_http server -----------------------
+
+class BenchmarkPeer:
+    """One connection the backend child serves."""
+    __slots__ = ("sock", "kind", "inbuf", "out", "events", "literal", "first", "closing")
+
+    def __init__(self, sock, kind):
+        self.sock = sock
+        self.kind = kind
+        self.inbuf = bytearray()
+        self.out = []              # memoryviews / bytes still to send
+        self.events = 0
+        self.literal = 0           # bytes of a literal still to skip
+        self.first = None          # the first line of a command with literals
+        self.closing = False
+
+
+def serve_benchmark_backend(imap_listener, auth_listener) -> None:
+    """The child's event loop.  IMAP: greeting, LOGIN with literals (each
+    ``{n}`` answered ``+ OK``), NOOP, FETCH (a BENCH_FETCH_SIZE literal from
+    one preallocated buffer), LOGOUT.  HTTP: every GET gets Auth-Status OK
+    pointing at the IMAP backend, then the connection is closed."""
+    payload = memoryview(bytes(BENCH_FETCH_SIZE))
+    fetch_head = b"* 1 FETCH (BODY[] {%d}\r\n" % BENCH_FETCH_SIZE
+    auth_reply = (b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\n"
+                  b"Auth-Port: %d\r\n\r\n" % imap_listener.getsockname()[1])
+    selector = selectors.DefaultSelector()
+    for listener, kind in ((imap_listener, "imap"), (auth_listener, "auth")):
+        listener.setblocking(False)
+        selector.register(listener, selectors.EVENT_READ, kind)
+    parent = os.getppid()
+
+    def watch(peer):
+        wanted = ((0 if peer.closing else selectors.EVENT_READ) |
+                  (selectors.EVENT_WRITE if peer.out else 0))
+        if wanted != peer.events:
+            selector.modify(peer.sock, wanted, peer)
+            peer.events = wanted
+
+    def close(peer):
+        selector.unregister(peer.sock)
+        peer.sock.close()
+        peer.out = []
+
+    def flush(peer):
+        out = peer.out
+        try:
+            while out:
+                sent = peer.sock.send(out[0])
+                if sent < len(out[0]):
+                    out[0] = memoryview(out[0])[sent:]
+                    break
+                del out[0]
+        except BlockingIOError:
+            pass
+        except OSError:
+            close(peer)
+            return
+        if not out and peer.closing:
+            close(peer)
+        else:
+            watch(peer)
+
+    def imap_input(peer):
+        buf = peer.inbuf
+        while True:
+            if peer.literal:
+                taken = min(peer.literal, len(buf))
+                del buf[:taken]
+                peer.literal -= taken
+                if peer.literal:
+                    return
+            end = buf.find(b"\n")
+            if end < 0:
+                return
+            line = bytes(buf[:end + 1])
+            del buf[:end + 1]
+            if line.endswith(b"}\r\n") and b"{" in line:
+                peer.first = peer.first or line
+                peer.literal = int(line[line.rindex(b"{") + 1:-3])
+                peer.out.append(b"+ OK\r\n")
+                continue
+            command = peer.first or line
+            peer.first = None
+            tag, _, rest = command.rstrip(b"\r\n").partition(b" ")
+            verb = rest.split(b" ", 1)[0].upper()
+            if verb in (b"LOGIN", b"NOOP"):
+                peer.out.append(tag + b" OK done\r\n")
+            elif verb == b"FETCH":
+                peer.out += [fetch_head, payload, b")\r\n" + tag + b" OK done\r\n"]
+            elif verb == b"LOGOUT":
+                peer.out.append(b"* BYE bench\r\n" + tag + b" OK done\r\n")
+                peer.closing = True
+                return
+            else:
+                peer.out.append(tag + b" BAD unknown command\r\n")
+
+    while True:
+        events = selector.select(1.0)
+        if not events and os.getppid() != parent:
+            return                                     # the benchmark is gone
+        for key, mask in events:
+            if key.data in ("imap", "auth"):
+                while True:
+                    try:
+                        sock, _ = key.fileobj.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break                          # EMFILE and the like: retry later
+                    sock.setblocking(False)
+                    peer = BenchmarkPeer(sock, key.data)
+                    selector.register(sock, selectors.EVENT_READ, peer)
+                    peer.events = selectors.EVENT_READ
+                    if key.data == "imap":
+                        peer.out.append(b"* OK bench\r\n")
+                        flush(peer)
+                continue
+            peer = key.data
+            if peer.sock.fileno() < 0:
+                continue                               # closed by an earlier event
+            if mask & selectors.EVENT_READ and not peer.closing:
+                try:
+                    data = peer.sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                except OSError:
+                    data = b""
+                if data == b"":
+                    close(peer)
+                    continue
+                if data:
+                    peer.inbuf += data
+                    if peer.kind == "imap":
+                        imap_input(peer)
+                    elif b"\r\n\r\n" in peer.inbuf:
+                        peer.out.append(auth_reply)
+                        peer.closing = True
+            if peer.out or peer.closing:
+                flush(peer)
+
+
+def start_benchmark_backend():
+    """Fork the backend child: (pid, IMAP port, auth port)."""
+    listeners = []
+    for _ in range(2):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4096)
+        listeners.append(listener)
+    ports = [listener.getsockname()[1] for listener in listeners]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:                                       # the child never returns
+        status = 0
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            serve_benchmark_backend(*listeners)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            status = 1
+        finally:
+            os._exit(status)
+    for listener in listeners:
+        listener.close()
+    return pid, ports[0], ports[1]
+
+
+def stop_benchmark_backend(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+# -- mailproxy itself ---------------------------------------------------------------
+
+def start_benchmark_proxy(directory: str, auth_port: int):
+    """mailproxy.py -c FILE in its own process group: (Popen, IMAP port)."""
+    port = free_port()
+    config = os.path.join(directory, "mailproxy.conf")
+    with open(config, "w") as handle:
+        handle.write("[main]\nworker_processes = 1\nworker_connections = 10240\n"
+                     "error_log = %s warn\n\n"
+                     "[mail]\nauth_http = 127.0.0.1:%d/auth\nproxy_buffer = 16k\n\n"
+                     "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n"
+                     % (os.path.join(directory, "error.log"), auth_port, port))
+    output = open(os.path.join(directory, "output.log"), "wb")
+    try:
+        proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config],
+                                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                start_new_session=True)
+    finally:
+        output.close()
+    return proc, port
+
+
+def stop_benchmark_proxy(proc) -> None:
+    """SIGTERM to the master (as the README says signals go), then SIGKILL to
+    its whole process group, whatever is left of it.  (SIGTERM to the group
+    at once races the master's SIGCHLD handling: it may log an alert and
+    start a new worker while it stops.)"""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def blocking_session(port: int, timeout: float = 2.0):
+    """A logged-in blocking socket and its reader (for the latency run)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    reader = sock.makefile("rb")
+    try:
+        greeting = reader.readline()
+        if not greeting.startswith(b"* OK"):
+            raise BenchmarkFailure("greeting %r" % greeting)
+        sock.sendall(b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
+        reply = reader.readline()
+        if reply != b"a OK done\r\n":
+            raise BenchmarkFailure("LOGIN answered %r" % reply)
+    except BaseException:
+        reader.close()
+        sock.close()
+        raise
+    return sock, reader
+
+
+def wait_until_serving(proc, port: int, log_path: str) -> None:
+    """Until one whole session works through the proxy (10 s at most)."""
+    deadline = time.monotonic() + 10
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchmarkFailure("mailproxy exited with status %s at start; its output:\n%s"
+                                % (proc.returncode, file_tail(os.path.join(
+                                    os.path.dirname(log_path), "output.log"))))
+        try:
+            sock, reader = blocking_session(port)
+            with sock, reader:
+                sock.sendall(b"b LOGOUT\r\n")
+                if not reader.readline().startswith(b"* BYE"):
+                    raise BenchmarkFailure("no BYE after LOGOUT")
+            return
+        except OSError as error:
+            last = error
+            time.sleep(0.1)
+    raise BenchmarkFailure("mailproxy did not serve a session within 10 s (%s)" % last)
+
+
+def file_tail(path: str, lines: int = 10) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:]) or "(empty)"
+    except OSError:
+        return "(no %s)" % path
+
+
+# -- the load generator: one selectors loop, one generator per session --------------
+# A session is a generator that yields requests and gets answers back:
+#   ("connect",)     open a new connection to the proxy        -> None
+#   ("send", bytes)  queue bytes (sent as the socket allows)   -> None
+#   ("line",)        the next line, CRLF included              -> bytes
+#   ("skip", n)      read and drop n bytes                     -> None
+#   ("close",)       close the connection                      -> None
+# The proxy closing the connection, or a socket error, is thrown into it.
+# A generator that returns leaves its connection open (idle sessions).
+
+class LoadConnection:
+    __slots__ = ("sock", "gen", "want", "need", "buf", "out", "events")
+
+    def __init__(self, gen=None, sock=None):
+        self.sock = sock
+        self.gen = gen
+        self.want = None
+        self.need = 0
+        self.buf = bytearray()
+        self.out = bytearray()
+        self.events = 0
+
+
+class LoadLoop:
+    def __init__(self, port: int):
+        self.address = ("127.0.0.1", port)
+        self.selector = selectors.DefaultSelector()
+        self.scratch = bytearray(1 << 20)
+        self.view = memoryview(self.scratch)
+        self.queue = []            # (generator, connection or None) not started yet
+        self.limit = None          # at most this many started and not finished
+        self.active = set()
+        self.kept = []             # finished, connection still open
+        self.failures = []         # exceptions of generators that failed
+
+    def add(self, gen, conn=None) -> None:
+        self.queue.append((gen, conn))
+
+    def run(self, until: float) -> bool:
+        """Serve until every session ended (True) or ``until`` (False)."""
+        self._start_queued()
+        while self.active or self.queue:
+            left = until - time.perf_counter()
+            if left <= 0:
+                return False
+            for key, mask in self.selector.select(min(left, 1.0)):
+                conn = key.data
+                if conn.gen is None or key.fileobj is not conn.sock:
+                    continue                   # finished, or an event of a closed socket
+                if mask & selectors.EVENT_WRITE:
+                    if conn.want == "connect":
+                        error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        conn.want = None
+                        self._advance(conn, None, OSError(error, os.strerror(error)) if error else None)
+                        continue
+                    if conn.out:
+                        self._flush(conn)
+                if mask & selectors.EVENT_READ and conn.gen is not None and key.fileobj is conn.sock:
+                    self._readable(conn)
+            self._start_queued()
+        return True
+
+    def _start_queued(self) -> None:
+        while self.queue and (self.limit is None or len(self.active) < self.limit):
+            gen, conn = self.queue.pop(0)
+            conn = conn or LoadConnection()
+            conn.gen = gen
+            self.active.add(conn)
+            self._advance(conn)
+
+    def _readable(self, conn) -> None:
+        try:
+            count = conn.sock.recv_into(self.scratch)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._advance(conn, None, error)
+            return
+        if count == 0:
+            self._advance(conn, None, BenchmarkFailure("the proxy closed the connection"))
+            return
+        if conn.want == "skip" and not conn.buf:
+            taken = min(conn.need, count)
+            conn.need -= taken
+            if taken < count:
+                conn.buf += self.view[taken:count]
+            if conn.need == 0:
+                conn.want = None
+                self._advance(conn)
+            return
+        conn.buf += self.view[:count]
+        if conn.want == "line":
+            end = conn.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(conn.buf[:end + 1])
+                del conn.buf[:end + 1]
+                conn.want = None
+                self._advance(conn, line)
+        elif conn.want == "skip":
+            taken = min(conn.need, len(conn.buf))
+            del conn.buf[:taken]
+            conn.need -= taken
+            if conn.need == 0:
+                conn.want = None
+                self._advance(conn)
+
+    def _watch(self, conn, events) -> None:
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self.selector.register(conn.sock, events, conn)
+        elif events == 0:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn) -> None:
+        if conn.sock is not None:
+            self._watch(conn, 0)
+            conn.sock.close()
+            conn.sock = None
+        conn.buf = bytearray()
+        conn.out = bytearray()
+
+    def _flush(self, conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+            del conn.out[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            self._advance(conn, None, error)
+            return
+        self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+
+    def _advance(self, conn, value=None, error=None) -> None:
+        """Resume the session until it waits for the network."""
+        while True:
+            try:
+                request = conn.gen.throw(error) if error is not None else conn.gen.send(value)
+            except StopIteration:
+                self._finish(conn, None)
+                return
+            except Exception as failure:
+                self._finish(conn, failure)
+                return
+            value = error = None
+            kind = request[0]
+            if kind == "line":
+                end = conn.buf.find(b"\n")
+                if end >= 0:
+                    value = bytes(conn.buf[:end + 1])
+                    del conn.buf[:end + 1]
+                    continue
+                conn.want = "line"
+                self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+                return
+            if kind == "send":
+                conn.out += request[1]
+                try:
+                    sent = conn.sock.send(conn.out)
+                    del conn.out[:sent]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as failure:
+                    error = failure
+            elif kind == "skip":
+                taken = min(request[1], len(conn.buf))
+                del conn.buf[:taken]
+                if taken < request[1]:
+                    conn.want, conn.need = "skip", request[1] - taken
+                    self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+                    return
+            elif kind == "connect":
+                self._close(conn)
+                conn.sock = socket.socket()
+                conn.sock.setblocking(False)
+                status = conn.sock.connect_ex(self.address)
+                if status not in (0, errno.EINPROGRESS, errno.EAGAIN):
+                    error = OSError(status, os.strerror(status))
+                    continue
+                conn.want = "connect"
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            elif kind == "close":
+                self._close(conn)
+            else:
+                error = BenchmarkFailure("unknown request %r" % (request,))
+
+    def _finish(self, conn, failure) -> None:
+        self.active.discard(conn)
+        conn.gen = None
+        conn.want = None
+        if failure is not None:
+            self.failures.append(failure)
+            self._close(conn)
+        elif conn.sock is not None:
+            self._watch(conn, 0)
+            self.kept.append(conn)
+
+    def close_all(self) -> None:
+        for conn in list(self.active) + self.kept:
+            if conn.gen is not None:
+                conn.gen.close()
+                conn.gen = None
+            self._close(conn)
+        self.active.clear()
+        self.kept = []
+        self.queue = []
+        self.selector.close()
+
+
+def check_line(line: bytes, wanted: bytes, what: str, prefix: bool = False) -> None:
+    if not (line.startswith(wanted) if prefix else line == wanted):
+        raise BenchmarkFailure("%s: expected %r, got %r" % (what, wanted, line))
+
+
+def login_steps():
+    """Connect, greeting, LOGIN; the connection stays open."""
+    yield ("connect",)
+    check_line((yield ("line",)), b"* OK", "greeting", prefix=True)
+    yield ("send", b"a LOGIN " + BENCH_USER + b" " + BENCH_PASSWORD + b"\r\n")
+    check_line((yield ("line",)), b"a OK done\r\n", "LOGIN")
+
+
+def login_slot_steps(stats: dict):
+    """Full sessions back to back until stats["stop"]; failures are counted."""
+    while not stats["stop"]:
+        try:
+            yield from login_steps()
+            yield ("send", b"b LOGOUT\r\n")
+            check_line((yield ("line",)), b"* BYE", "LOGOUT", prefix=True)
+            check_line((yield ("line",)), b"b OK done\r\n", "LOGOUT")
+            yield ("close",)
+            stats["sessions"] += 1
+        except Exception as failure:
+            stats["errors"].append(failure)
+            if len(stats["errors"]) >= BENCH_MAX_ERRORS:
+                raise BenchmarkFailure("%d failed sessions" % len(stats["errors"]))
+            yield ("close",)
+
+
+def fetch_steps(times: int, stats: dict):
+    """FETCH the backend's literal ``times`` times on a logged-in session."""
+    head = b"* 1 FETCH (BODY[] {%d}\r\n" % BENCH_FETCH_SIZE
+    for _ in range(times):
+        yield ("send", b"f FETCH 1 BODY[]\r\n")
+        check_line((yield ("line",)), head, "FETCH")
+        yield ("skip", BENCH_FETCH_SIZE)
+        check_line((yield ("line",)), b")\r\n", "end of FETCH")
+        check_line((yield ("line",)), b"f OK done\r\n", "FETCH")
+        stats["bytes"] += BENCH_FETCH_SIZE
+
+
+def noop_steps(stats: dict):
+    yield ("send", b"n NOOP\r\n")
+    line = yield ("line",)
+    check_line(line, b"n OK", "NOOP", prefix=True)
+    stats["ok"] += 1
+
+
+def failure_lines(loop, what: str, extra=()) -> list:
+    """Lines that say why a workload failed ([] if it did not)."""
+    found = list(extra) + loop.failures
+    if not found:
+        return []
+    lines = ["%s: %d failure(s)" % (what, len(found))]
+    for failure in found[:5]:
+        lines.append("    %s: %s" % (type(failure).__name__, failure))
+    return lines
+
+
+# -- the workloads ------------------------------------------------------------------
+# Each returns (row, problems): row = (workload, result, proxy CPU, note).
+
+def cpu_text(seconds) -> str:
+    return "n/a" if seconds is None else "%.2f s" % seconds
+
+
+def busy_note(delta) -> str:
+    """Who used how much of a core: near 100% for the load generator or the
+    backend means they, not mailproxy, set the pace."""
+    wall, proxy, backend, own = delta
+    if wall <= 0:
+        return ""
+    shares = [("proxy", proxy), ("load gen", own), ("backend", backend)]
+    return "CPU: " + ", ".join("%s %s" % (name, "n/a" if used is None else "%d%%" % (100 * used / wall))
+                               for name, used in shares)
+
+
+def measure_logins(port: int, meter) -> tuple:
+    micro = micro_unit()
+    loop = LoadLoop(port)
+    stats = {"stop": False, "sessions": 0, "errors": []}
+    try:
+        for _ in range(BENCH_CONCURRENCY):
+            loop.add(login_slot_steps(stats))
+        now = time.perf_counter()
+        loop.run(now + BENCH_WARMUP)
+        before, counted = meter.sample(), stats["sessions"]
+        loop.run(before[0] + BENCH_SECONDS)
+        after, counted = meter.sample(), stats["sessions"] - counted
+        stats["stop"] = True
+        drained = loop.run(time.perf_counter() + 10)
+    finally:
+        loop.close_all()
+    delta = CpuMeter.delta(before, after)
+    rate = counted / delta[0]
+    per = "n/a" if delta[1] is None or not counted else "%.0f %s/session" % (1e6 * delta[1] / counted, micro)
+    problems = failure_lines(loop, "logins", stats["errors"])
+    if not drained:
+        problems.append("logins: sessions still unfinished 10 s after the end")
+    if not counted:
+        problems.append("logins: no session completed")
+    row = ("logins, %d at once, %g s" % (BENCH_CONCURRENCY, BENCH_SECONDS),
+           "%.0f sessions/s" % rate, "%s (%s)" % (per, cpu_text(delta[1])),
+           busy_note(delta))
+    return row, problems
+
+
+def measure_relay(port: int, meter, sessions: int, total: int) -> tuple:
+    loop = LoadLoop(port)
+    stats = {"bytes": 0}
+    problems = []
+    times = max(1, total // (BENCH_FETCH_SIZE * sessions))
+    try:
+        for _ in range(sessions):
+            loop.add(login_steps())
+        if not loop.run(time.perf_counter() + 10):
+            problems.append("relay: logins did not finish in 10 s")
+        if loop.failures or len(loop.kept) != sessions:
+            problems += failure_lines(loop, "relay logins") or [
+                "relay: %d of %d sessions logged in" % (len(loop.kept), sessions)]
+            return None, problems
+        conns, loop.kept = loop.kept, []
+        before = meter.sample()
+        for conn in conns:
+            loop.add(fetch_steps(times, stats), conn)
+        done = loop.run(before[0] + BENCH_TIMEOUT)
+        after = meter.sample()
+    finally:
+        loop.close_all()
+    delta = CpuMeter.delta(before, after)
+    problems += failure_lines(loop, "relay")
+    if not done:
+        problems.append("relay: not done after %g s (%d of %d bytes)"
+                        % (BENCH_TIMEOUT, stats["bytes"], times * sessions * BENCH_FETCH_SIZE))
+    if problems:
+        return None, problems
+    per_gb = "n/a" if delta[1] is None else "%.2f s/GB" % (delta[1] / (stats["bytes"] / 1e9))
+    row = ("relay, %d session%s, %d MiB" % (sessions, "s" if sessions > 1 else "", stats["bytes"] >> 20),
+           "%.0f MB/s" % (stats["bytes"] / 1e6 / delta[0]),
+           "%s (%s)" % (per_gb, cpu_text(delta[1])), busy_note(delta))
+    return row, problems
+
+
+def measure_idle(port: int, meter, proxy_pid: int) -> tuple:
+    loop = LoadLoop(port)
+    loop.limit = BENCH_CONCURRENCY
+    problems = []
+    stats = {"ok": 0}
+    try:
+        rss_before = rss_of(process_family(proxy_pid))
+        for _ in range(BENCH_IDLE_SESSIONS):
+            loop.add(login_steps())
+        started = time.perf_counter()
+        if not loop.run(started + BENCH_TIMEOUT):
+            problems.append("idle: logins not done after %g s" % BENCH_TIMEOUT)
+        opened = time.perf_counter() - started
+        problems += failure_lines(loop, "idle logins")
+        time.sleep(BENCH_SETTLE)
+        rss_after = rss_of(process_family(proxy_pid))
+        conns, loop.kept = loop.kept, []
+        loop.limit = None
+        for conn in conns:
+            loop.add(noop_steps(stats), conn)
+        if not loop.run(time.perf_counter() + 30):
+            problems.append("idle: NOOPs not answered after 30 s")
+        problems += failure_lines(loop, "idle NOOPs")
+        if stats["ok"] != BENCH_IDLE_SESSIONS:
+            problems.append("idle: %d of %d NOOPs answered OK (%d sessions logged in)"
+                            % (stats["ok"], BENCH_IDLE_SESSIONS, len(conns)))
+    finally:
+        loop.close_all()
+    count = len(conns)
+    if rss_before is None or rss_after is None or not count:
+        per = "n/a"
+    else:
+        per = "%.1f KiB/session" % ((rss_after - rss_before) / 1024 / count)
+    rss = ("n/a" if rss_before is None else
+           "RSS %.1f -> %.1f MiB" % (rss_before / 1048576, rss_after / 1048576))
+    row = ("idle sessions, %d" % BENCH_IDLE_SESSIONS, per, rss,
+           "%d/%d NOOP OK, logged in in %.1f s" % (stats["ok"], count, opened))
+    return row, problems
+
+
+def measure_latency(port: int, meter) -> tuple:
+    micro = micro_unit()
+    samples = []
+    sock, reader = blocking_session(port, timeout=10)
+    with sock, reader:
+        for number in range(BENCH_LATENCY_WARMUP + BENCH_LATENCY_ROUNDS):
+            if number == BENCH_LATENCY_WARMUP:
+                before = meter.sample()
+            start = time.perf_counter()
+            sock.sendall(b"n NOOP\r\n")
+            line = reader.readline()
+            samples.append(time.perf_counter() - start)
+            check_line(line, b"n OK", "NOOP", prefix=True)
+        after = meter.sample()
+        sock.sendall(b"b LOGOUT\r\n")
+        reader.readline()
+    delta = CpuMeter.delta(before, after)
+    samples = sorted(samples[BENCH_LATENCY_WARMUP:])
+
+    def percentile(fraction):
+        return 1e6 * samples[min(len(samples) - 1, int(fraction * len(samples)))]
+
+    per = "n/a" if delta[1] is None else "%.0f %s/NOOP" % (1e6 * delta[1] / len(samples), micro)
+    row = ("NOOP round trip, %d" % BENCH_LATENCY_ROUNDS,
+           "p50 %.0f %s, p99 %.0f %s" % (percentile(0.50), micro, percentile(0.99), micro),
+           "%s (%s)" % (per, cpu_text(delta[1])), busy_note(delta))
+    return row, []
+
+
+def raise_fd_limit() -> None:
+    """1000 idle sessions need more descriptors than a 1024 soft limit."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 4 * BENCH_IDLE_SESSIONS + 256
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def print_table(rows) -> None:
+    headers = ("workload", "result", "proxy CPU", "note")
+    widths = [max(len(str(row[i])) for row in [headers] + rows) for i in range(4)]
+    for row in [headers] + rows:
+        print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def run_benchmark() -> int:
+    """The opt-in benchmark (--bench): a table of what this host sustains."""
+    print("mailproxy benchmark: %s CPUs, Python %s (%s), %s"
+          % (os.cpu_count(), platform.python_version(), platform.python_implementation(),
+             platform.platform()))
+    print("Everything on 127.0.0.1: the load generator, the fake backend and auth server")
+    print("share the CPUs with mailproxy.  Absolute numbers vary between machines and runs.")
+    print("MB and GB are 10^6 and 10^9 bytes; proxy CPU = user + system of the master and")
+    print("its workers, from /proc.")
+    if hasattr(os, "getloadavg"):
+        print("Load average before the run: %.2f %.2f %.2f (other work on the host skews the numbers)."
+              % os.getloadavg())
+    sys.stdout.flush()
+    started = time.perf_counter()
+    raise_fd_limit()
+    directory = tempfile.mkdtemp(prefix="mailproxy-bench-")
+    log_path = os.path.join(directory, "error.log")
+    backend_pid = proc = None
+    rows, problems = [], []
+    status = 0
+    try:
+        backend_pid, backend_port, auth_port = start_benchmark_backend()
+        proc, port = start_benchmark_proxy(directory, auth_port)
+        wait_until_serving(proc, port, log_path)
+        meter = CpuMeter(proc.pid, backend_pid)
+        family = process_family(proc.pid)
+        print("mailproxy: master pid %d, workers %s; backend + auth child pid %d"
+              % (proc.pid, " ".join(str(pid) for pid in family[1:]) or "n/a", backend_pid))
+        print()
+        workloads = [
+            ("logins", lambda: measure_logins(port, meter)),
+            ("relay, one session", lambda: measure_relay(port, meter, 1, BENCH_RELAY_TOTAL)),
+            ("relay, parallel", lambda: measure_relay(port, meter, BENCH_RELAY_SESSIONS,
+                                                    BENCH_RELAY_TOTAL_PARALLEL)),
+            ("idle sessions", lambda: measure_idle(port, meter, proc.pid)),
+            ("latency", lambda: measure_latency(port, meter)),
+        ]
+        for name, workload in workloads:
+            time.sleep(BENCH_SETTLE)
+            if proc.poll() is not None:
+                problems.append("mailproxy exited with status %s before %s" % (proc.returncode, name))
+                break
+            try:
+                row, found = workload()
+            except (OSError, BenchmarkFailure) as failure:
+                row, found = None, ["%s: %s: %s" % (name, type(failure).__name__, failure)]
+            if row is not None:
+                rows.append(row)
+            problems += found
+        now_family = process_family(proc.pid)
+        if family and sorted(now_family) != sorted(family):
+            problems.append("mailproxy's processes changed during the run: %s -> %s"
+                            % (family, now_family))
+    except BenchmarkFailure as failure:
+        problems.append(str(failure))
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        status = 1
+    finally:
+        if proc is not None:
+            stop_benchmark_proxy(proc)
+        if backend_pid is not None:
+            stop_benchmark_backend(backend_pid)
+        try:
+            with open(log_path, errors="replace") as handle:
+                logged = handle.read().splitlines()
+        except OSError:
+            logged = []
+        import shutil
+        shutil.rmtree(directory, ignore_errors=True)
+    if rows:
+        print_table(rows)
+    if logged:
+        print()
+        print("mailproxy's error log (warn and above), %d line(s):" % len(logged))
+        for line in logged[:10]:
+            print("    " + line)
+    for line in problems:
+        print(line if line.startswith(" ") else "FAILED: " + line)
+    print()
+    print("(%.1f s)" % (time.perf_counter() - started))
+    return 1 if problems or status else 0
+
+
+# ========================================================================== #
+# ####                              Runner                              #### #
+# ========================================================================== #
 
 def main(argv) -> int:
     """Run the tests (two processes at once on a machine with two cores:
