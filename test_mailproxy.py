@@ -2260,10 +2260,120 @@ class LinearWorkTestCase(CertificateFiles, unittest.TestCase):
         return run
 
 
+class EventLoopTestCase(unittest.TestCase):
+    """A real EventLoop, and socketpairs: the proxy's end of a pair goes to
+    a Stream, the test plays the peer on the other end, non-blocking.
+    drive() runs the loop (and the test's side, ``step``) until a condition
+    holds, with a deadline: no sleep stands in for an assertion."""
+
+    def setUp(self):
+        self.loop = mp.EventLoop()
+        self.addCleanup(self.loop.close)
+
+    def socket_pair(self, sndbuf: int = 0):
+        """(the proxy's end, the peer's end); ``sndbuf``: the proxy's end
+        sends through a kernel buffer that small (a few KB on Linux), so
+        that it fills up soon."""
+        proxy_end, peer_end = socket.socketpair()
+        for sock in (proxy_end, peer_end):
+            sock.setblocking(False)
+            self.addCleanup(sock.close)
+        if sndbuf:
+            proxy_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        return proxy_end, peer_end
+
+    def drive(self, condition, step=None, timeout: float = 10.0) -> None:
+        """``step()`` then loop.run_once(0.05), until ``condition()``."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail("not there after %.1fs" % timeout)
+            if step is not None:
+                step()
+            self.loop.run_once(0.05)
+
+
+class PeerSender:
+    """The test's side sending ``data`` as fast as its socket takes it;
+    ``blocked``: the last send found the socket full; ``shut``: shut its
+    sending half down once everything has gone."""
+
+    def __init__(self, sock: socket.socket, data: bytes, shut: bool = False):
+        self.sock = sock
+        self.data = data
+        self.sent = 0
+        self.blocked = False
+        self.shut = shut
+
+    def __call__(self) -> None:
+        while self.sent < len(self.data):
+            try:
+                self.sent += self.sock.send(self.data[self.sent:self.sent + 65536])
+            except BlockingIOError:
+                self.blocked = True
+                return
+        self.blocked = False
+        if self.shut:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.shut = False
+
+
+class PeerReader:
+    """The test's side reading all there is, into ``received``; ``eof``
+    once the other end has closed."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.received = bytearray()
+        self.eof = False
+
+    def __call__(self) -> None:
+        while not self.eof:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            self.received += data
+            self.eof = not data
+
+
 # ========================================================================== #
 # ####                              Errors                              #### #
 # ========================================================================== #
 # The exceptions mailproxy raises on purpose, and the messages they carry.
+
+class ErrorTests(unittest.TestCase):
+    def test_a_config_error_names_its_place(self):
+        """file:line: [section] directive: message, as -t prints it; the
+        parts it does not know are left out."""
+        error = mp.ConfigError("/etc/mailproxy.conf", "server imap", "timeout",
+                               'invalid time "soon"', line=7)
+        self.assertEqual(str(error), '/etc/mailproxy.conf:7: [server imap] timeout: invalid time "soon"')
+        self.assertEqual((error.file, error.line, error.section, error.directive, error.message),
+                         ("/etc/mailproxy.conf", 7, "server imap", "timeout", 'invalid time "soon"'))
+        self.assertEqual(str(mp.ConfigError("/etc/mailproxy.conf", "mail", None, "no listen", 3)),
+                         "/etc/mailproxy.conf:3: [mail] no listen")
+        self.assertEqual(str(mp.ConfigError("/etc/mailproxy.conf", None, None, "no such file")),
+                         "/etc/mailproxy.conf: no such file")
+
+    def test_config_errors_hold_every_error_of_a_file_one_a_line(self):
+        path, errors = config_errors(self, BASE_CONFIG, """\
+            timeout = soon
+            bogus = 1
+        """)
+        self.assertEqual([(error.file, error.line, error.section, error.directive) for error in errors],
+                         [(path, 7, "server imap", "timeout"), (path, 8, "server imap", "bogus")])
+        self.assertEqual(str(mp.ConfigErrors(errors)),
+                         '%s:7: [server imap] timeout: invalid time "soon"\n'
+                         '%s:8: [server imap] bogus: unknown directive "bogus"' % (path, path))
+
+    def test_a_backend_error_keeps_what_the_backend_said(self):
+        error = mp.BackendError("upstream sent invalid response", b"a1 NO [UNAVAILABLE] later\r\n",
+                                refusal=True)
+        self.assertEqual((str(error), error.line, error.refusal),
+                         ("upstream sent invalid response", b"a1 NO [UNAVAILABLE] later\r\n", True))
+        error = mp.BackendError("upstream prematurely closed connection")
+        self.assertEqual((error.line, error.refusal), (b"", False))
 
 
 # ========================================================================== #
@@ -2288,6 +2398,21 @@ class ErrorLogTests(unittest.TestCase):
                 self.assertEqual(escaped, "a" + "".join("\\x%02x" % c for c in byte) + "b", byte)
             else:
                 self.assertEqual(escaped, "a" + byte.decode() + "b")
+
+    def test_each_destination_takes_the_lines_of_its_level_and_above(self):
+        """nginx's line: date, [level], pid#0, *session, message, context."""
+        everything, errors = io.BytesIO(), io.BytesIO()
+        log = mp.ErrorLog([(everything, "info"), (errors, "error")])
+        self.assertEqual((log.enabled("debug"), log.enabled("info")), (False, True))
+        log.log("debug", "not written anywhere")
+        log.log("info", "client 192.0.2.7:40000 connected", session=3, context=", server: mail.test")
+        log.log("error", "upstream timed out")
+        stamp = r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d"
+        self.assertRegex(everything.getvalue().decode(),
+                         r"^%s \[info\] %d#0: \*3 client 192\.0\.2\.7:40000 connected, server: mail\.test\n"
+                         r"%s \[error\] %d#0: upstream timed out\n$" % (stamp, os.getpid(), stamp, os.getpid()))
+        self.assertRegex(errors.getvalue().decode(), r"^%s \[error\] %d#0: upstream timed out\n$"
+                         % (stamp, os.getpid()))
 
 
 # ========================================================================== #
@@ -6504,12 +6629,151 @@ class OddCertificateUserTableTests(EndToEndTestCase):
 # EventLoop on its own: timers in order, cancel, call_soon_threadsafe from
 # another thread, a signal delivered through the wake-up fd.
 
+class EventLoopTests(EventLoopTestCase):
+    def test_timers_run_in_the_order_of_their_deadlines(self):
+        fired = []
+        for delay, name in ((0.03, "third"), (0.01, "first"), (0.02, "second")):
+            self.loop.call_later(delay, lambda name=name: fired.append(name))
+        self.drive(lambda: len(fired) == 3)
+        self.assertEqual(fired, ["first", "second", "third"])
+
+    def test_timers_of_one_deadline_run_in_the_order_they_were_set(self):
+        self.loop.time = lambda: 1000.0                  # a clock that stands still
+        fired = []
+        for name in ("a", "b", "c", "d"):
+            self.loop.call_later(0, lambda name=name: fired.append(name))
+        self.loop.run_once(0)
+        self.assertEqual(fired, ["a", "b", "c", "d"])
+
+    def test_a_cancelled_timer_never_runs(self):
+        fired = []
+        cancelled = self.loop.call_later(0.01, lambda: fired.append("cancelled"))
+        self.loop.call_later(0.02, lambda: fired.append("kept"))
+        cancelled.cancel()
+        self.drive(lambda: fired)
+        self.loop.run_once(0.02)
+        self.assertEqual(fired, ["kept"])
+        self.assertEqual(self.loop.timers, [], "the cancelled timer is left in the heap")
+
+    def test_call_soon_threadsafe_wakes_a_waiting_loop(self):
+        ran = []
+        thread = threading.Thread(target=self.loop.call_soon_threadsafe,
+                                  args=(lambda: ran.append(threading.current_thread()),))
+        thread.start()
+        thread.join()
+        started = time.monotonic()
+        self.loop.run_once(30.0)                         # the wake-up byte ends the wait
+        self.assertEqual(ran, [threading.current_thread()], "not run, or not in the loop's thread")
+        self.assertLess(time.monotonic() - started, 10.0, "the loop slept through the wake-up")
+
+    @unittest.skipUnless(hasattr(signal, "SIGUSR2"), "needs SIGUSR2 and SIGCHLD")
+    def test_signals_come_through_the_wake_up_fd_sigchld_last(self):
+        """The handler runs in the loop, not in the signal handler; signals
+        that arrived together are handled SIGCHLD last (a child that exited
+        because of a SIGTERM is seen after that SIGTERM)."""
+        for number in (signal.SIGUSR2, signal.SIGCHLD):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+        handled = []
+        self.loop.add_signal_handler(signal.SIGCHLD, handled.append)
+        self.loop.add_signal_handler(signal.SIGUSR2, handled.append)
+        os.kill(os.getpid(), signal.SIGCHLD)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        self.assertEqual(handled, [], "a handler ran inside the signal handler")
+        self.drive(lambda: len(handled) == 2)
+        self.assertEqual(handled, [signal.SIGUSR2, signal.SIGCHLD])
+
 
 # ========================================================================== #
 # ####                      Streams and listeners                       #### #
 # ========================================================================== #
-# Stream over socket.socketpair() and a real EventLoop: write-through, then
-# buffering with write interest; a read budget of 0 pauses reading.
+# Stream over socket.socketpair() and a real EventLoop (EventLoopTestCase):
+# write-through, then buffering with write interest until the peer reads; a
+# read budget of 0 pauses reading; EOF.  (Listeners are tested end to end:
+# worker_connections and out of descriptors in "Processes".)
+
+class StreamOwner:
+    """A Stream's owner that keeps what it is told: the data in ``chunks``,
+    EOF, errors, how often the stream drained."""
+
+    def __init__(self):
+        self.chunks = []
+        self.eof = False
+        self.errors = []
+        self.drained = 0
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def stream_data(self, stream, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def stream_eof(self, stream) -> None:
+        self.eof = True
+
+    def stream_error(self, stream, error: Exception) -> None:
+        self.errors.append(error)
+
+    def stream_drained(self, stream) -> None:
+        self.drained += 1
+
+    def stream_connected(self, stream) -> None:
+        pass
+
+    def stream_tls_ready(self, stream) -> None:
+        pass
+
+
+
+class StreamTests(EventLoopTestCase):
+    def stream(self, sndbuf: int = 0):
+        proxy_end, peer = self.socket_pair(sndbuf)
+        owner = StreamOwner()
+        stream = mp.Stream(self.loop, proxy_end, owner)
+        self.addCleanup(stream.close)
+        return stream, peer, owner
+
+    def test_a_write_goes_through_then_the_rest_is_buffered_until_the_peer_reads(self):
+        stream, peer, owner = self.stream(sndbuf=4096)
+        stream.write(b"a1 OK done\r\n")
+        self.assertEqual((stream.out, stream.sent), (b"", 12), "the kernel took it all, at once")
+        self.assertFalse(stream.interest & selectors.EVENT_WRITE, "write interest with nothing kept")
+        self.assertEqual(peer.recv(100), b"a1 OK done\r\n")
+        message = message_bytes(MEGABYTE)
+        stream.write(message)
+        kept = len(stream.out)
+        self.assertEqual(kept, len(message) - (stream.sent - 12), "what the kernel refused is kept")
+        self.assertGreater(kept, 0)
+        self.assertTrue(stream.interest & selectors.EVENT_WRITE, "no write interest while bytes are kept")
+        reader = PeerReader(peer)
+        self.drive(lambda: len(reader.received) == len(message), step=reader)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(message))
+        self.assertEqual((stream.out, stream.sent, owner.drained), (b"", 12 + len(message), 1))
+        self.assertFalse(stream.interest & selectors.EVENT_WRITE, "write interest once drained")
+
+    def test_a_read_budget_of_0_pauses_reading(self):
+        stream, peer, owner = self.stream()
+        peer.sendall(b"a1 NOOP\r\n")
+        self.drive(lambda: owner.data == b"a1 NOOP\r\n")
+        stream.set_read_budget(0)
+        self.assertFalse(stream.interest & selectors.EVENT_READ, "read interest with a budget of 0")
+        peer.sendall(b"a2 NOOP\r\n")                   # waits in the kernel, readable at once
+        for _ in range(3):
+            self.loop.run_once(0.01)
+        self.assertEqual((owner.data, stream.received), (b"a1 NOOP\r\n", 9), "read while paused")
+        stream.set_read_budget(4)                        # at most 4 bytes a read from now on
+        self.drive(lambda: owner.data == b"a1 NOOP\r\na2 NOOP\r\n")
+        self.assertEqual(owner.chunks[1:], [b"a2 N", b"OOP\r", b"\n"])
+
+    def test_eof_is_told_once_and_stops_reading(self):
+        stream, peer, owner = self.stream()
+        peer.sendall(b"a1 LOGOUT\r\n")
+        peer.shutdown(socket.SHUT_WR)
+        self.drive(lambda: owner.eof)
+        self.assertEqual((owner.data, stream.read_budget), (b"a1 LOGOUT\r\n", 0))
+        self.assertFalse(stream.interest & selectors.EVENT_READ)
+        stream.write(b"* BYE\r\n")                        # the other half still writes
+        self.assertEqual(peer.recv(100), b"* BYE\r\n")
 
 
 # ========================================================================== #
@@ -6519,6 +6783,104 @@ class OddCertificateUserTableTests(EndToEndTestCase):
 # from either side; the SMTP relay check (smtp_auth none) as a sans-I/O
 # piece; end to end: proxy_buffer bounds what a session holds, proxy_timeout
 # ends an idle one, and smtp_auth none checks every recipient.
+
+class RelaySession:
+    """Stands in for the Session a Relay reports to: close(outcome) keeps
+    the outcome and closes both streams, as a session does."""
+
+    def __init__(self):
+        self.outcome = None
+        self.crash = None
+        self.streams = []
+
+    def close(self, outcome: str) -> None:
+        self.outcome = outcome
+        for stream in self.streams:
+            stream.close()
+
+    def log(self, level: str, message: str) -> None:
+        pass
+
+    def crashed(self, error: Exception) -> None:
+        self.crash = error
+
+
+class RelayTests(EventLoopTestCase):
+    """A Relay between two socketpairs: the test plays the client on one,
+    the backend on the other.  proxy_buffer is LIMIT."""
+
+    LIMIT = 16 * 1024
+
+    def relay(self, limit: int = LIMIT):
+        """(relay, session, client's socket, backend's socket); the proxy's
+        ends send through small kernel buffers, so that backpressure comes
+        soon."""
+        client_end, client = self.socket_pair(sndbuf=4096)
+        backend_end, backend = self.socket_pair(sndbuf=4096)
+        session = RelaySession()
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        relay = mp.Relay(session, session.streams[0], session.streams[1], limit, 3600.0)
+        self.addCleanup(session.close, "test over")
+        self.addCleanup(lambda: self.assertIsNone(session.crash, "the relay crashed"))
+        return relay, session, client, backend
+
+    def assert_backpressure(self, relay, session, source: socket.socket, source_stream,
+                            target: socket.socket, target_stream) -> None:
+        """``source`` sends more than the kernel and proxy_buffer hold while
+        ``target`` reads nothing: once the target's output holds
+        proxy_buffer, the source is not read; when the target reads, it
+        all arrives, in order, and the source is read again."""
+        sender = PeerSender(source, message_bytes(MEGABYTE))
+        self.drive(lambda: source_stream.read_budget == 0 and sender.blocked, step=sender)
+        self.assertEqual(len(target_stream.out), self.LIMIT, "the output holds proxy_buffer")
+        self.assertFalse(source_stream.interest & selectors.EVENT_READ, "the source is still read")
+        received = source_stream.received
+        for _ in range(3):                               # bytes wait in its kernel buffer
+            self.loop.run_once(0.01)
+        self.assertEqual(source_stream.received, received, "the source was read past proxy_buffer")
+        reader = PeerReader(target)
+        self.drive(lambda: len(reader.received) == len(sender.data),
+                   step=lambda: (sender(), reader()))
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+        self.assertEqual(target_stream.out, b"")
+        self.assertTrue(source_stream.read_budget > 0 and source_stream.interest & selectors.EVENT_READ,
+                        "the source is not read again")
+        self.assertIsNone(session.outcome)
+
+    def test_backpressure_from_a_client_that_does_not_read(self):
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, backend, relay.backend, client, relay.client)
+
+    def test_backpressure_from_a_backend_that_does_not_read(self):
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, client, relay.client, backend, relay.backend)
+
+    def assert_ends_once_written_out(self, relay, session, source: socket.socket, source_stream,
+                                     target: socket.socket, target_stream, outcome: str) -> None:
+        """``source`` sends and closes; the relay hears the EOF while what it
+        sent still waits in its output to ``target``, and ends only when
+        that is written out."""
+        sender = PeerSender(source, message_bytes(256 * 1024), shut=True)
+        self.drive(lambda: relay.eof_from is source_stream, step=sender)
+        self.assertGreater(len(target_stream.out), 0)
+        self.assertIsNone(session.outcome, "the session ended with bytes still to write")
+        self.assertEqual((source_stream.read_budget, target_stream.read_budget), (0, 0))
+        reader = PeerReader(target)
+        self.drive(lambda: reader.eof, step=reader)
+        self.assertEqual(session.outcome, outcome)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+
+    def test_eof_from_the_client_ends_the_relay_once_its_bytes_are_written_out(self):
+        relay, session, client, backend = self.relay(limit=MEGABYTE)
+        self.assert_ends_once_written_out(relay, session, client, relay.client, backend,
+                                          relay.backend, "client closed connection")
+
+    def test_eof_from_the_backend_ends_the_relay_once_its_bytes_are_written_out(self):
+        relay, session, client, backend = self.relay(limit=MEGABYTE)
+        self.assert_ends_once_written_out(relay, session, backend, relay.backend, client,
+                                          relay.client, "upstream closed connection")
+
 
 # -- the SMTP relay check -----------------------------------------------------------
 
