@@ -2154,14 +2154,14 @@ class EndToEndTestCase(CertificateFiles, unittest.TestCase):
 
     # -- dialogues that many tests start with ------------------------------------------
     def imap_login(self, client: Client) -> None:
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
 
     def pop3_login(self, client: Client) -> None:
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.send("PASS secret")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
 
@@ -2173,7 +2173,7 @@ class EndToEndTestCase(CertificateFiles, unittest.TestCase):
 
     def smtp_auth_plain(self, client: Client) -> None:
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
 
     def smtp_quit(self, client: Client) -> None:
         client.send("QUIT")
@@ -2205,19 +2205,19 @@ class EndToEndTestCase(CertificateFiles, unittest.TestCase):
         proxy = self.auth_http_proxy(protocol, auth.port, **mail)
         client = self.connect(proxy)
         if protocol == "imap":
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.expect_line(mp.IMAP_GREETING)
             client.send("a1 LOGIN alice secret")
-            self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+            self.assertEqual(client.read_line(), mp.IMAP_INTERNAL_ERROR)
         elif protocol == "pop3":
-            client.expect(rb"^\+OK POP3 ready\r\n$")
+            client.expect_line(mp.POP3_GREETING)
             client.send("USER alice")
-            client.expect(rb"^\+OK\r\n$")
+            client.expect_line(mp.POP3_OK)
             client.send("PASS secret")
-            self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
+            self.assertEqual(client.read_line(), mp.POP3_INTERNAL_ERROR)
         else:
             self.smtp_hello(client)
             client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-            self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+            self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
         client.expect_closed()
         pattern = (r"\[error\] \d+#0: \*1 " + log_pattern % re.escape("127.0.0.1:%d" % auth.port) +
                    r" while in http auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, "
@@ -3381,8 +3381,9 @@ class WirePrimitiveTests(unittest.TestCase):
 
 # -- IMAP ---------------------------------------------------------------------------
 
-OK = b" OK completed\r\n"
-BAD = b" BAD invalid command\r\n"
+# The replies that follow a tag: b"a1" + OK.
+OK = b" " + mp.IMAP_OK
+BAD = b" " + mp.IMAP_INVALID
 
 
 class ImapMachineTests(unittest.TestCase):
@@ -3390,12 +3391,12 @@ class ImapMachineTests(unittest.TestCase):
         converse_three_ways(self, lambda: make_machine("imap", **settings), exchanges)
 
     def test_greeting(self):
-        self.assertEqual(make_machine("imap").data_to_send(), b"* OK IMAP4 ready\r\n")
+        self.assertEqual(make_machine("imap").data_to_send(), mp.IMAP_GREETING)
 
     def test_capability_noop_logout(self):
         self.imap([(b"a1 CAPABILITY\r\n", IMAP_PROXY_CAPABILITY + b"a1" + OK, []),
                    (b"a2 noop\r\n", b"a2" + OK, []),
-                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])])
 
     def test_capability_lists_auth_methods_in_nginx_order(self):
         machine = make_machine("imap", imap_auth=["cram-md5", "login", "plain"],
@@ -3411,8 +3412,8 @@ class ImapMachineTests(unittest.TestCase):
                     [mp.Credentials(b"al ice", b'se"cr\\et')])])
 
     def test_login_synchronizing_literals(self):
-        self.imap([(b"a1 LOGIN {5}\r\n", b"+ OK\r\n", []),
-                   (b"alice {6}\r\n", b"+ OK\r\n", []),
+        self.imap([(b"a1 LOGIN {5}\r\n", mp.IMAP_NEXT, []),
+                   (b"alice {6}\r\n", mp.IMAP_NEXT, []),
                    (b"se\r\nrt\r\n", b"", [mp.Credentials(b"alice", b"se\r\nrt")])])
 
     def test_login_non_synchronizing_literals(self):
@@ -3421,7 +3422,7 @@ class ImapMachineTests(unittest.TestCase):
 
     def test_login_empty_literal_and_empty_password(self):
         self.imap([(b'a1 LOGIN alice ""\r\n', b"", [mp.Credentials(b"alice", b"")])])
-        self.imap([(b"a1 LOGIN alice {0}\r\n", b"+ OK\r\n", []),
+        self.imap([(b"a1 LOGIN alice {0}\r\n", mp.IMAP_NEXT, []),
                    (b"\r\n", b"", [mp.Credentials(b"alice", b"")])])
 
     def test_login_8bit(self):
@@ -3443,27 +3444,27 @@ class ImapMachineTests(unittest.TestCase):
 
     def test_tags_kept_byte_for_byte(self):
         self.imap([(b"A.b-7]x NOOP\r\n", b"A.b-7]x" + OK, []),
-                   (b"x LOGOUT\r\n", b"* BYE\r\nx" + OK, [mp.Quit()])])
+                   (b"x LOGOUT\r\n", mp.IMAP_BYE + b"x" + OK, [mp.Quit()])])
 
     def test_bad_and_overlong_tags(self):
         self.imap([(b"a+b NOOP\r\n", b"*" + BAD, []),
                    (b"x" * 33 + b" NOOP\r\n", b"*" + BAD, []),
                    (b"x" * 32 + b" NOOP\r\n", b"x" * 32 + OK, []),
                    (b"\r\n", b"*" + BAD, []),
-                   (b"a9 LOGOUT\r\n", b"* BYE\r\na9" + OK, [mp.Quit()])], max_errors=10)
+                   (b"a9 LOGOUT\r\n", mp.IMAP_BYE + b"a9" + OK, [mp.Quit()])], max_errors=10)
 
     def test_unknown_commands_are_bad(self):
         self.imap([(b"a1 SELECT INBOX\r\n", b"a1" + BAD, []),
                    (b"a2 STARTTLS\r\n", b"a2" + BAD, []),
-                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])])
 
     def test_id_is_answered(self):
         self.imap([(b'a1 ID ("name" "Thunderbird" "version" "115.0")\r\n',
-                    b"* ID NIL\r\na1" + OK, []),
-                   (b"a2 ID NIL\r\n", b"* ID NIL\r\na2" + OK, []),
-                   (b"a3 ID {4}\r\n", b"+ OK\r\n", []),
+                    mp.IMAP_ID_REPLY + b"a1" + OK, []),
+                   (b"a2 ID NIL\r\n", mp.IMAP_ID_REPLY + b"a2" + OK, []),
+                   (b"a3 ID {4}\r\n", mp.IMAP_NEXT, []),
                    (b"junk\r\n", b"a3" + BAD, []),
-                   (b"a4 LOGOUT\r\n", b"* BYE\r\na4" + OK, [mp.Quit()])])
+                   (b"a4 LOGOUT\r\n", mp.IMAP_BYE + b"a4" + OK, [mp.Quit()])])
 
     def test_max_errors_closes(self):
         self.imap([(b"a1 FOO\r\n", b"a1" + BAD, []),
@@ -3482,7 +3483,7 @@ class ImapMachineTests(unittest.TestCase):
 
     def test_literal_larger_than_buffer_is_refused_without_continuation(self):
         self.imap([(b"a1 LOGIN {100}\r\n", b"a1" + BAD, []),
-                   (b"a2 LOGOUT\r\n", b"* BYE\r\na2" + OK, [mp.Quit()])], imap_client_buffer=64)
+                   (b"a2 LOGOUT\r\n", mp.IMAP_BYE + b"a2" + OK, [mp.Quit()])], imap_client_buffer=64)
 
     def test_invalid_line_with_non_synchronizing_literal_closes(self):
         machine = make_machine("imap")
@@ -3493,13 +3494,13 @@ class ImapMachineTests(unittest.TestCase):
         self.assertIsInstance(events[-1], mp.Closed)
 
     def test_literal_must_be_followed_by_space_or_crlf(self):
-        self.imap([(b"a1 LOGIN {1}\r\n", b"+ OK\r\n", []),
+        self.imap([(b"a1 LOGIN {1}\r\n", mp.IMAP_NEXT, []),
                    (b"xy z\r\n", b"a1" + BAD, []),
-                   (b"a2 LOGOUT\r\n", b"* BYE\r\na2" + OK, [mp.Quit()])])
+                   (b"a2 LOGOUT\r\n", mp.IMAP_BYE + b"a2" + OK, [mp.Quit()])])
 
     def test_bare_cr_is_invalid(self):
         self.imap([(b"a1 NOOP\rx\r\n", b"a1" + BAD, []),
-                   (b"a2 LOGOUT\r\n", b"* BYE\r\na2" + OK, [mp.Quit()])])
+                   (b"a2 LOGOUT\r\n", mp.IMAP_BYE + b"a2" + OK, [mp.Quit()])])
 
     def test_authenticate_plain(self):
         response = b64(b"\0alice\0secret")
@@ -3512,15 +3513,15 @@ class ImapMachineTests(unittest.TestCase):
         self.imap([(b"a1 AUTHENTICATE PLAIN\r\n", b"+ \r\n", []),
                    (b"*\r\n", b"a1" + BAD, []),
                    (b"a2 AUTHENTICATE PLAIN " + b64(b"no-nuls") + b"\r\n", b"a2" + BAD, []),
-                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])])
 
     def test_authenticate_login(self):
-        self.imap([(b"a1 AUTHENTICATE LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n", []),
-                   (b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+        self.imap([(b"a1 AUTHENTICATE LOGIN\r\n", b"+ " + mp.SASL_USERNAME_PROMPT, []),
+                   (b64(b"alice") + b"\r\n", b"+ " + mp.SASL_PASSWORD_PROMPT, []),
                    (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
 
     def test_authenticate_login_with_initial_response(self):
-        self.imap([(b"a1 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+        self.imap([(b"a1 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n", b"+ " + mp.SASL_PASSWORD_PROMPT, []),
                    (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
 
     def test_authenticate_cram_md5(self):
@@ -3534,15 +3535,15 @@ class ImapMachineTests(unittest.TestCase):
     def test_cram_md5_only_when_enabled_and_without_initial_response(self):
         self.imap([(b"a1 AUTHENTICATE CRAM-MD5\r\n", b"a1" + BAD, []),
                    (b"a2 AUTHENTICATE FOO\r\n", b"a2" + BAD, []),
-                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])])
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])])
         self.imap([(b"a1 AUTHENTICATE CRAM-MD5 abcd\r\n", b"a1" + BAD, []),
-                   (b"a3 LOGOUT\r\n", b"* BYE\r\na3" + OK, [mp.Quit()])],
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])],
                   imap_auth=["plain", "cram-md5"])
 
     def test_login_accepted_even_if_not_advertised(self):
         # nginx: imap_auth only decides what is advertised for LOGIN/PLAIN.
-        self.imap([(b"a1 AUTHENTICATE LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n", []),
-                   (b64(b"al") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+        self.imap([(b"a1 AUTHENTICATE LOGIN\r\n", b"+ " + mp.SASL_USERNAME_PROMPT, []),
+                   (b64(b"al") + b"\r\n", b"+ " + mp.SASL_PASSWORD_PROMPT, []),
                    (b64(b"pw") + b"\r\n", b"", [mp.Credentials(b"al", b"pw")])],
                   imap_auth=["plain"])
 
@@ -3559,9 +3560,9 @@ class ImapMachineTests(unittest.TestCase):
         machine.data_to_send()
         self.assertEqual(machine.receive_data(b"a1 LOGIN alice bad\r\na2 LOGIN alice good\r\n"),
                          [mp.Credentials(b"alice", b"bad")])
-        self.assertEqual(machine.auth_failed(b"a1 NO Invalid login or password\r\n"),
+        self.assertEqual(machine.auth_failed(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n"),
                          [mp.Credentials(b"alice", b"good")])
-        self.assertEqual(machine.data_to_send(), b"a1 NO Invalid login or password\r\n")
+        self.assertEqual(machine.data_to_send(), b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         self.assertEqual(machine.tag, b"a2 ")
 
 
@@ -3572,15 +3573,15 @@ class Pop3MachineTests(unittest.TestCase):
         converse_three_ways(self, lambda: make_machine("pop3", **settings), exchanges, tail)
 
     def test_greeting(self):
-        self.assertEqual(make_machine("pop3").data_to_send(), b"+OK POP3 ready\r\n")
+        self.assertEqual(make_machine("pop3").data_to_send(), mp.POP3_GREETING)
         self.assertEqual(make_machine("pop3", pop3_auth=["plain", "apop"]).data_to_send(),
                          b"+OK POP3 ready " + SALT + b"\r\n")
 
     def test_capa_noop_quit(self):
         self.pop3([(b"CAPA\r\n", b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\n"
                     b"SASL PLAIN LOGIN\r\n.\r\n", []),
-                   (b"noop\r\n", b"+OK\r\n", []),
-                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+                   (b"noop\r\n", mp.POP3_OK, []),
+                   (b"QUIT\r\n", mp.POP3_OK, [mp.Quit()])])
 
     def test_capa_sasl_line_as_nginx(self):
         # nginx 1.22 with "pop3_auth plain apop cram-md5": APOP is no SASL method.
@@ -3590,44 +3591,44 @@ class Pop3MachineTests(unittest.TestCase):
         self.assertTrue(machine.capability().endswith(b"UIDL\r\nSASL\r\n.\r\n"))
 
     def test_user_pass(self):
-        self.pop3([(b"USER alice\r\n", b"+OK\r\n", []),
+        self.pop3([(b"USER alice\r\n", mp.POP3_OK, []),
                    (b"PASS secret\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
 
     def test_spaces_belong_to_user_and_pass(self):
-        self.pop3([(b"USER john doe\r\n", b"+OK\r\n", []),
+        self.pop3([(b"USER john doe\r\n", mp.POP3_OK, []),
                    (b"PASS  p w \r\n", b"", [mp.Credentials(b"john doe", b"p w ")])])
 
     def test_commands_not_valid_after_user(self):
-        self.pop3([(b"USER alice\r\n", b"+OK\r\n", []),
-                   (b"STAT\r\n", b"-ERR invalid command\r\n", []),
-                   (b"PASS secret\r\n", b"-ERR invalid command\r\n", []),
-                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+        self.pop3([(b"USER alice\r\n", mp.POP3_OK, []),
+                   (b"STAT\r\n", mp.POP3_INVALID, []),
+                   (b"PASS secret\r\n", mp.POP3_INVALID, []),
+                   (b"QUIT\r\n", mp.POP3_OK, [mp.Quit()])])
 
     def test_pass_without_user_and_bare_auth(self):
-        self.pop3([(b"PASS x\r\n", b"-ERR invalid command\r\n", []),
+        self.pop3([(b"PASS x\r\n", mp.POP3_INVALID, []),
                    (b"AUTH\r\n", b"+OK methods supported:\r\nPLAIN\r\nLOGIN\r\n.\r\n", []),
-                   (b"STLS\r\n", b"-ERR invalid command\r\n", []),
-                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+                   (b"STLS\r\n", mp.POP3_INVALID, []),
+                   (b"QUIT\r\n", mp.POP3_OK, [mp.Quit()])])
 
     def test_apop(self):
         digest = mp.apop_digest(SALT, b"secret")
         self.pop3([(b"APOP alice " + digest + b"\r\n", b"",
                     [mp.Credentials(b"alice", digest, "apop", SALT)])],
                   pop3_auth=["plain", "apop"])
-        self.pop3([(b"APOP alice " + digest + b"\r\n", b"-ERR invalid command\r\n", []),
-                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+        self.pop3([(b"APOP alice " + digest + b"\r\n", mp.POP3_INVALID, []),
+                   (b"QUIT\r\n", mp.POP3_OK, [mp.Quit()])])
 
     def test_auth_plain_login_cram(self):
         self.pop3([(b"AUTH PLAIN\r\n", b"+ \r\n", []),
                    (b64(b"\0alice\0secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
         self.pop3([(b"AUTH PLAIN " + b64(b"x\0alice\0secret") + b"\r\n", b"",
                     [mp.Credentials(b"alice", b"secret")])])
-        self.pop3([(b"AUTH LOGIN " + b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
+        self.pop3([(b"AUTH LOGIN " + b64(b"alice") + b"\r\n", b"+ " + mp.SASL_PASSWORD_PROMPT, []),
                    (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
-        self.pop3([(b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n", []),
-                   (b64(b"alice") + b"\r\n", b"+ UGFzc3dvcmQ6\r\n", []),
-                   (b"*\r\n", b"-ERR invalid command\r\n", []),
-                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])])
+        self.pop3([(b"AUTH LOGIN\r\n", b"+ " + mp.SASL_USERNAME_PROMPT, []),
+                   (b64(b"alice") + b"\r\n", b"+ " + mp.SASL_PASSWORD_PROMPT, []),
+                   (b"*\r\n", mp.POP3_INVALID, []),
+                   (b"QUIT\r\n", mp.POP3_OK, [mp.Quit()])])
         digest = mp.cram_md5_digest(b"secret", SALT)
         self.pop3([(b"AUTH CRAM-MD5\r\n", b"+ " + b64(SALT) + b"\r\n", []),
                    (b64(b"alice " + digest) + b"\r\n", b"",
@@ -3635,24 +3636,24 @@ class Pop3MachineTests(unittest.TestCase):
                   pop3_auth=["plain", "cram-md5"])
 
     def test_invalid_and_max_errors(self):
-        self.pop3([(b"STAT\r\n", b"-ERR invalid command\r\n", []),
-                   (b"US3R x\r\n", b"-ERR invalid command\r\n", []),
-                   (b"\r\n", b"-ERR invalid command\r\n",
+        self.pop3([(b"STAT\r\n", mp.POP3_INVALID, []),
+                   (b"US3R x\r\n", mp.POP3_INVALID, []),
+                   (b"\r\n", mp.POP3_INVALID,
                     [mp.Closed("client sent too many invalid commands")])], max_errors=3)
 
     def test_128_byte_buffer(self):
-        self.pop3([(b"USER " + b"a" * 130 + b"\r\n", b"-ERR invalid command\r\n",
+        self.pop3([(b"USER " + b"a" * 130 + b"\r\n", mp.POP3_INVALID,
                     [mp.Closed("client sent too long command")])])
         # Extension: pop3_client_buffer makes room for long tokens.
-        self.pop3([(b"USER " + b"a" * 130 + b"\r\n", b"+OK\r\n", []),
-                   (b"QUIT\r\n", b"+OK\r\n", [mp.Quit()])], pop3_client_buffer=1024)
+        self.pop3([(b"USER " + b"a" * 130 + b"\r\n", mp.POP3_OK, []),
+                   (b"QUIT\r\n", mp.POP3_OK, [mp.Quit()])], pop3_client_buffer=1024)
 
     def test_pipelined_user_pass(self):
         machine = make_machine("pop3")
         machine.data_to_send()
         events = machine.receive_data(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")
         self.assertEqual(events, [mp.Credentials(b"alice", b"secret")])
-        self.assertEqual(machine.data_to_send(), b"+OK\r\n")
+        self.assertEqual(machine.data_to_send(), mp.POP3_OK)
         self.assertEqual(machine.trailing_data, b"STAT\r\nQUIT\r\n")
 
 
@@ -3672,9 +3673,9 @@ class SmtpMachineTests(unittest.TestCase):
         self.assertEqual(make_smtp().data_to_send(), b"220 mail.test ESMTP ready\r\n")
         self.smtp([(b"HELO client.example\r\n", b"250 mail.test\r\n", []),
                    (b"EHLO client.example\r\n", SMTP_PROXY_EHLO, []),
-                   (b"NOOP\r\n", b"250 2.0.0 OK\r\n", []),
-                   (b"RSET\r\n", b"250 2.0.0 OK\r\n", []),
-                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+                   (b"NOOP\r\n", mp.SMTP_OK, []),
+                   (b"RSET\r\n", mp.SMTP_OK, []),
+                   (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])])
 
     def test_ehlo_lists_capabilities_then_auth(self):
         machine = make_smtp(smtp_capabilities=["SIZE 10485760", "8BITMIME"],
@@ -3686,9 +3687,9 @@ class SmtpMachineTests(unittest.TestCase):
                          b"250-mail.test\r\n250 PIPELINING\r\n")
 
     def test_helo_argument_count(self):
-        self.smtp([(b"HELO\r\n", b"501 5.5.4 Invalid argument\r\n", []),
-                   (b"EHLO a b\r\n", b"501 5.5.4 Invalid argument\r\n", []),
-                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+        self.smtp([(b"HELO\r\n", mp.SMTP_INVALID_ARGUMENT, []),
+                   (b"EHLO a b\r\n", mp.SMTP_INVALID_ARGUMENT, []),
+                   (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])])
 
     def test_auth_plain_login_cram(self):
         self.smtp([(b"EHLO x\r\n", SMTP_PROXY_EHLO, []),
@@ -3696,11 +3697,11 @@ class SmtpMachineTests(unittest.TestCase):
                     [mp.Credentials(b"alice", b"secret")])])
         self.smtp([(b"AUTH PLAIN\r\n", b"334 \r\n", []),
                    (b64(b"\0alice\0secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
-        self.smtp([(b"AUTH LOGIN\r\n", b"334 VXNlcm5hbWU6\r\n", []),
-                   (b64(b"alice") + b"\r\n", b"334 UGFzc3dvcmQ6\r\n", []),
+        self.smtp([(b"AUTH LOGIN\r\n", b"334 " + mp.SASL_USERNAME_PROMPT, []),
+                   (b64(b"alice") + b"\r\n", b"334 " + mp.SASL_PASSWORD_PROMPT, []),
                    (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
         # Microsoft's "AUTH LOGIN with User Name" (nginx 0.7.34).
-        self.smtp([(b"AUTH LOGIN " + b64(b"alice") + b"\r\n", b"334 UGFzc3dvcmQ6\r\n", []),
+        self.smtp([(b"AUTH LOGIN " + b64(b"alice") + b"\r\n", b"334 " + mp.SASL_PASSWORD_PROMPT, []),
                    (b64(b"secret") + b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
         digest = mp.cram_md5_digest(b"secret", SALT)
         self.smtp([(b"AUTH CRAM-MD5\r\n", b"334 " + b64(SALT) + b"\r\n", []),
@@ -3709,35 +3710,35 @@ class SmtpMachineTests(unittest.TestCase):
                   smtp_auth=["plain", "cram-md5"])
 
     def test_auth_errors(self):
-        self.smtp([(b"AUTH\r\n", b"501 5.5.4 Invalid argument\r\n", []),
-                   (b"AUTH FOO\r\n", b"500 5.5.1 Invalid command\r\n", []),
-                   (b"AUTH CRAM-MD5\r\n", b"500 5.5.1 Invalid command\r\n", []),
+        self.smtp([(b"AUTH\r\n", mp.SMTP_INVALID_ARGUMENT, []),
+                   (b"AUTH FOO\r\n", mp.SMTP_INVALID, []),
+                   (b"AUTH CRAM-MD5\r\n", mp.SMTP_INVALID, []),
                    (b"AUTH PLAIN\r\n", b"334 \r\n", []),
-                   (b"*\r\n", b"500 5.5.1 Invalid command\r\n", []),
-                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+                   (b"*\r\n", mp.SMTP_INVALID, []),
+                   (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])])
 
     def test_auth_inside_a_mail_transaction_is_a_bad_sequence(self):
         """RFC 4954 §4: AUTH during a mail transaction gets 503; after RSET
         (the transaction is over) it is taken."""
         plain = b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n"
         self.smtp([(b"EHLO x\r\n", b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n", []),
-                   (b"MAIL FROM:<a@b.example>\r\n", b"250 2.0.0 OK\r\n", []),
-                   (plain, b"503 5.5.1 Bad sequence of commands\r\n", []),
-                   (b"RSET\r\n", b"250 2.0.0 OK\r\n", []),
+                   (b"MAIL FROM:<a@b.example>\r\n", mp.SMTP_OK, []),
+                   (plain, mp.SMTP_BAD_SEQUENCE, []),
+                   (b"RSET\r\n", mp.SMTP_OK, []),
                    (plain, b"", [mp.Credentials(b"alice", b"secret")])],
                   smtp_auth=["plain", "login", "none"])
 
     def test_mail_needs_auth_unless_none(self):
-        self.smtp([(b"MAIL FROM:<a@b>\r\n", b"530 5.7.1 Authentication required\r\n", []),
-                   (b"RCPT TO:<c@d>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
-                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+        self.smtp([(b"MAIL FROM:<a@b>\r\n", mp.SMTP_AUTH_REQUIRED, []),
+                   (b"RCPT TO:<c@d>\r\n", mp.SMTP_BAD_SEQUENCE, []),
+                   (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])])
 
     def test_smtp_auth_none(self):
         def factory():
             return make_smtp(smtp_auth=["none"])
         exchanges = [(b"EHLO client.example\r\n", b"250 mail.test\r\n", []),
-                     (b"MAIL FROM:<a@b.example> SIZE=100\r\n", b"250 2.0.0 OK\r\n", []),
-                     (b"MAIL FROM:<again@x>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
+                     (b"MAIL FROM:<a@b.example> SIZE=100\r\n", mp.SMTP_OK, []),
+                     (b"MAIL FROM:<again@x>\r\n", mp.SMTP_BAD_SEQUENCE, []),
                      (b"RCPT TO:<bob@example.com>\r\n", b"", [mp.Credentials(b"", b"", "none")])]
         converse_three_ways(self, factory, exchanges, tail=b"DATA\r\n")
         machine = factory()
@@ -3748,13 +3749,13 @@ class SmtpMachineTests(unittest.TestCase):
                           b"RCPT TO:<bob@example.com>"))
 
     def test_rset_and_helo_forget_the_transaction(self):
-        self.smtp([(b"MAIL FROM:<a@b>\r\n", b"250 2.0.0 OK\r\n", []),
-                   (b"RSET\r\n", b"250 2.0.0 OK\r\n", []),
-                   (b"RCPT TO:<c@d>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
-                   (b"MAIL FROM:<a@b>\r\n", b"250 2.0.0 OK\r\n", []),
+        self.smtp([(b"MAIL FROM:<a@b>\r\n", mp.SMTP_OK, []),
+                   (b"RSET\r\n", mp.SMTP_OK, []),
+                   (b"RCPT TO:<c@d>\r\n", mp.SMTP_BAD_SEQUENCE, []),
+                   (b"MAIL FROM:<a@b>\r\n", mp.SMTP_OK, []),
                    (b"HELO x\r\n", b"250 mail.test\r\n", []),
-                   (b"RCPT TO:<c@d>\r\n", b"503 5.5.1 Bad sequence of commands\r\n", []),
-                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])], smtp_auth=["none"])
+                   (b"RCPT TO:<c@d>\r\n", mp.SMTP_BAD_SEQUENCE, []),
+                   (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])], smtp_auth=["none"])
 
     def test_control_bytes_refused_with_501_and_never_stored(self):
         machine = make_smtp(smtp_auth=["none"])
@@ -3762,19 +3763,19 @@ class SmtpMachineTests(unittest.TestCase):
         for line in (b"HELO a\x00b\r\n", b"EHLO a\tb\r\n", b"MAIL FROM:<a\x00@b>\r\n",
                      b"MAIL FROM:<a\r@b>\r\n", b"MAIL FROM:<a@b>\n", b"MAIL FROM:<a\x7f@b>\r\n"):
             self.assertEqual(machine.receive_data(line), [])
-            self.assertEqual(machine.data_to_send(), b"501 5.5.4 Invalid argument\r\n", line)
+            self.assertEqual(machine.data_to_send(), mp.SMTP_INVALID_ARGUMENT, line)
         self.assertEqual((machine.helo, machine.mail_from), (None, None))
         machine.receive_data(b"MAIL FROM:<a@b>\r\n")
-        self.assertEqual(machine.data_to_send(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(machine.data_to_send(), mp.SMTP_OK)
         self.assertEqual(machine.receive_data(b"RCPT TO:<c\x00@d>\r\n"), [])
-        self.assertEqual(machine.data_to_send(), b"501 5.5.4 Invalid argument\r\n")
+        self.assertEqual(machine.data_to_send(), mp.SMTP_INVALID_ARGUMENT)
         self.assertIsNone(machine.rcpt_to)
 
     def test_unknown_and_handler_invalid_commands(self):
-        self.smtp([(b"DATA\r\n", b"500 5.5.1 Invalid command\r\n", []),
-                   (b"VRFY x\r\n", b"500 5.5.1 Invalid command\r\n", []),
-                   (b"STARTTLS\r\n", b"500 5.5.1 Invalid command\r\n", []),
-                   (b"QUIT\r\n", b"221 2.0.0 Bye\r\n", [mp.Quit()])])
+        self.smtp([(b"DATA\r\n", mp.SMTP_INVALID, []),
+                   (b"VRFY x\r\n", mp.SMTP_INVALID, []),
+                   (b"STARTTLS\r\n", mp.SMTP_INVALID, []),
+                   (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])])
         machine = make_smtp(max_errors=2)
         machine.data_to_send()
         machine.receive_data(b"VRFY a\r\nEXPN b\r\nHELP\r\n")      # not counted (nginx)
@@ -3787,7 +3788,7 @@ class SmtpMachineTests(unittest.TestCase):
         machine.data_to_send()
         events = machine.receive_data(b"EHLO x\r\nNOOP\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
                                       b"RCPT TO:<e@f>\r\nDATA\r\n")
-        self.assertEqual(machine.data_to_send(), SMTP_PROXY_EHLO + b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(machine.data_to_send(), SMTP_PROXY_EHLO + mp.SMTP_OK + mp.SMTP_OK)
         self.assertEqual(events, [mp.Credentials(b"", b"", "none")])
         self.assertEqual(machine.trailing_data, b"RCPT TO:<e@f>\r\nDATA\r\n")
 
@@ -3799,10 +3800,10 @@ class SmtpMachineTests(unittest.TestCase):
         for i in range(0, len(pipeline), 64):                 # the session reads buffer-sized chunks
             events += machine.receive_data(pipeline[i:i + 64])
         self.assertEqual(events, [])
-        self.assertEqual(machine.data_to_send(), b"250 2.0.0 OK\r\n" * 50)
+        self.assertEqual(machine.data_to_send(), mp.SMTP_OK * 50)
 
     def test_too_long_command(self):
-        self.smtp([(b"HELO " + b"x" * 100 + b"\r\n", b"500 5.5.1 Invalid command\r\n",
+        self.smtp([(b"HELO " + b"x" * 100 + b"\r\n", mp.SMTP_INVALID,
                     [mp.Closed("client sent too long command")])], smtp_client_buffer=64)
 
 
@@ -3848,17 +3849,16 @@ class StartTlsMachineTests(unittest.TestCase):
         pop3 = make_machine("pop3", starttls="only")
         pop3.data_to_send()
         self.assertEqual(pop3.receive_data(b"USER alice\r\nAUTH PLAIN\r\nAPOP a b\r\n"), [])
-        self.assertEqual(pop3.data_to_send(), b"-ERR invalid command\r\n" * 3)
+        self.assertEqual(pop3.data_to_send(), mp.POP3_INVALID * 3)
         smtp = make_machine("smtp", starttls="only", smtp_auth=["plain", "none"])
         self.assertEqual(smtp.receive_data(b"AUTH PLAIN\r\nMAIL FROM:<a@b>\r\n"), [])
-        self.assertEqual(smtp.data_to_send(), b"500 5.5.1 Invalid command\r\n"
-                         b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+        self.assertEqual(smtp.data_to_send(), mp.SMTP_INVALID + mp.SMTP_TLS_FIRST)
 
     def test_pipelined_plaintext_after_starttls_is_dropped(self):
-        cases = [("imap", b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n", b"a1 OK completed\r\n"),
-                 ("pop3", b"STLS\r\nUSER alice\r\nPASS secret\r\n", b"+OK\r\n"),
+        cases = [("imap", b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n", b"a1 " + mp.IMAP_OK),
+                 ("pop3", b"STLS\r\nUSER alice\r\nPASS secret\r\n", mp.POP3_OK),
                  ("smtp", b"STARTTLS\r\nAUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n",
-                  b"220 2.0.0 Start TLS\r\n")]
+                  mp.SMTP_START_TLS)]
         for protocol, data, reply in cases:
             for chunking in (whole, byte_by_byte):
                 machine = make_machine(protocol, starttls="on")
@@ -3878,7 +3878,7 @@ class StartTlsMachineTests(unittest.TestCase):
         machine.tls_started()
         self.assertEqual((machine.helo, machine.esmtp, machine.mail_from), (None, False, None))
         self.assertEqual(machine.receive_data(b"RCPT TO:<c@d>\r\n"), [])
-        self.assertTrue(machine.data_to_send().endswith(b"503 5.5.1 Bad sequence of commands\r\n"))
+        self.assertTrue(machine.data_to_send().endswith(mp.SMTP_BAD_SEQUENCE))
 
     def test_starttls_refused_when_off_or_already_on(self):
         machine = make_machine("imap", starttls="on", tls=True)
@@ -3894,13 +3894,13 @@ class StartTlsMachineTests(unittest.TestCase):
                          [mp.Credentials(b"", b"", "external")])
         machine = make_machine("smtp", smtp_auth=["external"])
         self.assertEqual(machine.receive_data(b"AUTH EXTERNAL\r\n"), [])
-        self.assertEqual(machine.data_to_send(), b"334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(machine.data_to_send(), b"334 " + mp.SASL_USERNAME_PROMPT)
         self.assertEqual(machine.receive_data(b64(b"alice") + b"\r\n"),
                          [mp.Credentials(b"alice", b"", "external")])
         machine = make_machine("pop3")                          # not enabled
         machine.data_to_send()
         machine.receive_data(b"AUTH EXTERNAL =\r\n")
-        self.assertEqual(machine.data_to_send(), b"-ERR invalid command\r\n")
+        self.assertEqual(machine.data_to_send(), mp.POP3_INVALID)
 
     def test_external_rule_of_the_user_table(self):
         facts = mp.CertificateFacts("SUCCESS", identities=("alice", "alice@example.com"))
@@ -4931,9 +4931,9 @@ class BackendFailureTests(EndToEndTestCase):
         port = free_port()                                   # nobody listens there
         proxy = self.start_proxy("imap", port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"\[error\] .*connect\(\) failed \(111: Connection refused\) "
                            r"while connecting to upstream, .*upstream: 127\.0\.0\.1:%d" % port)
@@ -4942,10 +4942,10 @@ class BackendFailureTests(EndToEndTestCase):
         port = free_port()
         proxy = self.start_proxy("pop3", port)
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_line(mp.POP3_OK)
+        client.expect_line(mp.POP3_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"connect\(\) failed .*upstream: 127\.0\.0\.1:%d" % port)
 
@@ -4953,9 +4953,9 @@ class BackendFailureTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(mode="refuse"))
         proxy = self.start_proxy("imap", backend.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")     # not the backend's words
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)     # not the backend's words
         client.expect_closed()
         proxy.wait_for_log(r'upstream sent invalid response: "a1 NO \[AUTHENTICATIONFAILED\] bad"')
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
@@ -4964,7 +4964,7 @@ class BackendFailureTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(mode="refuse"))
         proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
         client.expect(rb"^a1 NO \[AUTHENTICATIONFAILED\] bad\r\n$")
         client.expect_closed()
@@ -4974,9 +4974,9 @@ class BackendFailureTests(EndToEndTestCase):
         proxy = self.start_proxy("pop3", backend.port)
         client = self.connect(proxy)
         client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_line(mp.POP3_GREETING)
+        client.expect_line(mp.POP3_OK)
+        client.expect_line(mp.POP3_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'upstream sent invalid response: "-ERR \[AUTH\] bad"')
 
@@ -4985,8 +4985,8 @@ class BackendFailureTests(EndToEndTestCase):
         proxy = self.start_proxy("pop3", backend.port, proxy_pass_error_message="on")
         client = self.connect(proxy)
         client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_GREETING)
+        client.expect_line(mp.POP3_OK)
         client.expect(rb"^-ERR \[AUTH\] bad\r\n$")
         client.expect_closed()
 
@@ -4994,9 +4994,9 @@ class BackendFailureTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(mode="bad-greeting"))
         proxy = self.start_proxy("imap", backend.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
 
@@ -5005,9 +5005,9 @@ class BackendFailureTests(EndToEndTestCase):
         proxy = self.start_proxy("pop3", backend.port)
         client = self.connect(proxy)
         client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_line(mp.POP3_GREETING)
+        client.expect_line(mp.POP3_OK)
+        client.expect_line(mp.POP3_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"upstream prematurely closed connection")
 
@@ -5015,10 +5015,10 @@ class BackendFailureTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(mode="stall"))
         proxy = self.start_proxy("imap", backend.port, timeout="1s")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         started = time.monotonic()
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
         self.assertGreaterEqual(time.monotonic() - started, 1.0)
         self.assertLess(time.monotonic() - started, 2.5)
         client.expect_closed()
@@ -5040,9 +5040,9 @@ class HostileBackendTests(EndToEndTestCase):
                                            b"a1 OK LOGIN completed\r\n"))
         proxy = self.start_proxy("imap", backend.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'\[error\] .*upstream sent a literal in its login response: '
                            r'"\* OK \{99999999999\}"')
@@ -5055,9 +5055,9 @@ class HostileBackendTests(EndToEndTestCase):
         proxy = self.start_proxy("pop3", backend.port)
         client = self.connect(proxy)
         client.send(b"USER alice\r\nPASS secret\r\n")
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
-        client.expect(rb"^-ERR internal server error\r\n$")
+        client.expect_line(mp.POP3_GREETING)
+        client.expect_line(mp.POP3_OK)
+        client.expect_line(mp.POP3_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"upstream sent data before the command it answers")
         self.assertFalse(re.search(r"client logged in", proxy.log))
@@ -5073,7 +5073,7 @@ class HostileBackendTests(EndToEndTestCase):
         client = self.connect(proxy)
         client.expect(rb"^220 ")
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        client.expect(rb"^451 4\.3\.2 Internal server error\r\n$")
+        client.expect_line(mp.SMTP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"upstream sent data before the command it answers")
         self.assertNotIn(b"XCLIENT", bytes(backend.received[0]))
@@ -5103,7 +5103,7 @@ class HostileBackendTests(EndToEndTestCase):
             if not data:
                 break
             received += data
-        self.assertEqual(bytes(received), b"* OK IMAP4 ready\r\n" + refusal)
+        self.assertEqual(bytes(received), mp.IMAP_GREETING + refusal)
         self.assertNotIn("client logged in", proxy.log)
 
 
@@ -5135,11 +5135,11 @@ class SmtpEndToEndBackendAuthTests(EndToEndTestCase):
         client.send("HELO client.example")
         self.assertEqual(client.read_line(), b"250 mail.test\r\n")
         client.send("AUTH LOGIN")
-        self.assertEqual(client.read_line(), b"334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(client.read_line(), b"334 " + mp.SASL_USERNAME_PROMPT)
         client.send("YWxpY2U=")
-        self.assertEqual(client.read_line(), b"334 UGFzc3dvcmQ6\r\n")
+        self.assertEqual(client.read_line(), b"334 " + mp.SASL_PASSWORD_PROMPT)
         client.send("c2VjcmV0")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")   # ours, not the backend's 235 2.7.0
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)   # ours, not the backend's 235 2.7.0
         self.smtp_quit(client)
         self.wait_for_backend(backend, 0, b"QUIT\r\n")
         # The client said HELO and xclient is off: HELO server_name.
@@ -5165,7 +5165,7 @@ class SmtpEndToEndBackendAuthTests(EndToEndTestCase):
         client = self.connect(proxy)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'upstream sent invalid response: "535 5\.7\.8 Error: authentication failed"')
 
@@ -5185,7 +5185,7 @@ class SmtpEndToEndBackendRefusalTests(EndToEndTestCase):
 
     def test_internal_error(self):
         backend, proxy, client = self.refused()
-        self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'upstream sent invalid response: "550-5\.7\.0 XCLIENT denied\\x0d\\x0a'
                            r'550 5\.7\.0 Not authorized" while reading response from upstream')
@@ -5379,7 +5379,7 @@ class TlsLayerTests(CertificateFiles, unittest.TestCase):
 
     def test_handshake_and_data_in_memory(self):
         client, server = self.pair()
-        server.send(b"* OK IMAP4 ready\r\n")            # queued until the handshake ends
+        server.send(mp.IMAP_GREETING)            # queued until the handshake ends
         pump(client, server)
         self.assertEqual((client.state, server.state), (mp.TlsState.OPEN, mp.TlsState.OPEN))
         self.assertTrue(server.just_opened)
@@ -5652,7 +5652,7 @@ class TlsEndToEndImplicitTests(EndToEndTestCase):
         proxy = self.tls_proxy("imap", backend.port)
         imap = TlsImap4Ssl("127.0.0.1", proxy.port, ssl_context=self.client_context())
         self.addCleanup(tls_quietly, imap.shutdown)
-        self.assertEqual(imap.welcome, b"* OK IMAP4 ready")
+        self.assertEqual(imap.welcome, mp.IMAP_GREETING.rstrip(b"\r\n"))
         self.assertEqual(imap.sock.version()[:4], "TLSv")
         self.assertEqual(imap.login("alice", "secret"), ("OK", [b"LOGIN completed"]))
         imap.state = "SELECTED"          # the fake has no SELECT; FETCH needs none
@@ -5672,7 +5672,7 @@ class TlsEndToEndImplicitTests(EndToEndTestCase):
         pop = poplib.POP3_SSL("127.0.0.1", proxy.port, context=self.client_context(),
                               timeout=TLS_CLIENT_TIMEOUT)
         self.addCleanup(tls_quietly, pop.close)
-        self.assertEqual(pop.getwelcome(), b"+OK POP3 ready")
+        self.assertEqual(pop.getwelcome(), mp.POP3_GREETING.rstrip(b"\r\n"))
         self.assertEqual(pop.user("alice"), b"+OK")
         self.assertEqual(pop.pass_("secret"), b"+OK alice has 1 message")
         self.assertEqual(pop.stat(), (1, len(TLS_MESSAGE)))
@@ -5706,12 +5706,12 @@ class TlsEndToEndImplicitTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, starttls="on")
         client = self.tls_connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 CAPABILITY")
         self.assertEqual(client.read_line(), b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
-        client.expect(rb"^a1 OK completed\r\n$")
+        client.expect_line(b"a1 " + mp.IMAP_OK)
         client.send("a2 STARTTLS")
-        client.expect(rb"^a2 BAD invalid command\r\n$")
+        client.expect_line(b"a2 " + mp.IMAP_INVALID)
         client.send("a3 LOGIN alice secret")
         client.expect(rb"^a3 OK LOGIN completed\r\n$")
 
@@ -5738,19 +5738,19 @@ class TlsEndToEndStartTlsTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="on")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 CAPABILITY")
         self.assertEqual(client.read_line(),
                          b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN STARTTLS\r\n")
-        client.expect(rb"^a1 OK completed\r\n$")
+        client.expect_line(b"a1 " + mp.IMAP_OK)
         client.send("a2 STARTTLS")
-        client.expect(rb"^a2 OK completed\r\n$")
+        client.expect_line(b"a2 " + mp.IMAP_OK)
         client.start_tls(self.client_context())
         client.send("a3 CAPABILITY")                    # no second greeting comes first
         self.assertEqual(client.read_line(), IMAP_PROXY_CAPABILITY)
-        client.expect(rb"^a3 OK completed\r\n$")
+        client.expect_line(b"a3 " + mp.IMAP_OK)
         client.send("a4 STARTTLS")
-        client.expect(rb"^a4 BAD invalid command\r\n$")
+        client.expect_line(b"a4 " + mp.IMAP_INVALID)
         client.send("a5 LOGIN alice secret")
         client.expect(rb"^a5 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[0]), b"a5 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
@@ -5761,25 +5761,25 @@ class TlsEndToEndStartTlsTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="only")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 CAPABILITY")
         self.assertEqual(client.read_line(),
                          b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS STARTTLS LOGINDISABLED\r\n")
-        client.expect(rb"^a1 OK completed\r\n$")
+        client.expect_line(b"a1 " + mp.IMAP_OK)
         client.send("a2 LOGIN alice secret")
-        client.expect(rb"^a2 BAD invalid command\r\n$")
+        client.expect_line(b"a2 " + mp.IMAP_INVALID)
         client.send(b"a3 AUTHENTICATE PLAIN " + PLAIN_ALICE + b"\r\n")
-        client.expect(rb"^a3 BAD invalid command\r\n$")
+        client.expect_line(b"a3 " + mp.IMAP_INVALID)
         client.send("a4 AUTHENTICATE PLAIN")            # no "+ " prompt either
-        client.expect(rb"^a4 BAD invalid command\r\n$")
+        client.expect_line(b"a4 " + mp.IMAP_INVALID)
         client.send("a5 STARTTLS")
-        client.expect(rb"^a5 OK completed\r\n$")
+        client.expect_line(b"a5 " + mp.IMAP_OK)
         client.start_tls(self.client_context())
         client.send("a6 CAPABILITY")
         self.assertEqual(client.read_line(), IMAP_PROXY_CAPABILITY)
-        client.expect(rb"^a6 OK completed\r\n$")
+        client.expect_line(b"a6 " + mp.IMAP_OK)
         client.send("a7 STARTTLS")
-        client.expect(rb"^a7 BAD invalid command\r\n$")
+        client.expect_line(b"a7 " + mp.IMAP_INVALID)
         client.send(b"a8 AUTHENTICATE PLAIN " + PLAIN_ALICE + b"\r\n")
         client.expect(rb"^a8 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[0]), b"a8 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
@@ -5804,16 +5804,16 @@ class TlsEndToEndStartTlsTests(EndToEndTestCase):
         backend = self.use(FakePop3Backend())
         proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="on")
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send("CAPA")
         self.assertEqual(self.read_capa(client), TLS_POP3_CAPA[:-3] + b"STLS\r\n.\r\n")
         client.send("STLS")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.start_tls(self.client_context())
         client.send("CAPA")
         self.assertEqual(self.read_capa(client), TLS_POP3_CAPA)
         client.send("STLS")
-        client.expect(rb"^-ERR invalid command\r\n$")
+        client.expect_line(mp.POP3_INVALID)
         self.pop3_login_after_greeting(client)
         self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
 
@@ -5829,19 +5829,19 @@ class TlsEndToEndStartTlsTests(EndToEndTestCase):
         for command in ("USER alice", "AUTH PLAIN " + PLAIN_ALICE.decode(), "AUTH",
                         "APOP alice 0123456789abcdef0123456789abcdef"):
             client.send(command)
-            client.expect(rb"^-ERR invalid command\r\n$")
+            client.expect_line(mp.POP3_INVALID)
         client.send("STLS")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.start_tls(self.client_context())
         client.send("CAPA")
         self.assertEqual(self.read_capa(client), TLS_POP3_CAPA)
         client.send("STLS")
-        client.expect(rb"^-ERR invalid command\r\n$")
+        client.expect_line(mp.POP3_INVALID)
         self.pop3_login_after_greeting(client)
 
     def pop3_login_after_greeting(self, client: Client) -> None:
         client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.send("PASS secret")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
 
@@ -5869,14 +5869,14 @@ class TlsEndToEndStartTlsTests(EndToEndTestCase):
         client.send("EHLO client.test")
         self.assertEqual(client.reply(), b"250-mail.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
         client.send("STARTTLS")
-        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.expect_line(mp.SMTP_START_TLS)
         client.start_tls(self.client_context())
         client.send("EHLO client.test")
         self.assertEqual(client.reply(), SMTP_PROXY_EHLO)
         client.send("STARTTLS")
-        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.expect_line(mp.SMTP_INVALID)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+        client.expect_line(mp.SMTP_AUTH_OK)
         self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
                          b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n"
                          b"EHLO client.test\r\n")
@@ -5889,18 +5889,18 @@ class TlsEndToEndStartTlsTests(EndToEndTestCase):
         client.send("EHLO client.test")
         self.assertEqual(client.reply(), b"250-mail.test\r\n250 STARTTLS\r\n")
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.expect_line(mp.SMTP_INVALID)
         client.send("AUTH LOGIN")
-        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.expect_line(mp.SMTP_INVALID)
         client.send("STARTTLS")
-        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.expect_line(mp.SMTP_START_TLS)
         client.start_tls(self.client_context())
         client.send("EHLO client.test")
         self.assertEqual(client.reply(), SMTP_PROXY_EHLO)
         client.send("STARTTLS")
-        client.expect(rb"^500 5\.5\.1 Invalid command\r\n$")
+        client.expect_line(mp.SMTP_INVALID)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+        client.expect_line(mp.SMTP_AUTH_OK)
 
     def test_smtplib_starttls(self):
         for mode in ("on", "only"):
@@ -5930,12 +5930,12 @@ class TlsEndToEndInjectionTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         proxy = self.tls_proxy("imap", backend.port, listens=("",), starttls="on")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n")
-        client.expect(rb"^a1 OK completed\r\n$")
+        client.expect_line(b"a1 " + mp.IMAP_OK)
         client.start_tls(self.client_context())    # fails if a2 got a plaintext reply
         client.send("a3 NOOP")
-        client.expect(rb"^a3 OK completed\r\n$")
+        client.expect_line(b"a3 " + mp.IMAP_OK)
         self.assertEqual(backend.received, [], "the injected LOGIN reached the backend")
         client.send("a4 LOGIN alice secret")
         client.expect(rb"^a4 OK LOGIN completed\r\n$")
@@ -5945,17 +5945,17 @@ class TlsEndToEndInjectionTests(EndToEndTestCase):
         backend = self.use(FakePop3Backend())
         proxy = self.tls_proxy("pop3", backend.port, listens=("",), starttls="on")
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send(b"STLS\r\nUSER alice\r\n")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.start_tls(self.client_context())
         client.send("NOOP")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.send("PASS secret")                      # the USER was forgotten
-        client.expect(rb"^-ERR invalid command\r\n$")
+        client.expect_line(mp.POP3_INVALID)
         self.assertEqual(backend.received, [])
         client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.send("PASS secret")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
         self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
@@ -5967,17 +5967,17 @@ class TlsEndToEndInjectionTests(EndToEndTestCase):
         client = self.connect(proxy)
         client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
         client.send(b"STARTTLS\r\nMAIL FROM:<x@y>\r\n")
-        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.expect_line(mp.SMTP_START_TLS)
         client.start_tls(self.client_context())
         client.send("NOOP")
-        client.expect(rb"^250 2\.0\.0 OK\r\n$")
+        client.expect_line(mp.SMTP_OK)
         client.send("RCPT TO:<bob@example.com>")        # the MAIL was forgotten
-        client.expect(rb"^503 5\.5\.1 Bad sequence of commands\r\n$")
+        client.expect_line(mp.SMTP_BAD_SEQUENCE)
         self.assertEqual(backend.received, [])
         client.send("EHLO client.test")
         client.reply()
         client.send("MAIL FROM:<alice@example.com>")
-        client.expect(rb"^250 2\.0\.0 OK\r\n$")
+        client.expect_line(mp.SMTP_OK)
         client.send("RCPT TO:<bob@example.com>")
         client.expect_line(SMTP_BACKEND_RCPT_OK)         # the backend's, relayed
         self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
@@ -5992,13 +5992,13 @@ class TlsEndToEndInjectionTests(EndToEndTestCase):
         client.expect(rb"^220 mail\.test ESMTP ready\r\n$")
         client.send(b"EHLO client.test\r\nSTARTTLS\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         client.reply()
-        client.expect(rb"^220 2\.0\.0 Start TLS\r\n$")
+        client.expect_line(mp.SMTP_START_TLS)
         client.start_tls(self.client_context())
         client.send("NOOP")
-        client.expect(rb"^250 2\.0\.0 OK\r\n$")
+        client.expect_line(mp.SMTP_OK)
         self.assertEqual(backend.received, [], "the injected AUTH reached the backend")
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+        client.expect_line(mp.SMTP_AUTH_OK)
         # RFC 3207 §4.2: the EHLO before TLS is forgotten, so none is replayed.
         self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
                          b"XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n")
@@ -6017,9 +6017,9 @@ class TlsEndToEndClientCertificateTests(EndToEndTestCase):
                               ssl_client_certificate=self.tls_path("ca.crt"), **mail)
 
     def test_no_certificate_gets_the_protocols_line_and_is_closed(self):
-        for protocol, line in (("imap", b"* BYE No required SSL certificate\r\n"),
-                               ("pop3", b"-ERR No required SSL certificate\r\n"),
-                               ("smtp", b"421 4.7.1 No required SSL certificate\r\n")):
+        for protocol, line in (("imap", mp.IMAP_NO_CERT),
+                               ("pop3", mp.POP3_NO_CERT),
+                               ("smtp", mp.SMTP_NO_CERT)):
             with self.subTest(protocol=protocol):
                 proxy = self.verifying_proxy(protocol, free_port())
                 client = self.tls_connect(proxy)
@@ -6032,11 +6032,11 @@ class TlsEndToEndClientCertificateTests(EndToEndTestCase):
     def test_no_certificate_after_starttls(self):
         proxy = self.verifying_proxy("imap", free_port(), listens=("",), starttls="on")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 STARTTLS")
-        client.expect(rb"^a1 OK completed\r\n$")
+        client.expect_line(b"a1 " + mp.IMAP_OK)
         client.start_tls(self.client_context())
-        self.assertEqual(client.read_line(), b"* BYE No required SSL certificate\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_NO_CERT)
         client.expect_closed()
 
     def test_a_valid_certificate_gets_the_greeting(self):
@@ -6059,7 +6059,7 @@ class TlsEndToEndClientCertificateTests(EndToEndTestCase):
                                    r"handshaking, client: 127\.0\.0\.1, " % (number, reason))
                 proxy.wait_for_log(r"\*%d session done: client TLS error" % number)
         client = self.tls_connect(proxy, certificate="client")   # and the proxy goes on
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         proxy.assert_alive()
 
     def test_optional_without_a_certificate_gets_the_greeting(self):
@@ -6092,11 +6092,11 @@ class TlsEndToEndExternalTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(accept=TLS_EXTERNAL_LOGINS))
         proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
         client = self.tls_connect(proxy, certificate="client")
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 CAPABILITY")
         self.assertEqual(client.read_line(),
                          b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN AUTH=EXTERNAL\r\n")
-        client.expect(rb"^a1 OK completed\r\n$")
+        client.expect_line(b"a1 " + mp.IMAP_OK)
         client.send("a2 AUTHENTICATE EXTERNAL =")
         client.expect(rb"^a2 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[0]), b"a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
@@ -6106,21 +6106,21 @@ class TlsEndToEndExternalTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(accept=TLS_EXTERNAL_LOGINS))
         proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
         client = self.tls_connect(proxy, certificate="client")
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"alice@example.com") + b"\r\n")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[0]),
                          b"a1 LOGIN {17}\r\nalice@example.com {6}\r\nsecret\r\n")
         # Without an initial response: nginx's prompt, then the identity.
         client = self.tls_connect(proxy, certificate="client")
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("b1 AUTHENTICATE EXTERNAL")
-        client.expect(rb"^\+ VXNlcm5hbWU6\r\n$")
+        client.expect_line(b"+ " + mp.SASL_USERNAME_PROMPT)
         # The certificate matches case-insensitively, the [users] key does not.
         client.send(base64.b64encode(b"ALICE@example.com") + b"\r\n")
-        client.expect(rb"^b1 NO Invalid login or password\r\n$")
+        client.expect_line(b"b1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         client.send("b2 AUTHENTICATE EXTERNAL")
-        client.expect(rb"^\+ VXNlcm5hbWU6\r\n$")
+        client.expect_line(b"+ " + mp.SASL_USERNAME_PROMPT)
         client.send("=")
         client.expect(rb"^b2 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[1]), b"b2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
@@ -6129,24 +6129,24 @@ class TlsEndToEndExternalTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(accept=TLS_EXTERNAL_LOGINS))
         proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
         client = self.tls_connect(proxy, certificate="client")
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"bob") + b"\r\n")
-        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        client.expect_line(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         proxy.wait_for_log(r'\[info\] .*client login failed: "EXTERNAL login does not match the '
                            r'client certificate"')
         client.send("a2 NOOP")                          # the session goes on
-        client.expect(rb"^a2 OK completed\r\n$")
+        client.expect_line(b"a2 " + mp.IMAP_OK)
         self.assertEqual(backend.received, [])
 
     def test_imap_without_a_certificate_is_refused(self):
         backend = self.use(FakeImapBackend(accept=TLS_EXTERNAL_LOGINS))
         proxy = self.external_proxy("imap", backend.port, imap_auth="plain external")
         client = self.tls_connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 AUTHENTICATE EXTERNAL =")
-        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        client.expect_line(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         client.send(b"a2 AUTHENTICATE EXTERNAL " + base64.b64encode(b"alice") + b"\r\n")
-        client.expect(rb"^a2 NO Invalid login or password\r\n$")
+        client.expect_line(b"a2 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         proxy.wait_for_log(r'client login failed: "EXTERNAL without a verified client certificate"')
         self.assertEqual(backend.received, [])
 
@@ -6158,9 +6158,9 @@ class TlsEndToEndExternalTests(EndToEndTestCase):
         client.send("EHLO client.test")
         self.assertEqual(client.reply(), b"250-mail.test\r\n250 AUTH PLAIN EXTERNAL\r\n")
         client.send(b"AUTH EXTERNAL " + base64.b64encode(b"bob") + b"\r\n")
-        client.expect(rb"^535 5\.7\.0 Invalid login or password\r\n$")
+        client.expect_line(b"535 5.7.0 " + mp.AUTH_FAILED_TEXT + b"\r\n")
         client.send(b"AUTH EXTERNAL " + base64.b64encode(b"alice@example.com") + b"\r\n")
-        client.expect(rb"^235 2\.0\.0 OK\r\n$")
+        client.expect_line(mp.SMTP_AUTH_OK)
         self.assertEqual(backend.lines(False), b"EHLO mail.test\r\n"
                          b"XCLIENT ADDR=127.0.0.1 LOGIN=alice@example.com NAME=[UNAVAILABLE]\r\n"
                          b"EHLO client.test\r\n")
@@ -6173,7 +6173,7 @@ class TlsEndToEndSniTests(EndToEndTestCase):
 
     def common_name(self, proxy, hostname: str) -> str:
         client = self.tls_connect(proxy, hostname=hostname)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         subject = client.sock.getpeercert()["subject"]
         return dict(pair for rdn in subject for pair in rdn)["commonName"]
 
@@ -6231,14 +6231,14 @@ class TlsEndToEndAlpnTests(EndToEndTestCase):
         for alpn, selected in ((["imap"], "imap"), (["http/1.1", "imap"], "imap"), (None, None)):
             with self.subTest(alpn=alpn):
                 client = self.tls_connect(proxy, context=self.client_context(alpn=alpn))
-                client.expect(rb"^\* OK IMAP4 ready\r\n$")
+                client.expect_line(mp.IMAP_GREETING)
                 self.assertEqual(client.sock.selected_alpn_protocol(), selected)
 
     def test_alpn_follows_the_servers_protocol(self):
         proxy = self.tls_proxy("pop3", free_port())
         self.tls_refused(proxy.port, self.client_context(alpn=["imap"]))
         client = self.tls_connect(proxy, context=self.client_context(alpn=["pop3"]))
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
 
 
 class TlsEndToEndSettingsTests(EndToEndTestCase):
@@ -6256,7 +6256,7 @@ class TlsEndToEndSettingsTests(EndToEndTestCase):
                                        r"while SSL handshaking")
                     continue
                 client = self.tls_connect(proxy, context=context)
-                client.expect(rb"^\* OK IMAP4 ready\r\n$")
+                client.expect_line(mp.IMAP_GREETING)
                 self.assertEqual(client.sock.version(), version)
 
     def test_a_resumed_session_keeps_the_client_certificate(self):
@@ -6268,14 +6268,14 @@ class TlsEndToEndSettingsTests(EndToEndTestCase):
                                imap_auth="plain external")
         context = self.client_context("client")
         first = self.tls_connect(proxy, context=context)
-        first.expect(rb"^\* OK IMAP4 ready\r\n$")          # the ticket came with the greeting
+        first.expect_line(mp.IMAP_GREETING)          # the ticket came with the greeting
         session = first.sock.session
         self.assertTrue(session.has_ticket)
         first.close()
         client = self.connect(proxy)
         client.start_tls(context, session=session)
         self.assertTrue(client.sock.session_reused)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 AUTHENTICATE EXTERNAL =")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[0]), b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
@@ -6309,9 +6309,9 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(tls="implicit", context=self.backend_server_context()))
         proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on", **mail)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'\[error\] .*\*1 upstream certificate verify error: \(%s\) while SSL '
                            r'handshaking to upstream, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
@@ -6355,9 +6355,9 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         proxy = self.backend_proxy("imap", backend.port, proxy_ssl="on")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"\[error\] .*\*1 upstream SSL handshake failed \(WRONG_VERSION_NUMBER\) "
                            r"while SSL handshaking to upstream, .*upstream: 127\.0\.0\.1:%d"
@@ -6369,9 +6369,9 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())         # answers "S1 BAD unknown command"
         proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        client.expect(rb"^\* BAD internal server error\r\n$")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'\[error\] .*\*1 upstream sent invalid response: "S1 BAD unknown command"')
         self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\n")
@@ -6471,13 +6471,13 @@ class TlsEndToEndBadInputTests(EndToEndTestCase):
     def test_client_hello_on_the_plain_port(self):
         proxy = self.proxy()
         client = self.connect(proxy, proxy.ports[1])
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(tls_client_hello())
         client.sock.shutdown(socket.SHUT_WR)
         lines = client.read_until_closed().splitlines(True)
         self.assertTrue(1 <= len(lines) <= 5, lines)                 # max_errors = 5
         for line in lines:
-            self.assertRegex(line, rb"^\S+ BAD invalid command\r\n$")
+            self.assertRegex(line, rb"^\S+ " + re.escape(mp.IMAP_INVALID) + rb"$")
         proxy.wait_for_log(r"\*1 session done: client "
                            r"(sent too many invalid commands|closed connection)")
         self.assertStillServes(proxy)
@@ -6499,7 +6499,7 @@ class TlsEndToEndBadInputTests(EndToEndTestCase):
     def test_garbage_records_after_the_handshake(self):
         proxy = self.proxy()
         client = self.tls_connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send_raw(b"\x17\x03\x03\x00\x20" + bytes(range(32)))  # application data, bad MAC
         with self.assertRaises(ssl.SSLError) as caught:
             client.read_until_closed()
@@ -6599,7 +6599,7 @@ class OddCertificateUserTableTests(EndToEndTestCase):
         self.imap_login(bystander)
         hostile = self.connect(proxy)
         hostile.start_tls(self.client_context("descriptor"))
-        self.assertEqual(hostile.read_line(), b"* BYE No required SSL certificate\r\n")
+        self.assertEqual(hostile.read_line(), mp.IMAP_NO_CERT)
         hostile.expect_closed()
         proxy.wait_for_log(r"\[info\] .*\*2 client SSL certificate cannot be read \(.+\) while SSL "
                            r"handshaking")
@@ -6615,9 +6615,9 @@ class OddCertificateUserTableTests(EndToEndTestCase):
                                ssl_client_certificate=self.tls_path("oddca.crt"))
         client = self.connect(proxy)
         client.start_tls(self.client_context("kelvin"))
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 AUTHENTICATE EXTERNAL " + base64.b64encode(b"karl") + b"\r\n")
-        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        client.expect_line(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         proxy.wait_for_log(r'client login failed: "EXTERNAL login does not match the client '
                            r'certificate"')
         self.assertEqual(backend.received, [])
@@ -6957,12 +6957,12 @@ class SmtpRecipientGuardTests(unittest.TestCase):
         for line in (b"STARTTLS\r\n", b"XCLIENT ADDR=127.0.0.1\r\n", b"xforward NAME=x\r\n",
                      b"BDAT 30 LAST\r\n"):
             guard = mp.SmtpRecipientGuard(guard_check, 4096)
-            self.assertEqual(guard.from_client(line), (b"", b"502 5.5.1 Command not implemented\r\n"))
-        for line, reply in ((b" RCPT TO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
-                            (b"RCPT\tTO:<x@evil.test>\r\n", b"500 5.5.1 Invalid command\r\n"),
+            self.assertEqual(guard.from_client(line), (b"", mp.SMTP_NOT_IMPLEMENTED))
+        for line, reply in ((b" RCPT TO:<x@evil.test>\r\n", mp.SMTP_INVALID),
+                            (b"RCPT\tTO:<x@evil.test>\r\n", mp.SMTP_INVALID),
                             (b"RCPT TO:<b@example.com>\rRCPT TO:<x@evil.test>\r\n",
-                             b"501 5.5.4 Invalid argument\r\n"),
-                            (b"RCPT TO:<b@example.com>\n", b"501 5.5.4 Invalid argument\r\n")):
+                             mp.SMTP_INVALID_ARGUMENT),
+                            (b"RCPT TO:<b@example.com>\n", mp.SMTP_INVALID_ARGUMENT)):
             guard = mp.SmtpRecipientGuard(guard_check, 4096)
             self.assertEqual(guard.from_client(line), (b"", reply), line)
 
@@ -6972,7 +6972,7 @@ class SmtpRecipientGuardTests(unittest.TestCase):
         for chunk in (b"RCPT TO:<" + b"x" * 100, b"y" * 100, b"@evil.test>\r\nNOOP\r\n"):
             to_backend, reply = guard.from_client(chunk)
             to_client += reply
-        self.assertEqual(to_client, b"500 5.5.2 Line too long\r\n")
+        self.assertEqual(to_client, mp.SMTP_LINE_TOO_LONG)
         self.assertEqual(to_backend, b"NOOP\r\n")
 
 
@@ -7058,7 +7058,7 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
     def test_replayed_mail_and_rcpt_then_a_refused_recipient_and_data(self):
         proxy, client = self.start()
         client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")    # the proxy's own
+        self.assertEqual(client.read_line(), mp.SMTP_OK)    # the proxy's own
         self.assertEqual(self.backend.received, [])
         client.send("RCPT TO:<bob@example.com>")
         self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)   # the backend's
@@ -7081,11 +7081,11 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
     def test_recipient_of_another_domain_is_refused_by_the_proxy(self):
         proxy, client = self.start()
         client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
         client.send("RCPT TO:<victim@elsewhere.test>")
         self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
         client.send("NOOP")                                       # the session goes on
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
         self.assertEqual(self.backend.received, [])
         self.assertEqual(self.other.received, [])
         proxy.wait_for_log(r'client login failed: "recipient domain not in smtp_relay_domains"')
@@ -7108,7 +7108,7 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
         refused one is answered in its place, and never reaches the backend."""
         proxy, client = self.start(xclient="off")
         client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
         client.send(b"RCPT TO:<bob@example.com>\r\nRCPT TO:<victim@evil.test>\r\n"
                     b"RCPT TO:<victim@elsewhere.test>\r\nRCPT TO:<carol@example.com>\r\n")
         self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
@@ -7141,11 +7141,11 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
         another transaction (RFC 5321 §4.5.3.1.10)."""
         proxy, client = self.start(smtp_relay_domains="example.com elsewhere.test")
         client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
         client.send("RCPT TO:<bob@example.com>")
         self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
         client.send("RCPT TO:<someone@elsewhere.test>")
-        self.assertEqual(client.read_line(), b"452 4.5.3 Too many recipients\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_TOO_MANY_RECIPIENTS)
         self.smtp_quit(client)
         self.assertNotIn(b"elsewhere", bytes(self.backend.received[0]))
         self.assertEqual(self.other.received, [])
@@ -7156,7 +7156,7 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
         Postfix accepts a forward-path without angle brackets."""
         proxy, client = self.start()
         client.send("MAIL FROM:<sender@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
         client.send("RCPT TO:victim@elsewhere.test ORCPT=rfc822;<bob@example.com>")
         self.assertEqual(client.read_line(), b"550 5.7.1 Relaying denied\r\n")
         self.assertEqual(self.backend.received, [])
@@ -7364,7 +7364,7 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         client = self.connect(proxy)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp")])
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
@@ -7382,11 +7382,11 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
                                       ("Auth-Pass", "secret")))
         proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 LOGIN {%d}\r\n" % len(login))
-        client.expect(rb"^\+ OK\r\n$")
+        client.expect_line(mp.IMAP_NEXT)
         client.send(login + b" {%d}\r\n" % len(password))
-        client.expect(rb"^\+ OK\r\n$")
+        client.expect_line(mp.IMAP_NEXT)
         client.send(password + b"\r\n")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(
@@ -7400,9 +7400,9 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
                                       ("Auth-Pass", "secret")))
         proxy = self.auth_http_proxy("pop3", auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send("USER bob")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.send("PASS hunter2")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "pop3")])
@@ -7416,7 +7416,7 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         client = self.connect(proxy)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + b64(b"\0bob\0hunter2") + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "smtp")])
         self.assertEqual(backend.logins, [(b"alice", b"secret")])
 
@@ -7425,7 +7425,7 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
         proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 AUTHENTICATE CRAM-MD5")
         challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
         self.assertRegex(challenge, rb"^<\d+\.\d+@mail\.test>$")
@@ -7440,12 +7440,12 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         auth = self.auth_server(auth_ok(1143))
         proxy = self.auth_http_proxy("imap", auth.port, imap_auth="plain cram-md5")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 AUTHENTICATE CRAM-MD5")
         challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
         digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
         client.send(b64(b"alice " + digest) + b"\r\n")
-        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"auth http server 127\.0\.0\.1:%d did not send password "
                            r"while in http auth state" % auth.port)
@@ -7504,7 +7504,7 @@ class AuthHttpEndToEndFailureTests(EndToEndTestCase):
         auth = self.auth_server(auth_fail("Invalid login"))
         proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice wrong")
         self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
         client.expect_closed()
@@ -7515,9 +7515,9 @@ class AuthHttpEndToEndFailureTests(EndToEndTestCase):
         auth = self.auth_server(auth_fail("Go away"))
         proxy = self.auth_http_proxy("pop3", auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.send("PASS wrong")
         self.assertEqual(client.read_line(), b"-ERR Go away\r\n")
         client.expect_closed()
@@ -7528,7 +7528,7 @@ class AuthHttpEndToEndFailureTests(EndToEndTestCase):
                                 auth_ok(backend.port))
         proxy = self.auth_http_proxy("imap", auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         started = time.monotonic()
         client.send("a1 LOGIN alice wrong")
         self.assertEqual(client.read_line(), b"a1 NO Invalid login\r\n")
@@ -7565,7 +7565,7 @@ class AuthHttpEndToEndFailureTests(EndToEndTestCase):
         auth = self.auth_server(AUTH_HOLD)
         proxy = self.auth_http_proxy("imap", auth.port, auth_http_timeout="500ms")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
         auth.wait_requests(1)
         client.close()
@@ -7595,9 +7595,9 @@ class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         proxy = self.auth_http_proxy("imap", closed)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r"\[error\] \d+#0: \*1 connect\(\) to auth http server "
                            r"127\.0\.0\.1:%d failed \(111: Connection refused\) while in http "
@@ -7612,15 +7612,15 @@ class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
                 proxy = self.auth_http_proxy(protocol, closed)
                 client = self.connect(proxy)
                 if protocol == "pop3":
-                    client.expect(rb"^\+OK POP3 ready\r\n$")
+                    client.expect_line(mp.POP3_GREETING)
                     client.send("USER alice")
-                    client.expect(rb"^\+OK\r\n$")
+                    client.expect_line(mp.POP3_OK)
                     client.send("PASS secret")
-                    self.assertEqual(client.read_line(), b"-ERR internal server error\r\n")
+                    self.assertEqual(client.read_line(), mp.POP3_INTERNAL_ERROR)
                 else:
                     self.smtp_hello(client)
                     client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-                    self.assertEqual(client.read_line(), b"451 4.3.2 Internal server error\r\n")
+                    self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
                 client.expect_closed()
                 proxy.wait_for_log(r"connect\(\) to auth http server 127\.0\.0\.1:%d failed"
                                    % closed)
@@ -7704,7 +7704,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         auth = self.auth_server(auth_ok(backend.port, ("Auth-Pass", "secret")))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", method="xoauth2")])
@@ -7715,7 +7715,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         auth = self.auth_server(auth_ok(backend.port))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 AUTHENTICATE XOAUTH2")          # no initial response: empty prompt
         self.assertEqual(client.read_line(), b"+ \r\n")
         client.send(b64(XOAUTH2_RESPONSE) + b"\r\n")
@@ -7730,7 +7730,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         proxy = self.oauth_proxy(auth.port)
         for number in (0, 1):
             client = self.connect(proxy)
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.expect_line(mp.IMAP_GREETING)
             client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
             client.expect(rb"^a1 OK (LOGIN|AUTHENTICATE) completed\r\n$")
             wait_until(lambda: len(backend.received) > number and backend.received[number])
@@ -7745,7 +7745,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         auth = self.auth_server(auth_ok(backend.port))
         proxy = self.oauth_proxy(auth.port, "pop3")
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         client.expect(rb"^\+OK token accepted\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="pop3",
@@ -7756,7 +7756,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         auth = self.auth_server(auth_fail("Invalid token"))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         self.assertEqual(client.read_line(),
                          b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
@@ -7771,7 +7771,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         proxy = self.oauth_proxy(auth.port)
         for error in (b'{"status":"invalid_token"}', custom):
             client = self.connect(proxy)
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.expect_line(mp.IMAP_GREETING)
             client.send(b"a1 AUTHENTICATE OAUTHBEARER " + b64(OAUTHBEARER_RESPONSE) + b"\r\n")
             self.assertEqual(client.read_line(), b"+ " + b64(error) + b"\r\n")
             client.send(b"AQ==\r\n")
@@ -7784,7 +7784,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
                                 auth_ok(backend.port, ("Auth-Pass", "secret")))
         proxy = self.oauth_proxy(auth.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send(b"a1 AUTHENTICATE XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         self.assertEqual(client.read_line(),
                          b"+ " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n")
@@ -7838,9 +7838,9 @@ class AuthHttpEndToEndExtensionHeaderTests(EndToEndTestCase):
         auth = self.auth_server(auth_ok(backend.port, ("Auth-Backend-TLS", "ssl")))
         proxy = self.auth_http_proxy("imap", auth.port, proxy_ssl_trusted_certificate="wrongca.crt")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
-        self.assertEqual(client.read_line(), b"* BAD internal server error\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
 
     def test_auth_smtp_auth_login(self):
@@ -7850,7 +7850,7 @@ class AuthHttpEndToEndExtensionHeaderTests(EndToEndTestCase):
         client = self.connect(proxy)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
         wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
@@ -7865,7 +7865,7 @@ class AuthHttpEndToEndExtensionHeaderTests(EndToEndTestCase):
         client = self.connect(proxy)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
         wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
@@ -7931,7 +7931,7 @@ class ImapEndToEndTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(message=message, capability=True))
         proxy = self.start_proxy("imap", backend.port)
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 LOGIN alice secret")
         # The backend's answer to the login, untagged CAPABILITY included.
         client.expect(rb"^\* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n$")
@@ -7969,7 +7969,7 @@ class ImapEndToEndTests(EndToEndTestCase):
         proxy = self.start_proxy("imap", backend.port)
         client = self.connect(proxy)
         client.send(b"a1 LOGIN alice secret\r\na2 NOOP\r\na3 LOGOUT\r\n")     # one send()
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         client.expect(rb"^a2 OK NOOP completed\r\n$")
         client.expect(rb"^\* BYE fake IMAP logging out\r\n$")
@@ -7982,10 +7982,10 @@ class ImapEndToEndTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         proxy = self.start_proxy("imap", backend.port, auth_delay="200ms")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         started = time.monotonic()
         client.send("a1 LOGIN alice wrong")
-        client.expect(rb"^a1 NO Invalid login or password\r\n$")
+        client.expect_line(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         elapsed = time.monotonic() - started
         self.assertGreaterEqual(elapsed, 0.2)
         self.assertLess(elapsed, 2.0)
@@ -8028,9 +8028,9 @@ class Pop3EndToEndTests(EndToEndTestCase):
         backend = self.use(FakePop3Backend(message=message))
         proxy = self.start_proxy("pop3", backend.port)
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")                        # the proxy's
+        client.expect_line(mp.POP3_OK)                        # the proxy's
         client.send("PASS secret")
         client.expect(rb"^\+OK alice has 1 message\r\n$")    # the backend's
         self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
@@ -8060,8 +8060,8 @@ class Pop3EndToEndTests(EndToEndTestCase):
         proxy = self.start_proxy("pop3", backend.port)
         client = self.connect(proxy)
         client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")     # one send()
-        client.expect(rb"^\+OK POP3 ready\r\n$")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_GREETING)
+        client.expect_line(mp.POP3_OK)
         client.expect(rb"^\+OK alice has 1 message\r\n$")
         client.expect(rb"^\+OK 1 1234\r\n$")
         client.expect(rb"^\+OK bye\r\n$")
@@ -8072,17 +8072,17 @@ class Pop3EndToEndTests(EndToEndTestCase):
         backend = self.use(FakePop3Backend())
         proxy = self.start_proxy("pop3", backend.port, auth_delay="200ms")
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         started = time.monotonic()
         client.send("PASS wrong")
-        client.expect(rb"^-ERR Invalid login or password\r\n$")
+        client.expect_line(b"-ERR " + mp.AUTH_FAILED_TEXT + b"\r\n")
         self.assertGreaterEqual(time.monotonic() - started, 0.2)
         proxy.wait_for_log(r'client login failed: "wrong password"')
         self.assertEqual(backend.received, [])
         client.send("USER alice")
-        client.expect(rb"^\+OK\r\n$")
+        client.expect_line(mp.POP3_OK)
         client.send("PASS secret")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
         client.send("QUIT")
@@ -8116,7 +8116,7 @@ class SmtpEndToEndSmtplibTests(EndToEndTestCase):
                              b"ehlo client.example\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
                              + after_auth, "what smtplib sent")
         self.assertEqual(bytes(smtp.wire_received),
-                         SMTP_PROXY_GREETING + SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" +
+                         SMTP_PROXY_GREETING + SMTP_PROXY_EHLO + mp.SMTP_AUTH_OK +
                          SMTP_BACKEND_MAIL_OK + SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO +
                          smtp_backend_queued(1) + SMTP_BACKEND_BYE)
         self.wait_for_backend(backend, 0, b"quit\r\n")
@@ -8141,10 +8141,10 @@ class SmtpEndToEndSmtplibTests(EndToEndTestCase):
                 smtp.quit()
                 if initial_response_ok:             # Microsoft's "AUTH LOGIN user"
                     auth_sent = b"AUTH LOGIN YWxpY2U=\r\nc2VjcmV0\r\n"
-                    auth_read = b"334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
+                    auth_read = b"334 " + mp.SASL_PASSWORD_PROMPT + mp.SMTP_AUTH_OK
                 else:
                     auth_sent = b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n"
-                    auth_read = b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.0.0 OK\r\n"
+                    auth_read = b"334 " + mp.SASL_USERNAME_PROMPT + b"334 " + mp.SASL_PASSWORD_PROMPT + mp.SMTP_AUTH_OK
                 stuffed = b"Subject: hi\r\n\r\n..\r\n...\r\n..hidden\r\nend\r\n.\r\n"
                 self.assertEqual(smtp_dot_stuffed(message), stuffed)
                 after_auth = (SMTPLIB_MAIL_ALICE + SMTPLIB_RCPT_BOB +
@@ -8191,7 +8191,7 @@ class SmtpEndToEndGreetingDelayTests(EndToEndTestCase):
         hasty = self.connect(proxy)
         patient = self.connect(proxy)
         hasty.send("EHLO x")
-        self.assertEqual(hasty.read_line(), b"503 5.5.0 Improper use of SMTP command pipelining\r\n")
+        self.assertEqual(hasty.read_line(), mp.SMTP_INVALID_PIPELINING)
         hasty.expect_closed()
         self.assertLess(time.monotonic() - started, 0.5)          # refused at once
         proxy.wait_for_log(r'client was rejected before greeting: "EHLO x__" while in delay '
@@ -8215,7 +8215,7 @@ class SmtpEndToEndPipeliningTests(EndToEndTestCase):
         pipeline = (b"EHLO x\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n"
                     b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
         client.send(pipeline)
-        replies = (SMTP_PROXY_EHLO + b"235 2.0.0 OK\r\n" + SMTP_BACKEND_MAIL_OK +
+        replies = (SMTP_PROXY_EHLO + mp.SMTP_AUTH_OK + SMTP_BACKEND_MAIL_OK +
                    SMTP_BACKEND_RCPT_OK + SMTP_BACKEND_DATA_GO)
         self.assertEqual(client.read_exactly(len(replies)), replies)
         client.send(b"Hello\r\n.\r\n")
@@ -8235,7 +8235,7 @@ class SmtpEndToEndPipeliningTests(EndToEndTestCase):
         # Refused by the proxy, then by the backend (the login), then accepted.
         client.send(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@elsewhere.test>\r\n"
                     b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
-        replies = (SMTP_PROXY_GREETING + b"250 mail.test\r\n" + b"250 2.0.0 OK\r\n" +
+        replies = (SMTP_PROXY_GREETING + b"250 mail.test\r\n" + mp.SMTP_OK +
                    b"550 5.7.1 Relaying denied\r\n" +
                    smtp_backend_rcpt_refused(b"nobody@example.com") + SMTP_BACKEND_RCPT_OK +
                    SMTP_BACKEND_DATA_GO)
@@ -8252,7 +8252,7 @@ class SmtpEndToEndPipeliningTests(EndToEndTestCase):
 
 
 class SmtpEndToEndControlByteTests(EndToEndTestCase):
-    INVALID = b"501 5.5.4 Invalid argument\r\n"
+    INVALID = mp.SMTP_INVALID_ARGUMENT
 
     def test_bad_helo_is_neither_kept_nor_replayed(self):
         backend = self.use(FakeSmtpBackend())
@@ -8279,7 +8279,7 @@ class SmtpEndToEndControlByteTests(EndToEndTestCase):
             client.send(bad)
             self.assertEqual(client.read_line(), self.INVALID, bad)
         client.send("MAIL FROM:<ab@remote.test>")
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")   # the bad ones were not kept
+        self.assertEqual(client.read_line(), mp.SMTP_OK)   # the bad ones were not kept
         for bad in (b"RCPT TO:<bob@example.com>\x00\r\n", b"RCPT TO:<bob\t@example.com>\r\n"):
             client.send(bad)
             self.assertEqual(client.read_line(), self.INVALID, bad)
@@ -8307,7 +8307,7 @@ class SmtpEndToEndEarlyDataTests(EndToEndTestCase):
         client.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 1234 25\r\nEHLO x\r\nNOOP\r\n")
         self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)     # the 220 comes first
         self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
-        self.assertEqual(client.read_line(), b"250 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
 
 
 # -- when the client misbehaves -----------------------------------------------------
@@ -8345,23 +8345,23 @@ class ClientMisbehaviourTests(EndToEndTestCase):
     def test_max_errors_imap(self):
         proxy = self.start_proxy("imap", free_port(), max_errors="3")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.send("a1 FOO")
-        client.expect(rb"^a1 BAD invalid command\r\n$")
+        client.expect_line(b"a1 " + mp.IMAP_INVALID)
         client.send("a2 BAR")
-        client.expect(rb"^a2 BAD invalid command\r\n$")
+        client.expect_line(b"a2 " + mp.IMAP_INVALID)
         client.send("a3 BAZ")
-        client.expect(rb"^a3 BAD invalid command\r\n$")
+        client.expect_line(b"a3 " + mp.IMAP_INVALID)
         client.expect_closed()
         proxy.wait_for_log(r"\*1 client sent too many invalid commands while in auth state")
 
     def test_max_errors_pop3(self):
         proxy = self.start_proxy("pop3", free_port(), max_errors="3")
         client = self.connect(proxy)
-        client.expect(rb"^\+OK POP3 ready\r\n$")
+        client.expect_line(mp.POP3_GREETING)
         for command in ("FOO", "BAR", "BAZ"):
             client.send(command)
-            client.expect(rb"^-ERR invalid command\r\n$")
+            client.expect_line(mp.POP3_INVALID)
         client.expect_closed()
         proxy.wait_for_log(r"client sent too many invalid commands")
 
@@ -8369,7 +8369,7 @@ class ClientMisbehaviourTests(EndToEndTestCase):
         proxy = self.start_proxy("imap", free_port(), timeout="1s")
         started = time.monotonic()
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.expect_closed()                               # and not a byte more
         elapsed = time.monotonic() - started
         self.assertGreaterEqual(elapsed, 1.0)
@@ -8444,7 +8444,7 @@ class HostileClientTests(EndToEndTestCase):
         proxy = self.start_proxy("imap", free_port(), timeout="1s")
         clients = [self.connect(proxy) for _ in range(20)]
         for client in clients:
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")
+            client.expect_line(mp.IMAP_GREETING)
         durations = []
         threads = [threading.Thread(target=lambda sock=client.sock: durations.append(
             self.drip_until_closed(sock, b"a1 LOGIN alice secret-and-more", 0.2)))
@@ -8460,11 +8460,11 @@ class HostileClientTests(EndToEndTestCase):
     def test_each_whole_command_has_its_own_timeout(self):
         proxy = self.start_proxy("imap", free_port(), timeout="1s")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         for number in range(4):                    # 2 s in all, 0.5 s per command
             time.sleep(0.5)
             client.send("n%d NOOP" % number)
-            client.expect(rb"^n%d OK completed\r\n$" % number)
+            client.expect_line(b"n%d " % number + mp.IMAP_OK)
         client.expect_closed()                     # then 1 s of silence ends it
 
     def test_a_session_that_cannot_start_leaves_nothing_behind(self):
@@ -8491,7 +8491,7 @@ class HostileClientTests(EndToEndTestCase):
         self.connect(proxy).expect_closed()
         sock.settimeout(5)
         sock.connect(("127.0.0.1", proxy.port))
-        self.assertEqual(sock.recv(100), b"* OK IMAP4 ready\r\n")
+        self.assertEqual(sock.recv(100), mp.IMAP_GREETING)
         proxy.assert_alive()
         proxy.wait_for_log(r"\[error\] .*cannot start a session: .*Too many open files")
 
@@ -8506,7 +8506,7 @@ class HostileClientTests(EndToEndTestCase):
         with unittest.mock.patch.object(mp.ImapMachine, "_capability",
                                         side_effect=RuntimeError("a bug")):
             victim = self.connect(proxy)
-            victim.expect(rb"^\* OK IMAP4 ready\r\n$")
+            victim.expect_line(mp.IMAP_GREETING)
             victim.send("c1 CAPABILITY")
             victim.expect_closed()
         proxy.wait_for_log(r"\[alert\] .*\*2 internal error, session closed: "
@@ -8523,13 +8523,13 @@ class HostileClientTests(EndToEndTestCase):
         mp.LOGIN_TIME_LIMIT = 1.5
         proxy = self.start_proxy("imap", free_port(), timeout="1s")
         client = self.connect(proxy)
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         started = time.monotonic()
         with self.assertRaises(AssertionError):        # expect() fails: the proxy has closed
             for number in range(20):
                 time.sleep(0.3)
                 client.send("n%d NOOP" % number)
-                client.expect(rb"^n%d OK completed\r\n$" % number)
+                client.expect_line(b"n%d " % number + mp.IMAP_OK)
         self.assertLess(time.monotonic() - started, 3.0)
         proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
 
@@ -8560,7 +8560,7 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.0/8")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER + b"a1 LOGIN alice secret\r\n")
-        client.expect(rb"^\* OK IMAP4 ready\r\n$")
+        client.expect_line(mp.IMAP_GREETING)
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
 
@@ -8601,7 +8601,7 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         client.send(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         self.assertEqual(auth.requests, [auth_request_bytes(
             protocol="smtp", client_ip="2001:db8::7",
             middle=b"Proxy-Protocol-Addr: 2001:db8::7\r\nProxy-Protocol-Port: 40000\r\n"
@@ -8620,7 +8620,7 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         client.send(PROXY_V1_HEADER)
         self.smtp_hello(client)
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-        self.assertEqual(client.read_line(), b"235 2.0.0 OK\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp", client_ip="192.0.2.7",
                                                     middle=PROXY_FACTS)])
         client.send("QUIT")
@@ -8720,10 +8720,10 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         proxy = ProgramUnderTest(self, self.config(directory, port))
         self.assertIn("listening on 127.0.0.1:%d" % port, proxy.stderr)
         client = connect_client(self, port)
-        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_GREETING)
         client.send(b"a1 CAPABILITY\r\n")
         self.assertEqual(client.read_line(), b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
-        self.assertEqual(client.read_line(), b"a1 OK completed\r\n")
+        self.assertEqual(client.read_line(), b"a1 " + mp.IMAP_OK)
         proxy.send_signal("SIGTERM")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
         client.expect_closed()                        # the session was closed at once
@@ -8751,16 +8751,16 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         port = free_port()
         proxy = ProgramUnderTest(self, self.config(directory, port))
         client = connect_client(self, port)
-        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_GREETING)
         mark = proxy.mark()
         proxy.send_signal("SIGQUIT")
         self.assertIsNotNone(proxy.wait_for("gracefully shutting down", mark), proxy.stderr)
         self.assertTrue(connection_refused(port, within=2.0), "still accepting after SIGQUIT")
         client.send(b"a1 NOOP\r\n")
-        self.assertEqual(client.read_line(), b"a1 OK completed\r\n")
+        self.assertEqual(client.read_line(), b"a1 " + mp.IMAP_OK)
         self.assertIsNone(proxy.proc.poll())
         client.send(b"a2 LOGOUT\r\n")
-        self.assertEqual(client.read_line(), b"* BYE\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_BYE)
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
 
     def test_sighup_reloads_the_user_table(self):
@@ -8776,7 +8776,7 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
         started = time.monotonic()
         self.assertEqual(imap_login_reply(self, port, "old"),
-                         b"a1 NO Invalid login or password\r\n")
+                         b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         self.assertGreaterEqual(time.monotonic() - started, 0.09)     # auth_delay
         self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
         self.assertIn((b"alice", b"new"), backend.logins)
@@ -8808,7 +8808,7 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         proxy.send_signal("SIGHUP")
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
         client = connect_client(self, second)
-        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_GREETING)
 
     def test_check_and_start_agree_on_a_wildcard_and_an_address_of_one_port(self):
         # nginx accepts "*:P" and "127.0.0.1:P" together (it binds the
@@ -8841,9 +8841,9 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         log_path = os.path.join(directory.path, "server.log")
         proxy = ProgramUnderTest(self, self.config(directory, port, extra="error_log = server.log info\n"))
         client = connect_client(self, port)
-        self.assertEqual(client.read_line(), b"* OK IMAP4 ready\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_GREETING)
         client.send(b"a1 LOGOUT\r\n")
-        self.assertEqual(client.read_line(), b"* BYE\r\n")
+        self.assertEqual(client.read_line(), mp.IMAP_BYE)
         proxy.send_signal("SIGTERM")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
         self.assertTrue(os.path.exists(log_path), "server.log was not created")
@@ -8913,7 +8913,7 @@ class ProcessWorkerTests(EndToEndTestCase):
         third.expect_nothing(0.3)
         self.assertEqual(len(proxy.served_by()), 2, "the third client was accepted")
         second.send("a1 NOOP")
-        second.expect(rb"^a1 OK completed\r\n$")  # the two sessions are served meanwhile
+        second.expect_line(b"a1 " + mp.IMAP_OK)  # the two sessions are served meanwhile
         third.expect_nothing(0.1)
         first.send("a1 LOGOUT")
         first.expect(rb"^\* BYE")
@@ -8923,7 +8923,7 @@ class ProcessWorkerTests(EndToEndTestCase):
         third.expect_line(mp.IMAP_GREETING)
         self.assertLess(time.monotonic() - started, 0.5, "the third client waited too long")
         third.send("a2 NOOP")
-        third.expect(rb"^a2 OK completed\r\n$")
+        third.expect_line(b"a2 " + mp.IMAP_OK)
         deadline = time.monotonic() + 2        # the log line comes through a pipe
         while len(proxy.served_by()) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -8945,7 +8945,7 @@ class WorkerEndToEndTests(EndToEndTestCase):
         client.expect(rb"^a3 OK LOGOUT completed\r\n$")
         client.expect_closed()
         for client in idle:
-            client.expect(rb"^\* OK IMAP4 ready\r\n$")      # each one was greeted
+            client.expect_line(mp.IMAP_GREETING)      # each one was greeted
             client.close()
         wait_until(lambda: not proxy.sessions(), what="the idle sessions to end")
 
@@ -8953,16 +8953,16 @@ class WorkerEndToEndTests(EndToEndTestCase):
         proxy = self.use(ProxyUnderTest(proxy_config("imap", free_port()).replace(
             "worker_connections = 1024", "worker_connections = 2")))
         first, second = self.connect(proxy), self.connect(proxy)
-        first.expect(rb"^\* OK IMAP4 ready\r\n$")
-        second.expect(rb"^\* OK IMAP4 ready\r\n$")
+        first.expect_line(mp.IMAP_GREETING)
+        second.expect_line(mp.IMAP_GREETING)
         third = self.connect(proxy)                # connect() succeeds: the kernel's backlog
         third.expect_nothing(0.3)
         self.assertEqual(len(proxy.sessions()), 2)
         first.send("a1 LOGOUT")
-        first.expect(rb"^\* BYE\r\n$")
-        first.expect(rb"^a1 OK completed\r\n$")
+        first.expect_line(mp.IMAP_BYE)
+        first.expect_line(b"a1 " + mp.IMAP_OK)
         first.expect_closed()
-        third.expect(rb"^\* OK IMAP4 ready\r\n$")          # its turn now
+        third.expect_line(mp.IMAP_GREETING)          # its turn now
 
 
 # -- SIGHUP: a reload ---------------------------------------------------------------
@@ -8992,7 +8992,7 @@ class ProcessReloadTests(EndToEndTestCase):
 
         self.assertTrue(connection_refused(old_port), "the removed port still accepts")
         refused, reply = imap_login_session(self, new_port, "old")
-        self.assertEqual(reply, b"a1 NO Invalid login or password\r\n")
+        self.assertEqual(reply, b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         accepted, reply = imap_login_session(self, new_port, "new")
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         self.assertEqual(set(proxy.served_by(mark)), set(new_workers))
@@ -9026,7 +9026,7 @@ class ProcessReloadTests(EndToEndTestCase):
         self.assertIn("[emerg]", error)
         self.assertEqual(imap_login_reply(self, port, "old"), b"a1 OK LOGIN completed\r\n")
         self.assertEqual(imap_login_reply(self, port, "new"),
-                         b"a1 NO Invalid login or password\r\n")
+                         b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
         self.assertEqual(set(proxy.served_by(mark)), set(workers))
         self.assertEqual(proxy.workers(mark), [], "a new generation was started")
         self.assertEqual(sorted(process_group(proxy.pgid)), sorted(workers + [proxy.pid]))
@@ -9052,7 +9052,7 @@ class TlsReloadTests(EndToEndTestCase):
             sock = socket.create_connection(("127.0.0.1", port), timeout=TLS_CLIENT_TIMEOUT)
             with self.client_context().wrap_socket(sock, server_hostname=hostname) as tls:
                 subject = dict(pair for rdn in tls.getpeercert()["subject"] for pair in rdn)
-                self.assertEqual(tls.recv(100), b"* OK IMAP4 ready\r\n")
+                self.assertEqual(tls.recv(100), mp.IMAP_GREETING)
                 return subject["commonName"]
 
         self.assertEqual(served("mail.example.com"), "mail.example.com")
