@@ -917,6 +917,22 @@ class FakeBackend(ThreadedServer):
         # close() shuts the connections down to wake their threads: the TLS one now.
         self.connections[self.connections.index(raw)] = wire.conn
 
+    def greet(self, wire: BackendWire, greeting: bytes, refusal: bytes) -> bool:
+        """``greeting``, or the protocol's STARTTLS first; in "bad-greeting"
+        mode ``refusal``, then wait for the proxy to hang up.  False: the
+        dialogue is over."""
+        if self.mode == "bad-greeting":
+            wire.send(refusal)
+            wire.line()
+            return False
+        if self.tls == "starttls":
+            return self.starttls(wire)
+        wire.send(greeting)
+        return True
+
+    def starttls(self, wire: BackendWire) -> bool:
+        raise NotImplementedError
+
     def accepts(self, login: bytes, password: bytes) -> bool:
         """Whether this pair logs in (it is recorded in ``logins``)."""
         self.logins.append((login, password))
@@ -947,15 +963,8 @@ class FakeImapBackend(FakeBackend):
         super().__init__(mode, message, **options)
 
     def serve(self, wire: BackendWire) -> None:
-        if self.mode == "bad-greeting":
-            wire.send(b"* BYE not today\r\n")
-            wire.line()                    # until the proxy hangs up
+        if not self.greet(wire, b"* OK fake IMAP ready\r\n", b"* BYE not today\r\n"):
             return
-        if self.tls == "starttls":
-            if not self.starttls(wire):
-                return
-        else:
-            wire.send(b"* OK fake IMAP ready\r\n")
         logged_in = False
         while True:
             line = wire.line()
@@ -1038,15 +1047,8 @@ class FakePop3Backend(FakeBackend):
         super().__init__(mode, message, **options)
 
     def serve(self, wire: BackendWire) -> None:
-        if self.mode == "bad-greeting":
-            wire.send(b"-ERR not today\r\n")
-            wire.line()
+        if not self.greet(wire, b"+OK fake POP3 ready\r\n", b"-ERR not today\r\n"):
             return
-        if self.tls == "starttls":
-            if not self.starttls(wire):
-                return
-        else:
-            wire.send(b"+OK fake POP3 ready\r\n")
         login, logged_in = None, False
         while True:
             line = wire.line()
@@ -1202,7 +1204,7 @@ class FakeSmtpBackend(FakeBackend):
 FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend}
 
 
-class ScriptedBackend(ThreadedServer):
+class ScriptedBackend(FakeBackend):
     """A backend that plays ``script`` on each connection: a bytes item is
     sent as one segment, an int n waits for n lines from the proxy, a float
     sleeps that long.  ``received[i]`` is every byte connection i got;
@@ -1212,17 +1214,14 @@ class ScriptedBackend(ThreadedServer):
 
     def __init__(self, *script):
         self.script = script
-        self.received = []
         self.hung_up = []
         super().__init__()
 
     def accepted(self, conn: socket.socket) -> BackendWire:
-        wire = BackendWire(conn)
-        self.received.append(wire.received)
         self.hung_up.append(threading.Event())
-        return wire
+        return super().accepted(conn)
 
-    def handle(self, wire: BackendWire) -> None:
+    def serve(self, wire: BackendWire) -> None:
         hung_up = self.hung_up[self.received.index(wire.received)]
         try:
             for step in self.script:
@@ -1231,17 +1230,13 @@ class ScriptedBackend(ThreadedServer):
                 elif isinstance(step, int):
                     for _ in range(step):
                         if not wire.line():
-                            hung_up.set()
                             return
                 else:
                     time.sleep(step)
             while wire.line():
                 pass
-            hung_up.set()
-        except OSError:
-            hung_up.set()
         finally:
-            wire.conn.close()
+            hung_up.set()
 
 
 AUTH_STALL = "stall"                 # accept, read the request, never answer
@@ -2196,14 +2191,9 @@ class EndToEndTestCase(CertificateFiles, unittest.TestCase):
                    bytes(backend.received[connection]).endswith(data),
                    what="the backend to receive %r" % data[-40:])
 
-    def assert_internal_error(self, protocol: str, auth: "AuthServer", log_pattern: str,
-                              **mail) -> None:
-        """A login through a proxy asking ``auth`` gets the internal error,
-        the connection is closed, and the error log names the auth server."""
-        backend = self.use(FAKE_BACKENDS[protocol]())
-        self.backend_port = backend.port
-        proxy = self.auth_http_proxy(protocol, auth.port, **mail)
-        client = self.connect(proxy)
+    def login_gets_internal_error(self, client: Client, protocol: str) -> None:
+        """After the greeting, alice's login gets the protocol's internal
+        error, and the proxy closes the connection."""
         if protocol == "imap":
             client.expect_line(mp.IMAP_GREETING)
             client.send("a1 LOGIN alice secret")
@@ -2219,6 +2209,15 @@ class EndToEndTestCase(CertificateFiles, unittest.TestCase):
             client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
             self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
         client.expect_closed()
+
+    def assert_internal_error(self, protocol: str, auth: "AuthServer", log_pattern: str,
+                              **mail) -> None:
+        """A login through a proxy asking ``auth`` gets the internal error,
+        the connection is closed, and the error log names the auth server."""
+        backend = self.use(FAKE_BACKENDS[protocol]())
+        self.backend_port = backend.port
+        proxy = self.auth_http_proxy(protocol, auth.port, **mail)
+        self.login_gets_internal_error(self.connect(proxy), protocol)
         pattern = (r"\[error\] \d+#0: \*1 " + log_pattern % re.escape("127.0.0.1:%d" % auth.port) +
                    r" while in http auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, "
                    r'login: "alice"' % proxy.port)
@@ -7594,11 +7593,7 @@ class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
         closed = free_port()
         backend = self.use(FakeImapBackend())
         proxy = self.auth_http_proxy("imap", closed)
-        client = self.connect(proxy)
-        client.expect_line(mp.IMAP_GREETING)
-        client.send("a1 LOGIN alice secret")
-        self.assertEqual(client.read_line(), mp.IMAP_INTERNAL_ERROR)
-        client.expect_closed()
+        self.login_gets_internal_error(self.connect(proxy), "imap")
         proxy.wait_for_log(r"\[error\] \d+#0: \*1 connect\(\) to auth http server "
                            r"127\.0\.0\.1:%d failed \(111: Connection refused\) while in http "
                            r'auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
@@ -7610,18 +7605,7 @@ class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
             with self.subTest(protocol=protocol):
                 closed = free_port()
                 proxy = self.auth_http_proxy(protocol, closed)
-                client = self.connect(proxy)
-                if protocol == "pop3":
-                    client.expect_line(mp.POP3_GREETING)
-                    client.send("USER alice")
-                    client.expect_line(mp.POP3_OK)
-                    client.send("PASS secret")
-                    self.assertEqual(client.read_line(), mp.POP3_INTERNAL_ERROR)
-                else:
-                    self.smtp_hello(client)
-                    client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
-                    self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
-                client.expect_closed()
+                self.login_gets_internal_error(self.connect(proxy), protocol)
                 proxy.wait_for_log(r"connect\(\) to auth http server 127\.0\.0\.1:%d failed"
                                    % closed)
 
@@ -11682,13 +11666,20 @@ class LoadLoop:
         conn.buf = bytearray()
         conn.out = bytearray()
 
-    def _flush(self, conn) -> None:
+    def _send(self, conn) -> Optional[OSError]:
+        """Send what the socket takes of ``conn.out``; the error, if any."""
         try:
             sent = conn.sock.send(conn.out)
             del conn.out[:sent]
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as error:
+            return error
+        return None
+
+    def _flush(self, conn) -> None:
+        error = self._send(conn)
+        if error is not None:
             self._advance(conn, None, error)
             return
         self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
@@ -11717,13 +11708,7 @@ class LoadLoop:
                 return
             if kind == "send":
                 conn.out += request[1]
-                try:
-                    sent = conn.sock.send(conn.out)
-                    del conn.out[:sent]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as failure:
-                    error = failure
+                error = self._send(conn)
             elif kind == "skip":
                 taken = min(request[1], len(conn.buf))
                 del conn.buf[:taken]
