@@ -1329,9 +1329,9 @@ AUTH_HEADER_LINES = b"X-Auth-Key: secret-key\r\nX-Second: two words\r\n"
 
 
 def auth_request_bytes(user: bytes = b"alice", password: bytes = b"secret", protocol: str = "imap",
-               attempt: int = 1, client_ip: str = "127.0.0.1", method: str = "plain",
-               salt: bytes = None, middle: bytes = b"", after: bytes = b"",
-               host: bytes = b"127.0.0.1") -> bytes:
+                       attempt: int = 1, client_ip: str = "127.0.0.1", method: str = "plain",
+                       salt: bytes = None, middle: bytes = b"", after: bytes = b"",
+                       host: bytes = b"127.0.0.1") -> bytes:
     """The request nginx sends, byte for byte (NGINX-MAIL.md §1.3), with this
     file's two auth_http_header lines.  ``middle``: lines after Client-IP /
     Client-Host (Proxy-Protocol-*), ``after``: lines after those (Auth-SSL)."""
@@ -1757,7 +1757,7 @@ class BioTlsSocket:
 
 
 def proxy_v2_header(source: str, sport: int, destination: str, dport: int,
-                 tlvs: bytes = b"") -> bytes:
+                    tlvs: bytes = b"") -> bytes:
     """A PROXY v2 header (PROXY command, TCP over IPv4) built by hand."""
     body = socket.inet_aton(source) + socket.inet_aton(destination) + \
         struct.pack("!HH", sport, dport) + tlvs
@@ -5233,7 +5233,7 @@ class ProxyProtocolEndToEndOutTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(proxy_header=True))
         auth = self.auth_server(auth_ok(backend.port))
         proxy = self.auth_http_proxy("imap", auth.port, "ssl", proxy_protocol="v2",
-                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+                                     ssl_certificate="server.crt", ssl_certificate_key="server.key")
         client = self.tls_connect(proxy, hostname=server_hostname,
                                   context=self.client_context(alpn=alpn))
         client_port = client.sock.getsockname()[1]
@@ -5253,8 +5253,8 @@ class ProxyProtocolEndToEndOutTests(EndToEndTestCase):
         self.assertEqual(sub[0x23], client.sock.cipher()[0].encode())
         # The auth request said the same of the TLS.
         self.assertEqual(auth.requests, [auth_request_bytes(after=b"Auth-SSL: on\r\nAuth-SSL-Protocol: " +
-                                                    sub[0x21] + b"\r\nAuth-SSL-Cipher: " +
-                                                    sub[0x23] + b"\r\n")])
+                                                            sub[0x21] + b"\r\nAuth-SSL-Cipher: " +
+                                                            sub[0x23] + b"\r\n")])
         return tlvs
 
     def test_v2_header_for_a_tls_client_with_sni_and_alpn(self):
@@ -6388,7 +6388,7 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
         """The backend-side mirror of CVE-2011-0411: a reply injected after
         the STARTTLS yes must not be read as the answer to the login."""
         backend = self.use(FakeImapBackend(tls="starttls", context=self.backend_server_context(),
-                                              inject=b"a1 OK LOGIN completed (injected)\r\n"))
+                                           inject=b"a1 OK LOGIN completed (injected)\r\n"))
         proxy = self.backend_proxy("imap", backend.port, proxy_starttls="on",
                                    proxy_ssl_name="localhost")
         client = self.connect(proxy)
@@ -6542,8 +6542,8 @@ class OddCertificateAuthHttpTests(EndToEndTestCase):
 
     def odd_names_proxy(self, auth: AuthServer, mode: str = "on") -> ProxyUnderTest:
         return self.auth_http_proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
-                          ssl_certificate_key="server.key", ssl_verify_client=mode,
-                          ssl_client_certificate=self.tls_path("bothca.crt"))
+                                    ssl_certificate_key="server.key", ssl_verify_client=mode,
+                                    ssl_client_certificate=self.tls_path("bothca.crt"))
 
     def odd_client(self, proxy, certificate: str) -> Client:
         client = self.connect(proxy)
@@ -7432,7 +7432,7 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         client.send(b64(b"alice " + digest) + b"\r\n")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(password=digest, method="cram-md5",
-                                                    salt=challenge)])
+                                                            salt=challenge)])
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
     def test_cram_md5_answer_without_auth_pass_is_an_internal_error(self):
@@ -7459,7 +7459,7 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         client.send(b"APOP alice " + digest + b"\r\n")
         client.expect(rb"^\+OK alice has 1 message\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(password=digest, protocol="pop3",
-                                                    method="apop", salt=salt)])
+                                                            method="apop", salt=salt)])
         self.assertEqual(bytes(backend.received[0]), POP3_LOGIN_ON_THE_WIRE)
 
     def test_response_of_exactly_1024_bytes_and_bare_lf_lines_are_read(self):
@@ -7638,7 +7638,7 @@ class AuthHttpEndToEndInternalErrorTests(EndToEndTestCase):
 
     def test_host_name_in_auth_server(self):
         auth = self.auth_server(answer=lambda request, index: auth_ok(self.backend_port,
-                                                                    server="localhost"))
+                                                                      server="localhost"))
         self.assert_internal_error("smtp", auth,
                                    r'auth http server %s sent invalid server address:"localhost"')
 
@@ -7733,7 +7733,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         client.send(b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n")
         client.expect(rb"^\+OK token accepted\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="pop3",
-                                                    method="xoauth2")])
+                                                            method="xoauth2")])
         self.assertEqual(backend.auths, [b"AUTH XOAUTH2 " + b64(XOAUTH2_RESPONSE) + b"\r\n"])
 
     def test_imap_xoauth2_failure_default_error_challenge(self):
@@ -7790,7 +7790,7 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
         self.assertEqual(client.read_line(), b"535 5.7.8 Invalid credentials\r\n")
         client.expect_closed()
         self.assertEqual(auth.requests, [auth_request_bytes(password=b"ya29.TOKEN-1", protocol="smtp",
-                                                    method="xoauth2")])
+                                                            method="xoauth2")])
 
     def test_oauth_without_auth_http_is_refused_at_load(self):
         with tempfile.TemporaryDirectory() as directory:
@@ -8522,7 +8522,7 @@ class HostileClientTests(EndToEndTestCase):
 
 PROXY_V1_HEADER = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n"
 PROXY_FACTS = (b"Proxy-Protocol-Addr: 192.0.2.7\r\nProxy-Protocol-Port: 40000\r\n"
-            b"Proxy-Protocol-Server-Addr: 127.0.0.1\r\nProxy-Protocol-Server-Port: 143\r\n")
+               b"Proxy-Protocol-Server-Addr: 127.0.0.1\r\nProxy-Protocol-Server-Port: 143\r\n")
 
 
 class ProxyProtocolEndToEndInTests(EndToEndTestCase):
@@ -8564,7 +8564,7 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1")
         client = self.connect(proxy)
         client.send(proxy_v2_header("192.0.2.7", 40000, "127.0.0.1", 143,
-                                 tlvs=b"\x04\x00\x03abc"))          # a NOOP TLV
+                                    tlvs=b"\x04\x00\x03abc"))          # a NOOP TLV
         self.imap_login(client)
         self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
 
@@ -8606,7 +8606,7 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         client.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
         self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp", client_ip="192.0.2.7",
-                                                    middle=PROXY_FACTS)])
+                                                            middle=PROXY_FACTS)])
         client.send("QUIT")
         self.assertEqual(client.read_line(), SMTP_BACKEND_BYE)
         wait_until(lambda: bytes(backend.received[0]).endswith(b"QUIT\r\n"))
@@ -8618,7 +8618,7 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend(proxy_header=True))
         auth = self.auth_server(auth_ok(backend.port))
         proxy = self.auth_http_proxy("imap", auth.port, "proxy_protocol", set_real_ip_from="127.0.0.1",
-                           proxy_protocol="on")
+                                     proxy_protocol="on")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER)
         self.imap_login(client)
@@ -8651,7 +8651,7 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
         proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
-                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+                                     ssl_certificate="server.crt", ssl_certificate_key="server.key")
         client = self.connect(proxy)
         client.send(PROXY_V1_HEADER)
         client.start_tls(self.client_context(), "mail.example.com")
@@ -8659,14 +8659,14 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         tls = (b"Auth-SSL: on\r\nAuth-SSL-Protocol: " + client.sock.version().encode() +
                b"\r\nAuth-SSL-Cipher: " + client.sock.cipher()[0].encode() + b"\r\n")
         self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS,
-                                                    after=tls)])
+                                                            after=tls)])
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
     def test_header_and_client_hello_in_one_segment(self):
         backend = self.use(FakeImapBackend())
         auth = self.auth_server(auth_ok(backend.port))
         proxy = self.auth_http_proxy("imap", auth.port, "ssl proxy_protocol", set_real_ip_from="127.0.0.1",
-                           ssl_certificate="server.crt", ssl_certificate_key="server.key")
+                                     ssl_certificate="server.crt", ssl_certificate_key="server.key")
         client = self.connect(proxy)
         context = self.client_context()
         client.sock = BioTlsSocket(client.sock, context, "mail.example.com", PROXY_V1_HEADER)
@@ -8845,7 +8845,7 @@ class ProcessWorkerTests(EndToEndTestCase):
         directory = TempDir(self)
         port = free_port()
         proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
-                                             main="worker_processes = 3\n"))
+                                                      main="worker_processes = 3\n"))
         workers = proxy.workers()
         self.assertEqual(len(set(workers)), 3, proxy.stderr)
         for pid in workers:
@@ -9059,7 +9059,7 @@ class ProcessGracefulStopTests(EndToEndTestCase):
         pid_path = os.path.join(directory.path, "run", "mailproxy.pid")
         os.mkdir(os.path.dirname(pid_path))
         proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
-                                             main="pid = run/mailproxy.pid\n"))
+                                                      main="pid = run/mailproxy.pid\n"))
         with open(pid_path) as handle:
             self.assertEqual(handle.read(), "%d\n" % proxy.pid)
         worker = proxy.workers()[0]
@@ -9085,7 +9085,7 @@ class ProcessGracefulStopTests(EndToEndTestCase):
         directory = TempDir(self)
         port = free_port()
         proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
-                                             main="worker_shutdown_timeout = 1s\n"))
+                                                      main="worker_shutdown_timeout = 1s\n"))
         session, reply = imap_login_session(self, port)
         self.assertEqual(reply, b"a1 OK LOGIN completed\r\n")
         mark = proxy.mark()
@@ -9107,7 +9107,7 @@ class ProcessMasterGoneTests(EndToEndTestCase):
 
     def start(self, port):
         proxy = ProgramUnderTest(self, program_config(TempDir(self), [port],
-                                             main="worker_processes = 2\n"))
+                                                      main="worker_processes = 2\n"))
         workers = proxy.workers()
         self.assertEqual(len(workers), 2)
         client = Client(port, 2.0)        # the workers serve before the master dies
@@ -9122,7 +9122,7 @@ class ProcessMasterGoneTests(EndToEndTestCase):
         os.kill(proxy.pid, signal.SIGKILL)
         proxy.proc.wait(2)
         wait_until(lambda: not any(process_alive(pid) for pid in workers), 2.0,
-                  "the workers to stop after the master's SIGKILL")
+                   "the workers to stop after the master's SIGKILL")
         self.assertTrue(connection_refused(port))
         self.assertEqual(process_group(proxy.pgid), [])
 
@@ -9133,7 +9133,7 @@ class ProcessMasterGoneTests(EndToEndTestCase):
         proxy, workers = self.start(port)
         os.kill(proxy.pid, signal.SIGKILL)
         wait_until(lambda: not any(process_alive(pid) for pid in workers), 2.0,
-                  "the workers to stop after the master's SIGKILL")
+                   "the workers to stop after the master's SIGKILL")
         proxy.reader.join(2)              # the workers held the stderr pipe too
         for pid in workers:
             self.assertIn("%d#0: the master process is gone" % pid, proxy.stderr)
@@ -9160,7 +9160,7 @@ class ProcessPrivilegeTests(EndToEndTestCase):
         directory = TempDir(self)
         port = free_port()
         proxy = ProgramUnderTest(self, program_config(directory, [port], backend.port,
-                                             main="user = nobody\nworker_processes = 2\n"))
+                                                      main="user = nobody\nworker_processes = 2\n"))
         workers = proxy.workers()
         self.assertEqual(len(workers), 2)
         self.assertEqual(process_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
@@ -9176,7 +9176,7 @@ class ProcessPrivilegeTests(EndToEndTestCase):
         self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
         new = proxy.workers(mark)[0]
         wait_until(lambda: process_ids(new, "Uid") == [nobody.pw_uid] * 4, 1.0,
-                  "the new worker to become nobody")
+                   "the new worker to become nobody")
         self.assertEqual(process_ids(proxy.pid, "Uid"), [0, 0, 0, 0])
 
     def test_single_process_with_user_writes_its_pid_file(self):
@@ -9296,7 +9296,7 @@ class ProcessLogTests(EndToEndTestCase):
         quiet = session_number(self, proxy, quiet_port)
         self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 OK LOGIN completed\r\n")
         wait_until(lambda: "session done" in read_text(access), 2.0,
-                  "the session line in access.log")
+                   "the session line in access.log")
         with open(access) as handle:
             lines = handle.read().splitlines()
         self.assertEqual(len(lines), 1, lines)
@@ -9477,7 +9477,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
         wait_until(lambda: re.search(r"\(SIGHUP\) received|reconfiguring", proxy.stderr), 5.0,
-                  "the proxy to take SIGHUP")
+                   "the proxy to take SIGHUP")
         self.assertIsNotNone(proxy.wait_for("(SIGHUP) received while shutting down, ignoring",
                                             mark, timeout=1), proxy.stderr)
         self.assertTrue(connection_refused(port), "SIGHUP bound the port again")
@@ -9576,7 +9576,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
             with self.subTest(signal=name):
                 port = free_port()
                 proxy = ProgramUnderTest(self, program_config(TempDir(self), [port],
-                                                     main="worker_processes = 2\n"))
+                                                              main="worker_processes = 2\n"))
                 mark = proxy.mark()
                 os.killpg(proxy.pgid, getattr(signal, name))
                 self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
@@ -9592,7 +9592,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         port = free_port()
         log_path = os.path.join(directory.path, "error.log")
         proxy = ProgramUnderTest(self, program_config(directory, [port], main="user = nobody\n",
-                                             log="error.log info\n    stderr info"))
+                                                      log="error.log info\n    stderr info"))
         worker = proxy.workers()[0]
         os.rename(log_path, log_path + ".1")
         mark = proxy.mark()
@@ -9600,7 +9600,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % worker, mark), proxy.stderr)
         number = session_number(self, proxy, port)
         wait_until(lambda: "*%s session done" % number in read_text(log_path), 3.0,
-                  "the worker's line in the new error.log")
+                   "the worker's line in the new error.log")
         self.assertNotIn("*%s " % number, read_text(log_path + ".1"))
         self.assertNotIn("reopening logs failed", proxy.stderr)
         self.assertEqual(os.stat(log_path).st_uid, nobody.pw_uid)   # nginx: ngx_reopen_files
@@ -9623,7 +9623,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         self.assertIsNotNone(proxy.wait_for("reopening logs", mark), proxy.stderr)
         number = session_number(self, proxy, port)
         wait_until(lambda: "*%s session done" % number in read_text(log_path), 3.0,
-                  "the line in error.log")
+                   "the line in error.log")
         self.assertNotIn("reopening logs failed", proxy.stderr)
         proxy.send_signal("SIGTERM")
         self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
@@ -9678,12 +9678,12 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         port, port6 = free_port(), free_port()
         server6 = "\n[server v6]\nlisten = [::1]:%d %s\nprotocol = imap\n"
         path = program_config(directory, [port], main="master_process = off\n",
-                           tail=server6 % (port6, "rcvbuf=40960"))
+                              tail=server6 % (port6, "rcvbuf=40960"))
         proxy = ProgramUnderTest(self, path, started=False)
         if proxy.wait_for("started") is None:
             self.skipTest("cannot listen on [::1]:\n" + proxy.stderr)
         program_config(directory, [port], main="master_process = off\n",
-                    tail=server6 % (port6, "ipv6only=off"))
+                       tail=server6 % (port6, "ipv6only=off"))
         mark = proxy.mark()
         proxy.send_signal("SIGHUP")
         self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
@@ -12021,7 +12021,7 @@ def run_benchmark() -> int:
             ("logins", lambda: measure_logins(port, meter)),
             ("relay, one session", lambda: measure_relay(port, meter, 1, BENCH_RELAY_TOTAL)),
             ("relay, parallel", lambda: measure_relay(port, meter, BENCH_RELAY_SESSIONS,
-                                                    BENCH_RELAY_TOTAL_PARALLEL)),
+                                                      BENCH_RELAY_TOTAL_PARALLEL)),
             ("idle sessions", lambda: measure_idle(port, meter, proc.pid)),
             ("latency", lambda: measure_latency(port, meter)),
         ]
