@@ -99,6 +99,8 @@ NOW = 1700000000.0
 
 
 def make_machine(protocol="imap", tls=False, **overrides):
+    """A client machine for ``protocol`` with server_settings(**overrides),
+    its salt made at NOW with FixedRandom (so it is SALT)."""
     settings = server_settings(protocol, **overrides)
     return mp.CLIENT_MACHINES[protocol](settings, now=NOW, randomness=FixedRandom(), tls=tls)
 
@@ -185,6 +187,7 @@ def message_bytes(size: int) -> bytes:
 
 
 def upload_bytes(size: int) -> bytes:
+    """Like message_bytes, other bytes: what a client sends the other way."""
     return hashlib.shake_128(b"upload of %d bytes" % size).digest(size)
 
 
@@ -202,6 +205,7 @@ def wait_until(condition, timeout: float = 3.0, what: str = "condition") -> None
 
 
 def cpu_seconds(run) -> float:
+    """The CPU time of ``run()`` in this process, the least of three runs."""
     best = None
     for _ in range(3):
         started = time.process_time()
@@ -230,11 +234,11 @@ HOSTILE_BYTES = [b"\r", b"\n", b"\0", b"\t", b" ", b'"', b"'", b"\\", b"+", b"="
 # -- what the proxy says, and the fake backends -------------------------------------
 
 # What the proxy says with the settings of proxy_config (server_name mail.test,
-# the default methods), and what the SMTP fake backend says to QUIT.
+# the default methods); its other replies are mailproxy's own constants
+# (mp.IMAP_GREETING, mp.SMTP_OK...), which the tests name.
 IMAP_PROXY_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
 SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
 SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
-SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
 PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
 
 # How mailproxy logs alice in to an IMAP backend (nginx does the same): the
@@ -242,13 +246,15 @@ PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3Jld
 IMAP_LOGIN_ON_THE_WIRE = b"a1 LOGIN {5}\r\n" + b"alice {6}\r\n" + b"secret\r\n"
 POP3_LOGIN_ON_THE_WIRE = b"USER alice\r\n" + b"PASS secret\r\n"
 
-
 # smtplib's own spelling of MAIL and RCPT: "mail FROM:" until Python 3.12,
 # "mail from:" from 3.13 on.  The proxy passes either on untouched.
 SMTPLIB_MAIL_ALICE = (b"mail FROM:" if sys.version_info < (3, 13) else b"mail from:") + \
     b"<alice@example.com>\r\n"
 SMTPLIB_RCPT_BOB = (b"rcpt TO:" if sys.version_info < (3, 13) else b"rcpt to:") + \
     b"<bob@example.com>\r\n"
+
+# What the SMTP fake backend says: Postfix's words, marked so that a test can
+# tell them from the proxy's.
 SMTP_BACKEND_GREETING = b"220 backend.test ESMTP FakeFix\r\n"
 SMTP_BACKEND_XCLIENT_GREETING = b"220 backend.test ESMTP FakeFix (after XCLIENT)\r\n"
 SMTP_BACKEND_EHLO = (b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n"
@@ -257,6 +263,7 @@ SMTP_BACKEND_EHLO = (b"250-backend.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r
 SMTP_BACKEND_MAIL_OK = b"250 2.1.0 Ok (backend)\r\n"
 SMTP_BACKEND_RCPT_OK = b"250 2.1.5 Ok (backend)\r\n"
 SMTP_BACKEND_DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
 
 
 def smtp_backend_rcpt_refused(address: bytes) -> bytes:
@@ -299,12 +306,12 @@ def smtp_dot_stuffed(message: bytes) -> bytes:
 
 
 def smtp_xclient(login: bytes = b"alice", name: bytes = b"[UNAVAILABLE]") -> bytes:
+    """The XCLIENT line the proxy sends for a client on 127.0.0.1."""
     return b"XCLIENT ADDR=127.0.0.1" + (b" LOGIN=" + login if login else b"") + \
         b" NAME=" + name + b"\r\n"
 
 
 # -- test certificates (PEM) --------------------------------------------------------
-
 
 # The standard library cannot make certificates, so these are embedded:
 # EC P-256, made with openssl for these tests, valid until 2126 (but the
@@ -487,7 +494,6 @@ MzI5MTVaMAoGCCqGSM49BAMCA0gAMEUCIQCFHc55oK87oWb1+HWf7XInSS5IjuwD
 wmzp2HcFRPnu0gIgW6CGnjL4KtetkucjgZl+1d8spBevTg0rwMMqba5pNwc=
 -----END X509 CRL-----
 """
-
 
 
 TLS_FILES = {"ca.crt": TLS_CA_PEM, "server.crt": TLS_SERVER_CERT_PEM, "server.key": TLS_SERVER_KEY_PEM,
@@ -1593,6 +1599,7 @@ def fetch_and_append(test, client: Client, size: int) -> None:
 
 
 def imap_logout(client: Client) -> None:
+    """LOGOUT through a logged-in session: the backend's BYE and OK, then the close."""
     client.send("z9 LOGOUT")
     client.expect(rb"^\* BYE")
     client.expect(rb"^z9 OK")
@@ -1660,6 +1667,8 @@ class TlsImap4(imaplib.IMAP4):
 
 
 class TlsImap4Ssl(imaplib.IMAP4_SSL):
+    """imaplib over implicit TLS, with the same timeout."""
+
     def _create_socket(self, timeout=None):
         sock = socket.create_connection((self.host, self.port), TLS_CLIENT_TIMEOUT)
         return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
@@ -5026,8 +5035,6 @@ class BackendFailureTests(EndToEndTestCase):
 
 
 # -- end to end: hostile backends (issue 12) ----------------------------------------
-
-
 # Backends that answer ahead of the question, announce literals, or change
 # their mind after a refusal.  Whatever they say, the client is logged in
 # only by the reply to the proxy's last login command.
@@ -6721,7 +6728,6 @@ class StreamOwner:
 
     def stream_tls_ready(self, stream) -> None:
         pass
-
 
 
 class StreamTests(EventLoopTestCase):
