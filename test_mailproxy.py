@@ -612,22 +612,29 @@ def write_tls_files(directory: str) -> None:
 
 class CertificateFiles:
     """A test class's copy of the test certificates (write_tls_files) in a
-    temporary directory, made once per class, and what tests make of them:
-    paths, server settings, client contexts, a fake backend's context."""
+    temporary directory, made once per class when a test first asks for it,
+    and what tests make of them: paths, server settings, client contexts, a
+    fake backend's context."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.tls_directory = tempfile.TemporaryDirectory(prefix="mailproxy-tls-")
-        write_tls_files(cls.tls_directory.name)
+    tls_directory = None               # a TemporaryDirectory, once made
 
     @classmethod
     def tearDownClass(cls):
-        cls.tls_directory.cleanup()
+        if cls.tls_directory is not None:
+            cls.tls_directory.cleanup()
+            cls.tls_directory = None
         super().tearDownClass()
 
+    def tls_dir(self) -> str:
+        """The directory of the certificates (made now if need be)."""
+        cls = type(self)
+        if cls.tls_directory is None:
+            cls.tls_directory = tempfile.TemporaryDirectory(prefix="mailproxy-tls-")
+            write_tls_files(cls.tls_directory.name)
+        return cls.tls_directory.name
+
     def tls_path(self, name: str) -> str:
-        return os.path.join(self.tls_directory.name, name)
+        return os.path.join(self.tls_dir(), name)
 
     def tls_settings(self, protocol="imap", **overrides) -> mp.Settings:
         """server_settings with the server certificate (mail.example.com)."""
@@ -764,6 +771,10 @@ class ThreadedServer:
 
     def close(self) -> None:
         self.stopping.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes accept() at once (TCP, on Linux)
+        except OSError:
+            pass
         self.threads[0].join(5)            # no new connection after this
         self.sock.close()
         for conn in self.connections:
@@ -1805,22 +1816,23 @@ class MemoryErrorLogs:
 
 class ProxyUnderTest:
     """mailproxy configured from INI text the way the real start-up does it
-    (mp.load_and_prepare, which builds the SSL contexts), the test
-    certificates written next to the configuration file (so that it may name
-    them relatively: ssl_certificate = server.crt), its event loop in a
-    daemon thread, its error and access logs in memory.  Use as a context
-    manager; ``port`` is where it listens (``ports``: every listen's port,
-    in the order of the configuration), ``worker`` the Worker (its
+    (mp.load_and_prepare, which builds the SSL contexts), its event loop in
+    a daemon thread, its error and access logs in memory; with
+    ``certificates``, the test certificates written next to its file (which
+    may then name them relatively: ssl_certificate = server.crt).  Use as a
+    context manager; ``port`` is where it listens (``ports``: every listen's
+    port, in the order of the configuration), ``worker`` the Worker (its
     ``sessions`` may be looked at).
 
     If the event loop dies of an exception, the traceback is kept and
     stopping the proxy fails the test with it."""
 
-    def __init__(self, config_text: str):
+    def __init__(self, config_text: str, certificates: bool = False):
         self.directory = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
         self.worker = None
         try:
-            write_tls_files(self.directory.name)
+            if certificates:
+                write_tls_files(self.directory.name)
             path = write_file(self.directory.name, "mailproxy.conf", config_text)
             self.config = mp.load_and_prepare(path)
             self.log_file = io.BytesIO()
@@ -2109,9 +2121,11 @@ class EndToEndTestCase(CertificateFiles, unittest.TestCase):
     def auth_http_proxy(self, protocol: str, auth_port, listen_flags: str = "",
                         **mail) -> ProxyUnderTest:
         """A proxy that asks the fake auth server on ``auth_port`` (no
-        proxy_pass, no [users]); ``listen_flags``: its listen's flags."""
+        proxy_pass, no [users]), the certificates beside its file (it may
+        name them relatively); ``listen_flags``: its listen's flags."""
         return self.use(ProxyUnderTest(proxy_config(protocol, auth_port=auth_port,
-                                                    listens=(listen_flags,), **mail)))
+                                                    listens=(listen_flags,), **mail),
+                                       certificates=True))
 
     def auth_server(self, *responses, answer=None) -> "AuthServer":
         return self.use(AuthServer(*responses, answer=answer))
@@ -2279,15 +2293,15 @@ class EventLoopTestCase(unittest.TestCase):
         self.addCleanup(self.loop.close)
 
     def socket_pair(self, sndbuf: int = 0):
-        """(the proxy's end, the peer's end); ``sndbuf``: the proxy's end
-        sends through a kernel buffer that small (a few KB on Linux), so
-        that it fills up soon."""
+        """(the proxy's end, the peer's end); ``sndbuf``: each end sends
+        through a kernel buffer that small (a few KB on Linux), so that it
+        fills up soon."""
         proxy_end, peer_end = socket.socketpair()
         for sock in (proxy_end, peer_end):
             sock.setblocking(False)
+            if sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             self.addCleanup(sock.close)
-        if sndbuf:
-            proxy_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         return proxy_end, peer_end
 
     def drive(self, condition, step=None, timeout: float = 10.0) -> None:
@@ -3293,20 +3307,20 @@ class TlsConfigCheckTests(EndToEndTestCase):
                       self.errors(listens=("",), starttls="only"))
 
     def test_missing_or_unreadable_certificate_files(self):
-        missing = os.path.join(self.tls_directory.name, "missing.crt")
+        missing = os.path.join(self.tls_dir(), "missing.crt")
         self.assertRegex(self.errors(**self.certificate(ssl_certificate=missing)),
                          r'\[server imap\] cannot load certificate "%s": No such file or directory'
                          % re.escape(missing))
-        self.assertIn('cannot load certificate "%s": Is a directory' % self.tls_directory.name,
-                      self.errors(**self.certificate(ssl_certificate=self.tls_directory.name)))
-        garbage = write_file(self.tls_directory.name, "garbage.crt", "not a certificate\n")
+        self.assertIn('cannot load certificate "%s": Is a directory' % self.tls_dir(),
+                      self.errors(**self.certificate(ssl_certificate=self.tls_dir())))
+        garbage = write_file(self.tls_dir(), "garbage.crt", "not a certificate\n")
         self.assertIn('cannot load certificate "%s" with key "%s"'
                       % (garbage, self.tls_path("server.key")),
                       self.errors(**self.certificate(ssl_certificate=garbage)))
         self.assertIn('cannot load certificate "%s" with key "%s"' % (
             self.tls_path("server.crt"), self.tls_path("other.key")),
             self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
-        missing_ca = os.path.join(self.tls_directory.name, "missing-ca.crt")
+        missing_ca = os.path.join(self.tls_dir(), "missing-ca.crt")
         self.assertIn("cannot load the client CA or CRL",
                       self.errors(**self.certificate(ssl_verify_client="on",
                                                      ssl_client_certificate=missing_ca)))
@@ -6744,7 +6758,7 @@ class StreamTests(EventLoopTestCase):
         self.assertEqual((stream.out, stream.sent), (b"", 12), "the kernel took it all, at once")
         self.assertFalse(stream.interest & selectors.EVENT_WRITE, "write interest with nothing kept")
         self.assertEqual(peer.recv(100), b"a1 OK done\r\n")
-        message = message_bytes(MEGABYTE)
+        message = message_bytes(256 * 1024)
         stream.write(message)
         kept = len(stream.out)
         self.assertEqual(kept, len(message) - (stream.sent - 12), "what the kernel refused is kept")
@@ -6817,8 +6831,8 @@ class RelayTests(EventLoopTestCase):
     LIMIT = 16 * 1024
 
     def relay(self, limit: int = LIMIT):
-        """(relay, session, client's socket, backend's socket); the proxy's
-        ends send through small kernel buffers, so that backpressure comes
+        """(relay, session, client's socket, backend's socket); every end
+        sends through a small kernel buffer, so that backpressure comes
         soon."""
         client_end, client = self.socket_pair(sndbuf=4096)
         backend_end, backend = self.socket_pair(sndbuf=4096)
@@ -6836,7 +6850,7 @@ class RelayTests(EventLoopTestCase):
         ``target`` reads nothing: once the target's output holds
         proxy_buffer, the source is not read; when the target reads, it
         all arrives, in order, and the source is read again."""
-        sender = PeerSender(source, message_bytes(MEGABYTE))
+        sender = PeerSender(source, message_bytes(256 * 1024))
         self.drive(lambda: source_stream.read_budget == 0 and sender.blocked, step=sender)
         self.assertEqual(len(target_stream.out), self.LIMIT, "the output holds proxy_buffer")
         self.assertFalse(source_stream.interest & selectors.EVENT_READ, "the source is still read")
@@ -6866,7 +6880,7 @@ class RelayTests(EventLoopTestCase):
         """``source`` sends and closes; the relay hears the EOF while what it
         sent still waits in its output to ``target``, and ends only when
         that is written out."""
-        sender = PeerSender(source, message_bytes(256 * 1024), shut=True)
+        sender = PeerSender(source, message_bytes(64 * 1024), shut=True)
         self.drive(lambda: relay.eof_from is source_stream, step=sender)
         self.assertGreater(len(target_stream.out), 0)
         self.assertIsNone(session.outcome, "the session ended with bytes still to write")
