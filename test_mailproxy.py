@@ -787,8 +787,9 @@ class ThreadedServer:
 
 
 class BackendWire:
-    """The fake backend's end of one connection: lines and literals in,
-    replies out; every byte received is kept in ``received``."""
+    """The fake backend's end of one connection: lines, literals (exactly n
+    bytes) and SMTP message data in, replies out; every byte received is
+    kept in ``received``."""
 
     def __init__(self, conn: socket.socket):
         self.conn = conn
@@ -812,6 +813,7 @@ class BackendWire:
         return line
 
     def exactly(self, size: int) -> bytes:
+        """The next ``size`` bytes (a literal's), waiting for them."""
         while len(self.pending) < size:
             if not self._more():
                 raise ConnectionError("closed in the middle of %d bytes" % size)
@@ -819,28 +821,27 @@ class BackendWire:
         del self.pending[:size]
         return data
 
+    def dot_data(self) -> bytes:
+        """SMTP message data as it came, up to and including the lone
+        ".\\r\\n" line (RFC 5321 §4.1.1.4), dot-stuffing untouched."""
+        start = 0
+        while True:
+            if self.pending.startswith(b".\r\n"):
+                end = 3
+                break
+            found = self.pending.find(b"\r\n.\r\n", start)
+            if found >= 0:
+                end = found + 5
+                break
+            start = max(0, len(self.pending) - 4)
+            if not self._more():
+                raise ConnectionError("closed in the middle of DATA")
+        data = bytes(self.pending[:end])
+        del self.pending[:end]
+        return data
+
     def send(self, data: bytes) -> None:
         self.conn.sendall(data)
-
-
-def smtp_read_dot_data(wire: BackendWire) -> bytes:
-    """The DATA bytes as they came, up to and including the lone ".\\r\\n"
-    line (RFC 5321 §4.1.1.4), dot-stuffing untouched."""
-    start = 0
-    while True:
-        if wire.pending.startswith(b".\r\n"):
-            end = 3
-            break
-        found = wire.pending.find(b"\r\n.\r\n", start)
-        if found >= 0:
-            end = found + 5
-            break
-        start = max(0, len(wire.pending) - 4)
-        if not wire._more():
-            raise ConnectionError("closed in the middle of DATA")
-    data = bytes(wire.pending[:end])
-    del wire.pending[:end]
-    return data
 
 
 class FakeBackend(ThreadedServer):
@@ -1165,7 +1166,7 @@ class FakeSmtpBackend(FakeBackend):
                 self.rcpt(wire, argument)
             elif verb == b"DATA":
                 wire.send(SMTP_BACKEND_DATA_GO)
-                self.messages.append(smtp_read_dot_data(wire))
+                self.messages.append(wire.dot_data())
                 wire.send(smtp_backend_queued(len(self.messages)))
             elif verb == b"BDAT" and re.fullmatch(rb"\d+( LAST)?", argument, re.I):
                 self.messages.append(wire.exactly(int(argument.split(b" ")[0])))
@@ -3279,9 +3280,8 @@ class TlsConfigCheckTests(EndToEndTestCase):
     """What load_and_prepare (and so -t and the start-up) refuses."""
 
     def path(self, listens=("ssl",), **mail) -> str:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        return write_file(directory.name, "mailproxy.conf", proxy_config("imap", 1143, listens=listens, **mail))
+        directory = TempDir(self)
+        return directory.write("mailproxy.conf", proxy_config("imap", 1143, listens=listens, **mail))
 
     def errors(self, listens=("ssl",), **mail) -> str:
         with self.assertRaises(mp.ConfigErrors) as caught:
@@ -3992,9 +3992,8 @@ class OAuthTests(unittest.TestCase):
                                             mp.oauth_initial_response("oauthbearer", b"alice", b"T") + b"\r\n"))
 
     def test_built_in_table_refuses_token_methods(self):
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = write_file(directory.name, "t.conf", """\
+        directory = TempDir(self)
+        path = directory.write("t.conf", """\
             [server imap]
             listen = 127.0.0.1:18143
             protocol = imap
@@ -6443,9 +6442,8 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
 
     def test_proxy_ssl_verify_off_warns_at_start(self):
         """The real program: the warning comes before "started"."""
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = write_file(directory.name, "mailproxy.conf", proxy_config(
+        directory = TempDir(self)
+        path = directory.write("mailproxy.conf", proxy_config(
             "imap", free_port(), proxy_ssl="on", proxy_ssl_verify="off"))
         program = ProgramUnderTest(self, path)
         self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
@@ -7507,8 +7505,7 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
 
     def test_auth_http_over_a_unix_socket(self):
         backend = self.use(FakeImapBackend())
-        directory = self.use(tempfile.TemporaryDirectory())
-        path = os.path.join(directory, "auth.sock")
+        path = os.path.join(TempDir(self).path, "auth.sock")
         auth = self.use(AuthServer(auth_ok(backend.port), path=path))
         proxy = self.auth_http_proxy("imap", "unix:%s:/auth" % path)
         client = self.connect(proxy)
@@ -7813,16 +7810,16 @@ class AuthHttpEndToEndOAuthTests(EndToEndTestCase):
                                                             method="xoauth2")])
 
     def test_oauth_without_auth_http_is_refused_at_load(self):
-        with tempfile.TemporaryDirectory() as directory:
-            for protocol, directive in (("imap", "imap_auth"), ("pop3", "pop3_auth"),
-                                        ("smtp", "smtp_auth")):
-                with self.subTest(protocol=protocol):
-                    text = proxy_config(protocol, 1143, **{directive: "plain xoauth2"})
-                    path = write_file(directory, "oauth.conf", text)
-                    with self.assertRaises(mp.ConfigErrors) as caught:
-                        mp.load_config(path)
-                    self.assertIn("auth_http", str(caught.exception))
-                    self.assertIn("xoauth2", str(caught.exception))
+        directory = TempDir(self)
+        for protocol, directive in (("imap", "imap_auth"), ("pop3", "pop3_auth"),
+                                    ("smtp", "smtp_auth")):
+            with self.subTest(protocol=protocol):
+                text = proxy_config(protocol, 1143, **{directive: "plain xoauth2"})
+                path = directory.write("oauth.conf", text)
+                with self.assertRaises(mp.ConfigErrors) as caught:
+                    mp.load_config(path)
+                self.assertIn("auth_http", str(caught.exception))
+                self.assertIn("xoauth2", str(caught.exception))
 
 
 # -- auth_http: extension headers, TLS and SMTP AUTH to the backend -----------------
@@ -9041,13 +9038,12 @@ class TlsReloadTests(EndToEndTestCase):
     def test_sighup_picks_up_a_renewed_certificate(self):
         """A certificate renewed in place (same file names) is served to new
         clients after SIGHUP, as nginx does on reload."""
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        certificate = write_file(directory.name, "current.crt", TLS_SERVER_CERT_PEM)
-        key = write_file(directory.name, "current.key", TLS_SERVER_KEY_PEM)
+        directory = TempDir(self)
+        certificate = directory.write("current.crt", TLS_SERVER_CERT_PEM)
+        key = directory.write("current.key", TLS_SERVER_KEY_PEM)
         text = proxy_config("imap", free_port(), listens=("ssl",), ssl_certificate=certificate,
                             ssl_certificate_key=key)
-        path = write_file(directory.name, "mailproxy.conf", text)
+        path = directory.write("mailproxy.conf", text)
         port = int(re.search(r"listen = 127\.0\.0\.1:(\d+)", text).group(1))
         program = ProgramUnderTest(self, path)
         self.assertTrue(program.wait_for(" started, listening on "), program.stderr)
@@ -9060,8 +9056,8 @@ class TlsReloadTests(EndToEndTestCase):
                 return subject["commonName"]
 
         self.assertEqual(served("mail.example.com"), "mail.example.com")
-        write_file(directory.name, "current.crt", TLS_OTHER_CERT_PEM)
-        write_file(directory.name, "current.key", TLS_OTHER_KEY_PEM)
+        directory.write("current.crt", TLS_OTHER_CERT_PEM)
+        directory.write("current.key", TLS_OTHER_KEY_PEM)
         program.send_signal("SIGHUP")
         self.assertTrue(program.wait_for("configuration reloaded"), program.stderr)
         self.assertEqual(served("mail.example.net"), "mail.example.net")
