@@ -2915,9 +2915,6 @@ class AuthOutcome(NamedTuple):
             self.kind.value, self.login, self.upstream, self.reason)
 
 
-AuthResult = AuthOutcome         # its old name, for the tests until they change
-
-
 def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
                  proxy_pass: Upstream, credentials: Credentials) -> AuthOutcome:
     """Check credentials against the built-in table and choose the backend.

@@ -4252,7 +4252,7 @@ class ExternalIdentityTests(unittest.TestCase):
     USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
              "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
 
-    def external(self, login: bytes, *identities: str) -> mp.AuthResult:
+    def external(self, login: bytes, *identities: str) -> mp.AuthOutcome:
         facts = mp.CertificateFacts("SUCCESS", identities=identities)
         return mp.authenticate_external(self.USERS, {}, upstream(), login, facts)
 
@@ -6701,6 +6701,49 @@ class EventLoopTests(EventLoopTestCase):
         self.assertEqual(handled[:2], [signal.SIGUSR2, signal.SIGCHLD])   # a child may add a SIGCHLD
 
 
+class DeadlineTests(EventLoopTestCase):
+    """The session's one timer: set, postponed without heap work, cancelled."""
+
+    class Owner:
+        def __init__(self):
+            self.errors = []
+
+        def crashed(self, error):
+            self.errors.append(error)
+
+    def test_postponed_it_fires_at_its_new_time_once(self):
+        owner, fired = self.Owner(), []
+        deadline = mp.Deadline(self.loop, owner)
+        deadline.set(0.05, lambda: fired.append(self.loop.time()))
+        set_at = self.loop.time()
+        deadline.postpone(0.3)
+        self.drive(lambda: fired, timeout=3.0)
+        self.assertGreaterEqual(fired[0] - set_at, 0.3)
+        self.assertIsNone(deadline.callback)
+        self.loop.run_once(0.1)
+        self.assertEqual(len(fired), 1)
+
+    def test_set_replaces_and_cancel_disarms(self):
+        owner, fired = self.Owner(), []
+        deadline = mp.Deadline(self.loop, owner)
+        deadline.set(0.01, lambda: fired.append("first"))
+        deadline.set(0.02, lambda: fired.append("second"))
+        self.drive(lambda: fired)
+        self.assertEqual(fired, ["second"])
+        deadline.set(0.01, lambda: fired.append("cancelled"))
+        deadline.cancel()
+        deadline.postpone(1.0)                       # nothing armed: nothing moves
+        self.loop.run_once(0.05)
+        self.assertEqual(fired, ["second"])
+
+    def test_an_exception_goes_to_the_owner_not_the_loop(self):
+        owner = self.Owner()
+        deadline = mp.Deadline(self.loop, owner)
+        deadline.set(0, lambda: 1 / 0)
+        self.drive(lambda: owner.errors)
+        self.assertIsInstance(owner.errors[0], ZeroDivisionError)
+
+
 # ========================================================================== #
 # ####                      Streams and listeners                       #### #
 # ========================================================================== #
@@ -7184,7 +7227,7 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
 
 
 # ========================================================================== #
-# ####               Outbound clients: auth_http and DNS                #### #
+# ####          Outbound clients: the backend, auth_http, DNS           #### #
 # ========================================================================== #
 # The resolver against a fake DNS server; the auth_http client end to end
 # (the real proxy between a test client, a fake auth_http server and fake
@@ -7926,6 +7969,51 @@ class AuthHttpEndToEndNginxParityTests(EndToEndTestCase):
 # that follows for IMAP, POP3 and SMTP (with smtplib too), pipelining, the
 # greeting delay, clients that misbehave or are hostile, the PROXY header a
 # client's load balancer sends.
+
+# -- the phases ---------------------------------------------------------------------
+
+class PhaseTableTests(unittest.TestCase):
+    """Session._enter goes only where PHASE_CHANGES says, and each phase
+    has its rules."""
+
+    def test_the_legal_changes_of_phase(self):
+        P = mp.Phase
+        opening = (P.PROXY_HEADER, P.HANDSHAKE, P.RESOLVING, P.GREETING_DELAY)
+        expected = (
+            {(P.ACCEPTED, phase) for phase in opening + (P.DIALOGUE,)} |
+            {(P.PROXY_HEADER, phase) for phase in (P.HANDSHAKE, P.RESOLVING, P.GREETING_DELAY,
+                                                   P.DIALOGUE)} |
+            {(P.HANDSHAKE, phase) for phase in (P.RESOLVING, P.GREETING_DELAY, P.DIALOGUE,
+                                                P.CLOSING)} |
+            {(P.RESOLVING, P.GREETING_DELAY), (P.RESOLVING, P.DIALOGUE),
+             (P.GREETING_DELAY, P.DIALOGUE), (P.GREETING_DELAY, P.CLOSING),
+             (P.DIALOGUE, P.HANDSHAKE), (P.DIALOGUE, P.AUTH), (P.DIALOGUE, P.CLOSING),
+             (P.AUTH, P.DIALOGUE), (P.AUTH, P.CONNECT), (P.AUTH, P.CLOSING),
+             (P.CONNECT, P.LOGIN), (P.CONNECT, P.CLOSING), (P.LOGIN, P.RELAY),
+             (P.LOGIN, P.CLOSING)})
+        self.assertEqual(set(mp.PHASE_CHANGES), expected)
+        # Nothing leaves the relay or the closing phase but close().
+        self.assertFalse([change for change in mp.PHASE_CHANGES if change[0] in (P.RELAY, P.CLOSING)])
+        self.assertEqual(set(mp.PHASES), set(P))
+
+    def test_an_illegal_change_is_a_bug_that_ends_the_session(self):
+        """_enter refuses a change not in the table; the session, not the
+        worker, ends (loop_callback)."""
+        backend = FakeImapBackend()
+        self.addCleanup(backend.close)
+        proxy = ProxyUnderTest(proxy_config("imap", backend.port))
+        self.addCleanup(proxy.stop)
+        with unittest.mock.patch.object(mp, "PHASE_CHANGES", mp.PHASE_CHANGES - {
+                (mp.Phase.DIALOGUE, mp.Phase.AUTH)}):
+            client = Client(proxy.port)
+            self.addCleanup(client.close)
+            client.expect_line(mp.IMAP_GREETING)
+            client.send("a1 LOGIN alice secret")
+            client.expect_closed()
+        proxy.wait_for_log(r"\[alert\] .*internal error, session closed: RuntimeError\('no way "
+                           r"from phase dialogue to auth'\)")
+        proxy.assert_alive()
+
 
 # -- happy paths --------------------------------------------------------------------
 
@@ -9548,6 +9636,8 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
         client = Client(new_port, 2.0)
         self.addCleanup(client.close)
         client.expect_line(mp.IMAP_GREETING)
+        # The greeting can come before the session's log line is read here.
+        self.assertIsNotNone(proxy.wait_for("connected to", mark), proxy.stderr)
         self.assertEqual(proxy.served_by(mark), proxy.workers(mark))
         self.assertTrue(connection_refused(old_port, within=2.0), "the old port still accepts")
 
