@@ -1535,58 +1535,46 @@ def strip_eol(line: bytes) -> bytes:
     return line
 
 
-class LineBuffer:
-    """Bytes received and not yet taken, handed out a line at a time.
+class LineBuffer(bytearray):
+    """Bytes received and not yet taken (a bytearray: += adds, len() and
+    truth say what is held), handed out a line at a time.
 
     Every reader of lines shares it (the client machines, the backend login,
-    the auth_http response, the SMTP relay check), because of one rule a
-    hostile peer tests: n bytes must cost O(n) work however they are split.
-    The search for the end of a line starts where the last search stopped,
-    so a line trickled one byte at a time is scanned once, not once per
-    byte.  The buffer holds what it is given: its owner decides how much
-    that may be (``len()``) and stops reading beyond it.
+    the SMTP relay check), because of one rule a hostile peer tests: n bytes
+    must cost O(n) work however they are split.  The search for the end of
+    a line starts where the last search stopped, so a line trickled one byte
+    at a time is scanned once, not once per byte.  Change it only through
+    its methods and +=.  It holds what it is given: its owner decides how
+    much that may be and stops reading beyond it.
     """
-    __slots__ = ("data", "_scanned")
+    __slots__ = ("_scanned",)
 
     def __init__(self):
-        self.data = bytearray()     # readers that scan in place may look, never change
-        self._scanned = 0           # data[:_scanned] holds no LF
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def append(self, data: bytes) -> None:
-        self.data += data
+        super().__init__()
+        self._scanned = 0           # self[:_scanned] holds no LF
 
     def take_line(self, limit: Optional[int] = None) -> Optional[bytes]:
         """The next line with its LF, if one ends within the first ``limit``
         bytes (all of them when None); else None, and nothing is taken."""
-        end = len(self.data) if limit is None else min(limit, len(self.data))
-        index = self.data.find(b"\n", self._scanned, end)
+        end = len(self) if limit is None else min(limit, len(self))
+        index = self.find(b"\n", self._scanned, end)
         if index < 0:
             self._scanned = max(self._scanned, end)
             return None
         return self.take(index + 1)
 
-    def has_line_end(self) -> bool:
-        """Has a LF arrived that take_line() has not yet handed out?"""
-        index = self.data.find(b"\n", self._scanned)
-        if index < 0:
-            self._scanned = len(self.data)
-        return index >= 0
-
     def take(self, size: int) -> bytes:
         """The first ``size`` bytes (fewer if fewer are held), removed."""
-        taken = bytes(self.data[:size])
-        del self.data[:size]          # CPython drops a bytearray's head in O(1)
+        taken = bytes(self[:size])
+        del self[:size]               # CPython drops a bytearray's head in O(1)
         self._scanned = max(0, self._scanned - len(taken))
         return taken
 
     def take_all(self) -> bytes:
-        return self.take(len(self.data))
+        return self.take(len(self))
 
     def clear(self) -> None:
-        del self.data[:]
+        del self[:]
         self._scanned = 0
 
 
@@ -1801,7 +1789,7 @@ class ClientMachine(SaslExchange):
         if not data:
             self.finished = True
             return []
-        self._input.append(data)
+        self._input += data
         return self._process()
 
     def data_to_send(self) -> bytes:
@@ -1813,7 +1801,7 @@ class ClientMachine(SaslExchange):
     @property
     def trailing_data(self) -> bytes:
         """Input not parsed yet: what the client pipelined behind its login."""
-        return bytes(self._input.data)
+        return bytes(self._input)
 
     def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         """The reply to a refused login (nginx: the auth server's text; SMTP:
@@ -2275,7 +2263,7 @@ class ImapMachine(ClientMachine):
                 return self._check_length(events, self.tag or None, limit)
             self._sasl_line(events, strip_eol(line))
             return True
-        scan = self.scanner.scan(self._input.data, limit)
+        scan = self.scanner.scan(self._input, limit)
         if isinstance(scan, ImapIncomplete):
             while self._continuations < scan.sync_literals:
                 self._output += IMAP_NEXT
@@ -3059,25 +3047,26 @@ AUTH_HTTP_HEADER_NAME = re.compile(rb"[A-Za-z0-9-]+")
 DIGITS = re.compile(rb"\d{1,9}")
 
 
+AUTH_HTTP_ESCAPED = re.compile(rb"[\x00-\x20%]")      # NGX_ESCAPE_MAIL_AUTH's table
+AUTH_HTTP_LINE_BREAKERS = re.compile(rb"[\r\n\0]")
+AUTH_HTTP_HEADER_NAME_TEXT = re.compile(r"[A-Za-z0-9-]+")
+
+
+def percent_hex(match: "re.Match") -> bytes:
+    """The matched byte as %XX, upper-case hex (as nginx's ngx_escape_uri)."""
+    return b"%%%02X" % match.group()[0]
+
+
 def auth_http_escape(data: bytes) -> bytes:
     """NGX_ESCAPE_MAIL_AUTH: control bytes, space and "%" as %XX (upper-case
     hex); everything else, 8-bit bytes and DEL included, unchanged."""
-    out = bytearray()
-    for byte in data:
-        if byte < 0x20 or byte in (0x20, 0x25):
-            out += b"%%%02X" % byte
-        else:
-            out.append(byte)
-    return bytes(out)
-
-
-AUTH_HTTP_LINE_BREAKERS = re.compile(rb"[\r\n\0]")
+    return AUTH_HTTP_ESCAPED.sub(percent_hex, data)
 
 
 def auth_http_unbroken(data: bytes) -> bytes:
     """``data`` with CR, LF and NUL as %0D, %0A, %00, everything else as it
     is: a value nginx sends unescaped, made unable to end its line."""
-    return AUTH_HTTP_LINE_BREAKERS.sub(lambda match: b"%%%02X" % match.group()[0], data)
+    return AUTH_HTTP_LINE_BREAKERS.sub(percent_hex, data)
 
 
 def auth_http_header(name: str, value, escape: bool = False) -> bytes:
@@ -3091,7 +3080,7 @@ def auth_http_header(name: str, value, escape: bool = False) -> bytes:
     go as %0D, %0A and %00, so that no value, whatever a caller passes, can
     add a header or end the request.  Raises ValueError for a name that is
     not a header name (names are constants and checked directives)."""
-    if not re.fullmatch(r"[A-Za-z0-9-]+", name):
+    if not AUTH_HTTP_HEADER_NAME_TEXT.fullmatch(name):
         raise ValueError("not an auth_http header name: %r" % name)
     data = value if isinstance(value, bytes) else value.encode("utf-8")
     return name.encode("ascii") + b": " + (auth_http_escape(data) if escape else auth_http_unbroken(data))
@@ -3707,7 +3696,7 @@ class BackendLogin:
 
     @property
     def trailing_data(self) -> bytes:
-        return bytes(self._input.data)
+        return bytes(self._input)
 
     def data_to_send(self) -> bytes:
         data = bytes(self._output)
@@ -3728,18 +3717,19 @@ class BackendLogin:
         self._advance()
 
     def receive_data(self, data: bytes) -> list:
-        if self.error is None:
-            try:
-                return self._receive(data)
-            except BackendError as error:
-                self.error = error
-                self.script = []
-        raise self.error
+        if self.error is not None:
+            raise self.error
+        try:
+            return self._receive(data)
+        except BackendError as error:
+            self.error = error
+            self.script = []
+            raise
 
     def _receive(self, data: bytes) -> list:
         if not data:
             raise BackendError("upstream prematurely closed connection")
-        self._input.append(data)
+        self._input += data
         while self.script:
             step = self.script[0]
             if isinstance(step, TlsStep):
@@ -3766,15 +3756,11 @@ class BackendLogin:
                 self._relay += self._reply
             del self._reply[:]
             self.script.pop(0)
-            if self._advance():
-                self._check_nothing_early()
+            if self._advance() and self._input:
+                # A command has just been sent: nothing can answer it yet.
+                raise BackendError("upstream sent data before the command it answers",
+                                   bytes(self._input[:self.line_limit]))
         return [LoginDone(bytes(self._relay))]
-
-    def _check_nothing_early(self) -> None:
-        """A command has just been sent: the backend cannot have answered it yet."""
-        if self._input:
-            raise BackendError("upstream sent data before the command it answers",
-                               bytes(self._input.data[:self.line_limit]))
 
     def _more_lines(self, step: Expect, line: bytes) -> bool:
         if step.kind == "imap-tagged":
@@ -4806,12 +4792,13 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
 # on_readable() and on_writable().
 
 def loop_callback(method: Callable) -> Callable:
-    """Decorator for a method the loop calls on a connection's behalf (a
-    stream event, a timer, an answer from the auth server or the resolver).
-    An exception escaping it is a bug in that one connection's handling: it
-    goes to the object's ``crashed(error)``, which ends that connection,
-    instead of out of the loop, which would end the worker and every
-    connection in it."""
+    """Decorator for a method called on a connection's behalf by something
+    else than its own stream or timer (the auth server's answer, the
+    resolver's): an exception escaping it goes to the object's
+    ``crashed(error)``, which ends that connection, instead of out of the
+    loop, which would end the worker and every connection in it.  (A
+    stream's or a timer's exception reaches ``crashed`` through
+    EventLoop.failed.)"""
     @functools.wraps(method)
     def guarded(self, *args):
         try:
@@ -4919,16 +4906,34 @@ class EventLoop:
             wait = until_timer if wait is None else min(wait, until_timer)
         for key, mask in self.selector.select(wait):
             handler = key.data
-            if mask & selectors.EVENT_READ:
-                handler.on_readable()
-            if mask & selectors.EVENT_WRITE and key.fileobj.fileno() >= 0:
-                handler.on_writable()
+            try:
+                if mask & selectors.EVENT_READ:
+                    handler.on_readable()
+                if mask & selectors.EVENT_WRITE and key.fileobj.fileno() >= 0:
+                    handler.on_writable()
+            except Exception as error:
+                self.failed(handler, error)
         now = self.time()
         while self.timers and self.timers[0][0] <= now:
             timer = heapq.heappop(self.timers)[2]
             callback, timer.callback = timer.callback, None
             if callback is not None:
-                callback()
+                try:
+                    callback()
+                except Exception as error:
+                    self.failed(callback, error)
+
+    @staticmethod
+    def failed(culprit, error: Exception) -> None:
+        """An exception out of a handler (a Stream, say) or a timer's bound
+        method is a bug in one connection's handling: the object's
+        ``crashed(error)`` ends that connection (a Stream passes it to its
+        owner), and the worker and its other connections go on.  Without
+        such an object the exception goes on out of the loop."""
+        crashed = getattr(getattr(culprit, "__self__", culprit), "crashed", None)
+        if crashed is None:
+            raise error
+        crashed(error)
 
     def run(self) -> None:
         self.running = True
@@ -4947,7 +4952,7 @@ class Deadline:
     replacing what was armed; postpone(delay) moves the armed callback to
     ``delay`` from now; cancel() disarms.  ``callback`` is what is armed
     (None: nothing).  An exception from the callback goes to the owner's
-    crashed(error), as from any loop_callback."""
+    crashed(error) (EventLoop.failed)."""
     __slots__ = ("loop", "owner", "due", "callback", "_timer")
 
     def __init__(self, loop: EventLoop, owner):
@@ -4958,8 +4963,12 @@ class Deadline:
         self._timer = None             # type: Optional[Timer]
 
     def set(self, delay: float, callback: Callable) -> None:
-        self.cancel()
         self.due = self.loop.time() + delay
+        self.callback = callback
+        if self._timer is not None and self._timer.callback is not None and \
+                self._timer.deadline <= self.due:
+            return                    # the armed timer comes up first, and waits for the rest
+        self.cancel()
         self.callback = callback
         self._timer = self.loop.call_later(delay, self._fire)
 
@@ -4973,14 +4982,14 @@ class Deadline:
             self._timer = None
         self.callback = None
 
-    @loop_callback
     def _fire(self) -> None:
         left = self.due - self.loop.time()
         if left > 0.001:
             self._timer = self.loop.call_later(left, self._fire)
             return
         callback, self.callback, self._timer = self.callback, None, None
-        callback()
+        if callback is not None:
+            callback()
 
     def crashed(self, error: Exception) -> None:
         self.owner.crashed(error)
@@ -5183,6 +5192,13 @@ class Stream(LoopHandler):
     def _fail(self, error: OSError) -> None:
         if not self.closed:
             self.owner.stream_error(self, error)
+
+    def crashed(self, error: Exception) -> None:
+        """A bug in the owner's handling of this stream (EventLoop.failed)."""
+        crashed = getattr(self.owner, "crashed", None)
+        if crashed is None:
+            raise error
+        crashed(error)
 
     def close(self) -> None:
         if self.closed:
@@ -5440,14 +5456,12 @@ class Relay(StreamOwner):
         room = 0 if self.eof_from is not None else self.limit - len(self.peer(source).out)
         source.set_read_budget(min(room, READ_SIZE) if room > 0 else 0)
 
-    @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
         peer = self.backend if stream is self.client else self.client
         peer.write(data)
         if peer.out:                       # the kernel took less: hold the source back
             self._allow(stream)
 
-    @loop_callback
     def stream_drained(self, stream: Stream) -> None:
         """``stream`` has written out all it held: its source may go on."""
         if self.eof_from is not None and self.peer(self.eof_from) is stream:
@@ -5455,7 +5469,6 @@ class Relay(StreamOwner):
             return
         self._allow(self.peer(stream))
 
-    @loop_callback
     def stream_eof(self, stream: Stream) -> None:
         """nginx has no half-close: once one side is done and its data is
         delivered, the session ends."""
@@ -5465,7 +5478,6 @@ class Relay(StreamOwner):
         if not self.peer(stream).out:
             self.finish("%s closed connection" % self._side(stream))
 
-    @loop_callback
     def stream_error(self, stream: Stream, error: Exception) -> None:
         self.finish("%s connection error: %s" % (self._side(stream),
                                                 getattr(error, "strerror", None) or error))
@@ -5479,7 +5491,6 @@ class Relay(StreamOwner):
     def _check_interval(self) -> float:
         return max(self.idle_timeout / 8, 0.05)
 
-    @loop_callback
     def _check_idle(self) -> None:
         """proxy_timeout without traffic ends the session.  Rather than read
         the clock for every chunk, look at the byte counts now and then: the
@@ -5562,7 +5573,7 @@ class SmtpRecipientGuard:
         return len(self._client)
 
     def from_client(self, data: bytes) -> Tuple[bytes, bytes]:
-        self._client.append(data)
+        self._client += data
         return self._run()
 
     def from_backend(self, data: bytes) -> Tuple[bytes, bytes]:
@@ -5575,7 +5586,7 @@ class SmtpRecipientGuard:
         while self.state == self.REPLY and position < len(data):
             newline = data.find(b"\n", position)
             end = len(data) if newline < 0 else newline + 1
-            self._replies.append(data[position:end])
+            self._replies += data[position:end]
             position = end
             line = self._replies.take_line()
             if line is None or line[3:4] == b"-":      # RFC 5321 §4.2.1: more lines follow
@@ -5625,7 +5636,7 @@ class SmtpRecipientGuard:
             self._tail = (self._tail + data[-3:])[-3:]
             return data
         end = found.end() - len(self._tail)
-        self._client.append(data[end:])
+        self._client += data[end:]
         self.state = self.REPLY
         return data[:end]
 
@@ -5659,7 +5670,6 @@ class CheckedRelay(Relay):
             room -= self.guard.held
         source.set_read_budget(min(room, READ_SIZE) if room > 0 else 0)
 
-    @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
         if stream is self.client:
             to_backend, to_client = self.guard.from_client(data)
@@ -5803,7 +5813,6 @@ class BackendConnection(StreamOwner):
             self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
             self._connect_next()
 
-    @loop_callback
     def stream_connected(self, stream: Stream) -> None:
         self.connecting = False
         self.owner.backend_connected(stream)
@@ -5819,13 +5828,11 @@ class BackendConnection(StreamOwner):
         self.stream.start_tls(TlsLayer(self.server.backend_tls_context, server_side=False,
                                        server_hostname=name))
 
-    @loop_callback
     def stream_tls_ready(self, stream: Stream) -> None:
         if self.login.script and isinstance(self.login.script[0], TlsStep):
             self.login.tls_started()
             stream.write(self.login.data_to_send())
 
-    @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
         try:
             events = self.login.receive_data(data)
@@ -5839,12 +5846,10 @@ class BackendConnection(StreamOwner):
             else:
                 self.owner.backend_logged_in(event.reply)
 
-    @loop_callback
     def stream_eof(self, stream: Stream) -> None:
         self.close()
         self.owner.backend_refused(BackendError("upstream prematurely closed connection"))
 
-    @loop_callback
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
             self.log("error", "upstream %s" % error, action="SSL handshaking to upstream")
@@ -6235,6 +6240,12 @@ class ClientOpening(StreamOwner):
         else:
             self._behind_proxy_header(b"")
 
+    @staticmethod
+    def needed(server: Settings, listen: Listen) -> bool:
+        """Is there anything to do before the greeting?"""
+        return listen.proxy_protocol or listen.ssl or (
+            server.protocol == "smtp" and bool(server.resolver or server.smtp_greeting_delay))
+
     def cancel(self) -> None:
         if self.name_lookup is not None:
             self.name_lookup.cancel()
@@ -6242,7 +6253,6 @@ class ClientOpening(StreamOwner):
     def crashed(self, error: Exception) -> None:
         self.session.crashed(error)
 
-    @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
         self.CLIENT_DATA.get(self.session.phase, ClientOpening._hold)(self, data)
 
@@ -6279,7 +6289,6 @@ class ClientOpening(StreamOwner):
         if rest:
             self.session.client.feed(rest)
 
-    @loop_callback
     def stream_tls_ready(self, stream: Stream) -> None:
         if self.session._certificate_ok():
             self._begin()
@@ -6371,9 +6380,7 @@ class Session(StreamOwner):
         self.starttls = False        # the client said STARTTLS (for the log, as nginx)
         self.login_attempt = 0       # Auth-Login-Attempt
         self.attempt = None          # type: Optional[LoginAttempt]  (the last one)
-        self.authenticator = (AuthHttpAuth(self.loop, self.server, self)
-                              if self.server.auth_http is not None else
-                              UserTableAuth(self.config, self.server, worker.throttle, self.loop.time))
+        self.authenticator = None    # made at the first login attempt
         self.opening = self.backend = self.backend_connection = self.relay = None
         self.closed, self.outcome = False, ""
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
@@ -6424,7 +6431,10 @@ class Session(StreamOwner):
     def _start(self, listen: Listen) -> None:
         self.machine = CLIENT_MACHINES[self.server.protocol](
             self.server, now=time.time(), randomness=self.worker.randomness, tls=listen.ssl)
-        self.opening = ClientOpening(self, listen)
+        if ClientOpening.needed(self.server, listen):
+            self.opening = ClientOpening(self, listen)
+        else:
+            self.opened(b"")            # nothing comes before the greeting
 
     def _start_client_tls(self) -> None:
         """The TLS handshake: listen ... ssl (the opening), or STARTTLS."""
@@ -6445,7 +6455,6 @@ class Session(StreamOwner):
             self._close_after_reply("no client certificate")
         return not refuse
 
-    @loop_callback
     def stream_tls_ready(self, stream: Stream) -> None:
         """STARTTLS is done: the dialogue goes on, over TLS."""
         if self._certificate_ok():
@@ -6462,7 +6471,6 @@ class Session(StreamOwner):
         if early_data:
             self.stream_data(self.client, early_data)
 
-    @loop_callback
     def stream_data(self, stream: Stream, data: bytes) -> None:
         commands = self.machine.commands
         events = self.machine.receive_data(data)
@@ -6488,18 +6496,15 @@ class Session(StreamOwner):
         self.starttls = True
         self._start_client_tls()
 
-    @loop_callback
     def stream_drained(self, stream: Stream) -> None:
         if self.phase == Phase.CLOSING:
             self.close(self.outcome)
         else:
             self._read_budget()
 
-    @loop_callback
     def stream_eof(self, stream: Stream) -> None:
         self.close("client closed connection")
 
-    @loop_callback
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
             self.log("info", str(error))
@@ -6551,6 +6556,11 @@ class Session(StreamOwner):
         self.login_attempt += 1
         if credentials.method != AuthMethod.NONE:
             self.login = credentials.login
+        if self.authenticator is None:
+            self.authenticator = (AuthHttpAuth(self.loop, self.server, self)
+                                  if self.server.auth_http is not None else
+                                  UserTableAuth(self.config, self.server, self.worker.throttle,
+                                                self.loop.time))
         tls = self.client.tls.facts() if self.client.tls is not None else None
         self.attempt = login_attempt(credentials, self.login_attempt, self.machine,
                                      (self.client_address, self.client_port), self.client_name,
