@@ -5769,11 +5769,11 @@ class BackendConnection(StreamOwner):
 
     The owner hears backend_connected(stream) when the dialogue begins,
     then backend_logged_in(reply) (``login.trailing_data`` is what the
-    backend sent behind its answer), or backend_refused(BackendError) (the
-    script failed: the owner logs it as nginx does), or
-    backend_unusable(outcome) (no connection or TLS: logged here already,
-    with ``log``, the session's).  After either failure nothing more is
-    read; close() ends it at any time."""
+    backend sent behind its answer), or backend_failed(outcome, refusal)
+    (no connection, no TLS, or the script failed: logged here already, as
+    nginx does, with ``log``, the session's; ``refusal`` is the backend's
+    reply for the client, if proxy_pass_error_message lets it through).
+    After a failure nothing more is read; close() ends it at any time."""
 
     def __init__(self, loop: EventLoop, server: Settings, upstream: Upstream, login: BackendLogin,
                  tls_mode: str, proxy_header: bytes, owner, log: Callable):
@@ -5805,7 +5805,7 @@ class BackendConnection(StreamOwner):
             self.stream.close()
             self.stream = None
         if not self.addresses:
-            return self.owner.backend_unusable("upstream unreachable")
+            return self.owner.backend_failed("upstream unreachable")
         family, sockaddr = self.addresses.pop(0)
         try:
             self.stream = connect_stream(self.loop, family, sockaddr, self)
@@ -5837,8 +5837,7 @@ class BackendConnection(StreamOwner):
         try:
             events = self.login.receive_data(data)
         except BackendError as error:
-            self.close()
-            return self.owner.backend_refused(error)
+            return self._refused(error)
         stream.write(self.login.data_to_send())
         for event in events:
             if isinstance(event, BackendStartTls):
@@ -5847,8 +5846,19 @@ class BackendConnection(StreamOwner):
                 self.owner.backend_logged_in(event.reply)
 
     def stream_eof(self, stream: Stream) -> None:
+        self._refused(BackendError("upstream prematurely closed connection"))
+
+    def _refused(self, error: BackendError) -> None:
+        """nginx: log the bad line; the client gets the internal error, or
+        with proxy_pass_error_message on, the backend's own refusal."""
         self.close()
-        self.owner.backend_refused(BackendError("upstream prematurely closed connection"))
+        line = error.line
+        if error.refusal and self.server.proxy_pass_error_message:
+            self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
+            return self.owner.backend_failed("upstream refused the login", line)
+        detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
+        self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
+        self.owner.backend_failed("upstream refused the login" if line else str(error))
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
@@ -5861,7 +5871,7 @@ class BackendConnection(StreamOwner):
             self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
             outcome = "upstream connection error"
         self.close()
-        self.owner.backend_unusable(outcome)
+        self.owner.backend_failed(outcome)
 
 
 class AuthHttpAuth:
@@ -6328,8 +6338,7 @@ class ClientOpening(StreamOwner):
         shown = log_escape(data.replace(b"\r", b"_").replace(b"\n", b"_"))
         session.log("info", 'client was rejected before greeting: "%s"' % shown)
         session.client.owner = session
-        session.client.write(SMTP_INVALID_PIPELINING)
-        session._close_after_reply("client rejected before greeting")
+        session._close_after_reply("client rejected before greeting", SMTP_INVALID_PIPELINING)
 
     def _greet(self) -> None:
         early, self.early_data = bytes(self.early_data), bytearray()
@@ -6349,6 +6358,31 @@ class ClientOpening(StreamOwner):
         self.session.stream_drained(stream)
 
 
+class ClientClock:
+    """The client's time: ``timeout`` to send a whole command (or to finish
+    the handshake, the PROXY header, or to read our last reply), which a
+    byte now and then does not make longer, so a slow drip cannot hold a
+    connection (nginx cuts it at ``timeout`` too); and all of it, up to the
+    login, within LOGIN_TIME_LIMIT (or ``timeout``, if longer)."""
+    __slots__ = ("clock", "timeout", "login_deadline")
+
+    def __init__(self, clock: Callable[[], float], timeout: float):
+        self.clock = clock
+        self.timeout = timeout
+        self.login_deadline = clock() + max(LOGIN_TIME_LIMIT, timeout)
+
+    def left(self) -> float:
+        """How long the client may take now: ``timeout``, or less when the
+        login deadline is nearer."""
+        return max(0.0, min(self.timeout, self.login_deadline - self.clock()))
+
+    def expired(self) -> str:
+        """What the log says when the time is up."""
+        if self.clock() >= self.login_deadline:
+            return "client timed out (no login within %gs)" % max(LOGIN_TIME_LIMIT, self.timeout)
+        return "client timed out"
+
+
 class Session(StreamOwner):
     """One client from accept to close: a conductor.  It moves through the
     phases (PHASES, PHASE_CHANGES) and hands the work to the pieces that
@@ -6361,7 +6395,7 @@ class Session(StreamOwner):
                  "server_text", "started", "login", "upstream", "phase", "backend",
                  "backend_connection", "relay", "client_name", "attempt", "login_attempt",
                  "authenticator", "timer", "closed", "outcome", "starttls", "proxy_facts",
-                 "certificate", "opening", "client", "machine", "login_deadline")
+                 "certificate", "opening", "client", "machine", "client_clock")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
@@ -6384,7 +6418,7 @@ class Session(StreamOwner):
         self.opening = self.backend = self.backend_connection = self.relay = None
         self.closed, self.outcome = False, ""
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
-        self.login_deadline = self.loop.time() + max(LOGIN_TIME_LIMIT, self.server.timeout)
+        self.client_clock = ClientClock(self.loop.time, self.server.timeout)
         self.log("info", "client %s:%d connected to %s", self.client_address, self.client_port,
                  self.server_text, action=None)
         configure_accepted(sock, listener.listen)
@@ -6406,7 +6440,7 @@ class Session(StreamOwner):
         self.phase = phase
         timer = PHASES[phase].timer
         if timer == "client":
-            self._arm_client_timer()
+            self.timer.set(self.client_clock.left(), self._client_timed_out)
         elif timer == "upstream":
             self.timer.set(self.server.timeout, self._upstream_timed_out)
         elif timer == "off":
@@ -6451,8 +6485,7 @@ class Session(StreamOwner):
         if message:
             self.log("info", message)
         if refuse:
-            self.client.write(self.machine.NO_CERT)
-            self._close_after_reply("no client certificate")
+            self._close_after_reply("no client certificate", self.machine.NO_CERT)
         return not refuse
 
     def stream_tls_ready(self, stream: Stream) -> None:
@@ -6513,7 +6546,10 @@ class Session(StreamOwner):
             self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
             self.close("client connection error")
 
-    def _close_after_reply(self, outcome: str) -> None:
+    def _close_after_reply(self, outcome: str, reply: bytes = b"") -> None:
+        """The end, once the client has read what it was told (``reply``, last)."""
+        if reply:
+            self.client.write(reply)
         self._drop_backend()
         self._enter(Phase.CLOSING)
         self.outcome = outcome
@@ -6521,34 +6557,19 @@ class Session(StreamOwner):
             self.close(outcome)
 
     # -- timers ---------------------------------------------------------------------
-    def _arm_client_timer(self) -> None:
-        """The client has ``timeout`` to send a whole command (or to finish
-        the handshake, the PROXY header, or to read our last reply), and a
-        byte now and then does not make it longer: a slow drip cannot hold
-        a connection (nginx cuts it at ``timeout`` too).  And all of it, up
-        to the login, within LOGIN_TIME_LIMIT."""
-        self.timer.set(self._client_time_left(), self._client_timed_out)
-
-    def _client_time_left(self) -> float:
-        return max(0.0, min(self.server.timeout, self.login_deadline - self.loop.time()))
-
     def _command_done(self) -> None:
         """The machine took a whole command: the next one has its own
         ``timeout`` (the same timer, moved on)."""
         if self.timer.callback == self._client_timed_out:
-            self.timer.postpone(self._client_time_left())
+            self.timer.postpone(self.client_clock.left())
 
     def _client_timed_out(self) -> None:
-        if self.loop.time() >= self.login_deadline:
-            limit = max(LOGIN_TIME_LIMIT, self.server.timeout)
-            self.log("info", "client timed out (no login within %gs)" % limit)
-        else:
-            self.log("info", "client timed out")
+        self.log("info", self.client_clock.expired())
         self.close("client timed out")
 
     def _upstream_timed_out(self) -> None:
         self.log("error", "upstream timed out (110: Connection timed out)")
-        self._internal_error("upstream timed out")
+        self.backend_failed("upstream timed out")
 
     # -- authentication ---------------------------------------------------------------
     def _authenticate(self, credentials: Credentials) -> None:
@@ -6572,7 +6593,7 @@ class Session(StreamOwner):
         its delay; then the dialogue goes on, or ends), or the backend."""
         if outcome.kind == Verdict.ERROR:
             self.log("error", outcome.reason, action="in http auth state")
-            return self._internal_error("auth http error")
+            return self._close_after_reply("auth http error", self.machine.INTERNAL_ERROR)
         if outcome.kind == Verdict.OK:
             if self.attempt.credentials.method != AuthMethod.NONE:
                 self.login = outcome.login
@@ -6644,24 +6665,11 @@ class Session(StreamOwner):
             self.log("info", 'recipient refused: "%s"' % reason)
         return refusal
 
-    def backend_refused(self, error: BackendError) -> None:
-        """nginx: log the bad line; the client gets the internal error, or with
-        proxy_pass_error_message on, the backend's own refusal."""
-        line = error.line
-        if error.refusal and self.server.proxy_pass_error_message:
-            self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
-            self.client.write(line)
-            return self._close_after_reply("upstream refused the login")
-        detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
-        self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
-        self._internal_error("upstream refused the login" if line else str(error))
-
-    def backend_unusable(self, outcome: str) -> None:
-        self._internal_error(outcome)
-
-    def _internal_error(self, outcome: str) -> None:
-        self.client.write(self.machine.INTERNAL_ERROR)
-        self._close_after_reply(outcome)
+    def backend_failed(self, outcome: str, refusal: bytes = b"") -> None:
+        """No login at the backend (BackendConnection logged why): the
+        client hears the backend's refusal (proxy_pass_error_message), or
+        the internal error, and the session ends."""
+        self._close_after_reply(outcome, refusal or self.machine.INTERNAL_ERROR)
 
     def _drop_backend(self) -> None:
         """The login has failed: nothing more is read from the backend, so

@@ -8626,6 +8626,29 @@ class HostileClientTests(EndToEndTestCase):
         proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
 
 
+class ClientClockTests(unittest.TestCase):
+    """The client's time, with a clock the test moves."""
+
+    def test_timeout_per_command_within_the_login_deadline(self):
+        now = [1000.0]
+        self.addCleanup(setattr, mp, "LOGIN_TIME_LIMIT", mp.LOGIN_TIME_LIMIT)
+        mp.LOGIN_TIME_LIMIT = 100.0
+        clock = mp.ClientClock(lambda: now[0], 30.0)
+        self.assertEqual(clock.left(), 30.0)           # a whole ``timeout`` per command
+        now[0] += 80.0
+        self.assertEqual(clock.left(), 20.0)           # the deadline is nearer
+        self.assertEqual(clock.expired(), "client timed out")
+        now[0] += 25.0
+        self.assertEqual(clock.left(), 0.0)
+        self.assertEqual(clock.expired(), "client timed out (no login within 100s)")
+
+    def test_a_timeout_longer_than_the_limit_is_the_limit(self):
+        now = [0.0]
+        clock = mp.ClientClock(lambda: now[0], mp.LOGIN_TIME_LIMIT + 60.0)
+        now[0] = mp.LOGIN_TIME_LIMIT + 10.0
+        self.assertEqual(clock.left(), 50.0)
+
+
 # -- the PROXY header in ------------------------------------------------------------
 
 PROXY_V1_HEADER = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n"
