@@ -12,7 +12,7 @@ The picture::
  client socket ─ Stream ─[TlsLayer]─┐                     ┌─ Stream ─[TlsLayer]─ backend socket
         ClientOpening (PROXY, TLS) ──┤      Session        ├── BackendConnection
                ClientMachine ◄───────┤ (phases, Deadline,  ├────► BackendLogin (a script of steps)
-               (IMAP / POP3 / SMTP)  │  log context)       │
+               (IMAP / POP3 / SMTP)  │  SessionLog)        │
                                      │                     │
    UserTableAuth or AuthHttpAuth ◄───┤                     ├────► Relay (two bounded buffers)
                                      └─────────────────────┘
@@ -44,7 +44,7 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     connects and runs it with BackendLogin until LoginDone.
  5. Session.backend_logged_in passes the backend's "a1 OK" on and
     start_relay (Relay) relays both ways until a side closes;
-    Session.close writes the access line.
+    Session.close has SessionLog write the access line.
 """
 
 import base64
@@ -3392,6 +3392,21 @@ class UserTableAuth:
         code, text = SMTP_RELAY_DENIED
         return outcome._replace(text=text, error_code=code)
 
+    def recipient_check(self, attempt: LoginAttempt, upstream: Upstream,
+                        log: Callable) -> Optional[Callable[[bytes], Optional[bytes]]]:
+        """After an smtp_auth none login: the check of every later RCPT
+        (SmtpRecipientGuard), which refuses as the first was refused and
+        logs why; None after any other login."""
+        if attempt.credentials.method != AuthMethod.NONE:
+            return None
+
+        def check(rcpt: bytes) -> Optional[bytes]:
+            refusal, reason = self.recipient_refusal(rcpt, upstream)
+            if refusal is not None:
+                log("info", 'recipient refused: "%s"' % reason)
+            return refusal
+        return check
+
     def recipient_refusal(self, rcpt: bytes, upstream: Upstream) -> Tuple[Optional[bytes], str]:
         """A later RCPT of an smtp_auth none session (SmtpRecipientGuard):
         (None, "") to let it go on, or (the reply refusing it, why, for the
@@ -3850,15 +3865,19 @@ def proxy_protocol_v2(source: Tuple[str, int], destination: Tuple[str, int],
     return PROXY_V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
 
 
-def proxy_header_to_backend(version: str, source: Tuple[str, int], destination: Tuple[str, int],
-                            tls: Optional["TlsFacts"], common_name: Optional[str]) -> bytes:
-    """proxy_protocol on|v2 (nginx 1.31): the client (after realip) and the
-    address it connected to; v2 with the client's TLS facts and the CN of
-    its verified certificate."""
+def proxy_header_to_backend(version: str, attempt: LoginAttempt,
+                            destination: Tuple[str, int]) -> bytes:
+    """proxy_protocol on|v2 (nginx 1.31), b"" when off: the client (after
+    realip) and the address it connected to; v2 with the client's TLS
+    facts and the CN of its verified certificate."""
+    source = (attempt.client_address, attempt.client_port)
+    if version == "off":
+        return b""
     if version == "on":
         return proxy_protocol_v1(source, destination)
-    facts = None
+    facts, tls = None, attempt.tls
     if tls is not None:
+        common_name = attempt.certificate.common_name if attempt.certificate is not None else None
         facts = ProxyTls(tls.version, tls.cipher, tls.server_name, tls.alpn,
                          common_name, common_name is not None)
     return proxy_protocol_v2(source, destination, facts)
@@ -5874,6 +5893,14 @@ class BackendConnection(StreamOwner):
         self.owner.backend_failed(outcome)
 
 
+def authenticator_for(server: Settings, config: "Config", worker, owner):
+    """The authenticator of a server's sessions: auth_http, or the built-in
+    user table (an extension).  Each has start(attempt, done) and cancel()."""
+    if server.auth_http is not None:
+        return AuthHttpAuth(worker.loop, server, owner)
+    return UserTableAuth(config, server, worker.throttle, worker.loop.time)
+
+
 class AuthHttpAuth:
     """nginx's auth_http as an authenticator: a new HTTP/1.0 request per
     attempt, and per Auth-Status: WAIT; the answer read as nginx reads it
@@ -5903,6 +5930,11 @@ class AuthHttpAuth:
             self.exchange.cancel()
         if self.timer is not None:
             self.timer.cancel()
+
+    def recipient_check(self, attempt: LoginAttempt, upstream: Upstream, log: Callable) -> None:
+        """The auth server decided at the first RCPT; the backend checks the
+        rest, as nginx leaves them to it."""
+        return None
 
     def crashed(self, error: Exception) -> None:
         self.owner.crashed(error)
@@ -6169,7 +6201,7 @@ class ClientNameLookup:
 # BackendLogin, and finally a Relay.  Phases follow nginx's: dialogue (the
 # client machine talks), auth (the verdict, with its delay on failure),
 # connect and login to the upstream, relay.  Each phase sets ``action`` for
-# the log, as nginx's c->log->action; one method builds the log context.
+# the log, as nginx's c->log->action; SessionLog builds the log context.
 
 class Phase(enum.Enum):
     ACCEPTED = "accepted"          # the connection is new: nothing read, nothing said
@@ -6212,6 +6244,7 @@ PHASES = {
 # The legal changes of phase; Session._enter refuses any other (a bug).
 # close() may end a session in any phase.
 PHASE_CHANGES = frozenset(
+    [(None, Phase.ACCEPTED)] +
     [(Phase.ACCEPTED, phase) for phase in (Phase.PROXY_HEADER, Phase.HANDSHAKE, Phase.RESOLVING,
                                            Phase.GREETING_DELAY, Phase.DIALOGUE)] +
     [(Phase.PROXY_HEADER, phase) for phase in (Phase.HANDSHAKE, Phase.RESOLVING,
@@ -6383,35 +6416,76 @@ class ClientClock:
         return "client timed out"
 
 
+class SessionLog:
+    """A session's lines: in the error log with nginx's context
+    (ngx_mail_log_error: "while ACTION, client: ADDRESS[ using starttls],
+    server: LISTEN[, login: "LOGIN"][, upstream: NAME]"), and the access
+    line at its end (an extension: nginx has none).  The session tells it
+    what it learns on the way: STARTTLS, the login, the upstream."""
+    __slots__ = ("logs", "server", "number", "server_text", "started", "starttls", "login",
+                 "upstream")
+
+    def __init__(self, logs: "ErrorLogs", server: Settings, number: int, server_text: str):
+        self.logs = logs                   # the worker's (reopened in place on USR1)
+        self.server = server
+        self.number = number               # nginx's *N
+        self.server_text = server_text     # the listen address the client came to
+        self.started = time.time()
+        self.starttls = False              # the client said STARTTLS
+        self.login = None                  # type: Optional[bytes]
+        self.upstream = None               # type: Optional[Upstream]
+
+    def context(self, client_address: str, action: Optional[str]) -> str:
+        text = " while %s" % action if action else ""
+        text += ", client: %s%s, server: %s" % (log_escape(client_address.encode()),
+                                                " using starttls" if self.starttls else "",
+                                                self.server_text)
+        if self.login:
+            text += ', login: "%s"' % log_escape(self.login)
+        if self.upstream is not None:
+            text += ", upstream: %s" % self.upstream.text
+        return text
+
+    def log(self, level: str, message: str, args: tuple, client_address: str,
+            action: Optional[str]) -> None:
+        """``message % args`` is only made if the level is on (a busy proxy
+        logs at warn)."""
+        log = self.logs.for_server(self.server)
+        if log.enabled(level):
+            log.log(level, message % args if args else message, self.number,
+                    self.context(client_address, action))
+
+    def session_done(self, outcome: str, client_address: str, received: int, sent: int) -> None:
+        access = self.logs.access_for(self.server)
+        if access.enabled("info"):
+            access.log("info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs"
+                       % (outcome, received, sent, time.time() - self.started), self.number,
+                       self.context(client_address, None))
+
+
 class Session(StreamOwner):
     """One client from accept to close: a conductor.  It moves through the
     phases (PHASES, PHASE_CHANGES) and hands the work to the pieces that
     do it: the ClientOpening (the PROXY header, TLS, the SMTP client's
     name), the client machine (the dialogue), the authenticator (the
     verdict), the BackendConnection (the backend's login), the Relay.  It
-    keeps one Deadline and the log context."""
+    keeps one Deadline, the ClientClock and the SessionLog."""
     # Slots: an idle proxied session should cost little memory.
-    __slots__ = ("worker", "loop", "server", "config", "number", "client_address", "client_port",
-                 "server_text", "started", "login", "upstream", "phase", "backend",
-                 "backend_connection", "relay", "client_name", "attempt", "login_attempt",
-                 "authenticator", "timer", "closed", "outcome", "starttls", "proxy_facts",
-                 "certificate", "opening", "client", "machine", "client_clock")
+    __slots__ = ("worker", "loop", "server", "config", "client_address", "client_port", "phase",
+                 "backend", "backend_connection", "relay", "client_name", "attempt",
+                 "login_attempt", "authenticator", "timer", "closed", "outcome", "proxy_facts",
+                 "certificate", "opening", "client", "machine", "client_clock", "journal")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
         self.config = worker.config  # a reload does not change a running session
-        self.number = worker.next_session_number()
+        self.journal = SessionLog(worker.logs, self.server, worker.next_session_number(),
+                                  listener.listen.text)
         self.client_address = peer_text(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
-        self.server_text = listener.listen.text
-        self.started = time.time()
-        self.phase = Phase.ACCEPTED
-        self.login = None            # type: Optional[bytes]  (for the log)
-        self.upstream = None         # type: Optional[Upstream]
         self.client_name = CLIENT_UNAVAILABLE   # SMTP: nginx's s->host (no resolver)
         self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
         self.certificate = None      # type: Optional[CertificateFacts]
-        self.starttls = False        # the client said STARTTLS (for the log, as nginx)
         self.login_attempt = 0       # Auth-Login-Attempt
         self.attempt = None          # type: Optional[LoginAttempt]  (the last one)
         self.authenticator = None    # made at the first login attempt
@@ -6420,11 +6494,18 @@ class Session(StreamOwner):
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.client_clock = ClientClock(self.loop.time, self.server.timeout)
         self.log("info", "client %s:%d connected to %s", self.client_address, self.client_port,
-                 self.server_text, action=None)
+                 listener.listen.text, action=None)
         configure_accepted(sock, listener.listen)
         self.client = Stream(self.loop, sock, self)
         try:
-            self._start(listener.listen)
+            self._enter(Phase.ACCEPTED)
+            self.machine = CLIENT_MACHINES[self.server.protocol](
+                self.server, now=time.time(), randomness=self.worker.randomness,
+                tls=listener.listen.ssl)
+            if ClientOpening.needed(self.server, listener.listen):
+                self.opening = ClientOpening(self, listener.listen)
+            else:
+                self.opened(b"")            # nothing comes before the greeting
         except BaseException:
             # Leave nothing behind in the loop: a stale registration of this
             # descriptor would make the next socket given its number fail.
@@ -6434,9 +6515,11 @@ class Session(StreamOwner):
 
     # -- phases -------------------------------------------------------------------
     def _enter(self, phase: Phase) -> None:
-        """Go on to ``phase``: its read budget and timer (PHASES)."""
-        if (self.phase, phase) not in PHASE_CHANGES:
-            raise RuntimeError("no way from phase %s to %s" % (self.phase.value, phase.value))
+        """Go on to ``phase``: its read budget and timer (PHASES).  The one
+        place the phase changes; a new session enters ACCEPTED from None."""
+        now = getattr(self, "phase", None)        # None: the slot is not set yet
+        if (now, phase) not in PHASE_CHANGES:
+            raise RuntimeError("no way from phase %s to %s" % (now and now.value, phase.value))
         self.phase = phase
         timer = PHASES[phase].timer
         if timer == "client":
@@ -6462,14 +6545,6 @@ class Session(StreamOwner):
         self.client.set_read_budget(reads)
 
     # -- the opening, then the dialogue ------------------------------------------
-    def _start(self, listen: Listen) -> None:
-        self.machine = CLIENT_MACHINES[self.server.protocol](
-            self.server, now=time.time(), randomness=self.worker.randomness, tls=listen.ssl)
-        if ClientOpening.needed(self.server, listen):
-            self.opening = ClientOpening(self, listen)
-        else:
-            self.opened(b"")            # nothing comes before the greeting
-
     def _start_client_tls(self) -> None:
         """The TLS handshake: listen ... ssl (the opening), or STARTTLS."""
         self._enter(Phase.HANDSHAKE)
@@ -6526,7 +6601,7 @@ class Session(StreamOwner):
         self._close_after_reply(event.reason or "login failed")
 
     def _start_tls(self, event: StartTls) -> None:
-        self.starttls = True
+        self.journal.starttls = True
         self._start_client_tls()
 
     def stream_drained(self, stream: Stream) -> None:
@@ -6550,7 +6625,10 @@ class Session(StreamOwner):
         """The end, once the client has read what it was told (``reply``, last)."""
         if reply:
             self.client.write(reply)
-        self._drop_backend()
+        if self.backend_connection is not None:
+            # A failed login: nothing more is read from the backend, so no
+            # later byte of it can take the session on to the relay.
+            self.backend_connection.close()
         self._enter(Phase.CLOSING)
         self.outcome = outcome
         if not self.client.out:
@@ -6576,12 +6654,9 @@ class Session(StreamOwner):
         self._enter(Phase.AUTH)
         self.login_attempt += 1
         if credentials.method != AuthMethod.NONE:
-            self.login = credentials.login
+            self.journal.login = credentials.login
         if self.authenticator is None:
-            self.authenticator = (AuthHttpAuth(self.loop, self.server, self)
-                                  if self.server.auth_http is not None else
-                                  UserTableAuth(self.config, self.server, self.worker.throttle,
-                                                self.loop.time))
+            self.authenticator = authenticator_for(self.server, self.config, self.worker, self)
         tls = self.client.tls.facts() if self.client.tls is not None else None
         self.attempt = login_attempt(credentials, self.login_attempt, self.machine,
                                      (self.client_address, self.client_port), self.client_name,
@@ -6596,7 +6671,7 @@ class Session(StreamOwner):
             return self._close_after_reply("auth http error", self.machine.INTERNAL_ERROR)
         if outcome.kind == Verdict.OK:
             if self.attempt.credentials.method != AuthMethod.NONE:
-                self.login = outcome.login
+                self.journal.login = outcome.login
             return self._login_to_backend(outcome)
         self.log("info", 'client login failed: "%s"' % outcome.reason)
         reply = self.machine.failure_reply(outcome.text, outcome.error_code)
@@ -6614,26 +6689,16 @@ class Session(StreamOwner):
 
     # -- the backend --------------------------------------------------------------------
     def _login_to_backend(self, outcome: AuthOutcome) -> None:
-        self.upstream = outcome.upstream
+        self.journal.upstream = outcome.upstream
         tls_mode = backend_tls_mode(self.server, outcome)
         script = login_script(self.server, self.attempt, outcome, tls_mode == "starttls")
+        header = proxy_header_to_backend(self.server.proxy_protocol, self.attempt,
+                                         self.client.sock.getsockname()[:2])
         self._enter(Phase.CONNECT)
         self.backend_connection = BackendConnection(
             self.loop, self.server, outcome.upstream,
             BackendLogin(script, self.attempt.tag, self.server.proxy_buffer), tls_mode,
-            self._proxy_header(), self, self.log)
-
-    def _proxy_header(self) -> bytes:
-        """What goes to the backend before anything: proxy_protocol's header."""
-        if self.server.proxy_protocol == "off":
-            return b""
-        tls = None
-        if self.client.tls is not None and self.client.tls.state == TlsState.OPEN:
-            tls = self.client.tls.facts()
-        common_name = self.certificate.common_name if self.certificate is not None else None
-        return proxy_header_to_backend(self.server.proxy_protocol,
-                                       (self.client_address, self.client_port),
-                                       self.client.sock.getsockname()[:2], tls, common_name)
+            header, self, self.log)
 
     def backend_connected(self, stream: Stream) -> None:
         self.backend = stream
@@ -6647,23 +6712,12 @@ class Session(StreamOwner):
         self._enter(Phase.RELAY)
         self.client.write(self.machine.logged_in_reply(reply))
         trailing = self.backend_connection.login.trailing_data
-        self.backend_connection = None     # what only the login needed can go
-        check = None
-        if self.attempt.credentials.method == AuthMethod.NONE and self.server.auth_http is None:
-            check = self._check_recipient  # the table checks every recipient, not only the first
-        self.attempt = None                # nor the password, for the relay's lifetime
-        if check is None:
-            self.authenticator = None
+        check = self.authenticator.recipient_check(self.attempt, self.journal.upstream, self.log)
+        # What only the login needed goes: an idle relay holds little, and no password.
+        self.backend_connection = self.attempt = self.authenticator = None
         self.relay = start_relay(self, self.client, self.backend, self.server, check,
                                  self.machine.trailing_data, trailing)
-        self.machine = None                # the dialogue is over: an idle relay holds little
-
-    def _check_recipient(self, rcpt: bytes) -> Optional[bytes]:
-        """A later RCPT of an smtp_auth none session (SmtpRecipientGuard)."""
-        refusal, reason = self.authenticator.recipient_refusal(rcpt, self.upstream)
-        if refusal is not None:
-            self.log("info", 'recipient refused: "%s"' % reason)
-        return refusal
+        self.machine = None                # the dialogue is over
 
     def backend_failed(self, outcome: str, refusal: bytes = b"") -> None:
         """No login at the backend (BackendConnection logged why): the
@@ -6671,32 +6725,11 @@ class Session(StreamOwner):
         the internal error, and the session ends."""
         self._close_after_reply(outcome, refusal or self.machine.INTERNAL_ERROR)
 
-    def _drop_backend(self) -> None:
-        """The login has failed: nothing more is read from the backend, so
-        no later byte of it can take the session on to the relay."""
-        if self.backend_connection is not None:
-            self.backend_connection.close()
-
     # -- the log and the end ----------------------------------------------------------
-    def context(self, action: Optional[str]) -> str:
-        """nginx's ngx_mail_log_error suffix."""
-        text = " while %s" % action if action else ""
-        text += ", client: %s%s, server: %s" % (log_escape(self.client_address.encode()),
-                                                " using starttls" if self.starttls else "",
-                                                self.server_text)
-        if self.login:
-            text += ', login: "%s"' % log_escape(self.login)
-        if self.upstream is not None:
-            text += ", upstream: %s" % self.upstream.text
-        return text
-
     def log(self, level: str, message: str, *args, action: Optional[str] = "") -> None:
-        """A line with nginx's context; ``message % args`` is only made if
-        the level is on (a busy proxy logs at warn)."""
-        log = self.worker.logs.for_server(self.server)
-        if log.enabled(level):
-            action = PHASES[self.phase].action if action == "" else action
-            log.log(level, message % args if args else message, self.number, self.context(action))
+        """A line with nginx's context (SessionLog), the phase's action by default."""
+        self.journal.log(level, message, args, self.client_address,
+                         PHASES[self.phase].action if action == "" else action)
 
     def crashed(self, error: Exception) -> None:
         """A bug met while serving this client (see loop_callback): say where
@@ -6709,31 +6742,26 @@ class Session(StreamOwner):
         try:
             self.close("internal error")
         except Exception:
-            self.closed = True                 # what close() did not do, done plainly
-            self.timer.cancel()
-            for stream in (self.client, self.backend):
-                if stream is not None:
-                    stream.close()
-            self.worker.session_closed(self)
+            pass            # close() let go of the sockets and the session all the same
 
     def close(self, outcome: str) -> None:
         """Close both sides and write the access line (extension: nginx has none)."""
         if self.closed:
             return
         self.closed = True
-        self.timer.cancel()
-        for part in (self.opening, self.authenticator, self.backend_connection, self.relay):
-            if part is not None:
-                part.cancel()
-        self.client.close()
-        if self.backend is not None:
-            self.backend.close()
-        access = self.worker.logs.access_for(self.server)
-        if access.enabled("info"):
-            access.log("info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs"
-                       % (outcome, self.client.received, self.client.sent,
-                          time.time() - self.started), self.number, self.context(None))
-        self.worker.session_closed(self)
+        try:
+            self.timer.cancel()
+            for part in (self.opening, self.authenticator, self.backend_connection, self.relay):
+                if part is not None:
+                    part.cancel()
+            self.journal.session_done(outcome, self.client_address, self.client.received,
+                                      self.client.sent)
+        finally:
+            # Even after a bug above, the sockets go and the worker forgets the session.
+            for stream in (self.client, self.backend):
+                if stream is not None:
+                    stream.close()
+            self.worker.session_closed(self)
 
 
 # What each event of a client machine leads to.

@@ -7980,6 +7980,7 @@ class PhaseTableTests(unittest.TestCase):
         P = mp.Phase
         opening = (P.PROXY_HEADER, P.HANDSHAKE, P.RESOLVING, P.GREETING_DELAY)
         expected = (
+            {(None, P.ACCEPTED)} |
             {(P.ACCEPTED, phase) for phase in opening + (P.DIALOGUE,)} |
             {(P.PROXY_HEADER, phase) for phase in (P.HANDSHAKE, P.RESOLVING, P.GREETING_DELAY,
                                                    P.DIALOGUE)} |
@@ -8647,6 +8648,31 @@ class ClientClockTests(unittest.TestCase):
         clock = mp.ClientClock(lambda: now[0], mp.LOGIN_TIME_LIMIT + 60.0)
         now[0] = mp.LOGIN_TIME_LIMIT + 10.0
         self.assertEqual(clock.left(), 50.0)
+
+
+class SessionLogTests(unittest.TestCase):
+    """nginx's context grows as the session learns who and where."""
+
+    def test_context_and_access_line(self):
+        out = io.BytesIO()
+        log = mp.ErrorLog([(out, "info")])
+        logs = unittest.mock.Mock(for_server=lambda server: log, access_for=lambda server: log)
+        journal = mp.SessionLog(logs, server_settings(), 7, "127.0.0.1:143")
+        journal.log("info", "client %s in", ("logged",), "192.0.2.1", "in auth state")
+        journal.starttls, journal.login, journal.upstream = True, b'al"i\r\nce', upstream()
+        journal.log("error", "upstream timed out", (), "192.0.2.1", None)
+        unprintable = unittest.mock.Mock(__str__=unittest.mock.Mock(side_effect=AssertionError))
+        journal.log("debug", "%s", (unprintable,), "192.0.2.1", None)   # off: never formatted
+        journal.session_done("client quit", "192.0.2.1", 10, 20)
+        lines = [line.split(": ", 1)[1] for line in out.getvalue().decode().splitlines()]
+        self.assertEqual(lines[0], "*7 client logged in while in auth state, "
+                                   "client: 192.0.2.1, server: 127.0.0.1:143")
+        self.assertEqual(lines[1], '*7 upstream timed out, client: 192.0.2.1 using starttls, '
+                                   'server: 127.0.0.1:143, login: "al\\x22i\\x0d\\x0ace", '
+                                   'upstream: 127.0.0.1:143')
+        self.assertRegex(lines[2], r"^\*7 session done: client quit, 10 bytes from client, "
+                                   r"20 bytes to client, 0\.\d{3}s, client: 192\.0\.2\.1 ")
+        self.assertEqual(len(lines), 3)
 
 
 # -- the PROXY header in ------------------------------------------------------------
