@@ -1744,8 +1744,13 @@ class SaslExchange:
 
 
 class Command(NamedTuple):
-    """A row of a protocol's command table (ClientMachine._dispatch)."""
-    handler: str               # the machine's method that runs it
+    """A row of a protocol's command table (ClientMachine._dispatch).
+
+    What counts towards max_errors follows from the table, as in nginx,
+    where only the parser counts: a name not in the table is the parser's
+    invalid command, counted; a row's refusal (wrong state, before TLS,
+    no handler, or the handler's own) is answered the same way, uncounted."""
+    handler: Optional[str]     # the machine's method that runs it; None: always refused
     states: Tuple = ()         # the states it may come in (POP3); (): any
     needs_tls: bool = False    # a login command: starttls only refuses it before TLS (nginx)
 
@@ -1761,6 +1766,7 @@ class ClientMachine(SaslExchange):
     INVALID = b""
     INTERNAL_ERROR = b""
     COMMANDS = {}              # name -> Command: the protocol's command table
+    AUTH_NAMES = {}            # *_auth method -> the names that advertise it
     state = None               # POP3's AUTHORIZATION state (Command.states)
 
     def __init__(self, settings: Settings, now: float = 0.0,
@@ -1831,6 +1837,16 @@ class ClientMachine(SaslExchange):
     def login_needs_tls(self) -> bool:
         """starttls only: login commands are invalid until TLS (nginx)."""
         return not self.tls and self.settings.starttls == "only"
+
+    def advertised_logins(self) -> Optional[List[str]]:
+        """The names of the enabled login methods (AUTH_NAMES), in nginx's
+        order, for the capability list; None while starttls only refuses
+        logins: then nginx advertises none."""
+        if self.login_needs_tls:
+            return None
+        enabled = getattr(self.settings, self.protocol + "_auth")
+        return [name for method in ALL_AUTH_METHODS[self.protocol] if method in enabled
+                for name in self.AUTH_NAMES.get(method, ())]
 
     def _start_tls(self, events: list, reply: bytes) -> None:
         """Answer yes, then forget whatever came after the command: it was
@@ -1932,8 +1948,8 @@ class ClientMachine(SaslExchange):
         not valid in this state, or refused before TLS by starttls only
         (nginx) is answered by _refuse, and not counted as an error."""
         row = self.COMMANDS.get(name)
-        if row is None or (row.states and self.state not in row.states) or \
-                (row.needs_tls and self.login_needs_tls):
+        if row is None or row.handler is None or (row.states and self.state not in row.states) \
+                or (row.needs_tls and self.login_needs_tls):
             return self._refuse(events)
         getattr(self, row.handler)(events, *arguments)
 
@@ -1954,9 +1970,10 @@ IMAP_ID_REPLY = b"* ID NIL\r\n"               # extension: RFC 2971 §3.1, no fi
 
 # RFC 3501 §9: tag = 1*<any ASTRING-CHAR except "+">.
 IMAP_TAG_CHARS = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
-IMAP_AUTH_NAMES = {"plain": "AUTH=PLAIN", "login": "AUTH=LOGIN", "cram-md5": "AUTH=CRAM-MD5",
-                   "external": "AUTH=EXTERNAL", "xoauth2": "AUTH=XOAUTH2",
-                   "oauthbearer": "AUTH=OAUTHBEARER"}
+# The capabilities that advertise each imap_auth method (ClientMachine.advertised_logins).
+IMAP_AUTH_NAMES = {"plain": ("AUTH=PLAIN",), "login": ("AUTH=LOGIN",),
+                   "cram-md5": ("AUTH=CRAM-MD5",), "external": ("AUTH=EXTERNAL",),
+                   "xoauth2": ("AUTH=XOAUTH2",), "oauthbearer": ("AUTH=OAUTHBEARER",)}
 IMAP_NO_CERT = b"* BYE No required SSL certificate\r\n"
 IMAP_COMMAND_TABLE = {
     b"CAPABILITY": Command("_capability"), b"NOOP": Command("_noop"),
@@ -2210,6 +2227,7 @@ class ImapMachine(ClientMachine):
     """The IMAP dialogue before login (RFC 3501 §6.1-6.2), as nginx."""
     protocol = "imap"
     COMMANDS = IMAP_COMMAND_TABLE
+    AUTH_NAMES = IMAP_AUTH_NAMES
     INVALID = IMAP_INVALID
     INTERNAL_ERROR = IMAP_INTERNAL_ERROR
 
@@ -2229,11 +2247,11 @@ class ImapMachine(ClientMachine):
         and STARTTLS; with starttls only and no TLS yet, LOGINDISABLED
         (RFC 3501 §6.2.3) instead of the AUTH= entries."""
         words = list(self.settings.imap_capabilities)
-        if self.login_needs_tls:
+        logins = self.advertised_logins()
+        if logins is None:
             words += ["STARTTLS", "LOGINDISABLED"]
         else:
-            words += [IMAP_AUTH_NAMES[method] for method in ALL_AUTH_METHODS["imap"]
-                      if method in self.settings.imap_auth]
+            words += logins
             if self.offers_starttls:
                 words.append("STARTTLS")
         return b"* CAPABILITY " + " ".join(words).encode() + b"\r\n"
@@ -2404,6 +2422,7 @@ class Pop3Machine(ClientMachine):
     """The POP3 AUTHORIZATION state (RFC 1939 §4), as nginx."""
     protocol = "pop3"
     COMMANDS = POP3_COMMAND_TABLE
+    AUTH_NAMES = POP3_SASL_NAMES
     INVALID = POP3_INVALID
     INTERNAL_ERROR = POP3_INTERNAL_ERROR
 
@@ -2420,24 +2439,18 @@ class Pop3Machine(ClientMachine):
         else:
             self._output += POP3_GREETING
 
-    def sasl_names(self) -> List[str]:
-        names = []
-        for method in ALL_AUTH_METHODS["pop3"]:
-            if method in self.settings.pop3_auth:
-                names.extend(POP3_SASL_NAMES.get(method, ()))
-        return names
-
     def capability(self, offer_tls: bool = True) -> bytes:
         """CAPA (RFC 2449): pop3_capabilities, then the SASL line, always, and
         STLS (RFC 2595 §4) while TLS is offered; with starttls only and no TLS
         yet, neither USER nor SASL (nginx)."""
         lines = [b"+OK Capability list follows"]
         capabilities = self.settings.pop3_capabilities
-        if offer_tls and self.login_needs_tls:
+        logins = self.advertised_logins()
+        if logins is None:
             lines.extend(word.encode() for word in capabilities if word.upper() != "USER")
         else:
             lines.extend(word.encode() for word in capabilities)
-            lines.append(" ".join(["SASL"] + self.sasl_names()).encode())
+            lines.append(" ".join(["SASL"] + logins).encode())
         if offer_tls and self.offers_starttls:
             lines.append(b"STLS")
         return b"\r\n".join(lines) + b"\r\n.\r\n"
@@ -2500,7 +2513,7 @@ class Pop3Machine(ClientMachine):
     def _auth(self, events: list, args: List[bytes]) -> None:
         """RFC 5034 AUTH; without arguments nginx lists the methods."""
         if not args:
-            names = "".join(name + "\r\n" for name in self.sasl_names())
+            names = "".join(name + "\r\n" for name in self.advertised_logins())
             self._output += b"+OK methods supported:\r\n" + names.encode() + b".\r\n"
             return
         self._sasl_start(events, args, self.settings.pop3_auth)
@@ -2523,13 +2536,14 @@ SMTP_COMMAND_TABLE = {
     b"NOOP": Command("_noop"), b"RSET": Command("_rset"), b"MAIL": Command("_mail"),
     b"RCPT": Command("_rcpt"), b"STARTTLS": Command("_starttls"),
     b"AUTH": Command("_auth", needs_tls=True),
+    # Known to nginx's parser, refused by its handler: 500, not counted.
+    b"VRFY": Command(None), b"EXPN": Command(None), b"HELP": Command(None),
 }
-# VRFY, EXPN and HELP are known to nginx's parser and refused by its handler
-# (not counted as errors); anything else is invalid.
-SMTP_COMMANDS = frozenset(SMTP_COMMAND_TABLE) | {b"VRFY", b"EXPN", b"HELP"}
+SMTP_COMMANDS = frozenset(SMTP_COMMAND_TABLE)       # anything else is invalid (nginx)
 SMTP_MAX_ARGS = 11                                # ngx_mail_smtp_parse_command
-SMTP_AUTH_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5",
-                   "external": "EXTERNAL", "xoauth2": "XOAUTH2", "oauthbearer": "OAUTHBEARER"}
+SMTP_AUTH_NAMES = {"plain": ("PLAIN",), "login": ("LOGIN",), "cram-md5": ("CRAM-MD5",),
+                   "external": ("EXTERNAL",), "xoauth2": ("XOAUTH2",),
+                   "oauthbearer": ("OAUTHBEARER",)}     # smtp_auth none is no SASL method
 SMTP_START_TLS = b"220 2.0.0 Start TLS\r\n"
 SMTP_NO_CERT = b"421 4.7.1 No required SSL certificate\r\n"
 SMTP_TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 §4
@@ -2565,6 +2579,7 @@ class SmtpMachine(ClientMachine):
     """
     protocol = "smtp"
     COMMANDS = SMTP_COMMAND_TABLE
+    AUTH_NAMES = SMTP_AUTH_NAMES
     INVALID = SMTP_INVALID
     INTERNAL_ERROR = SMTP_INTERNAL_ERROR
     SASL_PROMPT = b"334 "                         # RFC 4954 §4
@@ -2595,9 +2610,8 @@ class SmtpMachine(ClientMachine):
         STARTTLS while offered (RFC 3207); with starttls only and no TLS yet,
         no AUTH.  The last line has a space after the code (RFC 5321 §4.2.1)."""
         lines = [self.settings.server_name] + list(self.settings.smtp_capabilities)
-        names = [SMTP_AUTH_NAMES[method] for method in ALL_AUTH_METHODS["smtp"]
-                 if method in self.settings.smtp_auth and method in SMTP_AUTH_NAMES]
-        if names and not self.login_needs_tls:
+        names = self.advertised_logins()
+        if names:
             lines.append("AUTH " + " ".join(names))
         if self.offers_starttls:
             lines.append("STARTTLS")
