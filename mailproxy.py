@@ -1758,13 +1758,14 @@ class Command(NamedTuple):
 class ClientMachine(SaslExchange):
     """What the three machines share: buffers, error counting, waiting, SASL.
 
-    Subclasses define ``INVALID`` (the reply to a bad command), and
-    ``_step(events)`` which handles at most one command from ``self._input``
-    and returns False when it needs more data.
+    A protocol sets its replies (INVALID, INTERNAL_ERROR, NO_CERT), its
+    tables (COMMANDS, AUTH_NAMES) and the hooks _command_line and _refuse;
+    IMAP, whose commands may hold literals, brings its own _step.
     """
     protocol = ""
     INVALID = b""
     INTERNAL_ERROR = b""
+    NO_CERT = b""              # ssl_verify_client's refusal, before closing
     COMMANDS = {}              # name -> Command: the protocol's command table
     AUTH_NAMES = {}            # *_auth method -> the names that advertise it
     state = None               # POP3's AUTHORIZATION state (Command.states)
@@ -2230,7 +2231,6 @@ class ImapMachine(ClientMachine):
     AUTH_NAMES = IMAP_AUTH_NAMES
     INVALID = IMAP_INVALID
     INTERNAL_ERROR = IMAP_INTERNAL_ERROR
-
     NO_CERT = IMAP_NO_CERT
 
     def __init__(self, settings: Settings, now: float = 0.0,
@@ -2425,7 +2425,6 @@ class Pop3Machine(ClientMachine):
     AUTH_NAMES = POP3_SASL_NAMES
     INVALID = POP3_INVALID
     INTERNAL_ERROR = POP3_INTERNAL_ERROR
-
     NO_CERT = POP3_NO_CERT
 
     def __init__(self, settings: Settings, now: float = 0.0,
