@@ -1949,10 +1949,16 @@ class ClientMachine(SaslExchange):
         not valid in this state, or refused before TLS by starttls only
         (nginx) is answered by _refuse, and not counted as an error."""
         row = self.COMMANDS.get(name)
-        if row is None or row.handler is None or (row.states and self.state not in row.states) \
-                or (row.needs_tls and self.login_needs_tls):
+        if row is None or row.handler is None or (row.states and self.state not in row.states):
             return self._refuse(events)
+        if row.needs_tls and self.login_needs_tls:
+            return self._refuse_before_tls(events, name)
         getattr(self, row.handler)(events, *arguments)
+
+    def _refuse_before_tls(self, events: list, name: bytes) -> None:
+        """A login command under starttls only, before TLS: nginx refuses it
+        as an invalid command (a protocol may say more)."""
+        self._refuse(events)
 
     def _take_line(self, limit: int) -> Optional[bytes]:
         """The next line (with its LF) from the input, or None if incomplete."""
@@ -2532,9 +2538,9 @@ SMTP_AUTH_OK = b"235 2.0.0 OK\r\n"                 # after the backend login
 SMTP_AUTH_FAILED_CODE = b"535 5.7.0"              # nginx's default failure code
 SMTP_COMMAND_TABLE = {
     b"HELO": Command("_helo"), b"EHLO": Command("_helo"), b"QUIT": Command("_quit"),
-    b"NOOP": Command("_noop"), b"RSET": Command("_rset"), b"MAIL": Command("_mail"),
-    b"RCPT": Command("_rcpt"), b"STARTTLS": Command("_starttls"),
-    b"AUTH": Command("_auth", needs_tls=True),
+    b"NOOP": Command("_noop"), b"RSET": Command("_rset"), b"RCPT": Command("_rcpt"),
+    b"STARTTLS": Command("_starttls"), b"AUTH": Command("_auth", needs_tls=True),
+    b"MAIL": Command("_mail", needs_tls=True),     # smtp_auth none: the login begins here
     # Known to nginx's parser, refused by its handler: 500, not counted.
     b"VRFY": Command(None), b"EXPN": Command(None), b"HELP": Command(None),
 }
@@ -2640,6 +2646,14 @@ class SmtpMachine(ClientMachine):
         nginx answers 500 without counting them as errors."""
         self._invalid(events, False)
 
+    def _refuse_before_tls(self, events: list, name: bytes) -> None:
+        """AUTH gets nginx's 500.  MAIL gets RFC 3207 §4's 530 (an extension:
+        nginx lets mail in before TLS, its PR #705), unless smtp_auth has no
+        none: then nginx's own 530 "authentication required", as after TLS."""
+        if name != b"MAIL":
+            return self._refuse(events)
+        self._output += SMTP_TLS_FIRST if "none" in self.settings.smtp_auth else SMTP_AUTH_REQUIRED
+
     def _helo(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
         if len(args) != 1:
             self._output += SMTP_INVALID_ARGUMENT
@@ -2668,9 +2682,6 @@ class SmtpMachine(ClientMachine):
         backend (nginx 1.29.1 and later forget any login first)."""
         if "none" not in self.settings.smtp_auth:
             self._output += SMTP_AUTH_REQUIRED
-        elif self.login_needs_tls:
-            # Extension: nginx lets mail in before TLS here (its PR #705).
-            self._output += SMTP_TLS_FIRST
         elif self.mail_from is not None:
             self._output += SMTP_BAD_SEQUENCE
         elif not args:

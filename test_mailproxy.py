@@ -3875,6 +3875,11 @@ class StartTlsMachineTests(unittest.TestCase):
         smtp = make_machine("smtp", starttls="only", smtp_auth=["plain", "none"])
         self.assertEqual(smtp.receive_data(b"AUTH PLAIN\r\nMAIL FROM:<a@b>\r\n"), [])
         self.assertEqual(smtp.data_to_send(), mp.SMTP_INVALID + mp.SMTP_TLS_FIRST)
+        # Without smtp_auth none, MAIL hears nginx's own refusal, as after TLS;
+        # none of these refusals counts towards max_errors.
+        smtp = make_machine("smtp", starttls="only", smtp_auth=["plain"], max_errors=1)
+        self.assertEqual(smtp.receive_data(b"MAIL FROM:<a@b>\r\nAUTH PLAIN\r\nNOOP\r\n"), [])
+        self.assertEqual(smtp.data_to_send(), mp.SMTP_AUTH_REQUIRED + mp.SMTP_INVALID + mp.SMTP_OK)
 
     def test_pipelined_plaintext_after_starttls_is_dropped(self):
         cases = [("imap", b"a1 STARTTLS\r\na2 LOGIN alice secret\r\n", b"a1 " + mp.IMAP_OK),
