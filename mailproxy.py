@@ -98,6 +98,15 @@ AUTH_FAILURE_WINDOW = 900.0    # seconds a failed login is remembered per addres
 AUTH_FAILURE_MAX_SHIFT = 5     # the failure delay doubles up to 2**5 times
 AUTH_FAILURE_LOCKOUT = 20      # recent failures after which an address is refused
 AUTH_FAILURE_TABLE = 4096      # addresses remembered at most (oldest dropped)
+# The failed-login defence (LoginDefence; README "Failed logins"):
+AUTH_PENALTY_MAX = 15.0        # s: the longest a failed login's reply waits (Dovecot's auth_penalty)
+AUTH_PENALTY_WINDOW = 900.0    # s without a failure after which an address or account is forgotten
+AUTH_PENALTY_SLOTS = 4         # logins at once per address and per account; a delay holds one
+AUTH_PAIR_LIMIT = 10           # different wrong passwords for one account from one address,
+                               # after which that account is refused there, for the window
+AUTH_PENALTY_TABLE = 4096      # addresses, accounts, pairs remembered at most (oldest go)
+AUTH_PAIR_PASSWORDS = 8        # wrong passwords remembered per pair, as keyed digests
+AUTH_SLOT_RECHECK = 0.05       # s: asked again when only logins under way hold the slots
 DNS_RESEND = 1.0               # seconds before a DNS query is sent again (next server)
 DNS_MAX_CNAMES = 8             # CNAME hops followed in one answer
 DNS_MAX_POINTERS = 64          # compression pointers followed in one name (RFC 1035 §4.1.4)
@@ -786,6 +795,17 @@ def parse_real_ip_from(args: List[str], base: str = "") -> List:
         raise ConfigValueError('invalid address or network "%s"' % value)
 
 
+def parse_trusted_networks(args: List[str], base: str = "") -> List:
+    """Extension, ``trusted_networks ADDRESS|CIDR ...``: several on a line,
+    and one line after another, as set_real_ip_from (``unix:`` too)."""
+    networks = []
+    for value in args:
+        networks.extend(parse_real_ip_from([value]))
+    if not networks:
+        raise ConfigValueError("takes at least one address or network")
+    return networks
+
+
 def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
     """Extension: how proxy_smtp_auth logs in: ``plain`` (nginx) or ``login``."""
     value = one_argument(args).lower()
@@ -981,6 +1001,10 @@ DIRECTIVES = {d.name: d for d in [
     # -- extensions of mailproxy (nginx has no built-in user table) --------
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
     Directive("auth_delay", MAIL, parse_time, 1.0, extension=True),
+    # -- extensions: the login defence (README "Failed logins") -------------
+    Directive("trusted_networks", MAIL, parse_trusted_networks, [], multiple=True, extension=True),
+    Directive("max_user_sessions", MAIL, parse_number, 0, extension=True),
+    Directive("max_user_ip_sessions", MAIL, parse_number, 0, extension=True),
     Directive("proxy_smtp_auth_method", MAIL, parse_smtp_auth_method, "plain", extension=True),
     Directive("ssl_sni_certificate", MAIL, parse_sni_certificate, [], multiple=True, extension=True),
     # -- extensions: TLS to the backend, named as nginx's stream proxy ------
@@ -1766,6 +1790,8 @@ class ClientMachine(SaslExchange):
     INVALID = b""
     INTERNAL_ERROR = b""
     NO_CERT = b""              # ssl_verify_client's refusal, before closing
+    LOGIN_UNAVAILABLE = (b"", None)    # (text, code): the login defence refuses, for now
+    SESSION_LIMIT = (b"", None)        # max_user_sessions, max_user_ip_sessions
     COMMANDS = {}              # name -> Command: the protocol's command table
     AUTH_NAMES = {}            # *_auth method -> the names that advertise it
     state = None               # POP3's AUTHORIZATION state (Command.states)
@@ -1982,6 +2008,11 @@ IMAP_AUTH_NAMES = {"plain": ("AUTH=PLAIN",), "login": ("AUTH=LOGIN",),
                    "cram-md5": ("AUTH=CRAM-MD5",), "external": ("AUTH=EXTERNAL",),
                    "xoauth2": ("AUTH=XOAUTH2",), "oauthbearer": ("AUTH=OAUTHBEARER",)}
 IMAP_NO_CERT = b"* BYE No required SSL certificate\r\n"
+# Extensions (README "Failed logins"): (text, code) for failure_reply.
+# RFC 5530 §3: UNAVAILABLE is a temporary failure; LIMIT, a limit such as
+# the number of connections.
+IMAP_LOGIN_UNAVAILABLE = (b"[UNAVAILABLE] Temporary authentication failure", None)
+IMAP_SESSION_LIMIT = (b"[LIMIT] Too many sessions for this user", None)
 IMAP_COMMAND_TABLE = {
     b"CAPABILITY": Command("_capability"), b"NOOP": Command("_noop"),
     b"LOGOUT": Command("_logout"), b"STARTTLS": Command("_starttls"), b"ID": Command("_id"),
@@ -2238,6 +2269,8 @@ class ImapMachine(ClientMachine):
     INVALID = IMAP_INVALID
     INTERNAL_ERROR = IMAP_INTERNAL_ERROR
     NO_CERT = IMAP_NO_CERT
+    LOGIN_UNAVAILABLE = IMAP_LOGIN_UNAVAILABLE
+    SESSION_LIMIT = IMAP_SESSION_LIMIT
 
     def __init__(self, settings: Settings, now: float = 0.0,
                  randomness: Optional[random.Random] = None, tls: bool = False):
@@ -2379,6 +2412,10 @@ POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",),
                    "external": ("EXTERNAL",), "xoauth2": ("XOAUTH2",),
                    "oauthbearer": ("OAUTHBEARER",)}
 POP3_NO_CERT = b"-ERR No required SSL certificate\r\n"
+# Extensions: RFC 3206 §4 SYS/TEMP, a temporary failure; RFC 2449 §8.1.1
+# IN-USE, the maildrop is in use (Dovecot's answer to too many sessions).
+POP3_LOGIN_UNAVAILABLE = (b"[SYS/TEMP] Temporary authentication failure", None)
+POP3_SESSION_LIMIT = (b"[IN-USE] Too many sessions for this user", None)
 
 
 class Pop3State(enum.Enum):
@@ -2432,6 +2469,8 @@ class Pop3Machine(ClientMachine):
     INVALID = POP3_INVALID
     INTERNAL_ERROR = POP3_INTERNAL_ERROR
     NO_CERT = POP3_NO_CERT
+    LOGIN_UNAVAILABLE = POP3_LOGIN_UNAVAILABLE
+    SESSION_LIMIT = POP3_SESSION_LIMIT
 
     def __init__(self, settings: Settings, now: float = 0.0,
                  randomness: Optional[random.Random] = None, tls: bool = False):
@@ -2551,6 +2590,10 @@ SMTP_AUTH_NAMES = {"plain": ("PLAIN",), "login": ("LOGIN",), "cram-md5": ("CRAM-
                    "oauthbearer": ("OAUTHBEARER",)}     # smtp_auth none is no SASL method
 SMTP_START_TLS = b"220 2.0.0 Start TLS\r\n"
 SMTP_NO_CERT = b"421 4.7.1 No required SSL certificate\r\n"
+# Extensions: RFC 4954 §6 "454 4.7.0 Temporary authentication failure";
+# 421, the service closes the channel (RFC 5321 §3.8).
+SMTP_LOGIN_UNAVAILABLE = (b"Temporary authentication failure", b"454 4.7.0")
+SMTP_SESSION_LIMIT = (b"Too many sessions for this user", b"421 4.7.0")
 SMTP_TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 §4
 SMTP_TOO_MANY_RECIPIENTS = b"452 4.5.3 Too many recipients\r\n"      # RFC 5321 §4.5.3.1.10
 # RFC 5321 §4.1.1: no control byte belongs in these arguments.  nginx 1.22
@@ -2589,6 +2632,8 @@ class SmtpMachine(ClientMachine):
     INTERNAL_ERROR = SMTP_INTERNAL_ERROR
     SASL_PROMPT = b"334 "                         # RFC 4954 §4
     NO_CERT = SMTP_NO_CERT
+    LOGIN_UNAVAILABLE = SMTP_LOGIN_UNAVAILABLE
+    SESSION_LIMIT = SMTP_SESSION_LIMIT
 
     def __init__(self, settings: Settings, now: float = 0.0,
                  randomness: Optional[random.Random] = None, tls: bool = False):
@@ -3289,6 +3334,190 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     return AuthOutcome(Verdict.OK, upstream=upstream, login=headers.get("auth-user"),
                        password=headers.get("auth-pass"), backend_tls=backend_tls,
                        smtp_auth=smtp_auth)
+
+
+# -- the failed-login defence ---------------------------------------------------
+# Password guessing is a proxy's normal weather.  The defence slows guessers
+# without locking out the users who share their address (an office NAT, a
+# mobile carrier) or the owner of an attacked mailbox, after Dovecot's
+# auth_penalty: the policy is here, sans-I/O, its state made only of the
+# events it is given, so that every worker, told the same events, keeps the
+# same state (SharedBooks); the session's side waits and replies.
+
+def penalty_address(address: str) -> str:
+    """What a client address is counted as: IPv6 per /64, one customer's
+    network (RFC 6177), as Dovecot's auth_penalty; IPv4 as it is."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address                       # a UNIX-domain peer, "unix:"
+    if parsed.version == 6 and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    if parsed.version == 6:
+        return str(ipaddress.ip_network((parsed, 64), strict=False))
+    return str(parsed)
+
+
+class Admission(NamedTuple):
+    """LoginDefence.admit's answer for one attempt."""
+    wait: float = 0.0          # > 0: ask again then (the slots are taken)
+    refuse: bool = False       # this account from this address: too many failures
+    failures: int = 0          # the count behind a refusal, for the log
+
+
+class FailureCount:
+    """Recent failures of an address, an account, or an account from an
+    address: how many, the last one's time, when their delays end, and (a
+    pair's) the digests of the wrong passwords already counted."""
+    __slots__ = ("failures", "last", "busy_until", "digests")
+
+    def __init__(self, when: float):
+        self.failures = 0
+        self.last = when
+        self.busy_until = []       # end times of the delays still running
+        self.digests = []
+
+
+class LoginDefence:
+    """The failed-login defence (sans-I/O: pass the time in).
+
+    - A failed login's reply waits ``auth_delay``, doubled for each recent
+      failure of the address or of the account (the higher count), at most
+      AUTH_PENALTY_MAX: 1, 2, 4, 8, 15 s.  A right password's never waits.
+    - Each such delay holds a slot of the address and of the account until
+      it ends, and so does each login under way here (``begin``/``end``):
+      with AUTH_PENALTY_SLOTS taken, the next attempt waits for one (admit).
+      A guesser gets no further with more connections or by hanging up; a
+      user behind its address, or the attacked mailbox's owner, waits a
+      turn, and is never refused for the guesser's failures.
+    - The same wrong password again (a phone with a stale one) counts once.
+    - One account from one address, and nothing wider, is refused outright
+      after AUTH_PAIR_LIMIT different wrong passwords, until the window ends.
+    - All is forgotten AUTH_PENALTY_WINDOW after the last failure, and at
+      most AUTH_PENALTY_TABLE entries of each kind are kept.
+
+    Addresses come through penalty_address(); logins as latin-1 text.  The
+    events (failure(), success(), clear()) are published to every process
+    and come back through apply(); ``secret`` keys the password digests and
+    must be the same in all of them.  Passwords are never kept."""
+    KINDS = ("login failed", "login ok", "penalty clear")
+
+    def __init__(self, secret: bytes):
+        self.secret = secret
+        self.addresses = {}        # address -> FailureCount, oldest first
+        self.accounts = {}         # login -> FailureCount
+        self.pairs = {}            # (address, login) -> FailureCount
+        self.checking = {}         # ("address" | "login", key) -> logins under way in this process
+
+    # -- questions ---------------------------------------------------------------
+    def admit(self, address: str, login: str, now: float) -> Admission:
+        """May an attempt go on to the password check now?"""
+        pair = self._recent(self.pairs, (address, login), now)
+        if pair is not None and pair.failures >= AUTH_PAIR_LIMIT:
+            return Admission(refuse=True, failures=pair.failures)
+        wait = max(self._slot_wait(self.addresses, "address", address, now),
+                   self._slot_wait(self.accounts, "login", login, now))
+        return Admission(wait=wait)
+
+    def _slot_wait(self, table: dict, kind: str, key: str, now: float) -> float:
+        record = self._recent(table, key, now)
+        running = [end for end in record.busy_until if end > now] if record is not None else []
+        if len(running) + self.checking.get((kind, key), 0) < AUTH_PENALTY_SLOTS:
+            return 0.0
+        return min(running) - now if running else AUTH_SLOT_RECHECK
+
+    def recent_failures(self, address: str, login: str, now: float) -> int:
+        """The count a failure's delay is made from: the address's or the account's."""
+        counts = [record.failures for record in (self._recent(self.addresses, address, now),
+                                                 self._recent(self.accounts, login, now))
+                  if record is not None]
+        return max(counts, default=0)
+
+    # -- attempts under way in this process (not shared: they last milliseconds) --
+    def begin(self, address: str, login: str) -> None:
+        for key in (("address", address), ("login", login)):
+            self.checking[key] = self.checking.get(key, 0) + 1
+
+    def end(self, address: str, login: str) -> None:
+        for key in (("address", address), ("login", login)):
+            left = self.checking.get(key, 0) - 1
+            if left > 0:
+                self.checking[key] = left
+            else:
+                self.checking.pop(key, None)
+
+    # -- the events ----------------------------------------------------------------
+    def failure(self, address: str, login: str, password: bytes, now: float,
+                base_delay: float) -> Tuple[tuple, float, int]:
+        """A wrong password (or an unknown login): (the event to publish, the
+        reply's delay, the failure count it makes)."""
+        digest = hmac.new(self.secret, login.encode("latin-1") + b"\0" + password,
+                          hashlib.sha256).hexdigest()[:16]
+        pair = self._recent(self.pairs, (address, login), now)
+        repeated = pair is not None and digest in pair.digests
+        count = self.recent_failures(address, login, now) + (0 if repeated else 1)
+        delay = min(base_delay * 2 ** (max(count, 1) - 1), AUTH_PENALTY_MAX)
+        return ("login failed", address, login, digest, now, delay), delay, count
+
+    @staticmethod
+    def success(address: str, login: str, now: float) -> tuple:
+        """A right password: that account's failures from that address go."""
+        return ("login ok", address, login, now)
+
+    @staticmethod
+    def clear(address: Optional[str] = None, login: Optional[str] = None) -> tuple:
+        """An operator forgives an address or an account (and its pairs)."""
+        return ("penalty clear", address, login)
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "login failed":
+            self._failed(*event[1:])
+        elif event[0] == "login ok":
+            self.pairs.pop((event[1], event[2]), None)
+        elif event[0] == "penalty clear":
+            self._clear(event[1], event[2])
+
+    def _failed(self, address: str, login: str, digest: str, when: float, delay: float) -> None:
+        pair = self._touch(self.pairs, (address, login), when)
+        counted = digest not in pair.digests
+        if counted:
+            pair.failures += 1
+            pair.digests = (pair.digests + [digest])[-AUTH_PAIR_PASSWORDS:]
+        for record in (self._touch(self.addresses, address, when),
+                       self._touch(self.accounts, login, when)):
+            if counted:
+                record.failures += 1
+            running = [end for end in record.busy_until if end > when] + [when + delay]
+            record.busy_until = sorted(running)[-2 * AUTH_PENALTY_SLOTS:]
+
+    def _clear(self, address: Optional[str], login: Optional[str]) -> None:
+        self.addresses.pop(address, None)
+        self.accounts.pop(login, None)
+        for key in [key for key in self.pairs if key[0] == address or key[1] == login]:
+            del self.pairs[key]
+
+    # -- the tables ------------------------------------------------------------------
+    @staticmethod
+    def _recent(table: dict, key, now: float) -> Optional[FailureCount]:
+        """The record of ``key`` if its last failure is recent enough."""
+        record = table.get(key)
+        if record is not None and now - record.last > AUTH_PENALTY_WINDOW:
+            del table[key]
+            return None
+        return record
+
+    def _touch(self, table: dict, key, when: float) -> FailureCount:
+        """The record of ``key``, made newest (a new one if none is recent)."""
+        record = self._recent(table, key, when)
+        if record is None:
+            record = FailureCount(when)
+        else:
+            del table[key]
+        table[key] = record
+        record.last = max(record.last, when)
+        while len(table) > AUTH_PENALTY_TABLE:
+            del table[next(iter(table))]
+        return record
 
 
 class LoginThrottle:
@@ -6413,6 +6642,65 @@ class ClientOpening(StreamOwner):
 
     def stream_drained(self, stream: Stream) -> None:
         self.session.stream_drained(stream)
+
+
+class SessionCounts:
+    """Logged-in sessions per login, and per login and client address, in
+    every worker (sans-I/O, a book of SharedBooks, as LoginDefence): what
+    max_user_sessions and max_user_ip_sessions count (Dovecot's
+    mail_max_userip_connections).  A session is counted from the auth
+    server's or the table's yes to its end; a worker's go when it dies."""
+    KINDS = ("session open", "session close", "worker gone")
+
+    def __init__(self):
+        self.sessions = {}         # (pid, session number) -> (login, address)
+        self.per_login = {}        # login -> sessions
+        self.per_pair = {}         # (login, address) -> sessions
+
+    @staticmethod
+    def opened(pid: int, number: int, login: str, address: str) -> tuple:
+        return ("session open", pid, number, login, address)
+
+    @staticmethod
+    def closed(pid: int, number: int) -> tuple:
+        return ("session close", pid, number)
+
+    def refusal(self, login: str, address: str, server: Settings) -> str:
+        """Why one more session of ``login`` from ``address`` is too many
+        (for the log), or ""."""
+        if server.max_user_sessions and \
+                self.per_login.get(login, 0) >= server.max_user_sessions:
+            return "max_user_sessions (%d) reached" % server.max_user_sessions
+        if server.max_user_ip_sessions and \
+                self.per_pair.get((login, address), 0) >= server.max_user_ip_sessions:
+            return "max_user_ip_sessions (%d) reached" % server.max_user_ip_sessions
+        return ""
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "session open":
+            self._count((event[1], event[2]), (event[3], event[4]))
+        elif event[0] == "session close":
+            self._uncount((event[1], event[2]))
+        elif event[0] == "worker gone":
+            for key in [key for key in self.sessions if key[0] == event[1]]:
+                self._uncount(key)
+
+    def _count(self, key: tuple, who: tuple) -> None:
+        self._uncount(key)                 # the same session twice counts once
+        self.sessions[key] = who
+        self.per_login[who[0]] = self.per_login.get(who[0], 0) + 1
+        self.per_pair[who] = self.per_pair.get(who, 0) + 1
+
+    def _uncount(self, key: tuple) -> None:
+        who = self.sessions.pop(key, None)
+        if who is None:
+            return
+        for table, entry in ((self.per_login, who[0]), (self.per_pair, who)):
+            left = table[entry] - 1
+            if left:
+                table[entry] = left
+            else:
+                del table[entry]
 
 
 class ClientClock:

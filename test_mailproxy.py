@@ -4278,6 +4278,117 @@ class ExternalIdentityTests(unittest.TestCase):
         self.assertTrue(self.external(b"karl", "KARL").ok)
 
 
+class LoginDefenceTests(unittest.TestCase):
+    """The failed-login defence's policy, events in, answers out."""
+
+    def setUp(self):
+        self.defence = mp.LoginDefence(b"k" * 32)
+
+    def fail(self, address, login, password, now, defence=None, base=1.0):
+        """A failure, published to ``defence`` (and applied): its delay."""
+        defence = defence or self.defence
+        event, delay, count = defence.failure(address, login, password, now, base)
+        defence.apply(event)
+        return delay
+
+    def test_delays_double_up_to_the_limit_and_the_same_password_counts_once(self):
+        delays = [self.fail("192.0.2.7", "alice", b"guess%d" % n, 100.0 + 20 * n) for n in range(6)]
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, mp.AUTH_PENALTY_MAX, mp.AUTH_PENALTY_MAX])
+        defence = mp.LoginDefence(b"k" * 32)
+        stale = [self.fail("192.0.2.8", "bob", b"old", 100.0 + 20 * n, defence) for n in range(5)]
+        self.assertEqual(stale, [1.0] * 5)                     # a phone with a stale password
+        self.assertEqual(defence.recent_failures("192.0.2.8", "bob", 200.0), 1)
+        self.assertEqual(self.fail("192.0.2.8", "bob", b"new", 200.0, defence), 2.0)
+        self.assertEqual(self.fail("192.0.2.9", "carol", b"x", 0.0, base=0.5), 0.5)   # auth_delay
+
+    def test_running_delays_take_the_slots_then_the_next_attempt_waits(self):
+        now = 1000.0
+        for n in range(mp.AUTH_PENALTY_SLOTS):
+            self.fail("192.0.2.7", "user%d" % n, b"guess", now)      # 1 s, 2 s, 4 s, 8 s
+        admission = self.defence.admit("192.0.2.7", "dave", now)   # any account, same address
+        self.assertFalse(admission.refuse)
+        self.assertEqual(admission.wait, 1.0)                      # the first delay ends
+        self.assertEqual(self.defence.admit("192.0.2.7", "dave", now + 1.0).wait, 0.0)
+        self.assertEqual(self.defence.admit("198.51.100.1", "dave", now).wait, 0.0)   # elsewhere
+
+    def test_an_account_attacked_from_many_addresses_makes_its_owner_wait_not_fail(self):
+        now = 1000.0
+        for n in range(mp.AUTH_PENALTY_SLOTS):
+            self.fail("203.0.113.%d" % n, "alice", b"guess%d" % n, now)
+        owner = self.defence.admit("198.51.100.1", "alice", now)
+        self.assertEqual((owner.refuse, owner.wait), (False, 1.0))
+        self.assertEqual(self.defence.admit("198.51.100.1", "bob", now).wait, 0.0)
+
+    def test_logins_under_way_take_slots_too(self):
+        for _ in range(mp.AUTH_PENALTY_SLOTS):
+            self.defence.begin("192.0.2.7", "alice")
+        self.assertEqual(self.defence.admit("192.0.2.7", "bob", 0.0).wait, mp.AUTH_SLOT_RECHECK)
+        self.defence.end("192.0.2.7", "alice")
+        self.assertEqual(self.defence.admit("192.0.2.7", "bob", 0.0).wait, 0.0)
+
+    def test_only_the_account_from_the_address_is_refused_and_success_lifts_it(self):
+        now = 0.0
+        for n in range(mp.AUTH_PAIR_LIMIT):
+            now += 30.0
+            self.fail("192.0.2.7", "alice", b"guess%d" % n, now)
+        refused = self.defence.admit("192.0.2.7", "alice", now + 30.0)
+        self.assertEqual((refused.refuse, refused.failures), (True, mp.AUTH_PAIR_LIMIT))
+        self.assertFalse(self.defence.admit("192.0.2.7", "bob", now + 30.0).refuse)
+        self.assertFalse(self.defence.admit("198.51.100.1", "alice", now + 30.0).refuse)
+        self.defence.apply(self.defence.success("192.0.2.7", "alice", now + 40.0))
+        self.assertFalse(self.defence.admit("192.0.2.7", "alice", now + 41.0).refuse)
+        # The address's own count stays: a success does not pardon the guesser.
+        self.assertEqual(self.defence.recent_failures("192.0.2.7", "nobody", now + 41.0),
+                         mp.AUTH_PAIR_LIMIT)
+
+    def test_failures_are_forgotten_after_a_quiet_window(self):
+        for n in range(mp.AUTH_PAIR_LIMIT):
+            self.fail("192.0.2.7", "alice", b"guess%d" % n, 10.0 * n)
+        later = 10.0 * mp.AUTH_PAIR_LIMIT + mp.AUTH_PENALTY_WINDOW + 1
+        self.assertEqual(self.defence.admit("192.0.2.7", "alice", later), mp.Admission())
+        self.assertEqual(self.fail("192.0.2.7", "alice", b"again", later), 1.0)
+
+    def test_ipv6_counts_per_64_and_mapped_ipv4_as_ipv4(self):
+        self.assertEqual(mp.penalty_address("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
+        self.assertEqual(mp.penalty_address("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::/64")
+        self.assertEqual(mp.penalty_address("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(mp.penalty_address("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(mp.penalty_address("unix:"), "unix:")
+
+    def test_tables_are_bounded(self):
+        with unittest.mock.patch.object(mp, "AUTH_PENALTY_TABLE", 3):
+            for n in range(10):
+                self.fail("192.0.2.%d" % n, "user%d" % n, b"x", float(n))
+        self.assertEqual([len(self.defence.addresses), len(self.defence.accounts),
+                          len(self.defence.pairs)], [3, 3, 3])
+        self.assertIn("192.0.2.9", self.defence.addresses)       # the newest stay
+
+    def test_replicas_told_the_same_events_agree_and_keep_no_password(self):
+        worker_1, worker_2 = mp.LoginDefence(b"s" * 32), mp.LoginDefence(b"s" * 32)
+        for n in range(3):
+            event, _, _ = worker_1.failure("192.0.2.7", "alice", b"secret-guess-%d" % n, 5.0 * n, 1.0)
+            worker_1.apply(event)
+            worker_2.apply(event)
+        # The other worker sees the same count, and the repeat as a repeat.
+        self.assertEqual(worker_2.failure("192.0.2.7", "alice", b"secret-guess-1", 20.0, 1.0)[1:],
+                         (4.0, 3))
+        record = worker_1.pairs[("192.0.2.7", "alice")]
+        self.assertNotIn("secret-guess", repr([getattr(record, name) for name in record.__slots__]))
+        other_key = mp.LoginDefence(b"t" * 32).failure("192.0.2.7", "alice", b"secret-guess-0", 0.0, 1.0)
+        self.assertNotIn(other_key[0][3], record.digests)          # digests are keyed
+
+    def test_an_operator_clears_an_address_or_an_account(self):
+        for n in range(mp.AUTH_PAIR_LIMIT):
+            self.fail("192.0.2.7", "alice", b"guess%d" % n, float(n))
+        self.defence.apply(self.defence.clear(address="192.0.2.7"))
+        self.assertEqual(self.defence.admit("192.0.2.7", "alice", 20.0).refuse, False)
+        self.assertEqual(self.defence.recent_failures("192.0.2.7", "bob", 20.0), 0)
+        self.assertEqual(self.defence.recent_failures("198.51.100.1", "alice", 20.0),
+                         mp.AUTH_PAIR_LIMIT)                    # the account's own count stays
+        self.defence.apply(self.defence.clear(login="alice"))
+        self.assertEqual(self.defence.recent_failures("198.51.100.1", "alice", 20.0), 0)
+
+
 class LoginThrottleTests(unittest.TestCase):
     def test_delay_doubles_then_caps_and_locks(self):
         throttle = mp.LoginThrottle()
@@ -8630,6 +8741,37 @@ class HostileClientTests(EndToEndTestCase):
                 client.expect_line(b"n%d " % number + mp.IMAP_OK)
         self.assertLess(time.monotonic() - started, 3.0)
         proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
+
+
+class SessionCountsTests(unittest.TestCase):
+    """max_user_sessions and max_user_ip_sessions, counted from events."""
+
+    def test_limits_per_login_and_per_login_and_address(self):
+        counts = mp.SessionCounts()
+        server = server_settings(max_user_sessions=3, max_user_ip_sessions=2)
+        for number in (1, 2):
+            counts.apply(counts.opened(100, number, "alice", "192.0.2.7"))
+        self.assertEqual(counts.refusal("alice", "192.0.2.7", server),
+                         "max_user_ip_sessions (2) reached")
+        self.assertEqual(counts.refusal("alice", "198.51.100.1", server), "")
+        self.assertEqual(counts.refusal("bob", "192.0.2.7", server), "")
+        counts.apply(counts.opened(200, 1, "alice", "198.51.100.1"))     # another worker
+        self.assertEqual(counts.refusal("alice", "198.51.100.2", server),
+                         "max_user_sessions (3) reached")
+        counts.apply(counts.closed(100, 1))
+        self.assertEqual(counts.refusal("alice", "192.0.2.7", server), "")
+        counts.apply(("worker gone", 200))
+        self.assertEqual((counts.per_login, counts.per_pair),
+                         ({"alice": 1}, {("alice", "192.0.2.7"): 1}))
+        counts.apply(counts.closed(100, 2))
+        counts.apply(counts.closed(100, 2))                        # twice: no harm
+        self.assertEqual((counts.sessions, counts.per_login, counts.per_pair), ({}, {}, {}))
+
+    def test_zero_means_no_limit(self):
+        counts = mp.SessionCounts()
+        for number in range(50):
+            counts.apply(counts.opened(100, number, "alice", "192.0.2.7"))
+        self.assertEqual(counts.refusal("alice", "192.0.2.7", server_settings()), "")
 
 
 class ClientClockTests(unittest.TestCase):
