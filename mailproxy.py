@@ -1499,6 +1499,16 @@ class Closed:
     reason: str
 
 
+@dataclasses.dataclass
+class ClientIdentity:
+    """Event (IMAP ID, RFC 2971): the client says whom it speaks for, as a
+    webmail host does with Dovecot's ``x-originating-ip`` and
+    ``x-originating-port``.  The session believes it only from
+    trusted_networks (believed_client)."""
+    address: bytes
+    port: bytes = b""
+
+
 def decode_base64(data: bytes) -> Optional[bytes]:
     """Strict base64 (RFC 4648 §4), or None.  A SASL cancel ``*`` is None too."""
     if not data or len(data) % 4:
@@ -2380,12 +2390,18 @@ class ImapMachine(ClientMachine):
 
     def _id(self, events: list, args: List) -> None:
         """Extension (RFC 2971): nginx answers BAD, which upsets Thunderbird and
-        Roundcube.  We take ``ID NIL`` or ``ID (...)`` and tell nothing back."""
+        Roundcube.  We take ``ID NIL`` or ``ID (...)`` and tell nothing back;
+        an ``x-originating-ip`` field becomes a ClientIdentity event."""
         valid = args == [b"NIL"] or args == [b"nil"] or (
             len(args) >= 2 and args[0] == b"(" and args[-1] == b")" and
             b"(" not in args[1:-1] and b")" not in args[1:-1])
         if not valid:
             return self._refuse(events)
+        fields = args[1:-1]                   # field, value, field, value, ...
+        values = {name.lower(): value for name, value in zip(fields[0::2], fields[1::2])}
+        if b"x-originating-ip" in values:
+            events.append(ClientIdentity(values[b"x-originating-ip"],
+                                         values.get(b"x-originating-port", b"")))
         self._output += IMAP_ID_REPLY
         self._reply(IMAP_OK)
 
@@ -4246,6 +4262,23 @@ def real_ip_trusted(peer: str, trusted: List) -> bool:
         return False
     return any(not isinstance(net, str) and address.version == net.version and address in net
                for net in trusted)
+
+
+def believed_client(identity: ClientIdentity, peer: str,
+                    trusted: List) -> Optional[Tuple[str, int]]:
+    """trusted_networks: the client a trusted peer speaks for (IMAP ID
+    ``x-originating-ip``, as Dovecot's login_trusted_networks), as (address,
+    port); None from any other peer, or for a value that is no address."""
+    if not real_ip_trusted(peer, trusted):
+        return None
+    try:
+        address = str(ipaddress.ip_address(identity.address.decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    port = int(identity.port) if re.fullmatch(rb"\d{1,5}", identity.port) else 0
+    if port > 65535:
+        port = 0
+    return address, port
 
 
 # ========================================================================== #
@@ -6912,6 +6945,14 @@ class Session(StreamOwner):
             self.log("info", event.reason)
         self._close_after_reply(event.reason or "login failed")
 
+    def _client_identity(self, event: ClientIdentity) -> None:
+        """A webmail host in trusted_networks names its user's address: the
+        session's client from now on (the defence, the log, auth_http)."""
+        believed = believed_client(event, self.client_address, self.server.trusted_networks)
+        if believed is not None:
+            self.client_address, self.client_port = believed
+            self.log("info", "real client address %s:%d (IMAP ID)" % believed)
+
     def _start_tls(self, event: StartTls) -> None:
         self.journal.starttls = True
         self._start_client_tls()
@@ -7078,7 +7119,8 @@ class Session(StreamOwner):
 
 # What each event of a client machine leads to.
 Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_tls,
-                  Quit: Session._quit, Closed: Session._machine_closed}
+                  Quit: Session._quit, Closed: Session._machine_closed,
+                  ClientIdentity: Session._client_identity}
 
 
 # ========================================================================== #

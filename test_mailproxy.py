@@ -3488,6 +3488,15 @@ class ImapMachineTests(unittest.TestCase):
                    (b"junk\r\n", b"a3" + BAD, []),
                    (b"a4 LOGOUT\r\n", mp.IMAP_BYE + b"a4" + OK, [mp.Quit()])])
 
+    def test_id_tells_whom_a_webmail_speaks_for(self):
+        self.imap([(b'a1 ID ("name" "Roundcube" "X-Originating-IP" "192.0.2.9" '
+                    b'"x-originating-port" "4711")\r\n', mp.IMAP_ID_REPLY + b"a1" + OK,
+                    [mp.ClientIdentity(b"192.0.2.9", b"4711")]),
+                   (b'a2 ID ("x-originating-ip" {10}\r\n', mp.IMAP_NEXT, []),
+                   (b'2001:db8:: "name" "x")\r\n', mp.IMAP_ID_REPLY + b"a2" + OK,
+                    [mp.ClientIdentity(b"2001:db8::", b"")]),
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])])
+
     def test_max_errors_closes(self):
         self.imap([(b"a1 FOO\r\n", b"a1" + BAD, []),
                    (b"a2 BAR\r\n", b"a2" + BAD,
@@ -4998,6 +5007,21 @@ class ProxyProtocolTests(unittest.TestCase):
         self.assertFalse(mp.real_ip_trusted("192.0.2.1", trusted))
         self.assertTrue(mp.real_ip_trusted("unix:", mp.parse_real_ip_from(["unix:"])))
         self.assertFalse(mp.real_ip_trusted("unix:", trusted))
+
+    def test_believed_client_only_from_trusted_networks(self):
+        trusted = mp.parse_trusted_networks(["10.0.0.0/8", "::1"])
+        identity = mp.ClientIdentity(b"192.0.2.9", b"4711")
+        self.assertEqual(mp.believed_client(identity, "10.1.2.3", trusted), ("192.0.2.9", 4711))
+        self.assertEqual(mp.believed_client(identity, "::1", trusted), ("192.0.2.9", 4711))
+        self.assertIsNone(mp.believed_client(identity, "192.0.2.1", trusted))
+        self.assertIsNone(mp.believed_client(identity, "10.1.2.3", []))
+        for address, port, expected in ((b"2001:DB8::1", b"", ("2001:db8::1", 0)),
+                                        (b"192.0.2.9", b"99999", ("192.0.2.9", 0)),
+                                        (b"192.0.2.9", b"-1", ("192.0.2.9", 0)),
+                                        (b"192.0.2.9\r\nX: y", b"1", None),
+                                        (b"example.com", b"1", None), (b"\xff", b"1", None)):
+            self.assertEqual(mp.believed_client(mp.ClientIdentity(address, port), "10.0.0.1",
+                                                trusted), expected, address)
 
     def test_a_proxy_header_with_a_scope_id_is_refused(self):
         for header in (b"PROXY TCP6 fe80::1%eth0 ::1 1234 25\r\n",
@@ -8851,6 +8875,26 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         client.expect_line(mp.IMAP_GREETING)
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
+
+    def test_imap_id_from_a_trusted_webmail_names_the_client(self):
+        """trusted_networks: a webmail's x-originating-ip is the client, for
+        auth_http and the log; from anyone else it changes nothing."""
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port), auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, trusted_networks="127.0.0.0/8")
+        other = self.auth_http_proxy("imap", auth.port, trusted_networks="10.0.0.0/8")
+        for server, expected in ((proxy, "192.0.2.9"), (other, "127.0.0.1")):
+            client = self.connect(server)
+            client.expect_line(mp.IMAP_GREETING)
+            client.send('i1 ID ("x-originating-ip" "192.0.2.9" "x-originating-port" "4711")')
+            client.expect_line(mp.IMAP_ID_REPLY)
+            client.expect_line(b"i1 " + mp.IMAP_OK)
+            client.send("a1 LOGIN alice secret")
+            client.expect(rb"^a1 OK LOGIN completed\r\n$")
+            server.wait_for_log(r"client logged in while [^,]*, client: %s, " % re.escape(expected))
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.9"),
+                                         auth_request_bytes(client_ip="127.0.0.1")])
+        proxy.wait_for_log(r"real client address 192\.0\.2\.9:4711 \(IMAP ID\)")
 
     def test_v1_from_an_untrusted_peer(self):
         backend = self.use(FakeImapBackend())
