@@ -3475,9 +3475,11 @@ class LoginDefence:
         delay = min(base_delay * 2 ** (max(count, 1) - 1), AUTH_PENALTY_MAX)
         return ("login failed", address, login, digest, now, delay), delay, count
 
-    @staticmethod
-    def success(address: str, login: str, now: float) -> tuple:
-        """A right password: that account's failures from that address go."""
+    def success(self, address: str, login: str, now: float) -> Optional[tuple]:
+        """A right password: that account's failures from that address go
+        (None: there are none, nothing to tell the other workers)."""
+        if (address, login) not in self.pairs:
+            return None
         return ("login ok", address, login, now)
 
     @staticmethod
@@ -6734,6 +6736,160 @@ class SessionCounts:
                 table[entry] = left
             else:
                 del table[entry]
+
+
+class LoginGate:
+    """Where attempts wait for LoginDefence's slots in one worker: in
+    arrival order, each let through as soon as admit() says so (a delay
+    ended, or an attempt of this worker finished: leave()), or refused.
+    Queued, never dropped: the session's own timers bound the wait."""
+
+    def __init__(self, loop: "EventLoop", defence: LoginDefence):
+        self.loop = loop
+        self.defence = defence
+        self.waiting = []          # [address, login, go], first come first
+        self.timer = None          # type: Optional[Timer]
+
+    def enter(self, address: str, login: str, go: Callable[[Admission], None]) -> list:
+        """``go(admission)`` now or later (a refusal at once); returns the
+        ticket that cancel() takes."""
+        ticket = [address, login, go]
+        self.waiting.append(ticket)
+        self._let_through()
+        return ticket
+
+    def cancel(self, ticket: list) -> None:
+        """The session ended while waiting."""
+        if ticket in self.waiting:
+            self.waiting.remove(ticket)
+
+    def leave(self, address: str, login: str) -> None:
+        """An attempt let through has its answer: its slot is free."""
+        self.defence.end(address, login)
+        self._let_through()
+
+    def _let_through(self) -> None:
+        now = self.loop.time()
+        soonest = None
+        for ticket in list(self.waiting):
+            address, login, go = ticket
+            admission = self.defence.admit(address, login, now)
+            if admission.wait > 0:
+                soonest = admission.wait if soonest is None else min(soonest, admission.wait)
+                continue
+            self.waiting.remove(ticket)
+            if not admission.refuse:
+                self.defence.begin(address, login)
+            go(admission)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(soonest, self._let_through) if soonest else None
+
+
+class LoginGuard:
+    """What stands between a session and its authenticator: the login
+    defence (``defend``: for the user table; an auth server keeps its own,
+    with Auth-Wait), max_user_sessions and max_user_ip_sessions (for all),
+    and the events that keep every worker's books true (publish).  It has
+    the authenticators' interface: start(attempt, done), cancel(),
+    recipient_check()."""
+    __slots__ = ("inner", "gate", "books", "publish", "server", "owner", "defend", "attempt",
+                 "done", "ticket", "checking")
+
+    def __init__(self, inner, gate: LoginGate, books, publish: Callable, server: Settings,
+                 owner, defend: bool):
+        self.inner = inner
+        self.gate = gate               # gate.defence: the worker's LoginDefence
+        self.books = books             # .counts: the SessionCounts
+        self.publish = publish
+        self.server = server
+        self.owner = owner             # the session: its log and its number
+        self.defend = defend
+        self.attempt = self.done = self.ticket = self.checking = None
+
+    def _defended(self, attempt: LoginAttempt) -> bool:
+        """Not for trusted_networks, nor with auth_delay 0 (the defence off),
+        nor for smtp_auth none (no password: the recipient is checked)."""
+        return self.defend and self.server.auth_delay > 0 and \
+            attempt.credentials.method != AuthMethod.NONE and \
+            not real_ip_trusted(attempt.client_address, self.server.trusted_networks)
+
+    def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
+        self.attempt, self.done = attempt, done
+        if not self._defended(attempt):
+            return self.inner.start(attempt, self._decided)
+        who = (penalty_address(attempt.client_address),
+               attempt.credentials.login.decode("latin-1"))
+        self.ticket = self.gate.enter(who[0], who[1], lambda admission: self._admitted(who, admission))
+
+    def _admitted(self, who: Tuple[str, str], admission: Admission) -> None:
+        self.ticket = None
+        if admission.refuse:
+            self.owner.log("notice", "login refused for now: %d wrong passwords for this "
+                           "account from this address" % admission.failures)
+            text, code = self.owner.machine.LOGIN_UNAVAILABLE
+            return self.done(AuthOutcome(Verdict.FAIL, text=text, error_code=code,
+                                         wait=AUTH_PENALTY_MAX, reason="login defence"))
+        self.checking = who
+        self.inner.start(self.attempt, self._decided)
+
+    def _decided(self, outcome: AuthOutcome) -> None:
+        if self.checking is not None:
+            outcome = self._counted(outcome)
+        if outcome.ok:
+            outcome = self._session_limit(outcome)
+        done, self.done = self.done, None
+        if done is not None:
+            done(outcome)
+
+    def _counted(self, outcome: AuthOutcome) -> AuthOutcome:
+        """A defended attempt's answer: the slot goes; a failure is published
+        and its reply waits the penalty; a success forgives the pair."""
+        address, login = self.checking
+        self.checking = None
+        now = self.gate.loop.time()
+        if outcome.ok:
+            event = self.gate.defence.success(address, login, now)
+            if event is not None:
+                self.publish(event)
+        elif outcome.kind == Verdict.FAIL:
+            event, delay, count = self.gate.defence.failure(
+                address, login, self.attempt.credentials.password, now, self.server.auth_delay)
+            self.publish(event)
+            if count > 1:
+                self.owner.log("notice", "login penalty: %d recent failures from %s or of "
+                               "this account, reply in %gs" % (count, address, delay))
+            outcome = outcome._replace(wait=max(outcome.wait, delay))
+        self.gate.leave(address, login)
+        return outcome
+
+    def _session_limit(self, outcome: AuthOutcome) -> AuthOutcome:
+        """max_user_sessions, max_user_ip_sessions: the temporary refusal,
+        then the end; or this session counted, until it ends."""
+        login = (outcome.login or self.attempt.credentials.login).decode("latin-1")
+        if not login or not (self.server.max_user_sessions or self.server.max_user_ip_sessions):
+            return outcome                 # nobody to count (smtp_auth none), or no limit
+        reason = self.books.counts.refusal(login, self.attempt.client_address, self.server)
+        if reason:
+            text, code = self.owner.machine.SESSION_LIMIT
+            return AuthOutcome(Verdict.FAIL, text=text, error_code=code, close=True,
+                               reason=reason)
+        self.publish(self.books.counts.opened(os.getpid(), self.owner.journal.number, login,
+                                              self.attempt.client_address))
+        self.owner.counted = True
+        return outcome
+
+    def cancel(self) -> None:
+        self.done = None
+        if self.ticket is not None:
+            self.gate.cancel(self.ticket)
+        if self.checking is not None:
+            self.gate.leave(*self.checking)
+            self.checking = None
+        self.inner.cancel()
+
+    def recipient_check(self, attempt: LoginAttempt, upstream: Upstream, log: Callable):
+        return self.inner.recipient_check(attempt, upstream, log)
 
 
 class ClientClock:

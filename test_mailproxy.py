@@ -8798,6 +8798,50 @@ class SessionCountsTests(unittest.TestCase):
         self.assertEqual(counts.refusal("alice", "192.0.2.7", server_settings()), "")
 
 
+class LoginGateTests(EventLoopTestCase):
+    """Attempts wait in a worker for the defence's slots, in order."""
+
+    def setUp(self):
+        super().setUp()
+        self.defence = mp.LoginDefence(b"k" * 32)
+        self.gate = mp.LoginGate(self.loop, self.defence)
+
+    def test_waits_for_the_first_delay_to_end_then_goes_in_order(self):
+        now = self.loop.time()
+        for n in range(mp.AUTH_PENALTY_SLOTS):                 # delays of 0.05, 0.1, 0.2, 0.4 s
+            event, _, _ = self.defence.failure("192.0.2.7", "u%d" % n, b"x", now, 0.05)
+            self.defence.apply(event)
+        went = []
+        for name in ("first", "second"):
+            self.gate.enter("192.0.2.7", name, lambda admission, name=name: went.append(
+                (name, admission, self.loop.time() - now)))
+        gone = self.gate.enter("192.0.2.7", "gone", lambda admission: went.append("gone"))
+        self.gate.cancel(gone)                                   # its session ended
+        self.assertEqual(went, [])
+        self.drive(lambda: len(went) == 2)
+        self.assertEqual([name for name, _, _ in went], ["first", "second"])
+        self.assertGreaterEqual(went[0][2], 0.05)                # not before the slot was free
+        self.assertEqual(went[0][1], mp.Admission())
+
+    def test_a_finished_attempt_lets_the_next_one_in(self):
+        went = []
+        for n in range(mp.AUTH_PENALTY_SLOTS + 1):
+            self.gate.enter("192.0.2.7", "alice", lambda admission, n=n: went.append(n))
+        self.assertEqual(went, list(range(mp.AUTH_PENALTY_SLOTS)))   # the last one waits
+        self.gate.leave("192.0.2.7", "alice")
+        self.assertEqual(went, list(range(mp.AUTH_PENALTY_SLOTS + 1)))
+        self.assertEqual(self.gate.waiting, [])
+
+    def test_a_refusal_goes_at_once(self):
+        for n in range(mp.AUTH_PAIR_LIMIT):
+            event, _, _ = self.defence.failure("192.0.2.7", "alice", b"g%d" % n,
+                                               self.loop.time() - 1, 0.0)
+            self.defence.apply(event)
+        went = []
+        self.gate.enter("192.0.2.7", "alice", went.append)
+        self.assertEqual([admission.refuse for admission in went], [True])
+
+
 class ClientClockTests(unittest.TestCase):
     """The client's time, with a clock the test moves."""
 
