@@ -7238,10 +7238,7 @@ class Master(LoopHandler):
 
     def on_readable(self) -> None:
         """Reports from workers that stopped accepting (after SIGQUIT)."""
-        try:
-            data = self._report_reader.read(4096) or b""
-        except BlockingIOError:
-            return
+        data = self._report_reader.read(4096) or b""     # None: nothing there (non-blocking)
         for word in data.split():
             self._stopped_accepting(int(word))
 
