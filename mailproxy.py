@@ -3300,10 +3300,19 @@ class LoginThrottle:
     2**AUTH_FAILURE_MAX_SHIFT times); from AUTH_FAILURE_LOCKOUT recent failures
     on, logins from the address are refused without looking at the password.
     At most AUTH_FAILURE_TABLE addresses are remembered (the oldest go first).
+
+    A shared book (SharedBooks, in Processes): the workers count together,
+    one attacker, one budget.  failure() publishes a "login failure" event
+    and apply() is the only code that changes the table, so each process's
+    copy is what the events made it.  ``now`` is the loop's time.monotonic():
+    the same clock in every process of the machine.  Alone (not added to
+    SharedBooks), publish is apply.
     """
+    kinds = ("login failure",)
 
     def __init__(self):
         self.failures = {}     # address -> (count, time of the last failure); insertion-ordered
+        self.publish = self.apply    # SharedBooks.add: apply here, then in the other processes
 
     def _count(self, address: str, now: float) -> int:
         count, last = self.failures.get(address, (0, now))
@@ -3314,12 +3323,22 @@ class LoginThrottle:
 
     def failure(self, address: str, now: float, base_delay: float) -> float:
         """Record a failure; returns how long to wait before replying."""
-        count = self._count(address, now) + 1
-        self.failures.pop(address, None)
-        self.failures[address] = (count, now)
+        self.publish(("login failure", address, now))
+        count = self._count(address, now)
+        return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
+
+    def apply(self, event: tuple) -> None:
+        """("login failure", address, time).  Two processes' failures may
+        reach a third in either order: the count goes up by one either way
+        and the latest time stays, so the copies agree (unless the two are
+        AUTH_FAILURE_WINDOW apart, when one of them restarts the count)."""
+        kind, address, when = event
+        count, last = self.failures.pop(address, (0, when))
+        if when - last > AUTH_FAILURE_WINDOW:
+            count = 0
+        self.failures[address] = (count + 1, max(last, when))
         while len(self.failures) > AUTH_FAILURE_TABLE:
             del self.failures[next(iter(self.failures))]
-        return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
 
 
 # -- the two authenticators' common ground -------------------------------------

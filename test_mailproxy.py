@@ -4295,6 +4295,31 @@ class LoginThrottleTests(unittest.TestCase):
             throttle.failure("10.0.%d.%d" % (i // 256, i % 256), 1.0, 1.0)
         self.assertEqual(len(throttle.failures), mp.AUTH_FAILURE_TABLE)
 
+    def test_failures_are_events_and_copies_agree_whatever_the_order(self):
+        # A book the workers share (SharedBooks): failure() publishes an
+        # event, apply() alone counts; another process's copy gets the same
+        # events, maybe interleaved otherwise, and must come to the same.
+        throttle = mp.LoginThrottle()
+        events = []
+
+        def publish(event):
+            events.append(event)
+            throttle.apply(event)
+        throttle.publish = publish
+        self.assertEqual(throttle.failure("192.0.2.1", 100.0, 1.0), 1)
+        self.assertEqual(throttle.failure("192.0.2.2", 101.0, 1.0), 1)
+        self.assertEqual(throttle.failure("192.0.2.1", 102.0, 1.0), 2)
+        self.assertEqual(events, [("login failure", "192.0.2.1", 100.0),
+                                  ("login failure", "192.0.2.2", 101.0),
+                                  ("login failure", "192.0.2.1", 102.0)])
+        copy = mp.LoginThrottle()
+        for event in reversed(events):
+            copy.apply(event)
+        self.assertEqual(sorted(copy.failures.items()), sorted(throttle.failures.items()))
+        for _ in range(mp.AUTH_FAILURE_LOCKOUT - 2):               # another worker's failures
+            throttle.apply(("login failure", "192.0.2.1", 103.0))
+        self.assertTrue(throttle.locked("192.0.2.1", 104.0))
+
 
 class SmtpRecipientRuleTests(unittest.TestCase):
     def test_relay_domains(self):
