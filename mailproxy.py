@@ -7262,14 +7262,16 @@ class BookBroker:
 
 
 class Worker(LoopHandler):
-    """Everything one process serves with; sessions ask it for shared state."""
+    """Everything one process serves with; sessions ask it for shared state.
+    ``books``: the master's SharedBooks, copied by fork() (None: its own)."""
 
-    def __init__(self, config: Config, logs: ErrorLogs):
+    def __init__(self, config: Config, logs: ErrorLogs, books: Optional[SharedBooks] = None):
         self.config = config
         self.logs = logs
         self.log = logs.main
         self.loop = EventLoop()
-        self.throttle = LoginThrottle()
+        self.books = books if books is not None else make_shared_books()
+        self.throttle = self.books.of(LoginThrottle)
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -7518,6 +7520,7 @@ class Master(LoopHandler):
         os.set_blocking(self.reports[0], False)
         self.reload_pending = set()    # old workers still accepting after a reload
         self.retiring = set()          # workers told to stop, or replaced already: not again
+        self.broker = BookBroker(make_shared_books(), self)    # fork() copies them to each worker
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
@@ -7577,9 +7580,11 @@ class Master(LoopHandler):
         worker has its own handlers, so that one sent in between (a quick
         SIGQUIT) is delivered to the worker then, not lost."""
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        self.broker.prepare()
         pid = os.fork()
         if pid == 0:
             self._become_worker()
+        self.broker.forked(pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.workers[pid] = self.generation
         self.log.log("notice", "start worker process %d" % pid)
@@ -7596,7 +7601,8 @@ class Master(LoopHandler):
             os.close(self.lifeline[1])
             os.close(self.reports[0])
             drop_privileges(self.config.main, self.log)
-            worker = Worker(self.config, self.logs)
+            worker = Worker(self.config, self.logs, self.broker.books)
+            self.broker.join(worker)
             worker.report_fd = self.reports[1]
             worker.watch_master(self.lifeline[0])
             worker.open_listeners(self.config, self.sockets)
@@ -7627,6 +7633,7 @@ class Master(LoopHandler):
                 break
             if pid not in self.workers:
                 continue
+            self.broker.gone(pid)      # before a replacement is forked with the books
             self._old_worker_done(pid)
             how = ("exited on signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
                    else "exited with code %d" % os.WEXITSTATUS(status))

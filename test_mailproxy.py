@@ -9311,6 +9311,71 @@ class BookBrokerTests(EventLoopTestCase):
         self.assertEqual(received, list(range(in_kernel)) + newest)
 
 
+@needs_fork_and_proc
+class ProcessSharedBooksTests(EndToEndTestCase):
+    """The failed-login counts go through the master: one budget for all
+    the workers, and a worker forked later (a replacement, a reload's)
+    starts with the master's copy."""
+
+    LOCKED = "too many failed logins from this address"
+
+    def client_of_an_idle_worker(self, proxy: ProgramUnderTest, port: int):
+        """(a greeted client, the worker serving it).  With worker_connections
+        1, a worker with a client accepts no other: the new client goes to
+        one that has none."""
+        mark = proxy.mark()
+        client = connect_client(self, port)
+        client.expect_line(mp.IMAP_GREETING)
+        wait_until(lambda: proxy.served_by(mark), what="the session's connected line")
+        return client, proxy.served_by(mark)[0]
+
+    def refused(self, proxy: ProgramUnderTest, client: Client, password: str):
+        """LOGIN alice PASSWORD, refused: (the worker's pid, the reason it logged)."""
+        mark = proxy.mark()
+        client.send("a1 LOGIN alice %s" % password)
+        client.expect_line(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
+        line = proxy.wait_for("client login failed", mark)
+        match = re.search(r'\] (\d+)#0: \*\d+ client login failed: "([^"]*)"', line or "")
+        self.assertIsNotNone(match, proxy.stderr)
+        return int(match.group(1)), match.group(2)
+
+    def test_one_budget_for_all_workers_kept_by_a_replacement_and_a_reload(self):
+        backend = self.use(FakeImapBackend(accept=None))       # lets alice in, unless refused
+        directory = TempDir(self)
+        port = free_port()
+        proxy = ProgramUnderTest(self, program_config(
+            directory, [port], backend.port, auth_delay="0s",
+            main="worker_processes = 2\nworker_connections = 1\n"))
+        first, first_pid = self.client_of_an_idle_worker(proxy, port)
+        second, second_pid = self.client_of_an_idle_worker(proxy, port)
+        self.assertEqual({first_pid, second_pid}, set(proxy.workers()))
+        for number in range(mp.AUTH_FAILURE_LOCKOUT):          # half the budget on each
+            client, pid = ((first, first_pid), (second, second_pid))[number % 2]
+            self.assertEqual(self.refused(proxy, client, "wrong"), (pid, "wrong password"))
+        time.sleep(0.2)                # the last failure's event is on its way through the master
+        self.assertEqual(self.refused(proxy, first, "secret"), (first_pid, self.LOCKED))
+        self.assertEqual(self.refused(proxy, second, "secret"), (second_pid, self.LOCKED))
+
+        mark = proxy.mark()                    # a replacement: forked with the master's copy
+        os.kill(first_pid, signal.SIGKILL)
+        first.expect_closed()
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        third, third_pid = self.client_of_an_idle_worker(proxy, port)
+        self.assertEqual(proxy.workers(mark), [third_pid])
+        self.assertEqual(self.refused(proxy, third, "secret"), (third_pid, self.LOCKED))
+
+        mark = proxy.mark()                    # a reload's new generation: the same
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        served = []
+        for _ in proxy.workers(mark):
+            client, pid = self.client_of_an_idle_worker(proxy, port)
+            self.assertEqual(self.refused(proxy, client, "secret"), (pid, self.LOCKED))
+            served.append(pid)
+        self.assertEqual(sorted(served), sorted(proxy.workers(mark)))
+        self.assertEqual(len(served), 2)
+
+
 # -- SIGHUP: a reload ---------------------------------------------------------------
 
 @needs_fork_and_proc
