@@ -7107,16 +7107,18 @@ def make_shared_books() -> SharedBooks:
 
 
 class BookChannel(LoopHandler):
-    """One end of a socketpair between two processes, carrying encoded
-    events both ways; non-blocking, watched by ``loop``.  A datagram read
-    goes to ``owner.received(channel, data, event)``; ``owner.log`` is the
-    log of the moment.  What the socket cannot take now waits in ``queue``
-    (the order kept), at most SHARED_QUEUE_MAX, the oldest dropped."""
+    """One end of a socketpair between this process and process ``peer``,
+    carrying encoded events both ways; non-blocking, watched by ``loop``.
+    A datagram read goes to ``owner.received(channel, data, event)``;
+    ``owner.log`` is the log of the moment.  What the socket cannot take
+    now waits in ``queue`` (the order kept), at most SHARED_QUEUE_MAX, the
+    oldest dropped."""
 
-    def __init__(self, loop: EventLoop, sock: socket.socket, owner):
+    def __init__(self, loop: EventLoop, sock: socket.socket, owner, peer: int):
         self.loop = loop
         self.sock = sock
         self.owner = owner
+        self.peer = peer               # its pid, for the log
         self.queue = collections.deque()
         self.warned = set()            # what was logged already: once each
         sock.setblocking(False)
@@ -7128,8 +7130,8 @@ class BookChannel(LoopHandler):
             return
         if len(self.queue) >= SHARED_QUEUE_MAX:
             self.queue.popleft()
-            self._warn_once("full", "a process reads no shared events, dropping the oldest "
-                            "of %d" % SHARED_QUEUE_MAX)
+            self._warn_once("full", "process %d reads no shared events, dropping the oldest "
+                            "of %d" % (self.peer, SHARED_QUEUE_MAX))
         self.queue.append(data)
         both = selectors.EVENT_READ | selectors.EVENT_WRITE
         self.interest = self.loop.set_interest(self.sock, both, self, self.interest)
@@ -7165,7 +7167,8 @@ class BookChannel(LoopHandler):
             try:
                 event = decode_event(data)
             except ValueError as error:
-                self._warn_once("malformed", "a malformed shared event is ignored: %s" % error)
+                self._warn_once("malformed", "a malformed shared event from process %d is "
+                                "ignored: %s" % (self.peer, error))
                 continue
             try:
                 self.owner.received(self, data, event)
@@ -7178,7 +7181,8 @@ class BookChannel(LoopHandler):
             self.owner.log.log("warn", message)
 
     def crashed(self, error: Exception) -> None:
-        self.owner.log.log("alert", "applying a shared event failed: %r" % error)
+        self.owner.log.log("alert", "applying a shared event from process %d failed: %r"
+                           % (self.peer, error))
 
     def close(self) -> None:
         """Apply what the peer sent before it went, then close."""
@@ -7208,7 +7212,7 @@ class BookBroker:
         return self.process.log
 
     def attach(self, peer: int, sock: socket.socket) -> BookChannel:
-        self.channels[peer] = BookChannel(self.process.loop, sock, self)
+        self.channels[peer] = BookChannel(self.process.loop, sock, self, peer)
         return self.channels[peer]
 
     def send_to_all(self, data: bytes, source: Optional[BookChannel] = None) -> None:

@@ -8872,7 +8872,8 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
 # which user it runs as.  Every program is stopped at the end of its test,
 # its whole process group killed, and the test fails if any process of the
 # group is still alive.  Also the Worker in a thread: worker_connections and
-# many sessions at once.
+# many sessions at once; and the shared books, their copies joined by
+# socketpairs in the test's own process.
 
 # -- start, signals, reload ---------------------------------------------------------
 
@@ -9272,7 +9273,7 @@ class BookBrokerTests(EventLoopTestCase):
         self.drive(lambda: ledger.events)
         self.assertEqual(ledger.events, [("tick", 1)])
         self.assertEqual(process.logged().count("[warn]"), 1, process.logged())
-        self.assertIn("a malformed shared event is ignored", process.logged())
+        self.assertIn("a malformed shared event from process 1 is ignored", process.logged())
         broker.gone(1)
 
     def test_a_peer_that_reads_nothing_blocks_nobody_and_gets_the_newest(self):
@@ -9293,7 +9294,7 @@ class BookBrokerTests(EventLoopTestCase):
         self.assertEqual(len(ledger.events), count)            # applied here all the same
         self.assertEqual(len(channel.queue), mp.SHARED_QUEUE_MAX)
         self.assertEqual(process.logged().count("[warn]"), 1, process.logged())
-        self.assertIn("a process reads no shared events", process.logged())
+        self.assertIn("process 1 reads no shared events, dropping the oldest", process.logged())
         received = []
 
         def read_some():
