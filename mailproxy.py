@@ -49,6 +49,7 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
 
 import base64
 import binascii
+import collections
 import configparser
 import dataclasses
 import enum
@@ -58,6 +59,7 @@ import hashlib
 import heapq
 import hmac
 import ipaddress
+import json
 import os
 import random
 import re
@@ -107,6 +109,10 @@ AUTH_PAIR_LIMIT = 10           # different wrong passwords for one account from 
 AUTH_PENALTY_TABLE = 4096      # addresses, accounts, pairs remembered at most (oldest go)
 AUTH_PAIR_PASSWORDS = 8        # wrong passwords remembered per pair, as keyed digests
 AUTH_SLOT_RECHECK = 0.05       # s: asked again when only logins under way hold the slots
+SHARED_EVENT_MAX = 4096        # bytes of one shared-book event as sent (JSON): an address, a
+                               # login, a few numbers; far below an AF_UNIX datagram's limit
+SHARED_QUEUE_MAX = 1024        # events kept for a process that reads none (the oldest dropped)
+SHARED_READS_PER_EVENT = 64    # shared-book datagrams read per readiness event
 DNS_RESEND = 1.0               # seconds before a DNS query is sent again (next server)
 DNS_MAX_CNAMES = 8             # CNAME hops followed in one answer
 DNS_MAX_POINTERS = 64          # compression pointers followed in one name (RFC 1035 §4.1.4)
@@ -3547,10 +3553,19 @@ class LoginThrottle:
     2**AUTH_FAILURE_MAX_SHIFT times); from AUTH_FAILURE_LOCKOUT recent failures
     on, logins from the address are refused without looking at the password.
     At most AUTH_FAILURE_TABLE addresses are remembered (the oldest go first).
+
+    A shared book (SharedBooks, in Processes): the workers count together,
+    one attacker, one budget.  failure() publishes a "login failure" event
+    and apply() is the only code that changes the table, so each process's
+    copy is what the events made it.  ``now`` is the loop's time.monotonic():
+    the same clock in every process of the machine.  Alone (not added to
+    SharedBooks), publish is apply.
     """
+    kinds = ("login failure",)
 
     def __init__(self):
         self.failures = {}     # address -> (count, time of the last failure); insertion-ordered
+        self.publish = self.apply    # SharedBooks.add: apply here, then in the other processes
 
     def _count(self, address: str, now: float) -> int:
         count, last = self.failures.get(address, (0, now))
@@ -3561,12 +3576,22 @@ class LoginThrottle:
 
     def failure(self, address: str, now: float, base_delay: float) -> float:
         """Record a failure; returns how long to wait before replying."""
-        count = self._count(address, now) + 1
-        self.failures.pop(address, None)
-        self.failures[address] = (count, now)
+        self.publish(("login failure", address, now))
+        count = self._count(address, now)
+        return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
+
+    def apply(self, event: tuple) -> None:
+        """("login failure", address, time).  Two processes' failures may
+        reach a third in either order: the count goes up by one either way
+        and the latest time stays, so the copies agree (unless the two are
+        AUTH_FAILURE_WINDOW apart, when one of them restarts the count)."""
+        kind, address, when = event
+        count, last = self.failures.pop(address, (0, when))
+        if when - last > AUTH_FAILURE_WINDOW:
+            count = 0
+        self.failures[address] = (count + 1, max(last, when))
         while len(self.failures) > AUTH_FAILURE_TABLE:
             del self.failures[next(iter(self.failures))]
-        return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
 
 
 # -- the two authenticators' common ground -------------------------------------
@@ -7289,7 +7314,8 @@ Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_t
 # their sessions; SIGQUIT stops gracefully; SIGTERM and SIGINT stop at once;
 # SIGUSR1 reopens the log files.  Each worker is one Worker: an event loop,
 # the listeners, the sessions.  With master_process off, one process is
-# both.  Also here: privileges, the pid file, the log files' owner.
+# both.  Also here: the state the workers share (SharedBooks, with the
+# master as the broker), privileges, the pid file, the log files' owner.
 
 def load_and_prepare(path: str) -> Config:
     """load_config, then what needs the TLS section: each server's SSL
@@ -7452,15 +7478,290 @@ def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
                     % (main.worker_connections, wanted, hard))
 
 
-class Worker(LoopHandler):
-    """Everything one process serves with; sessions ask it for shared state."""
+# -- state shared across workers ------------------------------------------------------
+# Some state must be one for all the workers, whichever serves a client:
+# the failed-login counts (one attacker, one budget), the sessions per user,
+# the metrics.  Each such state is a *book*: an object whose state changes
+# only in apply(event), so that it is a function of the events applied to
+# it.  Every process holds a copy of every book.  SharedBooks.publish
+# applies an event here at once, then sends it to the other processes,
+# which apply it too.  The master is the broker (BookBroker): a worker sends
+# what it publishes to the master, which applies it to its own copy and
+# passes it on to every other worker.  A worker forked later (a replacement,
+# a reload's new generation) starts with a copy of the master's books, made
+# by fork(): nothing is lost.
+#
+# An event is a tuple: its kind (a str) first, then JSON values (str, int,
+# float, bool, None, lists).  It travels as one JSON array in one datagram
+# of an AF_UNIX socketpair (a datagram per event: no framing to write), at
+# most SHARED_EVENT_MAX bytes, and arrives as a tuple (a tuple inside it
+# comes back as a list, so publish applies that decoded form here as well).
+# One process's events arrive everywhere in the order it published them;
+# two processes' events may interleave differently in different copies, so
+# apply() should not depend on that order (add up, keep the latest time).
+# A time in an event is time.monotonic(), the loop's clock: one clock for
+# every process of the machine (CLOCK_MONOTONIC, since boot, on Linux).
+# Nothing blocks: a socket that is full gets the events queued, at most
+# SHARED_QUEUE_MAX (the oldest dropped, logged): a stuck worker's copy falls
+# behind, nobody waits for it.
 
-    def __init__(self, config: Config, logs: ErrorLogs):
+def encode_event(event: tuple) -> bytes:
+    """The datagram of ``event``.  Raises ValueError if it does not start
+    with a kind, holds something JSON cannot say, or takes more than
+    SHARED_EVENT_MAX bytes."""
+    if not event or not isinstance(event[0], str):
+        raise ValueError("an event starts with its kind, a str: %r" % (event,))
+    try:
+        text = json.dumps(list(event), separators=(",", ":"), allow_nan=False)
+    except TypeError as error:         # bytes, a set...; ValueError passes as it is
+        raise ValueError("event %r: %s" % (event[0], error))
+    if len(text) > SHARED_EVENT_MAX:
+        raise ValueError("event %r takes %d bytes, more than %d"
+                         % (event[0], len(text), SHARED_EVENT_MAX))
+    return text.encode("ascii")        # json.dumps escapes everything else
+
+
+def decode_event(data: bytes) -> tuple:
+    """The event in a datagram; raises ValueError if it is not one."""
+    if len(data) > SHARED_EVENT_MAX:
+        raise ValueError("%d bytes, more than %d" % (len(data), SHARED_EVENT_MAX))
+    try:
+        value = json.loads(data.decode("ascii"))
+    except RecursionError:
+        raise ValueError("nested too deep")
+    if not isinstance(value, list) or not value or not isinstance(value[0], str):
+        raise ValueError("not a JSON array that starts with a kind")
+    return tuple(value)
+
+
+class SharedBooks:
+    """The books of one process, found by the kinds of event they apply.
+
+    A book is any object with
+      ``kinds``: the event kinds (str) it applies;
+      ``apply(event)``: the only code that changes its state; the same
+          events must make the same state, in whatever order different
+          processes' events come (each process's own come in order);
+      ``publish``: set by add(); the book calls ``self.publish(event)`` to
+          change its state in every process (here before it returns).
+    ``outlet(data)`` sends an encoded event to the other processes (a
+    BookBroker's); None without them (master_process off).
+    """
+
+    def __init__(self):
+        self.books = []
+        self.by_kind = {}              # kind -> the books that apply it
+        self.outlet = None             # type: Optional[Callable[[bytes], None]]
+
+    def add(self, book):
+        """Register ``book``; returns it."""
+        self.books.append(book)
+        for kind in book.kinds:
+            self.by_kind.setdefault(kind, []).append(book)
+        book.publish = self.publish
+        return book
+
+    def of(self, book_class: type):
+        """The book of that class (KeyError if none was added)."""
+        for book in self.books:
+            if isinstance(book, book_class):
+                return book
+        raise KeyError(book_class.__name__)
+
+    def publish(self, event: tuple) -> None:
+        """Apply ``event`` here, then send it to the other processes.
+        Raises ValueError (see encode_event), and then nothing is applied
+        anywhere."""
+        data = encode_event(event)
+        self.apply(decode_event(data))
+        if self.outlet is not None:
+            self.outlet(data)
+
+    def apply(self, event: tuple) -> None:
+        """Give ``event`` to each book of its kind; a kind that no book
+        applies is ignored (a "worker gone" when no book counts per worker)."""
+        for book in self.by_kind.get(event[0], ()):
+            book.apply(event)
+
+
+def make_shared_books() -> SharedBooks:
+    """Every book the processes share.  A new one goes here, and whoever
+    uses it finds it with books.of(ItsClass)."""
+    books = SharedBooks()
+    books.add(LoginThrottle())
+    return books
+
+
+class BookChannel(LoopHandler):
+    """One end of a socketpair between this process and process ``peer``,
+    carrying encoded events both ways; non-blocking, watched by ``loop``.
+    A datagram read goes to ``owner.received(channel, data, event)``;
+    ``owner.log`` is the log of the moment.  What the socket cannot take
+    now waits in ``queue`` (the order kept), at most SHARED_QUEUE_MAX, the
+    oldest dropped."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, owner, peer: int):
+        self.loop = loop
+        self.sock = sock
+        self.owner = owner
+        self.peer = peer               # its pid, for the log
+        self.queue = collections.deque()
+        self.warned = set()            # what was logged already: once each
+        sock.setblocking(False)
+        self.interest = loop.set_interest(sock, selectors.EVENT_READ, self, 0)
+
+    def send(self, data: bytes) -> None:
+        """Send ``data`` now if nothing waits before it, else queue it."""
+        if not self.queue and self._send_now(data):
+            return
+        if len(self.queue) >= SHARED_QUEUE_MAX:
+            self.queue.popleft()
+            self._warn_once("full", "process %d reads no shared events, dropping the oldest "
+                            "of %d" % (self.peer, SHARED_QUEUE_MAX))
+        self.queue.append(data)
+        both = selectors.EVENT_READ | selectors.EVENT_WRITE
+        self.interest = self.loop.set_interest(self.sock, both, self, self.interest)
+
+    def _send_now(self, data: bytes) -> bool:
+        """False if the socket is full; True if the datagram went, or
+        cannot go (the peer's end is closed: it died, the master reaps it)."""
+        try:
+            self.sock.send(data)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    def on_writable(self) -> None:
+        while self.queue and self._send_now(self.queue[0]):
+            self.queue.popleft()
+        if not self.queue:
+            self.interest = self.loop.set_interest(self.sock, selectors.EVENT_READ, self,
+                                                   self.interest)
+
+    def on_readable(self) -> None:
+        self._read(SHARED_READS_PER_EVENT)
+
+    def _read(self, limit: int) -> None:
+        """Read up to ``limit`` datagrams; a malformed one is skipped."""
+        for _ in range(limit):
+            try:
+                data = self.sock.recv(SHARED_EVENT_MAX + 1)
+            except OSError:            # none left (or the peer died: the error is read once)
+                return
+            try:
+                event = decode_event(data)
+            except ValueError as error:
+                self._warn_once("malformed", "a malformed shared event from process %d is "
+                                "ignored: %s" % (self.peer, error))
+                continue
+            try:
+                self.owner.received(self, data, event)
+            except Exception as error:         # a book's bug: it must not end the process
+                self.crashed(error)
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            self.owner.log.log("warn", message)
+
+    def crashed(self, error: Exception) -> None:
+        self.owner.log.log("alert", "applying a shared event from process %d failed: %r"
+                           % (self.peer, error))
+
+    def close(self) -> None:
+        """Apply what the peer sent before it went, then close."""
+        self._read(SHARED_QUEUE_MAX)
+        self.interest = self.loop.set_interest(self.sock, 0, self, self.interest)
+        self.sock.close()
+
+
+class BookBroker:
+    """Joins the processes' SharedBooks.  In the master: one BookChannel
+    per worker; an event from a worker is applied to the master's books and
+    passed on to every other worker, and what the master publishes goes to
+    all.  In a worker (after join): one channel, to the master, and the same
+    code has nobody to pass events on to.  ``process`` (the Master, then the
+    Worker) has the loop to watch the channels with and the log of the
+    moment (a reload replaces it)."""
+
+    def __init__(self, books: SharedBooks, process):
+        self.books = books
+        self.process = process
+        self.channels = {}             # the peer's pid -> BookChannel
+        self.pair = None               # the next worker's socketpair, around fork()
+        books.outlet = self.send_to_all
+
+    @property
+    def log(self) -> ErrorLog:
+        return self.process.log
+
+    def attach(self, peer: int, sock: socket.socket) -> BookChannel:
+        self.channels[peer] = BookChannel(self.process.loop, sock, self, peer)
+        return self.channels[peer]
+
+    def send_to_all(self, data: bytes, source: Optional[BookChannel] = None) -> None:
+        for channel in list(self.channels.values()):
+            if channel is not source:
+                channel.send(data)
+
+    def received(self, channel: BookChannel, data: bytes, event: tuple) -> None:
+        """Another process published ``event``: apply it here, and pass it
+        on to the processes it did not come from (the master's work)."""
+        self.books.apply(event)
+        self.send_to_all(data, channel)
+
+    # -- the master's part in fork() and reaping --------------------------------------
+    def prepare(self) -> None:
+        """Before fork(): the new worker's socketpair."""
+        if self.pair is not None:                  # a fork() that failed
+            for sock in self.pair:
+                sock.close()
+        self.pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def forked(self, pid: int) -> None:
+        """In the master, after fork(): its end is the channel to ``pid``."""
+        master_end, worker_end = self.pair
+        self.pair = None
+        worker_end.close()
+        self.attach(pid, master_end)
+
+    def join(self, worker) -> None:
+        """In the new worker, after fork(): the other workers' channels are
+        the master's business (their sockets are closed here; the master's
+        loop is closed already), and the worker's end of the pair becomes
+        its channel to the master, watched by the worker's loop."""
+        for channel in self.channels.values():
+            channel.sock.close()
+        self.channels = {}
+        master_end, worker_end = self.pair
+        self.pair = None
+        master_end.close()
+        self.process = worker
+        self.attach(os.getppid(), worker_end)
+
+    def gone(self, pid: int) -> None:
+        """The master reaped worker ``pid``: what it sent is applied, its
+        channel closed, and every process's books hear ("worker gone",
+        pid), to forget what they counted for it."""
+        channel = self.channels.pop(pid, None)
+        if channel is not None:
+            channel.close()
+        self.books.publish(("worker gone", pid))
+
+
+class Worker(LoopHandler):
+    """Everything one process serves with; sessions ask it for shared state.
+    ``books``: the master's SharedBooks, copied by fork() (None: its own)."""
+
+    def __init__(self, config: Config, logs: ErrorLogs, books: Optional[SharedBooks] = None):
         self.config = config
         self.logs = logs
         self.log = logs.main
         self.loop = EventLoop()
-        self.throttle = LoginThrottle()
+        self.books = books if books is not None else make_shared_books()
+        self.throttle = self.books.of(LoginThrottle)
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -7709,6 +8010,7 @@ class Master(LoopHandler):
         os.set_blocking(self.reports[0], False)
         self.reload_pending = set()    # old workers still accepting after a reload
         self.retiring = set()          # workers told to stop, or replaced already: not again
+        self.broker = BookBroker(make_shared_books(), self)    # fork() copies them to each worker
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
@@ -7724,10 +8026,7 @@ class Master(LoopHandler):
 
     def on_readable(self) -> None:
         """Reports from workers that stopped accepting (after SIGQUIT)."""
-        try:
-            data = self._report_reader.read(4096) or b""
-        except BlockingIOError:
-            return
+        data = self._report_reader.read(4096) or b""     # None: nothing there (non-blocking)
         for word in data.split():
             self._stopped_accepting(int(word))
 
@@ -7771,9 +8070,11 @@ class Master(LoopHandler):
         worker has its own handlers, so that one sent in between (a quick
         SIGQUIT) is delivered to the worker then, not lost."""
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        self.broker.prepare()
         pid = os.fork()
         if pid == 0:
             self._become_worker()
+        self.broker.forked(pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.workers[pid] = self.generation
         self.log.log("notice", "start worker process %d" % pid)
@@ -7790,7 +8091,8 @@ class Master(LoopHandler):
             os.close(self.lifeline[1])
             os.close(self.reports[0])
             drop_privileges(self.config.main, self.log)
-            worker = Worker(self.config, self.logs)
+            worker = Worker(self.config, self.logs, self.broker.books)
+            self.broker.join(worker)
             worker.report_fd = self.reports[1]
             worker.watch_master(self.lifeline[0])
             worker.open_listeners(self.config, self.sockets)
@@ -7821,6 +8123,7 @@ class Master(LoopHandler):
                 break
             if pid not in self.workers:
                 continue
+            self.broker.gone(pid)      # before a replacement is forked with the books
             self._old_worker_done(pid)
             how = ("exited on signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
                    else "exited with code %d" % os.WEXITSTATUS(status))

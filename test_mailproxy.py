@@ -4415,6 +4415,31 @@ class LoginThrottleTests(unittest.TestCase):
             throttle.failure("10.0.%d.%d" % (i // 256, i % 256), 1.0, 1.0)
         self.assertEqual(len(throttle.failures), mp.AUTH_FAILURE_TABLE)
 
+    def test_failures_are_events_and_copies_agree_whatever_the_order(self):
+        # A book the workers share (SharedBooks): failure() publishes an
+        # event, apply() alone counts; another process's copy gets the same
+        # events, maybe interleaved otherwise, and must come to the same.
+        throttle = mp.LoginThrottle()
+        events = []
+
+        def publish(event):
+            events.append(event)
+            throttle.apply(event)
+        throttle.publish = publish
+        self.assertEqual(throttle.failure("192.0.2.1", 100.0, 1.0), 1)
+        self.assertEqual(throttle.failure("192.0.2.2", 101.0, 1.0), 1)
+        self.assertEqual(throttle.failure("192.0.2.1", 102.0, 1.0), 2)
+        self.assertEqual(events, [("login failure", "192.0.2.1", 100.0),
+                                  ("login failure", "192.0.2.2", 101.0),
+                                  ("login failure", "192.0.2.1", 102.0)])
+        copy = mp.LoginThrottle()
+        for event in reversed(events):
+            copy.apply(event)
+        self.assertEqual(sorted(copy.failures.items()), sorted(throttle.failures.items()))
+        for _ in range(mp.AUTH_FAILURE_LOCKOUT - 2):               # another worker's failures
+            throttle.apply(("login failure", "192.0.2.1", 103.0))
+        self.assertTrue(throttle.locked("192.0.2.1", 104.0))
+
 
 class SmtpRecipientRuleTests(unittest.TestCase):
     def test_relay_domains(self):
@@ -9077,7 +9102,8 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
 # which user it runs as.  Every program is stopped at the end of its test,
 # its whole process group killed, and the test fails if any process of the
 # group is still alive.  Also the Worker in a thread: worker_connections and
-# many sessions at once.
+# many sessions at once; and the shared books, their copies joined by
+# socketpairs in the test's own process.
 
 # -- start, signals, reload ---------------------------------------------------------
 
@@ -9339,6 +9365,246 @@ class WorkerEndToEndTests(EndToEndTestCase):
         first.expect_line(b"a1 " + mp.IMAP_OK)
         first.expect_closed()
         third.expect_line(mp.IMAP_GREETING)          # its turn now
+
+
+# -- state shared across workers ----------------------------------------------------
+
+class Ledger:
+    """A book for the tests: it keeps every event it applies, in order."""
+    kinds = ("tick", "worker gone")
+
+    def __init__(self):
+        self.events = []
+
+    def apply(self, event):
+        self.events.append(event)
+
+
+class SharedBooksTests(unittest.TestCase):
+    """The registry, without processes: publish, apply, the encoding."""
+
+    def books_with_outlet(self):
+        """(SharedBooks with a Ledger, the Ledger, the datagrams sent out)."""
+        books, sent = mp.SharedBooks(), []
+        books.outlet = sent.append
+        return books, books.add(Ledger()), sent
+
+    def test_publish_applies_here_at_once_then_sends_the_datagram(self):
+        books, ledger, sent = self.books_with_outlet()
+        ledger.publish(("tick", 1, "a\u00e9", (2, 3.5), None, True))
+        # Here as everywhere else: what came through JSON (a list for the tuple).
+        self.assertEqual(ledger.events, [("tick", 1, "a\u00e9", [2, 3.5], None, True)])
+        self.assertEqual(sent, [b'["tick",1,"a\\u00e9",[2,3.5],null,true]'])
+        self.assertEqual(mp.decode_event(sent[0]), ledger.events[0])
+
+    def test_an_event_goes_to_each_book_of_its_kind_and_no_other(self):
+        books = mp.SharedBooks()
+        ledger, throttle = books.add(Ledger()), books.add(mp.LoginThrottle())
+        books.apply(("login failure", "192.0.2.1", 5.0))
+        books.apply(("tick", 1))
+        books.apply(("unknown kind", 1))                     # nobody's: ignored
+        self.assertEqual(ledger.events, [("tick", 1)])
+        self.assertEqual(throttle.failures, {"192.0.2.1": (1, 5.0)})
+        self.assertIs(books.of(mp.LoginThrottle), throttle)
+        self.assertRaises(KeyError, books.of, mp.SharedBooks)
+
+    def test_an_oversized_or_unsayable_event_is_refused_everywhere(self):
+        books, ledger, sent = self.books_with_outlet()
+        largest = ("tick", "x" * (mp.SHARED_EVENT_MAX - len('["tick",""]')))
+        for event in (("tick", "x" * mp.SHARED_EVENT_MAX), ("tick", b"bytes"),
+                      ("tick", float("nan")), (1, 2), ()):
+            with self.assertRaises(ValueError, msg=repr(event)[:40]):
+                books.publish(event)
+        self.assertEqual((ledger.events, sent), ([], []))
+        books.publish(largest)
+        self.assertEqual(len(sent[0]), mp.SHARED_EVENT_MAX)
+
+    def test_malformed_datagrams_are_refused(self):
+        for data in (b"", b"tick", b'{"tick":1}', b"[]", b"[1]", b'["tick"', b'["\xff"]',
+                     b"[" * 4000, b'["tick","%s"]' % (b"x" * mp.SHARED_EVENT_MAX)):
+            with self.assertRaises(ValueError, msg=repr(data)[:40]):
+                mp.decode_event(data)
+
+
+class SharedProcess:
+    """Stands in for a Master or a Worker in a BookBroker: a loop and a log."""
+
+    def __init__(self, loop: mp.EventLoop):
+        self.loop = loop
+        self.log_file = io.BytesIO()
+        self.log = mp.ErrorLog([(self.log_file, "info")])
+
+    def logged(self) -> str:
+        return self.log_file.getvalue().decode()
+
+
+class BookBrokerTests(EventLoopTestCase):
+    """Copies of the books in one test process, joined by real socketpairs
+    the way the master joins the workers, all watched by one loop."""
+
+    def copy(self):
+        """(BookBroker over SharedBooks with a Ledger, the Ledger, its process)."""
+        process = SharedProcess(self.loop)
+        broker = mp.BookBroker(mp.SharedBooks(), process)
+        return broker, broker.books.add(Ledger()), process
+
+    def join(self, one, other, one_pid, other_pid):
+        """A socketpair between two brokers, as Master.spawn makes."""
+        one_end, other_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(one_end.close)
+        self.addCleanup(other_end.close)
+        one.attach(other_pid, one_end)
+        other.attach(one_pid, other_end)
+
+    def test_events_published_on_one_copy_are_applied_on_the_other_in_order(self):
+        first, first_ledger, _ = self.copy()
+        second, second_ledger, _ = self.copy()
+        self.join(first, second, 1, 2)
+        for number in range(mp.SHARED_QUEUE_MAX):
+            first_ledger.publish(("tick", number))
+        self.assertTrue(first.channels[2].queue, "all went at once: nothing waited in order")
+        second_ledger.publish(("tick", "back"))
+        expected = [("tick", number) for number in range(mp.SHARED_QUEUE_MAX)]
+        everything = mp.SHARED_QUEUE_MAX + 1
+        self.drive(lambda: len(second_ledger.events) == len(first_ledger.events) == everything)
+        self.assertEqual(second_ledger.events, [("tick", "back")] + expected)
+        self.assertEqual(first_ledger.events, expected + [("tick", "back")])
+
+    def test_the_master_passes_a_worker_event_to_the_other_workers(self):
+        master, master_ledger, _ = self.copy()
+        one, one_ledger, _ = self.copy()
+        two, two_ledger, _ = self.copy()
+        self.join(master, one, 100, 1)
+        self.join(master, two, 100, 2)
+        one_ledger.publish(("tick", "from one"))
+        master_ledger.publish(("tick", "from the master"))
+        everybody = (master_ledger, one_ledger, two_ledger)
+        self.drive(lambda: all(len(ledger.events) == 2 for ledger in everybody))
+        for ledger in everybody:
+            self.assertCountEqual(ledger.events,
+                                  [("tick", "from one"), ("tick", "from the master")])
+        one_ledger.publish(("tick", "last words"))
+        master.gone(1)                 # reaped: what it sent counts, then its departure
+        self.drive(lambda: len(two_ledger.events) == 4)
+        self.assertEqual(two_ledger.events[2:], [("tick", "last words"), ("worker gone", 1)])
+        self.assertEqual(master_ledger.events[2:], two_ledger.events[2:])
+        self.assertEqual(list(master.channels), [2])
+        self.loop.run_once(0.05)
+        self.assertEqual(len(one_ledger.events), 3, "one got its own event back")
+
+    def test_malformed_datagrams_are_ignored_and_logged_once(self):
+        broker, ledger, process = self.copy()
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+        broker.attach(1, ours)
+        oversized = b'["tick","%s"]' % (b"x" * mp.SHARED_EVENT_MAX)
+        for data in (b"junk", b"[1]", oversized, b'["tick",1]'):
+            peer.send(data)
+        self.drive(lambda: ledger.events)
+        self.assertEqual(ledger.events, [("tick", 1)])
+        self.assertEqual(process.logged().count("[warn]"), 1, process.logged())
+        self.assertIn("a malformed shared event from process 1 is ignored", process.logged())
+        broker.gone(1)
+
+    def test_a_peer_that_reads_nothing_blocks_nobody_and_gets_the_newest(self):
+        broker, ledger, process = self.copy()
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        channel = broker.attach(1, ours)
+        count = mp.SHARED_QUEUE_MAX + 1000
+
+        def publish_all():
+            for number in range(count):
+                ledger.publish(("tick", number))
+        publisher = threading.Thread(target=publish_all, daemon=True)
+        publisher.start()
+        publisher.join(5)
+        self.assertFalse(publisher.is_alive(), "publish() blocked on a full socket")
+        self.assertEqual(len(ledger.events), count)            # applied here all the same
+        self.assertEqual(len(channel.queue), mp.SHARED_QUEUE_MAX)
+        self.assertEqual(process.logged().count("[warn]"), 1, process.logged())
+        self.assertIn("process 1 reads no shared events, dropping the oldest", process.logged())
+        received = []
+
+        def read_some():
+            try:
+                while True:
+                    received.append(mp.decode_event(peer.recv(mp.SHARED_EVENT_MAX))[1])
+            except BlockingIOError:
+                pass
+        peer.setblocking(False)
+        self.drive(lambda: not channel.queue and received and received[-1] == count - 1, read_some)
+        read_some()
+        in_kernel = len(received) - mp.SHARED_QUEUE_MAX         # sent before it filled up
+        self.assertGreater(in_kernel, 0)
+        newest = list(range(count - mp.SHARED_QUEUE_MAX, count))
+        self.assertEqual(received, list(range(in_kernel)) + newest)
+
+
+@needs_fork_and_proc
+class ProcessSharedBooksTests(EndToEndTestCase):
+    """The failed-login counts go through the master: one budget for all
+    the workers, and a worker forked later (a replacement, a reload's)
+    starts with the master's copy."""
+
+    LOCKED = "too many failed logins from this address"
+
+    def client_of_an_idle_worker(self, proxy: ProgramUnderTest, port: int):
+        """(a greeted client, the worker serving it).  With worker_connections
+        1, a worker with a client accepts no other: the new client goes to
+        one that has none."""
+        mark = proxy.mark()
+        client = connect_client(self, port)
+        client.expect_line(mp.IMAP_GREETING)
+        wait_until(lambda: proxy.served_by(mark), what="the session's connected line")
+        return client, proxy.served_by(mark)[0]
+
+    def refused(self, proxy: ProgramUnderTest, client: Client, password: str):
+        """LOGIN alice PASSWORD, refused: (the worker's pid, the reason it logged)."""
+        mark = proxy.mark()
+        client.send("a1 LOGIN alice %s" % password)
+        client.expect_line(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
+        line = proxy.wait_for("client login failed", mark)
+        match = re.search(r'\] (\d+)#0: \*\d+ client login failed: "([^"]*)"', line or "")
+        self.assertIsNotNone(match, proxy.stderr)
+        return int(match.group(1)), match.group(2)
+
+    def test_one_budget_for_all_workers_kept_by_a_replacement_and_a_reload(self):
+        backend = self.use(FakeImapBackend(accept=None))       # lets alice in, unless refused
+        directory = TempDir(self)
+        port = free_port()
+        proxy = ProgramUnderTest(self, program_config(
+            directory, [port], backend.port, auth_delay="0s",
+            main="worker_processes = 2\nworker_connections = 1\n"))
+        first, first_pid = self.client_of_an_idle_worker(proxy, port)
+        second, second_pid = self.client_of_an_idle_worker(proxy, port)
+        self.assertEqual({first_pid, second_pid}, set(proxy.workers()))
+        for number in range(mp.AUTH_FAILURE_LOCKOUT):          # half the budget on each
+            client, pid = ((first, first_pid), (second, second_pid))[number % 2]
+            self.assertEqual(self.refused(proxy, client, "wrong"), (pid, "wrong password"))
+        time.sleep(0.2)                # the last failure's event is on its way through the master
+        self.assertEqual(self.refused(proxy, first, "secret"), (first_pid, self.LOCKED))
+        self.assertEqual(self.refused(proxy, second, "secret"), (second_pid, self.LOCKED))
+
+        mark = proxy.mark()                    # a replacement: forked with the master's copy
+        os.kill(first_pid, signal.SIGKILL)
+        first.expect_closed()
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        third, third_pid = self.client_of_an_idle_worker(proxy, port)
+        self.assertEqual(proxy.workers(mark), [third_pid])
+        self.assertEqual(self.refused(proxy, third, "secret"), (third_pid, self.LOCKED))
+
+        mark = proxy.mark()                    # a reload's new generation: the same
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        served = []
+        for _ in proxy.workers(mark):
+            client, pid = self.client_of_an_idle_worker(proxy, port)
+            self.assertEqual(self.refused(proxy, client, "secret"), (pid, self.LOCKED))
+            served.append(pid)
+        self.assertEqual(sorted(served), sorted(proxy.workers(mark)))
+        self.assertEqual(len(served), 2)
 
 
 # -- SIGHUP: a reload ---------------------------------------------------------------
