@@ -3366,6 +3366,15 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
 # events it is given, so that every worker, told the same events, keeps the
 # same state (SharedBooks); the session's side waits and replies.
 
+def login_key(login: bytes) -> str:
+    """A login as the defence and the session counts keep it: latin-1 text
+    (every byte one character), a digest beyond 256 bytes so that an event
+    stays small (SHARED_EVENT_MAX)."""
+    if len(login) > 256:
+        return "sha256:" + hashlib.sha256(login).hexdigest()
+    return login.decode("latin-1")
+
+
 def penalty_address(address: str) -> str:
     """What a client address is counted as: IPv6 per /64, one customer's
     network (RFC 6177), as Dovecot's auth_penalty; IPv4 as it is."""
@@ -3418,11 +3427,12 @@ class LoginDefence:
     - All is forgotten AUTH_PENALTY_WINDOW after the last failure, and at
       most AUTH_PENALTY_TABLE entries of each kind are kept.
 
-    Addresses come through penalty_address(); logins as latin-1 text.  The
-    events (failure(), success(), clear()) are published to every process
-    and come back through apply(); ``secret`` keys the password digests and
-    must be the same in all of them.  Passwords are never kept."""
-    KINDS = ("login failed", "login ok", "penalty clear")
+    Addresses come through penalty_address(), logins through login_key().
+    A book of SharedBooks: the events (failure(), success(), clear()) are
+    published to every process and come back through apply(); ``secret``
+    keys the password digests and is the same in all of them (made before
+    the master forks).  Passwords are never kept."""
+    kinds = ("login failed", "login ok", "penalty clear")
 
     def __init__(self, secret: bytes):
         self.secret = secret
@@ -6208,10 +6218,14 @@ class BackendConnection(StreamOwner):
 
 def authenticator_for(server: Settings, config: "Config", worker, owner):
     """The authenticator of a server's sessions: auth_http, or the built-in
-    user table (an extension).  Each has start(attempt, done) and cancel()."""
+    user table (an extension), behind the LoginGuard (the login defence for
+    the table; an auth server has Auth-Wait).  Each has start(attempt, done),
+    cancel() and recipient_check()."""
     if server.auth_http is not None:
-        return AuthHttpAuth(worker.loop, server, owner)
-    return UserTableAuth(config, server, worker.throttle, worker.loop.time)
+        inner, defend = AuthHttpAuth(worker.loop, server, owner), False
+    else:
+        inner, defend = UserTableAuth(config, server, worker.throttle, worker.loop.time), True
+    return LoginGuard(inner, worker.gate, worker.books.of(SessionCounts), server, owner, defend)
 
 
 class AuthHttpAuth:
@@ -6705,12 +6719,12 @@ class ClientOpening(StreamOwner):
 
 
 class SessionCounts:
-    """Logged-in sessions per login, and per login and client address, in
-    every worker (sans-I/O, a book of SharedBooks, as LoginDefence): what
+    """Logged-in sessions per login (login_key), and per login and client
+    address, in every worker (sans-I/O, a book of SharedBooks): what
     max_user_sessions and max_user_ip_sessions count (Dovecot's
     mail_max_userip_connections).  A session is counted from the auth
     server's or the table's yes to its end; a worker's go when it dies."""
-    KINDS = ("session open", "session close", "worker gone")
+    kinds = ("session open", "session close", "worker gone")
 
     def __init__(self):
         self.sessions = {}         # (pid, session number) -> (login, address)
@@ -6818,15 +6832,15 @@ class LoginGuard:
     and the events that keep every worker's books true (publish).  It has
     the authenticators' interface: start(attempt, done), cancel(),
     recipient_check()."""
-    __slots__ = ("inner", "gate", "books", "publish", "server", "owner", "defend", "attempt",
+    __slots__ = ("inner", "gate", "counts", "publish", "server", "owner", "defend", "attempt",
                  "done", "ticket", "checking")
 
-    def __init__(self, inner, gate: LoginGate, books, publish: Callable, server: Settings,
+    def __init__(self, inner, gate: LoginGate, counts: SessionCounts, server: Settings,
                  owner, defend: bool):
         self.inner = inner
         self.gate = gate               # gate.defence: the worker's LoginDefence
-        self.books = books             # .counts: the SessionCounts
-        self.publish = publish
+        self.counts = counts
+        self.publish = counts.publish  # SharedBooks.publish, for every book
         self.server = server
         self.owner = owner             # the session: its log and its number
         self.defend = defend
@@ -6843,8 +6857,7 @@ class LoginGuard:
         self.attempt, self.done = attempt, done
         if not self._defended(attempt):
             return self.inner.start(attempt, self._decided)
-        who = (penalty_address(attempt.client_address),
-               attempt.credentials.login.decode("latin-1"))
+        who = (penalty_address(attempt.client_address), login_key(attempt.credentials.login))
         self.ticket = self.gate.enter(who[0], who[1], lambda admission: self._admitted(who, admission))
 
     def _admitted(self, who: Tuple[str, str], admission: Admission) -> None:
@@ -6891,16 +6904,16 @@ class LoginGuard:
     def _session_limit(self, outcome: AuthOutcome) -> AuthOutcome:
         """max_user_sessions, max_user_ip_sessions: the temporary refusal,
         then the end; or this session counted, until it ends."""
-        login = (outcome.login or self.attempt.credentials.login).decode("latin-1")
+        login = login_key(outcome.login or self.attempt.credentials.login)
         if not login or not (self.server.max_user_sessions or self.server.max_user_ip_sessions):
             return outcome                 # nobody to count (smtp_auth none), or no limit
-        reason = self.books.counts.refusal(login, self.attempt.client_address, self.server)
+        reason = self.counts.refusal(login, self.attempt.client_address, self.server)
         if reason:
             text, code = self.owner.machine.SESSION_LIMIT
             return AuthOutcome(Verdict.FAIL, text=text, error_code=code, close=True,
                                reason=reason)
-        self.publish(self.books.counts.opened(os.getpid(), self.owner.journal.number, login,
-                                              self.attempt.client_address))
+        self.publish(self.counts.opened(os.getpid(), self.owner.journal.number, login,
+                                        self.attempt.client_address))
         self.owner.counted = True
         return outcome
 
@@ -7000,7 +7013,8 @@ class Session(StreamOwner):
     __slots__ = ("worker", "loop", "server", "config", "client_address", "client_port", "phase",
                  "backend", "backend_connection", "relay", "client_name", "attempt",
                  "login_attempt", "authenticator", "timer", "closed", "outcome", "proxy_facts",
-                 "certificate", "opening", "client", "machine", "client_clock", "journal")
+                 "certificate", "opening", "client", "machine", "client_clock", "journal",
+                 "counted")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
@@ -7017,6 +7031,7 @@ class Session(StreamOwner):
         self.authenticator = None    # made at the first login attempt
         self.opening = self.backend = self.backend_connection = self.relay = None
         self.closed, self.outcome = False, ""
+        self.counted = False         # in SessionCounts (max_user_sessions): LoginGuard
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.client_clock = ClientClock(self.loop.time, self.server.timeout)
         self.log("info", "client %s:%d connected to %s", self.client_address, self.client_port,
@@ -7589,6 +7604,8 @@ def make_shared_books() -> SharedBooks:
     uses it finds it with books.of(ItsClass)."""
     books = SharedBooks()
     books.add(LoginThrottle())
+    books.add(LoginDefence(os.urandom(32)))       # one key for every worker's digests
+    books.add(SessionCounts())
     return books
 
 
@@ -7762,6 +7779,7 @@ class Worker(LoopHandler):
         self.loop = EventLoop()
         self.books = books if books is not None else make_shared_books()
         self.throttle = self.books.of(LoginThrottle)
+        self.gate = LoginGate(self.loop, self.books.of(LoginDefence))
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -7830,6 +7848,8 @@ class Worker(LoopHandler):
                 listener.resume()
 
     def session_closed(self, session: Session) -> None:
+        if session.counted:                # max_user_sessions: one less, in every worker
+            self.books.publish(SessionCounts.closed(os.getpid(), session.journal.number))
         self.sessions.discard(session)
         self._limit_accepting()
         if self.stopping and not self.sessions:
