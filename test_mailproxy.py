@@ -8,7 +8,8 @@
     python3 test_mailproxy.py --fuzz N     N fuzz inputs per target (--seed S,
                                            TARGET... to choose); see "Fuzz"
     python3 test_mailproxy.py --bench      what this host sustains (minutes);
-                                           see "Benchmark"
+                                           see "Benchmark" (--bench NAME...:
+                                           only the workloads so named)
 
 The sections mirror mailproxy.py's, in the same order and under the same
 banners (grep '^# .*####' prints both tables of contents), after one section
@@ -11331,6 +11332,12 @@ BENCH_TIMEOUT = 120.0                # s a workload may take before it fails
 BENCH_MAX_ERRORS = 20                # failed sessions before a workload gives up
 BENCH_USER = b"bench"
 BENCH_PASSWORD = b"secret"
+# Issue 14's measurement: how long one session's pre-login NOOP waits while
+# other sessions' wrong passwords are being checked against [users].
+BENCH_STALL_LOGINS = 40              # wrong logins in flight at once
+BENCH_STALL_WARMUP = 0.5             # s before the NOOPs are counted
+BENCH_STALL_SECONDS = 3.0            # s of NOOPs that are counted
+BENCH_STALL_SCHEMES = ("PBKDF2-SHA256", "SHA512-CRYPT")   # as --hash-password makes them
 
 
 class BenchmarkFailure(Exception):
@@ -11707,6 +11714,7 @@ def file_tail(path: str, lines: int = 10) -> str:
 # -- the load generator: one selectors loop, one generator per session --------------
 # A session is a generator that yields requests and gets answers back:
 #   ("connect",)     open a new connection to the proxy        -> None
+#   ("connect", ip)  the same, from that local address (127.x.y.z on Linux)
 #   ("send", bytes)  queue bytes (sent as the socket allows)   -> None
 #   ("line",)        the next line, CRLF included              -> bytes
 #   ("skip", n)      read and drop n bytes                     -> None
@@ -11883,6 +11891,12 @@ class LoadLoop:
                 self._close(conn)
                 conn.sock = socket.socket()
                 conn.sock.setblocking(False)
+                if len(request) > 1:
+                    try:
+                        conn.sock.bind((request[1], 0))
+                    except OSError as failure:
+                        error = failure
+                        continue
                 status = conn.sock.connect_ex(self.address)
                 if status not in (0, errno.EINPROGRESS, errno.EAGAIN):
                     error = OSError(status, os.strerror(status))
@@ -12131,6 +12145,113 @@ def measure_latency(port: int, meter) -> tuple:
     return row, []
 
 
+def loopback_address(number: int) -> str:
+    """The ``number``-th of 127.1.1.1, 127.1.1.2, ...: each wrong login comes
+    from an address of its own, so that LoginThrottle, which refuses an
+    address after AUTH_FAILURE_LOCKOUT failures without looking at the
+    password, never spares the proxy a check.  (Linux answers on all of
+    127.0.0.0/8.)"""
+    return "127.%d.%d.%d" % (1 + number // 64516 % 254, 1 + number // 254 % 254, 1 + number % 254)
+
+
+def wrong_login_steps(stats: dict):
+    """Wrong passwords for a known user, one session each, until stats["stop"]."""
+    while not stats["stop"]:
+        stats["started"] += 1
+        yield ("connect", loopback_address(stats["started"]))
+        check_line((yield ("line",)), b"* OK", "greeting", prefix=True)
+        yield ("send", b"a LOGIN victim wrong\r\n")
+        check_line((yield ("line",)), b"a NO", "wrong LOGIN", prefix=True)
+        yield ("close",)
+        stats["logins"] += 1
+
+
+def noop_probe_steps(stats: dict):
+    """One session that never logs in: NOOPs one at a time, each timed."""
+    yield ("connect",)
+    check_line((yield ("line",)), b"* OK", "greeting", prefix=True)
+    while not stats["stop"]:
+        started = time.perf_counter()
+        yield ("send", b"n NOOP\r\n")
+        check_line((yield ("line",)), b"n OK", "NOOP", prefix=True)
+        stats["noops"].append(time.perf_counter() - started)
+    yield ("close",)
+
+
+def start_user_table_proxy(directory: str, scheme: str):
+    """mailproxy.py -c FILE with one worker and a [users] table of one user
+    (password "right", hashed by --hash-password's code with ``scheme``),
+    auth_delay 0 (the delay is a timer, not work): (Popen, IMAP port)."""
+    port = free_port()
+    config = os.path.join(directory, "stall.conf")
+    with open(config, "w") as handle:
+        handle.write("[main]\nworker_processes = 1\nworker_connections = 1024\n"
+                     "error_log = %s warn\n\n"
+                     "[mail]\nproxy_pass = 127.0.0.1:9\nauth_delay = 0\n\n"
+                     "[users]\nvictim = %s\n\n"
+                     "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n"
+                     % (os.path.join(directory, "error.log"),
+                        mp.hash_password(b"right", scheme), port))
+    output = open(os.path.join(directory, "stall-output.log"), "wb")
+    try:
+        proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config],
+                                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                start_new_session=True)
+    finally:
+        output.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                if sock.makefile("rb").readline().startswith(b"* OK"):
+                    return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_benchmark_proxy(proc)
+            raise BenchmarkFailure("mailproxy with [users] did not start; its output:\n%s"
+                                   % file_tail(os.path.join(directory, "stall-output.log")))
+        time.sleep(0.1)
+
+
+def measure_login_stall(directory: str, scheme: str) -> tuple:
+    """A pre-login NOOP's round trip while BENCH_STALL_LOGINS wrong logins
+    of a ``scheme`` user are in flight: a password check that runs on the
+    event loop makes every other session of the worker wait for it."""
+    proc, port = start_user_table_proxy(directory, scheme)
+    loop = LoadLoop(port)
+    stats = {"stop": False, "started": 0, "logins": 0, "noops": []}
+    try:
+        family = process_family(proc.pid)
+        loop.add(noop_probe_steps(stats))
+        for _ in range(BENCH_STALL_LOGINS):
+            loop.add(wrong_login_steps(stats))
+        loop.run(time.perf_counter() + BENCH_STALL_WARMUP)
+        del stats["noops"][:]
+        logins, cpu, started = stats["logins"], cpu_of(family), time.perf_counter()
+        loop.run(started + BENCH_STALL_SECONDS)
+        wall = time.perf_counter() - started
+        logins, cpu = stats["logins"] - logins, (None if cpu is None else cpu_of(family) - cpu)
+        stats["stop"] = True
+        drained = loop.run(time.perf_counter() + 10)
+    finally:
+        loop.close_all()
+        stop_benchmark_proxy(proc)
+    samples = sorted(stats["noops"])
+    problems = failure_lines(loop, "login stall, %s" % scheme)
+    if not drained:
+        problems.append("login stall, %s: sessions unfinished 10 s after the end" % scheme)
+    if not samples or not logins:
+        problems.append("login stall, %s: %d NOOPs, %d logins" % (scheme, len(samples), logins))
+        return None, problems
+    micro = micro_unit()
+    p50 = 1e6 * samples[len(samples) // 2]
+    row = ("NOOP, %d wrong %s logins" % (BENCH_STALL_LOGINS, scheme),
+           "p50 %.0f %s, worst %.1f ms" % (p50, micro, 1e3 * samples[-1]),
+           cpu_text(cpu), "%d NOOPs, %.0f wrong logins/s" % (len(samples), logins / wall))
+    return row, problems
+
+
 def raise_fd_limit() -> None:
     """1000 idle sessions need more descriptors than a 1024 soft limit."""
     try:
@@ -12151,8 +12272,9 @@ def print_table(rows) -> None:
         print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def run_benchmark() -> int:
-    """The opt-in benchmark (--bench): a table of what this host sustains."""
+def run_benchmark(patterns=()) -> int:
+    """The opt-in benchmark (--bench [NAME...]): a table of what this host
+    sustains; with names, only the workloads whose name holds one of them."""
     print("mailproxy benchmark: %s CPUs, Python %s (%s), %s"
           % (os.cpu_count(), platform.python_version(), platform.python_implementation(),
              platform.platform()))
@@ -12188,7 +12310,12 @@ def run_benchmark() -> int:
             ("idle sessions", lambda: measure_idle(port, meter, proc.pid)),
             ("latency", lambda: measure_latency(port, meter)),
         ]
+        for scheme in BENCH_STALL_SCHEMES:
+            workloads.append(("login stall, " + scheme,
+                              lambda scheme=scheme: measure_login_stall(directory, scheme)))
         for name, workload in workloads:
+            if patterns and not any(pattern in name for pattern in patterns):
+                continue
             time.sleep(BENCH_SETTLE)
             if proc.poll() is not None:
                 problems.append("mailproxy exited with status %s before %s" % (proc.returncode, name))
@@ -12246,7 +12373,7 @@ def main(argv) -> int:
     verbose = "-v" in argv
     patterns = [arg for arg in argv if not arg.startswith("-")]
     if "--bench" in argv:
-        return run_benchmark()
+        return run_benchmark(patterns)
     if "--fuzz" in argv:
         return run_fuzz(argv)
     jobs = 1 if "-j1" in argv or not hasattr(os, "fork") else min(2, os.cpu_count() or 1)
