@@ -49,6 +49,7 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
 
 import base64
 import binascii
+import collections
 import configparser
 import dataclasses
 import enum
@@ -4831,8 +4832,9 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
 # Readiness and time, nothing about mail: one selectors.DefaultSelector, a
 # heap of timers (cancelled ones are skipped when they come up, never
 # searched for), and signals delivered through a wake-up socket so that no
-# work is ever done inside a signal handler.  A registered object has
-# on_readable() and on_writable().
+# work is ever done inside a signal handler.  Other threads (the password
+# checks) hand the loop a callback through the same socket.  A registered
+# object has on_readable() and on_writable().
 
 def loop_callback(method: Callable) -> Callable:
     """Decorator for a method called on a connection's behalf by something
@@ -4870,7 +4872,10 @@ class EventLoop:
         self.sequence = 0                  # compare in C, the sequence breaks ties
         self.running = False
         self.signal_handlers = {}          # signal number -> callback
-        self.pending = []                  # callbacks from other threads
+        # Callbacks from other threads, oldest first.  A deque, because its
+        # append() and popleft() are thread-safe (the collections docs say
+        # so): no lock is needed between the threads and the loop.
+        self.pending = collections.deque()
         # The self-pipe: signals (set_wakeup_fd) and other threads write a
         # byte to it so that select() returns at once.
         self._wakeup_read, self._wakeup_write = socket.socketpair()
@@ -4889,7 +4894,13 @@ class EventLoop:
         return timer
 
     def call_soon_threadsafe(self, callback: Callable) -> None:
-        """Run ``callback`` in the loop's thread (for tests and embedding)."""
+        """Run ``callback()`` in the loop's thread, soon: the one call other
+        threads may make.  The byte 0 (no signal has that number) wakes
+        select(); the loop then runs every pending callback, in the order
+        they came.  An exception from one goes to its object's
+        ``crashed(error)``, as a timer's does (EventLoop.failed).  The byte
+        is not needed when the socket is full (a wake-up is on its way
+        already) or closed (the loop is gone: the callback never runs)."""
         self.pending.append(callback)
         try:
             self._wakeup_write.send(b"\0")
@@ -4922,8 +4933,15 @@ class EventLoop:
             data = self._wakeup_read.recv(512)
         except BlockingIOError:
             return
-        while self.pending:
-            self.pending.pop(0)()
+        # The callbacks there now; one that comes while they run waits for
+        # the next turn (its byte wakes the loop again), so that threads
+        # that keep calling cannot keep the loop from its sockets.
+        for _ in range(len(self.pending)):
+            callback = self.pending.popleft()
+            try:
+                callback()
+            except Exception as error:
+                self.failed(callback, error)
         # Signals that arrived together: SIGCHLD last, so that a child that
         # exited because of a SIGTERM is seen after that SIGTERM.
         child = getattr(signal, "SIGCHLD", -1)

@@ -6651,7 +6651,8 @@ class OddCertificateUserTableTests(EndToEndTestCase):
 # ####                            Event loop                            #### #
 # ========================================================================== #
 # EventLoop on its own: timers in order, cancel, call_soon_threadsafe from
-# another thread, a signal delivered through the wake-up fd.
+# other threads (in order, each once, a failure to its object), a signal
+# delivered through the wake-up fd.
 
 class EventLoopTests(EventLoopTestCase):
     def test_timers_run_in_the_order_of_their_deadlines(self):
@@ -6689,6 +6690,50 @@ class EventLoopTests(EventLoopTestCase):
         self.loop.run_once(30.0)                         # the wake-up byte ends the wait
         self.assertEqual(ran, [threading.current_thread()], "not run, or not in the loop's thread")
         self.assertLess(time.monotonic() - started, 10.0, "the loop slept through the wake-up")
+
+    def test_call_soon_threadsafe_from_many_threads_runs_each_once_in_order(self):
+        ran = []
+        loop_thread = threading.current_thread()
+
+        def call(thread_number):
+            for number in range(200):
+                self.loop.call_soon_threadsafe(
+                    lambda pair=(thread_number, number): ran.append((pair, threading.current_thread())))
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        self.drive(lambda: len(ran) == 800)
+        for thread in threads:
+            thread.join()
+        self.loop.run_once(0.05)
+        self.assertEqual(len(ran), 800, "a callback ran twice")
+        self.assertEqual({thread for _, thread in ran}, {loop_thread})
+        for thread_number in range(4):
+            self.assertEqual([number for (n, number), _ in ran if n == thread_number], list(range(200)),
+                             "one thread's callbacks ran out of order")
+
+    def test_a_threadsafe_callback_that_fails_ends_its_object_not_the_loop(self):
+        class Owner:
+            errors = []
+
+            def crashed(self, error):
+                self.errors.append(error)
+
+            def broken(self):
+                raise ZeroDivisionError("a bug in one connection's handling")
+        owner, ran = Owner(), []
+        for callback in (owner.broken, lambda: ran.append("next")):
+            threading.Thread(target=self.loop.call_soon_threadsafe, args=(callback,)).start()
+        self.drive(lambda: ran and owner.errors)
+        self.assertIsInstance(owner.errors[0], ZeroDivisionError)
+        self.assertEqual(ran, ["next"], "the loop stopped at the failed callback")
+
+    def test_call_soon_threadsafe_after_close_is_harmless(self):
+        """A check that ends while the worker stops: its thread must not
+        fail (the callback is never run)."""
+        loop = mp.EventLoop()
+        loop.close()
+        loop.call_soon_threadsafe(lambda: None)
 
     @unittest.skipUnless(hasattr(signal, "SIGUSR2"), "needs SIGUSR2 and SIGCHLD")
     def test_signals_come_through_the_wake_up_fd_sigchld_last(self):
