@@ -38,7 +38,10 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     ImapMachine._login returns a Credentials event.
  3. Session._authenticate hands a LoginAttempt to UserTableAuth.start
     (Authentication; with auth_http, AuthHttpAuth in Outbound clients):
-    authenticate -> password_matches -> an AuthOutcome.
+    authenticate -> password_matches -> an AuthOutcome, at once for a
+    {PLAIN} entry; a hashed one is checked in a thread of the worker's
+    PasswordCheckPool (Outbound clients), and the verdict comes back
+    through the loop's wake-up.
  4. Session._auth_outcome -> _login_to_backend: login_script builds the
     backend's script (Backend login), BackendConnection (Outbound clients)
     connects and runs it with BackendLogin until LoginDone.
@@ -60,6 +63,7 @@ import heapq
 import hmac
 import ipaddress
 import os
+import queue
 import random
 import re
 import selectors
@@ -69,6 +73,7 @@ import ssl
 import stat
 import struct
 import sys
+import threading
 import time
 import traceback
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -2929,27 +2934,36 @@ class AuthOutcome(NamedTuple):
 
 
 def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
-                 proxy_pass: Upstream, credentials: Credentials) -> AuthOutcome:
+                 proxy_pass: Upstream, credentials: Credentials,
+                 matches: Callable[[PasswordEntry, bytes], bool] = password_matches) -> AuthOutcome:
     """Check credentials against the built-in table and choose the backend.
 
-    plain: the password is checked against the entry's scheme.  cram-md5 and
-    apop: the client sent a digest of the salt, which only a {PLAIN} entry can
-    reproduce; the backend is then logged in to with that clear password.
-    A login that is not in the table is checked the same way against the
-    table's dummy entry (UserTable.dummy), so that its failure takes as long
-    as a known login's with a wrong password.
+    plain: the password is checked against the entry's scheme, by
+    ``matches`` (password_matches, or the same answer from elsewhere: see
+    PasswordCheckPool).  cram-md5 and apop: the client sent a digest of the
+    salt, which only a {PLAIN} entry can reproduce; the backend is then
+    logged in to with that clear password.  A login that is not in the
+    table is checked the same way against the table's dummy entry
+    (UserTable.dummy), so that its failure takes as long as a known login's
+    with a wrong password.
     """
-    try:
-        login = credentials.login.decode("utf-8")
-    except UnicodeDecodeError:
-        login = None
-    entry = users.get(login) if login is not None else None
-    reason, backend_password = check_credentials(entry or _unknown_login_entry(users), credentials)
+    entry = table_entry(users, credentials.login)
+    reason, backend_password = check_credentials(entry or _unknown_login_entry(users), credentials,
+                                                 matches)
     if entry is None:
         return AuthOutcome(Verdict.FAIL, reason="unknown user")
     if reason:
         return AuthOutcome(Verdict.FAIL, reason=reason)
-    return AuthOutcome(Verdict.OK, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+    return AuthOutcome(Verdict.OK, credentials.login, backend_password,
+                       route_for(routes, proxy_pass, credentials.login.decode("utf-8")))
+
+
+def table_entry(users: Dict[str, PasswordEntry], login: bytes) -> Optional[PasswordEntry]:
+    """The entry of ``login``; None if it has none (or is not UTF-8)."""
+    try:
+        return users.get(login.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
 
 
 def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
@@ -2959,11 +2973,26 @@ def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
     return unknown_login_entry(list(users.values()))
 
 
-def check_credentials(entry: PasswordEntry, credentials: Credentials) -> Tuple[str, bytes]:
-    """("", the password for the backend) if ``credentials`` match ``entry``;
-    else (why not, for the log; b"")."""
+def check_hashes(users: Dict[str, PasswordEntry], credentials: Credentials) -> bool:
+    """Does authenticate() hash a password for ``credentials`` (PBKDF2,
+    SHA-crypt: milliseconds of CPU), or only compare (a {PLAIN} entry) or
+    refuse at once (cram-md5 or apop without a {PLAIN} entry)?  Decided on
+    the entry that is checked, the dummy for an unknown login, so that an
+    unknown login goes the same way as the users of the dummy's scheme."""
+    if credentials.method != AuthMethod.PLAIN:
+        return False
+    entry = table_entry(users, credentials.login) or _unknown_login_entry(users)
+    return entry.scheme != "PLAIN"
+
+
+def check_credentials(entry: PasswordEntry, credentials: Credentials,
+                      matches: Callable[[PasswordEntry, bytes], bool] = password_matches
+                      ) -> Tuple[str, bytes]:
+    """("", the password for the backend) if ``credentials`` match ``entry``
+    (``matches`` compares a password with it: see authenticate); else (why
+    not, for the log; b"")."""
     if credentials.method == AuthMethod.PLAIN:
-        if not password_matches(entry, credentials.password):
+        if not matches(entry, credentials.password):
             return "wrong password", b""
         return "", credentials.password
     if entry.scheme != "PLAIN":
@@ -3360,45 +3389,78 @@ def login_attempt(credentials: Credentials, number: int, machine: "ClientMachine
 
 class UserTableAuth:
     """The built-in [users] table (an extension: nginx needs an auth
-    server), which decides at once: done() is called before start()
-    returns.  A refusal comes with the failed-login delay of LoginThrottle
-    and nginx's text, whatever the reason (the reason is for the log)."""
-    __slots__ = ("config", "server", "throttle", "clock")
+    server).  A password to hash (check_hashes) is checked off the event
+    loop, by ``checks`` (the worker's PasswordCheckPool), and done() comes
+    later, from the loop; anything else (a {PLAIN} entry, EXTERNAL,
+    smtp_auth none, an address locked out by LoginThrottle) is decided at
+    once: done() is called before start() returns.  A refusal comes with
+    the failed-login delay of LoginThrottle and nginx's text, whatever the
+    reason (the reason is for the log).  cancel() drops a check under way:
+    done() is not called.  ``owner.crashed(error)`` hears of a bug in a
+    check."""
+    __slots__ = ("config", "server", "throttle", "clock", "checks", "owner", "attempt", "done",
+                 "check")
 
     def __init__(self, config: "Config", server: Settings, throttle: LoginThrottle,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], checks, owner):
         self.config = config
         self.server = server
         self.throttle = throttle
         self.clock = clock
+        self.checks = checks           # PasswordCheckPool: submit(work, done) -> .cancel()
+        self.owner = owner
+        self.attempt = None            # type: Optional[LoginAttempt]
+        self.done = None               # type: Optional[Callable]
+        self.check = None              # the check under way, if any
 
     def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
-        done(self.decide(attempt))
+        self.attempt, self.done = attempt, done
+        credentials = attempt.credentials
+        if credentials.method == AuthMethod.NONE:
+            return self._finish(self._recipient(attempt.rcpt_to))
+        if self.throttle.locked(attempt.client_address, self.clock()):
+            return self._checked(AuthOutcome(Verdict.FAIL,
+                                             reason="too many failed logins from this address"))
+        if credentials.method == AuthMethod.EXTERNAL:
+            return self._checked(self._external(attempt))
+        work = functools.partial(authenticate, self.config.users, self.config.routes,
+                                 self.server.proxy_pass, credentials)
+        if check_hashes(self.config.users, credentials):
+            self.check = self.checks.submit(work, self._checked)
+        else:
+            self._checked(work(password_matches))
 
     def cancel(self) -> None:
-        """Nothing is under way between calls."""
+        self.done, self.attempt = None, None      # the password goes too
+        if self.check is not None:
+            self.check.cancel()
+            self.check = None
 
-    def decide(self, attempt: LoginAttempt) -> AuthOutcome:
-        if attempt.credentials.method == AuthMethod.NONE:
-            return self._recipient(attempt.rcpt_to)
-        now = self.clock()
-        outcome = self._check(attempt, now)
+    def crashed(self, error: Exception) -> None:
+        self.owner.crashed(error)
+
+    def _checked(self, outcome: AuthOutcome) -> None:
+        """The password check's verdict (now, or later from the loop): a
+        failure is recorded, and gets its delay."""
+        self.check = None
+        attempt = self.attempt
         if outcome.ok and attempt.protocol == "pop3" and \
                 not pop3_can_send(outcome.login, outcome.password):
             outcome = AuthOutcome(Verdict.FAIL, reason="login or password holds CR, LF or NUL")
-        if outcome.ok:
-            return outcome
-        delay = self.throttle.failure(attempt.client_address, now, self.server.auth_delay)
-        return outcome._replace(text=AUTH_FAILED_TEXT, wait=delay)
+        if not outcome.ok:
+            delay = self.throttle.failure(attempt.client_address, self.clock(), self.server.auth_delay)
+            outcome = outcome._replace(text=AUTH_FAILED_TEXT, wait=delay)
+        self._finish(outcome)
 
-    def _check(self, attempt: LoginAttempt, now: float) -> AuthOutcome:
-        credentials, server = attempt.credentials, self.server
-        if self.throttle.locked(attempt.client_address, now):
-            return AuthOutcome(Verdict.FAIL, reason="too many failed logins from this address")
-        if credentials.method != AuthMethod.EXTERNAL:
-            return authenticate(self.config.users, self.config.routes, server.proxy_pass, credentials)
+    def _finish(self, outcome: AuthOutcome) -> None:
+        done, self.done, self.attempt = self.done, None, None     # the password goes too
+        if done is not None:
+            done(outcome)
+
+    def _external(self, attempt: LoginAttempt) -> AuthOutcome:
+        server = self.server
         outcome = authenticate_external(self.config.users, self.config.routes, server.proxy_pass,
-                                        credentials.login, attempt.certificate)
+                                        attempt.credentials.login, attempt.certificate)
         if outcome.ok and outcome.password is None:
             # IMAP and POP3 log in to the backend with a password; so does
             # SMTP with proxy_smtp_auth.
@@ -5767,7 +5829,9 @@ def start_relay(session, client: Stream, backend: Stream, server: Settings,
 # connection of its own (as nginx: no keep-alive), and the resolver's UDP
 # queries, with a small cache, for the SMTP client's name.  Each is driven
 # by the event loop and calls back with its result; what they say is built
-# and parsed by the sans-I/O code above.
+# and parsed by the sans-I/O code above.  The user table's password checks
+# are work of the same kind: handed out to threads, their verdicts come back
+# through the loop's wake-up.
 
 class AuthHttpExchange(StreamOwner):
     """One auth_http request on a connection of its own, as nginx (no
@@ -5935,12 +5999,125 @@ class BackendConnection(StreamOwner):
         self.owner.backend_failed(outcome)
 
 
+# -- password checks, off the event loop ------------------------------------------
+# Hashing a password costs milliseconds of CPU (PBKDF2 at --hash-password's
+# cost: some 25 ms).  On the loop, every other session of the worker waits
+# for it: 40 wrong logins at once held another session's NOOP for up to a
+# second (issue 14).  A few threads hash instead: hashlib.pbkdf2_hmac
+# releases the GIL, so they run beside the loop, and beside each other on
+# other CPUs.
+
+PASSWORD_CHECK_THREADS = 4     # per worker: hashing is CPU work, and the workers share the CPUs
+PASSWORD_CHECK_LIMIT = 8       # checks in the threads' hands at once; the others wait, in order
+
+
+class PasswordCheck:
+    """One check of a PasswordCheckPool; cancel() drops its result."""
+    __slots__ = ("work", "done")
+
+    def __init__(self, work: Callable, done: Callable):
+        self.work = work               # work(matches) -> result, in a pool thread
+        self.done = done               # done(result), on the loop; None: cancelled
+
+    def cancel(self) -> None:
+        self.done = None
+
+
+class PasswordCheckPool:
+    """Password checks in threads, while the event loop goes on serving the
+    other sessions.  submit(work, done) -> PasswordCheck: work(matches) runs
+    in a pool thread, ``matches`` being how that thread compares a password
+    with a table entry (password_matches); done(result) then runs on the
+    loop, which hears of it through its wake-up (call_soon_threadsafe).
+    Only work runs in a thread, and it must touch nothing the loop changes.
+    If work or done raises, the exception goes to the crashed(error) of
+    done's object (EventLoop.failed): it ends that session, not the worker.
+
+    At most ``limit`` checks are in the threads' hands (running, or queued
+    for a thread); the others wait here, first come first served, and are
+    handed on as checks finish: a login is never refused for being one too
+    many.  A check cancelled while it waits never runs; one cancelled while
+    a thread has it runs (unless the thread sees the cancel first) and its
+    result is dropped.  The threads start with the first checks, so in the
+    worker, never in the master before it forks (fork() copies only the
+    thread that calls it: a lock another thread held would stay locked
+    for ever in the child).  close() stops them."""
+
+    def __init__(self, loop: EventLoop, threads: int = PASSWORD_CHECK_THREADS,
+                 limit: int = PASSWORD_CHECK_LIMIT):
+        self.loop = loop
+        self.size = threads
+        self.limit = limit
+        self.threads = []                    # started as checks come, up to ``size``
+        self.tasks = queue.SimpleQueue()     # for the threads: a PasswordCheck, or None: stop
+        self.waiting = collections.deque()   # checks over the limit, oldest first
+        self.handed = 0                      # checks in the threads' hands
+
+    def submit(self, work: Callable, done: Callable) -> PasswordCheck:
+        check = PasswordCheck(work, done)
+        self.waiting.append(check)
+        self._hand_on()
+        return check
+
+    def _hand_on(self) -> None:
+        """Hand waiting checks to the threads while there is room, starting
+        a thread when every one may be busy."""
+        while self.waiting and self.handed < self.limit:
+            check = self.waiting.popleft()
+            if check.done is None:
+                continue                     # cancelled while it waited
+            if len(self.threads) <= self.handed and len(self.threads) < self.size:
+                thread = threading.Thread(target=self._serve, name="password check", daemon=True)
+                thread.start()
+                self.threads.append(thread)
+            self.handed += 1
+            self.tasks.put(check)
+
+    def _serve(self) -> None:
+        """A pool thread: checks one after the other, until None."""
+        while True:
+            check = self.tasks.get()
+            if check is None:
+                return
+            result = error = None
+            if check.done is not None:       # not cancelled yet (a race the loop may win)
+                try:
+                    result = check.work(password_matches)
+                except Exception as failure:
+                    error = failure
+            self.loop.call_soon_threadsafe(functools.partial(self._finished, check, result, error))
+
+    def _finished(self, check: PasswordCheck, result, error: Optional[Exception]) -> None:
+        """On the loop: a thread is done with ``check``."""
+        self.handed -= 1
+        done, check.done = check.done, None
+        self._hand_on()
+        if done is None:
+            return                           # cancelled: its session is gone
+        if error is None:
+            try:
+                done(result)
+            except Exception as failure:
+                error = failure
+        if error is not None:
+            self.loop.failed(done, error)
+
+    def close(self) -> None:
+        """Stop the threads once they are done with what they hold (their
+        results are dropped if the loop is gone); forget what waits."""
+        for _ in self.threads:
+            self.tasks.put(None)
+        self.threads = []
+        self.waiting.clear()
+
+
 def authenticator_for(server: Settings, config: "Config", worker, owner):
     """The authenticator of a server's sessions: auth_http, or the built-in
     user table (an extension).  Each has start(attempt, done) and cancel()."""
     if server.auth_http is not None:
         return AuthHttpAuth(worker.loop, server, owner)
-    return UserTableAuth(config, server, worker.throttle, worker.loop.time)
+    return UserTableAuth(config, server, worker.throttle, worker.loop.time,
+                         worker.password_checks, owner)
 
 
 class AuthHttpAuth:
@@ -6993,6 +7170,7 @@ class Worker(LoopHandler):
         self.log = logs.main
         self.loop = EventLoop()
         self.throttle = LoginThrottle()
+        self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -7175,6 +7353,7 @@ class Worker(LoopHandler):
         self.loop.run()
         for listener in self.listeners.values():
             listener.close()
+        self.password_checks.close()
         self.loop.close()
 
 

@@ -23,6 +23,7 @@ read as transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
 
 import base64
 import errno
+import functools
 import hashlib
 import hmac
 import imaplib
@@ -1878,6 +1879,7 @@ class ProxyUnderTest:
                     session.backend.close()
             for listener in self.worker.listeners.values():
                 listener.close()
+            self.worker.password_checks.close()
             self.worker.loop.close()
         self.directory.cleanup()
         if self.crash:
@@ -4228,6 +4230,19 @@ class PasswordCostTests(unittest.TestCase):
         digest = mp.cram_md5_digest(b"secret", SALT)
         self.assertFalse(mp.authenticate(users, {}, upstream(),
                                          mp.Credentials(b"nobody", digest, "cram-md5", SALT)).ok)
+
+    def test_known_and_unknown_logins_go_the_same_way_off_the_loop_or_not(self):
+        """check_hashes: a table whose users hash sends an unknown login to
+        the pool too (against the dummy); a {PLAIN} table keeps both on the
+        loop; a digest login only compares, so stays."""
+        for name, value in self.TABLES.items():
+            with self.subTest(table=name):
+                users = self.users(value, value)
+                hashed = name != "PLAIN"
+                for login in (b"user1", b"nobody", b"\xff not UTF-8"):
+                    self.assertEqual(mp.check_hashes(users, mp.Credentials(login, b"wrong")), hashed)
+                digest = mp.Credentials(b"nobody", b"0" * 32, "cram-md5", SALT)
+                self.assertFalse(mp.check_hashes(users, digest))
 
     def test_a_long_password_costs_what_the_longest_allowed_one_costs(self):
         # SHA-crypt's steps 13-15 built key * len(key): 16 KB of password took
@@ -7280,10 +7295,200 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
 # ========================================================================== #
 # ####          Outbound clients: the backend, auth_http, DNS           #### #
 # ========================================================================== #
-# The resolver against a fake DNS server; the auth_http client end to end
-# (the real proxy between a test client, a fake auth_http server and fake
-# backends; NGINX-MAIL.md §1.3): the request byte by byte, failures,
-# Auth-Wait, the auth server failing, OAuth tokens, the extension headers.
+# The password-check pool: on its own (order, bound, cancel, failure), and
+# end to end with a check held at a gate (the loop serves others meanwhile;
+# known and unknown logins alike; more logins than it holds; a session that
+# closes mid-check; a check that fails).  The resolver against a fake DNS
+# server; the auth_http client end to end (the real proxy between a test
+# client, a fake auth_http server and fake backends; NGINX-MAIL.md §1.3):
+# the request byte by byte, failures, Auth-Wait, the auth server failing,
+# OAuth tokens, the extension headers.
+
+# -- the password checks, off the event loop ---------------------------------------
+
+# A cheap PBKDF2 entry: hashed, so checked in the pool, but quickly.
+PBKDF2_ALICE = mp.hash_password(b"secret", "PBKDF2-SHA256", rounds=1000)
+
+
+class GatedPasswordCheck:
+    """Stands in for mp.password_matches while a test runs: each call is
+    recorded (entry, thread), then waits until the test opens ``gate``, then
+    answers as password_matches would.  The wait gives up after 10 s, so a
+    check run on the event loop fails the test (nothing else is served
+    meanwhile) instead of hanging it.  ``fail``: raise that instead."""
+
+    def __init__(self, test):
+        self.real = mp.password_matches
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.calls = []                # (entry, thread), in the order they came
+        self.inside = 0                # calls waiting at the gate now
+        self.most_inside = 0
+        self.fail = None               # type: Optional[Exception]
+        patcher = unittest.mock.patch.object(mp, "password_matches", self)
+        patcher.start()
+        test.addCleanup(patcher.stop)
+        test.addCleanup(self.gate.set)   # first: no thread is left waiting
+
+    def __call__(self, entry, password):
+        with self.lock:
+            self.calls.append((entry, threading.current_thread()))
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        self.gate.wait(10)
+        with self.lock:
+            self.inside -= 1
+        if self.fail is not None:
+            raise self.fail
+        return self.real(entry, password)
+
+
+class PasswordCheckPoolTests(EventLoopTestCase):
+    """The pool on its own, with a real EventLoop."""
+
+    def test_checks_over_the_limit_wait_and_run_in_order(self):
+        pool = mp.PasswordCheckPool(self.loop, threads=2, limit=2)
+        self.addCleanup(pool.close)
+        gate, ran, done = threading.Event(), [], []
+
+        def work(number, matches):
+            gate.wait(10)
+            ran.append(number)
+            return number
+        for number in range(6):
+            pool.submit(functools.partial(work, number), done.append)
+        self.assertEqual((pool.handed, len(pool.waiting)), (2, 4))
+        gate.set()
+        self.drive(lambda: len(done) == 6)
+        self.assertEqual(sorted(done), list(range(6)))
+        self.assertEqual(ran[2:], [2, 3, 4, 5], "the waiting checks ran out of order")
+        self.assertEqual(len(pool.threads), 2)
+
+    def test_a_cancelled_check_is_dropped_and_a_failed_one_goes_to_its_object(self):
+        class Owner:
+            def __init__(self):
+                self.results, self.errors = [], []
+
+            def done(self, result):
+                self.results.append(result)
+
+            def crashed(self, error):
+                self.errors.append(error)
+        pool = mp.PasswordCheckPool(self.loop, threads=1, limit=1)
+        self.addCleanup(pool.close)
+        gate, ran = threading.Event(), []
+
+        def work(name, matches):
+            gate.wait(10)
+            ran.append(name)
+            if name == "broken":
+                raise ZeroDivisionError("a bug in a check")
+            return name
+        running, waiting, broken, good = Owner(), Owner(), Owner(), Owner()
+        pool.submit(functools.partial(work, "running"), running.done).cancel()
+        pool.submit(functools.partial(work, "waiting"), waiting.done).cancel()
+        pool.submit(functools.partial(work, "broken"), broken.done)
+        pool.submit(functools.partial(work, "good"), good.done)
+        gate.set()
+        self.drive(lambda: good.results)
+        self.assertNotIn("waiting", ran, "a check cancelled while it waited ran")
+        self.assertEqual((running.results, waiting.results), ([], []))
+        self.assertIsInstance(broken.errors[0], ZeroDivisionError)
+        self.assertEqual(good.results, ["good"])
+
+
+class PasswordCheckEndToEndTests(EndToEndTestCase):
+    """Logins of a hashed [users] entry: checked in the worker's pool
+    threads, the loop serving everyone else meanwhile."""
+
+    def start(self, **mail):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, users={"alice": PBKDF2_ALICE}, **mail)
+        return proxy, GatedPasswordCheck(self)
+
+    def login(self, proxy, tag: str, login: str = "alice", password: str = "secret") -> Client:
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("%s LOGIN %s %s" % (tag, login, password))
+        return client
+
+    def test_another_session_is_served_while_a_password_is_checked(self):
+        """Fails if the check runs on the event loop: the NOOP then gets no
+        answer until the gate opens."""
+        proxy, check = self.start()
+        first = self.login(proxy, "a1")
+        wait_until(lambda: check.calls, what="the check to start")
+        other = self.connect(proxy)
+        other.expect_line(mp.IMAP_GREETING)
+        other.send("b1 NOOP")
+        other.expect_line(b"b1 " + mp.IMAP_OK)
+        self.assertEqual(check.inside, 1, "the check did not wait for the gate")
+        check.gate.set()
+        first.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertIsNot(check.calls[0][1], proxy.thread, "the check ran in the loop's thread")
+
+    def test_an_unknown_login_is_checked_the_same_way_against_the_dummy(self):
+        """Issue 12: known and unknown logins through one path, to the same pool."""
+        proxy, check = self.start(auth_delay="0")
+        client = self.login(proxy, "a1", "nobody", "wrong")
+        wait_until(lambda: check.calls, what="the check to start")
+        check.gate.set()
+        client.expect(rb"^a1 NO ")
+        entry, thread = check.calls[0]
+        self.assertEqual(entry, proxy.config.users.dummy)
+        self.assertIsNot(thread, proxy.thread)
+
+    def test_more_logins_than_the_pool_holds_wait_and_all_complete(self):
+        proxy, check = self.start()
+        worker = proxy.worker
+        worker.password_checks = mp.PasswordCheckPool(worker.loop, threads=1, limit=2)
+        clients = [self.login(proxy, "a%d" % number) for number in range(6)]
+        wait_until(lambda: (worker.password_checks.handed, len(worker.password_checks.waiting))
+                   == (2, 4), what="two checks handed to the pool, four waiting")
+        check.gate.set()
+        for number, client in enumerate(clients):
+            client.expect(rb"^a%d OK LOGIN completed\r\n$" % number)
+        self.assertEqual(len(check.calls), 6)
+        self.assertEqual(check.most_inside, 1, "one thread ran two checks at once")
+
+    def test_a_session_that_closes_during_its_check_is_not_called_back(self):
+        """The proxy reads nothing from a client in the auth phase (nginx
+        neither), so a session ends there when the worker ends it (stop,
+        worker_shutdown_timeout): here, the test, through the loop."""
+        proxy, check = self.start()
+        worker = proxy.worker
+        worker.password_checks = mp.PasswordCheckPool(worker.loop, threads=1, limit=1)
+        running = self.login(proxy, "a1")
+        wait_until(lambda: check.calls, what="the first check to start")
+        waiting = self.login(proxy, "a2")
+        wait_until(lambda: worker.password_checks.waiting, what="the second check to wait")
+        for session in proxy.sessions():
+            worker.loop.call_soon_threadsafe(functools.partial(session.close, "ended by the test"))
+        running.expect_closed()
+        waiting.expect_closed()
+        wait_until(lambda: not proxy.sessions(), what="both sessions to end")
+        check.gate.set()
+        wait_until(lambda: worker.password_checks.handed == 0, what="the check to come back")
+        self.assertEqual(len(check.calls), 1, "a check cancelled while it waited ran")
+        later = self.login(proxy, "a3")
+        later.expect(rb"^a3 OK LOGIN completed\r\n$")
+        proxy.assert_alive()
+        self.assertNotIn("internal error", proxy.log)
+        self.assertNotIn("login failed", proxy.log)
+
+    def test_a_check_that_fails_ends_only_its_session(self):
+        proxy, check = self.start()
+        check.fail = RuntimeError("a bug in the check")
+        client = self.login(proxy, "a1")
+        other = self.connect(proxy)
+        other.expect_line(mp.IMAP_GREETING)
+        check.gate.set()
+        client.expect_closed()
+        proxy.wait_for_log(r"\[alert\].*internal error, session closed: RuntimeError")
+        other.send("b1 NOOP")
+        other.expect_line(b"b1 " + mp.IMAP_OK)
+        proxy.assert_alive()
+
 
 def resolve_client(test, answer, address="127.0.0.1", timeout=2.0, valid=None):
     """Run ClientNameLookup on a fresh loop against a FakeDns; (name, problem, dns)."""
