@@ -72,6 +72,7 @@ import socket
 import ssl
 import stat
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -6005,10 +6006,101 @@ class BackendConnection(StreamOwner):
 # for it: 40 wrong logins at once held another session's NOOP for up to a
 # second (issue 14).  A few threads hash instead: hashlib.pbkdf2_hmac
 # releases the GIL, so they run beside the loop, and beside each other on
-# other CPUs.
+# other CPUs.  SHA-crypt is pure Python and holds the GIL while it hashes:
+# in a thread it still held the loop (a NOOP behind 40 wrong SHA512-CRYPT
+# logins waited 20 ms at p50, up to 46 ms), so a pool thread hands it on to
+# a process of its own (PasswordHelper), and waits for the answer without
+# the GIL.
 
 PASSWORD_CHECK_THREADS = 4     # per worker: hashing is CPU work, and the workers share the CPUs
 PASSWORD_CHECK_LIMIT = 8       # checks in the threads' hands at once; the others wait, in order
+GIL_BOUND_SCHEMES = ("SHA256-CRYPT", "SHA512-CRYPT")    # checked in a PasswordHelper process
+
+# The helper process's program: this file, loaded by its path (it need not
+# be importable by name; importing it only defines names), then its loop.
+# The recipe is importlib's documented one for a source file.
+PASSWORD_HELPER_PROGRAM = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("mailproxy_password_helper", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+module.password_helper_main()
+"""
+PASSWORD_HELPER_FILE = os.path.abspath(__file__)     # now, before anything could chdir
+
+
+def password_helper_main() -> None:
+    """The helper process (PasswordHelper).  The signals that steer
+    mailproxy (Ctrl-C, reload, graceful stop, sent to the whole process
+    group) are ignored: its worker says when it ends."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    serve_password_checks(sys.stdin.buffer, sys.stdout.buffer)
+
+
+def serve_password_checks(requests, replies) -> None:
+    """The helper process's loop.  A request: a 4-byte length, then SCHEME
+    NUL DATA NUL PASSWORD; its reply: "1" if the password matches the entry
+    (password_matches), "0" if not.  It ends at the end of ``requests``:
+    the worker closed its end, or is gone."""
+    while True:
+        header = requests.read(4)
+        if len(header) < 4:
+            return
+        body = requests.read(struct.unpack("!I", header)[0])
+        scheme, data, password = body.split(b"\0", 2)
+        entry = PasswordEntry(scheme.decode("ascii"), data.decode("utf-8"))
+        replies.write(b"1" if password_matches(entry, password) else b"0")
+        replies.flush()
+
+
+class PasswordHelper:
+    """How one pool thread checks a password: matches(entry, password) is
+    password_matches's answer, worked out in this thread, or, for an entry
+    of GIL_BOUND_SCHEMES, in the thread's own helper process.  That process
+    starts at the first such check: a new interpreter (subprocess: fork and
+    exec at once, which is safe with threads running) that reads this file
+    again, so the user the workers run as must be able to read it; it has
+    none of the worker's sockets.  It ends when close() kills it, or when
+    its input ends because the worker is gone.  If it dies, matches()
+    raises RuntimeError (that session ends) and the next check starts
+    another."""
+
+    def __init__(self):
+        self.process = None            # type: Optional[subprocess.Popen]
+
+    def matches(self, entry: PasswordEntry, password: bytes) -> bool:
+        if entry.scheme not in GIL_BOUND_SCHEMES:
+            return password_matches(entry, password)
+        if self.process is None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", PASSWORD_HELPER_PROGRAM, PASSWORD_HELPER_FILE],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+        body = b"\0".join((entry.scheme.encode("ascii"), entry.data.encode("utf-8"), password))
+        try:
+            self.process.stdin.write(struct.pack("!I", len(body)) + body)
+            self.process.stdin.flush()
+            reply = self.process.stdout.read(1)
+        except OSError:                # BrokenPipeError: it is gone
+            reply = b""
+        if reply not in (b"0", b"1"):
+            status = self.close()
+            raise RuntimeError("the password check process ended (status %s)" % status)
+        return reply == b"1"
+
+    def close(self) -> Optional[int]:
+        """Kill the process, if there is one; its exit status."""
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        process.kill()                 # it holds nothing worth a goodbye
+        for pipe in (process.stdin, process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass                   # a write it never read
+        return process.wait()
 
 
 class PasswordCheck:
@@ -6027,7 +6119,7 @@ class PasswordCheckPool:
     """Password checks in threads, while the event loop goes on serving the
     other sessions.  submit(work, done) -> PasswordCheck: work(matches) runs
     in a pool thread, ``matches`` being how that thread compares a password
-    with a table entry (password_matches); done(result) then runs on the
+    with a table entry (its PasswordHelper's); done(result) then runs on the
     loop, which hears of it through its wake-up (call_soon_threadsafe).
     Only work runs in a thread, and it must touch nothing the loop changes.
     If work or done raises, the exception goes to the crashed(error) of
@@ -6075,17 +6167,22 @@ class PasswordCheckPool:
 
     def _serve(self) -> None:
         """A pool thread: checks one after the other, until None."""
-        while True:
-            check = self.tasks.get()
-            if check is None:
-                return
-            result = error = None
-            if check.done is not None:       # not cancelled yet (a race the loop may win)
-                try:
-                    result = check.work(password_matches)
-                except Exception as failure:
-                    error = failure
-            self.loop.call_soon_threadsafe(functools.partial(self._finished, check, result, error))
+        helper = PasswordHelper()
+        try:
+            while True:
+                check = self.tasks.get()
+                if check is None:
+                    return
+                result = error = None
+                if check.done is not None:   # not cancelled yet (a race the loop may win)
+                    try:
+                        result = check.work(helper.matches)
+                    except Exception as failure:
+                        error = failure
+                self.loop.call_soon_threadsafe(functools.partial(self._finished, check, result,
+                                                                 error))
+        finally:
+            helper.close()
 
     def _finished(self, check: PasswordCheck, result, error: Optional[Exception]) -> None:
         """On the loop: a thread is done with ``check``."""
