@@ -38,7 +38,10 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     ImapMachine._login returns a Credentials event.
  3. Session._authenticate hands a LoginAttempt to UserTableAuth.start
     (Authentication; with auth_http, AuthHttpAuth in Outbound clients):
-    authenticate -> password_matches -> an AuthOutcome.
+    authenticate -> password_matches -> an AuthOutcome, at once for a
+    {PLAIN} entry; a hashed one is checked in a thread of the worker's
+    PasswordCheckPool (Outbound clients), and the verdict comes back
+    through the loop's wake-up.
  4. Session._auth_outcome -> _login_to_backend: login_script builds the
     backend's script (Backend login), BackendConnection (Outbound clients)
     connects and runs it with BackendLogin until LoginDone.
@@ -61,6 +64,7 @@ import hmac
 import ipaddress
 import json
 import os
+import queue
 import random
 import re
 import selectors
@@ -69,7 +73,9 @@ import socket
 import ssl
 import stat
 import struct
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -96,10 +102,6 @@ ACCEPTS_PER_EVENT = 64         # accept() calls per readiness event
 ACCEPT_PAUSE = 0.5             # seconds without accept() after EMFILE/ENFILE
 LOGIN_TIME_LIMIT = 180.0       # s from connect to login at most (or ``timeout``, if longer):
                                # Dovecot's CLIENT_LOGIN_TIMEOUT_MSECS; nginx has no such bound
-AUTH_FAILURE_WINDOW = 900.0    # seconds a failed login is remembered per address
-AUTH_FAILURE_MAX_SHIFT = 5     # the failure delay doubles up to 2**5 times
-AUTH_FAILURE_LOCKOUT = 20      # recent failures after which an address is refused
-AUTH_FAILURE_TABLE = 4096      # addresses remembered at most (oldest dropped)
 # The failed-login defence (LoginDefence; README "Failed logins"):
 AUTH_PENALTY_MAX = 15.0        # s: the longest a failed login's reply waits (Dovecot's auth_penalty)
 AUTH_PENALTY_WINDOW = 900.0    # s without a failure after which an address or account is forgotten
@@ -2800,7 +2802,7 @@ CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine
 # password.  The built-in user table (an extension; nginx needs an auth_http
 # server for this) keeps hashed passwords; every comparison of a secret uses
 # hmac.compare_digest so that its time does not depend on where it differs.
-# LoginThrottle slows down repeated failures from one address.
+# LoginDefence slows down password guessing (README "Failed logins").
 
 # -- crypt(3) SHA-256 / SHA-512 ("$5$", "$6$"): Ulrich Drepper's specification
 # "Unix crypt using SHA-256 and SHA-512", in pure Python because the crypt
@@ -2995,27 +2997,36 @@ class AuthOutcome(NamedTuple):
 
 
 def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
-                 proxy_pass: Upstream, credentials: Credentials) -> AuthOutcome:
+                 proxy_pass: Upstream, credentials: Credentials,
+                 matches: Callable[[PasswordEntry, bytes], bool] = password_matches) -> AuthOutcome:
     """Check credentials against the built-in table and choose the backend.
 
-    plain: the password is checked against the entry's scheme.  cram-md5 and
-    apop: the client sent a digest of the salt, which only a {PLAIN} entry can
-    reproduce; the backend is then logged in to with that clear password.
-    A login that is not in the table is checked the same way against the
-    table's dummy entry (UserTable.dummy), so that its failure takes as long
-    as a known login's with a wrong password.
+    plain: the password is checked against the entry's scheme, by
+    ``matches`` (password_matches, or the same answer from elsewhere: see
+    PasswordCheckPool).  cram-md5 and apop: the client sent a digest of the
+    salt, which only a {PLAIN} entry can reproduce; the backend is then
+    logged in to with that clear password.  A login that is not in the
+    table is checked the same way against the table's dummy entry
+    (UserTable.dummy), so that its failure takes as long as a known login's
+    with a wrong password.
     """
-    try:
-        login = credentials.login.decode("utf-8")
-    except UnicodeDecodeError:
-        login = None
-    entry = users.get(login) if login is not None else None
-    reason, backend_password = check_credentials(entry or _unknown_login_entry(users), credentials)
+    entry = table_entry(users, credentials.login)
+    reason, backend_password = check_credentials(entry or _unknown_login_entry(users), credentials,
+                                                 matches)
     if entry is None:
         return AuthOutcome(Verdict.FAIL, reason="unknown user")
     if reason:
         return AuthOutcome(Verdict.FAIL, reason=reason)
-    return AuthOutcome(Verdict.OK, credentials.login, backend_password, route_for(routes, proxy_pass, login))
+    return AuthOutcome(Verdict.OK, credentials.login, backend_password,
+                       route_for(routes, proxy_pass, credentials.login.decode("utf-8")))
+
+
+def table_entry(users: Dict[str, PasswordEntry], login: bytes) -> Optional[PasswordEntry]:
+    """The entry of ``login``; None if it has none (or is not UTF-8)."""
+    try:
+        return users.get(login.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
 
 
 def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
@@ -3025,11 +3036,26 @@ def _unknown_login_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
     return unknown_login_entry(list(users.values()))
 
 
-def check_credentials(entry: PasswordEntry, credentials: Credentials) -> Tuple[str, bytes]:
-    """("", the password for the backend) if ``credentials`` match ``entry``;
-    else (why not, for the log; b"")."""
+def check_hashes(users: Dict[str, PasswordEntry], credentials: Credentials) -> bool:
+    """Does authenticate() hash a password for ``credentials`` (PBKDF2,
+    SHA-crypt: milliseconds of CPU), or only compare (a {PLAIN} entry) or
+    refuse at once (cram-md5 or apop without a {PLAIN} entry)?  Decided on
+    the entry that is checked, the dummy for an unknown login, so that an
+    unknown login goes the same way as the users of the dummy's scheme."""
+    if credentials.method != AuthMethod.PLAIN:
+        return False
+    entry = table_entry(users, credentials.login) or _unknown_login_entry(users)
+    return entry.scheme != "PLAIN"
+
+
+def check_credentials(entry: PasswordEntry, credentials: Credentials,
+                      matches: Callable[[PasswordEntry, bytes], bool] = password_matches
+                      ) -> Tuple[str, bytes]:
+    """("", the password for the backend) if ``credentials`` match ``entry``
+    (``matches`` compares a password with it: see authenticate); else (why
+    not, for the log; b"")."""
     if credentials.method == AuthMethod.PLAIN:
-        if not password_matches(entry, credentials.password):
+        if not matches(entry, credentials.password):
             return "wrong password", b""
         return "", credentials.password
     if entry.scheme != "PLAIN":
@@ -3389,6 +3415,12 @@ def penalty_address(address: str) -> str:
     return str(parsed)
 
 
+def penalty_delay(failures: int, base_delay: float) -> float:
+    """How long the reply to the ``failures``-th recent failure waits:
+    ``auth_delay`` doubled for each earlier one, at most AUTH_PENALTY_MAX."""
+    return min(base_delay * 2 ** (max(failures, 1) - 1), AUTH_PENALTY_MAX)
+
+
 class Admission(NamedTuple):
     """LoginDefence.admit's answer for one attempt."""
     wait: float = 0.0          # > 0: ask again then (the slots are taken)
@@ -3488,7 +3520,7 @@ class LoginDefence:
         pair = self._recent(self.pairs, (address, login), now)
         repeated = pair is not None and digest in pair.digests
         count = self.recent_failures(address, login, now) + (0 if repeated else 1)
-        delay = min(base_delay * 2 ** (max(count, 1) - 1), AUTH_PENALTY_MAX)
+        delay = penalty_delay(count, base_delay)
         return ("login failed", address, login, digest, now, delay), delay, count
 
     def success(self, address: str, login: str, now: float) -> Optional[tuple]:
@@ -3554,56 +3586,6 @@ class LoginDefence:
         return record
 
 
-class LoginThrottle:
-    """Slows down password guessing per client address (sans-I/O: pass ``now``).
-
-    Each failed login from an address adds to its count, forgotten after
-    AUTH_FAILURE_WINDOW seconds without a failure.  The failure reply waits
-    ``auth_delay`` seconds, doubled for each earlier recent failure (at most
-    2**AUTH_FAILURE_MAX_SHIFT times); from AUTH_FAILURE_LOCKOUT recent failures
-    on, logins from the address are refused without looking at the password.
-    At most AUTH_FAILURE_TABLE addresses are remembered (the oldest go first).
-
-    A shared book (SharedBooks, in Processes): the workers count together,
-    one attacker, one budget.  failure() publishes a "login failure" event
-    and apply() is the only code that changes the table, so each process's
-    copy is what the events made it.  ``now`` is the loop's time.monotonic():
-    the same clock in every process of the machine.  Alone (not added to
-    SharedBooks), publish is apply.
-    """
-    kinds = ("login failure",)
-
-    def __init__(self):
-        self.failures = {}     # address -> (count, time of the last failure); insertion-ordered
-        self.publish = self.apply    # SharedBooks.add: apply here, then in the other processes
-
-    def _count(self, address: str, now: float) -> int:
-        count, last = self.failures.get(address, (0, now))
-        return 0 if now - last > AUTH_FAILURE_WINDOW else count
-
-    def locked(self, address: str, now: float) -> bool:
-        return self._count(address, now) >= AUTH_FAILURE_LOCKOUT
-
-    def failure(self, address: str, now: float, base_delay: float) -> float:
-        """Record a failure; returns how long to wait before replying."""
-        self.publish(("login failure", address, now))
-        count = self._count(address, now)
-        return base_delay * (2 ** min(count - 1, AUTH_FAILURE_MAX_SHIFT))
-
-    def apply(self, event: tuple) -> None:
-        """("login failure", address, time).  Two processes' failures may
-        reach a third in either order: the count goes up by one either way
-        and the latest time stays, so the copies agree (unless the two are
-        AUTH_FAILURE_WINDOW apart, when one of them restarts the count)."""
-        kind, address, when = event
-        count, last = self.failures.pop(address, (0, when))
-        if when - last > AUTH_FAILURE_WINDOW:
-            count = 0
-        self.failures[address] = (count + 1, max(last, when))
-        while len(self.failures) > AUTH_FAILURE_TABLE:
-            del self.failures[next(iter(self.failures))]
-
-
 # -- the two authenticators' common ground -------------------------------------
 # A session hands each login attempt to its authenticator, the user table
 # below or the auth server (AuthHttpAuth, with the outbound clients):
@@ -3641,45 +3623,68 @@ def login_attempt(credentials: Credentials, number: int, machine: "ClientMachine
 
 class UserTableAuth:
     """The built-in [users] table (an extension: nginx needs an auth
-    server), which decides at once: done() is called before start()
-    returns.  A refusal comes with the failed-login delay of LoginThrottle
-    and nginx's text, whatever the reason (the reason is for the log)."""
-    __slots__ = ("config", "server", "throttle", "clock")
+    server).  A password to hash (check_hashes) is checked off the event
+    loop, by ``checks`` (the worker's PasswordCheckPool), and done() comes
+    later, from the loop; anything else (a {PLAIN} entry, EXTERNAL,
+    smtp_auth none) is decided at once: done() is called before start()
+    returns.  A refusal comes with nginx's text, whatever the reason (the
+    reason is for the log); its delay is the LoginGuard's, which stands in
+    front.  cancel() drops a check under way: done() is not called.
+    ``owner.crashed(error)`` hears of a bug in a check."""
+    __slots__ = ("config", "server", "checks", "owner", "attempt", "done", "check")
 
-    def __init__(self, config: "Config", server: Settings, throttle: LoginThrottle,
-                 clock: Callable[[], float]):
+    def __init__(self, config: "Config", server: Settings, checks, owner):
         self.config = config
         self.server = server
-        self.throttle = throttle
-        self.clock = clock
+        self.checks = checks           # PasswordCheckPool: submit(work, done) -> .cancel()
+        self.owner = owner
+        self.attempt = None            # type: Optional[LoginAttempt]
+        self.done = None               # type: Optional[Callable]
+        self.check = None              # the check under way, if any
 
     def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
-        done(self.decide(attempt))
+        self.attempt, self.done = attempt, done
+        credentials = attempt.credentials
+        if credentials.method == AuthMethod.NONE:
+            return self._finish(self._recipient(attempt.rcpt_to))
+        if credentials.method == AuthMethod.EXTERNAL:
+            return self._checked(self._external(attempt))
+        work = functools.partial(authenticate, self.config.users, self.config.routes,
+                                 self.server.proxy_pass, credentials)
+        if check_hashes(self.config.users, credentials):
+            self.check = self.checks.submit(work, self._checked)
+        else:
+            self._checked(work(password_matches))
 
     def cancel(self) -> None:
-        """Nothing is under way between calls."""
+        self.done, self.attempt = None, None      # the password goes too
+        if self.check is not None:
+            self.check.cancel()
+            self.check = None
 
-    def decide(self, attempt: LoginAttempt) -> AuthOutcome:
-        if attempt.credentials.method == AuthMethod.NONE:
-            return self._recipient(attempt.rcpt_to)
-        now = self.clock()
-        outcome = self._check(attempt, now)
+    def crashed(self, error: Exception) -> None:
+        self.owner.crashed(error)
+
+    def _checked(self, outcome: AuthOutcome) -> None:
+        """The password check's verdict (now, or later from the loop)."""
+        self.check = None
+        attempt = self.attempt
         if outcome.ok and attempt.protocol == "pop3" and \
                 not pop3_can_send(outcome.login, outcome.password):
             outcome = AuthOutcome(Verdict.FAIL, reason="login or password holds CR, LF or NUL")
-        if outcome.ok:
-            return outcome
-        delay = self.throttle.failure(attempt.client_address, now, self.server.auth_delay)
-        return outcome._replace(text=AUTH_FAILED_TEXT, wait=delay)
+        if not outcome.ok:
+            outcome = outcome._replace(text=AUTH_FAILED_TEXT)
+        self._finish(outcome)
 
-    def _check(self, attempt: LoginAttempt, now: float) -> AuthOutcome:
-        credentials, server = attempt.credentials, self.server
-        if self.throttle.locked(attempt.client_address, now):
-            return AuthOutcome(Verdict.FAIL, reason="too many failed logins from this address")
-        if credentials.method != AuthMethod.EXTERNAL:
-            return authenticate(self.config.users, self.config.routes, server.proxy_pass, credentials)
+    def _finish(self, outcome: AuthOutcome) -> None:
+        done, self.done, self.attempt = self.done, None, None     # the password goes too
+        if done is not None:
+            done(outcome)
+
+    def _external(self, attempt: LoginAttempt) -> AuthOutcome:
+        server = self.server
         outcome = authenticate_external(self.config.users, self.config.routes, server.proxy_pass,
-                                        credentials.login, attempt.certificate)
+                                        attempt.credentials.login, attempt.certificate)
         if outcome.ok and outcome.password is None:
             # IMAP and POP3 log in to the backend with a password; so does
             # SMTP with proxy_smtp_auth.
@@ -5130,8 +5135,9 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
 # Readiness and time, nothing about mail: one selectors.DefaultSelector, a
 # heap of timers (cancelled ones are skipped when they come up, never
 # searched for), and signals delivered through a wake-up socket so that no
-# work is ever done inside a signal handler.  A registered object has
-# on_readable() and on_writable().
+# work is ever done inside a signal handler.  Other threads (the password
+# checks) hand the loop a callback through the same socket.  A registered
+# object has on_readable() and on_writable().
 
 def loop_callback(method: Callable) -> Callable:
     """Decorator for a method called on a connection's behalf by something
@@ -5169,7 +5175,10 @@ class EventLoop:
         self.sequence = 0                  # compare in C, the sequence breaks ties
         self.running = False
         self.signal_handlers = {}          # signal number -> callback
-        self.pending = []                  # callbacks from other threads
+        # Callbacks from other threads, oldest first.  A deque, because its
+        # append() and popleft() are thread-safe (the collections docs say
+        # so): no lock is needed between the threads and the loop.
+        self.pending = collections.deque()
         # The self-pipe: signals (set_wakeup_fd) and other threads write a
         # byte to it so that select() returns at once.
         self._wakeup_read, self._wakeup_write = socket.socketpair()
@@ -5188,7 +5197,13 @@ class EventLoop:
         return timer
 
     def call_soon_threadsafe(self, callback: Callable) -> None:
-        """Run ``callback`` in the loop's thread (for tests and embedding)."""
+        """Run ``callback()`` in the loop's thread, soon: the one call other
+        threads may make.  The byte 0 (no signal has that number) wakes
+        select(); the loop then runs every pending callback, in the order
+        they came.  An exception from one goes to its object's
+        ``crashed(error)``, as a timer's does (EventLoop.failed).  The byte
+        is not needed when the socket is full (a wake-up is on its way
+        already) or closed (the loop is gone: the callback never runs)."""
         self.pending.append(callback)
         try:
             self._wakeup_write.send(b"\0")
@@ -5221,8 +5236,15 @@ class EventLoop:
             data = self._wakeup_read.recv(512)
         except BlockingIOError:
             return
-        while self.pending:
-            self.pending.pop(0)()
+        # The callbacks there now; one that comes while they run waits for
+        # the next turn (its byte wakes the loop again), so that threads
+        # that keep calling cannot keep the loop from its sockets.
+        for _ in range(len(self.pending)):
+            callback = self.pending.popleft()
+            try:
+                callback()
+            except Exception as error:
+                self.failed(callback, error)
         # Signals that arrived together: SIGCHLD last, so that a child that
         # exited because of a SIGTERM is seen after that SIGTERM.
         child = getattr(signal, "SIGCHLD", -1)
@@ -6048,7 +6070,9 @@ def start_relay(session, client: Stream, backend: Stream, server: Settings,
 # connection of its own (as nginx: no keep-alive), and the resolver's UDP
 # queries, with a small cache, for the SMTP client's name.  Each is driven
 # by the event loop and calls back with its result; what they say is built
-# and parsed by the sans-I/O code above.
+# and parsed by the sans-I/O code above.  The user table's password checks
+# are work of the same kind: handed out to threads, their verdicts come back
+# through the loop's wake-up.
 
 class AuthHttpExchange(StreamOwner):
     """One auth_http request on a connection of its own, as nginx (no
@@ -6216,6 +6240,214 @@ class BackendConnection(StreamOwner):
         self.owner.backend_failed(outcome)
 
 
+# -- password checks, off the event loop ------------------------------------------
+# Hashing a password costs milliseconds of CPU (PBKDF2 at --hash-password's
+# cost: some 25 ms).  On the loop, every other session of the worker waits
+# for it: 40 wrong logins at once held another session's NOOP for up to a
+# second (issue 14).  A few threads hash instead: hashlib.pbkdf2_hmac
+# releases the GIL, so they run beside the loop, and beside each other on
+# other CPUs.  SHA-crypt is pure Python and holds the GIL while it hashes:
+# in a thread it still held the loop (a NOOP behind 40 wrong SHA512-CRYPT
+# logins waited 20 ms at p50, up to 46 ms), so a pool thread hands it on to
+# a process of its own (PasswordHelper), and waits for the answer without
+# the GIL.
+
+PASSWORD_CHECK_THREADS = 4     # per worker: hashing is CPU work, and the workers share the CPUs
+PASSWORD_CHECK_LIMIT = 8       # checks in the threads' hands at once; the others wait, in order
+GIL_BOUND_SCHEMES = ("SHA256-CRYPT", "SHA512-CRYPT")    # checked in a PasswordHelper process
+
+# The helper process's program: this file, loaded by its path (it need not
+# be importable by name; importing it only defines names), then its loop.
+# The recipe is importlib's documented one for a source file.
+PASSWORD_HELPER_PROGRAM = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("mailproxy_password_helper", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+module.password_helper_main()
+"""
+PASSWORD_HELPER_FILE = os.path.abspath(__file__)     # now, before anything could chdir
+
+
+def password_helper_main() -> None:
+    """The helper process (PasswordHelper).  The signals that steer
+    mailproxy (Ctrl-C, reload, graceful stop, sent to the whole process
+    group) are ignored: its worker says when it ends."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    serve_password_checks(sys.stdin.buffer, sys.stdout.buffer)
+
+
+def serve_password_checks(requests, replies) -> None:
+    """The helper process's loop.  A request: a 4-byte length, then SCHEME
+    NUL DATA NUL PASSWORD; its reply: "1" if the password matches the entry
+    (password_matches), "0" if not.  It ends at the end of ``requests``:
+    the worker closed its end, or is gone."""
+    while True:
+        header = requests.read(4)
+        if len(header) < 4:
+            return
+        body = requests.read(struct.unpack("!I", header)[0])
+        scheme, data, password = body.split(b"\0", 2)
+        entry = PasswordEntry(scheme.decode("ascii"), data.decode("utf-8"))
+        replies.write(b"1" if password_matches(entry, password) else b"0")
+        replies.flush()
+
+
+class PasswordHelper:
+    """How one pool thread checks a password: matches(entry, password) is
+    password_matches's answer, worked out in this thread, or, for an entry
+    of GIL_BOUND_SCHEMES, in the thread's own helper process.  That process
+    starts at the first such check: a new interpreter (subprocess: fork and
+    exec at once, which is safe with threads running) that reads this file
+    again, so the user the workers run as must be able to read it; it has
+    none of the worker's sockets.  It ends when close() kills it, or when
+    its input ends because the worker is gone.  If it dies, matches()
+    raises RuntimeError (that session ends) and the next check starts
+    another."""
+
+    def __init__(self):
+        self.process = None            # type: Optional[subprocess.Popen]
+
+    def matches(self, entry: PasswordEntry, password: bytes) -> bool:
+        if entry.scheme not in GIL_BOUND_SCHEMES:
+            return password_matches(entry, password)
+        if self.process is None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", PASSWORD_HELPER_PROGRAM, PASSWORD_HELPER_FILE],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+        body = b"\0".join((entry.scheme.encode("ascii"), entry.data.encode("utf-8"), password))
+        try:
+            self.process.stdin.write(struct.pack("!I", len(body)) + body)
+            self.process.stdin.flush()
+            reply = self.process.stdout.read(1)
+        except OSError:                # BrokenPipeError: it is gone
+            reply = b""
+        if reply not in (b"0", b"1"):
+            status = self.close()
+            raise RuntimeError("the password check process ended (status %s)" % status)
+        return reply == b"1"
+
+    def close(self) -> Optional[int]:
+        """Kill the process, if there is one; its exit status."""
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        process.kill()                 # it holds nothing worth a goodbye
+        for pipe in (process.stdin, process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass                   # a write it never read
+        return process.wait()
+
+
+class PasswordCheck:
+    """One check of a PasswordCheckPool; cancel() drops its result."""
+    __slots__ = ("work", "done")
+
+    def __init__(self, work: Callable, done: Callable):
+        self.work = work               # work(matches) -> result, in a pool thread
+        self.done = done               # done(result), on the loop; None: cancelled
+
+    def cancel(self) -> None:
+        self.done = None
+
+
+class PasswordCheckPool:
+    """Password checks in threads, while the event loop goes on serving the
+    other sessions.  submit(work, done) -> PasswordCheck: work(matches) runs
+    in a pool thread, ``matches`` being how that thread compares a password
+    with a table entry (its PasswordHelper's); done(result) then runs on the
+    loop, which hears of it through its wake-up (call_soon_threadsafe).
+    Only work runs in a thread, and it must touch nothing the loop changes.
+    If work or done raises, the exception goes to the crashed(error) of
+    done's object (EventLoop.failed): it ends that session, not the worker.
+
+    At most ``limit`` checks are in the threads' hands (running, or queued
+    for a thread); the others wait here, first come first served, and are
+    handed on as checks finish: a login is never refused for being one too
+    many.  A check cancelled while it waits never runs; one cancelled while
+    a thread has it runs (unless the thread sees the cancel first) and its
+    result is dropped.  The threads start with the first checks, so in the
+    worker, never in the master before it forks (fork() copies only the
+    thread that calls it: a lock another thread held would stay locked
+    for ever in the child).  close() stops them."""
+
+    def __init__(self, loop: EventLoop, threads: int = PASSWORD_CHECK_THREADS,
+                 limit: int = PASSWORD_CHECK_LIMIT):
+        self.loop = loop
+        self.size = threads
+        self.limit = limit
+        self.threads = []                    # started as checks come, up to ``size``
+        self.tasks = queue.SimpleQueue()     # for the threads: a PasswordCheck, or None: stop
+        self.waiting = collections.deque()   # checks over the limit, oldest first
+        self.handed = 0                      # checks in the threads' hands
+
+    def submit(self, work: Callable, done: Callable) -> PasswordCheck:
+        check = PasswordCheck(work, done)
+        self.waiting.append(check)
+        self._hand_on()
+        return check
+
+    def _hand_on(self) -> None:
+        """Hand waiting checks to the threads while there is room, starting
+        a thread when every one may be busy."""
+        while self.waiting and self.handed < self.limit:
+            check = self.waiting.popleft()
+            if check.done is None:
+                continue                     # cancelled while it waited
+            if len(self.threads) <= self.handed and len(self.threads) < self.size:
+                thread = threading.Thread(target=self._serve, name="password check", daemon=True)
+                thread.start()
+                self.threads.append(thread)
+            self.handed += 1
+            self.tasks.put(check)
+
+    def _serve(self) -> None:
+        """A pool thread: checks one after the other, until None."""
+        helper = PasswordHelper()
+        try:
+            while True:
+                check = self.tasks.get()
+                if check is None:
+                    return
+                result = error = None
+                if check.done is not None:   # not cancelled yet (a race the loop may win)
+                    try:
+                        result = check.work(helper.matches)
+                    except Exception as failure:
+                        error = failure
+                self.loop.call_soon_threadsafe(functools.partial(self._finished, check, result,
+                                                                 error))
+        finally:
+            helper.close()
+
+    def _finished(self, check: PasswordCheck, result, error: Optional[Exception]) -> None:
+        """On the loop: a thread is done with ``check``."""
+        self.handed -= 1
+        done, check.done = check.done, None
+        self._hand_on()
+        if done is None:
+            return                           # cancelled: its session is gone
+        if error is None:
+            try:
+                done(result)
+            except Exception as failure:
+                error = failure
+        if error is not None:
+            self.loop.failed(done, error)
+
+    def close(self) -> None:
+        """Stop the threads once they are done with what they hold (their
+        results are dropped if the loop is gone); forget what waits."""
+        for _ in self.threads:
+            self.tasks.put(None)
+        self.threads = []
+        self.waiting.clear()
+
+
 def authenticator_for(server: Settings, config: "Config", worker, owner):
     """The authenticator of a server's sessions: auth_http, or the built-in
     user table (an extension), behind the LoginGuard (the login defence for
@@ -6224,7 +6456,7 @@ def authenticator_for(server: Settings, config: "Config", worker, owner):
     if server.auth_http is not None:
         inner, defend = AuthHttpAuth(worker.loop, server, owner), False
     else:
-        inner, defend = UserTableAuth(config, server, worker.throttle, worker.loop.time), True
+        inner, defend = UserTableAuth(config, server, worker.password_checks, owner), True
     return LoginGuard(inner, worker.gate, worker.books.of(SessionCounts), server, owner, defend)
 
 
@@ -6866,8 +7098,9 @@ class LoginGuard:
             self.owner.log("notice", "login refused for now: %d wrong passwords for this "
                            "account from this address" % admission.failures)
             text, code = self.owner.machine.LOGIN_UNAVAILABLE
+            wait = penalty_delay(admission.failures, self.server.auth_delay)
             return self.done(AuthOutcome(Verdict.FAIL, text=text, error_code=code,
-                                         wait=AUTH_PENALTY_MAX, reason="login defence"))
+                                         wait=wait, reason="login defence"))
         self.checking = who
         self.inner.start(self.attempt, self._decided)
 
@@ -7603,7 +7836,6 @@ def make_shared_books() -> SharedBooks:
     """Every book the processes share.  A new one goes here, and whoever
     uses it finds it with books.of(ItsClass)."""
     books = SharedBooks()
-    books.add(LoginThrottle())
     books.add(LoginDefence(os.urandom(32)))       # one key for every worker's digests
     books.add(SessionCounts())
     return books
@@ -7778,8 +8010,8 @@ class Worker(LoopHandler):
         self.log = logs.main
         self.loop = EventLoop()
         self.books = books if books is not None else make_shared_books()
-        self.throttle = self.books.of(LoginThrottle)
         self.gate = LoginGate(self.loop, self.books.of(LoginDefence))
+        self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -7964,6 +8196,7 @@ class Worker(LoopHandler):
         self.loop.run()
         for listener in self.listeners.values():
             listener.close()
+        self.password_checks.close()
         self.loop.close()
 
 

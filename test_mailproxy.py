@@ -8,7 +8,8 @@
     python3 test_mailproxy.py --fuzz N     N fuzz inputs per target (--seed S,
                                            TARGET... to choose); see "Fuzz"
     python3 test_mailproxy.py --bench      what this host sustains (minutes);
-                                           see "Benchmark"
+                                           see "Benchmark" (--bench NAME...:
+                                           only the workloads so named)
 
 The sections mirror mailproxy.py's, in the same order and under the same
 banners (grep '^# .*####' prints both tables of contents), after one section
@@ -22,6 +23,7 @@ read as transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
 
 import base64
 import errno
+import functools
 import hashlib
 import hmac
 import imaplib
@@ -1877,6 +1879,7 @@ class ProxyUnderTest:
                     session.backend.close()
             for listener in self.worker.listeners.values():
                 listener.close()
+            self.worker.password_checks.close()
             self.worker.loop.close()
         self.directory.cleanup()
         if self.crash:
@@ -4237,6 +4240,19 @@ class PasswordCostTests(unittest.TestCase):
         self.assertFalse(mp.authenticate(users, {}, upstream(),
                                          mp.Credentials(b"nobody", digest, "cram-md5", SALT)).ok)
 
+    def test_known_and_unknown_logins_go_the_same_way_off_the_loop_or_not(self):
+        """check_hashes: a table whose users hash sends an unknown login to
+        the pool too (against the dummy); a {PLAIN} table keeps both on the
+        loop; a digest login only compares, so stays."""
+        for name, value in self.TABLES.items():
+            with self.subTest(table=name):
+                users = self.users(value, value)
+                hashed = name != "PLAIN"
+                for login in (b"user1", b"nobody", b"\xff not UTF-8"):
+                    self.assertEqual(mp.check_hashes(users, mp.Credentials(login, b"wrong")), hashed)
+                digest = mp.Credentials(b"nobody", b"0" * 32, "cram-md5", SALT)
+                self.assertFalse(mp.check_hashes(users, digest))
+
     def test_a_long_password_costs_what_the_longest_allowed_one_costs(self):
         # SHA-crypt's steps 13-15 built key * len(key): 16 KB of password took
         # 0.7 s and 256 MB.  Passwords are now cut off at PASSWORD_MAX.
@@ -4396,49 +4412,6 @@ class LoginDefenceTests(unittest.TestCase):
                          mp.AUTH_PAIR_LIMIT)                    # the account's own count stays
         self.defence.apply(self.defence.clear(login="alice"))
         self.assertEqual(self.defence.recent_failures("198.51.100.1", "alice", 20.0), 0)
-
-
-class LoginThrottleTests(unittest.TestCase):
-    def test_delay_doubles_then_caps_and_locks(self):
-        throttle = mp.LoginThrottle()
-        delays = [throttle.failure("192.0.2.1", 100.0 + i, 1.0) for i in range(8)]
-        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 32, 32])
-        self.assertEqual(throttle.failure("192.0.2.2", 100.0, 1.0), 1)    # per address
-        for i in range(20):
-            throttle.failure("192.0.2.1", 110.0, 1.0)
-        self.assertTrue(throttle.locked("192.0.2.1", 111.0))
-        self.assertFalse(throttle.locked("192.0.2.1", 111.0 + mp.AUTH_FAILURE_WINDOW + 1))
-
-    def test_table_is_bounded(self):
-        throttle = mp.LoginThrottle()
-        for i in range(mp.AUTH_FAILURE_TABLE + 10):
-            throttle.failure("10.0.%d.%d" % (i // 256, i % 256), 1.0, 1.0)
-        self.assertEqual(len(throttle.failures), mp.AUTH_FAILURE_TABLE)
-
-    def test_failures_are_events_and_copies_agree_whatever_the_order(self):
-        # A book the workers share (SharedBooks): failure() publishes an
-        # event, apply() alone counts; another process's copy gets the same
-        # events, maybe interleaved otherwise, and must come to the same.
-        throttle = mp.LoginThrottle()
-        events = []
-
-        def publish(event):
-            events.append(event)
-            throttle.apply(event)
-        throttle.publish = publish
-        self.assertEqual(throttle.failure("192.0.2.1", 100.0, 1.0), 1)
-        self.assertEqual(throttle.failure("192.0.2.2", 101.0, 1.0), 1)
-        self.assertEqual(throttle.failure("192.0.2.1", 102.0, 1.0), 2)
-        self.assertEqual(events, [("login failure", "192.0.2.1", 100.0),
-                                  ("login failure", "192.0.2.2", 101.0),
-                                  ("login failure", "192.0.2.1", 102.0)])
-        copy = mp.LoginThrottle()
-        for event in reversed(events):
-            copy.apply(event)
-        self.assertEqual(sorted(copy.failures.items()), sorted(throttle.failures.items()))
-        for _ in range(mp.AUTH_FAILURE_LOCKOUT - 2):               # another worker's failures
-            throttle.apply(("login failure", "192.0.2.1", 103.0))
-        self.assertTrue(throttle.locked("192.0.2.1", 104.0))
 
 
 class SmtpRecipientRuleTests(unittest.TestCase):
@@ -6810,7 +6783,8 @@ class OddCertificateUserTableTests(EndToEndTestCase):
 # ####                            Event loop                            #### #
 # ========================================================================== #
 # EventLoop on its own: timers in order, cancel, call_soon_threadsafe from
-# another thread, a signal delivered through the wake-up fd.
+# other threads (in order, each once, a failure to its object), a signal
+# delivered through the wake-up fd.
 
 class EventLoopTests(EventLoopTestCase):
     def test_timers_run_in_the_order_of_their_deadlines(self):
@@ -6848,6 +6822,50 @@ class EventLoopTests(EventLoopTestCase):
         self.loop.run_once(30.0)                         # the wake-up byte ends the wait
         self.assertEqual(ran, [threading.current_thread()], "not run, or not in the loop's thread")
         self.assertLess(time.monotonic() - started, 10.0, "the loop slept through the wake-up")
+
+    def test_call_soon_threadsafe_from_many_threads_runs_each_once_in_order(self):
+        ran = []
+        loop_thread = threading.current_thread()
+
+        def call(thread_number):
+            for number in range(200):
+                self.loop.call_soon_threadsafe(
+                    lambda pair=(thread_number, number): ran.append((pair, threading.current_thread())))
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        self.drive(lambda: len(ran) == 800)
+        for thread in threads:
+            thread.join()
+        self.loop.run_once(0.05)
+        self.assertEqual(len(ran), 800, "a callback ran twice")
+        self.assertEqual({thread for _, thread in ran}, {loop_thread})
+        for thread_number in range(4):
+            self.assertEqual([number for (n, number), _ in ran if n == thread_number], list(range(200)),
+                             "one thread's callbacks ran out of order")
+
+    def test_a_threadsafe_callback_that_fails_ends_its_object_not_the_loop(self):
+        class Owner:
+            errors = []
+
+            def crashed(self, error):
+                self.errors.append(error)
+
+            def broken(self):
+                raise ZeroDivisionError("a bug in one connection's handling")
+        owner, ran = Owner(), []
+        for callback in (owner.broken, lambda: ran.append("next")):
+            threading.Thread(target=self.loop.call_soon_threadsafe, args=(callback,)).start()
+        self.drive(lambda: ran and owner.errors)
+        self.assertIsInstance(owner.errors[0], ZeroDivisionError)
+        self.assertEqual(ran, ["next"], "the loop stopped at the failed callback")
+
+    def test_call_soon_threadsafe_after_close_is_harmless(self):
+        """A check that ends while the worker stops: its thread must not
+        fail (the callback is never run)."""
+        loop = mp.EventLoop()
+        loop.close()
+        loop.call_soon_threadsafe(lambda: None)
 
     @unittest.skipUnless(hasattr(signal, "SIGUSR2"), "needs SIGUSR2 and SIGCHLD")
     def test_signals_come_through_the_wake_up_fd_sigchld_last(self):
@@ -7394,10 +7412,255 @@ class SmtpEndToEndNoAuthTests(EndToEndTestCase):
 # ========================================================================== #
 # ####          Outbound clients: the backend, auth_http, DNS           #### #
 # ========================================================================== #
-# The resolver against a fake DNS server; the auth_http client end to end
-# (the real proxy between a test client, a fake auth_http server and fake
-# backends; NGINX-MAIL.md §1.3): the request byte by byte, failures,
-# Auth-Wait, the auth server failing, OAuth tokens, the extension headers.
+# The password-check pool: on its own (order, bound, cancel, failure), its
+# SHA-crypt helper process, and end to end with a check held at a gate (the
+# loop serves others meanwhile; known and unknown logins alike; SHA-crypt
+# in the helper; more logins than it holds; a session that closes
+# mid-check; a check that fails).  The resolver against a fake DNS
+# server; the auth_http client end to end (the real proxy between a test
+# client, a fake auth_http server and fake backends; NGINX-MAIL.md §1.3):
+# the request byte by byte, failures, Auth-Wait, the auth server failing,
+# OAuth tokens, the extension headers.
+
+# -- the password checks, off the event loop ---------------------------------------
+
+# A cheap PBKDF2 entry: hashed, so checked in the pool, but quickly.
+PBKDF2_ALICE = mp.hash_password(b"secret", "PBKDF2-SHA256", rounds=1000)
+
+
+class GatedPasswordCheck:
+    """Stands in for mp.password_matches while a test runs: each call is
+    recorded (entry, thread), then waits until the test opens ``gate``, then
+    answers as password_matches would.  The wait gives up after 10 s, so a
+    check run on the event loop fails the test (nothing else is served
+    meanwhile) instead of hanging it.  ``fail``: raise that instead."""
+
+    def __init__(self, test):
+        self.real = mp.password_matches
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.calls = []                # (entry, thread), in the order they came
+        self.inside = 0                # calls waiting at the gate now
+        self.most_inside = 0
+        self.fail = None               # type: Optional[Exception]
+        patcher = unittest.mock.patch.object(mp, "password_matches", self)
+        patcher.start()
+        test.addCleanup(patcher.stop)
+        test.addCleanup(self.gate.set)   # first: no thread is left waiting
+
+    def __call__(self, entry, password):
+        with self.lock:
+            self.calls.append((entry, threading.current_thread()))
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        self.gate.wait(10)
+        with self.lock:
+            self.inside -= 1
+        if self.fail is not None:
+            raise self.fail
+        return self.real(entry, password)
+
+
+class PasswordCheckPoolTests(EventLoopTestCase):
+    """The pool on its own, with a real EventLoop."""
+
+    def test_checks_over_the_limit_wait_and_run_in_order(self):
+        pool = mp.PasswordCheckPool(self.loop, threads=2, limit=2)
+        self.addCleanup(pool.close)
+        gate, ran, done = threading.Event(), [], []
+
+        def work(number, matches):
+            gate.wait(10)
+            ran.append(number)
+            return number
+        for number in range(6):
+            pool.submit(functools.partial(work, number), done.append)
+        self.assertEqual((pool.handed, len(pool.waiting)), (2, 4))
+        gate.set()
+        self.drive(lambda: len(done) == 6)
+        self.assertEqual(sorted(done), list(range(6)))
+        self.assertEqual(ran[2:], [2, 3, 4, 5], "the waiting checks ran out of order")
+        self.assertEqual(len(pool.threads), 2)
+
+    def test_a_cancelled_check_is_dropped_and_a_failed_one_goes_to_its_object(self):
+        class Owner:
+            def __init__(self):
+                self.results, self.errors = [], []
+
+            def done(self, result):
+                self.results.append(result)
+
+            def crashed(self, error):
+                self.errors.append(error)
+        pool = mp.PasswordCheckPool(self.loop, threads=1, limit=1)
+        self.addCleanup(pool.close)
+        gate, ran = threading.Event(), []
+
+        def work(name, matches):
+            gate.wait(10)
+            ran.append(name)
+            if name == "broken":
+                raise ZeroDivisionError("a bug in a check")
+            return name
+        running, waiting, broken, good = Owner(), Owner(), Owner(), Owner()
+        pool.submit(functools.partial(work, "running"), running.done).cancel()
+        pool.submit(functools.partial(work, "waiting"), waiting.done).cancel()
+        pool.submit(functools.partial(work, "broken"), broken.done)
+        pool.submit(functools.partial(work, "good"), good.done)
+        gate.set()
+        self.drive(lambda: good.results)
+        self.assertNotIn("waiting", ran, "a check cancelled while it waited ran")
+        self.assertEqual((running.results, waiting.results), ([], []))
+        self.assertIsInstance(broken.errors[0], ZeroDivisionError)
+        self.assertEqual(good.results, ["good"])
+
+
+SHA512_ALICE = mp.hash_password(b"secret", "SHA512-CRYPT", rounds=1000)
+
+
+class PasswordHelperTests(unittest.TestCase):
+    """SHA-crypt holds the GIL, so a pool thread has it checked in a
+    process of its own."""
+
+    def test_the_helper_loop_answers_each_request_until_the_end(self):
+        entries = [mp.parse_password_entry(value) for value in
+                   (SHA512_ALICE, mp.hash_password(b"secret", "SHA256-CRYPT", rounds=1000))]
+        requests = io.BytesIO()
+        for entry in entries:
+            for password in (b"secret", b"wrong", b"sec\0ret"):
+                body = b"\0".join((entry.scheme.encode(), entry.data.encode(), password))
+                requests.write(struct.pack("!I", len(body)) + body)
+        requests.seek(0)
+        replies = io.BytesIO()
+        mp.serve_password_checks(requests, replies)
+        self.assertEqual(replies.getvalue(), b"100100")
+
+    def test_a_process_of_its_own_for_sha_crypt_and_another_when_it_dies(self):
+        helper = mp.PasswordHelper()
+        self.addCleanup(helper.close)
+        entry = mp.parse_password_entry(SHA512_ALICE)
+        self.assertTrue(helper.matches(mp.parse_password_entry(PBKDF2_ALICE), b"secret"))
+        self.assertIsNone(helper.process, "PBKDF2 started a process: it releases the GIL")
+        self.assertTrue(helper.matches(entry, b"secret"))
+        self.assertFalse(helper.matches(entry, b"wrong"))
+        first = helper.process.pid
+        self.assertNotEqual(first, os.getpid())
+        helper.process.kill()
+        helper.process.wait()
+        with self.assertRaisesRegex(RuntimeError, "password check process ended"):
+            helper.matches(entry, b"secret")
+        self.assertTrue(helper.matches(entry, b"secret"))
+        self.assertNotEqual(helper.process.pid, first)
+        process = helper.process
+        helper.close()
+        self.assertIsNotNone(process.returncode, "close() left the process running")
+
+
+class PasswordCheckEndToEndTests(EndToEndTestCase):
+    """Logins of a hashed [users] entry: checked in the worker's pool
+    threads, the loop serving everyone else meanwhile."""
+
+    def start(self, **mail):
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, users={"alice": PBKDF2_ALICE}, **mail)
+        return proxy, GatedPasswordCheck(self)
+
+    def login(self, proxy, tag: str, login: str = "alice", password: str = "secret") -> Client:
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("%s LOGIN %s %s" % (tag, login, password))
+        return client
+
+    def test_another_session_is_served_while_a_password_is_checked(self):
+        """Fails if the check runs on the event loop: the NOOP then gets no
+        answer until the gate opens."""
+        proxy, check = self.start()
+        first = self.login(proxy, "a1")
+        wait_until(lambda: check.calls, what="the check to start")
+        other = self.connect(proxy)
+        other.expect_line(mp.IMAP_GREETING)
+        other.send("b1 NOOP")
+        other.expect_line(b"b1 " + mp.IMAP_OK)
+        self.assertEqual(check.inside, 1, "the check did not wait for the gate")
+        check.gate.set()
+        first.expect(rb"^a1 OK LOGIN completed\r\n$")
+        self.assertIsNot(check.calls[0][1], proxy.thread, "the check ran in the loop's thread")
+
+    def test_an_unknown_login_is_checked_the_same_way_against_the_dummy(self):
+        """Issue 12: known and unknown logins through one path, to the same pool."""
+        proxy, check = self.start(auth_delay="0")
+        client = self.login(proxy, "a1", "nobody", "wrong")
+        wait_until(lambda: check.calls, what="the check to start")
+        check.gate.set()
+        client.expect(rb"^a1 NO ")
+        entry, thread = check.calls[0]
+        self.assertEqual(entry, proxy.config.users.dummy)
+        self.assertIsNot(thread, proxy.thread)
+
+    def test_sha_crypt_is_checked_in_a_helper_process(self):
+        """The gate is never opened: password_matches is not called in this
+        process, yet the right password logs in and a wrong one is refused."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, users={"alice": SHA512_ALICE},
+                                 auth_delay="0")
+        check = GatedPasswordCheck(self)
+        self.login(proxy, "a1", password="wrong").expect(rb"^a1 NO ")
+        self.login(proxy, "a2").expect(rb"^a2 OK LOGIN completed\r\n$")
+        self.assertEqual(check.calls, [])
+
+    def test_more_logins_than_the_pool_holds_wait_and_all_complete(self):
+        # auth_delay 0: the login defence off, which would hold the 5th and
+        # 6th logins from this address before the pool (AUTH_PENALTY_SLOTS).
+        proxy, check = self.start(auth_delay="0")
+        worker = proxy.worker
+        worker.password_checks = mp.PasswordCheckPool(worker.loop, threads=1, limit=2)
+        clients = [self.login(proxy, "a%d" % number) for number in range(6)]
+        wait_until(lambda: (worker.password_checks.handed, len(worker.password_checks.waiting))
+                   == (2, 4), what="two checks handed to the pool, four waiting")
+        check.gate.set()
+        for number, client in enumerate(clients):
+            client.expect(rb"^a%d OK LOGIN completed\r\n$" % number)
+        self.assertEqual(len(check.calls), 6)
+        self.assertEqual(check.most_inside, 1, "one thread ran two checks at once")
+
+    def test_a_session_that_closes_during_its_check_is_not_called_back(self):
+        """The proxy reads nothing from a client in the auth phase (nginx
+        neither), so a session ends there when the worker ends it (stop,
+        worker_shutdown_timeout): here, the test, through the loop."""
+        proxy, check = self.start()
+        worker = proxy.worker
+        worker.password_checks = mp.PasswordCheckPool(worker.loop, threads=1, limit=1)
+        running = self.login(proxy, "a1")
+        wait_until(lambda: check.calls, what="the first check to start")
+        waiting = self.login(proxy, "a2")
+        wait_until(lambda: worker.password_checks.waiting, what="the second check to wait")
+        for session in proxy.sessions():
+            worker.loop.call_soon_threadsafe(functools.partial(session.close, "ended by the test"))
+        running.expect_closed()
+        waiting.expect_closed()
+        wait_until(lambda: not proxy.sessions(), what="both sessions to end")
+        check.gate.set()
+        wait_until(lambda: worker.password_checks.handed == 0, what="the check to come back")
+        self.assertEqual(len(check.calls), 1, "a check cancelled while it waited ran")
+        later = self.login(proxy, "a3")
+        later.expect(rb"^a3 OK LOGIN completed\r\n$")
+        proxy.assert_alive()
+        self.assertNotIn("internal error", proxy.log)
+        self.assertNotIn("login failed", proxy.log)
+
+    def test_a_check_that_fails_ends_only_its_session(self):
+        proxy, check = self.start()
+        check.fail = RuntimeError("a bug in the check")
+        client = self.login(proxy, "a1")
+        other = self.connect(proxy)
+        other.expect_line(mp.IMAP_GREETING)
+        check.gate.set()
+        client.expect_closed()
+        proxy.wait_for_log(r"\[alert\].*internal error, session closed: RuntimeError")
+        other.send("b1 NOOP")
+        other.expect_line(b"b1 " + mp.IMAP_OK)
+        proxy.assert_alive()
+
 
 def resolve_client(test, answer, address="127.0.0.1", timeout=2.0, valid=None):
     """Run ClientNameLookup on a fresh loop against a FakeDns; (name, problem, dns)."""
@@ -9399,13 +9662,13 @@ class SharedBooksTests(unittest.TestCase):
 
     def test_an_event_goes_to_each_book_of_its_kind_and_no_other(self):
         books = mp.SharedBooks()
-        ledger, throttle = books.add(Ledger()), books.add(mp.LoginThrottle())
-        books.apply(("login failure", "192.0.2.1", 5.0))
+        ledger, defence = books.add(Ledger()), books.add(mp.LoginDefence(b"key"))
+        books.apply(("login failed", "192.0.2.1", "alice", "digest", 5.0, 1.0))
         books.apply(("tick", 1))
         books.apply(("unknown kind", 1))                     # nobody's: ignored
         self.assertEqual(ledger.events, [("tick", 1)])
-        self.assertEqual(throttle.failures, {"192.0.2.1": (1, 5.0)})
-        self.assertIs(books.of(mp.LoginThrottle), throttle)
+        self.assertEqual(defence.recent_failures("192.0.2.1", "bob", 5.0), 1)
+        self.assertIs(books.of(mp.LoginDefence), defence)
         self.assertRaises(KeyError, books.of, mp.SharedBooks)
 
     def test_an_oversized_or_unsayable_event_is_refused_everywhere(self):
@@ -9544,11 +9807,9 @@ class BookBrokerTests(EventLoopTestCase):
 
 @needs_fork_and_proc
 class ProcessSharedBooksTests(EndToEndTestCase):
-    """The failed-login counts go through the master: one budget for all
-    the workers, and a worker forked later (a replacement, a reload's)
+    """The login defence's counts go through the master: one budget for
+    all the workers, and a worker forked later (a replacement, a reload's)
     starts with the master's copy."""
-
-    LOCKED = "too many failed logins from this address"
 
     def client_of_an_idle_worker(self, proxy: ProgramUnderTest, port: int):
         """(a greeted client, the worker serving it).  With worker_connections
@@ -9560,32 +9821,45 @@ class ProcessSharedBooksTests(EndToEndTestCase):
         wait_until(lambda: proxy.served_by(mark), what="the session's connected line")
         return client, proxy.served_by(mark)[0]
 
-    def refused(self, proxy: ProgramUnderTest, client: Client, password: str):
-        """LOGIN alice PASSWORD, refused: (the worker's pid, the reason it logged)."""
+    def answer(self, proxy: ProgramUnderTest, client: Client, login: str, password: str):
+        """LOGIN LOGIN PASSWORD: (the reply's line, the pid of the worker
+        that logged the failure or the refusal; None for an OK)."""
         mark = proxy.mark()
-        client.send("a1 LOGIN alice %s" % password)
-        client.expect_line(b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
-        line = proxy.wait_for("client login failed", mark)
-        match = re.search(r'\] (\d+)#0: \*\d+ client login failed: "([^"]*)"', line or "")
+        client.send("a1 LOGIN %s %s" % (login, password))
+        line = client.read_line()
+        if line.startswith(b"a1 OK "):
+            return line, None
+        logged = proxy.wait_for("client login failed", mark) or ""
+        match = re.search(r"\] (\d+)#0: \*\d+ ", logged)
         self.assertIsNotNone(match, proxy.stderr)
-        return int(match.group(1)), match.group(2)
+        return line, int(match.group(1))
 
     def test_one_budget_for_all_workers_kept_by_a_replacement_and_a_reload(self):
-        backend = self.use(FakeImapBackend(accept=None))       # lets alice in, unless refused
+        """AUTH_PAIR_LIMIT wrong passwords for alice, half through each
+        worker: then both refuse alice from this address, the right
+        password too, with the temporary reply; bob goes on logging in.
+        A replacement worker and a reload's new ones know it too."""
+        backend = self.use(FakeImapBackend(accept=None))       # lets anyone in, unless refused
         directory = TempDir(self)
         port = free_port()
         proxy = ProgramUnderTest(self, program_config(
-            directory, [port], backend.port, auth_delay="0s",
+            directory, [port], backend.port, auth_delay="1ms",
+            password="secret\nbob = {PLAIN}builder",
             main="worker_processes = 2\nworker_connections = 1\n"))
         first, first_pid = self.client_of_an_idle_worker(proxy, port)
         second, second_pid = self.client_of_an_idle_worker(proxy, port)
         self.assertEqual({first_pid, second_pid}, set(proxy.workers()))
-        for number in range(mp.AUTH_FAILURE_LOCKOUT):          # half the budget on each
+        failed = b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n"
+        for number in range(mp.AUTH_PAIR_LIMIT):              # half the budget on each
             client, pid = ((first, first_pid), (second, second_pid))[number % 2]
-            self.assertEqual(self.refused(proxy, client, "wrong"), (pid, "wrong password"))
+            self.assertEqual(self.answer(proxy, client, "alice", "wrong%d" % number),
+                             (failed, pid))
         time.sleep(0.2)                # the last failure's event is on its way through the master
-        self.assertEqual(self.refused(proxy, first, "secret"), (first_pid, self.LOCKED))
-        self.assertEqual(self.refused(proxy, second, "secret"), (second_pid, self.LOCKED))
+        unavailable = b"a1 NO " + mp.IMAP_LOGIN_UNAVAILABLE[0] + b"\r\n"
+        self.assertEqual(self.answer(proxy, first, "alice", "secret"), (unavailable, first_pid))
+        self.assertEqual(self.answer(proxy, second, "alice", "secret"), (unavailable, second_pid))
+        self.assertIn("login refused for now: %d wrong passwords" % mp.AUTH_PAIR_LIMIT,
+                      proxy.stderr)
 
         mark = proxy.mark()                    # a replacement: forked with the master's copy
         os.kill(first_pid, signal.SIGKILL)
@@ -9593,7 +9867,7 @@ class ProcessSharedBooksTests(EndToEndTestCase):
         self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
         third, third_pid = self.client_of_an_idle_worker(proxy, port)
         self.assertEqual(proxy.workers(mark), [third_pid])
-        self.assertEqual(self.refused(proxy, third, "secret"), (third_pid, self.LOCKED))
+        self.assertEqual(self.answer(proxy, third, "alice", "secret"), (unavailable, third_pid))
 
         mark = proxy.mark()                    # a reload's new generation: the same
         proxy.send_signal("SIGHUP")
@@ -9601,7 +9875,10 @@ class ProcessSharedBooksTests(EndToEndTestCase):
         served = []
         for _ in proxy.workers(mark):
             client, pid = self.client_of_an_idle_worker(proxy, port)
-            self.assertEqual(self.refused(proxy, client, "secret"), (pid, self.LOCKED))
+            self.assertEqual(self.answer(proxy, client, "alice", "secret"), (unavailable, pid))
+            # Only the attacked account from the attacking address: bob
+            # logs in there (the first of the account's failures is his).
+            self.assertEqual(self.answer(proxy, client, "bob", "builder")[1], None)
             served.append(pid)
         self.assertEqual(sorted(served), sorted(proxy.workers(mark)))
         self.assertEqual(len(served), 2)
@@ -11827,6 +12104,12 @@ BENCH_TIMEOUT = 120.0                # s a workload may take before it fails
 BENCH_MAX_ERRORS = 20                # failed sessions before a workload gives up
 BENCH_USER = b"bench"
 BENCH_PASSWORD = b"secret"
+# Issue 14's measurement: how long one session's pre-login NOOP waits while
+# other sessions' wrong passwords are being checked against [users].
+BENCH_STALL_LOGINS = 40              # wrong logins in flight at once
+BENCH_STALL_WARMUP = 0.5             # s before the NOOPs are counted
+BENCH_STALL_SECONDS = 3.0            # s of NOOPs that are counted
+BENCH_STALL_SCHEMES = ("PBKDF2-SHA256", "SHA512-CRYPT")   # as --hash-password makes them
 
 
 class BenchmarkFailure(Exception):
@@ -12203,6 +12486,7 @@ def file_tail(path: str, lines: int = 10) -> str:
 # -- the load generator: one selectors loop, one generator per session --------------
 # A session is a generator that yields requests and gets answers back:
 #   ("connect",)     open a new connection to the proxy        -> None
+#   ("connect", ip)  the same, from that local address (127.x.y.z on Linux)
 #   ("send", bytes)  queue bytes (sent as the socket allows)   -> None
 #   ("line",)        the next line, CRLF included              -> bytes
 #   ("skip", n)      read and drop n bytes                     -> None
@@ -12379,6 +12663,12 @@ class LoadLoop:
                 self._close(conn)
                 conn.sock = socket.socket()
                 conn.sock.setblocking(False)
+                if len(request) > 1:
+                    try:
+                        conn.sock.bind((request[1], 0))
+                    except OSError as failure:
+                        error = failure
+                        continue
                 status = conn.sock.connect_ex(self.address)
                 if status not in (0, errno.EINPROGRESS, errno.EAGAIN):
                     error = OSError(status, os.strerror(status))
@@ -12627,6 +12917,114 @@ def measure_latency(port: int, meter) -> tuple:
     return row, []
 
 
+def loopback_address(number: int) -> str:
+    """The ``number``-th of 127.1.1.1, 127.1.1.2, ...: each wrong login comes
+    from an address of its own, as a botnet's do.  (auth_delay 0 turns the
+    login defence off, so every login is checked, which is what is measured.
+    Linux answers on all of 127.0.0.0/8.)"""
+    return "127.%d.%d.%d" % (1 + number // 64516 % 254, 1 + number // 254 % 254, 1 + number % 254)
+
+
+def wrong_login_steps(stats: dict):
+    """Wrong passwords for a known user, one session each, until stats["stop"]."""
+    while not stats["stop"]:
+        stats["started"] += 1
+        yield ("connect", loopback_address(stats["started"]))
+        check_line((yield ("line",)), b"* OK", "greeting", prefix=True)
+        yield ("send", b"a LOGIN victim wrong\r\n")
+        check_line((yield ("line",)), b"a NO", "wrong LOGIN", prefix=True)
+        yield ("close",)
+        stats["logins"] += 1
+
+
+def noop_probe_steps(stats: dict):
+    """One session that never logs in: NOOPs one at a time, each timed."""
+    yield ("connect",)
+    check_line((yield ("line",)), b"* OK", "greeting", prefix=True)
+    while not stats["stop"]:
+        started = time.perf_counter()
+        yield ("send", b"n NOOP\r\n")
+        check_line((yield ("line",)), b"n OK", "NOOP", prefix=True)
+        stats["noops"].append(time.perf_counter() - started)
+    yield ("close",)
+
+
+def start_user_table_proxy(directory: str, scheme: str):
+    """mailproxy.py -c FILE with one worker and a [users] table of one user
+    (password "right", hashed by --hash-password's code with ``scheme``),
+    auth_delay 0 (the delay is a timer, not work): (Popen, IMAP port)."""
+    port = free_port()
+    config = os.path.join(directory, "stall.conf")
+    with open(config, "w") as handle:
+        handle.write("[main]\nworker_processes = 1\nworker_connections = 1024\n"
+                     "error_log = %s warn\n\n"
+                     "[mail]\nproxy_pass = 127.0.0.1:9\nauth_delay = 0\n\n"
+                     "[users]\nvictim = %s\n\n"
+                     "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n"
+                     % (os.path.join(directory, "error.log"),
+                        mp.hash_password(b"right", scheme), port))
+    output = open(os.path.join(directory, "stall-output.log"), "wb")
+    try:
+        proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config],
+                                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                start_new_session=True)
+    finally:
+        output.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                if sock.makefile("rb").readline().startswith(b"* OK"):
+                    return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_benchmark_proxy(proc)
+            raise BenchmarkFailure("mailproxy with [users] did not start; its output:\n%s"
+                                   % file_tail(os.path.join(directory, "stall-output.log")))
+        time.sleep(0.1)
+
+
+def measure_login_stall(directory: str, scheme: str) -> tuple:
+    """A pre-login NOOP's round trip while BENCH_STALL_LOGINS wrong logins
+    of a ``scheme`` user are in flight: a password check that runs on the
+    event loop makes every other session of the worker wait for it."""
+    proc, port = start_user_table_proxy(directory, scheme)
+    loop = LoadLoop(port)
+    stats = {"stop": False, "started": 0, "logins": 0, "noops": []}
+    try:
+        loop.add(noop_probe_steps(stats))
+        for _ in range(BENCH_STALL_LOGINS):
+            loop.add(wrong_login_steps(stats))
+        loop.run(time.perf_counter() + BENCH_STALL_WARMUP)
+        del stats["noops"][:]
+        # The family again at the end: it counts processes the worker
+        # started meanwhile (password check helpers), from their start.
+        logins, cpu, started = stats["logins"], cpu_of(process_family(proc.pid)), time.perf_counter()
+        loop.run(started + BENCH_STALL_SECONDS)
+        wall = time.perf_counter() - started
+        logins, now = stats["logins"] - logins, cpu_of(process_family(proc.pid))
+        cpu = None if cpu is None or now is None else now - cpu
+        stats["stop"] = True
+        drained = loop.run(time.perf_counter() + 10)
+    finally:
+        loop.close_all()
+        stop_benchmark_proxy(proc)
+    samples = sorted(stats["noops"])
+    problems = failure_lines(loop, "login stall, %s" % scheme)
+    if not drained:
+        problems.append("login stall, %s: sessions unfinished 10 s after the end" % scheme)
+    if not samples or not logins:
+        problems.append("login stall, %s: %d NOOPs, %d logins" % (scheme, len(samples), logins))
+        return None, problems
+    micro = micro_unit()
+    p50 = 1e6 * samples[len(samples) // 2]
+    row = ("NOOP, %d wrong %s logins" % (BENCH_STALL_LOGINS, scheme),
+           "p50 %.0f %s, worst %.1f ms" % (p50, micro, 1e3 * samples[-1]),
+           cpu_text(cpu), "%d NOOPs, %.0f wrong logins/s" % (len(samples), logins / wall))
+    return row, problems
+
+
 def raise_fd_limit() -> None:
     """1000 idle sessions need more descriptors than a 1024 soft limit."""
     try:
@@ -12647,8 +13045,9 @@ def print_table(rows) -> None:
         print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def run_benchmark() -> int:
-    """The opt-in benchmark (--bench): a table of what this host sustains."""
+def run_benchmark(patterns=()) -> int:
+    """The opt-in benchmark (--bench [NAME...]): a table of what this host
+    sustains; with names, only the workloads whose name holds one of them."""
     print("mailproxy benchmark: %s CPUs, Python %s (%s), %s"
           % (os.cpu_count(), platform.python_version(), platform.python_implementation(),
              platform.platform()))
@@ -12684,7 +13083,12 @@ def run_benchmark() -> int:
             ("idle sessions", lambda: measure_idle(port, meter, proc.pid)),
             ("latency", lambda: measure_latency(port, meter)),
         ]
+        for scheme in BENCH_STALL_SCHEMES:
+            workloads.append(("login stall, " + scheme,
+                              lambda scheme=scheme: measure_login_stall(directory, scheme)))
         for name, workload in workloads:
+            if patterns and not any(pattern in name for pattern in patterns):
+                continue
             time.sleep(BENCH_SETTLE)
             if proc.poll() is not None:
                 problems.append("mailproxy exited with status %s before %s" % (proc.returncode, name))
@@ -12742,7 +13146,7 @@ def main(argv) -> int:
     verbose = "-v" in argv
     patterns = [arg for arg in argv if not arg.startswith("-")]
     if "--bench" in argv:
-        return run_benchmark()
+        return run_benchmark(patterns)
     if "--fuzz" in argv:
         return run_fuzz(argv)
     jobs = 1 if "-j1" in argv or not hasattr(os, "fork") else min(2, os.cpu_count() or 1)
