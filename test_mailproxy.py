@@ -9130,6 +9130,160 @@ class LoginGateTests(EventLoopTestCase):
         self.assertEqual([admission.refuse for admission in went], [True])
 
 
+class LoginDefenceEndToEndTests(EndToEndTestCase):
+    """The login defence as clients meet it, on the three protocols: the
+    replies, the delays, the refusals, the log lines, the session caps."""
+
+    BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend}
+    USERS = {"alice": "{PLAIN}secret", "bob": "{PLAIN}builder"}
+    FAILED = {"imap": b"a1 NO ", "pop3": b"-ERR ", "smtp": b"535 "}
+    UNAVAILABLE = {"imap": b"a1 NO [UNAVAILABLE] Temporary authentication failure\r\n",
+                   "pop3": b"-ERR [SYS/TEMP] Temporary authentication failure\r\n",
+                   "smtp": b"454 4.7.0 Temporary authentication failure\r\n"}
+    LIMIT = {"imap": b"a1 NO [LIMIT] Too many sessions for this user\r\n",
+             "pop3": b"-ERR [IN-USE] Too many sessions for this user\r\n",
+             "smtp": b"421 4.7.0 Too many sessions for this user\r\n"}
+
+    def proxy(self, protocol: str, **mail) -> ProxyUnderTest:
+        backend = self.use(self.BACKENDS[protocol](accept=None))   # the table decides
+        return self.start_proxy(protocol, backend.port, users=self.USERS, **mail)
+
+    def fewer_pair_failures(self, limit: int = 3) -> None:
+        """AUTH_PAIR_LIMIT ``limit`` in this process, for short tests."""
+        self.addCleanup(setattr, mp, "AUTH_PAIR_LIMIT", mp.AUTH_PAIR_LIMIT)
+        mp.AUTH_PAIR_LIMIT = limit
+
+    def greeted(self, proxy: ProxyUnderTest, protocol: str) -> Client:
+        client = self.connect(proxy, timeout=10.0)
+        if protocol == "smtp":
+            self.smtp_hello(client)
+        else:
+            client.read_line()                     # the greeting
+        return client
+
+    def attempt(self, client: Client, protocol: str, login: str, password: str) -> bytes:
+        """One login the protocol's usual way: the reply's (last) line."""
+        if protocol == "imap":
+            client.send("a1 LOGIN %s %s" % (login, password))
+        elif protocol == "pop3":
+            client.send("USER " + login)
+            client.expect_line(mp.POP3_OK)
+            client.send("PASS " + password)
+        else:
+            token = base64.b64encode(("\0%s\0%s" % (login, password)).encode())
+            client.send(b"AUTH PLAIN " + token + b"\r\n")
+        return client.read_line()
+
+    def logged_in(self, protocol: str, reply: bytes) -> bool:
+        return reply.startswith({"imap": b"a1 OK ", "pop3": b"+OK ", "smtp": b"235 "}[protocol])
+
+    def test_each_failure_waits_longer_the_same_password_does_not_escalate(self):
+        proxy = self.proxy("imap", auth_delay="50ms")
+        client = self.greeted(proxy, "imap")
+        waited = []
+        for password in ("guess1", "guess2", "guess3", "guess3"):
+            started = time.monotonic()
+            self.assertTrue(self.attempt(client, "imap", "alice", password).startswith(b"a1 NO "))
+            waited.append(time.monotonic() - started)
+        for took, least in zip(waited, (0.05, 0.1, 0.2, 0.2)):
+            self.assertGreaterEqual(took, least - 0.005, waited)
+        self.assertTrue(self.logged_in("imap", self.attempt(client, "imap", "alice", "secret")))
+        log = proxy.log
+        self.assertRegex(log, r"\[notice\] \d+#0: \*1 login penalty: 2 recent failures from "
+                              r"127\.0\.0\.1 or of this account, reply in 0\.1s")
+        self.assertIn("login penalty: 3 recent failures from 127.0.0.1 or of this account, "
+                      "reply in 0.2s", log)
+        self.assertNotIn("login penalty: 4 ", log)       # guess3 again: counted once
+        self.assertEqual(log.count("login penalty: 3 recent"), 2)
+
+    def test_the_attacked_account_is_refused_for_now_and_no_other(self):
+        """After AUTH_PAIR_LIMIT wrong passwords for alice from one address,
+        her right one gets the temporary reply there; bob logs in."""
+        self.fewer_pair_failures()
+        for protocol in ("imap", "pop3", "smtp"):
+            with self.subTest(protocol=protocol):
+                proxy = self.proxy(protocol, auth_delay="1ms")
+                client = self.greeted(proxy, protocol)
+                for number in range(mp.AUTH_PAIR_LIMIT):
+                    reply = self.attempt(client, protocol, "alice", "guess%d" % number)
+                    self.assertTrue(reply.startswith(self.FAILED[protocol]), reply)
+                self.assertEqual(self.attempt(client, protocol, "alice", "secret"),
+                                 self.UNAVAILABLE[protocol])
+                proxy.wait_for_log(r"\[notice\] .* login refused for now: 3 wrong passwords "
+                                   r"for this account from this address")
+                other = self.greeted(proxy, protocol)
+                self.assertTrue(self.logged_in(protocol, self.attempt(other, protocol, "bob",
+                                                                      "builder")))
+
+    def test_a_good_login_from_a_guessing_address_completes_on_every_protocol(self):
+        """Six guesses at once from the address fill its slots; the right
+        password waits for a turn, and is let in."""
+        for protocol in ("imap", "pop3", "smtp"):
+            with self.subTest(protocol=protocol):
+                proxy = self.proxy(protocol, auth_delay="20ms")
+                guessers = [self.greeted(proxy, protocol) for _ in range(6)]
+                user = self.greeted(proxy, protocol)
+                for number, guesser in enumerate(guessers):
+                    if protocol == "pop3":
+                        guesser.send("USER nobody%d" % number)
+                        guesser.expect_line(mp.POP3_OK)
+                        guesser.send("PASS guess")
+                    elif protocol == "imap":
+                        guesser.send("a1 LOGIN nobody%d guess" % number)
+                    else:
+                        guesser.send(b"AUTH PLAIN " + base64.b64encode(
+                            b"\0nobody%d\0guess" % number) + b"\r\n")
+                self.assertTrue(self.logged_in(protocol, self.attempt(user, protocol, "bob",
+                                                                      "builder")))
+                for guesser in guessers:
+                    self.assertTrue(guesser.read_line().startswith(self.FAILED[protocol]))
+                self.assertIn("login penalty: 6 recent failures from 127.0.0.1", proxy.log)
+
+    def test_trusted_networks_are_neither_delayed_nor_refused(self):
+        """auth_delay 2s would hold the second failure 4 s and the
+        third 8 s (the client gives up after 10), and refuse the right
+        password after three."""
+        self.fewer_pair_failures()
+        proxy = self.proxy("imap", auth_delay="2s", trusted_networks="10.0.0.0/8\n    127.0.0.1")
+        client = self.greeted(proxy, "imap")
+        for number in range(mp.AUTH_PAIR_LIMIT + 1):
+            self.assertTrue(self.attempt(client, "imap", "alice", "guess%d" % number)
+                            .startswith(b"a1 NO "))
+        self.assertTrue(self.logged_in("imap", self.attempt(client, "imap", "alice", "secret")))
+        self.assertNotIn("login penalty", proxy.log)
+
+    def test_auth_delay_0_turns_the_defence_off(self):
+        self.fewer_pair_failures()
+        proxy = self.proxy("pop3", auth_delay="0")
+        client = self.greeted(proxy, "pop3")
+        for number in range(mp.AUTH_PAIR_LIMIT + 1):
+            self.assertTrue(self.attempt(client, "pop3", "alice", "guess%d" % number)
+                            .startswith(b"-ERR "))
+        self.assertTrue(self.logged_in("pop3", self.attempt(client, "pop3", "alice", "secret")))
+        self.assertNotIn("login penalty", proxy.log)
+
+    def test_max_user_sessions_refuses_one_more_until_one_ends(self):
+        for protocol in ("imap", "pop3", "smtp"):
+            with self.subTest(protocol=protocol):
+                proxy = self.proxy(protocol, max_user_sessions="1")
+                first = self.greeted(proxy, protocol)
+                self.assertTrue(self.logged_in(protocol, self.attempt(first, protocol, "alice",
+                                                                      "secret")))
+                second = self.greeted(proxy, protocol)
+                self.assertEqual(self.attempt(second, protocol, "alice", "secret"),
+                                 self.LIMIT[protocol])
+                second.expect_closed()
+                proxy.wait_for_log(r"max_user_sessions \(1\) reached")
+                other = self.greeted(proxy, protocol)              # another user: not counted
+                self.assertTrue(self.logged_in(protocol, self.attempt(other, protocol, "bob",
+                                                                      "builder")))
+                first.close()
+                wait_until(lambda: len(proxy.worker.sessions) == 1, what="the first to end")
+                third = self.greeted(proxy, protocol)
+                self.assertTrue(self.logged_in(protocol, self.attempt(third, protocol, "alice",
+                                                                      "secret")))
+
+
 class ClientClockTests(unittest.TestCase):
     """The client's time, with a clock the test moves."""
 
@@ -9882,6 +10036,31 @@ class ProcessSharedBooksTests(EndToEndTestCase):
             served.append(pid)
         self.assertEqual(sorted(served), sorted(proxy.workers(mark)))
         self.assertEqual(len(served), 2)
+
+
+    def test_max_user_ip_sessions_counts_the_sessions_of_every_worker(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        directory = TempDir(self)
+        port = free_port()
+        proxy = ProgramUnderTest(self, program_config(
+            directory, [port], backend.port, mail="max_user_ip_sessions = 1\n",
+            main="worker_processes = 2\nworker_connections = 1\n"))
+        first, first_pid = self.client_of_an_idle_worker(proxy, port)
+        self.assertEqual(self.answer(proxy, first, "alice", "secret")[1], None)
+        second, second_pid = self.client_of_an_idle_worker(proxy, port)
+        self.assertNotEqual(first_pid, second_pid)
+        time.sleep(0.2)                # the session's event on its way through the master
+        mark = proxy.mark()
+        second.send("a1 LOGIN alice secret")
+        second.expect_line(b"a1 NO " + mp.IMAP_SESSION_LIMIT[0] + b"\r\n")
+        second.expect_closed()
+        self.assertIsNotNone(proxy.wait_for("max_user_ip_sessions (1) reached", mark),
+                             proxy.stderr)
+        first.send("q1 LOGOUT")
+        self.assertIn(b"q1 OK LOGOUT", first.read_until_closed())
+        time.sleep(0.2)
+        third, third_pid = self.client_of_an_idle_worker(proxy, port)
+        self.assertEqual(self.answer(proxy, third, "alice", "secret")[1], None)
 
 
 # -- SIGHUP: a reload ---------------------------------------------------------------
