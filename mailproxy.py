@@ -111,6 +111,7 @@ AUTH_PAIR_LIMIT = 10           # different wrong passwords for one account from 
 AUTH_PENALTY_TABLE = 4096      # addresses, accounts, pairs remembered at most (oldest go)
 AUTH_PAIR_PASSWORDS = 8        # wrong passwords remembered per pair, as keyed digests
 AUTH_SLOT_RECHECK = 0.05       # s: asked again when only logins under way hold the slots
+AUTH_SLOT_SPREAD = 0.05        # s: at most this much later, at random, so workers take turns
 SHARED_EVENT_MAX = 4096        # bytes of one shared-book event as sent (JSON): an address, a
                                # login, a few numbers; far below an AF_UNIX datagram's limit
 SHARED_QUEUE_MAX = 1024        # events kept for a process that reads none (the oldest dropped)
@@ -3448,7 +3449,7 @@ class LoginDefence:
       failure of the address or of the account (the higher count), at most
       AUTH_PENALTY_MAX: 1, 2, 4, 8, 15 s.  A right password's never waits.
     - Each such delay holds a slot of the address and of the account until
-      it ends, and so does each login under way here (``begin``/``end``):
+      it ends, and so does each login under way (``begin``/``end``):
       with AUTH_PENALTY_SLOTS taken, the next attempt waits for one (admit).
       A guesser gets no further with more connections or by hanging up; a
       user behind its address, or the attacked mailbox's owner, waits a
@@ -3464,14 +3465,17 @@ class LoginDefence:
     published to every process and come back through apply(); ``secret``
     keys the password digests and is the same in all of them (made before
     the master forks).  Passwords are never kept."""
-    kinds = ("login failed", "login ok", "penalty clear")
+    kinds = ("login failed", "login ok", "penalty clear", "login begin", "login end",
+             "worker gone")
 
     def __init__(self, secret: bytes):
         self.secret = secret
         self.addresses = {}        # address -> FailureCount, oldest first
         self.accounts = {}         # login -> FailureCount
         self.pairs = {}            # (address, login) -> FailureCount
-        self.checking = {}         # ("address" | "login", key) -> logins under way in this process
+        self.checking = {}         # ("address" | "login", key) -> logins under way, all processes
+        self.checking_in = {}      # pid -> {(address, login): how many}: what "worker gone" ends
+        self.publish = self.apply  # SharedBooks.add: apply here, then in the other processes
 
     # -- questions ---------------------------------------------------------------
     def admit(self, address: str, login: str, now: float) -> Admission:
@@ -3497,18 +3501,35 @@ class LoginDefence:
                   if record is not None]
         return max(counts, default=0)
 
-    # -- attempts under way in this process (not shared: they last milliseconds) --
-    def begin(self, address: str, login: str) -> None:
-        for key in (("address", address), ("login", login)):
-            self.checking[key] = self.checking.get(key, 0) + 1
+    # -- attempts under way: each holds a slot in every process ---------------------
+    @staticmethod
+    def begin(address: str, login: str, pid: int) -> tuple:
+        """Process ``pid`` lets an attempt through to its password check."""
+        return ("login begin", pid, address, login)
 
-    def end(self, address: str, login: str) -> None:
+    @staticmethod
+    def end(address: str, login: str, pid: int) -> tuple:
+        """That attempt has its answer (its failure, if any, came first)."""
+        return ("login end", pid, address, login)
+
+    def _under_way(self, pid: int, address: str, login: str, change: int) -> None:
+        mine = self.checking_in.setdefault(pid, {})
+        mine[(address, login)] = mine.get((address, login), 0) + change
+        if mine[(address, login)] <= 0:
+            del mine[(address, login)]
+        if not mine:
+            del self.checking_in[pid]
         for key in (("address", address), ("login", login)):
-            left = self.checking.get(key, 0) - 1
+            left = self.checking.get(key, 0) + change
             if left > 0:
                 self.checking[key] = left
             else:
                 self.checking.pop(key, None)
+
+    def _worker_gone(self, pid: int) -> None:
+        """A dead worker's checks hold no slot any more."""
+        for (address, login), count in list(self.checking_in.get(pid, {}).items()):
+            self._under_way(pid, address, login, -count)
 
     # -- the events ----------------------------------------------------------------
     def failure(self, address: str, login: str, password: bytes, now: float,
@@ -3542,6 +3563,12 @@ class LoginDefence:
             self.pairs.pop((event[1], event[2]), None)
         elif event[0] == "penalty clear":
             self._clear(event[1], event[2])
+        elif event[0] == "login begin":
+            self._under_way(event[1], event[2], event[3], +1)
+        elif event[0] == "login end":
+            self._under_way(event[1], event[2], event[3], -1)
+        elif event[0] == "worker gone":
+            self._worker_gone(event[1])
 
     def _failed(self, address: str, login: str, digest: str, when: float, delay: float) -> None:
         pair = self._touch(self.pairs, (address, login), when)
@@ -7036,7 +7063,7 @@ class LoginGate:
 
     def leave(self, address: str, login: str) -> None:
         """An attempt let through has its answer: its slot is free."""
-        self.defence.end(address, login)
+        self.defence.publish(self.defence.end(address, login, os.getpid()))
         self._let_through()
 
     def _let_through(self) -> None:
@@ -7050,11 +7077,18 @@ class LoginGate:
                 continue
             self.waiting.remove(ticket)
             if not admission.refuse:
-                self.defence.begin(address, login)
+                self.defence.publish(self.defence.begin(address, login, os.getpid()))
             go(admission)
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_later(soonest, self._let_through) if soonest else None
+        self.timer = None
+        if soonest:
+            # When a delay ends, the waiters of every worker wake together;
+            # each worker would let AUTH_PENALTY_SLOTS through before
+            # hearing of the others' "login begin".  A random spread lets
+            # the first one's events reach the others first.
+            spread = random.random() * AUTH_SLOT_SPREAD
+            self.timer = self.loop.call_later(soonest + spread, self._let_through)
 
 
 class LoginGuard:

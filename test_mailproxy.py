@@ -4344,12 +4344,18 @@ class LoginDefenceTests(unittest.TestCase):
         self.assertEqual((owner.refuse, owner.wait), (False, 1.0))
         self.assertEqual(self.defence.admit("198.51.100.1", "bob", now).wait, 0.0)
 
-    def test_logins_under_way_take_slots_too(self):
-        for _ in range(mp.AUTH_PENALTY_SLOTS):
-            self.defence.begin("192.0.2.7", "alice")
+    def test_logins_under_way_take_slots_too_in_any_worker_until_it_is_gone(self):
+        for pid in (101, 101, 102, 102):                     # two workers' checks
+            self.defence.apply(self.defence.begin("192.0.2.7", "alice", pid))
         self.assertEqual(self.defence.admit("192.0.2.7", "bob", 0.0).wait, mp.AUTH_SLOT_RECHECK)
-        self.defence.end("192.0.2.7", "alice")
+        self.defence.apply(self.defence.end("192.0.2.7", "alice", 101))
         self.assertEqual(self.defence.admit("192.0.2.7", "bob", 0.0).wait, 0.0)
+        self.defence.apply(self.defence.begin("192.0.2.7", "carol", 101))
+        self.assertEqual(self.defence.admit("192.0.2.7", "bob", 0.0).wait, mp.AUTH_SLOT_RECHECK)
+        self.defence.apply(("worker gone", 102))              # its two checks end with it
+        self.assertEqual(self.defence.admit("192.0.2.7", "bob", 0.0).wait, 0.0)
+        self.defence.apply(("worker gone", 101))
+        self.assertEqual((self.defence.checking, self.defence.checking_in), ({}, {}))
 
     def test_only_the_account_from_the_address_is_refused_and_success_lifts_it(self):
         now = 0.0
