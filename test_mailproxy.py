@@ -9,6 +9,8 @@
                                            TARGET... to choose); see "Fuzz"
     python3 test_mailproxy.py --bench      what this host sustains (minutes);
                                            see "Benchmark"
+    python3 test_mailproxy.py --heavy      every test, the heavy cases at the
+                                           sizes their issues name (heavy())
 
 The sections mirror mailproxy.py's, in the same order and under the same
 banners (grep '^# .*####' prints both tables of contents), after one section
@@ -202,6 +204,59 @@ def wait_until(condition, timeout: float = 3.0, what: str = "condition") -> None
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
         time.sleep(0.01)
+
+
+def in_threads(*runs, timeout: float = 20.0) -> list:
+    """Call each of ``runs`` in a thread of its own, all at once; their
+    results, in order.  The first exception raised in one of them is
+    raised here (after every thread has ended or ``timeout`` has passed)."""
+    results, errors = [None] * len(runs), []
+
+    def call(index: int) -> None:
+        try:
+            results[index] = runs[index]()
+        except BaseException as error:       # the test's thread raises it
+            errors.append(error)
+    threads = [threading.Thread(target=call, args=(index,), daemon=True)
+               for index in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    if any(thread.is_alive() for thread in threads):
+        raise AssertionError("%d of %d threads still running after %.0fs"
+                             % (sum(thread.is_alive() for thread in threads), len(runs), timeout))
+    return results
+
+
+def gc_collect() -> None:
+    """Collect twice: what the first collection frees may free more."""
+    import gc
+    gc.collect()
+    gc.collect()
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a blocking ``sock`` (fewer if it closes first)."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def heavy() -> bool:
+    """The opt-in heavy cases are on (``--heavy``, or MAILPROXY_TEST_HEAVY=1):
+    the sizes an issue names where the default suite takes a smaller one,
+    because the full size costs seconds or more descriptors than a default
+    RLIMIT_NOFILE of 1024 gives (a thousand connections take two thousand:
+    both ends are in this process)."""
+    return os.environ.get("MAILPROXY_TEST_HEAVY") == "1"
 
 
 def cpu_seconds(run) -> float:
@@ -8791,6 +8846,149 @@ class HostileClientTests(EndToEndTestCase):
         self.assertLess(time.monotonic() - started, 3.0)
         proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
 
+    # -- issue 14: what bots do all day must not cost the users ----------------------
+
+    # A flooder's rounds: what it sends, and the replies it must get (nginx:
+    # bad base64, a "*" cancel included, is an invalid command; the machine's
+    # own refusal, so not counted towards max_errors, and no failed login).
+    BAD_BASE64_ROUND = (
+        (b"f1 AUTHENTICATE PLAIN\r\n!!!!\r\n", b"+ \r\n" + b"f1 " + mp.IMAP_INVALID),
+        (b"f2 AUTHENTICATE LOGIN\r\n@@@@\r\n", b"+ VXNlcm5hbWU6\r\n" + b"f2 " + mp.IMAP_INVALID),
+        (b"f3 AUTHENTICATE PLAIN =A=\r\n", b"f3 " + mp.IMAP_INVALID),
+        (b"f4 AUTHENTICATE PLAIN\r\n*\r\n", b"+ \r\n" + b"f4 " + mp.IMAP_INVALID),
+        (b"f5 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n%%%%\r\n",
+         b"+ UGFzc3dvcmQ6\r\n" + b"f5 " + mp.IMAP_INVALID))
+
+    def flood_bad_base64(self, client: Client, stop: threading.Event) -> int:
+        """Send BAD_BASE64_ROUND, pipelined, again and again until ``stop``,
+        checking every reply byte for byte; the number of rounds."""
+        sent = b"".join(command for command, _ in self.BAD_BASE64_ROUND)
+        replies = b"".join(reply for _, reply in self.BAD_BASE64_ROUND)
+        rounds = 0
+        while not stop.is_set() or rounds < 10:
+            client.send(sent * 5)
+            self.assertEqual(client.read_exactly(len(replies) * 5), replies * 5)
+            rounds += 5
+        return rounds
+
+    def test_good_logins_go_through_while_a_session_floods_bad_base64(self):
+        """20 imaplib clients log in at once, from the address a flooder on
+        the same worker sends bad base64 from without a pause: each gets its
+        OK (nothing counts the flood as failed logins, so there is nothing
+        to slow them), the flooder gets nginx's BAD each time and goes on."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, auth_delay="200ms")   # the defence on
+        flooder = self.connect(proxy)
+        flooder.expect_line(mp.IMAP_GREETING)
+        stop = threading.Event()
+        barrier = threading.Barrier(20)
+
+        def good_login() -> tuple:
+            barrier.wait(10)
+            imap = TlsImap4("127.0.0.1", proxy.port)
+            try:
+                started = time.monotonic()
+                answer = imap.login("alice", "secret")
+                took = time.monotonic() - started
+                noop = imap.noop()
+            finally:
+                imap.logout()
+            return answer, noop[0], took
+
+        def logins() -> list:
+            try:
+                return in_threads(*[good_login] * 20)
+            finally:
+                stop.set()
+        rounds, results = in_threads(lambda: self.flood_bad_base64(flooder, stop), logins)
+        self.assertEqual([result[:2] for result in results],
+                         [(("OK", [b"LOGIN completed"]), "OK")] * 20)
+        self.assertLess(max(result[2] for result in results), 2.0, "a login waited for the flood")
+        self.assertGreaterEqual(rounds, 10)
+        self.assertEqual(backend.logins, [(b"alice", b"secret")] * 20)
+        flooder.send("f9 NOOP")                        # still there, never cut off
+        flooder.expect_line(b"f9 " + mp.IMAP_OK)
+        self.assertNotRegex(proxy.log, r"login failed|login penalty|too many invalid")
+        proxy.assert_alive()
+
+    # Commands a client may leave unfinished for as long as ``timeout`` lets
+    # it, each as long as imap_client_buffer (4k) allows, and what the proxy
+    # says to each meanwhile.  The 4000 "(" are more than ID's 64 arguments:
+    # refused at the 65th, the rest of the line dropped as it comes.
+    UNFINISHED_COMMANDS = (
+        (b'h1 LOGIN "' + b"q" * 4000, b""),                        # a quoted string
+        (b"h2 LOGIN {4000}\r\n" + b"l" * 3000, mp.IMAP_NEXT),       # a literal, 3000 of 4000
+        (b"h3 LOGIN {4000+}\r\n" + b"n" * 3000, b""),               # a non-synchronizing one
+        (b"h4 ID " + b"(" * 4000, b"h4 " + mp.IMAP_INVALID))
+
+    def descriptors_for(self, connections: int) -> None:
+        """Both ends of ``connections`` are in this process: raise the soft
+        RLIMIT_NOFILE if it is too low (put back when the test ends), or skip."""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 2 * connections + 256
+        if soft == resource.RLIM_INFINITY or soft >= wanted:
+            return
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            self.skipTest("needs %d descriptors, the hard limit is %d" % (wanted, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+
+    def test_unfinished_commands_before_login_keep_memory_bounded(self):
+        """1000 clients (with --heavy; 300 by default) that never finish their
+        command (a quoted string, a literal, 4000 "(") each cost the proxy
+        at most the command it holds (imap_client_buffer) more than an idle
+        client.  The proxy runs in this process, so tracemalloc sees every
+        allocation of its loop; the test's own are a socket per client."""
+        count = 1000 if heavy() else 300
+        self.descriptors_for(count)
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, timeout="60s")
+        buffer = proxy.config.servers[0].imap_client_buffer
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
+            self.addCleanup(tracemalloc.stop)
+        clients = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            self.addCleanup(sock.close)
+            clients.append(sock)
+        for sock in clients:
+            self.assertEqual(sock.recv(100), mp.IMAP_GREETING)
+        wait_until(lambda: len(proxy.sessions()) == count, 10, "%d sessions" % count)
+        gc_collect()
+        idle = tracemalloc.get_traced_memory()[0]
+        sent = 0
+        for index, sock in enumerate(clients):
+            command = self.UNFINISHED_COMMANDS[index % len(self.UNFINISHED_COMMANDS)][0]
+            sock.sendall(command)
+            sent += len(command)
+        wait_until(lambda: sum(session.client.received for session in proxy.sessions()) == sent,
+                   20, "the proxy to read the %d bytes sent" % sent)
+        for index, sock in enumerate(clients):
+            reply = self.UNFINISHED_COMMANDS[index % len(self.UNFINISHED_COMMANDS)][1]
+            if reply:
+                self.assertEqual(recv_exactly(sock, len(reply)), reply)
+        gc_collect()
+        held = tracemalloc.get_traced_memory()[0]
+        self.assertLess(held - idle, count * (buffer + 512),
+                        "%d unfinished commands cost %d bytes more than %d idle clients"
+                        % (count, held - idle, count))
+        self.assertEqual(len(proxy.sessions()), count)      # all held, none cut off
+        for sock in clients:                                 # and no reply for the others
+            sock.setblocking(False)
+            self.assertRaises(BlockingIOError, sock.recv, 100)
+        client = self.connect(proxy)                         # the proxy still serves
+        self.imap_login(client)
+        imap_logout(client)
+        for sock in clients:
+            sock.close()
+        wait_until(lambda: not proxy.sessions(), 10, "the sessions to end")
+        gc_collect()
+        self.assertLess(tracemalloc.get_traced_memory()[0] - idle, count * 256,
+                        "the ended sessions left memory behind")
+        proxy.assert_alive()
+
 
 class SessionCountsTests(unittest.TestCase):
     """max_user_sessions and max_user_ip_sessions, counted from events."""
@@ -12745,6 +12943,8 @@ def main(argv) -> int:
         return run_benchmark()
     if "--fuzz" in argv:
         return run_fuzz(argv)
+    if "--heavy" in argv:
+        os.environ["MAILPROXY_TEST_HEAVY"] = "1"      # heavy() says yes, in the children too
     jobs = 1 if "-j1" in argv or not hasattr(os, "fork") else min(2, os.cpu_count() or 1)
     classes = {}
     for test in iter_tests(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])):
