@@ -8181,6 +8181,181 @@ class AuthHttpEndToEndNginxParityTests(EndToEndTestCase):
         self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
 
 
+# -- auth_http: retries in one session (nginx CVE-2026-27651, CVE-2025-53859) -------
+
+def auth_headers(request: bytes) -> dict:
+    """The header lines of an auth_http request: {name: value}, raw."""
+    lines = request.split(b"\r\n")[1:]
+    return dict(line.split(b": ", 1) for line in lines if b": " in line)
+
+
+def auth_login(request: bytes) -> bytes:
+    return auth_headers(request)[b"Auth-User"]
+
+
+class CheckingAuthServer(AuthServer):
+    """An auth server that checks as a real one would: the password, or the
+    APOP or CRAM-MD5 digest made with the Auth-Salt it is sent, against
+    ``password`` whatever the login; yes means log in to ``backend_port``
+    as alice, "secret"; no comes with Auth-Wait: 1, so the session goes on
+    (NGINX-MAIL.md §1.3).  A request that mixed one attempt's method, salt
+    or password with another's would be refused: the client sees it too."""
+
+    def __init__(self, backend_port: int, password: bytes = b"secret"):
+        self.backend_port = backend_port
+        self.password = password
+        super().__init__(answer=self.check)
+
+    def check(self, request: bytes, index: int) -> bytes:
+        headers = auth_headers(request)
+        method, given = headers.get(b"Auth-Method"), headers.get(b"Auth-Pass")
+        salt = headers.get(b"Auth-Salt", b"")
+        right = {b"plain": self.password,
+                 b"apop": hashlib.md5(salt + self.password).hexdigest().encode(),
+                 b"cram-md5": hmac.new(self.password, salt, hashlib.md5).hexdigest().encode()}
+        if method in right and given == right[method] and (method == b"plain") == (not salt):
+            return auth_ok(self.backend_port, ("Auth-User", "alice"), ("Auth-Pass", "secret"))
+        return auth_fail("Invalid login", ("Auth-Wait", "1"))
+
+
+def cram_md5_answer(client: Client, prompt: bytes, login: bytes, password: bytes) -> tuple:
+    """Read the CRAM-MD5 challenge after ``prompt`` ("+ ", "334 "), answer
+    it for ``login`` (RFC 2195, computed here): (challenge, digest)."""
+    challenge = base64.b64decode(client.expect(re.escape(prompt) + rb"(\S+)\r\n$").group(1))
+    digest = hmac.new(password, challenge, hashlib.md5).hexdigest().encode()
+    client.send(b64(login + b" " + digest) + b"\r\n")
+    return challenge, digest
+
+
+class AuthHttpEndToEndRetryTests(EndToEndTestCase):
+    """A client that gets Auth-Wait may try again in the same session, with
+    any method.  nginx 1.29.7 fixed a worker crash when CRAM-MD5 or APOP
+    were tried again (CVE-2026-27651), 1.29.1 a stale login and password
+    sent to the auth server for smtp_auth none after a failed AUTH
+    (CVE-2025-53859): each request must be its own attempt's, whole."""
+
+    def imap_retries_cram_md5(self, proxy: ProxyUnderTest) -> list:
+        """carol: CRAM-MD5 wrong, wrong again, then right."""
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        expected = []
+        for number, password in enumerate((b"wrong", b"wronger", b"secret"), 1):
+            client.send("c%d AUTHENTICATE CRAM-MD5" % number)
+            salt, digest = cram_md5_answer(client, b"+ ", b"carol", password)
+            expected.append(auth_request_bytes(b"carol", digest, attempt=number,
+                                               method="cram-md5", salt=salt))
+            if number < 3:
+                client.expect_line(b"c%d NO Invalid login\r\n" % number)
+        client.expect_line(b"c3 OK LOGIN completed\r\n")
+        imap_logout(client)
+        return expected
+
+    def imap_mixes_methods(self, proxy: ProxyUnderTest) -> list:
+        """dave: CRAM-MD5 cancelled, CRAM-MD5 wrong, LOGIN wrong, CRAM-MD5 right."""
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("d1 AUTHENTICATE CRAM-MD5")
+        client.expect(rb"^\+ \S+\r\n$")
+        client.send("*")                                   # no request: nothing to check
+        client.expect_line(b"d1 " + mp.IMAP_INVALID)
+        client.send("d2 AUTHENTICATE CRAM-MD5")
+        salt, digest = cram_md5_answer(client, b"+ ", b"dave", b"wrong")
+        expected = [auth_request_bytes(b"dave", digest, attempt=1, method="cram-md5", salt=salt)]
+        client.expect_line(b"d2 NO Invalid login\r\n")
+        client.send("d3 LOGIN dave wrong")
+        expected.append(auth_request_bytes(b"dave", b"wrong", attempt=2))
+        client.expect_line(b"d3 NO Invalid login\r\n")
+        client.send("d4 AUTHENTICATE CRAM-MD5")
+        salt, digest = cram_md5_answer(client, b"+ ", b"dave", b"secret")
+        expected.append(auth_request_bytes(b"dave", digest, attempt=3, method="cram-md5", salt=salt))
+        client.expect_line(b"d4 OK LOGIN completed\r\n")
+        imap_logout(client)
+        return expected
+
+    def pop3_retries_apop(self, proxy: ProxyUnderTest) -> list:
+        """erin: APOP wrong, wrong again, then right."""
+        client = self.connect(proxy)
+        salt = client.expect(rb"^\+OK POP3 ready (<[^>]+>)\r\n$").group(1)
+        expected = []
+        for number, password in enumerate((b"wrong", b"wronger", b"secret"), 1):
+            digest = hashlib.md5(salt + password).hexdigest().encode()
+            client.send(b"APOP erin " + digest + b"\r\n")
+            expected.append(auth_request_bytes(b"erin", digest, "pop3", attempt=number,
+                                               method="apop", salt=salt))
+            if number < 3:
+                client.expect_line(b"-ERR Invalid login\r\n")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        return expected
+
+    def pop3_mixes_methods(self, proxy: ProxyUnderTest) -> list:
+        """frank: APOP wrong, AUTH CRAM-MD5 wrong, then USER and PASS right."""
+        client = self.connect(proxy)
+        salt = client.expect(rb"^\+OK POP3 ready (<[^>]+>)\r\n$").group(1)
+        digest = hashlib.md5(salt + b"wrong").hexdigest().encode()
+        client.send(b"APOP frank " + digest + b"\r\n")
+        expected = [auth_request_bytes(b"frank", digest, "pop3", attempt=1, method="apop",
+                                       salt=salt)]
+        client.expect_line(b"-ERR Invalid login\r\n")
+        client.send("AUTH CRAM-MD5")
+        challenge, digest = cram_md5_answer(client, b"+ ", b"frank", b"wronger")
+        expected.append(auth_request_bytes(b"frank", digest, "pop3", attempt=2,
+                                           method="cram-md5", salt=challenge))
+        client.expect_line(b"-ERR Invalid login\r\n")
+        client.send("USER frank")
+        client.expect_line(mp.POP3_OK)
+        client.send("PASS secret")
+        expected.append(auth_request_bytes(b"frank", b"secret", "pop3", attempt=3))
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        return expected
+
+    def smtp_retries_cram_md5(self, proxy: ProxyUnderTest) -> list:
+        """grace: AUTH CRAM-MD5 wrong, then right."""
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250 AUTH PLAIN LOGIN CRAM-MD5\r\n")
+        expected = []
+        for number, password in enumerate((b"wrong", b"secret"), 1):
+            client.send("AUTH CRAM-MD5")
+            salt, digest = cram_md5_answer(client, b"334 ", b"grace", password)
+            expected.append(auth_request_bytes(b"grace", digest, "smtp", attempt=number,
+                                               method="cram-md5", salt=salt))
+            if number == 1:                        # refused, after the Auth-Wait second
+                self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
+        self.smtp_quit(client)
+        return expected
+
+    def test_cram_md5_and_apop_tried_again_make_whole_requests_and_the_worker_lives(self):
+        """Five sessions at once on three protocols: each request the auth
+        server gets is byte for byte its attempt's (method, login, the
+        digest and the salt it was made with; no salt for a password;
+        the attempt's number), and the right answers log in."""
+        proxies, auths = {}, {}
+        for protocol, methods in (("imap", "plain cram-md5"), ("pop3", "plain apop cram-md5"),
+                                  ("smtp", "plain login cram-md5")):
+            backend = self.use(FAKE_BACKENDS[protocol]())
+            auths[protocol] = self.use(CheckingAuthServer(backend.port))
+            proxies[protocol] = self.auth_http_proxy(
+                protocol, auths[protocol].port, **{protocol + "_auth": methods})
+        sessions = {b"carol": (self.imap_retries_cram_md5, "imap"),
+                    b"dave": (self.imap_mixes_methods, "imap"),
+                    b"erin": (self.pop3_retries_apop, "pop3"),
+                    b"frank": (self.pop3_mixes_methods, "pop3"),
+                    b"grace": (self.smtp_retries_cram_md5, "smtp")}
+        expected = in_threads(*[lambda run=run, protocol=protocol: run(proxies[protocol])
+                                for run, protocol in sessions.values()])
+        for login, requests in zip(sessions, expected):
+            auth = auths[sessions[login][1]]
+            got = [request for request in list(auth.requests) if auth_login(request) == login]
+            self.assertEqual(got, requests, login)
+        for proxy in proxies.values():
+            proxy.assert_alive()
+            self.assertNotIn("[alert]", proxy.log)
+
+
 # ========================================================================== #
 # ####                             Sessions                             #### #
 # ========================================================================== #
