@@ -8355,6 +8355,47 @@ class AuthHttpEndToEndRetryTests(EndToEndTestCase):
             proxy.assert_alive()
             self.assertNotIn("[alert]", proxy.log)
 
+    def test_smtp_auth_none_after_a_failed_auth_sends_no_login_or_password(self):
+        """smtp_auth none beside other methods: AUTH LOGIN given a login and
+        cancelled, AUTH PLAIN refused after Auth-Wait, then MAIL and RCPT
+        without AUTH.  The request for them says Auth-User and Auth-Pass
+        empty, as nginx >= 1.29.1 (CVE-2025-53859; NGINX-MAIL.md §1.2.8),
+        and the backend's XCLIENT carries no LOGIN."""
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_fail("Invalid login", ("Auth-Wait", "1")),
+                                auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, smtp_auth="plain login none")
+        client = self.connect(proxy)
+        self.smtp_hello(client)                       # "none" is no AUTH method
+        client.send(b"AUTH LOGIN " + b64(b"mallory") + b"\r\n")
+        self.assertEqual(client.read_line(), b"334 UGFzc3dvcmQ6\r\n")
+        client.send("*")
+        self.assertEqual(client.read_line(), mp.SMTP_INVALID)
+        client.send(b"AUTH PLAIN " + b64(b"\0mallory\0guess") + b"\r\n")
+        self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
+        client.send("MAIL FROM:<mallory@example.com>")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.assertEqual(auth.requests, [
+            auth_request_bytes(b"mallory", b"guess", "smtp"),
+            auth_request_bytes(b"", b"", "smtp", attempt=2, method="none",
+                               middle=b"Auth-SMTP-Helo: client.example\r\n"
+                                      b"Auth-SMTP-From: MAIL FROM:<mallory@example.com>\r\n"
+                                      b"Auth-SMTP-To: RCPT TO:<bob@example.com>\r\n")])
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nMAIL FROM:<mallory@example.com>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nQUIT\r\n")
+        # Nor does the log say the session logged in as mallory (nginx
+        # names no login once MAIL has forgotten it).
+        proxy.wait_for_log(r'client login failed: "Invalid login" .*login: "mallory"\n')
+        done = proxy.wait_for_log(r"session done: .*\n").group(0)
+        self.assertNotIn("login:", done)
+        self.assertNotIn("login:", proxy.wait_for_log(r"client logged in .*\n").group(0))
+
 
 # ========================================================================== #
 # ####                             Sessions                             #### #
