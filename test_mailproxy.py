@@ -9127,6 +9127,48 @@ class HostileClientTests(EndToEndTestCase):
         self.assertNotRegex(proxy.log, r"login failed|login penalty|too many invalid")
         proxy.assert_alive()
 
+    def test_cram_md5_and_apop_tried_again_against_the_user_table(self):
+        """The retries of nginx CVE-2026-27651 against [users]: CRAM-MD5 and
+        APOP wrong twice in one session, then right.  Each wrong one is
+        refused and the session goes on; the right one logs in with alice's
+        password (the table gives the backend the clear one); the worker lives."""
+        imap_backend = self.use(FakeImapBackend())
+        pop3_backend = self.use(FakePop3Backend())
+        imap = self.start_proxy("imap", imap_backend.port, auth_delay="50ms",
+                                imap_auth="plain cram-md5")
+        pop3 = self.start_proxy("pop3", pop3_backend.port, auth_delay="50ms",
+                                pop3_auth="plain apop")
+        refused = mp.AUTH_FAILED_TEXT + b"\r\n"
+
+        def imap_session() -> None:
+            client = self.connect(imap)
+            client.expect_line(mp.IMAP_GREETING)
+            for number, password in enumerate((b"wrong", b"wronger", b"secret"), 1):
+                client.send("c%d AUTHENTICATE CRAM-MD5" % number)
+                cram_md5_answer(client, b"+ ", b"alice", password)
+                if number < 3:
+                    client.expect_line(b"c%d NO " % number + refused)
+            client.expect_line(b"c3 OK LOGIN completed\r\n")
+            imap_logout(client)
+
+        def pop3_session() -> None:
+            client = self.connect(pop3)
+            salt = client.expect(rb"^\+OK POP3 ready (<[^>]+>)\r\n$").group(1)
+            for password in (b"wrong", b"wronger", b"secret"):
+                client.send(b"APOP alice " + hashlib.md5(salt + password).hexdigest().encode() +
+                            b"\r\n")
+                if password != b"secret":
+                    client.expect_line(b"-ERR " + refused)
+            client.expect(rb"^\+OK alice has 1 message\r\n$")
+            client.send("QUIT")
+            client.expect(rb"^\+OK bye\r\n$")
+        in_threads(imap_session, pop3_session)
+        self.assertEqual(imap_backend.logins, [(b"alice", b"secret")])
+        self.assertEqual(pop3_backend.logins, [(b"alice", b"secret")])
+        for proxy in (imap, pop3):
+            self.assertEqual(len(re.findall(r"client login failed", proxy.log)), 2)
+            proxy.assert_alive()
+
     # Commands a client may leave unfinished for as long as ``timeout`` lets
     # it, each as long as imap_client_buffer (4k) allows, and what the proxy
     # says to each meanwhile.  The 4000 "(" are more than ID's 64 arguments:
