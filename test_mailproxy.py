@@ -9171,13 +9171,15 @@ class HostileClientTests(EndToEndTestCase):
 
     # Commands a client may leave unfinished for as long as ``timeout`` lets
     # it, each as long as imap_client_buffer (4k) allows, and what the proxy
-    # says to each meanwhile.  The 4000 "(" are more than ID's 64 arguments:
-    # refused at the 65th, the rest of the line dropped as it comes.
+    # says to each meanwhile.  The 4000 "(" of ID are more than its 64
+    # arguments: refused at the 65th, the rest of the line dropped as it
+    # comes; LOGIN's are an atom still coming.
     UNFINISHED_COMMANDS = (
         (b'h1 LOGIN "' + b"q" * 4000, b""),                        # a quoted string
         (b"h2 LOGIN {4000}\r\n" + b"l" * 3000, mp.IMAP_NEXT),       # a literal, 3000 of 4000
         (b"h3 LOGIN {4000+}\r\n" + b"n" * 3000, b""),               # a non-synchronizing one
-        (b"h4 ID " + b"(" * 4000, b"h4 " + mp.IMAP_INVALID))
+        (b"h4 ID " + b"(" * 4000, b"h4 " + mp.IMAP_INVALID),
+        (b"h5 LOGIN " + b"(" * 4000, b""))
 
     def descriptors_for(self, connections: int) -> None:
         """Both ends of ``connections`` are in this process: raise the soft
