@@ -7469,8 +7469,10 @@ class Session(StreamOwner):
     def _authenticate(self, credentials: Credentials) -> None:
         self._enter(Phase.AUTH)
         self.login_attempt += 1
-        if credentials.method != AuthMethod.NONE:
-            self.journal.login = credentials.login
+        # smtp_auth none logs in as nobody: a login a failed AUTH left must
+        # not stay in the log lines as if this one were it (nginx >= 1.29.1
+        # forgets it at MAIL, CVE-2025-53859).
+        self.journal.login = credentials.login if credentials.method != AuthMethod.NONE else None
         if self.authenticator is None:
             self.authenticator = authenticator_for(self.server, self.config, self.worker, self)
         tls = self.client.tls.facts() if self.client.tls is not None else None

@@ -10,6 +10,8 @@
     python3 test_mailproxy.py --bench      what this host sustains (minutes);
                                            see "Benchmark" (--bench NAME...:
                                            only the workloads so named)
+    python3 test_mailproxy.py --heavy      every test, the heavy cases at the
+                                           sizes their issues name (heavy())
 
 The sections mirror mailproxy.py's, in the same order and under the same
 banners (grep '^# .*####' prints both tables of contents), after one section
@@ -204,6 +206,59 @@ def wait_until(condition, timeout: float = 3.0, what: str = "condition") -> None
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
         time.sleep(0.01)
+
+
+def in_threads(*runs, timeout: float = 20.0) -> list:
+    """Call each of ``runs`` in a thread of its own, all at once; their
+    results, in order.  The first exception raised in one of them is
+    raised here (after every thread has ended or ``timeout`` has passed)."""
+    results, errors = [None] * len(runs), []
+
+    def call(index: int) -> None:
+        try:
+            results[index] = runs[index]()
+        except BaseException as error:       # the test's thread raises it
+            errors.append(error)
+    threads = [threading.Thread(target=call, args=(index,), daemon=True)
+               for index in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    if any(thread.is_alive() for thread in threads):
+        raise AssertionError("%d of %d threads still running after %.0fs"
+                             % (sum(thread.is_alive() for thread in threads), len(runs), timeout))
+    return results
+
+
+def gc_collect() -> None:
+    """Collect twice: what the first collection frees may free more."""
+    import gc
+    gc.collect()
+    gc.collect()
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a blocking ``sock`` (fewer if it closes first)."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def heavy() -> bool:
+    """The opt-in heavy cases are on (``--heavy``, or MAILPROXY_TEST_HEAVY=1):
+    the sizes an issue names where the default suite takes a smaller one,
+    because the full size costs seconds or more descriptors than a default
+    RLIMIT_NOFILE of 1024 gives (a thousand connections take two thousand:
+    both ends are in this process)."""
+    return os.environ.get("MAILPROXY_TEST_HEAVY") == "1"
 
 
 def cpu_seconds(run) -> float:
@@ -8395,6 +8450,222 @@ class AuthHttpEndToEndNginxParityTests(EndToEndTestCase):
         self.assert_internal_error("imap", auth, r"auth http server %s did not send server or port")
 
 
+# -- auth_http: retries in one session (nginx CVE-2026-27651, CVE-2025-53859) -------
+
+def auth_headers(request: bytes) -> dict:
+    """The header lines of an auth_http request: {name: value}, raw."""
+    lines = request.split(b"\r\n")[1:]
+    return dict(line.split(b": ", 1) for line in lines if b": " in line)
+
+
+def auth_login(request: bytes) -> bytes:
+    return auth_headers(request)[b"Auth-User"]
+
+
+class CheckingAuthServer(AuthServer):
+    """An auth server that checks as a real one would: the password, or the
+    APOP or CRAM-MD5 digest made with the Auth-Salt it is sent, against
+    ``password`` whatever the login; yes means log in to ``backend_port``
+    as alice, "secret"; no comes with Auth-Wait: 1, so the session goes on
+    (NGINX-MAIL.md §1.3).  A request that mixed one attempt's method, salt
+    or password with another's would be refused: the client sees it too."""
+
+    def __init__(self, backend_port: int, password: bytes = b"secret"):
+        self.backend_port = backend_port
+        self.password = password
+        super().__init__(answer=self.check)
+
+    def check(self, request: bytes, index: int) -> bytes:
+        headers = auth_headers(request)
+        method, given = headers.get(b"Auth-Method"), headers.get(b"Auth-Pass")
+        salt = headers.get(b"Auth-Salt", b"")
+        right = {b"plain": self.password,
+                 b"apop": hashlib.md5(salt + self.password).hexdigest().encode(),
+                 b"cram-md5": hmac.new(self.password, salt, hashlib.md5).hexdigest().encode()}
+        if method in right and given == right[method] and (method == b"plain") == (not salt):
+            return auth_ok(self.backend_port, ("Auth-User", "alice"), ("Auth-Pass", "secret"))
+        return auth_fail("Invalid login", ("Auth-Wait", "1"))
+
+
+def cram_md5_answer(client: Client, prompt: bytes, login: bytes, password: bytes) -> tuple:
+    """Read the CRAM-MD5 challenge after ``prompt`` ("+ ", "334 "), answer
+    it for ``login`` (RFC 2195, computed here): (challenge, digest)."""
+    challenge = base64.b64decode(client.expect(re.escape(prompt) + rb"(\S+)\r\n$").group(1))
+    digest = hmac.new(password, challenge, hashlib.md5).hexdigest().encode()
+    client.send(b64(login + b" " + digest) + b"\r\n")
+    return challenge, digest
+
+
+class AuthHttpEndToEndRetryTests(EndToEndTestCase):
+    """A client that gets Auth-Wait may try again in the same session, with
+    any method.  nginx 1.29.7 fixed a worker crash when CRAM-MD5 or APOP
+    were tried again (CVE-2026-27651), 1.29.1 a stale login and password
+    sent to the auth server for smtp_auth none after a failed AUTH
+    (CVE-2025-53859): each request must be its own attempt's, whole."""
+
+    def imap_retries_cram_md5(self, proxy: ProxyUnderTest) -> list:
+        """carol: CRAM-MD5 wrong, wrong again, then right."""
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        expected = []
+        for number, password in enumerate((b"wrong", b"wronger", b"secret"), 1):
+            client.send("c%d AUTHENTICATE CRAM-MD5" % number)
+            salt, digest = cram_md5_answer(client, b"+ ", b"carol", password)
+            expected.append(auth_request_bytes(b"carol", digest, attempt=number,
+                                               method="cram-md5", salt=salt))
+            if number < 3:
+                client.expect_line(b"c%d NO Invalid login\r\n" % number)
+        client.expect_line(b"c3 OK LOGIN completed\r\n")
+        imap_logout(client)
+        return expected
+
+    def imap_mixes_methods(self, proxy: ProxyUnderTest) -> list:
+        """dave: CRAM-MD5 cancelled, CRAM-MD5 wrong, LOGIN wrong, CRAM-MD5 right."""
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("d1 AUTHENTICATE CRAM-MD5")
+        client.expect(rb"^\+ \S+\r\n$")
+        client.send("*")                                   # no request: nothing to check
+        client.expect_line(b"d1 " + mp.IMAP_INVALID)
+        client.send("d2 AUTHENTICATE CRAM-MD5")
+        salt, digest = cram_md5_answer(client, b"+ ", b"dave", b"wrong")
+        expected = [auth_request_bytes(b"dave", digest, attempt=1, method="cram-md5", salt=salt)]
+        client.expect_line(b"d2 NO Invalid login\r\n")
+        client.send("d3 LOGIN dave wrong")
+        expected.append(auth_request_bytes(b"dave", b"wrong", attempt=2))
+        client.expect_line(b"d3 NO Invalid login\r\n")
+        client.send("d4 AUTHENTICATE CRAM-MD5")
+        salt, digest = cram_md5_answer(client, b"+ ", b"dave", b"secret")
+        expected.append(auth_request_bytes(b"dave", digest, attempt=3, method="cram-md5", salt=salt))
+        client.expect_line(b"d4 OK LOGIN completed\r\n")
+        imap_logout(client)
+        return expected
+
+    def pop3_retries_apop(self, proxy: ProxyUnderTest) -> list:
+        """erin: APOP wrong, wrong again, then right."""
+        client = self.connect(proxy)
+        salt = client.expect(rb"^\+OK POP3 ready (<[^>]+>)\r\n$").group(1)
+        expected = []
+        for number, password in enumerate((b"wrong", b"wronger", b"secret"), 1):
+            digest = hashlib.md5(salt + password).hexdigest().encode()
+            client.send(b"APOP erin " + digest + b"\r\n")
+            expected.append(auth_request_bytes(b"erin", digest, "pop3", attempt=number,
+                                               method="apop", salt=salt))
+            if number < 3:
+                client.expect_line(b"-ERR Invalid login\r\n")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        return expected
+
+    def pop3_mixes_methods(self, proxy: ProxyUnderTest) -> list:
+        """frank: APOP wrong, AUTH CRAM-MD5 wrong, then USER and PASS right."""
+        client = self.connect(proxy)
+        salt = client.expect(rb"^\+OK POP3 ready (<[^>]+>)\r\n$").group(1)
+        digest = hashlib.md5(salt + b"wrong").hexdigest().encode()
+        client.send(b"APOP frank " + digest + b"\r\n")
+        expected = [auth_request_bytes(b"frank", digest, "pop3", attempt=1, method="apop",
+                                       salt=salt)]
+        client.expect_line(b"-ERR Invalid login\r\n")
+        client.send("AUTH CRAM-MD5")
+        challenge, digest = cram_md5_answer(client, b"+ ", b"frank", b"wronger")
+        expected.append(auth_request_bytes(b"frank", digest, "pop3", attempt=2,
+                                           method="cram-md5", salt=challenge))
+        client.expect_line(b"-ERR Invalid login\r\n")
+        client.send("USER frank")
+        client.expect_line(mp.POP3_OK)
+        client.send("PASS secret")
+        expected.append(auth_request_bytes(b"frank", b"secret", "pop3", attempt=3))
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.send("QUIT")
+        client.expect(rb"^\+OK bye\r\n$")
+        return expected
+
+    def smtp_retries_cram_md5(self, proxy: ProxyUnderTest) -> list:
+        """grace: AUTH CRAM-MD5 wrong, then right."""
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250 AUTH PLAIN LOGIN CRAM-MD5\r\n")
+        expected = []
+        for number, password in enumerate((b"wrong", b"secret"), 1):
+            client.send("AUTH CRAM-MD5")
+            salt, digest = cram_md5_answer(client, b"334 ", b"grace", password)
+            expected.append(auth_request_bytes(b"grace", digest, "smtp", attempt=number,
+                                               method="cram-md5", salt=salt))
+            if number == 1:                        # refused, after the Auth-Wait second
+                self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
+        self.smtp_quit(client)
+        return expected
+
+    def test_cram_md5_and_apop_tried_again_make_whole_requests_and_the_worker_lives(self):
+        """Five sessions at once on three protocols: each request the auth
+        server gets is byte for byte its attempt's (method, login, the
+        digest and the salt it was made with; no salt for a password;
+        the attempt's number), and the right answers log in."""
+        proxies, auths = {}, {}
+        for protocol, methods in (("imap", "plain cram-md5"), ("pop3", "plain apop cram-md5"),
+                                  ("smtp", "plain login cram-md5")):
+            backend = self.use(FAKE_BACKENDS[protocol]())
+            auths[protocol] = self.use(CheckingAuthServer(backend.port))
+            proxies[protocol] = self.auth_http_proxy(
+                protocol, auths[protocol].port, **{protocol + "_auth": methods})
+        sessions = {b"carol": (self.imap_retries_cram_md5, "imap"),
+                    b"dave": (self.imap_mixes_methods, "imap"),
+                    b"erin": (self.pop3_retries_apop, "pop3"),
+                    b"frank": (self.pop3_mixes_methods, "pop3"),
+                    b"grace": (self.smtp_retries_cram_md5, "smtp")}
+        expected = in_threads(*[lambda run=run, protocol=protocol: run(proxies[protocol])
+                                for run, protocol in sessions.values()])
+        for login, requests in zip(sessions, expected):
+            auth = auths[sessions[login][1]]
+            got = [request for request in list(auth.requests) if auth_login(request) == login]
+            self.assertEqual(got, requests, login)
+        for proxy in proxies.values():
+            proxy.assert_alive()
+            self.assertNotIn("[alert]", proxy.log)
+
+    def test_smtp_auth_none_after_a_failed_auth_sends_no_login_or_password(self):
+        """smtp_auth none beside other methods: AUTH LOGIN given a login and
+        cancelled, AUTH PLAIN refused after Auth-Wait, then MAIL and RCPT
+        without AUTH.  The request for them says Auth-User and Auth-Pass
+        empty, as nginx >= 1.29.1 (CVE-2025-53859; NGINX-MAIL.md §1.2.8),
+        and the backend's XCLIENT carries no LOGIN."""
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_fail("Invalid login", ("Auth-Wait", "1")),
+                                auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, smtp_auth="plain login none")
+        client = self.connect(proxy)
+        self.smtp_hello(client)                       # "none" is no AUTH method
+        client.send(b"AUTH LOGIN " + b64(b"mallory") + b"\r\n")
+        self.assertEqual(client.read_line(), b"334 UGFzc3dvcmQ6\r\n")
+        client.send("*")
+        self.assertEqual(client.read_line(), mp.SMTP_INVALID)
+        client.send(b"AUTH PLAIN " + b64(b"\0mallory\0guess") + b"\r\n")
+        self.assertEqual(client.read_line(), b"535 5.7.0 Invalid login\r\n")
+        client.send("MAIL FROM:<mallory@example.com>")
+        self.assertEqual(client.read_line(), mp.SMTP_OK)
+        client.send("RCPT TO:<bob@example.com>")
+        self.assertEqual(client.read_line(), SMTP_BACKEND_RCPT_OK)
+        self.assertEqual(auth.requests, [
+            auth_request_bytes(b"mallory", b"guess", "smtp"),
+            auth_request_bytes(b"", b"", "smtp", attempt=2, method="none",
+                               middle=b"Auth-SMTP-Helo: client.example\r\n"
+                                      b"Auth-SMTP-From: MAIL FROM:<mallory@example.com>\r\n"
+                                      b"Auth-SMTP-To: RCPT TO:<bob@example.com>\r\n")])
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(login=b"") +
+                         b"EHLO client.example\r\nMAIL FROM:<mallory@example.com>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\nQUIT\r\n")
+        # Nor does the log say the session logged in as mallory (nginx
+        # names no login once MAIL has forgotten it).
+        proxy.wait_for_log(r'client login failed: "Invalid login" .*login: "mallory"\n')
+        done = proxy.wait_for_log(r"session done: .*\n").group(0)
+        self.assertNotIn("login:", done)
+        self.assertNotIn("login:", proxy.wait_for_log(r"client logged in .*\n").group(0))
+
+
 # ========================================================================== #
 # ####                             Sessions                             #### #
 # ========================================================================== #
@@ -9059,6 +9330,193 @@ class HostileClientTests(EndToEndTestCase):
                 client.expect_line(b"n%d " % number + mp.IMAP_OK)
         self.assertLess(time.monotonic() - started, 3.0)
         proxy.wait_for_log(r"client timed out \(no login within 1.5s\)")
+
+    # -- issue 14: what bots do all day must not cost the users ----------------------
+
+    # A flooder's rounds: what it sends, and the replies it must get (nginx:
+    # bad base64, a "*" cancel included, is an invalid command; the machine's
+    # own refusal, so not counted towards max_errors, and no failed login).
+    BAD_BASE64_ROUND = (
+        (b"f1 AUTHENTICATE PLAIN\r\n!!!!\r\n", b"+ \r\n" + b"f1 " + mp.IMAP_INVALID),
+        (b"f2 AUTHENTICATE LOGIN\r\n@@@@\r\n", b"+ VXNlcm5hbWU6\r\n" + b"f2 " + mp.IMAP_INVALID),
+        (b"f3 AUTHENTICATE PLAIN =A=\r\n", b"f3 " + mp.IMAP_INVALID),
+        (b"f4 AUTHENTICATE PLAIN\r\n*\r\n", b"+ \r\n" + b"f4 " + mp.IMAP_INVALID),
+        (b"f5 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n%%%%\r\n",
+         b"+ UGFzc3dvcmQ6\r\n" + b"f5 " + mp.IMAP_INVALID))
+
+    def flood_bad_base64(self, client: Client, stop: threading.Event) -> int:
+        """Send BAD_BASE64_ROUND, pipelined, again and again until ``stop``,
+        checking every reply byte for byte; the number of rounds."""
+        sent = b"".join(command for command, _ in self.BAD_BASE64_ROUND)
+        replies = b"".join(reply for _, reply in self.BAD_BASE64_ROUND)
+        rounds = 0
+        while not stop.is_set() or rounds < 10:
+            client.send(sent * 5)
+            self.assertEqual(client.read_exactly(len(replies) * 5), replies * 5)
+            rounds += 5
+        return rounds
+
+    def test_good_logins_go_through_while_a_session_floods_bad_base64(self):
+        """20 imaplib clients log in at once, from the address a flooder on
+        the same worker sends bad base64 from without a pause: each gets its
+        OK (nothing counts the flood as failed logins, so there is nothing
+        to slow them), the flooder gets nginx's BAD each time and goes on."""
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, auth_delay="200ms")   # the defence on
+        flooder = self.connect(proxy)
+        flooder.expect_line(mp.IMAP_GREETING)
+        stop = threading.Event()
+        barrier = threading.Barrier(20)
+
+        def good_login() -> tuple:
+            barrier.wait(10)
+            imap = TlsImap4("127.0.0.1", proxy.port)
+            try:
+                started = time.monotonic()
+                answer = imap.login("alice", "secret")
+                took = time.monotonic() - started
+                noop = imap.noop()
+            finally:
+                imap.logout()
+            return answer, noop[0], took
+
+        def logins() -> list:
+            try:
+                return in_threads(*[good_login] * 20)
+            finally:
+                stop.set()
+        rounds, results = in_threads(lambda: self.flood_bad_base64(flooder, stop), logins)
+        self.assertEqual([result[:2] for result in results],
+                         [(("OK", [b"LOGIN completed"]), "OK")] * 20)
+        self.assertLess(max(result[2] for result in results), 2.0, "a login waited for the flood")
+        self.assertGreaterEqual(rounds, 10)
+        self.assertEqual(backend.logins, [(b"alice", b"secret")] * 20)
+        flooder.send("f9 NOOP")                        # still there, never cut off
+        flooder.expect_line(b"f9 " + mp.IMAP_OK)
+        self.assertNotRegex(proxy.log, r"login failed|login penalty|too many invalid")
+        proxy.assert_alive()
+
+    def test_cram_md5_and_apop_tried_again_against_the_user_table(self):
+        """The retries of nginx CVE-2026-27651 against [users]: CRAM-MD5 and
+        APOP wrong twice in one session, then right.  Each wrong one is
+        refused and the session goes on; the right one logs in with alice's
+        password (the table gives the backend the clear one); the worker lives."""
+        imap_backend = self.use(FakeImapBackend())
+        pop3_backend = self.use(FakePop3Backend())
+        imap = self.start_proxy("imap", imap_backend.port, auth_delay="50ms",
+                                imap_auth="plain cram-md5")
+        pop3 = self.start_proxy("pop3", pop3_backend.port, auth_delay="50ms",
+                                pop3_auth="plain apop")
+        refused = mp.AUTH_FAILED_TEXT + b"\r\n"
+
+        def imap_session() -> None:
+            client = self.connect(imap)
+            client.expect_line(mp.IMAP_GREETING)
+            for number, password in enumerate((b"wrong", b"wronger", b"secret"), 1):
+                client.send("c%d AUTHENTICATE CRAM-MD5" % number)
+                cram_md5_answer(client, b"+ ", b"alice", password)
+                if number < 3:
+                    client.expect_line(b"c%d NO " % number + refused)
+            client.expect_line(b"c3 OK LOGIN completed\r\n")
+            imap_logout(client)
+
+        def pop3_session() -> None:
+            client = self.connect(pop3)
+            salt = client.expect(rb"^\+OK POP3 ready (<[^>]+>)\r\n$").group(1)
+            for password in (b"wrong", b"wronger", b"secret"):
+                client.send(b"APOP alice " + hashlib.md5(salt + password).hexdigest().encode() +
+                            b"\r\n")
+                if password != b"secret":
+                    client.expect_line(b"-ERR " + refused)
+            client.expect(rb"^\+OK alice has 1 message\r\n$")
+            client.send("QUIT")
+            client.expect(rb"^\+OK bye\r\n$")
+        in_threads(imap_session, pop3_session)
+        self.assertEqual(imap_backend.logins, [(b"alice", b"secret")])
+        self.assertEqual(pop3_backend.logins, [(b"alice", b"secret")])
+        for proxy in (imap, pop3):
+            self.assertEqual(len(re.findall(r"client login failed", proxy.log)), 2)
+            proxy.assert_alive()
+
+    # Commands a client may leave unfinished for as long as ``timeout`` lets
+    # it, each as long as imap_client_buffer (4k) allows, and what the proxy
+    # says to each meanwhile.  The 4000 "(" of ID are more than its 64
+    # arguments: refused at the 65th, the rest of the line dropped as it
+    # comes; LOGIN's are an atom still coming.
+    UNFINISHED_COMMANDS = (
+        (b'h1 LOGIN "' + b"q" * 4000, b""),                        # a quoted string
+        (b"h2 LOGIN {4000}\r\n" + b"l" * 3000, mp.IMAP_NEXT),       # a literal, 3000 of 4000
+        (b"h3 LOGIN {4000+}\r\n" + b"n" * 3000, b""),               # a non-synchronizing one
+        (b"h4 ID " + b"(" * 4000, b"h4 " + mp.IMAP_INVALID),
+        (b"h5 LOGIN " + b"(" * 4000, b""))
+
+    def descriptors_for(self, connections: int) -> None:
+        """Both ends of ``connections`` are in this process: raise the soft
+        RLIMIT_NOFILE if it is too low (put back when the test ends), or skip."""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 2 * connections + 256
+        if soft == resource.RLIM_INFINITY or soft >= wanted:
+            return
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            self.skipTest("needs %d descriptors, the hard limit is %d" % (wanted, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+
+    def test_unfinished_commands_before_login_keep_memory_bounded(self):
+        """1000 clients (with --heavy; 300 by default) that never finish their
+        command (a quoted string, a literal, 4000 "(") each cost the proxy
+        at most the command it holds (imap_client_buffer) more than an idle
+        client.  The proxy runs in this process, so tracemalloc sees every
+        allocation of its loop; the test's own are a socket per client."""
+        count = 1000 if heavy() else 300
+        self.descriptors_for(count)
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port, timeout="60s")
+        buffer = proxy.config.servers[0].imap_client_buffer
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
+            self.addCleanup(tracemalloc.stop)
+        clients = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            self.addCleanup(sock.close)
+            clients.append(sock)
+        for sock in clients:
+            self.assertEqual(sock.recv(100), mp.IMAP_GREETING)
+        wait_until(lambda: len(proxy.sessions()) == count, 10, "%d sessions" % count)
+        gc_collect()
+        idle = tracemalloc.get_traced_memory()[0]
+        sent = 0
+        for index, sock in enumerate(clients):
+            command = self.UNFINISHED_COMMANDS[index % len(self.UNFINISHED_COMMANDS)][0]
+            sock.sendall(command)
+            sent += len(command)
+        wait_until(lambda: sum(session.client.received for session in proxy.sessions()) == sent,
+                   20, "the proxy to read the %d bytes sent" % sent)
+        for index, sock in enumerate(clients):
+            reply = self.UNFINISHED_COMMANDS[index % len(self.UNFINISHED_COMMANDS)][1]
+            if reply:
+                self.assertEqual(recv_exactly(sock, len(reply)), reply)
+        gc_collect()
+        held = tracemalloc.get_traced_memory()[0]
+        self.assertLess(held - idle, count * (buffer + 512),
+                        "%d unfinished commands cost %d bytes more than %d idle clients"
+                        % (count, held - idle, count))
+        self.assertEqual(len(proxy.sessions()), count)      # all held, none cut off
+        for sock in clients:                                 # and no reply for the others
+            sock.setblocking(False)
+            self.assertRaises(BlockingIOError, sock.recv, 100)
+        client = self.connect(proxy)                         # the proxy still serves
+        self.imap_login(client)
+        imap_logout(client)
+        for sock in clients:
+            sock.close()
+        wait_until(lambda: not proxy.sessions(), 10, "the sessions to end")
+        gc_collect()
+        self.assertLess(tracemalloc.get_traced_memory()[0] - idle, count * 256,
+                        "the ended sessions left memory behind")
+        proxy.assert_alive()
 
 
 class SessionCountsTests(unittest.TestCase):
@@ -13334,6 +13792,8 @@ def main(argv) -> int:
         return run_benchmark(patterns)
     if "--fuzz" in argv:
         return run_fuzz(argv)
+    if "--heavy" in argv:
+        os.environ["MAILPROXY_TEST_HEAVY"] = "1"      # heavy() says yes, in the children too
     jobs = 1 if "-j1" in argv or not hasattr(os, "fork") else min(2, os.cpu_count() or 1)
     classes = {}
     for test in iter_tests(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])):
