@@ -111,7 +111,6 @@ AUTH_PAIR_LIMIT = 10           # different wrong passwords for one account from 
 AUTH_PENALTY_TABLE = 4096      # addresses, accounts, pairs remembered at most (oldest go)
 AUTH_PAIR_PASSWORDS = 8        # wrong passwords remembered per pair, as keyed digests
 AUTH_SLOT_RECHECK = 0.05       # s: asked again when only logins under way hold the slots
-AUTH_SLOT_SPREAD = 0.05        # s: at most this much later, at random, so workers take turns
 SHARED_EVENT_MAX = 4096        # bytes of one shared-book event as sent (JSON): an address, a
                                # login, a few numbers; far below an AF_UNIX datagram's limit
 SHARED_QUEUE_MAX = 1024        # events kept for a process that reads none (the oldest dropped)
@@ -3438,7 +3437,7 @@ class FailureCount:
     def __init__(self, when: float):
         self.failures = 0
         self.last = when
-        self.busy_until = []       # end times of the delays still running
+        self.busy_until = []       # (end time, pid) of the delays still running
         self.digests = []
 
 
@@ -3451,6 +3450,10 @@ class LoginDefence:
     - Each such delay holds a slot of the address and of the account until
       it ends, and so does each login under way (``begin``/``end``):
       with AUTH_PENALTY_SLOTS taken, the next attempt waits for one (admit).
+      Of those, a worker takes at most its ``share`` (AUTH_PENALTY_SLOTS
+      over worker_processes): workers that see slots free at the same
+      instant cannot let more than AUTH_PENALTY_SLOTS through together
+      before hearing of each other.
       A guesser gets no further with more connections or by hanging up; a
       user behind its address, or the attacked mailbox's owner, waits a
       turn, and is never refused for the guesser's failures.
@@ -3476,23 +3479,35 @@ class LoginDefence:
         self.checking = {}         # ("address" | "login", key) -> logins under way, all processes
         self.checking_in = {}      # pid -> {(address, login): how many}: what "worker gone" ends
         self.publish = self.apply  # SharedBooks.add: apply here, then in the other processes
+        self.share = AUTH_PENALTY_SLOTS    # this process's slots (Worker: per worker_processes)
 
     # -- questions ---------------------------------------------------------------
-    def admit(self, address: str, login: str, now: float) -> Admission:
-        """May an attempt go on to the password check now?"""
+    def admit(self, address: str, login: str, now: float, pid: int = 0) -> Admission:
+        """May an attempt go on to the password check now, in process ``pid``?"""
         pair = self._recent(self.pairs, (address, login), now)
         if pair is not None and pair.failures >= AUTH_PAIR_LIMIT:
             return Admission(refuse=True, failures=pair.failures)
-        wait = max(self._slot_wait(self.addresses, "address", address, now),
-                   self._slot_wait(self.accounts, "login", login, now))
+        wait = max(self._slot_wait(self.addresses, "address", address, now, pid),
+                   self._slot_wait(self.accounts, "login", login, now, pid))
         return Admission(wait=wait)
 
-    def _slot_wait(self, table: dict, kind: str, key: str, now: float) -> float:
+    def _slot_wait(self, table: dict, kind: str, key: str, now: float, pid: int) -> float:
+        """0 if a slot of ``key`` is free, for everyone and within ``pid``'s
+        share; else how long until the first delay that holds one ends (or
+        AUTH_SLOT_RECHECK, when only logins under way hold them)."""
         record = self._recent(table, key, now)
-        running = [end for end in record.busy_until if end > now] if record is not None else []
-        if len(running) + self.checking.get((kind, key), 0) < AUTH_PENALTY_SLOTS:
+        running = [(end, owner) for end, owner in record.busy_until if end > now] \
+            if record is not None else []
+        mine = [end for end, owner in running if owner == pid]
+        checking_here = sum(count for (address, login), count in self.checking_in.get(pid, {}).items()
+                            if (address if kind == "address" else login) == key)
+        if len(mine) + checking_here >= self.share:
+            ends = mine
+        elif len(running) + self.checking.get((kind, key), 0) >= AUTH_PENALTY_SLOTS:
+            ends = [end for end, _ in running]
+        else:
             return 0.0
-        return min(running) - now if running else AUTH_SLOT_RECHECK
+        return min(ends) - now if ends else AUTH_SLOT_RECHECK
 
     def recent_failures(self, address: str, login: str, now: float) -> int:
         """The count a failure's delay is made from: the address's or the account's."""
@@ -3533,16 +3548,16 @@ class LoginDefence:
 
     # -- the events ----------------------------------------------------------------
     def failure(self, address: str, login: str, password: bytes, now: float,
-                base_delay: float) -> Tuple[tuple, float, int]:
-        """A wrong password (or an unknown login): (the event to publish, the
-        reply's delay, the failure count it makes)."""
+                base_delay: float, pid: int = 0) -> Tuple[tuple, float, int]:
+        """A wrong password (or an unknown login) in process ``pid``: (the
+        event to publish, the reply's delay, the failure count it makes)."""
         digest = hmac.new(self.secret, login.encode("latin-1") + b"\0" + password,
                           hashlib.sha256).hexdigest()[:16]
         pair = self._recent(self.pairs, (address, login), now)
         repeated = pair is not None and digest in pair.digests
         count = self.recent_failures(address, login, now) + (0 if repeated else 1)
         delay = penalty_delay(count, base_delay)
-        return ("login failed", address, login, digest, now, delay), delay, count
+        return ("login failed", address, login, digest, now, delay, pid), delay, count
 
     def success(self, address: str, login: str, now: float) -> Optional[tuple]:
         """A right password: that account's failures from that address go
@@ -3570,7 +3585,8 @@ class LoginDefence:
         elif event[0] == "worker gone":
             self._worker_gone(event[1])
 
-    def _failed(self, address: str, login: str, digest: str, when: float, delay: float) -> None:
+    def _failed(self, address: str, login: str, digest: str, when: float, delay: float,
+                pid: int) -> None:
         pair = self._touch(self.pairs, (address, login), when)
         counted = digest not in pair.digests
         if counted:
@@ -3580,8 +3596,8 @@ class LoginDefence:
                        self._touch(self.accounts, login, when)):
             if counted:
                 record.failures += 1
-            running = [end for end in record.busy_until if end > when] + [when + delay]
-            record.busy_until = sorted(running)[-2 * AUTH_PENALTY_SLOTS:]
+            running = [held for held in record.busy_until if held[0] > when]
+            record.busy_until = sorted(running + [(when + delay, pid)])[-2 * AUTH_PENALTY_SLOTS:]
 
     def _clear(self, address: Optional[str], login: Optional[str]) -> None:
         self.addresses.pop(address, None)
@@ -7071,7 +7087,7 @@ class LoginGate:
         soonest = None
         for ticket in list(self.waiting):
             address, login, go = ticket
-            admission = self.defence.admit(address, login, now)
+            admission = self.defence.admit(address, login, now, os.getpid())
             if admission.wait > 0:
                 soonest = admission.wait if soonest is None else min(soonest, admission.wait)
                 continue
@@ -7081,14 +7097,7 @@ class LoginGate:
             go(admission)
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = None
-        if soonest:
-            # When a delay ends, the waiters of every worker wake together;
-            # each worker would let AUTH_PENALTY_SLOTS through before
-            # hearing of the others' "login begin".  A random spread lets
-            # the first one's events reach the others first.
-            spread = random.random() * AUTH_SLOT_SPREAD
-            self.timer = self.loop.call_later(soonest + spread, self._let_through)
+        self.timer = self.loop.call_later(soonest, self._let_through) if soonest else None
 
 
 class LoginGuard:
@@ -7159,7 +7168,8 @@ class LoginGuard:
                 self.publish(event)
         elif outcome.kind == Verdict.FAIL:
             event, delay, count = self.gate.defence.failure(
-                address, login, self.attempt.credentials.password, now, self.server.auth_delay)
+                address, login, self.attempt.credentials.password, now, self.server.auth_delay,
+                os.getpid())
             self.publish(event)
             if count > 1:
                 self.owner.log("notice", "login penalty: %d recent failures from %s or of "
@@ -8046,7 +8056,10 @@ class Worker(LoopHandler):
         self.log = logs.main
         self.loop = EventLoop()
         self.books = books if books is not None else make_shared_books()
-        self.gate = LoginGate(self.loop, self.books.of(LoginDefence))
+        defence = self.books.of(LoginDefence)
+        workers = config.main.worker_processes if config.main.master_process else 1
+        defence.share = max(1, AUTH_PENALTY_SLOTS // workers)
+        self.gate = LoginGate(self.loop, defence)
         self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener

@@ -4399,6 +4399,23 @@ class LoginDefenceTests(unittest.TestCase):
         self.assertEqual((owner.refuse, owner.wait), (False, 1.0))
         self.assertEqual(self.defence.admit("198.51.100.1", "bob", now).wait, 0.0)
 
+    def test_each_worker_takes_at_most_its_share_of_the_slots(self):
+        """Two workers (share 2) that see every slot free at the same
+        instant let 4 through together, not 8."""
+        self.defence.share = mp.AUTH_PENALTY_SLOTS // 2
+        now = 1000.0
+        for n in range(self.defence.share):                    # worker 101's delays
+            event, _, _ = self.defence.failure("192.0.2.7", "u%d" % n, b"x", now, 1.0, pid=101)
+            self.defence.apply(event)
+        self.assertEqual(self.defence.admit("192.0.2.7", "v", now, pid=101).wait, 1.0)
+        self.assertEqual(self.defence.admit("192.0.2.7", "v", now, pid=102).wait, 0.0)
+        self.defence.apply(self.defence.begin("192.0.2.7", "v", 102))
+        self.assertEqual(self.defence.admit("192.0.2.7", "w", now, pid=102).wait, 0.0)
+        self.defence.apply(self.defence.begin("192.0.2.7", "w", 102))
+        self.assertEqual(self.defence.admit("192.0.2.7", "x", now, pid=102).wait,
+                         mp.AUTH_SLOT_RECHECK)                   # its share, under way
+        self.assertEqual(self.defence.admit("192.0.2.7", "x", now, pid=103).wait, 1.0)  # all 4
+
     def test_logins_under_way_take_slots_too_in_any_worker_until_it_is_gone(self):
         for pid in (101, 101, 102, 102):                     # two workers' checks
             self.defence.apply(self.defence.begin("192.0.2.7", "alice", pid))
@@ -10281,7 +10298,7 @@ class SharedBooksTests(unittest.TestCase):
     def test_an_event_goes_to_each_book_of_its_kind_and_no_other(self):
         books = mp.SharedBooks()
         ledger, defence = books.add(Ledger()), books.add(mp.LoginDefence(b"key"))
-        books.apply(("login failed", "192.0.2.1", "alice", "digest", 5.0, 1.0))
+        books.apply(("login failed", "192.0.2.1", "alice", "digest", 5.0, 1.0, 101))
         books.apply(("tick", 1))
         books.apply(("unknown kind", 1))                     # nobody's: ignored
         self.assertEqual(ledger.events, [("tick", 1)])
