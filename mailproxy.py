@@ -1446,7 +1446,8 @@ def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
 # ========================================================================== #
 # What IMAP and POP3 (and later SMTP) share: the events a client machine
 # returns, base64 and the SASL mechanisms (RFC 4616 PLAIN, the LOGIN
-# mechanism, RFC 2195 CRAM-MD5, RFC 1939 APOP), and the nginx-style salt.
+# mechanism, RFC 2195 CRAM-MD5, RFC 1939 APOP), the nginx-style salt, and
+# what XCLIENT's values are checked with (xtext, host names).
 # Nothing here does I/O or reads the clock, except make_salt's arguments.
 
 class TextEnum(str, enum.Enum):
@@ -1567,6 +1568,35 @@ def split_cram_md5_response(data: bytes) -> Optional[Tuple[bytes, bytes]]:
     if len(digest) != 32 or not user:
         return None
     return user, digest.lower()
+
+
+def decode_xtext(data: bytes) -> Optional[bytes]:
+    """RFC 3461 §4 xtext -> the bytes it stands for, or None if it is no
+    xtext: a byte outside "!".."~", a bare "=", or a "+" not followed by
+    two hex digits.  The RFC wants upper-case hex; lower case is taken
+    too (be liberal: the value is checked again for what it must be)."""
+    out, index = bytearray(), 0
+    while index < len(data):
+        byte = data[index]
+        if byte == 0x2B:                                   # "+XX"
+            digits = data[index + 1:index + 3]
+            if not re.fullmatch(rb"[0-9A-Fa-f]{2}", digits):
+                return None
+            out.append(int(digits, 16))
+            index += 3
+            continue
+        if byte < 0x21 or byte > 0x7E or byte == 0x3D:    # not an xchar
+            return None
+        out.append(byte)
+        index += 1
+    return bytes(out)
+
+
+def valid_host_name(name: str) -> bool:
+    """RFC 1034 §3.5 letters, digits, hyphens and dots only (nginx 1.29.7,
+    CVE-2026-28753: a PTR answer must not carry bytes into XCLIENT)."""
+    return (bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
+            and all(name.split(".")))                     # no empty label: not "a..b", ".a"
 
 
 def strip_eol(line: bytes) -> bytes:
@@ -4501,13 +4531,6 @@ def dns_values(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, int]:
         current = aliases[0][0].lower()
         ttls.append(aliases[0][1])
     return [], 0
-
-
-def valid_host_name(name: str) -> bool:
-    """RFC 1034 §3.5 letters, digits, hyphens and dots only (nginx 1.29.7,
-    CVE-2026-28753: a PTR answer must not carry bytes into XCLIENT)."""
-    return (bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
-            and all(name.split(".")))                     # no empty label: not "a..b", ".a"
 
 
 # ========================================================================== #

@@ -3445,6 +3445,17 @@ class WirePrimitiveTests(unittest.TestCase):
         salt = mp.make_salt("mail.test", NOW, FixedRandom())
         self.assertEqual(salt, SALT)
 
+    def test_xtext_decoded_as_rfc3461_says(self):
+        # RFC 3461 §4: "+" and two hex digits stand for a byte; "=" and bytes
+        # outside "!".."~" are no xchar.  It undoes mailproxy's own encoder.
+        self.assertEqual(mp.decode_xtext(b"al+20ice+2B+3d"), b"al ice+=")
+        self.assertEqual(mp.decode_xtext(b"IPV6:2001:db8::1"), b"IPV6:2001:db8::1")
+        self.assertEqual(mp.decode_xtext(b""), b"")
+        for value in (b"a\x00b\r\n=", b"\xff", b"+0"):
+            self.assertEqual(mp.decode_xtext(mp.xtext(value)), value)
+        for bad in (b"a=b", b"+", b"+4", b"+4G", b"a b", b"a\tb", b"\xe9"):
+            self.assertIsNone(mp.decode_xtext(bad), bad)
+
     def test_credentials_repr_hides_password(self):
         text = repr(mp.Credentials(b"alice", b"hunter2"))
         self.assertIn("alice", text)
