@@ -1511,12 +1511,15 @@ class Closed:
 
 @dataclasses.dataclass
 class ClientIdentity:
-    """Event (IMAP ID, RFC 2971): the client says whom it speaks for, as a
+    """Event: the client says whom it speaks for: IMAP ID (RFC 2971), as a
     webmail host does with Dovecot's ``x-originating-ip`` and
-    ``x-originating-port``.  The session believes it only from
-    trusted_networks (believed_client)."""
+    ``x-originating-port``, or SMTP XCLIENT (Postfix's XCLIENT_README).
+    The session believes it only from trusted_networks (believed_client,
+    xclient_client).  b"" and None: not named."""
     address: bytes
     port: bytes = b""
+    name: Optional[bytes] = None       # XCLIENT NAME: a host name, [UNAVAILABLE] or [TEMPUNAVAIL]
+    source: str = "IMAP ID"            # for the log: "IMAP ID" or "XCLIENT"
 
 
 def decode_base64(data: bytes) -> Optional[bytes]:
@@ -2635,6 +2638,8 @@ SMTP_COMMAND_TABLE = {
     b"NOOP": Command("_noop"), b"RSET": Command("_rset"), b"RCPT": Command("_rcpt"),
     b"STARTTLS": Command("_starttls"), b"AUTH": Command("_auth", needs_tls=True),
     b"MAIL": Command("_mail", needs_tls=True),     # smtp_auth none: the login begins here
+    # Extension: Postfix's XCLIENT, from trusted_networks only (_xclient).
+    b"XCLIENT": Command("_xclient"),
     # Known to nginx's parser, refused by its handler: 500, not counted.
     b"VRFY": Command(None), b"EXPN": Command(None), b"HELP": Command(None),
 }
@@ -2651,6 +2656,12 @@ SMTP_LOGIN_UNAVAILABLE = (b"Temporary authentication failure", b"454 4.7.0")
 SMTP_SESSION_LIMIT = (b"Too many sessions for this user", b"421 4.7.0")
 SMTP_TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 §4
 SMTP_TOO_MANY_RECIPIENTS = b"452 4.5.3 Too many recipients\r\n"      # RFC 5321 §4.5.3.1.10
+# Extension: Postfix's XCLIENT (www.postfix.org/XCLIENT_README.html) from a
+# trusted_networks peer: the attributes acted on (the EHLO keyword lists
+# them), the values that mean "unknown", and Postfix's reply to a bad one.
+SMTP_XCLIENT_ATTRIBUTES = b"ADDR PORT NAME"
+SMTP_XCLIENT_UNKNOWN = (b"[UNAVAILABLE]", b"[TEMPUNAVAIL]")
+SMTP_XCLIENT_SYNTAX = b"501 5.5.4 Bad XCLIENT syntax\r\n"
 # RFC 5321 §4.1.1: no control byte belongs in these arguments.  nginx 1.22
 # passes NUL and TAB on inside MAIL and RCPT; we refuse them with 501.
 SMTP_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
@@ -2672,6 +2683,73 @@ def parse_smtp_command(line: bytes) -> Optional[Tuple[bytes, List[bytes], bytes]
     return verb.upper(), args, body.rstrip(b" ")
 
 
+def xclient_address(value: bytes) -> Optional[bytes]:
+    """XCLIENT ADDR: an IPv4 address, or an IPv6 one after "IPV6:"
+    (XCLIENT_README; Postfix takes it bare too) -> the address as Python
+    writes it; b"" for [UNAVAILABLE] (unknown: the address stays); None
+    for anything else."""
+    if value in SMTP_XCLIENT_UNKNOWN:
+        return b""
+    prefixed = value[:5].upper() == b"IPV6:"
+    bare = value[5:] if prefixed else value
+    if not re.fullmatch(rb"[0-9A-Fa-f:.]+", bare):      # no scope (fe80::1%eth0), no junk
+        return None
+    try:
+        address = ipaddress.ip_address(bare.decode("ascii"))
+    except ValueError:
+        return None
+    if prefixed and address.version != 6:
+        return None
+    return str(address).encode()
+
+
+def xclient_port(value: bytes) -> Optional[bytes]:
+    """XCLIENT PORT: a TCP port; b"" for [UNAVAILABLE]; None for anything else."""
+    if value in SMTP_XCLIENT_UNKNOWN:
+        return b""
+    if not re.fullmatch(rb"\d{1,5}", value) or int(value) > 65535:
+        return None
+    return value
+
+
+def xclient_name(value: bytes) -> Optional[bytes]:
+    """XCLIENT NAME: a host name, or [UNAVAILABLE] / [TEMPUNAVAIL] (the
+    lookup failed for good, for now: kept, they are what our own resolver
+    says then); None for anything else, as Postfix's "Bad NAME syntax"."""
+    if value in SMTP_XCLIENT_UNKNOWN or valid_host_name(value.decode("latin-1")):
+        return value
+    return None
+
+
+# The check of each attribute acted on; any other (HELO, PROTO, LOGIN,
+# DESTADDR...) is taken and ignored.
+XCLIENT_CHECKS = {b"ADDR": xclient_address, b"PORT": xclient_port, b"NAME": xclient_name}
+
+
+def parse_xclient(args: List[bytes]) -> Optional[ClientIdentity]:
+    """XCLIENT_README's ``XCLIENT 1*( SP attribute-name "=" attribute-value )``,
+    values in xtext (RFC 3461 §4), names in any case -> a ClientIdentity
+    (source "XCLIENT"), or None if the command is malformed: no attribute,
+    one without "=", a value that is no xtext, or a bad ADDR, PORT or NAME.
+    An attribute sent twice counts for its last value."""
+    if not args:
+        return None
+    values = {}
+    for arg in args:
+        name, equals, encoded = arg.partition(b"=")
+        value = decode_xtext(encoded)
+        if not equals or not name or value is None:
+            return None
+        name = name.upper()
+        check = XCLIENT_CHECKS.get(name)
+        if check is not None:
+            values[name] = check(value)
+            if values[name] is None:
+                return None
+    return ClientIdentity(values.get(b"ADDR", b""), values.get(b"PORT", b""),
+                          values.get(b"NAME"), "XCLIENT")
+
+
 class SmtpMachine(ClientMachine):
     """The SMTP dialogue up to AUTH (or, with smtp_auth none, the first RCPT).
 
@@ -2679,6 +2757,8 @@ class SmtpMachine(ClientMachine):
     name is resolved and smtp_greeting_delay has passed (``greet()``).
     What the client said is kept for the backend login: ``helo`` and
     ``esmtp`` (it said EHLO), ``mail_from`` and ``rcpt_to`` (raw commands).
+    ``xclient_allowed``: the session says the peer is in trusted_networks;
+    then XCLIENT is offered and taken (Postfix's smtpd_authorized_xclient_hosts).
     """
     protocol = "smtp"
     COMMANDS = SMTP_COMMAND_TABLE
@@ -2697,12 +2777,16 @@ class SmtpMachine(ClientMachine):
         self.esmtp = False
         self.mail_from = None          # type: Optional[bytes]
         self.rcpt_to = None            # type: Optional[bytes]
+        self.xclient_allowed = False   # set by the session, for the whole connection
 
     def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return (code or SMTP_AUTH_FAILED_CODE) + b" " + text + b"\r\n"
 
     def greet(self) -> None:
-        self._output += b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
+        self._output += self.greeting()
+
+    def greeting(self) -> bytes:
+        return b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
 
     def logged_in_reply(self, reply: bytes) -> bytes:
         """nginx's own 235 answers the client's AUTH (the backend was not
@@ -2711,10 +2795,14 @@ class SmtpMachine(ClientMachine):
         return reply or SMTP_AUTH_OK
 
     def ehlo_reply(self) -> bytes:
-        """``250-name``, one line per smtp_capabilities item, then AUTH, then
-        STARTTLS while offered (RFC 3207); with starttls only and no TLS yet,
-        no AUTH.  The last line has a space after the code (RFC 5321 §4.2.1)."""
+        """``250-name``, one line per smtp_capabilities item, XCLIENT to a
+        trusted peer (XCLIENT_README: the keyword, then the attributes
+        supported), then AUTH, then STARTTLS while offered (RFC 3207); with
+        starttls only and no TLS yet, no AUTH.  The last line has a space
+        after the code (RFC 5321 §4.2.1)."""
         lines = [self.settings.server_name] + list(self.settings.smtp_capabilities)
+        if self.xclient_allowed:
+            lines.append("XCLIENT " + SMTP_XCLIENT_ATTRIBUTES.decode())
         names = self.advertised_logins()
         if names:
             lines.append("AUTH " + " ".join(names))
@@ -2810,6 +2898,28 @@ class SmtpMachine(ClientMachine):
     def _forget_before_tls(self) -> None:
         self.helo = self.mail_from = self.rcpt_to = None
         self.esmtp = False
+
+    def _xclient(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
+        """Postfix's XCLIENT from a trusted peer (a webmail, a filter) naming
+        the client it speaks for; from any other peer what nginx says to a
+        command it does not know (counted), as before.  XCLIENT_README: not
+        "in the middle of a mail delivery transaction" (503, as AUTH); a
+        malformed one changes nothing; a good one is answered with the
+        greeting and the dialogue starts again ("the server resets state to
+        the initial SMTP greeting protocol stage": EHLO again)."""
+        if not self.xclient_allowed:
+            return self._invalid(events, True)
+        if self.mail_from is not None:
+            self._output += SMTP_BAD_SEQUENCE
+            return
+        identity = parse_xclient(args)
+        if identity is None:
+            self._output += SMTP_XCLIENT_SYNTAX
+            return
+        self._output += self.greeting()
+        self._forget_before_tls()                  # the HELO and the transaction, as STARTTLS
+        if identity.address or identity.port or identity.name is not None:
+            events.append(identity)
 
     def _auth(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
         """RFC 4954 AUTH, as ngx_mail_auth_parse."""

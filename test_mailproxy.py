@@ -296,6 +296,7 @@ HOSTILE_BYTES = [b"\r", b"\n", b"\0", b"\t", b" ", b'"', b"'", b"\\", b"+", b"="
 IMAP_PROXY_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
 SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
 SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
+SMTP_XCLIENT_EHLO = b"250-mail.test\r\n250-XCLIENT ADDR PORT NAME\r\n250 AUTH PLAIN LOGIN\r\n"
 PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
 
 # How mailproxy logs alice in to an IMAP backend (nginx does the same): the
@@ -3905,6 +3906,90 @@ class SmtpMachineTests(unittest.TestCase):
     def test_too_long_command(self):
         self.smtp([(b"HELO " + b"x" * 100 + b"\r\n", mp.SMTP_INVALID,
                     [mp.Closed("client sent too long command")])], smtp_client_buffer=64)
+
+    # -- XCLIENT (Postfix's XCLIENT_README) from a trusted_networks peer ------------
+
+    def xclient(self, exchanges, tail=b"MAIL FROM:<x@y>\r\n", **settings):
+        def factory():
+            machine = make_smtp(**settings)
+            machine.xclient_allowed = True              # the session found the peer trusted
+            return machine
+        converse_three_ways(self, factory, exchanges, tail)
+
+    def test_xclient_is_offered_and_taken_from_a_trusted_peer_only(self):
+        """Anyone else gets what nginx says to a command it does not know,
+        counted, and no XCLIENT in the EHLO reply."""
+        self.xclient([(b"EHLO x\r\n", SMTP_XCLIENT_EHLO, []),
+                      (b"XCLIENT ADDR=192.0.2.9 PORT=4711\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"192.0.2.9", b"4711", None, "XCLIENT")]),
+                      (b"EHLO x\r\n", SMTP_XCLIENT_EHLO, []),
+                      (b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n", b"",
+                       [mp.Credentials(b"alice", b"secret")])])
+        self.smtp([(b"EHLO x\r\n", SMTP_PROXY_EHLO, []),
+                   (b"XCLIENT ADDR=192.0.2.9 PORT=4711\r\n", mp.SMTP_INVALID, []),
+                   (b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n", b"",
+                    [mp.Credentials(b"alice", b"secret")])])
+        machine = make_smtp(max_errors=2)
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"XCLIENT ADDR=192.0.2.9\r\nXCLIENT NAME=x\r\n"),
+                         [mp.Closed("client sent too many invalid commands")])
+
+    def test_xclient_sits_before_auth_and_starttls_in_the_ehlo_reply(self):
+        machine = make_smtp(smtp_capabilities=["SIZE 10485760"], starttls="on")
+        machine.xclient_allowed = True
+        self.assertEqual(machine.ehlo_reply(), b"250-mail.test\r\n250-SIZE 10485760\r\n"
+                         b"250-XCLIENT ADDR PORT NAME\r\n250-AUTH PLAIN LOGIN\r\n"
+                         b"250 STARTTLS\r\n")
+
+    def test_xclient_restarts_the_dialogue(self):
+        """XCLIENT_README: the server "resets state to the initial SMTP
+        greeting protocol stage": the HELO is forgotten, EHLO again."""
+        machine = make_smtp(smtp_auth=["none"])
+        machine.xclient_allowed = True
+        machine.data_to_send()
+        machine.receive_data(b"EHLO before.example\r\nXCLIENT NAME=gw.example\r\n")
+        self.assertEqual(machine.data_to_send(), b"250-mail.test\r\n250 XCLIENT ADDR PORT NAME\r\n"
+                         + SMTP_PROXY_GREETING)
+        self.assertEqual((machine.helo, machine.esmtp), (None, False))
+
+    def test_xclient_values_are_xtext_any_case_unknown_ones_left_alone(self):
+        """RFC 3461 xtext; ADDR with IPV6: (or bare); [UNAVAILABLE] and
+        [TEMPUNAVAIL] leave ADDR and PORT as they are, and are NAME's own
+        words for a failed lookup; other attributes are taken and ignored."""
+        self.xclient([(b"xclient addr=IPV6:2001:DB8::1 name=mail+2Dgw.example.org helo=x+20y "
+                       b"proto=ESMTP login=[UNAVAILABLE]\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"2001:db8::1", b"", b"mail-gw.example.org", "XCLIENT")]),
+                      (b"XCLIENT ADDR=[UNAVAILABLE] PORT=[TEMPUNAVAIL] NAME=[TEMPUNAVAIL]\r\n",
+                       SMTP_PROXY_GREETING, [mp.ClientIdentity(b"", b"", b"[TEMPUNAVAIL]", "XCLIENT")]),
+                      (b"XCLIENT ADDR=2001:db8::2 PORT=0 ADDR=192.0.2.1\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"192.0.2.1", b"0", None, "XCLIENT")]),
+                      (b"XCLIENT HELO=x DESTADDR=192.0.2.25 DESTPORT=25\r\n", SMTP_PROXY_GREETING, []),
+                      (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])])
+
+    def test_malformed_xclient_is_refused_and_changes_nothing(self):
+        bad = [b"XCLIENT", b"XCLIENT ADDR", b"XCLIENT =192.0.2.9", b"XCLIENT ADDR=",
+               b"XCLIENT ADDR=192.0.2", b"XCLIENT ADDR=[192.0.2.9]", b"XCLIENT ADDR=fe80::1%eth0",
+               b"XCLIENT ADDR=IPV6:192.0.2.9", b"XCLIENT ADDR=192.0.2.9+00",
+               b"XCLIENT ADDR=192.0.2.9 PORT=65536", b"XCLIENT ADDR=192.0.2.9 PORT=-1",
+               b"XCLIENT PORT=4711 NAME=a..b", b"XCLIENT NAME=bad_name.example",
+               b"XCLIENT NAME=x+0D+0AY", b"XCLIENT NAME=" + b"a" * 254,
+               b"XCLIENT HELO=a=b", b"XCLIENT HELO=+4", b"XCLIENT FOO"]
+        exchanges = [(b"EHLO x\r\n", b"250-mail.test\r\n250 XCLIENT ADDR PORT NAME\r\n", [])]
+        exchanges += [(line + b"\r\n", mp.SMTP_XCLIENT_SYNTAX, []) for line in bad]
+        exchanges += [(b"MAIL FROM:<a@b>\r\n", mp.SMTP_OK, []),
+                      (b"RCPT TO:<c@d>\r\n", b"", [mp.Credentials(b"", b"", "none")])]
+        self.xclient(exchanges, tail=b"DATA\r\n", smtp_auth=["none"], max_errors=2)
+
+    def test_xclient_in_a_mail_transaction_is_a_bad_sequence(self):
+        """XCLIENT_README: "at any time, except in the middle of a mail
+        delivery transaction"."""
+        self.xclient([(b"EHLO x\r\n", b"250-mail.test\r\n250 XCLIENT ADDR PORT NAME\r\n", []),
+                      (b"MAIL FROM:<a@b>\r\n", mp.SMTP_OK, []),
+                      (b"XCLIENT ADDR=192.0.2.9\r\n", mp.SMTP_BAD_SEQUENCE, []),
+                      (b"RSET\r\n", mp.SMTP_OK, []),
+                      (b"XCLIENT ADDR=192.0.2.9\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"192.0.2.9", b"", None, "XCLIENT")]),
+                      (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])], smtp_auth=["none"])
 
 
 # -- STARTTLS in the machines: capabilities and the injection defence ---------------
