@@ -6978,6 +6978,24 @@ PHASE_CHANGES = frozenset(
      (Phase.LOGIN, Phase.RELAY), (Phase.LOGIN, Phase.CLOSING)])
 
 
+def xclient_client(identity: ClientIdentity, client: Tuple[str, int, str]) -> Tuple[str, int, str]:
+    """The client (address, port, name) after a trusted peer's XCLIENT
+    (XCLIENT_README), from what it was.  What is not named stays (the
+    machine leaves out ADDR and PORT sent as [UNAVAILABLE]).  A new address
+    has port 0 (unknown) and the name [UNAVAILABLE] unless PORT and NAME
+    come with it: the peer's own port and name are not the new client's."""
+    address, port, name = client
+    if identity.address:
+        named = str(ipaddress.ip_address(identity.address.decode("ascii")))
+        if named != address:
+            address, port, name = named, 0, CLIENT_UNAVAILABLE
+    if identity.port:
+        port = int(identity.port)
+    if identity.name is not None:
+        name = identity.name.decode("ascii")
+    return address, port, name
+
+
 class ClientOpening(StreamOwner):
     """A new client connection up to the protocol's greeting, as nginx:
     the PROXY header first (listen ... proxy_protocol: a bad or missing one
@@ -7514,6 +7532,12 @@ class Session(StreamOwner):
         """The opening is done: the greeting, then what the client sent ahead."""
         self.opening = None
         self.client.owner = self
+        if self.server.protocol == "smtp":
+            # Decided once, from the peer (after a PROXY header, the client
+            # it names), as Postfix's smtpd_authorized_xclient_hosts: a
+            # peer may send XCLIENT again after naming another client.
+            self.machine.xclient_allowed = real_ip_trusted(self.client_address,
+                                                           self.server.trusted_networks)
         self.machine.greet()
         self._enter(Phase.DIALOGUE)
         self.client.write(self.machine.data_to_send())
@@ -7543,11 +7567,23 @@ class Session(StreamOwner):
 
     def _client_identity(self, event: ClientIdentity) -> None:
         """A webmail host in trusted_networks names its user's address: the
-        session's client from now on (the defence, the log, auth_http)."""
+        session's client from now on (the defence, the log, auth_http, and
+        SMTP's Client-Host and the backend's XCLIENT, for the name)."""
+        if event.source == "XCLIENT":
+            return self._xclient(event)
         believed = believed_client(event, self.client_address, self.server.trusted_networks)
         if believed is not None:
             self.client_address, self.client_port = believed
             self.log("info", "real client address %s:%d (IMAP ID)" % believed)
+
+    def _xclient(self, event: ClientIdentity) -> None:
+        """The machine takes XCLIENT only when opened() found the peer trusted."""
+        if not self.machine.xclient_allowed:
+            return
+        client = (self.client_address, self.client_port, self.client_name)
+        self.client_address, self.client_port, self.client_name = xclient_client(event, client)
+        self.log("info", 'real client address %s:%d (XCLIENT), name "%s"'
+                 % (self.client_address, self.client_port, self.client_name))
 
     def _start_tls(self, event: StartTls) -> None:
         self.journal.starttls = True

@@ -7959,6 +7959,23 @@ class SmtpEndToEndResolverTests(EndToEndTestCase):
                          b"EHLO client.example\r\nQUIT\r\n")
         self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
 
+    def test_xclient_naming_another_address_drops_the_peers_name(self):
+        """The resolver named the trusted peer; once XCLIENT names another
+        address without NAME, the client's name is unknown, not the peer's."""
+        dns, backend, proxy = self.start_with_dns(records_for(self.GOOD),
+                                                  trusted_networks="127.0.0.1")
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send("XCLIENT ADDR=192.0.2.9")
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.9 LOGIN=alice NAME=[UNAVAILABLE]"
+                         b"\r\nEHLO client.example\r\nQUIT\r\n")
+        proxy.wait_for_log(r'real client address 192\.0\.2\.9:0 \(XCLIENT\), name "\[UNAVAILABLE\]"')
+
     def test_silent_dns_gives_tempunavail_and_the_greeting_still_comes(self):
         dns, backend, proxy = self.start_with_dns(lambda query, name, qtype: [],
                                                   resolver_timeout="500ms")
@@ -8818,6 +8835,23 @@ class PhaseTableTests(unittest.TestCase):
 
 
 # -- happy paths --------------------------------------------------------------------
+
+class XclientClientTests(unittest.TestCase):
+    """What a trusted peer's XCLIENT makes of the session's client."""
+
+    def test_named_attributes_replace_the_others_stay(self):
+        peer = ("127.0.0.1", 40000, "webmail.example")
+        def after(address=b"", port=b"", name=None):
+            return mp.xclient_client(mp.ClientIdentity(address, port, name, "XCLIENT"), peer)
+        self.assertEqual(after(b"192.0.2.9", b"4711"), ("192.0.2.9", 4711, "[UNAVAILABLE]"))
+        self.assertEqual(after(b"192.0.2.9"), ("192.0.2.9", 0, "[UNAVAILABLE]"))
+        self.assertEqual(after(b"192.0.2.9", name=b"c.example"), ("192.0.2.9", 0, "c.example"))
+        self.assertEqual(after(b"2001:db8::9", name=b"[TEMPUNAVAIL]"),
+                         ("2001:db8::9", 0, "[TEMPUNAVAIL]"))
+        self.assertEqual(after(b"127.0.0.1"), peer)                 # the same address: as it was
+        self.assertEqual(after(port=b"4711"), ("127.0.0.1", 4711, "webmail.example"))
+        self.assertEqual(after(name=b"c.example"), ("127.0.0.1", 40000, "c.example"))
+
 
 class ImapEndToEndTests(EndToEndTestCase):
     def test_login_then_10_mb_each_way(self):
@@ -9812,6 +9846,22 @@ class LoginDefenceEndToEndTests(EndToEndTestCase):
         self.assertTrue(self.logged_in("imap", self.attempt(client, "imap", "alice", "secret")))
         self.assertNotIn("login penalty", proxy.log)
 
+    def test_a_client_named_by_xclient_is_defended_though_its_peer_is_trusted(self):
+        """The trusted peer is exempt; the client its XCLIENT names is not,
+        so failures count against that address, as for any client."""
+        proxy = self.proxy("smtp", auth_delay="50ms", trusted_networks="127.0.0.1")
+        client = self.connect(proxy, timeout=10.0)
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send("XCLIENT ADDR=192.0.2.9 PORT=4711")
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        for password in ("guess1", "guess2"):
+            self.assertTrue(self.attempt(client, "smtp", "alice", password).startswith(b"535 "))
+        self.assertTrue(self.logged_in("smtp", self.attempt(client, "smtp", "alice", "secret")))
+        log = proxy.log
+        self.assertRegex(log, r'client login failed: "[^"]*" while [^,]*, client: 192\.0\.2\.9, ')
+        self.assertIn("login penalty: 2 recent failures from 192.0.2.9 or of this account", log)
+        self.assertNotIn("from 127.0.0.1", log)
+
     def test_auth_delay_0_turns_the_defence_off(self):
         self.fewer_pair_failures()
         proxy = self.proxy("pop3", auth_delay="0")
@@ -9941,6 +9991,65 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.9"),
                                          auth_request_bytes(client_ip="127.0.0.1")])
         proxy.wait_for_log(r"real client address 192\.0\.2\.9:4711 \(IMAP ID\)")
+
+    def xclient_hello(self, client: Client, xclient: bytes) -> None:
+        """A webmail's SMTP opening: EHLO (XCLIENT offered), XCLIENT, the
+        greeting again, EHLO again."""
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send(xclient + b"\r\n")
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+
+    def test_smtp_xclient_from_a_trusted_peer_names_the_client(self):
+        """trusted_networks: XCLIENT's ADDR is the client for auth_http, the
+        backend's XCLIENT and the log; its NAME is Client-Host."""
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port), auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, trusted_networks="127.0.0.0/8")
+        client = self.connect(proxy)
+        self.xclient_hello(client, b"XCLIENT ADDR=192.0.2.9 PORT=4711")
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        proxy.wait_for_log(r"real client address 192\.0\.2\.9:4711 \(XCLIENT\)")
+        client = self.connect(proxy)
+        self.xclient_hello(client, b"xclient addr=IPV6:2001:db8::9 name=gw+2Dwebmail.example.org")
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 1, b"QUIT\r\n")
+        self.assertEqual(auth.requests, [
+            auth_request_bytes(protocol="smtp", client_ip="192.0.2.9"),
+            auth_request_bytes(protocol="smtp", client_ip="2001:db8::9").replace(
+                b"Client-Host: [UNAVAILABLE]", b"Client-Host: gw-webmail.example.org")])
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.9 LOGIN=alice NAME=[UNAVAILABLE]"
+                         b"\r\nEHLO client.example\r\nQUIT\r\n")
+        self.assertIn(b"XCLIENT ADDR=IPV6:2001:db8::9 LOGIN=alice NAME=gw-webmail.example.org\r\n",
+                      bytes(backend.received[1]))
+        proxy.wait_for_log(r"client logged in while [^,]*, client: 2001:db8::9, ")
+        self.assertRegex(proxy.log, r'real client address 2001:db8::9:0 \(XCLIENT\), '
+                                    r'name "gw-webmail\.example\.org"')
+
+    def test_smtp_xclient_from_an_untrusted_peer_is_an_invalid_command(self):
+        """Not offered, refused as nginx refuses what it does not know, and
+        the client stays the peer; a malformed one from a trusted peer
+        changes nothing either."""
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port), auth_ok(backend.port))
+        other = self.auth_http_proxy("smtp", auth.port, trusted_networks="10.0.0.0/8")
+        client = self.connect(other)
+        self.smtp_hello(client)                              # no XCLIENT in it
+        client.send("XCLIENT ADDR=192.0.2.9 PORT=4711")
+        self.assertEqual(client.read_line(), mp.SMTP_INVALID)
+        self.smtp_auth_plain(client)
+        proxy = self.auth_http_proxy("smtp", auth.port, trusted_networks="127.0.0.1")
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send("XCLIENT ADDR=192.0.2.9 PORT=99999")
+        self.assertEqual(client.read_line(), mp.SMTP_XCLIENT_SYNTAX)
+        self.smtp_auth_plain(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp")] * 2)
+        for server in (other, proxy):
+            server.wait_for_log(r"client logged in while [^,]*, client: 127\.0\.0\.1, ")
+            self.assertNotIn("real client address", server.log)
 
     def test_v1_from_an_untrusted_peer(self):
         backend = self.use(FakeImapBackend())
