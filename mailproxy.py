@@ -1445,7 +1445,8 @@ def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
 # ========================================================================== #
 # What IMAP and POP3 (and later SMTP) share: the events a client machine
 # returns, base64 and the SASL mechanisms (RFC 4616 PLAIN, the LOGIN
-# mechanism, RFC 2195 CRAM-MD5, RFC 1939 APOP), and the nginx-style salt.
+# mechanism, RFC 2195 CRAM-MD5, RFC 1939 APOP), the nginx-style salt, and
+# what XCLIENT's values are checked with (xtext, host names).
 # Nothing here does I/O or reads the clock, except make_salt's arguments.
 
 class TextEnum(str, enum.Enum):
@@ -1509,12 +1510,15 @@ class Closed:
 
 @dataclasses.dataclass
 class ClientIdentity:
-    """Event (IMAP ID, RFC 2971): the client says whom it speaks for, as a
+    """Event: the client says whom it speaks for: IMAP ID (RFC 2971), as a
     webmail host does with Dovecot's ``x-originating-ip`` and
-    ``x-originating-port``.  The session believes it only from
-    trusted_networks (believed_client)."""
+    ``x-originating-port``, or SMTP XCLIENT (Postfix's XCLIENT_README).
+    The session believes it only from trusted_networks (believed_client,
+    xclient_client).  b"" and None: not named."""
     address: bytes
     port: bytes = b""
+    name: Optional[bytes] = None       # XCLIENT NAME: a host name, [UNAVAILABLE] or [TEMPUNAVAIL]
+    source: str = "IMAP ID"            # for the log: "IMAP ID" or "XCLIENT"
 
 
 def decode_base64(data: bytes) -> Optional[bytes]:
@@ -1566,6 +1570,35 @@ def split_cram_md5_response(data: bytes) -> Optional[Tuple[bytes, bytes]]:
     if len(digest) != 32 or not user:
         return None
     return user, digest.lower()
+
+
+def decode_xtext(data: bytes) -> Optional[bytes]:
+    """RFC 3461 §4 xtext -> the bytes it stands for, or None if it is no
+    xtext: a byte outside "!".."~", a bare "=", or a "+" not followed by
+    two hex digits.  The RFC wants upper-case hex; lower case is taken
+    too (be liberal: the value is checked again for what it must be)."""
+    out, index = bytearray(), 0
+    while index < len(data):
+        byte = data[index]
+        if byte == 0x2B:                                   # "+XX"
+            digits = data[index + 1:index + 3]
+            if not re.fullmatch(rb"[0-9A-Fa-f]{2}", digits):
+                return None
+            out.append(int(digits, 16))
+            index += 3
+            continue
+        if byte < 0x21 or byte > 0x7E or byte == 0x3D:    # not an xchar
+            return None
+        out.append(byte)
+        index += 1
+    return bytes(out)
+
+
+def valid_host_name(name: str) -> bool:
+    """RFC 1034 §3.5 letters, digits, hyphens and dots only (nginx 1.29.7,
+    CVE-2026-28753: a PTR answer must not carry bytes into XCLIENT)."""
+    return (bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
+            and all(name.split(".")))                     # no empty label: not "a..b", ".a"
 
 
 def strip_eol(line: bytes) -> bytes:
@@ -2604,6 +2637,8 @@ SMTP_COMMAND_TABLE = {
     b"NOOP": Command("_noop"), b"RSET": Command("_rset"), b"RCPT": Command("_rcpt"),
     b"STARTTLS": Command("_starttls"), b"AUTH": Command("_auth", needs_tls=True),
     b"MAIL": Command("_mail", needs_tls=True),     # smtp_auth none: the login begins here
+    # Extension: Postfix's XCLIENT, from trusted_networks only (_xclient).
+    b"XCLIENT": Command("_xclient"),
     # Known to nginx's parser, refused by its handler: 500, not counted.
     b"VRFY": Command(None), b"EXPN": Command(None), b"HELP": Command(None),
 }
@@ -2620,6 +2655,12 @@ SMTP_LOGIN_UNAVAILABLE = (b"Temporary authentication failure", b"454 4.7.0")
 SMTP_SESSION_LIMIT = (b"Too many sessions for this user", b"421 4.7.0")
 SMTP_TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 §4
 SMTP_TOO_MANY_RECIPIENTS = b"452 4.5.3 Too many recipients\r\n"      # RFC 5321 §4.5.3.1.10
+# Extension: Postfix's XCLIENT (www.postfix.org/XCLIENT_README.html) from a
+# trusted_networks peer: the attributes acted on (the EHLO keyword lists
+# them), the values that mean "unknown", and Postfix's reply to a bad one.
+SMTP_XCLIENT_ATTRIBUTES = b"ADDR PORT NAME"
+SMTP_XCLIENT_UNKNOWN = (b"[UNAVAILABLE]", b"[TEMPUNAVAIL]")
+SMTP_XCLIENT_SYNTAX = b"501 5.5.4 Bad XCLIENT syntax\r\n"
 # RFC 5321 §4.1.1: no control byte belongs in these arguments.  nginx 1.22
 # passes NUL and TAB on inside MAIL and RCPT; we refuse them with 501.
 SMTP_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
@@ -2641,6 +2682,73 @@ def parse_smtp_command(line: bytes) -> Optional[Tuple[bytes, List[bytes], bytes]
     return verb.upper(), args, body.rstrip(b" ")
 
 
+def xclient_address(value: bytes) -> Optional[bytes]:
+    """XCLIENT ADDR: an IPv4 address, or an IPv6 one after "IPV6:"
+    (XCLIENT_README; Postfix takes it bare too) -> the address as Python
+    writes it; b"" for [UNAVAILABLE] (unknown: the address stays); None
+    for anything else."""
+    if value in SMTP_XCLIENT_UNKNOWN:
+        return b""
+    prefixed = value[:5].upper() == b"IPV6:"
+    bare = value[5:] if prefixed else value
+    if not re.fullmatch(rb"[0-9A-Fa-f:.]+", bare):      # no scope (fe80::1%eth0), no junk
+        return None
+    try:
+        address = ipaddress.ip_address(bare.decode("ascii"))
+    except ValueError:
+        return None
+    if prefixed and address.version != 6:
+        return None
+    return str(address).encode()
+
+
+def xclient_port(value: bytes) -> Optional[bytes]:
+    """XCLIENT PORT: a TCP port; b"" for [UNAVAILABLE]; None for anything else."""
+    if value in SMTP_XCLIENT_UNKNOWN:
+        return b""
+    if not re.fullmatch(rb"\d{1,5}", value) or int(value) > 65535:
+        return None
+    return value
+
+
+def xclient_name(value: bytes) -> Optional[bytes]:
+    """XCLIENT NAME: a host name, or [UNAVAILABLE] / [TEMPUNAVAIL] (the
+    lookup failed for good, for now: kept, they are what our own resolver
+    says then); None for anything else, as Postfix's "Bad NAME syntax"."""
+    if value in SMTP_XCLIENT_UNKNOWN or valid_host_name(value.decode("latin-1")):
+        return value
+    return None
+
+
+# The check of each attribute acted on; any other (HELO, PROTO, LOGIN,
+# DESTADDR...) is taken and ignored.
+XCLIENT_CHECKS = {b"ADDR": xclient_address, b"PORT": xclient_port, b"NAME": xclient_name}
+
+
+def parse_xclient(args: List[bytes]) -> Optional[ClientIdentity]:
+    """XCLIENT_README's ``XCLIENT 1*( SP attribute-name "=" attribute-value )``,
+    values in xtext (RFC 3461 §4), names in any case -> a ClientIdentity
+    (source "XCLIENT"), or None if the command is malformed: no attribute,
+    one without "=", a value that is no xtext, or a bad ADDR, PORT or NAME.
+    An attribute sent twice counts for its last value."""
+    if not args:
+        return None
+    values = {}
+    for arg in args:
+        name, equals, encoded = arg.partition(b"=")
+        value = decode_xtext(encoded)
+        if not equals or not name or value is None:
+            return None
+        name = name.upper()
+        check = XCLIENT_CHECKS.get(name)
+        if check is not None:
+            values[name] = check(value)
+            if values[name] is None:
+                return None
+    return ClientIdentity(values.get(b"ADDR", b""), values.get(b"PORT", b""),
+                          values.get(b"NAME"), "XCLIENT")
+
+
 class SmtpMachine(ClientMachine):
     """The SMTP dialogue up to AUTH (or, with smtp_auth none, the first RCPT).
 
@@ -2648,6 +2756,8 @@ class SmtpMachine(ClientMachine):
     name is resolved and smtp_greeting_delay has passed (``greet()``).
     What the client said is kept for the backend login: ``helo`` and
     ``esmtp`` (it said EHLO), ``mail_from`` and ``rcpt_to`` (raw commands).
+    ``xclient_allowed``: the session says the peer is in trusted_networks;
+    then XCLIENT is offered and taken (Postfix's smtpd_authorized_xclient_hosts).
     """
     protocol = "smtp"
     COMMANDS = SMTP_COMMAND_TABLE
@@ -2666,12 +2776,16 @@ class SmtpMachine(ClientMachine):
         self.esmtp = False
         self.mail_from = None          # type: Optional[bytes]
         self.rcpt_to = None            # type: Optional[bytes]
+        self.xclient_allowed = False   # set by the session, for the whole connection
 
     def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return (code or SMTP_AUTH_FAILED_CODE) + b" " + text + b"\r\n"
 
     def greet(self) -> None:
-        self._output += b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
+        self._output += self.greeting()
+
+    def greeting(self) -> bytes:
+        return b"220 " + self.settings.server_name.encode() + b" ESMTP ready\r\n"
 
     def logged_in_reply(self, reply: bytes) -> bytes:
         """nginx's own 235 answers the client's AUTH (the backend was not
@@ -2680,10 +2794,14 @@ class SmtpMachine(ClientMachine):
         return reply or SMTP_AUTH_OK
 
     def ehlo_reply(self) -> bytes:
-        """``250-name``, one line per smtp_capabilities item, then AUTH, then
-        STARTTLS while offered (RFC 3207); with starttls only and no TLS yet,
-        no AUTH.  The last line has a space after the code (RFC 5321 §4.2.1)."""
+        """``250-name``, one line per smtp_capabilities item, XCLIENT to a
+        trusted peer (XCLIENT_README: the keyword, then the attributes
+        supported), then AUTH, then STARTTLS while offered (RFC 3207); with
+        starttls only and no TLS yet, no AUTH.  The last line has a space
+        after the code (RFC 5321 §4.2.1)."""
         lines = [self.settings.server_name] + list(self.settings.smtp_capabilities)
+        if self.xclient_allowed:
+            lines.append("XCLIENT " + SMTP_XCLIENT_ATTRIBUTES.decode())
         names = self.advertised_logins()
         if names:
             lines.append("AUTH " + " ".join(names))
@@ -2779,6 +2897,28 @@ class SmtpMachine(ClientMachine):
     def _forget_before_tls(self) -> None:
         self.helo = self.mail_from = self.rcpt_to = None
         self.esmtp = False
+
+    def _xclient(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
+        """Postfix's XCLIENT from a trusted peer (a webmail, a filter) naming
+        the client it speaks for; from any other peer what nginx says to a
+        command it does not know (counted), as before.  XCLIENT_README: not
+        "in the middle of a mail delivery transaction" (503, as AUTH); a
+        malformed one changes nothing; a good one is answered with the
+        greeting and the dialogue starts again ("the server resets state to
+        the initial SMTP greeting protocol stage": EHLO again)."""
+        if not self.xclient_allowed:
+            return self._invalid(events, True)
+        if self.mail_from is not None:
+            self._output += SMTP_BAD_SEQUENCE
+            return
+        identity = parse_xclient(args)
+        if identity is None:
+            self._output += SMTP_XCLIENT_SYNTAX
+            return
+        self._output += self.greeting()
+        self._forget_before_tls()                  # the HELO and the transaction, as STARTTLS
+        if identity.address or identity.port or identity.name is not None:
+            events.append(identity)
 
     def _auth(self, events: list, verb: bytes, args: List[bytes], text: bytes) -> None:
         """RFC 4954 AUTH, as ngx_mail_auth_parse."""
@@ -4517,13 +4657,6 @@ def dns_values(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, int]:
         current = aliases[0][0].lower()
         ttls.append(aliases[0][1])
     return [], 0
-
-
-def valid_host_name(name: str) -> bool:
-    """RFC 1034 §3.5 letters, digits, hyphens and dots only (nginx 1.29.7,
-    CVE-2026-28753: a PTR answer must not carry bytes into XCLIENT)."""
-    return (bool(name) and len(name) <= 253 and re.fullmatch(r"[A-Za-z0-9.-]+", name) is not None
-            and all(name.split(".")))                     # no empty label: not "a..b", ".a"
 
 
 # ========================================================================== #
@@ -6861,6 +6994,24 @@ PHASE_CHANGES = frozenset(
      (Phase.LOGIN, Phase.RELAY), (Phase.LOGIN, Phase.CLOSING)])
 
 
+def xclient_client(identity: ClientIdentity, client: Tuple[str, int, str]) -> Tuple[str, int, str]:
+    """The client (address, port, name) after a trusted peer's XCLIENT
+    (XCLIENT_README), from what it was.  What is not named stays (the
+    machine leaves out ADDR and PORT sent as [UNAVAILABLE]).  A new address
+    has port 0 (unknown) and the name [UNAVAILABLE] unless PORT and NAME
+    come with it: the peer's own port and name are not the new client's."""
+    address, port, name = client
+    if identity.address:
+        named = str(ipaddress.ip_address(identity.address.decode("ascii")))
+        if named != address:
+            address, port, name = named, 0, CLIENT_UNAVAILABLE
+    if identity.port:
+        port = int(identity.port)
+    if identity.name is not None:
+        name = identity.name.decode("ascii")
+    return address, port, name
+
+
 class ClientOpening(StreamOwner):
     """A new client connection up to the protocol's greeting, as nginx:
     the PROXY header first (listen ... proxy_protocol: a bad or missing one
@@ -7391,6 +7542,12 @@ class Session(StreamOwner):
         """The opening is done: the greeting, then what the client sent ahead."""
         self.opening = None
         self.client.owner = self
+        if self.server.protocol == "smtp":
+            # Decided once, from the peer (after a PROXY header, the client
+            # it names), as Postfix's smtpd_authorized_xclient_hosts: a
+            # peer may send XCLIENT again after naming another client.
+            self.machine.xclient_allowed = real_ip_trusted(self.client_address,
+                                                           self.server.trusted_networks)
         self.machine.greet()
         self._enter(Phase.DIALOGUE)
         self.client.write(self.machine.data_to_send())
@@ -7420,11 +7577,23 @@ class Session(StreamOwner):
 
     def _client_identity(self, event: ClientIdentity) -> None:
         """A webmail host in trusted_networks names its user's address: the
-        session's client from now on (the defence, the log, auth_http)."""
+        session's client from now on (the defence, the log, auth_http, and
+        SMTP's Client-Host and the backend's XCLIENT, for the name)."""
+        if event.source == "XCLIENT":
+            return self._xclient(event)
         believed = believed_client(event, self.client_address, self.server.trusted_networks)
         if believed is not None:
             self.client_address, self.client_port = believed
             self.log("info", "real client address %s:%d (IMAP ID)" % believed)
+
+    def _xclient(self, event: ClientIdentity) -> None:
+        """The machine takes XCLIENT only when opened() found the peer trusted."""
+        if not self.machine.xclient_allowed:
+            return
+        client = (self.client_address, self.client_port, self.client_name)
+        self.client_address, self.client_port, self.client_name = xclient_client(event, client)
+        self.log("info", 'real client address %s:%d (XCLIENT), name "%s"'
+                 % (self.client_address, self.client_port, self.client_name))
 
     def _start_tls(self, event: StartTls) -> None:
         self.journal.starttls = True

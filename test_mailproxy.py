@@ -296,6 +296,7 @@ HOSTILE_BYTES = [b"\r", b"\n", b"\0", b"\t", b" ", b'"', b"'", b"\\", b"+", b"="
 IMAP_PROXY_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
 SMTP_PROXY_GREETING = b"220 mail.test ESMTP ready\r\n"
 SMTP_PROXY_EHLO = b"250-mail.test\r\n250 AUTH PLAIN LOGIN\r\n"
+SMTP_XCLIENT_EHLO = b"250-mail.test\r\n250-XCLIENT ADDR PORT NAME\r\n250 AUTH PLAIN LOGIN\r\n"
 PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3JldA==
 
 # How mailproxy logs alice in to an IMAP backend (nginx does the same): the
@@ -3445,6 +3446,17 @@ class WirePrimitiveTests(unittest.TestCase):
         salt = mp.make_salt("mail.test", NOW, FixedRandom())
         self.assertEqual(salt, SALT)
 
+    def test_xtext_decoded_as_rfc3461_says(self):
+        # RFC 3461 §4: "+" and two hex digits stand for a byte; "=" and bytes
+        # outside "!".."~" are no xchar.  It undoes mailproxy's own encoder.
+        self.assertEqual(mp.decode_xtext(b"al+20ice+2B+3d"), b"al ice+=")
+        self.assertEqual(mp.decode_xtext(b"IPV6:2001:db8::1"), b"IPV6:2001:db8::1")
+        self.assertEqual(mp.decode_xtext(b""), b"")
+        for value in (b"a\x00b\r\n=", b"\xff", b"+0"):
+            self.assertEqual(mp.decode_xtext(mp.xtext(value)), value)
+        for bad in (b"a=b", b"+", b"+4", b"+4G", b"a b", b"a\tb", b"\xe9"):
+            self.assertIsNone(mp.decode_xtext(bad), bad)
+
     def test_credentials_repr_hides_password(self):
         text = repr(mp.Credentials(b"alice", b"hunter2"))
         self.assertIn("alice", text)
@@ -3894,6 +3906,90 @@ class SmtpMachineTests(unittest.TestCase):
     def test_too_long_command(self):
         self.smtp([(b"HELO " + b"x" * 100 + b"\r\n", mp.SMTP_INVALID,
                     [mp.Closed("client sent too long command")])], smtp_client_buffer=64)
+
+    # -- XCLIENT (Postfix's XCLIENT_README) from a trusted_networks peer ------------
+
+    def xclient(self, exchanges, tail=b"MAIL FROM:<x@y>\r\n", **settings):
+        def factory():
+            machine = make_smtp(**settings)
+            machine.xclient_allowed = True              # the session found the peer trusted
+            return machine
+        converse_three_ways(self, factory, exchanges, tail)
+
+    def test_xclient_is_offered_and_taken_from_a_trusted_peer_only(self):
+        """Anyone else gets what nginx says to a command it does not know,
+        counted, and no XCLIENT in the EHLO reply."""
+        self.xclient([(b"EHLO x\r\n", SMTP_XCLIENT_EHLO, []),
+                      (b"XCLIENT ADDR=192.0.2.9 PORT=4711\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"192.0.2.9", b"4711", None, "XCLIENT")]),
+                      (b"EHLO x\r\n", SMTP_XCLIENT_EHLO, []),
+                      (b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n", b"",
+                       [mp.Credentials(b"alice", b"secret")])])
+        self.smtp([(b"EHLO x\r\n", SMTP_PROXY_EHLO, []),
+                   (b"XCLIENT ADDR=192.0.2.9 PORT=4711\r\n", mp.SMTP_INVALID, []),
+                   (b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n", b"",
+                    [mp.Credentials(b"alice", b"secret")])])
+        machine = make_smtp(max_errors=2)
+        machine.data_to_send()
+        self.assertEqual(machine.receive_data(b"XCLIENT ADDR=192.0.2.9\r\nXCLIENT NAME=x\r\n"),
+                         [mp.Closed("client sent too many invalid commands")])
+
+    def test_xclient_sits_before_auth_and_starttls_in_the_ehlo_reply(self):
+        machine = make_smtp(smtp_capabilities=["SIZE 10485760"], starttls="on")
+        machine.xclient_allowed = True
+        self.assertEqual(machine.ehlo_reply(), b"250-mail.test\r\n250-SIZE 10485760\r\n"
+                         b"250-XCLIENT ADDR PORT NAME\r\n250-AUTH PLAIN LOGIN\r\n"
+                         b"250 STARTTLS\r\n")
+
+    def test_xclient_restarts_the_dialogue(self):
+        """XCLIENT_README: the server "resets state to the initial SMTP
+        greeting protocol stage": the HELO is forgotten, EHLO again."""
+        machine = make_smtp(smtp_auth=["none"])
+        machine.xclient_allowed = True
+        machine.data_to_send()
+        machine.receive_data(b"EHLO before.example\r\nXCLIENT NAME=gw.example\r\n")
+        self.assertEqual(machine.data_to_send(), b"250-mail.test\r\n250 XCLIENT ADDR PORT NAME\r\n"
+                         + SMTP_PROXY_GREETING)
+        self.assertEqual((machine.helo, machine.esmtp), (None, False))
+
+    def test_xclient_values_are_xtext_any_case_unknown_ones_left_alone(self):
+        """RFC 3461 xtext; ADDR with IPV6: (or bare); [UNAVAILABLE] and
+        [TEMPUNAVAIL] leave ADDR and PORT as they are, and are NAME's own
+        words for a failed lookup; other attributes are taken and ignored."""
+        self.xclient([(b"xclient addr=IPV6:2001:DB8::1 name=mail+2Dgw.example.org helo=x+20y "
+                       b"proto=ESMTP login=[UNAVAILABLE]\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"2001:db8::1", b"", b"mail-gw.example.org", "XCLIENT")]),
+                      (b"XCLIENT ADDR=[UNAVAILABLE] PORT=[TEMPUNAVAIL] NAME=[TEMPUNAVAIL]\r\n",
+                       SMTP_PROXY_GREETING, [mp.ClientIdentity(b"", b"", b"[TEMPUNAVAIL]", "XCLIENT")]),
+                      (b"XCLIENT ADDR=2001:db8::2 PORT=0 ADDR=192.0.2.1\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"192.0.2.1", b"0", None, "XCLIENT")]),
+                      (b"XCLIENT HELO=x DESTADDR=192.0.2.25 DESTPORT=25\r\n", SMTP_PROXY_GREETING, []),
+                      (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])])
+
+    def test_malformed_xclient_is_refused_and_changes_nothing(self):
+        bad = [b"XCLIENT", b"XCLIENT ADDR", b"XCLIENT =192.0.2.9", b"XCLIENT ADDR=",
+               b"XCLIENT ADDR=192.0.2", b"XCLIENT ADDR=[192.0.2.9]", b"XCLIENT ADDR=fe80::1%eth0",
+               b"XCLIENT ADDR=IPV6:192.0.2.9", b"XCLIENT ADDR=192.0.2.9+00",
+               b"XCLIENT ADDR=192.0.2.9 PORT=65536", b"XCLIENT ADDR=192.0.2.9 PORT=-1",
+               b"XCLIENT PORT=4711 NAME=a..b", b"XCLIENT NAME=bad_name.example",
+               b"XCLIENT NAME=x+0D+0AY", b"XCLIENT NAME=" + b"a" * 254,
+               b"XCLIENT HELO=a=b", b"XCLIENT HELO=+4", b"XCLIENT FOO"]
+        exchanges = [(b"EHLO x\r\n", b"250-mail.test\r\n250 XCLIENT ADDR PORT NAME\r\n", [])]
+        exchanges += [(line + b"\r\n", mp.SMTP_XCLIENT_SYNTAX, []) for line in bad]
+        exchanges += [(b"MAIL FROM:<a@b>\r\n", mp.SMTP_OK, []),
+                      (b"RCPT TO:<c@d>\r\n", b"", [mp.Credentials(b"", b"", "none")])]
+        self.xclient(exchanges, tail=b"DATA\r\n", smtp_auth=["none"], max_errors=2)
+
+    def test_xclient_in_a_mail_transaction_is_a_bad_sequence(self):
+        """XCLIENT_README: "at any time, except in the middle of a mail
+        delivery transaction"."""
+        self.xclient([(b"EHLO x\r\n", b"250-mail.test\r\n250 XCLIENT ADDR PORT NAME\r\n", []),
+                      (b"MAIL FROM:<a@b>\r\n", mp.SMTP_OK, []),
+                      (b"XCLIENT ADDR=192.0.2.9\r\n", mp.SMTP_BAD_SEQUENCE, []),
+                      (b"RSET\r\n", mp.SMTP_OK, []),
+                      (b"XCLIENT ADDR=192.0.2.9\r\n", SMTP_PROXY_GREETING,
+                       [mp.ClientIdentity(b"192.0.2.9", b"", None, "XCLIENT")]),
+                      (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])], smtp_auth=["none"])
 
 
 # -- STARTTLS in the machines: capabilities and the injection defence ---------------
@@ -7880,6 +7976,23 @@ class SmtpEndToEndResolverTests(EndToEndTestCase):
                          b"EHLO client.example\r\nQUIT\r\n")
         self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR), ("client.example", mp.DNS_A)])
 
+    def test_xclient_naming_another_address_drops_the_peers_name(self):
+        """The resolver named the trusted peer; once XCLIENT names another
+        address without NAME, the client's name is unknown, not the peer's."""
+        dns, backend, proxy = self.start_with_dns(records_for(self.GOOD),
+                                                  trusted_networks="127.0.0.1")
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send("XCLIENT ADDR=192.0.2.9")
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.9 LOGIN=alice NAME=[UNAVAILABLE]"
+                         b"\r\nEHLO client.example\r\nQUIT\r\n")
+        proxy.wait_for_log(r'real client address 192\.0\.2\.9:0 \(XCLIENT\), name "\[UNAVAILABLE\]"')
+
     def test_silent_dns_gives_tempunavail_and_the_greeting_still_comes(self):
         dns, backend, proxy = self.start_with_dns(lambda query, name, qtype: [],
                                                   resolver_timeout="500ms")
@@ -8739,6 +8852,23 @@ class PhaseTableTests(unittest.TestCase):
 
 
 # -- happy paths --------------------------------------------------------------------
+
+class XclientClientTests(unittest.TestCase):
+    """What a trusted peer's XCLIENT makes of the session's client."""
+
+    def test_named_attributes_replace_the_others_stay(self):
+        peer = ("127.0.0.1", 40000, "webmail.example")
+        def after(address=b"", port=b"", name=None):
+            return mp.xclient_client(mp.ClientIdentity(address, port, name, "XCLIENT"), peer)
+        self.assertEqual(after(b"192.0.2.9", b"4711"), ("192.0.2.9", 4711, "[UNAVAILABLE]"))
+        self.assertEqual(after(b"192.0.2.9"), ("192.0.2.9", 0, "[UNAVAILABLE]"))
+        self.assertEqual(after(b"192.0.2.9", name=b"c.example"), ("192.0.2.9", 0, "c.example"))
+        self.assertEqual(after(b"2001:db8::9", name=b"[TEMPUNAVAIL]"),
+                         ("2001:db8::9", 0, "[TEMPUNAVAIL]"))
+        self.assertEqual(after(b"127.0.0.1"), peer)                 # the same address: as it was
+        self.assertEqual(after(port=b"4711"), ("127.0.0.1", 4711, "webmail.example"))
+        self.assertEqual(after(name=b"c.example"), ("127.0.0.1", 40000, "c.example"))
+
 
 class ImapEndToEndTests(EndToEndTestCase):
     def test_login_then_10_mb_each_way(self):
@@ -9733,6 +9863,22 @@ class LoginDefenceEndToEndTests(EndToEndTestCase):
         self.assertTrue(self.logged_in("imap", self.attempt(client, "imap", "alice", "secret")))
         self.assertNotIn("login penalty", proxy.log)
 
+    def test_a_client_named_by_xclient_is_defended_though_its_peer_is_trusted(self):
+        """The trusted peer is exempt; the client its XCLIENT names is not,
+        so failures count against that address, as for any client."""
+        proxy = self.proxy("smtp", auth_delay="50ms", trusted_networks="127.0.0.1")
+        client = self.connect(proxy, timeout=10.0)
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send("XCLIENT ADDR=192.0.2.9 PORT=4711")
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        for password in ("guess1", "guess2"):
+            self.assertTrue(self.attempt(client, "smtp", "alice", password).startswith(b"535 "))
+        self.assertTrue(self.logged_in("smtp", self.attempt(client, "smtp", "alice", "secret")))
+        log = proxy.log
+        self.assertRegex(log, r'client login failed: "[^"]*" while [^,]*, client: 192\.0\.2\.9, ')
+        self.assertIn("login penalty: 2 recent failures from 192.0.2.9 or of this account", log)
+        self.assertNotIn("from 127.0.0.1", log)
+
     def test_auth_delay_0_turns_the_defence_off(self):
         self.fewer_pair_failures()
         proxy = self.proxy("pop3", auth_delay="0")
@@ -9862,6 +10008,65 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.9"),
                                          auth_request_bytes(client_ip="127.0.0.1")])
         proxy.wait_for_log(r"real client address 192\.0\.2\.9:4711 \(IMAP ID\)")
+
+    def xclient_hello(self, client: Client, xclient: bytes) -> None:
+        """A webmail's SMTP opening: EHLO (XCLIENT offered), XCLIENT, the
+        greeting again, EHLO again."""
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send(xclient + b"\r\n")
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+
+    def test_smtp_xclient_from_a_trusted_peer_names_the_client(self):
+        """trusted_networks: XCLIENT's ADDR is the client for auth_http, the
+        backend's XCLIENT and the log; its NAME is Client-Host."""
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port), auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, trusted_networks="127.0.0.0/8")
+        client = self.connect(proxy)
+        self.xclient_hello(client, b"XCLIENT ADDR=192.0.2.9 PORT=4711")
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        proxy.wait_for_log(r"real client address 192\.0\.2\.9:4711 \(XCLIENT\)")
+        client = self.connect(proxy)
+        self.xclient_hello(client, b"xclient addr=IPV6:2001:db8::9 name=gw+2Dwebmail.example.org")
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 1, b"QUIT\r\n")
+        self.assertEqual(auth.requests, [
+            auth_request_bytes(protocol="smtp", client_ip="192.0.2.9"),
+            auth_request_bytes(protocol="smtp", client_ip="2001:db8::9").replace(
+                b"Client-Host: [UNAVAILABLE]", b"Client-Host: gw-webmail.example.org")])
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.9 LOGIN=alice NAME=[UNAVAILABLE]"
+                         b"\r\nEHLO client.example\r\nQUIT\r\n")
+        self.assertIn(b"XCLIENT ADDR=IPV6:2001:db8::9 LOGIN=alice NAME=gw-webmail.example.org\r\n",
+                      bytes(backend.received[1]))
+        proxy.wait_for_log(r"client logged in while [^,]*, client: 2001:db8::9, ")
+        self.assertRegex(proxy.log, r'real client address 2001:db8::9:0 \(XCLIENT\), '
+                                    r'name "gw-webmail\.example\.org"')
+
+    def test_smtp_xclient_from_an_untrusted_peer_is_an_invalid_command(self):
+        """Not offered, refused as nginx refuses what it does not know, and
+        the client stays the peer; a malformed one from a trusted peer
+        changes nothing either."""
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port), auth_ok(backend.port))
+        other = self.auth_http_proxy("smtp", auth.port, trusted_networks="10.0.0.0/8")
+        client = self.connect(other)
+        self.smtp_hello(client)                              # no XCLIENT in it
+        client.send("XCLIENT ADDR=192.0.2.9 PORT=4711")
+        self.assertEqual(client.read_line(), mp.SMTP_INVALID)
+        self.smtp_auth_plain(client)
+        proxy = self.auth_http_proxy("smtp", auth.port, trusted_networks="127.0.0.1")
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=SMTP_XCLIENT_EHLO)
+        client.send("XCLIENT ADDR=192.0.2.9 PORT=99999")
+        self.assertEqual(client.read_line(), mp.SMTP_XCLIENT_SYNTAX)
+        self.smtp_auth_plain(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="smtp")] * 2)
+        for server in (other, proxy):
+            server.wait_for_log(r"client logged in while [^,]*, client: 127\.0\.0\.1, ")
+            self.assertNotIn("real client address", server.log)
 
     def test_v1_from_an_untrusted_peer(self):
         backend = self.use(FakeImapBackend())
