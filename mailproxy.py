@@ -180,6 +180,17 @@ class BackendError(Exception):
         self.line = line
         self.refusal = refusal
 
+    @property
+    def outcome(self) -> str:
+        """The session's outcome, for the access line."""
+        return "upstream refused the login" if self.line else str(self)
+
+
+class UnexpectedGreeting(BackendError):
+    """The backend greeted in another protocol (or none): a route or a
+    proxy_pass with the wrong port, most likely.  Never passed on."""
+    outcome = "upstream sent an unexpected greeting"
+
 
 # ========================================================================== #
 # ####                            Error log                             #### #
@@ -1075,6 +1086,7 @@ class Config(NamedTuple):
     servers: List[Settings]
     users: UserTable
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
+    warnings: Tuple[ConfigError, ...] = ()   # what -t and the start-up warn of
 
 
 def section_kind(name: str) -> Optional[str]:
@@ -1181,7 +1193,8 @@ def load_config(path: str) -> Config:
     routes = load_routes(path, parser, lines, errors)
     if errors:
         raise ConfigErrors(errors)
-    return Config(path, main, servers, users, routes)
+    warnings = route_port_warnings(path, servers, routes, lines)
+    return Config(path, main, servers, users, routes, tuple(warnings))
 
 
 def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -1411,33 +1424,98 @@ def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
 
 
 class Route(NamedTuple):
-    """A [routes] entry: a backend, and whether its port was given."""
-    port: Optional[int]        # None: use the port of the server's proxy_pass
-    upstream: Upstream
+    """A [routes] entry: where its users go.  ``port`` and ``upstream``: the
+    address for every protocol (``upstream`` None: none given; ``port``
+    None: the port of the server's proxy_pass); ``protocols``: the
+    protocols given an address of their own (``imap=HOST[:PORT]``), as
+    (protocol, port, upstream)."""
+    port: Optional[int]
+    upstream: Optional[Upstream]
+    protocols: Tuple[Tuple[str, Optional[int], Upstream], ...] = ()
+
+    def target(self, protocol: str) -> Optional[Tuple[Optional[int], Upstream]]:
+        """(port, upstream) for ``protocol``'s servers; None: this entry
+        does not route that protocol (the next lookup goes on)."""
+        for name, port, upstream in self.protocols:
+            if name == protocol:
+                return port, upstream
+        return None if self.upstream is None else (self.port, self.upstream)
+
+
+ROUTE_PROTOCOLS = ("imap", "pop3", "smtp")
+
+
+def parse_route(value: str) -> Route:
+    """``HOST[:PORT]``, or addresses per protocol, ``imap=HOST[:PORT]
+    pop3=HOST[:PORT] ...``, with at most one address for the others
+    beside them.  Host names are resolved now."""
+    default, protocols = None, []
+    for token in value.split():
+        name, equals, address = token.rpartition("=")
+        if equals and name not in ROUTE_PROTOCOLS:
+            raise ConfigValueError('unknown protocol "%s" in "%s"; expected %s=, %s= or %s='
+                                   % ((name, token) + ROUTE_PROTOCOLS))
+        if (default is not None and not equals) or name in [entry[0] for entry in protocols]:
+            raise ConfigValueError('invalid address "%s": two addresses for %s; write '
+                                   'PROTOCOL=HOST[:PORT] for each protocol'
+                                   % (value, name or "every protocol"))
+        if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", address):
+            host, port = address.strip("[]"), None
+        else:
+            host, port = parse_host_port(address)
+        target = (port, resolve_upstream(host, port or 1))
+        if equals:
+            protocols.append((name,) + target)
+        else:
+            default = target
+    if default is None and not protocols:
+        raise ConfigValueError("needs an address, HOST[:PORT] or PROTOCOL=HOST[:PORT]")
+    port, upstream = default or (None, None)
+    return Route(port, upstream, tuple(protocols))
 
 
 def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
                 errors: List[ConfigError]) -> Dict[str, Route]:
-    """[routes] (extension): ``LOGIN = HOST[:PORT]`` or ``@DOMAIN = HOST[:PORT]``.
+    """[routes] (extension): ``LOGIN = ADDRESS`` or ``@DOMAIN = ADDRESS``,
+    an address being parse_route's.
 
     A route sends a user, or every user of a domain, to another backend than
-    the server's proxy_pass.  Without a port, proxy_pass's port is kept, so
-    one route serves the IMAP and the POP3 server alike.
+    the server's proxy_pass.  Without a port, each server's proxy_pass port
+    is kept, so one route serves the IMAP and the POP3 server alike; with
+    one, ``imap=`` and ``pop3=`` give each protocol its own.
     """
     routes = {}
     if not parser.has_section("routes"):
         return routes
     for key, value in parser.items("routes"):
-        line = lines.get(("routes", key))
         try:
-            if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", value):
-                host, port = value.strip("[]"), None
-            else:
-                host, port = parse_host_port(value)
-            routes[key] = Route(port, resolve_upstream(host, port or 1))
+            routes[key] = parse_route(value)
         except ConfigValueError as error:
-            errors.append(ConfigError(path, "routes", key, str(error), line))
+            errors.append(ConfigError(path, "routes", key, str(error), lines.get(("routes", key))))
     return routes
+
+
+def route_port_warnings(path: str, servers: List[Settings], routes: Dict[str, Route],
+                        lines: Dict) -> List[ConfigError]:
+    """-t and the start-up warn of a route whose address for every
+    protocol has a port while servers of two protocols use [routes] (those
+    without auth_http): both would be sent to that one port (issue 15:
+    carol's POP3 went to the IMAP port)."""
+    users = sorted({server.protocol for server in servers if server.auth_http is None})
+    warnings = []
+    for key, route in routes.items():
+        own = [entry[0] for entry in route.protocols]
+        sharing = [protocol for protocol in users if protocol not in own]
+        if route.upstream is None or route.port is None or len(sharing) < 2:
+            continue
+        address = "%s:%d" % (route.upstream.host if ":" not in route.upstream.host
+                             else "[%s]" % route.upstream.host, route.port)
+        suggestion = " ".join("%s=%s:PORT" % (protocol, route.upstream.host) for protocol in sharing)
+        warnings.append(ConfigError(path, "routes", key, (
+            '"%s" sends the %s servers\' users to one port, %d: give each protocol its own '
+            '("%s"), or leave the port out to keep each server\'s proxy_pass port')
+            % (address, " and ".join(sharing), route.port, suggestion), lines.get(("routes", key))))
+    return warnings
 
 
 # ========================================================================== #
@@ -3138,8 +3216,10 @@ class AuthOutcome(NamedTuple):
 
 def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
                  proxy_pass: Upstream, credentials: Credentials,
-                 matches: Callable[[PasswordEntry, bytes], bool] = password_matches) -> AuthOutcome:
-    """Check credentials against the built-in table and choose the backend.
+                 matches: Callable[[PasswordEntry, bytes], bool] = password_matches,
+                 protocol: str = "") -> AuthOutcome:
+    """Check credentials against the built-in table and choose the backend
+    (route_for, for a server of ``protocol``).
 
     plain: the password is checked against the entry's scheme, by
     ``matches`` (password_matches, or the same answer from elsewhere: see
@@ -3158,7 +3238,7 @@ def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
     if reason:
         return AuthOutcome(Verdict.FAIL, reason=reason)
     return AuthOutcome(Verdict.OK, credentials.login, backend_password,
-                       route_for(routes, proxy_pass, credentials.login.decode("utf-8")))
+                       route_for(routes, proxy_pass, credentials.login.decode("utf-8"), protocol))
 
 
 def table_entry(users: Dict[str, PasswordEntry], login: bytes) -> Optional[PasswordEntry]:
@@ -3210,22 +3290,25 @@ def check_credentials(entry: PasswordEntry, credentials: Credentials,
     return "", clear
 
 
-def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Upstream:
-    """[routes]: the login itself, then ``@domain``, then the server's proxy_pass."""
-    route = routes.get(login)
-    if route is None and "@" in login:
-        route = routes.get("@" + login.rpartition("@")[2])
-    if route is None:
+def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str,
+              protocol: str = "") -> Upstream:
+    """[routes]: the login itself, then ``@domain``, then the server's
+    proxy_pass; an entry counts if it has an address for ``protocol``."""
+    keys = [login] + (["@" + login.rpartition("@")[2]] if "@" in login else [])
+    targets = [routes[key].target(protocol) for key in keys if key in routes]
+    target = next((target for target in targets if target is not None), None)
+    if target is None:
         return proxy_pass
-    port = route.port or proxy_pass.port
+    port = target[0] or proxy_pass.port
     addresses = tuple((family, (sockaddr[0], port) + tuple(sockaddr[2:]))
-                      for family, sockaddr in route.upstream.addresses)
-    return Upstream(route.upstream.host, port, addresses)
+                      for family, sockaddr in target[1].addresses)
+    return Upstream(target[1].host, port, addresses)
 
 
 def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
                           proxy_pass: Upstream, login: bytes,
-                          certificate: Optional["CertificateFacts"]) -> AuthOutcome:
+                          certificate: Optional["CertificateFacts"],
+                          protocol: str = "") -> AuthOutcome:
     """AUTH EXTERNAL with the built-in table (extension; nginx asks its auth
     server): the client must have sent a verified certificate, and the login
     must be its subject's CN or emailAddress, or an email in its
@@ -3244,7 +3327,7 @@ def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Rou
     if entry is None:
         return AuthOutcome(Verdict.FAIL, reason="unknown user")
     password = entry.data.encode("utf-8") if entry.scheme == "PLAIN" else None
-    return AuthOutcome(Verdict.OK, login, password, route_for(routes, proxy_pass, name))
+    return AuthOutcome(Verdict.OK, login, password, route_for(routes, proxy_pass, name, protocol))
 
 
 def certificate_names_login(identity: str, login: bytes) -> bool:
@@ -3294,7 +3377,7 @@ def authorize_recipient(relay_domains: List[str], routes: Dict[str, Route],
     allowed = [name.lower() for name in relay_domains]
     if "*" not in allowed and domain not in allowed:
         return AuthOutcome(Verdict.FAIL, reason="recipient domain not in smtp_relay_domains")
-    return AuthOutcome(Verdict.OK, b"", b"", route_for(routes, proxy_pass, address))
+    return AuthOutcome(Verdict.OK, b"", b"", route_for(routes, proxy_pass, address, "smtp"))
 
 
 # -- auth_http, byte-compatible with nginx's ngx_mail_auth_http_module ---------
@@ -3833,7 +3916,8 @@ class UserTableAuth:
         if credentials.method == AuthMethod.EXTERNAL:
             return self._checked(self._external(attempt))
         work = functools.partial(authenticate, self.config.users, self.config.routes,
-                                 self.server.proxy_pass, credentials)
+                                 self.server.proxy_pass, credentials,
+                                 protocol=self.server.protocol)
         if check_hashes(self.config.users, credentials):
             self.check = self.checks.submit(work, self._checked)
         else:
@@ -3867,7 +3951,8 @@ class UserTableAuth:
     def _external(self, attempt: LoginAttempt) -> AuthOutcome:
         server = self.server
         outcome = authenticate_external(self.config.users, self.config.routes, server.proxy_pass,
-                                        attempt.credentials.login, attempt.certificate)
+                                        attempt.credentials.login, attempt.certificate,
+                                        server.protocol)
         if outcome.ok and outcome.password is None:
             # IMAP and POP3 log in to the backend with a password; so does
             # SMTP with proxy_smtp_auth.
@@ -4201,6 +4286,7 @@ class BackendLogin:
         self._output = bytearray()
         self._relay = bytearray()          # reply lines for the client
         self._reply = bytearray()          # the lines of the reply being read
+        self._greeted = False              # the first Expect is the greeting
         self._advance()
 
     @property
@@ -4257,19 +4343,32 @@ class BackendLogin:
             if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
                 raise BackendError("upstream sent a literal in its login response", line)
             if not self._accepts(step, line):
-                raise BackendError("upstream sent invalid response", bytes(self._reply),
-                                   refusal=True)
+                self._refuse(step, line)
             if self._more_lines(step, line):
                 continue                       # an untagged or a 250- line: more follow
             if step.relay:
                 self._relay += self._reply
             del self._reply[:]
             self.script.pop(0)
+            self._greeted = True
             if self._advance() and self._input:
                 # A command has just been sent: nothing can answer it yet.
                 raise BackendError("upstream sent data before the command it answers",
                                    bytes(self._input[:self.line_limit]))
         return [LoginDone(bytes(self._relay))]
+
+    def _refuse(self, step: Expect, line: bytes) -> None:
+        """A reply the script did not expect: a greeting of another
+        protocol (or of none) is UnexpectedGreeting, never a refusal to
+        pass on; anything else is the backend's refusal."""
+        expected = GREETING_PROTOCOLS[step.kind]
+        got = greeting_protocol(line)
+        if not self._greeted and got != expected:
+            raise UnexpectedGreeting("upstream sent an unexpected greeting (%s, where %s's "
+                                     "was expected: is the port right?)"
+                                     % ("%s's" % got if got else "no mail protocol's", expected),
+                                     bytes(self._reply))
+        raise BackendError("upstream sent invalid response", bytes(self._reply), refusal=True)
 
     def _more_lines(self, step: Expect, line: bytes) -> bool:
         if step.kind == "imap-tagged":
@@ -4294,6 +4393,21 @@ class BackendLogin:
 
 
 IMAP_REPLY_KINDS = ("imap-greeting", "continuation", "imap-tagged")
+GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
+                      "pop3-ok": "POP3", "smtp": "SMTP"}
+
+
+def greeting_protocol(line: bytes) -> Optional[str]:
+    """Which protocol a backend's first line belongs to, good or bad:
+    "IMAP" (``* OK``, ``* BYE``...), "POP3" (``+OK``, ``-ERR``), "SMTP"
+    (three digits); None for anything else."""
+    if line.startswith(b"* "):
+        return "IMAP"
+    if line.startswith((b"+OK", b"-ERR")):
+        return "POP3"
+    if re.match(rb"\d{3}[- \r\n]", line):
+        return "SMTP"
+    return None
 # RFC 3501 §4.3: a line ending in {n} (or RFC 7888's {n+}) announces n bytes
 # of literal data, which no greeting, continuation or LOGIN reply carries.
 IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
@@ -6400,7 +6514,7 @@ class BackendConnection(StreamOwner):
             return self.owner.backend_failed("upstream refused the login", line)
         detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
         self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
-        self.owner.backend_failed("upstream refused the login" if line else str(error))
+        self.owner.backend_failed(error.outcome)
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
@@ -7803,6 +7917,8 @@ def load_and_prepare(path: str) -> Config:
 
 
 def warn_about(config: Config, log: ErrorLog) -> None:
+    for warning in config.warnings:
+        log.log("warn", str(warning))
     for server in config.servers:
         if (server.proxy_ssl or server.proxy_starttls) and not server.proxy_ssl_verify:
             log.log("warn", "proxy_ssl_verify is off in [server %s]: the backend's certificate "
@@ -8971,12 +9087,14 @@ def command_hash_password(scheme: str) -> int:
 def command_test(path: str) -> int:
     """nginx -t: every problem, then "test failed" / "test is successful"."""
     try:
-        load_and_prepare(path)
+        config = load_and_prepare(path)
     except ConfigErrors as errors:
         for error in errors.errors:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
+    for warning in config.warnings:
+        sys.stderr.write("mailproxy: [warn] %s\n" % warning)
     sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
     sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
     return 0

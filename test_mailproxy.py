@@ -3332,6 +3332,84 @@ class ConfigUsersRoutesTests(unittest.TestCase):
                  for server in config.servers]
         self.assertEqual(ports, [1143, 1110])
 
+    TWO_SERVERS = """\
+        [server imap]
+        listen = 127.0.0.1:18143
+        protocol = imap
+        proxy_pass = 127.0.0.1:1143
+
+        [server pop3]
+        listen = 127.0.0.1:18110
+        protocol = pop3
+        proxy_pass = 127.0.0.1:1110
+    """
+
+    def test_routes_per_protocol(self):
+        # Issue 15: carol's POP3 went to the IMAP port of her route.
+        config = load_text(self, self.TWO_SERVERS, """\
+
+            [routes]
+            carol = imap=127.0.0.5:2143 pop3=127.0.0.6:2110
+            dave = 127.0.0.7 pop3=127.0.0.8:3110
+            erin = imap=[::1]
+            @example.com = 127.0.0.9
+        """)
+        imap, pop3 = config.servers
+
+        def where(server, login):
+            route = mp.route_for(config.routes, server.proxy_pass, login, server.protocol)
+            return route.host, route.port, route.addresses[0][1][:2]
+        self.assertEqual(where(imap, "carol"), ("127.0.0.5", 2143, ("127.0.0.5", 2143)))
+        self.assertEqual(where(pop3, "carol"), ("127.0.0.6", 2110, ("127.0.0.6", 2110)))
+        self.assertEqual(where(imap, "dave"), ("127.0.0.7", 1143, ("127.0.0.7", 1143)))
+        self.assertEqual(where(pop3, "dave"), ("127.0.0.8", 3110, ("127.0.0.8", 3110)))
+        self.assertEqual(where(imap, "erin"), ("::1", 1143, ("::1", 1143)))
+        # An entry without an address for the protocol does not route it:
+        # the domain's entry, then proxy_pass, decide.
+        self.assertEqual(where(pop3, "erin"), ("127.0.0.1", 1110, ("127.0.0.1", 1110)))
+        self.assertEqual(where(pop3, "erin@example.com"), ("127.0.0.9", 1110, ("127.0.0.9", 1110)))
+        self.assertEqual(config.warnings, ())
+
+    def test_bad_routes_per_protocol(self):
+        for value, message in [("imap=127.0.0.1:1 imap=127.0.0.1:2", "two addresses for imap"),
+                               ("127.0.0.1 127.0.0.2", "two addresses for every protocol"),
+                               ("sieve=127.0.0.1:4190", 'unknown protocol "sieve"'),
+                               ("pop3=", "invalid address"),
+                               ("imap=127.0.0.1:99999", "invalid port")]:
+            with self.subTest(value=value):
+                _, errors = config_errors(self, BASE_CONFIG, "\n[routes]\ncarol = %s\n" % value)
+                self.assertEqual([(e.section, e.directive) for e in errors], [("routes", "carol")])
+                self.assertIn(message, errors[0].message)
+
+    def test_route_with_a_port_used_by_two_protocols_is_warned_of(self):
+        config = load_text(self, self.TWO_SERVERS, """\
+
+            [routes]
+            carol = 127.0.0.5:2143
+            dave = 127.0.0.5
+            erin = imap=127.0.0.5:2143 pop3=127.0.0.5:2110
+            frank = 127.0.0.5:2143 pop3=127.0.0.5:2110
+        """)
+        self.assertEqual([(w.section, w.directive) for w in config.warnings], [("routes", "carol")])
+        self.assertIn('"127.0.0.5:2143" sends the imap and pop3 servers\' users to one port, 2143',
+                      config.warnings[0].message)
+        self.assertIn("imap=127.0.0.5:PORT pop3=127.0.0.5:PORT", config.warnings[0].message)
+        # One protocol using [routes] (the other asks auth_http): nothing to warn of.
+        config = load_text(self, self.TWO_SERVERS.replace(
+            "protocol = pop3", "protocol = pop3\n        auth_http = 127.0.0.1:9000"),
+            "\n[routes]\ncarol = 127.0.0.5:2143\n")
+        self.assertEqual(config.warnings, ())
+
+    def test_t_prints_the_route_warning_and_succeeds(self):
+        text = textwrap.dedent(self.TWO_SERVERS) + "\n[routes]\ncarol = 127.0.0.5:2143\n"
+        path = TempDir(self).write("routes.conf", text)
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 0, err)
+        line = text.splitlines().index("carol = 127.0.0.5:2143") + 1
+        self.assertIn('mailproxy: [warn] %s:%d: [routes] carol: "127.0.0.5:2143" sends the imap '
+                      "and pop3 servers' users to one port" % (path, line), err)
+        self.assertIn("test is successful", err)
+
 
 # -- the TLS parts, which load_and_prepare checks -----------------------------------
 
@@ -5363,6 +5441,68 @@ class BackendFailureTests(EndToEndTestCase):
 # Backends that answer ahead of the question, announce literals, or change
 # their mind after a refusal.  Whatever they say, the client is logged in
 # only by the reply to the proxy's last login command.
+
+class RoutesPerProtocolEndToEndTests(EndToEndTestCase):
+    """[routes] with an address per protocol (issue 15): carol's IMAP and
+    POP3 each reach their own backend; with one port for both, the POP3
+    login meets the IMAP greeting and the log says so."""
+
+    def start(self, route: str) -> ProxyUnderTest:
+        """An IMAP and a POP3 server whose proxy_pass nobody answers, carol
+        in [users] and [routes] (``route``: her value, with {imap} and
+        {pop3}, the fake backends' ports)."""
+        self.imap = self.use(FakeImapBackend(accept=[(b"carol", b"pw")]))
+        self.pop3 = self.use(FakePop3Backend(accept=[(b"carol", b"pw")]))
+        text = proxy_config("imap", free_port(), users={"carol": "{PLAIN}pw"})
+        text += ("\n[server pop3]\nlisten = 127.0.0.1:%d\nprotocol = pop3\nproxy_pass = 127.0.0.1:%d\n"
+                 % (free_port(), free_port()))
+        text += "\n[routes]\ncarol = %s\n" % route.format(imap=self.imap.port, pop3=self.pop3.port)
+        return self.use(ProxyUnderTest(text))
+
+    def test_each_protocol_reaches_its_own_backend(self):
+        proxy = self.start("imap=127.0.0.1:{imap} pop3=127.0.0.1:{pop3}")
+        client = self.connect(proxy, proxy.ports[0])
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN carol pw")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        client = self.connect(proxy, proxy.ports[1])
+        client.expect_line(mp.POP3_GREETING)
+        client.send(b"USER carol\r\nPASS pw\r\n")
+        client.expect_line(mp.POP3_OK)
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        self.assertEqual(self.imap.logins, [(b"carol", b"pw")])
+        self.assertEqual(self.pop3.logins, [(b"carol", b"pw")])
+        proxy.wait_for_log(r'\*2 client logged in .*login: "carol", upstream: 127\.0\.0\.1:%d'
+                           % self.pop3.port)
+
+    def test_a_backend_of_another_protocol_is_named_in_the_log(self):
+        proxy = self.start("127.0.0.1:{imap}")        # one port for both: the old trap
+        client = self.connect(proxy, proxy.ports[1])
+        client.expect_line(mp.POP3_GREETING)
+        client.send(b"USER carol\r\nPASS pw\r\n")
+        client.expect_line(mp.POP3_OK)
+        client.expect_line(mp.POP3_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] \d+#0: \*1 upstream sent an unexpected greeting \(IMAP's, "
+                           r"where POP3's was expected: is the port right\?\): "
+                           r'"\* OK fake IMAP ready" while reading response from upstream, .*'
+                           r'login: "carol", upstream: 127\.0\.0\.1:%d' % self.imap.port)
+        proxy.wait_for_log(r"session done: upstream sent an unexpected greeting, ")
+        self.assertEqual(self.imap.logins, [])
+
+    def test_an_unexpected_greeting_is_not_passed_on(self):
+        # proxy_pass_error_message passes a refusal on, never another
+        # protocol's greeting (nor something that is no mail protocol's).
+        backend = self.use(ScriptedBackend(b"SSH-2.0-OpenSSH_9.6\r\n"))
+        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream sent an unexpected greeting \(no mail protocol's, where "
+                           r"IMAP's was expected: is the port right\?\): \"SSH-2\.0-OpenSSH_9\.6\"")
+
 
 class HostileBackendTests(EndToEndTestCase):
     def test_a_literal_in_the_greeting_is_an_internal_error(self):
