@@ -175,10 +175,12 @@ class BackendError(Exception):
     anything (for the log); ``refusal``: it is a reply of the protocol that
     may go to the client as it is (proxy_pass_error_message)."""
 
-    def __init__(self, message: str, line: bytes = b"", refusal: bool = False):
+    def __init__(self, message: str, line: bytes = b"", refusal: bool = False,
+                 verdict: bool = False):
         super().__init__(message)
         self.line = line
         self.refusal = refusal
+        self.verdict = verdict         # a no to the client's own login and password
 
     @property
     def outcome(self) -> str:
@@ -1019,6 +1021,7 @@ DIRECTIVES = {d.name: d for d in [
     Directive("smtp_greeting_delay", MAIL, parse_time, 0.0),
     # -- extensions of mailproxy (nginx has no built-in user table) --------
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
+    Directive("auth", MAIL, parse_enum("users", "backend"), "users", extension=True),
     Directive("auth_delay", MAIL, parse_time, 1.0, extension=True),
     # -- extensions: the login defence (README "Failed logins") -------------
     Directive("trusted_networks", MAIL, parse_trusted_networks, [], multiple=True, extension=True),
@@ -1284,8 +1287,37 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
             if tokens:
                 problems.append((directive, '"%s" needs auth_http: the built-in user table '
                                  "cannot check OAuth tokens" % tokens[0]))
+    problems.extend(check_auth_backend(merged))
     problems.extend(check_ssl(merged))
     return Settings(merged), problems
+
+
+# What the backend cannot check when it decides (auth = backend): only a
+# clear password can be handed on to its LOGIN, USER/PASS or AUTH.
+AUTH_BACKEND_REFUSED = {
+    "cram-md5": "the client sends a digest of our challenge, which the backend cannot check",
+    "apop": "the client sends a digest of our greeting, which the backend cannot check",
+    "external": "a client certificate has no password for the backend",
+    "none": "mail without login has no login for the backend to check",
+}
+
+
+def check_auth_backend(merged: Dict) -> List[Tuple[str, str]]:
+    """auth = backend (extension): the backend decides, so no auth_http, and
+    only the methods that carry a clear password (-t refuses the others
+    rather than leave them out silently: the operator asked for them)."""
+    if merged["auth"] != "backend":
+        return []
+    if merged["auth_http"] is not None:
+        return [("auth", '"auth = backend" and "auth_http" exclude each other: '
+                 "one of them decides")]
+    protocol = merged["protocol"]
+    directive = "%s_auth" % protocol if protocol in ("imap", "pop3", "smtp") else None
+    for method in merged[directive] if directive else []:
+        if method in AUTH_BACKEND_REFUSED:
+            return [(directive, '"%s" cannot be used with "auth = backend": %s'
+                     % (method, AUTH_BACKEND_REFUSED[method]))]
+    return []
 
 
 def check_ssl(merged: Dict) -> List[Tuple[str, str]]:
@@ -3204,6 +3236,12 @@ class AuthOutcome(NamedTuple):
     sasl_error: Optional[bytes] = None     # FAIL, OAuth: the SASL error challenge
     close: bool = False                    # FAIL: close after the reply
     reason: str = ""                       # FAIL, ERROR: why, for the log only
+    connection: Optional[object] = None    # OK, auth = backend: the BackendConnection,
+                                           # logged in already (BackendAuth)
+    reply: bytes = b""                     # OK, auth = backend: the backend's yes
+    logged: bool = False                   # ERROR, auth = backend: the backend failed, and
+                                           # that is logged; ``reason`` is the outcome, and
+                                           # ``text`` its refusal (proxy_pass_error_message)
 
     @property
     def ok(self) -> bool:
@@ -4022,11 +4060,14 @@ class Expect(NamedTuple):
     it allowed), "pop3-ok" (``+OK``), "smtp" (a reply, multi-line ones read to
     their last line, whose code must be one of ``codes``; none given: any).
     ``relay``: the reply (with the untagged lines before it) is the client's
-    answer to its login command."""
+    answer to its login command.  ``verdict``: a refusal here may be the
+    backend's verdict on the login and password (refuses_credentials;
+    auth = backend relays it as a failed login)."""
     kind: str
     relay: bool = False
     codes: Tuple[bytes, ...] = ()
     tag: bytes = b""           # imap-tagged: another tag than the login's
+    verdict: bool = False
 
 
 BACKEND_STARTTLS_TAG = b"S1 "
@@ -4045,7 +4086,7 @@ def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool 
         Send(login + b" {%d}\r\n" % len(password)),
         Expect("continuation"),
         Send(password + b"\r\n"),
-        Expect("imap-tagged", relay=True),
+        Expect("imap-tagged", relay=True, verdict=True),
     ]
 
 
@@ -4094,9 +4135,9 @@ def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> 
     secure = [Send(b"STLS\r\n"), Expect("pop3-ok"), TlsStep()] if starttls else []
     return [Expect("pop3-ok")] + secure + [
         Send(b"USER " + login + b"\r\n"),
-        Expect("pop3-ok"),
+        Expect("pop3-ok", verdict=True),           # some servers refuse an unknown user here
         Send(b"PASS " + password + b"\r\n"),
-        Expect("pop3-ok", relay=True),
+        Expect("pop3-ok", relay=True, verdict=True),
     ]
 
 
@@ -4247,10 +4288,12 @@ def smtp_auth_steps(method: str, login: bytes, password: bytes) -> list:
                 Expect("smtp", codes=(b"235",))]
     if method == "login":
         return [Send(b"AUTH LOGIN\r\n"), Expect("smtp", codes=(b"334",)),
-                Send(base64.b64encode(login) + b"\r\n"), Expect("smtp", codes=(b"334",)),
-                Send(base64.b64encode(password) + b"\r\n"), Expect("smtp", codes=(b"235",))]
+                Send(base64.b64encode(login) + b"\r\n"),
+                Expect("smtp", codes=(b"334",), verdict=True),
+                Send(base64.b64encode(password) + b"\r\n"),
+                Expect("smtp", codes=(b"235",), verdict=True)]
     plain = base64.b64encode(b"\0" + login + b"\0" + password)
-    return [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",))]
+    return [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",), verdict=True)]
 
 
 class LoginDone(NamedTuple):
@@ -4368,7 +4411,9 @@ class BackendLogin:
                                      "was expected: is the port right?)"
                                      % ("%s's" % got if got else "no mail protocol's", expected),
                                      bytes(self._reply))
-        raise BackendError("upstream sent invalid response", bytes(self._reply), refusal=True)
+        verdict = step.verdict and refuses_credentials(step.kind, line, step.tag or self.tag)
+        raise BackendError("upstream sent invalid response", bytes(self._reply), refusal=True,
+                           verdict=verdict)
 
     def _more_lines(self, step: Expect, line: bytes) -> bool:
         if step.kind == "imap-tagged":
@@ -4395,6 +4440,27 @@ class BackendLogin:
 IMAP_REPLY_KINDS = ("imap-greeting", "continuation", "imap-tagged")
 GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
                       "pop3-ok": "POP3", "smtp": "SMTP"}
+
+
+# Refusals of a login for another reason than the login and password: the
+# backend's trouble (RFC 5530 §3, RFC 2449 §8, RFC 3206 §4, RFC 4954 §6:
+# only 535 says "credentials invalid").  With auth = backend they end the
+# session with the internal error, and the login defence does not count them.
+IMAP_NOT_A_VERDICT = re.compile(rb"NO \[(UNAVAILABLE|SERVERBUG|PRIVACYREQUIRED|INUSE|LIMIT)\]")
+POP3_NOT_A_VERDICT = re.compile(rb"-ERR \[(SYS/TEMP|SYS/PERM|IN-USE|LOGIN-DELAY)\]")
+
+
+def refuses_credentials(kind: str, line: bytes, tag: bytes) -> bool:
+    """Is ``line``, a refusal at a ``verdict`` step, a no to the login and
+    password (IMAP ``TAG NO``, POP3 ``-ERR``, SMTP ``535``), rather than
+    trouble of the backend's (a response code that says so, IMAP BAD, any
+    other SMTP code)?"""
+    if kind == "imap-tagged":
+        rest = line[len(tag):] if line.startswith(tag) else b""
+        return rest.startswith(b"NO ") and not IMAP_NOT_A_VERDICT.match(rest)
+    if kind == "pop3-ok":
+        return line.startswith(b"-ERR") and not POP3_NOT_A_VERDICT.match(line)
+    return line[:3] == b"535"
 
 
 def greeting_protocol(line: bytes) -> Optional[str]:
@@ -6429,10 +6495,13 @@ class BackendConnection(StreamOwner):
     (no connection, no TLS, or the script failed: logged here already, as
     nginx does, with ``log``, the session's; ``refusal`` is the backend's
     reply for the client, if proxy_pass_error_message lets it through).
+    With ``verdicts`` (auth = backend), a no to the client's own login and
+    password (BackendError.verdict) is no failure of the backend: the owner
+    hears backend_refused(line) instead, and nothing is logged here.
     After a failure nothing more is read; close() ends it at any time."""
 
     def __init__(self, loop: EventLoop, server: Settings, upstream: Upstream, login: BackendLogin,
-                 tls_mode: str, proxy_header: bytes, owner, log: Callable):
+                 tls_mode: str, proxy_header: bytes, owner, log: Callable, verdicts: bool = False):
         self.loop = loop
         self.server = server
         self.upstream = upstream
@@ -6441,6 +6510,7 @@ class BackendConnection(StreamOwner):
         self.proxy_header = proxy_header
         self.owner = owner
         self.log = log
+        self.verdicts = verdicts
         self.addresses = list(upstream.addresses)
         self.stream = None             # type: Optional[Stream]
         self.connecting = True
@@ -6509,6 +6579,8 @@ class BackendConnection(StreamOwner):
         with proxy_pass_error_message on, the backend's own refusal."""
         self.close()
         line = error.line
+        if error.verdict and self.verdicts:
+            return self.owner.backend_refused(line)
         if error.refusal and self.server.proxy_pass_error_message:
             self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
             return self.owner.backend_failed("upstream refused the login", line)
@@ -6528,6 +6600,21 @@ class BackendConnection(StreamOwner):
             outcome = "upstream connection error"
         self.close()
         self.owner.backend_failed(outcome)
+
+
+def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                 local: Tuple[str, int], owner, log: Callable,
+                 verdicts: bool = False) -> BackendConnection:
+    """Connect to ``outcome.upstream`` and log in there as ``outcome``
+    says (login_script, TLS, the PROXY header naming ``local``, the
+    address the client connected to); ``owner`` hears how it went
+    (BackendConnection)."""
+    tls_mode = backend_tls_mode(server, outcome)
+    script = login_script(server, attempt, outcome, tls_mode == "starttls")
+    header = proxy_header_to_backend(server.proxy_protocol, attempt, local)
+    return BackendConnection(loop, server, outcome.upstream,
+                             BackendLogin(script, attempt.tag, server.proxy_buffer), tls_mode,
+                             header, owner, log, verdicts)
 
 
 # -- password checks, off the event loop ------------------------------------------
@@ -6739,12 +6826,15 @@ class PasswordCheckPool:
 
 
 def authenticator_for(server: Settings, config: "Config", worker, owner):
-    """The authenticator of a server's sessions: auth_http, or the built-in
-    user table (an extension), behind the LoginGuard (the login defence for
-    the table; an auth server has Auth-Wait).  Each has start(attempt, done),
-    cancel() and recipient_check()."""
+    """The authenticator of a server's sessions: auth_http, the backend
+    itself (auth = backend, an extension) or the built-in user table (an
+    extension), behind the LoginGuard (the login defence for the table and
+    the backend; an auth server has Auth-Wait).  Each has start(attempt,
+    done), cancel() and recipient_check()."""
     if server.auth_http is not None:
         inner, defend = AuthHttpAuth(worker.loop, server, owner), False
+    elif server.auth == "backend":
+        inner, defend = BackendAuth(worker.loop, server, config, owner), True
     else:
         inner, defend = UserTableAuth(config, server, worker.password_checks, owner), True
     return LoginGuard(inner, worker.gate, worker.books.of(SessionCounts), server, owner, defend)
@@ -6864,6 +6954,116 @@ class AuthHttpAuth:
             return AuthOutcome(Verdict.ERROR, reason="auth http server %s sent a login or "
                                "password with CR, LF or NUL" % self.server.auth_http.text)
         return verdict._replace(login=login, password=password, token=token)
+
+
+class BackendAuth:
+    """auth = backend (an extension; Perdition's and stalwart-proxy's
+    model): no user table, the routed backend's own login is the verdict.
+    start() logs in to the backend (route_for, open_backend: the session's
+    login script, with AUTH for SMTP) with the client's login and password,
+    and done(AuthOutcome) comes from the loop: OK carrying the logged-in
+    BackendConnection and its reply, which the session takes over for the
+    relay; FAIL with nginx's text when the backend said no to the login and
+    password (refuses_credentials), the connection closed; ERROR when the
+    backend could not be reached or failed otherwise (already logged).
+
+    Why an authenticator, not a flag on the session's own backend login:
+    the LoginGuard in front counts a verdict when it comes back through
+    done() (delay, pair refusal, success forgiving the pair), and a backend
+    login run by the session would come after the guard had already let
+    the attempt go as a success.  So the backend's no arrives where a
+    wrong password from the table arrives, and is counted the same way;
+    the session only learns to take over a connection that is logged in."""
+    __slots__ = ("loop", "server", "config", "owner", "done", "connection", "timer", "upstream",
+                 "login")
+
+    def __init__(self, loop: EventLoop, server: Settings, config: "Config", owner):
+        self.loop = loop
+        self.server = server
+        self.config = config
+        self.owner = owner             # the session: its log, its journal, its client's address
+        self.done = None               # type: Optional[Callable]
+        self.connection = None         # type: Optional[BackendConnection]
+        self.timer = None              # type: Optional[Timer]
+        self.upstream = None           # type: Optional[Upstream]
+        self.login = b""               # the attempt's (its password stays in the script only)
+
+    def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
+        self.done = done
+        credentials, server = attempt.credentials, self.server
+        self.login = credentials.login
+        if credentials.method != AuthMethod.PLAIN:        # -t allows no other method
+            return self._finish(AuthOutcome(Verdict.FAIL, text=AUTH_FAILED_TEXT, reason=(
+                "%s cannot be checked by the backend" % credentials.method)))
+        if attempt.protocol == "pop3" and not pop3_can_send(credentials.login, credentials.password):
+            return self._finish(AuthOutcome(Verdict.FAIL, text=AUTH_FAILED_TEXT,
+                                            reason="login or password holds CR, LF or NUL"))
+        name = credentials.login.decode("utf-8", "replace")
+        self.upstream = route_for(self.config.routes, server.proxy_pass, name, server.protocol)
+        # SMTP logs in with AUTH whatever proxy_smtp_auth says: that is the check.
+        outcome = AuthOutcome(Verdict.OK, credentials.login, credentials.password, self.upstream,
+                              smtp_auth=server.proxy_smtp_auth_method)
+        self.owner.journal.upstream = self.upstream       # the log names who decides
+        self.timer = self.loop.call_later(server.timeout, self._timed_out)
+        connection = open_backend(self.loop, server, attempt, outcome,
+                                  self.owner.client.sock.getsockname()[:2], self,
+                                  self.owner.log, verdicts=True)
+        if self.done is not None:      # not failed already (no address could be tried)
+            self.connection = connection
+
+    def cancel(self) -> None:
+        self.done = None
+        self._stop()
+
+    def recipient_check(self, attempt: LoginAttempt, upstream: Upstream, log: Callable) -> None:
+        return None                    # a logged-in user's recipients are the backend's to judge
+
+    def crashed(self, error: Exception) -> None:
+        self.owner.crashed(error)
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def _finish(self, outcome: AuthOutcome) -> None:
+        done, self.done = self.done, None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.connection = None         # closed, or the session's now (in the outcome)
+        if done is not None:
+            done(outcome)
+
+    # -- what the BackendConnection says ---------------------------------------------
+    def backend_connected(self, stream: Stream) -> None:
+        pass                           # the whole login is this authenticator's phase
+
+    def backend_logged_in(self, reply: bytes) -> None:
+        connection = self.connection
+        self._finish(AuthOutcome(Verdict.OK, self.login, None, self.upstream,
+                                 connection=connection, reply=reply))
+
+    def backend_refused(self, line: bytes) -> None:
+        """The backend said no to the login and password: a failed login,
+        which the LoginGuard counts and delays; the client may try again
+        (a new connection then)."""
+        self._finish(AuthOutcome(Verdict.FAIL, text=AUTH_FAILED_TEXT,
+                                 reason="backend: %s" % log_escape(strip_eol(line))))
+
+    def backend_failed(self, outcome: str, refusal: bytes = b"") -> None:
+        """No verdict: the backend was not reached, or failed otherwise."""
+        self._stop()
+        self._finish(AuthOutcome(Verdict.ERROR, reason=outcome, text=refusal, logged=True))
+
+    @loop_callback
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.owner.log("error", "upstream timed out (110: Connection timed out)")
+        self.backend_failed("upstream timed out")
 
 
 class DnsLookup:
@@ -7104,7 +7304,9 @@ PHASE_CHANGES = frozenset(
      (Phase.GREETING_DELAY, Phase.DIALOGUE), (Phase.GREETING_DELAY, Phase.CLOSING),
      (Phase.DIALOGUE, Phase.HANDSHAKE), (Phase.DIALOGUE, Phase.AUTH),
      (Phase.DIALOGUE, Phase.CLOSING), (Phase.AUTH, Phase.DIALOGUE), (Phase.AUTH, Phase.CONNECT),
-     (Phase.AUTH, Phase.CLOSING), (Phase.CONNECT, Phase.LOGIN), (Phase.CONNECT, Phase.CLOSING),
+     (Phase.AUTH, Phase.CLOSING),
+     (Phase.AUTH, Phase.RELAY),        # auth = backend: BackendAuth's login was the verdict
+     (Phase.CONNECT, Phase.LOGIN), (Phase.CONNECT, Phase.CLOSING),
      (Phase.LOGIN, Phase.RELAY), (Phase.LOGIN, Phase.CLOSING)])
 
 
@@ -7413,13 +7615,16 @@ class LoginGuard:
         self.inner.start(self.attempt, self._decided)
 
     def _decided(self, outcome: AuthOutcome) -> None:
+        verdict = outcome
         if self.checking is not None:
-            outcome = self._counted(outcome)
-        if outcome.ok:
-            outcome = self._session_limit(outcome)
+            verdict = self._counted(verdict)
+        if verdict.ok:
+            verdict = self._session_limit(verdict)
         done, self.done = self.done, None
+        if outcome.connection is not None and (done is None or not verdict.ok):
+            outcome.connection.close()     # auth = backend: logged in, but over the session limit
         if done is not None:
-            done(outcome)
+            done(verdict)
 
     def _counted(self, outcome: AuthOutcome) -> AuthOutcome:
         """A defended attempt's answer: the slot goes; a failure is published
@@ -7778,11 +7983,21 @@ class Session(StreamOwner):
         """The authenticator's verdict: an internal error, a refusal (after
         its delay; then the dialogue goes on, or ends), or the backend."""
         if outcome.kind == Verdict.ERROR:
+            if outcome.logged:             # auth = backend: as a failed backend login
+                return self.backend_failed(outcome.reason, outcome.text)
             self.log("error", outcome.reason, action="in http auth state")
             return self._close_after_reply("auth http error", self.machine.INTERNAL_ERROR)
         if outcome.kind == Verdict.OK:
             if self.attempt.credentials.method != AuthMethod.NONE:
                 self.journal.login = outcome.login
+            if outcome.connection is not None:
+                # auth = backend: BackendAuth is logged in already; its
+                # connection is the session's now.
+                self.backend_connection = outcome.connection
+                self.backend_connection.owner = self
+                self.backend = self.backend_connection.stream
+                self.journal.upstream = outcome.upstream
+                return self.backend_logged_in(outcome.reply)
             return self._login_to_backend(outcome)
         self.log("info", 'client login failed: "%s"' % outcome.reason)
         reply = self.machine.failure_reply(outcome.text, outcome.error_code)
@@ -7801,15 +8016,10 @@ class Session(StreamOwner):
     # -- the backend --------------------------------------------------------------------
     def _login_to_backend(self, outcome: AuthOutcome) -> None:
         self.journal.upstream = outcome.upstream
-        tls_mode = backend_tls_mode(self.server, outcome)
-        script = login_script(self.server, self.attempt, outcome, tls_mode == "starttls")
-        header = proxy_header_to_backend(self.server.proxy_protocol, self.attempt,
-                                         self.client.sock.getsockname()[:2])
         self._enter(Phase.CONNECT)
-        self.backend_connection = BackendConnection(
-            self.loop, self.server, outcome.upstream,
-            BackendLogin(script, self.attempt.tag, self.server.proxy_buffer), tls_mode,
-            header, self, self.log)
+        self.backend_connection = open_backend(self.loop, self.server, self.attempt, outcome,
+                                               self.client.sock.getsockname()[:2], self,
+                                               self.log)
 
     def backend_connected(self, stream: Stream) -> None:
         self.backend = stream
