@@ -14,7 +14,8 @@ The picture::
                ClientMachine ◄───────┤ (phases, Deadline,  ├────► BackendLogin (a script of steps)
                (IMAP / POP3 / SMTP)  │  SessionLog)        │
                                      │                     │
-   UserTableAuth or AuthHttpAuth ◄───┤                     ├────► Relay (two bounded buffers)
+   UserTableAuth, AuthHttpAuth  ◄────┤                     ├────► Relay (two bounded buffers)
+   or BackendAuth                    │                     │
                                      └─────────────────────┘
  EventLoop (selectors + timer heap + signal wake-up fd) drives Streams; a master forks workers.
 
@@ -37,7 +38,9 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     ClientMachine._dispatch finds LOGIN in IMAP_COMMAND_TABLE, and
     ImapMachine._login returns a Credentials event.
  3. Session._authenticate hands a LoginAttempt to UserTableAuth.start
-    (Authentication; with auth_http, AuthHttpAuth in Outbound clients):
+    (Authentication; with auth_http, AuthHttpAuth in Outbound clients;
+    with auth = backend, BackendAuth, whose own backend login is the
+    verdict and whose connection the session then takes over):
     authenticate -> password_matches -> an AuthOutcome, at once for a
     {PLAIN} entry; a hashed one is checked in a thread of the worker's
     PasswordCheckPool (Outbound clients), and the verdict comes back
@@ -3890,9 +3893,10 @@ class LoginDefence:
         return record
 
 
-# -- the two authenticators' common ground -------------------------------------
+# -- the authenticators' common ground -------------------------------------------
 # A session hands each login attempt to its authenticator, the user table
-# below or the auth server (AuthHttpAuth, with the outbound clients):
+# below, the auth server (AuthHttpAuth, with the outbound clients) or the
+# backend itself (BackendAuth, auth = backend, beside it):
 # start(attempt, done) and, later or at once, done(AuthOutcome); cancel()
 # when the session ends first.
 
