@@ -6979,7 +6979,7 @@ class BackendAuth:
     wrong password from the table arrives, and is counted the same way;
     the session only learns to take over a connection that is logged in."""
     __slots__ = ("loop", "server", "config", "owner", "done", "connection", "timer", "upstream",
-                 "login")
+                 "login", "connected")
 
     def __init__(self, loop: EventLoop, server: Settings, config: "Config", owner):
         self.loop = loop
@@ -6991,6 +6991,7 @@ class BackendAuth:
         self.timer = None              # type: Optional[Timer]
         self.upstream = None           # type: Optional[Upstream]
         self.login = b""               # the attempt's (its password stays in the script only)
+        self.connected = False         # for the log's "while ...", as the session's phases
 
     def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
         self.done = done
@@ -7009,9 +7010,10 @@ class BackendAuth:
                               smtp_auth=server.proxy_smtp_auth_method)
         self.owner.journal.upstream = self.upstream       # the log names who decides
         self.timer = self.loop.call_later(server.timeout, self._timed_out)
+        self.connected = False
         connection = open_backend(self.loop, server, attempt, outcome,
                                   self.owner.client.sock.getsockname()[:2], self,
-                                  self.owner.log, verdicts=True)
+                                  self.log, verdicts=True)
         if self.done is not None:      # not failed already (no address could be tried)
             self.connection = connection
 
@@ -7024,6 +7026,14 @@ class BackendAuth:
 
     def crashed(self, error: Exception) -> None:
         self.owner.crashed(error)
+
+    def log(self, level: str, message: str, *args, action: Optional[str] = None) -> None:
+        """The session's log, with nginx's action of the session's CONNECT
+        and LOGIN phases, so a backend's failure reads as after a table login."""
+        if action is None:
+            action = "reading response from upstream" if self.connected else \
+                "connecting to upstream"
+        self.owner.log(level, message, *args, action=action)
 
     def _stop(self) -> None:
         if self.timer is not None:
@@ -7044,7 +7054,7 @@ class BackendAuth:
 
     # -- what the BackendConnection says ---------------------------------------------
     def backend_connected(self, stream: Stream) -> None:
-        pass                           # the whole login is this authenticator's phase
+        self.connected = True          # the session stays in AUTH: the login is the verdict
 
     def backend_logged_in(self, reply: bytes) -> None:
         connection = self.connection
@@ -7066,7 +7076,7 @@ class BackendAuth:
     @loop_callback
     def _timed_out(self) -> None:
         self.timer = None
-        self.owner.log("error", "upstream timed out (110: Connection timed out)")
+        self.log("error", "upstream timed out (110: Connection timed out)")
         self.backend_failed("upstream timed out")
 
 

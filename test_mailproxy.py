@@ -10202,8 +10202,23 @@ class BackendDecidesEndToEndTests(EndToEndTestCase):
             client.expect_line(mp.POP3_OK)
             client.expect_line(mp.POP3_INTERNAL_ERROR)
             client.expect_closed()
-        proxy.wait_for_log(r"\*2 connect\(\) failed \(111: Connection refused\)")
+        proxy.wait_for_log(r"\*2 connect\(\) failed \(111: Connection refused\) while "
+                           r'connecting to upstream, .*login: "alice", upstream: 127\.0\.0\.1:')
         proxy.wait_for_log(r"\*2 session done: upstream unreachable, ")
+        self.assertNotRegex(proxy.log, r"login failed|login penalty")
+        self.assertEqual(proxy.worker.gate.defence.addresses, {})
+
+    def test_a_stalled_backend_times_out_as_an_internal_error_and_no_failure(self):
+        backend = self.use(FakeImapBackend(mode="stall"))
+        proxy = self.start_proxy("imap", backend.port, auth="backend", timeout="300ms")
+        client = self.greeted(proxy, "imap")
+        started = time.monotonic()
+        self.assertEqual(self.attempt(client, "imap", "alice", "pw"), mp.IMAP_INTERNAL_ERROR)
+        self.assertGreaterEqual(time.monotonic() - started, 0.29)
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] .*upstream timed out \(110: Connection timed out\) while "
+                           r"reading response from upstream, ")
+        proxy.wait_for_log(r"session done: upstream timed out, ")
         self.assertNotRegex(proxy.log, r"login failed|login penalty")
         self.assertEqual(proxy.worker.gate.defence.addresses, {})
 
@@ -10215,7 +10230,7 @@ class BackendDecidesEndToEndTests(EndToEndTestCase):
         self.assertEqual(self.attempt(client, "imap", "alice", "pw"), mp.IMAP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'\[error\] .*upstream sent invalid response: "a1 NO \[UNAVAILABLE\] '
-                           r'try later"')
+                           r'try later" while reading response from upstream, ')
         self.assertNotRegex(proxy.log, r"login failed|login penalty")
         self.assertEqual(proxy.worker.gate.defence.addresses, {})
 
