@@ -1543,9 +1543,9 @@ def route_port_warnings(path: str, servers: List[Settings], routes: Dict[str, Ro
         sharing = [protocol for protocol in users if protocol not in own]
         if route.upstream is None or route.port is None or len(sharing) < 2:
             continue
-        address = "%s:%d" % (route.upstream.host if ":" not in route.upstream.host
-                             else "[%s]" % route.upstream.host, route.port)
-        suggestion = " ".join("%s=%s:PORT" % (protocol, route.upstream.host) for protocol in sharing)
+        host = route.upstream.host if ":" not in route.upstream.host else "[%s]" % route.upstream.host
+        address = "%s:%d" % (host, route.port)
+        suggestion = " ".join("%s=%s:PORT" % (protocol, host) for protocol in sharing)
         warnings.append(ConfigError(path, "routes", key, (
             '"%s" sends the %s servers\' users to one port, %d: give each protocol its own '
             '("%s"), or leave the port out to keep each server\'s proxy_pass port')
@@ -4442,6 +4442,11 @@ class BackendLogin:
 
 
 IMAP_REPLY_KINDS = ("imap-greeting", "continuation", "imap-tagged")
+# RFC 3501 §4.3: a line ending in {n} (or RFC 7888's {n+}) announces n bytes
+# of literal data, which no greeting, continuation or LOGIN reply carries.
+IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
+# The protocol an Expect of each kind belongs to, for a greeting that is not
+# the one expected (UnexpectedGreeting).
 GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
                       "pop3-ok": "POP3", "smtp": "SMTP"}
 
@@ -4478,9 +4483,6 @@ def greeting_protocol(line: bytes) -> Optional[str]:
     if re.match(rb"\d{3}[- \r\n]", line):
         return "SMTP"
     return None
-# RFC 3501 §4.3: a line ending in {n} (or RFC 7888's {n+}) announces n bytes
-# of literal data, which no greeting, continuation or LOGIN reply carries.
-IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
 
 
 # -- the PROXY protocol (www.haproxy.org/download/2.9/doc/proxy-protocol.txt) --

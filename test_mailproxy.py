@@ -3411,8 +3411,13 @@ class ConfigUsersRoutesTests(unittest.TestCase):
             dave = 127.0.0.5
             erin = imap=127.0.0.5:2143 pop3=127.0.0.5:2110
             frank = 127.0.0.5:2143 pop3=127.0.0.5:2110
+            gina = [::1]:2143
         """)
-        self.assertEqual([(w.section, w.directive) for w in config.warnings], [("routes", "carol")])
+        self.assertEqual([(w.section, w.directive) for w in config.warnings],
+                         [("routes", "carol"), ("routes", "gina")])
+        self.assertIn('"[::1]:2143" sends the imap and pop3 servers\' users to one port, 2143: give '
+                      'each protocol its own ("imap=[::1]:PORT pop3=[::1]:PORT")',
+                      config.warnings[1].message)
         self.assertIn('"127.0.0.5:2143" sends the imap and pop3 servers\' users to one port, 2143',
                       config.warnings[0].message)
         self.assertIn("imap=127.0.0.5:PORT pop3=127.0.0.5:PORT", config.warnings[0].message)
