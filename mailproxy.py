@@ -14,7 +14,8 @@ The picture::
                ClientMachine ◄───────┤ (phases, Deadline,  ├────► BackendLogin (a script of steps)
                (IMAP / POP3 / SMTP)  │  SessionLog)        │
                                      │                     │
-   UserTableAuth or AuthHttpAuth ◄───┤                     ├────► Relay (two bounded buffers)
+   UserTableAuth, AuthHttpAuth  ◄────┤                     ├────► Relay (two bounded buffers)
+   or BackendAuth                    │                     │
                                      └─────────────────────┘
  EventLoop (selectors + timer heap + signal wake-up fd) drives Streams; a master forks workers.
 
@@ -37,7 +38,9 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     ClientMachine._dispatch finds LOGIN in IMAP_COMMAND_TABLE, and
     ImapMachine._login returns a Credentials event.
  3. Session._authenticate hands a LoginAttempt to UserTableAuth.start
-    (Authentication; with auth_http, AuthHttpAuth in Outbound clients):
+    (Authentication; with auth_http, AuthHttpAuth in Outbound clients;
+    with auth = backend, BackendAuth, whose own backend login is the
+    verdict and whose connection the session then takes over):
     authenticate -> password_matches -> an AuthOutcome, at once for a
     {PLAIN} entry; a hashed one is checked in a thread of the worker's
     PasswordCheckPool (Outbound clients), and the verdict comes back
@@ -175,10 +178,23 @@ class BackendError(Exception):
     anything (for the log); ``refusal``: it is a reply of the protocol that
     may go to the client as it is (proxy_pass_error_message)."""
 
-    def __init__(self, message: str, line: bytes = b"", refusal: bool = False):
+    def __init__(self, message: str, line: bytes = b"", refusal: bool = False,
+                 verdict: bool = False):
         super().__init__(message)
         self.line = line
         self.refusal = refusal
+        self.verdict = verdict         # a no to the client's own login and password
+
+    @property
+    def outcome(self) -> str:
+        """The session's outcome, for the access line."""
+        return "upstream refused the login" if self.line else str(self)
+
+
+class UnexpectedGreeting(BackendError):
+    """The backend greeted in another protocol (or none): a route or a
+    proxy_pass with the wrong port, most likely.  Never passed on."""
+    outcome = "upstream sent an unexpected greeting"
 
 
 # ========================================================================== #
@@ -1008,6 +1024,7 @@ DIRECTIVES = {d.name: d for d in [
     Directive("smtp_greeting_delay", MAIL, parse_time, 0.0),
     # -- extensions of mailproxy (nginx has no built-in user table) --------
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
+    Directive("auth", MAIL, parse_enum("users", "backend"), "users", extension=True),
     Directive("auth_delay", MAIL, parse_time, 1.0, extension=True),
     # -- extensions: the login defence (README "Failed logins") -------------
     Directive("trusted_networks", MAIL, parse_trusted_networks, [], multiple=True, extension=True),
@@ -1075,6 +1092,7 @@ class Config(NamedTuple):
     servers: List[Settings]
     users: UserTable
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
+    warnings: Tuple[ConfigError, ...] = ()   # what -t and the start-up warn of
 
 
 def section_kind(name: str) -> Optional[str]:
@@ -1181,7 +1199,8 @@ def load_config(path: str) -> Config:
     routes = load_routes(path, parser, lines, errors)
     if errors:
         raise ConfigErrors(errors)
-    return Config(path, main, servers, users, routes)
+    warnings = route_port_warnings(path, servers, routes, lines)
+    return Config(path, main, servers, users, routes, tuple(warnings))
 
 
 def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -1271,8 +1290,37 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
             if tokens:
                 problems.append((directive, '"%s" needs auth_http: the built-in user table '
                                  "cannot check OAuth tokens" % tokens[0]))
+    problems.extend(check_auth_backend(merged))
     problems.extend(check_ssl(merged))
     return Settings(merged), problems
+
+
+# What the backend cannot check when it decides (auth = backend): only a
+# clear password can be handed on to its LOGIN, USER/PASS or AUTH.
+AUTH_BACKEND_REFUSED = {
+    "cram-md5": "the client sends a digest of our challenge, which the backend cannot check",
+    "apop": "the client sends a digest of our greeting, which the backend cannot check",
+    "external": "a client certificate has no password for the backend",
+    "none": "mail without login has no login for the backend to check",
+}
+
+
+def check_auth_backend(merged: Dict) -> List[Tuple[str, str]]:
+    """auth = backend (extension): the backend decides, so no auth_http, and
+    only the methods that carry a clear password (-t refuses the others
+    rather than leave them out silently: the operator asked for them)."""
+    if merged["auth"] != "backend":
+        return []
+    if merged["auth_http"] is not None:
+        return [("auth", '"auth = backend" and "auth_http" exclude each other: '
+                 "one of them decides")]
+    protocol = merged["protocol"]
+    directive = "%s_auth" % protocol if protocol in ("imap", "pop3", "smtp") else None
+    for method in merged[directive] if directive else []:
+        if method in AUTH_BACKEND_REFUSED:
+            return [(directive, '"%s" cannot be used with "auth = backend": %s'
+                     % (method, AUTH_BACKEND_REFUSED[method]))]
+    return []
 
 
 def check_ssl(merged: Dict) -> List[Tuple[str, str]]:
@@ -1411,33 +1459,98 @@ def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
 
 
 class Route(NamedTuple):
-    """A [routes] entry: a backend, and whether its port was given."""
-    port: Optional[int]        # None: use the port of the server's proxy_pass
-    upstream: Upstream
+    """A [routes] entry: where its users go.  ``port`` and ``upstream``: the
+    address for every protocol (``upstream`` None: none given; ``port``
+    None: the port of the server's proxy_pass); ``protocols``: the
+    protocols given an address of their own (``imap=HOST[:PORT]``), as
+    (protocol, port, upstream)."""
+    port: Optional[int]
+    upstream: Optional[Upstream]
+    protocols: Tuple[Tuple[str, Optional[int], Upstream], ...] = ()
+
+    def target(self, protocol: str) -> Optional[Tuple[Optional[int], Upstream]]:
+        """(port, upstream) for ``protocol``'s servers; None: this entry
+        does not route that protocol (the next lookup goes on)."""
+        for name, port, upstream in self.protocols:
+            if name == protocol:
+                return port, upstream
+        return None if self.upstream is None else (self.port, self.upstream)
+
+
+ROUTE_PROTOCOLS = ("imap", "pop3", "smtp")
+
+
+def parse_route(value: str) -> Route:
+    """``HOST[:PORT]``, or addresses per protocol, ``imap=HOST[:PORT]
+    pop3=HOST[:PORT] ...``, with at most one address for the others
+    beside them.  Host names are resolved now."""
+    default, protocols = None, []
+    for token in value.split():
+        name, equals, address = token.rpartition("=")
+        if equals and name not in ROUTE_PROTOCOLS:
+            raise ConfigValueError('unknown protocol "%s" in "%s"; expected %s=, %s= or %s='
+                                   % ((name, token) + ROUTE_PROTOCOLS))
+        if (default is not None and not equals) or name in [entry[0] for entry in protocols]:
+            raise ConfigValueError('invalid address "%s": two addresses for %s; write '
+                                   'PROTOCOL=HOST[:PORT] for each protocol'
+                                   % (value, name or "every protocol"))
+        if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", address):
+            host, port = address.strip("[]"), None
+        else:
+            host, port = parse_host_port(address)
+        target = (port, resolve_upstream(host, port or 1))
+        if equals:
+            protocols.append((name,) + target)
+        else:
+            default = target
+    if default is None and not protocols:
+        raise ConfigValueError("needs an address, HOST[:PORT] or PROTOCOL=HOST[:PORT]")
+    port, upstream = default or (None, None)
+    return Route(port, upstream, tuple(protocols))
 
 
 def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
                 errors: List[ConfigError]) -> Dict[str, Route]:
-    """[routes] (extension): ``LOGIN = HOST[:PORT]`` or ``@DOMAIN = HOST[:PORT]``.
+    """[routes] (extension): ``LOGIN = ADDRESS`` or ``@DOMAIN = ADDRESS``,
+    an address being parse_route's.
 
     A route sends a user, or every user of a domain, to another backend than
-    the server's proxy_pass.  Without a port, proxy_pass's port is kept, so
-    one route serves the IMAP and the POP3 server alike.
+    the server's proxy_pass.  Without a port, each server's proxy_pass port
+    is kept, so one route serves the IMAP and the POP3 server alike; with
+    one, ``imap=`` and ``pop3=`` give each protocol its own.
     """
     routes = {}
     if not parser.has_section("routes"):
         return routes
     for key, value in parser.items("routes"):
-        line = lines.get(("routes", key))
         try:
-            if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", value):
-                host, port = value.strip("[]"), None
-            else:
-                host, port = parse_host_port(value)
-            routes[key] = Route(port, resolve_upstream(host, port or 1))
+            routes[key] = parse_route(value)
         except ConfigValueError as error:
-            errors.append(ConfigError(path, "routes", key, str(error), line))
+            errors.append(ConfigError(path, "routes", key, str(error), lines.get(("routes", key))))
     return routes
+
+
+def route_port_warnings(path: str, servers: List[Settings], routes: Dict[str, Route],
+                        lines: Dict) -> List[ConfigError]:
+    """-t and the start-up warn of a route whose address for every
+    protocol has a port while servers of two protocols use [routes] (those
+    without auth_http): both would be sent to that one port (issue 15:
+    carol's POP3 went to the IMAP port)."""
+    users = sorted({server.protocol for server in servers if server.auth_http is None})
+    warnings = []
+    for key, route in routes.items():
+        own = [entry[0] for entry in route.protocols]
+        sharing = [protocol for protocol in users if protocol not in own]
+        if route.upstream is None or route.port is None or len(sharing) < 2:
+            continue
+        host = route.upstream.host if ":" not in route.upstream.host else "[%s]" % route.upstream.host
+        address = "%s:%d" % (host, route.port)
+        suggestion = " ".join("%s=%s:PORT" % (protocol, host) for protocol in sharing)
+        warnings.append(ConfigError(path, "routes", key, (
+            '"%s" sends the %s servers\' users to one port, %d: give each protocol its own '
+            '("%s"), or leave the port out to keep each server\'s proxy_pass port')
+            % (address, " and ".join(sharing), route.port, suggestion), lines.get(("routes", key))))
+    return warnings
 
 
 # ========================================================================== #
@@ -3126,6 +3239,12 @@ class AuthOutcome(NamedTuple):
     sasl_error: Optional[bytes] = None     # FAIL, OAuth: the SASL error challenge
     close: bool = False                    # FAIL: close after the reply
     reason: str = ""                       # FAIL, ERROR: why, for the log only
+    connection: Optional[object] = None    # OK, auth = backend: the BackendConnection,
+                                           # logged in already (BackendAuth)
+    reply: bytes = b""                     # OK, auth = backend: the backend's yes
+    logged: bool = False                   # ERROR, auth = backend: the backend failed, and
+                                           # that is logged; ``reason`` is the outcome, and
+                                           # ``text`` its refusal (proxy_pass_error_message)
 
     @property
     def ok(self) -> bool:
@@ -3138,8 +3257,10 @@ class AuthOutcome(NamedTuple):
 
 def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
                  proxy_pass: Upstream, credentials: Credentials,
-                 matches: Callable[[PasswordEntry, bytes], bool] = password_matches) -> AuthOutcome:
-    """Check credentials against the built-in table and choose the backend.
+                 matches: Callable[[PasswordEntry, bytes], bool] = password_matches,
+                 protocol: str = "") -> AuthOutcome:
+    """Check credentials against the built-in table and choose the backend
+    (route_for, for a server of ``protocol``).
 
     plain: the password is checked against the entry's scheme, by
     ``matches`` (password_matches, or the same answer from elsewhere: see
@@ -3158,7 +3279,7 @@ def authenticate(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
     if reason:
         return AuthOutcome(Verdict.FAIL, reason=reason)
     return AuthOutcome(Verdict.OK, credentials.login, backend_password,
-                       route_for(routes, proxy_pass, credentials.login.decode("utf-8")))
+                       route_for(routes, proxy_pass, credentials.login.decode("utf-8"), protocol))
 
 
 def table_entry(users: Dict[str, PasswordEntry], login: bytes) -> Optional[PasswordEntry]:
@@ -3210,22 +3331,25 @@ def check_credentials(entry: PasswordEntry, credentials: Credentials,
     return "", clear
 
 
-def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str) -> Upstream:
-    """[routes]: the login itself, then ``@domain``, then the server's proxy_pass."""
-    route = routes.get(login)
-    if route is None and "@" in login:
-        route = routes.get("@" + login.rpartition("@")[2])
-    if route is None:
+def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str,
+              protocol: str = "") -> Upstream:
+    """[routes]: the login itself, then ``@domain``, then the server's
+    proxy_pass; an entry counts if it has an address for ``protocol``."""
+    keys = [login] + (["@" + login.rpartition("@")[2]] if "@" in login else [])
+    targets = [routes[key].target(protocol) for key in keys if key in routes]
+    target = next((target for target in targets if target is not None), None)
+    if target is None:
         return proxy_pass
-    port = route.port or proxy_pass.port
+    port = target[0] or proxy_pass.port
     addresses = tuple((family, (sockaddr[0], port) + tuple(sockaddr[2:]))
-                      for family, sockaddr in route.upstream.addresses)
-    return Upstream(route.upstream.host, port, addresses)
+                      for family, sockaddr in target[1].addresses)
+    return Upstream(target[1].host, port, addresses)
 
 
 def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Route],
                           proxy_pass: Upstream, login: bytes,
-                          certificate: Optional["CertificateFacts"]) -> AuthOutcome:
+                          certificate: Optional["CertificateFacts"],
+                          protocol: str = "") -> AuthOutcome:
     """AUTH EXTERNAL with the built-in table (extension; nginx asks its auth
     server): the client must have sent a verified certificate, and the login
     must be its subject's CN or emailAddress, or an email in its
@@ -3244,7 +3368,7 @@ def authenticate_external(users: Dict[str, PasswordEntry], routes: Dict[str, Rou
     if entry is None:
         return AuthOutcome(Verdict.FAIL, reason="unknown user")
     password = entry.data.encode("utf-8") if entry.scheme == "PLAIN" else None
-    return AuthOutcome(Verdict.OK, login, password, route_for(routes, proxy_pass, name))
+    return AuthOutcome(Verdict.OK, login, password, route_for(routes, proxy_pass, name, protocol))
 
 
 def certificate_names_login(identity: str, login: bytes) -> bool:
@@ -3294,7 +3418,7 @@ def authorize_recipient(relay_domains: List[str], routes: Dict[str, Route],
     allowed = [name.lower() for name in relay_domains]
     if "*" not in allowed and domain not in allowed:
         return AuthOutcome(Verdict.FAIL, reason="recipient domain not in smtp_relay_domains")
-    return AuthOutcome(Verdict.OK, b"", b"", route_for(routes, proxy_pass, address))
+    return AuthOutcome(Verdict.OK, b"", b"", route_for(routes, proxy_pass, address, "smtp"))
 
 
 # -- auth_http, byte-compatible with nginx's ngx_mail_auth_http_module ---------
@@ -3769,9 +3893,10 @@ class LoginDefence:
         return record
 
 
-# -- the two authenticators' common ground -------------------------------------
+# -- the authenticators' common ground -------------------------------------------
 # A session hands each login attempt to its authenticator, the user table
-# below or the auth server (AuthHttpAuth, with the outbound clients):
+# below, the auth server (AuthHttpAuth, with the outbound clients) or the
+# backend itself (BackendAuth, auth = backend, beside it):
 # start(attempt, done) and, later or at once, done(AuthOutcome); cancel()
 # when the session ends first.
 
@@ -3833,7 +3958,8 @@ class UserTableAuth:
         if credentials.method == AuthMethod.EXTERNAL:
             return self._checked(self._external(attempt))
         work = functools.partial(authenticate, self.config.users, self.config.routes,
-                                 self.server.proxy_pass, credentials)
+                                 self.server.proxy_pass, credentials,
+                                 protocol=self.server.protocol)
         if check_hashes(self.config.users, credentials):
             self.check = self.checks.submit(work, self._checked)
         else:
@@ -3867,7 +3993,8 @@ class UserTableAuth:
     def _external(self, attempt: LoginAttempt) -> AuthOutcome:
         server = self.server
         outcome = authenticate_external(self.config.users, self.config.routes, server.proxy_pass,
-                                        attempt.credentials.login, attempt.certificate)
+                                        attempt.credentials.login, attempt.certificate,
+                                        server.protocol)
         if outcome.ok and outcome.password is None:
             # IMAP and POP3 log in to the backend with a password; so does
             # SMTP with proxy_smtp_auth.
@@ -3937,11 +4064,14 @@ class Expect(NamedTuple):
     it allowed), "pop3-ok" (``+OK``), "smtp" (a reply, multi-line ones read to
     their last line, whose code must be one of ``codes``; none given: any).
     ``relay``: the reply (with the untagged lines before it) is the client's
-    answer to its login command."""
+    answer to its login command.  ``verdict``: a refusal here may be the
+    backend's verdict on the login and password (refuses_credentials;
+    auth = backend relays it as a failed login)."""
     kind: str
     relay: bool = False
     codes: Tuple[bytes, ...] = ()
     tag: bytes = b""           # imap-tagged: another tag than the login's
+    verdict: bool = False
 
 
 BACKEND_STARTTLS_TAG = b"S1 "
@@ -3960,7 +4090,7 @@ def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool 
         Send(login + b" {%d}\r\n" % len(password)),
         Expect("continuation"),
         Send(password + b"\r\n"),
-        Expect("imap-tagged", relay=True),
+        Expect("imap-tagged", relay=True, verdict=True),
     ]
 
 
@@ -4009,9 +4139,9 @@ def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> 
     secure = [Send(b"STLS\r\n"), Expect("pop3-ok"), TlsStep()] if starttls else []
     return [Expect("pop3-ok")] + secure + [
         Send(b"USER " + login + b"\r\n"),
-        Expect("pop3-ok"),
+        Expect("pop3-ok", verdict=True),           # some servers refuse an unknown user here
         Send(b"PASS " + password + b"\r\n"),
-        Expect("pop3-ok", relay=True),
+        Expect("pop3-ok", relay=True, verdict=True),
     ]
 
 
@@ -4162,10 +4292,12 @@ def smtp_auth_steps(method: str, login: bytes, password: bytes) -> list:
                 Expect("smtp", codes=(b"235",))]
     if method == "login":
         return [Send(b"AUTH LOGIN\r\n"), Expect("smtp", codes=(b"334",)),
-                Send(base64.b64encode(login) + b"\r\n"), Expect("smtp", codes=(b"334",)),
-                Send(base64.b64encode(password) + b"\r\n"), Expect("smtp", codes=(b"235",))]
+                Send(base64.b64encode(login) + b"\r\n"),
+                Expect("smtp", codes=(b"334",), verdict=True),
+                Send(base64.b64encode(password) + b"\r\n"),
+                Expect("smtp", codes=(b"235",), verdict=True)]
     plain = base64.b64encode(b"\0" + login + b"\0" + password)
-    return [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",))]
+    return [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",), verdict=True)]
 
 
 class LoginDone(NamedTuple):
@@ -4201,6 +4333,7 @@ class BackendLogin:
         self._output = bytearray()
         self._relay = bytearray()          # reply lines for the client
         self._reply = bytearray()          # the lines of the reply being read
+        self._greeted = False              # the first Expect is the greeting
         self._advance()
 
     @property
@@ -4257,19 +4390,34 @@ class BackendLogin:
             if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
                 raise BackendError("upstream sent a literal in its login response", line)
             if not self._accepts(step, line):
-                raise BackendError("upstream sent invalid response", bytes(self._reply),
-                                   refusal=True)
+                self._refuse(step, line)
             if self._more_lines(step, line):
                 continue                       # an untagged or a 250- line: more follow
             if step.relay:
                 self._relay += self._reply
             del self._reply[:]
             self.script.pop(0)
+            self._greeted = True
             if self._advance() and self._input:
                 # A command has just been sent: nothing can answer it yet.
                 raise BackendError("upstream sent data before the command it answers",
                                    bytes(self._input[:self.line_limit]))
         return [LoginDone(bytes(self._relay))]
+
+    def _refuse(self, step: Expect, line: bytes) -> None:
+        """A reply the script did not expect: a greeting of another
+        protocol (or of none) is UnexpectedGreeting, never a refusal to
+        pass on; anything else is the backend's refusal."""
+        expected = GREETING_PROTOCOLS[step.kind]
+        got = greeting_protocol(line)
+        if not self._greeted and got != expected:
+            raise UnexpectedGreeting("upstream sent an unexpected greeting (%s, where %s's "
+                                     "was expected: is the port right?)"
+                                     % ("%s's" % got if got else "no mail protocol's", expected),
+                                     bytes(self._reply))
+        verdict = step.verdict and refuses_credentials(step.kind, line, step.tag or self.tag)
+        raise BackendError("upstream sent invalid response", bytes(self._reply), refusal=True,
+                           verdict=verdict)
 
     def _more_lines(self, step: Expect, line: bytes) -> bool:
         if step.kind == "imap-tagged":
@@ -4297,6 +4445,44 @@ IMAP_REPLY_KINDS = ("imap-greeting", "continuation", "imap-tagged")
 # RFC 3501 §4.3: a line ending in {n} (or RFC 7888's {n+}) announces n bytes
 # of literal data, which no greeting, continuation or LOGIN reply carries.
 IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
+# The protocol an Expect of each kind belongs to, for a greeting that is not
+# the one expected (UnexpectedGreeting).
+GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
+                      "pop3-ok": "POP3", "smtp": "SMTP"}
+
+
+# Refusals of a login for another reason than the login and password: the
+# backend's trouble (RFC 5530 §3, RFC 2449 §8, RFC 3206 §4, RFC 4954 §6:
+# only 535 says "credentials invalid").  With auth = backend they end the
+# session with the internal error, and the login defence does not count them.
+IMAP_NOT_A_VERDICT = re.compile(rb"NO \[(UNAVAILABLE|SERVERBUG|PRIVACYREQUIRED|INUSE|LIMIT)\]")
+POP3_NOT_A_VERDICT = re.compile(rb"-ERR \[(SYS/TEMP|SYS/PERM|IN-USE|LOGIN-DELAY)\]")
+
+
+def refuses_credentials(kind: str, line: bytes, tag: bytes) -> bool:
+    """Is ``line``, a refusal at a ``verdict`` step, a no to the login and
+    password (IMAP ``TAG NO``, POP3 ``-ERR``, SMTP ``535``), rather than
+    trouble of the backend's (a response code that says so, IMAP BAD, any
+    other SMTP code)?"""
+    if kind == "imap-tagged":
+        rest = line[len(tag):] if line.startswith(tag) else b""
+        return rest.startswith(b"NO ") and not IMAP_NOT_A_VERDICT.match(rest)
+    if kind == "pop3-ok":
+        return line.startswith(b"-ERR") and not POP3_NOT_A_VERDICT.match(line)
+    return line[:3] == b"535"
+
+
+def greeting_protocol(line: bytes) -> Optional[str]:
+    """Which protocol a backend's first line belongs to, good or bad:
+    "IMAP" (``* OK``, ``* BYE``...), "POP3" (``+OK``, ``-ERR``), "SMTP"
+    (three digits); None for anything else."""
+    if line.startswith(b"* "):
+        return "IMAP"
+    if line.startswith((b"+OK", b"-ERR")):
+        return "POP3"
+    if re.match(rb"\d{3}[- \r\n]", line):
+        return "SMTP"
+    return None
 
 
 # -- the PROXY protocol (www.haproxy.org/download/2.9/doc/proxy-protocol.txt) --
@@ -6315,10 +6501,13 @@ class BackendConnection(StreamOwner):
     (no connection, no TLS, or the script failed: logged here already, as
     nginx does, with ``log``, the session's; ``refusal`` is the backend's
     reply for the client, if proxy_pass_error_message lets it through).
+    With ``verdicts`` (auth = backend), a no to the client's own login and
+    password (BackendError.verdict) is no failure of the backend: the owner
+    hears backend_refused(line) instead, and nothing is logged here.
     After a failure nothing more is read; close() ends it at any time."""
 
     def __init__(self, loop: EventLoop, server: Settings, upstream: Upstream, login: BackendLogin,
-                 tls_mode: str, proxy_header: bytes, owner, log: Callable):
+                 tls_mode: str, proxy_header: bytes, owner, log: Callable, verdicts: bool = False):
         self.loop = loop
         self.server = server
         self.upstream = upstream
@@ -6327,6 +6516,7 @@ class BackendConnection(StreamOwner):
         self.proxy_header = proxy_header
         self.owner = owner
         self.log = log
+        self.verdicts = verdicts
         self.addresses = list(upstream.addresses)
         self.stream = None             # type: Optional[Stream]
         self.connecting = True
@@ -6395,12 +6585,14 @@ class BackendConnection(StreamOwner):
         with proxy_pass_error_message on, the backend's own refusal."""
         self.close()
         line = error.line
+        if error.verdict and self.verdicts:
+            return self.owner.backend_refused(line)
         if error.refusal and self.server.proxy_pass_error_message:
             self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
             return self.owner.backend_failed("upstream refused the login", line)
         detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
         self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
-        self.owner.backend_failed("upstream refused the login" if line else str(error))
+        self.owner.backend_failed(error.outcome)
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
@@ -6414,6 +6606,21 @@ class BackendConnection(StreamOwner):
             outcome = "upstream connection error"
         self.close()
         self.owner.backend_failed(outcome)
+
+
+def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                 local: Tuple[str, int], owner, log: Callable,
+                 verdicts: bool = False) -> BackendConnection:
+    """Connect to ``outcome.upstream`` and log in there as ``outcome``
+    says (login_script, TLS, the PROXY header naming ``local``, the
+    address the client connected to); ``owner`` hears how it went
+    (BackendConnection)."""
+    tls_mode = backend_tls_mode(server, outcome)
+    script = login_script(server, attempt, outcome, tls_mode == "starttls")
+    header = proxy_header_to_backend(server.proxy_protocol, attempt, local)
+    return BackendConnection(loop, server, outcome.upstream,
+                             BackendLogin(script, attempt.tag, server.proxy_buffer), tls_mode,
+                             header, owner, log, verdicts)
 
 
 # -- password checks, off the event loop ------------------------------------------
@@ -6625,12 +6832,15 @@ class PasswordCheckPool:
 
 
 def authenticator_for(server: Settings, config: "Config", worker, owner):
-    """The authenticator of a server's sessions: auth_http, or the built-in
-    user table (an extension), behind the LoginGuard (the login defence for
-    the table; an auth server has Auth-Wait).  Each has start(attempt, done),
-    cancel() and recipient_check()."""
+    """The authenticator of a server's sessions: auth_http, the backend
+    itself (auth = backend, an extension) or the built-in user table (an
+    extension), behind the LoginGuard (the login defence for the table and
+    the backend; an auth server has Auth-Wait).  Each has start(attempt,
+    done), cancel() and recipient_check()."""
     if server.auth_http is not None:
         inner, defend = AuthHttpAuth(worker.loop, server, owner), False
+    elif server.auth == "backend":
+        inner, defend = BackendAuth(worker.loop, server, config, owner), True
     else:
         inner, defend = UserTableAuth(config, server, worker.password_checks, owner), True
     return LoginGuard(inner, worker.gate, worker.books.of(SessionCounts), server, owner, defend)
@@ -6750,6 +6960,126 @@ class AuthHttpAuth:
             return AuthOutcome(Verdict.ERROR, reason="auth http server %s sent a login or "
                                "password with CR, LF or NUL" % self.server.auth_http.text)
         return verdict._replace(login=login, password=password, token=token)
+
+
+class BackendAuth:
+    """auth = backend (an extension; Perdition's and stalwart-proxy's
+    model): no user table, the routed backend's own login is the verdict.
+    start() logs in to the backend (route_for, open_backend: the session's
+    login script, with AUTH for SMTP) with the client's login and password,
+    and done(AuthOutcome) comes from the loop: OK carrying the logged-in
+    BackendConnection and its reply, which the session takes over for the
+    relay; FAIL with nginx's text when the backend said no to the login and
+    password (refuses_credentials), the connection closed; ERROR when the
+    backend could not be reached or failed otherwise (already logged).
+
+    Why an authenticator, not a flag on the session's own backend login:
+    the LoginGuard in front counts a verdict when it comes back through
+    done() (delay, pair refusal, success forgiving the pair), and a backend
+    login run by the session would come after the guard had already let
+    the attempt go as a success.  So the backend's no arrives where a
+    wrong password from the table arrives, and is counted the same way;
+    the session only learns to take over a connection that is logged in."""
+    __slots__ = ("loop", "server", "config", "owner", "done", "connection", "timer", "upstream",
+                 "login", "connected")
+
+    def __init__(self, loop: EventLoop, server: Settings, config: "Config", owner):
+        self.loop = loop
+        self.server = server
+        self.config = config
+        self.owner = owner             # the session: its log, its journal, its client's address
+        self.done = None               # type: Optional[Callable]
+        self.connection = None         # type: Optional[BackendConnection]
+        self.timer = None              # type: Optional[Timer]
+        self.upstream = None           # type: Optional[Upstream]
+        self.login = b""               # the attempt's (its password stays in the script only)
+        self.connected = False         # for the log's "while ...", as the session's phases
+
+    def start(self, attempt: LoginAttempt, done: Callable[[AuthOutcome], None]) -> None:
+        self.done = done
+        credentials, server = attempt.credentials, self.server
+        self.login = credentials.login
+        if credentials.method != AuthMethod.PLAIN:        # -t allows no other method
+            return self._finish(AuthOutcome(Verdict.FAIL, text=AUTH_FAILED_TEXT, reason=(
+                "%s cannot be checked by the backend" % credentials.method)))
+        if attempt.protocol == "pop3" and not pop3_can_send(credentials.login, credentials.password):
+            return self._finish(AuthOutcome(Verdict.FAIL, text=AUTH_FAILED_TEXT,
+                                            reason="login or password holds CR, LF or NUL"))
+        name = credentials.login.decode("utf-8", "replace")
+        self.upstream = route_for(self.config.routes, server.proxy_pass, name, server.protocol)
+        # SMTP logs in with AUTH whatever proxy_smtp_auth says: that is the check.
+        outcome = AuthOutcome(Verdict.OK, credentials.login, credentials.password, self.upstream,
+                              smtp_auth=server.proxy_smtp_auth_method)
+        self.owner.journal.upstream = self.upstream       # the log names who decides
+        self.timer = self.loop.call_later(server.timeout, self._timed_out)
+        self.connected = False
+        connection = open_backend(self.loop, server, attempt, outcome,
+                                  self.owner.client.sock.getsockname()[:2], self,
+                                  self.log, verdicts=True)
+        if self.done is not None:      # not failed already (no address could be tried)
+            self.connection = connection
+
+    def cancel(self) -> None:
+        self.done = None
+        self._stop()
+
+    def recipient_check(self, attempt: LoginAttempt, upstream: Upstream, log: Callable) -> None:
+        return None                    # a logged-in user's recipients are the backend's to judge
+
+    def crashed(self, error: Exception) -> None:
+        self.owner.crashed(error)
+
+    def log(self, level: str, message: str, *args, action: Optional[str] = None) -> None:
+        """The session's log, with nginx's action of the session's CONNECT
+        and LOGIN phases, so a backend's failure reads as after a table login."""
+        if action is None:
+            action = "reading response from upstream" if self.connected else \
+                "connecting to upstream"
+        self.owner.log(level, message, *args, action=action)
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def _finish(self, outcome: AuthOutcome) -> None:
+        done, self.done = self.done, None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.connection = None         # closed, or the session's now (in the outcome)
+        if done is not None:
+            done(outcome)
+
+    # -- what the BackendConnection says ---------------------------------------------
+    def backend_connected(self, stream: Stream) -> None:
+        self.connected = True          # the session stays in AUTH: the login is the verdict
+
+    def backend_logged_in(self, reply: bytes) -> None:
+        connection = self.connection
+        self._finish(AuthOutcome(Verdict.OK, self.login, None, self.upstream,
+                                 connection=connection, reply=reply))
+
+    def backend_refused(self, line: bytes) -> None:
+        """The backend said no to the login and password: a failed login,
+        which the LoginGuard counts and delays; the client may try again
+        (a new connection then)."""
+        self._finish(AuthOutcome(Verdict.FAIL, text=AUTH_FAILED_TEXT,
+                                 reason="backend: %s" % log_escape(strip_eol(line))))
+
+    def backend_failed(self, outcome: str, refusal: bytes = b"") -> None:
+        """No verdict: the backend was not reached, or failed otherwise."""
+        self._stop()
+        self._finish(AuthOutcome(Verdict.ERROR, reason=outcome, text=refusal, logged=True))
+
+    @loop_callback
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.log("error", "upstream timed out (110: Connection timed out)")
+        self.backend_failed("upstream timed out")
 
 
 class DnsLookup:
@@ -6990,7 +7320,9 @@ PHASE_CHANGES = frozenset(
      (Phase.GREETING_DELAY, Phase.DIALOGUE), (Phase.GREETING_DELAY, Phase.CLOSING),
      (Phase.DIALOGUE, Phase.HANDSHAKE), (Phase.DIALOGUE, Phase.AUTH),
      (Phase.DIALOGUE, Phase.CLOSING), (Phase.AUTH, Phase.DIALOGUE), (Phase.AUTH, Phase.CONNECT),
-     (Phase.AUTH, Phase.CLOSING), (Phase.CONNECT, Phase.LOGIN), (Phase.CONNECT, Phase.CLOSING),
+     (Phase.AUTH, Phase.CLOSING),
+     (Phase.AUTH, Phase.RELAY),        # auth = backend: BackendAuth's login was the verdict
+     (Phase.CONNECT, Phase.LOGIN), (Phase.CONNECT, Phase.CLOSING),
      (Phase.LOGIN, Phase.RELAY), (Phase.LOGIN, Phase.CLOSING)])
 
 
@@ -7299,13 +7631,16 @@ class LoginGuard:
         self.inner.start(self.attempt, self._decided)
 
     def _decided(self, outcome: AuthOutcome) -> None:
+        verdict = outcome
         if self.checking is not None:
-            outcome = self._counted(outcome)
-        if outcome.ok:
-            outcome = self._session_limit(outcome)
+            verdict = self._counted(verdict)
+        if verdict.ok:
+            verdict = self._session_limit(verdict)
         done, self.done = self.done, None
+        if outcome.connection is not None and (done is None or not verdict.ok):
+            outcome.connection.close()     # auth = backend: logged in, but over the session limit
         if done is not None:
-            done(outcome)
+            done(verdict)
 
     def _counted(self, outcome: AuthOutcome) -> AuthOutcome:
         """A defended attempt's answer: the slot goes; a failure is published
@@ -7664,11 +7999,21 @@ class Session(StreamOwner):
         """The authenticator's verdict: an internal error, a refusal (after
         its delay; then the dialogue goes on, or ends), or the backend."""
         if outcome.kind == Verdict.ERROR:
+            if outcome.logged:             # auth = backend: as a failed backend login
+                return self.backend_failed(outcome.reason, outcome.text)
             self.log("error", outcome.reason, action="in http auth state")
             return self._close_after_reply("auth http error", self.machine.INTERNAL_ERROR)
         if outcome.kind == Verdict.OK:
             if self.attempt.credentials.method != AuthMethod.NONE:
                 self.journal.login = outcome.login
+            if outcome.connection is not None:
+                # auth = backend: BackendAuth is logged in already; its
+                # connection is the session's now.
+                self.backend_connection = outcome.connection
+                self.backend_connection.owner = self
+                self.backend = self.backend_connection.stream
+                self.journal.upstream = outcome.upstream
+                return self.backend_logged_in(outcome.reply)
             return self._login_to_backend(outcome)
         self.log("info", 'client login failed: "%s"' % outcome.reason)
         reply = self.machine.failure_reply(outcome.text, outcome.error_code)
@@ -7687,15 +8032,10 @@ class Session(StreamOwner):
     # -- the backend --------------------------------------------------------------------
     def _login_to_backend(self, outcome: AuthOutcome) -> None:
         self.journal.upstream = outcome.upstream
-        tls_mode = backend_tls_mode(self.server, outcome)
-        script = login_script(self.server, self.attempt, outcome, tls_mode == "starttls")
-        header = proxy_header_to_backend(self.server.proxy_protocol, self.attempt,
-                                         self.client.sock.getsockname()[:2])
         self._enter(Phase.CONNECT)
-        self.backend_connection = BackendConnection(
-            self.loop, self.server, outcome.upstream,
-            BackendLogin(script, self.attempt.tag, self.server.proxy_buffer), tls_mode,
-            header, self, self.log)
+        self.backend_connection = open_backend(self.loop, self.server, self.attempt, outcome,
+                                               self.client.sock.getsockname()[:2], self,
+                                               self.log)
 
     def backend_connected(self, stream: Stream) -> None:
         self.backend = stream
@@ -7803,6 +8143,8 @@ def load_and_prepare(path: str) -> Config:
 
 
 def warn_about(config: Config, log: ErrorLog) -> None:
+    for warning in config.warnings:
+        log.log("warn", str(warning))
     for server in config.servers:
         if (server.proxy_ssl or server.proxy_starttls) and not server.proxy_ssl_verify:
             log.log("warn", "proxy_ssl_verify is off in [server %s]: the backend's certificate "
@@ -8971,12 +9313,14 @@ def command_hash_password(scheme: str) -> int:
 def command_test(path: str) -> int:
     """nginx -t: every problem, then "test failed" / "test is successful"."""
     try:
-        load_and_prepare(path)
+        config = load_and_prepare(path)
     except ConfigErrors as errors:
         for error in errors.errors:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
+    for warning in config.warnings:
+        sys.stderr.write("mailproxy: [warn] %s\n" % warning)
     sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
     sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
     return 0

@@ -3332,6 +3332,111 @@ class ConfigUsersRoutesTests(unittest.TestCase):
                  for server in config.servers]
         self.assertEqual(ports, [1143, 1110])
 
+    TWO_SERVERS = """\
+        [server imap]
+        listen = 127.0.0.1:18143
+        protocol = imap
+        proxy_pass = 127.0.0.1:1143
+
+        [server pop3]
+        listen = 127.0.0.1:18110
+        protocol = pop3
+        proxy_pass = 127.0.0.1:1110
+    """
+
+    def test_routes_per_protocol(self):
+        # Issue 15: carol's POP3 went to the IMAP port of her route.
+        config = load_text(self, self.TWO_SERVERS, """\
+
+            [routes]
+            carol = imap=127.0.0.5:2143 pop3=127.0.0.6:2110
+            dave = 127.0.0.7 pop3=127.0.0.8:3110
+            erin = imap=[::1]
+            @example.com = 127.0.0.9
+        """)
+        imap, pop3 = config.servers
+
+        def where(server, login):
+            route = mp.route_for(config.routes, server.proxy_pass, login, server.protocol)
+            return route.host, route.port, route.addresses[0][1][:2]
+        self.assertEqual(where(imap, "carol"), ("127.0.0.5", 2143, ("127.0.0.5", 2143)))
+        self.assertEqual(where(pop3, "carol"), ("127.0.0.6", 2110, ("127.0.0.6", 2110)))
+        self.assertEqual(where(imap, "dave"), ("127.0.0.7", 1143, ("127.0.0.7", 1143)))
+        self.assertEqual(where(pop3, "dave"), ("127.0.0.8", 3110, ("127.0.0.8", 3110)))
+        self.assertEqual(where(imap, "erin"), ("::1", 1143, ("::1", 1143)))
+        # An entry without an address for the protocol does not route it:
+        # the domain's entry, then proxy_pass, decide.
+        self.assertEqual(where(pop3, "erin"), ("127.0.0.1", 1110, ("127.0.0.1", 1110)))
+        self.assertEqual(where(pop3, "erin@example.com"), ("127.0.0.9", 1110, ("127.0.0.9", 1110)))
+        self.assertEqual(config.warnings, ())
+
+    def test_bad_routes_per_protocol(self):
+        for value, message in [("imap=127.0.0.1:1 imap=127.0.0.1:2", "two addresses for imap"),
+                               ("127.0.0.1 127.0.0.2", "two addresses for every protocol"),
+                               ("sieve=127.0.0.1:4190", 'unknown protocol "sieve"'),
+                               ("pop3=", "invalid address"),
+                               ("imap=127.0.0.1:99999", "invalid port")]:
+            with self.subTest(value=value):
+                _, errors = config_errors(self, BASE_CONFIG, "\n[routes]\ncarol = %s\n" % value)
+                self.assertEqual([(e.section, e.directive) for e in errors], [("routes", "carol")])
+                self.assertIn(message, errors[0].message)
+
+    def test_auth_backend_allows_only_clear_passwords_and_no_auth_http(self):
+        for server, directive, message in [
+                ("imap_auth = plain cram-md5", "imap_auth", '"cram-md5" cannot be used with '
+                 '"auth = backend": the client sends a digest'),
+                ("imap_auth = external", "imap_auth", "a client certificate has no password"),
+                ("protocol = pop3\npop3_auth = apop", "pop3_auth", '"apop" cannot be used'),
+                ("protocol = smtp\nsmtp_auth = none", "smtp_auth", "mail without login"),
+                ("auth_http = http://127.0.0.1:9000/auth", "auth", '"auth = backend" and "auth_http" '
+                 "exclude each other")]:
+            with self.subTest(server=server):
+                if not server.startswith("protocol"):
+                    server = "protocol = imap\n" + server
+                text = ("[server imap]\nlisten = 127.0.0.1:18143\nproxy_pass = 127.0.0.1:1143\n"
+                        "auth = backend\n%s\n" % server)
+                _, errors = config_errors(self, text)
+                self.assertEqual([(e.section, e.directive) for e in errors],
+                                 [("server imap", directive)])
+                self.assertIn(message, errors[0].message)
+        config = load_text(self, BASE_CONFIG, "    auth = backend\n    imap_auth = plain login\n")
+        self.assertEqual(config.servers[0].auth, "backend")
+        self.assertEqual(load_text(self, BASE_CONFIG).servers[0].auth, "users")
+
+    def test_route_with_a_port_used_by_two_protocols_is_warned_of(self):
+        config = load_text(self, self.TWO_SERVERS, """\
+
+            [routes]
+            carol = 127.0.0.5:2143
+            dave = 127.0.0.5
+            erin = imap=127.0.0.5:2143 pop3=127.0.0.5:2110
+            frank = 127.0.0.5:2143 pop3=127.0.0.5:2110
+            gina = [::1]:2143
+        """)
+        self.assertEqual([(w.section, w.directive) for w in config.warnings],
+                         [("routes", "carol"), ("routes", "gina")])
+        self.assertIn('"[::1]:2143" sends the imap and pop3 servers\' users to one port, 2143: give '
+                      'each protocol its own ("imap=[::1]:PORT pop3=[::1]:PORT")',
+                      config.warnings[1].message)
+        self.assertIn('"127.0.0.5:2143" sends the imap and pop3 servers\' users to one port, 2143',
+                      config.warnings[0].message)
+        self.assertIn("imap=127.0.0.5:PORT pop3=127.0.0.5:PORT", config.warnings[0].message)
+        # One protocol using [routes] (the other asks auth_http): nothing to warn of.
+        config = load_text(self, self.TWO_SERVERS.replace(
+            "protocol = pop3", "protocol = pop3\n        auth_http = 127.0.0.1:9000"),
+            "\n[routes]\ncarol = 127.0.0.5:2143\n")
+        self.assertEqual(config.warnings, ())
+
+    def test_t_prints_the_route_warning_and_succeeds(self):
+        text = textwrap.dedent(self.TWO_SERVERS) + "\n[routes]\ncarol = 127.0.0.5:2143\n"
+        path = TempDir(self).write("routes.conf", text)
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 0, err)
+        line = text.splitlines().index("carol = 127.0.0.5:2143") + 1
+        self.assertIn('mailproxy: [warn] %s:%d: [routes] carol: "127.0.0.5:2143" sends the imap '
+                      "and pop3 servers' users to one port" % (path, line), err)
+        self.assertIn("test is successful", err)
+
 
 # -- the TLS parts, which load_and_prepare checks -----------------------------------
 
@@ -4908,7 +5013,7 @@ class BackendLoginTests(unittest.TestCase):
         self.assertEqual(mp.imap_login_script(b"a1 ", b"alice", b"se cret"), [
             mp.Expect("imap-greeting"), mp.Send(b"a1 LOGIN {5}\r\n"), mp.Expect("continuation"),
             mp.Send(b"alice {7}\r\n"), mp.Expect("continuation"), mp.Send(b"se cret\r\n"),
-            mp.Expect("imap-tagged", relay=True)])
+            mp.Expect("imap-tagged", relay=True, verdict=True)])
 
     def test_imap_login_with_untagged_capability(self):
         sent, events, _ = run_script(mp.imap_login_script(b"a1 ", b"alice", b"secret"), [
@@ -4930,6 +5035,57 @@ class BackendLoginTests(unittest.TestCase):
         self.assertEqual(sent, b"USER alice\r\nPASS secret\r\n")
         self.assertEqual(events, [mp.LoginDone(b"+OK 2 messages\r\n")])
         self.assertEqual(login.trailing_data, b"+OK extra")
+
+    def test_which_refusals_are_a_verdict_on_the_credentials(self):
+        """auth = backend counts a no to the login and password, not the
+        backend's trouble, nor a refusal before the password was sent."""
+        imap = lambda *replies: [b"* OK hi\r\n", b"+\r\n", b"+\r\n"] + list(replies)
+        pop3 = lambda *replies: [b"+OK hi\r\n"] + list(replies)
+        smtp = lambda *replies: [b"220 hi\r\n", b"250 ok\r\n"] + list(replies)
+        smtp_script = mp.smtp_login_script(smtp_settings(xclient=False, proxy_smtp_auth=True),
+                                           facts())
+        imap_script = mp.imap_login_script(b"a1 ", b"alice", b"pw")
+        pop3_script = mp.pop3_login_script(b"alice", b"pw")
+        cases = [
+            (imap_script, imap(b"a1 NO [AUTHENTICATIONFAILED] x\r\n"), True),
+            (imap_script, imap(b"* BYE x\r\na1 NO x\r\n"), True),
+            (imap_script, imap(b"a1 NO [UNAVAILABLE] x\r\n"), False),
+            (imap_script, imap(b"a1 BAD x\r\n"), False),
+            (imap_script, [b"* OK hi\r\n", b"a1 NO x\r\n"], False),   # before the password
+            (pop3_script, pop3(b"-ERR no such user\r\n"), True),
+            (pop3_script, pop3(b"+OK\r\n", b"-ERR [AUTH] x\r\n"), True),
+            (pop3_script, pop3(b"+OK\r\n", b"-ERR [SYS/TEMP] x\r\n"), False),
+            (pop3_script, pop3(b"+OK\r\n", b"-ERR [IN-USE] x\r\n"), False),
+            (smtp_script, smtp(b"535 5.7.8 Error: authentication failed\r\n"), True),
+            (smtp_script, smtp(b"454 4.7.0 Temporary authentication failure\r\n"), False),
+            (smtp_script, smtp(b"504 5.5.4 Unrecognized authentication type\r\n"), False)]
+        for script, replies, verdict in cases:
+            with self.subTest(replies=replies):
+                with self.assertRaises(mp.BackendError) as caught:
+                    run_script(script, replies, tag=b"a1 ")
+                self.assertTrue(caught.exception.refusal)
+                self.assertEqual(caught.exception.verdict, verdict)
+
+    def test_a_greeting_of_another_protocol_is_no_refusal(self):
+        for script, greeting, message in [
+                (mp.pop3_login_script(b"alice", b"pw"), b"* OK IMAP4rev1 ready\r\n",
+                 "upstream sent an unexpected greeting (IMAP's, where POP3's was expected"),
+                (mp.imap_login_script(b"a1 ", b"alice", b"pw"), b"220 mx ESMTP\r\n",
+                 "upstream sent an unexpected greeting (SMTP's, where IMAP's was expected"),
+                (mp.smtp_login_script(smtp_settings(), facts()), b"+OK POP3 ready\r\n",
+                 "upstream sent an unexpected greeting (POP3's, where SMTP's was expected")]:
+            with self.subTest(greeting=greeting):
+                with self.assertRaises(mp.UnexpectedGreeting) as caught:
+                    run_script(script, [greeting], tag=b"a1 ")
+                self.assertTrue(str(caught.exception).startswith(message), caught.exception)
+                self.assertEqual(caught.exception.line, greeting)
+                self.assertFalse(caught.exception.refusal)
+                self.assertEqual(caught.exception.outcome, "upstream sent an unexpected greeting")
+        # The protocol's own refusal as a greeting stays a refusal.
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(mp.pop3_login_script(b"alice", b"pw"), [b"-ERR [SYS/TEMP] busy\r\n"])
+        self.assertNotIsInstance(caught.exception, mp.UnexpectedGreeting)
+        self.assertTrue(caught.exception.refusal)
 
     def test_refusals(self):
         cases = [(b"* PREAUTH hi\r\n",), (b"* OK\r\n", b"a1 NO no\r\n"),
@@ -5017,7 +5173,7 @@ def smtp_settings(**overrides):
 
 
 E220, E250, E235 = (mp.Expect("smtp", codes=(b"220",)), mp.Expect("smtp", codes=(b"250",)),
-                    mp.Expect("smtp", codes=(b"235",)))
+                    mp.Expect("smtp", codes=(b"235",), verdict=True))
 EXCLIENT = mp.Expect("smtp", codes=(b"220", b"250"))
 
 
@@ -5076,7 +5232,7 @@ class SmtpBackendScriptTests(unittest.TestCase):
                                                     proxy_smtp_auth_method="login"), facts())
         self.assertEqual(script[3:], [
             mp.Send(b"AUTH LOGIN\r\n"), mp.Expect("smtp", codes=(b"334",)),
-            mp.Send(b64(b"alice") + b"\r\n"), mp.Expect("smtp", codes=(b"334",)),
+            mp.Send(b64(b"alice") + b"\r\n"), mp.Expect("smtp", codes=(b"334",), verdict=True),
             mp.Send(b64(b"secret") + b"\r\n"), E235])
 
     def test_relayed_rcpt_reply_even_a_refusal(self):
@@ -5363,6 +5519,68 @@ class BackendFailureTests(EndToEndTestCase):
 # Backends that answer ahead of the question, announce literals, or change
 # their mind after a refusal.  Whatever they say, the client is logged in
 # only by the reply to the proxy's last login command.
+
+class RoutesPerProtocolEndToEndTests(EndToEndTestCase):
+    """[routes] with an address per protocol (issue 15): carol's IMAP and
+    POP3 each reach their own backend; with one port for both, the POP3
+    login meets the IMAP greeting and the log says so."""
+
+    def start(self, route: str) -> ProxyUnderTest:
+        """An IMAP and a POP3 server whose proxy_pass nobody answers, carol
+        in [users] and [routes] (``route``: her value, with {imap} and
+        {pop3}, the fake backends' ports)."""
+        self.imap = self.use(FakeImapBackend(accept=[(b"carol", b"pw")]))
+        self.pop3 = self.use(FakePop3Backend(accept=[(b"carol", b"pw")]))
+        text = proxy_config("imap", free_port(), users={"carol": "{PLAIN}pw"})
+        text += ("\n[server pop3]\nlisten = 127.0.0.1:%d\nprotocol = pop3\nproxy_pass = 127.0.0.1:%d\n"
+                 % (free_port(), free_port()))
+        text += "\n[routes]\ncarol = %s\n" % route.format(imap=self.imap.port, pop3=self.pop3.port)
+        return self.use(ProxyUnderTest(text))
+
+    def test_each_protocol_reaches_its_own_backend(self):
+        proxy = self.start("imap=127.0.0.1:{imap} pop3=127.0.0.1:{pop3}")
+        client = self.connect(proxy, proxy.ports[0])
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN carol pw")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        client = self.connect(proxy, proxy.ports[1])
+        client.expect_line(mp.POP3_GREETING)
+        client.send(b"USER carol\r\nPASS pw\r\n")
+        client.expect_line(mp.POP3_OK)
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        self.assertEqual(self.imap.logins, [(b"carol", b"pw")])
+        self.assertEqual(self.pop3.logins, [(b"carol", b"pw")])
+        proxy.wait_for_log(r'\*2 client logged in .*login: "carol", upstream: 127\.0\.0\.1:%d'
+                           % self.pop3.port)
+
+    def test_a_backend_of_another_protocol_is_named_in_the_log(self):
+        proxy = self.start("127.0.0.1:{imap}")        # one port for both: the old trap
+        client = self.connect(proxy, proxy.ports[1])
+        client.expect_line(mp.POP3_GREETING)
+        client.send(b"USER carol\r\nPASS pw\r\n")
+        client.expect_line(mp.POP3_OK)
+        client.expect_line(mp.POP3_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] \d+#0: \*1 upstream sent an unexpected greeting \(IMAP's, "
+                           r"where POP3's was expected: is the port right\?\): "
+                           r'"\* OK fake IMAP ready" while reading response from upstream, .*'
+                           r'login: "carol", upstream: 127\.0\.0\.1:%d' % self.imap.port)
+        proxy.wait_for_log(r"session done: upstream sent an unexpected greeting, ")
+        self.assertEqual(self.imap.logins, [])
+
+    def test_an_unexpected_greeting_is_not_passed_on(self):
+        # proxy_pass_error_message passes a refusal on, never another
+        # protocol's greeting (nor something that is no mail protocol's).
+        backend = self.use(ScriptedBackend(b"SSH-2.0-OpenSSH_9.6\r\n"))
+        proxy = self.start_proxy("imap", backend.port, proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r"upstream sent an unexpected greeting \(no mail protocol's, where "
+                           r"IMAP's was expected: is the port right\?\): \"SSH-2\.0-OpenSSH_9\.6\"")
+
 
 class HostileBackendTests(EndToEndTestCase):
     def test_a_literal_in_the_greeting_is_an_internal_error(self):
@@ -8825,6 +9043,7 @@ class PhaseTableTests(unittest.TestCase):
              (P.GREETING_DELAY, P.DIALOGUE), (P.GREETING_DELAY, P.CLOSING),
              (P.DIALOGUE, P.HANDSHAKE), (P.DIALOGUE, P.AUTH), (P.DIALOGUE, P.CLOSING),
              (P.AUTH, P.DIALOGUE), (P.AUTH, P.CONNECT), (P.AUTH, P.CLOSING),
+             (P.AUTH, P.RELAY),                    # auth = backend: logged in already
              (P.CONNECT, P.LOGIN), (P.CONNECT, P.CLOSING), (P.LOGIN, P.RELAY),
              (P.LOGIN, P.CLOSING)})
         self.assertEqual(set(mp.PHASE_CHANGES), expected)
@@ -9909,6 +10128,135 @@ class LoginDefenceEndToEndTests(EndToEndTestCase):
                 third = self.greeted(proxy, protocol)
                 self.assertTrue(self.logged_in(protocol, self.attempt(third, protocol, "alice",
                                                                       "secret")))
+
+
+class BackendDecidesEndToEndTests(EndToEndTestCase):
+    """auth = backend (issue 15): the routed backend's own login is the
+    verdict, relayed to the client as the table's would be, and counted by
+    the login defence.  The backend takes "backend-pw", never the table's
+    "secret": the [users] table is not asked."""
+
+    FAILED = {"imap": b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n",
+              "pop3": b"-ERR " + mp.AUTH_FAILED_TEXT + b"\r\n",
+              "smtp": b"535 5.7.0 " + mp.AUTH_FAILED_TEXT + b"\r\n"}
+    greeted = LoginDefenceEndToEndTests.greeted
+    attempt = LoginDefenceEndToEndTests.attempt
+    logged_in = LoginDefenceEndToEndTests.logged_in
+    fewer_pair_failures = LoginDefenceEndToEndTests.fewer_pair_failures
+
+    def proxy(self, protocol: str, **mail) -> ProxyUnderTest:
+        self.backend = self.use(FAKE_BACKENDS[protocol](accept=[(b"alice", b"backend-pw")]))
+        mail.setdefault("auth_delay", "1ms")
+        return self.start_proxy(protocol, self.backend.port, auth="backend", **mail)
+
+    def test_the_backend_says_no_then_yes_on_each_protocol(self):
+        for protocol in ("imap", "pop3", "smtp"):
+            with self.subTest(protocol=protocol):
+                proxy = self.proxy(protocol)
+                client = self.greeted(proxy, protocol)
+                self.assertEqual(self.attempt(client, protocol, "alice", "secret"),
+                                 self.FAILED[protocol])
+                proxy.wait_for_log(r'\[info\] \d+#0: \*1 client login failed: "backend: [^"]+" '
+                                   r'while in auth state, .*login: "alice", upstream: '
+                                   r"127\.0\.0\.1:%d" % self.backend.port)
+                # The client tries again, on a new backend connection.
+                reply = self.attempt(client, protocol, "alice", "backend-pw")
+                self.assertTrue(self.logged_in(protocol, reply), reply)
+                self.assertEqual(self.backend.logins, [(b"alice", b"secret"),
+                                                       (b"alice", b"backend-pw")])
+                self.assertEqual(len(self.backend.received), 2)
+                proxy.wait_for_log(r"\*1 client logged in while in auth state")
+                if protocol == "smtp":
+                    # AUTH with the client's own login: the backend decides
+                    # (proxy_smtp_auth is off); XCLIENT has no LOGIN= then.
+                    client.send("NOOP")
+                    self.assertEqual(client.read_line(), b"250 2.0.0 Ok\r\n")
+                    self.assertIn(b"AUTH PLAIN " + b64(b"\0alice\0backend-pw") + b"\r\n",
+                                  bytes(self.backend.received[1]))
+                    self.assertIn(smtp_xclient(login=b""), bytes(self.backend.received[1]))
+                else:
+                    client.send("a2 NOOP" if protocol == "imap" else "NOOP")
+                    self.assertIn(client.read_line(), (b"a2 OK NOOP completed\r\n", b"+OK\r\n"))
+
+    def test_a_refusal_is_counted_by_the_defence(self):
+        self.fewer_pair_failures()
+        proxy = self.proxy("imap", auth_delay="50ms")
+        client = self.greeted(proxy, "imap")
+        waited = []
+        for number in range(mp.AUTH_PAIR_LIMIT):
+            started = time.monotonic()
+            self.assertEqual(self.attempt(client, "imap", "alice", "guess%d" % number),
+                             self.FAILED["imap"])
+            waited.append(time.monotonic() - started)
+        for took, least in zip(waited, (0.05, 0.1, 0.2)):
+            self.assertGreaterEqual(took, least - 0.005, waited)
+        self.assertRegex(proxy.log, r"\[notice\] \d+#0: \*1 login penalty: 2 recent failures from "
+                                    r"127\.0\.0\.1 or of this account, reply in 0\.1s")
+        # The pair is refused for now: the right password does not even
+        # reach the backend.
+        self.assertEqual(self.attempt(client, "imap", "alice", "backend-pw"),
+                         b"a1 NO [UNAVAILABLE] Temporary authentication failure\r\n")
+        self.assertEqual(len(self.backend.logins), mp.AUTH_PAIR_LIMIT)
+        proxy.wait_for_log(r"login refused for now: 3 wrong passwords")
+
+    def test_an_unreachable_backend_is_an_internal_error_and_no_failure(self):
+        proxy = self.start_proxy("pop3", free_port(), auth="backend", auth_delay="50ms")
+        for number in range(2):
+            client = self.greeted(proxy, "pop3")
+            client.send(b"USER alice\r\nPASS pw\r\n")
+            client.expect_line(mp.POP3_OK)
+            client.expect_line(mp.POP3_INTERNAL_ERROR)
+            client.expect_closed()
+        proxy.wait_for_log(r"\*2 connect\(\) failed \(111: Connection refused\) while "
+                           r'connecting to upstream, .*login: "alice", upstream: 127\.0\.0\.1:')
+        proxy.wait_for_log(r"\*2 session done: upstream unreachable, ")
+        self.assertNotRegex(proxy.log, r"login failed|login penalty")
+        self.assertEqual(proxy.worker.gate.defence.addresses, {})
+
+    def test_a_stalled_backend_times_out_as_an_internal_error_and_no_failure(self):
+        backend = self.use(FakeImapBackend(mode="stall"))
+        proxy = self.start_proxy("imap", backend.port, auth="backend", timeout="300ms")
+        client = self.greeted(proxy, "imap")
+        started = time.monotonic()
+        self.assertEqual(self.attempt(client, "imap", "alice", "pw"), mp.IMAP_INTERNAL_ERROR)
+        self.assertGreaterEqual(time.monotonic() - started, 0.29)
+        client.expect_closed()
+        proxy.wait_for_log(r"\[error\] .*upstream timed out \(110: Connection timed out\) while "
+                           r"reading response from upstream, ")
+        proxy.wait_for_log(r"session done: upstream timed out, ")
+        self.assertNotRegex(proxy.log, r"login failed|login penalty")
+        self.assertEqual(proxy.worker.gate.defence.addresses, {})
+
+    def test_a_temporary_refusal_is_an_internal_error_and_no_failure(self):
+        backend = self.use(ScriptedBackend(b"* OK hi\r\n", 1, b"+ go\r\n", 1, b"+\r\n", 1,
+                                           b"a1 NO [UNAVAILABLE] try later\r\n"))
+        proxy = self.start_proxy("imap", backend.port, auth="backend", auth_delay="50ms")
+        client = self.greeted(proxy, "imap")
+        self.assertEqual(self.attempt(client, "imap", "alice", "pw"), mp.IMAP_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r'\[error\] .*upstream sent invalid response: "a1 NO \[UNAVAILABLE\] '
+                           r'try later" while reading response from upstream, ')
+        self.assertNotRegex(proxy.log, r"login failed|login penalty")
+        self.assertEqual(proxy.worker.gate.defence.addresses, {})
+
+    def test_over_max_user_sessions_the_backend_connection_is_closed(self):
+        proxy = self.proxy("imap", max_user_sessions="1")
+        first = self.greeted(proxy, "imap")
+        self.assertTrue(self.logged_in("imap", self.attempt(first, "imap", "alice", "backend-pw")))
+        second = self.greeted(proxy, "imap")
+        self.assertEqual(self.attempt(second, "imap", "alice", "backend-pw"),
+                         b"a1 NO [LIMIT] Too many sessions for this user\r\n")
+        second.expect_closed()
+        wait_until(lambda: len(self.backend.connections) == 2 and
+                   self.backend.threads[2].is_alive() is False,
+                   what="the second backend connection to be closed")
+
+    def test_the_table_is_not_asked_and_cram_md5_is_refused_by_t(self):
+        text = proxy_config("imap", 1143, auth="backend", imap_auth="plain cram-md5")
+        path = TempDir(self).write("backend.conf", text)
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, err)
+        self.assertIn('imap_auth: "cram-md5" cannot be used with "auth = backend"', err)
 
 
 class ClientClockTests(unittest.TestCase):
