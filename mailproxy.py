@@ -1605,18 +1605,81 @@ def unknown_dovecot_entry(cost: Tuple, salt: str) -> Optional[PasswordEntry]:
     return None
 
 
+PASSWD_FILE_KEY = "passwd_file"   # in [users], with a value that is no {SCHEME}DATA: a file to read
+# A crypt string in a passwd-file without a {SCHEME}: Dovecot reads it with
+# its default_pass_scheme, CRYPT, which tells these by their prefix.
+CRYPT_PREFIX_SCHEMES = (("$1$", "MD5-CRYPT"), ("$5$", "SHA256-CRYPT"), ("$6$", "SHA512-CRYPT"),
+                        ("$2a$", "BLF-CRYPT"), ("$2b$", "BLF-CRYPT"), ("$2y$", "BLF-CRYPT"))
+
+
 def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
                errors: List[ConfigError]) -> UserTable:
-    """[users]: ``LOGIN = {SCHEME}DATA``, one line per login."""
-    users = {}
+    """[users]: ``LOGIN = {SCHEME}DATA``, one line per login, and
+    ``passwd_file = PATH`` (one path a line): Dovecot passwd-files, read
+    now, so that a reload reads them again.  A login given twice, in
+    [users] or in the files, is an error at its second place."""
+    users, places = {}, {}
     if not parser.has_section("users"):
         return UserTable(users)
+    base = os.path.dirname(os.path.abspath(path))
     for login, value in parser.items("users"):
+        line = lines.get(("users", login))
+        if login == PASSWD_FILE_KEY and not value.startswith("{"):
+            for name in (name.strip() for name in value.splitlines() if name.strip()):
+                read_passwd_file(os.path.join(base, name), ConfigError(
+                    path, "users", login, "", line), users, places, errors)
+            continue
         try:
-            users[login] = parse_password_entry(value)
+            entry = parse_password_entry(value)
+            if login in places:
+                raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))
+            users[login] = entry
+            places[login] = "%s:%s" % (path, line)
         except ConfigValueError as error:
-            errors.append(ConfigError(path, "users", login, str(error), lines.get(("users", login))))
+            errors.append(ConfigError(path, "users", login, str(error), line))
     return UserTable(users)
+
+
+def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEntry],
+                     places: Dict[str, str], errors: List[ConfigError]) -> None:
+    """A Dovecot passwd-file (Dovecot's "passwd-file" passdb): lines
+    ``user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]``, of which only
+    the first two fields count here; blank lines and ``#`` comments are
+    skipped.  Its entries go into ``users``, its problems into ``errors``
+    with this file's name and line.  ``where`` is the [users] line that
+    names it, for a file that cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+        errors.append(ConfigError(where.file, where.section, where.directive,
+                                  'cannot read "%s": %s' % (path, reason), where.line))
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(":")
+        login, password = fields[0], fields[1] if len(fields) > 1 else ""
+        try:
+            if not login:
+                raise ConfigValueError("a line without a user name")
+            if not password:
+                raise ConfigValueError("no password: mailproxy cannot log this user in")
+            if not password.startswith("{"):
+                scheme = next((s for prefix, s in CRYPT_PREFIX_SCHEMES if password.startswith(prefix)),
+                              None)
+                if scheme is None:
+                    raise ConfigValueError("the password has no {SCHEME}: write the scheme in "
+                                           "front of it, e.g. {SHA512-CRYPT}$6$...")
+                password = "{%s}%s" % (scheme, password)
+            entry = parse_password_entry(password)
+            if login in places:
+                raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))
+            users[login] = entry
+            places[login] = "%s:%d" % (path, number)
+        except ConfigValueError as error:
+            errors.append(ConfigError(path, None, login or None, str(error), number))
 
 
 class Route(NamedTuple):

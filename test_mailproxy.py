@@ -4654,6 +4654,119 @@ class UncheckableSchemeTests(unittest.TestCase):
         self.assertIn("test failed", reported)
 
 
+class PasswdFileTests(unittest.TestCase):
+    """[users] passwd_file = PATH: a Dovecot passwd-file, read with the
+    configuration."""
+
+    def load(self, passwd_text: str, users: str = "passwd_file = users.passwd\n"):
+        directory = TempDir(self)
+        directory.write("users.passwd", passwd_text)
+        path = directory.write("mailproxy.conf", textwrap.dedent(BASE_CONFIG) + "\n[users]\n" + users)
+        return directory, path
+
+    def test_users_from_the_file_beside_the_table(self):
+        _, path = self.load(
+            "# Dovecot's passwd-file: user:password:uid:gid:gecos:home:shell:extra\n\n"
+            "bob:%s:1000:1000::/home/bob::userdb_quota_rule=*:storage=1G\n"
+            "carol@example.com:%s\n"
+            "dave:$1$0DIYaMTC$/j.CbBN7PDkM5/YFhOY4//::\n"         # no {SCHEME}: Dovecot's CRYPT
+            % (DOVECOT_SECRET["SSHA512"], DOVECOT_SECRET["SHA256-CRYPT"]),
+            "alice = {PLAIN}secret\npasswd_file = users.passwd\n")
+        users = mp.load_config(path).users
+        self.assertEqual(sorted(users), ["alice", "bob", "carol@example.com", "dave"])
+        self.assertEqual(users["dave"].scheme, "MD5-CRYPT")
+        for login in ("alice", "bob", "carol@example.com", "dave"):
+            self.assertTrue(mp.password_matches(users[login], b"secret"), login)
+            self.assertFalse(mp.password_matches(users[login], b"wrong"), login)
+        self.assertEqual(users.dummy.scheme, "PLAIN")          # one scheme each: the first
+
+    def test_several_files_and_a_user_named_passwd_file(self):
+        directory, path = self.load("bob:%s\n" % DOVECOT_SECRET["SHA"],
+                                    "passwd_file = users.passwd\n    more.passwd\n")
+        directory.write("more.passwd", "carol:%s\n" % DOVECOT_SECRET["SSHA"])
+        self.assertEqual(sorted(mp.load_config(path).users), ["bob", "carol"])
+        _, path = self.load("", "passwd_file = {PLAIN}secret\n")     # a {SCHEME}: a user's entry
+        self.assertEqual(list(mp.load_config(path).users), ["passwd_file"])
+
+    def test_errors_name_the_file_and_the_line(self):
+        directory, path = self.load("bob:%s\n"
+                                    "carol\n"
+                                    "dave:{MD5}0123\n"
+                                    "erin:secret\n"
+                                    "bob:{PLAIN}again\n"
+                                    "alice:{PLAIN}twice\n"
+                                    ":{PLAIN}x\n" % DOVECOT_SECRET["SHA"],
+                                    "alice = {PLAIN}secret\npasswd_file = users.passwd\n    missing.passwd\n")
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_config(path)
+        passwd = os.path.join(directory.path, "users.passwd")
+        reported = [str(error) for error in caught.exception.errors]
+        users_line = read_text(path).splitlines().index("passwd_file = users.passwd") + 1
+        self.assertEqual(reported, [
+            "%s:2: carol: no password: mailproxy cannot log this user in" % passwd,
+            '%s:3: dave: unknown password scheme "{MD5}"; known: %s' % (
+                passwd, ", ".join("{%s}" % s for s in mp.TABLE_SCHEMES)),
+            "%s:4: erin: the password has no {SCHEME}: write the scheme in front of it, "
+            "e.g. {SHA512-CRYPT}$6$..." % passwd,
+            '%s:5: bob: user "bob" is already in the table, at %s:1' % (passwd, passwd),
+            '%s:6: alice: user "alice" is already in the table, at %s:%d' % (passwd, path, users_line - 1),
+            "%s:7: a line without a user name" % passwd,
+            '%s:%d: [users] passwd_file: cannot read "%s": No such file or directory'
+            % (path, users_line, os.path.join(directory.path, "missing.passwd"))])
+
+    def test_dash_t_reports_an_uncheckable_scheme_in_the_file(self):
+        directory, path = self.load("# Dovecot's\ncarol:%s:1000:1000::/home/carol::\n"
+                                    % DOVECOT_SECRET_LIBRARY["ARGON2ID"])
+        without_host_libraries(self)
+        stderr = io.StringIO()
+        with unittest.mock.patch.object(sys, "stderr", stderr):
+            self.assertEqual(mp.command_test(path), 1)
+        self.assertIn("mailproxy: [emerg] %s:2: carol: {ARGON2ID} cannot be checked on this host: "
+                      "no libargon2 was found" % os.path.join(directory.path, "users.passwd"),
+                      stderr.getvalue())
+
+
+class PasswdFileEndToEndTests(EndToEndTestCase):
+
+    def test_a_login_checked_against_a_passwd_file(self):
+        backend = self.use(FakeImapBackend())
+        directory = TempDir(self)
+        passwd = directory.write("users.passwd", "alice:%s:1000:1000::/home/alice::\n"
+                                 % DOVECOT_SECRET["SSHA512"])
+        proxy = self.start_proxy("imap", backend.port, users={"passwd_file": passwd})
+        self.assertEqual(imap_login_reply(self, proxy.port, "wrong"),
+                         b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
+        self.assertEqual(imap_login_reply(self, proxy.port, "secret"), b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_sighup_reads_the_passwd_file_again(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        directory = TempDir(self)
+        port = free_port()
+        directory.write("users.passwd", "alice:%s\n" % DOVECOT_SECRET["SSHA512"])
+        path = directory.write("mailproxy.conf", (
+            "[main]\nerror_log = stderr info\n\n"
+            "[mail]\nproxy_pass = 127.0.0.1:%d\nauth_delay = 50ms\nserver_name = mail.test\n\n"
+            "[users]\npasswd_file = users.passwd\n\n"
+            "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n") % (backend.port, port))
+        proxy = ProgramUnderTest(self, path)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 OK LOGIN completed\r\n")
+        directory.write("users.passwd", "alice:%s\n" % DOVECOT_NEW_SSHA512)
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
+        self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
+        directory.write("users.passwd", "alice:{NOSUCH}x\n")           # broken: the old table stays
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("users.passwd:1: alice: unknown password scheme", mark),
+                             proxy.stderr)
+        self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+
+
 class ExternalIdentityTests(unittest.TestCase):
     USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
              "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
