@@ -3212,7 +3212,10 @@ CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine
 # ========================================================================== #
 # Turns Credentials into a verdict: which backend, with which login and
 # password.  The built-in user table (an extension; nginx needs an auth_http
-# server for this) keeps hashed passwords; every comparison of a secret uses
+# server for this) keeps hashed passwords, in mailproxy's schemes and
+# Dovecot's (README "The user table"; the table's parsing, and the ctypes
+# bindings for bcrypt and Argon2, are in Configuration, which must know at
+# load whether an entry can be checked); every comparison of a secret uses
 # hmac.compare_digest so that its time does not depend on where it differs.
 # LoginDefence slows down password guessing (README "Failed logins").
 

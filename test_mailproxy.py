@@ -4739,6 +4739,26 @@ class PasswdFileEndToEndTests(EndToEndTestCase):
         self.assertEqual(imap_login_reply(self, proxy.port, "secret"), b"a1 OK LOGIN completed\r\n")
         self.assertEqual(backend.logins, [(b"alice", b"secret")])
 
+    def test_a_user_of_each_scheme_logs_in_through_the_proxy(self):
+        # Through the worker's password check pool: its threads (hashlib,
+        # ctypes), or the helper process for MD5-CRYPT and SHA-crypt.
+        backend = self.use(FakeImapBackend(accept=None))
+        values = dict(DOVECOT_SECRET)
+        values.update((name, value) for name, value in DOVECOT_SECRET_LIBRARY.items() if host_checks(name))
+        logins = {"user%d" % number: value for number, value in enumerate(values.values())}
+        passwd = TempDir(self).write("users.passwd", "".join("%s:%s\n" % item for item in logins.items()))
+        proxy = self.start_proxy("imap", backend.port, users={"passwd_file": passwd},
+                                 trusted_networks="127.0.0.1")      # wrong passwords, not slowed
+        for login, value in logins.items():
+            with self.subTest(login=login, value=value):
+                for password, reply in (("wrong", rb"^a1 NO "), ("secret", rb"^a1 OK ")):
+                    client = connect_client(self, proxy.port)
+                    client.expect_line(mp.IMAP_GREETING)
+                    client.send("a1 LOGIN %s %s" % (login, password))
+                    client.expect(reply)
+                    client.close()
+        self.assertEqual(backend.logins, [(login.encode(), b"secret") for login in logins])
+
     def test_sighup_reads_the_passwd_file_again(self):
         backend = self.use(FakeImapBackend(accept=None))
         directory = TempDir(self)
