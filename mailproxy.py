@@ -1371,9 +1371,11 @@ def parse_password_entry(value: str) -> PasswordEntry:
     if scheme not in TABLE_SCHEMES:
         raise ConfigValueError('unknown password scheme "{%s}"; known: %s' % (
             match.group(1), ", ".join("{%s}" % s for s in TABLE_SCHEMES)))
-    if encoding and scheme not in DIGEST_SCHEMES:
-        raise ConfigValueError('"{%s.%s}": only the SHA and SSHA schemes take an encoding'
+    if encoding and scheme not in DIGEST_SCHEMES and scheme != "PLAIN":
+        raise ConfigValueError('"{%s.%s}": only the PLAIN, SHA and SSHA schemes take an encoding'
                                % (scheme, match.group(2)))
+    if scheme == "PLAIN" and encoding:
+        return PasswordEntry(scheme, plain_data(encoding, data))
     if scheme in DIGEST_SCHEMES:
         return PasswordEntry(scheme, digest_data(scheme, encoding, data))
     problem = crypt_format_problem(scheme, data)
@@ -1428,6 +1430,21 @@ def digest_data(scheme: str, encoding: str, data: str) -> str:
         raise ConfigValueError("{%s} data must hold a %d-byte %s digest%s, not %d bytes" % (
             scheme, length, name.upper(), " and a salt after it" if salted else "", len(raw)))
     return base64.b64encode(raw).decode("ascii")
+
+
+def plain_data(encoding: str, data: str) -> str:
+    """The password of Dovecot's ``{PLAIN.B64}`` or ``{PLAIN.HEX}``."""
+    try:
+        if encoding == "HEX":
+            raw = bytes.fromhex(data)
+        elif encoding in ("B64", "BASE64"):
+            raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+        else:
+            raise ConfigValueError('unknown encoding ".%s": Dovecot\'s are .HEX and .B64' % encoding)
+        return raw.decode("utf-8")
+    except (binascii.Error, ValueError):       # UnicodeDecodeError too
+        raise ConfigValueError("{PLAIN.%s} data must be a UTF-8 password in %s" % (
+            encoding, "hex" if encoding == "HEX" else "base64"))
 
 
 def argon2_parameters(data: str, scheme: str) -> Optional[Tuple]:

@@ -4522,7 +4522,7 @@ class DovecotSchemeTests(unittest.TestCase):
                       "{ssha512}" + DOVECOT_SECRET["SSHA512"].split("}", 1)[1],
                       "{SSHA256.b64}" + DOVECOT_SECRET["SSHA256"].split("}", 1)[1],
                       "{SSHA512}" + DOVECOT_SECRET["SSHA512"].split("}", 1)[1].rstrip("="),
-                      "{CLEARTEXT}secret"):
+                      "{CLEARTEXT}secret", "{PLAIN.B64}c2VjcmV0", "{PLAIN.HEX}736563726574"):
             with self.subTest(value=value):
                 self.assertChecks(value, value)
         self.assertEqual(mp.parse_password_entry(DOVECOT_SECRET["SHA1"]).scheme, "SHA")
@@ -4540,7 +4540,9 @@ class DovecotSchemeTests(unittest.TestCase):
                 ("{SSHA}" + base64.b64encode(bytes(20)).decode(), "and a salt after it, not 20"),
                 ("{SSHA512}not base64!", "must be base64 (or hex, as {SSHA512.HEX})"),
                 ("{SSHA.XYZ}abcd", 'unknown encoding ".XYZ"'),
-                ("{MD5-CRYPT.HEX}$1$ab$bRZzLnQPD1ql12pSoshc71", "only the SHA and SSHA schemes"),
+                ("{MD5-CRYPT.HEX}$1$ab$bRZzLnQPD1ql12pSoshc71", "only the PLAIN, SHA and SSHA schemes"),
+                ("{PLAIN.HEX}ff", "{PLAIN.HEX} data must be a UTF-8 password in hex"),
+                ("{PLAIN.B64}!", "{PLAIN.B64} data must be a UTF-8 password in base64"),
                 ("{MD5-CRYPT}$1$ab$short", "must be a $1$ crypt string"),
                 ("{BLF-CRYPT}$2y$05$short", "must be a $2y$ (or $2a$, $2b$) bcrypt string"),
                 ("{ARGON2I}" + DOVECOT_SECRET_LIBRARY["ARGON2ID"].split("}", 1)[1], "an $argon2i$ encoded"),
