@@ -1340,6 +1340,11 @@ SCHEME_ALIASES = {"CLEARTEXT": "PLAIN", "SHA1": "SHA"}
 DIGEST_SCHEMES = {"SHA": ("sha1", 20, False), "SHA256": ("sha256", 32, False),
                   "SHA512": ("sha512", 64, False), "SSHA": ("sha1", 20, True),
                   "SSHA256": ("sha256", 32, True), "SSHA512": ("sha512", 64, True)}
+# Dovecot's {CRYPT} (its default_pass_scheme, also for a passwd-file
+# password without a {SCHEME}) is the system's crypt(3), which tells the
+# method by the prefix: these are read as the scheme of the same method.
+CRYPT_PREFIX_SCHEMES = (("$1$", "MD5-CRYPT"), ("$5$", "SHA256-CRYPT"), ("$6$", "SHA512-CRYPT"),
+                        ("$2a$", "BLF-CRYPT"), ("$2b$", "BLF-CRYPT"), ("$2y$", "BLF-CRYPT"))
 BLF_CRYPT_FORMAT = r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}"
 ARGON2_FORMAT = (r"\$(argon2id?)\$(?:v=(\d+)\$)?m=(\d+),t=(\d+),p=(\d+)"
                  r"\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
@@ -1368,6 +1373,8 @@ def parse_password_entry(value: str) -> PasswordEntry:
     scheme = SCHEME_ALIASES.get(match.group(1).upper(), match.group(1).upper())
     encoding = (match.group(2) or "").upper()
     data = value[match.end():]
+    if scheme == "CRYPT" and not encoding:
+        scheme = crypt_scheme(data)
     if scheme not in TABLE_SCHEMES:
         raise ConfigValueError('unknown password scheme "{%s}"; known: %s' % (
             match.group(1), ", ".join("{%s}" % s for s in TABLE_SCHEMES)))
@@ -1386,6 +1393,15 @@ def parse_password_entry(value: str) -> PasswordEntry:
         raise ConfigValueError("{%s} cannot be checked on this host: %s; this user could never "
                                "log in" % (scheme, missing))
     return PasswordEntry(scheme, data)
+
+
+def crypt_scheme(data: str) -> str:
+    """The scheme of a {CRYPT} entry, by its crypt(3) prefix."""
+    for prefix, scheme in CRYPT_PREFIX_SCHEMES:
+        if data.startswith(prefix):
+            return scheme
+    raise ConfigValueError("{CRYPT} is read for $1$, $5$, $6$ and $2y$ ($2a$, $2b$) hashes only; "
+                           "DES, yescrypt and others are not")
 
 
 def crypt_format_problem(scheme: str, data: str) -> Optional[str]:
@@ -1623,10 +1639,6 @@ def unknown_dovecot_entry(cost: Tuple, salt: str) -> Optional[PasswordEntry]:
 
 
 PASSWD_FILE_KEY = "passwd_file"   # in [users], with a value that is no {SCHEME}DATA: a file to read
-# A crypt string in a passwd-file without a {SCHEME}: Dovecot reads it with
-# its default_pass_scheme, CRYPT, which tells these by their prefix.
-CRYPT_PREFIX_SCHEMES = (("$1$", "MD5-CRYPT"), ("$5$", "SHA256-CRYPT"), ("$6$", "SHA512-CRYPT"),
-                        ("$2a$", "BLF-CRYPT"), ("$2b$", "BLF-CRYPT"), ("$2y$", "BLF-CRYPT"))
 
 
 def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -1684,12 +1696,10 @@ def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEnt
             if not password:
                 raise ConfigValueError("no password: mailproxy cannot log this user in")
             if not password.startswith("{"):
-                scheme = next((s for prefix, s in CRYPT_PREFIX_SCHEMES if password.startswith(prefix)),
-                              None)
-                if scheme is None:
+                if not any(password.startswith(prefix) for prefix, _ in CRYPT_PREFIX_SCHEMES):
                     raise ConfigValueError("the password has no {SCHEME}: write the scheme in "
                                            "front of it, e.g. {SHA512-CRYPT}$6$...")
-                password = "{%s}%s" % (scheme, password)
+                password = "{CRYPT}" + password        # Dovecot's default_pass_scheme
             entry = parse_password_entry(password)
             if login in places:
                 raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))

@@ -4527,6 +4527,22 @@ class DovecotSchemeTests(unittest.TestCase):
                 self.assertChecks(value, value)
         self.assertEqual(mp.parse_password_entry(DOVECOT_SECRET["SHA1"]).scheme, "SHA")
 
+    def test_crypt_is_read_by_the_prefix(self):
+        # Dovecot's {CRYPT}, its default_pass_scheme, is crypt(3): doveadm pw -s CRYPT
+        # wrote the bcrypt one; the others are the vectors above under {CRYPT}.
+        values = {"SHA512-CRYPT": DOVECOT_SECRET["SHA512-CRYPT"], "SHA256-CRYPT": DOVECOT_SECRET["SHA256-CRYPT"],
+                  "MD5-CRYPT": DOVECOT_SECRET["MD5-CRYPT"]}
+        if host_checks("BLF-CRYPT"):
+            values["BLF-CRYPT"] = "{X}$2y$05$M0.fnkfJUeC5aCKKseaqxOLZWjWYbsahJFg84nf3lLange4U0Evjq"
+        for scheme, value in values.items():
+            crypt = "{crypt}" + value.split("}", 1)[1]
+            with self.subTest(value=crypt):
+                self.assertEqual(mp.parse_password_entry(crypt).scheme, scheme)
+                self.assertChecks(crypt, crypt)
+        for value in ("{CRYPT}abJnggxhB/yWI", "{CRYPT}$y$j9T$salt$hash"):      # DES, yescrypt
+            with self.assertRaisesRegex(mp.ConfigValueError, r"\{CRYPT\} is read for \$1\$, \$5\$"):
+                mp.parse_password_entry(value)
+
     def test_salt_follows_the_digest(self):
         salt = b"\x01\x02\x03\x04\x05"
         value = "{SSHA256}" + base64.b64encode(hashlib.sha256(b"pw" + salt).digest() + salt).decode()
