@@ -57,6 +57,8 @@ import base64
 import binascii
 import collections
 import configparser
+import ctypes
+import ctypes.util
 import dataclasses
 import enum
 import errno
@@ -1371,7 +1373,30 @@ def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[
     return errors
 
 
-PASSWORD_SCHEMES = ("PLAIN", "PBKDF2-SHA256", "SHA512-CRYPT", "SHA256-CRYPT")
+PASSWORD_SCHEMES = ("PLAIN", "PBKDF2-SHA256", "SHA512-CRYPT", "SHA256-CRYPT")   # --hash-password's
+# Dovecot's schemes the table reads besides (README "The user table"), so that
+# a Dovecot passwd-file serves unchanged; SCHEME_ALIASES: Dovecot's other
+# names for two of them.
+DOVECOT_SCHEMES = ("MD5-CRYPT", "SSHA", "SSHA256", "SSHA512", "SHA", "SHA256", "SHA512",
+                   "BLF-CRYPT", "ARGON2I", "ARGON2ID")
+TABLE_SCHEMES = PASSWORD_SCHEMES + DOVECOT_SCHEMES
+SCHEME_ALIASES = {"CLEARTEXT": "PLAIN", "SHA1": "SHA"}
+# Dovecot's digest schemes (src/auth/password-scheme.c): the hash, its length,
+# and whether a salt follows the digest ({SSHA*}: digest, then salt, in one
+# base64 string).  Their data is kept as the base64 of the raw bytes,
+# whichever encoding the file used.
+DIGEST_SCHEMES = {"SHA": ("sha1", 20, False), "SHA256": ("sha256", 32, False),
+                  "SHA512": ("sha512", 64, False), "SSHA": ("sha1", 20, True),
+                  "SSHA256": ("sha256", 32, True), "SSHA512": ("sha512", 64, True)}
+# Dovecot's {CRYPT} (its default_pass_scheme, also for a passwd-file
+# password without a {SCHEME}) is the system's crypt(3), which tells the
+# method by the prefix: these are read as the scheme of the same method.
+CRYPT_PREFIX_SCHEMES = (("$1$", "MD5-CRYPT"), ("$5$", "SHA256-CRYPT"), ("$6$", "SHA512-CRYPT"),
+                        ("$2a$", "BLF-CRYPT"), ("$2b$", "BLF-CRYPT"), ("$2y$", "BLF-CRYPT"))
+BLF_CRYPT_FORMAT = r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}"
+ARGON2_FORMAT = (r"\$(argon2id?)\$(?:v=(\d+)\$)?m=(\d+),t=(\d+),p=(\d+)"
+                 r"\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
+ARGON2_TYPES = {"argon2i": 1, "argon2id": 2}       # argon2.h: Argon2_i, Argon2_id
 
 
 def valid_pbkdf2_data(data: str) -> bool:
@@ -1385,35 +1410,231 @@ def valid_pbkdf2_data(data: str) -> bool:
 
 
 def parse_password_entry(value: str) -> PasswordEntry:
-    """``{SCHEME}DATA``; DATA is everything after the scheme, verbatim."""
-    match = re.match(r"\{([A-Za-z0-9-]+)\}", value)
+    """``{SCHEME}DATA``; DATA is everything after the scheme, verbatim.  A
+    Dovecot digest scheme may name its encoding as Dovecot's do,
+    ``{SSHA256.HEX}``, ``{SHA.B64}``; its data is kept in base64.  An entry
+    this host's libraries cannot check ({BLF-CRYPT}, {ARGON2*}) is refused:
+    its user could never log in, and -t says so."""
+    match = re.match(r"\{([A-Za-z0-9-]+)(?:\.([A-Za-z0-9]+))?\}", value)
     if not match:
         raise ConfigValueError("must start with a {SCHEME}, e.g. {PLAIN}secret")
-    scheme = match.group(1).upper()
+    scheme = SCHEME_ALIASES.get(match.group(1).upper(), match.group(1).upper())
+    encoding = (match.group(2) or "").upper()
     data = value[match.end():]
-    if scheme not in PASSWORD_SCHEMES:
+    if scheme == "CRYPT" and not encoding:
+        scheme = crypt_scheme(data)
+    if scheme not in TABLE_SCHEMES:
         raise ConfigValueError('unknown password scheme "{%s}"; known: %s' % (
-            match.group(1), ", ".join("{%s}" % s for s in PASSWORD_SCHEMES)))
-    if scheme == "PBKDF2-SHA256" and not valid_pbkdf2_data(data):
-        raise ConfigValueError("{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH: rounds at least 1, "
-                          "salt and hash in base64")
-    if scheme == "SHA512-CRYPT" and not re.fullmatch(r"\$6\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{86}", data):
-        raise ConfigValueError("{SHA512-CRYPT} data must be a $6$ crypt string")
-    if scheme == "SHA256-CRYPT" and not re.fullmatch(r"\$5\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{43}", data):
-        raise ConfigValueError("{SHA256-CRYPT} data must be a $5$ crypt string")
+            match.group(1), ", ".join("{%s}" % s for s in TABLE_SCHEMES)))
+    if encoding and scheme not in DIGEST_SCHEMES and scheme != "PLAIN":
+        raise ConfigValueError('"{%s.%s}": only the PLAIN, SHA and SSHA schemes take an encoding'
+                               % (scheme, match.group(2)))
+    if scheme == "PLAIN" and encoding:
+        return PasswordEntry(scheme, plain_data(encoding, data))
+    if scheme in DIGEST_SCHEMES:
+        return PasswordEntry(scheme, digest_data(scheme, encoding, data))
+    problem = crypt_format_problem(scheme, data)
+    if problem:
+        raise ConfigValueError(problem)
+    missing = missing_library(scheme, data)
+    if missing:
+        raise ConfigValueError("{%s} cannot be checked on this host: %s; this user could never "
+                               "log in" % (scheme, missing))
     return PasswordEntry(scheme, data)
+
+
+def crypt_scheme(data: str) -> str:
+    """The scheme of a {CRYPT} entry, by its crypt(3) prefix."""
+    for prefix, scheme in CRYPT_PREFIX_SCHEMES:
+        if data.startswith(prefix):
+            return scheme
+    raise ConfigValueError("{CRYPT} is read for $1$, $5$, $6$ and $2y$ ($2a$, $2b$) hashes only; "
+                           "DES, yescrypt and others are not")
+
+
+def crypt_format_problem(scheme: str, data: str) -> Optional[str]:
+    """What is wrong with the data of a PBKDF2 or crypt-style entry; None: nothing."""
+    if scheme == "PBKDF2-SHA256" and not valid_pbkdf2_data(data):
+        return "{PBKDF2-SHA256} data must be ROUNDS$SALT$HASH: rounds at least 1, salt and hash in base64"
+    formats = {"SHA512-CRYPT": (r"\$6\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{86}", "a $6$ crypt"),
+               "SHA256-CRYPT": (r"\$5\$(rounds=\d+\$)?[^$]{0,16}\$[./0-9A-Za-z]{43}", "a $5$ crypt"),
+               "MD5-CRYPT": (r"\$1\$[^$]{0,8}\$[./0-9A-Za-z]{22}", "a $1$ crypt"),
+               "BLF-CRYPT": (BLF_CRYPT_FORMAT, "a $2y$ (or $2a$, $2b$) bcrypt"),
+               "ARGON2I": (ARGON2_FORMAT, "an $argon2i$ encoded"),
+               "ARGON2ID": (ARGON2_FORMAT, "an $argon2id$ encoded")}
+    if scheme not in formats:
+        return None
+    pattern, what = formats[scheme]
+    match = re.fullmatch(pattern, data)
+    if match and scheme.startswith("ARGON2") and not argon2_parameters(data, scheme):
+        match = None
+    if not match:
+        return "{%s} data must be %s string" % (scheme, what)
+    return None
+
+
+def digest_data(scheme: str, encoding: str, data: str) -> str:
+    """The base64 of a Dovecot digest entry's raw bytes.  As Dovecot: base64
+    by default, hex with .HEX (base64 if it is not hex after all), and an
+    unsalted digest written in hex without .HEX is recognised by its length.
+    Raises ConfigValueError if it is neither, or of the wrong length."""
+    name, length, salted = DIGEST_SCHEMES[scheme]
+    hex_first = encoding == "HEX" or (not encoding and not salted and len(data) == 2 * length)
+    raw = None
+    if encoding not in ("", "HEX", "B64", "BASE64"):
+        raise ConfigValueError('unknown encoding ".%s": Dovecot\'s are .HEX and .B64' % encoding)
+    if hex_first and re.fullmatch(r"([0-9A-Fa-f]{2})*", data):
+        raw = bytes.fromhex(data)
+    if raw is None:
+        try:
+            raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigValueError("{%s} data must be base64 (or hex, as {%s.HEX})" % (scheme, scheme))
+    if (len(raw) <= length) if salted else (len(raw) != length):     # Dovecot: a salt of 1 byte or more
+        raise ConfigValueError("{%s} data must hold a %d-byte %s digest%s, not %d bytes" % (
+            scheme, length, name.upper(), " and a salt after it" if salted else "", len(raw)))
+    return base64.b64encode(raw).decode("ascii")
+
+
+def plain_data(encoding: str, data: str) -> str:
+    """The password of Dovecot's ``{PLAIN.B64}`` or ``{PLAIN.HEX}``."""
+    try:
+        if encoding == "HEX":
+            raw = bytes.fromhex(data)
+        elif encoding in ("B64", "BASE64"):
+            raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+        else:
+            raise ConfigValueError('unknown encoding ".%s": Dovecot\'s are .HEX and .B64' % encoding)
+        return raw.decode("utf-8")
+    except (binascii.Error, ValueError):       # UnicodeDecodeError too
+        raise ConfigValueError("{PLAIN.%s} data must be a UTF-8 password in %s" % (
+            encoding, "hex" if encoding == "HEX" else "base64"))
+
+
+def argon2_parameters(data: str, scheme: str) -> Optional[Tuple]:
+    """(type, version, m, t, p, salt, hash) of an ``$argon2i[d]$`` string,
+    the encoding of the reference library (argon2's encoding.c: version 16
+    when there is no v=, base64 without padding); None if it is not one of
+    ``scheme``, or out of the library's bounds."""
+    match = re.fullmatch(ARGON2_FORMAT, data)
+    if not match or match.group(1).upper() != scheme:
+        return None
+    version = int(match.group(2) or 16)
+    memory, time_cost, lanes = (int(match.group(n)) for n in (3, 4, 5))
+    try:
+        salt, digest = (base64.b64decode(match.group(n) + "=" * (-len(match.group(n)) % 4))
+                        for n in (6, 7))
+    except (binascii.Error, ValueError):
+        return None
+    if (version not in (16, 19) or not 1 <= lanes <= 0xFFFFFF or time_cost < 1 or
+            not 8 * lanes <= memory < 2 ** 32 or len(salt) < 8 or len(digest) < 4):
+        return None
+    return ARGON2_TYPES[match.group(1)], version, memory, time_cost, lanes, salt, digest
+
+
+# -- the host's libraries, for the schemes Python's own cannot check ------------
+# bcrypt is in libcrypt (libxcrypt, the crypt(3) of current Linux
+# distributions), Argon2 in libargon2 (the reference implementation, which
+# Dovecot uses too).  Both are called through ctypes, which lets go of the
+# GIL during the call, so the password check threads hash side by side.  A
+# library counts only if it reproduces a known answer: bcrypt's test vector
+# of John the Ripper and crypt_blowfish ("U*U"), and the reference Argon2's
+# own test vector (test.c, version 0x13, m=256, t=2, p=1).
+
+CRYPT_DATA_SIZE = 262144       # bytes for crypt_r's struct crypt_data: libxcrypt's is 32 KiB, glibc's 128 KiB
+BLF_TEST_HASH = "$2%s$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW"   # of "U*U"
+ARGON2_TEST_HASH = "89e9029f4637b295beb027056a7336c414fadd43f6b208645281cb214a56452f"
+
+
+@functools.lru_cache(maxsize=None)
+def crypt_function() -> Optional[Callable[[bytes, bytes], Optional[bytes]]]:
+    """libcrypt's reentrant crypt as crypt(password, setting) -> the hash
+    (None: refused, or no such library on this host)."""
+    name = ctypes.util.find_library("crypt")
+    try:
+        library = ctypes.CDLL(name) if name else None
+    except OSError:
+        library = None
+    function = getattr(library, "crypt_rn", None) or getattr(library, "crypt_r", None)
+    if function is None:
+        return None
+    function.restype = ctypes.c_char_p
+    sized = function.__name__ == "crypt_rn"
+    function.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p] + (
+        [ctypes.c_int] if sized else [])
+
+    def crypt(password: bytes, setting: bytes) -> Optional[bytes]:
+        data = ctypes.create_string_buffer(CRYPT_DATA_SIZE)    # zeroed: crypt_r wants that
+        result = function(password, setting, data, *([CRYPT_DATA_SIZE] if sized else []))
+        return result if result and not result.startswith(b"*") else None    # "*0": libxcrypt's failure
+    return crypt
+
+
+@functools.lru_cache(maxsize=None)
+def argon2_function() -> Optional[Callable]:
+    """libargon2's argon2_hash, raw output (None: no such library)."""
+    name = ctypes.util.find_library("argon2")
+    try:
+        function = ctypes.CDLL(name).argon2_hash if name else None
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_uint32] * 3 + [ctypes.c_void_p, ctypes.c_size_t] * 3 + [
+        ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint32]
+    return function
+
+
+def missing_library(scheme: str, data: str) -> Optional[str]:
+    """Why this host cannot check ``scheme`` (the data tells bcrypt's
+    variant), for -t; None if it can."""
+    return _missing_library(scheme, data[2:3] if scheme == "BLF-CRYPT" else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_library(scheme: str, variant: str) -> Optional[str]:
+    if scheme == "BLF-CRYPT":
+        crypt = crypt_function()
+        if crypt is None:
+            return "no libcrypt (crypt_r) was found"
+        test = (BLF_TEST_HASH % variant).encode("ascii")
+        if crypt(b"U*U", test) != test:
+            return 'libcrypt has no bcrypt "$2%s$" (libxcrypt has it)' % variant
+    if scheme in ("ARGON2I", "ARGON2ID"):
+        if argon2_function() is None:
+            return "no libargon2 was found (Debian and Ubuntu: libargon2-1, Fedora: libargon2)"
+        if argon2_raw(1, 0x13, 256, 2, 1, b"password", b"somesalt", 32) != bytes.fromhex(ARGON2_TEST_HASH):
+            return "libargon2 does not give the reference answer"
+    return None
+
+
+def argon2_raw(kind: int, version: int, memory: int, time_cost: int, lanes: int,
+               password: bytes, salt: bytes, length: int) -> Optional[bytes]:
+    """Argon2 of ``password``, ``length`` bytes; None if the library fails."""
+    function = argon2_function()
+    output = ctypes.create_string_buffer(length)
+    if function is None or function(time_cost, memory, lanes, password, len(password), salt,
+                                    len(salt), output, length, None, 0, kind, version) != 0:
+        return None
+    return output.raw
 
 
 def password_cost(entry: PasswordEntry) -> Tuple:
     """What checking a password against ``entry`` costs, as a key to compare:
     the scheme and its work factor (PBKDF2: rounds and hash length; crypt:
-    the rounds= field as written, None for the default)."""
+    the rounds= field as written, None for the default; bcrypt: the cost;
+    Argon2: its parameters).  The digest schemes cost a hash each."""
     if entry.scheme == "PBKDF2-SHA256" and valid_pbkdf2_data(entry.data):
         rounds, _, expected = entry.data.split("$")
         return (entry.scheme, int(rounds), len(base64.b64decode(expected)))
     if entry.scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
         match = re.match(r"\$[56]\$rounds=(\d+)\$", entry.data)
         return (entry.scheme, match.group(1) if match else None)
+    if entry.scheme == "BLF-CRYPT" and re.fullmatch(BLF_CRYPT_FORMAT, entry.data):
+        return (entry.scheme, int(entry.data[4:6]))
+    parameters = entry.scheme.startswith("ARGON2") and argon2_parameters(entry.data, entry.scheme)
+    if parameters:
+        kind, version, memory, time_cost, lanes, _, digest = parameters
+        return (entry.scheme, version, memory, time_cost, lanes, len(digest))
     return (entry.scheme,)
 
 
@@ -1441,21 +1662,99 @@ def unknown_login_entry(entries: List[PasswordEntry]) -> PasswordEntry:
         prefix, hash_length = ("$6$", 86) if scheme == "SHA512-CRYPT" else ("$5$", 43)
         rounds = "rounds=%s$" % cost[1] if cost[1] is not None else ""
         return PasswordEntry(scheme, prefix + rounds + salt + "$" + "." * hash_length)
-    return PasswordEntry("PLAIN", salt)
+    return unknown_dovecot_entry(cost, salt) or PasswordEntry("PLAIN", salt)
+
+
+def unknown_dovecot_entry(cost: Tuple, salt: str) -> Optional[PasswordEntry]:
+    """unknown_login_entry's dummy for a scheme of DOVECOT_SCHEMES: a hash of
+    all zero bits (no password's), with a fresh salt."""
+    scheme = cost[0]
+    if scheme in DIGEST_SCHEMES:
+        _, length, salted = DIGEST_SCHEMES[scheme]
+        return PasswordEntry(scheme, base64.b64encode(bytes(length) + (os.urandom(4) if salted else b""))
+                             .decode("ascii"))
+    if scheme == "MD5-CRYPT":
+        return PasswordEntry(scheme, "$1$%s$%s" % (salt[:8], "." * 22))
+    if scheme == "BLF-CRYPT":    # bcrypt's salt: 22 characters, the last one carries 2 bits
+        return PasswordEntry(scheme, "$2y$%02d$%s.%s" % (cost[1], salt + salt[:5], "." * 31))
+    if scheme in ("ARGON2I", "ARGON2ID") and len(cost) == 6:
+        _, version, memory, time_cost, lanes, length = cost
+        return PasswordEntry(scheme, "$%s$v=%d$m=%d,t=%d,p=%d$%s$%s" % (
+            scheme.lower(), version, memory, time_cost, lanes,
+            base64.b64encode(os.urandom(16)).decode().rstrip("="),
+            base64.b64encode(bytes(length)).decode().rstrip("=")))
+    return None
+
+
+PASSWD_FILE_KEY = "passwd_file"   # in [users], with a value that is no {SCHEME}DATA: a file to read
 
 
 def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
                errors: List[ConfigError]) -> UserTable:
-    """[users]: ``LOGIN = {SCHEME}DATA``, one line per login."""
-    users = {}
+    """[users]: ``LOGIN = {SCHEME}DATA``, one line per login, and
+    ``passwd_file = PATH`` (one path a line): Dovecot passwd-files, read
+    now, so that a reload reads them again.  A login given twice, in
+    [users] or in the files, is an error at its second place."""
+    users, places = {}, {}
     if not parser.has_section("users"):
         return UserTable(users)
+    base = os.path.dirname(os.path.abspath(path))
     for login, value in parser.items("users"):
+        line = lines.get(("users", login))
+        if login == PASSWD_FILE_KEY and not value.startswith("{"):
+            for name in (name.strip() for name in value.splitlines() if name.strip()):
+                read_passwd_file(os.path.join(base, name), ConfigError(
+                    path, "users", login, "", line), users, places, errors)
+            continue
         try:
-            users[login] = parse_password_entry(value)
+            entry = parse_password_entry(value)
+            if login in places:
+                raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))
+            users[login] = entry
+            places[login] = "%s:%s" % (path, line)
         except ConfigValueError as error:
-            errors.append(ConfigError(path, "users", login, str(error), lines.get(("users", login))))
+            errors.append(ConfigError(path, "users", login, str(error), line))
     return UserTable(users)
+
+
+def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEntry],
+                     places: Dict[str, str], errors: List[ConfigError]) -> None:
+    """A Dovecot passwd-file (Dovecot's "passwd-file" passdb): lines
+    ``user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]``, of which only
+    the first two fields count here; blank lines and ``#`` comments are
+    skipped.  Its entries go into ``users``, its problems into ``errors``
+    with this file's name and line.  ``where`` is the [users] line that
+    names it, for a file that cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+        errors.append(ConfigError(where.file, where.section, where.directive,
+                                  'cannot read "%s": %s' % (path, reason), where.line))
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(":")
+        login, password = fields[0], fields[1] if len(fields) > 1 else ""
+        try:
+            if not login:
+                raise ConfigValueError("a line without a user name")
+            if not password:
+                raise ConfigValueError("no password: mailproxy cannot log this user in")
+            if not password.startswith("{"):
+                if not any(password.startswith(prefix) for prefix, _ in CRYPT_PREFIX_SCHEMES):
+                    raise ConfigValueError("the password has no {SCHEME}: write the scheme in "
+                                           "front of it, e.g. {SHA512-CRYPT}$6$...")
+                password = "{CRYPT}" + password        # Dovecot's default_pass_scheme
+            entry = parse_password_entry(password)
+            if login in places:
+                raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))
+            users[login] = entry
+            places[login] = "%s:%d" % (path, number)
+        except ConfigValueError as error:
+            errors.append(ConfigError(path, None, login or None, str(error), number))
 
 
 class Route(NamedTuple):
@@ -3053,7 +3352,10 @@ CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine
 # ========================================================================== #
 # Turns Credentials into a verdict: which backend, with which login and
 # password.  The built-in user table (an extension; nginx needs an auth_http
-# server for this) keeps hashed passwords; every comparison of a secret uses
+# server for this) keeps hashed passwords, in mailproxy's schemes and
+# Dovecot's (README "The user table"; the table's parsing, and the ctypes
+# bindings for bcrypt and Argon2, are in Configuration, which must know at
+# load whether an entry can be checked); every comparison of a secret uses
 # hmac.compare_digest so that its time does not depend on where it differs.
 # LoginDefence slows down password guessing (README "Failed logins").
 
@@ -3160,6 +3462,43 @@ def _crypt_base64(digest: bytes, order: Tuple) -> str:
     return "".join(chars)
 
 
+# -- crypt(3) MD5 ("$1$"): Poul-Henning Kamp's algorithm, as in FreeBSD's
+# lib/libcrypt/crypt-md5.c (1994, "THE BEER-WARE LICENSE"), glibc's md5-crypt.c
+# and Dovecot's password-scheme-md5crypt.c, which all follow it.  Pure Python:
+# it holds the GIL (GIL_BOUND_SCHEMES).
+
+_MD5_CRYPT_SALT_MAX = 8
+_MD5_CRYPT_ORDER = ((0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5), (11,))
+
+
+def md5_crypt(password: bytes, setting: str) -> str:
+    """crypt(3) of ``password`` with a "$1$" ``setting`` (``$1$salt[$hash]``):
+    ``$1$salt$hash``.  Raises ValueError for another setting or a NUL byte
+    (C's strlen would end the password there)."""
+    if b"\0" in password:
+        raise ValueError("crypt(3) cannot hash a password with a NUL byte")
+    if not setting.startswith("$1$"):
+        raise ValueError("not an MD5-crypt setting")
+    salt = setting[3:].split("$", 1)[0][:_MD5_CRYPT_SALT_MAX]
+    salt_bytes = salt.encode("ascii")
+    final = hashlib.md5(password + salt_bytes + password).digest()
+    context = hashlib.md5(password + b"$1$" + salt_bytes)
+    context.update(_repeat_to_length(final, len(password)))
+    length = len(password)
+    while length:                      # "Then something really weird...": a 0 byte or the first
+        context.update(b"\0" if length & 1 else password[:1])
+        length >>= 1
+    final = context.digest()
+    for i in range(1000):              # "and now, just to make sure things don't run too fast"
+        data = password if i & 1 else final
+        if i % 3:
+            data += salt_bytes
+        if i % 7:
+            data += password
+        final = hashlib.md5(data + (final if i & 1 else password)).digest()
+    return "$1$" + salt + "$" + _crypt_base64(final, _MD5_CRYPT_ORDER)
+
+
 # -- password schemes ----------------------------------------------------------
 
 def hash_password(password: bytes, scheme: str = "PBKDF2-SHA256",
@@ -3204,11 +3543,50 @@ def _scheme_matches(entry: PasswordEntry, password: bytes) -> bool:
         digest = hashlib.pbkdf2_hmac("sha256", password, base64.b64decode(salt),
                                      int(rounds), len(expected_bytes))
         return hmac.compare_digest(digest, expected_bytes)
+    if entry.scheme in DIGEST_SCHEMES:
+        return _digest_matches(entry, password)
+    if entry.scheme in ("ARGON2I", "ARGON2ID"):
+        return _argon2_matches(entry, password)
     try:
-        computed = sha_crypt(password, entry.data)
+        if entry.scheme == "BLF-CRYPT":
+            computed = _library_crypt(password, entry.data)
+        elif entry.scheme == "MD5-CRYPT":
+            computed = md5_crypt(password, entry.data)
+        else:
+            computed = sha_crypt(password, entry.data)
     except ValueError:
         return False
     return hmac.compare_digest(computed.encode(), entry.data.encode())
+
+
+def _digest_matches(entry: PasswordEntry, password: bytes) -> bool:
+    """Dovecot's {SHA*} and {SSHA*}: the digest of the password (then the
+    salt, which follows the digest in the data)."""
+    name, length, _ = DIGEST_SCHEMES[entry.scheme]
+    raw = base64.b64decode(entry.data)
+    computed = hashlib.new(name, password + raw[length:]).digest()
+    return hmac.compare_digest(computed, raw[:length])
+
+
+def _argon2_matches(entry: PasswordEntry, password: bytes) -> bool:
+    """libargon2's raw hash with the entry's parameters, compared here."""
+    parameters = argon2_parameters(entry.data, entry.scheme)
+    if parameters is None:
+        return False
+    kind, version, memory, time_cost, lanes, salt, expected = parameters
+    computed = argon2_raw(kind, version, memory, time_cost, lanes, password, salt, len(expected))
+    return computed is not None and hmac.compare_digest(computed, expected)
+
+
+def _library_crypt(password: bytes, setting: str) -> str:
+    """libcrypt's crypt (bcrypt); ValueError if it cannot, so no match."""
+    crypt = crypt_function()
+    if b"\0" in password or crypt is None:
+        raise ValueError("libcrypt cannot hash this")
+    computed = crypt(password, setting.encode("ascii"))
+    if computed is None:
+        raise ValueError("libcrypt refused the setting")
+    return computed.decode("ascii")
 
 
 AUTH_FAILED_TEXT = b"Invalid login or password"
@@ -6637,7 +7015,7 @@ def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outco
 
 PASSWORD_CHECK_THREADS = 4     # per worker: hashing is CPU work, and the workers share the CPUs
 PASSWORD_CHECK_LIMIT = 8       # checks in the threads' hands at once; the others wait, in order
-GIL_BOUND_SCHEMES = ("SHA256-CRYPT", "SHA512-CRYPT")    # checked in a PasswordHelper process
+GIL_BOUND_SCHEMES = ("SHA256-CRYPT", "SHA512-CRYPT", "MD5-CRYPT")   # checked in a PasswordHelper process
 
 # The helper process's program: this file, loaded by its path (it need not
 # be importable by name; importing it only defines names), then its loop.

@@ -4534,6 +4534,382 @@ class PasswordCostTests(unittest.TestCase):
         self.assertLess(peak, 64 * 4096, "peak %d bytes for a 4 KB password" % peak)
 
 
+# Made by Dovecot 2.3.19.1's `doveadm pw -s SCHEME -p secret` (the tests need
+# no Dovecot): what a Dovecot passwd-file holds, each in doveadm's default
+# encoding, or the one its suffix names.
+DOVECOT_SECRET = {
+    "SSHA": "{SSHA}G6GHs0ugfWIoV7SHktwSWLRV1LeOio1s",
+    "SSHA256": "{SSHA256}UulJiRpSFokIewOmtgMKcB8Ad6lzXUhupQsrHTPDCal28tVl",
+    "SSHA512": "{SSHA512}HPWe56w4BweGQB1ao7SX39g/kFwGmcvsGt0rvhb4nPBq02hGmaSiZ8HHuxbJqq1bWXN7hxqIwa2qmzj+r8BkOberDwM=",
+    "SHA": "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=",
+    "SHA1": "{SHA1}5en6G6MezRroT3XKqkdPOmY/BfQ=",
+    "SHA256": "{SHA256}K7gNU3sdo+OL0wNhqoVWhr3g6s1xYv72ol/pe/Unols=",
+    "SHA512": "{SHA512}vSsar3708Jvp9Szi2NWZZ02Bqp1qRCFpbcTZPdBhnWgs5WtNZKnvCXdhztmeD2cmW192CF5bDufKRpayrW/isg==",
+    "SSHA256.HEX": "{SSHA256.HEX}1014d9f67cb67b0397068f8dfea152c34b154b62345b81924c63f63dbe68569d3797588a",
+    "SHA512.HEX": "{SHA512.HEX}bd2b1aaf7ef4f09be9f52ce2d8d599674d81aa9d6a4421696dc4d93dd0619d682ce56b4d64a9ef"
+                  "097761ced99e0f67265b5f76085e5b0ee7ca4696b2ad6fe2b2",
+    "SSHA.b64": "{SSHA.B64}FqDVUxX+IWSdlpF1dDj4Jqjl1+UFhbOG",
+    "MD5-CRYPT": "{MD5-CRYPT}$1$0DIYaMTC$/j.CbBN7PDkM5/YFhOY4//",
+    "SHA256-CRYPT": "{SHA256-CRYPT}$5$p4AvFZMpqxVXobe5$lz1HnwOwoNKtCIr9v5jdHeD.kMscEeGsfRk3Pl90fJ7",
+    "SHA512-CRYPT": "{SHA512-CRYPT}$6$oA0z/nHtuF5faAgd$m6ZlYkioVXDNYaik4nKH7pIuplCvrZSjjIa9Iatr.qS14aCYtz/5q"
+                    "CklI4.7cnErpusD.G85uuiNcHC5qthha.",
+}
+# The same, for schemes that need the host's libraries (libcrypt's bcrypt, libargon2).
+DOVECOT_SECRET_LIBRARY = {
+    "BLF-CRYPT": "{BLF-CRYPT}$2y$05$9eG7175RmeLr9B/EjbdFiugmBRsJ.tyh/PbQMDqv3qUDr79ZEPnB2",
+    "ARGON2I": "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$1SeDVn8xpgtwxs9M16TNuw$EF8Sq4Cbvq+QWrPTKnSneMJSywVUE4q0WjgX3yw5AD8",
+    "ARGON2ID": "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$igkqkIoY/EwmadrhOny7YA$6E2cQSuKTSd6RQKvy7NbFUglPSNjT4UB/rb7eqWQfuo",
+}
+DOVECOT_NEW_SSHA512 = ("{SSHA512}ZEXtUhduxcKUuVAoJdckuML0pW0X2RfG8wIUSO7REm0bHJXXJr8VD8aazCF6V1sf2axuMuHsrzYWn"
+                       "SFGx0OFWhbGVLI=")     # doveadm pw -s SSHA512 -p new
+
+
+def host_checks(scheme: str) -> bool:
+    return mp.missing_library(scheme, DOVECOT_SECRET_LIBRARY[scheme].split("}", 1)[1]) is None
+
+
+def without_host_libraries(test) -> None:
+    """For the rest of the test: no libcrypt and no libargon2 on this host."""
+    patches = [unittest.mock.patch.object(mp, "crypt_function", lambda: None),
+               unittest.mock.patch.object(mp, "argon2_function", lambda: None)]
+    for patch in patches:
+        patch.start()
+        test.addCleanup(patch.stop)
+    mp._missing_library.cache_clear()
+    test.addCleanup(mp._missing_library.cache_clear)
+
+
+class DovecotSchemeTests(unittest.TestCase):
+    """Dovecot's password schemes, so that its passwd-files serve unchanged."""
+
+    def assertChecks(self, name: str, value: str, password: bytes = b"secret") -> None:
+        entry = mp.parse_password_entry(value)
+        self.assertTrue(mp.password_matches(entry, password), name)
+        self.assertFalse(mp.password_matches(entry, password.capitalize() + b"x"), name)
+        self.assertFalse(mp.password_matches(entry, password + b"\0"), name)
+
+    def test_each_scheme_as_doveadm_writes_it(self):
+        for name, value in DOVECOT_SECRET.items():
+            with self.subTest(scheme=name):
+                self.assertChecks(name, value)
+
+    def test_bcrypt_and_argon2_through_the_host_libraries(self):
+        for name, value in DOVECOT_SECRET_LIBRARY.items():
+            with self.subTest(scheme=name):
+                if not host_checks(name):
+                    self.skipTest("this host cannot check %s" % name)
+                self.assertChecks(name, value)
+
+    def test_bcrypt_test_vector(self):
+        # John the Ripper's and crypt_blowfish's vector, in each variant Dovecot may hold.
+        if not host_checks("BLF-CRYPT"):
+            self.skipTest("no bcrypt in this host's libcrypt")
+        for variant in "aby":
+            self.assertChecks(variant, "{BLF-CRYPT}" + mp.BLF_TEST_HASH % variant, b"U*U")
+
+    def test_md5_crypt_vectors(self):
+        # Made by libxcrypt's crypt(3), which follows Poul-Henning Kamp's code:
+        # an empty password, one longer than a digest, one of 8-bit bytes.
+        for password, expected in [(b"", "$1$saltsalt$5Jhcit4zN9UlGiA0txPkO0"),
+                                   (b"a password longer than sixteen bytes",
+                                    "$1$12345678$H2K48mBSX8MIUbPKzMydi/"),
+                                   ("pässwörd".encode(), "$1$ab$bRZzLnQPD1ql12pSoshc71")]:
+            self.assertEqual(mp.md5_crypt(password, expected), expected)
+            self.assertChecks(expected, "{MD5-CRYPT}" + expected, password)
+        self.assertEqual(mp.md5_crypt(b"secret", "$1$0DIYaMTCtoolong$"), "$1$0DIYaMTC$/j.CbBN7PDkM5/YFhOY4//")
+
+    def test_encodings_and_names(self):
+        # Dovecot's: base64 by default, .HEX and .B64 suffixes, an unsalted
+        # digest in hex recognised by its length, scheme names in any case,
+        # SHA1 and CLEARTEXT for SHA and PLAIN.
+        hex_sha512 = DOVECOT_SECRET["SHA512.HEX"].split("}", 1)[1]
+        for value in ("{SHA512}" + hex_sha512, "{sha512.hex}" + hex_sha512.upper(),
+                      "{ssha512}" + DOVECOT_SECRET["SSHA512"].split("}", 1)[1],
+                      "{SSHA256.b64}" + DOVECOT_SECRET["SSHA256"].split("}", 1)[1],
+                      "{SSHA512}" + DOVECOT_SECRET["SSHA512"].split("}", 1)[1].rstrip("="),
+                      "{CLEARTEXT}secret", "{PLAIN.B64}c2VjcmV0", "{PLAIN.HEX}736563726574"):
+            with self.subTest(value=value):
+                self.assertChecks(value, value)
+        self.assertEqual(mp.parse_password_entry(DOVECOT_SECRET["SHA1"]).scheme, "SHA")
+
+    def test_crypt_is_read_by_the_prefix(self):
+        # Dovecot's {CRYPT}, its default_pass_scheme, is crypt(3): doveadm pw -s CRYPT
+        # wrote the bcrypt one; the others are the vectors above under {CRYPT}.
+        values = {"SHA512-CRYPT": DOVECOT_SECRET["SHA512-CRYPT"], "SHA256-CRYPT": DOVECOT_SECRET["SHA256-CRYPT"],
+                  "MD5-CRYPT": DOVECOT_SECRET["MD5-CRYPT"]}
+        if host_checks("BLF-CRYPT"):
+            values["BLF-CRYPT"] = "{X}$2y$05$M0.fnkfJUeC5aCKKseaqxOLZWjWYbsahJFg84nf3lLange4U0Evjq"
+        for scheme, value in values.items():
+            crypt = "{crypt}" + value.split("}", 1)[1]
+            with self.subTest(value=crypt):
+                self.assertEqual(mp.parse_password_entry(crypt).scheme, scheme)
+                self.assertChecks(crypt, crypt)
+        for value in ("{CRYPT}abJnggxhB/yWI", "{CRYPT}$y$j9T$salt$hash"):      # DES, yescrypt
+            with self.assertRaisesRegex(mp.ConfigValueError, r"\{CRYPT\} is read for \$1\$, \$5\$"):
+                mp.parse_password_entry(value)
+
+    def test_salt_follows_the_digest(self):
+        salt = b"\x01\x02\x03\x04\x05"
+        value = "{SSHA256}" + base64.b64encode(hashlib.sha256(b"pw" + salt).digest() + salt).decode()
+        self.assertChecks("salt after", value, b"pw")
+        before = "{SSHA256}" + base64.b64encode(salt + hashlib.sha256(b"pw" + salt).digest()).decode()
+        self.assertFalse(mp.password_matches(mp.parse_password_entry(before), b"pw"))
+
+    def test_malformed_data_is_refused(self):
+        for value, message in [
+                ("{SHA256}" + base64.b64encode(bytes(31)).decode(), "32-byte SHA256 digest, not 31"),
+                ("{SSHA}" + base64.b64encode(bytes(20)).decode(), "and a salt after it, not 20"),
+                ("{SSHA512}not base64!", "must be base64 (or hex, as {SSHA512.HEX})"),
+                ("{SSHA.XYZ}abcd", 'unknown encoding ".XYZ"'),
+                ("{MD5-CRYPT.HEX}$1$ab$bRZzLnQPD1ql12pSoshc71", "only the PLAIN, SHA and SSHA schemes"),
+                ("{PLAIN.HEX}ff", "{PLAIN.HEX} data must be a UTF-8 password in hex"),
+                ("{PLAIN.B64}!", "{PLAIN.B64} data must be a UTF-8 password in base64"),
+                ("{MD5-CRYPT}$1$ab$short", "must be a $1$ crypt string"),
+                ("{BLF-CRYPT}$2y$05$short", "must be a $2y$ (or $2a$, $2b$) bcrypt string"),
+                ("{ARGON2I}" + DOVECOT_SECRET_LIBRARY["ARGON2ID"].split("}", 1)[1], "an $argon2i$ encoded"),
+                ("{ARGON2ID}$argon2id$v=19$m=4,t=3,p=1$c29tZXNhbHQ$CTFhFdXPJO1aFaMaO6Mm5c8y7cJHAph8",
+                 "an $argon2id$ encoded"),
+                ("{MD5}$1$ab$bRZzLnQPD1ql12pSoshc71", 'unknown password scheme "{MD5}"')]:
+            with self.subTest(value=value):
+                with self.assertRaises(mp.ConfigValueError) as caught:
+                    mp.parse_password_entry(value)
+                self.assertIn(message, str(caught.exception))
+
+    def test_every_comparison_uses_compare_digest(self):
+        values = [DOVECOT_SECRET[name] for name in ("SSHA512", "SHA", "MD5-CRYPT")]
+        values += [value for name, value in DOVECOT_SECRET_LIBRARY.items() if host_checks(name)]
+        for value in values:
+            with unittest.mock.patch.object(mp.hmac, "compare_digest",
+                                            side_effect=hmac.compare_digest) as compare:
+                self.assertTrue(mp.password_matches(mp.parse_password_entry(value), b"secret"))
+            self.assertEqual(compare.call_count, 1, value)
+
+    def test_md5_crypt_is_checked_in_the_helper_process(self):
+        # Pure Python, like SHA-crypt: it would hold the GIL, so the loop.
+        self.assertIn("MD5-CRYPT", mp.GIL_BOUND_SCHEMES)
+        for name in ("BLF-CRYPT", "ARGON2ID", "SSHA512"):     # ctypes and hashlib let the GIL go
+            self.assertNotIn(name, mp.GIL_BOUND_SCHEMES)
+        helper = mp.PasswordHelper()
+        self.addCleanup(helper.close)
+        entry = mp.parse_password_entry(DOVECOT_SECRET["MD5-CRYPT"])
+        self.assertTrue(helper.matches(entry, b"secret"))
+        self.assertFalse(helper.matches(entry, b"wrong"))
+        self.assertIsNotNone(helper.process)
+
+    def test_unknown_logins_are_checked_against_a_dummy_of_the_same_cost(self):
+        values = list(DOVECOT_SECRET.values())
+        values += [value for name, value in DOVECOT_SECRET_LIBRARY.items() if host_checks(name)]
+        for value in values:
+            with self.subTest(value=value):
+                entry = mp.parse_password_entry(value)
+                dummy = mp.unknown_login_entry([entry])
+                self.assertEqual(dummy.scheme, entry.scheme)
+                self.assertEqual(mp.password_cost(dummy), mp.password_cost(entry))
+                self.assertEqual(mp.parse_password_entry("{%s}%s" % dummy), dummy)     # well-formed
+                self.assertFalse(mp.password_matches(dummy, b"secret"))
+                users = {"user": entry}
+                for login in (b"user", b"nobody"):     # both to the pool, as every hashed scheme
+                    self.assertTrue(mp.check_hashes(users, mp.Credentials(login, b"wrong")))
+
+    def test_an_unknown_login_costs_what_a_wrong_password_costs(self):
+        names = ["MD5-CRYPT"] + [name for name in ("BLF-CRYPT",) if host_checks(name)]
+        for name in names:
+            value = DOVECOT_SECRET.get(name) or DOVECOT_SECRET_LIBRARY[name]
+            with self.subTest(scheme=name):
+                users = mp.UserTable({"user1": mp.parse_password_entry(value)})
+                known = mp.Credentials(b"user1", b"wrong password")
+                unknown = mp.Credentials(b"nobody", b"wrong password")
+                ratio = timing_ratio(lambda: mp.authenticate(users, {}, upstream(), known),
+                                     lambda: mp.authenticate(users, {}, upstream(), unknown))
+                self.assertTrue(0.5 < ratio < 2.0, "unknown/known login: %.1f times" % ratio)
+
+
+class UncheckableSchemeTests(unittest.TestCase):
+    """An entry this host's libraries cannot check: refused at load, so
+    -t tells the operator, and never a login."""
+
+    def test_refused_with_what_is_missing(self):
+        without_host_libraries(self)
+        for name, missing in [("BLF-CRYPT", "no libcrypt (crypt_r) was found"),
+                              ("ARGON2I", "no libargon2 was found"), ("ARGON2ID", "no libargon2 was found")]:
+            with self.subTest(scheme=name):
+                with self.assertRaises(mp.ConfigValueError) as caught:
+                    mp.parse_password_entry(DOVECOT_SECRET_LIBRARY[name])
+                self.assertIn("{%s} cannot be checked on this host: %s" % (name, missing),
+                              str(caught.exception))
+                self.assertIn("this user could never log in", str(caught.exception))
+
+    def test_a_libcrypt_without_bcrypt(self):
+        patch = unittest.mock.patch.object(mp, "crypt_function", lambda: lambda password, setting: None)
+        patch.start()
+        self.addCleanup(patch.stop)
+        mp._missing_library.cache_clear()
+        self.addCleanup(mp._missing_library.cache_clear)
+        with self.assertRaisesRegex(mp.ConfigValueError, r'libcrypt has no bcrypt "\$2y\$"'):
+            mp.parse_password_entry(DOVECOT_SECRET_LIBRARY["BLF-CRYPT"])
+
+    def test_never_a_match_when_the_library_is_gone(self):
+        entries = [mp.parse_password_entry(value) for name, value in DOVECOT_SECRET_LIBRARY.items()
+                   if host_checks(name)]
+        without_host_libraries(self)
+        for entry in entries:
+            self.assertFalse(mp.password_matches(entry, b"secret"), entry)
+
+    def test_dash_t_names_the_file_the_line_and_what_is_missing(self):
+        directory = TempDir(self)
+        path = directory.write("mailproxy.conf", textwrap.dedent(BASE_CONFIG) + textwrap.dedent("""
+            [users]
+            alice = {PLAIN}secret
+            bob = %s
+            carol = %s
+            """) % (DOVECOT_SECRET_LIBRARY["BLF-CRYPT"], DOVECOT_SECRET_LIBRARY["ARGON2ID"]))
+        without_host_libraries(self)
+        stderr = io.StringIO()
+        with unittest.mock.patch.object(sys, "stderr", stderr):
+            status = mp.command_test(path)
+        self.assertEqual(status, 1)
+        reported = stderr.getvalue()
+        bob = read_text(path).splitlines().index("bob = " + DOVECOT_SECRET_LIBRARY["BLF-CRYPT"]) + 1
+        self.assertIn("%s:%d: [users] bob: {BLF-CRYPT} cannot be checked on this host: no libcrypt "
+                      "(crypt_r) was found; this user could never log in" % (path, bob), reported)
+        self.assertIn("%s:%d: [users] carol: {ARGON2ID} cannot be checked on this host: no libargon2 "
+                      "was found" % (path, bob + 1), reported)
+        self.assertIn("test failed", reported)
+
+
+class PasswdFileTests(unittest.TestCase):
+    """[users] passwd_file = PATH: a Dovecot passwd-file, read with the
+    configuration."""
+
+    def load(self, passwd_text: str, users: str = "passwd_file = users.passwd\n"):
+        directory = TempDir(self)
+        directory.write("users.passwd", passwd_text)
+        path = directory.write("mailproxy.conf", textwrap.dedent(BASE_CONFIG) + "\n[users]\n" + users)
+        return directory, path
+
+    def test_users_from_the_file_beside_the_table(self):
+        _, path = self.load(
+            "# Dovecot's passwd-file: user:password:uid:gid:gecos:home:shell:extra\n\n"
+            "bob:%s:1000:1000::/home/bob::userdb_quota_rule=*:storage=1G\n"
+            "carol@example.com:%s\n"
+            "dave:$1$0DIYaMTC$/j.CbBN7PDkM5/YFhOY4//::\n"         # no {SCHEME}: Dovecot's CRYPT
+            % (DOVECOT_SECRET["SSHA512"], DOVECOT_SECRET["SHA256-CRYPT"]),
+            "alice = {PLAIN}secret\npasswd_file = users.passwd\n")
+        users = mp.load_config(path).users
+        self.assertEqual(sorted(users), ["alice", "bob", "carol@example.com", "dave"])
+        self.assertEqual(users["dave"].scheme, "MD5-CRYPT")
+        for login in ("alice", "bob", "carol@example.com", "dave"):
+            self.assertTrue(mp.password_matches(users[login], b"secret"), login)
+            self.assertFalse(mp.password_matches(users[login], b"wrong"), login)
+        self.assertEqual(users.dummy.scheme, "PLAIN")          # one scheme each: the first
+
+    def test_several_files_and_a_user_named_passwd_file(self):
+        directory, path = self.load("bob:%s\n" % DOVECOT_SECRET["SHA"],
+                                    "passwd_file = users.passwd\n    more.passwd\n")
+        directory.write("more.passwd", "carol:%s\n" % DOVECOT_SECRET["SSHA"])
+        self.assertEqual(sorted(mp.load_config(path).users), ["bob", "carol"])
+        _, path = self.load("", "passwd_file = {PLAIN}secret\n")     # a {SCHEME}: a user's entry
+        self.assertEqual(list(mp.load_config(path).users), ["passwd_file"])
+
+    def test_errors_name_the_file_and_the_line(self):
+        directory, path = self.load("bob:%s\n"
+                                    "carol\n"
+                                    "dave:{MD5}0123\n"
+                                    "erin:secret\n"
+                                    "bob:{PLAIN}again\n"
+                                    "alice:{PLAIN}twice\n"
+                                    ":{PLAIN}x\n" % DOVECOT_SECRET["SHA"],
+                                    "alice = {PLAIN}secret\npasswd_file = users.passwd\n    missing.passwd\n")
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_config(path)
+        passwd = os.path.join(directory.path, "users.passwd")
+        reported = [str(error) for error in caught.exception.errors]
+        users_line = read_text(path).splitlines().index("passwd_file = users.passwd") + 1
+        self.assertEqual(reported, [
+            "%s:2: carol: no password: mailproxy cannot log this user in" % passwd,
+            '%s:3: dave: unknown password scheme "{MD5}"; known: %s' % (
+                passwd, ", ".join("{%s}" % s for s in mp.TABLE_SCHEMES)),
+            "%s:4: erin: the password has no {SCHEME}: write the scheme in front of it, "
+            "e.g. {SHA512-CRYPT}$6$..." % passwd,
+            '%s:5: bob: user "bob" is already in the table, at %s:1' % (passwd, passwd),
+            '%s:6: alice: user "alice" is already in the table, at %s:%d' % (passwd, path, users_line - 1),
+            "%s:7: a line without a user name" % passwd,
+            '%s:%d: [users] passwd_file: cannot read "%s": No such file or directory'
+            % (path, users_line, os.path.join(directory.path, "missing.passwd"))])
+
+    def test_dash_t_reports_an_uncheckable_scheme_in_the_file(self):
+        directory, path = self.load("# Dovecot's\ncarol:%s:1000:1000::/home/carol::\n"
+                                    % DOVECOT_SECRET_LIBRARY["ARGON2ID"])
+        without_host_libraries(self)
+        stderr = io.StringIO()
+        with unittest.mock.patch.object(sys, "stderr", stderr):
+            self.assertEqual(mp.command_test(path), 1)
+        self.assertIn("mailproxy: [emerg] %s:2: carol: {ARGON2ID} cannot be checked on this host: "
+                      "no libargon2 was found" % os.path.join(directory.path, "users.passwd"),
+                      stderr.getvalue())
+
+
+class PasswdFileEndToEndTests(EndToEndTestCase):
+
+    def test_a_login_checked_against_a_passwd_file(self):
+        backend = self.use(FakeImapBackend())
+        directory = TempDir(self)
+        passwd = directory.write("users.passwd", "alice:%s:1000:1000::/home/alice::\n"
+                                 % DOVECOT_SECRET["SSHA512"])
+        proxy = self.start_proxy("imap", backend.port, users={"passwd_file": passwd})
+        self.assertEqual(imap_login_reply(self, proxy.port, "wrong"),
+                         b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
+        self.assertEqual(imap_login_reply(self, proxy.port, "secret"), b"a1 OK LOGIN completed\r\n")
+        self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_a_user_of_each_scheme_logs_in_through_the_proxy(self):
+        # Through the worker's password check pool: its threads (hashlib,
+        # ctypes), or the helper process for MD5-CRYPT and SHA-crypt.
+        backend = self.use(FakeImapBackend(accept=None))
+        values = dict(DOVECOT_SECRET)
+        values.update((name, value) for name, value in DOVECOT_SECRET_LIBRARY.items() if host_checks(name))
+        logins = {"user%d" % number: value for number, value in enumerate(values.values())}
+        passwd = TempDir(self).write("users.passwd", "".join("%s:%s\n" % item for item in logins.items()))
+        proxy = self.start_proxy("imap", backend.port, users={"passwd_file": passwd},
+                                 trusted_networks="127.0.0.1")      # wrong passwords, not slowed
+        for login, value in logins.items():
+            with self.subTest(login=login, value=value):
+                for password, reply in (("wrong", rb"^a1 NO "), ("secret", rb"^a1 OK ")):
+                    client = connect_client(self, proxy.port)
+                    client.expect_line(mp.IMAP_GREETING)
+                    client.send("a1 LOGIN %s %s" % (login, password))
+                    client.expect(reply)
+                    client.close()
+        self.assertEqual(backend.logins, [(login.encode(), b"secret") for login in logins])
+
+    def test_sighup_reads_the_passwd_file_again(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        directory = TempDir(self)
+        port = free_port()
+        directory.write("users.passwd", "alice:%s\n" % DOVECOT_SECRET["SSHA512"])
+        path = directory.write("mailproxy.conf", (
+            "[main]\nerror_log = stderr info\n\n"
+            "[mail]\nproxy_pass = 127.0.0.1:%d\nauth_delay = 50ms\nserver_name = mail.test\n\n"
+            "[users]\npasswd_file = users.passwd\n\n"
+            "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n") % (backend.port, port))
+        proxy = ProgramUnderTest(self, path)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 OK LOGIN completed\r\n")
+        directory.write("users.passwd", "alice:%s\n" % DOVECOT_NEW_SSHA512)
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 NO " + mp.AUTH_FAILED_TEXT + b"\r\n")
+        self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
+        directory.write("users.passwd", "alice:{NOSUCH}x\n")           # broken: the old table stays
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("users.passwd:1: alice: unknown password scheme", mark),
+                             proxy.stderr)
+        self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(3), 0, proxy.stderr)
+
+
 class ExternalIdentityTests(unittest.TestCase):
     USERS = {"karl": mp.PasswordEntry("PLAIN", "secret"),
              "alice@example.com": mp.PasswordEntry("PLAIN", "secret")}
@@ -7857,7 +8233,10 @@ class PasswordCheckPoolTests(EventLoopTestCase):
     """The pool on its own, with a real EventLoop."""
 
     def test_checks_over_the_limit_wait_and_run_in_order(self):
-        pool = mp.PasswordCheckPool(self.loop, threads=2, limit=2)
+        # One thread, so that the order they run in is the order they were
+        # handed on (with two, which of the first two ends first is the
+        # scheduler's choice).
+        pool = mp.PasswordCheckPool(self.loop, threads=1, limit=2)
         self.addCleanup(pool.close)
         gate, ran, done = threading.Event(), [], []
 
@@ -7870,9 +8249,25 @@ class PasswordCheckPoolTests(EventLoopTestCase):
         self.assertEqual((pool.handed, len(pool.waiting)), (2, 4))
         gate.set()
         self.drive(lambda: len(done) == 6)
-        self.assertEqual(sorted(done), list(range(6)))
-        self.assertEqual(ran[2:], [2, 3, 4, 5], "the waiting checks ran out of order")
-        self.assertEqual(len(pool.threads), 2)
+        self.assertEqual(done, list(range(6)))
+        self.assertEqual(ran, list(range(6)), "the waiting checks ran out of order")
+        self.assertEqual(len(pool.threads), 1)
+
+    def test_threads_start_as_checks_come_up_to_the_pool_size(self):
+        pool = mp.PasswordCheckPool(self.loop, threads=2, limit=4)
+        self.addCleanup(pool.close)
+        together, done = threading.Barrier(2, timeout=10), []
+
+        def work(number, matches):
+            together.wait()            # both at once, or it times out
+            return number
+        pool.submit(functools.partial(work, 0), done.append)
+        self.assertEqual(len(pool.threads), 1)        # one check: one thread
+        for number in (1, 2, 3):
+            pool.submit(functools.partial(work, number), done.append)
+        self.assertEqual(len(pool.threads), 2)        # never more than the size
+        self.drive(lambda: len(done) == 4)
+        self.assertEqual(sorted(done), [0, 1, 2, 3])
 
     def test_a_cancelled_check_is_dropped_and_a_failed_one_goes_to_its_object(self):
         class Owner:
