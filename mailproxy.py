@@ -1091,12 +1091,12 @@ def find_line_numbers(text: str) -> Dict[Tuple[str, str], int]:
     lines = {}
     section = None
     for number, line in enumerate(text.splitlines(), 1):
-        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if line[:1].isspace() or line.lstrip().startswith(("#", ";")):
+            continue                   # a continuation ("    [::1]:8143") or a comment
+        header = re.match(r"\[([^\]]+)\]", line)
         if header:
             section = header.group(1).strip()
             lines[(section, "")] = number
-            continue
-        if line[:1].isspace() or line.lstrip().startswith(("#", ";")):
             continue
         key = re.match(r"([^=]+?)\s*=", line)
         if key and section is not None:
@@ -1108,7 +1108,7 @@ def section_at(text: str, lineno: int) -> Optional[str]:
     """The section a line number of the file belongs to."""
     section = None
     for line in text.splitlines()[:lineno]:
-        header = re.match(r"\s*\[([^\]]+)\]", line)
+        header = re.match(r"\[([^\]]+)\]", line)     # not "    [::1]:8143", a continuation
         if header:
             section = header.group(1).strip()
     return section
