@@ -1075,6 +1075,8 @@ class Config(NamedTuple):
     servers: List[Settings]
     users: UserTable
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
+    warnings: Tuple = ()                # ConfigErrors that -t and the start-up print as [warn]
+    lines: Optional[Dict] = None        # (section, directive) -> line, for later messages
 
 
 def section_kind(name: str) -> Optional[str]:
@@ -1153,6 +1155,58 @@ def read_ini(path: str) -> Tuple[configparser.ConfigParser, Dict]:
     return parser, find_line_numbers(text)
 
 
+def comment_start(text: str, quotes: bool = True) -> Optional[int]:
+    """Where an inline comment starts in one line of a value: at a "#" or
+    ";" that begins the value or follows whitespace (nginx's "#" starts a
+    comment where an argument could start; INI's ";" the same way), and,
+    with ``quotes``, not inside a quoted argument (nginx's quoting, as
+    split_arguments).  None: no comment.  configparser's own
+    inline_comment_prefixes knows no quotes, so it would cut
+    ``auth_http_header X-Key "a #b"``; hence this."""
+    i, argument_starts = 0, True
+    while i < len(text):
+        char = text[i]
+        if char.isspace():
+            argument_starts = True
+        elif argument_starts and char in "#;":
+            return i
+        elif argument_starts and quotes and char in "\"'":
+            i += 1
+            while i < len(text) and text[i] != char:
+                i += 2 if text[i] == "\\" and text[i + 1:i + 2] in tuple(NGINX_ESCAPES) else 1
+            argument_starts = False
+        else:
+            argument_starts = False
+        i += 1
+    return None
+
+
+def strip_inline_comments(path: str, parser: configparser.ConfigParser,
+                          lines: Dict) -> List[ConfigError]:
+    """Cut every inline comment (`` # ...`` or `` ; ...``) from the values,
+    line by line, in every section: README, "The configuration file".  In
+    [users], where a value is verbatim (quotes are part of a password),
+    whitespace and "#" or ";" start a comment even after a quote.  Returns
+    the warnings for -t: a {PLAIN} value that lost a comment, whose
+    password could have been meant to go on (such a password is written
+    {PLAIN.B64})."""
+    warnings = []
+    for section in parser.sections():
+        verbatim = section == "users"
+        for key, value in parser.items(section):
+            kept = []
+            for line in value.split("\n"):
+                start = comment_start(line, quotes=not verbatim)
+                if start is not None and verbatim and re.match(r"\{PLAIN\}", line, re.I):
+                    warnings.append(ConfigError(
+                        path, section, key, 'the {PLAIN} password ends before "%s": the rest of the '
+                        'line is a comment (write a password that holds " %s" as {PLAIN.B64})'
+                        % (line[start], line[start]), lines.get((section, key))))
+                kept.append(line if start is None else line[:start].rstrip())
+            parser.set(section, key, "\n".join(line for line in kept if line).strip())
+    return warnings
+
+
 def load_config(path: str) -> Config:
     """Read and check a configuration file.
 
@@ -1161,6 +1215,7 @@ def load_config(path: str) -> Config:
     required ones), each with file, section, directive and line.
     """
     parser, lines = read_ini(path)
+    warnings = strip_inline_comments(path, parser, lines)
     errors = []
     values = read_directives(path, parser, lines, errors)
     main = merge_main(values.get("main", {}))
@@ -1181,7 +1236,7 @@ def load_config(path: str) -> Config:
     routes = load_routes(path, parser, lines, errors)
     if errors:
         raise ConfigErrors(errors)
-    return Config(path, main, servers, users, routes)
+    return Config(path, main, servers, users, routes, tuple(warnings), lines)
 
 
 def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -1336,8 +1391,23 @@ def valid_pbkdf2_data(data: str) -> bool:
         return False
 
 
+def decode_plain_b64(value: str) -> str:
+    """Dovecot's ``{PLAIN.B64}`` (or ``.BASE64``): a clear password in
+    base64, for one that a {PLAIN} line cannot hold: " #" or " ;" (an inline
+    comment), or spaces at the end.  Returns the {PLAIN} value it stands
+    for; any other value unchanged."""
+    match = re.match(r"\{PLAIN\.(B64|BASE64)\}", value, re.IGNORECASE)
+    if not match:
+        return value
+    try:
+        return "{PLAIN}" + base64.b64decode(value[match.end():], validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise ConfigValueError("{PLAIN.B64} data must be the password in base64 (of UTF-8 text)")
+
+
 def parse_password_entry(value: str) -> PasswordEntry:
     """``{SCHEME}DATA``; DATA is everything after the scheme, verbatim."""
+    value = decode_plain_b64(value)
     match = re.match(r"\{([A-Za-z0-9-]+)\}", value)
     if not match:
         raise ConfigValueError("must start with a {SCHEME}, e.g. {PLAIN}secret")
@@ -3053,7 +3123,10 @@ def hash_password(password: bytes, scheme: str = "PBKDF2-SHA256",
                   rounds: Optional[int] = None) -> str:
     """A user table value for ``password``: ``{SCHEME}DATA`` with a fresh salt."""
     if scheme == "PLAIN":
-        return "{PLAIN}" + password.decode("utf-8")
+        value = "{PLAIN}" + password.decode("utf-8")
+        if comment_start(value, quotes=False) is None and value == value.rstrip():
+            return value
+        return "{PLAIN.B64}" + base64.b64encode(password).decode()   # else the file cuts it
     if scheme == "PBKDF2-SHA256":
         salt = os.urandom(16)
         rounds = rounds or PBKDF2_DEFAULT_ROUNDS
@@ -7803,6 +7876,8 @@ def load_and_prepare(path: str) -> Config:
 
 
 def warn_about(config: Config, log: ErrorLog) -> None:
+    for warning in config.warnings:
+        log.log("warn", str(warning))
     for server in config.servers:
         if (server.proxy_ssl or server.proxy_starttls) and not server.proxy_ssl_verify:
             log.log("warn", "proxy_ssl_verify is off in [server %s]: the backend's certificate "
@@ -8971,12 +9046,14 @@ def command_hash_password(scheme: str) -> int:
 def command_test(path: str) -> int:
     """nginx -t: every problem, then "test failed" / "test is successful"."""
     try:
-        load_and_prepare(path)
+        config = load_and_prepare(path)
     except ConfigErrors as errors:
         for error in errors.errors:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
+    for warning in config.warnings:
+        sys.stderr.write("mailproxy: [warn] %s\n" % warning)
     sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
     sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
     return 0

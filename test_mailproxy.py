@@ -3333,6 +3333,146 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         self.assertEqual(ports, [1143, 1110])
 
 
+# -- inline comments, and README's examples ----------------------------------------
+
+class ConfigCommentTests(unittest.TestCase):
+    """Whitespace then "#" or ";" starts a comment after any value, in every
+    section; in [users] too, where quotes are part of a password."""
+
+    def test_inline_comments_in_every_section(self):
+        config = load_text(self, """\
+            [main]
+            worker_connections = 512      # per worker
+
+            [mail]
+            proxy_pass = 127.0.0.1:1143   ; the backend
+            smtp_capabilities = "SIZE 10485760" "X-A #b ;c"  # quoted: kept
+            imap_capabilities = IMAP4rev1  # first line
+                                ID         # second line
+            smtp_relay_domains = a#b.example c;d.example
+
+            [server imap]
+            listen = 127.0.0.1:18143 # here
+            protocol = imap
+
+            [users]
+            alice = {PLAIN}secret   # demo user
+            bob = {PLAIN}tab\t;comment
+            carol = {PLAIN}a#b;c "#quoted"
+            dave = {PLAIN}#not a comment
+
+            [routes]
+            @example.com = 127.0.0.2   # the domain
+            erin = 127.0.0.3:2143 ; one user
+        """)
+        server = config.servers[0]
+        self.assertEqual(config.main.worker_connections, 512)
+        self.assertEqual(server.proxy_pass.text, "127.0.0.1:1143")
+        self.assertEqual(server.smtp_capabilities, ["SIZE 10485760", "X-A #b ;c"])
+        self.assertEqual(server.imap_capabilities, ["IMAP4rev1", "ID"])
+        self.assertEqual(server.smtp_relay_domains, ["a#b.example", "c;d.example"])
+        self.assertEqual(server.listen[0].text, "127.0.0.1:18143")
+        self.assertEqual(config.users["alice"].data, "secret")
+        self.assertEqual(config.users["bob"].data, "tab")
+        self.assertEqual(config.users["carol"].data, 'a#b;c "#quoted"')     # a quote is verbatim
+        self.assertEqual(config.users["dave"].data, "#not a comment")
+        self.assertEqual(config.routes["@example.com"].upstream.host, "127.0.0.2")
+        self.assertEqual((config.routes["erin"].port, config.routes["erin"].upstream.host),
+                         (2143, "127.0.0.3"))
+
+    def test_t_warns_where_a_plain_password_lost_a_comment(self):
+        text = file_text([BASE_CONFIG, """
+            [users]
+            alice = {PLAIN}secret   # demo user
+            bob = {SHA256-CRYPT}%s  # hashed: nothing to doubt
+        """ % mp.hash_password(b"pw", "SHA256-CRYPT")[len("{SHA256-CRYPT}"):]])
+        path = TempDir(self).write("mailproxy.conf", text)
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 0, err)
+        self.assertIn('mailproxy: [warn] %s:%d: [users] alice: the {PLAIN} password ends before '
+                      '"#": the rest of the line is a comment' % (path, line_of(text, "alice")), err)
+        self.assertNotIn("bob", err)
+        self.assertIn("test is successful", err)
+        self.assertTrue(mp.password_matches(mp.load_config(path).users["alice"], b"secret"))
+
+    def test_plain_b64_holds_what_a_line_cannot(self):
+        password = "pa #ss ;word  "
+        encoded = base64.b64encode(password.encode()).decode()
+        config = load_text(self, BASE_CONFIG, """
+            [users]
+            alice = {PLAIN.B64}%s   # Dovecot's spelling
+            bob = {plain.base64}%s
+        """ % (encoded, encoded))
+        for login in ("alice", "bob"):
+            self.assertEqual(config.users[login], mp.PasswordEntry("PLAIN", password))
+        path, errors = config_errors(self, BASE_CONFIG, "[users]\nalice = {PLAIN.B64}not base64!\n")
+        self.assertIn("{PLAIN.B64} data must be the password in base64", str(errors[0]))
+
+    def test_hash_password_plain_writes_b64_when_the_line_would_cut_it(self):
+        for password, scheme in (("pa #ss", "{PLAIN.B64}"), ("pa ;ss", "{PLAIN.B64}"),
+                                 ("trailing ", "{PLAIN.B64}"), ("pa#ss;x", "{PLAIN}")):
+            value = mp.hash_password(password.encode(), "PLAIN")
+            self.assertTrue(value.startswith(scheme), value)
+            config = load_text(self, BASE_CONFIG, "[users]\nalice = %s\n" % value)
+            self.assertEqual(config.users["alice"].data, password)
+
+
+def readme_ini_blocks() -> List[tuple]:
+    """(line number, text) of every ```ini block of README.md."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    blocks, start = [], None
+    for number, line in enumerate(lines, 1):
+        if start is None and line.strip() == "```ini":
+            start = number
+        elif start is not None and line.strip() == "```":
+            blocks.append((start, "\n".join(lines[start:number - 1]) + "\n"))
+            start = None
+    return blocks
+
+
+README_MINIMAL_SERVER = """
+[server readme]
+listen = 127.0.0.1:18143
+protocol = imap
+proxy_pass = 127.0.0.1:1143
+"""
+
+
+class ReadmeExampleTests(CertificateFiles, unittest.TestCase):
+    """Every ```ini block of README.md passes the configuration check, with
+    no warning.  The rules:
+    - a block whose first line names a systemd unit ("# /etc/systemd/...")
+      is not mailproxy's file, and is skipped;
+    - a block without a [server NAME] section is a fragment: it gets
+      README_MINIMAL_SERVER appended;
+    - the files a block names are relative to the configuration file, as
+      README says, and are the test's: cert.pem and key.pem (the test
+      certificate and key) beside it;
+    - the check is -t's, load_and_prepare, without binding the listeners:
+      their addresses are those of README's hosts, not this one's."""
+
+    def test_every_ini_block_of_the_readme_passes_the_check(self):
+        blocks = readme_ini_blocks()
+        self.assertGreaterEqual(len(blocks), 3)
+        for number, text in blocks:
+            if text.startswith("# /etc/systemd/"):
+                continue
+            with self.subTest(readme_line=number):
+                if not re.search(r"^\[server ", text, re.MULTILINE):
+                    text += README_MINIMAL_SERVER
+                directory = TempDir(self)
+                with open(self.tls_path("server.crt")) as cert, open(self.tls_path("server.key")) as key:
+                    directory.write("cert.pem", cert.read())
+                    directory.write("key.pem", key.read())
+                path = directory.write("mailproxy.conf", text)
+                try:
+                    config = mp.load_and_prepare(path)
+                except mp.ConfigErrors as errors:
+                    self.fail("README.md line %d:\n%s\n%s" % (number, text, errors))
+                self.assertEqual([str(warning) for warning in config.warnings], [])
+
+
 # -- the TLS parts, which load_and_prepare checks -----------------------------------
 
 class TlsConfigCheckTests(EndToEndTestCase):
