@@ -5941,16 +5941,58 @@ def bind_listen(listen: Listen) -> socket.socket:
     return sock
 
 
-def bind_all(config: Config, bound: Dict) -> Dict:
+def host_has_ipv6() -> bool:
+    """Can this host bind IPv6's loopback?  Every host with IPv6 on has
+    ::1; one without IPv6 (a kernel without it, a container, or
+    net.ipv6.conf.*.disable_ipv6) has not."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def family_unavailable(listen: Listen, error: OSError) -> bool:
+    """Did binding ``listen`` fail because the host has no IPv6 at all
+    (EAFNOSUPPORT, or EADDRNOTAVAIL where even ::1 cannot be bound), rather
+    than because of the address (one the host does not have, a port in use
+    or privileged), which stays fatal as in nginx?"""
+    if listen.family != socket.AF_INET6:
+        return False
+    if error.errno == errno.EAFNOSUPPORT:
+        return True
+    return error.errno == errno.EADDRNOTAVAIL and not host_has_ipv6()
+
+
+def bind_all(config: Config, bound: Dict, warn: Callable[[str], None] = lambda message: None,
+             ignore: Tuple[int, ...] = ()) -> Dict:
     """The listening sockets ``config`` wants, keyed by (host, port): those
-    already in ``bound`` are kept, the others bound now.  Raises OSError
-    (closing what it bound) if one cannot be bound."""
+    already in ``bound`` are kept, the others bound now.  An IPv6 listen on
+    a host without IPv6 is skipped with ``warn`` (so that one file serves
+    hosts with and without it), unless its server would be left with no
+    listener; a failure whose errno is in ``ignore`` is skipped silently (-t
+    ignores EADDRINUSE, as nginx -t: the running proxy holds the address).
+    Raises OSError (closing what it bound) if one cannot be bound."""
     sockets = {}
     try:
         for server in config.servers:
+            skipped, served = None, False
             for listen in server.listen:
                 key = (listen.host, listen.port)
-                sockets[key] = bound.get(key) or sockets.get(key) or bind_listen(listen)
+                try:
+                    sockets[key] = bound.get(key) or sockets.get(key) or bind_listen(listen)
+                except OSError as error:
+                    if error.errno not in ignore and not family_unavailable(listen, error):
+                        raise
+                    if error.errno not in ignore:
+                        skipped = skipped or error
+                        warn("%s: this host has no IPv6, [server %s] listens without it"
+                             % (error.strerror, server.name))
+                        continue
+                served = True
+            if skipped and not served:
+                raise skipped
     except OSError:
         for key, sock in sockets.items():
             if key not in bound:
@@ -5959,12 +6001,14 @@ def bind_all(config: Config, bound: Dict) -> Dict:
     return sockets
 
 
-def listen_table(config: Config) -> Dict:
-    """Each ``listen`` of ``config`` by (host, port), the keys of bind_all."""
+def listen_table(config: Config, sockets: Optional[Dict] = None) -> Dict:
+    """Each ``listen`` of ``config`` by (host, port), the keys of bind_all;
+    with ``sockets``, only those bound there (bind_all skips some)."""
     table = {}
     for server in config.servers:
         for listen in server.listen:
-            table[(listen.host, listen.port)] = listen
+            if sockets is None or (listen.host, listen.port) in sockets:
+                table[(listen.host, listen.port)] = listen
     return table
 
 
@@ -8332,11 +8376,13 @@ class Worker(LoopHandler):
         ones it no longer has.  Raises OSError (and changes nothing) if one
         cannot be bound."""
         current = {key: listener.sock for key, listener in self.listeners.items()}
-        sockets = bind_all(config, current) if sockets is None else sockets
+        if sockets is None:
+            sockets = bind_all(config, current, lambda message: self.log.log("warn", message))
         wanted = {}
         for server in config.servers:
             for listen in server.listen:
-                wanted[(listen.host, listen.port)] = (listen, server)
+                if (listen.host, listen.port) in sockets:      # else skipped: no IPv6 here
+                    wanted[(listen.host, listen.port)] = (listen, server)
         for key, listener in list(self.listeners.items()):
             if key not in wanted:
                 listener.close()
@@ -8560,8 +8606,8 @@ class Master(LoopHandler):
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
-        self.sockets = bind_all(self.config, {})
-        self.listens = listen_table(self.config)
+        self.sockets = bind_all(self.config, {}, lambda message: self.log.log("warn", message))
+        self.listens = listen_table(self.config, self.sockets)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
                                 (signal.SIGUSR1, self.reopen_logs), (signal.SIGCHLD, self.reap)):
@@ -8694,7 +8740,7 @@ class Master(LoopHandler):
             return
         config, logs = loaded
         try:
-            sockets = bind_all(config, self.sockets)
+            sockets = bind_all(config, self.sockets, lambda message: self.log.log("warn", message))
         except OSError as error:
             logs.close()
             self.log.log("emerg", str(error.strerror))
@@ -8724,7 +8770,7 @@ class Master(LoopHandler):
         """The sockets a reload keeps get the new socket settings (the
         workers share them); the new workers take ssl, proxy_protocol and
         so_keepalive from the new configuration by themselves."""
-        listens = listen_table(config)
+        listens = listen_table(config, sockets)
         for key, listen in listens.items():
             if key in self.listens:
                 listens[key], problems = update_listen(sockets[key], self.listens[key], listen)
@@ -8986,8 +9032,8 @@ def import_nginx(path: str) -> str:
 
 USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
 
-  -c FILE            configuration file (default: mailproxy.conf here, then
-                     sample.conf beside this script)
+  -c FILE            configuration file (default: ./mailproxy.conf, then
+                     /etc/mailproxy/mailproxy.conf)
   -t                 check the configuration and exit (0 valid, 1 not)
   -v                 print the version and exit
   --hash-password    read a password on standard input and print a [users]
@@ -8997,10 +9043,17 @@ USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
 """
 
 
-def default_config_path() -> str:
-    if os.path.exists("mailproxy.conf"):
-        return "mailproxy.conf"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.conf")
+DEFAULT_CONFIG_PATHS = ("mailproxy.conf", "/etc/mailproxy/mailproxy.conf")
+
+
+def default_config_path() -> Optional[str]:
+    """Without -c: ./mailproxy.conf, then /etc/mailproxy/mailproxy.conf
+    (INTERFACE.md); None if neither exists.  Never sample.conf: its demo
+    user must not go live because a -c was forgotten."""
+    for path in DEFAULT_CONFIG_PATHS:
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def parse_command_line(argv: List[str]) -> Dict[str, object]:
@@ -9044,19 +9097,42 @@ def command_hash_password(scheme: str) -> int:
 
 
 def command_test(path: str) -> int:
-    """nginx -t: every problem, then "test failed" / "test is successful"."""
+    """nginx -t: every problem, then "test failed" / "test is successful".
+    As nginx -t, the listeners are bound and released, so that an address
+    the host does not have, or a port it may not bind, fails here; a port in
+    use does not (the running proxy holds it: nginx -t ignores EADDRINUSE)."""
+    def say(level: str, message: object) -> None:
+        sys.stderr.write("mailproxy: [%s] %s\n" % (level, message))
     try:
         config = load_and_prepare(path)
+        for warning in config.warnings:
+            say("warn", warning)
+        sockets = bind_all(config, {}, lambda message: say("warn", message),
+                           ignore=(errno.EADDRINUSE,))
     except ConfigErrors as errors:
         for error in errors.errors:
-            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+            say("emerg", error)
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
-    for warning in config.warnings:
-        sys.stderr.write("mailproxy: [warn] %s\n" % warning)
+    except OSError as error:
+        say("emerg", error.strerror)
+        sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
+        return 1
+    for sock in sockets.values():
+        sock.close()
     sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
     sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
     return 0
+
+
+def startup_failure(config: Config, log: ErrorLog, message: str) -> int:
+    """A start-up failure once the logs are open: in the log, and on stderr
+    too unless the log is stderr already (nginx prints its [emerg] on the
+    terminal as well, so that a failed start is never silent)."""
+    log.log("emerg", message)
+    if not any(spec.destination == "stderr" for spec in config.main.error_log):
+        sys.stderr.write("mailproxy: [emerg] %s\n" % message)
+    return 1
 
 
 def command_run(path: str) -> int:
@@ -9084,14 +9160,15 @@ def command_run(path: str) -> int:
     try:
         start()
     except OSError as error:
-        log.log("emerg", str(error.strerror))
-        return 1
+        return startup_failure(config, log, str(error.strerror))
     write_pid_file(config.main)                  # before the user changes
     if isinstance(process, Worker):
         drop_privileges(config.main, log)
         process.install_signals()
-    listening = ", ".join(sorted(listen.text for server in config.servers for listen in server.listen))
-    log.log("notice", "mailproxy/%s started, listening on %s" % (__version__, listening))
+    bound = process.sockets if isinstance(process, Master) else process.listeners
+    listening = ", ".join(sorted(listen.text for listen in listen_table(config, bound).values()))
+    log.log("notice", "mailproxy/%s started, listening on %s; configuration file %s"
+            % (__version__, listening, os.path.abspath(path)))
     try:
         process.run()
     finally:
@@ -9119,6 +9196,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         return 0
     path = options["config"] or default_config_path()
+    if path is None:
+        sys.stderr.write("mailproxy: [emerg] no configuration file: neither %s exists; "
+                         "give one with -c FILE (sample.conf is an example to copy)\n"
+                         % " nor ".join("./" + p if not os.path.isabs(p) else p
+                                        for p in DEFAULT_CONFIG_PATHS))
+        return 1
     if options["test"]:
         return command_test(path)
     return command_run(path)

@@ -2881,11 +2881,54 @@ class ConfigCheckCommandTests(unittest.TestCase):
         self.assertIn("mailproxy.conf", err)
         self.assertIn('unknown directive "bogus_directive"', err)
 
-    def test_default_file_is_then_sample_conf(self):
-        directory = TempDir(self)
-        status, out, err = run_mailproxy(["-t"], cwd=directory.path)
+    def test_without_c_and_without_a_default_file_nothing_runs(self):
+        """sample.conf beside the script is never taken: its demo user must
+        not go live because -c was forgotten (INTERFACE.md)."""
+        if os.path.exists("/etc/mailproxy/mailproxy.conf"):
+            self.skipTest("this host has /etc/mailproxy/mailproxy.conf")
+        home = TempDir(self)
+        for name in ("mailproxy.py", "sample.conf"):
+            with open(os.path.join(HERE, name)) as handle:
+                home.write(name, handle.read())
+        elsewhere = TempDir(self)
+        for args in (["-t"], []):
+            done = subprocess.run([sys.executable, os.path.join(home.path, "mailproxy.py")] + args,
+                                  cwd=elsewhere.path, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+            err = done.stderr.decode()
+            self.assertEqual(done.returncode, 1, err)
+            self.assertIn("mailproxy: [emerg] no configuration file: neither ./mailproxy.conf nor "
+                          "/etc/mailproxy/mailproxy.conf exists; give one with -c FILE", err)
+            self.assertNotIn("syntax is ok", err)
+            self.assertNotIn("started", err)
+
+    def test_t_binds_every_listener(self):
+        """As nginx -t: an address the host does not have fails the check
+        with bind()'s message (192.0.2.1 is TEST-NET-1, nobody's)."""
+        port = free_port()
+        path = TempDir(self).write("mailproxy.conf", file_text([BASE_CONFIG.replace(
+            "127.0.0.1:18143", "192.0.2.1:%d" % port)]))
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, err)
+        self.assertIn("mailproxy: [emerg] bind() to 192.0.2.1:%d failed (%d: %s)"
+                      % (port, errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL)), err)
+        self.assertIn("configuration file %s test failed" % path, err)
+
+    def test_t_passes_a_port_in_use_and_releases_its_own(self):
+        """A port in use is the running proxy's (nginx -t ignores
+        EADDRINUSE); the ports -t binds are free again when it is done."""
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            busy = holder.getsockname()[1]
+            free = free_port()
+            path = TempDir(self).write("mailproxy.conf", file_text([BASE_CONFIG.replace(
+                "127.0.0.1:18143", "127.0.0.1:%d\n        127.0.0.1:%d" % (busy, free))]))
+            status, out, err = run_mailproxy(["-t", "-c", path])
         self.assertEqual(status, 0, err)
-        self.assertIn(os.path.join(HERE, "sample.conf"), err)
+        self.assertIn("test is successful", err)
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", free))
 
     def test_unknown_directive(self):
         self.assertReported("unknown_directive", "server imap", "bogus_directive",
@@ -7249,6 +7292,43 @@ class DeadlineTests(EventLoopTestCase):
 # read budget of 0 pauses reading; EOF.  (Listeners are tested end to end:
 # worker_connections and out of descriptors in "Processes".)
 
+class BindAllTests(unittest.TestCase):
+    """bind_all's rule for a host without IPv6, with bind() made to fail
+    as it does there (the real thing, in a network namespace, is in
+    "Processes": test_sample_conf_starts_on_a_host_without_ipv6)."""
+
+    def bind(self, listens, failing_errno, has_ipv6):
+        """bind_all on one server with ``listens``, each IPv6 one failing
+        with ``failing_errno``: (the keys bound, the warnings)."""
+        config = load_text(self, BASE_CONFIG.replace("127.0.0.1:18143", "\n        ".join(listens)))
+        warnings = []
+
+        def fake_bind(listen):
+            if listen.family == socket.AF_INET6 or failing_errno == errno.EACCES:
+                raise OSError(failing_errno, "bind() to %s failed" % listen.text)
+            return unittest.mock.Mock()
+        with unittest.mock.patch.object(mp, "bind_listen", fake_bind), \
+                unittest.mock.patch.object(mp, "host_has_ipv6", lambda: has_ipv6):
+            sockets = mp.bind_all(config, {}, warnings.append)
+        return sorted(sockets), warnings
+
+    def test_an_ipv6_listen_is_skipped_where_the_host_has_no_ipv6(self):
+        for failing in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            keys, warnings = self.bind(["127.0.0.1:18143", "[::1]:18143"], failing, False)
+            self.assertEqual(keys, [("127.0.0.1", 18143)])
+            self.assertEqual(warnings, ["bind() to [::1]:18143 failed: this host has no IPv6, "
+                                        "[server imap] listens without it"])
+
+    def test_other_failures_stay_fatal(self):
+        cases = [(["127.0.0.1:18143", "[2001:db8::5]:18143"], errno.EADDRNOTAVAIL, True),  # not ours
+                 (["[::1]:18143"], errno.EADDRNOTAVAIL, False),        # nothing left to listen on
+                 (["127.0.0.1:18143", "[::1]:18143"], errno.EACCES, False)]
+        for listens, failing, has_ipv6 in cases:
+            with self.assertRaises(OSError, msg=listens) as caught:
+                self.bind(listens, failing, has_ipv6)
+            self.assertEqual(caught.exception.errno, failing)
+
+
 class StreamOwner:
     """A Stream's owner that keeps what it is told: the data in ``chunks``,
     EOF, errors, how often the stream drained."""
@@ -10384,6 +10464,65 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         self.assertIn("bind() to 127.0.0.1:%d failed" % port, proxy.stderr)
         self.assertNotIn("Traceback", proxy.stderr)
 
+    def test_the_start_line_names_the_configuration_file(self):
+        directory = TempDir(self)
+        port = free_port()
+        path = self.config(directory, port)
+        proxy = ProgramUnderTest(self, path)
+        self.assertRegex(proxy.wait_for("started").rstrip("\n"),
+                         r"\[notice\] \d+#0: mailproxy/\S+ started, listening on 127\.0\.0\.1:%d; "
+                         r"configuration file %s$" % (port, re.escape(os.path.abspath(path))))
+
+    def test_a_start_up_failure_reaches_stderr_when_the_log_is_a_file(self):
+        """nginx prints its [emerg] on the terminal as well as in the log."""
+        directory = TempDir(self)
+        log_path = os.path.join(directory.path, "error.log")
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            port = holder.getsockname()[1]
+            proxy = ProgramUnderTest(self, program_config(directory, [port], log=log_path + " info"),
+                                     started=False)
+            self.assertEqual(proxy.wait_exit(5), 1)
+        message = "bind() to 127.0.0.1:%d failed (%d: %s)" % (port, errno.EADDRINUSE,
+                                                               os.strerror(errno.EADDRINUSE))
+        self.assertIn("mailproxy: [emerg] %s\n" % message, proxy.stderr)
+        with open(log_path) as handle:
+            self.assertRegex(handle.read(), r"\[emerg\] \d+#0: %s\n" % re.escape(message))
+
+    def test_sample_conf_starts_on_a_host_without_ipv6(self):
+        """In a network namespace of its own with IPv6 switched off (what a
+        container without IPv6 is), sample.conf's [::1]:8143 is skipped
+        with a warning, by -t and by the start; its ports are the
+        namespace's own, so no other test's."""
+        setup = ("ip link set lo up && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+                 "echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6 && exec \"$0\" \"$@\"")
+        command = ["unshare", "-n", "sh", "-c", setup]
+        try:
+            probe = subprocess.run(command + ["true"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, timeout=10)
+        except OSError:
+            probe = None
+        if probe is None or probe.returncode != 0:
+            self.skipTest("cannot make a network namespace without IPv6 here (unshare -n, root)")
+        sample = os.path.join(HERE, "sample.conf")
+        warning = ("bind() to [::1]:8143 failed (%d: %s): this host has no IPv6, [server imap] "
+                   "listens without it" % (errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL)))
+        done = subprocess.run(command + [sys.executable, MAILPROXY, "-t", "-c", sample],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 0, err)
+        self.assertIn("mailproxy: [warn] " + warning, err)
+        self.assertIn("test is successful", err)
+        done = subprocess.run(command + ["timeout", "-s", "TERM", "3", sys.executable, MAILPROXY,
+                                         "-c", sample],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        err = done.stderr.decode()
+        self.assertRegex(err, r"\[warn\] \d+#0: " + re.escape(warning))
+        self.assertIn(" started, listening on 127.0.0.1:8025, 127.0.0.1:8110, 127.0.0.1:8143; "
+                      "configuration file %s\n" % sample, err)
+        self.assertNotIn("[emerg]", err)
+
     def test_sigquit_without_sessions(self):
         directory = TempDir(self)
         proxy = ProgramUnderTest(self, self.config(directory, free_port()))
@@ -11197,7 +11336,8 @@ class ProcessLogTests(EndToEndTestCase):
                          rb"start worker process %d$" % (proxy.pid, proxy.workers()[0]))
         started = datagram_with(main_sink, b"started")
         self.assertRegex(started, b"^<21>" + stamp + host + rb" mproxy: \[notice\] %d#0: "
-                         rb"mailproxy/\S+ started, listening on 127\.0\.0\.1:%d$" % (proxy.pid, port))
+                         rb"mailproxy/\S+ started, listening on 127\.0\.0\.1:%d; configuration file \S+$"
+                         % (proxy.pid, port))
         client = Client(port, 2.0)
         self.addCleanup(client.close)
         client.expect_line(mp.IMAP_GREETING)
