@@ -328,7 +328,13 @@ class Upstream(NamedTuple):
 
 
 class ConfigValueError(Exception):
-    """A value parser's complaint; the loader adds file, section and line."""
+    """A value parser's complaint; the loader adds file, section and line.
+    ``directive``: the one at fault when another found it (the TLS section
+    names the ssl_certificate_key whose file does not load)."""
+
+    def __init__(self, message: str, directive: Optional[str] = None):
+        super().__init__(message)
+        self.directive = directive
 
 
 NGINX_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
@@ -5237,11 +5243,62 @@ def apply_protocols(context: ssl.SSLContext, protocols: List[str]) -> None:
     context.maximum_version = TLS_VERSIONS[protocols[-1]]
 
 
+def permission_hint(path: str) -> str:
+    """What to do about EACCES on ``path``: the user this process runs as,
+    and the file's owner and mode when they can be read."""
+    try:
+        import pwd
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return ""
+    try:
+        info = os.stat(path)
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except (OSError, KeyError):
+        return ' (read as user "%s": check the modes of the file and its directories)' % user
+    return (' (read as user "%s", the file is "%s"\'s with mode %04o: let "%s" read it, '
+            'or start mailproxy as root)' % (user, owner, stat.S_IMODE(info.st_mode), user))
+
+
+def check_readable(path: str, what: str, directive: str) -> None:
+    """``cannot load WHAT "PATH": REASON`` (nginx's words) if the file cannot
+    be opened, blaming ``directive``: OpenSSL's error would not say which of
+    a certificate and its key is missing or unreadable."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        hint = permission_hint(path) if error.errno == errno.EACCES else ""
+        raise ConfigValueError('cannot load %s "%s": %s%s' % (what, path, error.strerror, hint),
+                               directive)
+
+
+def check_certificate_file(path: str, directive: str) -> None:
+    """The file opens and holds a PEM certificate OpenSSL reads."""
+    check_readable(path, "certificate", directive)
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        scratch.load_verify_locations(cafile=path)
+        if scratch.cert_store_stats()["x509"]:
+            return
+        reason = "no certificate found"
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+    raise ConfigValueError('cannot load certificate "%s": no PEM certificate OpenSSL can read '
+                           '(%s)' % (path, reason), directive)
+
+
 def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
-                      passwords: List[bytes]) -> None:
+                      passwords: List[bytes],
+                      directives: Tuple[str, str] = ("ssl_certificate", "ssl_certificate_key")) -> None:
     """Each certificate with its key; an encrypted key is tried with each
-    line of ssl_password_file in turn, as nginx."""
+    line of ssl_password_file in turn, as nginx.  A problem raises
+    ConfigValueError naming the file at fault and its directive out of
+    ``directives`` (certificate's, key's): the certificate is checked on
+    its own first, so a key that does not load is never blamed on it."""
     for certificate, key in pairs:
+        check_certificate_file(certificate, directives[0])
+        check_readable(key, "certificate key", directives[1])
         for password in passwords or [None]:
             try:
                 context.load_cert_chain(certificate, key, password=password)
@@ -5249,10 +5306,17 @@ def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
             except ssl.SSLError as error:
                 failure = error
             except OSError as error:
-                raise ConfigValueError('cannot load certificate "%s": %s' % (certificate, error.strerror))
+                raise ConfigValueError('cannot load certificate "%s": %s' % (certificate, error.strerror),
+                                       directives[0])
         else:
-            raise ConfigValueError('cannot load certificate "%s" with key "%s": %s' % (
-                certificate, key, getattr(failure, "reason", None) or failure))
+            reason = getattr(failure, "reason", None) or str(failure)
+            if reason == "KEY_VALUES_MISMATCH":
+                # nginx: SSL_CTX_use_PrivateKey("KEY") failed (... key values mismatch)
+                raise ConfigValueError('certificate key "%s" does not match certificate "%s" '
+                                       '(key values mismatch)' % (key, certificate), directives[1])
+            raise ConfigValueError('cannot load certificate key "%s": no PEM private key OpenSSL '
+                                   'can read%s (%s)' % (key, " with ssl_password_file" if passwords
+                                                        else "", reason), directives[1])
 
 
 def server_context(settings: Settings, certificate: str = "", key: str = "") -> ssl.SSLContext:
@@ -5274,25 +5338,35 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
         context.options |= ssl.OP_NO_TICKET
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     passwords = read_password_file(settings.ssl_password_file)
-    pairs = [(certificate, key)] if certificate else list(zip(settings.ssl_certificate,
-                                                               settings.ssl_certificate_key))
     conf_pairs = apply_conf_commands(context, settings.ssl_conf_command)
-    load_certificates(context, pairs + conf_pairs, passwords)
+    if certificate:
+        load_certificates(context, [(certificate, key)], passwords, ("ssl_sni_certificate",) * 2)
+    else:
+        load_certificates(context, list(zip(settings.ssl_certificate, settings.ssl_certificate_key)),
+                          passwords)
+    load_certificates(context, conf_pairs, passwords, ("ssl_conf_command",) * 2)
     if settings.ssl_verify_client != "off":
         # CERT_OPTIONAL: a certificate sent is verified in the handshake; a
         # missing one is found after it, to answer as nginx does.
         context.verify_mode = ssl.CERT_OPTIONAL
-        try:
-            for cafile in (settings.ssl_client_certificate, settings.ssl_trusted_certificate):
-                if cafile:
-                    context.load_verify_locations(cafile)
-            if settings.ssl_crl:
-                context.load_verify_locations(settings.ssl_crl)
-                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        except (ssl.SSLError, OSError) as error:
-            raise ConfigValueError("cannot load the client CA or CRL: %s" % error)
+        for directive in ("ssl_client_certificate", "ssl_trusted_certificate", "ssl_crl"):
+            if getattr(settings, directive):
+                load_verify_file(context, getattr(settings, directive), directive)
+        if settings.ssl_crl:
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     context.set_alpn_protocols([settings.protocol])
     return context
+
+
+def load_verify_file(context: ssl.SSLContext, path: str, directive: str) -> None:
+    """A CA or CRL file into ``context``; a problem names the file and blames
+    ``directive``."""
+    check_readable(path, "CA or CRL file", directive)
+    try:
+        context.load_verify_locations(path)
+    except ssl.SSLError as error:
+        raise ConfigValueError('cannot load CA or CRL file "%s": %s' % (path, error.reason or error),
+                               directive)
 
 
 def read_password_file(path: Optional[str]) -> List[bytes]:
@@ -5302,7 +5376,9 @@ def read_password_file(path: Optional[str]) -> List[bytes]:
         with open(path, "rb") as handle:
             return [line.rstrip(b"\r\n") for line in handle if line.strip()]
     except OSError as error:
-        raise ConfigValueError('cannot read "%s": %s' % (path, error.strerror))
+        hint = permission_hint(path) if error.errno == errno.EACCES else ""
+        raise ConfigValueError('cannot read "%s": %s%s' % (path, error.strerror, hint),
+                               "ssl_password_file")
 
 
 def apply_conf_commands(context: ssl.SSLContext, commands: List[Tuple[str, str]]) -> List:
@@ -5361,20 +5437,25 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
     except ssl.SSLError as error:
         raise ConfigValueError("proxy_ssl_ciphers: %s" % error)
     if settings.proxy_ssl_verify:
-        try:
-            if settings.proxy_ssl_trusted_certificate:
-                context.load_verify_locations(settings.proxy_ssl_trusted_certificate)
-            else:
+        if settings.proxy_ssl_trusted_certificate:
+            load_verify_file(context, settings.proxy_ssl_trusted_certificate,
+                             "proxy_ssl_trusted_certificate")
+        else:
+            try:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        except (ssl.SSLError, OSError) as error:
-            raise ConfigValueError("cannot load proxy_ssl_trusted_certificate: %s" % error)
+            except (ssl.SSLError, OSError) as error:
+                raise ConfigValueError("cannot load the system's CA certificates: %s" % error,
+                                       "proxy_ssl_verify")
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if settings.proxy_ssl_certificate:
+        key_directive = "proxy_ssl_certificate_key" if settings.proxy_ssl_certificate_key else \
+            "proxy_ssl_certificate"
         load_certificates(context, [(settings.proxy_ssl_certificate,
                                      settings.proxy_ssl_certificate_key or
-                                     settings.proxy_ssl_certificate)], [])
+                                     settings.proxy_ssl_certificate)], [],
+                          ("proxy_ssl_certificate", key_directive))
     return context
 
 
@@ -7904,7 +7985,6 @@ def load_and_prepare(path: str) -> Config:
     config = load_config(path)
     errors = []
     for server in config.servers:
-        section = "server " + server.name
         try:
             if server.starttls != "off" or any(listen.ssl for listen in server.listen):
                 server.tls_context = server_context(server)
@@ -7913,10 +7993,25 @@ def load_and_prepare(path: str) -> Config:
                 # With auth_http, Auth-Backend-TLS may ask for TLS per session.
                 server.backend_tls_context = backend_context(server)
         except ConfigValueError as error:
-            errors.append(ConfigError(path, section, None, str(error)))
+            problem = tls_problem(config, server, error)
+            if str(problem) not in map(str, errors):     # once, not once per server
+                errors.append(problem)
     if errors:
         raise ConfigErrors(errors)
     return config
+
+
+def tls_problem(config: Config, server: Settings, error: ConfigValueError) -> ConfigError:
+    """A TLS file's problem at the directive that names the file: in the
+    server's section if it sets it, else in [mail], whose line all the
+    servers share (so that it is reported once for all of them)."""
+    section = "server " + server.name
+    lines = config.lines or {}
+    if error.directive is not None and (section, error.directive) not in lines and \
+            ("mail", error.directive) in lines:
+        section = "mail"
+    return ConfigError(config.path, section, error.directive, str(error),
+                       lines.get((section, error.directive or "")))
 
 
 def warn_about(config: Config, log: ErrorLog) -> None:

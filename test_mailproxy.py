@@ -3551,24 +3551,86 @@ class TlsConfigCheckTests(EndToEndTestCase):
     def test_missing_or_unreadable_certificate_files(self):
         missing = os.path.join(self.tls_dir(), "missing.crt")
         self.assertRegex(self.errors(**self.certificate(ssl_certificate=missing)),
-                         r'\[server imap\] cannot load certificate "%s": No such file or directory'
+                         r'\[mail\] ssl_certificate: cannot load certificate "%s": No such file or directory'
                          % re.escape(missing))
         self.assertIn('cannot load certificate "%s": Is a directory' % self.tls_dir(),
                       self.errors(**self.certificate(ssl_certificate=self.tls_dir())))
         garbage = write_file(self.tls_dir(), "garbage.crt", "not a certificate\n")
-        self.assertIn('cannot load certificate "%s" with key "%s"'
-                      % (garbage, self.tls_path("server.key")),
+        self.assertIn('[mail] ssl_certificate: cannot load certificate "%s": no PEM certificate '
+                      'OpenSSL can read' % garbage,
                       self.errors(**self.certificate(ssl_certificate=garbage)))
-        self.assertIn('cannot load certificate "%s" with key "%s"' % (
-            self.tls_path("server.crt"), self.tls_path("other.key")),
-            self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
         missing_ca = os.path.join(self.tls_dir(), "missing-ca.crt")
-        self.assertIn("cannot load the client CA or CRL",
-                      self.errors(**self.certificate(ssl_verify_client="on",
-                                                     ssl_client_certificate=missing_ca)))
-        self.assertIn("cannot load proxy_ssl_trusted_certificate",
+        self.assertIn('[mail] ssl_client_certificate: cannot load CA or CRL file "%s": No such file'
+                      % missing_ca, self.errors(**self.certificate(ssl_verify_client="on",
+                                                                   ssl_client_certificate=missing_ca)))
+        self.assertIn('[mail] proxy_ssl_trusted_certificate: cannot load CA or CRL file "%s"' % missing_ca,
                       self.errors(listens=("",), proxy_ssl="on",
                                   proxy_ssl_trusted_certificate=missing_ca))
+
+    def test_a_key_that_does_not_load_is_blamed_not_the_certificate(self):
+        """nginx's "cannot load certificate key": the key's file named, at
+        the ssl_certificate_key line."""
+        missing = os.path.join(self.tls_dir(), "missing.key")
+        self.assertIn('[mail] ssl_certificate_key: cannot load certificate key "%s": No such file or '
+                      'directory' % missing, self.errors(**self.certificate(ssl_certificate_key=missing)))
+        self.assertIn('[mail] ssl_certificate_key: certificate key "%s" does not match certificate '
+                      '"%s" (key values mismatch)' % (self.tls_path("other.key"), self.tls_path("server.crt")),
+                      self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
+        garbage = write_file(self.tls_dir(), "garbage.key", "not a key\n")
+        self.assertIn('[mail] ssl_certificate_key: cannot load certificate key "%s": no PEM private key'
+                      % garbage, self.errors(**self.certificate(ssl_certificate_key=garbage)))
+
+    def test_t_names_the_key_once_at_its_line(self):
+        """Six servers share [mail]'s key: one error, at its line."""
+        missing = os.path.join(self.tls_dir(), "missing.key")
+        servers = "".join("[server s%d]\nlisten = 127.0.0.1:%d ssl\nprotocol = imap\n\n" % (n, free_port())
+                          for n in range(6))
+        text = ("[mail]\nproxy_pass = 127.0.0.1:1143\nssl_certificate = %s\n"
+                "ssl_certificate_key = %s   # the key\n\n%s" % (self.tls_path("server.crt"), missing, servers))
+        path = TempDir(self).write("mailproxy.conf", text)
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, err)
+        wanted = ('mailproxy: [emerg] %s:4: [mail] ssl_certificate_key: cannot load certificate key "%s": '
+                  'No such file or directory\n' % (path, missing))
+        self.assertEqual(err.count("[emerg]"), 1, err)
+        self.assertIn(wanted, err)
+
+    def test_an_unreadable_key_says_who_cannot_read_it(self):
+        directory = TempDir(self)
+        os.chmod(directory.path, 0o755)
+        key = directory.write("key.pem", TLS_SERVER_KEY_PEM)
+        os.chmod(key, 0o600)
+        certificate = directory.write("cert.pem", TLS_SERVER_CERT_PEM)
+        os.chmod(certificate, 0o644)
+        text = proxy_config("imap", 1143, listens=("ssl",), ssl_certificate=certificate,
+                            ssl_certificate_key=key)
+        os.chmod(directory.write("mailproxy.conf", text), 0o644)
+        import pwd
+        path = os.path.join(directory.path, "mailproxy.conf")
+        become = ""
+        if os.geteuid() == 0:
+            # Root reads anything: -t as nobody, with mailproxy imported
+            # first (the Python may sit where nobody cannot read).
+            try:
+                nobody = pwd.getpwnam("nobody")
+            except KeyError:
+                self.skipTest("no user nobody")
+            become = "os.setgroups([]); os.setgid(%d); os.setuid(%d); " % (nobody.pw_gid, nobody.pw_uid)
+            user = "nobody"
+        else:
+            os.chmod(key, 0)
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        script = ("import os, sys, encodings.idna; sys.path.insert(0, %r); import mailproxy; %s"
+                  "sys.exit(mailproxy.main(['-t', '-c', %r]))" % (HERE, become, path))
+        done = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20, cwd="/")
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 1, err)
+        self.assertRegex(err, r'\[mail\] ssl_certificate_key: cannot load certificate key "%s": '
+                              r'Permission denied \(read as user "%s", the file is "\w+"\'s with mode 0[0-7]+: '
+                              r'let "%s" read it, or start mailproxy as root\)' % (re.escape(key), user, user))
+        self.assertNotIn('cannot load certificate "', err)
+
 
     def test_optional_no_ca_is_refused(self):
         self.assertIn('ssl_verify_client: "optional_no_ca" cannot be honoured: Python\'s ssl module '
