@@ -9256,7 +9256,15 @@ def command_run(path: str) -> int:
         start()
     except OSError as error:
         return startup_failure(config, log, str(error.strerror))
-    write_pid_file(config.main)                  # before the user changes
+    try:
+        write_pid_file(config.main)              # before the user changes
+    except OSError as error:
+        status = startup_failure(config, log, 'open() "%s" failed (%d: %s)'
+                                 % (config.main.pid, error.errno, error.strerror))
+        if isinstance(process, Master):
+            process.stop_now()                   # its workers are running already
+            process.run()
+        return status
     if isinstance(process, Worker):
         drop_privileges(config.main, log)
         process.install_signals()

@@ -10550,6 +10550,21 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         with open(log_path) as handle:
             self.assertRegex(handle.read(), r"\[emerg\] \d+#0: %s\n" % re.escape(message))
 
+    def test_a_pid_file_that_cannot_be_written_stops_the_start(self):
+        """nginx's words, on stderr and in the log; no traceback, and no
+        worker left behind (ProgramUnderTest checks the process group)."""
+        directory = TempDir(self)
+        log_path = os.path.join(directory.path, "error.log")
+        pid_path = os.path.join(directory.path, "missing", "mailproxy.pid")
+        proxy = ProgramUnderTest(self, program_config(directory, [free_port()], log=log_path + " info",
+                                                      main="pid = %s\n" % pid_path), started=False)
+        self.assertEqual(proxy.wait_exit(5), 1, proxy.stderr)
+        message = 'open() "%s" failed (%d: %s)' % (pid_path, errno.ENOENT, os.strerror(errno.ENOENT))
+        self.assertIn("mailproxy: [emerg] %s\n" % message, proxy.stderr)
+        self.assertNotIn("Traceback", proxy.stderr)
+        with open(log_path) as handle:
+            self.assertIn(message, handle.read())
+
     def test_sample_conf_starts_on_a_host_without_ipv6(self):
         """In a network namespace of its own with IPv6 switched off (what a
         container without IPv6 is), sample.conf's [::1]:8143 is skipped
