@@ -6003,7 +6003,11 @@ class Listener(LoopHandler):
 
 def bind_listen(listen: Listen) -> socket.socket:
     """A listening socket for ``listen``; raises OSError with nginx's words."""
-    sock = socket.socket(listen.family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(listen.family, socket.SOCK_STREAM)
+    except OSError as error:                 # EAFNOSUPPORT: a kernel without IPv6
+        raise OSError(error.errno, "socket() %s failed (%d: %s)" % (
+            listen.text, error.errno, error.strerror))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if listen.family == socket.AF_INET6:

@@ -7379,6 +7379,28 @@ class BindAllTests(unittest.TestCase):
             self.assertEqual(warnings, ["bind() to [::1]:18143 failed: this host has no IPv6, "
                                         "[server imap] listens without it"])
 
+    def test_a_kernel_without_ipv6_fails_at_socket(self):
+        """socket(AF_INET6) itself fails there (EAFNOSUPPORT): nginx's
+        "socket() ... failed", and the listen is skipped the same way."""
+        real_socket = socket.socket
+
+        def socket_without_ipv6(family=socket.AF_INET, *args, **kwargs):
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+            return real_socket(family, *args, **kwargs)
+        port = free_port()
+        config = load_text(self, BASE_CONFIG.replace(
+            "127.0.0.1:18143", "127.0.0.1:%d\n        [::1]:%d" % (port, port)))
+        warnings = []
+        with unittest.mock.patch.object(mp.socket, "socket", socket_without_ipv6):
+            sockets = mp.bind_all(config, {}, warnings.append)
+        for sock in sockets.values():
+            sock.close()
+        self.assertEqual(sorted(sockets), [("127.0.0.1", port)])
+        self.assertEqual(warnings, ["socket() [::1]:%d failed (%d: %s): this host has no IPv6, "
+                                    "[server imap] listens without it"
+                                    % (port, errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))])
+
     def test_other_failures_stay_fatal(self):
         cases = [(["127.0.0.1:18143", "[2001:db8::5]:18143"], errno.EADDRNOTAVAIL, True),  # not ours
                  (["[::1]:18143"], errno.EADDRNOTAVAIL, False),        # nothing left to listen on
