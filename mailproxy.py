@@ -8046,9 +8046,18 @@ def load_for_reload(path: str, log: "ErrorLog") -> Optional[Tuple[Config, "Error
         for error in errors.errors:
             log.log("emerg", str(error))
     except OSError as error:
-        log.log("emerg", "cannot open a log: %s" % error)
+        log.log("emerg", log_open_failure(error))
     log.log("alert", "reload failed, the old configuration is kept")
     return None
+
+
+def log_open_failure(error: OSError) -> str:
+    """A log that cannot be opened, in nginx's words: ``open() "PATH"
+    failed (13: Permission denied)``, and who could not open it."""
+    if error.filename is None:                 # a syslog socket
+        return "cannot open a log: %s" % error
+    hint = permission_hint(error.filename) if error.errno == errno.EACCES else ""
+    return 'open() "%s" failed (%d: %s)%s' % (error.filename, error.errno, error.strerror, hint)
 
 
 class ErrorLogs:
@@ -9197,7 +9206,8 @@ def command_hash_password(scheme: str) -> int:
 
 def command_test(path: str) -> int:
     """nginx -t: every problem, then "test failed" / "test is successful".
-    As nginx -t, the listeners are bound and released, so that an address
+    As nginx -t, the log files are opened and the listeners bound, then
+    released, so that a log directory that is missing, or an address
     the host does not have, or a port it may not bind, fails here; a port in
     use does not (the running proxy holds it: nginx -t ignores EADDRINUSE)."""
     def say(level: str, message: object) -> None:
@@ -9206,6 +9216,7 @@ def command_test(path: str) -> int:
         config = load_and_prepare(path)
         for warning in config.warnings:
             say("warn", warning)
+        ErrorLogs(config).close()            # as nginx -t, which opens its log files
         sockets = bind_all(config, {}, lambda message: say("warn", message),
                            ignore=(errno.EADDRINUSE,))
     except ConfigErrors as errors:
@@ -9214,7 +9225,7 @@ def command_test(path: str) -> int:
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
     except OSError as error:
-        say("emerg", error.strerror)
+        say("emerg", log_open_failure(error) if error.filename else error.strerror)
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
     for sock in sockets.values():
@@ -9244,7 +9255,7 @@ def command_run(path: str) -> int:
     try:
         logs = ErrorLogs(config)
     except OSError as error:
-        sys.stderr.write("mailproxy: [emerg] cannot open error_log: %s\n" % error)
+        sys.stderr.write("mailproxy: [emerg] %s\n" % log_open_failure(error))
         return 1
     log = logs.main
     give_logs_to_user(logs, config.main, log)

@@ -2914,6 +2914,23 @@ class ConfigCheckCommandTests(unittest.TestCase):
                       % (port, errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL)), err)
         self.assertIn("configuration file %s test failed" % path, err)
 
+    def test_t_opens_the_log_files(self):
+        """As nginx -t: a log that cannot be opened fails the check, in
+        nginx's words, as it would fail the start."""
+        directory = TempDir(self)
+        log_path = os.path.join(directory.path, "missing", "error.log")
+        path = directory.write("mailproxy.conf", file_text([BASE_CONFIG, """
+            [main]
+            error_log = %s info
+        """ % log_path]))
+        message = ('mailproxy: [emerg] open() "%s" failed (%d: %s)\n'
+                   % (log_path, errno.ENOENT, os.strerror(errno.ENOENT)))
+        for args in (["-t", "-c", path], ["-c", path]):
+            status, out, err = run_mailproxy(args)
+            self.assertEqual(status, 1, err)
+            self.assertIn(message, err)
+            self.assertNotIn("started", err)
+
     def test_t_passes_a_port_in_use(self):
         """A port in use is the running proxy's (nginx -t ignores
         EADDRINUSE); the other listen is bound (and released) all the same."""
