@@ -346,7 +346,13 @@ class Upstream(NamedTuple):
 
 
 class ConfigValueError(Exception):
-    """A value parser's complaint; the loader adds file, section and line."""
+    """A value parser's complaint; the loader adds file, section and line.
+    ``directive``: the one at fault when another found it (the TLS section
+    names the ssl_certificate_key whose file does not load)."""
+
+    def __init__(self, message: str, directive: Optional[str] = None):
+        super().__init__(message)
+        self.directive = directive
 
 
 NGINX_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
@@ -1094,7 +1100,8 @@ class Config(NamedTuple):
     servers: List[Settings]
     users: UserTable
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
-    warnings: Tuple[ConfigError, ...] = ()   # what -t and the start-up warn of
+    warnings: Tuple[ConfigError, ...] = ()   # what -t and the start-up print as [warn]
+    lines: Optional[Dict] = None        # (section, directive) -> line, for later messages
 
 
 def section_kind(name: str) -> Optional[str]:
@@ -1111,12 +1118,12 @@ def find_line_numbers(text: str) -> Dict[Tuple[str, str], int]:
     lines = {}
     section = None
     for number, line in enumerate(text.splitlines(), 1):
-        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if line[:1].isspace() or line.lstrip().startswith(("#", ";")):
+            continue                   # a continuation ("    [::1]:8143") or a comment
+        header = re.match(r"\[([^\]]+)\]", line)
         if header:
             section = header.group(1).strip()
             lines[(section, "")] = number
-            continue
-        if line[:1].isspace() or line.lstrip().startswith(("#", ";")):
             continue
         key = re.match(r"([^=]+?)\s*=", line)
         if key and section is not None:
@@ -1128,7 +1135,7 @@ def section_at(text: str, lineno: int) -> Optional[str]:
     """The section a line number of the file belongs to."""
     section = None
     for line in text.splitlines()[:lineno]:
-        header = re.match(r"\s*\[([^\]]+)\]", line)
+        header = re.match(r"\[([^\]]+)\]", line)     # not "    [::1]:8143", a continuation
         if header:
             section = header.group(1).strip()
     return section
@@ -1173,6 +1180,58 @@ def read_ini(path: str) -> Tuple[configparser.ConfigParser, Dict]:
     return parser, find_line_numbers(text)
 
 
+def comment_start(text: str, quotes: bool = True) -> Optional[int]:
+    """Where an inline comment starts in one line of a value: at a "#" or
+    ";" that begins the value or follows whitespace (nginx's "#" starts a
+    comment where an argument could start; INI's ";" the same way), and,
+    with ``quotes``, not inside a quoted argument (nginx's quoting, as
+    split_arguments).  None: no comment.  configparser's own
+    inline_comment_prefixes knows no quotes, so it would cut
+    ``auth_http_header X-Key "a #b"``; hence this."""
+    i, argument_starts = 0, True
+    while i < len(text):
+        char = text[i]
+        if char.isspace():
+            argument_starts = True
+        elif argument_starts and char in "#;":
+            return i
+        elif argument_starts and quotes and char in "\"'":
+            i += 1
+            while i < len(text) and text[i] != char:
+                i += 2 if text[i] == "\\" and text[i + 1:i + 2] in tuple(NGINX_ESCAPES) else 1
+            argument_starts = False
+        else:
+            argument_starts = False
+        i += 1
+    return None
+
+
+def strip_inline_comments(path: str, parser: configparser.ConfigParser,
+                          lines: Dict) -> List[ConfigError]:
+    """Cut every inline comment (`` # ...`` or `` ; ...``) from the values,
+    line by line, in every section: README, "The configuration file".  In
+    [users], where a value is verbatim (quotes are part of a password),
+    whitespace and "#" or ";" start a comment even after a quote.  Returns
+    the warnings for -t: a {PLAIN} value that lost a comment, whose
+    password could have been meant to go on (such a password is written
+    {PLAIN.B64})."""
+    warnings = []
+    for section in parser.sections():
+        verbatim = section == "users"
+        for key, value in parser.items(section):
+            kept = []
+            for line in value.split("\n"):
+                start = comment_start(line, quotes=not verbatim)
+                if start is not None and verbatim and re.match(r"\{PLAIN\}", line, re.I):
+                    warnings.append(ConfigError(
+                        path, section, key, 'the {PLAIN} password ends before "%s": the rest of the '
+                        'line is a comment (write a password that holds " %s" as {PLAIN.B64})'
+                        % (line[start], line[start]), lines.get((section, key))))
+                kept.append(line if start is None else line[:start].rstrip())
+            parser.set(section, key, "\n".join(line for line in kept if line).strip())
+    return warnings
+
+
 def load_config(path: str) -> Config:
     """Read and check a configuration file.
 
@@ -1181,6 +1240,7 @@ def load_config(path: str) -> Config:
     required ones), each with file, section, directive and line.
     """
     parser, lines = read_ini(path)
+    warnings = strip_inline_comments(path, parser, lines)
     errors = []
     values = read_directives(path, parser, lines, errors)
     main = merge_main(values.get("main", {}))
@@ -1201,8 +1261,8 @@ def load_config(path: str) -> Config:
     routes = load_routes(path, parser, lines, errors)
     if errors:
         raise ConfigErrors(errors)
-    warnings = route_port_warnings(path, servers, routes, lines)
-    return Config(path, main, servers, users, routes, tuple(warnings))
+    warnings += route_port_warnings(path, servers, routes, lines)
+    return Config(path, main, servers, users, routes, tuple(warnings), lines)
 
 
 def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -3505,7 +3565,10 @@ def hash_password(password: bytes, scheme: str = "PBKDF2-SHA256",
                   rounds: Optional[int] = None) -> str:
     """A user table value for ``password``: ``{SCHEME}DATA`` with a fresh salt."""
     if scheme == "PLAIN":
-        return "{PLAIN}" + password.decode("utf-8")
+        value = "{PLAIN}" + password.decode("utf-8")
+        if comment_start(value, quotes=False) is None and value == value.rstrip():
+            return value
+        return "{PLAIN.B64}" + base64.b64encode(password).decode()   # else the file cuts it
     if scheme == "PBKDF2-SHA256":
         salt = os.urandom(16)
         rounds = rounds or PBKDF2_DEFAULT_ROUNDS
@@ -5728,11 +5791,62 @@ def apply_protocols(context: ssl.SSLContext, protocols: List[str]) -> None:
     context.maximum_version = TLS_VERSIONS[protocols[-1]]
 
 
+def permission_hint(path: str) -> str:
+    """What to do about EACCES on ``path``: the user this process runs as,
+    and the file's owner and mode when they can be read."""
+    try:
+        import pwd
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return ""
+    try:
+        info = os.stat(path)
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except (OSError, KeyError):
+        return ' (read as user "%s": check the modes of the file and its directories)' % user
+    return (' (read as user "%s", the file is "%s"\'s with mode %04o: let "%s" read it, '
+            'or start mailproxy as root)' % (user, owner, stat.S_IMODE(info.st_mode), user))
+
+
+def check_readable(path: str, what: str, directive: str) -> None:
+    """``cannot load WHAT "PATH": REASON`` (nginx's words) if the file cannot
+    be opened, blaming ``directive``: OpenSSL's error would not say which of
+    a certificate and its key is missing or unreadable."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        hint = permission_hint(path) if error.errno == errno.EACCES else ""
+        raise ConfigValueError('cannot load %s "%s": %s%s' % (what, path, error.strerror, hint),
+                               directive)
+
+
+def check_certificate_file(path: str, directive: str) -> None:
+    """The file opens and holds a PEM certificate OpenSSL reads."""
+    check_readable(path, "certificate", directive)
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        scratch.load_verify_locations(cafile=path)
+        if scratch.cert_store_stats()["x509"]:
+            return
+        reason = "no certificate found"
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+    raise ConfigValueError('cannot load certificate "%s": no PEM certificate OpenSSL can read '
+                           '(%s)' % (path, reason), directive)
+
+
 def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
-                      passwords: List[bytes]) -> None:
+                      passwords: List[bytes],
+                      directives: Tuple[str, str] = ("ssl_certificate", "ssl_certificate_key")) -> None:
     """Each certificate with its key; an encrypted key is tried with each
-    line of ssl_password_file in turn, as nginx."""
+    line of ssl_password_file in turn, as nginx.  A problem raises
+    ConfigValueError naming the file at fault and its directive out of
+    ``directives`` (certificate's, key's): the certificate is checked on
+    its own first, so a key that does not load is never blamed on it."""
     for certificate, key in pairs:
+        check_certificate_file(certificate, directives[0])
+        check_readable(key, "certificate key", directives[1])
         for password in passwords or [None]:
             try:
                 context.load_cert_chain(certificate, key, password=password)
@@ -5740,10 +5854,17 @@ def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
             except ssl.SSLError as error:
                 failure = error
             except OSError as error:
-                raise ConfigValueError('cannot load certificate "%s": %s' % (certificate, error.strerror))
+                raise ConfigValueError('cannot load certificate "%s": %s' % (certificate, error.strerror),
+                                       directives[0])
         else:
-            raise ConfigValueError('cannot load certificate "%s" with key "%s": %s' % (
-                certificate, key, getattr(failure, "reason", None) or failure))
+            reason = getattr(failure, "reason", None) or str(failure)
+            if reason == "KEY_VALUES_MISMATCH":
+                # nginx: SSL_CTX_use_PrivateKey("KEY") failed (... key values mismatch)
+                raise ConfigValueError('certificate key "%s" does not match certificate "%s" '
+                                       '(key values mismatch)' % (key, certificate), directives[1])
+            raise ConfigValueError('cannot load certificate key "%s": no PEM private key OpenSSL '
+                                   'can read%s (%s)' % (key, " with ssl_password_file" if passwords
+                                                        else "", reason), directives[1])
 
 
 def server_context(settings: Settings, certificate: str = "", key: str = "") -> ssl.SSLContext:
@@ -5765,25 +5886,35 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
         context.options |= ssl.OP_NO_TICKET
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     passwords = read_password_file(settings.ssl_password_file)
-    pairs = [(certificate, key)] if certificate else list(zip(settings.ssl_certificate,
-                                                               settings.ssl_certificate_key))
     conf_pairs = apply_conf_commands(context, settings.ssl_conf_command)
-    load_certificates(context, pairs + conf_pairs, passwords)
+    if certificate:
+        load_certificates(context, [(certificate, key)], passwords, ("ssl_sni_certificate",) * 2)
+    else:
+        load_certificates(context, list(zip(settings.ssl_certificate, settings.ssl_certificate_key)),
+                          passwords)
+    load_certificates(context, conf_pairs, passwords, ("ssl_conf_command",) * 2)
     if settings.ssl_verify_client != "off":
         # CERT_OPTIONAL: a certificate sent is verified in the handshake; a
         # missing one is found after it, to answer as nginx does.
         context.verify_mode = ssl.CERT_OPTIONAL
-        try:
-            for cafile in (settings.ssl_client_certificate, settings.ssl_trusted_certificate):
-                if cafile:
-                    context.load_verify_locations(cafile)
-            if settings.ssl_crl:
-                context.load_verify_locations(settings.ssl_crl)
-                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        except (ssl.SSLError, OSError) as error:
-            raise ConfigValueError("cannot load the client CA or CRL: %s" % error)
+        for directive in ("ssl_client_certificate", "ssl_trusted_certificate", "ssl_crl"):
+            if getattr(settings, directive):
+                load_verify_file(context, getattr(settings, directive), directive)
+        if settings.ssl_crl:
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     context.set_alpn_protocols([settings.protocol])
     return context
+
+
+def load_verify_file(context: ssl.SSLContext, path: str, directive: str) -> None:
+    """A CA or CRL file into ``context``; a problem names the file and blames
+    ``directive``."""
+    check_readable(path, "CA or CRL file", directive)
+    try:
+        context.load_verify_locations(path)
+    except ssl.SSLError as error:
+        raise ConfigValueError('cannot load CA or CRL file "%s": %s' % (path, error.reason or error),
+                               directive)
 
 
 def read_password_file(path: Optional[str]) -> List[bytes]:
@@ -5793,7 +5924,9 @@ def read_password_file(path: Optional[str]) -> List[bytes]:
         with open(path, "rb") as handle:
             return [line.rstrip(b"\r\n") for line in handle if line.strip()]
     except OSError as error:
-        raise ConfigValueError('cannot read "%s": %s' % (path, error.strerror))
+        hint = permission_hint(path) if error.errno == errno.EACCES else ""
+        raise ConfigValueError('cannot read "%s": %s%s' % (path, error.strerror, hint),
+                               "ssl_password_file")
 
 
 def apply_conf_commands(context: ssl.SSLContext, commands: List[Tuple[str, str]]) -> List:
@@ -5852,20 +5985,25 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
     except ssl.SSLError as error:
         raise ConfigValueError("proxy_ssl_ciphers: %s" % error)
     if settings.proxy_ssl_verify:
-        try:
-            if settings.proxy_ssl_trusted_certificate:
-                context.load_verify_locations(settings.proxy_ssl_trusted_certificate)
-            else:
+        if settings.proxy_ssl_trusted_certificate:
+            load_verify_file(context, settings.proxy_ssl_trusted_certificate,
+                             "proxy_ssl_trusted_certificate")
+        else:
+            try:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        except (ssl.SSLError, OSError) as error:
-            raise ConfigValueError("cannot load proxy_ssl_trusted_certificate: %s" % error)
+            except (ssl.SSLError, OSError) as error:
+                raise ConfigValueError("cannot load the system's CA certificates: %s" % error,
+                                       "proxy_ssl_verify")
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if settings.proxy_ssl_certificate:
+        key_directive = "proxy_ssl_certificate_key" if settings.proxy_ssl_certificate_key else \
+            "proxy_ssl_certificate"
         load_certificates(context, [(settings.proxy_ssl_certificate,
                                      settings.proxy_ssl_certificate_key or
-                                     settings.proxy_ssl_certificate)], [])
+                                     settings.proxy_ssl_certificate)], [],
+                          ("proxy_ssl_certificate", key_directive))
     return context
 
 
@@ -6413,7 +6551,11 @@ class Listener(LoopHandler):
 
 def bind_listen(listen: Listen) -> socket.socket:
     """A listening socket for ``listen``; raises OSError with nginx's words."""
-    sock = socket.socket(listen.family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(listen.family, socket.SOCK_STREAM)
+    except OSError as error:                 # EAFNOSUPPORT: a kernel without IPv6
+        raise OSError(error.errno, "socket() %s failed (%d: %s)" % (
+            listen.text, error.errno, error.strerror))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if listen.family == socket.AF_INET6:
@@ -6432,16 +6574,58 @@ def bind_listen(listen: Listen) -> socket.socket:
     return sock
 
 
-def bind_all(config: Config, bound: Dict) -> Dict:
+def host_has_ipv6() -> bool:
+    """Can this host bind IPv6's loopback?  Every host with IPv6 on has
+    ::1; one without IPv6 (a kernel without it, a container, or
+    net.ipv6.conf.*.disable_ipv6) has not."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def family_unavailable(listen: Listen, error: OSError) -> bool:
+    """Did binding ``listen`` fail because the host has no IPv6 at all
+    (EAFNOSUPPORT, or EADDRNOTAVAIL where even ::1 cannot be bound), rather
+    than because of the address (one the host does not have, a port in use
+    or privileged), which stays fatal as in nginx?"""
+    if listen.family != socket.AF_INET6:
+        return False
+    if error.errno == errno.EAFNOSUPPORT:
+        return True
+    return error.errno == errno.EADDRNOTAVAIL and not host_has_ipv6()
+
+
+def bind_all(config: Config, bound: Dict, warn: Callable[[str], None] = lambda message: None,
+             ignore: Tuple[int, ...] = ()) -> Dict:
     """The listening sockets ``config`` wants, keyed by (host, port): those
-    already in ``bound`` are kept, the others bound now.  Raises OSError
-    (closing what it bound) if one cannot be bound."""
+    already in ``bound`` are kept, the others bound now.  An IPv6 listen on
+    a host without IPv6 is skipped with ``warn`` (so that one file serves
+    hosts with and without it), unless its server would be left with no
+    listener; a failure whose errno is in ``ignore`` is skipped silently (-t
+    ignores EADDRINUSE, as nginx -t: the running proxy holds the address).
+    Raises OSError (closing what it bound) if one cannot be bound."""
     sockets = {}
     try:
         for server in config.servers:
+            skipped, served = None, False
             for listen in server.listen:
                 key = (listen.host, listen.port)
-                sockets[key] = bound.get(key) or sockets.get(key) or bind_listen(listen)
+                try:
+                    sockets[key] = bound.get(key) or sockets.get(key) or bind_listen(listen)
+                except OSError as error:
+                    if error.errno not in ignore and not family_unavailable(listen, error):
+                        raise
+                    if error.errno not in ignore:
+                        skipped = skipped or error
+                        warn("%s: this host has no IPv6, [server %s] listens without it"
+                             % (error.strerror, server.name))
+                        continue
+                served = True
+            if skipped and not served:
+                raise skipped
     except OSError:
         for key, sock in sockets.items():
             if key not in bound:
@@ -6450,12 +6634,14 @@ def bind_all(config: Config, bound: Dict) -> Dict:
     return sockets
 
 
-def listen_table(config: Config) -> Dict:
-    """Each ``listen`` of ``config`` by (host, port), the keys of bind_all."""
+def listen_table(config: Config, sockets: Optional[Dict] = None) -> Dict:
+    """Each ``listen`` of ``config`` by (host, port), the keys of bind_all;
+    with ``sockets``, only those bound there (bind_all skips some)."""
     table = {}
     for server in config.servers:
         for listen in server.listen:
-            table[(listen.host, listen.port)] = listen
+            if sockets is None or (listen.host, listen.port) in sockets:
+                table[(listen.host, listen.port)] = listen
     return table
 
 
@@ -8505,7 +8691,6 @@ def load_and_prepare(path: str) -> Config:
     config = load_config(path)
     errors = []
     for server in config.servers:
-        section = "server " + server.name
         try:
             if server.starttls != "off" or any(listen.ssl for listen in server.listen):
                 server.tls_context = server_context(server)
@@ -8514,10 +8699,25 @@ def load_and_prepare(path: str) -> Config:
                 # With auth_http, Auth-Backend-TLS may ask for TLS per session.
                 server.backend_tls_context = backend_context(server)
         except ConfigValueError as error:
-            errors.append(ConfigError(path, section, None, str(error)))
+            problem = tls_problem(config, server, error)
+            if str(problem) not in map(str, errors):     # once, not once per server
+                errors.append(problem)
     if errors:
         raise ConfigErrors(errors)
     return config
+
+
+def tls_problem(config: Config, server: Settings, error: ConfigValueError) -> ConfigError:
+    """A TLS file's problem at the directive that names the file: in the
+    server's section if it sets it, else in [mail], whose line all the
+    servers share (so that it is reported once for all of them)."""
+    section = "server " + server.name
+    lines = config.lines or {}
+    if error.directive is not None and (section, error.directive) not in lines and \
+            ("mail", error.directive) in lines:
+        section = "mail"
+    return ConfigError(config.path, section, error.directive, str(error),
+                       lines.get((section, error.directive or "")))
 
 
 def warn_about(config: Config, log: ErrorLog) -> None:
@@ -8548,9 +8748,18 @@ def load_for_reload(path: str, log: "ErrorLog") -> Optional[Tuple[Config, "Error
         for error in errors.errors:
             log.log("emerg", str(error))
     except OSError as error:
-        log.log("emerg", "cannot open a log: %s" % error)
+        log.log("emerg", log_open_failure(error))
     log.log("alert", "reload failed, the old configuration is kept")
     return None
+
+
+def log_open_failure(error: OSError) -> str:
+    """A log that cannot be opened, in nginx's words: ``open() "PATH"
+    failed (13: Permission denied)``, and who could not open it."""
+    if error.filename is None:                 # a syslog socket
+        return "cannot open a log: %s" % error
+    hint = permission_hint(error.filename) if error.errno == errno.EACCES else ""
+    return 'open() "%s" failed (%d: %s)%s' % (error.filename, error.errno, error.strerror, hint)
 
 
 class ErrorLogs:
@@ -8977,11 +9186,13 @@ class Worker(LoopHandler):
         ones it no longer has.  Raises OSError (and changes nothing) if one
         cannot be bound."""
         current = {key: listener.sock for key, listener in self.listeners.items()}
-        sockets = bind_all(config, current) if sockets is None else sockets
+        if sockets is None:
+            sockets = bind_all(config, current, lambda message: self.log.log("warn", message))
         wanted = {}
         for server in config.servers:
             for listen in server.listen:
-                wanted[(listen.host, listen.port)] = (listen, server)
+                if (listen.host, listen.port) in sockets:      # else skipped: no IPv6 here
+                    wanted[(listen.host, listen.port)] = (listen, server)
         for key, listener in list(self.listeners.items()):
             if key not in wanted:
                 listener.close()
@@ -9205,8 +9416,8 @@ class Master(LoopHandler):
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
-        self.sockets = bind_all(self.config, {})
-        self.listens = listen_table(self.config)
+        self.sockets = bind_all(self.config, {}, lambda message: self.log.log("warn", message))
+        self.listens = listen_table(self.config, self.sockets)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
                                 (signal.SIGUSR1, self.reopen_logs), (signal.SIGCHLD, self.reap)):
@@ -9339,7 +9550,7 @@ class Master(LoopHandler):
             return
         config, logs = loaded
         try:
-            sockets = bind_all(config, self.sockets)
+            sockets = bind_all(config, self.sockets, lambda message: self.log.log("warn", message))
         except OSError as error:
             logs.close()
             self.log.log("emerg", str(error.strerror))
@@ -9369,7 +9580,7 @@ class Master(LoopHandler):
         """The sockets a reload keeps get the new socket settings (the
         workers share them); the new workers take ssl, proxy_protocol and
         so_keepalive from the new configuration by themselves."""
-        listens = listen_table(config)
+        listens = listen_table(config, sockets)
         for key, listen in listens.items():
             if key in self.listens:
                 listens[key], problems = update_listen(sockets[key], self.listens[key], listen)
@@ -9631,8 +9842,8 @@ def import_nginx(path: str) -> str:
 
 USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
 
-  -c FILE            configuration file (default: mailproxy.conf here, then
-                     sample.conf beside this script)
+  -c FILE            configuration file (default: ./mailproxy.conf, then
+                     /etc/mailproxy/mailproxy.conf)
   -t                 check the configuration and exit (0 valid, 1 not)
   -v                 print the version and exit
   --hash-password    read a password on standard input and print a [users]
@@ -9642,10 +9853,17 @@ USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
 """
 
 
-def default_config_path() -> str:
-    if os.path.exists("mailproxy.conf"):
-        return "mailproxy.conf"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.conf")
+DEFAULT_CONFIG_PATHS = ("mailproxy.conf", "/etc/mailproxy/mailproxy.conf")
+
+
+def default_config_path() -> Optional[str]:
+    """Without -c: ./mailproxy.conf, then /etc/mailproxy/mailproxy.conf
+    (INTERFACE.md); None if neither exists.  Never sample.conf: its demo
+    user must not go live because a -c was forgotten."""
+    for path in DEFAULT_CONFIG_PATHS:
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def parse_command_line(argv: List[str]) -> Dict[str, object]:
@@ -9689,19 +9907,44 @@ def command_hash_password(scheme: str) -> int:
 
 
 def command_test(path: str) -> int:
-    """nginx -t: every problem, then "test failed" / "test is successful"."""
+    """nginx -t: every problem, then "test failed" / "test is successful".
+    As nginx -t, the log files are opened and the listeners bound, then
+    released, so that a log directory that is missing, or an address
+    the host does not have, or a port it may not bind, fails here; a port in
+    use does not (the running proxy holds it: nginx -t ignores EADDRINUSE)."""
+    def say(level: str, message: object) -> None:
+        sys.stderr.write("mailproxy: [%s] %s\n" % (level, message))
     try:
         config = load_and_prepare(path)
+        for warning in config.warnings:
+            say("warn", warning)
+        ErrorLogs(config).close()            # as nginx -t, which opens its log files
+        sockets = bind_all(config, {}, lambda message: say("warn", message),
+                           ignore=(errno.EADDRINUSE,))
     except ConfigErrors as errors:
         for error in errors.errors:
-            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+            say("emerg", error)
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
-    for warning in config.warnings:
-        sys.stderr.write("mailproxy: [warn] %s\n" % warning)
+    except OSError as error:
+        say("emerg", log_open_failure(error) if error.filename else error.strerror)
+        sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
+        return 1
+    for sock in sockets.values():
+        sock.close()
     sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
     sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
     return 0
+
+
+def startup_failure(config: Config, log: ErrorLog, message: str) -> int:
+    """A start-up failure once the logs are open: in the log, and on stderr
+    too unless the log is stderr already (nginx prints its [emerg] on the
+    terminal as well, so that a failed start is never silent)."""
+    log.log("emerg", message)
+    if not any(spec.destination == "stderr" for spec in config.main.error_log):
+        sys.stderr.write("mailproxy: [emerg] %s\n" % message)
+    return 1
 
 
 def command_run(path: str) -> int:
@@ -9714,7 +9957,7 @@ def command_run(path: str) -> int:
     try:
         logs = ErrorLogs(config)
     except OSError as error:
-        sys.stderr.write("mailproxy: [emerg] cannot open error_log: %s\n" % error)
+        sys.stderr.write("mailproxy: [emerg] %s\n" % log_open_failure(error))
         return 1
     log = logs.main
     give_logs_to_user(logs, config.main, log)
@@ -9729,14 +9972,23 @@ def command_run(path: str) -> int:
     try:
         start()
     except OSError as error:
-        log.log("emerg", str(error.strerror))
-        return 1
-    write_pid_file(config.main)                  # before the user changes
+        return startup_failure(config, log, str(error.strerror))
+    try:
+        write_pid_file(config.main)              # before the user changes
+    except OSError as error:
+        status = startup_failure(config, log, 'open() "%s" failed (%d: %s)'
+                                 % (config.main.pid, error.errno, error.strerror))
+        if isinstance(process, Master):
+            process.stop_now()                   # its workers are running already
+            process.run()
+        return status
     if isinstance(process, Worker):
         drop_privileges(config.main, log)
         process.install_signals()
-    listening = ", ".join(sorted(listen.text for server in config.servers for listen in server.listen))
-    log.log("notice", "mailproxy/%s started, listening on %s" % (__version__, listening))
+    bound = process.sockets if isinstance(process, Master) else process.listeners
+    listening = ", ".join(sorted(listen.text for listen in listen_table(config, bound).values()))
+    log.log("notice", "mailproxy/%s started, listening on %s; configuration file %s"
+            % (__version__, listening, os.path.abspath(path)))
     try:
         process.run()
     finally:
@@ -9764,6 +10016,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         return 0
     path = options["config"] or default_config_path()
+    if path is None:
+        sys.stderr.write("mailproxy: [emerg] no configuration file: neither %s exists; "
+                         "give one with -c FILE (sample.conf is an example to copy)\n"
+                         % " nor ".join("./" + p if not os.path.isabs(p) else p
+                                        for p in DEFAULT_CONFIG_PATHS))
+        return 1
     if options["test"]:
         return command_test(path)
     return command_run(path)

@@ -2881,11 +2881,69 @@ class ConfigCheckCommandTests(unittest.TestCase):
         self.assertIn("mailproxy.conf", err)
         self.assertIn('unknown directive "bogus_directive"', err)
 
-    def test_default_file_is_then_sample_conf(self):
+    def test_without_c_and_without_a_default_file_nothing_runs(self):
+        """sample.conf beside the script is never taken: its demo user must
+        not go live because -c was forgotten (INTERFACE.md)."""
+        if os.path.exists("/etc/mailproxy/mailproxy.conf"):
+            self.skipTest("this host has /etc/mailproxy/mailproxy.conf")
+        home = TempDir(self)
+        for name in ("mailproxy.py", "sample.conf"):
+            with open(os.path.join(HERE, name)) as handle:
+                home.write(name, handle.read())
+        elsewhere = TempDir(self)
+        for args in (["-t"], []):
+            done = subprocess.run([sys.executable, os.path.join(home.path, "mailproxy.py")] + args,
+                                  cwd=elsewhere.path, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+            err = done.stderr.decode()
+            self.assertEqual(done.returncode, 1, err)
+            self.assertIn("mailproxy: [emerg] no configuration file: neither ./mailproxy.conf nor "
+                          "/etc/mailproxy/mailproxy.conf exists; give one with -c FILE", err)
+            self.assertNotIn("syntax is ok", err)
+            self.assertNotIn("started", err)
+
+    def test_t_binds_every_listener(self):
+        """As nginx -t: an address the host does not have fails the check
+        with bind()'s message (192.0.2.1 is TEST-NET-1, nobody's)."""
+        port = free_port()
+        path = TempDir(self).write("mailproxy.conf", file_text([BASE_CONFIG.replace(
+            "127.0.0.1:18143", "192.0.2.1:%d" % port)]))
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, err)
+        self.assertIn("mailproxy: [emerg] bind() to 192.0.2.1:%d failed (%d: %s)"
+                      % (port, errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL)), err)
+        self.assertIn("configuration file %s test failed" % path, err)
+
+    def test_t_opens_the_log_files(self):
+        """As nginx -t: a log that cannot be opened fails the check, in
+        nginx's words, as it would fail the start."""
         directory = TempDir(self)
-        status, out, err = run_mailproxy(["-t"], cwd=directory.path)
+        log_path = os.path.join(directory.path, "missing", "error.log")
+        path = directory.write("mailproxy.conf", file_text([BASE_CONFIG, """
+            [main]
+            error_log = %s info
+        """ % log_path]))
+        message = ('mailproxy: [emerg] open() "%s" failed (%d: %s)\n'
+                   % (log_path, errno.ENOENT, os.strerror(errno.ENOENT)))
+        for args in (["-t", "-c", path], ["-c", path]):
+            status, out, err = run_mailproxy(args)
+            self.assertEqual(status, 1, err)
+            self.assertIn(message, err)
+            self.assertNotIn("started", err)
+
+    def test_t_passes_a_port_in_use(self):
+        """A port in use is the running proxy's (nginx -t ignores
+        EADDRINUSE); the other listen is bound (and released) all the same."""
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            busy = holder.getsockname()[1]
+            free = free_port()
+            path = TempDir(self).write("mailproxy.conf", file_text([BASE_CONFIG.replace(
+                "127.0.0.1:18143", "127.0.0.1:%d\n        127.0.0.1:%d" % (busy, free))]))
+            status, out, err = run_mailproxy(["-t", "-c", path])
         self.assertEqual(status, 0, err)
-        self.assertIn(os.path.join(HERE, "sample.conf"), err)
+        self.assertIn("test is successful", err)
 
     def test_unknown_directive(self):
         self.assertReported("unknown_directive", "server imap", "bogus_directive",
@@ -3438,6 +3496,149 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         self.assertIn("test is successful", err)
 
 
+# -- inline comments, and README's examples ----------------------------------------
+
+class ConfigCommentTests(unittest.TestCase):
+    """Whitespace then "#" or ";" starts a comment after any value, in every
+    section; in [users] too, where quotes are part of a password."""
+
+    def test_inline_comments_in_every_section(self):
+        config = load_text(self, """\
+            [main]
+            worker_connections = 512      # per worker
+
+            [mail]
+            proxy_pass = 127.0.0.1:1143   ; the backend
+            smtp_capabilities = "SIZE 10485760" "X-A #b ;c"  # quoted: kept
+            imap_capabilities = IMAP4rev1  # first line
+                                ID         # second line
+            smtp_relay_domains = a#b.example c;d.example
+
+            [server imap]
+            listen = 127.0.0.1:18143 # here
+            protocol = imap
+
+            [users]
+            alice = {PLAIN}secret   # demo user
+            bob = {PLAIN}tab\t;comment
+            carol = {PLAIN}a#b;c "#quoted"
+            dave = {PLAIN}#not a comment
+
+            [routes]
+            @example.com = 127.0.0.2   # the domain
+            erin = 127.0.0.3:2143 ; one user
+        """)
+        server = config.servers[0]
+        self.assertEqual(config.main.worker_connections, 512)
+        self.assertEqual(server.proxy_pass.text, "127.0.0.1:1143")
+        self.assertEqual(server.smtp_capabilities, ["SIZE 10485760", "X-A #b ;c"])
+        self.assertEqual(server.imap_capabilities, ["IMAP4rev1", "ID"])
+        self.assertEqual(server.smtp_relay_domains, ["a#b.example", "c;d.example"])
+        self.assertEqual(server.listen[0].text, "127.0.0.1:18143")
+        self.assertEqual(config.users["alice"].data, "secret")
+        self.assertEqual(config.users["bob"].data, "tab")
+        self.assertEqual(config.users["carol"].data, 'a#b;c "#quoted"')     # a quote is verbatim
+        self.assertEqual(config.users["dave"].data, "#not a comment")
+        self.assertEqual(config.routes["@example.com"].upstream.host, "127.0.0.2")
+        self.assertEqual((config.routes["erin"].port, config.routes["erin"].upstream.host),
+                         (2143, "127.0.0.3"))
+
+    def test_t_warns_where_a_plain_password_lost_a_comment(self):
+        text = file_text([BASE_CONFIG, """
+            [users]
+            alice = {PLAIN}secret   # demo user
+            bob = {SHA256-CRYPT}%s  # hashed: nothing to doubt
+        """ % mp.hash_password(b"pw", "SHA256-CRYPT")[len("{SHA256-CRYPT}"):]])
+        path = TempDir(self).write("mailproxy.conf", text)
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 0, err)
+        self.assertIn('mailproxy: [warn] %s:%d: [users] alice: the {PLAIN} password ends before '
+                      '"#": the rest of the line is a comment' % (path, line_of(text, "alice")), err)
+        self.assertNotIn("bob", err)
+        self.assertIn("test is successful", err)
+        self.assertTrue(mp.password_matches(mp.load_config(path).users["alice"], b"secret"))
+
+    def test_plain_b64_holds_what_a_line_cannot(self):
+        password = "pa #ss ;word  "
+        encoded = base64.b64encode(password.encode()).decode()
+        config = load_text(self, BASE_CONFIG, """
+            [users]
+            alice = {PLAIN.B64}%s   # Dovecot's spelling
+            bob = {plain.base64}%s
+        """ % (encoded, encoded))
+        for login in ("alice", "bob"):
+            self.assertEqual(config.users[login], mp.PasswordEntry("PLAIN", password))
+        path, errors = config_errors(self, BASE_CONFIG, "[users]\nalice = {PLAIN.B64}not base64!\n")
+        self.assertIn("{PLAIN.B64} data must be a UTF-8 password in base64", str(errors[0]))
+
+    def test_hash_password_plain_writes_b64_when_the_line_would_cut_it(self):
+        for password, scheme in (("pa #ss", "{PLAIN.B64}"), ("pa ;ss", "{PLAIN.B64}"),
+                                 ("trailing ", "{PLAIN.B64}"), ("pa#ss;x", "{PLAIN}")):
+            value = mp.hash_password(password.encode(), "PLAIN")
+            self.assertTrue(value.startswith(scheme), value)
+            config = load_text(self, BASE_CONFIG, "[users]\nalice = %s\n" % value)
+            self.assertEqual(config.users["alice"].data, password)
+
+
+def readme_ini_blocks() -> List[tuple]:
+    """(line number, text) of every ```ini block of README.md."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    blocks, start = [], None
+    for number, line in enumerate(lines, 1):
+        if start is None and line.strip() == "```ini":
+            start = number
+        elif start is not None and line.strip() == "```":
+            blocks.append((start, "\n".join(lines[start:number - 1]) + "\n"))
+            start = None
+    return blocks
+
+
+README_MINIMAL_SERVER = """
+[server readme]
+listen = 127.0.0.1:18143
+protocol = imap
+proxy_pass = 127.0.0.1:1143
+"""
+
+
+class ReadmeExampleTests(CertificateFiles, unittest.TestCase):
+    """Every ```ini block of README.md passes the configuration check, with
+    no warning.  The rules:
+    - a block whose first line names a systemd unit ("# /etc/systemd/...")
+      is not mailproxy's file, and is skipped;
+    - a block without a [server NAME] section is a fragment: it gets
+      README_MINIMAL_SERVER appended;
+    - the files a block names are relative to the configuration file, as
+      README says, and are the test's: cert.pem and key.pem (the test
+      certificate and key) beside it; a passwd_file (an absolute path, as
+      a Dovecot host has it) becomes one of a user, beside it;
+    - the check is -t's, load_and_prepare, without binding the listeners:
+      their addresses are those of README's hosts, not this one's."""
+
+    def test_every_ini_block_of_the_readme_passes_the_check(self):
+        blocks = readme_ini_blocks()
+        self.assertGreaterEqual(len(blocks), 3)
+        for number, text in blocks:
+            if text.startswith("# /etc/systemd/"):
+                continue
+            with self.subTest(readme_line=number):
+                if not re.search(r"^\[server ", text, re.MULTILINE):
+                    text += README_MINIMAL_SERVER
+                directory = TempDir(self)
+                with open(self.tls_path("server.crt")) as cert, open(self.tls_path("server.key")) as key:
+                    directory.write("cert.pem", cert.read())
+                    directory.write("key.pem", key.read())
+                directory.write("users.passwd", "alice:{PLAIN}secret::::::\n")
+                text = re.sub(r"^(passwd_file\s*=\s*)\S+", r"\1users.passwd", text, flags=re.MULTILINE)
+                path = directory.write("mailproxy.conf", text)
+                try:
+                    config = mp.load_and_prepare(path)
+                except mp.ConfigErrors as errors:
+                    self.fail("README.md line %d:\n%s\n%s" % (number, text, errors))
+                self.assertEqual([str(warning) for warning in config.warnings], [])
+
+
 # -- the TLS parts, which load_and_prepare checks -----------------------------------
 
 class TlsConfigCheckTests(EndToEndTestCase):
@@ -3473,24 +3674,86 @@ class TlsConfigCheckTests(EndToEndTestCase):
     def test_missing_or_unreadable_certificate_files(self):
         missing = os.path.join(self.tls_dir(), "missing.crt")
         self.assertRegex(self.errors(**self.certificate(ssl_certificate=missing)),
-                         r'\[server imap\] cannot load certificate "%s": No such file or directory'
+                         r'\[mail\] ssl_certificate: cannot load certificate "%s": No such file or directory'
                          % re.escape(missing))
         self.assertIn('cannot load certificate "%s": Is a directory' % self.tls_dir(),
                       self.errors(**self.certificate(ssl_certificate=self.tls_dir())))
         garbage = write_file(self.tls_dir(), "garbage.crt", "not a certificate\n")
-        self.assertIn('cannot load certificate "%s" with key "%s"'
-                      % (garbage, self.tls_path("server.key")),
+        self.assertIn('[mail] ssl_certificate: cannot load certificate "%s": no PEM certificate '
+                      'OpenSSL can read' % garbage,
                       self.errors(**self.certificate(ssl_certificate=garbage)))
-        self.assertIn('cannot load certificate "%s" with key "%s"' % (
-            self.tls_path("server.crt"), self.tls_path("other.key")),
-            self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
         missing_ca = os.path.join(self.tls_dir(), "missing-ca.crt")
-        self.assertIn("cannot load the client CA or CRL",
-                      self.errors(**self.certificate(ssl_verify_client="on",
-                                                     ssl_client_certificate=missing_ca)))
-        self.assertIn("cannot load proxy_ssl_trusted_certificate",
+        self.assertIn('[mail] ssl_client_certificate: cannot load CA or CRL file "%s": No such file'
+                      % missing_ca, self.errors(**self.certificate(ssl_verify_client="on",
+                                                                   ssl_client_certificate=missing_ca)))
+        self.assertIn('[mail] proxy_ssl_trusted_certificate: cannot load CA or CRL file "%s"' % missing_ca,
                       self.errors(listens=("",), proxy_ssl="on",
                                   proxy_ssl_trusted_certificate=missing_ca))
+
+    def test_a_key_that_does_not_load_is_blamed_not_the_certificate(self):
+        """nginx's "cannot load certificate key": the key's file named, at
+        the ssl_certificate_key line."""
+        missing = os.path.join(self.tls_dir(), "missing.key")
+        self.assertIn('[mail] ssl_certificate_key: cannot load certificate key "%s": No such file or '
+                      'directory' % missing, self.errors(**self.certificate(ssl_certificate_key=missing)))
+        self.assertIn('[mail] ssl_certificate_key: certificate key "%s" does not match certificate '
+                      '"%s" (key values mismatch)' % (self.tls_path("other.key"), self.tls_path("server.crt")),
+                      self.errors(**self.certificate(ssl_certificate_key=self.tls_path("other.key"))))
+        garbage = write_file(self.tls_dir(), "garbage.key", "not a key\n")
+        self.assertIn('[mail] ssl_certificate_key: cannot load certificate key "%s": no PEM private key'
+                      % garbage, self.errors(**self.certificate(ssl_certificate_key=garbage)))
+
+    def test_t_names_the_key_once_at_its_line(self):
+        """Six servers share [mail]'s key: one error, at its line."""
+        missing = os.path.join(self.tls_dir(), "missing.key")
+        servers = "".join("[server s%d]\nlisten = 127.0.0.1:%d ssl\nprotocol = imap\n\n" % (n, free_port())
+                          for n in range(6))
+        text = ("[mail]\nproxy_pass = 127.0.0.1:1143\nssl_certificate = %s\n"
+                "ssl_certificate_key = %s   # the key\n\n%s" % (self.tls_path("server.crt"), missing, servers))
+        path = TempDir(self).write("mailproxy.conf", text)
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, err)
+        wanted = ('mailproxy: [emerg] %s:4: [mail] ssl_certificate_key: cannot load certificate key "%s": '
+                  'No such file or directory\n' % (path, missing))
+        self.assertEqual(err.count("[emerg]"), 1, err)
+        self.assertIn(wanted, err)
+
+    def test_an_unreadable_key_says_who_cannot_read_it(self):
+        directory = TempDir(self)
+        os.chmod(directory.path, 0o755)
+        key = directory.write("key.pem", TLS_SERVER_KEY_PEM)
+        os.chmod(key, 0o600)
+        certificate = directory.write("cert.pem", TLS_SERVER_CERT_PEM)
+        os.chmod(certificate, 0o644)
+        text = proxy_config("imap", 1143, listens=("ssl",), ssl_certificate=certificate,
+                            ssl_certificate_key=key)
+        os.chmod(directory.write("mailproxy.conf", text), 0o644)
+        import pwd
+        path = os.path.join(directory.path, "mailproxy.conf")
+        become = ""
+        if os.geteuid() == 0:
+            # Root reads anything: -t as nobody, with mailproxy imported
+            # first (the Python may sit where nobody cannot read).
+            try:
+                nobody = pwd.getpwnam("nobody")
+            except KeyError:
+                self.skipTest("no user nobody")
+            become = "os.setgroups([]); os.setgid(%d); os.setuid(%d); " % (nobody.pw_gid, nobody.pw_uid)
+            user = "nobody"
+        else:
+            os.chmod(key, 0)
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        script = ("import os, sys, encodings.idna; sys.path.insert(0, %r); import mailproxy; %s"
+                  "sys.exit(mailproxy.main(['-t', '-c', %r]))" % (HERE, become, path))
+        done = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20, cwd="/")
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 1, err)
+        self.assertRegex(err, r'\[mail\] ssl_certificate_key: cannot load certificate key "%s": '
+                              r'Permission denied \(read as user "%s", the file is "\w+"\'s with mode 0[0-7]+: '
+                              r'let "%s" read it, or start mailproxy as root\)' % (re.escape(key), user, user))
+        self.assertNotIn('cannot load certificate "', err)
+
 
     def test_optional_no_ca_is_refused(self):
         self.assertIn('ssl_verify_client: "optional_no_ca" cannot be honoured: Python\'s ssl module '
@@ -7703,6 +7966,65 @@ class DeadlineTests(EventLoopTestCase):
 # read budget of 0 pauses reading; EOF.  (Listeners are tested end to end:
 # worker_connections and out of descriptors in "Processes".)
 
+class BindAllTests(unittest.TestCase):
+    """bind_all's rule for a host without IPv6, with bind() made to fail
+    as it does there (the real thing, in a network namespace, is in
+    "Processes": test_sample_conf_starts_on_a_host_without_ipv6)."""
+
+    def bind(self, listens, failing_errno, has_ipv6):
+        """bind_all on one server with ``listens``, each IPv6 one failing
+        with ``failing_errno``: (the keys bound, the warnings)."""
+        config = load_text(self, BASE_CONFIG.replace("127.0.0.1:18143", "\n        ".join(listens)))
+        warnings = []
+
+        def fake_bind(listen):
+            if listen.family == socket.AF_INET6 or failing_errno == errno.EACCES:
+                raise OSError(failing_errno, "bind() to %s failed" % listen.text)
+            return unittest.mock.Mock()
+        with unittest.mock.patch.object(mp, "bind_listen", fake_bind), \
+                unittest.mock.patch.object(mp, "host_has_ipv6", lambda: has_ipv6):
+            sockets = mp.bind_all(config, {}, warnings.append)
+        return sorted(sockets), warnings
+
+    def test_an_ipv6_listen_is_skipped_where_the_host_has_no_ipv6(self):
+        for failing in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            keys, warnings = self.bind(["127.0.0.1:18143", "[::1]:18143"], failing, False)
+            self.assertEqual(keys, [("127.0.0.1", 18143)])
+            self.assertEqual(warnings, ["bind() to [::1]:18143 failed: this host has no IPv6, "
+                                        "[server imap] listens without it"])
+
+    def test_a_kernel_without_ipv6_fails_at_socket(self):
+        """socket(AF_INET6) itself fails there (EAFNOSUPPORT): nginx's
+        "socket() ... failed", and the listen is skipped the same way."""
+        real_socket = socket.socket
+
+        def socket_without_ipv6(family=socket.AF_INET, *args, **kwargs):
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+            return real_socket(family, *args, **kwargs)
+        port = free_port()
+        config = load_text(self, BASE_CONFIG.replace(
+            "127.0.0.1:18143", "127.0.0.1:%d\n        [::1]:%d" % (port, port)))
+        warnings = []
+        with unittest.mock.patch.object(mp.socket, "socket", socket_without_ipv6):
+            sockets = mp.bind_all(config, {}, warnings.append)
+        for sock in sockets.values():
+            sock.close()
+        self.assertEqual(sorted(sockets), [("127.0.0.1", port)])
+        self.assertEqual(warnings, ["socket() [::1]:%d failed (%d: %s): this host has no IPv6, "
+                                    "[server imap] listens without it"
+                                    % (port, errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))])
+
+    def test_other_failures_stay_fatal(self):
+        cases = [(["127.0.0.1:18143", "[2001:db8::5]:18143"], errno.EADDRNOTAVAIL, True),  # not ours
+                 (["[::1]:18143"], errno.EADDRNOTAVAIL, False),        # nothing left to listen on
+                 (["127.0.0.1:18143", "[::1]:18143"], errno.EACCES, False)]
+        for listens, failing, has_ipv6 in cases:
+            with self.assertRaises(OSError, msg=listens) as caught:
+                self.bind(listens, failing, has_ipv6)
+            self.assertEqual(caught.exception.errno, failing)
+
+
 class StreamOwner:
     """A Stream's owner that keeps what it is told: the data in ``chunks``,
     EOF, errors, how often the stream drained."""
@@ -10987,6 +11309,80 @@ class ProcessStartAndSignalTests(EndToEndTestCase):
         self.assertIn("bind() to 127.0.0.1:%d failed" % port, proxy.stderr)
         self.assertNotIn("Traceback", proxy.stderr)
 
+    def test_the_start_line_names_the_configuration_file(self):
+        directory = TempDir(self)
+        port = free_port()
+        path = self.config(directory, port)
+        proxy = ProgramUnderTest(self, path)
+        self.assertRegex(proxy.wait_for("started").rstrip("\n"),
+                         r"\[notice\] \d+#0: mailproxy/\S+ started, listening on 127\.0\.0\.1:%d; "
+                         r"configuration file %s$" % (port, re.escape(os.path.abspath(path))))
+
+    def test_a_start_up_failure_reaches_stderr_when_the_log_is_a_file(self):
+        """nginx prints its [emerg] on the terminal as well as in the log."""
+        directory = TempDir(self)
+        log_path = os.path.join(directory.path, "error.log")
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            port = holder.getsockname()[1]
+            proxy = ProgramUnderTest(self, program_config(directory, [port], log=log_path + " info"),
+                                     started=False)
+            self.assertEqual(proxy.wait_exit(5), 1)
+        message = "bind() to 127.0.0.1:%d failed (%d: %s)" % (port, errno.EADDRINUSE,
+                                                               os.strerror(errno.EADDRINUSE))
+        self.assertIn("mailproxy: [emerg] %s\n" % message, proxy.stderr)
+        with open(log_path) as handle:
+            self.assertRegex(handle.read(), r"\[emerg\] \d+#0: %s\n" % re.escape(message))
+
+    def test_a_pid_file_that_cannot_be_written_stops_the_start(self):
+        """nginx's words, on stderr and in the log; no traceback, and no
+        worker left behind (ProgramUnderTest checks the process group)."""
+        directory = TempDir(self)
+        log_path = os.path.join(directory.path, "error.log")
+        pid_path = os.path.join(directory.path, "missing", "mailproxy.pid")
+        proxy = ProgramUnderTest(self, program_config(directory, [free_port()], log=log_path + " info",
+                                                      main="pid = %s\n" % pid_path), started=False)
+        self.assertEqual(proxy.wait_exit(5), 1, proxy.stderr)
+        message = 'open() "%s" failed (%d: %s)' % (pid_path, errno.ENOENT, os.strerror(errno.ENOENT))
+        self.assertIn("mailproxy: [emerg] %s\n" % message, proxy.stderr)
+        self.assertNotIn("Traceback", proxy.stderr)
+        with open(log_path) as handle:
+            self.assertIn(message, handle.read())
+
+    def test_sample_conf_starts_on_a_host_without_ipv6(self):
+        """In a network namespace of its own with IPv6 switched off (what a
+        container without IPv6 is), sample.conf's [::1]:8143 is skipped
+        with a warning, by -t and by the start; its ports are the
+        namespace's own, so no other test's."""
+        setup = ("ip link set lo up && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+                 "echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6 && exec \"$0\" \"$@\"")
+        command = ["unshare", "-n", "sh", "-c", setup]
+        try:
+            probe = subprocess.run(command + ["true"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, timeout=10)
+        except OSError:
+            probe = None
+        if probe is None or probe.returncode != 0:
+            self.skipTest("cannot make a network namespace without IPv6 here (unshare -n, root)")
+        sample = os.path.join(HERE, "sample.conf")
+        warning = ("bind() to [::1]:8143 failed (%d: %s): this host has no IPv6, [server imap] "
+                   "listens without it" % (errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL)))
+        done = subprocess.run(command + [sys.executable, MAILPROXY, "-t", "-c", sample],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 0, err)
+        self.assertIn("mailproxy: [warn] " + warning, err)
+        self.assertIn("test is successful", err)
+        done = subprocess.run(command + ["timeout", "-s", "TERM", "3", sys.executable, MAILPROXY,
+                                         "-c", sample],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        err = done.stderr.decode()
+        self.assertRegex(err, r"\[warn\] \d+#0: " + re.escape(warning))
+        self.assertIn(" started, listening on 127.0.0.1:8025, 127.0.0.1:8110, 127.0.0.1:8143; "
+                      "configuration file %s\n" % sample, err)
+        self.assertNotIn("[emerg]", err)
+
     def test_sigquit_without_sessions(self):
         directory = TempDir(self)
         proxy = ProgramUnderTest(self, self.config(directory, free_port()))
@@ -11800,7 +12196,8 @@ class ProcessLogTests(EndToEndTestCase):
                          rb"start worker process %d$" % (proxy.pid, proxy.workers()[0]))
         started = datagram_with(main_sink, b"started")
         self.assertRegex(started, b"^<21>" + stamp + host + rb" mproxy: \[notice\] %d#0: "
-                         rb"mailproxy/\S+ started, listening on 127\.0\.0\.1:%d$" % (proxy.pid, port))
+                         rb"mailproxy/\S+ started, listening on 127\.0\.0\.1:%d; configuration file \S+$"
+                         % (proxy.pid, port))
         client = Client(port, 2.0)
         self.addCleanup(client.close)
         client.expect_line(mp.IMAP_GREETING)
