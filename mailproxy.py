@@ -7809,6 +7809,19 @@ def warn_about(config: Config, log: ErrorLog) -> None:
                     "is not checked, and passwords go to whoever answers" % server.name)
 
 
+def log_signal(log: ErrorLog, signum: int, action: Optional[str] = None) -> None:
+    """nginx's line for each signal a process takes (ngx_signal_handler),
+    at notice: "signal 1 (SIGHUP) received, reconfiguring"; ``action`` is
+    what it makes the process do, None for none (SIGCHLD).  nginx says
+    "received from PID" when the kernel tells it the sender (siginfo);
+    Python's signal module does not, so the sender is never named.
+    ``signum`` 0 is a call that no signal made (the loop's own, a
+    control request, a test): no line."""
+    if signum:
+        log.log("notice", "signal %d (%s) received%s"
+                % (signum, signal.Signals(signum).name, ", " + action if action else ""))
+
+
 def log_late_signal(log: ErrorLog, signum: int) -> None:
     """A signal that comes once the process is shutting down and is not
     acted on (nginx's master skips a reload while it quits)."""
@@ -8321,6 +8334,7 @@ class Worker(LoopHandler):
         self.log.log("notice", "signal %d (SIGHUP) received, ignoring: the master reloads" % signum)
 
     def stop_now(self, signum: int = 0) -> None:
+        log_signal(self.log, signum, "exiting")
         self.log.log("notice", "exiting")
         for session in list(self.sessions):
             session.close("proxy exiting")
@@ -8330,7 +8344,10 @@ class Worker(LoopHandler):
         """Stop accepting; exit when the last session has ended, or when
         worker_shutdown_timeout ends the ones left (nginx)."""
         if self.stopping:
+            if signum:
+                log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "shutting down")
         self.log.log("notice", "gracefully shutting down")
         self.stopping = True
         for listener in self.listeners.values():
@@ -8363,6 +8380,7 @@ class Worker(LoopHandler):
         if self.stopping:
             log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "reconfiguring")
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -8382,6 +8400,7 @@ class Worker(LoopHandler):
 
     def reopen_logs(self, signum: int = 0) -> None:
         """SIGUSR1 (logrotate): the same files, opened again by name."""
+        log_signal(self.log, signum, "reopening logs")
         self.log.log("notice", "reopening logs")           # nginx says so, in every process
         try:
             logs = ErrorLogs(self.config)
@@ -8585,6 +8604,7 @@ class Master(LoopHandler):
         respawns it).  SIGCHLD is handled after the master's own signals of
         the same wake-up, so the workers of a Ctrl-C to the whole group are
         seen exiting once the master is stopping: not replaced."""
+        log_signal(self.log, signum)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -8614,6 +8634,7 @@ class Master(LoopHandler):
         if self.stopping:
             log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "reconfiguring")
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -8668,10 +8689,12 @@ class Master(LoopHandler):
         if self.stopping:
             log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "shutting down")
         self.log.log("notice", "gracefully shutting down")
         self._stop(signal.SIGQUIT)
 
     def stop_now(self, signum: int = 0) -> None:
+        log_signal(self.log, signum, "exiting")
         self.log.log("notice", "exiting")
         self._stop(signal.SIGTERM)
 
@@ -8689,6 +8712,7 @@ class Master(LoopHandler):
         """SIGUSR1: the master's files opened again by name, then the
         workers told to do the same (also while stopping: old sessions
         still log)."""
+        log_signal(self.log, signum, "reopening logs")
         self.log.log("notice", "reopening logs")
         try:
             logs = ErrorLogs(self.config)

@@ -11697,6 +11697,36 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("unknown scheme", err)
 
 
+@needs_fork_and_proc
+class ProcessCommandLineTests(EndToEndTestCase):
+    """nginx's habits with a running master: -s, the signals logged,
+    process names, session numbers (issue 15)."""
+
+    def test_each_signal_is_logged_at_notice_as_nginx_does(self):
+        directory = TempDir(self)
+        proxy = ProgramUnderTest(self, program_config(directory, [free_port()]))
+        worker = proxy.workers()[0]
+        for name, action in (("SIGUSR1", "reopening logs"), ("SIGHUP", "reconfiguring"),
+                             ("SIGQUIT", "shutting down")):
+            mark = proxy.mark()
+            os.killpg(proxy.pgid, getattr(signal, name))      # as a Ctrl-\\ or killall would
+            line = "[notice] %d#0: signal %d (%s) received, " % (proxy.pid, getattr(signal, name), name)
+            self.assertIsNotNone(proxy.wait_for(line + action, mark), proxy.stderr)
+            line = line.replace("%d#0" % proxy.pid, "%d#0" % worker)
+            self.assertIsNotNone(proxy.wait_for(line + ("ignoring" if name == "SIGHUP" else action),
+                                                mark), proxy.stderr)
+            if name == "SIGHUP":                              # the new worker gets the next
+                self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+                worker = proxy.workers(mark)[0]
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertIn("[notice] %d#0: signal %d (SIGCHLD) received\n" % (proxy.pid, signal.SIGCHLD),
+                      proxy.stderr)
+        proxy = ProgramUnderTest(self, program_config(directory, [free_port()]))
+        proxy.send_signal("SIGINT")
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertIn("[notice] %d#0: signal 2 (SIGINT) received, exiting" % proxy.pid, proxy.stderr)
+
+
 # ========================================================================== #
 # ####                               Fuzz                               #### #
 # ========================================================================== #
