@@ -75,6 +75,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -84,6 +85,10 @@ try:
     import resource          # POSIX only: the open-file limit
 except ImportError:          # pragma: no cover - Windows
     resource = None
+try:
+    import fcntl             # POSIX only: the lock of the shared session counter
+except ImportError:          # pragma: no cover - Windows
+    fcntl = None
 
 __version__ = "0.1.0"
 
@@ -8228,11 +8233,72 @@ class BookBroker:
         self.books.publish(("worker gone", pid))
 
 
+# -- session numbers -------------------------------------------------------------------
+# nginx's *N is one counter for all the workers (ngx_connection_counter, an
+# atomic in shared memory), so a number names one session in the whole log.
+# Here the counter is 8 bytes of a file that the master opens before the
+# first fork() and that every worker inherits, across reloads too: a worker
+# locks it (fcntl record lock, which dies with its holder, so a killed
+# worker leaves no lock behind), reads, adds one, writes, unlocks.  The
+# lock is held for a pread and a pwrite, never across anything that waits.
+# The file is anonymous (memfd on Linux, else an unlinked temporary file):
+# nothing to clean up, nothing another user can open.  With one process
+# (master_process off) the counter is a plain int.
+
+SESSION_COUNTER = struct.Struct("=Q")
+
+
+class SessionNumbers:
+    """The *N of new sessions.  ``shared()`` makes the master's counter for
+    its workers; ``SessionNumbers()`` counts in this process only."""
+
+    def __init__(self, fd: Optional[int] = None):
+        self.fd = fd                   # the shared counter's file; None: count here
+        self.last = 0                  # the last number this process took
+
+    @classmethod
+    def shared(cls) -> "SessionNumbers":
+        """A counter for processes forked after this.  Raises OSError if
+        no file can be had for it."""
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "no fcntl module: record locks are not available")
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("mailproxy-sessions", os.MFD_CLOEXEC)
+        else:
+            handle = tempfile.TemporaryFile()
+            fd = os.dup(handle.fileno())
+            handle.close()
+        os.pwrite(fd, SESSION_COUNTER.pack(0), 0)
+        return cls(fd)
+
+    def next(self) -> int:
+        """The next number: one more than any number taken before, in any
+        process sharing the counter.  If the file fails (it cannot, short
+        of a bug), this process goes on from its own last number."""
+        if self.fd is not None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)
+                try:
+                    data = os.pread(self.fd, SESSION_COUNTER.size, 0)
+                    number = SESSION_COUNTER.unpack(data)[0] + 1
+                    os.pwrite(self.fd, SESSION_COUNTER.pack(number), 0)
+                finally:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
+                self.last = number
+                return number
+            except (OSError, struct.error):
+                self.fd = None
+        self.last += 1
+        return self.last
+
+
 class Worker(LoopHandler):
     """Everything one process serves with; sessions ask it for shared state.
-    ``books``: the master's SharedBooks, copied by fork() (None: its own)."""
+    ``books``: the master's SharedBooks, copied by fork() (None: its own);
+    ``numbers``: the master's session counter (None: its own)."""
 
-    def __init__(self, config: Config, logs: ErrorLogs, books: Optional[SharedBooks] = None):
+    def __init__(self, config: Config, logs: ErrorLogs, books: Optional[SharedBooks] = None,
+                 numbers: Optional[SessionNumbers] = None):
         self.config = config
         self.logs = logs
         self.log = logs.main
@@ -8247,7 +8313,7 @@ class Worker(LoopHandler):
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
         self.sessions = set()
-        self.session_counter = 0
+        self.numbers = numbers if numbers is not None else SessionNumbers()
         self.stopping = False
         self.report_fd = None          # a pipe to the master, in a worker process
 
@@ -8259,8 +8325,8 @@ class Worker(LoopHandler):
         return self.resolvers[key]
 
     def next_session_number(self) -> int:
-        self.session_counter += 1
-        return self.session_counter
+        """nginx's *N: unique across the workers and reloads of one master."""
+        return self.numbers.next()
 
     # -- listeners ----------------------------------------------------------------
     def open_listeners(self, config: Config, sockets: Optional[Dict] = None) -> None:
@@ -8501,6 +8567,11 @@ class Master(LoopHandler):
         self.reload_pending = set()    # old workers still accepting after a reload
         self.retiring = set()          # workers told to stop, or replaced already: not again
         self.broker = BookBroker(make_shared_books(), self)    # fork() copies them to each worker
+        try:
+            self.numbers = SessionNumbers.shared()               # *N, one counter for all
+        except OSError as error:
+            self.log.log("warn", "each worker counts its own session numbers: %s" % error)
+            self.numbers = None
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
@@ -8581,7 +8652,7 @@ class Master(LoopHandler):
             os.close(self.lifeline[1])
             os.close(self.reports[0])
             drop_privileges(self.config.main, self.log)
-            worker = Worker(self.config, self.logs, self.broker.books)
+            worker = Worker(self.config, self.logs, self.broker.books, self.numbers)
             self.broker.join(worker)
             worker.report_fd = self.reports[1]
             worker.watch_master(self.lifeline[0])

@@ -9269,7 +9269,7 @@ class ClientMisbehaviourTests(EndToEndTestCase):
             import struct
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
-        wait_until(lambda: proxy.worker.session_counter == 1, what="the session to start")
+        wait_until(lambda: proxy.worker.numbers.last == 1, what="the session to start")
         wait_until(lambda: not proxy.sessions() or proxy.crash, what="the session to end")
         proxy.assert_alive()
         self.assertEqual(proxy.sessions(), [])
@@ -11725,6 +11725,36 @@ class ProcessCommandLineTests(EndToEndTestCase):
         proxy.send_signal("SIGINT")
         self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
         self.assertIn("[notice] %d#0: signal 2 (SIGINT) received, exiting" % proxy.pid, proxy.stderr)
+
+    def test_session_numbers_are_unique_across_workers_and_reloads(self):
+        # worker_connections = 1: a worker with a session accepts nobody
+        # else, so the second client goes to the other worker.
+        directory = TempDir(self)
+        port = free_port()
+        path = program_config(directory, [port], main="worker_processes = 2\nworker_connections = 1\n")
+        proxy = ProgramUnderTest(self, path)
+
+        def open_session():
+            client = Client(port, 3.0)
+            self.addCleanup(client.close)
+            address = "127.0.0.1:%d" % client.sock.getsockname()[1]
+            client.expect_line(mp.IMAP_GREETING)
+            line = proxy.wait_for("client %s connected" % address)
+            self.assertIsNotNone(line, proxy.stderr)
+            match = re.search(r"\] (\d+)#0: \*(\d+) client", line)
+            return client, int(match.group(1)), int(match.group(2))
+
+        first, second = open_session(), open_session()
+        self.assertNotEqual(first[1], second[1], "one worker served both:\n" + proxy.stderr)
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark, timeout=10),
+                             proxy.stderr)
+        third = open_session()
+        self.assertIn(third[1], proxy.workers(mark))              # a new generation's worker
+        numbers = [first[2], second[2], third[2]]
+        self.assertEqual(len(set(numbers)), 3, numbers)
+        self.assertEqual(sorted(numbers), numbers)                 # one counter, as nginx's
 
 
 # ========================================================================== #
