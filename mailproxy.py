@@ -8537,6 +8537,31 @@ def remove_pid_file(main: Settings, log: ErrorLog) -> None:
             log.log("alert", 'unlink() "%s" failed (%d: %s)' % (main.pid, error.errno, error.strerror))
 
 
+# What ps -o comm, top and pgrep show for each process (nginx's "nginx:
+# master process", "nginx: worker process"), where the platform lets a
+# Python program say it: Linux's prctl(PR_SET_NAME) sets the process's
+# name (comm), TASK_COMM_LEN - 1 = 15 bytes at most, so these read
+# "mailproxy: mast" and "mailproxy: work" there.  The command line (ps
+# -f, ps aux) stays "python3 mailproxy.py -c FILE": rewriting argv in
+# place is not something Python can do portably.
+MASTER_TITLE = "mailproxy: master"
+WORKER_TITLE = "mailproxy: worker"
+PR_SET_NAME = 15                     # <linux/prctl.h>
+
+
+def set_process_title(title: str) -> bool:
+    """Best effort: name this process ``title`` (cut to 15 bytes) where
+    the platform allows (Linux, with ctypes); False where it does not."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes                # not in every Python build
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_NAME, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0) == 0
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
 WORKER_SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1} \
     if hasattr(signal, "SIGQUIT") else set()
 
@@ -8577,6 +8602,7 @@ class Master(LoopHandler):
         """Bind (raises OSError), then fork the first workers."""
         self.sockets = bind_all(self.config, {})
         self.listens = listen_table(self.config)
+        set_process_title(MASTER_TITLE)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
                                 (signal.SIGUSR1, self.reopen_logs), (signal.SIGCHLD, self.reap)):
@@ -8652,6 +8678,7 @@ class Master(LoopHandler):
             os.close(self.lifeline[1])
             os.close(self.reports[0])
             drop_privileges(self.config.main, self.log)
+            set_process_title(WORKER_TITLE)
             worker = Worker(self.config, self.logs, self.broker.books, self.numbers)
             self.broker.join(worker)
             worker.report_fd = self.reports[1]

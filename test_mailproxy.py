@@ -11726,6 +11726,19 @@ class ProcessCommandLineTests(EndToEndTestCase):
         self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
         self.assertIn("[notice] %d#0: signal 2 (SIGINT) received, exiting" % proxy.pid, proxy.stderr)
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "process names: Linux's prctl")
+    def test_master_and_workers_are_named_apart(self):
+        proxy = ProgramUnderTest(self, program_config(TempDir(self), [free_port()],
+                                                      main="worker_processes = 2\n"))
+        comm = lambda pid: read_text("/proc/%d/comm" % pid).strip()
+        self.assertEqual(comm(proxy.pid), mp.MASTER_TITLE[:15])
+        workers = proxy.workers()
+        self.assertEqual(len(workers), 2, proxy.stderr)
+        for pid in workers:              # named as soon as it runs, maybe after "started"
+            wait_until(lambda: comm(pid) == mp.WORKER_TITLE[:15], 3.0,
+                       "worker %d to be named %r, not %r" % (pid, mp.WORKER_TITLE[:15], comm(pid)))
+        self.assertNotEqual(mp.MASTER_TITLE[:15], mp.WORKER_TITLE[:15])
+
     def test_session_numbers_are_unique_across_workers_and_reloads(self):
         # worker_connections = 1: a worker with a session accepts nobody
         # else, so the second client goes to the other worker.
