@@ -9028,20 +9028,38 @@ def import_nginx(path: str) -> str:
 # ========================================================================== #
 # ####                           Command line                           #### #
 # ========================================================================== #
-# -c FILE, -t, -v, --import-nginx, --hash-password; main() is the last thing in
-# the file and the only one that runs anything.
+# -c FILE, -t, -s, -v, -h, --import-nginx, --hash-password; main() is the
+# last thing in the file and the only one that runs anything.
 
-USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
+USAGE = """usage: mailproxy.py [-h] [-v] [-t] [-c FILE] [-s SIGNAL]
+       mailproxy.py --hash-password [SCHEME]
+       mailproxy.py --import-nginx NGINX.CONF
+"""
 
-  -c FILE            configuration file (default: mailproxy.conf here, then
-                     sample.conf beside this script)
-  -t                 check the configuration and exit (0 valid, 1 not)
+HELP = USAGE + """
+options:
+  -h, --help         print this help and exit
   -v                 print the version and exit
-  --hash-password    read a password on standard input and print a [users]
+  -c FILE            configuration file (default: ./mailproxy.conf, then
+                     /etc/mailproxy/mailproxy.conf)
+  -t                 check the configuration and exit (0 valid, 1 not)
+  -s SIGNAL          send SIGNAL to the running master, found through the
+                     pid file that the configuration's "pid" names:
+                     reload (SIGHUP), reopen (SIGUSR1: the logs),
+                     quit (SIGQUIT: stop gracefully), stop (SIGTERM)
+  --hash-password [SCHEME]
+                     read a password on standard input and print a [users]
                      value; SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
                      SHA256-CRYPT or PLAIN
-  --import-nginx F   print the mail {} block of nginx configuration F as INI
+  --import-nginx NGINX.CONF
+                     print the mail {} block of an nginx configuration as
+                     INI on standard output, notes on standard error
 """
+
+# nginx -s: the name on the command line, the signal the master gets.
+SIGNAL_COMMANDS = {"reload": "SIGHUP", "reopen": "SIGUSR1", "quit": "SIGQUIT", "stop": "SIGTERM"}
+PID_FILE_READ = 22             # bytes of the pid file read: nginx's NGX_INT64_LEN + 2
+PID_MAX = 2 ** 22              # Linux's largest pid (PID_MAX_LIMIT); higher is no pid
 
 
 def default_config_path() -> str:
@@ -9051,28 +9069,36 @@ def default_config_path() -> str:
 
 
 def parse_command_line(argv: List[str]) -> Dict[str, object]:
-    options = {"config": None, "test": False, "version": False, "hash": None, "import": None}
+    """The options; raises ValueError (nginx's wording) for anything else."""
+    options = {"config": None, "test": False, "version": False, "help": False, "signal": None,
+               "hash": None, "import": None}
+    needs = {"-c": ("config", "file name"), "-s": ("signal", "parameter"),
+             "--import-nginx": ("import", "file name")}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "-c" and i + 1 < len(argv):
-            options["config"] = argv[i + 1]
+        if arg in needs:
+            key, what = needs[arg]
+            if i + 1 >= len(argv):
+                raise ValueError('option "%s" requires %s' % (arg, what))
+            options[key] = argv[i + 1]
             i += 1
         elif arg == "-t":
             options["test"] = True
         elif arg == "-v":
             options["version"] = True
-        elif arg == "--import-nginx" and i + 1 < len(argv):
-            options["import"] = argv[i + 1]
-            i += 1
+        elif arg in ("-h", "--help", "-?"):
+            options["help"] = True
         elif arg == "--hash-password":
             options["hash"] = "PBKDF2-SHA256"
             if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 options["hash"] = argv[i + 1].upper()
                 i += 1
         else:
-            raise ValueError("unknown option %r" % arg)
+            raise ValueError('invalid option: "%s"' % arg)
         i += 1
+    if options["signal"] is not None and options["signal"] not in SIGNAL_COMMANDS:
+        raise ValueError('invalid option: "-s %s"' % options["signal"])
     return options
 
 
@@ -9087,6 +9113,49 @@ def command_hash_password(scheme: str) -> int:
         sys.stderr.write("mailproxy: no password on standard input\n")
         return 1
     print(hash_password(password, scheme))
+    return 0
+
+
+def command_signal(path: str, name: str) -> int:
+    """nginx -s NAME (ngx_signal_process): the pid from the pid file of
+    the configuration at ``path``, then kill(); nginx's messages for what
+    can go wrong.  The file is read as -t reads it, so a reload of a file
+    the master would refuse is refused here, with the reasons."""
+    try:
+        config = load_config(path)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+        return 1
+    pid_path = config.main.pid
+    if not pid_path:
+        sys.stderr.write('mailproxy: [error] no "pid" in [main] of %s: -s finds the master '
+                         "through the pid file it writes\n" % path)
+        return 1
+    try:
+        with open(pid_path, "rb") as handle:
+            data = handle.read(PID_FILE_READ)
+    except OSError as error:
+        sys.stderr.write('mailproxy: [error] open() "%s" failed (%d: %s)\n'
+                         % (pid_path, error.errno, error.strerror))
+        if error.errno == errno.ENOENT:        # the master removes it when it exits
+            sys.stderr.write("mailproxy: is mailproxy running with %s?\n" % path)
+        return 1
+    text = data.rstrip(b"\r\n")
+    if not text.isdigit() or not 0 < int(text) <= PID_MAX:      # 0 would signal our group
+        sys.stderr.write('mailproxy: [error] invalid PID number "%s" in "%s"\n'
+                         % (text.decode("ascii", "replace"), pid_path))
+        return 1
+    pid, signum = int(text), getattr(signal, SIGNAL_COMMANDS[name])
+    try:
+        os.kill(pid, signum)
+    except OSError as error:
+        sys.stderr.write("mailproxy: [alert] kill(%d, %d) failed (%d: %s)\n"
+                         % (pid, signum, error.errno, error.strerror))
+        if error.errno == errno.ESRCH:
+            sys.stderr.write('mailproxy: "%s" is stale: no process %d is running (a master '
+                             "killed with SIGKILL leaves its pid file behind)\n" % (pid_path, pid))
+        return 1
     return 0
 
 
@@ -9149,8 +9218,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         options = parse_command_line(sys.argv[1:] if argv is None else argv)
     except ValueError as error:
-        sys.stderr.write("mailproxy: %s\n%s" % (error, USAGE))
+        sys.stderr.write("mailproxy: %s\n%s(-h lists the options)\n" % (error, USAGE))
         return 2
+    if options["help"]:
+        sys.stdout.write(HELP)
+        return 0
     if options["version"]:
         sys.stderr.write("mailproxy version: mailproxy/%s\n" % __version__)
         return 0
@@ -9164,6 +9236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         return 0
     path = options["config"] or default_config_path()
+    if options["signal"]:
+        return command_signal(path, options["signal"])
     if options["test"]:
         return command_test(path)
     return command_run(path)

@@ -11697,6 +11697,54 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("unknown scheme", err)
 
 
+    def test_help_lists_every_option(self):
+        for args in (["-h"], ["--help"]):
+            status, out, err = run_mailproxy(args)
+            self.assertEqual((status, err), (0, ""), args)
+            self.assertTrue(out.startswith("usage: mailproxy.py"), out)
+            for option in ("-c FILE", "-t ", "-s SIGNAL", "-v ", "-h, --help", "--import-nginx",
+                           "--hash-password", "reload", "reopen", "quit", "stop"):
+                self.assertIn(option, out, args)
+            self.assertNotIn("--fuzz", out)                       # the tests' own options
+
+    def test_s_refuses_a_signal_nginx_does_not_know_and_a_missing_one(self):
+        for args, message in ((["-s", "restart"], 'invalid option: "-s restart"'),
+                              (["-s"], 'option "-s" requires parameter'),
+                              (["-c"], 'option "-c" requires file name')):
+            status, out, err = run_mailproxy(args)
+            self.assertEqual(status, 2, args)
+            self.assertIn(message, err)
+            self.assertIn("usage:", err)
+
+    def test_s_without_a_pid_directive_a_pid_file_or_a_valid_pid(self):
+        directory = TempDir(self)
+        port = free_port()
+        path = program_config(directory, [port])
+        status, out, err = run_mailproxy(["-s", "reload", "-c", path])
+        self.assertEqual(status, 1)
+        self.assertIn('no "pid" in [main] of %s' % path, err)
+        path = program_config(directory, [port], main="pid = mailproxy.pid\n")
+        pid_path = os.path.join(directory.path, "mailproxy.pid")
+        status, out, err = run_mailproxy(["-s", "quit", "-c", path])
+        self.assertEqual(status, 1)
+        self.assertIn('[error] open() "%s" failed (2: No such file or directory)' % pid_path, err)
+        for text, shown in (("", ""), ("12ab\n", "12ab"), ("0\n", "0"), ("-1\n", "-1"),
+                            ("99999999999999999999\n", "99999999999999999999")):
+            directory.write("mailproxy.pid", text)
+            status, out, err = run_mailproxy(["-s", "stop", "-c", path])
+            self.assertEqual(status, 1, text)
+            self.assertIn('[error] invalid PID number "%s" in "%s"' % (shown, pid_path), err)
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()                                      # a pid nobody has now (stale)
+        directory.write("mailproxy.pid", "%d\n" % child.pid)
+        status, out, err = run_mailproxy(["-s", "reopen", "-c", path])
+        self.assertEqual(status, 1)
+        self.assertIn("[alert] kill(%d, %d) failed (3: No such process)"
+                      % (child.pid, signal.SIGUSR1), err)
+        self.assertIn("is stale", err)
+        self.assertNotIn("Traceback", err)
+
+
 @needs_fork_and_proc
 class ProcessCommandLineTests(EndToEndTestCase):
     """nginx's habits with a running master: -s, the signals logged,
@@ -11725,6 +11773,35 @@ class ProcessCommandLineTests(EndToEndTestCase):
         proxy.send_signal("SIGINT")
         self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
         self.assertIn("[notice] %d#0: signal 2 (SIGINT) received, exiting" % proxy.pid, proxy.stderr)
+
+    def test_s_reload_reopen_quit_stop_signal_the_running_master(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        directory = TempDir(self)
+        port = free_port()
+        config = lambda password: program_config(directory, [port], backend.port, password,
+                                                 main="pid = run.pid\n")
+        path = config("old")
+        proxy = ProgramUnderTest(self, path)
+        self.assertEqual(imap_login_reply(self, port, "old"), b"a1 OK LOGIN completed\r\n")
+        config("new")
+        mark = proxy.mark()
+        self.assertEqual(run_mailproxy(["-s", "reload", "-c", path]), (0, "", ""))
+        self.assertIsNotNone(proxy.wait_for("%d#0: configuration reloaded" % proxy.pid, mark),
+                             proxy.stderr)
+        self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
+        mark = proxy.mark()
+        self.assertEqual(run_mailproxy(["-s", "reopen", "-c", path])[0], 0)
+        self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % proxy.pid, mark), proxy.stderr)
+        mark = proxy.mark()
+        self.assertEqual(run_mailproxy(["-s", "quit", "-c", path])[0], 0)
+        self.assertIsNotNone(proxy.wait_for("%d#0: gracefully shutting down" % proxy.pid, mark),
+                             proxy.stderr)
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertFalse(os.path.exists(os.path.join(directory.path, "run.pid")))
+        proxy = ProgramUnderTest(self, path)
+        self.assertEqual(run_mailproxy(["-s", "stop", "-c", path])[0], 0)
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertIn("%d#0: exiting" % proxy.pid, proxy.stderr)
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "process names: Linux's prctl")
     def test_master_and_workers_are_named_apart(self):
