@@ -58,6 +58,7 @@ import dataclasses
 import enum
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -9048,8 +9049,9 @@ options:
                      reload (SIGHUP), reopen (SIGUSR1: the logs),
                      quit (SIGQUIT: stop gracefully), stop (SIGTERM)
   --hash-password [SCHEME]
-                     read a password on standard input and print a [users]
-                     value; SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
+                     print a [users] value: the password is typed twice at
+                     a prompt, not shown, or read as one line from a pipe;
+                     SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
                      SHA256-CRYPT or PLAIN
   --import-nginx NGINX.CONF
                      print the mail {} block of an nginx configuration as
@@ -9102,15 +9104,35 @@ def parse_command_line(argv: List[str]) -> Dict[str, object]:
     return options
 
 
+def read_password() -> Optional[bytes]:
+    """The password for --hash-password: on a terminal, asked twice
+    without echo (getpass); from a pipe or a file, its first line.  None
+    (with the reason on stderr) if there is none or the two differ."""
+    if sys.stdin.isatty():
+        try:
+            first = getpass.getpass("Password: ")
+            if first and getpass.getpass("Again: ") != first:
+                sys.stderr.write("mailproxy: the passwords do not match\n")
+                return None
+        except (EOFError, KeyboardInterrupt):
+            sys.stderr.write("\n")
+            first = ""
+        password = first.encode("utf-8")
+    else:
+        password = strip_eol(sys.stdin.buffer.readline())
+    if not password:
+        sys.stderr.write("mailproxy: no password given\n")
+        return None
+    return password
+
+
 def command_hash_password(scheme: str) -> int:
     if scheme not in PASSWORD_SCHEMES:
         sys.stderr.write("mailproxy: unknown scheme %s; known: %s\n" % (
             scheme, ", ".join(PASSWORD_SCHEMES)))
         return 1
-    line = sys.stdin.buffer.readline()
-    password = strip_eol(line)
-    if not password:
-        sys.stderr.write("mailproxy: no password on standard input\n")
+    password = read_password()
+    if password is None:
         return 1
     print(hash_password(password, scheme))
     return 0

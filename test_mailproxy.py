@@ -11697,6 +11697,12 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("unknown scheme", err)
 
 
+    def test_hash_password_from_a_pipe_asks_nothing(self):
+        status, out, err = run_mailproxy(["--hash-password"], stdin=b"piped\nsecond line\n")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(err, "")                                 # no prompt, no warning
+        self.assertTrue(mp.password_matches(mp.parse_password_entry(out.strip()), b"piped"))
+
     def test_help_lists_every_option(self):
         for args in (["-h"], ["--help"]):
             status, out, err = run_mailproxy(args)
@@ -11743,6 +11749,63 @@ class CommandLineTests(unittest.TestCase):
                       % (child.pid, signal.SIGUSR1), err)
         self.assertIn("is stale", err)
         self.assertNotIn("Traceback", err)
+
+    def terminal_hash(self, typed: list) -> tuple:
+        """mailproxy.py --hash-password on a pseudo-terminal, each of
+        ``typed`` entered at a prompt: (exit status, what the terminal showed)."""
+        try:
+            import pty
+            pid, fd = pty.fork()
+        except (ImportError, OSError) as error:
+            self.skipTest("no pseudo-terminal: %s" % error)
+        if pid == 0:                                      # the child, on the terminal
+            try:
+                os.execv(sys.executable, [sys.executable, MAILPROXY, "--hash-password"])
+            finally:
+                os._exit(127)
+        shown, typed = b"", list(typed)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if typed and shown.rstrip().endswith((b"Password:", b"Again:")):
+                os.write(fd, typed.pop(0) + b"\n")
+                shown += b"<typed>"
+            ready = selectors.DefaultSelector()
+            ready.register(fd, selectors.EVENT_READ)
+            events = ready.select(1.0)
+            ready.close()
+            if not events:
+                continue
+            try:
+                data = os.read(fd, 4096)
+            except OSError:                               # EIO: the child closed the terminal
+                data = b""
+            if not data:
+                break
+            shown += data
+        os.close(fd)
+        for _ in range(50):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.WEXITSTATUS(status), shown.decode("utf-8", "replace")
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)                      # still waiting for input
+        os.waitpid(pid, 0)
+        self.fail("no exit; the terminal showed:\n" + shown.decode("utf-8", "replace"))
+
+    def test_hash_password_on_a_terminal_asks_twice_without_echo(self):
+        status, shown = self.terminal_hash([b"s3cret word", b"s3cret word"])
+        self.assertEqual(status, 0, shown)
+        self.assertIn("Password: <typed>", shown)
+        self.assertIn("Again: <typed>", shown)
+        self.assertNotIn("s3cret", shown)                  # not echoed
+        value = re.search(r"\{PBKDF2-SHA256\}\S+", shown).group(0)
+        self.assertTrue(mp.password_matches(mp.parse_password_entry(value), b"s3cret word"))
+
+    def test_hash_password_on_a_terminal_refuses_two_different_passwords(self):
+        status, shown = self.terminal_hash([b"one", b"two"])
+        self.assertEqual(status, 1, shown)
+        self.assertIn("do not match", shown)
+        self.assertNotIn("{PBKDF2", shown)
 
 
 @needs_fork_and_proc
