@@ -10376,6 +10376,8 @@ class ProcessWorkerTests(EndToEndTestCase):
         for _ in range(5):
             self.assertEqual(imap_login_reply(self, port, "secret"),
                              b"a1 OK LOGIN completed\r\n")
+        # The log lines come through a pipe, maybe after the replies.
+        wait_until(lambda: len(proxy.served_by(mark)) >= 5, 3.0, "five 'connected' lines")
         served = proxy.served_by(mark)
         self.assertEqual(len(served), 5, proxy.stderr)
         self.assertLessEqual(set(served), set(workers), "a session outside the workers")
@@ -10400,6 +10402,8 @@ class ProcessWorkerTests(EndToEndTestCase):
         for _ in range(5):
             self.assertEqual(imap_login_reply(self, port, "secret"),
                              b"a1 OK LOGIN completed\r\n")
+        # The log lines come through a pipe, maybe after the replies.
+        wait_until(lambda: len(proxy.served_by(mark)) >= 5, 3.0, "five 'connected' lines")
         served = proxy.served_by(mark)
         self.assertEqual(len(served), 5, proxy.stderr)
         self.assertLessEqual(set(served), current)
