@@ -9089,7 +9089,7 @@ def parse_command_line(argv: List[str]) -> Dict[str, object]:
             options["test"] = True
         elif arg == "-v":
             options["version"] = True
-        elif arg in ("-h", "--help", "-?"):
+        elif arg in ("-h", "--help"):
             options["help"] = True
         elif arg == "--hash-password":
             options["hash"] = "PBKDF2-SHA256"
