@@ -7783,8 +7783,10 @@ Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_t
 # their sessions; SIGQUIT stops gracefully; SIGTERM and SIGINT stop at once;
 # SIGUSR1 reopens the log files.  Each worker is one Worker: an event loop,
 # the listeners, the sessions.  With master_process off, one process is
-# both.  Also here: the state the workers share (SharedBooks, with the
-# master as the broker), privileges, the pid file, the log files' owner.
+# both.  Every signal taken is logged at notice, as nginx does.  Also
+# here: the state the workers share (SharedBooks, with the master as the
+# broker; the session counter), privileges, the pid file, the log files'
+# owner, the processes' names.
 
 def load_and_prepare(path: str) -> Config:
     """load_config, then what needs the TLS section: each server's SSL
