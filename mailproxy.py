@@ -63,6 +63,7 @@ import dataclasses
 import enum
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -80,6 +81,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -89,6 +91,10 @@ try:
     import resource          # POSIX only: the open-file limit
 except ImportError:          # pragma: no cover - Windows
     resource = None
+try:
+    import fcntl             # POSIX only: the lock of the shared session counter
+except ImportError:          # pragma: no cover - Windows
+    fcntl = None
 
 __version__ = "0.1.0"
 
@@ -8681,8 +8687,10 @@ Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_t
 # their sessions; SIGQUIT stops gracefully; SIGTERM and SIGINT stop at once;
 # SIGUSR1 reopens the log files.  Each worker is one Worker: an event loop,
 # the listeners, the sessions.  With master_process off, one process is
-# both.  Also here: the state the workers share (SharedBooks, with the
-# master as the broker), privileges, the pid file, the log files' owner.
+# both.  Every signal taken is logged at notice, as nginx does.  Also
+# here: the state the workers share (SharedBooks, with the master as the
+# broker; the session counter), privileges, the pid file, the log files'
+# owner, the processes' names.
 
 def load_and_prepare(path: str) -> Config:
     """load_config, then what needs the TLS section: each server's SSL
@@ -8727,6 +8735,19 @@ def warn_about(config: Config, log: ErrorLog) -> None:
         if (server.proxy_ssl or server.proxy_starttls) and not server.proxy_ssl_verify:
             log.log("warn", "proxy_ssl_verify is off in [server %s]: the backend's certificate "
                     "is not checked, and passwords go to whoever answers" % server.name)
+
+
+def log_signal(log: ErrorLog, signum: int, action: Optional[str] = None) -> None:
+    """nginx's line for each signal a process takes (ngx_signal_handler),
+    at notice: "signal 1 (SIGHUP) received, reconfiguring"; ``action`` is
+    what it makes the process do, None for none (SIGCHLD).  nginx says
+    "received from PID" when the kernel tells it the sender (siginfo);
+    Python's signal module does not, so the sender is never named.
+    ``signum`` 0 is a call that no signal made (the loop's own, a
+    control request, a test): no line."""
+    if signum:
+        log.log("notice", "signal %d (%s) received%s"
+                % (signum, signal.Signals(signum).name, ", " + action if action else ""))
 
 
 def log_late_signal(log: ErrorLog, signum: int) -> None:
@@ -9144,11 +9165,72 @@ class BookBroker:
         self.books.publish(("worker gone", pid))
 
 
+# -- session numbers -------------------------------------------------------------------
+# nginx's *N is one counter for all the workers (ngx_connection_counter, an
+# atomic in shared memory), so a number names one session in the whole log.
+# Here the counter is 8 bytes of a file that the master opens before the
+# first fork() and that every worker inherits, across reloads too: a worker
+# locks it (fcntl record lock, which dies with its holder, so a killed
+# worker leaves no lock behind), reads, adds one, writes, unlocks.  The
+# lock is held for a pread and a pwrite, never across anything that waits.
+# The file is anonymous (memfd on Linux, else an unlinked temporary file):
+# nothing to clean up, nothing another user can open.  With one process
+# (master_process off) the counter is a plain int.
+
+SESSION_COUNTER = struct.Struct("=Q")
+
+
+class SessionNumbers:
+    """The *N of new sessions.  ``shared()`` makes the master's counter for
+    its workers; ``SessionNumbers()`` counts in this process only."""
+
+    def __init__(self, fd: Optional[int] = None):
+        self.fd = fd                   # the shared counter's file; None: count here
+        self.last = 0                  # the last number this process took
+
+    @classmethod
+    def shared(cls) -> "SessionNumbers":
+        """A counter for processes forked after this.  Raises OSError if
+        no file can be had for it."""
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "no fcntl module: record locks are not available")
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("mailproxy-sessions", os.MFD_CLOEXEC)
+        else:
+            handle = tempfile.TemporaryFile()
+            fd = os.dup(handle.fileno())
+            handle.close()
+        os.pwrite(fd, SESSION_COUNTER.pack(0), 0)
+        return cls(fd)
+
+    def next(self) -> int:
+        """The next number: one more than any number taken before, in any
+        process sharing the counter.  If the file fails (it cannot, short
+        of a bug), this process goes on from its own last number."""
+        if self.fd is not None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)
+                try:
+                    data = os.pread(self.fd, SESSION_COUNTER.size, 0)
+                    number = SESSION_COUNTER.unpack(data)[0] + 1
+                    os.pwrite(self.fd, SESSION_COUNTER.pack(number), 0)
+                finally:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
+                self.last = number
+                return number
+            except (OSError, struct.error):
+                self.fd = None
+        self.last += 1
+        return self.last
+
+
 class Worker(LoopHandler):
     """Everything one process serves with; sessions ask it for shared state.
-    ``books``: the master's SharedBooks, copied by fork() (None: its own)."""
+    ``books``: the master's SharedBooks, copied by fork() (None: its own);
+    ``numbers``: the master's session counter (None: its own)."""
 
-    def __init__(self, config: Config, logs: ErrorLogs, books: Optional[SharedBooks] = None):
+    def __init__(self, config: Config, logs: ErrorLogs, books: Optional[SharedBooks] = None,
+                 numbers: Optional[SessionNumbers] = None):
         self.config = config
         self.logs = logs
         self.log = logs.main
@@ -9163,7 +9245,7 @@ class Worker(LoopHandler):
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
         self.sessions = set()
-        self.session_counter = 0
+        self.numbers = numbers if numbers is not None else SessionNumbers()
         self.stopping = False
         self.report_fd = None          # a pipe to the master, in a worker process
 
@@ -9175,8 +9257,8 @@ class Worker(LoopHandler):
         return self.resolvers[key]
 
     def next_session_number(self) -> int:
-        self.session_counter += 1
-        return self.session_counter
+        """nginx's *N: unique across the workers and reloads of one master."""
+        return self.numbers.next()
 
     # -- listeners ----------------------------------------------------------------
     def open_listeners(self, config: Config, sockets: Optional[Dict] = None) -> None:
@@ -9252,6 +9334,7 @@ class Worker(LoopHandler):
         self.log.log("notice", "signal %d (SIGHUP) received, ignoring: the master reloads" % signum)
 
     def stop_now(self, signum: int = 0) -> None:
+        log_signal(self.log, signum, "exiting")
         self.log.log("notice", "exiting")
         for session in list(self.sessions):
             session.close("proxy exiting")
@@ -9261,7 +9344,10 @@ class Worker(LoopHandler):
         """Stop accepting; exit when the last session has ended, or when
         worker_shutdown_timeout ends the ones left (nginx)."""
         if self.stopping:
+            if signum:
+                log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "shutting down")
         self.log.log("notice", "gracefully shutting down")
         self.stopping = True
         for listener in self.listeners.values():
@@ -9294,6 +9380,7 @@ class Worker(LoopHandler):
         if self.stopping:
             log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "reconfiguring")
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -9313,6 +9400,7 @@ class Worker(LoopHandler):
 
     def reopen_logs(self, signum: int = 0) -> None:
         """SIGUSR1 (logrotate): the same files, opened again by name."""
+        log_signal(self.log, signum, "reopening logs")
         self.log.log("notice", "reopening logs")           # nginx says so, in every process
         try:
             logs = ErrorLogs(self.config)
@@ -9383,6 +9471,31 @@ def remove_pid_file(main: Settings, log: ErrorLog) -> None:
             log.log("alert", 'unlink() "%s" failed (%d: %s)' % (main.pid, error.errno, error.strerror))
 
 
+# What ps -o comm, top and pgrep show for each process (nginx's "nginx:
+# master process", "nginx: worker process"), where the platform lets a
+# Python program say it: Linux's prctl(PR_SET_NAME) sets the process's
+# name (comm), TASK_COMM_LEN - 1 = 15 bytes at most, so these read
+# "mailproxy: mast" and "mailproxy: work" there.  The command line (ps
+# -f, ps aux) stays "python3 mailproxy.py -c FILE": rewriting argv in
+# place is not something Python can do portably.
+MASTER_TITLE = "mailproxy: master"
+WORKER_TITLE = "mailproxy: worker"
+PR_SET_NAME = 15                     # <linux/prctl.h>
+
+
+def set_process_title(title: str) -> bool:
+    """Best effort: name this process ``title`` (cut to 15 bytes) where
+    the platform allows (Linux, with ctypes); False where it does not."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes                # not in every Python build
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_NAME, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0) == 0
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
 WORKER_SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1} \
     if hasattr(signal, "SIGQUIT") else set()
 
@@ -9413,11 +9526,17 @@ class Master(LoopHandler):
         self.reload_pending = set()    # old workers still accepting after a reload
         self.retiring = set()          # workers told to stop, or replaced already: not again
         self.broker = BookBroker(make_shared_books(), self)    # fork() copies them to each worker
+        try:
+            self.numbers = SessionNumbers.shared()               # *N, one counter for all
+        except OSError as error:
+            self.log.log("warn", "each worker counts its own session numbers: %s" % error)
+            self.numbers = None
 
     def start(self) -> None:
         """Bind (raises OSError), then fork the first workers."""
         self.sockets = bind_all(self.config, {}, lambda message: self.log.log("warn", message))
         self.listens = listen_table(self.config, self.sockets)
+        set_process_title(MASTER_TITLE)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
                                 (signal.SIGUSR1, self.reopen_logs), (signal.SIGCHLD, self.reap)):
@@ -9493,7 +9612,8 @@ class Master(LoopHandler):
             os.close(self.lifeline[1])
             os.close(self.reports[0])
             drop_privileges(self.config.main, self.log)
-            worker = Worker(self.config, self.logs, self.broker.books)
+            set_process_title(WORKER_TITLE)
+            worker = Worker(self.config, self.logs, self.broker.books, self.numbers)
             self.broker.join(worker)
             worker.report_fd = self.reports[1]
             worker.watch_master(self.lifeline[0])
@@ -9516,6 +9636,7 @@ class Master(LoopHandler):
         respawns it).  SIGCHLD is handled after the master's own signals of
         the same wake-up, so the workers of a Ctrl-C to the whole group are
         seen exiting once the master is stopping: not replaced."""
+        log_signal(self.log, signum)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -9545,6 +9666,7 @@ class Master(LoopHandler):
         if self.stopping:
             log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "reconfiguring")
         loaded = load_for_reload(self.config.path, self.log)
         if loaded is None:
             return
@@ -9599,10 +9721,12 @@ class Master(LoopHandler):
         if self.stopping:
             log_late_signal(self.log, signum)
             return
+        log_signal(self.log, signum, "shutting down")
         self.log.log("notice", "gracefully shutting down")
         self._stop(signal.SIGQUIT)
 
     def stop_now(self, signum: int = 0) -> None:
+        log_signal(self.log, signum, "exiting")
         self.log.log("notice", "exiting")
         self._stop(signal.SIGTERM)
 
@@ -9620,6 +9744,7 @@ class Master(LoopHandler):
         """SIGUSR1: the master's files opened again by name, then the
         workers told to do the same (also while stopping: old sessions
         still log)."""
+        log_signal(self.log, signum, "reopening logs")
         self.log.log("notice", "reopening logs")
         try:
             logs = ErrorLogs(self.config)
@@ -9837,20 +9962,39 @@ def import_nginx(path: str) -> str:
 # ========================================================================== #
 # ####                           Command line                           #### #
 # ========================================================================== #
-# -c FILE, -t, -v, --import-nginx, --hash-password; main() is the last thing in
-# the file and the only one that runs anything.
+# -c FILE, -t, -s, -v, -h, --import-nginx, --hash-password; main() is the
+# last thing in the file and the only one that runs anything.
 
-USAGE = """usage: mailproxy.py [-c FILE] [-t] [-v] [--hash-password [SCHEME]]
+USAGE = """usage: mailproxy.py [-h] [-v] [-t] [-c FILE] [-s SIGNAL]
+       mailproxy.py --hash-password [SCHEME]
+       mailproxy.py --import-nginx NGINX.CONF
+"""
 
+HELP = USAGE + """
+options:
+  -h, --help         print this help and exit
+  -v                 print the version and exit
   -c FILE            configuration file (default: ./mailproxy.conf, then
                      /etc/mailproxy/mailproxy.conf)
   -t                 check the configuration and exit (0 valid, 1 not)
-  -v                 print the version and exit
-  --hash-password    read a password on standard input and print a [users]
-                     value; SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
+  -s SIGNAL          send SIGNAL to the running master, found through the
+                     pid file that the configuration's "pid" names:
+                     reload (SIGHUP), reopen (SIGUSR1: the logs),
+                     quit (SIGQUIT: stop gracefully), stop (SIGTERM)
+  --hash-password [SCHEME]
+                     print a [users] value: the password is typed twice at
+                     a prompt, not shown, or read as one line from a pipe;
+                     SCHEME: PBKDF2-SHA256 (default), SHA512-CRYPT,
                      SHA256-CRYPT or PLAIN
-  --import-nginx F   print the mail {} block of nginx configuration F as INI
+  --import-nginx NGINX.CONF
+                     print the mail {} block of an nginx configuration as
+                     INI on standard output, notes on standard error
 """
+
+# nginx -s: the name on the command line, the signal the master gets.
+SIGNAL_COMMANDS = {"reload": "SIGHUP", "reopen": "SIGUSR1", "quit": "SIGQUIT", "stop": "SIGTERM"}
+PID_FILE_READ = 22             # bytes of the pid file read: nginx's NGX_INT64_LEN + 2
+PID_MAX = 2 ** 22              # Linux's largest pid (PID_MAX_LIMIT); higher is no pid
 
 
 DEFAULT_CONFIG_PATHS = ("mailproxy.conf", "/etc/mailproxy/mailproxy.conf")
@@ -9867,29 +10011,59 @@ def default_config_path() -> Optional[str]:
 
 
 def parse_command_line(argv: List[str]) -> Dict[str, object]:
-    options = {"config": None, "test": False, "version": False, "hash": None, "import": None}
+    """The options; raises ValueError (nginx's wording) for anything else."""
+    options = {"config": None, "test": False, "version": False, "help": False, "signal": None,
+               "hash": None, "import": None}
+    needs = {"-c": ("config", "file name"), "-s": ("signal", "parameter"),
+             "--import-nginx": ("import", "file name")}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "-c" and i + 1 < len(argv):
-            options["config"] = argv[i + 1]
+        if arg in needs:
+            key, what = needs[arg]
+            if i + 1 >= len(argv):
+                raise ValueError('option "%s" requires %s' % (arg, what))
+            options[key] = argv[i + 1]
             i += 1
         elif arg == "-t":
             options["test"] = True
         elif arg == "-v":
             options["version"] = True
-        elif arg == "--import-nginx" and i + 1 < len(argv):
-            options["import"] = argv[i + 1]
-            i += 1
+        elif arg in ("-h", "--help"):
+            options["help"] = True
         elif arg == "--hash-password":
             options["hash"] = "PBKDF2-SHA256"
             if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 options["hash"] = argv[i + 1].upper()
                 i += 1
         else:
-            raise ValueError("unknown option %r" % arg)
+            raise ValueError('invalid option: "%s"' % arg)
         i += 1
+    if options["signal"] is not None and options["signal"] not in SIGNAL_COMMANDS:
+        raise ValueError('invalid option: "-s %s"' % options["signal"])
     return options
+
+
+def read_password() -> Optional[bytes]:
+    """The password for --hash-password: on a terminal, asked twice
+    without echo (getpass); from a pipe or a file, its first line.  None
+    (with the reason on stderr) if there is none or the two differ."""
+    if sys.stdin.isatty():
+        try:
+            first = getpass.getpass("Password: ")
+            if first and getpass.getpass("Again: ") != first:
+                sys.stderr.write("mailproxy: the passwords do not match\n")
+                return None
+        except (EOFError, KeyboardInterrupt):
+            sys.stderr.write("\n")
+            first = ""
+        password = first.encode("utf-8")
+    else:
+        password = strip_eol(sys.stdin.buffer.readline())
+    if not password:
+        sys.stderr.write("mailproxy: no password given\n")
+        return None
+    return password
 
 
 def command_hash_password(scheme: str) -> int:
@@ -9897,12 +10071,53 @@ def command_hash_password(scheme: str) -> int:
         sys.stderr.write("mailproxy: unknown scheme %s; known: %s\n" % (
             scheme, ", ".join(PASSWORD_SCHEMES)))
         return 1
-    line = sys.stdin.buffer.readline()
-    password = strip_eol(line)
-    if not password:
-        sys.stderr.write("mailproxy: no password on standard input\n")
+    password = read_password()
+    if password is None:
         return 1
     print(hash_password(password, scheme))
+    return 0
+
+
+def command_signal(path: str, name: str) -> int:
+    """nginx -s NAME (ngx_signal_process): the pid from the pid file of
+    the configuration at ``path``, then kill(); nginx's messages for what
+    can go wrong.  The file is read as -t reads it, so a reload of a file
+    the master would refuse is refused here, with the reasons."""
+    try:
+        config = load_config(path)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            sys.stderr.write("mailproxy: [emerg] %s\n" % error)
+        return 1
+    pid_path = config.main.pid
+    if not pid_path:
+        sys.stderr.write('mailproxy: [error] no "pid" in [main] of %s: -s finds the master '
+                         "through the pid file it writes\n" % path)
+        return 1
+    try:
+        with open(pid_path, "rb") as handle:
+            data = handle.read(PID_FILE_READ)
+    except OSError as error:
+        sys.stderr.write('mailproxy: [error] open() "%s" failed (%d: %s)\n'
+                         % (pid_path, error.errno, error.strerror))
+        if error.errno == errno.ENOENT:        # the master removes it when it exits
+            sys.stderr.write("mailproxy: is mailproxy running with %s?\n" % path)
+        return 1
+    text = data.rstrip(b"\r\n")
+    if not text.isdigit() or not 0 < int(text) <= PID_MAX:      # 0 would signal our group
+        sys.stderr.write('mailproxy: [error] invalid PID number "%s" in "%s"\n'
+                         % (text.decode("ascii", "replace"), pid_path))
+        return 1
+    pid, signum = int(text), getattr(signal, SIGNAL_COMMANDS[name])
+    try:
+        os.kill(pid, signum)
+    except OSError as error:
+        sys.stderr.write("mailproxy: [alert] kill(%d, %d) failed (%d: %s)\n"
+                         % (pid, signum, error.errno, error.strerror))
+        if error.errno == errno.ESRCH:
+            sys.stderr.write('mailproxy: "%s" is stale: no process %d is running (a master '
+                             "killed with SIGKILL leaves its pid file behind)\n" % (pid_path, pid))
+        return 1
     return 0
 
 
@@ -10001,8 +10216,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         options = parse_command_line(sys.argv[1:] if argv is None else argv)
     except ValueError as error:
-        sys.stderr.write("mailproxy: %s\n%s" % (error, USAGE))
+        sys.stderr.write("mailproxy: %s\n%s(-h lists the options)\n" % (error, USAGE))
         return 2
+    if options["help"]:
+        sys.stdout.write(HELP)
+        return 0
     if options["version"]:
         sys.stderr.write("mailproxy version: mailproxy/%s\n" % __version__)
         return 0
@@ -10022,6 +10240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          % " nor ".join("./" + p if not os.path.isabs(p) else p
                                         for p in DEFAULT_CONFIG_PATHS))
         return 1
+    if options["signal"]:
+        return command_signal(path, options["signal"])
     if options["test"]:
         return command_test(path)
     return command_run(path)

@@ -10205,7 +10205,7 @@ class ClientMisbehaviourTests(EndToEndTestCase):
             import struct
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
-        wait_until(lambda: proxy.worker.session_counter == 1, what="the session to start")
+        wait_until(lambda: proxy.worker.numbers.last == 1, what="the session to start")
         wait_until(lambda: not proxy.sessions() or proxy.crash, what="the session to end")
         proxy.assert_alive()
         self.assertEqual(proxy.sessions(), [])
@@ -11515,6 +11515,8 @@ class ProcessWorkerTests(EndToEndTestCase):
         for _ in range(5):
             self.assertEqual(imap_login_reply(self, port, "secret"),
                              b"a1 OK LOGIN completed\r\n")
+        # The log lines come through a pipe, maybe after the replies.
+        wait_until(lambda: len(proxy.served_by(mark)) >= 5, 3.0, "five 'connected' lines")
         served = proxy.served_by(mark)
         self.assertEqual(len(served), 5, proxy.stderr)
         self.assertLessEqual(set(served), set(workers), "a session outside the workers")
@@ -11539,6 +11541,8 @@ class ProcessWorkerTests(EndToEndTestCase):
         for _ in range(5):
             self.assertEqual(imap_login_reply(self, port, "secret"),
                              b"a1 OK LOGIN completed\r\n")
+        # The log lines come through a pipe, maybe after the replies.
+        wait_until(lambda: len(proxy.served_by(mark)) >= 5, 3.0, "five 'connected' lines")
         served = proxy.served_by(mark)
         self.assertEqual(len(served), 5, proxy.stderr)
         self.assertLessEqual(set(served), current)
@@ -12835,6 +12839,219 @@ class CommandLineTests(unittest.TestCase):
         status, out, err = run_mailproxy(["--hash-password", "md5"], stdin=b"secret\n")
         self.assertEqual(status, 1)
         self.assertIn("unknown scheme", err)
+
+
+    def test_hash_password_from_a_pipe_asks_nothing(self):
+        status, out, err = run_mailproxy(["--hash-password"], stdin=b"piped\nsecond line\n")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(err, "")                                 # no prompt, no warning
+        self.assertTrue(mp.password_matches(mp.parse_password_entry(out.strip()), b"piped"))
+
+    def test_help_lists_every_option(self):
+        for args in (["-h"], ["--help"]):
+            status, out, err = run_mailproxy(args)
+            self.assertEqual((status, err), (0, ""), args)
+            self.assertTrue(out.startswith("usage: mailproxy.py"), out)
+            for option in ("-c FILE", "-t ", "-s SIGNAL", "-v ", "-h, --help", "--import-nginx",
+                           "--hash-password", "reload", "reopen", "quit", "stop"):
+                self.assertIn(option, out, args)
+            self.assertNotIn("--fuzz", out)                       # the tests' own options
+
+    def test_s_refuses_a_signal_nginx_does_not_know_and_a_missing_one(self):
+        for args, message in ((["-s", "restart"], 'invalid option: "-s restart"'),
+                              (["-s"], 'option "-s" requires parameter'),
+                              (["-c"], 'option "-c" requires file name')):
+            status, out, err = run_mailproxy(args)
+            self.assertEqual(status, 2, args)
+            self.assertIn(message, err)
+            self.assertIn("usage:", err)
+
+    def test_s_without_a_pid_directive_a_pid_file_or_a_valid_pid(self):
+        directory = TempDir(self)
+        port = free_port()
+        path = program_config(directory, [port])
+        status, out, err = run_mailproxy(["-s", "reload", "-c", path])
+        self.assertEqual(status, 1)
+        self.assertIn('no "pid" in [main] of %s' % path, err)
+        path = program_config(directory, [port], main="pid = mailproxy.pid\n")
+        pid_path = os.path.join(directory.path, "mailproxy.pid")
+        status, out, err = run_mailproxy(["-s", "quit", "-c", path])
+        self.assertEqual(status, 1)
+        self.assertIn('[error] open() "%s" failed (2: No such file or directory)' % pid_path, err)
+        for text, shown in (("", ""), ("12ab\n", "12ab"), ("0\n", "0"), ("-1\n", "-1"),
+                            ("99999999999999999999\n", "99999999999999999999")):
+            directory.write("mailproxy.pid", text)
+            status, out, err = run_mailproxy(["-s", "stop", "-c", path])
+            self.assertEqual(status, 1, text)
+            self.assertIn('[error] invalid PID number "%s" in "%s"' % (shown, pid_path), err)
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()                                      # a pid nobody has now (stale)
+        directory.write("mailproxy.pid", "%d\n" % child.pid)
+        status, out, err = run_mailproxy(["-s", "reopen", "-c", path])
+        self.assertEqual(status, 1)
+        self.assertIn("[alert] kill(%d, %d) failed (3: No such process)"
+                      % (child.pid, signal.SIGUSR1), err)
+        self.assertIn("is stale", err)
+        self.assertNotIn("Traceback", err)
+
+    def terminal_hash(self, typed: list) -> tuple:
+        """mailproxy.py --hash-password on a pseudo-terminal, each of
+        ``typed`` entered at a prompt: (exit status, what the terminal showed)."""
+        try:
+            import pty
+            pid, fd = pty.fork()
+        except (ImportError, OSError) as error:
+            self.skipTest("no pseudo-terminal: %s" % error)
+        if pid == 0:                                      # the child, on the terminal
+            try:
+                os.execv(sys.executable, [sys.executable, MAILPROXY, "--hash-password"])
+            finally:
+                os._exit(127)
+        shown, typed = b"", list(typed)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if typed and shown.rstrip().endswith((b"Password:", b"Again:")):
+                os.write(fd, typed.pop(0) + b"\n")
+                shown += b"<typed>"
+            ready = selectors.DefaultSelector()
+            ready.register(fd, selectors.EVENT_READ)
+            events = ready.select(1.0)
+            ready.close()
+            if not events:
+                continue
+            try:
+                data = os.read(fd, 4096)
+            except OSError:                               # EIO: the child closed the terminal
+                data = b""
+            if not data:
+                break
+            shown += data
+        os.close(fd)
+        for _ in range(50):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.WEXITSTATUS(status), shown.decode("utf-8", "replace")
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)                      # still waiting for input
+        os.waitpid(pid, 0)
+        self.fail("no exit; the terminal showed:\n" + shown.decode("utf-8", "replace"))
+
+    def test_hash_password_on_a_terminal_asks_twice_without_echo(self):
+        status, shown = self.terminal_hash([b"s3cret word", b"s3cret word"])
+        self.assertEqual(status, 0, shown)
+        self.assertIn("Password: <typed>", shown)
+        self.assertIn("Again: <typed>", shown)
+        self.assertNotIn("s3cret", shown)                  # not echoed
+        value = re.search(r"\{PBKDF2-SHA256\}\S+", shown).group(0)
+        self.assertTrue(mp.password_matches(mp.parse_password_entry(value), b"s3cret word"))
+
+    def test_hash_password_on_a_terminal_refuses_two_different_passwords(self):
+        status, shown = self.terminal_hash([b"one", b"two"])
+        self.assertEqual(status, 1, shown)
+        self.assertIn("do not match", shown)
+        self.assertNotIn("{PBKDF2", shown)
+
+
+@needs_fork_and_proc
+class ProcessCommandLineTests(EndToEndTestCase):
+    """nginx's habits with a running master: -s, the signals logged,
+    process names, session numbers (issue 15)."""
+
+    def test_each_signal_is_logged_at_notice_as_nginx_does(self):
+        directory = TempDir(self)
+        proxy = ProgramUnderTest(self, program_config(directory, [free_port()]))
+        worker = proxy.workers()[0]
+        for name, action in (("SIGUSR1", "reopening logs"), ("SIGHUP", "reconfiguring"),
+                             ("SIGQUIT", "shutting down")):
+            mark = proxy.mark()
+            os.killpg(proxy.pgid, getattr(signal, name))      # as a Ctrl-\\ or killall would
+            line = "[notice] %d#0: signal %d (%s) received, " % (proxy.pid, getattr(signal, name), name)
+            self.assertIsNotNone(proxy.wait_for(line + action, mark), proxy.stderr)
+            line = line.replace("%d#0" % proxy.pid, "%d#0" % worker)
+            self.assertIsNotNone(proxy.wait_for(line + ("ignoring" if name == "SIGHUP" else action),
+                                                mark), proxy.stderr)
+            if name == "SIGHUP":                              # the new worker gets the next
+                self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+                worker = proxy.workers(mark)[0]
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertIn("[notice] %d#0: signal %d (SIGCHLD) received\n" % (proxy.pid, signal.SIGCHLD),
+                      proxy.stderr)
+        proxy = ProgramUnderTest(self, program_config(directory, [free_port()]))
+        proxy.send_signal("SIGINT")
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertIn("[notice] %d#0: signal 2 (SIGINT) received, exiting" % proxy.pid, proxy.stderr)
+
+    def test_s_reload_reopen_quit_stop_signal_the_running_master(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        directory = TempDir(self)
+        port = free_port()
+        config = lambda password: program_config(directory, [port], backend.port, password,
+                                                 main="pid = run.pid\n")
+        path = config("old")
+        proxy = ProgramUnderTest(self, path)
+        self.assertEqual(imap_login_reply(self, port, "old"), b"a1 OK LOGIN completed\r\n")
+        config("new")
+        mark = proxy.mark()
+        self.assertEqual(run_mailproxy(["-s", "reload", "-c", path]), (0, "", ""))
+        self.assertIsNotNone(proxy.wait_for("%d#0: configuration reloaded" % proxy.pid, mark),
+                             proxy.stderr)
+        self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
+        mark = proxy.mark()
+        self.assertEqual(run_mailproxy(["-s", "reopen", "-c", path])[0], 0)
+        self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % proxy.pid, mark), proxy.stderr)
+        mark = proxy.mark()
+        self.assertEqual(run_mailproxy(["-s", "quit", "-c", path])[0], 0)
+        self.assertIsNotNone(proxy.wait_for("%d#0: gracefully shutting down" % proxy.pid, mark),
+                             proxy.stderr)
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertFalse(os.path.exists(os.path.join(directory.path, "run.pid")))
+        proxy = ProgramUnderTest(self, path)
+        self.assertEqual(run_mailproxy(["-s", "stop", "-c", path])[0], 0)
+        self.assertEqual(proxy.wait_exit(5), 0, proxy.stderr)
+        self.assertIn("%d#0: exiting" % proxy.pid, proxy.stderr)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "process names: Linux's prctl")
+    def test_master_and_workers_are_named_apart(self):
+        proxy = ProgramUnderTest(self, program_config(TempDir(self), [free_port()],
+                                                      main="worker_processes = 2\n"))
+        comm = lambda pid: read_text("/proc/%d/comm" % pid).strip()
+        self.assertEqual(comm(proxy.pid), mp.MASTER_TITLE[:15])
+        workers = proxy.workers()
+        self.assertEqual(len(workers), 2, proxy.stderr)
+        for pid in workers:              # named as soon as it runs, maybe after "started"
+            wait_until(lambda: comm(pid) == mp.WORKER_TITLE[:15], 3.0,
+                       "worker %d to be named %r, not %r" % (pid, mp.WORKER_TITLE[:15], comm(pid)))
+        self.assertNotEqual(mp.MASTER_TITLE[:15], mp.WORKER_TITLE[:15])
+
+    def test_session_numbers_are_unique_across_workers_and_reloads(self):
+        # worker_connections = 1: a worker with a session accepts nobody
+        # else, so the second client goes to the other worker.
+        directory = TempDir(self)
+        port = free_port()
+        path = program_config(directory, [port], main="worker_processes = 2\nworker_connections = 1\n")
+        proxy = ProgramUnderTest(self, path)
+
+        def open_session():
+            client = Client(port, 3.0)
+            self.addCleanup(client.close)
+            address = "127.0.0.1:%d" % client.sock.getsockname()[1]
+            client.expect_line(mp.IMAP_GREETING)
+            line = proxy.wait_for("client %s connected" % address)
+            self.assertIsNotNone(line, proxy.stderr)
+            match = re.search(r"\] (\d+)#0: \*(\d+) client", line)
+            return client, int(match.group(1)), int(match.group(2))
+
+        first, second = open_session(), open_session()
+        self.assertNotEqual(first[1], second[1], "one worker served both:\n" + proxy.stderr)
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark, timeout=10),
+                             proxy.stderr)
+        third = open_session()
+        self.assertIn(third[1], proxy.workers(mark))              # a new generation's worker
+        numbers = [first[2], second[2], third[2]]
+        self.assertEqual(len(set(numbers)), 3, numbers)
+        self.assertEqual(sorted(numbers), numbers)                 # one counter, as nginx's
 
 
 # ========================================================================== #
