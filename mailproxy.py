@@ -8293,9 +8293,12 @@ class SessionLog:
     (ngx_mail_log_error: "while ACTION, client: ADDRESS[ using starttls],
     server: LISTEN[, login: "LOGIN"][, upstream: NAME]"), and the access
     line at its end (an extension: nginx has none).  The session tells it
-    what it learns on the way: STARTTLS, the login, the upstream."""
+    what it learns on the way: STARTTLS, the login, the upstream, and at
+    the login how it was made (``how``: the client's TLS, the auth method,
+    the backend's TLS), which the login line and the access line carry
+    after nginx's context (an extension)."""
     __slots__ = ("logs", "server", "number", "server_text", "started", "starttls", "login",
-                 "upstream")
+                 "upstream", "how")
 
     def __init__(self, logs: "ErrorLogs", server: Settings, number: int, server_text: str):
         self.logs = logs                   # the worker's (reopened in place on USR1)
@@ -8306,8 +8309,17 @@ class SessionLog:
         self.starttls = False              # the client said STARTTLS
         self.login = None                  # type: Optional[bytes]
         self.upstream = None               # type: Optional[Upstream]
+        self.how = ""                      # ", tls: TLSv1.3, auth: plain, upstream tls: off"
 
-    def context(self, client_address: str, action: Optional[str]) -> str:
+    def logged_in(self, client_tls: Optional["TlsFacts"], method: str,
+                  backend_tls: Optional["TlsFacts"]) -> None:
+        """How the login was made, for the login line and the access line."""
+        def tls(facts: Optional[TlsFacts]) -> str:
+            return facts.version or "on" if facts is not None else "off"
+        self.how = ", tls: %s, auth: %s, upstream tls: %s" % (tls(client_tls), method,
+                                                             tls(backend_tls))
+
+    def context(self, client_address: str, action: Optional[str], how: bool = False) -> str:
         text = " while %s" % action if action else ""
         text += ", client: %s%s, server: %s" % (log_escape(client_address.encode()),
                                                 " using starttls" if self.starttls else "",
@@ -8316,23 +8328,23 @@ class SessionLog:
             text += ', login: "%s"' % log_escape(self.login)
         if self.upstream is not None:
             text += ", upstream: %s" % self.upstream.text
-        return text
+        return text + self.how if how else text
 
     def log(self, level: str, message: str, args: tuple, client_address: str,
-            action: Optional[str]) -> None:
+            action: Optional[str], how: bool = False) -> None:
         """``message % args`` is only made if the level is on (a busy proxy
-        logs at warn)."""
+        logs at warn); ``how``: with how the login was made."""
         log = self.logs.for_server(self.server)
         if log.enabled(level):
             log.log(level, message % args if args else message, self.number,
-                    self.context(client_address, action))
+                    self.context(client_address, action, how))
 
     def session_done(self, outcome: str, client_address: str, received: int, sent: int) -> None:
         access = self.logs.access_for(self.server)
         if access.enabled("info"):
             access.log("info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs"
                        % (outcome, received, sent, time.time() - self.started), self.number,
-                       self.context(client_address, None))
+                       self.context(client_address, None, how=True))
 
 
 class Session(StreamOwner):
@@ -8615,7 +8627,10 @@ class Session(StreamOwner):
         """The backend said yes: its reply, then the relay, which takes the
         client's pipelined bytes (the machine kept them unparsed) and what
         the backend sent behind its reply."""
-        self.log("info", "client logged in")
+        self.journal.logged_in(self.client.tls.facts() if self.client.tls is not None else None,
+                               self.attempt.credentials.method.value,
+                               self.backend.tls.facts() if self.backend.tls is not None else None)
+        self.log("info", "client logged in", how=True)
         self._enter(Phase.RELAY)
         self.client.write(self.machine.logged_in_reply(reply))
         trailing = self.backend_connection.login.trailing_data
@@ -8633,10 +8648,12 @@ class Session(StreamOwner):
         self._close_after_reply(outcome, refusal or self.machine.INTERNAL_ERROR)
 
     # -- the log and the end ----------------------------------------------------------
-    def log(self, level: str, message: str, *args, action: Optional[str] = "") -> None:
-        """A line with nginx's context (SessionLog), the phase's action by default."""
+    def log(self, level: str, message: str, *args, action: Optional[str] = "",
+            how: bool = False) -> None:
+        """A line with nginx's context (SessionLog), the phase's action by
+        default; ``how``: and how the login was made (SessionLog.logged_in)."""
         self.journal.log(level, message, args, self.client_address,
-                         PHASES[self.phase].action if action == "" else action)
+                         PHASES[self.phase].action if action == "" else action, how)
 
     def crashed(self, error: Exception) -> None:
         """A bug met while serving this client (see loop_callback): say where

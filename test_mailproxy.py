@@ -7525,6 +7525,27 @@ class TlsEndToEndBackendTests(EndToEndTestCase):
         client.send(message + b"\r\n")
         client.expect(rb"^a3 OK APPEND completed, sha256 " + sha256_hex(message).encode() + rb"\r\n$")
 
+    def test_the_login_and_access_lines_say_how(self):
+        """Issue 15: the client's TLS, the auth method, the backend's TLS,
+        after nginx's context, on the login line and the access line."""
+        backend = self.use(FakeImapBackend(tls="implicit", context=self.backend_server_context()))
+        proxy = self.backend_proxy("imap", backend.port, listens=("ssl",), proxy_ssl="on",
+                                   imap_auth="plain cram-md5")
+        client = self.tls_connect(proxy)
+        greeting = client.read_line()
+        client.send("a1 AUTHENTICATE CRAM-MD5")
+        challenge = base64.b64decode(client.expect(rb"^\+ (\S+)\r\n$").group(1))
+        digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest()
+        client.send(base64.b64encode(b"alice " + digest.encode()) + b"\r\n")
+        client.expect(rb"^a1 OK ")
+        client.send("a2 LOGOUT")
+        client.read_until_closed()
+        how = r", tls: %s, auth: cram-md5, upstream tls: TLSv1\.[23]$" % re.escape(client.sock.version())
+        proxy.wait_for_log(r"(?m)\*1 client logged in while [^,]*, client: 127\.0\.0\.1, "
+                           r'server: [^,]+, login: "alice", upstream: [^,]+' + how)
+        proxy.wait_for_log(r"(?m)\*1 session done: .*" + how)
+        self.assertTrue(greeting.startswith(b"* OK"))
+
     def test_proxy_ssl_wrong_name(self):
         self.assertUpstreamTlsFails(r"62:Hostname mismatch[^)]*", proxy_ssl_name="wrong.example")
 
@@ -9899,7 +9920,8 @@ class ImapEndToEndTests(EndToEndTestCase):
         self.assertRegex(lines[0], r"\[info\] \d+#0: \*1 session done: [a-z ]+, "
                          r"%d bytes from client, %d bytes to client, \d+\.\d{3}s, "
                          r'client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, '
-                         r'login: "alice", upstream: 127\.0\.0\.1:%d$'
+                         r'login: "alice", upstream: 127\.0\.0\.1:%d, '
+                         r'tls: off, auth: plain, upstream tls: off$'
                          % (client.sent, client.received, proxy.port, backend.port))
 
 
@@ -12246,7 +12268,8 @@ class ProcessLogTests(EndToEndTestCase):
         self.assertRegex(lines[0], r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[info\] %d#0: \*2 session done: "
                          r"client closed connection, \d+ bytes from client, \d+ bytes to client, "
                          r"[\d.]+s, client: 127\.0\.0\.1, server: 127\.0\.0\.1:%d, login: \"alice\", "
-                         r"upstream: 127\.0\.0\.1:%d$" % (proxy.workers()[0], port, backend.port))
+                         r"upstream: 127\.0\.0\.1:%d, tls: off, auth: plain, upstream tls: off$"
+                         % (proxy.workers()[0], port, backend.port))
         self.assertEqual(quiet, "1")
         self.assertNotIn("session done", proxy.stderr)   # neither session's line in the error log
 
