@@ -5842,6 +5842,17 @@ def check_certificate_file(path: str, directive: str) -> None:
                            '(%s)' % (path, reason), directive)
 
 
+class EncryptedKey(Exception):
+    """A key needs a pass phrase and ssl_password_file gives none."""
+
+
+def no_pass_phrase() -> bytes:
+    """The password callback without ssl_password_file.  Without one,
+    OpenSSL would ask for the pass phrase on the terminal: a start-up that
+    hangs under systemd, or a prompt per server on the operator's."""
+    raise EncryptedKey()
+
+
 def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
                       passwords: List[bytes],
                       directives: Tuple[str, str] = ("ssl_certificate", "ssl_certificate_key")) -> None:
@@ -5853,10 +5864,13 @@ def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
     for certificate, key in pairs:
         check_certificate_file(certificate, directives[0])
         check_readable(key, "certificate key", directives[1])
-        for password in passwords or [None]:
+        for password in passwords or [no_pass_phrase]:
             try:
                 context.load_cert_chain(certificate, key, password=password)
                 break
+            except EncryptedKey:
+                raise ConfigValueError('cannot load certificate key "%s": it is encrypted; give '
+                                       'its pass phrase in ssl_password_file' % key, directives[1])
             except ssl.SSLError as error:
                 failure = error
             except OSError as error:
@@ -10098,10 +10112,12 @@ def command_hash_password(scheme: str) -> int:
 def command_signal(path: str, name: str) -> int:
     """nginx -s NAME (ngx_signal_process): the pid from the pid file of
     the configuration at ``path``, then kill(); nginx's messages for what
-    can go wrong.  The file is read as -t reads it, so a reload of a file
-    the master would refuse is refused here, with the reasons."""
+    can go wrong.  For a reload the file is read as -t reads it,
+    certificates and keys included, so that a file the master would refuse
+    is refused here, with the reasons; the others need only the pid (a
+    master whose key file has gone can still be stopped)."""
     try:
-        config = load_config(path)
+        config = load_and_prepare(path) if name == "reload" else load_config(path)
     except ConfigErrors as errors:
         for error in errors.errors:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)

@@ -654,10 +654,22 @@ d7z3fJHYaJKvSLr+FSSfFZvUlcahRANCAARx2ybsTKIjRrYQ+MdyCGQyC3e7DubS
 -----END PRIVATE KEY-----
 """
 
+# server.key encrypted (openssl pkcs8 -topk8 -v2 aes-128-cbc), pass phrase "pass-phrase".
+TLS_SERVER_ENCRYPTED_KEY_PEM = """\
+-----BEGIN ENCRYPTED PRIVATE KEY-----
+MIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAizWnbET5ps9QICCAAw
+DAYIKoZIhvcNAgkFADAdBglghkgBZQMEAQIEELi3B5osBPC63tkajhlYN38EgZCR
+LmIC2QdhGBFwdYJF4K3ygYrUNTiGvAJoXadBwRKf3Lcc4lAWre2WV4NtDQfv5bDU
+/j6Y3uRcv0BQaXqm1R3APBvon7SsWgLUk8u3UtSrvWTbCiSRgRmHHES8UCwCTw1E
+LBg2fniYjIZU3/bnildd66kNiRd8GO4rLrhdOWZsamvMk+CeKB+ecLfUeZ+M5F8=
+-----END ENCRYPTED PRIVATE KEY-----
+"""
+
 ODD_TLS_FILES = {"oddca.crt": ODD_CA_PEM, "descriptor.crt": ODD_DESCRIPTOR_CERT_PEM,
                  "descriptor.key": ODD_DESCRIPTOR_KEY_PEM, "crlf.crt": ODD_CRLF_CERT_PEM,
                  "crlf.key": ODD_CRLF_KEY_PEM, "kelvin.crt": ODD_KELVIN_CERT_PEM,
-                 "kelvin.key": ODD_KELVIN_KEY_PEM, "bothca.crt": TLS_CA_PEM + ODD_CA_PEM}
+                 "kelvin.key": ODD_KELVIN_KEY_PEM, "bothca.crt": TLS_CA_PEM + ODD_CA_PEM,
+                 "encrypted.key": TLS_SERVER_ENCRYPTED_KEY_PEM}
 
 
 def write_tls_files(directory: str) -> None:
@@ -3658,6 +3670,33 @@ class TlsConfigCheckTests(EndToEndTestCase):
                       ssl_certificate_key=self.tls_path(name + ".key"))
         values.update(more)
         return values
+
+    def test_an_encrypted_key_without_its_pass_phrase_is_named_not_prompted_for(self):
+        """Without ssl_password_file OpenSSL would ask on the terminal (a
+        start under systemd hangs) and the error blamed the certificate."""
+        key = self.tls_path("encrypted.key")
+        path = self.path(ssl_certificate=self.tls_path("server.crt"), ssl_certificate_key=key)
+        status, out, stderr = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1, stderr)
+        self.assertIn('ssl_certificate_key: cannot load certificate key "%s": it is encrypted; '
+                      'give its pass phrase in ssl_password_file' % key, stderr)
+        self.assertNotIn("cannot load certificate \"", stderr)
+
+    def test_ssl_password_file_lines_are_tried_in_turn(self):
+        directory = TempDir(self)
+        for lines, loads in (("wrong\npass-phrase\n", True), ("wrong\n", False)):
+            with self.subTest(lines=lines):
+                passwords = directory.write("passwords", lines)
+                path = self.path(ssl_certificate=self.tls_path("server.crt"),
+                                 ssl_certificate_key=self.tls_path("encrypted.key"),
+                                 ssl_password_file=passwords)
+                if loads:
+                    mp.load_and_prepare(path)
+                    continue
+                with self.assertRaises(mp.ConfigErrors) as caught:
+                    mp.load_and_prepare(path)
+                self.assertIn("no PEM private key OpenSSL can read with ssl_password_file",
+                              str(caught.exception))
 
     def test_listen_ssl_without_a_certificate(self):
         path = self.path()
@@ -13019,6 +13058,19 @@ class ProcessCommandLineTests(EndToEndTestCase):
         self.assertIsNotNone(proxy.wait_for("%d#0: configuration reloaded" % proxy.pid, mark),
                              proxy.stderr)
         self.assertEqual(imap_login_reply(self, port, "new"), b"a1 OK LOGIN completed\r\n")
+        # A reload of a file the master would refuse (its key is missing)
+        # is refused here, with the reason, and the master hears nothing.
+        directory.write("cert.pem", TLS_SERVER_CERT_PEM)
+        program_config(directory, [port], backend.port, "new", main="pid = run.pid\n",
+                       server="starttls = on\nssl_certificate = cert.pem\n"
+                              "ssl_certificate_key = missing.key\n")
+        mark = proxy.mark()
+        status, out, err = run_mailproxy(["-s", "reload", "-c", path])
+        self.assertEqual(status, 1, err)
+        self.assertIn('ssl_certificate_key: cannot load certificate key "%s"'
+                      % os.path.join(directory.path, "missing.key"), err)
+        self.assertIsNone(proxy.wait_for("reconfiguring", mark, timeout=0.5), proxy.stderr)
+        config("new")
         mark = proxy.mark()
         self.assertEqual(run_mailproxy(["-s", "reopen", "-c", path])[0], 0)
         self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % proxy.pid, mark), proxy.stderr)
