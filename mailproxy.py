@@ -1758,9 +1758,11 @@ PASSWD_FILE_KEY = "passwd_file"   # in [users], with a value that is no {SCHEME}
 def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
                errors: List[ConfigError]) -> UserTable:
     """[users]: ``LOGIN = {SCHEME}DATA``, one line per login, and
-    ``passwd_file = PATH`` (one path a line): Dovecot passwd-files, read
-    now, so that a reload reads them again.  A login given twice, in
-    [users] or in the files, is an error at its second place."""
+    ``passwd_file = [scheme=SCHEME] PATH`` (one file a line): Dovecot
+    passwd-files, read now, so that a reload reads them again; ``scheme=``
+    is the scheme of passwords written without one, as in Dovecot's passdb
+    ``args`` (default CRYPT, Dovecot's).  A login given twice, in [users]
+    or in the files, is an error at its second place."""
     users, places = {}, {}
     if not parser.has_section("users"):
         return UserTable(users)
@@ -1769,8 +1771,12 @@ def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
         line = lines.get(("users", login))
         if login == PASSWD_FILE_KEY and not value.startswith("{"):
             for name in (name.strip() for name in value.splitlines() if name.strip()):
+                scheme = "CRYPT"
+                match = re.match(r"scheme=(\S+)\s+", name, re.IGNORECASE)
+                if match:
+                    scheme, name = match.group(1).upper(), name[match.end():]
                 read_passwd_file(os.path.join(base, name), ConfigError(
-                    path, "users", login, "", line), users, places, errors)
+                    path, "users", login, "", line), users, places, errors, scheme)
             continue
         try:
             entry = parse_password_entry(value)
@@ -1784,13 +1790,15 @@ def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
 
 
 def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEntry],
-                     places: Dict[str, str], errors: List[ConfigError]) -> None:
+                     places: Dict[str, str], errors: List[ConfigError],
+                     default_scheme: str = "CRYPT") -> None:
     """A Dovecot passwd-file (Dovecot's "passwd-file" passdb): lines
     ``user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]``, of which only
     the first two fields count here; blank lines and ``#`` comments are
     skipped.  Its entries go into ``users``, its problems into ``errors``
     with this file's name and line.  ``where`` is the [users] line that
-    names it, for a file that cannot be read."""
+    names it, for a file that cannot be read.  A password without a
+    {SCHEME} is of ``default_scheme``."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
@@ -1809,10 +1817,13 @@ def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEnt
                 raise ConfigValueError("a line without a user name")
             if not password:
                 raise ConfigValueError("no password: mailproxy cannot log this user in")
-            if not password.startswith("{"):
+            if not password.startswith("{") and default_scheme != "CRYPT":
+                password = "{%s}%s" % (default_scheme, password)    # passwd_file = scheme=...
+            elif not password.startswith("{"):
                 if not any(password.startswith(prefix) for prefix, _ in CRYPT_PREFIX_SCHEMES):
                     raise ConfigValueError("the password has no {SCHEME}: write the scheme in "
-                                           "front of it, e.g. {SHA512-CRYPT}$6$...")
+                                           "front of it, e.g. {SHA512-CRYPT}$6$..., or give the "
+                                           "file's as Dovecot does: passwd_file = scheme=PLAIN PATH")
                 password = "{CRYPT}" + password        # Dovecot's default_pass_scheme
             entry = parse_password_entry(password)
             if login in places:

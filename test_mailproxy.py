@@ -5113,6 +5113,21 @@ class PasswdFileTests(unittest.TestCase):
         _, path = self.load("", "passwd_file = {PLAIN}secret\n")     # a {SCHEME}: a user's entry
         self.assertEqual(list(mp.load_config(path).users), ["passwd_file"])
 
+    def test_scheme_names_the_files_default_as_dovecots_passdb_args(self):
+        """Dovecot's ``args = scheme=PLAIN /etc/dovecot/users``: its
+        passwords are written without a {SCHEME}."""
+        _, path = self.load("erin:secret\nfrank:{SHA512-CRYPT}%s\n"
+                            % DOVECOT_SECRET["SHA512-CRYPT"].split("}", 1)[1],
+                            "passwd_file = scheme=PLAIN users.passwd\n")
+        users = mp.load_config(path).users
+        self.assertEqual((users["erin"].scheme, users["frank"].scheme), ("PLAIN", "SHA512-CRYPT"))
+        for login in ("erin", "frank"):
+            self.assertTrue(mp.password_matches(users[login], b"secret"), login)
+        _, path = self.load("erin:secret\n")                  # without scheme=: an error
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_config(path)
+        self.assertIn("passwd_file = scheme=PLAIN PATH", str(caught.exception))
+
     def test_errors_name_the_file_and_the_line(self):
         directory, path = self.load("bob:%s\n"
                                     "carol\n"
@@ -5132,7 +5147,8 @@ class PasswdFileTests(unittest.TestCase):
             '%s:3: dave: unknown password scheme "{MD5}"; known: %s' % (
                 passwd, ", ".join("{%s}" % s for s in mp.TABLE_SCHEMES)),
             "%s:4: erin: the password has no {SCHEME}: write the scheme in front of it, "
-            "e.g. {SHA512-CRYPT}$6$..." % passwd,
+            "e.g. {SHA512-CRYPT}$6$..., or give the file's as Dovecot does: "
+            "passwd_file = scheme=PLAIN PATH" % passwd,
             '%s:5: bob: user "bob" is already in the table, at %s:1' % (passwd, passwd),
             '%s:6: alice: user "alice" is already in the table, at %s:%d' % (passwd, path, users_line - 1),
             "%s:7: a line without a user name" % passwd,
