@@ -1268,6 +1268,7 @@ def load_config(path: str) -> Config:
     if errors:
         raise ConfigErrors(errors)
     warnings += route_port_warnings(path, servers, routes, lines)
+    warnings += salted_method_warnings(path, servers, users, lines)
     return Config(path, main, servers, users, routes, tuple(warnings), lines)
 
 
@@ -1350,8 +1351,10 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
             problems.append(("protocol", "unknown mail protocol for server: "
                              'set "protocol = imap|pop3|smtp"'))
     if merged["proxy_pass"] is None and merged["auth_http"] is None:
-        problems.append(("proxy_pass", 'no "proxy_pass" is defined for server '
-                         "(the backend of the built-in user table; or set auth_http)"))
+        problems.append(("proxy_pass", 'no "proxy_pass" is defined for server ' + (
+            "(the backend that checks the passwords, with auth = backend)"
+            if merged.get("auth") == "backend" else
+            "(the backend of the built-in user table; or set auth_http)")))
     if merged["auth_http"] is None:
         for directive in ("imap_auth", "pop3_auth", "smtp_auth"):
             tokens = [m for m in merged[directive] if m in ("xoauth2", "oauthbearer")]
@@ -1926,6 +1929,34 @@ def route_port_warnings(path: str, servers: List[Settings], routes: Dict[str, Ro
             '"%s" sends the %s servers\' users to one port, %d: give each protocol its own '
             '("%s"), or leave the port out to keep each server\'s proxy_pass port')
             % (address, " and ".join(sharing), route.port, suggestion), lines.get(("routes", key))))
+    return warnings
+
+
+def salted_method_warnings(path: str, servers: List[Settings], users: Dict[str, "PasswordEntry"],
+                           lines: Dict) -> List[ConfigError]:
+    """-t and the start-up warn of cram-md5 or apop offered by a server of
+    the user table when some of its users are hashed: the client's digest
+    can only be checked against a clear password, so those users would be
+    refused (issue 15: "Invalid login or password", and only the log said
+    why)."""
+    hashed = sorted(login for login, entry in users.items() if entry.scheme != "PLAIN")
+    if not hashed:
+        return []
+    warnings = []
+    for server in servers:
+        if server.auth_http is not None or server.auth == "backend":
+            continue
+        directive = server.protocol + "_auth"
+        salted = [method for method in getattr(server, directive) if method in ("cram-md5", "apop")]
+        if salted:
+            section = "server " + server.name
+            warnings.append(ConfigError(path, section, directive, (
+                '"%s" works only for users with a {PLAIN} password; %d of the %d in [users] %s '
+                "hashed (%s) and could log in only with another method")
+                % (salted[0], len(hashed), len(users), "is" if len(hashed) == 1 else "are",
+                   ", ".join(hashed[:3]) +
+                   (", ..." if len(hashed) > 3 else "")),
+                lines.get((section, directive)) or lines.get(("mail", directive))))
     return warnings
 
 

@@ -3497,6 +3497,30 @@ class ConfigUsersRoutesTests(unittest.TestCase):
             "\n[routes]\ncarol = 127.0.0.5:2143\n")
         self.assertEqual(config.warnings, ())
 
+    def test_cram_md5_or_apop_with_hashed_users_is_warned_of(self):
+        """Issue 15: a hashed user got "Invalid login or password" for a
+        CRAM-MD5 login and only the log said why."""
+        hashed = "    bob = %s\n" % DOVECOT_SECRET["SHA512-CRYPT"]
+        config = load_text(self, BASE_CONFIG, "    imap_auth = plain cram-md5\n",
+                           "\n    [users]\n    alice = {PLAIN}secret\n", hashed)
+        self.assertEqual([(w.section, w.directive) for w in config.warnings],
+                         [("server imap", "imap_auth")])
+        self.assertIn('"cram-md5" works only for users with a {PLAIN} password; 1 of the 2 in '
+                      "[users] is hashed (bob)", config.warnings[0].message)
+        for quiet in ("    imap_auth = plain login\n",                    # no salted method
+                      "    imap_auth = plain cram-md5\n    auth_http = 127.0.0.1:9000\n"):
+            config = load_text(self, BASE_CONFIG, quiet, "\n    [users]\n", hashed)
+            self.assertEqual(config.warnings, (), quiet)
+        config = load_text(self, BASE_CONFIG, "    imap_auth = plain cram-md5\n",
+                           "\n    [users]\n    alice = {PLAIN}secret\n")      # all {PLAIN}
+        self.assertEqual(config.warnings, ())
+
+    def test_auth_backend_without_proxy_pass_says_what_it_is_for(self):
+        _, errors = config_errors(self, "[server imap]\nlisten = 127.0.0.1:18143\nprotocol = imap\n"
+                                        "auth = backend\n")
+        self.assertIn('no "proxy_pass" is defined for server (the backend that checks the '
+                      "passwords, with auth = backend)", errors[0].message)
+
     def test_t_prints_the_route_warning_and_succeeds(self):
         text = textwrap.dedent(self.TWO_SERVERS) + "\n[routes]\ncarol = 127.0.0.5:2143\n"
         path = TempDir(self).write("routes.conf", text)
