@@ -1807,6 +1807,8 @@ def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEnt
             text = handle.read()
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+        if isinstance(error, OSError) and error.errno == errno.EACCES:
+            reason += permission_hint(path)        # as for a key: whom to let read it
         errors.append(ConfigError(where.file, where.section, where.directive,
                                   'cannot read "%s": %s' % (path, reason), where.line))
         return
@@ -10151,6 +10153,21 @@ def command_hash_password(scheme: str) -> int:
     return 0
 
 
+def foreign_process(pid: int) -> str:
+    """The name of process ``pid`` if it is surely not mailproxy's master
+    (Linux's /proc/PID/comm is neither the name set_process_title gives nor
+    a Python's), else "": where there is no /proc, or the process is gone
+    (kill() will say so), or it may be ours.  nginx signals whatever the pid
+    file names; a stale file whose number went to another program would
+    have it signalled."""
+    try:
+        with open("/proc/%d/comm" % pid, "rb") as handle:
+            comm = handle.read().strip().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "" if comm.startswith(("mailproxy", "python", "pypy")) else comm
+
+
 def command_signal(path: str, name: str) -> int:
     """nginx -s NAME (ngx_signal_process): the pid from the pid file of
     the configuration at ``path``, then kill(); nginx's messages for what
@@ -10184,6 +10201,12 @@ def command_signal(path: str, name: str) -> int:
                          % (text.decode("ascii", "replace"), pid_path))
         return 1
     pid, signum = int(text), getattr(signal, SIGNAL_COMMANDS[name])
+    other = foreign_process(pid)
+    if other:
+        sys.stderr.write('mailproxy: [error] process %d of "%s" is "%s", not mailproxy: the pid '
+                         "file is stale and its number was given to another program; nothing "
+                         "was signalled\n" % (pid, pid_path, other))
+        return 1
     try:
         os.kill(pid, signum)
     except OSError as error:

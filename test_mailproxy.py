@@ -5137,6 +5137,19 @@ class PasswdFileTests(unittest.TestCase):
         _, path = self.load("", "passwd_file = {PLAIN}secret\n")     # a {SCHEME}: a user's entry
         self.assertEqual(list(mp.load_config(path).users), ["passwd_file"])
 
+    def test_an_unreadable_file_says_whom_to_let_read_it(self):
+        """As for a key (issue 15: a passwd-file said only "Permission denied")."""
+        directory, path = self.load("bob:{PLAIN}secret\n")
+        passwd = os.path.join(directory.path, "users.passwd")
+        denied = PermissionError(errno.EACCES, "Permission denied", passwd)
+        with unittest.mock.patch.object(mp, "open", create=True, side_effect=denied):
+            errors, users = [], {}
+            mp.read_passwd_file(passwd, mp.ConfigError(path, "users", "passwd_file", "", 9),
+                                users, {}, errors)
+        self.assertEqual(len(errors), 1)
+        self.assertRegex(errors[0].message, r'cannot read "%s": Permission denied \(read as user '
+                                            r'"[^"]+"' % re.escape(passwd))
+
     def test_scheme_names_the_files_default_as_dovecots_passdb_args(self):
         """Dovecot's ``args = scheme=PLAIN /etc/dovecot/users``: its
         passwords are written without a {SCHEME}."""
@@ -12995,6 +13008,25 @@ class CommandLineTests(unittest.TestCase):
                       % (child.pid, signal.SIGUSR1), err)
         self.assertIn("is stale", err)
         self.assertNotIn("Traceback", err)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/comm"), "process names: /proc")
+    def test_s_does_not_signal_another_program_a_stale_pid_file_names(self):
+        """Found in a newcomer's trial: a stale pid file whose number went to
+        another program had that program get SIGHUP (as nginx would)."""
+        directory = TempDir(self)
+        path = program_config(directory, [free_port()], main="pid = mailproxy.pid\n")
+        other = subprocess.Popen(["sleep", "30"])
+        self.addCleanup(other.wait)
+        self.addCleanup(other.kill)
+        wait_until(lambda: read_text("/proc/%d/comm" % other.pid).strip() == "sleep",
+                   what="sleep to be sleep")
+        directory.write("mailproxy.pid", "%d\n" % other.pid)
+        status, out, err = run_mailproxy(["-s", "reload", "-c", path])
+        self.assertEqual(status, 1, err)
+        self.assertIn('process %d of "%s" is "sleep", not mailproxy' % (
+            other.pid, os.path.join(directory.path, "mailproxy.pid")), err)
+        time.sleep(0.2)
+        self.assertIsNone(other.poll(), "sleep got the SIGHUP")
 
     def terminal_hash(self, typed: list) -> tuple:
         """mailproxy.py --hash-password on a pseudo-terminal, each of
