@@ -2814,6 +2814,10 @@ _IMAP_QUOTED_BODY = re.compile(rb'(?:[^"\\\r\n]+|\\[^\r\n])*')
 _IMAP_QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
 _IMAP_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}(\r\n|\n)")
 _IMAP_LITERAL_START = re.compile(rb"\{\d{0,10}\+?(\}\r?)?")
+_IMAP_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})\+\}\r?\n\Z")
+_IMAP_NON_SYNC_END = re.compile(rb"\+\}\r?\n\Z")          # what nginx looks for
+IMAP_UNSKIPPABLE_LITERAL = "client sent invalid command with a non-synchronizing literal"
+IMAP_LITERAL_HEADER_MAX = len(b"{9999999999+}\r\n")    # the longest _IMAP_LITERAL
 
 
 def _line_end(data: bytes, start: int) -> Optional[int]:
@@ -2852,6 +2856,8 @@ class ImapMachine(ClientMachine):
         self.scanner = ImapScanner(self.buffer_size)
         self._continuations = 0        # "+ OK" sent for the current command
         self._skipping = False         # dropping the rest of an invalid line
+        self._skipped_tail = b""       # its last bytes dropped so far (a {n+} header?)
+        self._literal_skip = 0         # bytes of a non-synchronizing literal still to drop
         self._output += IMAP_GREETING
 
     def capability(self) -> bytes:
@@ -2878,15 +2884,13 @@ class ImapMachine(ClientMachine):
         self.scanner.reset()
         self._continuations = 0
         self._skipping = False
+        self._skipped_tail = b""
+        self._literal_skip = 0
 
     def _step(self, events: list) -> bool:
         limit = self.buffer_size
         if self._skipping:
-            if self._input.take_line() is None:
-                self._input.clear()
-                return False
-            self._skipping = False
-            return True
+            return self._skip_invalid(events)
         if self.sasl != SaslState.NONE:
             line = self._take_line(limit)
             if line is None:
@@ -2902,10 +2906,10 @@ class ImapMachine(ClientMachine):
         self._continuations = 0
         self.scanner.reset()
         if isinstance(scan, ImapInvalid):
-            self._drop_invalid(scan)
             self._invalid(events, True, (scan.tag or b"* ") + IMAP_INVALID)
             if scan.close and not self.finished:
-                self._finish(events, Closed("client sent invalid command with a non-synchronizing literal"))
+                self._finish(events, Closed(IMAP_UNSKIPPABLE_LITERAL))
+            self._drop_invalid(events, scan)
             return True
         self._input.take(scan.end)
         self.tag = scan.tag
@@ -2921,13 +2925,57 @@ class ImapMachine(ClientMachine):
             self._finish(events, Closed("client sent too long command"))
         return False
 
-    def _drop_invalid(self, scan: ImapInvalid) -> None:
+    def _drop_invalid(self, events: list, scan: ImapInvalid) -> None:
         """Drop the invalid line; if its end has not come yet, drop it as it comes."""
+        self._skipped_tail = b""
         if scan.end is not None:
-            self._input.take(scan.end)
+            self._line_dropped(events, self._input.take(scan.end))
         else:
+            self._skipped_tail = bytes(self._input[-IMAP_LITERAL_HEADER_MAX:])
             self._input.clear()
             self._skipping = True
+
+    def _skip_invalid(self, events: list) -> bool:
+        """Drop the rest of an invalid command as it comes: through its line
+        end, and past each non-synchronizing literal announced there.
+        Returns False when the input is used up (or the connection closed)."""
+        if self._literal_skip:
+            self._literal_skip -= len(self._input.take(self._literal_skip))
+            return not self._literal_skip
+        line = self._input.take_line()
+        if line is None:
+            self._skipped_tail = (self._skipped_tail + bytes(self._input[-IMAP_LITERAL_HEADER_MAX:])
+                                  )[-IMAP_LITERAL_HEADER_MAX:]
+            self._input.clear()
+            return False
+        self._line_dropped(events, self._skipped_tail + line[-IMAP_LITERAL_HEADER_MAX:])
+        return True
+
+    def _line_dropped(self, events: list, line: bytes) -> None:
+        """An invalid line has been dropped through its LF (``line``: at least
+        its last bytes).  If it ends in ``{n+}``, the client sends the n bytes
+        of that literal at once, unasked (RFC 7888 §4), and the command goes
+        on after them: they are no command, so they are dropped too, and then
+        the rest of the command.  nginx cannot skip them and closes instead
+        (ngx_mail_imap_parse_command, "detect non-synchronizing literals");
+        its tests accept either (nginx-tests mail_imap.t, "literal not
+        command").  After ``{n}`` the client waits for a "+" that the BAD
+        replaces (RFC 3501 §7.5), so the next line is a command.  A line
+        ending in "+}" that is no such header, or a literal that could not
+        fit imap_client_buffer (nginx would refuse it as too long), closes
+        the connection as nginx does."""
+        line = line[-IMAP_LITERAL_HEADER_MAX:]
+        self._skipped_tail = b""
+        self._skipping = False
+        self._literal_skip = 0
+        if not _IMAP_NON_SYNC_END.search(line) or self.finished:
+            return
+        match = _IMAP_LITERAL_AT_END.search(line)
+        if match is None or int(match.group(1)) > self.buffer_size:
+            self._finish(events, Closed(IMAP_UNSKIPPABLE_LITERAL))
+            return
+        self._skipping = True
+        self._literal_skip = int(match.group(1))
 
     def _reply(self, text: bytes) -> None:
         self._output += self.tag + text

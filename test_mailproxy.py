@@ -4025,6 +4025,32 @@ class ImapMachineTests(unittest.TestCase):
         self.assertTrue(machine.finished)
         self.assertIsInstance(events[-1], mp.Closed)
 
+    def test_invalid_command_skips_its_non_synchronizing_literal(self):
+        # nginx-tests mail_imap.t "literal not command": the 10 bytes that
+        # follow {10+} are no command (nginx closes; the next line may be a04).
+        self.imap([(b"a03 FOOBAR {10+}\r\ntest test \r\na04 NOOP\r\n", b"a03" + BAD + b"a04" + OK, []),
+                   (b"a05 LOGOUT\r\n", mp.IMAP_BYE + b"a05" + OK, [mp.Quit()])])
+
+    def test_invalid_command_skips_each_literal_to_its_end(self):
+        # The command goes on after a literal, which may hold CRLF and "{n+}".
+        self.imap([(b"a1 FOO {7+}\r\nx{1+}\r\n {2+}\r\n\r\n rest\r\n", b"a1" + BAD, []),
+                   (b"a2 X {0+}\n\n", b"a2" + BAD, []),
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])], max_errors=10)
+
+    def test_invalid_command_with_synchronizing_literal_gets_no_continuation(self):
+        # RFC 3501 §7.5: the BAD replaces the "+", the client sends no literal.
+        self.imap([(b"a03 FOOBAR {10}\r\n", b"a03" + BAD, []),
+                   (b"a04 NOOP\r\n", b"a04" + OK, []),
+                   (b"a05 LOGIN a b c {3}\r\n", b"a05" + BAD, []),
+                   (b"a06 LOGOUT\r\n", mp.IMAP_BYE + b"a06" + OK, [mp.Quit()])])
+
+    def test_invalid_line_ending_in_unskippable_literal_closes(self):
+        closed = mp.Closed(mp.IMAP_UNSKIPPABLE_LITERAL)
+        for line in (b"a1 FOOBAR x+}\r\n", b"a1 FOOBAR {65+}\r\n", b"a1 FOOBAR {99999999999+}\r\n"):
+            self.imap([(line, b"a1" + BAD, [closed])], imap_client_buffer=64)
+        self.imap([(b"a1 FOOBAR {64+}\r\n" + b"\n" * 64 + b"\r\n", b"a1" + BAD, []),
+                   (b"a2 LOGOUT\r\n", mp.IMAP_BYE + b"a2" + OK, [mp.Quit()])], imap_client_buffer=64)
+
     def test_literal_must_be_followed_by_space_or_crlf(self):
         self.imap([(b"a1 LOGIN {1}\r\n", mp.IMAP_NEXT, []),
                    (b"xy z\r\n", b"a1" + BAD, []),
@@ -9971,6 +9997,20 @@ class ImapEndToEndTests(EndToEndTestCase):
         client.expect_closed()
         self.assertEqual(bytes(backend.received[0]),
                          IMAP_LOGIN_ON_THE_WIRE + b"a2 NOOP\r\na3 LOGOUT\r\n")
+
+    def test_invalid_command_with_non_synchronizing_literal(self):
+        # nginx-tests mail_imap.t "invalid with non-sync literal", "literal not command".
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send(b"a03 FOOBAR {10+}\r\ntest test \r\na04 NOOP\r\n")
+        client.expect_line(b"a03 BAD invalid command\r\n")
+        client.expect_line(b"a04 OK completed\r\n")
+        client.send(b"a05 FOOBAR {10}\r\n")
+        client.expect_line(b"a05 BAD invalid command\r\n")
+        client.send(b"a06 LOGIN alice secret\r\n")
+        client.expect(rb"^a06 OK LOGIN completed\r\n$")
 
     def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
         backend = self.use(FakeImapBackend())
