@@ -4147,9 +4147,11 @@ def ip_family(text: bytes) -> Optional[int]:
 
 
 def interpret_auth_response(response: AuthHttpResponse, protocol: str,
-                            have_password: bool) -> AuthOutcome:
+                            have_password: bool, proxy_smtp_auth: bool = False) -> AuthOutcome:
     """ngx_mail_auth_http_process_headers: Auth-Status OK / WAIT / a failure
     text; then Auth-Server (an IP address, never a name) and Auth-Port.
+    ``have_password``: the client gave one the backend can take;
+    ``proxy_smtp_auth``: the server's setting (SMTP logs in to the backend).
     Raises AuthHttpError with nginx's log message for a bad answer."""
     headers = response.headers
     status = headers.get("auth-status")
@@ -4165,9 +4167,17 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     server, port = headers.get("auth-server"), headers.get("auth-port")
     if not server or not port:
         raise AuthHttpError("auth http server %s did not send server or port")
-    if protocol != "smtp" and not have_password and "auth-pass" not in headers:
+    smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
+    if not have_password and "auth-pass" not in headers:
         # APOP, CRAM-MD5 and EXTERNAL leave nginx without a password to log in with.
-        raise AuthHttpError("auth http server %s did not send password")
+        if protocol != "smtp":
+            raise AuthHttpError("auth http server %s did not send password")
+        if smtp_auth in ("plain", "login") or (smtp_auth is None and proxy_smtp_auth):
+            # ngx_mail_proxy_smtp_handler, before AUTH PLAIN: "no password
+            # available", 451 (nginx-tests mail_proxy_smtp_auth.t, "auth
+            # external no password").  Known now, before any backend byte.
+            raise AuthHttpError("no password available: auth http server %s sent no Auth-Pass "
+                                "for the backend AUTH")
     family = ip_family(server)
     if family is None:
         raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
@@ -4177,7 +4187,6 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     host = server.decode("ascii")
     upstream = Upstream(host, int(port), ((family, (host, int(port))),))
     backend_tls = headers.get("auth-backend-tls", b"").decode("latin-1").lower() or None
-    smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
     if backend_tls not in (None, "plain", "ssl", "starttls"):
         raise AuthHttpError('auth http server %%s sent invalid Auth-Backend-TLS:"%s"' % backend_tls)
     if smtp_auth not in (None, "none", "plain", "login"):
@@ -7604,7 +7613,8 @@ class AuthHttpAuth:
         method = self.attempt.credentials.method
         known = method not in SALTED_METHODS + (AuthMethod.EXTERNAL,)
         try:
-            verdict = interpret_auth_response(response, self.attempt.protocol, known)
+            verdict = interpret_auth_response(response, self.attempt.protocol, known,
+                                              self.server.proxy_smtp_auth)
         except AuthHttpError as failure:
             return AuthOutcome(Verdict.ERROR, reason=str(failure).replace(
                 "%s", self.server.auth_http.text, 1))

@@ -5661,7 +5661,7 @@ class AuthHttpRequestHeaderTests(unittest.TestCase):
 
 
 class AuthHttpResponseTests(unittest.TestCase):
-    def parse(self, response, protocol="imap", have_password=True):
+    def parse(self, response, protocol="imap", have_password=True, proxy_smtp_auth=False):
         """Parse ``response`` whole and split at every byte: same result."""
         results = []
         for split in range(1, len(response) + 1):
@@ -5670,7 +5670,21 @@ class AuthHttpResponseTests(unittest.TestCase):
             result = first if first is not None else parser.receive_data(response[split:] or b"")
             results.append(result)
         self.assertTrue(all(result == results[-1] for result in results))
-        return mp.interpret_auth_response(results[-1], protocol, have_password)
+        return mp.interpret_auth_response(results[-1], protocol, have_password, proxy_smtp_auth)
+
+    def test_smtp_backend_auth_without_a_password_is_an_error(self):
+        # nginx-tests mail_proxy_smtp_auth.t "auth external no password".
+        ok = b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
+        for extra, proxy_smtp_auth in ((b"", True), (b"Auth-SMTP-Auth: plain\r\n", False),
+                                       (b"Auth-SMTP-Auth: LOGIN\r\n", True)):
+            with self.assertRaises(mp.AuthHttpError) as caught:
+                self.parse(ok + extra + b"\r\n", "smtp", False, proxy_smtp_auth)
+            self.assertIn("no password available", str(caught.exception))
+        for extra, proxy_smtp_auth, have_password in (
+                (b"", False, False), (b"Auth-SMTP-Auth: none\r\n", True, False),
+                (b"Auth-Pass: s\r\n", True, False), (b"", True, True)):
+            verdict = self.parse(ok + extra + b"\r\n", "smtp", have_password, proxy_smtp_auth)
+            self.assertEqual(verdict.kind, "ok")
 
     def test_ok_with_overrides(self):
         verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.2\r\n"
@@ -9175,6 +9189,23 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "smtp")])
         self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_smtp_external_without_auth_pass_is_a_4xx_and_no_backend_login(self):
+        # nginx-tests mail_proxy_smtp_auth.t "auth external no password".
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, proxy_smtp_auth="on",
+                                     smtp_auth="login plain external")
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250 AUTH PLAIN LOGIN EXTERNAL\r\n")
+        client.send("AUTH EXTERNAL")
+        client.expect(rb"^334 VXNlcm5hbWU6\r\n$")
+        client.send(b64(b"test@example.com") + b"\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r"no password available: auth http server 127\.0\.0\.1:%d sent no "
+                           r"Auth-Pass" % auth.port)
+        self.assertEqual((backend.logins, backend.commands), ([], []))
 
     def test_imap_cram_md5_sends_salt_and_digest(self):
         backend = self.use(FakeImapBackend())
