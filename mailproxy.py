@@ -5258,7 +5258,7 @@ class DnsError(Exception):
 class DnsAnswer(NamedTuple):
     rcode: int
     truncated: bool
-    records: List[Tuple[str, int, int, object]]    # (name, type, ttl, value)
+    records: List[Tuple[str, int, int, object]]    # (name, type, ttl, value: None for a type not read)
 
 
 def dns_query(qid: int, name: str, qtype: int) -> bytes:
@@ -5284,12 +5284,15 @@ def reverse_dns_name(address: str) -> str:
     return ipaddress.ip_address(address).reverse_pointer
 
 
-def read_dns_name(data: bytes, offset: int) -> Tuple[str, int]:
+def read_dns_name(data: bytes, offset: int, escape_dots: bool = False) -> Tuple[str, int]:
     """A possibly compressed name at ``offset`` -> (name, offset after it).
 
     Compression pointers must point backwards and are followed at most
     DNS_MAX_POINTERS times, so a loop or a pointer past the end is a
-    DnsError, never a hang.
+    DnsError, never a hang.  A dot inside a label is a DnsError too, or
+    with ``escape_dots`` written ``\\.`` (and a backslash ``\\\\``), as
+    in a master file (RFC 1035 §5.1): a name that no query can carry and
+    valid_host_name refuses.
     """
     labels, end, jumps, length = [], None, 0, 0
     position = offset
@@ -5315,12 +5318,15 @@ def read_dns_name(data: bytes, offset: int) -> Tuple[str, int]:
         label = data[position + 1:position + 1 + size]
         if len(label) != size:
             raise DnsError("label runs past the end")
-        if b"." in label:
+        if b"." in label and not escape_dots:
             raise DnsError("a dot inside a label")     # "a." + "b" would read as "a..b"
         length += size + 1
         if length > 255:
             raise DnsError("name too long")
-        labels.append(label.decode("latin-1"))
+        text = label.decode("latin-1")
+        if escape_dots:
+            text = text.replace("\\", "\\\\").replace(".", "\\.")
+        labels.append(text)
         position += 1 + size
     return ".".join(labels), (end if end is not None else position + 1)
 
@@ -5351,7 +5357,7 @@ def parse_dns_answer(data: bytes, qid: int, name: str, qtype: int) -> Optional[D
         if offset + rdlength > len(data):
             raise DnsError("record data runs past the end")
         value = _dns_record_value(data, offset, rtype, rdlength)
-        if rclass == 1 and value is not None:
+        if rclass == 1:                 # other types too (value None): see DnsLookup.datagram
             records.append((rname.lower(), rtype, ttl, value))
         offset += rdlength
     return DnsAnswer(flags & 0x000F, bool(flags & 0x0200), records)
@@ -5367,7 +5373,10 @@ def _dns_record_value(data: bytes, offset: int, rtype: int, length: int):
             raise DnsError("AAAA record of %d bytes" % length)
         return str(ipaddress.IPv6Address(data[offset:offset + 16]))
     if rtype in (DNS_CNAME, DNS_PTR):
-        name, end = read_dns_name(data, offset)
+        # A dot inside a label of the data is kept (escaped), not taken for
+        # a malformed answer: that would be ignored, and the lookup would
+        # wait out resolver_timeout for another, where nginx answers at once.
+        name, end = read_dns_name(data, offset, escape_dots=True)
         if end > offset + length:
             raise DnsError("name runs past its record")
         return name
@@ -7812,6 +7821,11 @@ class DnsLookup:
         values, ttl = dns_values(answer, self.name, self.qtype)
         if values:
             self.finish("ok", values, ttl)
+        elif answer.rcode == DNS_NOERROR and not answer.truncated and answer.records:
+            # Records, but none of the type asked, nor a CNAME: nginx logs
+            # "unexpected RR type" and ends in [TEMPUNAVAIL] (nginx-tests
+            # mail_resolver.t, "PTR type"), after resolver_timeout; at once here.
+            self.finish("error", [], 0)
         elif answer.rcode == DNS_NXDOMAIN or (answer.rcode == DNS_NOERROR and not answer.truncated):
             self.finish("nxdomain", [], 0)
         else:

@@ -6650,6 +6650,17 @@ class DnsMessageTests(unittest.TestCase):
             self.assertFalse(mp.valid_host_name(name), name)
 
 
+    def test_a_dot_inside_a_label_of_record_data_is_kept_escaped(self):
+        # RFC 1035 §5.1 master-file form: a name valid_host_name refuses.
+        data = b"\0" * 12 + b"\x03a.b\x02\\x\x00"
+        self.assertEqual(mp.read_dns_name(data, 12, escape_dots=True), ("a\\.b.\\\\x", 20))
+        query = mp.dns_query(1, PTR_127_0_0_1, mp.DNS_PTR)
+        response = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_PTR, b"\x03a.b\x07example\x00")])
+        answer = mp.parse_dns_answer(response, 1, PTR_127_0_0_1, mp.DNS_PTR)
+        name = mp.dns_values(answer, PTR_127_0_0_1, mp.DNS_PTR)[0][0]
+        self.assertEqual(name, "a\\.b.example")
+        self.assertFalse(mp.valid_host_name(name))
+
 class DnsLinearWorkTests(LinearWorkTestCase):
     def test_dns_answer_with_many_records(self):
         """A DNS answer comes in one datagram: the work is linear in its size."""
@@ -9008,6 +9019,30 @@ class ResolverTests(unittest.TestCase):
             ("client.example", mp.DNS_A): self.GOOD[("client.example", mp.DNS_A)]}
         self.assertEqual(resolve_client(self, records_for(table))[0], "client.example")
 
+    def test_answer_of_another_type_is_tempunavail_at_once(self):
+        # nginx-tests mail_resolver.t "PTR type": a DNAME (39) answers the PTR query.
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [dns_record(b"\xc0\x0c", 39, "a.example.net")]
+        started = time.monotonic()
+        name, problem, dns, _ = resolve_client(self, records_for(table), timeout=3.0)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertIn("(2: Server failure or timeout)", problem)
+        self.assertLess(time.monotonic() - started, 0.9)
+        self.assertEqual(len(dns.queries), 1)
+
+    def test_dot_inside_a_ptr_label_is_tempunavail_at_once(self):
+        # Labels "client.example" and "net": no host name; refused, not taken
+        # for a malformed answer and waited out (resolver_timeout).
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [
+            dns_record(b"\xc0\x0c", mp.DNS_PTR, b"\x0eclient.example\x03net\x00")]
+        started = time.monotonic()
+        name, problem, dns, _ = resolve_client(self, records_for(table), timeout=3.0)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertIn('resolved to an invalid host name "client\\x5c.example.net"', problem)
+        self.assertLess(time.monotonic() - started, 0.9)
+        self.assertEqual(len(dns.queries), 1)
+
     def test_truncated_answer_without_records_is_tempunavail(self):
         name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, truncated=True)])
         self.assertEqual(name, "[TEMPUNAVAIL]")
@@ -9080,6 +9115,31 @@ class SmtpEndToEndResolverTests(EndToEndTestCase):
                          b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.9 LOGIN=alice NAME=[UNAVAILABLE]"
                          b"\r\nEHLO client.example\r\nQUIT\r\n")
         proxy.wait_for_log(r'real client address 192\.0\.2\.9:0 \(XCLIENT\), name "\[UNAVAILABLE\]"')
+
+    def test_dot_inside_a_ptr_label_greets_at_once(self):
+        # The greeting waited the whole resolver_timeout (5 s) where nginx
+        # answers at once; and a PTR answer of another type (mail_resolver.t
+        # "PTR type") ends in [TEMPUNAVAIL] too.
+        bad_name = dict(self.GOOD)
+        bad_name[(PTR_127_0_0_1, mp.DNS_PTR)] = [
+            dns_record(b"\xc0\x0c", mp.DNS_PTR, b"\x0eclient.example\x03net\x00")]
+        other_type = dict(self.GOOD)
+        other_type[(PTR_127_0_0_1, mp.DNS_PTR)] = [dns_record(b"\xc0\x0c", 39, "a.example.net")]
+        for table in (bad_name, other_type):
+            dns, backend, proxy = self.start_with_dns(records_for(table), resolver_timeout="5s")
+            started = time.monotonic()
+            client = self.connect(proxy)
+            self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+            self.assertLess(time.monotonic() - started, 1.0)
+            client.send("EHLO client.example")
+            self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+            self.smtp_auth_plain(client)
+            self.smtp_quit(client)
+            self.wait_for_backend(backend, 0, b"QUIT\r\n")
+            self.assertEqual(bytes(backend.received[0]),
+                             b"EHLO mail.test\r\n" + smtp_xclient(name=b"[TEMPUNAVAIL]") +
+                             b"EHLO client.example\r\nQUIT\r\n")
+            self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR)])
 
     def test_silent_dns_gives_tempunavail_and_the_greeting_still_comes(self):
         dns, backend, proxy = self.start_with_dns(lambda query, name, qtype: [],
