@@ -127,7 +127,7 @@ SHARED_EVENT_MAX = 4096        # bytes of one shared-book event as sent (JSON): 
 SHARED_QUEUE_MAX = 1024        # events kept for a process that reads none (the oldest dropped)
 SHARED_READS_PER_EVENT = 64    # shared-book datagrams read per readiness event
 DNS_RESEND = 1.0               # seconds before a DNS query is sent again (next server)
-DNS_MAX_CNAMES = 8             # CNAME hops followed in one answer
+DNS_MAX_CNAMES = 8             # CNAME hops followed in one lookup (in answers and by new queries)
 DNS_MAX_POINTERS = 64          # compression pointers followed in one name (RFC 1035 §4.1.4)
 DNS_CACHE_SIZE = 4096          # answers kept per resolver
 DNS_NEGATIVE_TTL = 30.0        # seconds an NXDOMAIN is kept without valid=
@@ -5386,20 +5386,28 @@ def _dns_record_value(data: bytes, offset: int, rtype: int, length: int):
 def dns_values(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, int]:
     """The values of type ``qtype`` for ``name``, following CNAMEs (at most
     DNS_MAX_CNAMES hops), and the smallest TTL met on the way."""
-    current, ttls = name.lower().rstrip("."), []
+    values, ttls, _ = dns_chain(answer, name, qtype)
+    return (values, min(ttls)) if values else ([], 0)
+
+
+def dns_chain(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, List[int], List[str]]:
+    """Follow ``name``'s CNAMEs in the answer (at most DNS_MAX_CNAMES hops)
+    -> (the values of type ``qtype`` where the chain ends, the TTLs met,
+    the names the chain went through after ``name``)."""
+    current, ttls, aliases = name.lower().rstrip("."), [], []
     for _ in range(DNS_MAX_CNAMES + 1):
         values = [(value, ttl) for rname, rtype, ttl, value in answer.records
                   if rname == current and rtype == qtype]
         if values:
-            ttls.extend(ttl for _, ttl in values)
-            return [value for value, _ in values], min(ttls)
-        aliases = [(value, ttl) for rname, rtype, ttl, value in answer.records
+            return [value for value, _ in values], ttls + [ttl for _, ttl in values], aliases
+        targets = [(value, ttl) for rname, rtype, ttl, value in answer.records
                    if rname == current and rtype == DNS_CNAME]
-        if not aliases:
+        if not targets:
             break
-        current = aliases[0][0].lower()
-        ttls.append(aliases[0][1])
-    return [], 0
+        current = targets[0][0].lower()
+        ttls.append(targets[0][1])
+        aliases.append(current)
+    return [], ttls, aliases
 
 
 # ========================================================================== #
@@ -7780,21 +7788,36 @@ class BackendAuth:
 class DnsLookup:
     """One question on its way: sent over UDP to the resolver's servers in
     turn every DNS_RESEND seconds until an answer comes or ``timeout`` ends.
+    An answer that stops at a CNAME is followed with a new question for its
+    target, DNS_MAX_CNAMES hops in all, within the same ``timeout``.
     ``callback(status, values)``: status "ok", "nxdomain" (or no such
-    record), "error" (a server failure, a truncated answer, a timeout)."""
+    record), "error" (a server failure, a truncated answer, records of
+    another type only, too many CNAMEs, a timeout)."""
 
     def __init__(self, resolver: "Resolver", name: str, qtype: int, callback: Callable):
         self.resolver = resolver
         self.name = name
         self.qtype = qtype
         self.callback = callback
-        self.qid = resolver.randomness.getrandbits(16)
+        self.target = name             # the name asked about now (a CNAME's target later)
+        self.hops = 0                  # CNAMEs followed so far
+        self.ttls = []                 # theirs
         self.sockets = {}              # family -> _Datagram
-        self.attempt = 0
-        self.query = dns_query(self.qid, name, qtype)
+        self.resend = None             # type: Optional[Timer]
+        self.ask(name)                 # first: a DnsError leaves nothing behind
         loop = resolver.loop
         self.deadline = loop.call_later(resolver.timeout, lambda: self.finish("error", [], 0))
-        self.resend = None             # type: Optional[Timer]
+
+    def ask(self, name: str) -> None:
+        """Send the question for ``name`` (raises DnsError if it cannot be sent)."""
+        if "\\" in name:
+            raise DnsError("a dot inside a label of %r" % name)   # read_dns_name's escape
+        self.qid = self.resolver.randomness.getrandbits(16)
+        self.query = dns_query(self.qid, name, self.qtype)
+        self.target = name
+        self.attempt = 0
+        if self.resend is not None:
+            self.resend.cancel()
         self.send()
 
     def send(self) -> None:
@@ -7813,14 +7836,17 @@ class DnsLookup:
         if (sender[0], sender[1]) not in self.resolver.server_addresses:
             return                     # not from a server we asked: ignore
         try:
-            answer = parse_dns_answer(data, self.qid, self.name, self.qtype)
+            answer = parse_dns_answer(data, self.qid, self.target, self.qtype)
         except DnsError:
             return                     # malformed: wait for a better answer
         if answer is None:
             return
-        values, ttl = dns_values(answer, self.name, self.qtype)
+        values, ttls, aliases = dns_chain(answer, self.target, self.qtype)
+        self.ttls += ttls
         if values:
-            self.finish("ok", values, ttl)
+            self.finish("ok", values, min(self.ttls))
+        elif answer.rcode == DNS_NOERROR and not answer.truncated and aliases:
+            self.follow(aliases)
         elif answer.rcode == DNS_NOERROR and not answer.truncated and answer.records:
             # Records, but none of the type asked, nor a CNAME: nginx logs
             # "unexpected RR type" and ends in [TEMPUNAVAIL] (nginx-tests
@@ -7829,6 +7855,19 @@ class DnsLookup:
         elif answer.rcode == DNS_NXDOMAIN or (answer.rcode == DNS_NOERROR and not answer.truncated):
             self.finish("nxdomain", [], 0)
         else:
+            self.finish("error", [], 0)
+
+    def follow(self, aliases: List[str]) -> None:
+        """The answer ends at a CNAME without its target's records: ask
+        about the target (RFC 1034 §5.3.3, a resolver restarts the query at
+        the canonical name; nginx-tests mail_resolver.t "CNAME", which
+        nginx has as TODO)."""
+        self.hops += len(aliases)
+        if self.hops > DNS_MAX_CNAMES:
+            return self.finish("error", [], 0)
+        try:
+            self.ask(aliases[-1])
+        except (DnsError, UnicodeError):   # no query can carry it (a dot in a label)
             self.finish("error", [], 0)
 
     def finish(self, status: str, values: List, ttl: int) -> None:

@@ -6661,6 +6661,16 @@ class DnsMessageTests(unittest.TestCase):
         self.assertEqual(name, "a\\.b.example")
         self.assertFalse(mp.valid_host_name(name))
 
+    def test_chain_tells_where_it_stops(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        response = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_CNAME, "b.example", ttl=40),
+                                        dns_record(dns_name("b.example"), mp.DNS_CNAME, "c.example")])
+        answer = mp.parse_dns_answer(response, 1, "a.example", mp.DNS_A)
+        self.assertEqual(mp.dns_chain(answer, "a.example", mp.DNS_A),
+                         ([], [40, 300], ["b.example", "c.example"]))
+        self.assertEqual(mp.dns_values(answer, "a.example", mp.DNS_A), ([], 0))
+
+
 class DnsLinearWorkTests(LinearWorkTestCase):
     def test_dns_answer_with_many_records(self):
         """A DNS answer comes in one datagram: the work is linear in its size."""
@@ -9043,6 +9053,36 @@ class ResolverTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 0.9)
         self.assertEqual(len(dns.queries), 1)
 
+    def test_cname_targets_are_asked_for(self):
+        # nginx-tests mail_resolver.t "CNAME" (TODO for nginx): the PTR query
+        # is answered with a CNAME alone, and so is the A query.
+        table = {(PTR_127_0_0_1, mp.DNS_PTR): [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.1.0.0.127.in-addr.arpa")],
+            ("1.1.0.0.127.in-addr.arpa", mp.DNS_PTR): [
+                dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_CNAME, "host.example", ttl=20)],
+            ("host.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
+        name, problem, dns, resolver = resolve_client(self, records_for(table))
+        self.assertEqual((name, problem), ("client.example", ""))
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR),
+                                       ("1.1.0.0.127.in-addr.arpa", mp.DNS_PTR),
+                                       ("client.example", mp.DNS_A), ("host.example", mp.DNS_A)])
+        expires = resolver.cache[("client.example", mp.DNS_A)][0]   # the CNAME's TTL counts
+        self.assertAlmostEqual(expires - resolver.loop.time(), 20, delta=3)
+
+    def test_cname_loop_and_unaskable_target_give_up_at_once(self):
+        def loop(query, qname, qtype):
+            other = "b.arpa" if qname != "b.arpa" else PTR_127_0_0_1
+            return [dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_CNAME, other)])]
+        unaskable = records_for({(PTR_127_0_0_1, mp.DNS_PTR): [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, b"\x03a.b\x04arpa\x00")]})
+        for answer, queries in ((loop, mp.DNS_MAX_CNAMES + 1), (unaskable, 1)):
+            started = time.monotonic()
+            name, _, dns, _ = resolve_client(self, answer, timeout=3.0)
+            self.assertEqual(name, "[TEMPUNAVAIL]")
+            self.assertLess(time.monotonic() - started, 0.9)
+            self.assertEqual(len(dns.queries), queries)
+
     def test_truncated_answer_without_records_is_tempunavail(self):
         name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, truncated=True)])
         self.assertEqual(name, "[TEMPUNAVAIL]")
@@ -9115,6 +9155,22 @@ class SmtpEndToEndResolverTests(EndToEndTestCase):
                          b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.9 LOGIN=alice NAME=[UNAVAILABLE]"
                          b"\r\nEHLO client.example\r\nQUIT\r\n")
         proxy.wait_for_log(r'real client address 192\.0\.2\.9:0 \(XCLIENT\), name "\[UNAVAILABLE\]"')
+
+    def test_cname_answer_to_ptr_is_followed(self):
+        # nginx-tests mail_resolver.t "CNAME" (TODO for nginx itself).
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.1.0.0.127.in-addr.arpa")]
+        table[("1.1.0.0.127.in-addr.arpa", mp.DNS_PTR)] = self.GOOD[(PTR_127_0_0_1, mp.DNS_PTR)]
+        dns, backend, proxy = self.start_with_dns(records_for(table))
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"client.example") +
+                         b"EHLO client.example\r\nQUIT\r\n")
 
     def test_dot_inside_a_ptr_label_greets_at_once(self):
         # The greeting waited the whole resolver_timeout (5 s) where nginx
