@@ -2954,7 +2954,7 @@ class ImapMachine(ClientMachine):
     def _line_dropped(self, events: list, line: bytes) -> None:
         """An invalid line has been dropped through its LF (``line``: at least
         its last bytes).  If it ends in ``{n+}``, the client sends the n bytes
-        of that literal at once, unasked (RFC 7888 §4), and the command goes
+        of that literal at once, unasked (RFC 7888), and the command goes
         on after them: they are no command, so they are dropped too, and then
         the rest of the command.  nginx cannot skip them and closes instead
         (ngx_mail_imap_parse_command, "detect non-synchronizing literals");
