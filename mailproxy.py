@@ -127,7 +127,7 @@ SHARED_EVENT_MAX = 4096        # bytes of one shared-book event as sent (JSON): 
 SHARED_QUEUE_MAX = 1024        # events kept for a process that reads none (the oldest dropped)
 SHARED_READS_PER_EVENT = 64    # shared-book datagrams read per readiness event
 DNS_RESEND = 1.0               # seconds before a DNS query is sent again (next server)
-DNS_MAX_CNAMES = 8             # CNAME hops followed in one answer
+DNS_MAX_CNAMES = 8             # CNAME hops followed in one lookup (in answers and by new queries)
 DNS_MAX_POINTERS = 64          # compression pointers followed in one name (RFC 1035 §4.1.4)
 DNS_CACHE_SIZE = 4096          # answers kept per resolver
 DNS_NEGATIVE_TTL = 30.0        # seconds an NXDOMAIN is kept without valid=
@@ -2814,6 +2814,10 @@ _IMAP_QUOTED_BODY = re.compile(rb'(?:[^"\\\r\n]+|\\[^\r\n])*')
 _IMAP_QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
 _IMAP_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}(\r\n|\n)")
 _IMAP_LITERAL_START = re.compile(rb"\{\d{0,10}\+?(\}\r?)?")
+_IMAP_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})\+\}\r?\n\Z")
+_IMAP_NON_SYNC_END = re.compile(rb"\+\}\r?\n\Z")          # what nginx looks for
+IMAP_UNSKIPPABLE_LITERAL = "client sent invalid command with a non-synchronizing literal"
+IMAP_LITERAL_HEADER_MAX = len(b"{9999999999+}\r\n")    # the longest _IMAP_LITERAL
 
 
 def _line_end(data: bytes, start: int) -> Optional[int]:
@@ -2852,6 +2856,8 @@ class ImapMachine(ClientMachine):
         self.scanner = ImapScanner(self.buffer_size)
         self._continuations = 0        # "+ OK" sent for the current command
         self._skipping = False         # dropping the rest of an invalid line
+        self._skipped_tail = b""       # its last bytes dropped so far (a {n+} header?)
+        self._literal_skip = 0         # bytes of a non-synchronizing literal still to drop
         self._output += IMAP_GREETING
 
     def capability(self) -> bytes:
@@ -2878,15 +2884,13 @@ class ImapMachine(ClientMachine):
         self.scanner.reset()
         self._continuations = 0
         self._skipping = False
+        self._skipped_tail = b""
+        self._literal_skip = 0
 
     def _step(self, events: list) -> bool:
         limit = self.buffer_size
         if self._skipping:
-            if self._input.take_line() is None:
-                self._input.clear()
-                return False
-            self._skipping = False
-            return True
+            return self._skip_invalid(events)
         if self.sasl != SaslState.NONE:
             line = self._take_line(limit)
             if line is None:
@@ -2902,10 +2906,10 @@ class ImapMachine(ClientMachine):
         self._continuations = 0
         self.scanner.reset()
         if isinstance(scan, ImapInvalid):
-            self._drop_invalid(scan)
             self._invalid(events, True, (scan.tag or b"* ") + IMAP_INVALID)
             if scan.close and not self.finished:
-                self._finish(events, Closed("client sent invalid command with a non-synchronizing literal"))
+                self._finish(events, Closed(IMAP_UNSKIPPABLE_LITERAL))
+            self._drop_invalid(events, scan)
             return True
         self._input.take(scan.end)
         self.tag = scan.tag
@@ -2921,13 +2925,57 @@ class ImapMachine(ClientMachine):
             self._finish(events, Closed("client sent too long command"))
         return False
 
-    def _drop_invalid(self, scan: ImapInvalid) -> None:
+    def _drop_invalid(self, events: list, scan: ImapInvalid) -> None:
         """Drop the invalid line; if its end has not come yet, drop it as it comes."""
+        self._skipped_tail = b""
         if scan.end is not None:
-            self._input.take(scan.end)
+            self._line_dropped(events, self._input.take(scan.end))
         else:
+            self._skipped_tail = bytes(self._input[-IMAP_LITERAL_HEADER_MAX:])
             self._input.clear()
             self._skipping = True
+
+    def _skip_invalid(self, events: list) -> bool:
+        """Drop the rest of an invalid command as it comes: through its line
+        end, and past each non-synchronizing literal announced there.
+        Returns False when the input is used up (or the connection closed)."""
+        if self._literal_skip:
+            self._literal_skip -= len(self._input.take(self._literal_skip))
+            return not self._literal_skip
+        line = self._input.take_line()
+        if line is None:
+            self._skipped_tail = (self._skipped_tail + bytes(self._input[-IMAP_LITERAL_HEADER_MAX:])
+                                  )[-IMAP_LITERAL_HEADER_MAX:]
+            self._input.clear()
+            return False
+        self._line_dropped(events, self._skipped_tail + line[-IMAP_LITERAL_HEADER_MAX:])
+        return True
+
+    def _line_dropped(self, events: list, line: bytes) -> None:
+        """An invalid line has been dropped through its LF (``line``: at least
+        its last bytes).  If it ends in ``{n+}``, the client sends the n bytes
+        of that literal at once, unasked (RFC 7888), and the command goes
+        on after them: they are no command, so they are dropped too, and then
+        the rest of the command.  nginx cannot skip them and closes instead
+        (ngx_mail_imap_parse_command, "detect non-synchronizing literals");
+        its tests accept either (nginx-tests mail_imap.t, "literal not
+        command").  After ``{n}`` the client waits for a "+" that the BAD
+        replaces (RFC 3501 §7.5), so the next line is a command.  A line
+        ending in "+}" that is no such header, or a literal that could not
+        fit imap_client_buffer (nginx would refuse it as too long), closes
+        the connection as nginx does."""
+        line = line[-IMAP_LITERAL_HEADER_MAX:]
+        self._skipped_tail = b""
+        self._skipping = False
+        self._literal_skip = 0
+        if not _IMAP_NON_SYNC_END.search(line) or self.finished:
+            return
+        match = _IMAP_LITERAL_AT_END.search(line)
+        if match is None or int(match.group(1)) > self.buffer_size:
+            self._finish(events, Closed(IMAP_UNSKIPPABLE_LITERAL))
+            return
+        self._skipping = True
+        self._literal_skip = int(match.group(1))
 
     def _reply(self, text: bytes) -> None:
         self._output += self.tag + text
@@ -4099,9 +4147,11 @@ def ip_family(text: bytes) -> Optional[int]:
 
 
 def interpret_auth_response(response: AuthHttpResponse, protocol: str,
-                            have_password: bool) -> AuthOutcome:
+                            have_password: bool, proxy_smtp_auth: bool = False) -> AuthOutcome:
     """ngx_mail_auth_http_process_headers: Auth-Status OK / WAIT / a failure
     text; then Auth-Server (an IP address, never a name) and Auth-Port.
+    ``have_password``: the client gave one the backend can take;
+    ``proxy_smtp_auth``: the server's setting (SMTP logs in to the backend).
     Raises AuthHttpError with nginx's log message for a bad answer."""
     headers = response.headers
     status = headers.get("auth-status")
@@ -4117,9 +4167,17 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     server, port = headers.get("auth-server"), headers.get("auth-port")
     if not server or not port:
         raise AuthHttpError("auth http server %s did not send server or port")
-    if protocol != "smtp" and not have_password and "auth-pass" not in headers:
+    smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
+    if not have_password and "auth-pass" not in headers:
         # APOP, CRAM-MD5 and EXTERNAL leave nginx without a password to log in with.
-        raise AuthHttpError("auth http server %s did not send password")
+        if protocol != "smtp":
+            raise AuthHttpError("auth http server %s did not send password")
+        if smtp_auth in ("plain", "login") or (smtp_auth is None and proxy_smtp_auth):
+            # ngx_mail_proxy_smtp_handler, before AUTH PLAIN: "no password
+            # available", 451 (nginx-tests mail_proxy_smtp_auth.t, "auth
+            # external no password").  Known now, before any backend byte.
+            raise AuthHttpError("no password available: auth http server %s sent no Auth-Pass "
+                                "for the backend AUTH")
     family = ip_family(server)
     if family is None:
         raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
@@ -4129,7 +4187,6 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     host = server.decode("ascii")
     upstream = Upstream(host, int(port), ((family, (host, int(port))),))
     backend_tls = headers.get("auth-backend-tls", b"").decode("latin-1").lower() or None
-    smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
     if backend_tls not in (None, "plain", "ssl", "starttls"):
         raise AuthHttpError('auth http server %%s sent invalid Auth-Backend-TLS:"%s"' % backend_tls)
     if smtp_auth not in (None, "none", "plain", "login"):
@@ -5201,7 +5258,7 @@ class DnsError(Exception):
 class DnsAnswer(NamedTuple):
     rcode: int
     truncated: bool
-    records: List[Tuple[str, int, int, object]]    # (name, type, ttl, value)
+    records: List[Tuple[str, int, int, object]]    # (name, type, ttl, value: None for a type not read)
 
 
 def dns_query(qid: int, name: str, qtype: int) -> bytes:
@@ -5227,12 +5284,15 @@ def reverse_dns_name(address: str) -> str:
     return ipaddress.ip_address(address).reverse_pointer
 
 
-def read_dns_name(data: bytes, offset: int) -> Tuple[str, int]:
+def read_dns_name(data: bytes, offset: int, escape_dots: bool = False) -> Tuple[str, int]:
     """A possibly compressed name at ``offset`` -> (name, offset after it).
 
     Compression pointers must point backwards and are followed at most
     DNS_MAX_POINTERS times, so a loop or a pointer past the end is a
-    DnsError, never a hang.
+    DnsError, never a hang.  A dot inside a label is a DnsError too, or
+    with ``escape_dots`` written ``\\.`` (and a backslash ``\\\\``), as
+    in a master file (RFC 1035 §5.1): a name that no query can carry and
+    valid_host_name refuses.
     """
     labels, end, jumps, length = [], None, 0, 0
     position = offset
@@ -5258,12 +5318,15 @@ def read_dns_name(data: bytes, offset: int) -> Tuple[str, int]:
         label = data[position + 1:position + 1 + size]
         if len(label) != size:
             raise DnsError("label runs past the end")
-        if b"." in label:
+        if b"." in label and not escape_dots:
             raise DnsError("a dot inside a label")     # "a." + "b" would read as "a..b"
         length += size + 1
         if length > 255:
             raise DnsError("name too long")
-        labels.append(label.decode("latin-1"))
+        text = label.decode("latin-1")
+        if escape_dots:
+            text = text.replace("\\", "\\\\").replace(".", "\\.")
+        labels.append(text)
         position += 1 + size
     return ".".join(labels), (end if end is not None else position + 1)
 
@@ -5294,7 +5357,7 @@ def parse_dns_answer(data: bytes, qid: int, name: str, qtype: int) -> Optional[D
         if offset + rdlength > len(data):
             raise DnsError("record data runs past the end")
         value = _dns_record_value(data, offset, rtype, rdlength)
-        if rclass == 1 and value is not None:
+        if rclass == 1:                 # other types too (value None): see DnsLookup.datagram
             records.append((rname.lower(), rtype, ttl, value))
         offset += rdlength
     return DnsAnswer(flags & 0x000F, bool(flags & 0x0200), records)
@@ -5310,7 +5373,10 @@ def _dns_record_value(data: bytes, offset: int, rtype: int, length: int):
             raise DnsError("AAAA record of %d bytes" % length)
         return str(ipaddress.IPv6Address(data[offset:offset + 16]))
     if rtype in (DNS_CNAME, DNS_PTR):
-        name, end = read_dns_name(data, offset)
+        # A dot inside a label of the data is kept (escaped), not taken for
+        # a malformed answer: that would be ignored, and the lookup would
+        # wait out resolver_timeout for another, where nginx answers at once.
+        name, end = read_dns_name(data, offset, escape_dots=True)
         if end > offset + length:
             raise DnsError("name runs past its record")
         return name
@@ -5320,20 +5386,28 @@ def _dns_record_value(data: bytes, offset: int, rtype: int, length: int):
 def dns_values(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, int]:
     """The values of type ``qtype`` for ``name``, following CNAMEs (at most
     DNS_MAX_CNAMES hops), and the smallest TTL met on the way."""
-    current, ttls = name.lower().rstrip("."), []
+    values, ttls, _ = dns_chain(answer, name, qtype)
+    return (values, min(ttls)) if values else ([], 0)
+
+
+def dns_chain(answer: DnsAnswer, name: str, qtype: int) -> Tuple[List, List[int], List[str]]:
+    """Follow ``name``'s CNAMEs in the answer (at most DNS_MAX_CNAMES hops)
+    -> (the values of type ``qtype`` where the chain ends, the TTLs met,
+    the names the chain went through after ``name``)."""
+    current, ttls, aliases = name.lower().rstrip("."), [], []
     for _ in range(DNS_MAX_CNAMES + 1):
         values = [(value, ttl) for rname, rtype, ttl, value in answer.records
                   if rname == current and rtype == qtype]
         if values:
-            ttls.extend(ttl for _, ttl in values)
-            return [value for value, _ in values], min(ttls)
-        aliases = [(value, ttl) for rname, rtype, ttl, value in answer.records
+            return [value for value, _ in values], ttls + [ttl for _, ttl in values], aliases
+        targets = [(value, ttl) for rname, rtype, ttl, value in answer.records
                    if rname == current and rtype == DNS_CNAME]
-        if not aliases:
+        if not targets:
             break
-        current = aliases[0][0].lower()
-        ttls.append(aliases[0][1])
-    return [], 0
+        current = targets[0][0].lower()
+        ttls.append(targets[0][1])
+        aliases.append(current)
+    return [], ttls, aliases
 
 
 # ========================================================================== #
@@ -7556,7 +7630,8 @@ class AuthHttpAuth:
         method = self.attempt.credentials.method
         known = method not in SALTED_METHODS + (AuthMethod.EXTERNAL,)
         try:
-            verdict = interpret_auth_response(response, self.attempt.protocol, known)
+            verdict = interpret_auth_response(response, self.attempt.protocol, known,
+                                              self.server.proxy_smtp_auth)
         except AuthHttpError as failure:
             return AuthOutcome(Verdict.ERROR, reason=str(failure).replace(
                 "%s", self.server.auth_http.text, 1))
@@ -7713,21 +7788,36 @@ class BackendAuth:
 class DnsLookup:
     """One question on its way: sent over UDP to the resolver's servers in
     turn every DNS_RESEND seconds until an answer comes or ``timeout`` ends.
+    An answer that stops at a CNAME is followed with a new question for its
+    target, DNS_MAX_CNAMES hops in all, within the same ``timeout``.
     ``callback(status, values)``: status "ok", "nxdomain" (or no such
-    record), "error" (a server failure, a truncated answer, a timeout)."""
+    record), "error" (a server failure, a truncated answer, records of
+    another type only, too many CNAMEs, a timeout)."""
 
     def __init__(self, resolver: "Resolver", name: str, qtype: int, callback: Callable):
         self.resolver = resolver
         self.name = name
         self.qtype = qtype
         self.callback = callback
-        self.qid = resolver.randomness.getrandbits(16)
+        self.target = name             # the name asked about now (a CNAME's target later)
+        self.hops = 0                  # CNAMEs followed so far
+        self.ttls = []                 # theirs
         self.sockets = {}              # family -> _Datagram
-        self.attempt = 0
-        self.query = dns_query(self.qid, name, qtype)
+        self.resend = None             # type: Optional[Timer]
+        self.ask(name)                 # first: a DnsError leaves nothing behind
         loop = resolver.loop
         self.deadline = loop.call_later(resolver.timeout, lambda: self.finish("error", [], 0))
-        self.resend = None             # type: Optional[Timer]
+
+    def ask(self, name: str) -> None:
+        """Send the question for ``name`` (raises DnsError if it cannot be sent)."""
+        if "\\" in name:
+            raise DnsError("a dot inside a label of %r" % name)   # read_dns_name's escape
+        self.qid = self.resolver.randomness.getrandbits(16)
+        self.query = dns_query(self.qid, name, self.qtype)
+        self.target = name
+        self.attempt = 0
+        if self.resend is not None:
+            self.resend.cancel()
         self.send()
 
     def send(self) -> None:
@@ -7746,17 +7836,38 @@ class DnsLookup:
         if (sender[0], sender[1]) not in self.resolver.server_addresses:
             return                     # not from a server we asked: ignore
         try:
-            answer = parse_dns_answer(data, self.qid, self.name, self.qtype)
+            answer = parse_dns_answer(data, self.qid, self.target, self.qtype)
         except DnsError:
             return                     # malformed: wait for a better answer
         if answer is None:
             return
-        values, ttl = dns_values(answer, self.name, self.qtype)
+        values, ttls, aliases = dns_chain(answer, self.target, self.qtype)
+        self.ttls += ttls
         if values:
-            self.finish("ok", values, ttl)
+            self.finish("ok", values, min(self.ttls))
+        elif answer.rcode == DNS_NOERROR and not answer.truncated and aliases:
+            self.follow(aliases)
+        elif answer.rcode == DNS_NOERROR and not answer.truncated and answer.records:
+            # Records, but none of the type asked, nor a CNAME: nginx logs
+            # "unexpected RR type" and ends in [TEMPUNAVAIL] (nginx-tests
+            # mail_resolver.t, "PTR type"), after resolver_timeout; at once here.
+            self.finish("error", [], 0)
         elif answer.rcode == DNS_NXDOMAIN or (answer.rcode == DNS_NOERROR and not answer.truncated):
             self.finish("nxdomain", [], 0)
         else:
+            self.finish("error", [], 0)
+
+    def follow(self, aliases: List[str]) -> None:
+        """The answer ends at a CNAME without its target's records: ask
+        about the target (RFC 1034 §5.3.3, a resolver restarts the query at
+        the canonical name; nginx-tests mail_resolver.t "CNAME", which
+        nginx has as TODO)."""
+        self.hops += len(aliases)
+        if self.hops > DNS_MAX_CNAMES:
+            return self.finish("error", [], 0)
+        try:
+            self.ask(aliases[-1])
+        except (DnsError, UnicodeError):   # no query can carry it (a dot in a label)
             self.finish("error", [], 0)
 
     def finish(self, status: str, values: List, ttl: int) -> None:

@@ -4025,6 +4025,32 @@ class ImapMachineTests(unittest.TestCase):
         self.assertTrue(machine.finished)
         self.assertIsInstance(events[-1], mp.Closed)
 
+    def test_invalid_command_skips_its_non_synchronizing_literal(self):
+        # nginx-tests mail_imap.t "literal not command": the 10 bytes that
+        # follow {10+} are no command (nginx closes; the next line may be a04).
+        self.imap([(b"a03 FOOBAR {10+}\r\ntest test \r\na04 NOOP\r\n", b"a03" + BAD + b"a04" + OK, []),
+                   (b"a05 LOGOUT\r\n", mp.IMAP_BYE + b"a05" + OK, [mp.Quit()])])
+
+    def test_invalid_command_skips_each_literal_to_its_end(self):
+        # The command goes on after a literal, which may hold CRLF and "{n+}".
+        self.imap([(b"a1 FOO {7+}\r\nx{1+}\r\n {2+}\r\n\r\n rest\r\n", b"a1" + BAD, []),
+                   (b"a2 X {0+}\n\n", b"a2" + BAD, []),
+                   (b"a3 LOGOUT\r\n", mp.IMAP_BYE + b"a3" + OK, [mp.Quit()])], max_errors=10)
+
+    def test_invalid_command_with_synchronizing_literal_gets_no_continuation(self):
+        # RFC 3501 §7.5: the BAD replaces the "+", the client sends no literal.
+        self.imap([(b"a03 FOOBAR {10}\r\n", b"a03" + BAD, []),
+                   (b"a04 NOOP\r\n", b"a04" + OK, []),
+                   (b"a05 LOGIN a b c {3}\r\n", b"a05" + BAD, []),
+                   (b"a06 LOGOUT\r\n", mp.IMAP_BYE + b"a06" + OK, [mp.Quit()])])
+
+    def test_invalid_line_ending_in_unskippable_literal_closes(self):
+        closed = mp.Closed(mp.IMAP_UNSKIPPABLE_LITERAL)
+        for line in (b"a1 FOOBAR x+}\r\n", b"a1 FOOBAR {65+}\r\n", b"a1 FOOBAR {99999999999+}\r\n"):
+            self.imap([(line, b"a1" + BAD, [closed])], imap_client_buffer=64)
+        self.imap([(b"a1 FOOBAR {64+}\r\n" + b"\n" * 64 + b"\r\n", b"a1" + BAD, []),
+                   (b"a2 LOGOUT\r\n", mp.IMAP_BYE + b"a2" + OK, [mp.Quit()])], imap_client_buffer=64)
+
     def test_literal_must_be_followed_by_space_or_crlf(self):
         self.imap([(b"a1 LOGIN {1}\r\n", mp.IMAP_NEXT, []),
                    (b"xy z\r\n", b"a1" + BAD, []),
@@ -5635,7 +5661,7 @@ class AuthHttpRequestHeaderTests(unittest.TestCase):
 
 
 class AuthHttpResponseTests(unittest.TestCase):
-    def parse(self, response, protocol="imap", have_password=True):
+    def parse(self, response, protocol="imap", have_password=True, proxy_smtp_auth=False):
         """Parse ``response`` whole and split at every byte: same result."""
         results = []
         for split in range(1, len(response) + 1):
@@ -5644,7 +5670,21 @@ class AuthHttpResponseTests(unittest.TestCase):
             result = first if first is not None else parser.receive_data(response[split:] or b"")
             results.append(result)
         self.assertTrue(all(result == results[-1] for result in results))
-        return mp.interpret_auth_response(results[-1], protocol, have_password)
+        return mp.interpret_auth_response(results[-1], protocol, have_password, proxy_smtp_auth)
+
+    def test_smtp_backend_auth_without_a_password_is_an_error(self):
+        # nginx-tests mail_proxy_smtp_auth.t "auth external no password".
+        ok = b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 25\r\n"
+        for extra, proxy_smtp_auth in ((b"", True), (b"Auth-SMTP-Auth: plain\r\n", False),
+                                       (b"Auth-SMTP-Auth: LOGIN\r\n", True)):
+            with self.assertRaises(mp.AuthHttpError) as caught:
+                self.parse(ok + extra + b"\r\n", "smtp", False, proxy_smtp_auth)
+            self.assertIn("no password available", str(caught.exception))
+        for extra, proxy_smtp_auth, have_password in (
+                (b"", False, False), (b"Auth-SMTP-Auth: none\r\n", True, False),
+                (b"Auth-Pass: s\r\n", True, False), (b"", True, True)):
+            verdict = self.parse(ok + extra + b"\r\n", "smtp", have_password, proxy_smtp_auth)
+            self.assertEqual(verdict.kind, "ok")
 
     def test_ok_with_overrides(self):
         verdict = self.parse(b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.2\r\n"
@@ -6608,6 +6648,27 @@ class DnsMessageTests(unittest.TestCase):
             mp.read_dns_name(b"\0" * 12 + b"\x02a.\x01b\x00", 12)
         for name in ("a..b", ".a.example", "a.example."):
             self.assertFalse(mp.valid_host_name(name), name)
+
+
+    def test_a_dot_inside_a_label_of_record_data_is_kept_escaped(self):
+        # RFC 1035 §5.1 master-file form: a name valid_host_name refuses.
+        data = b"\0" * 12 + b"\x03a.b\x02\\x\x00"
+        self.assertEqual(mp.read_dns_name(data, 12, escape_dots=True), ("a\\.b.\\\\x", 20))
+        query = mp.dns_query(1, PTR_127_0_0_1, mp.DNS_PTR)
+        response = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_PTR, b"\x03a.b\x07example\x00")])
+        answer = mp.parse_dns_answer(response, 1, PTR_127_0_0_1, mp.DNS_PTR)
+        name = mp.dns_values(answer, PTR_127_0_0_1, mp.DNS_PTR)[0][0]
+        self.assertEqual(name, "a\\.b.example")
+        self.assertFalse(mp.valid_host_name(name))
+
+    def test_chain_tells_where_it_stops(self):
+        query = mp.dns_query(1, "a.example", mp.DNS_A)
+        response = dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_CNAME, "b.example", ttl=40),
+                                        dns_record(dns_name("b.example"), mp.DNS_CNAME, "c.example")])
+        answer = mp.parse_dns_answer(response, 1, "a.example", mp.DNS_A)
+        self.assertEqual(mp.dns_chain(answer, "a.example", mp.DNS_A),
+                         ([], [40, 300], ["b.example", "c.example"]))
+        self.assertEqual(mp.dns_values(answer, "a.example", mp.DNS_A), ([], 0))
 
 
 class DnsLinearWorkTests(LinearWorkTestCase):
@@ -8968,6 +9029,60 @@ class ResolverTests(unittest.TestCase):
             ("client.example", mp.DNS_A): self.GOOD[("client.example", mp.DNS_A)]}
         self.assertEqual(resolve_client(self, records_for(table))[0], "client.example")
 
+    def test_answer_of_another_type_is_tempunavail_at_once(self):
+        # nginx-tests mail_resolver.t "PTR type": a DNAME (39) answers the PTR query.
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [dns_record(b"\xc0\x0c", 39, "a.example.net")]
+        started = time.monotonic()
+        name, problem, dns, _ = resolve_client(self, records_for(table), timeout=3.0)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertIn("(2: Server failure or timeout)", problem)
+        self.assertLess(time.monotonic() - started, 0.9)
+        self.assertEqual(len(dns.queries), 1)
+
+    def test_dot_inside_a_ptr_label_is_tempunavail_at_once(self):
+        # Labels "client.example" and "net": no host name; refused, not taken
+        # for a malformed answer and waited out (resolver_timeout).
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [
+            dns_record(b"\xc0\x0c", mp.DNS_PTR, b"\x0eclient.example\x03net\x00")]
+        started = time.monotonic()
+        name, problem, dns, _ = resolve_client(self, records_for(table), timeout=3.0)
+        self.assertEqual(name, "[TEMPUNAVAIL]")
+        self.assertIn('resolved to an invalid host name "client\\x5c.example.net"', problem)
+        self.assertLess(time.monotonic() - started, 0.9)
+        self.assertEqual(len(dns.queries), 1)
+
+    def test_cname_targets_are_asked_for(self):
+        # nginx-tests mail_resolver.t "CNAME" (TODO for nginx): the PTR query
+        # is answered with a CNAME alone, and so is the A query.
+        table = {(PTR_127_0_0_1, mp.DNS_PTR): [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.1.0.0.127.in-addr.arpa")],
+            ("1.1.0.0.127.in-addr.arpa", mp.DNS_PTR): [
+                dns_record(b"\xc0\x0c", mp.DNS_PTR, "client.example")],
+            ("client.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_CNAME, "host.example", ttl=20)],
+            ("host.example", mp.DNS_A): [dns_record(b"\xc0\x0c", mp.DNS_A, "127.0.0.1")]}
+        name, problem, dns, resolver = resolve_client(self, records_for(table))
+        self.assertEqual((name, problem), ("client.example", ""))
+        self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR),
+                                       ("1.1.0.0.127.in-addr.arpa", mp.DNS_PTR),
+                                       ("client.example", mp.DNS_A), ("host.example", mp.DNS_A)])
+        expires = resolver.cache[("client.example", mp.DNS_A)][0]   # the CNAME's TTL counts
+        self.assertAlmostEqual(expires - resolver.loop.time(), 20, delta=3)
+
+    def test_cname_loop_and_unaskable_target_give_up_at_once(self):
+        def loop(query, qname, qtype):
+            other = "b.arpa" if qname != "b.arpa" else PTR_127_0_0_1
+            return [dns_response(query, [dns_record(b"\xc0\x0c", mp.DNS_CNAME, other)])]
+        unaskable = records_for({(PTR_127_0_0_1, mp.DNS_PTR): [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, b"\x03a.b\x04arpa\x00")]})
+        for answer, queries in ((loop, mp.DNS_MAX_CNAMES + 1), (unaskable, 1)):
+            started = time.monotonic()
+            name, _, dns, _ = resolve_client(self, answer, timeout=3.0)
+            self.assertEqual(name, "[TEMPUNAVAIL]")
+            self.assertLess(time.monotonic() - started, 0.9)
+            self.assertEqual(len(dns.queries), queries)
+
     def test_truncated_answer_without_records_is_tempunavail(self):
         name, _, _, _ = resolve_client(self, lambda q, n, t: [dns_response(q, truncated=True)])
         self.assertEqual(name, "[TEMPUNAVAIL]")
@@ -9040,6 +9155,47 @@ class SmtpEndToEndResolverTests(EndToEndTestCase):
                          b"EHLO mail.test\r\nXCLIENT ADDR=192.0.2.9 LOGIN=alice NAME=[UNAVAILABLE]"
                          b"\r\nEHLO client.example\r\nQUIT\r\n")
         proxy.wait_for_log(r'real client address 192\.0\.2\.9:0 \(XCLIENT\), name "\[UNAVAILABLE\]"')
+
+    def test_cname_answer_to_ptr_is_followed(self):
+        # nginx-tests mail_resolver.t "CNAME" (TODO for nginx itself).
+        table = dict(self.GOOD)
+        table[(PTR_127_0_0_1, mp.DNS_PTR)] = [
+            dns_record(b"\xc0\x0c", mp.DNS_CNAME, "1.1.0.0.127.in-addr.arpa")]
+        table[("1.1.0.0.127.in-addr.arpa", mp.DNS_PTR)] = self.GOOD[(PTR_127_0_0_1, mp.DNS_PTR)]
+        dns, backend, proxy = self.start_with_dns(records_for(table))
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(bytes(backend.received[0]),
+                         b"EHLO mail.test\r\n" + smtp_xclient(name=b"client.example") +
+                         b"EHLO client.example\r\nQUIT\r\n")
+
+    def test_dot_inside_a_ptr_label_greets_at_once(self):
+        # The greeting waited the whole resolver_timeout (5 s) where nginx
+        # answers at once; and a PTR answer of another type (mail_resolver.t
+        # "PTR type") ends in [TEMPUNAVAIL] too.
+        bad_name = dict(self.GOOD)
+        bad_name[(PTR_127_0_0_1, mp.DNS_PTR)] = [
+            dns_record(b"\xc0\x0c", mp.DNS_PTR, b"\x0eclient.example\x03net\x00")]
+        other_type = dict(self.GOOD)
+        other_type[(PTR_127_0_0_1, mp.DNS_PTR)] = [dns_record(b"\xc0\x0c", 39, "a.example.net")]
+        for table in (bad_name, other_type):
+            dns, backend, proxy = self.start_with_dns(records_for(table), resolver_timeout="5s")
+            started = time.monotonic()
+            client = self.connect(proxy)
+            self.assertEqual(client.read_line(), SMTP_PROXY_GREETING)
+            self.assertLess(time.monotonic() - started, 1.0)
+            client.send("EHLO client.example")
+            self.assertEqual(client.read_exactly(len(SMTP_PROXY_EHLO)), SMTP_PROXY_EHLO)
+            self.smtp_auth_plain(client)
+            self.smtp_quit(client)
+            self.wait_for_backend(backend, 0, b"QUIT\r\n")
+            self.assertEqual(bytes(backend.received[0]),
+                             b"EHLO mail.test\r\n" + smtp_xclient(name=b"[TEMPUNAVAIL]") +
+                             b"EHLO client.example\r\nQUIT\r\n")
+            self.assertEqual(dns.queries, [(PTR_127_0_0_1, mp.DNS_PTR)])
 
     def test_silent_dns_gives_tempunavail_and_the_greeting_still_comes(self):
         dns, backend, proxy = self.start_with_dns(lambda query, name, qtype: [],
@@ -9149,6 +9305,23 @@ class AuthHttpEndToEndSuccessTests(EndToEndTestCase):
         self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
         self.assertEqual(auth.requests, [auth_request_bytes(b"bob", b"hunter2", "smtp")])
         self.assertEqual(backend.logins, [(b"alice", b"secret")])
+
+    def test_smtp_external_without_auth_pass_is_a_4xx_and_no_backend_login(self):
+        # nginx-tests mail_proxy_smtp_auth.t "auth external no password".
+        backend = self.use(FakeSmtpBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("smtp", auth.port, proxy_smtp_auth="on",
+                                     smtp_auth="login plain external")
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250 AUTH PLAIN LOGIN EXTERNAL\r\n")
+        client.send("AUTH EXTERNAL")
+        client.expect(rb"^334 VXNlcm5hbWU6\r\n$")
+        client.send(b64(b"test@example.com") + b"\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r"no password available: auth http server 127\.0\.0\.1:%d sent no "
+                           r"Auth-Pass" % auth.port)
+        self.assertEqual((backend.logins, backend.commands), ([], []))
 
     def test_imap_cram_md5_sends_salt_and_digest(self):
         backend = self.use(FakeImapBackend())
@@ -9971,6 +10144,20 @@ class ImapEndToEndTests(EndToEndTestCase):
         client.expect_closed()
         self.assertEqual(bytes(backend.received[0]),
                          IMAP_LOGIN_ON_THE_WIRE + b"a2 NOOP\r\na3 LOGOUT\r\n")
+
+    def test_invalid_command_with_non_synchronizing_literal(self):
+        # nginx-tests mail_imap.t "invalid with non-sync literal", "literal not command".
+        backend = self.use(FakeImapBackend())
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send(b"a03 FOOBAR {10+}\r\ntest test \r\na04 NOOP\r\n")
+        client.expect_line(b"a03 BAD invalid command\r\n")
+        client.expect_line(b"a04 OK completed\r\n")
+        client.send(b"a05 FOOBAR {10}\r\n")
+        client.expect_line(b"a05 BAD invalid command\r\n")
+        client.send(b"a06 LOGIN alice secret\r\n")
+        client.expect(rb"^a06 OK LOGIN completed\r\n$")
 
     def test_wrong_password_waits_auth_delay_and_the_session_goes_on(self):
         backend = self.use(FakeImapBackend())
