@@ -6053,7 +6053,7 @@ class LibSsl:
         if cls._probed is None:
             found = cls()
             try:
-                found.reason = found._attach()
+                found.reason = found._trial() or found._attach()
             except (OSError, AttributeError, ValueError, TypeError) as error:
                 found.reason = "libssl cannot be reached through ctypes (%s)" % error
             if found.reason:
@@ -6064,6 +6064,33 @@ class LibSsl:
     @property
     def available(self) -> bool:
         return self.lib is not None
+
+    def _trial(self) -> str:
+        """The check first in a child process, so that a handle that is not
+        what this program takes it for can crash only that child: "" if
+        the child found the handle right, else why it is not used."""
+        if not hasattr(os, "fork"):
+            return ""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if not self._attach() else 3)
+            except BaseException:
+                os._exit(4)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "checking libssl's handle did not finish in a child process"
+            time.sleep(0.005)
+        if os.WIFSIGNALED(status):
+            return ("checking libssl's handle killed a child process (signal %d): the ssl module's "
+                    "context is not laid out as this program knows" % os.WTERMSIG(status))
+        return ""                      # 0; or 3, 4: the check in this process says why, safely
 
     def _attach(self) -> str:
         import _ssl

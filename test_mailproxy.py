@@ -6951,6 +6951,21 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
             ssl_verify_client="on", ssl_verify_depth=2, ssl_client_certificate=self.tls_path("ca.crt")))
         self.assertEqual(libssl.lib.SSL_CTX_get_verify_depth(libssl.handle(context)), 2)
 
+    def test_a_handle_that_is_not_an_ssl_ctx_crashes_only_a_child(self):
+        """The check of libssl's handle runs in a child first: were the ssl
+        module's context laid out otherwise, that child dies, not mailproxy,
+        and libssl is not used."""
+        self.libssl()
+        saved, handle = mp.LibSsl._probed, mp.LibSsl.__dict__["handle"]
+        mp.LibSsl._probed = None
+        mp.LibSsl.handle = staticmethod(lambda context: 16)      # unmapped memory
+        try:
+            libssl = mp.LibSsl.probe()
+        finally:
+            mp.LibSsl._probed, mp.LibSsl.handle = saved, handle
+        self.assertFalse(libssl.available)
+        self.assertRegex(libssl.reason, r"^checking libssl's handle killed a child process \(signal \d+\)")
+
     def test_a_curve_list_is_set_whole(self):
         self.libssl()
         mp.server_context(self.tls_settings(ssl_ecdh_curve="X25519:prime256v1"))
