@@ -2016,7 +2016,8 @@ def tls_directive_warnings(path: str, servers: List[Settings], lines: Dict) -> L
             warn(server, "ssl_session_cache", (
                 '"shared:%s": each worker process keeps its own cache of %d sessions (OpenSSL\'s '
                 "built-in cache; Python cannot share one between processes), so a session is "
-                "resumed by another worker only through a session ticket%s")
+                "resumed by another worker only through a session ticket%s; and no cached session "
+                "outlives a reload, as nginx's shared cache does")
                 % (cache.shared[0], session_cache_capacity(cache),
                    "" if server.ssl_session_tickets else ", and ssl_session_tickets is off"))
         if not libssl.available:
@@ -6160,12 +6161,24 @@ class LibSsl:
             if size is not None:
                 self.ctrl(context, self.SET_SESS_CACHE_SIZE, size)
 
-    def set_ticket_key(self, context: ssl.SSLContext, key: bytes) -> None:
+    def set_ticket_key(self, context: ssl.SSLContext, key: bytes, file_key: bytes) -> None:
         """OpenSSL's own ticket key: 16 bytes of name, 32 of HMAC-SHA256 key,
-        32 of AES-256 key, as nginx's 80-byte key files are laid out."""
-        buffer = ctypes.create_string_buffer(key, 80)
-        if self.ctrl(context, self.SET_TLSEXT_TICKET_KEYS, 80, ctypes.cast(buffer, ctypes.c_void_p)) != 1:
-            raise ConfigValueError("libssl did not take the session ticket key", "ssl_session_ticket_key")
+        32 of AES-256 key, as nginx's 80-byte key files are laid out
+        (``key``).  OpenSSL 1.0.2 takes 48 bytes instead (name, HMAC key,
+        AES-128 key): then an nginx 48-byte file (``file_key``: name, AES
+        key, HMAC key) is reordered, an 80-byte one cut."""
+        layouts = [key]
+        if len(file_key) == 48:
+            layouts.append(file_key[:16] + file_key[32:48] + file_key[16:32])
+        else:
+            layouts.append(file_key[:16] + file_key[16:32] + file_key[48:64])
+        for layout in layouts:
+            buffer = ctypes.create_string_buffer(layout, len(layout))
+            if self.ctrl(context, self.SET_TLSEXT_TICKET_KEYS, len(layout),
+                         ctypes.cast(buffer, ctypes.c_void_p)) == 1:
+                return
+        raise ConfigValueError("libssl took neither an 80- nor a 48-byte session ticket key",
+                               "ssl_session_ticket_key")
 
     def set_verify_depth(self, context: ssl.SSLContext, depth: int) -> None:
         self.lib.SSL_CTX_set_verify_depth(self.handle(context), min(depth, 1 << 30))
@@ -6247,7 +6260,7 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
         libssl.set_session_cache(context, settings.ssl_session_cache)
         libssl.set_timeout(context, settings.ssl_session_timeout)
         if ticket_keys and settings.ssl_session_tickets:
-            libssl.set_ticket_key(context, openssl_ticket_key(ticket_keys[0]))
+            libssl.set_ticket_key(context, openssl_ticket_key(ticket_keys[0]), ticket_keys[0])
     passwords = read_password_file(settings.ssl_password_file)
     conf_pairs = apply_conf_commands(context, settings.ssl_conf_command)
     if certificate:

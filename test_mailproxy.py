@@ -6977,14 +6977,18 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
         """Two contexts (two starts, or two hosts) with one 80-byte key file:
         a ticket from one resumes on the other; without the file it does not."""
         self.libssl()
-        key = TempDir(self).write("ticket.key", "k" * 80)
-        first, second, other = (mp.server_context(self.tls_settings(**keys)) for keys in (
-            dict(ssl_session_ticket_key=[key]), dict(ssl_session_ticket_key=[key]), {}))
-        client = self.client_context()
-        session = memory_handshake(first, client).session
-        self.assertTrue(session.has_ticket)
-        self.assertTrue(memory_handshake(second, client, session).session_reused)
-        self.assertFalse(memory_handshake(other, client, session).session_reused)
+        for size, version in ((80, ssl.TLSVersion.TLSv1_3), (48, ssl.TLSVersion.TLSv1_3),
+                              (80, ssl.TLSVersion.TLSv1_2)):
+            with self.subTest(size=size, version=version):
+                key = TempDir(self).write("ticket.key", "k" * size)
+                first, second, other = (mp.server_context(self.tls_settings(**keys)) for keys in (
+                    dict(ssl_session_ticket_key=[key]), dict(ssl_session_ticket_key=[key]), {}))
+                client = self.client_context()
+                client.maximum_version = version
+                session = memory_handshake(first, client).session
+                self.assertTrue(session.has_ticket)
+                self.assertTrue(memory_handshake(second, client, session).session_reused)
+                self.assertFalse(memory_handshake(other, client, session).session_reused)
         short = TempDir(self).write("short.key", "k" * 47)
         with self.assertRaises(mp.ConfigValueError) as caught:
             mp.server_context(self.tls_settings(ssl_session_ticket_key=[short]))
@@ -7787,7 +7791,8 @@ class TlsNginxDirectivesTests(EndToEndTestCase):
             self.assertIn('mailproxy: [warn] %s:%d: [mail] ssl_session_cache: "shared:SSLMAIL": each worker '
                           "process keeps its own cache of 12000 sessions (OpenSSL's built-in cache; Python "
                           "cannot share one between processes), so a session is resumed by another worker "
-                          "only through a session ticket, and ssl_session_tickets is off\n"
+                          "only through a session ticket, and ssl_session_tickets is off; and no cached session "
+                          "outlives a reload, as nginx's shared cache does\n"
                           % (path, self.line_of(path, "ssl_session_cache")), err)
             self.assertEqual(err.count("[warn]"), 1, err)
 
