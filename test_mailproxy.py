@@ -7796,6 +7796,34 @@ class TlsNginxDirectivesTests(EndToEndTestCase):
                           % (path, self.line_of(path, "ssl_session_cache")), err)
             self.assertEqual(err.count("[warn]"), 1, err)
 
+    def test_mailus_nginx_block_imports_and_passes_the_check(self):
+        directory = TempDir(self)
+        nginx = directory.write("nginx.conf", """mail {
+    server_name mail.example.com;
+    auth_http 127.0.0.1:8000/auth/email;
+    ssl_session_cache shared:SSLMAIL:3m;
+    ssl_session_timeout 1d;
+    ssl_session_tickets off;
+    ssl_dhparam %(dhparam.pem)s;
+    ssl_certificate %(rsa.crt)s;
+    ssl_certificate_key %(rsa.key)s;
+    ssl_certificate %(server.crt)s;
+    ssl_certificate_key %(server.key)s;
+    server {
+        listen 127.0.0.1:%(port)d ssl;
+        protocol imap;
+    }
+}
+""" % dict({name: self.tls_path(name) for name in ("dhparam.pem", "rsa.crt", "rsa.key", "server.crt",
+                                                   "server.key")}, port=free_port()))
+        status, ini, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("not translated", ini)
+        path = directory.write("imported.conf", ini)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err + "\n" + ini)
+        self.assertIn("test is successful", err)
+
     def test_ticket_keys_warn_of_what_differs(self):
         directory = TempDir(self)
         keys = "%s\n    %s" % (directory.write("48.key", "k" * 48), directory.write("80.key", "k" * 80))
