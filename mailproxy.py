@@ -708,7 +708,7 @@ NGINX_SESSION_CACHE = SessionCache("none", None)     # nginx's default
 def parse_ssl_session_cache(args: List[str], base: str = "") -> SessionCache:
     """``off | none | [builtin[:size]] [shared:name:size]``: every value
     nginx takes (what Python can make of it is the TLS section's affair,
-    and -t warns of what differs: session_cache_warning)."""
+    and -t warns of what differs: tls_directive_warnings)."""
     if not args:
         raise ConfigValueError("needs a value")
     builtin, size, shared = "none", None, None
