@@ -695,28 +695,52 @@ def parse_ssl_protocols(args: List[str], base: str = "") -> List[str]:
     return [order[i] for i in indexes]
 
 
-def parse_ssl_session_cache(args: List[str], base: str = "") -> str:
-    """Python's server contexts keep OpenSSL's built-in session cache; its size
-    and nginx's shared cache across workers cannot be set from Python."""
-    value = one_argument(args)
-    if value == "builtin":
-        return value
-    raise ConfigValueError('"%s" cannot be honoured with Python\'s ssl module, which always uses '
-                      'OpenSSL\'s built-in cache of its default size: use "builtin"' % value)
+class SessionCache(NamedTuple):
+    """``ssl_session_cache``, as ngx_ssl_session_cache reads it."""
+    builtin: str               # "off", "none", "builtin" or "" (shared only)
+    size: Optional[int]        # builtin:SIZE in sessions, None for OpenSSL's default
+    shared: Optional[Tuple[str, int]] = None   # shared:NAME:SIZE (bytes)
+
+
+NGINX_SESSION_CACHE = SessionCache("none", None)     # nginx's default
+
+
+def parse_ssl_session_cache(args: List[str], base: str = "") -> SessionCache:
+    """``off | none | [builtin[:size]] [shared:name:size]``: every value
+    nginx takes (what Python can make of it is the TLS section's affair,
+    and -t warns of what differs: tls_directive_warnings)."""
+    if not args:
+        raise ConfigValueError("needs a value")
+    builtin, size, shared = "none", None, None
+    for arg in args:
+        if arg in ("off", "none", "builtin"):
+            builtin, size = arg, None
+            continue
+        match = re.fullmatch(r"builtin:(\d+)", arg)
+        if match:
+            builtin, size = "builtin", int(match.group(1))
+            continue
+        match = re.fullmatch(r"shared:([^:]+):(\d+[kKmMgG]?)", arg)
+        if match:
+            bytes_ = parse_size([match.group(2)])
+            if bytes_ < 8 * 4096:
+                raise ConfigValueError('session cache "%s" is too small' % arg)
+            shared = (match.group(1), bytes_)
+            continue
+        raise ConfigValueError('invalid session cache "%s"' % arg)
+    if shared and builtin == "none" and "none" not in args:
+        builtin = ""                          # nginx: shared alone, no built-in cache
+    return SessionCache(builtin, size, shared)
 
 
 def parse_ssl_session_timeout(args: List[str], base: str = "") -> float:
-    value = parse_time(args)
-    if value != 300:
-        raise ConfigValueError("Python's ssl module cannot change OpenSSL's session timeout "
-                          "(5m, nginx's default)")
-    return value
+    return parse_time(args)
 
 
 def parse_ecdh_curve(args: List[str], base: str = "") -> str:
     value = one_argument(args)
-    if ":" in value:
-        raise ConfigValueError("Python's ssl module sets one curve (or auto), not a list")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+(:[A-Za-z0-9_.+-]+)*", value):
+        raise ConfigValueError('invalid curve list "%s"' % value)
     return value
 
 
@@ -1007,16 +1031,17 @@ DIRECTIVES = {d.name: d for d in [
     Directive("ssl_protocols", MAIL, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"]),
     Directive("ssl_ciphers", MAIL, parse_string, "HIGH:!aNULL:!MD5"),
     Directive("ssl_prefer_server_ciphers", MAIL, parse_flag, False),
-    Directive("ssl_session_cache", MAIL, parse_ssl_session_cache, "builtin"),
+    Directive("ssl_session_cache", MAIL, parse_ssl_session_cache, NGINX_SESSION_CACHE),
     Directive("ssl_session_tickets", MAIL, parse_flag, True),
-    Directive("ssl_session_ticket_key", MAIL, parse_refused(
-        "cannot be honoured: Python's ssl module cannot load ticket keys"), [], multiple=True),
+    Directive("ssl_session_ticket_key", MAIL, parse_path, [], multiple=True),
     Directive("ssl_session_timeout", MAIL, parse_ssl_session_timeout, 300.0),
     Directive("ssl_verify_client", MAIL, parse_enum("on", "off", "optional", refused={
         "optional_no_ca": "cannot be honoured: Python's ssl module cannot ask for a client "
-                          "certificate without verifying it"}), "off"),
-    Directive("ssl_verify_depth", MAIL, parse_refused(
-        "cannot be honoured: Python's ssl module keeps OpenSSL's depth (100)"), None),
+                          "certificate without verifying it, and accepting any certificate "
+                          "unchecked would let anyone claim a name; write \"ssl_verify_client "
+                          "= optional\" with ssl_client_certificate (or ssl_trusted_certificate) "
+                          "naming the CA that issued the client certificates, or \"off\""}), "off"),
+    Directive("ssl_verify_depth", MAIL, parse_number, 1),
     Directive("ssl_client_certificate", MAIL, parse_path, None),
     Directive("ssl_trusted_certificate", MAIL, parse_path, None),
     Directive("ssl_crl", MAIL, parse_path, None),
@@ -1269,6 +1294,7 @@ def load_config(path: str) -> Config:
         raise ConfigErrors(errors)
     warnings += route_port_warnings(path, servers, routes, lines)
     warnings += salted_method_warnings(path, servers, users, lines)
+    warnings += tls_directive_warnings(path, servers, lines)
     return Config(path, main, servers, users, routes, tuple(warnings), lines)
 
 
@@ -1960,6 +1986,72 @@ def salted_method_warnings(path: str, servers: List[Settings], users: Dict[str, 
                    (", ..." if len(hashed) > 3 else "")),
                 lines.get((section, directive)) or lines.get(("mail", directive))))
     return warnings
+
+
+def tls_directive_warnings(path: str, servers: List[Settings], lines: Dict) -> List[ConfigError]:
+    """-t and the start-up warn, at the directive's line, of each ssl_*
+    value that loads but cannot be honoured exactly on this Python (issue
+    16: never refuse what nginx accepts; say what differs).  Once per
+    line: a [mail] directive that all servers share is named once."""
+    libssl = LibSsl.probe()
+    without = " (%s)" % libssl.reason
+    warnings, seen = [], set()
+
+    def warn(server: Settings, directive: str, message: str) -> None:
+        section = "server " + server.name
+        if (section, directive) not in lines:
+            section = "mail"
+        if (section, directive) not in lines or (section, directive) in seen:
+            return                      # a default: nothing written, nothing to warn of
+        seen.add((section, directive))
+        warnings.append(ConfigError(path, section, directive, message, lines[(section, directive)]))
+
+    for server in servers:
+        cache = server.ssl_session_cache
+        if not libssl.available:
+            if cache.builtin != "builtin" or cache.size is not None or cache.shared:
+                warn(server, "ssl_session_cache", "each worker keeps OpenSSL's built-in session cache of "
+                     "its default size (20480 sessions): libssl cannot be reached to set it" + without)
+        elif cache.shared:
+            warn(server, "ssl_session_cache", (
+                '"shared:%s": each worker process keeps its own cache of %d sessions (OpenSSL\'s '
+                "built-in cache; Python cannot share one between processes), so a session is "
+                "resumed by another worker only through a session ticket%s; and no cached session "
+                "outlives a reload, as nginx's shared cache does")
+                % (cache.shared[0], session_cache_capacity(cache),
+                   "" if server.ssl_session_tickets else ", and ssl_session_tickets is off"))
+        if not libssl.available:
+            warn(server, "ssl_session_timeout", "sessions last OpenSSL's default time instead (2h with "
+                 "OpenSSL 3): libssl cannot be reached to set it" + without)
+            warn(server, "ssl_verify_depth", "client certificate chains are accepted up to OpenSSL's "
+                 "default depth (100): libssl cannot be reached to set it" + without)
+            if ":" in server.ssl_ecdh_curve:
+                warn(server, "ssl_ecdh_curve", 'only the first curve, "%s", is offered: libssl cannot '
+                     "be reached to set a list%s" % (server.ssl_ecdh_curve.split(":")[0], without))
+        keys = server.ssl_session_ticket_key
+        if keys and server.ssl_session_tickets:
+            differences = []
+            if not libssl.available:
+                differences.append("the key files are not used: each start makes its own random "
+                                   "ticket key, shared by its workers" + without)
+            else:
+                if len(keys) > 1:
+                    differences.append("only the first key encrypts and decrypts tickets: tickets "
+                                       "made with the other keys get a full handshake")
+                if file_size(keys[0]) == 48:
+                    differences.append("a 48-byte key (nginx's AES-128 tickets) is stretched into "
+                                       "OpenSSL's AES-256 key: tickets issued by nginx with it get a "
+                                       "full handshake")
+            if differences:
+                warn(server, "ssl_session_ticket_key", "; ".join(differences))
+    return warnings
+
+
+def file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 # ========================================================================== #
@@ -6005,15 +6097,228 @@ def load_certificates(context: ssl.SSLContext, pairs: List[Tuple[str, str]],
                                                         else "", reason), directives[1])
 
 
+class LibSsl:
+    """What Python's ssl module has no API for, asked of the very libssl
+    that its _ssl extension loaded (through ctypes, on _ssl's own handle:
+    never another copy of OpenSSL found on the system), for exactly these
+    calls: SSL_CTX_set_timeout, the session cache's mode and size, the
+    session ticket keys, the verify depth and a curve list.  Used only if
+    ``LibSsl.probe()`` found the handle right: the version libssl reports
+    is the one the ssl module reports, and what libssl reads back from a
+    context (its options, verify mode, cache mode) is what the ssl module
+    set on it.  Otherwise ``reason`` says why, and -t warns of each
+    directive that then cannot be honoured exactly."""
+
+    SET_SESS_CACHE_SIZE, GET_SESS_CACHE_SIZE = 42, 43
+    SET_SESS_CACHE_MODE, GET_SESS_CACHE_MODE = 44, 45
+    GET_TLSEXT_TICKET_KEYS, SET_TLSEXT_TICKET_KEYS = 58, 59
+    SET_GROUPS_LIST = 92
+    CACHE_OFF, CACHE_SERVER = 0x0, 0x2
+    CACHE_NO_AUTO_CLEAR, CACHE_NO_INTERNAL_STORE = 0x80, 0x200
+
+    _probed: Optional["LibSsl"] = None
+
+    def __init__(self) -> None:
+        self.lib = None
+        self.reason = ""
+
+    @classmethod
+    def probe(cls) -> "LibSsl":
+        """The one LibSsl of this process (probed once)."""
+        if cls._probed is None:
+            found = cls()
+            try:
+                found.reason = found._trial() or found._attach()
+            except (OSError, AttributeError, ValueError, TypeError) as error:
+                found.reason = "libssl cannot be reached through ctypes (%s)" % error
+            if found.reason:
+                found.lib = None
+            cls._probed = found
+        return cls._probed
+
+    @property
+    def available(self) -> bool:
+        return self.lib is not None
+
+    def _trial(self) -> str:
+        """The check first in a child process, so that a handle that is not
+        what this program takes it for can crash only that child: "" if
+        the child found the handle right, else why it is not used."""
+        if not hasattr(os, "fork"):
+            return ""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if not self._attach() else 3)
+            except BaseException:
+                os._exit(4)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "checking libssl's handle did not finish in a child process"
+            time.sleep(0.005)
+        if os.WIFSIGNALED(status):
+            return ("checking libssl's handle killed a child process (signal %d): the ssl module's "
+                    "context is not laid out as this program knows" % os.WTERMSIG(status))
+        return ""                      # 0; or 3, 4: the check in this process says why, safely
+
+    def _attach(self) -> str:
+        import _ssl
+        if sys.implementation.name != "cpython":
+            return "not CPython (%s)" % sys.implementation.name
+        if not issubclass(ssl.SSLContext, _ssl._SSLContext) or \
+                _ssl._SSLContext.__basicsize__ < object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p):
+            return "the ssl module's context is not laid out as this program knows"
+        lib = ctypes.CDLL(_ssl.__file__)
+        pointer, long_ = ctypes.c_void_p, ctypes.c_long
+        for name, restype, argtypes in (
+                ("OpenSSL_version_num", ctypes.c_ulong, []),
+                ("SSL_CTX_get_options", ctypes.c_uint64 if ssl.OPENSSL_VERSION_INFO >= (3,) else
+                 ctypes.c_ulong, [pointer]),
+                ("SSL_CTX_get_verify_mode", ctypes.c_int, [pointer]),
+                ("SSL_CTX_ctrl", long_, [pointer, ctypes.c_int, long_, pointer]),
+                ("SSL_CTX_set_timeout", long_, [pointer, long_]),
+                ("SSL_CTX_get_timeout", long_, [pointer]),
+                ("SSL_CTX_set_verify_depth", None, [pointer, ctypes.c_int]),
+                ("SSL_CTX_get_verify_depth", ctypes.c_int, [pointer])):
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, argtypes
+        if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+            return ("the libssl reached (%#x) is not the ssl module's (%#x)"
+                    % (lib.OpenSSL_version_num(), ssl.OPENSSL_VERSION_NUMBER))
+        self.lib = lib
+        for verify_mode in (ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED):
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.options |= ssl.OP_NO_TICKET if verify_mode == ssl.CERT_OPTIONAL else \
+                ssl.OP_CIPHER_SERVER_PREFERENCE
+            context.verify_mode = verify_mode
+            handle = self.handle(context)
+            if not handle or lib.SSL_CTX_get_options(handle) != context.options or \
+                    lib.SSL_CTX_get_verify_mode(handle) != (1 if verify_mode == ssl.CERT_OPTIONAL else 3) or \
+                    lib.SSL_CTX_ctrl(handle, self.GET_SESS_CACHE_MODE, 0, None) != self.CACHE_SERVER:
+                return "what libssl reads back from a context is not what the ssl module set"
+        return ""
+
+    @staticmethod
+    def handle(context: ssl.SSLContext) -> int:
+        """The SSL_CTX pointer: the first field after the object's header."""
+        return ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value or 0
+
+    def ctrl(self, context: ssl.SSLContext, command: int, larg: int, parg=None) -> int:
+        return self.lib.SSL_CTX_ctrl(self.handle(context), command, larg, parg)
+
+    def set_timeout(self, context: ssl.SSLContext, seconds: float) -> None:
+        self.lib.SSL_CTX_set_timeout(self.handle(context), max(1, int(seconds)))
+
+    def timeout(self, context: ssl.SSLContext) -> int:
+        return self.lib.SSL_CTX_get_timeout(self.handle(context))
+
+    def set_session_cache(self, context: ssl.SSLContext, cache: SessionCache) -> None:
+        """As ngx_ssl_session_cache: "off" says no reuse; "none" pretends to
+        support it and stores nothing (for Outlook Express); "builtin[:N]"
+        is OpenSSL's cache of N sessions; a shared cache alone is, here,
+        the built-in cache of the same capacity (SHARED_SESSIONS_PER_MB)."""
+        if cache.builtin == "off":
+            self.ctrl(context, self.SET_SESS_CACHE_MODE, self.CACHE_OFF)
+        elif cache.builtin == "none":
+            self.ctrl(context, self.SET_SESS_CACHE_MODE, self.CACHE_SERVER | self.CACHE_NO_AUTO_CLEAR |
+                      self.CACHE_NO_INTERNAL_STORE)
+            self.ctrl(context, self.SET_SESS_CACHE_SIZE, 1)
+        else:
+            self.ctrl(context, self.SET_SESS_CACHE_MODE, self.CACHE_SERVER)
+            size = session_cache_capacity(cache)
+            if size is not None:
+                self.ctrl(context, self.SET_SESS_CACHE_SIZE, size)
+
+    def set_ticket_key(self, context: ssl.SSLContext, key: bytes, file_key: bytes) -> None:
+        """OpenSSL's own ticket key: 16 bytes of name, 32 of HMAC-SHA256 key,
+        32 of AES-256 key, as nginx's 80-byte key files are laid out
+        (``key``).  OpenSSL 1.0.2 takes 48 bytes instead (name, HMAC key,
+        AES-128 key): then an nginx 48-byte file (``file_key``: name, AES
+        key, HMAC key) is reordered, an 80-byte one cut."""
+        layouts = [key]
+        if len(file_key) == 48:
+            layouts.append(file_key[:16] + file_key[32:48] + file_key[16:32])
+        else:
+            layouts.append(file_key[:16] + file_key[16:32] + file_key[48:64])
+        for layout in layouts:
+            buffer = ctypes.create_string_buffer(layout, len(layout))
+            if self.ctrl(context, self.SET_TLSEXT_TICKET_KEYS, len(layout),
+                         ctypes.cast(buffer, ctypes.c_void_p)) == 1:
+                return
+        raise ConfigValueError("libssl took neither an 80- nor a 48-byte session ticket key",
+                               "ssl_session_ticket_key")
+
+    def set_verify_depth(self, context: ssl.SSLContext, depth: int) -> None:
+        self.lib.SSL_CTX_set_verify_depth(self.handle(context), min(depth, 1 << 30))
+
+    def set_curves(self, context: ssl.SSLContext, curves: str) -> None:
+        if self.ctrl(context, self.SET_GROUPS_LIST, 0, ctypes.cast(ctypes.c_char_p(curves.encode()),
+                                                                    ctypes.c_void_p)) != 1:
+            raise ConfigValueError('ssl settings: unknown curve in "%s"' % curves, "ssl_ecdh_curve")
+
+
+SHARED_SESSIONS_PER_MB = 4000      # nginx's documentation: "one megabyte can store about 4000 sessions"
+
+
+def session_cache_capacity(cache: SessionCache) -> Optional[int]:
+    """How many sessions the built-in cache that stands for ``cache`` holds
+    (None: OpenSSL's default, 20480)."""
+    if cache.size is not None:
+        return cache.size
+    if cache.shared:
+        return max(1, cache.shared[1] * SHARED_SESSIONS_PER_MB // (1024 * 1024))
+    return None
+
+
+def read_ticket_keys(paths: List[str]) -> List[bytes]:
+    """ssl_session_ticket_key files: 48 or 80 bytes each, as nginx."""
+    keys = []
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(81)
+        except OSError as error:
+            hint = permission_hint(path) if error.errno == errno.EACCES else ""
+            raise ConfigValueError('cannot read "%s": %s%s' % (path, error.strerror, hint),
+                                   "ssl_session_ticket_key")
+        if len(data) not in (48, 80):
+            raise ConfigValueError('"%s" must be 48 or 80 bytes (it is %d)' % (path, len(data)),
+                                   "ssl_session_ticket_key")
+        keys.append(data)
+    return keys
+
+
+def openssl_ticket_key(key: bytes) -> bytes:
+    """An nginx ticket key file's bytes as OpenSSL's 80-byte key.  An 80-byte
+    file is that layout already (name, HMAC key, AES-256 key).  A 48-byte one
+    is nginx's AES-128 layout, which OpenSSL's own ticket code cannot use: its
+    keys are stretched with SHA-256 (the same for every worker and every
+    start, so resumption still works across them, not with nginx's tickets)."""
+    if len(key) == 80:
+        return key
+    return key[:16] + hashlib.sha256(b"hmac" + key).digest() + hashlib.sha256(b"aes" + key).digest()
+
+
 def server_context(settings: Settings, certificate: str = "", key: str = "") -> ssl.SSLContext:
     """The client-facing context for a server, as ngx_mail_ssl_module sets it
     up from the ssl_* directives (with another certificate for SNI)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     apply_protocols(context, settings.ssl_protocols)
+    libssl = LibSsl.probe()
     try:
         context.set_ciphers(settings.ssl_ciphers)
         if settings.ssl_ecdh_curve != "auto":
-            context.set_ecdh_curve(settings.ssl_ecdh_curve)
+            if libssl.available:
+                libssl.set_curves(context, settings.ssl_ecdh_curve)
+            else:
+                # Python sets one curve: the first (-t warns of the rest).
+                context.set_ecdh_curve(settings.ssl_ecdh_curve.split(":")[0])
         if settings.ssl_dhparam:
             context.load_dh_params(settings.ssl_dhparam)
     except (ssl.SSLError, ValueError, OSError) as error:
@@ -6022,7 +6327,14 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not settings.ssl_session_tickets:
         context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0            # TLS 1.3: no ticket at all, not even a stateful one
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    ticket_keys = read_ticket_keys(settings.ssl_session_ticket_key)
+    if libssl.available:
+        libssl.set_session_cache(context, settings.ssl_session_cache)
+        libssl.set_timeout(context, settings.ssl_session_timeout)
+        if ticket_keys and settings.ssl_session_tickets:
+            libssl.set_ticket_key(context, openssl_ticket_key(ticket_keys[0]), ticket_keys[0])
     passwords = read_password_file(settings.ssl_password_file)
     conf_pairs = apply_conf_commands(context, settings.ssl_conf_command)
     if certificate:
@@ -6040,6 +6352,8 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
                 load_verify_file(context, getattr(settings, directive), directive)
         if settings.ssl_crl:
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        if libssl.available:
+            libssl.set_verify_depth(context, settings.ssl_verify_depth)
     context.set_alpn_protocols([settings.protocol])
     return context
 

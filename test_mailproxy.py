@@ -554,13 +554,89 @@ wmzp2HcFRPnu0gIgW6CGnjL4KtetkucjgZl+1d8spBevTg0rwMMqba5pNwc=
 """
 
 
+# An RSA server certificate beside the EC one (nginx's RSA + ECDSA pair),
+# self-signed (the test CA's key is not kept), for mail.example.com,
+# mail.example.org, localhost and 127.0.0.1, valid until 2126:
+# openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj /CN=mail.example.com
+# -addext subjectAltName=DNS:mail.example.com,DNS:mail.example.org,DNS:localhost,IP:127.0.0.1.
+# And RFC 7919's ffdhe2048 group for ssl_dhparam
+# (openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048).
+
+TLS_RSA_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIDWzCCAkOgAwIBAgIUAlg7Btrnty0M2gllOj5IdwXKP9QwDQYJKoZIhvcNAQEL
+BQAwGzEZMBcGA1UEAwwQbWFpbC5leGFtcGxlLmNvbTAgFw0yNjEyMDYwOTAwMTJa
+GA8yMTI2MTExMjA5MDAxMlowGzEZMBcGA1UEAwwQbWFpbC5leGFtcGxlLmNvbTCC
+ASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEBAIj4SUUzyIGZV74w513Iqru1
+8GSvi+nbAR+V0r969vbQ2TFd4f7SDg5x2cNSTn6N5TT8QkBDU/oKgB6v57PQzZPq
+b541WetzjBkkzUvxGemZ/URsYUxk/0CrfHqrjwKVEdkCbZ2MBHMbcgb+3HAy2py8
+xnHSiaOnBhSNqwnNgmVv9Oh7q3LUcqXbLVCVZhIRJAxzrYZxSxFxMPoDU77PFYvC
+nU0RN1W6qNICnR98siDxwF1ixkUoANBKoqYTrexetF1dk7FIzCj3SIIogbnV/LUE
+r1z1Y9RKpDNF99briLlwQycWlJlntzGSZ8avd1BkYGYWLad5y7F84EpmKHKISG8C
+AwEAAaOBlDCBkTAdBgNVHQ4EFgQU6LCPD+ggRXht5tgRMznQKhNr1hEwHwYDVR0j
+BBgwFoAU6LCPD+ggRXht5tgRMznQKhNr1hEwDwYDVR0TAQH/BAUwAwEB/zA+BgNV
+HREENzA1ghBtYWlsLmV4YW1wbGUuY29tghBtYWlsLmV4YW1wbGUub3Jngglsb2Nh
+bGhvc3SHBH8AAAEwDQYJKoZIhvcNAQELBQADggEBAARGkRkf2hdHOwf7cgO7wi0E
+V7t+HXfJCr7YcOuKFzc4yCQJL3RSQ4p3Uf8wqyPAkNxWeGbcR1VUIW3R5R5uwp5A
+rYp1IolBk9pMvIxSgUZlVWpKUoa0Fiuvb9nfQAR4eMjggTm29nxYWk8h0nJcr5cW
+RYfYRLL/a3JbvsaPAImfSZ0ds+EVHkh4Md6aN7h99amyXl0PE7eSktft7a16KEJx
+hUevJskbGQbetIemo9c8YRjYWXB/yvUUPN5Y2LXxEFBxFg9/oYYT5596hqGrv7oD
+PRCMyvuaUm6r8MG16Xa36EjGouMzT9beb6CHYS1ceN5IZpkSOOLJ5ZtEtVf7sY4=
+-----END CERTIFICATE-----
+"""
+
+TLS_RSA_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCI+ElFM8iBmVe+
+MOddyKq7tfBkr4vp2wEfldK/evb20NkxXeH+0g4OcdnDUk5+jeU0/EJAQ1P6CoAe
+r+ez0M2T6m+eNVnrc4wZJM1L8Rnpmf1EbGFMZP9Aq3x6q48ClRHZAm2djARzG3IG
+/txwMtqcvMZx0omjpwYUjasJzYJlb/Toe6ty1HKl2y1QlWYSESQMc62GcUsRcTD6
+A1O+zxWLwp1NETdVuqjSAp0ffLIg8cBdYsZFKADQSqKmE63sXrRdXZOxSMwo90iC
+KIG51fy1BK9c9WPUSqQzRffW64i5cEMnFpSZZ7cxkmfGr3dQZGBmFi2necuxfOBK
+ZihyiEhvAgMBAAECggEAJnUYFX8ZoBHPCg6vF6z9CyFlcs+7SBj+ssCdYLgE2X4A
+TZUfnC2cVr/utaHJek0a+wqNC4Ab9wu1t2gKdXl+Dzb2ygQO0EYsIu8rWVRDw0xC
+SVDo7Ms6xAyiMcszpzT1wumkn2St5yfgl0g92p7ctL9oNJM5pCKEWYcBbAowv4wL
+lHwY4wugwjyFJbVDPWw1W1jQMaduWu+I0HTmafI+X6LNXT3RYyHSNUC/ts6TXIpw
+JqZtlcMvdcUm77xSzpbiOpdJ3aIHGCYFgMq9bvSZMuFdJRCPWHTxjCKFG2AwA3f4
+MqIjKuhb4ZtO22UzjaUVc3kP51tlBjFwSfnlIkndkQKBgQDAqA8UfJhe4OlA8QiV
+l3vGJbRxTrKL7lgxWCzlq1Bah9ikl4S0i8nAP4bTqc0fqkVOT7PK0QN7gtw1HEz+
+4MJbkrEtCW1Rb0vxlzOO+NwzEbHIJNVJuDvF4Yf5xPI5/vC0ygS79Fdy/f2YqCtu
+XtPhIFElHsZyCMhGkq0cvMOzRwKBgQC2ARJ18i3VcbQz/ZLzTkCvjwqlbgzLX/OX
+htLtByVMQuDmlLMNl6i9n7qIJc+1CLMkQTTifg0orNHEBL5CYLBMsf/wHDUQfRRl
+Y6DtxwbyT5P06ri2za+nFiCHouhwv7OiaqvYGgC+RLRlvN1WsAdZNvW4miDneQH5
+US/Mq8BFmQKBgEi2ZVKnH98XZhHTpxjGnrmPe4YUXMEBiRm+nNtmCCLTCMo+QaDe
+7Zt4not+l+OuoQ/IdyRCNN1F65TEBK9h5xkmyWYlG7RTnEcneRcqB/niYMYYWMPF
+HBI4Z9i2I3IOLY0efiDuPJ8zC6a1OgcjFTbvupCXB/D8LZKtQ1cIS5h7AoGBAKRT
+63saok9pTi7y8E9FhBn+qLoc1uh5RdK2JJNmNELaz3zhHZlUKUKsiRqMKTFnHXfK
+eBlXfkIPZ4X4UmBUNFnLDS6aCT9N77Brd824OYlmWEx18Tj8FXBjBhPw/rVuIJ6w
+eV+weqNQHSEOmTm/zaK7gLigUL0uAJ4+s020dPFhAoGBAK0mwhzIHgVLIixABpTO
+WNhVwSPw1wLjNpEU4bXDRzY0ornUwGRZqgRPOvdjZzlWszbMqBD4F/zHvG5tLzc+
+lW1yrQyZLBhuXWrF417VEbSOJ3zppGqtGvc1S0LJTr2NlNA/LXrAZ9/28RoO9BjN
+oWLRmHE/sOQ1W87Vr286f+y8
+-----END PRIVATE KEY-----
+"""
+
+TLS_DHPARAM_PEM = """\
+-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
 TLS_FILES = {"ca.crt": TLS_CA_PEM, "server.crt": TLS_SERVER_CERT_PEM, "server.key": TLS_SERVER_KEY_PEM,
              "other.crt": TLS_OTHER_CERT_PEM, "other.key": TLS_OTHER_KEY_PEM,
              "client.crt": TLS_CLIENT_CERT_PEM, "client.key": TLS_CLIENT_KEY_PEM,
              "wrongca.crt": TLS_WRONG_CA_PEM, "wrongclient.crt": TLS_WRONG_CLIENT_CERT_PEM,
              "wrongclient.key": TLS_WRONG_CLIENT_KEY_PEM, "expired.crt": TLS_EXPIRED_CERT_PEM,
              "expired.key": TLS_EXPIRED_KEY_PEM, "revoked.crt": TLS_REVOKED_CERT_PEM,
-             "revoked.key": TLS_REVOKED_KEY_PEM, "ca.crl": TLS_CRL_PEM}
+             "revoked.key": TLS_REVOKED_KEY_PEM, "ca.crl": TLS_CRL_PEM,
+             "rsa.crt": TLS_RSA_CERT_PEM, "rsa.key": TLS_RSA_KEY_PEM, "dhparam.pem": TLS_DHPARAM_PEM,
+             "both.crt": TLS_CA_PEM + TLS_RSA_CERT_PEM}
 
 
 # Certificates no `openssl req -subj` can write, made for these tests by a CA
@@ -678,6 +754,28 @@ def write_tls_files(directory: str) -> None:
     for name, text in list(TLS_FILES.items()) + list(ODD_TLS_FILES.items()):
         with open(os.path.join(directory, name), "w") as handle:
             handle.write(text)
+
+
+def memory_handshake(server: ssl.SSLContext, client: ssl.SSLContext,
+                     session: Optional[ssl.SSLSession] = None) -> ssl.SSLObject:
+    """A client's handshake with a server context, in memory; the client's
+    SSLObject once it has read what the server sent after (a TLS 1.3 ticket)."""
+    server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
+    tls_server = server.wrap_bio(server_in, server_out, server_side=True)
+    tls_client = client.wrap_bio(client_in, client_out, server_hostname="localhost", session=session)
+    for _ in range(6):
+        for side in (tls_client, tls_server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+    try:
+        tls_client.read(1)
+    except ssl.SSLWantReadError:
+        pass
+    return tls_client
 
 
 class CertificateFiles:
@@ -3818,10 +3916,11 @@ class TlsConfigCheckTests(EndToEndTestCase):
         self.assertNotIn('cannot load certificate "', err)
 
 
-    def test_optional_no_ca_is_refused(self):
+    def test_optional_no_ca_is_refused_with_what_to_write_instead(self):
+        errors = self.errors(**self.certificate(ssl_verify_client="optional_no_ca"))
         self.assertIn('ssl_verify_client: "optional_no_ca" cannot be honoured: Python\'s ssl module '
-                      "cannot ask for a client certificate without verifying it",
-                      self.errors(**self.certificate(ssl_verify_client="optional_no_ca")))
+                      "cannot ask for a client certificate without verifying it", errors)
+        self.assertIn('write "ssl_verify_client = optional" with ssl_client_certificate', errors)
 
     def test_ssl_conf_command(self):
         self.assertIn('ssl_conf_command: "Foo" cannot be applied through Python\'s ssl module',
@@ -6853,15 +6952,117 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
             mp.parse_ssl_protocols(["SSLv3"])
 
     def test_what_python_cannot_honour_is_refused(self):
-        for name, value in (("ssl_verify_client", "optional_no_ca"), ("ssl_verify_depth", "2"),
-                            ("ssl_session_cache", "shared:SSL:10m"), ("ssl_session_timeout", "10m"),
-                            ("ssl_session_ticket_key", "/x"), ("ssl_conf_command", "Curves X25519"),
+        for name, value in (("ssl_verify_client", "optional_no_ca"),
+                            ("ssl_conf_command", "Curves X25519"),
                             ("ssl_conf_command", "Options PrioritizeChaCha"),
-                            ("ssl_certificate", "data:-----BEGIN"), ("ssl_ecdh_curve", "X25519:P-256"),
+                            ("ssl_certificate", "data:-----BEGIN"),
                             ("ssl_certificate_compression", "on"), ("proxy_ssl_server_name", "off")):
             with self.assertRaises(mp.ConfigValueError, msg=name) as caught:
                 mp.parse_directive("mail", name, value, "/")
             self.assertRegex(str(caught.exception), "Python|cannot", name)
+
+    def test_every_value_nginx_takes_for_the_session_and_verify_directives_loads(self):
+        """Issue 16: these were refused, and a refused -t ends a migration."""
+        cache = mp.SessionCache
+        for name, value, parsed in (
+                ("ssl_verify_depth", "2", 2),
+                ("ssl_session_cache", "off", cache("off", None)),
+                ("ssl_session_cache", "none", cache("none", None)),
+                ("ssl_session_cache", "builtin", cache("builtin", None)),
+                ("ssl_session_cache", "builtin:1000", cache("builtin", 1000)),
+                ("ssl_session_cache", "shared:SSLMAIL:3m", cache("", None, ("SSLMAIL", 3 << 20))),
+                ("ssl_session_cache", "builtin:1000 shared:SSL:10m",
+                 cache("builtin", 1000, ("SSL", 10 << 20))),
+                ("ssl_session_timeout", "10m", 600.0), ("ssl_session_timeout", "1d", 86400.0),
+                ("ssl_session_ticket_key", "/x", ["/x"]),
+                ("ssl_ecdh_curve", "X25519:prime256v1", "X25519:prime256v1")):
+            with self.subTest(name=name, value=value):
+                self.assertEqual(mp.parse_directive("mail", name, value, "/"), parsed)
+        for value, message in (("shared:SSL:16k", 'session cache "shared:SSL:16k" is too small'),
+                               ("builtin:x", 'invalid session cache "builtin:x"'),
+                               ("shared:SSL", 'invalid session cache "shared:SSL"')):
+            with self.assertRaises(mp.ConfigValueError) as caught:
+                mp.parse_directive("mail", "ssl_session_cache", value, "/")
+            self.assertEqual(str(caught.exception), message)
+
+    def libssl(self) -> "mp.LibSsl":
+        libssl = mp.LibSsl.probe()
+        if not libssl.available:
+            self.skipTest("libssl not reachable here: " + libssl.reason)
+        return libssl
+
+    def test_session_settings_reach_libssl(self):
+        """What Python has no setter for is set through the libssl the ssl
+        module loaded, and read back from it."""
+        libssl = self.libssl()
+        cache_mode, cache_size = mp.LibSsl.GET_SESS_CACHE_MODE, mp.LibSsl.GET_SESS_CACHE_SIZE
+        context = mp.server_context(self.tls_settings(ssl_session_timeout=86400.0))
+        self.assertEqual(libssl.timeout(context), 86400)
+        self.assertEqual(libssl.ctrl(context, cache_mode, 0), 0x2 | 0x80 | 0x200)    # nginx's "none"
+        self.assertEqual(libssl.ctrl(context, cache_size, 0), 1)
+        context = mp.server_context(self.tls_settings(ssl_session_cache=mp.SessionCache("off", None)))
+        self.assertEqual(libssl.timeout(context), 300)                    # nginx's 5m, not OpenSSL's
+        self.assertEqual(libssl.ctrl(context, cache_mode, 0), 0)
+        for value, size in (("builtin:1000", 1000), ("shared:SSLMAIL:3m", 12000), ("builtin", 20480)):
+            context = mp.server_context(self.tls_settings(
+                ssl_session_cache=mp.parse_ssl_session_cache(value.split())))
+            self.assertEqual(libssl.ctrl(context, cache_mode, 0), 0x2, value)
+            self.assertEqual(libssl.ctrl(context, cache_size, 0), size, value)
+        context = mp.server_context(self.tls_settings(
+            ssl_verify_client="on", ssl_verify_depth=2, ssl_client_certificate=self.tls_path("ca.crt")))
+        self.assertEqual(libssl.lib.SSL_CTX_get_verify_depth(libssl.handle(context)), 2)
+
+    def test_a_handle_that_is_not_an_ssl_ctx_crashes_only_a_child(self):
+        """The check of libssl's handle runs in a child first: were the ssl
+        module's context laid out otherwise, that child dies, not mailproxy,
+        and libssl is not used."""
+        self.libssl()
+        saved, handle = mp.LibSsl._probed, mp.LibSsl.__dict__["handle"]
+        mp.LibSsl._probed = None
+        mp.LibSsl.handle = staticmethod(lambda context: 16)      # unmapped memory
+        try:
+            libssl = mp.LibSsl.probe()
+        finally:
+            mp.LibSsl._probed, mp.LibSsl.handle = saved, handle
+        self.assertFalse(libssl.available)
+        self.assertRegex(libssl.reason, r"^checking libssl's handle killed a child process \(signal \d+\)")
+
+    def test_a_curve_list_is_set_whole(self):
+        self.libssl()
+        mp.server_context(self.tls_settings(ssl_ecdh_curve="X25519:prime256v1"))
+        with self.assertRaises(mp.ConfigValueError) as caught:
+            mp.server_context(self.tls_settings(ssl_ecdh_curve="X25519:nosuchcurve"))
+        self.assertEqual(caught.exception.directive, "ssl_ecdh_curve")
+
+    def test_a_ticket_key_file_resumes_sessions_across_contexts(self):
+        """Two contexts (two starts, or two hosts) with one 80-byte key file:
+        a ticket from one resumes on the other; without the file it does not."""
+        self.libssl()
+        for size, version in ((80, ssl.TLSVersion.TLSv1_3), (48, ssl.TLSVersion.TLSv1_3),
+                              (80, ssl.TLSVersion.TLSv1_2)):
+            with self.subTest(size=size, version=version):
+                key = TempDir(self).write("ticket.key", "k" * size)
+                first, second, other = (mp.server_context(self.tls_settings(**keys)) for keys in (
+                    dict(ssl_session_ticket_key=[key]), dict(ssl_session_ticket_key=[key]), {}))
+                client = self.client_context()
+                client.maximum_version = version
+                session = memory_handshake(first, client).session
+                self.assertTrue(session.has_ticket)
+                self.assertTrue(memory_handshake(second, client, session).session_reused)
+                self.assertFalse(memory_handshake(other, client, session).session_reused)
+        short = TempDir(self).write("short.key", "k" * 47)
+        with self.assertRaises(mp.ConfigValueError) as caught:
+            mp.server_context(self.tls_settings(ssl_session_ticket_key=[short]))
+        self.assertIn('"%s" must be 48 or 80 bytes (it is 47)' % short, str(caught.exception))
+
+    def test_session_tickets_off_sends_no_ticket_even_in_tls_1_3(self):
+        """OP_NO_TICKET alone still lets OpenSSL send TLS 1.3 a (stateful)
+        ticket."""
+        for tickets, expected in ((True, True), (False, False)):
+            context = mp.server_context(self.tls_settings(ssl_session_tickets=tickets))
+            tls = memory_handshake(context, self.client_context())
+            self.assertEqual(tls.version(), "TLSv1.3")
+            self.assertEqual(tls.session.has_ticket, expected)
 
     def test_conf_commands_that_map(self):
         commands = mp.parse_ssl_conf_command(["Options", "-SessionTicket,ServerPreference"])
@@ -7620,6 +7821,127 @@ class TlsEndToEndSettingsTests(EndToEndTestCase):
         client.send("a1 AUTHENTICATE EXTERNAL =")
         client.expect(rb"^a1 OK LOGIN completed\r\n$")
         self.assertEqual(bytes(backend.received[0]), b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n")
+
+
+class TlsNginxDirectivesTests(EndToEndTestCase):
+    """Issue 16, item 1: nginx's ssl_* directives as real deployments write
+    them (Mailu's mail block) pass -t, with a [warn] at the line of each
+    that cannot be honoured exactly, and serve TLS."""
+
+    MAILU = dict(ssl_session_cache="shared:SSLMAIL:3m", ssl_session_timeout="1d",
+                 ssl_session_tickets="off", ssl_prefer_server_ciphers="on", ssl_verify_depth="2",
+                 ssl_ecdh_curve="X25519:prime256v1")
+
+    def mailu(self, **more) -> dict:
+        values = dict(self.MAILU, ssl_dhparam=self.tls_path("dhparam.pem"),
+                      ssl_certificate="%s\n    %s" % (self.tls_path("rsa.crt"), self.tls_path("server.crt")),
+                      ssl_certificate_key="%s\n    %s" % (self.tls_path("rsa.key"), self.tls_path("server.key")))
+        values.update(more)
+        return values
+
+    def line_of(self, path: str, directive: str) -> int:
+        with open(path) as handle:
+            return next(number for number, line in enumerate(handle, 1) if line.startswith(directive + " ="))
+
+    def test_mailus_block_passes_the_check_with_a_warning_at_the_cache(self):
+        path = TempDir(self).write("mailproxy.conf", proxy_config("imap", 1143, listens=("ssl",), **self.mailu()))
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 0, err)
+        self.assertIn("test is successful", err)
+        if mp.LibSsl.probe().available:
+            self.assertIn('mailproxy: [warn] %s:%d: [mail] ssl_session_cache: "shared:SSLMAIL": each worker '
+                          "process keeps its own cache of 12000 sessions (OpenSSL's built-in cache; Python "
+                          "cannot share one between processes), so a session is resumed by another worker "
+                          "only through a session ticket, and ssl_session_tickets is off; and no cached session "
+                          "outlives a reload, as nginx's shared cache does\n"
+                          % (path, self.line_of(path, "ssl_session_cache")), err)
+            self.assertEqual(err.count("[warn]"), 1, err)
+
+    def test_mailus_nginx_block_imports_and_passes_the_check(self):
+        directory = TempDir(self)
+        nginx = directory.write("nginx.conf", """mail {
+    server_name mail.example.com;
+    auth_http 127.0.0.1:8000/auth/email;
+    ssl_session_cache shared:SSLMAIL:3m;
+    ssl_session_timeout 1d;
+    ssl_session_tickets off;
+    ssl_dhparam %(dhparam.pem)s;
+    ssl_certificate %(rsa.crt)s;
+    ssl_certificate_key %(rsa.key)s;
+    ssl_certificate %(server.crt)s;
+    ssl_certificate_key %(server.key)s;
+    server {
+        listen 127.0.0.1:%(port)d ssl;
+        protocol imap;
+    }
+}
+""" % dict({name: self.tls_path(name) for name in ("dhparam.pem", "rsa.crt", "rsa.key", "server.crt",
+                                                   "server.key")}, port=free_port()))
+        status, ini, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("not translated", ini)
+        path = directory.write("imported.conf", ini)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err + "\n" + ini)
+        self.assertIn("test is successful", err)
+
+    def test_ticket_keys_warn_of_what_differs(self):
+        directory = TempDir(self)
+        keys = "%s\n    %s" % (directory.write("48.key", "k" * 48), directory.write("80.key", "k" * 80))
+        path = directory.write("mailproxy.conf", proxy_config("imap", 1143, listens=("ssl",), **self.mailu(
+            ssl_session_tickets="on", ssl_session_ticket_key=keys)))
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 0, err)
+        if mp.LibSsl.probe().available:
+            self.assertIn("[warn] %s:%d: [mail] ssl_session_ticket_key: only the first key encrypts and "
+                          "decrypts tickets: tickets made with the other keys get a full handshake; a 48-byte "
+                          "key (nginx's AES-128 tickets) is stretched" % (path, self.line_of(
+                              path, "ssl_session_ticket_key")), err)
+
+    def test_without_libssl_each_directive_warns_at_its_line_and_still_loads(self):
+        directory = TempDir(self)
+        path = directory.write("mailproxy.conf", proxy_config(
+            "imap", 1143, listens=("ssl",), **self.mailu(ssl_session_ticket_key=directory.write("t.key", "k" * 80),
+                                                          ssl_session_tickets="on")))
+        saved = mp.LibSsl._probed
+        mp.LibSsl._probed = mp.LibSsl()
+        mp.LibSsl._probed.reason = "a test's stand-in"
+        try:
+            config = mp.load_and_prepare(path)
+        finally:
+            mp.LibSsl._probed = saved
+        warnings = {warning.directive: warning for warning in config.warnings}
+        self.assertEqual(sorted(warnings), ["ssl_ecdh_curve", "ssl_session_cache", "ssl_session_ticket_key",
+                                            "ssl_session_timeout", "ssl_verify_depth"])
+        for directive, text in (("ssl_session_timeout", "sessions last OpenSSL's default time instead"),
+                                ("ssl_verify_depth", "default depth (100)"),
+                                ("ssl_ecdh_curve", 'only the first curve, "X25519", is offered'),
+                                ("ssl_session_cache", "OpenSSL's built-in session cache of its default size"),
+                                ("ssl_session_ticket_key", "the key files are not used")):
+            self.assertIn(text, warnings[directive].message)
+            self.assertIn("(a test's stand-in)", warnings[directive].message)
+            self.assertEqual(warnings[directive].line, self.line_of(path, directive))
+        self.assertIsNotNone(config.servers[0].tls_context)
+
+    def test_mailus_block_serves_both_certificates_and_no_ticket(self):
+        proxy = self.tls_proxy("imap", free_port(), **self.mailu())
+        for ciphers, issuer in (("ECDHE-RSA-AES128-GCM-SHA256", "mail.example.com"),
+                                ("DHE-RSA-AES128-GCM-SHA256", "mail.example.com"),
+                                ("ECDHE-ECDSA-AES128-GCM-SHA256", "mailproxy test CA")):
+            with self.subTest(ciphers=ciphers):
+                context = self.client_context(alpn=["imap"], ca="both.crt")
+                context.maximum_version = ssl.TLSVersion.TLSv1_2
+                context.set_ciphers(ciphers)
+                client = self.tls_connect(proxy, context=context)
+                client.expect_line(mp.IMAP_GREETING)
+                self.assertEqual(client.sock.cipher()[0], ciphers)
+                self.assertEqual(dict(item[0] for item in client.sock.getpeercert()["issuer"])["commonName"],
+                                 issuer)
+                client.close()
+        client = self.tls_connect(proxy, context=self.client_context(ca="both.crt"))
+        client.expect_line(mp.IMAP_GREETING)                 # a ticket would have come by now
+        self.assertEqual(client.sock.version(), "TLSv1.3")
+        self.assertFalse(client.sock.session.has_ticket)
 
 
 # -- end to end: TLS to the backend -------------------------------------------------
@@ -13023,9 +13345,7 @@ class ImportNginxTests(unittest.TestCase):
                          "[server 3]", "listen = 127.0.0.1:%d" % ports["smtp"], "protocol = smtp",
                          "smtp_auth = login plain"):
             self.assertIn(expected, lines, "missing %r in:\n%s" % (expected, ini))
-        skipped = [line for line in lines if "ssl_verify_depth" in line]
-        self.assertEqual(skipped, ["# not translated: ssl_verify_depth 2;  (cannot be honoured: "
-                                   "Python's ssl module keeps OpenSSL's depth (100))"], ini)
+        self.assertIn("ssl_verify_depth = 2", lines, ini)        # refused until issue 16
         self.assertIn("# Not mail, not translated: http {}", lines)
         self.assertNotIn("listen = 80", ini)
         self.assertEqual(lines.index("smtp_capabilities = PIPELINING") + 1,
