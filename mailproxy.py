@@ -813,9 +813,14 @@ def split_auth_http_host(hostport: str) -> Tuple[str, str, int]:
     return hostport, hostport, 80
 
 
+# RFC 7230 token characters: nginx takes any name, and Mailu's AUTH_PORT
+# has an underscore; no space, colon, CR or LF can get in.
+AUTH_HTTP_HEADER_NAME_TEXT = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def parse_auth_http_header(args: List[str], base: str = "") -> List[Tuple[str, str]]:
     """``auth_http_header NAME VALUE``: appended verbatim to every request."""
-    if len(args) != 2 or not re.fullmatch(r"[A-Za-z0-9-]+", args[0]):
+    if len(args) != 2 or not AUTH_HTTP_HEADER_NAME_TEXT.fullmatch(args[0]):
         raise ConfigValueError("takes a header name and a value")
     if re.search(r"[\r\n\0]", args[1]):
         raise ConfigValueError("a header value cannot hold CR, LF or NUL")
@@ -3921,7 +3926,6 @@ DIGITS = re.compile(rb"\d{1,9}")
 
 AUTH_HTTP_ESCAPED = re.compile(rb"[\x00-\x20%]")      # NGX_ESCAPE_MAIL_AUTH's table
 AUTH_HTTP_LINE_BREAKERS = re.compile(rb"[\r\n\0]")
-AUTH_HTTP_HEADER_NAME_TEXT = re.compile(r"[A-Za-z0-9-]+")
 
 
 def percent_hex(match: "re.Match") -> bytes:
@@ -10013,9 +10017,17 @@ def absolute_args(name: str, args: List[str], base: str) -> List[str]:
     return args
 
 
+# TLS directives about session resumption only: left out, the port is as
+# protected as under nginx (mailproxy's cache and 5m timeout apply), so the
+# import carries on with a note (Mailu has both).
+IMPORT_DROPPABLE = ("ssl_session_cache", "ssl_session_timeout")
+
+
 def guards_access(name: str, args: List[str]) -> bool:
     """A directive about TLS or authentication: one the import may not drop,
     since the port would then be less protected than nginx had it."""
+    if name in IMPORT_DROPPABLE:
+        return False
     return name.startswith(("ssl", "proxy_ssl", "starttls", "proxy_starttls", "auth")) or \
         name.endswith("_auth") or (name == "listen" and "ssl" in args[1:])
 

@@ -13053,6 +13053,29 @@ class ImportNginxTests(unittest.TestCase):
         self.assertEqual(sections, ["[server imap-1993]", "[server pop3-110]",
                                     "[server imap-1993-3]", "[server smtp-1025]"])
 
+    def test_a_mailu_mail_block_imports_and_passes_the_check(self):
+        # Mailu 2024.06's mail {}, shortened: an underscore in a header name
+        # (nginx takes any), session cache and timeout that mailproxy cannot
+        # set (resumption only: a note, not an error).
+        ports = [free_port(), free_port()]
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    server_name mail.example.com;\n"
+            "    auth_http http://127.0.0.1:8000/auth/email;\n    proxy_pass_error_message on;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    ssl_session_cache shared:SSLMAIL:3m;\n    ssl_session_timeout 1d;\n"
+            "    ssl_session_tickets off;\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "    server { listen 127.0.0.1:%d; protocol smtp; smtp_auth none;\n"
+            "             auth_http_header AUTH_PORT 25; }\n"
+            "    server { listen 127.0.0.1:%d ssl; protocol imap; imap_auth plain login;\n"
+            "             auth_http_header AUTH_PORT 993; }\n}\n" % tuple(ports), self.tls_files())
+        config = mp.load_config(directory.write("imported.conf", ini))
+        self.assertEqual([s.auth_http_header for s in config.servers],
+                         [[("AUTH_PORT", "25")], [("AUTH_PORT", "993")]])
+        self.assertTrue(config.servers[1].listen[0].ssl)
+        self.assertFalse(config.servers[0].ssl_session_tickets)
+        self.assertIn("%s:7: not translated: ssl_session_cache shared:SSLMAIL:3m;" % nginx, err)
+        self.assertIn("%s:8: not translated: ssl_session_timeout 1d;" % nginx, err)
+
     def test_a_missing_file_is_named_as_nginx_names_it(self):
         directory = TempDir(self)
         missing = os.path.join(directory.path, "x.conf")
