@@ -837,9 +837,14 @@ def split_auth_http_host(hostport: str) -> Tuple[str, str, int]:
     return hostport, hostport, 80
 
 
+# RFC 7230 token characters: nginx takes any name, and Mailu's AUTH_PORT
+# has an underscore; no space, colon, CR or LF can get in.
+AUTH_HTTP_HEADER_NAME_TEXT = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def parse_auth_http_header(args: List[str], base: str = "") -> List[Tuple[str, str]]:
     """``auth_http_header NAME VALUE``: appended verbatim to every request."""
-    if len(args) != 2 or not re.fullmatch(r"[A-Za-z0-9-]+", args[0]):
+    if len(args) != 2 or not AUTH_HTTP_HEADER_NAME_TEXT.fullmatch(args[0]):
         raise ConfigValueError("takes a header name and a value")
     if re.search(r"[\r\n\0]", args[1]):
         raise ConfigValueError("a header value cannot hold CR, LF or NUL")
@@ -4061,7 +4066,6 @@ DIGITS = re.compile(rb"\d{1,9}")
 
 AUTH_HTTP_ESCAPED = re.compile(rb"[\x00-\x20%]")      # NGX_ESCAPE_MAIL_AUTH's table
 AUTH_HTTP_LINE_BREAKERS = re.compile(rb"[\r\n\0]")
-AUTH_HTTP_HEADER_NAME_TEXT = re.compile(r"[A-Za-z0-9-]+")
 
 
 def percent_hex(match: "re.Match") -> bytes:
@@ -10268,14 +10272,25 @@ class Master(LoopHandler):
 # --import-nginx: read nginx.conf (its own syntax: words, quotes, escapes,
 # comments, blocks, include with globs) and print the mail {} block as this
 # program's INI.  Every directive is carried over; one that cannot be is
-# printed as a comment with the reason, so the output passes -t whenever
-# the nginx file was valid.
+# printed as a comment with the reason (and the same note on stderr), so
+# the output passes -t whenever the nginx file was valid, except where
+# dropping it would leave a port less protected than nginx had it (TLS,
+# authentication): that is an error naming file:line, and nothing is
+# printed.  "ssl on" (nginx <= 1.24) becomes "listen ... ssl"; nginx's pid
+# file and error log are renamed so that a trial run beside nginx never
+# shares them.
 
 class NginxBlock(NamedTuple):
     name: str
     args: List[str]
     children: List                 # of NginxBlock; a plain directive has none
     block: bool
+    source: str = ""               # file and line, for messages
+    line: int = 0
+
+    @property
+    def where(self) -> str:
+        return "%s:%d" % (self.source, self.line)
 
 
 def nginx_tokens(text: str, source: str) -> List[Tuple[str, int, bool]]:
@@ -10297,6 +10312,9 @@ def nginx_tokens(text: str, source: str) -> List[Tuple[str, int, bool]]:
             start = i
             token, i, quoted = _nginx_word(text, i, source, line)
             line += text.count("\n", start, i)
+            if quoted and i < len(text) and not (text[i].isspace() or text[i] in ";{}"):
+                # nginx: a quoted argument must be followed by a space, ";" or "{"
+                raise ConfigValueError('%s:%d: unexpected "%s"' % (source, line, text[i]))
             tokens.append((token, line, quoted))
     return tokens
 
@@ -10312,8 +10330,10 @@ def _nginx_word(text: str, i: int, source: str, line: int) -> Tuple[str, int, bo
         if not quote and (char.isspace() or char in ";{}"):
             break
         if char == "\\" and i + 1 < len(text):
+            # nginx: \" \' \\ \t \r \n are escapes; any other "\x" stays as
+            # written, backslash included (and does not end the word)
             following = text[i + 1]
-            out.append(NGINX_ESCAPES.get(following, "\\" + following) if following not in " " else " ")
+            out.append(NGINX_ESCAPES.get(following, "\\" + following))
             i += 2
             continue
         out.append(char)
@@ -10323,41 +10343,64 @@ def _nginx_word(text: str, i: int, source: str, line: int) -> Tuple[str, int, bo
     return "".join(out), i, False
 
 
-def parse_nginx(path: str, depth: int = 0) -> List[NginxBlock]:
-    """The directives of an nginx.conf file, with include files read in place."""
+def parse_nginx(path: str, depth: int = 0, base: Optional[str] = None,
+                included_from: str = "") -> List[NginxBlock]:
+    """The directives of an nginx.conf file, with include files read in
+    place; a relative include is taken from the main file's directory, as
+    nginx takes it from its configuration prefix."""
     if depth > 16:
         raise ConfigValueError("%s: include nested too deeply" % path)
-    with open(path, encoding="utf-8") as handle:
-        tokens = nginx_tokens(handle.read(), path)
-    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:                      # nginx's own words
+        raise ConfigValueError('open() "%s" failed (%d: %s)%s' % (
+            path, error.errno or 0, error.strerror or error,
+            " in " + included_from if included_from else ""))
+    except UnicodeDecodeError as error:
+        raise ConfigValueError("%s: not UTF-8 text (%s)" % (path, error))
+    tokens = nginx_tokens(text, path)
+    if base is None:
+        base = os.path.dirname(os.path.abspath(path))
     directives, position = _nginx_block(tokens, 0, path, base, depth)
     if position != len(tokens):
         raise ConfigValueError('%s:%d: unexpected "}"' % (path, tokens[position][1]))
     return directives
 
 
-def _nginx_block(tokens: List, position: int, path: str, base: str, depth: int):
+def _nginx_block(tokens: List, position: int, path: str, base: str, depth: int,
+                 outer: str = ""):
+    """outer: the top-level block this is in; an include inside one that
+    is not mail's (http {}, stream {}) is skipped, as the block is."""
     directives, words = [], []
     while position < len(tokens):
         token, line, quoted = tokens[position]
         position += 1
         if token == "}" and not quoted:
+            if words:
+                raise ConfigValueError('%s:%d: unexpected "}"' % (path, line))
             return directives, position - 1
         if token == ";" and not quoted:
             if not words:
                 continue
             if words[0] == "include":
-                for name in sorted(glob_files(words[1] if len(words) > 1 else "", base)):
-                    directives += parse_nginx(name, depth + 1)
+                if len(words) != 2:
+                    raise ConfigValueError('%s:%d: invalid number of arguments in "include" '
+                                           'directive' % (path, line))
+                if outer in ("", "mail", "events"):
+                    for name in sorted(glob_files(words[1], base)):
+                        directives += parse_nginx(name, depth + 1, base, "%s:%d" % (path, line))
             else:
-                directives.append(NginxBlock(words[0], words[1:], [], False))
+                directives.append(NginxBlock(words[0], words[1:], [], False, path, line))
             words = []
         elif token == "{" and not quoted:
-            children, position = _nginx_block(tokens, position, path, base, depth)
+            children, position = _nginx_block(tokens, position, path, base, depth,
+                                              outer or (words[0] if words else "?"))
             if position >= len(tokens):
                 raise ConfigValueError('%s:%d: unexpected end of file, expecting "}"' % (path, tokens[-1][1]))
             position += 1
-            directives.append(NginxBlock(words[0] if words else "", words[1:], children, True))
+            directives.append(NginxBlock(words[0] if words else "", words[1:], children, True,
+                                         path, line))
             words = []
         else:
             words.append(token)
@@ -10394,68 +10437,229 @@ def absolute_args(name: str, args: List[str], base: str) -> List[str]:
     """nginx resolves relative paths against its configuration directory."""
     parser = DIRECTIVES[name].parse if name in DIRECTIVES else None
     if (parser is parse_path or name in PATH_DIRECTIVES) and args and \
-            args[0] not in ("stderr", "off") and not args[0].startswith(("syslog:", "/", "data:")):
+            args[0] not in ("stderr", "off") and not args[0].startswith(("syslog:", "/", "data:", "memory:")):
         return [os.path.join(base, args[0])] + args[1:]
     return args
 
 
-def translate_block(kind: str, directives: List[NginxBlock], base: str) -> List[str]:
-    """INI lines for one section; what cannot be translated becomes a comment."""
+# TLS directives about session resumption only: left out, the port is as
+# protected as under nginx (mailproxy's cache and 5m timeout apply), so the
+# import carries on with a note (Mailu has both).
+IMPORT_DROPPABLE = ("ssl_session_cache", "ssl_session_timeout")
+
+
+def guards_access(name: str, args: List[str]) -> bool:
+    """A directive about TLS or authentication: one the import may not drop,
+    since the port would then be less protected than nginx had it."""
+    if name in IMPORT_DROPPABLE:
+        return False
+    return name.startswith(("ssl", "proxy_ssl", "starttls", "proxy_starttls", "auth")) or \
+        name.endswith("_auth") or (name == "listen" and "ssl" in args[1:])
+
+
+class NginxImport:
+    """What one run of --import-nginx has to say: notes for stderr (each
+    also a comment in the output) and refusals (exit 1, nothing printed)."""
+
+    def __init__(self) -> None:
+        self.notes: List[str] = []
+        self.errors: List[str] = []
+
+    def note(self, lines: List[str], where: str, text: str) -> None:
+        lines.append("# %s" % text)
+        self.notes.append("%s: %s" % (where, text) if where else text)
+
+    def untranslated(self, lines: List[str], directive: NginxBlock, args: List[str],
+                     reason: str) -> None:
+        text = "%s %s;  (%s)" % (directive.name, ini_value(args), reason)
+        if guards_access(directive.name, args):
+            self.errors.append("%s: %s: cannot be carried over, and it is about TLS or "
+                               "authentication, so the port would be less protected than "
+                               "under nginx; change it in the nginx file (or a copy) and "
+                               "import again" % (directive.where, text))
+        else:
+            self.note(lines, directive.where, "not translated: " + text)
+
+
+def rewritten_path(name: str, args: List[str]) -> Optional[str]:
+    """nginx's pid file and error log are its own: a trial run beside the
+    running nginx must neither overwrite its pid file (nginx -s would then
+    signal mailproxy) nor write into its log.  The same directory, a name
+    of mailproxy's."""
+    if not args or args[0] in ("stderr", "off") or args[0].startswith(("syslog:", "memory:")):
+        return None
+    directory, filename = os.path.split(args[0])
+    if name == "pid":
+        new = os.path.join(directory, "mailproxy.pid")
+        return new if new != args[0] else os.path.join(directory, "mailproxy-imported.pid")
+    if name == "error_log":
+        return os.path.join(directory, "mailproxy-" + filename)
+    return None
+
+
+def listen_addresses(imp: NginxImport, lines: List[str], directive: NginxBlock,
+                     args: List[str]) -> List[List[str]]:
+    """nginx's listen takes a host name and binds every address it has;
+    mailproxy's takes addresses, so the name is resolved here, one listen
+    per address."""
+    if not args or re.fullmatch(r"\d+", args[0]) or args[0].startswith(("[", "*:", "unix:")):
+        return [args]
+    try:
+        host, port = parse_host_port(args[0])
+        ipaddress.ip_address(host)
+        return [args]
+    except (ConfigValueError, ValueError):
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        imp.errors.append('%s: host not found in "%s" of the "listen" directive (%s)'
+                          % (directive.where, args[0], getattr(error, "strerror", None) or error))
+        return []
+    addresses = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            text = "[%s]:%d" % (sockaddr[0], port) if family == socket.AF_INET6 \
+                else "%s:%d" % (sockaddr[0], port)
+            if text not in addresses:
+                addresses.append(text)
+    if not addresses:
+        imp.errors.append('%s: no IPv4 or IPv6 address for "%s" of the "listen" directive'
+                          % (directive.where, host))
+        return []
+    imp.note(lines, directive.where, 'listen %s: a host name, resolved now to %s (mailproxy\'s '
+             'listen takes addresses; nginx resolves it at each start)'
+             % (args[0], ", ".join(addresses)))
+    return [[address] + args[1:] for address in addresses]
+
+
+def translate_block(imp: NginxImport, kind: str, directives: List[NginxBlock], base: str,
+                    ssl_on: bool = False) -> List[str]:
+    """INI lines for one section; what cannot be translated becomes a
+    comment and a note, or an error where it guards TLS or authentication."""
     grouped = {}
     lines = []
     for directive in directives:
         if directive.block:
-            lines.append("# not translated: %s {...}: a block mailproxy does not have" % directive.name)
+            imp.note(lines, directive.where, "not translated: %s {...}: a block mailproxy "
+                     "does not have" % directive.name)
             continue
         args = absolute_args(directive.name, directive.args, base)
+        if directive.name == "ssl" and kind in ("mail", "server"):
+            if args not in (["on"], ["off"]):
+                imp.errors.append('%s: invalid value in "ssl %s;", it must be "on" or "off"'
+                                  % (directive.where, ini_value(args)))
+            elif args == ["on"]:
+                imp.note(lines, directive.where, 'ssl on: carried as "listen ... ssl" (implicit '
+                         'TLS) on %s listeners; the "ssl" directive was removed in nginx 1.25.1'
+                         % ("every server's" if kind == "mail" else "this server's"))
+            continue
         row = DIRECTIVES.get(directive.name)
         if row is None or kind not in row.contexts:
-            lines.append("# not translated: %s %s;  (not a mailproxy directive here)"
-                         % (directive.name, ini_value(args)))
+            imp.untranslated(lines, directive, args, "not a mailproxy directive here")
             continue
-        grouped.setdefault(directive.name, []).append(args)
+        if directive.name in ("pid", "error_log"):
+            new = rewritten_path(directive.name, args)
+            if new is not None:
+                imp.note(lines, directive.where, "%s %s rewritten to %s, so that mailproxy run "
+                         "beside nginx never touches nginx's file" % (directive.name, args[0], new))
+                args = [new] + args[1:]
+        if directive.name == "listen":
+            for each in listen_addresses(imp, lines, directive, args):
+                if ssl_on and "ssl" not in each[1:]:
+                    each = each + ["ssl"]
+                grouped.setdefault(directive.name, []).append((directive, each))
+            continue
+        grouped.setdefault(directive.name, []).append((directive, args))
     for name, occurrences in grouped.items():
         if not DIRECTIVES[name].multiple:
             occurrences = occurrences[-1:]               # nginx: last wins, or "is duplicate"
-        value = "\n    ".join(ini_value(args) for args in occurrences)
+        value = "\n    ".join(ini_value(args) for _, args in occurrences)
         try:
             parse_directive(kind, name, value, base)
         except ConfigValueError as error:
-            for args in occurrences:
-                lines.append("# not translated: %s %s;  (%s)" % (name, ini_value(args), error))
+            for directive, args in occurrences:
+                imp.untranslated(lines, directive, args, str(error))
             continue
         lines.append("%s = %s" % (name, value))
     return lines
 
 
-def import_nginx(path: str) -> str:
-    """The INI equivalent of the mail {} block of an nginx configuration."""
+def server_protocol(server: NginxBlock) -> Optional[str]:
+    """The server's protocol: its "protocol", or what its first port tells."""
+    for directive in server.children:
+        if directive.name == "protocol" and directive.args:
+            return directive.args[0]
+    return server_port_protocol(server)[1]
+
+
+def server_port_protocol(server: NginxBlock) -> Tuple[Optional[int], Optional[str]]:
+    for directive in server.children:
+        if directive.name == "listen" and directive.args:
+            match = re.search(r"(?:^|:)(\d+)$", directive.args[0])
+            if match:
+                port = int(match.group(1))
+                return port, WELL_KNOWN_PORTS.get(port)
+    return None, None
+
+
+def ssl_setting(directives: List[NginxBlock], inherited: bool) -> bool:
+    for directive in directives:
+        if directive.name == "ssl" and not directive.block and directive.args in (["on"], ["off"]):
+            inherited = directive.args == ["on"]          # the last one counts
+    return inherited
+
+
+def import_nginx(path: str, imp: Optional[NginxImport] = None) -> str:
+    """The INI equivalent of the mail {} block of an nginx configuration;
+    notes for stderr in imp.notes; ConfigValueError where it must refuse."""
+    imp = imp if imp is not None else NginxImport()
     top = parse_nginx(path)
     base = os.path.dirname(os.path.abspath(path))
     main = [d for d in top if d.name in NGINX_MAIN_DIRECTIVES and not d.block]
+    header: List[str] = []
     for events in (d for d in top if d.name == "events" and d.block):
-        main += [d for d in events.children if d.name == "worker_connections"]
+        main += [d for d in events.children if d.name == "worker_connections" and not d.block]
+        rest = sorted({d.name for d in events.children if d.name != "worker_connections"})
+        carried = any(d.name == "worker_connections" for d in events.children)
+        imp.note(header, events.where, "events {} skipped%s: mailproxy has its own event loop%s"
+                 % (" (%s)" % ", ".join(rest) if rest else "",
+                    "; its worker_connections goes to [main]" if carried else ""))
     mails = [d for d in top if d.name == "mail" and d.block]
     if not mails:
         raise ConfigValueError("%s: no mail {} block" % path)
-    skipped = sorted({d.name + (" {}" if d.block else "") for d in top
-                      if d.name not in NGINX_MAIN_DIRECTIVES + ("events", "mail")})
-    out = ["# Made from %s by mailproxy --import-nginx." % os.path.abspath(path)]
-    if skipped:
-        out.append("# Not mail, not translated: %s" % ", ".join(skipped))
+    for directive in top:
+        if directive.name in NGINX_MAIN_DIRECTIVES + ("events", "mail") and \
+                directive.block == (directive.name in ("events", "mail")):
+            continue
+        if directive.block:
+            imp.note(header, directive.where, "%s {} skipped: not mail" % directive.name)
+        else:
+            imp.note(header, directive.where, "%s %s; skipped: not a mailproxy directive"
+                     % (directive.name, ini_value(directive.args)))
+    out = ["# Made from %s by mailproxy --import-nginx." % os.path.abspath(path)] + header
     out += ["", "[main]"]
-    out += translate_block("main", main, base)
+    out += translate_block(imp, "main", main, base)
     mail = mails[0]
     out += ["", "[mail]"]
-    out += translate_block("mail", [d for d in mail.children if d.name != "server"], base)
+    out += translate_block(imp, "mail", [d for d in mail.children if d.name != "server"], base)
+    mail_ssl = ssl_setting(mail.children, False)
     used = set()
     for number, server in enumerate((d for d in mail.children if d.name == "server" and d.block), 1):
+        port, _ = server_port_protocol(server)
+        protocol = server_protocol(server)
         names = [d.args[0] for d in server.children if d.name == "server_name" and d.args]
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", names[0]) if names else "%d" % number
+        if protocol and port:
+            name = "%s-%d" % (protocol, port)
+        else:
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", names[0]) if names else "%d" % number
         if name in used:
             name = "%s-%d" % (name, number)
         used.add(name)
-        out += ["", "[server %s]" % name] + translate_block("server", server.children, base)
+        out += ["", "[server %s]" % name] + translate_block(
+            imp, "server", server.children, base, ssl_on=ssl_setting(server.children, mail_ssl))
+    if imp.errors:
+        raise ConfigValueError("\nmailproxy: [emerg] ".join(imp.errors))
     return "\n".join(out) + "\n"
 
 
@@ -10750,11 +10954,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options["hash"]:
         return command_hash_password(options["hash"])
     if options["import"]:
+        imported = NginxImport()
         try:
-            sys.stdout.write(import_nginx(options["import"]))
+            text = import_nginx(options["import"], imported)
         except (OSError, UnicodeDecodeError, ConfigValueError) as error:
             sys.stderr.write("mailproxy: [emerg] %s\n" % error)
             return 1
+        for note in imported.notes:
+            sys.stderr.write("mailproxy: [notice] %s\n" % note)
+        sys.stdout.write(text)
         return 0
     path = options["config"] or default_config_path()
     if path is None:

@@ -13276,7 +13276,7 @@ class ProcessSignalRegressionTests(EndToEndTestCase):
 
 NGINX_CONF = r"""# nginx.conf of a mail proxy   ; { } "quotes" in a comment
 worker_processes 2;
-pid mailproxy.pid;      # relative: to the configuration's directory
+pid nginx.pid;          # relative: to the configuration's directory; nginx's own
 error_log stderr info;
 
 events {
@@ -13292,7 +13292,7 @@ mail {
     auth_http 127.0.0.1:9000/auth;
     auth_http_header X-Auth-Key "se cret \"k\" \\ end#not-a-comment";
     include conf.d/*.conf;
-    ssl_verify_depth 2;
+    proxy_issue_pop3_xoip on;   # Zimbra's
 
     server {
         listen 127.0.0.1:%(imap)d;
@@ -13340,15 +13340,22 @@ class ImportNginxTests(unittest.TestCase):
                          'auth_http_header = X-Auth-Key "se cret \\"k\\" \\\\ end#not-a-comment"',
                          "smtp_capabilities = PIPELINING",
                          '    "SIZE 10485760" 8BITMIME',
-                         "[server 1]", "listen = 127.0.0.1:%d" % ports["imap"], "protocol = imap",
+                         "[server imap-%d]" % ports["imap"], "listen = 127.0.0.1:%d" % ports["imap"], "protocol = imap",
                          "imap_capabilities = IMAP4rev1 UIDPLUS ID",
-                         "[server pop.example.com]", "server_name = pop.example.com",
+                         "[server pop3-%d]" % ports["pop3"], "server_name = pop.example.com",
                          "listen = 127.0.0.1:%d" % ports["pop3"], "protocol = pop3",
-                         "[server 3]", "listen = 127.0.0.1:%d" % ports["smtp"], "protocol = smtp",
+                         "[server smtp-%d]" % ports["smtp"], "listen = 127.0.0.1:%d" % ports["smtp"], "protocol = smtp",
                          "smtp_auth = login plain"):
             self.assertIn(expected, lines, "missing %r in:\n%s" % (expected, ini))
-        self.assertIn("ssl_verify_depth = 2", lines, ini)        # refused until issue 16
-        self.assertIn("# Not mail, not translated: http {}", lines)
+        skipped = [line for line in lines if "xoip" in line]
+        self.assertEqual(skipped, ["# not translated: proxy_issue_pop3_xoip on;  "
+                                   "(not a mailproxy directive here)"], ini)
+        # each comment is a note on stderr too, with the file and line
+        self.assertIn("mailproxy: [notice] %s:19: not translated: proxy_issue_pop3_xoip on;  "
+                      "(not a mailproxy directive here)\n" % nginx, err)
+        self.assertIn("# http {} skipped: not mail", lines)
+        self.assertIn("mailproxy: [notice] %s:10: http {} skipped: not mail\n" % nginx, err)
+        self.assertIn("mailproxy: [notice] %s:6: events {} skipped" % nginx, err)
         self.assertNotIn("listen = 80", ini)
         self.assertEqual(lines.index("smtp_capabilities = PIPELINING") + 1,
                          lines.index('    "SIZE 10485760" 8BITMIME'))
@@ -13400,6 +13407,201 @@ class ImportNginxTests(unittest.TestCase):
         nginx, err = self.broken('mail {\n    server_name "\n\\"\\"\\"\\"";\n'
                                  "    protocol imap;\n}\n}\n")
         self.assertIn('%s:6: unexpected "}"' % nginx, err)
+
+    def imported(self, text: str, files=None, check: bool = True):
+        """--import-nginx on text (and other files beside it): (ini, stderr,
+        nginx path, directory); with check, -t must pass on the output."""
+        directory = TempDir(self)
+        for name, content in (files or {}).items():
+            self.write(directory, name, content)
+        nginx = self.write(directory, "nginx.conf", text)
+        status, ini, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("Traceback", err)
+        if check:
+            path = directory.write("imported.conf", ini)
+            status, out, check_err = run_mailproxy(["-t", "-c", path], timeout=10)
+            self.assertEqual(status, 0, check_err + "\n" + ini)
+        return ini, err, nginx, directory
+
+    def tls_files(self) -> dict:
+        return {"cert.pem": TLS_SERVER_CERT_PEM, "key.pem": TLS_SERVER_KEY_PEM}
+
+    def test_ssl_on_becomes_implicit_tls_on_the_listeners_never_plain_text(self):
+        # nginx <= 1.24: "ssl on" in mail {} makes every server's listeners
+        # TLS; a server's own "ssl off" or "ssl on" overrides it.
+        ports = [free_port() for _ in range(4)]
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    ssl on;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; listen 127.0.0.1:%d; protocol imap; }\n"
+            "    server { listen 127.0.0.1:%d ssl; protocol pop3; }\n"
+            "    server { listen 127.0.0.1:%d; protocol smtp; ssl off; starttls on; }\n"
+            "}\n" % tuple(ports), self.tls_files())
+        config = mp.load_config(directory.write("imported.conf", ini))
+        self.assertEqual([[(l.port, l.ssl) for l in s.listen] for s in config.servers],
+                         [[(ports[0], True), (ports[1], True)], [(ports[2], True)],
+                          [(ports[3], False)]], ini)
+        self.assertIn("listen = 127.0.0.1:%d ssl" % ports[0], ini.splitlines())
+        self.assertIn('%s:3: ssl on: carried as "listen ... ssl"' % nginx, err)
+        self.assertIn('# ssl on: carried as "listen ... ssl"', ini)
+        # a server's own "ssl on" under a mail {} without it
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    server {\n        listen 127.0.0.1:%d;\n        protocol imap;\n"
+            "        ssl on;\n        ssl_certificate cert.pem;\n"
+            "        ssl_certificate_key key.pem;\n    }\n}\n" % port, self.tls_files())
+        config = mp.load_config(directory.write("imported.conf", ini))
+        self.assertTrue(config.servers[0].listen[0].ssl, ini)
+
+    def test_a_tls_or_auth_directive_it_cannot_carry_is_an_error_with_file_and_line(self):
+        directory = TempDir(self)
+        self.write(directory, "tls.conf", "# TLS\nssl_frobnicate 2;\n")
+        nginx = self.write(directory, "nginx.conf",
+                           "mail {\n    auth_http 127.0.0.1:9000/auth;\n    include tls.conf;\n"
+                           "    server {\n        listen 127.0.0.1:1143;\n        protocol imap;\n"
+                           "        ssl_verify_client optional_no_ca;\n        ssl maybe;\n"
+                           "        imap_auth plain;\n        auth_http_frobnicate on;\n"
+                           "    }\n}\n")
+        status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertNotIn("Traceback", err)
+        for where, what in (("tls.conf:2", "ssl_frobnicate 2;"),
+                            ("nginx.conf:7", "ssl_verify_client optional_no_ca;"),
+                            ("nginx.conf:8", 'invalid value in "ssl maybe;"'),
+                            ("nginx.conf:10", "auth_http_frobnicate on;")):
+            self.assertIn("mailproxy: [emerg] %s: %s" % (os.path.join(directory.path, where), what),
+                          err)
+        self.assertIn("less protected than under nginx", err)
+        self.assertNotIn("imap_auth", err)
+
+    def test_listen_with_a_host_name_passes_the_check(self):
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    server {\n        listen localhost:%d;\n        protocol imap;\n    }\n}\n" % port)
+        config = mp.load_config(directory.write("imported.conf", ini))
+        hosts = [listen.host for listen in config.servers[0].listen]
+        self.assertIn("127.0.0.1", hosts, ini)
+        self.assertEqual({listen.port for listen in config.servers[0].listen}, {port})
+        self.assertIn("%s:4: listen localhost:%d: a host name, resolved now to 127.0.0.1"
+                      % (nginx, port), err)
+
+    def test_include_globs_are_taken_from_the_main_files_directory(self):
+        # nginx takes a relative include from its configuration's directory,
+        # also inside an included file (conf.d/a.conf includes extra/*.conf,
+        # which is beside nginx.conf, not under conf.d/).
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    include conf.d/*.conf;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port,
+            {"conf.d/a.conf": "auth_http 127.0.0.1:9000/auth;\ninclude extra/*.conf;\n",
+             "extra/b.conf": "imap_capabilities IMAP4rev1 'X-A B';\n",
+             "conf.d/extra/b.conf": "this would be wrong;\n"})
+        self.assertIn('imap_capabilities = IMAP4rev1 "X-A B"', ini.splitlines())
+        self.assertNotIn("wrong", ini + err)
+
+    def test_nginx_quoting_and_comments(self):
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {#a comment right after the brace\n    auth_http 127.0.0.1:9000/auth;"
+            "  # and one after a directive\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; server_name a#b\\ c; }\n}\n" % port)
+        config = mp.load_config(directory.write("imported.conf", ini))
+        self.assertEqual(config.servers[0].server_name, "a#b\\ c")      # nginx keeps "\ "
+        nginx, err = self.broken('mail {\n    server_name "a"b;\n}\n')
+        self.assertIn('%s:2: unexpected "b"' % nginx, err)
+
+    def test_events_http_and_unknown_blocks_are_skipped_with_a_note(self):
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "load_module modules/ngx_mail_module.so;\nevents { use epoll; worker_connections 64; }\n"
+            "http {\n    server { listen 80; }\n}\nstream { server { listen 12345; } }\n"
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port)
+        for note in ("%s:1: load_module modules/ngx_mail_module.so; skipped" % nginx,
+                     "%s:2: events {} skipped (use)" % nginx,
+                     "%s:3: http {} skipped: not mail" % nginx,
+                     "%s:6: stream {} skipped: not mail" % nginx):
+            self.assertIn("mailproxy: [notice] " + note, err)
+        self.assertIn("worker_connections = 64", ini.splitlines())
+        self.assertNotIn("80", ini.replace(str(port), ""))
+        self.assertNotIn("12345", ini)
+
+    def test_pid_and_error_log_of_nginx_are_not_shared(self):
+        # A trial run beside the running nginx: "nginx -s quit" once stopped
+        # a mailproxy that wrote nginx's pid file.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "pid run/nginx.pid;\nerror_log logs/error.log warn;\n"
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    error_log logs/mail.log info;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port,
+            {"run/.keep": "", "logs/.keep": ""})
+        base = directory.path
+        lines = ini.splitlines()
+        self.assertIn("pid = %s/run/mailproxy.pid" % base, lines)
+        self.assertIn("error_log = %s/logs/mailproxy-error.log warn" % base, lines)
+        self.assertIn("error_log = %s/logs/mailproxy-mail.log info" % base, lines)
+        self.assertNotIn("nginx.pid\n", ini.replace("#", "\n#"))
+        self.assertNotRegex(ini, r"(?m)^[^#].*(nginx\.pid|/error\.log|/mail\.log)")
+        self.assertIn("%s:1: pid %s/run/nginx.pid rewritten to %s/run/mailproxy.pid"
+                      % (nginx, base, base), err)
+        # a pid file nginx already names mailproxy.pid is not shared either
+        ini, err, nginx, directory = self.imported(
+            "pid /tmp/x/mailproxy.pid;\nmail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, check=False)
+        self.assertIn("pid = /tmp/x/mailproxy-imported.pid", ini.splitlines())
+
+    def test_servers_are_named_after_protocol_and_port(self):
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    server { listen 127.0.0.1:1993; protocol imap; }\n"
+            "    server { listen 127.0.0.1:110; }\n"
+            "    server { listen [::1]:1993; protocol imap; }\n"
+            "    server { listen 127.0.0.1:1025; protocol smtp; }\n}\n", check=False)
+        sections = [line for line in ini.splitlines() if line.startswith("[server")]
+        self.assertEqual(sections, ["[server imap-1993]", "[server pop3-110]",
+                                    "[server imap-1993-3]", "[server smtp-1025]"])
+
+    def test_a_mailu_mail_block_imports_and_passes_the_check(self):
+        # Mailu 2024.06's mail {}, shortened: an underscore in a header name
+        # (nginx takes any), a shared session cache and a day's timeout,
+        # carried over (mailproxy loads every ssl_* value nginx does).
+        ports = [free_port(), free_port()]
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    server_name mail.example.com;\n"
+            "    auth_http http://127.0.0.1:8000/auth/email;\n    proxy_pass_error_message on;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    ssl_session_cache shared:SSLMAIL:3m;\n    ssl_session_timeout 1d;\n"
+            "    ssl_session_tickets off;\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "    server { listen 127.0.0.1:%d; protocol smtp; smtp_auth none;\n"
+            "             auth_http_header AUTH_PORT 25; }\n"
+            "    server { listen 127.0.0.1:%d ssl; protocol imap; imap_auth plain login;\n"
+            "             auth_http_header AUTH_PORT 993; }\n}\n" % tuple(ports), self.tls_files())
+        config = mp.load_config(directory.write("imported.conf", ini))
+        self.assertEqual([s.auth_http_header for s in config.servers],
+                         [[("AUTH_PORT", "25")], [("AUTH_PORT", "993")]])
+        self.assertTrue(config.servers[1].listen[0].ssl)
+        self.assertFalse(config.servers[0].ssl_session_tickets)
+        lines = ini.splitlines()
+        self.assertIn("ssl_session_cache = shared:SSLMAIL:3m", lines, ini)
+        self.assertIn("ssl_session_timeout = 1d", lines, ini)
+        self.assertNotIn("not translated", err)
+
+    def test_a_missing_file_is_named_as_nginx_names_it(self):
+        directory = TempDir(self)
+        missing = os.path.join(directory.path, "x.conf")
+        status, out, err = run_mailproxy(["--import-nginx", missing], timeout=10)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, 'mailproxy: [emerg] open() "%s" failed (2: No such file or '
+                              'directory)\n' % missing)
+        nginx = self.write(directory, "nginx.conf", "mail {\n    include nothere.conf;\n}\n")
+        status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual(status, 1)
+        self.assertIn('open() "%s/nothere.conf" failed (2: No such file or directory) in %s:2'
+                      % (directory.path, nginx), err)
+        self.assertNotIn("Errno", err)
 
 
 # ========================================================================== #
