@@ -2031,8 +2031,9 @@ def tls_directive_warnings(path: str, servers: List[Settings], lines: Dict) -> L
             warn(server, "ssl_verify_depth", "client certificate chains are accepted up to OpenSSL's "
                  "default depth (100): libssl cannot be reached to set it" + without)
             if ":" in server.ssl_ecdh_curve:
-                warn(server, "ssl_ecdh_curve", 'only the first curve, "%s", is offered: libssl cannot '
-                     "be reached to set a list%s" % (server.ssl_ecdh_curve.split(":")[0], without))
+                warn(server, "ssl_ecdh_curve", 'only one curve is offered, the first of "%s" that '
+                     "Python's ssl module takes: libssl cannot be reached to set a list%s"
+                     % (server.ssl_ecdh_curve, without))
         keys = server.ssl_session_ticket_key
         if keys and server.ssl_session_tickets:
             differences = []
@@ -6309,6 +6310,21 @@ def openssl_ticket_key(key: bytes) -> bytes:
     return key[:16] + hashlib.sha256(b"hmac" + key).digest() + hashlib.sha256(b"aes" + key).digest()
 
 
+def set_one_curve(context: ssl.SSLContext, curves: List[str]) -> None:
+    """Without libssl, Python sets one curve (-t warns of the rest): the
+    first of the list it takes.  Before Python 3.10 set_ecdh_curve knows
+    only EC_KEY curves, so "X25519" is refused there and the next one is
+    tried; none taken is the error of the first."""
+    first_error = None
+    for curve in curves:
+        try:
+            context.set_ecdh_curve(curve)
+            return
+        except (ssl.SSLError, ValueError) as error:
+            first_error = first_error or error
+    raise first_error
+
+
 def server_context(settings: Settings, certificate: str = "", key: str = "") -> ssl.SSLContext:
     """The client-facing context for a server, as ngx_mail_ssl_module sets it
     up from the ssl_* directives (with another certificate for SNI)."""
@@ -6321,8 +6337,7 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
             if libssl.available:
                 libssl.set_curves(context, settings.ssl_ecdh_curve)
             else:
-                # Python sets one curve: the first (-t warns of the rest).
-                context.set_ecdh_curve(settings.ssl_ecdh_curve.split(":")[0])
+                set_one_curve(context, settings.ssl_ecdh_curve.split(":"))
         if settings.ssl_dhparam:
             context.load_dh_params(settings.ssl_dhparam)
     except (ssl.SSLError, ValueError, OSError) as error:

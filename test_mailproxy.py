@@ -7917,7 +7917,7 @@ class TlsNginxDirectivesTests(EndToEndTestCase):
                                             "ssl_session_timeout", "ssl_verify_depth"])
         for directive, text in (("ssl_session_timeout", "sessions last OpenSSL's default time instead"),
                                 ("ssl_verify_depth", "default depth (100)"),
-                                ("ssl_ecdh_curve", 'only the first curve, "X25519", is offered'),
+                                ("ssl_ecdh_curve", 'only one curve is offered, the first of "X25519:'),
                                 ("ssl_session_cache", "OpenSSL's built-in session cache of its default size"),
                                 ("ssl_session_ticket_key", "the key files are not used")):
             self.assertIn(text, warnings[directive].message)
