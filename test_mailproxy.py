@@ -1605,9 +1605,19 @@ class Client:
     expect_closed() wants the proxy to close with nothing more said.  Every
     read gives up after ``timeout`` seconds, saying what it had read."""
 
-    def __init__(self, port: int, timeout: float = 5.0):
+    def __init__(self, port, timeout: float = 5.0):
+        """``port``: of 127.0.0.1; a str is the path of a unix socket."""
         self.timeout = timeout
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if isinstance(port, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(port)
+            except OSError:
+                self.sock.close()
+                raise
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.pending = bytearray()     # received, not consumed yet
         self.lines = []                # the last lines consumed, for failure messages
         self.sent = 0                  # bytes sent, and received, in all
@@ -1739,8 +1749,9 @@ class Client:
         self.sock.close()
 
 
-def connect_client(test, port: int, timeout: float = 5.0) -> Client:
-    """A Client of 127.0.0.1:PORT, closed when the test ends."""
+def connect_client(test, port, timeout: float = 5.0) -> Client:
+    """A Client of 127.0.0.1:PORT (or of the unix socket at the path
+    ``port``), closed when the test ends."""
     client = Client(port, timeout)
     test.addCleanup(client.close)
     return client
