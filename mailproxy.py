@@ -4824,7 +4824,11 @@ def xtext(data: bytes) -> bytes:
 
 def xclient_command(address: str, login: bytes, name: str) -> bytes:
     """Postfix's XCLIENT (www.postfix.org/XCLIENT_README.html) as nginx sends
-    it: ADDR (IPV6: prefixed for IPv6), LOGIN if there is one, NAME always."""
+    it: ADDR (IPV6: prefixed for IPv6), LOGIN if there is one, NAME always.
+    A unix socket's client is ADDR=[UNAVAILABLE]: nginx sends "unix:",
+    which Postfix refuses (501 Bad ADDR syntax), failing the login."""
+    if address == "unix:":
+        address = "[UNAVAILABLE]"
     addr = "IPV6:" + address if ":" in address else address
     line = b"XCLIENT ADDR=" + xtext(addr.encode())
     if login:
@@ -8592,6 +8596,11 @@ class ClientOpening(StreamOwner):
         if session.server.protocol != "smtp":
             return self._greet()
         if session.server.resolver is None:
+            return self._greeting_delay()
+        if session.client_address == "unix:":
+            # ngx_mail_smtp_init_session: a unix socket's peer has no name to
+            # look up; temporarily unavailable, and nothing asked or logged.
+            session.client_name = CLIENT_TEMPUNAVAIL
             return self._greeting_delay()
         session._enter(Phase.RESOLVING)
         self.name_lookup = ClientNameLookup(session.worker.resolver_for(session.server),

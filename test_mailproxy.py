@@ -12664,6 +12664,25 @@ class UnixListenEndToEndTests(EndToEndTestCase):
             mp.bind_listen(listen)
         self.assertEqual(mp.unix_socket_hint(path), ": the file is not a socket")
 
+    def test_an_smtp_client_on_a_unix_socket_is_not_resolved(self):
+        # ngx_mail_smtp_init_session: no PTR query for a unix peer, its
+        # name is [TEMPUNAVAIL], and no error is logged.
+        dns = FakeDns(records_for({}))
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.use(ProxyUnderTest(unix_listen(proxy_config(
+            "smtp", backend.port, resolver="127.0.0.1:%d" % dns.port))))
+        client = connect_client(self, os.path.join(proxy.directory.name, "imap.sock"))
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(dns.queries, [])
+        # Postfix refuses nginx's ADDR=unix: ("501 Bad ADDR syntax").
+        self.assertIn(b"XCLIENT ADDR=[UNAVAILABLE] LOGIN=alice NAME=[TEMPUNAVAIL]\r\n",
+                      bytes(backend.received[0]))
+        self.assertNotIn("[error]", proxy.log)
+
     def test_so_keepalive_on_a_unix_socket_is_ignored(self):
         # nginx sets no TCP option on a unix socket; the session must not fail.
         proxy, auth, backend, path = self.unix_proxy("so_keepalive=30s:10s:3")
