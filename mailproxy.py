@@ -7127,6 +7127,11 @@ def release_socket(key: Tuple[str, int], sock: socket.socket) -> None:
     it is a unix one (nginx's master on exit and for a socket a reload
     drops; never a worker: the master owns the file)."""
     sock.close()
+    remove_socket_file(key)
+
+
+def remove_socket_file(key: Tuple[str, int]) -> None:
+    """The file of the unix socket ``key`` (bind_all's key), if it is one."""
     if key[1] == 0:
         try:
             os.unlink(key[0][5:])
@@ -9917,10 +9922,7 @@ class Worker(LoopHandler):
         or when a reload drops them."""
         for key in list(keys):
             self.unix_paths.discard(key)
-            try:
-                os.unlink(key[0][5:])
-            except OSError:
-                pass
+            remove_socket_file(key)
 
     def accept(self, listener: Listener, sock: socket.socket, address) -> None:
         if self.stopping:
