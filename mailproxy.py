@@ -317,13 +317,14 @@ WELL_KNOWN_PORTS = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
 
 
 NGINX_LISTEN_BACKLOG = 511     # NGX_LISTEN_BACKLOG on Linux
+UNIX_PATH_MAX = 108            # sizeof(sun_path) on Linux, the NUL included
 
 
 class Listen(NamedTuple):
     """One ``listen`` occurrence: where to accept and how."""
-    host: str                  # "0.0.0.0", "::" or an address literal
-    port: int
-    family: int                # socket.AF_INET or socket.AF_INET6
+    host: str                  # "0.0.0.0", "::", an address literal, or "unix:/PATH"
+    port: int                  # 0 for a unix: socket
+    family: int                # socket.AF_INET, socket.AF_INET6 or socket.AF_UNIX
     ssl: bool = False          # implicit TLS (IMAPS 993, POP3S 995, SMTPS 465)
     proxy_protocol: bool = False   # a PROXY header comes first (HAProxy and the like)
     backlog: int = NGINX_LISTEN_BACKLOG
@@ -334,7 +335,10 @@ class Listen(NamedTuple):
 
     @property
     def text(self) -> str:
-        """The address as nginx prints it in logs: 127.0.0.1:143 or [::1]:143."""
+        """The address as nginx prints it in logs: 127.0.0.1:143, [::1]:143
+        or unix:/run/imap.sock."""
+        if self.port == 0:
+            return self.host
         if self.family == socket.AF_INET6:
             return "[%s]:%d" % (self.host, self.port)
         return "%s:%d" % (self.host, self.port)
@@ -536,12 +540,13 @@ def resolve_upstream(host: str, port: int) -> Upstream:
 
 
 def parse_listen(args: List[str], base: str = "") -> Listen:
-    """nginx's ``listen``: ``ADDRESS:PORT``, ``PORT``, ``*:PORT``, ``[IPV6]:PORT``
-    and the flags ``backlog=N``, ``so_keepalive=on|off|IDLE:INTVL:CNT``,
+    """nginx's ``listen``: ``ADDRESS:PORT``, ``PORT``, ``*:PORT``, ``[IPV6]:PORT``,
+    ``unix:PATH`` (relative to the file's directory) and the flags
+    ``backlog=N``, ``so_keepalive=on|off|IDLE:INTVL:CNT``,
     ``rcvbuf=SIZE``, ``sndbuf=SIZE``, ``bind``, ``ipv6only=on|off``."""
     if not args:
         raise ConfigValueError("needs an address")
-    host, port, family = parse_listen_address(args[0])
+    host, port, family = parse_listen_address(args[0], base)
     options = {"backlog": NGINX_LISTEN_BACKLOG, "so_keepalive": None,
                "rcvbuf": None, "sndbuf": None, "ipv6only": True, "ssl": False,
                "proxy_protocol": False}
@@ -565,10 +570,20 @@ def parse_listen(args: List[str], base: str = "") -> Listen:
                   options["so_keepalive"], options["rcvbuf"], options["sndbuf"], options["ipv6only"])
 
 
-def parse_listen_address(address: str) -> Tuple[str, int, int]:
-    """``listen``'s address -> (IP address, port, family)."""
+def parse_listen_address(address: str, base: str = "") -> Tuple[str, int, int]:
+    """``listen``'s address -> (IP address, port, family); a unix socket ->
+    ("unix:" and its path, 0, AF_UNIX)."""
     if address.startswith("unix:"):
-        raise ConfigValueError('"unix:" sockets are not supported yet')
+        if not hasattr(socket, "AF_UNIX"):
+            raise ConfigValueError('"unix:" sockets are not supported on this system')
+        path = address[5:]
+        if not path:
+            raise ConfigValueError('no path in the unix domain socket "%s"' % address)
+        path = os.path.normpath(os.path.join(base, path))
+        if len(os.fsencode(path)) >= UNIX_PATH_MAX:
+            # ngx_parse_unix_domain_url: sun_path holds 108 bytes with its NUL.
+            raise ConfigValueError('too long path in the unix domain socket "%s"' % address)
+        return "unix:" + path, 0, socket.AF_UNIX
     if re.fullmatch(r"\d+", address):
         host, port = "0.0.0.0", int(address)
     else:
@@ -1456,10 +1471,7 @@ def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[
         section = "server " + server.name
         for listen in server.listen:
             key = (listen.host, listen.port)
-            wildcard = ipaddress.ip_address(listen.host).is_unspecified
-            clash = [other for (host, port), other in seen.items()
-                     if port == listen.port and other.family == listen.family and
-                     (wildcard or ipaddress.ip_address(host).is_unspecified) and host != listen.host]
+            clash = [] if listen.port == 0 else listen_clashes(listen, seen)
             if key in seen:
                 message = 'duplicate "%s" address and port pair' % listen.text
             elif clash:
@@ -1471,6 +1483,15 @@ def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[
             errors.append(ConfigError(path, section, "listen", message,
                                       lines.get((section, "listen"))))
     return errors
+
+
+def listen_clashes(listen: Listen, seen: Dict) -> List[Listen]:
+    """The listens in ``seen`` that ``listen`` (an IP one) cannot be bound
+    beside: a wildcard and an address of one family on one port."""
+    wildcard = ipaddress.ip_address(listen.host).is_unspecified
+    return [other for (host, port), other in seen.items()
+            if port == listen.port and other.family == listen.family and
+            (wildcard or ipaddress.ip_address(host).is_unspecified) and host != listen.host]
 
 
 PASSWORD_SCHEMES = ("PLAIN", "PBKDF2-SHA256", "SHA512-CRYPT", "SHA256-CRYPT")   # --hash-password's
@@ -4804,7 +4825,11 @@ def xtext(data: bytes) -> bytes:
 
 def xclient_command(address: str, login: bytes, name: str) -> bytes:
     """Postfix's XCLIENT (www.postfix.org/XCLIENT_README.html) as nginx sends
-    it: ADDR (IPV6: prefixed for IPv6), LOGIN if there is one, NAME always."""
+    it: ADDR (IPV6: prefixed for IPv6), LOGIN if there is one, NAME always.
+    A unix socket's client is ADDR=[UNAVAILABLE]: nginx sends "unix:",
+    which Postfix refuses (501 Bad ADDR syntax), failing the login."""
+    if address == "unix:":
+        address = "[UNAVAILABLE]"
     addr = "IPV6:" + address if ":" in address else address
     line = b"XCLIENT ADDR=" + xtext(addr.encode())
     if login:
@@ -5151,11 +5176,19 @@ class ProxyTls(NamedTuple):
     certificate: bool = False              # a verified client certificate
 
 
+def ip_or_none(text: str):
+    """An IP address, or None for "unix:" (a unix socket's peer or name)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def proxy_protocol_v1(source: Tuple[str, int], destination: Tuple[str, int]) -> bytes:
     """``PROXY TCP4|TCP6 SRC DST SPORT DPORT\r\n`` (spec §2.1); UNKNOWN if
-    the families differ."""
-    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
-    if src.version != dst.version:
+    the families differ or one is a unix socket."""
+    src, dst = ip_or_none(source[0]), ip_or_none(destination[0])
+    if src is None or dst is None or src.version != dst.version:
         return b"PROXY UNKNOWN\r\n"
     family = b"TCP4" if src.version == 4 else b"TCP6"
     return b"PROXY %s %s %s %d %d\r\n" % (family, str(src).encode(), str(dst).encode(),
@@ -5169,9 +5202,10 @@ def _tlv(kind: int, value: bytes) -> bytes:
 def proxy_protocol_v2(source: Tuple[str, int], destination: Tuple[str, int],
                       tls: Optional[ProxyTls] = None) -> bytes:
     """The binary header (spec §2.2): PROXY command over TCP4/TCP6 (LOCAL if
-    the families differ), with ALPN, AUTHORITY and SSL TLVs for a TLS client."""
-    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
-    if src.version != dst.version:
+    the families differ or one is a unix socket), with ALPN, AUTHORITY and
+    SSL TLVs for a TLS client."""
+    src, dst = ip_or_none(source[0]), ip_or_none(destination[0])
+    if src is None or dst is None or src.version != dst.version:
         return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"
     family = 0x11 if src.version == 4 else 0x21
     body = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
@@ -6952,8 +6986,17 @@ def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner,
 
 
 def peer_text(address) -> str:
-    """A socket address as nginx logs it: the IP without the port."""
-    return address[0] if isinstance(address, tuple) else str(address)
+    """A socket address as nginx logs it: the IP without the port, or
+    "unix:" for a unix socket's peer (ngx_sock_ntop: a client's unix
+    socket has no name)."""
+    return address[0] if isinstance(address, tuple) else "unix:"
+
+
+def local_address(sock: socket.socket) -> Tuple[str, int]:
+    """(address, port) a client connected to; ("unix:", 0) on a unix
+    socket, which a PROXY header to the backend gives as UNKNOWN."""
+    address = sock.getsockname()
+    return address[:2] if isinstance(address, tuple) else ("unix:", 0)
 
 
 class Listener(LoopHandler):
@@ -7027,6 +7070,8 @@ def bind_listen(listen: Listen) -> socket.socket:
     except OSError as error:                 # EAFNOSUPPORT: a kernel without IPv6
         raise OSError(error.errno, "socket() %s failed (%d: %s)" % (
             listen.text, error.errno, error.strerror))
+    if listen.port == 0:
+        return bind_unix(sock, listen)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if listen.family == socket.AF_INET6:
@@ -7043,6 +7088,70 @@ def bind_listen(listen: Listen) -> socket.socket:
         raise OSError(error.errno, "bind() to %s failed (%d: %s)" % (
             listen.text, error.errno, error.strerror))
     return sock
+
+
+UNIX_SOCKET_MODE = 0o666      # nginx's chmod() of a unix listening socket: anyone may connect
+
+
+def bind_unix(sock: socket.socket, listen: Listen) -> socket.socket:
+    """bind_listen for ``unix:PATH``, as ngx_open_listening_sockets: bind()
+    creates the file, which is then made 0666.  A file already there is
+    not removed (nginx neither: it may be a running proxy's): EADDRINUSE,
+    which bind_all explains (unix_socket_hint) unless it ignores it."""
+    path = listen.host[5:]
+    try:
+        for size, option in ((listen.rcvbuf, socket.SO_RCVBUF), (listen.sndbuf, socket.SO_SNDBUF)):
+            if size:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, "bind() to %s failed (%d: %s)" % (
+            listen.text, error.errno, error.strerror))
+    try:
+        os.chmod(path, UNIX_SOCKET_MODE)
+        sock.listen(listen.backlog)
+        sock.setblocking(False)
+    except OSError as error:
+        release_socket((listen.host, listen.port), sock)
+        raise OSError(error.errno, "listen() to %s failed (%d: %s)" % (
+            listen.text, error.errno, error.strerror))
+    return sock
+
+
+def unix_socket_hint(path: str) -> str:
+    """Why a unix socket's path is taken, for the message of bind_unix's
+    EADDRINUSE (not asked by -t, which ignores it: the probe would be a
+    session of the running proxy)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return ": the file is not a socket"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            probe.connect(path)
+    except ConnectionRefusedError:
+        return (": nothing listens on it, it was left by a process that did not exit "
+                "cleanly; remove it")
+    except OSError:
+        return ""
+    return ": another process listens on it"
+
+
+def release_socket(key: Tuple[str, int], sock: socket.socket) -> None:
+    """Close a listening socket this process bound, and remove its file if
+    it is a unix one (nginx's master on exit and for a socket a reload
+    drops; never a worker: the master owns the file)."""
+    sock.close()
+    remove_socket_file(key)
+
+
+def remove_socket_file(key: Tuple[str, int]) -> None:
+    """The file of the unix socket ``key`` (bind_all's key), if it is one."""
+    if key[1] == 0:
+        try:
+            os.unlink(key[0][5:])
+        except OSError:
+            pass                       # gone already
 
 
 def host_has_ipv6() -> bool:
@@ -7088,6 +7197,9 @@ def bind_all(config: Config, bound: Dict, warn: Callable[[str], None] = lambda m
                     sockets[key] = bound.get(key) or sockets.get(key) or bind_listen(listen)
                 except OSError as error:
                     if error.errno not in ignore and not family_unavailable(listen, error):
+                        if listen.port == 0 and error.errno == errno.EADDRINUSE:
+                            raise OSError(error.errno, error.strerror +
+                                          unix_socket_hint(listen.host[5:]))
                         raise
                     if error.errno not in ignore:
                         skipped = skipped or error
@@ -7100,7 +7212,7 @@ def bind_all(config: Config, bound: Dict, warn: Callable[[str], None] = lambda m
     except OSError:
         for key, sock in sockets.items():
             if key not in bound:
-                sock.close()
+                release_socket(key, sock)
         raise
     return sockets
 
@@ -7166,7 +7278,11 @@ def update_buffer(sock: socket.socket, name: str, option: int, before: Optional[
 
 
 def configure_accepted(sock: socket.socket, listen: Listen) -> None:
+    """The accepted socket: non-blocking; over TCP, TCP_NODELAY and
+    so_keepalive (nginx neither sets them on a unix socket: no TCP there)."""
     sock.setblocking(False)
+    if listen.port == 0:
+        return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if listen.so_keepalive is not None:
         enabled, idle, interval, count = listen.so_keepalive
@@ -8050,7 +8166,7 @@ class BackendAuth:
         self.timer = self.loop.call_later(server.timeout, self._timed_out)
         self.connected = False
         connection = open_backend(self.loop, server, attempt, outcome,
-                                  self.owner.client.sock.getsockname()[:2], self,
+                                  local_address(self.owner.client.sock), self,
                                   self.log, verdicts=True)
         if self.done is not None:      # not failed already (no address could be tried)
             self.connection = connection
@@ -8501,6 +8617,11 @@ class ClientOpening(StreamOwner):
             return self._greet()
         if session.server.resolver is None:
             return self._greeting_delay()
+        if session.client_address == "unix:":
+            # ngx_mail_smtp_init_session: a unix socket's peer has no name to
+            # look up; temporarily unavailable, and nothing asked or logged.
+            session.client_name = CLIENT_TEMPUNAVAIL
+            return self._greeting_delay()
         session._enter(Phase.RESOLVING)
         self.name_lookup = ClientNameLookup(session.worker.resolver_for(session.server),
                                             session.client_address, self._resolved)
@@ -8881,8 +9002,9 @@ class Session(StreamOwner):
         self.counted = False         # in SessionCounts (max_user_sessions): LoginGuard
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.client_clock = ClientClock(self.loop.time, self.server.timeout)
-        self.log("info", "client %s:%d connected to %s", self.client_address, self.client_port,
-                 listener.listen.text, action=None)
+        peer = self.client_address if listener.listen.port == 0 else "%s:%d" % (
+            self.client_address, self.client_port)           # "unix:", as nginx
+        self.log("info", "client %s connected to %s", peer, listener.listen.text, action=None)
         configure_accepted(sock, listener.listen)
         self.client = Stream(self.loop, sock, self)
         try:
@@ -9118,7 +9240,7 @@ class Session(StreamOwner):
         self.journal.upstream = outcome.upstream
         self._enter(Phase.CONNECT)
         self.backend_connection = open_backend(self.loop, self.server, self.attempt, outcome,
-                                               self.client.sock.getsockname()[:2], self,
+                                               local_address(self.client.sock), self,
                                                self.log)
 
     def backend_connected(self, stream: Stream) -> None:
@@ -9767,6 +9889,7 @@ class Worker(LoopHandler):
         self.numbers = numbers if numbers is not None else SessionNumbers()
         self.stopping = False
         self.report_fd = None          # a pipe to the master, in a worker process
+        self.unix_paths = set()        # the unix sockets' files it made (no master): removed at exit
 
     def resolver_for(self, server: Settings) -> Resolver:
         """One Resolver (and cache) per distinct resolver setting."""
@@ -9787,8 +9910,9 @@ class Worker(LoopHandler):
         ones it no longer has.  Raises OSError (and changes nothing) if one
         cannot be bound."""
         current = {key: listener.sock for key, listener in self.listeners.items()}
-        if sockets is None:
+        if sockets is None:            # no master: this process owns the sockets and their files
             sockets = bind_all(config, current, lambda message: self.log.log("warn", message))
+            self.unix_paths.update(key for key in sockets if key[1] == 0)
         wanted = {}
         for server in config.servers:
             for listen in server.listen:
@@ -9798,12 +9922,22 @@ class Worker(LoopHandler):
             if key not in wanted:
                 listener.close()
                 del self.listeners[key]
+                if key in self.unix_paths:
+                    self.log.log("warn", "deleting socket %s" % key[0][5:])
+                    self.remove_unix_sockets([key])
         for key, (listen, server) in wanted.items():
             if key in self.listeners:
                 self.listeners[key].reconfigure(listen, server)
             else:
                 self.listeners[key] = Listener(self.loop, sockets[key], listen, server,
                                                self.accept, self.log)
+
+    def remove_unix_sockets(self, keys) -> None:
+        """The files of unix sockets this process made (no master), at exit
+        or when a reload drops them."""
+        for key in list(keys):
+            self.unix_paths.discard(key)
+            remove_socket_file(key)
 
     def accept(self, listener: Listener, sock: socket.socket, address) -> None:
         if self.stopping:
@@ -10198,8 +10332,10 @@ class Master(LoopHandler):
             self.log.log("alert", "reload failed, the old configuration is kept")
             return
         for key, sock in self.sockets.items():
-            if key not in sockets:
-                sock.close()           # old workers keep their copy until they exit
+            if key not in sockets:     # old workers keep their copy until they exit
+                if key[1] == 0:
+                    self.log.log("warn", "deleting socket %s" % key[0][5:])   # nginx's words
+                release_socket(key, sock)
         self._update_kept_sockets(config, sockets)
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.config, self.sockets = config, sockets
@@ -10251,8 +10387,8 @@ class Master(LoopHandler):
 
     def _stop(self, signum: int) -> None:
         self.stopping = True
-        for sock in self.sockets.values():
-            sock.close()
+        for key, sock in self.sockets.items():
+            release_socket(key, sock)  # a unix socket's file goes (workers finishing keep theirs)
         self.sockets = {}
         for pid in list(self.workers):
             self._signal(pid, signum)
@@ -10887,8 +11023,9 @@ def command_test(path: str) -> int:
         say("emerg", log_open_failure(error) if error.filename else error.strerror)
         sys.stderr.write("mailproxy: configuration file %s test failed\n" % path)
         return 1
-    for sock in sockets.values():
-        sock.close()
+    for key, sock in sockets.items():
+        release_socket(key, sock)   # as nginx -t, a unix socket's file it made goes (one in use
+                                    # was not bound: EADDRINUSE, ignored, its file untouched)
     sys.stderr.write("mailproxy: the configuration file %s syntax is ok\n" % path)
     sys.stderr.write("mailproxy: configuration file %s test is successful\n" % path)
     return 0
@@ -10938,6 +11075,8 @@ def command_run(path: str) -> int:
         if isinstance(process, Master):
             process.stop_now()                   # its workers are running already
             process.run()
+        else:
+            process.remove_unix_sockets(process.unix_paths)
         return status
     if isinstance(process, Worker):
         drop_privileges(config.main, log)
@@ -10949,6 +11088,8 @@ def command_run(path: str) -> int:
     try:
         process.run()
     finally:
+        if isinstance(process, Worker):
+            process.remove_unix_sockets(process.unix_paths)
         remove_pid_file(process.config.main, process.log)
     process.log.log("notice", "exit")
     return 0

@@ -41,6 +41,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -1605,9 +1606,19 @@ class Client:
     expect_closed() wants the proxy to close with nothing more said.  Every
     read gives up after ``timeout`` seconds, saying what it had read."""
 
-    def __init__(self, port: int, timeout: float = 5.0):
+    def __init__(self, port, timeout: float = 5.0):
+        """``port``: of 127.0.0.1; a str is the path of a unix socket."""
         self.timeout = timeout
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if isinstance(port, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(port)
+            except OSError:
+                self.sock.close()
+                raise
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.pending = bytearray()     # received, not consumed yet
         self.lines = []                # the last lines consumed, for failure messages
         self.sent = 0                  # bytes sent, and received, in all
@@ -1739,8 +1750,9 @@ class Client:
         self.sock.close()
 
 
-def connect_client(test, port: int, timeout: float = 5.0) -> Client:
-    """A Client of 127.0.0.1:PORT, closed when the test ends."""
+def connect_client(test, port, timeout: float = 5.0) -> Client:
+    """A Client of 127.0.0.1:PORT (or of the unix socket at the path
+    ``port``), closed when the test ends."""
     client = Client(port, timeout)
     test.addCleanup(client.close)
     return client
@@ -2780,8 +2792,49 @@ class ConfigValueParserTests(unittest.TestCase):
         self.assertRefused(bad, ["70000"], 'invalid port in "70000"')
         self.assertRefused(bad, ["::1:8143"])
         self.assertRefused(bad, ["[::1]"])
-        self.assertRefused(bad, ["unix:/tmp/mail.sock"], '"unix:" sockets are not supported yet')
+        self.assertRefused(bad, ["unix:"], 'no path in the unix domain socket "unix:"')
+        long_path = "unix:/" + "x" * 107              # sun_path: 108 bytes with the NUL
+        self.assertRefused(bad, [long_path], 'too long path in the unix domain socket "%s"' % long_path)
         self.assertRefused(bad, [], "needs an address")
+
+    def test_listen_on_a_unix_socket(self):
+        # nginx's "listen unix:PATH": the path is the key and the text nginx logs.
+        listen = mp.parse_listen(["unix:/run/mail/imap.sock", "proxy_protocol", "backlog=8"])
+        self.assertEqual((listen.host, listen.port, listen.family),
+                         ("unix:/run/mail/imap.sock", 0, socket.AF_UNIX))
+        self.assertEqual(listen.text, "unix:/run/mail/imap.sock")
+        self.assertTrue(listen.proxy_protocol)
+        self.assertEqual(listen.backlog, 8)
+        # Relative to the file's directory, as every other path of the file.
+        self.assertEqual(mp.parse_listen(["unix:run/imap.sock"], "/etc/mailproxy").host,
+                         "unix:/etc/mailproxy/run/imap.sock")
+        # TCP flags load (nginx accepts them) and do nothing on a unix socket.
+        mp.parse_listen(["unix:/run/imap.sock", "so_keepalive=on", "ipv6only=on", "bind"])
+
+    def test_a_unix_socket_given_twice_is_refused(self):
+        path, errors = config_errors(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:1143
+
+            [server a]
+            listen = unix:/tmp/mailproxy-imap.sock
+            protocol = imap
+
+            [server b]
+            listen = unix:/tmp/mailproxy-imap.sock
+                     127.0.0.1:18143
+            protocol = imap
+        """)
+        self.assertEqual([e.message for e in errors],
+                         ['duplicate "unix:/tmp/mailproxy-imap.sock" address and port pair'])
+
+    def test_proxy_header_to_the_backend_from_a_unix_socket_is_unknown(self):
+        # nginx: UNKNOWN (v1) or LOCAL (v2) when a side is not TCP.
+        self.assertEqual(mp.proxy_protocol_v1(("unix:", 0), ("unix:", 0)), b"PROXY UNKNOWN\r\n")
+        self.assertEqual(mp.proxy_protocol_v1(("192.0.2.7", 4000), ("unix:", 0)),
+                         b"PROXY UNKNOWN\r\n")
+        self.assertEqual(mp.proxy_protocol_v2(("unix:", 0), ("unix:", 0)),
+                         mp.PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00")
 
 
 # -- -t: one broken file per kind of error ------------------------------------------
@@ -12520,6 +12573,236 @@ class ProcessSharedBooksTests(EndToEndTestCase):
 # -- SIGHUP: a reload ---------------------------------------------------------------
 
 @needs_fork_and_proc
+def unix_listen(text: str, path: str = "imap.sock", flags: str = "") -> str:
+    """A configuration's text (proxy_config's, program_config's) with its
+    first listen on the unix socket ``path`` instead (relative: beside the
+    file), with ``flags``."""
+    return re.sub(r"^listen = 127\.0\.0\.1:\d+[^\n]*", lambda match: "listen = unix:%s%s" % (
+        path, " " + flags if flags else ""), text, count=1, flags=re.M)
+
+
+def file_mode(path: str) -> Optional[int]:
+    """The permission bits of ``path`` if it is a socket; None if there is
+    none (or it is no socket)."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return stat.S_IMODE(status.st_mode) if stat.S_ISSOCK(status.st_mode) else None
+
+
+def unix_program_config(directory: TempDir, backend_port: int = 1143, path: str = "imap.sock",
+                        name: str = "mailproxy.conf", **options) -> str:
+    """program_config's file with its listen on the unix socket ``path``."""
+    config = program_config(directory, [free_port()], backend_port, name=name, **options)
+    return directory.write(name, unix_listen(read_text(config), path))
+
+
+class UnixListenEndToEndTests(EndToEndTestCase):
+    """listen unix:PATH, as nginx: a stream socket, mode 0666, the client
+    "unix:" in the logs and to auth_http, PROXY headers both ways."""
+
+    def unix_proxy(self, flags: str = "", **mail) -> "tuple":
+        backend = self.use(FakeImapBackend(proxy_header=mail.get("proxy_protocol") == "on"))
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.use(ProxyUnderTest(unix_listen(proxy_config("imap", auth_port=auth.port, **mail),
+                                                    flags=flags)))
+        return proxy, auth, backend, os.path.join(proxy.directory.name, "imap.sock")
+
+    def test_login_through_a_unix_socket(self):
+        proxy, auth, backend, path = self.unix_proxy()
+        self.assertEqual(file_mode(path), 0o666)            # nginx's chmod(), whatever the umask
+        client = connect_client(self, path)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="unix:")])
+        self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r"\*1 client unix: connected to unix:%s, " % re.escape(path))
+        proxy.wait_for_log(r'client logged in while [^,]*, client: unix:, server: unix:%s, '
+                           r'login: "alice"' % re.escape(path))
+        client.send("n1 NOOP")
+        client.expect(rb"^n1 OK NOOP completed\r\n$")         # and it relays
+
+    def test_proxy_protocol_on_a_unix_socket_from_a_trusted_peer(self):
+        proxy, auth, backend, path = self.unix_proxy("proxy_protocol", set_real_ip_from="unix:",
+                                                     proxy_protocol="on")
+        client = connect_client(self, path)
+        client.send(PROXY_V1_HEADER)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="192.0.2.7", middle=PROXY_FACTS)])
+        # To the backend: the real client, and the address it reached is no IP: UNKNOWN.
+        self.assertEqual(backend.headers, [b"PROXY UNKNOWN\r\n"])
+
+    def test_proxy_protocol_on_a_unix_socket_from_an_untrusted_peer(self):
+        proxy, auth, backend, path = self.unix_proxy("proxy_protocol", set_real_ip_from="127.0.0.1")
+        client = connect_client(self, path)
+        client.send(PROXY_V1_HEADER)
+        self.imap_login(client)
+        self.assertEqual(auth.requests, [auth_request_bytes(client_ip="unix:", middle=PROXY_FACTS)])
+
+    def test_a_file_in_the_way_is_not_removed(self):
+        # nginx does not unlink the path before bind(): a socket file there
+        # may be a running proxy's.  The message says whether one listens.
+        directory = TempDir(self)
+        path = os.path.join(directory.path, "imap.sock")
+        listen = mp.parse_listen(["unix:" + path])
+        with socket.socket(socket.AF_UNIX) as live:
+            live.bind(path)
+            live.listen(1)
+            with self.assertRaises(OSError) as caught:
+                mp.bind_listen(listen)
+            self.assertEqual(caught.exception.errno, errno.EADDRINUSE)
+            self.assertIn("bind() to unix:%s failed (%d: " % (path, errno.EADDRINUSE),
+                          caught.exception.strerror)
+            self.assertIn("another process listens on it", mp.unix_socket_hint(path))
+        with self.assertRaises(OSError) as caught:                  # closed: a stale file
+            mp.bind_listen(listen)
+        self.assertIn("nothing listens on it", mp.unix_socket_hint(path))
+        self.assertIsNotNone(file_mode(path), "the file was removed")
+        os.unlink(path)
+        directory.write("imap.sock", "not a socket")
+        with self.assertRaises(OSError) as caught:
+            mp.bind_listen(listen)
+        self.assertEqual(mp.unix_socket_hint(path), ": the file is not a socket")
+
+    def test_an_smtp_client_on_a_unix_socket_is_not_resolved(self):
+        # ngx_mail_smtp_init_session: no PTR query for a unix peer, its
+        # name is [TEMPUNAVAIL], and no error is logged.
+        dns = FakeDns(records_for({}))
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        proxy = self.use(ProxyUnderTest(unix_listen(proxy_config(
+            "smtp", backend.port, resolver="127.0.0.1:%d" % dns.port))))
+        client = connect_client(self, os.path.join(proxy.directory.name, "imap.sock"))
+        self.smtp_hello(client)
+        self.smtp_auth_plain(client)
+        self.smtp_quit(client)
+        self.wait_for_backend(backend, 0, b"QUIT\r\n")
+        self.assertEqual(dns.queries, [])
+        # Postfix refuses nginx's ADDR=unix: ("501 Bad ADDR syntax").
+        self.assertIn(b"XCLIENT ADDR=[UNAVAILABLE] LOGIN=alice NAME=[TEMPUNAVAIL]\r\n",
+                      bytes(backend.received[0]))
+        self.assertNotIn("[error]", proxy.log)
+
+    def test_so_keepalive_on_a_unix_socket_is_ignored(self):
+        # nginx sets no TCP option on a unix socket; the session must not fail.
+        proxy, auth, backend, path = self.unix_proxy("so_keepalive=30s:10s:3")
+        self.imap_login(connect_client(self, path))
+
+
+@needs_fork_and_proc
+class UnixListenProgramTests(EndToEndTestCase):
+    """The real program on listen unix:PATH: a reload keeps the socket (the
+    same file, not made again), one that drops it removes it, exit removes
+    it (the master; never a worker), and -t leaves no file and never
+    touches a running proxy's."""
+
+    def start(self, main: str = "", **options):
+        backend = self.use(FakeImapBackend(accept=None))
+        directory = TempDir(self)
+        path = os.path.join(directory.path, "imap.sock")
+        config = unix_program_config(directory, backend.port, main=main, **options)
+        return ProgramUnderTest(self, config), directory, path, config, backend
+
+    def login(self, path: str) -> None:
+        client = connect_client(self, path)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 OK LOGIN completed\r\n$")
+        client.close()
+
+    def test_reload_keeps_the_socket_and_exit_removes_it(self):
+        proxy, directory, path, config, backend = self.start()
+        self.assertIn("listening on unix:%s;" % path, proxy.wait_for("started"))
+        self.assertEqual(file_mode(path), 0o666)
+        self.login(path)
+        before = os.lstat(path).st_ino
+        # A client waiting in the backlog across the reload (the old worker
+        # stopped, so that it cannot accept it) is served by the new worker:
+        # the socket is the same, not one made again.
+        old_worker = proxy.workers()[0]
+        os.kill(old_worker, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(old_worker, signal.SIGCONT) if process_alive(old_worker)
+                        else None)
+        waiting = Client(path)
+        self.addCleanup(waiting.close)
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        waiting.expect_line(mp.IMAP_GREETING)
+        self.assertNotIn(old_worker, proxy.served_by(mark))
+        os.kill(old_worker, signal.SIGCONT)
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertEqual(os.lstat(path).st_ino, before, "the reload made the socket again")
+        self.login(path)
+        waiting.close()
+        proxy.send_signal("SIGQUIT")
+        self.assertEqual(proxy.wait_exit(), 0)
+        self.assertIsNone(file_mode(path), "the socket file is left behind")
+        self.assertFalse(os.path.exists(path))
+        self.assertNotIn("[emerg]", proxy.stderr)
+
+    def test_sigterm_removes_the_socket_too(self):
+        proxy, directory, path, config, backend = self.start()
+        self.login(path)
+        proxy.send_signal("SIGTERM")
+        self.assertEqual(proxy.wait_exit(), 0)
+        self.assertFalse(os.path.exists(path))
+
+    def test_without_a_master_exit_removes_the_socket(self):
+        proxy, directory, path, config, backend = self.start(main="master_process = off\n")
+        self.login(path)
+        proxy.send_signal("SIGQUIT")
+        self.assertEqual(proxy.wait_exit(), 0)
+        self.assertFalse(os.path.exists(path))
+
+    def test_a_reload_that_drops_the_socket_removes_it(self):
+        proxy, directory, path, config, backend = self.start()
+        port = free_port()
+        program_config(directory, [port], backend.port)
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertIsNotNone(proxy.wait_for("[warn]", mark), proxy.stderr)
+        self.assertIn("deleting socket %s" % path, proxy.stderr)
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(imap_login_reply(self, port), b"a1 OK LOGIN completed\r\n")
+
+    def test_a_stale_socket_file_stops_the_start(self):
+        # As nginx: bind() fails, the file stays; the message says to remove it.
+        directory = TempDir(self)
+        path = os.path.join(directory.path, "imap.sock")
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(path)
+        config = unix_program_config(directory)
+        proxy = ProgramUnderTest(self, config, started=False)
+        self.assertEqual(proxy.wait_exit(), 1)
+        self.assertIn("bind() to unix:%s failed (%d: " % (path, errno.EADDRINUSE), proxy.stderr)
+        self.assertIn("nothing listens on it", proxy.stderr)
+        self.assertTrue(os.path.exists(path))
+
+    def test_dash_t_leaves_no_file_and_spares_a_running_proxys(self):
+        directory = TempDir(self)
+        path = os.path.join(directory.path, "imap.sock")
+        config = unix_program_config(directory)
+        status, out, err = run_mailproxy(["-t", "-c", config])
+        self.assertEqual(status, 0, err)
+        self.assertFalse(os.path.exists(path), "-t left its socket file behind")
+        # A directory that does not exist fails -t, as the start would.
+        missing = unix_program_config(directory, path="no/such/dir/imap.sock", name="missing.conf")
+        status, out, err = run_mailproxy(["-t", "-c", missing])
+        self.assertEqual(status, 1)
+        self.assertIn("bind() to unix:%s failed (%d: " % (
+            os.path.join(directory.path, "no/such/dir/imap.sock"), errno.ENOENT), err)
+        # Beside a running proxy: its socket is not removed, nor made again.
+        proxy, directory, path, config, backend = self.start()
+        before, mark = os.lstat(path).st_ino, proxy.mark()
+        status, out, err = run_mailproxy(["-t", "-c", config])
+        self.assertEqual(status, 0, err)
+        self.assertIn("test is successful", err)
+        self.assertEqual(os.lstat(path).st_ino, before)
+        self.assertEqual(proxy.served_by(mark), [], "-t connected to the running proxy")
+        self.login(path)
+
+
 class ProcessReloadTests(EndToEndTestCase):
 
     def test_sighup_moves_the_listener_and_changes_users_while_a_session_relays(self):
