@@ -2592,8 +2592,9 @@ class ClientMachine(SaslExchange):
         ``challenge`` (an OAuth error, RFC 7628 §3.2.2), send it as a SASL
         continuation first and the reply after the client's answer to it."""
         self.waiting = False
-        if self.trace:
-            self.debug_notes.append((self.waiting_for, self.reply_code(reply)))
+        if self.trace:             # with a challenge, the reply waits for the client's answer
+            self.debug_notes.append((self.waiting_for, self.reply_code(
+                reply if challenge is None else self.SASL_PROMPT)))
         self._after_auth_failure()
         self._failure = (reply, close)
         if challenge is not None:
@@ -9124,6 +9125,9 @@ class Session(StreamOwner):
     def _close_after_reply(self, outcome: str, reply: bytes = b"") -> None:
         """The end, once the client has read what it was told (``reply``, last)."""
         if reply:
+            if self.debug and self.machine is not None:
+                self.log("debug", "%s reply: %s, then close", self.server.protocol,
+                         self.machine.reply_code(reply))
             self.client.write(reply)
         if self.backend_connection is not None:
             # A failed login: nothing more is read from the backend, so no

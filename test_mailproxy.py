@@ -6746,7 +6746,7 @@ class DebugLogTests(EndToEndTestCase):
         self.assertLogged(proxy, "imap command: AUTHENTICATE, reply: +",
                           "imap command: SASL plain response, waiting for the verdict",
                           "auth verdict: ok", "backend: send LOGIN password literal",
-                          "backend: got NO")
+                          "backend: got NO", "imap reply: BAD, then close")
         self.assertNoSecret(proxy, DEBUG_SECRET)
 
     def test_info_writes_no_debug_line(self):
@@ -6784,6 +6784,12 @@ class DebugNoteTests(unittest.TestCase):
         events = machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + response + b"\r\n")
         self.assertEqual(events[0].password, DEBUG_TOKEN)
         self.assertEqual(machine.debug_notes, [("AUTHENTICATE", "")])
+        # An OAuth error challenge comes first: the refusal waits for the client.
+        machine.auth_failed(b"a1 NO denied\r\n", b'{"status":"401"}')
+        self.assertEqual(machine.debug_notes[1:], [("AUTHENTICATE", "+")])
+        machine.receive_data(b"\r\n")
+        self.assertEqual(machine.data_to_send()[-14:], b"a1 NO denied\r\n"[-14:])
+        self.assertNotIn(DEBUG_TOKEN, repr(machine.debug_notes).encode())
 
     def test_no_notes_when_the_debug_log_is_off(self):
         machine = mp.Pop3Machine(server_settings("pop3"))
