@@ -2294,6 +2294,25 @@ class LineBuffer(bytearray):
         self._scanned = 0
 
 
+def reply_code(kind: str, line: bytes, tag: bytes = b"") -> str:
+    """The status of a reply line, for the debug log: IMAP's OK, NO, BAD,
+    BYE or "+", POP3's +OK, -ERR or "+", SMTP's three digits; "?" for
+    anything else.  Never the text after it, which may echo what was sent."""
+    if kind in ("imap-tagged", "imap-greeting") and line.startswith(tag) and tag:
+        line = b"x " + line[len(tag):]
+    if kind in ("imap-greeting", "continuation", "imap-tagged") and not line.startswith(b"+"):
+        words = line.split(None, 2)
+        word = words[1] if len(words) > 1 else b""
+    elif kind == "smtp":
+        word = line[:3]
+    else:
+        word = (line.split(None, 1) or [b""])[0]
+    return word.decode("ascii") if REPLY_CODE.fullmatch(word) else "?"
+
+
+REPLY_CODE = re.compile(rb"[+-]?[A-Za-z0-9]{0,8}")
+
+
 # ========================================================================== #
 # ####                         Client machines                          #### #
 # ========================================================================== #
@@ -2405,6 +2424,7 @@ class SaslExchange:
     def _sasl_line(self, events: list, line: bytes) -> None:
         """A client response to our SASL prompt (``*`` cancels: bad base64)."""
         state, self.sasl = self.sasl, SaslState.NONE
+        self._command_name = "SASL %s response" % state.value     # never its contents
         getattr(self, SASL_RESPONSES[state])(events, line)
 
     def _sasl_plain(self, events: list, response: bytes) -> None:
@@ -2503,6 +2523,13 @@ class ClientMachine(SaslExchange):
         self._failure = (b"", False)   # the refusal to send after an OAuth error challenge
         self.finished = False          # Quit or Closed emitted
         self.commands = 0              # commands (and SASL responses) taken whole so far
+        # The debug log (the session sets ``trace`` when it is on): each
+        # command taken, as (name, reply code) in debug_notes; the name is
+        # the table's, never an argument, and no note is made when it is off.
+        self.trace = False
+        self.debug_notes = []          # type: List[Tuple[str, str]]
+        self._command_name = None      # type: Optional[str]  (of the command being taken)
+        self.waiting_for = ""          # the command whose Credentials wait for a verdict
         self._input = LineBuffer()
         self._output = bytearray()
 
@@ -2587,6 +2614,9 @@ class ClientMachine(SaslExchange):
         ``challenge`` (an OAuth error, RFC 7628 §3.2.2), send it as a SASL
         continuation first and the reply after the client's answer to it."""
         self.waiting = False
+        if self.trace:             # with a challenge, the reply waits for the client's answer
+            self.debug_notes.append((self.waiting_for, self.reply_code(
+                reply if challenge is None else self.SASL_PROMPT)))
         self._after_auth_failure()
         self._failure = (reply, close)
         if challenge is not None:
@@ -2607,15 +2637,33 @@ class ClientMachine(SaslExchange):
     def _process(self) -> list:
         events = []
         while not (self.waiting or self.finished or self.awaiting_tls) and self._input:
+            self._command_name, before = None, len(self._output)
             if not self._step(events):
                 break
             self.commands += 1
+            if self.trace and self._command_name is not None:
+                self._note(events, bytes(self._output[before:]))
         return events
+
+    def _note(self, events: list, reply: bytes) -> None:
+        """The debug note of the command just taken (trace is on): its name
+        and its reply's code ("" while its Credentials wait for a verdict)."""
+        if self.waiting:
+            self.waiting_for = self._command_name
+        self.debug_notes.append((self._command_name, self.reply_code(reply) if reply else ""))
+
+    def reply_code(self, reply: bytes) -> str:
+        """The status of a reply to the client, for the debug log (never its
+        text): IMAP's tagged status (the last line), POP3's first word,
+        SMTP's code (the last line)."""
+        raise NotImplementedError
 
     def _invalid(self, events: list, counted: bool, reply: Optional[bytes] = None) -> None:
         """Answer an invalid command; nginx counts only the parser's rejections
         towards max_errors, and closes once they reach it."""
         self._output += self.INVALID if reply is None else reply
+        if self._command_name is None:
+            self._command_name = "invalid command"     # its words are not logged: any text
         if counted:
             self.errors += 1
             if self.errors >= self.settings.max_errors:
@@ -2667,6 +2715,8 @@ class ClientMachine(SaslExchange):
         not valid in this state, or refused before TLS by starttls only
         (nginx) is answered by _refuse, and not counted as an error."""
         row = self.COMMANDS.get(name)
+        if row is not None:
+            self._command_name = name.decode("ascii")   # a row's name, never the client's text
         if row is None or row.handler is None or (row.states and self.state not in row.states):
             return self._refuse(events)
         if row.needs_tls and self.login_needs_tls:
@@ -2996,6 +3046,10 @@ class ImapMachine(ClientMachine):
     def _refuse(self, events: list) -> None:
         self._invalid(events, False, self.tag + IMAP_INVALID)
 
+    def reply_code(self, reply: bytes) -> str:
+        last = reply.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+        return reply_code("continuation" if last.startswith(b"+") else "imap-tagged", last)
+
     def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return self.tag + b"NO " + text + b"\r\n"
 
@@ -3257,6 +3311,9 @@ class Pop3Machine(ClientMachine):
         name, args = parsed
         self._dispatch(events, name, args)
 
+    def reply_code(self, reply: bytes) -> str:
+        return reply_code("pop3-ok", reply)
+
     def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return b"-ERR " + text + b"\r\n"
 
@@ -3466,6 +3523,9 @@ class SmtpMachine(ClientMachine):
         self.mail_from = None          # type: Optional[bytes]
         self.rcpt_to = None            # type: Optional[bytes]
         self.xclient_allowed = False   # set by the session, for the whole connection
+
+    def reply_code(self, reply: bytes) -> str:
+        return reply_code("smtp", reply.rstrip(b"\r\n").rsplit(b"\n", 1)[-1])
 
     def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
         return (code or SMTP_AUTH_FAILED_CODE) + b" " + text + b"\r\n"
@@ -4718,6 +4778,8 @@ class UserTableAuth:
 
 class Send(NamedTuple):
     data: bytes
+    name: str = "data"         # what the debug log says was sent: a command name, never
+                               # an argument (no login, password or token is in it)
 
 
 class TlsStep(NamedTuple):
@@ -4748,14 +4810,14 @@ def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool 
     own tag (RFC 3501 §4.3), so any byte of the login or password travels as
     literal data and can never end the command early.  ``starttls``
     (extension): STARTTLS first, with a tag of our own."""
-    secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n"),
+    secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n", "STARTTLS"),
               Expect("imap-tagged", tag=BACKEND_STARTTLS_TAG), TlsStep()] if starttls else []
     return [Expect("imap-greeting")] + secure + [
-        Send(tag + b"LOGIN {%d}\r\n" % len(login)),
+        Send(tag + b"LOGIN {%d}\r\n" % len(login), "LOGIN"),
         Expect("continuation"),
-        Send(login + b" {%d}\r\n" % len(password)),
+        Send(login + b" {%d}\r\n" % len(password), "LOGIN login literal"),
         Expect("continuation"),
-        Send(password + b"\r\n"),
+        Send(password + b"\r\n", "LOGIN password literal"),
         Expect("imap-tagged", relay=True, verdict=True),
     ]
 
@@ -4773,17 +4835,19 @@ def oauth_initial_response(mechanism: str, login: bytes, token: bytes) -> bytes:
 def imap_token_script(tag: bytes, mechanism: str, response: bytes, starttls: bool = False) -> list:
     """Extension: log in to the backend with the client's own bearer token
     (RFC 4959 initial response), when the auth server sends no Auth-Pass."""
-    secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n"),
+    secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n", "STARTTLS"),
               Expect("imap-tagged", tag=BACKEND_STARTTLS_TAG), TlsStep()] if starttls else []
     return [Expect("imap-greeting")] + secure + [
-        Send(tag + b"AUTHENTICATE " + mechanism.upper().encode() + b" " + response + b"\r\n"),
+        Send(tag + b"AUTHENTICATE " + mechanism.upper().encode() + b" " + response + b"\r\n",
+             "AUTHENTICATE " + mechanism.upper()),
         Expect("imap-tagged", relay=True)]
 
 
 def pop3_token_script(mechanism: str, response: bytes, starttls: bool = False) -> list:
-    secure = [Send(b"STLS\r\n"), Expect("pop3-ok"), TlsStep()] if starttls else []
+    secure = [Send(b"STLS\r\n", "STLS"), Expect("pop3-ok"), TlsStep()] if starttls else []
     return [Expect("pop3-ok")] + secure + [
-        Send(b"AUTH " + mechanism.upper().encode() + b" " + response + b"\r\n"),
+        Send(b"AUTH " + mechanism.upper().encode() + b" " + response + b"\r\n",
+             "AUTH " + mechanism.upper()),
         Expect("pop3-ok", relay=True)]
 
 
@@ -4802,11 +4866,11 @@ def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> 
     A login or password that pop3_can_send refuses is refused before this
     script is built (see Session).  ``starttls``
     (extension): STLS first (RFC 2595 §4)."""
-    secure = [Send(b"STLS\r\n"), Expect("pop3-ok"), TlsStep()] if starttls else []
+    secure = [Send(b"STLS\r\n", "STLS"), Expect("pop3-ok"), TlsStep()] if starttls else []
     return [Expect("pop3-ok")] + secure + [
-        Send(b"USER " + login + b"\r\n"),
+        Send(b"USER " + login + b"\r\n", "USER"),
         Expect("pop3-ok", verdict=True),           # some servers refuse an unknown user here
-        Send(b"PASS " + password + b"\r\n"),
+        Send(b"PASS " + password + b"\r\n", "PASS"),
         Expect("pop3-ok", relay=True, verdict=True),
     ]
 
@@ -4867,30 +4931,32 @@ def smtp_login_script(settings: Settings, facts: SmtpFacts) -> list:
     ok = (b"250",)
     name = settings.server_name.encode()
     hello = b"EHLO " if settings.xclient or facts.esmtp else b"HELO "
-    script = [Expect("smtp", codes=(b"220",)), Send(hello + name + b"\r\n"), Expect("smtp", codes=ok)]
+    script = [Expect("smtp", codes=(b"220",)), Send(hello + name + b"\r\n", hello.decode().strip()),
+              Expect("smtp", codes=ok)]
     if settings.proxy_starttls if facts.starttls is None else facts.starttls:
         # Extension (RFC 3207): STARTTLS, then EHLO again over TLS.
-        script += [Send(b"STARTTLS\r\n"), Expect("smtp", codes=(b"220",)), TlsStep(),
-                   Send(b"EHLO " + name + b"\r\n"), Expect("smtp", codes=ok)]
+        script += [Send(b"STARTTLS\r\n", "STARTTLS"), Expect("smtp", codes=(b"220",)), TlsStep(),
+                   Send(b"EHLO " + name + b"\r\n", "EHLO"), Expect("smtp", codes=ok)]
     method = facts.backend_auth or (settings.proxy_smtp_auth_method if settings.proxy_smtp_auth
                                     else "none")
     backend_auth = method != "none" and facts.method != AuthMethod.NONE
     if settings.xclient:
         login = b"" if backend_auth else facts.login
-        script += [Send(xclient_command(facts.client_address, login, facts.client_name)),
+        script += [Send(xclient_command(facts.client_address, login, facts.client_name), "XCLIENT"),
                    Expect("smtp", codes=(b"220", b"250"))]
         if facts.helo is not None:
             # XCLIENT resets the session (Postfix greets again): say hello
             # again with the client's own words.
             again = b"EHLO " if facts.esmtp else b"HELO "
-            script += [Send(again + facts.helo + b"\r\n"), Expect("smtp", codes=ok)]
+            script += [Send(again + facts.helo + b"\r\n", again.decode().strip()),
+                       Expect("smtp", codes=ok)]
     if backend_auth:
         script += smtp_auth_steps(method, facts.login, facts.password)
     if facts.method == AuthMethod.NONE:
         # The client already has its 250 for MAIL; the backend's answer to
         # RCPT, whatever it is, is the client's answer (nginx relays even a 5xx).
-        script += [Send(facts.mail_from + b"\r\n"), Expect("smtp", codes=ok),
-                   Send(facts.rcpt_to + b"\r\n"), Expect("smtp", relay=True)]
+        script += [Send(facts.mail_from + b"\r\n", "MAIL"), Expect("smtp", codes=ok),
+                   Send(facts.rcpt_to + b"\r\n", "RCPT"), Expect("smtp", relay=True)]
     return script
 
 
@@ -4958,16 +5024,18 @@ def smtp_auth_steps(method: str, login: bytes, password: bytes) -> list:
     PLAIN); or the client's bearer token (extension)."""
     if method in ("xoauth2", "oauthbearer"):
         response = oauth_initial_response(method, login, password)
-        return [Send(b"AUTH " + method.upper().encode() + b" " + response + b"\r\n"),
+        return [Send(b"AUTH " + method.upper().encode() + b" " + response + b"\r\n",
+                     "AUTH " + method.upper()),
                 Expect("smtp", codes=(b"235",))]
     if method == "login":
-        return [Send(b"AUTH LOGIN\r\n"), Expect("smtp", codes=(b"334",)),
-                Send(base64.b64encode(login) + b"\r\n"),
+        return [Send(b"AUTH LOGIN\r\n", "AUTH LOGIN"), Expect("smtp", codes=(b"334",)),
+                Send(base64.b64encode(login) + b"\r\n", "AUTH LOGIN username"),
                 Expect("smtp", codes=(b"334",), verdict=True),
-                Send(base64.b64encode(password) + b"\r\n"),
+                Send(base64.b64encode(password) + b"\r\n", "AUTH LOGIN password"),
                 Expect("smtp", codes=(b"235",), verdict=True)]
     plain = base64.b64encode(b"\0" + login + b"\0" + password)
-    return [Send(b"AUTH PLAIN " + plain + b"\r\n"), Expect("smtp", codes=(b"235",), verdict=True)]
+    return [Send(b"AUTH PLAIN " + plain + b"\r\n", "AUTH PLAIN"),
+            Expect("smtp", codes=(b"235",), verdict=True)]
 
 
 class LoginDone(NamedTuple):
@@ -4992,12 +5060,18 @@ class BackendLogin:
     error, as nginx; so is an IMAP literal, which no login reply has.
     After an error the login is over: any later call raises it again, so
     nothing the backend sends after a refusal can log anybody in.
+
+    ``trace`` (the debug log, when it is on): called with "send NAME" for
+    each step sent (Send.name, never its data) and "got CODE" for each
+    reply (reply_code: the status word, never the text).
     """
 
-    def __init__(self, script: list, tag: bytes = b"", line_limit: int = PAGE_SIZE):
+    def __init__(self, script: list, tag: bytes = b"", line_limit: int = PAGE_SIZE,
+                 trace: Optional[Callable[[str], None]] = None):
         self.script = list(script)
         self.tag = tag
         self.line_limit = line_limit
+        self.trace = trace
         self.error = None                  # type: Optional[BackendError]
         self._input = LineBuffer()
         self._output = bytearray()
@@ -5019,8 +5093,11 @@ class BackendLogin:
         """Queue the Send steps now due; True if there was one."""
         sent = False
         while self.script and isinstance(self.script[0], Send):
-            self._output += self.script.pop(0).data
+            step = self.script.pop(0)
+            self._output += step.data
             sent = True
+            if self.trace is not None:
+                self.trace("send " + step.name)
         return sent
 
     def tls_started(self) -> None:
@@ -5060,9 +5137,13 @@ class BackendLogin:
             if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
                 raise BackendError("upstream sent a literal in its login response", line)
             if not self._accepts(step, line):
+                if self.trace is not None:
+                    self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
                 self._refuse(step, line)
             if self._more_lines(step, line):
                 continue                       # an untagged or a 250- line: more follow
+            if self.trace is not None:
+                self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
             if step.relay:
                 self._relay += self._reply
             del self._reply[:]
@@ -7761,17 +7842,19 @@ class BackendConnection(StreamOwner):
 
 def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
                  local: Tuple[str, int], owner, log: Callable,
-                 verdicts: bool = False) -> BackendConnection:
+                 verdicts: bool = False, debug: bool = False) -> BackendConnection:
     """Connect to ``outcome.upstream`` and log in there as ``outcome``
     says (login_script, TLS, the PROXY header naming ``local``, the
     address the client connected to); ``owner`` hears how it went
-    (BackendConnection)."""
+    (BackendConnection).  ``debug``: each step of the login script in
+    ``log`` at debug (BackendLogin's trace: names and codes only)."""
     tls_mode = backend_tls_mode(server, outcome)
     script = login_script(server, attempt, outcome, tls_mode == "starttls")
     header = proxy_header_to_backend(server.proxy_protocol, attempt, local)
+    trace = (lambda text: log("debug", "backend: %s", text)) if debug else None
     return BackendConnection(loop, server, outcome.upstream,
-                             BackendLogin(script, attempt.tag, server.proxy_buffer), tls_mode,
-                             header, owner, log, verdicts)
+                             BackendLogin(script, attempt.tag, server.proxy_buffer, trace),
+                             tls_mode, header, owner, log, verdicts)
 
 
 # -- password checks, off the event loop ------------------------------------------
@@ -8167,7 +8250,7 @@ class BackendAuth:
         self.connected = False
         connection = open_backend(self.loop, server, attempt, outcome,
                                   local_address(self.owner.client.sock), self,
-                                  self.log, verdicts=True)
+                                  self.log, verdicts=True, debug=self.owner.debug)
         if self.done is not None:      # not failed already (no address could be tried)
             self.connection = connection
 
@@ -8982,13 +9065,16 @@ class Session(StreamOwner):
                  "backend", "backend_connection", "relay", "client_name", "attempt",
                  "login_attempt", "authenticator", "timer", "closed", "outcome", "proxy_facts",
                  "certificate", "opening", "client", "machine", "client_clock", "journal",
-                 "counted")
+                 "counted", "debug")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
         self.config = worker.config  # a reload does not change a running session
         self.journal = SessionLog(worker.logs, self.server, worker.next_session_number(),
                                   listener.listen.text)
+        # error_log ... debug: phases, commands and reply codes (decided once:
+        # with it off, no debug line costs more than this flag's test).
+        self.debug = worker.logs.for_server(self.server).enabled("debug")
         self.client_address = peer_text(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
         self.client_name = CLIENT_UNAVAILABLE   # SMTP: nginx's s->host (no resolver)
@@ -9012,6 +9098,7 @@ class Session(StreamOwner):
             self.machine = CLIENT_MACHINES[self.server.protocol](
                 self.server, now=time.time(), randomness=self.worker.randomness,
                 tls=listener.listen.ssl)
+            self.machine.trace = self.debug
             if ClientOpening.needed(self.server, listener.listen):
                 self.opening = ClientOpening(self, listener.listen)
             else:
@@ -9031,6 +9118,8 @@ class Session(StreamOwner):
         if (now, phase) not in PHASE_CHANGES:
             raise RuntimeError("no way from phase %s to %s" % (now and now.value, phase.value))
         self.phase = phase
+        if self.debug:
+            self.log("debug", "mail phase: %s -> %s", now.value if now else "new", phase.value)
         timer = PHASES[phase].timer
         if timer == "client":
             self.timer.set(self.client_clock.left(), self._client_timed_out)
@@ -9104,9 +9193,22 @@ class Session(StreamOwner):
 
     def _handle_events(self, events: list) -> None:
         self.client.write(self.machine.data_to_send())
+        if self.machine.debug_notes:                  # only with the debug log on
+            self._log_commands()
         for event in events:
             self.EVENTS[type(event)](self, event)
         self._read_budget()
+
+    def _log_commands(self) -> None:
+        """The machine's notes: each command's name and reply code, nginx's
+        "imap auth state" lines made readable (never an argument)."""
+        notes, self.machine.debug_notes = self.machine.debug_notes, []
+        for name, code in notes:
+            if code:
+                self.log("debug", "%s command: %s, reply: %s", self.server.protocol, name, code)
+            else:
+                self.log("debug", "%s command: %s, waiting for the verdict",
+                         self.server.protocol, name)
 
     def _quit(self, event: Quit) -> None:
         self._close_after_reply("client quit")
@@ -9160,6 +9262,9 @@ class Session(StreamOwner):
     def _close_after_reply(self, outcome: str, reply: bytes = b"") -> None:
         """The end, once the client has read what it was told (``reply``, last)."""
         if reply:
+            if self.debug and self.machine is not None:
+                self.log("debug", "%s reply: %s, then close", self.server.protocol,
+                         self.machine.reply_code(reply))
             self.client.write(reply)
         if self.backend_connection is not None:
             # A failed login: nothing more is read from the backend, so no
@@ -9204,6 +9309,10 @@ class Session(StreamOwner):
     def _auth_outcome(self, outcome: AuthOutcome) -> None:
         """The authenticator's verdict: an internal error, a refusal (after
         its delay; then the dialogue goes on, or ends), or the backend."""
+        if self.debug:
+            self.log("debug", "auth verdict: %s%s", outcome.kind.value,
+                     ", upstream: %s" % outcome.upstream.text
+                     if outcome.kind == Verdict.OK and outcome.upstream is not None else "")
         if outcome.kind == Verdict.ERROR:
             if outcome.logged:             # auth = backend: as a failed backend login
                 return self.backend_failed(outcome.reason, outcome.text)
@@ -9241,7 +9350,7 @@ class Session(StreamOwner):
         self._enter(Phase.CONNECT)
         self.backend_connection = open_backend(self.loop, self.server, self.attempt, outcome,
                                                local_address(self.client.sock), self,
-                                               self.log)
+                                               self.log, debug=self.debug)
 
     def backend_connected(self, stream: Stream) -> None:
         self.backend = stream
@@ -9256,7 +9365,11 @@ class Session(StreamOwner):
                                self.backend.tls.facts() if self.backend.tls is not None else None)
         self.log("info", "client logged in", how=True)
         self._enter(Phase.RELAY)
-        self.client.write(self.machine.logged_in_reply(reply))
+        answer = self.machine.logged_in_reply(reply)
+        if self.debug:
+            self.log("debug", "%s command: %s, reply: %s (the backend's)", self.server.protocol,
+                     self.machine.waiting_for or "login", self.machine.reply_code(answer))
+        self.client.write(answer)
         trailing = self.backend_connection.login.trailing_data
         check = self.authenticator.recipient_check(self.attempt, self.journal.upstream, self.log)
         # What only the login needed goes: an idle relay holds little, and no password.

@@ -2005,12 +2005,13 @@ class ProxyUnderTest:
     may then name them relatively: ssl_certificate = server.crt).  Use as a
     context manager; ``port`` is where it listens (``ports``: every listen's
     port, in the order of the configuration), ``worker`` the Worker (its
-    ``sessions`` may be looked at).
+    ``sessions`` may be looked at).  ``log_level``: the in-memory error
+    log's lowest level (error_log's).
 
     If the event loop dies of an exception, the traceback is kept and
     stopping the proxy fails the test with it."""
 
-    def __init__(self, config_text: str, certificates: bool = False):
+    def __init__(self, config_text: str, certificates: bool = False, log_level: str = "info"):
         self.directory = tempfile.TemporaryDirectory(prefix="mailproxy-test-")
         self.worker = None
         try:
@@ -2019,7 +2020,7 @@ class ProxyUnderTest:
             path = write_file(self.directory.name, "mailproxy.conf", config_text)
             self.config = mp.load_and_prepare(path)
             self.log_file = io.BytesIO()
-            log = mp.ErrorLog([(self.log_file, "info")])
+            log = mp.ErrorLog([(self.log_file, log_level)])
             self.worker = mp.Worker(self.config, MemoryErrorLogs(log))
             self.worker.open_listeners(self.config)
         except BaseException:
@@ -4763,12 +4764,14 @@ class OAuthTests(unittest.TestCase):
         response = mp.oauth_initial_response("xoauth2", b"alice", b"T")
         self.assertEqual(base64.b64decode(response), b"user=alice\x01auth=Bearer T\x01\x01")
         self.assertEqual(mp.imap_token_script(b"a1 ", "xoauth2", response)[1:],
-                         [mp.Send(b"a1 AUTHENTICATE XOAUTH2 " + response + b"\r\n"),
+                         [mp.Send(b"a1 AUTHENTICATE XOAUTH2 " + response + b"\r\n",
+                                  "AUTHENTICATE XOAUTH2"),
                           mp.Expect("imap-tagged", relay=True)])
         script = mp.smtp_login_script(server_settings("smtp", xclient=False), facts(
             login=b"alice", password=b"T", backend_auth="oauthbearer"))
         self.assertEqual(script[3], mp.Send(b"AUTH OAUTHBEARER " +
-                                            mp.oauth_initial_response("oauthbearer", b"alice", b"T") + b"\r\n"))
+                                            mp.oauth_initial_response("oauthbearer", b"alice", b"T") + b"\r\n",
+                                            "AUTH OAUTHBEARER"))
 
     def test_built_in_table_refuses_token_methods(self):
         directory = TempDir(self)
@@ -5936,8 +5939,9 @@ def run_script(script, replies, tag=b"", limit=4096):
 class BackendLoginTests(unittest.TestCase):
     def test_imap_script_uses_literals_and_the_client_tag(self):
         self.assertEqual(mp.imap_login_script(b"a1 ", b"alice", b"se cret"), [
-            mp.Expect("imap-greeting"), mp.Send(b"a1 LOGIN {5}\r\n"), mp.Expect("continuation"),
-            mp.Send(b"alice {7}\r\n"), mp.Expect("continuation"), mp.Send(b"se cret\r\n"),
+            mp.Expect("imap-greeting"), mp.Send(b"a1 LOGIN {5}\r\n", "LOGIN"), mp.Expect("continuation"),
+            mp.Send(b"alice {7}\r\n", "LOGIN login literal"), mp.Expect("continuation"),
+            mp.Send(b"se cret\r\n", "LOGIN password literal"),
             mp.Expect("imap-tagged", relay=True, verdict=True)])
 
     def test_imap_login_with_untagged_capability(self):
@@ -6130,16 +6134,19 @@ class SmtpBackendScriptTests(unittest.TestCase):
                   mail_from=b"MAIL FROM:<a@b>" if none else None,
                   rcpt_to=b"RCPT TO:<c@d>" if none else None)
         hello = b"EHLO" if xclient or helo == b"EHLO" else b"HELO"
-        expected = [E220, mp.Send(hello + b" mail.test\r\n"), E250]
+        expected = [E220, mp.Send(hello + b" mail.test\r\n", hello.decode()), E250]
         if xclient:
             shown = b"" if (backend_auth and not none) or none else b" LOGIN=alice"
-            expected += [mp.Send(b"XCLIENT ADDR=192.0.2.7" + shown + b" NAME=[UNAVAILABLE]\r\n"), EXCLIENT]
+            expected += [mp.Send(b"XCLIENT ADDR=192.0.2.7" + shown + b" NAME=[UNAVAILABLE]\r\n",
+                                 "XCLIENT"), EXCLIENT]
             if helo:
-                expected += [mp.Send(helo + b" client.example\r\n"), E250]
+                expected += [mp.Send(helo + b" client.example\r\n", helo.decode()), E250]
         if backend_auth and not none:
-            expected += [mp.Send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n"), E235]
+            expected += [mp.Send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n", "AUTH PLAIN"),
+                         E235]
         if none:
-            expected += [mp.Send(b"MAIL FROM:<a@b>\r\n"), E250, mp.Send(b"RCPT TO:<c@d>\r\n"),
+            expected += [mp.Send(b"MAIL FROM:<a@b>\r\n", "MAIL"), E250,
+                         mp.Send(b"RCPT TO:<c@d>\r\n", "RCPT"),
                          mp.Expect("smtp", relay=True)]
         self.assertEqual(mp.smtp_login_script(settings, f), expected)
         # ... and the script runs against a backend that says yes to everything.
@@ -6156,9 +6163,10 @@ class SmtpBackendScriptTests(unittest.TestCase):
         script = mp.smtp_login_script(smtp_settings(xclient=False, proxy_smtp_auth=True,
                                                     proxy_smtp_auth_method="login"), facts())
         self.assertEqual(script[3:], [
-            mp.Send(b"AUTH LOGIN\r\n"), mp.Expect("smtp", codes=(b"334",)),
-            mp.Send(b64(b"alice") + b"\r\n"), mp.Expect("smtp", codes=(b"334",), verdict=True),
-            mp.Send(b64(b"secret") + b"\r\n"), E235])
+            mp.Send(b"AUTH LOGIN\r\n", "AUTH LOGIN"), mp.Expect("smtp", codes=(b"334",)),
+            mp.Send(b64(b"alice") + b"\r\n", "AUTH LOGIN username"),
+            mp.Expect("smtp", codes=(b"334",), verdict=True),
+            mp.Send(b64(b"secret") + b"\r\n", "AUTH LOGIN password"), E235])
 
     def test_relayed_rcpt_reply_even_a_refusal(self):
         script = mp.smtp_login_script(smtp_settings(xclient=False), facts(
@@ -6179,7 +6187,7 @@ class SmtpBackendScriptTests(unittest.TestCase):
 class BackendStartTlsScriptTests(unittest.TestCase):
     def test_imap_starttls_before_login(self):
         script = mp.imap_login_script(b"a1 ", b"alice", b"secret", starttls=True)
-        self.assertEqual(script[:4], [mp.Expect("imap-greeting"), mp.Send(b"S1 STARTTLS\r\n"),
+        self.assertEqual(script[:4], [mp.Expect("imap-greeting"), mp.Send(b"S1 STARTTLS\r\n", "STARTTLS"),
                                       mp.Expect("imap-tagged", tag=b"S1 "), mp.TlsStep()])
         login = mp.BackendLogin(script, b"a1 ")
         self.assertEqual(login.receive_data(b"* OK hi\r\n"), [])
@@ -6192,8 +6200,8 @@ class BackendStartTlsScriptTests(unittest.TestCase):
 
     def test_smtp_starttls_then_ehlo_again(self):
         script = mp.smtp_login_script(server_settings("smtp", proxy_starttls=True, xclient=False), facts())
-        self.assertEqual(script[3:8], [mp.Send(b"STARTTLS\r\n"), mp.Expect("smtp", codes=(b"220",)),
-                                       mp.TlsStep(), mp.Send(b"EHLO mail.test\r\n"), E250])
+        self.assertEqual(script[3:8], [mp.Send(b"STARTTLS\r\n", "STARTTLS"), mp.Expect("smtp", codes=(b"220",)),
+                                       mp.TlsStep(), mp.Send(b"EHLO mail.test\r\n", "EHLO"), E250])
 
 
 # -- PROXY protocol headers ---------------------------------------------------------
@@ -6642,6 +6650,204 @@ class SmtpEndToEndBackendAuthTests(EndToEndTestCase):
         self.assertEqual(client.read_line(), mp.SMTP_INTERNAL_ERROR)
         client.expect_closed()
         proxy.wait_for_log(r'upstream sent invalid response: "535 5\.7\.8 Error: authentication failed"')
+
+
+# -- error_log ... debug: what the dialogue did, never what was said -----------------
+
+DEBUG_SECRET = b"Xq7pw0rdZ9secret"          # alice's password in these tests
+DEBUG_LITERAL = b"Lit3ralC0ntentsQ"          # the contents of a literal the client sends
+DEBUG_TOKEN = b"ya29TokenK4x8Bearer"         # a bearer token
+
+
+def secret_forms(*secrets: bytes) -> List[bytes]:
+    """Each secret as it might show in a log: as sent, and in base64 alone,
+    in SASL PLAIN's form for alice, and in XOAUTH2's."""
+    forms = []
+    for secret in secrets:
+        forms += [secret, base64.b64encode(secret), base64.b64encode(b"\0alice\0" + secret),
+                  base64.b64encode(b"user=alice\x01auth=Bearer " + secret + b"\x01\x01"),
+                  base64.b64encode(secret)[:-2]]
+    return forms
+
+
+class DebugLogTests(EndToEndTestCase):
+    """error_log ... debug: the phases, each command's name and reply code
+    on both sides, so that a login can be followed; no password, token or
+    literal, in any form."""
+
+    def debug_proxy(self, protocol: str, backend_port: int, level: str = "debug",
+                    **mail) -> ProxyUnderTest:
+        users = {"alice": "{PLAIN}" + DEBUG_SECRET.decode()}
+        return self.use(ProxyUnderTest(proxy_config(protocol, backend_port, users=users, **mail),
+                                       log_level=level))
+
+    def debug_lines(self, proxy: ProxyUnderTest) -> List[str]:
+        return [line.split(": ", 1)[1] for line in proxy.log.splitlines() if "[debug]" in line]
+
+    def assertLogged(self, proxy: ProxyUnderTest, *messages: str) -> None:
+        """Each message starts a [debug] line, in this order."""
+        lines, at = self.debug_lines(proxy), 0
+        for message in messages:
+            for index in range(at, len(lines)):
+                if lines[index].startswith("*1 " + message):
+                    at = index + 1
+                    break
+            else:
+                self.fail("no [debug] line %r (in order) in:\n%s" % (message, proxy.log))
+
+    def assertNoSecret(self, proxy: ProxyUnderTest, *secrets: bytes) -> None:
+        log = proxy.log_file.getvalue()
+        for form in secret_forms(*secrets):
+            self.assertNotIn(form, log, "a secret in the log:\n%s" % proxy.log)
+
+    def imap_session(self, proxy: ProxyUnderTest, backend: "FakeBackend") -> None:
+        """CAPABILITY, an invalid command holding a literal, a wrong password,
+        then LOGIN with the password as a literal, and LOGOUT."""
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a0 CAPABILITY")
+        client.expect(rb"^\* CAPABILITY ")
+        client.expect(rb"^a0 OK")
+        client.send(b"a1 FOOBAR {%d+}\r\n%s\r\n" % (len(DEBUG_LITERAL), DEBUG_LITERAL))
+        client.expect(rb"^a1 BAD")
+        client.send(b"a2 LOGIN alice " + DEBUG_SECRET[::-1] + b"\r\n")
+        client.expect(rb"^a2 NO")
+        client.send(b"a3 LOGIN alice {%d}\r\n" % len(DEBUG_SECRET))
+        client.expect(rb"^\+ ")
+        client.send(DEBUG_SECRET + b"\r\n")
+        client.expect(rb"^a3 OK")
+        client.send("a4 LOGOUT")
+        client.read_until_closed()
+        proxy.wait_for_log(r"session done")
+
+    def test_imap_login_is_followed_on_both_sides(self):
+        backend = self.use(FakeImapBackend(accept=((b"alice", DEBUG_SECRET),)))
+        proxy = self.debug_proxy("imap", backend.port, auth_delay="10ms")
+        self.imap_session(proxy, backend)
+        self.assertLogged(proxy, "mail phase: new -> accepted", "mail phase: accepted -> dialogue",
+                          "imap command: CAPABILITY, reply: OK",
+                          "imap command: invalid command, reply: BAD",
+                          "imap command: LOGIN, waiting for the verdict",
+                          "mail phase: dialogue -> auth", "auth verdict: fail",
+                          "mail phase: auth -> dialogue", "imap command: LOGIN, reply: NO",
+                          "imap command: LOGIN, waiting for the verdict", "auth verdict: ok",
+                          "mail phase: auth -> connect", "mail phase: connect -> login",
+                          "backend: got OK", "backend: send LOGIN", "backend: got +",
+                          "backend: send LOGIN login literal", "backend: got +",
+                          "backend: send LOGIN password literal", "backend: got OK",
+                          "mail phase: login -> relay",
+                          "imap command: LOGIN, reply: OK (the backend's)")
+        self.assertIn('login: "alice"', self.debug_lines(proxy)[-1])
+        self.assertNoSecret(proxy, DEBUG_SECRET, DEBUG_SECRET[::-1], DEBUG_LITERAL)
+
+    def test_pop3_login_is_followed_on_both_sides(self):
+        backend = self.use(FakePop3Backend(accept=((b"alice", DEBUG_SECRET),)))
+        proxy = self.debug_proxy("pop3", backend.port)
+        client = self.connect(proxy)
+        client.expect_line(mp.POP3_GREETING)
+        client.send("USER alice")
+        client.expect_line(mp.POP3_OK)
+        client.send(b"PASS " + DEBUG_SECRET + b"\r\n")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+        client.send("QUIT")
+        client.read_until_closed()
+        proxy.wait_for_log(r"session done")
+        self.assertLogged(proxy, "mail phase: accepted -> dialogue",
+                          "pop3 command: USER, reply: +OK",
+                          "pop3 command: PASS, waiting for the verdict",
+                          "mail phase: dialogue -> auth", "auth verdict: ok",
+                          "backend: got +OK", "backend: send USER", "backend: got +OK",
+                          "backend: send PASS", "backend: got +OK", "mail phase: login -> relay",
+                          "pop3 command: PASS, reply: +OK (the backend's)")
+        self.assertNoSecret(proxy, DEBUG_SECRET)
+
+    def test_smtp_auth_login_is_followed_on_both_sides(self):
+        backend = self.use(FakeSmtpBackend(accept=((b"alice", DEBUG_SECRET),)))
+        proxy = self.debug_proxy("smtp", backend.port, xclient="off", proxy_smtp_auth="on")
+        client = self.connect(proxy)
+        self.smtp_hello(client)
+        client.send("AUTH LOGIN")
+        self.assertEqual(client.read_line(), b"334 " + mp.SASL_USERNAME_PROMPT)
+        client.send(base64.b64encode(b"alice") + b"\r\n")
+        self.assertEqual(client.read_line(), b"334 " + mp.SASL_PASSWORD_PROMPT)
+        client.send(base64.b64encode(DEBUG_SECRET) + b"\r\n")
+        self.assertEqual(client.read_line(), mp.SMTP_AUTH_OK)
+        self.smtp_quit(client)
+        proxy.wait_for_log(r"session done")
+        self.assertLogged(proxy, "mail phase: accepted -> dialogue",
+                          "smtp command: EHLO, reply: 250", "smtp command: AUTH, reply: 334",
+                          "smtp command: SASL login username response, reply: 334",
+                          "smtp command: SASL login password response, waiting for the verdict",
+                          "mail phase: dialogue -> auth", "auth verdict: ok",
+                          "backend: got 220", "backend: send EHLO", "backend: got 250",
+                          "backend: send AUTH PLAIN", "backend: got 235",
+                          "mail phase: login -> relay",
+                          "smtp command: SASL login password response, reply: 235")
+        self.assertNoSecret(proxy, DEBUG_SECRET)
+
+    def test_imap_authenticate_plain_and_a_refusing_backend(self):
+        backend = self.use(FakeImapBackend(mode="refuse"))
+        proxy = self.debug_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 AUTHENTICATE PLAIN")
+        client.expect(rb"^\+ ")
+        client.send(base64.b64encode(b"\0alice\0" + DEBUG_SECRET) + b"\r\n")
+        client.expect_line(mp.IMAP_INTERNAL_ERROR)
+        client.read_until_closed()
+        proxy.wait_for_log(r"session done")
+        self.assertLogged(proxy, "imap command: AUTHENTICATE, reply: +",
+                          "imap command: SASL plain response, waiting for the verdict",
+                          "auth verdict: ok", "backend: send LOGIN password literal",
+                          "backend: got NO", "imap reply: BAD, then close")
+        self.assertNoSecret(proxy, DEBUG_SECRET)
+
+    def test_info_writes_no_debug_line(self):
+        backend = self.use(FakeImapBackend(accept=((b"alice", DEBUG_SECRET),)))
+        proxy = self.debug_proxy("imap", backend.port, level="info", auth_delay="10ms")
+        self.imap_session(proxy, backend)
+        self.assertNotIn("[debug]", proxy.log)
+        self.assertIn("client logged in", proxy.log)
+
+
+class DebugNoteTests(unittest.TestCase):
+    """The sans-I/O side of the debug log: names and codes only."""
+
+    def test_tokens_never_reach_the_backend_trace(self):
+        traced = []
+        response = mp.oauth_initial_response("xoauth2", b"alice", DEBUG_TOKEN)
+        login = mp.BackendLogin(mp.imap_token_script(b"a1 ", "xoauth2", response),
+                                b"a1 ", trace=traced.append)
+        login.receive_data(b"* OK ready\r\n")
+        self.assertEqual(login.receive_data(b"a1 OK done\r\n"), [mp.LoginDone(b"a1 OK done\r\n")])
+        self.assertEqual(traced, ["got OK", "send AUTHENTICATE XOAUTH2", "got OK"])
+        for script in (mp.smtp_auth_steps("oauthbearer", b"alice", DEBUG_TOKEN),
+                       mp.smtp_auth_steps("login", b"alice", DEBUG_SECRET),
+                       mp.pop3_login_script(b"alice", DEBUG_SECRET)):
+            for step in script:
+                if isinstance(step, mp.Send):
+                    self.assertFalse(any(form.decode() in step.name
+                                         for form in secret_forms(DEBUG_TOKEN, DEBUG_SECRET)))
+
+    def test_client_token_is_not_in_the_notes(self):
+        machine = mp.ImapMachine(server_settings("imap", imap_auth="plain xoauth2"))
+        machine.trace = True
+        machine.data_to_send()
+        response = mp.oauth_initial_response("xoauth2", b"alice", DEBUG_TOKEN)
+        events = machine.receive_data(b"a1 AUTHENTICATE XOAUTH2 " + response + b"\r\n")
+        self.assertEqual(events[0].password, DEBUG_TOKEN)
+        self.assertEqual(machine.debug_notes, [("AUTHENTICATE", "")])
+        # An OAuth error challenge comes first: the refusal waits for the client.
+        machine.auth_failed(b"a1 NO denied\r\n", b'{"status":"401"}')
+        self.assertEqual(machine.debug_notes[1:], [("AUTHENTICATE", "+")])
+        machine.receive_data(b"\r\n")
+        self.assertEqual(machine.data_to_send()[-14:], b"a1 NO denied\r\n"[-14:])
+        self.assertNotIn(DEBUG_TOKEN, repr(machine.debug_notes).encode())
+
+    def test_no_notes_when_the_debug_log_is_off(self):
+        machine = mp.Pop3Machine(server_settings("pop3"))
+        machine.receive_data(b"USER alice\r\nNOOP\r\nPASS x\r\n")
+        self.assertEqual(machine.debug_notes, [])
 
 
 # -- end to end: the backend refuses XCLIENT ----------------------------------------
