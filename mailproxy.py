@@ -9002,12 +9002,15 @@ class SessionLog:
     what it learns on the way: STARTTLS, the login, the upstream, and at
     the login how it was made (``how``: the client's TLS, the auth method,
     the backend's TLS), which the login line and the access line carry
-    after nginx's context (an extension)."""
-    __slots__ = ("logs", "server", "number", "server_text", "started", "starttls", "login",
+    after nginx's context (an extension).  The logs are the worker's at
+    the time of each line (``worker.logs``): SIGUSR1 and a reload give the
+    worker new ones and close the old files, and a session that began
+    before must write to the new ones (its lines were lost)."""
+    __slots__ = ("worker", "server", "number", "server_text", "started", "starttls", "login",
                  "upstream", "how")
 
-    def __init__(self, logs: "ErrorLogs", server: Settings, number: int, server_text: str):
-        self.logs = logs                   # the worker's (reopened in place on USR1)
+    def __init__(self, worker, server: Settings, number: int, server_text: str):
+        self.worker = worker               # .logs: the worker's ErrorLogs, replaced on USR1
         self.server = server
         self.number = number               # nginx's *N
         self.server_text = server_text     # the listen address the client came to
@@ -9040,13 +9043,13 @@ class SessionLog:
             action: Optional[str], how: bool = False) -> None:
         """``message % args`` is only made if the level is on (a busy proxy
         logs at warn); ``how``: with how the login was made."""
-        log = self.logs.for_server(self.server)
+        log = self.worker.logs.for_server(self.server)
         if log.enabled(level):
             log.log(level, message % args if args else message, self.number,
                     self.context(client_address, action, how))
 
     def session_done(self, outcome: str, client_address: str, received: int, sent: int) -> None:
-        access = self.logs.access_for(self.server)
+        access = self.worker.logs.access_for(self.server)
         if access.enabled("info"):
             access.log("info", "session done: %s, %d bytes from client, %d bytes to client, %.3fs"
                        % (outcome, received, sent, time.time() - self.started), self.number,
@@ -9070,7 +9073,7 @@ class Session(StreamOwner):
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
         self.config = worker.config  # a reload does not change a running session
-        self.journal = SessionLog(worker.logs, self.server, worker.next_session_number(),
+        self.journal = SessionLog(worker, self.server, worker.next_session_number(),
                                   listener.listen.text)
         # error_log ... debug: phases, commands and reply codes (decided once:
         # with it off, no debug line costs more than this flag's test).

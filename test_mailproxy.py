@@ -11890,7 +11890,7 @@ class SessionLogTests(unittest.TestCase):
         out = io.BytesIO()
         log = mp.ErrorLog([(out, "info")])
         logs = unittest.mock.Mock(for_server=lambda server: log, access_for=lambda server: log)
-        journal = mp.SessionLog(logs, server_settings(), 7, "127.0.0.1:143")
+        journal = mp.SessionLog(unittest.mock.Mock(logs=logs), server_settings(), 7, "127.0.0.1:143")
         journal.log("info", "client %s in", ("logged",), "192.0.2.1", "in auth state")
         journal.starttls, journal.login, journal.upstream = True, b'al"i\r\nce', upstream()
         journal.log("error", "upstream timed out", (), "192.0.2.1", None)
@@ -13257,6 +13257,30 @@ class ProcessPrivilegeTests(EndToEndTestCase):
 
 @needs_fork_and_proc
 class ProcessLogTests(EndToEndTestCase):
+
+    def test_a_session_open_across_sigusr1_logs_to_the_new_file(self):
+        """A session that began before a log rotation writes its later lines
+        (here its access line) to the reopened file, not to the closed one,
+        where they were lost, the stderr copy too (the ProcessLogTests flake
+        that showed it: "session done" never came for a session the SIGUSR1
+        fell into)."""
+        directory = TempDir(self)
+        port = free_port()
+        log_path = os.path.join(directory.path, "error.log")
+        proxy = ProgramUnderTest(self, program_config(
+            directory, [port], log="error.log info\n    stderr info"))
+        client = connect_client(self, port)
+        client.expect_line(mp.IMAP_GREETING)
+        wait_until(lambda: proxy.served_by(0), what="the session's connected line")
+        worker = proxy.workers()[0]
+        os.rename(log_path, log_path + ".1")
+        mark = proxy.mark()
+        proxy.send_signal("SIGUSR1")
+        self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % worker, mark), proxy.stderr)
+        client.send("a1 LOGOUT")
+        client.read_until_closed()
+        self.assertIsNotNone(proxy.wait_for("*1 session done: client quit", mark), proxy.stderr)
+        wait_until(lambda: "*1 session done" in read_text(log_path), what="the line in the new file")
 
     def test_sigusr1_reopens_the_error_log_after_a_rename(self):
         directory = TempDir(self)
