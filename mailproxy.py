@@ -759,12 +759,6 @@ def parse_ecdh_curve(args: List[str], base: str = "") -> str:
     return value
 
 
-def parse_refused(reason: str) -> Callable:
-    def parse(args: List[str], base: str = "") -> None:
-        raise ConfigValueError(reason)
-    return parse
-
-
 SSL_CONF_COMMANDS = ("Options", "Certificate", "PrivateKey", "MinProtocol", "MaxProtocol")
 SSL_CONF_OPTIONS = ("SessionTicket", "-SessionTicket", "ServerPreference", "-ServerPreference")
 
