@@ -37,14 +37,18 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     (Client machines): ImapScanner reads "a1 LOGIN alice secret",
     ClientMachine._dispatch finds LOGIN in IMAP_COMMAND_TABLE, and
     ImapMachine._login returns a Credentials event.
- 3. Session._authenticate hands a LoginAttempt to UserTableAuth.start
+ 3. Session._authenticate hands a LoginAttempt to its authenticator, a
+    LoginGuard (Sessions): the login defence's LoginGate lets it through
+    when a slot is free (LoginDefence, Authentication), and the guard
+    starts UserTableAuth.start
     (Authentication; with auth_http, AuthHttpAuth in Outbound clients;
     with auth = backend, BackendAuth, whose own backend login is the
     verdict and whose connection the session then takes over):
     authenticate -> password_matches -> an AuthOutcome, at once for a
     {PLAIN} entry; a hashed one is checked in a thread of the worker's
     PasswordCheckPool (Outbound clients), and the verdict comes back
-    through the loop's wake-up.
+    through the loop's wake-up; the guard counts a failure (its delay) or
+    the session against max_user_sessions, and hands the outcome on.
  4. Session._auth_outcome -> _login_to_backend: login_script builds the
     backend's script (Backend login), BackendConnection (Outbound clients)
     connects and runs it with BackendLogin until LoginDone.
