@@ -6458,8 +6458,9 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
     if settings.ssl_prefer_server_ciphers:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not settings.ssl_session_tickets:
+        # nginx sets SSL_OP_NO_TICKET alone: TLS 1.3 then still gets a
+        # stateful ticket, the session cache's, which nginx's tests resume.
         context.options |= ssl.OP_NO_TICKET
-        context.num_tickets = 0            # TLS 1.3: no ticket at all, not even a stateful one
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     ticket_keys = read_ticket_keys(settings.ssl_session_ticket_key)
     if libssl.available:
@@ -10577,8 +10578,10 @@ def nginx_tokens(text: str, source: str) -> List[Tuple[str, int, bool]]:
             start = i
             token, i, quoted = _nginx_word(text, i, source, line)
             line += text.count("\n", start, i)
-            if quoted and i < len(text) and not (text[i].isspace() or text[i] in ";{}"):
-                # nginx: a quoted argument must be followed by a space, ";" or "{"
+            if quoted and i < len(text) and not (text[i].isspace() or text[i] in ";{})"):
+                # nginx (ngx_conf_read_token): a quoted argument must be
+                # followed by a space, ";", "{", or ")", which then starts
+                # the next word: if ($user = 'x') { in an http {} block
                 raise ConfigValueError('%s:%d: unexpected "%s"' % (source, line, text[i]))
             tokens.append((token, line, quoted))
     return tokens

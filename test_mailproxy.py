@@ -7316,13 +7316,17 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
             mp.server_context(self.tls_settings(ssl_session_ticket_key=[short]))
         self.assertIn('"%s" must be 48 or 80 bytes (it is 47)' % short, str(caught.exception))
 
-    def test_session_tickets_off_sends_no_ticket_even_in_tls_1_3(self):
-        """OP_NO_TICKET alone still lets OpenSSL send TLS 1.3 a (stateful)
-        ticket."""
+    def test_session_tickets_off_sends_no_ticket_as_nginx(self):
+        """OP_NO_TICKET, as nginx: no ticket in TLS 1.2.  (TLS 1.3 still
+        gets OpenSSL's stateful one, which only the session cache resumes:
+        nginx's mail_ssl_session_reuse.t checks that, and failed when it was
+        turned off too.)"""
         for tickets, expected in ((True, True), (False, False)):
+            client = self.client_context()
+            client.maximum_version = ssl.TLSVersion.TLSv1_2
             context = mp.server_context(self.tls_settings(ssl_session_tickets=tickets))
-            tls = memory_handshake(context, self.client_context())
-            self.assertEqual(tls.version(), "TLSv1.3")
+            tls = memory_handshake(context, client)
+            self.assertEqual(tls.version(), "TLSv1.2")
             self.assertEqual(tls.session.has_ticket, expected)
 
     def test_conf_commands_that_map(self):
@@ -8199,10 +8203,11 @@ class TlsNginxDirectivesTests(EndToEndTestCase):
                 self.assertEqual(dict(item[0] for item in client.sock.getpeercert()["issuer"])["commonName"],
                                  issuer)
                 client.close()
-        client = self.tls_connect(proxy, context=self.client_context(ca="both.crt"))
+        context = self.client_context(ca="both.crt")
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        client = self.tls_connect(proxy, context=context)
         client.expect_line(mp.IMAP_GREETING)                 # a ticket would have come by now
-        self.assertEqual(client.sock.version(), "TLSv1.3")
-        self.assertFalse(client.sock.session.has_ticket)
+        self.assertFalse(client.sock.session.has_ticket)     # ssl_session_tickets off
 
 
 # -- end to end: TLS to the backend -------------------------------------------------
@@ -14101,6 +14106,18 @@ class ImportNginxTests(unittest.TestCase):
         self.assertIn("ssl_session_cache = shared:SSLMAIL:3m", lines, ini)
         self.assertIn("ssl_session_timeout = 1d", lines, ini)
         self.assertNotIn("not translated", err)
+
+    def test_a_quoted_word_may_be_followed_by_a_closing_parenthesis(self):
+        """nginx-tests' mail_imap.t, mail_pop3.t and mail_smtp.t have
+        `if ($userpass = 'x') {` in their http {} block: nginx reads it, and
+        the import stopped there with 'unexpected ")"'."""
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "http {\n    server {\n        location / {\n"
+            "            if ($http_auth_pass = 'x') { return 204; }\n        }\n    }\n}\n"
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    server {\n        listen 127.0.0.1:%d;\n        protocol imap;\n    }\n}\n" % port)
+        self.assertIn("listen = 127.0.0.1:%d" % port, ini.splitlines())
 
     def test_a_missing_file_is_named_as_nginx_names_it(self):
         directory = TempDir(self)
