@@ -61,8 +61,6 @@ import base64
 import binascii
 import collections
 import configparser
-import ctypes
-import ctypes.util
 import dataclasses
 import enum
 import errno
@@ -99,6 +97,11 @@ try:
     import fcntl             # POSIX only: the lock of the shared session counter
 except ImportError:          # pragma: no cover - Windows
     fcntl = None
+try:
+    import ctypes            # not in every Python build: bcrypt, Argon2, libssl, process names
+    import ctypes.util
+except ImportError:          # pragma: no cover - a Python built without libffi
+    ctypes = None
 
 __version__ = "0.1.0"
 
@@ -1668,7 +1671,9 @@ ARGON2_TEST_HASH = "89e9029f4637b295beb027056a7336c414fadd43f6b208645281cb214a56
 @functools.lru_cache(maxsize=None)
 def crypt_function() -> Optional[Callable[[bytes, bytes], Optional[bytes]]]:
     """libcrypt's reentrant crypt as crypt(password, setting) -> the hash
-    (None: refused, or no such library on this host)."""
+    (None: refused, or no such library on this host, or no ctypes)."""
+    if ctypes is None:
+        return None
     name = ctypes.util.find_library("crypt")
     try:
         library = ctypes.CDLL(name) if name else None
@@ -1691,7 +1696,9 @@ def crypt_function() -> Optional[Callable[[bytes, bytes], Optional[bytes]]]:
 
 @functools.lru_cache(maxsize=None)
 def argon2_function() -> Optional[Callable]:
-    """libargon2's argon2_hash, raw output (None: no such library)."""
+    """libargon2's argon2_hash, raw output (None: no such library, or no ctypes)."""
+    if ctypes is None:
+        return None
     name = ctypes.util.find_library("argon2")
     try:
         function = ctypes.CDLL(name).argon2_hash if name else None
@@ -1711,6 +1718,8 @@ def missing_library(scheme: str, data: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _missing_library(scheme: str, variant: str) -> Optional[str]:
+    if ctypes is None and scheme in ("BLF-CRYPT", "ARGON2I", "ARGON2ID"):
+        return "this Python has no ctypes, through which the host's library is called"
     if scheme == "BLF-CRYPT":
         crypt = crypt_function()
         if crypt is None:
@@ -1730,8 +1739,10 @@ def argon2_raw(kind: int, version: int, memory: int, time_cost: int, lanes: int,
                password: bytes, salt: bytes, length: int) -> Optional[bytes]:
     """Argon2 of ``password``, ``length`` bytes; None if the library fails."""
     function = argon2_function()
+    if function is None:
+        return None
     output = ctypes.create_string_buffer(length)
-    if function is None or function(time_cost, memory, lanes, password, len(password), salt,
+    if function(time_cost, memory, lanes, password, len(password), salt,
                                     len(salt), output, length, None, 0, kind, version) != 0:
         return None
     return output.raw
@@ -1832,14 +1843,22 @@ def load_users(path: str, parser: configparser.ConfigParser, lines: Dict,
                     path, "users", login, "", line), users, places, errors, scheme)
             continue
         try:
-            entry = parse_password_entry(value)
-            if login in places:
-                raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))
-            users[login] = entry
-            places[login] = "%s:%s" % (path, line)
+            add_user(users, places, login, value, "%s:%s" % (path, line))
         except ConfigValueError as error:
             errors.append(ConfigError(path, "users", login, str(error), line))
     return UserTable(users)
+
+
+def add_user(users: Dict[str, PasswordEntry], places: Dict[str, str], login: str, value: str,
+             place: str) -> None:
+    """One entry of the table, from [users] or a passwd-file: ``value`` is
+    {SCHEME}DATA; ``place`` (FILE:LINE) is where a second one says the
+    first was.  Raises ConfigValueError."""
+    entry = parse_password_entry(value)
+    if login in places:
+        raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))
+    users[login] = entry
+    places[login] = place
 
 
 def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEntry],
@@ -1872,19 +1891,15 @@ def read_passwd_file(path: str, where: ConfigError, users: Dict[str, PasswordEnt
                 raise ConfigValueError("a line without a user name")
             if not password:
                 raise ConfigValueError("no password: mailproxy cannot log this user in")
-            if not password.startswith("{") and default_scheme != "CRYPT":
-                password = "{%s}%s" % (default_scheme, password)    # passwd_file = scheme=...
-            elif not password.startswith("{"):
-                if not any(password.startswith(prefix) for prefix, _ in CRYPT_PREFIX_SCHEMES):
+            if not password.startswith("{"):
+                # Dovecot's default_pass_scheme CRYPT, or the file's scheme=
+                if default_scheme == "CRYPT" and not any(
+                        password.startswith(prefix) for prefix, _ in CRYPT_PREFIX_SCHEMES):
                     raise ConfigValueError("the password has no {SCHEME}: write the scheme in "
                                            "front of it, e.g. {SHA512-CRYPT}$6$..., or give the "
                                            "file's as Dovecot does: passwd_file = scheme=PLAIN PATH")
-                password = "{CRYPT}" + password        # Dovecot's default_pass_scheme
-            entry = parse_password_entry(password)
-            if login in places:
-                raise ConfigValueError('user "%s" is already in the table, at %s' % (login, places[login]))
-            users[login] = entry
-            places[login] = "%s:%d" % (path, number)
+                password = "{%s}%s" % (default_scheme, password)
+            add_user(users, places, login, password, "%s:%d" % (path, number))
         except ConfigValueError as error:
             errors.append(ConfigError(path, None, login or None, str(error), number))
 
@@ -6287,6 +6302,8 @@ class LibSsl:
 
     def _attach(self) -> str:
         import _ssl
+        if ctypes is None:
+            return "this Python has no ctypes"
         if sys.implementation.name != "cpython":
             return "not CPython (%s)" % sys.implementation.name
         if not issubclass(ssl.SSLContext, _ssl._SSLContext) or \
@@ -10256,11 +10273,12 @@ def set_process_title(title: str) -> bool:
     the platform allows (Linux, with ctypes); False where it does not."""
     if not sys.platform.startswith("linux"):
         return False
+    if ctypes is None:
+        return False
     try:
-        import ctypes                # not in every Python build
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_NAME, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0) == 0
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return False
 
 

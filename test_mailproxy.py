@@ -14141,6 +14141,27 @@ class ImportNginxTests(unittest.TestCase):
 
 class CommandLineTests(unittest.TestCase):
 
+    def test_a_python_without_ctypes_still_runs_it(self):
+        """ctypes is optional (not in every Python build: embedded hosts):
+        only bcrypt, Argon2, the libssl extras and process names need it.
+        It used to be imported unconditionally."""
+        code = ("import builtins, sys\n"
+                "real = builtins.__import__\n"
+                "def without_ctypes(name, *args, **kwargs):\n"
+                "    if name.split('.')[0] == 'ctypes':\n"
+                "        raise ImportError('no ctypes in this build')\n"
+                "    return real(name, *args, **kwargs)\n"
+                "builtins.__import__ = without_ctypes\n"
+                "sys.path.insert(0, %r)\n"
+                "import mailproxy\n"
+                "print(mailproxy.missing_library('BLF-CRYPT', '$2y$05$'))\n"
+                "sys.exit(mailproxy.main(['-t', '-c', %r]))\n" % (HERE, os.path.join(HERE, "sample.conf")))
+        done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr.decode())
+        self.assertIn(b"this Python has no ctypes", done.stdout)
+        self.assertIn(b"test is successful", done.stderr)
+
     def test_version(self):
         status, out, err = run_mailproxy(["-v"])
         self.assertEqual(status, 0)
