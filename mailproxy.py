@@ -1056,12 +1056,7 @@ DIRECTIVES = {d.name: d for d in [
     Directive("ssl_session_tickets", MAIL, parse_flag, True),
     Directive("ssl_session_ticket_key", MAIL, parse_path, [], multiple=True),
     Directive("ssl_session_timeout", MAIL, parse_ssl_session_timeout, 300.0),
-    Directive("ssl_verify_client", MAIL, parse_enum("on", "off", "optional", refused={
-        "optional_no_ca": "cannot be honoured: Python's ssl module cannot ask for a client "
-                          "certificate without verifying it, and accepting any certificate "
-                          "unchecked would let anyone claim a name; write \"ssl_verify_client "
-                          "= optional\" with ssl_client_certificate (or ssl_trusted_certificate) "
-                          "naming the CA that issued the client certificates, or \"off\""}), "off"),
+    Directive("ssl_verify_client", MAIL, parse_enum("on", "off", "optional", "optional_no_ca"), "off"),
     Directive("ssl_verify_depth", MAIL, parse_number, 1),
     Directive("ssl_client_certificate", MAIL, parse_path, None),
     Directive("ssl_trusted_certificate", MAIL, parse_path, None),
@@ -1453,7 +1448,9 @@ def check_ssl(merged: Dict) -> List[Tuple[str, str]]:
     elif needs and len(keys) < len(certificates):
         problems.append(("ssl_certificate_key", 'no "ssl_certificate_key" is defined for '
                          'certificate "%s"' % certificates[len(keys)]))
-    if merged["ssl_verify_client"] != "off" and not (
+    # optional_no_ca needs no CA: it asks for a certificate and lets auth_http
+    # judge it (nginx 1.27.2 dropped the CA requirement for it).
+    if merged["ssl_verify_client"] not in ("off", "optional_no_ca") and not (
             merged["ssl_client_certificate"] or merged["ssl_trusted_certificate"]):
         problems.append(("ssl_verify_client", 'no ssl_client_certificate or '
                          'ssl_trusted_certificate for ssl_verify_client'))
@@ -2068,6 +2065,16 @@ def tls_directive_warnings(path: str, servers: List[Settings], lines: Dict) -> L
                 warn(server, "ssl_ecdh_curve", 'only one curve is offered, the first of "%s" that '
                      "Python's ssl module takes: libssl cannot be reached to set a list%s"
                      % (server.ssl_ecdh_curve, without))
+        if not libssl.available and server.ssl_verify_client == "optional_no_ca":
+            warn(server, "ssl_verify_client", '"optional_no_ca" acts as "optional": a client '
+                 "certificate that does not verify against ssl_client_certificate or "
+                 "ssl_trusted_certificate ends the TLS handshake, where nginx lets it through and "
+                 'tells auth_http "Auth-SSL-Verify: FAILED:reason": libssl cannot be reached to let '
+                 "the handshake complete" + without)
+        elif not libssl.available and server.ssl_verify_client != "off":
+            warn(server, "ssl_verify_client", "a client certificate that fails verification ends the "
+                 'TLS handshake, where nginx completes it and answers "SSL certificate error": '
+                 "libssl cannot be reached to let the handshake complete" + without)
         keys = server.ssl_session_ticket_key
         if keys and server.ssl_session_tickets:
             differences = []
@@ -2507,14 +2514,15 @@ class Command(NamedTuple):
 class ClientMachine(SaslExchange):
     """What the three machines share: buffers, error counting, waiting, SASL.
 
-    A protocol sets its replies (INVALID, INTERNAL_ERROR, NO_CERT), its
+    A protocol sets its replies (INVALID, INTERNAL_ERROR, NO_CERT, CERT_ERROR), its
     tables (COMMANDS, AUTH_NAMES) and the hooks _command_line and _refuse;
     IMAP, whose commands may hold literals, brings its own _step.
     """
     protocol = ""
     INVALID = b""
     INTERNAL_ERROR = b""
-    NO_CERT = b""              # ssl_verify_client's refusal, before closing
+    NO_CERT = b""              # ssl_verify_client's refusals, before closing: no certificate,
+    CERT_ERROR = b""           # and one that failed verification
     LOGIN_UNAVAILABLE = (b"", None)    # (text, code): the login defence refuses, for now
     SESSION_LIMIT = (b"", None)        # max_user_sessions, max_user_ip_sessions
     COMMANDS = {}              # name -> Command: the protocol's command table
@@ -2763,6 +2771,7 @@ IMAP_AUTH_NAMES = {"plain": ("AUTH=PLAIN",), "login": ("AUTH=LOGIN",),
                    "cram-md5": ("AUTH=CRAM-MD5",), "external": ("AUTH=EXTERNAL",),
                    "xoauth2": ("AUTH=XOAUTH2",), "oauthbearer": ("AUTH=OAUTHBEARER",)}
 IMAP_NO_CERT = b"* BYE No required SSL certificate\r\n"
+IMAP_CERT_ERROR = b"* BYE SSL certificate error\r\n"
 # Extensions (README "Failed logins"): (text, code) for failure_reply.
 # RFC 5530 §3: UNAVAILABLE is a temporary failure; LIMIT, a limit such as
 # the number of connections.
@@ -3028,6 +3037,7 @@ class ImapMachine(ClientMachine):
     INVALID = IMAP_INVALID
     INTERNAL_ERROR = IMAP_INTERNAL_ERROR
     NO_CERT = IMAP_NO_CERT
+    CERT_ERROR = IMAP_CERT_ERROR
     LOGIN_UNAVAILABLE = IMAP_LOGIN_UNAVAILABLE
     SESSION_LIMIT = IMAP_SESSION_LIMIT
 
@@ -3225,6 +3235,7 @@ POP3_SASL_NAMES = {"plain": ("PLAIN", "LOGIN"), "cram-md5": ("CRAM-MD5",),
                    "external": ("EXTERNAL",), "xoauth2": ("XOAUTH2",),
                    "oauthbearer": ("OAUTHBEARER",)}
 POP3_NO_CERT = b"-ERR No required SSL certificate\r\n"
+POP3_CERT_ERROR = b"-ERR SSL certificate error\r\n"
 # Extensions: RFC 3206 §4 SYS/TEMP, a temporary failure; RFC 2449 §8.1.1
 # IN-USE, the maildrop is in use (Dovecot's answer to too many sessions).
 POP3_LOGIN_UNAVAILABLE = (b"[SYS/TEMP] Temporary authentication failure", None)
@@ -3282,6 +3293,7 @@ class Pop3Machine(ClientMachine):
     INVALID = POP3_INVALID
     INTERNAL_ERROR = POP3_INTERNAL_ERROR
     NO_CERT = POP3_NO_CERT
+    CERT_ERROR = POP3_CERT_ERROR
     LOGIN_UNAVAILABLE = POP3_LOGIN_UNAVAILABLE
     SESSION_LIMIT = POP3_SESSION_LIMIT
 
@@ -3408,6 +3420,7 @@ SMTP_AUTH_NAMES = {"plain": ("PLAIN",), "login": ("LOGIN",), "cram-md5": ("CRAM-
                    "oauthbearer": ("OAUTHBEARER",)}     # smtp_auth none is no SASL method
 SMTP_START_TLS = b"220 2.0.0 Start TLS\r\n"
 SMTP_NO_CERT = b"421 4.7.1 No required SSL certificate\r\n"
+SMTP_CERT_ERROR = b"421 4.7.1 SSL certificate error\r\n"
 # Extensions: RFC 4954 §6 "454 4.7.0 Temporary authentication failure";
 # 421, the service closes the channel (RFC 5321 §3.8).
 SMTP_LOGIN_UNAVAILABLE = (b"Temporary authentication failure", b"454 4.7.0")
@@ -3525,6 +3538,7 @@ class SmtpMachine(ClientMachine):
     INTERNAL_ERROR = SMTP_INTERNAL_ERROR
     SASL_PROMPT = b"334 "                         # RFC 4954 §4
     NO_CERT = SMTP_NO_CERT
+    CERT_ERROR = SMTP_CERT_ERROR
     LOGIN_UNAVAILABLE = SMTP_LOGIN_UNAVAILABLE
     SESSION_LIMIT = SMTP_SESSION_LIMIT
 
@@ -6075,7 +6089,7 @@ def rfc2253_escape(data: bytes) -> str:
 
 class CertificateFacts(NamedTuple):
     """What a client certificate tells (auth_http sends them as Auth-SSL-*)."""
-    verify: str                # "SUCCESS" or "NONE" (a failure ends the handshake)
+    verify: str                # "SUCCESS", "FAILED:reason" or "NONE", as nginx's Auth-SSL-Verify
     subject: str = ""          # RFC 2253, as nginx (rfc2253_name)
     issuer: str = ""
     serial: str = ""           # as nginx (serial_text)
@@ -6084,6 +6098,7 @@ class CertificateFacts(NamedTuple):
     common_name: Optional[str] = None    # the subject's first CN (PROXY v2's CN TLV)
     der: bytes = b""           # the certificate (Auth-SSL-Cert)
     problem: str = ""          # why a certificate that was sent reads as none
+    verify_code: int = 0       # OpenSSL's X509_V_ERR_* when verify is FAILED
 
     def __repr__(self) -> str:
         return "CertificateFacts(%r, subject=%r, problem=%r)" % (self.verify, self.subject, self.problem)
@@ -6092,34 +6107,57 @@ class CertificateFacts(NamedTuple):
 def certificate_facts(tls_object) -> CertificateFacts:
     """The facts of the peer's certificate, read so that no certificate can
     make this raise (sessions read certificates through it alone).  verify:
-    "NONE" without a certificate, "SUCCESS" with one (one that fails
-    verification has ended the handshake).  A certificate that cannot be
-    read counts as none: verify "NONE", no other fact, and ``problem`` saying
-    why, for the log.  getpeercert(), which gives the identities, raises for
+    "NONE" without a certificate, "SUCCESS" with one that verified,
+    "FAILED:reason" with one that did not (libssl let the handshake
+    complete: LibSsl.verify_to_the_end; without libssl such a certificate
+    has ended the handshake).  A certificate that cannot be read counts as
+    none, with ``problem`` saying why, for the log, unless it also failed
+    verification.  getpeercert(), which gives the identities, raises for
     a name value it cannot turn into text, such as a CN that is an
     ObjectDescriptor, which OpenSSL verifies and nginx prints (CN=#07...)."""
     try:
         der = tls_object.getpeercert(binary_form=True)
-        if der is None:
-            return CertificateFacts("NONE")
-        return _read_certificate(der, tls_object.getpeercert() or {})
     except (OSError, ValueError) as error:          # ssl.SSLError is an OSError
         return CertificateFacts("NONE", problem=str(error) or type(error).__name__)
+    if der is None:
+        return CertificateFacts("NONE")
+    libssl = LibSsl.probe()
+    code, reason = libssl.verify_result(tls_object) if libssl.available else (0, "")
+    try:
+        facts = _read_certificate(der, tls_object.getpeercert() or {})
+    except (OSError, ValueError) as error:
+        facts = CertificateFacts("NONE", problem=str(error) or type(error).__name__)
+    if code:
+        facts = facts._replace(verify="FAILED:" + reason, verify_code=code)
+    return facts
 
 
-def certificate_verdict(verify_client: str, facts: CertificateFacts) -> Tuple[str, bool]:
-    """ssl_verify_client after the handshake, as nginx: (what to log, ""
-    for nothing; whether to refuse the client with the protocol's "No
-    required SSL certificate").  A certificate that failed verification has
-    ended the handshake already (Python's ssl module cannot let it through);
-    one that cannot be read counts as none, so ``optional`` goes on
-    without it."""
+# ngx_ssl_verify_error_optional: what optional_no_ca lets through to auth_http
+# (X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, _SELF_SIGNED_CERT_IN_CHAIN,
+# _UNABLE_TO_GET_ISSUER_CERT_LOCALLY, _UNABLE_TO_VERIFY_LEAF_SIGNATURE,
+# _CERT_UNTRUSTED): an issuer unknown here, not a certificate that is
+# expired, revoked or badly signed.
+OPTIONAL_VERIFY_ERRORS = frozenset((18, 19, 20, 21, 27))
+
+
+def certificate_verdict(verify_client: str, facts: CertificateFacts) -> Tuple[str, str]:
+    """ssl_verify_client after the handshake, as nginx's ngx_mail_verify_cert:
+    (what to log, "" for nothing; why the client is refused, "" if it is
+    not).  A certificate that failed verification is refused with the
+    protocol's "SSL certificate error", except, with optional_no_ca, for an
+    unknown issuer (auth_http then sees Auth-SSL-Verify: FAILED:reason);
+    with ``on``, no certificate gets "No required SSL certificate".  One
+    that cannot be read counts as none, so ``optional`` goes on without it."""
+    if facts.verify_code and not (verify_client == "optional_no_ca" and
+                                  facts.verify_code in OPTIONAL_VERIFY_ERRORS):
+        return ("client SSL certificate verify error: (%d:%s)"
+                % (facts.verify_code, facts.verify[len("FAILED:"):]), "certificate error")
     message = ""
     if facts.problem:
         message = "client SSL certificate cannot be read (%s)" % log_escape(facts.problem.encode("utf-8"))
     if verify_client == "on" and facts.verify == "NONE":
-        return message or "client sent no required SSL certificate", True
-    return message, False
+        return message or "client sent no required SSL certificate", "no client certificate"
+    return message, ""
 
 
 def _read_certificate(der: bytes, info: Dict) -> CertificateFacts:
@@ -6235,11 +6273,13 @@ class LibSsl:
     that its _ssl extension loaded (through ctypes, on _ssl's own handle:
     never another copy of OpenSSL found on the system), for exactly these
     calls: SSL_CTX_set_timeout, the session cache's mode and size, the
-    session ticket keys, the verify depth and a curve list.  Used only if
-    ``LibSsl.probe()`` found the handle right: the version libssl reports
-    is the one the ssl module reports, and what libssl reads back from a
-    context (its options, verify mode, cache mode) is what the ssl module
-    set on it.  Otherwise ``reason`` says why, and -t warns of each
+    session ticket keys, the verify depth, a curve list, and for
+    ssl_verify_client a verify callback and the verification's result.
+    Used only if ``LibSsl.probe()`` found the handle right: the version
+    libssl reports is the one the ssl module reports, what libssl reads
+    back from a context (its options, verify mode, cache mode) is what the
+    ssl module set on it, and a connection's SSL pointer leads back to its
+    context.  Otherwise ``reason`` says why, and -t warns of each
     directive that then cannot be honoured exactly."""
 
     SET_SESS_CACHE_SIZE, GET_SESS_CACHE_SIZE = 42, 43
@@ -6320,7 +6360,13 @@ class LibSsl:
                 ("SSL_CTX_set_timeout", long_, [pointer, long_]),
                 ("SSL_CTX_get_timeout", long_, [pointer]),
                 ("SSL_CTX_set_verify_depth", None, [pointer, ctypes.c_int]),
-                ("SSL_CTX_get_verify_depth", ctypes.c_int, [pointer])):
+                ("SSL_CTX_get_verify_depth", ctypes.c_int, [pointer]),
+                ("SSL_CTX_set_verify", None, [pointer, ctypes.c_int, self.VERIFY_CALLBACK]),
+                ("SSL_get_SSL_CTX", pointer, [pointer]),
+                ("SSL_get_verify_result", long_, [pointer]),
+                ("SSL_get_session", pointer, [pointer]),
+                ("SSL_CTX_remove_session", ctypes.c_int, [pointer, pointer]),
+                ("X509_verify_cert_error_string", ctypes.c_char_p, [long_])):
             function = getattr(lib, name)
             function.restype, function.argtypes = restype, argtypes
         if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
@@ -6337,12 +6383,29 @@ class LibSsl:
                     lib.SSL_CTX_get_verify_mode(handle) != (1 if verify_mode == ssl.CERT_OPTIONAL else 3) or \
                     lib.SSL_CTX_ctrl(handle, self.GET_SESS_CACHE_MODE, 0, None) != self.CACHE_SERVER:
                 return "what libssl reads back from a context is not what the ssl module set"
+            # A connection's SSL pointer must lead back to its context.
+            connection = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+            if not self.connection_handle(connection) or \
+                    lib.SSL_get_SSL_CTX(self.connection_handle(connection)) != handle:
+                return "what libssl reads back from a connection is not the ssl module's context"
         return ""
 
     @staticmethod
     def handle(context: ssl.SSLContext) -> int:
         """The SSL_CTX pointer: the first field after the object's header."""
         return ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value or 0
+
+    @staticmethod
+    def connection_handle(connection: ssl.SSLObject) -> int:
+        """The SSL pointer of a connection: in the _ssl object behind an
+        SSLObject, the field after the object's header and its socket's
+        weak reference."""
+        inner = getattr(connection, "_sslobj", None)
+        if inner is None or type(inner).__basicsize__ < object.__basicsize__ + \
+                3 * ctypes.sizeof(ctypes.c_void_p):
+            return 0
+        address = id(inner) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
+        return ctypes.c_void_p.from_address(address).value or 0
 
     def ctrl(self, context: ssl.SSLContext, command: int, larg: int, parg=None) -> int:
         return self.lib.SSL_CTX_ctrl(self.handle(context), command, larg, parg)
@@ -6391,6 +6454,38 @@ class LibSsl:
 
     def set_verify_depth(self, context: ssl.SSLContext, depth: int) -> None:
         self.lib.SSL_CTX_set_verify_depth(self.handle(context), min(depth, 1 << 30))
+
+    # ssl_verify_client, as nginx (ngx_ssl_verify_callback): a callback that
+    # lets every verification error pass, so that the handshake completes,
+    # and a look at the result once it has (ngx_mail_verify_cert), to answer
+    # in the protocol ("SSL certificate error") or, with optional_no_ca,
+    # tell auth_http "FAILED:reason".  OpenSSL calls it, in the thread doing
+    # the handshake, once per certificate of the chain; ctypes takes the GIL
+    # for it.  The class holds it for the life of the process.
+    VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p) if ctypes else None
+    SSL_VERIFY_PEER = 0x01
+    _let_verification_finish = VERIFY_CALLBACK(lambda preverify_ok, store: 1) if ctypes else None
+
+    def verify_to_the_end(self, context: ssl.SSLContext) -> None:
+        """Ask for a client certificate (SSL_VERIFY_PEER, as CERT_OPTIONAL)
+        and let a handshake with one that fails verification complete."""
+        self.lib.SSL_CTX_set_verify(self.handle(context), self.SSL_VERIFY_PEER,
+                                    self._let_verification_finish)
+
+    def verify_result(self, connection: ssl.SSLObject) -> Tuple[int, str]:
+        """SSL_get_verify_result after the handshake: (0, "ok") or (the
+        X509_V_ERR code, OpenSSL's words for it)."""
+        code = self.lib.SSL_get_verify_result(self.connection_handle(connection))
+        reason = self.lib.X509_verify_cert_error_string(code) or b"unknown"
+        return code, reason.decode("ascii", "replace")
+
+    def forget_session(self, connection: ssl.SSLObject) -> None:
+        """Take the connection's session out of the session cache, so that
+        a certificate refused once is not resumed (ngx_ssl_remove_cached_session)."""
+        ssl_handle = self.connection_handle(connection)
+        session = self.lib.SSL_get_session(ssl_handle)
+        if session:
+            self.lib.SSL_CTX_remove_session(self.lib.SSL_get_SSL_CTX(ssl_handle), session)
 
     def set_curves(self, context: ssl.SSLContext, curves: str) -> None:
         if self.ctrl(context, self.SET_GROUPS_LIST, 0, ctypes.cast(ctypes.c_char_p(curves.encode()),
@@ -6494,8 +6589,9 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
                           passwords)
     load_certificates(context, conf_pairs, passwords, ("ssl_conf_command",) * 2)
     if settings.ssl_verify_client != "off":
-        # CERT_OPTIONAL: a certificate sent is verified in the handshake; a
-        # missing one is found after it, to answer as nginx does.
+        # CERT_OPTIONAL asks for a certificate and does not insist; with
+        # libssl, a failing one also lets the handshake complete.  Either
+        # way the session judges after it (certificate_verdict), as nginx.
         context.verify_mode = ssl.CERT_OPTIONAL
         for directive in ("ssl_client_certificate", "ssl_trusted_certificate", "ssl_crl"):
             if getattr(settings, directive):
@@ -6504,6 +6600,7 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         if libssl.available:
             libssl.set_verify_depth(context, settings.ssl_verify_depth)
+            libssl.verify_to_the_end(context)
     context.set_alpn_protocols([settings.protocol])
     return context
 
@@ -8146,7 +8243,7 @@ class AuthHttpAuth:
         credentials = attempt.credentials
         certificate_pem = None
         if attempt.certificate is not None and server.auth_http_pass_client_cert and \
-                attempt.certificate.verify == "SUCCESS":
+                attempt.certificate.der:
             certificate_pem = ssl.DER_cert_to_PEM_cert(attempt.certificate.der).encode()
         return AuthRequest(
             credentials.method, credentials.login, credentials.password, attempt.protocol,
@@ -9174,12 +9271,15 @@ class Session(StreamOwner):
         if self.server.ssl_verify_client == "off":
             return True
         self.certificate = self.client.tls.peer_certificate()
-        message, refuse = certificate_verdict(self.server.ssl_verify_client, self.certificate)
+        message, refusal = certificate_verdict(self.server.ssl_verify_client, self.certificate)
         if message:
             self.log("info", message)
-        if refuse:
-            self._close_after_reply("no client certificate", self.machine.NO_CERT)
-        return not refuse
+        if refusal == "certificate error":
+            LibSsl.probe().forget_session(self.client.tls.object)
+            self._close_after_reply(refusal, self.machine.CERT_ERROR)
+        elif refusal:
+            self._close_after_reply(refusal, self.machine.NO_CERT)
+        return not refusal
 
     def stream_tls_ready(self, stream: Stream) -> None:
         """STARTTLS is done: the dialogue goes on, over TLS."""

@@ -3972,11 +3972,11 @@ class TlsConfigCheckTests(EndToEndTestCase):
         self.assertNotIn('cannot load certificate "', err)
 
 
-    def test_optional_no_ca_is_refused_with_what_to_write_instead(self):
-        errors = self.errors(**self.certificate(ssl_verify_client="optional_no_ca"))
-        self.assertIn('ssl_verify_client: "optional_no_ca" cannot be honoured: Python\'s ssl module '
-                      "cannot ask for a client certificate without verifying it", errors)
-        self.assertIn('write "ssl_verify_client = optional" with ssl_client_certificate', errors)
+    def test_optional_no_ca_needs_no_ca_the_others_do(self):
+        config = mp.load_and_prepare(self.path(("ssl",), **self.certificate(ssl_verify_client="optional_no_ca")))
+        self.assertEqual(config.servers[0].ssl_verify_client, "optional_no_ca")
+        self.assertIn("no ssl_client_certificate or ssl_trusted_certificate for ssl_verify_client",
+                      self.errors(**self.certificate(ssl_verify_client="optional")))
 
     def test_ssl_conf_command(self):
         self.assertIn('ssl_conf_command: "Foo" cannot be applied through Python\'s ssl module',
@@ -7159,6 +7159,39 @@ class TlsLayerTests(CertificateFiles, unittest.TestCase):
         pump(client, server)
         self.assertEqual(mp.certificate_facts(server.object).verify, "NONE")
 
+    def test_a_failing_certificate_completes_the_handshake_and_reads_as_failed(self):
+        if not mp.LibSsl.probe().available:
+            self.skipTest("libssl not reachable: " + mp.LibSsl.probe().reason)
+        settings = self.tls_settings(ssl_verify_client="on", ssl_client_certificate=self.tls_path("ca.crt"))
+        client, server = self.pair(settings, self.client_context("expired"))
+        pump(client, server)
+        self.assertEqual((client.state, server.state), (mp.TlsState.OPEN, mp.TlsState.OPEN))
+        facts = mp.certificate_facts(server.object)
+        self.assertEqual((facts.verify, facts.verify_code), ("FAILED:certificate has expired", 10))
+        self.assertEqual(facts.subject, "CN=alice")
+        self.assertEqual(mp.certificate_verdict("on", facts),
+                         ("client SSL certificate verify error: (10:certificate has expired)",
+                          "certificate error"))
+        self.assertEqual(mp.certificate_verdict("optional_no_ca", facts)[1], "certificate error")
+        unknown = facts._replace(verify="FAILED:unable to verify the first certificate", verify_code=21)
+        self.assertEqual(mp.certificate_verdict("optional_no_ca", unknown), ("", ""))
+        self.assertEqual(mp.certificate_verdict("optional", unknown)[1], "certificate error")
+
+    def test_without_libssl_a_failing_certificate_ends_the_handshake(self):
+        """The fallback -t warns of: at least as strict as nginx."""
+        saved = mp.LibSsl._probed
+        mp.LibSsl._probed = mp.LibSsl()
+        mp.LibSsl._probed.reason = "a test's stand-in"
+        try:
+            settings = self.tls_settings(ssl_verify_client="optional_no_ca")
+            client, server = self.pair(settings, self.client_context("wrongclient"))
+            with self.assertRaises(mp.TlsError) as caught:
+                pump(client, server)
+                pump(client, server)
+        finally:
+            mp.LibSsl._probed = saved
+        self.assertIn("certificate", str(caught.exception))
+
     def test_sni_picks_the_certificate(self):
         settings = self.tls_settings(ssl_sni_certificate=[mp.SniCertificate(
             "*.example.net", self.tls_path("other.crt"), self.tls_path("other.key"))])
@@ -7213,8 +7246,7 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
             mp.parse_ssl_protocols(["SSLv3"])
 
     def test_what_python_cannot_honour_is_refused(self):
-        for name, value in (("ssl_verify_client", "optional_no_ca"),
-                            ("ssl_conf_command", "Curves X25519"),
+        for name, value in (("ssl_conf_command", "Curves X25519"),
                             ("ssl_conf_command", "Options PrioritizeChaCha"),
                             ("ssl_certificate", "data:-----BEGIN"),
                             ("ssl_certificate_compression", "on"), ("proxy_ssl_server_name", "off")):
@@ -7814,10 +7846,19 @@ class TlsEndToEndInjectionTests(EndToEndTestCase):
 # -- end to end: client certificates ------------------------------------------------
 
 class TlsEndToEndClientCertificateTests(EndToEndTestCase):
-    """ssl_verify_client, ssl_client_certificate and ssl_crl.  A certificate
-    that fails verification ends the handshake (Python's ssl module cannot
-    let it through to answer "SSL certificate error" as nginx does); a
-    missing one gets the protocol's line, as nginx."""
+    """ssl_verify_client, ssl_client_certificate and ssl_crl, as nginx: the
+    handshake completes whatever certificate the client sends (libssl's
+    verify callback lets every error pass); then a certificate that failed
+    verification gets the protocol's "SSL certificate error", a missing one
+    under ``on`` its "No required SSL certificate", and the connection is
+    closed.  optional_no_ca lets an unknown issuer through to auth_http as
+    "Auth-SSL-Verify: FAILED:reason".  Without libssl a failing certificate
+    ends the handshake instead (TlsLayerTests)."""
+
+    def setUp(self):
+        super().setUp()
+        if not mp.LibSsl.probe().available:
+            self.skipTest("libssl not reachable: " + mp.LibSsl.probe().reason)
 
     def verifying_proxy(self, protocol: str, backend_port: int, mode: str = "on", **mail):
         return self.tls_proxy(protocol, backend_port, ssl_verify_client=mode,
@@ -7853,28 +7894,114 @@ class TlsEndToEndClientCertificateTests(EndToEndTestCase):
         self.imap_login(client)
         self.assertEqual(bytes(backend.received[0]), IMAP_LOGIN_ON_THE_WIRE)
 
-    def test_refused_certificates_end_the_handshake(self):
-        proxy = self.verifying_proxy("imap", free_port(), ssl_crl=self.tls_path("ca.crl"))
-        cases = (("wrongclient", "TLSV1_ALERT_UNKNOWN_CA", r"20:unable to get local issuer certificate"),
-                 ("expired", "SSLV3_ALERT_CERTIFICATE_EXPIRED", r"10:certificate has expired"),
-                 ("revoked", "SSLV3_ALERT_CERTIFICATE_REVOKED", r"23:certificate revoked"))
-        for number, (certificate, alert, reason) in enumerate(cases, 1):
-            with self.subTest(certificate=certificate):
-                error = self.tls_refused(proxy.port, self.client_context(certificate))
-                self.assertEqual(error.reason, alert)
-                proxy.wait_for_log(r"\[info\] .*\*%d certificate verify error: \(%s\) while SSL "
-                                   r"handshaking, client: 127\.0\.0\.1, " % (number, reason))
-                proxy.wait_for_log(r"\*%d session done: client TLS error" % number)
-        client = self.tls_connect(proxy, certificate="client")   # and the proxy goes on
-        client.expect_line(mp.IMAP_GREETING)
-        proxy.assert_alive()
+    def test_a_certificate_that_fails_verification_gets_the_protocols_line(self):
+        for protocol, line in (("imap", b"* BYE SSL certificate error\r\n"),
+                               ("pop3", b"-ERR SSL certificate error\r\n"),
+                               ("smtp", b"421 4.7.1 SSL certificate error\r\n")):
+            with self.subTest(protocol=protocol):
+                proxy = self.verifying_proxy(protocol, free_port())
+                client = self.tls_connect(proxy, certificate="wrongclient")
+                self.assertEqual(client.read_line(), line)
+                client.expect_closed()
+                # nginx's words too: its callback, like this one, lets the
+                # verification run on past error 20 to the leaf's own.
+                proxy.wait_for_log(r"\[info\] .*\*1 client SSL certificate verify error: \(21:unable "
+                                   r"to verify the first certificate\) while SSL handshaking, client: ")
+                proxy.wait_for_log(r"\*1 session done: certificate error")
+
+    def test_expired_revoked_and_unknown_certificates_are_refused_under_on_and_optional(self):
+        cases = (("wrongclient", r"21:unable to verify the first certificate"),
+                 ("expired", r"10:certificate has expired"),
+                 ("revoked", r"23:certificate revoked"))
+        for mode in ("on", "optional"):
+            proxy = self.verifying_proxy("imap", free_port(), mode=mode, ssl_crl=self.tls_path("ca.crl"))
+            for number, (certificate, reason) in enumerate(cases, 1):
+                with self.subTest(mode=mode, certificate=certificate):
+                    client = self.tls_connect(proxy, certificate=certificate)
+                    self.assertEqual(client.read_line(), mp.IMAP_CERT_ERROR)
+                    client.expect_closed()
+                    proxy.wait_for_log(r"\*%d client SSL certificate verify error: \(%s\)" % (number, reason))
+            client = self.tls_connect(proxy, certificate="client")   # and the proxy goes on
+            client.expect_line(mp.IMAP_GREETING)
+            proxy.assert_alive()
+
+    def test_after_starttls_a_failed_certificate_gets_the_line(self):
+        proxy = self.verifying_proxy("smtp", free_port(), listens=("",), starttls="on")
+        client = self.connect(proxy)
+        client.read_line()
+        client.send("EHLO client.example")
+        while not client.read_line().startswith(b"250 "):
+            pass
+        client.send("STARTTLS")
+        client.expect_line(b"220 2.0.0 Start TLS\r\n")
+        client.start_tls(self.client_context("expired"))
+        self.assertEqual(client.read_line(), mp.SMTP_CERT_ERROR)
+        client.expect_closed()
 
     def test_optional_without_a_certificate_gets_the_greeting(self):
         backend = self.use(FakeImapBackend())
         proxy = self.verifying_proxy("imap", backend.port, mode="optional")
         self.imap_login(self.tls_connect(proxy))
-        error = self.tls_refused(proxy.port, self.client_context("expired"))
-        self.assertEqual(error.reason, "SSLV3_ALERT_CERTIFICATE_EXPIRED")
+        client = self.tls_connect(proxy, certificate="expired")
+        self.assertEqual(client.read_line(), mp.IMAP_CERT_ERROR)
+
+    def test_optional_no_ca_lets_an_unknown_issuer_through_to_auth_http(self):
+        # No CA at all (nginx 1.27.2 allows that for optional_no_ca): the
+        # auth server judges the certificate from what it is told.
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port), auth_ok(backend.port))
+        proxy = self.auth_http_proxy("imap", auth.port, "ssl", ssl_certificate="server.crt",
+                                     ssl_certificate_key="server.key", ssl_verify_client="optional_no_ca",
+                                     auth_http_pass_client_cert="on")
+        der = ssl.PEM_cert_to_DER_cert(TLS_WRONG_CLIENT_CERT_PEM)
+        client = self.tls_connect(proxy, certificate="wrongclient")
+        self.imap_login(client)
+        request = auth.requests[0]
+        self.assertIn(b"\r\nAuth-SSL-Verify: FAILED:unable to verify the first certificate\r\n"
+                      b"Auth-SSL-Subject: CN=alice\r\nAuth-SSL-Issuer: CN=some other CA\r\n", request)
+        self.assertIn(b"\r\nAuth-SSL-Fingerprint: " + hashlib.sha1(der).hexdigest().encode() + b"\r\n",
+                      request)
+        self.assertIn(b"\r\nAuth-SSL-Cert: -----BEGIN%20CERTIFICATE-----", request)
+        client = self.tls_connect(proxy)                     # no certificate: NONE, as nginx
+        self.imap_login(client)
+        self.assertIn(b"\r\nAuth-SSL-Verify: NONE\r\n", auth.requests[1])
+        self.assertNotIn(b"Auth-SSL-Subject", auth.requests[1])
+
+    def test_optional_no_ca_refuses_what_is_more_than_an_unknown_issuer(self):
+        backend = self.use(FakeImapBackend())
+        proxy = self.verifying_proxy("imap", backend.port, mode="optional_no_ca",
+                                     ssl_crl=self.tls_path("ca.crl"))
+        for number, (certificate, reason) in enumerate((("expired", "10:certificate has expired"),
+                                                        ("revoked", "23:certificate revoked")), 1):
+            client = self.tls_connect(proxy, certificate=certificate)
+            self.assertEqual(client.read_line(), mp.IMAP_CERT_ERROR)
+            client.expect_closed()
+            proxy.wait_for_log(r"\*%d client SSL certificate verify error: \(%s\)" % (number, reason))
+        self.imap_login(self.tls_connect(proxy, certificate="wrongclient"))   # unknown issuer: in
+        self.imap_login(self.tls_connect(proxy, certificate="client"))
+
+    def test_a_refused_certificates_session_is_not_resumed(self):
+        # ngx_ssl_remove_cached_session: with tickets off, the session the
+        # refused handshake made is dropped from the cache.
+        proxy = self.verifying_proxy("imap", free_port(), ssl_session_tickets="off",
+                                     ssl_session_cache="builtin", ssl_protocols="TLSv1.2")
+        context = self.client_context("expired")
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        first = self.tls_connect(proxy, context=context)
+        self.assertEqual(first.read_line(), mp.IMAP_CERT_ERROR)
+        session = first.sock.session
+        second = self.connect(proxy)
+        second.sock = context.wrap_socket(second.sock, server_hostname="localhost", session=session)
+        self.assertEqual(second.read_line(), mp.IMAP_CERT_ERROR)
+        self.assertFalse(second.sock.session_reused)
+        good = self.client_context("client")
+        good.maximum_version = ssl.TLSVersion.TLSv1_2
+        third = self.tls_connect(proxy, context=good)           # a good one is resumed
+        third.expect_line(mp.IMAP_GREETING)
+        fourth = self.connect(proxy)
+        fourth.sock = good.wrap_socket(fourth.sock, server_hostname="localhost", session=third.sock.session)
+        fourth.expect_line(mp.IMAP_GREETING)
+        self.assertTrue(fourth.sock.session_reused)
 
 
 # -- end to end: AUTH EXTERNAL ------------------------------------------------------
@@ -8167,7 +8294,8 @@ class TlsNginxDirectivesTests(EndToEndTestCase):
         directory = TempDir(self)
         path = directory.write("mailproxy.conf", proxy_config(
             "imap", 1143, listens=("ssl",), **self.mailu(ssl_session_ticket_key=directory.write("t.key", "k" * 80),
-                                                          ssl_session_tickets="on")))
+                                                          ssl_session_tickets="on",
+                                                          ssl_verify_client="optional_no_ca")))
         saved = mp.LibSsl._probed
         mp.LibSsl._probed = mp.LibSsl()
         mp.LibSsl._probed.reason = "a test's stand-in"
@@ -8177,8 +8305,11 @@ class TlsNginxDirectivesTests(EndToEndTestCase):
             mp.LibSsl._probed = saved
         warnings = {warning.directive: warning for warning in config.warnings}
         self.assertEqual(sorted(warnings), ["ssl_ecdh_curve", "ssl_session_cache", "ssl_session_ticket_key",
-                                            "ssl_session_timeout", "ssl_verify_depth"])
+                                            "ssl_session_timeout", "ssl_verify_client", "ssl_verify_depth"])
         for directive, text in (("ssl_session_timeout", "sessions last OpenSSL's default time instead"),
+                                ("ssl_verify_client", '"optional_no_ca" acts as "optional": a client '
+                                 "certificate that does not verify against ssl_client_certificate or "
+                                 "ssl_trusted_certificate ends the TLS handshake, where nginx lets it through"),
                                 ("ssl_verify_depth", "default depth (100)"),
                                 ("ssl_ecdh_curve", 'only one curve is offered, the first of "X25519:'),
                                 ("ssl_session_cache", "OpenSSL's built-in session cache of its default size"),
@@ -13979,14 +14110,14 @@ class ImportNginxTests(unittest.TestCase):
         nginx = self.write(directory, "nginx.conf",
                            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    include tls.conf;\n"
                            "    server {\n        listen 127.0.0.1:1143;\n        protocol imap;\n"
-                           "        ssl_verify_client optional_no_ca;\n        ssl maybe;\n"
+                           "        ssl_certificate_compression on;\n        ssl maybe;\n"
                            "        imap_auth plain;\n        auth_http_frobnicate on;\n"
                            "    }\n}\n")
         status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
         self.assertEqual((status, out), (1, ""), err)
         self.assertNotIn("Traceback", err)
         for where, what in (("tls.conf:2", "ssl_frobnicate 2;"),
-                            ("nginx.conf:7", "ssl_verify_client optional_no_ca;"),
+                            ("nginx.conf:7", "ssl_certificate_compression on;"),
                             ("nginx.conf:8", 'invalid value in "ssl maybe;"'),
                             ("nginx.conf:10", "auth_http_frobnicate on;")):
             self.assertIn("mailproxy: [emerg] %s: %s" % (os.path.join(directory.path, where), what),
