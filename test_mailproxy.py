@@ -12567,6 +12567,22 @@ class ProcessWorkerTests(EndToEndTestCase):
         self.assertEqual(len(served), 5, proxy.stderr)
         self.assertLessEqual(set(served), current)
 
+    def test_the_serving_processes_run_without_the_scripts_syntax_tree(self):
+        """Issue 17, item 4: the started process (same pid) has become a
+        fresh interpreter running this file through runpy, and its workers
+        are its forks; -t is not relaunched."""
+        directory = TempDir(self)
+        port = free_port()
+        path = program_config(directory, [port], main="worker_processes = 2\n")
+        proxy = ProgramUnderTest(self, path)
+        for pid in [proxy.pid] + proxy.workers():
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                arguments = handle.read().split(b"\0")
+            self.assertEqual(arguments[1:4], [b"-c", mp.RELAUNCH_PROGRAM.encode(), MAILPROXY.encode()],
+                             arguments)
+            self.assertEqual(arguments[4:6], [b"-c", path.encode()], arguments)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 OK LOGIN completed\r\n")
+
     def test_worker_connections_keeps_the_third_client_in_the_backlog(self):
         directory = TempDir(self)
         port = free_port()
