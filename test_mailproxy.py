@@ -24,6 +24,7 @@ read as transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
 """
 
 import base64
+import collections
 import errno
 import functools
 import hashlib
@@ -53,7 +54,7 @@ import traceback
 import tracemalloc
 import unittest
 import unittest.mock
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import mailproxy as mp
 
@@ -12147,6 +12148,457 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         self.imap_login(client)
         self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PROXY_FACTS + b"Auth-SSL: on\r\n",
                       auth.requests[0])
+
+
+# ========================================================================== #
+# ####                          Backend pools                           #### #
+# ========================================================================== #
+# [upstream NAME] pools (issue 18, README "Several backends"): the section
+# as read, the Pool's choices and what failures do to them (sans-I/O, the
+# time given), then real loopback backends behind a proxy: one killed in the
+# middle of a run, a bad greeting, a silent server, a drained server, the
+# routes and an auth server naming a pool.
+
+def pool_server(port: int, **options) -> mp.UpstreamServer:
+    address = mp.Upstream("127.0.0.1", port, ((socket.AF_INET, ("127.0.0.1", port)),))
+    return mp.UpstreamServer(address, **options)
+
+
+def pool_of(*servers, balance: str = "round_robin", drains=None) -> mp.Pool:
+    return mp.Pool(mp.UpstreamSpec("farm", tuple(servers), balance), drains)
+
+
+def pool_config(protocol: str, servers, balance: str = "", auth_port=None, **mail) -> str:
+    """proxy_config's file, passing to the pool "farm" whose ``server``
+    lines are ``servers`` (then ``balance``); with ``auth_port`` the
+    auth server decides, and proxy_pass is left out."""
+    if auth_port is None:
+        mail.setdefault("proxy_pass", "farm")
+    text = proxy_config(protocol, None, auth_port=auth_port, **mail)
+    text += "\n[upstream farm]\nserver = " + "\n    ".join(servers) + "\n"
+    return text + ("balance = %s\n" % balance if balance else "")
+
+
+def hashed_logins(pool: mp.Pool, count: int = 10000) -> Dict[bytes, int]:
+    """Where user_hash puts user0 ... user9999: login -> server port."""
+    return {login: pool.choose(login, 0.0).address.port
+            for login in (b"user%d" % n for n in range(count))}
+
+
+class PoolConfigTests(unittest.TestCase):
+    UPSTREAM = """
+        [mail]
+        proxy_pass = farm
+
+        [server imap]
+        listen = 127.0.0.1:18143
+        protocol = imap
+
+        [upstream farm]
+        server = 127.0.0.1:1143 weight=3 max_fails=2 fail_timeout=30s
+                 127.0.0.1:2143 backup
+                 127.0.0.1:3143 down
+                 127.0.0.1:4143 drain
+        balance = user_hash
+
+        [upstream pop]
+        server = 127.0.0.1:1110
+
+        [routes]
+        bob = pop
+        @example.com = imap=farm
+        """
+
+    def test_the_section_as_read(self):
+        config = load_text(self, self.UPSTREAM)
+        self.assertEqual(config.servers[0].proxy_pass, mp.Upstream("farm", 0, (), "farm"))
+        farm = config.upstreams["farm"]
+        self.assertEqual(farm.balance, "user_hash")
+        self.assertEqual([server.text for server in farm.servers],
+                         ["127.0.0.1:1143", "127.0.0.1:2143", "127.0.0.1:3143", "127.0.0.1:4143"])
+        first, backup, down, drain = farm.servers
+        self.assertEqual((first.weight, first.max_fails, first.fail_timeout), (3, 2, 30))
+        self.assertEqual((backup.weight, backup.max_fails, backup.fail_timeout), (1, 1, 10.0))
+        self.assertEqual([(s.backup, s.down, s.drain) for s in farm.servers],
+                         [(False, False, False), (True, False, False), (False, True, False),
+                          (False, False, True)])
+        self.assertEqual(config.upstreams["pop"].balance, "round_robin")
+        # [routes]: a pool's name is the pool, for every protocol or for one.
+        self.assertEqual(mp.route_for(config.routes, config.servers[0].proxy_pass, "bob", "imap"),
+                         mp.Upstream("pop", 0, (), "pop"))
+        self.assertEqual(mp.route_for(config.routes, mp.Upstream("x", 1, ()), "al@example.com",
+                                      "imap"), mp.Upstream("farm", 0, (), "farm"))
+
+    def test_mistakes_are_named_with_their_line(self):
+        path, errors = config_errors(self, """
+            [mail]
+            proxy_pass = nowhere
+
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+
+            [upstream farm]
+            server = 127.0.0.1:1143 weight=0
+                     127.0.0.1:2143 maxfails=2
+            balance = random
+            health_check = on interval=5s
+            timeout = 5s
+
+            [upstream empty]
+            balance = least_conn
+            """)
+        text = "\n".join(str(error) for error in errors)
+        self.assertIn("%s:10: [upstream farm] server: must be at least 1" % path, text)
+        self.assertIn('%s:12: [upstream farm] balance: invalid value "random", it must be '
+                      '"round_robin" or "least_conn" or "user_hash"' % path, text)
+        self.assertIn('%s:13: [upstream farm] health_check: "on" is not supported yet' % path, text)
+        self.assertIn('%s:14: [upstream farm] timeout: "timeout" directive is not allowed in '
+                      '[upstream NAME]' % path, text)
+        self.assertIn('%s:16: [upstream empty] no servers are inside upstream "empty"' % path, text)
+        self.assertIn("%s:3: [mail] proxy_pass: no [upstream nowhere] section" % path, text)
+
+    def test_each_server_line_is_checked(self):
+        path, errors = config_errors(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+                     127.0.0.1:2143 maxfails=2
+            """)
+        self.assertEqual([str(error) for error in errors],
+                         ['%s:8: [upstream farm] server: invalid parameter "maxfails=2"' % path])
+
+    def test_a_route_without_port_cannot_take_a_pools(self):
+        path, errors = config_errors(self, self.UPSTREAM, """
+            carol = 127.0.0.2
+            """)
+        self.assertEqual([str(error) for error in errors], [
+            '%s:23: [routes] carol: "127.0.0.2" has no port, and the imap server "imap" passes '
+            'to the upstream "farm", whose port it cannot take: write HOST:PORT' % path])
+
+    def test_auth_server_names_a_pool_or_one_of_its_servers(self):
+        upstreams = {"farm": mp.UpstreamSpec("farm", (pool_server(1143), pool_server(2143)))}
+        named = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"farm"}, b""), "imap", True, upstreams=upstreams)
+        self.assertEqual(named.upstream, mp.Upstream("farm", 0, (), "farm"))
+        member = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"127.0.0.1", "auth-port": b"2143"}, b""),
+            "imap", True, upstreams=upstreams)
+        self.assertEqual((member.upstream.text, member.upstream.pool), ("127.0.0.1:2143", "farm"))
+        stranger = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"127.0.0.1", "auth-port": b"3143"}, b""),
+            "imap", True, upstreams=upstreams)
+        self.assertEqual(stranger.upstream.pool, "")
+        with self.assertRaises(mp.AuthHttpError):      # no port, and no pool of that name
+            mp.interpret_auth_response(mp.AuthHttpResponse({
+                "auth-status": b"OK", "auth-server": b"barn"}, b""), "imap", True,
+                upstreams=upstreams)
+
+
+class PoolChoiceTests(unittest.TestCase):
+    """The Pool's choices, sans-I/O: the time is an argument."""
+
+    def test_smooth_weighted_round_robin_as_nginx(self):
+        pool = pool_of(pool_server(1, weight=5), pool_server(2), pool_server(3))
+        order = [pool.choose(b"", 0.0).address.port for _ in range(14)]
+        self.assertEqual(order, [1, 1, 2, 1, 3, 1, 1] * 2)
+
+    def test_least_conn_counts_the_sessions(self):
+        one, two = pool_server(1), pool_server(2, weight=2)
+        pool = pool_of(one, two, balance="least_conn")
+        leases = [pool.lease(pool.choose(b"", 0.0)) for _ in range(3)]
+        # 0/1 == 0/2: round robin's pick, 2; then 0/1 < 1/2: 1; then 1/1 > 1/2: 2.
+        self.assertEqual([lease.state.server.address.port for lease in leases], [2, 1, 2])
+        self.assertEqual([state.active for state in pool.states], [1, 2])
+        leases[0].release()
+        leases[0].release()                                       # once only
+        self.assertEqual([state.active for state in pool.states], [1, 1])
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(3)}, {2})
+
+    def test_user_hash_is_sticky_and_removing_a_server_moves_only_its_users(self):
+        for count in (2, 3, 4, 5):
+            servers = [pool_server(port) for port in range(1, count + 1)]
+            before = hashed_logins(pool_of(*servers, balance="user_hash"))
+            self.assertEqual(before, hashed_logins(pool_of(*servers, balance="user_hash")))
+            shares = collections.Counter(before.values())
+            for port in shares:        # each server's share is about 1/N
+                self.assertLess(abs(shares[port] / 10000 - 1 / count), 0.03, (count, shares))
+            after = hashed_logins(pool_of(*servers[:-1], balance="user_hash"))
+            moved = [login for login in before if before[login] != after[login]]
+            self.assertTrue(all(before[login] == count for login in moved))
+            self.assertLessEqual(len(moved) / 10000, 1 / count + 0.02, count)
+
+    def test_user_hash_weights(self):
+        pool = pool_of(pool_server(1, weight=3), pool_server(2), balance="user_hash")
+        shares = collections.Counter(hashed_logins(pool).values())
+        self.assertLess(abs(shares[1] / 10000 - 0.75), 0.03, shares)
+
+    def test_user_hash_fails_over_and_comes_back(self):
+        servers = [pool_server(port) for port in (1, 2, 3)]
+        pool = pool_of(*servers, balance="user_hash")
+        before = hashed_logins(pool, 1000)
+        self.assertIsNotNone(pool.failed(servers[0], 100.0))      # max_fails=1: out for 10s
+        during = hashed_logins_at(pool, 105.0)
+        self.assertTrue(all(during[login] != 1 for login in during))
+        self.assertTrue(all(during[login] == before[login] for login in before if before[login] != 1))
+        self.assertEqual(hashed_logins_at(pool, 110.5), before)
+
+    def test_max_fails_within_fail_timeout(self):
+        server = pool_server(1, max_fails=2, fail_timeout=10)
+        pool = pool_of(server, pool_server(2))
+        self.assertIsNone(pool.failed(server, 0.0))
+        self.assertIsNone(pool.failed(server, 11.0))     # the first is too old to count
+        message = pool.failed(server, 15.0)
+        self.assertEqual(message, 'upstream server temporarily disabled: 127.0.0.1:1 of upstream '
+                                  '"farm" failed 2 times within 10s, no new logins for 10s')
+        self.assertEqual({pool.choose(b"", 20.0).address.port for _ in range(4)}, {2})
+        self.assertEqual({pool.choose(b"", 25.5).address.port for _ in range(4)}, {1, 2})
+        pool.failed(server, 30.0)
+        pool.succeeded(server)                           # a success forgets the failures
+        self.assertIsNone(pool.failed(server, 31.0))
+
+    def test_max_fails_zero_never_takes_a_server_out(self):
+        server = pool_server(1, max_fails=0)
+        pool = pool_of(server, pool_server(2))
+        for moment in range(5):
+            self.assertIsNone(pool.failed(server, float(moment)))
+        self.assertIn(1, {pool.choose(b"", 5.0).address.port for _ in range(2)})
+
+    def test_tried_servers_are_skipped_then_none_is_left(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        first = pool.choose(b"", 0.0)
+        second = pool.choose(b"", 0.0, [first])
+        self.assertEqual({first, second}, {one, two})
+        self.assertIsNone(pool.choose(b"", 0.0, [one, two]))
+
+    def test_backup_down_and_drain(self):
+        primary, backup = pool_server(1), pool_server(2, backup=True)
+        down, drain = pool_server(3, down=True), pool_server(4, drain=True)
+        pool = pool_of(primary, backup, down, drain)
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(5)}, {1})
+        pool.failed(primary, 0.0)
+        self.assertEqual(pool.choose(b"", 1.0).address.port, 2)      # the backup, now
+        self.assertIsNone(pool.choose(b"", 1.0, [backup, primary]))  # never down, never drain
+
+    def test_when_all_are_out_the_soonest_back_is_tried(self):
+        one, two = pool_server(1, fail_timeout=10), pool_server(2, fail_timeout=10)
+        pool = pool_of(one, two)
+        pool.failed(two, 0.0)
+        pool.failed(one, 2.0)
+        self.assertEqual(pool.choose(b"", 3.0).address.port, 2)
+        self.assertEqual(pool.choose(b"", 3.0, [two]).address.port, 1)
+
+    def test_the_auth_servers_choice_comes_first(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        self.assertEqual({pool.choose(b"", 0.0, prefer=("127.0.0.1", 2)).address.port
+                          for _ in range(4)}, {2})
+        pool.failed(two, 0.0)
+        self.assertEqual(pool.choose(b"", 1.0, prefer=("127.0.0.1", 2)).address.port, 1)
+
+    def test_set_drain_reaches_every_process_through_the_books(self):
+        spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
+        books, sent = mp.SharedBooks(), []
+        books.add(mp.UpstreamDrains())
+        books.outlet = sent.append
+        pools = mp.Pools({"farm": spec}, books.of(mp.UpstreamDrains))
+        self.assertTrue(pools.set_drain("farm", "127.0.0.1:1", True))
+        self.assertFalse(pools.set_drain("farm", "127.0.0.1:9", True))
+        self.assertFalse(pools.set_drain("barn", "127.0.0.1:1", True))
+        pool = pools.pool_for(mp.Config("x", None, [], {}, {}, upstreams={"farm": spec}),
+                              mp.Upstream("farm", 0, (), "farm"))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {2})
+        self.assertEqual(sent, [b'["upstream drain","farm","127.0.0.1:1",true]'])
+        other = mp.SharedBooks()                       # another worker hears it
+        other.add(mp.UpstreamDrains())
+        other.apply(mp.decode_event(sent[0]))
+        self.assertTrue(other.of(mp.UpstreamDrains).draining("farm", "127.0.0.1:1", False))
+        pools.set_drain("farm", "127.0.0.1:1", False)
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
+
+    def test_a_reload_keeps_what_was_learned_of_an_unchanged_pool(self):
+        spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
+        pools = mp.Pools({"farm": spec})
+        pools.pools["farm"].failed(spec.servers[0], 0.0)
+        pools.reconfigure({"farm": spec})
+        self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+        pools.reconfigure({"farm": spec._replace(balance="least_conn")})
+        self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", True), ("127.0.0.1:2", True)])
+
+
+def hashed_logins_at(pool: mp.Pool, now: float, count: int = 1000) -> Dict[bytes, int]:
+    return {login: pool.choose(login, now).address.port
+            for login in (b"user%d" % n for n in range(count))}
+
+
+class PoolEndToEndTests(EndToEndTestCase):
+    """Real loopback backends behind a proxy passing to a pool."""
+
+    def pool_proxy(self, protocol: str, servers, balance: str = "", **mail) -> ProxyUnderTest:
+        return self.use(ProxyUnderTest(pool_config(protocol, servers, balance, **mail)))
+
+    def logged_in(self, proxy: ProxyUnderTest) -> Client:
+        client = self.connect(proxy)
+        self.imap_login(client)
+        return client
+
+    def test_one_of_two_killed_mid_run_and_100_logins_all_succeed(self):
+        first, second = FakeImapBackend(), self.use(FakeImapBackend())
+        self.addCleanup(first.close)
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        for number in range(100):
+            if number == 40:
+                first.close()          # its port refuses connections from now on
+            client = self.logged_in(proxy)
+            client.send("a2 NOOP")
+            client.expect(rb"^a2 OK NOOP completed\r\n$")
+            client.close()
+        self.assertEqual(len(first.logins), 20)        # round robin, until it died
+        self.assertEqual(len(second.logins), 80)
+        # It failed once (max_fails=1): out for 10 s, so no other login tried it.
+        self.assertEqual(len(re.findall(r"connect\(\) failed \(111", proxy.log)), 1, proxy.log)
+        proxy.wait_for_log(
+            r'\[warn\] .*upstream server temporarily disabled: 127\.0\.0\.1:%d of upstream "farm" '
+            r"failed 1 time within 10s, no new logins for 10s" % first.port)
+        proxy.wait_for_log(
+            r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed \(upstream '
+            r"unreachable\), the login goes on with the next server while connecting to upstream"
+            % first.port)
+        proxy.wait_for_log(r'\[info\] \d+#0: \*\d+ client logged in .*upstream: 127\.0\.0\.1:%d'
+                           % second.port)
+
+    def test_a_bad_greeting_fails_over(self):
+        bad, good = self.use(FakeImapBackend(mode="bad-greeting")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % bad.port, "127.0.0.1:%d" % good.port],
+                                proxy_pass_error_message="on")
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(bad.received), 1)         # then out for fail_timeout
+        self.assertEqual(len(good.logins), 3)
+        self.assertEqual(bytes(good.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
+
+    def test_a_silent_server_times_out_and_fails_over(self):
+        silent, good = self.use(FakeImapBackend(mode="stall")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % silent.port,
+                                         "127.0.0.1:%d" % good.port], timeout="1s")
+        client = self.logged_in(proxy)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        self.assertEqual(len(silent.received), 1)
+        proxy.wait_for_log(r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed '
+                           r"\(upstream timed out\)" % silent.port)
+
+    def test_no_server_alive_is_the_internal_error(self):
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % free_port(),
+                                         "127.0.0.1:%d" % free_port()])
+        self.login_gets_internal_error(self.connect(proxy), "imap")
+        proxy.wait_for_log(r'\[error\] .*no live upstreams in upstream "farm"')
+
+    def test_the_backends_refusal_is_no_failure_of_the_server(self):
+        refusing, other = self.use(FakeImapBackend(mode="refuse")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % refusing.port,
+                                         "127.0.0.1:%d" % other.port],
+                                proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 NO \[AUTHENTICATIONFAILED\] bad\r\n$")
+        self.assertEqual(other.logins, [])
+        self.assertNotIn("temporarily disabled", proxy.log)
+
+    def test_pop3_fails_over_too(self):
+        dead, good = free_port(), self.use(FakePop3Backend())
+        proxy = self.pool_proxy("pop3", ["127.0.0.1:%d" % dead, "127.0.0.1:%d" % good.port])
+        for _ in range(2):
+            client = self.connect(proxy)
+            self.pop3_login(client)
+            client.close()
+        self.assertEqual(len(good.logins), 2)
+
+    def test_user_hash_sends_a_login_to_the_same_server(self):
+        backends = [self.use(FakeImapBackend(accept=None)) for _ in range(3)]
+        users = {"user%d" % n: "{PLAIN}pw" for n in range(12)}
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % b.port for b in backends],
+                                "user_hash", users=users)
+        for _ in range(2):
+            for login in users:
+                client = self.connect(proxy)
+                client.expect_line(mp.IMAP_GREETING)
+                client.send("a1 LOGIN %s pw" % login)
+                client.expect(rb"^a1 OK")
+                client.close()
+        placed = {}
+        for backend in backends:
+            for login, _ in backend.logins:
+                placed.setdefault(login, set()).add(backend.port)
+        self.assertEqual(sorted(placed), sorted(login.encode() for login in users))
+        self.assertTrue(all(len(ports) == 1 for ports in placed.values()), placed)
+        spec = proxy.config.upstreams["farm"]
+        for login, ports in placed.items():
+            self.assertEqual(ports, {mp.Pool(spec).choose(login, 0.0).address.port})
+
+    def test_a_drained_server_takes_no_new_session_and_its_sessions_go_on(self):
+        first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        old = self.logged_in(proxy)                    # round robin: the first
+        self.assertEqual(len(first.logins), 1)
+        done = threading.Event()
+        proxy.worker.loop.call_soon_threadsafe(lambda: (
+            proxy.worker.pools.set_drain("farm", "127.0.0.1:%d" % first.port, True), done.set()))
+        self.assertTrue(done.wait(5))
+        for _ in range(4):
+            self.logged_in(proxy).close()
+        self.assertEqual((len(first.logins), len(second.logins)), (1, 4))
+        old.send("a2 FETCH 1 BODY[]")                  # the old session still relays
+        old.expect(rb"^\* 1 FETCH \(BODY\[\] \{7\}\r\n$")
+        self.assertEqual(old.read_exactly(7), b"hello\r\n")
+
+    def test_drain_in_the_file(self):
+        first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d drain" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual((len(first.logins), len(second.logins)), (0, 3))
+
+    def test_a_route_names_the_pool(self):
+        direct, first, second = (self.use(FakeImapBackend()) for _ in range(3))
+        text = pool_config("imap", ["127.0.0.1:%d" % first.port, "127.0.0.1:%d" % second.port],
+                           proxy_pass="127.0.0.1:%d" % direct.port)
+        proxy = self.use(ProxyUnderTest(text + "\n[routes]\nalice = farm\n"))
+        for _ in range(2):
+            self.logged_in(proxy).close()
+        self.assertEqual([len(b.logins) for b in (direct, first, second)], [0, 1, 1])
+
+    def test_auth_server_names_the_pool_or_a_server_of_it(self):
+        dead, good = free_port(), self.use(FakeImapBackend())
+        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Server", "farm")),
+                                auth_ok(dead), auth_ok(good.port))
+        proxy = self.use(ProxyUnderTest(pool_config(
+            "imap", ["127.0.0.1:%d" % good.port, "127.0.0.1:%d" % dead], auth_port=auth.port)))
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(good.logins), 3)
+        # The second named the dead server: tried first, then the pool's other.
+        proxy.wait_for_log(r'upstream server 127\.0\.0\.1:%d of upstream "farm" failed' % dead)
+
+    def test_auth_backend_fails_over(self):
+        dead, good = free_port(), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % dead, "127.0.0.1:%d" % good.port],
+                                auth="backend")
+        client = self.logged_in(proxy)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        self.assertEqual(good.logins, [(b"alice", b"secret")])
+        proxy.wait_for_log(r'failed \(upstream unreachable\), the login goes on')
 
 
 # ========================================================================== #
