@@ -402,6 +402,7 @@ class UpstreamSpec(NamedTuple):
     servers: Tuple[UpstreamServer, ...]
     balance: str = "round_robin"
     health_check: object = None    # None: off (an active check is not built yet)
+    overrides: Tuple[Tuple[str, object], ...] = ()   # the backend dialogue's directives it sets
 
 
 class ConfigValueError(Exception):
@@ -1092,6 +1093,7 @@ MAIN = ("main",)
 MAIL = ("mail", "server")
 SERVER = ("server",)
 UPSTREAM = ("upstream",)
+POOLED = ("mail", "server", "upstream")   # the backend dialogue: a pool may say otherwise
 
 DIRECTIVES = {d.name: d for d in [
     # -- process-wide: nginx's main context -------------------------------
@@ -1121,10 +1123,10 @@ DIRECTIVES = {d.name: d for d in [
     Directive("proxy", MAIL, parse_flag, False),   # parsed and ignored, as nginx
     Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("proxy_pass_error_message", MAIL, parse_flag, False),
-    Directive("proxy_protocol", MAIL, parse_enum("off", "on", "v2"), "off"),
-    Directive("proxy_smtp_auth", MAIL, parse_flag, False),
+    Directive("proxy_protocol", POOLED, parse_enum("off", "on", "v2"), "off"),
+    Directive("proxy_smtp_auth", POOLED, parse_flag, False),
     Directive("proxy_timeout", MAIL, parse_time, 24 * 3600.0),
-    Directive("xclient", MAIL, parse_flag, True),
+    Directive("xclient", POOLED, parse_flag, True),
     # -- ngx_mail_realip_module --------------------------------------------
     Directive("set_real_ip_from", MAIL, parse_real_ip_from, [], multiple=True),
     # -- ngx_mail_ssl_module -----------------------------------------------
@@ -1179,23 +1181,26 @@ DIRECTIVES = {d.name: d for d in [
     Directive("trusted_networks", MAIL, parse_trusted_networks, [], multiple=True, extension=True),
     Directive("max_user_sessions", MAIL, parse_number, 0, extension=True),
     Directive("max_user_ip_sessions", MAIL, parse_number, 0, extension=True),
-    Directive("proxy_smtp_auth_method", MAIL, parse_smtp_auth_method, "plain", extension=True),
+    Directive("proxy_smtp_auth_method", POOLED, parse_smtp_auth_method, "plain", extension=True),
     Directive("ssl_sni_certificate", MAIL, parse_sni_certificate, [], multiple=True, extension=True),
     # -- extensions: TLS to the backend, named as nginx's stream proxy ------
-    Directive("proxy_ssl", MAIL, parse_flag, False, extension=True),
-    Directive("proxy_starttls", MAIL, parse_flag, False, extension=True),
-    Directive("proxy_ssl_verify", MAIL, parse_flag, True, extension=True),
-    Directive("proxy_ssl_trusted_certificate", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_name", MAIL, parse_string, None, extension=True),
-    Directive("proxy_ssl_server_name", MAIL, parse_enum("on", refused={
+    Directive("proxy_ssl", POOLED, parse_flag, False, extension=True),
+    Directive("proxy_starttls", POOLED, parse_flag, False, extension=True),
+    Directive("proxy_ssl_verify", POOLED, parse_flag, True, extension=True),
+    Directive("proxy_ssl_trusted_certificate", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_name", POOLED, parse_string, None, extension=True),
+    Directive("proxy_ssl_server_name", POOLED, parse_enum("on", refused={
         "off": "cannot be honoured: Python's ssl module sends the name it verifies "
                "(proxy_ssl_name) as SNI"}), "on", extension=True),
-    Directive("proxy_ssl_certificate", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_certificate_key", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_protocols", MAIL, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"],
+    Directive("proxy_ssl_certificate", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_certificate_key", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_protocols", POOLED, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"],
               extension=True),
-    Directive("proxy_ssl_ciphers", MAIL, parse_string, "DEFAULT", extension=True),
+    Directive("proxy_ssl_ciphers", POOLED, parse_string, "DEFAULT", extension=True),
     Directive("smtp_relay_domains", MAIL, parse_word_list, [], multiple=True, extension=True),
+    # -- extensions: the client's identity at the backend (README "Several backends")
+    Directive("imap_id", POOLED, parse_flag, False, extension=True),
+    Directive("pop3_xclient", POOLED, parse_flag, False, extension=True),
     # -- extensions: [upstream NAME] pools (README "Several backends") ------
     Directive("server", UPSTREAM, parse_upstream_server, [], multiple=True, extension=True),
     Directive("balance", UPSTREAM, parse_enum(*BALANCE_METHODS), "round_robin", extension=True),
@@ -1248,6 +1253,8 @@ class Config(NamedTuple):
     warnings: Tuple[ConfigError, ...] = ()   # what -t and the start-up print as [warn]
     lines: Optional[Dict] = None        # (section, directive) -> line, for later messages
     upstreams: Optional[Dict[str, UpstreamSpec]] = None   # [upstream NAME] pools, by name
+    pool_settings: Optional[Dict[Tuple[str, str], Settings]] = None   # (server, pool) -> a
+                                        # server's settings with the pool's overrides
 
 
 def section_kind(name: str) -> Optional[str]:
@@ -1415,7 +1422,8 @@ def load_config(path: str) -> Config:
     warnings += route_port_warnings(path, servers, routes, lines)
     warnings += salted_method_warnings(path, servers, users, lines)
     warnings += tls_directive_warnings(path, servers, lines)
-    return Config(path, main, servers, users, routes, tuple(warnings), lines, upstreams)
+    return Config(path, main, servers, users, routes, tuple(warnings), lines, upstreams,
+                  pool_settings(servers, upstreams))
 
 
 def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -1492,9 +1500,21 @@ def load_upstreams(path: str, values: Dict[str, Dict[str, object]], lines: Dict,
                 errors.append(ConfigError(path, section, "server", 'server %s is listed twice'
                                           % server.text, lines.get((section, "server"))))
             seen.add(server.text)
+        overrides = tuple(sorted((key, value) for key, value in given.items()
+                                 if "mail" in DIRECTIVES[key].contexts))
         upstreams[name] = UpstreamSpec(name, servers, given.get("balance", "round_robin"),
-                                       given.get("health_check"))
+                                       given.get("health_check"), overrides)
     return upstreams
+
+
+def pool_settings(servers: List[Settings],
+                  upstreams: Dict[str, UpstreamSpec]) -> Dict[Tuple[str, str], Settings]:
+    """(server name, pool name) -> the server's settings with what the pool
+    says of the backend dialogue (proxy_protocol, xclient, proxy_ssl...),
+    for each pool that says anything.  Their backend TLS context is the
+    TLS section's (load_and_prepare)."""
+    return {(server.name, spec.name): Settings(dict(vars(server), **dict(spec.overrides)))
+            for server in servers for spec in upstreams.values() if spec.overrides}
 
 
 def check_pool_names(path: str, servers: List[Settings], routes: Dict[str, "Route"],
@@ -5172,6 +5192,14 @@ class UpstreamDrains:
         return self.flags.get((upstream, server), configured)
 
 
+def backend_settings(config: "Config", server: Settings, upstream: Upstream) -> Settings:
+    """``server``'s settings for the backend dialogue of a login to
+    ``upstream``: with its pool's overrides, if it has any."""
+    if upstream.pool and config.pool_settings:
+        return config.pool_settings.get((server.name, upstream.pool), server)
+    return server
+
+
 class Pools:
     """A worker's pools, by name.  pool_for(config, upstream) is the Pool a
     session's login goes through; set_drain() is the control interface's
@@ -5250,9 +5278,23 @@ class Expect(NamedTuple):
     codes: Tuple[bytes, ...] = ()
     tag: bytes = b""           # imap-tagged: another tag than the login's
     verdict: bool = False
+    learn: bool = False        # the capabilities the reply lists are the backend's (When)
+    probe: bool = False        # a question of ours: a no means "no capabilities", not a failure
+
+
+class When(NamedTuple):
+    """Extension: ``steps`` if the backend has advertised ``capability``
+    (in a reply read by an Expect with ``learn``), else nothing.
+    ``capability`` None: ``steps`` if no capability is known yet (the
+    question to ask, CAPABILITY or CAPA).  TLS forgets what was learned in
+    clear."""
+    capability: Optional[bytes]
+    steps: Tuple = ()
 
 
 BACKEND_STARTTLS_TAG = b"S1 "
+BACKEND_CAPABILITY_TAG = b"C1 "
+BACKEND_ID_TAG = b"I1 "
 
 
 def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool = False) -> list:
@@ -5323,6 +5365,71 @@ def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> 
         Send(b"PASS " + password + b"\r\n", "PASS"),
         Expect("pop3-ok", relay=True, verdict=True),
     ]
+
+
+# -- the client's identity at the backend (imap_id, pop3_xclient: extensions) -----
+# Dovecot believes the client's address from a proxy in its
+# login_trusted_networks: IMAP's ID with the x-originating-ip convention,
+# and POP3's XCLIENT.  Sent only when the backend advertises it (CAPABILITY
+# lists ID; CAPA lists XCLIENT, or the greeting says [XCLIENT]), before the
+# login, after TLS: nothing the backend did not ask for.
+
+def identity_value(text: str) -> bool:
+    """An IP address or a number: safe in a quoted string and an XCLIENT
+    argument as it is (no quote, backslash, space, CR or LF)."""
+    if text.isdigit():
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def imap_id_command(fields: List[Tuple[str, str]]) -> bytes:
+    """``I1 ID ("x-originating-ip" "192.0.2.7" ...)`` (RFC 2971 §3.3); a
+    field whose value is not an address or a number (a unix socket's
+    "unix:") is left out."""
+    pairs = ['"%s" "%s"' % (name, value) for name, value in fields if identity_value(value)]
+    return BACKEND_ID_TAG + b"ID (" + " ".join(pairs).encode("ascii") + b")\r\n"
+
+
+def pop3_xclient_command(address: str, port: int) -> bytes:
+    """Dovecot's POP3 ``XCLIENT ADDR=... PORT=...``; ADDR=[UNAVAILABLE]
+    for a unix socket's client."""
+    address = address if identity_value(address) else "[UNAVAILABLE]"
+    return b"XCLIENT ADDR=" + address.encode("ascii") + b" PORT=%d\r\n" % port
+
+
+def identity_steps(protocol: str, attempt: "LoginAttempt", destination: Tuple[str, int],
+                   session: int) -> list:
+    """The steps that tell the backend who the client is: ask for the
+    capabilities unless the greeting listed them, then ID or XCLIENT if
+    they hold it."""
+    if protocol == "imap":
+        fields = [("x-originating-ip", attempt.client_address),
+                  ("x-originating-port", str(attempt.client_port)),
+                  ("x-connected-ip", destination[0]), ("x-connected-port", str(destination[1])),
+                  ("x-session-id", str(session))]
+        return [When(None, (Send(BACKEND_CAPABILITY_TAG + b"CAPABILITY\r\n", "CAPABILITY"),
+                            Expect("imap-tagged", tag=BACKEND_CAPABILITY_TAG, learn=True,
+                                   probe=True))),
+                When(b"ID", (Send(imap_id_command(fields), "ID"),
+                             Expect("imap-tagged", tag=BACKEND_ID_TAG)))]
+    return [When(None, (Send(b"CAPA\r\n", "CAPA"), Expect("pop3-capa", learn=True, probe=True))),
+            When(b"XCLIENT", (Send(pop3_xclient_command(attempt.client_address,
+                                                        attempt.client_port), "XCLIENT"),
+                              Expect("pop3-ok")))]
+
+
+def with_identity(script: list, steps: list) -> list:
+    """``steps`` inserted where the login begins: after the greeting, or
+    after the TLS handshake STARTTLS asked for; the greeting learns."""
+    script = list(script)
+    script[0] = script[0]._replace(learn=True)
+    tls = [i for i, step in enumerate(script) if isinstance(step, TlsStep)]
+    at = tls[-1] + 1 if tls else 1
+    return script[:at] + steps + script[at:]
 
 
 def xtext(data: bytes) -> bytes:
@@ -5462,10 +5569,19 @@ LOGIN_SCRIPTS = {"imap": imap_attempt_script, "pop3": pop3_attempt_script,
 
 
 def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
-                 starttls: bool) -> list:
+                 starttls: bool, destination: Tuple[str, int] = ("", 0),
+                 session: int = 0) -> list:
     """The backend login for an accepted attempt (LOGIN_SCRIPTS);
-    ``starttls`` (extension): STARTTLS first."""
-    return LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
+    ``starttls`` (extension): STARTTLS first.  With imap_id or pop3_xclient
+    on (extensions), the client's identity first (identity_steps:
+    ``destination`` is the address the client connected to, ``session``
+    the session's number)."""
+    script = LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
+    if (attempt.protocol == "imap" and server.imap_id) or \
+            (attempt.protocol == "pop3" and server.pop3_xclient):
+        script = with_identity(script, identity_steps(attempt.protocol, attempt, destination,
+                                                      session))
+    return script
 
 
 def smtp_auth_steps(method: str, login: bytes, password: bytes) -> list:
@@ -5528,6 +5644,7 @@ class BackendLogin:
         self._relay = bytearray()          # reply lines for the client
         self._reply = bytearray()          # the lines of the reply being read
         self._greeted = False              # the first Expect is the greeting
+        self.capabilities = None           # type: Optional[set]  (what a ``learn`` reply listed)
         self._advance()
 
     @property
@@ -5545,10 +5662,17 @@ class BackendLogin:
         return data
 
     def _advance(self) -> bool:
-        """Queue the Send steps now due; True if there was one."""
+        """Queue the Send steps now due (a When's, if it holds); True if
+        there was one."""
         sent = False
-        while self.script and isinstance(self.script[0], Send):
+        while self.script and isinstance(self.script[0], (Send, When)):
             step = self.script.pop(0)
+            if isinstance(step, When):
+                known = self.capabilities
+                if (known is None) if step.capability is None else \
+                        (known is not None and step.capability in known):
+                    self.script[:0] = step.steps
+                continue
             self._output += step.data
             sent = True
             if self.trace is not None:
@@ -5556,8 +5680,10 @@ class BackendLogin:
         return sent
 
     def tls_started(self) -> None:
-        """The handshake with the backend is done: the script goes on."""
+        """The handshake with the backend is done: the script goes on, and
+        what the backend said in clear is forgotten (RFC 3207 §4.2)."""
         self.script.pop(0)
+        self.capabilities = None
         self._advance()
 
     def receive_data(self, data: bytes) -> list:
@@ -5591,14 +5717,17 @@ class BackendLogin:
                 raise BackendError("upstream sent too long response")
             if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
                 raise BackendError("upstream sent a literal in its login response", line)
-            if not self._accepts(step, line):
+            accepted = self._accepts(step, line)
+            if not accepted and not step.probe:
                 if self.trace is not None:
                     self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
                 self._refuse(step, line)
-            if self._more_lines(step, line):
+            if accepted and self._more_lines(step, line):
                 continue                       # an untagged or a 250- line: more follow
             if self.trace is not None:
                 self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
+            if step.learn:
+                self._learn(step, bytes(self._reply) if accepted else b"")
             if step.relay:
                 self._relay += self._reply
             del self._reply[:]
@@ -5625,7 +5754,27 @@ class BackendLogin:
         raise BackendError("upstream sent invalid response", bytes(self._reply), refusal=True,
                            verdict=verdict)
 
+    def _learn(self, step: Expect, reply: bytes) -> None:
+        """The capabilities ``reply`` lists: IMAP's [CAPABILITY ...] code or
+        CAPABILITY lines, POP3's greeting codes (Dovecot's [XCLIENT]) or
+        CAPA lines.  A greeting that lists none leaves them unknown; an
+        answer to our question (a probe) makes them known, empty if it
+        said no."""
+        words = set()
+        for line in reply.splitlines():
+            if step.kind == "pop3-capa":
+                if line and not line.startswith((b"+OK", b".")):
+                    words.add(line.split()[0].upper())
+                continue
+            match = CAPABILITY_LISTS.match(line)
+            if match:
+                words.update((match.group(1) or match.group(2) or match.group(3)).upper().split())
+        if words or step.probe:
+            self.capabilities = words
+
     def _more_lines(self, step: Expect, line: bytes) -> bool:
+        if step.kind == "pop3-capa":               # RFC 2449 §5: lines up to a lone "."
+            return line.rstrip(b"\r\n") != b"."
         if step.kind == "imap-tagged":
             return line.startswith(b"* ")
         # RFC 5321 §4.2.1: "250-..." lines continue, "250 ..." (or "250") ends.
@@ -5638,6 +5787,8 @@ class BackendLogin:
             return line.startswith(b"+")
         if step.kind == "pop3-ok":
             return line.startswith(b"+OK")
+        if step.kind == "pop3-capa":               # +OK, then any line of the list
+            return len(self._reply) > len(line) or line.startswith(b"+OK")
         if step.kind == "smtp":
             if not re.match(rb"\d{3}[- \r\n]", line):
                 return False
@@ -5654,7 +5805,12 @@ IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
 # The protocol an Expect of each kind belongs to, for a greeting that is not
 # the one expected (UnexpectedGreeting).
 GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
-                      "pop3-ok": "POP3", "smtp": "SMTP"}
+                      "pop3-ok": "POP3", "pop3-capa": "POP3", "smtp": "SMTP"}
+# Where a backend lists its capabilities: an IMAP greeting's or reply's
+# [CAPABILITY ...] code (RFC 3501 §7.1), an untagged CAPABILITY line, a
+# POP3 greeting's codes (Dovecot: "+OK [XCLIENT] Dovecot ready.").
+CAPABILITY_LISTS = re.compile(rb"\* OK \[CAPABILITY ([^\]]*)\]|\* CAPABILITY (.*)|\+OK \[([^\]]*)\]",
+                              re.IGNORECASE)
 
 
 # Refusals of a login for another reason than the login and password: the
@@ -8387,20 +8543,21 @@ class BackendConnection(StreamOwner):
 def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
                  local: Tuple[str, int], owner, log: Callable,
                  verdicts: bool = False, debug: bool = False,
-                 pool: Optional[Pool] = None) -> BackendConnection:
+                 pool: Optional[Pool] = None, session: int = 0) -> BackendConnection:
     """Connect to ``outcome.upstream`` and log in there as ``outcome``
     says (login_script, TLS, the PROXY header naming ``local``, the
     address the client connected to); ``owner`` hears how it went
     (BackendConnection).  ``debug``: each step of the login script in
     ``log`` at debug (BackendLogin's trace: names and codes only).
     ``pool``: the Pool ``outcome.upstream`` goes through (Pools.pool_for);
-    its choice is keyed by the login (the client's address without one)."""
+    its choice is keyed by the login (the client's address without one).
+    ``session``: the session's number, for imap_id's x-session-id."""
     tls_mode = backend_tls_mode(server, outcome)
     header = proxy_header_to_backend(server.proxy_protocol, attempt, local)
     trace = (lambda text: log("debug", "backend: %s", text)) if debug else None
 
     def relogin() -> BackendLogin:
-        script = login_script(server, attempt, outcome, tls_mode == "starttls")
+        script = login_script(server, attempt, outcome, tls_mode == "starttls", local, session)
         return BackendLogin(script, attempt.tag, server.proxy_buffer, trace)
     key = outcome.login if outcome.login is not None else attempt.credentials.login
     return BackendConnection(loop, server, outcome.upstream, relogin(), tls_mode, header, owner,
@@ -8802,9 +8959,10 @@ class BackendAuth:
         self.timer = self.loop.call_later(server.timeout, self._timed_out)
         self.connected = False
         pool = self.owner.worker.pools.pool_for(self.config, self.upstream)
-        connection = open_backend(self.loop, server, attempt, outcome,
-                                  local_address(self.owner.client.sock), self,
-                                  self.log, verdicts=True, debug=self.owner.debug, pool=pool)
+        connection = open_backend(self.loop, backend_settings(self.config, server, self.upstream),
+                                  attempt, outcome, local_address(self.owner.client.sock), self,
+                                  self.log, verdicts=True, debug=self.owner.debug, pool=pool,
+                                  session=self.owner.journal.number)
         if self.done is not None:      # not failed already (no address could be tried)
             self.connection = connection
 
@@ -9917,11 +10075,11 @@ class Session(StreamOwner):
     def _login_to_backend(self, outcome: AuthOutcome) -> None:
         self.journal.upstream = outcome.upstream
         self._enter(Phase.CONNECT)
-        self.backend_connection = open_backend(self.loop, self.server, self.attempt, outcome,
-                                               local_address(self.client.sock), self,
-                                               self.log, debug=self.debug,
-                                               pool=self.worker.pools.pool_for(self.config,
-                                                                               outcome.upstream))
+        self.backend_connection = open_backend(
+            self.loop, backend_settings(self.config, self.server, outcome.upstream), self.attempt,
+            outcome, local_address(self.client.sock), self, self.log, debug=self.debug,
+            pool=self.worker.pools.pool_for(self.config, outcome.upstream),
+            session=self.journal.number)
 
     def backend_chosen(self, upstream: Upstream) -> None:
         """A pool's server is tried: the log names it."""
@@ -10044,9 +10202,32 @@ def load_and_prepare(path: str) -> Config:
             problem = tls_problem(config, server, error)
             if str(problem) not in map(str, errors):     # once, not once per server
                 errors.append(problem)
+    errors.extend(prepare_pool_settings(config))
     if errors:
         raise ConfigErrors(errors)
     return config
+
+
+def prepare_pool_settings(config: Config) -> List[ConfigError]:
+    """The backend TLS context of each server's settings for a pool: the
+    server's own, or a new one if the pool sets proxy_ssl* (or turns TLS
+    to the backend on where the server has none)."""
+    errors = []
+    for (name, pool), merged in (config.pool_settings or {}).items():
+        server = next(server for server in config.servers if server.name == name)
+        merged.backend_tls_context = server.backend_tls_context
+        own = any(key.startswith("proxy_ssl") for key, _ in config.upstreams[pool].overrides)
+        if (merged.proxy_ssl or merged.proxy_starttls or merged.auth_http is not None) and \
+                (own or merged.backend_tls_context is None):
+            try:
+                merged.backend_tls_context = backend_context(merged)
+            except ConfigValueError as error:
+                section = "upstream " + pool
+                problem = ConfigError(config.path, section, error.directive, str(error),
+                                      (config.lines or {}).get((section, error.directive or "")))
+                if str(problem) not in map(str, errors):
+                    errors.append(problem)
+    return errors
 
 
 def tls_problem(config: Config, server: Settings, error: ConfigValueError) -> ConfigError:

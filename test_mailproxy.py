@@ -12601,6 +12601,163 @@ class PoolEndToEndTests(EndToEndTestCase):
         proxy.wait_for_log(r'failed \(upstream unreachable\), the login goes on')
 
 
+def identity_script(protocol: str, starttls: bool = False, **settings) -> list:
+    """login_script for alice (client 192.0.2.7:40000, who connected to
+    127.0.0.1:143, session 7) with ``settings``."""
+    attempt = mp.LoginAttempt(mp.Credentials(b"alice", b"secret"), 1, protocol, "192.0.2.7", 40000,
+                              "[UNAVAILABLE]", tag=b"a1 ")
+    outcome = mp.AuthOutcome(mp.Verdict.OK, b"alice", b"secret")
+    return mp.login_script(server_settings(protocol, **settings), attempt, outcome, starttls,
+                           ("127.0.0.1", 143), 7)
+
+
+IMAP_ID_ON_THE_WIRE = (b'I1 ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "40000" '
+                       b'"x-connected-ip" "127.0.0.1" "x-connected-port" "143" '
+                       b'"x-session-id" "7")\r\n')
+POP3_XCLIENT_ON_THE_WIRE = b"XCLIENT ADDR=192.0.2.7 PORT=40000\r\n"
+IMAP_LOGIN_REPLIES = [b"+ go\r\n", b"+ go\r\n", b"a1 OK done\r\n"]
+POP3_LOGIN_REPLIES = [b"+OK\r\n", b"+OK logged in\r\n"]
+
+
+class ClientIdentityScriptTests(unittest.TestCase):
+    """imap_id and pop3_xclient: what the backend receives, byte for byte,
+    as it advertises or not."""
+
+    def test_imap_id_when_the_greeting_lists_it(self):
+        sent, events, _ = run_script(identity_script("imap", imap_id=True), [
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID] ready\r\n",
+            b'* ID ("name" "Dovecot")\r\nI1 OK ID completed\r\n'] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_ON_THE_WIRE)
+        self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_imap_id_asks_for_the_capabilities_when_the_greeting_has_none(self):
+        sent, _, _ = run_script(identity_script("imap", imap_id=True), [
+            b"* OK ready\r\n", b"* CAPABILITY IMAP4rev1 id\r\nC1 OK done\r\n",
+            b"* ID NIL\r\nI1 OK\r\n"] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, b"C1 CAPABILITY\r\n" + IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_no_imap_id_unless_advertised(self):
+        for replies in ([b"* OK [CAPABILITY IMAP4rev1] ready\r\n"],
+                        [b"* OK ready\r\n", b"* CAPABILITY IMAP4rev1\r\nC1 OK\r\n"],
+                        [b"* OK ready\r\n", b"C1 BAD what\r\n"]):
+            with self.subTest(replies=replies):
+                sent, events, _ = run_script(identity_script("imap", imap_id=True),
+                                             replies + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+                self.assertNotIn(b" ID ", sent)
+                self.assertTrue(sent.endswith(IMAP_LOGIN_ON_THE_WIRE), sent)
+                self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_imap_id_off_sends_nothing(self):
+        sent, _, _ = run_script(identity_script("imap"), [
+            b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n"] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_imap_id_after_starttls_asks_again(self):
+        """What the backend said in clear is forgotten (RFC 3207 §4.2)."""
+        login = mp.BackendLogin(identity_script("imap", True, imap_id=True), b"a1 ")
+        login.receive_data(b"* OK [CAPABILITY IMAP4rev1 STARTTLS ID] ready\r\n")
+        self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
+        self.assertEqual(login.receive_data(b"S1 OK go\r\n"), [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"C1 CAPABILITY\r\n")
+        login.receive_data(b"* CAPABILITY IMAP4rev1 ID\r\nC1 OK\r\n")
+        self.assertEqual(login.data_to_send(), IMAP_ID_ON_THE_WIRE)
+
+    def test_pop3_xclient_when_the_greeting_says_so(self):
+        sent, events, _ = run_script(identity_script("pop3", pop3_xclient=True), [
+            b"+OK [XCLIENT] Dovecot ready.\r\n", b"+OK\r\n"] + POP3_LOGIN_REPLIES)
+        self.assertEqual(sent, POP3_XCLIENT_ON_THE_WIRE + POP3_LOGIN_ON_THE_WIRE)
+        self.assertEqual(events, [mp.LoginDone(b"+OK logged in\r\n")])
+
+    def test_pop3_xclient_when_capa_lists_it(self):
+        sent, _, _ = run_script(identity_script("pop3", pop3_xclient=True), [
+            b"+OK ready\r\n", b"+OK\r\nTOP\r\nXCLIENT\r\nUSER\r\n.\r\n", b"+OK\r\n"]
+            + POP3_LOGIN_REPLIES)
+        self.assertEqual(sent, b"CAPA\r\n" + POP3_XCLIENT_ON_THE_WIRE + POP3_LOGIN_ON_THE_WIRE)
+
+    def test_no_pop3_xclient_unless_advertised(self):
+        for replies in ([b"+OK ready\r\n", b"+OK\r\nTOP\r\nUSER\r\n.\r\n"],
+                        [b"+OK ready\r\n", b"-ERR no CAPA here\r\n"]):
+            with self.subTest(replies=replies):
+                sent, events, _ = run_script(identity_script("pop3", pop3_xclient=True),
+                                             replies + POP3_LOGIN_REPLIES)
+                self.assertEqual(sent, b"CAPA\r\n" + POP3_LOGIN_ON_THE_WIRE)
+                self.assertEqual(events, [mp.LoginDone(b"+OK logged in\r\n")])
+
+    def test_a_unix_socket_client_is_unavailable(self):
+        self.assertEqual(mp.pop3_xclient_command("unix:", 0), b"XCLIENT ADDR=[UNAVAILABLE] PORT=0\r\n")
+        self.assertEqual(mp.imap_id_command([("x-originating-ip", "unix:"), ("x-session-id", "3")]),
+                         b'I1 ID ("x-session-id" "3")\r\n')
+
+
+class PoolOverrideTests(EndToEndTestCase):
+    """A pool's own backend dialogue: what its servers receive."""
+
+    def test_a_pool_sends_the_imap_id_and_proxy_header_the_server_does_not(self):
+        pooled = self.use(ScriptedBackend(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n", 2,
+                                          b"* ID NIL\r\nI1 OK\r\n", 1, b"+ go\r\n", 1, b"+\r\n",
+                                          1, b"a1 OK done\r\n"))
+        direct = self.use(ScriptedBackend(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n", 1,
+                                          b"+ go\r\n", 1, b"+\r\n", 1, b"a1 OK done\r\n"))
+        text = pool_config("imap", ["127.0.0.1:%d" % pooled.port],
+                           proxy_pass="127.0.0.1:%d" % direct.port)
+        text += "imap_id = on\nproxy_protocol = on\n\n[routes]\nbob = farm\n"
+        users = "alice = {PLAIN}secret\nbob = {PLAIN}secret\n"
+        proxy = self.use(ProxyUnderTest(text.replace("alice = {PLAIN}secret\n", users)))
+        for login in ("alice", "bob"):
+            client = self.connect(proxy)
+            client.expect_line(mp.IMAP_GREETING)
+            client.send("a1 LOGIN %s secret" % login)
+            client.expect(rb"^a1 OK done\r\n$")
+        wait_until(lambda: len(pooled.received) == 1 and bytes(pooled.received[0]).endswith(
+            b"secret\r\n"), what="the pool's backend to get the login")
+        received = bytes(pooled.received[0])
+        header, _, rest = received.partition(b"\r\n")
+        self.assertRegex(header, rb"^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ %d$" % proxy.port)
+        client_port = int(header.split()[4])
+        self.assertEqual(rest, (b'I1 ID ("x-originating-ip" "127.0.0.1" "x-originating-port" '
+                                b'"%d" "x-connected-ip" "127.0.0.1" "x-connected-port" "%d" '
+                                b'"x-session-id" "2")\r\n' % (client_port, proxy.port))
+                         + b"a1 LOGIN {3}\r\nbob {6}\r\nsecret\r\n")
+        self.assertEqual(bytes(direct.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_a_pools_directive_is_checked_and_others_refused(self):
+        path, errors = config_errors(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+            imap_id = maybe
+            imap_capabilities = IMAP4rev1
+            """)
+        self.assertEqual([str(error) for error in errors], [
+            '%s:9: [upstream farm] imap_id: invalid value "maybe", it must be "on" or "off"' % path,
+            '%s:10: [upstream farm] imap_capabilities: "imap_capabilities" directive is not '
+            'allowed in [upstream NAME]' % path])
+
+    def test_a_pools_proxy_ssl_files_are_checked(self):
+        path = TempDir(self).write("mailproxy.conf", """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+            proxy_ssl = on
+            proxy_ssl_trusted_certificate = missing.pem
+            """)
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_and_prepare(path)
+        self.assertEqual(len(caught.exception.errors), 1)
+        self.assertRegex(str(caught.exception.errors[0]),
+                         r"^%s:10: \[upstream farm\] proxy_ssl_trusted_certificate: "
+                         % re.escape(path))
+
+
 # ========================================================================== #
 # ####                            Processes                             #### #
 # ========================================================================== #
