@@ -51,7 +51,10 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     the session against max_user_sessions, and hands the outcome on.
  4. Session._auth_outcome -> _login_to_backend: login_script builds the
     backend's script (Backend login), BackendConnection (Outbound clients)
-    connects and runs it with BackendLogin until LoginDone.
+    connects and runs it with BackendLogin until LoginDone.  When the
+    route names an [upstream NAME] pool, its Pool (Backend pools) picks
+    the server, and BackendConnection goes on with the next one if that
+    one fails before its greeting is through.
  5. Session.backend_logged_in passes the backend's "a1 OK" on and
     start_relay (Relay) relays both ways until a side closes;
     Session.close has SessionLog write the access line.
