@@ -1537,7 +1537,8 @@ def check_pool_names(path: str, servers: List[Settings], routes: Dict[str, "Rout
         if upstream is not None and upstream.pool and server.auth_http is None:
             for key, route in routes.items():
                 target = route.target(server.protocol)
-                if target is not None and target[0] is None and not target[1].pool:
+                if target is not None and target[0] is None and not target[1].pool and \
+                        key not in [error.directive for error in errors]:
                     errors.append(ConfigError(
                         path, "routes", key, '"%s" has no port, and the %s server "%s" passes '
                         'to the upstream "%s", whose port it cannot take: write HOST:PORT'
@@ -5232,6 +5233,12 @@ class Pools:
             return None
         pool = self.pools.get(upstream.pool)
         return pool if pool is not None and pool.spec == spec else Pool(spec, self.drains)
+
+    def up(self, now: float) -> List[Tuple[str, str, bool]]:
+        """(upstream, server, up) for every server of every pool, as this
+        worker sees them (Pool.up): what a status page shows."""
+        return [(name, server, up) for name, pool in self.pools.items()
+                for server, up in pool.up(now)]
 
     def set_drain(self, upstream: str, server: str, flag: bool) -> bool:
         """Drain (``flag`` True) or undrain ``server`` ("ADDRESS:PORT" as

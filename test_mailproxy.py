@@ -12280,6 +12280,16 @@ class PoolConfigTests(unittest.TestCase):
             '%s:23: [routes] carol: "127.0.0.2" has no port, and the imap server "imap" passes '
             'to the upstream "farm", whose port it cannot take: write HOST:PORT' % path])
 
+    def test_a_route_is_named_once_whatever_the_number_of_servers(self):
+        _, errors = config_errors(self, self.UPSTREAM, """
+            carol = 127.0.0.2
+
+            [server imap2]
+            listen = 127.0.0.1:18144
+            protocol = imap
+            """)
+        self.assertEqual([error.directive for error in errors], ["carol"])
+
     def test_auth_server_names_a_pool_or_one_of_its_servers(self):
         upstreams = {"farm": mp.UpstreamSpec("farm", (pool_server(1143), pool_server(2143)))}
         named = mp.interpret_auth_response(mp.AuthHttpResponse({
@@ -12427,6 +12437,8 @@ class PoolChoiceTests(unittest.TestCase):
         pools.pools["farm"].failed(spec.servers[0], 0.0)
         pools.reconfigure({"farm": spec})
         self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+        self.assertEqual(pools.up(1.0), [("farm", "127.0.0.1:1", False), ("farm", "127.0.0.1:2", True)])
+        self.assertEqual(pools.up(10.0), [("farm", "127.0.0.1:1", True), ("farm", "127.0.0.1:2", True)])
         pools.reconfigure({"farm": spec._replace(balance="least_conn")})
         self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", True), ("127.0.0.1:2", True)])
 
