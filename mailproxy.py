@@ -404,7 +404,7 @@ class UpstreamSpec(NamedTuple):
     name: str
     servers: Tuple[UpstreamServer, ...]
     balance: str = "round_robin"
-    health_check: object = None    # None: off (an active check is not built yet)
+    health_check: Optional["HealthCheck"] = None    # None: off
     overrides: Tuple[Tuple[str, object], ...] = ()   # the backend dialogue's directives it sets
 
 
@@ -614,16 +614,28 @@ def parse_upstream_server(args: List[str], base: str = "") -> UpstreamServer:
 BALANCE_METHODS = ("round_robin", "least_conn", "user_hash")
 
 
-def parse_health_check(args: List[str], base: str = "") -> None:
-    """``health_check = off | on [interval=TIME] [timeout=TIME]``: only
-    ``off`` for now; an active check is not built yet, and saying so beats
-    a check that silently never runs (the passive one always does)."""
+class HealthCheck(NamedTuple):
+    """``health_check = on``: every ``interval``, connect to each server and
+    wait ``timeout`` at most for its greeting (HealthChecks)."""
+    interval: float = 5.0      # nginx Plus's health_check default
+    timeout: float = 5.0
+
+
+def parse_health_check(args: List[str], base: str = "") -> Optional[HealthCheck]:
+    """``health_check = off | on [interval=TIME] [timeout=TIME]``; None: off."""
     if args == ["off"]:
         return None
-    if args and args[0] == "on":
-        raise ConfigValueError('"on" is not supported yet: servers are checked by the logins '
-                               "themselves (max_fails, fail_timeout), not by an active check")
-    raise ConfigValueError('invalid value "%s", it must be "off" or "on"' % " ".join(args))
+    if not args or args[0] != "on":
+        raise ConfigValueError('invalid value "%s", it must be "off" or "on"' % " ".join(args))
+    options = {}
+    for flag in args[1:]:
+        name, equals, value = flag.partition("=")
+        if not equals or name not in ("interval", "timeout"):
+            raise ConfigValueError('invalid parameter "%s"' % flag)
+        options[name] = parse_time([value])
+        if options[name] <= 0:
+            raise ConfigValueError('"%s" must be more than 0' % flag)
+    return HealthCheck(**options)
 
 
 def resolve_upstream(host: str, port: int) -> Upstream:
@@ -5025,7 +5037,7 @@ class UserTableAuth:
 
 class ServerState:
     """What one worker knows of one pool server while it runs."""
-    __slots__ = ("server", "fails", "first_fail", "out_until", "current", "active")
+    __slots__ = ("server", "fails", "first_fail", "out_until", "current", "active", "check_down")
 
     def __init__(self, server: UpstreamServer):
         self.server = server
@@ -5034,6 +5046,7 @@ class ServerState:
         self.out_until = 0.0           # taken out until then (max_fails reached)
         self.current = 0               # smooth weighted round robin's current weight
         self.active = 0                # sessions of this worker on it (least_conn)
+        self.check_down = False        # the active check's verdict (health_check), until it changes
 
 
 class PoolLease:
@@ -5079,9 +5092,10 @@ class Pool:
         return server.drain
 
     def available(self, state: ServerState, now: float) -> bool:
-        """Not down, not draining, not taken out by its failures."""
+        """Not down, not draining, not taken out by its failures or by the
+        active check."""
         return not state.server.down and not self.draining(state.server) and \
-            state.out_until <= now
+            state.out_until <= now and not state.check_down
 
     def choose(self, key: bytes, now: float, tried=(),
                prefer: Optional[Tuple[str, int]] = None) -> Optional[UpstreamServer]:
@@ -5105,7 +5119,8 @@ class Pool:
                        not self.draining(state.server)]
             if not resting:
                 return None
-            return min(resting, key=lambda state: (state.server.backup, state.out_until)).server
+            return min(resting, key=lambda state: (state.server.backup, state.check_down,
+                                                   state.out_until)).server
         if self.spec.balance == "user_hash":
             return max(tier, key=lambda state: rendezvous_score(key, state.server)).server
         if self.spec.balance == "least_conn":
@@ -5161,11 +5176,26 @@ class Pool:
         state.fails = 0
         state.out_until = 0.0
 
+    def checked(self, server: UpstreamServer, ok: bool, why: str) -> Optional[Tuple[str, str]]:
+        """The active check's verdict on ``server`` (``why``: what failed).
+        Returns (level, line) to log when it changes, once: down at warn,
+        up again at notice; else None."""
+        state = self.state_of(server)
+        if state.check_down == (not ok):
+            return None
+        state.check_down = not ok
+        if ok:
+            return "notice", 'upstream server %s of upstream "%s" is up again (health check)' % (
+                server.text, self.name)
+        return "warn", 'upstream server %s of upstream "%s" is down (health check: %s)' % (
+            server.text, self.name, why)
+
     def up(self, now: float) -> List[Tuple[str, bool]]:
-        """(server, up) for each server: up unless down or taken out (a
-        draining server is up: it serves its sessions)."""
-        return [(state.server.text, not state.server.down and state.out_until <= now)
-                for state in self.states]
+        """(server, up) for each server: up unless down, taken out or found
+        down by the active check (a draining server is up: it serves its
+        sessions)."""
+        return [(state.server.text, not state.server.down and state.out_until <= now and
+                 not state.check_down) for state in self.states]
 
 
 def time_text(seconds: float) -> str:
@@ -8575,6 +8605,106 @@ def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outco
                              key or attempt.client_address.encode("utf-8"))
 
 
+# -- the active check of a pool's servers (health_check = on, extension) -------------
+# Off the login path: a timer per pool, one connection per server and round,
+# closed as soon as the greeting's first line has come (after the protocol's
+# goodbye, so that the backend logs a client that left, not an error).
+
+HEALTH_GOODBYES = ((b"* OK", b"H1 LOGOUT\r\n"), (b"+OK", b"QUIT\r\n"), (b"220", b"QUIT\r\n"))
+
+
+class HealthProbe(StreamOwner):
+    """One check of one server: connect, then the first line, within
+    ``timeout``; ``done(ok, why)``: a mail server's ready greeting (IMAP's
+    ``* OK``, POP3's ``+OK``, SMTP's ``220``), or what went wrong."""
+
+    def __init__(self, loop: EventLoop, address: Upstream, timeout: float, done: Callable):
+        self.done = done
+        self.stream = None             # type: Optional[Stream]
+        self.line = LineBuffer()
+        self.timer = loop.call_later(timeout, lambda: self._finish(False, "timed out"))
+        family, sockaddr = address.addresses[0]
+        try:
+            self.stream = connect_stream(loop, family, sockaddr, self)
+        except OSError as error:
+            loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
+
+    def stream_connected(self, stream: Stream) -> None:
+        stream.set_read_budget(PAGE_SIZE)
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        self.line += data
+        line = self.line.take_line(PAGE_SIZE)
+        if line is None:
+            if len(self.line) >= PAGE_SIZE:
+                self._finish(False, "no greeting line")
+            return
+        goodbye = next((bye for start, bye in HEALTH_GOODBYES if line.startswith(start)), None)
+        if goodbye is None:
+            return self._finish(False, 'greeting "%s"' % log_escape(strip_eol(line[:80])))
+        stream.write(goodbye)
+        self._finish(True, "")
+
+    def stream_eof(self, stream: Stream) -> None:
+        self._finish(False, "closed before its greeting")
+
+    def stream_error(self, stream, error: Exception) -> None:
+        if isinstance(error, OSError):
+            self._finish(False, "connect() failed (%s: %s)" % (error.errno, error.strerror))
+        else:
+            self._finish(False, str(error))
+
+    def crashed(self, error: Exception) -> None:
+        self._finish(False, "internal error: %r" % error)
+
+    def _finish(self, ok: bool, why: str) -> None:
+        done, self.done = self.done, None
+        self.timer.cancel()
+        if self.stream is not None:
+            self.stream.close()
+        if done is not None:
+            done(ok, why)
+
+
+class HealthChecks:
+    """A worker's active checks: each pool with health_check, every
+    interval, each server that is not ``down`` (Pool.checked decides and
+    says what to log).  ``running()`` false: no more rounds (the worker
+    stops); a pool replaced by a reload stops being checked, and start()
+    begins the new ones.  Each worker checks for itself, as it counts
+    failures for itself."""
+
+    def __init__(self, loop: EventLoop, pools: Pools, log: Callable[[str, str], None],
+                 running: Callable[[], bool]):
+        self.loop = loop
+        self.pools = pools
+        self.log = log
+        self.running = running
+        self.checked = set()           # id() of the pools being checked
+
+    def start(self) -> None:
+        for pool in self.pools.pools.values():
+            if pool.spec.health_check is not None and id(pool) not in self.checked:
+                self.checked.add(id(pool))
+                self.loop.call_later(0, lambda pool=pool: self._round(pool))
+
+    def _round(self, pool: Pool) -> None:
+        if not self.running() or self.pools.pools.get(pool.name) is not pool:
+            self.checked.discard(id(pool))
+            return
+        check = pool.spec.health_check
+        for server in pool.spec.servers:
+            if not server.down:
+                HealthProbe(self.loop, server.address, check.timeout,
+                            lambda ok, why, server=server: self._verdict(pool, server, ok, why))
+        self.loop.call_later(check.interval, lambda: self._round(pool))
+
+    def _verdict(self, pool: Pool, server: UpstreamServer, ok: bool, why: str) -> None:
+        said = pool.checked(server, ok, why)
+        if said is not None:
+            self.log(*said)
+
+
 # -- password checks, off the event loop ------------------------------------------
 # Hashing a password costs milliseconds of CPU (PBKDF2 at --hash-password's
 # cost: some 25 ms).  On the loop, every other session of the worker waits
@@ -10768,6 +10898,9 @@ class Worker(LoopHandler):
         self.gate = LoginGate(self.loop, defence)
         self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
         self.pools = Pools(config.upstreams, self.books.of(UpstreamDrains))   # [upstream NAME]
+        self.health = HealthChecks(self.loop, self.pools, lambda level, message:
+                                   self.log.log(level, message), lambda: not self.stopping)
+        self.health.start()            # its first round when the loop runs
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -10933,6 +11066,7 @@ class Worker(LoopHandler):
             return
         self.config = config
         self.pools.reconfigure(config.upstreams)
+        self.health.start()
         self._use_logs(logs)
         raise_open_file_limit(config.main, self.log)
         warn_about(config, self.log)

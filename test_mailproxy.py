@@ -12229,6 +12229,15 @@ class PoolConfigTests(unittest.TestCase):
         self.assertEqual(mp.route_for(config.routes, mp.Upstream("x", 1, ()), "al@example.com",
                                       "imap"), mp.Upstream("farm", 0, (), "farm"))
 
+    def test_health_check(self):
+        parse = mp.parse_health_check
+        self.assertIsNone(parse(["off"]))
+        self.assertEqual(parse(["on"]), mp.HealthCheck(5.0, 5.0))
+        self.assertEqual(parse(["on", "interval=2s", "timeout=500ms"]), mp.HealthCheck(2, 0.5))
+        for args in (["maybe"], ["on", "interval=0"], ["on", "rise=2"], []):
+            with self.assertRaises(mp.ConfigValueError, msg=args):
+                parse(args)
+
     def test_mistakes_are_named_with_their_line(self):
         path, errors = config_errors(self, """
             [mail]
@@ -12242,7 +12251,7 @@ class PoolConfigTests(unittest.TestCase):
             server = 127.0.0.1:1143 weight=0
                      127.0.0.1:2143 maxfails=2
             balance = random
-            health_check = on interval=5s
+            health_check = on every=5s
             timeout = 5s
 
             [upstream empty]
@@ -12252,7 +12261,7 @@ class PoolConfigTests(unittest.TestCase):
         self.assertIn("%s:10: [upstream farm] server: must be at least 1" % path, text)
         self.assertIn('%s:12: [upstream farm] balance: invalid value "random", it must be '
                       '"round_robin" or "least_conn" or "user_hash"' % path, text)
-        self.assertIn('%s:13: [upstream farm] health_check: "on" is not supported yet' % path, text)
+        self.assertIn('%s:13: [upstream farm] health_check: invalid parameter "every=5s"' % path, text)
         self.assertIn('%s:14: [upstream farm] timeout: "timeout" directive is not allowed in '
                       '[upstream NAME]' % path, text)
         self.assertIn('%s:16: [upstream empty] no servers are inside upstream "empty"' % path, text)
@@ -12411,6 +12420,20 @@ class PoolChoiceTests(unittest.TestCase):
         pool.failed(two, 0.0)
         self.assertEqual(pool.choose(b"", 1.0, prefer=("127.0.0.1", 2)).address.port, 1)
 
+    def test_the_active_check_takes_a_server_out_and_back_logged_once(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        self.assertIsNone(pool.checked(one, True, ""))            # up, as it was
+        self.assertEqual(pool.checked(one, False, "timed out"), (
+            "warn", 'upstream server 127.0.0.1:1 of upstream "farm" is down (health check: '
+                    'timed out)'))
+        self.assertIsNone(pool.checked(one, False, "timed out"))  # once
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {2})
+        self.assertEqual(pool.up(0.0), [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+        self.assertEqual(pool.checked(one, True, ""), (
+            "notice", 'upstream server 127.0.0.1:1 of upstream "farm" is up again (health check)'))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
+
     def test_set_drain_reaches_every_process_through_the_books(self):
         spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
         books, sent = mp.SharedBooks(), []
@@ -12555,6 +12578,25 @@ class PoolEndToEndTests(EndToEndTestCase):
         spec = proxy.config.upstreams["farm"]
         for login, ports in placed.items():
             self.assertEqual(ports, {mp.Pool(spec).choose(login, 0.0).address.port})
+
+    def test_the_active_check_finds_the_dead_before_a_login_does(self):
+        bad, good = self.use(FakeImapBackend(mode="bad-greeting")), self.use(FakeImapBackend())
+        dead = free_port()
+        text = pool_config("imap", ["127.0.0.1:%d" % bad.port, "127.0.0.1:%d" % dead,
+                                    "127.0.0.1:%d" % good.port])
+        proxy = self.use(ProxyUnderTest(text + "health_check = on interval=10s timeout=2s\n"))
+        proxy.wait_for_log(r'\[warn\] \d+#0: upstream server 127\.0\.0\.1:%d of upstream "farm" is '
+                           r'down \(health check: greeting "\* BYE not today"\)' % bad.port)
+        proxy.wait_for_log(r'\[warn\] \d+#0: upstream server 127\.0\.0\.1:%d of upstream "farm" is '
+                           r'down \(health check: connect\(\) failed \(111: ' % dead)
+        wait_until(lambda: len(good.received) == 1 and
+                   bytes(good.received[0]) == b"H1 LOGOUT\r\n", what="the check's goodbye")
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(good.logins), 3)
+        self.assertEqual(len(bad.received), 1)         # the check's, no login's
+        self.assertNotIn("while connecting to upstream", proxy.log)   # no login met a dead one
+        self.assertNotIn("%d of upstream \"farm\" is down" % good.port, proxy.log)
 
     def test_a_drained_server_takes_no_new_session_and_its_sessions_go_on(self):
         first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
