@@ -4606,13 +4606,17 @@ def auth_server_upstream(server: bytes, port: bytes,
 def pool_of_address(upstreams: Dict[str, UpstreamSpec], host: str, port: int) -> str:
     """The name of the first pool (in file order) with a server at
     ``host`` (an IP address) and ``port``; "" if none has one."""
-    wanted = (ipaddress.ip_address(host), port)
     for spec in upstreams.values():
-        for server in spec.servers:
-            for _, sockaddr in server.address.addresses:
-                if (ipaddress.ip_address(sockaddr[0].partition("%")[0]), sockaddr[1]) == wanted:
-                    return spec.name
+        if any(server_at(server, host, port) for server in spec.servers):
+            return spec.name
     return ""
+
+
+def server_at(server: UpstreamServer, host: str, port: int) -> bool:
+    """Is ``server`` at ``host`` (an IP address, in any spelling) and ``port``?"""
+    wanted = (ipaddress.ip_address(host), port)
+    return any((ipaddress.ip_address(sockaddr[0].partition("%")[0]), sockaddr[1]) == wanted
+               for _, sockaddr in server.address.addresses)
 
 
 # -- the failed-login defence ---------------------------------------------------
@@ -5111,7 +5115,7 @@ class Pool:
         usable = [state for state in fresh if self.available(state, now)]
         if prefer is not None:
             for state in usable:
-                if any(sockaddr[:2] == prefer for _, sockaddr in state.server.address.addresses):
+                if server_at(state.server, *prefer):
                     return state.server
         tier = [state for state in usable if not state.server.backup] or usable
         if not tier:

@@ -12412,6 +12412,14 @@ class PoolChoiceTests(unittest.TestCase):
         self.assertEqual(pool.choose(b"", 3.0).address.port, 2)
         self.assertEqual(pool.choose(b"", 3.0, [two]).address.port, 1)
 
+    def test_an_address_in_another_spelling_is_the_same_server(self):
+        address = mp.Upstream("::1", 1143, ((socket.AF_INET6, ("::1", 1143, 0, 0)),))
+        server = mp.UpstreamServer(address)
+        pool = pool_of(pool_server(1), server)
+        self.assertEqual(mp.pool_of_address({"farm": pool.spec}, "0:0::1", 1143), "farm")
+        self.assertEqual(mp.pool_of_address({"farm": pool.spec}, "0:0::1", 1144), "")
+        self.assertIs(pool.choose(b"", 0.0, prefer=("0:0:0::1", 1143)), server)
+
     def test_the_auth_servers_choice_comes_first(self):
         one, two = pool_server(1), pool_server(2)
         pool = pool_of(one, two)
