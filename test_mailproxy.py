@@ -12608,6 +12608,20 @@ class PoolEndToEndTests(EndToEndTestCase):
         self.assertNotIn("while connecting to upstream", proxy.log)   # no login met a dead one
         self.assertNotIn("%d of upstream \"farm\" is down" % good.port, proxy.log)
 
+    def test_least_conn_counts_the_running_sessions(self):
+        one, two = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % one.port, "127.0.0.1:%d" % two.port],
+                                "least_conn")
+        held = self.logged_in(proxy)                   # a tie: round robin's first
+        for _ in range(4):                             # one each, ended before the next
+            client = self.logged_in(proxy)
+            client.send("a2 LOGOUT")
+            client.read_until_closed()
+            wait_until(lambda: len(proxy.worker.sessions) == 1, what="the session to end")
+        self.assertEqual((len(one.logins), len(two.logins)), (1, 4))
+        held.send("a2 NOOP")
+        held.expect(rb"^a2 OK NOOP completed\r\n$")
+
     def test_a_drained_server_takes_no_new_session_and_its_sessions_go_on(self):
         first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
         proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % first.port,
