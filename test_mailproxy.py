@@ -12639,6 +12639,27 @@ class PoolEndToEndTests(EndToEndTestCase):
         old.expect(rb"^\* 1 FETCH \(BODY\[\] \{7\}\r\n$")
         self.assertEqual(old.read_exactly(7), b"hello\r\n")
 
+    def test_drain_by_a_reload(self):
+        backends = [self.use(FakeImapBackend()) for _ in range(3)]
+        servers = ["127.0.0.1:%d" % backend.port for backend in backends]
+        proxy = self.pool_proxy("imap", servers)
+        old = self.logged_in(proxy)                    # round robin: the first
+        with open(proxy.config.path) as handle:
+            text = handle.read()
+        log = os.path.join(os.path.dirname(proxy.config.path), "reloaded.log")
+        with open(proxy.config.path, "w") as handle:
+            handle.write(text.replace(servers[0], servers[0] + " drain").replace(
+                "[main]\n", "[main]\nerror_log = %s info\n" % log))
+        proxy.worker.loop.call_soon_threadsafe(proxy.worker.reload)
+        wait_until(lambda: os.path.exists(log) and "configuration reloaded" in read_text(log),
+                   what="the reload")
+        for _ in range(4):
+            self.logged_in(proxy).close()
+        # The new pool's round robin goes on from login to login: 2 and 2.
+        self.assertEqual([len(backend.logins) for backend in backends], [1, 2, 2])
+        old.send("a2 NOOP")
+        old.expect(rb"^a2 OK NOOP completed\r\n$")
+
     def test_drain_in_the_file(self):
         first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
         proxy = self.pool_proxy("imap", ["127.0.0.1:%d drain" % first.port,
