@@ -5081,13 +5081,21 @@ def rendezvous_score(key: bytes, server: UpstreamServer) -> float:
 class Pool:
     """One [upstream NAME] pool in one worker: choose() a server for a
     login, failed() and succeeded() to say how it went.  ``drains``: the
-    UpstreamDrains book (None: only the file's drain flags count)."""
+    UpstreamDrains book (None: only the file's drain flags count);
+    ``health``: the UpstreamHealth book, told when a server is taken out
+    or comes back (None: nobody is)."""
 
-    def __init__(self, spec: UpstreamSpec, drains: Optional["UpstreamDrains"] = None):
+    def __init__(self, spec: UpstreamSpec, drains: Optional["UpstreamDrains"] = None,
+                 health: Optional["UpstreamHealth"] = None):
         self.spec = spec
         self.name = spec.name
         self.states = [ServerState(server) for server in spec.servers]
         self.drains = drains
+        self.health = health
+
+    def _tell(self, server: UpstreamServer, until: float) -> None:
+        if self.health is not None:
+            self.health.report(self.name, server.text, until)
 
     def draining(self, server: UpstreamServer) -> bool:
         """drain in the file, unless the control interface said otherwise."""
@@ -5169,6 +5177,7 @@ class Pool:
         if state.fails < server.max_fails:
             return None
         state.fails, state.out_until = 0, now + server.fail_timeout
+        self._tell(server, state.out_until)
         return ('upstream server temporarily disabled: %s of upstream "%s" failed %d time%s '
                 "within %s, no new logins for %s"
                 % (server.text, self.name, server.max_fails, "" if server.max_fails == 1 else "s",
@@ -5178,7 +5187,9 @@ class Pool:
         """A login went through: its failures are forgotten (nginx)."""
         state = self.state_of(server)
         state.fails = 0
-        state.out_until = 0.0
+        if state.out_until:
+            state.out_until = 0.0
+            self._tell(server, 0.0)
 
     def checked(self, server: UpstreamServer, ok: bool, why: str) -> Optional[Tuple[str, str]]:
         """The active check's verdict on ``server`` (``why``: what failed).
@@ -5188,6 +5199,7 @@ class Pool:
         if state.check_down == (not ok):
             return None
         state.check_down = not ok
+        self._tell(server, 0.0 if ok else -1.0)
         if ok:
             return "notice", 'upstream server %s of upstream "%s" is up again (health check)' % (
                 server.text, self.name)
@@ -5238,6 +5250,40 @@ def backend_settings(config: "Config", server: Settings, upstream: Upstream) -> 
     return server
 
 
+class UpstreamHealth:
+    """A shared book (SharedBooks): the pool servers some worker has taken
+    out, in every process, the master's too, for a status page
+    (mailproxy_upstream_up, /readyz).  Each worker still chooses by what it
+    learned itself, as nginx's upstream without a zone.  A worker reports
+    (upstream, server, until): 0 back, -1 down until its check finds it up,
+    else out until then (the loop's clock, CLOCK_MONOTONIC: the same in
+    every process of a host)."""
+    kinds = ("upstream health", "worker gone")
+
+    def __init__(self):
+        self.out = {}                  # (upstream, server) -> {pid: until}
+        self.publish = None            # set by SharedBooks.add
+
+    def report(self, upstream: str, server: str, until: float) -> None:
+        self.publish(("upstream health", os.getpid(), upstream, server, until))
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "worker gone":
+            for reports in self.out.values():
+                reports.pop(event[1], None)
+            return
+        _, pid, upstream, server, until = event
+        reports = self.out.setdefault((upstream, server), {})
+        if until:
+            reports[pid] = until
+        else:
+            reports.pop(pid, None)
+
+    def up(self, upstream: str, server: str, now: float) -> bool:
+        """No worker has it out now."""
+        return all(0 < until <= now for until in self.out.get((upstream, server), {}).values())
+
+
 class Pools:
     """A worker's pools, by name.  pool_for(config, upstream) is the Pool a
     session's login goes through; set_drain() is the control interface's
@@ -5245,8 +5291,9 @@ class Pools:
     whose section did not change."""
 
     def __init__(self, upstreams: Optional[Dict[str, UpstreamSpec]],
-                 drains: Optional[UpstreamDrains] = None):
+                 drains: Optional[UpstreamDrains] = None, health: Optional[UpstreamHealth] = None):
         self.drains = drains
+        self.health = health
         self.pools = {}                # name -> Pool
         self.reconfigure(upstreams)
 
@@ -5255,7 +5302,12 @@ class Pools:
         for name, spec in (upstreams or {}).items():
             kept = old.get(name)
             self.pools[name] = kept if kept is not None and kept.spec == spec else \
-                Pool(spec, self.drains)
+                Pool(spec, self.drains, self.health)
+        for name, pool in old.items():
+            if self.pools.get(name) is not pool:       # gone: what it took out is no more
+                for state in pool.states:
+                    if state.out_until or state.check_down:
+                        pool._tell(state.server, 0.0)
 
     def pool_for(self, config: "Config", upstream: Upstream) -> Optional[Pool]:
         """The pool ``upstream`` goes through (None: a plain address), as
@@ -10663,6 +10715,7 @@ def make_shared_books() -> SharedBooks:
     books.add(LoginDefence(os.urandom(32)))       # one key for every worker's digests
     books.add(SessionCounts())
     books.add(UpstreamDrains())                   # the control interface's drain and undrain
+    books.add(UpstreamHealth())                   # the pool servers a worker has taken out
     return books
 
 
@@ -10901,7 +10954,8 @@ class Worker(LoopHandler):
         defence.share = max(1, AUTH_PENALTY_SLOTS // workers)
         self.gate = LoginGate(self.loop, defence)
         self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
-        self.pools = Pools(config.upstreams, self.books.of(UpstreamDrains))   # [upstream NAME]
+        self.pools = Pools(config.upstreams, self.books.of(UpstreamDrains),   # [upstream NAME]
+                           self.books.of(UpstreamHealth))
         self.health = HealthChecks(self.loop, self.pools, lambda level, message:
                                    self.log.log(level, message), lambda: not self.stopping)
         self.health.start()            # its first round when the loop runs

@@ -12462,6 +12462,35 @@ class PoolChoiceTests(unittest.TestCase):
         pools.set_drain("farm", "127.0.0.1:1", False)
         self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
 
+    def test_every_process_hears_what_a_worker_took_out(self):
+        one, two = pool_server(1), pool_server(2)
+        books, sent = mp.SharedBooks(), []
+        books.add(mp.UpstreamHealth())
+        books.outlet = sent.append
+        pools = mp.Pools({"farm": mp.UpstreamSpec("farm", (one, two))}, None,
+                         books.of(mp.UpstreamHealth))
+        pool = pools.pools["farm"]
+        pool.succeeded(two)                            # a login: nothing to tell
+        self.assertEqual(sent, [])
+        pool.failed(one, 100.0)
+        pool.checked(two, False, "timed out")
+        master = mp.SharedBooks()                      # the master, say
+        master.add(mp.UpstreamHealth())
+        for data in sent:
+            master.apply(mp.decode_event(data))
+        health = master.of(mp.UpstreamHealth)
+        self.assertEqual([health.up("farm", "127.0.0.1:1", now) for now in (105.0, 110.5)],
+                         [False, True])
+        self.assertFalse(health.up("farm", "127.0.0.1:2", 1e9))   # until a check finds it up
+        pool.succeeded(one)
+        master.apply(mp.decode_event(sent[-1]))
+        self.assertTrue(health.up("farm", "127.0.0.1:1", 105.0))
+        master.apply(("worker gone", os.getpid()))
+        self.assertTrue(health.up("farm", "127.0.0.1:2", 0.0))
+        pools.reconfigure({})                          # the pool goes: so does what it said
+        self.assertEqual(mp.decode_event(sent[-1]),
+                         ("upstream health", os.getpid(), "farm", "127.0.0.1:2", 0.0))
+
     def test_a_reload_keeps_what_was_learned_of_an_unchanged_pool(self):
         spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
         pools = mp.Pools({"farm": spec})
