@@ -8374,8 +8374,10 @@ def start_relay(session, client: Stream, backend: Stream, server: Settings,
 # connection of its own (as nginx: no keep-alive), and the resolver's UDP
 # queries, with a small cache, for the SMTP client's name.  Each is driven
 # by the event loop and calls back with its result; what they say is built
-# and parsed by the sans-I/O code above.  The user table's password checks
-# are work of the same kind: handed out to threads, their verdicts come back
+# and parsed by the sans-I/O code above.  The active checks of a pool's
+# servers (health_check) are connections of the same kind, made by the
+# worker rather than a session.  The user table's password checks are work
+# of the same kind: handed out to threads, their verdicts come back
 # through the loop's wake-up.
 
 class AuthHttpExchange(StreamOwner):
