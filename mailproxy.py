@@ -5250,6 +5250,20 @@ def backend_settings(config: "Config", server: Settings, upstream: Upstream) -> 
     return server
 
 
+def drain_server(upstreams: Optional[Dict[str, UpstreamSpec]], drains: UpstreamDrains,
+                 upstream: str, server: str, flag: bool) -> bool:
+    """Drain (``flag`` True) or undrain ``server`` ("ADDRESS:PORT" as
+    written in the file) of the pool ``upstream`` of ``upstreams`` (a
+    Config's), in every process: for a control interface in any process,
+    the master's too (Pools.set_drain is a worker's).  False if there is
+    no such server (nothing changes then)."""
+    spec = (upstreams or {}).get(upstream)
+    if spec is None or not any(each.text == server for each in spec.servers):
+        return False
+    drains.set(upstream, server, flag)
+    return True
+
+
 class UpstreamHealth:
     """A shared book (SharedBooks): the pool servers some worker has taken
     out, in every process, the master's too, for a status page

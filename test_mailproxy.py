@@ -12461,6 +12461,11 @@ class PoolChoiceTests(unittest.TestCase):
         self.assertTrue(other.of(mp.UpstreamDrains).draining("farm", "127.0.0.1:1", False))
         pools.set_drain("farm", "127.0.0.1:1", False)
         self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
+        # From the master, which has no Pools: the same through the book.
+        drains = books.of(mp.UpstreamDrains)
+        self.assertTrue(mp.drain_server({"farm": spec}, drains, "farm", "127.0.0.1:2", True))
+        self.assertFalse(mp.drain_server({"farm": spec}, drains, "farm", "127.0.0.1:3", True))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1})
 
     def test_every_process_hears_what_a_worker_took_out(self):
         one, two = pool_server(1), pool_server(2)
