@@ -51,7 +51,10 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     the session against max_user_sessions, and hands the outcome on.
  4. Session._auth_outcome -> _login_to_backend: login_script builds the
     backend's script (Backend login), BackendConnection (Outbound clients)
-    connects and runs it with BackendLogin until LoginDone.
+    connects and runs it with BackendLogin until LoginDone.  When the
+    route names an [upstream NAME] pool, its Pool (Backend pools) picks
+    the server, and BackendConnection goes on with the next one if that
+    one fails before its greeting is through.
  5. Session.backend_logged_in passes the backend's "a1 OK" on and
     start_relay (Relay) relays both ways until a side closes;
     Session.close has SessionLog write the access line.
@@ -71,6 +74,7 @@ import heapq
 import hmac
 import ipaddress
 import json
+import math
 import os
 import queue
 import random
@@ -352,14 +356,56 @@ class Listen(NamedTuple):
 
 
 class Upstream(NamedTuple):
-    """A backend address as written (``host``) and as resolved (``addresses``)."""
+    """A backend address as written (``host``) and as resolved (``addresses``).
+    With ``pool``, the login goes through the [upstream NAME] pool of that
+    name (README "Several backends"): ``port`` 0 and no addresses when the
+    pool itself was named; an address of one of its servers (an auth
+    server's Auth-Server) is that server tried first."""
     host: str
     port: int
     addresses: Tuple           # ((family, sockaddr), ...) resolved at load time
+    pool: str = ""             # the [upstream NAME] it goes through; "": none
 
     @property
     def text(self) -> str:
+        if self.pool and not self.port:
+            return self.pool
         return "%s:%d" % (self.host, self.port)
+
+
+def pool_upstream(name: str) -> Upstream:
+    """The Upstream of a pool named by its name (proxy_pass, [routes])."""
+    return Upstream(name, 0, (), name)
+
+
+class UpstreamServer(NamedTuple):
+    """One ``server`` line of an [upstream NAME] section, after nginx's
+    upstream module: its address, weight=, max_fails= (0: never taken out),
+    fail_timeout=, and the flags backup (used only when no other server
+    is), down (never used) and drain (extension: no new sessions, the
+    running ones go on)."""
+    address: Upstream
+    weight: int = 1
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    backup: bool = False
+    down: bool = False
+    drain: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.address.text
+
+
+class UpstreamSpec(NamedTuple):
+    """An [upstream NAME] section as read: its servers in file order and
+    how a login picks one (``balance``).  The choosing itself, and what is
+    learned of the servers while running, is the Pool's (Backend pools)."""
+    name: str
+    servers: Tuple[UpstreamServer, ...]
+    balance: str = "round_robin"
+    health_check: Optional["HealthCheck"] = None    # None: off
+    overrides: Tuple[Tuple[str, object], ...] = ()   # the backend dialogue's directives it sets
 
 
 class ConfigValueError(Exception):
@@ -525,13 +571,71 @@ def parse_host_port(text: str) -> Tuple[str, int]:
 
 
 def parse_proxy_pass(args: List[str], base: str = "") -> Upstream:
-    """Extension: the backend for the built-in user table, resolved now.
+    """Extension: the backend for the built-in user table, resolved now;
+    or a word without a colon, the name of an [upstream NAME] pool.
 
     The name is looked up once, when the configuration is read (as nginx does
     for upstream names), so that no session ever waits for DNS.
     """
-    host, port = parse_host_port(one_argument(args))
+    value = one_argument(args)
+    if ":" not in value and POOL_NAME.fullmatch(value):
+        return pool_upstream(value)    # an [upstream NAME]: load_config checks it exists
+    host, port = parse_host_port(value)
     return resolve_upstream(host, port)
+
+
+POOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def parse_upstream_server(args: List[str], base: str = "") -> UpstreamServer:
+    """``server = ADDRESS:PORT [weight=N] [max_fails=N] [fail_timeout=TIME]
+    [backup] [down] [drain]`` of an [upstream NAME] section, nginx's
+    parameters with nginx's defaults (max_fails=1, fail_timeout=10s); the
+    address is resolved now, as proxy_pass's."""
+    if not args:
+        raise ConfigValueError("needs an address, ADDRESS:PORT")
+    host, port = parse_host_port(args[0])
+    options = {"address": resolve_upstream(host, port)}
+    for flag in args[1:]:
+        name, equals, value = flag.partition("=")
+        if not equals and name in ("backup", "down", "drain"):
+            options[name] = True
+        elif equals and name == "weight":
+            options[name] = parse_positive([value])
+        elif equals and name == "max_fails":
+            options[name] = parse_number([value])
+        elif equals and name == "fail_timeout":
+            options[name] = parse_time([value])
+        else:
+            raise ConfigValueError('invalid parameter "%s"' % flag)
+    return UpstreamServer(**options)
+
+
+BALANCE_METHODS = ("round_robin", "least_conn", "user_hash")
+
+
+class HealthCheck(NamedTuple):
+    """``health_check = on``: every ``interval``, connect to each server and
+    wait ``timeout`` at most for its greeting (HealthChecks)."""
+    interval: float = 5.0      # nginx Plus's health_check default
+    timeout: float = 5.0
+
+
+def parse_health_check(args: List[str], base: str = "") -> Optional[HealthCheck]:
+    """``health_check = off | on [interval=TIME] [timeout=TIME]``; None: off."""
+    if args == ["off"]:
+        return None
+    if not args or args[0] != "on":
+        raise ConfigValueError('invalid value "%s", it must be "off" or "on"' % " ".join(args))
+    options = {}
+    for flag in args[1:]:
+        name, equals, value = flag.partition("=")
+        if not equals or name not in ("interval", "timeout"):
+            raise ConfigValueError('invalid parameter "%s"' % flag)
+        options[name] = parse_time([value])
+        if options[name] <= 0:
+            raise ConfigValueError('"%s" must be more than 0' % flag)
+    return HealthCheck(**options)
 
 
 def resolve_upstream(host: str, port: int) -> Upstream:
@@ -986,7 +1090,7 @@ class Directive(NamedTuple):
     """One row of the directive table.
 
     ``contexts``: "main" for [main]; "mail" for [mail] and [server NAME];
-    "server" for [server NAME] only.  ``multiple``: each line of the value is
+    "server" for [server NAME] only; "upstream" for [upstream NAME].  ``multiple``: each line of the value is
     one occurrence and occurrences accumulate (nginx allows it more than once).
     ``supported``: False means "not supported yet": the name is known, but
     using it is an error, so nobody is misled into thinking it has an effect.
@@ -1003,6 +1107,8 @@ class Directive(NamedTuple):
 MAIN = ("main",)
 MAIL = ("mail", "server")
 SERVER = ("server",)
+UPSTREAM = ("upstream",)
+POOLED = ("mail", "server", "upstream")   # the backend dialogue: a pool may say otherwise
 
 DIRECTIVES = {d.name: d for d in [
     # -- process-wide: nginx's main context -------------------------------
@@ -1032,10 +1138,10 @@ DIRECTIVES = {d.name: d for d in [
     Directive("proxy", MAIL, parse_flag, False),   # parsed and ignored, as nginx
     Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("proxy_pass_error_message", MAIL, parse_flag, False),
-    Directive("proxy_protocol", MAIL, parse_enum("off", "on", "v2"), "off"),
-    Directive("proxy_smtp_auth", MAIL, parse_flag, False),
+    Directive("proxy_protocol", POOLED, parse_enum("off", "on", "v2"), "off"),
+    Directive("proxy_smtp_auth", POOLED, parse_flag, False),
     Directive("proxy_timeout", MAIL, parse_time, 24 * 3600.0),
-    Directive("xclient", MAIL, parse_flag, True),
+    Directive("xclient", POOLED, parse_flag, True),
     # -- ngx_mail_realip_module --------------------------------------------
     Directive("set_real_ip_from", MAIL, parse_real_ip_from, [], multiple=True),
     # -- ngx_mail_ssl_module -----------------------------------------------
@@ -1085,23 +1191,30 @@ DIRECTIVES = {d.name: d for d in [
     Directive("trusted_networks", MAIL, parse_trusted_networks, [], multiple=True, extension=True),
     Directive("max_user_sessions", MAIL, parse_number, 0, extension=True),
     Directive("max_user_ip_sessions", MAIL, parse_number, 0, extension=True),
-    Directive("proxy_smtp_auth_method", MAIL, parse_smtp_auth_method, "plain", extension=True),
+    Directive("proxy_smtp_auth_method", POOLED, parse_smtp_auth_method, "plain", extension=True),
     Directive("ssl_sni_certificate", MAIL, parse_sni_certificate, [], multiple=True, extension=True),
     # -- extensions: TLS to the backend, named as nginx's stream proxy ------
-    Directive("proxy_ssl", MAIL, parse_flag, False, extension=True),
-    Directive("proxy_starttls", MAIL, parse_flag, False, extension=True),
-    Directive("proxy_ssl_verify", MAIL, parse_flag, True, extension=True),
-    Directive("proxy_ssl_trusted_certificate", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_name", MAIL, parse_string, None, extension=True),
-    Directive("proxy_ssl_server_name", MAIL, parse_enum("on", refused={
+    Directive("proxy_ssl", POOLED, parse_flag, False, extension=True),
+    Directive("proxy_starttls", POOLED, parse_flag, False, extension=True),
+    Directive("proxy_ssl_verify", POOLED, parse_flag, True, extension=True),
+    Directive("proxy_ssl_trusted_certificate", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_name", POOLED, parse_string, None, extension=True),
+    Directive("proxy_ssl_server_name", POOLED, parse_enum("on", refused={
         "off": "cannot be honoured: Python's ssl module sends the name it verifies "
                "(proxy_ssl_name) as SNI"}), "on", extension=True),
-    Directive("proxy_ssl_certificate", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_certificate_key", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_protocols", MAIL, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"],
+    Directive("proxy_ssl_certificate", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_certificate_key", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_protocols", POOLED, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"],
               extension=True),
-    Directive("proxy_ssl_ciphers", MAIL, parse_string, "DEFAULT", extension=True),
+    Directive("proxy_ssl_ciphers", POOLED, parse_string, "DEFAULT", extension=True),
     Directive("smtp_relay_domains", MAIL, parse_word_list, [], multiple=True, extension=True),
+    # -- extensions: the client's identity at the backend (README "Several backends")
+    Directive("imap_id", POOLED, parse_flag, False, extension=True),
+    Directive("pop3_xclient", POOLED, parse_flag, False, extension=True),
+    # -- extensions: [upstream NAME] pools (README "Several backends") ------
+    Directive("server", UPSTREAM, parse_upstream_server, [], multiple=True, extension=True),
+    Directive("balance", UPSTREAM, parse_enum(*BALANCE_METHODS), "round_robin", extension=True),
+    Directive("health_check", UPSTREAM, parse_health_check, None, extension=True),
 ]}
 
 
@@ -1149,14 +1262,20 @@ class Config(NamedTuple):
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
     warnings: Tuple[ConfigError, ...] = ()   # what -t and the start-up print as [warn]
     lines: Optional[Dict] = None        # (section, directive) -> line, for later messages
+    upstreams: Optional[Dict[str, UpstreamSpec]] = None   # [upstream NAME] pools, by name
+    pool_settings: Optional[Dict[Tuple[str, str], Settings]] = None   # (server, pool) -> a
+                                        # server's settings with the pool's overrides
 
 
 def section_kind(name: str) -> Optional[str]:
-    """"main", "mail", "server", "users", "routes" or None for an unknown section."""
+    """"main", "mail", "server", "upstream", "users", "routes" or None for
+    an unknown section."""
     if name in ("main", "mail", "users", "routes"):
         return name
     if name.startswith("server ") and name[7:].strip():
         return "server"
+    if name.startswith("upstream ") and name[9:].strip():
+        return "upstream"
     return None
 
 
@@ -1305,13 +1424,16 @@ def load_config(path: str) -> Config:
         errors.append(ConfigError(path, None, None, "no [server NAME] section: nothing to listen on"))
     errors.extend(check_listen_pairs(path, servers, lines))
     users = load_users(path, parser, lines, errors)
-    routes = load_routes(path, parser, lines, errors)
+    upstreams = load_upstreams(path, values, lines, errors)
+    routes = load_routes(path, parser, lines, errors, upstreams)
+    errors.extend(check_pool_names(path, servers, routes, upstreams, lines))
     if errors:
         raise ConfigErrors(errors)
     warnings += route_port_warnings(path, servers, routes, lines)
     warnings += salted_method_warnings(path, servers, users, lines)
     warnings += tls_directive_warnings(path, servers, lines)
-    return Config(path, main, servers, users, routes, tuple(warnings), lines)
+    return Config(path, main, servers, users, routes, tuple(warnings), lines, upstreams,
+                  pool_settings(servers, upstreams))
 
 
 def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -1325,7 +1447,8 @@ def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
         if kind is None:
             errors.append(ConfigError(path, section, None,
                                       'unknown section "[%s]"; expected [main], [mail], '
-                                      "[server NAME], [users] or [routes]" % section,
+                                      "[server NAME], [upstream NAME], [users] or [routes]"
+                                      % section,
                                       lines.get((section, ""))))
             continue
         if kind in ("users", "routes"):
@@ -1346,7 +1469,7 @@ def parse_directive(kind: str, key: str, raw: str, base: str) -> object:
         raise ConfigValueError('unknown directive "%s"' % key)
     if kind not in directive.contexts:
         raise ConfigValueError('"%s" directive is not allowed in [%s]' % (
-            key, "server NAME" if kind == "server" else kind))
+            key, kind + " NAME" if kind in ("server", "upstream") else kind))
     if not directive.supported:
         raise ConfigValueError('"%s" is not supported yet' % key)
     if directive.multiple:
@@ -1360,6 +1483,75 @@ def parse_directive(kind: str, key: str, raw: str, base: str) -> object:
                 result.append(value)
         return result
     return directive.parse(split_arguments(" ".join(raw.split("\n"))), base)
+
+
+def load_upstreams(path: str, values: Dict[str, Dict[str, object]], lines: Dict,
+                   errors: List[ConfigError]) -> Dict[str, UpstreamSpec]:
+    """Every [upstream NAME] section (extension; nginx's upstream {}, which
+    its mail module lacks), by name; each problem goes to ``errors``."""
+    upstreams = {}
+    for section, given in values.items():
+        if section_kind(section) != "upstream":
+            continue
+        name = section[9:].strip()
+        where = lines.get((section, ""))
+        if not POOL_NAME.fullmatch(name):
+            errors.append(ConfigError(path, section, None, 'invalid upstream name "%s": letters, '
+                                      'digits, "_", "." and "-" only' % name, where))
+            continue
+        servers = tuple(given.get("server", ()))
+        failed = any(error.section == section and error.directive == "server" for error in errors)
+        if not servers and not failed:
+            errors.append(ConfigError(path, section, None, 'no servers are inside upstream "%s"'
+                                      % name, where))
+        seen = set()
+        for server in servers:
+            if server.text in seen:
+                errors.append(ConfigError(path, section, "server", 'server %s is listed twice'
+                                          % server.text, lines.get((section, "server"))))
+            seen.add(server.text)
+        overrides = tuple(sorted((key, value) for key, value in given.items()
+                                 if "mail" in DIRECTIVES[key].contexts))
+        upstreams[name] = UpstreamSpec(name, servers, given.get("balance", "round_robin"),
+                                       given.get("health_check"), overrides)
+    return upstreams
+
+
+def pool_settings(servers: List[Settings],
+                  upstreams: Dict[str, UpstreamSpec]) -> Dict[Tuple[str, str], Settings]:
+    """(server name, pool name) -> the server's settings with what the pool
+    says of the backend dialogue (proxy_protocol, xclient, proxy_ssl...),
+    for each pool that says anything.  Their backend TLS context is the
+    TLS section's (load_and_prepare)."""
+    return {(server.name, spec.name): Settings(dict(vars(server), **dict(spec.overrides)))
+            for server in servers for spec in upstreams.values() if spec.overrides}
+
+
+def check_pool_names(path: str, servers: List[Settings], routes: Dict[str, "Route"],
+                     upstreams: Dict[str, UpstreamSpec], lines: Dict) -> List[ConfigError]:
+    """A proxy_pass naming a pool names an [upstream NAME] of the file."""
+    errors = []
+    for server in servers:
+        upstream = server.proxy_pass
+        if upstream is not None and upstream.pool and upstream.pool not in upstreams:
+            section = "server " + server.name
+            line = lines.get((section, "proxy_pass"))
+            if line is None:
+                section, line = "mail", lines.get(("mail", "proxy_pass"))
+            errors.append(ConfigError(path, section, "proxy_pass", 'no [upstream %s] section: '
+                                      'proxy_pass takes HOST:PORT or the name of an upstream'
+                                      % upstream.pool, line))
+        if upstream is not None and upstream.pool and server.auth_http is None:
+            for key, route in routes.items():
+                target = route.target(server.protocol)
+                if target is not None and target[0] is None and not target[1].pool and \
+                        key not in [error.directive for error in errors]:
+                    errors.append(ConfigError(
+                        path, "routes", key, '"%s" has no port, and the %s server "%s" passes '
+                        'to the upstream "%s", whose port it cannot take: write HOST:PORT'
+                        % (target[1].host, server.protocol, server.name, upstream.pool),
+                        lines.get(("routes", key))))
+    return errors
 
 
 def merge_main(given: Dict[str, object]) -> Settings:
@@ -1906,7 +2098,8 @@ class Route(NamedTuple):
     address for every protocol (``upstream`` None: none given; ``port``
     None: the port of the server's proxy_pass); ``protocols``: the
     protocols given an address of their own (``imap=HOST[:PORT]``), as
-    (protocol, port, upstream)."""
+    (protocol, port, upstream).  An upstream with ``pool`` names an
+    [upstream NAME] (port None)."""
     port: Optional[int]
     upstream: Optional[Upstream]
     protocols: Tuple[Tuple[str, Optional[int], Upstream], ...] = ()
@@ -1923,10 +2116,11 @@ class Route(NamedTuple):
 ROUTE_PROTOCOLS = ("imap", "pop3", "smtp")
 
 
-def parse_route(value: str) -> Route:
+def parse_route(value: str, pools=()) -> Route:
     """``HOST[:PORT]``, or addresses per protocol, ``imap=HOST[:PORT]
     pop3=HOST[:PORT] ...``, with at most one address for the others
-    beside them.  Host names are resolved now."""
+    beside them.  Host names are resolved now.  A word of ``pools`` (the
+    names of the [upstream NAME] sections) is that pool, not a host."""
     default, protocols = None, []
     for token in value.split():
         name, equals, address = token.rpartition("=")
@@ -1937,11 +2131,14 @@ def parse_route(value: str) -> Route:
             raise ConfigValueError('invalid address "%s": two addresses for %s; write '
                                    'PROTOCOL=HOST[:PORT] for each protocol'
                                    % (value, name or "every protocol"))
-        if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", address):
+        if address in pools:
+            target = (None, pool_upstream(address))
+        elif re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", address):
             host, port = address.strip("[]"), None
+            target = (port, resolve_upstream(host, 1))
         else:
             host, port = parse_host_port(address)
-        target = (port, resolve_upstream(host, port or 1))
+            target = (port, resolve_upstream(host, port))
         if equals:
             protocols.append((name,) + target)
         else:
@@ -1953,9 +2150,10 @@ def parse_route(value: str) -> Route:
 
 
 def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
-                errors: List[ConfigError]) -> Dict[str, Route]:
+                errors: List[ConfigError], pools=()) -> Dict[str, Route]:
     """[routes] (extension): ``LOGIN = ADDRESS`` or ``@DOMAIN = ADDRESS``,
-    an address being parse_route's.
+    an address being parse_route's (which takes a name of ``pools``, the
+    [upstream NAME] sections, for a pool).
 
     A route sends a user, or every user of a domain, to another backend than
     the server's proxy_pass.  Without a port, each server's proxy_pass port
@@ -1967,7 +2165,7 @@ def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
         return routes
     for key, value in parser.items("routes"):
         try:
-            routes[key] = parse_route(value)
+            routes[key] = parse_route(value, pools)
         except ConfigValueError as error:
             errors.append(ConfigError(path, "routes", key, str(error), lines.get(("routes", key))))
     return routes
@@ -4085,6 +4283,8 @@ def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str,
     target = next((target for target in targets if target is not None), None)
     if target is None:
         return proxy_pass
+    if target[1].pool:
+        return target[1]               # an [upstream NAME]: its servers have their ports
     port = target[0] or proxy_pass.port
     addresses = tuple((family, (sockaddr[0], port) + tuple(sockaddr[2:]))
                       for family, sockaddr in target[1].addresses)
@@ -4352,11 +4552,16 @@ def ip_family(text: bytes) -> Optional[int]:
 
 
 def interpret_auth_response(response: AuthHttpResponse, protocol: str,
-                            have_password: bool, proxy_smtp_auth: bool = False) -> AuthOutcome:
+                            have_password: bool, proxy_smtp_auth: bool = False,
+                            upstreams: Optional[Dict[str, UpstreamSpec]] = None) -> AuthOutcome:
     """ngx_mail_auth_http_process_headers: Auth-Status OK / WAIT / a failure
     text; then Auth-Server (an IP address, never a name) and Auth-Port.
     ``have_password``: the client gave one the backend can take;
     ``proxy_smtp_auth``: the server's setting (SMTP logs in to the backend).
+    ``upstreams`` (extension): an Auth-Server that names one of these
+    pools goes through it (Auth-Port may be left out then), and so does an
+    Auth-Server and Auth-Port of one of a pool's servers, that server
+    first (pool_of_address).
     Raises AuthHttpError with nginx's log message for a bad answer."""
     headers = response.headers
     status = headers.get("auth-status")
@@ -4370,7 +4575,10 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
                            error_code=headers.get("auth-error-code"),
                            sasl_error=headers.get("auth-error-sasl"))
     server, port = headers.get("auth-server"), headers.get("auth-port")
-    if not server or not port:
+    pool = server.decode("latin-1") if server and upstreams else ""
+    if pool not in (upstreams or {}):
+        pool = ""
+    if not server or not (port or pool):
         raise AuthHttpError("auth http server %s did not send server or port")
     smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
     if not have_password and "auth-pass" not in headers:
@@ -4383,14 +4591,7 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
             # external no password").  Known now, before any backend byte.
             raise AuthHttpError("no password available: auth http server %s sent no Auth-Pass "
                                 "for the backend AUTH")
-    family = ip_family(server)
-    if family is None:
-        raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
-                            % log_escape(server))
-    if not DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
-        raise AuthHttpError('auth http server %%s sent invalid server port:"%s"' % log_escape(port))
-    host = server.decode("ascii")
-    upstream = Upstream(host, int(port), ((family, (host, int(port))),))
+    upstream = pool_upstream(pool) if pool else auth_server_upstream(server, port, upstreams)
     backend_tls = headers.get("auth-backend-tls", b"").decode("latin-1").lower() or None
     if backend_tls not in (None, "plain", "ssl", "starttls"):
         raise AuthHttpError('auth http server %%s sent invalid Auth-Backend-TLS:"%s"' % backend_tls)
@@ -4399,6 +4600,37 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     return AuthOutcome(Verdict.OK, upstream=upstream, login=headers.get("auth-user"),
                        password=headers.get("auth-pass"), backend_tls=backend_tls,
                        smtp_auth=smtp_auth)
+
+
+def auth_server_upstream(server: bytes, port: bytes,
+                         upstreams: Optional[Dict[str, UpstreamSpec]]) -> Upstream:
+    """Auth-Server and Auth-Port as an Upstream, checked as nginx checks
+    them; through the pool it belongs to, if any (pool_of_address)."""
+    family = ip_family(server)
+    if family is None:
+        raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
+                            % log_escape(server))
+    if not DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
+        raise AuthHttpError('auth http server %%s sent invalid server port:"%s"' % log_escape(port))
+    host = server.decode("ascii")
+    return Upstream(host, int(port), ((family, (host, int(port))),),
+                    pool_of_address(upstreams or {}, host, int(port)))
+
+
+def pool_of_address(upstreams: Dict[str, UpstreamSpec], host: str, port: int) -> str:
+    """The name of the first pool (in file order) with a server at
+    ``host`` (an IP address) and ``port``; "" if none has one."""
+    for spec in upstreams.values():
+        if any(server_at(server, host, port) for server in spec.servers):
+            return spec.name
+    return ""
+
+
+def server_at(server: UpstreamServer, host: str, port: int) -> bool:
+    """Is ``server`` at ``host`` (an IP address, in any spelling) and ``port``?"""
+    wanted = (ipaddress.ip_address(host), port)
+    return any((ipaddress.ip_address(sockaddr[0].partition("%")[0]), sockaddr[1]) == wanted
+               for _, sockaddr in server.address.addresses)
 
 
 # -- the failed-login defence ---------------------------------------------------
@@ -4682,6 +4914,14 @@ def login_attempt(credentials: Credentials, number: int, machine: "ClientMachine
                         getattr(machine, "mail_from", None), getattr(machine, "rcpt_to", None))
 
 
+def same_backend(route: Upstream, session: Upstream) -> bool:
+    """Does a recipient's ``route`` lead where the ``session`` went: the same
+    pool (a pool's server, for the session), or the same address?"""
+    if route.pool or session.pool:
+        return route.pool == session.pool
+    return (route.host, route.port) == (session.host, session.port)
+
+
 class UserTableAuth:
     """The built-in [users] table (an extension: nginx needs an auth
     server).  A password to hash (check_hashes) is checked off the event
@@ -4790,9 +5030,344 @@ class UserTableAuth:
         outcome = self._recipient(rcpt)
         if not outcome.ok:
             return outcome.error_code + b" " + outcome.text + b"\r\n", outcome.reason
-        if (outcome.upstream.host, outcome.upstream.port) != (upstream.host, upstream.port):
+        if not same_backend(outcome.upstream, upstream):
             return SMTP_TOO_MANY_RECIPIENTS, "its route is %s" % outcome.upstream.text
         return None, ""
+
+
+# ========================================================================== #
+# ####                          Backend pools                           #### #
+# ========================================================================== #
+# Which server of an [upstream NAME] pool a login goes to, and what the
+# logins learn of the servers, after nginx's upstream module (which its mail
+# module lacks): weights; max_fails failures within fail_timeout take a
+# server out for fail_timeout ("passive health"); backup servers serve only
+# when no other can; down ones never; drain ones (extension) take no new
+# session.  Three ways to choose: smooth weighted round robin (nginx's),
+# least connections (nginx's least_conn, counted per worker, as nginx counts
+# without a zone), and user_hash, rendezvous hashing of the login (Thaler
+# and Ravishankar's highest random weight, with weights), so that a mailbox
+# lands on the same server while that server is up and removing one server
+# moves only its own users.  Sans-I/O: the time is given, nothing is logged
+# here (failed() returns the line to log).  Each worker has its own Pools;
+# what the control interface sets (drain) goes to every worker through a
+# shared book, UpstreamDrains.
+
+class ServerState:
+    """What one worker knows of one pool server while it runs."""
+    __slots__ = ("server", "fails", "first_fail", "out_until", "current", "active", "check_down")
+
+    def __init__(self, server: UpstreamServer):
+        self.server = server
+        self.fails = 0                 # failures since first_fail (or since the last success)
+        self.first_fail = 0.0          # when the first of them came
+        self.out_until = 0.0           # taken out until then (max_fails reached)
+        self.current = 0               # smooth weighted round robin's current weight
+        self.active = 0                # sessions of this worker on it (least_conn)
+        self.check_down = False        # the active check's verdict (health_check), until it changes
+
+
+class PoolLease:
+    """A session's place on a server (least_conn counts them); release()
+    gives it back, once, however often it is called."""
+    __slots__ = ("state",)
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        state.active += 1
+
+    def release(self) -> None:
+        if self.state is not None:
+            self.state.active -= 1
+            self.state = None
+
+
+def rendezvous_score(key: bytes, server: UpstreamServer) -> float:
+    """Weighted rendezvous hashing: -weight / ln(u), u uniform in (0, 1)
+    from SHA-256 of the key and the server's address as written (so every
+    process, and every restart, scores alike).  The highest score wins;
+    a server's share of the keys is its share of the weights."""
+    digest = hashlib.sha256(key + b"\0" + server.text.encode("utf-8")).digest()
+    u = (int.from_bytes(digest[:8], "big") + 1) / (2.0 ** 64 + 2)
+    return -server.weight / math.log(u)
+
+
+class Pool:
+    """One [upstream NAME] pool in one worker: choose() a server for a
+    login, failed() and succeeded() to say how it went.  ``drains``: the
+    UpstreamDrains book (None: only the file's drain flags count);
+    ``health``: the UpstreamHealth book, told when a server is taken out
+    or comes back (None: nobody is)."""
+
+    def __init__(self, spec: UpstreamSpec, drains: Optional["UpstreamDrains"] = None,
+                 health: Optional["UpstreamHealth"] = None):
+        self.spec = spec
+        self.name = spec.name
+        self.states = [ServerState(server) for server in spec.servers]
+        self.drains = drains
+        self.health = health
+
+    def _tell(self, server: UpstreamServer, until: float) -> None:
+        if self.health is not None:
+            self.health.report(self.name, server.text, until)
+
+    def draining(self, server: UpstreamServer) -> bool:
+        """drain in the file, unless the control interface said otherwise."""
+        if self.drains is not None:
+            return self.drains.draining(self.name, server.text, server.drain)
+        return server.drain
+
+    def available(self, state: ServerState, now: float) -> bool:
+        """Not down, not draining, not taken out by its failures or by the
+        active check."""
+        return not state.server.down and not self.draining(state.server) and \
+            state.out_until <= now and not state.check_down
+
+    def choose(self, key: bytes, now: float, tried=(),
+               prefer: Optional[Tuple[str, int]] = None) -> Optional[UpstreamServer]:
+        """The server for a login (``key``: its login, for user_hash), none of
+        ``tried`` (this login's servers so far).  ``prefer`` (host, port):
+        that server, if it is available (an auth server's choice).  The
+        backup servers only when no other is available; when none at all
+        is, the ones taken out by their failures are tried all the same
+        (the soonest back first), as nginx tries a pool's only server: the
+        client should see no error while any server is alive.  None: no
+        server is left (all tried, down or draining)."""
+        fresh = [state for state in self.states if state.server not in tried]
+        usable = [state for state in fresh if self.available(state, now)]
+        if prefer is not None:
+            for state in usable:
+                if server_at(state.server, *prefer):
+                    return state.server
+        tier = [state for state in usable if not state.server.backup] or usable
+        if not tier:
+            resting = [state for state in fresh if not state.server.down and
+                       not self.draining(state.server)]
+            if not resting:
+                return None
+            return min(resting, key=lambda state: (state.server.backup, state.check_down,
+                                                   state.out_until)).server
+        if self.spec.balance == "user_hash":
+            return max(tier, key=lambda state: rendezvous_score(key, state.server)).server
+        if self.spec.balance == "least_conn":
+            # nginx: the fewest sessions per weight; among equals, round robin.
+            fewest = min(state.active / state.server.weight for state in tier)
+            tier = [state for state in tier if state.active / state.server.weight == fewest]
+        return self._round_robin(tier).server
+
+    @staticmethod
+    def _round_robin(tier: List[ServerState]) -> ServerState:
+        """nginx's smooth weighted round robin (ngx_http_upstream_get_peer):
+        each adds its weight to its current weight, the highest is chosen
+        and gives back the sum; weights 5, 1, 1 go a a b a c a a."""
+        total = 0
+        best = None
+        for state in tier:
+            state.current += state.server.weight
+            total += state.server.weight
+            if best is None or state.current > best.current:
+                best = state
+        best.current -= total
+        return best
+
+    def state_of(self, server: UpstreamServer) -> ServerState:
+        return next(state for state in self.states if state.server is server)
+
+    def lease(self, server: UpstreamServer) -> PoolLease:
+        """A session's place on ``server``, counted until released."""
+        return PoolLease(self.state_of(server))
+
+    def failed(self, server: UpstreamServer, now: float) -> Optional[str]:
+        """A connect failure, timeout or bad greeting of ``server``: one
+        more failure within fail_timeout; at max_fails it is taken out for
+        fail_timeout (nginx's "upstream server temporarily disabled").
+        Returns the line to log at warn then, else None."""
+        state = self.state_of(server)
+        if server.max_fails == 0:
+            return None                # nginx: max_fails=0 disables the accounting
+        if state.fails == 0 or now - state.first_fail > server.fail_timeout:
+            state.fails, state.first_fail = 0, now
+        state.fails += 1
+        if state.fails < server.max_fails:
+            return None
+        state.fails, state.out_until = 0, now + server.fail_timeout
+        self._tell(server, state.out_until)
+        return ('upstream server temporarily disabled: %s of upstream "%s" failed %d time%s '
+                "within %s, no new logins for %s"
+                % (server.text, self.name, server.max_fails, "" if server.max_fails == 1 else "s",
+                   time_text(server.fail_timeout), time_text(server.fail_timeout)))
+
+    def succeeded(self, server: UpstreamServer) -> None:
+        """A login went through: its failures are forgotten (nginx)."""
+        state = self.state_of(server)
+        state.fails = 0
+        if state.out_until:
+            state.out_until = 0.0
+            self._tell(server, 0.0)
+
+    def checked(self, server: UpstreamServer, ok: bool, why: str) -> Optional[Tuple[str, str]]:
+        """The active check's verdict on ``server`` (``why``: what failed).
+        Returns (level, line) to log when it changes, once: down at warn,
+        up again at notice; else None."""
+        state = self.state_of(server)
+        if state.check_down == (not ok):
+            return None
+        state.check_down = not ok
+        self._tell(server, 0.0 if ok else -1.0)
+        if ok:
+            return "notice", 'upstream server %s of upstream "%s" is up again (health check)' % (
+                server.text, self.name)
+        return "warn", 'upstream server %s of upstream "%s" is down (health check: %s)' % (
+            server.text, self.name, why)
+
+    def up(self, now: float) -> List[Tuple[str, bool]]:
+        """(server, up) for each server: up unless down, taken out or found
+        down by the active check (a draining server is up: it serves its
+        sessions)."""
+        return [(state.server.text, not state.server.down and state.out_until <= now and
+                 not state.check_down) for state in self.states]
+
+
+def time_text(seconds: float) -> str:
+    """A time as nginx writes it: 10s, 500ms."""
+    if seconds == int(seconds):
+        return "%ds" % seconds
+    return "%dms" % round(seconds * 1000)
+
+
+class UpstreamDrains:
+    """A shared book (SharedBooks): the servers the control interface
+    drained or undrained, (upstream, server) -> flag, in every process.
+    What it says wins over the file's drain flag until it is said again."""
+    kinds = ("upstream drain",)
+
+    def __init__(self):
+        self.flags = {}                # (upstream name, "ADDRESS:PORT") -> bool
+        self.publish = None            # set by SharedBooks.add
+
+    def set(self, upstream: str, server: str, flag: bool) -> None:
+        self.publish(("upstream drain", upstream, server, bool(flag)))
+
+    def apply(self, event: tuple) -> None:
+        _, upstream, server, flag = event
+        self.flags[(upstream, server)] = bool(flag)
+
+    def draining(self, upstream: str, server: str, configured: bool) -> bool:
+        return self.flags.get((upstream, server), configured)
+
+
+def backend_settings(config: "Config", server: Settings, upstream: Upstream) -> Settings:
+    """``server``'s settings for the backend dialogue of a login to
+    ``upstream``: with its pool's overrides, if it has any."""
+    if upstream.pool and config.pool_settings:
+        return config.pool_settings.get((server.name, upstream.pool), server)
+    return server
+
+
+def drain_server(upstreams: Optional[Dict[str, UpstreamSpec]], drains: UpstreamDrains,
+                 upstream: str, server: str, flag: bool) -> bool:
+    """Drain (``flag`` True) or undrain ``server`` ("ADDRESS:PORT" as
+    written in the file) of the pool ``upstream`` of ``upstreams`` (a
+    Config's), in every process: for a control interface in any process,
+    the master's too (Pools.set_drain is a worker's).  False if there is
+    no such server (nothing changes then)."""
+    spec = (upstreams or {}).get(upstream)
+    if spec is None or not any(each.text == server for each in spec.servers):
+        return False
+    drains.set(upstream, server, flag)
+    return True
+
+
+class UpstreamHealth:
+    """A shared book (SharedBooks): the pool servers some worker has taken
+    out, in every process, the master's too, for a status page
+    (mailproxy_upstream_up, /readyz).  Each worker still chooses by what it
+    learned itself, as nginx's upstream without a zone.  A worker reports
+    (upstream, server, until): 0 back, -1 down until its check finds it up,
+    else out until then (the loop's clock, CLOCK_MONOTONIC: the same in
+    every process of a host)."""
+    kinds = ("upstream health", "worker gone")
+
+    def __init__(self):
+        self.out = {}                  # (upstream, server) -> {pid: until}
+        self.publish = None            # set by SharedBooks.add
+
+    def report(self, upstream: str, server: str, until: float) -> None:
+        self.publish(("upstream health", os.getpid(), upstream, server, until))
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "worker gone":
+            for reports in self.out.values():
+                reports.pop(event[1], None)
+            return
+        _, pid, upstream, server, until = event
+        reports = self.out.setdefault((upstream, server), {})
+        if until:
+            reports[pid] = until
+        else:
+            reports.pop(pid, None)
+
+    def up(self, upstream: str, server: str, now: float) -> bool:
+        """No worker has it out now."""
+        return all(0 < until <= now for until in self.out.get((upstream, server), {}).values())
+
+
+class Pools:
+    """A worker's pools, by name.  pool_for(config, upstream) is the Pool a
+    session's login goes through; set_drain() is the control interface's
+    way in.  reconfigure() after a reload keeps what was learned of a pool
+    whose section did not change."""
+
+    def __init__(self, upstreams: Optional[Dict[str, UpstreamSpec]],
+                 drains: Optional[UpstreamDrains] = None, health: Optional[UpstreamHealth] = None):
+        self.drains = drains
+        self.health = health
+        self.pools = {}                # name -> Pool
+        self.reconfigure(upstreams)
+
+    def reconfigure(self, upstreams: Optional[Dict[str, UpstreamSpec]]) -> None:
+        old, self.pools = self.pools, {}
+        for name, spec in (upstreams or {}).items():
+            kept = old.get(name)
+            self.pools[name] = kept if kept is not None and kept.spec == spec else \
+                Pool(spec, self.drains, self.health)
+        for name, pool in old.items():
+            if self.pools.get(name) is not pool:       # gone: what it took out is no more
+                for state in pool.states:
+                    if state.out_until or state.check_down:
+                        pool._tell(state.server, 0.0)
+
+    def pool_for(self, config: "Config", upstream: Upstream) -> Optional[Pool]:
+        """The pool ``upstream`` goes through (None: a plain address), as
+        ``config`` (the session's, maybe older than a reload) defines it."""
+        if not upstream.pool:
+            return None
+        spec = (config.upstreams or {}).get(upstream.pool)
+        if spec is None:
+            return None
+        pool = self.pools.get(upstream.pool)
+        return pool if pool is not None and pool.spec == spec else Pool(spec, self.drains)
+
+    def up(self, now: float) -> List[Tuple[str, str, bool]]:
+        """(upstream, server, up) for every server of every pool, as this
+        worker sees them (Pool.up): what a status page shows."""
+        return [(name, server, up) for name, pool in self.pools.items()
+                for server, up in pool.up(now)]
+
+    def set_drain(self, upstream: str, server: str, flag: bool) -> bool:
+        """Drain (``flag`` True) or undrain ``server`` ("ADDRESS:PORT" as
+        written in the file) of ``upstream``, in every worker.  False if the
+        pool has no such server (nothing changes then)."""
+        pool = self.pools.get(upstream)
+        if pool is None or not any(state.server.text == server for state in pool.states):
+            return False
+        if self.drains is None:
+            self.drains = UpstreamDrains()
+            self.drains.publish = self.drains.apply
+            for each in self.pools.values():
+                each.drains = self.drains
+        self.drains.set(upstream, server, flag)
+        return True
 
 
 # ========================================================================== #
@@ -4827,9 +5402,23 @@ class Expect(NamedTuple):
     codes: Tuple[bytes, ...] = ()
     tag: bytes = b""           # imap-tagged: another tag than the login's
     verdict: bool = False
+    learn: bool = False        # the capabilities the reply lists are the backend's (When)
+    probe: bool = False        # a question of ours: a no means "no capabilities", not a failure
+
+
+class When(NamedTuple):
+    """Extension: ``steps`` if the backend has advertised ``capability``
+    (in a reply read by an Expect with ``learn``), else nothing.
+    ``capability`` None: ``steps`` if no capability is known yet (the
+    question to ask, CAPABILITY or CAPA).  TLS forgets what was learned in
+    clear."""
+    capability: Optional[bytes]
+    steps: Tuple = ()
 
 
 BACKEND_STARTTLS_TAG = b"S1 "
+BACKEND_CAPABILITY_TAG = b"C1 "
+BACKEND_ID_TAG = b"I1 "
 
 
 def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool = False) -> list:
@@ -4900,6 +5489,71 @@ def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> 
         Send(b"PASS " + password + b"\r\n", "PASS"),
         Expect("pop3-ok", relay=True, verdict=True),
     ]
+
+
+# -- the client's identity at the backend (imap_id, pop3_xclient: extensions) -----
+# Dovecot believes the client's address from a proxy in its
+# login_trusted_networks: IMAP's ID with the x-originating-ip convention,
+# and POP3's XCLIENT.  Sent only when the backend advertises it (CAPABILITY
+# lists ID; CAPA lists XCLIENT, or the greeting says [XCLIENT]), before the
+# login, after TLS: nothing the backend did not ask for.
+
+def identity_value(text: str) -> bool:
+    """An IP address or a number: safe in a quoted string and an XCLIENT
+    argument as it is (no quote, backslash, space, CR or LF)."""
+    if text.isdigit():
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def imap_id_command(fields: List[Tuple[str, str]]) -> bytes:
+    """``I1 ID ("x-originating-ip" "192.0.2.7" ...)`` (RFC 2971 §3.3); a
+    field whose value is not an address or a number (a unix socket's
+    "unix:") is left out."""
+    pairs = ['"%s" "%s"' % (name, value) for name, value in fields if identity_value(value)]
+    return BACKEND_ID_TAG + b"ID (" + " ".join(pairs).encode("ascii") + b")\r\n"
+
+
+def pop3_xclient_command(address: str, port: int) -> bytes:
+    """Dovecot's POP3 ``XCLIENT ADDR=... PORT=...``; ADDR=[UNAVAILABLE]
+    for a unix socket's client."""
+    address = address if identity_value(address) else "[UNAVAILABLE]"
+    return b"XCLIENT ADDR=" + address.encode("ascii") + b" PORT=%d\r\n" % port
+
+
+def identity_steps(protocol: str, attempt: "LoginAttempt", destination: Tuple[str, int],
+                   session: int) -> list:
+    """The steps that tell the backend who the client is: ask for the
+    capabilities unless the greeting listed them, then ID or XCLIENT if
+    they hold it."""
+    if protocol == "imap":
+        fields = [("x-originating-ip", attempt.client_address),
+                  ("x-originating-port", str(attempt.client_port)),
+                  ("x-connected-ip", destination[0]), ("x-connected-port", str(destination[1])),
+                  ("x-session-id", str(session))]
+        return [When(None, (Send(BACKEND_CAPABILITY_TAG + b"CAPABILITY\r\n", "CAPABILITY"),
+                            Expect("imap-tagged", tag=BACKEND_CAPABILITY_TAG, learn=True,
+                                   probe=True))),
+                When(b"ID", (Send(imap_id_command(fields), "ID"),
+                             Expect("imap-tagged", tag=BACKEND_ID_TAG)))]
+    return [When(None, (Send(b"CAPA\r\n", "CAPA"), Expect("pop3-capa", learn=True, probe=True))),
+            When(b"XCLIENT", (Send(pop3_xclient_command(attempt.client_address,
+                                                        attempt.client_port), "XCLIENT"),
+                              Expect("pop3-ok")))]
+
+
+def with_identity(script: list, steps: list) -> list:
+    """``steps`` inserted where the login begins: after the greeting, or
+    after the TLS handshake STARTTLS asked for; the greeting learns."""
+    script = list(script)
+    script[0] = script[0]._replace(learn=True)
+    tls = [i for i, step in enumerate(script) if isinstance(step, TlsStep)]
+    at = tls[-1] + 1 if tls else 1
+    return script[:at] + steps + script[at:]
 
 
 def xtext(data: bytes) -> bytes:
@@ -5039,10 +5693,19 @@ LOGIN_SCRIPTS = {"imap": imap_attempt_script, "pop3": pop3_attempt_script,
 
 
 def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
-                 starttls: bool) -> list:
+                 starttls: bool, destination: Tuple[str, int] = ("", 0),
+                 session: int = 0) -> list:
     """The backend login for an accepted attempt (LOGIN_SCRIPTS);
-    ``starttls`` (extension): STARTTLS first."""
-    return LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
+    ``starttls`` (extension): STARTTLS first.  With imap_id or pop3_xclient
+    on (extensions), the client's identity first (identity_steps:
+    ``destination`` is the address the client connected to, ``session``
+    the session's number)."""
+    script = LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
+    if (attempt.protocol == "imap" and server.imap_id) or \
+            (attempt.protocol == "pop3" and server.pop3_xclient):
+        script = with_identity(script, identity_steps(attempt.protocol, attempt, destination,
+                                                      session))
+    return script
 
 
 def smtp_auth_steps(method: str, login: bytes, password: bytes) -> list:
@@ -5105,11 +5768,17 @@ class BackendLogin:
         self._relay = bytearray()          # reply lines for the client
         self._reply = bytearray()          # the lines of the reply being read
         self._greeted = False              # the first Expect is the greeting
+        self.capabilities = None           # type: Optional[set]  (what a ``learn`` reply listed)
         self._advance()
 
     @property
     def trailing_data(self) -> bytes:
         return bytes(self._input)
+
+    @property
+    def greeted(self) -> bool:
+        """The backend's greeting has come, and was the one expected."""
+        return self._greeted
 
     def data_to_send(self) -> bytes:
         data = bytes(self._output)
@@ -5117,10 +5786,17 @@ class BackendLogin:
         return data
 
     def _advance(self) -> bool:
-        """Queue the Send steps now due; True if there was one."""
+        """Queue the Send steps now due (a When's, if it holds); True if
+        there was one."""
         sent = False
-        while self.script and isinstance(self.script[0], Send):
+        while self.script and isinstance(self.script[0], (Send, When)):
             step = self.script.pop(0)
+            if isinstance(step, When):
+                known = self.capabilities
+                if (known is None) if step.capability is None else \
+                        (known is not None and step.capability in known):
+                    self.script[:0] = step.steps
+                continue
             self._output += step.data
             sent = True
             if self.trace is not None:
@@ -5128,8 +5804,10 @@ class BackendLogin:
         return sent
 
     def tls_started(self) -> None:
-        """The handshake with the backend is done: the script goes on."""
+        """The handshake with the backend is done: the script goes on, and
+        what the backend said in clear is forgotten (RFC 3207 §4.2)."""
         self.script.pop(0)
+        self.capabilities = None
         self._advance()
 
     def receive_data(self, data: bytes) -> list:
@@ -5163,14 +5841,17 @@ class BackendLogin:
                 raise BackendError("upstream sent too long response")
             if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
                 raise BackendError("upstream sent a literal in its login response", line)
-            if not self._accepts(step, line):
+            accepted = self._accepts(step, line)
+            if not accepted and not step.probe:
                 if self.trace is not None:
                     self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
                 self._refuse(step, line)
-            if self._more_lines(step, line):
+            if accepted and self._more_lines(step, line):
                 continue                       # an untagged or a 250- line: more follow
             if self.trace is not None:
                 self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
+            if step.learn:
+                self._learn(step, bytes(self._reply) if accepted else b"")
             if step.relay:
                 self._relay += self._reply
             del self._reply[:]
@@ -5197,7 +5878,27 @@ class BackendLogin:
         raise BackendError("upstream sent invalid response", bytes(self._reply), refusal=True,
                            verdict=verdict)
 
+    def _learn(self, step: Expect, reply: bytes) -> None:
+        """The capabilities ``reply`` lists: IMAP's [CAPABILITY ...] code or
+        CAPABILITY lines, POP3's greeting codes (Dovecot's [XCLIENT]) or
+        CAPA lines.  A greeting that lists none leaves them unknown; an
+        answer to our question (a probe) makes them known, empty if it
+        said no."""
+        words = set()
+        for line in reply.splitlines():
+            if step.kind == "pop3-capa":
+                if line and not line.startswith((b"+OK", b".")):
+                    words.add(line.split()[0].upper())
+                continue
+            match = CAPABILITY_LISTS.match(line)
+            if match:
+                words.update((match.group(1) or match.group(2) or match.group(3)).upper().split())
+        if words or step.probe:
+            self.capabilities = words
+
     def _more_lines(self, step: Expect, line: bytes) -> bool:
+        if step.kind == "pop3-capa":               # RFC 2449 §5: lines up to a lone "."
+            return line.rstrip(b"\r\n") != b"."
         if step.kind == "imap-tagged":
             return line.startswith(b"* ")
         # RFC 5321 §4.2.1: "250-..." lines continue, "250 ..." (or "250") ends.
@@ -5210,6 +5911,8 @@ class BackendLogin:
             return line.startswith(b"+")
         if step.kind == "pop3-ok":
             return line.startswith(b"+OK")
+        if step.kind == "pop3-capa":               # +OK, then any line of the list
+            return len(self._reply) > len(line) or line.startswith(b"+OK")
         if step.kind == "smtp":
             if not re.match(rb"\d{3}[- \r\n]", line):
                 return False
@@ -5226,7 +5929,12 @@ IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
 # The protocol an Expect of each kind belongs to, for a greeting that is not
 # the one expected (UnexpectedGreeting).
 GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
-                      "pop3-ok": "POP3", "smtp": "SMTP"}
+                      "pop3-ok": "POP3", "pop3-capa": "POP3", "smtp": "SMTP"}
+# Where a backend lists its capabilities: an IMAP greeting's or reply's
+# [CAPABILITY ...] code (RFC 3501 §7.1), an untagged CAPABILITY line, a
+# POP3 greeting's codes (Dovecot: "+OK [XCLIENT] Dovecot ready.").
+CAPABILITY_LISTS = re.compile(rb"\* OK \[CAPABILITY ([^\]]*)\]|\* CAPABILITY (.*)|\+OK \[([^\]]*)\]",
+                              re.IGNORECASE)
 
 
 # Refusals of a login for another reason than the login and password: the
@@ -7777,8 +8485,10 @@ def start_relay(session, client: Stream, backend: Stream, server: Settings,
 # connection of its own (as nginx: no keep-alive), and the resolver's UDP
 # queries, with a small cache, for the SMTP client's name.  Each is driven
 # by the event loop and calls back with its result; what they say is built
-# and parsed by the sans-I/O code above.  The user table's password checks
-# are work of the same kind: handed out to threads, their verdicts come back
+# and parsed by the sans-I/O code above.  The active checks of a pool's
+# servers (health_check) are connections of the same kind, made by the
+# worker rather than a session.  The user table's password checks are work
+# of the same kind: handed out to threads, their verdicts come back
 # through the loop's wake-up.
 
 class AuthHttpExchange(StreamOwner):
@@ -7849,10 +8559,22 @@ class BackendConnection(StreamOwner):
     With ``verdicts`` (auth = backend), a no to the client's own login and
     password (BackendError.verdict) is no failure of the backend: the owner
     hears backend_refused(line) instead, and nothing is logged here.
-    After a failure nothing more is read; close() ends it at any time."""
+    After a failure nothing more is read; close() ends it at any time.
+
+    With a ``pool`` (extension, README "Several backends") the server is
+    the pool's choice for ``key`` (``upstream``'s port, if any, names the
+    server to try first), and the owner hears backend_chosen(upstream) for
+    each server tried.  A server that cannot be connected to, fails TLS,
+    closes or greets wrongly before its greeting is through, or times out
+    (the owner's timer: timed_out()), counts as failed in the pool and the
+    login starts again on the next server, with a new BackendLogin from
+    ``relogin()``, so that the client sees no error while one is alive;
+    backend_connected(stream) then comes again, with the new stream.
+    take_lease() hands the session its place on the server it logged in to."""
 
     def __init__(self, loop: EventLoop, server: Settings, upstream: Upstream, login: BackendLogin,
-                 tls_mode: str, proxy_header: bytes, owner, log: Callable, verdicts: bool = False):
+                 tls_mode: str, proxy_header: bytes, owner, log: Callable, verdicts: bool = False,
+                 pool: Optional[Pool] = None, relogin: Optional[Callable] = None, key: bytes = b""):
         self.loop = loop
         self.server = server
         self.upstream = upstream
@@ -7865,24 +8587,95 @@ class BackendConnection(StreamOwner):
         self.addresses = list(upstream.addresses)
         self.stream = None             # type: Optional[Stream]
         self.connecting = True
-        self._connect_next()
+        self.pool = pool
+        self.relogin = relogin         # a new BackendLogin for the next server of the pool
+        self.key = key                 # what user_hash hashes: the login
+        self.tried = []                # the pool's servers tried by this login, the last one now
+        self.lease = None              # type: Optional[PoolLease]
+        if pool is None:
+            self._connect_next()
+            return
+        prefer = (upstream.host, upstream.port) if upstream.port else None
+        if not self._choose(prefer):
+            self.log("error", 'no live upstreams in upstream "%s"' % pool.name)
+            self.owner.backend_failed("no live upstreams")
 
     def close(self) -> None:
         self.addresses = []
+        self.pool = self.relogin = None    # no other server after this (and no password)
+        if self.lease is not None:
+            self.lease.release()
         if self.stream is not None:
             self.stream.close()
 
     cancel = close
 
+    def take_lease(self) -> Optional[PoolLease]:
+        """The session's place on its server, now the session's to release."""
+        lease, self.lease = self.lease, None
+        return lease
+
     def crashed(self, error: Exception) -> None:
         self.owner.crashed(error)
+
+    def _choose(self, prefer: Optional[Tuple[str, int]] = None) -> bool:
+        """The pool's next server for this login, connected to now; False
+        if none is left."""
+        choice = self.pool.choose(self.key, self.loop.time(), self.tried, prefer)
+        if choice is None:
+            return False
+        if self.tried:
+            self.login = self.relogin()
+        self.tried.append(choice)
+        self.lease = self.pool.lease(choice)
+        self.upstream = choice.address._replace(pool=self.pool.name)
+        self.addresses = list(choice.address.addresses)
+        self.connecting = True
+        self.owner.backend_chosen(self.upstream)
+        self._connect_next()
+        return True
+
+    def _failed(self, outcome: str, refusal: bytes = b"", fault: bool = False) -> None:
+        """The end of this server's try: with a pool and the server at
+        ``fault``, the next server; else the owner hears of it."""
+        if fault and self.pool is not None and self._fail_over(outcome):
+            return
+        self.close()
+        self.owner.backend_failed(outcome, refusal)
+
+    def _fail_over(self, outcome: str) -> bool:
+        """Count the failure against the server, and start again on the
+        pool's next; False if no server is left (logged)."""
+        pool, failed = self.pool, self.tried[-1]
+        disabled = pool.failed(failed, self.loop.time())
+        if disabled:
+            self.log("warn", disabled)
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.lease.release()
+        self.lease = None
+        self.log("warn", 'upstream server %s of upstream "%s" failed (%s), the login goes on '
+                 "with the next server" % (failed.text, pool.name, outcome))
+        if self._choose():
+            return True
+        self.log("error", 'no live upstreams in upstream "%s"' % pool.name)
+        return False
+
+    def timed_out(self) -> bool:
+        """The owner's timer ran out on this server (logged by the owner):
+        True if the login goes on with another server of the pool (the
+        owner arms its timer again), False if the owner should give up."""
+        if self.pool is None:
+            return False
+        return self._fail_over("upstream timed out")
 
     def _connect_next(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
         if not self.addresses:
-            return self.owner.backend_failed("upstream unreachable")
+            return self._failed("upstream unreachable", fault=True)
         family, sockaddr = self.addresses.pop(0)
         try:
             self.stream = connect_stream(self.loop, family, sockaddr, self)
@@ -7920,6 +8713,8 @@ class BackendConnection(StreamOwner):
             if isinstance(event, BackendStartTls):
                 self._start_tls()
             else:
+                if self.pool is not None:
+                    self.pool.succeeded(self.tried[-1])
                 self.owner.backend_logged_in(event.reply)
 
     def stream_eof(self, stream: Stream) -> None:
@@ -7927,47 +8722,156 @@ class BackendConnection(StreamOwner):
 
     def _refused(self, error: BackendError) -> None:
         """nginx: log the bad line; the client gets the internal error, or
-        with proxy_pass_error_message on, the backend's own refusal."""
-        self.close()
+        with proxy_pass_error_message on, the backend's own refusal.  Before
+        the greeting is through, it is the server's fault (a pool goes on
+        with the next server)."""
         line = error.line
+        fault = not self.login.greeted
         if error.verdict and self.verdicts:
+            self.close()
             return self.owner.backend_refused(line)
-        if error.refusal and self.server.proxy_pass_error_message:
+        if error.refusal and self.server.proxy_pass_error_message and \
+                not (fault and self.pool is not None):
             self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
-            return self.owner.backend_failed("upstream refused the login", line)
+            return self._failed("upstream refused the login", line)
         detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
         self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
-        self.owner.backend_failed(error.outcome)
+        self._failed(error.outcome, fault=fault)
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
             self.log("error", "upstream %s" % error, action="SSL handshaking to upstream")
-            outcome = "upstream TLS error"
-        elif self.connecting:
+            return self._failed("upstream TLS error", fault=True)
+        if self.connecting:
             self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
             return self._connect_next()
-        else:
-            self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
-            outcome = "upstream connection error"
-        self.close()
-        self.owner.backend_failed(outcome)
+        self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
+        self._failed("upstream connection error", fault=not self.login.greeted)
 
 
 def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
                  local: Tuple[str, int], owner, log: Callable,
-                 verdicts: bool = False, debug: bool = False) -> BackendConnection:
+                 verdicts: bool = False, debug: bool = False,
+                 pool: Optional[Pool] = None, session: int = 0) -> BackendConnection:
     """Connect to ``outcome.upstream`` and log in there as ``outcome``
     says (login_script, TLS, the PROXY header naming ``local``, the
     address the client connected to); ``owner`` hears how it went
     (BackendConnection).  ``debug``: each step of the login script in
-    ``log`` at debug (BackendLogin's trace: names and codes only)."""
+    ``log`` at debug (BackendLogin's trace: names and codes only).
+    ``pool``: the Pool ``outcome.upstream`` goes through (Pools.pool_for);
+    its choice is keyed by the login (the client's address without one).
+    ``session``: the session's number, for imap_id's x-session-id."""
     tls_mode = backend_tls_mode(server, outcome)
-    script = login_script(server, attempt, outcome, tls_mode == "starttls")
     header = proxy_header_to_backend(server.proxy_protocol, attempt, local)
     trace = (lambda text: log("debug", "backend: %s", text)) if debug else None
-    return BackendConnection(loop, server, outcome.upstream,
-                             BackendLogin(script, attempt.tag, server.proxy_buffer, trace),
-                             tls_mode, header, owner, log, verdicts)
+
+    def relogin() -> BackendLogin:
+        script = login_script(server, attempt, outcome, tls_mode == "starttls", local, session)
+        return BackendLogin(script, attempt.tag, server.proxy_buffer, trace)
+    key = outcome.login if outcome.login is not None else attempt.credentials.login
+    return BackendConnection(loop, server, outcome.upstream, relogin(), tls_mode, header, owner,
+                             log, verdicts, pool, relogin if pool is not None else None,
+                             key or attempt.client_address.encode("utf-8"))
+
+
+# -- the active check of a pool's servers (health_check = on, extension) -------------
+# Off the login path: a timer per pool, one connection per server and round,
+# closed as soon as the greeting's first line has come (after the protocol's
+# goodbye, so that the backend logs a client that left, not an error).
+
+HEALTH_GOODBYES = ((b"* OK", b"H1 LOGOUT\r\n"), (b"+OK", b"QUIT\r\n"), (b"220", b"QUIT\r\n"))
+
+
+class HealthProbe(StreamOwner):
+    """One check of one server: connect, then the first line, within
+    ``timeout``; ``done(ok, why)``: a mail server's ready greeting (IMAP's
+    ``* OK``, POP3's ``+OK``, SMTP's ``220``), or what went wrong."""
+
+    def __init__(self, loop: EventLoop, address: Upstream, timeout: float, done: Callable):
+        self.done = done
+        self.stream = None             # type: Optional[Stream]
+        self.line = LineBuffer()
+        self.timer = loop.call_later(timeout, lambda: self._finish(False, "timed out"))
+        family, sockaddr = address.addresses[0]
+        try:
+            self.stream = connect_stream(loop, family, sockaddr, self)
+        except OSError as error:
+            loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
+
+    def stream_connected(self, stream: Stream) -> None:
+        stream.set_read_budget(PAGE_SIZE)
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        self.line += data
+        line = self.line.take_line(PAGE_SIZE)
+        if line is None:
+            if len(self.line) >= PAGE_SIZE:
+                self._finish(False, "no greeting line")
+            return
+        goodbye = next((bye for start, bye in HEALTH_GOODBYES if line.startswith(start)), None)
+        if goodbye is None:
+            return self._finish(False, 'greeting "%s"' % log_escape(strip_eol(line[:80])))
+        stream.write(goodbye)
+        self._finish(True, "")
+
+    def stream_eof(self, stream: Stream) -> None:
+        self._finish(False, "closed before its greeting")
+
+    def stream_error(self, stream, error: Exception) -> None:
+        if isinstance(error, OSError):
+            self._finish(False, "connect() failed (%s: %s)" % (error.errno, error.strerror))
+        else:
+            self._finish(False, str(error))
+
+    def crashed(self, error: Exception) -> None:
+        self._finish(False, "internal error: %r" % error)
+
+    def _finish(self, ok: bool, why: str) -> None:
+        done, self.done = self.done, None
+        self.timer.cancel()
+        if self.stream is not None:
+            self.stream.close()
+        if done is not None:
+            done(ok, why)
+
+
+class HealthChecks:
+    """A worker's active checks: each pool with health_check, every
+    interval, each server that is not ``down`` (Pool.checked decides and
+    says what to log).  ``running()`` false: no more rounds (the worker
+    stops); a pool replaced by a reload stops being checked, and start()
+    begins the new ones.  Each worker checks for itself, as it counts
+    failures for itself."""
+
+    def __init__(self, loop: EventLoop, pools: Pools, log: Callable[[str, str], None],
+                 running: Callable[[], bool]):
+        self.loop = loop
+        self.pools = pools
+        self.log = log
+        self.running = running
+        self.checked = set()           # id() of the pools being checked
+
+    def start(self) -> None:
+        for pool in self.pools.pools.values():
+            if pool.spec.health_check is not None and id(pool) not in self.checked:
+                self.checked.add(id(pool))
+                self.loop.call_later(0, lambda pool=pool: self._round(pool))
+
+    def _round(self, pool: Pool) -> None:
+        if not self.running() or self.pools.pools.get(pool.name) is not pool:
+            self.checked.discard(id(pool))
+            return
+        check = pool.spec.health_check
+        for server in pool.spec.servers:
+            if not server.down:
+                HealthProbe(self.loop, server.address, check.timeout,
+                            lambda ok, why, server=server: self._verdict(pool, server, ok, why))
+        self.loop.call_later(check.interval, lambda: self._round(pool))
+
+    def _verdict(self, pool: Pool, server: UpstreamServer, ok: bool, why: str) -> None:
+        said = pool.checked(server, ok, why)
+        if said is not None:
+            self.log(*said)
 
 
 # -- password checks, off the event loop ------------------------------------------
@@ -8185,7 +9089,7 @@ def authenticator_for(server: Settings, config: "Config", worker, owner):
     the backend; an auth server has Auth-Wait).  Each has start(attempt,
     done), cancel() and recipient_check()."""
     if server.auth_http is not None:
-        inner, defend = AuthHttpAuth(worker.loop, server, owner), False
+        inner, defend = AuthHttpAuth(worker.loop, server, owner, config.upstreams), False
     elif server.auth == "backend":
         inner, defend = BackendAuth(worker.loop, server, config, owner), True
     else:
@@ -8201,12 +9105,14 @@ class AuthHttpAuth:
     delay (Auth-Wait: the session goes on after it; none: it closes) and,
     for the OAuth methods, the SASL error challenge; ERROR with nginx's log
     message.  ``owner.crashed(error)`` hears of a bug in here."""
-    __slots__ = ("loop", "server", "owner", "attempt", "done", "exchange", "timer")
+    __slots__ = ("loop", "server", "owner", "attempt", "done", "exchange", "timer", "upstreams")
 
-    def __init__(self, loop: EventLoop, server: Settings, owner):
+    def __init__(self, loop: EventLoop, server: Settings, owner,
+                 upstreams: Optional[Dict[str, UpstreamSpec]] = None):
         self.loop = loop
         self.server = server
         self.owner = owner
+        self.upstreams = upstreams     # the pools an Auth-Server may name
         self.attempt = None            # type: Optional[LoginAttempt]
         self.done = None               # type: Optional[Callable]
         self.exchange = None           # type: Optional[AuthHttpExchange]
@@ -8276,7 +9182,7 @@ class AuthHttpAuth:
         known = method not in SALTED_METHODS + (AuthMethod.EXTERNAL,)
         try:
             verdict = interpret_auth_response(response, self.attempt.protocol, known,
-                                              self.server.proxy_smtp_auth)
+                                              self.server.proxy_smtp_auth, self.upstreams)
         except AuthHttpError as failure:
             return AuthOutcome(Verdict.ERROR, reason=str(failure).replace(
                 "%s", self.server.auth_http.text, 1))
@@ -8361,9 +9267,11 @@ class BackendAuth:
         self.owner.journal.upstream = self.upstream       # the log names who decides
         self.timer = self.loop.call_later(server.timeout, self._timed_out)
         self.connected = False
-        connection = open_backend(self.loop, server, attempt, outcome,
-                                  local_address(self.owner.client.sock), self,
-                                  self.log, verdicts=True, debug=self.owner.debug)
+        pool = self.owner.worker.pools.pool_for(self.config, self.upstream)
+        connection = open_backend(self.loop, backend_settings(self.config, server, self.upstream),
+                                  attempt, outcome, local_address(self.owner.client.sock), self,
+                                  self.log, verdicts=True, debug=self.owner.debug, pool=pool,
+                                  session=self.owner.journal.number)
         if self.done is not None:      # not failed already (no address could be tried)
             self.connection = connection
 
@@ -8403,6 +9311,11 @@ class BackendAuth:
             done(outcome)
 
     # -- what the BackendConnection says ---------------------------------------------
+    def backend_chosen(self, upstream: Upstream) -> None:
+        """A pool's server is tried: the log names it."""
+        self.upstream = upstream
+        self.owner.journal.upstream = upstream
+
     def backend_connected(self, stream: Stream) -> None:
         self.connected = True          # the session stays in AUTH: the login is the verdict
 
@@ -8427,6 +9340,9 @@ class BackendAuth:
     def _timed_out(self) -> None:
         self.timer = None
         self.log("error", "upstream timed out (110: Connection timed out)")
+        if self.connection is not None and self.connection.timed_out():
+            self.timer = self.loop.call_later(self.server.timeout, self._timed_out)
+            return                     # a pool's next server: the same time again for it
         self.backend_failed("upstream timed out")
 
 
@@ -9181,7 +10097,7 @@ class Session(StreamOwner):
                  "backend", "backend_connection", "relay", "client_name", "attempt",
                  "login_attempt", "authenticator", "timer", "closed", "outcome", "proxy_facts",
                  "certificate", "opening", "client", "machine", "client_clock", "journal",
-                 "counted", "debug")
+                 "counted", "debug", "lease")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
@@ -9202,6 +10118,7 @@ class Session(StreamOwner):
         self.opening = self.backend = self.backend_connection = self.relay = None
         self.closed, self.outcome = False, ""
         self.counted = False         # in SessionCounts (max_user_sessions): LoginGuard
+        self.lease = None            # its place on a pool's server (PoolLease), once logged in
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.client_clock = ClientClock(self.loop.time, self.server.timeout)
         peer = self.client_address if listener.listen.port == 0 else "%s:%d" % (
@@ -9407,6 +10324,9 @@ class Session(StreamOwner):
 
     def _upstream_timed_out(self) -> None:
         self.log("error", "upstream timed out (110: Connection timed out)")
+        if self.backend_connection is not None and self.backend_connection.timed_out():
+            # A pool's next server: the same time again for it.
+            return self.timer.set(self.server.timeout, self._upstream_timed_out)
         self.backend_failed("upstream timed out")
 
     # -- authentication ---------------------------------------------------------------
@@ -9467,13 +10387,21 @@ class Session(StreamOwner):
     def _login_to_backend(self, outcome: AuthOutcome) -> None:
         self.journal.upstream = outcome.upstream
         self._enter(Phase.CONNECT)
-        self.backend_connection = open_backend(self.loop, self.server, self.attempt, outcome,
-                                               local_address(self.client.sock), self,
-                                               self.log, debug=self.debug)
+        self.backend_connection = open_backend(
+            self.loop, backend_settings(self.config, self.server, outcome.upstream), self.attempt,
+            outcome, local_address(self.client.sock), self, self.log, debug=self.debug,
+            pool=self.worker.pools.pool_for(self.config, outcome.upstream),
+            session=self.journal.number)
+
+    def backend_chosen(self, upstream: Upstream) -> None:
+        """A pool's server is tried: the log names it."""
+        self.journal.upstream = upstream
 
     def backend_connected(self, stream: Stream) -> None:
+        """Connected (again, to a pool's next server after a failure)."""
         self.backend = stream
-        self._enter(Phase.LOGIN)
+        if self.phase == Phase.CONNECT:
+            self._enter(Phase.LOGIN)
 
     def backend_logged_in(self, reply: bytes) -> None:
         """The backend said yes: its reply, then the relay, which takes the
@@ -9490,6 +10418,7 @@ class Session(StreamOwner):
                      self.machine.waiting_for or "login", self.machine.reply_code(answer))
         self.client.write(answer)
         trailing = self.backend_connection.login.trailing_data
+        self.lease = self.backend_connection.take_lease()
         check = self.authenticator.recipient_check(self.attempt, self.journal.upstream, self.log)
         # What only the login needed goes: an idle relay holds little, and no password.
         self.backend_connection = self.attempt = self.authenticator = None
@@ -9531,6 +10460,8 @@ class Session(StreamOwner):
         self.closed = True
         try:
             self.timer.cancel()
+            if self.lease is not None:
+                self.lease.release()
             for part in (self.opening, self.authenticator, self.backend_connection, self.relay):
                 if part is not None:
                     part.cancel()
@@ -9583,9 +10514,32 @@ def load_and_prepare(path: str) -> Config:
             problem = tls_problem(config, server, error)
             if str(problem) not in map(str, errors):     # once, not once per server
                 errors.append(problem)
+    errors.extend(prepare_pool_settings(config))
     if errors:
         raise ConfigErrors(errors)
     return config
+
+
+def prepare_pool_settings(config: Config) -> List[ConfigError]:
+    """The backend TLS context of each server's settings for a pool: the
+    server's own, or a new one if the pool sets proxy_ssl* (or turns TLS
+    to the backend on where the server has none)."""
+    errors = []
+    for (name, pool), merged in (config.pool_settings or {}).items():
+        server = next(server for server in config.servers if server.name == name)
+        merged.backend_tls_context = server.backend_tls_context
+        own = any(key.startswith("proxy_ssl") for key, _ in config.upstreams[pool].overrides)
+        if (merged.proxy_ssl or merged.proxy_starttls or merged.auth_http is not None) and \
+                (own or merged.backend_tls_context is None):
+            try:
+                merged.backend_tls_context = backend_context(merged)
+            except ConfigValueError as error:
+                section = "upstream " + pool
+                problem = ConfigError(config.path, section, error.directive, str(error),
+                                      (config.lines or {}).get((section, error.directive or "")))
+                if str(problem) not in map(str, errors):
+                    errors.append(problem)
+    return errors
 
 
 def tls_problem(config: Config, server: Settings, error: ConfigValueError) -> ConfigError:
@@ -9876,6 +10830,8 @@ def make_shared_books() -> SharedBooks:
     books = SharedBooks()
     books.add(LoginDefence(os.urandom(32)))       # one key for every worker's digests
     books.add(SessionCounts())
+    books.add(UpstreamDrains())                   # the control interface's drain and undrain
+    books.add(UpstreamHealth())                   # the pool servers a worker has taken out
     return books
 
 
@@ -10114,6 +11070,11 @@ class Worker(LoopHandler):
         defence.share = max(1, AUTH_PENALTY_SLOTS // workers)
         self.gate = LoginGate(self.loop, defence)
         self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
+        self.pools = Pools(config.upstreams, self.books.of(UpstreamDrains),   # [upstream NAME]
+                           self.books.of(UpstreamHealth))
+        self.health = HealthChecks(self.loop, self.pools, lambda level, message:
+                                   self.log.log(level, message), lambda: not self.stopping)
+        self.health.start()            # its first round when the loop runs
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -10278,6 +11239,8 @@ class Worker(LoopHandler):
             self.log.log("alert", "reload failed, the old configuration is kept")
             return
         self.config = config
+        self.pools.reconfigure(config.upstreams)
+        self.health.start()
         self._use_logs(logs)
         raise_open_file_limit(config.main, self.log)
         warn_about(config, self.log)

@@ -24,6 +24,7 @@ read as transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
 """
 
 import base64
+import collections
 import errno
 import functools
 import hashlib
@@ -53,7 +54,7 @@ import traceback
 import tracemalloc
 import unittest
 import unittest.mock
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import mailproxy as mp
 
@@ -12278,6 +12279,747 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         self.imap_login(client)
         self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PROXY_FACTS + b"Auth-SSL: on\r\n",
                       auth.requests[0])
+
+
+# ========================================================================== #
+# ####                          Backend pools                           #### #
+# ========================================================================== #
+# [upstream NAME] pools (issue 18, README "Several backends"): the section
+# as read, the Pool's choices and what failures do to them (sans-I/O, the
+# time given), then real loopback backends behind a proxy: one killed in the
+# middle of a run, a bad greeting, a silent server, a drained server, the
+# routes and an auth server naming a pool.
+
+def pool_server(port: int, **options) -> mp.UpstreamServer:
+    address = mp.Upstream("127.0.0.1", port, ((socket.AF_INET, ("127.0.0.1", port)),))
+    return mp.UpstreamServer(address, **options)
+
+
+def pool_of(*servers, balance: str = "round_robin", drains=None) -> mp.Pool:
+    return mp.Pool(mp.UpstreamSpec("farm", tuple(servers), balance), drains)
+
+
+def pool_config(protocol: str, servers, balance: str = "", auth_port=None, **mail) -> str:
+    """proxy_config's file, passing to the pool "farm" whose ``server``
+    lines are ``servers`` (then ``balance``); with ``auth_port`` the
+    auth server decides, and proxy_pass is left out."""
+    if auth_port is None:
+        mail.setdefault("proxy_pass", "farm")
+    text = proxy_config(protocol, None, auth_port=auth_port, **mail)
+    text += "\n[upstream farm]\nserver = " + "\n    ".join(servers) + "\n"
+    return text + ("balance = %s\n" % balance if balance else "")
+
+
+def hashed_logins(pool: mp.Pool, count: int = 10000) -> Dict[bytes, int]:
+    """Where user_hash puts user0 ... user9999: login -> server port."""
+    return {login: pool.choose(login, 0.0).address.port
+            for login in (b"user%d" % n for n in range(count))}
+
+
+class PoolConfigTests(unittest.TestCase):
+    UPSTREAM = """
+        [mail]
+        proxy_pass = farm
+
+        [server imap]
+        listen = 127.0.0.1:18143
+        protocol = imap
+
+        [upstream farm]
+        server = 127.0.0.1:1143 weight=3 max_fails=2 fail_timeout=30s
+                 127.0.0.1:2143 backup
+                 127.0.0.1:3143 down
+                 127.0.0.1:4143 drain
+        balance = user_hash
+
+        [upstream pop]
+        server = 127.0.0.1:1110
+
+        [routes]
+        bob = pop
+        @example.com = imap=farm
+        """
+
+    def test_the_section_as_read(self):
+        config = load_text(self, self.UPSTREAM)
+        self.assertEqual(config.servers[0].proxy_pass, mp.Upstream("farm", 0, (), "farm"))
+        farm = config.upstreams["farm"]
+        self.assertEqual(farm.balance, "user_hash")
+        self.assertEqual([server.text for server in farm.servers],
+                         ["127.0.0.1:1143", "127.0.0.1:2143", "127.0.0.1:3143", "127.0.0.1:4143"])
+        first, backup, down, drain = farm.servers
+        self.assertEqual((first.weight, first.max_fails, first.fail_timeout), (3, 2, 30))
+        self.assertEqual((backup.weight, backup.max_fails, backup.fail_timeout), (1, 1, 10.0))
+        self.assertEqual([(s.backup, s.down, s.drain) for s in farm.servers],
+                         [(False, False, False), (True, False, False), (False, True, False),
+                          (False, False, True)])
+        self.assertEqual(config.upstreams["pop"].balance, "round_robin")
+        # [routes]: a pool's name is the pool, for every protocol or for one.
+        self.assertEqual(mp.route_for(config.routes, config.servers[0].proxy_pass, "bob", "imap"),
+                         mp.Upstream("pop", 0, (), "pop"))
+        self.assertEqual(mp.route_for(config.routes, mp.Upstream("x", 1, ()), "al@example.com",
+                                      "imap"), mp.Upstream("farm", 0, (), "farm"))
+
+    def test_health_check(self):
+        parse = mp.parse_health_check
+        self.assertIsNone(parse(["off"]))
+        self.assertEqual(parse(["on"]), mp.HealthCheck(5.0, 5.0))
+        self.assertEqual(parse(["on", "interval=2s", "timeout=500ms"]), mp.HealthCheck(2, 0.5))
+        for args in (["maybe"], ["on", "interval=0"], ["on", "rise=2"], []):
+            with self.assertRaises(mp.ConfigValueError, msg=args):
+                parse(args)
+
+    def test_mistakes_are_named_with_their_line(self):
+        path, errors = config_errors(self, """
+            [mail]
+            proxy_pass = nowhere
+
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+
+            [upstream farm]
+            server = 127.0.0.1:1143 weight=0
+                     127.0.0.1:2143 maxfails=2
+            balance = random
+            health_check = on every=5s
+            timeout = 5s
+
+            [upstream empty]
+            balance = least_conn
+            """)
+        text = "\n".join(str(error) for error in errors)
+        self.assertIn("%s:10: [upstream farm] server: must be at least 1" % path, text)
+        self.assertIn('%s:12: [upstream farm] balance: invalid value "random", it must be '
+                      '"round_robin" or "least_conn" or "user_hash"' % path, text)
+        self.assertIn('%s:13: [upstream farm] health_check: invalid parameter "every=5s"' % path, text)
+        self.assertIn('%s:14: [upstream farm] timeout: "timeout" directive is not allowed in '
+                      '[upstream NAME]' % path, text)
+        self.assertIn('%s:16: [upstream empty] no servers are inside upstream "empty"' % path, text)
+        self.assertIn("%s:3: [mail] proxy_pass: no [upstream nowhere] section" % path, text)
+
+    def test_each_server_line_is_checked(self):
+        path, errors = config_errors(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+                     127.0.0.1:2143 maxfails=2
+            """)
+        self.assertEqual([str(error) for error in errors],
+                         ['%s:8: [upstream farm] server: invalid parameter "maxfails=2"' % path])
+
+    def test_a_route_without_port_cannot_take_a_pools(self):
+        path, errors = config_errors(self, self.UPSTREAM, """
+            carol = 127.0.0.2
+            """)
+        self.assertEqual([str(error) for error in errors], [
+            '%s:23: [routes] carol: "127.0.0.2" has no port, and the imap server "imap" passes '
+            'to the upstream "farm", whose port it cannot take: write HOST:PORT' % path])
+
+    def test_a_route_is_named_once_whatever_the_number_of_servers(self):
+        _, errors = config_errors(self, self.UPSTREAM, """
+            carol = 127.0.0.2
+
+            [server imap2]
+            listen = 127.0.0.1:18144
+            protocol = imap
+            """)
+        self.assertEqual([error.directive for error in errors], ["carol"])
+
+    def test_auth_server_names_a_pool_or_one_of_its_servers(self):
+        upstreams = {"farm": mp.UpstreamSpec("farm", (pool_server(1143), pool_server(2143)))}
+        named = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"farm"}, b""), "imap", True, upstreams=upstreams)
+        self.assertEqual(named.upstream, mp.Upstream("farm", 0, (), "farm"))
+        member = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"127.0.0.1", "auth-port": b"2143"}, b""),
+            "imap", True, upstreams=upstreams)
+        self.assertEqual((member.upstream.text, member.upstream.pool), ("127.0.0.1:2143", "farm"))
+        stranger = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"127.0.0.1", "auth-port": b"3143"}, b""),
+            "imap", True, upstreams=upstreams)
+        self.assertEqual(stranger.upstream.pool, "")
+        with self.assertRaises(mp.AuthHttpError):      # no port, and no pool of that name
+            mp.interpret_auth_response(mp.AuthHttpResponse({
+                "auth-status": b"OK", "auth-server": b"barn"}, b""), "imap", True,
+                upstreams=upstreams)
+
+
+class PoolChoiceTests(unittest.TestCase):
+    """The Pool's choices, sans-I/O: the time is an argument."""
+
+    def test_smooth_weighted_round_robin_as_nginx(self):
+        pool = pool_of(pool_server(1, weight=5), pool_server(2), pool_server(3))
+        order = [pool.choose(b"", 0.0).address.port for _ in range(14)]
+        self.assertEqual(order, [1, 1, 2, 1, 3, 1, 1] * 2)
+
+    def test_least_conn_counts_the_sessions(self):
+        one, two = pool_server(1), pool_server(2, weight=2)
+        pool = pool_of(one, two, balance="least_conn")
+        leases = [pool.lease(pool.choose(b"", 0.0)) for _ in range(3)]
+        # 0/1 == 0/2: round robin's pick, 2; then 0/1 < 1/2: 1; then 1/1 > 1/2: 2.
+        self.assertEqual([lease.state.server.address.port for lease in leases], [2, 1, 2])
+        self.assertEqual([state.active for state in pool.states], [1, 2])
+        leases[0].release()
+        leases[0].release()                                       # once only
+        self.assertEqual([state.active for state in pool.states], [1, 1])
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(3)}, {2})
+
+    def test_user_hash_is_sticky_and_removing_a_server_moves_only_its_users(self):
+        for count in (2, 3, 4, 5):
+            servers = [pool_server(port) for port in range(1, count + 1)]
+            before = hashed_logins(pool_of(*servers, balance="user_hash"))
+            self.assertEqual(before, hashed_logins(pool_of(*servers, balance="user_hash")))
+            shares = collections.Counter(before.values())
+            for port in shares:        # each server's share is about 1/N
+                self.assertLess(abs(shares[port] / 10000 - 1 / count), 0.03, (count, shares))
+            after = hashed_logins(pool_of(*servers[:-1], balance="user_hash"))
+            moved = [login for login in before if before[login] != after[login]]
+            self.assertTrue(all(before[login] == count for login in moved))
+            self.assertLessEqual(len(moved) / 10000, 1 / count + 0.02, count)
+
+    def test_user_hash_weights(self):
+        pool = pool_of(pool_server(1, weight=3), pool_server(2), balance="user_hash")
+        shares = collections.Counter(hashed_logins(pool).values())
+        self.assertLess(abs(shares[1] / 10000 - 0.75), 0.03, shares)
+
+    def test_user_hash_fails_over_and_comes_back(self):
+        servers = [pool_server(port) for port in (1, 2, 3)]
+        pool = pool_of(*servers, balance="user_hash")
+        before = hashed_logins(pool, 1000)
+        self.assertIsNotNone(pool.failed(servers[0], 100.0))      # max_fails=1: out for 10s
+        during = hashed_logins_at(pool, 105.0)
+        self.assertTrue(all(during[login] != 1 for login in during))
+        self.assertTrue(all(during[login] == before[login] for login in before if before[login] != 1))
+        self.assertEqual(hashed_logins_at(pool, 110.5), before)
+
+    def test_max_fails_within_fail_timeout(self):
+        server = pool_server(1, max_fails=2, fail_timeout=10)
+        pool = pool_of(server, pool_server(2))
+        self.assertIsNone(pool.failed(server, 0.0))
+        self.assertIsNone(pool.failed(server, 11.0))     # the first is too old to count
+        message = pool.failed(server, 15.0)
+        self.assertEqual(message, 'upstream server temporarily disabled: 127.0.0.1:1 of upstream '
+                                  '"farm" failed 2 times within 10s, no new logins for 10s')
+        self.assertEqual({pool.choose(b"", 20.0).address.port for _ in range(4)}, {2})
+        self.assertEqual({pool.choose(b"", 25.5).address.port for _ in range(4)}, {1, 2})
+        pool.failed(server, 30.0)
+        pool.succeeded(server)                           # a success forgets the failures
+        self.assertIsNone(pool.failed(server, 31.0))
+
+    def test_max_fails_zero_never_takes_a_server_out(self):
+        server = pool_server(1, max_fails=0)
+        pool = pool_of(server, pool_server(2))
+        for moment in range(5):
+            self.assertIsNone(pool.failed(server, float(moment)))
+        self.assertIn(1, {pool.choose(b"", 5.0).address.port for _ in range(2)})
+
+    def test_tried_servers_are_skipped_then_none_is_left(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        first = pool.choose(b"", 0.0)
+        second = pool.choose(b"", 0.0, [first])
+        self.assertEqual({first, second}, {one, two})
+        self.assertIsNone(pool.choose(b"", 0.0, [one, two]))
+
+    def test_backup_down_and_drain(self):
+        primary, backup = pool_server(1), pool_server(2, backup=True)
+        down, drain = pool_server(3, down=True), pool_server(4, drain=True)
+        pool = pool_of(primary, backup, down, drain)
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(5)}, {1})
+        pool.failed(primary, 0.0)
+        self.assertEqual(pool.choose(b"", 1.0).address.port, 2)      # the backup, now
+        self.assertIsNone(pool.choose(b"", 1.0, [backup, primary]))  # never down, never drain
+
+    def test_when_all_are_out_the_soonest_back_is_tried(self):
+        one, two = pool_server(1, fail_timeout=10), pool_server(2, fail_timeout=10)
+        pool = pool_of(one, two)
+        pool.failed(two, 0.0)
+        pool.failed(one, 2.0)
+        self.assertEqual(pool.choose(b"", 3.0).address.port, 2)
+        self.assertEqual(pool.choose(b"", 3.0, [two]).address.port, 1)
+
+    def test_an_address_in_another_spelling_is_the_same_server(self):
+        address = mp.Upstream("::1", 1143, ((socket.AF_INET6, ("::1", 1143, 0, 0)),))
+        server = mp.UpstreamServer(address)
+        pool = pool_of(pool_server(1), server)
+        self.assertEqual(mp.pool_of_address({"farm": pool.spec}, "0:0::1", 1143), "farm")
+        self.assertEqual(mp.pool_of_address({"farm": pool.spec}, "0:0::1", 1144), "")
+        self.assertIs(pool.choose(b"", 0.0, prefer=("0:0:0::1", 1143)), server)
+
+    def test_the_auth_servers_choice_comes_first(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        self.assertEqual({pool.choose(b"", 0.0, prefer=("127.0.0.1", 2)).address.port
+                          for _ in range(4)}, {2})
+        pool.failed(two, 0.0)
+        self.assertEqual(pool.choose(b"", 1.0, prefer=("127.0.0.1", 2)).address.port, 1)
+
+    def test_the_active_check_takes_a_server_out_and_back_logged_once(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        self.assertIsNone(pool.checked(one, True, ""))            # up, as it was
+        self.assertEqual(pool.checked(one, False, "timed out"), (
+            "warn", 'upstream server 127.0.0.1:1 of upstream "farm" is down (health check: '
+                    'timed out)'))
+        self.assertIsNone(pool.checked(one, False, "timed out"))  # once
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {2})
+        self.assertEqual(pool.up(0.0), [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+        self.assertEqual(pool.checked(one, True, ""), (
+            "notice", 'upstream server 127.0.0.1:1 of upstream "farm" is up again (health check)'))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
+
+    def test_set_drain_reaches_every_process_through_the_books(self):
+        spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
+        books, sent = mp.SharedBooks(), []
+        books.add(mp.UpstreamDrains())
+        books.outlet = sent.append
+        pools = mp.Pools({"farm": spec}, books.of(mp.UpstreamDrains))
+        self.assertTrue(pools.set_drain("farm", "127.0.0.1:1", True))
+        self.assertFalse(pools.set_drain("farm", "127.0.0.1:9", True))
+        self.assertFalse(pools.set_drain("barn", "127.0.0.1:1", True))
+        pool = pools.pool_for(mp.Config("x", None, [], {}, {}, upstreams={"farm": spec}),
+                              mp.Upstream("farm", 0, (), "farm"))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {2})
+        self.assertEqual(sent, [b'["upstream drain","farm","127.0.0.1:1",true]'])
+        other = mp.SharedBooks()                       # another worker hears it
+        other.add(mp.UpstreamDrains())
+        other.apply(mp.decode_event(sent[0]))
+        self.assertTrue(other.of(mp.UpstreamDrains).draining("farm", "127.0.0.1:1", False))
+        pools.set_drain("farm", "127.0.0.1:1", False)
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
+        # From the master, which has no Pools: the same through the book.
+        drains = books.of(mp.UpstreamDrains)
+        self.assertTrue(mp.drain_server({"farm": spec}, drains, "farm", "127.0.0.1:2", True))
+        self.assertFalse(mp.drain_server({"farm": spec}, drains, "farm", "127.0.0.1:3", True))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1})
+
+    def test_every_process_hears_what_a_worker_took_out(self):
+        one, two = pool_server(1), pool_server(2)
+        books, sent = mp.SharedBooks(), []
+        books.add(mp.UpstreamHealth())
+        books.outlet = sent.append
+        pools = mp.Pools({"farm": mp.UpstreamSpec("farm", (one, two))}, None,
+                         books.of(mp.UpstreamHealth))
+        pool = pools.pools["farm"]
+        pool.succeeded(two)                            # a login: nothing to tell
+        self.assertEqual(sent, [])
+        pool.failed(one, 100.0)
+        pool.checked(two, False, "timed out")
+        master = mp.SharedBooks()                      # the master, say
+        master.add(mp.UpstreamHealth())
+        for data in sent:
+            master.apply(mp.decode_event(data))
+        health = master.of(mp.UpstreamHealth)
+        self.assertEqual([health.up("farm", "127.0.0.1:1", now) for now in (105.0, 110.5)],
+                         [False, True])
+        self.assertFalse(health.up("farm", "127.0.0.1:2", 1e9))   # until a check finds it up
+        pool.succeeded(one)
+        master.apply(mp.decode_event(sent[-1]))
+        self.assertTrue(health.up("farm", "127.0.0.1:1", 105.0))
+        master.apply(("worker gone", os.getpid()))
+        self.assertTrue(health.up("farm", "127.0.0.1:2", 0.0))
+        pools.reconfigure({})                          # the pool goes: so does what it said
+        self.assertEqual(mp.decode_event(sent[-1]),
+                         ("upstream health", os.getpid(), "farm", "127.0.0.1:2", 0.0))
+
+    def test_a_reload_keeps_what_was_learned_of_an_unchanged_pool(self):
+        spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
+        pools = mp.Pools({"farm": spec})
+        pools.pools["farm"].failed(spec.servers[0], 0.0)
+        pools.reconfigure({"farm": spec})
+        self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+        self.assertEqual(pools.up(1.0), [("farm", "127.0.0.1:1", False), ("farm", "127.0.0.1:2", True)])
+        self.assertEqual(pools.up(10.0), [("farm", "127.0.0.1:1", True), ("farm", "127.0.0.1:2", True)])
+        pools.reconfigure({"farm": spec._replace(balance="least_conn")})
+        self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", True), ("127.0.0.1:2", True)])
+
+
+def hashed_logins_at(pool: mp.Pool, now: float, count: int = 1000) -> Dict[bytes, int]:
+    return {login: pool.choose(login, now).address.port
+            for login in (b"user%d" % n for n in range(count))}
+
+
+class PoolEndToEndTests(EndToEndTestCase):
+    """Real loopback backends behind a proxy passing to a pool."""
+
+    def pool_proxy(self, protocol: str, servers, balance: str = "", **mail) -> ProxyUnderTest:
+        return self.use(ProxyUnderTest(pool_config(protocol, servers, balance, **mail)))
+
+    def logged_in(self, proxy: ProxyUnderTest) -> Client:
+        client = self.connect(proxy)
+        self.imap_login(client)
+        return client
+
+    def test_one_of_two_killed_mid_run_and_100_logins_all_succeed(self):
+        first, second = FakeImapBackend(), self.use(FakeImapBackend())
+        self.addCleanup(first.close)
+        # fail_timeout=5m: however slow the run, the dead server is not tried again.
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d fail_timeout=5m" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        for number in range(100):
+            if number == 40:
+                first.close()          # its port refuses connections from now on
+            client = self.logged_in(proxy)
+            client.send("a2 NOOP")
+            client.expect(rb"^a2 OK NOOP completed\r\n$")
+            client.close()
+        self.assertEqual(len(first.logins), 20)        # round robin, until it died
+        self.assertEqual(len(second.logins), 80)
+        # It failed once (max_fails=1): out for 10 s, so no other login tried it.
+        self.assertEqual(len(re.findall(r"connect\(\) failed \(111", proxy.log)), 1, proxy.log)
+        proxy.wait_for_log(
+            r'\[warn\] .*upstream server temporarily disabled: 127\.0\.0\.1:%d of upstream "farm" '
+            r"failed 1 time within 300s, no new logins for 300s" % first.port)
+        proxy.wait_for_log(
+            r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed \(upstream '
+            r"unreachable\), the login goes on with the next server while connecting to upstream"
+            % first.port)
+        proxy.wait_for_log(r'\[info\] \d+#0: \*\d+ client logged in .*upstream: 127\.0\.0\.1:%d'
+                           % second.port)
+
+    def test_a_bad_greeting_fails_over(self):
+        bad, good = self.use(FakeImapBackend(mode="bad-greeting")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d fail_timeout=5m" % bad.port,
+                                         "127.0.0.1:%d" % good.port],
+                                proxy_pass_error_message="on")
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(bad.received), 1)         # then out for fail_timeout
+        self.assertEqual(len(good.logins), 3)
+        self.assertEqual(bytes(good.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
+
+    def test_a_silent_server_times_out_and_fails_over(self):
+        silent, good = self.use(FakeImapBackend(mode="stall")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % silent.port,
+                                         "127.0.0.1:%d" % good.port], timeout="1s")
+        client = self.logged_in(proxy)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        self.assertEqual(len(silent.received), 1)
+        proxy.wait_for_log(r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed '
+                           r"\(upstream timed out\)" % silent.port)
+
+    def test_no_server_alive_is_the_internal_error(self):
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % free_port(),
+                                         "127.0.0.1:%d" % free_port()])
+        self.login_gets_internal_error(self.connect(proxy), "imap")
+        proxy.wait_for_log(r'\[error\] .*no live upstreams in upstream "farm"')
+
+    def test_the_backends_refusal_is_no_failure_of_the_server(self):
+        refusing, other = self.use(FakeImapBackend(mode="refuse")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % refusing.port,
+                                         "127.0.0.1:%d" % other.port],
+                                proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 NO \[AUTHENTICATIONFAILED\] bad\r\n$")
+        self.assertEqual(other.logins, [])
+        self.assertNotIn("temporarily disabled", proxy.log)
+
+    def test_pop3_fails_over_too(self):
+        dead, good = free_port(), self.use(FakePop3Backend())
+        proxy = self.pool_proxy("pop3", ["127.0.0.1:%d" % dead, "127.0.0.1:%d" % good.port])
+        for _ in range(2):
+            client = self.connect(proxy)
+            self.pop3_login(client)
+            client.close()
+        self.assertEqual(len(good.logins), 2)
+
+    def test_user_hash_sends_a_login_to_the_same_server(self):
+        backends = [self.use(FakeImapBackend(accept=None)) for _ in range(3)]
+        users = {"user%d" % n: "{PLAIN}pw" for n in range(12)}
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % b.port for b in backends],
+                                "user_hash", users=users)
+        for _ in range(2):
+            for login in users:
+                client = self.connect(proxy)
+                client.expect_line(mp.IMAP_GREETING)
+                client.send("a1 LOGIN %s pw" % login)
+                client.expect(rb"^a1 OK")
+                client.close()
+        placed = {}
+        for backend in backends:
+            for login, _ in backend.logins:
+                placed.setdefault(login, set()).add(backend.port)
+        self.assertEqual(sorted(placed), sorted(login.encode() for login in users))
+        self.assertTrue(all(len(ports) == 1 for ports in placed.values()), placed)
+        spec = proxy.config.upstreams["farm"]
+        for login, ports in placed.items():
+            self.assertEqual(ports, {mp.Pool(spec).choose(login, 0.0).address.port})
+
+    def test_the_active_check_finds_the_dead_before_a_login_does(self):
+        bad, good = self.use(FakeImapBackend(mode="bad-greeting")), self.use(FakeImapBackend())
+        dead = free_port()
+        text = pool_config("imap", ["127.0.0.1:%d" % bad.port, "127.0.0.1:%d" % dead,
+                                    "127.0.0.1:%d" % good.port])
+        proxy = self.use(ProxyUnderTest(text + "health_check = on interval=5m timeout=2s\n"))
+        proxy.wait_for_log(r'\[warn\] \d+#0: upstream server 127\.0\.0\.1:%d of upstream "farm" is '
+                           r'down \(health check: greeting "\* BYE not today"\)' % bad.port)
+        proxy.wait_for_log(r'\[warn\] \d+#0: upstream server 127\.0\.0\.1:%d of upstream "farm" is '
+                           r'down \(health check: connect\(\) failed \(111: ' % dead)
+        wait_until(lambda: len(good.received) == 1 and
+                   bytes(good.received[0]) == b"H1 LOGOUT\r\n", what="the check's goodbye")
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(good.logins), 3)
+        self.assertEqual(len(bad.received), 1)         # the check's, no login's
+        self.assertNotIn("while connecting to upstream", proxy.log)   # no login met a dead one
+        self.assertNotIn("%d of upstream \"farm\" is down" % good.port, proxy.log)
+
+    def test_least_conn_counts_the_running_sessions(self):
+        one, two = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % one.port, "127.0.0.1:%d" % two.port],
+                                "least_conn")
+        held = self.logged_in(proxy)                   # a tie: round robin's first
+        for _ in range(4):                             # one each, ended before the next
+            client = self.logged_in(proxy)
+            client.send("a2 LOGOUT")
+            client.read_until_closed()
+            wait_until(lambda: len(proxy.worker.sessions) == 1, what="the session to end")
+        self.assertEqual((len(one.logins), len(two.logins)), (1, 4))
+        held.send("a2 NOOP")
+        held.expect(rb"^a2 OK NOOP completed\r\n$")
+
+    def test_a_drained_server_takes_no_new_session_and_its_sessions_go_on(self):
+        first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        old = self.logged_in(proxy)                    # round robin: the first
+        self.assertEqual(len(first.logins), 1)
+        done = threading.Event()
+        proxy.worker.loop.call_soon_threadsafe(lambda: (
+            proxy.worker.pools.set_drain("farm", "127.0.0.1:%d" % first.port, True), done.set()))
+        self.assertTrue(done.wait(5))
+        for _ in range(4):
+            self.logged_in(proxy).close()
+        self.assertEqual((len(first.logins), len(second.logins)), (1, 4))
+        old.send("a2 FETCH 1 BODY[]")                  # the old session still relays
+        old.expect(rb"^\* 1 FETCH \(BODY\[\] \{7\}\r\n$")
+        self.assertEqual(old.read_exactly(7), b"hello\r\n")
+
+    def test_drain_by_a_reload(self):
+        backends = [self.use(FakeImapBackend()) for _ in range(3)]
+        servers = ["127.0.0.1:%d" % backend.port for backend in backends]
+        proxy = self.pool_proxy("imap", servers)
+        old = self.logged_in(proxy)                    # round robin: the first
+        with open(proxy.config.path) as handle:
+            text = handle.read()
+        log = os.path.join(os.path.dirname(proxy.config.path), "reloaded.log")
+        with open(proxy.config.path, "w") as handle:
+            handle.write(text.replace(servers[0], servers[0] + " drain").replace(
+                "[main]\n", "[main]\nerror_log = %s info\n" % log))
+        proxy.worker.loop.call_soon_threadsafe(proxy.worker.reload)
+        wait_until(lambda: os.path.exists(log) and "configuration reloaded" in read_text(log),
+                   what="the reload")
+        for _ in range(4):
+            self.logged_in(proxy).close()
+        # The new pool's round robin goes on from login to login: 2 and 2.
+        self.assertEqual([len(backend.logins) for backend in backends], [1, 2, 2])
+        old.send("a2 NOOP")
+        old.expect(rb"^a2 OK NOOP completed\r\n$")
+
+    def test_drain_in_the_file(self):
+        first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d drain" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual((len(first.logins), len(second.logins)), (0, 3))
+
+    def test_a_route_names_the_pool(self):
+        direct, first, second = (self.use(FakeImapBackend()) for _ in range(3))
+        text = pool_config("imap", ["127.0.0.1:%d" % first.port, "127.0.0.1:%d" % second.port],
+                           proxy_pass="127.0.0.1:%d" % direct.port)
+        proxy = self.use(ProxyUnderTest(text + "\n[routes]\nalice = farm\n"))
+        for _ in range(2):
+            self.logged_in(proxy).close()
+        self.assertEqual([len(b.logins) for b in (direct, first, second)], [0, 1, 1])
+
+    def test_auth_server_names_the_pool_or_a_server_of_it(self):
+        dead, good = free_port(), self.use(FakeImapBackend())
+        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Server", "farm")),
+                                auth_ok(dead), auth_ok(good.port))
+        proxy = self.use(ProxyUnderTest(pool_config(
+            "imap", ["127.0.0.1:%d" % good.port, "127.0.0.1:%d" % dead], auth_port=auth.port)))
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(good.logins), 3)
+        # The second named the dead server: tried first, then the pool's other.
+        proxy.wait_for_log(r'upstream server 127\.0\.0\.1:%d of upstream "farm" failed' % dead)
+
+    def test_auth_backend_fails_over(self):
+        dead, good = free_port(), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % dead, "127.0.0.1:%d" % good.port],
+                                auth="backend")
+        client = self.logged_in(proxy)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        self.assertEqual(good.logins, [(b"alice", b"secret")])
+        proxy.wait_for_log(r'failed \(upstream unreachable\), the login goes on')
+
+
+def identity_script(protocol: str, starttls: bool = False, **settings) -> list:
+    """login_script for alice (client 192.0.2.7:40000, who connected to
+    127.0.0.1:143, session 7) with ``settings``."""
+    attempt = mp.LoginAttempt(mp.Credentials(b"alice", b"secret"), 1, protocol, "192.0.2.7", 40000,
+                              "[UNAVAILABLE]", tag=b"a1 ")
+    outcome = mp.AuthOutcome(mp.Verdict.OK, b"alice", b"secret")
+    return mp.login_script(server_settings(protocol, **settings), attempt, outcome, starttls,
+                           ("127.0.0.1", 143), 7)
+
+
+IMAP_ID_ON_THE_WIRE = (b'I1 ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "40000" '
+                       b'"x-connected-ip" "127.0.0.1" "x-connected-port" "143" '
+                       b'"x-session-id" "7")\r\n')
+POP3_XCLIENT_ON_THE_WIRE = b"XCLIENT ADDR=192.0.2.7 PORT=40000\r\n"
+IMAP_LOGIN_REPLIES = [b"+ go\r\n", b"+ go\r\n", b"a1 OK done\r\n"]
+POP3_LOGIN_REPLIES = [b"+OK\r\n", b"+OK logged in\r\n"]
+
+
+class ClientIdentityScriptTests(unittest.TestCase):
+    """imap_id and pop3_xclient: what the backend receives, byte for byte,
+    as it advertises or not."""
+
+    def test_imap_id_when_the_greeting_lists_it(self):
+        sent, events, _ = run_script(identity_script("imap", imap_id=True), [
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID] ready\r\n",
+            b'* ID ("name" "Dovecot")\r\nI1 OK ID completed\r\n'] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_ON_THE_WIRE)
+        self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_imap_id_asks_for_the_capabilities_when_the_greeting_has_none(self):
+        sent, _, _ = run_script(identity_script("imap", imap_id=True), [
+            b"* OK ready\r\n", b"* CAPABILITY IMAP4rev1 id\r\nC1 OK done\r\n",
+            b"* ID NIL\r\nI1 OK\r\n"] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, b"C1 CAPABILITY\r\n" + IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_no_imap_id_unless_advertised(self):
+        for replies in ([b"* OK [CAPABILITY IMAP4rev1] ready\r\n"],
+                        [b"* OK ready\r\n", b"* CAPABILITY IMAP4rev1\r\nC1 OK\r\n"],
+                        [b"* OK ready\r\n", b"C1 BAD what\r\n"]):
+            with self.subTest(replies=replies):
+                sent, events, _ = run_script(identity_script("imap", imap_id=True),
+                                             replies + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+                self.assertNotIn(b" ID ", sent)
+                self.assertTrue(sent.endswith(IMAP_LOGIN_ON_THE_WIRE), sent)
+                self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_imap_id_off_sends_nothing(self):
+        sent, _, _ = run_script(identity_script("imap"), [
+            b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n"] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_imap_id_after_starttls_asks_again(self):
+        """What the backend said in clear is forgotten (RFC 3207 §4.2)."""
+        login = mp.BackendLogin(identity_script("imap", True, imap_id=True), b"a1 ")
+        login.receive_data(b"* OK [CAPABILITY IMAP4rev1 STARTTLS ID] ready\r\n")
+        self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
+        self.assertEqual(login.receive_data(b"S1 OK go\r\n"), [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"C1 CAPABILITY\r\n")
+        login.receive_data(b"* CAPABILITY IMAP4rev1 ID\r\nC1 OK\r\n")
+        self.assertEqual(login.data_to_send(), IMAP_ID_ON_THE_WIRE)
+
+    def test_pop3_xclient_when_the_greeting_says_so(self):
+        sent, events, _ = run_script(identity_script("pop3", pop3_xclient=True), [
+            b"+OK [XCLIENT] Dovecot ready.\r\n", b"+OK\r\n"] + POP3_LOGIN_REPLIES)
+        self.assertEqual(sent, POP3_XCLIENT_ON_THE_WIRE + POP3_LOGIN_ON_THE_WIRE)
+        self.assertEqual(events, [mp.LoginDone(b"+OK logged in\r\n")])
+
+    def test_pop3_xclient_when_capa_lists_it(self):
+        sent, _, _ = run_script(identity_script("pop3", pop3_xclient=True), [
+            b"+OK ready\r\n", b"+OK\r\nTOP\r\nXCLIENT\r\nUSER\r\n.\r\n", b"+OK\r\n"]
+            + POP3_LOGIN_REPLIES)
+        self.assertEqual(sent, b"CAPA\r\n" + POP3_XCLIENT_ON_THE_WIRE + POP3_LOGIN_ON_THE_WIRE)
+
+    def test_no_pop3_xclient_unless_advertised(self):
+        for replies in ([b"+OK ready\r\n", b"+OK\r\nTOP\r\nUSER\r\n.\r\n"],
+                        [b"+OK ready\r\n", b"-ERR no CAPA here\r\n"]):
+            with self.subTest(replies=replies):
+                sent, events, _ = run_script(identity_script("pop3", pop3_xclient=True),
+                                             replies + POP3_LOGIN_REPLIES)
+                self.assertEqual(sent, b"CAPA\r\n" + POP3_LOGIN_ON_THE_WIRE)
+                self.assertEqual(events, [mp.LoginDone(b"+OK logged in\r\n")])
+
+    def test_a_unix_socket_client_is_unavailable(self):
+        self.assertEqual(mp.pop3_xclient_command("unix:", 0), b"XCLIENT ADDR=[UNAVAILABLE] PORT=0\r\n")
+        self.assertEqual(mp.imap_id_command([("x-originating-ip", "unix:"), ("x-session-id", "3")]),
+                         b'I1 ID ("x-session-id" "3")\r\n')
+
+
+class PoolOverrideTests(EndToEndTestCase):
+    """A pool's own backend dialogue: what its servers receive."""
+
+    def test_a_pool_sends_the_imap_id_and_proxy_header_the_server_does_not(self):
+        pooled = self.use(ScriptedBackend(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n", 2,
+                                          b"* ID NIL\r\nI1 OK\r\n", 1, b"+ go\r\n", 1, b"+\r\n",
+                                          1, b"a1 OK done\r\n"))
+        direct = self.use(ScriptedBackend(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n", 1,
+                                          b"+ go\r\n", 1, b"+\r\n", 1, b"a1 OK done\r\n"))
+        text = pool_config("imap", ["127.0.0.1:%d" % pooled.port],
+                           proxy_pass="127.0.0.1:%d" % direct.port)
+        text += "imap_id = on\nproxy_protocol = on\n\n[routes]\nbob = farm\n"
+        users = "alice = {PLAIN}secret\nbob = {PLAIN}secret\n"
+        proxy = self.use(ProxyUnderTest(text.replace("alice = {PLAIN}secret\n", users)))
+        for login in ("alice", "bob"):
+            client = self.connect(proxy)
+            client.expect_line(mp.IMAP_GREETING)
+            client.send("a1 LOGIN %s secret" % login)
+            client.expect(rb"^a1 OK done\r\n$")
+        wait_until(lambda: len(pooled.received) == 1 and bytes(pooled.received[0]).endswith(
+            b"secret\r\n"), what="the pool's backend to get the login")
+        received = bytes(pooled.received[0])
+        header, _, rest = received.partition(b"\r\n")
+        self.assertRegex(header, rb"^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ %d$" % proxy.port)
+        client_port = int(header.split()[4])
+        self.assertEqual(rest, (b'I1 ID ("x-originating-ip" "127.0.0.1" "x-originating-port" '
+                                b'"%d" "x-connected-ip" "127.0.0.1" "x-connected-port" "%d" '
+                                b'"x-session-id" "2")\r\n' % (client_port, proxy.port))
+                         + b"a1 LOGIN {3}\r\nbob {6}\r\nsecret\r\n")
+        self.assertEqual(bytes(direct.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_a_pools_directive_is_checked_and_others_refused(self):
+        path, errors = config_errors(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+            imap_id = maybe
+            imap_capabilities = IMAP4rev1
+            """)
+        self.assertEqual([str(error) for error in errors], [
+            '%s:9: [upstream farm] imap_id: invalid value "maybe", it must be "on" or "off"' % path,
+            '%s:10: [upstream farm] imap_capabilities: "imap_capabilities" directive is not '
+            'allowed in [upstream NAME]' % path])
+
+    def test_a_pools_proxy_ssl_files_are_checked(self):
+        path = TempDir(self).write("mailproxy.conf", """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+            proxy_ssl = on
+            proxy_ssl_trusted_certificate = missing.pem
+            """)
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_and_prepare(path)
+        self.assertEqual(len(caught.exception.errors), 1)
+        self.assertRegex(str(caught.exception.errors[0]),
+                         r"^%s:10: \[upstream farm\] proxy_ssl_trusted_certificate: "
+                         % re.escape(path))
 
 
 # ========================================================================== #
