@@ -9534,6 +9534,7 @@ METRIC_LABEL_MAX = 200         # characters of a label value kept (a server's na
 STATUS_REQUEST_MAX = 8192      # bytes of request line and headers (nginx's large_client_header_buffers)
 STATUS_HEADERS_MAX = 64        # header lines in one request
 STATUS_TIMEOUT = 10.0          # s for a client to send its whole request (a slow drip cannot hold it)
+STATUS_LINGER = 2.0            # s a status connection reads and drops after its response (nginx: 5s)
 STATUS_CONNECTIONS_MAX = 64    # status connections at once; more are closed at accept
 STATUS_QUERY_TIMEOUT = 2.0     # s the master waits for the workers' answers (/sessions, kick)
 STATUS_CHECK_TIMEOUT = 1.0     # s /readyz gives a connect() to the auth server
@@ -10021,20 +10022,25 @@ class StatusQueries:
 
 class StatusConnection(StreamOwner):
     """One HTTP client of the status listener: its request (within
-    STATUS_TIMEOUT), then one response, then the close."""
+    STATUS_TIMEOUT), then one response, then the close.  The close
+    lingers (RFC 9112 §9.6): once the response is sent, our side shuts
+    down and whatever the client still sends is read and dropped, until
+    its end or STATUS_LINGER, so that a client whose request was refused
+    half-read (431) gets the response instead of a reset."""
 
     def __init__(self, server: "StatusServer", sock: socket.socket, peer: str):
         self.server = server
         self.peer = peer
         self.reader = HttpRequestReader()
         self.answered = False
+        self.lingering = False
         self.stream = Stream(server.loop, sock, self)
         self.stream.set_read_budget(1024)
         self.timer = server.loop.call_later(STATUS_TIMEOUT, self._timed_out)
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
         if self.answered:
-            return
+            return                     # lingering, or waiting for the workers: dropped
         try:
             request = self.reader.receive_data(data)
         except HttpError as error:
@@ -10047,14 +10053,14 @@ class StatusConnection(StreamOwner):
     def stream_eof(self, stream: Stream) -> None:
         if not self.answered:
             self.stream_data(stream, b"")
-        if not self.answered:
-            self.close()
+        elif self.lingering:
+            self.close()               # the client is done
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         self.close()
 
     def stream_drained(self, stream: Stream) -> None:
-        self.close()
+        self._linger()
 
     def crashed(self, error: Exception) -> None:
         self.server.log.log("alert", "status listener: internal error %r" % error)
@@ -10073,7 +10079,22 @@ class StatusConnection(StreamOwner):
         self.stream.set_read_budget(0)
         self.stream.write(http_response(status, body, content_type, extra))
         if not self.stream.out:
-            self.close()
+            self._linger()
+        else:                          # a client that does not read gets STATUS_TIMEOUT
+            self.timer = self.server.loop.call_later(STATUS_TIMEOUT, self.close)
+
+    def _linger(self) -> None:
+        """The response is sent: FIN, then read and drop until EOF."""
+        if self.stream.closed:
+            return
+        try:
+            self.stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self.close()
+        self.lingering = True
+        self.timer.cancel()
+        self.timer = self.server.loop.call_later(STATUS_LINGER, self.close)
+        self.stream.set_read_budget(1024)
 
     def close(self) -> None:
         self.timer.cancel()
