@@ -9543,6 +9543,7 @@ STATUS_ROW_LOGIN_MAX = 256     # characters of a login in a /sessions row
 # Buckets of the duration histograms, in seconds (Prometheus's client defaults
 # less the smallest: a login takes at least a round trip to the backend).
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUCKET_LABELS = tuple((bound, repr(bound)) for bound in DURATION_BUCKETS) + ((float("inf"), "+Inf"),)
 
 # Every series /metrics shows: name -> (type, help, label names).  The
 # names follow Prometheus's conventions (prefix, base units, _total for
@@ -9647,6 +9648,7 @@ class Metrics:
         self.pending = {}              # this process's counter changes not yet published
         self.pending_gauges = {}       # ... and gauge changes
         self.on_pending = None         # type: Optional[Callable[[], None]]
+        self.dirty = False             # changes pending since the last events()
         self.publish = self.apply
 
     @staticmethod
@@ -9654,8 +9656,10 @@ class Metrics:
         return name, tuple(str(value)[:METRIC_LABEL_MAX] for value in labels)
 
     def _changed(self) -> None:
-        if self.on_pending is not None and len(self.pending) + len(self.pending_gauges) == 1:
-            self.on_pending()
+        if not self.dirty:
+            self.dirty = True
+            if self.on_pending is not None:
+                self.on_pending()
 
     def count(self, name: str, labels: tuple, amount=1) -> None:
         """Add ``amount`` to a counter (amount 0 still makes the series)."""
@@ -9670,10 +9674,14 @@ class Metrics:
         self._changed()
 
     def observe(self, name: str, labels: tuple, value: float) -> None:
-        """One value of a histogram: its buckets (cumulative), _sum, _count."""
-        for bound in DURATION_BUCKETS:
-            self.count(name + "_bucket", labels + (number_text(bound),), int(value <= bound))
-        self.count(name + "_bucket", labels + ("+Inf",))
+        """One value of a histogram: its buckets (cumulative; every one, so
+        that the series exist from the first value), _sum, _count."""
+        labels = self._key(name, labels)[1]
+        pending, bucket = self.pending, name + "_bucket"
+        for bound, text in BUCKET_LABELS:
+            key = (bucket, labels + (text,))
+            pending[key] = pending.get(key, 0) + (value <= bound)
+        self._changed()
         self.count(name + "_sum", labels, value)
         self.count(name + "_count", labels)
 
@@ -9684,7 +9692,7 @@ class Metrics:
                    for (name, labels), amount in self.pending.items()]
         entries += [(1, [name, list(labels), amount])
                     for (name, labels), amount in self.pending_gauges.items()]
-        self.pending, self.pending_gauges = {}, {}
+        self.pending, self.pending_gauges, self.dirty = {}, {}, False
         events, parts, size = [], ([], []), 40
         for which, entry in entries:
             length = len(json.dumps(entry)) + 1

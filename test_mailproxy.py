@@ -38,6 +38,7 @@ import poplib
 import random
 import re
 import selectors
+import shutil
 import signal
 import smtplib
 import socket
@@ -12313,6 +12314,30 @@ class StatusMetricsBookTests(unittest.TestCase):
         self.assertEqual(master.gauge_sums(), {})      # its sessions are gone with it
         self.assertEqual(master.counters[key], 3)      # what it counted stays
 
+    def test_the_first_change_after_a_flush_asks_for_one(self):
+        metrics, asked = mp.Metrics(), []
+        metrics.on_pending = lambda: asked.append(1)
+        metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.1)
+        metrics.count("mailproxy_connections_total", ("imap", "imap"))
+        self.assertEqual(asked, [1])
+        metrics.events(1)
+        metrics.change("mailproxy_sessions_active", ("imap", "imap"), -1)
+        self.assertEqual(asked, [1, 1])
+
+    @unittest.skipUnless(shutil.which("promtool"), "promtool is not installed")
+    def test_promtool_finds_nothing_to_say(self):
+        metrics = mp.Metrics()
+        metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.1)
+        metrics.count("mailproxy_logins_total", ("imap", "imap", "ok"))
+        metrics.change("mailproxy_sessions_active", ("imap", "imap"), 1)
+        metrics.apply(metrics.events(1)[0])
+        samples = dict(metrics.counters)
+        samples.update(metrics.gauge_sums())
+        samples.update(mp.process_samples([os.getpid()], time.time()))
+        done = subprocess.run(["promtool", "check", "metrics"], input=mp.render_metrics(
+            samples).encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20)
+        self.assertEqual((done.returncode, done.stdout), (0, b""))
+
     def test_many_series_go_in_events_that_each_fit_a_datagram(self):
         metrics = mp.Metrics()
         for number in range(500):
@@ -13352,6 +13377,24 @@ class BookBrokerTests(EventLoopTestCase):
         self.assertEqual(list(master.channels), [2])
         self.loop.run_once(0.05)
         self.assertEqual(len(one_ledger.events), 3, "one got its own event back")
+
+    def test_what_only_the_master_reads_is_not_passed_on(self):
+        """kept_by_master (the metrics, the status answers): applied by
+        the master, not sent on to the other workers."""
+        class Kept(Ledger):
+            kinds = ("tick", "note")
+            kept_by_master = ("note",)
+        brokers = [self.copy() for _ in range(3)]
+        ledgers = [broker.books.add(Kept()) for broker, _, _ in brokers]
+        master, one, two = (broker for broker, _, _ in brokers)
+        self.join(master, one, 100, 1)
+        self.join(master, two, 100, 2)
+        ledgers[1].publish(("note", "for the master"))
+        ledgers[1].publish(("tick", "for all"))
+        self.drive(lambda: len(ledgers[2].events) == 1 and len(ledgers[0].events) == 2)
+        self.loop.run_once(0.05)
+        self.assertEqual(ledgers[0].events, [("note", "for the master"), ("tick", "for all")])
+        self.assertEqual(ledgers[2].events, [("tick", "for all")])
 
     def test_malformed_datagrams_are_ignored_and_logged_once(self):
         broker, ledger, process = self.copy()
