@@ -10113,9 +10113,9 @@ class StatusConnection(StreamOwner):
 class StatusServer(LoopHandler):
     """status_listen: accepts, checks the peer against status_allow, and
     serves each request (STATUS_ROUTES).  ``process`` is the Master (or
-    the Worker with master_process off): it has the books, the log, and
-    the control methods status_pids, status_ask, status_reopen_logs,
-    status_healthy."""
+    the Worker with master_process off): it has ``books``, ``log``,
+    ``config`` and the methods status_ask, status_expire, status_pids,
+    status_workers, status_flush, status_healthy, status_reopen_logs."""
 
     def __init__(self, process, sock: socket.socket, listen: Listen):
         self.process = process
@@ -10124,11 +10124,31 @@ class StatusServer(LoopHandler):
         self.listen = listen
         self.connections = set()
         self.started = time.time()
+        self.asked = {}                # the workers' answers awaited: query -> deadline
         self.interest = self.loop.set_interest(sock, selectors.EVENT_READ, self, 0)
 
     @property
     def log(self) -> ErrorLog:
         return self.process.log
+
+    def crashed(self, error: Exception) -> None:
+        """A bug here (EventLoop.failed) must not end the master."""
+        self.log.log("alert", "status listener: internal error %r" % error)
+
+    def ask(self, what: str, argument, done: Callable[[list], None]) -> None:
+        """The workers' rows for ``what``: done(rows) when all have
+        answered, or STATUS_QUERY_TIMEOUT later with what came."""
+        query = self.process.status_ask(what, argument, done)
+        if query is not None:
+            self.asked[query] = self.loop.time() + STATUS_QUERY_TIMEOUT
+            self.loop.call_later(STATUS_QUERY_TIMEOUT, self._expire)
+
+    def _expire(self) -> None:
+        now = self.loop.time()
+        for query, deadline in list(self.asked.items()):
+            if deadline <= now:
+                del self.asked[query]
+                self.process.status_expire(query)
 
     def on_readable(self) -> None:
         for _ in range(ACCEPTS_PER_EVENT):
@@ -10233,7 +10253,7 @@ class StatusServer(LoopHandler):
             *readiness(problems + ["auth_http %s does not answer" % url for url in failed])))
 
     def get_sessions(self, connection: StatusConnection, request: HttpRequest) -> None:
-        self.process.status_ask("sessions", None, lambda rows: connection.respond(
+        self.ask("sessions", None, lambda rows: connection.respond(
             200, json_body([dict(zip(SESSION_ROW, row)) for row in sorted(rows)])))
 
     def post_kick(self, connection: StatusConnection, request: HttpRequest) -> None:
@@ -10248,7 +10268,7 @@ class StatusServer(LoopHandler):
         def kicked(rows: list) -> None:
             self.notice(connection, "kick %s: %d sessions closed" % (what, len(rows)))
             connection.respond(200, json_body({"kicked": sorted(row[0] for row in rows)}))
-        self.process.status_ask("kick", [number, login, connection.peer], kicked)
+        self.ask("kick", [number, login, connection.peer], kicked)
 
     def post_penalty_clear(self, connection: StatusConnection, request: HttpRequest) -> None:
         address, login = self.one_of(request, "address", "login")
@@ -10336,6 +10356,11 @@ class ReachabilityCheck(StreamOwner):
 
     def stream_connected(self, stream: Stream) -> None:
         self._settle(stream, True)
+
+    def crashed(self, error: Exception) -> None:
+        """A bug (EventLoop.failed): every check left counts as failed."""
+        self.timer.cancel()
+        self._finish()
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         self._settle(stream, False)
@@ -11082,8 +11107,12 @@ class Worker(LoopHandler):
         return []
 
     # What the StatusServer asks its process, with master_process off.
-    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> None:
+    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> Optional[int]:
         done(self.status_answer(what, argument))
+        return None
+
+    def status_expire(self, query: int) -> None:
+        """Never asked: status_ask answers at once."""
 
     def status_pids(self) -> List[int]:
         return [os.getpid()]
@@ -11575,21 +11604,15 @@ class Master(LoopHandler):
     def books(self) -> SharedBooks:
         return self.broker.books
 
-    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> None:
+    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> Optional[int]:
         """Ask every worker (StatusQueries); done(rows) once all have
-        answered, or after STATUS_QUERY_TIMEOUT with what came."""
+        answered.  The query's number while answers are awaited, else None."""
         queries = self.books.of(StatusQueries)
-        timer = None
+        query = queries.ask(what, argument, list(self.workers), done)
+        return query if query in queries.waiting else None
 
-        def answered(rows: list) -> None:
-            if timer is not None:
-                timer.cancel()
-            done(rows)
-        query = queries.ask(what, argument, list(self.workers), answered)
-        if query in queries.waiting:
-            timer = self.loop.call_later(STATUS_QUERY_TIMEOUT, lambda: self._status_late(query))
-
-    def _status_late(self, query: int) -> None:
+    def status_expire(self, query: int) -> None:
+        """The time is up for ``query``: done(rows) with what came."""
         silent = self.books.of(StatusQueries).expire(query)
         if silent:
             self.log.log("warn", "status listener: worker processes %s did not answer within %gs"

@@ -12814,6 +12814,22 @@ class StatusProcessTests(EndToEndTestCase):
         self.assertEqual((code, json.loads(body)), (200, {"kicked": []}))
         self.assertEqual(json.loads(http_call(status, "GET", "/sessions")[2]), [])
 
+    def test_a_worker_that_does_not_answer_is_waited_for_a_while_only(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port, status = self.start(backend.port)
+        client, pid = self.greeted(proxy, port)
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 OK")
+        stopped = [worker for worker in proxy.workers() if worker != pid][0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            code, _, body = http_call(status, "GET", "/sessions")
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        self.assertEqual((code, [row["login"] for row in json.loads(body)]), (200, ["alice"]))
+        self.assertIsNotNone(proxy.wait_for("worker processes %d did not answer within 2s"
+                                            % stopped), proxy.stderr)
+
     def test_penalty_clear_lets_a_refused_address_log_in_again(self):
         backend = self.use(FakeImapBackend(accept=None))
         proxy, port, status = self.start(backend.port)
