@@ -8752,6 +8752,7 @@ class ClientOpening(StreamOwner):
     @loop_callback
     def _resolved(self, name: str, problem: str) -> None:
         self.name_lookup, self.session.client_name = None, name
+        self.session.count("mailproxy_dns_lookups_total", "failed" if problem else "ok")
         if problem:
             self.session.log("error", problem)
         self._greeting_delay()
@@ -8976,6 +8977,7 @@ class LoginGuard:
             if count > 1:
                 self.owner.log("notice", "login penalty: %d recent failures from %s or of "
                                "this account, reply in %gs" % (count, address, delay))
+                self.owner.count("mailproxy_login_penalties_total")
             outcome = outcome._replace(wait=max(outcome.wait, delay))
         self.gate.leave(address, login)
         return outcome
@@ -9567,6 +9569,12 @@ METRIC_FAMILIES = {
         "counter", "Sessions ended, by reason.", ("server", "protocol", "reason")),
     "mailproxy_tls_handshakes_total": (
         "counter", "TLS handshakes with clients (listen ... ssl and STARTTLS) by result.",
+        ("server", "protocol", "result")),
+    "mailproxy_login_penalties_total": (
+        "counter", "Failed logins whose reply waited more than auth_delay (the login "
+        "defence's doubling delays).", ("server", "protocol")),
+    "mailproxy_dns_lookups_total": (
+        "counter", "Lookups of an SMTP client's name (resolver) by result: ok, failed.",
         ("server", "protocol", "result")),
     "mailproxy_auth_http_requests_total": (
         "counter", "Requests to the auth_http server by result: ok (an answer), error.",

@@ -12681,6 +12681,31 @@ class StatusInProcessTests(EndToEndTestCase):
                                 **labels), 1)
         self.assertEqual(sample(samples, "mailproxy_workers"), 1)
 
+    def test_client_name_lookups_are_counted(self):
+        dns = FakeDns(records_for(SmtpEndToEndResolverTests.GOOD))
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)      # takes queries, never answers
+        silent.bind(("127.0.0.1", 0))
+        self.addCleanup(silent.close)
+        text = proxy_config("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port) + \
+            "\n[server quiet]\nlisten = 127.0.0.1:%d\nprotocol = smtp\nresolver = 127.0.0.1:%d\n" \
+            "resolver_timeout = 200ms\nproxy_pass = 127.0.0.1:%d\n" % (free_port(), silent.getsockname()[1],
+                                                       backend.port)
+        proxy, port = self.status_proxy(text)
+        for listen in proxy.ports:
+            client = connect_client(self, listen)
+            client.expect(rb"^220 ")
+            client.close()
+        samples = scrape_until(port, lambda s: sample(s, "mailproxy_sessions_active", server="quiet",
+                                                      protocol="smtp") == 0 and
+                               sample(s, "mailproxy_connections_total", server="quiet",
+                                      protocol="smtp") == 1, "both sessions ended")
+        self.assertEqual(sample(samples, "mailproxy_dns_lookups_total", server="smtp",
+                                protocol="smtp", result="ok"), 1)
+        self.assertEqual(sample(samples, "mailproxy_dns_lookups_total", server="quiet",
+                                protocol="smtp", result="failed"), 1)
+
     def test_readyz_asks_the_auth_server_and_healthz_does_not(self):
         auth = self.auth_server(auth_fail())
         closed = free_port()
@@ -12842,6 +12867,15 @@ class StatusProcessTests(EndToEndTestCase):
                                   kind="pair") == 1, what="the pair in the master's book")
         client.send("a1 LOGIN alice secret")
         client.expect_line(unavailable)
+        labels = {"server": "imap", "protocol": "imap"}
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_logins_total",
+                                                        result="refused", **labels) == 1,
+                               "the refusal counted")
+        self.assertEqual(sample(samples, "mailproxy_logins_total", result="failed", **labels),
+                         mp.AUTH_PAIR_LIMIT)
+        # Every failure after the first waited longer than auth_delay.
+        self.assertEqual(sample(samples, "mailproxy_login_penalties_total", **labels),
+                         mp.AUTH_PAIR_LIMIT - 1)
         mark = proxy.mark()
         code, _, body = http_call(status, "POST", "/penalty/clear?address=127.0.0.1")
         self.assertEqual((code, json.loads(body)), (200, {"cleared": "127.0.0.1"}))
