@@ -10173,9 +10173,16 @@ class StatusServer(LoopHandler):
                 continue
             sock.setblocking(False)
             try:
-                self.connections.add(StatusConnection(self, sock, peer_text(address)))
+                connection = StatusConnection(self, sock, peer_text(address))
             except OSError:
                 sock.close()
+                continue
+            self.connections.add(connection)
+            if not real_ip_trusted(connection.peer, self.process.config.main.status_allow):
+                # Refused before a byte of it is parsed (the master may run as root).
+                self.log.log("info", "status listener: %s forbidden by status_allow"
+                             % connection.peer)
+                connection.respond(403, json_body({"error": "forbidden"}))
 
     def close(self) -> None:
         """Stop listening and drop the connections (in a worker after
@@ -10195,10 +10202,6 @@ class StatusServer(LoopHandler):
 
     # -- the requests --------------------------------------------------------------------------
     def serve(self, connection: StatusConnection, request: HttpRequest) -> None:
-        if not real_ip_trusted(connection.peer, self.process.config.main.status_allow):
-            self.log.log("info", "status listener: %s %s from %s forbidden by status_allow"
-                         % (request.method, request.path, connection.peer))
-            return connection.respond(403, json_body({"error": "forbidden"}))
         route = STATUS_ROUTES.get(request.path)
         if route is None:
             return connection.respond(404, json_body({"error": "no such path"}))
