@@ -897,6 +897,20 @@ def parse_status_listen(args: List[str], base: str = "") -> Listen:
     return Listen(host, port, family)
 
 
+def parse_transcript_for(args: List[str], base: str = "") -> List:
+    """Extension, ``transcript_for ADDRESS|CIDR|LOGIN ...``: networks, and
+    logins (lower case: compared without regard to case)."""
+    if not args:
+        raise ConfigValueError("takes at least one address, network or login")
+    wanted = []
+    for value in args:
+        try:
+            wanted.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            wanted.append(value.lower())
+    return wanted
+
+
 STATUS_ALLOW_DEFAULT = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
                         "unix:"]    # loopback; a unix: status_listen's peers (its file's mode)
 
@@ -1122,6 +1136,9 @@ DIRECTIVES = {d.name: d for d in [
               extension=True),
     Directive("proxy_ssl_ciphers", MAIL, parse_string, "DEFAULT", extension=True),
     Directive("smtp_relay_domains", MAIL, parse_word_list, [], multiple=True, extension=True),
+    # -- extensions: session transcripts (README "Monitoring and control") ---
+    Directive("transcript_log", MAIL, parse_path, None, extension=True),
+    Directive("transcript_for", MAIL, parse_transcript_for, [], multiple=True, extension=True),
 ]}
 
 
@@ -9110,7 +9127,7 @@ class Session(StreamOwner):
                  "backend", "backend_connection", "relay", "client_name", "attempt",
                  "login_attempt", "authenticator", "timer", "closed", "outcome", "proxy_facts",
                  "certificate", "opening", "client", "machine", "client_clock", "journal",
-                 "counted", "debug", "auth_began", "relay_mark")
+                 "counted", "debug", "auth_began", "relay_mark", "transcript")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
@@ -9122,6 +9139,10 @@ class Session(StreamOwner):
         self.debug = worker.logs.for_server(self.server).enabled("debug")
         self.client_address = peer_text(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
+        # transcript_log: this session's dialogue and debug lines, if wanted.
+        self.transcript = transcript_for_session(self.server, listener.listen, self.client_address)
+        if self.transcript is not None:
+            self.debug = True
         self.client_name = CLIENT_UNAVAILABLE   # SMTP: nginx's s->host (no resolver)
         self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
         self.certificate = None      # type: Optional[CertificateFacts]
@@ -9232,11 +9253,13 @@ class Session(StreamOwner):
                                                            self.server.trusted_networks)
         self.machine.greet()
         self._enter(Phase.DIALOGUE)
-        self.client.write(self.machine.data_to_send())
+        self._say(self.machine.data_to_send())
         if early_data:
             self.stream_data(self.client, early_data)
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
+        if self.transcript is not None:
+            self.transcript.from_client(data)
         commands = self.machine.commands
         events = self.machine.receive_data(data)
         if self.machine.commands != commands:
@@ -9244,7 +9267,7 @@ class Session(StreamOwner):
         self._handle_events(events)
 
     def _handle_events(self, events: list) -> None:
-        self.client.write(self.machine.data_to_send())
+        self._say(self.machine.data_to_send())
         if self.machine.debug_notes:                  # only with the debug log on
             self._log_commands()
         for event in events:
@@ -9319,7 +9342,7 @@ class Session(StreamOwner):
             if self.debug and self.machine is not None:
                 self.log("debug", "%s reply: %s, then close", self.server.protocol,
                          self.machine.reply_code(reply))
-            self.client.write(reply)
+            self._say(reply)
         if self.backend_connection is not None:
             # A failed login: nothing more is read from the backend, so no
             # later byte of it can take the session on to the relay.
@@ -9353,6 +9376,8 @@ class Session(StreamOwner):
         # not stay in the log lines as if this one were it (nginx >= 1.29.1
         # forgets it at MAIL, CVE-2025-53859).
         self.journal.login = credentials.login if credentials.method != AuthMethod.NONE else None
+        if self.transcript is not None:
+            self.transcript.decide(self.client_address, self.journal.login)
         if self.authenticator is None:
             self.authenticator = authenticator_for(self.server, self.config, self.worker, self)
         tls = self.client.tls.facts() if self.client.tls is not None else None
@@ -9429,7 +9454,8 @@ class Session(StreamOwner):
         if self.debug:
             self.log("debug", "%s command: %s, reply: %s (the backend's)", self.server.protocol,
                      self.machine.waiting_for or "login", self.machine.reply_code(answer))
-        self.client.write(answer)
+        self._say(answer)
+        self._end_transcript("relaying")
         self.relay_mark = (self.client.received, self.client.sent)
         trailing = self.backend_connection.login.trailing_data
         check = self.authenticator.recipient_check(self.attempt, self.journal.upstream, self.log)
@@ -9466,10 +9492,25 @@ class Session(StreamOwner):
             self.count("mailproxy_relay_bytes_total", "to_client",
                        amount=self.client.sent - self.relay_mark[1])
 
+    def _say(self, data: bytes) -> None:
+        """To the client, before the relay."""
+        if self.transcript is not None:
+            self.transcript.from_server(data)
+        self.client.write(data)
+
+    def _end_transcript(self, text: str) -> None:
+        """The transcript is over (relay, or close): to its file, if wanted."""
+        transcript, self.transcript = self.transcript, None
+        if transcript is not None:
+            write_transcript(self.server.transcript_log, self.journal.number,
+                             transcript.finish(self.client_address, text), self.worker.log)
+
     def log(self, level: str, message: str, *args, action: Optional[str] = "",
             how: bool = False) -> None:
         """A line with nginx's context (SessionLog), the phase's action by
         default; ``how``: and how the login was made (SessionLog.logged_in)."""
+        if self.transcript is not None:
+            self.transcript.note("[%s] %s" % (level, message % args if args else message))
         self.journal.log(level, message, args, self.client_address,
                          PHASES[self.phase].action if action == "" else action, how)
 
@@ -9497,6 +9538,7 @@ class Session(StreamOwner):
                 if part is not None:
                     part.cancel()
             self._count_end(outcome)
+            self._end_transcript("session done: %s" % outcome)
             self.journal.session_done(outcome, self.client_address, self.client.received,
                                       self.client.sent)
         finally:
@@ -10032,6 +10074,177 @@ class StatusQueries:
         if entry is not None and not entry[0]:
             del self.waiting[query]
             entry[2](entry[1])
+
+
+# -- session transcripts (transcript_log, transcript_for) ---------------------------
+# For support: the dialogue of one user's or one address's sessions up to
+# the login, and how the login went (the session's debug lines: commands,
+# reply codes, the backend login's steps), in a file of its own, so that
+# nobody turns debug on for everyone.  Secrets never reach it: a client line
+# is shown only when its command is one whose arguments hold none
+# (TRANSCRIPT_SHOWN); any other command shows its name only, and whatever
+# answers a server's request for more (a SASL response, a literal) and every
+# IMAP literal is replaced by its length.  Sans-I/O but for
+# write_transcript.
+
+TRANSCRIPT_MAX = 16384         # bytes of transcript kept per session (the rest: a note that it was cut)
+# Per protocol: the commands shown whole, and those shown with their first
+# argument only (the SASL mechanism, the POP3 user).  Anything else: its name.
+TRANSCRIPT_SHOWN = {
+    "imap": ({b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"ID"}, {b"AUTHENTICATE"}),
+    "pop3": ({b"CAPA", b"STLS", b"QUIT", b"NOOP", b"RSET"}, {b"AUTH", b"USER"}),
+    "smtp": ({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP", b"QUIT", b"STARTTLS",
+              b"XCLIENT", b"DATA"}, {b"AUTH"}),
+}
+TRANSCRIPT_LITERAL = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")     # RFC 3501 §4.3, RFC 7888
+
+
+def transcript_for_session(server: Settings, listen: Listen, address: str
+                           ) -> Optional["Transcript"]:
+    """A Transcript for a new session of ``server`` if it may be wanted:
+    its address is, or may be once a PROXY header has named the client, or
+    transcript_for names logins (then every session is recorded until its
+    login, within TRANSCRIPT_MAX)."""
+    if server.transcript_log is None or not server.transcript_for:
+        return None
+    if real_ip_trusted(address, server.transcript_for) or listen.proxy_protocol or \
+            any(isinstance(wanted, str) for wanted in server.transcript_for):
+        return Transcript(server.protocol, server.transcript_for)
+    return None
+
+
+class Transcript:
+    """One session's transcript, kept in memory until its end (or its
+    login) and written only if the session is one of ``wanted``
+    (transcript_for): its client address, or the login it gave.
+    from_client(bytes) and from_server(bytes) take the dialogue, note(text)
+    a line of the session's log; finish() gives the lines to write."""
+
+    def __init__(self, protocol: str, wanted: List):
+        self.protocol = protocol
+        self.wanted = wanted
+        self.lines = []                # str, in order
+        self.size = 0
+        self.matched = None            # type: Optional[bool]  (None: not decided yet)
+        self.pending = bytearray()     # a client line not ended yet
+        self.server_pending = bytearray()      # ... and a server line
+        self.command = []              # the parts of a command spread over IMAP literals
+        self.literal = 0               # bytes of an IMAP literal still to come
+        self.literal_bytes = 0         # bytes of the literals of the command under way
+        self.continuation = False      # the server's last line asked the client for more
+        self.answering = False         # the command under way answers such a request
+
+    def _add(self, line: str) -> None:
+        if self.size > TRANSCRIPT_MAX:
+            return
+        self.size += len(line)
+        self.lines.append(line if self.size <= TRANSCRIPT_MAX else "-- transcript cut here")
+
+    def note(self, text: str) -> None:
+        self._add("-- " + text)
+
+    def from_server(self, data: bytes) -> None:
+        self.server_pending += data
+        *lines, rest = bytes(self.server_pending).split(b"\n")
+        self.server_pending = bytearray(rest[:TRANSCRIPT_MAX])
+        for line in lines:
+            line = line.rstrip(b"\r")
+            self._add("S: " + log_escape(line))
+            self.continuation = line.startswith(b"334 ") if self.protocol == "smtp" else \
+                line.startswith(b"+")
+
+    def from_client(self, data: bytes) -> None:
+        data = memoryview(data)
+        while data:
+            if self.literal:
+                taken = min(self.literal, len(data))
+                self.literal -= taken
+                data = data[taken:]
+                self.literal_bytes += taken
+                continue
+            end = bytes(data[:TRANSCRIPT_MAX]).find(b"\n")
+            if end < 0:
+                self.pending += data
+                data = data[:0]
+                if len(self.pending) > TRANSCRIPT_MAX:       # no line end in sight: hidden
+                    self._add("C: <%d bytes without a line end>" % len(self.pending))
+                    self.pending = bytearray()
+                break
+            line, data = bytes(self.pending) + bytes(data[:end + 1]), data[end + 1:]
+            self.pending = bytearray()
+            literal = TRANSCRIPT_LITERAL.search(line) if self.protocol == "imap" else None
+            if not self.command:
+                self.answering = self.continuation
+                if literal is not None:        # shown now, in its place in the dialogue
+                    self._add("C: " + self._masked([line], spread=True))
+            self.command.append(line)
+            if literal is not None:
+                self.literal = int(literal.group(1))
+                if self.literal:
+                    continue
+            if len(self.command) == 1:
+                self._add("C: " + self._masked(self.command))
+            self.command, self.literal_bytes = [], 0
+
+    def _masked(self, parts: List[bytes], spread: bool = False) -> str:
+        """A whole client command as the transcript shows it; ``spread``:
+        the first line of one that goes on behind a literal."""
+        size = sum(len(part) for part in parts) + self.literal_bytes - \
+            (len(parts[-1]) - len(parts[-1].rstrip(b"\r\n")))
+        if self.answering:
+            return "<%d bytes hidden: an answer to the server's request for more>" % size \
+                if not spread else "<an answer to the server's request for more, hidden>"
+        words = parts[0].rstrip(b"\r\n").split(b" ")
+        if self.protocol == "imap":
+            head, words = [words[0]], words[1:]
+        else:
+            head = []
+        if not words or not words[0]:
+            return "<%d bytes hidden>" % size
+        name = words[0].upper()
+        whole, first = TRANSCRIPT_SHOWN[self.protocol]
+        if name in whole and not spread:
+            return log_escape(parts[0].rstrip(b"\r\n"))
+        shown = b" ".join(head + words[:2 if name in first else 1])
+        hidden = size - len(shown) - 1             # the arguments (literals included)
+        text = log_escape(shown[:200])
+        if spread:
+            return text + " <arguments and literals hidden>"
+        return text + (" <%d bytes hidden>" % hidden if hidden > 0 else "")
+
+    def decide(self, address: str, login: Optional[bytes]) -> bool:
+        """Is the session one of transcript_for?  Decided at the first
+        login (by the address then, or the login), or at the end."""
+        if self.matched is None or (not self.matched and login):
+            self.matched = real_ip_trusted(address, self.wanted) or (
+                login is not None and login.decode("utf-8", "replace").lower() in self.wanted)
+        return self.matched
+
+    def finish(self, address: str, text: str) -> List[str]:
+        """The lines to write (none if the session is not wanted)."""
+        self.note(text)
+        if not self.decide(address, None):
+            return []
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def write_transcript(path: str, number: int, lines: List[str], log: ErrorLog) -> None:
+    """Append a session's lines to ``path`` (made 0600: it names users).
+    A file that cannot be written is logged, once per call."""
+    if not lines:
+        return
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S")
+    text = "".join("%s *%d %s\n" % (stamp, number, line) for line in lines)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError as error:
+        log.log("error", 'transcript: open() "%s" failed (%d: %s)'
+                % (path, error.errno, error.strerror))
 
 
 # -- the listener and its connections ----------------------------------------------------------
