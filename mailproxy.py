@@ -9571,7 +9571,8 @@ Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_t
 # gets back in answers.  The request parser is sans-I/O and bounded; the
 # listener, the connections and the checks of /readyz do the I/O.  Nothing
 # here touches a session's secrets: a session row is its number, names,
-# addresses and byte counts.
+# addresses and byte counts.  Also here, beside the status: the session
+# transcripts (transcript_log), which the Session feeds.
 
 METRICS_FLUSH = 0.25           # s: a worker publishes its metrics' changes this often, at most
 METRIC_LABEL_MAX = 200         # characters of a label value kept (a server's name is free text)
@@ -9584,8 +9585,9 @@ STATUS_QUERY_TIMEOUT = 2.0     # s the master waits for the workers' answers (/s
 STATUS_CHECK_TIMEOUT = 1.0     # s /readyz gives a connect() to the auth server
 STATUS_ROW_LOGIN_MAX = 256     # characters of a login in a /sessions row
 
-# Buckets of the duration histograms, in seconds (Prometheus's client defaults
-# less the smallest: a login takes at least a round trip to the backend).
+# Buckets of the duration histograms, in seconds: Prometheus's client defaults
+# without 5 ms (a login takes a round trip to the backend at least) and with
+# 30 s (a slow auth server or backend, within ``timeout``).
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BUCKET_LABELS = tuple((bound, repr(bound)) for bound in DURATION_BUCKETS) + ((float("inf"), "+Inf"),)
 
