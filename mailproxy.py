@@ -9703,10 +9703,6 @@ class Metrics:
         self.dirty = False             # changes pending since the last events()
         self.publish = self.apply
 
-    @staticmethod
-    def _key(name: str, labels: tuple) -> tuple:
-        return name, tuple(str(value)[:METRIC_LABEL_MAX] for value in labels)
-
     def _changed(self) -> None:
         if not self.dirty:
             self.dirty = True
@@ -9714,21 +9710,23 @@ class Metrics:
                 self.on_pending()
 
     def count(self, name: str, labels: tuple, amount=1) -> None:
-        """Add ``amount`` to a counter (amount 0 still makes the series)."""
-        key = self._key(name, labels)
+        """Add ``amount`` to a counter (amount 0 still makes the series);
+        ``labels``: str values, in the family's order."""
+        key = (name, labels)
         self.pending[key] = self.pending.get(key, 0) + amount
-        self._changed()
+        if not self.dirty:
+            self._changed()
 
     def change(self, name: str, labels: tuple, amount: int) -> None:
         """Move a gauge of this process by ``amount``."""
-        key = self._key(name, labels)
+        key = (name, labels)
         self.pending_gauges[key] = self.pending_gauges.get(key, 0) + amount
-        self._changed()
+        if not self.dirty:
+            self._changed()
 
     def observe(self, name: str, labels: tuple, value: float) -> None:
         """One value of a histogram: its buckets (cumulative; every one, so
         that the series exist from the first value), _sum, _count."""
-        labels = self._key(name, labels)[1]
         pending, bucket = self.pending, name + "_bucket"
         for bound, text in BUCKET_LABELS:
             key = (bucket, labels + (text,))
@@ -9740,10 +9738,10 @@ class Metrics:
     def events(self, pid: int) -> List[tuple]:
         """The pending changes as "metrics" events, each small enough to
         publish (SHARED_EVENT_MAX); nothing is pending afterwards."""
-        entries = [(0, [name, list(labels), amount])
-                   for (name, labels), amount in self.pending.items()]
-        entries += [(1, [name, list(labels), amount])
-                    for (name, labels), amount in self.pending_gauges.items()]
+        def entry(key: tuple, amount) -> list:
+            return [key[0], [str(value)[:METRIC_LABEL_MAX] for value in key[1]], amount]
+        entries = [(0, entry(key, amount)) for key, amount in self.pending.items()]
+        entries += [(1, entry(key, amount)) for key, amount in self.pending_gauges.items()]
         self.pending, self.pending_gauges, self.dirty = {}, {}, False
         events, parts, size = [], ([], []), 40
         for which, entry in entries:
