@@ -1341,6 +1341,7 @@ def load_config(path: str) -> Config:
     if not servers and not errors:
         errors.append(ConfigError(path, None, None, "no [server NAME] section: nothing to listen on"))
     errors.extend(check_listen_pairs(path, servers, lines))
+    errors.extend(check_status_listen(path, main, servers, lines))
     users = load_users(path, parser, lines, errors)
     routes = load_routes(path, parser, lines, errors)
     if errors:
@@ -1516,6 +1517,19 @@ def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[
             errors.append(ConfigError(path, section, "listen", message,
                                       lines.get((section, "listen"))))
     return errors
+
+
+def check_status_listen(path: str, main: Settings, servers: List[Settings],
+                        lines: Dict) -> List[ConfigError]:
+    """status_listen cannot be a mail listen's address too."""
+    status = main.status_listen
+    if status is None:
+        return []
+    taken = {(listen.host, listen.port): listen for server in servers for listen in server.listen}
+    if (status.host, status.port) in taken or (status.port and listen_clashes(status, taken)):
+        return [ConfigError(path, "main", "status_listen", '"%s" is a server\'s listen as well'
+                            % status.text, lines.get(("main", "status_listen")))]
+    return []
 
 
 def listen_clashes(listen: Listen, seen: Dict) -> List[Listen]:

@@ -12470,10 +12470,10 @@ class StatusQueriesTests(unittest.TestCase):
 
 class StatusConfigTests(unittest.TestCase):
 
-    def load(self, main: str):
+    def load(self, main: str, text: str = ""):
         directory = tempfile.TemporaryDirectory()
         self.addCleanup(directory.cleanup)
-        text = proxy_config("imap", 1143).replace("[main]\n", "[main]\n" + main + "\n", 1)
+        text = (text or proxy_config("imap", 1143)).replace("[main]\n", "[main]\n" + main + "\n", 1)
         return mp.load_config(write_file(directory.name, "mailproxy.conf", text))
 
     def test_defaults_and_values(self):
@@ -12496,6 +12496,12 @@ class StatusConfigTests(unittest.TestCase):
                 self.load(main)
         directory = tempfile.TemporaryDirectory()
         self.addCleanup(directory.cleanup)
+        text = proxy_config("imap", 1143)
+        listen = re.search(r"listen = (\S+)", text).group(1)
+        for status in (listen, "0.0.0.0:%s" % listen.split(":")[1]):
+            with self.assertRaises(mp.ConfigErrors, msg=status) as caught:
+                self.load("status_listen = %s" % status, text)
+            self.assertIn("is a server's listen as well", str(caught.exception))
         path = write_file(directory.name, "m.conf", proxy_config(
             "imap", 1143, status_listen="127.0.0.1:9187"))
         status, out, err = run_mailproxy(["-t", "-c", path])
