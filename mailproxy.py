@@ -10634,7 +10634,12 @@ def open_status_listener(main: Settings, bound: Optional[Tuple[Listen, socket.so
         return None
     if bound is not None and (bound[0].host, bound[0].port) == (listen.host, listen.port):
         return bound
-    sock = bind_listen(listen._replace(backlog=STATUS_CONNECTIONS_MAX))
+    try:
+        sock = bind_listen(listen._replace(backlog=STATUS_CONNECTIONS_MAX))
+    except OSError as error:
+        if listen.port == 0 and error.errno == errno.EADDRINUSE:
+            raise OSError(error.errno, error.strerror + unix_socket_hint(listen.host[5:]))
+        raise
     if listen.port == 0:
         os.chmod(listen.host[5:], 0o600)
     return listen, sock
