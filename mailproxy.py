@@ -10485,10 +10485,8 @@ class StatusServer(LoopHandler):
         for upstream, server, up in upstream_states(self.process.config):
             pools[upstream] = pools.get(upstream, False) or up
         problems += ["no server of upstream %s is up" % name for name, up in pools.items() if not up]
-        urls = {server.auth_http.text: server.auth_http for server in self.process.config.servers
-                if server.auth_http is not None and server.auth != "backend"}
-        ReachabilityCheck(self.loop, list(urls.values()), lambda failed: connection.respond(
-            *readiness(problems + ["auth_http %s does not answer" % url for url in failed])))
+        ReachabilityCheck(self.loop, readiness_targets(self.process.config),
+                          lambda failed: connection.respond(*readiness(problems + failed)))
 
     def get_sessions(self, connection: StatusConnection, request: HttpRequest) -> None:
         self.ask("sessions", None, lambda rows: connection.respond(
@@ -10569,6 +10567,22 @@ STATUS_ROUTES = {
 }
 
 
+def readiness_targets(config: Config) -> List[Tuple[str, int, tuple]]:
+    """What /readyz connects to: (the problem if it does not answer,
+    family, sockaddr) of each auth_http server, and of each proxy_pass
+    backend (a pool of one; its first address, the one tried first)."""
+    targets = {}
+    for server in config.servers:
+        if server.auth_http is not None and server.auth != "backend":
+            url = server.auth_http
+            targets[url.text] = ("auth_http %s does not answer" % url.text,) + tuple(url.address)
+        if isinstance(server.proxy_pass, Upstream) and server.proxy_pass.addresses:
+            upstream = server.proxy_pass
+            targets[upstream.text] = ("proxy_pass %s does not answer" % upstream.text,) + \
+                tuple(upstream.addresses[0])
+    return list(targets.values())
+
+
 def readiness(problems: List[str]) -> Tuple[int, bytes]:
     """/readyz's status and body."""
     if problems:
@@ -10577,19 +10591,20 @@ def readiness(problems: List[str]) -> Tuple[int, bytes]:
 
 
 class ReachabilityCheck(StreamOwner):
-    """connect() to each AuthHttpUrl at once; ``done(texts of those that
-    did not connect within STATUS_CHECK_TIMEOUT)``, from the loop."""
+    """connect() to each of ``targets`` ((text, family, sockaddr)) at once;
+    ``done(the texts of those that did not connect within
+    STATUS_CHECK_TIMEOUT)``, from the loop."""
 
-    def __init__(self, loop: EventLoop, urls: list, done: Callable[[List[str]], None]):
+    def __init__(self, loop: EventLoop, targets: list, done: Callable[[List[str]], None]):
         self.loop = loop
         self.done = done
-        self.waiting = {}              # Stream -> url text
+        self.waiting = {}              # Stream -> its text
         self.failed = []
-        for url in urls:
+        for text, family, sockaddr in targets:
             try:
-                self.waiting[connect_stream(loop, url.address[0], url.address[1], self)] = url.text
+                self.waiting[connect_stream(loop, family, sockaddr, self)] = text
             except OSError:
-                self.failed.append(url.text)
+                self.failed.append(text)
         self.timer = loop.call_later(0 if not self.waiting else STATUS_CHECK_TIMEOUT, self._finish)
 
     def stream_connected(self, stream: Stream) -> None:

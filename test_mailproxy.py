@@ -12849,7 +12849,7 @@ class StatusInProcessTests(EndToEndTestCase):
 
     def test_readyz_asks_the_auth_server_and_healthz_does_not(self):
         auth = self.auth_server(auth_fail())
-        closed = free_port()
+        closed, down = free_port(), free_port()
         text = proxy_config("imap", auth_port=auth.port) + \
             "\n[server other]\nlisten = 127.0.0.1:%d\nprotocol = imap\n" \
             "auth_http = http://127.0.0.1:%d/auth\n" % (free_port(), closed)
@@ -12862,6 +12862,14 @@ class StatusInProcessTests(EndToEndTestCase):
         self.assertEqual(auth.requests, [])           # a connect() only: no request logged there
         proxy2, port2 = self.status_proxy(proxy_config("imap", auth_port=auth.port))
         self.assertEqual(http_call(port2, "GET", "/readyz")[0], 200)
+        # The built-in table's backend, proxy_pass, is a pool of one.
+        proxy3, port3 = self.status_proxy(proxy_config("imap", down))
+        status, _, body = http_call(port3, "GET", "/readyz")
+        self.assertEqual((status, json.loads(body)["problems"]),
+                         (503, ["proxy_pass 127.0.0.1:%d does not answer" % down]))
+        backend = self.use(FakeImapBackend())
+        proxy4, port4 = self.status_proxy(proxy_config("imap", backend.port))
+        self.assertEqual(http_call(port4, "GET", "/readyz")[0], 200)
 
 
 @needs_fork_and_proc
