@@ -12822,6 +12822,25 @@ class StatusInProcessTests(EndToEndTestCase):
                                 **labels), 1)
         self.assertEqual(sample(samples, "mailproxy_workers"), 1)
 
+    def test_penalty_clear_by_login_forgets_the_account_and_its_pairs(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port = self.status_proxy(proxy_config("imap", backend.port, auth_delay="1ms"))
+        client = connect_client(self, proxy.port)
+        client.expect_line(mp.IMAP_GREETING)
+        for number in range(3):
+            client.send("a%d LOGIN Alice wrong%d" % (number, number))
+            client.expect(rb"^a%d NO" % number)
+        defence = proxy.worker.books.of(mp.LoginDefence)
+        self.assertIn("Alice", defence.accounts)
+        self.assertIn(("127.0.0.1", "Alice"), defence.pairs)
+        code, _, body = http_call(port, "POST", "/penalty/clear?login=Alice")
+        self.assertEqual((code, json.loads(body)), (200, {"cleared": "Alice"}))
+        self.assertNotIn("Alice", defence.accounts)
+        self.assertEqual(defence.pairs, {})
+        self.assertIn("127.0.0.1", defence.addresses)        # the address was not asked about
+        self.assertRegex(proxy.log, r"\[notice\] \d+#0: status listener: penalty clear "
+                                    r"login=Alice, asked by 127\.0\.0\.1")
+
     def test_client_name_lookups_are_counted(self):
         dns = FakeDns(records_for(SmtpEndToEndResolverTests.GOOD))
         self.addCleanup(dns.close)
