@@ -91,6 +91,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 try:
@@ -993,6 +994,31 @@ def parse_trusted_networks(args: List[str], base: str = "") -> List:
     return networks
 
 
+def parse_status_listen(args: List[str], base: str = "") -> Listen:
+    """Extension, ``status_listen ADDRESS:PORT | unix:PATH``: where the
+    status listener (Status and control) accepts; no flags."""
+    host, port, family = parse_listen_address(one_argument(args), base)
+    return Listen(host, port, family)
+
+
+def parse_transcript_for(args: List[str], base: str = "") -> List:
+    """Extension, ``transcript_for ADDRESS|CIDR|LOGIN ...``: networks, and
+    logins (lower case: compared without regard to case)."""
+    if not args:
+        raise ConfigValueError("takes at least one address, network or login")
+    wanted = []
+    for value in args:
+        try:
+            wanted.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            wanted.append(value.lower())
+    return wanted
+
+
+STATUS_ALLOW_DEFAULT = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+                        "unix:"]    # loopback; a unix: status_listen's peers (its file's mode)
+
+
 def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
     """Extension: how proxy_smtp_auth logs in: ``plain`` (nginx) or ``login``."""
     value = one_argument(args).lower()
@@ -1121,6 +1147,9 @@ DIRECTIVES = {d.name: d for d in [
     Directive("pid", MAIN, parse_path, None),
     Directive("error_log", ("main", "mail", "server"), parse_error_log, None, multiple=True),
     Directive("access_log", ("main", "mail", "server"), parse_access_log, None, extension=True),
+    Directive("status_listen", MAIN, parse_status_listen, None, extension=True),
+    Directive("status_allow", MAIN, parse_trusted_networks, STATUS_ALLOW_DEFAULT, multiple=True,
+              extension=True),
     # -- ngx_mail_core_module ----------------------------------------------
     Directive("listen", SERVER, parse_listen, [], multiple=True),
     Directive("protocol", SERVER, parse_protocol, None),
@@ -1215,6 +1244,9 @@ DIRECTIVES = {d.name: d for d in [
     Directive("server", UPSTREAM, parse_upstream_server, [], multiple=True, extension=True),
     Directive("balance", UPSTREAM, parse_enum(*BALANCE_METHODS), "round_robin", extension=True),
     Directive("health_check", UPSTREAM, parse_health_check, None, extension=True),
+    # -- extensions: session transcripts (README "Monitoring and control") ---
+    Directive("transcript_log", MAIL, parse_path, None, extension=True),
+    Directive("transcript_for", MAIL, parse_transcript_for, [], multiple=True, extension=True),
 ]}
 
 
@@ -1423,6 +1455,7 @@ def load_config(path: str) -> Config:
     if not servers and not errors:
         errors.append(ConfigError(path, None, None, "no [server NAME] section: nothing to listen on"))
     errors.extend(check_listen_pairs(path, servers, lines))
+    errors.extend(check_status_listen(path, main, servers, lines))
     users = load_users(path, parser, lines, errors)
     upstreams = load_upstreams(path, values, lines, errors)
     routes = load_routes(path, parser, lines, errors, upstreams)
@@ -1673,6 +1706,19 @@ def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[
             errors.append(ConfigError(path, section, "listen", message,
                                       lines.get((section, "listen"))))
     return errors
+
+
+def check_status_listen(path: str, main: Settings, servers: List[Settings],
+                        lines: Dict) -> List[ConfigError]:
+    """status_listen cannot be a mail listen's address too."""
+    status = main.status_listen
+    if status is None:
+        return []
+    taken = {(listen.host, listen.port): listen for server in servers for listen in server.listen}
+    if (status.host, status.port) in taken or (status.port and listen_clashes(status, taken)):
+        return [ConfigError(path, "main", "status_listen", '"%s" is a server\'s listen as well'
+                            % status.text, lines.get(("main", "status_listen")))]
+    return []
 
 
 def listen_clashes(listen: Listen, seen: Dict) -> List[Listen]:
@@ -9105,7 +9151,8 @@ class AuthHttpAuth:
     delay (Auth-Wait: the session goes on after it; none: it closes) and,
     for the OAuth methods, the SASL error challenge; ERROR with nginx's log
     message.  ``owner.crashed(error)`` hears of a bug in here."""
-    __slots__ = ("loop", "server", "owner", "attempt", "done", "exchange", "timer", "upstreams")
+    __slots__ = ("loop", "server", "owner", "attempt", "done", "exchange", "timer", "upstreams",
+                 "asked")
 
     def __init__(self, loop: EventLoop, server: Settings, owner,
                  upstreams: Optional[Dict[str, UpstreamSpec]] = None):
@@ -9113,6 +9160,7 @@ class AuthHttpAuth:
         self.server = server
         self.owner = owner
         self.upstreams = upstreams     # the pools an Auth-Server may name
+        self.asked = 0.0               # the loop's time of the last request (for the metrics)
         self.attempt = None            # type: Optional[LoginAttempt]
         self.done = None               # type: Optional[Callable]
         self.exchange = None           # type: Optional[AuthHttpExchange]
@@ -9141,6 +9189,7 @@ class AuthHttpAuth:
     def _ask(self) -> None:
         request = build_auth_http_request(self.server.auth_http, self.server.auth_http_header,
                                           self._request())
+        self.asked = self.loop.time()
         self.exchange = AuthHttpExchange(self.loop, self.server.auth_http, request,
                                          self.server.auth_http_timeout, self._answer)
 
@@ -9166,6 +9215,12 @@ class AuthHttpAuth:
     @loop_callback
     def _answer(self, response: Optional[AuthHttpResponse], error: str) -> None:
         self.exchange = None
+        metrics = getattr(getattr(self.owner, "worker", None), "metrics", None)
+        if metrics is not None:        # a session's (tests may give another owner)
+            metrics.count("mailproxy_auth_http_requests_total",
+                          (self.server.name, "error" if error else "ok"))
+            metrics.observe("mailproxy_auth_http_duration_seconds", (self.server.name,),
+                            self.loop.time() - self.asked)
         outcome = self._outcome(response, error) if self.done is not None else None
         if outcome is None:
             return
@@ -9718,6 +9773,7 @@ class ClientOpening(StreamOwner):
             self.session.client.feed(rest)
 
     def stream_tls_ready(self, stream: Stream) -> None:
+        self.session.count("mailproxy_tls_handshakes_total", "ok")
         if self.session._certificate_ok():
             self._begin()
 
@@ -9741,6 +9797,7 @@ class ClientOpening(StreamOwner):
     @loop_callback
     def _resolved(self, name: str, problem: str) -> None:
         self.name_lookup, self.session.client_name = None, name
+        self.session.count("mailproxy_dns_lookups_total", "failed" if problem else "ok")
         if problem:
             self.session.log("error", problem)
         self._greeting_delay()
@@ -9965,6 +10022,7 @@ class LoginGuard:
             if count > 1:
                 self.owner.log("notice", "login penalty: %d recent failures from %s or of "
                                "this account, reply in %gs" % (count, address, delay))
+                self.owner.count("mailproxy_login_penalties_total")
             outcome = outcome._replace(wait=max(outcome.wait, delay))
         self.gate.leave(address, login)
         return outcome
@@ -10097,7 +10155,7 @@ class Session(StreamOwner):
                  "backend", "backend_connection", "relay", "client_name", "attempt",
                  "login_attempt", "authenticator", "timer", "closed", "outcome", "proxy_facts",
                  "certificate", "opening", "client", "machine", "client_clock", "journal",
-                 "counted", "debug", "lease")
+                 "counted", "debug", "lease", "auth_began", "relay_mark", "transcript")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
@@ -10109,6 +10167,10 @@ class Session(StreamOwner):
         self.debug = worker.logs.for_server(self.server).enabled("debug")
         self.client_address = peer_text(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
+        # transcript_log: this session's dialogue and debug lines, if wanted.
+        self.transcript = transcript_for_session(self.server, listener.listen, self.client_address)
+        if self.transcript is not None:
+            self.debug = True
         self.client_name = CLIENT_UNAVAILABLE   # SMTP: nginx's s->host (no resolver)
         self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
         self.certificate = None      # type: Optional[CertificateFacts]
@@ -10119,6 +10181,8 @@ class Session(StreamOwner):
         self.closed, self.outcome = False, ""
         self.counted = False         # in SessionCounts (max_user_sessions): LoginGuard
         self.lease = None            # its place on a pool's server (PoolLease), once logged in
+        self.auth_began = 0.0        # the loop's time of the last credentials (login duration)
+        self.relay_mark = None       # (received, sent) of the client when the relay began
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.client_clock = ClientClock(self.loop.time, self.server.timeout)
         peer = self.client_address if listener.listen.port == 0 else "%s:%d" % (
@@ -10126,6 +10190,8 @@ class Session(StreamOwner):
         self.log("info", "client %s connected to %s", peer, listener.listen.text, action=None)
         configure_accepted(sock, listener.listen)
         self.client = Stream(self.loop, sock, self)
+        self.count("mailproxy_connections_total")
+        worker.metrics.change("mailproxy_sessions_active", self.labels(), +1)
         try:
             self._enter(Phase.ACCEPTED)
             self.machine = CLIENT_MACHINES[self.server.protocol](
@@ -10141,6 +10207,8 @@ class Session(StreamOwner):
             # descriptor would make the next socket given its number fail.
             self.timer.cancel()
             self.client.close()
+            if not self.closed:
+                worker.metrics.change("mailproxy_sessions_active", self.labels(), -1)
             raise
 
     # -- phases -------------------------------------------------------------------
@@ -10200,6 +10268,7 @@ class Session(StreamOwner):
 
     def stream_tls_ready(self, stream: Stream) -> None:
         """STARTTLS is done: the dialogue goes on, over TLS."""
+        self.count("mailproxy_tls_handshakes_total", "ok")
         if self._certificate_ok():
             self._enter(Phase.DIALOGUE)
             self._handle_events(self.machine.tls_started())
@@ -10216,11 +10285,13 @@ class Session(StreamOwner):
                                                            self.server.trusted_networks)
         self.machine.greet()
         self._enter(Phase.DIALOGUE)
-        self.client.write(self.machine.data_to_send())
+        self._say(self.machine.data_to_send())
         if early_data:
             self.stream_data(self.client, early_data)
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
+        if self.transcript is not None:
+            self.transcript.from_client(data)
         commands = self.machine.commands
         events = self.machine.receive_data(data)
         if self.machine.commands != commands:
@@ -10228,7 +10299,7 @@ class Session(StreamOwner):
         self._handle_events(events)
 
     def _handle_events(self, events: list) -> None:
-        self.client.write(self.machine.data_to_send())
+        self._say(self.machine.data_to_send())
         if self.machine.debug_notes:                  # only with the debug log on
             self._log_commands()
         for event in events:
@@ -10290,6 +10361,8 @@ class Session(StreamOwner):
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
             self.log("info", str(error))
+            if self.phase == Phase.HANDSHAKE:
+                self.count("mailproxy_tls_handshakes_total", "failed")
             self.close("client TLS error")
         else:
             self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
@@ -10301,7 +10374,7 @@ class Session(StreamOwner):
             if self.debug and self.machine is not None:
                 self.log("debug", "%s reply: %s, then close", self.server.protocol,
                          self.machine.reply_code(reply))
-            self.client.write(reply)
+            self._say(reply)
         if self.backend_connection is not None:
             # A failed login: nothing more is read from the backend, so no
             # later byte of it can take the session on to the relay.
@@ -10332,11 +10405,14 @@ class Session(StreamOwner):
     # -- authentication ---------------------------------------------------------------
     def _authenticate(self, credentials: Credentials) -> None:
         self._enter(Phase.AUTH)
+        self.auth_began = self.loop.time()
         self.login_attempt += 1
         # smtp_auth none logs in as nobody: a login a failed AUTH left must
         # not stay in the log lines as if this one were it (nginx >= 1.29.1
         # forgets it at MAIL, CVE-2025-53859).
         self.journal.login = credentials.login if credentials.method != AuthMethod.NONE else None
+        if self.transcript is not None:
+            self.transcript.decide(self.client_address, self.journal.login)
         if self.authenticator is None:
             self.authenticator = authenticator_for(self.server, self.config, self.worker, self)
         tls = self.client.tls.facts() if self.client.tls is not None else None
@@ -10355,6 +10431,7 @@ class Session(StreamOwner):
         if outcome.kind == Verdict.ERROR:
             if outcome.logged:             # auth = backend: as a failed backend login
                 return self.backend_failed(outcome.reason, outcome.text)
+            self.count("mailproxy_logins_total", "backend_error")
             self.log("error", outcome.reason, action="in http auth state")
             return self._close_after_reply("auth http error", self.machine.INTERNAL_ERROR)
         if outcome.kind == Verdict.OK:
@@ -10370,6 +10447,7 @@ class Session(StreamOwner):
                 return self.backend_logged_in(outcome.reply)
             return self._login_to_backend(outcome)
         self.log("info", 'client login failed: "%s"' % outcome.reason)
+        self.count("mailproxy_logins_total", login_result(outcome))
         reply = self.machine.failure_reply(outcome.text, outcome.error_code)
         refuse = lambda: self._auth_failed(reply, outcome.sasl_error, outcome.close)
         if outcome.wait:
@@ -10411,12 +10489,17 @@ class Session(StreamOwner):
                                self.attempt.credentials.method.value,
                                self.backend.tls.facts() if self.backend.tls is not None else None)
         self.log("info", "client logged in", how=True)
+        self.count("mailproxy_logins_total", "ok")
+        self.worker.metrics.observe("mailproxy_login_duration_seconds", self.labels(),
+                                    self.loop.time() - self.auth_began)
         self._enter(Phase.RELAY)
         answer = self.machine.logged_in_reply(reply)
         if self.debug:
             self.log("debug", "%s command: %s, reply: %s (the backend's)", self.server.protocol,
                      self.machine.waiting_for or "login", self.machine.reply_code(answer))
-        self.client.write(answer)
+        self._say(answer)
+        self._end_transcript("relaying")
+        self.relay_mark = (self.client.received, self.client.sent)
         trailing = self.backend_connection.login.trailing_data
         self.lease = self.backend_connection.take_lease()
         check = self.authenticator.recipient_check(self.attempt, self.journal.upstream, self.log)
@@ -10430,13 +10513,48 @@ class Session(StreamOwner):
         """No login at the backend (BackendConnection logged why): the
         client hears the backend's refusal (proxy_pass_error_message), or
         the internal error, and the session ends."""
+        self.count("mailproxy_logins_total",
+                   "timeout" if outcome == "upstream timed out" else "backend_error")
         self._close_after_reply(outcome, refusal or self.machine.INTERNAL_ERROR)
 
-    # -- the log and the end ----------------------------------------------------------
+    # -- the metrics, the log and the end ---------------------------------------------
+    def labels(self) -> tuple:
+        return self.server.name, self.server.protocol
+
+    def count(self, name: str, *labels: str, amount=1) -> None:
+        """Count in the worker's Metrics, with this server's labels first."""
+        self.worker.metrics.count(name, self.labels() + labels, amount)
+
+    def _count_end(self, outcome: str) -> None:
+        """At the close: the session's end, and the bytes of its relay."""
+        metrics = self.worker.metrics
+        metrics.change("mailproxy_sessions_active", self.labels(), -1)
+        self.count("mailproxy_sessions_ended_total", end_reason(outcome))
+        if self.relay_mark is not None:
+            self.count("mailproxy_relay_bytes_total", "to_backend",
+                       amount=self.client.received - self.relay_mark[0])
+            self.count("mailproxy_relay_bytes_total", "to_client",
+                       amount=self.client.sent - self.relay_mark[1])
+
+    def _say(self, data: bytes) -> None:
+        """To the client, before the relay."""
+        if self.transcript is not None:
+            self.transcript.from_server(data)
+        self.client.write(data)
+
+    def _end_transcript(self, text: str) -> None:
+        """The transcript is over (relay, or close): to its file, if wanted."""
+        transcript, self.transcript = self.transcript, None
+        if transcript is not None:
+            write_transcript(self.server.transcript_log, self.journal.number,
+                             transcript.finish(self.client_address, text), self.worker.log)
+
     def log(self, level: str, message: str, *args, action: Optional[str] = "",
             how: bool = False) -> None:
         """A line with nginx's context (SessionLog), the phase's action by
         default; ``how``: and how the login was made (SessionLog.logged_in)."""
+        if self.transcript is not None:
+            self.transcript.note("[%s] %s" % (level, message % args if args else message))
         self.journal.log(level, message, args, self.client_address,
                          PHASES[self.phase].action if action == "" else action, how)
 
@@ -10465,6 +10583,8 @@ class Session(StreamOwner):
             for part in (self.opening, self.authenticator, self.backend_connection, self.relay):
                 if part is not None:
                     part.cancel()
+            self._count_end(outcome)
+            self._end_transcript("session done: %s" % outcome)
             self.journal.session_done(outcome, self.client_address, self.client.received,
                                       self.client.sent)
         finally:
@@ -10479,6 +10599,1120 @@ class Session(StreamOwner):
 Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_tls,
                   Quit: Session._quit, Closed: Session._machine_closed,
                   ClientIdentity: Session._client_identity}
+
+
+# ========================================================================== #
+# ####                        Status and control                        #### #
+# ========================================================================== #
+# status_listen: a small HTTP/1.1 server for monitoring and control (README,
+# "Monitoring and control"): /metrics in Prometheus's text format 0.0.4,
+# /healthz and /readyz for load balancers and probes, /sessions and the
+# POST actions for operators.  It runs in the master (in the one process
+# with master_process off), on the master's loop: one answer covers every
+# worker.  The workers count into their copy of the Metrics book (a book of
+# SharedBooks, Processes) and publish what changed at most every
+# METRICS_FLUSH seconds, so the master's copy holds the sums; a scrape is at
+# most that much behind, and costs the workers nothing.  What only a worker
+# knows (its sessions) the master asks for with a StatusQueries event and
+# gets back in answers.  The request parser is sans-I/O and bounded; the
+# listener, the connections and the checks of /readyz do the I/O.  Nothing
+# here touches a session's secrets: a session row is its number, names,
+# addresses and byte counts.  Also here, beside the status: the session
+# transcripts (transcript_log), which the Session feeds.
+
+METRICS_FLUSH = 0.25           # s: a worker publishes its metrics' changes this often, at most
+METRIC_LABEL_MAX = 200         # characters of a label value kept (a server's name is free text)
+STATUS_REQUEST_MAX = 8192      # bytes of request line and headers (nginx's large_client_header_buffers)
+STATUS_HEADERS_MAX = 64        # header lines in one request
+STATUS_TIMEOUT = 10.0          # s for a client to send its whole request (a slow drip cannot hold it)
+STATUS_LINGER = 2.0            # s a status connection reads and drops after its response (nginx: 5s)
+STATUS_CONNECTIONS_MAX = 64    # status connections at once; more are closed at accept
+STATUS_QUERY_TIMEOUT = 2.0     # s the master waits for the workers' answers (/sessions, kick)
+STATUS_CHECK_TIMEOUT = 1.0     # s /readyz gives a connect() to the auth server
+STATUS_ROW_LOGIN_MAX = 256     # characters of a login in a /sessions row
+
+# Buckets of the duration histograms, in seconds: Prometheus's client defaults
+# without 5 ms (a login takes a round trip to the backend at least) and with
+# 30 s (a slow auth server or backend, within ``timeout``).
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUCKET_LABELS = tuple((bound, repr(bound)) for bound in DURATION_BUCKETS) + ((float("inf"), "+Inf"),)
+
+# Every series /metrics shows: name -> (type, help, label names).  The
+# names follow Prometheus's conventions (prefix, base units, _total for
+# counters); the label values are bounded sets, never a login or an address.
+METRIC_FAMILIES = {
+    "mailproxy_connections_total": (
+        "counter", "Client connections accepted.", ("server", "protocol")),
+    "mailproxy_sessions_active": (
+        "gauge", "Client sessions open now.", ("server", "protocol")),
+    "mailproxy_logins_total": (
+        "counter", "Login attempts by result: ok, failed, refused (login defence, session "
+        "limits), backend_error (auth server or backend failed), timeout.",
+        ("server", "protocol", "result")),
+    "mailproxy_login_duration_seconds": (
+        "histogram", "From the client's credentials to the backend's yes, of logins that "
+        "succeeded.", ("server", "protocol")),
+    "mailproxy_relay_bytes_total": (
+        "counter", "Bytes relayed after the login, counted on the client's connection.",
+        ("server", "protocol", "direction")),
+    "mailproxy_sessions_ended_total": (
+        "counter", "Sessions ended, by reason.", ("server", "protocol", "reason")),
+    "mailproxy_tls_handshakes_total": (
+        "counter", "TLS handshakes with clients (listen ... ssl and STARTTLS) by result.",
+        ("server", "protocol", "result")),
+    "mailproxy_login_penalties_total": (
+        "counter", "Failed logins whose reply waited more than auth_delay (the login "
+        "defence's doubling delays).", ("server", "protocol")),
+    "mailproxy_dns_lookups_total": (
+        "counter", "Lookups of an SMTP client's name (resolver) by result: ok, failed.",
+        ("server", "protocol", "result")),
+    "mailproxy_auth_http_requests_total": (
+        "counter", "Requests to the auth_http server by result: ok (an answer), error.",
+        ("server", "result")),
+    "mailproxy_auth_http_duration_seconds": (
+        "histogram", "Time the auth_http server took to answer.", ("server",)),
+    "mailproxy_login_penalty_entries": (
+        "gauge", "Entries of the failed-login table: addresses, accounts, account and "
+        "address pairs.", ("kind",)),
+    "mailproxy_upstream_up": (
+        "gauge", "Whether a server of an [upstream] pool takes sessions (1) or not (0).",
+        ("upstream", "server")),
+    "mailproxy_workers": (
+        "gauge", "Worker processes running (those of a reload's old generation too).", ()),
+    "process_open_fds": (
+        "gauge", "Open file descriptors, the master's and the workers'.", ()),
+    "process_resident_memory_bytes": (
+        "gauge", "Resident memory of the master and the workers.", ()),
+    "process_cpu_seconds_total": (
+        "counter", "User and system CPU time of the master and the running workers.", ()),
+    "process_start_time_seconds": (
+        "gauge", "When the master started, in seconds since the epoch.", ()),
+}
+
+# Session.close's outcome -> the reason label: the first prefix that matches.
+END_REASONS = (
+    ("client quit", "quit"),
+    ("client closed", "client_closed"),
+    ("upstream closed", "upstream_closed"),
+    ("client timed out", "timeout"),
+    ("upstream timed out", "timeout"),
+    ("proxy_timeout", "timeout"),
+    ("client TLS error", "tls_error"),
+    ("no client certificate", "tls_error"),
+    ("client connection error", "client_error"),
+    ("upstream connection error", "upstream_error"),
+    ("login failed", "login_failed"),
+    ("auth http error", "auth_error"),
+    ("kicked", "kicked"),
+    ("proxy exiting", "shutdown"),
+    ("worker_shutdown_timeout", "shutdown"),
+    ("internal error", "internal_error"),
+)
+
+
+def end_reason(outcome: str) -> str:
+    """The bounded label for a session's free-text outcome ("other" for
+    the rest: a backend's refusal, a session limit...)."""
+    for prefix, reason in END_REASONS:
+        if outcome.startswith(prefix):
+            return reason
+    return "other"
+
+
+def login_result(outcome: "AuthOutcome") -> str:
+    """mailproxy_logins_total's result for a FAIL verdict: refused when
+    mailproxy itself said no before any password check (the login defence,
+    max_user_sessions), else failed."""
+    if outcome.reason == "login defence" or outcome.reason.startswith("max_user"):
+        return "refused"
+    return "failed"
+
+
+class Metrics:
+    """The counters and gauges of every process (sans-I/O, a book of
+    SharedBooks).  A process changes only its ``pending`` changes (count,
+    change, observe); events() takes them as "metrics" events, which
+    publish() applies here and in the master, where /metrics reads the
+    sums.  Counters keep what dead workers counted (they only go up);
+    gauges are per process and go with it ("worker gone").  A series is
+    (family or sample name, label values); ``on_pending`` is called at the
+    first change after events() (the Worker's flush timer)."""
+    kinds = ("metrics", "worker gone")
+    kept_by_master = ("metrics",)      # the workers need not hear each other's
+
+    def __init__(self):
+        self.counters = {}             # (name, labels) -> number, all processes
+        self.gauges = {}               # pid -> {(name, labels): number}
+        self.pending = {}              # this process's counter changes not yet published
+        self.pending_gauges = {}       # ... and gauge changes
+        self.on_pending = None         # type: Optional[Callable[[], None]]
+        self.dirty = False             # changes pending since the last events()
+        self.publish = self.apply
+
+    def _changed(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            if self.on_pending is not None:
+                self.on_pending()
+
+    def count(self, name: str, labels: tuple, amount=1) -> None:
+        """Add ``amount`` to a counter (amount 0 still makes the series);
+        ``labels``: str values, in the family's order."""
+        key = (name, labels)
+        self.pending[key] = self.pending.get(key, 0) + amount
+        if not self.dirty:
+            self._changed()
+
+    def change(self, name: str, labels: tuple, amount: int) -> None:
+        """Move a gauge of this process by ``amount``."""
+        key = (name, labels)
+        self.pending_gauges[key] = self.pending_gauges.get(key, 0) + amount
+        if not self.dirty:
+            self._changed()
+
+    def observe(self, name: str, labels: tuple, value: float) -> None:
+        """One value of a histogram: its buckets (cumulative; every one, so
+        that the series exist from the first value), _sum, _count."""
+        pending, bucket = self.pending, name + "_bucket"
+        for bound, text in BUCKET_LABELS:
+            key = (bucket, labels + (text,))
+            pending[key] = pending.get(key, 0) + (value <= bound)
+        self._changed()
+        self.count(name + "_sum", labels, value)
+        self.count(name + "_count", labels)
+
+    def events(self, pid: int) -> List[tuple]:
+        """The pending changes as "metrics" events, each small enough to
+        publish (SHARED_EVENT_MAX); nothing is pending afterwards."""
+        def entry(key: tuple, amount) -> list:
+            return [key[0], [str(value)[:METRIC_LABEL_MAX] for value in key[1]], amount]
+        entries = [(0, entry(key, amount)) for key, amount in self.pending.items()]
+        entries += [(1, entry(key, amount)) for key, amount in self.pending_gauges.items()]
+        self.pending, self.pending_gauges, self.dirty = {}, {}, False
+        events, parts, size = [], ([], []), 40
+        for which, entry in entries:
+            length = len(json.dumps(entry)) + 1
+            if size + length > SHARED_EVENT_MAX - 64 and (parts[0] or parts[1]):
+                events.append(("metrics", pid, parts[0], parts[1]))
+                parts, size = ([], []), 40
+            parts[which].append(entry)
+            size += length
+        if parts[0] or parts[1]:
+            events.append(("metrics", pid, parts[0], parts[1]))
+        return events
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "worker gone":
+            self.gauges.pop(event[1], None)
+            return
+        pid, counters, gauges = event[1], event[2], event[3]
+        for name, labels, amount in counters:
+            key = (name, tuple(labels))
+            self.counters[key] = self.counters.get(key, 0) + amount
+        mine = self.gauges.setdefault(pid, {})
+        for name, labels, amount in gauges:
+            key = (name, tuple(labels))
+            mine[key] = mine.get(key, 0) + amount
+
+    def gauge_sums(self) -> Dict[tuple, float]:
+        """Each gauge summed over the processes."""
+        sums = {}
+        for series in self.gauges.values():
+            for key, value in series.items():
+                sums[key] = sums.get(key, 0) + value
+        return sums
+
+
+def number_text(value) -> str:
+    """A sample value or an ``le`` as the text format writes it."""
+    if isinstance(value, int):
+        return str(int(value))
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def label_text(names: tuple, values: tuple) -> str:
+    """``{name="value",...}`` with the format's escapes (backslash, double
+    quote, line feed), or "" without labels."""
+    if not names:
+        return ""
+    def escaped(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{%s}" % ",".join('%s="%s"' % (name, escaped(value)) for name, value in zip(names, values))
+
+
+def render_metrics(samples: Dict[tuple, float]) -> str:
+    """The text exposition format 0.0.4 of ``samples`` ((sample name,
+    label values) -> value): every family of METRIC_FAMILIES with its HELP
+    and TYPE lines, then its samples, a histogram's buckets in order before
+    its _sum and _count."""
+    by_family = collections.defaultdict(list)
+    for (name, labels), value in samples.items():
+        family = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and METRIC_FAMILIES.get(base, ("",))[0] == "histogram":
+                family = base
+        by_family[family].append((name, labels, value))
+    lines = []
+    for family, (kind, text, names) in METRIC_FAMILIES.items():
+        lines.append("# HELP %s %s" % (family, text.replace("\\", "\\\\").replace("\n", "\\n")))
+        lines.append("# TYPE %s %s" % (family, kind))
+        for name, labels, value in sorted(by_family.get(family, ()), key=_sample_order):
+            label_names = names + ("le",) if name.endswith("_bucket") else names
+            lines.append("%s%s %s" % (name, label_text(label_names, labels), number_text(value)))
+    return "\n".join(lines) + "\n"
+
+
+def _sample_order(sample: tuple) -> tuple:
+    """A histogram's samples per label set: buckets by bound, then _sum, _count."""
+    name, labels, value = sample
+    if name.endswith("_bucket"):
+        bound = labels[-1]
+        return labels[:-1], 0, float("inf") if bound == "+Inf" else float(bound)
+    return labels, 1 if name.endswith("_sum") else 2 if name.endswith("_count") else 0, 0.0
+
+
+# -- the process metrics, from /proc (Linux) -------------------------------------------
+
+def proc_usage(pid: int) -> Optional[Tuple[int, int, float]]:
+    """(open descriptors, resident bytes, CPU seconds) of process ``pid``;
+    None where /proc does not tell (another system, a process gone)."""
+    try:
+        fds = len(os.listdir("/proc/%d/fd" % pid))
+        with open("/proc/%d/statm" % pid, "rb") as handle:
+            resident = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return fds, resident, (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_samples(pids: List[int], started: float) -> Dict[tuple, float]:
+    """process_* summed over ``pids`` (the master first, then the workers)."""
+    samples = {("process_start_time_seconds", ()): started}
+    usages = [usage for usage in map(proc_usage, pids) if usage is not None]
+    if usages:
+        samples[("process_open_fds", ())] = sum(usage[0] for usage in usages)
+        samples[("process_resident_memory_bytes", ())] = sum(usage[1] for usage in usages)
+        samples[("process_cpu_seconds_total", ())] = sum(usage[2] for usage in usages)
+    return samples
+
+
+# -- hooks for the [upstream] pools (Backends) -------------------------------------------
+# The pools are not in this file yet; once they are, these two read and
+# steer them, and /metrics, /readyz and /upstream/(un)drain follow.
+
+def upstream_states(config: Config, books: "SharedBooks", now: float) -> List[Tuple[str, str, bool]]:
+    """(pool name, server ADDRESS:PORT, up) of every server of every pool:
+    up unless marked ``down`` or taken out now by some worker (UpstreamHealth)."""
+    health = books.of(UpstreamHealth)
+    return [(name, server.text, not server.down and health.up(name, server.text, now))
+            for name, spec in sorted((config.upstreams or {}).items()) for server in spec.servers]
+
+
+def upstream_drain(config: Config, books: "SharedBooks", upstream: str, server: str,
+                   drain: bool) -> Optional[str]:
+    """Drain (or undrain) ``server`` of pool ``upstream`` in every worker;
+    None if there is no such pool or server, else what was done."""
+    if not drain_server(config.upstreams, books.of(UpstreamDrains), upstream, server, drain):
+        return None
+    return "%s %s" % (upstream, server)
+
+
+# -- the HTTP request, sans-I/O ------------------------------------------------------------
+
+class HttpRequest(NamedTuple):
+    method: str
+    path: str
+    query: Dict[str, str]
+
+
+class HttpError(Exception):
+    """A request that cannot be served: ``status`` says why."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+
+
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+                405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+                413: "Content Too Large", 431: "Request Header Fields Too Large",
+                501: "Not Implemented", 503: "Service Unavailable",
+                505: "HTTP Version Not Supported"}
+HTTP_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110 §5.6.2
+HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) (/[!-~]*) HTTP/(\d)\.(\d)")   # RFC 9112 §3
+HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+class HttpRequestReader:
+    """One HTTP/1.x request without a body, as the status listener takes
+    them.  receive_data(data) -> the HttpRequest once its head is whole,
+    None while more is needed; raises HttpError (400, 413, 431, 501, 505)
+    for a request that is not one, too big, or has a body.  A line may end
+    with LF alone (RFC 9112 §2.2); obsolete line folding is refused
+    (§5.2)."""
+
+    def __init__(self, limit: int = STATUS_REQUEST_MAX):
+        self.limit = limit
+        self.data = bytearray()
+
+    def receive_data(self, data: bytes) -> Optional[HttpRequest]:
+        self.data += data
+        end = HTTP_HEAD_END.search(self.data)
+        if end is None:
+            if len(self.data) > self.limit:
+                raise HttpError(431, "request head longer than %d bytes" % self.limit)
+            if data == b"":
+                raise HttpError(400, "the request ended early")
+            return None
+        if end.end() > self.limit:
+            raise HttpError(431, "request head longer than %d bytes" % self.limit)
+        lines = bytes(self.data[:end.start()]).split(b"\n")
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        request = HTTP_REQUEST_LINE.fullmatch(lines[0])
+        if request is None:
+            raise HttpError(400, "not an HTTP request line")
+        if request.group(3) != b"1":
+            raise HttpError(505, "HTTP/1.x only")
+        self._check_headers(lines[1:])
+        path, _, query = request.group(2).decode("ascii").partition("?")
+        return HttpRequest(request.group(1).decode("ascii"), path, parse_query(query))
+
+    @staticmethod
+    def _check_headers(lines: List[bytes]) -> None:
+        """Well formed, not too many, and nothing that announces a body."""
+        if len(lines) > STATUS_HEADERS_MAX:
+            raise HttpError(431, "more than %d header lines" % STATUS_HEADERS_MAX)
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon or not HTTP_TOKEN.fullmatch(name) or re.search(rb"[\0\r]", value):
+                raise HttpError(400, "a malformed header line")
+            name, value = name.lower(), value.strip()
+            if name == b"transfer-encoding":
+                raise HttpError(501, "no request body is taken")
+            if name == b"content-length" and value != b"0":
+                raise HttpError(413 if value.isdigit() else 400, "no request body is taken")
+
+
+def parse_query(query: str) -> Dict[str, str]:
+    """``a=1&b=x%40y`` -> {"a": "1", "b": "x@y"}; raises HttpError(400)
+    for a name given twice or an escape that is no UTF-8."""
+    values = {}
+    for item in query.split("&") if query else ():
+        name, _, value = item.partition("=")
+        try:
+            name = urllib.parse.unquote_plus(name, errors="strict")
+            value = urllib.parse.unquote_plus(value, errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "a query escape that is not UTF-8")
+        if name in values:
+            raise HttpError(400, 'query parameter "%s" given twice' % name)
+        values[name] = value
+    return values
+
+
+def http_response(status: int, body: bytes, content_type: str = "application/json",
+                  extra: str = "") -> bytes:
+    """A whole response; the connection closes after it."""
+    return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n"
+            % (status, HTTP_REASONS[status], content_type, len(body), extra)).encode("ascii") + body
+
+
+def json_body(value) -> bytes:
+    return (json.dumps(value, sort_keys=True) + "\n").encode("ascii")
+
+
+# -- what the master asks the workers -------------------------------------------------------
+
+SESSION_ROW = ("id", "server", "protocol", "login", "client", "backend", "age_s",
+               "bytes_to_backend", "bytes_to_client")
+
+
+def session_row(session, now: float) -> list:
+    """A running session as /sessions lists it (SESSION_ROW's order): no
+    password, no token, no message byte."""
+    journal = session.journal
+    login = journal.login.decode("utf-8", "replace")[:STATUS_ROW_LOGIN_MAX] \
+        if journal.login else None
+    client = session.client_address if session.client_port == 0 else "%s:%d" % (
+        session.client_address, session.client_port)
+    backend = journal.upstream.text if journal.upstream is not None else None
+    return [journal.number, session.server.name, session.server.protocol, login, client,
+            backend, round(now - journal.started, 3), session.client.received,
+            session.client.sent]
+
+
+def sessions_matching(sessions, number: Optional[int], login: Optional[str]) -> list:
+    """The sessions ``?id=N`` or ``?login=L`` names."""
+    return [session for session in sessions
+            if (number is not None and session.journal.number == number) or
+            (login is not None and session.journal.login is not None and
+             login_key(session.journal.login) == login_key(login.encode("utf-8")))]
+
+
+def row_chunks(rows: list) -> List[list]:
+    """``rows`` in lists that each fit one shared event."""
+    chunks, chunk, size = [], [], 0
+    for row in rows:
+        length = len(json.dumps(row)) + 1
+        if chunk and size + length > SHARED_EVENT_MAX - 128:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(row)
+        size += length
+    return chunks + [chunk]
+
+
+class StatusQueries:
+    """The master's questions to the workers and their answers (a book of
+    SharedBooks).  The master publishes ("status ask", id, what, argument)
+    with ask(); each worker's ``answerer(what, argument)`` (set by the
+    Worker; None in the master) gives the rows, which come back as
+    ("status answer", id, pid, rows, last) events, kept by the master.
+    ``done(rows)`` is called when every worker asked has answered, or
+    STATUS_QUERY_TIMEOUT later (see expire) with what came."""
+    kinds = ("status ask", "status answer", "worker gone")
+    kept_by_master = ("status answer",)
+
+    def __init__(self):
+        self.next_id = 0
+        self.waiting = {}              # id -> [pids still to answer, rows, done]
+        self.answerer = None           # type: Optional[Callable[[str, object], list]]
+        self.publish = self.apply
+
+    def ask(self, what: str, argument, pids: List[int], done: Callable[[list], None]) -> int:
+        self.next_id += 1
+        self.waiting[self.next_id] = [set(pids), [], done]
+        self.publish(("status ask", self.next_id, what, argument))
+        self._finish_if_done(self.next_id)
+        return self.next_id
+
+    def expire(self, query: int) -> List[int]:
+        """The time is up for ``query``: done() with what came; returns
+        the workers that did not answer."""
+        entry = self.waiting.pop(query, None)
+        if entry is None:
+            return []
+        entry[2](entry[1])
+        return sorted(entry[0])
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "status ask" and self.answerer is not None:
+            pid = os.getpid()
+            chunks = row_chunks(self.answerer(event[2], event[3]))
+            for number, chunk in enumerate(chunks):
+                self.publish(("status answer", event[1], pid, chunk, number == len(chunks) - 1))
+        elif event[0] == "status answer" and event[1] in self.waiting:
+            entry = self.waiting[event[1]]
+            entry[1].extend(event[3])
+            if event[4]:
+                entry[0].discard(event[2])
+            self._finish_if_done(event[1])
+        elif event[0] == "worker gone":
+            for query in list(self.waiting):
+                self.waiting[query][0].discard(event[1])
+                self._finish_if_done(query)
+
+    def _finish_if_done(self, query: int) -> None:
+        entry = self.waiting.get(query)
+        if entry is not None and not entry[0]:
+            del self.waiting[query]
+            entry[2](entry[1])
+
+
+# -- session transcripts (transcript_log, transcript_for) ---------------------------
+# For support: the dialogue of one user's or one address's sessions up to
+# the login, and how the login went (the session's debug lines: commands,
+# reply codes, the backend login's steps), in a file of its own, so that
+# nobody turns debug on for everyone.  Secrets never reach it: a client line
+# is shown only when its command is one whose arguments hold none
+# (TRANSCRIPT_SHOWN); any other command shows its name only, and whatever
+# answers a server's request for more (a SASL response, a literal) and every
+# IMAP literal is replaced by its length.  Sans-I/O but for
+# write_transcript.
+
+TRANSCRIPT_MAX = 16384         # bytes of transcript kept per session (the rest: a note that it was cut)
+# Per protocol: the commands shown whole, and those shown with their first
+# argument only (the SASL mechanism, the POP3 user).  Anything else: its name.
+TRANSCRIPT_SHOWN = {
+    "imap": ({b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"ID"}, {b"AUTHENTICATE"}),
+    "pop3": ({b"CAPA", b"STLS", b"QUIT", b"NOOP", b"RSET"}, {b"AUTH", b"USER"}),
+    "smtp": ({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP", b"QUIT", b"STARTTLS",
+              b"XCLIENT", b"DATA"}, {b"AUTH"}),
+}
+TRANSCRIPT_LITERAL = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")     # RFC 3501 §4.3, RFC 7888
+
+
+def transcript_for_session(server: Settings, listen: Listen, address: str
+                           ) -> Optional["Transcript"]:
+    """A Transcript for a new session of ``server`` if it may be wanted:
+    its address is, or may be once a PROXY header has named the client, or
+    transcript_for names logins (then every session is recorded until its
+    login, within TRANSCRIPT_MAX)."""
+    if server.transcript_log is None or not server.transcript_for:
+        return None
+    if real_ip_trusted(address, server.transcript_for) or listen.proxy_protocol or \
+            any(isinstance(wanted, str) for wanted in server.transcript_for):
+        return Transcript(server.protocol, server.transcript_for)
+    return None
+
+
+class Transcript:
+    """One session's transcript, kept in memory until its end (or its
+    login) and written only if the session is one of ``wanted``
+    (transcript_for): its client address, or the login it gave.
+    from_client(bytes) and from_server(bytes) take the dialogue, note(text)
+    a line of the session's log; finish() gives the lines to write."""
+
+    def __init__(self, protocol: str, wanted: List):
+        self.protocol = protocol
+        self.wanted = wanted
+        self.lines = []                # str, in order
+        self.size = 0
+        self.matched = None            # type: Optional[bool]  (None: not decided yet)
+        self.pending = bytearray()     # a client line not ended yet
+        self.server_pending = bytearray()      # ... and a server line
+        self.command = []              # the parts of a command spread over IMAP literals
+        self.literal = 0               # bytes of an IMAP literal still to come
+        self.literal_bytes = 0         # bytes of the literals of the command under way
+        self.continuation = False      # the server's last line asked the client for more
+        self.answering = False         # the command under way answers such a request
+
+    def _add(self, line: str) -> None:
+        if self.size > TRANSCRIPT_MAX:
+            return
+        self.size += len(line)
+        self.lines.append(line if self.size <= TRANSCRIPT_MAX else "-- transcript cut here")
+
+    def note(self, text: str) -> None:
+        self._add("-- " + text)
+
+    def from_server(self, data: bytes) -> None:
+        self.server_pending += data
+        *lines, rest = bytes(self.server_pending).split(b"\n")
+        self.server_pending = bytearray(rest[:TRANSCRIPT_MAX])
+        for line in lines:
+            line = line.rstrip(b"\r")
+            self._add("S: " + log_escape(line))
+            self.continuation = line.startswith(b"334 ") if self.protocol == "smtp" else \
+                line.startswith(b"+")
+
+    def from_client(self, data: bytes) -> None:
+        data = memoryview(data)
+        while data:
+            if self.literal:
+                taken = min(self.literal, len(data))
+                self.literal -= taken
+                data = data[taken:]
+                self.literal_bytes += taken
+                continue
+            end = bytes(data[:TRANSCRIPT_MAX]).find(b"\n")
+            if end < 0:
+                self.pending += data
+                data = data[:0]
+                if len(self.pending) > TRANSCRIPT_MAX:       # no line end in sight: hidden
+                    self._add("C: <%d bytes without a line end>" % len(self.pending))
+                    self.pending = bytearray()
+                break
+            line, data = bytes(self.pending) + bytes(data[:end + 1]), data[end + 1:]
+            self.pending = bytearray()
+            literal = TRANSCRIPT_LITERAL.search(line) if self.protocol == "imap" else None
+            if not self.command:
+                self.answering = self.continuation
+                if literal is not None:        # shown now, in its place in the dialogue
+                    self._add("C: " + self._masked([line], spread=True))
+            self.command.append(line)
+            if literal is not None:
+                self.literal = int(literal.group(1))
+                if self.literal:
+                    continue
+            if len(self.command) == 1:
+                self._add("C: " + self._masked(self.command))
+            self.command, self.literal_bytes = [], 0
+
+    def _masked(self, parts: List[bytes], spread: bool = False) -> str:
+        """A whole client command as the transcript shows it; ``spread``:
+        the first line of one that goes on behind a literal."""
+        size = sum(len(part) for part in parts) + self.literal_bytes - \
+            (len(parts[-1]) - len(parts[-1].rstrip(b"\r\n")))
+        if self.answering:
+            return "<%d bytes hidden: an answer to the server's request for more>" % size \
+                if not spread else "<an answer to the server's request for more, hidden>"
+        words = parts[0].rstrip(b"\r\n").split(b" ")
+        if self.protocol == "imap":
+            head, words = [words[0]], words[1:]
+        else:
+            head = []
+        if not words or not words[0]:
+            return "<%d bytes hidden>" % size
+        name = words[0].upper()
+        whole, first = TRANSCRIPT_SHOWN[self.protocol]
+        if name in whole and not spread:
+            return log_escape(parts[0].rstrip(b"\r\n"))
+        shown = b" ".join(head + words[:2 if name in first else 1])
+        hidden = size - len(shown) - 1             # the arguments (literals included)
+        text = log_escape(shown[:200])
+        if spread:
+            return text + " <arguments and literals hidden>"
+        return text + (" <%d bytes hidden>" % hidden if hidden > 0 else "")
+
+    def decide(self, address: str, login: Optional[bytes]) -> bool:
+        """Is the session one of transcript_for?  Decided at the first
+        login (by the address then, or the login), or at the end."""
+        if self.matched is None or (not self.matched and login):
+            self.matched = real_ip_trusted(address, self.wanted) or (
+                login is not None and login.decode("utf-8", "replace").lower() in self.wanted)
+        return self.matched
+
+    def finish(self, address: str, text: str) -> List[str]:
+        """The lines to write (none if the session is not wanted)."""
+        self.note(text)
+        if not self.decide(address, None):
+            return []
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def write_transcript(path: str, number: int, lines: List[str], log: ErrorLog) -> None:
+    """Append a session's lines to ``path`` (made 0600: it names users).
+    A file that cannot be written is logged, once per call."""
+    if not lines:
+        return
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S")
+    text = "".join("%s *%d %s\n" % (stamp, number, line) for line in lines)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError as error:
+        log.log("error", 'transcript: open() "%s" failed (%d: %s)'
+                % (path, error.errno, error.strerror))
+
+
+# -- the listener and its connections ----------------------------------------------------------
+
+class StatusConnection(StreamOwner):
+    """One HTTP client of the status listener: its request (within
+    STATUS_TIMEOUT), then one response, then the close.  The close
+    lingers (RFC 9112 §9.6): once the response is sent, our side shuts
+    down and whatever the client still sends is read and dropped, until
+    its end or STATUS_LINGER, so that a client whose request was refused
+    half-read (431) gets the response instead of a reset."""
+
+    def __init__(self, server: "StatusServer", sock: socket.socket, peer: str):
+        self.server = server
+        self.peer = peer
+        self.reader = HttpRequestReader()
+        self.answered = False
+        self.lingering = False
+        self.stream = Stream(server.loop, sock, self)
+        self.stream.set_read_budget(1024)
+        self.timer = server.loop.call_later(STATUS_TIMEOUT, self._timed_out)
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        if self.answered:
+            return                     # lingering, or waiting for the workers: dropped
+        try:
+            request = self.reader.receive_data(data)
+        except HttpError as error:
+            return self.respond(error.status, json_body({"error": str(error)}))
+        if request is not None:
+            self.stream.set_read_budget(0)
+            self.answered = True       # an answer is on its way (now, or from the workers)
+            self.server.serve(self, request)
+
+    def stream_eof(self, stream: Stream) -> None:
+        if not self.answered:
+            self.stream_data(stream, b"")
+        elif self.lingering:
+            self.close()               # the client is done
+
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        self.close()
+
+    def stream_drained(self, stream: Stream) -> None:
+        self._linger()
+
+    def crashed(self, error: Exception) -> None:
+        self.server.log.log("alert", "status listener: internal error %r" % error)
+        self.close()
+
+    def _timed_out(self) -> None:
+        self.respond(408, json_body({"error": "request not received within %gs" % STATUS_TIMEOUT}))
+
+    def respond(self, status: int, body: bytes, content_type: str = "application/json",
+                extra: str = "") -> None:
+        """The response, then the close (once it is sent)."""
+        if self.stream.closed:
+            return
+        self.answered = True
+        self.timer.cancel()
+        self.stream.set_read_budget(0)
+        self.stream.write(http_response(status, body, content_type, extra))
+        if not self.stream.out:
+            self._linger()
+        else:                          # a client that does not read gets STATUS_TIMEOUT
+            self.timer = self.server.loop.call_later(STATUS_TIMEOUT, self.close)
+
+    def _linger(self) -> None:
+        """The response is sent: FIN, then read and drop until EOF."""
+        if self.stream.closed:
+            return
+        try:
+            self.stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self.close()
+        self.lingering = True
+        self.timer.cancel()
+        self.timer = self.server.loop.call_later(STATUS_LINGER, self.close)
+        self.stream.set_read_budget(1024)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.stream.close()
+        self.server.connections.discard(self)
+
+
+class StatusServer(LoopHandler):
+    """status_listen: accepts, checks the peer against status_allow, and
+    serves each request (STATUS_ROUTES).  ``process`` is the Master (or
+    the Worker with master_process off): it has ``books``, ``log``,
+    ``config`` and the methods status_ask, status_expire, status_pids,
+    status_workers, status_flush, status_healthy, status_reopen_logs."""
+
+    def __init__(self, process, sock: socket.socket, listen: Listen):
+        self.process = process
+        self.loop = process.loop
+        self.sock = sock
+        self.listen = listen
+        self.connections = set()
+        self.started = time.time()
+        self.asked = {}                # the workers' answers awaited: query -> deadline
+        self.interest = self.loop.set_interest(sock, selectors.EVENT_READ, self, 0)
+
+    @property
+    def log(self) -> ErrorLog:
+        return self.process.log
+
+    def crashed(self, error: Exception) -> None:
+        """A bug here (EventLoop.failed) must not end the master."""
+        self.log.log("alert", "status listener: internal error %r" % error)
+
+    def ask(self, what: str, argument, done: Callable[[list], None]) -> None:
+        """The workers' rows for ``what``: done(rows) when all have
+        answered, or STATUS_QUERY_TIMEOUT later with what came."""
+        query = self.process.status_ask(what, argument, done)
+        if query is not None:
+            self.asked[query] = self.loop.time() + STATUS_QUERY_TIMEOUT
+            self.loop.call_later(STATUS_QUERY_TIMEOUT, self._expire)
+
+    def _expire(self) -> None:
+        now = self.loop.time()
+        for query, deadline in list(self.asked.items()):
+            if deadline <= now:
+                del self.asked[query]
+                self.process.status_expire(query)
+
+    def on_readable(self) -> None:
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                sock, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                self.log.log("error", "status listener: accept() failed (%d: %s)"
+                             % (error.errno, error.strerror))
+                return
+            if len(self.connections) >= STATUS_CONNECTIONS_MAX:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:
+                connection = StatusConnection(self, sock, peer_text(address))
+            except OSError:
+                sock.close()
+                continue
+            self.connections.add(connection)
+            if not real_ip_trusted(connection.peer, self.process.config.main.status_allow):
+                # Refused before a byte of it is parsed (the master may run as root).
+                self.log.log("info", "status listener: %s forbidden by status_allow"
+                             % connection.peer)
+                connection.respond(403, json_body({"error": "forbidden"}))
+
+    def close(self) -> None:
+        """Stop listening and drop the connections (in a worker after
+        fork(): its copies only; the master's loop is closed there)."""
+        for connection in list(self.connections):
+            connection.timer.cancel()
+            connection.stream.sock.close()
+        self.connections = set()
+        self.sock.close()
+
+    def stop(self) -> None:
+        """Stop serving, in the master: the loop forgets the sockets."""
+        for connection in list(self.connections):
+            connection.close()
+        self.interest = self.loop.set_interest(self.sock, 0, self, self.interest)
+        release_socket((self.listen.host, self.listen.port), self.sock)
+
+    # -- the requests --------------------------------------------------------------------------
+    def serve(self, connection: StatusConnection, request: HttpRequest) -> None:
+        route = STATUS_ROUTES.get(request.path)
+        if route is None:
+            return connection.respond(404, json_body({"error": "no such path"}))
+        method, handler = route
+        if request.method != method:
+            return connection.respond(405, json_body({"error": "use %s" % method}),
+                                      extra="Allow: %s\r\n" % method)
+        try:
+            handler(self, connection, request)
+        except HttpError as error:
+            connection.respond(error.status, json_body({"error": str(error)}))
+
+    def notice(self, connection: StatusConnection, text: str) -> None:
+        """A control action's line: what, and who asked."""
+        self.log.log("notice", "status listener: %s, asked by %s" % (text, connection.peer))
+
+    def get_metrics(self, connection: StatusConnection, request: HttpRequest) -> None:
+        books = self.process.books
+        metrics = books.of(Metrics)
+        self.process.status_flush()
+        samples = dict(metrics.counters)
+        samples.update(metrics.gauge_sums())
+        defence = books.of(LoginDefence)
+        for kind, table in (("address", defence.addresses), ("account", defence.accounts),
+                            ("pair", defence.pairs)):
+            samples[("mailproxy_login_penalty_entries", (kind,))] = len(table)
+        for upstream, server, up in upstream_states(self.process.config, self.process.books,
+                                                     self.loop.time()):
+            samples[("mailproxy_upstream_up", (upstream, server))] = int(up)
+        samples[("mailproxy_workers", ())] = self.process.status_workers()
+        samples.update(process_samples(self.process.status_pids(), self.process_start()))
+        connection.respond(200, render_metrics(samples).encode("utf-8"),
+                           "text/plain; version=0.0.4; charset=utf-8")
+
+    def process_start(self) -> float:
+        """The master's start: from /proc where it tells, else when this
+        listener began."""
+        try:
+            with open("/proc/self/stat", "rb") as handle:
+                ticks = int(handle.read().rsplit(b")", 1)[1].split()[19])
+            with open("/proc/stat", "rb") as handle:
+                boot = int(re.search(rb"^btime (\d+)", handle.read(), re.M).group(1))
+            return boot + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return self.started
+
+    def get_healthz(self, connection: StatusConnection, request: HttpRequest) -> None:
+        healthy, text = self.process.status_healthy()
+        connection.respond(200 if healthy else 503, json_body({"status": text}))
+
+    def get_readyz(self, connection: StatusConnection, request: HttpRequest) -> None:
+        healthy, text = self.process.status_healthy()
+        problems = [] if healthy else [text]
+        pools = {}
+        for upstream, server, up in upstream_states(self.process.config, self.process.books,
+                                                     self.loop.time()):
+            pools[upstream] = pools.get(upstream, False) or up
+        problems += ["no server of upstream %s is up" % name for name, up in pools.items() if not up]
+        ReachabilityCheck(self.loop, readiness_targets(self.process.config),
+                          lambda failed: connection.respond(*readiness(problems + failed)))
+
+    def get_sessions(self, connection: StatusConnection, request: HttpRequest) -> None:
+        self.ask("sessions", None, lambda rows: connection.respond(
+            200, json_body([dict(zip(SESSION_ROW, row)) for row in sorted(rows)])))
+
+    def post_kick(self, connection: StatusConnection, request: HttpRequest) -> None:
+        number, login = self.one_of(request, "id", "login")
+        if number is not None:
+            if not re.fullmatch(r"[0-9]{1,18}", number):
+                raise HttpError(400, "id is a session number")
+            number = int(number)
+        what = "id=%d" % number if number is not None else "login=%s" % log_escape(
+            login.encode("utf-8"))
+
+        def kicked(rows: list) -> None:
+            self.notice(connection, "kick %s: %d sessions closed" % (what, len(rows)))
+            connection.respond(200, json_body({"kicked": sorted(row[0] for row in rows)}))
+        self.ask("kick", [number, login, connection.peer], kicked)
+
+    def post_penalty_clear(self, connection: StatusConnection, request: HttpRequest) -> None:
+        address, login = self.one_of(request, "address", "login")
+        if address is not None:
+            try:
+                address = penalty_address(str(ipaddress.ip_address(address)))
+            except ValueError:
+                raise HttpError(400, "address is an IP address")
+        key = login_key(login.encode("utf-8")) if login is not None else None
+        self.process.books.publish(LoginDefence.clear(address, key))
+        what = "address=%s" % address if address is not None else "login=%s" % log_escape(
+            login.encode("utf-8"))
+        self.notice(connection, "penalty clear %s" % what)
+        connection.respond(200, json_body({"cleared": address if address is not None else login}))
+
+    def post_logs_reopen(self, connection: StatusConnection, request: HttpRequest) -> None:
+        self.one_of(request)
+        self.notice(connection, "reopening logs")
+        self.process.status_reopen_logs()
+        connection.respond(200, json_body({"reopened": True}))
+
+    def post_drain(self, connection: StatusConnection, request: HttpRequest, drain: bool = True):
+        query = request.query
+        if set(query) != {"upstream", "server"}:
+            raise HttpError(400, "takes upstream=NAME&server=ADDRESS:PORT")
+        verb = "drain" if drain else "undrain"
+        done = upstream_drain(self.process.config, self.process.books, query["upstream"],
+                              query["server"], drain)
+        if done is None:
+            return connection.respond(404, json_body({"error": "no such upstream"}))
+        self.notice(connection, "%s upstream %s server %s" % (
+            verb, log_escape(query["upstream"].encode("utf-8")),
+            log_escape(query["server"].encode("utf-8"))))
+        connection.respond(200, json_body({verb: done}))
+
+    def post_undrain(self, connection: StatusConnection, request: HttpRequest) -> None:
+        self.post_drain(connection, request, drain=False)
+
+    @staticmethod
+    def one_of(request: HttpRequest, *names: str) -> list:
+        """The query must name exactly one of ``names`` (none if no names):
+        the values, None for the others; else HttpError(400)."""
+        given = [name for name in request.query if name in names]
+        if len(request.query) != len(given) or len(given) != (1 if names else 0):
+            raise HttpError(400, "takes one of %s" % ", ".join(names) if names else
+                            "takes no parameters")
+        return [request.query.get(name) for name in names]
+
+
+# Each path: the method it takes and its handler.
+STATUS_ROUTES = {
+    "/metrics": ("GET", StatusServer.get_metrics),
+    "/healthz": ("GET", StatusServer.get_healthz),
+    "/readyz": ("GET", StatusServer.get_readyz),
+    "/sessions": ("GET", StatusServer.get_sessions),
+    "/sessions/kick": ("POST", StatusServer.post_kick),
+    "/penalty/clear": ("POST", StatusServer.post_penalty_clear),
+    "/logs/reopen": ("POST", StatusServer.post_logs_reopen),
+    "/upstream/drain": ("POST", StatusServer.post_drain),
+    "/upstream/undrain": ("POST", StatusServer.post_undrain),
+}
+
+
+def readiness_targets(config: Config) -> List[Tuple[str, int, tuple]]:
+    """What /readyz connects to: (the problem if it does not answer,
+    family, sockaddr) of each auth_http server, and of each proxy_pass
+    backend (a pool of one; its first address, the one tried first)."""
+    targets = {}
+    for server in config.servers:
+        if server.auth_http is not None and server.auth != "backend":
+            url = server.auth_http
+            targets[url.text] = ("auth_http %s does not answer" % url.text,) + tuple(url.address)
+        if isinstance(server.proxy_pass, Upstream) and server.proxy_pass.addresses:
+            upstream = server.proxy_pass
+            targets[upstream.text] = ("proxy_pass %s does not answer" % upstream.text,) + \
+                tuple(upstream.addresses[0])
+    return list(targets.values())
+
+
+def readiness(problems: List[str]) -> Tuple[int, bytes]:
+    """/readyz's status and body."""
+    if problems:
+        return 503, json_body({"status": "not ready", "problems": problems})
+    return 200, json_body({"status": "ready"})
+
+
+class ReachabilityCheck(StreamOwner):
+    """connect() to each of ``targets`` ((text, family, sockaddr)) at once;
+    ``done(the texts of those that did not connect within
+    STATUS_CHECK_TIMEOUT)``, from the loop."""
+
+    def __init__(self, loop: EventLoop, targets: list, done: Callable[[List[str]], None]):
+        self.loop = loop
+        self.done = done
+        self.waiting = {}              # Stream -> its text
+        self.failed = []
+        for text, family, sockaddr in targets:
+            try:
+                self.waiting[connect_stream(loop, family, sockaddr, self)] = text
+            except OSError:
+                self.failed.append(text)
+        self.timer = loop.call_later(0 if not self.waiting else STATUS_CHECK_TIMEOUT, self._finish)
+
+    def stream_connected(self, stream: Stream) -> None:
+        self._settle(stream, True)
+
+    def crashed(self, error: Exception) -> None:
+        """A bug (EventLoop.failed): every check left counts as failed."""
+        self.timer.cancel()
+        self._finish()
+
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        self._settle(stream, False)
+
+    def _settle(self, stream: Stream, ok: bool) -> None:
+        text = self.waiting.pop(stream, None)
+        stream.close()
+        if text is not None and not ok:
+            self.failed.append(text)
+        if not self.waiting:
+            self.timer.cancel()
+            self._finish()
+
+    def _finish(self) -> None:
+        for stream, text in list(self.waiting.items()):
+            stream.close()
+            self.failed.append(text)
+        self.waiting = {}
+        done, self.done = self.done, None
+        if done is not None:
+            done(sorted(self.failed))
+
+
+def open_status_listener(main: Settings, bound: Optional[Tuple[Listen, socket.socket]],
+                         warn: Callable[[str], None] = lambda message: None
+                         ) -> Optional[Tuple[Listen, socket.socket]]:
+    """The socket of ``status_listen`` (None without it): ``bound``'s if it
+    is for the same address, else a new one.  Raises OSError, as
+    bind_listen.  A unix socket's file is made 0600: only the master's
+    user may connect."""
+    listen = main.status_listen
+    if listen is None:
+        return None
+    if bound is not None and (bound[0].host, bound[0].port) == (listen.host, listen.port):
+        return bound
+    try:
+        sock = bind_listen(listen._replace(backlog=STATUS_CONNECTIONS_MAX))
+    except OSError as error:
+        if listen.port == 0 and error.errno == errno.EADDRINUSE:
+            raise OSError(error.errno, error.strerror + unix_socket_hint(listen.host[5:]))
+        raise
+    if listen.port == 0:
+        os.chmod(listen.host[5:], 0o600)
+    return listen, sock
+
+
+def replace_status_server(process, main: Settings) -> None:
+    """Start, keep, move or stop ``process.status`` (a StatusServer) as
+    ``main.status_listen`` says: at the start and at a reload.  Raises
+    OSError (and changes nothing) if the new address cannot be bound."""
+    current = process.status
+    bound = (current.listen, current.sock) if current is not None else None
+    opened = open_status_listener(main, bound)
+    if opened is bound:
+        return
+    if current is not None:
+        current.stop()
+    process.status = StatusServer(process, opened[1], opened[0]) if opened is not None else None
 
 
 # ========================================================================== #
@@ -10783,7 +12017,9 @@ class SharedBooks:
           events must make the same state, in whatever order different
           processes' events come (each process's own come in order);
       ``publish``: set by add(); the book calls ``self.publish(event)`` to
-          change its state in every process (here before it returns).
+          change its state in every process (here before it returns);
+      ``kept_by_master`` (optional): kinds the master applies but does not
+          pass on to the other workers (what only the master reads).
     ``outlet(data)`` sends an encoded event to the other processes (a
     BookBroker's); None without them (master_process off).
     """
@@ -10791,6 +12027,7 @@ class SharedBooks:
     def __init__(self):
         self.books = []
         self.by_kind = {}              # kind -> the books that apply it
+        self.kept = set()              # kinds the broker does not pass on (kept_by_master)
         self.outlet = None             # type: Optional[Callable[[bytes], None]]
 
     def add(self, book):
@@ -10798,6 +12035,7 @@ class SharedBooks:
         self.books.append(book)
         for kind in book.kinds:
             self.by_kind.setdefault(kind, []).append(book)
+        self.kept.update(getattr(book, "kept_by_master", ()))
         book.publish = self.publish
         return book
 
@@ -10832,6 +12070,8 @@ def make_shared_books() -> SharedBooks:
     books.add(SessionCounts())
     books.add(UpstreamDrains())                   # the control interface's drain and undrain
     books.add(UpstreamHealth())                   # the pool servers a worker has taken out
+    books.add(Metrics())
+    books.add(StatusQueries())
     return books
 
 
@@ -10951,9 +12191,11 @@ class BookBroker:
 
     def received(self, channel: BookChannel, data: bytes, event: tuple) -> None:
         """Another process published ``event``: apply it here, and pass it
-        on to the processes it did not come from (the master's work)."""
+        on to the processes it did not come from (the master's work),
+        unless only the master reads it (SharedBooks.kept)."""
         self.books.apply(event)
-        self.send_to_all(data, channel)
+        if event[0] not in self.books.kept:
+            self.send_to_all(data, channel)
 
     # -- the master's part in fork() and reaping --------------------------------------
     def prepare(self) -> None:
@@ -11083,6 +12325,13 @@ class Worker(LoopHandler):
         self.stopping = False
         self.report_fd = None          # a pipe to the master, in a worker process
         self.unix_paths = set()        # the unix sockets' files it made (no master): removed at exit
+        self.metrics = self.books.of(Metrics)
+        self.metrics.on_pending = self._metrics_changed
+        self.metrics_timer = None      # type: Optional[Timer]  (the next flush_metrics)
+        queries = self.books.of(StatusQueries)
+        queries.answerer = self.status_answer
+        queries.waiting = {}           # the master's questions (fork() copied them) are not ours
+        self.status = None             # type: Optional[StatusServer]  (master_process off)
 
     def resolver_for(self, server: Settings) -> Resolver:
         """One Resolver (and cache) per distinct resolver setting."""
@@ -11155,6 +12404,61 @@ class Worker(LoopHandler):
                 listener.pause()
             elif not full and not listener.interest and not listener.paused and not self.stopping:
                 listener.resume()
+
+    # -- metrics and the status listener's questions ---------------------------------
+    def _metrics_changed(self) -> None:
+        if self.metrics_timer is None:
+            self.metrics_timer = self.loop.call_later(METRICS_FLUSH, self.flush_metrics)
+
+    def flush_metrics(self) -> None:
+        """Publish what the sessions counted since the last flush."""
+        if self.metrics_timer is not None:
+            self.metrics_timer.cancel()
+            self.metrics_timer = None
+        for event in self.metrics.events(os.getpid()):
+            self.books.publish(event)
+
+    def status_answer(self, what: str, argument) -> list:
+        """The master's question (StatusQueries): the rows of the running
+        sessions, or of those ``kick`` [number, login, peer] closed."""
+        now = time.time()
+        sessions = [session for session in self.sessions if not session.closed]
+        if what == "sessions":
+            return [session_row(session, now) for session in sessions]
+        if what == "kick":
+            number, login, peer = argument
+            rows = []
+            for session in sessions_matching(sessions, number, login):
+                rows.append(session_row(session, now))
+                session.log("notice", "session kicked by the status listener, asked by %s" % peer)
+                session.close("kicked by the status listener")
+            return rows
+        return []
+
+    # What the StatusServer asks its process, with master_process off.
+    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> Optional[int]:
+        done(self.status_answer(what, argument))
+        return None
+
+    def status_expire(self, query: int) -> None:
+        """Never asked: status_ask answers at once."""
+
+    def status_pids(self) -> List[int]:
+        return [os.getpid()]
+
+    def status_workers(self) -> int:
+        return 1
+
+    def status_flush(self) -> None:
+        self.flush_metrics()
+
+    def status_healthy(self) -> Tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        return True, "ok"
+
+    def status_reopen_logs(self) -> None:
+        self.reopen_logs()
 
     def session_closed(self, session: Session) -> None:
         if session.counted:                # max_user_sessions: one less, in every worker
@@ -11238,6 +12542,10 @@ class Worker(LoopHandler):
             self.log.log("emerg", str(error.strerror))
             self.log.log("alert", "reload failed, the old configuration is kept")
             return
+        try:
+            replace_status_server(self, config.main)
+        except OSError as error:
+            self.log.log("alert", "status listener: %s, the old one is kept" % error.strerror)
         self.config = config
         self.pools.reconfigure(config.upstreams)
         self.health.start()
@@ -11279,6 +12587,9 @@ class Worker(LoopHandler):
 
     def run(self) -> None:
         self.loop.run()
+        self.flush_metrics()           # the last counts, to the master
+        if self.status is not None:
+            self.status.stop()
         for listener in self.listeners.values():
             listener.close()
         self.password_checks.close()
@@ -11374,6 +12685,7 @@ class Master(LoopHandler):
         os.set_blocking(self.reports[0], False)
         self.reload_pending = set()    # old workers still accepting after a reload
         self.retiring = set()          # workers told to stop, or replaced already: not again
+        self.status = None             # type: Optional[StatusServer]  (status_listen)
         self.broker = BookBroker(make_shared_books(), self)    # fork() copies them to each worker
         try:
             self.numbers = SessionNumbers.shared()               # *N, one counter for all
@@ -11385,6 +12697,7 @@ class Master(LoopHandler):
         """Bind (raises OSError), then fork the first workers."""
         self.sockets = bind_all(self.config, {}, lambda message: self.log.log("warn", message))
         self.listens = listen_table(self.config, self.sockets)
+        replace_status_server(self, self.config.main)
         set_process_title(MASTER_TITLE)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
@@ -11460,6 +12773,8 @@ class Master(LoopHandler):
             self.loop.close()
             os.close(self.lifeline[1])
             os.close(self.reports[0])
+            if self.status is not None:
+                self.status.close()            # the master's: a worker serves mail only
             drop_privileges(self.config.main, self.log)
             set_process_title(WORKER_TITLE)
             worker = Worker(self.config, self.logs, self.broker.books, self.numbers)
@@ -11533,6 +12848,10 @@ class Master(LoopHandler):
                     self.log.log("warn", "deleting socket %s" % key[0][5:])   # nginx's words
                 release_socket(key, sock)
         self._update_kept_sockets(config, sockets)
+        try:
+            replace_status_server(self, config.main)
+        except OSError as error:
+            self.log.log("alert", "status listener: %s, the old one is kept" % error.strerror)
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.config, self.sockets = config, sockets
         self.logs.close()
@@ -11583,6 +12902,9 @@ class Master(LoopHandler):
 
     def _stop(self, signum: int) -> None:
         self.stopping = True
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
         for key, sock in self.sockets.items():
             release_socket(key, sock)  # a unix socket's file goes (workers finishing keep theirs)
         self.sockets = {}
@@ -11607,6 +12929,45 @@ class Master(LoopHandler):
         give_logs_to_user(logs, self.config.main, self.log)     # before the workers open them
         for pid in list(self.workers):
             self._signal(pid, signal.SIGUSR1)
+
+    # -- what the status listener asks (StatusServer) ----------------------------------
+    @property
+    def books(self) -> SharedBooks:
+        return self.broker.books
+
+    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> Optional[int]:
+        """Ask every worker (StatusQueries); done(rows) once all have
+        answered.  The query's number while answers are awaited, else None."""
+        queries = self.books.of(StatusQueries)
+        query = queries.ask(what, argument, list(self.workers), done)
+        return query if query in queries.waiting else None
+
+    def status_expire(self, query: int) -> None:
+        """The time is up for ``query``: done(rows) with what came."""
+        silent = self.books.of(StatusQueries).expire(query)
+        if silent:
+            self.log.log("warn", "status listener: worker processes %s did not answer within %gs"
+                         % (", ".join(map(str, silent)), STATUS_QUERY_TIMEOUT))
+
+    def status_pids(self) -> List[int]:
+        return [os.getpid()] + sorted(self.workers)
+
+    def status_workers(self) -> int:
+        return len(self.workers)
+
+    def status_flush(self) -> None:
+        """The workers publish by themselves (METRICS_FLUSH)."""
+
+    def status_healthy(self) -> Tuple[bool, str]:
+        """Running, every listener bound, and workers to serve them."""
+        if self.stopping:
+            return False, "shutting down"
+        if not self.workers:
+            return False, "no worker process"
+        return True, "ok"
+
+    def status_reopen_logs(self) -> None:
+        self.reopen_logs()
 
     def run(self) -> None:
         self.loop.run()
@@ -12260,7 +13621,10 @@ def command_run(path: str) -> int:
         start = process.start
     else:
         process = Worker(config, logs)
-        start = lambda: process.open_listeners(config)
+
+        def start() -> None:
+            process.open_listeners(config)
+            replace_status_server(process, config.main)
     try:
         start()
     except OSError as error:
@@ -12283,6 +13647,8 @@ def command_run(path: str) -> int:
     listening = ", ".join(sorted(listen.text for listen in listen_table(config, bound).values()))
     log.log("notice", "mailproxy/%s started, listening on %s; configuration file %s"
             % (__version__, listening, os.path.abspath(path)))
+    if process.status is not None:
+        log.log("notice", "status listener on %s" % process.status.listen.text)
     try:
         process.run()
     finally:
