@@ -10904,9 +10904,10 @@ def process_samples(pids: List[int], started: float) -> Dict[tuple, float]:
     return samples
 
 
-# -- hooks for the [upstream] pools (Backends) -------------------------------------------
-# The pools are not in this file yet; once they are, these two read and
-# steer them, and /metrics, /readyz and /upstream/(un)drain follow.
+# -- the [upstream] pools, seen and steered from here ------------------------------------
+# What the workers learned of the pool servers (UpstreamHealth) and the
+# drains every worker obeys (UpstreamDrains), both shared books: the
+# master reads and writes them as well as a worker (Backend pools).
 
 def upstream_states(config: Config, books: "SharedBooks", now: float) -> List[Tuple[str, str, bool]]:
     """(pool name, server ADDRESS:PORT, up) of every server of every pool:
