@@ -324,6 +324,16 @@ SMTP_BACKEND_RCPT_OK = b"250 2.1.5 Ok (backend)\r\n"
 SMTP_BACKEND_DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
 
+# What the proxy says as a ManageSieve server with proxy_config's settings
+# (its greeting: the capabilities, then OK), and what the fake one says.
+SIEVE_PROXY_CAPABILITIES = (b'"IMPLEMENTATION" "mailproxy"\r\n'
+                            b'"SIEVE" "fileinto reject envelope vacation"\r\n'
+                            b'"SASL" "PLAIN"\r\n"VERSION" "1.0"\r\n')
+SIEVE_BACKEND_GREETING_OK = b'OK "fake ManageSieve ready."\r\n'
+SIEVE_BACKEND_LOGGED_IN = b'OK "Logged in (fake)."\r\n'
+# How mailproxy logs alice in to a ManageSieve backend.
+SIEVE_LOGIN_ON_THE_WIRE = b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n'
+
 
 def smtp_backend_rcpt_refused(address: bytes) -> bytes:
     return b"550 5.1.1 <%s>: Recipient address rejected: User unknown\r\n" % address
@@ -1388,7 +1398,94 @@ class FakeSmtpBackend(FakeBackend):
         return b"".join(line for encrypted, line in self.commands if encrypted == secure)
 
 
-FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend}
+class FakeSieveBackend(FakeBackend):
+    """A ManageSieve server (RFC 5804) as Dovecot's Pigeonhole: capability
+    lines and OK; ``AUTHENTICATE "PLAIN" "base64"`` (as mailproxy sends it;
+    a token mechanism goes to ``authenticates`` and is answered OK);
+    CAPABILITY, NOOP, LOGOUT; after login ``PUTSCRIPT "name" {n+}`` (kept in
+    ``scripts``, answered with the sha256 of the n bytes), ``LISTSCRIPTS``
+    and ``GETSCRIPT "name"``.  With tls="starttls" it offers STARTTLS and
+    takes nothing else in clear; after the handshake the capabilities come
+    again (§2.2)."""
+
+    def __init__(self, mode: str = "normal", **options):
+        self.authenticates = []
+        self.scripts = {}
+        super().__init__(mode, **options)
+
+    def capabilities(self, starttls: bool = False) -> bytes:
+        return (b'"IMPLEMENTATION" "FakeSieve"\r\n"SIEVE" "fileinto vacation"\r\n'
+                b'"SASL" "PLAIN"\r\n' + (b'"STARTTLS"\r\n' if starttls else b"") +
+                b'"VERSION" "1.0"\r\n')
+
+    def serve(self, wire: BackendWire) -> None:
+        if not self.greet(wire, self.capabilities() + SIEVE_BACKEND_GREETING_OK,
+                          b'BYE "not today"\r\n'):
+            return
+        logged_in = False
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            command, _, argument = line.rstrip(b"\r\n").partition(b" ")
+            command = command.upper()
+            if command == b"AUTHENTICATE" and not logged_in:
+                logged_in = self.authenticate(wire, line, argument)
+            elif command == b"CAPABILITY":
+                wire.send(self.capabilities() + b'OK "Capability completed (fake)."\r\n')
+            elif command == b"NOOP":
+                wire.send(b'OK "NOOP completed (fake)."\r\n')
+            elif command == b"LOGOUT":
+                wire.send(b'OK "Logout completed (fake)."\r\n')
+                return
+            elif command == b"PUTSCRIPT" and logged_in:
+                match = re.fullmatch(rb'"([^"]+)" \{(\d+)\+\}', argument)
+                if match is None:
+                    wire.send(b'NO "this fake wants a name and a literal"\r\n')
+                    continue
+                data = wire.exactly(int(match.group(2)))
+                if wire.line() != b"\r\n":
+                    return
+                self.scripts[match.group(1)] = data
+                wire.send(b'OK "PUTSCRIPT completed, sha256 %s."\r\n' % sha256_hex(data).encode())
+            elif command == b"LISTSCRIPTS" and logged_in:
+                wire.send(b"".join(b'"%s"\r\n' % name for name in sorted(self.scripts)) +
+                          b'OK "Listscripts completed."\r\n')
+            elif command == b"GETSCRIPT" and logged_in and argument[1:-1] in self.scripts:
+                data = self.scripts[argument[1:-1]]
+                wire.send(b"{%d}\r\n" % len(data) + data + b'\r\nOK "Getscript completed."\r\n')
+            else:
+                wire.send(b'NO "unknown command (fake)"\r\n')
+
+    def authenticate(self, wire: BackendWire, line: bytes, argument: bytes) -> bool:
+        match = re.fullmatch(rb'"([A-Z0-9-]+)" "([A-Za-z0-9+/=]*)"', argument)
+        if match is None:
+            wire.send(b'NO "this fake wants a mechanism and an initial response"\r\n')
+            return False
+        if match.group(1) != b"PLAIN":
+            self.authenticates.append(line)
+            wire.send(SIEVE_BACKEND_LOGGED_IN)
+            return True
+        _, login, password = base64.b64decode(match.group(2)).split(b"\0")
+        if not self.accepts(login, password):
+            wire.send(b'NO "Authentication failed (fake)."\r\n')
+            return False
+        wire.send(SIEVE_BACKEND_LOGGED_IN)
+        return True
+
+    def starttls(self, wire: BackendWire) -> bool:
+        wire.send(self.capabilities(starttls=True) + SIEVE_BACKEND_GREETING_OK)
+        if wire.line().rstrip(b"\r\n").upper() != b"STARTTLS":
+            wire.send(b'NO (ENCRYPT-NEEDED) "STARTTLS first (fake)"\r\n')
+            return False
+        wire.send(b'OK "Begin TLS negotiation now (fake)."\r\n' + self.inject)
+        self.start_tls(wire)
+        wire.send(self.capabilities() + b'OK "TLS negotiation successful (fake)."\r\n')
+        return True
+
+
+FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend,
+                 "sieve": FakeSieveBackend}
 
 
 class ScriptedBackend(FakeBackend):
@@ -3457,6 +3554,66 @@ class ConfigLoadTests(unittest.TestCase):
             ("proxy_pass", 'invalid port in "127.0.0.1:99999"')])
 
 
+# -- ManageSieve's directives -------------------------------------------------------
+
+class ConfigSieveTests(unittest.TestCase):
+    def test_port_4190_means_sieve_and_the_defaults(self):
+        config = load_text(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:4190
+
+            [server sieve]
+            listen = 127.0.0.1:4190
+        """)
+        server = config.servers[0]
+        self.assertEqual(server.protocol, "sieve")
+        self.assertEqual(server.sieve_auth, ["plain"])
+        self.assertEqual(server.sieve_client_buffer, 4096)
+        self.assertEqual(server.sieve_capabilities, ["IMPLEMENTATION mailproxy",
+                                                     "SIEVE fileinto reject envelope vacation",
+                                                     "VERSION 1.0"])
+
+    def test_quoted_capabilities_one_a_line_and_methods(self):
+        config = load_text(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:4190
+            sieve_auth = PLAIN login
+            sieve_capabilities = "IMPLEMENTATION Example Sieve" "SIEVE fileinto"
+                "NOTIFY mailto" "VERSION 1.0"
+            sieve_client_buffer = 8k
+
+            [server managesieve]
+            listen = 127.0.0.1:14190
+            protocol = sieve
+        """)
+        server = config.servers[0]
+        self.assertEqual(server.sieve_auth, ["plain", "login"])
+        self.assertEqual(server.sieve_capabilities, ["IMPLEMENTATION Example Sieve", "SIEVE fileinto",
+                                                     "NOTIFY mailto", "VERSION 1.0"])
+        self.assertEqual(server.sieve_client_buffer, 8192)
+
+    def test_refused_values(self):
+        for directive, value, message in [
+                ("sieve_capabilities", '"SASL PLAIN"', '"SASL" is not listed: sieve_auth and '
+                                                       "starttls decide it"),
+                ("sieve_capabilities", "STARTTLS", '"STARTTLS" is not listed'),
+                ("sieve_capabilities", '"\\"X\\" y"', 'invalid capability'),
+                ("sieve_auth", "cram-md5", 'invalid value "cram-md5"'),
+                ("sieve_auth", "xoauth2", '"xoauth2" needs auth_http')]:
+            with self.subTest(directive=directive, value=value):
+                _, errors = config_errors(self, """\
+                    [mail]
+                    proxy_pass = 127.0.0.1:4190
+                    %s = %s
+
+                    [server sieve]
+                    listen = 127.0.0.1:14190
+                    protocol = sieve
+                """ % (directive, value))
+                self.assertTrue(any(error.directive == directive and message in error.message
+                                    for error in errors), [str(error) for error in errors])
+
+
 # -- [users] and [routes] -----------------------------------------------------------
 
 class ConfigUsersRoutesTests(unittest.TestCase):
@@ -4602,6 +4759,163 @@ class SmtpMachineTests(unittest.TestCase):
                       (b"XCLIENT ADDR=192.0.2.9\r\n", SMTP_PROXY_GREETING,
                        [mp.ClientIdentity(b"192.0.2.9", b"", None, "XCLIENT")]),
                       (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])], smtp_auth=["none"])
+
+
+# -- ManageSieve --------------------------------------------------------------------
+
+SIEVE_NOOP = b"NOOP\r\n"       # the pipelined tail of the ManageSieve transcripts
+
+
+class SieveMachineTests(unittest.TestCase):
+    def sieve(self, exchanges, tail=SIEVE_NOOP, **settings):
+        converse_three_ways(self, lambda: make_machine("sieve", **settings), exchanges, tail)
+
+    def test_greeting_is_the_capabilities_then_ok(self):
+        self.assertEqual(make_machine("sieve").data_to_send(),
+                         SIEVE_PROXY_CAPABILITIES + mp.SIEVE_GREETING)
+
+    def test_capabilities_follow_the_settings(self):
+        """sieve_capabilities as "NAME" "VALUE" lines, VERSION last; SASL
+        from sieve_auth in a fixed order; STARTTLS while it is offered."""
+        machine = make_machine("sieve", sieve_auth=["oauthbearer", "login", "plain"],
+                               sieve_capabilities=["VERSION 1.0", "IMPLEMENTATION x \"y\"",
+                                                   "NOTIFY mailto", "X-FLAG"], starttls="on")
+        self.assertEqual(machine.capability(),
+                         b'"IMPLEMENTATION" "x \\"y\\""\r\n"NOTIFY" "mailto"\r\n"X-FLAG"\r\n'
+                         b'"SASL" "PLAIN LOGIN OAUTHBEARER"\r\n"STARTTLS"\r\n"VERSION" "1.0"\r\n')
+
+    def test_capability_noop_logout(self):
+        self.sieve([(b"CAPABILITY\r\n", SIEVE_PROXY_CAPABILITIES + mp.SIEVE_CAPABILITY_OK, []),
+                    (b"noop\r\n", mp.SIEVE_NOOP_OK, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])])
+
+    def test_noop_with_a_tag_echoes_it(self):
+        """RFC 5804 §2.11, as sieve-connect sends it after STARTTLS; a tag
+        that cannot be quoted comes back as a literal."""
+        self.sieve([(b'NOOP "STARTTLS-SYNC-42"\r\n', b'OK (TAG "STARTTLS-SYNC-42") "Done"\r\n', []),
+                    (b'NOOP {4+}\r\na"\\b\r\n', b'OK (TAG "a\\"\\\\b") "Done"\r\n', []),
+                    (b"NOOP {3+}\r\na\r\n\r\n", b'OK (TAG {3}\r\na\r\n) "Done"\r\n', []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])])
+
+    def test_authenticate_plain_quoted_initial_response(self):
+        self.sieve([(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n', b"",
+                     [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_plain_literals(self):
+        """{n+} as RFC 5804 §4 has clients send them, and {n} read the same
+        way (no continuation is sent: ManageSieve has none)."""
+        self.sieve([(b'AUTHENTICATE {5+}\r\nPLAIN {%d+}\r\n' % len(PLAIN_ALICE) + PLAIN_ALICE +
+                     b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        self.sieve([(b'AUTHENTICATE "PLAIN" {%d}\r\n' % len(PLAIN_ALICE) + PLAIN_ALICE + b"\r\n",
+                     b"", [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_plain_challenge_then_string_response(self):
+        self.sieve([(b'AUTHENTICATE "PLAIN"\r\n', b'""\r\n', []),
+                    (b'"' + PLAIN_ALICE + b'"\r\n', b"", [mp.Credentials(b"alice", b"secret")])])
+        self.sieve([(b'Authenticate "plain"\r\n', b'""\r\n', []),
+                    (b"{%d+}\r\n" % len(PLAIN_ALICE) + PLAIN_ALICE + b"\r\n", b"",
+                     [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_login_mechanism(self):
+        self.sieve([(b'AUTHENTICATE "LOGIN"\r\n', b'"VXNlcm5hbWU6"\r\n', []),
+                    (b'"' + b64(b"alice") + b'"\r\n', b'"UGFzc3dvcmQ6"\r\n', []),
+                    (b'"' + b64(b"secret") + b'"\r\n', b"", [mp.Credentials(b"alice", b"secret")])],
+                   sieve_auth=["plain", "login"])
+
+    def test_authenticate_oauth_tokens(self):
+        xoauth2 = b64(b"user=alice\x01auth=Bearer tok\x01\x01")
+        self.sieve([(b'AUTHENTICATE "XOAUTH2" "' + xoauth2 + b'"\r\n', b"",
+                     [mp.Credentials(b"alice", b"tok", mp.AuthMethod.XOAUTH2)])],
+                   sieve_auth=["xoauth2"])
+        self.sieve([(b'AUTHENTICATE "XOAUTH2" "' + xoauth2 + b'"\r\n', mp.SIEVE_INVALID, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])])       # not enabled
+
+    def test_cancel_bad_base64_and_no_string_are_refused_uncounted(self):
+        """§2.1: "*" cancels (NO); bad base64 and an empty line are refused
+        the same way; none of them counts towards max_errors."""
+        self.sieve([(b'AUTHENTICATE "PLAIN"\r\n', b'""\r\n', []),
+                    (b'"*"\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN" "!!!="\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN"\r\n', b'""\r\n', []),
+                    (b"\r\n", mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN" "' + b64(b"alice\0secret") + b'"\r\n',
+                     mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "CRAM-MD5"\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n', b"",
+                     [mp.Credentials(b"alice", b"secret")])], max_errors=2)
+
+    def test_invalid_commands_then_bye_at_max_errors(self):
+        """Unknown words are counted; the last is answered BYE and closes."""
+        self.sieve([(b"LOGIN alice secret\r\n", mp.SIEVE_INVALID, []),
+                    (b"a1 NOOP\r\n", mp.SIEVE_INVALID, []),
+                    (b"NOOP x y\r\n", mp.SIEVE_INVALID, []),                  # refused, not counted
+                    (b'NOOP "unterminated\r\n', mp.SIEVE_TOO_MANY_ERRORS,
+                     [mp.Closed("client sent too many invalid commands")])], max_errors=3)
+
+    def test_commands_of_the_logged_in_state_are_read_whole_and_refused(self):
+        """PUTSCRIPT before AUTHENTICATE: its literal is no command."""
+        script = b'require "fileinto";\r\nNOOP\r\n'
+        self.sieve([(b'PUTSCRIPT "s" {%d+}\r\n' % len(script) + script + b"\r\n",
+                     mp.SIEVE_INVALID, []),
+                    (b"LISTSCRIPTS\r\n", mp.SIEVE_INVALID, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])], max_errors=1)
+
+    def test_too_long_command_or_literal_closes(self):
+        self.sieve([(b"NOOP " + b"x" * 4096, mp.SIEVE_TOO_LONG,
+                     [mp.Closed("client sent too long command")])])
+        self.sieve([(b'AUTHENTICATE "PLAIN" {4097+}\r\n', mp.SIEVE_INVALID,
+                     [mp.Closed(mp.IMAP_UNSKIPPABLE_LITERAL)])])
+        self.sieve([(b"NOOP {60+}\r\n" + b"x" * 100, mp.SIEVE_TOO_LONG,
+                     [mp.Closed("client sent too long command")])], sieve_client_buffer=64)
+
+    def test_starttls_drops_what_was_pipelined_and_greets_again(self):
+        """§2.2; RFC 3207 §4.2's rule: nothing sent in clear behind it is read."""
+        machine = make_machine("sieve", starttls="on")
+        self.assertIn(b'"STARTTLS"\r\n', machine.data_to_send())
+        events = machine.receive_data(b'STARTTLS\r\nAUTHENTICATE "PLAIN" "' + PLAIN_ALICE +
+                                      b'"\r\n')
+        self.assertEqual((machine.data_to_send(), events), (mp.SIEVE_STARTTLS_OK, [mp.StartTls()]))
+        self.assertEqual(machine.receive_data(b"NOOP\r\n"), [])
+        self.assertEqual(machine.tls_started(), [])
+        self.assertEqual(machine.data_to_send(), SIEVE_PROXY_CAPABILITIES + mp.SIEVE_TLS_DONE)
+        self.assertEqual(machine.receive_data(b'NOOP "sync"\r\nSTARTTLS\r\n'), [])
+        self.assertEqual(machine.data_to_send(), b'OK (TAG "sync") "Done"\r\n' + mp.SIEVE_INVALID)
+
+    def test_starttls_only_refuses_authenticate_before_tls(self):
+        machine = make_machine("sieve", starttls="only")
+        self.assertEqual(machine.data_to_send(), SIEVE_PROXY_CAPABILITIES.replace(
+            b'"SASL" "PLAIN"\r\n', b'"SASL" ""\r\n"STARTTLS"\r\n') + mp.SIEVE_GREETING)
+        machine.receive_data(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n')
+        self.assertEqual(machine.data_to_send(), mp.SIEVE_ENCRYPT_NEEDED)
+        self.assertEqual(machine.errors, 0)
+
+    def test_failure_replies_and_another_try(self):
+        machine = make_machine("sieve")
+        self.assertEqual(machine.failure_reply(b"Invalid login or password"),
+                         b'NO "Invalid login or password"\r\n')
+        self.assertEqual(machine.failure_reply(*mp.SIEVE_LOGIN_UNAVAILABLE),
+                         b'NO (TRYLATER) "Temporary authentication failure"\r\n')
+        self.assertEqual(machine.failure_reply(b"no", b"535 5.7.0"), b'NO "no"\r\n')
+        machine.data_to_send()
+        machine.receive_data(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\nNOOP\r\n')
+        self.assertEqual(machine.auth_failed(b'NO "x"\r\n'), [])
+        self.assertEqual(machine.data_to_send(), b'NO "x"\r\n' + mp.SIEVE_NOOP_OK)
+
+    def test_oauth_failure_sends_the_error_challenge_as_a_string(self):
+        machine = make_machine("sieve", sieve_auth=["oauthbearer"])
+        machine.data_to_send()
+        token = b64(b"n,a=alice,\x01auth=Bearer tok\x01\x01")
+        self.assertEqual(machine.receive_data(b'AUTHENTICATE "OAUTHBEARER" "' + token + b'"\r\n'),
+                         [mp.Credentials(b"alice", b"tok", mp.AuthMethod.OAUTHBEARER)])
+        machine.auth_failed(b'NO "bad token"\r\n', b'{"status":"invalid_token"}')
+        self.assertEqual(machine.data_to_send(), b'"' + b64(b'{"status":"invalid_token"}') + b'"\r\n')
+        machine.receive_data(b'"AQ=="\r\n')
+        self.assertEqual(machine.data_to_send(), b'NO "bad token"\r\n')
+
+    def test_sieve_string(self):
+        self.assertEqual(mp.sieve_string(b'a "b" \\c'), b'"a \\"b\\" \\\\c"')
+        self.assertEqual(mp.sieve_string(b"a\r\nb"), b"{4}\r\na\r\nb")
+        self.assertEqual(mp.sieve_string(b"x" * 1025), b"{1025}\r\n" + b"x" * 1025)
 
 
 # -- STARTTLS in the machines: capabilities and the injection defence ---------------
@@ -6202,6 +6516,80 @@ class BackendStartTlsScriptTests(unittest.TestCase):
         script = mp.smtp_login_script(server_settings("smtp", proxy_starttls=True, xclient=False), facts())
         self.assertEqual(script[3:8], [mp.Send(b"STARTTLS\r\n", "STARTTLS"), mp.Expect("smtp", codes=(b"220",)),
                                        mp.TlsStep(), mp.Send(b"EHLO mail.test\r\n", "EHLO"), E250])
+
+
+# -- ManageSieve: the capabilities, STARTTLS, AUTHENTICATE PLAIN ---------------------
+
+SIEVE_GREETING_LINES = [b'"IMPLEMENTATION" "Dovecot Pigeonhole"\r\n', b'"SASL" "PLAIN"\r\n',
+                        b'"VERSION" "1.0"\r\n', b'OK "Dovecot ready."\r\n']
+
+
+def sieve_outcome(login=b"alice", password=b"secret", token=None):
+    return mp.AuthOutcome(mp.Verdict.OK, login, password, upstream(port=4190), token=token)
+
+
+class SieveBackendScriptTests(unittest.TestCase):
+    def sieve_script(self, outcome, starttls=False):
+        return mp.sieve_attempt_script(server_settings("sieve"), None, outcome, starttls)
+
+    def test_authenticate_plain_after_the_capabilities(self):
+        """The base64 of NUL login NUL password in a quoted string: no byte
+        of them is sent as itself, so none can end the command early."""
+        login, password = b'al"ice\r\nLOGOUT', b"p\\w\r\n"
+        script = self.sieve_script(sieve_outcome(login, password))
+        response = b64(b"\0" + login + b"\0" + password)
+        self.assertEqual(script, [
+            mp.Expect("sieve-greeting"),
+            mp.Send(b'AUTHENTICATE "PLAIN" "' + response + b'"\r\n', "AUTHENTICATE PLAIN"),
+            mp.Expect("sieve-ok", relay=True, verdict=True)])
+        sent, events, login_run = run_script(script, SIEVE_GREETING_LINES + [
+            b'OK "Logged in."\r\n"after"'])
+        self.assertEqual(sent, b'AUTHENTICATE "PLAIN" "' + response + b'"\r\n')
+        self.assertEqual(events, [mp.LoginDone(b'OK "Logged in."\r\n')])
+        self.assertEqual(login_run.trailing_data, b'"after"')
+
+    def test_token_is_handed_on(self):
+        script = self.sieve_script(sieve_outcome(password=None, token=("xoauth2", b"tok")))
+        self.assertEqual(script[1], mp.Send(b'AUTHENTICATE "XOAUTH2" "' + b64(
+            b"user=alice\x01auth=Bearer tok\x01\x01") + b'"\r\n', "AUTHENTICATE XOAUTH2"))
+
+    def test_starttls_then_the_capabilities_again(self):
+        login = mp.BackendLogin(self.sieve_script(sieve_outcome(), starttls=True))
+        self.assertEqual(login.receive_data(b"".join(SIEVE_GREETING_LINES)), [])
+        self.assertEqual(login.data_to_send(), b"STARTTLS\r\n")
+        # Whatever follows the yes in clear is dropped (RFC 3207 §4.2's rule).
+        self.assertEqual(login.receive_data(b'OK "Begin TLS."\r\nOK "injected"\r\n'),
+                         [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"")
+        self.assertEqual(login.receive_data(b"".join(SIEVE_GREETING_LINES)), [])
+        self.assertEqual(login.data_to_send(), SIEVE_LOGIN_ON_THE_WIRE)
+        self.assertEqual(login.receive_data(b"OK\r\n"), [mp.LoginDone(b"OK\r\n")])
+
+    def test_which_refusals_are_a_verdict_on_the_credentials(self):
+        script = self.sieve_script(sieve_outcome())
+        for reply, verdict in [(b'NO "Authentication failed."\r\n', True), (b"no\r\n", True),
+                               (b'NO (TRYLATER) "Try later"\r\n', False),
+                               (b'NO (AUTH-TOO-WEAK) "No"\r\n', False),
+                               (b'BYE "Going away"\r\n', False), (b'"SASL" "x"\r\n', False)]:
+            with self.subTest(reply=reply):
+                with self.assertRaises(mp.BackendError) as caught:
+                    run_script(script, SIEVE_GREETING_LINES + [reply])
+                self.assertTrue(caught.exception.refusal)
+                self.assertEqual(caught.exception.verdict, verdict)
+
+    def test_another_protocols_greeting_and_literals_are_refused(self):
+        script = self.sieve_script(sieve_outcome())
+        with self.assertRaises(mp.UnexpectedGreeting) as caught:
+            run_script(script, [b"* OK IMAP4rev1 ready\r\n"])
+        self.assertTrue(str(caught.exception).startswith(
+            "upstream sent an unexpected greeting (IMAP's, where ManageSieve's was expected"))
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(script, [b'BYE "Too many connections"\r\n'])
+        self.assertNotIsInstance(caught.exception, mp.UnexpectedGreeting)
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(script, [b'"SIEVE" {20}\r\n'])
+        self.assertEqual(str(caught.exception), "upstream sent a literal in its login response")
 
 
 # -- PROXY protocol headers ---------------------------------------------------------
