@@ -11468,6 +11468,168 @@ class SmtpEndToEndEarlyDataTests(EndToEndTestCase):
         self.assertEqual(client.read_line(), mp.SMTP_OK)
 
 
+# -- ManageSieve (RFC 5804, extension) ----------------------------------------------
+
+SIEVE_SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "x" { fileinto "X"; }\r\n'
+
+
+class SieveEndToEndTests(EndToEndTestCase):
+    """ManageSieve through the proxy, as sieve-connect and Thunderbird's
+    sieve add-on speak it: the capability greeting, AUTHENTICATE PLAIN,
+    then PUTSCRIPT, LISTSCRIPTS and LOGOUT relayed to the fake Pigeonhole."""
+
+    def greeted(self, proxy: ProxyUnderTest, greeting: bytes = SIEVE_PROXY_CAPABILITIES) -> Client:
+        client = self.connect(proxy)
+        self.assertEqual(client.read_exactly(len(greeting + mp.SIEVE_GREETING)),
+                         greeting + mp.SIEVE_GREETING)
+        return client
+
+    def authenticate(self, client: Client, password: bytes = b"secret") -> bytes:
+        client.send(b'AUTHENTICATE "PLAIN" {%d+}\r\n' % len(b64(b"\0alice\0" + password)) +
+                    b64(b"\0alice\0" + password) + b"\r\n")
+        return client.read_line()
+
+    def test_login_putscript_listscripts_logout(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port)
+        client = self.greeted(proxy)
+        # The login and a command pipelined behind it, in one write.
+        client.send(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\nLISTSCRIPTS\r\n')
+        client.expect_line(SIEVE_BACKEND_LOGGED_IN)
+        client.expect_line(b'OK "Listscripts completed."\r\n')
+        client.send(b'PUTSCRIPT "mine" {%d+}\r\n' % len(SIEVE_SCRIPT) + SIEVE_SCRIPT + b"\r\n")
+        client.expect_line(b'OK "PUTSCRIPT completed, sha256 %s."\r\n'
+                           % sha256_hex(SIEVE_SCRIPT).encode())
+        client.send("LISTSCRIPTS")
+        client.expect_line(b'"mine"\r\n')
+        client.expect_line(b'OK "Listscripts completed."\r\n')
+        client.send("LOGOUT")
+        client.expect_line(b'OK "Logout completed (fake)."\r\n')
+        client.expect_closed()
+        self.assertEqual(backend.scripts, {b"mine": SIEVE_SCRIPT})
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE + b"LISTSCRIPTS\r\n" +
+                         b'PUTSCRIPT "mine" {%d+}\r\n' % len(SIEVE_SCRIPT) + SIEVE_SCRIPT +
+                         b"\r\nLISTSCRIPTS\r\nLOGOUT\r\n")
+        proxy.wait_for_log(r'\[info\] \d+#0: \*1 client logged in while [^,]*, client: 127\.0\.0\.1, '
+                           r'server: 127\.0\.0\.1:%d, login: "alice", upstream: 127\.0\.0\.1:%d, '
+                           r"tls: off, auth: plain, upstream tls: off" % (proxy.port, backend.port))
+        self.assertNotIn("secret", proxy.log)
+        self.assertNotIn(PLAIN_ALICE.decode(), proxy.log)
+
+    def test_wrong_password_is_refused_and_delayed_then_the_right_one(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port, auth_delay="50ms")
+        client = self.greeted(proxy)
+        for password in (b"guess1", b"guess2"):
+            self.assertEqual(self.authenticate(client, password), b'NO "Invalid login or password"\r\n')
+        client.send(b'AUTHENTICATE "PLAIN"\r\n')
+        client.expect_line(b'""\r\n')
+        client.send(b'"' + PLAIN_ALICE + b'"\r\n')
+        client.expect_line(SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE)   # one login only
+        self.assertEqual(len(backend.received), 1)
+        log = proxy.log
+        self.assertIn('client login failed: "wrong password"', log)
+        self.assertRegex(log, r"\[notice\] \d+#0: \*1 login penalty: 2 recent failures from "
+                              r"127\.0\.0\.1 or of this account, reply in 0\.1s")
+
+    def test_auth_http_is_asked_with_auth_protocol_sieve(self):
+        backend = self.use(FakeSieveBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("sieve", auth.port)
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="sieve")])
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE)
+
+    def test_auth_http_refusal_and_its_error_code(self):
+        auth = self.auth_server(auth_fail("Try again later", ("Auth-Error-Code", "TRYLATER")))
+        proxy = self.auth_http_proxy("sieve", auth.port)
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), b'NO (TRYLATER) "Try again later"\r\n')
+        client.expect_closed()                 # no Auth-Wait: nginx closes
+
+    def test_starttls_drops_the_pipelined_login_and_greets_again(self):
+        """§2.2, and the plaintext-injection defence: the AUTHENTICATE sent
+        in clear behind STARTTLS is never read.  sieve-connect's NOOP with
+        a tag after the handshake finds the capabilities' end; the client
+        offers ALPN "managesieve" (IANA's name) and is answered with it."""
+        backend = self.use(FakeSieveBackend())
+        proxy = self.tls_proxy("sieve", backend.port, listens=("",), starttls="on")
+        with_tls = SIEVE_PROXY_CAPABILITIES.replace(b'"VERSION"', b'"STARTTLS"\r\n"VERSION"')
+        client = self.greeted(proxy, with_tls)
+        client.send(b'STARTTLS\r\nAUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n')
+        client.expect_line(mp.SIEVE_STARTTLS_OK)
+        client.start_tls(self.client_context(alpn=["managesieve"]))
+        self.assertEqual(client.sock.selected_alpn_protocol(), "managesieve")
+        again = SIEVE_PROXY_CAPABILITIES + mp.SIEVE_TLS_DONE
+        self.assertEqual(client.read_exactly(len(again)), again)
+        client.send('NOOP "STARTTLS-SYNC-42"')
+        client.expect_line(b'OK (TAG "STARTTLS-SYNC-42") "Done"\r\n')
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r'client logged in while [^,]*, client: 127\.0\.0\.1 using starttls, '
+                           r'.*, tls: TLSv1\.[23], auth: plain')
+
+    def test_starttls_to_the_backend(self):
+        backend = self.use(FakeSieveBackend(tls="starttls", context=self.backend_server_context()))
+        proxy = self.tls_proxy("sieve", backend.port, listens=("",), proxy_starttls="on",
+                               proxy_ssl_name="localhost",
+                               proxy_ssl_trusted_certificate=self.tls_path("ca.crt"))
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(backend.clear, [b"STARTTLS\r\n"])
+        self.assertEqual(bytes(backend.received[0]), b"STARTTLS\r\n" + SIEVE_LOGIN_ON_THE_WIRE)
+
+    def test_backend_refusal_internal_error_or_passed_on(self):
+        backend = self.use(FakeSieveBackend(accept=()))        # says no to everybody
+        proxy = self.start_proxy("sieve", backend.port)
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), mp.SIEVE_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r'\[error\] \d+#0: \*1 upstream sent invalid response: '
+                           r'"NO \\x22Authentication failed \(fake\)\.\\x22" while reading response '
+                           r"from upstream")
+        proxy = self.start_proxy("sieve", backend.port, proxy_pass_error_message="on")
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), b'NO "Authentication failed (fake)."\r\n')
+        client.expect_closed()
+
+    def test_auth_backend_the_backend_decides(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.use(ProxyUnderTest(proxy_config("sieve", backend.port, auth="backend",
+                                                     auth_delay="50ms", users={})))
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client, b"wrong"), b'NO "Invalid login or password"\r\n')
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(bytes(backend.received[1]), SIEVE_LOGIN_ON_THE_WIRE)
+
+    def test_hostile_input_is_bounded(self):
+        """An overlong line, a literal larger than sieve_client_buffer, and
+        too many invalid commands: each answered BYE (or NO) and closed,
+        with nginx's reason in the log; the backend is never contacted."""
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port, max_errors="2")
+        client = self.greeted(proxy)
+        client.send(b"NOOP " + b"x" * 5000)
+        client.expect_line(mp.SIEVE_TOO_LONG)
+        client.expect_closed()
+        client = self.greeted(proxy)
+        client.send(b'PUTSCRIPT "s" {1000000+}\r\n' + b"x" * 5000)
+        client.expect_line(mp.SIEVE_INVALID)
+        client.expect_closed()
+        client = self.greeted(proxy)
+        client.send("HELLO")
+        client.expect_line(mp.SIEVE_INVALID)
+        client.send("a1 LOGIN alice secret")
+        client.expect_line(mp.SIEVE_TOO_MANY_ERRORS)
+        client.expect_closed()
+        log = proxy.wait_for_log(r"client sent too many invalid commands while in auth state").string
+        self.assertIn("client sent too long command", log)
+        self.assertIn(mp.IMAP_UNSKIPPABLE_LITERAL, log)
+        self.assertEqual(backend.received, [])
+
+
 # -- when the client misbehaves -----------------------------------------------------
 
 class ClientMisbehaviourTests(EndToEndTestCase):
