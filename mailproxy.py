@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""mailproxy: an IMAP, POP3 and SMTP proxy in one file, standard library only.
+"""mailproxy: an IMAP, POP3, SMTP and ManageSieve proxy in one file, standard library only.
 
 A client connects; mailproxy speaks the mail protocol with it up to
 authentication, decides who the user is and which backend serves them, logs in
