@@ -7197,6 +7197,32 @@ class DebugLogTests(EndToEndTestCase):
         self.assertNotIn("[debug]", proxy.log)
         self.assertIn("client logged in", proxy.log)
 
+    def test_sieve_login_is_followed_on_both_sides(self):
+        """ManageSieve: a refused AUTHENTICATE with an initial response, one
+        with the response after the challenge, as a literal."""
+        backend = self.use(FakeSieveBackend(accept=((b"alice", DEBUG_SECRET),)))
+        proxy = self.debug_proxy("sieve", backend.port, auth_delay="10ms")
+        client = self.connect(proxy)
+        client.read_exactly(len(SIEVE_PROXY_CAPABILITIES + mp.SIEVE_GREETING))
+        client.send(b'AUTHENTICATE "PLAIN" "' + b64(b"\0alice\0" + DEBUG_SECRET[::-1]) + b'"\r\n')
+        client.expect(rb"^NO ")
+        client.send(b'AUTHENTICATE "PLAIN"\r\n')
+        client.expect_line(b'""\r\n')
+        response = b64(b"\0alice\0" + DEBUG_SECRET)
+        client.send(b"{%d+}\r\n%s\r\n" % (len(response), response))
+        client.expect_line(SIEVE_BACKEND_LOGGED_IN)
+        client.send("LOGOUT")
+        client.read_until_closed()
+        proxy.wait_for_log(r"session done")
+        self.assertLogged(proxy, "sieve command: AUTHENTICATE, waiting for the verdict",
+                          "auth verdict: fail", "sieve command: AUTHENTICATE, reply: NO",
+                          "sieve command: AUTHENTICATE, reply: +",
+                          "sieve command: SASL plain response, waiting for the verdict",
+                          "auth verdict: ok", "backend: got OK",
+                          "backend: send AUTHENTICATE PLAIN", "backend: got OK",
+                          "mail phase: login -> relay",
+                          "sieve command: SASL plain response, reply: OK (the backend's)")
+        self.assertNoSecret(proxy, DEBUG_SECRET, DEBUG_SECRET[::-1])
 
 class DebugNoteTests(unittest.TestCase):
     """The sans-I/O side of the debug log: names and codes only."""
