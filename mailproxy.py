@@ -3876,6 +3876,14 @@ class SieveMachine(ImapMachine):
     def _sasl_continue(self, prompt: bytes) -> None:
         self._output += sieve_string(strip_eol(prompt)) + b"\r\n"     # §2.1: a string
 
+    def _credentials(self, events: list, credentials: Credentials) -> None:
+        """A NUL in the login or password is refused here: the backend login
+        is SASL PLAIN, whose fields NUL separates (RFC 4616 §2), so it
+        would move bytes from one field to the next."""
+        if b"\0" in credentials.login or b"\0" in credentials.password:
+            return self._refuse(events)
+        super()._credentials(events, credentials)
+
     def _refuse(self, events: list) -> None:
         self._invalid(events, False, SIEVE_INVALID)
 

@@ -4844,6 +4844,15 @@ class SieveMachineTests(unittest.TestCase):
                     (b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n', b"",
                      [mp.Credentials(b"alice", b"secret")])], max_errors=2)
 
+    def test_nul_in_login_or_password_is_refused(self):
+        """The backend login is SASL PLAIN: a NUL would shift its fields."""
+        self.sieve([(b'AUTHENTICATE "LOGIN"\r\n', b'"VXNlcm5hbWU6"\r\n', []),
+                    (b'"' + b64(b"alice\0bob") + b'"\r\n', b'"UGFzc3dvcmQ6"\r\n', []),
+                    (b'"' + b64(b"secret") + b'"\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "LOGIN" "' + b64(b"alice") + b'"\r\n', b'"UGFzc3dvcmQ6"\r\n', []),
+                    (b'"' + b64(b"se\0cret") + b'"\r\n', mp.SIEVE_INVALID, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])], sieve_auth=["login"])
+
     def test_invalid_commands_then_bye_at_max_errors(self):
         """Unknown words are counted; the last is answered BYE and closes."""
         self.sieve([(b"LOGIN alice secret\r\n", mp.SIEVE_INVALID, []),
