@@ -11639,6 +11639,18 @@ class SieveEndToEndTests(EndToEndTestCase):
         self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
         self.assertEqual(bytes(backend.received[1]), SIEVE_LOGIN_ON_THE_WIRE)
 
+    def test_max_user_sessions(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port, max_user_sessions="1")
+        first = self.greeted(proxy)
+        self.assertEqual(self.authenticate(first), SIEVE_BACKEND_LOGGED_IN)
+        second = self.greeted(proxy)
+        self.assertEqual(self.authenticate(second),
+                         b'NO (TRYLATER) "Too many sessions for this user"\r\n')
+        second.expect_closed()
+        proxy.wait_for_log(r'client login failed: "max_user_sessions \(1\) reached"')
+        self.assertEqual(len(backend.received), 1)
+
     def test_hostile_input_is_bounded(self):
         """An overlong line, a literal larger than sieve_client_buffer, and
         too many invalid commands: each answered BYE (or NO) and closed,
