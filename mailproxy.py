@@ -3744,7 +3744,7 @@ class SmtpMachine(ClientMachine):
 SIEVE_GREETING = b'OK "ManageSieve ready"\r\n'         # after the capabilities (§1.7)
 SIEVE_CAPABILITY_OK = b'OK "Capability completed"\r\n'
 SIEVE_NOOP_OK = b'OK "NOOP completed"\r\n'
-SIEVE_NOOP_TAG_TEXT = b' "Done"\r\n'                    # after OK (TAG "..."), §2.11
+SIEVE_NOOP_TAG_TEXT = b' "Done"\r\n'                    # after OK (TAG "..."), §2.13
 SIEVE_LOGOUT_OK = b'OK "Logout completed"\r\n'          # then the close, §2.3
 SIEVE_STARTTLS_OK = b'OK "Begin TLS negotiation now"\r\n'
 SIEVE_TLS_DONE = b'OK "TLS negotiation successful"\r\n'  # after the capabilities again, §2.2
@@ -3769,7 +3769,7 @@ SIEVE_COMMAND_TABLE = {
     b"CAPABILITY": Command("_capability"), b"NOOP": Command("_noop"),
     b"LOGOUT": Command("_logout"), b"STARTTLS": Command("_starttls"),
     b"AUTHENTICATE": Command("_authenticate", needs_tls=True),
-    # The commands of the authenticated state (§2.6-2.10, §2.12-2.14):
+    # The commands of the authenticated state (§2.5-2.12, §2.14):
     # read whole, literal and all, and refused (not counted) until the login.
     b"PUTSCRIPT": Command(None), b"LISTSCRIPTS": Command(None), b"SETACTIVE": Command(None),
     b"GETSCRIPT": Command(None), b"DELETESCRIPT": Command(None), b"RENAMESCRIPT": Command(None),
@@ -3815,7 +3815,7 @@ class SieveScanner(ImapScanner):
 
 
 class SieveMachine(ImapMachine):
-    """The ManageSieve dialogue before login (RFC 5804 §2.1-2.4, §2.11):
+    """The ManageSieve dialogue before login (RFC 5804 §2.1-2.4, §2.13):
     CAPABILITY, NOOP, LOGOUT, STARTTLS, AUTHENTICATE with SASL (the same
     SaslExchange as the other protocols; challenges and responses are
     strings).  From ImapMachine it keeps the scanning of strings and
@@ -3935,7 +3935,7 @@ class SieveMachine(ImapMachine):
         self._output += self.capability() + SIEVE_CAPABILITY_OK
 
     def _noop(self, events: list, args: List) -> None:
-        """§2.11: with a tag, the tag is echoed in the OK (sieve-connect
+        """§2.13: with a tag, the tag is echoed in the OK (sieve-connect
         waits for it to find the end of what came before)."""
         if len(args) > 1:
             return self._refuse(events)

@@ -4790,7 +4790,7 @@ class SieveMachineTests(unittest.TestCase):
                     (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])])
 
     def test_noop_with_a_tag_echoes_it(self):
-        """RFC 5804 §2.11, as sieve-connect sends it after STARTTLS; a tag
+        """RFC 5804 §2.13, as sieve-connect sends it after STARTTLS; a tag
         that cannot be quoted comes back as a literal."""
         self.sieve([(b'NOOP "STARTTLS-SYNC-42"\r\n', b'OK (TAG "STARTTLS-SYNC-42") "Done"\r\n', []),
                     (b'NOOP {4+}\r\na"\\b\r\n', b'OK (TAG "a\\"\\\\b") "Done"\r\n', []),
