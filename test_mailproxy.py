@@ -15251,7 +15251,28 @@ def fuzz_smtp_command(rng: random.Random) -> bytes:
     return (name.lower() if rng.random() < 0.2 else name) + extra + b"\r\n"
 
 
-FUZZ_COMMANDS = {"imap": fuzz_imap_command, "pop3": fuzz_pop3_command, "smtp": fuzz_smtp_command}
+def fuzz_sieve_command(rng: random.Random) -> bytes:
+    """ManageSieve (RFC 5804): the mechanism, initial response and client
+    responses as strings (quoted or {n+} / {n} literals)."""
+    login, password = rng.choice(FUZZ_LOGINS)
+    name = rng.choice((b"CAPABILITY", b"NOOP", b"NOOP-TAG", b"LOGOUT", b"STARTTLS",
+                       b"AUTHENTICATE", b"AUTHENTICATE", b"PUTSCRIPT"))
+    string = lambda value: fuzz_imap_string(rng, value) if value else b'""'
+    if name == b"AUTHENTICATE":
+        mechanism, initial, lines = fuzz_sasl(rng, login, password)
+        command = b"AUTHENTICATE " + string(mechanism) + (
+            b" " + string(initial) if initial is not None else b"")
+        return command + b"\r\n" + b"".join(string(line) + b"\r\n" for line in lines)
+    if name == b"NOOP-TAG":
+        return b"NOOP " + string(rng.choice((b"STARTTLS-SYNC-42", b'a"b', b"x\r\ny"))) + b"\r\n"
+    if name == b"PUTSCRIPT":
+        return b'PUTSCRIPT "s" {12+}\r\nkeep;\r\nstop;\r\n'
+    extra = rng.choice((b"", b"", b"", b" x", b' "PLAIN"'))      # refused argument counts
+    return (name.lower() if rng.random() < 0.2 else name) + extra + b"\r\n"
+
+
+FUZZ_COMMANDS = {"imap": fuzz_imap_command, "pop3": fuzz_pop3_command, "smtp": fuzz_smtp_command,
+                 "sieve": fuzz_sieve_command}
 
 
 def fuzz_client_corpus(rng: random.Random, settings: dict, protocol: str) -> list:
@@ -15877,6 +15898,7 @@ FUZZ_TARGETS = {
     "imap": fuzz_client_target("imap"),
     "pop3": fuzz_client_target("pop3"),
     "smtp": fuzz_client_target("smtp"),
+    "sieve": fuzz_client_target("sieve"),
     "backend-login": FuzzTarget(fuzz_backend_settings, fuzz_backend_corpus,
                                 lambda settings: [settings["line_limit"]], fuzz_drive_backend,
                                 turns=fuzz_backend_turns),
