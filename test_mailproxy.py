@@ -15308,7 +15308,7 @@ def fuzz_backend_settings(rng: random.Random) -> dict:
     """Which login script, built from what (see fuzz_backend_script)."""
     login, password = rng.choice(FUZZ_LOGINS)
     settings = {"script": rng.choice(("imap", "imap", "imap-token", "pop3", "pop3-token",
-                                      "smtp", "smtp", "smtp")),
+                                      "smtp", "smtp", "smtp", "sieve", "sieve-token")),
                 "tag": rng.choice((b"a1 ", b"A001 ")), "login": login, "password": password,
                 "starttls": rng.random() < 0.3, "line_limit": rng.choice((64, 128, mp.PAGE_SIZE)),
                 "mechanism": rng.choice(("xoauth2", "oauthbearer"))}
@@ -15344,6 +15344,10 @@ def fuzz_backend_script(settings: dict) -> list:
     if kind == "pop3-token":
         response = mp.oauth_initial_response(mechanism, login, password)
         return mp.pop3_token_script(mechanism, response, starttls)
+    if kind in ("sieve", "sieve-token"):
+        token = (mechanism, password) if kind == "sieve-token" else None
+        outcome = mp.AuthOutcome(mp.Verdict.OK, login, password, token=token)
+        return mp.sieve_attempt_script(server_settings("sieve"), None, outcome, starttls)
     return mp.smtp_login_script(server_settings("smtp", **settings["server"]),
                                 mp.SmtpFacts(**settings["facts"]))
 
@@ -15361,6 +15365,11 @@ def fuzz_backend_reply(rng: random.Random, step, tag: bytes) -> bytes:
         return untagged + (step.tag or tag) + done
     if step.kind == "pop3-ok":
         return rng.choice((b"+OK\r\n", b"+OK hello\r\n", b"+OK 2 messages\r\n"))
+    if step.kind == "sieve-greeting":
+        return b"".join(rng.sample(SIEVE_GREETING_LINES[:-1], rng.randint(0, 3))) + rng.choice((
+            b'OK "Dovecot ready."\r\n', b"OK\r\n", b'ok "lower case"\r\n'))
+    if step.kind == "sieve-ok":
+        return rng.choice((b"OK\r\n", b'OK "Logged in."\r\n', b'OK (SASL "AA==") "done"\r\n'))
     code = rng.choice(step.codes or (b"250", b"550"))
     return rng.choice((code + b" ok\r\n", code + b"\r\n",
                        code + b"-first line\r\n" + code + b"-PIPELINING\r\n" + code + b" done\r\n"))
