@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""mailproxy: an IMAP, POP3 and SMTP proxy in one file, standard library only.
+"""mailproxy: an IMAP, POP3, SMTP and ManageSieve proxy in one file, standard library only.
 
 A client connects; mailproxy speaks the mail protocol with it up to
 authentication, decides who the user is and which backend serves them, logs in
@@ -322,10 +322,21 @@ ALL_AUTH_METHODS = {
     "imap": ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer"),
     "pop3": ("plain", "apop", "cram-md5", "external", "xoauth2", "oauthbearer"),
     "smtp": ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer", "none"),
+    # ManageSieve (RFC 5804) is SASL only; nginx has no sieve module.
+    "sieve": ("plain", "login", "external", "xoauth2", "oauthbearer"),
 }
 
 WELL_KNOWN_PORTS = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
-                    25: "smtp", 465: "smtp", 587: "smtp"}
+                    25: "smtp", 465: "smtp", 587: "smtp", 4190: "sieve"}   # RFC 5804 §1.8
+
+# sieve_capabilities' default: the entries of the ManageSieve greeting (RFC
+# 5804 §1.7), each "NAME [VALUE]"; SieveMachine adds SASL and STARTTLS.
+SIEVE_DEFAULT_CAPABILITIES = ("IMPLEMENTATION mailproxy", "SIEVE fileinto reject envelope vacation",
+                              "VERSION 1.0")
+SIEVE_MACHINE_CAPABILITIES = ("SASL", "STARTTLS")      # what the settings decide, not the list
+# A protocol's ALPN name where it is not the protocol's own (IANA's TLS
+# ALPN protocol IDs: "imap", "pop3", "managesieve").
+ALPN_NAMES = {"sieve": "managesieve"}
 
 
 NGINX_LISTEN_BACKLOG = 511     # NGX_LISTEN_BACKLOG on Linux
@@ -1033,6 +1044,20 @@ def parse_word_list(args: List[str], base: str = "") -> List[str]:
     return list(args)
 
 
+def parse_sieve_capabilities(args: List[str], base: str = "") -> List[str]:
+    """``sieve_capabilities``: quoted entries, ``"NAME VALUE"`` or ``NAME``
+    (RFC 5804 §1.7: NAME a capability, VALUE its string); SASL and
+    STARTTLS come from sieve_auth and starttls, so they are refused here."""
+    for entry in parse_word_list(args):
+        name = entry.split(" ", 1)[0]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigValueError('invalid capability "%s"' % entry)
+        if name.upper() in SIEVE_MACHINE_CAPABILITIES:
+            raise ConfigValueError('"%s" is not listed: sieve_auth and starttls decide it'
+                                   % name)
+    return list(args)
+
+
 class ErrorLogSpec(NamedTuple):
     """One ``error_log`` occurrence: a destination and the lowest level it takes."""
     destination: str           # "stderr" or an absolute path
@@ -1212,6 +1237,12 @@ DIRECTIVES = {d.name: d for d in [
     Directive("smtp_capabilities", MAIL, parse_word_list, [], multiple=True),
     Directive("smtp_client_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("smtp_greeting_delay", MAIL, parse_time, 0.0),
+    # -- extension: ManageSieve (RFC 5804), README "ManageSieve" -----------
+    Directive("sieve_auth", MAIL, auth_methods_parser("sieve"), ["plain"], multiple=True,
+              extension=True),
+    Directive("sieve_capabilities", MAIL, parse_sieve_capabilities,
+              list(SIEVE_DEFAULT_CAPABILITIES), multiple=True, extension=True),
+    Directive("sieve_client_buffer", MAIL, parse_size, PAGE_SIZE, extension=True),
     # -- extensions of mailproxy (nginx has no built-in user table) --------
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
     Directive("auth", MAIL, parse_enum("users", "backend"), "users", extension=True),
@@ -1616,14 +1647,14 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
                 break
         if merged["protocol"] is None and merged["listen"]:
             problems.append(("protocol", "unknown mail protocol for server: "
-                             'set "protocol = imap|pop3|smtp"'))
+                             'set "protocol = imap|pop3|smtp|sieve"'))
     if merged["proxy_pass"] is None and merged["auth_http"] is None:
         problems.append(("proxy_pass", 'no "proxy_pass" is defined for server ' + (
             "(the backend that checks the passwords, with auth = backend)"
             if merged.get("auth") == "backend" else
             "(the backend of the built-in user table; or set auth_http)")))
     if merged["auth_http"] is None:
-        for directive in ("imap_auth", "pop3_auth", "smtp_auth"):
+        for directive in ("imap_auth", "pop3_auth", "smtp_auth", "sieve_auth"):
             tokens = [m for m in merged[directive] if m in ("xoauth2", "oauthbearer")]
             if tokens:
                 problems.append((directive, '"%s" needs auth_http: the built-in user table '
@@ -1653,7 +1684,7 @@ def check_auth_backend(merged: Dict) -> List[Tuple[str, str]]:
         return [("auth", '"auth = backend" and "auth_http" exclude each other: '
                  "one of them decides")]
     protocol = merged["protocol"]
-    directive = "%s_auth" % protocol if protocol in ("imap", "pop3", "smtp") else None
+    directive = "%s_auth" % protocol if protocol in ALL_AUTH_METHODS else None
     for method in merged[directive] if directive else []:
         if method in AUTH_BACKEND_REFUSED:
             return [(directive, '"%s" cannot be used with "auth = backend": %s'
@@ -2682,8 +2713,13 @@ class SaslExchange:
             if self.salt is None:
                 self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
             prompt = base64.b64encode(self.salt) + b"\r\n"
-        self._output += self.SASL_PROMPT + prompt
+        self._sasl_continue(prompt)
         self.sasl = mechanism.state
+
+    def _sasl_continue(self, prompt: bytes) -> None:
+        """Queue a server challenge (RFC 4422 §3), ``prompt`` being its
+        base64 and CRLF: after SASL_PROMPT (ManageSieve sends a string)."""
+        self._output += self.SASL_PROMPT + prompt
 
     def _sasl_line(self, events: list, line: bytes) -> None:
         """A client response to our SASL prompt (``*`` cancels: bad base64)."""
@@ -2702,7 +2738,7 @@ class SaslExchange:
         if login is None:
             return self._refuse(events)
         self.login = login
-        self._output += self.SASL_PROMPT + SASL_PASSWORD_PROMPT
+        self._sasl_continue(SASL_PASSWORD_PROMPT)
         self.sasl = SaslState.LOGIN_PASSWORD
 
     def _sasl_login_password(self, events: list, response: bytes) -> None:
@@ -2885,7 +2921,7 @@ class ClientMachine(SaslExchange):
         self._after_auth_failure()
         self._failure = (reply, close)
         if challenge is not None:
-            self._output += self.SASL_PROMPT + base64.b64encode(challenge) + b"\r\n"
+            self._sasl_continue(base64.b64encode(challenge) + b"\r\n")
             self.sasl = SaslState.ERROR
             return self._process()
         events = []
@@ -3952,7 +3988,239 @@ class SmtpMachine(ClientMachine):
             return
         self._sasl_start(events, args, self.settings.smtp_auth)
 
-CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine}
+
+# -- ManageSieve (RFC 5804), an extension: nginx has no sieve module ----------------
+# Before AUTHENTICATE a ManageSieve client speaks much as an IMAP client
+# does, without tags: a command is NAME *(SP argument) CRLF, an argument an
+# atom, a quoted string or a literal (RFC 5804 §4).  So SieveMachine is an
+# ImapMachine whose scanner reads no tag, whose replies are OK, NO and BYE
+# with an optional (response code) and a string (§1.3), and whose greeting
+# is its capabilities (§1.7).  Clients send only non-synchronizing literals
+# ({n+}, §4); a {n} is read the same way, since ManageSieve has no "+" for
+# a client to wait for.
+
+SIEVE_GREETING = b'OK "ManageSieve ready"\r\n'         # after the capabilities (§1.7)
+SIEVE_CAPABILITY_OK = b'OK "Capability completed"\r\n'
+SIEVE_NOOP_OK = b'OK "NOOP completed"\r\n'
+SIEVE_NOOP_TAG_TEXT = b' "Done"\r\n'                    # after OK (TAG "..."), §2.13
+SIEVE_LOGOUT_OK = b'OK "Logout completed"\r\n'          # then the close, §2.3
+SIEVE_STARTTLS_OK = b'OK "Begin TLS negotiation now"\r\n'
+SIEVE_TLS_DONE = b'OK "TLS negotiation successful"\r\n'  # after the capabilities again, §2.2
+SIEVE_INVALID = b'NO "Invalid command"\r\n'
+SIEVE_ENCRYPT_NEEDED = b'NO (ENCRYPT-NEEDED) "STARTTLS first"\r\n'   # starttls only, §1.3
+SIEVE_TOO_MANY_ERRORS = b'BYE "Too many invalid commands"\r\n'      # BYE: we close, §1.3
+SIEVE_TOO_LONG = b'BYE "Command too long"\r\n'
+SIEVE_INTERNAL_ERROR = b'BYE (TRYLATER) "Internal server error"\r\n'
+SIEVE_NO_CERT = b'BYE "No required SSL certificate"\r\n'
+SIEVE_CERT_ERROR = b'BYE "SSL certificate error"\r\n'
+# (text, code) for failure_reply: TRYLATER, a temporary failure (§1.3).
+SIEVE_LOGIN_UNAVAILABLE = (b"Temporary authentication failure", b"TRYLATER")
+SIEVE_SESSION_LIMIT = (b"Too many sessions for this user", b"TRYLATER")
+# The response codes a refused login may carry (§1.3): the login defence's,
+# and an auth server's Auth-Error-Code (any other is left out).
+SIEVE_LOGIN_CODES = frozenset([b"TRYLATER", b"AUTH-TOO-WEAK", b"ENCRYPT-NEEDED",
+                               b"TRANSITION-NEEDED"])
+SIEVE_AUTH_NAMES = {"plain": ("PLAIN",), "login": ("LOGIN",), "external": ("EXTERNAL",),
+                    "xoauth2": ("XOAUTH2",), "oauthbearer": ("OAUTHBEARER",)}
+SIEVE_QUOTED_MAX = 1024        # RFC 5804 §4: at most 1024 octets between the quotes
+SIEVE_UNQUOTABLE = re.compile(rb"[\r\n\0]")
+SIEVE_COMMAND_TABLE = {
+    b"CAPABILITY": Command("_capability"), b"NOOP": Command("_noop"),
+    b"LOGOUT": Command("_logout"), b"STARTTLS": Command("_starttls"),
+    b"AUTHENTICATE": Command("_authenticate", needs_tls=True),
+    # The commands of the authenticated state (§2.5-2.12, §2.14):
+    # read whole, literal and all, and refused (not counted) until the login.
+    b"PUTSCRIPT": Command(None), b"LISTSCRIPTS": Command(None), b"SETACTIVE": Command(None),
+    b"GETSCRIPT": Command(None), b"DELETESCRIPT": Command(None), b"RENAMESCRIPT": Command(None),
+    b"CHECKSCRIPT": Command(None), b"HAVESPACE": Command(None), b"UNAUTHENTICATE": Command(None),
+}
+SIEVE_MAX_COMMAND = max(len(name) for name in SIEVE_COMMAND_TABLE)
+
+
+def sieve_string(data: bytes) -> bytes:
+    """A string for the client (RFC 5804 §4): quoted, with '"' and '\\'
+    escaped, unless it holds CR, LF or NUL or is too long to be quoted;
+    then a literal, ``{n}`` CRLF and the n bytes."""
+    if len(data) <= SIEVE_QUOTED_MAX and not SIEVE_UNQUOTABLE.search(data):
+        return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d}\r\n" % len(data) + data
+
+
+class SieveScanner(ImapScanner):
+    """ImapScanner for ManageSieve: no tag, the name from
+    SIEVE_COMMAND_TABLE.  With ``response`` set before a scan, it reads a
+    SASL client response instead (RFC 5804 §2.1: a string and CRLF), as a
+    command with no name (b"") and the string its one argument."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.response = False
+
+    def _scan_header(self, data: bytearray):
+        self.tag = b""
+        if self.response:
+            self.name, self.separated = b"", True      # the string starts at once
+            return None
+        end = _find_any(data, 0, b" \r\n", min(self.end, SIEVE_MAX_COMMAND + 1))
+        if end < 0:
+            if self.end > SIEVE_MAX_COMMAND:
+                return ImapInvalid(None, _line_end(data, 0), False)
+            return self._incomplete()
+        name = bytes(data[:end]).upper()
+        if name not in SIEVE_COMMAND_TABLE:
+            return ImapInvalid(None, _line_end(data, 0), False)
+        self.name, self.pos = name, end
+        return None
+
+
+class SieveMachine(ImapMachine):
+    """The ManageSieve dialogue before login (RFC 5804 §2.1-2.4, §2.13):
+    CAPABILITY, NOOP, LOGOUT, STARTTLS, AUTHENTICATE with SASL (the same
+    SaslExchange as the other protocols; challenges and responses are
+    strings).  From ImapMachine it keeps the scanning of strings and
+    literals, the bound on a command (sieve_client_buffer) and the
+    dropping of an invalid line, literals included."""
+    protocol = "sieve"
+    COMMANDS = SIEVE_COMMAND_TABLE
+    AUTH_NAMES = SIEVE_AUTH_NAMES
+    INVALID = SIEVE_INVALID
+    INTERNAL_ERROR = SIEVE_INTERNAL_ERROR
+    NO_CERT = SIEVE_NO_CERT
+    CERT_ERROR = SIEVE_CERT_ERROR
+    LOGIN_UNAVAILABLE = SIEVE_LOGIN_UNAVAILABLE
+    SESSION_LIMIT = SIEVE_SESSION_LIMIT
+    SASL_PROMPT = b'""'            # what a challenge looks like, for the debug log
+
+    def __init__(self, settings: Settings, now: float = 0.0,
+                 randomness: Optional[random.Random] = None, tls: bool = False):
+        super().__init__(settings, now, randomness, tls)
+        self.scanner = SieveScanner(self.buffer_size)
+        del self._output[:]            # not IMAP's greeting: the capabilities (§1.7)
+        self._output += self.capability() + SIEVE_GREETING
+
+    def capability(self) -> bytes:
+        """The capability lines (§1.7): each sieve_capabilities entry as
+        "NAME" "VALUE", then "SASL" with sieve_auth's mechanisms (an empty
+        list while starttls only refuses logins) and "STARTTLS" while it is
+        offered; a VERSION entry last, as Dovecot's."""
+        lines, last = [], []
+        for entry in self.settings.sieve_capabilities:
+            name, _, value = entry.partition(" ")
+            line = sieve_string(name.encode()) + (b" " + sieve_string(value.encode())
+                                                  if value else b"")
+            (last if name.upper() == "VERSION" else lines).append(line)
+        logins = self.advertised_logins() or []
+        lines.append(b'"SASL" ' + sieve_string(" ".join(logins).encode()))
+        if self.offers_starttls:
+            lines.append(b'"STARTTLS"')
+        return b"".join(line + b"\r\n" for line in lines + last)
+
+    def reply_code(self, reply: bytes) -> str:
+        last = reply.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+        if last.startswith((b'"', b"{")):         # a SASL challenge (a string)
+            return "+"
+        return reply_code("sieve", last)
+
+    def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
+        """``NO [(CODE)] "text"``: CODE one of SIEVE_LOGIN_CODES (§1.3)."""
+        code = b"(" + code + b") " if code in SIEVE_LOGIN_CODES else b""
+        return b"NO " + code + sieve_string(text) + b"\r\n"
+
+    def tls_started(self) -> list:
+        """§2.2: after the handshake, the capabilities again (STARTTLS no
+        longer among them; SASL may change), then OK."""
+        self.tls = True
+        self._output += self.capability() + SIEVE_TLS_DONE
+        return super().tls_started()
+
+    def _sasl_continue(self, prompt: bytes) -> None:
+        self._output += sieve_string(strip_eol(prompt)) + b"\r\n"     # §2.1: a string
+
+    def _credentials(self, events: list, credentials: Credentials) -> None:
+        """A NUL in the login or password is refused here: the backend login
+        is SASL PLAIN, whose fields NUL separates (RFC 4616 §2), so it
+        would move bytes from one field to the next."""
+        if b"\0" in credentials.login or b"\0" in credentials.password:
+            return self._refuse(events)
+        super()._credentials(events, credentials)
+
+    def _refuse(self, events: list) -> None:
+        self._invalid(events, False, SIEVE_INVALID)
+
+    def _refuse_before_tls(self, events: list, name: bytes) -> None:
+        self._invalid(events, False, SIEVE_ENCRYPT_NEEDED)
+
+    def _invalid(self, events: list, counted: bool, reply: Optional[bytes] = None) -> None:
+        """As ClientMachine's; the last one, which closes, is a BYE (§1.3)."""
+        if counted and self.errors + 1 >= self.settings.max_errors:
+            reply = SIEVE_TOO_MANY_ERRORS
+        super()._invalid(events, counted, reply)
+
+    def _check_length(self, events: list, tag: Optional[bytes], limit: int) -> bool:
+        if len(self._input) >= limit:
+            self._output += SIEVE_TOO_LONG
+            self._finish(events, Closed("client sent too long command"))
+        return False
+
+    def _step(self, events: list) -> bool:
+        """One command, or one SASL response (a string); no tags and no
+        continuations, else as ImapMachine._step."""
+        limit = self.buffer_size
+        if self._skipping:
+            return self._skip_invalid(events)
+        self.scanner.response = self.sasl != SaslState.NONE
+        scan = self.scanner.scan(self._input, limit)
+        if isinstance(scan, ImapIncomplete):
+            return self._check_length(events, None, limit)
+        self.scanner.reset()
+        if isinstance(scan, ImapInvalid):
+            if self.sasl != SaslState.NONE:       # no string: taken as a cancel ("*")
+                self.sasl = SaslState.NONE
+            self._invalid(events, True)
+            if scan.close and not self.finished:
+                self._finish(events, Closed(IMAP_UNSKIPPABLE_LITERAL))
+            self._drop_invalid(events, scan)
+            return True
+        self._input.take(scan.end)
+        if self.sasl != SaslState.NONE:
+            # §2.1: one string; "*" (or anything that is no base64) cancels.
+            self._sasl_line(events, scan.args[0] if len(scan.args) == 1 else b"*")
+            return True
+        self._dispatch(events, scan.name, scan.args)
+        return True
+
+    def _capability(self, events: list, args: List) -> None:
+        if args:
+            return self._refuse(events)
+        self._output += self.capability() + SIEVE_CAPABILITY_OK
+
+    def _noop(self, events: list, args: List) -> None:
+        """§2.13: with a tag, the tag is echoed in the OK (sieve-connect
+        waits for it to find the end of what came before)."""
+        if len(args) > 1:
+            return self._refuse(events)
+        if args:
+            self._output += b"OK (TAG " + sieve_string(args[0]) + b")" + SIEVE_NOOP_TAG_TEXT
+        else:
+            self._output += SIEVE_NOOP_OK
+
+    def _logout(self, events: list, args: List) -> None:
+        self._output += SIEVE_LOGOUT_OK
+        self._finish(events, Quit())
+
+    def _starttls(self, events: list, args: List) -> None:
+        """§2.2; refused when starttls is off, TLS is on already, or with arguments."""
+        if args or not self.offers_starttls:
+            return self._refuse(events)
+        self._start_tls(events, SIEVE_STARTTLS_OK)
+
+    def _authenticate(self, events: list, args: List) -> None:
+        """§2.1: AUTHENTICATE "MECHANISM" ["initial response"]."""
+        self._sasl_start(events, args, self.settings.sieve_auth)
+
+
+CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine,
+                   "sieve": SieveMachine}
 
 
 # ========================================================================== #
@@ -5438,7 +5706,9 @@ class Expect(NamedTuple):
     """Wait for a reply.  ``kind``: "imap-greeting" (``* OK``),
     "continuation" (``+``), "imap-tagged" (``TAG OK``, untagged lines before
     it allowed), "pop3-ok" (``+OK``), "smtp" (a reply, multi-line ones read to
-    their last line, whose code must be one of ``codes``; none given: any).
+    their last line, whose code must be one of ``codes``; none given: any),
+    "sieve-greeting" (ManageSieve capability lines, then ``OK``), "sieve-ok"
+    (``OK``).
     ``relay``: the reply (with the untagged lines before it) is the client's
     answer to its login command.  ``verdict``: a refusal here may be the
     backend's verdict on the login and password (refuses_credentials;
@@ -5732,10 +6002,36 @@ def smtp_attempt_script(server: Settings, attempt: LoginAttempt, outcome: AuthOu
     return smtp_login_script(server, facts)
 
 
+def sieve_login_script(mechanism: str, response: bytes, starttls: bool = False) -> list:
+    """ManageSieve (RFC 5804, extension): the capabilities and OK (§1.7);
+    ``starttls``: STARTTLS, and after the handshake the capabilities again
+    (§2.2); then ``AUTHENTICATE "MECHANISM" "response"`` (§2.1: base64 in
+    a quoted string, so no byte of the login or password reaches the
+    wire as itself), whose OK is the client's answer."""
+    secure = [Send(b"STARTTLS\r\n", "STARTTLS"), Expect("sieve-ok"), TlsStep(),
+              Expect("sieve-greeting")] if starttls else []
+    name = mechanism.upper().encode()
+    return [Expect("sieve-greeting")] + secure + [
+        Send(b'AUTHENTICATE "' + name + b'" "' + response + b'"\r\n',
+             "AUTHENTICATE " + name.decode()),
+        Expect("sieve-ok", relay=True, verdict=True)]
+
+
+def sieve_attempt_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                         starttls: bool) -> list:
+    """ManageSieve: AUTHENTICATE PLAIN with the password (RFC 4616, no
+    authorization identity), or the client's own bearer token."""
+    if outcome.token is not None:
+        response = oauth_initial_response(outcome.token[0], outcome.login, outcome.token[1])
+        return sieve_login_script(outcome.token[0], response, starttls)
+    plain = base64.b64encode(b"\0" + outcome.login + b"\0" + outcome.password)
+    return sieve_login_script("plain", plain, starttls)
+
+
 # The backend login of an accepted attempt, by protocol:
 # (server, attempt, outcome, STARTTLS first) -> the script.
 LOGIN_SCRIPTS = {"imap": imap_attempt_script, "pop3": pop3_attempt_script,
-                 "smtp": smtp_attempt_script}
+                 "smtp": smtp_attempt_script, "sieve": sieve_attempt_script}
 
 
 def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
@@ -5885,7 +6181,7 @@ class BackendLogin:
             self._reply += line
             if len(self._reply) > self.line_limit:
                 raise BackendError("upstream sent too long response")
-            if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
+            if step.kind in LITERAL_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
                 raise BackendError("upstream sent a literal in its login response", line)
             accepted = self._accepts(step, line)
             if not accepted and not step.probe:
@@ -5947,6 +6243,8 @@ class BackendLogin:
             return line.rstrip(b"\r\n") != b"."
         if step.kind == "imap-tagged":
             return line.startswith(b"* ")
+        if step.kind == "sieve-greeting":
+            return line.startswith(b'"')           # a capability line; OK ends them
         # RFC 5321 §4.2.1: "250-..." lines continue, "250 ..." (or "250") ends.
         return step.kind == "smtp" and line[3:4] == b"-"
 
@@ -5959,6 +6257,10 @@ class BackendLogin:
             return line.startswith(b"+OK")
         if step.kind == "pop3-capa":               # +OK, then any line of the list
             return len(self._reply) > len(line) or line.startswith(b"+OK")
+        if step.kind == "sieve-greeting":          # RFC 5804 §1.7: "NAME" ["VALUE"] lines, OK
+            return line.startswith(b'"') or SIEVE_OK_LINE.match(line) is not None
+        if step.kind == "sieve-ok":
+            return SIEVE_OK_LINE.match(line) is not None
         if step.kind == "smtp":
             if not re.match(rb"\d{3}[- \r\n]", line):
                 return False
@@ -5969,13 +6271,17 @@ class BackendLogin:
 
 
 IMAP_REPLY_KINDS = ("imap-greeting", "continuation", "imap-tagged")
+SIEVE_REPLY_KINDS = ("sieve-greeting", "sieve-ok")
+LITERAL_REPLY_KINDS = IMAP_REPLY_KINDS + SIEVE_REPLY_KINDS   # where a literal is refused
+SIEVE_OK_LINE = re.compile(rb"(?i)OK[ \r\n]")          # RFC 5804 §4 response-ok
 # RFC 3501 §4.3: a line ending in {n} (or RFC 7888's {n+}) announces n bytes
 # of literal data, which no greeting, continuation or LOGIN reply carries.
 IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
 # The protocol an Expect of each kind belongs to, for a greeting that is not
 # the one expected (UnexpectedGreeting).
 GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
-                      "pop3-ok": "POP3", "pop3-capa": "POP3", "smtp": "SMTP"}
+                      "pop3-ok": "POP3", "pop3-capa": "POP3", "smtp": "SMTP",
+                      "sieve-greeting": "ManageSieve", "sieve-ok": "ManageSieve"}
 # Where a backend lists its capabilities: an IMAP greeting's or reply's
 # [CAPABILITY ...] code (RFC 3501 §7.1), an untagged CAPABILITY line, a
 # POP3 greeting's codes (Dovecot: "+OK [XCLIENT] Dovecot ready.").
@@ -5989,31 +6295,39 @@ CAPABILITY_LISTS = re.compile(rb"\* OK \[CAPABILITY ([^\]]*)\]|\* CAPABILITY (.*
 # session with the internal error, and the login defence does not count them.
 IMAP_NOT_A_VERDICT = re.compile(rb"NO \[(UNAVAILABLE|SERVERBUG|PRIVACYREQUIRED|INUSE|LIMIT)\]")
 POP3_NOT_A_VERDICT = re.compile(rb"-ERR \[(SYS/TEMP|SYS/PERM|IN-USE|LOGIN-DELAY)\]")
+SIEVE_VERDICT = re.compile(rb"(?i)NO[ \r\n]")
+SIEVE_NOT_A_VERDICT = re.compile(
+    rb"(?i)NO \((TRYLATER|ENCRYPT-NEEDED|AUTH-TOO-WEAK|TRANSITION-NEEDED)\b")   # RFC 5804 §1.3
 
 
 def refuses_credentials(kind: str, line: bytes, tag: bytes) -> bool:
     """Is ``line``, a refusal at a ``verdict`` step, a no to the login and
-    password (IMAP ``TAG NO``, POP3 ``-ERR``, SMTP ``535``), rather than
-    trouble of the backend's (a response code that says so, IMAP BAD, any
-    other SMTP code)?"""
+    password (IMAP ``TAG NO``, POP3 ``-ERR``, SMTP ``535``, ManageSieve
+    ``NO``), rather than trouble of the backend's (a response code that
+    says so, IMAP BAD, any other SMTP code)?"""
     if kind == "imap-tagged":
         rest = line[len(tag):] if line.startswith(tag) else b""
         return rest.startswith(b"NO ") and not IMAP_NOT_A_VERDICT.match(rest)
     if kind == "pop3-ok":
         return line.startswith(b"-ERR") and not POP3_NOT_A_VERDICT.match(line)
+    if kind in SIEVE_REPLY_KINDS:
+        return SIEVE_VERDICT.match(line) is not None and not SIEVE_NOT_A_VERDICT.match(line)
     return line[:3] == b"535"
 
 
 def greeting_protocol(line: bytes) -> Optional[str]:
     """Which protocol a backend's first line belongs to, good or bad:
     "IMAP" (``* OK``, ``* BYE``...), "POP3" (``+OK``, ``-ERR``), "SMTP"
-    (three digits); None for anything else."""
+    (three digits), "ManageSieve" (a capability string, ``OK``, ``NO``,
+    ``BYE``); None for anything else."""
     if line.startswith(b"* "):
         return "IMAP"
     if line.startswith((b"+OK", b"-ERR")):
         return "POP3"
     if re.match(rb"\d{3}[- \r\n]", line):
         return "SMTP"
+    if line.startswith(b'"') or re.match(rb"(?i)(OK|NO|BYE)[ \r\n]", line):
+        return "ManageSieve"
     return None
 
 
@@ -7355,7 +7669,7 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
         if libssl.available:
             libssl.set_verify_depth(context, settings.ssl_verify_depth)
             libssl.verify_to_the_end(context)
-    context.set_alpn_protocols([settings.protocol])
+    context.set_alpn_protocols([ALPN_NAMES.get(settings.protocol, settings.protocol)])
     return context
 
 
@@ -10249,7 +10563,8 @@ class Session(StreamOwner):
         """The TLS handshake: listen ... ssl (the opening), or STARTTLS."""
         self._enter(Phase.HANDSHAKE)
         self.client.start_tls(TlsLayer(self.server.tls_context, server_side=True,
-                                       alpn=self.server.protocol))
+                                       alpn=ALPN_NAMES.get(self.server.protocol,
+                                                           self.server.protocol)))
 
     def _certificate_ok(self) -> bool:
         """ssl_verify_client, once the handshake is done (certificate_verdict)."""
