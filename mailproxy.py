@@ -2190,7 +2190,7 @@ class Route(NamedTuple):
         return None if self.upstream is None else (self.port, self.upstream)
 
 
-ROUTE_PROTOCOLS = ("imap", "pop3", "smtp")
+ROUTE_PROTOCOLS = ("imap", "pop3", "smtp", "sieve")
 
 
 def parse_route(value: str, pools=()) -> Route:
@@ -2202,7 +2202,7 @@ def parse_route(value: str, pools=()) -> Route:
     for token in value.split():
         name, equals, address = token.rpartition("=")
         if equals and name not in ROUTE_PROTOCOLS:
-            raise ConfigValueError('unknown protocol "%s" in "%s"; expected %s=, %s= or %s='
+            raise ConfigValueError('unknown protocol "%s" in "%s"; expected %s=, %s=, %s= or %s='
                                    % ((name, token) + ROUTE_PROTOCOLS))
         if (default is not None and not equals) or name in [entry[0] for entry in protocols]:
             raise ConfigValueError('invalid address "%s": two addresses for %s; write '

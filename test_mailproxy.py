@@ -3755,10 +3755,26 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         self.assertEqual(where(pop3, "erin@example.com"), ("127.0.0.9", 1110, ("127.0.0.9", 1110)))
         self.assertEqual(config.warnings, ())
 
+    def test_a_route_for_sieve(self):
+        config = load_text(self, self.TWO_SERVERS, """\
+
+            [server sieve]
+            listen = 127.0.0.1:14190
+            protocol = sieve
+            proxy_pass = 127.0.0.1:4190
+
+            [routes]
+            frank = 127.0.0.5 sieve=127.0.0.6:2000
+        """)
+        imap, _, sieve = config.servers
+        for server, expected in ((sieve, ("127.0.0.6", 2000)), (imap, ("127.0.0.5", 1143))):
+            route = mp.route_for(config.routes, server.proxy_pass, "frank", server.protocol)
+            self.assertEqual((route.host, route.port), expected)
+
     def test_bad_routes_per_protocol(self):
         for value, message in [("imap=127.0.0.1:1 imap=127.0.0.1:2", "two addresses for imap"),
                                ("127.0.0.1 127.0.0.2", "two addresses for every protocol"),
-                               ("sieve=127.0.0.1:4190", 'unknown protocol "sieve"'),
+                               ("lmtp=127.0.0.1:24", 'unknown protocol "lmtp"'),
                                ("pop3=", "invalid address"),
                                ("imap=127.0.0.1:99999", "invalid port")]:
             with self.subTest(value=value):
