@@ -11836,13 +11836,22 @@ class StatusServer(LoopHandler):
     def get_readyz(self, connection: StatusConnection, request: HttpRequest) -> None:
         healthy, text = self.process.status_healthy()
         problems = [] if healthy else [text]
-        pools = {}
-        for upstream, server, up in upstream_states(self.process.config, self.process.books,
-                                                     self.loop.time()):
-            pools[upstream] = pools.get(upstream, False) or up
-        problems += ["no server of upstream %s is up" % name for name, up in pools.items() if not up]
-        ReachabilityCheck(self.loop, readiness_targets(self.process.config),
-                          lambda failed: connection.respond(*readiness(problems + failed)))
+        config = self.process.config
+        states = upstream_states(config, self.process.books, self.loop.time())
+
+        def checked(failed: List[str]) -> None:
+            """A pool is ready while one of its servers is up (no worker
+            took it out) and answers a connect() now."""
+            silent = {pool_server_silent(upstream, server) for upstream, server, _ in states}
+            alive = {}
+            for upstream, server, up in states:
+                answers = up and pool_server_silent(upstream, server) not in failed
+                alive[upstream] = alive.get(upstream, False) or answers
+            found = [text for text in failed if text not in silent]
+            found += ["no server of upstream %s is up" % name for name, ok in sorted(alive.items())
+                      if not ok]
+            connection.respond(*readiness(problems + found))
+        ReachabilityCheck(self.loop, readiness_targets(config), checked)
 
     def get_sessions(self, connection: StatusConnection, request: HttpRequest) -> None:
         self.ask("sessions", None, lambda rows: connection.respond(
@@ -11937,7 +11946,18 @@ def readiness_targets(config: Config) -> List[Tuple[str, int, tuple]]:
             upstream = server.proxy_pass
             targets[upstream.text] = ("proxy_pass %s does not answer" % upstream.text,) + \
                 tuple(upstream.addresses[0])
+    for name, spec in sorted((config.upstreams or {}).items()):
+        for each in spec.servers:
+            if not each.down and each.address.addresses:
+                targets[pool_server_silent(name, each.text)] = (
+                    (pool_server_silent(name, each.text),) + tuple(each.address.addresses[0]))
     return list(targets.values())
+
+
+def pool_server_silent(upstream: str, server: str) -> str:
+    """/readyz's words for a pool server that does not answer: alone not a
+    problem, as long as another server of its pool answers."""
+    return "upstream %s server %s does not answer" % (upstream, server)
 
 
 def readiness(problems: List[str]) -> Tuple[int, bytes]:

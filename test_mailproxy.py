@@ -14281,6 +14281,9 @@ class StatusInProcessTests(EndToEndTestCase):
         self.assertEqual(status, 200, body)
         status, _, body = http_call(port, "POST", "/upstream/drain?upstream=farm&server=10.0.0.1:143")
         self.assertEqual(status, 404, body)
+        second.close()                                   # the last server of the pool dies
+        status, _, body = http_call(port, "GET", "/readyz")
+        self.assertEqual((status, json.loads(body)["problems"]), (503, ["no server of upstream farm is up"]))
 
     def test_connections_beyond_the_limit_are_closed_at_once(self):
         backend = self.use(FakeImapBackend())
