@@ -2093,11 +2093,15 @@ class ProxyUnderTest:
         return list(self.worker.sessions)      # a copy: the loop thread changes the set
 
     def buffered(self) -> int:
-        """Bytes waiting in the proxy's output buffers now, all sessions."""
+        """Bytes waiting in the proxy's output buffers now (and, relaying
+        with splice, in its pipes), all sessions."""
         total = 0
         for session in self.sessions():
-            backend = session.backend
-            total += len(session.client.out) + (len(backend.out) if backend is not None else 0)
+            relay, backend = session.relay, session.backend
+            if relay is not None:
+                total += relay.buffered
+            else:
+                total += len(session.client.out) + (len(backend.out) if backend is not None else 0)
         return total
 
 
@@ -8978,6 +8982,338 @@ class RelayTests(EventLoopTestCase):
         relay, session, client, backend = self.relay(limit=MEGABYTE)
         self.assert_ends_once_written_out(relay, session, backend, relay.backend, client,
                                           relay.client, "upstream closed connection")
+
+
+# -- DirectRelay: splice, and the buffered relay of plain sockets -------------------
+
+SPLICE_HERE = mp.RELAY_SPLICE          # os.splice in this Python, on this system
+EOF_SENT = 256 * 1024                  # sent, then EOF, into kernel buffers of a megabyte
+
+
+def tcp_pair(test, buffer: int = 0):
+    """(the proxy's end, the peer's end) of a loopback TCP connection (the
+    splice relay is for TCP), non-blocking; ``buffer``: both ends' kernel
+    send and receive buffers that small, so that backpressure comes soon."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listener:
+        if buffer:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if buffer:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        peer.connect(listener.getsockname())
+        proxy_end, _ = listener.accept()
+    for sock in (proxy_end, peer):
+        sock.setblocking(False)
+        if buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        test.addCleanup(sock.close)
+    return proxy_end, peer
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class SpliceRelayTests(EventLoopTestCase):
+    """A DirectRelay between two loopback TCP connections, the test playing
+    the client on one and the backend on the other: bytes both ways,
+    backpressure with at most proxy_buffer (LIMIT) in flight per direction,
+    EOF and errors from either side, proxy_timeout, the bytes the streams
+    held at the start.  This class splices; BufferedRelayTests runs the
+    same tests with RELAY_SPLICE off."""
+
+    LIMIT = 16 * 1024
+    SPLICE = True
+
+    def setUp(self):
+        if self.SPLICE and not SPLICE_HERE:
+            self.skipTest("no os.splice here (Linux, Python >= 3.10)")
+        super().setUp()
+        patcher = unittest.mock.patch.object(mp, "RELAY_SPLICE", self.SPLICE)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def relay(self, limit: int = LIMIT, idle_timeout: float = 3600.0, buffer: int = 4096,
+              before=None, buffers=None):
+        """(relay, session, client's socket, backend's socket), made by
+        start_relay as a session does; ``before(client_stream,
+        backend_stream)`` runs first (writes the streams hold at the start);
+        the connections' kernel buffers are ``buffer`` bytes, or
+        ``buffers``: (the client's, the backend's)."""
+        client_buffer, backend_buffer = buffers or (buffer, buffer)
+        client_end, client = tcp_pair(self, client_buffer)
+        backend_end, backend = tcp_pair(self, backend_buffer)
+        session = RelaySession()
+        session.log = lambda level, message: session.lines.append(message)
+        session.lines = []
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        if before is not None:
+            before(*session.streams)
+        server = server_settings("imap", proxy_buffer=limit, proxy_timeout=idle_timeout)
+        relay = mp.start_relay(session, session.streams[0], session.streams[1], server, None,
+                               b"", b"")
+        self.addCleanup(relay.cancel)
+        self.addCleanup(session.close, "test over")
+        self.addCleanup(lambda: self.assertIsNone(session.crash, "the relay crashed"))
+        flow = mp.SpliceFlow if self.SPLICE else mp.BufferedFlow
+        self.assertEqual((type(relay), type(relay.upload), type(relay.download)),
+                         (mp.DirectRelay, flow, flow))
+        return relay, session, client, backend
+
+    def in_flight(self, relay) -> tuple:
+        """Bytes read from each side and not yet written to the other:
+        (client to backend, backend to client), from the streams' counts."""
+        return (relay.client.received - relay.backend.sent,
+                relay.backend.received - relay.client.sent)
+
+    def assert_bounded(self, relay) -> None:
+        upload, download = self.in_flight(relay)
+        self.assertLessEqual(upload, self.LIMIT, "more than proxy_buffer in flight to the backend")
+        self.assertLessEqual(download, self.LIMIT, "more than proxy_buffer in flight to the client")
+        self.assertEqual((upload, download), (relay.upload.pending(), relay.download.pending()))
+
+    def test_megabytes_both_ways_at_once_arrive_unchanged_and_counted(self):
+        relay, session, client, backend = self.relay(buffer=0)
+        up = PeerSender(client, message_bytes(4 * MEGABYTE))
+        down = PeerSender(backend, upload_bytes(3 * MEGABYTE))
+        at_backend, at_client = PeerReader(backend), PeerReader(client)
+
+        def peers() -> None:
+            up()
+            down()
+            at_backend()
+            at_client()
+            self.assert_bounded(relay)
+        self.drive(lambda: len(at_backend.received) == len(up.data) and
+                   len(at_client.received) == len(down.data), step=peers, timeout=30)
+        self.assertEqual(sha256_hex(at_backend.received), sha256_hex(up.data))
+        self.assertEqual(sha256_hex(at_client.received), sha256_hex(down.data))
+        self.assertEqual((relay.client.received, relay.backend.sent), (4 * MEGABYTE,) * 2)
+        self.assertEqual((relay.backend.received, relay.client.sent), (3 * MEGABYTE,) * 2)
+        self.assertIsNone(session.outcome)
+
+    def assert_backpressure(self, relay, session, source: socket.socket, source_stream,
+                            target: socket.socket) -> None:
+        """``source`` sends more than the kernels and proxy_buffer hold while
+        ``target`` reads nothing: the relay stops reading the source with
+        at most proxy_buffer in flight, and reads it no more while held;
+        when the target reads, it all arrives, in order."""
+        sender = PeerSender(source, message_bytes(4 * MEGABYTE))
+
+        def send() -> None:
+            sender()
+            self.assert_bounded(relay)
+        self.drive(lambda: sender.blocked and not source_stream.interest & selectors.EVENT_READ,
+                   step=send)
+        self.assertGreater(max(self.in_flight(relay)), 0, "nothing held: no backpressure seen")
+        received = source_stream.received
+        for _ in range(3):                               # bytes wait in its kernel buffer
+            send()
+            self.loop.run_once(0.01)
+        self.assertEqual(source_stream.received, received, "the source was read while held")
+        reader = PeerReader(target)
+
+        def both_peers() -> None:
+            send()
+            reader()
+        self.drive(lambda: len(reader.received) == len(sender.data), step=both_peers, timeout=30)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+        self.assertEqual(self.in_flight(relay), (0, 0))
+        self.assertTrue(source_stream.interest & selectors.EVENT_READ, "the source is not read again")
+        self.assertIsNone(session.outcome)
+
+    def test_backpressure_from_a_client_that_does_not_read(self):
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, backend, relay.backend, client)
+
+    def test_backpressure_from_a_backend_that_does_not_read(self):
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, client, relay.client, backend)
+
+    def test_backpressure_with_a_4k_proxy_buffer(self):
+        relay, session, client, backend = self.relay(limit=4096)
+        self.LIMIT = 4096
+        self.assert_backpressure(relay, session, backend, relay.backend, client)
+
+    def assert_ends_once_written_out(self, session, source: socket.socket, target: socket.socket,
+                                     outcome: str) -> None:
+        """``source`` sends and closes while ``target`` reads nothing: the
+        session goes on (its bytes are not all delivered); when the target
+        reads, they all arrive, and then the session ends.  (The source's
+        kernel buffers hold what the relay cannot take.)"""
+        sender = PeerSender(source, message_bytes(EOF_SENT), shut=True)
+        self.drive(lambda: sender.sent == len(sender.data) and not sender.shut, step=sender)
+        for _ in range(3):
+            self.loop.run_once(0.01)
+        self.assertIsNone(session.outcome, "the session ended with bytes still to write")
+        reader = PeerReader(target)
+        self.drive(lambda: reader.eof, step=reader)
+        self.assertEqual(session.outcome, outcome)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+
+    def test_eof_from_the_client_ends_the_relay_once_its_bytes_are_written_out(self):
+        relay, session, client, backend = self.relay(buffers=(MEGABYTE, 4096))
+        self.assert_ends_once_written_out(session, client, backend, "client closed connection")
+        self.assertEqual(relay.client.received, EOF_SENT)
+
+    def test_eof_from_the_backend_ends_the_relay_once_its_bytes_are_written_out(self):
+        relay, session, client, backend = self.relay(buffers=(4096, MEGABYTE))
+        self.assert_ends_once_written_out(session, backend, client, "upstream closed connection")
+        self.assertEqual(relay.client.sent, EOF_SENT)
+
+    def test_a_reset_is_a_connection_error(self):
+        relay, session, client, backend = self.relay()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()                                   # RST, not FIN
+        self.drive(lambda: session.outcome is not None)
+        self.assertEqual(session.outcome, "client connection error: Connection reset by peer")
+
+    def test_writing_to_a_backend_gone_is_a_connection_error(self):
+        relay, session, client, backend = self.relay()
+        backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        backend.close()
+        time.sleep(0.05)                 # let the RST arrive before the client's bytes go
+        sender = PeerSender(client, message_bytes(256 * 1024))
+        self.drive(lambda: session.outcome is not None, step=sender)
+        self.assertRegex(session.outcome, r"^upstream connection error: "
+                                          r"(Connection reset by peer|Broken pipe)$")
+
+    def test_proxy_timeout_ends_an_idle_relay(self):
+        relay, session, client, backend = self.relay(idle_timeout=0.2)
+        client.send(b"a2 NOOP\r\n")
+        reader = PeerReader(backend)
+        self.drive(lambda: reader.received == b"a2 NOOP\r\n", step=reader)
+        self.drive(lambda: session.outcome is not None)
+        self.assertEqual(session.outcome, "proxy_timeout")
+
+    def test_what_the_streams_held_at_the_start_goes_first(self):
+        """The login's last reply, and what the backend sent behind it, may
+        wait in the client stream's ``out`` when the relay starts: they go
+        out before the relayed bytes, and count as held."""
+        ahead = message_bytes(MEGABYTE)
+
+        def hold(client_stream, backend_stream) -> None:
+            client_stream.write(ahead)
+            self.assertGreater(len(client_stream.out), 0)
+        relay, session, client, backend = self.relay(before=hold)
+        self.assertFalse(relay.backend.interest & selectors.EVENT_READ,
+                         "the backend is read while the client has bytes waiting")
+        backend.send(b"* 1 EXISTS\r\n")
+        reader = PeerReader(client)
+        self.drive(lambda: len(reader.received) == len(ahead) + 12, step=reader)
+        self.assertSameBytes(bytes(reader.received), ahead + b"* 1 EXISTS\r\n")
+
+    def assertSameBytes(self, got: bytes, expected: bytes) -> None:
+        self.assertEqual(sha256_hex(got), sha256_hex(expected), "the bytes differ")
+
+    def test_nothing_is_left_open_at_the_end(self):
+        before = open_descriptors()
+        relay, session, client, backend = self.relay()
+        if self.SPLICE:                       # two pipes, two ends each
+            self.assertEqual(open_descriptors(), before + 4 + 4)
+        client.shutdown(socket.SHUT_WR)
+        self.drive(lambda: session.outcome is not None)
+        self.assertEqual(session.outcome, "client closed connection")
+        client.close()
+        backend.close()
+        self.assertEqual(open_descriptors(), before)
+
+
+class BufferedRelayTests(SpliceRelayTests):
+    """SpliceRelayTests with RELAY_SPLICE off: the buffered relay."""
+    SPLICE = False
+
+
+class PassingLayer:
+    """Stands in for a TlsLayer, passing bytes as they are."""
+
+    def __init__(self):
+        self.held = b""
+
+    def send(self, data: bytes) -> None:
+        self.held += data
+
+    def data_to_send(self) -> bytes:
+        data, self.held = self.held, b""
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class RelayChoiceTests(EventLoopTestCase):
+    """start_relay's choice: splice for TCP on both sides without TLS,
+    where the system has it; the buffered DirectRelay for other plain
+    sockets, or without splice, or without a pipe; the Relay through the
+    Streams with TLS; CheckedRelay with smtp_auth none's check."""
+
+    def start(self, pairs, check=None, tls=False, splice=True):
+        ends = [pair()[0] for pair in pairs]
+        session = RelaySession()
+        session.lines = []
+        session.log = lambda level, message: session.lines.append(message)
+        session.streams = [mp.Stream(self.loop, end, None) for end in ends]
+        self.addCleanup(session.close, "test over")
+        if tls:
+            session.streams[1].tls = PassingLayer()
+        with unittest.mock.patch.object(mp, "RELAY_SPLICE", splice):
+            relay = mp.start_relay(session, session.streams[0], session.streams[1],
+                                   server_settings("smtp"), check, b"", b"")
+        self.addCleanup(relay.cancel)
+        return relay, session
+
+    def tcp(self):
+        return tcp_pair(self)
+
+    def unix(self):
+        return self.socket_pair()
+
+    def flows(self, relay) -> tuple:
+        return type(relay), type(getattr(relay, "upload", None))
+
+    @unittest.skipUnless(SPLICE_HERE, "no os.splice here")
+    def test_tcp_both_sides_splices(self):
+        relay, _ = self.start([self.tcp, self.tcp])
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.SpliceFlow))
+
+    def test_without_splice_plain_sockets_are_relayed_through_buffers(self):
+        relay, _ = self.start([self.tcp, self.tcp], splice=False)
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.BufferedFlow))
+
+    def test_a_unix_socket_is_relayed_through_buffers(self):
+        relay, _ = self.start([self.unix, self.tcp])
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.BufferedFlow))
+
+    @unittest.skipUnless(SPLICE_HERE, "no os.splice here")
+    def test_no_pipe_left_means_buffers_and_a_line_in_the_log(self):
+        made = []
+        real = mp.splice_pipe
+
+        def one_pipe(size):
+            if made:
+                raise OSError(errno.EMFILE, "Too many open files")
+            made.append(real(size))
+            return made[-1]
+        with unittest.mock.patch.object(mp, "splice_pipe", one_pipe):
+            relay, session = self.start([self.tcp, self.tcp])
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.BufferedFlow))
+        self.assertEqual(session.lines, ["no pipe to splice through (Too many open files), "
+                                         "relaying through buffers"])
+        for end in made[0]:
+            with self.assertRaises(OSError, msg="the first pipe was left open"):
+                os.fstat(end)
+
+    def test_tls_on_a_side_relays_through_the_streams(self):
+        relay, _ = self.start([self.tcp, self.tcp], tls=True)
+        self.assertEqual(self.flows(relay), (mp.Relay, type(None)))
+
+    def test_the_recipient_check_relays_through_the_streams(self):
+        relay, _ = self.start([self.tcp, self.tcp], check=lambda line: None)
+        self.assertEqual(type(relay), mp.CheckedRelay)
 
 
 # -- the SMTP relay check -----------------------------------------------------------
