@@ -9139,6 +9139,12 @@ class SpliceRelayTests(EventLoopTestCase):
         self.LIMIT = 4096
         self.assert_backpressure(relay, session, backend, relay.backend, client)
 
+    def test_backpressure_with_a_proxy_buffer_smaller_than_a_page(self):
+        """A pipe holds at least a page: the bound is the relay's own."""
+        relay, session, client, backend = self.relay(limit=1000)
+        self.LIMIT = 1000
+        self.assert_backpressure(relay, session, client, relay.client, backend)
+
     def assert_ends_once_written_out(self, session, source: socket.socket, target: socket.socket,
                                      outcome: str) -> None:
         """``source`` sends and closes while ``target`` reads nothing: the
@@ -9430,6 +9436,87 @@ class RelayCheckLinearWorkTests(LinearWorkTestCase):
 # -- end to end ---------------------------------------------------------------------
 
 class RelayEndToEndTests(EndToEndTestCase):
+    """A proxy relaying IMAP between a client and a FakeImapBackend over
+    loopback TCP: with splice here; BufferedRelayEndToEndTests runs the
+    same with RELAY_SPLICE off."""
+
+    SPLICE = True
+
+    def setUp(self):
+        if self.SPLICE and not SPLICE_HERE:
+            self.skipTest("no os.splice here (Linux, Python >= 3.10)")
+        patcher = unittest.mock.patch.object(mp, "RELAY_SPLICE", self.SPLICE)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def assert_relay_path(self, proxy: ProxyUnderTest) -> None:
+        """The session's relay is the DirectRelay, splicing or not as the class
+        says.  (The login's reply is sent just before the relay starts.)"""
+        wait_until(lambda: proxy.sessions()[0].relay is not None, what="the relay")
+        relay = proxy.sessions()[0].relay
+        flow = mp.SpliceFlow if self.SPLICE else mp.BufferedFlow
+        self.assertEqual((type(relay), type(relay.upload)), (mp.DirectRelay, flow))
+
+    def test_megabytes_both_ways_and_the_access_line(self):
+        """FETCH and APPEND of 4 MB each arrive unchanged; the access line
+        counts every byte the client sent and received."""
+        backend = self.use(FakeImapBackend(message=message_bytes(4 * MEGABYTE)))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy, timeout=20)
+        self.imap_login(client)
+        self.assert_relay_path(proxy)
+        fetch_and_append(self, client, 4 * MEGABYTE)
+        imap_logout(client)
+        proxy.wait_for_log(r"session done: upstream closed connection, %d bytes from client, "
+                           r"%d bytes to client, " % (client.sent, client.received))
+
+    def fetch_with(self, proxy: ProxyUnderTest, action) -> Client:
+        """A session that has read half of a 4 MB FETCH when ``action``
+        runs in the proxy's loop, then reads the rest, and goes on."""
+        size = 4 * MEGABYTE
+        client = self.connect(proxy, timeout=20)
+        self.imap_login(client)
+        self.assert_relay_path(proxy)
+        client.send("f1 FETCH 1 BODY[]")
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{%d\}\r\n$" % size)
+        first = client.read_exactly(size // 2)
+        proxy.worker.loop.call_soon_threadsafe(action)
+        data = first + client.read_exactly(size - size // 2)
+        self.assertEqual(sha256_hex(data), sha256_hex(message_bytes(size)))
+        client.expect(rb"^\)\r\n$")
+        client.expect(rb"^f1 OK FETCH completed\r\n$")
+        return client
+
+    def test_a_reload_in_the_middle_of_a_fetch_lets_the_session_go_on(self):
+        backend = self.use(FakeImapBackend(message=message_bytes(4 * MEGABYTE)))
+        proxy = self.start_proxy("imap", backend.port)
+        memory = proxy.worker.logs
+
+        def reload() -> None:
+            """As SIGHUP to a single process (Worker.reload), the log kept in memory."""
+            with unittest.mock.patch.object(mp, "ErrorLogs", lambda config: memory):
+                proxy.worker.reload()
+        client = self.fetch_with(proxy, reload)
+        proxy.wait_for_log(r"configuration reloaded")
+        fetch_and_append(self, client, 4 * MEGABYTE)
+        imap_logout(client)
+
+    def test_a_graceful_stop_in_the_middle_of_a_fetch_lets_the_session_finish(self):
+        """As SIGQUIT (Worker.stop_gracefully): no new client, the session
+        relays to its end, then the loop stops."""
+        backend = self.use(FakeImapBackend(message=message_bytes(4 * MEGABYTE)))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.fetch_with(proxy, proxy.worker.stop_gracefully)
+        proxy.wait_for_log(r"gracefully shutting down")
+        self.assertTrue(connection_refused(proxy.port), "a new client is accepted")
+        fetch_and_append(self, client, 4 * MEGABYTE)
+        self.assertTrue(proxy.thread.is_alive(), "the loop stopped with a session relaying")
+        imap_logout(client)
+        proxy.thread.join(5)
+        self.assertFalse(proxy.thread.is_alive(), "the loop goes on after its last session")
+        proxy.wait_for_log(r"session done: upstream closed connection, %d bytes from client, "
+                           r"%d bytes to client, " % (client.sent, client.received))
+
     def test_backpressure_bounds_the_buffers(self):
         message = message_bytes(50 * MEGABYTE)
         backend = self.use(FakeImapBackend(message=message))
@@ -9472,6 +9559,11 @@ class RelayEndToEndTests(EndToEndTestCase):
         proxy.wait_for_log(r"proxied session timed out .*login: \"alice\", upstream: 127\.0\.0\.1:%d"
                            % backend.port)
         proxy.wait_for_log(r"session done: proxy_timeout, ")
+
+
+class BufferedRelayEndToEndTests(RelayEndToEndTests):
+    """RelayEndToEndTests with RELAY_SPLICE off: the buffered relay."""
+    SPLICE = False
 
 
 class SmtpEndToEndNoAuthTests(EndToEndTestCase):
