@@ -7746,13 +7746,13 @@ class BufferedFlow(Flow):
         return len(self.target.out)
 
     def pump(self) -> None:
+        if self.target.out:
+            return
         source, target, limit = self.source, self.target, self.limit
-        scratch = source.loop.scratch
+        scratch, receive, send = source.loop.scratch, source.sock.recv_into, target.sock.send
         for _ in range(READS_PER_EVENT):
-            if target.out:
-                return
             try:
-                count = source.sock.recv_into(scratch, limit)
+                count = receive(scratch, limit)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
@@ -7762,7 +7762,7 @@ class BufferedFlow(Flow):
             source.received += count
             data = scratch[:count]
             try:
-                sent = target.sock.send(data)
+                sent = send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as error:
@@ -7798,12 +7798,14 @@ class SpliceFlow(Flow):
         return self.held + len(self.target.out)
 
     def pump(self) -> None:
-        source, limit = self.source, self.limit
+        """Into the empty pipe, and on at once (the hot path: flush() inlined)."""
+        if self.held or self.target.out:
+            return
+        source, target, limit = self.source, self.target, self.limit
+        splice, source_fd, target_fd = os.splice, source.sock.fileno(), target.sock.fileno()
         for _ in range(READS_PER_EVENT):
-            if self.held or self.target.out:
-                return
             try:
-                count = os.splice(source.sock.fileno(), self.pipe_write, limit, flags=SPLICE_FLAGS)
+                count = splice(source_fd, self.pipe_write, limit, None, None, SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
@@ -7811,8 +7813,17 @@ class SpliceFlow(Flow):
             if not count:
                 return self.relay.stream_eof(source)
             source.received += count
-            self.held = count
-            if not self.flush() or self.held or count < limit:
+            try:
+                sent = splice(self.pipe_read, target_fd, count, None, None, SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                return self.relay.stream_error(target, error)
+            target.sent += sent
+            if sent < count:
+                self.held = count - sent           # the rest when the target is writable
+                return
+            if count < limit:                      # likely all the socket had
                 return
 
     def flush(self) -> bool:
@@ -7826,8 +7837,8 @@ class SpliceFlow(Flow):
                 return True
         while self.held:
             try:
-                count = os.splice(self.pipe_read, target.sock.fileno(), self.held,
-                                  flags=SPLICE_FLAGS)
+                count = os.splice(self.pipe_read, target.sock.fileno(), self.held, None, None,
+                                  SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as error:
@@ -7881,8 +7892,10 @@ class DirectRelay(Relay):
     def readable(self, stream: Stream) -> None:
         if stream.closed:                          # ended earlier in this turn of the loop
             return
-        (self.upload if stream is self.client else self.download).pump()
-        self._watch()
+        flow = self.upload if stream is self.client else self.download
+        flow.pump()
+        if flow.pending() or self.eof_from is not None:
+            self._watch()                          # else the interest is as it was
 
     def writable(self, stream: Stream) -> None:
         if stream.closed:
