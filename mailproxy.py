@@ -14,7 +14,7 @@ The picture::
                ClientMachine ◄───────┤ (phases, Deadline,  ├────► BackendLogin (a script of steps)
                (IMAP / POP3 / SMTP)  │  SessionLog)        │
                                      │                     │
-   UserTableAuth, AuthHttpAuth  ◄────┤                     ├────► Relay (two bounded buffers)
+   UserTableAuth, AuthHttpAuth  ◄────┤                     ├────► Relay (splice, or two bounded buffers)
    or BackendAuth                    │                     │
                                      └─────────────────────┘
  EventLoop (selectors + timer heap + signal wake-up fd) drives Streams; a master forks workers.
@@ -9963,12 +9963,15 @@ def give_logs_to_user(logs: ErrorLogs, main: Settings, log: ErrorLog) -> None:
 
 
 def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
-    """Let worker_connections sessions (two descriptors each) fit, as nginx's
-    worker_rlimit_nofile would: raise the soft limit, up to the hard one."""
+    """Let worker_connections sessions fit, as nginx's worker_rlimit_nofile
+    would: raise the soft limit, up to the hard one.  A session holds two
+    descriptors, and four more while it splices (two pipes); without them
+    it relays through buffers (relay_pipes)."""
     if resource is None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = main.worker_rlimit_nofile or 2 * main.worker_connections + 64
+    per_session = 6 if RELAY_SPLICE else 2
+    wanted = main.worker_rlimit_nofile or per_session * main.worker_connections + 64
     if soft != resource.RLIM_INFINITY and soft < wanted:
         new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         try:
