@@ -7697,6 +7697,7 @@ class CheckedRelay(Relay):
 RELAY_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2") and fcntl is not None
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)       # fcntl(2), Linux >= 2.6.35
+RELAY_READ_MAX = 1 << 20       # the longest read of the buffered relay (a huge proxy_buffer)
 
 
 class Flow:
@@ -7737,10 +7738,11 @@ class BufferedFlow(Flow):
     __slots__ = ()
 
     def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
-        super().__init__(relay, source, target, limit)
+        # A read is proxy_buffer long, up to RELAY_READ_MAX.
+        super().__init__(relay, source, target, min(limit, RELAY_READ_MAX))
         loop = source.loop
-        if len(loop.scratch) < limit:              # a read is proxy_buffer long
-            loop.scratch = memoryview(bytearray(limit))
+        if len(loop.scratch) < self.limit:
+            loop.scratch = memoryview(bytearray(self.limit))
 
     def pending(self) -> int:
         return len(self.target.out)
@@ -7802,7 +7804,8 @@ class SpliceFlow(Flow):
         if self.held or self.target.out:
             return
         source, target, limit = self.source, self.target, self.limit
-        splice, source_fd, target_fd = os.splice, source.sock.fileno(), target.sock.fileno()
+        splice = os.splice                         # novermin: Python >= 3.10, see RELAY_SPLICE
+        source_fd, target_fd = source.sock.fileno(), target.sock.fileno()
         for _ in range(READS_PER_EVENT):
             try:
                 count = splice(source_fd, self.pipe_write, limit, None, None, SPLICE_FLAGS)
@@ -7837,8 +7840,8 @@ class SpliceFlow(Flow):
                 return True
         while self.held:
             try:
-                count = os.splice(self.pipe_read, target.sock.fileno(), self.held, None, None,
-                                  SPLICE_FLAGS)
+                count = os.splice(self.pipe_read, target.sock.fileno(),  # novermin
+                                  self.held, None, None, SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as error:
@@ -7876,6 +7879,10 @@ class DirectRelay(Relay):
             self.upload = SpliceFlow(self, client, backend, limit, pipes[0])
             self.download = SpliceFlow(self, backend, client, limit, pipes[1])
         client.driver = backend.driver = self
+        # The streams read no more themselves (nor go on with a read loop
+        # they were in when the login ended: what they read goes to
+        # Relay.stream_data, in order).
+        client.read_budget = backend.read_budget = 0
         super().__init__(session, client, backend, limit, idle_timeout)
 
     def _allow(self, source: Stream) -> None:
