@@ -6659,6 +6659,7 @@ class EventLoop:
         # relay's): used and done with within one call, so one per loop
         # serves every connection; made, and grown, by whoever needs more.
         self.scratch = memoryview(bytearray())
+        self.pipes = None                  # the relay's spare pipes (PipePool), made when needed
         # Callbacks from other threads, oldest first.  A deque, because its
         # append() and popleft() are thread-safe (the collections docs say
         # so): no lock is needed between the threads and the loop.
@@ -6740,6 +6741,8 @@ class EventLoop:
     def close(self) -> None:
         if self.signal_handlers:
             signal.set_wakeup_fd(-1)
+        if self.pipes is not None:
+            self.pipes.close()
         self.selector.close()
         self._wakeup_read.close()
         self._wakeup_write.close()
@@ -7698,6 +7701,7 @@ RELAY_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2") and fcntl is not N
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)       # fcntl(2), Linux >= 2.6.35
 RELAY_READ_MAX = 1 << 20       # the longest read of the buffered relay (a huge proxy_buffer)
+SPARE_PIPES = 64               # empty pipes a worker keeps for reuse, per proxy_buffer size
 
 
 class Flow:
@@ -7780,54 +7784,101 @@ class BufferedFlow(Flow):
         return self.send_out()
 
 
-class SpliceFlow(Flow):
+class PipePool:
+    """A loop's spare pipes, for SpliceFlows: a flow takes one when it has
+    bytes to move and gives it back as soon as it is empty, so an idle
+    session holds no pipe (no descriptors, no kernel memory) and a busy
+    worker makes few.  Pipes are kept per size (proxy_buffer), at most
+    SPARE_PIPES of each; only empty pipes come back (SpliceFlow.held is 0),
+    so no byte of one session can reach another."""
+
+    def __init__(self):
+        self.spare = {}                  # size -> [(read end, write end)]
+
+    def take(self, size: int) -> Tuple[int, int]:
+        """A pipe of ``size``; raises OSError when none can be made (EMFILE)."""
+        spare = self.spare.get(size)
+        return spare.pop() if spare else splice_pipe(size)
+
+    def give(self, size: int, pipe: Tuple[int, int]) -> None:
+        """``pipe``, empty, back for reuse (or closed, with enough spare)."""
+        spare = self.spare.setdefault(size, [])
+        if len(spare) < SPARE_PIPES:
+            spare.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        for spare in self.spare.values():
+            for read_end, write_end in spare:
+                os.close(read_end)
+                os.close(write_end)
+        self.spare = {}
+
+
+class SpliceFlow(BufferedFlow):
     """Through a pipe with os.splice: the kernel moves the pages from the
     source socket into the pipe and from the pipe to the target socket.
-    ``held``: bytes in the pipe.  What the target stream held before the
-    relay began (the login's last reply, what the backend sent behind it)
-    goes first.  Reading only into an empty pipe keeps an EAGAIN from
-    splice meaning one thing: the socket has nothing (never: the pipe is
-    full)."""
-    __slots__ = ("pipe_read", "pipe_write", "held")
+    ``held``: bytes in the pipe, which the flow holds (``pipe``) only while
+    it is not empty (PipePool).  With no pipe to be had (no descriptor
+    left), a read goes through the scratch buffer, as BufferedFlow's: what
+    the target refuses waits in its ``out``.  What the target stream holds
+    there (that, or the login's last reply) goes before the pipe.  Reading
+    only into an empty pipe keeps an EAGAIN from splice meaning one thing:
+    the socket has nothing (never: the pipe is full)."""
+    __slots__ = ("pool", "pipe", "held")
 
-    def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int,
-                 pipe: Tuple[int, int]):
+    def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
         super().__init__(relay, source, target, limit)
-        self.pipe_read, self.pipe_write = pipe
+        loop = source.loop
+        if loop.pipes is None:
+            loop.pipes = PipePool()
+        self.pool = loop.pipes
+        self.pipe = None                   # type: Optional[Tuple[int, int]]
         self.held = 0
 
     def pending(self) -> int:
         return self.held + len(self.target.out)
 
     def pump(self) -> None:
-        """Into the empty pipe, and on at once (the hot path: flush() inlined)."""
+        """Into an empty pipe, and on at once (the hot path: flush() inlined)."""
         if self.held or self.target.out:
             return
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = self.pool.take(self.limit)
+            except OSError:
+                return BufferedFlow.pump(self)
         source, target, limit = self.source, self.target, self.limit
         splice = os.splice                         # novermin: Python >= 3.10, see RELAY_SPLICE
         source_fd, target_fd = source.sock.fileno(), target.sock.fileno()
         for _ in range(READS_PER_EVENT):
             try:
-                count = splice(source_fd, self.pipe_write, limit, None, None, SPLICE_FLAGS)
+                count = splice(source_fd, pipe[1], limit, None, None, SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as error:
                 return self.relay.stream_error(source, error)
             if not count:
+                self._give_back()
                 return self.relay.stream_eof(source)
             source.received += count
+            self.held = count                      # in the pipe until written (an error: closed)
             try:
-                sent = splice(self.pipe_read, target_fd, count, None, None, SPLICE_FLAGS)
+                sent = splice(pipe[0], target_fd, count, None, None, SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as error:
                 return self.relay.stream_error(target, error)
             target.sent += sent
-            if sent < count:
-                self.held = count - sent           # the rest when the target is writable
+            self.held = count - sent
+            if self.held:                          # the rest when the target is writable
                 return
             if count < limit:                      # likely all the socket had
-                return
+                break
+        self._give_back()
 
     def flush(self) -> bool:
         """Write what waits, the target's ``out`` first, then the pipe, as
@@ -7840,7 +7891,7 @@ class SpliceFlow(Flow):
                 return True
         while self.held:
             try:
-                count = os.splice(self.pipe_read, target.sock.fileno(),  # novermin
+                count = os.splice(self.pipe[0], target.sock.fileno(),  # novermin
                                   self.held, None, None, SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return True
@@ -7851,33 +7902,40 @@ class SpliceFlow(Flow):
                 raise RuntimeError("the relay's pipe is empty, %d bytes short" % self.held)
             target.sent += count
             self.held -= count
+        self._give_back()
         return True
 
+    def _give_back(self) -> None:
+        """The pipe, empty now, back to the pool."""
+        if self.pipe is not None and not self.held:
+            self.pool.give(self.limit, self.pipe)
+            self.pipe = None
+
     def close(self) -> None:
-        for fd in (self.pipe_read, self.pipe_write):
-            if fd >= 0:
-                os.close(fd)
-        self.pipe_read = self.pipe_write = -1
+        """The session's end: an empty pipe goes back, one with bytes in it
+        is closed (they are lost with the session, as ``out`` is)."""
+        self._give_back()
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe, self.held = None, 0
 
 
 class DirectRelay(Relay):
     """The relay between two plain sockets, doing their I/O itself (it is
     both streams' driver): ``upload`` moves the client's bytes to the
     backend, ``download`` the backend's to the client, two SpliceFlows
-    given ``pipes``, else two BufferedFlows.  A side is read while nothing
+    with ``splice``, else two BufferedFlows.  A side is read while nothing
     read from it waits and no side has closed; it is watched for writing
     while the flow into it has something waiting.  The ends (EOF, errors,
     proxy_timeout) are Relay's, with the pipes' bytes counted in."""
     __slots__ = ("upload", "download")
 
     def __init__(self, session, client: Stream, backend: Stream, limit: int,
-                 idle_timeout: float, pipes: Optional[list] = None):
-        if pipes is None:
-            self.upload = BufferedFlow(self, client, backend, limit)
-            self.download = BufferedFlow(self, backend, client, limit)
-        else:
-            self.upload = SpliceFlow(self, client, backend, limit, pipes[0])
-            self.download = SpliceFlow(self, backend, client, limit, pipes[1])
+                 idle_timeout: float, splice: bool = False):
+        flow = SpliceFlow if splice else BufferedFlow
+        self.upload = flow(self, client, backend, limit)
+        self.download = flow(self, backend, client, limit)
         client.driver = backend.driver = self
         # The streams read no more themselves (nor go on with a read loop
         # they were in when the login ended: what they read goes to
@@ -7954,25 +8012,11 @@ def splice_pipe(size: int) -> Tuple[int, int]:
     return read_end, write_end
 
 
-def relay_pipes(session, client: Stream, backend: Stream, size: int) -> Optional[list]:
-    """Two pipes, to splice both ways; None to relay through buffers: no
-    splice here (RELAY_SPLICE), a side not TCP (a unix socket), or no
-    descriptor left for a pipe."""
+def can_splice(client: Stream, backend: Stream) -> bool:
+    """Whether a session's relay splices: os.splice here (RELAY_SPLICE),
+    and TCP on both sides (a unix socket is relayed through buffers)."""
     tcp = (socket.AF_INET, socket.AF_INET6)
-    if not RELAY_SPLICE or client.sock.family not in tcp or backend.sock.family not in tcp:
-        return None
-    pipes = []
-    try:
-        while len(pipes) < 2:
-            pipes.append(splice_pipe(size))
-    except OSError as error:
-        for pipe in pipes:
-            os.close(pipe[0])
-            os.close(pipe[1])
-        session.log("info", "no pipe to splice through (%s), relaying through buffers"
-                    % (error.strerror or error))
-        return None
-    return pipes
+    return RELAY_SPLICE and client.sock.family in tcp and backend.sock.family in tcp
 
 
 def start_relay(session, client: Stream, backend: Stream, server: Settings,
@@ -7988,7 +8032,7 @@ def start_relay(session, client: Stream, backend: Stream, server: Settings,
         if client.tls is not None or backend.tls is not None:
             return Relay(session, client, backend, server.proxy_buffer, server.proxy_timeout)
         return DirectRelay(session, client, backend, server.proxy_buffer, server.proxy_timeout,
-                           relay_pipes(session, client, backend, server.proxy_buffer))
+                           can_splice(client, backend))
     guard = SmtpRecipientGuard(check, server.smtp_client_buffer)
     relay = CheckedRelay(session, client, backend, server.proxy_buffer, server.proxy_timeout, guard)
     relay.stream_data(client, client_trailing)

@@ -9017,6 +9017,13 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def bytes_in_pipe(read_end: int) -> int:
+    """FIONREAD (Linux's ioctl, as for a socket): what a pipe holds."""
+    import fcntl
+    import termios
+    return struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 class SpliceRelayTests(EventLoopTestCase):
     """A DirectRelay between two loopback TCP connections, the test playing
     the client on one and the backend on the other: bytes both ways,
@@ -9056,6 +9063,7 @@ class SpliceRelayTests(EventLoopTestCase):
         server = server_settings("imap", proxy_buffer=limit, proxy_timeout=idle_timeout)
         relay = mp.start_relay(session, session.streams[0], session.streams[1], server, None,
                                b"", b"")
+        self.addCleanup(self.assert_spare_pipes_empty)
         self.addCleanup(relay.cancel)
         self.addCleanup(session.close, "test over")
         self.addCleanup(lambda: self.assertIsNone(session.crash, "the relay crashed"))
@@ -9063,6 +9071,12 @@ class SpliceRelayTests(EventLoopTestCase):
         self.assertEqual((type(relay), type(relay.upload), type(relay.download)),
                          (mp.DirectRelay, flow, flow))
         return relay, session, client, backend
+
+    def assert_spare_pipes_empty(self) -> None:
+        """What the pool keeps for the next session holds no byte of this one."""
+        for pipes in (self.loop.pipes.spare.values() if self.loop.pipes else ()):
+            for read_end, _ in pipes:
+                self.assertEqual(bytes_in_pipe(read_end), 0, "a spare pipe holds bytes")
 
     def in_flight(self, relay) -> tuple:
         """Bytes read from each side and not yet written to the other:
@@ -9216,17 +9230,48 @@ class SpliceRelayTests(EventLoopTestCase):
     def assertSameBytes(self, got: bytes, expected: bytes) -> None:
         self.assertEqual(sha256_hex(got), sha256_hex(expected), "the bytes differ")
 
-    def test_nothing_is_left_open_at_the_end(self):
+    def test_an_idle_session_holds_no_pipe_and_nothing_is_left_open_at_the_end(self):
         before = open_descriptors()
         relay, session, client, backend = self.relay()
-        if self.SPLICE:                       # two pipes, two ends each
-            self.assertEqual(open_descriptors(), before + 4 + 4)
+        self.assertEqual(open_descriptors(), before + 4, "more than the two connections' ends")
+        client.send(b"a2 NOOP\r\n")
+        backend.send(b"a2 OK NOOP completed\r\n")
+        at_backend, at_client = PeerReader(backend), PeerReader(client)
+
+        def peers() -> None:
+            at_backend()
+            at_client()
+        self.drive(lambda: at_backend.received == b"a2 NOOP\r\n" and
+                   at_client.received == b"a2 OK NOOP completed\r\n", step=peers)
+        spare = 1 if self.SPLICE else 0       # the same pipe served both ways, one after the other
+        self.assertEqual(open_descriptors(), before + 4 + 2 * spare)
+        self.assertEqual((getattr(relay.upload, "pipe", None), getattr(relay.download, "pipe", None)),
+                         (None, None), "an idle session holds a pipe")
         client.shutdown(socket.SHUT_WR)
         self.drive(lambda: session.outcome is not None)
         self.assertEqual(session.outcome, "client closed connection")
         client.close()
         backend.close()
+        if self.loop.pipes is not None:
+            self.loop.pipes.close()           # as EventLoop.close does
         self.assertEqual(open_descriptors(), before)
+
+    def test_with_no_pipe_to_be_had_the_bytes_go_through_buffers(self):
+        """Out of descriptors, a splicing session moves its bytes as the
+        buffered relay does, and all of them arrive."""
+        relay, session, client, backend = self.relay()
+        refuse = unittest.mock.patch.object(mp, "splice_pipe",
+                                            side_effect=OSError(errno.EMFILE, "Too many open files"))
+        refuse.start()
+        self.addCleanup(refuse.stop)
+        sender, reader = PeerSender(client, message_bytes(MEGABYTE)), PeerReader(backend)
+
+        def peers() -> None:
+            sender()
+            reader()
+            self.assert_bounded(relay)
+        self.drive(lambda: len(reader.received) == len(sender.data), step=peers, timeout=30)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
 
 
 class BufferedRelayTests(SpliceRelayTests):
@@ -9295,23 +9340,20 @@ class RelayChoiceTests(EventLoopTestCase):
         self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.BufferedFlow))
 
     @unittest.skipUnless(SPLICE_HERE, "no os.splice here")
-    def test_no_pipe_left_means_buffers_and_a_line_in_the_log(self):
-        made = []
-        real = mp.splice_pipe
-
-        def one_pipe(size):
-            if made:
-                raise OSError(errno.EMFILE, "Too many open files")
-            made.append(real(size))
-            return made[-1]
-        with unittest.mock.patch.object(mp, "splice_pipe", one_pipe):
-            relay, session = self.start([self.tcp, self.tcp])
-        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.BufferedFlow))
-        self.assertEqual(session.lines, ["no pipe to splice through (Too many open files), "
-                                         "relaying through buffers"])
-        for end in made[0]:
-            with self.assertRaises(OSError, msg="the first pipe was left open"):
+    def test_spare_pipes_are_reused_and_closed_with_the_loop(self):
+        pool = self.loop.pipes = mp.PipePool()
+        first = pool.take(4096)
+        pool.give(4096, first)
+        self.assertEqual(pool.take(4096), first, "a spare pipe was not reused")
+        pool.give(4096, first)
+        other = pool.take(65536)
+        self.assertNotEqual(other, first, "a pipe of another size was given")
+        pool.give(65536, other)
+        self.loop.close()
+        for end in first + other:
+            with self.assertRaises(OSError, msg="a spare pipe is left open"):
                 os.fstat(end)
+        self.loop = mp.EventLoop()            # for the cleanup
 
     def test_tls_on_a_side_relays_through_the_streams(self):
         relay, _ = self.start([self.tcp, self.tcp], tls=True)
