@@ -36,6 +36,7 @@ import platform
 import poplib
 import random
 import re
+import select
 import selectors
 import signal
 import smtplib
@@ -9201,6 +9202,21 @@ class SpliceRelayTests(EventLoopTestCase):
         self.drive(lambda: session.outcome is not None, step=sender)
         self.assertRegex(session.outcome, r"^upstream connection error: "
                                           r"(Connection reset by peer|Broken pipe)$")
+
+    def test_bytes_read_for_a_backend_gone_are_never_kept_for_another_session(self):
+        """The read succeeds, the write fails: those bytes go with the
+        session (a pipe holding them is closed, not kept as a spare)."""
+        relay, session, client, backend = self.relay()
+        backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        backend.close()
+        time.sleep(0.05)                                 # the RST arrives
+        client.send(b"a2 APPEND INBOX {5}\r\n")
+        select.select([relay.client.sock], [], [], 5)
+        relay.upload.pump()                              # the client's side first, this time
+        self.assertRegex(session.outcome, r"^upstream connection error: ")
+        self.assertEqual(relay.client.received, 21)
+        relay.cancel()
+        self.assert_spare_pipes_empty()
 
     def test_proxy_timeout_ends_an_idle_relay(self):
         relay, session, client, backend = self.relay(idle_timeout=0.2)
