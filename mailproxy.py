@@ -10016,8 +10016,9 @@ def give_logs_to_user(logs: ErrorLogs, main: Settings, log: ErrorLog) -> None:
 def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
     """Let worker_connections sessions fit, as nginx's worker_rlimit_nofile
     would: raise the soft limit, up to the hard one.  A session holds two
-    descriptors, and four more while it splices (two pipes); without them
-    it relays through buffers (relay_pipes)."""
+    descriptors, and up to four more while it splices (two pipes, held
+    while bytes are in them); without them it relays through the scratch
+    buffer (SpliceFlow)."""
     if resource is None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
