@@ -7426,8 +7426,9 @@ def configure_accepted(sock: socket.socket, listen: Listen) -> None:
 # start_relay picks one of three ways to move the bytes, once:
 #  - SpliceFlow (DirectRelay): TCP on both sides without TLS, on Linux with
 #    Python >= 3.10.  os.splice moves the bytes socket -> pipe -> socket in
-#    the kernel; Python only hears of readiness and counts.  The pipe is
-#    sized to proxy_buffer (F_SETPIPE_SZ).
+#    the kernel; Python only hears of readiness and counts.  The pipe, sized
+#    to proxy_buffer (F_SETPIPE_SZ), is the worker's (PipePool), lent to a
+#    direction while bytes are in it.
 #  - BufferedFlow (DirectRelay): plain sockets elsewhere.  recv_into the
 #    loop's scratch buffer and send on from it at once; only what the
 #    target's kernel refuses is copied, into the target stream's ``out``.
