@@ -9014,10 +9014,6 @@ def tcp_pair(test, buffer: int = 0):
     return proxy_end, peer
 
 
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def bytes_in_pipe(read_end: int) -> int:
     """FIONREAD (Linux's ioctl, as for a socket): what a pipe holds."""
     import fcntl
@@ -9246,10 +9242,18 @@ class SpliceRelayTests(EventLoopTestCase):
     def assertSameBytes(self, got: bytes, expected: bytes) -> None:
         self.assertEqual(sha256_hex(got), sha256_hex(expected), "the bytes differ")
 
+    def held_pipes(self, relay) -> list:
+        return [flow.pipe for flow in (relay.upload, relay.download)
+                if getattr(flow, "pipe", None) is not None]
+
+    def spare_pipes(self) -> list:
+        pool = self.loop.pipes
+        return [pipe for pipes in (pool.spare.values() if pool else ()) for pipe in pipes]
+
     def test_an_idle_session_holds_no_pipe_and_nothing_is_left_open_at_the_end(self):
-        before = open_descriptors()
         relay, session, client, backend = self.relay()
-        self.assertEqual(open_descriptors(), before + 4, "more than the two connections' ends")
+        self.assertEqual((self.held_pipes(relay), self.spare_pipes()), ([], []),
+                         "a pipe before any byte")
         client.send(b"a2 NOOP\r\n")
         backend.send(b"a2 OK NOOP completed\r\n")
         at_backend, at_client = PeerReader(backend), PeerReader(client)
@@ -9259,18 +9263,21 @@ class SpliceRelayTests(EventLoopTestCase):
             at_client()
         self.drive(lambda: at_backend.received == b"a2 NOOP\r\n" and
                    at_client.received == b"a2 OK NOOP completed\r\n", step=peers)
-        spare = 1 if self.SPLICE else 0       # the same pipe served both ways, one after the other
-        self.assertEqual(open_descriptors(), before + 4 + 2 * spare)
-        self.assertEqual((getattr(relay.upload, "pipe", None), getattr(relay.download, "pipe", None)),
-                         (None, None), "an idle session holds a pipe")
+        self.assertEqual(self.held_pipes(relay), [], "an idle session holds a pipe")
+        spare = self.spare_pipes()
+        # Splicing, the same pipe served both ways, one after the other.
+        self.assertEqual(len(spare), 1 if self.SPLICE else 0)
         client.shutdown(socket.SHUT_WR)
         self.drive(lambda: session.outcome is not None)
         self.assertEqual(session.outcome, "client closed connection")
-        client.close()
-        backend.close()
+        self.assertEqual(self.spare_pipes(), spare)
+        for sock in (relay.client.sock, relay.backend.sock):
+            self.assertEqual(sock.fileno(), -1, "a socket is left open")
         if self.loop.pipes is not None:
             self.loop.pipes.close()           # as EventLoop.close does
-        self.assertEqual(open_descriptors(), before)
+        for end in (end for pipe in spare for end in pipe):
+            with self.assertRaises(OSError, msg="a spare pipe is left open"):
+                os.fstat(end)
 
     def test_with_no_pipe_to_be_had_the_bytes_go_through_buffers(self):
         """Out of descriptors, a splicing session moves its bytes as the
