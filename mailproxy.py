@@ -14,7 +14,7 @@ The picture::
                ClientMachine ◄───────┤ (phases, Deadline,  ├────► BackendLogin (a script of steps)
                (IMAP / POP3 / SMTP)  │  SessionLog)        │
                                      │                     │
-   UserTableAuth, AuthHttpAuth  ◄────┤                     ├────► Relay (two bounded buffers)
+   UserTableAuth, AuthHttpAuth  ◄────┤                     ├────► Relay (splice, or two bounded buffers)
    or BackendAuth                    │                     │
                                      └─────────────────────┘
  EventLoop (selectors + timer heap + signal wake-up fd) drives Streams; a master forks workers.
@@ -7820,6 +7820,11 @@ class EventLoop:
         self.sequence = 0                  # compare in C, the sequence breaks ties
         self.running = False
         self.signal_handlers = {}          # signal number -> callback
+        # One buffer for reads whose bytes go straight out again (the
+        # relay's): used and done with within one call, so one per loop
+        # serves every connection; made, and grown, by whoever needs more.
+        self.scratch = memoryview(bytearray())
+        self.pipes = None                  # the relay's spare pipes (PipePool), made when needed
         # Callbacks from other threads, oldest first.  A deque, because its
         # append() and popleft() are thread-safe (the collections docs say
         # so): no lock is needed between the threads and the loop.
@@ -7901,6 +7906,8 @@ class EventLoop:
     def close(self) -> None:
         if self.signal_handlers:
             signal.set_wakeup_fd(-1)
+        if self.pipes is not None:
+            self.pipes.close()
         self.selector.close()
         self._wakeup_read.close()
         self._wakeup_write.close()
@@ -8013,6 +8020,9 @@ class Deadline:
 # much it reads at a time is its owner's choice (``read_budget``; 0 pauses
 # reading), which is how the relay bounds its buffers.  Events go to the
 # owner: stream_data, stream_eof, stream_error, stream_connected, stream_drained.
+# A relay between two plain sockets does their I/O itself: it becomes the
+# stream's ``driver``, which hears of readiness instead (and sets the
+# interest with watch()); the stream keeps its socket, counts and close().
 
 class StreamOwner:
     """What a Stream tells its owner, as asyncio's Protocol: a subclass
@@ -8053,7 +8063,7 @@ class LoopHandler:
 
 class Stream(LoopHandler):
     __slots__ = ("loop", "sock", "owner", "out", "read_budget", "connecting",
-                 "closed", "interest", "received", "sent", "tls")
+                 "closed", "interest", "received", "sent", "tls", "driver")
 
     def __init__(self, loop: EventLoop, sock: socket.socket, owner, connecting: bool = False):
         self.loop = loop
@@ -8067,6 +8077,7 @@ class Stream(LoopHandler):
         self.received = 0          # bytes read from the socket
         self.sent = 0              # bytes written to the socket
         self.tls = None            # type: Optional[TlsLayer]
+        self.driver = None         # a DirectRelay doing this socket's I/O (see watch)
         self.update_interest()
 
     def update_interest(self) -> None:
@@ -8078,6 +8089,12 @@ class Stream(LoopHandler):
         if self.out or self.connecting:
             events |= selectors.EVENT_WRITE
         if events != self.interest:
+            self.interest = self.loop.set_interest(self.sock, events, self, self.interest)
+
+    def watch(self, events: int) -> None:
+        """For a driver: the loop watches the socket for ``events``, and
+        tells the driver (readable(stream), writable(stream))."""
+        if events != self.interest and not self.closed:
             self.interest = self.loop.set_interest(self.sock, events, self, self.interest)
 
     def set_read_budget(self, budget: int) -> None:
@@ -8128,6 +8145,9 @@ class Stream(LoopHandler):
         """Read while there is data and room: with a small budget (a 4k
         proxy_buffer) one readiness event serves several reads, instead of
         one epoll_wait per chunk."""
+        if self.driver is not None:
+            self.driver.readable(self)
+            return
         for _ in range(READS_PER_EVENT):
             budget = self.read_budget
             try:
@@ -8173,6 +8193,9 @@ class Stream(LoopHandler):
             self.owner.stream_eof(self)
 
     def on_writable(self) -> None:
+        if self.driver is not None:
+            self.driver.writable(self)
+            return
         if self.connecting:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
@@ -8564,6 +8587,22 @@ def configure_accepted(sock: socket.socket, listen: Listen) -> None:
 # reading stops the backend being read, and memory stays bounded.  The
 # session ends when either side has closed and what it sent is written out,
 # or after proxy_timeout without traffic.
+#
+# start_relay picks one of three ways to move the bytes, once:
+#  - SpliceFlow (DirectRelay): TCP on both sides without TLS, on Linux with
+#    Python >= 3.10.  os.splice moves the bytes socket -> pipe -> socket in
+#    the kernel; Python only hears of readiness and counts.  The pipe, sized
+#    to proxy_buffer (F_SETPIPE_SZ), is the worker's (PipePool), lent to a
+#    direction while bytes are in it.
+#  - BufferedFlow (DirectRelay): plain sockets elsewhere.  recv_into the
+#    loop's scratch buffer and send on from it at once; only what the
+#    target's kernel refuses is copied, into the target stream's ``out``.
+#  - Relay through the Streams: TLS on either side (the layer must see the
+#    bytes), and the SMTP recipient check (CheckedRelay reads them).
+# A DirectRelay reads a side only while nothing read from it waits to be
+# written, one read of at most proxy_buffer: so each direction holds at
+# most proxy_buffer.  All three count bytes in the Streams (``received``,
+# ``sent``), which the idle check and the access line read.
 
 class Relay(StreamOwner):
     """Both directions of one proxied session (the hot path: a few lines
@@ -8820,16 +8859,346 @@ class CheckedRelay(Relay):
         self._allow(self.backend)
 
 
+# -- plain sockets: the relay does the I/O -----------------------------------------
+
+# os.splice is Linux's, in Python >= 3.10 (feature-detected).  The switch:
+# the tests turn it off to run the buffered relay on Linux too.
+RELAY_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2") and fcntl is not None
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)       # fcntl(2), Linux >= 2.6.35
+RELAY_READ_MAX = 1 << 20       # the longest read of the buffered relay (a huge proxy_buffer)
+SPARE_PIPES = 64               # empty pipes a worker keeps for reuse, per proxy_buffer size
+
+
+class Flow:
+    """One direction of a DirectRelay: bytes from ``source`` to ``target``
+    (Streams), at most ``limit`` held.  pump() reads the source and writes
+    through to the target; flush() writes what waits when the target is
+    writable again; pending() is what waits.  After an error or an EOF the
+    relay has been told (it may have ended the session)."""
+    __slots__ = ("relay", "source", "target", "limit")
+
+    def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
+        self.relay, self.source, self.target, self.limit = relay, source, target, limit
+
+    def send_out(self) -> bool:
+        """Write what the target's ``out`` holds, as far as its kernel takes
+        it; False after an error."""
+        target = self.target
+        try:
+            sent = target.sock.send(target.out)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as error:
+            self.relay.stream_error(target, error)
+            return False
+        target.sent += sent
+        del target.out[:sent]
+        return True
+
+    def close(self) -> None:
+        """Let go of what the flow holds beyond its streams."""
+
+
+class BufferedFlow(Flow):
+    """Through the loop's scratch buffer: recv_into it, then send from it
+    at once (a memoryview, no copy).  Only what the target's kernel
+    refuses is copied, into ``target.out``, and the source is not read
+    again until that has been written out."""
+    __slots__ = ()
+
+    def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
+        # A read is proxy_buffer long, up to RELAY_READ_MAX.
+        super().__init__(relay, source, target, min(limit, RELAY_READ_MAX))
+        loop = source.loop
+        if len(loop.scratch) < self.limit:
+            loop.scratch = memoryview(bytearray(self.limit))
+
+    def pending(self) -> int:
+        return len(self.target.out)
+
+    def pump(self) -> None:
+        if self.target.out:
+            return
+        source, target, limit = self.source, self.target, self.limit
+        scratch, receive, send = source.loop.scratch, source.sock.recv_into, target.sock.send
+        for _ in range(READS_PER_EVENT):
+            try:
+                count = receive(scratch, limit)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                return self.relay.stream_error(source, error)
+            if not count:
+                return self.relay.stream_eof(source)
+            source.received += count
+            data = scratch[:count]
+            try:
+                sent = send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                return self.relay.stream_error(target, error)
+            target.sent += sent
+            if sent < count:
+                target.out += data[sent:]          # the one copy: what the kernel refused
+                return
+            if count < limit:                      # the socket had no more
+                return
+
+    def flush(self) -> bool:
+        return self.send_out()
+
+
+class PipePool:
+    """A loop's spare pipes, for SpliceFlows: a flow takes one when it has
+    bytes to move and gives it back as soon as it is empty, so an idle
+    session holds no pipe (no descriptors, no kernel memory) and a busy
+    worker makes few.  Pipes are kept per size (proxy_buffer), at most
+    SPARE_PIPES of each; only empty pipes come back (SpliceFlow.held is 0),
+    so no byte of one session can reach another."""
+
+    def __init__(self):
+        self.spare = {}                  # size -> [(read end, write end)]
+
+    def take(self, size: int) -> Tuple[int, int]:
+        """A pipe of ``size``; raises OSError when none can be made (EMFILE)."""
+        spare = self.spare.get(size)
+        return spare.pop() if spare else splice_pipe(size)
+
+    def give(self, size: int, pipe: Tuple[int, int]) -> None:
+        """``pipe``, empty, back for reuse (or closed, with enough spare)."""
+        spare = self.spare.setdefault(size, [])
+        if len(spare) < SPARE_PIPES:
+            spare.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        for spare in self.spare.values():
+            for read_end, write_end in spare:
+                os.close(read_end)
+                os.close(write_end)
+        self.spare = {}
+
+
+class SpliceFlow(BufferedFlow):
+    """Through a pipe with os.splice: the kernel moves the pages from the
+    source socket into the pipe and from the pipe to the target socket.
+    ``held``: bytes in the pipe, which the flow holds (``pipe``) only while
+    it is not empty (PipePool).  With no pipe to be had (no descriptor
+    left), a read goes through the scratch buffer, as BufferedFlow's: what
+    the target refuses waits in its ``out``.  What the target stream holds
+    there (that, or the login's last reply) goes before the pipe.  Reading
+    only into an empty pipe keeps an EAGAIN from splice meaning one thing:
+    the socket has nothing (never: the pipe is full)."""
+    __slots__ = ("pool", "pipe", "held")
+
+    def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
+        super().__init__(relay, source, target, limit)
+        loop = source.loop
+        if loop.pipes is None:
+            loop.pipes = PipePool()
+        self.pool = loop.pipes
+        self.pipe = None                   # type: Optional[Tuple[int, int]]
+        self.held = 0
+
+    def pending(self) -> int:
+        return self.held + len(self.target.out)
+
+    def pump(self) -> None:
+        """Into an empty pipe, and on at once (the hot path: flush() inlined)."""
+        if self.held or self.target.out:
+            return
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = self.pool.take(self.limit)
+            except OSError:
+                return BufferedFlow.pump(self)
+        source, target, limit = self.source, self.target, self.limit
+        splice = os.splice                         # novermin: Python >= 3.10, see RELAY_SPLICE
+        source_fd, target_fd = source.sock.fileno(), target.sock.fileno()
+        for _ in range(READS_PER_EVENT):
+            try:
+                count = splice(source_fd, pipe[1], limit, None, None, SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                return self.relay.stream_error(source, error)
+            if not count:
+                self._give_back()
+                return self.relay.stream_eof(source)
+            source.received += count
+            self.held = count                      # in the pipe until written (an error: closed)
+            try:
+                sent = splice(pipe[0], target_fd, count, None, None, SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                return self.relay.stream_error(target, error)
+            target.sent += sent
+            self.held = count - sent
+            if self.held:                          # the rest when the target is writable
+                return
+            if count < limit:                      # likely all the socket had
+                break
+        self._give_back()
+
+    def flush(self) -> bool:
+        """Write what waits, the target's ``out`` first, then the pipe, as
+        far as the target's kernel takes it; False after an error."""
+        target = self.target
+        if target.out:
+            if not self.send_out():
+                return False
+            if target.out:
+                return True
+        while self.held:
+            try:
+                count = os.splice(self.pipe[0], target.sock.fileno(),  # novermin
+                                  self.held, None, None, SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as error:
+                self.relay.stream_error(target, error)
+                return False
+            if not count:                          # a bug in the count: never loop on it
+                raise RuntimeError("the relay's pipe is empty, %d bytes short" % self.held)
+            target.sent += count
+            self.held -= count
+        self._give_back()
+        return True
+
+    def _give_back(self) -> None:
+        """The pipe, empty now, back to the pool."""
+        if self.pipe is not None and not self.held:
+            self.pool.give(self.limit, self.pipe)
+            self.pipe = None
+
+    def close(self) -> None:
+        """The session's end: an empty pipe goes back, one with bytes in it
+        is closed (they are lost with the session, as ``out`` is)."""
+        self._give_back()
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe, self.held = None, 0
+
+
+class DirectRelay(Relay):
+    """The relay between two plain sockets, doing their I/O itself (it is
+    both streams' driver): ``upload`` moves the client's bytes to the
+    backend, ``download`` the backend's to the client, two SpliceFlows
+    with ``splice``, else two BufferedFlows.  A side is read while nothing
+    read from it waits and no side has closed; it is watched for writing
+    while the flow into it has something waiting.  The ends (EOF, errors,
+    proxy_timeout) are Relay's, with the pipes' bytes counted in."""
+    __slots__ = ("upload", "download")
+
+    def __init__(self, session, client: Stream, backend: Stream, limit: int,
+                 idle_timeout: float, splice: bool = False):
+        flow = SpliceFlow if splice else BufferedFlow
+        self.upload = flow(self, client, backend, limit)
+        self.download = flow(self, backend, client, limit)
+        client.driver = backend.driver = self
+        # The streams read no more themselves (nor go on with a read loop
+        # they were in when the login ended: what they read goes to
+        # Relay.stream_data, in order).
+        client.read_budget = backend.read_budget = 0
+        super().__init__(session, client, backend, limit, idle_timeout)
+
+    def _allow(self, source: Stream) -> None:
+        self._watch()
+
+    def _watch(self) -> None:
+        reading = self.eof_from is None
+        up, down = self.upload.pending(), self.download.pending()
+        self.client.watch((selectors.EVENT_READ if reading and not up else 0) |
+                          (selectors.EVENT_WRITE if down else 0))
+        self.backend.watch((selectors.EVENT_READ if reading and not down else 0) |
+                           (selectors.EVENT_WRITE if up else 0))
+
+    def readable(self, stream: Stream) -> None:
+        if stream.closed:                          # ended earlier in this turn of the loop
+            return
+        flow = self.upload if stream is self.client else self.download
+        flow.pump()
+        if flow.pending() or self.eof_from is not None:
+            self._watch()                          # else the interest is as it was
+
+    def writable(self, stream: Stream) -> None:
+        if stream.closed:
+            return
+        flow = self.download if stream is self.client else self.upload
+        if not flow.flush():
+            return
+        if not flow.pending():
+            if self.eof_from is flow.source:
+                self.finish("%s closed connection" % self._side(flow.source))
+                return
+            if self.eof_from is None:
+                flow.pump()                        # its source waits, likely with more
+        self._watch()
+
+    def stream_eof(self, stream: Stream) -> None:
+        """As Relay's: nothing more is read; the end once what ``stream``
+        sent is written out."""
+        self.eof_from = stream
+        flow = self.upload if stream is self.client else self.download
+        if not flow.pending():
+            self.finish("%s closed connection" % self._side(stream))
+
+    def finish(self, outcome: str) -> None:
+        self.cancel()
+        super().finish(outcome)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+        self.upload.close()
+        self.download.close()
+
+    @property
+    def buffered(self) -> int:
+        return self.upload.pending() + self.download.pending()
+
+
+def splice_pipe(size: int) -> Tuple[int, int]:
+    """(read end, write end) of a pipe for a SpliceFlow: non-blocking, not
+    inherited, room for ``size`` bytes where the system allows (the kernel
+    rounds up to a power of two pages; past /proc/sys/fs/pipe-max-size, or
+    once the user's pipes hold fs/pipe-user-pages-soft, it keeps its
+    default, 16 pages).  Raises OSError (EMFILE, say)."""
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, size)
+    except OSError:
+        pass
+    return read_end, write_end
+
+
+def can_splice(client: Stream, backend: Stream) -> bool:
+    """Whether a session's relay splices: os.splice here (RELAY_SPLICE),
+    and TCP on both sides (a unix socket is relayed through buffers)."""
+    tcp = (socket.AF_INET, socket.AF_INET6)
+    return RELAY_SPLICE and client.sock.family in tcp and backend.sock.family in tcp
+
+
 def start_relay(session, client: Stream, backend: Stream, server: Settings,
                 check: Optional[Callable], client_trailing: bytes, backend_trailing: bytes) -> Relay:
     """The relay of a session just logged in, given what each side sent
     ahead (the client's pipelined commands, what the backend sent behind
-    its reply); with ``check``, every later RCPT is checked
-    (SmtpRecipientGuard)."""
+    its reply): those go through the streams' buffers, and a DirectRelay
+    writes them out before anything it reads.  With ``check``, every later
+    RCPT is checked (SmtpRecipientGuard)."""
     if check is None:
         backend.write(client_trailing)
         client.write(backend_trailing)
-        return Relay(session, client, backend, server.proxy_buffer, server.proxy_timeout)
+        if client.tls is not None or backend.tls is not None:
+            return Relay(session, client, backend, server.proxy_buffer, server.proxy_timeout)
+        return DirectRelay(session, client, backend, server.proxy_buffer, server.proxy_timeout,
+                           can_splice(client, backend))
     guard = SmtpRecipientGuard(check, server.smtp_client_buffer)
     relay = CheckedRelay(session, client, backend, server.proxy_buffer, server.proxy_timeout, guard)
     relay.stream_data(client, client_trailing)
@@ -12270,12 +12639,16 @@ def give_logs_to_user(logs: ErrorLogs, main: Settings, log: ErrorLog) -> None:
 
 
 def raise_open_file_limit(main: Settings, log: ErrorLog) -> None:
-    """Let worker_connections sessions (two descriptors each) fit, as nginx's
-    worker_rlimit_nofile would: raise the soft limit, up to the hard one."""
+    """Let worker_connections sessions fit, as nginx's worker_rlimit_nofile
+    would: raise the soft limit, up to the hard one.  A session holds two
+    descriptors, and up to four more while it splices (two pipes, held
+    while bytes are in them); without them it relays through the scratch
+    buffer (SpliceFlow)."""
     if resource is None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = main.worker_rlimit_nofile or 2 * main.worker_connections + 64
+    per_session = 6 if RELAY_SPLICE else 2
+    wanted = main.worker_rlimit_nofile or per_session * main.worker_connections + 64
     if soft != resource.RLIM_INFINITY and soft < wanted:
         new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         try:

@@ -39,6 +39,7 @@ import platform
 import poplib
 import random
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -2194,11 +2195,15 @@ class ProxyUnderTest:
         return list(self.worker.sessions)      # a copy: the loop thread changes the set
 
     def buffered(self) -> int:
-        """Bytes waiting in the proxy's output buffers now, all sessions."""
+        """Bytes waiting in the proxy's output buffers now (and, relaying
+        with splice, in its pipes), all sessions."""
         total = 0
         for session in self.sessions():
-            backend = session.backend
-            total += len(session.client.out) + (len(backend.out) if backend is not None else 0)
+            relay, backend = session.relay, session.backend
+            if relay is not None:
+                total += relay.buffered
+            else:
+                total += len(session.client.out) + (len(backend.out) if backend is not None else 0)
         return total
 
 
@@ -9555,6 +9560,408 @@ class RelayTests(EventLoopTestCase):
                                           relay.client, "upstream closed connection")
 
 
+# -- DirectRelay: splice, and the buffered relay of plain sockets -------------------
+
+SPLICE_HERE = mp.RELAY_SPLICE          # os.splice in this Python, on this system
+EOF_SENT = 256 * 1024                  # sent, then EOF, into kernel buffers of a megabyte
+
+
+def tcp_pair(test, buffer: int = 0):
+    """(the proxy's end, the peer's end) of a loopback TCP connection (the
+    splice relay is for TCP), non-blocking; ``buffer``: both ends' kernel
+    send and receive buffers that small, so that backpressure comes soon."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listener:
+        if buffer:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if buffer:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        peer.connect(listener.getsockname())
+        proxy_end, _ = listener.accept()
+    for sock in (proxy_end, peer):
+        sock.setblocking(False)
+        if buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        test.addCleanup(sock.close)
+    return proxy_end, peer
+
+
+def bytes_in_pipe(read_end: int) -> int:
+    """FIONREAD (Linux's ioctl, as for a socket): what a pipe holds."""
+    import fcntl
+    import termios
+    return struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+class SpliceRelayTests(EventLoopTestCase):
+    """A DirectRelay between two loopback TCP connections, the test playing
+    the client on one and the backend on the other: bytes both ways,
+    backpressure with at most proxy_buffer (LIMIT) in flight per direction,
+    EOF and errors from either side, proxy_timeout, the bytes the streams
+    held at the start.  This class splices; BufferedRelayTests runs the
+    same tests with RELAY_SPLICE off."""
+
+    LIMIT = 16 * 1024
+    SPLICE = True
+
+    def setUp(self):
+        if self.SPLICE and not SPLICE_HERE:
+            self.skipTest("no os.splice here (Linux, Python >= 3.10)")
+        super().setUp()
+        patcher = unittest.mock.patch.object(mp, "RELAY_SPLICE", self.SPLICE)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def relay(self, limit: int = LIMIT, idle_timeout: float = 3600.0, buffer: int = 4096,
+              before=None, buffers=None):
+        """(relay, session, client's socket, backend's socket), made by
+        start_relay as a session does; ``before(client_stream,
+        backend_stream)`` runs first (writes the streams hold at the start);
+        the connections' kernel buffers are ``buffer`` bytes, or
+        ``buffers``: (the client's, the backend's)."""
+        client_buffer, backend_buffer = buffers or (buffer, buffer)
+        client_end, client = tcp_pair(self, client_buffer)
+        backend_end, backend = tcp_pair(self, backend_buffer)
+        session = RelaySession()
+        session.log = lambda level, message: session.lines.append(message)
+        session.lines = []
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        if before is not None:
+            before(*session.streams)
+        server = server_settings("imap", proxy_buffer=limit, proxy_timeout=idle_timeout)
+        relay = mp.start_relay(session, session.streams[0], session.streams[1], server, None,
+                               b"", b"")
+        self.addCleanup(self.assert_spare_pipes_empty)
+        self.addCleanup(relay.cancel)
+        self.addCleanup(session.close, "test over")
+        self.addCleanup(lambda: self.assertIsNone(session.crash, "the relay crashed"))
+        flow = mp.SpliceFlow if self.SPLICE else mp.BufferedFlow
+        self.assertEqual((type(relay), type(relay.upload), type(relay.download)),
+                         (mp.DirectRelay, flow, flow))
+        return relay, session, client, backend
+
+    def assert_spare_pipes_empty(self) -> None:
+        """What the pool keeps for the next session holds no byte of this one."""
+        for pipes in (self.loop.pipes.spare.values() if self.loop.pipes else ()):
+            for read_end, _ in pipes:
+                self.assertEqual(bytes_in_pipe(read_end), 0, "a spare pipe holds bytes")
+
+    def in_flight(self, relay) -> tuple:
+        """Bytes read from each side and not yet written to the other:
+        (client to backend, backend to client), from the streams' counts."""
+        return (relay.client.received - relay.backend.sent,
+                relay.backend.received - relay.client.sent)
+
+    def assert_bounded(self, relay) -> None:
+        upload, download = self.in_flight(relay)
+        self.assertLessEqual(upload, self.LIMIT, "more than proxy_buffer in flight to the backend")
+        self.assertLessEqual(download, self.LIMIT, "more than proxy_buffer in flight to the client")
+        self.assertEqual((upload, download), (relay.upload.pending(), relay.download.pending()))
+
+    def test_megabytes_both_ways_at_once_arrive_unchanged_and_counted(self):
+        relay, session, client, backend = self.relay(buffer=0)
+        up = PeerSender(client, message_bytes(4 * MEGABYTE))
+        down = PeerSender(backend, upload_bytes(3 * MEGABYTE))
+        at_backend, at_client = PeerReader(backend), PeerReader(client)
+
+        def peers() -> None:
+            up()
+            down()
+            at_backend()
+            at_client()
+            self.assert_bounded(relay)
+        self.drive(lambda: len(at_backend.received) == len(up.data) and
+                   len(at_client.received) == len(down.data), step=peers, timeout=30)
+        self.assertEqual(sha256_hex(at_backend.received), sha256_hex(up.data))
+        self.assertEqual(sha256_hex(at_client.received), sha256_hex(down.data))
+        self.assertEqual((relay.client.received, relay.backend.sent), (4 * MEGABYTE,) * 2)
+        self.assertEqual((relay.backend.received, relay.client.sent), (3 * MEGABYTE,) * 2)
+        self.assertIsNone(session.outcome)
+
+    def assert_backpressure(self, relay, session, source: socket.socket, source_stream,
+                            target: socket.socket) -> None:
+        """``source`` sends more than the kernels and proxy_buffer hold while
+        ``target`` reads nothing: the relay stops reading the source with
+        at most proxy_buffer in flight, and reads it no more while held;
+        when the target reads, it all arrives, in order."""
+        sender = PeerSender(source, message_bytes(4 * MEGABYTE))
+
+        def send() -> None:
+            sender()
+            self.assert_bounded(relay)
+        self.drive(lambda: sender.blocked and not source_stream.interest & selectors.EVENT_READ,
+                   step=send)
+        self.assertGreater(max(self.in_flight(relay)), 0, "nothing held: no backpressure seen")
+        received = source_stream.received
+        for _ in range(3):                               # bytes wait in its kernel buffer
+            send()
+            self.loop.run_once(0.01)
+        self.assertEqual(source_stream.received, received, "the source was read while held")
+        reader = PeerReader(target)
+
+        def both_peers() -> None:
+            send()
+            reader()
+        self.drive(lambda: len(reader.received) == len(sender.data), step=both_peers, timeout=30)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+        self.assertEqual(self.in_flight(relay), (0, 0))
+        self.assertTrue(source_stream.interest & selectors.EVENT_READ, "the source is not read again")
+        self.assertIsNone(session.outcome)
+
+    def test_backpressure_from_a_client_that_does_not_read(self):
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, backend, relay.backend, client)
+
+    def test_backpressure_from_a_backend_that_does_not_read(self):
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, client, relay.client, backend)
+
+    def test_backpressure_with_a_4k_proxy_buffer(self):
+        relay, session, client, backend = self.relay(limit=4096)
+        self.LIMIT = 4096
+        self.assert_backpressure(relay, session, backend, relay.backend, client)
+
+    def test_backpressure_with_a_proxy_buffer_smaller_than_a_page(self):
+        """A pipe holds at least a page: the bound is the relay's own."""
+        relay, session, client, backend = self.relay(limit=1000)
+        self.LIMIT = 1000
+        self.assert_backpressure(relay, session, client, relay.client, backend)
+
+    def assert_ends_once_written_out(self, session, source: socket.socket, target: socket.socket,
+                                     outcome: str) -> None:
+        """``source`` sends and closes while ``target`` reads nothing: the
+        session goes on (its bytes are not all delivered); when the target
+        reads, they all arrive, and then the session ends.  (The source's
+        kernel buffers hold what the relay cannot take.)"""
+        sender = PeerSender(source, message_bytes(EOF_SENT), shut=True)
+        self.drive(lambda: sender.sent == len(sender.data) and not sender.shut, step=sender)
+        for _ in range(3):
+            self.loop.run_once(0.01)
+        self.assertIsNone(session.outcome, "the session ended with bytes still to write")
+        reader = PeerReader(target)
+        self.drive(lambda: reader.eof, step=reader)
+        self.assertEqual(session.outcome, outcome)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+
+    def test_eof_from_the_client_ends_the_relay_once_its_bytes_are_written_out(self):
+        relay, session, client, backend = self.relay(buffers=(MEGABYTE, 4096))
+        self.assert_ends_once_written_out(session, client, backend, "client closed connection")
+        self.assertEqual(relay.client.received, EOF_SENT)
+
+    def test_eof_from_the_backend_ends_the_relay_once_its_bytes_are_written_out(self):
+        relay, session, client, backend = self.relay(buffers=(4096, MEGABYTE))
+        self.assert_ends_once_written_out(session, backend, client, "upstream closed connection")
+        self.assertEqual(relay.client.sent, EOF_SENT)
+
+    def test_a_reset_is_a_connection_error(self):
+        relay, session, client, backend = self.relay()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()                                   # RST, not FIN
+        self.drive(lambda: session.outcome is not None)
+        self.assertEqual(session.outcome, "client connection error: Connection reset by peer")
+
+    def test_writing_to_a_backend_gone_is_a_connection_error(self):
+        relay, session, client, backend = self.relay()
+        backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        backend.close()
+        time.sleep(0.05)                 # let the RST arrive before the client's bytes go
+        sender = PeerSender(client, message_bytes(256 * 1024))
+        self.drive(lambda: session.outcome is not None, step=sender)
+        self.assertRegex(session.outcome, r"^upstream connection error: "
+                                          r"(Connection reset by peer|Broken pipe)$")
+
+    def test_bytes_read_for_a_backend_gone_are_never_kept_for_another_session(self):
+        """The read succeeds, the write fails: those bytes go with the
+        session (a pipe holding them is closed, not kept as a spare)."""
+        relay, session, client, backend = self.relay()
+        backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        backend.close()
+        time.sleep(0.05)                                 # the RST arrives
+        client.send(b"a2 APPEND INBOX {5}\r\n")
+        select.select([relay.client.sock], [], [], 5)
+        relay.upload.pump()                              # the client's side first, this time
+        self.assertRegex(session.outcome, r"^upstream connection error: ")
+        self.assertEqual(relay.client.received, 21)
+        relay.cancel()
+        self.assert_spare_pipes_empty()
+
+    def test_proxy_timeout_ends_an_idle_relay(self):
+        relay, session, client, backend = self.relay(idle_timeout=0.2)
+        client.send(b"a2 NOOP\r\n")
+        reader = PeerReader(backend)
+        self.drive(lambda: reader.received == b"a2 NOOP\r\n", step=reader)
+        self.drive(lambda: session.outcome is not None)
+        self.assertEqual(session.outcome, "proxy_timeout")
+
+    def test_what_the_streams_held_at_the_start_goes_first(self):
+        """The login's last reply, and what the backend sent behind it, may
+        wait in the client stream's ``out`` when the relay starts: they go
+        out before the relayed bytes, and count as held."""
+        ahead = message_bytes(MEGABYTE)
+
+        def hold(client_stream, backend_stream) -> None:
+            client_stream.write(ahead)
+            self.assertGreater(len(client_stream.out), 0)
+        relay, session, client, backend = self.relay(before=hold)
+        self.assertFalse(relay.backend.interest & selectors.EVENT_READ,
+                         "the backend is read while the client has bytes waiting")
+        backend.send(b"* 1 EXISTS\r\n")
+        reader = PeerReader(client)
+        self.drive(lambda: len(reader.received) == len(ahead) + 12, step=reader)
+        self.assertSameBytes(bytes(reader.received), ahead + b"* 1 EXISTS\r\n")
+
+    def assertSameBytes(self, got: bytes, expected: bytes) -> None:
+        self.assertEqual(sha256_hex(got), sha256_hex(expected), "the bytes differ")
+
+    def held_pipes(self, relay) -> list:
+        return [flow.pipe for flow in (relay.upload, relay.download)
+                if getattr(flow, "pipe", None) is not None]
+
+    def spare_pipes(self) -> list:
+        pool = self.loop.pipes
+        return [pipe for pipes in (pool.spare.values() if pool else ()) for pipe in pipes]
+
+    def test_an_idle_session_holds_no_pipe_and_nothing_is_left_open_at_the_end(self):
+        relay, session, client, backend = self.relay()
+        self.assertEqual((self.held_pipes(relay), self.spare_pipes()), ([], []),
+                         "a pipe before any byte")
+        client.send(b"a2 NOOP\r\n")
+        backend.send(b"a2 OK NOOP completed\r\n")
+        at_backend, at_client = PeerReader(backend), PeerReader(client)
+
+        def peers() -> None:
+            at_backend()
+            at_client()
+        self.drive(lambda: at_backend.received == b"a2 NOOP\r\n" and
+                   at_client.received == b"a2 OK NOOP completed\r\n", step=peers)
+        self.assertEqual(self.held_pipes(relay), [], "an idle session holds a pipe")
+        spare = self.spare_pipes()
+        # Splicing, the same pipe served both ways, one after the other.
+        self.assertEqual(len(spare), 1 if self.SPLICE else 0)
+        client.shutdown(socket.SHUT_WR)
+        self.drive(lambda: session.outcome is not None)
+        self.assertEqual(session.outcome, "client closed connection")
+        self.assertEqual(self.spare_pipes(), spare)
+        for sock in (relay.client.sock, relay.backend.sock):
+            self.assertEqual(sock.fileno(), -1, "a socket is left open")
+        if self.loop.pipes is not None:
+            self.loop.pipes.close()           # as EventLoop.close does
+        for end in (end for pipe in spare for end in pipe):
+            with self.assertRaises(OSError, msg="a spare pipe is left open"):
+                os.fstat(end)
+
+    def test_with_no_pipe_to_be_had_the_bytes_go_through_buffers(self):
+        """Out of descriptors, a splicing session moves its bytes as the
+        buffered relay does, and all of them arrive."""
+        relay, session, client, backend = self.relay()
+        refuse = unittest.mock.patch.object(mp, "splice_pipe",
+                                            side_effect=OSError(errno.EMFILE, "Too many open files"))
+        refuse.start()
+        self.addCleanup(refuse.stop)
+        sender, reader = PeerSender(client, message_bytes(MEGABYTE)), PeerReader(backend)
+
+        def peers() -> None:
+            sender()
+            reader()
+            self.assert_bounded(relay)
+        self.drive(lambda: len(reader.received) == len(sender.data), step=peers, timeout=30)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+
+
+class BufferedRelayTests(SpliceRelayTests):
+    """SpliceRelayTests with RELAY_SPLICE off: the buffered relay."""
+    SPLICE = False
+
+
+class PassingLayer:
+    """Stands in for a TlsLayer, passing bytes as they are."""
+
+    def __init__(self):
+        self.held = b""
+
+    def send(self, data: bytes) -> None:
+        self.held += data
+
+    def data_to_send(self) -> bytes:
+        data, self.held = self.held, b""
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class RelayChoiceTests(EventLoopTestCase):
+    """start_relay's choice: splice for TCP on both sides without TLS,
+    where the system has it; the buffered DirectRelay for other plain
+    sockets, or without splice, or without a pipe; the Relay through the
+    Streams with TLS; CheckedRelay with smtp_auth none's check."""
+
+    def start(self, pairs, check=None, tls=False, splice=True):
+        ends = [pair()[0] for pair in pairs]
+        session = RelaySession()
+        session.lines = []
+        session.log = lambda level, message: session.lines.append(message)
+        session.streams = [mp.Stream(self.loop, end, None) for end in ends]
+        self.addCleanup(session.close, "test over")
+        if tls:
+            session.streams[1].tls = PassingLayer()
+        with unittest.mock.patch.object(mp, "RELAY_SPLICE", splice):
+            relay = mp.start_relay(session, session.streams[0], session.streams[1],
+                                   server_settings("smtp"), check, b"", b"")
+        self.addCleanup(relay.cancel)
+        return relay, session
+
+    def tcp(self):
+        return tcp_pair(self)
+
+    def unix(self):
+        return self.socket_pair()
+
+    def flows(self, relay) -> tuple:
+        return type(relay), type(getattr(relay, "upload", None))
+
+    @unittest.skipUnless(SPLICE_HERE, "no os.splice here")
+    def test_tcp_both_sides_splices(self):
+        relay, _ = self.start([self.tcp, self.tcp])
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.SpliceFlow))
+
+    def test_without_splice_plain_sockets_are_relayed_through_buffers(self):
+        relay, _ = self.start([self.tcp, self.tcp], splice=False)
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.BufferedFlow))
+
+    def test_a_unix_socket_is_relayed_through_buffers(self):
+        relay, _ = self.start([self.unix, self.tcp])
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.BufferedFlow))
+
+    @unittest.skipUnless(SPLICE_HERE, "no os.splice here")
+    def test_spare_pipes_are_reused_and_closed_with_the_loop(self):
+        pool = self.loop.pipes = mp.PipePool()
+        first = pool.take(4096)
+        pool.give(4096, first)
+        self.assertEqual(pool.take(4096), first, "a spare pipe was not reused")
+        pool.give(4096, first)
+        other = pool.take(65536)
+        self.assertNotEqual(other, first, "a pipe of another size was given")
+        pool.give(65536, other)
+        self.loop.close()
+        for end in first + other:
+            with self.assertRaises(OSError, msg="a spare pipe is left open"):
+                os.fstat(end)
+        self.loop = mp.EventLoop()            # for the cleanup
+
+    def test_tls_on_a_side_relays_through_the_streams(self):
+        relay, _ = self.start([self.tcp, self.tcp], tls=True)
+        self.assertEqual(self.flows(relay), (mp.Relay, type(None)))
+
+    def test_the_recipient_check_relays_through_the_streams(self):
+        relay, _ = self.start([self.tcp, self.tcp], check=lambda line: None)
+        self.assertEqual(type(relay), mp.CheckedRelay)
+
+
 # -- the SMTP relay check -----------------------------------------------------------
 
 GUARD_DENIED = b"550 5.7.1 Relaying denied\r\n"
@@ -9669,6 +10076,87 @@ class RelayCheckLinearWorkTests(LinearWorkTestCase):
 # -- end to end ---------------------------------------------------------------------
 
 class RelayEndToEndTests(EndToEndTestCase):
+    """A proxy relaying IMAP between a client and a FakeImapBackend over
+    loopback TCP: with splice here; BufferedRelayEndToEndTests runs the
+    same with RELAY_SPLICE off."""
+
+    SPLICE = True
+
+    def setUp(self):
+        if self.SPLICE and not SPLICE_HERE:
+            self.skipTest("no os.splice here (Linux, Python >= 3.10)")
+        patcher = unittest.mock.patch.object(mp, "RELAY_SPLICE", self.SPLICE)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def assert_relay_path(self, proxy: ProxyUnderTest) -> None:
+        """The session's relay is the DirectRelay, splicing or not as the class
+        says.  (The login's reply is sent just before the relay starts.)"""
+        wait_until(lambda: proxy.sessions()[0].relay is not None, what="the relay")
+        relay = proxy.sessions()[0].relay
+        flow = mp.SpliceFlow if self.SPLICE else mp.BufferedFlow
+        self.assertEqual((type(relay), type(relay.upload)), (mp.DirectRelay, flow))
+
+    def test_megabytes_both_ways_and_the_access_line(self):
+        """FETCH and APPEND of 4 MB each arrive unchanged; the access line
+        counts every byte the client sent and received."""
+        backend = self.use(FakeImapBackend(message=message_bytes(4 * MEGABYTE)))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy, timeout=20)
+        self.imap_login(client)
+        self.assert_relay_path(proxy)
+        fetch_and_append(self, client, 4 * MEGABYTE)
+        imap_logout(client)
+        proxy.wait_for_log(r"session done: upstream closed connection, %d bytes from client, "
+                           r"%d bytes to client, " % (client.sent, client.received))
+
+    def fetch_with(self, proxy: ProxyUnderTest, action) -> Client:
+        """A session that has read half of a 4 MB FETCH when ``action``
+        runs in the proxy's loop, then reads the rest, and goes on."""
+        size = 4 * MEGABYTE
+        client = self.connect(proxy, timeout=20)
+        self.imap_login(client)
+        self.assert_relay_path(proxy)
+        client.send("f1 FETCH 1 BODY[]")
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{%d\}\r\n$" % size)
+        first = client.read_exactly(size // 2)
+        proxy.worker.loop.call_soon_threadsafe(action)
+        data = first + client.read_exactly(size - size // 2)
+        self.assertEqual(sha256_hex(data), sha256_hex(message_bytes(size)))
+        client.expect(rb"^\)\r\n$")
+        client.expect(rb"^f1 OK FETCH completed\r\n$")
+        return client
+
+    def test_a_reload_in_the_middle_of_a_fetch_lets_the_session_go_on(self):
+        backend = self.use(FakeImapBackend(message=message_bytes(4 * MEGABYTE)))
+        proxy = self.start_proxy("imap", backend.port)
+        memory = proxy.worker.logs
+
+        def reload() -> None:
+            """As SIGHUP to a single process (Worker.reload), the log kept in memory."""
+            with unittest.mock.patch.object(mp, "ErrorLogs", lambda config: memory):
+                proxy.worker.reload()
+        client = self.fetch_with(proxy, reload)
+        proxy.wait_for_log(r"configuration reloaded")
+        fetch_and_append(self, client, 4 * MEGABYTE)
+        imap_logout(client)
+
+    def test_a_graceful_stop_in_the_middle_of_a_fetch_lets_the_session_finish(self):
+        """As SIGQUIT (Worker.stop_gracefully): no new client, the session
+        relays to its end, then the loop stops."""
+        backend = self.use(FakeImapBackend(message=message_bytes(4 * MEGABYTE)))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.fetch_with(proxy, proxy.worker.stop_gracefully)
+        proxy.wait_for_log(r"gracefully shutting down")
+        self.assertTrue(connection_refused(proxy.port), "a new client is accepted")
+        fetch_and_append(self, client, 4 * MEGABYTE)
+        self.assertTrue(proxy.thread.is_alive(), "the loop stopped with a session relaying")
+        imap_logout(client)
+        proxy.thread.join(5)
+        self.assertFalse(proxy.thread.is_alive(), "the loop goes on after its last session")
+        proxy.wait_for_log(r"session done: upstream closed connection, %d bytes from client, "
+                           r"%d bytes to client, " % (client.sent, client.received))
+
     def test_backpressure_bounds_the_buffers(self):
         message = message_bytes(50 * MEGABYTE)
         backend = self.use(FakeImapBackend(message=message))
@@ -9711,6 +10199,14 @@ class RelayEndToEndTests(EndToEndTestCase):
         proxy.wait_for_log(r"proxied session timed out .*login: \"alice\", upstream: 127\.0\.0\.1:%d"
                            % backend.port)
         proxy.wait_for_log(r"session done: proxy_timeout, ")
+
+
+class BufferedRelayEndToEndTests(RelayEndToEndTests):
+    """RelayEndToEndTests with RELAY_SPLICE off: the buffered relay.  (Its
+    proxy_timeout is BufferedRelayTests's: the same check of the streams'
+    counts, without the second it takes end to end.)"""
+    SPLICE = False
+    test_proxy_timeout_ends_an_idle_relay = None
 
 
 class SmtpEndToEndNoAuthTests(EndToEndTestCase):
