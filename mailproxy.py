@@ -10871,8 +10871,10 @@ def rewritten_path(name: str, args: List[str]) -> Optional[str]:
     """nginx's pid file and error log are its own: a trial run beside the
     running nginx must neither overwrite its pid file (nginx -s would then
     signal mailproxy) nor write into its log.  The same directory, a name
-    of mailproxy's."""
-    if not args or args[0] in ("stderr", "off") or args[0].startswith(("syslog:", "memory:")):
+    of mailproxy's.  A device (Mailu's "error_log /dev/stderr") is no file
+    of nginx's: kept, or the import would create /dev/mailproxy-stderr."""
+    if not args or args[0] in ("stderr", "off") or \
+            args[0].startswith(("syslog:", "memory:", "/dev/", "/proc/")):
         return None
     directory, filename = os.path.split(args[0])
     if name == "pid":

@@ -14202,6 +14202,23 @@ class ImportNginxTests(unittest.TestCase):
             "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, check=False)
         self.assertIn("pid = /tmp/x/mailproxy-imported.pid", ini.splitlines())
 
+    def test_an_error_log_on_a_device_is_kept_as_it_is(self):
+        # Mailu: "error_log /dev/stderr notice;" at the top and "error_log
+        # /dev/stderr info;" in mail {}.  A device is nobody's log file; it
+        # was "rewritten" to /dev/mailproxy-stderr, a regular file that a
+        # start as root then created in /dev.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "error_log /dev/stderr notice;\nmail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    error_log /dev/stderr info;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; error_log /dev/null; }\n}\n" % port)
+        lines = ini.splitlines()
+        self.assertIn("error_log = /dev/stderr notice", lines)
+        self.assertIn("error_log = /dev/stderr info", lines)
+        self.assertIn("error_log = /dev/null", lines)
+        self.assertNotIn("/dev/mailproxy-", ini)
+        self.assertNotIn("rewritten", err)
+
     def test_servers_are_named_after_protocol_and_port(self):
         ini, err, nginx, directory = self.imported(
             "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
