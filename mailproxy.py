@@ -699,22 +699,34 @@ TLS_VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1
                 "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
+# nginx takes these in ssl_protocols; OpenSSL 3 builds and Python's ssl
+# module have neither, so they load and are not offered (a [warn] says so).
+OBSOLETE_SSL_PROTOCOLS = ("SSLv2", "SSLv3")
+
+
 def parse_ssl_protocols(args: List[str], base: str = "") -> List[str]:
-    """``[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]``: a contiguous range, since
-    Python sets a minimum and a maximum version, not a list."""
+    """``[SSLv2] [SSLv3] [TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]``: the TLS
+    versions a contiguous range, since Python sets a minimum and a maximum
+    version, not a list.  SSLv2 and SSLv3 stay in the list, first, and are
+    never offered (apply_protocols skips them): "TLSv1 SSLv3" (the nginx
+    wiki's and Mastering NGINX's example) is TLSv1 alone, as under nginx
+    with OpenSSL 3."""
     if not args:
         raise ConfigValueError("needs at least one protocol")
     for arg in args:
-        if arg in ("SSLv2", "SSLv3"):
-            raise ConfigValueError('"%s" is not available through Python\'s ssl module' % arg)
-        if arg not in TLS_VERSIONS:
+        if arg not in TLS_VERSIONS and arg not in OBSOLETE_SSL_PROTOCOLS:
             raise ConfigValueError('invalid value "%s"' % arg)
+    obsolete = [name for name in OBSOLETE_SSL_PROTOCOLS if name in args]
     order = list(TLS_VERSIONS)
-    indexes = sorted(order.index(arg) for arg in set(args))
+    indexes = sorted(order.index(arg) for arg in set(args) if arg in TLS_VERSIONS)
+    if not indexes:
+        raise ConfigValueError('"%s": Python\'s ssl module has neither SSLv2 nor SSLv3, so no '
+                               'protocol would be left; write TLS versions (e.g. "TLSv1.2 '
+                               'TLSv1.3")' % " ".join(args))
     if indexes != list(range(indexes[0], indexes[-1] + 1)):
         raise ConfigValueError("the protocols must be a range without gaps (Python sets a "
                           "minimum and a maximum version)")
-    return [order[i] for i in indexes]
+    return obsolete + [order[i] for i in indexes]
 
 
 class SessionCache(NamedTuple):
@@ -1311,6 +1323,7 @@ def load_config(path: str) -> Config:
     warnings += route_port_warnings(path, servers, routes, lines)
     warnings += salted_method_warnings(path, servers, users, lines)
     warnings += tls_directive_warnings(path, servers, lines)
+    warnings += obsolete_protocol_warnings(path, servers, lines)
     return Config(path, main, servers, users, routes, tuple(warnings), lines)
 
 
@@ -2091,6 +2104,28 @@ def tls_directive_warnings(path: str, servers: List[Settings], lines: Dict) -> L
                                        "full handshake")
             if differences:
                 warn(server, "ssl_session_ticket_key", "; ".join(differences))
+    return warnings
+
+
+def obsolete_protocol_warnings(path: str, servers: List[Settings],
+                               lines: Dict) -> List[ConfigError]:
+    """SSLv2 and SSLv3 in ssl_protocols load (nginx takes them) and are not
+    offered: one [warn] per line that names them."""
+    warnings, seen = [], set()
+    for server in servers:
+        for directive in ("ssl_protocols", "proxy_ssl_protocols"):
+            named = [name for name in getattr(server, directive) if name in OBSOLETE_SSL_PROTOCOLS]
+            section = "server " + server.name
+            if (section, directive) not in lines:
+                section = "mail"
+            if not named or (section, directive) not in lines or (section, directive) in seen:
+                continue
+            seen.add((section, directive))
+            warnings.append(ConfigError(path, section, directive, (
+                "%s not offered: Python's ssl module has neither SSLv2 nor SSLv3 (nor have "
+                "OpenSSL 3 builds, so nginx on them does not offer it either); only the TLS "
+                "versions listed are") % " and ".join(named),
+                lines[(section, directive)]))
     return warnings
 
 
@@ -6174,6 +6209,7 @@ def _read_certificate(der: bytes, info: Dict) -> CertificateFacts:
 # -- contexts from the directives ---------------------------------------------
 
 def apply_protocols(context: ssl.SSLContext, protocols: List[str]) -> None:
+    protocols = [name for name in protocols if name in TLS_VERSIONS]   # not SSLv2, SSLv3
     context.minimum_version = TLS_VERSIONS[protocols[0]]
     context.maximum_version = TLS_VERSIONS[protocols[-1]]
 

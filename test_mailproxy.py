@@ -7243,7 +7243,18 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
         with self.assertRaises(mp.ConfigValueError):
             mp.parse_ssl_protocols(["TLSv1", "TLSv1.2"])          # a gap
         with self.assertRaises(mp.ConfigValueError):
-            mp.parse_ssl_protocols(["SSLv3"])
+            mp.parse_ssl_protocols(["SSLv3"])                    # nothing would be left
+
+    def test_sslv3_in_the_list_loads_and_is_never_offered(self):
+        """nginx takes "ssl_protocols TLSv1 SSLv3;" (the nginx wiki's and
+        Mastering NGINX's examples) and, built on OpenSSL 3, offers TLSv1
+        alone; mailproxy refused it, so --import-nginx stopped there."""
+        self.assertEqual(mp.parse_ssl_protocols(["TLSv1", "SSLv3"]), ["SSLv3", "TLSv1"])
+        self.assertEqual(mp.parse_ssl_protocols(["SSLv2", "SSLv3", "TLSv1.2", "TLSv1.3"]),
+                         ["SSLv2", "SSLv3", "TLSv1.2", "TLSv1.3"])
+        context = mp.server_context(self.tls_settings(ssl_protocols=["SSLv3", "TLSv1.2", "TLSv1.3"]))
+        self.assertEqual((context.minimum_version, context.maximum_version),
+                         (mp.ssl.TLSVersion.TLSv1_2, mp.ssl.TLSVersion.TLSv1_3))
 
     def test_what_python_cannot_honour_is_refused(self):
         for name, value in (("ssl_conf_command", "Curves X25519"),
@@ -14218,6 +14229,26 @@ class ImportNginxTests(unittest.TestCase):
         self.assertIn("error_log = /dev/null", lines)
         self.assertNotIn("/dev/mailproxy-", ini)
         self.assertNotIn("rewritten", err)
+
+    def test_sslv3_in_ssl_protocols_imports_with_a_warning(self):
+        # The nginx wiki's STARTTLS example and Mastering NGINX's complete
+        # mail example have "ssl_protocols TLSv1 SSLv3;": nginx 1.22 takes
+        # it; the import refused it as a TLS directive it could not carry.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n"
+            "    ssl_protocols SSLv3 TLSv1.2 TLSv1.3;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, self.tls_files())
+        self.assertIn("ssl_protocols = SSLv3 TLSv1.2 TLSv1.3", ini.splitlines())
+        path = directory.write("imported.conf", ini)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertRegex(err, r"\[warn\] %s:\d+: \[mail\] ssl_protocols: SSLv3 not offered"
+                         % re.escape(path))
+        settings = mp.load_config(path).servers[0]
+        context = mp.server_context(settings)
+        self.assertEqual(context.minimum_version, mp.ssl.TLSVersion.TLSv1_2)
 
     def test_servers_are_named_after_protocol_and_port(self):
         ini, err, nginx, directory = self.imported(
