@@ -14250,6 +14250,22 @@ class ImportNginxTests(unittest.TestCase):
         context = mp.server_context(settings)
         self.assertEqual(context.minimum_version, mp.ssl.TLSVersion.TLSv1_2)
 
+    def test_tls_1_0_in_ssl_protocols_checks_without_python_warnings(self):
+        # nginx's admin guide, puppet-nginx and Mailu (TLS_PERMISSIVE) list
+        # TLSv1 and TLSv1.1; Python 3.10+ printed "DeprecationWarning:
+        # ssl.TLSVersion.TLSv1 is deprecated" and two source lines into -t.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n"
+            "    ssl_protocols TLSv1 TLSv1.1 TLSv1.2;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, self.tls_files())
+        status, out, err = run_mailproxy(["-t", "-c", directory.write("imported.conf", ini)],
+                                         timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("Warning", err)
+        self.assertNotIn("minimum_version", err)
+
     def test_servers_are_named_after_protocol_and_port(self):
         ini, err, nginx, directory = self.imported(
             "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
