@@ -10983,6 +10983,12 @@ def translate_block(imp: NginxImport, kind: str, directives: List[NginxBlock], b
                 imp.note(lines, directive.where, 'ssl on: carried as "listen ... ssl" (implicit '
                          'TLS) on %s listeners; the "ssl" directive was removed in nginx 1.25.1'
                          % ("every server's" if kind == "mail" else "this server's"))
+                if any(d.name == "starttls" and d.args in (["on"], ["only"]) for d in directives):
+                    # ngx_mail_ssl_module: both in one block is an [emerg]
+                    # (the nginx wiki's and the Nginx Cookbook's example)
+                    imp.note(lines, directive.where, 'nginx does not start with this block: '
+                             '"starttls" directive conflicts with "ssl on"; imported as implicit '
+                             'TLS, where STARTTLS is not offered')
             continue
         row = DIRECTIVES.get(directive.name)
         if row is None or kind not in row.contexts:

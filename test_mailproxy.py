@@ -14115,6 +14115,27 @@ class ImportNginxTests(unittest.TestCase):
         config = mp.load_config(directory.write("imported.conf", ini))
         self.assertTrue(config.servers[0].listen[0].ssl, ini)
 
+    def test_ssl_on_beside_starttls_says_that_nginx_refuses_the_block(self):
+        # The nginx wiki's STARTTLS example (and the Nginx HTTP Server
+        # Cookbook's) has "starttls on;" and "ssl on;" in mail {}: nginx
+        # 1.22 stops with '"starttls" directive conflicts with "ssl on"'.
+        # The import carries it as implicit TLS, and says so.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n    ssl on;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, self.tls_files())
+        self.assertIn("%s:4: nginx does not start with this block: \"starttls\" directive "
+                      "conflicts with \"ssl on\"" % nginx, err)
+        self.assertIn("listen = 127.0.0.1:%d ssl" % port, ini.splitlines())
+        # a server's own "ssl on" beside the mail {} block's starttls: nginx
+        # takes that (the check is per block), and so no note
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; ssl on; }\n}\n" % port, self.tls_files())
+        self.assertNotIn("conflicts", err)
+
     def test_a_tls_or_auth_directive_it_cannot_carry_is_an_error_with_file_and_line(self):
         directory = TempDir(self)
         self.write(directory, "tls.conf", "# TLS\nssl_frobnicate 2;\n")
