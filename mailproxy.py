@@ -10878,11 +10878,13 @@ IMPORT_DROPPABLE = ("ssl_session_cache", "ssl_session_timeout")
 
 def guards_access(name: str, args: List[str]) -> bool:
     """A directive about TLS or authentication: one the import may not drop,
-    since the port would then be less protected than nginx had it."""
+    since the port would then be less protected than nginx had it.  Forks'
+    own auth_http (Zimbra's "zm_auth_http;") count: it is what decides who
+    logs in."""
     if name in IMPORT_DROPPABLE:
         return False
     return name.startswith(("ssl", "proxy_ssl", "starttls", "proxy_starttls", "auth")) or \
-        name.endswith("_auth") or (name == "listen" and "ssl" in args[1:])
+        name.endswith(("_auth", "auth_http")) or (name == "listen" and "ssl" in args[1:])
 
 
 class NginxImport:
@@ -10899,7 +10901,7 @@ class NginxImport:
 
     def untranslated(self, lines: List[str], directive: NginxBlock, args: List[str],
                      reason: str) -> None:
-        text = "%s %s;  (%s)" % (directive.name, ini_value(args), reason)
+        text = "%s;  (%s)" % (" ".join([directive.name] + ([ini_value(args)] if args else [])), reason)
         if guards_access(directive.name, args):
             self.errors.append("%s: %s: cannot be carried over, and it is about TLS or "
                                "authentication, so the port would be less protected than "

@@ -14157,6 +14157,23 @@ class ImportNginxTests(unittest.TestCase):
         self.assertIn("less protected than under nginx", err)
         self.assertNotIn("imap_auth", err)
 
+    def test_zimbras_own_auth_http_is_an_error_not_a_comment(self):
+        # Zimbra's nginx.conf.mail has "zm_auth_http;" (its lookup servers
+        # are in a zm_lookup {} block) and no auth_http: the import made it
+        # a comment and printed a file without any authentication.
+        directory = TempDir(self)
+        nginx = self.write(directory, "nginx.conf",
+                           "zm_lookup {\n    zm_lookup_handlers https://mail:7072/lookup;\n}\n"
+                           "mail {\n    proxy_pass_error_message on;\n    zm_auth_http;\n"
+                           "    zm_auth_wait 10s;\n"
+                           "    server {\n        listen 127.0.0.1:1143;\n        protocol imap;\n"
+                           "    }\n}\n")
+        status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertIn("mailproxy: [emerg] %s:6: zm_auth_http;  (not a mailproxy directive here): "
+                      "cannot be carried over, and it is about TLS or authentication" % nginx, err)
+        self.assertNotIn("[emerg] %s:7:" % nginx, err)          # zm_auth_wait: only a delay
+
     def test_listen_with_a_host_name_passes_the_check(self):
         port = free_port()
         ini, err, nginx, directory = self.imported(
