@@ -11008,6 +11008,12 @@ def translate_block(imp: NginxImport, kind: str, directives: List[NginxBlock], b
                     each = each + ["ssl"]
                 grouped.setdefault(directive.name, []).append((directive, each))
             continue
+        if directive.name == "proxy_ssl" and args == ["on"] and not any(
+                d.name in ("proxy_ssl_verify", "proxy_ssl_trusted_certificate") for d in directives):
+            # Zimbra's nginx has proxy_ssl and does not check the backend
+            imp.note(lines, directive.where, "proxy_ssl on: mailproxy checks the backend's "
+                     "certificate and name (proxy_ssl_verify on); name your backends' CA in "
+                     "proxy_ssl_trusted_certificate, or every login fails")
         grouped.setdefault(directive.name, []).append((directive, args))
     for name, occurrences in grouped.items():
         if not DIRECTIVES[name].multiple:

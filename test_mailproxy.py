@@ -14174,6 +14174,24 @@ class ImportNginxTests(unittest.TestCase):
                       "cannot be carried over, and it is about TLS or authentication" % nginx, err)
         self.assertNotIn("[emerg] %s:7:" % nginx, err)          # zm_auth_wait: only a delay
 
+    def test_proxy_ssl_on_notes_that_the_backend_certificate_is_checked(self):
+        # Zimbra's nginx.conf.mail: "proxy_ssl on;" (its nginx does not
+        # check the backend's certificate; mailproxy does, by default): the
+        # migrated Zimbra file imported and passed -t, then every login
+        # failed with "unknown ca" and nothing had said why.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    proxy_ssl on;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port)
+        self.assertIn("proxy_ssl = on", ini.splitlines())
+        self.assertIn("%s:3: proxy_ssl on: mailproxy checks the backend's certificate" % nginx, err)
+        self.assertIn("# proxy_ssl on: mailproxy checks the backend's certificate", ini)
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    proxy_ssl on;\n"
+            "    proxy_ssl_verify off;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port)
+        self.assertNotIn("checks the backend", err)
+
     def test_listen_with_a_host_name_passes_the_check(self):
         port = free_port()
         ini, err, nginx, directory = self.imported(
