@@ -9627,7 +9627,74 @@ def load_and_prepare(path: str) -> Config:
                 errors.append(problem)
     if errors:
         raise ConfigErrors(errors)
+    unreachable = [warning for warning in map(lambda server: tls_unreachable(config, server),
+                                              config.servers) if warning is not None]
+    if unreachable:
+        config = config._replace(warnings=tuple(config.warnings) + tuple(
+            warning for number, warning in enumerate(unreachable)
+            if str(warning) not in map(str, unreachable[:number])))
     return config
+
+
+# What OpenSSL says, on the server's side, when nothing in ssl_protocols and
+# ssl_ciphers can be used at its security level (OpenSSL 3 takes TLS 1.0
+# and 1.1 at level 0 only).
+NO_HANDSHAKE_REASONS = ("NO_CIPHERS_AVAILABLE", "NO_PROTOCOLS_AVAILABLE", "UNSUPPORTED_PROTOCOL",
+                        "VERSION_TOO_LOW", "NO_SHARED_CIPHER", "NO_SUITABLE_SIGNATURE_ALGORITHM",
+                        "NO_SHARED_SIGNATURE_ALGORITHMS")
+
+
+def tls_unreachable(config: Config, server: Settings) -> Optional[ConfigError]:
+    """A [warn] at ssl_protocols when not even the most permissive client
+    (every cipher, security level 0, the same versions) completes a
+    handshake with the server's context, in memory: "ssl_protocols TLSv1
+    SSLv3;" (the nginx wiki, Mastering NGINX) on OpenSSL 3.  nginx starts
+    with it too, and fails every handshake; -t should say so."""
+    context = getattr(server, "tls_context", None)
+    if context is None:
+        return None
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    try:
+        client.set_ciphers("ALL:@SECLEVEL=0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client.minimum_version = context.minimum_version
+            client.maximum_version = context.maximum_version
+    except (ssl.SSLError, ValueError):
+        return None
+    reason = tls_handshake_failure(context, client)
+    if reason not in NO_HANDSHAKE_REASONS:
+        return None
+    lines = config.lines or {}
+    section = "server " + server.name if ("server " + server.name, "ssl_protocols") in lines \
+        else "mail"
+    return ConfigError(config.path, section, "ssl_protocols", (
+        "no TLS handshake can succeed (OpenSSL: %s): %s at its security level has no protocol, "
+        "cipher or signature algorithm left for %s with these ssl_ciphers; OpenSSL 3 takes TLSv1 "
+        "and TLSv1.1 only at security level 0, so nginx on it fails the same way; add TLSv1.2")
+        % (reason, ssl.OPENSSL_VERSION, " ".join(server.ssl_protocols)),
+        lines.get((section, "ssl_protocols")))
+
+
+def tls_handshake_failure(server_context: ssl.SSLContext,
+                          client_context: ssl.SSLContext) -> Optional[str]:
+    """The server side's SSL error reason of an in-memory handshake, None
+    if it completes (or fails on the client's side only)."""
+    pipes = [ssl.MemoryBIO() for _ in range(4)]
+    server = server_context.wrap_bio(pipes[0], pipes[1], server_side=True)
+    client = client_context.wrap_bio(pipes[2], pipes[3])
+    for _ in range(6):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as error:
+                return error.reason if side is server else None
+        pipes[0].write(pipes[3].read())
+        pipes[2].write(pipes[1].read())
+    return None
 
 
 def tls_problem(config: Config, server: Settings, error: ConfigValueError) -> ConfigError:

@@ -14322,6 +14322,30 @@ class ImportNginxTests(unittest.TestCase):
         self.assertNotIn("Warning", err)
         self.assertNotIn("minimum_version", err)
 
+    def test_a_tls_setting_no_client_can_use_is_a_warning_at_the_check(self):
+        # Mastering NGINX's and the nginx wiki's "ssl_protocols TLSv1 SSLv3;"
+        # pass nginx -t and -t here, and on OpenSSL 3 (TLS 1.0 only at
+        # security level 0) every handshake then fails, under nginx too.
+        # -t tries one in memory with the most permissive client.  Here the
+        # same effect, on any OpenSSL: an RSA-only cipher, an ECDSA key.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    ssl_protocols TLSv1.2;\n"
+            "    ssl_ciphers ECDHE-RSA-AES128-GCM-SHA256;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d ssl; protocol imap; }\n}\n" % port, self.tls_files())
+        path = directory.write("imported.conf", ini)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertRegex(err, r"\[warn\] %s:\d+: \[mail\] ssl_protocols: no TLS handshake can "
+                         r"succeed \(OpenSSL: NO_SHARED_CIPHER\)" % re.escape(path))
+        self.assertEqual(err.count("no TLS handshake"), 1, err)
+        ini = ini.replace("ssl_ciphers = ECDHE-RSA-AES128-GCM-SHA256", "ssl_ciphers = HIGH")
+        status, out, err = run_mailproxy(["-t", "-c", directory.write("imported.conf", ini)],
+                                         timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("no TLS handshake", err)
+
     def test_servers_are_named_after_protocol_and_port(self):
         ini, err, nginx, directory = self.imported(
             "mail {\n    auth_http 127.0.0.1:9000/auth;\n"
