@@ -455,6 +455,17 @@ def parse_time(args: List[str], base: str = "") -> float:
     return sum(int(n) * _TIME_UNITS[u] for n, u in parts)
 
 
+def parse_msec(args: List[str], base: str = "") -> float:
+    """A time nginx keeps in milliseconds (ngx_conf_set_msec_slot: timeout,
+    proxy_timeout, ...), in seconds like every time here: a number without
+    a unit is milliseconds, as nginx reads it ("timeout 1200000;" in
+    Mastering NGINX is 20 minutes, not 14 days)."""
+    value = one_argument(args)
+    if re.fullmatch(r"\d+", value):
+        return int(value) / 1000.0
+    return parse_time(args)
+
+
 def parse_number(args: List[str], base: str = "") -> int:
     value = one_argument(args)
     if not re.fullmatch(r"\d+", value):
@@ -1022,7 +1033,7 @@ DIRECTIVES = {d.name: d for d in [
     Directive("worker_processes", MAIN, parse_worker_processes, 1),
     Directive("worker_connections", MAIN, parse_positive, 1024),
     Directive("worker_rlimit_nofile", MAIN, parse_positive, None),
-    Directive("worker_shutdown_timeout", MAIN, parse_time, None),
+    Directive("worker_shutdown_timeout", MAIN, parse_msec, None),
     Directive("master_process", MAIN, parse_flag, True),
     Directive("user", MAIN, parse_user, None),
     Directive("pid", MAIN, parse_path, None),
@@ -1032,22 +1043,22 @@ DIRECTIVES = {d.name: d for d in [
     Directive("listen", SERVER, parse_listen, [], multiple=True),
     Directive("protocol", SERVER, parse_protocol, None),
     Directive("server_name", MAIL, parse_string, None),   # default: the host name
-    Directive("timeout", MAIL, parse_time, 60.0),
+    Directive("timeout", MAIL, parse_msec, 60.0),
     Directive("max_errors", MAIL, parse_number, 5),
     Directive("resolver", MAIL, parse_resolver, None),
-    Directive("resolver_timeout", MAIL, parse_time, 30.0),
+    Directive("resolver_timeout", MAIL, parse_msec, 30.0),
     # -- ngx_mail_auth_http_module -----------------------------------------
     Directive("auth_http", MAIL, parse_auth_http, None),
     Directive("auth_http_header", MAIL, parse_auth_http_header, [], multiple=True),
     Directive("auth_http_pass_client_cert", MAIL, parse_flag, False),
-    Directive("auth_http_timeout", MAIL, parse_time, 60.0),
+    Directive("auth_http_timeout", MAIL, parse_msec, 60.0),
     # -- ngx_mail_proxy_module ---------------------------------------------
     Directive("proxy", MAIL, parse_flag, False),   # parsed and ignored, as nginx
     Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("proxy_pass_error_message", MAIL, parse_flag, False),
     Directive("proxy_protocol", MAIL, parse_enum("off", "on", "v2"), "off"),
     Directive("proxy_smtp_auth", MAIL, parse_flag, False),
-    Directive("proxy_timeout", MAIL, parse_time, 24 * 3600.0),
+    Directive("proxy_timeout", MAIL, parse_msec, 24 * 3600.0),
     Directive("xclient", MAIL, parse_flag, True),
     # -- ngx_mail_realip_module --------------------------------------------
     Directive("set_real_ip_from", MAIL, parse_real_ip_from, [], multiple=True),
@@ -1089,7 +1100,7 @@ DIRECTIVES = {d.name: d for d in [
     Directive("smtp_auth", MAIL, auth_methods_parser("smtp"), ["plain", "login"], multiple=True),
     Directive("smtp_capabilities", MAIL, parse_word_list, [], multiple=True),
     Directive("smtp_client_buffer", MAIL, parse_size, PAGE_SIZE),
-    Directive("smtp_greeting_delay", MAIL, parse_time, 0.0),
+    Directive("smtp_greeting_delay", MAIL, parse_msec, 0.0),
     # -- extensions of mailproxy (nginx has no built-in user table) --------
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
     Directive("auth", MAIL, parse_enum("users", "backend"), "users", extension=True),

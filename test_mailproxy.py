@@ -2701,6 +2701,20 @@ class ConfigValueParserTests(unittest.TestCase):
         # "1h 30m" unquoted is two arguments, in nginx.conf as here.
         self.assertRefused(mp.parse_time, ["1h", "30m"], "takes one value, got 2")
 
+    def test_a_time_nginx_keeps_in_milliseconds_without_a_unit_is_milliseconds(self):
+        """ngx_conf_set_msec_slot (timeout, proxy_timeout, resolver_timeout,
+        auth_http_timeout, smtp_greeting_delay, worker_shutdown_timeout)
+        reads "1200000" as 1200000 ms: Mastering NGINX's "timeout 1200000;"
+        loaded as 1200000 seconds.  ssl_session_timeout is a seconds slot."""
+        self.assertEqual(mp.parse_msec(["1200000"]), 1200.0)
+        self.assertEqual(mp.parse_msec(["500"]), 0.5)
+        self.assertEqual(mp.parse_msec(["5m"]), 300)
+        for name in ("timeout", "proxy_timeout", "resolver_timeout", "auth_http_timeout",
+                     "smtp_greeting_delay"):
+            self.assertEqual(mp.parse_directive("mail", name, "1500", "/"), 1.5, name)
+        self.assertEqual(mp.parse_directive("main", "worker_shutdown_timeout", "2000", "/"), 2.0)
+        self.assertEqual(mp.parse_directive("mail", "ssl_session_timeout", "600", "/"), 600)
+
     def test_time_units_go_from_most_to_least_significant(self):
         # ngx_parse_time refuses a unit after a smaller or equal one; nginx's
         # docs: "in the order from the most to the least significant".
@@ -14345,6 +14359,15 @@ class ImportNginxTests(unittest.TestCase):
                                          timeout=10)
         self.assertEqual(status, 0, err)
         self.assertNotIn("no TLS handshake", err)
+
+    def test_a_timeout_without_a_unit_keeps_nginxs_meaning(self):
+        # Mastering NGINX: "timeout 1200000;" (milliseconds in nginx: 20 min)
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    proxy_timeout 3600000;\n"
+            "    server { listen 127.0.0.1:%d; protocol smtp; timeout 1200000; }\n}\n" % port)
+        server = mp.load_config(directory.write("imported.conf", ini)).servers[0]
+        self.assertEqual((server.timeout, server.proxy_timeout), (1200.0, 3600.0))
 
     def test_servers_are_named_after_protocol_and_port(self):
         ini, err, nginx, directory = self.imported(
