@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""mailproxy: an IMAP, POP3 and SMTP proxy in one file, standard library only.
+"""mailproxy: an IMAP, POP3, SMTP and ManageSieve proxy in one file, standard library only.
 
 A client connects; mailproxy speaks the mail protocol with it up to
 authentication, decides who the user is and which backend serves them, logs in
@@ -51,7 +51,10 @@ Follow one login (IMAP LOGIN with the built-in user table), in order:
     the session against max_user_sessions, and hands the outcome on.
  4. Session._auth_outcome -> _login_to_backend: login_script builds the
     backend's script (Backend login), BackendConnection (Outbound clients)
-    connects and runs it with BackendLogin until LoginDone.
+    connects and runs it with BackendLogin until LoginDone.  When the
+    route names an [upstream NAME] pool, its Pool (Backend pools) picks
+    the server, and BackendConnection goes on with the next one if that
+    one fails before its greeting is through.
  5. Session.backend_logged_in passes the backend's "a1 OK" on and
     start_relay (Relay) relays both ways until a side closes;
     Session.close has SessionLog write the access line.
@@ -71,6 +74,7 @@ import heapq
 import hmac
 import ipaddress
 import json
+import math
 import os
 import queue
 import random
@@ -87,6 +91,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -318,10 +323,21 @@ ALL_AUTH_METHODS = {
     "imap": ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer"),
     "pop3": ("plain", "apop", "cram-md5", "external", "xoauth2", "oauthbearer"),
     "smtp": ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer", "none"),
+    # ManageSieve (RFC 5804) is SASL only; nginx has no sieve module.
+    "sieve": ("plain", "login", "external", "xoauth2", "oauthbearer"),
 }
 
 WELL_KNOWN_PORTS = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
-                    25: "smtp", 465: "smtp", 587: "smtp"}
+                    25: "smtp", 465: "smtp", 587: "smtp", 4190: "sieve"}   # RFC 5804 §1.8
+
+# sieve_capabilities' default: the entries of the ManageSieve greeting (RFC
+# 5804 §1.7), each "NAME [VALUE]"; SieveMachine adds SASL and STARTTLS.
+SIEVE_DEFAULT_CAPABILITIES = ("IMPLEMENTATION mailproxy", "SIEVE fileinto reject envelope vacation",
+                              "VERSION 1.0")
+SIEVE_MACHINE_CAPABILITIES = ("SASL", "STARTTLS")      # what the settings decide, not the list
+# A protocol's ALPN name where it is not the protocol's own (IANA's TLS
+# ALPN protocol IDs: "imap", "pop3", "managesieve").
+ALPN_NAMES = {"sieve": "managesieve"}
 
 
 NGINX_LISTEN_BACKLOG = 511     # NGX_LISTEN_BACKLOG on Linux
@@ -353,14 +369,56 @@ class Listen(NamedTuple):
 
 
 class Upstream(NamedTuple):
-    """A backend address as written (``host``) and as resolved (``addresses``)."""
+    """A backend address as written (``host``) and as resolved (``addresses``).
+    With ``pool``, the login goes through the [upstream NAME] pool of that
+    name (README "Several backends"): ``port`` 0 and no addresses when the
+    pool itself was named; an address of one of its servers (an auth
+    server's Auth-Server) is that server tried first."""
     host: str
     port: int
     addresses: Tuple           # ((family, sockaddr), ...) resolved at load time
+    pool: str = ""             # the [upstream NAME] it goes through; "": none
 
     @property
     def text(self) -> str:
+        if self.pool and not self.port:
+            return self.pool
         return "%s:%d" % (self.host, self.port)
+
+
+def pool_upstream(name: str) -> Upstream:
+    """The Upstream of a pool named by its name (proxy_pass, [routes])."""
+    return Upstream(name, 0, (), name)
+
+
+class UpstreamServer(NamedTuple):
+    """One ``server`` line of an [upstream NAME] section, after nginx's
+    upstream module: its address, weight=, max_fails= (0: never taken out),
+    fail_timeout=, and the flags backup (used only when no other server
+    is), down (never used) and drain (extension: no new sessions, the
+    running ones go on)."""
+    address: Upstream
+    weight: int = 1
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    backup: bool = False
+    down: bool = False
+    drain: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.address.text
+
+
+class UpstreamSpec(NamedTuple):
+    """An [upstream NAME] section as read: its servers in file order and
+    how a login picks one (``balance``).  The choosing itself, and what is
+    learned of the servers while running, is the Pool's (Backend pools)."""
+    name: str
+    servers: Tuple[UpstreamServer, ...]
+    balance: str = "round_robin"
+    health_check: Optional["HealthCheck"] = None    # None: off
+    overrides: Tuple[Tuple[str, object], ...] = ()   # the backend dialogue's directives it sets
 
 
 class ConfigValueError(Exception):
@@ -537,13 +595,71 @@ def parse_host_port(text: str) -> Tuple[str, int]:
 
 
 def parse_proxy_pass(args: List[str], base: str = "") -> Upstream:
-    """Extension: the backend for the built-in user table, resolved now.
+    """Extension: the backend for the built-in user table, resolved now;
+    or a word without a colon, the name of an [upstream NAME] pool.
 
     The name is looked up once, when the configuration is read (as nginx does
     for upstream names), so that no session ever waits for DNS.
     """
-    host, port = parse_host_port(one_argument(args))
+    value = one_argument(args)
+    if ":" not in value and POOL_NAME.fullmatch(value):
+        return pool_upstream(value)    # an [upstream NAME]: load_config checks it exists
+    host, port = parse_host_port(value)
     return resolve_upstream(host, port)
+
+
+POOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def parse_upstream_server(args: List[str], base: str = "") -> UpstreamServer:
+    """``server = ADDRESS:PORT [weight=N] [max_fails=N] [fail_timeout=TIME]
+    [backup] [down] [drain]`` of an [upstream NAME] section, nginx's
+    parameters with nginx's defaults (max_fails=1, fail_timeout=10s); the
+    address is resolved now, as proxy_pass's."""
+    if not args:
+        raise ConfigValueError("needs an address, ADDRESS:PORT")
+    host, port = parse_host_port(args[0])
+    options = {"address": resolve_upstream(host, port)}
+    for flag in args[1:]:
+        name, equals, value = flag.partition("=")
+        if not equals and name in ("backup", "down", "drain"):
+            options[name] = True
+        elif equals and name == "weight":
+            options[name] = parse_positive([value])
+        elif equals and name == "max_fails":
+            options[name] = parse_number([value])
+        elif equals and name == "fail_timeout":
+            options[name] = parse_time([value])
+        else:
+            raise ConfigValueError('invalid parameter "%s"' % flag)
+    return UpstreamServer(**options)
+
+
+BALANCE_METHODS = ("round_robin", "least_conn", "user_hash")
+
+
+class HealthCheck(NamedTuple):
+    """``health_check = on``: every ``interval``, connect to each server and
+    wait ``timeout`` at most for its greeting (HealthChecks)."""
+    interval: float = 5.0      # nginx Plus's health_check default
+    timeout: float = 5.0
+
+
+def parse_health_check(args: List[str], base: str = "") -> Optional[HealthCheck]:
+    """``health_check = off | on [interval=TIME] [timeout=TIME]``; None: off."""
+    if args == ["off"]:
+        return None
+    if not args or args[0] != "on":
+        raise ConfigValueError('invalid value "%s", it must be "off" or "on"' % " ".join(args))
+    options = {}
+    for flag in args[1:]:
+        name, equals, value = flag.partition("=")
+        if not equals or name not in ("interval", "timeout"):
+            raise ConfigValueError('invalid parameter "%s"' % flag)
+        options[name] = parse_time([value])
+        if options[name] <= 0:
+            raise ConfigValueError('"%s" must be more than 0' % flag)
+    return HealthCheck(**options)
 
 
 def resolve_upstream(host: str, port: int) -> Upstream:
@@ -913,6 +1029,31 @@ def parse_trusted_networks(args: List[str], base: str = "") -> List:
     return networks
 
 
+def parse_status_listen(args: List[str], base: str = "") -> Listen:
+    """Extension, ``status_listen ADDRESS:PORT | unix:PATH``: where the
+    status listener (Status and control) accepts; no flags."""
+    host, port, family = parse_listen_address(one_argument(args), base)
+    return Listen(host, port, family)
+
+
+def parse_transcript_for(args: List[str], base: str = "") -> List:
+    """Extension, ``transcript_for ADDRESS|CIDR|LOGIN ...``: networks, and
+    logins (lower case: compared without regard to case)."""
+    if not args:
+        raise ConfigValueError("takes at least one address, network or login")
+    wanted = []
+    for value in args:
+        try:
+            wanted.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            wanted.append(value.lower())
+    return wanted
+
+
+STATUS_ALLOW_DEFAULT = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+                        "unix:"]    # loopback; a unix: status_listen's peers (its file's mode)
+
+
 def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
     """Extension: how proxy_smtp_auth logs in: ``plain`` (nginx) or ``login``."""
     value = one_argument(args).lower()
@@ -924,6 +1065,20 @@ def parse_smtp_auth_method(args: List[str], base: str = "") -> str:
 def parse_word_list(args: List[str], base: str = "") -> List[str]:
     if not args:
         raise ConfigValueError("needs at least one value")
+    return list(args)
+
+
+def parse_sieve_capabilities(args: List[str], base: str = "") -> List[str]:
+    """``sieve_capabilities``: quoted entries, ``"NAME VALUE"`` or ``NAME``
+    (RFC 5804 §1.7: NAME a capability, VALUE its string); SASL and
+    STARTTLS come from sieve_auth and starttls, so they are refused here."""
+    for entry in parse_word_list(args):
+        name = entry.split(" ", 1)[0]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigValueError('invalid capability "%s"' % entry)
+        if name.upper() in SIEVE_MACHINE_CAPABILITIES:
+            raise ConfigValueError('"%s" is not listed: sieve_auth and starttls decide it'
+                                   % name)
     return list(args)
 
 
@@ -1010,7 +1165,7 @@ class Directive(NamedTuple):
     """One row of the directive table.
 
     ``contexts``: "main" for [main]; "mail" for [mail] and [server NAME];
-    "server" for [server NAME] only.  ``multiple``: each line of the value is
+    "server" for [server NAME] only; "upstream" for [upstream NAME].  ``multiple``: each line of the value is
     one occurrence and occurrences accumulate (nginx allows it more than once).
     ``supported``: False means "not supported yet": the name is known, but
     using it is an error, so nobody is misled into thinking it has an effect.
@@ -1027,6 +1182,8 @@ class Directive(NamedTuple):
 MAIN = ("main",)
 MAIL = ("mail", "server")
 SERVER = ("server",)
+UPSTREAM = ("upstream",)
+POOLED = ("mail", "server", "upstream")   # the backend dialogue: a pool may say otherwise
 
 DIRECTIVES = {d.name: d for d in [
     # -- process-wide: nginx's main context -------------------------------
@@ -1039,6 +1196,9 @@ DIRECTIVES = {d.name: d for d in [
     Directive("pid", MAIN, parse_path, None),
     Directive("error_log", ("main", "mail", "server"), parse_error_log, None, multiple=True),
     Directive("access_log", ("main", "mail", "server"), parse_access_log, None, extension=True),
+    Directive("status_listen", MAIN, parse_status_listen, None, extension=True),
+    Directive("status_allow", MAIN, parse_trusted_networks, STATUS_ALLOW_DEFAULT, multiple=True,
+              extension=True),
     # -- ngx_mail_core_module ----------------------------------------------
     Directive("listen", SERVER, parse_listen, [], multiple=True),
     Directive("protocol", SERVER, parse_protocol, None),
@@ -1056,10 +1216,10 @@ DIRECTIVES = {d.name: d for d in [
     Directive("proxy", MAIL, parse_flag, False),   # parsed and ignored, as nginx
     Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("proxy_pass_error_message", MAIL, parse_flag, False),
-    Directive("proxy_protocol", MAIL, parse_enum("off", "on", "v2"), "off"),
-    Directive("proxy_smtp_auth", MAIL, parse_flag, False),
+    Directive("proxy_protocol", POOLED, parse_enum("off", "on", "v2"), "off"),
+    Directive("proxy_smtp_auth", POOLED, parse_flag, False),
     Directive("proxy_timeout", MAIL, parse_msec, 24 * 3600.0),
-    Directive("xclient", MAIL, parse_flag, True),
+    Directive("xclient", POOLED, parse_flag, True),
     # -- ngx_mail_realip_module --------------------------------------------
     Directive("set_real_ip_from", MAIL, parse_real_ip_from, [], multiple=True),
     # -- ngx_mail_ssl_module -----------------------------------------------
@@ -1101,6 +1261,12 @@ DIRECTIVES = {d.name: d for d in [
     Directive("smtp_capabilities", MAIL, parse_word_list, [], multiple=True),
     Directive("smtp_client_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("smtp_greeting_delay", MAIL, parse_msec, 0.0),
+    # -- extension: ManageSieve (RFC 5804), README "ManageSieve" -----------
+    Directive("sieve_auth", MAIL, auth_methods_parser("sieve"), ["plain"], multiple=True,
+              extension=True),
+    Directive("sieve_capabilities", MAIL, parse_sieve_capabilities,
+              list(SIEVE_DEFAULT_CAPABILITIES), multiple=True, extension=True),
+    Directive("sieve_client_buffer", MAIL, parse_size, PAGE_SIZE, extension=True),
     # -- extensions of mailproxy (nginx has no built-in user table) --------
     Directive("proxy_pass", MAIL, parse_proxy_pass, None, extension=True),
     Directive("auth", MAIL, parse_enum("users", "backend"), "users", extension=True),
@@ -1109,23 +1275,33 @@ DIRECTIVES = {d.name: d for d in [
     Directive("trusted_networks", MAIL, parse_trusted_networks, [], multiple=True, extension=True),
     Directive("max_user_sessions", MAIL, parse_number, 0, extension=True),
     Directive("max_user_ip_sessions", MAIL, parse_number, 0, extension=True),
-    Directive("proxy_smtp_auth_method", MAIL, parse_smtp_auth_method, "plain", extension=True),
+    Directive("proxy_smtp_auth_method", POOLED, parse_smtp_auth_method, "plain", extension=True),
     Directive("ssl_sni_certificate", MAIL, parse_sni_certificate, [], multiple=True, extension=True),
     # -- extensions: TLS to the backend, named as nginx's stream proxy ------
-    Directive("proxy_ssl", MAIL, parse_flag, False, extension=True),
-    Directive("proxy_starttls", MAIL, parse_flag, False, extension=True),
-    Directive("proxy_ssl_verify", MAIL, parse_flag, True, extension=True),
-    Directive("proxy_ssl_trusted_certificate", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_name", MAIL, parse_string, None, extension=True),
-    Directive("proxy_ssl_server_name", MAIL, parse_enum("on", refused={
+    Directive("proxy_ssl", POOLED, parse_flag, False, extension=True),
+    Directive("proxy_starttls", POOLED, parse_flag, False, extension=True),
+    Directive("proxy_ssl_verify", POOLED, parse_flag, True, extension=True),
+    Directive("proxy_ssl_trusted_certificate", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_name", POOLED, parse_string, None, extension=True),
+    Directive("proxy_ssl_server_name", POOLED, parse_enum("on", refused={
         "off": "cannot be honoured: Python's ssl module sends the name it verifies "
                "(proxy_ssl_name) as SNI"}), "on", extension=True),
-    Directive("proxy_ssl_certificate", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_certificate_key", MAIL, parse_path, None, extension=True),
-    Directive("proxy_ssl_protocols", MAIL, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"],
+    Directive("proxy_ssl_certificate", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_certificate_key", POOLED, parse_path, None, extension=True),
+    Directive("proxy_ssl_protocols", POOLED, parse_ssl_protocols, ["TLSv1.2", "TLSv1.3"],
               extension=True),
-    Directive("proxy_ssl_ciphers", MAIL, parse_string, "DEFAULT", extension=True),
+    Directive("proxy_ssl_ciphers", POOLED, parse_string, "DEFAULT", extension=True),
     Directive("smtp_relay_domains", MAIL, parse_word_list, [], multiple=True, extension=True),
+    # -- extensions: the client's identity at the backend (README "Several backends")
+    Directive("imap_id", POOLED, parse_flag, False, extension=True),
+    Directive("pop3_xclient", POOLED, parse_flag, False, extension=True),
+    # -- extensions: [upstream NAME] pools (README "Several backends") ------
+    Directive("server", UPSTREAM, parse_upstream_server, [], multiple=True, extension=True),
+    Directive("balance", UPSTREAM, parse_enum(*BALANCE_METHODS), "round_robin", extension=True),
+    Directive("health_check", UPSTREAM, parse_health_check, None, extension=True),
+    # -- extensions: session transcripts (README "Monitoring and control") ---
+    Directive("transcript_log", MAIL, parse_path, None, extension=True),
+    Directive("transcript_for", MAIL, parse_transcript_for, [], multiple=True, extension=True),
 ]}
 
 
@@ -1173,14 +1349,20 @@ class Config(NamedTuple):
     routes: Dict[str, "Route"]          # login or @domain -> where to send them
     warnings: Tuple[ConfigError, ...] = ()   # what -t and the start-up print as [warn]
     lines: Optional[Dict] = None        # (section, directive) -> line, for later messages
+    upstreams: Optional[Dict[str, UpstreamSpec]] = None   # [upstream NAME] pools, by name
+    pool_settings: Optional[Dict[Tuple[str, str], Settings]] = None   # (server, pool) -> a
+                                        # server's settings with the pool's overrides
 
 
 def section_kind(name: str) -> Optional[str]:
-    """"main", "mail", "server", "users", "routes" or None for an unknown section."""
+    """"main", "mail", "server", "upstream", "users", "routes" or None for
+    an unknown section."""
     if name in ("main", "mail", "users", "routes"):
         return name
     if name.startswith("server ") and name[7:].strip():
         return "server"
+    if name.startswith("upstream ") and name[9:].strip():
+        return "upstream"
     return None
 
 
@@ -1328,15 +1510,19 @@ def load_config(path: str) -> Config:
     if not servers and not errors:
         errors.append(ConfigError(path, None, None, "no [server NAME] section: nothing to listen on"))
     errors.extend(check_listen_pairs(path, servers, lines))
+    errors.extend(check_status_listen(path, main, servers, lines))
     users = load_users(path, parser, lines, errors)
-    routes = load_routes(path, parser, lines, errors)
+    upstreams = load_upstreams(path, values, lines, errors)
+    routes = load_routes(path, parser, lines, errors, upstreams)
+    errors.extend(check_pool_names(path, servers, routes, upstreams, lines))
     if errors:
         raise ConfigErrors(errors)
     warnings += route_port_warnings(path, servers, routes, lines)
     warnings += salted_method_warnings(path, servers, users, lines)
     warnings += tls_directive_warnings(path, servers, lines)
     warnings += obsolete_protocol_warnings(path, servers, lines)
-    return Config(path, main, servers, users, routes, tuple(warnings), lines)
+    return Config(path, main, servers, users, routes, tuple(warnings), lines, upstreams,
+                  pool_settings(servers, upstreams))
 
 
 def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
@@ -1350,7 +1536,8 @@ def read_directives(path: str, parser: configparser.ConfigParser, lines: Dict,
         if kind is None:
             errors.append(ConfigError(path, section, None,
                                       'unknown section "[%s]"; expected [main], [mail], '
-                                      "[server NAME], [users] or [routes]" % section,
+                                      "[server NAME], [upstream NAME], [users] or [routes]"
+                                      % section,
                                       lines.get((section, ""))))
             continue
         if kind in ("users", "routes"):
@@ -1371,7 +1558,7 @@ def parse_directive(kind: str, key: str, raw: str, base: str) -> object:
         raise ConfigValueError('unknown directive "%s"' % key)
     if kind not in directive.contexts:
         raise ConfigValueError('"%s" directive is not allowed in [%s]' % (
-            key, "server NAME" if kind == "server" else kind))
+            key, kind + " NAME" if kind in ("server", "upstream") else kind))
     if not directive.supported:
         raise ConfigValueError('"%s" is not supported yet' % key)
     if directive.multiple:
@@ -1385,6 +1572,75 @@ def parse_directive(kind: str, key: str, raw: str, base: str) -> object:
                 result.append(value)
         return result
     return directive.parse(split_arguments(" ".join(raw.split("\n"))), base)
+
+
+def load_upstreams(path: str, values: Dict[str, Dict[str, object]], lines: Dict,
+                   errors: List[ConfigError]) -> Dict[str, UpstreamSpec]:
+    """Every [upstream NAME] section (extension; nginx's upstream {}, which
+    its mail module lacks), by name; each problem goes to ``errors``."""
+    upstreams = {}
+    for section, given in values.items():
+        if section_kind(section) != "upstream":
+            continue
+        name = section[9:].strip()
+        where = lines.get((section, ""))
+        if not POOL_NAME.fullmatch(name):
+            errors.append(ConfigError(path, section, None, 'invalid upstream name "%s": letters, '
+                                      'digits, "_", "." and "-" only' % name, where))
+            continue
+        servers = tuple(given.get("server", ()))
+        failed = any(error.section == section and error.directive == "server" for error in errors)
+        if not servers and not failed:
+            errors.append(ConfigError(path, section, None, 'no servers are inside upstream "%s"'
+                                      % name, where))
+        seen = set()
+        for server in servers:
+            if server.text in seen:
+                errors.append(ConfigError(path, section, "server", 'server %s is listed twice'
+                                          % server.text, lines.get((section, "server"))))
+            seen.add(server.text)
+        overrides = tuple(sorted((key, value) for key, value in given.items()
+                                 if "mail" in DIRECTIVES[key].contexts))
+        upstreams[name] = UpstreamSpec(name, servers, given.get("balance", "round_robin"),
+                                       given.get("health_check"), overrides)
+    return upstreams
+
+
+def pool_settings(servers: List[Settings],
+                  upstreams: Dict[str, UpstreamSpec]) -> Dict[Tuple[str, str], Settings]:
+    """(server name, pool name) -> the server's settings with what the pool
+    says of the backend dialogue (proxy_protocol, xclient, proxy_ssl...),
+    for each pool that says anything.  Their backend TLS context is the
+    TLS section's (load_and_prepare)."""
+    return {(server.name, spec.name): Settings(dict(vars(server), **dict(spec.overrides)))
+            for server in servers for spec in upstreams.values() if spec.overrides}
+
+
+def check_pool_names(path: str, servers: List[Settings], routes: Dict[str, "Route"],
+                     upstreams: Dict[str, UpstreamSpec], lines: Dict) -> List[ConfigError]:
+    """A proxy_pass naming a pool names an [upstream NAME] of the file."""
+    errors = []
+    for server in servers:
+        upstream = server.proxy_pass
+        if upstream is not None and upstream.pool and upstream.pool not in upstreams:
+            section = "server " + server.name
+            line = lines.get((section, "proxy_pass"))
+            if line is None:
+                section, line = "mail", lines.get(("mail", "proxy_pass"))
+            errors.append(ConfigError(path, section, "proxy_pass", 'no [upstream %s] section: '
+                                      'proxy_pass takes HOST:PORT or the name of an upstream'
+                                      % upstream.pool, line))
+        if upstream is not None and upstream.pool and server.auth_http is None:
+            for key, route in routes.items():
+                target = route.target(server.protocol)
+                if target is not None and target[0] is None and not target[1].pool and \
+                        key not in [error.directive for error in errors]:
+                    errors.append(ConfigError(
+                        path, "routes", key, '"%s" has no port, and the %s server "%s" passes '
+                        'to the upstream "%s", whose port it cannot take: write HOST:PORT'
+                        % (target[1].host, server.protocol, server.name, upstream.pool),
+                        lines.get(("routes", key))))
+    return errors
 
 
 def merge_main(given: Dict[str, object]) -> Settings:
@@ -1416,14 +1672,14 @@ def merge_server(section: str, mail: Dict, server: Dict) -> Tuple[Settings, List
                 break
         if merged["protocol"] is None and merged["listen"]:
             problems.append(("protocol", "unknown mail protocol for server: "
-                             'set "protocol = imap|pop3|smtp"'))
+                             'set "protocol = imap|pop3|smtp|sieve"'))
     if merged["proxy_pass"] is None and merged["auth_http"] is None:
         problems.append(("proxy_pass", 'no "proxy_pass" is defined for server ' + (
             "(the backend that checks the passwords, with auth = backend)"
             if merged.get("auth") == "backend" else
             "(the backend of the built-in user table; or set auth_http)")))
     if merged["auth_http"] is None:
-        for directive in ("imap_auth", "pop3_auth", "smtp_auth"):
+        for directive in ("imap_auth", "pop3_auth", "smtp_auth", "sieve_auth"):
             tokens = [m for m in merged[directive] if m in ("xoauth2", "oauthbearer")]
             if tokens:
                 problems.append((directive, '"%s" needs auth_http: the built-in user table '
@@ -1453,7 +1709,7 @@ def check_auth_backend(merged: Dict) -> List[Tuple[str, str]]:
         return [("auth", '"auth = backend" and "auth_http" exclude each other: '
                  "one of them decides")]
     protocol = merged["protocol"]
-    directive = "%s_auth" % protocol if protocol in ("imap", "pop3", "smtp") else None
+    directive = "%s_auth" % protocol if protocol in ALL_AUTH_METHODS else None
     for method in merged[directive] if directive else []:
         if method in AUTH_BACKEND_REFUSED:
             return [(directive, '"%s" cannot be used with "auth = backend": %s'
@@ -1506,6 +1762,19 @@ def check_listen_pairs(path: str, servers: List[Settings], lines: Dict) -> List[
             errors.append(ConfigError(path, section, "listen", message,
                                       lines.get((section, "listen"))))
     return errors
+
+
+def check_status_listen(path: str, main: Settings, servers: List[Settings],
+                        lines: Dict) -> List[ConfigError]:
+    """status_listen cannot be a mail listen's address too."""
+    status = main.status_listen
+    if status is None:
+        return []
+    taken = {(listen.host, listen.port): listen for server in servers for listen in server.listen}
+    if (status.host, status.port) in taken or (status.port and listen_clashes(status, taken)):
+        return [ConfigError(path, "main", "status_listen", '"%s" is a server\'s listen as well'
+                            % status.text, lines.get(("main", "status_listen")))]
+    return []
 
 
 def listen_clashes(listen: Listen, seen: Dict) -> List[Listen]:
@@ -1931,7 +2200,8 @@ class Route(NamedTuple):
     address for every protocol (``upstream`` None: none given; ``port``
     None: the port of the server's proxy_pass); ``protocols``: the
     protocols given an address of their own (``imap=HOST[:PORT]``), as
-    (protocol, port, upstream)."""
+    (protocol, port, upstream).  An upstream with ``pool`` names an
+    [upstream NAME] (port None)."""
     port: Optional[int]
     upstream: Optional[Upstream]
     protocols: Tuple[Tuple[str, Optional[int], Upstream], ...] = ()
@@ -1945,28 +2215,32 @@ class Route(NamedTuple):
         return None if self.upstream is None else (self.port, self.upstream)
 
 
-ROUTE_PROTOCOLS = ("imap", "pop3", "smtp")
+ROUTE_PROTOCOLS = ("imap", "pop3", "smtp", "sieve")
 
 
-def parse_route(value: str) -> Route:
+def parse_route(value: str, pools=()) -> Route:
     """``HOST[:PORT]``, or addresses per protocol, ``imap=HOST[:PORT]
     pop3=HOST[:PORT] ...``, with at most one address for the others
-    beside them.  Host names are resolved now."""
+    beside them.  Host names are resolved now.  A word of ``pools`` (the
+    names of the [upstream NAME] sections) is that pool, not a host."""
     default, protocols = None, []
     for token in value.split():
         name, equals, address = token.rpartition("=")
         if equals and name not in ROUTE_PROTOCOLS:
-            raise ConfigValueError('unknown protocol "%s" in "%s"; expected %s=, %s= or %s='
+            raise ConfigValueError('unknown protocol "%s" in "%s"; expected %s=, %s=, %s= or %s='
                                    % ((name, token) + ROUTE_PROTOCOLS))
         if (default is not None and not equals) or name in [entry[0] for entry in protocols]:
             raise ConfigValueError('invalid address "%s": two addresses for %s; write '
                                    'PROTOCOL=HOST[:PORT] for each protocol'
                                    % (value, name or "every protocol"))
-        if re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", address):
+        if address in pools:
+            target = (None, pool_upstream(address))
+        elif re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+", address):
             host, port = address.strip("[]"), None
+            target = (port, resolve_upstream(host, 1))
         else:
             host, port = parse_host_port(address)
-        target = (port, resolve_upstream(host, port or 1))
+            target = (port, resolve_upstream(host, port))
         if equals:
             protocols.append((name,) + target)
         else:
@@ -1978,9 +2252,10 @@ def parse_route(value: str) -> Route:
 
 
 def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
-                errors: List[ConfigError]) -> Dict[str, Route]:
+                errors: List[ConfigError], pools=()) -> Dict[str, Route]:
     """[routes] (extension): ``LOGIN = ADDRESS`` or ``@DOMAIN = ADDRESS``,
-    an address being parse_route's.
+    an address being parse_route's (which takes a name of ``pools``, the
+    [upstream NAME] sections, for a pool).
 
     A route sends a user, or every user of a domain, to another backend than
     the server's proxy_pass.  Without a port, each server's proxy_pass port
@@ -1992,7 +2267,7 @@ def load_routes(path: str, parser: configparser.ConfigParser, lines: Dict,
         return routes
     for key, value in parser.items("routes"):
         try:
-            routes[key] = parse_route(value)
+            routes[key] = parse_route(value, pools)
         except ConfigValueError as error:
             errors.append(ConfigError(path, "routes", key, str(error), lines.get(("routes", key))))
     return routes
@@ -2485,8 +2760,13 @@ class SaslExchange:
             if self.salt is None:
                 self.salt = make_salt(self.settings.server_name, self.now, self.randomness)
             prompt = base64.b64encode(self.salt) + b"\r\n"
-        self._output += self.SASL_PROMPT + prompt
+        self._sasl_continue(prompt)
         self.sasl = mechanism.state
+
+    def _sasl_continue(self, prompt: bytes) -> None:
+        """Queue a server challenge (RFC 4422 §3), ``prompt`` being its
+        base64 and CRLF: after SASL_PROMPT (ManageSieve sends a string)."""
+        self._output += self.SASL_PROMPT + prompt
 
     def _sasl_line(self, events: list, line: bytes) -> None:
         """A client response to our SASL prompt (``*`` cancels: bad base64)."""
@@ -2505,7 +2785,7 @@ class SaslExchange:
         if login is None:
             return self._refuse(events)
         self.login = login
-        self._output += self.SASL_PROMPT + SASL_PASSWORD_PROMPT
+        self._sasl_continue(SASL_PASSWORD_PROMPT)
         self.sasl = SaslState.LOGIN_PASSWORD
 
     def _sasl_login_password(self, events: list, response: bytes) -> None:
@@ -2688,7 +2968,7 @@ class ClientMachine(SaslExchange):
         self._after_auth_failure()
         self._failure = (reply, close)
         if challenge is not None:
-            self._output += self.SASL_PROMPT + base64.b64encode(challenge) + b"\r\n"
+            self._sasl_continue(base64.b64encode(challenge) + b"\r\n")
             self.sasl = SaslState.ERROR
             return self._process()
         events = []
@@ -3755,7 +4035,239 @@ class SmtpMachine(ClientMachine):
             return
         self._sasl_start(events, args, self.settings.smtp_auth)
 
-CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine}
+
+# -- ManageSieve (RFC 5804), an extension: nginx has no sieve module ----------------
+# Before AUTHENTICATE a ManageSieve client speaks much as an IMAP client
+# does, without tags: a command is NAME *(SP argument) CRLF, an argument an
+# atom, a quoted string or a literal (RFC 5804 §4).  So SieveMachine is an
+# ImapMachine whose scanner reads no tag, whose replies are OK, NO and BYE
+# with an optional (response code) and a string (§1.3), and whose greeting
+# is its capabilities (§1.7).  Clients send only non-synchronizing literals
+# ({n+}, §4); a {n} is read the same way, since ManageSieve has no "+" for
+# a client to wait for.
+
+SIEVE_GREETING = b'OK "ManageSieve ready"\r\n'         # after the capabilities (§1.7)
+SIEVE_CAPABILITY_OK = b'OK "Capability completed"\r\n'
+SIEVE_NOOP_OK = b'OK "NOOP completed"\r\n'
+SIEVE_NOOP_TAG_TEXT = b' "Done"\r\n'                    # after OK (TAG "..."), §2.13
+SIEVE_LOGOUT_OK = b'OK "Logout completed"\r\n'          # then the close, §2.3
+SIEVE_STARTTLS_OK = b'OK "Begin TLS negotiation now"\r\n'
+SIEVE_TLS_DONE = b'OK "TLS negotiation successful"\r\n'  # after the capabilities again, §2.2
+SIEVE_INVALID = b'NO "Invalid command"\r\n'
+SIEVE_ENCRYPT_NEEDED = b'NO (ENCRYPT-NEEDED) "STARTTLS first"\r\n'   # starttls only, §1.3
+SIEVE_TOO_MANY_ERRORS = b'BYE "Too many invalid commands"\r\n'      # BYE: we close, §1.3
+SIEVE_TOO_LONG = b'BYE "Command too long"\r\n'
+SIEVE_INTERNAL_ERROR = b'BYE (TRYLATER) "Internal server error"\r\n'
+SIEVE_NO_CERT = b'BYE "No required SSL certificate"\r\n'
+SIEVE_CERT_ERROR = b'BYE "SSL certificate error"\r\n'
+# (text, code) for failure_reply: TRYLATER, a temporary failure (§1.3).
+SIEVE_LOGIN_UNAVAILABLE = (b"Temporary authentication failure", b"TRYLATER")
+SIEVE_SESSION_LIMIT = (b"Too many sessions for this user", b"TRYLATER")
+# The response codes a refused login may carry (§1.3): the login defence's,
+# and an auth server's Auth-Error-Code (any other is left out).
+SIEVE_LOGIN_CODES = frozenset([b"TRYLATER", b"AUTH-TOO-WEAK", b"ENCRYPT-NEEDED",
+                               b"TRANSITION-NEEDED"])
+SIEVE_AUTH_NAMES = {"plain": ("PLAIN",), "login": ("LOGIN",), "external": ("EXTERNAL",),
+                    "xoauth2": ("XOAUTH2",), "oauthbearer": ("OAUTHBEARER",)}
+SIEVE_QUOTED_MAX = 1024        # RFC 5804 §4: at most 1024 octets between the quotes
+SIEVE_UNQUOTABLE = re.compile(rb"[\r\n\0]")
+SIEVE_COMMAND_TABLE = {
+    b"CAPABILITY": Command("_capability"), b"NOOP": Command("_noop"),
+    b"LOGOUT": Command("_logout"), b"STARTTLS": Command("_starttls"),
+    b"AUTHENTICATE": Command("_authenticate", needs_tls=True),
+    # The commands of the authenticated state (§2.5-2.12, §2.14):
+    # read whole, literal and all, and refused (not counted) until the login.
+    b"PUTSCRIPT": Command(None), b"LISTSCRIPTS": Command(None), b"SETACTIVE": Command(None),
+    b"GETSCRIPT": Command(None), b"DELETESCRIPT": Command(None), b"RENAMESCRIPT": Command(None),
+    b"CHECKSCRIPT": Command(None), b"HAVESPACE": Command(None), b"UNAUTHENTICATE": Command(None),
+}
+SIEVE_MAX_COMMAND = max(len(name) for name in SIEVE_COMMAND_TABLE)
+
+
+def sieve_string(data: bytes) -> bytes:
+    """A string for the client (RFC 5804 §4): quoted, with '"' and '\\'
+    escaped, unless it holds CR, LF or NUL or is too long to be quoted;
+    then a literal, ``{n}`` CRLF and the n bytes."""
+    if len(data) <= SIEVE_QUOTED_MAX and not SIEVE_UNQUOTABLE.search(data):
+        return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d}\r\n" % len(data) + data
+
+
+class SieveScanner(ImapScanner):
+    """ImapScanner for ManageSieve: no tag, the name from
+    SIEVE_COMMAND_TABLE.  With ``response`` set before a scan, it reads a
+    SASL client response instead (RFC 5804 §2.1: a string and CRLF), as a
+    command with no name (b"") and the string its one argument."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.response = False
+
+    def _scan_header(self, data: bytearray):
+        self.tag = b""
+        if self.response:
+            self.name, self.separated = b"", True      # the string starts at once
+            return None
+        end = _find_any(data, 0, b" \r\n", min(self.end, SIEVE_MAX_COMMAND + 1))
+        if end < 0:
+            if self.end > SIEVE_MAX_COMMAND:
+                return ImapInvalid(None, _line_end(data, 0), False)
+            return self._incomplete()
+        name = bytes(data[:end]).upper()
+        if name not in SIEVE_COMMAND_TABLE:
+            return ImapInvalid(None, _line_end(data, 0), False)
+        self.name, self.pos = name, end
+        return None
+
+
+class SieveMachine(ImapMachine):
+    """The ManageSieve dialogue before login (RFC 5804 §2.1-2.4, §2.13):
+    CAPABILITY, NOOP, LOGOUT, STARTTLS, AUTHENTICATE with SASL (the same
+    SaslExchange as the other protocols; challenges and responses are
+    strings).  From ImapMachine it keeps the scanning of strings and
+    literals, the bound on a command (sieve_client_buffer) and the
+    dropping of an invalid line, literals included."""
+    protocol = "sieve"
+    COMMANDS = SIEVE_COMMAND_TABLE
+    AUTH_NAMES = SIEVE_AUTH_NAMES
+    INVALID = SIEVE_INVALID
+    INTERNAL_ERROR = SIEVE_INTERNAL_ERROR
+    NO_CERT = SIEVE_NO_CERT
+    CERT_ERROR = SIEVE_CERT_ERROR
+    LOGIN_UNAVAILABLE = SIEVE_LOGIN_UNAVAILABLE
+    SESSION_LIMIT = SIEVE_SESSION_LIMIT
+    SASL_PROMPT = b'""'            # what a challenge looks like, for the debug log
+
+    def __init__(self, settings: Settings, now: float = 0.0,
+                 randomness: Optional[random.Random] = None, tls: bool = False):
+        super().__init__(settings, now, randomness, tls)
+        self.scanner = SieveScanner(self.buffer_size)
+        del self._output[:]            # not IMAP's greeting: the capabilities (§1.7)
+        self._output += self.capability() + SIEVE_GREETING
+
+    def capability(self) -> bytes:
+        """The capability lines (§1.7): each sieve_capabilities entry as
+        "NAME" "VALUE", then "SASL" with sieve_auth's mechanisms (an empty
+        list while starttls only refuses logins) and "STARTTLS" while it is
+        offered; a VERSION entry last, as Dovecot's."""
+        lines, last = [], []
+        for entry in self.settings.sieve_capabilities:
+            name, _, value = entry.partition(" ")
+            line = sieve_string(name.encode()) + (b" " + sieve_string(value.encode())
+                                                  if value else b"")
+            (last if name.upper() == "VERSION" else lines).append(line)
+        logins = self.advertised_logins() or []
+        lines.append(b'"SASL" ' + sieve_string(" ".join(logins).encode()))
+        if self.offers_starttls:
+            lines.append(b'"STARTTLS"')
+        return b"".join(line + b"\r\n" for line in lines + last)
+
+    def reply_code(self, reply: bytes) -> str:
+        last = reply.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+        if last.startswith((b'"', b"{")):         # a SASL challenge (a string)
+            return "+"
+        return reply_code("sieve", last)
+
+    def failure_reply(self, text: bytes, code: Optional[bytes] = None) -> bytes:
+        """``NO [(CODE)] "text"``: CODE one of SIEVE_LOGIN_CODES (§1.3)."""
+        code = b"(" + code + b") " if code in SIEVE_LOGIN_CODES else b""
+        return b"NO " + code + sieve_string(text) + b"\r\n"
+
+    def tls_started(self) -> list:
+        """§2.2: after the handshake, the capabilities again (STARTTLS no
+        longer among them; SASL may change), then OK."""
+        self.tls = True
+        self._output += self.capability() + SIEVE_TLS_DONE
+        return super().tls_started()
+
+    def _sasl_continue(self, prompt: bytes) -> None:
+        self._output += sieve_string(strip_eol(prompt)) + b"\r\n"     # §2.1: a string
+
+    def _credentials(self, events: list, credentials: Credentials) -> None:
+        """A NUL in the login or password is refused here: the backend login
+        is SASL PLAIN, whose fields NUL separates (RFC 4616 §2), so it
+        would move bytes from one field to the next."""
+        if b"\0" in credentials.login or b"\0" in credentials.password:
+            return self._refuse(events)
+        super()._credentials(events, credentials)
+
+    def _refuse(self, events: list) -> None:
+        self._invalid(events, False, SIEVE_INVALID)
+
+    def _refuse_before_tls(self, events: list, name: bytes) -> None:
+        self._invalid(events, False, SIEVE_ENCRYPT_NEEDED)
+
+    def _invalid(self, events: list, counted: bool, reply: Optional[bytes] = None) -> None:
+        """As ClientMachine's; the last one, which closes, is a BYE (§1.3)."""
+        if counted and self.errors + 1 >= self.settings.max_errors:
+            reply = SIEVE_TOO_MANY_ERRORS
+        super()._invalid(events, counted, reply)
+
+    def _check_length(self, events: list, tag: Optional[bytes], limit: int) -> bool:
+        if len(self._input) >= limit:
+            self._output += SIEVE_TOO_LONG
+            self._finish(events, Closed("client sent too long command"))
+        return False
+
+    def _step(self, events: list) -> bool:
+        """One command, or one SASL response (a string); no tags and no
+        continuations, else as ImapMachine._step."""
+        limit = self.buffer_size
+        if self._skipping:
+            return self._skip_invalid(events)
+        self.scanner.response = self.sasl != SaslState.NONE
+        scan = self.scanner.scan(self._input, limit)
+        if isinstance(scan, ImapIncomplete):
+            return self._check_length(events, None, limit)
+        self.scanner.reset()
+        if isinstance(scan, ImapInvalid):
+            if self.sasl != SaslState.NONE:       # no string: taken as a cancel ("*")
+                self.sasl = SaslState.NONE
+            self._invalid(events, True)
+            if scan.close and not self.finished:
+                self._finish(events, Closed(IMAP_UNSKIPPABLE_LITERAL))
+            self._drop_invalid(events, scan)
+            return True
+        self._input.take(scan.end)
+        if self.sasl != SaslState.NONE:
+            # §2.1: one string; "*" (or anything that is no base64) cancels.
+            self._sasl_line(events, scan.args[0] if len(scan.args) == 1 else b"*")
+            return True
+        self._dispatch(events, scan.name, scan.args)
+        return True
+
+    def _capability(self, events: list, args: List) -> None:
+        if args:
+            return self._refuse(events)
+        self._output += self.capability() + SIEVE_CAPABILITY_OK
+
+    def _noop(self, events: list, args: List) -> None:
+        """§2.13: with a tag, the tag is echoed in the OK (sieve-connect
+        waits for it to find the end of what came before)."""
+        if len(args) > 1:
+            return self._refuse(events)
+        if args:
+            self._output += b"OK (TAG " + sieve_string(args[0]) + b")" + SIEVE_NOOP_TAG_TEXT
+        else:
+            self._output += SIEVE_NOOP_OK
+
+    def _logout(self, events: list, args: List) -> None:
+        self._output += SIEVE_LOGOUT_OK
+        self._finish(events, Quit())
+
+    def _starttls(self, events: list, args: List) -> None:
+        """§2.2; refused when starttls is off, TLS is on already, or with arguments."""
+        if args or not self.offers_starttls:
+            return self._refuse(events)
+        self._start_tls(events, SIEVE_STARTTLS_OK)
+
+    def _authenticate(self, events: list, args: List) -> None:
+        """§2.1: AUTHENTICATE "MECHANISM" ["initial response"]."""
+        self._sasl_start(events, args, self.settings.sieve_auth)
+
+
+CLIENT_MACHINES = {"imap": ImapMachine, "pop3": Pop3Machine, "smtp": SmtpMachine,
+                   "sieve": SieveMachine}
 
 
 # ========================================================================== #
@@ -4132,6 +4644,8 @@ def route_for(routes: Dict[str, Route], proxy_pass: Upstream, login: str,
     target = next((target for target in targets if target is not None), None)
     if target is None:
         return proxy_pass
+    if target[1].pool:
+        return target[1]               # an [upstream NAME]: its servers have their ports
     port = target[0] or proxy_pass.port
     addresses = tuple((family, (sockaddr[0], port) + tuple(sockaddr[2:]))
                       for family, sockaddr in target[1].addresses)
@@ -4399,11 +4913,16 @@ def ip_family(text: bytes) -> Optional[int]:
 
 
 def interpret_auth_response(response: AuthHttpResponse, protocol: str,
-                            have_password: bool, proxy_smtp_auth: bool = False) -> AuthOutcome:
+                            have_password: bool, proxy_smtp_auth: bool = False,
+                            upstreams: Optional[Dict[str, UpstreamSpec]] = None) -> AuthOutcome:
     """ngx_mail_auth_http_process_headers: Auth-Status OK / WAIT / a failure
     text; then Auth-Server (an IP address, never a name) and Auth-Port.
     ``have_password``: the client gave one the backend can take;
     ``proxy_smtp_auth``: the server's setting (SMTP logs in to the backend).
+    ``upstreams`` (extension): an Auth-Server that names one of these
+    pools goes through it (Auth-Port may be left out then), and so does an
+    Auth-Server and Auth-Port of one of a pool's servers, that server
+    first (pool_of_address).
     Raises AuthHttpError with nginx's log message for a bad answer."""
     headers = response.headers
     status = headers.get("auth-status")
@@ -4417,7 +4936,10 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
                            error_code=headers.get("auth-error-code"),
                            sasl_error=headers.get("auth-error-sasl"))
     server, port = headers.get("auth-server"), headers.get("auth-port")
-    if not server or not port:
+    pool = server.decode("latin-1") if server and upstreams else ""
+    if pool not in (upstreams or {}):
+        pool = ""
+    if not server or not (port or pool):
         raise AuthHttpError("auth http server %s did not send server or port")
     smtp_auth = headers.get("auth-smtp-auth", b"").decode("latin-1").lower() or None
     if not have_password and "auth-pass" not in headers:
@@ -4430,14 +4952,7 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
             # external no password").  Known now, before any backend byte.
             raise AuthHttpError("no password available: auth http server %s sent no Auth-Pass "
                                 "for the backend AUTH")
-    family = ip_family(server)
-    if family is None:
-        raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
-                            % log_escape(server))
-    if not DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
-        raise AuthHttpError('auth http server %%s sent invalid server port:"%s"' % log_escape(port))
-    host = server.decode("ascii")
-    upstream = Upstream(host, int(port), ((family, (host, int(port))),))
+    upstream = pool_upstream(pool) if pool else auth_server_upstream(server, port, upstreams)
     backend_tls = headers.get("auth-backend-tls", b"").decode("latin-1").lower() or None
     if backend_tls not in (None, "plain", "ssl", "starttls"):
         raise AuthHttpError('auth http server %%s sent invalid Auth-Backend-TLS:"%s"' % backend_tls)
@@ -4446,6 +4961,37 @@ def interpret_auth_response(response: AuthHttpResponse, protocol: str,
     return AuthOutcome(Verdict.OK, upstream=upstream, login=headers.get("auth-user"),
                        password=headers.get("auth-pass"), backend_tls=backend_tls,
                        smtp_auth=smtp_auth)
+
+
+def auth_server_upstream(server: bytes, port: bytes,
+                         upstreams: Optional[Dict[str, UpstreamSpec]]) -> Upstream:
+    """Auth-Server and Auth-Port as an Upstream, checked as nginx checks
+    them; through the pool it belongs to, if any (pool_of_address)."""
+    family = ip_family(server)
+    if family is None:
+        raise AuthHttpError('auth http server %%s sent invalid server address:"%s"'
+                            % log_escape(server))
+    if not DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
+        raise AuthHttpError('auth http server %%s sent invalid server port:"%s"' % log_escape(port))
+    host = server.decode("ascii")
+    return Upstream(host, int(port), ((family, (host, int(port))),),
+                    pool_of_address(upstreams or {}, host, int(port)))
+
+
+def pool_of_address(upstreams: Dict[str, UpstreamSpec], host: str, port: int) -> str:
+    """The name of the first pool (in file order) with a server at
+    ``host`` (an IP address) and ``port``; "" if none has one."""
+    for spec in upstreams.values():
+        if any(server_at(server, host, port) for server in spec.servers):
+            return spec.name
+    return ""
+
+
+def server_at(server: UpstreamServer, host: str, port: int) -> bool:
+    """Is ``server`` at ``host`` (an IP address, in any spelling) and ``port``?"""
+    wanted = (ipaddress.ip_address(host), port)
+    return any((ipaddress.ip_address(sockaddr[0].partition("%")[0]), sockaddr[1]) == wanted
+               for _, sockaddr in server.address.addresses)
 
 
 # -- the failed-login defence ---------------------------------------------------
@@ -4729,6 +5275,14 @@ def login_attempt(credentials: Credentials, number: int, machine: "ClientMachine
                         getattr(machine, "mail_from", None), getattr(machine, "rcpt_to", None))
 
 
+def same_backend(route: Upstream, session: Upstream) -> bool:
+    """Does a recipient's ``route`` lead where the ``session`` went: the same
+    pool (a pool's server, for the session), or the same address?"""
+    if route.pool or session.pool:
+        return route.pool == session.pool
+    return (route.host, route.port) == (session.host, session.port)
+
+
 class UserTableAuth:
     """The built-in [users] table (an extension: nginx needs an auth
     server).  A password to hash (check_hashes) is checked off the event
@@ -4837,9 +5391,344 @@ class UserTableAuth:
         outcome = self._recipient(rcpt)
         if not outcome.ok:
             return outcome.error_code + b" " + outcome.text + b"\r\n", outcome.reason
-        if (outcome.upstream.host, outcome.upstream.port) != (upstream.host, upstream.port):
+        if not same_backend(outcome.upstream, upstream):
             return SMTP_TOO_MANY_RECIPIENTS, "its route is %s" % outcome.upstream.text
         return None, ""
+
+
+# ========================================================================== #
+# ####                          Backend pools                           #### #
+# ========================================================================== #
+# Which server of an [upstream NAME] pool a login goes to, and what the
+# logins learn of the servers, after nginx's upstream module (which its mail
+# module lacks): weights; max_fails failures within fail_timeout take a
+# server out for fail_timeout ("passive health"); backup servers serve only
+# when no other can; down ones never; drain ones (extension) take no new
+# session.  Three ways to choose: smooth weighted round robin (nginx's),
+# least connections (nginx's least_conn, counted per worker, as nginx counts
+# without a zone), and user_hash, rendezvous hashing of the login (Thaler
+# and Ravishankar's highest random weight, with weights), so that a mailbox
+# lands on the same server while that server is up and removing one server
+# moves only its own users.  Sans-I/O: the time is given, nothing is logged
+# here (failed() returns the line to log).  Each worker has its own Pools;
+# what the control interface sets (drain) goes to every worker through a
+# shared book, UpstreamDrains.
+
+class ServerState:
+    """What one worker knows of one pool server while it runs."""
+    __slots__ = ("server", "fails", "first_fail", "out_until", "current", "active", "check_down")
+
+    def __init__(self, server: UpstreamServer):
+        self.server = server
+        self.fails = 0                 # failures since first_fail (or since the last success)
+        self.first_fail = 0.0          # when the first of them came
+        self.out_until = 0.0           # taken out until then (max_fails reached)
+        self.current = 0               # smooth weighted round robin's current weight
+        self.active = 0                # sessions of this worker on it (least_conn)
+        self.check_down = False        # the active check's verdict (health_check), until it changes
+
+
+class PoolLease:
+    """A session's place on a server (least_conn counts them); release()
+    gives it back, once, however often it is called."""
+    __slots__ = ("state",)
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        state.active += 1
+
+    def release(self) -> None:
+        if self.state is not None:
+            self.state.active -= 1
+            self.state = None
+
+
+def rendezvous_score(key: bytes, server: UpstreamServer) -> float:
+    """Weighted rendezvous hashing: -weight / ln(u), u uniform in (0, 1)
+    from SHA-256 of the key and the server's address as written (so every
+    process, and every restart, scores alike).  The highest score wins;
+    a server's share of the keys is its share of the weights."""
+    digest = hashlib.sha256(key + b"\0" + server.text.encode("utf-8")).digest()
+    u = (int.from_bytes(digest[:8], "big") + 1) / (2.0 ** 64 + 2)
+    return -server.weight / math.log(u)
+
+
+class Pool:
+    """One [upstream NAME] pool in one worker: choose() a server for a
+    login, failed() and succeeded() to say how it went.  ``drains``: the
+    UpstreamDrains book (None: only the file's drain flags count);
+    ``health``: the UpstreamHealth book, told when a server is taken out
+    or comes back (None: nobody is)."""
+
+    def __init__(self, spec: UpstreamSpec, drains: Optional["UpstreamDrains"] = None,
+                 health: Optional["UpstreamHealth"] = None):
+        self.spec = spec
+        self.name = spec.name
+        self.states = [ServerState(server) for server in spec.servers]
+        self.drains = drains
+        self.health = health
+
+    def _tell(self, server: UpstreamServer, until: float) -> None:
+        if self.health is not None:
+            self.health.report(self.name, server.text, until)
+
+    def draining(self, server: UpstreamServer) -> bool:
+        """drain in the file, unless the control interface said otherwise."""
+        if self.drains is not None:
+            return self.drains.draining(self.name, server.text, server.drain)
+        return server.drain
+
+    def available(self, state: ServerState, now: float) -> bool:
+        """Not down, not draining, not taken out by its failures or by the
+        active check."""
+        return not state.server.down and not self.draining(state.server) and \
+            state.out_until <= now and not state.check_down
+
+    def choose(self, key: bytes, now: float, tried=(),
+               prefer: Optional[Tuple[str, int]] = None) -> Optional[UpstreamServer]:
+        """The server for a login (``key``: its login, for user_hash), none of
+        ``tried`` (this login's servers so far).  ``prefer`` (host, port):
+        that server, if it is available (an auth server's choice).  The
+        backup servers only when no other is available; when none at all
+        is, the ones taken out by their failures are tried all the same
+        (the soonest back first), as nginx tries a pool's only server: the
+        client should see no error while any server is alive.  None: no
+        server is left (all tried, down or draining)."""
+        fresh = [state for state in self.states if state.server not in tried]
+        usable = [state for state in fresh if self.available(state, now)]
+        if prefer is not None:
+            for state in usable:
+                if server_at(state.server, *prefer):
+                    return state.server
+        tier = [state for state in usable if not state.server.backup] or usable
+        if not tier:
+            resting = [state for state in fresh if not state.server.down and
+                       not self.draining(state.server)]
+            if not resting:
+                return None
+            return min(resting, key=lambda state: (state.server.backup, state.check_down,
+                                                   state.out_until)).server
+        if self.spec.balance == "user_hash":
+            return max(tier, key=lambda state: rendezvous_score(key, state.server)).server
+        if self.spec.balance == "least_conn":
+            # nginx: the fewest sessions per weight; among equals, round robin.
+            fewest = min(state.active / state.server.weight for state in tier)
+            tier = [state for state in tier if state.active / state.server.weight == fewest]
+        return self._round_robin(tier).server
+
+    @staticmethod
+    def _round_robin(tier: List[ServerState]) -> ServerState:
+        """nginx's smooth weighted round robin (ngx_http_upstream_get_peer):
+        each adds its weight to its current weight, the highest is chosen
+        and gives back the sum; weights 5, 1, 1 go a a b a c a a."""
+        total = 0
+        best = None
+        for state in tier:
+            state.current += state.server.weight
+            total += state.server.weight
+            if best is None or state.current > best.current:
+                best = state
+        best.current -= total
+        return best
+
+    def state_of(self, server: UpstreamServer) -> ServerState:
+        return next(state for state in self.states if state.server is server)
+
+    def lease(self, server: UpstreamServer) -> PoolLease:
+        """A session's place on ``server``, counted until released."""
+        return PoolLease(self.state_of(server))
+
+    def failed(self, server: UpstreamServer, now: float) -> Optional[str]:
+        """A connect failure, timeout or bad greeting of ``server``: one
+        more failure within fail_timeout; at max_fails it is taken out for
+        fail_timeout (nginx's "upstream server temporarily disabled").
+        Returns the line to log at warn then, else None."""
+        state = self.state_of(server)
+        if server.max_fails == 0:
+            return None                # nginx: max_fails=0 disables the accounting
+        if state.fails == 0 or now - state.first_fail > server.fail_timeout:
+            state.fails, state.first_fail = 0, now
+        state.fails += 1
+        if state.fails < server.max_fails:
+            return None
+        state.fails, state.out_until = 0, now + server.fail_timeout
+        self._tell(server, state.out_until)
+        return ('upstream server temporarily disabled: %s of upstream "%s" failed %d time%s '
+                "within %s, no new logins for %s"
+                % (server.text, self.name, server.max_fails, "" if server.max_fails == 1 else "s",
+                   time_text(server.fail_timeout), time_text(server.fail_timeout)))
+
+    def succeeded(self, server: UpstreamServer) -> None:
+        """A login went through: its failures are forgotten (nginx)."""
+        state = self.state_of(server)
+        state.fails = 0
+        if state.out_until:
+            state.out_until = 0.0
+            self._tell(server, 0.0)
+
+    def checked(self, server: UpstreamServer, ok: bool, why: str) -> Optional[Tuple[str, str]]:
+        """The active check's verdict on ``server`` (``why``: what failed).
+        Returns (level, line) to log when it changes, once: down at warn,
+        up again at notice; else None."""
+        state = self.state_of(server)
+        if state.check_down == (not ok):
+            return None
+        state.check_down = not ok
+        self._tell(server, 0.0 if ok else -1.0)
+        if ok:
+            return "notice", 'upstream server %s of upstream "%s" is up again (health check)' % (
+                server.text, self.name)
+        return "warn", 'upstream server %s of upstream "%s" is down (health check: %s)' % (
+            server.text, self.name, why)
+
+    def up(self, now: float) -> List[Tuple[str, bool]]:
+        """(server, up) for each server: up unless down, taken out or found
+        down by the active check (a draining server is up: it serves its
+        sessions)."""
+        return [(state.server.text, not state.server.down and state.out_until <= now and
+                 not state.check_down) for state in self.states]
+
+
+def time_text(seconds: float) -> str:
+    """A time as nginx writes it: 10s, 500ms."""
+    if seconds == int(seconds):
+        return "%ds" % seconds
+    return "%dms" % round(seconds * 1000)
+
+
+class UpstreamDrains:
+    """A shared book (SharedBooks): the servers the control interface
+    drained or undrained, (upstream, server) -> flag, in every process.
+    What it says wins over the file's drain flag until it is said again."""
+    kinds = ("upstream drain",)
+
+    def __init__(self):
+        self.flags = {}                # (upstream name, "ADDRESS:PORT") -> bool
+        self.publish = None            # set by SharedBooks.add
+
+    def set(self, upstream: str, server: str, flag: bool) -> None:
+        self.publish(("upstream drain", upstream, server, bool(flag)))
+
+    def apply(self, event: tuple) -> None:
+        _, upstream, server, flag = event
+        self.flags[(upstream, server)] = bool(flag)
+
+    def draining(self, upstream: str, server: str, configured: bool) -> bool:
+        return self.flags.get((upstream, server), configured)
+
+
+def backend_settings(config: "Config", server: Settings, upstream: Upstream) -> Settings:
+    """``server``'s settings for the backend dialogue of a login to
+    ``upstream``: with its pool's overrides, if it has any."""
+    if upstream.pool and config.pool_settings:
+        return config.pool_settings.get((server.name, upstream.pool), server)
+    return server
+
+
+def drain_server(upstreams: Optional[Dict[str, UpstreamSpec]], drains: UpstreamDrains,
+                 upstream: str, server: str, flag: bool) -> bool:
+    """Drain (``flag`` True) or undrain ``server`` ("ADDRESS:PORT" as
+    written in the file) of the pool ``upstream`` of ``upstreams`` (a
+    Config's), in every process: for a control interface in any process,
+    the master's too (Pools.set_drain is a worker's).  False if there is
+    no such server (nothing changes then)."""
+    spec = (upstreams or {}).get(upstream)
+    if spec is None or not any(each.text == server for each in spec.servers):
+        return False
+    drains.set(upstream, server, flag)
+    return True
+
+
+class UpstreamHealth:
+    """A shared book (SharedBooks): the pool servers some worker has taken
+    out, in every process, the master's too, for a status page
+    (mailproxy_upstream_up, /readyz).  Each worker still chooses by what it
+    learned itself, as nginx's upstream without a zone.  A worker reports
+    (upstream, server, until): 0 back, -1 down until its check finds it up,
+    else out until then (the loop's clock, CLOCK_MONOTONIC: the same in
+    every process of a host)."""
+    kinds = ("upstream health", "worker gone")
+
+    def __init__(self):
+        self.out = {}                  # (upstream, server) -> {pid: until}
+        self.publish = None            # set by SharedBooks.add
+
+    def report(self, upstream: str, server: str, until: float) -> None:
+        self.publish(("upstream health", os.getpid(), upstream, server, until))
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "worker gone":
+            for reports in self.out.values():
+                reports.pop(event[1], None)
+            return
+        _, pid, upstream, server, until = event
+        reports = self.out.setdefault((upstream, server), {})
+        if until:
+            reports[pid] = until
+        else:
+            reports.pop(pid, None)
+
+    def up(self, upstream: str, server: str, now: float) -> bool:
+        """No worker has it out now."""
+        return all(0 < until <= now for until in self.out.get((upstream, server), {}).values())
+
+
+class Pools:
+    """A worker's pools, by name.  pool_for(config, upstream) is the Pool a
+    session's login goes through; set_drain() is the control interface's
+    way in.  reconfigure() after a reload keeps what was learned of a pool
+    whose section did not change."""
+
+    def __init__(self, upstreams: Optional[Dict[str, UpstreamSpec]],
+                 drains: Optional[UpstreamDrains] = None, health: Optional[UpstreamHealth] = None):
+        self.drains = drains
+        self.health = health
+        self.pools = {}                # name -> Pool
+        self.reconfigure(upstreams)
+
+    def reconfigure(self, upstreams: Optional[Dict[str, UpstreamSpec]]) -> None:
+        old, self.pools = self.pools, {}
+        for name, spec in (upstreams or {}).items():
+            kept = old.get(name)
+            self.pools[name] = kept if kept is not None and kept.spec == spec else \
+                Pool(spec, self.drains, self.health)
+        for name, pool in old.items():
+            if self.pools.get(name) is not pool:       # gone: what it took out is no more
+                for state in pool.states:
+                    if state.out_until or state.check_down:
+                        pool._tell(state.server, 0.0)
+
+    def pool_for(self, config: "Config", upstream: Upstream) -> Optional[Pool]:
+        """The pool ``upstream`` goes through (None: a plain address), as
+        ``config`` (the session's, maybe older than a reload) defines it."""
+        if not upstream.pool:
+            return None
+        spec = (config.upstreams or {}).get(upstream.pool)
+        if spec is None:
+            return None
+        pool = self.pools.get(upstream.pool)
+        return pool if pool is not None and pool.spec == spec else Pool(spec, self.drains)
+
+    def up(self, now: float) -> List[Tuple[str, str, bool]]:
+        """(upstream, server, up) for every server of every pool, as this
+        worker sees them (Pool.up): what a status page shows."""
+        return [(name, server, up) for name, pool in self.pools.items()
+                for server, up in pool.up(now)]
+
+    def set_drain(self, upstream: str, server: str, flag: bool) -> bool:
+        """Drain (``flag`` True) or undrain ``server`` ("ADDRESS:PORT" as
+        written in the file) of ``upstream``, in every worker.  False if the
+        pool has no such server (nothing changes then)."""
+        pool = self.pools.get(upstream)
+        if pool is None or not any(state.server.text == server for state in pool.states):
+            return False
+        if self.drains is None:
+            self.drains = UpstreamDrains()
+            self.drains.publish = self.drains.apply
+            for each in self.pools.values():
+                each.drains = self.drains
+        self.drains.set(upstream, server, flag)
+        return True
 
 
 # ========================================================================== #
@@ -4864,7 +5753,9 @@ class Expect(NamedTuple):
     """Wait for a reply.  ``kind``: "imap-greeting" (``* OK``),
     "continuation" (``+``), "imap-tagged" (``TAG OK``, untagged lines before
     it allowed), "pop3-ok" (``+OK``), "smtp" (a reply, multi-line ones read to
-    their last line, whose code must be one of ``codes``; none given: any).
+    their last line, whose code must be one of ``codes``; none given: any),
+    "sieve-greeting" (ManageSieve capability lines, then ``OK``), "sieve-ok"
+    (``OK``).
     ``relay``: the reply (with the untagged lines before it) is the client's
     answer to its login command.  ``verdict``: a refusal here may be the
     backend's verdict on the login and password (refuses_credentials;
@@ -4874,9 +5765,23 @@ class Expect(NamedTuple):
     codes: Tuple[bytes, ...] = ()
     tag: bytes = b""           # imap-tagged: another tag than the login's
     verdict: bool = False
+    learn: bool = False        # the capabilities the reply lists are the backend's (When)
+    probe: bool = False        # a question of ours: a no means "no capabilities", not a failure
+
+
+class When(NamedTuple):
+    """Extension: ``steps`` if the backend has advertised ``capability``
+    (in a reply read by an Expect with ``learn``), else nothing.
+    ``capability`` None: ``steps`` if no capability is known yet (the
+    question to ask, CAPABILITY or CAPA).  TLS forgets what was learned in
+    clear."""
+    capability: Optional[bytes]
+    steps: Tuple = ()
 
 
 BACKEND_STARTTLS_TAG = b"S1 "
+BACKEND_CAPABILITY_TAG = b"C1 "
+BACKEND_ID_TAG = b"I1 "
 
 
 def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool = False) -> list:
@@ -4947,6 +5852,71 @@ def pop3_login_script(login: bytes, password: bytes, starttls: bool = False) -> 
         Send(b"PASS " + password + b"\r\n", "PASS"),
         Expect("pop3-ok", relay=True, verdict=True),
     ]
+
+
+# -- the client's identity at the backend (imap_id, pop3_xclient: extensions) -----
+# Dovecot believes the client's address from a proxy in its
+# login_trusted_networks: IMAP's ID with the x-originating-ip convention,
+# and POP3's XCLIENT.  Sent only when the backend advertises it (CAPABILITY
+# lists ID; CAPA lists XCLIENT, or the greeting says [XCLIENT]), before the
+# login, after TLS: nothing the backend did not ask for.
+
+def identity_value(text: str) -> bool:
+    """An IP address or a number: safe in a quoted string and an XCLIENT
+    argument as it is (no quote, backslash, space, CR or LF)."""
+    if text.isdigit():
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def imap_id_command(fields: List[Tuple[str, str]]) -> bytes:
+    """``I1 ID ("x-originating-ip" "192.0.2.7" ...)`` (RFC 2971 §3.3); a
+    field whose value is not an address or a number (a unix socket's
+    "unix:") is left out."""
+    pairs = ['"%s" "%s"' % (name, value) for name, value in fields if identity_value(value)]
+    return BACKEND_ID_TAG + b"ID (" + " ".join(pairs).encode("ascii") + b")\r\n"
+
+
+def pop3_xclient_command(address: str, port: int) -> bytes:
+    """Dovecot's POP3 ``XCLIENT ADDR=... PORT=...``; ADDR=[UNAVAILABLE]
+    for a unix socket's client."""
+    address = address if identity_value(address) else "[UNAVAILABLE]"
+    return b"XCLIENT ADDR=" + address.encode("ascii") + b" PORT=%d\r\n" % port
+
+
+def identity_steps(protocol: str, attempt: "LoginAttempt", destination: Tuple[str, int],
+                   session: int) -> list:
+    """The steps that tell the backend who the client is: ask for the
+    capabilities unless the greeting listed them, then ID or XCLIENT if
+    they hold it."""
+    if protocol == "imap":
+        fields = [("x-originating-ip", attempt.client_address),
+                  ("x-originating-port", str(attempt.client_port)),
+                  ("x-connected-ip", destination[0]), ("x-connected-port", str(destination[1])),
+                  ("x-session-id", str(session))]
+        return [When(None, (Send(BACKEND_CAPABILITY_TAG + b"CAPABILITY\r\n", "CAPABILITY"),
+                            Expect("imap-tagged", tag=BACKEND_CAPABILITY_TAG, learn=True,
+                                   probe=True))),
+                When(b"ID", (Send(imap_id_command(fields), "ID"),
+                             Expect("imap-tagged", tag=BACKEND_ID_TAG)))]
+    return [When(None, (Send(b"CAPA\r\n", "CAPA"), Expect("pop3-capa", learn=True, probe=True))),
+            When(b"XCLIENT", (Send(pop3_xclient_command(attempt.client_address,
+                                                        attempt.client_port), "XCLIENT"),
+                              Expect("pop3-ok")))]
+
+
+def with_identity(script: list, steps: list) -> list:
+    """``steps`` inserted where the login begins: after the greeting, or
+    after the TLS handshake STARTTLS asked for; the greeting learns."""
+    script = list(script)
+    script[0] = script[0]._replace(learn=True)
+    tls = [i for i, step in enumerate(script) if isinstance(step, TlsStep)]
+    at = tls[-1] + 1 if tls else 1
+    return script[:at] + steps + script[at:]
 
 
 def xtext(data: bytes) -> bytes:
@@ -5079,17 +6049,52 @@ def smtp_attempt_script(server: Settings, attempt: LoginAttempt, outcome: AuthOu
     return smtp_login_script(server, facts)
 
 
+def sieve_login_script(mechanism: str, response: bytes, starttls: bool = False) -> list:
+    """ManageSieve (RFC 5804, extension): the capabilities and OK (§1.7);
+    ``starttls``: STARTTLS, and after the handshake the capabilities again
+    (§2.2); then ``AUTHENTICATE "MECHANISM" "response"`` (§2.1: base64 in
+    a quoted string, so no byte of the login or password reaches the
+    wire as itself), whose OK is the client's answer."""
+    secure = [Send(b"STARTTLS\r\n", "STARTTLS"), Expect("sieve-ok"), TlsStep(),
+              Expect("sieve-greeting")] if starttls else []
+    name = mechanism.upper().encode()
+    return [Expect("sieve-greeting")] + secure + [
+        Send(b'AUTHENTICATE "' + name + b'" "' + response + b'"\r\n',
+             "AUTHENTICATE " + name.decode()),
+        Expect("sieve-ok", relay=True, verdict=True)]
+
+
+def sieve_attempt_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
+                         starttls: bool) -> list:
+    """ManageSieve: AUTHENTICATE PLAIN with the password (RFC 4616, no
+    authorization identity), or the client's own bearer token."""
+    if outcome.token is not None:
+        response = oauth_initial_response(outcome.token[0], outcome.login, outcome.token[1])
+        return sieve_login_script(outcome.token[0], response, starttls)
+    plain = base64.b64encode(b"\0" + outcome.login + b"\0" + outcome.password)
+    return sieve_login_script("plain", plain, starttls)
+
+
 # The backend login of an accepted attempt, by protocol:
 # (server, attempt, outcome, STARTTLS first) -> the script.
 LOGIN_SCRIPTS = {"imap": imap_attempt_script, "pop3": pop3_attempt_script,
-                 "smtp": smtp_attempt_script}
+                 "smtp": smtp_attempt_script, "sieve": sieve_attempt_script}
 
 
 def login_script(server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
-                 starttls: bool) -> list:
+                 starttls: bool, destination: Tuple[str, int] = ("", 0),
+                 session: int = 0) -> list:
     """The backend login for an accepted attempt (LOGIN_SCRIPTS);
-    ``starttls`` (extension): STARTTLS first."""
-    return LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
+    ``starttls`` (extension): STARTTLS first.  With imap_id or pop3_xclient
+    on (extensions), the client's identity first (identity_steps:
+    ``destination`` is the address the client connected to, ``session``
+    the session's number)."""
+    script = LOGIN_SCRIPTS[attempt.protocol](server, attempt, outcome, starttls)
+    if (attempt.protocol == "imap" and server.imap_id) or \
+            (attempt.protocol == "pop3" and server.pop3_xclient):
+        script = with_identity(script, identity_steps(attempt.protocol, attempt, destination,
+                                                      session))
+    return script
 
 
 def smtp_auth_steps(method: str, login: bytes, password: bytes) -> list:
@@ -5152,11 +6157,17 @@ class BackendLogin:
         self._relay = bytearray()          # reply lines for the client
         self._reply = bytearray()          # the lines of the reply being read
         self._greeted = False              # the first Expect is the greeting
+        self.capabilities = None           # type: Optional[set]  (what a ``learn`` reply listed)
         self._advance()
 
     @property
     def trailing_data(self) -> bytes:
         return bytes(self._input)
+
+    @property
+    def greeted(self) -> bool:
+        """The backend's greeting has come, and was the one expected."""
+        return self._greeted
 
     def data_to_send(self) -> bytes:
         data = bytes(self._output)
@@ -5164,10 +6175,17 @@ class BackendLogin:
         return data
 
     def _advance(self) -> bool:
-        """Queue the Send steps now due; True if there was one."""
+        """Queue the Send steps now due (a When's, if it holds); True if
+        there was one."""
         sent = False
-        while self.script and isinstance(self.script[0], Send):
+        while self.script and isinstance(self.script[0], (Send, When)):
             step = self.script.pop(0)
+            if isinstance(step, When):
+                known = self.capabilities
+                if (known is None) if step.capability is None else \
+                        (known is not None and step.capability in known):
+                    self.script[:0] = step.steps
+                continue
             self._output += step.data
             sent = True
             if self.trace is not None:
@@ -5175,8 +6193,10 @@ class BackendLogin:
         return sent
 
     def tls_started(self) -> None:
-        """The handshake with the backend is done: the script goes on."""
+        """The handshake with the backend is done: the script goes on, and
+        what the backend said in clear is forgotten (RFC 3207 §4.2)."""
         self.script.pop(0)
+        self.capabilities = None
         self._advance()
 
     def receive_data(self, data: bytes) -> list:
@@ -5208,16 +6228,19 @@ class BackendLogin:
             self._reply += line
             if len(self._reply) > self.line_limit:
                 raise BackendError("upstream sent too long response")
-            if step.kind in IMAP_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
+            if step.kind in LITERAL_REPLY_KINDS and IMAP_LITERAL_AT_END.search(line):
                 raise BackendError("upstream sent a literal in its login response", line)
-            if not self._accepts(step, line):
+            accepted = self._accepts(step, line)
+            if not accepted and not step.probe:
                 if self.trace is not None:
                     self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
                 self._refuse(step, line)
-            if self._more_lines(step, line):
+            if accepted and self._more_lines(step, line):
                 continue                       # an untagged or a 250- line: more follow
             if self.trace is not None:
                 self.trace("got " + reply_code(step.kind, line, step.tag or self.tag))
+            if step.learn:
+                self._learn(step, bytes(self._reply) if accepted else b"")
             if step.relay:
                 self._relay += self._reply
             del self._reply[:]
@@ -5244,9 +6267,31 @@ class BackendLogin:
         raise BackendError("upstream sent invalid response", bytes(self._reply), refusal=True,
                            verdict=verdict)
 
+    def _learn(self, step: Expect, reply: bytes) -> None:
+        """The capabilities ``reply`` lists: IMAP's [CAPABILITY ...] code or
+        CAPABILITY lines, POP3's greeting codes (Dovecot's [XCLIENT]) or
+        CAPA lines.  A greeting that lists none leaves them unknown; an
+        answer to our question (a probe) makes them known, empty if it
+        said no."""
+        words = set()
+        for line in reply.splitlines():
+            if step.kind == "pop3-capa":
+                if line and not line.startswith((b"+OK", b".")):
+                    words.add(line.split()[0].upper())
+                continue
+            match = CAPABILITY_LISTS.match(line)
+            if match:
+                words.update((match.group(1) or match.group(2) or match.group(3)).upper().split())
+        if words or step.probe:
+            self.capabilities = words
+
     def _more_lines(self, step: Expect, line: bytes) -> bool:
+        if step.kind == "pop3-capa":               # RFC 2449 §5: lines up to a lone "."
+            return line.rstrip(b"\r\n") != b"."
         if step.kind == "imap-tagged":
             return line.startswith(b"* ")
+        if step.kind == "sieve-greeting":
+            return line.startswith(b'"')           # a capability line; OK ends them
         # RFC 5321 §4.2.1: "250-..." lines continue, "250 ..." (or "250") ends.
         return step.kind == "smtp" and line[3:4] == b"-"
 
@@ -5257,6 +6302,12 @@ class BackendLogin:
             return line.startswith(b"+")
         if step.kind == "pop3-ok":
             return line.startswith(b"+OK")
+        if step.kind == "pop3-capa":               # +OK, then any line of the list
+            return len(self._reply) > len(line) or line.startswith(b"+OK")
+        if step.kind == "sieve-greeting":          # RFC 5804 §1.7: "NAME" ["VALUE"] lines, OK
+            return line.startswith(b'"') or SIEVE_OK_LINE.match(line) is not None
+        if step.kind == "sieve-ok":
+            return SIEVE_OK_LINE.match(line) is not None
         if step.kind == "smtp":
             if not re.match(rb"\d{3}[- \r\n]", line):
                 return False
@@ -5267,13 +6318,22 @@ class BackendLogin:
 
 
 IMAP_REPLY_KINDS = ("imap-greeting", "continuation", "imap-tagged")
+SIEVE_REPLY_KINDS = ("sieve-greeting", "sieve-ok")
+LITERAL_REPLY_KINDS = IMAP_REPLY_KINDS + SIEVE_REPLY_KINDS   # where a literal is refused
+SIEVE_OK_LINE = re.compile(rb"(?i)OK[ \r\n]")          # RFC 5804 §4 response-ok
 # RFC 3501 §4.3: a line ending in {n} (or RFC 7888's {n+}) announces n bytes
 # of literal data, which no greeting, continuation or LOGIN reply carries.
 IMAP_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}\r?\n$")
 # The protocol an Expect of each kind belongs to, for a greeting that is not
 # the one expected (UnexpectedGreeting).
 GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tagged": "IMAP",
-                      "pop3-ok": "POP3", "smtp": "SMTP"}
+                      "pop3-ok": "POP3", "pop3-capa": "POP3", "smtp": "SMTP",
+                      "sieve-greeting": "ManageSieve", "sieve-ok": "ManageSieve"}
+# Where a backend lists its capabilities: an IMAP greeting's or reply's
+# [CAPABILITY ...] code (RFC 3501 §7.1), an untagged CAPABILITY line, a
+# POP3 greeting's codes (Dovecot: "+OK [XCLIENT] Dovecot ready.").
+CAPABILITY_LISTS = re.compile(rb"\* OK \[CAPABILITY ([^\]]*)\]|\* CAPABILITY (.*)|\+OK \[([^\]]*)\]",
+                              re.IGNORECASE)
 
 
 # Refusals of a login for another reason than the login and password: the
@@ -5282,31 +6342,39 @@ GREETING_PROTOCOLS = {"imap-greeting": "IMAP", "continuation": "IMAP", "imap-tag
 # session with the internal error, and the login defence does not count them.
 IMAP_NOT_A_VERDICT = re.compile(rb"NO \[(UNAVAILABLE|SERVERBUG|PRIVACYREQUIRED|INUSE|LIMIT)\]")
 POP3_NOT_A_VERDICT = re.compile(rb"-ERR \[(SYS/TEMP|SYS/PERM|IN-USE|LOGIN-DELAY)\]")
+SIEVE_VERDICT = re.compile(rb"(?i)NO[ \r\n]")
+SIEVE_NOT_A_VERDICT = re.compile(
+    rb"(?i)NO \((TRYLATER|ENCRYPT-NEEDED|AUTH-TOO-WEAK|TRANSITION-NEEDED)\b")   # RFC 5804 §1.3
 
 
 def refuses_credentials(kind: str, line: bytes, tag: bytes) -> bool:
     """Is ``line``, a refusal at a ``verdict`` step, a no to the login and
-    password (IMAP ``TAG NO``, POP3 ``-ERR``, SMTP ``535``), rather than
-    trouble of the backend's (a response code that says so, IMAP BAD, any
-    other SMTP code)?"""
+    password (IMAP ``TAG NO``, POP3 ``-ERR``, SMTP ``535``, ManageSieve
+    ``NO``), rather than trouble of the backend's (a response code that
+    says so, IMAP BAD, any other SMTP code)?"""
     if kind == "imap-tagged":
         rest = line[len(tag):] if line.startswith(tag) else b""
         return rest.startswith(b"NO ") and not IMAP_NOT_A_VERDICT.match(rest)
     if kind == "pop3-ok":
         return line.startswith(b"-ERR") and not POP3_NOT_A_VERDICT.match(line)
+    if kind in SIEVE_REPLY_KINDS:
+        return SIEVE_VERDICT.match(line) is not None and not SIEVE_NOT_A_VERDICT.match(line)
     return line[:3] == b"535"
 
 
 def greeting_protocol(line: bytes) -> Optional[str]:
     """Which protocol a backend's first line belongs to, good or bad:
     "IMAP" (``* OK``, ``* BYE``...), "POP3" (``+OK``, ``-ERR``), "SMTP"
-    (three digits); None for anything else."""
+    (three digits), "ManageSieve" (a capability string, ``OK``, ``NO``,
+    ``BYE``); None for anything else."""
     if line.startswith(b"* "):
         return "IMAP"
     if line.startswith((b"+OK", b"-ERR")):
         return "POP3"
     if re.match(rb"\d{3}[- \r\n]", line):
         return "SMTP"
+    if line.startswith(b'"') or re.match(rb"(?i)(OK|NO|BYE)[ \r\n]", line):
+        return "ManageSieve"
     return None
 
 
@@ -6654,7 +7722,7 @@ def server_context(settings: Settings, certificate: str = "", key: str = "") -> 
         if libssl.available:
             libssl.set_verify_depth(context, settings.ssl_verify_depth)
             libssl.verify_to_the_end(context)
-    context.set_alpn_protocols([settings.protocol])
+    context.set_alpn_protocols([ALPN_NAMES.get(settings.protocol, settings.protocol)])
     return context
 
 
@@ -7830,8 +8898,10 @@ def start_relay(session, client: Stream, backend: Stream, server: Settings,
 # connection of its own (as nginx: no keep-alive), and the resolver's UDP
 # queries, with a small cache, for the SMTP client's name.  Each is driven
 # by the event loop and calls back with its result; what they say is built
-# and parsed by the sans-I/O code above.  The user table's password checks
-# are work of the same kind: handed out to threads, their verdicts come back
+# and parsed by the sans-I/O code above.  The active checks of a pool's
+# servers (health_check) are connections of the same kind, made by the
+# worker rather than a session.  The user table's password checks are work
+# of the same kind: handed out to threads, their verdicts come back
 # through the loop's wake-up.
 
 class AuthHttpExchange(StreamOwner):
@@ -7902,10 +8972,22 @@ class BackendConnection(StreamOwner):
     With ``verdicts`` (auth = backend), a no to the client's own login and
     password (BackendError.verdict) is no failure of the backend: the owner
     hears backend_refused(line) instead, and nothing is logged here.
-    After a failure nothing more is read; close() ends it at any time."""
+    After a failure nothing more is read; close() ends it at any time.
+
+    With a ``pool`` (extension, README "Several backends") the server is
+    the pool's choice for ``key`` (``upstream``'s port, if any, names the
+    server to try first), and the owner hears backend_chosen(upstream) for
+    each server tried.  A server that cannot be connected to, fails TLS,
+    closes or greets wrongly before its greeting is through, or times out
+    (the owner's timer: timed_out()), counts as failed in the pool and the
+    login starts again on the next server, with a new BackendLogin from
+    ``relogin()``, so that the client sees no error while one is alive;
+    backend_connected(stream) then comes again, with the new stream.
+    take_lease() hands the session its place on the server it logged in to."""
 
     def __init__(self, loop: EventLoop, server: Settings, upstream: Upstream, login: BackendLogin,
-                 tls_mode: str, proxy_header: bytes, owner, log: Callable, verdicts: bool = False):
+                 tls_mode: str, proxy_header: bytes, owner, log: Callable, verdicts: bool = False,
+                 pool: Optional[Pool] = None, relogin: Optional[Callable] = None, key: bytes = b""):
         self.loop = loop
         self.server = server
         self.upstream = upstream
@@ -7918,24 +9000,95 @@ class BackendConnection(StreamOwner):
         self.addresses = list(upstream.addresses)
         self.stream = None             # type: Optional[Stream]
         self.connecting = True
-        self._connect_next()
+        self.pool = pool
+        self.relogin = relogin         # a new BackendLogin for the next server of the pool
+        self.key = key                 # what user_hash hashes: the login
+        self.tried = []                # the pool's servers tried by this login, the last one now
+        self.lease = None              # type: Optional[PoolLease]
+        if pool is None:
+            self._connect_next()
+            return
+        prefer = (upstream.host, upstream.port) if upstream.port else None
+        if not self._choose(prefer):
+            self.log("error", 'no live upstreams in upstream "%s"' % pool.name)
+            self.owner.backend_failed("no live upstreams")
 
     def close(self) -> None:
         self.addresses = []
+        self.pool = self.relogin = None    # no other server after this (and no password)
+        if self.lease is not None:
+            self.lease.release()
         if self.stream is not None:
             self.stream.close()
 
     cancel = close
 
+    def take_lease(self) -> Optional[PoolLease]:
+        """The session's place on its server, now the session's to release."""
+        lease, self.lease = self.lease, None
+        return lease
+
     def crashed(self, error: Exception) -> None:
         self.owner.crashed(error)
+
+    def _choose(self, prefer: Optional[Tuple[str, int]] = None) -> bool:
+        """The pool's next server for this login, connected to now; False
+        if none is left."""
+        choice = self.pool.choose(self.key, self.loop.time(), self.tried, prefer)
+        if choice is None:
+            return False
+        if self.tried:
+            self.login = self.relogin()
+        self.tried.append(choice)
+        self.lease = self.pool.lease(choice)
+        self.upstream = choice.address._replace(pool=self.pool.name)
+        self.addresses = list(choice.address.addresses)
+        self.connecting = True
+        self.owner.backend_chosen(self.upstream)
+        self._connect_next()
+        return True
+
+    def _failed(self, outcome: str, refusal: bytes = b"", fault: bool = False) -> None:
+        """The end of this server's try: with a pool and the server at
+        ``fault``, the next server; else the owner hears of it."""
+        if fault and self.pool is not None and self._fail_over(outcome):
+            return
+        self.close()
+        self.owner.backend_failed(outcome, refusal)
+
+    def _fail_over(self, outcome: str) -> bool:
+        """Count the failure against the server, and start again on the
+        pool's next; False if no server is left (logged)."""
+        pool, failed = self.pool, self.tried[-1]
+        disabled = pool.failed(failed, self.loop.time())
+        if disabled:
+            self.log("warn", disabled)
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.lease.release()
+        self.lease = None
+        self.log("warn", 'upstream server %s of upstream "%s" failed (%s), the login goes on '
+                 "with the next server" % (failed.text, pool.name, outcome))
+        if self._choose():
+            return True
+        self.log("error", 'no live upstreams in upstream "%s"' % pool.name)
+        return False
+
+    def timed_out(self) -> bool:
+        """The owner's timer ran out on this server (logged by the owner):
+        True if the login goes on with another server of the pool (the
+        owner arms its timer again), False if the owner should give up."""
+        if self.pool is None:
+            return False
+        return self._fail_over("upstream timed out")
 
     def _connect_next(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
         if not self.addresses:
-            return self.owner.backend_failed("upstream unreachable")
+            return self._failed("upstream unreachable", fault=True)
         family, sockaddr = self.addresses.pop(0)
         try:
             self.stream = connect_stream(self.loop, family, sockaddr, self)
@@ -7973,6 +9126,8 @@ class BackendConnection(StreamOwner):
             if isinstance(event, BackendStartTls):
                 self._start_tls()
             else:
+                if self.pool is not None:
+                    self.pool.succeeded(self.tried[-1])
                 self.owner.backend_logged_in(event.reply)
 
     def stream_eof(self, stream: Stream) -> None:
@@ -7980,47 +9135,156 @@ class BackendConnection(StreamOwner):
 
     def _refused(self, error: BackendError) -> None:
         """nginx: log the bad line; the client gets the internal error, or
-        with proxy_pass_error_message on, the backend's own refusal."""
-        self.close()
+        with proxy_pass_error_message on, the backend's own refusal.  Before
+        the greeting is through, it is the server's fault (a pool goes on
+        with the next server)."""
         line = error.line
+        fault = not self.login.greeted
         if error.verdict and self.verdicts:
+            self.close()
             return self.owner.backend_refused(line)
-        if error.refusal and self.server.proxy_pass_error_message:
+        if error.refusal and self.server.proxy_pass_error_message and \
+                not (fault and self.pool is not None):
             self.log("info", '%s: "%s"' % (error, log_escape(strip_eol(line))))
-            return self.owner.backend_failed("upstream refused the login", line)
+            return self._failed("upstream refused the login", line)
         detail = ' "%s"' % log_escape(strip_eol(line)) if line else ""
         self.log("error", "%s%s" % ("%s:" % error if detail else error, detail))
-        self.owner.backend_failed(error.outcome)
+        self._failed(error.outcome, fault=fault)
 
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
             self.log("error", "upstream %s" % error, action="SSL handshaking to upstream")
-            outcome = "upstream TLS error"
-        elif self.connecting:
+            return self._failed("upstream TLS error", fault=True)
+        if self.connecting:
             self.log("error", "connect() failed (%s: %s)" % (error.errno, error.strerror))
             return self._connect_next()
-        else:
-            self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
-            outcome = "upstream connection error"
-        self.close()
-        self.owner.backend_failed(outcome)
+        self.log("error", "upstream connection error (%s: %s)" % (error.errno, error.strerror))
+        self._failed("upstream connection error", fault=not self.login.greeted)
 
 
 def open_backend(loop: EventLoop, server: Settings, attempt: LoginAttempt, outcome: AuthOutcome,
                  local: Tuple[str, int], owner, log: Callable,
-                 verdicts: bool = False, debug: bool = False) -> BackendConnection:
+                 verdicts: bool = False, debug: bool = False,
+                 pool: Optional[Pool] = None, session: int = 0) -> BackendConnection:
     """Connect to ``outcome.upstream`` and log in there as ``outcome``
     says (login_script, TLS, the PROXY header naming ``local``, the
     address the client connected to); ``owner`` hears how it went
     (BackendConnection).  ``debug``: each step of the login script in
-    ``log`` at debug (BackendLogin's trace: names and codes only)."""
+    ``log`` at debug (BackendLogin's trace: names and codes only).
+    ``pool``: the Pool ``outcome.upstream`` goes through (Pools.pool_for);
+    its choice is keyed by the login (the client's address without one).
+    ``session``: the session's number, for imap_id's x-session-id."""
     tls_mode = backend_tls_mode(server, outcome)
-    script = login_script(server, attempt, outcome, tls_mode == "starttls")
     header = proxy_header_to_backend(server.proxy_protocol, attempt, local)
     trace = (lambda text: log("debug", "backend: %s", text)) if debug else None
-    return BackendConnection(loop, server, outcome.upstream,
-                             BackendLogin(script, attempt.tag, server.proxy_buffer, trace),
-                             tls_mode, header, owner, log, verdicts)
+
+    def relogin() -> BackendLogin:
+        script = login_script(server, attempt, outcome, tls_mode == "starttls", local, session)
+        return BackendLogin(script, attempt.tag, server.proxy_buffer, trace)
+    key = outcome.login if outcome.login is not None else attempt.credentials.login
+    return BackendConnection(loop, server, outcome.upstream, relogin(), tls_mode, header, owner,
+                             log, verdicts, pool, relogin if pool is not None else None,
+                             key or attempt.client_address.encode("utf-8"))
+
+
+# -- the active check of a pool's servers (health_check = on, extension) -------------
+# Off the login path: a timer per pool, one connection per server and round,
+# closed as soon as the greeting's first line has come (after the protocol's
+# goodbye, so that the backend logs a client that left, not an error).
+
+HEALTH_GOODBYES = ((b"* OK", b"H1 LOGOUT\r\n"), (b"+OK", b"QUIT\r\n"), (b"220", b"QUIT\r\n"))
+
+
+class HealthProbe(StreamOwner):
+    """One check of one server: connect, then the first line, within
+    ``timeout``; ``done(ok, why)``: a mail server's ready greeting (IMAP's
+    ``* OK``, POP3's ``+OK``, SMTP's ``220``), or what went wrong."""
+
+    def __init__(self, loop: EventLoop, address: Upstream, timeout: float, done: Callable):
+        self.done = done
+        self.stream = None             # type: Optional[Stream]
+        self.line = LineBuffer()
+        self.timer = loop.call_later(timeout, lambda: self._finish(False, "timed out"))
+        family, sockaddr = address.addresses[0]
+        try:
+            self.stream = connect_stream(loop, family, sockaddr, self)
+        except OSError as error:
+            loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
+
+    def stream_connected(self, stream: Stream) -> None:
+        stream.set_read_budget(PAGE_SIZE)
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        self.line += data
+        line = self.line.take_line(PAGE_SIZE)
+        if line is None:
+            if len(self.line) >= PAGE_SIZE:
+                self._finish(False, "no greeting line")
+            return
+        goodbye = next((bye for start, bye in HEALTH_GOODBYES if line.startswith(start)), None)
+        if goodbye is None:
+            return self._finish(False, 'greeting "%s"' % log_escape(strip_eol(line[:80])))
+        stream.write(goodbye)
+        self._finish(True, "")
+
+    def stream_eof(self, stream: Stream) -> None:
+        self._finish(False, "closed before its greeting")
+
+    def stream_error(self, stream, error: Exception) -> None:
+        if isinstance(error, OSError):
+            self._finish(False, "connect() failed (%s: %s)" % (error.errno, error.strerror))
+        else:
+            self._finish(False, str(error))
+
+    def crashed(self, error: Exception) -> None:
+        self._finish(False, "internal error: %r" % error)
+
+    def _finish(self, ok: bool, why: str) -> None:
+        done, self.done = self.done, None
+        self.timer.cancel()
+        if self.stream is not None:
+            self.stream.close()
+        if done is not None:
+            done(ok, why)
+
+
+class HealthChecks:
+    """A worker's active checks: each pool with health_check, every
+    interval, each server that is not ``down`` (Pool.checked decides and
+    says what to log).  ``running()`` false: no more rounds (the worker
+    stops); a pool replaced by a reload stops being checked, and start()
+    begins the new ones.  Each worker checks for itself, as it counts
+    failures for itself."""
+
+    def __init__(self, loop: EventLoop, pools: Pools, log: Callable[[str, str], None],
+                 running: Callable[[], bool]):
+        self.loop = loop
+        self.pools = pools
+        self.log = log
+        self.running = running
+        self.checked = set()           # id() of the pools being checked
+
+    def start(self) -> None:
+        for pool in self.pools.pools.values():
+            if pool.spec.health_check is not None and id(pool) not in self.checked:
+                self.checked.add(id(pool))
+                self.loop.call_later(0, lambda pool=pool: self._round(pool))
+
+    def _round(self, pool: Pool) -> None:
+        if not self.running() or self.pools.pools.get(pool.name) is not pool:
+            self.checked.discard(id(pool))
+            return
+        check = pool.spec.health_check
+        for server in pool.spec.servers:
+            if not server.down:
+                HealthProbe(self.loop, server.address, check.timeout,
+                            lambda ok, why, server=server: self._verdict(pool, server, ok, why))
+        self.loop.call_later(check.interval, lambda: self._round(pool))
+
+    def _verdict(self, pool: Pool, server: UpstreamServer, ok: bool, why: str) -> None:
+        said = pool.checked(server, ok, why)
+        if said is not None:
+            self.log(*said)
 
 
 # -- password checks, off the event loop ------------------------------------------
@@ -8238,7 +9502,7 @@ def authenticator_for(server: Settings, config: "Config", worker, owner):
     the backend; an auth server has Auth-Wait).  Each has start(attempt,
     done), cancel() and recipient_check()."""
     if server.auth_http is not None:
-        inner, defend = AuthHttpAuth(worker.loop, server, owner), False
+        inner, defend = AuthHttpAuth(worker.loop, server, owner, config.upstreams), False
     elif server.auth == "backend":
         inner, defend = BackendAuth(worker.loop, server, config, owner), True
     else:
@@ -8254,12 +9518,16 @@ class AuthHttpAuth:
     delay (Auth-Wait: the session goes on after it; none: it closes) and,
     for the OAuth methods, the SASL error challenge; ERROR with nginx's log
     message.  ``owner.crashed(error)`` hears of a bug in here."""
-    __slots__ = ("loop", "server", "owner", "attempt", "done", "exchange", "timer")
+    __slots__ = ("loop", "server", "owner", "attempt", "done", "exchange", "timer", "upstreams",
+                 "asked")
 
-    def __init__(self, loop: EventLoop, server: Settings, owner):
+    def __init__(self, loop: EventLoop, server: Settings, owner,
+                 upstreams: Optional[Dict[str, UpstreamSpec]] = None):
         self.loop = loop
         self.server = server
         self.owner = owner
+        self.upstreams = upstreams     # the pools an Auth-Server may name
+        self.asked = 0.0               # the loop's time of the last request (for the metrics)
         self.attempt = None            # type: Optional[LoginAttempt]
         self.done = None               # type: Optional[Callable]
         self.exchange = None           # type: Optional[AuthHttpExchange]
@@ -8288,6 +9556,7 @@ class AuthHttpAuth:
     def _ask(self) -> None:
         request = build_auth_http_request(self.server.auth_http, self.server.auth_http_header,
                                           self._request())
+        self.asked = self.loop.time()
         self.exchange = AuthHttpExchange(self.loop, self.server.auth_http, request,
                                          self.server.auth_http_timeout, self._answer)
 
@@ -8313,6 +9582,12 @@ class AuthHttpAuth:
     @loop_callback
     def _answer(self, response: Optional[AuthHttpResponse], error: str) -> None:
         self.exchange = None
+        metrics = getattr(getattr(self.owner, "worker", None), "metrics", None)
+        if metrics is not None:        # a session's (tests may give another owner)
+            metrics.count("mailproxy_auth_http_requests_total",
+                          (self.server.name, "error" if error else "ok"))
+            metrics.observe("mailproxy_auth_http_duration_seconds", (self.server.name,),
+                            self.loop.time() - self.asked)
         outcome = self._outcome(response, error) if self.done is not None else None
         if outcome is None:
             return
@@ -8329,7 +9604,7 @@ class AuthHttpAuth:
         known = method not in SALTED_METHODS + (AuthMethod.EXTERNAL,)
         try:
             verdict = interpret_auth_response(response, self.attempt.protocol, known,
-                                              self.server.proxy_smtp_auth)
+                                              self.server.proxy_smtp_auth, self.upstreams)
         except AuthHttpError as failure:
             return AuthOutcome(Verdict.ERROR, reason=str(failure).replace(
                 "%s", self.server.auth_http.text, 1))
@@ -8414,9 +9689,11 @@ class BackendAuth:
         self.owner.journal.upstream = self.upstream       # the log names who decides
         self.timer = self.loop.call_later(server.timeout, self._timed_out)
         self.connected = False
-        connection = open_backend(self.loop, server, attempt, outcome,
-                                  local_address(self.owner.client.sock), self,
-                                  self.log, verdicts=True, debug=self.owner.debug)
+        pool = self.owner.worker.pools.pool_for(self.config, self.upstream)
+        connection = open_backend(self.loop, backend_settings(self.config, server, self.upstream),
+                                  attempt, outcome, local_address(self.owner.client.sock), self,
+                                  self.log, verdicts=True, debug=self.owner.debug, pool=pool,
+                                  session=self.owner.journal.number)
         if self.done is not None:      # not failed already (no address could be tried)
             self.connection = connection
 
@@ -8456,6 +9733,11 @@ class BackendAuth:
             done(outcome)
 
     # -- what the BackendConnection says ---------------------------------------------
+    def backend_chosen(self, upstream: Upstream) -> None:
+        """A pool's server is tried: the log names it."""
+        self.upstream = upstream
+        self.owner.journal.upstream = upstream
+
     def backend_connected(self, stream: Stream) -> None:
         self.connected = True          # the session stays in AUTH: the login is the verdict
 
@@ -8480,6 +9762,9 @@ class BackendAuth:
     def _timed_out(self) -> None:
         self.timer = None
         self.log("error", "upstream timed out (110: Connection timed out)")
+        if self.connection is not None and self.connection.timed_out():
+            self.timer = self.loop.call_later(self.server.timeout, self._timed_out)
+            return                     # a pool's next server: the same time again for it
         self.backend_failed("upstream timed out")
 
 
@@ -8855,6 +10140,7 @@ class ClientOpening(StreamOwner):
             self.session.client.feed(rest)
 
     def stream_tls_ready(self, stream: Stream) -> None:
+        self.session.count("mailproxy_tls_handshakes_total", "ok")
         if self.session._certificate_ok():
             self._begin()
 
@@ -8878,6 +10164,7 @@ class ClientOpening(StreamOwner):
     @loop_callback
     def _resolved(self, name: str, problem: str) -> None:
         self.name_lookup, self.session.client_name = None, name
+        self.session.count("mailproxy_dns_lookups_total", "failed" if problem else "ok")
         if problem:
             self.session.log("error", problem)
         self._greeting_delay()
@@ -9102,6 +10389,7 @@ class LoginGuard:
             if count > 1:
                 self.owner.log("notice", "login penalty: %d recent failures from %s or of "
                                "this account, reply in %gs" % (count, address, delay))
+                self.owner.count("mailproxy_login_penalties_total")
             outcome = outcome._replace(wait=max(outcome.wait, delay))
         self.gate.leave(address, login)
         return outcome
@@ -9234,7 +10522,7 @@ class Session(StreamOwner):
                  "backend", "backend_connection", "relay", "client_name", "attempt",
                  "login_attempt", "authenticator", "timer", "closed", "outcome", "proxy_facts",
                  "certificate", "opening", "client", "machine", "client_clock", "journal",
-                 "counted", "debug")
+                 "counted", "debug", "lease", "auth_began", "relay_mark", "transcript")
 
     def __init__(self, worker, listener: Listener, sock: socket.socket, address):
         self.worker, self.loop, self.server = worker, worker.loop, listener.server
@@ -9246,6 +10534,10 @@ class Session(StreamOwner):
         self.debug = worker.logs.for_server(self.server).enabled("debug")
         self.client_address = peer_text(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
+        # transcript_log: this session's dialogue and debug lines, if wanted.
+        self.transcript = transcript_for_session(self.server, listener.listen, self.client_address)
+        if self.transcript is not None:
+            self.debug = True
         self.client_name = CLIENT_UNAVAILABLE   # SMTP: nginx's s->host (no resolver)
         self.proxy_facts = None      # the PROXY header's (addr, port, server addr, port)
         self.certificate = None      # type: Optional[CertificateFacts]
@@ -9255,6 +10547,9 @@ class Session(StreamOwner):
         self.opening = self.backend = self.backend_connection = self.relay = None
         self.closed, self.outcome = False, ""
         self.counted = False         # in SessionCounts (max_user_sessions): LoginGuard
+        self.lease = None            # its place on a pool's server (PoolLease), once logged in
+        self.auth_began = 0.0        # the loop's time of the last credentials (login duration)
+        self.relay_mark = None       # (received, sent) of the client when the relay began
         self.timer = Deadline(self.loop, self)   # what the session waits for, and how long
         self.client_clock = ClientClock(self.loop.time, self.server.timeout)
         peer = self.client_address if listener.listen.port == 0 else "%s:%d" % (
@@ -9262,6 +10557,8 @@ class Session(StreamOwner):
         self.log("info", "client %s connected to %s", peer, listener.listen.text, action=None)
         configure_accepted(sock, listener.listen)
         self.client = Stream(self.loop, sock, self)
+        self.count("mailproxy_connections_total")
+        worker.metrics.change("mailproxy_sessions_active", self.labels(), +1)
         try:
             self._enter(Phase.ACCEPTED)
             self.machine = CLIENT_MACHINES[self.server.protocol](
@@ -9277,6 +10574,8 @@ class Session(StreamOwner):
             # descriptor would make the next socket given its number fail.
             self.timer.cancel()
             self.client.close()
+            if not self.closed:
+                worker.metrics.change("mailproxy_sessions_active", self.labels(), -1)
             raise
 
     # -- phases -------------------------------------------------------------------
@@ -9317,7 +10616,8 @@ class Session(StreamOwner):
         """The TLS handshake: listen ... ssl (the opening), or STARTTLS."""
         self._enter(Phase.HANDSHAKE)
         self.client.start_tls(TlsLayer(self.server.tls_context, server_side=True,
-                                       alpn=self.server.protocol))
+                                       alpn=ALPN_NAMES.get(self.server.protocol,
+                                                           self.server.protocol)))
 
     def _certificate_ok(self) -> bool:
         """ssl_verify_client, once the handshake is done (certificate_verdict)."""
@@ -9336,6 +10636,7 @@ class Session(StreamOwner):
 
     def stream_tls_ready(self, stream: Stream) -> None:
         """STARTTLS is done: the dialogue goes on, over TLS."""
+        self.count("mailproxy_tls_handshakes_total", "ok")
         if self._certificate_ok():
             self._enter(Phase.DIALOGUE)
             self._handle_events(self.machine.tls_started())
@@ -9352,11 +10653,13 @@ class Session(StreamOwner):
                                                            self.server.trusted_networks)
         self.machine.greet()
         self._enter(Phase.DIALOGUE)
-        self.client.write(self.machine.data_to_send())
+        self._say(self.machine.data_to_send())
         if early_data:
             self.stream_data(self.client, early_data)
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
+        if self.transcript is not None:
+            self.transcript.from_client(data)
         commands = self.machine.commands
         events = self.machine.receive_data(data)
         if self.machine.commands != commands:
@@ -9364,7 +10667,7 @@ class Session(StreamOwner):
         self._handle_events(events)
 
     def _handle_events(self, events: list) -> None:
-        self.client.write(self.machine.data_to_send())
+        self._say(self.machine.data_to_send())
         if self.machine.debug_notes:                  # only with the debug log on
             self._log_commands()
         for event in events:
@@ -9426,6 +10729,8 @@ class Session(StreamOwner):
     def stream_error(self, stream: Stream, error: Exception) -> None:
         if isinstance(error, TlsError):
             self.log("info", str(error))
+            if self.phase == Phase.HANDSHAKE:
+                self.count("mailproxy_tls_handshakes_total", "failed")
             self.close("client TLS error")
         else:
             self.log("info", "client connection error (%s: %s)" % (error.errno, error.strerror))
@@ -9437,7 +10742,7 @@ class Session(StreamOwner):
             if self.debug and self.machine is not None:
                 self.log("debug", "%s reply: %s, then close", self.server.protocol,
                          self.machine.reply_code(reply))
-            self.client.write(reply)
+            self._say(reply)
         if self.backend_connection is not None:
             # A failed login: nothing more is read from the backend, so no
             # later byte of it can take the session on to the relay.
@@ -9460,16 +10765,22 @@ class Session(StreamOwner):
 
     def _upstream_timed_out(self) -> None:
         self.log("error", "upstream timed out (110: Connection timed out)")
+        if self.backend_connection is not None and self.backend_connection.timed_out():
+            # A pool's next server: the same time again for it.
+            return self.timer.set(self.server.timeout, self._upstream_timed_out)
         self.backend_failed("upstream timed out")
 
     # -- authentication ---------------------------------------------------------------
     def _authenticate(self, credentials: Credentials) -> None:
         self._enter(Phase.AUTH)
+        self.auth_began = self.loop.time()
         self.login_attempt += 1
         # smtp_auth none logs in as nobody: a login a failed AUTH left must
         # not stay in the log lines as if this one were it (nginx >= 1.29.1
         # forgets it at MAIL, CVE-2025-53859).
         self.journal.login = credentials.login if credentials.method != AuthMethod.NONE else None
+        if self.transcript is not None:
+            self.transcript.decide(self.client_address, self.journal.login)
         if self.authenticator is None:
             self.authenticator = authenticator_for(self.server, self.config, self.worker, self)
         tls = self.client.tls.facts() if self.client.tls is not None else None
@@ -9488,6 +10799,7 @@ class Session(StreamOwner):
         if outcome.kind == Verdict.ERROR:
             if outcome.logged:             # auth = backend: as a failed backend login
                 return self.backend_failed(outcome.reason, outcome.text)
+            self.count("mailproxy_logins_total", "backend_error")
             self.log("error", outcome.reason, action="in http auth state")
             return self._close_after_reply("auth http error", self.machine.INTERNAL_ERROR)
         if outcome.kind == Verdict.OK:
@@ -9503,6 +10815,7 @@ class Session(StreamOwner):
                 return self.backend_logged_in(outcome.reply)
             return self._login_to_backend(outcome)
         self.log("info", 'client login failed: "%s"' % outcome.reason)
+        self.count("mailproxy_logins_total", login_result(outcome))
         reply = self.machine.failure_reply(outcome.text, outcome.error_code)
         refuse = lambda: self._auth_failed(reply, outcome.sasl_error, outcome.close)
         if outcome.wait:
@@ -9520,13 +10833,21 @@ class Session(StreamOwner):
     def _login_to_backend(self, outcome: AuthOutcome) -> None:
         self.journal.upstream = outcome.upstream
         self._enter(Phase.CONNECT)
-        self.backend_connection = open_backend(self.loop, self.server, self.attempt, outcome,
-                                               local_address(self.client.sock), self,
-                                               self.log, debug=self.debug)
+        self.backend_connection = open_backend(
+            self.loop, backend_settings(self.config, self.server, outcome.upstream), self.attempt,
+            outcome, local_address(self.client.sock), self, self.log, debug=self.debug,
+            pool=self.worker.pools.pool_for(self.config, outcome.upstream),
+            session=self.journal.number)
+
+    def backend_chosen(self, upstream: Upstream) -> None:
+        """A pool's server is tried: the log names it."""
+        self.journal.upstream = upstream
 
     def backend_connected(self, stream: Stream) -> None:
+        """Connected (again, to a pool's next server after a failure)."""
         self.backend = stream
-        self._enter(Phase.LOGIN)
+        if self.phase == Phase.CONNECT:
+            self._enter(Phase.LOGIN)
 
     def backend_logged_in(self, reply: bytes) -> None:
         """The backend said yes: its reply, then the relay, which takes the
@@ -9536,13 +10857,19 @@ class Session(StreamOwner):
                                self.attempt.credentials.method.value,
                                self.backend.tls.facts() if self.backend.tls is not None else None)
         self.log("info", "client logged in", how=True)
+        self.count("mailproxy_logins_total", "ok")
+        self.worker.metrics.observe("mailproxy_login_duration_seconds", self.labels(),
+                                    self.loop.time() - self.auth_began)
         self._enter(Phase.RELAY)
         answer = self.machine.logged_in_reply(reply)
         if self.debug:
             self.log("debug", "%s command: %s, reply: %s (the backend's)", self.server.protocol,
                      self.machine.waiting_for or "login", self.machine.reply_code(answer))
-        self.client.write(answer)
+        self._say(answer)
+        self._end_transcript("relaying")
+        self.relay_mark = (self.client.received, self.client.sent)
         trailing = self.backend_connection.login.trailing_data
+        self.lease = self.backend_connection.take_lease()
         check = self.authenticator.recipient_check(self.attempt, self.journal.upstream, self.log)
         # What only the login needed goes: an idle relay holds little, and no password.
         self.backend_connection = self.attempt = self.authenticator = None
@@ -9554,13 +10881,48 @@ class Session(StreamOwner):
         """No login at the backend (BackendConnection logged why): the
         client hears the backend's refusal (proxy_pass_error_message), or
         the internal error, and the session ends."""
+        self.count("mailproxy_logins_total",
+                   "timeout" if outcome == "upstream timed out" else "backend_error")
         self._close_after_reply(outcome, refusal or self.machine.INTERNAL_ERROR)
 
-    # -- the log and the end ----------------------------------------------------------
+    # -- the metrics, the log and the end ---------------------------------------------
+    def labels(self) -> tuple:
+        return self.server.name, self.server.protocol
+
+    def count(self, name: str, *labels: str, amount=1) -> None:
+        """Count in the worker's Metrics, with this server's labels first."""
+        self.worker.metrics.count(name, self.labels() + labels, amount)
+
+    def _count_end(self, outcome: str) -> None:
+        """At the close: the session's end, and the bytes of its relay."""
+        metrics = self.worker.metrics
+        metrics.change("mailproxy_sessions_active", self.labels(), -1)
+        self.count("mailproxy_sessions_ended_total", end_reason(outcome))
+        if self.relay_mark is not None:
+            self.count("mailproxy_relay_bytes_total", "to_backend",
+                       amount=self.client.received - self.relay_mark[0])
+            self.count("mailproxy_relay_bytes_total", "to_client",
+                       amount=self.client.sent - self.relay_mark[1])
+
+    def _say(self, data: bytes) -> None:
+        """To the client, before the relay."""
+        if self.transcript is not None:
+            self.transcript.from_server(data)
+        self.client.write(data)
+
+    def _end_transcript(self, text: str) -> None:
+        """The transcript is over (relay, or close): to its file, if wanted."""
+        transcript, self.transcript = self.transcript, None
+        if transcript is not None:
+            write_transcript(self.server.transcript_log, self.journal.number,
+                             transcript.finish(self.client_address, text), self.worker.log)
+
     def log(self, level: str, message: str, *args, action: Optional[str] = "",
             how: bool = False) -> None:
         """A line with nginx's context (SessionLog), the phase's action by
         default; ``how``: and how the login was made (SessionLog.logged_in)."""
+        if self.transcript is not None:
+            self.transcript.note("[%s] %s" % (level, message % args if args else message))
         self.journal.log(level, message, args, self.client_address,
                          PHASES[self.phase].action if action == "" else action, how)
 
@@ -9584,9 +10946,13 @@ class Session(StreamOwner):
         self.closed = True
         try:
             self.timer.cancel()
+            if self.lease is not None:
+                self.lease.release()
             for part in (self.opening, self.authenticator, self.backend_connection, self.relay):
                 if part is not None:
                     part.cancel()
+            self._count_end(outcome)
+            self._end_transcript("session done: %s" % outcome)
             self.journal.session_done(outcome, self.client_address, self.client.received,
                                       self.client.sent)
         finally:
@@ -9601,6 +10967,1141 @@ class Session(StreamOwner):
 Session.EVENTS = {Credentials: Session._authenticate, StartTls: Session._start_tls,
                   Quit: Session._quit, Closed: Session._machine_closed,
                   ClientIdentity: Session._client_identity}
+
+
+# ========================================================================== #
+# ####                        Status and control                        #### #
+# ========================================================================== #
+# status_listen: a small HTTP/1.1 server for monitoring and control (README,
+# "Monitoring and control"): /metrics in Prometheus's text format 0.0.4,
+# /healthz and /readyz for load balancers and probes, /sessions and the
+# POST actions for operators.  It runs in the master (in the one process
+# with master_process off), on the master's loop: one answer covers every
+# worker.  The workers count into their copy of the Metrics book (a book of
+# SharedBooks, Processes) and publish what changed at most every
+# METRICS_FLUSH seconds, so the master's copy holds the sums; a scrape is at
+# most that much behind, and costs the workers nothing.  What only a worker
+# knows (its sessions) the master asks for with a StatusQueries event and
+# gets back in answers.  The request parser is sans-I/O and bounded; the
+# listener, the connections and the checks of /readyz do the I/O.  Nothing
+# here touches a session's secrets: a session row is its number, names,
+# addresses and byte counts.  Also here, beside the status: the session
+# transcripts (transcript_log), which the Session feeds.
+
+METRICS_FLUSH = 0.25           # s: a worker publishes its metrics' changes this often, at most
+METRIC_LABEL_MAX = 200         # characters of a label value kept (a server's name is free text)
+STATUS_REQUEST_MAX = 8192      # bytes of request line and headers (nginx's large_client_header_buffers)
+STATUS_HEADERS_MAX = 64        # header lines in one request
+STATUS_TIMEOUT = 10.0          # s for a client to send its whole request (a slow drip cannot hold it)
+STATUS_LINGER = 2.0            # s a status connection reads and drops after its response (nginx: 5s)
+STATUS_CONNECTIONS_MAX = 64    # status connections at once; more are closed at accept
+STATUS_QUERY_TIMEOUT = 2.0     # s the master waits for the workers' answers (/sessions, kick)
+STATUS_CHECK_TIMEOUT = 1.0     # s /readyz gives a connect() to the auth server
+STATUS_ROW_LOGIN_MAX = 256     # characters of a login in a /sessions row
+
+# Buckets of the duration histograms, in seconds: Prometheus's client defaults
+# without 5 ms (a login takes a round trip to the backend at least) and with
+# 30 s (a slow auth server or backend, within ``timeout``).
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUCKET_LABELS = tuple((bound, repr(bound)) for bound in DURATION_BUCKETS) + ((float("inf"), "+Inf"),)
+
+# Every series /metrics shows: name -> (type, help, label names).  The
+# names follow Prometheus's conventions (prefix, base units, _total for
+# counters); the label values are bounded sets, never a login or an address.
+METRIC_FAMILIES = {
+    "mailproxy_connections_total": (
+        "counter", "Client connections accepted.", ("server", "protocol")),
+    "mailproxy_sessions_active": (
+        "gauge", "Client sessions open now.", ("server", "protocol")),
+    "mailproxy_logins_total": (
+        "counter", "Login attempts by result: ok, failed, refused (login defence, session "
+        "limits), backend_error (auth server or backend failed), timeout.",
+        ("server", "protocol", "result")),
+    "mailproxy_login_duration_seconds": (
+        "histogram", "From the client's credentials to the backend's yes, of logins that "
+        "succeeded.", ("server", "protocol")),
+    "mailproxy_relay_bytes_total": (
+        "counter", "Bytes relayed after the login, counted on the client's connection.",
+        ("server", "protocol", "direction")),
+    "mailproxy_sessions_ended_total": (
+        "counter", "Sessions ended, by reason.", ("server", "protocol", "reason")),
+    "mailproxy_tls_handshakes_total": (
+        "counter", "TLS handshakes with clients (listen ... ssl and STARTTLS) by result.",
+        ("server", "protocol", "result")),
+    "mailproxy_login_penalties_total": (
+        "counter", "Failed logins whose reply waited more than auth_delay (the login "
+        "defence's doubling delays).", ("server", "protocol")),
+    "mailproxy_dns_lookups_total": (
+        "counter", "Lookups of an SMTP client's name (resolver) by result: ok, failed.",
+        ("server", "protocol", "result")),
+    "mailproxy_auth_http_requests_total": (
+        "counter", "Requests to the auth_http server by result: ok (an answer), error.",
+        ("server", "result")),
+    "mailproxy_auth_http_duration_seconds": (
+        "histogram", "Time the auth_http server took to answer.", ("server",)),
+    "mailproxy_login_penalty_entries": (
+        "gauge", "Entries of the failed-login table: addresses, accounts, account and "
+        "address pairs.", ("kind",)),
+    "mailproxy_upstream_up": (
+        "gauge", "Whether a server of an [upstream] pool takes sessions (1) or not (0).",
+        ("upstream", "server")),
+    "mailproxy_workers": (
+        "gauge", "Worker processes running (those of a reload's old generation too).", ()),
+    "process_open_fds": (
+        "gauge", "Open file descriptors, the master's and the workers'.", ()),
+    "process_resident_memory_bytes": (
+        "gauge", "Resident memory of the master and the workers.", ()),
+    "process_cpu_seconds_total": (
+        "counter", "User and system CPU time of the master and the running workers.", ()),
+    "process_start_time_seconds": (
+        "gauge", "When the master started, in seconds since the epoch.", ()),
+}
+
+# Session.close's outcome -> the reason label: the first prefix that matches.
+END_REASONS = (
+    ("client quit", "quit"),
+    ("client closed", "client_closed"),
+    ("upstream closed", "upstream_closed"),
+    ("client timed out", "timeout"),
+    ("upstream timed out", "timeout"),
+    ("proxy_timeout", "timeout"),
+    ("client TLS error", "tls_error"),
+    ("no client certificate", "tls_error"),
+    ("client connection error", "client_error"),
+    ("upstream connection error", "upstream_error"),
+    ("login failed", "login_failed"),
+    ("auth http error", "auth_error"),
+    ("kicked", "kicked"),
+    ("proxy exiting", "shutdown"),
+    ("worker_shutdown_timeout", "shutdown"),
+    ("internal error", "internal_error"),
+)
+
+
+def end_reason(outcome: str) -> str:
+    """The bounded label for a session's free-text outcome ("other" for
+    the rest: a backend's refusal, a session limit...)."""
+    for prefix, reason in END_REASONS:
+        if outcome.startswith(prefix):
+            return reason
+    return "other"
+
+
+def login_result(outcome: "AuthOutcome") -> str:
+    """mailproxy_logins_total's result for a FAIL verdict: refused when
+    mailproxy itself said no before any password check (the login defence,
+    max_user_sessions), else failed."""
+    if outcome.reason == "login defence" or outcome.reason.startswith("max_user"):
+        return "refused"
+    return "failed"
+
+
+class Metrics:
+    """The counters and gauges of every process (sans-I/O, a book of
+    SharedBooks).  A process changes only its ``pending`` changes (count,
+    change, observe); events() takes them as "metrics" events, which
+    publish() applies here and in the master, where /metrics reads the
+    sums.  Counters keep what dead workers counted (they only go up);
+    gauges are per process and go with it ("worker gone").  A series is
+    (family or sample name, label values); ``on_pending`` is called at the
+    first change after events() (the Worker's flush timer)."""
+    kinds = ("metrics", "worker gone")
+    kept_by_master = ("metrics",)      # the workers need not hear each other's
+
+    def __init__(self):
+        self.counters = {}             # (name, labels) -> number, all processes
+        self.gauges = {}               # pid -> {(name, labels): number}
+        self.pending = {}              # this process's counter changes not yet published
+        self.pending_gauges = {}       # ... and gauge changes
+        self.on_pending = None         # type: Optional[Callable[[], None]]
+        self.dirty = False             # changes pending since the last events()
+        self.publish = self.apply
+
+    def _changed(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            if self.on_pending is not None:
+                self.on_pending()
+
+    def count(self, name: str, labels: tuple, amount=1) -> None:
+        """Add ``amount`` to a counter (amount 0 still makes the series);
+        ``labels``: str values, in the family's order."""
+        key = (name, labels)
+        self.pending[key] = self.pending.get(key, 0) + amount
+        if not self.dirty:
+            self._changed()
+
+    def change(self, name: str, labels: tuple, amount: int) -> None:
+        """Move a gauge of this process by ``amount``."""
+        key = (name, labels)
+        self.pending_gauges[key] = self.pending_gauges.get(key, 0) + amount
+        if not self.dirty:
+            self._changed()
+
+    def observe(self, name: str, labels: tuple, value: float) -> None:
+        """One value of a histogram: its buckets (cumulative; every one, so
+        that the series exist from the first value), _sum, _count."""
+        pending, bucket = self.pending, name + "_bucket"
+        for bound, text in BUCKET_LABELS:
+            key = (bucket, labels + (text,))
+            pending[key] = pending.get(key, 0) + (value <= bound)
+        self._changed()
+        self.count(name + "_sum", labels, value)
+        self.count(name + "_count", labels)
+
+    def events(self, pid: int) -> List[tuple]:
+        """The pending changes as "metrics" events, each small enough to
+        publish (SHARED_EVENT_MAX); nothing is pending afterwards."""
+        def entry(key: tuple, amount) -> list:
+            return [key[0], [str(value)[:METRIC_LABEL_MAX] for value in key[1]], amount]
+        entries = [(0, entry(key, amount)) for key, amount in self.pending.items()]
+        entries += [(1, entry(key, amount)) for key, amount in self.pending_gauges.items()]
+        self.pending, self.pending_gauges, self.dirty = {}, {}, False
+        events, parts, size = [], ([], []), 40
+        for which, entry in entries:
+            length = len(json.dumps(entry)) + 1
+            if size + length > SHARED_EVENT_MAX - 64 and (parts[0] or parts[1]):
+                events.append(("metrics", pid, parts[0], parts[1]))
+                parts, size = ([], []), 40
+            parts[which].append(entry)
+            size += length
+        if parts[0] or parts[1]:
+            events.append(("metrics", pid, parts[0], parts[1]))
+        return events
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "worker gone":
+            self.gauges.pop(event[1], None)
+            return
+        pid, counters, gauges = event[1], event[2], event[3]
+        for name, labels, amount in counters:
+            key = (name, tuple(labels))
+            self.counters[key] = self.counters.get(key, 0) + amount
+        mine = self.gauges.setdefault(pid, {})
+        for name, labels, amount in gauges:
+            key = (name, tuple(labels))
+            mine[key] = mine.get(key, 0) + amount
+
+    def gauge_sums(self) -> Dict[tuple, float]:
+        """Each gauge summed over the processes."""
+        sums = {}
+        for series in self.gauges.values():
+            for key, value in series.items():
+                sums[key] = sums.get(key, 0) + value
+        return sums
+
+
+def number_text(value) -> str:
+    """A sample value or an ``le`` as the text format writes it."""
+    if isinstance(value, int):
+        return str(int(value))
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def label_text(names: tuple, values: tuple) -> str:
+    """``{name="value",...}`` with the format's escapes (backslash, double
+    quote, line feed), or "" without labels."""
+    if not names:
+        return ""
+    def escaped(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{%s}" % ",".join('%s="%s"' % (name, escaped(value)) for name, value in zip(names, values))
+
+
+def render_metrics(samples: Dict[tuple, float]) -> str:
+    """The text exposition format 0.0.4 of ``samples`` ((sample name,
+    label values) -> value): every family of METRIC_FAMILIES with its HELP
+    and TYPE lines, then its samples, a histogram's buckets in order before
+    its _sum and _count."""
+    by_family = collections.defaultdict(list)
+    for (name, labels), value in samples.items():
+        family = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and METRIC_FAMILIES.get(base, ("",))[0] == "histogram":
+                family = base
+        by_family[family].append((name, labels, value))
+    lines = []
+    for family, (kind, text, names) in METRIC_FAMILIES.items():
+        lines.append("# HELP %s %s" % (family, text.replace("\\", "\\\\").replace("\n", "\\n")))
+        lines.append("# TYPE %s %s" % (family, kind))
+        for name, labels, value in sorted(by_family.get(family, ()), key=_sample_order):
+            label_names = names + ("le",) if name.endswith("_bucket") else names
+            lines.append("%s%s %s" % (name, label_text(label_names, labels), number_text(value)))
+    return "\n".join(lines) + "\n"
+
+
+def _sample_order(sample: tuple) -> tuple:
+    """A histogram's samples per label set: buckets by bound, then _sum, _count."""
+    name, labels, value = sample
+    if name.endswith("_bucket"):
+        bound = labels[-1]
+        return labels[:-1], 0, float("inf") if bound == "+Inf" else float(bound)
+    return labels, 1 if name.endswith("_sum") else 2 if name.endswith("_count") else 0, 0.0
+
+
+# -- the process metrics, from /proc (Linux) -------------------------------------------
+
+def proc_usage(pid: int) -> Optional[Tuple[int, int, float]]:
+    """(open descriptors, resident bytes, CPU seconds) of process ``pid``;
+    None where /proc does not tell (another system, a process gone)."""
+    try:
+        fds = len(os.listdir("/proc/%d/fd" % pid))
+        with open("/proc/%d/statm" % pid, "rb") as handle:
+            resident = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return fds, resident, (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_samples(pids: List[int], started: float) -> Dict[tuple, float]:
+    """process_* summed over ``pids`` (the master first, then the workers)."""
+    samples = {("process_start_time_seconds", ()): started}
+    usages = [usage for usage in map(proc_usage, pids) if usage is not None]
+    if usages:
+        samples[("process_open_fds", ())] = sum(usage[0] for usage in usages)
+        samples[("process_resident_memory_bytes", ())] = sum(usage[1] for usage in usages)
+        samples[("process_cpu_seconds_total", ())] = sum(usage[2] for usage in usages)
+    return samples
+
+
+# -- the [upstream] pools, seen and steered from here ------------------------------------
+# What the workers learned of the pool servers (UpstreamHealth) and the
+# drains every worker obeys (UpstreamDrains), both shared books: the
+# master reads and writes them as well as a worker (Backend pools).
+
+def upstream_states(config: Config, books: "SharedBooks", now: float) -> List[Tuple[str, str, bool]]:
+    """(pool name, server ADDRESS:PORT, up) of every server of every pool:
+    up unless marked ``down`` or taken out now by some worker (UpstreamHealth)."""
+    health = books.of(UpstreamHealth)
+    return [(name, server.text, not server.down and health.up(name, server.text, now))
+            for name, spec in sorted((config.upstreams or {}).items()) for server in spec.servers]
+
+
+def upstream_drain(config: Config, books: "SharedBooks", upstream: str, server: str,
+                   drain: bool) -> Optional[str]:
+    """Drain (or undrain) ``server`` of pool ``upstream`` in every worker;
+    None if there is no such pool or server, else what was done."""
+    if not drain_server(config.upstreams, books.of(UpstreamDrains), upstream, server, drain):
+        return None
+    return "%s %s" % (upstream, server)
+
+
+# -- the HTTP request, sans-I/O ------------------------------------------------------------
+
+class HttpRequest(NamedTuple):
+    method: str
+    path: str
+    query: Dict[str, str]
+
+
+class HttpError(Exception):
+    """A request that cannot be served: ``status`` says why."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+
+
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+                405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+                413: "Content Too Large", 431: "Request Header Fields Too Large",
+                501: "Not Implemented", 503: "Service Unavailable",
+                505: "HTTP Version Not Supported"}
+HTTP_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110 §5.6.2
+HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) (/[!-~]*) HTTP/(\d)\.(\d)")   # RFC 9112 §3
+HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+class HttpRequestReader:
+    """One HTTP/1.x request without a body, as the status listener takes
+    them.  receive_data(data) -> the HttpRequest once its head is whole,
+    None while more is needed; raises HttpError (400, 413, 431, 501, 505)
+    for a request that is not one, too big, or has a body.  A line may end
+    with LF alone (RFC 9112 §2.2); obsolete line folding is refused
+    (§5.2)."""
+
+    def __init__(self, limit: int = STATUS_REQUEST_MAX):
+        self.limit = limit
+        self.data = bytearray()
+
+    def receive_data(self, data: bytes) -> Optional[HttpRequest]:
+        self.data += data
+        end = HTTP_HEAD_END.search(self.data)
+        if end is None:
+            if len(self.data) > self.limit:
+                raise HttpError(431, "request head longer than %d bytes" % self.limit)
+            if data == b"":
+                raise HttpError(400, "the request ended early")
+            return None
+        if end.end() > self.limit:
+            raise HttpError(431, "request head longer than %d bytes" % self.limit)
+        lines = bytes(self.data[:end.start()]).split(b"\n")
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        request = HTTP_REQUEST_LINE.fullmatch(lines[0])
+        if request is None:
+            raise HttpError(400, "not an HTTP request line")
+        if request.group(3) != b"1":
+            raise HttpError(505, "HTTP/1.x only")
+        self._check_headers(lines[1:])
+        path, _, query = request.group(2).decode("ascii").partition("?")
+        return HttpRequest(request.group(1).decode("ascii"), path, parse_query(query))
+
+    @staticmethod
+    def _check_headers(lines: List[bytes]) -> None:
+        """Well formed, not too many, and nothing that announces a body."""
+        if len(lines) > STATUS_HEADERS_MAX:
+            raise HttpError(431, "more than %d header lines" % STATUS_HEADERS_MAX)
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon or not HTTP_TOKEN.fullmatch(name) or re.search(rb"[\0\r]", value):
+                raise HttpError(400, "a malformed header line")
+            name, value = name.lower(), value.strip()
+            if name == b"transfer-encoding":
+                raise HttpError(501, "no request body is taken")
+            if name == b"content-length" and value != b"0":
+                raise HttpError(413 if value.isdigit() else 400, "no request body is taken")
+
+
+def parse_query(query: str) -> Dict[str, str]:
+    """``a=1&b=x%40y`` -> {"a": "1", "b": "x@y"}; raises HttpError(400)
+    for a name given twice or an escape that is no UTF-8."""
+    values = {}
+    for item in query.split("&") if query else ():
+        name, _, value = item.partition("=")
+        try:
+            name = urllib.parse.unquote_plus(name, errors="strict")
+            value = urllib.parse.unquote_plus(value, errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "a query escape that is not UTF-8")
+        if name in values:
+            raise HttpError(400, 'query parameter "%s" given twice' % name)
+        values[name] = value
+    return values
+
+
+def http_response(status: int, body: bytes, content_type: str = "application/json",
+                  extra: str = "") -> bytes:
+    """A whole response; the connection closes after it."""
+    return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n"
+            % (status, HTTP_REASONS[status], content_type, len(body), extra)).encode("ascii") + body
+
+
+def json_body(value) -> bytes:
+    return (json.dumps(value, sort_keys=True) + "\n").encode("ascii")
+
+
+# -- what the master asks the workers -------------------------------------------------------
+
+SESSION_ROW = ("id", "server", "protocol", "login", "client", "backend", "age_s",
+               "bytes_to_backend", "bytes_to_client")
+
+
+def session_row(session, now: float) -> list:
+    """A running session as /sessions lists it (SESSION_ROW's order): no
+    password, no token, no message byte."""
+    journal = session.journal
+    login = journal.login.decode("utf-8", "replace")[:STATUS_ROW_LOGIN_MAX] \
+        if journal.login else None
+    client = session.client_address if session.client_port == 0 else "%s:%d" % (
+        session.client_address, session.client_port)
+    backend = journal.upstream.text if journal.upstream is not None else None
+    return [journal.number, session.server.name, session.server.protocol, login, client,
+            backend, round(now - journal.started, 3), session.client.received,
+            session.client.sent]
+
+
+def sessions_matching(sessions, number: Optional[int], login: Optional[str]) -> list:
+    """The sessions ``?id=N`` or ``?login=L`` names."""
+    return [session for session in sessions
+            if (number is not None and session.journal.number == number) or
+            (login is not None and session.journal.login is not None and
+             login_key(session.journal.login) == login_key(login.encode("utf-8")))]
+
+
+def row_chunks(rows: list) -> List[list]:
+    """``rows`` in lists that each fit one shared event."""
+    chunks, chunk, size = [], [], 0
+    for row in rows:
+        length = len(json.dumps(row)) + 1
+        if chunk and size + length > SHARED_EVENT_MAX - 128:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(row)
+        size += length
+    return chunks + [chunk]
+
+
+class StatusQueries:
+    """The master's questions to the workers and their answers (a book of
+    SharedBooks).  The master publishes ("status ask", id, what, argument)
+    with ask(); each worker's ``answerer(what, argument)`` (set by the
+    Worker; None in the master) gives the rows, which come back as
+    ("status answer", id, pid, rows, last) events, kept by the master.
+    ``done(rows)`` is called when every worker asked has answered, or
+    STATUS_QUERY_TIMEOUT later (see expire) with what came."""
+    kinds = ("status ask", "status answer", "worker gone")
+    kept_by_master = ("status answer",)
+
+    def __init__(self):
+        self.next_id = 0
+        self.waiting = {}              # id -> [pids still to answer, rows, done]
+        self.answerer = None           # type: Optional[Callable[[str, object], list]]
+        self.publish = self.apply
+
+    def ask(self, what: str, argument, pids: List[int], done: Callable[[list], None]) -> int:
+        self.next_id += 1
+        self.waiting[self.next_id] = [set(pids), [], done]
+        self.publish(("status ask", self.next_id, what, argument))
+        self._finish_if_done(self.next_id)
+        return self.next_id
+
+    def expire(self, query: int) -> List[int]:
+        """The time is up for ``query``: done() with what came; returns
+        the workers that did not answer."""
+        entry = self.waiting.pop(query, None)
+        if entry is None:
+            return []
+        entry[2](entry[1])
+        return sorted(entry[0])
+
+    def apply(self, event: tuple) -> None:
+        if event[0] == "status ask" and self.answerer is not None:
+            pid = os.getpid()
+            chunks = row_chunks(self.answerer(event[2], event[3]))
+            for number, chunk in enumerate(chunks):
+                self.publish(("status answer", event[1], pid, chunk, number == len(chunks) - 1))
+        elif event[0] == "status answer" and event[1] in self.waiting:
+            entry = self.waiting[event[1]]
+            entry[1].extend(event[3])
+            if event[4]:
+                entry[0].discard(event[2])
+            self._finish_if_done(event[1])
+        elif event[0] == "worker gone":
+            for query in list(self.waiting):
+                self.waiting[query][0].discard(event[1])
+                self._finish_if_done(query)
+
+    def _finish_if_done(self, query: int) -> None:
+        entry = self.waiting.get(query)
+        if entry is not None and not entry[0]:
+            del self.waiting[query]
+            entry[2](entry[1])
+
+
+# -- session transcripts (transcript_log, transcript_for) ---------------------------
+# For support: the dialogue of one user's or one address's sessions up to
+# the login, and how the login went (the session's debug lines: commands,
+# reply codes, the backend login's steps), in a file of its own, so that
+# nobody turns debug on for everyone.  Secrets never reach it: a client line
+# is shown only when its command is one whose arguments hold none
+# (TRANSCRIPT_SHOWN); any other command shows its name only, and whatever
+# answers a server's request for more (a SASL response, a literal) and every
+# IMAP literal is replaced by its length.  Sans-I/O but for
+# write_transcript.
+
+TRANSCRIPT_MAX = 16384         # bytes of transcript kept per session (the rest: a note that it was cut)
+# Per protocol: the commands shown whole, and those shown with their first
+# argument only (the SASL mechanism, the POP3 user).  Anything else: its name.
+TRANSCRIPT_SHOWN = {
+    "imap": ({b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"ID"}, {b"AUTHENTICATE"}),
+    "pop3": ({b"CAPA", b"STLS", b"QUIT", b"NOOP", b"RSET"}, {b"AUTH", b"USER"}),
+    "smtp": ({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP", b"QUIT", b"STARTTLS",
+              b"XCLIENT", b"DATA"}, {b"AUTH"}),
+}
+TRANSCRIPT_LITERAL = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")     # RFC 3501 §4.3, RFC 7888
+
+
+def transcript_for_session(server: Settings, listen: Listen, address: str
+                           ) -> Optional["Transcript"]:
+    """A Transcript for a new session of ``server`` if it may be wanted:
+    its address is, or may be once a PROXY header has named the client, or
+    transcript_for names logins (then every session is recorded until its
+    login, within TRANSCRIPT_MAX)."""
+    if server.transcript_log is None or not server.transcript_for:
+        return None
+    if real_ip_trusted(address, server.transcript_for) or listen.proxy_protocol or \
+            any(isinstance(wanted, str) for wanted in server.transcript_for):
+        return Transcript(server.protocol, server.transcript_for)
+    return None
+
+
+class Transcript:
+    """One session's transcript, kept in memory until its end (or its
+    login) and written only if the session is one of ``wanted``
+    (transcript_for): its client address, or the login it gave.
+    from_client(bytes) and from_server(bytes) take the dialogue, note(text)
+    a line of the session's log; finish() gives the lines to write."""
+
+    def __init__(self, protocol: str, wanted: List):
+        self.protocol = protocol
+        self.wanted = wanted
+        self.lines = []                # str, in order
+        self.size = 0
+        self.matched = None            # type: Optional[bool]  (None: not decided yet)
+        self.pending = bytearray()     # a client line not ended yet
+        self.server_pending = bytearray()      # ... and a server line
+        self.command = []              # the parts of a command spread over IMAP literals
+        self.literal = 0               # bytes of an IMAP literal still to come
+        self.literal_bytes = 0         # bytes of the literals of the command under way
+        self.continuation = False      # the server's last line asked the client for more
+        self.answering = False         # the command under way answers such a request
+
+    def _add(self, line: str) -> None:
+        if self.size > TRANSCRIPT_MAX:
+            return
+        self.size += len(line)
+        self.lines.append(line if self.size <= TRANSCRIPT_MAX else "-- transcript cut here")
+
+    def note(self, text: str) -> None:
+        self._add("-- " + text)
+
+    def from_server(self, data: bytes) -> None:
+        self.server_pending += data
+        *lines, rest = bytes(self.server_pending).split(b"\n")
+        self.server_pending = bytearray(rest[:TRANSCRIPT_MAX])
+        for line in lines:
+            line = line.rstrip(b"\r")
+            self._add("S: " + log_escape(line))
+            self.continuation = line.startswith(b"334 ") if self.protocol == "smtp" else \
+                line.startswith(b"+")
+
+    def from_client(self, data: bytes) -> None:
+        data = memoryview(data)
+        while data:
+            if self.literal:
+                taken = min(self.literal, len(data))
+                self.literal -= taken
+                data = data[taken:]
+                self.literal_bytes += taken
+                continue
+            end = bytes(data[:TRANSCRIPT_MAX]).find(b"\n")
+            if end < 0:
+                self.pending += data
+                data = data[:0]
+                if len(self.pending) > TRANSCRIPT_MAX:       # no line end in sight: hidden
+                    self._add("C: <%d bytes without a line end>" % len(self.pending))
+                    self.pending = bytearray()
+                break
+            line, data = bytes(self.pending) + bytes(data[:end + 1]), data[end + 1:]
+            self.pending = bytearray()
+            literal = TRANSCRIPT_LITERAL.search(line) if self.protocol == "imap" else None
+            if not self.command:
+                self.answering = self.continuation
+                if literal is not None:        # shown now, in its place in the dialogue
+                    self._add("C: " + self._masked([line], spread=True))
+            self.command.append(line)
+            if literal is not None:
+                self.literal = int(literal.group(1))
+                if self.literal:
+                    continue
+            if len(self.command) == 1:
+                self._add("C: " + self._masked(self.command))
+            self.command, self.literal_bytes = [], 0
+
+    def _masked(self, parts: List[bytes], spread: bool = False) -> str:
+        """A whole client command as the transcript shows it; ``spread``:
+        the first line of one that goes on behind a literal."""
+        size = sum(len(part) for part in parts) + self.literal_bytes - \
+            (len(parts[-1]) - len(parts[-1].rstrip(b"\r\n")))
+        if self.answering:
+            return "<%d bytes hidden: an answer to the server's request for more>" % size \
+                if not spread else "<an answer to the server's request for more, hidden>"
+        words = parts[0].rstrip(b"\r\n").split(b" ")
+        if self.protocol == "imap":
+            head, words = [words[0]], words[1:]
+        else:
+            head = []
+        if not words or not words[0]:
+            return "<%d bytes hidden>" % size
+        name = words[0].upper()
+        whole, first = TRANSCRIPT_SHOWN[self.protocol]
+        if name in whole and not spread:
+            return log_escape(parts[0].rstrip(b"\r\n"))
+        shown = b" ".join(head + words[:2 if name in first else 1])
+        hidden = size - len(shown) - 1             # the arguments (literals included)
+        text = log_escape(shown[:200])
+        if spread:
+            return text + " <arguments and literals hidden>"
+        return text + (" <%d bytes hidden>" % hidden if hidden > 0 else "")
+
+    def decide(self, address: str, login: Optional[bytes]) -> bool:
+        """Is the session one of transcript_for?  Decided at the first
+        login (by the address then, or the login), or at the end."""
+        if self.matched is None or (not self.matched and login):
+            self.matched = real_ip_trusted(address, self.wanted) or (
+                login is not None and login.decode("utf-8", "replace").lower() in self.wanted)
+        return self.matched
+
+    def finish(self, address: str, text: str) -> List[str]:
+        """The lines to write (none if the session is not wanted)."""
+        self.note(text)
+        if not self.decide(address, None):
+            return []
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def write_transcript(path: str, number: int, lines: List[str], log: ErrorLog) -> None:
+    """Append a session's lines to ``path`` (made 0600: it names users).
+    A file that cannot be written is logged, once per call."""
+    if not lines:
+        return
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S")
+    text = "".join("%s *%d %s\n" % (stamp, number, line) for line in lines)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError as error:
+        log.log("error", 'transcript: open() "%s" failed (%d: %s)'
+                % (path, error.errno, error.strerror))
+
+
+# -- the listener and its connections ----------------------------------------------------------
+
+class StatusConnection(StreamOwner):
+    """One HTTP client of the status listener: its request (within
+    STATUS_TIMEOUT), then one response, then the close.  The close
+    lingers (RFC 9112 §9.6): once the response is sent, our side shuts
+    down and whatever the client still sends is read and dropped, until
+    its end or STATUS_LINGER, so that a client whose request was refused
+    half-read (431) gets the response instead of a reset."""
+
+    def __init__(self, server: "StatusServer", sock: socket.socket, peer: str):
+        self.server = server
+        self.peer = peer
+        self.reader = HttpRequestReader()
+        self.answered = False
+        self.lingering = False
+        self.stream = Stream(server.loop, sock, self)
+        self.stream.set_read_budget(1024)
+        self.timer = server.loop.call_later(STATUS_TIMEOUT, self._timed_out)
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        if self.answered:
+            return                     # lingering, or waiting for the workers: dropped
+        try:
+            request = self.reader.receive_data(data)
+        except HttpError as error:
+            return self.respond(error.status, json_body({"error": str(error)}))
+        if request is not None:
+            self.stream.set_read_budget(0)
+            self.answered = True       # an answer is on its way (now, or from the workers)
+            self.server.serve(self, request)
+
+    def stream_eof(self, stream: Stream) -> None:
+        if not self.answered:
+            self.stream_data(stream, b"")
+        elif self.lingering:
+            self.close()               # the client is done
+
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        self.close()
+
+    def stream_drained(self, stream: Stream) -> None:
+        self._linger()
+
+    def crashed(self, error: Exception) -> None:
+        self.server.log.log("alert", "status listener: internal error %r" % error)
+        self.close()
+
+    def _timed_out(self) -> None:
+        self.respond(408, json_body({"error": "request not received within %gs" % STATUS_TIMEOUT}))
+
+    def respond(self, status: int, body: bytes, content_type: str = "application/json",
+                extra: str = "") -> None:
+        """The response, then the close (once it is sent)."""
+        if self.stream.closed:
+            return
+        self.answered = True
+        self.timer.cancel()
+        self.stream.set_read_budget(0)
+        self.stream.write(http_response(status, body, content_type, extra))
+        if not self.stream.out:
+            self._linger()
+        else:                          # a client that does not read gets STATUS_TIMEOUT
+            self.timer = self.server.loop.call_later(STATUS_TIMEOUT, self.close)
+
+    def _linger(self) -> None:
+        """The response is sent: FIN, then read and drop until EOF."""
+        if self.stream.closed:
+            return
+        try:
+            self.stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self.close()
+        self.lingering = True
+        self.timer.cancel()
+        self.timer = self.server.loop.call_later(STATUS_LINGER, self.close)
+        self.stream.set_read_budget(1024)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.stream.close()
+        self.server.connections.discard(self)
+
+
+class StatusServer(LoopHandler):
+    """status_listen: accepts, checks the peer against status_allow, and
+    serves each request (STATUS_ROUTES).  ``process`` is the Master (or
+    the Worker with master_process off): it has ``books``, ``log``,
+    ``config`` and the methods status_ask, status_expire, status_pids,
+    status_workers, status_flush, status_healthy, status_reopen_logs."""
+
+    def __init__(self, process, sock: socket.socket, listen: Listen):
+        self.process = process
+        self.loop = process.loop
+        self.sock = sock
+        self.listen = listen
+        self.connections = set()
+        self.started = time.time()
+        self.asked = {}                # the workers' answers awaited: query -> deadline
+        self.interest = self.loop.set_interest(sock, selectors.EVENT_READ, self, 0)
+
+    @property
+    def log(self) -> ErrorLog:
+        return self.process.log
+
+    def crashed(self, error: Exception) -> None:
+        """A bug here (EventLoop.failed) must not end the master."""
+        self.log.log("alert", "status listener: internal error %r" % error)
+
+    def ask(self, what: str, argument, done: Callable[[list], None]) -> None:
+        """The workers' rows for ``what``: done(rows) when all have
+        answered, or STATUS_QUERY_TIMEOUT later with what came."""
+        query = self.process.status_ask(what, argument, done)
+        if query is not None:
+            self.asked[query] = self.loop.time() + STATUS_QUERY_TIMEOUT
+            self.loop.call_later(STATUS_QUERY_TIMEOUT, self._expire)
+
+    def _expire(self) -> None:
+        now = self.loop.time()
+        for query, deadline in list(self.asked.items()):
+            if deadline <= now:
+                del self.asked[query]
+                self.process.status_expire(query)
+
+    def on_readable(self) -> None:
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                sock, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                self.log.log("error", "status listener: accept() failed (%d: %s)"
+                             % (error.errno, error.strerror))
+                return
+            if len(self.connections) >= STATUS_CONNECTIONS_MAX:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:
+                connection = StatusConnection(self, sock, peer_text(address))
+            except OSError:
+                sock.close()
+                continue
+            self.connections.add(connection)
+            if not real_ip_trusted(connection.peer, self.process.config.main.status_allow):
+                # Refused before a byte of it is parsed (the master may run as root).
+                self.log.log("info", "status listener: %s forbidden by status_allow"
+                             % connection.peer)
+                connection.respond(403, json_body({"error": "forbidden"}))
+
+    def close(self) -> None:
+        """Stop listening and drop the connections (in a worker after
+        fork(): its copies only; the master's loop is closed there)."""
+        for connection in list(self.connections):
+            connection.timer.cancel()
+            connection.stream.sock.close()
+        self.connections = set()
+        self.sock.close()
+
+    def stop(self) -> None:
+        """Stop serving, in the master: the loop forgets the sockets."""
+        for connection in list(self.connections):
+            connection.close()
+        self.interest = self.loop.set_interest(self.sock, 0, self, self.interest)
+        release_socket((self.listen.host, self.listen.port), self.sock)
+
+    # -- the requests --------------------------------------------------------------------------
+    def serve(self, connection: StatusConnection, request: HttpRequest) -> None:
+        route = STATUS_ROUTES.get(request.path)
+        if route is None:
+            return connection.respond(404, json_body({"error": "no such path"}))
+        method, handler = route
+        if request.method != method:
+            return connection.respond(405, json_body({"error": "use %s" % method}),
+                                      extra="Allow: %s\r\n" % method)
+        try:
+            handler(self, connection, request)
+        except HttpError as error:
+            connection.respond(error.status, json_body({"error": str(error)}))
+
+    def notice(self, connection: StatusConnection, text: str) -> None:
+        """A control action's line: what, and who asked."""
+        self.log.log("notice", "status listener: %s, asked by %s" % (text, connection.peer))
+
+    def get_metrics(self, connection: StatusConnection, request: HttpRequest) -> None:
+        books = self.process.books
+        metrics = books.of(Metrics)
+        self.process.status_flush()
+        samples = dict(metrics.counters)
+        samples.update(metrics.gauge_sums())
+        defence = books.of(LoginDefence)
+        for kind, table in (("address", defence.addresses), ("account", defence.accounts),
+                            ("pair", defence.pairs)):
+            samples[("mailproxy_login_penalty_entries", (kind,))] = len(table)
+        for upstream, server, up in upstream_states(self.process.config, self.process.books,
+                                                     self.loop.time()):
+            samples[("mailproxy_upstream_up", (upstream, server))] = int(up)
+        samples[("mailproxy_workers", ())] = self.process.status_workers()
+        samples.update(process_samples(self.process.status_pids(), self.process_start()))
+        connection.respond(200, render_metrics(samples).encode("utf-8"),
+                           "text/plain; version=0.0.4; charset=utf-8")
+
+    def process_start(self) -> float:
+        """The master's start: from /proc where it tells, else when this
+        listener began."""
+        try:
+            with open("/proc/self/stat", "rb") as handle:
+                ticks = int(handle.read().rsplit(b")", 1)[1].split()[19])
+            with open("/proc/stat", "rb") as handle:
+                boot = int(re.search(rb"^btime (\d+)", handle.read(), re.M).group(1))
+            return boot + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return self.started
+
+    def get_healthz(self, connection: StatusConnection, request: HttpRequest) -> None:
+        healthy, text = self.process.status_healthy()
+        connection.respond(200 if healthy else 503, json_body({"status": text}))
+
+    def get_readyz(self, connection: StatusConnection, request: HttpRequest) -> None:
+        healthy, text = self.process.status_healthy()
+        problems = [] if healthy else [text]
+        config = self.process.config
+        states = upstream_states(config, self.process.books, self.loop.time())
+
+        def checked(failed: List[str]) -> None:
+            """A pool is ready while one of its servers is up (no worker
+            took it out) and answers a connect() now."""
+            silent = {pool_server_silent(upstream, server) for upstream, server, _ in states}
+            alive = {}
+            for upstream, server, up in states:
+                answers = up and pool_server_silent(upstream, server) not in failed
+                alive[upstream] = alive.get(upstream, False) or answers
+            found = [text for text in failed if text not in silent]
+            found += ["no server of upstream %s is up" % name for name, ok in sorted(alive.items())
+                      if not ok]
+            connection.respond(*readiness(problems + found))
+        ReachabilityCheck(self.loop, readiness_targets(config), checked)
+
+    def get_sessions(self, connection: StatusConnection, request: HttpRequest) -> None:
+        self.ask("sessions", None, lambda rows: connection.respond(
+            200, json_body([dict(zip(SESSION_ROW, row)) for row in sorted(rows)])))
+
+    def post_kick(self, connection: StatusConnection, request: HttpRequest) -> None:
+        number, login = self.one_of(request, "id", "login")
+        if number is not None:
+            if not re.fullmatch(r"[0-9]{1,18}", number):
+                raise HttpError(400, "id is a session number")
+            number = int(number)
+        what = "id=%d" % number if number is not None else "login=%s" % log_escape(
+            login.encode("utf-8"))
+
+        def kicked(rows: list) -> None:
+            self.notice(connection, "kick %s: %d sessions closed" % (what, len(rows)))
+            connection.respond(200, json_body({"kicked": sorted(row[0] for row in rows)}))
+        self.ask("kick", [number, login, connection.peer], kicked)
+
+    def post_penalty_clear(self, connection: StatusConnection, request: HttpRequest) -> None:
+        address, login = self.one_of(request, "address", "login")
+        if address is not None:
+            try:
+                address = penalty_address(str(ipaddress.ip_address(address)))
+            except ValueError:
+                raise HttpError(400, "address is an IP address")
+        key = login_key(login.encode("utf-8")) if login is not None else None
+        self.process.books.publish(LoginDefence.clear(address, key))
+        what = "address=%s" % address if address is not None else "login=%s" % log_escape(
+            login.encode("utf-8"))
+        self.notice(connection, "penalty clear %s" % what)
+        connection.respond(200, json_body({"cleared": address if address is not None else login}))
+
+    def post_logs_reopen(self, connection: StatusConnection, request: HttpRequest) -> None:
+        self.one_of(request)
+        self.notice(connection, "reopening logs")
+        self.process.status_reopen_logs()
+        connection.respond(200, json_body({"reopened": True}))
+
+    def post_drain(self, connection: StatusConnection, request: HttpRequest, drain: bool = True):
+        query = request.query
+        if set(query) != {"upstream", "server"}:
+            raise HttpError(400, "takes upstream=NAME&server=ADDRESS:PORT")
+        verb = "drain" if drain else "undrain"
+        done = upstream_drain(self.process.config, self.process.books, query["upstream"],
+                              query["server"], drain)
+        if done is None:
+            return connection.respond(404, json_body({"error": "no such upstream"}))
+        self.notice(connection, "%s upstream %s server %s" % (
+            verb, log_escape(query["upstream"].encode("utf-8")),
+            log_escape(query["server"].encode("utf-8"))))
+        connection.respond(200, json_body({verb: done}))
+
+    def post_undrain(self, connection: StatusConnection, request: HttpRequest) -> None:
+        self.post_drain(connection, request, drain=False)
+
+    @staticmethod
+    def one_of(request: HttpRequest, *names: str) -> list:
+        """The query must name exactly one of ``names`` (none if no names):
+        the values, None for the others; else HttpError(400)."""
+        given = [name for name in request.query if name in names]
+        if len(request.query) != len(given) or len(given) != (1 if names else 0):
+            raise HttpError(400, "takes one of %s" % ", ".join(names) if names else
+                            "takes no parameters")
+        return [request.query.get(name) for name in names]
+
+
+# Each path: the method it takes and its handler.
+STATUS_ROUTES = {
+    "/metrics": ("GET", StatusServer.get_metrics),
+    "/healthz": ("GET", StatusServer.get_healthz),
+    "/readyz": ("GET", StatusServer.get_readyz),
+    "/sessions": ("GET", StatusServer.get_sessions),
+    "/sessions/kick": ("POST", StatusServer.post_kick),
+    "/penalty/clear": ("POST", StatusServer.post_penalty_clear),
+    "/logs/reopen": ("POST", StatusServer.post_logs_reopen),
+    "/upstream/drain": ("POST", StatusServer.post_drain),
+    "/upstream/undrain": ("POST", StatusServer.post_undrain),
+}
+
+
+def readiness_targets(config: Config) -> List[Tuple[str, int, tuple]]:
+    """What /readyz connects to: (the problem if it does not answer,
+    family, sockaddr) of each auth_http server, and of each proxy_pass
+    backend (a pool of one; its first address, the one tried first)."""
+    targets = {}
+    for server in config.servers:
+        if server.auth_http is not None and server.auth != "backend":
+            url = server.auth_http
+            targets[url.text] = ("auth_http %s does not answer" % url.text,) + tuple(url.address)
+        if isinstance(server.proxy_pass, Upstream) and server.proxy_pass.addresses:
+            upstream = server.proxy_pass
+            targets[upstream.text] = ("proxy_pass %s does not answer" % upstream.text,) + \
+                tuple(upstream.addresses[0])
+    for name, spec in sorted((config.upstreams or {}).items()):
+        for each in spec.servers:
+            if not each.down and each.address.addresses:
+                targets[pool_server_silent(name, each.text)] = (
+                    (pool_server_silent(name, each.text),) + tuple(each.address.addresses[0]))
+    return list(targets.values())
+
+
+def pool_server_silent(upstream: str, server: str) -> str:
+    """/readyz's words for a pool server that does not answer: alone not a
+    problem, as long as another server of its pool answers."""
+    return "upstream %s server %s does not answer" % (upstream, server)
+
+
+def readiness(problems: List[str]) -> Tuple[int, bytes]:
+    """/readyz's status and body."""
+    if problems:
+        return 503, json_body({"status": "not ready", "problems": problems})
+    return 200, json_body({"status": "ready"})
+
+
+class ReachabilityCheck(StreamOwner):
+    """connect() to each of ``targets`` ((text, family, sockaddr)) at once;
+    ``done(the texts of those that did not connect within
+    STATUS_CHECK_TIMEOUT)``, from the loop."""
+
+    def __init__(self, loop: EventLoop, targets: list, done: Callable[[List[str]], None]):
+        self.loop = loop
+        self.done = done
+        self.waiting = {}              # Stream -> its text
+        self.failed = []
+        for text, family, sockaddr in targets:
+            try:
+                self.waiting[connect_stream(loop, family, sockaddr, self)] = text
+            except OSError:
+                self.failed.append(text)
+        self.timer = loop.call_later(0 if not self.waiting else STATUS_CHECK_TIMEOUT, self._finish)
+
+    def stream_connected(self, stream: Stream) -> None:
+        self._settle(stream, True)
+
+    def crashed(self, error: Exception) -> None:
+        """A bug (EventLoop.failed): every check left counts as failed."""
+        self.timer.cancel()
+        self._finish()
+
+    def stream_error(self, stream: Stream, error: Exception) -> None:
+        self._settle(stream, False)
+
+    def _settle(self, stream: Stream, ok: bool) -> None:
+        text = self.waiting.pop(stream, None)
+        stream.close()
+        if text is not None and not ok:
+            self.failed.append(text)
+        if not self.waiting:
+            self.timer.cancel()
+            self._finish()
+
+    def _finish(self) -> None:
+        for stream, text in list(self.waiting.items()):
+            stream.close()
+            self.failed.append(text)
+        self.waiting = {}
+        done, self.done = self.done, None
+        if done is not None:
+            done(sorted(self.failed))
+
+
+def open_status_listener(main: Settings, bound: Optional[Tuple[Listen, socket.socket]],
+                         warn: Callable[[str], None] = lambda message: None
+                         ) -> Optional[Tuple[Listen, socket.socket]]:
+    """The socket of ``status_listen`` (None without it): ``bound``'s if it
+    is for the same address, else a new one.  Raises OSError, as
+    bind_listen.  A unix socket's file is made 0600: only the master's
+    user may connect."""
+    listen = main.status_listen
+    if listen is None:
+        return None
+    if bound is not None and (bound[0].host, bound[0].port) == (listen.host, listen.port):
+        return bound
+    try:
+        sock = bind_listen(listen._replace(backlog=STATUS_CONNECTIONS_MAX))
+    except OSError as error:
+        if listen.port == 0 and error.errno == errno.EADDRINUSE:
+            raise OSError(error.errno, error.strerror + unix_socket_hint(listen.host[5:]))
+        raise
+    if listen.port == 0:
+        os.chmod(listen.host[5:], 0o600)
+    return listen, sock
+
+
+def replace_status_server(process, main: Settings) -> None:
+    """Start, keep, move or stop ``process.status`` (a StatusServer) as
+    ``main.status_listen`` says: at the start and at a reload.  Raises
+    OSError (and changes nothing) if the new address cannot be bound."""
+    current = process.status
+    bound = (current.listen, current.sock) if current is not None else None
+    opened = open_status_listener(main, bound)
+    if opened is bound:
+        return
+    if current is not None:
+        current.stop()
+    process.status = StatusServer(process, opened[1], opened[0]) if opened is not None else None
 
 
 # ========================================================================== #
@@ -9636,6 +12137,7 @@ def load_and_prepare(path: str) -> Config:
             problem = tls_problem(config, server, error)
             if str(problem) not in map(str, errors):     # once, not once per server
                 errors.append(problem)
+    errors.extend(prepare_pool_settings(config))
     if errors:
         raise ConfigErrors(errors)
     unreachable = [warning for warning in map(lambda server: tls_unreachable(config, server),
@@ -9645,6 +12147,28 @@ def load_and_prepare(path: str) -> Config:
             warning for number, warning in enumerate(unreachable)
             if str(warning) not in map(str, unreachable[:number])))
     return config
+
+
+def prepare_pool_settings(config: Config) -> List[ConfigError]:
+    """The backend TLS context of each server's settings for a pool: the
+    server's own, or a new one if the pool sets proxy_ssl* (or turns TLS
+    to the backend on where the server has none)."""
+    errors = []
+    for (name, pool), merged in (config.pool_settings or {}).items():
+        server = next(server for server in config.servers if server.name == name)
+        merged.backend_tls_context = server.backend_tls_context
+        own = any(key.startswith("proxy_ssl") for key, _ in config.upstreams[pool].overrides)
+        if (merged.proxy_ssl or merged.proxy_starttls or merged.auth_http is not None) and \
+                (own or merged.backend_tls_context is None):
+            try:
+                merged.backend_tls_context = backend_context(merged)
+            except ConfigValueError as error:
+                section = "upstream " + pool
+                problem = ConfigError(config.path, section, error.directive, str(error),
+                                      (config.lines or {}).get((section, error.directive or "")))
+                if str(problem) not in map(str, errors):
+                    errors.append(problem)
+    return errors
 
 
 # What OpenSSL says, on the server's side, when nothing in ssl_protocols and
@@ -9949,7 +12473,9 @@ class SharedBooks:
           events must make the same state, in whatever order different
           processes' events come (each process's own come in order);
       ``publish``: set by add(); the book calls ``self.publish(event)`` to
-          change its state in every process (here before it returns).
+          change its state in every process (here before it returns);
+      ``kept_by_master`` (optional): kinds the master applies but does not
+          pass on to the other workers (what only the master reads).
     ``outlet(data)`` sends an encoded event to the other processes (a
     BookBroker's); None without them (master_process off).
     """
@@ -9957,6 +12483,7 @@ class SharedBooks:
     def __init__(self):
         self.books = []
         self.by_kind = {}              # kind -> the books that apply it
+        self.kept = set()              # kinds the broker does not pass on (kept_by_master)
         self.outlet = None             # type: Optional[Callable[[bytes], None]]
 
     def add(self, book):
@@ -9964,6 +12491,7 @@ class SharedBooks:
         self.books.append(book)
         for kind in book.kinds:
             self.by_kind.setdefault(kind, []).append(book)
+        self.kept.update(getattr(book, "kept_by_master", ()))
         book.publish = self.publish
         return book
 
@@ -9996,6 +12524,10 @@ def make_shared_books() -> SharedBooks:
     books = SharedBooks()
     books.add(LoginDefence(os.urandom(32)))       # one key for every worker's digests
     books.add(SessionCounts())
+    books.add(UpstreamDrains())                   # the control interface's drain and undrain
+    books.add(UpstreamHealth())                   # the pool servers a worker has taken out
+    books.add(Metrics())
+    books.add(StatusQueries())
     return books
 
 
@@ -10115,9 +12647,11 @@ class BookBroker:
 
     def received(self, channel: BookChannel, data: bytes, event: tuple) -> None:
         """Another process published ``event``: apply it here, and pass it
-        on to the processes it did not come from (the master's work)."""
+        on to the processes it did not come from (the master's work),
+        unless only the master reads it (SharedBooks.kept)."""
         self.books.apply(event)
-        self.send_to_all(data, channel)
+        if event[0] not in self.books.kept:
+            self.send_to_all(data, channel)
 
     # -- the master's part in fork() and reaping --------------------------------------
     def prepare(self) -> None:
@@ -10234,6 +12768,11 @@ class Worker(LoopHandler):
         defence.share = max(1, AUTH_PENALTY_SLOTS // workers)
         self.gate = LoginGate(self.loop, defence)
         self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
+        self.pools = Pools(config.upstreams, self.books.of(UpstreamDrains),   # [upstream NAME]
+                           self.books.of(UpstreamHealth))
+        self.health = HealthChecks(self.loop, self.pools, lambda level, message:
+                                   self.log.log(level, message), lambda: not self.stopping)
+        self.health.start()            # its first round when the loop runs
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -10242,6 +12781,13 @@ class Worker(LoopHandler):
         self.stopping = False
         self.report_fd = None          # a pipe to the master, in a worker process
         self.unix_paths = set()        # the unix sockets' files it made (no master): removed at exit
+        self.metrics = self.books.of(Metrics)
+        self.metrics.on_pending = self._metrics_changed
+        self.metrics_timer = None      # type: Optional[Timer]  (the next flush_metrics)
+        queries = self.books.of(StatusQueries)
+        queries.answerer = self.status_answer
+        queries.waiting = {}           # the master's questions (fork() copied them) are not ours
+        self.status = None             # type: Optional[StatusServer]  (master_process off)
 
     def resolver_for(self, server: Settings) -> Resolver:
         """One Resolver (and cache) per distinct resolver setting."""
@@ -10314,6 +12860,61 @@ class Worker(LoopHandler):
                 listener.pause()
             elif not full and not listener.interest and not listener.paused and not self.stopping:
                 listener.resume()
+
+    # -- metrics and the status listener's questions ---------------------------------
+    def _metrics_changed(self) -> None:
+        if self.metrics_timer is None:
+            self.metrics_timer = self.loop.call_later(METRICS_FLUSH, self.flush_metrics)
+
+    def flush_metrics(self) -> None:
+        """Publish what the sessions counted since the last flush."""
+        if self.metrics_timer is not None:
+            self.metrics_timer.cancel()
+            self.metrics_timer = None
+        for event in self.metrics.events(os.getpid()):
+            self.books.publish(event)
+
+    def status_answer(self, what: str, argument) -> list:
+        """The master's question (StatusQueries): the rows of the running
+        sessions, or of those ``kick`` [number, login, peer] closed."""
+        now = time.time()
+        sessions = [session for session in self.sessions if not session.closed]
+        if what == "sessions":
+            return [session_row(session, now) for session in sessions]
+        if what == "kick":
+            number, login, peer = argument
+            rows = []
+            for session in sessions_matching(sessions, number, login):
+                rows.append(session_row(session, now))
+                session.log("notice", "session kicked by the status listener, asked by %s" % peer)
+                session.close("kicked by the status listener")
+            return rows
+        return []
+
+    # What the StatusServer asks its process, with master_process off.
+    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> Optional[int]:
+        done(self.status_answer(what, argument))
+        return None
+
+    def status_expire(self, query: int) -> None:
+        """Never asked: status_ask answers at once."""
+
+    def status_pids(self) -> List[int]:
+        return [os.getpid()]
+
+    def status_workers(self) -> int:
+        return 1
+
+    def status_flush(self) -> None:
+        self.flush_metrics()
+
+    def status_healthy(self) -> Tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        return True, "ok"
+
+    def status_reopen_logs(self) -> None:
+        self.reopen_logs()
 
     def session_closed(self, session: Session) -> None:
         if session.counted:                # max_user_sessions: one less, in every worker
@@ -10397,7 +12998,13 @@ class Worker(LoopHandler):
             self.log.log("emerg", str(error.strerror))
             self.log.log("alert", "reload failed, the old configuration is kept")
             return
+        try:
+            replace_status_server(self, config.main)
+        except OSError as error:
+            self.log.log("alert", "status listener: %s, the old one is kept" % error.strerror)
         self.config = config
+        self.pools.reconfigure(config.upstreams)
+        self.health.start()
         self._use_logs(logs)
         raise_open_file_limit(config.main, self.log)
         warn_about(config, self.log)
@@ -10436,6 +13043,9 @@ class Worker(LoopHandler):
 
     def run(self) -> None:
         self.loop.run()
+        self.flush_metrics()           # the last counts, to the master
+        if self.status is not None:
+            self.status.stop()
         for listener in self.listeners.values():
             listener.close()
         self.password_checks.close()
@@ -10531,6 +13141,7 @@ class Master(LoopHandler):
         os.set_blocking(self.reports[0], False)
         self.reload_pending = set()    # old workers still accepting after a reload
         self.retiring = set()          # workers told to stop, or replaced already: not again
+        self.status = None             # type: Optional[StatusServer]  (status_listen)
         self.broker = BookBroker(make_shared_books(), self)    # fork() copies them to each worker
         try:
             self.numbers = SessionNumbers.shared()               # *N, one counter for all
@@ -10542,6 +13153,7 @@ class Master(LoopHandler):
         """Bind (raises OSError), then fork the first workers."""
         self.sockets = bind_all(self.config, {}, lambda message: self.log.log("warn", message))
         self.listens = listen_table(self.config, self.sockets)
+        replace_status_server(self, self.config.main)
         set_process_title(MASTER_TITLE)
         for signum, handler in ((signal.SIGHUP, self.reload), (signal.SIGQUIT, self.stop_gracefully),
                                 (signal.SIGTERM, self.stop_now), (signal.SIGINT, self.stop_now),
@@ -10617,6 +13229,8 @@ class Master(LoopHandler):
             self.loop.close()
             os.close(self.lifeline[1])
             os.close(self.reports[0])
+            if self.status is not None:
+                self.status.close()            # the master's: a worker serves mail only
             drop_privileges(self.config.main, self.log)
             set_process_title(WORKER_TITLE)
             worker = Worker(self.config, self.logs, self.broker.books, self.numbers)
@@ -10690,6 +13304,10 @@ class Master(LoopHandler):
                     self.log.log("warn", "deleting socket %s" % key[0][5:])   # nginx's words
                 release_socket(key, sock)
         self._update_kept_sockets(config, sockets)
+        try:
+            replace_status_server(self, config.main)
+        except OSError as error:
+            self.log.log("alert", "status listener: %s, the old one is kept" % error.strerror)
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.config, self.sockets = config, sockets
         self.logs.close()
@@ -10740,6 +13358,9 @@ class Master(LoopHandler):
 
     def _stop(self, signum: int) -> None:
         self.stopping = True
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
         for key, sock in self.sockets.items():
             release_socket(key, sock)  # a unix socket's file goes (workers finishing keep theirs)
         self.sockets = {}
@@ -10764,6 +13385,45 @@ class Master(LoopHandler):
         give_logs_to_user(logs, self.config.main, self.log)     # before the workers open them
         for pid in list(self.workers):
             self._signal(pid, signal.SIGUSR1)
+
+    # -- what the status listener asks (StatusServer) ----------------------------------
+    @property
+    def books(self) -> SharedBooks:
+        return self.broker.books
+
+    def status_ask(self, what: str, argument, done: Callable[[list], None]) -> Optional[int]:
+        """Ask every worker (StatusQueries); done(rows) once all have
+        answered.  The query's number while answers are awaited, else None."""
+        queries = self.books.of(StatusQueries)
+        query = queries.ask(what, argument, list(self.workers), done)
+        return query if query in queries.waiting else None
+
+    def status_expire(self, query: int) -> None:
+        """The time is up for ``query``: done(rows) with what came."""
+        silent = self.books.of(StatusQueries).expire(query)
+        if silent:
+            self.log.log("warn", "status listener: worker processes %s did not answer within %gs"
+                         % (", ".join(map(str, silent)), STATUS_QUERY_TIMEOUT))
+
+    def status_pids(self) -> List[int]:
+        return [os.getpid()] + sorted(self.workers)
+
+    def status_workers(self) -> int:
+        return len(self.workers)
+
+    def status_flush(self) -> None:
+        """The workers publish by themselves (METRICS_FLUSH)."""
+
+    def status_healthy(self) -> Tuple[bool, str]:
+        """Running, every listener bound, and workers to serve them."""
+        if self.stopping:
+            return False, "shutting down"
+        if not self.workers:
+            return False, "no worker process"
+        return True, "ok"
+
+    def status_reopen_logs(self) -> None:
+        self.reopen_logs()
 
     def run(self) -> None:
         self.loop.run()
@@ -11433,7 +14093,10 @@ def command_run(path: str) -> int:
         start = process.start
     else:
         process = Worker(config, logs)
-        start = lambda: process.open_listeners(config)
+
+        def start() -> None:
+            process.open_listeners(config)
+            replace_status_server(process, config.main)
     try:
         start()
     except OSError as error:
@@ -11456,6 +14119,8 @@ def command_run(path: str) -> int:
     listening = ", ".join(sorted(listen.text for listen in listen_table(config, bound).values()))
     log.log("notice", "mailproxy/%s started, listening on %s; configuration file %s"
             % (__version__, listening, os.path.abspath(path)))
+    if process.status is not None:
+        log.log("notice", "status listener on %s" % process.status.listen.text)
     try:
         process.run()
     finally:

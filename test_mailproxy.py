@@ -24,19 +24,23 @@ read as transcripts: send("a02 LOGIN alice bad"), expect(rb"^a02 NO").
 """
 
 import base64
+import collections
 import errno
 import functools
 import hashlib
 import hmac
 import imaplib
 import io
+import ipaddress
 import itertools
+import json
 import os
 import platform
 import poplib
 import random
 import re
 import selectors
+import shutil
 import signal
 import smtplib
 import socket
@@ -53,7 +57,7 @@ import traceback
 import tracemalloc
 import unittest
 import unittest.mock
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import mailproxy as mp
 
@@ -323,6 +327,16 @@ SMTP_BACKEND_MAIL_OK = b"250 2.1.0 Ok (backend)\r\n"
 SMTP_BACKEND_RCPT_OK = b"250 2.1.5 Ok (backend)\r\n"
 SMTP_BACKEND_DATA_GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 SMTP_BACKEND_BYE = b"221 2.0.0 Bye (backend)\r\n"
+
+# What the proxy says as a ManageSieve server with proxy_config's settings
+# (its greeting: the capabilities, then OK), and what the fake one says.
+SIEVE_PROXY_CAPABILITIES = (b'"IMPLEMENTATION" "mailproxy"\r\n'
+                            b'"SIEVE" "fileinto reject envelope vacation"\r\n'
+                            b'"SASL" "PLAIN"\r\n"VERSION" "1.0"\r\n')
+SIEVE_BACKEND_GREETING_OK = b'OK "fake ManageSieve ready."\r\n'
+SIEVE_BACKEND_LOGGED_IN = b'OK "Logged in (fake)."\r\n'
+# How mailproxy logs alice in to a ManageSieve backend.
+SIEVE_LOGIN_ON_THE_WIRE = b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n'
 
 
 def smtp_backend_rcpt_refused(address: bytes) -> bytes:
@@ -1388,7 +1402,94 @@ class FakeSmtpBackend(FakeBackend):
         return b"".join(line for encrypted, line in self.commands if encrypted == secure)
 
 
-FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend}
+class FakeSieveBackend(FakeBackend):
+    """A ManageSieve server (RFC 5804) as Dovecot's Pigeonhole: capability
+    lines and OK; ``AUTHENTICATE "PLAIN" "base64"`` (as mailproxy sends it;
+    a token mechanism goes to ``authenticates`` and is answered OK);
+    CAPABILITY, NOOP, LOGOUT; after login ``PUTSCRIPT "name" {n+}`` (kept in
+    ``scripts``, answered with the sha256 of the n bytes), ``LISTSCRIPTS``
+    and ``GETSCRIPT "name"``.  With tls="starttls" it offers STARTTLS and
+    takes nothing else in clear; after the handshake the capabilities come
+    again (§2.2)."""
+
+    def __init__(self, mode: str = "normal", **options):
+        self.authenticates = []
+        self.scripts = {}
+        super().__init__(mode, **options)
+
+    def capabilities(self, starttls: bool = False) -> bytes:
+        return (b'"IMPLEMENTATION" "FakeSieve"\r\n"SIEVE" "fileinto vacation"\r\n'
+                b'"SASL" "PLAIN"\r\n' + (b'"STARTTLS"\r\n' if starttls else b"") +
+                b'"VERSION" "1.0"\r\n')
+
+    def serve(self, wire: BackendWire) -> None:
+        if not self.greet(wire, self.capabilities() + SIEVE_BACKEND_GREETING_OK,
+                          b'BYE "not today"\r\n'):
+            return
+        logged_in = False
+        while True:
+            line = wire.line()
+            if not line:
+                return
+            command, _, argument = line.rstrip(b"\r\n").partition(b" ")
+            command = command.upper()
+            if command == b"AUTHENTICATE" and not logged_in:
+                logged_in = self.authenticate(wire, line, argument)
+            elif command == b"CAPABILITY":
+                wire.send(self.capabilities() + b'OK "Capability completed (fake)."\r\n')
+            elif command == b"NOOP":
+                wire.send(b'OK "NOOP completed (fake)."\r\n')
+            elif command == b"LOGOUT":
+                wire.send(b'OK "Logout completed (fake)."\r\n')
+                return
+            elif command == b"PUTSCRIPT" and logged_in:
+                match = re.fullmatch(rb'"([^"]+)" \{(\d+)\+\}', argument)
+                if match is None:
+                    wire.send(b'NO "this fake wants a name and a literal"\r\n')
+                    continue
+                data = wire.exactly(int(match.group(2)))
+                if wire.line() != b"\r\n":
+                    return
+                self.scripts[match.group(1)] = data
+                wire.send(b'OK "PUTSCRIPT completed, sha256 %s."\r\n' % sha256_hex(data).encode())
+            elif command == b"LISTSCRIPTS" and logged_in:
+                wire.send(b"".join(b'"%s"\r\n' % name for name in sorted(self.scripts)) +
+                          b'OK "Listscripts completed."\r\n')
+            elif command == b"GETSCRIPT" and logged_in and argument[1:-1] in self.scripts:
+                data = self.scripts[argument[1:-1]]
+                wire.send(b"{%d}\r\n" % len(data) + data + b'\r\nOK "Getscript completed."\r\n')
+            else:
+                wire.send(b'NO "unknown command (fake)"\r\n')
+
+    def authenticate(self, wire: BackendWire, line: bytes, argument: bytes) -> bool:
+        match = re.fullmatch(rb'"([A-Z0-9-]+)" "([A-Za-z0-9+/=]*)"', argument)
+        if match is None:
+            wire.send(b'NO "this fake wants a mechanism and an initial response"\r\n')
+            return False
+        if match.group(1) != b"PLAIN":
+            self.authenticates.append(line)
+            wire.send(SIEVE_BACKEND_LOGGED_IN)
+            return True
+        _, login, password = base64.b64decode(match.group(2)).split(b"\0")
+        if not self.accepts(login, password):
+            wire.send(b'NO "Authentication failed (fake)."\r\n')
+            return False
+        wire.send(SIEVE_BACKEND_LOGGED_IN)
+        return True
+
+    def starttls(self, wire: BackendWire) -> bool:
+        wire.send(self.capabilities(starttls=True) + SIEVE_BACKEND_GREETING_OK)
+        if wire.line().rstrip(b"\r\n").upper() != b"STARTTLS":
+            wire.send(b'NO (ENCRYPT-NEEDED) "STARTTLS first (fake)"\r\n')
+            return False
+        wire.send(b'OK "Begin TLS negotiation now (fake)."\r\n' + self.inject)
+        self.start_tls(wire)
+        wire.send(self.capabilities() + b'OK "TLS negotiation successful (fake)."\r\n')
+        return True
+
+
+FAKE_BACKENDS = {"imap": FakeImapBackend, "pop3": FakePop3Backend, "smtp": FakeSmtpBackend,
+                 "sieve": FakeSieveBackend}
 
 
 class ScriptedBackend(FakeBackend):
@@ -3471,6 +3572,66 @@ class ConfigLoadTests(unittest.TestCase):
             ("proxy_pass", 'invalid port in "127.0.0.1:99999"')])
 
 
+# -- ManageSieve's directives -------------------------------------------------------
+
+class SieveConfigTests(unittest.TestCase):
+    def test_port_4190_means_sieve_and_the_defaults(self):
+        config = load_text(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:4190
+
+            [server sieve]
+            listen = 127.0.0.1:4190
+        """)
+        server = config.servers[0]
+        self.assertEqual(server.protocol, "sieve")
+        self.assertEqual(server.sieve_auth, ["plain"])
+        self.assertEqual(server.sieve_client_buffer, 4096)
+        self.assertEqual(server.sieve_capabilities, ["IMPLEMENTATION mailproxy",
+                                                     "SIEVE fileinto reject envelope vacation",
+                                                     "VERSION 1.0"])
+
+    def test_quoted_capabilities_one_a_line_and_methods(self):
+        config = load_text(self, """\
+            [mail]
+            proxy_pass = 127.0.0.1:4190
+            sieve_auth = PLAIN login
+            sieve_capabilities = "IMPLEMENTATION Example Sieve" "SIEVE fileinto"
+                "NOTIFY mailto" "VERSION 1.0"
+            sieve_client_buffer = 8k
+
+            [server managesieve]
+            listen = 127.0.0.1:14190
+            protocol = sieve
+        """)
+        server = config.servers[0]
+        self.assertEqual(server.sieve_auth, ["plain", "login"])
+        self.assertEqual(server.sieve_capabilities, ["IMPLEMENTATION Example Sieve", "SIEVE fileinto",
+                                                     "NOTIFY mailto", "VERSION 1.0"])
+        self.assertEqual(server.sieve_client_buffer, 8192)
+
+    def test_refused_values(self):
+        for directive, value, message in [
+                ("sieve_capabilities", '"SASL PLAIN"', '"SASL" is not listed: sieve_auth and '
+                                                       "starttls decide it"),
+                ("sieve_capabilities", "STARTTLS", '"STARTTLS" is not listed'),
+                ("sieve_capabilities", '"\\"X\\" y"', 'invalid capability'),
+                ("sieve_auth", "cram-md5", 'invalid value "cram-md5"'),
+                ("sieve_auth", "xoauth2", '"xoauth2" needs auth_http')]:
+            with self.subTest(directive=directive, value=value):
+                _, errors = config_errors(self, """\
+                    [mail]
+                    proxy_pass = 127.0.0.1:4190
+                    %s = %s
+
+                    [server sieve]
+                    listen = 127.0.0.1:14190
+                    protocol = sieve
+                """ % (directive, value))
+                self.assertTrue(any(error.directive == directive and message in error.message
+                                    for error in errors), [str(error) for error in errors])
+
+
 # -- [users] and [routes] -----------------------------------------------------------
 
 class ConfigUsersRoutesTests(unittest.TestCase):
@@ -3608,10 +3769,26 @@ class ConfigUsersRoutesTests(unittest.TestCase):
         self.assertEqual(where(pop3, "erin@example.com"), ("127.0.0.9", 1110, ("127.0.0.9", 1110)))
         self.assertEqual(config.warnings, ())
 
+    def test_a_route_for_sieve(self):
+        config = load_text(self, self.TWO_SERVERS, """\
+
+            [server sieve]
+            listen = 127.0.0.1:14190
+            protocol = sieve
+            proxy_pass = 127.0.0.1:4190
+
+            [routes]
+            frank = 127.0.0.5 sieve=127.0.0.6:2000
+        """)
+        imap, _, sieve = config.servers
+        for server, expected in ((sieve, ("127.0.0.6", 2000)), (imap, ("127.0.0.5", 1143))):
+            route = mp.route_for(config.routes, server.proxy_pass, "frank", server.protocol)
+            self.assertEqual((route.host, route.port), expected)
+
     def test_bad_routes_per_protocol(self):
         for value, message in [("imap=127.0.0.1:1 imap=127.0.0.1:2", "two addresses for imap"),
                                ("127.0.0.1 127.0.0.2", "two addresses for every protocol"),
-                               ("sieve=127.0.0.1:4190", 'unknown protocol "sieve"'),
+                               ("lmtp=127.0.0.1:24", 'unknown protocol "lmtp"'),
                                ("pop3=", "invalid address"),
                                ("imap=127.0.0.1:99999", "invalid port")]:
             with self.subTest(value=value):
@@ -4616,6 +4793,172 @@ class SmtpMachineTests(unittest.TestCase):
                       (b"XCLIENT ADDR=192.0.2.9\r\n", SMTP_PROXY_GREETING,
                        [mp.ClientIdentity(b"192.0.2.9", b"", None, "XCLIENT")]),
                       (b"QUIT\r\n", mp.SMTP_BYE, [mp.Quit()])], smtp_auth=["none"])
+
+
+# -- ManageSieve --------------------------------------------------------------------
+
+SIEVE_NOOP = b"NOOP\r\n"       # the pipelined tail of the ManageSieve transcripts
+
+
+class SieveMachineTests(unittest.TestCase):
+    def sieve(self, exchanges, tail=SIEVE_NOOP, **settings):
+        converse_three_ways(self, lambda: make_machine("sieve", **settings), exchanges, tail)
+
+    def test_greeting_is_the_capabilities_then_ok(self):
+        self.assertEqual(make_machine("sieve").data_to_send(),
+                         SIEVE_PROXY_CAPABILITIES + mp.SIEVE_GREETING)
+
+    def test_capabilities_follow_the_settings(self):
+        """sieve_capabilities as "NAME" "VALUE" lines, VERSION last; SASL
+        from sieve_auth in a fixed order; STARTTLS while it is offered."""
+        machine = make_machine("sieve", sieve_auth=["oauthbearer", "login", "plain"],
+                               sieve_capabilities=["VERSION 1.0", "IMPLEMENTATION x \"y\"",
+                                                   "NOTIFY mailto", "X-FLAG"], starttls="on")
+        self.assertEqual(machine.capability(),
+                         b'"IMPLEMENTATION" "x \\"y\\""\r\n"NOTIFY" "mailto"\r\n"X-FLAG"\r\n'
+                         b'"SASL" "PLAIN LOGIN OAUTHBEARER"\r\n"STARTTLS"\r\n"VERSION" "1.0"\r\n')
+
+    def test_capability_noop_logout(self):
+        self.sieve([(b"CAPABILITY\r\n", SIEVE_PROXY_CAPABILITIES + mp.SIEVE_CAPABILITY_OK, []),
+                    (b"noop\r\n", mp.SIEVE_NOOP_OK, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])])
+
+    def test_noop_with_a_tag_echoes_it(self):
+        """RFC 5804 §2.13, as sieve-connect sends it after STARTTLS; a tag
+        that cannot be quoted comes back as a literal."""
+        self.sieve([(b'NOOP "STARTTLS-SYNC-42"\r\n', b'OK (TAG "STARTTLS-SYNC-42") "Done"\r\n', []),
+                    (b'NOOP {4+}\r\na"\\b\r\n', b'OK (TAG "a\\"\\\\b") "Done"\r\n', []),
+                    (b"NOOP {3+}\r\na\r\n\r\n", b'OK (TAG {3}\r\na\r\n) "Done"\r\n', []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])])
+
+    def test_authenticate_plain_quoted_initial_response(self):
+        self.sieve([(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n', b"",
+                     [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_plain_literals(self):
+        """{n+} as RFC 5804 §4 has clients send them, and {n} read the same
+        way (no continuation is sent: ManageSieve has none)."""
+        self.sieve([(b'AUTHENTICATE {5+}\r\nPLAIN {%d+}\r\n' % len(PLAIN_ALICE) + PLAIN_ALICE +
+                     b"\r\n", b"", [mp.Credentials(b"alice", b"secret")])])
+        self.sieve([(b'AUTHENTICATE "PLAIN" {%d}\r\n' % len(PLAIN_ALICE) + PLAIN_ALICE + b"\r\n",
+                     b"", [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_plain_challenge_then_string_response(self):
+        self.sieve([(b'AUTHENTICATE "PLAIN"\r\n', b'""\r\n', []),
+                    (b'"' + PLAIN_ALICE + b'"\r\n', b"", [mp.Credentials(b"alice", b"secret")])])
+        self.sieve([(b'Authenticate "plain"\r\n', b'""\r\n', []),
+                    (b"{%d+}\r\n" % len(PLAIN_ALICE) + PLAIN_ALICE + b"\r\n", b"",
+                     [mp.Credentials(b"alice", b"secret")])])
+
+    def test_authenticate_login_mechanism(self):
+        self.sieve([(b'AUTHENTICATE "LOGIN"\r\n', b'"VXNlcm5hbWU6"\r\n', []),
+                    (b'"' + b64(b"alice") + b'"\r\n', b'"UGFzc3dvcmQ6"\r\n', []),
+                    (b'"' + b64(b"secret") + b'"\r\n', b"", [mp.Credentials(b"alice", b"secret")])],
+                   sieve_auth=["plain", "login"])
+
+    def test_authenticate_oauth_tokens(self):
+        xoauth2 = b64(b"user=alice\x01auth=Bearer tok\x01\x01")
+        self.sieve([(b'AUTHENTICATE "XOAUTH2" "' + xoauth2 + b'"\r\n', b"",
+                     [mp.Credentials(b"alice", b"tok", mp.AuthMethod.XOAUTH2)])],
+                   sieve_auth=["xoauth2"])
+        self.sieve([(b'AUTHENTICATE "XOAUTH2" "' + xoauth2 + b'"\r\n', mp.SIEVE_INVALID, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])])       # not enabled
+
+    def test_cancel_bad_base64_and_no_string_are_refused_uncounted(self):
+        """§2.1: "*" cancels (NO); bad base64 and an empty line are refused
+        the same way; none of them counts towards max_errors."""
+        self.sieve([(b'AUTHENTICATE "PLAIN"\r\n', b'""\r\n', []),
+                    (b'"*"\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN" "!!!="\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN"\r\n', b'""\r\n', []),
+                    (b"\r\n", mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN" "' + b64(b"alice\0secret") + b'"\r\n',
+                     mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "CRAM-MD5"\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n', b"",
+                     [mp.Credentials(b"alice", b"secret")])], max_errors=2)
+
+    def test_nul_in_login_or_password_is_refused(self):
+        """The backend login is SASL PLAIN: a NUL would shift its fields."""
+        self.sieve([(b'AUTHENTICATE "LOGIN"\r\n', b'"VXNlcm5hbWU6"\r\n', []),
+                    (b'"' + b64(b"alice\0bob") + b'"\r\n', b'"UGFzc3dvcmQ6"\r\n', []),
+                    (b'"' + b64(b"secret") + b'"\r\n', mp.SIEVE_INVALID, []),
+                    (b'AUTHENTICATE "LOGIN" "' + b64(b"alice") + b'"\r\n', b'"UGFzc3dvcmQ6"\r\n', []),
+                    (b'"' + b64(b"se\0cret") + b'"\r\n', mp.SIEVE_INVALID, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])], sieve_auth=["login"])
+
+    def test_invalid_commands_then_bye_at_max_errors(self):
+        """Unknown words are counted; the last is answered BYE and closes."""
+        self.sieve([(b"LOGIN alice secret\r\n", mp.SIEVE_INVALID, []),
+                    (b"a1 NOOP\r\n", mp.SIEVE_INVALID, []),
+                    (b"NOOP x y\r\n", mp.SIEVE_INVALID, []),                  # refused, not counted
+                    (b'NOOP "unterminated\r\n', mp.SIEVE_TOO_MANY_ERRORS,
+                     [mp.Closed("client sent too many invalid commands")])], max_errors=3)
+
+    def test_commands_of_the_logged_in_state_are_read_whole_and_refused(self):
+        """PUTSCRIPT before AUTHENTICATE: its literal is no command."""
+        script = b'require "fileinto";\r\nNOOP\r\n'
+        self.sieve([(b'PUTSCRIPT "s" {%d+}\r\n' % len(script) + script + b"\r\n",
+                     mp.SIEVE_INVALID, []),
+                    (b"LISTSCRIPTS\r\n", mp.SIEVE_INVALID, []),
+                    (b"LOGOUT\r\n", mp.SIEVE_LOGOUT_OK, [mp.Quit()])], max_errors=1)
+
+    def test_too_long_command_or_literal_closes(self):
+        self.sieve([(b"NOOP " + b"x" * 4096, mp.SIEVE_TOO_LONG,
+                     [mp.Closed("client sent too long command")])])
+        self.sieve([(b'AUTHENTICATE "PLAIN" {4097+}\r\n', mp.SIEVE_INVALID,
+                     [mp.Closed(mp.IMAP_UNSKIPPABLE_LITERAL)])])
+        self.sieve([(b"NOOP {60+}\r\n" + b"x" * 100, mp.SIEVE_TOO_LONG,
+                     [mp.Closed("client sent too long command")])], sieve_client_buffer=64)
+
+    def test_starttls_drops_what_was_pipelined_and_greets_again(self):
+        """§2.2; RFC 3207 §4.2's rule: nothing sent in clear behind it is read."""
+        machine = make_machine("sieve", starttls="on")
+        self.assertIn(b'"STARTTLS"\r\n', machine.data_to_send())
+        events = machine.receive_data(b'STARTTLS\r\nAUTHENTICATE "PLAIN" "' + PLAIN_ALICE +
+                                      b'"\r\n')
+        self.assertEqual((machine.data_to_send(), events), (mp.SIEVE_STARTTLS_OK, [mp.StartTls()]))
+        self.assertEqual(machine.receive_data(b"NOOP\r\n"), [])
+        self.assertEqual(machine.tls_started(), [])
+        self.assertEqual(machine.data_to_send(), SIEVE_PROXY_CAPABILITIES + mp.SIEVE_TLS_DONE)
+        self.assertEqual(machine.receive_data(b'NOOP "sync"\r\nSTARTTLS\r\n'), [])
+        self.assertEqual(machine.data_to_send(), b'OK (TAG "sync") "Done"\r\n' + mp.SIEVE_INVALID)
+
+    def test_starttls_only_refuses_authenticate_before_tls(self):
+        machine = make_machine("sieve", starttls="only")
+        self.assertEqual(machine.data_to_send(), SIEVE_PROXY_CAPABILITIES.replace(
+            b'"SASL" "PLAIN"\r\n', b'"SASL" ""\r\n"STARTTLS"\r\n') + mp.SIEVE_GREETING)
+        machine.receive_data(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n')
+        self.assertEqual(machine.data_to_send(), mp.SIEVE_ENCRYPT_NEEDED)
+        self.assertEqual(machine.errors, 0)
+
+    def test_failure_replies_and_another_try(self):
+        machine = make_machine("sieve")
+        self.assertEqual(machine.failure_reply(b"Invalid login or password"),
+                         b'NO "Invalid login or password"\r\n')
+        self.assertEqual(machine.failure_reply(*mp.SIEVE_LOGIN_UNAVAILABLE),
+                         b'NO (TRYLATER) "Temporary authentication failure"\r\n')
+        self.assertEqual(machine.failure_reply(b"no", b"535 5.7.0"), b'NO "no"\r\n')
+        machine.data_to_send()
+        machine.receive_data(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\nNOOP\r\n')
+        self.assertEqual(machine.auth_failed(b'NO "x"\r\n'), [])
+        self.assertEqual(machine.data_to_send(), b'NO "x"\r\n' + mp.SIEVE_NOOP_OK)
+
+    def test_oauth_failure_sends_the_error_challenge_as_a_string(self):
+        machine = make_machine("sieve", sieve_auth=["oauthbearer"])
+        machine.data_to_send()
+        token = b64(b"n,a=alice,\x01auth=Bearer tok\x01\x01")
+        self.assertEqual(machine.receive_data(b'AUTHENTICATE "OAUTHBEARER" "' + token + b'"\r\n'),
+                         [mp.Credentials(b"alice", b"tok", mp.AuthMethod.OAUTHBEARER)])
+        machine.auth_failed(b'NO "bad token"\r\n', b'{"status":"invalid_token"}')
+        self.assertEqual(machine.data_to_send(), b'"' + b64(b'{"status":"invalid_token"}') + b'"\r\n')
+        machine.receive_data(b'"AQ=="\r\n')
+        self.assertEqual(machine.data_to_send(), b'NO "bad token"\r\n')
+
+    def test_sieve_string(self):
+        self.assertEqual(mp.sieve_string(b'a "b" \\c'), b'"a \\"b\\" \\\\c"')
+        self.assertEqual(mp.sieve_string(b"a\r\nb"), b"{4}\r\na\r\nb")
+        self.assertEqual(mp.sieve_string(b"x" * 1025), b"{1025}\r\n" + b"x" * 1025)
 
 
 # -- STARTTLS in the machines: capabilities and the injection defence ---------------
@@ -6218,6 +6561,80 @@ class BackendStartTlsScriptTests(unittest.TestCase):
                                        mp.TlsStep(), mp.Send(b"EHLO mail.test\r\n", "EHLO"), E250])
 
 
+# -- ManageSieve: the capabilities, STARTTLS, AUTHENTICATE PLAIN ---------------------
+
+SIEVE_GREETING_LINES = [b'"IMPLEMENTATION" "Dovecot Pigeonhole"\r\n', b'"SASL" "PLAIN"\r\n',
+                        b'"VERSION" "1.0"\r\n', b'OK "Dovecot ready."\r\n']
+
+
+def sieve_outcome(login=b"alice", password=b"secret", token=None):
+    return mp.AuthOutcome(mp.Verdict.OK, login, password, upstream(port=4190), token=token)
+
+
+class SieveBackendScriptTests(unittest.TestCase):
+    def sieve_script(self, outcome, starttls=False):
+        return mp.sieve_attempt_script(server_settings("sieve"), None, outcome, starttls)
+
+    def test_authenticate_plain_after_the_capabilities(self):
+        """The base64 of NUL login NUL password in a quoted string: no byte
+        of them is sent as itself, so none can end the command early."""
+        login, password = b'al"ice\r\nLOGOUT', b"p\\w\r\n"
+        script = self.sieve_script(sieve_outcome(login, password))
+        response = b64(b"\0" + login + b"\0" + password)
+        self.assertEqual(script, [
+            mp.Expect("sieve-greeting"),
+            mp.Send(b'AUTHENTICATE "PLAIN" "' + response + b'"\r\n', "AUTHENTICATE PLAIN"),
+            mp.Expect("sieve-ok", relay=True, verdict=True)])
+        sent, events, login_run = run_script(script, SIEVE_GREETING_LINES + [
+            b'OK "Logged in."\r\n"after"'])
+        self.assertEqual(sent, b'AUTHENTICATE "PLAIN" "' + response + b'"\r\n')
+        self.assertEqual(events, [mp.LoginDone(b'OK "Logged in."\r\n')])
+        self.assertEqual(login_run.trailing_data, b'"after"')
+
+    def test_token_is_handed_on(self):
+        script = self.sieve_script(sieve_outcome(password=None, token=("xoauth2", b"tok")))
+        self.assertEqual(script[1], mp.Send(b'AUTHENTICATE "XOAUTH2" "' + b64(
+            b"user=alice\x01auth=Bearer tok\x01\x01") + b'"\r\n', "AUTHENTICATE XOAUTH2"))
+
+    def test_starttls_then_the_capabilities_again(self):
+        login = mp.BackendLogin(self.sieve_script(sieve_outcome(), starttls=True))
+        self.assertEqual(login.receive_data(b"".join(SIEVE_GREETING_LINES)), [])
+        self.assertEqual(login.data_to_send(), b"STARTTLS\r\n")
+        # Whatever follows the yes in clear is dropped (RFC 3207 §4.2's rule).
+        self.assertEqual(login.receive_data(b'OK "Begin TLS."\r\nOK "injected"\r\n'),
+                         [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"")
+        self.assertEqual(login.receive_data(b"".join(SIEVE_GREETING_LINES)), [])
+        self.assertEqual(login.data_to_send(), SIEVE_LOGIN_ON_THE_WIRE)
+        self.assertEqual(login.receive_data(b"OK\r\n"), [mp.LoginDone(b"OK\r\n")])
+
+    def test_which_refusals_are_a_verdict_on_the_credentials(self):
+        script = self.sieve_script(sieve_outcome())
+        for reply, verdict in [(b'NO "Authentication failed."\r\n', True), (b"no\r\n", True),
+                               (b'NO (TRYLATER) "Try later"\r\n', False),
+                               (b'NO (AUTH-TOO-WEAK) "No"\r\n', False),
+                               (b'BYE "Going away"\r\n', False), (b'"SASL" "x"\r\n', False)]:
+            with self.subTest(reply=reply):
+                with self.assertRaises(mp.BackendError) as caught:
+                    run_script(script, SIEVE_GREETING_LINES + [reply])
+                self.assertTrue(caught.exception.refusal)
+                self.assertEqual(caught.exception.verdict, verdict)
+
+    def test_another_protocols_greeting_and_literals_are_refused(self):
+        script = self.sieve_script(sieve_outcome())
+        with self.assertRaises(mp.UnexpectedGreeting) as caught:
+            run_script(script, [b"* OK IMAP4rev1 ready\r\n"])
+        self.assertTrue(str(caught.exception).startswith(
+            "upstream sent an unexpected greeting (IMAP's, where ManageSieve's was expected"))
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(script, [b'BYE "Too many connections"\r\n'])
+        self.assertNotIsInstance(caught.exception, mp.UnexpectedGreeting)
+        with self.assertRaises(mp.BackendError) as caught:
+            run_script(script, [b'"SIEVE" {20}\r\n'])
+        self.assertEqual(str(caught.exception), "upstream sent a literal in its login response")
+
+
 # -- PROXY protocol headers ---------------------------------------------------------
 
 class ProxyProtocolTests(unittest.TestCase):
@@ -6823,6 +7240,32 @@ class DebugLogTests(EndToEndTestCase):
         self.assertNotIn("[debug]", proxy.log)
         self.assertIn("client logged in", proxy.log)
 
+    def test_sieve_login_is_followed_on_both_sides(self):
+        """ManageSieve: a refused AUTHENTICATE with an initial response, one
+        with the response after the challenge, as a literal."""
+        backend = self.use(FakeSieveBackend(accept=((b"alice", DEBUG_SECRET),)))
+        proxy = self.debug_proxy("sieve", backend.port, auth_delay="10ms")
+        client = self.connect(proxy)
+        client.read_exactly(len(SIEVE_PROXY_CAPABILITIES + mp.SIEVE_GREETING))
+        client.send(b'AUTHENTICATE "PLAIN" "' + b64(b"\0alice\0" + DEBUG_SECRET[::-1]) + b'"\r\n')
+        client.expect(rb"^NO ")
+        client.send(b'AUTHENTICATE "PLAIN"\r\n')
+        client.expect_line(b'""\r\n')
+        response = b64(b"\0alice\0" + DEBUG_SECRET)
+        client.send(b"{%d+}\r\n%s\r\n" % (len(response), response))
+        client.expect_line(SIEVE_BACKEND_LOGGED_IN)
+        client.send("LOGOUT")
+        client.read_until_closed()
+        proxy.wait_for_log(r"session done")
+        self.assertLogged(proxy, "sieve command: AUTHENTICATE, waiting for the verdict",
+                          "auth verdict: fail", "sieve command: AUTHENTICATE, reply: NO",
+                          "sieve command: AUTHENTICATE, reply: +",
+                          "sieve command: SASL plain response, waiting for the verdict",
+                          "auth verdict: ok", "backend: got OK",
+                          "backend: send AUTHENTICATE PLAIN", "backend: got OK",
+                          "mail phase: login -> relay",
+                          "sieve command: SASL plain response, reply: OK (the backend's)")
+        self.assertNoSecret(proxy, DEBUG_SECRET, DEBUG_SECRET[::-1])
 
 class DebugNoteTests(unittest.TestCase):
     """The sans-I/O side of the debug log: names and codes only."""
@@ -7922,7 +8365,8 @@ class TlsEndToEndClientCertificateTests(EndToEndTestCase):
     def test_a_certificate_that_fails_verification_gets_the_protocols_line(self):
         for protocol, line in (("imap", b"* BYE SSL certificate error\r\n"),
                                ("pop3", b"-ERR SSL certificate error\r\n"),
-                               ("smtp", b"421 4.7.1 SSL certificate error\r\n")):
+                               ("smtp", b"421 4.7.1 SSL certificate error\r\n"),
+                               ("sieve", b'BYE "SSL certificate error"\r\n')):
             with self.subTest(protocol=protocol):
                 proxy = self.verifying_proxy(protocol, free_port())
                 client = self.tls_connect(proxy, certificate="wrongclient")
@@ -11236,6 +11680,180 @@ class SmtpEndToEndEarlyDataTests(EndToEndTestCase):
         self.assertEqual(client.read_line(), mp.SMTP_OK)
 
 
+# -- ManageSieve (RFC 5804, extension) ----------------------------------------------
+
+SIEVE_SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "x" { fileinto "X"; }\r\n'
+
+
+class SieveEndToEndTests(EndToEndTestCase):
+    """ManageSieve through the proxy, as sieve-connect and Thunderbird's
+    sieve add-on speak it: the capability greeting, AUTHENTICATE PLAIN,
+    then PUTSCRIPT, LISTSCRIPTS and LOGOUT relayed to the fake Pigeonhole."""
+
+    def greeted(self, proxy: ProxyUnderTest, greeting: bytes = SIEVE_PROXY_CAPABILITIES) -> Client:
+        client = self.connect(proxy)
+        self.assertEqual(client.read_exactly(len(greeting + mp.SIEVE_GREETING)),
+                         greeting + mp.SIEVE_GREETING)
+        return client
+
+    def authenticate(self, client: Client, password: bytes = b"secret") -> bytes:
+        client.send(b'AUTHENTICATE "PLAIN" {%d+}\r\n' % len(b64(b"\0alice\0" + password)) +
+                    b64(b"\0alice\0" + password) + b"\r\n")
+        return client.read_line()
+
+    def test_login_putscript_listscripts_logout(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port)
+        client = self.greeted(proxy)
+        # The login and a command pipelined behind it, in one write.
+        client.send(b'AUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\nLISTSCRIPTS\r\n')
+        client.expect_line(SIEVE_BACKEND_LOGGED_IN)
+        client.expect_line(b'OK "Listscripts completed."\r\n')
+        client.send(b'PUTSCRIPT "mine" {%d+}\r\n' % len(SIEVE_SCRIPT) + SIEVE_SCRIPT + b"\r\n")
+        client.expect_line(b'OK "PUTSCRIPT completed, sha256 %s."\r\n'
+                           % sha256_hex(SIEVE_SCRIPT).encode())
+        client.send("LISTSCRIPTS")
+        client.expect_line(b'"mine"\r\n')
+        client.expect_line(b'OK "Listscripts completed."\r\n')
+        client.send("LOGOUT")
+        client.expect_line(b'OK "Logout completed (fake)."\r\n')
+        client.expect_closed()
+        self.assertEqual(backend.scripts, {b"mine": SIEVE_SCRIPT})
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE + b"LISTSCRIPTS\r\n" +
+                         b'PUTSCRIPT "mine" {%d+}\r\n' % len(SIEVE_SCRIPT) + SIEVE_SCRIPT +
+                         b"\r\nLISTSCRIPTS\r\nLOGOUT\r\n")
+        proxy.wait_for_log(r'\[info\] \d+#0: \*1 client logged in while [^,]*, client: 127\.0\.0\.1, '
+                           r'server: 127\.0\.0\.1:%d, login: "alice", upstream: 127\.0\.0\.1:%d, '
+                           r"tls: off, auth: plain, upstream tls: off" % (proxy.port, backend.port))
+        self.assertNotIn("secret", proxy.log)
+        self.assertNotIn(PLAIN_ALICE.decode(), proxy.log)
+
+    def test_wrong_password_is_refused_and_delayed_then_the_right_one(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port, auth_delay="50ms")
+        client = self.greeted(proxy)
+        for password in (b"guess1", b"guess2"):
+            self.assertEqual(self.authenticate(client, password), b'NO "Invalid login or password"\r\n')
+        client.send(b'AUTHENTICATE "PLAIN"\r\n')
+        client.expect_line(b'""\r\n')
+        client.send(b'"' + PLAIN_ALICE + b'"\r\n')
+        client.expect_line(SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE)   # one login only
+        self.assertEqual(len(backend.received), 1)
+        log = proxy.log
+        self.assertIn('client login failed: "wrong password"', log)
+        self.assertRegex(log, r"\[notice\] \d+#0: \*1 login penalty: 2 recent failures from "
+                              r"127\.0\.0\.1 or of this account, reply in 0\.1s")
+
+    def test_auth_http_is_asked_with_auth_protocol_sieve(self):
+        backend = self.use(FakeSieveBackend())
+        auth = self.auth_server(auth_ok(backend.port))
+        proxy = self.auth_http_proxy("sieve", auth.port)
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(auth.requests, [auth_request_bytes(protocol="sieve")])
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE)
+
+    def test_auth_http_refusal_and_its_error_code(self):
+        auth = self.auth_server(auth_fail("Try again later", ("Auth-Error-Code", "TRYLATER")))
+        proxy = self.auth_http_proxy("sieve", auth.port)
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), b'NO (TRYLATER) "Try again later"\r\n')
+        client.expect_closed()                 # no Auth-Wait: nginx closes
+
+    def test_starttls_drops_the_pipelined_login_and_greets_again(self):
+        """§2.2, and the plaintext-injection defence: the AUTHENTICATE sent
+        in clear behind STARTTLS is never read.  sieve-connect's NOOP with
+        a tag after the handshake finds the capabilities' end; the client
+        offers ALPN "managesieve" (IANA's name) and is answered with it."""
+        backend = self.use(FakeSieveBackend())
+        proxy = self.tls_proxy("sieve", backend.port, listens=("",), starttls="on")
+        with_tls = SIEVE_PROXY_CAPABILITIES.replace(b'"VERSION"', b'"STARTTLS"\r\n"VERSION"')
+        client = self.greeted(proxy, with_tls)
+        client.send(b'STARTTLS\r\nAUTHENTICATE "PLAIN" "' + PLAIN_ALICE + b'"\r\n')
+        client.expect_line(mp.SIEVE_STARTTLS_OK)
+        client.start_tls(self.client_context(alpn=["managesieve"]))
+        self.assertEqual(client.sock.selected_alpn_protocol(), "managesieve")
+        again = SIEVE_PROXY_CAPABILITIES + mp.SIEVE_TLS_DONE
+        self.assertEqual(client.read_exactly(len(again)), again)
+        client.send('NOOP "STARTTLS-SYNC-42"')
+        client.expect_line(b'OK (TAG "STARTTLS-SYNC-42") "Done"\r\n')
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(bytes(backend.received[0]), SIEVE_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r'client logged in while [^,]*, client: 127\.0\.0\.1 using starttls, '
+                           r'.*, tls: TLSv1\.[23], auth: plain')
+
+    def test_starttls_to_the_backend(self):
+        backend = self.use(FakeSieveBackend(tls="starttls", context=self.backend_server_context()))
+        proxy = self.tls_proxy("sieve", backend.port, listens=("",), proxy_starttls="on",
+                               proxy_ssl_name="localhost",
+                               proxy_ssl_trusted_certificate=self.tls_path("ca.crt"))
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(backend.clear, [b"STARTTLS\r\n"])
+        self.assertEqual(bytes(backend.received[0]), b"STARTTLS\r\n" + SIEVE_LOGIN_ON_THE_WIRE)
+
+    def test_backend_refusal_internal_error_or_passed_on(self):
+        backend = self.use(FakeSieveBackend(accept=()))        # says no to everybody
+        proxy = self.start_proxy("sieve", backend.port)
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), mp.SIEVE_INTERNAL_ERROR)
+        client.expect_closed()
+        proxy.wait_for_log(r'\[error\] \d+#0: \*1 upstream sent invalid response: '
+                           r'"NO \\x22Authentication failed \(fake\)\.\\x22" while reading response '
+                           r"from upstream")
+        proxy = self.start_proxy("sieve", backend.port, proxy_pass_error_message="on")
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client), b'NO "Authentication failed (fake)."\r\n')
+        client.expect_closed()
+
+    def test_auth_backend_the_backend_decides(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.use(ProxyUnderTest(proxy_config("sieve", backend.port, auth="backend",
+                                                     auth_delay="50ms", users={})))
+        client = self.greeted(proxy)
+        self.assertEqual(self.authenticate(client, b"wrong"), b'NO "Invalid login or password"\r\n')
+        self.assertEqual(self.authenticate(client), SIEVE_BACKEND_LOGGED_IN)
+        self.assertEqual(bytes(backend.received[1]), SIEVE_LOGIN_ON_THE_WIRE)
+
+    def test_max_user_sessions(self):
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port, max_user_sessions="1")
+        first = self.greeted(proxy)
+        self.assertEqual(self.authenticate(first), SIEVE_BACKEND_LOGGED_IN)
+        second = self.greeted(proxy)
+        self.assertEqual(self.authenticate(second),
+                         b'NO (TRYLATER) "Too many sessions for this user"\r\n')
+        second.expect_closed()
+        proxy.wait_for_log(r'client login failed: "max_user_sessions \(1\) reached"')
+        self.assertEqual(len(backend.received), 1)
+
+    def test_hostile_input_is_bounded(self):
+        """An overlong line, a literal larger than sieve_client_buffer, and
+        too many invalid commands: each answered BYE (or NO) and closed,
+        with nginx's reason in the log; the backend is never contacted."""
+        backend = self.use(FakeSieveBackend())
+        proxy = self.start_proxy("sieve", backend.port, max_errors="2")
+        client = self.greeted(proxy)
+        client.send(b"NOOP " + b"x" * 5000)
+        client.expect_line(mp.SIEVE_TOO_LONG)
+        client.expect_closed()
+        client = self.greeted(proxy)
+        client.send(b'PUTSCRIPT "s" {1000000+}\r\n' + b"x" * 5000)
+        client.expect_line(mp.SIEVE_INVALID)
+        client.expect_closed()
+        client = self.greeted(proxy)
+        client.send("HELLO")
+        client.expect_line(mp.SIEVE_INVALID)
+        client.send("a1 LOGIN alice secret")
+        client.expect_line(mp.SIEVE_TOO_MANY_ERRORS)
+        client.expect_closed()
+        log = proxy.wait_for_log(r"client sent too many invalid commands while in auth state").string
+        self.assertIn("client sent too long command", log)
+        self.assertIn(mp.IMAP_UNSKIPPABLE_LITERAL, log)
+        self.assertEqual(backend.received, [])
+
+
 # -- when the client misbehaves -----------------------------------------------------
 
 class ClientMisbehaviourTests(EndToEndTestCase):
@@ -11977,11 +12595,14 @@ class BackendDecidesEndToEndTests(EndToEndTestCase):
 
     def test_a_stalled_backend_times_out_as_an_internal_error_and_no_failure(self):
         backend = self.use(FakeImapBackend(mode="stall"))
-        proxy = self.start_proxy("imap", backend.port, auth="backend", timeout="300ms")
+        # 1s, not less: the log line wants the connect seen before the timer
+        # fires, and a loop starved of CPU for 300ms (another test process
+        # starting 25 "mailproxy.py -t" at once on 2 cores) missed it.
+        proxy = self.start_proxy("imap", backend.port, auth="backend", timeout="1s")
         client = self.greeted(proxy, "imap")
         started = time.monotonic()
         self.assertEqual(self.attempt(client, "imap", "alice", "pw"), mp.IMAP_INTERNAL_ERROR)
-        self.assertGreaterEqual(time.monotonic() - started, 0.29)
+        self.assertGreaterEqual(time.monotonic() - started, 0.99)
         client.expect_closed()
         proxy.wait_for_log(r"\[error\] .*upstream timed out \(110: Connection timed out\) while "
                            r"reading response from upstream, ")
@@ -12303,6 +12924,1763 @@ class ProxyProtocolEndToEndInTests(EndToEndTestCase):
         self.imap_login(client)
         self.assertIn(b"Client-IP: 192.0.2.7\r\n" + PROXY_FACTS + b"Auth-SSL: on\r\n",
                       auth.requests[0])
+
+
+# ========================================================================== #
+# ####                          Backend pools                           #### #
+# ========================================================================== #
+# [upstream NAME] pools (issue 18, README "Several backends"): the section
+# as read, the Pool's choices and what failures do to them (sans-I/O, the
+# time given), then real loopback backends behind a proxy: one killed in the
+# middle of a run, a bad greeting, a silent server, a drained server, the
+# routes and an auth server naming a pool.
+
+def pool_server(port: int, **options) -> mp.UpstreamServer:
+    address = mp.Upstream("127.0.0.1", port, ((socket.AF_INET, ("127.0.0.1", port)),))
+    return mp.UpstreamServer(address, **options)
+
+
+def pool_of(*servers, balance: str = "round_robin", drains=None) -> mp.Pool:
+    return mp.Pool(mp.UpstreamSpec("farm", tuple(servers), balance), drains)
+
+
+def pool_config(protocol: str, servers, balance: str = "", auth_port=None, **mail) -> str:
+    """proxy_config's file, passing to the pool "farm" whose ``server``
+    lines are ``servers`` (then ``balance``); with ``auth_port`` the
+    auth server decides, and proxy_pass is left out."""
+    if auth_port is None:
+        mail.setdefault("proxy_pass", "farm")
+    text = proxy_config(protocol, None, auth_port=auth_port, **mail)
+    text += "\n[upstream farm]\nserver = " + "\n    ".join(servers) + "\n"
+    return text + ("balance = %s\n" % balance if balance else "")
+
+
+def hashed_logins(pool: mp.Pool, count: int = 10000) -> Dict[bytes, int]:
+    """Where user_hash puts user0 ... user9999: login -> server port."""
+    return {login: pool.choose(login, 0.0).address.port
+            for login in (b"user%d" % n for n in range(count))}
+
+
+class PoolConfigTests(unittest.TestCase):
+    UPSTREAM = """
+        [mail]
+        proxy_pass = farm
+
+        [server imap]
+        listen = 127.0.0.1:18143
+        protocol = imap
+
+        [upstream farm]
+        server = 127.0.0.1:1143 weight=3 max_fails=2 fail_timeout=30s
+                 127.0.0.1:2143 backup
+                 127.0.0.1:3143 down
+                 127.0.0.1:4143 drain
+        balance = user_hash
+
+        [upstream pop]
+        server = 127.0.0.1:1110
+
+        [routes]
+        bob = pop
+        @example.com = imap=farm
+        """
+
+    def test_the_section_as_read(self):
+        config = load_text(self, self.UPSTREAM)
+        self.assertEqual(config.servers[0].proxy_pass, mp.Upstream("farm", 0, (), "farm"))
+        farm = config.upstreams["farm"]
+        self.assertEqual(farm.balance, "user_hash")
+        self.assertEqual([server.text for server in farm.servers],
+                         ["127.0.0.1:1143", "127.0.0.1:2143", "127.0.0.1:3143", "127.0.0.1:4143"])
+        first, backup, down, drain = farm.servers
+        self.assertEqual((first.weight, first.max_fails, first.fail_timeout), (3, 2, 30))
+        self.assertEqual((backup.weight, backup.max_fails, backup.fail_timeout), (1, 1, 10.0))
+        self.assertEqual([(s.backup, s.down, s.drain) for s in farm.servers],
+                         [(False, False, False), (True, False, False), (False, True, False),
+                          (False, False, True)])
+        self.assertEqual(config.upstreams["pop"].balance, "round_robin")
+        # [routes]: a pool's name is the pool, for every protocol or for one.
+        self.assertEqual(mp.route_for(config.routes, config.servers[0].proxy_pass, "bob", "imap"),
+                         mp.Upstream("pop", 0, (), "pop"))
+        self.assertEqual(mp.route_for(config.routes, mp.Upstream("x", 1, ()), "al@example.com",
+                                      "imap"), mp.Upstream("farm", 0, (), "farm"))
+
+    def test_health_check(self):
+        parse = mp.parse_health_check
+        self.assertIsNone(parse(["off"]))
+        self.assertEqual(parse(["on"]), mp.HealthCheck(5.0, 5.0))
+        self.assertEqual(parse(["on", "interval=2s", "timeout=500ms"]), mp.HealthCheck(2, 0.5))
+        for args in (["maybe"], ["on", "interval=0"], ["on", "rise=2"], []):
+            with self.assertRaises(mp.ConfigValueError, msg=args):
+                parse(args)
+
+    def test_mistakes_are_named_with_their_line(self):
+        path, errors = config_errors(self, """
+            [mail]
+            proxy_pass = nowhere
+
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+
+            [upstream farm]
+            server = 127.0.0.1:1143 weight=0
+                     127.0.0.1:2143 maxfails=2
+            balance = random
+            health_check = on every=5s
+            timeout = 5s
+
+            [upstream empty]
+            balance = least_conn
+            """)
+        text = "\n".join(str(error) for error in errors)
+        self.assertIn("%s:10: [upstream farm] server: must be at least 1" % path, text)
+        self.assertIn('%s:12: [upstream farm] balance: invalid value "random", it must be '
+                      '"round_robin" or "least_conn" or "user_hash"' % path, text)
+        self.assertIn('%s:13: [upstream farm] health_check: invalid parameter "every=5s"' % path, text)
+        self.assertIn('%s:14: [upstream farm] timeout: "timeout" directive is not allowed in '
+                      '[upstream NAME]' % path, text)
+        self.assertIn('%s:16: [upstream empty] no servers are inside upstream "empty"' % path, text)
+        self.assertIn("%s:3: [mail] proxy_pass: no [upstream nowhere] section" % path, text)
+
+    def test_each_server_line_is_checked(self):
+        path, errors = config_errors(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+                     127.0.0.1:2143 maxfails=2
+            """)
+        self.assertEqual([str(error) for error in errors],
+                         ['%s:8: [upstream farm] server: invalid parameter "maxfails=2"' % path])
+
+    def test_a_route_without_port_cannot_take_a_pools(self):
+        path, errors = config_errors(self, self.UPSTREAM, """
+            carol = 127.0.0.2
+            """)
+        self.assertEqual([str(error) for error in errors], [
+            '%s:23: [routes] carol: "127.0.0.2" has no port, and the imap server "imap" passes '
+            'to the upstream "farm", whose port it cannot take: write HOST:PORT' % path])
+
+    def test_a_route_is_named_once_whatever_the_number_of_servers(self):
+        _, errors = config_errors(self, self.UPSTREAM, """
+            carol = 127.0.0.2
+
+            [server imap2]
+            listen = 127.0.0.1:18144
+            protocol = imap
+            """)
+        self.assertEqual([error.directive for error in errors], ["carol"])
+
+    def test_auth_server_names_a_pool_or_one_of_its_servers(self):
+        upstreams = {"farm": mp.UpstreamSpec("farm", (pool_server(1143), pool_server(2143)))}
+        named = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"farm"}, b""), "imap", True, upstreams=upstreams)
+        self.assertEqual(named.upstream, mp.Upstream("farm", 0, (), "farm"))
+        member = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"127.0.0.1", "auth-port": b"2143"}, b""),
+            "imap", True, upstreams=upstreams)
+        self.assertEqual((member.upstream.text, member.upstream.pool), ("127.0.0.1:2143", "farm"))
+        stranger = mp.interpret_auth_response(mp.AuthHttpResponse({
+            "auth-status": b"OK", "auth-server": b"127.0.0.1", "auth-port": b"3143"}, b""),
+            "imap", True, upstreams=upstreams)
+        self.assertEqual(stranger.upstream.pool, "")
+        with self.assertRaises(mp.AuthHttpError):      # no port, and no pool of that name
+            mp.interpret_auth_response(mp.AuthHttpResponse({
+                "auth-status": b"OK", "auth-server": b"barn"}, b""), "imap", True,
+                upstreams=upstreams)
+
+
+class PoolChoiceTests(unittest.TestCase):
+    """The Pool's choices, sans-I/O: the time is an argument."""
+
+    def test_smooth_weighted_round_robin_as_nginx(self):
+        pool = pool_of(pool_server(1, weight=5), pool_server(2), pool_server(3))
+        order = [pool.choose(b"", 0.0).address.port for _ in range(14)]
+        self.assertEqual(order, [1, 1, 2, 1, 3, 1, 1] * 2)
+
+    def test_least_conn_counts_the_sessions(self):
+        one, two = pool_server(1), pool_server(2, weight=2)
+        pool = pool_of(one, two, balance="least_conn")
+        leases = [pool.lease(pool.choose(b"", 0.0)) for _ in range(3)]
+        # 0/1 == 0/2: round robin's pick, 2; then 0/1 < 1/2: 1; then 1/1 > 1/2: 2.
+        self.assertEqual([lease.state.server.address.port for lease in leases], [2, 1, 2])
+        self.assertEqual([state.active for state in pool.states], [1, 2])
+        leases[0].release()
+        leases[0].release()                                       # once only
+        self.assertEqual([state.active for state in pool.states], [1, 1])
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(3)}, {2})
+
+    def test_user_hash_is_sticky_and_removing_a_server_moves_only_its_users(self):
+        for count in (2, 3, 4, 5):
+            servers = [pool_server(port) for port in range(1, count + 1)]
+            before = hashed_logins(pool_of(*servers, balance="user_hash"))
+            self.assertEqual(before, hashed_logins(pool_of(*servers, balance="user_hash")))
+            shares = collections.Counter(before.values())
+            for port in shares:        # each server's share is about 1/N
+                self.assertLess(abs(shares[port] / 10000 - 1 / count), 0.03, (count, shares))
+            after = hashed_logins(pool_of(*servers[:-1], balance="user_hash"))
+            moved = [login for login in before if before[login] != after[login]]
+            self.assertTrue(all(before[login] == count for login in moved))
+            self.assertLessEqual(len(moved) / 10000, 1 / count + 0.02, count)
+
+    def test_user_hash_weights(self):
+        pool = pool_of(pool_server(1, weight=3), pool_server(2), balance="user_hash")
+        shares = collections.Counter(hashed_logins(pool).values())
+        self.assertLess(abs(shares[1] / 10000 - 0.75), 0.03, shares)
+
+    def test_user_hash_fails_over_and_comes_back(self):
+        servers = [pool_server(port) for port in (1, 2, 3)]
+        pool = pool_of(*servers, balance="user_hash")
+        before = hashed_logins(pool, 1000)
+        self.assertIsNotNone(pool.failed(servers[0], 100.0))      # max_fails=1: out for 10s
+        during = hashed_logins_at(pool, 105.0)
+        self.assertTrue(all(during[login] != 1 for login in during))
+        self.assertTrue(all(during[login] == before[login] for login in before if before[login] != 1))
+        self.assertEqual(hashed_logins_at(pool, 110.5), before)
+
+    def test_max_fails_within_fail_timeout(self):
+        server = pool_server(1, max_fails=2, fail_timeout=10)
+        pool = pool_of(server, pool_server(2))
+        self.assertIsNone(pool.failed(server, 0.0))
+        self.assertIsNone(pool.failed(server, 11.0))     # the first is too old to count
+        message = pool.failed(server, 15.0)
+        self.assertEqual(message, 'upstream server temporarily disabled: 127.0.0.1:1 of upstream '
+                                  '"farm" failed 2 times within 10s, no new logins for 10s')
+        self.assertEqual({pool.choose(b"", 20.0).address.port for _ in range(4)}, {2})
+        self.assertEqual({pool.choose(b"", 25.5).address.port for _ in range(4)}, {1, 2})
+        pool.failed(server, 30.0)
+        pool.succeeded(server)                           # a success forgets the failures
+        self.assertIsNone(pool.failed(server, 31.0))
+
+    def test_max_fails_zero_never_takes_a_server_out(self):
+        server = pool_server(1, max_fails=0)
+        pool = pool_of(server, pool_server(2))
+        for moment in range(5):
+            self.assertIsNone(pool.failed(server, float(moment)))
+        self.assertIn(1, {pool.choose(b"", 5.0).address.port for _ in range(2)})
+
+    def test_tried_servers_are_skipped_then_none_is_left(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        first = pool.choose(b"", 0.0)
+        second = pool.choose(b"", 0.0, [first])
+        self.assertEqual({first, second}, {one, two})
+        self.assertIsNone(pool.choose(b"", 0.0, [one, two]))
+
+    def test_backup_down_and_drain(self):
+        primary, backup = pool_server(1), pool_server(2, backup=True)
+        down, drain = pool_server(3, down=True), pool_server(4, drain=True)
+        pool = pool_of(primary, backup, down, drain)
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(5)}, {1})
+        pool.failed(primary, 0.0)
+        self.assertEqual(pool.choose(b"", 1.0).address.port, 2)      # the backup, now
+        self.assertIsNone(pool.choose(b"", 1.0, [backup, primary]))  # never down, never drain
+
+    def test_when_all_are_out_the_soonest_back_is_tried(self):
+        one, two = pool_server(1, fail_timeout=10), pool_server(2, fail_timeout=10)
+        pool = pool_of(one, two)
+        pool.failed(two, 0.0)
+        pool.failed(one, 2.0)
+        self.assertEqual(pool.choose(b"", 3.0).address.port, 2)
+        self.assertEqual(pool.choose(b"", 3.0, [two]).address.port, 1)
+
+    def test_an_address_in_another_spelling_is_the_same_server(self):
+        address = mp.Upstream("::1", 1143, ((socket.AF_INET6, ("::1", 1143, 0, 0)),))
+        server = mp.UpstreamServer(address)
+        pool = pool_of(pool_server(1), server)
+        self.assertEqual(mp.pool_of_address({"farm": pool.spec}, "0:0::1", 1143), "farm")
+        self.assertEqual(mp.pool_of_address({"farm": pool.spec}, "0:0::1", 1144), "")
+        self.assertIs(pool.choose(b"", 0.0, prefer=("0:0:0::1", 1143)), server)
+
+    def test_the_auth_servers_choice_comes_first(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        self.assertEqual({pool.choose(b"", 0.0, prefer=("127.0.0.1", 2)).address.port
+                          for _ in range(4)}, {2})
+        pool.failed(two, 0.0)
+        self.assertEqual(pool.choose(b"", 1.0, prefer=("127.0.0.1", 2)).address.port, 1)
+
+    def test_the_active_check_takes_a_server_out_and_back_logged_once(self):
+        one, two = pool_server(1), pool_server(2)
+        pool = pool_of(one, two)
+        self.assertIsNone(pool.checked(one, True, ""))            # up, as it was
+        self.assertEqual(pool.checked(one, False, "timed out"), (
+            "warn", 'upstream server 127.0.0.1:1 of upstream "farm" is down (health check: '
+                    'timed out)'))
+        self.assertIsNone(pool.checked(one, False, "timed out"))  # once
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {2})
+        self.assertEqual(pool.up(0.0), [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+        self.assertEqual(pool.checked(one, True, ""), (
+            "notice", 'upstream server 127.0.0.1:1 of upstream "farm" is up again (health check)'))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
+
+    def test_set_drain_reaches_every_process_through_the_books(self):
+        spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
+        books, sent = mp.SharedBooks(), []
+        books.add(mp.UpstreamDrains())
+        books.outlet = sent.append
+        pools = mp.Pools({"farm": spec}, books.of(mp.UpstreamDrains))
+        self.assertTrue(pools.set_drain("farm", "127.0.0.1:1", True))
+        self.assertFalse(pools.set_drain("farm", "127.0.0.1:9", True))
+        self.assertFalse(pools.set_drain("barn", "127.0.0.1:1", True))
+        pool = pools.pool_for(mp.Config("x", None, [], {}, {}, upstreams={"farm": spec}),
+                              mp.Upstream("farm", 0, (), "farm"))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {2})
+        self.assertEqual(sent, [b'["upstream drain","farm","127.0.0.1:1",true]'])
+        other = mp.SharedBooks()                       # another worker hears it
+        other.add(mp.UpstreamDrains())
+        other.apply(mp.decode_event(sent[0]))
+        self.assertTrue(other.of(mp.UpstreamDrains).draining("farm", "127.0.0.1:1", False))
+        pools.set_drain("farm", "127.0.0.1:1", False)
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
+        # From the master, which has no Pools: the same through the book.
+        drains = books.of(mp.UpstreamDrains)
+        self.assertTrue(mp.drain_server({"farm": spec}, drains, "farm", "127.0.0.1:2", True))
+        self.assertFalse(mp.drain_server({"farm": spec}, drains, "farm", "127.0.0.1:3", True))
+        self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1})
+
+    def test_every_process_hears_what_a_worker_took_out(self):
+        one, two = pool_server(1), pool_server(2)
+        books, sent = mp.SharedBooks(), []
+        books.add(mp.UpstreamHealth())
+        books.outlet = sent.append
+        pools = mp.Pools({"farm": mp.UpstreamSpec("farm", (one, two))}, None,
+                         books.of(mp.UpstreamHealth))
+        pool = pools.pools["farm"]
+        pool.succeeded(two)                            # a login: nothing to tell
+        self.assertEqual(sent, [])
+        pool.failed(one, 100.0)
+        pool.checked(two, False, "timed out")
+        master = mp.SharedBooks()                      # the master, say
+        master.add(mp.UpstreamHealth())
+        for data in sent:
+            master.apply(mp.decode_event(data))
+        health = master.of(mp.UpstreamHealth)
+        self.assertEqual([health.up("farm", "127.0.0.1:1", now) for now in (105.0, 110.5)],
+                         [False, True])
+        self.assertFalse(health.up("farm", "127.0.0.1:2", 1e9))   # until a check finds it up
+        pool.succeeded(one)
+        master.apply(mp.decode_event(sent[-1]))
+        self.assertTrue(health.up("farm", "127.0.0.1:1", 105.0))
+        master.apply(("worker gone", os.getpid()))
+        self.assertTrue(health.up("farm", "127.0.0.1:2", 0.0))
+        pools.reconfigure({})                          # the pool goes: so does what it said
+        self.assertEqual(mp.decode_event(sent[-1]),
+                         ("upstream health", os.getpid(), "farm", "127.0.0.1:2", 0.0))
+
+    def test_a_reload_keeps_what_was_learned_of_an_unchanged_pool(self):
+        spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
+        pools = mp.Pools({"farm": spec})
+        pools.pools["farm"].failed(spec.servers[0], 0.0)
+        pools.reconfigure({"farm": spec})
+        self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+        self.assertEqual(pools.up(1.0), [("farm", "127.0.0.1:1", False), ("farm", "127.0.0.1:2", True)])
+        self.assertEqual(pools.up(10.0), [("farm", "127.0.0.1:1", True), ("farm", "127.0.0.1:2", True)])
+        pools.reconfigure({"farm": spec._replace(balance="least_conn")})
+        self.assertEqual(pools.pools["farm"].up(1.0), [("127.0.0.1:1", True), ("127.0.0.1:2", True)])
+
+
+def hashed_logins_at(pool: mp.Pool, now: float, count: int = 1000) -> Dict[bytes, int]:
+    return {login: pool.choose(login, now).address.port
+            for login in (b"user%d" % n for n in range(count))}
+
+
+class PoolEndToEndTests(EndToEndTestCase):
+    """Real loopback backends behind a proxy passing to a pool."""
+
+    def pool_proxy(self, protocol: str, servers, balance: str = "", **mail) -> ProxyUnderTest:
+        return self.use(ProxyUnderTest(pool_config(protocol, servers, balance, **mail)))
+
+    def logged_in(self, proxy: ProxyUnderTest) -> Client:
+        client = self.connect(proxy)
+        self.imap_login(client)
+        return client
+
+    def test_one_of_two_killed_mid_run_and_100_logins_all_succeed(self):
+        first, second = FakeImapBackend(), self.use(FakeImapBackend())
+        self.addCleanup(first.close)
+        # fail_timeout=5m: however slow the run, the dead server is not tried again.
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d fail_timeout=5m" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        for number in range(100):
+            if number == 40:
+                first.close()          # its port refuses connections from now on
+            client = self.logged_in(proxy)
+            client.send("a2 NOOP")
+            client.expect(rb"^a2 OK NOOP completed\r\n$")
+            client.close()
+        self.assertEqual(len(first.logins), 20)        # round robin, until it died
+        self.assertEqual(len(second.logins), 80)
+        # It failed once (max_fails=1): out for 10 s, so no other login tried it.
+        self.assertEqual(len(re.findall(r"connect\(\) failed \(111", proxy.log)), 1, proxy.log)
+        proxy.wait_for_log(
+            r'\[warn\] .*upstream server temporarily disabled: 127\.0\.0\.1:%d of upstream "farm" '
+            r"failed 1 time within 300s, no new logins for 300s" % first.port)
+        proxy.wait_for_log(
+            r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed \(upstream '
+            r"unreachable\), the login goes on with the next server while connecting to upstream"
+            % first.port)
+        proxy.wait_for_log(r'\[info\] \d+#0: \*\d+ client logged in .*upstream: 127\.0\.0\.1:%d'
+                           % second.port)
+
+    def test_a_bad_greeting_fails_over(self):
+        bad, good = self.use(FakeImapBackend(mode="bad-greeting")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d fail_timeout=5m" % bad.port,
+                                         "127.0.0.1:%d" % good.port],
+                                proxy_pass_error_message="on")
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(bad.received), 1)         # then out for fail_timeout
+        self.assertEqual(len(good.logins), 3)
+        self.assertEqual(bytes(good.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+        proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
+
+    def test_a_silent_server_times_out_and_fails_over(self):
+        silent, good = self.use(FakeImapBackend(mode="stall")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % silent.port,
+                                         "127.0.0.1:%d" % good.port], timeout="1s")
+        client = self.logged_in(proxy)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        self.assertEqual(len(silent.received), 1)
+        proxy.wait_for_log(r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed '
+                           r"\(upstream timed out\)" % silent.port)
+
+    def test_no_server_alive_is_the_internal_error(self):
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % free_port(),
+                                         "127.0.0.1:%d" % free_port()])
+        self.login_gets_internal_error(self.connect(proxy), "imap")
+        proxy.wait_for_log(r'\[error\] .*no live upstreams in upstream "farm"')
+
+    def test_the_backends_refusal_is_no_failure_of_the_server(self):
+        refusing, other = self.use(FakeImapBackend(mode="refuse")), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % refusing.port,
+                                         "127.0.0.1:%d" % other.port],
+                                proxy_pass_error_message="on")
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 NO \[AUTHENTICATIONFAILED\] bad\r\n$")
+        self.assertEqual(other.logins, [])
+        self.assertNotIn("temporarily disabled", proxy.log)
+
+    def test_pop3_fails_over_too(self):
+        dead, good = free_port(), self.use(FakePop3Backend())
+        proxy = self.pool_proxy("pop3", ["127.0.0.1:%d" % dead, "127.0.0.1:%d" % good.port])
+        for _ in range(2):
+            client = self.connect(proxy)
+            self.pop3_login(client)
+            client.close()
+        self.assertEqual(len(good.logins), 2)
+
+    def test_user_hash_sends_a_login_to_the_same_server(self):
+        backends = [self.use(FakeImapBackend(accept=None)) for _ in range(3)]
+        users = {"user%d" % n: "{PLAIN}pw" for n in range(12)}
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % b.port for b in backends],
+                                "user_hash", users=users)
+        for _ in range(2):
+            for login in users:
+                client = self.connect(proxy)
+                client.expect_line(mp.IMAP_GREETING)
+                client.send("a1 LOGIN %s pw" % login)
+                client.expect(rb"^a1 OK")
+                client.close()
+        placed = {}
+        for backend in backends:
+            for login, _ in backend.logins:
+                placed.setdefault(login, set()).add(backend.port)
+        self.assertEqual(sorted(placed), sorted(login.encode() for login in users))
+        self.assertTrue(all(len(ports) == 1 for ports in placed.values()), placed)
+        spec = proxy.config.upstreams["farm"]
+        for login, ports in placed.items():
+            self.assertEqual(ports, {mp.Pool(spec).choose(login, 0.0).address.port})
+
+    def test_the_active_check_finds_the_dead_before_a_login_does(self):
+        bad, good = self.use(FakeImapBackend(mode="bad-greeting")), self.use(FakeImapBackend())
+        dead = free_port()
+        text = pool_config("imap", ["127.0.0.1:%d" % bad.port, "127.0.0.1:%d" % dead,
+                                    "127.0.0.1:%d" % good.port])
+        proxy = self.use(ProxyUnderTest(text + "health_check = on interval=5m timeout=2s\n"))
+        proxy.wait_for_log(r'\[warn\] \d+#0: upstream server 127\.0\.0\.1:%d of upstream "farm" is '
+                           r'down \(health check: greeting "\* BYE not today"\)' % bad.port)
+        proxy.wait_for_log(r'\[warn\] \d+#0: upstream server 127\.0\.0\.1:%d of upstream "farm" is '
+                           r'down \(health check: connect\(\) failed \(111: ' % dead)
+        wait_until(lambda: len(good.received) == 1 and
+                   bytes(good.received[0]) == b"H1 LOGOUT\r\n", what="the check's goodbye")
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(good.logins), 3)
+        self.assertEqual(len(bad.received), 1)         # the check's, no login's
+        self.assertNotIn("while connecting to upstream", proxy.log)   # no login met a dead one
+        self.assertNotIn("%d of upstream \"farm\" is down" % good.port, proxy.log)
+
+    def test_least_conn_counts_the_running_sessions(self):
+        one, two = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % one.port, "127.0.0.1:%d" % two.port],
+                                "least_conn")
+        held = self.logged_in(proxy)                   # a tie: round robin's first
+        for _ in range(4):                             # one each, ended before the next
+            client = self.logged_in(proxy)
+            client.send("a2 LOGOUT")
+            client.read_until_closed()
+            wait_until(lambda: len(proxy.worker.sessions) == 1, what="the session to end")
+        self.assertEqual((len(one.logins), len(two.logins)), (1, 4))
+        held.send("a2 NOOP")
+        held.expect(rb"^a2 OK NOOP completed\r\n$")
+
+    def test_a_drained_server_takes_no_new_session_and_its_sessions_go_on(self):
+        first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        old = self.logged_in(proxy)                    # round robin: the first
+        self.assertEqual(len(first.logins), 1)
+        done = threading.Event()
+        proxy.worker.loop.call_soon_threadsafe(lambda: (
+            proxy.worker.pools.set_drain("farm", "127.0.0.1:%d" % first.port, True), done.set()))
+        self.assertTrue(done.wait(5))
+        for _ in range(4):
+            self.logged_in(proxy).close()
+        self.assertEqual((len(first.logins), len(second.logins)), (1, 4))
+        old.send("a2 FETCH 1 BODY[]")                  # the old session still relays
+        old.expect(rb"^\* 1 FETCH \(BODY\[\] \{7\}\r\n$")
+        self.assertEqual(old.read_exactly(7), b"hello\r\n")
+
+    def test_drain_by_a_reload(self):
+        backends = [self.use(FakeImapBackend()) for _ in range(3)]
+        servers = ["127.0.0.1:%d" % backend.port for backend in backends]
+        proxy = self.pool_proxy("imap", servers)
+        old = self.logged_in(proxy)                    # round robin: the first
+        with open(proxy.config.path) as handle:
+            text = handle.read()
+        log = os.path.join(os.path.dirname(proxy.config.path), "reloaded.log")
+        with open(proxy.config.path, "w") as handle:
+            handle.write(text.replace(servers[0], servers[0] + " drain").replace(
+                "[main]\n", "[main]\nerror_log = %s info\n" % log))
+        proxy.worker.loop.call_soon_threadsafe(proxy.worker.reload)
+        wait_until(lambda: os.path.exists(log) and "configuration reloaded" in read_text(log),
+                   what="the reload")
+        for _ in range(4):
+            self.logged_in(proxy).close()
+        # The new pool's round robin goes on from login to login: 2 and 2.
+        self.assertEqual([len(backend.logins) for backend in backends], [1, 2, 2])
+        old.send("a2 NOOP")
+        old.expect(rb"^a2 OK NOOP completed\r\n$")
+
+    def test_drain_in_the_file(self):
+        first, second = self.use(FakeImapBackend()), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d drain" % first.port,
+                                         "127.0.0.1:%d" % second.port])
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual((len(first.logins), len(second.logins)), (0, 3))
+
+    def test_a_route_names_the_pool(self):
+        direct, first, second = (self.use(FakeImapBackend()) for _ in range(3))
+        text = pool_config("imap", ["127.0.0.1:%d" % first.port, "127.0.0.1:%d" % second.port],
+                           proxy_pass="127.0.0.1:%d" % direct.port)
+        proxy = self.use(ProxyUnderTest(text + "\n[routes]\nalice = farm\n"))
+        for _ in range(2):
+            self.logged_in(proxy).close()
+        self.assertEqual([len(b.logins) for b in (direct, first, second)], [0, 1, 1])
+
+    def test_auth_server_names_the_pool_or_a_server_of_it(self):
+        dead, good = free_port(), self.use(FakeImapBackend())
+        auth = self.auth_server(auth_response(("Auth-Status", "OK"), ("Auth-Server", "farm")),
+                                auth_ok(dead), auth_ok(good.port))
+        proxy = self.use(ProxyUnderTest(pool_config(
+            "imap", ["127.0.0.1:%d" % good.port, "127.0.0.1:%d" % dead], auth_port=auth.port)))
+        for _ in range(3):
+            self.logged_in(proxy).close()
+        self.assertEqual(len(good.logins), 3)
+        # The second named the dead server: tried first, then the pool's other.
+        proxy.wait_for_log(r'upstream server 127\.0\.0\.1:%d of upstream "farm" failed' % dead)
+
+    def test_auth_backend_fails_over(self):
+        dead, good = free_port(), self.use(FakeImapBackend())
+        proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % dead, "127.0.0.1:%d" % good.port],
+                                auth="backend")
+        client = self.logged_in(proxy)
+        client.send("a2 NOOP")
+        client.expect(rb"^a2 OK NOOP completed\r\n$")
+        self.assertEqual(good.logins, [(b"alice", b"secret")])
+        proxy.wait_for_log(r'failed \(upstream unreachable\), the login goes on')
+
+
+def identity_script(protocol: str, starttls: bool = False, **settings) -> list:
+    """login_script for alice (client 192.0.2.7:40000, who connected to
+    127.0.0.1:143, session 7) with ``settings``."""
+    attempt = mp.LoginAttempt(mp.Credentials(b"alice", b"secret"), 1, protocol, "192.0.2.7", 40000,
+                              "[UNAVAILABLE]", tag=b"a1 ")
+    outcome = mp.AuthOutcome(mp.Verdict.OK, b"alice", b"secret")
+    return mp.login_script(server_settings(protocol, **settings), attempt, outcome, starttls,
+                           ("127.0.0.1", 143), 7)
+
+
+IMAP_ID_ON_THE_WIRE = (b'I1 ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "40000" '
+                       b'"x-connected-ip" "127.0.0.1" "x-connected-port" "143" '
+                       b'"x-session-id" "7")\r\n')
+POP3_XCLIENT_ON_THE_WIRE = b"XCLIENT ADDR=192.0.2.7 PORT=40000\r\n"
+IMAP_LOGIN_REPLIES = [b"+ go\r\n", b"+ go\r\n", b"a1 OK done\r\n"]
+POP3_LOGIN_REPLIES = [b"+OK\r\n", b"+OK logged in\r\n"]
+
+
+class ClientIdentityScriptTests(unittest.TestCase):
+    """imap_id and pop3_xclient: what the backend receives, byte for byte,
+    as it advertises or not."""
+
+    def test_imap_id_when_the_greeting_lists_it(self):
+        sent, events, _ = run_script(identity_script("imap", imap_id=True), [
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID] ready\r\n",
+            b'* ID ("name" "Dovecot")\r\nI1 OK ID completed\r\n'] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_ON_THE_WIRE)
+        self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_imap_id_asks_for_the_capabilities_when_the_greeting_has_none(self):
+        sent, _, _ = run_script(identity_script("imap", imap_id=True), [
+            b"* OK ready\r\n", b"* CAPABILITY IMAP4rev1 id\r\nC1 OK done\r\n",
+            b"* ID NIL\r\nI1 OK\r\n"] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, b"C1 CAPABILITY\r\n" + IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_no_imap_id_unless_advertised(self):
+        for replies in ([b"* OK [CAPABILITY IMAP4rev1] ready\r\n"],
+                        [b"* OK ready\r\n", b"* CAPABILITY IMAP4rev1\r\nC1 OK\r\n"],
+                        [b"* OK ready\r\n", b"C1 BAD what\r\n"]):
+            with self.subTest(replies=replies):
+                sent, events, _ = run_script(identity_script("imap", imap_id=True),
+                                             replies + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+                self.assertNotIn(b" ID ", sent)
+                self.assertTrue(sent.endswith(IMAP_LOGIN_ON_THE_WIRE), sent)
+                self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_imap_id_off_sends_nothing(self):
+        sent, _, _ = run_script(identity_script("imap"), [
+            b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n"] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
+        self.assertEqual(sent, IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_imap_id_after_starttls_asks_again(self):
+        """What the backend said in clear is forgotten (RFC 3207 §4.2)."""
+        login = mp.BackendLogin(identity_script("imap", True, imap_id=True), b"a1 ")
+        login.receive_data(b"* OK [CAPABILITY IMAP4rev1 STARTTLS ID] ready\r\n")
+        self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
+        self.assertEqual(login.receive_data(b"S1 OK go\r\n"), [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"C1 CAPABILITY\r\n")
+        login.receive_data(b"* CAPABILITY IMAP4rev1 ID\r\nC1 OK\r\n")
+        self.assertEqual(login.data_to_send(), IMAP_ID_ON_THE_WIRE)
+
+    def test_pop3_xclient_when_the_greeting_says_so(self):
+        sent, events, _ = run_script(identity_script("pop3", pop3_xclient=True), [
+            b"+OK [XCLIENT] Dovecot ready.\r\n", b"+OK\r\n"] + POP3_LOGIN_REPLIES)
+        self.assertEqual(sent, POP3_XCLIENT_ON_THE_WIRE + POP3_LOGIN_ON_THE_WIRE)
+        self.assertEqual(events, [mp.LoginDone(b"+OK logged in\r\n")])
+
+    def test_pop3_xclient_when_capa_lists_it(self):
+        sent, _, _ = run_script(identity_script("pop3", pop3_xclient=True), [
+            b"+OK ready\r\n", b"+OK\r\nTOP\r\nXCLIENT\r\nUSER\r\n.\r\n", b"+OK\r\n"]
+            + POP3_LOGIN_REPLIES)
+        self.assertEqual(sent, b"CAPA\r\n" + POP3_XCLIENT_ON_THE_WIRE + POP3_LOGIN_ON_THE_WIRE)
+
+    def test_no_pop3_xclient_unless_advertised(self):
+        for replies in ([b"+OK ready\r\n", b"+OK\r\nTOP\r\nUSER\r\n.\r\n"],
+                        [b"+OK ready\r\n", b"-ERR no CAPA here\r\n"]):
+            with self.subTest(replies=replies):
+                sent, events, _ = run_script(identity_script("pop3", pop3_xclient=True),
+                                             replies + POP3_LOGIN_REPLIES)
+                self.assertEqual(sent, b"CAPA\r\n" + POP3_LOGIN_ON_THE_WIRE)
+                self.assertEqual(events, [mp.LoginDone(b"+OK logged in\r\n")])
+
+    def test_a_unix_socket_client_is_unavailable(self):
+        self.assertEqual(mp.pop3_xclient_command("unix:", 0), b"XCLIENT ADDR=[UNAVAILABLE] PORT=0\r\n")
+        self.assertEqual(mp.imap_id_command([("x-originating-ip", "unix:"), ("x-session-id", "3")]),
+                         b'I1 ID ("x-session-id" "3")\r\n')
+
+
+class PoolOverrideTests(EndToEndTestCase):
+    """A pool's own backend dialogue: what its servers receive."""
+
+    def test_a_pool_sends_the_imap_id_and_proxy_header_the_server_does_not(self):
+        pooled = self.use(ScriptedBackend(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n", 2,
+                                          b"* ID NIL\r\nI1 OK\r\n", 1, b"+ go\r\n", 1, b"+\r\n",
+                                          1, b"a1 OK done\r\n"))
+        direct = self.use(ScriptedBackend(b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n", 1,
+                                          b"+ go\r\n", 1, b"+\r\n", 1, b"a1 OK done\r\n"))
+        text = pool_config("imap", ["127.0.0.1:%d" % pooled.port],
+                           proxy_pass="127.0.0.1:%d" % direct.port)
+        text += "imap_id = on\nproxy_protocol = on\n\n[routes]\nbob = farm\n"
+        users = "alice = {PLAIN}secret\nbob = {PLAIN}secret\n"
+        proxy = self.use(ProxyUnderTest(text.replace("alice = {PLAIN}secret\n", users)))
+        for login in ("alice", "bob"):
+            client = self.connect(proxy)
+            client.expect_line(mp.IMAP_GREETING)
+            client.send("a1 LOGIN %s secret" % login)
+            client.expect(rb"^a1 OK done\r\n$")
+        wait_until(lambda: len(pooled.received) == 1 and bytes(pooled.received[0]).endswith(
+            b"secret\r\n"), what="the pool's backend to get the login")
+        received = bytes(pooled.received[0])
+        header, _, rest = received.partition(b"\r\n")
+        self.assertRegex(header, rb"^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ %d$" % proxy.port)
+        client_port = int(header.split()[4])
+        self.assertEqual(rest, (b'I1 ID ("x-originating-ip" "127.0.0.1" "x-originating-port" '
+                                b'"%d" "x-connected-ip" "127.0.0.1" "x-connected-port" "%d" '
+                                b'"x-session-id" "2")\r\n' % (client_port, proxy.port))
+                         + b"a1 LOGIN {3}\r\nbob {6}\r\nsecret\r\n")
+        self.assertEqual(bytes(direct.received[0]), IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_a_pools_directive_is_checked_and_others_refused(self):
+        path, errors = config_errors(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+            imap_id = maybe
+            imap_capabilities = IMAP4rev1
+            """)
+        self.assertEqual([str(error) for error in errors], [
+            '%s:9: [upstream farm] imap_id: invalid value "maybe", it must be "on" or "off"' % path,
+            '%s:10: [upstream farm] imap_capabilities: "imap_capabilities" directive is not '
+            'allowed in [upstream NAME]' % path])
+
+    def test_a_pools_proxy_ssl_files_are_checked(self):
+        path = TempDir(self).write("mailproxy.conf", """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+            proxy_ssl = on
+            proxy_ssl_trusted_certificate = missing.pem
+            """)
+        with self.assertRaises(mp.ConfigErrors) as caught:
+            mp.load_and_prepare(path)
+        self.assertEqual(len(caught.exception.errors), 1)
+        self.assertRegex(str(caught.exception.errors[0]),
+                         r"^%s:10: \[upstream farm\] proxy_ssl_trusted_certificate: "
+                         % re.escape(path))
+
+
+# ========================================================================== #
+# ####                        Status and control                        #### #
+# ========================================================================== #
+
+# -- a strict reader of Prometheus's text exposition format 0.0.4 -----------------------
+# promtool is not installed here; this checks what `promtool check metrics`
+# checks of the format, and the conventions it lints (counters end in
+# _total, one TYPE and HELP per family before its samples, histograms whole).
+
+EXPOSITION_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+EXPOSITION_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+EXPOSITION_SAMPLE = re.compile(r"(%s)(?:\{(.*)\})? (\S+)(?: (-?\d+))?" % EXPOSITION_NAME)
+EXPOSITION_TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+def exposition_value(text: str) -> float:
+    if text in ("+Inf", "-Inf", "NaN"):
+        return float(text.replace("Inf", "inf").replace("NaN", "nan"))
+    if not re.fullmatch(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text):
+        raise AssertionError("not a sample value: %r" % text)
+    return float(text)
+
+
+def exposition_labels(text: str) -> tuple:
+    """``a="1",b="x"`` -> (("a", "1"), ("b", "x")), strictly."""
+    labels, position = [], 0
+    while position < len(text):
+        match = EXPOSITION_LABEL.match(text, position)
+        assert match, "bad label syntax at %r" % text[position:]
+        name = match.group(1)
+        assert not name.startswith("__"), "reserved label name %s" % name
+        assert name not in dict(labels), "label %s twice" % name
+        value = re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), match.group(2))
+        labels.append((name, value))
+        position = match.end()
+        if position < len(text):
+            assert text[position] == ",", "no comma at %r" % text[position:]
+            position += 1
+            assert position < len(text), "a trailing comma"
+    return tuple(labels)
+
+
+def parse_exposition(text: str) -> dict:
+    """(sample name, ((label, value), ...)) -> value of a text exposition,
+    checked strictly; AssertionError says what is wrong."""
+    assert text.endswith("\n"), "the last line must end with a line feed"
+    types, helps, samples, seen_families = {}, set(), {}, []
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = "line %d: %r" % (number, line)
+        assert line, "an empty line (%s)" % where
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                assert re.fullmatch(EXPOSITION_NAME, parts[2]), where
+                assert parts[2] not in seen_families, "metadata after samples (%s)" % where
+                if parts[1] == "TYPE":
+                    assert parts[2] not in types, "TYPE twice (%s)" % where
+                    assert len(parts) == 4 and parts[3] in EXPOSITION_TYPES, where
+                    types[parts[2]] = parts[3]
+                else:
+                    assert parts[2] not in helps, "HELP twice (%s)" % where
+                    assert len(parts) == 4 and not re.search(r"\\[^\\n]", parts[3]), where
+                    helps.add(parts[2])
+            continue
+        match = EXPOSITION_SAMPLE.fullmatch(line)
+        assert match, "not a sample (%s)" % where
+        name, labels = match.group(1), exposition_labels(match.group(2) or "")
+        family = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and types.get(name[:-len(suffix)]) in ("histogram", "summary"):
+                family = name[:-len(suffix)]
+        assert family in types, "a sample before its TYPE (%s)" % where
+        if seen_families and seen_families[-1] != family:
+            assert family not in seen_families, "family %s split up (%s)" % (family, where)
+            seen_families.append(family)
+        elif not seen_families:
+            seen_families.append(family)
+        if types[family] == "histogram" and name.endswith("_bucket"):
+            assert dict(labels).get("le"), "a bucket without le (%s)" % where
+        key = (name, tuple(sorted(labels)))
+        assert key not in samples, "a series twice (%s)" % where
+        samples[key] = exposition_value(match.group(3))
+        if types[family] == "counter":
+            assert family.endswith("_total"), "a counter's name must end in _total: %s" % family
+            assert samples[key] >= 0, "a negative counter (%s)" % where
+    for family, kind in types.items():
+        if kind == "histogram":
+            check_histogram(family, samples)
+    return samples
+
+
+def check_histogram(family: str, samples: dict) -> None:
+    """Buckets cumulative, +Inf there and equal to _count, per label set."""
+    series = {}
+    for (name, labels), value in samples.items():
+        if name == family + "_bucket":
+            rest = tuple(item for item in labels if item[0] != "le")
+            series.setdefault(rest, []).append((exposition_value(dict(labels)["le"]), value))
+    for rest, buckets in series.items():
+        buckets.sort()
+        counts = [count for _, count in buckets]
+        assert counts == sorted(counts), "%s buckets not cumulative: %r" % (family, buckets)
+        assert buckets[-1][0] == float("inf"), "%s has no +Inf bucket" % family
+        assert samples.get((family + "_count", rest)) == buckets[-1][1], \
+            "%s_count is not the +Inf bucket" % family
+        assert (family + "_sum", rest) in samples, "%s has no _sum" % family
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    """One series' value, 0 if it is not there (a counter not yet counted)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
+class ExpositionParserTests(unittest.TestCase):
+    """The strict reader catches what promtool would refuse."""
+
+    GOOD = ('# HELP a_total A "thing".\n# TYPE a_total counter\na_total{x="1\\"\\n\\\\"} 3\n'
+            '# TYPE h histogram\nh_bucket{le="1.0"} 1\nh_bucket{le="+Inf"} 2\nh_sum 3.5\nh_count 2\n')
+
+    def test_a_good_exposition_reads(self):
+        samples = parse_exposition(self.GOOD)
+        self.assertEqual(sample(samples, "a_total", x='1"\n\\'), 3)
+        self.assertEqual(sample(samples, "h_count"), 2)
+
+    def test_bad_ones_are_refused(self):
+        for bad in (self.GOOD[:-1],                                    # no final line feed
+                    "a_total 1\n",                                     # no TYPE
+                    "# TYPE a counter\na 1\n",                         # counter without _total
+                    "# TYPE a_total counter\na_total{x=1} 1\n",        # unquoted label
+                    "# TYPE a_total counter\na_total 1\na_total 2\n",  # a series twice
+                    "# TYPE a_total counter\na_total one\n",           # not a number
+                    "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\n"
+                    "h_sum 1\nh_count 1\n",                            # not cumulative
+                    "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 2\n",
+                    "# TYPE g gauge\n# TYPE f gauge\ng 1\nf 1\ng{a=\"b\"} 1\n"):   # split family
+            with self.assertRaises(AssertionError, msg=bad):
+                parse_exposition(bad)
+
+
+# -- the pieces, sans-I/O -------------------------------------------------------------------
+
+class StatusMetricsBookTests(unittest.TestCase):
+
+    def test_counts_reach_the_other_books_as_events_and_gauges_go_with_their_worker(self):
+        here, master = mp.Metrics(), mp.Metrics()
+        here.count("mailproxy_connections_total", ("imap", "imap"))
+        here.count("mailproxy_connections_total", ("imap", "imap"), 2)
+        here.change("mailproxy_sessions_active", ("imap", "imap"), +1)
+        here.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.3)
+        self.assertEqual(master.counters, {})          # nothing before the events
+        for event in here.events(4711):
+            master.apply(mp.decode_event(mp.encode_event(event)))
+        self.assertEqual(here.events(4711), [])        # taken once
+        key = ("mailproxy_connections_total", ("imap", "imap"))
+        self.assertEqual(master.counters[key], 3)
+        self.assertEqual(master.gauge_sums(), {("mailproxy_sessions_active", ("imap", "imap")): 1})
+        buckets = {labels[-1]: value for (name, labels), value in master.counters.items()
+                   if name.endswith("_bucket")}
+        self.assertEqual((buckets["0.25"], buckets["0.5"], buckets["+Inf"]), (0, 1, 1))
+        master.apply(("worker gone", 4711))
+        self.assertEqual(master.gauge_sums(), {})      # its sessions are gone with it
+        self.assertEqual(master.counters[key], 3)      # what it counted stays
+
+    def test_the_first_change_after_a_flush_asks_for_one(self):
+        metrics, asked = mp.Metrics(), []
+        metrics.on_pending = lambda: asked.append(1)
+        metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.1)
+        metrics.count("mailproxy_connections_total", ("imap", "imap"))
+        self.assertEqual(asked, [1])
+        metrics.events(1)
+        metrics.change("mailproxy_sessions_active", ("imap", "imap"), -1)
+        self.assertEqual(asked, [1, 1])
+
+    @unittest.skipUnless(shutil.which("promtool"), "promtool is not installed")
+    def test_promtool_finds_nothing_to_say(self):
+        metrics = mp.Metrics()
+        metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.1)
+        metrics.count("mailproxy_logins_total", ("imap", "imap", "ok"))
+        metrics.change("mailproxy_sessions_active", ("imap", "imap"), 1)
+        metrics.apply(metrics.events(1)[0])
+        samples = dict(metrics.counters)
+        samples.update(metrics.gauge_sums())
+        samples.update(mp.process_samples([os.getpid()], time.time()))
+        done = subprocess.run(["promtool", "check", "metrics"], input=mp.render_metrics(
+            samples).encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20)
+        self.assertEqual((done.returncode, done.stdout), (0, b""))
+
+    def test_many_series_go_in_events_that_each_fit_a_datagram(self):
+        metrics = mp.Metrics()
+        for number in range(500):
+            metrics.count("mailproxy_connections_total", ("server %d" % number, "imap"))
+        events = metrics.events(1)
+        self.assertGreater(len(events), 1)
+        master = mp.Metrics()
+        for event in events:
+            self.assertLessEqual(len(mp.encode_event(event)), mp.SHARED_EVENT_MAX)
+            master.apply(mp.decode_event(mp.encode_event(event)))
+        self.assertEqual(len(master.counters), 500)
+
+    def test_a_long_label_value_is_cut(self):
+        metrics = mp.Metrics()
+        metrics.count("mailproxy_connections_total", ("x" * 10000, "imap"))
+        (event,) = metrics.events(1)
+        self.assertLessEqual(len(mp.encode_event(event)), mp.SHARED_EVENT_MAX)
+
+    def test_the_rendered_text_is_strict_exposition_format(self):
+        samples = {("mailproxy_logins_total", ('we"ird\\\nname', "imap", "ok")): 2,
+                   ("mailproxy_workers", ()): 2,
+                   ("process_resident_memory_bytes", ()): 12345678}
+        metrics = mp.Metrics()
+        metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.04)
+        metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 99)
+        metrics.apply(metrics.events(1)[0])
+        samples.update(metrics.counters)
+        parsed = parse_exposition(mp.render_metrics(samples))
+        self.assertEqual(sample(parsed, "mailproxy_logins_total", server='we"ird\\\nname',
+                                protocol="imap", result="ok"), 2)
+        self.assertEqual(sample(parsed, "mailproxy_login_duration_seconds_bucket",
+                                server="imap", protocol="imap", le="0.05"), 1)
+        self.assertEqual(sample(parsed, "mailproxy_login_duration_seconds_count",
+                                server="imap", protocol="imap"), 2)
+        self.assertEqual(sample(parsed, "process_resident_memory_bytes"), 12345678)
+
+    def test_end_reasons_and_login_results_are_bounded_words(self):
+        self.assertEqual(mp.end_reason("client quit"), "quit")
+        self.assertEqual(mp.end_reason("upstream connection error: Connection reset"),
+                         "upstream_error")
+        self.assertEqual(mp.end_reason('backend said "NO go away"'), "other")
+        refusal = mp.AuthOutcome(mp.Verdict.FAIL, reason="login defence")
+        self.assertEqual(mp.login_result(refusal), "refused")
+        limit = mp.AuthOutcome(mp.Verdict.FAIL, reason="max_user_sessions (1) reached")
+        self.assertEqual(mp.login_result(limit), "refused")
+        self.assertEqual(mp.login_result(mp.AuthOutcome(mp.Verdict.FAIL, reason="bad")), "failed")
+
+
+class HttpRequestReaderTests(unittest.TestCase):
+
+    def read(self, data: bytes, chunk: int = 0):
+        reader = mp.HttpRequestReader()
+        if not chunk:
+            return reader.receive_data(data)
+        result = None
+        for start in range(0, len(data), chunk):
+            result = reader.receive_data(data[start:start + chunk])
+            if result is not None:
+                self.assertEqual(start + chunk >= len(data), True)
+        return result
+
+    def status_of(self, data: bytes) -> int:
+        with self.assertRaises(mp.HttpError) as caught:
+            self.read(data)
+        return caught.exception.status
+
+    def test_a_request_whole_byte_by_byte_and_with_bare_line_feeds(self):
+        request = b"POST /sessions/kick?login=al%40x+y HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+        for data, chunk in ((request, 0), (request, 1), (request.replace(b"\r\n", b"\n"), 0)):
+            self.assertEqual(self.read(data, chunk),
+                             mp.HttpRequest("POST", "/sessions/kick", {"login": "al@x y"}))
+        self.assertIsNone(mp.HttpRequestReader().receive_data(b"GET /metrics HTTP/1.1\r\n"))
+
+    def test_hostile_requests_are_refused_with_their_status(self):
+        self.assertEqual(self.status_of(b"\x16\x03\x01\x00\xa5\x01\r\n\r\n"), 400)  # TLS, garbage
+        self.assertEqual(self.status_of(b"GET metrics HTTP/1.1\r\n\r\n"), 400)
+        self.assertEqual(self.status_of(b"GET /metrics HTTP/2.0\r\n\r\n"), 505)
+        self.assertEqual(self.status_of(b"GET / HTTP/1.1\r\n folded\r\n\r\n"), 400)
+        self.assertEqual(self.status_of(b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n"), 400)
+        self.assertEqual(self.status_of(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"), 413)
+        self.assertEqual(self.status_of(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+                         501)
+        self.assertEqual(self.status_of(b"GET /?a=1&a=2 HTTP/1.1\r\n\r\n"), 400)
+        self.assertEqual(self.status_of(b"GET /?a=%ff HTTP/1.1\r\n\r\n"), 400)
+        many = b"".join(b"X-%d: y\r\n" % n for n in range(mp.STATUS_HEADERS_MAX + 1))
+        self.assertEqual(self.status_of(b"GET / HTTP/1.1\r\n" + many + b"\r\n"), 431)
+
+    def test_the_head_is_bounded_before_it_ends(self):
+        reader = mp.HttpRequestReader()
+        reader.receive_data(b"GET / HTTP/1.1\r\n")
+        with self.assertRaises(mp.HttpError) as caught:
+            for _ in range(mp.STATUS_REQUEST_MAX // 1000 + 1):
+                reader.receive_data(b"X-Big: " + b"a" * 1000 + b"\r\n")
+        self.assertEqual(caught.exception.status, 431)
+        self.assertLessEqual(len(reader.data), mp.STATUS_REQUEST_MAX + 1010)
+        with self.assertRaises(mp.HttpError) as caught:
+            mp.HttpRequestReader().receive_data(b"GET / HTTP/1.1\r\n" + b"")
+            mp.HttpRequestReader().receive_data(b"")
+        self.assertEqual(caught.exception.status, 400)
+
+
+class StatusQueriesTests(unittest.TestCase):
+    """The master's question comes back with every worker's rows."""
+
+    def test_answers_from_each_worker_and_a_worker_that_dies(self):
+        master, worker = mp.StatusQueries(), mp.StatusQueries()
+        sent = []
+        master.publish = lambda event: (master.apply(event), sent.append(event))
+        worker.answerer = lambda what, argument: [[n, "x" * 300] for n in range(40)]
+        worker.publish = lambda event: (worker.apply(event), master.apply(event))
+        got = []
+        master.ask("sessions", None, [101, 102], got.append)
+        self.assertEqual(sent[0][:3], ("status ask", 1, "sessions"))
+        with unittest.mock.patch("os.getpid", return_value=101):
+            worker.apply(sent[0])                     # in chunks: 40 rows of 300 bytes
+        self.assertEqual(got, [])                     # 102 still to answer
+        master.apply(("worker gone", 102))
+        self.assertEqual(len(got), 1)
+        self.assertEqual(sorted(row[0] for row in got[0]), list(range(40)))
+
+    def test_a_question_nobody_answers_expires_with_what_came(self):
+        master = mp.StatusQueries()
+        got = []
+        query = master.ask("sessions", None, [7], got.append)
+        self.assertEqual(master.expire(query), [7])
+        self.assertEqual(got, [[]])
+        self.assertEqual(master.expire(query), [])
+
+
+class StatusConfigTests(unittest.TestCase):
+
+    def load(self, main: str, text: str = ""):
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        text = (text or proxy_config("imap", 1143)).replace("[main]\n", "[main]\n" + main + "\n", 1)
+        return mp.load_config(write_file(directory.name, "mailproxy.conf", text))
+
+    def test_defaults_and_values(self):
+        main = self.load("").main
+        self.assertIsNone(main.status_listen)
+        self.assertTrue(mp.real_ip_trusted("127.0.0.5", main.status_allow))
+        self.assertTrue(mp.real_ip_trusted("::1", main.status_allow))
+        self.assertFalse(mp.real_ip_trusted("192.0.2.1", main.status_allow))
+        main = self.load("status_listen = 127.0.0.1:9187\nstatus_allow = 192.0.2.0/24\n"
+                         "    10.1.1.1").main
+        self.assertEqual(main.status_listen.text, "127.0.0.1:9187")
+        self.assertTrue(mp.real_ip_trusted("10.1.1.1", main.status_allow))
+        self.assertFalse(mp.real_ip_trusted("127.0.0.1", main.status_allow))
+        self.assertEqual(self.load("status_listen = unix:status.sock").main.status_listen.port, 0)
+
+    def test_bad_values_and_the_wrong_section_are_errors(self):
+        for main in ("status_listen = 127.0.0.1:9187 ssl", "status_listen = nowhere",
+                     "status_allow = 300.1.1.1"):
+            with self.assertRaises(mp.ConfigErrors, msg=main):
+                self.load(main)
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        text = proxy_config("imap", 1143)
+        listen = re.search(r"listen = (\S+)", text).group(1)
+        for status in (listen, "0.0.0.0:%s" % listen.split(":")[1]):
+            with self.assertRaises(mp.ConfigErrors, msg=status) as caught:
+                self.load("status_listen = %s" % status, text)
+            self.assertIn("is a server's listen as well", str(caught.exception))
+        path = write_file(directory.name, "m.conf", proxy_config(
+            "imap", 1143, status_listen="127.0.0.1:9187"))
+        status, out, err = run_mailproxy(["-t", "-c", path])
+        self.assertEqual(status, 1)
+        self.assertIn('"status_listen" directive is not allowed in [mail]', out + err)
+
+
+
+# -- session transcripts ----------------------------------------------------------------
+
+class TranscriptTests(unittest.TestCase):
+    """What a transcript shows of a dialogue, and never a secret: each
+    exchange fed whole and one byte at a time."""
+
+    SECRETS = (b"secret", b"c2VjcmV0", b"AGFsaWNlAHNlY3JldA", b"token", b"dG9rZW4")
+
+    def lines(self, protocol: str, exchanges, chunked: bool = False) -> list:
+        transcript = mp.Transcript(protocol, ["alice"])
+        for side, data in exchanges:
+            feed = transcript.from_client if side == "C" else transcript.from_server
+            for piece in (byte_by_byte(data) if chunked else whole(data)):
+                feed(piece)
+        return transcript.lines
+
+    def check(self, protocol: str, exchanges, expected: list) -> None:
+        for chunked in (False, True):
+            lines = self.lines(protocol, exchanges, chunked)
+            self.assertEqual(lines, expected)
+            for secret in self.SECRETS:
+                self.assertNotIn(secret.decode(), "\n".join(lines))
+
+    def test_imap_login_quoted_literal_and_literal_plus(self):
+        self.check("imap", [
+            ("S", b"* OK IMAP4 ready\r\n"), ("C", b"a0 CAPABILITY\r\n"),
+            ("S", b"* CAPABILITY IMAP4rev1\r\na0 OK done\r\n"),
+            ("C", b'a1 LOGIN alice "secret"\r\n'), ("S", b"a1 NO bad\r\n"),
+            ("C", b"a2 LOGIN {5}\r\n"), ("S", b"+ go ahead\r\n"), ("C", b"alice {6}\r\n"),
+            ("S", b"+ go ahead\r\n"), ("C", b"secret\r\n"), ("S", b"a2 NO bad\r\n"),
+            ("C", b"a3 login {5+}\r\nalice {8+}\r\nsec\r\nret\r\n"),
+            ("C", b"a4 ID (\"name\" \"x\")\r\n")],
+            ["S: * OK IMAP4 ready", "C: a0 CAPABILITY", "S: * CAPABILITY IMAP4rev1",
+             "S: a0 OK done", "C: a1 LOGIN <14 bytes hidden>", "S: a1 NO bad",
+             "C: a2 LOGIN <arguments and literals hidden>", "S: + go ahead", "S: + go ahead",
+             "S: a2 NO bad", "C: a3 login <arguments and literals hidden>", 'C: a4 ID (\\x22name\\x22 \\x22x\\x22)'])
+
+    def test_sasl_answers_are_hidden_and_the_mechanism_shown(self):
+        self.check("imap", [
+            ("C", b"a1 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n"), ("S", b"a1 NO bad\r\n"),
+            ("C", b"a2 AUTHENTICATE XOAUTH2\r\n"), ("S", b"+ \r\n"), ("C", b"dG9rZW4=\r\n"),
+            ("S", b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"), ("C", b"\r\n"), ("S", b"a2 NO bad\r\n"),
+            ("C", b"a3 NOOP\r\n")],
+            ["C: a1 AUTHENTICATE PLAIN <20 bytes hidden>", "S: a1 NO bad",
+             "C: a2 AUTHENTICATE XOAUTH2", "S: + ",
+             "C: <8 bytes hidden: an answer to the server's request for more>",
+             "S: + eyJzdGF0dXMiOiI0MDEifQ==",
+             "C: <0 bytes hidden: an answer to the server's request for more>", "S: a2 NO bad",
+             "C: a3 NOOP"])
+
+    def test_pop3_and_smtp(self):
+        self.check("pop3", [
+            ("C", b"CAPA\r\nUSER alice\r\nPASS secret\r\nAPOP alice 0123abcd\r\n"),
+            ("C", b" PASS secret\r\n"), ("C", b"AUTH PLAIN\r\n"), ("S", b"+ \r\n"),
+            ("C", b"AGFsaWNlAHNlY3JldA==\r\n"), ("S", b"-ERR no\r\n"), ("C", b"QUIT\r\n")],
+            ["C: CAPA", "C: USER alice", "C: PASS <6 bytes hidden>", "C: APOP <14 bytes hidden>",
+             "C: <12 bytes hidden>", "C: AUTH PLAIN", "S: + ",
+             "C: <20 bytes hidden: an answer to the server's request for more>",
+             "S: -ERR no", "C: QUIT"])
+        self.check("smtp", [
+            ("C", b"EHLO client.example\r\nAUTH LOGIN\r\n"), ("S", b"334 VXNlcm5hbWU6\r\n"),
+            ("C", b"YWxpY2U=\r\n"), ("S", b"334 UGFzc3dvcmQ6\r\n"), ("C", b"c2VjcmV0\r\n"),
+            ("S", b"535 5.7.8 no\r\n"), ("C", b"MAIL FROM:<a@b.example>\r\n")],
+            ["C: EHLO client.example", "C: AUTH LOGIN", "S: 334 VXNlcm5hbWU6",
+             "C: <8 bytes hidden: an answer to the server's request for more>",
+             "S: 334 UGFzc3dvcmQ6",
+             "C: <8 bytes hidden: an answer to the server's request for more>",
+             "S: 535 5.7.8 no", "C: MAIL FROM:<a@b.example>"])
+
+    def test_bounded_and_decided_by_address_or_login(self):
+        transcript = mp.Transcript("imap", [ipaddress.ip_network("192.0.2.0/24"), "alice"])
+        transcript.from_client(b"x" * (3 * mp.TRANSCRIPT_MAX))
+        for _ in range(2 * mp.TRANSCRIPT_MAX // 10):
+            transcript.from_client(b"a NOOP\r\n")
+        self.assertLess(sum(map(len, transcript.lines)), mp.TRANSCRIPT_MAX + 200)
+        self.assertEqual(transcript.lines[-1], "-- transcript cut here")
+        self.assertEqual(transcript.lines[0], "C: <%d bytes without a line end>"
+                         % (3 * mp.TRANSCRIPT_MAX))
+        self.assertFalse(transcript.decide("127.0.0.1", b"bob"))
+        self.assertTrue(transcript.decide("127.0.0.1", b"ALICE"))
+        self.assertTrue(mp.Transcript("imap", ["alice"]).finish("x", "end") == [])
+        self.assertTrue(mp.Transcript("imap", [ipaddress.ip_network("192.0.2.0/24")]).finish(
+            "192.0.2.9", "end"))
+
+
+class TranscriptConfigTests(unittest.TestCase):
+
+    def test_values(self):
+        self.assertEqual(mp.parse_transcript_for(["Alice@Example.com", "192.0.2.7", "2001:db8::/32"]),
+                         ["alice@example.com", ipaddress.ip_network("192.0.2.7/32"),
+                          ipaddress.ip_network("2001:db8::/32")])
+        with self.assertRaises(mp.ConfigValueError):
+            mp.parse_transcript_for([])
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        text = proxy_config("imap", 1143, transcript_log="t.log", transcript_for="alice")
+        server = mp.load_config(write_file(directory.name, "m.conf", text)).servers[0]
+        self.assertEqual(os.path.realpath(server.transcript_log),          # beside the file
+                         os.path.join(os.path.realpath(directory.name), "t.log"))
+        self.assertEqual(server.transcript_for, ["alice"])
+
+
+class TranscriptEndToEndTests(EndToEndTestCase):
+
+    def test_only_the_wanted_users_sessions_are_written_without_their_password(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        directory = TempDir(self)
+        path = os.path.join(directory.path, "transcripts.log")
+        proxy = self.start_proxy("imap", backend.port, transcript_log=path,
+                                 transcript_for="Alice\n    192.0.2.0/24",
+                                 users={"alice": "{PLAIN}secret", "bob": "{PLAIN}builder"})
+        for login, password in (("bob", "builder"), ("alice", "secret")):
+            client = self.connect(proxy)
+            client.expect_line(mp.IMAP_GREETING)
+            client.send("a1 LOGIN %s %s" % (login, password))
+            client.expect(rb"^a1 OK")
+            client.send("a2 NOOP")
+            client.expect(rb"^a2 OK")
+        wait_until(lambda: os.path.exists(path) and b"relaying" in open(path, "rb").read(),
+                   what="the transcript")
+        with open(path, "rb") as handle:
+            text = handle.read()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertNotIn(b"secret", text)
+        self.assertNotIn(b"bob", text)
+        self.assertNotIn(b"a2 NOOP", text)                  # the relay is not recorded
+        for expected in (rb" \*2 S: \* OK IMAP4 ready\n", rb" \*2 C: a1 LOGIN <12 bytes hidden>\n",
+                         rb" \*2 -- \[debug\] backend: send LOGIN\n",
+                         rb" \*2 -- \[debug\] backend: send LOGIN password literal\n",
+                         rb" \*2 S: a1 OK LOGIN completed\n", rb" \*2 -- relaying\n"):
+            self.assertRegex(text, expected)
+        self.assertNotIn("[debug]", proxy.log)             # the error log stays at info
+
+# -- end to end ----------------------------------------------------------------------------
+
+def http_exchange(port, request: bytes, host: str = "127.0.0.1", timeout: float = 5.0) -> bytes:
+    """Send ``request`` to the status listener, read until it closes."""
+    family = socket.AF_UNIX if isinstance(port, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(port if isinstance(port, str) else (host, port))
+        sock.sendall(request)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def http_call(port, method: str, path: str) -> tuple:
+    """(status, headers dict, body) of one request."""
+    raw = http_exchange(port, b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method.encode(), path.encode()))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("ascii").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert int(headers["Content-Length"]) == len(body), raw
+    return status, headers, body
+
+
+def scrape(port) -> dict:
+    status, headers, body = http_call(port, "GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4"), headers
+    return parse_exposition(body.decode("utf-8"))
+
+
+def scrape_until(port, condition, what: str, timeout: float = 5.0) -> dict:
+    """Scrape until ``condition(samples)`` holds (the workers publish every
+    METRICS_FLUSH); AssertionError with the last scrape if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if condition(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError("never %s:\n%s" % (what, "\n".join(
+                "%s %s %s" % (name, labels, value) for (name, labels), value in samples.items()
+                if name.startswith("mailproxy_"))))
+        time.sleep(0.05)
+
+
+def status_config(text: str, status: str, allow: Optional[str] = None) -> str:
+    """``text`` with status_listen (and status_allow) in its [main]."""
+    lines = "status_listen = %s\n" % status + ("status_allow = %s\n" % allow if allow else "")
+    return text.replace("[main]\n", "[main]\n" + lines, 1)
+
+
+class StatusInProcessTests(EndToEndTestCase):
+    """The status listener of one process (master_process off), in this
+    process: the loop's limits can be made small."""
+
+    def status_proxy(self, text: str, allow: Optional[str] = None) -> tuple:
+        """(ProxyUnderTest, the status port) for ``text`` with a status listener."""
+        port = free_port()
+        proxy = self.use(ProxyUnderTest(status_config(text, "127.0.0.1:%d" % port, allow)))
+        done = threading.Event()
+
+        def start():
+            mp.replace_status_server(proxy.worker, proxy.config.main)
+            done.set()
+        proxy.worker.loop.call_soon_threadsafe(start)
+        self.assertTrue(done.wait(5))
+        self.addCleanup(self.stop_status, proxy)
+        return proxy, port
+
+    @staticmethod
+    def stop_status(proxy: ProxyUnderTest) -> None:
+        """Before the proxy stops: its status listener, from the loop."""
+        done = threading.Event()
+
+        def stop():
+            if proxy.worker.status is not None:
+                proxy.worker.status.stop()
+            done.set()
+        if proxy.thread.is_alive():
+            proxy.worker.loop.call_soon_threadsafe(stop)
+            done.wait(5)
+
+    def test_hostile_clients_garbage_huge_heads_and_a_slow_drip(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port = self.status_proxy(proxy_config("imap", backend.port))
+        answer = http_exchange(port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer)
+        endless = b"GET /metrics HTTP/1.1\r\n" + b"X-Pad: " + b"a" * (4 * mp.STATUS_REQUEST_MAX)
+        answer = http_exchange(port, endless)     # answered and closed: nothing more is read
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+        with unittest.mock.patch.object(mp, "STATUS_TIMEOUT", 0.3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /metr")      # and then nothing: slowloris
+                answer = sock.recv(4096)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer)
+                self.assertEqual(sock.recv(4096), b"")      # closed
+        wait_until(lambda: not proxy.worker.status.connections, what="every connection closed")
+        status, _, _ = http_call(port, "GET", "/nowhere")
+        self.assertEqual(status, 404)
+        status, headers, _ = http_call(port, "POST", "/metrics")
+        self.assertEqual((status, headers["Allow"]), (405, "GET"))
+        status, _, body = http_call(port, "POST", "/upstream/drain?upstream=pool&server=10.0.0.1:143")
+        self.assertEqual((status, json.loads(body)), (404, {"error": "no such upstream"}))
+        status, _, _ = http_call(port, "POST", "/sessions/kick?id=1&login=alice")
+        self.assertEqual(status, 400)
+        proxy.assert_alive()
+
+    def test_pools_seen_and_drained_through_the_status_listener(self):
+        """Issue 19 with issue 18: mailproxy_upstream_up, /readyz and
+        /upstream/drain act on the pools."""
+        first, second = FakeImapBackend(), self.use(FakeImapBackend())
+        self.addCleanup(first.close)
+        proxy, port = self.status_proxy(pool_config("imap", ["127.0.0.1:%d fail_timeout=5m" % first.port,
+                                                             "127.0.0.1:%d" % second.port]))
+        one, two = "127.0.0.1:%d" % first.port, "127.0.0.1:%d" % second.port
+
+        def logins(count: int) -> None:
+            for _ in range(count):
+                client = self.connect(proxy)
+                EndToEndTestCase.imap_login(self, client)     # this class's imap_login is another
+                client.close()
+
+        samples = scrape(port)
+        self.assertEqual([sample(samples, "mailproxy_upstream_up", upstream="farm", server=name)
+                          for name in (one, two)], [1, 1])
+        status, _, body = http_call(port, "POST", "/upstream/drain?upstream=farm&server=" + one)
+        self.assertEqual((status, json.loads(body)), (200, {"drain": "farm " + one}))
+        proxy.wait_for_log(r"\[notice\] .*drain upstream farm server %s" % re.escape(one))
+        logins(4)
+        self.assertEqual((len(first.logins), len(second.logins)), (0, 4))
+        status, _, body = http_call(port, "POST", "/upstream/undrain?upstream=farm&server=" + one)
+        self.assertEqual(status, 200, body)
+        logins(2)
+        self.assertEqual(len(first.logins), 1)
+        first.close()                                    # and the next login there fails over
+        logins(2)
+        self.assertEqual(len(second.logins), 7)
+        samples = scrape(port)
+        self.assertEqual([sample(samples, "mailproxy_upstream_up", upstream="farm", server=name)
+                          for name in (one, two)], [0, 1])
+        status, _, body = http_call(port, "GET", "/readyz")
+        self.assertEqual(status, 200, body)
+        status, _, body = http_call(port, "POST", "/upstream/drain?upstream=farm&server=10.0.0.1:143")
+        self.assertEqual(status, 404, body)
+        second.close()                                   # the last server of the pool dies
+        status, _, body = http_call(port, "GET", "/readyz")
+        self.assertEqual((status, json.loads(body)["problems"]), (503, ["no server of upstream farm is up"]))
+
+    def test_connections_beyond_the_limit_are_closed_at_once(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port = self.status_proxy(proxy_config("imap", backend.port))
+        with unittest.mock.patch.object(mp, "STATUS_CONNECTIONS_MAX", 2):
+            idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+            wait_until(lambda: len(proxy.worker.status.connections) == 2, what="two connections")
+            try:
+                self.assertEqual(http_exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"), b"")
+            except (ConnectionResetError, BrokenPipeError):
+                pass                   # closed at once: a reset is as good as an end
+            for sock in idle:
+                sock.close()
+            wait_until(lambda: not proxy.worker.status.connections, what="the idle ones closed")
+            self.assertEqual(http_call(port, "GET", "/healthz")[0], 200)
+
+    def test_a_peer_outside_status_allow_gets_403_and_nothing_else(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port = self.status_proxy(proxy_config("imap", backend.port), allow="192.0.2.0/24")
+        client = self.imap_login(proxy.port)
+        for method, path in (("GET", "/metrics"), ("GET", "/sessions"), ("POST", "/logs/reopen"),
+                             ("POST", "/sessions/kick?login=alice"), ("GET", "/healthz")):
+            status, _, body = http_call(port, method, path)
+            self.assertEqual((status, json.loads(body)), (403, {"error": "forbidden"}), path)
+        client.send("n1 NOOP")                        # not kicked
+        client.expect_line(b"n1 OK NOOP completed\r\n")
+        self.assertIn("forbidden by status_allow", proxy.log)
+        self.assertNotIn("reopening logs", proxy.log)
+
+    def imap_login(self, port: int, password: str = "secret") -> "Client":
+        client = connect_client(self, port)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice %s" % password)
+        client.expect(rb"^a1 OK")
+        return client
+
+    def test_metrics_of_logins_tls_and_auth_http_in_one_process(self):
+        backend = self.use(FakeImapBackend())
+        auth = self.auth_server(auth_ok(backend.port), auth_fail(), answer=None)
+        proxy, port = self.status_proxy(proxy_config("imap", auth_port=auth.port, listens=("ssl",),
+                                                     ssl_certificate=self.tls_path("server.crt"),
+                                                     ssl_certificate_key=self.tls_path("server.key")))
+        context = self.client_context()
+        for password, reply in (("secret", rb"^a1 OK"), ("wrong", rb"^a1 NO")):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname="mail.example.com") as tls:
+                    tls.recv(4096)
+                    tls.sendall(b"a1 LOGIN alice %s\r\n" % password.encode())
+                    self.assertRegex(tls.recv(4096), reply)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw:
+            raw.sendall(b"a1 LOGIN alice secret\r\n")          # no handshake: a failed one
+            raw.recv(4096)
+        labels = {"server": "imap", "protocol": "imap"}
+        samples = scrape_until(port, lambda s: sample(s, "mailproxy_sessions_active", **labels) == 0,
+                               "all sessions ended")
+        self.assertEqual(sample(samples, "mailproxy_connections_total", **labels), 3)
+        self.assertEqual(sample(samples, "mailproxy_tls_handshakes_total", result="ok", **labels), 2)
+        self.assertEqual(sample(samples, "mailproxy_tls_handshakes_total", result="failed",
+                                **labels), 1)
+        self.assertEqual(sample(samples, "mailproxy_logins_total", result="ok", **labels), 1)
+        self.assertEqual(sample(samples, "mailproxy_logins_total", result="failed", **labels), 1)
+        self.assertEqual(sample(samples, "mailproxy_auth_http_requests_total", server="imap",
+                                result="ok"), 2)
+        self.assertEqual(sample(samples, "mailproxy_auth_http_duration_seconds_count",
+                                server="imap"), 2)
+        self.assertEqual(sample(samples, "mailproxy_sessions_ended_total", reason="tls_error",
+                                **labels), 1)
+        self.assertEqual(sample(samples, "mailproxy_workers"), 1)
+
+    def test_penalty_clear_by_login_forgets_the_account_and_its_pairs(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port = self.status_proxy(proxy_config("imap", backend.port, auth_delay="1ms"))
+        client = connect_client(self, proxy.port)
+        client.expect_line(mp.IMAP_GREETING)
+        for number in range(3):
+            client.send("a%d LOGIN Alice wrong%d" % (number, number))
+            client.expect(rb"^a%d NO" % number)
+        defence = proxy.worker.books.of(mp.LoginDefence)
+        self.assertIn("Alice", defence.accounts)
+        self.assertIn(("127.0.0.1", "Alice"), defence.pairs)
+        code, _, body = http_call(port, "POST", "/penalty/clear?login=Alice")
+        self.assertEqual((code, json.loads(body)), (200, {"cleared": "Alice"}))
+        self.assertNotIn("Alice", defence.accounts)
+        self.assertEqual(defence.pairs, {})
+        self.assertIn("127.0.0.1", defence.addresses)        # the address was not asked about
+        self.assertRegex(proxy.log, r"\[notice\] \d+#0: status listener: penalty clear "
+                                    r"login=Alice, asked by 127\.0\.0\.1")
+
+    def test_client_name_lookups_are_counted(self):
+        dns = FakeDns(records_for(SmtpEndToEndResolverTests.GOOD))
+        self.addCleanup(dns.close)
+        backend = self.use(FakeSmtpBackend())
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)      # takes queries, never answers
+        silent.bind(("127.0.0.1", 0))
+        self.addCleanup(silent.close)
+        text = proxy_config("smtp", backend.port, resolver="127.0.0.1:%d" % dns.port) + \
+            "\n[server quiet]\nlisten = 127.0.0.1:%d\nprotocol = smtp\nresolver = 127.0.0.1:%d\n" \
+            "resolver_timeout = 200ms\nproxy_pass = 127.0.0.1:%d\n" % (free_port(), silent.getsockname()[1],
+                                                       backend.port)
+        proxy, port = self.status_proxy(text)
+        for listen in proxy.ports:
+            client = connect_client(self, listen)
+            client.expect(rb"^220 ")
+            client.close()
+        samples = scrape_until(port, lambda s: sample(s, "mailproxy_sessions_active", server="quiet",
+                                                      protocol="smtp") == 0 and
+                               sample(s, "mailproxy_connections_total", server="quiet",
+                                      protocol="smtp") == 1, "both sessions ended")
+        self.assertEqual(sample(samples, "mailproxy_dns_lookups_total", server="smtp",
+                                protocol="smtp", result="ok"), 1)
+        self.assertEqual(sample(samples, "mailproxy_dns_lookups_total", server="quiet",
+                                protocol="smtp", result="failed"), 1)
+
+    def test_readyz_asks_the_auth_server_and_healthz_does_not(self):
+        auth = self.auth_server(auth_fail())
+        closed, down = free_port(), free_port()
+        text = proxy_config("imap", auth_port=auth.port) + \
+            "\n[server other]\nlisten = 127.0.0.1:%d\nprotocol = imap\n" \
+            "auth_http = http://127.0.0.1:%d/auth\n" % (free_port(), closed)
+        proxy, port = self.status_proxy(text)
+        status, _, body = http_call(port, "GET", "/readyz")
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(body)["problems"],
+                         ["auth_http 127.0.0.1:%d does not answer" % closed])
+        self.assertEqual(http_call(port, "GET", "/healthz")[:1], (200,))
+        self.assertEqual(auth.requests, [])           # a connect() only: no request logged there
+        proxy2, port2 = self.status_proxy(proxy_config("imap", auth_port=auth.port))
+        self.assertEqual(http_call(port2, "GET", "/readyz")[0], 200)
+        # The built-in table's backend, proxy_pass, is a pool of one.
+        proxy3, port3 = self.status_proxy(proxy_config("imap", down))
+        status, _, body = http_call(port3, "GET", "/readyz")
+        self.assertEqual((status, json.loads(body)["problems"]),
+                         (503, ["proxy_pass 127.0.0.1:%d does not answer" % down]))
+        backend = self.use(FakeImapBackend())
+        proxy4, port4 = self.status_proxy(proxy_config("imap", backend.port))
+        self.assertEqual(http_call(port4, "GET", "/readyz")[0], 200)
+
+
+@needs_fork_and_proc
+class StatusProcessTests(EndToEndTestCase):
+    """The real program with two workers: one answer for both."""
+
+    def start(self, backend_port: int, main: str = "", mail: str = "") -> tuple:
+        directory = TempDir(self)
+        port, status = free_port(), free_port()
+        proxy = ProgramUnderTest(self, program_config(
+            directory, [port], backend_port, auth_delay="1ms", mail=mail,
+            main="worker_processes = 2\nworker_connections = 1\n"
+                 "status_listen = 127.0.0.1:%d\n%s" % (status, main)))
+        self.assertIsNotNone(proxy.wait_for("status listener on 127.0.0.1:%d" % status),
+                             proxy.stderr)
+        return proxy, port, status
+
+    def greeted(self, proxy: ProgramUnderTest, port: int) -> tuple:
+        """(a greeted client, the pid of its worker): with worker_connections
+        1, each new client goes to a worker that has none."""
+        mark = proxy.mark()
+        client = connect_client(self, port)
+        client.expect_line(mp.IMAP_GREETING)
+        wait_until(lambda: proxy.served_by(mark), what="the session's connected line")
+        return client, proxy.served_by(mark)[0]
+
+    def test_counters_move_by_exactly_the_logins_and_bytes_made_through_both_workers(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port, status = self.start(backend.port)
+        labels = {"server": "imap", "protocol": "imap"}
+        before = scrape(status)
+        self.assertEqual(sample(before, "mailproxy_workers"), 2)
+        self.assertGreater(sample(before, "process_open_fds"), 6)
+        self.assertGreater(sample(before, "process_resident_memory_bytes"), 1 << 20)
+        self.assertLess(abs(sample(before, "process_start_time_seconds") - time.time()), 120)
+        first, first_pid = self.greeted(proxy, port)
+        second, second_pid = self.greeted(proxy, port)
+        self.assertNotEqual(first_pid, second_pid)
+        to_backend = to_client = 0
+        for client in (first, second):
+            client.send("a1 LOGIN alice secret")
+            client.expect(rb"^a1 OK")
+            client.send("n1 NOOP")
+            client.expect_line(b"n1 OK NOOP completed\r\n")
+            client.send("q1 LOGOUT")
+            self.assertEqual(client.read_until_closed(),
+                             b"* BYE fake IMAP logging out\r\nq1 OK LOGOUT completed\r\n")
+            to_backend += len(b"n1 NOOP\r\nq1 LOGOUT\r\n")
+            to_client += len(b"n1 OK NOOP completed\r\n* BYE fake IMAP logging out\r\n"
+                             b"q1 OK LOGOUT completed\r\n")
+        third, _ = self.greeted(proxy, port)
+        third.send("a1 LOGIN alice wrong")
+        third.expect(rb"^a1 NO")
+        third.close()
+        # Each worker publishes in its own time: wait for both.
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_sessions_ended_total",
+                                                        reason="client_closed", **labels) == 1 and
+                               sample(s, "mailproxy_sessions_ended_total", reason="upstream_closed",
+                                      **labels) == 2, "the three sessions' ends")
+        self.assertEqual(sample(samples, "mailproxy_connections_total", **labels), 3)
+        self.assertEqual(sample(samples, "mailproxy_logins_total", result="ok", **labels), 2)
+        self.assertEqual(sample(samples, "mailproxy_logins_total", result="failed", **labels), 1)
+        self.assertEqual(sample(samples, "mailproxy_relay_bytes_total", direction="to_backend",
+                                **labels), to_backend)
+        self.assertEqual(sample(samples, "mailproxy_relay_bytes_total", direction="to_client",
+                                **labels), to_client)
+        self.assertEqual(sample(samples, "mailproxy_sessions_ended_total", reason="upstream_closed",
+                                **labels), 2)
+        self.assertEqual(sample(samples, "mailproxy_sessions_active", **labels), 0)
+        self.assertEqual(sample(samples, "mailproxy_login_duration_seconds_count", **labels), 2)
+        self.assertEqual(sample(samples, "mailproxy_login_penalty_entries", kind="pair"), 1)
+        # A worker killed: its counts stay, its open sessions go.
+        fourth, fourth_pid = self.greeted(proxy, port)
+        scrape_until(status, lambda s: sample(s, "mailproxy_sessions_active", **labels) == 1,
+                     "one session open")
+        mark = proxy.mark()
+        os.kill(fourth_pid, signal.SIGKILL)
+        fourth.expect_closed()
+        self.assertIsNotNone(proxy.wait_for("start worker process", mark), proxy.stderr)
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_sessions_active",
+                                                        **labels) == 0, "the dead one's session gone")
+        self.assertEqual(sample(samples, "mailproxy_connections_total", **labels), 4)
+        self.assertEqual(sample(samples, "mailproxy_logins_total", result="ok", **labels), 2)
+
+    def test_sessions_list_and_kick_by_id_and_by_login_across_workers(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        proxy, port, status = self.start(backend.port, mail="")
+        first, _ = self.greeted(proxy, port)
+        second, _ = self.greeted(proxy, port)
+        for client in (first, second):
+            client.send("a1 LOGIN alice secret")
+            client.expect(rb"^a1 OK")
+        code, headers, body = http_call(status, "GET", "/sessions")
+        rows = json.loads(body)
+        self.assertEqual((code, headers["Content-Type"]), (200, "application/json"))
+        self.assertEqual(len(rows), 2, rows)
+        for row in rows:
+            self.assertEqual(set(row), set(mp.SESSION_ROW))
+            self.assertEqual((row["login"], row["server"], row["protocol"], row["backend"]),
+                             ("alice", "imap", "imap", "127.0.0.1:%d" % backend.port))
+            self.assertRegex(row["client"], r"^127\.0\.0\.1:\d+$")
+            self.assertGreater(row["bytes_to_backend"], 0)
+        self.assertNotIn(b"secret", body)
+        mark = proxy.mark()
+        code, _, body = http_call(status, "POST", "/sessions/kick?id=%d" % rows[0]["id"])
+        self.assertEqual((code, json.loads(body)), (200, {"kicked": [rows[0]["id"]]}))
+        line = proxy.wait_for("status listener: kick id=%d: 1 sessions closed, asked by 127.0.0.1"
+                              % rows[0]["id"], mark)
+        self.assertIn("[notice]", line)
+        self.assertIsNotNone(proxy.wait_for("session kicked by the status listener, asked by "
+                                            "127.0.0.1", mark), proxy.stderr)
+        self.assertEqual(len(json.loads(http_call(status, "GET", "/sessions")[2])), 1)
+        code, _, body = http_call(status, "POST", "/sessions/kick?login=alice")
+        self.assertEqual((code, len(json.loads(body)["kicked"])), (200, 1))
+        for client in (first, second):
+            client.expect_closed()
+        code, _, body = http_call(status, "POST", "/sessions/kick?login=nobody")
+        self.assertEqual((code, json.loads(body)), (200, {"kicked": []}))
+        self.assertEqual(json.loads(http_call(status, "GET", "/sessions")[2]), [])
+
+    def test_a_worker_that_does_not_answer_is_waited_for_a_while_only(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port, status = self.start(backend.port)
+        client, pid = self.greeted(proxy, port)
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 OK")
+        stopped = [worker for worker in proxy.workers() if worker != pid][0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            code, _, body = http_call(status, "GET", "/sessions")
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        self.assertEqual((code, [row["login"] for row in json.loads(body)]), (200, ["alice"]))
+        self.assertIsNotNone(proxy.wait_for("worker processes %d did not answer within 2s"
+                                            % stopped), proxy.stderr)
+
+    def test_penalty_clear_lets_a_refused_address_log_in_again(self):
+        backend = self.use(FakeImapBackend(accept=None))
+        proxy, port, status = self.start(backend.port)
+        client, _ = self.greeted(proxy, port)
+        unavailable = b"a1 NO " + mp.IMAP_LOGIN_UNAVAILABLE[0] + b"\r\n"
+        for number in range(mp.AUTH_PAIR_LIMIT):
+            client.send("a1 LOGIN alice wrong%d" % number)
+            client.expect(rb"^a1 NO")
+        wait_until(lambda: sample(scrape(status), "mailproxy_login_penalty_entries",
+                                  kind="pair") == 1, what="the pair in the master's book")
+        client.send("a1 LOGIN alice secret")
+        client.expect_line(unavailable)
+        labels = {"server": "imap", "protocol": "imap"}
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_logins_total",
+                                                        result="refused", **labels) == 1,
+                               "the refusal counted")
+        self.assertEqual(sample(samples, "mailproxy_logins_total", result="failed", **labels),
+                         mp.AUTH_PAIR_LIMIT)
+        # Every failure after the first waited longer than auth_delay.
+        self.assertEqual(sample(samples, "mailproxy_login_penalties_total", **labels),
+                         mp.AUTH_PAIR_LIMIT - 1)
+        mark = proxy.mark()
+        code, _, body = http_call(status, "POST", "/penalty/clear?address=127.0.0.1")
+        self.assertEqual((code, json.loads(body)), (200, {"cleared": "127.0.0.1"}))
+        self.assertIn("[notice]", proxy.wait_for(
+            "status listener: penalty clear address=127.0.0.1, asked by 127.0.0.1", mark))
+        # The event is on its way from the master to the worker: the
+        # refusal may come once or twice more, then the login goes through.
+        deadline = time.monotonic() + 5
+        while True:
+            client.send("a2 LOGIN alice secret")
+            line = client.read_line()
+            if line.startswith(b"a2 OK") or time.monotonic() > deadline:
+                break
+            self.assertEqual(line, unavailable.replace(b"a1", b"a2"))
+            time.sleep(0.05)
+        self.assertTrue(line.startswith(b"a2 OK"), line)
+        code, _, _ = http_call(status, "POST", "/penalty/clear?address=not-an-address")
+        self.assertEqual(code, 400)
+
+    def test_logs_reopen_healthz_and_a_reload_that_moves_the_listener(self):
+        backend = self.use(FakeImapBackend())
+        proxy, port, status = self.start(backend.port)
+        mark = proxy.mark()
+        code, _, body = http_call(status, "POST", "/logs/reopen")
+        self.assertEqual((code, json.loads(body)), (200, {"reopened": True}))
+        self.assertIsNotNone(proxy.wait_for("status listener: reopening logs, asked by 127.0.0.1",
+                                            mark), proxy.stderr)
+        for pid in proxy.workers():
+            self.assertIsNotNone(proxy.wait_for("%d#0: reopening logs" % pid, mark), proxy.stderr)
+        self.assertEqual(http_call(status, "GET", "/healthz")[:1], (200,))
+        self.assertEqual(http_call(status, "GET", "/readyz")[:1], (200,))
+        # The workers hold no copy of the status socket: a reload that
+        # moves it frees the port at once.
+        config = proxy_path = None
+        for line in proxy.lines:
+            match = re.search(r"configuration file (\S+)", line)
+            if match:
+                proxy_path = match.group(1)
+        with open(proxy_path) as handle:
+            config = handle.read()
+        moved = free_port()
+        with open(proxy_path, "w") as handle:
+            handle.write(config.replace("127.0.0.1:%d" % status, "127.0.0.1:%d" % moved))
+        mark = proxy.mark()
+        proxy.send_signal("SIGHUP")
+        self.assertIsNotNone(proxy.wait_for("configuration reloaded", mark), proxy.stderr)
+        self.assertEqual(http_call(moved, "GET", "/healthz")[:1], (200,))
+        self.assertTrue(connection_refused(status))
+        scrape_until(moved, lambda s: sample(s, "mailproxy_workers") == 2,
+                     "the old generation gone")
+
+    def test_the_status_port_closes_with_the_master_while_workers_finish(self):
+        """The workers hold no copy of the status socket: once the master
+        stops listening (SIGQUIT), nobody answers there, though a worker
+        still serves its session."""
+        backend = self.use(FakeImapBackend())
+        proxy, port, status = self.start(backend.port)
+        client, _ = self.greeted(proxy, port)
+        client.send("a1 LOGIN alice secret")
+        client.expect(rb"^a1 OK")
+        mark = proxy.mark()
+        proxy.send_signal("SIGQUIT")
+        self.assertIsNotNone(proxy.wait_for("gracefully shutting down", mark), proxy.stderr)
+        self.assertTrue(connection_refused(status, within=3))
+        client.send("n1 NOOP")
+        client.expect_line(b"n1 OK NOOP completed\r\n")
+
+    def test_a_unix_status_socket_is_the_owners_only(self):
+        backend = self.use(FakeImapBackend())
+        directory = TempDir(self)
+        path = os.path.join(directory.path, "status.sock")
+        proxy = ProgramUnderTest(self, program_config(
+            directory, [free_port()], backend.port, main="status_listen = unix:%s\n" % path))
+        self.assertIsNotNone(proxy.wait_for("status listener on unix:%s" % path), proxy.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(sample(scrape(path), "mailproxy_workers"), 1)
+        proxy.send_signal("SIGTERM")
+        proxy.wait_exit()
+        self.assertFalse(os.path.exists(path))
 
 
 # ========================================================================== #
@@ -12782,6 +15160,24 @@ class BookBrokerTests(EventLoopTestCase):
         self.assertEqual(list(master.channels), [2])
         self.loop.run_once(0.05)
         self.assertEqual(len(one_ledger.events), 3, "one got its own event back")
+
+    def test_what_only_the_master_reads_is_not_passed_on(self):
+        """kept_by_master (the metrics, the status answers): applied by
+        the master, not sent on to the other workers."""
+        class Kept(Ledger):
+            kinds = ("tick", "note")
+            kept_by_master = ("note",)
+        brokers = [self.copy() for _ in range(3)]
+        ledgers = [broker.books.add(Kept()) for broker, _, _ in brokers]
+        master, one, two = (broker for broker, _, _ in brokers)
+        self.join(master, one, 100, 1)
+        self.join(master, two, 100, 2)
+        ledgers[1].publish(("note", "for the master"))
+        ledgers[1].publish(("tick", "for all"))
+        self.drive(lambda: len(ledgers[2].events) == 1 and len(ledgers[0].events) == 2)
+        self.loop.run_once(0.05)
+        self.assertEqual(ledgers[0].events, [("note", "for the master"), ("tick", "for all")])
+        self.assertEqual(ledgers[2].events, [("tick", "for all")])
 
     def test_malformed_datagrams_are_ignored_and_logged_once(self):
         broker, ledger, process = self.copy()
@@ -14952,7 +17348,28 @@ def fuzz_smtp_command(rng: random.Random) -> bytes:
     return (name.lower() if rng.random() < 0.2 else name) + extra + b"\r\n"
 
 
-FUZZ_COMMANDS = {"imap": fuzz_imap_command, "pop3": fuzz_pop3_command, "smtp": fuzz_smtp_command}
+def fuzz_sieve_command(rng: random.Random) -> bytes:
+    """ManageSieve (RFC 5804): the mechanism, initial response and client
+    responses as strings (quoted or {n+} / {n} literals)."""
+    login, password = rng.choice(FUZZ_LOGINS)
+    name = rng.choice((b"CAPABILITY", b"NOOP", b"NOOP-TAG", b"LOGOUT", b"STARTTLS",
+                       b"AUTHENTICATE", b"AUTHENTICATE", b"PUTSCRIPT"))
+    string = lambda value: fuzz_imap_string(rng, value) if value else b'""'
+    if name == b"AUTHENTICATE":
+        mechanism, initial, lines = fuzz_sasl(rng, login, password)
+        command = b"AUTHENTICATE " + string(mechanism) + (
+            b" " + string(initial) if initial is not None else b"")
+        return command + b"\r\n" + b"".join(string(line) + b"\r\n" for line in lines)
+    if name == b"NOOP-TAG":
+        return b"NOOP " + string(rng.choice((b"STARTTLS-SYNC-42", b'a"b', b"x\r\ny"))) + b"\r\n"
+    if name == b"PUTSCRIPT":
+        return b'PUTSCRIPT "s" {12+}\r\nkeep;\r\nstop;\r\n'
+    extra = rng.choice((b"", b"", b"", b" x", b' "PLAIN"'))      # refused argument counts
+    return (name.lower() if rng.random() < 0.2 else name) + extra + b"\r\n"
+
+
+FUZZ_COMMANDS = {"imap": fuzz_imap_command, "pop3": fuzz_pop3_command, "smtp": fuzz_smtp_command,
+                 "sieve": fuzz_sieve_command}
 
 
 def fuzz_client_corpus(rng: random.Random, settings: dict, protocol: str) -> list:
@@ -14988,7 +17405,7 @@ def fuzz_backend_settings(rng: random.Random) -> dict:
     """Which login script, built from what (see fuzz_backend_script)."""
     login, password = rng.choice(FUZZ_LOGINS)
     settings = {"script": rng.choice(("imap", "imap", "imap-token", "pop3", "pop3-token",
-                                      "smtp", "smtp", "smtp")),
+                                      "smtp", "smtp", "smtp", "sieve", "sieve-token")),
                 "tag": rng.choice((b"a1 ", b"A001 ")), "login": login, "password": password,
                 "starttls": rng.random() < 0.3, "line_limit": rng.choice((64, 128, mp.PAGE_SIZE)),
                 "mechanism": rng.choice(("xoauth2", "oauthbearer"))}
@@ -15024,6 +17441,10 @@ def fuzz_backend_script(settings: dict) -> list:
     if kind == "pop3-token":
         response = mp.oauth_initial_response(mechanism, login, password)
         return mp.pop3_token_script(mechanism, response, starttls)
+    if kind in ("sieve", "sieve-token"):
+        token = (mechanism, password) if kind == "sieve-token" else None
+        outcome = mp.AuthOutcome(mp.Verdict.OK, login, password, token=token)
+        return mp.sieve_attempt_script(server_settings("sieve"), None, outcome, starttls)
     return mp.smtp_login_script(server_settings("smtp", **settings["server"]),
                                 mp.SmtpFacts(**settings["facts"]))
 
@@ -15041,6 +17462,11 @@ def fuzz_backend_reply(rng: random.Random, step, tag: bytes) -> bytes:
         return untagged + (step.tag or tag) + done
     if step.kind == "pop3-ok":
         return rng.choice((b"+OK\r\n", b"+OK hello\r\n", b"+OK 2 messages\r\n"))
+    if step.kind == "sieve-greeting":
+        return b"".join(rng.sample(SIEVE_GREETING_LINES[:-1], rng.randint(0, 3))) + rng.choice((
+            b'OK "Dovecot ready."\r\n', b"OK\r\n", b'ok "lower case"\r\n'))
+    if step.kind == "sieve-ok":
+        return rng.choice((b"OK\r\n", b'OK "Logged in."\r\n', b'OK (SASL "AA==") "done"\r\n'))
     code = rng.choice(step.codes or (b"250", b"550"))
     return rng.choice((code + b" ok\r\n", code + b"\r\n",
                        code + b"-first line\r\n" + code + b"-PIPELINING\r\n" + code + b" done\r\n"))
@@ -15578,6 +18004,7 @@ FUZZ_TARGETS = {
     "imap": fuzz_client_target("imap"),
     "pop3": fuzz_client_target("pop3"),
     "smtp": fuzz_client_target("smtp"),
+    "sieve": fuzz_client_target("sieve"),
     "backend-login": FuzzTarget(fuzz_backend_settings, fuzz_backend_corpus,
                                 lambda settings: [settings["line_limit"]], fuzz_drive_backend,
                                 turns=fuzz_backend_turns),
