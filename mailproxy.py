@@ -92,6 +92,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 try:
@@ -512,6 +513,17 @@ def parse_time(args: List[str], base: str = "") -> float:
     return sum(int(n) * _TIME_UNITS[u] for n, u in parts)
 
 
+def parse_msec(args: List[str], base: str = "") -> float:
+    """A time nginx keeps in milliseconds (ngx_conf_set_msec_slot: timeout,
+    proxy_timeout, ...), in seconds like every time here: a number without
+    a unit is milliseconds, as nginx reads it ("timeout 1200000;" in
+    Mastering NGINX is 20 minutes, not 14 days)."""
+    value = one_argument(args)
+    if re.fullmatch(r"\d+", value):
+        return int(value) / 1000.0
+    return parse_time(args)
+
+
 def parse_number(args: List[str], base: str = "") -> int:
     value = one_argument(args)
     if not re.fullmatch(r"\d+", value):
@@ -815,22 +827,34 @@ TLS_VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1
                 "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
+# nginx takes these in ssl_protocols; OpenSSL 3 builds and Python's ssl
+# module have neither, so they load and are not offered (a [warn] says so).
+OBSOLETE_SSL_PROTOCOLS = ("SSLv2", "SSLv3")
+
+
 def parse_ssl_protocols(args: List[str], base: str = "") -> List[str]:
-    """``[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]``: a contiguous range, since
-    Python sets a minimum and a maximum version, not a list."""
+    """``[SSLv2] [SSLv3] [TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]``: the TLS
+    versions a contiguous range, since Python sets a minimum and a maximum
+    version, not a list.  SSLv2 and SSLv3 stay in the list, first, and are
+    never offered (apply_protocols skips them): "TLSv1 SSLv3" (the nginx
+    wiki's and Mastering NGINX's example) is TLSv1 alone, as under nginx
+    with OpenSSL 3."""
     if not args:
         raise ConfigValueError("needs at least one protocol")
     for arg in args:
-        if arg in ("SSLv2", "SSLv3"):
-            raise ConfigValueError('"%s" is not available through Python\'s ssl module' % arg)
-        if arg not in TLS_VERSIONS:
+        if arg not in TLS_VERSIONS and arg not in OBSOLETE_SSL_PROTOCOLS:
             raise ConfigValueError('invalid value "%s"' % arg)
+    obsolete = [name for name in OBSOLETE_SSL_PROTOCOLS if name in args]
     order = list(TLS_VERSIONS)
-    indexes = sorted(order.index(arg) for arg in set(args))
+    indexes = sorted(order.index(arg) for arg in set(args) if arg in TLS_VERSIONS)
+    if not indexes:
+        raise ConfigValueError('"%s": Python\'s ssl module has neither SSLv2 nor SSLv3, so no '
+                               'protocol would be left; write TLS versions (e.g. "TLSv1.2 '
+                               'TLSv1.3")' % " ".join(args))
     if indexes != list(range(indexes[0], indexes[-1] + 1)):
         raise ConfigValueError("the protocols must be a range without gaps (Python sets a "
                           "minimum and a maximum version)")
-    return [order[i] for i in indexes]
+    return obsolete + [order[i] for i in indexes]
 
 
 class SessionCache(NamedTuple):
@@ -1166,7 +1190,7 @@ DIRECTIVES = {d.name: d for d in [
     Directive("worker_processes", MAIN, parse_worker_processes, 1),
     Directive("worker_connections", MAIN, parse_positive, 1024),
     Directive("worker_rlimit_nofile", MAIN, parse_positive, None),
-    Directive("worker_shutdown_timeout", MAIN, parse_time, None),
+    Directive("worker_shutdown_timeout", MAIN, parse_msec, None),
     Directive("master_process", MAIN, parse_flag, True),
     Directive("user", MAIN, parse_user, None),
     Directive("pid", MAIN, parse_path, None),
@@ -1179,22 +1203,22 @@ DIRECTIVES = {d.name: d for d in [
     Directive("listen", SERVER, parse_listen, [], multiple=True),
     Directive("protocol", SERVER, parse_protocol, None),
     Directive("server_name", MAIL, parse_string, None),   # default: the host name
-    Directive("timeout", MAIL, parse_time, 60.0),
+    Directive("timeout", MAIL, parse_msec, 60.0),
     Directive("max_errors", MAIL, parse_number, 5),
     Directive("resolver", MAIL, parse_resolver, None),
-    Directive("resolver_timeout", MAIL, parse_time, 30.0),
+    Directive("resolver_timeout", MAIL, parse_msec, 30.0),
     # -- ngx_mail_auth_http_module -----------------------------------------
     Directive("auth_http", MAIL, parse_auth_http, None),
     Directive("auth_http_header", MAIL, parse_auth_http_header, [], multiple=True),
     Directive("auth_http_pass_client_cert", MAIL, parse_flag, False),
-    Directive("auth_http_timeout", MAIL, parse_time, 60.0),
+    Directive("auth_http_timeout", MAIL, parse_msec, 60.0),
     # -- ngx_mail_proxy_module ---------------------------------------------
     Directive("proxy", MAIL, parse_flag, False),   # parsed and ignored, as nginx
     Directive("proxy_buffer", MAIL, parse_size, PAGE_SIZE),
     Directive("proxy_pass_error_message", MAIL, parse_flag, False),
     Directive("proxy_protocol", POOLED, parse_enum("off", "on", "v2"), "off"),
     Directive("proxy_smtp_auth", POOLED, parse_flag, False),
-    Directive("proxy_timeout", MAIL, parse_time, 24 * 3600.0),
+    Directive("proxy_timeout", MAIL, parse_msec, 24 * 3600.0),
     Directive("xclient", POOLED, parse_flag, True),
     # -- ngx_mail_realip_module --------------------------------------------
     Directive("set_real_ip_from", MAIL, parse_real_ip_from, [], multiple=True),
@@ -1236,7 +1260,7 @@ DIRECTIVES = {d.name: d for d in [
     Directive("smtp_auth", MAIL, auth_methods_parser("smtp"), ["plain", "login"], multiple=True),
     Directive("smtp_capabilities", MAIL, parse_word_list, [], multiple=True),
     Directive("smtp_client_buffer", MAIL, parse_size, PAGE_SIZE),
-    Directive("smtp_greeting_delay", MAIL, parse_time, 0.0),
+    Directive("smtp_greeting_delay", MAIL, parse_msec, 0.0),
     # -- extension: ManageSieve (RFC 5804), README "ManageSieve" -----------
     Directive("sieve_auth", MAIL, auth_methods_parser("sieve"), ["plain"], multiple=True,
               extension=True),
@@ -1496,6 +1520,7 @@ def load_config(path: str) -> Config:
     warnings += route_port_warnings(path, servers, routes, lines)
     warnings += salted_method_warnings(path, servers, users, lines)
     warnings += tls_directive_warnings(path, servers, lines)
+    warnings += obsolete_protocol_warnings(path, servers, lines)
     return Config(path, main, servers, users, routes, tuple(warnings), lines, upstreams,
                   pool_settings(servers, upstreams))
 
@@ -2366,6 +2391,28 @@ def tls_directive_warnings(path: str, servers: List[Settings], lines: Dict) -> L
                                        "full handshake")
             if differences:
                 warn(server, "ssl_session_ticket_key", "; ".join(differences))
+    return warnings
+
+
+def obsolete_protocol_warnings(path: str, servers: List[Settings],
+                               lines: Dict) -> List[ConfigError]:
+    """SSLv2 and SSLv3 in ssl_protocols load (nginx takes them) and are not
+    offered: one [warn] per line that names them."""
+    warnings, seen = [], set()
+    for server in servers:
+        for directive in ("ssl_protocols", "proxy_ssl_protocols"):
+            named = [name for name in getattr(server, directive) if name in OBSOLETE_SSL_PROTOCOLS]
+            section = "server " + server.name
+            if (section, directive) not in lines:
+                section = "mail"
+            if not named or (section, directive) not in lines or (section, directive) in seen:
+                continue
+            seen.add((section, directive))
+            warnings.append(ConfigError(path, section, directive, (
+                "%s not offered: Python's ssl module has neither SSLv2 nor SSLv3 (nor have "
+                "OpenSSL 3 builds, so nginx on them does not offer it either); only the TLS "
+                "versions listed are") % " and ".join(named),
+                lines[(section, directive)]))
     return warnings
 
 
@@ -7242,8 +7289,14 @@ def _read_certificate(der: bytes, info: Dict) -> CertificateFacts:
 # -- contexts from the directives ---------------------------------------------
 
 def apply_protocols(context: ssl.SSLContext, protocols: List[str]) -> None:
-    context.minimum_version = TLS_VERSIONS[protocols[0]]
-    context.maximum_version = TLS_VERSIONS[protocols[-1]]
+    protocols = [name for name in protocols if name in TLS_VERSIONS]   # not SSLv2, SSLv3
+    with warnings.catch_warnings():
+        # Python 3.10+ calls TLSv1 and TLSv1.1 deprecated, on stderr: the
+        # user wrote them (nginx's admin guide and puppet-nginx do), and
+        # gets what nginx on the same OpenSSL gives, without the noise.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = TLS_VERSIONS[protocols[0]]
+        context.maximum_version = TLS_VERSIONS[protocols[-1]]
 
 
 def permission_hint(path: str) -> str:
@@ -12456,6 +12509,12 @@ def load_and_prepare(path: str) -> Config:
     errors.extend(prepare_pool_settings(config))
     if errors:
         raise ConfigErrors(errors)
+    unreachable = [warning for warning in map(lambda server: tls_unreachable(config, server),
+                                              config.servers) if warning is not None]
+    if unreachable:
+        config = config._replace(warnings=tuple(config.warnings) + tuple(
+            warning for number, warning in enumerate(unreachable)
+            if str(warning) not in map(str, unreachable[:number])))
     return config
 
 
@@ -12479,6 +12538,67 @@ def prepare_pool_settings(config: Config) -> List[ConfigError]:
                 if str(problem) not in map(str, errors):
                     errors.append(problem)
     return errors
+
+
+# What OpenSSL says, on the server's side, when nothing in ssl_protocols and
+# ssl_ciphers can be used at its security level (OpenSSL 3 takes TLS 1.0
+# and 1.1 at level 0 only).
+NO_HANDSHAKE_REASONS = ("NO_CIPHERS_AVAILABLE", "NO_PROTOCOLS_AVAILABLE", "UNSUPPORTED_PROTOCOL",
+                        "VERSION_TOO_LOW", "NO_SHARED_CIPHER", "NO_SUITABLE_SIGNATURE_ALGORITHM",
+                        "NO_SHARED_SIGNATURE_ALGORITHMS")
+
+
+def tls_unreachable(config: Config, server: Settings) -> Optional[ConfigError]:
+    """A [warn] at ssl_protocols when not even the most permissive client
+    (every cipher, security level 0, the same versions) completes a
+    handshake with the server's context, in memory: "ssl_protocols TLSv1
+    SSLv3;" (the nginx wiki, Mastering NGINX) on OpenSSL 3.  nginx starts
+    with it too, and fails every handshake; -t should say so."""
+    context = getattr(server, "tls_context", None)
+    if context is None:
+        return None
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    try:
+        client.set_ciphers("ALL:@SECLEVEL=0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client.minimum_version = context.minimum_version
+            client.maximum_version = context.maximum_version
+    except (ssl.SSLError, ValueError):
+        return None
+    reason = tls_handshake_failure(context, client)
+    if reason not in NO_HANDSHAKE_REASONS:
+        return None
+    lines = config.lines or {}
+    section = "server " + server.name if ("server " + server.name, "ssl_protocols") in lines \
+        else "mail"
+    return ConfigError(config.path, section, "ssl_protocols", (
+        "no TLS handshake can succeed (OpenSSL: %s): %s at its security level has no protocol, "
+        "cipher or signature algorithm left for %s with these ssl_ciphers; OpenSSL 3 takes TLSv1 "
+        "and TLSv1.1 only at security level 0, so nginx on it fails the same way; add TLSv1.2")
+        % (reason, ssl.OPENSSL_VERSION, " ".join(server.ssl_protocols)),
+        lines.get((section, "ssl_protocols")))
+
+
+def tls_handshake_failure(server_context: ssl.SSLContext,
+                          client_context: ssl.SSLContext) -> Optional[str]:
+    """The server side's SSL error reason of an in-memory handshake, None
+    if it completes (or fails on the client's side only)."""
+    pipes = [ssl.MemoryBIO() for _ in range(4)]
+    server = server_context.wrap_bio(pipes[0], pipes[1], server_side=True)
+    client = client_context.wrap_bio(pipes[2], pipes[3])
+    for _ in range(6):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as error:
+                return error.reason if side is server else None
+        pipes[0].write(pipes[3].read())
+        pipes[2].write(pipes[1].read())
+    return None
 
 
 def tls_problem(config: Config, server: Settings, error: ConfigValueError) -> ConfigError:
@@ -13869,11 +13989,13 @@ IMPORT_DROPPABLE = ("ssl_session_cache", "ssl_session_timeout")
 
 def guards_access(name: str, args: List[str]) -> bool:
     """A directive about TLS or authentication: one the import may not drop,
-    since the port would then be less protected than nginx had it."""
+    since the port would then be less protected than nginx had it.  Forks'
+    own auth_http (Zimbra's "zm_auth_http;") count: it is what decides who
+    logs in."""
     if name in IMPORT_DROPPABLE:
         return False
     return name.startswith(("ssl", "proxy_ssl", "starttls", "proxy_starttls", "auth")) or \
-        name.endswith("_auth") or (name == "listen" and "ssl" in args[1:])
+        name.endswith(("_auth", "auth_http")) or (name == "listen" and "ssl" in args[1:])
 
 
 class NginxImport:
@@ -13890,7 +14012,7 @@ class NginxImport:
 
     def untranslated(self, lines: List[str], directive: NginxBlock, args: List[str],
                      reason: str) -> None:
-        text = "%s %s;  (%s)" % (directive.name, ini_value(args), reason)
+        text = "%s;  (%s)" % (" ".join([directive.name] + ([ini_value(args)] if args else [])), reason)
         if guards_access(directive.name, args):
             self.errors.append("%s: %s: cannot be carried over, and it is about TLS or "
                                "authentication, so the port would be less protected than "
@@ -13904,8 +14026,10 @@ def rewritten_path(name: str, args: List[str]) -> Optional[str]:
     """nginx's pid file and error log are its own: a trial run beside the
     running nginx must neither overwrite its pid file (nginx -s would then
     signal mailproxy) nor write into its log.  The same directory, a name
-    of mailproxy's."""
-    if not args or args[0] in ("stderr", "off") or args[0].startswith(("syslog:", "memory:")):
+    of mailproxy's.  A device (Mailu's "error_log /dev/stderr") is no file
+    of nginx's: kept, or the import would create /dev/mailproxy-stderr."""
+    if not args or args[0] in ("stderr", "off") or \
+            args[0].startswith(("syslog:", "memory:", "/dev/", "/proc/")):
         return None
     directory, filename = os.path.split(args[0])
     if name == "pid":
@@ -13972,6 +14096,12 @@ def translate_block(imp: NginxImport, kind: str, directives: List[NginxBlock], b
                 imp.note(lines, directive.where, 'ssl on: carried as "listen ... ssl" (implicit '
                          'TLS) on %s listeners; the "ssl" directive was removed in nginx 1.25.1'
                          % ("every server's" if kind == "mail" else "this server's"))
+                if any(d.name == "starttls" and d.args in (["on"], ["only"]) for d in directives):
+                    # ngx_mail_ssl_module: both in one block is an [emerg]
+                    # (the nginx wiki's and the Nginx Cookbook's example)
+                    imp.note(lines, directive.where, 'nginx does not start with this block: '
+                             '"starttls" directive conflicts with "ssl on"; imported as implicit '
+                             'TLS, where STARTTLS is not offered')
             continue
         row = DIRECTIVES.get(directive.name)
         if row is None or kind not in row.contexts:
@@ -13989,6 +14119,12 @@ def translate_block(imp: NginxImport, kind: str, directives: List[NginxBlock], b
                     each = each + ["ssl"]
                 grouped.setdefault(directive.name, []).append((directive, each))
             continue
+        if directive.name == "proxy_ssl" and args == ["on"] and not any(
+                d.name in ("proxy_ssl_verify", "proxy_ssl_trusted_certificate") for d in directives):
+            # Zimbra's nginx has proxy_ssl and does not check the backend
+            imp.note(lines, directive.where, "proxy_ssl on: mailproxy checks the backend's "
+                     "certificate and name (proxy_ssl_verify on); name your backends' CA in "
+                     "proxy_ssl_trusted_certificate, or every login fails")
         grouped.setdefault(directive.name, []).append((directive, args))
     for name, occurrences in grouped.items():
         if not DIRECTIVES[name].multiple:

@@ -2807,6 +2807,20 @@ class ConfigValueParserTests(unittest.TestCase):
         # "1h 30m" unquoted is two arguments, in nginx.conf as here.
         self.assertRefused(mp.parse_time, ["1h", "30m"], "takes one value, got 2")
 
+    def test_a_time_nginx_keeps_in_milliseconds_without_a_unit_is_milliseconds(self):
+        """ngx_conf_set_msec_slot (timeout, proxy_timeout, resolver_timeout,
+        auth_http_timeout, smtp_greeting_delay, worker_shutdown_timeout)
+        reads "1200000" as 1200000 ms: Mastering NGINX's "timeout 1200000;"
+        loaded as 1200000 seconds.  ssl_session_timeout is a seconds slot."""
+        self.assertEqual(mp.parse_msec(["1200000"]), 1200.0)
+        self.assertEqual(mp.parse_msec(["500"]), 0.5)
+        self.assertEqual(mp.parse_msec(["5m"]), 300)
+        for name in ("timeout", "proxy_timeout", "resolver_timeout", "auth_http_timeout",
+                     "smtp_greeting_delay"):
+            self.assertEqual(mp.parse_directive("mail", name, "1500", "/"), 1.5, name)
+        self.assertEqual(mp.parse_directive("main", "worker_shutdown_timeout", "2000", "/"), 2.0)
+        self.assertEqual(mp.parse_directive("mail", "ssl_session_timeout", "600", "/"), 600)
+
     def test_time_units_go_from_most_to_least_significant(self):
         # ngx_parse_time refuses a unit after a smaller or equal one; nginx's
         # docs: "in the order from the most to the least significant".
@@ -7691,7 +7705,18 @@ class TlsConfigurationTests(CertificateFiles, unittest.TestCase):
         with self.assertRaises(mp.ConfigValueError):
             mp.parse_ssl_protocols(["TLSv1", "TLSv1.2"])          # a gap
         with self.assertRaises(mp.ConfigValueError):
-            mp.parse_ssl_protocols(["SSLv3"])
+            mp.parse_ssl_protocols(["SSLv3"])                    # nothing would be left
+
+    def test_sslv3_in_the_list_loads_and_is_never_offered(self):
+        """nginx takes "ssl_protocols TLSv1 SSLv3;" (the nginx wiki's and
+        Mastering NGINX's examples) and, built on OpenSSL 3, offers TLSv1
+        alone; mailproxy refused it, so --import-nginx stopped there."""
+        self.assertEqual(mp.parse_ssl_protocols(["TLSv1", "SSLv3"]), ["SSLv3", "TLSv1"])
+        self.assertEqual(mp.parse_ssl_protocols(["SSLv2", "SSLv3", "TLSv1.2", "TLSv1.3"]),
+                         ["SSLv2", "SSLv3", "TLSv1.2", "TLSv1.3"])
+        context = mp.server_context(self.tls_settings(ssl_protocols=["SSLv3", "TLSv1.2", "TLSv1.3"]))
+        self.assertEqual((context.minimum_version, context.maximum_version),
+                         (mp.ssl.TLSVersion.TLSv1_2, mp.ssl.TLSVersion.TLSv1_3))
 
     def test_what_python_cannot_honour_is_refused(self):
         for name, value in (("ssl_conf_command", "Curves X25519"),
@@ -16996,6 +17021,27 @@ class ImportNginxTests(unittest.TestCase):
         config = mp.load_config(directory.write("imported.conf", ini))
         self.assertTrue(config.servers[0].listen[0].ssl, ini)
 
+    def test_ssl_on_beside_starttls_says_that_nginx_refuses_the_block(self):
+        # The nginx wiki's STARTTLS example (and the Nginx HTTP Server
+        # Cookbook's) has "starttls on;" and "ssl on;" in mail {}: nginx
+        # 1.22 stops with '"starttls" directive conflicts with "ssl on"'.
+        # The import carries it as implicit TLS, and says so.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n    ssl on;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, self.tls_files())
+        self.assertIn("%s:4: nginx does not start with this block: \"starttls\" directive "
+                      "conflicts with \"ssl on\"" % nginx, err)
+        self.assertIn("listen = 127.0.0.1:%d ssl" % port, ini.splitlines())
+        # a server's own "ssl on" beside the mail {} block's starttls: nginx
+        # takes that (the check is per block), and so no note
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; ssl on; }\n}\n" % port, self.tls_files())
+        self.assertNotIn("conflicts", err)
+
     def test_a_tls_or_auth_directive_it_cannot_carry_is_an_error_with_file_and_line(self):
         directory = TempDir(self)
         self.write(directory, "tls.conf", "# TLS\nssl_frobnicate 2;\n")
@@ -17016,6 +17062,41 @@ class ImportNginxTests(unittest.TestCase):
                           err)
         self.assertIn("less protected than under nginx", err)
         self.assertNotIn("imap_auth", err)
+
+    def test_zimbras_own_auth_http_is_an_error_not_a_comment(self):
+        # Zimbra's nginx.conf.mail has "zm_auth_http;" (its lookup servers
+        # are in a zm_lookup {} block) and no auth_http: the import made it
+        # a comment and printed a file without any authentication.
+        directory = TempDir(self)
+        nginx = self.write(directory, "nginx.conf",
+                           "zm_lookup {\n    zm_lookup_handlers https://mail:7072/lookup;\n}\n"
+                           "mail {\n    proxy_pass_error_message on;\n    zm_auth_http;\n"
+                           "    zm_auth_wait 10s;\n"
+                           "    server {\n        listen 127.0.0.1:1143;\n        protocol imap;\n"
+                           "    }\n}\n")
+        status, out, err = run_mailproxy(["--import-nginx", nginx], timeout=10)
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertIn("mailproxy: [emerg] %s:6: zm_auth_http;  (not a mailproxy directive here): "
+                      "cannot be carried over, and it is about TLS or authentication" % nginx, err)
+        self.assertNotIn("[emerg] %s:7:" % nginx, err)          # zm_auth_wait: only a delay
+
+    def test_proxy_ssl_on_notes_that_the_backend_certificate_is_checked(self):
+        # Zimbra's nginx.conf.mail: "proxy_ssl on;" (its nginx does not
+        # check the backend's certificate; mailproxy does, by default): the
+        # migrated Zimbra file imported and passed -t, then every login
+        # failed with "unknown ca" and nothing had said why.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    proxy_ssl on;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port)
+        self.assertIn("proxy_ssl = on", ini.splitlines())
+        self.assertIn("%s:3: proxy_ssl on: mailproxy checks the backend's certificate" % nginx, err)
+        self.assertIn("# proxy_ssl on: mailproxy checks the backend's certificate", ini)
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    proxy_ssl on;\n"
+            "    proxy_ssl_verify off;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port)
+        self.assertNotIn("checks the backend", err)
 
     def test_listen_with_a_host_name_passes_the_check(self):
         port = free_port()
@@ -17093,6 +17174,92 @@ class ImportNginxTests(unittest.TestCase):
             "pid /tmp/x/mailproxy.pid;\nmail {\n    auth_http 127.0.0.1:9000/auth;\n"
             "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, check=False)
         self.assertIn("pid = /tmp/x/mailproxy-imported.pid", ini.splitlines())
+
+    def test_an_error_log_on_a_device_is_kept_as_it_is(self):
+        # Mailu: "error_log /dev/stderr notice;" at the top and "error_log
+        # /dev/stderr info;" in mail {}.  A device is nobody's log file; it
+        # was "rewritten" to /dev/mailproxy-stderr, a regular file that a
+        # start as root then created in /dev.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "error_log /dev/stderr notice;\nmail {\n    auth_http 127.0.0.1:9000/auth;\n"
+            "    error_log /dev/stderr info;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; error_log /dev/null; }\n}\n" % port)
+        lines = ini.splitlines()
+        self.assertIn("error_log = /dev/stderr notice", lines)
+        self.assertIn("error_log = /dev/stderr info", lines)
+        self.assertIn("error_log = /dev/null", lines)
+        self.assertNotIn("/dev/mailproxy-", ini)
+        self.assertNotIn("rewritten", err)
+
+    def test_sslv3_in_ssl_protocols_imports_with_a_warning(self):
+        # The nginx wiki's STARTTLS example and Mastering NGINX's complete
+        # mail example have "ssl_protocols TLSv1 SSLv3;": nginx 1.22 takes
+        # it; the import refused it as a TLS directive it could not carry.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n"
+            "    ssl_protocols SSLv3 TLSv1.2 TLSv1.3;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, self.tls_files())
+        self.assertIn("ssl_protocols = SSLv3 TLSv1.2 TLSv1.3", ini.splitlines())
+        path = directory.write("imported.conf", ini)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertRegex(err, r"\[warn\] %s:\d+: \[mail\] ssl_protocols: SSLv3 not offered"
+                         % re.escape(path))
+        settings = mp.load_config(path).servers[0]
+        context = mp.server_context(settings)
+        self.assertEqual(context.minimum_version, mp.ssl.TLSVersion.TLSv1_2)
+
+    def test_tls_1_0_in_ssl_protocols_checks_without_python_warnings(self):
+        # nginx's admin guide, puppet-nginx and Mailu (TLS_PERMISSIVE) list
+        # TLSv1 and TLSv1.1; Python 3.10+ printed "DeprecationWarning:
+        # ssl.TLSVersion.TLSv1 is deprecated" and two source lines into -t.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    starttls on;\n"
+            "    ssl_protocols TLSv1 TLSv1.1 TLSv1.2;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n" % port, self.tls_files())
+        status, out, err = run_mailproxy(["-t", "-c", directory.write("imported.conf", ini)],
+                                         timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("Warning", err)
+        self.assertNotIn("minimum_version", err)
+
+    def test_a_tls_setting_no_client_can_use_is_a_warning_at_the_check(self):
+        # Mastering NGINX's and the nginx wiki's "ssl_protocols TLSv1 SSLv3;"
+        # pass nginx -t and -t here, and on OpenSSL 3 (TLS 1.0 only at
+        # security level 0) every handshake then fails, under nginx too.
+        # -t tries one in memory with the most permissive client.  Here the
+        # same effect, on any OpenSSL: an RSA-only cipher, an ECDSA key.
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    ssl_protocols TLSv1.2;\n"
+            "    ssl_ciphers ECDHE-RSA-AES128-GCM-SHA256;\n"
+            "    ssl_certificate cert.pem;\n    ssl_certificate_key key.pem;\n"
+            "    server { listen 127.0.0.1:%d ssl; protocol imap; }\n}\n" % port, self.tls_files())
+        path = directory.write("imported.conf", ini)
+        status, out, err = run_mailproxy(["-t", "-c", path], timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertRegex(err, r"\[warn\] %s:\d+: \[mail\] ssl_protocols: no TLS handshake can "
+                         r"succeed \(OpenSSL: NO_SHARED_CIPHER\)" % re.escape(path))
+        self.assertEqual(err.count("no TLS handshake"), 1, err)
+        ini = ini.replace("ssl_ciphers = ECDHE-RSA-AES128-GCM-SHA256", "ssl_ciphers = HIGH")
+        status, out, err = run_mailproxy(["-t", "-c", directory.write("imported.conf", ini)],
+                                         timeout=10)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("no TLS handshake", err)
+
+    def test_a_timeout_without_a_unit_keeps_nginxs_meaning(self):
+        # Mastering NGINX: "timeout 1200000;" (milliseconds in nginx: 20 min)
+        port = free_port()
+        ini, err, nginx, directory = self.imported(
+            "mail {\n    auth_http 127.0.0.1:9000/auth;\n    proxy_timeout 3600000;\n"
+            "    server { listen 127.0.0.1:%d; protocol smtp; timeout 1200000; }\n}\n" % port)
+        server = mp.load_config(directory.write("imported.conf", ini)).servers[0]
+        self.assertEqual((server.timeout, server.proxy_timeout), (1200.0, 3600.0))
 
     def test_servers_are_named_after_protocol_and_port(self):
         ini, err, nginx, directory = self.imported(
