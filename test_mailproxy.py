@@ -20008,15 +20008,38 @@ def main(argv) -> int:
     for test in iter_tests(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])):
         if not patterns or any(pattern in test.id() for pattern in patterns):
             classes.setdefault(type(test), []).append(test)
-    groups = [unittest.TestSuite() for _ in range(jobs)]
-    for index, tests in enumerate(classes.values()):
-        groups[index % jobs].addTests(tests)
+    # The classes wait in a pipe, one 4-byte number each; every process
+    # takes the next when it is free, so the slow classes spread out.
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"".join(index.to_bytes(4, "big") for index in range(len(classes))))
+    os.close(write_end)
+    groups = [QueuedSuite(list(classes.values()), read_end) for _ in range(jobs)]
     started = time.time()
     counts = run_in_parallel(groups, verbose)
+    os.close(read_end)
     passed, failed, skipped = (sum(count[i] for count in counts) for i in range(3))
     print("(%.1f s)" % (time.time() - started))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
     return 0 if failed == 0 else 1
+
+
+class QueuedSuite(unittest.TestSuite):
+    """The tests of the classes whose numbers this process reads from
+    ``queue`` (a pipe all of them were written to: a read of 4 bytes takes
+    one number whole), a class at a time, until the pipe is empty."""
+
+    def __init__(self, classes: list, queue: int):
+        super().__init__()
+        self.classes, self.queue = classes, queue
+
+    def __iter__(self):
+        while True:
+            record = os.read(self.queue, 4)
+            if len(record) < 4:
+                return
+            for test in self.classes[int.from_bytes(record, "big")]:
+                self._tests.append(test)       # TestSuite.run drops each by its index
+                yield test
 
 
 def run_suite(suite, stream, verbose: bool):
