@@ -14451,13 +14451,18 @@ def startup_failure(config: Config, log: ErrorLog, message: str) -> int:
 # until the script ends (pythonrun.c frees the parser's arena after run_mod):
 # for this file, some 25 MB that a running proxy never reads again, in the
 # master and, shared, in every worker.  So the serving command starts over
-# once, at once, in a fresh interpreter (same pid) that compiles this same
-# file with compile(), which frees the tree as soon as the code is made
-# (runpy.run_path), under another name than __main__, and calls main().
-# -t, -s and the other commands end quickly and do not bother.
+# once, at once, in a fresh interpreter (same pid) that imports this same
+# file as the module "mailproxy" and calls its main(): an import frees the
+# tree as soon as the code is compiled, and next time loads the compiled
+# code from __pycache__ beside the file, as for any module (unless Python
+# may not write it there: -B, PYTHONDONTWRITEBYTECODE, a read-only
+# directory).  -t, -s and the other commands end quickly and do not bother.
 
-RELAUNCH_PROGRAM = ("import runpy, sys; "
-                    "sys.exit(runpy.run_path(sys.argv.pop(1), run_name='mailproxy')['main']())")
+RELAUNCH_PROGRAM = ("import importlib.util, sys; "
+                    "spec = importlib.util.spec_from_file_location('mailproxy', sys.argv[1]); "
+                    "module = sys.modules['mailproxy'] = importlib.util.module_from_spec(spec); "
+                    "spec.loader.exec_module(module); "
+                    "sys.exit(module.main(sys.argv[2:]))")
 
 
 def relaunch_without_the_syntax_tree(argv: List[str]) -> None:
