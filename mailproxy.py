@@ -68,6 +68,7 @@ import dataclasses
 import enum
 import errno
 import functools
+import gc
 import getpass
 import hashlib
 import heapq
@@ -14445,6 +14446,56 @@ def startup_failure(config: Config, log: ErrorLog, message: str) -> int:
     return 1
 
 
+# -- the process's own memory -------------------------------------------------
+# Python keeps the syntax tree of the script it runs (python3 mailproxy.py)
+# until the script ends (pythonrun.c frees the parser's arena after run_mod):
+# for this file, some 25 MB that a running proxy never reads again, in the
+# master and, shared, in every worker.  So the serving command starts over
+# once, at once, in a fresh interpreter (same pid) that imports this same
+# file as the module "mailproxy" and calls its main(): an import frees the
+# tree as soon as the code is compiled, and next time loads the compiled
+# code from __pycache__ beside the file, as for any module (unless Python
+# may not write it there: -B, PYTHONDONTWRITEBYTECODE, a read-only
+# directory).  -t, -s and the other commands end quickly and do not bother.
+
+RELAUNCH_PROGRAM = ("import importlib.util, sys; "
+                    "spec = importlib.util.spec_from_file_location('mailproxy', sys.argv[1]); "
+                    "module = sys.modules['mailproxy'] = importlib.util.module_from_spec(spec); "
+                    "spec.loader.exec_module(module); "
+                    "sys.exit(module.main(sys.argv[2:]))")
+
+
+def relaunch_without_the_syntax_tree(argv: List[str]) -> None:
+    """Replace this process with RELAUNCH_PROGRAM running this file with
+    ``argv``, if it runs as the script; returns only if that cannot be done
+    (then this one serves)."""
+    if __name__ != "__main__" or not sys.executable:
+        return
+    # The interpreter's own options (-I, -E, -O, -X ..., -W ...) carry over,
+    # as the standard library's own children get them (multiprocessing).
+    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    try:
+        os.execv(sys.executable, [sys.executable] + flags +
+                 ["-c", RELAUNCH_PROGRAM, PASSWORD_HELPER_FILE] + argv)
+    except OSError:
+        return
+
+
+def release_free_memory() -> None:
+    """Before the first fork: give freed heap pages back to the system
+    (glibc's malloc_trim, where there is one), and move every object made so
+    far out of the garbage collector's sight (gc.freeze, Python 3.7), so that
+    its passes in the workers do not write to, and so copy, pages they share
+    with the master."""
+    gc.collect()
+    if ctypes is not None and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    gc.freeze()
+
+
 def command_run(path: str) -> int:
     try:
         config = load_and_prepare(path)
@@ -14461,6 +14512,7 @@ def command_run(path: str) -> int:
     give_logs_to_user(logs, config.main, log)
     raise_open_file_limit(config.main, log)
     warn_about(config, log)
+    release_free_memory()
     if config.main.master_process and hasattr(os, "fork"):
         process = Master(config, logs)
         start = process.start
@@ -14540,6 +14592,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return command_signal(path, options["signal"])
     if options["test"]:
         return command_test(path)
+    relaunch_without_the_syntax_tree(sys.argv[1:] if argv is None else argv)
     return command_run(path)
 
 

@@ -2207,10 +2207,16 @@ class ProxyUnderTest:
         return total
 
 
-def run_mailproxy(args, stdin=b"", timeout=20, cwd=None):
+def run_mailproxy(args, stdin=b"", timeout=20, cwd=None, script=False):
     """mailproxy.py ARGS as a subprocess (in the directory ``cwd``, if
-    given): (exit status, stdout, stderr)."""
-    done = subprocess.run([sys.executable, MAILPROXY] + list(args), input=stdin, cwd=cwd,
+    given): (exit status, stdout, stderr).  It runs as the serving command
+    relaunches itself (RELAUNCH_PROGRAM: main(ARGS) of mailproxy.py
+    imported, its compiled code cached by main() below), which saves a
+    compile of the whole file per call; with ``script``, as
+    ``python3 mailproxy.py ARGS``."""
+    command = [sys.executable, MAILPROXY] if script else [sys.executable, "-c", mp.RELAUNCH_PROGRAM,
+                                                          MAILPROXY]
+    done = subprocess.run(command + list(args), input=stdin, cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
 
@@ -15466,6 +15472,23 @@ class ProcessWorkerTests(EndToEndTestCase):
         self.assertEqual(len(served), 5, proxy.stderr)
         self.assertLessEqual(set(served), current)
 
+    def test_the_serving_processes_run_without_the_scripts_syntax_tree(self):
+        """Issue 17, item 4: the started process (same pid) has become a
+        fresh interpreter running this file through runpy, and its workers
+        are its forks; -t is not relaunched."""
+        backend = self.use(FakeImapBackend())
+        directory = TempDir(self)
+        port = free_port()
+        path = program_config(directory, [port], backend.port, main="worker_processes = 2\n")
+        proxy = ProgramUnderTest(self, path)
+        for pid in [proxy.pid] + proxy.workers():
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                arguments = handle.read().split(b"\0")
+            # python3 [its options, as -B here from PYTHONDONTWRITEBYTECODE] -c PROGRAM FILE ARGS
+            self.assertEqual(arguments[-6:-1], [b"-c", mp.RELAUNCH_PROGRAM.encode(), MAILPROXY.encode(),
+                                                b"-c", path.encode()], arguments)
+        self.assertEqual(imap_login_reply(self, port, "secret"), b"a1 OK LOGIN completed\r\n")
+
     def test_worker_connections_keeps_the_third_client_in_the_backlog(self):
         directory = TempDir(self)
         port = free_port()
@@ -17353,13 +17376,13 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn(b"test is successful", done.stderr)
 
     def test_version(self):
-        status, out, err = run_mailproxy(["-v"])
+        status, out, err = run_mailproxy(["-v"], script=True)      # the command as a user types it
         self.assertEqual(status, 0)
         self.assertIn("mailproxy/" + mp.__version__, out + err)
 
     def test_unknown_option(self):
         for args in (["-x"], ["--bogus"], ["-c"]):
-            status, out, err = run_mailproxy(args)
+            status, out, err = run_mailproxy(args, script=True)
             self.assertEqual(status, 2, args)
             self.assertIn("usage:", err)
 
@@ -20003,6 +20026,12 @@ def main(argv) -> int:
         return run_fuzz(argv)
     if "--heavy" in argv:
         os.environ["MAILPROXY_TEST_HEAVY"] = "1"      # heavy() says yes, in the children too
+    # The program's processes import mailproxy.py when they serve (their
+    # relaunch, RELAUNCH_PROGRAM): they keep its compiled code in a
+    # directory of this run's, never beside the file, and compile it once.
+    cache = tempfile.TemporaryDirectory(prefix="mailproxy-test-pycache-")
+    os.environ["PYTHONPYCACHEPREFIX"] = cache.name
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     jobs = 1 if "-j1" in argv or not hasattr(os, "fork") else min(2, os.cpu_count() or 1)
     classes = {}
     for test in iter_tests(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])):
@@ -20015,8 +20044,11 @@ def main(argv) -> int:
     os.close(write_end)
     groups = [QueuedSuite(list(classes.values()), read_end) for _ in range(jobs)]
     started = time.time()
-    counts = run_in_parallel(groups, verbose)
-    os.close(read_end)
+    try:
+        counts = run_in_parallel(groups, verbose)
+    finally:
+        os.close(read_end)
+        cache.cleanup()
     passed, failed, skipped = (sum(count[i] for count in counts) for i in range(3))
     print("(%.1f s)" % (time.time() - started))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
