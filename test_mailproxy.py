@@ -14947,11 +14947,12 @@ class StatusInProcessTests(EndToEndTestCase):
 class StatusProcessTests(EndToEndTestCase):
     """The real program with two workers: one answer for both."""
 
-    def start(self, backend_port: int, main: str = "", mail: str = "") -> tuple:
+    def start(self, backend_port: int, main: str = "", mail: str = "", server: str = "",
+              tail: str = "") -> tuple:
         directory = TempDir(self)
         port, status = free_port(), free_port()
         proxy = ProgramUnderTest(self, program_config(
-            directory, [port], backend_port, auth_delay="1ms", mail=mail,
+            directory, [port], backend_port, auth_delay="1ms", mail=mail, server=server, tail=tail,
             main="worker_processes = 2\nworker_connections = 1\n"
                  "status_listen = 127.0.0.1:%d\n%s" % (status, main)))
         self.assertIsNotNone(proxy.wait_for("status listener on 127.0.0.1:%d" % status),
@@ -15024,6 +15025,79 @@ class StatusProcessTests(EndToEndTestCase):
                                                         **labels) == 0, "the dead one's session gone")
         self.assertEqual(sample(samples, "mailproxy_connections_total", **labels), 4)
         self.assertEqual(sample(samples, "mailproxy_logins_total", result="ok", **labels), 2)
+
+    def test_the_accept_queue_holds_the_clients_no_worker_takes(self):
+        """Both workers at worker_connections 1: three more clients wait in
+        the kernel's accept queue, and one leaves it when a session ends."""
+        if not sys.platform.startswith("linux"):
+            self.skipTest("the accept queue's length is known on Linux only")
+        backend = self.use(FakeImapBackend())
+        proxy, port, status = self.start(backend.port)
+        labels = {"server": "imap", "protocol": "imap"}
+        self.assertEqual(sample(scrape(status), "mailproxy_connections_queued", **labels), 0)
+        self.assertIn(("mailproxy_connections_queued", tuple(sorted(labels.items()))),
+                      scrape(status))                  # there, as 0: not left out
+        first, _ = self.greeted(proxy, port)
+        second, _ = self.greeted(proxy, port)
+        waiting = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        for sock in waiting:
+            self.addCleanup(sock.close)
+        scrape_until(status, lambda s: sample(s, "mailproxy_connections_queued", **labels) == 3,
+                     "three clients queued")
+        first.close()                  # its worker takes the next one from the queue
+        scrape_until(status, lambda s: sample(s, "mailproxy_connections_queued", **labels) == 2,
+                     "one client taken from the queue")
+        self.assertTrue(waiting[0].recv(100).startswith(b"* OK"))
+        second.close()
+
+    def test_pool_servers_sessions_and_failures_summed_over_both_workers(self):
+        """Two sessions on one pool server, one in each worker: 2 there;
+        the dead server, tried once by one worker: one connect failure."""
+        live, dead = self.use(FakeImapBackend()), free_port()
+        proxy, port, status = self.start(
+            live.port, server="proxy_pass = farm\n",
+            tail="\n[upstream farm]\nserver = 127.0.0.1:%d\n    127.0.0.1:%d fail_timeout=5m\n"
+                 % (live.port, dead))
+        a, b = {"upstream": "farm", "server": "127.0.0.1:%d" % live.port}, \
+            {"upstream": "farm", "server": "127.0.0.1:%d" % dead}
+        before = scrape(status)
+        for labels in (a, b):          # every server's series from the start
+            self.assertEqual(before[("mailproxy_upstream_sessions_active",
+                                     tuple(sorted(labels.items())))], 0)
+            for kind in ("connect", "tls", "timeout", "greeting"):
+                self.assertEqual(before[("mailproxy_upstream_failures_total",
+                                         tuple(sorted(dict(labels, kind=kind).items())))], 0)
+        self.assertNotIn("health_check", str(before))   # this pool has no active check
+        # Round robin, per worker: each worker's first login goes to the live
+        # server, its second to the dead one first.
+        first, first_pid = self.greeted(proxy, port)
+        second, second_pid = self.greeted(proxy, port)
+        self.assertNotEqual(first_pid, second_pid)
+        for client in (first, second):
+            client.send("a1 LOGIN alice secret")
+            client.expect(rb"^a1 OK")
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_upstream_sessions_active",
+                                                        **a) == 2, "two sessions on the server")
+        self.assertEqual(sample(samples, "mailproxy_upstream_sessions_active", **b), 0)
+        first.send("q1 LOGOUT")
+        first.read_until_closed()
+        third, third_pid = self.greeted(proxy, port)
+        self.assertEqual(third_pid, first_pid)
+        third.send("a1 LOGIN alice secret")
+        third.expect(rb"^a1 OK")       # from the live server, after the dead one failed
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_upstream_failures_total",
+                                                        kind="connect", **b) == 1 and
+                               sample(s, "mailproxy_upstream_sessions_active", **a) == 2,
+                               "the failure and the third session counted")
+        self.assertEqual(sample(samples, "mailproxy_upstream_sessions_active", **b), 0)
+        for labels, kind in ((a, "connect"), (a, "timeout"), (b, "timeout"), (b, "greeting")):
+            self.assertEqual(sample(samples, "mailproxy_upstream_failures_total", kind=kind,
+                                    **labels), 0)
+        self.assertEqual(len(live.logins), 3)
+        second.close()
+        third.close()
+        scrape_until(status, lambda s: sample(s, "mailproxy_upstream_sessions_active", **a) == 0,
+                     "the sessions gone from the server")
 
     def test_sessions_list_and_kick_by_id_and_by_login_across_workers(self):
         backend = self.use(FakeImapBackend(accept=None))
