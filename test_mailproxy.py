@@ -13714,6 +13714,25 @@ class PoolChoiceTests(unittest.TestCase):
             "notice", 'upstream server 127.0.0.1:1 of upstream "farm" is up again (health check)'))
         self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
 
+    def test_each_failure_and_failed_check_is_counted_by_kind(self):
+        """Also under max_fails=0 (no accounting, but a failure all the same)
+        and while the server is out: the metric counts what happened."""
+        one, two = pool_server(1), pool_server(2, max_fails=0)
+        pool, metrics = pool_of(one, two), mp.Metrics()
+        pool.metrics = metrics
+        pool.failed(one, 0.0)
+        pool.failed(one, 1.0, "greeting")
+        pool.failed(two, 0.0, "timeout")
+        pool.checked(one, False, "timed out")
+        pool.checked(one, False, "timed out")
+        pool.checked(one, True, "")
+        metrics.apply(metrics.events(1)[0])
+        self.assertEqual(metrics.counters, {
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:1", "connect")): 1,
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:1", "greeting")): 1,
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:1", "health_check")): 2,
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:2", "timeout")): 1})
+
     def test_set_drain_reaches_every_process_through_the_books(self):
         spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
         books, sent = mp.SharedBooks(), []
@@ -13785,6 +13804,20 @@ def hashed_logins_at(pool: mp.Pool, now: float, count: int = 1000) -> Dict[bytes
             for login in (b"user%d" % n for n in range(count))}
 
 
+def assert_pool_failures(proxy: ProxyUnderTest, expected: dict) -> None:
+    """mailproxy_upstream_failures_total of pool "farm" in ``proxy``'s
+    worker, (server, kind) -> value, comes to be ``expected`` (the worker
+    flushes its counts every METRICS_FLUSH) and stays so a flush later."""
+    metrics = proxy.worker.metrics
+
+    def failures() -> dict:
+        return {labels[1:]: value for (name, labels), value in list(metrics.counters.items())
+                if name == "mailproxy_upstream_failures_total" and labels[0] == "farm"}
+    wait_until(lambda: failures() == expected, what="failures %r" % (expected,))
+    time.sleep(mp.METRICS_FLUSH * 1.5)
+    assert failures() == expected, failures()
+
+
 class PoolEndToEndTests(EndToEndTestCase):
     """Real loopback backends behind a proxy passing to a pool."""
 
@@ -13834,6 +13867,7 @@ class PoolEndToEndTests(EndToEndTestCase):
         self.assertEqual(len(good.logins), 3)
         self.assertEqual(bytes(good.received[0]), IMAP_LOGIN_ON_THE_WIRE)
         proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
+        assert_pool_failures(proxy, {("127.0.0.1:%d" % bad.port, "greeting"): 1})
 
     def test_a_silent_server_times_out_and_fails_over(self):
         silent, good = self.use(FakeImapBackend(mode="stall")), self.use(FakeImapBackend())
@@ -13845,6 +13879,7 @@ class PoolEndToEndTests(EndToEndTestCase):
         self.assertEqual(len(silent.received), 1)
         proxy.wait_for_log(r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed '
                            r"\(upstream timed out\)" % silent.port)
+        assert_pool_failures(proxy, {("127.0.0.1:%d" % silent.port, "timeout"): 1})
 
     def test_no_server_alive_is_the_internal_error(self):
         proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % free_port(),
@@ -14367,6 +14402,32 @@ class StatusMetricsBookTests(unittest.TestCase):
         metrics.count("mailproxy_connections_total", ("x" * 10000, "imap"))
         (event,) = metrics.events(1)
         self.assertLessEqual(len(mp.encode_event(event)), mp.SHARED_EVENT_MAX)
+
+    def test_the_accept_queue_of_a_tcp_listener_and_none_of_a_unix_one(self):
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)
+        config = mp.load_config(TempDir(self).write("mailproxy.conf", proxy_config("imap", 1143)))
+        listen = config.servers[0].listen[0]
+        key = (listen.host, listen.port)       # as bind_all keys it; the socket is this one
+        if not sys.platform.startswith("linux"):
+            self.assertEqual(mp.queued_samples(config, {key: listening}), {})
+            return
+        waiting = [socket.create_connection(listening.getsockname(), timeout=5) for _ in range(2)]
+        for sock in waiting:
+            self.addCleanup(sock.close)
+        wait_until(lambda: mp.accept_queue(listening) == 2, what="two clients queued")
+        self.assertEqual(mp.queued_samples(config, {key: listening}),
+                         {("mailproxy_connections_queued", ("imap", "imap")): 2})
+        listening.accept()[0].close()
+        self.assertEqual(mp.accept_queue(listening), 1)
+        with unittest.mock.patch.object(mp.sys, "platform", "freebsd14"):
+            self.assertIsNone(mp.accept_queue(listening))        # another layout: left out
+        self.assertEqual(mp.queued_samples(config, {}), {})     # not bound here
+        unix = socket.socket(socket.AF_UNIX)
+        self.addCleanup(unix.close)
+        self.assertIsNone(mp.accept_queue(unix))
 
     def test_the_rendered_text_is_strict_exposition_format(self):
         samples = {("mailproxy_logins_total", ('we"ird\\\nname', "imap", "ok")): 2,
