@@ -14377,10 +14377,13 @@ class StatusMetricsBookTests(unittest.TestCase):
         metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.1)
         metrics.count("mailproxy_logins_total", ("imap", "imap", "ok"))
         metrics.change("mailproxy_sessions_active", ("imap", "imap"), 1)
+        metrics.change("mailproxy_upstream_sessions_active", ("farm", "127.0.0.1:143"), 1)
+        metrics.count("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:143", "connect"))
         metrics.apply(metrics.events(1)[0])
         samples = dict(metrics.counters)
         samples.update(metrics.gauge_sums())
         samples.update(mp.process_samples([os.getpid()], time.time()))
+        samples[("mailproxy_connections_queued", ("imap", "imap"))] = 3
         done = subprocess.run(["promtool", "check", "metrics"], input=mp.render_metrics(
             samples).encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20)
         self.assertEqual((done.returncode, done.stdout), (0, b""))
