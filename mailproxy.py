@@ -11718,7 +11718,8 @@ def queued_samples(config: Config, sockets: Dict) -> Dict[tuple, int]:
             sock = sockets.get((listen.host, listen.port))
             queued = accept_queue(sock) if sock is not None else None
             if queued is not None:
-                key = ("mailproxy_connections_queued", (server.name, server.protocol))
+                key = ("mailproxy_connections_queued", (server.name[:METRIC_LABEL_MAX],
+                                                        server.protocol))
                 samples[key] = samples.get(key, 0) + queued
     return samples
 
@@ -12318,11 +12319,13 @@ class StatusServer(LoopHandler):
                                                      self.loop.time()):
             samples[("mailproxy_upstream_up", (upstream, server))] = int(up)
             # Every pool server's series from the start, so that rate() and
-            # sums see a 0 before the first session or failure.
-            samples.setdefault(("mailproxy_upstream_sessions_active", (upstream, server)), 0)
+            # sums see a 0 before the first session or failure (the labels
+            # cut as the workers' are: Metrics.events).
             checked = self.process.config.upstreams[upstream].health_check is not None
+            labels = (upstream[:METRIC_LABEL_MAX], server[:METRIC_LABEL_MAX])
+            samples.setdefault(("mailproxy_upstream_sessions_active", labels), 0)
             for kind in UPSTREAM_FAILURE_KINDS[:None if checked else -1]:
-                samples.setdefault(("mailproxy_upstream_failures_total", (upstream, server, kind)), 0)
+                samples.setdefault(("mailproxy_upstream_failures_total", labels + (kind,)), 0)
         samples.update(queued_samples(self.process.config, self.process.status_sockets()))
         samples[("mailproxy_workers", ())] = self.process.status_workers()
         samples.update(process_samples(self.process.status_pids(), self.process_start()))
