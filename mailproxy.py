@@ -12324,8 +12324,10 @@ class StatusServer(LoopHandler):
             checked = self.process.config.upstreams[upstream].health_check is not None
             labels = (upstream[:METRIC_LABEL_MAX], server[:METRIC_LABEL_MAX])
             samples.setdefault(("mailproxy_upstream_sessions_active", labels), 0)
-            for kind in UPSTREAM_FAILURE_KINDS[:None if checked else -1]:
-                samples.setdefault(("mailproxy_upstream_failures_total", labels + (kind,)), 0)
+            for kind in UPSTREAM_FAILURE_KINDS:
+                if kind != "health_check" or checked:
+                    key = ("mailproxy_upstream_failures_total", labels + (kind,))
+                    samples.setdefault(key, 0)
         samples.update(queued_samples(self.process.config, self.process.status_sockets()))
         samples[("mailproxy_workers", ())] = self.process.status_workers()
         samples.update(process_samples(self.process.status_pids(), self.process_start()))
