@@ -5429,13 +5429,23 @@ class ServerState:
         self.check_down = False        # the active check's verdict (health_check), until it changes
 
 
+# mailproxy_upstream_failures_total's kinds: what failed at a login (those
+# count against max_fails; BackendConnection's outcome says which), then
+# the active check's.
+UPSTREAM_FAILURE_KINDS = ("connect", "tls", "timeout", "greeting", "health_check")
+FAILURE_KIND_OF = {"upstream unreachable": "connect", "upstream TLS error": "tls",
+                   "upstream timed out": "timeout"}     # else: before the greeting was through
+
+
 class PoolLease:
     """A session's place on a server (least_conn counts them); release()
-    gives it back, once, however often it is called."""
-    __slots__ = ("state",)
+    gives it back, once, however often it is called.  ``labels``: (pool
+    name, server) for the metrics."""
+    __slots__ = ("state", "labels")
 
-    def __init__(self, state: ServerState):
+    def __init__(self, state: ServerState, pool: str = ""):
         self.state = state
+        self.labels = (pool, state.server.text)
         state.active += 1
 
     def release(self) -> None:
@@ -5459,15 +5469,21 @@ class Pool:
     login, failed() and succeeded() to say how it went.  ``drains``: the
     UpstreamDrains book (None: only the file's drain flags count);
     ``health``: the UpstreamHealth book, told when a server is taken out
-    or comes back (None: nobody is)."""
+    or comes back (None: nobody is); ``metrics``: the Metrics book its
+    servers' failures are counted in (None: not counted)."""
 
     def __init__(self, spec: UpstreamSpec, drains: Optional["UpstreamDrains"] = None,
-                 health: Optional["UpstreamHealth"] = None):
+                 health: Optional["UpstreamHealth"] = None, metrics: Optional["Metrics"] = None):
         self.spec = spec
         self.name = spec.name
         self.states = [ServerState(server) for server in spec.servers]
         self.drains = drains
         self.health = health
+        self.metrics = metrics
+
+    def _count_failure(self, server: UpstreamServer, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count("mailproxy_upstream_failures_total", (self.name, server.text, kind))
 
     def _tell(self, server: UpstreamServer, until: float) -> None:
         if self.health is not None:
@@ -5537,13 +5553,15 @@ class Pool:
 
     def lease(self, server: UpstreamServer) -> PoolLease:
         """A session's place on ``server``, counted until released."""
-        return PoolLease(self.state_of(server))
+        return PoolLease(self.state_of(server), self.name)
 
-    def failed(self, server: UpstreamServer, now: float) -> Optional[str]:
-        """A connect failure, timeout or bad greeting of ``server``: one
-        more failure within fail_timeout; at max_fails it is taken out for
-        fail_timeout (nginx's "upstream server temporarily disabled").
-        Returns the line to log at warn then, else None."""
+    def failed(self, server: UpstreamServer, now: float, kind: str = "connect") -> Optional[str]:
+        """A connect failure, timeout or bad greeting of ``server`` (``kind``,
+        counted in the metrics: UPSTREAM_FAILURE_KINDS): one more failure
+        within fail_timeout; at max_fails it is taken out for fail_timeout
+        (nginx's "upstream server temporarily disabled").  Returns the line
+        to log at warn then, else None."""
+        self._count_failure(server, kind)
         state = self.state_of(server)
         if server.max_fails == 0:
             return None                # nginx: max_fails=0 disables the accounting
@@ -5570,7 +5588,9 @@ class Pool:
     def checked(self, server: UpstreamServer, ok: bool, why: str) -> Optional[Tuple[str, str]]:
         """The active check's verdict on ``server`` (``why``: what failed).
         Returns (level, line) to log when it changes, once: down at warn,
-        up again at notice; else None."""
+        up again at notice; else None.  Each failed check is counted."""
+        if not ok:
+            self._count_failure(server, "health_check")
         state = self.state_of(server)
         if state.check_down == (not ok):
             return None
@@ -5681,9 +5701,11 @@ class Pools:
     whose section did not change."""
 
     def __init__(self, upstreams: Optional[Dict[str, UpstreamSpec]],
-                 drains: Optional[UpstreamDrains] = None, health: Optional[UpstreamHealth] = None):
+                 drains: Optional[UpstreamDrains] = None, health: Optional[UpstreamHealth] = None,
+                 metrics: Optional["Metrics"] = None):
         self.drains = drains
         self.health = health
+        self.metrics = metrics
         self.pools = {}                # name -> Pool
         self.reconfigure(upstreams)
 
@@ -5692,7 +5714,7 @@ class Pools:
         for name, spec in (upstreams or {}).items():
             kept = old.get(name)
             self.pools[name] = kept if kept is not None and kept.spec == spec else \
-                Pool(spec, self.drains, self.health)
+                Pool(spec, self.drains, self.health, self.metrics)
         for name, pool in old.items():
             if self.pools.get(name) is not pool:       # gone: what it took out is no more
                 for state in pool.states:
@@ -5708,7 +5730,8 @@ class Pools:
         if spec is None:
             return None
         pool = self.pools.get(upstream.pool)
-        return pool if pool is not None and pool.spec == spec else Pool(spec, self.drains)
+        return pool if pool is not None and pool.spec == spec else \
+            Pool(spec, self.drains, metrics=self.metrics)
 
     def up(self, now: float) -> List[Tuple[str, str, bool]]:
         """(upstream, server, up) for every server of every pool, as this
@@ -9430,7 +9453,7 @@ class BackendConnection(StreamOwner):
         """Count the failure against the server, and start again on the
         pool's next; False if no server is left (logged)."""
         pool, failed = self.pool, self.tried[-1]
-        disabled = pool.failed(failed, self.loop.time())
+        disabled = pool.failed(failed, self.loop.time(), FAILURE_KIND_OF.get(outcome, "greeting"))
         if disabled:
             self.log("warn", disabled)
         if self.stream is not None:
@@ -11240,6 +11263,8 @@ class Session(StreamOwner):
         self.relay_mark = (self.client.received, self.client.sent)
         trailing = self.backend_connection.login.trailing_data
         self.lease = self.backend_connection.take_lease()
+        if self.lease is not None:         # until close(): one more session on that pool server
+            self.worker.metrics.change("mailproxy_upstream_sessions_active", self.lease.labels, +1)
         check = self.authenticator.recipient_check(self.attempt, self.journal.upstream, self.log)
         # What only the login needed goes: an idle relay holds little, and no password.
         self.backend_connection = self.attempt = self.authenticator = None
@@ -11267,6 +11292,8 @@ class Session(StreamOwner):
         """At the close: the session's end, and the bytes of its relay."""
         metrics = self.worker.metrics
         metrics.change("mailproxy_sessions_active", self.labels(), -1)
+        if self.lease is not None:         # released by now; its labels remain
+            metrics.change("mailproxy_upstream_sessions_active", self.lease.labels, -1)
         self.count("mailproxy_sessions_ended_total", end_reason(outcome))
         if self.relay_mark is not None:
             self.count("mailproxy_relay_bytes_total", "to_backend",
@@ -11383,6 +11410,9 @@ METRIC_FAMILIES = {
         "counter", "Client connections accepted.", ("server", "protocol")),
     "mailproxy_sessions_active": (
         "gauge", "Client sessions open now.", ("server", "protocol")),
+    "mailproxy_connections_queued": (
+        "gauge", "Client connections in the kernel's accept queue of the server's TCP "
+        "listeners, not yet taken by a worker (Linux).", ("server", "protocol")),
     "mailproxy_logins_total": (
         "counter", "Login attempts by result: ok, failed, refused (login defence, session "
         "limits), backend_error (auth server or backend failed), timeout.",
@@ -11415,6 +11445,12 @@ METRIC_FAMILIES = {
     "mailproxy_upstream_up": (
         "gauge", "Whether a server of an [upstream] pool takes sessions (1) or not (0).",
         ("upstream", "server")),
+    "mailproxy_upstream_sessions_active": (
+        "gauge", "Logged-in sessions on a server of an [upstream] pool.", ("upstream", "server")),
+    "mailproxy_upstream_failures_total": (
+        "counter", "Failures of a server of an [upstream] pool by kind: connect, tls, timeout, "
+        "greeting (those count against max_fails), health_check (failed active checks).",
+        ("upstream", "server", "kind")),
     "mailproxy_workers": (
         "gauge", "Worker processes running (those of a reload's old generation too).", ()),
     "process_open_fds": (
@@ -11639,6 +11675,53 @@ def process_samples(pids: List[int], started: float) -> Dict[tuple, float]:
         samples[("process_open_fds", ())] = sum(usage[0] for usage in usages)
         samples[("process_resident_memory_bytes", ())] = sum(usage[1] for usage in usages)
         samples[("process_cpu_seconds_total", ())] = sum(usage[2] for usage in usages)
+    return samples
+
+
+# -- the accept queues (Linux) -------------------------------------------------------------
+# A TCP listener's accept queue holds the clients the kernel has connected
+# and no worker has taken yet: with every worker at worker_connections,
+# new clients wait there (then time out, or are refused once it is full).
+# Linux tells its current length through TCP_INFO on the listening socket:
+# for a LISTEN socket, tcp_get_info() puts sk_ack_backlog in tcpi_unacked
+# (and the backlog limit in tcpi_sacked) -- what ss -ltn shows as Recv-Q,
+# and the rx_queue of /proc/net/tcp's st=0A rows.  TCP_INFO asks the socket
+# itself: no file whose size grows with every connection of the host, and
+# no matching of addresses.  Elsewhere (the layout differs, or there is
+# none) and for unix sockets the series is left out, not shown as 0.
+
+# struct tcp_info (linux/tcp.h): eight u8 fields, then the u32s rto, ato,
+# snd_mss, rcv_mss and unacked.
+TCP_INFO_UNACKED = struct.Struct("=24xI")
+
+
+def accept_queue(sock: socket.socket) -> Optional[int]:
+    """Clients waiting in listening ``sock``'s accept queue; None where
+    the system does not tell (not Linux, a unix socket, a closed one)."""
+    if not sys.platform.startswith("linux") or not hasattr(socket, "TCP_INFO") or \
+            sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return TCP_INFO_UNACKED.unpack_from(info)[0]
+    except (OSError, struct.error):
+        return None
+
+
+def queued_samples(config: Config, sockets: Dict) -> Dict[tuple, int]:
+    """mailproxy_connections_queued of each server: the accept queues of
+    its listeners among ``sockets`` ((host, port) -> listening socket, as
+    bind_all keys them) summed; a server none of whose listeners tells is
+    left out."""
+    samples = {}
+    for server in config.servers:
+        for listen in server.listen:
+            sock = sockets.get((listen.host, listen.port))
+            queued = accept_queue(sock) if sock is not None else None
+            if queued is not None:
+                key = ("mailproxy_connections_queued", (server.name[:METRIC_LABEL_MAX],
+                                                        server.protocol))
+                samples[key] = samples.get(key, 0) + queued
     return samples
 
 
@@ -12127,7 +12210,8 @@ class StatusServer(LoopHandler):
     serves each request (STATUS_ROUTES).  ``process`` is the Master (or
     the Worker with master_process off): it has ``books``, ``log``,
     ``config`` and the methods status_ask, status_expire, status_pids,
-    status_workers, status_flush, status_healthy, status_reopen_logs."""
+    status_workers, status_sockets, status_flush, status_healthy,
+    status_reopen_logs."""
 
     def __init__(self, process, sock: socket.socket, listen: Listen):
         self.process = process
@@ -12235,6 +12319,17 @@ class StatusServer(LoopHandler):
         for upstream, server, up in upstream_states(self.process.config, self.process.books,
                                                      self.loop.time()):
             samples[("mailproxy_upstream_up", (upstream, server))] = int(up)
+            # Every pool server's series from the start, so that rate() and
+            # sums see a 0 before the first session or failure (the labels
+            # cut as the workers' are: Metrics.events).
+            checked = self.process.config.upstreams[upstream].health_check is not None
+            labels = (upstream[:METRIC_LABEL_MAX], server[:METRIC_LABEL_MAX])
+            samples.setdefault(("mailproxy_upstream_sessions_active", labels), 0)
+            for kind in UPSTREAM_FAILURE_KINDS:
+                if kind != "health_check" or checked:
+                    key = ("mailproxy_upstream_failures_total", labels + (kind,))
+                    samples.setdefault(key, 0)
+        samples.update(queued_samples(self.process.config, self.process.status_sockets()))
         samples[("mailproxy_workers", ())] = self.process.status_workers()
         samples.update(process_samples(self.process.status_pids(), self.process_start()))
         connection.respond(200, render_metrics(samples).encode("utf-8"),
@@ -13143,7 +13238,7 @@ class Worker(LoopHandler):
         self.gate = LoginGate(self.loop, defence)
         self.password_checks = PasswordCheckPool(self.loop)    # its threads start when needed
         self.pools = Pools(config.upstreams, self.books.of(UpstreamDrains),   # [upstream NAME]
-                           self.books.of(UpstreamHealth))
+                           self.books.of(UpstreamHealth), self.books.of(Metrics))
         self.health = HealthChecks(self.loop, self.pools, lambda level, message:
                                    self.log.log(level, message), lambda: not self.stopping)
         self.health.start()            # its first round when the loop runs
@@ -13278,6 +13373,10 @@ class Worker(LoopHandler):
 
     def status_workers(self) -> int:
         return 1
+
+    def status_sockets(self) -> Dict:
+        """The listening sockets, (host, port) -> socket."""
+        return {key: listener.sock for key, listener in self.listeners.items()}
 
     def status_flush(self) -> None:
         self.flush_metrics()
@@ -13784,6 +13883,10 @@ class Master(LoopHandler):
 
     def status_workers(self) -> int:
         return len(self.workers)
+
+    def status_sockets(self) -> Dict:
+        """The listening sockets the workers accept on, (host, port) -> socket."""
+        return self.sockets
 
     def status_flush(self) -> None:
         """The workers publish by themselves (METRICS_FLUSH)."""

@@ -13720,6 +13720,25 @@ class PoolChoiceTests(unittest.TestCase):
             "notice", 'upstream server 127.0.0.1:1 of upstream "farm" is up again (health check)'))
         self.assertEqual({pool.choose(b"", 0.0).address.port for _ in range(4)}, {1, 2})
 
+    def test_each_failure_and_failed_check_is_counted_by_kind(self):
+        """Also under max_fails=0 (no accounting, but a failure all the same)
+        and while the server is out: the metric counts what happened."""
+        one, two = pool_server(1), pool_server(2, max_fails=0)
+        pool, metrics = pool_of(one, two), mp.Metrics()
+        pool.metrics = metrics
+        pool.failed(one, 0.0)
+        pool.failed(one, 1.0, "greeting")
+        pool.failed(two, 0.0, "timeout")
+        pool.checked(one, False, "timed out")
+        pool.checked(one, False, "timed out")
+        pool.checked(one, True, "")
+        metrics.apply(metrics.events(1)[0])
+        self.assertEqual(metrics.counters, {
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:1", "connect")): 1,
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:1", "greeting")): 1,
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:1", "health_check")): 2,
+            ("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:2", "timeout")): 1})
+
     def test_set_drain_reaches_every_process_through_the_books(self):
         spec = mp.UpstreamSpec("farm", (pool_server(1), pool_server(2)))
         books, sent = mp.SharedBooks(), []
@@ -13791,6 +13810,20 @@ def hashed_logins_at(pool: mp.Pool, now: float, count: int = 1000) -> Dict[bytes
             for login in (b"user%d" % n for n in range(count))}
 
 
+def assert_pool_failures(proxy: ProxyUnderTest, expected: dict) -> None:
+    """mailproxy_upstream_failures_total of pool "farm" in ``proxy``'s
+    worker, (server, kind) -> value, comes to be ``expected`` (the worker
+    flushes its counts every METRICS_FLUSH) and stays so a flush later."""
+    metrics = proxy.worker.metrics
+
+    def failures() -> dict:
+        return {labels[1:]: value for (name, labels), value in list(metrics.counters.items())
+                if name == "mailproxy_upstream_failures_total" and labels[0] == "farm"}
+    wait_until(lambda: failures() == expected, what="failures %r" % (expected,))
+    time.sleep(mp.METRICS_FLUSH * 1.5)
+    assert failures() == expected, failures()
+
+
 class PoolEndToEndTests(EndToEndTestCase):
     """Real loopback backends behind a proxy passing to a pool."""
 
@@ -13840,6 +13873,7 @@ class PoolEndToEndTests(EndToEndTestCase):
         self.assertEqual(len(good.logins), 3)
         self.assertEqual(bytes(good.received[0]), IMAP_LOGIN_ON_THE_WIRE)
         proxy.wait_for_log(r'upstream sent invalid response: "\* BYE not today"')
+        assert_pool_failures(proxy, {("127.0.0.1:%d" % bad.port, "greeting"): 1})
 
     def test_a_silent_server_times_out_and_fails_over(self):
         silent, good = self.use(FakeImapBackend(mode="stall")), self.use(FakeImapBackend())
@@ -13851,6 +13885,7 @@ class PoolEndToEndTests(EndToEndTestCase):
         self.assertEqual(len(silent.received), 1)
         proxy.wait_for_log(r'\[warn\] .*upstream server 127\.0\.0\.1:%d of upstream "farm" failed '
                            r"\(upstream timed out\)" % silent.port)
+        assert_pool_failures(proxy, {("127.0.0.1:%d" % silent.port, "timeout"): 1})
 
     def test_no_server_alive_is_the_internal_error(self):
         proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % free_port(),
@@ -14348,10 +14383,13 @@ class StatusMetricsBookTests(unittest.TestCase):
         metrics.observe("mailproxy_login_duration_seconds", ("imap", "imap"), 0.1)
         metrics.count("mailproxy_logins_total", ("imap", "imap", "ok"))
         metrics.change("mailproxy_sessions_active", ("imap", "imap"), 1)
+        metrics.change("mailproxy_upstream_sessions_active", ("farm", "127.0.0.1:143"), 1)
+        metrics.count("mailproxy_upstream_failures_total", ("farm", "127.0.0.1:143", "connect"))
         metrics.apply(metrics.events(1)[0])
         samples = dict(metrics.counters)
         samples.update(metrics.gauge_sums())
         samples.update(mp.process_samples([os.getpid()], time.time()))
+        samples[("mailproxy_connections_queued", ("imap", "imap"))] = 3
         done = subprocess.run(["promtool", "check", "metrics"], input=mp.render_metrics(
             samples).encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20)
         self.assertEqual((done.returncode, done.stdout), (0, b""))
@@ -14373,6 +14411,32 @@ class StatusMetricsBookTests(unittest.TestCase):
         metrics.count("mailproxy_connections_total", ("x" * 10000, "imap"))
         (event,) = metrics.events(1)
         self.assertLessEqual(len(mp.encode_event(event)), mp.SHARED_EVENT_MAX)
+
+    def test_the_accept_queue_of_a_tcp_listener_and_none_of_a_unix_one(self):
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)
+        config = mp.load_config(TempDir(self).write("mailproxy.conf", proxy_config("imap", 1143)))
+        listen = config.servers[0].listen[0]
+        key = (listen.host, listen.port)       # as bind_all keys it; the socket is this one
+        if not sys.platform.startswith("linux"):
+            self.assertEqual(mp.queued_samples(config, {key: listening}), {})
+            return
+        waiting = [socket.create_connection(listening.getsockname(), timeout=5) for _ in range(2)]
+        for sock in waiting:
+            self.addCleanup(sock.close)
+        wait_until(lambda: mp.accept_queue(listening) == 2, what="two clients queued")
+        self.assertEqual(mp.queued_samples(config, {key: listening}),
+                         {("mailproxy_connections_queued", ("imap", "imap")): 2})
+        listening.accept()[0].close()
+        self.assertEqual(mp.accept_queue(listening), 1)
+        with unittest.mock.patch.object(mp.sys, "platform", "freebsd14"):
+            self.assertIsNone(mp.accept_queue(listening))        # another layout: left out
+        self.assertEqual(mp.queued_samples(config, {}), {})     # not bound here
+        unix = socket.socket(socket.AF_UNIX)
+        self.addCleanup(unix.close)
+        self.assertIsNone(mp.accept_queue(unix))
 
     def test_the_rendered_text_is_strict_exposition_format(self):
         samples = {("mailproxy_logins_total", ('we"ird\\\nname', "imap", "ok")): 2,
@@ -14953,11 +15017,12 @@ class StatusInProcessTests(EndToEndTestCase):
 class StatusProcessTests(EndToEndTestCase):
     """The real program with two workers: one answer for both."""
 
-    def start(self, backend_port: int, main: str = "", mail: str = "") -> tuple:
+    def start(self, backend_port: int, main: str = "", mail: str = "", server: str = "",
+              tail: str = "") -> tuple:
         directory = TempDir(self)
         port, status = free_port(), free_port()
         proxy = ProgramUnderTest(self, program_config(
-            directory, [port], backend_port, auth_delay="1ms", mail=mail,
+            directory, [port], backend_port, auth_delay="1ms", mail=mail, server=server, tail=tail,
             main="worker_processes = 2\nworker_connections = 1\n"
                  "status_listen = 127.0.0.1:%d\n%s" % (status, main)))
         self.assertIsNotNone(proxy.wait_for("status listener on 127.0.0.1:%d" % status),
@@ -15030,6 +15095,79 @@ class StatusProcessTests(EndToEndTestCase):
                                                         **labels) == 0, "the dead one's session gone")
         self.assertEqual(sample(samples, "mailproxy_connections_total", **labels), 4)
         self.assertEqual(sample(samples, "mailproxy_logins_total", result="ok", **labels), 2)
+
+    def test_the_accept_queue_holds_the_clients_no_worker_takes(self):
+        """Both workers at worker_connections 1: three more clients wait in
+        the kernel's accept queue, and one leaves it when a session ends."""
+        if not sys.platform.startswith("linux"):
+            self.skipTest("the accept queue's length is known on Linux only")
+        backend = self.use(FakeImapBackend())
+        proxy, port, status = self.start(backend.port)
+        labels = {"server": "imap", "protocol": "imap"}
+        self.assertEqual(sample(scrape(status), "mailproxy_connections_queued", **labels), 0)
+        self.assertIn(("mailproxy_connections_queued", tuple(sorted(labels.items()))),
+                      scrape(status))                  # there, as 0: not left out
+        first, _ = self.greeted(proxy, port)
+        second, _ = self.greeted(proxy, port)
+        waiting = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        for sock in waiting:
+            self.addCleanup(sock.close)
+        scrape_until(status, lambda s: sample(s, "mailproxy_connections_queued", **labels) == 3,
+                     "three clients queued")
+        first.close()                  # its worker takes the next one from the queue
+        scrape_until(status, lambda s: sample(s, "mailproxy_connections_queued", **labels) == 2,
+                     "one client taken from the queue")
+        self.assertTrue(waiting[0].recv(100).startswith(b"* OK"))
+        second.close()
+
+    def test_pool_servers_sessions_and_failures_summed_over_both_workers(self):
+        """Two sessions on one pool server, one in each worker: 2 there;
+        the dead server, tried once by one worker: one connect failure."""
+        live, dead = self.use(FakeImapBackend()), free_port()
+        proxy, port, status = self.start(
+            live.port, server="proxy_pass = farm\n",
+            tail="\n[upstream farm]\nserver = 127.0.0.1:%d\n    127.0.0.1:%d fail_timeout=5m\n"
+                 % (live.port, dead))
+        a, b = {"upstream": "farm", "server": "127.0.0.1:%d" % live.port}, \
+            {"upstream": "farm", "server": "127.0.0.1:%d" % dead}
+        before = scrape(status)
+        for labels in (a, b):          # every server's series from the start
+            self.assertEqual(before[("mailproxy_upstream_sessions_active",
+                                     tuple(sorted(labels.items())))], 0)
+            for kind in ("connect", "tls", "timeout", "greeting"):
+                self.assertEqual(before[("mailproxy_upstream_failures_total",
+                                         tuple(sorted(dict(labels, kind=kind).items())))], 0)
+        self.assertNotIn("health_check", str(before))   # this pool has no active check
+        # Round robin, per worker: each worker's first login goes to the live
+        # server, its second to the dead one first.
+        first, first_pid = self.greeted(proxy, port)
+        second, second_pid = self.greeted(proxy, port)
+        self.assertNotEqual(first_pid, second_pid)
+        for client in (first, second):
+            client.send("a1 LOGIN alice secret")
+            client.expect(rb"^a1 OK")
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_upstream_sessions_active",
+                                                        **a) == 2, "two sessions on the server")
+        self.assertEqual(sample(samples, "mailproxy_upstream_sessions_active", **b), 0)
+        first.send("q1 LOGOUT")
+        first.read_until_closed()
+        third, third_pid = self.greeted(proxy, port)
+        self.assertEqual(third_pid, first_pid)
+        third.send("a1 LOGIN alice secret")
+        third.expect(rb"^a1 OK")       # from the live server, after the dead one failed
+        samples = scrape_until(status, lambda s: sample(s, "mailproxy_upstream_failures_total",
+                                                        kind="connect", **b) == 1 and
+                               sample(s, "mailproxy_upstream_sessions_active", **a) == 2,
+                               "the failure and the third session counted")
+        self.assertEqual(sample(samples, "mailproxy_upstream_sessions_active", **b), 0)
+        for labels, kind in ((a, "connect"), (a, "timeout"), (b, "timeout"), (b, "greeting")):
+            self.assertEqual(sample(samples, "mailproxy_upstream_failures_total", kind=kind,
+                                    **labels), 0)
+        self.assertEqual(len(live.logins), 3)
+        second.close()
+        third.close()
+        scrape_until(status, lambda s: sample(s, "mailproxy_upstream_sessions_active", **a) == 0,
+                     "the sessions gone from the server")
 
     def test_sessions_list_and_kick_by_id_and_by_login_across_workers(self):
         backend = self.use(FakeImapBackend(accept=None))
