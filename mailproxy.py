@@ -9954,8 +9954,9 @@ class CapabilityProbes:
     def _learned(self, key: tuple, address: Upstream, items: List[str]) -> None:
         self.failing.discard(key)
         if self.known.get(key) != items:
+            separator = " " if key[0] == "imap" else '", "'     # POP3's, SMTP's are lines
             self.log("notice", 'capabilities of %s %s probed at %s: "%s"'
-                     % (key[0], key[1], address.text, " ".join(items)))
+                     % (key[0], key[1], address.text, separator.join(items)))
         self.known[key] = items
 
     def settings_for(self, config: "Config", server: Settings) -> Settings:

@@ -14371,6 +14371,15 @@ class CapabilityProbeEndToEndTests(EndToEndTestCase):
                         b"250-DSN\r\n250 AUTH PLAIN LOGIN\r\n")
         self.smtp_auth_plain(client)
 
+    def test_a_pool_says_so_and_its_proxy_header_is_a_local_one(self):
+        backend = self.use(FakeImapBackend(capabilities=b"IMAP4rev1 QUOTA", proxy_header=True))
+        text = pool_config("imap", ["127.0.0.1:%d" % backend.port])
+        proxy = self.use(ProxyUnderTest(text + "capabilities_from = backend\nproxy_protocol = on\n"))
+        proxy.wait_for_log(r'capabilities of imap farm probed at 127\.0\.0\.1:%d: "IMAP4rev1 QUOTA"'
+                           % backend.port)
+        self.assertEqual(backend.headers[0], b"PROXY UNKNOWN\r\n")
+        self.assertEqual(self.capability_line(proxy), b"* CAPABILITY IMAP4rev1 QUOTA AUTH=PLAIN\r\n")
+
     def test_backend_down_at_start_then_up_then_a_reload(self):
         backend = self.use(FakeImapBackend(mode="close", capabilities=b"IMAP4rev1 QUOTA"))
         with unittest.mock.patch.object(mp, "CAPABILITY_PROBE_RETRY", 0.05):
