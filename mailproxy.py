@@ -9944,8 +9944,8 @@ class CapabilityProbes:
             return
 
         def done(items: Optional[List[str]], why: str) -> None:
-            if items is None:
-                self.log("info", "capabilities probe of %s %s at %s failed: %s"
+            if items is None:        # said at info once, not every round while it fails
+                self.log("debug" if key in self.failing else "info", "capabilities probe of %s %s at %s failed: %s"
                          % (key[0], key[1], addresses[index].text, why))
                 return self._ask(number, key, settings, addresses, index + 1)
             self._learned(key, addresses[index], items)

@@ -14380,6 +14380,28 @@ class CapabilityProbeEndToEndTests(EndToEndTestCase):
         self.assertEqual(backend.headers[0], b"PROXY UNKNOWN\r\n")
         self.assertEqual(self.capability_line(proxy), b"* CAPABILITY IMAP4rev1 QUOTA AUTH=PLAIN\r\n")
 
+    def test_probed_over_the_backends_starttls(self):
+        backend = self.use(FakeImapBackend(tls="starttls", context=self.backend_server_context(),
+                                           capabilities=b"IMAP4rev1 QUOTA"))
+        proxy = self.tls_proxy("imap", backend.port, listens=("",), proxy_starttls="on",
+                               proxy_ssl_name="localhost", capabilities_from="backend",
+                               proxy_ssl_trusted_certificate=self.tls_path("ca.crt"))
+        proxy.wait_for_log(r'capabilities of imap .* probed at .*: "IMAP4rev1 QUOTA"')
+        self.wait_for_backend(backend, 0, b"P2 LOGOUT\r\n")
+        self.assertEqual(backend.clear, [b"S1 STARTTLS\r\n"])
+        self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\nP1 CAPABILITY\r\nP2 LOGOUT\r\n")
+        self.assertEqual(self.capability_line(proxy), b"* CAPABILITY IMAP4rev1 QUOTA AUTH=PLAIN\r\n")
+
+    def test_the_login_reply_and_its_capability_code_are_the_backends(self):
+        """Without the directive too: after login the list is the backend's."""
+        backend = self.use(ScriptedBackend(b"* OK ready\r\n", 1, b"+ go\r\n", 1, b"+\r\n", 1,
+                                           b"a1 OK [CAPABILITY IMAP4rev1 X-BACKEND] Logged in\r\n"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        self.assertEqual(client.read_line(), b"a1 OK [CAPABILITY IMAP4rev1 X-BACKEND] Logged in\r\n")
+
     def test_backend_down_at_start_then_up_then_a_reload(self):
         backend = self.use(FakeImapBackend(mode="close", capabilities=b"IMAP4rev1 QUOTA"))
         with unittest.mock.patch.object(mp, "CAPABILITY_PROBE_RETRY", 0.05):
