@@ -9889,7 +9889,7 @@ class CapabilityProbes:
         self.known = {}                # probe key -> the backend's list
         self.failing = set()           # probe keys whose last round failed (logged once)
         self.round = 0                 # start()'s count: older rounds stop
-        self.copies = {}               # id(server) -> (server, probed list, Settings)
+        self.copies = {}               # id(server) -> (server, probe key, probed list, Settings)
 
     @staticmethod
     def target(config: "Config", server: Settings) -> Optional[Tuple[tuple, Settings, list]]:
@@ -9965,17 +9965,18 @@ class CapabilityProbes:
         of ``server`` advertising it; else ``server`` itself."""
         if not self.known:
             return server
-        target = self.target(config, server)
-        items = self.known.get(target[0]) if target is not None else None
-        if items is None:
-            return server
         cached = self.copies.get(id(server))
-        if cached is not None and cached[0] is server and cached[1] is items:
-            return cached[2]
-        directive = CAPABILITIES_DIRECTIVE[server.protocol]
-        copy = Settings(dict(vars(server), **{directive: advertised_capabilities(
-            server.protocol, items, getattr(server, directive))}))
-        self.copies[id(server)] = (server, items, copy)
+        if cached is not None and cached[0] is server and self.known.get(cached[1]) is cached[2]:
+            return cached[3]
+        target = self.target(config, server)
+        key = target[0] if target is not None else None
+        items = self.known.get(key)
+        copy = server
+        if items is not None:
+            directive = CAPABILITIES_DIRECTIVE[server.protocol]
+            copy = Settings(dict(vars(server), **{directive: advertised_capabilities(
+                server.protocol, items, getattr(server, directive))}))
+        self.copies[id(server)] = (server, key, items, copy)
         return copy
 
 
