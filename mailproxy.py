@@ -1296,6 +1296,9 @@ DIRECTIVES = {d.name: d for d in [
     # -- extensions: the client's identity at the backend (README "Several backends")
     Directive("imap_id", POOLED, parse_flag, False, extension=True),
     Directive("pop3_xclient", POOLED, parse_flag, False, extension=True),
+    # -- extension: the capabilities before login, probed (README "Several backends")
+    Directive("capabilities_from", POOLED, parse_enum("config", "backend"), "config",
+              extension=True),
     # -- extensions: [upstream NAME] pools (README "Several backends") ------
     Directive("server", UPSTREAM, parse_upstream_server, [], multiple=True, extension=True),
     Directive("balance", UPSTREAM, parse_enum(*BALANCE_METHODS), "round_robin", extension=True),
@@ -1516,6 +1519,7 @@ def load_config(path: str) -> Config:
     upstreams = load_upstreams(path, values, lines, errors)
     routes = load_routes(path, parser, lines, errors, upstreams)
     errors.extend(check_pool_names(path, servers, routes, upstreams, lines))
+    errors.extend(check_capabilities_from(path, servers, upstreams, lines))
     if errors:
         raise ConfigErrors(errors)
     warnings += route_port_warnings(path, servers, routes, lines)
@@ -1641,6 +1645,34 @@ def check_pool_names(path: str, servers: List[Settings], routes: Dict[str, "Rout
                         'to the upstream "%s", whose port it cannot take: write HOST:PORT'
                         % (target[1].host, server.protocol, server.name, upstream.pool),
                         lines.get(("routes", key))))
+    return errors
+
+
+def check_capabilities_from(path: str, servers: List[Settings],
+                            upstreams: Dict[str, UpstreamSpec], lines: Dict) -> List[ConfigError]:
+    """capabilities_from = backend (extension) probes the server's
+    proxy_pass, the backend every login goes to: a server without one (an
+    auth server or [routes] chooses) has nothing to probe; ManageSieve's
+    capabilities are its greeting, written by hand."""
+    errors = []
+    for server in servers:
+        pool = (upstreams or {}).get(server.proxy_pass.pool) if server.proxy_pass else None
+        mode = dict(pool.overrides).get("capabilities_from", server.capabilities_from) \
+            if pool is not None else server.capabilities_from
+        if mode != "backend":
+            continue
+        problem = None
+        if server.protocol == "sieve":
+            problem = "is for IMAP, POP3 and SMTP servers; sieve_capabilities is written by hand"
+        elif server.proxy_pass is None:
+            problem = "needs proxy_pass: the backend it probes is the one every login goes to"
+        if problem:
+            section = "server " + server.name
+            line = lines.get((section, "capabilities_from"))
+            if line is None:
+                section, line = "mail", lines.get(("mail", "capabilities_from"))
+            errors.append(ConfigError(path, section, "capabilities_from",
+                                      '"capabilities_from backend" ' + problem, line))
     return errors
 
 
@@ -5943,6 +5975,125 @@ def with_identity(script: list, steps: list) -> list:
     return script[:at] + steps + script[at:]
 
 
+# -- the capabilities before login, probed (capabilities_from = backend, extension) --
+# The list a client sees before login (CAPABILITY, CAPA, EHLO) can be the
+# backend's own instead of imap_capabilities & co. written by hand: a worker
+# asks the backend (CapabilityProbes), off the login path, and the client
+# machines list what it said, less what only the proxy can answer for
+# before login (PROXY_OWN_CAPABILITIES: taken from the configured list),
+# then the proxy's AUTH and STARTTLS as always.  After login the client
+# talks to the backend itself, and IMAP's tagged OK [CAPABILITY ...] of the
+# login is the backend's, relayed.
+
+CAPABILITY_PROBE_TAG = b"P1 "
+# What the proxy answers for itself before login, by capability name (the
+# first word, upper case; IMAP's AUTH=... all under "AUTH="): never taken
+# from a backend, only from the configured list.  IMAP: AUTH=, STARTTLS and
+# LOGINDISABLED are the proxy's (RFC 3501 §6.2); it takes no SASL-IR (RFC
+# 4959) nor non-synchronizing literals (RFC 7888) in its dialogue, and
+# speaks IMAP4rev1 only (RFC 9051's IMAP4rev2 changes the dialogue).  POP3
+# (RFC 2449 §6): SASL, STLS and USER are its own, it has no PIPELINING,
+# UTF8 or LANG of its own (RFC 6856) nor response codes beyond its own;
+# XCLIENT is for proxies, not clients.  SMTP: AUTH and STARTTLS are its
+# own, XCLIENT only for trusted_networks (the machine adds it), XFORWARD
+# never; CHUNKING (BDAT), SMTPUTF8, PIPELINING, ENHANCEDSTATUSCODES only
+# as the configured list vouches; VRFY, EXPN and ETRN it refuses.
+PROXY_OWN_CAPABILITIES = {
+    "imap": frozenset({"AUTH=", "STARTTLS", "LOGINDISABLED", "SASL-IR", "LITERAL+",
+                       "LITERAL-", "IMAP4REV2"}),
+    "pop3": frozenset({"SASL", "STLS", "USER", "XCLIENT", "PIPELINING", "UTF8", "LANG",
+                       "RESP-CODES", "AUTH-RESP-CODE"}),
+    "smtp": frozenset({"AUTH", "STARTTLS", "XCLIENT", "XFORWARD", "CHUNKING", "BDAT",
+                       "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES", "VRFY", "EXPN",
+                       "ETRN"}),
+}
+# RFC 3501 §7.2.1 the untagged list, or the tagged OK's code (§7.1).
+IMAP_PROBED_LIST = re.compile(r"(?i)\* CAPABILITY (.*)|P1 OK \[CAPABILITY ([^\]]*)\]")
+CAPABILITIES_DIRECTIVE = {"imap": "imap_capabilities", "pop3": "pop3_capabilities",
+                          "smtp": "smtp_capabilities"}
+
+
+def capability_probe_script(protocol: str, server_name: str, starttls: bool = False) -> list:
+    """The question, as a script for BackendLogin: the greeting, STARTTLS
+    first if the backend wants TLS (``starttls``), then CAPABILITY, CAPA or
+    EHLO, whose answer is "relayed" (LoginDone.reply), then goodbye, so
+    that the backend logs a client that left, not an error."""
+    if protocol == "imap":
+        secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n", "STARTTLS"),
+                  Expect("imap-tagged", tag=BACKEND_STARTTLS_TAG), TlsStep()] if starttls else []
+        return [Expect("imap-greeting")] + secure + [
+            Send(CAPABILITY_PROBE_TAG + b"CAPABILITY\r\n", "CAPABILITY"),
+            Expect("imap-tagged", relay=True, tag=CAPABILITY_PROBE_TAG),
+            Send(b"P2 LOGOUT\r\n", "LOGOUT")]
+    if protocol == "pop3":
+        secure = [Send(b"STLS\r\n", "STLS"), Expect("pop3-ok"), TlsStep()] if starttls else []
+        return [Expect("pop3-ok")] + secure + [
+            Send(b"CAPA\r\n", "CAPA"), Expect("pop3-capa", relay=True), Send(b"QUIT\r\n", "QUIT")]
+    ehlo = Send(b"EHLO " + server_name.encode() + b"\r\n", "EHLO")
+    secure = [ehlo, Expect("smtp", codes=(b"250",)), Send(b"STARTTLS\r\n", "STARTTLS"),
+              Expect("smtp", codes=(b"220",)), TlsStep()] if starttls else []
+    return [Expect("smtp", codes=(b"220",))] + secure + [
+        ehlo, Expect("smtp", codes=(b"250",), relay=True), Send(b"QUIT\r\n", "QUIT")]
+
+
+def probed_capabilities(protocol: str, reply: bytes) -> List[str]:
+    """The capabilities the probe's answer lists, in its order, each as
+    written: IMAP's ``* CAPABILITY`` words (or the tagged OK's
+    [CAPABILITY ...] code), POP3's CAPA lines, SMTP's EHLO lines but the
+    first (the backend's name).  Anything not printable ASCII is left out."""
+    lines = [line.decode("ascii", "replace").strip() for line in reply.splitlines()]
+    if protocol == "imap":
+        items = []
+        for line in lines:
+            match = IMAP_PROBED_LIST.match(line)
+            if match:
+                items = (match.group(1) or match.group(2)).split()
+                if match.group(1):
+                    break                      # the untagged line is the whole list
+    elif protocol == "pop3":
+        items = [line for line in lines[1:] if line and line != "."]
+    else:
+        items = [line[4:] for line in lines[1:] if len(line) > 4]
+    return [item for item in items if item.isprintable() and "\ufffd" not in item]
+
+
+def capability_name(protocol: str, item: str) -> str:
+    """The name PROXY_OWN_CAPABILITIES knows ``item`` by."""
+    name = item.split(" ", 1)[0].upper()
+    if name.startswith("AUTH="):
+        return "AUTH=" if protocol == "imap" else "AUTH"
+    return name
+
+
+def advertised_capabilities(protocol: str, probed: List[str], configured: List[str]) -> List[str]:
+    """What stands in for imap_capabilities (pop3_, smtp_) once the backend
+    answered: its ``probed`` list less what the proxy answers for itself,
+    and those of the ``configured`` list that the proxy answers for, each
+    where the backend listed its own (else at the end)."""
+    own = PROXY_OWN_CAPABILITIES[protocol]
+    vouched = [item for item in configured if capability_name(protocol, item) in own]
+    listed = []
+    for item in probed:
+        name = capability_name(protocol, item)
+        if name not in own:
+            listed.append(item)
+            continue
+        listed += [mine for mine in vouched if capability_name(protocol, mine) == name]
+        vouched = [mine for mine in vouched if capability_name(protocol, mine) != name]
+    return listed + vouched
+
+
+def probe_proxy_header(version: str) -> bytes:
+    """proxy_protocol to a backend that is probed, not logged in to: v1's
+    UNKNOWN and v2's LOCAL command, which the PROXY protocol spec (§2.1,
+    §2.2) keeps for a proxy's own connections such as health checks."""
+    if version == "on":
+        return b"PROXY UNKNOWN\r\n"
+    if version == "v2":
+        return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"
+    return b""
+
+
 def xtext(data: bytes) -> bytes:
     """RFC 3461 §4 xtext, as nginx's NGX_ESCAPE_MAIL_XTEXT: "+", "=", and bytes
     outside 0x21-0x7E become "+XX" (upper-case hex)."""
@@ -9680,6 +9831,179 @@ class HealthChecks:
             self.log(*said)
 
 
+# -- the capabilities before login, probed (capabilities_from = backend, extension) --
+# Off the login path, as the active check: a worker asks each backend that a
+# server with capabilities_from = backend passes to, when it starts and
+# after each reload, and again every CAPABILITY_PROBE_RETRY while no server
+# of it has answered.  Until one has, sessions advertise the configured
+# list; a session never waits for a probe.
+
+CAPABILITY_PROBE_TIMEOUT = 5.0     # connect, greeting and answer, per server tried
+CAPABILITY_PROBE_RETRY = 10.0      # after every server failed, the next round
+
+
+class CapabilityProbe:
+    """One question to one backend address: a BackendConnection running
+    capability_probe_script (with the server's backend TLS and PROXY
+    settings) under ``timeout``; ``done(items, why)``: the probed list, or
+    None and what went wrong."""
+
+    def __init__(self, loop: EventLoop, settings: Settings, address: Upstream, timeout: float,
+                 done: Callable):
+        self.done = done
+        self.protocol = settings.protocol
+        self.why = "no answer"
+        self.connection = None         # type: Optional[BackendConnection]
+        self.timer = loop.call_later(timeout, lambda: self._finish(None, "timed out"))
+        tls_mode = "ssl" if settings.proxy_ssl else "starttls" if settings.proxy_starttls \
+            else "plain"
+        script = capability_probe_script(settings.protocol, settings.server_name,
+                                         tls_mode == "starttls")
+        connection = BackendConnection(loop, settings, address,
+                                       BackendLogin(script, b"", settings.proxy_buffer), tls_mode,
+                                       probe_proxy_header(settings.proxy_protocol), self, self._note)
+        if self.done is None:
+            connection.close()         # it failed at once
+        else:
+            self.connection = connection
+
+    def _note(self, level: str, message: str, *args, **context) -> None:
+        self.why = message % args if args else message      # what BackendConnection logs
+
+    def backend_connected(self, stream: Stream) -> None:
+        pass
+
+    def backend_logged_in(self, reply: bytes) -> None:
+        self._finish(probed_capabilities(self.protocol, reply), "")
+
+    def backend_failed(self, outcome: str, refusal: bytes = b"") -> None:
+        self._finish(None, self.why)
+
+    def backend_refused(self, line: bytes) -> None:
+        self._finish(None, "refused")
+
+    def crashed(self, error: Exception) -> None:
+        self._finish(None, "internal error: %r" % error)
+
+    def _finish(self, items: Optional[List[str]], why: str) -> None:
+        done, self.done = self.done, None
+        self.timer.cancel()
+        if self.connection is not None:
+            self.connection.close()
+        if done is not None:
+            done(items, why)
+
+
+class CapabilityProbes:
+    """A worker's probed capabilities (capabilities_from = backend): start()
+    asks, for each server of a configuration, the backend its proxy_pass
+    names (a pool: its servers in turn, the first answer wins);
+    settings_for() is the Settings a session's client machine is made with:
+    the server's own, or a copy whose imap_capabilities (pop3_, smtp_) is
+    advertised_capabilities of what its backend said.  What a probe learned
+    stays until a later probe of the same backend learns otherwise (a
+    reload asks again).  ``log(level, message)``; ``running()`` false: no
+    more rounds."""
+
+    def __init__(self, loop: EventLoop, log: Callable[[str, str], None],
+                 running: Callable[[], bool]):
+        self.loop = loop
+        self.log = log
+        self.running = running
+        self.known = {}                # probe key -> the backend's list
+        self.failing = set()           # probe keys whose last round failed (logged once)
+        self.round = 0                 # start()'s count: older rounds stop
+        self.copies = {}               # id(server) -> (server, probe key, probed list, Settings)
+
+    @staticmethod
+    def target(config: "Config", server: Settings) -> Optional[Tuple[tuple, Settings, list]]:
+        """(key, settings, addresses) of ``server``'s probe; None if its
+        capabilities are the configured ones.  The key: what the answer
+        depends on (protocol, backend, TLS, PROXY, our EHLO name)."""
+        upstream = server.proxy_pass
+        if upstream is None:
+            return None
+        settings = backend_settings(config, server, upstream)
+        if settings.capabilities_from != "backend" or server.protocol not in CAPABILITIES_DIRECTIVE:
+            return None
+        if upstream.pool:
+            spec = (config.upstreams or {}).get(upstream.pool)
+            addresses = [each.address for each in spec.servers if not each.down] if spec else []
+        else:
+            addresses = [upstream]
+        key = (server.protocol, upstream.text, tuple(each.text for each in addresses),
+               settings.proxy_ssl, settings.proxy_starttls, settings.proxy_protocol,
+               settings.server_name)
+        return key, settings, addresses
+
+    def start(self, config: "Config") -> None:
+        """Ask every backend ``config`` wants probed (its first round when
+        the loop runs); what is no longer wanted is forgotten."""
+        self.round += 1
+        wanted = {}
+        for server in config.servers:
+            target = self.target(config, server)
+            if target is not None:
+                wanted[target[0]] = target
+        self.known = {key: items for key, items in self.known.items() if key in wanted}
+        self.failing &= set(wanted)
+        self.copies = {}
+        for key, settings, addresses in wanted.values():
+            self.loop.call_later(0, lambda key=key, settings=settings, addresses=addresses,
+                                 number=self.round: self._ask(number, key, settings, addresses, 0))
+
+    def _ask(self, number: int, key: tuple, settings: Settings, addresses: list,
+             index: int) -> None:
+        if number != self.round or not self.running():
+            return
+        if index >= len(addresses):
+            if key not in self.failing:
+                self.failing.add(key)
+                self.log("warn", "cannot probe the capabilities of %s %s, %s advertised "
+                         "until it answers (tried again every %s)"
+                         % (key[0], key[1], "the configured ones are" if key not in self.known
+                            else "the last ones probed are", time_text(CAPABILITY_PROBE_RETRY)))
+            self.loop.call_later(CAPABILITY_PROBE_RETRY,
+                                 lambda: self._ask(number, key, settings, addresses, 0))
+            return
+
+        def done(items: Optional[List[str]], why: str) -> None:
+            if items is None:        # said at info once, not every round while it fails
+                self.log("debug" if key in self.failing else "info", "capabilities probe of %s %s at %s failed: %s"
+                         % (key[0], key[1], addresses[index].text, why))
+                return self._ask(number, key, settings, addresses, index + 1)
+            self._learned(key, addresses[index], items)
+        CapabilityProbe(self.loop, settings, addresses[index], CAPABILITY_PROBE_TIMEOUT, done)
+
+    def _learned(self, key: tuple, address: Upstream, items: List[str]) -> None:
+        self.failing.discard(key)
+        if self.known.get(key) != items:
+            separator = " " if key[0] == "imap" else '", "'     # POP3's, SMTP's are lines
+            self.log("notice", 'capabilities of %s %s probed at %s: "%s"'
+                     % (key[0], key[1], address.text, separator.join(items)))
+        self.known[key] = items
+
+    def settings_for(self, config: "Config", server: Settings) -> Settings:
+        """The Settings a session of ``server`` makes its client machine
+        with: with capabilities_from = backend and an answer known, a copy
+        of ``server`` advertising it; else ``server`` itself."""
+        if not self.known:
+            return server
+        cached = self.copies.get(id(server))
+        if cached is not None and cached[0] is server and self.known.get(cached[1]) is cached[2]:
+            return cached[3]
+        target = self.target(config, server)
+        key = target[0] if target is not None else None
+        items = self.known.get(key)
+        copy = server
+        if items is not None:
+            directive = CAPABILITIES_DIRECTIVE[server.protocol]
+            copy = Settings(dict(vars(server), **{directive: advertised_capabilities(
+                server.protocol, items, getattr(server, directive))}))
+        self.copies[id(server)] = (server, key, items, copy)
+        return copy
+
+
 # -- password checks, off the event loop ------------------------------------------
 # Hashing a password costs milliseconds of CPU (PBKDF2 at --hash-password's
 # cost: some 25 ms).  On the loop, every other session of the worker waits
@@ -10955,7 +11279,8 @@ class Session(StreamOwner):
         try:
             self._enter(Phase.ACCEPTED)
             self.machine = CLIENT_MACHINES[self.server.protocol](
-                self.server, now=time.time(), randomness=self.worker.randomness,
+                worker.capabilities.settings_for(self.config, self.server),
+                now=time.time(), randomness=self.worker.randomness,
                 tls=listener.listen.ssl)
             self.machine.trace = self.debug
             if ClientOpening.needed(self.server, listener.listen):
@@ -13242,6 +13567,10 @@ class Worker(LoopHandler):
         self.health = HealthChecks(self.loop, self.pools, lambda level, message:
                                    self.log.log(level, message), lambda: not self.stopping)
         self.health.start()            # its first round when the loop runs
+        self.capabilities = CapabilityProbes(self.loop, lambda level, message:
+                                             self.log.log(level, message),
+                                             lambda: not self.stopping)
+        self.capabilities.start(config)     # capabilities_from = backend
         self.randomness = random.SystemRandom()
         self.listeners = {}            # (host, port) -> Listener
         self.resolvers = {}            # (ResolverSpec, timeout) -> Resolver
@@ -13478,6 +13807,7 @@ class Worker(LoopHandler):
         self.config = config
         self.pools.reconfigure(config.upstreams)
         self.health.start()
+        self.capabilities.start(config)
         self._use_logs(logs)
         raise_open_file_limit(config.main, self.log)
         warn_about(config, self.log)

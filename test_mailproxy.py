@@ -1159,8 +1159,9 @@ class FakeImapBackend(FakeBackend):
     clear (a LOGIN gets NO [PRIVACYREQUIRED])."""
 
     def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
-                 capability: bool = False, **options):
+                 capability: bool = False, capabilities: bytes = b"", **options):
         self.capability = capability
+        self.capabilities = capabilities   # if any: CAPABILITY lists them
         self.authenticates = []
         super().__init__(mode, message, **options)
 
@@ -1183,6 +1184,9 @@ class FakeImapBackend(FakeBackend):
                 logged_in = True
             elif command == b"NOOP":
                 wire.send(tag + b" OK NOOP completed\r\n")
+            elif command == b"CAPABILITY" and self.capabilities:
+                wire.send(b"* CAPABILITY " + self.capabilities + b"\r\n" + tag +
+                          b" OK CAPABILITY completed\r\n")
             elif command == b"LOGOUT":
                 wire.send(b"* BYE fake IMAP logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
                 return
@@ -1244,8 +1248,10 @@ class FakePop3Backend(FakeBackend):
     ``XPUT n`` (answers with the sha256 of the n bytes that follow), QUIT.
     With tls="starttls" only STLS is taken in clear."""
 
-    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n", **options):
+    def __init__(self, mode: str = "normal", message: bytes = b"hello\r\n",
+                 capabilities: bytes = b"", **options):
         self.auths = []
+        self.capabilities = capabilities   # if any: CAPA lists them (CRLF-separated lines)
         super().__init__(mode, message, **options)
 
     def serve(self, wire: BackendWire) -> None:
@@ -1284,6 +1290,8 @@ class FakePop3Backend(FakeBackend):
                 wire.send(b"+OK send %d octets\r\n" % int(argument))
                 data = wire.exactly(int(argument))
                 wire.send(b"+OK got them, sha256 %s\r\n" % sha256_hex(data).encode())
+            elif command == b"CAPA" and self.capabilities:
+                wire.send(b"+OK Capability list follows\r\n" + self.capabilities + b".\r\n")
             elif command == b"QUIT":
                 wire.send(b"+OK bye\r\n")
                 return
@@ -1311,7 +1319,9 @@ class FakeSmtpBackend(FakeBackend):
     line) for every command line.  With tls="starttls" its EHLO offers
     STARTTLS, and nothing but EHLO and STARTTLS is taken in clear."""
 
-    def __init__(self, mode: str = "normal", refuse=(), xclient_reply: bytes = None, **options):
+    def __init__(self, mode: str = "normal", refuse=(), xclient_reply: bytes = None,
+                 ehlo: bytes = SMTP_BACKEND_EHLO, **options):
+        self.ehlo = ehlo                   # its EHLO reply
         self.refuse = {address.lower() for address in refuse}
         self.xclient_reply = xclient_reply or SMTP_BACKEND_XCLIENT_GREETING
         self.messages = []
@@ -1330,7 +1340,7 @@ class FakeSmtpBackend(FakeBackend):
             verb = verb.upper()
             if verb == b"EHLO":
                 starttls = b"250-STARTTLS\r\n" if self.tls == "starttls" and not secure else b""
-                wire.send(SMTP_BACKEND_EHLO.replace(b"250-PIPELINING\r\n",
+                wire.send(self.ehlo.replace(b"250-PIPELINING\r\n",
                                                     b"250-PIPELINING\r\n" + starttls))
             elif verb == b"STARTTLS" and self.tls == "starttls" and not secure:
                 wire.send(b"220 2.0.0 Ready to start TLS\r\n")
@@ -14217,6 +14227,245 @@ EXPOSITION_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 EXPOSITION_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
 EXPOSITION_SAMPLE = re.compile(r"(%s)(?:\{(.*)\})? (\S+)(?: (-?\d+))?" % EXPOSITION_NAME)
 EXPOSITION_TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+# -- capabilities_from = backend (issue 18 item 6) ------------------------------------
+
+IMAP_BACKEND_EXTRAS = (b"IMAP4rev1 QUOTA ACL NAMESPACE LITERAL+ IMAP4rev2 SASL-IR ID "
+                       b"AUTH=PLAIN AUTH=GSSAPI STARTTLS LOGINDISABLED")
+SMTP_BACKEND_EXTRAS = (b"250-backend.test\r\n250-8BITMIME\r\n250-SIZE 35882577\r\n"
+                       b"250-CHUNKING\r\n250-SMTPUTF8\r\n250-DSN\r\n250-AUTH PLAIN LOGIN\r\n"
+                       b"250-PIPELINING\r\n250-XCLIENT ADDR NAME\r\n250 ENHANCEDSTATUSCODES\r\n")
+POP3_BACKEND_EXTRAS = (b"TOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nUSER\r\nSASL PLAIN LOGIN\r\n"
+                       b"STLS\r\nXCLIENT\r\nIMPLEMENTATION fake\r\n")
+
+
+class CapabilityProbeScriptTests(unittest.TestCase):
+    """The question to the backend and what is made of its answer, sans-I/O."""
+
+    def probe(self, protocol: str, greeting: bytes, answer: bytes, **options):
+        """(what the script sent, the probed list)."""
+        login = mp.BackendLogin(mp.capability_probe_script(protocol, "mail.test", **options))
+        sent = login.data_to_send()
+        self.assertEqual(login.receive_data(greeting), [])
+        sent += login.data_to_send()
+        done = login.receive_data(answer)
+        sent += login.data_to_send()
+        return sent, mp.probed_capabilities(protocol, done[0].reply)
+
+    def test_imap(self):
+        sent, items = self.probe("imap", b"* OK ready\r\n", b"* CAPABILITY " + IMAP_BACKEND_EXTRAS +
+                                 b"\r\nP1 OK done\r\n")
+        self.assertEqual(sent, b"P1 CAPABILITY\r\nP2 LOGOUT\r\n")
+        self.assertEqual(items, IMAP_BACKEND_EXTRAS.decode().split())
+        self.assertEqual(mp.advertised_capabilities("imap", items, ["IMAP4", "IMAP4rev1"]),
+                         ["IMAP4rev1", "QUOTA", "ACL", "NAMESPACE", "ID"])
+        # Only the tagged OK's code lists them (RFC 3501 §7.1): taken from there.
+        _, items = self.probe("imap", b"* OK ready\r\n", b"P1 OK [CAPABILITY IMAP4rev1 QUOTA] ok\r\n")
+        self.assertEqual(items, ["IMAP4rev1", "QUOTA"])
+
+    def test_imap_starttls_first(self):
+        login = mp.BackendLogin(mp.capability_probe_script("imap", "mail.test", starttls=True))
+        login.receive_data(b"* OK ready\r\n")
+        self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
+        self.assertEqual(login.receive_data(b"S1 OK go\r\n"), [mp.BackendStartTls()])
+        login.tls_started()
+        self.assertEqual(login.data_to_send(), b"P1 CAPABILITY\r\n")
+
+    def test_pop3(self):
+        sent, items = self.probe("pop3", b"+OK ready\r\n",
+                                 b"+OK list\r\n" + POP3_BACKEND_EXTRAS + b".\r\n")
+        self.assertEqual(sent, b"CAPA\r\nQUIT\r\n")
+        # USER is the proxy's: where the backend lists it, if the configured list has it.
+        self.assertEqual(mp.advertised_capabilities("pop3", items, ["TOP", "USER", "UIDL"]),
+                         ["TOP", "UIDL", "USER", "IMPLEMENTATION fake"])
+        self.assertEqual(mp.advertised_capabilities("pop3", items, ["TOP"]),
+                         ["TOP", "UIDL", "IMPLEMENTATION fake"])
+
+    def test_smtp(self):
+        sent, items = self.probe("smtp", b"220 backend.test ESMTP\r\n", SMTP_BACKEND_EXTRAS)
+        self.assertEqual(sent, b"EHLO mail.test\r\nQUIT\r\n")
+        self.assertEqual(items, ["8BITMIME", "SIZE 35882577", "CHUNKING", "SMTPUTF8", "DSN",
+                                 "AUTH PLAIN LOGIN", "PIPELINING", "XCLIENT ADDR NAME",
+                                 "ENHANCEDSTATUSCODES"])
+        self.assertEqual(mp.advertised_capabilities("smtp", items, ["PIPELINING"]),
+                         ["8BITMIME", "SIZE 35882577", "DSN", "PIPELINING"])
+
+    def test_proxy_header_of_a_probe(self):
+        self.assertEqual(mp.probe_proxy_header("off"), b"")
+        self.assertEqual(mp.probe_proxy_header("on"), b"PROXY UNKNOWN\r\n")
+        self.assertEqual(mp.probe_proxy_header("v2"), mp.PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00")
+
+    def test_config(self):
+        config = load_text(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = 127.0.0.1:1143
+            """)
+        self.assertEqual(config.servers[0].capabilities_from, "config")
+        self.assertIsNone(mp.CapabilityProbes.target(config, config.servers[0]))
+        config = load_text(self, """
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            proxy_pass = farm
+
+            [upstream farm]
+            server = 127.0.0.1:1143
+                     127.0.0.1:1144 down
+            capabilities_from = backend
+            """)
+        key, _, addresses = mp.CapabilityProbes.target(config, config.servers[0])
+        self.assertEqual(key[:3], ("imap", "farm", ("127.0.0.1:1143",)))
+        path, errors = config_errors(self, """
+            [mail]
+            capabilities_from = backend
+
+            [server imap]
+            listen = 127.0.0.1:18143
+            protocol = imap
+            auth_http = http://127.0.0.1:8080/auth
+            """)
+        self.assertEqual([(error.section, error.directive) for error in errors],
+                         [("mail", "capabilities_from")])
+        self.assertIn('"capabilities_from backend" needs proxy_pass', str(errors[0]))
+        path, errors = config_errors(self, """
+            [server sieve]
+            listen = 127.0.0.1:14190
+            protocol = sieve
+            proxy_pass = 127.0.0.1:4190
+            capabilities_from = backend
+            """)
+        self.assertEqual([(error.section, error.directive) for error in errors],
+                         [("server sieve", "capabilities_from")])
+
+
+class CapabilityProbeEndToEndTests(EndToEndTestCase):
+    """What a client sees before login with capabilities_from = backend."""
+
+    def capability_line(self, proxy: ProxyUnderTest) -> bytes:
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("c1 CAPABILITY")
+        line = client.read_line()
+        client.expect(rb"^c1 OK ")
+        client.close()
+        return line
+
+    def test_imap_before_and_after_login(self):
+        backend = self.use(FakeImapBackend(capabilities=IMAP_BACKEND_EXTRAS, capability=True))
+        proxy = self.start_proxy("imap", backend.port, capabilities_from="backend")
+        proxy.wait_for_log(r'\[notice\] .*capabilities of imap 127\.0\.0\.1:%d probed at '
+                           r'127\.0\.0\.1:%d: "%s"' % (backend.port, backend.port,
+                                                        re.escape(IMAP_BACKEND_EXTRAS.decode())))
+        self.wait_for_backend(backend, 0, b"P2 LOGOUT\r\n")
+        self.assertEqual(bytes(backend.received[0]), b"P1 CAPABILITY\r\nP2 LOGOUT\r\n")
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 CAPABILITY")
+        self.assertEqual(client.read_line(),
+                         b"* CAPABILITY IMAP4rev1 QUOTA ACL NAMESPACE ID AUTH=PLAIN\r\n")
+        client.expect(rb"^a1 OK ")
+        # After login, the backend's own list: its untagged CAPABILITY with the
+        # login's OK, and its answer to CAPABILITY, relayed as it is.
+        client.send("a2 LOGIN alice secret")
+        self.assertEqual(client.read_line(), b"* CAPABILITY IMAP4rev1 FAKE-BACKEND\r\n")
+        client.expect(rb"^a2 OK LOGIN completed\r\n$")
+        client.send("a3 CAPABILITY")
+        self.assertEqual(client.read_line(), b"* CAPABILITY " + IMAP_BACKEND_EXTRAS + b"\r\n")
+        client.expect(rb"^a3 OK CAPABILITY completed\r\n$")
+
+    def test_imap_without_the_directive_nothing_changes(self):
+        backend = self.use(FakeImapBackend(capabilities=IMAP_BACKEND_EXTRAS))
+        proxy = self.start_proxy("imap", backend.port)
+        self.assertEqual(self.capability_line(proxy),
+                         b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
+        self.assertEqual(backend.received, [], "no probe without capabilities_from = backend")
+
+    def test_pop3(self):
+        backend = self.use(FakePop3Backend(capabilities=POP3_BACKEND_EXTRAS))
+        proxy = self.start_proxy("pop3", backend.port, capabilities_from="backend")
+        proxy.wait_for_log(r"capabilities of pop3 .* probed")
+        client = self.connect(proxy)
+        client.expect_line(mp.POP3_GREETING)
+        client.send("CAPA")
+        expected = (b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nUSER\r\n"
+                    b"IMPLEMENTATION fake\r\nSASL PLAIN LOGIN\r\n.\r\n")
+        self.assertEqual(client.read_exactly(len(expected)), expected)
+        self.pop3_login_rest(client)
+
+    def pop3_login_rest(self, client: Client) -> None:
+        client.send("USER alice")
+        client.expect_line(mp.POP3_OK)
+        client.send("PASS secret")
+        client.expect(rb"^\+OK alice has 1 message\r\n$")
+
+    def test_smtp_through_a_pool(self):
+        backend = self.use(FakeSmtpBackend(ehlo=SMTP_BACKEND_EXTRAS))
+        proxy = self.use(ProxyUnderTest(pool_config("smtp", ["127.0.0.1:%d" % backend.port],
+                                                    capabilities_from="backend")))
+        proxy.wait_for_log(r'capabilities of smtp farm probed at 127\.0\.0\.1:%d' % backend.port)
+        self.assertEqual(backend.commands, [(False, b"EHLO mail.test\r\n"), (False, b"QUIT\r\n")])
+        client = self.connect(proxy)
+        self.smtp_hello(client, ehlo=b"250-mail.test\r\n250-8BITMIME\r\n250-SIZE 35882577\r\n"
+                        b"250-DSN\r\n250 AUTH PLAIN LOGIN\r\n")
+        self.smtp_auth_plain(client)
+
+    def test_a_pool_says_so_and_its_proxy_header_is_a_local_one(self):
+        backend = self.use(FakeImapBackend(capabilities=b"IMAP4rev1 QUOTA", proxy_header=True))
+        text = pool_config("imap", ["127.0.0.1:%d" % backend.port])
+        proxy = self.use(ProxyUnderTest(text + "capabilities_from = backend\nproxy_protocol = on\n"))
+        proxy.wait_for_log(r'capabilities of imap farm probed at 127\.0\.0\.1:%d: "IMAP4rev1 QUOTA"'
+                           % backend.port)
+        self.assertEqual(backend.headers[0], b"PROXY UNKNOWN\r\n")
+        self.assertEqual(self.capability_line(proxy), b"* CAPABILITY IMAP4rev1 QUOTA AUTH=PLAIN\r\n")
+
+    def test_probed_over_the_backends_starttls(self):
+        backend = self.use(FakeImapBackend(tls="starttls", context=self.backend_server_context(),
+                                           capabilities=b"IMAP4rev1 QUOTA"))
+        proxy = self.tls_proxy("imap", backend.port, listens=("",), proxy_starttls="on",
+                               proxy_ssl_name="localhost", capabilities_from="backend",
+                               proxy_ssl_trusted_certificate=self.tls_path("ca.crt"))
+        proxy.wait_for_log(r'capabilities of imap .* probed at .*: "IMAP4rev1 QUOTA"')
+        self.wait_for_backend(backend, 0, b"P2 LOGOUT\r\n")
+        self.assertEqual(backend.clear, [b"S1 STARTTLS\r\n"])
+        self.assertEqual(bytes(backend.received[0]), b"S1 STARTTLS\r\nP1 CAPABILITY\r\nP2 LOGOUT\r\n")
+        self.assertEqual(self.capability_line(proxy), b"* CAPABILITY IMAP4rev1 QUOTA AUTH=PLAIN\r\n")
+
+    def test_the_login_reply_and_its_capability_code_are_the_backends(self):
+        """Without the directive too: after login the list is the backend's."""
+        backend = self.use(ScriptedBackend(b"* OK ready\r\n", 1, b"+ go\r\n", 1, b"+\r\n", 1,
+                                           b"a1 OK [CAPABILITY IMAP4rev1 X-BACKEND] Logged in\r\n"))
+        proxy = self.start_proxy("imap", backend.port)
+        client = self.connect(proxy)
+        client.expect_line(mp.IMAP_GREETING)
+        client.send("a1 LOGIN alice secret")
+        self.assertEqual(client.read_line(), b"a1 OK [CAPABILITY IMAP4rev1 X-BACKEND] Logged in\r\n")
+
+    def test_backend_down_at_start_then_up_then_a_reload(self):
+        backend = self.use(FakeImapBackend(mode="close", capabilities=b"IMAP4rev1 QUOTA"))
+        with unittest.mock.patch.object(mp, "CAPABILITY_PROBE_RETRY", 0.05):
+            proxy = self.start_proxy("imap", backend.port, capabilities_from="backend")
+            proxy.wait_for_log(r"\[warn\] .*cannot probe the capabilities of imap 127\.0\.0\.1:%d, "
+                               r"the configured ones are advertised until it answers "
+                               r"\(tried again every 50ms\)" % backend.port)
+            self.assertEqual(self.capability_line(proxy),
+                             b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n")
+            backend.mode = "normal"
+            proxy.wait_for_log(r'probed at 127\.0\.0\.1:%d: "IMAP4rev1 QUOTA"' % backend.port)
+        self.assertEqual(proxy.log.count("cannot probe"), 1, proxy.log)   # once, not every round
+        self.assertEqual(self.capability_line(proxy), b"* CAPABILITY IMAP4rev1 QUOTA AUTH=PLAIN\r\n")
+        # A reload asks again; until the answer, the last one probed stays.
+        backend.capabilities = b"IMAP4rev1 ACL"
+        memory = proxy.worker.logs
+
+        def reload() -> None:
+            with unittest.mock.patch.object(mp, "ErrorLogs", lambda config: memory):
+                proxy.worker.reload()
+        proxy.worker.loop.call_soon_threadsafe(reload)
+        proxy.wait_for_log(r'probed at 127\.0\.0\.1:%d: "IMAP4rev1 ACL"' % backend.port)
+        self.assertEqual(self.capability_line(proxy), b"* CAPABILITY IMAP4rev1 ACL AUTH=PLAIN\r\n")
 
 
 def exposition_value(text: str) -> float:
