@@ -9742,10 +9742,16 @@ HEALTH_GOODBYES = ((b"* OK", b"H1 LOGOUT\r\n"), (b"+OK", b"QUIT\r\n"), (b"220", 
 class HealthProbe(StreamOwner):
     """One check of one server: connect, then the first line, within
     ``timeout``; ``done(ok, why)``: a mail server's ready greeting (IMAP's
-    ``* OK``, POP3's ``+OK``, SMTP's ``220``), or what went wrong."""
+    ``* OK``, POP3's ``+OK``, SMTP's ``220``), or what went wrong.  The
+    pool's backend dialogue (``settings``) decides what comes first, as for
+    a login: a PROXY header (v1's UNKNOWN, v2's LOCAL: probe_proxy_header)
+    and, with proxy_ssl, the TLS handshake."""
 
-    def __init__(self, loop: EventLoop, address: Upstream, timeout: float, done: Callable):
+    def __init__(self, loop: EventLoop, address: Upstream, timeout: float, done: Callable,
+                 settings: Optional[Settings] = None):
         self.done = done
+        self.address = address
+        self.settings = settings
         self.stream = None             # type: Optional[Stream]
         self.line = LineBuffer()
         self.timer = loop.call_later(timeout, lambda: self._finish(False, "timed out"))
@@ -9757,6 +9763,14 @@ class HealthProbe(StreamOwner):
 
     def stream_connected(self, stream: Stream) -> None:
         stream.set_read_budget(PAGE_SIZE)
+        settings = self.settings
+        if settings is None:
+            return
+        if settings.proxy_protocol != "off":
+            stream.write(probe_proxy_header(settings.proxy_protocol))
+        if settings.proxy_ssl and settings.backend_tls_context is not None:
+            stream.start_tls(TlsLayer(settings.backend_tls_context, server_side=False,
+                                      server_hostname=settings.proxy_ssl_name or self.address.host))
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
         self.line += data
@@ -9801,11 +9815,13 @@ class HealthChecks:
     failures for itself."""
 
     def __init__(self, loop: EventLoop, pools: Pools, log: Callable[[str, str], None],
-                 running: Callable[[], bool]):
+                 running: Callable[[], bool],
+                 settings_for: Callable[[str], Optional[Settings]] = lambda pool: None):
         self.loop = loop
         self.pools = pools
         self.log = log
         self.running = running
+        self.settings_for = settings_for     # a pool's backend dialogue (PROXY header, TLS)
         self.checked = set()           # id() of the pools being checked
 
     def start(self) -> None:
@@ -9819,10 +9835,12 @@ class HealthChecks:
             self.checked.discard(id(pool))
             return
         check = pool.spec.health_check
+        settings = self.settings_for(pool.name)
         for server in pool.spec.servers:
             if not server.down:
                 HealthProbe(self.loop, server.address, check.timeout,
-                            lambda ok, why, server=server: self._verdict(pool, server, ok, why))
+                            lambda ok, why, server=server: self._verdict(pool, server, ok, why),
+                            settings)
         self.loop.call_later(check.interval, lambda: self._round(pool))
 
     def _verdict(self, pool: Pool, server: UpstreamServer, ok: bool, why: str) -> None:
@@ -13565,7 +13583,8 @@ class Worker(LoopHandler):
         self.pools = Pools(config.upstreams, self.books.of(UpstreamDrains),   # [upstream NAME]
                            self.books.of(UpstreamHealth), self.books.of(Metrics))
         self.health = HealthChecks(self.loop, self.pools, lambda level, message:
-                                   self.log.log(level, message), lambda: not self.stopping)
+                                   self.log.log(level, message), lambda: not self.stopping,
+                                   self.pool_dialogue)
         self.health.start()            # its first round when the loop runs
         self.capabilities = CapabilityProbes(self.loop, lambda level, message:
                                              self.log.log(level, message),
@@ -13773,6 +13792,15 @@ class Worker(LoopHandler):
             self.loop.stop()
         elif self.config.main.worker_shutdown_timeout is not None:
             self.loop.call_later(self.config.main.worker_shutdown_timeout, self._shutdown_timeout)
+
+    def pool_dialogue(self, pool: str) -> Optional[Settings]:
+        """The backend dialogue the active check of ``pool`` follows: that
+        of a server that passes to it (the first, else any server), with
+        what the pool says of it (backend_settings)."""
+        servers = self.config.servers
+        server = next((each for each in servers if each.proxy_pass is not None and
+                       each.proxy_pass.pool == pool), servers[0] if servers else None)
+        return None if server is None else backend_settings(self.config, server, pool_upstream(pool))
 
     def _shutdown_timeout(self) -> None:
         self.log.log("notice", "worker_shutdown_timeout: closing %d sessions" % len(self.sessions))

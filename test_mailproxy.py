@@ -13965,6 +13965,26 @@ class PoolEndToEndTests(EndToEndTestCase):
         self.assertNotIn("while connecting to upstream", proxy.log)   # no login met a dead one
         self.assertNotIn("%d of upstream \"farm\" is down" % good.port, proxy.log)
 
+    def test_the_active_check_speaks_the_pools_proxy_protocol_and_tls(self):
+        # It connected in clear and said nothing: a backend that wants a
+        # PROXY header, or TLS, never greeted it, and was marked down.
+        wants_header = self.use(FakeImapBackend(proxy_header=True))
+        proxy = self.use(ProxyUnderTest(pool_config("imap", ["127.0.0.1:%d" % wants_header.port]) +
+                                        "proxy_protocol = on\nhealth_check = on interval=5m timeout=2s\n"))
+        wait_until(lambda: wants_header.received and bytes(wants_header.received[0]).endswith(
+            b"H1 LOGOUT\r\n"), what="the check's goodbye")
+        self.assertEqual(wants_header.headers, [b"PROXY UNKNOWN\r\n"])
+        tls = self.use(FakeImapBackend(tls="implicit", context=self.backend_server_context()))
+        proxy2 = self.use(ProxyUnderTest(
+            pool_config("imap", ["127.0.0.1:%d" % tls.port]) +
+            "proxy_ssl = on\nproxy_ssl_trusted_certificate = %s\nhealth_check = on interval=5m timeout=2s\n"
+            % self.tls_path("ca.crt")))
+        wait_until(lambda: tls.received and bytes(tls.received[0]) == b"H1 LOGOUT\r\n",
+                   what="the check's goodbye over TLS")
+        self.assertEqual(tls.clear, [b""])
+        for checked in (proxy, proxy2):
+            self.assertNotIn("is down", checked.log)
+
     def test_least_conn_counts_the_running_sessions(self):
         one, two = self.use(FakeImapBackend()), self.use(FakeImapBackend())
         proxy = self.pool_proxy("imap", ["127.0.0.1:%d" % one.port, "127.0.0.1:%d" % two.port],
