@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import poplib
+import py_compile
 import random
 import re
 import select
@@ -3140,7 +3141,8 @@ class ConfigCheckCommandTests(unittest.TestCase):
         for name, text in cases.items():
             path = write_file(cls.directory.name, name + ".conf", text)
             running[name] = (path, text, subprocess.Popen(
-                [sys.executable, MAILPROXY, "-t", "-c", path], stdin=subprocess.DEVNULL,
+                [sys.executable, "-c", mp.RELAUNCH_PROGRAM, MAILPROXY, "-t", "-c", path],
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         cls.results = {}
         for name, (path, text, proc) in running.items():
@@ -20439,6 +20441,11 @@ def main(argv) -> int:
     cache = tempfile.TemporaryDirectory(prefix="mailproxy-test-pycache-")
     os.environ["PYTHONPYCACHEPREFIX"] = cache.name
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    prefix, sys.pycache_prefix = sys.pycache_prefix, cache.name
+    try:
+        py_compile.compile(MAILPROXY, doraise=True)    # now, not in 25 processes at once
+    finally:
+        sys.pycache_prefix = prefix
     jobs = 1 if "-j1" in argv or not hasattr(os, "fork") else min(2, os.cpu_count() or 1)
     classes = {}
     for test in iter_tests(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])):
