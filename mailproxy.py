@@ -11363,7 +11363,7 @@ class Session(StreamOwner):
         message, refusal = certificate_verdict(self.server.ssl_verify_client, self.certificate)
         if message:
             self.log("info", message)
-        if refusal == "certificate error":
+        if refusal == "certificate error":      # known only through libssl (certificate_facts)
             LibSsl.probe().forget_session(self.client.tls.object)
             self._close_after_reply(refusal, self.machine.CERT_ERROR)
         elif refusal:
