@@ -8007,8 +8007,9 @@ def backend_context(settings: Settings) -> ssl.SSLContext:
 # ========================================================================== #
 # Readiness and time, nothing about mail: one selectors.DefaultSelector, a
 # heap of timers (cancelled ones are skipped when they come up, never
-# searched for), and signals delivered through a wake-up socket so that no
-# work is ever done inside a signal handler.  Other threads (the password
+# searched for, and swept out when they outnumber the live ones), and
+# signals delivered through a wake-up socket so that no work is ever done
+# inside a signal handler.  Other threads (the password
 # checks) hand the loop a callback through the same socket.  A registered
 # object has on_readable() and on_writable().
 
@@ -8029,6 +8030,17 @@ def loop_callback(method: Callable) -> Callable:
     return guarded
 
 
+# A cancelled timer stays in the heap until its deadline comes up, and a
+# relay's idle check (proxy_timeout / 8: three hours by default) is
+# cancelled by every session that ends: with nothing else, a busy worker's
+# heap would hold hours of ended sessions, and every push and pop would
+# climb through them.  So the heap is rebuilt without the cancelled ones
+# whenever it has doubled since the last sweep (asyncio sweeps too): it is
+# at most twice the live timers (or TIMER_SWEEP_MIN), for O(1) per timer
+# amortized.
+TIMER_SWEEP_MIN = 512
+
+
 class Timer:
     """A callback at a deadline; cancel() makes it a no-op."""
     __slots__ = ("deadline", "callback")
@@ -8046,6 +8058,7 @@ class EventLoop:
         self.selector = selectors.DefaultSelector()
         self.timers = []                   # heap of (deadline, sequence, Timer): tuples
         self.sequence = 0                  # compare in C, the sequence breaks ties
+        self.timers_sweep_at = TIMER_SWEEP_MIN    # heap size that triggers the next sweep
         self.running = False
         self.signal_handlers = {}          # signal number -> callback
         # One buffer for reads whose bytes go straight out again (the
@@ -8072,7 +8085,15 @@ class EventLoop:
         timer = Timer(self.time() + delay, callback)
         self.sequence += 1
         heapq.heappush(self.timers, (timer.deadline, self.sequence, timer))
+        if len(self.timers) >= self.timers_sweep_at:
+            self.sweep_timers()
         return timer
+
+    def sweep_timers(self) -> None:
+        """Drop the cancelled timers from the heap (see TIMER_SWEEP_MIN)."""
+        self.timers[:] = [entry for entry in self.timers if entry[2].callback is not None]
+        heapq.heapify(self.timers)
+        self.timers_sweep_at = max(TIMER_SWEEP_MIN, 2 * len(self.timers))
 
     def call_soon_threadsafe(self, callback: Callable) -> None:
         """Run ``callback()`` in the loop's thread, soon: the one call other

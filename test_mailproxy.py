@@ -9228,6 +9228,33 @@ class EventLoopTests(EventLoopTestCase):
         self.assertEqual(fired, ["kept"])
         self.assertEqual(self.loop.timers, [], "the cancelled timer is left in the heap")
 
+    def test_cancelled_timers_do_not_pile_up_in_the_heap(self):
+        """Every ended relay cancels a timer hours away (proxy_timeout / 8):
+        the heap must not keep them all until then."""
+        live = [self.loop.call_later(3600 + n, lambda: None) for n in range(100)]
+        for n in range(20 * mp.TIMER_SWEEP_MIN):
+            self.loop.call_later(3 * 3600, lambda: None).cancel()
+        self.assertLessEqual(len(self.loop.timers), mp.TIMER_SWEEP_MIN,
+                             "cancelled timers kept in the heap")
+        self.assertEqual(sum(1 for entry in self.loop.timers if entry[2].callback is not None), 100)
+        self.loop.time = lambda: time.monotonic() + 2 * 3600   # the live ones come up, in order
+        fired = []
+        for n, timer in enumerate(live):
+            timer.callback = lambda n=n: fired.append(n)
+        self.loop.run_once(0)
+        self.assertEqual(fired, list(range(100)))
+
+    def test_a_heap_of_live_timers_is_swept_rarely(self):
+        """A sweep that finds nothing to drop waits for the heap to double:
+        O(1) per timer, however many sessions wait."""
+        sweeps = []
+        sweep = self.loop.sweep_timers
+        self.loop.sweep_timers = lambda: (sweeps.append(len(self.loop.timers)), sweep())
+        for n in range(20000):
+            self.loop.call_later(60, lambda: None)
+        self.assertEqual(len(self.loop.timers), 20000)
+        self.assertLessEqual(len(sweeps), 6, "swept %d times" % len(sweeps))
+
     def test_call_soon_threadsafe_wakes_a_waiting_loop(self):
         ran = []
         thread = threading.Thread(target=self.loop.call_soon_threadsafe,
