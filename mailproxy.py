@@ -5121,6 +5121,7 @@ class LoginDefence:
         self.pairs = {}            # (address, login) -> FailureCount
         self.checking = {}         # ("address" | "login", key) -> logins under way, all processes
         self.checking_in = {}      # pid -> {(address, login): how many}: what "worker gone" ends
+        self.checking_by = {}      # (pid, "address"|"login", key) -> how many (the same, summed)
         self.publish = self.apply  # SharedBooks.add: apply here, then in the other processes
         self.share = AUTH_PENALTY_SLOTS    # this process's slots (Worker: per worker_processes)
 
@@ -5142,8 +5143,7 @@ class LoginDefence:
         running = [(end, owner) for end, owner in record.busy_until if end > now] \
             if record is not None else []
         mine = [end for end, owner in running if owner == pid]
-        checking_here = sum(count for (address, login), count in self.checking_in.get(pid, {}).items()
-                            if (address if kind == "address" else login) == key)
+        checking_here = self.checking_by.get((pid, kind, key), 0)
         if len(mine) + checking_here >= self.share:
             ends = mine
         elif len(running) + self.checking.get((kind, key), 0) >= AUTH_PENALTY_SLOTS:
@@ -5178,11 +5178,12 @@ class LoginDefence:
         if not mine:
             del self.checking_in[pid]
         for key in (("address", address), ("login", login)):
-            left = self.checking.get(key, 0) + change
-            if left > 0:
-                self.checking[key] = left
-            else:
-                self.checking.pop(key, None)
+            for table, entry in ((self.checking, key), (self.checking_by, (pid,) + key)):
+                left = table.get(entry, 0) + change
+                if left > 0:
+                    table[entry] = left
+                else:
+                    table.pop(entry, None)
 
     def _worker_gone(self, pid: int) -> None:
         """A dead worker's checks hold no slot any more."""
@@ -11020,52 +11021,112 @@ class SessionCounts:
                 del table[entry]
 
 
+GATE_SLACK = 1e-6      # a timer may fire a hair before the time it was set from (float sums)
+
+
 class LoginGate:
     """Where attempts wait for LoginDefence's slots in one worker: in
     arrival order, each let through as soon as admit() says so (a delay
     ended, or an attempt of this worker finished: leave()), or refused.
-    Queued, never dropped: the session's own timers bound the wait."""
+    Queued, never dropped: the session's own timers bound the wait.
+
+    A brute-force storm can hold back as many attempts as the worker has
+    sessions, so no event looks at all of them: a new attempt is checked
+    alone, a finished one wakes only the attempts of its address or its
+    login (whose slots it freed), and each held attempt is checked again
+    when admit() said its wait ends (a heap of those times)."""
 
     def __init__(self, loop: "EventLoop", defence: LoginDefence):
         self.loop = loop
         self.defence = defence
-        self.waiting = []          # [address, login, go], first come first
-        self.timer = None          # type: Optional[Timer]
+        self.number = 0            # tickets in arrival order
+        self.waiting = {}          # number -> [address, login, go, number], first come first
+        self.by_address = {}       # address -> {number: ticket}
+        self.by_login = {}         # login -> {number: ticket}
+        self.due = []              # heap of (when to check again, number)
+        self.scheduled = {}        # number -> its time in the heap (older entries are stale)
+        self.timer = None          # type: Optional[Timer]  (for the heap's first)
 
     def enter(self, address: str, login: str, go: Callable[[Admission], None]) -> list:
         """``go(admission)`` now or later (a refusal at once); returns the
         ticket that cancel() takes."""
-        ticket = [address, login, go]
-        self.waiting.append(ticket)
-        self._let_through()
+        self.number += 1
+        ticket = [address, login, go, self.number]
+        self.waiting[self.number] = ticket
+        self.by_address.setdefault(address, {})[self.number] = ticket
+        self.by_login.setdefault(login, {})[self.number] = ticket
+        self._check([ticket])
         return ticket
 
     def cancel(self, ticket: list) -> None:
         """The session ended while waiting."""
-        if ticket in self.waiting:
-            self.waiting.remove(ticket)
+        self._forget(ticket)
 
     def leave(self, address: str, login: str) -> None:
         """An attempt let through has its answer: its slot is free."""
         self.defence.publish(self.defence.end(address, login, os.getpid()))
-        self._let_through()
+        woken = dict(self.by_address.get(address, {}))
+        woken.update(self.by_login.get(login, {}))
+        self._check([woken[number] for number in sorted(woken)])
 
-    def _let_through(self) -> None:
+    def _forget(self, ticket: list) -> None:
+        address, login, _, number = ticket
+        if self.waiting.pop(number, None) is None:
+            return
+        self.scheduled.pop(number, None)
+        for index, key in ((self.by_address, address), (self.by_login, login)):
+            tickets = index[key]
+            del tickets[number]
+            if not tickets:
+                del index[key]
+
+    def _check(self, tickets: list) -> None:
+        """Let through, in arrival order, those of ``tickets`` admit() lets
+        go now; the others get a time to be checked again."""
         now = self.loop.time()
-        soonest = None
-        for ticket in list(self.waiting):
-            address, login, go = ticket
+        for ticket in tickets:
+            address, login, go, number = ticket
+            if number not in self.waiting:
+                continue                 # let through or cancelled meanwhile
             admission = self.defence.admit(address, login, now, os.getpid())
             if admission.wait > 0:
-                soonest = admission.wait if soonest is None else min(soonest, admission.wait)
+                when = now + admission.wait
+                if self.scheduled.get(number) != when:
+                    self.scheduled[number] = when
+                    heapq.heappush(self.due, (when, number))
                 continue
-            self.waiting.remove(ticket)
+            self._forget(ticket)
             if not admission.refuse:
                 self.defence.publish(self.defence.begin(address, login, os.getpid()))
             go(admission)
+        self._set_timer()
+
+    def _stale(self, entry: tuple) -> bool:
+        """A heap entry of an attempt gone, or given another time since."""
+        when, number = entry
+        return self.scheduled.get(number) != when
+
+    def _set_timer(self) -> None:
+        while self.due and self._stale(self.due[0]):
+            heapq.heappop(self.due)
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_later(soonest, self._let_through) if soonest else None
+        self.timer = None
+        if self.due:
+            self.timer = self.loop.call_later(max(0.0, self.due[0][0] - self.loop.time()),
+                                              self._wake)
+
+    def _wake(self) -> None:
+        """The held attempts whose wait has ended, checked again."""
+        self.timer = None
+        now = self.loop.time()
+        numbers = []
+        while self.due and self.due[0][0] <= now + GATE_SLACK:
+            entry = heapq.heappop(self.due)
+            if not self._stale(entry):
+                del self.scheduled[entry[1]]
+                numbers.append(entry[1])
+        self._check([self.waiting[number] for number in sorted(numbers)])
 
 
 class LoginGuard:

@@ -12869,7 +12869,33 @@ class LoginGateTests(EventLoopTestCase):
         self.assertEqual(went, list(range(mp.AUTH_PENALTY_SLOTS)))   # the last one waits
         self.gate.leave("192.0.2.7", "alice")
         self.assertEqual(went, list(range(mp.AUTH_PENALTY_SLOTS + 1)))
-        self.assertEqual(self.gate.waiting, [])
+        self.assertEqual(len(self.gate.waiting), 0)
+
+    def test_held_attempts_are_not_all_checked_again_at_every_event(self):
+        """A storm holds back many attempts; each other attempt's entry and
+        end used to check every held one again (quadratic).  Now a new
+        attempt is checked alone and an end wakes its address's and login's."""
+        now = self.loop.time()
+        held = ["198.51.100.%d" % n for n in range(1, 51)]
+        for address in held:                                  # every slot taken for a minute
+            for n in range(mp.AUTH_PENALTY_SLOTS):
+                event, _, _ = self.defence.failure(address, "u%d" % n, b"x", now, 60.0)
+                self.defence.apply(event)
+            self.gate.enter(address, "victim", lambda admission: self.fail("let through"))
+        self.assertEqual(len(self.gate.waiting), 50)
+        checked = []
+        admit = self.defence.admit
+        self.defence.admit = lambda *args: checked.append(args[0]) or admit(*args)
+        went = []
+        for n in range(100):                                  # another client, logging in in turn
+            self.gate.enter("192.0.2.7", "alice%d" % n, went.append)
+            self.gate.leave("192.0.2.7", "alice%d" % n)
+        self.assertEqual(len(went), 100)
+        self.assertEqual(checked, ["192.0.2.7"] * 100)        # none of the 50 held ones
+        self.assertEqual(len(self.gate.waiting), 50)
+        self.gate.leave(held[0], "u0")                        # one of theirs ends: theirs are woken
+        self.assertIn(held[0], checked[100:])
+        self.assertTrue(set(checked[100:]) <= {held[0]}, checked[100:])
 
     def test_a_refusal_goes_at_once(self):
         for n in range(mp.AUTH_PAIR_LIMIT):
