@@ -15012,8 +15012,8 @@ def relaunch_without_the_syntax_tree(argv: List[str]) -> None:
     """Replace this process with RELAUNCH_PROGRAM running this file with
     ``argv``, if it runs as the script; returns only if that cannot be done
     (then this one serves)."""
-    if __name__ != "__main__" or not sys.executable:
-        return
+    if __name__ != "__main__" or not sys.executable or not os.path.isfile(PASSWORD_HELPER_FILE):
+        return                         # (python3 - < mailproxy.py has no file to import)
     # The interpreter's own options (-I, -E, -O, -X ..., -W ...) carry over,
     # as the standard library's own children get them (multiprocessing).
     flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
