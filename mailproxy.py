@@ -11046,6 +11046,7 @@ class LoginGate:
         self.due = []              # heap of (when to check again, number)
         self.scheduled = {}        # number -> its time in the heap (older entries are stale)
         self.timer = None          # type: Optional[Timer]  (for the heap's first)
+        self.timer_for = None      # the time it was set for
 
     def enter(self, address: str, login: str, go: Callable[[Admission], None]) -> list:
         """``go(admission)`` now or later (a refusal at once); returns the
@@ -11107,14 +11108,18 @@ class LoginGate:
         return self.scheduled.get(number) != when
 
     def _set_timer(self) -> None:
+        """The loop's timer for the heap's first time (kept if it is that
+        already: most events do not change it)."""
         while self.due and self._stale(self.due[0]):
             heapq.heappop(self.due)
+        first = self.due[0][0] if self.due else None
+        if self.timer is not None and self.timer_for == first:
+            return
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = None
-        if self.due:
-            self.timer = self.loop.call_later(max(0.0, self.due[0][0] - self.loop.time()),
-                                              self._wake)
+        self.timer, self.timer_for = None, first
+        if first is not None:
+            self.timer = self.loop.call_later(max(0.0, first - self.loop.time()), self._wake)
 
     def _wake(self) -> None:
         """The held attempts whose wait has ended, checked again."""
