@@ -309,6 +309,8 @@ PLAIN_ALICE = base64.b64encode(b"\0alice\0secret")           # AGFsaWNlAHNlY3Jld
 # How mailproxy logs alice in to an IMAP backend (nginx does the same): the
 # client's own tag and synchronizing literals, each sent after the "+".
 IMAP_LOGIN_ON_THE_WIRE = b"a1 LOGIN {5}\r\n" + b"alice {6}\r\n" + b"secret\r\n"
+# The same LOGIN to a backend whose greeting lists LITERAL+ (RFC 7888): one write.
+IMAP_LOGIN_AT_ONCE = b"a1 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n"
 POP3_LOGIN_ON_THE_WIRE = b"USER alice\r\n" + b"PASS secret\r\n"
 
 # smtplib's own spelling of MAIL and RCPT: "mail FROM:" until Python 3.12,
@@ -6318,11 +6320,49 @@ def run_script(script, replies, tag=b"", limit=4096):
 
 class BackendLoginTests(unittest.TestCase):
     def test_imap_script_uses_literals_and_the_client_tag(self):
-        self.assertEqual(mp.imap_login_script(b"a1 ", b"alice", b"se cret"), [
-            mp.Expect("imap-greeting"), mp.Send(b"a1 LOGIN {5}\r\n", "LOGIN"), mp.Expect("continuation"),
+        synchronizing = (
+            mp.Send(b"a1 LOGIN {5}\r\n", "LOGIN"), mp.Expect("continuation"),
             mp.Send(b"alice {7}\r\n", "LOGIN login literal"), mp.Expect("continuation"),
-            mp.Send(b"se cret\r\n", "LOGIN password literal"),
+            mp.Send(b"se cret\r\n", "LOGIN password literal"))
+        at_once = (mp.Send(b"a1 LOGIN {5+}\r\nalice {7+}\r\nse cret\r\n", "LOGIN"),)
+        self.assertEqual(mp.imap_login_script(b"a1 ", b"alice", b"se cret"), [
+            mp.Expect("imap-greeting", learn=True),
+            mp.When(b"LITERAL+", at_once, otherwise=(
+                mp.When(b"LITERAL-", at_once, otherwise=synchronizing),)),
             mp.Expect("imap-tagged", relay=True, verdict=True)])
+
+    def test_imap_login_in_one_write_when_the_greeting_lists_literal_plus(self):
+        """RFC 7888: with LITERAL+ (or LITERAL- and literals of at most 4096
+        bytes) the LOGIN goes at once, without waiting for "+"; otherwise,
+        and for LITERAL- with a longer literal, synchronizing literals."""
+        long = b"p" * 4097
+        cases = [
+            (b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", b"secret", True),
+            (b"* OK [CAPABILITY IMAP4rev1 literal+ IDLE] hi\r\n", b"secret", True),
+            (b"* OK [CAPABILITY IMAP4rev1 LITERAL-] hi\r\n", b"secret", True),
+            (b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", long, True),
+            (b"* OK [CAPABILITY IMAP4rev1 LITERAL-] hi\r\n", long, False),
+            (b"* OK [CAPABILITY IMAP4rev1 IDLE] hi\r\n", b"secret", False),
+            (b"* OK LITERAL+ ready\r\n", b"secret", False),       # not a capability list
+            (b"* OK ready\r\n", b"secret", False),
+        ]
+        for greeting, password, at_once in cases:
+            with self.subTest(greeting=greeting, password=len(password)):
+                replies = [greeting] + ([] if at_once else [b"+ go\r\n", b"+ go\r\n"]) + \
+                    [b"a1 OK done\r\n"]
+                sent, events, _ = run_script(mp.imap_login_script(b"a1 ", b"alice", password),
+                                             replies, tag=b"a1 ")
+                literal = b"+}" if at_once else b"}"
+                self.assertEqual(sent, b"a1 LOGIN {5" + literal + b"\r\nalice {%d" % len(password) +
+                                 literal + b"\r\n" + password + b"\r\n")
+                self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_a_continuation_to_a_login_sent_at_once_is_an_error(self):
+        """After a LOGIN with non-synchronizing literals nothing but its
+        tagged answer (and untagged lines) may come: a "+" is refused."""
+        with self.assertRaises(mp.BackendError):
+            run_script(mp.imap_login_script(b"a1 ", b"alice", b"secret"),
+                       [b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", b"+ go\r\n"], tag=b"a1 ")
 
     def test_imap_login_with_untagged_capability(self):
         sent, events, _ = run_script(mp.imap_login_script(b"a1 ", b"alice", b"secret"), [
@@ -6567,10 +6607,13 @@ class SmtpBackendScriptTests(unittest.TestCase):
 class BackendStartTlsScriptTests(unittest.TestCase):
     def test_imap_starttls_before_login(self):
         script = mp.imap_login_script(b"a1 ", b"alice", b"secret", starttls=True)
-        self.assertEqual(script[:4], [mp.Expect("imap-greeting"), mp.Send(b"S1 STARTTLS\r\n", "STARTTLS"),
+        self.assertEqual(script[:4], [mp.Expect("imap-greeting", learn=True),
+                                      mp.Send(b"S1 STARTTLS\r\n", "STARTTLS"),
                                       mp.Expect("imap-tagged", tag=b"S1 "), mp.TlsStep()])
         login = mp.BackendLogin(script, b"a1 ")
-        self.assertEqual(login.receive_data(b"* OK hi\r\n"), [])
+        # LITERAL+ said in clear is forgotten with it (RFC 3501 §6.2.1): the
+        # LOGIN after the handshake waits for its continuations.
+        self.assertEqual(login.receive_data(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n"), [])
         self.assertEqual(login.data_to_send(), b"S1 STARTTLS\r\n")
         # A line injected behind the yes must not be taken as the next answer.
         self.assertEqual(login.receive_data(b"S1 OK begin\r\n+ injected\r\n"), [mp.BackendStartTls()])
@@ -6771,9 +6814,12 @@ class BackendLoginEscapingTests(unittest.TestCase):
         for byte in HOSTILE_BYTES:
             login, password = b"u" + byte + b"\r\nx LOGOUT", byte + b"p"
             script = mp.imap_login_script(b"a1 ", login, password)
-            sent = b"".join(step.data for step in script if isinstance(step, mp.Send))
+            sent, _, _ = run_script(script, [b"* OK hi\r\n", b"+\r\n", b"+\r\n"])
             self.assertEqual(sent, b"a1 LOGIN {%d}\r\n" % len(login) + login +
                              b" {%d}\r\n" % len(password) + password + b"\r\n", byte)
+            sent, _, _ = run_script(script, [b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n"])
+            self.assertEqual(sent, b"a1 LOGIN {%d+}\r\n" % len(login) + login +
+                             b" {%d+}\r\n" % len(password) + password + b"\r\n", byte)
 
     def test_pop3_arguments_cannot_hold_line_ends(self):
         """POP3 has no quoting: a login or password holding CR, LF or NUL
@@ -7374,6 +7420,19 @@ class ProxyProtocolEndToEndOutTests(EndToEndTestCase):
         header = b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (client_port, proxy.port)
         self.assertEqual(backend.headers, [header])
         self.assertEqual(bytes(backend.received[0]), header + IMAP_LOGIN_ON_THE_WIRE)
+
+    def test_v1_header_from_a_wildcard_listen(self):
+        """Listening on 0.0.0.0, the destination is the address the client
+        connected to (its socket's), never the wildcard."""
+        backend = self.use(FakeImapBackend(proxy_header=True))
+        auth = self.auth_server(auth_ok(backend.port))
+        text = proxy_config("imap", auth_port=auth.port, proxy_protocol="on")
+        proxy = self.use(ProxyUnderTest(text.replace("listen = 127.0.0.1:", "listen = 0.0.0.0:")))
+        client = self.connect(proxy)
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        self.assertEqual(backend.headers,
+                         [b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (client_port, proxy.port)])
 
     def test_v2_header(self):
         backend = self.use(FakeImapBackend(proxy_header=True))
@@ -9443,7 +9502,7 @@ class StreamOwner:
 
     def __init__(self):
         self.chunks = []
-        self.eof = False
+        self.eof = 0                   # how often it was told
         self.errors = []
         self.drained = 0
 
@@ -9455,7 +9514,7 @@ class StreamOwner:
         self.chunks.append(data)
 
     def stream_eof(self, stream) -> None:
-        self.eof = True
+        self.eof += 1
 
     def stream_error(self, stream, error: Exception) -> None:
         self.errors.append(error)
@@ -9468,6 +9527,59 @@ class StreamOwner:
 
     def stream_tls_ready(self, stream) -> None:
         pass
+
+
+class ListenerTests(EventLoopTestCase):
+    def listener(self, address: str = "127.0.0.1"):
+        """A Listener on a free port of ``address``; its accepted sockets
+        configured as a session's are (configure_accepted) go to the list."""
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind((address, 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        accepted = []
+
+        def on_accept(listener, client, address):
+            self.addCleanup(client.close)
+            mp.configure_accepted(client, listener)
+            accepted.append(client)
+        listen = mp.parse_listen(["%s:%d" % (address, sock.getsockname()[1])])
+        listener = mp.Listener(self.loop, sock, listen, None, on_accept, None)
+        self.addCleanup(listener.close)
+        return listener, sock.getsockname()[1], accepted
+
+    def accept(self, port: int, accepted: list) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(client.close)
+        count = len(accepted)
+        self.drive(lambda: len(accepted) > count)
+        return accepted[-1]
+
+    def test_every_client_has_tcp_nodelay(self):
+        """TCP_NODELAY (nginx sets it on every mail connection) is set on
+        the listening socket, which Linux copies to each accepted one; the
+        first client shows whether it was, and if not, each gets it."""
+        listener, port, accepted = self.listener()
+        for _ in range(2):
+            sock = self.accept(port, accepted)
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            self.assertFalse(sock.getblocking())
+        if sys.platform.startswith("linux"):
+            self.assertIs(listener.nodelay_inherited, True)
+        # A system (or a socket handed over) that does not copy it:
+        listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        listener.nodelay_inherited = None
+        for _ in range(2):
+            sock = self.accept(port, accepted)
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        self.assertIs(listener.nodelay_inherited, False)
+
+    def test_the_local_address_is_the_listeners_unless_a_wildcard(self):
+        listener, port, accepted = self.listener()
+        self.assertEqual(listener.local, ("127.0.0.1", port))
+        wildcard, port, accepted = self.listener("0.0.0.0")
+        self.assertIsNone(wildcard.local)
 
 
 class StreamTests(EventLoopTestCase):
@@ -9501,14 +9613,51 @@ class StreamTests(EventLoopTestCase):
         peer.sendall(b"a1 NOOP\r\n")
         self.drive(lambda: owner.data == b"a1 NOOP\r\n")
         stream.set_read_budget(0)
-        self.assertFalse(stream.interest & selectors.EVENT_READ, "read interest with a budget of 0")
         peer.sendall(b"a2 NOOP\r\n")                   # waits in the kernel, readable at once
         for _ in range(3):
             self.loop.run_once(0.01)
         self.assertEqual((owner.data, stream.received), (b"a1 NOOP\r\n", 9), "read while paused")
+        self.assertFalse(stream.interest & selectors.EVENT_READ, "still watched, paused and readable")
         stream.set_read_budget(4)                        # at most 4 bytes a read from now on
         self.drive(lambda: owner.data == b"a1 NOOP\r\na2 NOOP\r\n")
         self.assertEqual(owner.chunks[1:], [b"a2 N", b"OOP\r", b"\n"])
+
+    def selector_calls(self) -> list:
+        """The names of the selector's calls from now on (each one a system
+        call: epoll_ctl)."""
+        calls = []
+        for name in ("register", "modify", "unregister"):
+            real = getattr(self.loop.selector, name)
+
+            def counted(*args, real=real, name=name):
+                calls.append(name)
+                return real(*args)
+            patcher = unittest.mock.patch.object(self.loop.selector, name, counted)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        return calls
+
+    def test_a_pause_over_before_the_peer_sends_costs_no_system_call(self):
+        """A login pauses the client's reads while it waits for the verdict
+        and for the backend: the interest stays as it is, unless the client
+        sends meanwhile (then the first readiness takes it off)."""
+        stream, peer, owner = self.stream()
+        calls = self.selector_calls()
+        stream.set_read_budget(0)
+        for _ in range(3):
+            self.loop.run_once(0.01)
+        stream.set_read_budget(4096)
+        self.assertEqual(calls, [])
+        peer.sendall(b"a1 NOOP\r\n")
+        self.drive(lambda: owner.data == b"a1 NOOP\r\n")
+        stream.set_read_budget(0)
+        peer.sendall(b"a2 NOOP\r\n")
+        for _ in range(3):
+            self.loop.run_once(0.01)
+        self.assertEqual(calls, ["unregister"], "watched once paused and readable")
+        stream.set_read_budget(4096)
+        self.drive(lambda: owner.data == b"a1 NOOP\r\na2 NOOP\r\n")
+        self.assertEqual(calls, ["unregister", "register"])
 
     def test_eof_is_told_once_and_stops_reading(self):
         stream, peer, owner = self.stream()
@@ -9516,7 +9665,9 @@ class StreamTests(EventLoopTestCase):
         peer.shutdown(socket.SHUT_WR)
         self.drive(lambda: owner.eof)
         self.assertEqual((owner.data, stream.read_budget), (b"a1 LOGOUT\r\n", 0))
+        self.loop.run_once(0.01)                         # the end is still readable: watched no more
         self.assertFalse(stream.interest & selectors.EVENT_READ)
+        self.assertEqual(owner.eof, 1)
         stream.write(b"* BYE\r\n")                        # the other half still writes
         self.assertEqual(peer.recv(100), b"* BYE\r\n")
 
@@ -9579,11 +9730,11 @@ class RelayTests(EventLoopTestCase):
         sender = PeerSender(source, message_bytes(256 * 1024))
         self.drive(lambda: source_stream.read_budget == 0 and sender.blocked, step=sender)
         self.assertEqual(len(target_stream.out), self.LIMIT, "the output holds proxy_buffer")
-        self.assertFalse(source_stream.interest & selectors.EVENT_READ, "the source is still read")
         received = source_stream.received
         for _ in range(3):                               # bytes wait in its kernel buffer
             self.loop.run_once(0.01)
         self.assertEqual(source_stream.received, received, "the source was read past proxy_buffer")
+        self.assertFalse(source_stream.interest & selectors.EVENT_READ, "the source is still watched")
         reader = PeerReader(target)
 
         def both_peers() -> None:
@@ -14157,8 +14308,8 @@ class ClientIdentityScriptTests(unittest.TestCase):
     def test_imap_id_when_the_greeting_lists_it(self):
         sent, events, _ = run_script(identity_script("imap", imap_id=True), [
             b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID] ready\r\n",
-            b'* ID ("name" "Dovecot")\r\nI1 OK ID completed\r\n'] + IMAP_LOGIN_REPLIES, tag=b"a1 ")
-        self.assertEqual(sent, IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_ON_THE_WIRE)
+            b'* ID ("name" "Dovecot")\r\nI1 OK ID completed\r\n', b"a1 OK done\r\n"], tag=b"a1 ")
+        self.assertEqual(sent, IMAP_ID_ON_THE_WIRE + IMAP_LOGIN_AT_ONCE)
         self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
 
     def test_imap_id_asks_for_the_capabilities_when_the_greeting_has_none(self):
@@ -14687,6 +14838,18 @@ class StatusMetricsBookTests(unittest.TestCase):
         buckets = {labels[-1]: value for (name, labels), value in master.counters.items()
                    if name.endswith("_bucket")}
         self.assertEqual((buckets["0.25"], buckets["0.5"], buckets["+Inf"]), (0, 1, 1))
+        # le is "less than or equal" (Prometheus): a value on a bound counts there.
+        for value in (0.25, 0.01, 30.0, 31.0):
+            here.observe("mailproxy_login_duration_seconds", ("imap", "imap"), value)
+        for event in here.events(4711):
+            master.apply(mp.decode_event(mp.encode_event(event)))
+        buckets = {labels[-1]: value for (name, labels), value in master.counters.items()
+                   if name.endswith("_bucket")}
+        self.assertEqual([buckets[le] for le in ("0.01", "0.1", "0.25", "0.5", "30.0", "+Inf")],
+                         [1, 1, 2, 3, 4, 5])
+        self.assertEqual(master.counters[("mailproxy_login_duration_seconds_count", ("imap", "imap"))], 5)
+        self.assertAlmostEqual(
+            master.counters[("mailproxy_login_duration_seconds_sum", ("imap", "imap"))], 61.56)
         master.apply(("worker gone", 4711))
         self.assertEqual(master.gauge_sums(), {})      # its sessions are gone with it
         self.assertEqual(master.counters[key], 3)      # what it counted stays
