@@ -10828,6 +10828,12 @@ class Phase(enum.Enum):
     RELAY = "relay"                # bytes both ways
     CLOSING = "closing"            # the last reply is being written
 
+    # A phase is looked up a few times per phase change (PHASES,
+    # PHASE_CHANGES).  Members are compared by identity: hash them so too,
+    # in C, rather than by Enum's own __hash__ (a Python function hashing
+    # the name).
+    __hash__ = object.__hash__
+
 
 class PhaseRules(NamedTuple):
     """What entering a phase sets (Session._enter)."""
