@@ -20900,7 +20900,7 @@ def run_benchmark(patterns=()) -> int:
     if nginx is None:
         if pairs:
             print_table([ours for ours, _ in pairs])
-    else:
+    elif pairs:
         for line in comparison_lines(pairs):
             print(line)
         print()
@@ -20919,6 +20919,171 @@ def run_benchmark(patterns=()) -> int:
     print()
     print("(%.1f s)" % (time.perf_counter() - started))
     return 1 if problems or status else 0
+
+
+class BenchmarkNginxTests(unittest.TestCase):
+    """The comparison with nginx in --bench, without running nginx or the
+    benchmark: where nginx is looked for, the nginx.conf it gets, the table
+    and the SUMMARY line.  (--heavy adds two short real runs.)"""
+
+    def fake_nginx(self, directory: str, said: str) -> str:
+        """An executable "nginx" in ``directory`` whose -V prints ``said``."""
+        path = os.path.join(directory, "nginx")
+        with open(path, "w") as handle:
+            handle.write("#!/bin/sh\ncat >&2 <<'EOF'\n%s\nEOF\n" % said)
+        os.chmod(path, 0o755)
+        return path
+
+    def test_no_nginx_on_the_path_is_none_with_the_reason(self):
+        with tempfile.TemporaryDirectory() as empty:
+            found, why = find_bench_nginx({"PATH": empty}, default=os.path.join(empty, "nginx"))
+        self.assertIsNone(found)
+        self.assertEqual(why, "no nginx on PATH nor at %s" % os.path.join(empty, "nginx"))
+        self.assertIn("apt install nginx libnginx-mod-mail", BENCH_NGINX_HINT % why)
+        self.assertNotIn("\n", BENCH_NGINX_HINT % why)
+
+    @unittest.skipUnless(os.name == "posix" and os.path.exists("/bin/sh"), "a /bin/sh script")
+    def test_off_skips_even_an_nginx_on_the_path(self):
+        with tempfile.TemporaryDirectory() as directory:
+            self.fake_nginx(directory, "nginx version: nginx/1.22.1\n"
+                            "configure arguments: --with-mail")
+            self.assertIsNotNone(find_bench_nginx({"PATH": directory})[0])
+            self.assertEqual(find_bench_nginx({"PATH": directory, "MAILPROXY_BENCH_NGINX": "off"}),
+                             (None, "MAILPROXY_BENCH_NGINX=off"))
+            found, why = find_bench_nginx({"PATH": directory, "MAILPROXY_BENCH_NGINX":
+                                           os.path.join(directory, "missing")})
+            self.assertIsNone(found)
+            self.assertIn("not an executable file", why)
+
+    @unittest.skipUnless(os.name == "posix" and os.path.exists("/bin/sh"), "a /bin/sh script")
+    def test_the_mail_module_built_in_dynamic_or_missing(self):
+        with tempfile.TemporaryDirectory() as directory:
+            modules = os.path.join(directory, "modules")
+            os.mkdir(modules)
+            head = "nginx version: nginx/1.22.1\nconfigure arguments: --prefix=/usr/share/nginx "
+            environ = {"PATH": "/nonexistent", "MAILPROXY_BENCH_NGINX": os.path.join(directory, "nginx")}
+            binary = self.fake_nginx(directory, head + "--with-mail --with-mail_ssl_module")
+            self.assertEqual(find_bench_nginx(environ), (BenchNginx(binary, None, (1, 22, 1)), ""))
+            self.fake_nginx(directory, head + "--modules-path=%s --with-mail=dynamic "
+                            "--with-mail_ssl_module" % modules)
+            found, why = find_bench_nginx(environ)
+            self.assertIsNone(found)
+            self.assertIn("no %s" % os.path.join(modules, "ngx_mail_module.so"), why)
+            open(os.path.join(modules, "ngx_mail_module.so"), "wb").close()
+            self.assertEqual(find_bench_nginx(environ), (BenchNginx(
+                binary, os.path.join(modules, "ngx_mail_module.so"), (1, 22, 1)), ""))
+            self.fake_nginx(directory, head + "--with-mail_ssl_module --with-stream")
+            found, why = find_bench_nginx(environ)
+            self.assertIsNone(found)
+            self.assertIn("without the mail module", why)
+
+    def test_nginx_conf_has_mailproxys_settings(self):
+        with tempfile.TemporaryDirectory() as directory:
+            with unittest.mock.patch("subprocess.Popen"):
+                start_benchmark_proxy(directory, 4321)
+            with open(os.path.join(directory, "mailproxy.conf")) as handle:
+                ours = handle.read()
+        for line in ("worker_processes = 1", "worker_connections = 10240",
+                     "auth_http = 127.0.0.1:4321/auth", "proxy_buffer = 16k", "protocol = imap"):
+            self.assertIn(line + "\n", ours)
+        conf = nginx_bench_config("/tmp/b/nginx", 1143, 4321, "/m/ngx_mail_module.so",
+                                  "root root", 20544)
+        lines = [line.strip() for line in conf.splitlines()]
+        for line in ("load_module /m/ngx_mail_module.so;", "user root root;", "daemon off;",
+                     "worker_processes 1;", "worker_rlimit_nofile 20544;",
+                     "error_log /tmp/b/nginx/error.log warn;", "pid /tmp/b/nginx/nginx.pid;",
+                     "worker_connections 10240;", "auth_http 127.0.0.1:4321/auth;",
+                     "proxy_buffer 16k;", "listen 127.0.0.1:1143;", "protocol imap;"):
+            self.assertIn(line, lines)
+        self.assertLess(lines.index("load_module /m/ngx_mail_module.so;"), lines.index("mail {"))
+        self.assertLess(lines.index("events {"), lines.index("worker_connections 10240;"))
+        self.assertLess(lines.index("mail {"), lines.index("server {"))
+        self.assertLess(lines.index("server {"), lines.index("listen 127.0.0.1:1143;"))
+        self.assertEqual(conf.count("{"), conf.count("}"))
+        bare = nginx_bench_config("/tmp/b/nginx", 1143, 4321)
+        for word in ("load_module", "user", "worker_rlimit_nofile"):
+            self.assertNotIn("\n" + word + " ", bare)
+
+    def rows(self):
+        logins = ("logins, 32 at once, 5 s", "%s sessions/s", "%s us/session", "CPU: proxy %s%%")
+        mailproxy = [
+            BenchRow(logins[0], logins[1] % 2000, logins[2] % 500, logins[3] % 99,
+                     ("logins", 2000.0), ("login_cpu", 0.0005)),
+            BenchRow("relay, 1 session, 128 MiB", "800 MB/s", "0.50 s/GB", "CPU: proxy 40%",
+                     ("relay1", 800.0), ("relay1_cpu", 0.5)),
+            BenchRow("idle sessions, 1000", "2.8 KiB/session", "RSS 20.0 -> 22.8 MiB", "ok",
+                     ("idle_kib", 2.8), cpu_label="memory"),
+            BenchRow("NOOP round trip, 2000", "p50 25 us, p99 40 us", "n/a (n/a)", "CPU: n/a",
+                     ("rtt_p50", 25.0), ("rtt_cpu", None)),
+            BenchRow("NOOP, 40 wrong SHA512-CRYPT logins", "p50 30 us, worst 2.0 ms", "1.20 s",
+                     "900 NOOPs"),
+        ]
+        nginx = [
+            BenchRow(logins[0], logins[1] % 5000, logins[2] % 100, logins[3] % 60,
+                     ("logins", 5000.0), ("login_cpu", 0.0001)),
+            BenchRow("relay, 1 session, 128 MiB", "1600 MB/s", "0.20 s/GB", "CPU: proxy 30%",
+                     ("relay1", 1600.0), ("relay1_cpu", 0.2)),
+            BenchRow("idle sessions, 1000", "9.6 KiB/session", "RSS 3.0 -> 12.6 MiB", "ok",
+                     ("idle_kib", 9.6), cpu_label="memory"),
+            BenchRow("NOOP round trip, 2000", "p50 18 us, p99 30 us", "20 us/NOOP (0.04 s)",
+                     "CPU: proxy 20%", ("rtt_p50", 18.0), ("rtt_cpu", 0.00002)),
+            None,
+        ]
+        return list(zip(mailproxy, nginx))
+
+    def test_summary_line(self):
+        self.assertEqual(summary_line(self.rows()),
+                         "SUMMARY mailproxy/nginx: logins=0.40 login_cpu=5.0 relay1=0.50 "
+                         "relay1_cpu=2.5 idle_kib=0.29 rtt_p50=1.4 rtt_cpu=n/a")
+        self.assertEqual(summary_line(self.rows()[4:]), "SUMMARY mailproxy/nginx: ")
+        self.assertEqual([ratio_text(*pair) for pair in ((134, 10), (2.44, 1), (0.624, 1),
+                                                         (0.0512, 1), (1, 0), (None, 1), (1, None))],
+                         ["13", "2.4", "0.62", "0.051", "n/a", "n/a", "n/a"])
+
+    def test_comparison_table(self):
+        lines = comparison_lines(self.rows())
+        def cells(line):
+            return re.split(r"\s{2,}", line.strip())
+        self.assertEqual(cells(lines[0]), ["workload", "mailproxy", "nginx", "mailproxy/nginx"])
+        self.assertEqual(cells(lines[1]), ["logins, 32 at once, 5 s", "2000 sessions/s",
+                                           "5000 sessions/s", "0.40"])
+        self.assertEqual(cells(lines[2]), ["proxy CPU", "500 us/session", "100 us/session", "5.0"])
+        self.assertEqual(lines[3], "    CPU mailproxy: proxy 99%; nginx: proxy 60%")
+        memory = [line for line in lines if line.strip().startswith("memory")]
+        self.assertEqual(memory[0].split()[-1], "MiB")               # no ratio for RSS
+        stall = lines.index(next(line for line in lines if "wrong SHA512" in line))
+        self.assertEqual(lines[stall].split()[-1], "-")
+        self.assertEqual(lines[stall + 2], "    mailproxy: 900 NOOPs (nginx has no user table)")
+        self.assertLessEqual(max(len(line) for line in lines), 100)
+
+    def run_benchmark_quietly(self, patterns, environ) -> tuple:
+        output = io.StringIO()
+        with unittest.mock.patch.dict(os.environ, environ), \
+                unittest.mock.patch("sys.stdout", new=output):
+            status = run_benchmark(patterns)
+        return status, output.getvalue()
+
+    def test_heavy_bench_without_nginx_says_how_to_get_it(self):
+        if not heavy():
+            self.skipTest("--heavy: runs the benchmark's NOOP round trips")
+        status, output = self.run_benchmark_quietly(["latency"], {"MAILPROXY_BENCH_NGINX": "off"})
+        self.assertEqual(status, 0, output)
+        self.assertIn("\n  workload  ", output)
+        self.assertIn("\nNo comparison with nginx (MAILPROXY_BENCH_NGINX=off): ", output)
+        self.assertNotIn("SUMMARY", output)
+
+    def test_heavy_bench_through_nginx(self):
+        if not heavy():
+            self.skipTest("--heavy: runs nginx and the benchmark's NOOP round trips")
+        if find_bench_nginx()[0] is None:
+            self.skipTest(find_bench_nginx()[1])
+        status, output = self.run_benchmark_quietly(["latency"], {})
+        self.assertEqual(status, 0, output)
+        summary = re.search(r"^SUMMARY mailproxy/nginx: rtt_p50=[0-9.]+ rtt_cpu=[0-9.]+$",
+                            output, re.M)
+        self.assertIsNotNone(summary, output)
+        master = int(re.search(r"^nginx: master pid (\d+), workers \d+", output, re.M).group(1))
+        self.assertFalse(os.path.exists("/proc/%d" % master), "nginx left running")
 
 
 # ========================================================================== #
