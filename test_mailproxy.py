@@ -7,7 +7,8 @@
     python3 test_mailproxy.py NAME...      only tests whose id contains NAME
     python3 test_mailproxy.py --fuzz N     N fuzz inputs per target (--seed S,
                                            TARGET... to choose); see "Fuzz"
-    python3 test_mailproxy.py --bench      what this host sustains (minutes);
+    python3 test_mailproxy.py --bench      what this host sustains (minutes),
+                                           beside nginx if it is installed;
                                            see "Benchmark" (--bench NAME...:
                                            only the workloads so named)
     python3 test_mailproxy.py --heavy      every test, the heavy cases at the
@@ -19579,7 +19580,7 @@ class FuzzFoundRegressionTests(unittest.TestCase):
 # ========================================================================== #
 # ####                            Benchmark                             #### #
 # ========================================================================== #
-# Sizes a host without nginx: the real program (mailproxy.py -c FILE) as a
+# Sizes a host: the real program (mailproxy.py -c FILE) as a
 # subprocess, one IMAP server on loopback, and in ONE forked child (so its
 # CPU is not the load generator's) a fake IMAP backend and a fake auth_http
 # server.  The load generator is this process: non-blocking sockets, one
@@ -19588,6 +19589,8 @@ class FuzzFoundRegressionTests(unittest.TestCase):
 # that one spends a thread per connection and reads line by line, so at a
 # thousand idle sessions, thousands of logins a second and 16 MiB FETCHes it
 # would set the pace, and the table would measure the fake, not mailproxy.
+# With nginx on the host, the same workloads also run through nginx, and the
+# table gives the ratios mailproxy/nginx (see "nginx, for the comparison").
 
 BENCH_WARMUP = 1.0                   # s of logins before the logins are counted
 BENCH_SECONDS = 5.0                  # s of logins that are counted
