@@ -20746,9 +20746,9 @@ def summary_line(pairs) -> str:
 
 def comparison_lines(pairs) -> list:
     """The table with nginx: per workload a line of its figure, a line of
-    CPU (or memory), each with both proxies and the ratio, and a line of
-    notes.  ``pairs`` as summary_line's."""
-    table = [("workload", "mailproxy", "nginx", "mailproxy/nginx")]
+    CPU (or memory), each with both proxies and the ratio mailproxy/nginx,
+    and a line of notes.  ``pairs`` as summary_line's."""
+    table = [("workload", "mailproxy", "nginx", "ratio")]
     notes = {}
     for ours, theirs in pairs:
         if theirs is None:
@@ -20839,8 +20839,8 @@ def run_benchmark(patterns=()) -> int:
             print("through nginx (the login stall through mailproxy alone).  Both have")
             print("worker_processes %d, worker_connections %d, proxy_buffer %s, and ask the same"
                   % (BENCH_WORKERS, BENCH_WORKER_CONNECTIONS, BENCH_PROXY_BUFFER))
-            print("auth_http server.  mailproxy/nginx above 1: mailproxy has more of it (better for")
-            print("sessions/s and MB/s, worse for CPU, KiB and round trips).")
+            print("auth_http server.  ratio = mailproxy/nginx; above 1: mailproxy has more of it")
+            print("(better for sessions/s and MB/s, worse for CPU, KiB and round trips).")
         print()
         workloads = [
             ("logins", lambda proxy: measure_logins(proxy.port, proxy.meter)),
@@ -21047,7 +21047,7 @@ class BenchmarkNginxTests(unittest.TestCase):
         lines = comparison_lines(self.rows())
         def cells(line):
             return re.split(r"\s{2,}", line.strip())
-        self.assertEqual(cells(lines[0]), ["workload", "mailproxy", "nginx", "mailproxy/nginx"])
+        self.assertEqual(cells(lines[0]), ["workload", "mailproxy", "nginx", "ratio"])
         self.assertEqual(cells(lines[1]), ["logins, 32 at once, 5 s", "2000 sessions/s",
                                            "5000 sessions/s", "0.40"])
         self.assertEqual(cells(lines[2]), ["proxy CPU", "500 us/session", "100 us/session", "5.0"])
