@@ -7,7 +7,8 @@
     python3 test_mailproxy.py NAME...      only tests whose id contains NAME
     python3 test_mailproxy.py --fuzz N     N fuzz inputs per target (--seed S,
                                            TARGET... to choose); see "Fuzz"
-    python3 test_mailproxy.py --bench      what this host sustains (minutes);
+    python3 test_mailproxy.py --bench      what this host sustains (minutes),
+                                           beside nginx if it is installed;
                                            see "Benchmark" (--bench NAME...:
                                            only the workloads so named)
     python3 test_mailproxy.py --heavy      every test, the heavy cases at the
@@ -19579,7 +19580,7 @@ class FuzzFoundRegressionTests(unittest.TestCase):
 # ========================================================================== #
 # ####                            Benchmark                             #### #
 # ========================================================================== #
-# Sizes a host without nginx: the real program (mailproxy.py -c FILE) as a
+# Sizes a host: the real program (mailproxy.py -c FILE) as a
 # subprocess, one IMAP server on loopback, and in ONE forked child (so its
 # CPU is not the load generator's) a fake IMAP backend and a fake auth_http
 # server.  The load generator is this process: non-blocking sockets, one
@@ -19588,6 +19589,8 @@ class FuzzFoundRegressionTests(unittest.TestCase):
 # that one spends a thread per connection and reads line by line, so at a
 # thousand idle sessions, thousands of logins a second and 16 MiB FETCHes it
 # would set the pace, and the table would measure the fake, not mailproxy.
+# With nginx on the host, the same workloads also run through nginx, and the
+# table gives the ratios mailproxy/nginx (see "nginx, for the comparison").
 
 BENCH_WARMUP = 1.0                   # s of logins before the logins are counted
 BENCH_SECONDS = 5.0                  # s of logins that are counted
@@ -19604,6 +19607,10 @@ BENCH_TIMEOUT = 120.0                # s a workload may take before it fails
 BENCH_MAX_ERRORS = 20                # failed sessions before a workload gives up
 BENCH_USER = b"bench"
 BENCH_PASSWORD = b"secret"
+# The settings both proxies get (start_benchmark_proxy, nginx_bench_config):
+BENCH_WORKERS = 1                    # worker_processes
+BENCH_WORKER_CONNECTIONS = 10240     # worker_connections
+BENCH_PROXY_BUFFER = "16k"           # proxy_buffer
 # Issue 14's measurement: how long one session's pre-login NOOP waits while
 # other sessions' wrong passwords are being checked against [users].
 BENCH_STALL_LOGINS = 40              # wrong logins in flight at once
@@ -19898,11 +19905,12 @@ def start_benchmark_proxy(directory: str, auth_port: int):
     port = free_port()
     config = os.path.join(directory, "mailproxy.conf")
     with open(config, "w") as handle:
-        handle.write("[main]\nworker_processes = 1\nworker_connections = 10240\n"
+        handle.write("[main]\nworker_processes = %d\nworker_connections = %d\n"
                      "error_log = %s warn\n\n"
-                     "[mail]\nauth_http = 127.0.0.1:%d/auth\nproxy_buffer = 16k\n\n"
+                     "[mail]\nauth_http = 127.0.0.1:%d/auth\nproxy_buffer = %s\n\n"
                      "[server imap]\nlisten = 127.0.0.1:%d\nprotocol = imap\n"
-                     % (os.path.join(directory, "error.log"), auth_port, port))
+                     % (BENCH_WORKERS, BENCH_WORKER_CONNECTIONS, os.path.join(directory, "error.log"),
+                        auth_port, BENCH_PROXY_BUFFER, port))
     output = open(os.path.join(directory, "output.log"), "wb")
     try:
         proc = subprocess.Popen([sys.executable, MAILPROXY, "-c", config],
@@ -19913,14 +19921,14 @@ def start_benchmark_proxy(directory: str, auth_port: int):
     return proc, port
 
 
-def stop_benchmark_proxy(proc) -> None:
-    """SIGTERM to the master (as the README says signals go), then SIGKILL to
-    its whole process group, whatever is left of it.  (SIGTERM to the group
-    at once races the master's SIGCHLD handling: it may log an alert and
-    start a new worker while it stops.)"""
+def stop_benchmark_proxy(proc, stop: int = signal.SIGTERM) -> None:
+    """SIGTERM (nginx: SIGQUIT) to the master (as the README says signals
+    go), then SIGKILL to its whole process group, whatever is left of it.
+    (SIGTERM to the group at once races the master's SIGCHLD handling: it
+    may log an alert and start a new worker while it stops.)"""
     if proc.poll() is None:
         try:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(stop)
             proc.wait(5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
@@ -19953,15 +19961,14 @@ def blocking_session(port: int, timeout: float = 2.0):
     return sock, reader
 
 
-def wait_until_serving(proc, port: int, log_path: str) -> None:
+def wait_until_serving(proc, port: int, output_path: str, name: str = "mailproxy") -> None:
     """Until one whole session works through the proxy (10 s at most)."""
     deadline = time.monotonic() + 10
     last = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchmarkFailure("mailproxy exited with status %s at start; its output:\n%s"
-                                % (proc.returncode, file_tail(os.path.join(
-                                    os.path.dirname(log_path), "output.log"))))
+            raise BenchmarkFailure("%s exited with status %s at start; its output:\n%s"
+                                   % (name, proc.returncode, file_tail(output_path)))
         try:
             sock, reader = blocking_session(port)
             with sock, reader:
@@ -19972,7 +19979,7 @@ def wait_until_serving(proc, port: int, log_path: str) -> None:
         except OSError as error:
             last = error
             time.sleep(0.1)
-    raise BenchmarkFailure("mailproxy did not serve a session within 10 s (%s)" % last)
+    raise BenchmarkFailure("%s did not serve a session within 10 s (%s)" % (name, last))
 
 
 def file_tail(path: str, lines: int = 10) -> str:
@@ -19981,6 +19988,134 @@ def file_tail(path: str, lines: int = 10) -> str:
             return "".join(handle.readlines()[-lines:]) or "(empty)"
     except OSError:
         return "(no %s)" % path
+
+
+# -- nginx, for the comparison ------------------------------------------------------
+# When nginx with its mail module is on the host, every workload but the
+# login stall (nginx has no user table) also runs through nginx, set up as
+# mailproxy is: the same worker_processes, worker_connections and
+# proxy_buffer, auth_http to the same fake auth server, the same backend.
+
+BENCH_NGINX_HINT = ("No comparison with nginx (%s): for the ratios mailproxy/nginx,"
+                    " apt install nginx libnginx-mod-mail, or MAILPROXY_BENCH_NGINX=/path/to/nginx")
+
+
+class BenchNginx(NamedTuple):
+    binary: str
+    module: Optional[str]            # ngx_mail_module.so for load_module; None: built in
+    version: tuple                   # (1, 22, 1); () if -V did not say
+
+
+def find_bench_nginx(environ=None, default: str = "/usr/sbin/nginx") -> tuple:
+    """(BenchNginx, "") for an nginx that has the mail module, or (None, why
+    not).  MAILPROXY_BENCH_NGINX names the binary, or is "off"; else nginx
+    on PATH, else ``default``.  ``nginx -V`` tells whether the mail module is
+    built in (--with-mail) or a dynamic module (--with-mail=dynamic, found
+    in --modules-path, else in the prefix's modules/)."""
+    environ = os.environ if environ is None else environ
+    named = environ.get("MAILPROXY_BENCH_NGINX", "")
+    if named.lower() == "off":
+        return None, "MAILPROXY_BENCH_NGINX=off"
+    if named:
+        binary = named
+        if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+            return None, "MAILPROXY_BENCH_NGINX=%s is not an executable file" % named
+    else:
+        binary = shutil.which("nginx", path=environ.get("PATH", os.defpath))
+        if binary is None and default and os.path.isfile(default) and os.access(default, os.X_OK):
+            binary = default
+        if binary is None:
+            return None, "no nginx on PATH%s" % (" nor at " + default if default else "")
+    try:
+        said = subprocess.run([binary, "-V"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=10).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, "%s -V failed (%s)" % (binary, error)
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", said)
+    version = tuple(int(number) for number in found.groups()) if found else ()
+    mail = re.search(r"(?:^|\s)--with-mail(=dynamic)?(?=\s|$)", said, re.M)
+    if mail is None:
+        return None, "%s was built without the mail module (no --with-mail in nginx -V)" % binary
+    if not mail.group(1):
+        return BenchNginx(binary, None, version), ""
+    modules = re.search(r"--modules-path=(\S+)", said)
+    prefix = re.search(r"--prefix=(\S+)", said)
+    directory = (modules.group(1) if modules else
+                 os.path.join(prefix.group(1) if prefix else "/usr/local/nginx", "modules"))
+    module = os.path.join(directory.strip("'\""), "ngx_mail_module.so")
+    if not os.path.isfile(module):
+        return None, "%s has the mail module as a dynamic module, but no %s" % (binary, module)
+    return BenchNginx(binary, module, version), ""
+
+
+def nginx_bench_config(directory: str, port: int, auth_port: int, module: Optional[str] = None,
+                       user: Optional[str] = None, nofile: Optional[int] = None) -> str:
+    """nginx.conf for the benchmark: start_benchmark_proxy's settings, its
+    files in ``directory``, in the foreground, ``user`` for the workers (as
+    root: else they would run as nobody), ``nofile`` for worker_rlimit_nofile
+    (mailproxy raises its own limit so worker_connections fit)."""
+    lines = ["# mailproxy's benchmark (test_mailproxy.py --bench): nginx as mailproxy is set up"]
+    if module:
+        lines.append("load_module %s;" % module)
+    if user:
+        lines.append("user %s;" % user)
+    lines += ["daemon off;",
+              "master_process on;",
+              "worker_processes %d;" % BENCH_WORKERS]
+    if nofile:
+        lines.append("worker_rlimit_nofile %d;" % nofile)
+    lines += ["error_log %s warn;" % os.path.join(directory, "error.log"),
+              "pid %s;" % os.path.join(directory, "nginx.pid"),
+              "",
+              "events {",
+              "    worker_connections %d;" % BENCH_WORKER_CONNECTIONS,
+              "}",
+              "",
+              "mail {",
+              "    auth_http 127.0.0.1:%d/auth;" % auth_port,
+              "    proxy_buffer %s;" % BENCH_PROXY_BUFFER,
+              "",
+              "    server {",
+              "        listen 127.0.0.1:%d;" % port,
+              "        protocol imap;",
+              "    }",
+              "}",
+              ""]
+    return "\n".join(lines)
+
+
+def start_benchmark_nginx(directory: str, nginx: BenchNginx, auth_port: int):
+    """nginx in its own process group, its prefix, configuration and logs
+    in ``directory``/nginx: (Popen, IMAP port)."""
+    prefix = os.path.join(directory, "nginx")
+    os.makedirs(prefix, exist_ok=True)
+    port = free_port()
+    user = nofile = None
+    if os.geteuid() == 0:
+        import grp
+        import pwd
+        user = "%s %s" % (pwd.getpwuid(0).pw_name, grp.getgrgid(os.getegid()).gr_name)
+    try:
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nofile = 2 * BENCH_WORKER_CONNECTIONS + 64      # client + backend per session
+        if hard != resource.RLIM_INFINITY:
+            nofile = min(nofile, hard)
+    except (ImportError, ValueError, OSError):
+        pass
+    config = os.path.join(prefix, "nginx.conf")
+    with open(config, "w") as handle:
+        handle.write(nginx_bench_config(prefix, port, auth_port, nginx.module, user, nofile))
+    command = [nginx.binary, "-p", prefix + os.sep, "-c", config]
+    if nginx.version >= (1, 19, 5):                    # -e: not even a first line elsewhere
+        command += ["-e", os.path.join(prefix, "error.log")]
+    output = open(os.path.join(prefix, "output.log"), "wb")
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                start_new_session=True)
+    finally:
+        output.close()
+    return proc, port
 
 
 # -- the load generator: one selectors loop, one generator per session --------------
@@ -20265,7 +20400,19 @@ def failure_lines(loop, what: str, extra=()) -> list:
 
 
 # -- the workloads ------------------------------------------------------------------
-# Each returns (row, problems): row = (workload, result, proxy CPU, note).
+# Each returns (row, problems): row = BenchRow(workload, result, proxy CPU,
+# note, figure, cpu_figure), the figures being (SUMMARY key, number) or None:
+# what the comparison with nginx divides.
+
+class BenchRow(NamedTuple):
+    workload: str
+    result: str
+    cpu: str
+    note: str
+    figure: Optional[tuple] = None       # ("logins", 2056.0): sessions/s
+    cpu_figure: Optional[tuple] = None   # ("login_cpu", 0.000482): CPU s per session
+    cpu_label: str = "proxy CPU"         # what ``cpu`` is
+
 
 def cpu_text(seconds) -> str:
     return "n/a" if seconds is None else "%.2f s" % seconds
@@ -20306,9 +20453,10 @@ def measure_logins(port: int, meter) -> tuple:
         problems.append("logins: sessions still unfinished 10 s after the end")
     if not counted:
         problems.append("logins: no session completed")
-    row = ("logins, %d at once, %g s" % (BENCH_CONCURRENCY, BENCH_SECONDS),
-           "%.0f sessions/s" % rate, "%s (%s)" % (per, cpu_text(delta[1])),
-           busy_note(delta))
+    row = BenchRow("logins, %d at once, %g s" % (BENCH_CONCURRENCY, BENCH_SECONDS),
+                   "%.0f sessions/s" % rate, "%s (%s)" % (per, cpu_text(delta[1])),
+                   busy_note(delta), ("logins", rate),
+                   ("login_cpu", None if delta[1] is None or not counted else delta[1] / counted))
     return row, problems
 
 
@@ -20341,10 +20489,14 @@ def measure_relay(port: int, meter, sessions: int, total: int) -> tuple:
                         % (BENCH_TIMEOUT, stats["bytes"], times * sessions * BENCH_FETCH_SIZE))
     if problems:
         return None, problems
-    per_gb = "n/a" if delta[1] is None else "%.2f s/GB" % (delta[1] / (stats["bytes"] / 1e9))
-    row = ("relay, %d session%s, %d MiB" % (sessions, "s" if sessions > 1 else "", stats["bytes"] >> 20),
-           "%.0f MB/s" % (stats["bytes"] / 1e6 / delta[0]),
-           "%s (%s)" % (per_gb, cpu_text(delta[1])), busy_note(delta))
+    cpu_per_gb = None if delta[1] is None else delta[1] / (stats["bytes"] / 1e9)
+    per_gb = "n/a" if cpu_per_gb is None else "%.2f s/GB" % cpu_per_gb
+    key = "relay1" if sessions == 1 else "relay_parallel"
+    rate = stats["bytes"] / 1e6 / delta[0]
+    row = BenchRow("relay, %d session%s, %d MiB" % (sessions, "s" if sessions > 1 else "",
+                                                     stats["bytes"] >> 20),
+                   "%.0f MB/s" % rate, "%s (%s)" % (per_gb, cpu_text(delta[1])), busy_note(delta),
+                   (key, rate), (key + "_cpu", cpu_per_gb))
     return row, problems
 
 
@@ -20378,13 +20530,16 @@ def measure_idle(port: int, meter, proxy_pid: int) -> tuple:
         loop.close_all()
     count = len(conns)
     if rss_before is None or rss_after is None or not count:
+        kib = None
         per = "n/a"
     else:
-        per = "%.1f KiB/session" % ((rss_after - rss_before) / 1024 / count)
+        kib = (rss_after - rss_before) / 1024 / count
+        per = "%.1f KiB/session" % kib
     rss = ("n/a" if rss_before is None else
            "RSS %.1f -> %.1f MiB" % (rss_before / 1048576, rss_after / 1048576))
-    row = ("idle sessions, %d" % BENCH_IDLE_SESSIONS, per, rss,
-           "%d/%d NOOP OK, logged in in %.1f s" % (stats["ok"], count, opened))
+    row = BenchRow("idle sessions, %d" % BENCH_IDLE_SESSIONS, per, rss,
+                   "%d/%d NOOP OK, logged in in %.1f s" % (stats["ok"], count, opened),
+                   ("idle_kib", kib), cpu_label="memory")
     return row, problems
 
 
@@ -20411,9 +20566,11 @@ def measure_latency(port: int, meter) -> tuple:
         return 1e6 * samples[min(len(samples) - 1, int(fraction * len(samples)))]
 
     per = "n/a" if delta[1] is None else "%.0f %s/NOOP" % (1e6 * delta[1] / len(samples), micro)
-    row = ("NOOP round trip, %d" % BENCH_LATENCY_ROUNDS,
-           "p50 %.0f %s, p99 %.0f %s" % (percentile(0.50), micro, percentile(0.99), micro),
-           "%s (%s)" % (per, cpu_text(delta[1])), busy_note(delta))
+    row = BenchRow("NOOP round trip, %d" % BENCH_LATENCY_ROUNDS,
+                   "p50 %.0f %s, p99 %.0f %s" % (percentile(0.50), micro, percentile(0.99), micro),
+                   "%s (%s)" % (per, cpu_text(delta[1])), busy_note(delta),
+                   ("rtt_p50", percentile(0.50)),
+                   ("rtt_cpu", None if delta[1] is None else delta[1] / len(samples)))
     return row, []
 
 
@@ -20519,9 +20676,9 @@ def measure_login_stall(directory: str, scheme: str) -> tuple:
         return None, problems
     micro = micro_unit()
     p50 = 1e6 * samples[len(samples) // 2]
-    row = ("NOOP, %d wrong %s logins" % (BENCH_STALL_LOGINS, scheme),
-           "p50 %.0f %s, worst %.1f ms" % (p50, micro, 1e3 * samples[-1]),
-           cpu_text(cpu), "%d NOOPs, %.0f wrong logins/s" % (len(samples), logins / wall))
+    row = BenchRow("NOOP, %d wrong %s logins" % (BENCH_STALL_LOGINS, scheme),
+                   "p50 %.0f %s, worst %.1f ms" % (p50, micro, 1e3 * samples[-1]),
+                   cpu_text(cpu), "%d NOOPs, %.0f wrong logins/s" % (len(samples), logins / wall))
     return row, problems
 
 
@@ -20545,9 +20702,93 @@ def print_table(rows) -> None:
         print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+# -- the comparison with nginx: ratios mailproxy/nginx ------------------------------
+
+BENCH_SUMMARY_KEYS = ("logins", "login_cpu", "relay1", "relay1_cpu", "relay_parallel",
+                      "relay_parallel_cpu", "idle_kib", "rtt_p50", "rtt_cpu")
+
+
+def ratio_text(ours, theirs) -> str:
+    """``ours / theirs`` to two digits or so ("0.62", "2.4", "13"); "n/a"
+    when either is unknown or ``theirs`` is not above zero."""
+    if ours is None or theirs is None or theirs <= 0:
+        return "n/a"
+    ratio = ours / theirs
+    for floor, form in ((10, "%.0f"), (1, "%.1f"), (0.1, "%.2f")):
+        if ratio >= floor:
+            return form % ratio
+    return "%.3f" % ratio
+
+
+def figure_ratio(ours, theirs) -> str:
+    """The ratio of two rows' figures (key, number), or "" if they are not
+    the same figure."""
+    if ours is None or theirs is None or ours[0] != theirs[0]:
+        return ""
+    return ratio_text(ours[1], theirs[1])
+
+
+def summary_line(pairs) -> str:
+    """The line to paste: ``pairs`` are (mailproxy's row, nginx's row or
+    None), the figures both measured in BENCH_SUMMARY_KEYS' order."""
+    ratios = {}
+    for ours, theirs in pairs:
+        if theirs is None:
+            continue
+        for mine, other in ((ours.figure, theirs.figure), (ours.cpu_figure, theirs.cpu_figure)):
+            text = figure_ratio(mine, other)
+            if text:
+                ratios[mine[0]] = text
+    keys = [key for key in BENCH_SUMMARY_KEYS if key in ratios]
+    keys += sorted(key for key in ratios if key not in BENCH_SUMMARY_KEYS)
+    return "SUMMARY mailproxy/nginx: " + " ".join("%s=%s" % (key, ratios[key]) for key in keys)
+
+
+def comparison_lines(pairs) -> list:
+    """The table with nginx: per workload a line of its figure, a line of
+    CPU (or memory), each with both proxies and the ratio mailproxy/nginx,
+    and a line of notes.  ``pairs`` as summary_line's."""
+    table = [("workload", "mailproxy", "nginx", "ratio")]
+    notes = {}
+    for ours, theirs in pairs:
+        if theirs is None:
+            table.append((ours.workload, ours.result, "-", ""))
+            table.append(("  " + ours.cpu_label, ours.cpu, "-", ""))
+            notes[len(table)] = "mailproxy: %s (nginx has no user table)" % ours.note
+            continue
+        table.append((ours.workload, ours.result, theirs.result,
+                      figure_ratio(ours.figure, theirs.figure)))
+        table.append(("  " + ours.cpu_label, ours.cpu, theirs.cpu,
+                      figure_ratio(ours.cpu_figure, theirs.cpu_figure)))
+        if ours.note.startswith("CPU: ") and theirs.note.startswith("CPU: "):   # busy_note's
+            notes[len(table)] = "CPU mailproxy: %s; nginx: %s" % (ours.note[5:], theirs.note[5:])
+        else:
+            notes[len(table)] = "mailproxy: %s; nginx: %s" % (ours.note, theirs.note)
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = []
+    for number, row in enumerate(table, 1):
+        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if notes.get(number):
+            lines.append("    " + notes[number])
+    return lines
+
+
+class BenchProxy(NamedTuple):
+    """One proxy under measurement."""
+    name: str                        # "mailproxy", "nginx"
+    proc: subprocess.Popen
+    port: int
+    meter: CpuMeter
+    family: list                     # its pids at the start
+    log_path: str                    # its error log
+    stop: int                        # the signal that stops it
+
+
 def run_benchmark(patterns=()) -> int:
     """The opt-in benchmark (--bench [NAME...]): a table of what this host
-    sustains; with names, only the workloads whose name holds one of them."""
+    sustains; with names, only the workloads whose name holds one of them.
+    With nginx (find_bench_nginx), each workload runs through mailproxy and
+    then through nginx, and the table shows both and their ratio."""
     print("mailproxy benchmark: %s CPUs, Python %s (%s), %s"
           % (os.cpu_count(), platform.python_version(), platform.python_implementation(),
              platform.platform()))
@@ -20558,81 +20799,294 @@ def run_benchmark(patterns=()) -> int:
     if hasattr(os, "getloadavg"):
         print("Load average before the run: %.2f %.2f %.2f (other work on the host skews the numbers)."
               % os.getloadavg())
+    nginx, no_nginx = find_bench_nginx()
     sys.stdout.flush()
     started = time.perf_counter()
     raise_fd_limit()
     directory = tempfile.mkdtemp(prefix="mailproxy-bench-")
     log_path = os.path.join(directory, "error.log")
-    backend_pid = proc = None
-    rows, problems = [], []
+    backend_pid = None
+    proxies = []
+    pairs, problems = [], []
     status = 0
     try:
         backend_pid, backend_port, auth_port = start_benchmark_backend()
         proc, port = start_benchmark_proxy(directory, auth_port)
-        wait_until_serving(proc, port, log_path)
-        meter = CpuMeter(proc.pid, backend_pid)
-        family = process_family(proc.pid)
-        print("mailproxy: master pid %d, workers %s; backend + auth child pid %d"
-              % (proc.pid, " ".join(str(pid) for pid in family[1:]) or "n/a", backend_pid))
+        proxies.append(BenchProxy("mailproxy", proc, port, CpuMeter(proc.pid, backend_pid),
+                                  [], log_path, signal.SIGTERM))
+        wait_until_serving(proc, port, os.path.join(directory, "output.log"))
+        proxies[0] = proxies[0]._replace(family=process_family(proc.pid))
+        if nginx is not None:
+            prefix = os.path.join(directory, "nginx")
+            try:
+                proc, port = start_benchmark_nginx(directory, nginx, auth_port)
+                proxies.append(BenchProxy("nginx", proc, port, CpuMeter(proc.pid, backend_pid), [],
+                                          os.path.join(prefix, "error.log"), signal.SIGQUIT))
+                wait_until_serving(proc, port, os.path.join(prefix, "output.log"), "nginx")
+                proxies[1] = proxies[1]._replace(family=process_family(proc.pid))
+            except (OSError, BenchmarkFailure) as failure:
+                if len(proxies) > 1:
+                    stop_benchmark_proxy(proxies.pop().proc, signal.SIGQUIT)
+                no_nginx = "%s did not start (%s)" % (nginx.binary, failure)
+                nginx = None
+        for proxy in proxies:
+            print("%s: master pid %d, workers %s" % (proxy.name, proxy.proc.pid, " ".join(
+                str(pid) for pid in proxy.family[1:]) or "n/a"))
+        print("backend + auth child pid %d" % backend_pid)
+        if nginx is not None:
+            print("Compared with nginx %s (%s): each workload runs through mailproxy, then"
+                  % (".".join(map(str, nginx.version)) or "?", nginx.binary))
+            print("through nginx (the login stall through mailproxy alone).  Both have")
+            print("worker_processes %d, worker_connections %d, proxy_buffer %s, and ask the same"
+                  % (BENCH_WORKERS, BENCH_WORKER_CONNECTIONS, BENCH_PROXY_BUFFER))
+            print("auth_http server.  ratio = mailproxy/nginx; above 1: mailproxy has more of it")
+            print("(better for sessions/s and MB/s, worse for CPU, KiB and round trips).")
         print()
         workloads = [
-            ("logins", lambda: measure_logins(port, meter)),
-            ("relay, one session", lambda: measure_relay(port, meter, 1, BENCH_RELAY_TOTAL)),
-            ("relay, parallel", lambda: measure_relay(port, meter, BENCH_RELAY_SESSIONS,
-                                                      BENCH_RELAY_TOTAL_PARALLEL)),
-            ("idle sessions", lambda: measure_idle(port, meter, proc.pid)),
-            ("latency", lambda: measure_latency(port, meter)),
+            ("logins", lambda proxy: measure_logins(proxy.port, proxy.meter)),
+            ("relay, one session",
+             lambda proxy: measure_relay(proxy.port, proxy.meter, 1, BENCH_RELAY_TOTAL)),
+            ("relay, parallel",
+             lambda proxy: measure_relay(proxy.port, proxy.meter, BENCH_RELAY_SESSIONS,
+                                         BENCH_RELAY_TOTAL_PARALLEL)),
+            ("idle sessions", lambda proxy: measure_idle(proxy.port, proxy.meter, proxy.proc.pid)),
+            ("latency", lambda proxy: measure_latency(proxy.port, proxy.meter)),
         ]
-        for scheme in BENCH_STALL_SCHEMES:
+        for scheme in BENCH_STALL_SCHEMES:        # mailproxy alone: its own [users]
             workloads.append(("login stall, " + scheme,
-                              lambda scheme=scheme: measure_login_stall(directory, scheme)))
+                              lambda proxy, scheme=scheme: measure_login_stall(directory, scheme)))
         for name, workload in workloads:
             if patterns and not any(pattern in name for pattern in patterns):
                 continue
-            time.sleep(BENCH_SETTLE)
-            if proc.poll() is not None:
-                problems.append("mailproxy exited with status %s before %s" % (proc.returncode, name))
-                break
-            try:
-                row, found = workload()
-            except (OSError, BenchmarkFailure) as failure:
-                row, found = None, ["%s: %s: %s" % (name, type(failure).__name__, failure)]
-            if row is not None:
+            both = proxies if not name.startswith("login stall") else proxies[:1]
+            rows = []
+            for proxy in both:
+                time.sleep(BENCH_SETTLE)
+                # mailproxy's problems read as before; nginx's say whose they are.
+                mark = "" if proxy.name == "mailproxy" else proxy.name + ", "
+                if proxy.proc.poll() is not None:
+                    problems.append("%s exited with status %s before %s"
+                                    % (proxy.name, proxy.proc.returncode, name))
+                    rows.append(None)
+                    continue
+                try:
+                    row, found = workload(proxy)
+                except (OSError, BenchmarkFailure) as failure:
+                    row, found = None, ["%s: %s: %s" % (name, type(failure).__name__, failure)]
                 rows.append(row)
-            problems += found
-        now_family = process_family(proc.pid)
-        if family and sorted(now_family) != sorted(family):
-            problems.append("mailproxy's processes changed during the run: %s -> %s"
-                            % (family, now_family))
+                problems += [line if line.startswith(" ") else mark + line for line in found]
+            if rows[0] is not None:
+                pairs.append((rows[0], rows[1] if len(rows) > 1 else None))
+        for proxy in proxies:
+            now_family = process_family(proxy.proc.pid)
+            if proxy.family and sorted(now_family) != sorted(proxy.family):
+                problems.append("%s's processes changed during the run: %s -> %s"
+                                % (proxy.name, proxy.family, now_family))
     except BenchmarkFailure as failure:
         problems.append(str(failure))
     except KeyboardInterrupt:
         print("\ninterrupted")
         status = 1
     finally:
-        if proc is not None:
-            stop_benchmark_proxy(proc)
+        for proxy in proxies:
+            stop_benchmark_proxy(proxy.proc, proxy.stop)
         if backend_pid is not None:
             stop_benchmark_backend(backend_pid)
-        try:
-            with open(log_path, errors="replace") as handle:
-                logged = handle.read().splitlines()
-        except OSError:
-            logged = []
-        import shutil
+        logged = []
+        for proxy in proxies:
+            try:
+                with open(proxy.log_path, errors="replace") as handle:
+                    logged.append((proxy.name, handle.read().splitlines()))
+            except OSError:
+                pass
         shutil.rmtree(directory, ignore_errors=True)
-    if rows:
-        print_table(rows)
-    if logged:
+    if nginx is None:
+        if pairs:
+            print_table([ours for ours, _ in pairs])
+    elif pairs:
+        for line in comparison_lines(pairs):
+            print(line)
         print()
-        print("mailproxy's error log (warn and above), %d line(s):" % len(logged))
-        for line in logged[:10]:
-            print("    " + line)
+        print(summary_line(pairs))
+    for name, lines in logged:
+        if lines:
+            print()
+            print("%s's error log (warn and above), %d line(s):" % (name, len(lines)))
+            for line in lines[:10]:
+                print("    " + line)
     for line in problems:
         print(line if line.startswith(" ") else "FAILED: " + line)
+    if nginx is None:
+        print()
+        print(BENCH_NGINX_HINT % no_nginx)
     print()
     print("(%.1f s)" % (time.perf_counter() - started))
     return 1 if problems or status else 0
+
+
+class BenchmarkNginxTests(unittest.TestCase):
+    """The comparison with nginx in --bench, without running nginx or the
+    benchmark: where nginx is looked for, the nginx.conf it gets, the table
+    and the SUMMARY line.  (--heavy adds two short real runs.)"""
+
+    def fake_nginx(self, directory: str, said: str) -> str:
+        """An executable "nginx" in ``directory`` whose -V prints ``said``."""
+        path = os.path.join(directory, "nginx")
+        with open(path, "w") as handle:
+            handle.write("#!/bin/sh\ncat >&2 <<'EOF'\n%s\nEOF\n" % said)
+        os.chmod(path, 0o755)
+        return path
+
+    def test_no_nginx_on_the_path_is_none_with_the_reason(self):
+        with tempfile.TemporaryDirectory() as empty:
+            found, why = find_bench_nginx({"PATH": empty}, default=os.path.join(empty, "nginx"))
+        self.assertIsNone(found)
+        self.assertEqual(why, "no nginx on PATH nor at %s" % os.path.join(empty, "nginx"))
+        self.assertIn("apt install nginx libnginx-mod-mail", BENCH_NGINX_HINT % why)
+        self.assertNotIn("\n", BENCH_NGINX_HINT % why)
+
+    @unittest.skipUnless(os.name == "posix" and os.path.exists("/bin/sh"), "a /bin/sh script")
+    def test_off_skips_even_an_nginx_on_the_path(self):
+        with tempfile.TemporaryDirectory() as directory:
+            self.fake_nginx(directory, "nginx version: nginx/1.22.1\n"
+                            "configure arguments: --with-mail")
+            self.assertIsNotNone(find_bench_nginx({"PATH": directory})[0])
+            self.assertEqual(find_bench_nginx({"PATH": directory, "MAILPROXY_BENCH_NGINX": "off"}),
+                             (None, "MAILPROXY_BENCH_NGINX=off"))
+            found, why = find_bench_nginx({"PATH": directory, "MAILPROXY_BENCH_NGINX":
+                                           os.path.join(directory, "missing")})
+            self.assertIsNone(found)
+            self.assertIn("not an executable file", why)
+
+    @unittest.skipUnless(os.name == "posix" and os.path.exists("/bin/sh"), "a /bin/sh script")
+    def test_the_mail_module_built_in_dynamic_or_missing(self):
+        with tempfile.TemporaryDirectory() as directory:
+            modules = os.path.join(directory, "modules")
+            os.mkdir(modules)
+            head = "nginx version: nginx/1.22.1\nconfigure arguments: --prefix=/usr/share/nginx "
+            environ = {"PATH": "/nonexistent", "MAILPROXY_BENCH_NGINX": os.path.join(directory, "nginx")}
+            binary = self.fake_nginx(directory, head + "--with-mail --with-mail_ssl_module")
+            self.assertEqual(find_bench_nginx(environ), (BenchNginx(binary, None, (1, 22, 1)), ""))
+            self.fake_nginx(directory, head + "--modules-path=%s --with-mail=dynamic "
+                            "--with-mail_ssl_module" % modules)
+            found, why = find_bench_nginx(environ)
+            self.assertIsNone(found)
+            self.assertIn("no %s" % os.path.join(modules, "ngx_mail_module.so"), why)
+            open(os.path.join(modules, "ngx_mail_module.so"), "wb").close()
+            self.assertEqual(find_bench_nginx(environ), (BenchNginx(
+                binary, os.path.join(modules, "ngx_mail_module.so"), (1, 22, 1)), ""))
+            self.fake_nginx(directory, head + "--with-mail_ssl_module --with-stream")
+            found, why = find_bench_nginx(environ)
+            self.assertIsNone(found)
+            self.assertIn("without the mail module", why)
+
+    def test_nginx_conf_has_mailproxys_settings(self):
+        with tempfile.TemporaryDirectory() as directory:
+            with unittest.mock.patch("subprocess.Popen"):
+                start_benchmark_proxy(directory, 4321)
+            with open(os.path.join(directory, "mailproxy.conf")) as handle:
+                ours = handle.read()
+        for line in ("worker_processes = 1", "worker_connections = 10240",
+                     "auth_http = 127.0.0.1:4321/auth", "proxy_buffer = 16k", "protocol = imap"):
+            self.assertIn(line + "\n", ours)
+        conf = nginx_bench_config("/tmp/b/nginx", 1143, 4321, "/m/ngx_mail_module.so",
+                                  "root root", 20544)
+        lines = [line.strip() for line in conf.splitlines()]
+        for line in ("load_module /m/ngx_mail_module.so;", "user root root;", "daemon off;",
+                     "worker_processes 1;", "worker_rlimit_nofile 20544;",
+                     "error_log /tmp/b/nginx/error.log warn;", "pid /tmp/b/nginx/nginx.pid;",
+                     "worker_connections 10240;", "auth_http 127.0.0.1:4321/auth;",
+                     "proxy_buffer 16k;", "listen 127.0.0.1:1143;", "protocol imap;"):
+            self.assertIn(line, lines)
+        self.assertLess(lines.index("load_module /m/ngx_mail_module.so;"), lines.index("mail {"))
+        self.assertLess(lines.index("events {"), lines.index("worker_connections 10240;"))
+        self.assertLess(lines.index("mail {"), lines.index("server {"))
+        self.assertLess(lines.index("server {"), lines.index("listen 127.0.0.1:1143;"))
+        self.assertEqual(conf.count("{"), conf.count("}"))
+        bare = nginx_bench_config("/tmp/b/nginx", 1143, 4321)
+        for word in ("load_module", "user", "worker_rlimit_nofile"):
+            self.assertNotIn("\n" + word + " ", bare)
+
+    def rows(self):
+        logins = ("logins, 32 at once, 5 s", "%s sessions/s", "%s us/session", "CPU: proxy %s%%")
+        mailproxy = [
+            BenchRow(logins[0], logins[1] % 2000, logins[2] % 500, logins[3] % 99,
+                     ("logins", 2000.0), ("login_cpu", 0.0005)),
+            BenchRow("relay, 1 session, 128 MiB", "800 MB/s", "0.50 s/GB", "CPU: proxy 40%",
+                     ("relay1", 800.0), ("relay1_cpu", 0.5)),
+            BenchRow("idle sessions, 1000", "2.8 KiB/session", "RSS 20.0 -> 22.8 MiB", "ok",
+                     ("idle_kib", 2.8), cpu_label="memory"),
+            BenchRow("NOOP round trip, 2000", "p50 25 us, p99 40 us", "n/a (n/a)", "CPU: n/a",
+                     ("rtt_p50", 25.0), ("rtt_cpu", None)),
+            BenchRow("NOOP, 40 wrong SHA512-CRYPT logins", "p50 30 us, worst 2.0 ms", "1.20 s",
+                     "900 NOOPs"),
+        ]
+        nginx = [
+            BenchRow(logins[0], logins[1] % 5000, logins[2] % 100, logins[3] % 60,
+                     ("logins", 5000.0), ("login_cpu", 0.0001)),
+            BenchRow("relay, 1 session, 128 MiB", "1600 MB/s", "0.20 s/GB", "CPU: proxy 30%",
+                     ("relay1", 1600.0), ("relay1_cpu", 0.2)),
+            BenchRow("idle sessions, 1000", "9.6 KiB/session", "RSS 3.0 -> 12.6 MiB", "ok",
+                     ("idle_kib", 9.6), cpu_label="memory"),
+            BenchRow("NOOP round trip, 2000", "p50 18 us, p99 30 us", "20 us/NOOP (0.04 s)",
+                     "CPU: proxy 20%", ("rtt_p50", 18.0), ("rtt_cpu", 0.00002)),
+            None,
+        ]
+        return list(zip(mailproxy, nginx))
+
+    def test_summary_line(self):
+        self.assertEqual(summary_line(self.rows()),
+                         "SUMMARY mailproxy/nginx: logins=0.40 login_cpu=5.0 relay1=0.50 "
+                         "relay1_cpu=2.5 idle_kib=0.29 rtt_p50=1.4 rtt_cpu=n/a")
+        self.assertEqual(summary_line(self.rows()[4:]), "SUMMARY mailproxy/nginx: ")
+        self.assertEqual([ratio_text(*pair) for pair in ((134, 10), (2.44, 1), (0.624, 1),
+                                                         (0.0512, 1), (1, 0), (None, 1), (1, None))],
+                         ["13", "2.4", "0.62", "0.051", "n/a", "n/a", "n/a"])
+
+    def test_comparison_table(self):
+        lines = comparison_lines(self.rows())
+        def cells(line):
+            return re.split(r"\s{2,}", line.strip())
+        self.assertEqual(cells(lines[0]), ["workload", "mailproxy", "nginx", "ratio"])
+        self.assertEqual(cells(lines[1]), ["logins, 32 at once, 5 s", "2000 sessions/s",
+                                           "5000 sessions/s", "0.40"])
+        self.assertEqual(cells(lines[2]), ["proxy CPU", "500 us/session", "100 us/session", "5.0"])
+        self.assertEqual(lines[3], "    CPU mailproxy: proxy 99%; nginx: proxy 60%")
+        memory = [line for line in lines if line.strip().startswith("memory")]
+        self.assertEqual(memory[0].split()[-1], "MiB")               # no ratio for RSS
+        stall = lines.index(next(line for line in lines if "wrong SHA512" in line))
+        self.assertEqual(lines[stall].split()[-1], "-")
+        self.assertEqual(lines[stall + 2], "    mailproxy: 900 NOOPs (nginx has no user table)")
+        self.assertLessEqual(max(len(line) for line in lines), 100)
+
+    def run_benchmark_quietly(self, patterns, environ) -> tuple:
+        output = io.StringIO()
+        with unittest.mock.patch.dict(os.environ, environ), \
+                unittest.mock.patch("sys.stdout", new=output):
+            status = run_benchmark(patterns)
+        return status, output.getvalue()
+
+    def test_heavy_bench_without_nginx_says_how_to_get_it(self):
+        if not heavy():
+            self.skipTest("--heavy: runs the benchmark's NOOP round trips")
+        status, output = self.run_benchmark_quietly(["latency"], {"MAILPROXY_BENCH_NGINX": "off"})
+        self.assertEqual(status, 0, output)
+        self.assertIn("\n  workload  ", output)
+        self.assertIn("\nNo comparison with nginx (MAILPROXY_BENCH_NGINX=off): ", output)
+        self.assertNotIn("SUMMARY", output)
+
+    def test_heavy_bench_through_nginx(self):
+        if not heavy():
+            self.skipTest("--heavy: runs nginx and the benchmark's NOOP round trips")
+        if find_bench_nginx()[0] is None:
+            self.skipTest(find_bench_nginx()[1])
+        status, output = self.run_benchmark_quietly(["latency"], {})
+        self.assertEqual(status, 0, output)
+        summary = re.search(r"^SUMMARY mailproxy/nginx: rtt_p50=[0-9.]+ rtt_cpu=[0-9.]+$",
+                            output, re.M)
+        self.assertIsNotNone(summary, output)
+        master = int(re.search(r"^nginx: master pid (\d+), workers \d+", output, re.M).group(1))
+        self.assertFalse(os.path.exists("/proc/%d" % master), "nginx left running")
 
 
 # ========================================================================== #
