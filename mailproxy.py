@@ -8535,13 +8535,23 @@ class Stream(LoopHandler):
 
 
 def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner,
-                   nodelay: bool = True) -> Stream:
+                   nodelay: bool = True, first: bytes = b"") -> Stream:
     """Start a non-blocking connect(); the owner hears stream_connected or
     stream_error.  Raises OSError if it fails at once (e.g. EMFILE).
     ``nodelay``: TCP_NODELAY, for dialogues of small writes (not for one
-    request and its answer)."""
+    request and its answer).
+
+    ``first``: what to send once connected, tried at once: to a server on
+    this host (an auth server, often) the kernel has done the handshake
+    within connect(), and the bytes go now, without a turn of the loop to
+    hear that the socket is writable (and getsockopt, and a change of
+    interest).  The stream is then connected already: the owner hears no
+    stream_connected.  Elsewhere the send finds the connection not yet up
+    (EAGAIN) and ``first`` waits in the stream's output; a refusal known by
+    then (ECONNREFUSED) raises OSError, as connect() would."""
     # Non-blocking from the start where the system allows (one ioctl less).
     sock = socket.socket(family, socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0))
+    sent = None                        # bytes of ``first`` the kernel took; None: not connected
     try:
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
@@ -8550,10 +8560,24 @@ def connect_stream(loop: EventLoop, family: int, sockaddr: tuple, owner,
         error = sock.connect_ex(sockaddr)
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             raise OSError(error, os.strerror(error))
+        if first:
+            try:
+                sent = sock.send(first)
+            except (BlockingIOError, InterruptedError):
+                pass
     except OSError:
         sock.close()
         raise
-    return Stream(loop, sock, owner, connecting=True)
+    if sent is None:
+        stream = Stream(loop, sock, owner, connecting=True)
+        stream.out += first                # sent by on_writable once connected
+        return stream
+    stream = Stream(loop, sock, owner)
+    stream.sent = sent
+    if sent < len(first):
+        stream.out += first[sent:]
+        stream.update_interest()
+    return stream
 
 
 def peer_text(address) -> str:
@@ -9549,12 +9573,10 @@ class AuthHttpExchange(StreamOwner):
             None, "auth http server %s timed out" % url.text))
         family, sockaddr = url.address
         try:
-            self.stream = connect_stream(loop, family, sockaddr, self, nodelay=False)
+            self.stream = connect_stream(loop, family, sockaddr, self, nodelay=False,
+                                         first=request)
         except OSError as error:
             loop.call_later(0, lambda failure=error: self.stream_error(None, failure))
-
-    def stream_connected(self, stream: Stream) -> None:
-        stream.write(self.request)
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
         try:

@@ -9583,6 +9583,73 @@ class ListenerTests(EventLoopTestCase):
         self.assertIsNone(wildcard.local)
 
 
+class ConnectStreamTests(EventLoopTestCase):
+    """connect_stream's ``first`` bytes (the auth_http request)."""
+
+    def listening(self) -> socket.socket:
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        return server
+
+    def test_first_bytes_go_before_any_turn_of_the_loop(self):
+        """To a server on this host the handshake is done within connect():
+        the request is on the wire before the loop has run once, and the
+        stream is connected (no writability to wait for)."""
+        server = self.listening()
+        owner = StreamOwner()
+        stream = mp.connect_stream(self.loop, socket.AF_INET, server.getsockname(), owner,
+                                   first=b"GET /auth HTTP/1.0\r\n\r\n")
+        self.addCleanup(stream.close)
+        peer = server.accept()[0]
+        self.addCleanup(peer.close)
+        peer.settimeout(5)
+        self.assertEqual(peer.recv(100), b"GET /auth HTTP/1.0\r\n\r\n")
+        self.assertEqual((stream.connecting, stream.out, stream.sent), (False, b"", 22))
+        self.assertEqual(stream.interest, selectors.EVENT_READ)
+        peer.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+        self.drive(lambda: owner.data)
+        self.assertEqual(owner.data, b"HTTP/1.0 200 OK\r\n\r\n")
+
+    def test_a_refused_connection_fails_at_once(self):
+        port = free_port()
+        with self.assertRaises(ConnectionRefusedError):
+            mp.connect_stream(self.loop, socket.AF_INET, ("127.0.0.1", port), StreamOwner(),
+                              first=b"GET / HTTP/1.0\r\n\r\n")
+
+    def test_first_bytes_wait_for_a_connection_not_yet_up(self):
+        """Where the send finds no connection yet (EAGAIN), the bytes wait
+        in the output and go once connect() has finished."""
+        server = self.listening()
+        owner = StreamOwner()
+        real_socket = socket.socket
+
+        class NotYetConnected(real_socket):
+            def send(self, data, *args):
+                if not getattr(self, "connected_once", False):
+                    self.connected_once = True
+                    raise BlockingIOError(errno.EAGAIN, "not yet")
+                return super().send(data, *args)
+        with unittest.mock.patch.object(mp.socket, "socket", NotYetConnected):
+            stream = mp.connect_stream(self.loop, socket.AF_INET, server.getsockname(), owner,
+                                       first=b"GET /auth HTTP/1.0\r\n\r\n")
+        self.addCleanup(stream.close)
+        self.assertEqual((stream.connecting, bytes(stream.out)), (True, b"GET /auth HTTP/1.0\r\n\r\n"))
+        peer = server.accept()[0]
+        self.addCleanup(peer.close)
+        peer.setblocking(False)
+        received = bytearray()
+
+        def read() -> None:
+            try:
+                received.extend(peer.recv(100))
+            except BlockingIOError:
+                pass
+        self.drive(lambda: received == b"GET /auth HTTP/1.0\r\n\r\n", step=read)
+        self.assertEqual((stream.connecting, stream.out, stream.sent), (False, b"", 22))
+
+
 class StreamTests(EventLoopTestCase):
     def stream(self, sndbuf: int = 0):
         proxy_end, peer = self.socket_pair(sndbuf)
