@@ -8884,9 +8884,11 @@ def update_buffer(sock: socket.socket, name: str, option: int, before: Optional[
 def specific_address(sock: socket.socket) -> Optional[Tuple[str, int]]:
     """A TCP listening socket's (address, port), which is every accepted
     socket's own address (getsockname) unless it is the wildcard (0.0.0.0
-    or ::): then each client's must be asked for (local_address)."""
+    or ::, or ::ffff:0.0.0.0 with ipv6only=off): then each client's must
+    be asked for (local_address)."""
     address = sock.getsockname()
-    if ipaddress.ip_address(address[0].split("%")[0]).is_unspecified:
+    ip = ipaddress.ip_address(address[0].split("%")[0])
+    if ip.is_unspecified or getattr(ip, "ipv4_mapped", None) == ipaddress.IPv4Address(0):
         return None
     return address[0], address[1]
 

@@ -7435,6 +7435,22 @@ class ProxyProtocolEndToEndOutTests(EndToEndTestCase):
         self.assertEqual(backend.headers,
                          [b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (client_port, proxy.port)])
 
+    @unittest.skipUnless(socket.has_ipv6, "needs IPv6")
+    def test_v1_header_from_an_ipv4_mapped_wildcard_listen(self):
+        """[::ffff:0.0.0.0] ipv6only=off is a wildcard too: the destination
+        is the address the client connected to, never ::ffff:0:0."""
+        backend = self.use(FakeImapBackend(proxy_header=True))
+        auth = self.auth_server(auth_ok(backend.port))
+        text = proxy_config("imap", auth_port=auth.port, proxy_protocol="on")
+        text = re.sub(r"listen = 127\.0\.0\.1:(\d+)", r"listen = [::ffff:0.0.0.0]:\1 ipv6only=off",
+                      text)
+        proxy = self.use(ProxyUnderTest(text))
+        client = self.connect(proxy)
+        client_port = client.sock.getsockname()[1]
+        self.imap_login(client)
+        self.assertEqual(backend.headers, [b"PROXY TCP6 ::ffff:7f00:1 ::ffff:7f00:1 %d %d\r\n"
+                                           % (client_port, proxy.port)])
+
     def test_v2_header(self):
         backend = self.use(FakeImapBackend(proxy_header=True))
         auth = self.auth_server(auth_ok(backend.port))
@@ -9581,6 +9597,19 @@ class ListenerTests(EventLoopTestCase):
         self.assertEqual(listener.local, ("127.0.0.1", port))
         wildcard, port, accepted = self.listener("0.0.0.0")
         self.assertIsNone(wildcard.local)
+
+    @unittest.skipUnless(socket.has_ipv6, "needs IPv6")
+    def test_the_ipv4_mapped_wildcard_is_a_wildcard(self):
+        """[::ffff:0.0.0.0] with ipv6only=off takes every IPv4 address: each
+        client's own address is its socket's (::ffff:127.0.0.1), not that one."""
+        sock = socket.socket(socket.AF_INET6)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind(("::ffff:0.0.0.0", 0))
+        except OSError as error:
+            self.skipTest("no IPv4-mapped wildcard here: %s" % error)
+        self.assertIsNone(mp.specific_address(sock))
 
 
 class ConnectStreamTests(EventLoopTestCase):
