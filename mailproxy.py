@@ -5854,11 +5854,16 @@ def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool 
     (extension): STARTTLS first, with a tag of our own.
 
     Extension: when the greeting's capabilities (in the clear, before any
-    STARTTLS: TLS forgets them) list LITERAL+, or LITERAL- and both fit
-    its 4096 bytes, the literals are non-synchronizing (RFC 7888 §3):
-    ``{5+}``, and the whole command goes in one write, without waiting for
-    two "+" continuations: two round trips to the backend fewer per login.
-    Same bytes of login and password, in the same literals."""
+    STARTTLS: TLS forgets them) list LITERAL+ or LITERAL- (RFC 7888 §3),
+    and both literals are of LITERAL_MINUS_MAX bytes at most, the literals
+    are non-synchronizing, ``{5+}``, and the whole command goes in one
+    write, without waiting for two "+" continuations: two round trips to
+    the backend fewer per login.  Same bytes of login and password, in
+    the same literals.  The limit holds for LITERAL+ too: a server may
+    refuse a longer literal (Dovecot's "Literal size too large"), which a
+    synchronizing one lets it do before the bytes are sent.  Never when
+    the greeting lists LOGINDISABLED (RFC 3501 §6.2.3): such a server
+    refuses LOGIN before its "+", and so never receives the password."""
     secure = [Send(BACKEND_STARTTLS_TAG + b"STARTTLS\r\n", "STARTTLS"),
               Expect("imap-tagged", tag=BACKEND_STARTTLS_TAG), TlsStep()] if starttls else []
     synchronizing = (
@@ -5869,12 +5874,12 @@ def imap_login_script(tag: bytes, login: bytes, password: bytes, starttls: bool 
         Send(password + b"\r\n", "LOGIN password literal"))
     at_once = (Send(tag + b"LOGIN {%d+}\r\n" % len(login) + login +
                     b" {%d+}\r\n" % len(password) + password + b"\r\n", "LOGIN"),)
+    login_step = synchronizing
     if max(len(login), len(password)) <= LITERAL_MINUS_MAX:
-        without_plus = (When(b"LITERAL-", at_once, otherwise=synchronizing),)
-    else:
-        without_plus = synchronizing
-    return [Expect("imap-greeting", learn=True)] + secure + [
-        When(b"LITERAL+", at_once, otherwise=without_plus),
+        login_step = (When(b"LOGINDISABLED", synchronizing, otherwise=(
+            When(b"LITERAL+", at_once, otherwise=(
+                When(b"LITERAL-", at_once, otherwise=synchronizing),)),)),)
+    return [Expect("imap-greeting", learn=True)] + secure + list(login_step) + [
         Expect("imap-tagged", relay=True, verdict=True),
     ]
 
@@ -10576,12 +10581,6 @@ class BackendAuth:
             done(outcome)
 
     # -- what the BackendConnection says ---------------------------------------------
-    def local_address(self) -> Tuple[str, int]:
-        """The address the client connected to (the PROXY header's and
-        XCLIENT's destination): the listener's, or asked of the socket
-        when the listener is on a wildcard address."""
-        return self.local or local_address(self.client.sock)
-
     def backend_chosen(self, upstream: Upstream) -> None:
         """A pool's server is tried: the log names it."""
         self.upstream = upstream

@@ -6328,8 +6328,9 @@ class BackendLoginTests(unittest.TestCase):
         at_once = (mp.Send(b"a1 LOGIN {5+}\r\nalice {7+}\r\nse cret\r\n", "LOGIN"),)
         self.assertEqual(mp.imap_login_script(b"a1 ", b"alice", b"se cret"), [
             mp.Expect("imap-greeting", learn=True),
-            mp.When(b"LITERAL+", at_once, otherwise=(
-                mp.When(b"LITERAL-", at_once, otherwise=synchronizing),)),
+            mp.When(b"LOGINDISABLED", synchronizing, otherwise=(
+                mp.When(b"LITERAL+", at_once, otherwise=(
+                    mp.When(b"LITERAL-", at_once, otherwise=synchronizing),)),)),
             mp.Expect("imap-tagged", relay=True, verdict=True)])
 
     def test_imap_login_in_one_write_when_the_greeting_lists_literal_plus(self):
@@ -6341,8 +6342,14 @@ class BackendLoginTests(unittest.TestCase):
             (b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", b"secret", True),
             (b"* OK [CAPABILITY IMAP4rev1 literal+ IDLE] hi\r\n", b"secret", True),
             (b"* OK [CAPABILITY IMAP4rev1 LITERAL-] hi\r\n", b"secret", True),
-            (b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", long, True),
+            (b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", b"p" * 4096, True),
+            # A server may refuse a long literal: a synchronizing one lets it
+            # say so before the bytes are sent, LITERAL+ or not.
+            (b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", long, False),
             (b"* OK [CAPABILITY IMAP4rev1 LITERAL-] hi\r\n", long, False),
+            # LOGINDISABLED (RFC 3501 6.2.3): refused before the "+", the
+            # password is never sent.
+            (b"* OK [CAPABILITY IMAP4rev1 LITERAL+ LOGINDISABLED] hi\r\n", b"secret", False),
             (b"* OK [CAPABILITY IMAP4rev1 IDLE] hi\r\n", b"secret", False),
             (b"* OK LITERAL+ ready\r\n", b"secret", False),       # not a capability list
             (b"* OK ready\r\n", b"secret", False),
@@ -6357,6 +6364,18 @@ class BackendLoginTests(unittest.TestCase):
                 self.assertEqual(sent, b"a1 LOGIN {5" + literal + b"\r\nalice {%d" % len(password) +
                                  literal + b"\r\n" + password + b"\r\n")
                 self.assertEqual(events, [mp.LoginDone(b"a1 OK done\r\n")])
+
+    def test_a_logindisabled_backend_never_receives_the_password(self):
+        script = mp.imap_login_script(b"a1 ", b"alice", b"secret")
+        with self.assertRaises(mp.BackendError):
+            run_script(script, [b"* OK [CAPABILITY IMAP4rev1 LITERAL+ LOGINDISABLED] hi\r\n",
+                                b"a1 NO [PRIVACYREQUIRED] LOGIN disabled\r\n"], tag=b"a1 ")
+        login = mp.BackendLogin(script, b"a1 ")
+        login.receive_data(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ LOGINDISABLED] hi\r\n")
+        self.assertEqual(login.data_to_send(), b"a1 LOGIN {5}\r\n")
+        with self.assertRaises(mp.BackendError):
+            login.receive_data(b"a1 NO [PRIVACYREQUIRED] LOGIN disabled\r\n")
+        self.assertEqual(login.data_to_send(), b"")
 
     def test_a_continuation_to_a_login_sent_at_once_is_an_error(self):
         """After a LOGIN with non-synchronizing literals nothing but its
