@@ -4764,7 +4764,9 @@ def authorize_recipient(relay_domains: List[str], routes: Dict[str, Route],
 # -- auth_http, byte-compatible with nginx's ngx_mail_auth_http_module ---------
 
 AUTH_HTTP_RESPONSE_MAX = 1024      # nginx reads the response into 1024 bytes
-AUTH_HTTP_HEADER_NAME = re.compile(rb"[A-Za-z0-9-]+")
+# A response header line without its LF: a name of letters, digits and "-",
+# a colon, the value; a CR only at the end (the line ended in CRLF).
+AUTH_HTTP_HEADER_LINE = re.compile(rb"([A-Za-z0-9-]+):([^\r]*)\r?")
 DIGITS = re.compile(rb"\d{1,9}")
 
 
@@ -4921,11 +4923,10 @@ class AuthHttpParser:
             lines = lines[1:]
         headers = {}
         for line in lines:
-            line = line[:-1] if line.endswith(b"\r") else line
-            name, colon, value = line.partition(b":")
-            if not colon or not AUTH_HTTP_HEADER_NAME.fullmatch(name) or b"\r" in line:
+            header = AUTH_HTTP_HEADER_LINE.fullmatch(line)
+            if header is None:
                 raise AuthHttpError("auth http server %s sent invalid header in response")
-            headers[name.lower().decode()] = value.strip(b" ")
+            headers[header.group(1).lower().decode()] = header.group(2).strip(b" ")
         return AuthHttpResponse(headers, text[:index + size])
 
 
