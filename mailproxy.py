@@ -8370,9 +8370,8 @@ class Stream(LoopHandler):
         if self.closed:
             return
         events = 0
-        if self.connecting:
-            pass
-        elif self.read_budget > 0 or self.interest & selectors.EVENT_READ:
+        reading = self.read_budget > 0 or self.interest & selectors.EVENT_READ
+        if reading and not self.connecting:
             events |= selectors.EVENT_READ
         if self.out or self.connecting:
             events |= selectors.EVENT_WRITE
