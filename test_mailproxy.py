@@ -9903,6 +9903,14 @@ SPLICE_HERE = mp.RELAY_SPLICE          # os.splice in this Python, on this syste
 EOF_SENT = 256 * 1024                  # sent, then EOF, into kernel buffers of a megabyte
 
 
+def segments_out(sock: socket.socket) -> int:
+    """TCP segments ``sock`` has sent: tcpi_segs_out of Linux's struct
+    tcp_info (linux/tcp.h, since 4.2), after 8 bytes of flags, 24 u32 and
+    4 u64 fields."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 136)[0]
+
+
 def tcp_pair(test, buffer: int = 0):
     """(the proxy's end, the peer's end) of a loopback TCP connection (the
     splice relay is for TCP), non-blocking; ``buffer``: both ends' kernel
@@ -9998,6 +10006,30 @@ class SpliceRelayTests(EventLoopTestCase):
         self.assertLessEqual(upload, self.LIMIT, "more than proxy_buffer in flight to the backend")
         self.assertLessEqual(download, self.LIMIT, "more than proxy_buffer in flight to the client")
         self.assertEqual((upload, download), (relay.upload.pending(), relay.download.pending()))
+
+    def test_a_burst_of_full_reads_leaves_in_full_segments(self):
+        """Corking (see Flow): with TCP_NODELAY on both sockets, as a
+        session has them, 256 KiB relayed through a 4k proxy_buffer leave
+        the proxy in segments far larger than 4k (one per 4k chunk without
+        it), and nothing stays corked afterwards."""
+        if mp.TCP_CORK is None or not hasattr(socket, "TCP_INFO"):
+            self.skipTest("TCP_CORK and TCP_INFO are Linux's")
+        relay, session, client, backend = self.relay(limit=4096, buffer=0)
+        for stream in (relay.client, relay.backend):
+            stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        before = segments_out(relay.backend.sock)
+        up = PeerSender(client, message_bytes(256 * 1024))
+        at_backend = PeerReader(backend)
+
+        def peers() -> None:
+            up()
+            at_backend()
+        self.drive(lambda: len(at_backend.received) == len(up.data), step=peers)
+        self.assertEqual(sha256_hex(at_backend.received), sha256_hex(up.data))
+        segments = segments_out(relay.backend.sock) - before
+        self.assertLess(segments, len(up.data) // 4096 // 2,
+                        "%d segments for %d chunks of 4k" % (segments, len(up.data) // 4096))
+        self.assertEqual(relay.backend.sock.getsockopt(socket.IPPROTO_TCP, mp.TCP_CORK), 0)
 
     def test_megabytes_both_ways_at_once_arrive_unchanged_and_counted(self):
         relay, session, client, backend = self.relay(buffer=0)
