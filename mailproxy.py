@@ -8327,6 +8327,9 @@ class StreamOwner:
     def stream_tls_ready(self, stream: "Stream") -> None:
         """The TLS handshake is done."""
 
+    def stream_read_done(self, stream: "Stream") -> None:
+        """A readiness event's reads are over (what they read was told)."""
+
 
 class LoopHandler:
     """What the event loop calls on an object registered with it: override
@@ -8439,19 +8442,22 @@ class Stream(LoopHandler):
             self.interest = self.loop.set_interest(self.sock, self.interest & ~selectors.EVENT_READ,
                                                    self, self.interest)
             return
-        for _ in range(READS_PER_EVENT):
-            budget = self.read_budget
-            try:
-                data = self.sock.recv(budget)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                self._fail(error)
-                return
-            self.received += len(data)
-            self.feed(data)
-            if len(data) < budget or self.closed or not self.read_budget:
-                return
+        try:
+            for _ in range(READS_PER_EVENT):
+                budget = self.read_budget
+                try:
+                    data = self.sock.recv(budget)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as error:
+                    self._fail(error)
+                    return
+                self.received += len(data)
+                self.feed(data)
+                if len(data) < budget or self.closed or not self.read_budget:
+                    return
+        finally:
+            self.owner.stream_read_done(self)
 
     def feed(self, data: bytes) -> None:
         """Handle ``data`` as if just read (bytes read ahead of a layer change,
@@ -8950,9 +8956,11 @@ def configure_accepted(sock: socket.socket, listener: Listener) -> None:
 class Relay(StreamOwner):
     """Both directions of one proxied session (the hot path: a few lines
     per chunk).  A side is read only as far as the other side's output
-    buffer has room, so each direction holds at most proxy_buffer."""
+    buffer has room, so each direction holds at most proxy_buffer.  A full
+    read corks the other side until the reads of that event are over
+    (``corked``; see Flow, corking)."""
     __slots__ = ("session", "client", "backend", "limit", "eof_from", "timer", "idle_timeout",
-                 "moved", "last_change")
+                 "moved", "last_change", "corked")
 
     def __init__(self, session, client: Stream, backend: Stream, limit: int, idle_timeout: float):
         self.session = session
@@ -8963,6 +8971,7 @@ class Relay(StreamOwner):
         self.idle_timeout = idle_timeout
         self.moved = -1                    # bytes relayed when last looked at
         self.last_change = client.loop.time()
+        self.corked = []                   # the streams corked in this readiness event
         self.timer = client.loop.call_later(self._check_interval(), self._check_idle)
         client.owner = self
         backend.owner = self
@@ -8979,9 +8988,18 @@ class Relay(StreamOwner):
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
         peer = self.backend if stream is self.client else self.client
+        full = 0 < stream.read_budget <= len(data)
+        if full and peer not in self.corked and can_cork(peer):
+            self.corked.append(peer)
+            set_cork(peer, True)
         peer.write(data)
         if peer.out:                       # the kernel took less: hold the source back
             self._allow(stream)
+
+    def stream_read_done(self, stream: Stream) -> None:
+        """The burst is over: what the corked sides hold goes now."""
+        while self.corked:
+            set_cork(self.corked.pop(), False)
 
     def stream_drained(self, stream: Stream) -> None:
         """``stream`` has written out all it held: its source may go on."""
@@ -9236,17 +9254,10 @@ class Flow:
 
     def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
         self.relay, self.source, self.target, self.limit = relay, source, target, limit
-        self.corks = TCP_CORK is not None and target.sock.family in (socket.AF_INET,
-                                                                       socket.AF_INET6)
+        self.corks = can_cork(target)
 
     def cork(self, on: bool) -> None:
-        """TCP_CORK on the target, or off (which sends what it held)."""
-        if self.target.closed:
-            return
-        try:
-            self.target.sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, on)
-        except OSError:
-            pass
+        set_cork(self.target, on)
 
     def send_out(self) -> bool:
         """Write what the target's ``out`` holds, as far as its kernel takes
@@ -9545,6 +9556,21 @@ class DirectRelay(Relay):
     @property
     def buffered(self) -> int:
         return self.upload.pending() + self.download.pending()
+
+
+def can_cork(stream: Stream) -> bool:
+    """Whether ``stream`` can be corked: TCP, on a system with TCP_CORK."""
+    return TCP_CORK is not None and stream.sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def set_cork(stream: Stream, on: bool) -> None:
+    """TCP_CORK on ``stream``, or off (which sends what it held at once)."""
+    if stream.closed:
+        return
+    try:
+        stream.sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, on)
+    except OSError:
+        pass
 
 
 def splice_pipe(size: int) -> Tuple[int, int]:

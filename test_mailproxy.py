@@ -9532,7 +9532,7 @@ class BindAllTests(unittest.TestCase):
             self.assertEqual(caught.exception.errno, failing)
 
 
-class StreamOwner:
+class StreamOwner(mp.StreamOwner):
     """A Stream's owner that keeps what it is told: the data in ``chunks``,
     EOF, errors, how often the stream drained."""
 
@@ -9862,6 +9862,36 @@ class RelayTests(EventLoopTestCase):
         self.assertTrue(source_stream.read_budget > 0 and source_stream.interest & selectors.EVENT_READ,
                         "the source is not read again")
         self.assertIsNone(session.outcome)
+
+    def test_a_burst_of_full_reads_leaves_in_full_segments(self):
+        """Corking, as the direct relay's (SpliceRelayTests): the relay
+        through the streams (TLS on either side) corks the other side
+        while the reads of one event come full, then uncorks it."""
+        if mp.TCP_CORK is None or not hasattr(socket, "TCP_INFO"):
+            self.skipTest("TCP_CORK and TCP_INFO are Linux's")
+        client_end, client = tcp_pair(self)
+        backend_end, backend = tcp_pair(self)
+        for sock in (client_end, backend_end):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = RelaySession()
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        relay = mp.Relay(session, session.streams[0], session.streams[1], 4096, 3600.0)
+        self.addCleanup(session.close, "test over")
+        before = segments_out(backend_end)
+        up = PeerSender(client, message_bytes(256 * 1024))
+        at_backend = PeerReader(backend)
+
+        def peers() -> None:
+            up()
+            at_backend()
+        self.drive(lambda: len(at_backend.received) == len(up.data), step=peers)
+        self.assertEqual(sha256_hex(at_backend.received), sha256_hex(up.data))
+        segments = segments_out(backend_end) - before
+        self.assertLess(segments, len(up.data) // 4096 // 2,
+                        "%d segments for %d chunks of 4k" % (segments, len(up.data) // 4096))
+        self.assertEqual(backend_end.getsockopt(socket.IPPROTO_TCP, mp.TCP_CORK), 0)
+        self.assertEqual(relay.corked, [])
 
     def test_backpressure_from_a_client_that_does_not_read(self):
         relay, session, client, backend = self.relay()
