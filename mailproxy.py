@@ -7118,6 +7118,23 @@ class TlsLayer:
                 self.state = TlsState.CLOSED
                 raise TlsError(describe_tls_error(error))
 
+    def encrypt(self, plaintext) -> bytes:
+        """send(plaintext), then data_to_send(), in one step: the relay's
+        (TlsFlow), once the handshake is over.  ``plaintext``: bytes or a
+        memoryview.  A closed layer sends nothing, as send()."""
+        if self.state != TlsState.OPEN or self._raw:
+            self.send(bytes(plaintext))
+            return self.data_to_send()
+        try:
+            written = self.object.write(plaintext)
+            while written < len(plaintext):        # (to a memory BIO, SSL_write writes all)
+                plaintext = memoryview(plaintext)[written:]
+                written = self.object.write(plaintext)
+        except ssl.SSLError as error:
+            self.state = TlsState.CLOSED
+            raise TlsError(describe_tls_error(error))
+        return self._outgoing.read()
+
     def receive_data(self, ciphertext: bytes) -> bytes:
         if self.state == TlsState.CLOSED:
             return b""
@@ -8327,9 +8344,6 @@ class StreamOwner:
     def stream_tls_ready(self, stream: "Stream") -> None:
         """The TLS handshake is done."""
 
-    def stream_read_done(self, stream: "Stream") -> None:
-        """A readiness event's reads are over (what they read was told)."""
-
 
 class LoopHandler:
     """What the event loop calls on an object registered with it: override
@@ -8442,22 +8456,19 @@ class Stream(LoopHandler):
             self.interest = self.loop.set_interest(self.sock, self.interest & ~selectors.EVENT_READ,
                                                    self, self.interest)
             return
-        try:
-            for _ in range(READS_PER_EVENT):
-                budget = self.read_budget
-                try:
-                    data = self.sock.recv(budget)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as error:
-                    self._fail(error)
-                    return
-                self.received += len(data)
-                self.feed(data)
-                if len(data) < budget or self.closed or not self.read_budget:
-                    return
-        finally:
-            self.owner.stream_read_done(self)
+        for _ in range(READS_PER_EVENT):
+            budget = self.read_budget
+            try:
+                data = self.sock.recv(budget)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                self._fail(error)
+                return
+            self.received += len(data)
+            self.feed(data)
+            if len(data) < budget or self.closed or not self.read_budget:
+                return
 
     def feed(self, data: bytes) -> None:
         """Handle ``data`` as if just read (bytes read ahead of a layer change,
@@ -8937,7 +8948,7 @@ def configure_accepted(sock: socket.socket, listener: Listener) -> None:
 # session ends when either side has closed and what it sent is written out,
 # or after proxy_timeout without traffic.
 #
-# start_relay picks one of three ways to move the bytes, once:
+# start_relay picks one of four ways to move the bytes, once:
 #  - SpliceFlow (DirectRelay): TCP on both sides without TLS, on Linux with
 #    Python >= 3.10.  os.splice moves the bytes socket -> pipe -> socket in
 #    the kernel; Python only hears of readiness and counts.  The pipe, sized
@@ -8946,21 +8957,24 @@ def configure_accepted(sock: socket.socket, listener: Listener) -> None:
 #  - BufferedFlow (DirectRelay): plain sockets elsewhere.  recv_into the
 #    loop's scratch buffer and send on from it at once; only what the
 #    target's kernel refuses is copied, into the target stream's ``out``.
-#  - Relay through the Streams: TLS on either side (the layer must see the
-#    bytes), and the SMTP recipient check (CheckedRelay reads them).
+#  - TlsFlow (DirectRelay): TLS on either side or both (the layer must see
+#    the bytes).  recv, decrypt or encrypt (TlsLayer), send on at once; what
+#    the target's kernel refuses waits in the target stream's ``out``.
+#  - CheckedRelay, through the Streams: the SMTP recipient check reads the
+#    client's commands (smtp_auth none).
 # A DirectRelay reads a side only while nothing read from it waits to be
 # written, one read of at most proxy_buffer: so each direction holds at
-# most proxy_buffer.  All three count bytes in the Streams (``received``,
-# ``sent``), which the idle check and the access line read.
+# most proxy_buffer (with TLS, and the record that read completes).  All
+# count bytes in the Streams (``received``, ``sent``: on the wire, so
+# ciphertext with TLS), which the idle check and the access line read.
 
 class Relay(StreamOwner):
     """Both directions of one proxied session (the hot path: a few lines
     per chunk).  A side is read only as far as the other side's output
-    buffer has room, so each direction holds at most proxy_buffer.  A full
-    read corks the other side until the reads of that event are over
-    (``corked``; see Flow, corking)."""
+    buffer has room, so each direction holds at most proxy_buffer.  The
+    base of DirectRelay (which does the I/O itself) and CheckedRelay."""
     __slots__ = ("session", "client", "backend", "limit", "eof_from", "timer", "idle_timeout",
-                 "moved", "last_change", "corked")
+                 "moved", "last_change")
 
     def __init__(self, session, client: Stream, backend: Stream, limit: int, idle_timeout: float):
         self.session = session
@@ -8971,7 +8985,6 @@ class Relay(StreamOwner):
         self.idle_timeout = idle_timeout
         self.moved = -1                    # bytes relayed when last looked at
         self.last_change = client.loop.time()
-        self.corked = []                   # the streams corked in this readiness event
         self.timer = client.loop.call_later(self._check_interval(), self._check_idle)
         client.owner = self
         backend.owner = self
@@ -8988,18 +9001,9 @@ class Relay(StreamOwner):
 
     def stream_data(self, stream: Stream, data: bytes) -> None:
         peer = self.backend if stream is self.client else self.client
-        full = 0 < stream.read_budget <= len(data)
-        if full and peer not in self.corked and can_cork(peer):
-            self.corked.append(peer)
-            set_cork(peer, True)
         peer.write(data)
         if peer.out:                       # the kernel took less: hold the source back
             self._allow(stream)
-
-    def stream_read_done(self, stream: Stream) -> None:
-        """The burst is over: what the corked sides hold goes now."""
-        while self.corked:
-            set_cork(self.corked.pop(), False)
 
     def stream_drained(self, stream: Stream) -> None:
         """``stream`` has written out all it held: its source may go on."""
@@ -9250,8 +9254,7 @@ class Flow:
     into full segments, and a short exchange (a read that does not fill the
     limit) is never corked, nor held back.  8 streams at 4k: 0.66 of
     nginx's throughput before, 0.9 to 1.0 after, and CPU per GB 1.56x ->
-    1.1 to 1.2x.  The relay through the streams (TLS) does the same
-    (Relay.stream_data, stream_read_done)."""
+    1.1 to 1.2x.  TlsFlow corks the same way."""
     __slots__ = ("relay", "source", "target", "limit", "corks")
 
     def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
@@ -9260,6 +9263,24 @@ class Flow:
 
     def cork(self, on: bool) -> None:
         set_cork(self.target, on)
+
+    def send_on(self, data) -> int:
+        """Send ``data`` (bytes or a memoryview) to the target at once; what
+        its kernel refuses is copied into the target's ``out`` (the one
+        copy), to go when it is writable again.  The bytes left waiting, or
+        -1 after an error (the relay has been told)."""
+        target = self.target
+        try:
+            sent = target.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.relay.stream_error(target, error)
+            return -1
+        target.sent += sent
+        if sent < len(data):
+            target.out += memoryview(data)[sent:]
+        return len(data) - sent
 
     def send_out(self) -> bool:
         """Write what the target's ``out`` holds, as far as its kernel takes
@@ -9300,8 +9321,8 @@ class BufferedFlow(Flow):
     def pump(self) -> None:
         if self.target.out:
             return
-        source, target, limit = self.source, self.target, self.limit
-        scratch, receive, send = source.loop.scratch, source.sock.recv_into, target.sock.send
+        source, limit = self.source, self.limit
+        scratch, receive = source.loop.scratch, source.sock.recv_into
         corked = False                             # see Flow: a burst of full reads
         try:
             for _ in range(READS_PER_EVENT):
@@ -9317,16 +9338,7 @@ class BufferedFlow(Flow):
                 if count == limit and self.corks and not corked:
                     corked = True
                     self.cork(True)
-                data = scratch[:count]
-                try:
-                    sent = send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as error:
-                    return self.relay.stream_error(target, error)
-                target.sent += sent
-                if sent < count:
-                    target.out += data[sent:]      # the one copy: what the kernel refused
+                if self.send_on(scratch[:count]):  # an error, or the rest when writable
                     return
                 if count < limit:                  # the socket had no more
                     return
@@ -9483,19 +9495,119 @@ class SpliceFlow(BufferedFlow):
             self.pipe, self.held = None, 0
 
 
+class TlsFlow(Flow):
+    """Through TLS on the source, the target or both: read ciphertext or
+    plaintext, decrypt or encrypt with the stream's TlsLayer, send on at
+    once; what the target's kernel refuses waits in ``target.out``, and the
+    source is not read again until that has been written out.  One read is
+    at most proxy_buffer, as nginx's SSL_read into its buffer; the records
+    it completes may hold up to one record (16 KiB) more.  Reading the
+    source's TLS can make its layer answer (an alert, the reply to a TLS
+    1.3 KeyUpdate): that goes to the source, behind what waits for it."""
+    __slots__ = ()
+
+    def pending(self) -> int:
+        return len(self.target.out)
+
+    def flush(self) -> bool:
+        return self.send_out()
+
+    def pump(self) -> None:
+        if self.target.out:
+            return
+        source, target, limit = self.source, self.target, self.limit
+        receive = source.sock.recv
+        source_tls, target_tls = source.tls, target.tls
+        corked = False                             # see Flow: a burst of full reads
+        try:
+            for _ in range(READS_PER_EVENT):
+                try:
+                    data = receive(limit)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as error:
+                    return self.relay.stream_error(source, error)
+                source.received += len(data)
+                full = len(data) == limit
+                ended = not data
+                if source_tls is not None:
+                    data = self.decrypt(data)
+                    if data is None:               # a TLS error: the relay has been told
+                        return
+                    ended = source_tls.state == TlsState.CLOSED
+                if data:
+                    if full and self.corks and not corked:
+                        corked = True
+                        self.cork(True)
+                    if target_tls is not None:
+                        try:
+                            data = target_tls.encrypt(data)
+                        except TlsError as error:
+                            return self.relay.stream_error(target, error)
+                    left = self.send_on(data)
+                    if left:                       # an error, or the rest when writable
+                        if left > 0 and ended:
+                            self.relay.stream_eof(source)   # the end once that is written
+                        return
+                if ended:                          # EOF, close_notify
+                    return self.relay.stream_eof(source)
+                if not full:                       # likely all the socket had
+                    return
+        finally:
+            if corked:
+                self.cork(False)
+
+    def decrypt(self, ciphertext: bytes) -> Optional[bytes]:
+        """The plaintext ``ciphertext`` completes (b"" at the end: the
+        layer is CLOSED then), or None after a TLS error, which the relay
+        has been told of.  What the layer answers goes to the source."""
+        layer = self.source.tls
+        try:
+            plaintext = layer.receive_data(ciphertext)
+        except TlsError as error:
+            self.answer(layer.data_to_send())      # the alert, if any
+            self.relay.stream_error(self.source, error)
+            return None
+        self.answer(layer.data_to_send())
+        return plaintext
+
+    def answer(self, data: bytes) -> None:
+        """Send ``data`` to the source, behind what waits for it (the other
+        flow's ``target.out``); what its kernel refuses waits there too."""
+        if not data:
+            return
+        source = self.source
+        if not source.out:
+            try:
+                sent = source.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0                           # the other flow hears of it
+            source.sent += sent
+            data = data[sent:]
+        if data:
+            source.out += data
+            self.relay._watch()
+
+
 class DirectRelay(Relay):
-    """The relay between two plain sockets, doing their I/O itself (it is
-    both streams' driver): ``upload`` moves the client's bytes to the
-    backend, ``download`` the backend's to the client, two SpliceFlows
-    with ``splice``, else two BufferedFlows.  A side is read while nothing
-    read from it waits and no side has closed; it is watched for writing
-    while the flow into it has something waiting.  The ends (EOF, errors,
-    proxy_timeout) are Relay's, with the pipes' bytes counted in."""
+    """The relay between two sockets, doing their I/O itself (it is both
+    streams' driver): ``upload`` moves the client's bytes to the backend,
+    ``download`` the backend's to the client: two TlsFlows when either side
+    has TLS, else two SpliceFlows with ``splice``, else two BufferedFlows.
+    A side is read while nothing read from it waits and no side has closed;
+    it is watched for writing while the flow into it has something waiting.
+    The ends (EOF, errors, proxy_timeout) are Relay's, with the pipes'
+    bytes counted in."""
     __slots__ = ("upload", "download")
 
     def __init__(self, session, client: Stream, backend: Stream, limit: int,
                  idle_timeout: float, splice: bool = False):
-        flow = SpliceFlow if splice else BufferedFlow
+        if client.tls is not None or backend.tls is not None:
+            flow = TlsFlow
+        else:
+            flow = SpliceFlow if splice else BufferedFlow
         self.upload = flow(self, client, backend, limit)
         self.download = flow(self, backend, client, limit)
         client.driver = backend.driver = self
@@ -9591,9 +9703,11 @@ def splice_pipe(size: int) -> Tuple[int, int]:
 
 def can_splice(client: Stream, backend: Stream) -> bool:
     """Whether a session's relay splices: os.splice here (RELAY_SPLICE),
-    and TCP on both sides (a unix socket is relayed through buffers)."""
+    and TCP on both sides (a unix socket is relayed through buffers),
+    without TLS (the layer must see the bytes)."""
     tcp = (socket.AF_INET, socket.AF_INET6)
-    return RELAY_SPLICE and client.sock.family in tcp and backend.sock.family in tcp
+    return (RELAY_SPLICE and client.sock.family in tcp and backend.sock.family in tcp
+            and client.tls is None and backend.tls is None)
 
 
 def start_relay(session, client: Stream, backend: Stream, server: Settings,
@@ -9606,8 +9720,6 @@ def start_relay(session, client: Stream, backend: Stream, server: Settings,
     if check is None:
         backend.write(client_trailing)
         client.write(backend_trailing)
-        if client.tls is not None or backend.tls is not None:
-            return Relay(session, client, backend, server.proxy_buffer, server.proxy_timeout)
         return DirectRelay(session, client, backend, server.proxy_buffer, server.proxy_timeout,
                            can_splice(client, backend))
     guard = SmtpRecipientGuard(check, server.smtp_client_buffer)

@@ -9863,36 +9863,6 @@ class RelayTests(EventLoopTestCase):
                         "the source is not read again")
         self.assertIsNone(session.outcome)
 
-    def test_a_burst_of_full_reads_leaves_in_full_segments(self):
-        """Corking, as the direct relay's (SpliceRelayTests): the relay
-        through the streams (TLS on either side) corks the other side
-        while the reads of one event come full, then uncorks it."""
-        if mp.TCP_CORK is None or not hasattr(socket, "TCP_INFO"):
-            self.skipTest("TCP_CORK and TCP_INFO are Linux's")
-        client_end, client = tcp_pair(self)
-        backend_end, backend = tcp_pair(self)
-        for sock in (client_end, backend_end):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = RelaySession()
-        session.streams = [mp.Stream(self.loop, client_end, None),
-                           mp.Stream(self.loop, backend_end, None)]
-        relay = mp.Relay(session, session.streams[0], session.streams[1], 4096, 3600.0)
-        self.addCleanup(session.close, "test over")
-        before = segments_out(backend_end)
-        up = PeerSender(client, message_bytes(256 * 1024))
-        at_backend = PeerReader(backend)
-
-        def peers() -> None:
-            up()
-            at_backend()
-        self.drive(lambda: len(at_backend.received) == len(up.data), step=peers)
-        self.assertEqual(sha256_hex(at_backend.received), sha256_hex(up.data))
-        segments = segments_out(backend_end) - before
-        self.assertLess(segments, len(up.data) // 4096 // 2,
-                        "%d segments for %d chunks of 4k" % (segments, len(up.data) // 4096))
-        self.assertEqual(backend_end.getsockopt(socket.IPPROTO_TCP, mp.TCP_CORK), 0)
-        self.assertEqual(relay.corked, [])
-
     def test_backpressure_from_a_client_that_does_not_read(self):
         relay, session, client, backend = self.relay()
         self.assert_backpressure(session, backend, relay.backend, client, relay.client)
@@ -10276,6 +10246,343 @@ class BufferedRelayTests(SpliceRelayTests):
     SPLICE = False
 
 
+class TlsPeer:
+    """The test's end of a TLS connection over a non-blocking socket, with
+    its own TlsLayer: a socket's send, recv and shutdown (close_notify),
+    for PeerSender and PeerReader.  Plaintext is taken only when the
+    ciphertext of the last send has gone (else BlockingIOError), so that
+    the kernel's buffers make the backpressure, as for a plain peer.
+    ``raw``: every byte read off the wire (an alert, say)."""
+
+    def __init__(self, sock: socket.socket, layer):
+        self.sock = sock
+        self.layer = layer
+        self.pending = b""                 # ciphertext the socket has not taken yet
+        self.plain = bytearray()           # plaintext read, not yet asked for
+        self.raw = bytearray()
+        self.ended = False
+
+    def flush(self) -> bool:
+        """Send what waits; True once nothing does."""
+        while self.pending:
+            try:
+                sent = self.sock.send(self.pending)
+            except BlockingIOError:
+                return False
+            self.pending = self.pending[sent:]
+        return True
+
+    def send(self, data: bytes) -> int:
+        if not self.flush():
+            raise BlockingIOError
+        data = data[:16384]
+        self.layer.send(data)
+        self.pending = self.layer.data_to_send()
+        self.flush()
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        while not self.plain and not self.ended:
+            data = self.sock.recv(65536)           # BlockingIOError: nothing there
+            self.raw += data
+            self.plain += self.layer.receive_data(data)
+            self.pending += self.layer.data_to_send()
+            self.ended = self.layer.state == mp.TlsState.CLOSED
+        chunk = bytes(self.plain[:size])
+        del self.plain[:size]
+        return chunk
+
+    def shutdown(self, how: int) -> None:
+        self.layer.close()
+        self.pending += self.layer.data_to_send()
+        self.flush()
+
+
+class TlsRelayTests(CertificateFiles, EventLoopTestCase):
+    """A DirectRelay with TLS between the client and the proxy (TlsFlow),
+    over loopback TCP; the test plays both peers, the client through a
+    TlsPeer.  The handshake is done in memory before the relay starts, as
+    a session's is done before its login.  ``BACKEND_TLS``: TLS to the
+    backend as well (proxy_ssl)."""
+
+    LIMIT = 16 * 1024
+    BACKEND_TLS = False
+    # What TLS adds to proxy_buffer: one record's header, tag and padding on
+    # what is written; on what is read, the rest of the record a read ends in.
+    RECORD = 16384 + 256
+
+    def tls_ends(self, proxy_end: socket.socket, peer_end: socket.socket, proxy_is_server: bool):
+        """(the proxy's stream layer, the test's TlsPeer), handshake done."""
+        server = mp.TlsLayer(mp.server_context(self.tls_settings()), server_side=True)
+        client = mp.TlsLayer(self.client_context(), server_side=False,
+                             server_hostname="mail.example.com")
+        pump(client, server)
+        self.assertEqual((client.state, server.state), (mp.TlsState.OPEN, mp.TlsState.OPEN))
+        server.just_opened = False
+        if proxy_is_server:
+            return server, TlsPeer(peer_end, client)
+        return client, TlsPeer(peer_end, server)
+
+    def relay(self, limit: int = LIMIT, buffer: int = 4096, idle_timeout: float = 3600.0,
+              before=None, buffers=None):
+        """(relay, session, client peer, backend peer): TlsPeers where TLS;
+        the kernel buffers as SpliceRelayTests.relay's."""
+        client_buffer, backend_buffer = buffers or (buffer, buffer)
+        client_end, client = tcp_pair(self, client_buffer)
+        backend_end, backend = tcp_pair(self, backend_buffer)
+        session = RelaySession()
+        session.lines = []
+        session.log = lambda level, message: session.lines.append(message)
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        session.streams[0].tls, client = self.tls_ends(client_end, client, proxy_is_server=True)
+        if self.BACKEND_TLS:
+            session.streams[1].tls, backend = self.tls_ends(backend_end, backend,
+                                                            proxy_is_server=False)
+        if before is not None:
+            before(*session.streams)
+        server = server_settings("imap", proxy_buffer=limit, proxy_timeout=idle_timeout)
+        relay = mp.start_relay(session, session.streams[0], session.streams[1], server, None,
+                               b"", b"")
+        self.addCleanup(relay.cancel)
+        self.addCleanup(session.close, "test over")
+        self.addCleanup(lambda: self.assertIsNone(session.crash, "the relay crashed"))
+        self.assertEqual((type(relay), type(relay.upload), type(relay.download)),
+                         (mp.DirectRelay, mp.TlsFlow, mp.TlsFlow))
+        return relay, session, client, backend
+
+    def flushing(self, *peers):
+        """A step for drive(): each peer's ciphertext on its way, then each
+        PeerSender or PeerReader."""
+        def step() -> None:
+            for peer in peers:
+                target = getattr(peer, "sock", None)
+                if isinstance(target, TlsPeer):
+                    target.flush()
+                peer()
+        return step
+
+    def test_megabytes_both_ways_at_once_arrive_unchanged(self):
+        relay, session, client, backend = self.relay(buffer=0)
+        up = PeerSender(client, message_bytes(MEGABYTE))
+        down = PeerSender(backend, upload_bytes(MEGABYTE))
+        at_backend, at_client = PeerReader(backend), PeerReader(client)
+        self.drive(lambda: (len(at_backend.received), len(at_client.received)) ==
+                   (len(up.data), len(down.data)),
+                   step=self.flushing(up, down, at_backend, at_client), timeout=30)
+        self.assertEqual(sha256_hex(at_backend.received), sha256_hex(up.data))
+        self.assertEqual(sha256_hex(at_client.received), sha256_hex(down.data))
+        self.assertIsNone(session.outcome)
+        # The streams count the bytes on the wire: TLS's records and all.
+        self.assertGreater(relay.client.received, len(up.data))
+        self.assertGreater(relay.client.sent, len(down.data))
+        self.assertLess(relay.client.sent, len(down.data) * 1.01)
+
+    def assert_backpressure(self, relay, session, source, source_stream, target, bound: int):
+        """``source`` sends a megabyte while ``target`` reads nothing: the
+        source is no longer read, with at most ``bound`` held for the
+        target; when the target reads, it all arrives, in order, and the
+        source is read again."""
+        sender = PeerSender(source, message_bytes(MEGABYTE))
+        flow = relay.upload if source_stream is relay.client else relay.download
+        peak = []
+
+        def send() -> None:
+            self.flushing(sender)()
+            peak.append(flow.pending())
+        self.drive(lambda: sender.blocked and not source_stream.interest & selectors.EVENT_READ,
+                   step=send)
+        received = source_stream.received
+        for _ in range(3):
+            send()
+            self.loop.run_once(0.01)
+        self.assertEqual(source_stream.received, received, "the source was read while held")
+        self.assertGreater(max(peak), 0, "nothing held: no backpressure seen")
+        self.assertLessEqual(max(peak), bound, "more held than proxy_buffer and a record")
+        reader = PeerReader(target)
+        self.drive(lambda: len(reader.received) == len(sender.data),
+                   step=self.flushing(sender, reader), timeout=30)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+        self.assertEqual(flow.pending(), 0)
+        self.assertTrue(source_stream.interest & selectors.EVENT_READ, "the source is not read again")
+        self.assertIsNone(session.outcome)
+
+    def test_backpressure_from_a_client_that_does_not_read(self):
+        """Encrypting: a read of proxy_buffer makes one record, which is
+        what waits for the client."""
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, backend, relay.backend, client,
+                                 self.LIMIT + (self.RECORD if self.BACKEND_TLS else 256))
+
+    def test_backpressure_from_a_backend_that_does_not_read(self):
+        """Decrypting: a read of proxy_buffer may end the record it is in."""
+        relay, session, client, backend = self.relay()
+        self.assert_backpressure(relay, session, client, relay.client, backend,
+                                 self.LIMIT + self.RECORD + (256 if self.BACKEND_TLS else 0))
+
+    def test_backpressure_with_a_4k_proxy_buffer(self):
+        relay, session, client, backend = self.relay(limit=4096)
+        self.assert_backpressure(relay, session, backend, relay.backend, client,
+                                 4096 + (self.RECORD if self.BACKEND_TLS else 256))
+
+    def assert_ends_once_written_out(self, session, source, target, outcome: str) -> None:
+        """``source`` sends and closes (close_notify, or a plain EOF) while
+        ``target`` reads nothing: the session goes on; when the target
+        reads, it all arrives, and then the session ends."""
+        sender = PeerSender(source, message_bytes(EOF_SENT), shut=True)
+        step = self.flushing(sender)
+        self.drive(lambda: sender.sent == len(sender.data) and not sender.shut, step=step)
+        for _ in range(3):
+            step()
+            self.loop.run_once(0.01)
+        self.assertIsNone(session.outcome, "the session ended with bytes still to write")
+        reader = PeerReader(target)
+        self.drive(lambda: reader.eof, step=self.flushing(sender, reader))
+        self.assertEqual(session.outcome, outcome)
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(sender.data))
+
+    def test_close_notify_from_the_client_ends_the_relay_once_its_bytes_are_written_out(self):
+        relay, session, client, backend = self.relay(buffers=(MEGABYTE, 4096))
+        self.assert_ends_once_written_out(session, client, backend, "client closed connection")
+
+    def test_eof_from_the_backend_ends_the_relay_once_its_bytes_are_written_out(self):
+        """...and the client gets all of it, then close_notify."""
+        relay, session, client, backend = self.relay(buffers=(4096, MEGABYTE))
+        self.assert_ends_once_written_out(session, backend, client, "upstream closed connection")
+        self.assertEqual(client.layer.state, mp.TlsState.CLOSED)
+        self.assertEqual(client.raw[-24:-19], b"\x17\x03\x03\x00\x13",
+                         "the end was no close_notify (TLS 1.3: an encrypted alert record)")
+
+    def test_a_client_that_breaks_tls_gets_an_alert_and_the_session_ends(self):
+        """Bytes that are no TLS record: OpenSSL's alert goes to the client,
+        the session ends with the error, nothing reaches the backend."""
+        relay, session, client, backend = self.relay()
+        client.sock.send(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)   # application data, not sealed
+        self.drive(lambda: session.outcome is not None)
+        self.assertRegex(session.outcome, r"^client connection error: SSL handshake failed")
+        reader = PeerReader(client.sock)
+        self.drive(lambda: reader.eof, step=reader)
+        with self.assertRaises(mp.TlsError, msg="no alert") as caught:
+            client.layer.receive_data(bytes(reader.received))
+        self.assertIn("ALERT_BAD_RECORD_MAC", str(caught.exception))
+        at_backend = PeerReader(backend)
+        self.drive(lambda: at_backend.eof, step=at_backend)
+        self.assertEqual(at_backend.received, b"")
+
+    def test_a_burst_of_full_reads_leaves_in_full_segments(self):
+        """Corking, as the plain flows' (see Flow): 256 KiB through a 4k
+        proxy_buffer, encrypted for the client, leave in few segments."""
+        if mp.TCP_CORK is None or not hasattr(socket, "TCP_INFO"):
+            self.skipTest("TCP_CORK and TCP_INFO are Linux's")
+        relay, session, client, backend = self.relay(limit=4096, buffer=0)
+        for stream in (relay.client, relay.backend):
+            stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        before = segments_out(relay.client.sock)
+        down = PeerSender(backend, message_bytes(256 * 1024))
+        at_client = PeerReader(client)
+        self.drive(lambda: len(at_client.received) == len(down.data),
+                   step=self.flushing(down, at_client))
+        self.assertEqual(sha256_hex(at_client.received), sha256_hex(down.data))
+        segments = segments_out(relay.client.sock) - before
+        self.assertLess(segments, len(down.data) // 4096 // 2,
+                        "%d segments for %d records of 4k" % (segments, len(down.data) // 4096))
+        self.assertEqual(relay.client.sock.getsockopt(socket.IPPROTO_TCP, mp.TCP_CORK), 0)
+
+    def test_proxy_timeout_ends_an_idle_relay(self):
+        relay, session, client, backend = self.relay(idle_timeout=0.2)
+        client.send(b"a2 NOOP\r\n")
+        reader = PeerReader(backend)
+        self.drive(lambda: reader.received == b"a2 NOOP\r\n", step=self.flushing(reader))
+        self.drive(lambda: session.outcome is not None)
+        self.assertEqual(session.outcome, "proxy_timeout")
+
+    def test_what_the_streams_held_at_the_start_goes_first(self):
+        """The login's last reply, encrypted, may wait in the client
+        stream's ``out`` when the relay starts: it goes first."""
+        ahead = message_bytes(MEGABYTE)
+
+        def hold(client_stream, backend_stream) -> None:
+            client_stream.write(ahead)
+            self.assertGreater(len(client_stream.out), 0)
+        relay, session, client, backend = self.relay(before=hold)
+        self.assertFalse(relay.backend.interest & selectors.EVENT_READ,
+                         "the backend is read while the client has bytes waiting")
+        backend.send(b"* 1 EXISTS\r\n")
+        reader = PeerReader(client)
+        self.drive(lambda: len(reader.received) == len(ahead) + 12, step=self.flushing(reader))
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(ahead + b"* 1 EXISTS\r\n"))
+
+
+class AnsweringLayer:
+    """Stands in for a TlsLayer whose reading makes it answer, as a TLS 1.3
+    KeyUpdate that asks for one in return does (RFC 8446 §4.6.3), which
+    Python's ssl cannot send: bytes pass as they are, and each read
+    queues b"<ack>" for the peer."""
+
+    state = mp.TlsState.OPEN
+
+    def __init__(self):
+        self.held = b""
+
+    def receive_data(self, data: bytes) -> bytes:
+        if data:
+            self.held += b"<ack>"
+        else:
+            self.state = mp.TlsState.CLOSED
+        return data
+
+    def data_to_send(self) -> bytes:
+        data, self.held = self.held, b""
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.held += data
+
+    def encrypt(self, data) -> bytes:
+        return bytes(data)
+
+    def close(self) -> None:
+        pass
+
+
+class TlsAnswerTests(EventLoopTestCase):
+    def test_what_reading_makes_the_layer_answer_goes_back_behind_what_waits(self):
+        """The answer goes to the client at once when nothing waits for it;
+        when the relay holds bytes for it, behind them, and out once it
+        reads."""
+        client_end, client = tcp_pair(self, 4096)
+        backend_end, backend = tcp_pair(self, 4096)
+        session = RelaySession()
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        session.streams[0].tls = AnsweringLayer()
+        relay = mp.start_relay(session, *session.streams, server_settings("imap"), None, b"", b"")
+        self.addCleanup(relay.cancel)
+        self.addCleanup(session.close, "test over")
+        client.send(b"a1 NOOP\r\n")
+        at_client, at_backend = PeerReader(client), PeerReader(backend)
+        self.drive(lambda: at_backend.received == b"a1 NOOP\r\n" and at_client.received,
+                   step=lambda: (at_client(), at_backend()))
+        self.assertEqual(at_client.received, b"<ack>")
+        down = PeerSender(backend, message_bytes(MEGABYTE))
+        self.drive(lambda: down.blocked and relay.download.pending(), step=down)
+        client.send(b"a2 NOOP\r\n")
+        self.drive(lambda: at_backend.received.endswith(b"a2 NOOP\r\n"), step=at_backend)
+        ahead = relay.backend.received             # read from the backend, held for the client
+        self.assertGreater(relay.download.pending(), 0)
+        self.drive(lambda: len(at_client.received) == 10 + len(down.data),
+                   step=lambda: (down(), at_client()))
+        self.assertEqual(sha256_hex(at_client.received),
+                         sha256_hex(b"<ack>" + down.data[:ahead] + b"<ack>" + down.data[ahead:]))
+        self.assertIsNone(session.outcome)
+
+
+class TlsBothSidesRelayTests(TlsRelayTests):
+    """TlsRelayTests with TLS to the backend too (proxy_ssl): decrypt one
+    side, encrypt the other."""
+    BACKEND_TLS = True
+
+
 class PassingLayer:
     """Stands in for a TlsLayer, passing bytes as they are."""
 
@@ -10296,8 +10603,8 @@ class PassingLayer:
 class RelayChoiceTests(EventLoopTestCase):
     """start_relay's choice: splice for TCP on both sides without TLS,
     where the system has it; the buffered DirectRelay for other plain
-    sockets, or without splice, or without a pipe; the Relay through the
-    Streams with TLS; CheckedRelay with smtp_auth none's check."""
+    sockets, or without splice, or without a pipe; TlsFlows with TLS on
+    either side; CheckedRelay with smtp_auth none's check."""
 
     def start(self, pairs, check=None, tls=False, splice=True):
         ends = [pair()[0] for pair in pairs]
@@ -10352,9 +10659,9 @@ class RelayChoiceTests(EventLoopTestCase):
                 os.fstat(end)
         self.loop = mp.EventLoop()            # for the cleanup
 
-    def test_tls_on_a_side_relays_through_the_streams(self):
+    def test_tls_on_a_side_relays_through_its_layer(self):
         relay, _ = self.start([self.tcp, self.tcp], tls=True)
-        self.assertEqual(self.flows(relay), (mp.Relay, type(None)))
+        self.assertEqual(self.flows(relay), (mp.DirectRelay, mp.TlsFlow))
 
     def test_the_recipient_check_relays_through_the_streams(self):
         relay, _ = self.start([self.tcp, self.tcp], check=lambda line: None)
@@ -10506,6 +10813,11 @@ class RelayEndToEndTests(EndToEndTestCase):
         self.assert_relay_path(proxy)
         fetch_and_append(self, client, 4 * MEGABYTE)
         imap_logout(client)
+        self.assert_access_line(proxy, client)
+
+    def assert_access_line(self, proxy: ProxyUnderTest, client: Client) -> None:
+        """The session's end is logged with every byte the client sent and
+        received."""
         proxy.wait_for_log(r"session done: upstream closed connection, %d bytes from client, "
                            r"%d bytes to client, " % (client.sent, client.received))
 
@@ -10553,8 +10865,7 @@ class RelayEndToEndTests(EndToEndTestCase):
         imap_logout(client)
         proxy.thread.join(5)
         self.assertFalse(proxy.thread.is_alive(), "the loop goes on after its last session")
-        proxy.wait_for_log(r"session done: upstream closed connection, %d bytes from client, "
-                           r"%d bytes to client, " % (client.sent, client.received))
+        self.assert_access_line(proxy, client)
 
     def test_backpressure_bounds_the_buffers(self):
         message = message_bytes(50 * MEGABYTE)
@@ -10606,6 +10917,57 @@ class BufferedRelayEndToEndTests(RelayEndToEndTests):
     counts, without the second it takes end to end.)"""
     SPLICE = False
     test_proxy_timeout_ends_an_idle_relay = None
+
+
+class TlsRelayEndToEndTests(RelayEndToEndTests):
+    """RelayEndToEndTests with the client on implicit TLS (``listen ...
+    ssl``): the relay's TlsFlows.  The access line counts the bytes on the
+    wire, records and all; the bound on what is held is proxy_buffer and
+    the record it makes.  (proxy_timeout: as TlsRelayTests's.)"""
+    SPLICE = False
+    test_proxy_timeout_ends_an_idle_relay = None
+
+    def start_proxy(self, protocol: str, backend_port: int, **mail) -> ProxyUnderTest:
+        return self.tls_proxy(protocol, backend_port, **mail)
+
+    def connect(self, proxy: ProxyUnderTest, port: int = 0, timeout: float = 5.0) -> Client:
+        client = connect_client(self, port or proxy.port, timeout)
+        client.start_tls(self.client_context())
+        return client
+
+    def assert_relay_path(self, proxy: ProxyUnderTest) -> None:
+        wait_until(lambda: proxy.sessions()[0].relay is not None, what="the relay")
+        relay = proxy.sessions()[0].relay
+        self.assertEqual((type(relay), type(relay.upload), type(relay.download)),
+                         (mp.DirectRelay, mp.TlsFlow, mp.TlsFlow))
+
+    def assert_access_line(self, proxy: ProxyUnderTest, client: Client) -> None:
+        match = proxy.wait_for_log(r"session done: upstream closed connection, (\d+) bytes from "
+                                   r"client, (\d+) bytes to client, ")
+        counts = [int(count) for count in match.groups()]
+        # What the client's TLS carried, and some 22 bytes a record more.
+        for wire, plain in zip(counts, (client.sent, client.received)):
+            self.assertTrue(plain < wire < plain * 1.01 + 8192, (wire, plain))
+
+    def test_backpressure_bounds_the_buffers(self):
+        message = message_bytes(8 * MEGABYTE)
+        backend = self.use(FakeImapBackend(message=message))
+        proxy = self.start_proxy("imap", backend.port, proxy_buffer="16k")
+        client = self.connect(proxy, timeout=10)
+        self.imap_login(client)
+        client.send("a2 FETCH 1 BODY[]")
+        peak = 0
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            peak = max(peak, proxy.buffered())
+            time.sleep(0.001)
+        self.assertLess(backend.pushed, len(message), "the backend was never held back")
+        self.assertGreater(peak, 0, "the sampling never saw a buffered byte")
+        client.expect(rb"^\* 1 FETCH \(BODY\[\] \{%d\}\r\n$" % len(message))
+        data = client.read_exactly(len(message))
+        client.expect(rb"^\)\r\n$")
+        self.assertEqual(sha256_hex(data), sha256_hex(message))
+        self.assertLessEqual(peak, 16 * 1024 + 256)
 
 
 class SmtpEndToEndNoAuthTests(EndToEndTestCase):
