@@ -9495,16 +9495,29 @@ class SpliceFlow(BufferedFlow):
             self.pipe, self.held = None, 0
 
 
+# One TLS record: 2**14 bytes of plaintext, and its header, tag and padding.
+TLS_RECORD_ROOM = 16384 + 256
+
+
 class TlsFlow(Flow):
     """Through TLS on the source, the target or both: read ciphertext or
     plaintext, decrypt or encrypt with the stream's TlsLayer, send on at
     once; what the target's kernel refuses waits in ``target.out``, and the
     source is not read again until that has been written out.  One read is
-    at most proxy_buffer, as nginx's SSL_read into its buffer; the records
-    it completes may hold up to one record (16 KiB) more.  Reading the
-    source's TLS can make its layer answer (an alert, the reply to a TLS
-    1.3 KeyUpdate): that goes to the source, behind what waits for it."""
+    at most proxy_buffer (up to READ_SIZE: recv allocates what it may
+    read), as nginx's SSL_read into its buffer; the records it completes
+    may hold up to one record more.
+
+    Reading the source's TLS can make its layer answer (an alert, the reply
+    to a TLS 1.3 KeyUpdate, RFC 8446 §4.6.3): that goes to the source,
+    behind what waits for it.  A peer that asks for answers and never reads
+    them must not make the proxy keep them all: once more than two records
+    beyond proxy_buffer wait for the source (answers_wait), it is not read
+    until it has read them (see DirectRelay._watch too)."""
     __slots__ = ()
+
+    def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
+        super().__init__(relay, source, target, min(limit, READ_SIZE))
 
     def pending(self) -> int:
         return len(self.target.out)
@@ -9512,8 +9525,11 @@ class TlsFlow(Flow):
     def flush(self) -> bool:
         return self.send_out()
 
+    def answers_wait(self) -> bool:
+        return len(self.source.out) > self.relay.limit + 2 * TLS_RECORD_ROOM
+
     def pump(self) -> None:
-        if self.target.out:
+        if self.target.out or self.answers_wait():
             return
         source, target, limit = self.source, self.target, self.limit
         receive = source.sock.recv
@@ -9551,7 +9567,7 @@ class TlsFlow(Flow):
                         return
                 if ended:                          # EOF, close_notify
                     return self.relay.stream_eof(source)
-                if not full:                       # likely all the socket had
+                if not full or self.answers_wait():   # likely all the socket had
                     return
         finally:
             if corked:
@@ -9623,13 +9639,20 @@ class DirectRelay(Relay):
     def _watch(self) -> None:
         reading = self.eof_from is None
         up, down = self.upload.pending(), self.download.pending()
-        self.client.watch((selectors.EVENT_READ if reading and not up else 0) |
+        # Past proxy_buffer and two records, what waits for a side is its
+        # TLS layer's answers to a peer that does not read them (TlsFlow):
+        # that side is not read either, until it reads.
+        most = self.limit + 2 * TLS_RECORD_ROOM
+        self.client.watch((selectors.EVENT_READ if reading and not up and down <= most else 0) |
                           (selectors.EVENT_WRITE if down else 0))
-        self.backend.watch((selectors.EVENT_READ if reading and not down else 0) |
+        self.backend.watch((selectors.EVENT_READ if reading and not down and up <= most else 0) |
                            (selectors.EVENT_WRITE if up else 0))
 
     def readable(self, stream: Stream) -> None:
         if stream.closed:                          # ended earlier in this turn of the loop
+            return
+        if self.eof_from is not None:              # the other side ended earlier in this turn:
+            self._watch()                          # nothing more is read (stream_eof)
             return
         flow = self.upload if stream is self.client else self.download
         flow.pump()

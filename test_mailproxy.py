@@ -10469,6 +10469,45 @@ class TlsRelayTests(CertificateFiles, EventLoopTestCase):
         self.drive(lambda: at_backend.eof, step=at_backend)
         self.assertEqual(at_backend.received, b"")
 
+    def test_a_huge_proxy_buffer_reads_no_more_than_read_size(self):
+        """recv(n) allocates n bytes: a TLS relay's read is READ_SIZE at
+        most, whatever proxy_buffer says (a terabyte: MemoryError)."""
+        relay, session, client, backend = self.relay(limit=1 << 40)
+        client.send(b"a2 NOOP\r\n")
+        backend.send(b"a2 OK NOOP completed\r\n")
+        at_client, at_backend = PeerReader(client), PeerReader(backend)
+        self.drive(lambda: at_client.received and at_backend.received,
+                   step=self.flushing(at_client, at_backend))
+        self.assertEqual((at_client.received, at_backend.received),
+                         (b"a2 OK NOOP completed\r\n", b"a2 NOOP\r\n"))
+        self.assertIsNone(session.outcome)
+
+    def test_the_side_that_ends_first_ends_the_session(self):
+        """The client's last bytes and its close_notify come in one read,
+        and wait for the backend; the backend closes too, in the same turn
+        of the loop: it is not read (its end must not end the session
+        before the client's bytes are written out)."""
+        relay, session, client, backend = self.relay(limit=MEGABYTE, buffers=(MEGABYTE, 4096))
+        data = message_bytes(32 * 1024)
+        client.layer.send(data)
+        client.layer.close()
+        client.sock.setblocking(True)
+        client.sock.sendall(client.layer.data_to_send())
+        # The backend's end: a FIN (without close_notify, with TLS), so that
+        # nothing it sent is left unread at the close, which would reset.
+        getattr(backend, "sock", backend).shutdown(socket.SHUT_WR)
+        select.select([relay.client.sock], [], [], 5)
+        select.select([relay.backend.sock], [], [], 5)
+        relay.client.on_readable()                 # the loop's turn: the client first,
+        self.assertIs(relay.eof_from, relay.client)
+        self.assertGreater(relay.upload.pending(), 0)
+        relay.backend.on_readable()                # then the backend
+        self.assertIsNone(session.outcome, "the session ended with the client's bytes unwritten")
+        reader = PeerReader(backend)
+        self.drive(lambda: reader.eof, step=self.flushing(reader))
+        self.assertEqual(session.outcome, "client closed connection")
+        self.assertEqual(sha256_hex(reader.received), sha256_hex(data))
+
     def test_a_burst_of_full_reads_leaves_in_full_segments(self):
         """Corking, as the plain flows' (see Flow): 256 KiB through a 4k
         proxy_buffer, encrypted for the client, leave in few segments."""
@@ -10521,12 +10560,13 @@ class AnsweringLayer:
 
     state = mp.TlsState.OPEN
 
-    def __init__(self):
+    def __init__(self, answer: bytes = b"<ack>"):
         self.held = b""
+        self.answer = answer
 
     def receive_data(self, data: bytes) -> bytes:
         if data:
-            self.held += b"<ack>"
+            self.held += self.answer
         else:
             self.state = mp.TlsState.CLOSED
         return data
@@ -10575,6 +10615,73 @@ class TlsAnswerTests(EventLoopTestCase):
         self.assertEqual(sha256_hex(at_client.received),
                          sha256_hex(b"<ack>" + down.data[:ahead] + b"<ack>" + down.data[ahead:]))
         self.assertIsNone(session.outcome)
+
+    def test_a_client_that_asks_for_answers_and_never_reads_them_is_not_read(self):
+        """Each read makes the layer answer 4 KiB (a KeyUpdate flood, say)
+        and the client reads none of it: once more than two records beyond
+        proxy_buffer wait for it, it is not read, so what the proxy keeps
+        stays bounded; once it reads, it is read again."""
+        client_end, client = tcp_pair(self, 4096)
+        backend_end, backend = tcp_pair(self, 4096)
+        session = RelaySession()
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # each byte goes at once
+        session.streams[0].tls = AnsweringLayer(answer=b"!" * 4096)
+        relay = mp.start_relay(session, *session.streams, server_settings("imap"), None, b"", b"")
+        self.addCleanup(relay.cancel)
+        self.addCleanup(session.close, "test over")
+        most = relay.limit + 2 * mp.TLS_RECORD_ROOM
+        at_backend = PeerReader(backend)
+        sent = 0
+        for _ in range(200):
+            try:
+                client.send(b"x")
+                sent += 1
+            except BlockingIOError:
+                break
+            at_backend()
+            self.loop.run_once(0)
+            self.assertLessEqual(len(relay.client.out), most + 4096)
+        self.assertFalse(relay.client.interest & selectors.EVENT_READ, "the client is still read")
+        self.assertGreater(len(relay.client.out), most - 4096, "not held back at the bound")
+        at_client = PeerReader(client)
+        self.drive(lambda: not relay.client.out, step=at_client)
+        client.send(b"y")
+        self.drive(lambda: at_backend.received.endswith(b"y"), step=lambda: (at_client(), at_backend()))
+        self.assertEqual(bytes(at_backend.received), b"x" * sent + b"y")
+        self.assertIsNone(session.outcome)
+
+    def test_answers_stay_bounded_while_the_backend_drains(self):
+        """The same with a stream of data, full reads, each answered, to a
+        backend slower than the client: the reads that follow each of its
+        drains stop at the bound too, one answer past it at most."""
+        client_end, client = tcp_pair(self, 4096)     # it reads nothing: answers pile up soon
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MEGABYTE)    # it sends fast
+        client_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MEGABYTE)
+        backend_end, backend = tcp_pair(self, 4096)
+        session = RelaySession()
+        session.streams = [mp.Stream(self.loop, client_end, None),
+                           mp.Stream(self.loop, backend_end, None)]
+        session.streams[0].tls = AnsweringLayer(answer=b"!" * 4096)
+        server = server_settings("imap", proxy_buffer=4096)
+        relay = mp.start_relay(session, *session.streams, server, None, b"", b"")
+        self.addCleanup(relay.cancel)
+        self.addCleanup(session.close, "test over")
+        most = relay.limit + 2 * mp.TLS_RECORD_ROOM
+        up, at_backend = PeerSender(client, message_bytes(8 * MEGABYTE)), PeerReader(backend)
+        peak = []
+
+        def peers() -> None:
+            up()
+            at_backend()
+            peak.append(len(relay.client.out))
+        for _ in range(500):
+            peers()
+            self.loop.run_once(0)
+        self.assertGreater(max(peak), most, "the answers never reached the bound")
+        self.assertLessEqual(max(peak), most + 4096)
+        self.assertEqual(bytes(at_backend.received), up.data[:len(at_backend.received)])
 
 
 class TlsBothSidesRelayTests(TlsRelayTests):
