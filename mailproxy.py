@@ -7186,7 +7186,13 @@ class TlsLayer:
         return True
 
     def _read_all(self) -> bytes:
-        plaintext = bytearray()
+        """The plaintext of every record the ciphertext fed so far completes.
+        Reading stops when OpenSSL asks for more (SSLWantReadError), or
+        sooner, without that exception, once the incoming BIO is empty,
+        with no end to report, and OpenSSL holds no plaintext (pending):
+        the usual case, a read that ends with a record."""
+        chunks = []
+        incoming = self._incoming
         while True:
             try:
                 chunk = self.object.read(READ_SIZE)
@@ -7201,8 +7207,10 @@ class TlsLayer:
             if not chunk:
                 self.state = TlsState.CLOSED
                 break
-            plaintext += chunk
-        return bytes(plaintext)
+            chunks.append(chunk)
+            if not incoming.pending and not incoming.eof and not self.object.pending():
+                break
+        return b"".join(chunks)
 
     def facts(self) -> "TlsFacts":
         """What the handshake settled (empty before it has)."""

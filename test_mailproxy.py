@@ -7673,6 +7673,20 @@ class TlsLayerTests(CertificateFiles, unittest.TestCase):
         self.assertEqual(server.receive_data(client.data_to_send()), b"")
         self.assertEqual(server.state, mp.TlsState.CLOSED)
 
+    def test_every_record_of_one_read_is_read_and_the_end_behind_them(self):
+        """Records, a partial one and close_notify in what one read brings:
+        the plaintext of all that are whole, the rest when it comes, then
+        the end (the read stops early only when nothing is left)."""
+        client, server = self.pair()
+        pump(client, server)
+        for data in (b"a1 NOOP\r\n", b"x" * 40000):
+            client.send(data)
+        wire = client.data_to_send()
+        self.assertEqual(server.receive_data(wire[:-100]), b"a1 NOOP\r\n" + b"x" * 32768)
+        client.close()
+        self.assertEqual(server.receive_data(wire[-100:] + client.data_to_send()), b"x" * 7232)
+        self.assertEqual(server.state, mp.TlsState.CLOSED)
+
     def test_wrong_name_fails_verification(self):
         client, server = self.pair(hostname="wrong.example")
         with self.assertRaises(mp.TlsError) as caught:
