@@ -7190,7 +7190,9 @@ class TlsLayer:
         Reading stops when OpenSSL asks for more (SSLWantReadError), or
         sooner, without that exception, once the incoming BIO is empty,
         with no end to report, and OpenSSL holds no plaintext (pending):
-        the usual case, a read that ends with a record."""
+        the usual case, a read that ends with a record.  (This holds while
+        OpenSSL reads no records ahead of what it decrypts, which
+        SSL_pending would not count: Python never sets read_ahead.)"""
         chunks = []
         incoming = self._incoming
         while True:
@@ -9263,11 +9265,17 @@ class Flow:
     limit) is never corked, nor held back.  8 streams at 4k: 0.66 of
     nginx's throughput before, 0.9 to 1.0 after, and CPU per GB 1.56x ->
     1.1 to 1.2x.  TlsFlow corks the same way."""
-    __slots__ = ("relay", "source", "target", "limit", "corks")
+    __slots__ = ("relay", "source", "target", "limit", "corks", "answered")
 
     def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
         self.relay, self.source, self.target, self.limit = relay, source, target, limit
         self.corks = can_cork(target)
+        self.answered = 0              # TlsFlow: its answers queued for the source (answer)
+
+    def answers_wait(self) -> bool:
+        """Whether the source must not be read: too many of the answers
+        reading it made wait for it (TlsFlow); never for plain sockets."""
+        return False
 
     def cork(self, on: bool) -> None:
         set_cork(self.target, on)
@@ -9520,8 +9528,12 @@ class TlsFlow(Flow):
     to a TLS 1.3 KeyUpdate, RFC 8446 §4.6.3): that goes to the source,
     behind what waits for it.  A peer that asks for answers and never reads
     them must not make the proxy keep them all: once more than two records
-    beyond proxy_buffer wait for the source (answers_wait), it is not read
-    until it has read them (see DirectRelay._watch too)."""
+    beyond proxy_buffer of them wait for the source (answers_wait), it is
+    not read until it has read them (DirectRelay._watch).  Only answers
+    count: what else waits for the source (the other flow's bytes, what the
+    streams held at the start, such as commands the client pipelined behind
+    its login) never stops it being read, or a backend that answers one
+    command before it reads the next could wait forever."""
     __slots__ = ()
 
     def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
@@ -9534,7 +9546,13 @@ class TlsFlow(Flow):
         return self.send_out()
 
     def answers_wait(self) -> bool:
-        return len(self.source.out) > self.relay.limit + 2 * TLS_RECORD_ROOM
+        # The answers are the tail of the source's ``out``: the other flow
+        # writes there only when it is empty.  ``answered`` counts them
+        # since it was last empty; what has gone of them, the length tells.
+        waiting = len(self.source.out)
+        if not waiting:
+            self.answered = 0
+        return min(self.answered, waiting) > self.relay.limit + 2 * TLS_RECORD_ROOM
 
     def pump(self) -> None:
         if self.target.out or self.answers_wait():
@@ -9612,6 +9630,7 @@ class TlsFlow(Flow):
             data = data[sent:]
         if data:
             source.out += data
+            self.answered += len(data)
             self.relay._watch()
 
 
@@ -9647,13 +9666,13 @@ class DirectRelay(Relay):
     def _watch(self) -> None:
         reading = self.eof_from is None
         up, down = self.upload.pending(), self.download.pending()
-        # Past proxy_buffer and two records, what waits for a side is its
-        # TLS layer's answers to a peer that does not read them (TlsFlow):
-        # that side is not read either, until it reads.
-        most = self.limit + 2 * TLS_RECORD_ROOM
-        self.client.watch((selectors.EVENT_READ if reading and not up and down <= most else 0) |
+        # A side whose TLS layer's answers pile up unread is not read
+        # either, until it reads them (TlsFlow.answers_wait).
+        self.client.watch((selectors.EVENT_READ if reading and not up
+                           and not self.upload.answers_wait() else 0) |
                           (selectors.EVENT_WRITE if down else 0))
-        self.backend.watch((selectors.EVENT_READ if reading and not down and up <= most else 0) |
+        self.backend.watch((selectors.EVENT_READ if reading and not down
+                            and not self.download.answers_wait() else 0) |
                            (selectors.EVENT_WRITE if up else 0))
 
     def readable(self, stream: Stream) -> None:

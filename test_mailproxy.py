@@ -2651,6 +2651,42 @@ class PeerSender:
             self.shut = False
 
 
+class CommandServer:
+    """The test's backend as servers are: it reads one command line,
+    writes ``reply_size`` bytes for it, and reads the next only once that
+    has gone (its output blocked, it reads nothing); ``commands``: how
+    many it has read."""
+
+    def __init__(self, sock, reply_size: int):
+        self.sock = sock
+        self.reply_size = reply_size
+        self.pending = bytearray()
+        self.out = b""
+        self.commands = 0
+
+    def __call__(self) -> None:
+        while True:
+            while self.out:
+                try:
+                    sent = self.sock.send(self.out[:65536])
+                except BlockingIOError:
+                    return
+                self.out = self.out[sent:]
+            end = self.pending.find(b"\n")
+            if end < 0:
+                try:
+                    data = self.sock.recv(65536)
+                except BlockingIOError:
+                    return
+                if not data:
+                    return
+                self.pending += data
+                continue
+            del self.pending[:end + 1]
+            self.commands += 1
+            self.out = message_bytes(self.reply_size)
+
+
 class PeerReader:
     """The test's side reading all there is, into ``received``; ``eof``
     once the other end has closed."""
@@ -10197,6 +10233,12 @@ class SpliceRelayTests(EventLoopTestCase):
         self.drive(lambda: len(reader.received) == len(ahead) + 12, step=reader)
         self.assertSameBytes(bytes(reader.received), ahead + b"* 1 EXISTS\r\n")
 
+    def test_commands_pipelined_behind_the_login_never_stop_the_backend_being_read(self):
+        """What the client pipelined behind its login (16 commands, 64 KB)
+        waits for the backend at the start; a backend that answers each
+        before it reads the next is read all along, or neither would move."""
+        assert_pipelined_commands_flow(self, self.relay)
+
     def assertSameBytes(self, got: bytes, expected: bytes) -> None:
         self.assertEqual(sha256_hex(got), sha256_hex(expected), "the bytes differ")
 
@@ -10310,6 +10352,29 @@ class TlsPeer:
         self.layer.close()
         self.pending += self.layer.data_to_send()
         self.flush()
+
+
+def assert_pipelined_commands_flow(test, relay_maker) -> None:
+    """SpliceRelayTests's and TlsRelayTests's test of commands pipelined
+    behind the login: ``relay_maker(limit=..., before=...)`` is their relay()."""
+    command = b"a1 SEARCH TEXT " + b"x" * 4000 + b"\r\n"
+    commands = command * 16
+
+    def pipelined(client_stream, backend_stream) -> None:
+        backend_stream.write(commands)
+    relay, session, client, backend = relay_maker(limit=4096, before=pipelined)
+    server, at_client = CommandServer(backend, 64 * 1024), PeerReader(client)
+
+    def peers() -> None:
+        server()
+        at_client()
+        for peer in (client, backend):
+            if isinstance(peer, TlsPeer):
+                peer.flush()
+    test.drive(lambda: len(at_client.received) == 16 * 64 * 1024, step=peers, timeout=20)
+    test.assertEqual(server.commands, 16)
+    test.assertEqual(sha256_hex(at_client.received), sha256_hex(message_bytes(64 * 1024) * 16))
+    test.assertIsNone(session.outcome)
 
 
 class TlsRelayTests(CertificateFiles, EventLoopTestCase):
@@ -10482,6 +10547,10 @@ class TlsRelayTests(CertificateFiles, EventLoopTestCase):
         at_backend = PeerReader(backend)
         self.drive(lambda: at_backend.eof, step=at_backend)
         self.assertEqual(at_backend.received, b"")
+
+    def test_commands_pipelined_behind_the_login_never_stop_the_backend_being_read(self):
+        """As SpliceRelayTests's: the answers' bound counts answers only."""
+        assert_pipelined_commands_flow(self, self.relay)
 
     def test_a_huge_proxy_buffer_reads_no_more_than_read_size(self):
         """recv(n) allocates n bytes: a TLS relay's read is READ_SIZE at
