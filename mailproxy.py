@@ -9265,12 +9265,11 @@ class Flow:
     limit) is never corked, nor held back.  8 streams at 4k: 0.66 of
     nginx's throughput before, 0.9 to 1.0 after, and CPU per GB 1.56x ->
     1.1 to 1.2x.  TlsFlow corks the same way."""
-    __slots__ = ("relay", "source", "target", "limit", "corks", "answered")
+    __slots__ = ("relay", "source", "target", "limit", "corks")
 
     def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
         self.relay, self.source, self.target, self.limit = relay, source, target, limit
         self.corks = can_cork(target)
-        self.answered = 0              # TlsFlow: its answers queued for the source (answer)
 
     def answers_wait(self) -> bool:
         """Whether the source must not be read: too many of the answers
@@ -9534,10 +9533,11 @@ class TlsFlow(Flow):
     streams held at the start, such as commands the client pipelined behind
     its login) never stops it being read, or a backend that answers one
     command before it reads the next could wait forever."""
-    __slots__ = ()
+    __slots__ = ("answered",)
 
     def __init__(self, relay: "DirectRelay", source: Stream, target: Stream, limit: int):
         super().__init__(relay, source, target, min(limit, READ_SIZE))
+        self.answered = 0              # the answers queued for the source (answer)
 
     def pending(self) -> int:
         return len(self.target.out)
