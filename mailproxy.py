@@ -9593,7 +9593,9 @@ class TlsFlow(Flow):
                         return
                 if ended:                          # EOF, close_notify
                     return self.relay.stream_eof(source)
-                if not full or self.answers_wait():   # likely all the socket had
+                if not full:                       # likely all the socket had
+                    return
+                if self.answers_wait():            # the source reads no answers: hold it
                     return
         finally:
             if corked:
@@ -9615,7 +9617,8 @@ class TlsFlow(Flow):
 
     def answer(self, data: bytes) -> None:
         """Send ``data`` to the source, behind what waits for it (the other
-        flow's ``target.out``); what its kernel refuses waits there too."""
+        flow's ``target.out``); what its kernel refuses waits there too,
+        counted in ``answered`` (answers_wait)."""
         if not data:
             return
         source = self.source
